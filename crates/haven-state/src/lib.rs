@@ -1,0 +1,17 @@
+//! Haven's state layer. Everything durable is a record or a stream event, written through a
+//! [`Store`], recorded in a change log, and merged with last-writer-wins semantics ordered by
+//! hybrid-logical-clock version. This crate knows nothing about MCP.
+
+pub mod clock;
+pub mod record;
+pub mod redb_store;
+pub mod store;
+
+pub use clock::{Hlc, HybridClock, ManualClock, PhysicalClock, SystemClock};
+pub use record::{
+    Change, LogEntry, Origin, Record, StoredRecord, StreamEvent, Version, View, merge,
+};
+pub use redb_store::RedbStore;
+pub use store::{
+    Batch, Commit, Expect, Op, Outcome, ScanPage, Store, StoreError, StoreResult, watch,
+};

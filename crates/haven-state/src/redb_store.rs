@@ -1,0 +1,748 @@
+//! The embedded backend: one redb file, written by one thread that group-commits batches.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::RwLock;
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, StorageBackend, TableDefinition,
+    WriteTransaction,
+};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::clock::{Hlc, HybridClock};
+use crate::record::{Change, LogEntry, Origin, Record, StoredRecord, StreamEvent, Version};
+use crate::store::{Batch, Commit, Expect, Op, Outcome, ScanPage, Store, StoreError, StoreResult};
+
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+const RECORDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("records");
+const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+const META_LAST_SEQ: &str = "last_seq";
+const META_MAX_HLC: &str = "max_hlc";
+
+/// Most batches one commit takes; bounds the latency one commit adds to the first of them.
+const MAX_GROUP: usize = 512;
+/// Largest value a single operation may carry.
+pub const MAX_VALUE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Opens the storage behind the database; called again to reopen after an I/O error.
+pub type BackendFactory = Box<dyn Fn() -> std::io::Result<Box<dyn StorageBackend>> + Send + Sync>;
+
+struct WriteRequest {
+    batch: Batch,
+    reply: oneshot::Sender<StoreResult<(Commit, Vec<Arc<LogEntry>>)>>,
+}
+
+/// The value stored in the `records` table: the record plus the revision that wrote it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RecordRow {
+    record: Record,
+    revision: u64,
+}
+
+/// Embedded, crash-safe store on a redb file.
+pub struct RedbStore {
+    origin: Origin,
+    clock: Arc<HybridClock>,
+    db: Arc<RwLock<Option<Arc<Database>>>>,
+    writer: mpsc::Sender<WriteRequest>,
+    feed: broadcast::Sender<Arc<LogEntry>>,
+    path: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbStore")
+            .field("origin", &self.origin)
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+fn storage_err(e: impl std::fmt::Display) -> StoreError {
+    let text = e.to_string();
+    let lower = text.to_ascii_lowercase();
+    if lower.contains("no space left")
+        || lower.contains("quota")
+        || lower.contains("file too large")
+    {
+        StoreError::Full(text)
+    } else {
+        StoreError::Unavailable(text)
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> StoreResult<T> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("serializing to a Vec cannot fail")
+}
+
+fn open_database(factory: &BackendFactory) -> StoreResult<Database> {
+    let backend = factory().map_err(storage_err)?;
+    let db = redb::Builder::new()
+        .create_with_backend(BoxedBackend(backend))
+        .map_err(storage_err)?;
+    let mut tx = db.begin_write().map_err(storage_err)?;
+    tx.set_durability(Durability::Immediate)
+        .map_err(storage_err)?;
+    {
+        tx.open_table(LOG).map_err(storage_err)?;
+        tx.open_table(RECORDS).map_err(storage_err)?;
+        tx.open_table(EVENTS).map_err(storage_err)?;
+        tx.open_table(META).map_err(storage_err)?;
+    }
+    tx.commit().map_err(storage_err)?;
+    Ok(db)
+}
+
+/// Adapter so that a boxed backend can be handed to redb, which takes `impl StorageBackend`.
+#[derive(Debug)]
+struct BoxedBackend(Box<dyn StorageBackend>);
+
+impl StorageBackend for BoxedBackend {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        self.0.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        self.0.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        self.0.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        self.0.write(offset, data)
+    }
+    fn close(&self) -> Result<(), std::io::Error> {
+        self.0.close()
+    }
+    fn try_lock_range(
+        &self,
+        start: std::ops::Bound<u64>,
+        end: std::ops::Bound<u64>,
+    ) -> Result<bool, redb::BackendError> {
+        self.0.try_lock_range(start, end)
+    }
+    fn try_lock_shared_range(
+        &self,
+        start: std::ops::Bound<u64>,
+        end: std::ops::Bound<u64>,
+    ) -> Result<bool, redb::BackendError> {
+        self.0.try_lock_shared_range(start, end)
+    }
+    fn unlock_range(
+        &self,
+        start: std::ops::Bound<u64>,
+        end: std::ops::Bound<u64>,
+    ) -> Result<(), redb::BackendError> {
+        self.0.unlock_range(start, end)
+    }
+}
+
+impl RedbStore {
+    /// Opens (or creates) the store in directory `dir` (file `state.redb`), stamping local
+    /// writes as `origin` with `clock`.
+    pub fn open(dir: &Path, origin: Origin, clock: Arc<HybridClock>) -> StoreResult<RedbStore> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::Unavailable(format!(
+                "cannot create data directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let file = dir.join("state.redb");
+        let path = file.clone();
+        let factory: BackendFactory = Box::new(move || {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)?;
+            let backend = redb::backends::FileBackend::new(f).map_err(|e| {
+                std::io::Error::other(format!("cannot open {}: {e}", path.display()))
+            })?;
+            Ok(Box::new(backend) as Box<dyn StorageBackend>)
+        });
+        let mut store = RedbStore::open_with(factory, origin, clock)?;
+        store.path = Some(file);
+        Ok(store)
+    }
+
+    /// Opens the store on storage made by `factory` (tests use it to inject faults such as a
+    /// full disk).
+    pub fn open_with(
+        factory: BackendFactory,
+        origin: Origin,
+        clock: Arc<HybridClock>,
+    ) -> StoreResult<RedbStore> {
+        let db = open_database(&factory)?;
+        {
+            let rx = db.begin_read().map_err(storage_err)?;
+            let meta = rx.open_table(META).map_err(storage_err)?;
+            if let Some(v) = meta.get(META_MAX_HLC).map_err(storage_err)? {
+                clock.observe(Hlc(v.value()));
+            }
+        }
+        let db = Arc::new(RwLock::new(Some(Arc::new(db))));
+        let (tx, rx) = mpsc::channel(4096);
+        let (feed, _) = broadcast::channel(8192);
+        let writer = Writer {
+            db: db.clone(),
+            factory,
+            clock: clock.clone(),
+            origin: origin.clone(),
+            rx,
+        };
+        std::thread::Builder::new()
+            .name("haven-redb-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| StoreError::Unavailable(format!("cannot start writer thread: {e}")))?;
+        Ok(RedbStore {
+            origin,
+            clock,
+            db,
+            writer: tx,
+            feed,
+            path: None,
+        })
+    }
+
+    /// Path of the database file, when it is a file.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    fn database(&self) -> StoreResult<Arc<Database>> {
+        self.db.read().clone().ok_or_else(|| {
+            StoreError::Unavailable("database is being reopened after an I/O error".into())
+        })
+    }
+
+    fn read_row(&self, namespace: &str, key: &str) -> StoreResult<Option<StoredRecord>> {
+        let db = self.database()?;
+        let rx = db.begin_read().map_err(storage_err)?;
+        let table = rx.open_table(RECORDS).map_err(storage_err)?;
+        match table.get((namespace, key)).map_err(storage_err)? {
+            None => Ok(None),
+            Some(v) => {
+                let row: RecordRow = decode(v.value())?;
+                Ok(Some(StoredRecord {
+                    record: row.record,
+                    revision: row.revision,
+                }))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for RedbStore {
+    fn origin(&self) -> &Origin {
+        &self.origin
+    }
+
+    fn clock(&self) -> &Arc<HybridClock> {
+        &self.clock
+    }
+
+    async fn get(&self, namespace: &str, key: &str) -> StoreResult<Option<StoredRecord>> {
+        let now = self.clock.wall_millis();
+        Ok(self
+            .read_row(namespace, key)?
+            .filter(|r| r.record.is_live(now)))
+    }
+
+    async fn get_raw(&self, namespace: &str, key: &str) -> StoreResult<Option<StoredRecord>> {
+        self.read_row(namespace, key)
+    }
+
+    async fn scan(
+        &self,
+        namespace: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<ScanPage> {
+        let now = self.clock.wall_millis();
+        let db = self.database()?;
+        let rx = db.begin_read().map_err(storage_err)?;
+        let table = rx.open_table(RECORDS).map_err(storage_err)?;
+        let start = match after {
+            Some(a) if a >= prefix => a,
+            _ => prefix,
+        };
+        let mut page = ScanPage::default();
+        let range = table.range((namespace, start)..).map_err(storage_err)?;
+        for item in range {
+            let (k, v) = item.map_err(storage_err)?;
+            let (ns, key) = k.value();
+            if ns != namespace || !key.starts_with(prefix) {
+                break;
+            }
+            if after == Some(key) {
+                continue;
+            }
+            if page.records.len() == limit {
+                page.next_after = page.records.last().map(|r| r.record.key.clone());
+                break;
+            }
+            let row: RecordRow = decode(v.value())?;
+            if row.record.is_live(now) {
+                page.records.push(StoredRecord {
+                    record: row.record,
+                    revision: row.revision,
+                });
+            }
+        }
+        Ok(page)
+    }
+
+    async fn commit(&self, batch: Batch) -> StoreResult<Commit> {
+        validate(&batch)?;
+        let (reply, rx) = oneshot::channel();
+        self.writer
+            .send(WriteRequest { batch, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        let (commit, entries) = rx.await.map_err(|_| StoreError::Closed)??;
+        for e in entries {
+            let _ = self.feed.send(e);
+        }
+        Ok(commit)
+    }
+
+    async fn read_events(
+        &self,
+        stream: &str,
+        after: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<StreamEvent>> {
+        let db = self.database()?;
+        let rx = db.begin_read().map_err(storage_err)?;
+        let table = rx.open_table(EVENTS).map_err(storage_err)?;
+        let mut out = Vec::new();
+        let Some(from) = after.checked_add(1) else {
+            return Ok(out);
+        };
+        for item in table
+            .range((stream, from)..=(stream, u64::MAX))
+            .map_err(storage_err)?
+        {
+            if out.len() == limit {
+                break;
+            }
+            let (_, v) = item.map_err(storage_err)?;
+            out.push(decode(v.value())?);
+        }
+        Ok(out)
+    }
+
+    async fn read_log(&self, from_seq: u64, limit: usize) -> StoreResult<Vec<LogEntry>> {
+        let db = self.database()?;
+        let rx = db.begin_read().map_err(storage_err)?;
+        let table = rx.open_table(LOG).map_err(storage_err)?;
+        let mut out = Vec::new();
+        for item in table.range(from_seq..).map_err(storage_err)? {
+            if out.len() == limit {
+                break;
+            }
+            let (k, v) = item.map_err(storage_err)?;
+            out.push(LogEntry {
+                seq: k.value(),
+                change: decode(v.value())?,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn last_seq(&self) -> StoreResult<u64> {
+        let db = self.database()?;
+        let rx = db.begin_read().map_err(storage_err)?;
+        let meta = rx.open_table(META).map_err(storage_err)?;
+        Ok(meta
+            .get(META_LAST_SEQ)
+            .map_err(storage_err)?
+            .map(|v| v.value())
+            .unwrap_or(0))
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Arc<LogEntry>> {
+        self.feed.subscribe()
+    }
+
+    async fn check_writable(&self) -> StoreResult<()> {
+        // An empty batch still goes through the writer and a durable commit.
+        self.commit(Batch::new()).await.map(|_| ())
+    }
+}
+
+fn validate(batch: &Batch) -> StoreResult<()> {
+    for op in &batch.ops {
+        let (ns, key, len) = match op {
+            Op::Put {
+                namespace,
+                key,
+                value,
+                ..
+            } => (namespace.as_str(), key.as_str(), value.len()),
+            Op::Delete { namespace, key, .. } => (namespace.as_str(), key.as_str(), 0),
+            Op::Append { stream, data } => (stream.as_str(), "", data.len()),
+            Op::Merge(r) => (
+                r.namespace.as_str(),
+                r.key.as_str(),
+                r.value.as_ref().map_or(0, Vec::len),
+            ),
+            Op::MergeEvent(e) => (e.stream.as_str(), "", e.data.len()),
+        };
+        if ns.is_empty() {
+            return Err(StoreError::Invalid(
+                "namespace or stream name is empty".into(),
+            ));
+        }
+        if len > MAX_VALUE_BYTES {
+            return Err(StoreError::Invalid(format!(
+                "value of {len} bytes exceeds the limit of {MAX_VALUE_BYTES} bytes"
+            )));
+        }
+        if ns.len() + key.len() > 4096 {
+            return Err(StoreError::Invalid("key longer than 4096 bytes".into()));
+        }
+    }
+    Ok(())
+}
+
+struct Writer {
+    db: Arc<RwLock<Option<Arc<Database>>>>,
+    factory: BackendFactory,
+    clock: Arc<HybridClock>,
+    origin: Origin,
+    rx: mpsc::Receiver<WriteRequest>,
+}
+
+type Applied = (Commit, Vec<Arc<LogEntry>>);
+
+impl Writer {
+    fn run(mut self) {
+        let mut group: Vec<WriteRequest> = Vec::with_capacity(MAX_GROUP);
+        while let Some(first) = self.rx.blocking_recv() {
+            group.push(first);
+            while group.len() < MAX_GROUP {
+                match self.rx.try_recv() {
+                    Ok(r) => group.push(r),
+                    Err(_) => break,
+                }
+            }
+            self.commit_group(&mut group);
+        }
+    }
+
+    fn commit_group(&mut self, group: &mut Vec<WriteRequest>) {
+        let current = self.db.read().clone();
+        let db = match current {
+            Some(db) => db,
+            None => match self.reopen() {
+                Ok(db) => db,
+                Err(e) => {
+                    for r in group.drain(..) {
+                        let _ = r.reply.send(Err(StoreError::Unavailable(e.to_string())));
+                    }
+                    return;
+                }
+            },
+        };
+        let result = self.apply_group(&db, group);
+        match result {
+            Ok(results) => {
+                for (r, res) in group.drain(..).zip(results) {
+                    let _ = r.reply.send(res);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "commit failed; no write of this group was acknowledged");
+                let failure_is_io = matches!(e, StoreError::Full(_) | StoreError::Unavailable(_));
+                for r in group.drain(..) {
+                    let _ = r.reply.send(Err(clone_err(&e)));
+                }
+                if failure_is_io {
+                    // redb latches I/O failures; reopen (with repair) to recover.
+                    *self.db.write() = None;
+                    drop(db);
+                    if let Err(e) = self.reopen() {
+                        tracing::error!(error = %e, "reopening the database failed; will retry");
+                    }
+                }
+            }
+        }
+    }
+
+    fn reopen(&mut self) -> StoreResult<Arc<Database>> {
+        let mut last = None;
+        for attempt in 0..50 {
+            match open_database(&self.factory) {
+                Ok(db) => {
+                    let db = Arc::new(db);
+                    *self.db.write() = Some(db.clone());
+                    return Ok(db);
+                }
+                Err(e) => {
+                    last = Some(e);
+                    std::thread::sleep(Duration::from_millis(10 * (attempt + 1).min(10)));
+                }
+            }
+        }
+        Err(last.unwrap_or(StoreError::Closed))
+    }
+
+    fn apply_group(
+        &mut self,
+        db: &Database,
+        group: &[WriteRequest],
+    ) -> StoreResult<Vec<StoreResult<Applied>>> {
+        let mut tx = db.begin_write().map_err(storage_err)?;
+        tx.set_durability(Durability::Immediate)
+            .map_err(storage_err)?;
+        let mut results = Vec::with_capacity(group.len());
+        let mut max_hlc = self.clock.last().0;
+        let mut last_seq;
+        {
+            let mut meta = tx.open_table(META).map_err(storage_err)?;
+            last_seq = meta
+                .get(META_LAST_SEQ)
+                .map_err(storage_err)?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            drop(meta);
+            for req in group {
+                results.push(self.apply_batch(&tx, &req.batch, &mut last_seq, &mut max_hlc)?);
+            }
+            meta = tx.open_table(META).map_err(storage_err)?;
+            meta.insert(META_LAST_SEQ, last_seq).map_err(storage_err)?;
+            meta.insert(META_MAX_HLC, max_hlc).map_err(storage_err)?;
+        }
+        tx.commit().map_err(storage_err)?;
+        for r in results.iter_mut().flatten() {
+            r.0.last_seq = last_seq;
+        }
+        Ok(results)
+    }
+
+    /// Applies one batch inside the group's transaction. Returns `Ok(Err(..))` when the batch's
+    /// preconditions fail (the batch is skipped, the group goes on) and `Err(..)` on storage
+    /// errors (the whole group fails).
+    fn apply_batch(
+        &self,
+        tx: &WriteTransaction,
+        batch: &Batch,
+        last_seq: &mut u64,
+        max_hlc: &mut u64,
+    ) -> StoreResult<StoreResult<Applied>> {
+        let mut records = tx.open_table(RECORDS).map_err(storage_err)?;
+        let mut events = tx.open_table(EVENTS).map_err(storage_err)?;
+        let mut log = tx.open_table(LOG).map_err(storage_err)?;
+        let now = self.clock.wall_millis();
+
+        // Preconditions, against the state before this batch.
+        for op in &batch.ops {
+            let (ns, key, expect) = match op {
+                Op::Put {
+                    namespace,
+                    key,
+                    expect,
+                    ..
+                }
+                | Op::Delete {
+                    namespace,
+                    key,
+                    expect,
+                } => (namespace, key, *expect),
+                _ => continue,
+            };
+            if expect == Expect::Any {
+                continue;
+            }
+            let current = match records
+                .get((ns.as_str(), key.as_str()))
+                .map_err(storage_err)?
+            {
+                Some(v) => {
+                    let row: RecordRow = decode(v.value())?;
+                    row.record.is_live(now).then_some(row.revision)
+                }
+                None => None,
+            };
+            let ok = match expect {
+                Expect::Absent => current.is_none(),
+                Expect::Revision(r) => current == Some(r),
+                Expect::Any => true,
+            };
+            if !ok {
+                return Ok(Err(StoreError::Conflict {
+                    namespace: ns.clone(),
+                    key: key.clone(),
+                    expected: match expect {
+                        Expect::Absent => "no live record".into(),
+                        Expect::Revision(r) => format!("revision {r}"),
+                        Expect::Any => unreachable!(),
+                    },
+                    found: current.map_or("no live record".into(), |r| format!("revision {r}")),
+                }));
+            }
+        }
+
+        let mut outcomes = Vec::with_capacity(batch.ops.len());
+        let mut entries = Vec::with_capacity(batch.ops.len());
+        for op in &batch.ops {
+            let change = match op {
+                Op::Put {
+                    namespace,
+                    key,
+                    value,
+                    ttl_millis,
+                    ..
+                } => {
+                    let hlc = self.clock.now();
+                    Change::Record(Record {
+                        namespace: namespace.clone(),
+                        key: key.clone(),
+                        version: Version {
+                            hlc,
+                            origin: self.origin.clone(),
+                        },
+                        value: Some(value.clone()),
+                        expires_at_millis: ttl_millis.map(|t| now.saturating_add(t)),
+                    })
+                }
+                Op::Delete { namespace, key, .. } => {
+                    let hlc = self.clock.now();
+                    Change::Record(Record {
+                        namespace: namespace.clone(),
+                        key: key.clone(),
+                        version: Version {
+                            hlc,
+                            origin: self.origin.clone(),
+                        },
+                        value: None,
+                        expires_at_millis: None,
+                    })
+                }
+                Op::Merge(r) => {
+                    self.clock.observe(r.version.hlc);
+                    let current = match records
+                        .get((r.namespace.as_str(), r.key.as_str()))
+                        .map_err(storage_err)?
+                    {
+                        Some(v) => Some(decode::<RecordRow>(v.value())?.record),
+                        None => None,
+                    };
+                    if current.is_some_and(|c| !r.supersedes(&c)) {
+                        outcomes.push(Outcome::Unchanged);
+                        continue;
+                    }
+                    Change::Record(r.clone())
+                }
+                Op::Append { stream, data } => {
+                    let hlc = self.clock.now();
+                    let index = last_index(&events, stream)? + 1;
+                    Change::Event(StreamEvent {
+                        stream: stream.clone(),
+                        index,
+                        version: Version {
+                            hlc,
+                            origin: self.origin.clone(),
+                        },
+                        data: data.clone(),
+                    })
+                }
+                Op::MergeEvent(e) => {
+                    self.clock.observe(e.version.hlc);
+                    if events
+                        .get((e.stream.as_str(), e.index))
+                        .map_err(storage_err)?
+                        .is_some()
+                    {
+                        outcomes.push(Outcome::Unchanged);
+                        continue;
+                    }
+                    Change::Event(e.clone())
+                }
+            };
+            *last_seq += 1;
+            let seq = *last_seq;
+            *max_hlc = (*max_hlc).max(change.version().hlc.0);
+            log.insert(seq, encode(&change).as_slice())
+                .map_err(storage_err)?;
+            match &change {
+                Change::Record(r) => {
+                    let row = RecordRow {
+                        record: r.clone(),
+                        revision: seq,
+                    };
+                    records
+                        .insert(
+                            (r.namespace.as_str(), r.key.as_str()),
+                            encode(&row).as_slice(),
+                        )
+                        .map_err(storage_err)?;
+                    outcomes.push(Outcome::Written { revision: seq });
+                }
+                Change::Event(e) => {
+                    events
+                        .insert((e.stream.as_str(), e.index), encode(e).as_slice())
+                        .map_err(storage_err)?;
+                    outcomes.push(Outcome::Appended {
+                        index: e.index,
+                        seq,
+                    });
+                }
+            }
+            entries.push(Arc::new(LogEntry { seq, change }));
+        }
+        Ok(Ok((
+            Commit {
+                last_seq: *last_seq,
+                outcomes,
+            },
+            entries,
+        )))
+    }
+}
+
+fn last_index(events: &redb::Table<(&str, u64), &[u8]>, stream: &str) -> StoreResult<u64> {
+    let mut range = events
+        .range((stream, 0)..=(stream, u64::MAX))
+        .map_err(storage_err)?;
+    match range.next_back() {
+        Some(item) => Ok(item.map_err(storage_err)?.0.value().1),
+        None => Ok(0),
+    }
+}
+
+fn clone_err(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Full(s) => StoreError::Full(s.clone()),
+        StoreError::Unavailable(s) => StoreError::Unavailable(s.clone()),
+        StoreError::Invalid(s) => StoreError::Invalid(s.clone()),
+        StoreError::Corrupt(s) => StoreError::Corrupt(s.clone()),
+        StoreError::Closed => StoreError::Closed,
+        StoreError::Conflict {
+            namespace,
+            key,
+            expected,
+            found,
+        } => StoreError::Conflict {
+            namespace: namespace.clone(),
+            key: key.clone(),
+            expected: expected.clone(),
+            found: found.clone(),
+        },
+    }
+}

@@ -1,0 +1,325 @@
+//! The `Store` trait: what Haven needs from a durable, replicated state backend.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use tokio::sync::broadcast;
+
+use crate::clock::HybridClock;
+use crate::record::{LogEntry, Origin, Record, StoredRecord, StreamEvent};
+
+/// Errors of the state layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A conditional write found a different revision than it expected. Nothing was written.
+    #[error("conflict on {namespace}/{key}: expected {expected}, found {found}")]
+    Conflict {
+        /// Namespace of the key.
+        namespace: String,
+        /// The key.
+        key: String,
+        /// What the write expected.
+        expected: String,
+        /// What the store holds.
+        found: String,
+    },
+    /// The storage medium is full. Nothing was written; earlier acknowledged writes are intact.
+    #[error("storage is full, the write was refused: {0}")]
+    Full(String),
+    /// The backend cannot take writes or serve reads right now (I/O error, lost quorum).
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// The request itself is invalid (empty namespace, oversized value, …).
+    #[error("invalid store request: {0}")]
+    Invalid(String),
+    /// Stored bytes could not be decoded.
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+    /// The store was shut down.
+    #[error("store is closed")]
+    Closed,
+}
+
+impl StoreError {
+    /// Whether the error is transient: the same write may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Full(_) | StoreError::Unavailable(_) | StoreError::Closed
+        )
+    }
+}
+
+/// Result alias of the state layer.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Precondition of a write on the current state of its key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// No precondition.
+    Any,
+    /// The key has no live record (never written, deleted or expired).
+    Absent,
+    /// The key's live record has exactly this revision.
+    Revision(u64),
+}
+
+/// One operation of a [`Batch`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Write a value, stamped with a new local version.
+    Put {
+        /// Namespace.
+        namespace: String,
+        /// Key.
+        key: String,
+        /// Value bytes.
+        value: Vec<u8>,
+        /// Precondition.
+        expect: Expect,
+        /// Time-to-live in milliseconds, after which the record reads as absent.
+        ttl_millis: Option<u64>,
+    },
+    /// Write a tombstone, stamped with a new local version.
+    Delete {
+        /// Namespace.
+        namespace: String,
+        /// Key.
+        key: String,
+        /// Precondition.
+        expect: Expect,
+    },
+    /// Append an event to a stream at the next index.
+    Append {
+        /// Stream name.
+        stream: String,
+        /// Payload.
+        data: Vec<u8>,
+    },
+    /// Merge a record written elsewhere (replication, restore): it becomes current only if its
+    /// version is greater than the current one. Keeps its own version.
+    Merge(Record),
+    /// Merge a stream event written elsewhere; a no-op if the store already holds it.
+    MergeEvent(StreamEvent),
+}
+
+/// Operations committed atomically: all preconditions hold and all operations are durable, or
+/// none is applied.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Batch {
+    /// The operations, applied in order. Preconditions are checked against the state before the
+    /// batch.
+    pub ops: Vec<Op>,
+}
+
+impl Batch {
+    /// An empty batch.
+    pub fn new() -> Batch {
+        Batch::default()
+    }
+
+    /// Adds a put without precondition.
+    pub fn put(self, namespace: &str, key: &str, value: Vec<u8>) -> Batch {
+        self.put_if(namespace, key, value, Expect::Any)
+    }
+
+    /// Adds a conditional put.
+    pub fn put_if(mut self, namespace: &str, key: &str, value: Vec<u8>, expect: Expect) -> Batch {
+        self.ops.push(Op::Put {
+            namespace: namespace.to_owned(),
+            key: key.to_owned(),
+            value,
+            expect,
+            ttl_millis: None,
+        });
+        self
+    }
+
+    /// Adds a put with a time-to-live.
+    pub fn put_ttl(mut self, namespace: &str, key: &str, value: Vec<u8>, ttl_millis: u64) -> Batch {
+        self.ops.push(Op::Put {
+            namespace: namespace.to_owned(),
+            key: key.to_owned(),
+            value,
+            expect: Expect::Any,
+            ttl_millis: Some(ttl_millis),
+        });
+        self
+    }
+
+    /// Adds a delete without precondition.
+    pub fn delete(self, namespace: &str, key: &str) -> Batch {
+        self.delete_if(namespace, key, Expect::Any)
+    }
+
+    /// Adds a conditional delete.
+    pub fn delete_if(mut self, namespace: &str, key: &str, expect: Expect) -> Batch {
+        self.ops.push(Op::Delete {
+            namespace: namespace.to_owned(),
+            key: key.to_owned(),
+            expect,
+        });
+        self
+    }
+
+    /// Adds an append to `stream`.
+    pub fn append(mut self, stream: &str, data: Vec<u8>) -> Batch {
+        self.ops.push(Op::Append {
+            stream: stream.to_owned(),
+            data,
+        });
+        self
+    }
+
+    /// Whether the batch has no operation.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// What a committed batch produced, one entry per operation, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A put or delete (or a merged record that won): the new revision.
+    Written {
+        /// Revision of the key after the write.
+        revision: u64,
+    },
+    /// An append: the event's index in its stream and its log sequence.
+    Appended {
+        /// Index of the event in its stream.
+        index: u64,
+        /// Its change-log sequence.
+        seq: u64,
+    },
+    /// A merge that changed nothing (the store already held this or a newer version).
+    Unchanged,
+}
+
+/// The acknowledgement of a durable commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Commit {
+    /// Sequence of the last change-log entry after the commit.
+    pub last_seq: u64,
+    /// One outcome per operation.
+    pub outcomes: Vec<Outcome>,
+}
+
+/// A page of a scan.
+#[derive(Clone, Debug, Default)]
+pub struct ScanPage {
+    /// Live records, ordered by key.
+    pub records: Vec<StoredRecord>,
+    /// Key to pass as `after` for the next page, if there may be more.
+    pub next_after: Option<String>,
+}
+
+/// Durable, conditional, watchable state. Every write is acknowledged only once durable.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Who this store stamps local writes as.
+    fn origin(&self) -> &Origin;
+
+    /// The clock that stamps local writes.
+    fn clock(&self) -> &Arc<HybridClock>;
+
+    /// The live record of `namespace`/`key`, if any.
+    async fn get(&self, namespace: &str, key: &str) -> StoreResult<Option<StoredRecord>>;
+
+    /// The record of `namespace`/`key` including tombstones and expired records.
+    async fn get_raw(&self, namespace: &str, key: &str) -> StoreResult<Option<StoredRecord>>;
+
+    /// Live records of `namespace` whose key starts with `prefix`, after key `after`, at most
+    /// `limit` of them.
+    async fn scan(
+        &self,
+        namespace: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<ScanPage>;
+
+    /// Applies `batch` atomically and durably.
+    async fn commit(&self, batch: Batch) -> StoreResult<Commit>;
+
+    /// Events of `stream` with index greater than `after`, at most `limit`.
+    async fn read_events(
+        &self,
+        stream: &str,
+        after: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<StreamEvent>>;
+
+    /// Change-log entries with sequence at least `from_seq`, at most `limit`.
+    async fn read_log(&self, from_seq: u64, limit: usize) -> StoreResult<Vec<LogEntry>>;
+
+    /// Sequence of the last entry of the change log (0 when empty).
+    async fn last_seq(&self) -> StoreResult<u64>;
+
+    /// Live feed of committed change-log entries, in order. Receivers that fall behind get
+    /// `Lagged` and catch up with [`Store::read_log`]; [`watch`] does that for them.
+    fn subscribe(&self) -> broadcast::Receiver<Arc<LogEntry>>;
+
+    /// Checks that the store can take a durable write right now.
+    async fn check_writable(&self) -> StoreResult<()>;
+}
+
+/// A watch of the change log from `from_seq` on: first the stored entries, then live ones, in
+/// order, without gaps or repeats, whatever the broadcast does.
+pub fn watch(
+    store: Arc<dyn Store>,
+    from_seq: u64,
+) -> BoxStream<'static, StoreResult<Arc<LogEntry>>> {
+    use futures::StreamExt;
+    let stream = async_stream_watch(store, from_seq);
+    stream.boxed()
+}
+
+fn async_stream_watch(
+    store: Arc<dyn Store>,
+    from_seq: u64,
+) -> impl futures::Stream<Item = StoreResult<Arc<LogEntry>>> {
+    struct State {
+        store: Arc<dyn Store>,
+        rx: broadcast::Receiver<Arc<LogEntry>>,
+        next: u64,
+        buffer: std::collections::VecDeque<Arc<LogEntry>>,
+        catching_up: bool,
+    }
+    let rx = store.subscribe();
+    let state = State {
+        store,
+        rx,
+        next: from_seq.max(1),
+        buffer: Default::default(),
+        catching_up: true,
+    };
+    futures::stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(e) = st.buffer.pop_front() {
+                st.next = e.seq + 1;
+                return Some((Ok(e), st));
+            }
+            if st.catching_up {
+                match st.store.read_log(st.next, 512).await {
+                    Ok(entries) if entries.is_empty() => st.catching_up = false,
+                    Ok(entries) => st.buffer.extend(entries.into_iter().map(Arc::new)),
+                    Err(e) => return Some((Err(e), st)),
+                }
+                continue;
+            }
+            match st.rx.recv().await {
+                Ok(e) if e.seq < st.next => continue,
+                Ok(e) if e.seq == st.next => {
+                    st.next = e.seq + 1;
+                    return Some((Ok(e), st));
+                }
+                // A gap (the entry arrived before we subscribed, or ordering across batches):
+                // read the log to fill it.
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => st.catching_up = true,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
+}
