@@ -1,0 +1,1 @@
+//! The `conformance` catalog: exactly the fixtures of the official MCP conformance suite.

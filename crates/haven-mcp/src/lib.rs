@@ -1,0 +1,16 @@
+//! Haven's MCP protocol engine. It serves both protocol eras from one set of catalogs: legacy
+//! sessions (2025-06-18, 2025-11-25) whose sessions, streams and tasks live in the store, and
+//! the stateless 2026-07-28 protocol. Wire types come from `rmcp::model`. This crate knows
+//! nothing about HTTP; the server crate maps its answers to HTTP.
+
+// rmcp marks logging (and other legacy-era features) deprecated by SEP-2577; Haven serves the
+// legacy era on purpose, so it uses them.
+#![allow(deprecated)]
+
+pub mod catalog;
+pub mod context;
+pub mod hub;
+pub mod jsonrpc;
+pub mod keyring;
+pub mod session;
+pub mod stream;

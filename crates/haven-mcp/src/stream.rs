@@ -1,0 +1,190 @@
+//! Resumable SSE streams of the legacy era: every event is appended to the store before it is
+//! sent, so a client can resume with `Last-Event-ID` on any node, after any crash. A stream whose
+//! request is still running has an in-flight record naming the node instance that runs it.
+
+use haven_state::{Batch, Expect, Store, StoreError};
+use serde::{Deserialize, Serialize};
+
+/// Namespace of in-flight request records.
+pub const INFLIGHT_NS: &str = "inflight";
+
+/// Flag bit of a stored event: the stream ends after it.
+const FINAL: u8 = 1;
+
+/// Store stream name of an SSE stream of a session.
+pub fn stream_key(session: &str, stream: &str) -> String {
+    format!("sse/{session}/{stream}")
+}
+
+/// Key of the in-flight record of a stream.
+pub fn inflight_key(session: &str, stream: &str) -> String {
+    format!("{session}/{stream}")
+}
+
+/// A new random stream id (lowercase hex, so event ids stay visible ASCII).
+pub fn new_stream_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// The SSE event id of event `index` of `stream`. Index 0 is the priming event.
+pub fn event_id(stream: &str, index: u64) -> String {
+    format!("{stream}-{index}")
+}
+
+/// Splits an SSE event id into stream id and index.
+pub fn parse_event_id(id: &str) -> Option<(&str, u64)> {
+    let (stream, index) = id.rsplit_once('-')?;
+    if stream.is_empty() || !stream.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return None;
+    }
+    Some((stream, index.parse().ok()?))
+}
+
+/// Who runs an in-flight request, and what it is.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InflightRecord {
+    /// Session of the request.
+    pub session: String,
+    /// Stream the request's events go to.
+    pub stream: String,
+    /// JSON-RPC id of the request.
+    pub request_id: serde_json::Value,
+    /// Method of the request.
+    pub method: String,
+    /// The full request parameters, so that another node can run it again when allowed.
+    pub params: Option<serde_json::Value>,
+    /// Node id that runs it.
+    pub node: String,
+    /// Boot id of the process that runs it: a different boot id means that process is gone.
+    pub boot: String,
+    /// When it started, Unix milliseconds.
+    pub started_millis: u64,
+}
+
+/// One stored event of a stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredEvent {
+    /// Index in the stream (1-based).
+    pub index: u64,
+    /// The JSON-RPC message.
+    pub message: String,
+    /// Whether the stream ends after this event.
+    pub last: bool,
+}
+
+fn encode(message: &str, last: bool) -> Vec<u8> {
+    let mut v = Vec::with_capacity(message.len() + 1);
+    v.push(if last { FINAL } else { 0 });
+    v.extend_from_slice(message.as_bytes());
+    v
+}
+
+/// Adds the operations that append `events` to a batch.
+pub fn append_ops(mut batch: Batch, session: &str, stream: &str, events: &[(String, bool)]) -> Batch {
+    let key = stream_key(session, stream);
+    for (message, last) in events {
+        batch = batch.append(&key, encode(message, *last));
+    }
+    batch
+}
+
+/// Opens a stream for a running request: the in-flight record and the first events, durably.
+pub async fn open(
+    store: &dyn Store,
+    inflight: &InflightRecord,
+    events: &[(String, bool)],
+) -> Result<u64, StoreError> {
+    let finished = events.iter().any(|(_, last)| *last);
+    let mut batch = Batch::new();
+    if !finished {
+        batch = batch.put_if(
+            INFLIGHT_NS,
+            &inflight_key(&inflight.session, &inflight.stream),
+            serde_json::to_vec(inflight).expect("in-flight record serializes"),
+            Expect::Absent,
+        );
+    }
+    let batch = append_ops(batch, &inflight.session, &inflight.stream, events);
+    let commit = store.commit(batch).await?;
+    Ok(last_index(&commit))
+}
+
+/// Appends events to a stream durably; when one of them is the last, the in-flight record
+/// goes in the same commit.
+pub async fn append(
+    store: &dyn Store,
+    session: &str,
+    stream: &str,
+    events: &[(String, bool)],
+) -> Result<u64, StoreError> {
+    let mut batch = append_ops(Batch::new(), session, stream, events);
+    if events.iter().any(|(_, last)| *last) {
+        batch = batch.delete(INFLIGHT_NS, &inflight_key(session, stream));
+    }
+    let commit = store.commit(batch).await?;
+    Ok(last_index(&commit))
+}
+
+fn last_index(commit: &haven_state::Commit) -> u64 {
+    commit
+        .outcomes
+        .iter()
+        .filter_map(|o| match o {
+            haven_state::Outcome::Appended { index, .. } => Some(*index),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Stored events of a stream after `after`.
+pub async fn read(
+    store: &dyn Store,
+    session: &str,
+    stream: &str,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    let events = store.read_events(&stream_key(session, stream), after, limit).await?;
+    events
+        .into_iter()
+        .map(|e| {
+            let (flags, body) = e
+                .data
+                .split_first()
+                .ok_or_else(|| StoreError::Corrupt(format!("empty event {}", e.index)))?;
+            let message = String::from_utf8(body.to_vec())
+                .map_err(|_| StoreError::Corrupt(format!("event {} is not UTF-8", e.index)))?;
+            Ok(StoredEvent { index: e.index, message, last: flags & FINAL != 0 })
+        })
+        .collect()
+}
+
+/// The in-flight record of a stream, if its request is still running (or was, on a node that
+/// died).
+pub async fn inflight(
+    store: &dyn Store,
+    session: &str,
+    stream: &str,
+) -> Result<Option<InflightRecord>, StoreError> {
+    let Some(r) = store.get(INFLIGHT_NS, &inflight_key(session, stream)).await? else {
+        return Ok(None);
+    };
+    serde_json::from_slice(r.value())
+        .map(Some)
+        .map_err(|e| StoreError::Corrupt(format!("in-flight record {session}/{stream}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_ids_round_trip() {
+        let s = new_stream_id();
+        assert_eq!(parse_event_id(&event_id(&s, 42)), Some((s.as_str(), 42)));
+        assert_eq!(parse_event_id("nope"), None);
+        assert_eq!(parse_event_id("a/b-1"), None);
+        assert_eq!(parse_event_id("-1"), None);
+    }
+}
