@@ -1,1 +1,419 @@
-//! The `default` catalog.
+//! The `default` catalog: a few genuinely useful tools, resources and a prompt, so that
+//! `haven serve` does something real out of the box. Notes live in Haven's replicated state;
+//! `sleep` is a long call that reports progress and can run as a task, which makes failover
+//! visible.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use haven_state::{Batch, Expect, StoreError};
+use rmcp::model::{
+    CallToolResult, CompleteRequestParams, CompleteResult, CompletionInfo, ContentBlock, ErrorData,
+    GetPromptResult, Implementation, JsonObject, PromptArgument, PromptMessage, PromptsCapability,
+    ReadResourceResult, Reference, Resource, ResourceContents, ResourceTemplate, ResourcesCapability,
+    Role, ServerCapabilities, Tool, ToolAnnotations, ToolsCapability,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::{Catalog, CatalogInfo, Ctx, Round, Step, TaskSupport, tool};
+use crate::context::Announcement;
+use crate::jsonrpc::{internal, invalid_params};
+
+/// Namespace of notes in the store.
+pub const NOTES_NS: &str = "notes";
+/// Longest note name.
+const MAX_NAME: usize = 200;
+/// Largest note text.
+const MAX_TEXT: usize = 1024 * 1024;
+/// Longest `sleep`.
+const MAX_SLEEP_SECONDS: f64 = 24.0 * 3600.0;
+const NOTE_SCHEME: &str = "note://";
+
+/// A stored note.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Note {
+    /// Note text.
+    pub text: String,
+    /// Last change, Unix milliseconds.
+    pub updated_millis: u64,
+}
+
+/// The default catalog.
+#[derive(Clone, Debug)]
+pub struct DefaultCatalog {
+    tools: Vec<Tool>,
+}
+
+impl Default for DefaultCatalog {
+    fn default() -> Self {
+        DefaultCatalog::new()
+    }
+}
+
+fn annotations(read_only: bool, idempotent: bool) -> ToolAnnotations {
+    ToolAnnotations::new().read_only(read_only).idempotent(idempotent)
+}
+
+impl DefaultCatalog {
+    /// The default catalog.
+    pub fn new() -> DefaultCatalog {
+        let name_prop = json!({ "type": "string", "description": "Note name (1-200 characters)" });
+        let tools = vec![
+            tool("echo", "Returns the given text unchanged.", json!({
+                "type": "object",
+                "properties": { "text": { "type": "string", "description": "Text to echo" } },
+                "required": ["text"]
+            }))
+            .with_annotations(annotations(true, true)),
+            tool("time_now", "Returns the server's current time in UTC (RFC 3339) and as Unix milliseconds.", json!({
+                "type": "object", "properties": {}
+            }))
+            .with_raw_output_schema(std::sync::Arc::new(
+                json!({
+                    "type": "object",
+                    "properties": {
+                        "utc": { "type": "string", "format": "date-time" },
+                        "unixMillis": { "type": "integer" }
+                    },
+                    "required": ["utc", "unixMillis"]
+                })
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+            ))
+            .with_annotations(annotations(true, false)),
+            tool("notes_put", "Saves a note under a name, replacing any note of that name. Notes are durable and shared by every Haven node.", json!({
+                "type": "object",
+                "properties": { "name": name_prop, "text": { "type": "string", "description": "Note text" } },
+                "required": ["name", "text"]
+            }))
+            .with_annotations(annotations(false, true)),
+            tool("notes_get", "Returns the text of a note.", json!({
+                "type": "object", "properties": { "name": name_prop }, "required": ["name"]
+            }))
+            .with_annotations(annotations(true, true)),
+            tool("notes_list", "Lists the names of all notes.", json!({
+                "type": "object", "properties": {}
+            }))
+            .with_annotations(annotations(true, true)),
+            tool("notes_delete", "Deletes a note.", json!({
+                "type": "object", "properties": { "name": name_prop }, "required": ["name"]
+            }))
+            .with_annotations(annotations(false, true)),
+            tool("sleep", "Waits the given number of seconds, reporting progress every second when the request has a progress token. Runs as a task for clients of the tasks extension.", json!({
+                "type": "object",
+                "properties": { "seconds": { "type": "number", "minimum": 0, "maximum": MAX_SLEEP_SECONDS, "description": "How long to wait" } },
+                "required": ["seconds"]
+            }))
+            .with_annotations(annotations(true, true)),
+        ];
+        DefaultCatalog { tools }
+    }
+}
+
+fn text_result(text: impl Into<String>) -> CallToolResult {
+    CallToolResult::success(vec![ContentBlock::text(text)])
+}
+
+fn error_result(text: impl Into<String>) -> CallToolResult {
+    CallToolResult::error(vec![ContentBlock::text(text)])
+}
+
+fn str_arg<'a>(args: &'a JsonObject, name: &str) -> Result<&'a str, ErrorData> {
+    args.get(name)
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid_params(format!("Invalid arguments: '{name}' must be a string")))
+}
+
+fn note_name(args: &JsonObject) -> Result<&str, ErrorData> {
+    let name = str_arg(args, "name")?;
+    if name.is_empty() || name.len() > MAX_NAME || name.chars().any(char::is_control) {
+        return Err(invalid_params(format!(
+            "Invalid arguments: 'name' must be 1-{MAX_NAME} characters without control characters"
+        )));
+    }
+    Ok(name)
+}
+
+fn store_failure(e: StoreError) -> ErrorData {
+    internal(format!("The note store is unavailable, nothing was changed: {e}"))
+}
+
+async fn load_note(ctx: &Ctx, name: &str) -> Result<Option<Note>, ErrorData> {
+    let Some(r) = ctx.store().get(NOTES_NS, name).await.map_err(store_failure)? else {
+        return Ok(None);
+    };
+    serde_json::from_slice(r.value()).map(Some).map_err(|e| internal(format!("Corrupt note {name}: {e}")))
+}
+
+async fn list_notes(ctx: &Ctx) -> Result<Vec<(String, Note)>, ErrorData> {
+    let mut out = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = ctx.store().scan(NOTES_NS, "", after.as_deref(), 500).await.map_err(store_failure)?;
+        for r in &page.records {
+            if let Ok(n) = serde_json::from_slice::<Note>(r.value()) {
+                out.push((r.record.key.clone(), n));
+            }
+        }
+        match page.next_after {
+            Some(a) => after = Some(a),
+            None => return Ok(out),
+        }
+    }
+}
+
+fn note_uri(name: &str) -> String {
+    format!("{NOTE_SCHEME}{}", percent_encode(name))
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+async fn announce_note(ctx: &Ctx, name: &str) {
+    for a in [Announcement::ResourceUpdated(note_uri(name)), Announcement::ResourcesChanged] {
+        if let Err(e) = ctx.announce(a).await {
+            tracing::warn!(error = %e, "announcing a note change failed");
+        }
+    }
+}
+
+#[async_trait]
+impl Catalog for DefaultCatalog {
+    fn info(&self) -> CatalogInfo {
+        let mut capabilities = ServerCapabilities::default();
+        let mut tools = ToolsCapability::default();
+        tools.list_changed = Some(true);
+        capabilities.tools = Some(tools);
+        let mut resources = ResourcesCapability::default();
+        resources.subscribe = Some(true);
+        resources.list_changed = Some(true);
+        capabilities.resources = Some(resources);
+        let mut prompts = PromptsCapability::default();
+        prompts.list_changed = Some(true);
+        capabilities.prompts = Some(prompts);
+        capabilities.completions = Some(JsonObject::new());
+        capabilities.logging = Some(JsonObject::new());
+        CatalogInfo {
+            server_info: Implementation::new("haven", env!("CARGO_PKG_VERSION")),
+            capabilities,
+            instructions: Some(
+                "Haven's default catalog: echo, time_now, durable notes (notes_put, notes_get, notes_list, notes_delete; also readable as note:// resources) and sleep, a long call with progress."
+                    .into(),
+            ),
+        }
+    }
+
+    async fn tools(&self, _ctx: &Ctx) -> Result<Vec<Tool>, ErrorData> {
+        Ok(self.tools.clone())
+    }
+
+    fn task_support(&self, tool: &str) -> TaskSupport {
+        if tool == "sleep" { TaskSupport::Optional } else { TaskSupport::Forbidden }
+    }
+
+    async fn call_tool(
+        &self,
+        ctx: &Ctx,
+        name: &str,
+        args: JsonObject,
+        _round: Round,
+    ) -> Result<Step<CallToolResult>, ErrorData> {
+        let result = match name {
+            "echo" => text_result(str_arg(&args, "text")?),
+            "time_now" => {
+                let millis = ctx.store().clock().wall_millis();
+                let utc = crate::engine::tasks::rfc3339(millis);
+                let mut r = text_result(utc.clone());
+                r.structured_content = Some(json!({ "utc": utc, "unixMillis": millis }));
+                r
+            }
+            "notes_put" => {
+                let name = note_name(&args)?;
+                let text = str_arg(&args, "text")?;
+                if text.len() > MAX_TEXT {
+                    return Err(invalid_params(format!("Invalid arguments: 'text' is longer than {MAX_TEXT} bytes")));
+                }
+                let note = Note { text: text.to_owned(), updated_millis: ctx.store().clock().wall_millis() };
+                let value = serde_json::to_vec(&note).expect("notes serialize");
+                ctx.store().commit(Batch::new().put(NOTES_NS, name, value)).await.map_err(store_failure)?;
+                announce_note(ctx, name).await;
+                text_result(format!("Saved note {name}"))
+            }
+            "notes_get" => {
+                let name = note_name(&args)?;
+                match load_note(ctx, name).await? {
+                    Some(n) => text_result(n.text),
+                    None => error_result(format!("No note named {name}")),
+                }
+            }
+            "notes_list" => {
+                let notes = list_notes(ctx).await?;
+                let text = if notes.is_empty() {
+                    "No notes.".to_owned()
+                } else {
+                    notes.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join("\n")
+                };
+                let mut r = text_result(text);
+                r.structured_content = Some(json!({
+                    "notes": notes.iter().map(|(n, note)| json!({
+                        "name": n,
+                        "updated": crate::engine::tasks::rfc3339(note.updated_millis),
+                        "bytes": note.text.len(),
+                    })).collect::<Vec<_>>()
+                }));
+                r
+            }
+            "notes_delete" => {
+                let name = note_name(&args)?;
+                let deleted = ctx
+                    .store()
+                    .commit(Batch::new().delete_if(NOTES_NS, name, Expect::Revision(
+                        match ctx.store().get(NOTES_NS, name).await.map_err(store_failure)? {
+                            Some(r) => r.revision,
+                            None => return Ok(Step::Done(error_result(format!("No note named {name}")))),
+                        },
+                    )))
+                    .await;
+                match deleted {
+                    Ok(_) => {
+                        announce_note(ctx, name).await;
+                        text_result(format!("Deleted note {name}"))
+                    }
+                    Err(StoreError::Conflict { .. }) => error_result(format!("Note {name} changed while it was being deleted; try again")),
+                    Err(e) => return Err(store_failure(e)),
+                }
+            }
+            "sleep" => {
+                let seconds = args
+                    .get("seconds")
+                    .and_then(Value::as_f64)
+                    .filter(|s| s.is_finite() && (0.0..=MAX_SLEEP_SECONDS).contains(s))
+                    .ok_or_else(|| invalid_params(format!("Invalid arguments: 'seconds' must be a number from 0 to {MAX_SLEEP_SECONDS}")))?;
+                if seconds > 0.0 && !ctx.is_task() {
+                    ctx.become_task().await?;
+                }
+                let total = seconds.ceil() as u64;
+                ctx.progress(0.0, Some(seconds), Some(format!("Sleeping {seconds} seconds")));
+                let started = tokio::time::Instant::now();
+                for step in 1..=total {
+                    let until = started + Duration::from_secs_f64((step as f64).min(seconds));
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(until) => {}
+                        _ = ctx.cancelled().cancelled() => {
+                            return Err(ErrorData::new(rmcp::model::ErrorCode(-32800), "Request cancelled", None));
+                        }
+                    }
+                    let done = (step as f64).min(seconds);
+                    ctx.progress(done, Some(seconds), Some(format!("Slept {done} of {seconds} seconds")));
+                }
+                text_result(format!("Slept {seconds} seconds"))
+            }
+            other => return Err(super::unknown_tool(other)),
+        };
+        Ok(Step::Done(result))
+    }
+
+    async fn resources(&self, ctx: &Ctx) -> Result<Vec<Resource>, ErrorData> {
+        Ok(list_notes(ctx)
+            .await?
+            .into_iter()
+            .map(|(name, note)| {
+                Resource::new(note_uri(&name), name.clone())
+                    .with_description(format!("Note {name}"))
+                    .with_mime_type("text/plain")
+                    .with_size(note.text.len() as u64)
+            })
+            .collect())
+    }
+
+    async fn resource_templates(&self, _ctx: &Ctx) -> Result<Vec<ResourceTemplate>, ErrorData> {
+        Ok(vec![
+            ResourceTemplate::new("note://{name}", "note")
+                .with_description("A note saved with notes_put")
+                .with_mime_type("text/plain"),
+        ])
+    }
+
+    async fn read_resource(&self, ctx: &Ctx, uri: &str, _round: Round) -> Result<Step<ReadResourceResult>, ErrorData> {
+        let Some(name) = uri.strip_prefix(NOTE_SCHEME).and_then(percent_decode) else {
+            return Err(super::resource_not_found(uri));
+        };
+        match load_note(ctx, &name).await? {
+            Some(n) => Ok(Step::Done(ReadResourceResult::new(vec![
+                ResourceContents::text(n.text, uri).with_mime_type("text/plain"),
+            ]))),
+            None => Err(super::resource_not_found(uri)),
+        }
+    }
+
+    async fn prompts(&self, _ctx: &Ctx) -> Result<Vec<rmcp::model::Prompt>, ErrorData> {
+        Ok(vec![rmcp::model::Prompt::new(
+            "discuss_note",
+            Some("Starts a conversation about a saved note, with the note embedded."),
+            Some(vec![PromptArgument::new("name").with_description("Name of the note").with_required(true)]),
+        )])
+    }
+
+    async fn get_prompt(&self, ctx: &Ctx, name: &str, args: JsonObject, _round: Round) -> Result<Step<GetPromptResult>, ErrorData> {
+        if name != "discuss_note" {
+            return Err(invalid_params(format!("Unknown prompt: {name}")));
+        }
+        let note = note_name(&args)?;
+        let Some(n) = load_note(ctx, note).await? else {
+            return Err(invalid_params(format!("No note named {note}")));
+        };
+        let uri = note_uri(note);
+        Ok(Step::Done(GetPromptResult::new(vec![
+            PromptMessage::new(Role::User, ContentBlock::resource(ResourceContents::text(n.text, uri).with_mime_type("text/plain"))),
+            PromptMessage::new_text(Role::User, format!("Let's discuss the note {note} above.")),
+        ])))
+    }
+
+    async fn complete(&self, ctx: &Ctx, params: CompleteRequestParams) -> Result<CompleteResult, ErrorData> {
+        let wants_note = match &params.r#ref {
+            Reference::Prompt(p) => p.name == "discuss_note",
+            Reference::Resource(r) => r.uri == "note://{name}",
+            _ => false,
+        } && params.argument.name == "name";
+        if !wants_note {
+            return Ok(CompleteResult::default());
+        }
+        let values: Vec<String> = list_notes(ctx)
+            .await?
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| n.starts_with(&params.argument.value))
+            .take(CompletionInfo::MAX_VALUES)
+            .collect();
+        let info = CompletionInfo::with_all_values(values).map_err(internal)?;
+        Ok(CompleteResult::new(info))
+    }
+}

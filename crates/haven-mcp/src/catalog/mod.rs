@@ -253,7 +253,7 @@ pub fn tool(name: &'static str, description: &'static str, input_schema: Value) 
 }
 
 /// Facts the engine tells a handler about who is calling.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Caller {
     /// Client identity, if sent.
     pub client_info: Option<Implementation>,

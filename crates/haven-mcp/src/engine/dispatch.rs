@@ -1,0 +1,471 @@
+//! Method handlers shared by both eras: one request in, items and exactly one final response
+//! out.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use rmcp::model::{
+    CacheScope, CallToolRequestParams, CompleteRequestParams, ErrorCode, ErrorData,
+    GetPromptRequestParams, JsonObject, ListPromptsResult, ListResourceTemplatesResult,
+    ListResourcesResult, ListToolsResult, ProgressToken, ReadResourceRequestParams, RequestId,
+    ResultType, ServerResult,
+};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use super::mrtr::{self, Driven};
+use super::tasks;
+use super::{Inner, store_error};
+use crate::catalog::{Caller, Round, TaskSupport, check_arguments};
+use crate::context::{Era, Item, Outbox, RequestContext};
+use crate::jsonrpc::{self, invalid_params, method_not_found};
+use crate::session;
+
+/// One request, ready to run.
+#[derive(Clone, Debug)]
+pub(crate) struct Call {
+    /// JSON-RPC id.
+    pub id: RequestId,
+    /// Method.
+    pub method: String,
+    /// Parameters (empty object when absent).
+    pub params: JsonObject,
+    /// Era and session.
+    pub era: Era,
+    /// Who calls.
+    pub caller: Caller,
+}
+
+impl Call {
+    /// The request's progress token, if any.
+    pub fn progress_token(&self) -> Option<ProgressToken> {
+        let token = self.params.get("_meta")?.get("progressToken")?;
+        serde_json::from_value(token.clone()).ok()
+    }
+
+    /// Whether the client asked for the 2025-11-25 experimental task form.
+    pub fn task_param(&self) -> Option<&Value> {
+        self.params.get("task")
+    }
+}
+
+/// Methods whose handler may send items before the final response (and so may need a stream).
+pub(crate) fn may_stream(method: &str) -> bool {
+    matches!(method, "tools/call" | "prompts/get" | "resources/read" | "tasks/result")
+}
+
+/// Runs `call` to completion, sending its items and then its final response to `out`.
+pub(crate) async fn run(inner: Arc<Inner>, call: Call, out: Outbox, cancel: CancellationToken) {
+    let ctx = RequestContext::new(
+        inner.store.clone(),
+        call.era.clone(),
+        call.caller.clone(),
+        call.progress_token(),
+        Some(out.clone()),
+        cancel.clone(),
+    );
+    let outcome = dispatch(&inner, &call, ctx, &out, &cancel).await;
+    let final_message = match outcome {
+        Outcome::Sent => return,
+        Outcome::Result(v) => jsonrpc::response(&call.id, &v),
+        Outcome::Error(e) => jsonrpc::error_response(Some(&call.id), &e),
+    };
+    let _ = out.send(Item::Final(final_message));
+}
+
+/// What a dispatched request produced.
+pub(crate) enum Outcome {
+    /// A result to send.
+    Result(Value),
+    /// An error to send.
+    Error(ErrorData),
+    /// The final response was already sent (the request became a task).
+    Sent,
+}
+
+impl From<Result<Value, ErrorData>> for Outcome {
+    fn from(r: Result<Value, ErrorData>) -> Outcome {
+        match r {
+            Ok(v) => Outcome::Result(v),
+            Err(e) => Outcome::Error(e),
+        }
+    }
+}
+
+async fn dispatch(
+    inner: &Arc<Inner>,
+    call: &Call,
+    ctx: RequestContext,
+    out: &Outbox,
+    cancel: &CancellationToken,
+) -> Outcome {
+    let p = Some(&call.params);
+    let stateless = call.era.is_stateless();
+    let r: Result<Value, ErrorData> = match call.method.as_str() {
+        "ping" if !stateless => Ok(serde_json::json!({})),
+        "logging/setLevel" if !stateless => set_level(inner, call).await,
+        "resources/subscribe" if !stateless => subscribe(inner, call, true).await,
+        "resources/unsubscribe" if !stateless => subscribe(inner, call, false).await,
+        "tools/list" => list_tools(inner, call, &ctx).await,
+        "tools/call" => return tools_call(inner, call, ctx, out, cancel).await,
+        "resources/list" => {
+            let all = inner.catalog.resources(&ctx).await;
+            all.and_then(|all| {
+                let (page, next) = paginate(inner, p, all)?;
+                Ok(finish(
+                    inner,
+                    &call.era,
+                    ServerResult::ListResourcesResult(ListResourcesResult {
+                        result_type: Some(ResultType::COMPLETE),
+                        meta: None,
+                        next_cursor: next,
+                        ttl_ms: None,
+                        cache_scope: None,
+                        resources: page,
+                    }),
+                ))
+            })
+        }
+        "resources/templates/list" => {
+            let all = inner.catalog.resource_templates(&ctx).await;
+            all.and_then(|all| {
+                let (page, next) = paginate(inner, p, all)?;
+                Ok(finish(
+                    inner,
+                    &call.era,
+                    ServerResult::ListResourceTemplatesResult(ListResourceTemplatesResult {
+                        result_type: Some(ResultType::COMPLETE),
+                        meta: None,
+                        next_cursor: next,
+                        ttl_ms: None,
+                        cache_scope: None,
+                        resource_templates: page,
+                    }),
+                ))
+            })
+        }
+        "resources/read" => resources_read(inner, call, ctx, out, cancel).await,
+        "prompts/list" => {
+            let all = inner.catalog.prompts(&ctx).await;
+            all.and_then(|all| {
+                let (page, next) = paginate(inner, p, all)?;
+                Ok(finish(
+                    inner,
+                    &call.era,
+                    ServerResult::ListPromptsResult(ListPromptsResult {
+                        result_type: Some(ResultType::COMPLETE),
+                        meta: None,
+                        next_cursor: next,
+                        ttl_ms: None,
+                        cache_scope: None,
+                        prompts: page,
+                    }),
+                ))
+            })
+        }
+        "prompts/get" => prompts_get(inner, call, ctx, out, cancel).await,
+        "completion/complete" => match jsonrpc::typed_params::<CompleteRequestParams>(&call.method, p)
+        {
+            Ok(params) => inner
+                .catalog
+                .complete(&ctx, params)
+                .await
+                .map(|r| finish(inner, &call.era, ServerResult::CompleteResult(r))),
+            Err(e) => Err(e),
+        },
+        "tasks/get" => tasks::get(inner, call).await,
+        "tasks/cancel" => tasks::cancel(inner, call).await,
+        "tasks/update" if stateless => tasks::update_request(inner, call).await,
+        "tasks/list" if !stateless => tasks::list(inner, call).await,
+        "tasks/result" if !stateless => tasks::result(inner, call, out, cancel).await,
+        other => Err(method_not_found(other)),
+    };
+    r.into()
+}
+
+/// Serializes a result in the shape the era expects: stateless results carry `resultType` and
+/// cache hints; legacy results carry neither.
+pub(crate) fn finish(inner: &Inner, era: &Era, mut result: ServerResult) -> Value {
+    if era.is_stateless() {
+        let ttl = inner.config.list_ttl_millis;
+        match &mut result {
+            ServerResult::ListToolsResult(r) => hint(&mut r.ttl_ms, &mut r.cache_scope, ttl),
+            ServerResult::ListPromptsResult(r) => hint(&mut r.ttl_ms, &mut r.cache_scope, ttl),
+            ServerResult::ListResourcesResult(r) => hint(&mut r.ttl_ms, &mut r.cache_scope, ttl),
+            ServerResult::ListResourceTemplatesResult(r) => {
+                hint(&mut r.ttl_ms, &mut r.cache_scope, ttl)
+            }
+            // Resource contents may change at any time: not cacheable by default.
+            ServerResult::ReadResourceResult(r) => hint(&mut r.ttl_ms, &mut r.cache_scope, 0),
+            ServerResult::CallToolResult(r) => {
+                r.result_type.get_or_insert(ResultType::COMPLETE);
+            }
+            ServerResult::GetPromptResult(r) => {
+                r.result_type.get_or_insert(ResultType::COMPLETE);
+            }
+            ServerResult::CompleteResult(r) => {
+                r.result_type.get_or_insert(ResultType::COMPLETE);
+            }
+            _ => {}
+        }
+    } else {
+        result.strip_result_type_for_legacy_peer();
+        result.strip_non_object_output_for_legacy_peer();
+    }
+    serde_json::to_value(&result).expect("results serialize")
+}
+
+fn hint(ttl: &mut Option<u64>, scope: &mut Option<CacheScope>, default_ttl: u64) {
+    ttl.get_or_insert(default_ttl);
+    scope.get_or_insert(CacheScope::Public);
+}
+
+const CURSOR_PREFIX: &str = "haven-offset:";
+
+/// One page of `all` per the request's `cursor`, and the cursor of the next page.
+pub(crate) fn paginate<T>(
+    inner: &Inner,
+    params: Option<&JsonObject>,
+    all: Vec<T>,
+) -> Result<(Vec<T>, Option<String>), ErrorData> {
+    let offset = match params.and_then(|p| p.get("cursor")) {
+        None | Some(Value::Null) => 0,
+        Some(Value::String(c)) => decode_cursor(c)
+            .ok_or_else(|| invalid_params(format!("Invalid cursor: {c}")))?,
+        Some(_) => return Err(invalid_params("Invalid cursor: must be a string")),
+    };
+    if offset > all.len() {
+        return Err(invalid_params("Invalid cursor: past the end of the list"));
+    }
+    let end = (offset + inner.config.page_size).min(all.len());
+    let next = (end < all.len()).then(|| encode_cursor(end));
+    let page = all.into_iter().skip(offset).take(end - offset).collect();
+    Ok((page, next))
+}
+
+fn encode_cursor(offset: usize) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{CURSOR_PREFIX}{offset}"))
+}
+
+fn decode_cursor(c: &str) -> Option<usize> {
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(c).ok()?;
+    String::from_utf8(raw).ok()?.strip_prefix(CURSOR_PREFIX)?.parse().ok()
+}
+
+async fn list_tools(inner: &Arc<Inner>, call: &Call, ctx: &RequestContext) -> Result<Value, ErrorData> {
+    let (tools, _) = inner.tool_index(ctx).await?;
+    let (page, next) = paginate(inner, Some(&call.params), tools.as_ref().clone())?;
+    let names: Vec<String> = page.iter().map(|t| t.name.to_string()).collect();
+    let mut v = finish(
+        inner,
+        &call.era,
+        ServerResult::ListToolsResult(ListToolsResult {
+            result_type: Some(ResultType::COMPLETE),
+            meta: None,
+            next_cursor: next,
+            ttl_ms: None,
+            cache_scope: None,
+            tools: page,
+        }),
+    );
+    // The 2025-11-25 experimental tasks declare task support per tool (`execution`), a field
+    // rmcp's Tool does not model.
+    if legacy_tasks(&call.era) {
+        if let Some(list) = v.get_mut("tools").and_then(Value::as_array_mut) {
+            for (tool, name) in list.iter_mut().zip(names) {
+                let support = inner.catalog.task_support(&name);
+                if support != TaskSupport::Forbidden {
+                    tool["execution"] = serde_json::json!({ "taskSupport": support.as_str() });
+                }
+            }
+        }
+    }
+    Ok(v)
+}
+
+/// Whether the era uses the 2025-11-25 experimental task form.
+pub(crate) fn legacy_tasks(era: &Era) -> bool {
+    matches!(era, Era::Legacy { protocol_version, .. } if protocol_version.as_str() >= "2025-11-25")
+}
+
+async fn set_level(inner: &Arc<Inner>, call: &Call) -> Result<Value, ErrorData> {
+    let params: rmcp::model::SetLevelRequestParams =
+        jsonrpc::typed_params(&call.method, Some(&call.params))?;
+    let session = call.era.session().unwrap_or_default();
+    session::update(&*inner.store, session, inner.config.session_ttl.as_millis() as u64, |s| {
+        s.log_level = Some(params.level)
+    })
+    .await
+    .map_err(store_error)?;
+    Ok(serde_json::json!({}))
+}
+
+async fn subscribe(inner: &Arc<Inner>, call: &Call, on: bool) -> Result<Value, ErrorData> {
+    let uri = call
+        .params
+        .get("uri")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid_params("Invalid params: uri (string) is required"))?
+        .to_owned();
+    let session = call.era.session().unwrap_or_default();
+    session::update(&*inner.store, session, inner.config.session_ttl.as_millis() as u64, |s| {
+        s.subscriptions.retain(|u| u != &uri);
+        if on {
+            s.subscriptions.push(uri.clone());
+        }
+    })
+    .await
+    .map_err(store_error)?;
+    Ok(serde_json::json!({}))
+}
+
+async fn tools_call(
+    inner: &Arc<Inner>,
+    call: &Call,
+    ctx: RequestContext,
+    out: &Outbox,
+    cancel: &CancellationToken,
+) -> Outcome {
+    let params: CallToolRequestParams = match jsonrpc::typed_params(&call.method, Some(&call.params)) {
+        Ok(p) => p,
+        Err(e) => return Outcome::Error(e),
+    };
+    let name = params.name.to_string();
+    let arguments = params.arguments.clone().unwrap_or_default();
+    let (tools, index) = match inner.tool_index(&ctx).await {
+        Ok(t) => t,
+        Err(e) => return Outcome::Error(e),
+    };
+    let Some(tool) = index.get(&name).map(|i| &tools[*i]) else {
+        return Outcome::Error(crate::catalog::unknown_tool(&name));
+    };
+    if let Err(e) = check_arguments(tool, &arguments) {
+        return Outcome::Error(e);
+    }
+    let support = inner.catalog.task_support(&name);
+    let idempotent = tool.annotations.as_ref().and_then(|a| a.idempotent_hint).unwrap_or(false);
+
+    // The 2025-11-25 experimental form: the client asks for a task.
+    if legacy_tasks(&call.era) {
+        match (call.task_param(), support) {
+            (Some(_), TaskSupport::Forbidden) => {
+                return Outcome::Error(ErrorData::new(
+                    ErrorCode::METHOD_NOT_FOUND,
+                    format!("Tool {name} does not support task-augmented calls"),
+                    None,
+                ));
+            }
+            (None, TaskSupport::Required) => {
+                return Outcome::Error(ErrorData::new(
+                    ErrorCode::METHOD_NOT_FOUND,
+                    format!("Tool {name} must be called as a task (add params.task)"),
+                    None,
+                ));
+            }
+            (Some(task), _) => {
+                let requested_ttl = task.get("ttl").and_then(Value::as_u64);
+                return tasks::start_client_task(
+                    inner, call, ctx, out, name, arguments, requested_ttl, idempotent,
+                )
+                .await;
+            }
+            (None, _) => {}
+        }
+    }
+    let client_tasks = call.era.is_stateless() && ctx.client_supports("tasks");
+    if call.era.is_stateless() && support == TaskSupport::Required && !client_tasks {
+        return Outcome::Error(tasks::tasks_capability_required());
+    }
+
+    let round = match mrtr::first_round(inner, call, &name, params.input_responses, params.request_state.as_deref()) {
+        Ok(r) => r,
+        Err(e) => return Outcome::Error(e),
+    };
+    let hook = tasks::Promoter::new(
+        inner.clone(),
+        call.clone(),
+        out.clone(),
+        name.clone(),
+        arguments.clone(),
+        idempotent,
+        client_tasks && support != TaskSupport::Forbidden,
+    );
+    let ctx = ctx.with_task_hook(hook.clone());
+    let catalog = inner.catalog.clone();
+    let step_fn = |ctx: RequestContext, round: Round| {
+        let catalog = catalog.clone();
+        let name = name.clone();
+        let arguments = arguments.clone();
+        async move { catalog.call_tool(&ctx, &name, arguments, round).await }
+    };
+    let driven = mrtr::drive(inner, call, &ctx, out, cancel, &name, round, &hook, step_fn).await;
+    match driven {
+        Driven::Done(result) => {
+            Outcome::Result(finish(inner, &call.era, ServerResult::CallToolResult(result)))
+        }
+        Driven::InputRequired(v) => Outcome::Result(v),
+        Driven::Error(e) => Outcome::Error(e),
+        Driven::Promoted(step) => {
+            tasks::run_task(inner, &hook, ctx, step).await;
+            Outcome::Sent
+        }
+    }
+}
+
+async fn resources_read(
+    inner: &Arc<Inner>,
+    call: &Call,
+    ctx: RequestContext,
+    out: &Outbox,
+    cancel: &CancellationToken,
+) -> Result<Value, ErrorData> {
+    let params: ReadResourceRequestParams = jsonrpc::typed_params(&call.method, Some(&call.params))?;
+    let uri = params.uri.clone();
+    let round = mrtr::first_round(inner, call, &uri, params.input_responses, params.request_state.as_deref())?;
+    let catalog = inner.catalog.clone();
+    let step_fn = |ctx: RequestContext, round: Round| {
+        let catalog = catalog.clone();
+        let uri = uri.clone();
+        async move { catalog.read_resource(&ctx, &uri, round).await }
+    };
+    let hook = tasks::Promoter::disabled();
+    match mrtr::drive(inner, call, &ctx, out, cancel, &uri, round, &hook, step_fn).await {
+        Driven::Done(r) => Ok(finish(inner, &call.era, ServerResult::ReadResourceResult(r))),
+        Driven::InputRequired(v) => Ok(v),
+        Driven::Error(mut e) => {
+            // SEP-2164: the stateless era reports a missing resource as invalid params.
+            if call.era.is_stateless() && e.code == ErrorCode::RESOURCE_NOT_FOUND {
+                e.code = ErrorCode::INVALID_PARAMS;
+            }
+            Err(e)
+        }
+        Driven::Promoted(_) => Err(jsonrpc::internal("resources/read cannot become a task")),
+    }
+}
+
+async fn prompts_get(
+    inner: &Arc<Inner>,
+    call: &Call,
+    ctx: RequestContext,
+    out: &Outbox,
+    cancel: &CancellationToken,
+) -> Result<Value, ErrorData> {
+    let params: GetPromptRequestParams = jsonrpc::typed_params(&call.method, Some(&call.params))?;
+    let name = params.name.clone();
+    let arguments = params.arguments.clone().unwrap_or_default();
+    let round = mrtr::first_round(inner, call, &name, params.input_responses, params.request_state.as_deref())?;
+    let catalog = inner.catalog.clone();
+    let step_fn = |ctx: RequestContext, round: Round| {
+        let catalog = catalog.clone();
+        let name = name.clone();
+        let arguments = arguments.clone();
+        async move { catalog.get_prompt(&ctx, &name, arguments, round).await }
+    };
+    let hook = tasks::Promoter::disabled();
+    match mrtr::drive(inner, call, &ctx, out, cancel, &name, round, &hook, step_fn).await {
+        Driven::Done(r) => Ok(finish(inner, &call.era, ServerResult::GetPromptResult(r))),
+        Driven::InputRequired(v) => Ok(v),
+        Driven::Error(e) => Err(e),
+        Driven::Promoted(_) => Err(jsonrpc::internal("prompts/get cannot become a task")),
+    }
+}

@@ -1,0 +1,664 @@
+//! The legacy era over Streamable HTTP: `initialize` and sessions, POST answered with JSON or a
+//! resumable SSE stream, the standalone GET stream, resumption with `Last-Event-ID`, DELETE.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use rmcp::model::{InitializeRequestParams, InitializeResult};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::dispatch::{self, Call, may_stream};
+use super::mrtr::{id_json, store_reply};
+use super::{Inner, LATEST_LEGACY, LEGACY_VERSIONS, LegacyResponses, Reply, SseFrame, is_legacy_version, transport_error};
+use crate::catalog::Caller;
+use crate::context::{ANNOUNCE_NS, Announcement, Era, Item};
+use crate::hub::Topic;
+use crate::jsonrpc::{self, Incoming, IncomingRequest};
+use crate::session::{self, LoadedSession, SESSIONS_NS, SessionRecord};
+use crate::stream::{self, InflightRecord, StoredEvent};
+
+/// Namespace of cancellation requests (`notifications/cancelled`), read by whichever node runs
+/// the request.
+pub const CANCELS_NS: &str = "cancels";
+/// `method` of the in-flight record of a standalone GET stream.
+pub const STANDALONE: &str = "standalone";
+
+/// A legacy-era POST, as the transport read it.
+#[derive(Debug)]
+pub struct LegacyPost {
+    /// `Mcp-Session-Id` header.
+    pub session: Option<String>,
+    /// `MCP-Protocol-Version` header.
+    pub protocol_version: Option<String>,
+    /// Whether `Accept` allows `application/json`.
+    pub accepts_json: bool,
+    /// Whether `Accept` allows `text/event-stream`.
+    pub accepts_sse: bool,
+    /// The message.
+    pub message: Incoming,
+}
+
+fn session_not_found() -> Reply {
+    transport_error(404, -32001, "Session not found: it ended or never existed; send initialize to start a new one")
+}
+
+fn unavailable(e: haven_state::StoreError) -> Reply {
+    tracing::warn!(error = %e, "store unavailable");
+    transport_error(503, -32603, "The server's storage is unavailable; retry shortly")
+}
+
+/// Checks the session headers of a non-initialize request.
+async fn open_session(
+    inner: &Inner,
+    session: Option<&str>,
+    protocol_version: Option<&str>,
+) -> Result<LoadedSession, Reply> {
+    let Some(sid) = session else {
+        return Err(transport_error(
+            400,
+            -32000,
+            "Bad Request: the Mcp-Session-Id header is required; send initialize first",
+        ));
+    };
+    if let Some(v) = protocol_version {
+        if !is_legacy_version(v) {
+            return Err(transport_error(
+                400,
+                -32000,
+                &format!("Bad Request: unsupported MCP-Protocol-Version {v}; supported: {}", LEGACY_VERSIONS.join(", ")),
+            ));
+        }
+    }
+    match session::load(&*inner.store, sid).await {
+        Ok(Some(s)) => Ok(s),
+        Ok(None) => Err(session_not_found()),
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
+pub(super) async fn post(inner: &Arc<Inner>, p: LegacyPost) -> Reply {
+    if let Incoming::Request(req) = &p.message {
+        if req.method == "initialize" {
+            return initialize(inner, req).await;
+        }
+    }
+    let loaded = match open_session(inner, p.session.as_deref(), p.protocol_version.as_deref()).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let sid = loaded.record.id.clone();
+    match p.message {
+        Incoming::Request(req) => request(inner, loaded, req, p.accepts_json, p.accepts_sse).await,
+        Incoming::Notification { method, params } => {
+            if method == "notifications/cancelled" {
+                if let Some(id) = params.as_ref().and_then(|p| p.get("requestId")) {
+                    cancel_request(inner, &sid, id).await;
+                }
+            }
+            Reply::Accepted
+        }
+        Incoming::Response { id, result } => {
+            match store_reply(inner, &sid, &id, serde_json::json!({ "result": result })).await {
+                Ok(()) => Reply::Accepted,
+                Err(e) => unavailable(e),
+            }
+        }
+        Incoming::Error { id, error } => {
+            if let Some(id) = id {
+                if let Err(e) = store_reply(inner, &sid, &id, serde_json::json!({ "error": error })).await {
+                    return unavailable(e);
+                }
+            }
+            Reply::Accepted
+        }
+    }
+}
+
+async fn cancel_request(inner: &Arc<Inner>, session: &str, id: &Value) {
+    let key = match id {
+        Value::String(s) => format!("{session}/{s}"),
+        Value::Number(n) => format!("{session}/{n}"),
+        _ => return,
+    };
+    if let Some(token) = inner.running.lock().get(&key) {
+        token.cancel();
+    }
+    let r = inner.store.commit(haven_state::Batch::new().put_ttl(CANCELS_NS, &key, Vec::new(), 3_600_000)).await;
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "recording a cancellation failed");
+    }
+}
+
+async fn initialize(inner: &Arc<Inner>, req: &IncomingRequest) -> Reply {
+    let params: InitializeRequestParams = match jsonrpc::typed_params(&req.method, req.params.as_ref()) {
+        Ok(p) => p,
+        Err(e) => return Reply::error(400, Some(&req.id), &e),
+    };
+    let requested = params.protocol_version.as_str();
+    let version = if LEGACY_VERSIONS.contains(&requested) { requested } else { LATEST_LEGACY };
+    let now = inner.store.clock().wall_millis();
+    let record = SessionRecord {
+        id: session::new_session_id(),
+        protocol_version: version.to_owned(),
+        client_info: Some(params.client_info.clone()),
+        client_capabilities: params.capabilities.clone(),
+        log_level: None,
+        subscriptions: Vec::new(),
+        created_millis: now,
+    };
+    if let Err(e) = session::create(&*inner.store, &record, inner.config.session_ttl.as_millis() as u64).await {
+        return Reply::error(503, Some(&req.id), &super::store_error(e));
+    }
+    let mut capabilities = inner.info.capabilities.clone();
+    // The tasks extension belongs to the stateless era; legacy sessions get the experimental
+    // `tasks` capability below instead.
+    capabilities.extensions = None;
+    let mut result = InitializeResult::new(capabilities)
+        .with_protocol_version(super::protocol_version(version))
+        .with_server_info(inner.info.server_info.clone());
+    result.instructions = inner.info.instructions.clone();
+    let mut v = serde_json::to_value(&result).expect("initialize result serializes");
+    if version >= "2025-11-25" {
+        v["capabilities"]["tasks"] = serde_json::json!({
+            "list": {}, "cancel": {}, "requests": { "tools": { "call": {} } }
+        });
+    }
+    Reply::Json { status: 200, body: jsonrpc::response(&req.id, &v), session: Some(record.id) }
+}
+
+fn caller_of(s: &SessionRecord) -> Caller {
+    Caller {
+        client_info: s.client_info.clone(),
+        capabilities: s.client_capabilities.clone(),
+        log_level: s.log_level,
+    }
+}
+
+async fn request(
+    inner: &Arc<Inner>,
+    loaded: LoadedSession,
+    req: IncomingRequest,
+    accepts_json: bool,
+    accepts_sse: bool,
+) -> Reply {
+    let s = &loaded.record;
+    let call = Call {
+        id: req.id.clone(),
+        method: req.method.clone(),
+        params: req.params.clone().unwrap_or_default(),
+        era: Era::Legacy { session: s.id.clone(), protocol_version: s.protocol_version.clone() },
+        caller: caller_of(s),
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let cancel = CancellationToken::new();
+    let key = Inner::running_key(&s.id, &req.id);
+    inner.running.lock().insert(key.clone(), cancel.clone());
+    {
+        let inner = inner.clone();
+        let call = call.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            dispatch::run(inner.clone(), call, tx, cancel).await;
+            inner.running.lock().remove(&key);
+        });
+    }
+    refresh_session(inner, &loaded);
+    deliver(inner, &call, rx, cancel, accepts_json, accepts_sse).await
+}
+
+/// Extends a session's life when more than half of it has passed.
+fn refresh_session(inner: &Arc<Inner>, loaded: &LoadedSession) {
+    let ttl = inner.config.session_ttl.as_millis() as u64;
+    let now = inner.store.clock().wall_millis();
+    if now.saturating_sub(loaded.record.created_millis) < ttl / 2 {
+        return;
+    }
+    let inner = inner.clone();
+    let id = loaded.record.id.clone();
+    tokio::spawn(async move {
+        let _ = session::update(&*inner.store, &id, ttl, |s| s.created_millis = now).await;
+    });
+}
+
+/// Answers a running legacy request: JSON when it finishes quickly without sending anything
+/// first, otherwise a resumable SSE stream.
+async fn deliver(
+    inner: &Arc<Inner>,
+    call: &Call,
+    mut rx: mpsc::UnboundedReceiver<Item>,
+    cancel: CancellationToken,
+    accepts_json: bool,
+    accepts_sse: bool,
+) -> Reply {
+    let streamable = may_stream(&call.method);
+    if !accepts_sse {
+        // The client cannot take a stream: wait for the result; requests to the client cannot
+        // be delivered, so the handler is cancelled if it tries.
+        while let Some(item) = rx.recv().await {
+            match item {
+                Item::Final(json) => return Reply::Json { status: 200, body: json, session: None },
+                Item::Request(_) => cancel.cancel(),
+                _ => {}
+            }
+        }
+        return Reply::error(500, Some(&call.id), &jsonrpc::internal("the request ended without a response"));
+    }
+    let force_stream = !accepts_json || (streamable && inner.config.legacy_responses == LegacyResponses::Sse);
+    let mut first = Vec::new();
+    if !force_stream {
+        let next = if streamable {
+            match tokio::time::timeout(inner.config.stream_after, rx.recv()).await {
+                Ok(item) => Some(item),
+                Err(_) => None,
+            }
+        } else {
+            Some(rx.recv().await)
+        };
+        match next {
+            Some(Some(Item::Final(json))) => return Reply::Json { status: 200, body: json, session: None },
+            Some(Some(item)) => first.push(item),
+            Some(None) => {
+                return Reply::error(500, Some(&call.id), &jsonrpc::internal("the request ended without a response"));
+            }
+            None => {}
+        }
+    }
+    open_stream(inner, call, rx, first, cancel).await
+}
+
+fn frames_for(stream_id: &str, first_index: u64, events: &[(String, bool)]) -> Vec<SseFrame> {
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, (data, _))| SseFrame::Event {
+            id: Some(stream::event_id(stream_id, first_index + i as u64)),
+            retry: None,
+            data: data.clone(),
+        })
+        .collect()
+}
+
+/// Converts items to stored events; returns the events, whether the final item is among them,
+/// and whether the handler asked to close the live connection (and after how many events).
+fn to_events(items: Vec<Item>) -> (Vec<(String, bool)>, bool, Option<usize>) {
+    let mut events = Vec::new();
+    let mut finished = false;
+    let mut close_at = None;
+    for item in items {
+        match item {
+            Item::Notify(m) | Item::Request(m) => events.push((m, false)),
+            Item::Final(m) => {
+                events.push((m, true));
+                finished = true;
+            }
+            Item::Close => close_at = close_at.or(Some(events.len())),
+        }
+    }
+    (events, finished, close_at)
+}
+
+/// Opens a durable stream for a running request and pumps its items into the store and, while
+/// the client is connected, to the client.
+async fn open_stream(
+    inner: &Arc<Inner>,
+    call: &Call,
+    mut rx: mpsc::UnboundedReceiver<Item>,
+    mut first: Vec<Item>,
+    cancel: CancellationToken,
+) -> Reply {
+    while let Ok(item) = rx.try_recv() {
+        let last = matches!(item, Item::Final(_));
+        first.push(item);
+        if last {
+            break;
+        }
+    }
+    let session = call.era.session().unwrap_or_default().to_owned();
+    let stream_id = stream::new_stream_id();
+    let inflight = InflightRecord {
+        session: session.clone(),
+        stream: stream_id.clone(),
+        request_id: id_json(&call.id),
+        method: call.method.clone(),
+        params: Some(Value::Object(call.params.clone())),
+        node: inner.config.node_id.clone(),
+        boot: inner.config.boot_id.clone(),
+        started_millis: inner.store.clock().wall_millis(),
+    };
+    let (events, finished, close_at) = to_events(first);
+    let last = match stream::open(&*inner.store, &inflight, &events).await {
+        Ok(last) => last,
+        Err(e) => {
+            cancel.cancel();
+            return Reply::error(503, Some(&call.id), &super::store_error(e));
+        }
+    };
+    let (live_tx, live_rx) = mpsc::unbounded_channel::<SseFrame>();
+    let _ = live_tx.send(SseFrame::Event {
+        id: Some(stream::event_id(&stream_id, 0)),
+        retry: Some(inner.config.sse_retry_millis),
+        data: String::new(),
+    });
+    let first_index = last + 1 - events.len() as u64;
+    let visible = close_at.unwrap_or(events.len());
+    for f in frames_for(&stream_id, first_index, &events[..visible]) {
+        let _ = live_tx.send(f);
+    }
+    let live = if finished || close_at.is_some() { None } else { Some(live_tx) };
+    if !finished {
+        let cancel_rx = inner.hub.subscribe(Topic::key(CANCELS_NS, &Inner::running_key(&session, &call.id)));
+        tokio::spawn(pump(inner.clone(), session, stream_id, rx, live, cancel, cancel_rx));
+    }
+    Reply::Stream(keep_alive(live_rx, inner.config.keep_alive))
+}
+
+async fn pump(
+    inner: Arc<Inner>,
+    session: String,
+    stream_id: String,
+    mut rx: mpsc::UnboundedReceiver<Item>,
+    mut live: Option<mpsc::UnboundedSender<SseFrame>>,
+    cancel: CancellationToken,
+    mut cancel_rx: tokio::sync::broadcast::Receiver<Arc<haven_state::LogEntry>>,
+) {
+    loop {
+        let item = tokio::select! {
+            item = rx.recv() => item,
+            Ok(_) = cancel_rx.recv() => { cancel.cancel(); continue; }
+        };
+        let Some(item) = item else {
+            // The handler ended without a final response (it panicked): end the stream with an
+            // error rather than silence.
+            let e = jsonrpc::internal("the request failed on the server");
+            let msg = jsonrpc::error_response(None, &e);
+            let _ = stream::append(&*inner.store, &session, &stream_id, &[(msg, true)]).await;
+            return;
+        };
+        let mut items = vec![item];
+        while !matches!(items.last(), Some(Item::Final(_))) {
+            match rx.try_recv() {
+                Ok(i) => items.push(i),
+                Err(_) => break,
+            }
+        }
+        let (events, finished, close_at) = to_events(items);
+        if !events.is_empty() {
+            let last = append_retrying(&inner, &session, &stream_id, &events).await;
+            if let (Some(tx), Some(last)) = (&live, last) {
+                let first_index = last + 1 - events.len() as u64;
+                let visible = close_at.unwrap_or(events.len());
+                for f in frames_for(&stream_id, first_index, &events[..visible]) {
+                    if tx.send(f).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        if close_at.is_some() || live.as_ref().is_some_and(|t| t.is_closed()) {
+            live = None;
+        }
+        if finished {
+            return;
+        }
+    }
+}
+
+/// Appends events, retrying while the store is unavailable (bounded): a stream whose events
+/// cannot be stored is still sent to a connected client, and the failure is logged.
+async fn append_retrying(inner: &Inner, session: &str, stream_id: &str, events: &[(String, bool)]) -> Option<u64> {
+    let mut delay = Duration::from_millis(20);
+    for _ in 0..8 {
+        match stream::append(&*inner.store, session, stream_id, events).await {
+            Ok(last) => return Some(last),
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(error = %e, session, stream = stream_id, "storing stream events failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, session, stream = stream_id, "storing stream events failed");
+                return None;
+            }
+        }
+    }
+    tracing::error!(session, stream = stream_id, "storing stream events failed repeatedly; events were not stored");
+    None
+}
+
+/// Adds keep-alive comments to an SSE frame stream while it is idle; ends with the frames.
+pub(crate) fn keep_alive(
+    rx: mpsc::UnboundedReceiver<SseFrame>,
+    every: Duration,
+) -> futures::stream::BoxStream<'static, SseFrame> {
+    futures::stream::unfold(rx, move |mut rx| async move {
+        match tokio::time::timeout(every, rx.recv()).await {
+            Ok(Some(f)) => Some((f, rx)),
+            Ok(None) => None,
+            Err(_) => Some((SseFrame::Comment("keep-alive".into()), rx)),
+        }
+    })
+    .boxed()
+}
+
+pub(super) async fn get(
+    inner: &Arc<Inner>,
+    session: Option<&str>,
+    protocol_version: Option<&str>,
+    last_event_id: Option<&str>,
+) -> Reply {
+    let loaded = match open_session(inner, session, protocol_version).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    match last_event_id {
+        Some(id) => resume(inner, loaded, id).await,
+        None => standalone(inner, loaded, None).await,
+    }
+}
+
+async fn resume(inner: &Arc<Inner>, loaded: LoadedSession, last_event_id: &str) -> Reply {
+    let sid = loaded.record.id.clone();
+    let Some((stream_id, after)) = stream::parse_event_id(last_event_id) else {
+        return transport_error(400, -32000, &format!("Bad Request: Last-Event-ID {last_event_id:?} is not an event id of this server"));
+    };
+    let stream_id = stream_id.to_owned();
+    let inflight = match stream::inflight(&*inner.store, &sid, &stream_id).await {
+        Ok(r) => r,
+        Err(e) => return unavailable(e),
+    };
+    let any = match stream::read(&*inner.store, &sid, &stream_id, 0, 1).await {
+        Ok(e) => e,
+        Err(e) => return unavailable(e),
+    };
+    if inflight.is_none() && any.is_empty() {
+        return transport_error(400, -32000, &format!("Bad Request: Last-Event-ID {last_event_id:?} names no stream of this session"));
+    }
+    if inflight.as_ref().is_some_and(|r| r.method == STANDALONE) {
+        return standalone(inner, loaded, Some((stream_id, after))).await;
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(follow(inner.clone(), sid, stream_id, after, tx));
+    Reply::Stream(keep_alive(rx, inner.config.keep_alive))
+}
+
+/// Replays a request stream after `after` and follows it until its final event, taking over
+/// requests whose node died.
+async fn follow(
+    inner: Arc<Inner>,
+    session: String,
+    stream_id: String,
+    mut after: u64,
+    tx: mpsc::UnboundedSender<SseFrame>,
+) {
+    let key = stream::stream_key(&session, &stream_id);
+    let mut rx = inner.hub.subscribe(Topic::Stream(key));
+    let mut ses_rx = inner.hub.subscribe(Topic::key(SESSIONS_NS, &session));
+    loop {
+        let events: Vec<StoredEvent> = match stream::read(&*inner.store, &session, &stream_id, after, 256).await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading stream events failed");
+                return;
+            }
+        };
+        let n = events.len();
+        for e in events {
+            after = e.index;
+            let frame = SseFrame::Event { id: Some(stream::event_id(&stream_id, e.index)), retry: None, data: e.message };
+            if tx.send(frame).is_err() {
+                return;
+            }
+            if e.last {
+                return;
+            }
+        }
+        if n == 256 {
+            continue;
+        }
+        match stream::inflight(&*inner.store, &session, &stream_id).await {
+            Ok(None) => {
+                // No final event and no running request: the stream was cut off; say so.
+                return;
+            }
+            Ok(Some(rec)) if super::recovery::owner_is_dead(&inner, &rec.node, &rec.boot) => {
+                super::recovery::interrupt(&inner, &rec).await;
+                continue;
+            }
+            _ => {}
+        }
+        tokio::select! {
+            _ = rx.recv() => {}
+            _ = ses_rx.recv() => {
+                if matches!(session::load(&*inner.store, &session).await, Ok(None)) {
+                    return;
+                }
+            }
+            _ = tx.closed() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}
+
+/// The standalone GET stream: notifications not tied to a request (list changes, resource
+/// updates), stored like every other stream so that it can be resumed.
+async fn standalone(inner: &Arc<Inner>, loaded: LoadedSession, resume: Option<(String, u64)>) -> Reply {
+    let sid = loaded.record.id.clone();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (stream_id, after) = match resume {
+        Some((s, a)) => (s, Some(a)),
+        None => {
+            let stream_id = stream::new_stream_id();
+            let rec = InflightRecord {
+                session: sid.clone(),
+                stream: stream_id.clone(),
+                request_id: Value::Null,
+                method: STANDALONE.into(),
+                params: None,
+                node: inner.config.node_id.clone(),
+                boot: inner.config.boot_id.clone(),
+                started_millis: inner.store.clock().wall_millis(),
+            };
+            if let Err(e) = stream::open(&*inner.store, &rec, &[]).await {
+                return unavailable(e);
+            }
+            let _ = tx.send(SseFrame::Event {
+                id: Some(stream::event_id(&stream_id, 0)),
+                retry: Some(inner.config.sse_retry_millis),
+                data: String::new(),
+            });
+            (stream_id, None)
+        }
+    };
+    tokio::spawn(produce_standalone(inner.clone(), sid, stream_id, after, tx));
+    Reply::Stream(keep_alive(rx, inner.config.keep_alive))
+}
+
+fn notification_for(a: &Announcement, subscriptions: &[String]) -> Option<String> {
+    let method = match a {
+        Announcement::ToolsChanged => "notifications/tools/list_changed",
+        Announcement::PromptsChanged => "notifications/prompts/list_changed",
+        Announcement::ResourcesChanged => "notifications/resources/list_changed",
+        Announcement::ResourceUpdated(uri) => {
+            if !subscriptions.iter().any(|s| s == uri) {
+                return None;
+            }
+            return Some(jsonrpc::notification("notifications/resources/updated", Some(serde_json::json!({ "uri": uri }))));
+        }
+    };
+    Some(jsonrpc::notification(method, None))
+}
+
+async fn produce_standalone(
+    inner: Arc<Inner>,
+    session: String,
+    stream_id: String,
+    after: Option<u64>,
+    tx: mpsc::UnboundedSender<SseFrame>,
+) {
+    let mut ann_rx = inner.hub.subscribe(Topic::Namespace(ANNOUNCE_NS.into()));
+    let mut ses_rx = inner.hub.subscribe(Topic::key(SESSIONS_NS, &session));
+    if let Some(after) = after {
+        if let Ok(events) = stream::read(&*inner.store, &session, &stream_id, after, 10_000).await {
+            for e in events {
+                let frame = SseFrame::Event { id: Some(stream::event_id(&stream_id, e.index)), retry: None, data: e.message };
+                if tx.send(frame).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    loop {
+        tokio::select! {
+            entry = ann_rx.recv() => {
+                let entry = match entry {
+                    Ok(e) => e,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return,
+                };
+                let haven_state::Change::Record(r) = &entry.change else { continue };
+                let Some(a) = Announcement::from_key(&r.key) else { continue };
+                let subs = match session::load(&*inner.store, &session).await {
+                    Ok(Some(s)) => s.record.subscriptions.clone(),
+                    _ => return,
+                };
+                let Some(msg) = notification_for(&a, &subs) else { continue };
+                let Ok(index) = stream::append(&*inner.store, &session, &stream_id, &[(msg.clone(), false)]).await else {
+                    continue;
+                };
+                let frame = SseFrame::Event { id: Some(stream::event_id(&stream_id, index)), retry: None, data: msg };
+                if tx.send(frame).is_err() {
+                    return;
+                }
+            }
+            _ = ses_rx.recv() => {
+                if matches!(session::load(&*inner.store, &session).await, Ok(None)) {
+                    let _ = inner.store.commit(haven_state::Batch::new().delete(stream::INFLIGHT_NS, &stream::inflight_key(&session, &stream_id))).await;
+                    return;
+                }
+            }
+            _ = tx.closed() => return,
+        }
+    }
+}
+
+pub(super) async fn delete(inner: &Arc<Inner>, session: Option<&str>) -> Reply {
+    let Some(sid) = session else {
+        return transport_error(400, -32000, "Bad Request: the Mcp-Session-Id header is required");
+    };
+    match session::end(&*inner.store, sid).await {
+        Ok(true) => {
+            let prefix = format!("{sid}/");
+            for (k, token) in inner.running.lock().iter() {
+                if k.starts_with(&prefix) {
+                    token.cancel();
+                }
+            }
+            Reply::Status(200)
+        }
+        Ok(false) => session_not_found(),
+        Err(e) => unavailable(e),
+    }
+}

@@ -1,0 +1,330 @@
+//! The protocol engine: takes classified JSON-RPC messages from a transport, runs them against
+//! the catalog, and answers in the shape the transport needs (202, one JSON body, or an SSE
+//! stream). Sessions, stream events, tasks and replies to server-to-client requests all go
+//! through the store, so any node can pick up where another left off.
+
+mod dispatch;
+mod legacy;
+mod mrtr;
+mod recovery;
+mod stateless;
+pub mod tasks;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::BoxStream;
+use haven_state::Store;
+use parking_lot::{Mutex, RwLock};
+use rmcp::model::{ErrorCode, ErrorData, RequestId, Tool};
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::{Catalog, CatalogInfo};
+use crate::context::ANNOUNCE_NS;
+use crate::hub::{Hub, Topic};
+use crate::keyring::Keyring;
+
+pub use legacy::LegacyPost;
+pub use stateless::{StatelessHeaders, StatelessPost, decode_header_value, is_stateless, supported_versions};
+
+/// Legacy protocol versions served with sessions, oldest first.
+pub const LEGACY_VERSIONS: &[&str] = &["2025-03-26", "2025-06-18", "2025-11-25"];
+/// The newest legacy version, answered when a client asks for one Haven does not know.
+pub const LATEST_LEGACY: &str = "2025-11-25";
+/// Stateless protocol versions.
+pub const STATELESS_VERSIONS: &[&str] = &["2026-07-28"];
+
+/// A protocol version value from its text.
+pub(crate) fn protocol_version(v: &str) -> rmcp::model::ProtocolVersion {
+    serde_json::from_value(serde_json::Value::String(v.to_owned())).expect("any string is a version")
+}
+
+/// Whether `v` is a legacy (session) protocol version.
+pub fn is_legacy_version(v: &str) -> bool {
+    LEGACY_VERSIONS.contains(&v) || v == "2024-11-05"
+}
+
+/// How legacy requests are answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LegacyResponses {
+    /// A request that finishes quickly and sends nothing before its result is answered with
+    /// one JSON body; anything else gets a resumable SSE stream.
+    Adaptive,
+    /// Every request that may stream (tools/call, prompts/get, resources/read, tasks/result)
+    /// gets a resumable SSE stream, each event stored before it is sent.
+    Sse,
+}
+
+/// Engine settings.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// This node's id.
+    pub node_id: String,
+    /// A random id of this process, so that records of a dead process can be told apart.
+    pub boot_id: String,
+    /// Items per page of list results.
+    pub page_size: usize,
+    /// How long an idle legacy session lives.
+    pub session_ttl: Duration,
+    /// Legacy response mode.
+    pub legacy_responses: LegacyResponses,
+    /// How long an adaptive legacy request may run before its response becomes a stream.
+    pub stream_after: Duration,
+    /// How long a handler waits for the client to answer a server-to-client request.
+    pub client_reply_timeout: Duration,
+    /// Default and maximum task time-to-live.
+    pub task_ttl: Duration,
+    /// Suggested task poll interval.
+    pub task_poll_interval: Duration,
+    /// `retry:` hint sent on SSE streams, in milliseconds.
+    pub sse_retry_millis: u64,
+    /// Interval of SSE keep-alive comments on idle streams.
+    pub keep_alive: Duration,
+    /// Cache hint (`ttlMs`) on list and read results of the stateless era.
+    pub list_ttl_millis: u64,
+    /// Lifetime of a sealed `requestState`.
+    pub request_state_ttl: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            node_id: "node-1".into(),
+            boot_id: format!("{:016x}", rand::random::<u64>()),
+            page_size: 100,
+            session_ttl: Duration::from_secs(24 * 3600),
+            legacy_responses: LegacyResponses::Adaptive,
+            stream_after: Duration::from_millis(25),
+            client_reply_timeout: Duration::from_secs(300),
+            task_ttl: Duration::from_secs(3600),
+            task_poll_interval: Duration::from_millis(500),
+            sse_retry_millis: 1000,
+            keep_alive: Duration::from_secs(15),
+            list_ttl_millis: 5000,
+            request_state_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// One frame of an SSE response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SseFrame {
+    /// An event: optional id and retry hint, and the data (one JSON-RPC message, or empty for
+    /// a priming event).
+    Event {
+        /// Event id (legacy resumable streams only).
+        id: Option<String>,
+        /// Reconnection delay hint in milliseconds.
+        retry: Option<u64>,
+        /// The message.
+        data: String,
+    },
+    /// A comment, to keep idle connections open.
+    Comment(String),
+}
+
+/// The engine's answer, for the transport to put on the wire.
+pub enum Reply {
+    /// 202 Accepted, no body.
+    Accepted,
+    /// A JSON body with an HTTP status; `session` is set on a new session's response.
+    Json {
+        /// HTTP status.
+        status: u16,
+        /// JSON text.
+        body: String,
+        /// `Mcp-Session-Id` to send back.
+        session: Option<String>,
+    },
+    /// An SSE stream (HTTP 200).
+    Stream(BoxStream<'static, SseFrame>),
+    /// A bodiless status (e.g. 200 after DELETE, 405).
+    Status(u16),
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reply::Accepted => write!(f, "Accepted"),
+            Reply::Json { status, body, .. } => write!(f, "Json({status}, {body})"),
+            Reply::Stream(_) => write!(f, "Stream"),
+            Reply::Status(s) => write!(f, "Status({s})"),
+        }
+    }
+}
+
+impl Reply {
+    /// A JSON-RPC error body with an HTTP status.
+    pub fn error(status: u16, id: Option<&RequestId>, error: &ErrorData) -> Reply {
+        Reply::Json { status, body: crate::jsonrpc::error_response(id, error), session: None }
+    }
+}
+
+/// Errors that are about the HTTP exchange rather than one JSON-RPC request.
+pub(crate) fn transport_error(status: u16, code: i32, message: &str) -> Reply {
+    Reply::error(status, None, &ErrorData::new(ErrorCode(code), message.to_owned(), None))
+}
+
+/// Tools of the catalog, cached until the catalog announces a change.
+#[derive(Default)]
+struct ToolCache {
+    tools: Option<(Arc<Vec<Tool>>, Arc<HashMap<String, usize>>)>,
+}
+
+pub(crate) struct Inner {
+    store: Arc<dyn Store>,
+    catalog: Arc<dyn Catalog>,
+    info: CatalogInfo,
+    hub: Hub,
+    keyring: Keyring,
+    config: EngineConfig,
+    /// Cancellation tokens of requests running on this node, by `session/request-id`.
+    running: Mutex<HashMap<String, CancellationToken>>,
+    tools: RwLock<ToolCache>,
+}
+
+/// The protocol engine of one node. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl Engine {
+    /// Starts an engine on `store` serving `catalog`: loads the keyring, starts the change hub,
+    /// and recovers what a previous process of this node left in flight.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        catalog: Arc<dyn Catalog>,
+        config: EngineConfig,
+    ) -> Result<Engine, haven_state::StoreError> {
+        let hub = Hub::new();
+        hub.start(store.clone());
+        let keyring = Keyring::load(store.clone()).await?;
+        let info = catalog.info();
+        let inner = Arc::new(Inner {
+            store,
+            catalog,
+            info,
+            hub,
+            keyring,
+            config,
+            running: Mutex::new(HashMap::new()),
+            tools: RwLock::new(ToolCache::default()),
+        });
+        let engine = Engine { inner };
+        engine.watch_announcements();
+        engine.watch_keys();
+        recovery::recover(&engine.inner).await?;
+        Ok(engine)
+    }
+
+    /// The store the engine writes to.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// The engine's settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    /// The request-state keyring.
+    pub fn keyring(&self) -> &Keyring {
+        &self.inner.keyring
+    }
+
+    /// Handles a POST of the legacy era.
+    pub async fn legacy_post(&self, post: LegacyPost) -> Reply {
+        legacy::post(&self.inner, post).await
+    }
+
+    /// Handles a GET of the legacy era (standalone stream or resumption).
+    pub async fn legacy_get(
+        &self,
+        session: Option<&str>,
+        protocol_version: Option<&str>,
+        last_event_id: Option<&str>,
+    ) -> Reply {
+        legacy::get(&self.inner, session, protocol_version, last_event_id).await
+    }
+
+    /// Handles a DELETE of the legacy era (ends the session).
+    pub async fn legacy_delete(&self, session: Option<&str>) -> Reply {
+        legacy::delete(&self.inner, session).await
+    }
+
+    /// Handles a POST of the stateless era.
+    pub async fn stateless_post(&self, post: StatelessPost) -> Reply {
+        stateless::post(&self.inner, post).await
+    }
+
+    fn watch_announcements(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let mut rx = self.inner.hub.subscribe(Topic::Namespace(ANNOUNCE_NS.into()));
+        tokio::spawn(async move {
+            while rx.recv().await.is_ok() || !rx.is_closed() {
+                let Some(inner) = weak.upgrade() else { break };
+                inner.tools.write().tools = None;
+            }
+        });
+    }
+
+    fn watch_keys(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let mut rx = self.inner.hub.subscribe(Topic::Namespace(crate::keyring::KEYS_NS.into()));
+        tokio::spawn(async move {
+            loop {
+                match rx.recv().await {
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+                let Some(inner) = weak.upgrade() else { break };
+                if let Err(e) = inner.keyring.reload().await {
+                    tracing::error!(error = %e, "reloading the request-state keyring failed");
+                }
+            }
+        });
+    }
+}
+
+impl Inner {
+    /// The catalog's tools and an index by name (cached).
+    async fn tool_index(
+        &self,
+        ctx: &crate::context::RequestContext,
+    ) -> Result<(Arc<Vec<Tool>>, Arc<HashMap<String, usize>>), ErrorData> {
+        if let Some(t) = self.tools.read().tools.clone() {
+            return Ok(t);
+        }
+        let tools = self.catalog.tools(ctx).await?;
+        let index: HashMap<String, usize> =
+            tools.iter().enumerate().map(|(i, t)| (t.name.to_string(), i)).collect();
+        let entry = (Arc::new(tools), Arc::new(index));
+        self.tools.write().tools = Some(entry.clone());
+        Ok(entry)
+    }
+
+    fn running_key(session: &str, id: &RequestId) -> String {
+        format!("{session}/{id}")
+    }
+}
+
+/// Maps a store failure to the JSON-RPC error a client sees.
+pub(crate) fn store_error(e: haven_state::StoreError) -> ErrorData {
+    match &e {
+        haven_state::StoreError::Full(_) => ErrorData::new(
+            ErrorCode::INTERNAL_ERROR,
+            "The server's storage is full; the request was not applied. Retry later.",
+            None,
+        ),
+        haven_state::StoreError::Unavailable(_) | haven_state::StoreError::Closed => {
+            ErrorData::new(
+                ErrorCode::INTERNAL_ERROR,
+                "The server's storage is unavailable; the request was not applied. Retry later.",
+                None,
+            )
+        }
+        _ => ErrorData::new(ErrorCode::INTERNAL_ERROR, format!("Storage error: {e}"), None),
+    }
+}

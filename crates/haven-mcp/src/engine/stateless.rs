@@ -1,0 +1,419 @@
+//! The stateless 2026-07-28 era: per-request `_meta`, header validation (`MCP-Protocol-Version`,
+//! `Mcp-Method`, `Mcp-Name`, `Mcp-Param-*`), `server/discover`, `subscriptions/listen`, and
+//! answers as one JSON body or an SSE stream whose closing cancels the request.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use rmcp::model::{
+    CacheScope, ClientCapabilities, DiscoverResult, ErrorCode, ErrorData, Implementation,
+    LoggingLevel, RequestId, SubscriptionFilter,
+};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::dispatch::{self, Call};
+use super::legacy::keep_alive;
+use super::tasks::TASKS_EXTENSION;
+use super::{Inner, LEGACY_VERSIONS, Reply, STATELESS_VERSIONS, SseFrame, is_legacy_version};
+use crate::catalog::Caller;
+use crate::context::{ANNOUNCE_NS, Announcement, Era, Item};
+use crate::hub::Topic;
+use crate::jsonrpc::{self, Incoming, IncomingRequest};
+
+const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
+const META_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
+const META_CLIENT_INFO: &str = "io.modelcontextprotocol/clientInfo";
+const META_LOG_LEVEL: &str = "io.modelcontextprotocol/logLevel";
+const META_SUBSCRIPTION: &str = "io.modelcontextprotocol/subscriptionId";
+
+/// Methods of the stateless era.
+const METHODS: &[&str] = &[
+    "server/discover",
+    "tools/list",
+    "tools/call",
+    "resources/list",
+    "resources/templates/list",
+    "resources/read",
+    "prompts/list",
+    "prompts/get",
+    "completion/complete",
+    "subscriptions/listen",
+    "tasks/get",
+    "tasks/update",
+    "tasks/cancel",
+];
+
+/// The routing headers of a stateless request.
+#[derive(Clone, Debug, Default)]
+pub struct StatelessHeaders {
+    /// `MCP-Protocol-Version`.
+    pub protocol_version: Option<String>,
+    /// `Mcp-Method`.
+    pub method: Option<String>,
+    /// `Mcp-Name`.
+    pub name: Option<String>,
+    /// `Mcp-Param-*` headers: lowercase suffix after `mcp-param-`, and value.
+    pub params: Vec<(String, String)>,
+}
+
+/// A stateless-era POST, as the transport read it.
+#[derive(Debug)]
+pub struct StatelessPost {
+    /// Routing headers.
+    pub headers: StatelessHeaders,
+    /// The message.
+    pub message: Incoming,
+    /// Whether the request came over HTTP, whose routing headers must then match the body.
+    /// Over stdio there are no headers to check.
+    pub from_http: bool,
+}
+
+/// Whether a request belongs to the stateless era: its `MCP-Protocol-Version` names a
+/// non-legacy version, or (without the header) it is `server/discover` or carries a
+/// protocol version in `_meta`.
+pub fn is_stateless(protocol_version: Option<&str>, message: &Incoming) -> bool {
+    match protocol_version {
+        Some(v) => !is_legacy_version(v),
+        None => match message {
+            Incoming::Request(r) => {
+                r.method == "server/discover" || r.meta().is_some_and(|m| m.contains_key(META_VERSION))
+            }
+            _ => false,
+        },
+    }
+}
+
+/// Every protocol version this server speaks, newest first.
+pub fn supported_versions() -> Vec<String> {
+    STATELESS_VERSIONS.iter().chain(LEGACY_VERSIONS.iter().rev()).map(|s| (*s).to_owned()).collect()
+}
+
+fn reject(status: u16, id: &RequestId, code: ErrorCode, message: String, data: Option<Value>) -> Reply {
+    Reply::error(status, Some(id), &ErrorData::new(code, message, data))
+}
+
+/// Decodes a header value: trims optional whitespace and decodes a `=?base64?…?=` sentinel
+/// strictly (standard alphabet, padding required). `None` if the sentinel is malformed.
+pub fn decode_header_value(raw: &str) -> Option<String> {
+    let v = raw.trim_matches(|c| c == ' ' || c == '\t');
+    match v.strip_prefix("=?base64?").and_then(|r| r.strip_suffix("?=")) {
+        Some(b64) => {
+            if b64.len() % 4 != 0 {
+                return None;
+            }
+            let bytes = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+            String::from_utf8(bytes).ok()
+        }
+        None => Some(v.to_owned()),
+    }
+}
+
+fn value_as_header_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
+    let req = match p.message {
+        Incoming::Request(r) => r,
+        Incoming::Notification { .. } => return Reply::Accepted,
+        Incoming::Response { .. } | Incoming::Error { .. } => {
+            return super::transport_error(
+                400,
+                -32600,
+                "Invalid Request: stateless requests send no server-to-client requests to answer",
+            );
+        }
+    };
+    let h = &p.headers;
+    let id = req.id.clone();
+
+    // 1. `_meta` must carry the protocol version and the client capabilities.
+    let Some(meta) = req.meta().cloned() else {
+        return reject(400, &id, ErrorCode::INVALID_PARAMS, "Invalid params: _meta is required (with io.modelcontextprotocol/protocolVersion and io.modelcontextprotocol/clientCapabilities)".into(), None);
+    };
+    let Some(version) = meta.get(META_VERSION).and_then(Value::as_str).map(str::to_owned) else {
+        return reject(400, &id, ErrorCode::INVALID_PARAMS, format!("Invalid params: _meta[\"{META_VERSION}\"] (string) is required"), None);
+    };
+    let capabilities: ClientCapabilities = match meta.get(META_CAPABILITIES) {
+        Some(c @ Value::Object(_)) => match serde_json::from_value(c.clone()) {
+            Ok(c) => c,
+            Err(e) => return reject(400, &id, ErrorCode::INVALID_PARAMS, format!("Invalid params: _meta[\"{META_CAPABILITIES}\"]: {e}"), None),
+        },
+        _ => return reject(400, &id, ErrorCode::INVALID_PARAMS, format!("Invalid params: _meta[\"{META_CAPABILITIES}\"] (object) is required"), None),
+    };
+    // 2. The header must agree with `_meta`.
+    if p.from_http && h.protocol_version.as_deref() != Some(version.as_str()) {
+        return reject(400, &id, ErrorCode::HEADER_MISMATCH, format!(
+            "Header mismatch: MCP-Protocol-Version header {:?} does not match _meta protocolVersion {version:?}",
+            h.protocol_version.as_deref().unwrap_or("(absent)")
+        ), None);
+    }
+    // 3. The version must be one Haven speaks statelessly.
+    if !STATELESS_VERSIONS.contains(&version.as_str()) {
+        let e = ErrorData::unsupported_protocol_version(
+            super::protocol_version(&version),
+            &supported_versions().iter().map(|v| super::protocol_version(v)).collect::<Vec<_>>(),
+        );
+        return Reply::error(400, Some(&id), &e);
+    }
+    // 4. `Mcp-Method` must name the body's method exactly.
+    match h.method.as_deref().map(|m| m.trim_matches(|c| c == ' ' || c == '\t')) {
+        Some(m) if m == req.method => {}
+        _ if !p.from_http => {}
+        other => {
+            return reject(400, &id, ErrorCode::HEADER_MISMATCH, format!(
+                "Header mismatch: Mcp-Method header {:?} does not match method {:?}",
+                other.unwrap_or("(absent)"), req.method
+            ), None);
+        }
+    }
+    // 5. The method must exist in this era.
+    if !METHODS.contains(&req.method.as_str()) {
+        return Reply::error(404, Some(&id), &jsonrpc::method_not_found(&req.method));
+    }
+    // 6. `Mcp-Name` must name the target.
+    let target_field = match req.method.as_str() {
+        "tools/call" | "prompts/get" => Some("name"),
+        "resources/read" => Some("uri"),
+        "tasks/get" | "tasks/update" | "tasks/cancel" => Some("taskId"),
+        _ => None,
+    };
+    if let (Some(field), true) = (target_field, p.from_http) {
+        let target = req.params.as_ref().and_then(|p| p.get(field)).and_then(Value::as_str);
+        let header = h.name.as_deref().and_then(decode_header_value);
+        if header.is_none() || header.as_deref() != target {
+            return reject(400, &id, ErrorCode::HEADER_MISMATCH, format!(
+                "Header mismatch: Mcp-Name header {:?} does not match params.{field} {:?}",
+                h.name.as_deref().unwrap_or("(absent)"), target.unwrap_or("(absent)")
+            ), None);
+        }
+    }
+    let caller = Caller {
+        client_info: meta.get(META_CLIENT_INFO).and_then(|v| serde_json::from_value::<Implementation>(v.clone()).ok()),
+        capabilities,
+        log_level: meta.get(META_LOG_LEVEL).and_then(|v| serde_json::from_value::<LoggingLevel>(v.clone()).ok()),
+    };
+    let call = Call {
+        id: id.clone(),
+        method: req.method.clone(),
+        params: req.params.clone().unwrap_or_default(),
+        era: Era::Stateless { protocol_version: version },
+        caller,
+    };
+    // 7. `Mcp-Param-*` headers must mirror the arguments they stand for.
+    if req.method == "tools/call" && p.from_http {
+        if let Err(r) = check_param_headers(inner, &call, &req, h).await {
+            return r;
+        }
+    }
+    match req.method.as_str() {
+        "server/discover" => discover(inner, &call),
+        "subscriptions/listen" => listen(inner, &call),
+        _ => run(inner, call).await,
+    }
+}
+
+async fn check_param_headers(inner: &Arc<Inner>, call: &Call, req: &IncomingRequest, h: &StatelessHeaders) -> Result<(), Reply> {
+    let ctx = crate::context::RequestContext::new(inner.store.clone(), call.era.clone(), call.caller.clone(), None, None, CancellationToken::new());
+    let Ok((tools, index)) = inner.tool_index(&ctx).await else { return Ok(()) };
+    let name = req.params.as_ref().and_then(|p| p.get("name")).and_then(Value::as_str).unwrap_or_default();
+    let Some(tool) = index.get(name).map(|i| &tools[*i]) else { return Ok(()) };
+    let Some(props) = tool.input_schema.get("properties").and_then(Value::as_object) else { return Ok(()) };
+    let args = req.params.as_ref().and_then(|p| p.get("arguments")).and_then(Value::as_object);
+    for (prop, schema) in props {
+        let Some(header_name) = schema.get("x-mcp-header").and_then(Value::as_str) else { continue };
+        let wanted = format!("{}", header_name.to_ascii_lowercase());
+        let header = h.params.iter().find(|(k, _)| *k == wanted).map(|(_, v)| v.as_str());
+        let body = args.and_then(|a| a.get(prop)).filter(|v| !v.is_null());
+        let ok = match (body, header) {
+            (None, None) => true,
+            (Some(_), None) | (None, Some(_)) => false,
+            (Some(b), Some(hv)) => match (decode_header_value(hv), value_as_header_text(b)) {
+                (Some(decoded), Some(expected)) => match (b, decoded.parse::<f64>()) {
+                    (Value::Number(n), Ok(x)) => n.as_f64() == Some(x),
+                    _ => decoded == expected,
+                },
+                _ => false,
+            },
+        };
+        if !ok {
+            return Err(reject(400, &call.id, ErrorCode::HEADER_MISMATCH, format!(
+                "Header mismatch: Mcp-Param-{header_name} does not match argument {prop:?}"
+            ), None));
+        }
+    }
+    Ok(())
+}
+
+fn discover(inner: &Arc<Inner>, call: &Call) -> Reply {
+    let mut capabilities = inner.info.capabilities.clone();
+    capabilities.extensions.get_or_insert_with(Default::default).insert(TASKS_EXTENSION.to_owned(), Default::default());
+    let mut result = DiscoverResult::new(
+        supported_versions().iter().map(|v| super::protocol_version(v)).collect(),
+        capabilities,
+    );
+    result.instructions = inner.info.instructions.clone();
+    result.ttl_ms = inner.config.list_ttl_millis;
+    result.cache_scope = CacheScope::Public;
+    let mut v = serde_json::to_value(&result).expect("discover result serializes");
+    v["_meta"]["io.modelcontextprotocol/serverInfo"] =
+        serde_json::to_value(&inner.info.server_info).expect("serializes");
+    Reply::Json { status: 200, body: jsonrpc::response(&call.id, &v), session: None }
+}
+
+/// HTTP status of a final response in the stateless era.
+fn status_of(final_json: &str) -> u16 {
+    if !final_json.contains("\"error\"") {
+        return 200;
+    }
+    let code = serde_json::from_str::<Value>(final_json)
+        .ok()
+        .and_then(|v| v.get("error")?.get("code")?.as_i64());
+    match code {
+        Some(-32601) => 404,
+        Some(-32020) | Some(-32021) | Some(-32022) | Some(-32700) | Some(-32600) => 400,
+        _ => 200,
+    }
+}
+
+/// Cancels a request when its response is dropped before the final message went out.
+struct CancelOnDrop(Option<CancellationToken>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            t.cancel();
+        }
+    }
+}
+
+async fn run(inner: &Arc<Inner>, call: Call) -> Reply {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let cancel = CancellationToken::new();
+    tokio::spawn(dispatch::run(inner.clone(), call.clone(), tx, cancel.clone()));
+    let mut guard = CancelOnDrop(Some(cancel));
+    let first = match rx.recv().await {
+        Some(Item::Final(json)) => {
+            guard.0 = None;
+            return Reply::Json { status: status_of(&json), body: json, session: None };
+        }
+        Some(item) => item,
+        None => {
+            guard.0 = None;
+            return Reply::error(500, Some(&call.id), &jsonrpc::internal("the request ended without a response"));
+        }
+    };
+    // Anything before the result makes the answer a stream. Closing it cancels the request.
+    let state = (Some(first), rx, guard);
+    let frames = futures::stream::unfold(state, |(pending, mut rx, mut guard)| async move {
+        let item = match pending {
+            Some(i) => i,
+            None => loop {
+                match rx.recv().await? {
+                    Item::Close => continue,
+                    i => break i,
+                }
+            },
+        };
+        let data = match item {
+            Item::Final(m) => {
+                guard.0 = None;
+                let frame = SseFrame::Event { id: None, retry: None, data: m };
+                rx.close();
+                return Some((frame, (None, rx, guard)));
+            }
+            Item::Notify(m) | Item::Request(m) => m,
+            Item::Close => String::new(),
+        };
+        Some((SseFrame::Event { id: None, retry: None, data }, (None, rx, guard)))
+    });
+    use futures::StreamExt;
+    Reply::Stream(frames.filter(|f| futures::future::ready(!matches!(f, SseFrame::Event { data, .. } if data.is_empty()))).boxed())
+}
+
+fn listen(inner: &Arc<Inner>, call: &Call) -> Reply {
+    let filter: SubscriptionFilter = match call.params.get("notifications") {
+        Some(v) => match serde_json::from_value(v.clone()) {
+            Ok(f) => f,
+            Err(e) => return Reply::error(400, Some(&call.id), &jsonrpc::invalid_params(format!("Invalid params: notifications: {e}"))),
+        },
+        None => return Reply::error(400, Some(&call.id), &jsonrpc::invalid_params("Invalid params: notifications is required")),
+    };
+    let sub_id = serde_json::to_value(&call.id).expect("ids serialize");
+    let meta = serde_json::json!({ META_SUBSCRIPTION: sub_id });
+    let (tx, rx) = mpsc::unbounded_channel();
+    let ack = jsonrpc::notification(
+        "notifications/subscriptions/acknowledged",
+        Some(serde_json::json!({ "notifications": filter, "_meta": meta })),
+    );
+    let _ = tx.send(SseFrame::Event { id: None, retry: None, data: ack });
+    let mut ann_rx = inner.hub.subscribe(Topic::Namespace(ANNOUNCE_NS.into()));
+    tokio::spawn(async move {
+        loop {
+            let entry = tokio::select! {
+                e = ann_rx.recv() => match e {
+                    Ok(e) => e,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return,
+                },
+                _ = tx.closed() => return,
+            };
+            let haven_state::Change::Record(r) = &entry.change else { continue };
+            let Some(a) = Announcement::from_key(&r.key) else { continue };
+            let (method, params) = match &a {
+                Announcement::ToolsChanged if filter.tools_list_changed == Some(true) => ("notifications/tools/list_changed", serde_json::json!({})),
+                Announcement::PromptsChanged if filter.prompts_list_changed == Some(true) => ("notifications/prompts/list_changed", serde_json::json!({})),
+                Announcement::ResourcesChanged if filter.resources_list_changed == Some(true) => ("notifications/resources/list_changed", serde_json::json!({})),
+                Announcement::ResourceUpdated(uri) if filter.resource_subscriptions.as_ref().is_some_and(|s| s.contains(uri)) => {
+                    ("notifications/resources/updated", serde_json::json!({ "uri": uri }))
+                }
+                _ => continue,
+            };
+            let mut params = params;
+            params["_meta"] = meta.clone();
+            let msg = jsonrpc::notification(method, Some(params));
+            if tx.send(SseFrame::Event { id: None, retry: None, data: msg }).is_err() {
+                return;
+            }
+        }
+    });
+    Reply::Stream(keep_alive(rx, inner.config.keep_alive))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_values_decode_strictly() {
+        assert_eq!(decode_header_value("  plain  ").as_deref(), Some("plain"));
+        assert_eq!(decode_header_value("=?base64?SGVsbG8=?=").as_deref(), Some("Hello"));
+        assert_eq!(decode_header_value("=?base64?SGVsbG8?="), None);
+        assert_eq!(decode_header_value("=?base64?SGVs!!!bG8=?="), None);
+        assert_eq!(decode_header_value("=?base64?SGVsbG8=").as_deref(), Some("=?base64?SGVsbG8="));
+    }
+
+    #[test]
+    fn era_detection() {
+        let req = |m: &str, meta: bool| {
+            let mut params = serde_json::Map::new();
+            if meta {
+                params.insert("_meta".into(), serde_json::json!({ META_VERSION: "2026-07-28" }));
+            }
+            Incoming::Request(IncomingRequest { id: RequestId::Number(1), method: m.into(), params: Some(params) })
+        };
+        assert!(is_stateless(Some("2026-07-28"), &req("tools/list", true)));
+        assert!(is_stateless(Some("v999.0.0"), &req("tools/list", true)));
+        assert!(!is_stateless(Some("2025-11-25"), &req("tools/list", false)));
+        assert!(!is_stateless(None, &req("initialize", false)));
+        assert!(is_stateless(None, &req("server/discover", false)));
+        assert!(is_stateless(None, &req("tools/list", true)));
+    }
+}

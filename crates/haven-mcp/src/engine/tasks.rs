@@ -1,0 +1,830 @@
+//! Tasks: durable records of long tool calls, in both forms the protocol has had: the
+//! `io.modelcontextprotocol/tasks` extension of 2026-07-28 (server-directed, polled with
+//! `tasks/get`, answered with `tasks/update`) and the 2025-11-25 experimental form
+//! (client-requested with `params.task`, results through `tasks/result`). A task is stored
+//! before the response that announces it, and any node can serve it afterwards.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use haven_state::{Batch, Expect, StoreError};
+use parking_lot::Mutex;
+use rmcp::model::{CallToolResult, ErrorCode, ErrorData, JsonObject, ResultType, ServerResult, Task, TaskStatus};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use super::dispatch::{Call, Outcome, finish, legacy_tasks};
+use super::mrtr::ask_client;
+use super::{Inner, store_error};
+use crate::catalog::{Caller, InputRequest, Round, Step};
+use crate::context::{Era, Item, Outbox, RequestContext, TaskHook};
+use crate::hub::Topic;
+use crate::jsonrpc::{self, invalid_params};
+
+/// Namespace of task records.
+pub const TASKS_NS: &str = "tasks";
+/// Namespace of the per-session task index (for `tasks/list`).
+pub const TASK_INDEX_NS: &str = "task-index";
+/// Extension id of the tasks extension.
+pub const TASKS_EXTENSION: &str = "io.modelcontextprotocol/tasks";
+
+/// Which protocol form a task follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskForm {
+    /// The 2026-07-28 tasks extension.
+    Extension,
+    /// The 2025-11-25 experimental tasks.
+    Experimental,
+}
+
+/// A task as stored.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TaskRecord {
+    /// Task id (unguessable).
+    pub task_id: String,
+    /// Protocol form.
+    pub form: TaskForm,
+    /// Owning legacy session, if any.
+    pub session: Option<String>,
+    /// Protocol version of the request that created it.
+    pub protocol_version: String,
+    /// Tool it runs.
+    pub tool: String,
+    /// Tool arguments.
+    pub arguments: JsonObject,
+    /// Whether the tool may run again after an interruption.
+    pub idempotent: bool,
+    /// Who created it.
+    pub caller: Caller,
+    /// Status.
+    pub status: TaskStatus,
+    /// Human-readable status detail.
+    pub status_message: Option<String>,
+    /// Creation time, RFC 3339.
+    pub created_at: String,
+    /// Last change, RFC 3339.
+    pub last_updated_at: String,
+    /// Time-to-live in milliseconds from creation.
+    pub ttl_ms: u64,
+    /// Suggested poll interval.
+    pub poll_interval_ms: u64,
+    /// Input requests awaiting an answer, by key (raw JSON requests).
+    pub pending: BTreeMap<String, Value>,
+    /// Answers collected for the current round.
+    pub answers: BTreeMap<String, Value>,
+    /// Round number of the handler.
+    pub round: u32,
+    /// Handler state for the next round.
+    pub state: Option<Value>,
+    /// Final result (JSON), once completed.
+    pub result: Option<Value>,
+    /// Final JSON-RPC error, once failed.
+    pub error: Option<Value>,
+    /// Node running it.
+    pub owner_node: String,
+    /// Process running it.
+    pub owner_boot: String,
+}
+
+fn is_terminal(s: TaskStatus) -> bool {
+    s.is_terminal()
+}
+
+/// RFC 3339 timestamp of a Unix-millisecond time.
+pub(crate) fn rfc3339(millis: u64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+impl TaskRecord {
+    fn base(&self) -> Task {
+        let mut t = Task::new(
+            self.task_id.clone(),
+            self.status,
+            self.created_at.clone(),
+            self.last_updated_at.clone(),
+        )
+        .with_ttl_ms(self.ttl_ms)
+        .with_poll_interval_ms(self.poll_interval_ms);
+        if let Some(m) = &self.status_message {
+            t = t.with_status_message(m.clone());
+        }
+        t
+    }
+
+    /// The task as the extension's `DetailedTask` (status-specific payload inlined).
+    pub fn detailed_json(&self) -> Value {
+        let mut v = serde_json::to_value(self.base()).expect("task serializes");
+        match self.status {
+            TaskStatus::InputRequired => v["inputRequests"] = Value::Object(self.pending.clone().into_iter().collect()),
+            TaskStatus::Completed => v["result"] = self.result.clone().unwrap_or_else(|| serde_json::json!({})),
+            TaskStatus::Failed => {
+                v["error"] = self.error.clone().unwrap_or_else(|| {
+                    serde_json::json!({"code": -32603, "message": "Task failed"})
+                })
+            }
+            _ => {}
+        }
+        v
+    }
+
+    /// The task in the 2025-11-25 experimental shape.
+    pub fn experimental_json(&self) -> Value {
+        let mut v = serde_json::json!({
+            "taskId": self.task_id,
+            "status": self.status,
+            "createdAt": self.created_at,
+            "lastUpdatedAt": self.last_updated_at,
+            "ttl": self.ttl_ms,
+            "pollInterval": self.poll_interval_ms,
+        });
+        if let Some(m) = &self.status_message {
+            v["statusMessage"] = m.clone().into();
+        }
+        v
+    }
+}
+
+/// The -32021 error for task methods (or task-only tools) without the tasks extension.
+pub(crate) fn tasks_capability_required() -> ErrorData {
+    ErrorData::new(
+        ErrorCode::MISSING_REQUIRED_CLIENT_CAPABILITY,
+        "Missing required client capability: the io.modelcontextprotocol/tasks extension",
+        Some(serde_json::json!({
+            "requiredCapabilities": { "extensions": { TASKS_EXTENSION: {} } }
+        })),
+    )
+}
+
+/// Loads a task.
+pub(crate) async fn load(inner: &Inner, id: &str) -> Result<Option<(TaskRecord, u64)>, StoreError> {
+    if id.is_empty() || id.len() > 200 {
+        return Ok(None);
+    }
+    let Some(r) = inner.store.get(TASKS_NS, id).await? else { return Ok(None) };
+    let rec: TaskRecord = serde_json::from_slice(r.value())
+        .map_err(|e| StoreError::Corrupt(format!("task {id}: {e}")))?;
+    Ok(Some((rec, r.revision)))
+}
+
+/// Changes a task with compare-and-set, retrying on concurrent updates. `change` returns
+/// whether to write.
+pub(crate) async fn update(
+    inner: &Inner,
+    id: &str,
+    mut change: impl FnMut(&mut TaskRecord) -> Result<bool, ErrorData>,
+) -> Result<Option<TaskRecord>, ErrorData> {
+    for _ in 0..32 {
+        let Some((mut rec, rev)) = load(inner, id).await.map_err(store_error)? else {
+            return Ok(None);
+        };
+        if !change(&mut rec)? {
+            return Ok(Some(rec));
+        }
+        rec.last_updated_at = rfc3339(inner.store.clock().wall_millis());
+        let value = serde_json::to_vec(&rec).expect("task serializes");
+        let mut batch = Batch::new().put_if(TASKS_NS, id, value, Expect::Revision(rev));
+        if let haven_state::Op::Put { ttl_millis, .. } = &mut batch.ops[0] {
+            *ttl_millis = Some(remaining_ttl(inner, &rec));
+        }
+        match inner.store.commit(batch).await {
+            Ok(_) => return Ok(Some(rec)),
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(store_error(e)),
+        }
+    }
+    Err(jsonrpc::internal(format!("task {id} is updated too often concurrently")))
+}
+
+fn created_millis(rec: &TaskRecord) -> u64 {
+    time::OffsetDateTime::parse(&rec.created_at, &time::format_description::well_known::Rfc3339)
+        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as u64)
+        .unwrap_or(0)
+}
+
+fn remaining_ttl(inner: &Inner, rec: &TaskRecord) -> u64 {
+    let now = inner.store.clock().wall_millis();
+    (created_millis(rec) + rec.ttl_ms).saturating_sub(now).max(1)
+}
+
+/// Creates a task record durably.
+async fn create(inner: &Inner, rec: &TaskRecord) -> Result<(), ErrorData> {
+    let value = serde_json::to_vec(rec).expect("task serializes");
+    let mut batch = Batch::new().put_if(TASKS_NS, &rec.task_id, value, Expect::Absent);
+    if let haven_state::Op::Put { ttl_millis, .. } = &mut batch.ops[0] {
+        *ttl_millis = Some(rec.ttl_ms);
+    }
+    if let Some(session) = &rec.session {
+        batch = batch.put_ttl(
+            TASK_INDEX_NS,
+            &format!("{session}/{}", rec.task_id),
+            Vec::new(),
+            rec.ttl_ms,
+        );
+    }
+    inner.store.commit(batch).await.map(|_| ()).map_err(store_error)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn new_record(
+    inner: &Inner,
+    call: &Call,
+    form: TaskForm,
+    tool: &str,
+    arguments: &JsonObject,
+    idempotent: bool,
+    ttl: Option<u64>,
+) -> TaskRecord {
+    let now = inner.store.clock().wall_millis();
+    let max = inner.config.task_ttl.as_millis() as u64;
+    let (session, protocol_version) = match &call.era {
+        Era::Legacy { session, protocol_version } => (Some(session.clone()), protocol_version.clone()),
+        Era::Stateless { protocol_version } => (None, protocol_version.clone()),
+    };
+    TaskRecord {
+        task_id: format!("{:032x}", rand::random::<u128>()),
+        form,
+        session,
+        protocol_version,
+        tool: tool.to_owned(),
+        arguments: arguments.clone(),
+        idempotent,
+        caller: call.caller.clone(),
+        status: TaskStatus::Working,
+        status_message: None,
+        created_at: rfc3339(now),
+        last_updated_at: rfc3339(now),
+        ttl_ms: ttl.unwrap_or(max).clamp(1, max),
+        poll_interval_ms: inner.config.task_poll_interval.as_millis() as u64,
+        pending: BTreeMap::new(),
+        answers: BTreeMap::new(),
+        round: 0,
+        state: None,
+        result: None,
+        error: None,
+        owner_node: inner.config.node_id.clone(),
+        owner_boot: inner.config.boot_id.clone(),
+    }
+}
+
+/// Turns a running tool call into a task when its handler asks (`become_task`).
+pub(crate) struct Promoter {
+    target: Option<PromoteTarget>,
+    task_id: Mutex<Option<String>>,
+}
+
+struct PromoteTarget {
+    inner: Arc<Inner>,
+    call: Call,
+    out: Outbox,
+    tool: String,
+    arguments: JsonObject,
+    idempotent: bool,
+    eligible: bool,
+}
+
+impl Promoter {
+    /// A promoter for a tool call; `eligible` says whether it may become a task.
+    pub(crate) fn new(
+        inner: Arc<Inner>,
+        call: Call,
+        out: Outbox,
+        tool: String,
+        arguments: JsonObject,
+        idempotent: bool,
+        eligible: bool,
+    ) -> Arc<Promoter> {
+        Arc::new(Promoter {
+            target: Some(PromoteTarget { inner, call, out, tool, arguments, idempotent, eligible }),
+            task_id: Mutex::new(None),
+        })
+    }
+
+    /// A promoter that never promotes (prompts, resources).
+    pub(crate) fn disabled() -> Arc<Promoter> {
+        Arc::new(Promoter { target: None, task_id: Mutex::new(None) })
+    }
+
+    /// A promoter for a task that already exists.
+    fn promoted(task_id: String) -> Arc<Promoter> {
+        Arc::new(Promoter { target: None, task_id: Mutex::new(Some(task_id)) })
+    }
+
+    /// Whether the request became a task.
+    pub(crate) fn is_promoted(&self) -> bool {
+        self.task_id.lock().is_some()
+    }
+
+    fn task_id(&self) -> Option<String> {
+        self.task_id.lock().clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl TaskHook for Promoter {
+    async fn promote(&self) -> Result<bool, ErrorData> {
+        if self.is_promoted() {
+            return Ok(true);
+        }
+        let Some(t) = &self.target else { return Ok(false) };
+        if !t.eligible {
+            return Ok(false);
+        }
+        let rec = new_record(&t.inner, &t.call, TaskForm::Extension, &t.tool, &t.arguments, t.idempotent, None);
+        create(&t.inner, &rec).await?;
+        let created = rmcp::model::CreateTaskResult::new(rec.base());
+        let _ = t.out.send(Item::Final(jsonrpc::response(&t.call.id, &created)));
+        *self.task_id.lock() = Some(rec.task_id);
+        Ok(true)
+    }
+
+    fn is_task(&self) -> bool {
+        self.is_promoted()
+    }
+}
+
+/// Starts a client-requested (2025-11-25 experimental) task: stores it, answers with it, and
+/// runs the tool in the background of this request.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn start_client_task(
+    inner: &Arc<Inner>,
+    call: &Call,
+    ctx: RequestContext,
+    out: &Outbox,
+    tool: String,
+    arguments: JsonObject,
+    ttl: Option<u64>,
+    idempotent: bool,
+) -> Outcome {
+    let rec = new_record(inner, call, TaskForm::Experimental, &tool, &arguments, idempotent, ttl);
+    if let Err(e) = create(inner, &rec).await {
+        return Outcome::Error(e);
+    }
+    let mut created = serde_json::json!({ "task": rec.experimental_json() });
+    created["_meta"] = serde_json::json!({
+        "io.modelcontextprotocol/model-immediate-response":
+            format!("Started task {} for {}; poll tasks/get for its status.", rec.task_id, tool)
+    });
+    let _ = out.send(Item::Final(jsonrpc::response(&call.id, &created)));
+    let hook = Promoter::promoted(rec.task_id.clone());
+    let ctx = ctx.with_task_hook(hook.clone());
+    let step = inner.catalog.call_tool(&ctx, &tool, arguments, Round::default()).await;
+    run_task(inner, &hook, ctx, step).await;
+    Outcome::Sent
+}
+
+/// Cancels `token` when the task is cancelled (by `tasks/cancel` on any node).
+fn watch_cancel(inner: &Arc<Inner>, task_id: &str, token: CancellationToken) {
+    let inner = inner.clone();
+    let task_id = task_id.to_owned();
+    let mut rx = inner.hub.subscribe(Topic::key(TASKS_NS, &task_id));
+    tokio::spawn(async move {
+        loop {
+            match load(&inner, &task_id).await {
+                Ok(Some((rec, _))) if rec.status == TaskStatus::Cancelled => {
+                    token.cancel();
+                    return;
+                }
+                Ok(Some((rec, _))) if is_terminal(rec.status) => return,
+                Ok(None) => return,
+                _ => {}
+            }
+            tokio::select! {
+                r = rx.recv() => if let Err(tokio::sync::broadcast::error::RecvError::Closed) = r { return },
+                _ = token.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    });
+}
+
+/// Runs a task from the step its handler just produced until the task is terminal.
+pub(crate) async fn run_task(
+    inner: &Arc<Inner>,
+    hook: &Promoter,
+    ctx: RequestContext,
+    mut step: Result<Step<CallToolResult>, ErrorData>,
+) {
+    let Some(task_id) = hook.task_id() else { return };
+    let cancel = ctx.cancelled().clone();
+    watch_cancel(inner, &task_id, cancel.clone());
+    let ctx = ctx.detached();
+    loop {
+        let (requests, state) = match step {
+            Ok(Step::Done(result)) => return finish_task(inner, &task_id, Ok(result), &cancel).await,
+            Err(e) => return finish_task(inner, &task_id, Err(e), &cancel).await,
+            Ok(Step::NeedInput { requests, state }) => (requests, state),
+        };
+        let Some(round) = wait_for_answers(inner, &task_id, &ctx, requests, state, &cancel).await else {
+            return;
+        };
+        let Some((rec, _)) = load(inner, &task_id).await.ok().flatten() else { return };
+        step = inner.catalog.call_tool(&ctx, &rec.tool, rec.arguments.clone(), round).await;
+    }
+}
+
+/// Puts the task into `input_required` and waits until every request is answered. Returns
+/// the next round, or `None` when the task ended meanwhile (cancelled, expired).
+async fn wait_for_answers(
+    inner: &Arc<Inner>,
+    task_id: &str,
+    ctx: &RequestContext,
+    requests: BTreeMap<String, InputRequest>,
+    state: Option<Value>,
+    cancel: &CancellationToken,
+) -> Option<Round> {
+    let mut missing = serde_json::Map::new();
+    for r in requests.values() {
+        if let Some(cap) = r.required_capability() {
+            if !ctx.client_supports(cap) {
+                missing.insert(cap.into(), serde_json::json!({}));
+            }
+        }
+    }
+    if !missing.is_empty() {
+        let e = ErrorData::new(
+            ErrorCode::MISSING_REQUIRED_CLIENT_CAPABILITY,
+            "Missing required client capability",
+            Some(serde_json::json!({ "requiredCapabilities": missing })),
+        );
+        finish_task(inner, task_id, Err(e), cancel).await;
+        return None;
+    }
+    let pending: BTreeMap<String, Value> = requests.iter().map(|(k, r)| (k.clone(), r.to_json())).collect();
+    let set = update(inner, task_id, |rec| {
+        if is_terminal(rec.status) {
+            return Ok(false);
+        }
+        rec.status = TaskStatus::InputRequired;
+        rec.pending = pending.clone();
+        rec.answers.clear();
+        rec.state = state.clone();
+        rec.round += 1;
+        Ok(true)
+    })
+    .await;
+    if !matches!(set, Ok(Some(ref r)) if r.status == TaskStatus::InputRequired) {
+        return None;
+    }
+    wait_until_answered(inner, task_id, cancel).await
+}
+
+/// Waits for `tasks/update` (or `tasks/result` answers) to fill every pending request, then
+/// moves the task back to working and returns the round to run.
+pub(crate) async fn wait_until_answered(
+    inner: &Arc<Inner>,
+    task_id: &str,
+    cancel: &CancellationToken,
+) -> Option<Round> {
+    let mut rx = inner.hub.subscribe(Topic::key(TASKS_NS, task_id));
+    loop {
+        let (rec, _) = load(inner, task_id).await.ok().flatten()?;
+        if is_terminal(rec.status) {
+            return None;
+        }
+        if rec.status == TaskStatus::InputRequired && rec.pending.is_empty() {
+            let round = Round { input_responses: rec.answers.clone(), state: rec.state.clone(), number: rec.round };
+            update(inner, task_id, |r| {
+                if r.status != TaskStatus::InputRequired {
+                    return Ok(false);
+                }
+                r.status = TaskStatus::Working;
+                r.answers.clear();
+                Ok(true)
+            })
+            .await
+            .ok()?;
+            return Some(round);
+        }
+        tokio::select! {
+            r = rx.recv() => if let Err(tokio::sync::broadcast::error::RecvError::Closed) = r { return None },
+            _ = cancel.cancelled() => return None,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}
+
+/// Records a task's outcome. A cancelled task stays cancelled.
+async fn finish_task(
+    inner: &Arc<Inner>,
+    task_id: &str,
+    outcome: Result<CallToolResult, ErrorData>,
+    cancel: &CancellationToken,
+) {
+    let r = update(inner, task_id, |rec| {
+        if is_terminal(rec.status) {
+            return Ok(false);
+        }
+        rec.pending.clear();
+        match &outcome {
+            _ if cancel.is_cancelled() => {
+                rec.status = TaskStatus::Cancelled;
+                rec.status_message = Some("The task was cancelled.".into());
+            }
+            Ok(result) => {
+                let era = match rec.form {
+                    TaskForm::Extension => Era::Stateless { protocol_version: rec.protocol_version.clone() },
+                    TaskForm::Experimental => Era::Legacy {
+                        session: rec.session.clone().unwrap_or_default(),
+                        protocol_version: rec.protocol_version.clone(),
+                    },
+                };
+                let is_error = result.is_error == Some(true);
+                rec.result = Some(finish(inner, &era, ServerResult::CallToolResult(result.clone())));
+                // The experimental form reports tool errors as a failed task; the extension as a
+                // completed task whose result has isError.
+                rec.status = if is_error && rec.form == TaskForm::Experimental {
+                    TaskStatus::Failed
+                } else {
+                    TaskStatus::Completed
+                };
+            }
+            Err(e) => {
+                rec.status = TaskStatus::Failed;
+                rec.status_message = Some(e.message.to_string());
+                rec.error = Some(serde_json::to_value(e).expect("errors serialize"));
+            }
+        }
+        Ok(true)
+    })
+    .await;
+    if let Err(e) = r {
+        tracing::error!(task = task_id, error = %e.message, "recording the task's outcome failed");
+    }
+}
+
+fn task_id_param(call: &Call) -> Result<String, ErrorData> {
+    call.params
+        .get("taskId")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| invalid_params("Invalid params: taskId (string) is required"))
+}
+
+fn not_found(id: &str) -> ErrorData {
+    invalid_params(format!("Failed to retrieve task: Task not found: {id}"))
+}
+
+/// Loads a task the caller may see: stateless callers see extension tasks; a legacy session
+/// sees its own experimental tasks.
+async fn visible(inner: &Inner, call: &Call, id: &str) -> Result<TaskRecord, ErrorData> {
+    let rec = load(inner, id).await.map_err(store_error)?.map(|(r, _)| r).ok_or_else(|| not_found(id))?;
+    let ok = match &call.era {
+        Era::Stateless { .. } => rec.form == TaskForm::Extension,
+        Era::Legacy { session, .. } => rec.session.as_deref() == Some(session.as_str()),
+    };
+    if ok { Ok(rec) } else { Err(not_found(id)) }
+}
+
+fn gate(call: &Call) -> Result<(), ErrorData> {
+    if call.era.is_stateless() && !call.caller.capabilities.supports_tasks() {
+        return Err(tasks_capability_required());
+    }
+    if !call.era.is_stateless() && !legacy_tasks(&call.era) {
+        return Err(jsonrpc::method_not_found(&call.method));
+    }
+    Ok(())
+}
+
+/// `tasks/get`.
+pub(crate) async fn get(inner: &Arc<Inner>, call: &Call) -> Result<Value, ErrorData> {
+    gate(call)?;
+    let id = task_id_param(call)?;
+    let rec = visible(inner, call, &id).await?;
+    Ok(match rec.form {
+        TaskForm::Extension => {
+            let mut v = rec.detailed_json();
+            v["resultType"] = serde_json::to_value(ResultType::COMPLETE).expect("serializes");
+            v
+        }
+        TaskForm::Experimental => rec.experimental_json(),
+    })
+}
+
+/// `tasks/cancel`.
+pub(crate) async fn cancel(inner: &Arc<Inner>, call: &Call) -> Result<Value, ErrorData> {
+    gate(call)?;
+    let id = task_id_param(call)?;
+    let rec = visible(inner, call, &id).await?;
+    if is_terminal(rec.status) {
+        return match rec.form {
+            TaskForm::Extension => Ok(ack()),
+            TaskForm::Experimental => Err(invalid_params(format!(
+                "Task {id} is already {}; only a running task can be cancelled",
+                serde_json::to_value(rec.status).unwrap_or_default().as_str().unwrap_or("finished")
+            ))),
+        };
+    }
+    let updated = update(inner, &id, |r| {
+        if is_terminal(r.status) {
+            return Ok(false);
+        }
+        r.status = TaskStatus::Cancelled;
+        r.status_message = Some("The task was cancelled by request.".into());
+        r.pending.clear();
+        Ok(true)
+    })
+    .await?
+    .ok_or_else(|| not_found(&id))?;
+    Ok(match updated.form {
+        TaskForm::Extension => ack(),
+        TaskForm::Experimental => updated.experimental_json(),
+    })
+}
+
+fn ack() -> Value {
+    serde_json::to_value(rmcp::model::TaskAckResult::new()).expect("serializes")
+}
+
+/// Records answers to a task's pending input requests; unknown keys are ignored.
+pub(crate) async fn answer(inner: &Inner, id: &str, answers: &BTreeMap<String, Value>) -> Result<(), ErrorData> {
+    update(inner, id, |r| {
+        let mut changed = false;
+        for (k, v) in answers {
+            if r.pending.remove(k).is_some() {
+                r.answers.insert(k.clone(), v.clone());
+                changed = true;
+            }
+        }
+        Ok(changed)
+    })
+    .await
+    .map(|_| ())
+}
+
+/// `tasks/update` (extension): answers input requests.
+pub(crate) async fn update_method(inner: &Arc<Inner>, call: &Call) -> Result<Value, ErrorData> {
+    gate(call)?;
+    let id = task_id_param(call)?;
+    let responses: BTreeMap<String, Value> = match call.params.get("inputResponses") {
+        Some(Value::Object(m)) => m.clone().into_iter().collect(),
+        None | Some(Value::Null) => BTreeMap::new(),
+        Some(_) => return Err(invalid_params("Invalid params: inputResponses must be an object")),
+    };
+    visible(inner, call, &id).await?;
+    answer(inner, &id, &responses).await?;
+    Ok(ack())
+}
+
+pub(crate) use update_method as update_request;
+
+/// `tasks/list` (experimental form): the session's tasks.
+pub(crate) async fn list(inner: &Arc<Inner>, call: &Call) -> Result<Value, ErrorData> {
+    gate(call)?;
+    let session = call.era.session().unwrap_or_default();
+    let mut ids = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = inner
+            .store
+            .scan(TASK_INDEX_NS, &format!("{session}/"), after.as_deref(), 512)
+            .await
+            .map_err(store_error)?;
+        ids.extend(page.records.iter().filter_map(|r| r.record.key.rsplit('/').next().map(str::to_owned)));
+        match page.next_after {
+            Some(a) => after = Some(a),
+            None => break,
+        }
+    }
+    let mut tasks = Vec::new();
+    for id in ids {
+        if let Some((rec, _)) = load(inner, &id).await.map_err(store_error)? {
+            tasks.push(rec);
+        }
+    }
+    tasks.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+    let all: Vec<Value> = tasks.iter().map(TaskRecord::experimental_json).collect();
+    let (page, next) = super::dispatch::paginate(inner, Some(&call.params), all)?;
+    let mut v = serde_json::json!({ "tasks": page });
+    if let Some(n) = next {
+        v["nextCursor"] = n.into();
+    }
+    Ok(v)
+}
+
+/// `tasks/result` (experimental form): waits for the task to end, delivering its input
+/// requests to the client on the way, and returns what the tool call would have returned.
+pub(crate) async fn result(
+    inner: &Arc<Inner>,
+    call: &Call,
+    out: &Outbox,
+    cancel: &CancellationToken,
+) -> Result<Value, ErrorData> {
+    gate(call)?;
+    let id = task_id_param(call)?;
+    visible(inner, call, &id).await?;
+    let session = call.era.session().unwrap_or_default().to_owned();
+    let mut rx = inner.hub.subscribe(Topic::key(TASKS_NS, &id));
+    loop {
+        let rec = visible(inner, call, &id).await?;
+        let related = serde_json::json!({ "io.modelcontextprotocol/related-task": { "taskId": id } });
+        match rec.status {
+            TaskStatus::Completed | TaskStatus::Failed if rec.result.is_some() => {
+                let mut v = rec.result.clone().unwrap_or_default();
+                v["_meta"] = related;
+                return Ok(v);
+            }
+            TaskStatus::Failed => {
+                let mut e: ErrorData = rec
+                    .error
+                    .and_then(|e| serde_json::from_value(e).ok())
+                    .unwrap_or_else(|| jsonrpc::internal("Task failed"));
+                e.data = Some(related);
+                return Err(e);
+            }
+            TaskStatus::Cancelled => {
+                return Err(ErrorData::new(ErrorCode(-32000), "Task cancelled", Some(related)));
+            }
+            TaskStatus::InputRequired if !rec.pending.is_empty() => {
+                let requests: BTreeMap<String, InputRequest> = rec
+                    .pending
+                    .iter()
+                    .map(|(k, v)| {
+                        let method = v.get("method").and_then(Value::as_str).unwrap_or_default();
+                        (k.clone(), InputRequest { method: method.to_owned(), params: v.get("params").cloned() })
+                    })
+                    .collect();
+                let answers = ask_client(inner, &session, out, cancel, &requests, Some(&id)).await?;
+                answer(inner, &id, &answers).await?;
+                continue;
+            }
+            _ => {}
+        }
+        tokio::select! {
+            _ = rx.recv() => {}
+            _ = cancel.cancelled() => return Err(ErrorData::new(ErrorCode::INTERNAL_ERROR, "Request cancelled", None)),
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}
+
+/// Picks up a task whose process died: re-runs an idempotent tool, keeps waiting for input
+/// on an input-required task, and fails any other.
+pub(crate) async fn adopt(inner: &Arc<Inner>, rec: TaskRecord) {
+    let id = rec.task_id.clone();
+    let me_node = inner.config.node_id.clone();
+    let me_boot = inner.config.boot_id.clone();
+    let resumable = rec.status == TaskStatus::InputRequired || rec.idempotent;
+    let claimed = update(inner, &id, |r| {
+        if is_terminal(r.status) || r.owner_boot == me_boot {
+            return Ok(false);
+        }
+        r.owner_node = me_node.clone();
+        r.owner_boot = me_boot.clone();
+        if !resumable {
+            r.status = TaskStatus::Failed;
+            r.status_message = Some("The task was interrupted because the node running it stopped.".into());
+            r.error = Some(serde_json::json!({
+                "code": -32603,
+                "message": "The task was interrupted because the node running it stopped; the call may be retried."
+            }));
+        }
+        Ok(true)
+    })
+    .await;
+    let Ok(Some(rec)) = claimed else { return };
+    if !resumable || rec.owner_boot != inner.config.boot_id || is_terminal(rec.status) {
+        return;
+    }
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        let era = match rec.form {
+            TaskForm::Extension => Era::Stateless { protocol_version: rec.protocol_version.clone() },
+            TaskForm::Experimental => Era::Legacy {
+                session: rec.session.clone().unwrap_or_default(),
+                protocol_version: rec.protocol_version.clone(),
+            },
+        };
+        let cancel = CancellationToken::new();
+        let hook = Promoter::promoted(rec.task_id.clone());
+        let ctx = RequestContext::new(inner.store.clone(), era, rec.caller.clone(), None, None, cancel.clone())
+            .with_task_hook(hook.clone());
+        let round = if rec.status == TaskStatus::InputRequired {
+            watch_cancel(&inner, &rec.task_id, cancel.clone());
+            match wait_until_answered(&inner, &rec.task_id, &cancel).await {
+                Some(r) => r,
+                None => return,
+            }
+        } else {
+            Round { input_responses: rec.answers.clone(), state: rec.state.clone(), number: rec.round }
+        };
+        let step = inner.catalog.call_tool(&ctx, &rec.tool, rec.arguments.clone(), round).await;
+        run_task(&inner, &hook, ctx, step).await;
+        tracing::info!(task = %rec.task_id, "resumed task finished");
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339() {
+        let t = rfc3339(1_785_240_000_123);
+        assert!(t.starts_with("2026-07-28T"), "{t}");
+        assert!(t.ends_with('Z'));
+    }
+}

@@ -1,0 +1,155 @@
+//! The `haven` command: `haven serve` runs a node on its embedded store; `haven stdio` serves
+//! the same catalog over stdio.
+
+mod settings;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use haven_mcp::catalog::Catalog;
+use haven_mcp::catalog::conformance::ConformanceCatalog;
+use haven_mcp::catalog::default::DefaultCatalog;
+use haven_mcp::engine::{Engine, EngineConfig};
+use haven_state::{HybridClock, Origin, RedbStore, Store};
+use settings::{Cli, Command, Settings};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+        .and_then(|rt| rt.block_on(run(cli)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("haven: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            let s = Settings::resolve(&args.common, Some(&args))?;
+            init_logging(&s);
+            serve(s).await
+        }
+        Command::Stdio(args) => {
+            let s = Settings::resolve(&args, None)?;
+            init_logging(&s);
+            stdio(s).await
+        }
+    }
+}
+
+fn init_logging(s: &Settings) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&s.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if s.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn catalog(name: &str) -> Result<Arc<dyn Catalog>> {
+    match name {
+        "default" => Ok(Arc::new(DefaultCatalog::new())),
+        "conformance" => Ok(Arc::new(ConformanceCatalog::new())),
+        other => bail!("unknown catalog {other:?}; choose one of: default, conformance"),
+    }
+}
+
+/// The node id kept in the data directory, created on first start.
+fn node_id(dir: &Path, configured: Option<&str>) -> Result<String> {
+    if let Some(id) = configured {
+        return Ok(id.to_owned());
+    }
+    let file = dir.join("node-id");
+    if let Ok(id) = std::fs::read_to_string(&file) {
+        let id = id.trim();
+        if !id.is_empty() {
+            return Ok(id.to_owned());
+        }
+    }
+    let id = format!("node-{:08x}", rand_u32());
+    std::fs::write(&file, &id).with_context(|| format!("writing {}", file.display()))?;
+    Ok(id)
+}
+
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.finish() as u32
+}
+
+async fn start_engine(s: &Settings) -> Result<Engine> {
+    std::fs::create_dir_all(&s.data)
+        .with_context(|| format!("creating the data directory {}", s.data.display()))?;
+    let node = node_id(&s.data, s.node_id.as_deref())?;
+    let origin = Origin::new(s.region.as_str(), node.as_str());
+    let store = RedbStore::open(&s.data, origin, Arc::new(HybridClock::default())).map_err(|e| {
+        let text = e.to_string();
+        if text.contains("already open") || text.contains("lock") {
+            anyhow::anyhow!(
+                "the data directory {} is in use by another Haven process ({text}); stop it or choose another --data",
+                s.data.display()
+            )
+        } else {
+            anyhow::anyhow!("opening the store in {}: {text}", s.data.display())
+        }
+    })?;
+    let store: Arc<dyn Store> = Arc::new(store);
+    let config = EngineConfig {
+        node_id: node,
+        legacy_responses: s.legacy_responses,
+        session_ttl: std::time::Duration::from_secs(s.session_ttl_secs),
+        ..EngineConfig::default()
+    };
+    Engine::start(store, catalog(&s.catalog)?, config).await.context("starting the protocol engine")
+}
+
+async fn serve(s: Settings) -> Result<()> {
+    let engine = start_engine(&s).await?;
+    let listener = tokio::net::TcpListener::bind(&s.listen)
+        .await
+        .with_context(|| format!("listening on {}", s.listen))?;
+    let addr: SocketAddr = listener.local_addr()?;
+    let http = haven_server::HttpConfig { max_body_bytes: s.max_body_bytes, allowed_hosts: s.allowed_hosts.clone() };
+    tracing::info!(
+        "haven listening on http://{addr}/mcp (data: {}, catalog: {}, node: {})",
+        s.data.display(),
+        s.catalog,
+        engine.config().node_id
+    );
+    haven_server::serve(listener, haven_server::router(engine, http), shutdown_signal()).await?;
+    tracing::info!("haven stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn stdio(s: Settings) -> Result<()> {
+    let engine = start_engine(&s).await?;
+    haven_server::stdio::serve_stdio(engine, tokio::io::stdin(), tokio::io::stdout()).await?;
+    Ok(())
+}
