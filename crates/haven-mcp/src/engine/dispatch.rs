@@ -196,7 +196,10 @@ pub(crate) fn finish(inner: &Inner, era: &Era, mut result: ServerResult) -> Valu
                 hint(&mut r.ttl_ms, &mut r.cache_scope, ttl)
             }
             // Resource contents may change at any time: not cacheable by default.
-            ServerResult::ReadResourceResult(r) => hint(&mut r.ttl_ms, &mut r.cache_scope, 0),
+            ServerResult::ReadResourceResult(r) => {
+                r.result_type.get_or_insert(ResultType::COMPLETE);
+                hint(&mut r.ttl_ms, &mut r.cache_scope, 0)
+            }
             ServerResult::CallToolResult(r) => {
                 r.result_type.get_or_insert(ResultType::COMPLETE);
             }
