@@ -77,7 +77,9 @@ impl Announcement {
             "list/tools" => Some(Announcement::ToolsChanged),
             "list/prompts" => Some(Announcement::PromptsChanged),
             "list/resources" => Some(Announcement::ResourcesChanged),
-            k => k.strip_prefix("resource/").map(|u| Announcement::ResourceUpdated(u.to_owned())),
+            k => k
+                .strip_prefix("resource/")
+                .map(|u| Announcement::ResourceUpdated(u.to_owned())),
         }
     }
 }
@@ -125,7 +127,9 @@ pub struct RequestContext {
 
 impl std::fmt::Debug for RequestContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RequestContext").field("era", &self.era).finish()
+        f.debug_struct("RequestContext")
+            .field("era", &self.era)
+            .finish()
     }
 }
 
@@ -152,7 +156,15 @@ impl RequestContext {
         out: Option<Outbox>,
         cancel: CancellationToken,
     ) -> RequestContext {
-        RequestContext { store, era, caller, progress_token, out, cancel, task: None }
+        RequestContext {
+            store,
+            era,
+            caller,
+            progress_token,
+            out,
+            cancel,
+            task: None,
+        }
     }
 
     /// The same context, able to become a task through `hook`.
@@ -227,7 +239,9 @@ impl RequestContext {
 
     /// Sends a progress notification if the request carries a progress token.
     pub fn progress(&self, progress: f64, total: Option<f64>, message: Option<String>) {
-        let (Some(token), Some(out)) = (&self.progress_token, &self.out) else { return };
+        let (Some(token), Some(out)) = (&self.progress_token, &self.out) else {
+            return;
+        };
         let mut params = serde_json::json!({ "progressToken": token, "progress": progress });
         if let Some(t) = total {
             params["total"] = t.into();
@@ -235,7 +249,10 @@ impl RequestContext {
         if let Some(m) = message {
             params["message"] = m.into();
         }
-        let _ = out.send(Item::Notify(jsonrpc::notification("notifications/progress", Some(params))));
+        let _ = out.send(Item::Notify(jsonrpc::notification(
+            "notifications/progress",
+            Some(params),
+        )));
     }
 
     /// Sends a log notification if the client's level lets it through. Stateless clients get
@@ -254,7 +271,10 @@ impl RequestContext {
         if let Some(l) = logger {
             params["logger"] = l.into();
         }
-        let _ = out.send(Item::Notify(jsonrpc::notification("notifications/message", Some(params))));
+        let _ = out.send(Item::Notify(jsonrpc::notification(
+            "notifications/message",
+            Some(params),
+        )));
     }
 
     /// Asks the transport to end the live response now (the client resumes it later).
@@ -287,7 +307,11 @@ impl RequestContext {
 pub async fn announce(store: &dyn Store, announcement: &Announcement) -> Result<(), StoreError> {
     let at = store.clock().wall_millis();
     store
-        .commit(Batch::new().put(ANNOUNCE_NS, &announcement.key(), at.to_string().into_bytes()))
+        .commit(Batch::new().put(
+            ANNOUNCE_NS,
+            &announcement.key(),
+            at.to_string().into_bytes(),
+        ))
         .await
         .map(|_| ())
 }

@@ -30,7 +30,10 @@ pub enum Topic {
 impl Topic {
     /// Topic of one record.
     pub fn key(namespace: &str, key: &str) -> Topic {
-        Topic::Key { namespace: namespace.to_owned(), key: key.to_owned() }
+        Topic::Key {
+            namespace: namespace.to_owned(),
+            key: key.to_owned(),
+        }
     }
 }
 
@@ -87,22 +90,28 @@ impl Hub {
     /// after every message, so that no change can slip between the read and the wait.
     pub fn subscribe(&self, topic: Topic) -> broadcast::Receiver<Arc<LogEntry>> {
         let mut topics = self.topics.lock();
-        topics.entry(topic).or_insert_with(|| broadcast::channel(64).0).subscribe()
+        topics
+            .entry(topic)
+            .or_insert_with(|| broadcast::channel(64).0)
+            .subscribe()
     }
 
     /// Delivers one committed change to its subscribers.
     pub fn route(&self, entry: &Arc<LogEntry>) {
         let mut topics = self.topics.lock();
         let mut send = |t: Topic| {
-            if let Some(tx) = topics.get(&t) {
-                if tx.send(entry.clone()).is_err() {
-                    topics.remove(&t);
-                }
+            if let Some(tx) = topics.get(&t)
+                && tx.send(entry.clone()).is_err()
+            {
+                topics.remove(&t);
             }
         };
         match &entry.change {
             Change::Record(r) => {
-                send(Topic::Key { namespace: r.namespace.clone(), key: r.key.clone() });
+                send(Topic::Key {
+                    namespace: r.namespace.clone(),
+                    key: r.key.clone(),
+                });
                 send(Topic::Namespace(r.namespace.clone()));
             }
             Change::Event(e) => send(Topic::Stream(e.stream.clone())),

@@ -62,7 +62,10 @@ pub struct Malformed {
 }
 
 fn invalid(id: Option<RequestId>, msg: &str) -> Malformed {
-    Malformed { id, error: ErrorData::new(ErrorCode::INVALID_REQUEST, msg.to_owned(), None) }
+    Malformed {
+        id,
+        error: ErrorData::new(ErrorCode::INVALID_REQUEST, msg.to_owned(), None),
+    }
 }
 
 fn read_id(v: &Value) -> Result<Option<RequestId>, ()> {
@@ -89,9 +92,15 @@ pub fn parse(body: &[u8]) -> Result<Incoming, Malformed> {
 pub fn classify(value: Value) -> Result<Incoming, Malformed> {
     let Value::Object(mut obj) = value else {
         return Err(if value.is_array() {
-            invalid(None, "Invalid Request: JSON-RPC batches are not supported; send one message per request")
+            invalid(
+                None,
+                "Invalid Request: JSON-RPC batches are not supported; send one message per request",
+            )
         } else {
-            invalid(None, "Invalid Request: a JSON-RPC message must be an object")
+            invalid(
+                None,
+                "Invalid Request: a JSON-RPC message must be an object",
+            )
         });
     };
     let id = match obj.get("id") {
@@ -99,7 +108,10 @@ pub fn classify(value: Value) -> Result<Incoming, Malformed> {
         Some(v) => match read_id(v) {
             Ok(id) => id,
             Err(()) => {
-                return Err(invalid(None, "Invalid Request: id must be a string or an integer"));
+                return Err(invalid(
+                    None,
+                    "Invalid Request: id must be a string or an integer",
+                ));
             }
         },
     };
@@ -187,7 +199,11 @@ pub fn invalid_params(msg: impl Into<String>) -> ErrorData {
 
 /// Shorthand for a method-not-found error.
 pub fn method_not_found(method: &str) -> ErrorData {
-    ErrorData::new(ErrorCode::METHOD_NOT_FOUND, format!("Method not found: {method}"), None)
+    ErrorData::new(
+        ErrorCode::METHOD_NOT_FOUND,
+        format!("Method not found: {method}"),
+        None,
+    )
 }
 
 /// Shorthand for an internal error.
@@ -227,22 +243,40 @@ mod tests {
 
     #[test]
     fn malformed_messages_get_the_right_codes() {
-        assert_eq!(parse(b"{not json").unwrap_err().error.code, ErrorCode::PARSE_ERROR);
-        assert_eq!(parse(b"[]").unwrap_err().error.code, ErrorCode::INVALID_REQUEST);
-        assert_eq!(parse(b"42").unwrap_err().error.code, ErrorCode::INVALID_REQUEST);
+        assert_eq!(
+            parse(b"{not json").unwrap_err().error.code,
+            ErrorCode::PARSE_ERROR
+        );
+        assert_eq!(
+            parse(b"[]").unwrap_err().error.code,
+            ErrorCode::INVALID_REQUEST
+        );
+        assert_eq!(
+            parse(b"42").unwrap_err().error.code,
+            ErrorCode::INVALID_REQUEST
+        );
         let m = parse(br#"{"jsonrpc":"1.0","id":7,"method":"ping"}"#).unwrap_err();
         assert_eq!(m.error.code, ErrorCode::INVALID_REQUEST);
         assert_eq!(m.id, Some(NumberOrString::Number(7)));
         assert_eq!(
-            parse(br#"{"jsonrpc":"2.0","id":null,"method":"ping"}"#).unwrap_err().error.code,
+            parse(br#"{"jsonrpc":"2.0","id":null,"method":"ping"}"#)
+                .unwrap_err()
+                .error
+                .code,
             ErrorCode::INVALID_REQUEST
         );
         assert_eq!(
-            parse(br#"{"jsonrpc":"2.0","id":1,"method":"x","params":[1]}"#).unwrap_err().error.code,
+            parse(br#"{"jsonrpc":"2.0","id":1,"method":"x","params":[1]}"#)
+                .unwrap_err()
+                .error
+                .code,
             ErrorCode::INVALID_PARAMS
         );
         assert_eq!(
-            parse(br#"{"jsonrpc":"2.0","id":1.5,"method":"x"}"#).unwrap_err().error.code,
+            parse(br#"{"jsonrpc":"2.0","id":1.5,"method":"x"}"#)
+                .unwrap_err()
+                .error
+                .code,
             ErrorCode::INVALID_REQUEST
         );
     }

@@ -68,10 +68,14 @@ impl Keyring {
         let mut keys = Vec::new();
         let mut after: Option<String> = None;
         loop {
-            let page = self.store.scan(KEYS_NS, REQUEST_STATE_PREFIX, after.as_deref(), 256).await?;
+            let page = self
+                .store
+                .scan(KEYS_NS, REQUEST_STATE_PREFIX, after.as_deref(), 256)
+                .await?;
             for r in &page.records {
-                let k: KeyRecord = serde_json::from_slice(r.value())
-                    .map_err(|e| StoreError::Corrupt(format!("key record {}: {e}", r.record.key)))?;
+                let k: KeyRecord = serde_json::from_slice(r.value()).map_err(|e| {
+                    StoreError::Corrupt(format!("key record {}: {e}", r.record.key))
+                })?;
                 if !k.retired {
                     keys.push(k);
                 }

@@ -9,16 +9,19 @@
 
 pub mod catalog;
 pub mod context;
+pub mod engine;
 pub mod hub;
 pub mod jsonrpc;
 pub mod keyring;
 pub mod session;
 pub mod stream;
-pub mod engine;
 
 /// The official SDK whose wire types Haven uses, re-exported so upper layers share its version.
 pub use rmcp;
 
 pub use catalog::{Catalog, CatalogInfo, InputRequest, Round, Step, TaskSupport};
 pub use context::{Announcement, Era, RequestContext};
-pub use engine::{Engine, EngineConfig, LegacyPost, LegacyResponses, Reply, SseFrame, StatelessHeaders, StatelessPost};
+pub use engine::{
+    Engine, EngineConfig, LegacyPost, LegacyResponses, Reply, SseFrame, StatelessHeaders,
+    StatelessPost,
+};

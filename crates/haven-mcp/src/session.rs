@@ -63,10 +63,15 @@ pub async fn load(store: &dyn Store, id: &str) -> Result<Option<LoadedSession>, 
     if id.is_empty() || id.len() > 128 {
         return Ok(None);
     }
-    let Some(r) = store.get(SESSIONS_NS, id).await? else { return Ok(None) };
+    let Some(r) = store.get(SESSIONS_NS, id).await? else {
+        return Ok(None);
+    };
     let record: SessionRecord = serde_json::from_slice(r.value())
         .map_err(|e| StoreError::Corrupt(format!("session {id}: {e}")))?;
-    Ok(Some(LoadedSession { record: Arc::new(record), revision: r.revision }))
+    Ok(Some(LoadedSession {
+        record: Arc::new(record),
+        revision: r.revision,
+    }))
 }
 
 /// Applies `change` to a session with compare-and-set, retrying on concurrent updates.
@@ -78,7 +83,9 @@ pub async fn update(
     change: impl Fn(&mut SessionRecord),
 ) -> Result<Option<SessionRecord>, StoreError> {
     for _ in 0..16 {
-        let Some(cur) = load(store, id).await? else { return Ok(None) };
+        let Some(cur) = load(store, id).await? else {
+            return Ok(None);
+        };
         let mut rec = (*cur.record).clone();
         change(&mut rec);
         let value = serde_json::to_vec(&rec).expect("session serializes");
@@ -92,7 +99,9 @@ pub async fn update(
             Err(e) => return Err(e),
         }
     }
-    Err(StoreError::Unavailable(format!("session {id} is updated too often concurrently")))
+    Err(StoreError::Unavailable(format!(
+        "session {id} is updated too often concurrently"
+    )))
 }
 
 /// Ends a session: a tombstone, so that it answers 404 from every node from now on.

@@ -80,7 +80,12 @@ fn encode(message: &str, last: bool) -> Vec<u8> {
 }
 
 /// Adds the operations that append `events` to a batch.
-pub fn append_ops(mut batch: Batch, session: &str, stream: &str, events: &[(String, bool)]) -> Batch {
+pub fn append_ops(
+    mut batch: Batch,
+    session: &str,
+    stream: &str,
+    events: &[(String, bool)],
+) -> Batch {
     let key = stream_key(session, stream);
     for (message, last) in events {
         batch = batch.append(&key, encode(message, *last));
@@ -145,7 +150,9 @@ pub async fn read(
     after: u64,
     limit: usize,
 ) -> Result<Vec<StoredEvent>, StoreError> {
-    let events = store.read_events(&stream_key(session, stream), after, limit).await?;
+    let events = store
+        .read_events(&stream_key(session, stream), after, limit)
+        .await?;
     events
         .into_iter()
         .map(|e| {
@@ -155,7 +162,11 @@ pub async fn read(
                 .ok_or_else(|| StoreError::Corrupt(format!("empty event {}", e.index)))?;
             let message = String::from_utf8(body.to_vec())
                 .map_err(|_| StoreError::Corrupt(format!("event {} is not UTF-8", e.index)))?;
-            Ok(StoredEvent { index: e.index, message, last: flags & FINAL != 0 })
+            Ok(StoredEvent {
+                index: e.index,
+                message,
+                last: flags & FINAL != 0,
+            })
         })
         .collect()
 }
@@ -167,7 +178,10 @@ pub async fn inflight(
     session: &str,
     stream: &str,
 ) -> Result<Option<InflightRecord>, StoreError> {
-    let Some(r) = store.get(INFLIGHT_NS, &inflight_key(session, stream)).await? else {
+    let Some(r) = store
+        .get(INFLIGHT_NS, &inflight_key(session, stream))
+        .await?
+    else {
         return Ok(None);
     };
     serde_json::from_slice(r.value())

@@ -11,7 +11,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
 use futures::StreamExt;
-use haven_mcp::engine::{Engine, LegacyPost, Reply, SseFrame, StatelessHeaders, StatelessPost, is_stateless};
+use haven_mcp::engine::{
+    Engine, LegacyPost, Reply, SseFrame, StatelessHeaders, StatelessPost, is_stateless,
+};
 use haven_mcp::jsonrpc;
 use haven_mcp::rmcp::model::{ErrorCode, ErrorData};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -31,7 +33,12 @@ impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             max_body_bytes: 4 * 1024 * 1024,
-            allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "[::1]".into(), "::1".into()],
+            allowed_hosts: vec![
+                "localhost".into(),
+                "127.0.0.1".into(),
+                "[::1]".into(),
+                "::1".into(),
+            ],
         }
     }
 }
@@ -45,7 +52,13 @@ struct AppState {
 pub fn router(engine: Engine, config: HttpConfig) -> Router {
     let state = Arc::new(AppState { engine, config });
     Router::new()
-        .route("/mcp", get(mcp_get).post(mcp_post).delete(mcp_delete).fallback(method_not_allowed))
+        .route(
+            "/mcp",
+            get(mcp_get)
+                .post(mcp_post)
+                .delete(mcp_delete)
+                .fallback(method_not_allowed),
+        )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state)
@@ -63,9 +76,12 @@ pub async fn serve(
             tracing::debug!(error = %e, "setting TCP_NODELAY failed");
         }
     });
-    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 async fn healthz() -> Response {
@@ -73,19 +89,22 @@ async fn healthz() -> Response {
 }
 
 async fn readyz(State(app): State<Arc<AppState>>) -> Response {
-    let check = tokio::time::timeout(Duration::from_secs(2), app.engine.store().check_writable()).await;
+    let check =
+        tokio::time::timeout(Duration::from_secs(2), app.engine.store().check_writable()).await;
     match check {
         Ok(Ok(())) => json_response(StatusCode::OK, r#"{"status":"ready"}"#.to_owned()),
         Ok(Err(e)) => {
             let body = serde_json::json!({ "status": "unavailable", "reason": e.to_string() });
             let mut r = json_response(StatusCode::SERVICE_UNAVAILABLE, body.to_string());
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             r
         }
         Err(_) => {
             let body = r#"{"status":"unavailable","reason":"the store did not answer within 2 s"}"#;
             let mut r = json_response(StatusCode::SERVICE_UNAVAILABLE, body.to_owned());
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             r
         }
     }
@@ -94,7 +113,10 @@ async fn readyz(State(app): State<Arc<AppState>>) -> Response {
 fn json_response(status: StatusCode, body: String) -> Response {
     let mut r = Response::new(Body::from(body));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -108,8 +130,13 @@ fn rmcp_error(code: i32, message: &str) -> ErrorData {
 }
 
 async fn method_not_allowed() -> Response {
-    let mut r = rpc_error(StatusCode::METHOD_NOT_ALLOWED, -32000, "Method Not Allowed: use POST, GET or DELETE on /mcp");
-    r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
+    let mut r = rpc_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        -32000,
+        "Method Not Allowed: use POST, GET or DELETE on /mcp",
+    );
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
     r
 }
 
@@ -120,7 +147,9 @@ fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// Strips the port from a `Host` header value (handles `[::1]:8080`).
 fn host_name(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
-        return rest.split_once(']').map_or(host, |(h, _)| &host[..h.len() + 2]);
+        return rest
+            .split_once(']')
+            .map_or(host, |(h, _)| &host[..h.len() + 2]);
     }
     match host.rsplit_once(':') {
         Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
@@ -133,16 +162,31 @@ fn check_host_origin(config: &HttpConfig, headers: &HeaderMap) -> Result<(), Res
     if config.allowed_hosts.iter().any(|h| h == "*") {
         return Ok(());
     }
-    let allowed = |h: &str| config.allowed_hosts.iter().any(|a| a.eq_ignore_ascii_case(h));
-    if let Some(host) = header_str(headers, "host") {
-        if !allowed(host_name(host)) {
-            return Err(rpc_error(StatusCode::FORBIDDEN, -32000, &format!("Forbidden: Host {host} is not allowed")));
-        }
+    let allowed = |h: &str| {
+        config
+            .allowed_hosts
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(h))
+    };
+    if let Some(host) = header_str(headers, "host")
+        && !allowed(host_name(host))
+    {
+        return Err(rpc_error(
+            StatusCode::FORBIDDEN,
+            -32000,
+            &format!("Forbidden: Host {host} is not allowed"),
+        ));
     }
     if let Some(origin) = header_str(headers, "origin") {
-        let host = origin.split_once("://").map(|(_, rest)| rest.split('/').next().unwrap_or(rest));
+        let host = origin
+            .split_once("://")
+            .map(|(_, rest)| rest.split('/').next().unwrap_or(rest));
         if !host.is_some_and(|h| allowed(host_name(h))) {
-            return Err(rpc_error(StatusCode::FORBIDDEN, -32000, &format!("Forbidden: Origin {origin} is not allowed")));
+            return Err(rpc_error(
+                StatusCode::FORBIDDEN,
+                -32000,
+                &format!("Forbidden: Origin {origin} is not allowed"),
+            ));
         }
     }
     Ok(())
@@ -150,11 +194,18 @@ fn check_host_origin(config: &HttpConfig, headers: &HeaderMap) -> Result<(), Res
 
 /// What an `Accept` header allows.
 fn accepts(headers: &HeaderMap) -> (bool, bool) {
-    let Some(accept) = header_str(headers, "accept") else { return (true, true) };
+    let Some(accept) = header_str(headers, "accept") else {
+        return (true, true);
+    };
     let mut json = false;
     let mut sse = false;
     for part in accept.split(',') {
-        let media = part.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let media = part
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         match media.as_str() {
             "*/*" => {
                 json = true;
@@ -169,16 +220,28 @@ fn accepts(headers: &HeaderMap) -> (bool, bool) {
 }
 
 async fn read_body(config: &HttpConfig, req: Request) -> Result<Bytes, Response> {
-    if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok()) {
-        if len > config.max_body_bytes {
-            return Err(too_large(config));
-        }
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        && len > config.max_body_bytes
+    {
+        return Err(too_large(config));
     }
     let limited = http_body_util::Limited::new(req.into_body(), config.max_body_bytes);
     match limited.collect().await {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large(config)),
-        Err(_) => Err(rpc_error(StatusCode::BAD_REQUEST, -32700, "Parse error: the request body could not be read")),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(too_large(config))
+        }
+        Err(_) => Err(rpc_error(
+            StatusCode::BAD_REQUEST,
+            -32700,
+            "Parse error: the request body could not be read",
+        )),
     }
 }
 
@@ -186,7 +249,10 @@ fn too_large(config: &HttpConfig) -> Response {
     rpc_error(
         StatusCode::PAYLOAD_TOO_LARGE,
         -32600,
-        &format!("Payload Too Large: the request body exceeds {} bytes", config.max_body_bytes),
+        &format!(
+            "Payload Too Large: the request body exceeds {} bytes",
+            config.max_body_bytes
+        ),
     )
 }
 
@@ -201,7 +267,9 @@ async fn mcp_post(State(app): State<Arc<AppState>>, req: Request) -> Response {
         return rpc_error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             -32600,
-            &format!("Unsupported Media Type: Content-Type must be application/json, got {content_type:?}"),
+            &format!(
+                "Unsupported Media Type: Content-Type must be application/json, got {content_type:?}"
+            ),
         );
     }
     let (json_ok, sse_ok) = accepts(&headers);
@@ -218,7 +286,12 @@ async fn mcp_post(State(app): State<Arc<AppState>>, req: Request) -> Response {
     };
     let message = match jsonrpc::parse(&body) {
         Ok(m) => m,
-        Err(m) => return json_response(StatusCode::BAD_REQUEST, jsonrpc::error_response(m.id.as_ref(), &m.error)),
+        Err(m) => {
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                jsonrpc::error_response(m.id.as_ref(), &m.error),
+            );
+        }
     };
     let version = header_str(&headers, "mcp-protocol-version").map(str::to_owned);
     let reply = if is_stateless(version.as_deref(), &message) {
@@ -235,7 +308,13 @@ async fn mcp_post(State(app): State<Arc<AppState>>, req: Request) -> Response {
             name: header_str(&headers, "mcp-name").map(str::to_owned),
             params,
         };
-        app.engine.stateless_post(StatelessPost { headers, message, from_http: true }).await
+        app.engine
+            .stateless_post(StatelessPost {
+                headers,
+                message,
+                from_http: true,
+            })
+            .await
     } else {
         let post = LegacyPost {
             session: header_str(&headers, "mcp-session-id").map(str::to_owned),
@@ -259,11 +338,19 @@ async fn mcp_get(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Respon
     }
     let (_, sse_ok) = accepts(&headers);
     if !sse_ok {
-        return rpc_error(StatusCode::NOT_ACCEPTABLE, -32600, "Not Acceptable: GET /mcp needs Accept: text/event-stream");
+        return rpc_error(
+            StatusCode::NOT_ACCEPTABLE,
+            -32600,
+            "Not Acceptable: GET /mcp needs Accept: text/event-stream",
+        );
     }
     let reply = app
         .engine
-        .legacy_get(header_str(&headers, "mcp-session-id"), version, header_str(&headers, "last-event-id"))
+        .legacy_get(
+            header_str(&headers, "mcp-session-id"),
+            version,
+            header_str(&headers, "last-event-id"),
+        )
         .await;
     to_response(reply)
 }
@@ -276,7 +363,11 @@ async fn mcp_delete(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Res
     if version.is_some_and(|v| !haven_mcp::engine::is_legacy_version(v)) {
         return method_not_allowed().await;
     }
-    to_response(app.engine.legacy_delete(header_str(&headers, "mcp-session-id")).await)
+    to_response(
+        app.engine
+            .legacy_delete(header_str(&headers, "mcp-session-id"))
+            .await,
+    )
 }
 
 /// Encodes one SSE frame.
@@ -310,8 +401,14 @@ pub fn encode_frame(frame: &SseFrame) -> Bytes {
 fn to_response(reply: Reply) -> Response {
     match reply {
         Reply::Accepted => StatusCode::ACCEPTED.into_response(),
-        Reply::Status(s) => StatusCode::from_u16(s).unwrap_or(StatusCode::OK).into_response(),
-        Reply::Json { status, body, session } => {
+        Reply::Status(s) => StatusCode::from_u16(s)
+            .unwrap_or(StatusCode::OK)
+            .into_response(),
+        Reply::Json {
+            status,
+            body,
+            session,
+        } => {
             let mut r = json_response(StatusCode::from_u16(status).unwrap_or(StatusCode::OK), body);
             if let Some(s) = session.and_then(|s| HeaderValue::from_str(&s).ok()) {
                 r.headers_mut().insert("mcp-session-id", s);
@@ -319,10 +416,15 @@ fn to_response(reply: Reply) -> Response {
             r
         }
         Reply::Stream(frames) => {
-            let body = Body::from_stream(frames.map(|f| Ok::<_, std::convert::Infallible>(encode_frame(&f))));
+            let body = Body::from_stream(
+                frames.map(|f| Ok::<_, std::convert::Infallible>(encode_frame(&f))),
+            );
             let mut r = Response::new(body);
             let h = r.headers_mut();
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
             h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             h.insert("x-accel-buffering", HeaderValue::from_static("no"));
             r
@@ -344,7 +446,11 @@ mod tests {
 
     #[test]
     fn priming_frames_have_a_data_line() {
-        let f = encode_frame(&SseFrame::Event { id: Some("s-0".into()), retry: Some(1000), data: String::new() });
+        let f = encode_frame(&SseFrame::Event {
+            id: Some("s-0".into()),
+            retry: Some(1000),
+            data: String::new(),
+        });
         assert_eq!(&f[..], b"id: s-0\nretry: 1000\nevent: message\ndata: \n\n");
     }
 }

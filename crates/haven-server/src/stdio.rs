@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use futures::StreamExt;
-use haven_mcp::engine::{Engine, LegacyPost, Reply, SseFrame, StatelessHeaders, StatelessPost, is_stateless};
+use haven_mcp::engine::{
+    Engine, LegacyPost, Reply, SseFrame, StatelessHeaders, StatelessPost, is_stateless,
+};
 use haven_mcp::jsonrpc::{self, Incoming};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
@@ -61,7 +63,17 @@ where
             let engine = engine.clone();
             let tx = tx.clone();
             running.spawn(async move {
-                write_reply(engine.stateless_post(StatelessPost { headers, message, from_http: false }).await, &tx).await;
+                write_reply(
+                    engine
+                        .stateless_post(StatelessPost {
+                            headers,
+                            message,
+                            from_http: false,
+                        })
+                        .await,
+                    &tx,
+                )
+                .await;
             });
             continue;
         }
@@ -76,7 +88,10 @@ where
         if initialize {
             // Later lines use the session, so it must exist before the next line is read.
             let reply = engine.legacy_post(post).await;
-            if let Reply::Json { session: Some(s), .. } = &reply {
+            if let Reply::Json {
+                session: Some(s), ..
+            } = &reply
+            {
                 session.set(s.clone());
             }
             write_reply(reply, &tx).await;
@@ -95,7 +110,9 @@ where
 /// Over stdio there are no HTTP headers; the routing headers a stateless request would carry
 /// are derived from its body.
 fn synthesized_headers(message: &Incoming) -> StatelessHeaders {
-    let Incoming::Request(r) = message else { return StatelessHeaders::default() };
+    let Incoming::Request(r) = message else {
+        return StatelessHeaders::default();
+    };
     let params = r.params.as_ref();
     let name = ["name", "uri", "taskId"]
         .iter()
@@ -106,7 +123,12 @@ fn synthesized_headers(message: &Incoming) -> StatelessHeaders {
         .and_then(|m| m.get("io.modelcontextprotocol/protocolVersion"))
         .and_then(Value::as_str)
         .map(str::to_owned);
-    StatelessHeaders { protocol_version: version, method: Some(r.method.clone()), name, params: Vec::new() }
+    StatelessHeaders {
+        protocol_version: version,
+        method: Some(r.method.clone()),
+        name,
+        params: Vec::new(),
+    }
 }
 
 async fn write_reply(reply: Reply, tx: &mpsc::UnboundedSender<String>) {
@@ -116,10 +138,11 @@ async fn write_reply(reply: Reply, tx: &mpsc::UnboundedSender<String>) {
         }
         Reply::Stream(mut frames) => {
             while let Some(f) = frames.next().await {
-                if let SseFrame::Event { data, .. } = f {
-                    if !data.is_empty() && tx.send(data).is_err() {
-                        return;
-                    }
+                if let SseFrame::Event { data, .. } = f
+                    && !data.is_empty()
+                    && tx.send(data).is_err()
+                {
+                    return;
                 }
             }
         }

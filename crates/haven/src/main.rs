@@ -50,7 +50,9 @@ async fn run(cli: Cli) -> Result<()> {
 fn init_logging(s: &Settings) {
     let filter = tracing_subscriber::EnvFilter::try_new(&s.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if s.log_format == "json" {
         builder.json().init();
     } else {
@@ -86,7 +88,12 @@ fn node_id(dir: &Path, configured: Option<&str>) -> Result<String> {
 fn rand_u32() -> u32 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
     h.finish() as u32
 }
 
@@ -113,7 +120,9 @@ async fn start_engine(s: &Settings) -> Result<Engine> {
         session_ttl: std::time::Duration::from_secs(s.session_ttl_secs),
         ..EngineConfig::default()
     };
-    Engine::start(store, catalog(&s.catalog)?, config).await.context("starting the protocol engine")
+    Engine::start(store, catalog(&s.catalog)?, config)
+        .await
+        .context("starting the protocol engine")
 }
 
 async fn serve(s: Settings) -> Result<()> {
@@ -122,14 +131,22 @@ async fn serve(s: Settings) -> Result<()> {
         .await
         .with_context(|| format!("listening on {}", s.listen))?;
     let addr: SocketAddr = listener.local_addr()?;
-    let http = haven_server::HttpConfig { max_body_bytes: s.max_body_bytes, allowed_hosts: s.allowed_hosts.clone() };
+    let http = haven_server::HttpConfig {
+        max_body_bytes: s.max_body_bytes,
+        allowed_hosts: s.allowed_hosts.clone(),
+    };
     tracing::info!(
         "haven listening on http://{addr}/mcp (data: {}, catalog: {}, node: {})",
         s.data.display(),
         s.catalog,
         engine.config().node_id
     );
-    haven_server::serve(listener, haven_server::router(engine, http), shutdown_signal()).await?;
+    haven_server::serve(
+        listener,
+        haven_server::router(engine, http),
+        shutdown_signal(),
+    )
+    .await?;
     tracing::info!("haven stopped");
     Ok(())
 }

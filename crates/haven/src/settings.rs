@@ -71,7 +71,12 @@ pub struct ServeArgs {
     pub listen: Option<String>,
     /// Host names accepted in Host and Origin headers (DNS-rebinding protection),
     /// comma-separated; * accepts any [default: localhost,127.0.0.1,[::1]]
-    #[arg(long, env = "HAVEN_ALLOWED_HOSTS", value_name = "HOSTS", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "HAVEN_ALLOWED_HOSTS",
+        value_name = "HOSTS",
+        value_delimiter = ','
+    )]
     pub allowed_hosts: Option<Vec<String>>,
     /// Largest accepted request body in bytes [default: 4194304]
     #[arg(long, env = "HAVEN_MAX_BODY_BYTES", value_name = "BYTES")]
@@ -112,7 +117,8 @@ pub struct Settings {
 }
 
 fn load_file(path: &Path) -> Result<FileSettings> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading the config file {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the config file {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("parsing the config file {}", path.display()))
 }
 
@@ -123,34 +129,68 @@ impl Settings {
             Some(p) => load_file(p)?,
             None => FileSettings::default(),
         };
-        let legacy = common.legacy_responses.clone().or(file.legacy_responses).unwrap_or_else(|| "adaptive".into());
+        let legacy = common
+            .legacy_responses
+            .clone()
+            .or(file.legacy_responses)
+            .unwrap_or_else(|| "adaptive".into());
         let legacy_responses = match legacy.as_str() {
             "adaptive" => LegacyResponses::Adaptive,
             "sse" => LegacyResponses::Sse,
             other => bail!("invalid legacy_responses {other:?}: use adaptive or sse"),
         };
-        let log_format = common.log_format.clone().or(file.log_format).unwrap_or_else(|| "text".into());
+        let log_format = common
+            .log_format
+            .clone()
+            .or(file.log_format)
+            .unwrap_or_else(|| "text".into());
         if log_format != "text" && log_format != "json" {
             bail!("invalid log_format {log_format:?}: use text or json");
         }
-        let max_body_bytes = serve.and_then(|s| s.max_body_bytes).or(file.max_body_bytes).unwrap_or(4 * 1024 * 1024);
+        let max_body_bytes = serve
+            .and_then(|s| s.max_body_bytes)
+            .or(file.max_body_bytes)
+            .unwrap_or(4 * 1024 * 1024);
         if max_body_bytes < 1024 {
             bail!("max_body_bytes must be at least 1024");
         }
-        let region = common.region.clone().or(file.region).unwrap_or_else(|| "local".into());
+        let region = common
+            .region
+            .clone()
+            .or(file.region)
+            .unwrap_or_else(|| "local".into());
         if region.is_empty() || region.contains('/') {
             bail!("invalid region {region:?}: use a non-empty name without '/'");
         }
         Ok(Settings {
-            data: common.data.clone().or(file.data).unwrap_or_else(|| PathBuf::from("./haven-data")),
-            catalog: common.catalog.clone().or(file.catalog).unwrap_or_else(|| "default".into()),
+            data: common
+                .data
+                .clone()
+                .or(file.data)
+                .unwrap_or_else(|| PathBuf::from("./haven-data")),
+            catalog: common
+                .catalog
+                .clone()
+                .or(file.catalog)
+                .unwrap_or_else(|| "default".into()),
             node_id: common.node_id.clone().or(file.node_id),
             region,
-            log_level: common.log_level.clone().or(file.log_level).unwrap_or_else(|| "info".into()),
+            log_level: common
+                .log_level
+                .clone()
+                .or(file.log_level)
+                .unwrap_or_else(|| "info".into()),
             log_format,
             legacy_responses,
-            session_ttl_secs: common.session_ttl.or(file.session_ttl).unwrap_or(86_400).max(1),
-            listen: serve.and_then(|s| s.listen.clone()).or(file.listen).unwrap_or_else(|| "127.0.0.1:8080".into()),
+            session_ttl_secs: common
+                .session_ttl
+                .or(file.session_ttl)
+                .unwrap_or(86_400)
+                .max(1),
+            listen: serve
+                .and_then(|s| s.listen.clone())
+                .or(file.listen)
+                .unwrap_or_else(|| "127.0.0.1:8080".into()),
             allowed_hosts: serve
                 .and_then(|s| s.allowed_hosts.clone())
                 .or(file.allowed_hosts)

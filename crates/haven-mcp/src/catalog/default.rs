@@ -10,8 +10,8 @@ use haven_state::{Batch, Expect, StoreError};
 use rmcp::model::{
     CallToolResult, CompleteRequestParams, CompleteResult, CompletionInfo, ContentBlock, ErrorData,
     GetPromptResult, Implementation, JsonObject, PromptArgument, PromptMessage, PromptsCapability,
-    ReadResourceResult, Reference, Resource, ResourceContents, ResourceTemplate, ResourcesCapability,
-    Role, ServerCapabilities, Tool, ToolAnnotations, ToolsCapability,
+    ReadResourceResult, Reference, Resource, ResourceContents, ResourceTemplate,
+    ResourcesCapability, Role, ServerCapabilities, Tool, ToolAnnotations, ToolsCapability,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -52,7 +52,9 @@ impl Default for DefaultCatalog {
 }
 
 fn annotations(read_only: bool, idempotent: bool) -> ToolAnnotations {
-    ToolAnnotations::new().read_only(read_only).idempotent(idempotent)
+    ToolAnnotations::new()
+        .read_only(read_only)
+        .idempotent(idempotent)
 }
 
 impl DefaultCatalog {
@@ -137,21 +139,34 @@ fn note_name(args: &JsonObject) -> Result<&str, ErrorData> {
 }
 
 fn store_failure(e: StoreError) -> ErrorData {
-    internal(format!("The note store is unavailable, nothing was changed: {e}"))
+    internal(format!(
+        "The note store is unavailable, nothing was changed: {e}"
+    ))
 }
 
 async fn load_note(ctx: &Ctx, name: &str) -> Result<Option<Note>, ErrorData> {
-    let Some(r) = ctx.store().get(NOTES_NS, name).await.map_err(store_failure)? else {
+    let Some(r) = ctx
+        .store()
+        .get(NOTES_NS, name)
+        .await
+        .map_err(store_failure)?
+    else {
         return Ok(None);
     };
-    serde_json::from_slice(r.value()).map(Some).map_err(|e| internal(format!("Corrupt note {name}: {e}")))
+    serde_json::from_slice(r.value())
+        .map(Some)
+        .map_err(|e| internal(format!("Corrupt note {name}: {e}")))
 }
 
 async fn list_notes(ctx: &Ctx) -> Result<Vec<(String, Note)>, ErrorData> {
     let mut out = Vec::new();
     let mut after: Option<String> = None;
     loop {
-        let page = ctx.store().scan(NOTES_NS, "", after.as_deref(), 500).await.map_err(store_failure)?;
+        let page = ctx
+            .store()
+            .scan(NOTES_NS, "", after.as_deref(), 500)
+            .await
+            .map_err(store_failure)?;
         for r in &page.records {
             if let Ok(n) = serde_json::from_slice::<Note>(r.value()) {
                 out.push((r.record.key.clone(), n));
@@ -198,7 +213,10 @@ fn percent_decode(s: &str) -> Option<String> {
 }
 
 async fn announce_note(ctx: &Ctx, name: &str) {
-    for a in [Announcement::ResourceUpdated(note_uri(name)), Announcement::ResourcesChanged] {
+    for a in [
+        Announcement::ResourceUpdated(note_uri(name)),
+        Announcement::ResourcesChanged,
+    ] {
         if let Err(e) = ctx.announce(a).await {
             tracing::warn!(error = %e, "announcing a note change failed");
         }
@@ -236,7 +254,11 @@ impl Catalog for DefaultCatalog {
     }
 
     fn task_support(&self, tool: &str) -> TaskSupport {
-        if tool == "sleep" { TaskSupport::Optional } else { TaskSupport::Forbidden }
+        if tool == "sleep" {
+            TaskSupport::Optional
+        } else {
+            TaskSupport::Forbidden
+        }
     }
 
     async fn call_tool(
@@ -259,11 +281,19 @@ impl Catalog for DefaultCatalog {
                 let name = note_name(&args)?;
                 let text = str_arg(&args, "text")?;
                 if text.len() > MAX_TEXT {
-                    return Err(invalid_params(format!("Invalid arguments: 'text' is longer than {MAX_TEXT} bytes")));
+                    return Err(invalid_params(format!(
+                        "Invalid arguments: 'text' is longer than {MAX_TEXT} bytes"
+                    )));
                 }
-                let note = Note { text: text.to_owned(), updated_millis: ctx.store().clock().wall_millis() };
+                let note = Note {
+                    text: text.to_owned(),
+                    updated_millis: ctx.store().clock().wall_millis(),
+                };
                 let value = serde_json::to_vec(&note).expect("notes serialize");
-                ctx.store().commit(Batch::new().put(NOTES_NS, name, value)).await.map_err(store_failure)?;
+                ctx.store()
+                    .commit(Batch::new().put(NOTES_NS, name, value))
+                    .await
+                    .map_err(store_failure)?;
                 announce_note(ctx, name).await;
                 text_result(format!("Saved note {name}"))
             }
@@ -279,7 +309,11 @@ impl Catalog for DefaultCatalog {
                 let text = if notes.is_empty() {
                     "No notes.".to_owned()
                 } else {
-                    notes.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join("\n")
+                    notes
+                        .iter()
+                        .map(|(n, _)| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join("\n")
                 };
                 let mut r = text_result(text);
                 r.structured_content = Some(json!({
@@ -295,19 +329,36 @@ impl Catalog for DefaultCatalog {
                 let name = note_name(&args)?;
                 let deleted = ctx
                     .store()
-                    .commit(Batch::new().delete_if(NOTES_NS, name, Expect::Revision(
-                        match ctx.store().get(NOTES_NS, name).await.map_err(store_failure)? {
-                            Some(r) => r.revision,
-                            None => return Ok(Step::Done(error_result(format!("No note named {name}")))),
-                        },
-                    )))
+                    .commit(
+                        Batch::new().delete_if(
+                            NOTES_NS,
+                            name,
+                            Expect::Revision(
+                                match ctx
+                                    .store()
+                                    .get(NOTES_NS, name)
+                                    .await
+                                    .map_err(store_failure)?
+                                {
+                                    Some(r) => r.revision,
+                                    None => {
+                                        return Ok(Step::Done(error_result(format!(
+                                            "No note named {name}"
+                                        ))));
+                                    }
+                                },
+                            ),
+                        ),
+                    )
                     .await;
                 match deleted {
                     Ok(_) => {
                         announce_note(ctx, name).await;
                         text_result(format!("Deleted note {name}"))
                     }
-                    Err(StoreError::Conflict { .. }) => error_result(format!("Note {name} changed while it was being deleted; try again")),
+                    Err(StoreError::Conflict { .. }) => error_result(format!(
+                        "Note {name} changed while it was being deleted; try again"
+                    )),
                     Err(e) => return Err(store_failure(e)),
                 }
             }
@@ -321,7 +372,11 @@ impl Catalog for DefaultCatalog {
                     ctx.become_task().await?;
                 }
                 let total = seconds.ceil() as u64;
-                ctx.progress(0.0, Some(seconds), Some(format!("Sleeping {seconds} seconds")));
+                ctx.progress(
+                    0.0,
+                    Some(seconds),
+                    Some(format!("Sleeping {seconds} seconds")),
+                );
                 let started = tokio::time::Instant::now();
                 for step in 1..=total {
                     let until = started + Duration::from_secs_f64((step as f64).min(seconds));
@@ -332,7 +387,11 @@ impl Catalog for DefaultCatalog {
                         }
                     }
                     let done = (step as f64).min(seconds);
-                    ctx.progress(done, Some(seconds), Some(format!("Slept {done} of {seconds} seconds")));
+                    ctx.progress(
+                        done,
+                        Some(seconds),
+                        Some(format!("Slept {done} of {seconds} seconds")),
+                    );
                 }
                 text_result(format!("Slept {seconds} seconds"))
             }
@@ -362,7 +421,12 @@ impl Catalog for DefaultCatalog {
         ])
     }
 
-    async fn read_resource(&self, ctx: &Ctx, uri: &str, _round: Round) -> Result<Step<ReadResourceResult>, ErrorData> {
+    async fn read_resource(
+        &self,
+        ctx: &Ctx,
+        uri: &str,
+        _round: Round,
+    ) -> Result<Step<ReadResourceResult>, ErrorData> {
         let Some(name) = uri.strip_prefix(NOTE_SCHEME).and_then(percent_decode) else {
             return Err(super::resource_not_found(uri));
         };
@@ -378,11 +442,21 @@ impl Catalog for DefaultCatalog {
         Ok(vec![rmcp::model::Prompt::new(
             "discuss_note",
             Some("Starts a conversation about a saved note, with the note embedded."),
-            Some(vec![PromptArgument::new("name").with_description("Name of the note").with_required(true)]),
+            Some(vec![
+                PromptArgument::new("name")
+                    .with_description("Name of the note")
+                    .with_required(true),
+            ]),
         )])
     }
 
-    async fn get_prompt(&self, ctx: &Ctx, name: &str, args: JsonObject, _round: Round) -> Result<Step<GetPromptResult>, ErrorData> {
+    async fn get_prompt(
+        &self,
+        ctx: &Ctx,
+        name: &str,
+        args: JsonObject,
+        _round: Round,
+    ) -> Result<Step<GetPromptResult>, ErrorData> {
         if name != "discuss_note" {
             return Err(invalid_params(format!("Unknown prompt: {name}")));
         }
@@ -392,12 +466,21 @@ impl Catalog for DefaultCatalog {
         };
         let uri = note_uri(note);
         Ok(Step::Done(GetPromptResult::new(vec![
-            PromptMessage::new(Role::User, ContentBlock::resource(ResourceContents::text(n.text, uri).with_mime_type("text/plain"))),
+            PromptMessage::new(
+                Role::User,
+                ContentBlock::resource(
+                    ResourceContents::text(n.text, uri).with_mime_type("text/plain"),
+                ),
+            ),
             PromptMessage::new_text(Role::User, format!("Let's discuss the note {note} above.")),
         ])))
     }
 
-    async fn complete(&self, ctx: &Ctx, params: CompleteRequestParams) -> Result<CompleteResult, ErrorData> {
+    async fn complete(
+        &self,
+        ctx: &Ctx,
+        params: CompleteRequestParams,
+    ) -> Result<CompleteResult, ErrorData> {
         let wants_note = match &params.r#ref {
             Reference::Prompt(p) => p.name == "discuss_note",
             Reference::Resource(r) => r.uri == "note://{name}",

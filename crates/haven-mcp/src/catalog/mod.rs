@@ -36,7 +36,10 @@ pub struct InputRequest {
 impl InputRequest {
     /// A request for `method` with `params`.
     pub fn new(method: &str, params: Value) -> InputRequest {
-        InputRequest { method: method.to_owned(), params: Some(params) }
+        InputRequest {
+            method: method.to_owned(),
+            params: Some(params),
+        }
     }
 
     /// The client capability the request needs.
@@ -177,7 +180,9 @@ pub trait Catalog: Send + Sync + 'static {
         _arguments: JsonObject,
         _round: Round,
     ) -> Result<Step<GetPromptResult>, ErrorData> {
-        Err(crate::jsonrpc::invalid_params(format!("Unknown prompt: {name}")))
+        Err(crate::jsonrpc::invalid_params(format!(
+            "Unknown prompt: {name}"
+        )))
     }
 
     /// Completes an argument value.
@@ -219,7 +224,11 @@ pub fn check_arguments(tool: &Tool, args: &JsonObject) -> Result<(), ErrorData> 
     }
     if let Some(props) = schema.get("properties").and_then(Value::as_object) {
         for (k, v) in args {
-            let Some(ty) = props.get(k).and_then(|p| p.get("type")).and_then(Value::as_str) else {
+            let Some(ty) = props
+                .get(k)
+                .and_then(|p| p.get("type"))
+                .and_then(Value::as_str)
+            else {
                 continue;
             };
             let ok = match ty {

@@ -51,7 +51,10 @@ impl Call {
 
 /// Methods whose handler may send items before the final response (and so may need a stream).
 pub(crate) fn may_stream(method: &str) -> bool {
-    matches!(method, "tools/call" | "prompts/get" | "resources/read" | "tasks/result")
+    matches!(
+        method,
+        "tools/call" | "prompts/get" | "resources/read" | "tasks/result"
+    )
 }
 
 /// Runs `call` to completion, sending its items and then its final response to `out`.
@@ -164,15 +167,16 @@ async fn dispatch(
             })
         }
         "prompts/get" => prompts_get(inner, call, ctx, out, cancel).await,
-        "completion/complete" => match jsonrpc::typed_params::<CompleteRequestParams>(&call.method, p)
-        {
-            Ok(params) => inner
-                .catalog
-                .complete(&ctx, params)
-                .await
-                .map(|r| finish(inner, &call.era, ServerResult::CompleteResult(r))),
-            Err(e) => Err(e),
-        },
+        "completion/complete" => {
+            match jsonrpc::typed_params::<CompleteRequestParams>(&call.method, p) {
+                Ok(params) => inner
+                    .catalog
+                    .complete(&ctx, params)
+                    .await
+                    .map(|r| finish(inner, &call.era, ServerResult::CompleteResult(r))),
+                Err(e) => Err(e),
+            }
+        }
         "tasks/get" => tasks::get(inner, call).await,
         "tasks/cancel" => tasks::cancel(inner, call).await,
         "tasks/update" if stateless => tasks::update_request(inner, call).await,
@@ -233,8 +237,9 @@ pub(crate) fn paginate<T>(
 ) -> Result<(Vec<T>, Option<String>), ErrorData> {
     let offset = match params.and_then(|p| p.get("cursor")) {
         None | Some(Value::Null) => 0,
-        Some(Value::String(c)) => decode_cursor(c)
-            .ok_or_else(|| invalid_params(format!("Invalid cursor: {c}")))?,
+        Some(Value::String(c)) => {
+            decode_cursor(c).ok_or_else(|| invalid_params(format!("Invalid cursor: {c}")))?
+        }
         Some(_) => return Err(invalid_params("Invalid cursor: must be a string")),
     };
     if offset > all.len() {
@@ -251,11 +256,21 @@ fn encode_cursor(offset: usize) -> String {
 }
 
 fn decode_cursor(c: &str) -> Option<usize> {
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(c).ok()?;
-    String::from_utf8(raw).ok()?.strip_prefix(CURSOR_PREFIX)?.parse().ok()
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(c)
+        .ok()?;
+    String::from_utf8(raw)
+        .ok()?
+        .strip_prefix(CURSOR_PREFIX)?
+        .parse()
+        .ok()
 }
 
-async fn list_tools(inner: &Arc<Inner>, call: &Call, ctx: &RequestContext) -> Result<Value, ErrorData> {
+async fn list_tools(
+    inner: &Arc<Inner>,
+    call: &Call,
+    ctx: &RequestContext,
+) -> Result<Value, ErrorData> {
     let (tools, _) = inner.tool_index(ctx).await?;
     let (page, next) = paginate(inner, Some(&call.params), tools.as_ref().clone())?;
     let names: Vec<String> = page.iter().map(|t| t.name.to_string()).collect();
@@ -273,13 +288,13 @@ async fn list_tools(inner: &Arc<Inner>, call: &Call, ctx: &RequestContext) -> Re
     );
     // The 2025-11-25 experimental tasks declare task support per tool (`execution`), a field
     // rmcp's Tool does not model.
-    if legacy_tasks(&call.era) {
-        if let Some(list) = v.get_mut("tools").and_then(Value::as_array_mut) {
-            for (tool, name) in list.iter_mut().zip(names) {
-                let support = inner.catalog.task_support(&name);
-                if support != TaskSupport::Forbidden {
-                    tool["execution"] = serde_json::json!({ "taskSupport": support.as_str() });
-                }
+    if legacy_tasks(&call.era)
+        && let Some(list) = v.get_mut("tools").and_then(Value::as_array_mut)
+    {
+        for (tool, name) in list.iter_mut().zip(names) {
+            let support = inner.catalog.task_support(&name);
+            if support != TaskSupport::Forbidden {
+                tool["execution"] = serde_json::json!({ "taskSupport": support.as_str() });
             }
         }
     }
@@ -295,9 +310,12 @@ async fn set_level(inner: &Arc<Inner>, call: &Call) -> Result<Value, ErrorData> 
     let params: rmcp::model::SetLevelRequestParams =
         jsonrpc::typed_params(&call.method, Some(&call.params))?;
     let session = call.era.session().unwrap_or_default();
-    session::update(&*inner.store, session, inner.config.session_ttl.as_millis() as u64, |s| {
-        s.log_level = Some(params.level)
-    })
+    session::update(
+        &*inner.store,
+        session,
+        inner.config.session_ttl.as_millis() as u64,
+        |s| s.log_level = Some(params.level),
+    )
     .await
     .map_err(store_error)?;
     Ok(serde_json::json!({}))
@@ -311,12 +329,17 @@ async fn subscribe(inner: &Arc<Inner>, call: &Call, on: bool) -> Result<Value, E
         .ok_or_else(|| invalid_params("Invalid params: uri (string) is required"))?
         .to_owned();
     let session = call.era.session().unwrap_or_default();
-    session::update(&*inner.store, session, inner.config.session_ttl.as_millis() as u64, |s| {
-        s.subscriptions.retain(|u| u != &uri);
-        if on {
-            s.subscriptions.push(uri.clone());
-        }
-    })
+    session::update(
+        &*inner.store,
+        session,
+        inner.config.session_ttl.as_millis() as u64,
+        |s| {
+            s.subscriptions.retain(|u| u != &uri);
+            if on {
+                s.subscriptions.push(uri.clone());
+            }
+        },
+    )
     .await
     .map_err(store_error)?;
     Ok(serde_json::json!({}))
@@ -329,10 +352,11 @@ async fn tools_call(
     out: &Outbox,
     cancel: &CancellationToken,
 ) -> Outcome {
-    let params: CallToolRequestParams = match jsonrpc::typed_params(&call.method, Some(&call.params)) {
-        Ok(p) => p,
-        Err(e) => return Outcome::Error(e),
-    };
+    let params: CallToolRequestParams =
+        match jsonrpc::typed_params(&call.method, Some(&call.params)) {
+            Ok(p) => p,
+            Err(e) => return Outcome::Error(e),
+        };
     let name = params.name.to_string();
     let arguments = params.arguments.clone().unwrap_or_default();
     let (tools, index) = match inner.tool_index(&ctx).await {
@@ -346,7 +370,11 @@ async fn tools_call(
         return Outcome::Error(e);
     }
     let support = inner.catalog.task_support(&name);
-    let idempotent = tool.annotations.as_ref().and_then(|a| a.idempotent_hint).unwrap_or(false);
+    let idempotent = tool
+        .annotations
+        .as_ref()
+        .and_then(|a| a.idempotent_hint)
+        .unwrap_or(false);
 
     // The 2025-11-25 experimental form: the client asks for a task.
     if legacy_tasks(&call.era) {
@@ -368,7 +396,14 @@ async fn tools_call(
             (Some(task), _) => {
                 let requested_ttl = task.get("ttl").and_then(Value::as_u64);
                 return tasks::start_client_task(
-                    inner, call, ctx, out, name, arguments, requested_ttl, idempotent,
+                    inner,
+                    call,
+                    ctx,
+                    out,
+                    name,
+                    arguments,
+                    requested_ttl,
+                    idempotent,
                 )
                 .await;
             }
@@ -380,7 +415,13 @@ async fn tools_call(
         return Outcome::Error(tasks::tasks_capability_required());
     }
 
-    let round = match mrtr::first_round(inner, call, &name, params.input_responses, params.request_state.as_deref()) {
+    let round = match mrtr::first_round(
+        inner,
+        call,
+        &name,
+        params.input_responses,
+        params.request_state.as_deref(),
+    ) {
         Ok(r) => r,
         Err(e) => return Outcome::Error(e),
     };
@@ -403,9 +444,11 @@ async fn tools_call(
     };
     let driven = mrtr::drive(inner, call, &ctx, out, cancel, &name, round, &hook, step_fn).await;
     match driven {
-        Driven::Done(result) => {
-            Outcome::Result(finish(inner, &call.era, ServerResult::CallToolResult(result)))
-        }
+        Driven::Done(result) => Outcome::Result(finish(
+            inner,
+            &call.era,
+            ServerResult::CallToolResult(result),
+        )),
         Driven::InputRequired(v) => Outcome::Result(v),
         Driven::Error(e) => Outcome::Error(e),
         Driven::Promoted(step) => {
@@ -422,9 +465,16 @@ async fn resources_read(
     out: &Outbox,
     cancel: &CancellationToken,
 ) -> Result<Value, ErrorData> {
-    let params: ReadResourceRequestParams = jsonrpc::typed_params(&call.method, Some(&call.params))?;
+    let params: ReadResourceRequestParams =
+        jsonrpc::typed_params(&call.method, Some(&call.params))?;
     let uri = params.uri.clone();
-    let round = mrtr::first_round(inner, call, &uri, params.input_responses, params.request_state.as_deref())?;
+    let round = mrtr::first_round(
+        inner,
+        call,
+        &uri,
+        params.input_responses,
+        params.request_state.as_deref(),
+    )?;
     let catalog = inner.catalog.clone();
     let step_fn = |ctx: RequestContext, round: Round| {
         let catalog = catalog.clone();
@@ -433,7 +483,11 @@ async fn resources_read(
     };
     let hook = tasks::Promoter::disabled();
     match mrtr::drive(inner, call, &ctx, out, cancel, &uri, round, &hook, step_fn).await {
-        Driven::Done(r) => Ok(finish(inner, &call.era, ServerResult::ReadResourceResult(r))),
+        Driven::Done(r) => Ok(finish(
+            inner,
+            &call.era,
+            ServerResult::ReadResourceResult(r),
+        )),
         Driven::InputRequired(v) => Ok(v),
         Driven::Error(mut e) => {
             // SEP-2164: the stateless era reports a missing resource as invalid params.
@@ -456,7 +510,13 @@ async fn prompts_get(
     let params: GetPromptRequestParams = jsonrpc::typed_params(&call.method, Some(&call.params))?;
     let name = params.name.clone();
     let arguments = params.arguments.clone().unwrap_or_default();
-    let round = mrtr::first_round(inner, call, &name, params.input_responses, params.request_state.as_deref())?;
+    let round = mrtr::first_round(
+        inner,
+        call,
+        &name,
+        params.input_responses,
+        params.request_state.as_deref(),
+    )?;
     let catalog = inner.catalog.clone();
     let step_fn = |ctx: RequestContext, round: Round| {
         let catalog = catalog.clone();

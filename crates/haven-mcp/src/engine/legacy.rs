@@ -12,7 +12,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::dispatch::{self, Call, may_stream};
 use super::mrtr::{id_json, store_reply};
-use super::{Inner, LATEST_LEGACY, LEGACY_VERSIONS, LegacyResponses, Reply, SseFrame, is_legacy_version, transport_error};
+use super::{
+    Inner, LATEST_LEGACY, LEGACY_VERSIONS, LegacyResponses, Reply, SseFrame, is_legacy_version,
+    transport_error,
+};
 use crate::catalog::Caller;
 use crate::context::{ANNOUNCE_NS, Announcement, Era, Item};
 use crate::hub::Topic;
@@ -42,12 +45,20 @@ pub struct LegacyPost {
 }
 
 fn session_not_found() -> Reply {
-    transport_error(404, -32001, "Session not found: it ended or never existed; send initialize to start a new one")
+    transport_error(
+        404,
+        -32001,
+        "Session not found: it ended or never existed; send initialize to start a new one",
+    )
 }
 
 fn unavailable(e: haven_state::StoreError) -> Reply {
     tracing::warn!(error = %e, "store unavailable");
-    transport_error(503, -32603, "The server's storage is unavailable; retry shortly")
+    transport_error(
+        503,
+        -32603,
+        "The server's storage is unavailable; retry shortly",
+    )
 }
 
 /// Checks the session headers of a non-initialize request.
@@ -63,14 +74,17 @@ async fn open_session(
             "Bad Request: the Mcp-Session-Id header is required; send initialize first",
         ));
     };
-    if let Some(v) = protocol_version {
-        if !is_legacy_version(v) {
-            return Err(transport_error(
-                400,
-                -32000,
-                &format!("Bad Request: unsupported MCP-Protocol-Version {v}; supported: {}", LEGACY_VERSIONS.join(", ")),
-            ));
-        }
+    if let Some(v) = protocol_version
+        && !is_legacy_version(v)
+    {
+        return Err(transport_error(
+            400,
+            -32000,
+            &format!(
+                "Bad Request: unsupported MCP-Protocol-Version {v}; supported: {}",
+                LEGACY_VERSIONS.join(", ")
+            ),
+        ));
     }
     match session::load(&*inner.store, sid).await {
         Ok(Some(s)) => Ok(s),
@@ -80,23 +94,24 @@ async fn open_session(
 }
 
 pub(super) async fn post(inner: &Arc<Inner>, p: LegacyPost) -> Reply {
-    if let Incoming::Request(req) = &p.message {
-        if req.method == "initialize" {
-            return initialize(inner, req).await;
-        }
+    if let Incoming::Request(req) = &p.message
+        && req.method == "initialize"
+    {
+        return initialize(inner, req).await;
     }
-    let loaded = match open_session(inner, p.session.as_deref(), p.protocol_version.as_deref()).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+    let loaded =
+        match open_session(inner, p.session.as_deref(), p.protocol_version.as_deref()).await {
+            Ok(s) => s,
+            Err(r) => return r,
+        };
     let sid = loaded.record.id.clone();
     match p.message {
         Incoming::Request(req) => request(inner, loaded, req, p.accepts_json, p.accepts_sse).await,
         Incoming::Notification { method, params } => {
-            if method == "notifications/cancelled" {
-                if let Some(id) = params.as_ref().and_then(|p| p.get("requestId")) {
-                    cancel_request(inner, &sid, id).await;
-                }
+            if method == "notifications/cancelled"
+                && let Some(id) = params.as_ref().and_then(|p| p.get("requestId"))
+            {
+                cancel_request(inner, &sid, id).await;
             }
             Reply::Accepted
         }
@@ -107,10 +122,11 @@ pub(super) async fn post(inner: &Arc<Inner>, p: LegacyPost) -> Reply {
             }
         }
         Incoming::Error { id, error } => {
-            if let Some(id) = id {
-                if let Err(e) = store_reply(inner, &sid, &id, serde_json::json!({ "error": error })).await {
-                    return unavailable(e);
-                }
+            if let Some(id) = id
+                && let Err(e) =
+                    store_reply(inner, &sid, &id, serde_json::json!({ "error": error })).await
+            {
+                return unavailable(e);
             }
             Reply::Accepted
         }
@@ -126,19 +142,27 @@ async fn cancel_request(inner: &Arc<Inner>, session: &str, id: &Value) {
     if let Some(token) = inner.running.lock().get(&key) {
         token.cancel();
     }
-    let r = inner.store.commit(haven_state::Batch::new().put_ttl(CANCELS_NS, &key, Vec::new(), 3_600_000)).await;
+    let r = inner
+        .store
+        .commit(haven_state::Batch::new().put_ttl(CANCELS_NS, &key, Vec::new(), 3_600_000))
+        .await;
     if let Err(e) = r {
         tracing::warn!(error = %e, "recording a cancellation failed");
     }
 }
 
 async fn initialize(inner: &Arc<Inner>, req: &IncomingRequest) -> Reply {
-    let params: InitializeRequestParams = match jsonrpc::typed_params(&req.method, req.params.as_ref()) {
-        Ok(p) => p,
-        Err(e) => return Reply::error(400, Some(&req.id), &e),
-    };
+    let params: InitializeRequestParams =
+        match jsonrpc::typed_params(&req.method, req.params.as_ref()) {
+            Ok(p) => p,
+            Err(e) => return Reply::error(400, Some(&req.id), &e),
+        };
     let requested = params.protocol_version.as_str();
-    let version = if LEGACY_VERSIONS.contains(&requested) { requested } else { LATEST_LEGACY };
+    let version = if LEGACY_VERSIONS.contains(&requested) {
+        requested
+    } else {
+        LATEST_LEGACY
+    };
     let now = inner.store.clock().wall_millis();
     let record = SessionRecord {
         id: session::new_session_id(),
@@ -149,7 +173,13 @@ async fn initialize(inner: &Arc<Inner>, req: &IncomingRequest) -> Reply {
         subscriptions: Vec::new(),
         created_millis: now,
     };
-    if let Err(e) = session::create(&*inner.store, &record, inner.config.session_ttl.as_millis() as u64).await {
+    if let Err(e) = session::create(
+        &*inner.store,
+        &record,
+        inner.config.session_ttl.as_millis() as u64,
+    )
+    .await
+    {
         return Reply::error(503, Some(&req.id), &super::store_error(e));
     }
     let mut capabilities = inner.info.capabilities.clone();
@@ -166,7 +196,11 @@ async fn initialize(inner: &Arc<Inner>, req: &IncomingRequest) -> Reply {
             "list": {}, "cancel": {}, "requests": { "tools": { "call": {} } }
         });
     }
-    Reply::Json { status: 200, body: jsonrpc::response(&req.id, &v), session: Some(record.id) }
+    Reply::Json {
+        status: 200,
+        body: jsonrpc::response(&req.id, &v),
+        session: Some(record.id),
+    }
 }
 
 fn caller_of(s: &SessionRecord) -> Caller {
@@ -189,7 +223,10 @@ async fn request(
         id: req.id.clone(),
         method: req.method.clone(),
         params: req.params.clone().unwrap_or_default(),
-        era: Era::Legacy { session: s.id.clone(), protocol_version: s.protocol_version.clone() },
+        era: Era::Legacy {
+            session: s.id.clone(),
+            protocol_version: s.protocol_version.clone(),
+        },
         caller: caller_of(s),
     };
     let (tx, rx) = mpsc::unbounded_channel();
@@ -239,29 +276,49 @@ async fn deliver(
         // be delivered, so the handler is cancelled if it tries.
         while let Some(item) = rx.recv().await {
             match item {
-                Item::Final(json) => return Reply::Json { status: 200, body: json, session: None },
+                Item::Final(json) => {
+                    return Reply::Json {
+                        status: 200,
+                        body: json,
+                        session: None,
+                    };
+                }
                 Item::Request(_) => cancel.cancel(),
                 _ => {}
             }
         }
-        return Reply::error(500, Some(&call.id), &jsonrpc::internal("the request ended without a response"));
+        return Reply::error(
+            500,
+            Some(&call.id),
+            &jsonrpc::internal("the request ended without a response"),
+        );
     }
-    let force_stream = !accepts_json || (streamable && inner.config.legacy_responses == LegacyResponses::Sse);
+    let force_stream =
+        !accepts_json || (streamable && inner.config.legacy_responses == LegacyResponses::Sse);
     let mut first = Vec::new();
     if !force_stream {
         let next = if streamable {
-            match tokio::time::timeout(inner.config.stream_after, rx.recv()).await {
-                Ok(item) => Some(item),
-                Err(_) => None,
-            }
+            tokio::time::timeout(inner.config.stream_after, rx.recv())
+                .await
+                .ok()
         } else {
             Some(rx.recv().await)
         };
         match next {
-            Some(Some(Item::Final(json))) => return Reply::Json { status: 200, body: json, session: None },
+            Some(Some(Item::Final(json))) => {
+                return Reply::Json {
+                    status: 200,
+                    body: json,
+                    session: None,
+                };
+            }
             Some(Some(item)) => first.push(item),
             Some(None) => {
-                return Reply::error(500, Some(&call.id), &jsonrpc::internal("the request ended without a response"));
+                return Reply::error(
+                    500,
+                    Some(&call.id),
+                    &jsonrpc::internal("the request ended without a response"),
+                );
             }
             None => {}
         }
@@ -347,10 +404,25 @@ async fn open_stream(
     for f in frames_for(&stream_id, first_index, &events[..visible]) {
         let _ = live_tx.send(f);
     }
-    let live = if finished || close_at.is_some() { None } else { Some(live_tx) };
+    let live = if finished || close_at.is_some() {
+        None
+    } else {
+        Some(live_tx)
+    };
     if !finished {
-        let cancel_rx = inner.hub.subscribe(Topic::key(CANCELS_NS, &Inner::running_key(&session, &call.id)));
-        tokio::spawn(pump(inner.clone(), session, stream_id, rx, live, cancel, cancel_rx));
+        let cancel_rx = inner.hub.subscribe(Topic::key(
+            CANCELS_NS,
+            &Inner::running_key(&session, &call.id),
+        ));
+        tokio::spawn(pump(
+            inner.clone(),
+            session,
+            stream_id,
+            rx,
+            live,
+            cancel,
+            cancel_rx,
+        ));
     }
     Reply::Stream(keep_alive(live_rx, inner.config.keep_alive))
 }
@@ -408,7 +480,12 @@ async fn pump(
 
 /// Appends events, retrying while the store is unavailable (bounded): a stream whose events
 /// cannot be stored is still sent to a connected client, and the failure is logged.
-async fn append_retrying(inner: &Inner, session: &str, stream_id: &str, events: &[(String, bool)]) -> Option<u64> {
+async fn append_retrying(
+    inner: &Inner,
+    session: &str,
+    stream_id: &str,
+    events: &[(String, bool)],
+) -> Option<u64> {
     let mut delay = Duration::from_millis(20);
     for _ in 0..8 {
         match stream::append(&*inner.store, session, stream_id, events).await {
@@ -424,7 +501,11 @@ async fn append_retrying(inner: &Inner, session: &str, stream_id: &str, events: 
             }
         }
     }
-    tracing::error!(session, stream = stream_id, "storing stream events failed repeatedly; events were not stored");
+    tracing::error!(
+        session,
+        stream = stream_id,
+        "storing stream events failed repeatedly; events were not stored"
+    );
     None
 }
 
@@ -462,7 +543,13 @@ pub(super) async fn get(
 async fn resume(inner: &Arc<Inner>, loaded: LoadedSession, last_event_id: &str) -> Reply {
     let sid = loaded.record.id.clone();
     let Some((stream_id, after)) = stream::parse_event_id(last_event_id) else {
-        return transport_error(400, -32000, &format!("Bad Request: Last-Event-ID {last_event_id:?} is not an event id of this server"));
+        return transport_error(
+            400,
+            -32000,
+            &format!(
+                "Bad Request: Last-Event-ID {last_event_id:?} is not an event id of this server"
+            ),
+        );
     };
     let stream_id = stream_id.to_owned();
     let inflight = match stream::inflight(&*inner.store, &sid, &stream_id).await {
@@ -474,7 +561,13 @@ async fn resume(inner: &Arc<Inner>, loaded: LoadedSession, last_event_id: &str) 
         Err(e) => return unavailable(e),
     };
     if inflight.is_none() && any.is_empty() {
-        return transport_error(400, -32000, &format!("Bad Request: Last-Event-ID {last_event_id:?} names no stream of this session"));
+        return transport_error(
+            400,
+            -32000,
+            &format!(
+                "Bad Request: Last-Event-ID {last_event_id:?} names no stream of this session"
+            ),
+        );
     }
     if inflight.as_ref().is_some_and(|r| r.method == STANDALONE) {
         return standalone(inner, loaded, Some((stream_id, after))).await;
@@ -497,17 +590,22 @@ async fn follow(
     let mut rx = inner.hub.subscribe(Topic::Stream(key));
     let mut ses_rx = inner.hub.subscribe(Topic::key(SESSIONS_NS, &session));
     loop {
-        let events: Vec<StoredEvent> = match stream::read(&*inner.store, &session, &stream_id, after, 256).await {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading stream events failed");
-                return;
-            }
-        };
+        let events: Vec<StoredEvent> =
+            match stream::read(&*inner.store, &session, &stream_id, after, 256).await {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading stream events failed");
+                    return;
+                }
+            };
         let n = events.len();
         for e in events {
             after = e.index;
-            let frame = SseFrame::Event { id: Some(stream::event_id(&stream_id, e.index)), retry: None, data: e.message };
+            let frame = SseFrame::Event {
+                id: Some(stream::event_id(&stream_id, e.index)),
+                retry: None,
+                data: e.message,
+            };
             if tx.send(frame).is_err() {
                 return;
             }
@@ -544,7 +642,11 @@ async fn follow(
 
 /// The standalone GET stream: notifications not tied to a request (list changes, resource
 /// updates), stored like every other stream so that it can be resumed.
-async fn standalone(inner: &Arc<Inner>, loaded: LoadedSession, resume: Option<(String, u64)>) -> Reply {
+async fn standalone(
+    inner: &Arc<Inner>,
+    loaded: LoadedSession,
+    resume: Option<(String, u64)>,
+) -> Reply {
     let sid = loaded.record.id.clone();
     let (tx, rx) = mpsc::unbounded_channel();
     let (stream_id, after) = match resume {
@@ -585,7 +687,10 @@ fn notification_for(a: &Announcement, subscriptions: &[String]) -> Option<String
             if !subscriptions.iter().any(|s| s == uri) {
                 return None;
             }
-            return Some(jsonrpc::notification("notifications/resources/updated", Some(serde_json::json!({ "uri": uri }))));
+            return Some(jsonrpc::notification(
+                "notifications/resources/updated",
+                Some(serde_json::json!({ "uri": uri })),
+            ));
         }
     };
     Some(jsonrpc::notification(method, None))
@@ -600,13 +705,17 @@ async fn produce_standalone(
 ) {
     let mut ann_rx = inner.hub.subscribe(Topic::Namespace(ANNOUNCE_NS.into()));
     let mut ses_rx = inner.hub.subscribe(Topic::key(SESSIONS_NS, &session));
-    if let Some(after) = after {
-        if let Ok(events) = stream::read(&*inner.store, &session, &stream_id, after, 10_000).await {
-            for e in events {
-                let frame = SseFrame::Event { id: Some(stream::event_id(&stream_id, e.index)), retry: None, data: e.message };
-                if tx.send(frame).is_err() {
-                    return;
-                }
+    if let Some(after) = after
+        && let Ok(events) = stream::read(&*inner.store, &session, &stream_id, after, 10_000).await
+    {
+        for e in events {
+            let frame = SseFrame::Event {
+                id: Some(stream::event_id(&stream_id, e.index)),
+                retry: None,
+                data: e.message,
+            };
+            if tx.send(frame).is_err() {
+                return;
             }
         }
     }
@@ -646,7 +755,11 @@ async fn produce_standalone(
 
 pub(super) async fn delete(inner: &Arc<Inner>, session: Option<&str>) -> Reply {
     let Some(sid) = session else {
-        return transport_error(400, -32000, "Bad Request: the Mcp-Session-Id header is required");
+        return transport_error(
+            400,
+            -32000,
+            "Bad Request: the Mcp-Session-Id header is required",
+        );
     };
     match session::end(&*inner.store, sid).await {
         Ok(true) => {

@@ -26,7 +26,9 @@ use crate::hub::{Hub, Topic};
 use crate::keyring::Keyring;
 
 pub use legacy::LegacyPost;
-pub use stateless::{StatelessHeaders, StatelessPost, decode_header_value, is_stateless, supported_versions};
+pub use stateless::{
+    StatelessHeaders, StatelessPost, decode_header_value, is_stateless, supported_versions,
+};
 
 /// Legacy protocol versions served with sessions, oldest first.
 pub const LEGACY_VERSIONS: &[&str] = &["2025-03-26", "2025-06-18", "2025-11-25"];
@@ -37,7 +39,8 @@ pub const STATELESS_VERSIONS: &[&str] = &["2026-07-28"];
 
 /// A protocol version value from its text.
 pub(crate) fn protocol_version(v: &str) -> rmcp::model::ProtocolVersion {
-    serde_json::from_value(serde_json::Value::String(v.to_owned())).expect("any string is a version")
+    serde_json::from_value(serde_json::Value::String(v.to_owned()))
+        .expect("any string is a version")
 }
 
 /// Whether `v` is a legacy (session) protocol version.
@@ -157,19 +160,30 @@ impl std::fmt::Debug for Reply {
 impl Reply {
     /// A JSON-RPC error body with an HTTP status.
     pub fn error(status: u16, id: Option<&RequestId>, error: &ErrorData) -> Reply {
-        Reply::Json { status, body: crate::jsonrpc::error_response(id, error), session: None }
+        Reply::Json {
+            status,
+            body: crate::jsonrpc::error_response(id, error),
+            session: None,
+        }
     }
 }
 
 /// Errors that are about the HTTP exchange rather than one JSON-RPC request.
 pub(crate) fn transport_error(status: u16, code: i32, message: &str) -> Reply {
-    Reply::error(status, None, &ErrorData::new(ErrorCode(code), message.to_owned(), None))
+    Reply::error(
+        status,
+        None,
+        &ErrorData::new(ErrorCode(code), message.to_owned(), None),
+    )
 }
+
+/// The catalog's tools and their positions by name.
+type ToolIndex = (Arc<Vec<Tool>>, Arc<HashMap<String, usize>>);
 
 /// Tools of the catalog, cached until the catalog announces a change.
 #[derive(Default)]
 struct ToolCache {
-    tools: Option<(Arc<Vec<Tool>>, Arc<HashMap<String, usize>>)>,
+    tools: Option<ToolIndex>,
 }
 
 pub(crate) struct Inner {
@@ -261,9 +275,16 @@ impl Engine {
 
     fn watch_announcements(&self) {
         let weak = Arc::downgrade(&self.inner);
-        let mut rx = self.inner.hub.subscribe(Topic::Namespace(ANNOUNCE_NS.into()));
+        let mut rx = self
+            .inner
+            .hub
+            .subscribe(Topic::Namespace(ANNOUNCE_NS.into()));
         tokio::spawn(async move {
-            while rx.recv().await.is_ok() || !rx.is_closed() {
+            loop {
+                match rx.recv().await {
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
                 let Some(inner) = weak.upgrade() else { break };
                 inner.tools.write().tools = None;
             }
@@ -272,7 +293,10 @@ impl Engine {
 
     fn watch_keys(&self) {
         let weak = Arc::downgrade(&self.inner);
-        let mut rx = self.inner.hub.subscribe(Topic::Namespace(crate::keyring::KEYS_NS.into()));
+        let mut rx = self
+            .inner
+            .hub
+            .subscribe(Topic::Namespace(crate::keyring::KEYS_NS.into()));
         tokio::spawn(async move {
             loop {
                 match rx.recv().await {
@@ -293,13 +317,16 @@ impl Inner {
     async fn tool_index(
         &self,
         ctx: &crate::context::RequestContext,
-    ) -> Result<(Arc<Vec<Tool>>, Arc<HashMap<String, usize>>), ErrorData> {
+    ) -> Result<ToolIndex, ErrorData> {
         if let Some(t) = self.tools.read().tools.clone() {
             return Ok(t);
         }
         let tools = self.catalog.tools(ctx).await?;
-        let index: HashMap<String, usize> =
-            tools.iter().enumerate().map(|(i, t)| (t.name.to_string(), i)).collect();
+        let index: HashMap<String, usize> = tools
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.to_string(), i))
+            .collect();
         let entry = (Arc::new(tools), Arc::new(index));
         self.tools.write().tools = Some(entry.clone());
         Ok(entry)
@@ -325,6 +352,10 @@ pub(crate) fn store_error(e: haven_state::StoreError) -> ErrorData {
                 None,
             )
         }
-        _ => ErrorData::new(ErrorCode::INTERNAL_ERROR, format!("Storage error: {e}"), None),
+        _ => ErrorData::new(
+            ErrorCode::INTERNAL_ERROR,
+            format!("Storage error: {e}"),
+            None,
+        ),
     }
 }

@@ -80,13 +80,16 @@ pub(crate) fn first_round(
 }
 
 /// The -32021 error for input requests the client cannot answer.
-fn missing_capabilities(requests: &BTreeMap<String, InputRequest>, ctx: &RequestContext) -> Option<ErrorData> {
+fn missing_capabilities(
+    requests: &BTreeMap<String, InputRequest>,
+    ctx: &RequestContext,
+) -> Option<ErrorData> {
     let mut missing = serde_json::Map::new();
     for r in requests.values() {
-        if let Some(cap) = r.required_capability() {
-            if !ctx.client_supports(cap) {
-                missing.insert(cap.to_owned(), serde_json::json!({}));
-            }
+        if let Some(cap) = r.required_capability()
+            && !ctx.client_supports(cap)
+        {
+            missing.insert(cap.to_owned(), serde_json::json!({}));
         }
     }
     (!missing.is_empty()).then(|| {
@@ -143,7 +146,11 @@ where
         let session = call.era.session().unwrap_or_default().to_owned();
         match ask_client(inner, &session, out, cancel, &requests, None).await {
             Ok(responses) => {
-                round = Round { input_responses: responses, state, number: round.number + 1 };
+                round = Round {
+                    input_responses: responses,
+                    state,
+                    number: round.number + 1,
+                };
             }
             Err(e) => return Driven::Error(e),
         }
@@ -159,17 +166,23 @@ fn input_required(
     requests: &BTreeMap<String, InputRequest>,
     state: Option<Value>,
 ) -> Result<Value, ErrorData> {
-    let codec =
-        inner.keyring.codec().ok_or_else(|| jsonrpc::internal("no request-state key is available"))?;
+    let codec = inner
+        .keyring
+        .codec()
+        .ok_or_else(|| jsonrpc::internal("no request-state key is available"))?;
     let binding = binding(call, name);
     let sealed = codec
         .seal_json_with(
             &SealedState { r: round, s: state },
-            &SealOptions::new().associated_data(&binding).ttl(inner.config.request_state_ttl),
+            &SealOptions::new()
+                .associated_data(&binding)
+                .ttl(inner.config.request_state_ttl),
         )
         .map_err(|e| jsonrpc::internal(format!("sealing request state failed: {e}")))?;
-    let input_requests: serde_json::Map<String, Value> =
-        requests.iter().map(|(k, r)| (k.clone(), r.to_json())).collect();
+    let input_requests: serde_json::Map<String, Value> = requests
+        .iter()
+        .map(|(k, r)| (k.clone(), r.to_json()))
+        .collect();
     Ok(serde_json::json!({
         "resultType": "input_required",
         "inputRequests": input_requests,
@@ -203,7 +216,10 @@ pub(crate) async fn ask_client(
             meta["io.modelcontextprotocol/related-task"] = serde_json::json!({ "taskId": task });
         }
         let params = (req.params.is_some() || related_task.is_some()).then_some(params);
-        if out.send(Item::Request(jsonrpc::request(&id, &req.method, params))).is_err() {
+        if out
+            .send(Item::Request(jsonrpc::request(&id, &req.method, params)))
+            .is_err()
+        {
             return Err(jsonrpc::internal("the request's stream is gone"));
         }
         pending.push((key.clone(), rkey, rx));
@@ -212,7 +228,12 @@ pub(crate) async fn ask_client(
     let mut responses = BTreeMap::new();
     for (key, rkey, mut rx) in pending {
         loop {
-            if let Some(r) = inner.store.get(REPLIES_NS, &rkey).await.map_err(store_error)? {
+            if let Some(r) = inner
+                .store
+                .get(REPLIES_NS, &rkey)
+                .await
+                .map_err(store_error)?
+            {
                 let reply: Value = serde_json::from_slice(r.value())
                     .map_err(|e| jsonrpc::internal(format!("corrupt client reply: {e}")))?;
                 if let Some(result) = reply.get("result") {

@@ -32,7 +32,9 @@ pub(crate) fn interrupted_error() -> ErrorData {
 /// in-flight record, so two nodes cannot both do it).
 pub(crate) async fn interrupt(inner: &Inner, rec: &InflightRecord) {
     let key = stream::inflight_key(&rec.session, &rec.stream);
-    let Ok(Some(current)) = inner.store.get(INFLIGHT_NS, &key).await else { return };
+    let Ok(Some(current)) = inner.store.get(INFLIGHT_NS, &key).await else {
+        return;
+    };
     let batch = Batch::new().delete_if(INFLIGHT_NS, &key, Expect::Revision(current.revision));
     let batch = if rec.method == STANDALONE {
         batch
@@ -46,7 +48,9 @@ pub(crate) async fn interrupt(inner: &Inner, rec: &InflightRecord) {
         stream::append_ops(batch, &rec.session, &rec.stream, &[(msg, true)])
     };
     match inner.store.commit(batch).await {
-        Ok(_) => tracing::info!(session = %rec.session, stream = %rec.stream, method = %rec.method, "ended the stream of an interrupted request"),
+        Ok(_) => {
+            tracing::info!(session = %rec.session, stream = %rec.stream, method = %rec.method, "ended the stream of an interrupted request")
+        }
         Err(StoreError::Conflict { .. }) => {}
         Err(e) => tracing::warn!(error = %e, "could not end an interrupted stream"),
     }
@@ -57,9 +61,14 @@ pub(crate) async fn recover(inner: &Arc<Inner>) -> Result<(), StoreError> {
     let mut after: Option<String> = None;
     let mut interrupted = 0usize;
     loop {
-        let page = inner.store.scan(INFLIGHT_NS, "", after.as_deref(), 512).await?;
+        let page = inner
+            .store
+            .scan(INFLIGHT_NS, "", after.as_deref(), 512)
+            .await?;
         for r in &page.records {
-            let Ok(rec) = serde_json::from_slice::<InflightRecord>(r.value()) else { continue };
+            let Ok(rec) = serde_json::from_slice::<InflightRecord>(r.value()) else {
+                continue;
+            };
             if owner_is_dead(inner, &rec.node, &rec.boot) {
                 interrupt(inner, &rec).await;
                 interrupted += 1;
@@ -73,9 +82,14 @@ pub(crate) async fn recover(inner: &Arc<Inner>) -> Result<(), StoreError> {
     let mut after: Option<String> = None;
     let mut adopted = 0usize;
     loop {
-        let page = inner.store.scan(TASKS_NS, "", after.as_deref(), 512).await?;
+        let page = inner
+            .store
+            .scan(TASKS_NS, "", after.as_deref(), 512)
+            .await?;
         for r in &page.records {
-            let Ok(rec) = serde_json::from_slice::<TaskRecord>(r.value()) else { continue };
+            let Ok(rec) = serde_json::from_slice::<TaskRecord>(r.value()) else {
+                continue;
+            };
             if !rec.status.is_terminal() && owner_is_dead(inner, &rec.owner_node, &rec.owner_boot) {
                 tasks::adopt(inner, rec).await;
                 adopted += 1;
@@ -87,7 +101,11 @@ pub(crate) async fn recover(inner: &Arc<Inner>) -> Result<(), StoreError> {
         }
     }
     if interrupted + adopted > 0 {
-        tracing::info!(interrupted, adopted, "recovered work left by a previous process");
+        tracing::info!(
+            interrupted,
+            adopted,
+            "recovered work left by a previous process"
+        );
     }
     Ok(())
 }

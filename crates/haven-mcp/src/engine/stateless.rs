@@ -78,7 +78,8 @@ pub fn is_stateless(protocol_version: Option<&str>, message: &Incoming) -> bool 
         Some(v) => !is_legacy_version(v),
         None => match message {
             Incoming::Request(r) => {
-                r.method == "server/discover" || r.meta().is_some_and(|m| m.contains_key(META_VERSION))
+                r.method == "server/discover"
+                    || r.meta().is_some_and(|m| m.contains_key(META_VERSION))
             }
             _ => false,
         },
@@ -87,10 +88,20 @@ pub fn is_stateless(protocol_version: Option<&str>, message: &Incoming) -> bool 
 
 /// Every protocol version this server speaks, newest first.
 pub fn supported_versions() -> Vec<String> {
-    STATELESS_VERSIONS.iter().chain(LEGACY_VERSIONS.iter().rev()).map(|s| (*s).to_owned()).collect()
+    STATELESS_VERSIONS
+        .iter()
+        .chain(LEGACY_VERSIONS.iter().rev())
+        .map(|s| (*s).to_owned())
+        .collect()
 }
 
-fn reject(status: u16, id: &RequestId, code: ErrorCode, message: String, data: Option<Value>) -> Reply {
+fn reject(
+    status: u16,
+    id: &RequestId,
+    code: ErrorCode,
+    message: String,
+    data: Option<Value>,
+) -> Reply {
     Reply::error(status, Some(id), &ErrorData::new(code, message, data))
 }
 
@@ -98,7 +109,10 @@ fn reject(status: u16, id: &RequestId, code: ErrorCode, message: String, data: O
 /// strictly (standard alphabet, padding required). `None` if the sentinel is malformed.
 pub fn decode_header_value(raw: &str) -> Option<String> {
     let v = raw.trim_matches(|c| c == ' ' || c == '\t');
-    match v.strip_prefix("=?base64?").and_then(|r| r.strip_suffix("?=")) {
+    match v
+        .strip_prefix("=?base64?")
+        .and_then(|r| r.strip_suffix("?="))
+    {
         Some(b64) => {
             if b64.len() % 4 != 0 {
                 return None;
@@ -138,40 +152,86 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
     let Some(meta) = req.meta().cloned() else {
         return reject(400, &id, ErrorCode::INVALID_PARAMS, "Invalid params: _meta is required (with io.modelcontextprotocol/protocolVersion and io.modelcontextprotocol/clientCapabilities)".into(), None);
     };
-    let Some(version) = meta.get(META_VERSION).and_then(Value::as_str).map(str::to_owned) else {
-        return reject(400, &id, ErrorCode::INVALID_PARAMS, format!("Invalid params: _meta[\"{META_VERSION}\"] (string) is required"), None);
+    let Some(version) = meta
+        .get(META_VERSION)
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+    else {
+        return reject(
+            400,
+            &id,
+            ErrorCode::INVALID_PARAMS,
+            format!("Invalid params: _meta[\"{META_VERSION}\"] (string) is required"),
+            None,
+        );
     };
     let capabilities: ClientCapabilities = match meta.get(META_CAPABILITIES) {
         Some(c @ Value::Object(_)) => match serde_json::from_value(c.clone()) {
             Ok(c) => c,
-            Err(e) => return reject(400, &id, ErrorCode::INVALID_PARAMS, format!("Invalid params: _meta[\"{META_CAPABILITIES}\"]: {e}"), None),
+            Err(e) => {
+                return reject(
+                    400,
+                    &id,
+                    ErrorCode::INVALID_PARAMS,
+                    format!("Invalid params: _meta[\"{META_CAPABILITIES}\"]: {e}"),
+                    None,
+                );
+            }
         },
-        _ => return reject(400, &id, ErrorCode::INVALID_PARAMS, format!("Invalid params: _meta[\"{META_CAPABILITIES}\"] (object) is required"), None),
+        _ => {
+            return reject(
+                400,
+                &id,
+                ErrorCode::INVALID_PARAMS,
+                format!("Invalid params: _meta[\"{META_CAPABILITIES}\"] (object) is required"),
+                None,
+            );
+        }
     };
     // 2. The header must agree with `_meta`.
     if p.from_http && h.protocol_version.as_deref() != Some(version.as_str()) {
-        return reject(400, &id, ErrorCode::HEADER_MISMATCH, format!(
-            "Header mismatch: MCP-Protocol-Version header {:?} does not match _meta protocolVersion {version:?}",
-            h.protocol_version.as_deref().unwrap_or("(absent)")
-        ), None);
+        return reject(
+            400,
+            &id,
+            ErrorCode::HEADER_MISMATCH,
+            format!(
+                "Header mismatch: MCP-Protocol-Version header {:?} does not match _meta protocolVersion {version:?}",
+                h.protocol_version.as_deref().unwrap_or("(absent)")
+            ),
+            None,
+        );
     }
     // 3. The version must be one Haven speaks statelessly.
     if !STATELESS_VERSIONS.contains(&version.as_str()) {
         let e = ErrorData::unsupported_protocol_version(
             super::protocol_version(&version),
-            &supported_versions().iter().map(|v| super::protocol_version(v)).collect::<Vec<_>>(),
+            &supported_versions()
+                .iter()
+                .map(|v| super::protocol_version(v))
+                .collect::<Vec<_>>(),
         );
         return Reply::error(400, Some(&id), &e);
     }
     // 4. `Mcp-Method` must name the body's method exactly.
-    match h.method.as_deref().map(|m| m.trim_matches(|c| c == ' ' || c == '\t')) {
+    match h
+        .method
+        .as_deref()
+        .map(|m| m.trim_matches(|c| c == ' ' || c == '\t'))
+    {
         Some(m) if m == req.method => {}
         _ if !p.from_http => {}
         other => {
-            return reject(400, &id, ErrorCode::HEADER_MISMATCH, format!(
-                "Header mismatch: Mcp-Method header {:?} does not match method {:?}",
-                other.unwrap_or("(absent)"), req.method
-            ), None);
+            return reject(
+                400,
+                &id,
+                ErrorCode::HEADER_MISMATCH,
+                format!(
+                    "Header mismatch: Mcp-Method header {:?} does not match method {:?}",
+                    other.unwrap_or("(absent)"),
+                    req.method
+                ),
+                None,
+            );
         }
     }
     // 5. The method must exist in this era.
@@ -186,32 +246,50 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
         _ => None,
     };
     if let (Some(field), true) = (target_field, p.from_http) {
-        let target = req.params.as_ref().and_then(|p| p.get(field)).and_then(Value::as_str);
+        let target = req
+            .params
+            .as_ref()
+            .and_then(|p| p.get(field))
+            .and_then(Value::as_str);
         let header = h.name.as_deref().and_then(decode_header_value);
         if header.is_none() || header.as_deref() != target {
-            return reject(400, &id, ErrorCode::HEADER_MISMATCH, format!(
-                "Header mismatch: Mcp-Name header {:?} does not match params.{field} {:?}",
-                h.name.as_deref().unwrap_or("(absent)"), target.unwrap_or("(absent)")
-            ), None);
+            return reject(
+                400,
+                &id,
+                ErrorCode::HEADER_MISMATCH,
+                format!(
+                    "Header mismatch: Mcp-Name header {:?} does not match params.{field} {:?}",
+                    h.name.as_deref().unwrap_or("(absent)"),
+                    target.unwrap_or("(absent)")
+                ),
+                None,
+            );
         }
     }
     let caller = Caller {
-        client_info: meta.get(META_CLIENT_INFO).and_then(|v| serde_json::from_value::<Implementation>(v.clone()).ok()),
+        client_info: meta
+            .get(META_CLIENT_INFO)
+            .and_then(|v| serde_json::from_value::<Implementation>(v.clone()).ok()),
         capabilities,
-        log_level: meta.get(META_LOG_LEVEL).and_then(|v| serde_json::from_value::<LoggingLevel>(v.clone()).ok()),
+        log_level: meta
+            .get(META_LOG_LEVEL)
+            .and_then(|v| serde_json::from_value::<LoggingLevel>(v.clone()).ok()),
     };
     let call = Call {
         id: id.clone(),
         method: req.method.clone(),
         params: req.params.clone().unwrap_or_default(),
-        era: Era::Stateless { protocol_version: version },
+        era: Era::Stateless {
+            protocol_version: version,
+        },
         caller,
     };
     // 7. `Mcp-Param-*` headers must mirror the arguments they stand for.
-    if req.method == "tools/call" && p.from_http {
-        if let Err(r) = check_param_headers(inner, &call, &req, h).await {
-            return r;
-        }
+    if req.method == "tools/call"
+        && p.from_http
+        && let Err(r) = check_param_headers(inner, &call, &req, h).await
+    {
+        return r;
     }
     match req.method.as_str() {
         "server/discover" => discover(inner, &call),
@@ -220,17 +298,54 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
     }
 }
 
-async fn check_param_headers(inner: &Arc<Inner>, call: &Call, req: &IncomingRequest, h: &StatelessHeaders) -> Result<(), Reply> {
-    let ctx = crate::context::RequestContext::new(inner.store.clone(), call.era.clone(), call.caller.clone(), None, None, CancellationToken::new());
-    let Ok((tools, index)) = inner.tool_index(&ctx).await else { return Ok(()) };
-    let name = req.params.as_ref().and_then(|p| p.get("name")).and_then(Value::as_str).unwrap_or_default();
-    let Some(tool) = index.get(name).map(|i| &tools[*i]) else { return Ok(()) };
-    let Some(props) = tool.input_schema.get("properties").and_then(Value::as_object) else { return Ok(()) };
-    let args = req.params.as_ref().and_then(|p| p.get("arguments")).and_then(Value::as_object);
+async fn check_param_headers(
+    inner: &Arc<Inner>,
+    call: &Call,
+    req: &IncomingRequest,
+    h: &StatelessHeaders,
+) -> Result<(), Reply> {
+    let ctx = crate::context::RequestContext::new(
+        inner.store.clone(),
+        call.era.clone(),
+        call.caller.clone(),
+        None,
+        None,
+        CancellationToken::new(),
+    );
+    let Ok((tools, index)) = inner.tool_index(&ctx).await else {
+        return Ok(());
+    };
+    let name = req
+        .params
+        .as_ref()
+        .and_then(|p| p.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let Some(tool) = index.get(name).map(|i| &tools[*i]) else {
+        return Ok(());
+    };
+    let Some(props) = tool
+        .input_schema
+        .get("properties")
+        .and_then(Value::as_object)
+    else {
+        return Ok(());
+    };
+    let args = req
+        .params
+        .as_ref()
+        .and_then(|p| p.get("arguments"))
+        .and_then(Value::as_object);
     for (prop, schema) in props {
-        let Some(header_name) = schema.get("x-mcp-header").and_then(Value::as_str) else { continue };
-        let wanted = format!("{}", header_name.to_ascii_lowercase());
-        let header = h.params.iter().find(|(k, _)| *k == wanted).map(|(_, v)| v.as_str());
+        let Some(header_name) = schema.get("x-mcp-header").and_then(Value::as_str) else {
+            continue;
+        };
+        let wanted = header_name.to_ascii_lowercase().to_string();
+        let header = h
+            .params
+            .iter()
+            .find(|(k, _)| *k == wanted)
+            .map(|(_, v)| v.as_str());
         let body = args.and_then(|a| a.get(prop)).filter(|v| !v.is_null());
         let ok = match (body, header) {
             (None, None) => true,
@@ -244,9 +359,15 @@ async fn check_param_headers(inner: &Arc<Inner>, call: &Call, req: &IncomingRequ
             },
         };
         if !ok {
-            return Err(reject(400, &call.id, ErrorCode::HEADER_MISMATCH, format!(
-                "Header mismatch: Mcp-Param-{header_name} does not match argument {prop:?}"
-            ), None));
+            return Err(reject(
+                400,
+                &call.id,
+                ErrorCode::HEADER_MISMATCH,
+                format!(
+                    "Header mismatch: Mcp-Param-{header_name} does not match argument {prop:?}"
+                ),
+                None,
+            ));
         }
     }
     Ok(())
@@ -254,9 +375,15 @@ async fn check_param_headers(inner: &Arc<Inner>, call: &Call, req: &IncomingRequ
 
 fn discover(inner: &Arc<Inner>, call: &Call) -> Reply {
     let mut capabilities = inner.info.capabilities.clone();
-    capabilities.extensions.get_or_insert_with(Default::default).insert(TASKS_EXTENSION.to_owned(), Default::default());
+    capabilities
+        .extensions
+        .get_or_insert_with(Default::default)
+        .insert(TASKS_EXTENSION.to_owned(), Default::default());
     let mut result = DiscoverResult::new(
-        supported_versions().iter().map(|v| super::protocol_version(v)).collect(),
+        supported_versions()
+            .iter()
+            .map(|v| super::protocol_version(v))
+            .collect(),
         capabilities,
     );
     result.instructions = inner.info.instructions.clone();
@@ -265,7 +392,11 @@ fn discover(inner: &Arc<Inner>, call: &Call) -> Reply {
     let mut v = serde_json::to_value(&result).expect("discover result serializes");
     v["_meta"]["io.modelcontextprotocol/serverInfo"] =
         serde_json::to_value(&inner.info.server_info).expect("serializes");
-    Reply::Json { status: 200, body: jsonrpc::response(&call.id, &v), session: None }
+    Reply::Json {
+        status: 200,
+        body: jsonrpc::response(&call.id, &v),
+        session: None,
+    }
 }
 
 /// HTTP status of a final response in the stateless era.
@@ -297,17 +428,30 @@ impl Drop for CancelOnDrop {
 async fn run(inner: &Arc<Inner>, call: Call) -> Reply {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let cancel = CancellationToken::new();
-    tokio::spawn(dispatch::run(inner.clone(), call.clone(), tx, cancel.clone()));
+    tokio::spawn(dispatch::run(
+        inner.clone(),
+        call.clone(),
+        tx,
+        cancel.clone(),
+    ));
     let mut guard = CancelOnDrop(Some(cancel));
     let first = match rx.recv().await {
         Some(Item::Final(json)) => {
             guard.0 = None;
-            return Reply::Json { status: status_of(&json), body: json, session: None };
+            return Reply::Json {
+                status: status_of(&json),
+                body: json,
+                session: None,
+            };
         }
         Some(item) => item,
         None => {
             guard.0 = None;
-            return Reply::error(500, Some(&call.id), &jsonrpc::internal("the request ended without a response"));
+            return Reply::error(
+                500,
+                Some(&call.id),
+                &jsonrpc::internal("the request ended without a response"),
+            );
         }
     };
     // Anything before the result makes the answer a stream. Closing it cancels the request.
@@ -325,26 +469,57 @@ async fn run(inner: &Arc<Inner>, call: Call) -> Reply {
         let data = match item {
             Item::Final(m) => {
                 guard.0 = None;
-                let frame = SseFrame::Event { id: None, retry: None, data: m };
+                let frame = SseFrame::Event {
+                    id: None,
+                    retry: None,
+                    data: m,
+                };
                 rx.close();
                 return Some((frame, (None, rx, guard)));
             }
             Item::Notify(m) | Item::Request(m) => m,
             Item::Close => String::new(),
         };
-        Some((SseFrame::Event { id: None, retry: None, data }, (None, rx, guard)))
+        Some((
+            SseFrame::Event {
+                id: None,
+                retry: None,
+                data,
+            },
+            (None, rx, guard),
+        ))
     });
     use futures::StreamExt;
-    Reply::Stream(frames.filter(|f| futures::future::ready(!matches!(f, SseFrame::Event { data, .. } if data.is_empty()))).boxed())
+    Reply::Stream(
+        frames
+            .filter(|f| {
+                futures::future::ready(
+                    !matches!(f, SseFrame::Event { data, .. } if data.is_empty()),
+                )
+            })
+            .boxed(),
+    )
 }
 
 fn listen(inner: &Arc<Inner>, call: &Call) -> Reply {
     let filter: SubscriptionFilter = match call.params.get("notifications") {
         Some(v) => match serde_json::from_value(v.clone()) {
             Ok(f) => f,
-            Err(e) => return Reply::error(400, Some(&call.id), &jsonrpc::invalid_params(format!("Invalid params: notifications: {e}"))),
+            Err(e) => {
+                return Reply::error(
+                    400,
+                    Some(&call.id),
+                    &jsonrpc::invalid_params(format!("Invalid params: notifications: {e}")),
+                );
+            }
         },
-        None => return Reply::error(400, Some(&call.id), &jsonrpc::invalid_params("Invalid params: notifications is required")),
+        None => {
+            return Reply::error(
+                400,
+                Some(&call.id),
+                &jsonrpc::invalid_params("Invalid params: notifications is required"),
+            );
+        }
     };
     let sub_id = serde_json::to_value(&call.id).expect("ids serialize");
     let meta = serde_json::json!({ META_SUBSCRIPTION: sub_id });
@@ -353,7 +528,11 @@ fn listen(inner: &Arc<Inner>, call: &Call) -> Reply {
         "notifications/subscriptions/acknowledged",
         Some(serde_json::json!({ "notifications": filter, "_meta": meta })),
     );
-    let _ = tx.send(SseFrame::Event { id: None, retry: None, data: ack });
+    let _ = tx.send(SseFrame::Event {
+        id: None,
+        retry: None,
+        data: ack,
+    });
     let mut ann_rx = inner.hub.subscribe(Topic::Namespace(ANNOUNCE_NS.into()));
     tokio::spawn(async move {
         loop {
@@ -365,21 +544,47 @@ fn listen(inner: &Arc<Inner>, call: &Call) -> Reply {
                 },
                 _ = tx.closed() => return,
             };
-            let haven_state::Change::Record(r) = &entry.change else { continue };
-            let Some(a) = Announcement::from_key(&r.key) else { continue };
+            let haven_state::Change::Record(r) = &entry.change else {
+                continue;
+            };
+            let Some(a) = Announcement::from_key(&r.key) else {
+                continue;
+            };
             let (method, params) = match &a {
-                Announcement::ToolsChanged if filter.tools_list_changed == Some(true) => ("notifications/tools/list_changed", serde_json::json!({})),
-                Announcement::PromptsChanged if filter.prompts_list_changed == Some(true) => ("notifications/prompts/list_changed", serde_json::json!({})),
-                Announcement::ResourcesChanged if filter.resources_list_changed == Some(true) => ("notifications/resources/list_changed", serde_json::json!({})),
-                Announcement::ResourceUpdated(uri) if filter.resource_subscriptions.as_ref().is_some_and(|s| s.contains(uri)) => {
-                    ("notifications/resources/updated", serde_json::json!({ "uri": uri }))
+                Announcement::ToolsChanged if filter.tools_list_changed == Some(true) => {
+                    ("notifications/tools/list_changed", serde_json::json!({}))
+                }
+                Announcement::PromptsChanged if filter.prompts_list_changed == Some(true) => {
+                    ("notifications/prompts/list_changed", serde_json::json!({}))
+                }
+                Announcement::ResourcesChanged if filter.resources_list_changed == Some(true) => (
+                    "notifications/resources/list_changed",
+                    serde_json::json!({}),
+                ),
+                Announcement::ResourceUpdated(uri)
+                    if filter
+                        .resource_subscriptions
+                        .as_ref()
+                        .is_some_and(|s| s.contains(uri)) =>
+                {
+                    (
+                        "notifications/resources/updated",
+                        serde_json::json!({ "uri": uri }),
+                    )
                 }
                 _ => continue,
             };
             let mut params = params;
             params["_meta"] = meta.clone();
             let msg = jsonrpc::notification(method, Some(params));
-            if tx.send(SseFrame::Event { id: None, retry: None, data: msg }).is_err() {
+            if tx
+                .send(SseFrame::Event {
+                    id: None,
+                    retry: None,
+                    data: msg,
+                })
+                .is_err()
+            {
                 return;
             }
         }
@@ -394,10 +599,16 @@ mod tests {
     #[test]
     fn header_values_decode_strictly() {
         assert_eq!(decode_header_value("  plain  ").as_deref(), Some("plain"));
-        assert_eq!(decode_header_value("=?base64?SGVsbG8=?=").as_deref(), Some("Hello"));
+        assert_eq!(
+            decode_header_value("=?base64?SGVsbG8=?=").as_deref(),
+            Some("Hello")
+        );
         assert_eq!(decode_header_value("=?base64?SGVsbG8?="), None);
         assert_eq!(decode_header_value("=?base64?SGVs!!!bG8=?="), None);
-        assert_eq!(decode_header_value("=?base64?SGVsbG8=").as_deref(), Some("=?base64?SGVsbG8="));
+        assert_eq!(
+            decode_header_value("=?base64?SGVsbG8=").as_deref(),
+            Some("=?base64?SGVsbG8=")
+        );
     }
 
     #[test]
@@ -405,9 +616,16 @@ mod tests {
         let req = |m: &str, meta: bool| {
             let mut params = serde_json::Map::new();
             if meta {
-                params.insert("_meta".into(), serde_json::json!({ META_VERSION: "2026-07-28" }));
+                params.insert(
+                    "_meta".into(),
+                    serde_json::json!({ META_VERSION: "2026-07-28" }),
+                );
             }
-            Incoming::Request(IncomingRequest { id: RequestId::Number(1), method: m.into(), params: Some(params) })
+            Incoming::Request(IncomingRequest {
+                id: RequestId::Number(1),
+                method: m.into(),
+                params: Some(params),
+            })
         };
         assert!(is_stateless(Some("2026-07-28"), &req("tools/list", true)));
         assert!(is_stateless(Some("v999.0.0"), &req("tools/list", true)));

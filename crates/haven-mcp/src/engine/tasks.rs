@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use haven_state::{Batch, Expect, StoreError};
 use parking_lot::Mutex;
-use rmcp::model::{CallToolResult, ErrorCode, ErrorData, JsonObject, ResultType, ServerResult, Task, TaskStatus};
+use rmcp::model::{
+    CallToolResult, ErrorCode, ErrorData, JsonObject, ResultType, ServerResult, Task, TaskStatus,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -96,7 +98,8 @@ fn is_terminal(s: TaskStatus) -> bool {
 pub(crate) fn rfc3339(millis: u64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 impl TaskRecord {
@@ -119,12 +122,16 @@ impl TaskRecord {
     pub fn detailed_json(&self) -> Value {
         let mut v = serde_json::to_value(self.base()).expect("task serializes");
         match self.status {
-            TaskStatus::InputRequired => v["inputRequests"] = Value::Object(self.pending.clone().into_iter().collect()),
-            TaskStatus::Completed => v["result"] = self.result.clone().unwrap_or_else(|| serde_json::json!({})),
+            TaskStatus::InputRequired => {
+                v["inputRequests"] = Value::Object(self.pending.clone().into_iter().collect())
+            }
+            TaskStatus::Completed => {
+                v["result"] = self.result.clone().unwrap_or_else(|| serde_json::json!({}))
+            }
             TaskStatus::Failed => {
-                v["error"] = self.error.clone().unwrap_or_else(|| {
-                    serde_json::json!({"code": -32603, "message": "Task failed"})
-                })
+                v["error"] = self.error.clone().unwrap_or_else(
+                    || serde_json::json!({"code": -32603, "message": "Task failed"}),
+                )
             }
             _ => {}
         }
@@ -164,7 +171,9 @@ pub(crate) async fn load(inner: &Inner, id: &str) -> Result<Option<(TaskRecord, 
     if id.is_empty() || id.len() > 200 {
         return Ok(None);
     }
-    let Some(r) = inner.store.get(TASKS_NS, id).await? else { return Ok(None) };
+    let Some(r) = inner.store.get(TASKS_NS, id).await? else {
+        return Ok(None);
+    };
     let rec: TaskRecord = serde_json::from_slice(r.value())
         .map_err(|e| StoreError::Corrupt(format!("task {id}: {e}")))?;
     Ok(Some((rec, r.revision)))
@@ -196,18 +205,25 @@ pub(crate) async fn update(
             Err(e) => return Err(store_error(e)),
         }
     }
-    Err(jsonrpc::internal(format!("task {id} is updated too often concurrently")))
+    Err(jsonrpc::internal(format!(
+        "task {id} is updated too often concurrently"
+    )))
 }
 
 fn created_millis(rec: &TaskRecord) -> u64 {
-    time::OffsetDateTime::parse(&rec.created_at, &time::format_description::well_known::Rfc3339)
-        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as u64)
-        .unwrap_or(0)
+    time::OffsetDateTime::parse(
+        &rec.created_at,
+        &time::format_description::well_known::Rfc3339,
+    )
+    .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as u64)
+    .unwrap_or(0)
 }
 
 fn remaining_ttl(inner: &Inner, rec: &TaskRecord) -> u64 {
     let now = inner.store.clock().wall_millis();
-    (created_millis(rec) + rec.ttl_ms).saturating_sub(now).max(1)
+    (created_millis(rec) + rec.ttl_ms)
+        .saturating_sub(now)
+        .max(1)
 }
 
 /// Creates a task record durably.
@@ -225,7 +241,12 @@ async fn create(inner: &Inner, rec: &TaskRecord) -> Result<(), ErrorData> {
             rec.ttl_ms,
         );
     }
-    inner.store.commit(batch).await.map(|_| ()).map_err(store_error)
+    inner
+        .store
+        .commit(batch)
+        .await
+        .map(|_| ())
+        .map_err(store_error)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -241,7 +262,10 @@ fn new_record(
     let now = inner.store.clock().wall_millis();
     let max = inner.config.task_ttl.as_millis() as u64;
     let (session, protocol_version) = match &call.era {
-        Era::Legacy { session, protocol_version } => (Some(session.clone()), protocol_version.clone()),
+        Era::Legacy {
+            session,
+            protocol_version,
+        } => (Some(session.clone()), protocol_version.clone()),
         Era::Stateless { protocol_version } => (None, protocol_version.clone()),
     };
     TaskRecord {
@@ -298,19 +322,33 @@ impl Promoter {
         eligible: bool,
     ) -> Arc<Promoter> {
         Arc::new(Promoter {
-            target: Some(PromoteTarget { inner, call, out, tool, arguments, idempotent, eligible }),
+            target: Some(PromoteTarget {
+                inner,
+                call,
+                out,
+                tool,
+                arguments,
+                idempotent,
+                eligible,
+            }),
             task_id: Mutex::new(None),
         })
     }
 
     /// A promoter that never promotes (prompts, resources).
     pub(crate) fn disabled() -> Arc<Promoter> {
-        Arc::new(Promoter { target: None, task_id: Mutex::new(None) })
+        Arc::new(Promoter {
+            target: None,
+            task_id: Mutex::new(None),
+        })
     }
 
     /// A promoter for a task that already exists.
     fn promoted(task_id: String) -> Arc<Promoter> {
-        Arc::new(Promoter { target: None, task_id: Mutex::new(Some(task_id)) })
+        Arc::new(Promoter {
+            target: None,
+            task_id: Mutex::new(Some(task_id)),
+        })
     }
 
     /// Whether the request became a task.
@@ -329,14 +367,26 @@ impl TaskHook for Promoter {
         if self.is_promoted() {
             return Ok(true);
         }
-        let Some(t) = &self.target else { return Ok(false) };
+        let Some(t) = &self.target else {
+            return Ok(false);
+        };
         if !t.eligible {
             return Ok(false);
         }
-        let rec = new_record(&t.inner, &t.call, TaskForm::Extension, &t.tool, &t.arguments, t.idempotent, None);
+        let rec = new_record(
+            &t.inner,
+            &t.call,
+            TaskForm::Extension,
+            &t.tool,
+            &t.arguments,
+            t.idempotent,
+            None,
+        );
         create(&t.inner, &rec).await?;
         let created = rmcp::model::CreateTaskResult::new(rec.base());
-        let _ = t.out.send(Item::Final(jsonrpc::response(&t.call.id, &created)));
+        let _ = t
+            .out
+            .send(Item::Final(jsonrpc::response(&t.call.id, &created)));
         *self.task_id.lock() = Some(rec.task_id);
         Ok(true)
     }
@@ -359,7 +409,15 @@ pub(crate) async fn start_client_task(
     ttl: Option<u64>,
     idempotent: bool,
 ) -> Outcome {
-    let rec = new_record(inner, call, TaskForm::Experimental, &tool, &arguments, idempotent, ttl);
+    let rec = new_record(
+        inner,
+        call,
+        TaskForm::Experimental,
+        &tool,
+        &arguments,
+        idempotent,
+        ttl,
+    );
     if let Err(e) = create(inner, &rec).await {
         return Outcome::Error(e);
     }
@@ -371,7 +429,10 @@ pub(crate) async fn start_client_task(
     let _ = out.send(Item::Final(jsonrpc::response(&call.id, &created)));
     let hook = Promoter::promoted(rec.task_id.clone());
     let ctx = ctx.with_task_hook(hook.clone());
-    let step = inner.catalog.call_tool(&ctx, &tool, arguments, Round::default()).await;
+    let step = inner
+        .catalog
+        .call_tool(&ctx, &tool, arguments, Round::default())
+        .await;
     run_task(inner, &hook, ctx, step).await;
     Outcome::Sent
 }
@@ -408,21 +469,31 @@ pub(crate) async fn run_task(
     ctx: RequestContext,
     mut step: Result<Step<CallToolResult>, ErrorData>,
 ) {
-    let Some(task_id) = hook.task_id() else { return };
+    let Some(task_id) = hook.task_id() else {
+        return;
+    };
     let cancel = ctx.cancelled().clone();
     watch_cancel(inner, &task_id, cancel.clone());
     let ctx = ctx.detached();
     loop {
         let (requests, state) = match step {
-            Ok(Step::Done(result)) => return finish_task(inner, &task_id, Ok(result), &cancel).await,
+            Ok(Step::Done(result)) => {
+                return finish_task(inner, &task_id, Ok(result), &cancel).await;
+            }
             Err(e) => return finish_task(inner, &task_id, Err(e), &cancel).await,
             Ok(Step::NeedInput { requests, state }) => (requests, state),
         };
-        let Some(round) = wait_for_answers(inner, &task_id, &ctx, requests, state, &cancel).await else {
+        let Some(round) = wait_for_answers(inner, &task_id, &ctx, requests, state, &cancel).await
+        else {
             return;
         };
-        let Some((rec, _)) = load(inner, &task_id).await.ok().flatten() else { return };
-        step = inner.catalog.call_tool(&ctx, &rec.tool, rec.arguments.clone(), round).await;
+        let Some((rec, _)) = load(inner, &task_id).await.ok().flatten() else {
+            return;
+        };
+        step = inner
+            .catalog
+            .call_tool(&ctx, &rec.tool, rec.arguments.clone(), round)
+            .await;
     }
 }
 
@@ -438,10 +509,10 @@ async fn wait_for_answers(
 ) -> Option<Round> {
     let mut missing = serde_json::Map::new();
     for r in requests.values() {
-        if let Some(cap) = r.required_capability() {
-            if !ctx.client_supports(cap) {
-                missing.insert(cap.into(), serde_json::json!({}));
-            }
+        if let Some(cap) = r.required_capability()
+            && !ctx.client_supports(cap)
+        {
+            missing.insert(cap.into(), serde_json::json!({}));
         }
     }
     if !missing.is_empty() {
@@ -453,7 +524,10 @@ async fn wait_for_answers(
         finish_task(inner, task_id, Err(e), cancel).await;
         return None;
     }
-    let pending: BTreeMap<String, Value> = requests.iter().map(|(k, r)| (k.clone(), r.to_json())).collect();
+    let pending: BTreeMap<String, Value> = requests
+        .iter()
+        .map(|(k, r)| (k.clone(), r.to_json()))
+        .collect();
     let set = update(inner, task_id, |rec| {
         if is_terminal(rec.status) {
             return Ok(false);
@@ -486,7 +560,11 @@ pub(crate) async fn wait_until_answered(
             return None;
         }
         if rec.status == TaskStatus::InputRequired && rec.pending.is_empty() {
-            let round = Round { input_responses: rec.answers.clone(), state: rec.state.clone(), number: rec.round };
+            let round = Round {
+                input_responses: rec.answers.clone(),
+                state: rec.state.clone(),
+                number: rec.round,
+            };
             update(inner, task_id, |r| {
                 if r.status != TaskStatus::InputRequired {
                     return Ok(false);
@@ -526,14 +604,20 @@ async fn finish_task(
             }
             Ok(result) => {
                 let era = match rec.form {
-                    TaskForm::Extension => Era::Stateless { protocol_version: rec.protocol_version.clone() },
+                    TaskForm::Extension => Era::Stateless {
+                        protocol_version: rec.protocol_version.clone(),
+                    },
                     TaskForm::Experimental => Era::Legacy {
                         session: rec.session.clone().unwrap_or_default(),
                         protocol_version: rec.protocol_version.clone(),
                     },
                 };
                 let is_error = result.is_error == Some(true);
-                rec.result = Some(finish(inner, &era, ServerResult::CallToolResult(result.clone())));
+                rec.result = Some(finish(
+                    inner,
+                    &era,
+                    ServerResult::CallToolResult(result.clone()),
+                ));
                 // The experimental form reports tool errors as a failed task; the extension as a
                 // completed task whose result has isError.
                 rec.status = if is_error && rec.form == TaskForm::Experimental {
@@ -571,7 +655,11 @@ fn not_found(id: &str) -> ErrorData {
 /// Loads a task the caller may see: stateless callers see extension tasks; a legacy session
 /// sees its own experimental tasks.
 async fn visible(inner: &Inner, call: &Call, id: &str) -> Result<TaskRecord, ErrorData> {
-    let rec = load(inner, id).await.map_err(store_error)?.map(|(r, _)| r).ok_or_else(|| not_found(id))?;
+    let rec = load(inner, id)
+        .await
+        .map_err(store_error)?
+        .map(|(r, _)| r)
+        .ok_or_else(|| not_found(id))?;
     let ok = match &call.era {
         Era::Stateless { .. } => rec.form == TaskForm::Extension,
         Era::Legacy { session, .. } => rec.session.as_deref() == Some(session.as_str()),
@@ -614,7 +702,10 @@ pub(crate) async fn cancel(inner: &Arc<Inner>, call: &Call) -> Result<Value, Err
             TaskForm::Extension => Ok(ack()),
             TaskForm::Experimental => Err(invalid_params(format!(
                 "Task {id} is already {}; only a running task can be cancelled",
-                serde_json::to_value(rec.status).unwrap_or_default().as_str().unwrap_or("finished")
+                serde_json::to_value(rec.status)
+                    .unwrap_or_default()
+                    .as_str()
+                    .unwrap_or("finished")
             ))),
         };
     }
@@ -640,7 +731,11 @@ fn ack() -> Value {
 }
 
 /// Records answers to a task's pending input requests; unknown keys are ignored.
-pub(crate) async fn answer(inner: &Inner, id: &str, answers: &BTreeMap<String, Value>) -> Result<(), ErrorData> {
+pub(crate) async fn answer(
+    inner: &Inner,
+    id: &str,
+    answers: &BTreeMap<String, Value>,
+) -> Result<(), ErrorData> {
     update(inner, id, |r| {
         let mut changed = false;
         for (k, v) in answers {
@@ -662,7 +757,11 @@ pub(crate) async fn update_method(inner: &Arc<Inner>, call: &Call) -> Result<Val
     let responses: BTreeMap<String, Value> = match call.params.get("inputResponses") {
         Some(Value::Object(m)) => m.clone().into_iter().collect(),
         None | Some(Value::Null) => BTreeMap::new(),
-        Some(_) => return Err(invalid_params("Invalid params: inputResponses must be an object")),
+        Some(_) => {
+            return Err(invalid_params(
+                "Invalid params: inputResponses must be an object",
+            ));
+        }
     };
     visible(inner, call, &id).await?;
     answer(inner, &id, &responses).await?;
@@ -683,7 +782,11 @@ pub(crate) async fn list(inner: &Arc<Inner>, call: &Call) -> Result<Value, Error
             .scan(TASK_INDEX_NS, &format!("{session}/"), after.as_deref(), 512)
             .await
             .map_err(store_error)?;
-        ids.extend(page.records.iter().filter_map(|r| r.record.key.rsplit('/').next().map(str::to_owned)));
+        ids.extend(
+            page.records
+                .iter()
+                .filter_map(|r| r.record.key.rsplit('/').next().map(str::to_owned)),
+        );
         match page.next_after {
             Some(a) => after = Some(a),
             None => break,
@@ -720,7 +823,8 @@ pub(crate) async fn result(
     let mut rx = inner.hub.subscribe(Topic::key(TASKS_NS, &id));
     loop {
         let rec = visible(inner, call, &id).await?;
-        let related = serde_json::json!({ "io.modelcontextprotocol/related-task": { "taskId": id } });
+        let related =
+            serde_json::json!({ "io.modelcontextprotocol/related-task": { "taskId": id } });
         match rec.status {
             TaskStatus::Completed | TaskStatus::Failed if rec.result.is_some() => {
                 let mut v = rec.result.clone().unwrap_or_default();
@@ -736,7 +840,11 @@ pub(crate) async fn result(
                 return Err(e);
             }
             TaskStatus::Cancelled => {
-                return Err(ErrorData::new(ErrorCode(-32000), "Task cancelled", Some(related)));
+                return Err(ErrorData::new(
+                    ErrorCode(-32000),
+                    "Task cancelled",
+                    Some(related),
+                ));
             }
             TaskStatus::InputRequired if !rec.pending.is_empty() => {
                 let requests: BTreeMap<String, InputRequest> = rec
@@ -744,10 +852,17 @@ pub(crate) async fn result(
                     .iter()
                     .map(|(k, v)| {
                         let method = v.get("method").and_then(Value::as_str).unwrap_or_default();
-                        (k.clone(), InputRequest { method: method.to_owned(), params: v.get("params").cloned() })
+                        (
+                            k.clone(),
+                            InputRequest {
+                                method: method.to_owned(),
+                                params: v.get("params").cloned(),
+                            },
+                        )
                     })
                     .collect();
-                let answers = ask_client(inner, &session, out, cancel, &requests, Some(&id)).await?;
+                let answers =
+                    ask_client(inner, &session, out, cancel, &requests, Some(&id)).await?;
                 answer(inner, &id, &answers).await?;
                 continue;
             }
@@ -792,7 +907,9 @@ pub(crate) async fn adopt(inner: &Arc<Inner>, rec: TaskRecord) {
     let inner = inner.clone();
     tokio::spawn(async move {
         let era = match rec.form {
-            TaskForm::Extension => Era::Stateless { protocol_version: rec.protocol_version.clone() },
+            TaskForm::Extension => Era::Stateless {
+                protocol_version: rec.protocol_version.clone(),
+            },
             TaskForm::Experimental => Era::Legacy {
                 session: rec.session.clone().unwrap_or_default(),
                 protocol_version: rec.protocol_version.clone(),
@@ -800,8 +917,15 @@ pub(crate) async fn adopt(inner: &Arc<Inner>, rec: TaskRecord) {
         };
         let cancel = CancellationToken::new();
         let hook = Promoter::promoted(rec.task_id.clone());
-        let ctx = RequestContext::new(inner.store.clone(), era, rec.caller.clone(), None, None, cancel.clone())
-            .with_task_hook(hook.clone());
+        let ctx = RequestContext::new(
+            inner.store.clone(),
+            era,
+            rec.caller.clone(),
+            None,
+            None,
+            cancel.clone(),
+        )
+        .with_task_hook(hook.clone());
         let round = if rec.status == TaskStatus::InputRequired {
             watch_cancel(&inner, &rec.task_id, cancel.clone());
             match wait_until_answered(&inner, &rec.task_id, &cancel).await {
@@ -809,9 +933,16 @@ pub(crate) async fn adopt(inner: &Arc<Inner>, rec: TaskRecord) {
                 None => return,
             }
         } else {
-            Round { input_responses: rec.answers.clone(), state: rec.state.clone(), number: rec.round }
+            Round {
+                input_responses: rec.answers.clone(),
+                state: rec.state.clone(),
+                number: rec.round,
+            }
         };
-        let step = inner.catalog.call_tool(&ctx, &rec.tool, rec.arguments.clone(), round).await;
+        let step = inner
+            .catalog
+            .call_tool(&ctx, &rec.tool, rec.arguments.clone(), round)
+            .await;
         run_task(&inner, &hook, ctx, step).await;
         tracing::info!(task = %rec.task_id, "resumed task finished");
     });
