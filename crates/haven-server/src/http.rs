@@ -158,9 +158,9 @@ fn host_name(host: &str) -> &str {
 }
 
 /// DNS-rebinding protection: `Host` and (if present) `Origin` must name an allowed host.
-fn check_host_origin(config: &HttpConfig, headers: &HeaderMap) -> Result<(), Response> {
+fn host_origin_rejection(config: &HttpConfig, headers: &HeaderMap) -> Option<Response> {
     if config.allowed_hosts.iter().any(|h| h == "*") {
-        return Ok(());
+        return None;
     }
     let allowed = |h: &str| {
         config
@@ -171,7 +171,7 @@ fn check_host_origin(config: &HttpConfig, headers: &HeaderMap) -> Result<(), Res
     if let Some(host) = header_str(headers, "host")
         && !allowed(host_name(host))
     {
-        return Err(rpc_error(
+        return Some(rpc_error(
             StatusCode::FORBIDDEN,
             -32000,
             &format!("Forbidden: Host {host} is not allowed"),
@@ -182,14 +182,14 @@ fn check_host_origin(config: &HttpConfig, headers: &HeaderMap) -> Result<(), Res
             .split_once("://")
             .map(|(_, rest)| rest.split('/').next().unwrap_or(rest));
         if !host.is_some_and(|h| allowed(host_name(h))) {
-            return Err(rpc_error(
+            return Some(rpc_error(
                 StatusCode::FORBIDDEN,
                 -32000,
                 &format!("Forbidden: Origin {origin} is not allowed"),
             ));
         }
     }
-    Ok(())
+    None
 }
 
 /// What an `Accept` header allows.
@@ -258,7 +258,7 @@ fn too_large(config: &HttpConfig) -> Response {
 
 async fn mcp_post(State(app): State<Arc<AppState>>, req: Request) -> Response {
     let headers = req.headers().clone();
-    if let Err(r) = check_host_origin(&app.config, &headers) {
+    if let Some(r) = host_origin_rejection(&app.config, &headers) {
         return r;
     }
     let content_type = header_str(&headers, "content-type").unwrap_or("");
@@ -329,7 +329,7 @@ async fn mcp_post(State(app): State<Arc<AppState>>, req: Request) -> Response {
 }
 
 async fn mcp_get(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(r) = check_host_origin(&app.config, &headers) {
+    if let Some(r) = host_origin_rejection(&app.config, &headers) {
         return r;
     }
     let version = header_str(&headers, "mcp-protocol-version");
@@ -356,7 +356,7 @@ async fn mcp_get(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Respon
 }
 
 async fn mcp_delete(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(r) = check_host_origin(&app.config, &headers) {
+    if let Some(r) = host_origin_rejection(&app.config, &headers) {
         return r;
     }
     let version = header_str(&headers, "mcp-protocol-version");
