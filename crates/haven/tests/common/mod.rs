@@ -1,0 +1,232 @@
+//! Helpers for tests that run the real `haven` binary on loopback.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+/// A running `haven serve`, killed when dropped.
+pub struct Haven {
+    pub child: Child,
+    pub port: u16,
+    pub data: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Drop for Haven {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Haven {
+    /// Starts `haven serve` on `port` with `data`, waits until it is ready.
+    pub async fn start(data: &Path, port: u16, catalog: &str, extra: &[&str]) -> Haven {
+        let log = data.with_extension(format!("{port}.log"));
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_haven"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
+            .arg(data)
+            .args(["--catalog", catalog])
+            .args(extra)
+            .env("HAVEN_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("starting haven");
+        let h = Haven { child, port, data: data.to_owned(), log };
+        h.wait_ready().await;
+        h
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/mcp", self.port)
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let client = reqwest::Client::new();
+        while Instant::now() < deadline {
+            if let Ok(r) = client.get(format!("http://127.0.0.1:{}/readyz", self.port)).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("haven did not become ready; log:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+/// One parsed SSE event.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub id: Option<String>,
+    pub data: String,
+}
+
+impl Event {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.data).unwrap_or(Value::Null)
+    }
+
+    pub fn index(&self) -> u64 {
+        self.id.as_deref().and_then(|i| i.rsplit_once('-')).and_then(|(_, n)| n.parse().ok()).unwrap()
+    }
+}
+
+/// Reads SSE events from a response body.
+pub struct SseReader {
+    stream: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    buf: String,
+}
+
+impl SseReader {
+    pub fn new(resp: reqwest::Response) -> SseReader {
+        SseReader { stream: resp.bytes_stream().boxed(), buf: String::new() }
+    }
+
+    /// The next event with a data line (priming events included), or None at the end.
+    pub async fn next(&mut self) -> Option<Event> {
+        loop {
+            if let Some(pos) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..pos + 2).collect();
+                let mut id = None;
+                let mut data = Vec::new();
+                let mut has_data = false;
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        id = Some(v.trim().to_owned());
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        has_data = true;
+                        data.push(v.strip_prefix(' ').unwrap_or(v).to_owned());
+                    }
+                }
+                if has_data {
+                    return Some(Event { id, data: data.join("\n") });
+                }
+                continue;
+            }
+            match self.stream.next().await {
+                Some(Ok(b)) => self.buf.push_str(&String::from_utf8_lossy(&b)),
+                _ => return None,
+            }
+        }
+    }
+}
+
+/// A legacy-era client on one session.
+pub struct Legacy {
+    pub client: reqwest::Client,
+    pub url: String,
+    pub session: String,
+}
+
+pub const LEGACY: &str = "2025-11-25";
+
+impl Legacy {
+    pub async fn connect(url: &str) -> Legacy {
+        let client = reqwest::Client::new();
+        let r = client
+            .post(url)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":LEGACY,"capabilities":{"sampling":{},"elicitation":{}},"clientInfo":{"name":"haven-test","version":"1"}}}).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let session = r.headers()["mcp-session-id"].to_str().unwrap().to_owned();
+        let l = Legacy { client, url: url.to_owned(), session };
+        let r = l.post_raw(json!({"jsonrpc":"2.0","method":"notifications/initialized"})).await;
+        assert_eq!(r.status(), 202);
+        l
+    }
+
+    pub fn with_url(&self, url: &str) -> Legacy {
+        Legacy { client: reqwest::Client::new(), url: url.to_owned(), session: self.session.clone() }
+    }
+
+    pub async fn post_raw(&self, body: Value) -> reqwest::Response {
+        self.client
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-session-id", &self.session)
+            .header("mcp-protocol-version", LEGACY)
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// A request; returns the final JSON-RPC response (from JSON or SSE).
+    pub async fn request(&self, id: i64, method: &str, params: Value) -> Value {
+        let r = self.post_raw(json!({"jsonrpc":"2.0","id":id,"method":method,"params":params})).await;
+        final_response(r, id).await
+    }
+
+    pub async fn resume(&self, last_event_id: &str) -> reqwest::Response {
+        self.client
+            .get(&self.url)
+            .header("accept", "text/event-stream")
+            .header("mcp-session-id", &self.session)
+            .header("mcp-protocol-version", LEGACY)
+            .header("last-event-id", last_event_id)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+/// The final response of a request answered with JSON or SSE.
+pub async fn final_response(r: reqwest::Response, id: i64) -> Value {
+    let is_sse = r.headers().get("content-type").is_some_and(|v| v.to_str().unwrap().starts_with("text/event-stream"));
+    if !is_sse {
+        return r.json().await.unwrap();
+    }
+    let mut sse = SseReader::new(r);
+    while let Some(e) = sse.next().await {
+        let v = e.json();
+        if v.get("id") == Some(&json!(id)) && (v.get("result").is_some() || v.get("error").is_some()) {
+            return v;
+        }
+    }
+    panic!("stream ended without the response to {id}");
+}
+
+/// A stateless (2026-07-28) request.
+pub async fn stateless(client: &reqwest::Client, url: &str, id: i64, method: &str, mut params: Value, caps: Value) -> reqwest::Response {
+    params["_meta"] = json!({
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": caps,
+        "io.modelcontextprotocol/clientInfo": {"name": "haven-test", "version": "1"}
+    });
+    let mut req = client
+        .post(url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", method);
+    if let Some(n) = params.get("name").or(params.get("uri")).or(params.get("taskId")).and_then(Value::as_str) {
+        req = req.header("mcp-name", n);
+    }
+    req.body(json!({"jsonrpc":"2.0","id":id,"method":method,"params":params}).to_string()).send().await.unwrap()
+}

@@ -1,0 +1,135 @@
+//! Crash safety of the real binary: a client keeps its session, its stream and its tasks
+//! through `kill -9` and a restart on the same data directory.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Haven, Legacy, SseReader, free_port, stateless};
+use serde_json::{Value, json};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_stream_and_tasks_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = free_port();
+    let mut haven = Haven::start(&data, port, "default", &[]).await;
+    let client = Legacy::connect(&haven.url()).await;
+
+    // A task of each form, created before the crash.
+    let created = client.request(1, "tools/call", json!({"name":"sleep","arguments":{"seconds":3},"task":{"ttl":600000}})).await;
+    let legacy_task = created["result"]["task"]["taskId"].as_str().expect("experimental task id").to_owned();
+    let http = reqwest::Client::new();
+    let tasks_caps = json!({"extensions":{"io.modelcontextprotocol/tasks":{}}});
+    let r = stateless(&http, &haven.url(), 2, "tools/call", json!({"name":"sleep","arguments":{"seconds":3}}), tasks_caps.clone()).await;
+    let created: Value = r.json().await.unwrap();
+    assert_eq!(created["result"]["resultType"], "task", "{created}");
+    let ext_task = created["result"]["taskId"].as_str().unwrap().to_owned();
+
+    // A long call with progress on an SSE stream.
+    let r = client
+        .post_raw(json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"sleep","arguments":{"seconds":30},"_meta":{"progressToken":"crash"}}}))
+        .await;
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let mut sse = SseReader::new(r);
+    let priming = sse.next().await.unwrap();
+    assert!(priming.data.is_empty());
+    assert_eq!(priming.index(), 0);
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let e = sse.next().await.unwrap();
+        assert_eq!(e.json()["method"], "notifications/progress");
+        seen.push(e);
+    }
+    let last_seen = seen.last().unwrap().clone();
+
+    // kill -9 while the call runs; restart on the same data directory.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    haven.kill9();
+    drop(sse);
+    let haven = Haven::start(&data, port, "default", &[]).await;
+
+    // Resume: every stored event after the last one seen, exactly once, ending with an error
+    // response to the interrupted request.
+    let r = client.resume(last_seen.id.as_deref().unwrap()).await;
+    assert_eq!(r.status(), 200);
+    let mut sse = SseReader::new(r);
+    let mut replayed = Vec::new();
+    while let Some(e) = sse.next().await {
+        replayed.push(e);
+    }
+    assert!(!replayed.is_empty());
+    for (i, e) in replayed.iter().enumerate() {
+        assert_eq!(e.index(), last_seen.index() + 1 + i as u64, "events must follow without gap or repeat: {replayed:?}");
+    }
+    let last = replayed.last().unwrap().json();
+    assert_eq!(last["id"], 7);
+    assert_eq!(last["error"]["data"]["interrupted"], true, "{last}");
+    for e in &replayed[..replayed.len() - 1] {
+        assert_eq!(e.json()["method"], "notifications/progress");
+    }
+    // Resuming again replays the same events, no more, no fewer.
+    let again: Vec<_> = {
+        let mut sse = SseReader::new(client.resume(last_seen.id.as_deref().unwrap()).await);
+        let mut v = Vec::new();
+        while let Some(e) = sse.next().await {
+            v.push(e.id.unwrap());
+        }
+        v
+    };
+    assert_eq!(again, replayed.iter().map(|e| e.id.clone().unwrap()).collect::<Vec<_>>());
+
+    // The session goes on without a new initialize.
+    let echo = client.request(8, "tools/call", json!({"name":"echo","arguments":{"text":"still here"}})).await;
+    assert_eq!(echo["result"]["content"][0]["text"], "still here", "{echo}");
+
+    // Both tasks are pollable after the restart, and (sleep being idempotent) run to the end.
+    let poll = client.request(9, "tasks/get", json!({"taskId": legacy_task})).await;
+    assert!(poll["result"]["status"].is_string(), "{poll}");
+    let mut status = String::new();
+    for i in 0..100 {
+        let p = client.request(100 + i, "tasks/get", json!({"taskId": legacy_task})).await;
+        status = p["result"]["status"].as_str().unwrap().to_owned();
+        if status == "completed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(status, "completed");
+    let result = client.request(300, "tasks/result", json!({"taskId": legacy_task})).await;
+    assert_eq!(result["result"]["content"][0]["text"], "Slept 3 seconds", "{result}");
+    assert_eq!(result["result"]["_meta"]["io.modelcontextprotocol/related-task"]["taskId"], legacy_task.as_str());
+
+    let mut ext = Value::Null;
+    for i in 0..100 {
+        let r = stateless(&http, &haven.url(), 400 + i, "tasks/get", json!({"taskId": ext_task}), tasks_caps.clone()).await;
+        ext = r.json().await.unwrap();
+        if ext["result"]["status"] == "completed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(ext["result"]["status"], "completed", "{ext}");
+    assert_eq!(ext["result"]["result"]["content"][0]["text"], "Slept 3 seconds");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_stream_replays_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = free_port();
+    let mut haven = Haven::start(&data, port, "default", &["--legacy-responses", "sse"]).await;
+    let client = Legacy::connect(&haven.url()).await;
+    let r = client.post_raw(json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"durable"}}})).await;
+    let mut sse = SseReader::new(r);
+    let priming = sse.next().await.unwrap();
+    let result = sse.next().await.unwrap();
+    assert_eq!(result.json()["result"]["content"][0]["text"], "durable");
+    haven.kill9();
+    let _haven = Haven::start(&data, port, "default", &[]).await;
+    let mut sse = SseReader::new(client.resume(priming.id.as_deref().unwrap()).await);
+    let replayed = sse.next().await.unwrap();
+    assert_eq!(replayed.id, result.id);
+    assert_eq!(replayed.data, result.data);
+    assert!(sse.next().await.is_none());
+}
