@@ -109,6 +109,14 @@ pub struct StreamEvent {
     pub data: Vec<u8>,
 }
 
+impl StreamEvent {
+    /// Whether `self` would replace `current` (same stream and index) in a merge: greater
+    /// version wins, ties broken by content so that merging stays deterministic.
+    pub fn supersedes(&self, current: &StreamEvent) -> bool {
+        (&self.version, &self.data) > (&current.version, &current.data)
+    }
+}
+
 /// A change recorded in the change log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Change {
@@ -180,7 +188,7 @@ impl View {
             Change::Event(e) => {
                 let k = (e.stream.clone(), e.index);
                 match self.events.get(&k) {
-                    Some(cur) if cur.version >= e.version => false,
+                    Some(cur) if !e.supersedes(cur) => false,
                     _ => {
                         self.events.insert(k, e.clone());
                         true

@@ -664,11 +664,14 @@ impl Writer {
                 }
                 Op::MergeEvent(e) => {
                     self.clock.observe(e.version.hlc);
-                    if events
+                    let current = match events
                         .get((e.stream.as_str(), e.index))
                         .map_err(storage_err)?
-                        .is_some()
                     {
+                        Some(v) => Some(decode::<StreamEvent>(v.value())?),
+                        None => None,
+                    };
+                    if current.is_some_and(|c| !e.supersedes(&c)) {
                         outcomes.push(Outcome::Unchanged);
                         continue;
                     }

@@ -17,11 +17,28 @@ async fn session_stream_and_tasks_survive_kill_9() {
     let client = Legacy::connect(&haven.url()).await;
 
     // A task of each form, created before the crash.
-    let created = client.request(1, "tools/call", json!({"name":"sleep","arguments":{"seconds":3},"task":{"ttl":600000}})).await;
-    let legacy_task = created["result"]["task"]["taskId"].as_str().expect("experimental task id").to_owned();
+    let created = client
+        .request(
+            1,
+            "tools/call",
+            json!({"name":"sleep","arguments":{"seconds":3},"task":{"ttl":600000}}),
+        )
+        .await;
+    let legacy_task = created["result"]["task"]["taskId"]
+        .as_str()
+        .expect("experimental task id")
+        .to_owned();
     let http = reqwest::Client::new();
     let tasks_caps = json!({"extensions":{"io.modelcontextprotocol/tasks":{}}});
-    let r = stateless(&http, &haven.url(), 2, "tools/call", json!({"name":"sleep","arguments":{"seconds":3}}), tasks_caps.clone()).await;
+    let r = stateless(
+        &http,
+        &haven.url(),
+        2,
+        "tools/call",
+        json!({"name":"sleep","arguments":{"seconds":3}}),
+        tasks_caps.clone(),
+    )
+    .await;
     let created: Value = r.json().await.unwrap();
     assert_eq!(created["result"]["resultType"], "task", "{created}");
     let ext_task = created["result"]["taskId"].as_str().unwrap().to_owned();
@@ -60,7 +77,11 @@ async fn session_stream_and_tasks_survive_kill_9() {
     }
     assert!(!replayed.is_empty());
     for (i, e) in replayed.iter().enumerate() {
-        assert_eq!(e.index(), last_seen.index() + 1 + i as u64, "events must follow without gap or repeat: {replayed:?}");
+        assert_eq!(
+            e.index(),
+            last_seen.index() + 1 + i as u64,
+            "events must follow without gap or repeat: {replayed:?}"
+        );
     }
     let last = replayed.last().unwrap().json();
     assert_eq!(last["id"], 7);
@@ -77,18 +98,34 @@ async fn session_stream_and_tasks_survive_kill_9() {
         }
         v
     };
-    assert_eq!(again, replayed.iter().map(|e| e.id.clone().unwrap()).collect::<Vec<_>>());
+    assert_eq!(
+        again,
+        replayed
+            .iter()
+            .map(|e| e.id.clone().unwrap())
+            .collect::<Vec<_>>()
+    );
 
     // The session goes on without a new initialize.
-    let echo = client.request(8, "tools/call", json!({"name":"echo","arguments":{"text":"still here"}})).await;
+    let echo = client
+        .request(
+            8,
+            "tools/call",
+            json!({"name":"echo","arguments":{"text":"still here"}}),
+        )
+        .await;
     assert_eq!(echo["result"]["content"][0]["text"], "still here", "{echo}");
 
     // Both tasks are pollable after the restart, and (sleep being idempotent) run to the end.
-    let poll = client.request(9, "tasks/get", json!({"taskId": legacy_task})).await;
+    let poll = client
+        .request(9, "tasks/get", json!({"taskId": legacy_task}))
+        .await;
     assert!(poll["result"]["status"].is_string(), "{poll}");
     let mut status = String::new();
     for i in 0..100 {
-        let p = client.request(100 + i, "tasks/get", json!({"taskId": legacy_task})).await;
+        let p = client
+            .request(100 + i, "tasks/get", json!({"taskId": legacy_task}))
+            .await;
         status = p["result"]["status"].as_str().unwrap().to_owned();
         if status == "completed" {
             break;
@@ -96,13 +133,29 @@ async fn session_stream_and_tasks_survive_kill_9() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(status, "completed");
-    let result = client.request(300, "tasks/result", json!({"taskId": legacy_task})).await;
-    assert_eq!(result["result"]["content"][0]["text"], "Slept 3 seconds", "{result}");
-    assert_eq!(result["result"]["_meta"]["io.modelcontextprotocol/related-task"]["taskId"], legacy_task.as_str());
+    let result = client
+        .request(300, "tasks/result", json!({"taskId": legacy_task}))
+        .await;
+    assert_eq!(
+        result["result"]["content"][0]["text"], "Slept 3 seconds",
+        "{result}"
+    );
+    assert_eq!(
+        result["result"]["_meta"]["io.modelcontextprotocol/related-task"]["taskId"],
+        legacy_task.as_str()
+    );
 
     let mut ext = Value::Null;
     for i in 0..100 {
-        let r = stateless(&http, &haven.url(), 400 + i, "tasks/get", json!({"taskId": ext_task}), tasks_caps.clone()).await;
+        let r = stateless(
+            &http,
+            &haven.url(),
+            400 + i,
+            "tasks/get",
+            json!({"taskId": ext_task}),
+            tasks_caps.clone(),
+        )
+        .await;
         ext = r.json().await.unwrap();
         if ext["result"]["status"] == "completed" {
             break;
@@ -110,7 +163,10 @@ async fn session_stream_and_tasks_survive_kill_9() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(ext["result"]["status"], "completed", "{ext}");
-    assert_eq!(ext["result"]["result"]["content"][0]["text"], "Slept 3 seconds");
+    assert_eq!(
+        ext["result"]["result"]["content"][0]["text"],
+        "Slept 3 seconds"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,14 +27,22 @@ impl Drop for Haven {
 
 /// A free loopback port.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Haven {
     /// Starts `haven serve` on `port` with `data`, waits until it is ready.
     pub async fn start(data: &Path, port: u16, catalog: &str, extra: &[&str]) -> Haven {
         let log = data.with_extension(format!("{port}.log"));
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_haven"))
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
             .arg(data)
@@ -45,7 +53,12 @@ impl Haven {
             .stderr(file)
             .spawn()
             .expect("starting haven");
-        let h = Haven { child, port, data: data.to_owned(), log };
+        let h = Haven {
+            child,
+            port,
+            data: data.to_owned(),
+            log,
+        };
         h.wait_ready().await;
         h
     }
@@ -58,14 +71,21 @@ impl Haven {
         let deadline = Instant::now() + Duration::from_secs(30);
         let client = reqwest::Client::new();
         while Instant::now() < deadline {
-            if let Ok(r) = client.get(format!("http://127.0.0.1:{}/readyz", self.port)).send().await {
+            if let Ok(r) = client
+                .get(format!("http://127.0.0.1:{}/readyz", self.port))
+                .send()
+                .await
+            {
                 if r.status().is_success() {
                     return;
                 }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("haven did not become ready; log:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+        panic!(
+            "haven did not become ready; log:\n{}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
     }
 
     /// `kill -9`.
@@ -88,7 +108,11 @@ impl Event {
     }
 
     pub fn index(&self) -> u64 {
-        self.id.as_deref().and_then(|i| i.rsplit_once('-')).and_then(|(_, n)| n.parse().ok()).unwrap()
+        self.id
+            .as_deref()
+            .and_then(|i| i.rsplit_once('-'))
+            .and_then(|(_, n)| n.parse().ok())
+            .unwrap()
     }
 }
 
@@ -100,7 +124,10 @@ pub struct SseReader {
 
 impl SseReader {
     pub fn new(resp: reqwest::Response) -> SseReader {
-        SseReader { stream: resp.bytes_stream().boxed(), buf: String::new() }
+        SseReader {
+            stream: resp.bytes_stream().boxed(),
+            buf: String::new(),
+        }
     }
 
     /// The next event with a data line (priming events included), or None at the end.
@@ -120,7 +147,10 @@ impl SseReader {
                     }
                 }
                 if has_data {
-                    return Some(Event { id, data: data.join("\n") });
+                    return Some(Event {
+                        id,
+                        data: data.join("\n"),
+                    });
                 }
                 continue;
             }
@@ -154,14 +184,24 @@ impl Legacy {
             .unwrap();
         assert_eq!(r.status(), 200);
         let session = r.headers()["mcp-session-id"].to_str().unwrap().to_owned();
-        let l = Legacy { client, url: url.to_owned(), session };
-        let r = l.post_raw(json!({"jsonrpc":"2.0","method":"notifications/initialized"})).await;
+        let l = Legacy {
+            client,
+            url: url.to_owned(),
+            session,
+        };
+        let r = l
+            .post_raw(json!({"jsonrpc":"2.0","method":"notifications/initialized"}))
+            .await;
         assert_eq!(r.status(), 202);
         l
     }
 
     pub fn with_url(&self, url: &str) -> Legacy {
-        Legacy { client: reqwest::Client::new(), url: url.to_owned(), session: self.session.clone() }
+        Legacy {
+            client: reqwest::Client::new(),
+            url: url.to_owned(),
+            session: self.session.clone(),
+        }
     }
 
     pub async fn post_raw(&self, body: Value) -> reqwest::Response {
@@ -179,7 +219,9 @@ impl Legacy {
 
     /// A request; returns the final JSON-RPC response (from JSON or SSE).
     pub async fn request(&self, id: i64, method: &str, params: Value) -> Value {
-        let r = self.post_raw(json!({"jsonrpc":"2.0","id":id,"method":method,"params":params})).await;
+        let r = self
+            .post_raw(json!({"jsonrpc":"2.0","id":id,"method":method,"params":params}))
+            .await;
         final_response(r, id).await
     }
 
@@ -198,14 +240,19 @@ impl Legacy {
 
 /// The final response of a request answered with JSON or SSE.
 pub async fn final_response(r: reqwest::Response, id: i64) -> Value {
-    let is_sse = r.headers().get("content-type").is_some_and(|v| v.to_str().unwrap().starts_with("text/event-stream"));
+    let is_sse = r
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.to_str().unwrap().starts_with("text/event-stream"));
     if !is_sse {
         return r.json().await.unwrap();
     }
     let mut sse = SseReader::new(r);
     while let Some(e) = sse.next().await {
         let v = e.json();
-        if v.get("id") == Some(&json!(id)) && (v.get("result").is_some() || v.get("error").is_some()) {
+        if v.get("id") == Some(&json!(id))
+            && (v.get("result").is_some() || v.get("error").is_some())
+        {
             return v;
         }
     }
@@ -213,7 +260,14 @@ pub async fn final_response(r: reqwest::Response, id: i64) -> Value {
 }
 
 /// A stateless (2026-07-28) request.
-pub async fn stateless(client: &reqwest::Client, url: &str, id: i64, method: &str, mut params: Value, caps: Value) -> reqwest::Response {
+pub async fn stateless(
+    client: &reqwest::Client,
+    url: &str,
+    id: i64,
+    method: &str,
+    mut params: Value,
+    caps: Value,
+) -> reqwest::Response {
     params["_meta"] = json!({
         "io.modelcontextprotocol/protocolVersion": "2026-07-28",
         "io.modelcontextprotocol/clientCapabilities": caps,
@@ -225,8 +279,16 @@ pub async fn stateless(client: &reqwest::Client, url: &str, id: i64, method: &st
         .header("accept", "application/json, text/event-stream")
         .header("mcp-protocol-version", "2026-07-28")
         .header("mcp-method", method);
-    if let Some(n) = params.get("name").or(params.get("uri")).or(params.get("taskId")).and_then(Value::as_str) {
+    if let Some(n) = params
+        .get("name")
+        .or(params.get("uri"))
+        .or(params.get("taskId"))
+        .and_then(Value::as_str)
+    {
         req = req.header("mcp-name", n);
     }
-    req.body(json!({"jsonrpc":"2.0","id":id,"method":method,"params":params}).to_string()).send().await.unwrap()
+    req.body(json!({"jsonrpc":"2.0","id":id,"method":method,"params":params}).to_string())
+        .send()
+        .await
+        .unwrap()
 }
