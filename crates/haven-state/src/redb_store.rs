@@ -26,6 +26,8 @@ const META_MAX_HLC: &str = "max_hlc";
 
 /// Most batches one commit takes; bounds the latency one commit adds to the first of them.
 const MAX_GROUP: usize = 512;
+/// How long a read waits for the database to be reopened after an I/O error.
+const REOPEN_WAIT: Duration = Duration::from_secs(3);
 /// Largest value a single operation may carry.
 pub const MAX_VALUE_BYTES: usize = 16 * 1024 * 1024;
 
@@ -89,6 +91,10 @@ fn open_database(factory: &BackendFactory) -> StoreResult<Database> {
     let db = redb::Builder::new()
         .create_with_backend(BoxedBackend(backend))
         .map_err(storage_err)?;
+    if tables_exist(&db) {
+        // Reopening (possibly on a full disk): no write needed.
+        return Ok(db);
+    }
     let mut tx = db.begin_write().map_err(storage_err)?;
     tx.set_durability(Durability::Immediate)
         .map_err(storage_err)?;
@@ -100,6 +106,16 @@ fn open_database(factory: &BackendFactory) -> StoreResult<Database> {
     }
     tx.commit().map_err(storage_err)?;
     Ok(db)
+}
+
+fn tables_exist(db: &Database) -> bool {
+    let Ok(rx) = db.begin_read() else {
+        return false;
+    };
+    rx.open_table(LOG).is_ok()
+        && rx.open_table(RECORDS).is_ok()
+        && rx.open_table(EVENTS).is_ok()
+        && rx.open_table(META).is_ok()
 }
 
 /// Adapter so that a boxed backend can be handed to redb, which takes `impl StorageBackend`.
@@ -221,14 +237,25 @@ impl RedbStore {
         self.path.as_deref()
     }
 
-    fn database(&self) -> StoreResult<Arc<Database>> {
-        self.db.read().clone().ok_or_else(|| {
-            StoreError::Unavailable("database is being reopened after an I/O error".into())
-        })
+    /// The open database. After an I/O error the writer reopens it; readers wait a little for
+    /// that instead of failing at once.
+    async fn database(&self) -> StoreResult<Arc<Database>> {
+        let deadline = tokio::time::Instant::now() + REOPEN_WAIT;
+        loop {
+            if let Some(db) = self.db.read().clone() {
+                return Ok(db);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StoreError::Unavailable(
+                    "the database is being reopened after an I/O error".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
-    fn read_row(&self, namespace: &str, key: &str) -> StoreResult<Option<StoredRecord>> {
-        let db = self.database()?;
+    async fn read_row(&self, namespace: &str, key: &str) -> StoreResult<Option<StoredRecord>> {
+        let db = self.database().await?;
         let rx = db.begin_read().map_err(storage_err)?;
         let table = rx.open_table(RECORDS).map_err(storage_err)?;
         match table.get((namespace, key)).map_err(storage_err)? {
@@ -257,12 +284,13 @@ impl Store for RedbStore {
     async fn get(&self, namespace: &str, key: &str) -> StoreResult<Option<StoredRecord>> {
         let now = self.clock.wall_millis();
         Ok(self
-            .read_row(namespace, key)?
+            .read_row(namespace, key)
+            .await?
             .filter(|r| r.record.is_live(now)))
     }
 
     async fn get_raw(&self, namespace: &str, key: &str) -> StoreResult<Option<StoredRecord>> {
-        self.read_row(namespace, key)
+        self.read_row(namespace, key).await
     }
 
     async fn scan(
@@ -273,7 +301,7 @@ impl Store for RedbStore {
         limit: usize,
     ) -> StoreResult<ScanPage> {
         let now = self.clock.wall_millis();
-        let db = self.database()?;
+        let db = self.database().await?;
         let rx = db.begin_read().map_err(storage_err)?;
         let table = rx.open_table(RECORDS).map_err(storage_err)?;
         let start = match after {
@@ -326,7 +354,7 @@ impl Store for RedbStore {
         after: u64,
         limit: usize,
     ) -> StoreResult<Vec<StreamEvent>> {
-        let db = self.database()?;
+        let db = self.database().await?;
         let rx = db.begin_read().map_err(storage_err)?;
         let table = rx.open_table(EVENTS).map_err(storage_err)?;
         let mut out = Vec::new();
@@ -347,7 +375,7 @@ impl Store for RedbStore {
     }
 
     async fn read_log(&self, from_seq: u64, limit: usize) -> StoreResult<Vec<LogEntry>> {
-        let db = self.database()?;
+        let db = self.database().await?;
         let rx = db.begin_read().map_err(storage_err)?;
         let table = rx.open_table(LOG).map_err(storage_err)?;
         let mut out = Vec::new();
@@ -365,7 +393,7 @@ impl Store for RedbStore {
     }
 
     async fn last_seq(&self) -> StoreResult<u64> {
-        let db = self.database()?;
+        let db = self.database().await?;
         let rx = db.begin_read().map_err(storage_err)?;
         let meta = rx.open_table(META).map_err(storage_err)?;
         Ok(meta
@@ -433,7 +461,26 @@ type Applied = (Commit, Vec<Arc<LogEntry>>);
 impl Writer {
     fn run(mut self) {
         let mut group: Vec<WriteRequest> = Vec::with_capacity(MAX_GROUP);
-        while let Some(first) = self.rx.blocking_recv() {
+        loop {
+            let healthy = self.db.read().is_some();
+            let first = if healthy {
+                match self.rx.blocking_recv() {
+                    Some(r) => r,
+                    None => return,
+                }
+            } else {
+                // The storage failed: keep trying to reopen it, and answer requests at once
+                // (with an error if it is still down) rather than letting them wait.
+                match self.rx.try_recv() {
+                    Ok(r) => r,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        std::thread::sleep(Duration::from_millis(100));
+                        let _ = self.reopen();
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => return,
+                }
+            };
             group.push(first);
             while group.len() < MAX_GROUP {
                 match self.rx.try_recv() {
@@ -484,22 +531,12 @@ impl Writer {
         }
     }
 
+    /// One attempt to reopen the database (redb must be reopened after an I/O error).
     fn reopen(&mut self) -> StoreResult<Arc<Database>> {
-        let mut last = None;
-        for attempt in 0..50 {
-            match open_database(&self.factory) {
-                Ok(db) => {
-                    let db = Arc::new(db);
-                    *self.db.write() = Some(db.clone());
-                    return Ok(db);
-                }
-                Err(e) => {
-                    last = Some(e);
-                    std::thread::sleep(Duration::from_millis(10 * (attempt + 1).min(10)));
-                }
-            }
-        }
-        Err(last.unwrap_or(StoreError::Closed))
+        let db = Arc::new(open_database(&self.factory)?);
+        *self.db.write() = Some(db.clone());
+        tracing::info!("the database was reopened after a storage error");
+        Ok(db)
     }
 
     fn apply_group(

@@ -118,6 +118,7 @@ async fn start_engine(s: &Settings) -> Result<Engine> {
         node_id: node,
         legacy_responses: s.legacy_responses,
         session_ttl: std::time::Duration::from_secs(s.session_ttl_secs),
+        page_size: s.page_size,
         ..EngineConfig::default()
     };
     Engine::start(store, catalog(&s.catalog)?, config)

@@ -59,6 +59,9 @@ pub struct CommonArgs {
     /// Seconds a legacy session lives without being used [default: 86400]
     #[arg(long, env = "HAVEN_SESSION_TTL", value_name = "SECS")]
     pub session_ttl: Option<u64>,
+    /// Items per page of list results (tools/list, resources/list, ...) [default: 100]
+    #[arg(long, env = "HAVEN_PAGE_SIZE", value_name = "N")]
+    pub page_size: Option<usize>,
 }
 
 /// Settings of `haven serve`.
@@ -95,6 +98,7 @@ struct FileSettings {
     log_format: Option<String>,
     legacy_responses: Option<String>,
     session_ttl: Option<u64>,
+    page_size: Option<usize>,
     listen: Option<String>,
     allowed_hosts: Option<Vec<String>>,
     max_body_bytes: Option<usize>,
@@ -111,6 +115,7 @@ pub struct Settings {
     pub log_format: String,
     pub legacy_responses: LegacyResponses,
     pub session_ttl_secs: u64,
+    pub page_size: usize,
     pub listen: String,
     pub allowed_hosts: Vec<String>,
     pub max_body_bytes: usize,
@@ -187,6 +192,11 @@ impl Settings {
                 .or(file.session_ttl)
                 .unwrap_or(86_400)
                 .max(1),
+            page_size: common
+                .page_size
+                .or(file.page_size)
+                .unwrap_or(100)
+                .clamp(1, 10_000),
             listen: serve
                 .and_then(|s| s.listen.clone())
                 .or(file.listen)

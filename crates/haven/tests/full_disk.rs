@@ -1,0 +1,150 @@
+//! A full disk under the real binary: writes are refused with a clear error, nothing already
+//! acknowledged is lost, reads go on, and writes resume once space is freed. Needs root to mount
+//! a small tmpfs (CI runs as root).
+
+mod common;
+
+use std::process::Command;
+
+use common::{Haven, Legacy, free_port};
+use serde_json::json;
+
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_refuses_writes_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("small-disk");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+        .arg(&mnt)
+        .status();
+    if !mounted.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: mounting a tmpfs needs root; this test runs in CI as root");
+        return;
+    }
+    let _mount = Mount(mnt.clone());
+    let data = mnt.join("data");
+    let port = free_port();
+    let mut h = Haven::start(&data, port, "default", &[]).await;
+    let c = Legacy::connect(&h.url()).await;
+
+    // Fill most of the disk with another file, then write notes until the store refuses.
+    let filler = mnt.join("filler");
+    let free = fs_free(&mnt);
+    std::fs::write(
+        &filler,
+        vec![0u8; (free.saturating_sub(3 * 1024 * 1024)) as usize],
+    )
+    .unwrap();
+    let text = "n".repeat(64 * 1024);
+    let mut saved = Vec::new();
+    let mut refusal = None;
+    for i in 0..400 {
+        let v = c
+            .request(
+                100 + i,
+                "tools/call",
+                json!({"name":"notes_put","arguments":{"name":format!("n{i}"),"text":text}}),
+            )
+            .await;
+        if v["result"]["content"][0]["text"] == format!("Saved note n{i}") {
+            saved.push(format!("n{i}"));
+        } else {
+            refusal = Some(v);
+            break;
+        }
+    }
+    let refusal = refusal.expect("the disk never filled up");
+    let message = refusal["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        message.contains("full") || message.contains("unavailable"),
+        "unclear refusal: {refusal}"
+    );
+    assert!(!saved.is_empty());
+
+    // Reads still work and nothing acknowledged is missing.
+    for name in &saved {
+        let v = c
+            .request(
+                1000,
+                "tools/call",
+                json!({"name":"notes_get","arguments":{"name":name}}),
+            )
+            .await;
+        assert_eq!(
+            v["result"]["content"][0]["text"].as_str().map(str::len),
+            Some(text.len()),
+            "{name}: {v}\n{}",
+            std::fs::read_to_string(&h.log).unwrap_or_default()
+        );
+    }
+    assert_eq!(
+        reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // Space comes back: writes go through again.
+    std::fs::remove_file(&filler).unwrap();
+    let mut ok = false;
+    for i in 0..50 {
+        let v = c
+            .request(
+                2000 + i,
+                "tools/call",
+                json!({"name":"notes_put","arguments":{"name":"after","text":"space is back"}}),
+            )
+            .await;
+        if v["result"]["content"][0]["text"] == "Saved note after" {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(ok, "writes did not resume after space was freed");
+
+    // And everything acknowledged survives a crash.
+    h.kill9();
+    let h = Haven::start(&data, port, "default", &[]).await;
+    let c = Legacy::connect(&h.url()).await;
+    for name in saved.iter().chain(std::iter::once(&"after".to_owned())) {
+        let v = c
+            .request(
+                3000,
+                "tools/call",
+                json!({"name":"notes_get","arguments":{"name":name}}),
+            )
+            .await;
+        assert!(v["result"]["isError"] != json!(true), "{name} lost: {v}");
+    }
+    let log = std::fs::read_to_string(&h.log).unwrap();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+fn fs_free(path: &std::path::Path) -> u64 {
+    let out = Command::new("df")
+        .args(["-B1", "--output=avail"])
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
