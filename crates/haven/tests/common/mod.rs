@@ -75,10 +75,9 @@ impl Haven {
                 .get(format!("http://127.0.0.1:{}/readyz", self.port))
                 .send()
                 .await
+                && r.status().is_success()
             {
-                if r.status().is_success() {
-                    return;
-                }
+                return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
