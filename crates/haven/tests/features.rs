@@ -1,0 +1,195 @@
+//! Features that span requests, checked on the real binary: notifications on the standalone
+//! stream and on `subscriptions/listen`, cancellation, and request-state keys that survive a
+//! restart.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Haven, LEGACY, Legacy, SseReader, free_port, stateless};
+use serde_json::{Value, json};
+
+async fn next_json(sse: &mut SseReader) -> Value {
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(10), sse.next())
+            .await
+            .expect("timed out")
+            .expect("stream ended");
+        if !e.data.is_empty() {
+            return e.json();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resource_updates_and_list_changes_reach_listeners() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Haven::start(&dir.path().join("data"), free_port(), "default", &[]).await;
+    let c = Legacy::connect(&h.url()).await;
+    let sub = c
+        .request(1, "resources/subscribe", json!({"uri":"note://plan"}))
+        .await;
+    assert_eq!(sub["result"], json!({}));
+    let get = reqwest::Client::new()
+        .get(h.url())
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", &c.session)
+        .header("mcp-protocol-version", LEGACY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status(), 200);
+    let mut standalone = SseReader::new(get);
+    assert!(
+        standalone.next().await.unwrap().data.is_empty(),
+        "priming event first"
+    );
+
+    // A stateless listener for the same changes.
+    let http = reqwest::Client::new();
+    let r = stateless(&http, &h.url(), 77, "subscriptions/listen",
+        json!({"notifications":{"resourcesListChanged":true,"resourceSubscriptions":["note://plan"]}}), json!({})).await;
+    let mut listen = SseReader::new(r);
+    let ack = next_json(&mut listen).await;
+    assert_eq!(ack["method"], "notifications/subscriptions/acknowledged");
+    assert_eq!(
+        ack["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"],
+        77
+    );
+
+    // A write from a stateless client is announced to both.
+    let r = stateless(
+        &http,
+        &h.url(),
+        2,
+        "tools/call",
+        json!({"name":"notes_put","arguments":{"name":"plan","text":"v1"}}),
+        json!({}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let v = next_json(&mut standalone).await;
+        got.push(v["method"].as_str().unwrap().to_owned());
+        if v["method"] == "notifications/resources/updated" {
+            assert_eq!(v["params"]["uri"], "note://plan");
+        }
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "notifications/resources/list_changed",
+            "notifications/resources/updated"
+        ]
+    );
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let v = next_json(&mut listen).await;
+        assert_eq!(
+            v["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"],
+            77
+        );
+        got.push(v["method"].as_str().unwrap().to_owned());
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "notifications/resources/list_changed",
+            "notifications/resources/updated"
+        ]
+    );
+
+    // After unsubscribing, updates of that note no longer reach the session.
+    c.request(3, "resources/unsubscribe", json!({"uri":"note://plan"}))
+        .await;
+    c.request(
+        4,
+        "tools/call",
+        json!({"name":"notes_put","arguments":{"name":"plan","text":"v2"}}),
+    )
+    .await;
+    let v = next_json(&mut standalone).await;
+    assert_eq!(v["method"], "notifications/resources/list_changed", "{v}");
+    let read = c
+        .request(5, "resources/read", json!({"uri":"note://plan"}))
+        .await;
+    assert_eq!(read["result"]["contents"][0]["text"], "v2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancellation_stops_a_running_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Haven::start(&dir.path().join("data"), free_port(), "default", &[]).await;
+    let c = Legacy::connect(&h.url()).await;
+    let r = c.post_raw(json!({"jsonrpc":"2.0","id":"slow","method":"tools/call","params":{"name":"sleep","arguments":{"seconds":60},"_meta":{"progressToken":1}}})).await;
+    let mut sse = SseReader::new(r);
+    sse.next().await.unwrap();
+    let started = std::time::Instant::now();
+    let r = c.post_raw(json!({"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":"slow","reason":"test"}})).await;
+    assert_eq!(r.status(), 202);
+    loop {
+        let v = next_json(&mut sse).await;
+        if v["id"] == "slow" {
+            assert_eq!(v["error"]["code"], -32800, "{v}");
+            break;
+        }
+    }
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_state_keys_outlive_the_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = free_port();
+    let mut h = Haven::start(&data, port, "conformance", &[]).await;
+    let http = reqwest::Client::new();
+    let caps = json!({"elicitation":{}});
+    let tool = json!({"name":"test_input_required_result_request_state","arguments":{}});
+    let first: Value = stateless(&http, &h.url(), 1, "tools/call", tool.clone(), caps.clone())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["result"]["resultType"], "input_required", "{first}");
+    let state = first["result"]["requestState"].as_str().unwrap().to_owned();
+    let key = first["result"]["inputRequests"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .next()
+        .unwrap()
+        .clone();
+
+    // The key that sealed the state is in Haven's store: a new process verifies it.
+    h.kill9();
+    let h = Haven::start(&data, port, "conformance", &[]).await;
+    let mut retry = tool.clone();
+    retry["inputResponses"] = json!({ key.clone(): {"action":"accept","content":{"ok":true}} });
+    retry["requestState"] = json!(state);
+    let done: Value = stateless(
+        &http,
+        &h.url(),
+        2,
+        "tools/call",
+        retry.clone(),
+        caps.clone(),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(done["result"]["resultType"], "complete", "{done}");
+
+    // A tampered state is refused.
+    retry["requestState"] = json!(format!("{state}x"));
+    let bad: Value = stateless(&http, &h.url(), 3, "tools/call", retry, caps)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(bad["error"]["code"], -32602, "{bad}");
+}
