@@ -159,37 +159,85 @@ pub fn classify(value: Value) -> Result<Incoming, Malformed> {
     }
 }
 
+#[derive(serde::Serialize)]
+struct Envelope<'a, R: serde::Serialize, E: serde::Serialize, P: serde::Serialize> {
+    jsonrpc: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a RequestId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    method: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    params: Option<P>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<R>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<E>,
+}
+
+fn envelope<R: serde::Serialize, E: serde::Serialize, P: serde::Serialize>(
+    e: Envelope<'_, R, E, P>,
+) -> String {
+    serde_json::to_string(&e).expect("JSON-RPC messages serialize")
+}
+
 /// Serializes a success response.
 pub fn response(id: &RequestId, result: &impl serde::Serialize) -> String {
-    serde_json::to_string(&serde_json::json!({"jsonrpc": "2.0", "id": id, "result": result}))
-        .expect("JSON values serialize")
+    envelope::<_, (), ()>(Envelope {
+        jsonrpc: "2.0",
+        id: Some(id),
+        method: None,
+        params: None,
+        result: Some(result),
+        error: None,
+    })
+}
+
+/// Serializes a success response around an already serialized result object.
+pub fn response_raw(id: &RequestId, result_json: &str) -> String {
+    let id = serde_json::to_string(id).expect("ids serialize");
+    let mut s = String::with_capacity(result_json.len() + id.len() + 36);
+    s.push_str("{\"jsonrpc\":\"2.0\",\"id\":");
+    s.push_str(&id);
+    s.push_str(",\"result\":");
+    s.push_str(result_json);
+    s.push('}');
+    s
 }
 
 /// Serializes an error response (`id` omitted when unknown).
 pub fn error_response(id: Option<&RequestId>, error: &ErrorData) -> String {
-    let mut v = serde_json::json!({"jsonrpc": "2.0", "error": error});
-    if let Some(id) = id {
-        v["id"] = serde_json::to_value(id).expect("ids serialize");
-    }
-    serde_json::to_string(&v).expect("JSON values serialize")
+    envelope::<(), _, ()>(Envelope {
+        jsonrpc: "2.0",
+        id,
+        method: None,
+        params: None,
+        result: None,
+        error: Some(error),
+    })
 }
 
 /// Serializes a notification.
 pub fn notification(method: &str, params: Option<Value>) -> String {
-    let mut v = serde_json::json!({"jsonrpc": "2.0", "method": method});
-    if let Some(p) = params {
-        v["params"] = p;
-    }
-    serde_json::to_string(&v).expect("JSON values serialize")
+    envelope::<(), (), _>(Envelope {
+        jsonrpc: "2.0",
+        id: None,
+        method: Some(method),
+        params,
+        result: None,
+        error: None,
+    })
 }
 
 /// Serializes a server-to-client request.
 pub fn request(id: &RequestId, method: &str, params: Option<Value>) -> String {
-    let mut v = serde_json::json!({"jsonrpc": "2.0", "id": id, "method": method});
-    if let Some(p) = params {
-        v["params"] = p;
-    }
-    serde_json::to_string(&v).expect("JSON values serialize")
+    envelope::<(), (), _>(Envelope {
+        jsonrpc: "2.0",
+        id: Some(id),
+        method: Some(method),
+        params,
+        result: None,
+        error: None,
+    })
 }
 
 /// Shorthand for an invalid-params error.
@@ -224,6 +272,25 @@ pub fn typed_params<T: serde::de::DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serializes_envelopes() {
+        let id = NumberOrString::Number(3);
+        assert_eq!(
+            response(&id, &serde_json::json!({})),
+            r#"{"jsonrpc":"2.0","id":3,"result":{}}"#
+        );
+        assert_eq!(
+            response_raw(&id, "{}"),
+            r#"{"jsonrpc":"2.0","id":3,"result":{}}"#
+        );
+        assert_eq!(notification("x", None), r#"{"jsonrpc":"2.0","method":"x"}"#);
+        let e = ErrorData::new(ErrorCode::INVALID_PARAMS, "bad", None);
+        assert_eq!(
+            error_response(None, &e),
+            r#"{"jsonrpc":"2.0","error":{"code":-32602,"message":"bad"}}"#
+        );
+    }
 
     #[test]
     fn classifies_messages() {

@@ -16,7 +16,7 @@ use haven_mcp::engine::{
 };
 use haven_mcp::jsonrpc;
 use haven_mcp::rmcp::model::{ErrorCode, ErrorData};
-use http::{HeaderMap, HeaderValue, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use http_body_util::BodyExt;
 use tokio::net::TcpListener;
 
@@ -140,7 +140,23 @@ async fn method_not_allowed() -> Response {
     r
 }
 
-fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+/// Header names Haven reads, parsed once (looking a header up by a `&str` parses the name on
+/// every call).
+mod names {
+    use http::HeaderName;
+
+    pub static HOST: HeaderName = http::header::HOST;
+    pub static ORIGIN: HeaderName = http::header::ORIGIN;
+    pub static ACCEPT: HeaderName = http::header::ACCEPT;
+    pub static CONTENT_TYPE: HeaderName = http::header::CONTENT_TYPE;
+    pub static PROTOCOL_VERSION: HeaderName = HeaderName::from_static("mcp-protocol-version");
+    pub static METHOD: HeaderName = HeaderName::from_static("mcp-method");
+    pub static NAME: HeaderName = HeaderName::from_static("mcp-name");
+    pub static SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
+    pub static LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -168,7 +184,7 @@ fn host_origin_rejection(config: &HttpConfig, headers: &HeaderMap) -> Option<Res
             .iter()
             .any(|a| a.eq_ignore_ascii_case(h))
     };
-    if let Some(host) = header_str(headers, "host")
+    if let Some(host) = header_str(headers, &names::HOST)
         && !allowed(host_name(host))
     {
         return Some(rpc_error(
@@ -177,7 +193,7 @@ fn host_origin_rejection(config: &HttpConfig, headers: &HeaderMap) -> Option<Res
             &format!("Forbidden: Host {host} is not allowed"),
         ));
     }
-    if let Some(origin) = header_str(headers, "origin") {
+    if let Some(origin) = header_str(headers, &names::ORIGIN) {
         let host = origin
             .split_once("://")
             .map(|(_, rest)| rest.split('/').next().unwrap_or(rest));
@@ -194,7 +210,7 @@ fn host_origin_rejection(config: &HttpConfig, headers: &HeaderMap) -> Option<Res
 
 /// What an `Accept` header allows.
 fn accepts(headers: &HeaderMap) -> (bool, bool) {
-    let Some(accept) = header_str(headers, "accept") else {
+    let Some(accept) = header_str(headers, &names::ACCEPT) else {
         return (true, true);
     };
     let mut json = false;
@@ -219,16 +235,19 @@ fn accepts(headers: &HeaderMap) -> (bool, bool) {
     (json, sse)
 }
 
-async fn read_body(config: &HttpConfig, req: Request) -> Result<Bytes, Response> {
-    if let Some(len) = req
-        .headers()
+async fn read_body(
+    config: &HttpConfig,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Bytes, Response> {
+    if let Some(len) = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
         && len > config.max_body_bytes
     {
         return Err(too_large(config));
     }
-    let limited = http_body_util::Limited::new(req.into_body(), config.max_body_bytes);
+    let limited = http_body_util::Limited::new(body, config.max_body_bytes);
     match limited.collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e)
@@ -257,11 +276,12 @@ fn too_large(config: &HttpConfig) -> Response {
 }
 
 async fn mcp_post(State(app): State<Arc<AppState>>, req: Request) -> Response {
-    let headers = req.headers().clone();
-    if let Some(r) = host_origin_rejection(&app.config, &headers) {
+    let (parts, body) = req.into_parts();
+    let headers = &parts.headers;
+    if let Some(r) = host_origin_rejection(&app.config, headers) {
         return r;
     }
-    let content_type = header_str(&headers, "content-type").unwrap_or("");
+    let content_type = header_str(headers, &names::CONTENT_TYPE).unwrap_or("");
     let media = content_type.split(';').next().unwrap_or("").trim();
     if !media.eq_ignore_ascii_case("application/json") {
         return rpc_error(
@@ -272,7 +292,7 @@ async fn mcp_post(State(app): State<Arc<AppState>>, req: Request) -> Response {
             ),
         );
     }
-    let (json_ok, sse_ok) = accepts(&headers);
+    let (json_ok, sse_ok) = accepts(headers);
     if !json_ok && !sse_ok {
         return rpc_error(
             StatusCode::NOT_ACCEPTABLE,
@@ -280,7 +300,7 @@ async fn mcp_post(State(app): State<Arc<AppState>>, req: Request) -> Response {
             "Not Acceptable: Accept must allow application/json and text/event-stream",
         );
     }
-    let body = match read_body(&app.config, req).await {
+    let body = match read_body(&app.config, headers, body).await {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -293,7 +313,7 @@ async fn mcp_post(State(app): State<Arc<AppState>>, req: Request) -> Response {
             );
         }
     };
-    let version = header_str(&headers, "mcp-protocol-version").map(str::to_owned);
+    let version = header_str(headers, &names::PROTOCOL_VERSION).map(str::to_owned);
     let reply = if is_stateless(version.as_deref(), &message) {
         let params = headers
             .iter()
@@ -304,8 +324,8 @@ async fn mcp_post(State(app): State<Arc<AppState>>, req: Request) -> Response {
             .collect();
         let headers = StatelessHeaders {
             protocol_version: version,
-            method: header_str(&headers, "mcp-method").map(str::to_owned),
-            name: header_str(&headers, "mcp-name").map(str::to_owned),
+            method: header_str(headers, &names::METHOD).map(str::to_owned),
+            name: header_str(headers, &names::NAME).map(str::to_owned),
             params,
         };
         app.engine
@@ -317,7 +337,7 @@ async fn mcp_post(State(app): State<Arc<AppState>>, req: Request) -> Response {
             .await
     } else {
         let post = LegacyPost {
-            session: header_str(&headers, "mcp-session-id").map(str::to_owned),
+            session: header_str(headers, &names::SESSION_ID).map(str::to_owned),
             protocol_version: version,
             accepts_json: json_ok,
             accepts_sse: sse_ok,
@@ -332,7 +352,7 @@ async fn mcp_get(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Respon
     if let Some(r) = host_origin_rejection(&app.config, &headers) {
         return r;
     }
-    let version = header_str(&headers, "mcp-protocol-version");
+    let version = header_str(&headers, &names::PROTOCOL_VERSION);
     if version.is_some_and(|v| !haven_mcp::engine::is_legacy_version(v)) {
         return method_not_allowed().await;
     }
@@ -347,9 +367,9 @@ async fn mcp_get(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Respon
     let reply = app
         .engine
         .legacy_get(
-            header_str(&headers, "mcp-session-id"),
+            header_str(&headers, &names::SESSION_ID),
             version,
-            header_str(&headers, "last-event-id"),
+            header_str(&headers, &names::LAST_EVENT_ID),
         )
         .await;
     to_response(reply)
@@ -359,13 +379,13 @@ async fn mcp_delete(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Res
     if let Some(r) = host_origin_rejection(&app.config, &headers) {
         return r;
     }
-    let version = header_str(&headers, "mcp-protocol-version");
+    let version = header_str(&headers, &names::PROTOCOL_VERSION);
     if version.is_some_and(|v| !haven_mcp::engine::is_legacy_version(v)) {
         return method_not_allowed().await;
     }
     to_response(
         app.engine
-            .legacy_delete(header_str(&headers, "mcp-session-id"))
+            .legacy_delete(header_str(&headers, &names::SESSION_ID))
             .await,
     )
 }

@@ -16,6 +16,11 @@ use haven_mcp::engine::{Engine, EngineConfig};
 use haven_state::{HybridClock, Origin, RedbStore, Store};
 use settings::{Cli, Command, Settings};
 
+// Request handling allocates many small, short-lived objects; mimalloc serves them faster than
+// the system allocator (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = tokio::runtime::Builder::new_multi_thread()

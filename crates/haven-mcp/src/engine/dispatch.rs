@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use rmcp::model::{
-    CacheScope, CallToolRequestParams, CompleteRequestParams, ErrorCode, ErrorData,
-    GetPromptRequestParams, JsonObject, ListPromptsResult, ListResourceTemplatesResult,
+    CacheScope, CompleteRequestParams, ErrorCode, ErrorData, GetPromptRequestParams,
+    InputResponses, JsonObject, ListPromptsResult, ListResourceTemplatesResult,
     ListResourcesResult, ListToolsResult, ProgressToken, ReadResourceRequestParams, RequestId,
     ResultType, ServerResult,
 };
@@ -71,6 +71,7 @@ pub(crate) async fn run(inner: Arc<Inner>, call: Call, out: Outbox, cancel: Canc
     let final_message = match outcome {
         Outcome::Sent => return,
         Outcome::Result(v) => jsonrpc::response(&call.id, &v),
+        Outcome::Raw(json) => jsonrpc::response_raw(&call.id, &json),
         Outcome::Error(e) => jsonrpc::error_response(Some(&call.id), &e),
     };
     let _ = out.send(Item::Final(final_message));
@@ -80,6 +81,8 @@ pub(crate) async fn run(inner: Arc<Inner>, call: Call, out: Outbox, cancel: Canc
 pub(crate) enum Outcome {
     /// A result to send.
     Result(Value),
+    /// A result already serialized to JSON.
+    Raw(String),
     /// An error to send.
     Error(ErrorData),
     /// The final response was already sent (the request became a task).
@@ -106,11 +109,11 @@ async fn dispatch(
     let stateless = call.era.is_stateless();
     let r: Result<Value, ErrorData> = match call.method.as_str() {
         "ping" if !stateless => Ok(serde_json::json!({})),
-        "logging/setLevel" if !stateless => set_level(inner, call).await,
-        "resources/subscribe" if !stateless => subscribe(inner, call, true).await,
-        "resources/unsubscribe" if !stateless => subscribe(inner, call, false).await,
-        "tools/list" => list_tools(inner, call, &ctx).await,
-        "tools/call" => return tools_call(inner, call, ctx, out, cancel).await,
+        "logging/setLevel" if !stateless => Box::pin(set_level(inner, call)).await,
+        "resources/subscribe" if !stateless => Box::pin(subscribe(inner, call, true)).await,
+        "resources/unsubscribe" if !stateless => Box::pin(subscribe(inner, call, false)).await,
+        "tools/list" => Box::pin(list_tools(inner, call, &ctx)).await,
+        "tools/call" => return Box::pin(tools_call(inner, call, ctx, out, cancel)).await,
         "resources/list" => {
             let all = inner.catalog.resources(&ctx).await;
             all.and_then(|all| {
@@ -147,7 +150,7 @@ async fn dispatch(
                 ))
             })
         }
-        "resources/read" => resources_read(inner, call, ctx, out, cancel).await,
+        "resources/read" => Box::pin(resources_read(inner, call, ctx, out, cancel)).await,
         "prompts/list" => {
             let all = inner.catalog.prompts(&ctx).await;
             all.and_then(|all| {
@@ -166,7 +169,7 @@ async fn dispatch(
                 ))
             })
         }
-        "prompts/get" => prompts_get(inner, call, ctx, out, cancel).await,
+        "prompts/get" => Box::pin(prompts_get(inner, call, ctx, out, cancel)).await,
         "completion/complete" => {
             match jsonrpc::typed_params::<CompleteRequestParams>(&call.method, p) {
                 Ok(params) => inner
@@ -177,22 +180,34 @@ async fn dispatch(
                 Err(e) => Err(e),
             }
         }
-        "tasks/get" => tasks::get(inner, call).await,
-        "tasks/cancel" => tasks::cancel(inner, call).await,
-        "tasks/update" if stateless => tasks::update_request(inner, call).await,
-        "tasks/list" if !stateless => tasks::list(inner, call).await,
-        "tasks/result" if !stateless => tasks::result(inner, call, out, cancel).await,
+        "tasks/get" => Box::pin(tasks::get(inner, call)).await,
+        "tasks/cancel" => Box::pin(tasks::cancel(inner, call)).await,
+        "tasks/update" if stateless => Box::pin(tasks::update_request(inner, call)).await,
+        "tasks/list" if !stateless => Box::pin(tasks::list(inner, call)).await,
+        "tasks/result" if !stateless => Box::pin(tasks::result(inner, call, out, cancel)).await,
         other => Err(method_not_found(other)),
     };
     r.into()
 }
 
+/// Like [`finish`], straight to JSON text.
+pub(crate) fn finish_raw(inner: &Inner, era: &Era, mut result: ServerResult) -> String {
+    shape(inner, era, &mut result);
+    serde_json::to_string(&result).expect("results serialize")
+}
+
 /// Serializes a result in the shape the era expects: stateless results carry `resultType` and
 /// cache hints; legacy results carry neither.
 pub(crate) fn finish(inner: &Inner, era: &Era, mut result: ServerResult) -> Value {
+    shape(inner, era, &mut result);
+    serde_json::to_value(&result).expect("results serialize")
+}
+
+/// Adds or strips the era-specific fields of a result.
+fn shape(inner: &Inner, era: &Era, result: &mut ServerResult) {
     if era.is_stateless() {
         let ttl = inner.config.list_ttl_millis;
-        match &mut result {
+        match result {
             ServerResult::ListToolsResult(r) => hint(&mut r.ttl_ms, &mut r.cache_scope, ttl),
             ServerResult::ListPromptsResult(r) => hint(&mut r.ttl_ms, &mut r.cache_scope, ttl),
             ServerResult::ListResourcesResult(r) => hint(&mut r.ttl_ms, &mut r.cache_scope, ttl),
@@ -219,7 +234,6 @@ pub(crate) fn finish(inner: &Inner, era: &Era, mut result: ServerResult) -> Valu
         result.strip_result_type_for_legacy_peer();
         result.strip_non_object_output_for_legacy_peer();
     }
-    serde_json::to_value(&result).expect("results serialize")
 }
 
 fn hint(ttl: &mut Option<u64>, scope: &mut Option<CacheScope>, default_ttl: u64) {
@@ -352,13 +366,44 @@ async fn tools_call(
     out: &Outbox,
     cancel: &CancellationToken,
 ) -> Outcome {
-    let params: CallToolRequestParams =
-        match jsonrpc::typed_params(&call.method, Some(&call.params)) {
-            Ok(p) => p,
-            Err(e) => return Outcome::Error(e),
-        };
-    let name = params.name.to_string();
-    let arguments = params.arguments.clone().unwrap_or_default();
+    // The parameters are read in place rather than through rmcp's CallToolRequestParams: this
+    // is the hot path, and the typed form would copy the whole request (and parse `_meta`).
+    let params = &call.params;
+    let name = match params.get("name") {
+        Some(Value::String(n)) => n.clone(),
+        _ => {
+            return Outcome::Error(invalid_params(
+                "Invalid params for tools/call: name (string) is required",
+            ));
+        }
+    };
+    let arguments = match params.get("arguments") {
+        None | Some(Value::Null) => JsonObject::new(),
+        Some(Value::Object(a)) => a.clone(),
+        Some(_) => {
+            return Outcome::Error(invalid_params(
+                "Invalid params for tools/call: arguments must be an object",
+            ));
+        }
+    };
+    let input_responses: Option<InputResponses> = match params.get("inputResponses") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(m)) => Some(m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
+        Some(_) => {
+            return Outcome::Error(invalid_params(
+                "Invalid params for tools/call: inputResponses must be an object",
+            ));
+        }
+    };
+    let request_state = match params.get("requestState") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.as_str()),
+        Some(_) => {
+            return Outcome::Error(invalid_params(
+                "Invalid params for tools/call: requestState must be a string",
+            ));
+        }
+    };
     let (tools, index) = match inner.tool_index(&ctx).await {
         Ok(t) => t,
         Err(e) => return Outcome::Error(e),
@@ -395,7 +440,7 @@ async fn tools_call(
             }
             (Some(task), _) => {
                 let requested_ttl = task.get("ttl").and_then(Value::as_u64);
-                return tasks::start_client_task(
+                return Box::pin(tasks::start_client_task(
                     inner,
                     call,
                     ctx,
@@ -404,7 +449,7 @@ async fn tools_call(
                     arguments,
                     requested_ttl,
                     idempotent,
-                )
+                ))
                 .await;
             }
             (None, _) => {}
@@ -415,25 +460,22 @@ async fn tools_call(
         return Outcome::Error(tasks::tasks_capability_required());
     }
 
-    let round = match mrtr::first_round(
-        inner,
-        call,
-        &name,
-        params.input_responses,
-        params.request_state.as_deref(),
-    ) {
+    let round = match mrtr::first_round(inner, call, &name, input_responses, request_state) {
         Ok(r) => r,
         Err(e) => return Outcome::Error(e),
     };
-    let hook = tasks::Promoter::new(
-        inner.clone(),
-        call.clone(),
-        out.clone(),
-        name.clone(),
-        arguments.clone(),
-        idempotent,
-        client_tasks && support != TaskSupport::Forbidden,
-    );
+    let hook = if client_tasks && support != TaskSupport::Forbidden {
+        tasks::Promoter::new(
+            inner.clone(),
+            call.clone(),
+            out.clone(),
+            name.clone(),
+            arguments.clone(),
+            idempotent,
+        )
+    } else {
+        tasks::Promoter::disabled()
+    };
     let ctx = ctx.with_task_hook(hook.clone());
     let catalog = inner.catalog.clone();
     let step_fn = |ctx: RequestContext, round: Round| {
@@ -442,9 +484,12 @@ async fn tools_call(
         let arguments = arguments.clone();
         async move { catalog.call_tool(&ctx, &name, arguments, round).await }
     };
-    let driven = mrtr::drive(inner, call, &ctx, out, cancel, &name, round, &hook, step_fn).await;
+    let driven = Box::pin(mrtr::drive(
+        inner, call, &ctx, out, cancel, &name, round, &hook, step_fn,
+    ))
+    .await;
     match driven {
-        Driven::Done(result) => Outcome::Result(finish(
+        Driven::Done(result) => Outcome::Raw(finish_raw(
             inner,
             &call.era,
             ServerResult::CallToolResult(result),
@@ -452,7 +497,7 @@ async fn tools_call(
         Driven::InputRequired(v) => Outcome::Result(v),
         Driven::Error(e) => Outcome::Error(e),
         Driven::Promoted(step) => {
-            tasks::run_task(inner, &hook, ctx, step).await;
+            Box::pin(tasks::run_task(inner, &hook, ctx, step)).await;
             Outcome::Sent
         }
     }
@@ -525,7 +570,11 @@ async fn prompts_get(
         async move { catalog.get_prompt(&ctx, &name, arguments, round).await }
     };
     let hook = tasks::Promoter::disabled();
-    match mrtr::drive(inner, call, &ctx, out, cancel, &name, round, &hook, step_fn).await {
+    match Box::pin(mrtr::drive(
+        inner, call, &ctx, out, cancel, &name, round, &hook, step_fn,
+    ))
+    .await
+    {
         Driven::Done(r) => Ok(finish(inner, &call.era, ServerResult::GetPromptResult(r))),
         Driven::InputRequired(v) => Ok(v),
         Driven::Error(e) => Err(e),

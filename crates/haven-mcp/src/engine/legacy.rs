@@ -97,7 +97,7 @@ pub(super) async fn post(inner: &Arc<Inner>, p: LegacyPost) -> Reply {
     if let Incoming::Request(req) = &p.message
         && req.method == "initialize"
     {
-        return initialize(inner, req).await;
+        return Box::pin(initialize(inner, req)).await;
     }
     let loaded =
         match open_session(inner, p.session.as_deref(), p.protocol_version.as_deref()).await {
@@ -106,7 +106,9 @@ pub(super) async fn post(inner: &Arc<Inner>, p: LegacyPost) -> Reply {
         };
     let sid = loaded.record.id.clone();
     match p.message {
-        Incoming::Request(req) => request(inner, loaded, req, p.accepts_json, p.accepts_sse).await,
+        Incoming::Request(req) => {
+            Box::pin(request(inner, loaded, req, p.accepts_json, p.accepts_sse)).await
+        }
         Incoming::Notification { method, params } => {
             if method == "notifications/cancelled"
                 && let Some(id) = params.as_ref().and_then(|p| p.get("requestId"))

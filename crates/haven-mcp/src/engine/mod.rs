@@ -332,6 +332,22 @@ impl Inner {
         Ok(entry)
     }
 
+    /// The tool index, built with a context for `call` when the cache is cold.
+    async fn tools_for(&self, call: &dispatch::Call) -> Result<ToolIndex, ErrorData> {
+        if let Some(t) = self.tools.read().tools.clone() {
+            return Ok(t);
+        }
+        let ctx = crate::context::RequestContext::new(
+            self.store.clone(),
+            call.era.clone(),
+            call.caller.clone(),
+            None,
+            None,
+            CancellationToken::new(),
+        );
+        self.tool_index(&ctx).await
+    }
+
     fn running_key(session: &str, id: &RequestId) -> String {
         format!("{session}/{id}")
     }

@@ -9,6 +9,7 @@ use rmcp::model::{
     CacheScope, ClientCapabilities, DiscoverResult, ErrorCode, ErrorData, Implementation,
     LoggingLevel, RequestId, SubscriptionFilter,
 };
+use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -20,7 +21,7 @@ use super::{Inner, LEGACY_VERSIONS, Reply, STATELESS_VERSIONS, SseFrame, is_lega
 use crate::catalog::Caller;
 use crate::context::{ANNOUNCE_NS, Announcement, Era, Item};
 use crate::hub::Topic;
-use crate::jsonrpc::{self, Incoming, IncomingRequest};
+use crate::jsonrpc::{self, Incoming};
 
 const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
 const META_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
@@ -149,7 +150,7 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
     let id = req.id.clone();
 
     // 1. `_meta` must carry the protocol version and the client capabilities.
-    let Some(meta) = req.meta().cloned() else {
+    let Some(meta) = req.meta() else {
         return reject(400, &id, ErrorCode::INVALID_PARAMS, "Invalid params: _meta is required (with io.modelcontextprotocol/protocolVersion and io.modelcontextprotocol/clientCapabilities)".into(), None);
     };
     let Some(version) = meta
@@ -165,8 +166,8 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
             None,
         );
     };
-    let capabilities: ClientCapabilities = match meta.get(META_CAPABILITIES) {
-        Some(c @ Value::Object(_)) => match serde_json::from_value(c.clone()) {
+    let capabilities = match meta.get(META_CAPABILITIES) {
+        Some(c @ Value::Object(_)) => match ClientCapabilities::deserialize(c) {
             Ok(c) => c,
             Err(e) => {
                 return reject(
@@ -188,6 +189,12 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
             );
         }
     };
+    let client_info = meta
+        .get(META_CLIENT_INFO)
+        .and_then(|v| Implementation::deserialize(v).ok());
+    let log_level = meta
+        .get(META_LOG_LEVEL)
+        .and_then(|v| LoggingLevel::deserialize(v).ok());
     // 2. The header must agree with `_meta`.
     if p.from_http && h.protocol_version.as_deref() != Some(version.as_str()) {
         return reject(
@@ -266,81 +273,57 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
             );
         }
     }
-    let caller = Caller {
-        client_info: meta
-            .get(META_CLIENT_INFO)
-            .and_then(|v| serde_json::from_value::<Implementation>(v.clone()).ok()),
-        capabilities,
-        log_level: meta
-            .get(META_LOG_LEVEL)
-            .and_then(|v| serde_json::from_value::<LoggingLevel>(v.clone()).ok()),
-    };
+    let method = req.method;
     let call = Call {
-        id: id.clone(),
-        method: req.method.clone(),
-        params: req.params.clone().unwrap_or_default(),
+        id,
+        method,
+        params: req.params.unwrap_or_default(),
         era: Era::Stateless {
             protocol_version: version,
         },
-        caller,
+        caller: Caller {
+            client_info,
+            capabilities,
+            log_level,
+        },
     };
     // 7. `Mcp-Param-*` headers must mirror the arguments they stand for.
-    if req.method == "tools/call"
+    if call.method == "tools/call"
         && p.from_http
-        && let Err(r) = check_param_headers(inner, &call, &req, h).await
+        && let Some(r) = Box::pin(param_header_rejection(inner, &call, h)).await
     {
         return r;
     }
-    match req.method.as_str() {
+    match call.method.as_str() {
         "server/discover" => discover(inner, &call),
         "subscriptions/listen" => listen(inner, &call),
-        _ => run(inner, call).await,
+        _ => Box::pin(run(inner, call)).await,
     }
 }
 
-async fn check_param_headers(
+/// Checks `Mcp-Param-*` headers against the tool's `x-mcp-header` arguments.
+async fn param_header_rejection(
     inner: &Arc<Inner>,
     call: &Call,
-    req: &IncomingRequest,
     h: &StatelessHeaders,
-) -> Result<(), Reply> {
-    let ctx = crate::context::RequestContext::new(
-        inner.store.clone(),
-        call.era.clone(),
-        call.caller.clone(),
-        None,
-        None,
-        CancellationToken::new(),
-    );
-    let Ok((tools, index)) = inner.tool_index(&ctx).await else {
-        return Ok(());
-    };
-    let name = req
+) -> Option<Reply> {
+    let name = call
         .params
-        .as_ref()
-        .and_then(|p| p.get("name"))
+        .get("name")
         .and_then(Value::as_str)
         .unwrap_or_default();
-    let Some(tool) = index.get(name).map(|i| &tools[*i]) else {
-        return Ok(());
-    };
-    let Some(props) = tool
+    let (tools, index) = inner.tools_for(call).await.ok()?;
+    let tool = index.get(name).map(|i| &tools[*i])?;
+    let props = tool
         .input_schema
         .get("properties")
-        .and_then(Value::as_object)
-    else {
-        return Ok(());
-    };
-    let args = req
-        .params
-        .as_ref()
-        .and_then(|p| p.get("arguments"))
-        .and_then(Value::as_object);
+        .and_then(Value::as_object)?;
+    let args = call.params.get("arguments").and_then(Value::as_object);
     for (prop, schema) in props {
         let Some(header_name) = schema.get("x-mcp-header").and_then(Value::as_str) else {
             continue;
         };
-        let wanted = header_name.to_ascii_lowercase().to_string();
+        let wanted = header_name.to_ascii_lowercase();
         let header = h
             .params
             .iter()
@@ -359,7 +342,7 @@ async fn check_param_headers(
             },
         };
         if !ok {
-            return Err(reject(
+            return Some(reject(
                 400,
                 &call.id,
                 ErrorCode::HEADER_MISMATCH,
@@ -370,7 +353,7 @@ async fn check_param_headers(
             ));
         }
     }
-    Ok(())
+    None
 }
 
 fn discover(inner: &Arc<Inner>, call: &Call) -> Reply {
@@ -425,15 +408,108 @@ impl Drop for CancelOnDrop {
     }
 }
 
+/// Whether a request may turn into a task, and so must outlive its HTTP exchange.
+fn may_become_task(inner: &Inner, call: &Call) -> bool {
+    call.method == "tools/call"
+        && call.caller.capabilities.supports_tasks()
+        && call
+            .params
+            .get("name")
+            .and_then(Value::as_str)
+            .is_some_and(|n| {
+                inner.catalog.task_support(n) != crate::catalog::TaskSupport::Forbidden
+            })
+}
+
 async fn run(inner: &Arc<Inner>, call: Call) -> Reply {
+    if may_become_task(inner, &call) {
+        return Box::pin(run_spawned(inner, call)).await;
+    }
+    // The handler runs inside this request: no task spawn, and dropping the response (the
+    // client closing it) drops the handler, which is the era's cancellation.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let id = call.id.clone();
+    let mut handler: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = Box::pin(
+        dispatch::run(inner.clone(), call, tx, CancellationToken::new()),
+    );
+    let (first, running) = tokio::select! {
+        biased;
+        item = rx.recv() => (item, true),
+        () = &mut handler => (rx.try_recv().ok(), false),
+    };
+    let first = match first {
+        Some(Item::Final(json)) => {
+            return Reply::Json {
+                status: status_of(&json),
+                body: json,
+                session: None,
+            };
+        }
+        Some(item) => item,
+        None => {
+            return Reply::error(
+                500,
+                Some(&id),
+                &jsonrpc::internal("the request ended without a response"),
+            );
+        }
+    };
+    let state = (Some(first), rx, running.then_some(handler));
+    let frames = futures::stream::unfold(state, |(pending, mut rx, mut handler)| async move {
+        let item = match pending {
+            Some(i) => i,
+            None => loop {
+                let next = match handler.as_mut() {
+                    Some(h) => tokio::select! {
+                        biased;
+                        item = rx.recv() => item,
+                        () = h => { handler = None; continue; }
+                    },
+                    None => rx.try_recv().ok(),
+                };
+                match next? {
+                    Item::Close => continue,
+                    i => break i,
+                }
+            },
+        };
+        let last = matches!(item, Item::Final(_));
+        let data = match item {
+            Item::Final(m) | Item::Notify(m) | Item::Request(m) => m,
+            Item::Close => String::new(),
+        };
+        if last {
+            rx.close();
+            handler = None;
+        }
+        Some((
+            SseFrame::Event {
+                id: None,
+                retry: None,
+                data,
+            },
+            (None, rx, handler),
+        ))
+    });
+    use futures::StreamExt;
+    Reply::Stream(
+        frames
+            .filter(|f| {
+                futures::future::ready(
+                    !matches!(f, SseFrame::Event { data, .. } if data.is_empty()),
+                )
+            })
+            .boxed(),
+    )
+}
+
+/// Runs a request that may become a task in its own tokio task, so that it can outlive the
+/// HTTP exchange; closing the response before the final message cancels it.
+async fn run_spawned(inner: &Arc<Inner>, call: Call) -> Reply {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let cancel = CancellationToken::new();
-    tokio::spawn(dispatch::run(
-        inner.clone(),
-        call.clone(),
-        tx,
-        cancel.clone(),
-    ));
+    let id = call.id.clone();
+    tokio::spawn(dispatch::run(inner.clone(), call, tx, cancel.clone()));
     let mut guard = CancelOnDrop(Some(cancel));
     let first = match rx.recv().await {
         Some(Item::Final(json)) => {
@@ -449,7 +525,7 @@ async fn run(inner: &Arc<Inner>, call: Call) -> Reply {
             guard.0 = None;
             return Reply::error(
                 500,
-                Some(&call.id),
+                Some(&id),
                 &jsonrpc::internal("the request ended without a response"),
             );
         }
@@ -595,6 +671,7 @@ fn listen(inner: &Arc<Inner>, call: &Call) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jsonrpc::IncomingRequest;
 
     #[test]
     fn header_values_decode_strictly() {

@@ -307,7 +307,6 @@ struct PromoteTarget {
     tool: String,
     arguments: JsonObject,
     idempotent: bool,
-    eligible: bool,
 }
 
 impl Promoter {
@@ -319,7 +318,6 @@ impl Promoter {
         tool: String,
         arguments: JsonObject,
         idempotent: bool,
-        eligible: bool,
     ) -> Arc<Promoter> {
         Arc::new(Promoter {
             target: Some(PromoteTarget {
@@ -329,7 +327,6 @@ impl Promoter {
                 tool,
                 arguments,
                 idempotent,
-                eligible,
             }),
             task_id: Mutex::new(None),
         })
@@ -370,9 +367,6 @@ impl TaskHook for Promoter {
         let Some(t) = &self.target else {
             return Ok(false);
         };
-        if !t.eligible {
-            return Ok(false);
-        }
         let rec = new_record(
             &t.inner,
             &t.call,
