@@ -70,6 +70,11 @@ struct Args {
     /// Tokio worker threads of the load generator.
     #[arg(long, default_value_t = 1)]
     load_threads: usize,
+    /// Worker threads of both servers (`--threads` of the rmcp reference, `--worker-threads`
+    /// of Haven); by default each uses one per core. The load generator shares the same cores,
+    /// so fewer server threads can be faster: compare both servers at the same setting.
+    #[arg(long)]
+    server_threads: Option<usize>,
     /// Framing of the stateless rmcp reference's replies (2026 era).
     #[arg(long, value_enum, default_value = "json")]
     rmcp_response: RmcpResponse,
@@ -312,7 +317,14 @@ fn plan(
                 RmcpResponse::Json => "json".into(),
                 RmcpResponse::Sse => "sse".into(),
             },
-        ],
+        ]
+        .into_iter()
+        .chain(
+            args.server_threads
+                .iter()
+                .flat_map(|n| ["--threads".to_owned(), n.to_string()]),
+        )
+        .collect(),
         path: "/mcp".into(),
     };
     let mut specs = Vec::new();
@@ -337,6 +349,9 @@ fn plan(
                     "--catalog".into(),
                     "default".into(),
                 ];
+                if let Some(n) = args.server_threads {
+                    haven_args.extend(["--worker-threads".to_owned(), n.to_string()]);
+                }
                 haven_args.extend(args.haven_args.iter().cloned());
                 specs.push(ServerSpec {
                     label: "haven".into(),

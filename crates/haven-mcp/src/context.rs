@@ -113,9 +113,12 @@ pub trait TaskHook: Send + Sync {
     fn is_task(&self) -> bool;
 }
 
-/// Per-request facilities handed to catalog handlers.
+/// Per-request facilities handed to catalog handlers. Cheap to clone (one shared allocation).
 #[derive(Clone)]
-pub struct RequestContext {
+pub struct RequestContext(Arc<Facilities>);
+
+#[derive(Clone)]
+struct Facilities {
     store: Arc<dyn Store>,
     era: Era,
     caller: Caller,
@@ -128,7 +131,7 @@ pub struct RequestContext {
 impl std::fmt::Debug for RequestContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RequestContext")
-            .field("era", &self.era)
+            .field("era", &self.0.era)
             .finish()
     }
 }
@@ -156,7 +159,7 @@ impl RequestContext {
         out: Option<Outbox>,
         cancel: CancellationToken,
     ) -> RequestContext {
-        RequestContext {
+        RequestContext(Arc::new(Facilities {
             store,
             era,
             caller,
@@ -164,18 +167,18 @@ impl RequestContext {
             out,
             cancel,
             task: None,
-        }
+        }))
     }
 
     /// The same context, able to become a task through `hook`.
     pub fn with_task_hook(mut self, hook: Arc<dyn TaskHook>) -> RequestContext {
-        self.task = Some(hook);
+        Arc::make_mut(&mut self.0).task = Some(hook);
         self
     }
 
     /// The same context with its outbox detached (items are dropped from now on).
     pub fn detached(mut self) -> RequestContext {
-        self.out = None;
+        Arc::make_mut(&mut self.0).out = None;
         self
     }
 
@@ -184,7 +187,7 @@ impl RequestContext {
     /// changes nothing, when the request cannot become a task; the handler then just goes on
     /// and answers directly. Handlers of long work call this before starting it.
     pub async fn become_task(&self) -> Result<bool, rmcp::model::ErrorData> {
-        match &self.task {
+        match &self.0.task {
             Some(hook) => hook.promote().await,
             None => Ok(false),
         }
@@ -192,32 +195,32 @@ impl RequestContext {
 
     /// Whether the handler runs as a task.
     pub fn is_task(&self) -> bool {
-        self.task.as_ref().is_some_and(|h| h.is_task())
+        self.0.task.as_ref().is_some_and(|h| h.is_task())
     }
 
     /// The node's store.
     pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
+        &self.0.store
     }
 
     /// The request's protocol era.
     pub fn era(&self) -> &Era {
-        &self.era
+        &self.0.era
     }
 
     /// Who is calling.
     pub fn caller(&self) -> &Caller {
-        &self.caller
+        &self.0.caller
     }
 
     /// The client's declared capabilities.
     pub fn client_capabilities(&self) -> &ClientCapabilities {
-        &self.caller.capabilities
+        &self.0.caller.capabilities
     }
 
     /// Whether the client declared `sampling`, `elicitation` or `roots`.
     pub fn client_supports(&self, capability: &str) -> bool {
-        let c = &self.caller.capabilities;
+        let c = &self.0.caller.capabilities;
         match capability {
             "sampling" => c.sampling.is_some(),
             "elicitation" => c.elicitation.is_some(),
@@ -229,17 +232,17 @@ impl RequestContext {
 
     /// Whether the request asked for progress notifications.
     pub fn wants_progress(&self) -> bool {
-        self.progress_token.is_some() && self.out.is_some()
+        self.0.progress_token.is_some() && self.0.out.is_some()
     }
 
     /// The request's progress token.
     pub fn progress_token(&self) -> Option<&ProgressToken> {
-        self.progress_token.as_ref()
+        self.0.progress_token.as_ref()
     }
 
     /// Sends a progress notification if the request carries a progress token.
     pub fn progress(&self, progress: f64, total: Option<f64>, message: Option<String>) {
-        let (Some(token), Some(out)) = (&self.progress_token, &self.out) else {
+        let (Some(token), Some(out)) = (&self.0.progress_token, &self.0.out) else {
             return;
         };
         let mut params = serde_json::json!({ "progressToken": token, "progress": progress });
@@ -258,8 +261,8 @@ impl RequestContext {
     /// Sends a log notification if the client's level lets it through. Stateless clients get
     /// log messages only when their request named a level.
     pub fn log(&self, level: LoggingLevel, logger: Option<&str>, data: Value) {
-        let Some(out) = &self.out else { return };
-        let wanted = match (&self.era, self.caller.log_level) {
+        let Some(out) = &self.0.out else { return };
+        let wanted = match (&self.0.era, self.0.caller.log_level) {
             (Era::Stateless { .. }, None) => return,
             (_, None) => true,
             (_, Some(min)) => level_rank(level) >= level_rank(min),
@@ -279,27 +282,27 @@ impl RequestContext {
 
     /// Asks the transport to end the live response now (the client resumes it later).
     pub fn close_stream(&self) {
-        if let Some(out) = &self.out {
+        if let Some(out) = &self.0.out {
             let _ = out.send(Item::Close);
         }
     }
 
     /// Cancellation of this request (client cancellation, stateless disconnect, task cancel).
     pub fn cancelled(&self) -> &CancellationToken {
-        &self.cancel
+        &self.0.cancel
     }
 
     /// Sleeps for `duration` unless the request is cancelled first; returns false if cancelled.
     pub async fn sleep(&self, duration: std::time::Duration) -> bool {
         tokio::select! {
             _ = tokio::time::sleep(duration) => true,
-            _ = self.cancel.cancelled() => false,
+            _ = self.0.cancel.cancelled() => false,
         }
     }
 
     /// Records an announcement durably; every node tells its interested clients.
     pub async fn announce(&self, announcement: Announcement) -> Result<(), StoreError> {
-        announce(&*self.store, &announcement).await
+        announce(&*self.0.store, &announcement).await
     }
 }
 

@@ -2,8 +2,12 @@
 //! types come from `rmcp::model`; this module only decides what kind of message arrived and
 //! maps malformed input to the right error.
 
-use rmcp::model::{ErrorCode, ErrorData, JsonObject, NumberOrString, RequestId};
+use rmcp::model::{
+    ClientCapabilities, ErrorCode, ErrorData, Implementation, JsonObject, LoggingLevel,
+    NumberOrString, ProgressToken, RequestId,
+};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 /// An incoming JSON-RPC message, classified.
 #[derive(Debug, Clone)]
@@ -40,14 +44,187 @@ pub struct IncomingRequest {
     pub id: RequestId,
     /// Method name.
     pub method: String,
-    /// Parameters (an object, or absent).
+    /// Parameters (an object, or absent), without `_meta`.
     pub params: Option<JsonObject>,
+    /// `params._meta`, kept unparsed until someone reads it (most requests carry one, and it
+    /// is read into typed fields once).
+    pub meta: Option<Box<RawValue>>,
+}
+
+/// The protocol fields of a request's `_meta`.
+#[derive(Debug, Clone, Default)]
+pub struct RequestMeta {
+    /// `io.modelcontextprotocol/protocolVersion` (stateless era).
+    pub protocol_version: Option<String>,
+    /// `io.modelcontextprotocol/clientCapabilities` (stateless era).
+    pub client_capabilities: Option<ClientCapabilities>,
+    /// `io.modelcontextprotocol/clientInfo` (stateless era, optional; ignored when malformed).
+    pub client_info: Option<Implementation>,
+    /// `io.modelcontextprotocol/logLevel` (stateless era, optional; ignored when malformed).
+    pub log_level: Option<LoggingLevel>,
+    /// `progressToken` (ignored when malformed).
+    pub progress_token: Option<ProgressToken>,
+}
+
+/// `_meta` read strictly: the fast path for well-formed requests.
+#[derive(serde::Deserialize)]
+struct StrictMeta {
+    #[serde(rename = "io.modelcontextprotocol/protocolVersion", default)]
+    protocol_version: Option<String>,
+    #[serde(rename = "io.modelcontextprotocol/clientCapabilities", default)]
+    client_capabilities: Option<ClientCapabilities>,
+    #[serde(rename = "io.modelcontextprotocol/clientInfo", default)]
+    client_info: Option<Implementation>,
+    #[serde(rename = "io.modelcontextprotocol/logLevel", default)]
+    log_level: Option<LoggingLevel>,
+    #[serde(rename = "progressToken", default)]
+    progress_token: Option<ProgressToken>,
+}
+
+/// `_meta` read leniently, when the strict read failed: optional fields that are malformed are
+/// dropped instead of failing the request.
+#[derive(serde::Deserialize)]
+struct LenientMeta {
+    #[serde(rename = "io.modelcontextprotocol/protocolVersion", default)]
+    protocol_version: Option<String>,
+    #[serde(rename = "io.modelcontextprotocol/clientCapabilities", default)]
+    client_capabilities: Option<ClientCapabilities>,
+    #[serde(rename = "io.modelcontextprotocol/clientInfo", default)]
+    client_info: Option<Value>,
+    #[serde(rename = "io.modelcontextprotocol/logLevel", default)]
+    log_level: Option<Value>,
+    #[serde(rename = "progressToken", default)]
+    progress_token: Option<Value>,
 }
 
 impl IncomingRequest {
-    /// The `_meta` object of the parameters, if any.
-    pub fn meta(&self) -> Option<&JsonObject> {
-        self.params.as_ref()?.get("_meta")?.as_object()
+    /// Reads `_meta` (an absent `_meta` reads as `None`). Fails only when the protocol version
+    /// or the client capabilities are malformed.
+    pub fn meta(&self) -> Result<Option<RequestMeta>, serde_json::Error> {
+        let Some(raw) = &self.meta else {
+            return Ok(None);
+        };
+        if let Ok(m) = serde_json::from_str::<StrictMeta>(raw.get()) {
+            return Ok(Some(RequestMeta {
+                protocol_version: m.protocol_version,
+                client_capabilities: m.client_capabilities,
+                client_info: m.client_info,
+                log_level: m.log_level,
+                progress_token: m.progress_token,
+            }));
+        }
+        let m: LenientMeta = serde_json::from_str(raw.get())?;
+        fn opt<T: serde::de::DeserializeOwned>(v: Option<Value>) -> Option<T> {
+            v.and_then(|v| serde_json::from_value(v).ok())
+        }
+        Ok(Some(RequestMeta {
+            protocol_version: m.protocol_version,
+            client_capabilities: m.client_capabilities,
+            client_info: opt(m.client_info),
+            log_level: opt(m.log_level),
+            progress_token: opt(m.progress_token),
+        }))
+    }
+}
+
+/// Request parameters as parsed off the wire: the members, and `_meta` apart and unparsed.
+#[derive(Default)]
+struct Params {
+    members: JsonObject,
+    meta: Option<Box<RawValue>>,
+    not_an_object: bool,
+}
+
+impl<'de> serde::Deserialize<'de> for Params {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Params, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Params;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("JSON-RPC params")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Params, A::Error> {
+                let mut p = Params::default();
+                while let Some(key) = map.next_key::<String>()? {
+                    if key == "_meta" {
+                        p.meta = Some(map.next_value()?);
+                    } else {
+                        let v: Value = map.next_value()?;
+                        p.members.insert(key, v);
+                    }
+                }
+                Ok(p)
+            }
+            fn visit_unit<E>(self) -> Result<Params, E> {
+                Ok(Params::default())
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Params, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Params {
+                    not_an_object: true,
+                    ..Params::default()
+                })
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Params, E> {
+                Ok(Params {
+                    not_an_object: true,
+                    ..Params::default()
+                })
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Params, E> {
+                Ok(Params {
+                    not_an_object: true,
+                    ..Params::default()
+                })
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Params, E> {
+                Ok(Params {
+                    not_an_object: true,
+                    ..Params::default()
+                })
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Params, E> {
+                Ok(Params {
+                    not_an_object: true,
+                    ..Params::default()
+                })
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Params, E> {
+                Ok(Params {
+                    not_an_object: true,
+                    ..Params::default()
+                })
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl Params {
+    fn from_value(v: Value) -> Params {
+        match v {
+            Value::Null => Params::default(),
+            Value::Object(mut members) => {
+                let meta = members
+                    .remove("_meta")
+                    .and_then(|m| serde_json::value::to_raw_value(&m).ok());
+                Params {
+                    members,
+                    meta,
+                    not_an_object: false,
+                }
+            }
+            _ => Params {
+                not_an_object: true,
+                ..Params::default()
+            },
+        }
     }
 }
 
@@ -79,13 +256,41 @@ fn read_id(v: &Value) -> Result<Option<RequestId>, ()> {
     }
 }
 
+/// The members of a JSON-RPC message object, each `Some` when present (even if `null`).
+#[derive(serde::Deserialize, Default)]
+struct Members {
+    #[serde(default, deserialize_with = "present")]
+    jsonrpc: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    id: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    method: Option<Value>,
+    #[serde(default)]
+    params: Option<Params>,
+    #[serde(default, deserialize_with = "present")]
+    result: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    error: Option<Value>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    <Value as serde::Deserialize>::deserialize(d).map(Some)
+}
+
 /// Parses and classifies one JSON-RPC message from `body`.
 pub fn parse(body: &[u8]) -> Result<Incoming, Malformed> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| Malformed {
-        id: None,
-        error: ErrorData::new(ErrorCode::PARSE_ERROR, format!("Parse error: {e}"), None),
-    })?;
-    classify(value)
+    // The common case, an object, is read straight into its members (no intermediate map);
+    // anything else goes through a generic parse to find the right error.
+    match serde_json::from_slice::<Members>(body) {
+        Ok(m) => classify_members(m),
+        Err(_) => {
+            let value: Value = serde_json::from_slice(body).map_err(|e| Malformed {
+                id: None,
+                error: ErrorData::new(ErrorCode::PARSE_ERROR, format!("Parse error: {e}"), None),
+            })?;
+            classify(value)
+        }
+    }
 }
 
 /// Classifies an already-parsed JSON value as a JSON-RPC message.
@@ -103,7 +308,19 @@ pub fn classify(value: Value) -> Result<Incoming, Malformed> {
             )
         });
     };
-    let id = match obj.get("id") {
+    classify_members(Members {
+        jsonrpc: obj.remove("jsonrpc"),
+        id: obj.remove("id"),
+        method: obj.remove("method"),
+        params: obj.remove("params").map(Params::from_value),
+        result: obj.remove("result"),
+        error: obj.remove("error"),
+    })
+}
+
+fn classify_members(m: Members) -> Result<Incoming, Malformed> {
+    let id_present = m.id.is_some();
+    let id = match &m.id {
         None => None,
         Some(v) => match read_id(v) {
             Ok(id) => id,
@@ -115,13 +332,12 @@ pub fn classify(value: Value) -> Result<Incoming, Malformed> {
             }
         },
     };
-    if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+    if m.jsonrpc.as_ref().and_then(Value::as_str) != Some("2.0") {
         return Err(invalid(id, "Invalid Request: jsonrpc must be \"2.0\""));
     }
-    let params = match obj.remove("params") {
-        None => None,
-        Some(Value::Object(p)) => Some(p),
-        Some(Value::Null) => None,
+    let (params, meta) = match m.params {
+        None => (None, None),
+        Some(p) if !p.not_an_object => (Some(p.members), p.meta),
         Some(_) => {
             return Err(Malformed {
                 id,
@@ -133,22 +349,25 @@ pub fn classify(value: Value) -> Result<Incoming, Malformed> {
             });
         }
     };
-    match obj.remove("method") {
+    match m.method {
         Some(Value::String(method)) => match id {
-            Some(id) => Ok(Incoming::Request(IncomingRequest { id, method, params })),
-            None if obj.contains_key("id") => {
-                Err(invalid(None, "Invalid Request: id must not be null"))
-            }
+            Some(id) => Ok(Incoming::Request(IncomingRequest {
+                id,
+                method,
+                params,
+                meta,
+            })),
+            None if id_present => Err(invalid(None, "Invalid Request: id must not be null")),
             None => Ok(Incoming::Notification { method, params }),
         },
         Some(_) => Err(invalid(id, "Invalid Request: method must be a string")),
         None => {
-            if let Some(result) = obj.remove("result") {
+            if let Some(result) = m.result {
                 match id {
                     Some(id) => Ok(Incoming::Response { id, result }),
                     None => Err(invalid(None, "Invalid Request: a response needs an id")),
                 }
-            } else if let Some(error) = obj.remove("error") {
+            } else if let Some(error) = m.error {
                 let error: ErrorData = serde_json::from_value(error)
                     .map_err(|_| invalid(id.clone(), "Invalid Request: malformed error object"))?;
                 Ok(Incoming::Error { id, error })

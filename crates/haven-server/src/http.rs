@@ -1,6 +1,5 @@
 //! The Streamable HTTP transport.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,24 +63,55 @@ pub fn router(engine: Engine, config: HttpConfig) -> Router {
         .with_state(state)
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves.
+/// How long a stopping server waits for open connections (SSE streams included) to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Serves `router` on `listener` until `shutdown` resolves, then lets open connections finish
+/// (bounded by a grace period). HTTP/1.1 only, every connection with `TCP_NODELAY`.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "setting TCP_NODELAY failed");
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.keep_alive(true);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accepting a connection failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!(error = %e, "setting TCP_NODELAY failed");
+                }
+                let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service.clone());
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
         }
-    });
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(SHUTDOWN_GRACE) => {
+            tracing::info!("connections still open after the grace period are closed");
+        }
+    }
+    Ok(())
 }
 
 async fn healthz() -> Response {
@@ -208,7 +238,7 @@ fn host_origin_rejection(config: &HttpConfig, headers: &HeaderMap) -> Option<Res
     None
 }
 
-/// What an `Accept` header allows.
+/// What an `Accept` header allows: (JSON, SSE).
 fn accepts(headers: &HeaderMap) -> (bool, bool) {
     let Some(accept) = header_str(headers, &names::ACCEPT) else {
         return (true, true);
@@ -216,20 +246,14 @@ fn accepts(headers: &HeaderMap) -> (bool, bool) {
     let mut json = false;
     let mut sse = false;
     for part in accept.split(',') {
-        let media = part
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        match media.as_str() {
-            "*/*" => {
-                json = true;
-                sse = true;
-            }
-            "application/json" | "application/*" => json = true,
-            "text/event-stream" | "text/*" => sse = true,
-            _ => {}
+        let media = part.split(';').next().unwrap_or("").trim();
+        let is = |m: &str| media.eq_ignore_ascii_case(m);
+        if is("*/*") {
+            return (true, true);
+        } else if is("application/json") || is("application/*") {
+            json = true;
+        } else if is("text/event-stream") || is("text/*") {
+            sse = true;
         }
     }
     (json, sse)

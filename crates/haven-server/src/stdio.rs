@@ -118,11 +118,7 @@ fn synthesized_headers(message: &Incoming) -> StatelessHeaders {
         .iter()
         .find_map(|k| params.and_then(|p| p.get(*k)).and_then(Value::as_str))
         .map(str::to_owned);
-    let version = r
-        .meta()
-        .and_then(|m| m.get("io.modelcontextprotocol/protocolVersion"))
-        .and_then(Value::as_str)
-        .map(str::to_owned);
+    let version = r.meta().ok().flatten().and_then(|m| m.protocol_version);
     StatelessHeaders {
         protocol_version: version,
         method: Some(r.method.clone()),

@@ -8,7 +8,6 @@ use async_trait::async_trait;
 use parking_lot::RwLock;
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, StorageBackend, TableDefinition,
-    WriteTransaction,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -18,10 +17,12 @@ use crate::store::{Batch, Commit, Expect, Op, Outcome, ScanPage, Store, StoreErr
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const RECORDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("records");
-const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
+/// (stream, index) -> change-log sequence of the event (the event itself is in the log).
+const EVENTS: TableDefinition<(&str, u64), u64> = TableDefinition::new("events");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
-const META_LAST_SEQ: &str = "last_seq";
+/// Greatest timestamp merged from elsewhere; local timestamps are recovered from the log's
+/// last entry, so this is written only when a merge carries a newer clock.
 const META_MAX_HLC: &str = "max_hlc";
 
 /// Most batches one commit takes; bounds the latency one commit adds to the first of them.
@@ -118,6 +119,26 @@ fn tables_exist(db: &Database) -> bool {
         && rx.open_table(META).is_ok()
 }
 
+/// The sequence of the last change-log entry and the greatest timestamp the store holds.
+fn log_position(db: &Database) -> StoreResult<(u64, Hlc)> {
+    let rx = db.begin_read().map_err(storage_err)?;
+    let meta = rx.open_table(META).map_err(storage_err)?;
+    let mut max = meta
+        .get(META_MAX_HLC)
+        .map_err(storage_err)?
+        .map_or(0, |v| v.value());
+    let log = rx.open_table(LOG).map_err(storage_err)?;
+    let last = match log.last().map_err(storage_err)? {
+        Some((k, v)) => {
+            let change: Change = decode(v.value())?;
+            max = max.max(change.version().hlc.0);
+            k.value()
+        }
+        None => 0,
+    };
+    Ok((last, Hlc(max)))
+}
+
 /// Adapter so that a boxed backend can be handed to redb, which takes `impl StorageBackend`.
 #[derive(Debug)]
 struct BoxedBackend(Box<dyn StorageBackend>);
@@ -201,13 +222,8 @@ impl RedbStore {
         clock: Arc<HybridClock>,
     ) -> StoreResult<RedbStore> {
         let db = open_database(&factory)?;
-        {
-            let rx = db.begin_read().map_err(storage_err)?;
-            let meta = rx.open_table(META).map_err(storage_err)?;
-            if let Some(v) = meta.get(META_MAX_HLC).map_err(storage_err)? {
-                clock.observe(Hlc(v.value()));
-            }
-        }
+        let (last_seq, max_hlc) = log_position(&db)?;
+        clock.observe(max_hlc);
         let db = Arc::new(RwLock::new(Some(Arc::new(db))));
         let (tx, rx) = mpsc::channel(4096);
         let (feed, _) = broadcast::channel(8192);
@@ -217,6 +233,7 @@ impl RedbStore {
             clock: clock.clone(),
             origin: origin.clone(),
             rx,
+            last_seq,
         };
         std::thread::Builder::new()
             .name("haven-redb-writer".into())
@@ -357,6 +374,7 @@ impl Store for RedbStore {
         let db = self.database().await?;
         let rx = db.begin_read().map_err(storage_err)?;
         let table = rx.open_table(EVENTS).map_err(storage_err)?;
+        let log = rx.open_table(LOG).map_err(storage_err)?;
         let mut out = Vec::new();
         let Some(from) = after.checked_add(1) else {
             return Ok(out);
@@ -368,8 +386,8 @@ impl Store for RedbStore {
             if out.len() == limit {
                 break;
             }
-            let (_, v) = item.map_err(storage_err)?;
-            out.push(decode(v.value())?);
+            let (_, seq) = item.map_err(storage_err)?;
+            out.push(event_at(&log, seq.value())?);
         }
         Ok(out)
     }
@@ -395,12 +413,11 @@ impl Store for RedbStore {
     async fn last_seq(&self) -> StoreResult<u64> {
         let db = self.database().await?;
         let rx = db.begin_read().map_err(storage_err)?;
-        let meta = rx.open_table(META).map_err(storage_err)?;
-        Ok(meta
-            .get(META_LAST_SEQ)
+        let log = rx.open_table(LOG).map_err(storage_err)?;
+        Ok(log
+            .last()
             .map_err(storage_err)?
-            .map(|v| v.value())
-            .unwrap_or(0))
+            .map_or(0, |(k, _)| k.value()))
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Arc<LogEntry>> {
@@ -454,6 +471,8 @@ struct Writer {
     clock: Arc<HybridClock>,
     origin: Origin,
     rx: mpsc::Receiver<WriteRequest>,
+    /// Sequence of the last committed change-log entry (only this thread writes).
+    last_seq: u64,
 }
 
 type Applied = (Commit, Vec<Arc<LogEntry>>);
@@ -534,6 +553,7 @@ impl Writer {
     /// One attempt to reopen the database (redb must be reopened after an I/O error).
     fn reopen(&mut self) -> StoreResult<Arc<Database>> {
         let db = Arc::new(open_database(&self.factory)?);
+        self.last_seq = log_position(&db)?.0;
         *self.db.write() = Some(db.clone());
         tracing::info!("the database was reopened after a storage error");
         Ok(db)
@@ -548,24 +568,35 @@ impl Writer {
         tx.set_durability(Durability::Immediate)
             .map_err(storage_err)?;
         let mut results = Vec::with_capacity(group.len());
-        let mut max_hlc = self.clock.last().0;
-        let mut last_seq;
+        let mut last_seq = self.last_seq;
+        let mut merged_hlc = 0u64;
         {
-            let mut meta = tx.open_table(META).map_err(storage_err)?;
-            last_seq = meta
-                .get(META_LAST_SEQ)
-                .map_err(storage_err)?
-                .map(|v| v.value())
-                .unwrap_or(0);
-            drop(meta);
+            let mut tables = Tables {
+                records: tx.open_table(RECORDS).map_err(storage_err)?,
+                events: tx.open_table(EVENTS).map_err(storage_err)?,
+                log: tx.open_table(LOG).map_err(storage_err)?,
+            };
             for req in group {
-                results.push(self.apply_batch(&tx, &req.batch, &mut last_seq, &mut max_hlc)?);
+                results.push(self.apply_batch(
+                    &mut tables,
+                    &req.batch,
+                    &mut last_seq,
+                    &mut merged_hlc,
+                )?);
             }
-            meta = tx.open_table(META).map_err(storage_err)?;
-            meta.insert(META_LAST_SEQ, last_seq).map_err(storage_err)?;
-            meta.insert(META_MAX_HLC, max_hlc).map_err(storage_err)?;
+            if merged_hlc > 0 {
+                let mut meta = tx.open_table(META).map_err(storage_err)?;
+                let stored = meta
+                    .get(META_MAX_HLC)
+                    .map_err(storage_err)?
+                    .map_or(0, |v| v.value());
+                if merged_hlc > stored {
+                    meta.insert(META_MAX_HLC, merged_hlc).map_err(storage_err)?;
+                }
+            }
         }
         tx.commit().map_err(storage_err)?;
+        self.last_seq = last_seq;
         for r in results.iter_mut().flatten() {
             r.0.last_seq = last_seq;
         }
@@ -577,14 +608,16 @@ impl Writer {
     /// errors (the whole group fails).
     fn apply_batch(
         &self,
-        tx: &WriteTransaction,
+        tables: &mut Tables<'_>,
         batch: &Batch,
         last_seq: &mut u64,
-        max_hlc: &mut u64,
+        merged_hlc: &mut u64,
     ) -> StoreResult<StoreResult<Applied>> {
-        let mut records = tx.open_table(RECORDS).map_err(storage_err)?;
-        let mut events = tx.open_table(EVENTS).map_err(storage_err)?;
-        let mut log = tx.open_table(LOG).map_err(storage_err)?;
+        let Tables {
+            records,
+            events,
+            log,
+        } = tables;
         let now = self.clock.wall_millis();
 
         // Preconditions, against the state before this batch.
@@ -673,6 +706,7 @@ impl Writer {
                 }
                 Op::Merge(r) => {
                     self.clock.observe(r.version.hlc);
+                    *merged_hlc = (*merged_hlc).max(r.version.hlc.0);
                     let current = match records
                         .get((r.namespace.as_str(), r.key.as_str()))
                         .map_err(storage_err)?
@@ -688,7 +722,7 @@ impl Writer {
                 }
                 Op::Append { stream, data } => {
                     let hlc = self.clock.now();
-                    let index = last_index(&events, stream)? + 1;
+                    let index = last_index(events, stream)? + 1;
                     Change::Event(StreamEvent {
                         stream: stream.clone(),
                         index,
@@ -701,11 +735,12 @@ impl Writer {
                 }
                 Op::MergeEvent(e) => {
                     self.clock.observe(e.version.hlc);
+                    *merged_hlc = (*merged_hlc).max(e.version.hlc.0);
                     let current = match events
                         .get((e.stream.as_str(), e.index))
                         .map_err(storage_err)?
                     {
-                        Some(v) => Some(decode::<StreamEvent>(v.value())?),
+                        Some(seq) => Some(event_at(log, seq.value())?),
                         None => None,
                     };
                     if current.is_some_and(|c| !e.supersedes(&c)) {
@@ -717,7 +752,6 @@ impl Writer {
             };
             *last_seq += 1;
             let seq = *last_seq;
-            *max_hlc = (*max_hlc).max(change.version().hlc.0);
             log.insert(seq, encode(&change).as_slice())
                 .map_err(storage_err)?;
             match &change {
@@ -736,7 +770,7 @@ impl Writer {
                 }
                 Change::Event(e) => {
                     events
-                        .insert((e.stream.as_str(), e.index), encode(e).as_slice())
+                        .insert((e.stream.as_str(), e.index), seq)
                         .map_err(storage_err)?;
                     outcomes.push(Outcome::Appended {
                         index: e.index,
@@ -756,7 +790,27 @@ impl Writer {
     }
 }
 
-fn last_index(events: &redb::Table<(&str, u64), &[u8]>, stream: &str) -> StoreResult<u64> {
+/// The tables a commit writes, opened once per group.
+struct Tables<'txn> {
+    records: redb::Table<'txn, (&'static str, &'static str), &'static [u8]>,
+    events: redb::Table<'txn, (&'static str, u64), u64>,
+    log: redb::Table<'txn, u64, &'static [u8]>,
+}
+
+/// The event stored at change-log sequence `seq`.
+fn event_at(log: &impl ReadableTable<u64, &'static [u8]>, seq: u64) -> StoreResult<StreamEvent> {
+    let entry = log.get(seq).map_err(storage_err)?.ok_or_else(|| {
+        StoreError::Corrupt(format!("event index points at missing log entry {seq}"))
+    })?;
+    match decode::<Change>(entry.value())? {
+        Change::Event(e) => Ok(e),
+        Change::Record(_) => Err(StoreError::Corrupt(format!(
+            "log entry {seq} is not an event"
+        ))),
+    }
+}
+
+fn last_index(events: &redb::Table<(&str, u64), u64>, stream: &str) -> StoreResult<u64> {
     let mut range = events
         .range((stream, 0)..=(stream, u64::MAX))
         .map_err(storage_err)?;

@@ -14,7 +14,7 @@ use haven_mcp::catalog::conformance::ConformanceCatalog;
 use haven_mcp::catalog::default::DefaultCatalog;
 use haven_mcp::engine::{Engine, EngineConfig};
 use haven_state::{HybridClock, Origin, RedbStore, Store};
-use settings::{Cli, Command, Settings};
+use settings::{Cli, Mode, Settings};
 
 // Request handling allocates many small, short-lived objects; mimalloc serves them faster than
 // the system allocator (see BENCHMARKS.md).
@@ -23,31 +23,26 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let result = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
-        .and_then(|rt| rt.block_on(run(cli)));
+    let result = Settings::from_cli(&cli).and_then(|(mode, s)| {
+        let mut runtime = tokio::runtime::Builder::new_multi_thread();
+        runtime.enable_all();
+        if let Some(n) = s.worker_threads {
+            runtime.worker_threads(n);
+        }
+        let runtime = runtime.build().context("starting the async runtime")?;
+        init_logging(&s);
+        runtime.block_on(async move {
+            match mode {
+                Mode::Serve => serve(s).await,
+                Mode::Stdio => stdio(s).await,
+            }
+        })
+    });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("haven: error: {e:#}");
             std::process::ExitCode::FAILURE
-        }
-    }
-}
-
-async fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-        Command::Serve(args) => {
-            let s = Settings::resolve(&args.common, Some(&args))?;
-            init_logging(&s);
-            serve(s).await
-        }
-        Command::Stdio(args) => {
-            let s = Settings::resolve(&args, None)?;
-            init_logging(&s);
-            stdio(s).await
         }
     }
 }

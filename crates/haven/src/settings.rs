@@ -62,6 +62,9 @@ pub struct CommonArgs {
     /// Items per page of list results (tools/list, resources/list, ...) [default: 100]
     #[arg(long, env = "HAVEN_PAGE_SIZE", value_name = "N")]
     pub page_size: Option<usize>,
+    /// Worker threads of the async runtime [default: one per core]
+    #[arg(long, env = "HAVEN_WORKER_THREADS", value_name = "N")]
+    pub worker_threads: Option<usize>,
 }
 
 /// Settings of `haven serve`.
@@ -99,6 +102,7 @@ struct FileSettings {
     legacy_responses: Option<String>,
     session_ttl: Option<u64>,
     page_size: Option<usize>,
+    worker_threads: Option<usize>,
     listen: Option<String>,
     allowed_hosts: Option<Vec<String>>,
     max_body_bytes: Option<usize>,
@@ -116,6 +120,7 @@ pub struct Settings {
     pub legacy_responses: LegacyResponses,
     pub session_ttl_secs: u64,
     pub page_size: usize,
+    pub worker_threads: Option<usize>,
     pub listen: String,
     pub allowed_hosts: Vec<String>,
     pub max_body_bytes: usize,
@@ -127,7 +132,24 @@ fn load_file(path: &Path) -> Result<FileSettings> {
     toml::from_str(&text).with_context(|| format!("parsing the config file {}", path.display()))
 }
 
+/// What to run.
+#[derive(Debug, Clone, Copy)]
+pub enum Mode {
+    /// `haven serve`.
+    Serve,
+    /// `haven stdio`.
+    Stdio,
+}
+
 impl Settings {
+    /// The command and its resolved settings.
+    pub fn from_cli(cli: &Cli) -> Result<(Mode, Settings)> {
+        match &cli.command {
+            Command::Serve(args) => Ok((Mode::Serve, Settings::resolve(&args.common, Some(args))?)),
+            Command::Stdio(args) => Ok((Mode::Stdio, Settings::resolve(args, None)?)),
+        }
+    }
+
     /// Merges flags/environment (already combined by clap) over the file over defaults.
     pub fn resolve(common: &CommonArgs, serve: Option<&ServeArgs>) -> Result<Settings> {
         let file = match &common.config {
@@ -197,6 +219,10 @@ impl Settings {
                 .or(file.page_size)
                 .unwrap_or(100)
                 .clamp(1, 10_000),
+            worker_threads: common
+                .worker_threads
+                .or(file.worker_threads)
+                .filter(|n| *n > 0),
             listen: serve
                 .and_then(|s| s.listen.clone())
                 .or(file.listen)

@@ -34,13 +34,14 @@ pub(crate) struct Call {
     pub era: Era,
     /// Who calls.
     pub caller: Caller,
+    /// `_meta.progressToken`, if the client wants progress notifications.
+    pub progress_token: Option<ProgressToken>,
 }
 
 impl Call {
     /// The request's progress token, if any.
     pub fn progress_token(&self) -> Option<ProgressToken> {
-        let token = self.params.get("_meta")?.get("progressToken")?;
-        serde_json::from_value(token.clone()).ok()
+        self.progress_token.clone()
     }
 
     /// Whether the client asked for the 2025-11-25 experimental task form.

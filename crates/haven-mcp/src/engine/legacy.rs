@@ -221,7 +221,9 @@ async fn request(
     accepts_sse: bool,
 ) -> Reply {
     let s = &loaded.record;
+    let progress_token = req.meta().ok().flatten().and_then(|m| m.progress_token);
     let call = Call {
+        progress_token,
         id: req.id.clone(),
         method: req.method.clone(),
         params: req.params.clone().unwrap_or_default(),
@@ -295,35 +297,37 @@ async fn deliver(
             &jsonrpc::internal("the request ended without a response"),
         );
     }
-    let force_stream =
-        !accepts_json || (streamable && inner.config.legacy_responses == LegacyResponses::Sse);
+    // A stream is needed when the client takes nothing else, or when Haven is told to store
+    // every streamable answer; a JSON answer is possible only for a quick result.
+    let json_allowed =
+        accepts_json && !(streamable && inner.config.legacy_responses == LegacyResponses::Sse);
     let mut first = Vec::new();
-    if !force_stream {
-        let next = if streamable {
-            tokio::time::timeout(inner.config.stream_after, rx.recv())
-                .await
-                .ok()
-        } else {
-            Some(rx.recv().await)
-        };
-        match next {
-            Some(Some(Item::Final(json))) => {
-                return Reply::Json {
-                    status: 200,
-                    body: json,
-                    session: None,
-                };
-            }
-            Some(Some(item)) => first.push(item),
-            Some(None) => {
-                return Reply::error(
-                    500,
-                    Some(&call.id),
-                    &jsonrpc::internal("the request ended without a response"),
-                );
-            }
-            None => {}
+    // Wait briefly for the first item: a handler that finishes at once is answered in one go
+    // (as JSON, or as a stream whose one event is stored in a single commit).
+    let next = if streamable {
+        tokio::time::timeout(inner.config.stream_after, rx.recv())
+            .await
+            .ok()
+    } else {
+        Some(rx.recv().await)
+    };
+    match next {
+        Some(Some(Item::Final(json))) if json_allowed => {
+            return Reply::Json {
+                status: 200,
+                body: json,
+                session: None,
+            };
         }
+        Some(Some(item)) => first.push(item),
+        Some(None) => {
+            return Reply::error(
+                500,
+                Some(&call.id),
+                &jsonrpc::internal("the request ended without a response"),
+            );
+        }
+        None => {}
     }
     open_stream(inner, call, rx, first, cancel).await
 }

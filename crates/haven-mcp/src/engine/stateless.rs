@@ -6,10 +6,8 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use rmcp::model::{
-    CacheScope, ClientCapabilities, DiscoverResult, ErrorCode, ErrorData, Implementation,
-    LoggingLevel, RequestId, SubscriptionFilter,
+    CacheScope, DiscoverResult, ErrorCode, ErrorData, RequestId, SubscriptionFilter,
 };
-use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -25,8 +23,6 @@ use crate::jsonrpc::{self, Incoming};
 
 const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
 const META_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
-const META_CLIENT_INFO: &str = "io.modelcontextprotocol/clientInfo";
-const META_LOG_LEVEL: &str = "io.modelcontextprotocol/logLevel";
 const META_SUBSCRIPTION: &str = "io.modelcontextprotocol/subscriptionId";
 
 /// Methods of the stateless era.
@@ -80,7 +76,10 @@ pub fn is_stateless(protocol_version: Option<&str>, message: &Incoming) -> bool 
         None => match message {
             Incoming::Request(r) => {
                 r.method == "server/discover"
-                    || r.meta().is_some_and(|m| m.contains_key(META_VERSION))
+                    || r.meta()
+                        .ok()
+                        .flatten()
+                        .is_some_and(|m| m.protocol_version.is_some())
             }
             _ => false,
         },
@@ -150,14 +149,22 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
     let id = req.id.clone();
 
     // 1. `_meta` must carry the protocol version and the client capabilities.
-    let Some(meta) = req.meta() else {
-        return reject(400, &id, ErrorCode::INVALID_PARAMS, "Invalid params: _meta is required (with io.modelcontextprotocol/protocolVersion and io.modelcontextprotocol/clientCapabilities)".into(), None);
+    let meta = match req.meta() {
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            return reject(400, &id, ErrorCode::INVALID_PARAMS, "Invalid params: _meta is required (with io.modelcontextprotocol/protocolVersion and io.modelcontextprotocol/clientCapabilities)".into(), None);
+        }
+        Err(e) => {
+            return reject(
+                400,
+                &id,
+                ErrorCode::INVALID_PARAMS,
+                format!("Invalid params: _meta: {e}"),
+                None,
+            );
+        }
     };
-    let Some(version) = meta
-        .get(META_VERSION)
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-    else {
+    let Some(version) = meta.protocol_version else {
         return reject(
             400,
             &id,
@@ -166,35 +173,18 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
             None,
         );
     };
-    let capabilities = match meta.get(META_CAPABILITIES) {
-        Some(c @ Value::Object(_)) => match ClientCapabilities::deserialize(c) {
-            Ok(c) => c,
-            Err(e) => {
-                return reject(
-                    400,
-                    &id,
-                    ErrorCode::INVALID_PARAMS,
-                    format!("Invalid params: _meta[\"{META_CAPABILITIES}\"]: {e}"),
-                    None,
-                );
-            }
-        },
-        _ => {
-            return reject(
-                400,
-                &id,
-                ErrorCode::INVALID_PARAMS,
-                format!("Invalid params: _meta[\"{META_CAPABILITIES}\"] (object) is required"),
-                None,
-            );
-        }
+    let Some(capabilities) = meta.client_capabilities else {
+        return reject(
+            400,
+            &id,
+            ErrorCode::INVALID_PARAMS,
+            format!("Invalid params: _meta[\"{META_CAPABILITIES}\"] (object) is required"),
+            None,
+        );
     };
-    let client_info = meta
-        .get(META_CLIENT_INFO)
-        .and_then(|v| Implementation::deserialize(v).ok());
-    let log_level = meta
-        .get(META_LOG_LEVEL)
-        .and_then(|v| LoggingLevel::deserialize(v).ok());
+    let client_info = meta.client_info;
+    let log_level = meta.log_level;
+    let progress_token = meta.progress_token;
     // 2. The header must agree with `_meta`.
     if p.from_http && h.protocol_version.as_deref() != Some(version.as_str()) {
         return reject(
@@ -286,6 +276,7 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
             capabilities,
             log_level,
         },
+        progress_token,
     };
     // 7. `Mcp-Param-*` headers must mirror the arguments they stand for.
     if call.method == "tools/call"
@@ -691,17 +682,15 @@ mod tests {
     #[test]
     fn era_detection() {
         let req = |m: &str, meta: bool| {
-            let mut params = serde_json::Map::new();
-            if meta {
-                params.insert(
-                    "_meta".into(),
-                    serde_json::json!({ META_VERSION: "2026-07-28" }),
-                );
-            }
+            let meta = meta.then(|| {
+                serde_json::value::to_raw_value(&serde_json::json!({ META_VERSION: "2026-07-28" }))
+                    .unwrap()
+            });
             Incoming::Request(IncomingRequest {
                 id: RequestId::Number(1),
                 method: m.into(),
-                params: Some(params),
+                params: Some(serde_json::Map::new()),
+                meta,
             })
         };
         assert!(is_stateless(Some("2026-07-28"), &req("tools/list", true)));

@@ -332,12 +332,15 @@ impl Promoter {
         })
     }
 
-    /// A promoter that never promotes (prompts, resources).
+    /// A promoter that never promotes (prompts, resources, tools that cannot be tasks).
     pub(crate) fn disabled() -> Arc<Promoter> {
-        Arc::new(Promoter {
-            target: None,
-            task_id: Mutex::new(None),
-        })
+        static DISABLED: std::sync::LazyLock<Arc<Promoter>> = std::sync::LazyLock::new(|| {
+            Arc::new(Promoter {
+                target: None,
+                task_id: Mutex::new(None),
+            })
+        });
+        DISABLED.clone()
     }
 
     /// A promoter for a task that already exists.
