@@ -38,6 +38,55 @@ pub struct LoadedSession {
     pub record: Arc<SessionRecord>,
     /// Store revision, for compare-and-set updates.
     pub revision: u64,
+    /// When the record expires (Unix milliseconds), if it does.
+    pub expires_at_millis: Option<u64>,
+}
+
+/// Most sessions kept in a node's session cache.
+const CACHE_CAPACITY: usize = 100_000;
+
+/// Sessions recently used on this node. Every request of a legacy session needs its record;
+/// the cache saves the store read and the decoding. Entries are dropped when the store
+/// reports a change of the session (from any node) and when this node changes it.
+#[derive(Default)]
+pub struct SessionCache {
+    entries: parking_lot::Mutex<std::collections::HashMap<String, LoadedSession>>,
+}
+
+impl SessionCache {
+    /// The live session `id`, from the cache or the store.
+    pub async fn load(
+        &self,
+        store: &dyn Store,
+        id: &str,
+    ) -> Result<Option<LoadedSession>, StoreError> {
+        let now = store.clock().wall_millis();
+        if let Some(s) = self.entries.lock().get(id)
+            && s.expires_at_millis.is_none_or(|at| now < at)
+        {
+            return Ok(Some(s.clone()));
+        }
+        let loaded = load(store, id).await?;
+        if let Some(s) = &loaded {
+            let mut entries = self.entries.lock();
+            if entries.len() >= CACHE_CAPACITY {
+                // Crude but bounded: start over rather than track recency.
+                entries.clear();
+            }
+            entries.insert(id.to_owned(), s.clone());
+        }
+        Ok(loaded)
+    }
+
+    /// Forgets a session (it changed).
+    pub fn invalidate(&self, id: &str) {
+        self.entries.lock().remove(id);
+    }
+
+    /// Forgets every session.
+    pub fn clear(&self) {
+        self.entries.lock().clear();
+    }
 }
 
 /// Creates a random session id: 128 bits, hex (visible ASCII as the spec requires).
@@ -71,6 +120,7 @@ pub async fn load(store: &dyn Store, id: &str) -> Result<Option<LoadedSession>, 
     Ok(Some(LoadedSession {
         record: Arc::new(record),
         revision: r.revision,
+        expires_at_millis: r.record.expires_at_millis,
     }))
 }
 

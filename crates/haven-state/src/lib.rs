@@ -6,6 +6,7 @@ pub mod clock;
 pub mod record;
 pub mod redb_store;
 pub mod store;
+mod wal;
 
 pub use clock::{Hlc, HybridClock, ManualClock, PhysicalClock, SystemClock};
 pub use record::{

@@ -14,6 +14,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use crate::clock::{Hlc, HybridClock};
 use crate::record::{Change, LogEntry, Origin, Record, StoredRecord, StreamEvent, Version};
 use crate::store::{Batch, Commit, Expect, Op, Outcome, ScanPage, Store, StoreError, StoreResult};
+use crate::wal::Wal;
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const RECORDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("records");
@@ -119,6 +120,81 @@ fn tables_exist(db: &Database) -> bool {
         && rx.open_table(META).is_ok()
 }
 
+/// Brings the views up to date with the write-ahead log (entries past the last checkpoint) and
+/// starts a fresh log segment. Returns the last sequence, the greatest timestamp, and the log.
+fn recover(db: &Database, wal_dir: Option<&Path>) -> StoreResult<(u64, Hlc, Option<Wal>)> {
+    let Some(dir) = wal_dir else {
+        let (last, hlc) = log_position(db)?;
+        return Ok((last, hlc, None));
+    };
+    std::fs::create_dir_all(dir)
+        .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
+    let (mut last, _) = log_position(db)?;
+    let entries = Wal::read_all(dir)?;
+    let pending: Vec<_> = entries.into_iter().filter(|e| e.seq > last).collect();
+    if !pending.is_empty() {
+        let mut tx = db.begin_write().map_err(storage_err)?;
+        tx.set_durability(Durability::Immediate)
+            .map_err(storage_err)?;
+        {
+            let mut tables = Tables {
+                records: tx.open_table(RECORDS).map_err(storage_err)?,
+                events: tx.open_table(EVENTS).map_err(storage_err)?,
+                log: tx.open_table(LOG).map_err(storage_err)?,
+            };
+            for e in &pending {
+                if e.seq != last + 1 {
+                    return Err(StoreError::Corrupt(format!(
+                        "write-ahead log skips from sequence {last} to {}",
+                        e.seq
+                    )));
+                }
+                write_change(&mut tables, e.seq, &e.change)?;
+                last = e.seq;
+            }
+        }
+        tx.commit().map_err(storage_err)?;
+        tracing::info!(
+            entries = pending.len(),
+            last_seq = last,
+            "replayed the write-ahead log"
+        );
+    }
+    let (last, hlc) = log_position(db)?;
+    let wal = Wal::start(dir, last + 1)?;
+    Ok((last, hlc, Some(wal)))
+}
+
+/// Writes one change to the log and its view.
+fn write_change(tables: &mut Tables<'_>, seq: u64, change: &Change) -> StoreResult<()> {
+    tables
+        .log
+        .insert(seq, encode(change).as_slice())
+        .map_err(storage_err)?;
+    match change {
+        Change::Record(r) => {
+            let row = RecordRow {
+                record: r.clone(),
+                revision: seq,
+            };
+            tables
+                .records
+                .insert(
+                    (r.namespace.as_str(), r.key.as_str()),
+                    encode(&row).as_slice(),
+                )
+                .map_err(storage_err)?;
+        }
+        Change::Event(e) => {
+            tables
+                .events
+                .insert((e.stream.as_str(), e.index), seq)
+                .map_err(storage_err)?;
+        }
+    }
+    Ok(())
+}
+
 /// The sequence of the last change-log entry and the greatest timestamp the store holds.
 fn log_position(db: &Database) -> StoreResult<(u64, Hlc)> {
     let rx = db.begin_read().map_err(storage_err)?;
@@ -209,20 +285,31 @@ impl RedbStore {
             })?;
             Ok(Box::new(backend) as Box<dyn StorageBackend>)
         });
-        let mut store = RedbStore::open_with(factory, origin, clock)?;
+        let mut store = RedbStore::open_with_wal(factory, Some(dir.join("wal")), origin, clock)?;
         store.path = Some(file);
         Ok(store)
     }
 
-    /// Opens the store on storage made by `factory` (tests use it to inject faults such as a
-    /// full disk).
+    /// Opens the store on storage made by `factory`, without a write-ahead log: every commit
+    /// is a durable redb commit (tests use it to inject faults such as a full disk).
     pub fn open_with(
         factory: BackendFactory,
         origin: Origin,
         clock: Arc<HybridClock>,
     ) -> StoreResult<RedbStore> {
+        RedbStore::open_with_wal(factory, None, origin, clock)
+    }
+
+    /// Opens the store on storage made by `factory`, with the write-ahead log in `wal_dir`
+    /// when given (entries past the last checkpoint are replayed first).
+    pub fn open_with_wal(
+        factory: BackendFactory,
+        wal_dir: Option<PathBuf>,
+        origin: Origin,
+        clock: Arc<HybridClock>,
+    ) -> StoreResult<RedbStore> {
         let db = open_database(&factory)?;
-        let (last_seq, max_hlc) = log_position(&db)?;
+        let (last_seq, max_hlc, wal) = recover(&db, wal_dir.as_deref())?;
         clock.observe(max_hlc);
         let db = Arc::new(RwLock::new(Some(Arc::new(db))));
         let (tx, rx) = mpsc::channel(4096);
@@ -234,6 +321,10 @@ impl RedbStore {
             origin: origin.clone(),
             rx,
             last_seq,
+            wal,
+            commits_since_checkpoint: 0,
+            last_checkpoint: std::time::Instant::now(),
+            wal_failed: false,
         };
         std::thread::Builder::new()
             .name("haven-redb-writer".into())
@@ -473,7 +564,22 @@ struct Writer {
     rx: mpsc::Receiver<WriteRequest>,
     /// Sequence of the last committed change-log entry (only this thread writes).
     last_seq: u64,
+    /// The write-ahead log, when commits to redb are not durable by themselves.
+    wal: Option<Wal>,
+    /// Commits since the views were last made durable.
+    commits_since_checkpoint: u64,
+    /// When the views were last made durable.
+    last_checkpoint: std::time::Instant,
+    /// Whether the last failed group failed in the write-ahead log (redb is then intact).
+    wal_failed: bool,
 }
+
+/// A checkpoint is taken after this many commits…
+const CHECKPOINT_COMMITS: u64 = 2000;
+/// …or this much time…
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// …or this many bytes of write-ahead log, whichever comes first.
+const CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
 
 type Applied = (Commit, Vec<Arc<LogEntry>>);
 
@@ -485,7 +591,10 @@ impl Writer {
             let first = if healthy {
                 match self.rx.blocking_recv() {
                     Some(r) => r,
-                    None => return,
+                    None => {
+                        self.checkpoint();
+                        return;
+                    }
                 }
             } else {
                 // The storage failed: keep trying to reopen it, and answer requests at once
@@ -531,10 +640,21 @@ impl Writer {
                 for (r, res) in group.drain(..).zip(results) {
                     let _ = r.reply.send(res);
                 }
+                if self.wal.as_ref().is_some_and(|w| {
+                    self.commits_since_checkpoint >= CHECKPOINT_COMMITS
+                        || w.len() >= CHECKPOINT_BYTES
+                        || self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL
+                }) {
+                    self.checkpoint();
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "commit failed; no write of this group was acknowledged");
-                let failure_is_io = matches!(e, StoreError::Full(_) | StoreError::Unavailable(_));
+                // A failed append to the write-ahead log leaves redb untouched (the transaction
+                // was aborted); any other I/O failure latches redb until it is reopened.
+                let failure_is_io = matches!(e, StoreError::Full(_) | StoreError::Unavailable(_))
+                    && !self.wal_failed;
+                self.wal_failed = false;
                 for r in group.drain(..) {
                     let _ = r.reply.send(Err(clone_err(&e)));
                 }
@@ -550,10 +670,45 @@ impl Writer {
         }
     }
 
+    /// Makes the views durable and starts a new write-ahead log segment (dropping the old
+    /// ones, whose entries the views now hold). On failure the log is kept as it is.
+    fn checkpoint(&mut self) {
+        let Some(wal) = &self.wal else { return };
+        if self.commits_since_checkpoint == 0 {
+            return;
+        }
+        let Some(db) = self.db.read().clone() else {
+            return;
+        };
+        let durable = db.begin_write().map_err(storage_err).and_then(|mut tx| {
+            tx.set_durability(Durability::Immediate)
+                .map_err(storage_err)?;
+            tx.commit().map_err(storage_err)
+        });
+        if let Err(e) = durable {
+            tracing::warn!(error = %e, "checkpoint failed; the write-ahead log is kept");
+            return;
+        }
+        match Wal::start(wal.dir(), self.last_seq + 1) {
+            Ok(w) => {
+                self.wal = Some(w);
+                self.commits_since_checkpoint = 0;
+                self.last_checkpoint = std::time::Instant::now();
+            }
+            Err(e) => tracing::warn!(error = %e, "starting a new write-ahead log segment failed"),
+        }
+    }
+
     /// One attempt to reopen the database (redb must be reopened after an I/O error).
     fn reopen(&mut self) -> StoreResult<Arc<Database>> {
         let db = Arc::new(open_database(&self.factory)?);
-        self.last_seq = log_position(&db)?.0;
+        let wal_dir = self.wal.as_ref().map(|w| w.dir().to_owned());
+        let (last, _, wal) = recover(&db, wal_dir.as_deref())?;
+        self.last_seq = last;
+        if wal.is_some() {
+            self.wal = wal;
+        }
+        self.commits_since_checkpoint = 0;
         *self.db.write() = Some(db.clone());
         tracing::info!("the database was reopened after a storage error");
         Ok(db)
@@ -565,8 +720,13 @@ impl Writer {
         group: &[WriteRequest],
     ) -> StoreResult<Vec<StoreResult<Applied>>> {
         let mut tx = db.begin_write().map_err(storage_err)?;
-        tx.set_durability(Durability::Immediate)
-            .map_err(storage_err)?;
+        // With a write-ahead log the log's fsync is the durable step; the views follow cheaply.
+        let durability = if self.wal.is_some() {
+            Durability::None
+        } else {
+            Durability::Immediate
+        };
+        tx.set_durability(durability).map_err(storage_err)?;
         let mut results = Vec::with_capacity(group.len());
         let mut last_seq = self.last_seq;
         let mut merged_hlc = 0u64;
@@ -595,8 +755,30 @@ impl Writer {
                 }
             }
         }
-        tx.commit().map_err(storage_err)?;
+        let mut logged = 0;
+        if let Some(wal) = &mut self.wal {
+            let entries: Vec<Arc<LogEntry>> = results
+                .iter()
+                .flatten()
+                .flat_map(|(_, entries)| entries.iter().cloned())
+                .collect();
+            match wal.append(&entries) {
+                Ok(n) => logged = n,
+                Err(e) => {
+                    let _ = tx.abort();
+                    self.wal_failed = true;
+                    return Err(e);
+                }
+            }
+        }
+        if let Err(e) = tx.commit() {
+            if let Some(wal) = &mut self.wal {
+                wal.undo(logged);
+            }
+            return Err(storage_err(e));
+        }
         self.last_seq = last_seq;
+        self.commits_since_checkpoint += 1;
         for r in results.iter_mut().flatten() {
             r.0.last_seq = last_seq;
         }

@@ -333,6 +333,7 @@ async fn set_level(inner: &Arc<Inner>, call: &Call) -> Result<Value, ErrorData> 
     )
     .await
     .map_err(store_error)?;
+    inner.sessions.invalidate(session);
     Ok(serde_json::json!({}))
 }
 
@@ -357,6 +358,7 @@ async fn subscribe(inner: &Arc<Inner>, call: &Call, on: bool) -> Result<Value, E
     )
     .await
     .map_err(store_error)?;
+    inner.sessions.invalidate(session);
     Ok(serde_json::json!({}))
 }
 

@@ -86,7 +86,7 @@ async fn open_session(
             ),
         ));
     }
-    match session::load(&*inner.store, sid).await {
+    match inner.sessions.load(&*inner.store, sid).await {
         Ok(Some(s)) => Ok(s),
         Ok(None) => Err(session_not_found()),
         Err(e) => Err(unavailable(e)),
@@ -261,6 +261,7 @@ fn refresh_session(inner: &Arc<Inner>, loaded: &LoadedSession) {
     let id = loaded.record.id.clone();
     tokio::spawn(async move {
         let _ = session::update(&*inner.store, &id, ttl, |s| s.created_millis = now).await;
+        inner.sessions.invalidate(&id);
     });
 }
 
@@ -767,7 +768,9 @@ pub(super) async fn delete(inner: &Arc<Inner>, session: Option<&str>) -> Reply {
             "Bad Request: the Mcp-Session-Id header is required",
         );
     };
-    match session::end(&*inner.store, sid).await {
+    let ended = session::end(&*inner.store, sid).await;
+    inner.sessions.invalidate(sid);
+    match ended {
         Ok(true) => {
             let prefix = format!("{sid}/");
             for (k, token) in inner.running.lock().iter() {

@@ -196,6 +196,8 @@ pub(crate) struct Inner {
     /// Cancellation tokens of requests running on this node, by `session/request-id`.
     running: Mutex<HashMap<String, CancellationToken>>,
     tools: RwLock<ToolCache>,
+    /// Recently used legacy sessions.
+    sessions: crate::session::SessionCache,
 }
 
 /// The protocol engine of one node. Cheap to clone.
@@ -225,9 +227,11 @@ impl Engine {
             config,
             running: Mutex::new(HashMap::new()),
             tools: RwLock::new(ToolCache::default()),
+            sessions: crate::session::SessionCache::default(),
         });
         let engine = Engine { inner };
         engine.watch_announcements();
+        engine.watch_sessions();
         engine.watch_keys();
         recovery::recover(&engine.inner).await?;
         Ok(engine)
@@ -287,6 +291,33 @@ impl Engine {
                 }
                 let Some(inner) = weak.upgrade() else { break };
                 inner.tools.write().tools = None;
+            }
+        });
+    }
+
+    fn watch_sessions(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let mut rx = self
+            .inner
+            .hub
+            .subscribe(Topic::Namespace(crate::session::SESSIONS_NS.into()));
+        tokio::spawn(async move {
+            loop {
+                let entry = match rx.recv().await {
+                    Ok(e) => e,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        // Changes were missed: forget everything rather than serve stale state.
+                        if let Some(inner) = weak.upgrade() {
+                            inner.sessions.clear();
+                        }
+                        continue;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                };
+                let Some(inner) = weak.upgrade() else { break };
+                if let haven_state::Change::Record(r) = &entry.change {
+                    inner.sessions.invalidate(&r.key);
+                }
             }
         });
     }
