@@ -235,3 +235,66 @@ impl Settings {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(args: &[&str]) -> Result<(Mode, Settings)> {
+        let cli = Cli::try_parse_from(args).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Settings::from_cli(&cli)
+    }
+
+    #[test]
+    fn defaults_file_and_flags_in_order_of_precedence() {
+        let (_, s) = resolve(&["haven", "serve"]).unwrap();
+        assert_eq!(s.listen, "127.0.0.1:8080");
+        assert_eq!(s.data, PathBuf::from("./haven-data"));
+        assert_eq!(s.catalog, "default");
+        assert_eq!(s.max_body_bytes, 4 * 1024 * 1024);
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("haven.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:9000\"\ncatalog = \"conformance\"\nmax_body_bytes = 2048\nallowed_hosts = [\"mcp.example\"]\n",
+        )
+        .unwrap();
+        let f = file.to_str().unwrap();
+        let (_, s) = resolve(&["haven", "serve", "--config", f]).unwrap();
+        assert_eq!(s.listen, "127.0.0.1:9000");
+        assert_eq!(s.catalog, "conformance");
+        assert_eq!(s.max_body_bytes, 2048);
+        assert_eq!(s.allowed_hosts, vec!["mcp.example".to_owned()]);
+
+        let (_, s) = resolve(&[
+            "haven",
+            "serve",
+            "--config",
+            f,
+            "--listen",
+            "127.0.0.1:9100",
+        ])
+        .unwrap();
+        assert_eq!(s.listen, "127.0.0.1:9100", "a flag wins over the file");
+        assert_eq!(s.catalog, "conformance");
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_a_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, "no_such_setting = 1\n").unwrap();
+        let e = resolve(&["haven", "serve", "--config", file.to_str().unwrap()]).unwrap_err();
+        assert!(format!("{e:#}").contains("no_such_setting"), "{e:#}");
+        let e = resolve(&["haven", "serve", "--legacy-responses", "sometimes"]).unwrap_err();
+        assert!(format!("{e:#}").contains("adaptive or sse"), "{e:#}");
+        let e = resolve(&["haven", "serve", "--max-body-bytes", "10"]).unwrap_err();
+        assert!(format!("{e:#}").contains("at least 1024"), "{e:#}");
+        let e = resolve(&["haven", "serve", "--config", "/nonexistent/haven.toml"]).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("reading the config file"),
+            "{e:#}"
+        );
+    }
+}
