@@ -12,7 +12,7 @@ pub use clock::{Hlc, HybridClock, ManualClock, PhysicalClock, SystemClock};
 pub use record::{
     Change, LogEntry, Origin, Record, StoredRecord, StreamEvent, Version, View, merge,
 };
-pub use redb_store::RedbStore;
+pub use redb_store::{RedbStore, Restorer};
 pub use store::{
-    Batch, Commit, Expect, Op, Outcome, ScanPage, Store, StoreError, StoreResult, watch,
+    Batch, Commit, Expect, LogFold, Op, Outcome, ScanPage, Store, StoreError, StoreResult, watch,
 };

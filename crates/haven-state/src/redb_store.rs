@@ -25,6 +25,9 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Greatest timestamp merged from elsewhere; local timestamps are recovered from the log's
 /// last entry, so this is written only when a merge carries a newer clock.
 const META_MAX_HLC: &str = "max_hlc";
+/// Sequence the change log has reached even if its last entries are not stored: a restore from
+/// a snapshot keeps only the entries still current, so the log's last key may be lower.
+const META_LOG_FLOOR: &str = "log_floor";
 
 /// Most batches one commit takes; bounds the latency one commit adds to the first of them.
 const MAX_GROUP: usize = 512;
@@ -203,6 +206,10 @@ fn log_position(db: &Database) -> StoreResult<(u64, Hlc)> {
         .get(META_MAX_HLC)
         .map_err(storage_err)?
         .map_or(0, |v| v.value());
+    let floor = meta
+        .get(META_LOG_FLOOR)
+        .map_err(storage_err)?
+        .map_or(0, |v| v.value());
     let log = rx.open_table(LOG).map_err(storage_err)?;
     let last = match log.last().map_err(storage_err)? {
         Some((k, v)) => {
@@ -212,7 +219,7 @@ fn log_position(db: &Database) -> StoreResult<(u64, Hlc)> {
         }
         None => 0,
     };
-    Ok((last, Hlc(max)))
+    Ok((last.max(floor), Hlc(max)))
 }
 
 /// Adapter so that a boxed backend can be handed to redb, which takes `impl StorageBackend`.
@@ -503,12 +510,7 @@ impl Store for RedbStore {
 
     async fn last_seq(&self) -> StoreResult<u64> {
         let db = self.database().await?;
-        let rx = db.begin_read().map_err(storage_err)?;
-        let log = rx.open_table(LOG).map_err(storage_err)?;
-        Ok(log
-            .last()
-            .map_err(storage_err)?
-            .map_or(0, |(k, _)| k.value()))
+        Ok(log_position(&db)?.0)
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Arc<LogEntry>> {
@@ -518,6 +520,155 @@ impl Store for RedbStore {
     async fn check_writable(&self) -> StoreResult<()> {
         // An empty batch still goes through the writer and a durable commit.
         self.commit(Batch::new()).await.map(|_| ())
+    }
+
+    async fn state_entries(&self) -> StoreResult<(u64, Vec<LogEntry>)> {
+        let db = self.database().await?;
+        tokio::task::spawn_blocking(move || {
+            // One read transaction: the views and the log at one point.
+            let rx = db.begin_read().map_err(storage_err)?;
+            let records = rx.open_table(RECORDS).map_err(storage_err)?;
+            let events = rx.open_table(EVENTS).map_err(storage_err)?;
+            let log = rx.open_table(LOG).map_err(storage_err)?;
+            let meta = rx.open_table(META).map_err(storage_err)?;
+            let floor = meta
+                .get(META_LOG_FLOOR)
+                .map_err(storage_err)?
+                .map_or(0, |v| v.value());
+            let last = log
+                .last()
+                .map_err(storage_err)?
+                .map_or(0, |(k, _)| k.value())
+                .max(floor);
+            let mut out = Vec::new();
+            for item in records.iter().map_err(storage_err)? {
+                let (_, v) = item.map_err(storage_err)?;
+                let row: RecordRow = decode(v.value())?;
+                out.push(LogEntry {
+                    seq: row.revision,
+                    change: Change::Record(row.record),
+                });
+            }
+            for item in events.iter().map_err(storage_err)? {
+                let (_, seq) = item.map_err(storage_err)?;
+                let seq = seq.value();
+                out.push(LogEntry {
+                    seq,
+                    change: Change::Event(event_at(&log, seq)?),
+                });
+            }
+            out.sort_unstable_by_key(|e| e.seq);
+            Ok((last, out))
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("snapshot task failed: {e}")))?
+    }
+}
+
+/// Builds a new data directory from change-log entries with their original sequences (a
+/// restore from backup). Entries must come in increasing sequence order; gaps are allowed
+/// (a snapshot holds only the entries still current). The result opens as a [`RedbStore`]
+/// whose change log continues after the last restored sequence.
+pub struct Restorer {
+    db: Database,
+    last_seq: u64,
+    max_hlc: u64,
+    written: u64,
+}
+
+impl std::fmt::Debug for Restorer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Restorer")
+            .field("last_seq", &self.last_seq)
+            .field("written", &self.written)
+            .finish()
+    }
+}
+
+impl Restorer {
+    /// Creates the store file in `dir`, which must not hold one yet.
+    pub fn create(dir: &Path) -> StoreResult<Restorer> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::Unavailable(format!("cannot create directory {}: {e}", dir.display()))
+        })?;
+        let file = dir.join("state.redb");
+        if file.exists() || dir.join("wal").exists() {
+            return Err(StoreError::Invalid(format!(
+                "{} already holds a Haven store",
+                dir.display()
+            )));
+        }
+        let db = redb::Builder::new().create(&file).map_err(storage_err)?;
+        let mut tx = db.begin_write().map_err(storage_err)?;
+        tx.set_durability(Durability::Immediate)
+            .map_err(storage_err)?;
+        {
+            tx.open_table(LOG).map_err(storage_err)?;
+            tx.open_table(RECORDS).map_err(storage_err)?;
+            tx.open_table(EVENTS).map_err(storage_err)?;
+            tx.open_table(META).map_err(storage_err)?;
+        }
+        tx.commit().map_err(storage_err)?;
+        Ok(Restorer {
+            db,
+            last_seq: 0,
+            max_hlc: 0,
+            written: 0,
+        })
+    }
+
+    /// Writes `entries` (increasing sequences, each above every earlier one) in one
+    /// transaction. Made durable by [`Restorer::finish`].
+    pub fn write(&mut self, entries: &[LogEntry]) -> StoreResult<()> {
+        let mut tx = self.db.begin_write().map_err(storage_err)?;
+        tx.set_durability(Durability::None).map_err(storage_err)?;
+        let mut last = self.last_seq;
+        let mut max_hlc = self.max_hlc;
+        {
+            let mut tables = Tables {
+                records: tx.open_table(RECORDS).map_err(storage_err)?,
+                events: tx.open_table(EVENTS).map_err(storage_err)?,
+                log: tx.open_table(LOG).map_err(storage_err)?,
+            };
+            for e in entries {
+                if e.seq <= last {
+                    return Err(StoreError::Invalid(format!(
+                        "restore entries out of order: {} after {last}",
+                        e.seq
+                    )));
+                }
+                write_change(&mut tables, e.seq, &e.change)?;
+                last = e.seq;
+                max_hlc = max_hlc.max(e.change.version().hlc.0);
+            }
+        }
+        tx.commit().map_err(storage_err)?;
+        self.last_seq = last;
+        self.max_hlc = max_hlc;
+        self.written += entries.len() as u64;
+        Ok(())
+    }
+
+    /// Number of entries written.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Records that the log has reached `last_seq` (at least the last written entry) and the
+    /// greatest timestamp seen, and makes everything durable.
+    pub fn finish(self, last_seq: u64) -> StoreResult<u64> {
+        let last = last_seq.max(self.last_seq);
+        let mut tx = self.db.begin_write().map_err(storage_err)?;
+        tx.set_durability(Durability::Immediate)
+            .map_err(storage_err)?;
+        {
+            let mut meta = tx.open_table(META).map_err(storage_err)?;
+            meta.insert(META_LOG_FLOOR, last).map_err(storage_err)?;
+            meta.insert(META_MAX_HLC, self.max_hlc)
+                .map_err(storage_err)?;
+        }
+        tx.commit().map_err(storage_err)?;
+        Ok(last)
     }
 }
 

@@ -263,6 +263,116 @@ pub trait Store: Send + Sync + 'static {
 
     /// Checks that the store can take a durable write right now.
     async fn check_writable(&self) -> StoreResult<()>;
+
+    /// The current state as change-log entries, read at one consistent point: the entry that
+    /// made each key's record current (tombstones and expired records included) and every
+    /// stream event, in sequence order, with the log's last sequence at that point. Replaying
+    /// these entries into an empty store rebuilds the same views; backups snapshot with it.
+    ///
+    /// The default implementation folds the whole change log.
+    async fn state_entries(&self) -> StoreResult<(u64, Vec<LogEntry>)> {
+        let mut fold = LogFold::default();
+        let mut next = 1;
+        loop {
+            let entries = self.read_log(next, 4096).await?;
+            let Some(last) = entries.last() else { break };
+            next = last.seq + 1;
+            for e in entries {
+                fold.apply(e);
+            }
+        }
+        Ok((next - 1, fold.into_entries()))
+    }
+}
+
+/// The current state folded from change-log entries, keeping for every key and event the
+/// entry (with its sequence) that made it current.
+#[derive(Clone, Debug, Default)]
+pub struct LogFold {
+    records: std::collections::HashMap<(String, String), LogEntry>,
+    events: std::collections::HashMap<(String, u64), LogEntry>,
+    last_seq: u64,
+}
+
+impl LogFold {
+    /// Folds one entry in; returns whether it became current.
+    pub fn apply(&mut self, entry: LogEntry) -> bool {
+        use std::collections::hash_map::Entry;
+        self.last_seq = self.last_seq.max(entry.seq);
+        match &entry.change {
+            crate::record::Change::Record(r) => {
+                match self.records.entry((r.namespace.clone(), r.key.clone())) {
+                    Entry::Occupied(mut o) => {
+                        let wins = match &o.get().change {
+                            crate::record::Change::Record(cur) => r.supersedes(cur),
+                            crate::record::Change::Event(_) => true,
+                        };
+                        if wins {
+                            o.insert(entry);
+                        }
+                        wins
+                    }
+                    Entry::Vacant(v) => {
+                        v.insert(entry);
+                        true
+                    }
+                }
+            }
+            crate::record::Change::Event(e) => {
+                match self.events.entry((e.stream.clone(), e.index)) {
+                    Entry::Occupied(mut o) => {
+                        let wins = match &o.get().change {
+                            crate::record::Change::Event(cur) => e.supersedes(cur),
+                            crate::record::Change::Record(_) => true,
+                        };
+                        if wins {
+                            o.insert(entry);
+                        }
+                        wins
+                    }
+                    Entry::Vacant(v) => {
+                        v.insert(entry);
+                        true
+                    }
+                }
+            }
+        }
+    }
+
+    /// Greatest sequence folded so far.
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// Number of current records plus events.
+    pub fn len(&self) -> usize {
+        self.records.len() + self.events.len()
+    }
+
+    /// Whether nothing was folded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The current entries in sequence order.
+    pub fn into_entries(self) -> Vec<LogEntry> {
+        let mut out: Vec<LogEntry> = self
+            .records
+            .into_values()
+            .chain(self.events.into_values())
+            .collect();
+        out.sort_unstable_by_key(|e| e.seq);
+        out
+    }
+
+    /// The folded state as a [`crate::record::View`] (without sequences).
+    pub fn view(&self) -> crate::record::View {
+        let mut view = crate::record::View::default();
+        for e in self.records.values().chain(self.events.values()) {
+            view.apply(&e.change);
+        }
+        view
+    }
 }
 
 /// A watch of the change log from `from_seq` on: first the stored entries, then live ones, in

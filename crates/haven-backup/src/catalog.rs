@@ -1,0 +1,376 @@
+//! What a backup target holds, read from its manifest records: the deployment, its
+//! generations, and in each generation the chain of snapshots and segments, with the points it
+//! can restore.
+
+use futures::{StreamExt, TryStreamExt};
+
+use crate::error::{BackupError, Result};
+use crate::manifest::{
+    DEPLOYMENT_KEY, Deployment, GenerationInfo, ManifestEntry, ObjectKind, generation_key,
+    parse_manifest_key,
+};
+use crate::target::Target;
+
+/// A point to restore to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Point {
+    /// The newest point the backup holds.
+    Latest,
+    /// Every change with sequence at most this.
+    Seq(u64),
+    /// Every change committed at or before this Unix millisecond.
+    Time(u64),
+}
+
+/// One generation: an unbroken history of one data directory's change log.
+#[derive(Clone, Debug)]
+pub struct Generation {
+    /// Generation id.
+    pub id: String,
+    /// Its record, if present.
+    pub info: Option<GenerationInfo>,
+    /// Snapshots, by sequence.
+    pub snapshots: Vec<ManifestEntry>,
+    /// Segments, by first sequence.
+    pub segments: Vec<ManifestEntry>,
+}
+
+/// A break in a generation's chain of segments.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Gap {
+    /// Generation.
+    pub generation: String,
+    /// Last sequence present before the gap.
+    pub after_seq: u64,
+    /// First sequence present after it.
+    pub resumes_at_seq: u64,
+    /// Commit time of the last entry before the gap.
+    pub after_millis: u64,
+    /// Commit time of the first entry after it.
+    pub resumes_at_millis: u64,
+}
+
+/// The continuous part of a generation: from its first snapshot through the segments that
+/// follow it without a break.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Restorable {
+    /// Oldest restorable sequence (the first snapshot's).
+    pub first_seq: u64,
+    /// Its commit time.
+    pub first_millis: u64,
+    /// Newest restorable sequence.
+    pub last_seq: u64,
+    /// Its commit time.
+    pub last_millis: u64,
+}
+
+/// The objects to read, in order, to restore one point.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Generation.
+    pub generation: String,
+    /// The snapshot to start from.
+    pub snapshot: ManifestEntry,
+    /// The segments to replay after it, in order.
+    pub segments: Vec<ManifestEntry>,
+    /// Replay stops after this sequence.
+    pub until_seq: u64,
+    /// Replay stops before the first entry committed after this millisecond, if set.
+    pub until_millis: Option<u64>,
+}
+
+impl Generation {
+    /// Every manifest entry of the generation.
+    pub fn entries(&self) -> impl Iterator<Item = &ManifestEntry> {
+        self.snapshots.iter().chain(self.segments.iter())
+    }
+
+    /// Greatest sequence any object of the generation covers.
+    pub fn last_shipped_seq(&self) -> u64 {
+        self.entries().map(|e| e.last_seq).max().unwrap_or(0)
+    }
+
+    /// The segments that continue snapshot `base` without a break, and the gap that ends
+    /// them, if any segment lies beyond it.
+    pub fn chain_after(&self, base: &ManifestEntry) -> (Vec<ManifestEntry>, Option<Gap>) {
+        let mut next = base.last_seq + 1;
+        let mut last_millis = base.last_millis;
+        let mut out = Vec::new();
+        for s in &self.segments {
+            if s.last_seq < next {
+                continue;
+            }
+            if s.first_seq == next {
+                next = s.last_seq + 1;
+                last_millis = s.last_millis;
+                out.push(s.clone());
+                continue;
+            }
+            if s.first_seq < next {
+                // Overlapping ranges cannot be chained consistently; treat as a break.
+                continue;
+            }
+            // A later snapshot may bridge the gap; the caller decides.
+            let gap = Gap {
+                generation: self.id.clone(),
+                after_seq: next - 1,
+                resumes_at_seq: s.first_seq,
+                after_millis: last_millis,
+                resumes_at_millis: s.first_millis,
+            };
+            return (out, Some(gap));
+        }
+        (out, None)
+    }
+
+    /// The gaps of the generation: breaks in its segment chain that no snapshot bridges.
+    pub fn gaps(&self) -> Vec<Gap> {
+        let mut gaps = Vec::new();
+        let Some(first) = self.snapshots.first() else {
+            return gaps;
+        };
+        let mut base = first.clone();
+        loop {
+            let (chain, gap) = self.chain_after(&base);
+            let reached = chain.last().map_or(base.last_seq, |s| s.last_seq);
+            // Continue from the newest snapshot at or beyond what the chain reached.
+            let bridge = self
+                .snapshots
+                .iter()
+                .filter(|s| s.last_seq >= reached && s.last_seq > base.last_seq)
+                .min_by_key(|s| s.last_seq);
+            match (gap, bridge) {
+                (None, _) => return gaps,
+                (Some(g), Some(b)) if b.last_seq + 1 >= g.resumes_at_seq => base = b.clone(),
+                (Some(g), b) => {
+                    let resumes = g.resumes_at_seq;
+                    gaps.push(g);
+                    // Resume at the next snapshot, if any, after the gap.
+                    match b.or_else(|| self.snapshots.iter().find(|s| s.last_seq >= resumes)) {
+                        Some(b) if b.last_seq > base.last_seq => base = b.clone(),
+                        _ => return gaps,
+                    }
+                }
+            }
+        }
+    }
+
+    /// The restorable range: from the first snapshot to the end of the continuous chain
+    /// after the newest snapshot that can be reached.
+    pub fn restorable(&self) -> Option<Restorable> {
+        let first = self.snapshots.first()?;
+        let mut last_seq = first.last_seq;
+        let mut last_millis = first.last_millis;
+        for snap in &self.snapshots {
+            let (chain, _) = self.chain_after(snap);
+            let (s, m) = chain.last().map_or((snap.last_seq, snap.last_millis), |c| {
+                (c.last_seq, c.last_millis)
+            });
+            if s > last_seq {
+                last_seq = s;
+                last_millis = m;
+            }
+        }
+        Some(Restorable {
+            first_seq: first.last_seq,
+            first_millis: first.last_millis,
+            last_seq,
+            last_millis,
+        })
+    }
+
+    /// Plans a restore of `point` from this generation: the newest snapshot at or before it,
+    /// then the segments after that snapshot up to the point. Snapshots in `skip` (known
+    /// damaged) are not used.
+    pub fn plan(&self, point: Point, skip: &[String]) -> Result<Plan> {
+        let usable = |s: &&ManifestEntry| !skip.contains(&s.object);
+        let snapshot = match point {
+            Point::Latest => {
+                // The snapshot whose chain reaches furthest (ties: the newest).
+                self.snapshots.iter().filter(usable).max_by_key(|s| {
+                    let (chain, _) = self.chain_after(s);
+                    (chain.last().map_or(s.last_seq, |c| c.last_seq), s.last_seq)
+                })
+            }
+            Point::Seq(n) => self
+                .snapshots
+                .iter()
+                .filter(usable)
+                .filter(|s| s.last_seq <= n)
+                .max_by_key(|s| s.last_seq),
+            Point::Time(t) => self
+                .snapshots
+                .iter()
+                .filter(usable)
+                .filter(|s| s.last_millis <= t)
+                .max_by_key(|s| s.last_seq),
+        };
+        let Some(snapshot) = snapshot.cloned() else {
+            let earliest = self.restorable();
+            return Err(BackupError::NothingToRestore(match (point, earliest) {
+                (_, None) => format!("generation {} holds no usable snapshot", self.id),
+                (Point::Seq(n), Some(r)) => format!(
+                    "sequence {n} is before the oldest restorable point of generation {} (sequence {})",
+                    self.id, r.first_seq
+                ),
+                (_, Some(r)) => format!(
+                    "that time is before the oldest restorable point of generation {} ({})",
+                    self.id,
+                    crate::fmt_millis(r.first_millis)
+                ),
+            }));
+        };
+        let (chain, _) = self.chain_after(&snapshot);
+        let (until_seq, until_millis) = match point {
+            Point::Latest => (u64::MAX, None),
+            Point::Seq(n) => (n, None),
+            Point::Time(t) => (u64::MAX, Some(t)),
+        };
+        let segments = chain
+            .into_iter()
+            .take_while(|s| {
+                s.first_seq <= until_seq && until_millis.is_none_or(|t| s.first_millis <= t)
+            })
+            .collect();
+        Ok(Plan {
+            generation: self.id.clone(),
+            snapshot,
+            segments,
+            until_seq,
+            until_millis,
+        })
+    }
+}
+
+/// Everything a target holds.
+#[derive(Clone, Debug, Default)]
+pub struct Catalog {
+    /// The deployment record, if the target has been used.
+    pub deployment: Option<Deployment>,
+    /// Generations, oldest first.
+    pub generations: Vec<Generation>,
+    /// Keys of objects under `generations/` that no manifest entry or generation record
+    /// names (left by an interrupted upload or prune), with their modification times.
+    pub unreferenced: Vec<(String, u64)>,
+    /// Manifest records that could not be read.
+    pub bad_manifests: Vec<(String, String)>,
+}
+
+impl Catalog {
+    /// Reads the catalog of `target`.
+    pub async fn load(target: &Target) -> Result<Catalog> {
+        let deployment = match target.get(DEPLOYMENT_KEY).await? {
+            None => None,
+            Some(b) => Some(serde_json::from_slice::<Deployment>(&b).map_err(|e| {
+                BackupError::Damaged {
+                    object: DEPLOYMENT_KEY.into(),
+                    reason: format!("cannot parse: {e}"),
+                }
+            })?),
+        };
+        let listed = target.list("generations/").await?;
+        let mut manifest_keys = Vec::new();
+        let mut generation_ids = std::collections::BTreeSet::new();
+        let mut objects = Vec::new();
+        for item in &listed {
+            if let Some((g, ..)) = parse_manifest_key(&item.key) {
+                generation_ids.insert(g);
+                manifest_keys.push(item.key.clone());
+            } else if let Some(rest) = item.key.strip_prefix("generations/") {
+                if let Some((g, name)) = rest.split_once('/') {
+                    generation_ids.insert(g.to_owned());
+                    if name != "generation.json" {
+                        objects.push((item.key.clone(), item.modified_millis));
+                    }
+                }
+            }
+        }
+        let fetched: Vec<(String, Option<bytes::Bytes>)> = futures::stream::iter(manifest_keys)
+            .map(|k| {
+                let target = target.clone();
+                async move { target.get(&k).await.map(|b| (k, b)) }
+            })
+            .buffer_unordered(32)
+            .try_collect()
+            .await?;
+        let mut catalog = Catalog {
+            deployment,
+            ..Catalog::default()
+        };
+        let mut by_gen: std::collections::BTreeMap<String, Generation> = generation_ids
+            .into_iter()
+            .map(|id| {
+                (
+                    id.clone(),
+                    Generation {
+                        id,
+                        info: None,
+                        snapshots: Vec::new(),
+                        segments: Vec::new(),
+                    },
+                )
+            })
+            .collect();
+        for (key, bytes) in fetched {
+            let Some(bytes) = bytes else { continue };
+            match serde_json::from_slice::<ManifestEntry>(&bytes) {
+                Ok(e) if e.manifest_key() == key => {
+                    let g = by_gen.get_mut(&e.generation).expect("listed generation");
+                    match e.kind {
+                        ObjectKind::Snapshot => g.snapshots.push(e),
+                        ObjectKind::Segment => g.segments.push(e),
+                    }
+                }
+                Ok(_) => catalog
+                    .bad_manifests
+                    .push((key, "its content names another object".into())),
+                Err(e) => catalog
+                    .bad_manifests
+                    .push((key, format!("cannot parse: {e}"))),
+            }
+        }
+        for g in by_gen.values_mut() {
+            if let Some(b) = target.get(&generation_key(&g.id)).await? {
+                g.info = serde_json::from_slice(&b).ok();
+            }
+            g.snapshots.sort_by_key(|e| e.last_seq);
+            g.segments.sort_by_key(|e| (e.first_seq, e.last_seq));
+        }
+        let referenced: std::collections::HashSet<&str> = by_gen
+            .values()
+            .flat_map(|g| g.entries().map(|e| e.object.as_str()))
+            .collect();
+        catalog.unreferenced = objects
+            .into_iter()
+            .filter(|(k, _)| !referenced.contains(k.as_str()))
+            .collect();
+        catalog.generations = by_gen.into_values().collect();
+        Ok(catalog)
+    }
+
+    /// Generation `id`.
+    pub fn generation(&self, id: &str) -> Option<&Generation> {
+        self.generations.iter().find(|g| g.id == id)
+    }
+
+    /// The newest generation that holds a snapshot.
+    pub fn latest(&self) -> Option<&Generation> {
+        self.generations
+            .iter()
+            .rev()
+            .find(|g| !g.snapshots.is_empty())
+    }
+
+    /// The generation to restore `point` from: for a time, the newest generation whose
+    /// restorable range starts at or before it; otherwise the newest generation.
+    pub fn generation_for(&self, point: Point) -> Option<&Generation> {
+        match point {
+            Point::Time(t) => self
+                .generations
+                .iter()
+                .rev()
+                .find(|g| g.restorable().is_some_and(|r| r.first_millis <= t)),
+            _ => self.latest(),
+        }
+    }
+}

@@ -1,0 +1,685 @@
+//! Continuous shipping: a task that reads the change log after what the backup already holds,
+//! writes it to the target as sealed segments, takes a full snapshot at its own interval,
+//! verifies the backup on a schedule and applies retention. It never blocks serving: when the
+//! target is unreachable or full, shipping falls behind, the lag shows in its status, and it
+//! catches up once the target is back.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use haven_state::{LogEntry, PhysicalClock, Store};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::catalog::Catalog;
+use crate::crypto::{self, BackupKey};
+use crate::error::{BackupError, Result};
+use crate::format;
+use crate::manifest::{
+    DEPLOYMENT_KEY, Deployment, FORMAT, GenerationInfo, ManifestEntry, ObjectKind, generation_key,
+    segment_key, snapshot_key,
+};
+use crate::retention::{self, RetentionPolicy};
+use crate::target::Target;
+use crate::verify;
+
+/// Most entries one segment holds; a long backlog ships as several segments.
+const MAX_SEGMENT_ENTRIES: usize = 50_000;
+/// Most payload bytes one segment holds (approximate).
+const MAX_SEGMENT_BYTES: usize = 32 << 20;
+
+/// Settings of continuous backup.
+#[derive(Clone, Debug)]
+pub struct BackupConfig {
+    /// Target URL.
+    pub url: String,
+    /// Encryption key.
+    pub key: BackupKey,
+    /// How often new changes are shipped as a segment.
+    pub interval: Duration,
+    /// How often a full snapshot is taken.
+    pub snapshot_interval: Duration,
+    /// How often the whole backup is verified.
+    pub verify_interval: Duration,
+    /// How often retention runs.
+    pub prune_interval: Duration,
+    /// What retention keeps.
+    pub retention: RetentionPolicy,
+}
+
+impl BackupConfig {
+    /// Defaults from the design: a segment every 60 s, a snapshot daily, verification
+    /// weekly, retention hourly.
+    pub fn new(url: impl Into<String>, key: BackupKey) -> BackupConfig {
+        BackupConfig {
+            url: url.into(),
+            key,
+            interval: Duration::from_secs(60),
+            snapshot_interval: Duration::from_secs(24 * 3600),
+            verify_interval: Duration::from_secs(7 * 24 * 3600),
+            prune_interval: Duration::from_secs(3600),
+            retention: RetentionPolicy::default(),
+        }
+    }
+}
+
+/// Summary of the latest verification.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerificationSummary {
+    /// When it finished, Unix milliseconds.
+    pub at_millis: u64,
+    /// Whether the backup was intact and continuous.
+    pub ok: bool,
+    /// Objects checked.
+    pub objects: u64,
+    /// Damaged objects and chain breaks found.
+    pub problems: u64,
+}
+
+/// What the shipper reports: the figures operators watch.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct BackupStatus {
+    /// Target URL.
+    pub target: String,
+    /// Deployment id.
+    pub deployment: String,
+    /// Generation being shipped.
+    pub generation: Option<String>,
+    /// `ok`, `starting` or `failing`.
+    pub state: String,
+    /// The last error, while failing.
+    pub last_error: Option<String>,
+    /// Greatest change-log sequence the backup holds.
+    pub shipped_seq: u64,
+    /// Greatest sequence of the local change log.
+    pub local_seq: u64,
+    /// Entries not yet shipped.
+    pub lag_entries: u64,
+    /// Age of the oldest unshipped change, milliseconds (0 when nothing is pending).
+    pub lag_millis: u64,
+    /// When the last segment was written, Unix milliseconds.
+    pub last_segment_millis: Option<u64>,
+    /// When the last successful shipping round ended, Unix milliseconds.
+    pub last_ship_millis: Option<u64>,
+    /// When the last snapshot was written, Unix milliseconds.
+    pub last_snapshot_millis: Option<u64>,
+    /// Sequence of the last snapshot.
+    pub last_snapshot_seq: Option<u64>,
+    /// The latest verification.
+    pub last_verification: Option<VerificationSummary>,
+    /// When retention last ran, Unix milliseconds.
+    pub last_prune_millis: Option<u64>,
+    /// Segments written since start.
+    pub segments_written: u64,
+    /// Snapshots written since start.
+    pub snapshots_written: u64,
+    /// Bytes written since start.
+    pub bytes_written: u64,
+}
+
+/// What one shipping round did.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ShipReport {
+    /// Segments written.
+    pub segments: u64,
+    /// Entries shipped.
+    pub entries: u64,
+    /// Whether a snapshot was written.
+    pub snapshot: bool,
+    /// Greatest sequence the backup holds afterwards.
+    pub shipped_seq: u64,
+    /// Generation.
+    pub generation: String,
+}
+
+enum Command {
+    Ship {
+        snapshot: bool,
+        reply: oneshot::Sender<std::result::Result<ShipReport, String>>,
+    },
+    Verify {
+        reply: oneshot::Sender<std::result::Result<verify::VerifyReport, String>>,
+    },
+}
+
+/// Handle of a running shipper.
+#[derive(Clone)]
+pub struct ShipperHandle {
+    status: Arc<Mutex<BackupStatus>>,
+    commands: mpsc::Sender<Command>,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn PhysicalClock>,
+}
+
+impl ShipperHandle {
+    /// The current status, with the lag measured now.
+    pub async fn status(&self) -> BackupStatus {
+        let mut s = self.status.lock().clone();
+        if let Ok(local) = self.store.last_seq().await {
+            s.local_seq = local;
+            s.lag_entries = local.saturating_sub(s.shipped_seq);
+            s.lag_millis = 0;
+            if s.lag_entries > 0 {
+                if let Ok(next) = self.store.read_log(s.shipped_seq + 1, 1).await {
+                    if let Some(e) = next.first() {
+                        let at = e.change.version().hlc.millis();
+                        s.lag_millis = self.clock.now_millis().saturating_sub(at);
+                    }
+                }
+            }
+        }
+        s
+    }
+
+    /// Ships everything committed so far (and a snapshot when `snapshot`), now.
+    pub async fn ship_now(&self, snapshot: bool) -> std::result::Result<ShipReport, String> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Ship { snapshot, reply })
+            .await
+            .map_err(|_| "the backup shipper has stopped".to_owned())?;
+        rx.await
+            .map_err(|_| "the backup shipper has stopped".to_owned())?
+    }
+
+    /// Verifies the whole backup now.
+    pub async fn verify_now(&self) -> std::result::Result<verify::VerifyReport, String> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Verify { reply })
+            .await
+            .map_err(|_| "the backup shipper has stopped".to_owned())?;
+        rx.await
+            .map_err(|_| "the backup shipper has stopped".to_owned())?
+    }
+}
+
+/// Namespace and key of the deployment id in the store.
+pub const DEPLOYMENT_NAMESPACE: &str = "system";
+/// See [`DEPLOYMENT_NAMESPACE`].
+pub const DEPLOYMENT_RECORD: &str = "deployment";
+
+/// The deployment id kept in the store, created on first use. It travels with the state
+/// (replication, backup and restore), so a restored node keeps its deployment's identity.
+pub async fn ensure_deployment(store: &dyn Store) -> Result<String> {
+    if let Some(r) = store.get(DEPLOYMENT_NAMESPACE, DEPLOYMENT_RECORD).await? {
+        return Ok(String::from_utf8_lossy(r.value()).into_owned());
+    }
+    let id = format!("dep-{}", hex::encode(rand::random::<[u8; 8]>()));
+    let batch = haven_state::Batch::new().put_if(
+        DEPLOYMENT_NAMESPACE,
+        DEPLOYMENT_RECORD,
+        id.clone().into_bytes(),
+        haven_state::Expect::Absent,
+    );
+    match store.commit(batch).await {
+        Ok(_) => Ok(id),
+        Err(haven_state::StoreError::Conflict { .. }) => {
+            let r = store.get(DEPLOYMENT_NAMESPACE, DEPLOYMENT_RECORD).await?;
+            Ok(r.map(|r| String::from_utf8_lossy(r.value()).into_owned())
+                .unwrap_or(id))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The generation a data directory ships, remembered in the data directory.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct LocalGeneration {
+    generation: String,
+    target: String,
+    deployment: String,
+}
+
+/// The shipper: one per node (per region, in cluster mode).
+pub struct Shipper {
+    store: Arc<dyn Store>,
+    target: Target,
+    config: BackupConfig,
+    clock: Arc<dyn PhysicalClock>,
+    state_file: PathBuf,
+    status: Arc<Mutex<BackupStatus>>,
+    deployment: String,
+    /// Set once the target has been checked and the generation chosen.
+    generation: Option<String>,
+    shipped_seq: u64,
+    last_snapshot_seq: Option<u64>,
+    last_snapshot_created: Option<u64>,
+    last_verify: Option<u64>,
+    last_prune: Option<u64>,
+}
+
+impl Shipper {
+    /// Opens the target (a bad URL fails here) and starts shipping in the background. The
+    /// shipper remembers its generation in `data_dir`.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        config: BackupConfig,
+        data_dir: &std::path::Path,
+        clock: Arc<dyn PhysicalClock>,
+    ) -> Result<ShipperHandle> {
+        let target = Target::open(&config.url)?;
+        let deployment = ensure_deployment(store.as_ref()).await?;
+        let status = Arc::new(Mutex::new(BackupStatus {
+            target: config.url.clone(),
+            deployment: deployment.clone(),
+            state: "starting".into(),
+            ..BackupStatus::default()
+        }));
+        let (tx, rx) = mpsc::channel(16);
+        let shipper = Shipper {
+            store: store.clone(),
+            target,
+            config,
+            clock: clock.clone(),
+            state_file: data_dir.join("backup-generation.json"),
+            status: status.clone(),
+            deployment,
+            generation: None,
+            shipped_seq: 0,
+            last_snapshot_seq: None,
+            last_snapshot_created: None,
+            last_verify: None,
+            last_prune: None,
+        };
+        tokio::spawn(shipper.run(rx));
+        Ok(ShipperHandle {
+            status,
+            commands: tx,
+            store,
+            clock,
+        })
+    }
+
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut tick = tokio::time::interval(self.config.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if let Err(e) = self.round(false).await {
+                        self.failed(&e);
+                    }
+                    self.scheduled_work().await;
+                }
+                cmd = commands.recv() => match cmd {
+                    None => return,
+                    Some(Command::Ship { snapshot, reply }) => {
+                        let r = self.round(snapshot).await;
+                        if let Err(e) = &r {
+                            self.failed(e);
+                        }
+                        let _ = reply.send(r.map_err(|e| e.to_string()));
+                    }
+                    Some(Command::Verify { reply }) => {
+                        let r = self.verify().await;
+                        let _ = reply.send(r.map_err(|e| e.to_string()));
+                    }
+                },
+            }
+        }
+    }
+
+    fn failed(&self, e: &BackupError) {
+        tracing::warn!(error = %e, "backup shipping failed; will retry");
+        let mut s = self.status.lock();
+        s.state = "failing".into();
+        s.last_error = Some(e.to_string());
+    }
+
+    fn now(&self) -> u64 {
+        self.clock.now_millis()
+    }
+
+    /// Checks the target belongs to this deployment and key, and picks the generation:
+    /// the one remembered in the data directory if the backup still continues it, else a new
+    /// one.
+    async fn prepare(&mut self) -> Result<()> {
+        if self.generation.is_some() {
+            return Ok(());
+        }
+        let key = &self.config.key;
+        match self.target.get(DEPLOYMENT_KEY).await? {
+            Some(b) => {
+                let d: Deployment =
+                    serde_json::from_slice(&b).map_err(|e| BackupError::Damaged {
+                        object: DEPLOYMENT_KEY.into(),
+                        reason: format!("cannot parse: {e}"),
+                    })?;
+                if d.id != self.deployment {
+                    return Err(BackupError::OtherDeployment {
+                        target: self.target.url().to_owned(),
+                        expected: self.deployment.clone(),
+                        found: d.id,
+                    });
+                }
+                if d.key_fingerprint != key.fingerprint() {
+                    return Err(BackupError::WrongKey {
+                        target: self.target.url().to_owned(),
+                        expected: d.key_fingerprint,
+                        found: key.fingerprint(),
+                    });
+                }
+            }
+            None => {
+                let d = Deployment {
+                    id: self.deployment.clone(),
+                    format: FORMAT,
+                    key_fingerprint: key.fingerprint(),
+                    created_millis: self.now(),
+                };
+                self.target
+                    .put(
+                        DEPLOYMENT_KEY,
+                        serde_json::to_vec_pretty(&d).expect("json"),
+                        None,
+                    )
+                    .await?;
+            }
+        }
+        let catalog = Catalog::load(&self.target).await?;
+        let local_seq = self.store.last_seq().await?;
+        let remembered: Option<LocalGeneration> = std::fs::read(&self.state_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let continued = remembered
+            .filter(|r| r.target == self.target.url() && r.deployment == self.deployment)
+            .and_then(|r| catalog.generation(&r.generation).cloned())
+            .filter(|g| !g.snapshots.is_empty() && g.last_shipped_seq() <= local_seq);
+        if let Some(g) = continued {
+            // Resume right after the newest object the backup holds.
+            self.shipped_seq = g.last_shipped_seq();
+            let last_snap = g.snapshots.last().expect("checked");
+            self.last_snapshot_seq = Some(last_snap.last_seq);
+            self.last_snapshot_created = Some(last_snap.created_millis);
+            self.generation = Some(g.id.clone());
+            tracing::info!(generation = %g.id, shipped_seq = self.shipped_seq, "resuming backup");
+        } else {
+            let id = format!(
+                "{:012x}-{}",
+                self.now(),
+                hex::encode(rand::random::<[u8; 4]>())
+            );
+            let info = GenerationInfo {
+                id: id.clone(),
+                created_millis: self.now(),
+                origin: self.store.origin().to_string(),
+                start_seq: local_seq,
+            };
+            self.target
+                .put(
+                    &generation_key(&id),
+                    serde_json::to_vec_pretty(&info).expect("json"),
+                    None,
+                )
+                .await?;
+            self.generation = Some(id.clone());
+            self.shipped_seq = 0;
+            self.last_snapshot_seq = None;
+            self.last_snapshot_created = None;
+            // A new generation starts with a snapshot of everything so far.
+            self.snapshot().await?;
+            tracing::info!(generation = %id, seq = self.shipped_seq, "started a new backup generation");
+        }
+        let local = LocalGeneration {
+            generation: self.generation.clone().expect("set"),
+            target: self.target.url().to_owned(),
+            deployment: self.deployment.clone(),
+        };
+        std::fs::write(
+            &self.state_file,
+            serde_json::to_vec_pretty(&local).expect("json"),
+        )
+        .map_err(|e| BackupError::io(format!("writing {}", self.state_file.display()), e))?;
+        if let Some(v) = verify::load_latest(&self.target).await? {
+            self.last_verify = Some(v.checked_at_millis);
+            self.status.lock().last_verification = Some(summary(&v));
+        }
+        let mut s = self.status.lock();
+        s.generation = self.generation.clone();
+        s.shipped_seq = self.shipped_seq;
+        s.last_snapshot_seq = self.last_snapshot_seq;
+        s.last_snapshot_millis = self.last_snapshot_created;
+        Ok(())
+    }
+
+    /// One round: ship every committed change not yet shipped, then a snapshot when due.
+    async fn round(&mut self, force_snapshot: bool) -> Result<ShipReport> {
+        self.prepare().await?;
+        let generation = self.generation.clone().expect("prepared");
+        let mut report = ShipReport {
+            generation: generation.clone(),
+            ..ShipReport::default()
+        };
+        let until = self.store.last_seq().await?;
+        while self.shipped_seq < until {
+            let entries = self
+                .store
+                .read_log(self.shipped_seq + 1, MAX_SEGMENT_ENTRIES)
+                .await?;
+            let Some(first) = entries.first() else { break };
+            if first.seq != self.shipped_seq + 1 {
+                // The log has a hole here (it was restored from a snapshot): bridge it with a
+                // snapshot, which holds the state at its end.
+                self.snapshot().await?;
+                report.snapshot = true;
+                continue;
+            }
+            let n = self.ship_segment(&generation, entries).await?;
+            report.segments += 1;
+            report.entries += n;
+        }
+        let due = self.last_snapshot_created.is_none_or(|at| {
+            self.now().saturating_sub(at) >= self.config.snapshot_interval.as_millis() as u64
+        });
+        if (force_snapshot || due) && self.last_snapshot_seq != Some(until.max(self.shipped_seq))
+            || self.last_snapshot_seq.is_none()
+        {
+            self.snapshot().await?;
+            report.snapshot = true;
+        }
+        report.shipped_seq = self.shipped_seq;
+        let now = self.now();
+        let mut s = self.status.lock();
+        s.state = "ok".into();
+        s.last_error = None;
+        s.shipped_seq = self.shipped_seq;
+        s.last_ship_millis = Some(now);
+        Ok(report)
+    }
+
+    /// Writes one segment from `entries` (contiguous, starting after `shipped_seq`), cut at
+    /// the size limit; returns how many entries it holds.
+    async fn ship_segment(&mut self, generation: &str, mut entries: Vec<LogEntry>) -> Result<u64> {
+        // Cut at the byte limit (approximately: by encoded size of each entry).
+        let mut bytes = 0usize;
+        let mut cut = entries.len();
+        for (i, e) in entries.iter().enumerate() {
+            bytes += postcard::experimental::serialized_size(e).unwrap_or(0);
+            if bytes > MAX_SEGMENT_BYTES && i > 0 {
+                cut = i;
+                break;
+            }
+        }
+        entries.truncate(cut);
+        let first = entries.first().expect("non-empty").seq;
+        let last = entries.last().expect("non-empty").seq;
+        let plain = format::encode(ObjectKind::Segment, first, last, &entries);
+        let object = segment_key(generation, first, last);
+        let entry = self
+            .put_object(
+                ObjectKind::Segment,
+                generation,
+                &object,
+                first,
+                last,
+                &entries,
+                plain,
+            )
+            .await?;
+        self.shipped_seq = last;
+        let mut s = self.status.lock();
+        s.segments_written += 1;
+        s.bytes_written += entry.size;
+        s.last_segment_millis = Some(entry.created_millis);
+        s.shipped_seq = last;
+        Ok(entries.len() as u64)
+    }
+
+    /// Writes a snapshot of the current state.
+    async fn snapshot(&mut self) -> Result<()> {
+        let generation = self.generation.clone().expect("prepared");
+        let (seq, entries) = self.store.state_entries().await?;
+        let plain = format::encode(ObjectKind::Snapshot, 0, seq, &entries);
+        let object = snapshot_key(&generation, seq);
+        let entry = self
+            .put_object(
+                ObjectKind::Snapshot,
+                &generation,
+                &object,
+                0,
+                seq,
+                &entries,
+                plain,
+            )
+            .await?;
+        // The snapshot covers everything up to its sequence.
+        self.shipped_seq = self.shipped_seq.max(seq);
+        self.last_snapshot_seq = Some(seq);
+        self.last_snapshot_created = Some(entry.created_millis);
+        let mut s = self.status.lock();
+        s.snapshots_written += 1;
+        s.bytes_written += entry.size;
+        s.last_snapshot_millis = Some(entry.created_millis);
+        s.last_snapshot_seq = Some(seq);
+        s.shipped_seq = self.shipped_seq;
+        Ok(())
+    }
+
+    /// Seals and writes an object, then its manifest entry.
+    #[allow(clippy::too_many_arguments)]
+    async fn put_object(
+        &self,
+        kind: ObjectKind,
+        generation: &str,
+        object: &str,
+        first: u64,
+        last: u64,
+        entries: &[LogEntry],
+        plain: Vec<u8>,
+    ) -> Result<ManifestEntry> {
+        let key = self.config.key.clone();
+        let deployment = self.deployment.clone();
+        let name = object.to_owned();
+        let sealed =
+            tokio::task::spawn_blocking(move || crypto::seal(&key, &deployment, &name, &plain))
+                .await
+                .map_err(|e| BackupError::Config(format!("sealing task failed: {e}")))??;
+        let millis: Vec<u64> = entries
+            .iter()
+            .map(|e| e.change.version().hlc.millis())
+            .collect();
+        let entry = ManifestEntry {
+            kind,
+            generation: generation.to_owned(),
+            object: object.to_owned(),
+            first_seq: first,
+            last_seq: last,
+            first_millis: match kind {
+                ObjectKind::Segment => millis.first().copied().unwrap_or(0),
+                ObjectKind::Snapshot => millis.iter().copied().min().unwrap_or(0),
+            },
+            last_millis: match kind {
+                ObjectKind::Segment => millis.last().copied().unwrap_or(0),
+                ObjectKind::Snapshot => millis.iter().copied().max().unwrap_or(0),
+            },
+            items: entries.len() as u64,
+            size: sealed.len() as u64,
+            sha256: crypto::sha256_hex(&sealed),
+            created_millis: self.now(),
+            storage_class: None,
+        };
+        self.target.put(object, sealed, None).await?;
+        self.target
+            .put(
+                &entry.manifest_key(),
+                serde_json::to_vec_pretty(&entry).expect("json"),
+                None,
+            )
+            .await?;
+        Ok(entry)
+    }
+
+    /// Verification and retention when they are due; failures are reported, not fatal.
+    async fn scheduled_work(&mut self) {
+        if self.generation.is_none() {
+            return;
+        }
+        let now = self.now();
+        let verify_due = self.last_verify.is_none_or(|at| {
+            now.saturating_sub(at) >= self.config.verify_interval.as_millis() as u64
+        });
+        if verify_due {
+            if let Err(e) = self.verify().await {
+                tracing::warn!(error = %e, "scheduled backup verification could not run");
+            }
+        }
+        let prune_due = self.last_prune.is_none_or(|at| {
+            now.saturating_sub(at) >= self.config.prune_interval.as_millis() as u64
+        });
+        if prune_due {
+            match self.prune().await {
+                Ok(r) => {
+                    if r.deleted + r.archived > 0 {
+                        tracing::info!(
+                            deleted = r.deleted,
+                            archived = r.archived,
+                            kept = r.kept,
+                            "backup retention applied"
+                        );
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "backup retention could not run"),
+            }
+        }
+    }
+
+    async fn verify(&mut self) -> Result<verify::VerifyReport> {
+        self.prepare().await?;
+        let report = verify::verify(&self.target, &self.config.key, self.now(), &|_, _| {}).await?;
+        verify::save(&self.target, &report).await?;
+        if report.ok {
+            tracing::info!(objects = report.objects, "backup verified");
+        } else {
+            tracing::error!(
+                problems = report.problems.len(),
+                gaps = report.gaps.len(),
+                "backup verification found damage"
+            );
+        }
+        self.last_verify = Some(report.checked_at_millis);
+        self.status.lock().last_verification = Some(summary(&report));
+        Ok(report)
+    }
+
+    async fn prune(&mut self) -> Result<retention::RetentionReport> {
+        let catalog = Catalog::load(&self.target).await?;
+        let plan = retention::plan(&catalog, self.now(), &self.config.retention);
+        let report =
+            retention::apply(&self.target, &plan, &self.config.retention.archive_class).await?;
+        self.last_prune = Some(self.now());
+        self.status.lock().last_prune_millis = self.last_prune;
+        Ok(report)
+    }
+}
+
+fn summary(v: &verify::VerifyReport) -> VerificationSummary {
+    VerificationSummary {
+        at_millis: v.checked_at_millis,
+        ok: v.ok,
+        objects: v.objects,
+        problems: (v.problems.len() + v.gaps.len()) as u64,
+    }
+}

@@ -1,0 +1,226 @@
+//! Where backups go: an object store reached through the `object_store` crate, either a local
+//! directory or an S3-compatible bucket.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use object_store::{
+    Attribute, AttributeValue, Attributes, ObjectStore, ObjectStoreExt, PutOptions, PutPayload,
+};
+
+use crate::error::{BackupError, Result};
+
+/// What kind of storage a target is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TargetKind {
+    /// A directory on a local (or mounted) file system.
+    Local,
+    /// An S3-compatible bucket.
+    S3,
+}
+
+/// One object listed under a target.
+#[derive(Clone, Debug)]
+pub struct Listed {
+    /// Key relative to the target's prefix.
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Last modification, Unix milliseconds.
+    pub modified_millis: u64,
+}
+
+/// A backup target: an object store and a prefix inside it.
+#[derive(Clone)]
+pub struct Target {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    url: String,
+    kind: TargetKind,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target").field("url", &self.url).finish()
+    }
+}
+
+impl Target {
+    /// Opens the target named by `url`: `s3://bucket[/prefix]` (endpoint, region and
+    /// credentials from the usual `AWS_*` environment variables), `file:///abs/dir`, or a plain
+    /// directory path. A local directory is created if missing.
+    pub fn open(url: &str) -> Result<Target> {
+        let url = url.trim();
+        if url.is_empty() {
+            return Err(BackupError::Config("the backup URL is empty".into()));
+        }
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(BackupError::Config(format!(
+                    "invalid backup URL {url:?}: expected s3://BUCKET[/PREFIX]"
+                )));
+            }
+            let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+            let endpoint = ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
+                .iter()
+                .find_map(|k| std::env::var(k).ok());
+            if endpoint
+                .as_deref()
+                .is_some_and(|e| e.starts_with("http://"))
+            {
+                builder = builder.with_allow_http(true);
+            }
+            if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err()
+            {
+                builder = builder.with_region("us-east-1");
+            }
+            let store = builder.build().map_err(|e| {
+                BackupError::Config(format!("cannot use the backup URL {url:?}: {e}"))
+            })?;
+            return Ok(Target {
+                store: Arc::new(store),
+                prefix: normalize_prefix(prefix),
+                url: url.to_owned(),
+                kind: TargetKind::S3,
+            });
+        }
+        let dir = if let Some(rest) = url.strip_prefix("file://") {
+            std::path::PathBuf::from(rest)
+        } else if url.contains("://") {
+            return Err(BackupError::Config(format!(
+                "unsupported backup URL {url:?}: use s3://BUCKET/PREFIX, file:///DIR or a directory path"
+            )));
+        } else {
+            std::path::PathBuf::from(url)
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            BackupError::io(
+                format!("creating the backup directory {}", dir.display()),
+                e,
+            )
+        })?;
+        let store = LocalFileSystem::new_with_prefix(&dir).map_err(|e| {
+            BackupError::Config(format!(
+                "cannot use the backup directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+        Ok(Target {
+            store: Arc::new(store),
+            prefix: String::new(),
+            url: url.to_owned(),
+            kind: TargetKind::Local,
+        })
+    }
+
+    /// The URL the target was opened from.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Local directory or S3.
+    pub fn kind(&self) -> TargetKind {
+        self.kind
+    }
+
+    fn path(&self, key: &str) -> ObjectPath {
+        ObjectPath::from(format!("{}{key}", self.prefix))
+    }
+
+    fn err(&self, source: object_store::Error) -> BackupError {
+        BackupError::Target {
+            target: self.url.clone(),
+            source,
+        }
+    }
+
+    /// Writes object `key`, in `storage_class` when given (S3 only).
+    pub async fn put(&self, key: &str, bytes: Vec<u8>, storage_class: Option<&str>) -> Result<()> {
+        let mut opts = PutOptions::default();
+        if let (Some(class), TargetKind::S3) = (storage_class, self.kind) {
+            let mut attrs = Attributes::new();
+            attrs.insert(
+                Attribute::StorageClass,
+                AttributeValue::from(class.to_owned()),
+            );
+            opts.attributes = attrs;
+        }
+        self.store
+            .put_opts(&self.path(key), PutPayload::from(bytes), opts)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Reads object `key`; `None` when it does not exist.
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        match self.store.get(&self.path(key)).await {
+            Ok(r) => r.bytes().await.map(Some).map_err(|e| self.err(e)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    /// Every object whose key starts with `prefix` (a directory-like prefix ending in `/`).
+    pub async fn list(&self, prefix: &str) -> Result<Vec<Listed>> {
+        let base = self.path(prefix.trim_end_matches('/'));
+        let strip = self.prefix.len();
+        let items: Vec<_> = match self.store.list(Some(&base)).try_collect().await {
+            Ok(items) => items,
+            Err(object_store::Error::NotFound { .. }) => Vec::new(),
+            Err(e) => return Err(self.err(e)),
+        };
+        let mut out: Vec<Listed> = items
+            .into_iter()
+            .filter_map(|m| {
+                let full = m.location.to_string();
+                let key = full.get(strip..)?.to_owned();
+                Some(Listed {
+                    key,
+                    size: m.size,
+                    modified_millis: m.last_modified.timestamp_millis().max(0) as u64,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// Deletes object `key`; deleting a missing object is not an error.
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        match self.store.delete(&self.path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    /// Moves object `key` to `storage_class` by rewriting it (S3). Returns `false` when the
+    /// target has no storage classes (a local directory): nothing is changed then.
+    pub async fn set_storage_class(&self, key: &str, storage_class: &str) -> Result<bool> {
+        if self.kind != TargetKind::S3 {
+            return Ok(false);
+        }
+        let Some(bytes) = self.get(key).await? else {
+            return Err(BackupError::Damaged {
+                object: key.to_owned(),
+                reason: "missing".into(),
+            });
+        };
+        self.put(key, bytes.to_vec(), Some(storage_class)).await?;
+        Ok(true)
+    }
+}
+
+fn normalize_prefix(p: &str) -> String {
+    let p = p.trim_matches('/');
+    if p.is_empty() {
+        String::new()
+    } else {
+        format!("{p}/")
+    }
+}
