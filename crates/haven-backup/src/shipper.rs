@@ -142,6 +142,9 @@ enum Command {
     Verify {
         reply: oneshot::Sender<std::result::Result<verify::VerifyReport, String>>,
     },
+    Prune {
+        reply: oneshot::Sender<std::result::Result<retention::RetentionReport, String>>,
+    },
 }
 
 /// Handle of a running shipper.
@@ -178,6 +181,17 @@ impl ShipperHandle {
         let (reply, rx) = oneshot::channel();
         self.commands
             .send(Command::Ship { snapshot, reply })
+            .await
+            .map_err(|_| "the backup shipper has stopped".to_owned())?;
+        rx.await
+            .map_err(|_| "the backup shipper has stopped".to_owned())?
+    }
+
+    /// Applies retention now.
+    pub async fn prune_now(&self) -> std::result::Result<retention::RetentionReport, String> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Prune { reply })
             .await
             .map_err(|_| "the backup shipper has stopped".to_owned())?;
         rx.await
@@ -294,7 +308,15 @@ impl Shipper {
     }
 
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
-        let mut tick = tokio::time::interval(self.config.interval);
+        // A first round at once (checks the target, starts or resumes the generation), then
+        // one per interval.
+        if let Err(e) = self.round(false).await {
+            self.failed(&e);
+        }
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.config.interval,
+            self.config.interval,
+        );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -315,6 +337,10 @@ impl Shipper {
                     }
                     Some(Command::Verify { reply }) => {
                         let r = self.verify().await;
+                        let _ = reply.send(r.map_err(|e| e.to_string()));
+                    }
+                    Some(Command::Prune { reply }) => {
+                        let r = self.prune().await;
                         let _ = reply.send(r.map_err(|e| e.to_string()));
                     }
                 },
@@ -665,6 +691,7 @@ impl Shipper {
     }
 
     async fn prune(&mut self) -> Result<retention::RetentionReport> {
+        self.prepare().await?;
         let catalog = Catalog::load(&self.target).await?;
         let plan = retention::plan(&catalog, self.now(), &self.config.retention);
         let report =

@@ -1,0 +1,418 @@
+//! Backup against a real local object store and the real embedded store, on a simulated
+//! clock: shipping, point-in-time restore, verification of damaged backups, resumption,
+//! refusals and retention.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use haven_backup::catalog::Catalog;
+use haven_backup::restore::{RestoreOptions, restore};
+use haven_backup::verify::{Problem, verify};
+use haven_backup::{BackupConfig, BackupError, BackupKey, Point, Shipper, ShipperHandle, Target};
+use haven_state::{Batch, HybridClock, LogFold, ManualClock, Origin, RedbStore, Store, View};
+
+const T0: u64 = 1_800_000_000_000;
+
+struct Node {
+    store: Arc<RedbStore>,
+    clock: Arc<ManualClock>,
+    dir: tempfile::TempDir,
+}
+
+fn node(clock: Arc<ManualClock>) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(
+        dir.path(),
+        Origin::new("r1", "n1"),
+        Arc::new(HybridClock::new(clock.clone())),
+    )
+    .unwrap();
+    Node {
+        store: Arc::new(store),
+        clock,
+        dir,
+    }
+}
+
+fn config(url: &str, key: &BackupKey) -> BackupConfig {
+    let mut c = BackupConfig::new(url, key.clone());
+    // Rounds are driven by ship_now; the background schedule stays out of the way.
+    c.interval = Duration::from_secs(3600);
+    c.verify_interval = Duration::from_secs(365 * 24 * 3600);
+    c.prune_interval = Duration::from_secs(365 * 24 * 3600);
+    c
+}
+
+async fn start(n: &Node, cfg: BackupConfig) -> ShipperHandle {
+    let store: Arc<dyn Store> = n.store.clone();
+    Shipper::start(store, cfg, n.dir.path(), n.clock.clone())
+        .await
+        .unwrap()
+}
+
+async fn view_of(store: &dyn Store) -> View {
+    let mut fold = LogFold::default();
+    for e in store.read_log(1, usize::MAX).await.unwrap() {
+        fold.apply(e);
+    }
+    fold.view()
+}
+
+async fn restored_view(dir: &Path) -> (View, u64) {
+    let s = RedbStore::open(
+        dir,
+        Origin::new("r1", "x"),
+        Arc::new(HybridClock::default()),
+    )
+    .unwrap();
+    let v = view_of(&s).await;
+    let last = s.last_seq().await.unwrap();
+    (v, last)
+}
+
+/// One round of writes: puts, overwrites, a delete and stream appends, one batch per
+/// simulated second.
+async fn write_round(n: &Node, round: u32) {
+    for i in 0..5u32 {
+        n.clock.advance(1000);
+        let mut b = Batch::new()
+            .put(
+                "notes",
+                &format!("k{}", (round * 5 + i) % 7),
+                format!("r{round}i{i}").into_bytes(),
+            )
+            .append(&format!("s{}", i % 2), format!("e{round}.{i}").into_bytes());
+        if i == 3 {
+            b = b.delete("notes", &format!("k{}", round % 7));
+        }
+        n.store.commit(b).await.unwrap();
+    }
+}
+
+struct Recorded {
+    seq: u64,
+    millis: u64,
+    view: View,
+}
+
+async fn record(n: &Node) -> Recorded {
+    Recorded {
+        seq: n.store.last_seq().await.unwrap(),
+        millis: n.clock.now_millis(),
+        view: view_of(n.store.as_ref()).await,
+    }
+}
+
+use haven_state::PhysicalClock;
+
+async fn do_restore(
+    target: &Target,
+    key: &BackupKey,
+    point: Point,
+) -> (tempfile::TempDir, haven_backup::RestoreReport) {
+    let out = tempfile::tempdir().unwrap();
+    let opts = RestoreOptions {
+        to: out.path().join("data"),
+        point,
+        generation: None,
+        overwrite: false,
+    };
+    let report = restore(target, key, &opts, &|_, _, _| {}).await.unwrap();
+    (out, report)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_at_several_points_equals_the_recorded_state() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let n = node(clock.clone());
+    let backup = tempfile::tempdir().unwrap();
+    let url = backup.path().to_str().unwrap().to_owned();
+    let key = BackupKey::generate();
+    let shipper = start(&n, config(&url, &key)).await;
+    shipper.ship_now(false).await.unwrap();
+
+    let mut points = Vec::new();
+    for round in 0..6 {
+        write_round(&n, round).await;
+        // A snapshot mid-way, so restores start from different snapshots.
+        let r = shipper.ship_now(round == 2).await.unwrap();
+        assert_eq!(r.shipped_seq, n.store.last_seq().await.unwrap());
+        points.push(record(&n).await);
+        // Writes after a recorded point happen at a later time.
+        clock.advance(500);
+    }
+    let status = shipper.status().await;
+    assert_eq!(status.lag_entries, 0);
+    assert_eq!(status.state, "ok");
+
+    let target = Target::open(&url).unwrap();
+    for p in &points {
+        let (dir, report) = do_restore(&target, &key, Point::Seq(p.seq)).await;
+        assert!(report.complete, "{report:?}");
+        assert_eq!(report.restored_seq, p.seq);
+        let (v, last) = restored_view(&dir.path().join("data")).await;
+        assert_eq!(v, p.view, "state at sequence {}", p.seq);
+        assert_eq!(last, p.seq);
+
+        let (dir, report) = do_restore(&target, &key, Point::Time(p.millis + 250)).await;
+        assert_eq!(report.restored_seq, p.seq, "{report:?}");
+        let (v, _) = restored_view(&dir.path().join("data")).await;
+        assert_eq!(v, p.view, "state at time {}", p.millis);
+    }
+    // A point inside a round: only the writes up to it.
+    let mid = points[3].millis - 2000;
+    let (dir, report) = do_restore(&target, &key, Point::Time(mid)).await;
+    let (v, _) = restored_view(&dir.path().join("data")).await;
+    let expected = {
+        let mut fold = LogFold::default();
+        for e in n.store.read_log(1, usize::MAX).await.unwrap() {
+            if e.change.version().hlc.millis() <= mid {
+                fold.apply(e);
+            }
+        }
+        fold.view()
+    };
+    assert_eq!(v, expected);
+    assert!(report.restored_seq < points[3].seq && report.restored_seq > points[2].seq);
+
+    // Refusals: a non-empty directory without --overwrite, a sequence beyond the backup.
+    let out = tempfile::tempdir().unwrap();
+    std::fs::write(out.path().join("keep.txt"), b"x").unwrap();
+    let mut opts = RestoreOptions {
+        to: out.path().to_owned(),
+        point: Point::Latest,
+        generation: None,
+        overwrite: false,
+    };
+    let e = restore(&target, &key, &opts, &|_, _, _| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(e, BackupError::Refused(_)), "{e}");
+    assert!(out.path().join("keep.txt").exists(), "nothing changed");
+    opts.overwrite = true;
+    restore(&target, &key, &opts, &|_, _, _| {}).await.unwrap();
+    assert!(!out.path().join("keep.txt").exists());
+    opts.point = Point::Seq(points.last().unwrap().seq + 100);
+    opts.to = out.path().join("other");
+    let e = restore(&target, &key, &opts, &|_, _, _| {})
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("beyond the newest"), "{e}");
+    // A restored directory serves new writes after its restored sequence.
+    let (v_dir, _) = do_restore(&target, &key, Point::Seq(points[1].seq)).await;
+    let s = RedbStore::open(
+        &v_dir.path().join("data"),
+        Origin::new("r1", "n2"),
+        Arc::new(HybridClock::default()),
+    )
+    .unwrap();
+    let c = s
+        .commit(Batch::new().put("notes", "after", b"1".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(c.last_seq, points[1].seq + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_objects_are_named_and_restore_stops_at_the_last_verified_point() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let n = node(clock.clone());
+    let backup = tempfile::tempdir().unwrap();
+    let url = backup.path().to_str().unwrap().to_owned();
+    let key = BackupKey::generate();
+    let shipper = start(&n, config(&url, &key)).await;
+    shipper.ship_now(false).await.unwrap();
+    let mut points = Vec::new();
+    for round in 0..5 {
+        write_round(&n, round).await;
+        shipper.ship_now(false).await.unwrap();
+        points.push(record(&n).await);
+    }
+    let target = Target::open(&url).unwrap();
+    let report = verify(&target, &key, T0, &|_, _| {}).await.unwrap();
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.objects, 6, "one snapshot and five segments");
+
+    let catalog = Catalog::load(&target).await.unwrap();
+    let segs = catalog.generations[0].segments.clone();
+    assert_eq!(segs.len(), 5);
+    let path = |o: &str| backup.path().join(o);
+    // Alter one byte of segment 2, delete segment 3, truncate segment 4.
+    let mut bytes = std::fs::read(path(&segs[1].object)).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(path(&segs[1].object), &bytes).unwrap();
+    std::fs::remove_file(path(&segs[2].object)).unwrap();
+    let bytes = std::fs::read(path(&segs[3].object)).unwrap();
+    std::fs::write(path(&segs[3].object), &bytes[..bytes.len() - 10]).unwrap();
+
+    let report = verify(&target, &key, T0, &|_, _| {}).await.unwrap();
+    assert!(!report.ok);
+    let named =
+        |pred: &dyn Fn(&Problem) -> bool| report.problems.iter().filter(|p| pred(p)).count();
+    assert_eq!(
+        named(&|p| matches!(p, Problem::Altered { object, .. } if *object == segs[1].object)),
+        1,
+        "{:?}",
+        report.problems
+    );
+    assert_eq!(
+        named(&|p| matches!(p, Problem::Missing { object } if *object == segs[2].object)),
+        1
+    );
+    assert_eq!(
+        named(&|p| matches!(p, Problem::Truncated { object, .. } if *object == segs[3].object)),
+        1
+    );
+    assert_eq!(report.problems.len(), 3);
+    assert!(!report.gaps.is_empty());
+
+    // Restore of the latest point stops after segment 1 and says what is lost.
+    let (dir, r) = do_restore(&target, &key, Point::Latest).await;
+    assert!(!r.complete);
+    assert_eq!(r.restored_seq, points[0].seq);
+    let lost = r.lost.clone().unwrap();
+    assert_eq!(lost.from_seq, segs[1].first_seq);
+    assert_eq!(lost.from_millis, Some(segs[1].first_millis));
+    let (v, _) = restored_view(&dir.path().join("data")).await;
+    assert_eq!(v, points[0].view);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_key_or_another_deployment_is_refused() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let n = node(clock.clone());
+    let backup = tempfile::tempdir().unwrap();
+    let url = backup.path().to_str().unwrap().to_owned();
+    let key = BackupKey::generate();
+    let shipper = start(&n, config(&url, &key)).await;
+    write_round(&n, 0).await;
+    shipper.ship_now(false).await.unwrap();
+    let target = Target::open(&url).unwrap();
+
+    let wrong = BackupKey::generate();
+    let out = tempfile::tempdir().unwrap();
+    let opts = RestoreOptions {
+        to: out.path().join("d"),
+        point: Point::Latest,
+        generation: None,
+        overwrite: false,
+    };
+    let e = restore(&target, &wrong, &opts, &|_, _, _| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(e, BackupError::WrongKey { .. }), "{e}");
+    assert!(e.to_string().contains("wrong backup key"));
+    let e = verify(&target, &wrong, T0, &|_, _| {}).await.unwrap_err();
+    assert!(matches!(e, BackupError::WrongKey { .. }), "{e}");
+
+    // Another deployment's node pointed at this backup ships nothing and says why.
+    let other = node(clock.clone());
+    let other_shipper = start(&other, config(&url, &key)).await;
+    let e = other_shipper.ship_now(false).await.unwrap_err();
+    assert!(e.contains("belongs to deployment"), "{e}");
+    let st = other_shipper.status().await;
+    assert_eq!(st.state, "failing");
+    assert!(st.lag_entries > 0);
+    // And its own writes are unaffected.
+    other
+        .store
+        .commit(Batch::new().put("notes", "x", b"1".to_vec()))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_shipper_resumes_without_gap_or_duplicate() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let n = node(clock.clone());
+    let backup = tempfile::tempdir().unwrap();
+    let url = backup.path().to_str().unwrap().to_owned();
+    let key = BackupKey::generate();
+    let shipper = start(&n, config(&url, &key)).await;
+    shipper.ship_now(false).await.unwrap();
+    write_round(&n, 0).await;
+    shipper.ship_now(false).await.unwrap();
+    drop(shipper);
+    // An upload interrupted before its manifest entry leaves an unreferenced object.
+    let gen_dir = std::fs::read_dir(backup.path().join("generations"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::write(
+        gen_dir
+            .join("segments")
+            .join("00000000000000000099-00000000000000000120.hseg"),
+        b"partial",
+    )
+    .unwrap();
+    write_round(&n, 1).await;
+    write_round(&n, 2).await;
+
+    let shipper = start(&n, config(&url, &key)).await;
+    let r = shipper.ship_now(false).await.unwrap();
+    assert_eq!(r.shipped_seq, n.store.last_seq().await.unwrap());
+    let target = Target::open(&url).unwrap();
+    let catalog = Catalog::load(&target).await.unwrap();
+    assert_eq!(catalog.generations.len(), 1, "same generation");
+    let g = &catalog.generations[0];
+    let mut next = g.snapshots[0].last_seq + 1;
+    for s in &g.segments {
+        assert_eq!(s.first_seq, next, "no gap, no overlap");
+        next = s.last_seq + 1;
+    }
+    assert_eq!(next - 1, n.store.last_seq().await.unwrap());
+    assert_eq!(catalog.unreferenced.len(), 1);
+    let report = verify(&target, &key, T0, &|_, _| {}).await.unwrap();
+    assert!(
+        report.ok,
+        "an unreferenced leftover is not damage: {report:?}"
+    );
+    assert_eq!(report.unreferenced, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_on_a_simulated_clock_prunes_and_keeps_every_needed_point() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let n = node(clock.clone());
+    let backup = tempfile::tempdir().unwrap();
+    let url = backup.path().to_str().unwrap().to_owned();
+    let key = BackupKey::generate();
+    let mut cfg = config(&url, &key);
+    cfg.snapshot_interval = Duration::from_secs(6 * 3600);
+    cfg.retention.pitr_window_millis = 12 * 3600 * 1000;
+    cfg.retention.hourly = 0;
+    cfg.retention.daily = 2;
+    let shipper = start(&n, cfg).await;
+    shipper.ship_now(false).await.unwrap();
+    // Three simulated days, a round of writes and a shipment every hour.
+    for round in 0..72 {
+        write_round(&n, round).await;
+        clock.advance(3600 * 1000 - 5000);
+        shipper.ship_now(false).await.unwrap();
+    }
+    let target = Target::open(&url).unwrap();
+    let before = Catalog::load(&target).await.unwrap();
+    let r = shipper.prune_now().await.unwrap();
+    assert!(r.deleted > 0, "{r:?}");
+    let after = Catalog::load(&target).await.unwrap();
+    let g = &after.generations[0];
+    assert!(g.segments.len() < before.generations[0].segments.len());
+    // Every remaining object is intact, and the whole window is restorable.
+    let report = verify(&target, &key, clock.now_millis(), &|_, _| {})
+        .await
+        .unwrap();
+    assert!(report.ok, "{report:?}");
+    let now = clock.now_millis();
+    let (_, latest) = do_restore(&target, &key, Point::Latest).await;
+    assert_eq!(latest.restored_seq, n.store.last_seq().await.unwrap());
+    let (_, early) = do_restore(&target, &key, Point::Time(now - 11 * 3600 * 1000)).await;
+    assert!(early.complete);
+    // Older points survive only as the daily snapshots.
+    let oldest = g.snapshots.first().unwrap().last_millis;
+    assert!(now - oldest > 12 * 3600 * 1000);
+    assert!(g.snapshots.len() <= 2 + 3, "{}", g.snapshots.len());
+}
