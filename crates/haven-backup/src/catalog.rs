@@ -276,12 +276,12 @@ impl Catalog {
             if let Some((g, ..)) = parse_manifest_key(&item.key) {
                 generation_ids.insert(g);
                 manifest_keys.push(item.key.clone());
-            } else if let Some(rest) = item.key.strip_prefix("generations/") {
-                if let Some((g, name)) = rest.split_once('/') {
-                    generation_ids.insert(g.to_owned());
-                    if name != "generation.json" {
-                        objects.push((item.key.clone(), item.modified_millis));
-                    }
+            } else if let Some(rest) = item.key.strip_prefix("generations/")
+                && let Some((g, name)) = rest.split_once('/')
+            {
+                generation_ids.insert(g.to_owned());
+                if name != "generation.json" {
+                    objects.push((item.key.clone(), item.modified_millis));
                 }
             }
         }

@@ -45,12 +45,12 @@ impl BackupKey {
     /// exactly 32 raw bytes.
     pub fn parse(content: &[u8]) -> Result<BackupKey> {
         let text = std::str::from_utf8(content).map(str::trim).unwrap_or("");
-        if text.len() == 64 {
-            if let Ok(v) = hex::decode(text) {
-                let mut bytes = [0u8; 32];
-                bytes.copy_from_slice(&v);
-                return Ok(BackupKey { bytes });
-            }
+        if text.len() == 64
+            && let Ok(v) = hex::decode(text)
+        {
+            let mut bytes = [0u8; 32];
+            bytes.copy_from_slice(&v);
+            return Ok(BackupKey { bytes });
         }
         if content.len() == 32 {
             let mut bytes = [0u8; 32];

@@ -80,7 +80,7 @@ pub async fn restore(
     target: &Target,
     key: &BackupKey,
     opts: &RestoreOptions,
-    progress: &RestoreProgress,
+    progress: &(dyn Fn(u64, u64, u64) + Send + Sync),
 ) -> Result<RestoreReport> {
     if !dir_is_empty(&opts.to)? && !opts.overwrite {
         return Err(BackupError::Refused(format!(
@@ -158,7 +158,7 @@ async fn build(
     generation: &crate::catalog::Generation,
     opts: &RestoreOptions,
     dir: &Path,
-    progress: &RestoreProgress,
+    progress: &(dyn Fn(u64, u64, u64) + Send + Sync),
 ) -> Result<RestoreReport> {
     let mut problems = Vec::new();
     let mut skip = Vec::new();

@@ -116,12 +116,12 @@ pub fn plan(catalog: &Catalog, now: u64, policy: &RetentionPolicy) -> RetentionP
     }
 
     // 2. The head of the newest generation.
-    if let Some(g) = catalog.latest() {
-        if let Ok(p) = g.plan(Point::Latest, &[]) {
-            keep.insert(p.snapshot.object.clone());
-            for s in &p.segments {
-                keep.insert(s.object.clone());
-            }
+    if let Some(g) = catalog.latest()
+        && let Ok(p) = g.plan(Point::Latest, &[])
+    {
+        keep.insert(p.snapshot.object.clone());
+        for s in &p.segments {
+            keep.insert(s.object.clone());
         }
     }
 

@@ -164,13 +164,12 @@ impl ShipperHandle {
             s.local_seq = local;
             s.lag_entries = local.saturating_sub(s.shipped_seq);
             s.lag_millis = 0;
-            if s.lag_entries > 0 {
-                if let Ok(next) = self.store.read_log(s.shipped_seq + 1, 1).await {
-                    if let Some(e) = next.first() {
-                        let at = e.change.version().hlc.millis();
-                        s.lag_millis = self.clock.now_millis().saturating_sub(at);
-                    }
-                }
+            if s.lag_entries > 0
+                && let Ok(next) = self.store.read_log(s.shipped_seq + 1, 1).await
+                && let Some(e) = next.first()
+            {
+                let at = e.change.version().hlc.millis();
+                s.lag_millis = self.clock.now_millis().saturating_sub(at);
             }
         }
         s
@@ -647,10 +646,8 @@ impl Shipper {
         let verify_due = self.last_verify.is_none_or(|at| {
             now.saturating_sub(at) >= self.config.verify_interval.as_millis() as u64
         });
-        if verify_due {
-            if let Err(e) = self.verify().await {
-                tracing::warn!(error = %e, "scheduled backup verification could not run");
-            }
+        if verify_due && let Err(e) = self.verify().await {
+            tracing::warn!(error = %e, "scheduled backup verification could not run");
         }
         let prune_due = self.last_prune.is_none_or(|at| {
             now.saturating_sub(at) >= self.config.prune_interval.as_millis() as u64

@@ -65,7 +65,20 @@ impl Target {
                     "invalid backup URL {url:?}: expected s3://BUCKET[/PREFIX]"
                 )));
             }
-            let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+            // Bounded retries: an unreachable store makes a shipping round fail within seconds
+            // (the next round retries) instead of holding it for minutes.
+            let retry = object_store::RetryConfig {
+                max_retries: 3,
+                retry_timeout: std::time::Duration::from_secs(10),
+                ..Default::default()
+            };
+            let options = object_store::ClientOptions::new()
+                .with_connect_timeout(std::time::Duration::from_secs(5))
+                .with_timeout(std::time::Duration::from_secs(120));
+            let mut builder = AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .with_retry(retry)
+                .with_client_options(options);
             let endpoint = ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
                 .iter()
                 .find_map(|k| std::env::var(k).ok());

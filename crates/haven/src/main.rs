@@ -1,6 +1,8 @@
 //! The `haven` command: `haven serve` runs a node on its embedded store; `haven stdio` serves
 //! the same catalog over stdio.
 
+mod admin;
+mod backup_cmd;
 mod settings;
 
 use std::net::SocketAddr;
@@ -14,7 +16,7 @@ use haven_mcp::catalog::conformance::ConformanceCatalog;
 use haven_mcp::catalog::default::DefaultCatalog;
 use haven_mcp::engine::{Engine, EngineConfig};
 use haven_state::{HybridClock, Origin, RedbStore, Store};
-use settings::{Cli, Mode, Settings};
+use settings::{Cli, Command, Mode, Settings};
 
 // Request handling allocates many small, short-lived objects; mimalloc serves them faster than
 // the system allocator (see BENCHMARKS.md).
@@ -23,6 +25,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Command::Backup(cmd) = cli.command {
+        return run_backup_command(cmd);
+    }
     let result = Settings::from_cli(&cli).and_then(|(mode, s)| {
         let mut runtime = tokio::runtime::Builder::new_multi_thread();
         runtime.enable_all();
@@ -40,6 +45,33 @@ fn main() -> std::process::ExitCode {
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("haven: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_backup_command(cmd: settings::BackupCommand) -> std::process::ExitCode {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HAVEN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("haven: error: starting the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(backup_cmd::run(cmd)) {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("haven: error: {e:#}");
             std::process::ExitCode::FAILURE
@@ -97,7 +129,7 @@ fn rand_u32() -> u32 {
     h.finish() as u32
 }
 
-async fn start_engine(s: &Settings) -> Result<Engine> {
+async fn start_engine(s: &Settings) -> Result<(Engine, Arc<dyn Store>)> {
     std::fs::create_dir_all(&s.data)
         .with_context(|| format!("creating the data directory {}", s.data.display()))?;
     let node = node_id(&s.data, s.node_id.as_deref())?;
@@ -121,13 +153,42 @@ async fn start_engine(s: &Settings) -> Result<Engine> {
         page_size: s.page_size,
         ..EngineConfig::default()
     };
-    Engine::start(store, catalog(&s.catalog)?, config)
+    let engine = Engine::start(store.clone(), catalog(&s.catalog)?, config)
         .await
-        .context("starting the protocol engine")
+        .context("starting the protocol engine")?;
+    Ok((engine, store))
+}
+
+/// Starts continuous backup when configured. A bad URL or key fails the start; an
+/// unreachable target does not (shipping retries and its lag shows in the status).
+async fn start_backup(
+    s: &Settings,
+    store: Arc<dyn Store>,
+) -> Result<Option<haven_backup::ShipperHandle>> {
+    let Some(b) = &s.backup else { return Ok(None) };
+    let key = haven_backup::BackupKey::from_file(&b.key_file)?;
+    let mut config = haven_backup::BackupConfig::new(b.url.clone(), key);
+    config.interval = b.interval;
+    config.snapshot_interval = b.snapshot_interval;
+    config.verify_interval = b.verify_interval;
+    config.retention = b.retention.clone();
+    let handle =
+        haven_backup::Shipper::start(store, config, &s.data, Arc::new(haven_state::SystemClock))
+            .await
+            .context("starting backup")?;
+    tracing::info!(
+        "backing up to {} every {:?} (snapshots every {:?})",
+        b.url,
+        b.interval,
+        b.snapshot_interval
+    );
+    Ok(Some(handle))
 }
 
 async fn serve(s: Settings) -> Result<()> {
-    let engine = start_engine(&s).await?;
+    let (engine, store) = start_engine(&s).await?;
+    let backup = start_backup(&s, store).await?;
+    let (token, token_file) = admin::load_or_create_token(&s.data, s.admin_token_file.as_deref())?;
     let listener = tokio::net::TcpListener::bind(&s.listen)
         .await
         .with_context(|| format!("listening on {}", s.listen))?;
@@ -142,12 +203,12 @@ async fn serve(s: Settings) -> Result<()> {
         s.catalog,
         engine.config().node_id
     );
-    haven_server::serve(
-        listener,
-        haven_server::router(engine, http),
-        shutdown_signal(),
-    )
-    .await?;
+    tracing::info!(
+        "admin API at http://{addr}/admin/v1 (token in {})",
+        token_file.display()
+    );
+    let router = haven_server::router(engine, http).merge(admin::router(token, backup));
+    haven_server::serve(listener, router, shutdown_signal()).await?;
     tracing::info!("haven stopped");
     Ok(())
 }
@@ -167,7 +228,7 @@ async fn shutdown_signal() {
 }
 
 async fn stdio(s: Settings) -> Result<()> {
-    let engine = start_engine(&s).await?;
+    let (engine, _) = start_engine(&s).await?;
     haven_server::stdio::serve_stdio(engine, tokio::io::stdin(), tokio::io::stdout()).await?;
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! order of precedence.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
@@ -19,11 +20,145 @@ pub struct Cli {
 
 /// Subcommands.
 #[derive(Subcommand, Debug)]
+// Parsed once per process; the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Serve MCP over Streamable HTTP at /mcp (both protocol eras), with /healthz and /readyz.
     Serve(ServeArgs),
     /// Serve the same catalog over stdio (one JSON-RPC message per line).
     Stdio(CommonArgs),
+    /// Backups: ship now, list, verify, restore, create a key.
+    #[command(subcommand)]
+    Backup(BackupCommand),
+}
+
+/// `haven backup` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum BackupCommand {
+    /// Ask the running node to ship every committed change now (and a snapshot with
+    /// --snapshot).
+    Now(BackupNowArgs),
+    /// Show the backup's generations, snapshots, segments, restorable range and lag.
+    List(BackupTargetArgs),
+    /// Check every object against the manifest and the chain for continuity.
+    Verify(BackupTargetArgs),
+    /// Build a data directory holding exactly the state as of a point.
+    Restore(BackupRestoreArgs),
+    /// Create a new backup encryption key file.
+    Keygen(BackupKeygenArgs),
+}
+
+/// Where a backup is and how to read it.
+#[derive(Args, Debug)]
+pub struct BackupTargetArgs {
+    /// Backup location: a directory, file:///DIR or s3://BUCKET/PREFIX
+    #[arg(long, env = "HAVEN_BACKUP_URL", value_name = "URL")]
+    pub backup_url: Option<String>,
+    /// File holding the backup encryption key (64 hex digits)
+    #[arg(long, env = "HAVEN_BACKUP_KEY_FILE", value_name = "FILE")]
+    pub backup_key_file: Option<PathBuf>,
+    /// TOML file with settings (backup_url, backup_key_file, ...)
+    #[arg(long, env = "HAVEN_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+    /// Node to ask for the live backup lag (list only) [default: http://127.0.0.1:8080]
+    #[arg(long, env = "HAVEN_NODE", value_name = "URL")]
+    pub node: Option<String>,
+    /// Admin token file of that node [default: DATA/admin.token]
+    #[arg(long, env = "HAVEN_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Data directory of that node (where its admin token is) [default: ./haven-data]
+    #[arg(long, env = "HAVEN_DATA", value_name = "DIR")]
+    pub data: Option<PathBuf>,
+}
+
+/// `haven backup restore`.
+#[derive(Args, Debug)]
+pub struct BackupRestoreArgs {
+    #[command(flatten)]
+    pub target: BackupTargetArgs,
+    /// Directory to create with the restored state
+    #[arg(long, value_name = "DIR")]
+    pub to: PathBuf,
+    /// Restore every change committed at or before this time (RFC 3339)
+    #[arg(long, value_name = "TIME", conflicts_with = "seq")]
+    pub at: Option<String>,
+    /// Restore every change with sequence at most N
+    #[arg(long, value_name = "N")]
+    pub seq: Option<u64>,
+    /// Generation to restore from [default: chosen from the point]
+    #[arg(long, value_name = "ID")]
+    pub generation: Option<String>,
+    /// Replace the directory if it is not empty
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+/// `haven backup now`.
+#[derive(Args, Debug)]
+pub struct BackupNowArgs {
+    /// Node to ask [default: http://127.0.0.1:8080]
+    #[arg(long, env = "HAVEN_NODE", value_name = "URL")]
+    pub node: Option<String>,
+    /// Admin token file of the node [default: DATA/admin.token]
+    #[arg(long, env = "HAVEN_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Data directory of the node (where its admin token is) [default: ./haven-data]
+    #[arg(long, env = "HAVEN_DATA", value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Also take a full snapshot
+    #[arg(long)]
+    pub snapshot: bool,
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `haven backup keygen`.
+#[derive(Args, Debug)]
+pub struct BackupKeygenArgs {
+    /// File to create (never overwritten)
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+/// Backup settings of `haven serve`.
+#[derive(Args, Debug, Default)]
+pub struct BackupServeArgs {
+    /// Ship the change log to this location: a directory, file:///DIR or s3://BUCKET/PREFIX
+    /// (S3 endpoint and credentials from AWS_* variables) [default: no backup]
+    #[arg(long, env = "HAVEN_BACKUP_URL", value_name = "URL")]
+    pub backup_url: Option<String>,
+    /// File holding the backup encryption key; create one with `haven backup keygen`
+    #[arg(long, env = "HAVEN_BACKUP_KEY_FILE", value_name = "FILE")]
+    pub backup_key_file: Option<PathBuf>,
+    /// How often new changes are shipped, e.g. 1s, 60s, 5m [default: 60s]
+    #[arg(long, env = "HAVEN_BACKUP_INTERVAL", value_name = "DURATION")]
+    pub backup_interval: Option<String>,
+    /// How often a full snapshot is taken [default: 24h]
+    #[arg(long, env = "HAVEN_SNAPSHOT_INTERVAL", value_name = "DURATION")]
+    pub snapshot_interval: Option<String>,
+    /// How often the whole backup is verified [default: 7d]
+    #[arg(long, env = "HAVEN_BACKUP_VERIFY_INTERVAL", value_name = "DURATION")]
+    pub backup_verify_interval: Option<String>,
+    /// Every point of this recent period stays restorable [default: 24h]
+    #[arg(long, env = "HAVEN_BACKUP_PITR_WINDOW", value_name = "DURATION")]
+    pub backup_pitr_window: Option<String>,
+    /// Snapshots kept beyond the window, as hourly,daily,monthly,yearly counts
+    /// [default: 24,30,12,7]
+    #[arg(long, env = "HAVEN_BACKUP_KEEP", value_name = "H,D,M,Y")]
+    pub backup_keep: Option<String>,
+    /// Objects older than this move to the archive storage class (S3) [default: 30d]
+    #[arg(long, env = "HAVEN_BACKUP_ARCHIVE_AFTER", value_name = "DURATION")]
+    pub backup_archive_after: Option<String>,
+    /// Archive storage class [default: GLACIER_IR]
+    #[arg(long, env = "HAVEN_BACKUP_ARCHIVE_CLASS", value_name = "CLASS")]
+    pub backup_archive_class: Option<String>,
+    /// Nothing older than this is kept [default: 7y]
+    #[arg(long, env = "HAVEN_BACKUP_ARCHIVE_RETENTION", value_name = "DURATION")]
+    pub backup_archive_retention: Option<String>,
 }
 
 /// Settings shared by every command.
@@ -87,6 +222,12 @@ pub struct ServeArgs {
     /// Largest accepted request body in bytes [default: 4194304]
     #[arg(long, env = "HAVEN_MAX_BODY_BYTES", value_name = "BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// File holding the admin API token (/admin/v1) [default: DATA/admin.token, created
+    /// on first start]
+    #[arg(long, env = "HAVEN_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub backup: BackupServeArgs,
 }
 
 /// The TOML file: every key optional.
@@ -106,6 +247,17 @@ struct FileSettings {
     listen: Option<String>,
     allowed_hosts: Option<Vec<String>>,
     max_body_bytes: Option<usize>,
+    admin_token_file: Option<PathBuf>,
+    backup_url: Option<String>,
+    backup_key_file: Option<PathBuf>,
+    backup_interval: Option<String>,
+    snapshot_interval: Option<String>,
+    backup_verify_interval: Option<String>,
+    backup_pitr_window: Option<String>,
+    backup_keep: Option<String>,
+    backup_archive_after: Option<String>,
+    backup_archive_class: Option<String>,
+    backup_archive_retention: Option<String>,
 }
 
 /// Resolved settings.
@@ -124,6 +276,147 @@ pub struct Settings {
     pub listen: String,
     pub allowed_hosts: Vec<String>,
     pub max_body_bytes: usize,
+    pub admin_token_file: Option<PathBuf>,
+    pub backup: Option<BackupSettings>,
+}
+
+/// Resolved backup settings of `haven serve`.
+#[derive(Debug, Clone)]
+pub struct BackupSettings {
+    pub url: String,
+    pub key_file: PathBuf,
+    pub interval: Duration,
+    pub snapshot_interval: Duration,
+    pub verify_interval: Duration,
+    pub retention: haven_backup::RetentionPolicy,
+}
+
+/// Parses a duration: a number of seconds, or a number with a unit: ms, s, m, h, d, y.
+pub fn parse_duration(text: &str) -> Result<Duration> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("invalid duration {text:?}: use e.g. 1s, 60s, 5m, 24h, 7d, 7y"))?;
+    let millis = match unit.trim() {
+        "ms" => n,
+        "" | "s" => n * 1000,
+        "m" => n * 60_000,
+        "h" => n * 3_600_000,
+        "d" => n * 86_400_000,
+        "y" => n * 365 * 86_400_000,
+        other => bail!("invalid duration unit {other:?} in {text:?}: use ms, s, m, h, d or y"),
+    };
+    Ok(Duration::from_millis(millis))
+}
+
+impl BackupSettings {
+    fn resolve(
+        args: Option<&BackupServeArgs>,
+        file: &mut FileSettings,
+    ) -> Result<Option<BackupSettings>> {
+        let d = BackupServeArgs::default();
+        let a = args.unwrap_or(&d);
+        let Some(url) = a.backup_url.clone().or(file.backup_url.take()) else {
+            return Ok(None);
+        };
+        let Some(key_file) = a.backup_key_file.clone().or(file.backup_key_file.take()) else {
+            bail!(
+                "backups need an encryption key: create one with `haven backup keygen --out FILE`, keep it outside the data directory, and pass --backup-key-file FILE"
+            );
+        };
+        let dur = |flag: &Option<String>,
+                   file: Option<String>,
+                   default: &str,
+                   name: &str|
+         -> Result<Duration> {
+            let text = flag.clone().or(file).unwrap_or_else(|| default.to_owned());
+            parse_duration(&text).with_context(|| format!("setting {name}"))
+        };
+        let interval = dur(
+            &a.backup_interval,
+            file.backup_interval.take(),
+            "60s",
+            "backup_interval",
+        )?;
+        if interval < Duration::from_secs(1) {
+            bail!("backup_interval must be at least 1s");
+        }
+        let snapshot_interval = dur(
+            &a.snapshot_interval,
+            file.snapshot_interval.take(),
+            "24h",
+            "snapshot_interval",
+        )?;
+        if snapshot_interval < interval {
+            bail!("snapshot_interval must be at least backup_interval");
+        }
+        let verify_interval = dur(
+            &a.backup_verify_interval,
+            file.backup_verify_interval.take(),
+            "7d",
+            "backup_verify_interval",
+        )?;
+        let mut retention = haven_backup::RetentionPolicy {
+            pitr_window_millis: dur(
+                &a.backup_pitr_window,
+                file.backup_pitr_window.take(),
+                "24h",
+                "backup_pitr_window",
+            )?
+            .as_millis() as u64,
+            archive_retention_millis: dur(
+                &a.backup_archive_retention,
+                file.backup_archive_retention.take(),
+                "7y",
+                "backup_archive_retention",
+            )?
+            .as_millis() as u64,
+            ..haven_backup::RetentionPolicy::default()
+        };
+        let archive_after = a
+            .backup_archive_after
+            .clone()
+            .or(file.backup_archive_after.take());
+        retention.archive_after_millis = match archive_after.as_deref() {
+            Some("never") => None,
+            Some(t) => Some(
+                parse_duration(t)
+                    .context("setting backup_archive_after")?
+                    .as_millis() as u64,
+            ),
+            None => retention.archive_after_millis,
+        };
+        if let Some(class) = a
+            .backup_archive_class
+            .clone()
+            .or(file.backup_archive_class.take())
+        {
+            retention.archive_class = class;
+        }
+        if let Some(keep) = a.backup_keep.clone().or(file.backup_keep.take()) {
+            let n: Vec<usize> = keep
+                .split(',')
+                .map(|p| p.trim().parse::<usize>())
+                .collect::<std::result::Result<_, _>>()
+                .ok()
+                .filter(|v: &Vec<usize>| v.len() == 4)
+                .with_context(|| format!("invalid backup_keep {keep:?}: use four counts, hourly,daily,monthly,yearly, e.g. 24,30,12,7"))?;
+            retention.hourly = n[0];
+            retention.daily = n[1];
+            retention.monthly = n[2];
+            retention.yearly = n[3];
+        }
+        Ok(Some(BackupSettings {
+            url,
+            key_file,
+            interval,
+            snapshot_interval,
+            verify_interval,
+            retention,
+        }))
+    }
 }
 
 fn load_file(path: &Path) -> Result<FileSettings> {
@@ -147,15 +440,20 @@ impl Settings {
         match &cli.command {
             Command::Serve(args) => Ok((Mode::Serve, Settings::resolve(&args.common, Some(args))?)),
             Command::Stdio(args) => Ok((Mode::Stdio, Settings::resolve(args, None)?)),
+            Command::Backup(_) => bail!("backup commands have no server settings"),
         }
     }
 
     /// Merges flags/environment (already combined by clap) over the file over defaults.
     pub fn resolve(common: &CommonArgs, serve: Option<&ServeArgs>) -> Result<Settings> {
-        let file = match &common.config {
+        let mut file = match &common.config {
             Some(p) => load_file(p)?,
             None => FileSettings::default(),
         };
+        let backup = BackupSettings::resolve(serve.map(|s| &s.backup), &mut file)?;
+        let admin_token_file = serve
+            .and_then(|s| s.admin_token_file.clone())
+            .or(file.admin_token_file.take());
         let legacy = common
             .legacy_responses
             .clone()
@@ -232,8 +530,28 @@ impl Settings {
                 .or(file.allowed_hosts)
                 .unwrap_or_else(|| vec!["localhost".into(), "127.0.0.1".into(), "[::1]".into()]),
             max_body_bytes,
+            admin_token_file,
+            backup,
         })
     }
+}
+
+/// Backup location and key for the `haven backup` commands: flags, environment, then the
+/// TOML file.
+pub fn backup_target(args: &BackupTargetArgs) -> Result<(String, Option<PathBuf>)> {
+    let mut file = match &args.config {
+        Some(p) => load_file(p)?,
+        None => FileSettings::default(),
+    };
+    let Some(url) = args.backup_url.clone().or(file.backup_url.take()) else {
+        bail!(
+            "no backup location: pass --backup-url URL (a directory, file:///DIR or s3://BUCKET/PREFIX) or set HAVEN_BACKUP_URL"
+        );
+    };
+    Ok((
+        url,
+        args.backup_key_file.clone().or(file.backup_key_file.take()),
+    ))
 }
 
 #[cfg(test)]

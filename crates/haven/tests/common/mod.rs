@@ -37,6 +37,17 @@ pub fn free_port() -> u16 {
 impl Haven {
     /// Starts `haven serve` on `port` with `data`, waits until it is ready.
     pub async fn start(data: &Path, port: u16, catalog: &str, extra: &[&str]) -> Haven {
+        Haven::start_env(data, port, catalog, extra, &[]).await
+    }
+
+    /// Like [`Haven::start`], with extra environment variables for the process.
+    pub async fn start_env(
+        data: &Path,
+        port: u16,
+        catalog: &str,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Haven {
         let log = data.with_extension(format!("{port}.log"));
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -48,6 +59,7 @@ impl Haven {
             .arg(data)
             .args(["--catalog", catalog])
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("HAVEN_LOG", "info")
             .stdout(Stdio::null())
             .stderr(file)

@@ -1,0 +1,164 @@
+//! The node's admin API under `/admin/v1`, protected by a bearer token: backup status,
+//! shipping and verification on demand.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use haven_backup::ShipperHandle;
+use serde_json::json;
+
+/// Shared state of the admin routes.
+pub struct Admin {
+    token: String,
+    backup: Option<ShipperHandle>,
+}
+
+/// The admin token: read from `configured`, or from `DATA/admin.token`, created with a random
+/// value (mode 0600) when missing.
+pub fn load_or_create_token(data: &Path, configured: Option<&Path>) -> Result<(String, PathBuf)> {
+    if let Some(path) = configured {
+        let t = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the admin token file {}", path.display()))?;
+        let t = t.trim().to_owned();
+        anyhow::ensure!(
+            t.len() >= 16,
+            "the admin token in {} is shorter than 16 characters",
+            path.display()
+        );
+        return Ok((t, path.to_owned()));
+    }
+    let path = data.join("admin.token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        let t = t.trim().to_owned();
+        if t.len() >= 16 {
+            return Ok((t, path));
+        }
+    }
+    let token = haven_backup::BackupKey::generate().to_hex();
+    write_private(&path, token.as_bytes())?;
+    Ok((token, path))
+}
+
+/// Writes a file readable only by its owner.
+pub fn write_private(path: &Path, content: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(content)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// The admin routes.
+pub fn router(token: String, backup: Option<ShipperHandle>) -> Router {
+    let state = Arc::new(Admin { token, backup });
+    Router::new()
+        .route("/admin/v1/backup", get(backup_status))
+        .route("/admin/v1/backup/now", post(backup_now))
+        .route("/admin/v1/backup/verify", post(backup_verify))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+// A rejection is returned once per request; boxing it would buy nothing.
+#[allow(clippy::result_large_err)]
+fn authorize(admin: &Admin, headers: &HeaderMap) -> Result<(), Response> {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Compare without an early exit on the first differing byte.
+    let a = given.as_bytes();
+    let b = admin.token.as_bytes();
+    let same = a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong admin token: send Authorization: Bearer <token from the node's admin token file>",
+        ))
+    }
+}
+
+#[allow(clippy::result_large_err)]
+fn shipper(admin: &Admin) -> Result<&ShipperHandle, Response> {
+    admin.backup.as_ref().ok_or_else(|| {
+        error(
+            StatusCode::NOT_FOUND,
+            "backup is not enabled on this node; start it with --backup-url and --backup-key-file",
+        )
+    })
+}
+
+async fn backup_status(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&admin, &headers) {
+        return r;
+    }
+    match shipper(&admin) {
+        Ok(s) => Json(s.status().await).into_response(),
+        Err(r) => r,
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct NowQuery {
+    #[serde(default)]
+    snapshot: bool,
+}
+
+async fn backup_now(
+    State(admin): State<Arc<Admin>>,
+    headers: HeaderMap,
+    Query(q): Query<NowQuery>,
+) -> Response {
+    if let Err(r) = authorize(&admin, &headers) {
+        return r;
+    }
+    let s = match shipper(&admin) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    match s.ship_now(q.snapshot).await {
+        Ok(report) => Json(report).into_response(),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("shipping failed: {e}"),
+        ),
+    }
+}
+
+async fn backup_verify(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&admin, &headers) {
+        return r;
+    }
+    let s = match shipper(&admin) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    match s.verify_now().await {
+        Ok(report) => Json(report).into_response(),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("verification failed: {e}"),
+        ),
+    }
+}

@@ -1,0 +1,452 @@
+//! `haven backup now|list|verify|restore|keygen`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use haven_backup::catalog::Catalog;
+use haven_backup::{BackupKey, Point, RestoreOptions, Target, fmt_millis};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::settings::{
+    BackupCommand, BackupKeygenArgs, BackupNowArgs, BackupRestoreArgs, BackupTargetArgs,
+    backup_target,
+};
+
+/// Runs a backup subcommand.
+pub async fn run(cmd: BackupCommand) -> Result<ExitCode> {
+    match cmd {
+        BackupCommand::Keygen(a) => keygen(a),
+        BackupCommand::Now(a) => now(a).await,
+        BackupCommand::List(a) => list(a).await,
+        BackupCommand::Verify(a) => verify(a).await,
+        BackupCommand::Restore(a) => restore(a).await,
+    }
+}
+
+fn keygen(a: BackupKeygenArgs) -> Result<ExitCode> {
+    if a.out.exists() {
+        bail!(
+            "{} already exists; keygen never overwrites a key (a lost key makes its backups unreadable)",
+            a.out.display()
+        );
+    }
+    let key = BackupKey::generate();
+    crate::admin::write_private(&a.out, format!("{}\n", key.to_hex()).as_bytes())?;
+    println!(
+        "created {} (fingerprint {})",
+        a.out.display(),
+        key.fingerprint()
+    );
+    println!(
+        "keep a copy outside the node's data directory: without it the backups cannot be read"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn open_target(a: &BackupTargetArgs) -> Result<(Target, Option<BackupKey>)> {
+    let (url, key_file) = backup_target(a)?;
+    let target = Target::open(&url)?;
+    let key = key_file.map(|f| BackupKey::from_file(&f)).transpose()?;
+    Ok((target, key))
+}
+
+fn require_key(key: Option<BackupKey>) -> Result<BackupKey> {
+    key.context("this command reads the backup's content: pass --backup-key-file FILE (or set HAVEN_BACKUP_KEY_FILE)")
+}
+
+fn token(file: Option<&PathBuf>, data: Option<&PathBuf>) -> Result<String> {
+    let path = match file {
+        Some(f) => f.clone(),
+        None => data
+            .cloned()
+            .unwrap_or_else(|| PathBuf::from("./haven-data"))
+            .join("admin.token"),
+    };
+    let t = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading the admin token {} (pass --admin-token-file or --data of the node)",
+            path.display()
+        )
+    })?;
+    Ok(t.trim().to_owned())
+}
+
+async fn admin_call(
+    node: &str,
+    token: &str,
+    method: reqwest::Method,
+    path: &str,
+) -> Result<serde_json::Value> {
+    let url = format!("{}{path}", node.trim_end_matches('/'));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(600))
+        .build()?;
+    let resp = client
+        .request(method, &url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .with_context(|| {
+            format!("cannot reach the node at {node}; is `haven serve` running there?")
+        })?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
+    if !status.is_success() {
+        let msg = body
+            .get("error")
+            .and_then(|e| e.as_str())
+            .unwrap_or("no details");
+        bail!("the node answered {status}: {msg}");
+    }
+    Ok(body)
+}
+
+async fn now(a: BackupNowArgs) -> Result<ExitCode> {
+    let node = a
+        .node
+        .clone()
+        .unwrap_or_else(|| "http://127.0.0.1:8080".into());
+    let token = token(a.admin_token_file.as_ref(), a.data.as_ref())?;
+    let spinner = ProgressBar::new_spinner().with_message("shipping");
+    spinner.enable_steady_tick(Duration::from_millis(100));
+    let path = if a.snapshot {
+        "/admin/v1/backup/now?snapshot=true"
+    } else {
+        "/admin/v1/backup/now"
+    };
+    let r = admin_call(&node, &token, reqwest::Method::POST, path).await;
+    spinner.finish_and_clear();
+    let r = r?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "shipped {} entries in {} segment(s){}; the backup holds generation {} up to sequence {}",
+            r["entries"],
+            r["segments"],
+            if r["snapshot"].as_bool() == Some(true) {
+                " and a snapshot"
+            } else {
+                ""
+            },
+            r["generation"].as_str().unwrap_or("?"),
+            r["shipped_seq"]
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn size(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.1} GiB", b / 1024.0 / 1024.0 / 1024.0)
+    } else if b >= 1024.0 * 1024.0 {
+        format!("{:.1} MiB", b / 1024.0 / 1024.0)
+    } else if b >= 1024.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+fn age(now: u64, then: u64) -> String {
+    let s = now.saturating_sub(then) / 1000;
+    match s {
+        0..=119 => format!("{s} s ago"),
+        120..=7199 => format!("{} min ago", s / 60),
+        7200..=172_799 => format!("{} h ago", s / 3600),
+        _ => format!("{} days ago", s / 86_400),
+    }
+}
+
+fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+async fn list(a: BackupTargetArgs) -> Result<ExitCode> {
+    let (target, _) = open_target(&a)?;
+    let catalog = Catalog::load(&target).await?;
+    let verification = haven_backup::verify::load_latest(&target).await?;
+    // The live lag, when the node answers.
+    let node = a
+        .node
+        .clone()
+        .unwrap_or_else(|| "http://127.0.0.1:8080".into());
+    let live = match token(a.admin_token_file.as_ref(), a.data.as_ref()) {
+        Ok(t) => admin_call(&node, &t, reqwest::Method::GET, "/admin/v1/backup")
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let now = now_millis();
+    let last_segment = catalog
+        .generations
+        .iter()
+        .flat_map(|g| g.segments.iter())
+        .map(|s| s.created_millis)
+        .max();
+    if a.json {
+        let gens: Vec<_> = catalog
+            .generations
+            .iter()
+            .map(|g| {
+                serde_json::json!({
+                    "id": g.id,
+                    "info": g.info,
+                    "restorable": g.restorable(),
+                    "gaps": g.gaps(),
+                    "snapshots": g.snapshots,
+                    "segments": g.segments,
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "target": target.url(),
+            "deployment": catalog.deployment,
+            "generations": gens,
+            "unreferenced_objects": catalog.unreferenced.len(),
+            "last_segment_millis": last_segment,
+            "last_verification": verification,
+            "node": match &live { Ok(v) => v.clone(), Err(e) => serde_json::json!({ "unreachable": e }) },
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(dep) = &catalog.deployment else {
+        println!("{} holds no Haven backup yet", target.url());
+        return Ok(ExitCode::SUCCESS);
+    };
+    println!(
+        "Backup at {} — deployment {}, key {}",
+        target.url(),
+        dep.id,
+        dep.key_fingerprint
+    );
+    for g in &catalog.generations {
+        let seg_bytes: u64 = g.segments.iter().map(|s| s.size).sum();
+        println!();
+        println!(
+            "Generation {}{}",
+            g.id,
+            g.info
+                .as_ref()
+                .map(|i| format!(
+                    " (started {} by {} at sequence {})",
+                    fmt_millis(i.created_millis),
+                    i.origin,
+                    i.start_seq
+                ))
+                .unwrap_or_default()
+        );
+        match g.restorable() {
+            Some(r) => println!(
+                "  restorable: {} (seq {}) → {} (seq {})",
+                fmt_millis(r.first_millis),
+                r.first_seq,
+                fmt_millis(r.last_millis),
+                r.last_seq
+            ),
+            None => println!("  restorable: nothing (no snapshot)"),
+        }
+        println!(
+            "  {:<10} {:>22} {:>26} {:>10}  CLASS",
+            "SNAPSHOT", "SEQUENCE", "AS OF", "SIZE"
+        );
+        for s in &g.snapshots {
+            println!(
+                "  {:<10} {:>22} {:>26} {:>10}  {}",
+                "",
+                s.last_seq,
+                fmt_millis(s.last_millis),
+                size(s.size),
+                s.storage_class.as_deref().unwrap_or("standard")
+            );
+        }
+        if let (Some(f), Some(l)) = (g.segments.first(), g.segments.last()) {
+            println!(
+                "  segments: {} covering sequences {}..={} ({} → {}), {}",
+                g.segments.len(),
+                f.first_seq,
+                l.last_seq,
+                fmt_millis(f.first_millis),
+                fmt_millis(l.last_millis),
+                size(seg_bytes)
+            );
+        } else {
+            println!("  segments: none");
+        }
+        for gap in g.gaps() {
+            println!(
+                "  GAP: sequences {}..{} missing ({} → {})",
+                gap.after_seq + 1,
+                gap.resumes_at_seq - 1,
+                fmt_millis(gap.after_millis),
+                fmt_millis(gap.resumes_at_millis)
+            );
+        }
+    }
+    println!();
+    match last_segment {
+        Some(t) => println!("Last segment written: {} ({})", fmt_millis(t), age(now, t)),
+        None => println!("Last segment written: never"),
+    }
+    match &verification {
+        Some(v) => println!(
+            "Last verification: {} ({}): {}, {} objects",
+            fmt_millis(v.checked_at_millis),
+            age(now, v.checked_at_millis),
+            if v.ok {
+                "intact".to_owned()
+            } else {
+                format!("{} problem(s)", v.problems.len() + v.gaps.len())
+            },
+            v.objects
+        ),
+        None => println!("Last verification: never"),
+    }
+    match live {
+        Ok(v) => println!(
+            "Node lag: {} entries ({} ms behind), state {}",
+            v["lag_entries"],
+            v["lag_millis"],
+            v["state"].as_str().unwrap_or("?")
+        ),
+        Err(e) => println!("Node lag: unknown ({e})"),
+    }
+    if !catalog.unreferenced.is_empty() {
+        println!(
+            "{} unreferenced object(s) (interrupted uploads; removed by retention)",
+            catalog.unreferenced.len()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} objects ({elapsed})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_owned());
+    pb
+}
+
+async fn verify(a: BackupTargetArgs) -> Result<ExitCode> {
+    let (target, key) = open_target(&a)?;
+    let key = require_key(key)?;
+    let pb = bar(0, "verifying");
+    let started = Instant::now();
+    let report = haven_backup::verify::verify(&target, &key, now_millis(), &|done, total| {
+        pb.set_length(total);
+        pb.set_position(done);
+    })
+    .await;
+    pb.finish_and_clear();
+    let report = report?;
+    haven_backup::verify::save(&target, &report).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "checked {} objects ({}) in {:.1} s: {}",
+            report.objects,
+            size(report.bytes),
+            started.elapsed().as_secs_f64(),
+            if report.ok {
+                "intact and continuous"
+            } else {
+                "DAMAGED"
+            }
+        );
+        for p in &report.problems {
+            println!("  {p}");
+        }
+        for g in &report.gaps {
+            println!(
+                "  chain break in generation {}: sequences {}..{} cannot be restored ({} → {})",
+                g.generation,
+                g.after_seq + 1,
+                g.resumes_at_seq.saturating_sub(1),
+                fmt_millis(g.after_millis),
+                fmt_millis(g.resumes_at_millis)
+            );
+        }
+        if report.unreferenced > 0 {
+            println!(
+                "  {} unreferenced object(s) (interrupted uploads; not damage)",
+                report.unreferenced
+            );
+        }
+    }
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+async fn restore(a: BackupRestoreArgs) -> Result<ExitCode> {
+    let (target, key) = open_target(&a.target)?;
+    let key = require_key(key)?;
+    let point = match (&a.at, a.seq) {
+        (Some(t), _) => Point::Time(haven_backup::parse_time(t)?),
+        (None, Some(n)) => Point::Seq(n),
+        (None, None) => Point::Latest,
+    };
+    let opts = RestoreOptions {
+        to: a.to.clone(),
+        point,
+        generation: a.generation.clone(),
+        overwrite: a.overwrite,
+    };
+    let pb = bar(0, "restoring");
+    let started = Instant::now();
+    let report = haven_backup::restore(&target, &key, &opts, &|done, total, entries| {
+        pb.set_length(total);
+        pb.set_position(done);
+        pb.set_message(format!("restoring ({entries} entries)"));
+    })
+    .await;
+    pb.finish_and_clear();
+    let report = report?;
+    let secs = started.elapsed().as_secs_f64();
+    if a.target.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "restored {} from generation {}: the state as of sequence {} ({}), {} entries from {} objects ({}) in {:.1} s ({:.0} entries/s)",
+            a.to.display(),
+            report.generation,
+            report.restored_seq,
+            fmt_millis(report.restored_millis),
+            report.entries,
+            report.objects,
+            size(report.bytes),
+            secs,
+            report.entries as f64 / secs.max(1e-9)
+        );
+        for p in &report.problems {
+            println!("  damaged: {p}");
+        }
+        if let Some(l) = &report.lost {
+            println!(
+                "  INCOMPLETE: changes from sequence {} on (after {}) could not be restored: {}",
+                l.from_seq,
+                fmt_millis(l.after_millis),
+                l.reason
+            );
+        }
+    }
+    Ok(if report.complete {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
+}

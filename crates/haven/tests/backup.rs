@@ -1,0 +1,548 @@
+//! Backups with the real binary: continuous shipping to S3 (a local moto server) and to a
+//! directory, `kill -9` during shipping, restore after the data directory is destroyed,
+//! tampering detected through the CLI, and an unreachable object store that never blocks
+//! serving.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{Haven, free_port, stateless};
+use haven_state::{HybridClock, Origin, RedbStore, Store};
+use serde_json::{Value, json};
+
+fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn tools_dir() -> PathBuf {
+    std::env::var_os("HAVEN_TOOLS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools"))
+}
+
+/// A moto S3 server on loopback, stopped when dropped.
+struct Moto {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Moto {
+    async fn start(port: u16, bucket: &str) -> Moto {
+        let bin = tools_dir().join("venv/bin/moto_server");
+        assert!(
+            bin.exists(),
+            "{} is missing: run scripts/install-tools (the README's test command does)",
+            bin.display()
+        );
+        let child = Command::new(bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting moto_server");
+        let m = Moto { child, port };
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = client
+                .put(format!("{}/{bucket}", m.endpoint()))
+                .send()
+                .await
+            {
+                assert!(
+                    r.status().is_success(),
+                    "creating the bucket: {}",
+                    r.status()
+                );
+                return m;
+            }
+            assert!(Instant::now() < deadline, "moto_server did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+fn aws_env(port: u16) -> Vec<(String, String)> {
+    vec![
+        (
+            "AWS_ENDPOINT_URL".into(),
+            format!("http://127.0.0.1:{port}"),
+        ),
+        ("AWS_ACCESS_KEY_ID".into(), "testing".into()),
+        ("AWS_SECRET_ACCESS_KEY".into(), "testing".into()),
+        ("AWS_REGION".into(), "us-east-1".into()),
+    ]
+}
+
+/// Runs `haven backup ...`; returns (exit code, stdout, stderr).
+fn cli(args: &[&str], env: &[(String, String)]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_haven"))
+        .arg("backup")
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .expect("running haven backup");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn keygen(dir: &Path) -> PathBuf {
+    let key = dir.join("backup.key");
+    let (code, out, err) = cli(&["keygen", "--out", key.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    key
+}
+
+async fn put_note(client: &reqwest::Client, url: &str, id: i64, name: &str, text: &str) -> bool {
+    let Ok(resp) = tokio::time::timeout(
+        Duration::from_secs(5),
+        stateless(
+            client,
+            url,
+            id,
+            "tools/call",
+            json!({"name": "notes_put", "arguments": {"name": name, "text": text}}),
+            json!({}),
+        ),
+    )
+    .await
+    else {
+        return false;
+    };
+    let Ok(v) = resp.json::<Value>().await else {
+        return false;
+    };
+    v.get("result").is_some() && v["result"]["isError"] != json!(true)
+}
+
+async fn admin(h: &Haven, method: reqwest::Method, path: &str) -> Value {
+    let token = std::fs::read_to_string(h.data.join("admin.token")).unwrap();
+    let r = reqwest::Client::new()
+        .request(method, format!("http://127.0.0.1:{}{path}", h.port))
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .unwrap();
+    r.json().await.unwrap()
+}
+
+/// Notes (name -> stored value) in a data directory.
+async fn notes_in(dir: &Path) -> std::collections::BTreeMap<String, String> {
+    let s = RedbStore::open(dir, Origin::new("t", "t"), Arc::new(HybridClock::default())).unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = s.scan("notes", "", after.as_deref(), 1000).await.unwrap();
+        for r in &page.records {
+            out.insert(
+                r.record.key.clone(),
+                String::from_utf8_lossy(r.value()).into_owned(),
+            );
+        }
+        match page.next_after {
+            Some(a) => after = Some(a),
+            None => break,
+        }
+    }
+    out
+}
+
+/// The segments of every generation follow each other without gap or overlap.
+fn assert_continuous(list: &Value) {
+    for g in list["generations"].as_array().unwrap() {
+        let snaps = g["snapshots"].as_array().unwrap();
+        assert!(!snaps.is_empty(), "generation without snapshot: {g}");
+        let mut next = snaps[0]["last_seq"].as_u64().unwrap() + 1;
+        for s in g["segments"].as_array().unwrap() {
+            let first = s["first_seq"].as_u64().unwrap();
+            assert_eq!(first, next, "segments must follow each other exactly: {s}");
+            next = s["last_seq"].as_u64().unwrap() + 1;
+        }
+        assert!(g["gaps"].as_array().unwrap().is_empty(), "{g}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_backup_survives_an_unreachable_store_restores_and_detects_tampering() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let s3_port = free_port();
+    let env = aws_env(s3_port);
+    let url = "s3://haven-backups/node-a";
+    let data = dir.path().join("data");
+
+    // The object store is down when the node starts: serving goes on, the lag shows.
+    let mut h = Haven::start_env(
+        &data,
+        free_port(),
+        "default",
+        &[
+            "--backup-url",
+            url,
+            "--backup-key-file",
+            key.to_str().unwrap(),
+            "--backup-interval",
+            "1s",
+            "--backup-archive-after",
+            "0s",
+        ],
+        &env,
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let mut expected = std::collections::BTreeMap::new();
+    for i in 0..5 {
+        let name = format!("offline-{i}");
+        assert!(
+            put_note(&client, &h.url(), i, &name, &format!("text {i}")).await,
+            "serving is not blocked"
+        );
+        expected.insert(name, format!("text {i}"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let st = loop {
+        let st = admin(&h, reqwest::Method::GET, "/admin/v1/backup").await;
+        if st["state"] == "failing" {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the unreachable store is not reported: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(st["lag_entries"].as_u64().unwrap() >= 5, "{st}");
+    assert!(
+        st["last_error"].as_str().unwrap().contains("object store"),
+        "{st}"
+    );
+
+    // The store comes up: shipping catches up by itself.
+    let moto = Moto::start(s3_port, "haven-backups").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = admin(&h, reqwest::Method::GET, "/admin/v1/backup").await;
+        if st["state"] == "ok" && st["lag_entries"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "shipping did not catch up: {st}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for i in 5..20 {
+        let name = format!("online-{i}");
+        assert!(put_note(&client, &h.url(), i, &name, &format!("text {i}")).await);
+        expected.insert(name, format!("text {i}"));
+        if i % 5 == 4 {
+            // `haven backup now` (the CLI asks the node's admin API).
+            let (code, out, err) = cli(
+                &[
+                    "now",
+                    "--node",
+                    &format!("http://127.0.0.1:{}", h.port),
+                    "--data",
+                    data.to_str().unwrap(),
+                ],
+                &[],
+            );
+            assert_eq!(code, 0, "{out}{err}");
+            assert!(out.contains("shipped"), "{out}");
+        }
+    }
+    let r = admin(&h, reqwest::Method::POST, "/admin/v1/backup/now").await;
+    assert!(r["shipped_seq"].as_u64().unwrap() > 0, "{r}");
+    let st = admin(&h, reqwest::Method::GET, "/admin/v1/backup").await;
+    assert_eq!(st["lag_entries"], 0, "{st}");
+    assert!(
+        st["last_verification"]["at_millis"].as_u64().is_some(),
+        "a verification ran on its own: {st}"
+    );
+    h.kill9();
+
+    // list shows the chain; retention moved kept objects to the archive class on S3.
+    let (code, out, err) = cli(&["list", "--backup-url", url, "--json"], &env);
+    assert_eq!(code, 0, "{err}");
+    let list: Value = serde_json::from_str(&out).unwrap();
+    assert_continuous(&list);
+    let gen0 = &list["generations"][0];
+    let archived: Vec<&Value> = gen0["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(gen0["segments"].as_array().unwrap())
+        .filter(|e| e["storage_class"] == "GLACIER_IR")
+        .collect();
+    assert!(!archived.is_empty(), "{list}");
+    let obj = archived[0]["object"].as_str().unwrap();
+    // The bucket listing (S3 ListObjectsV2) reports the object's storage class.
+    let listing = client
+        .get(format!(
+            "{}/haven-backups?list-type=2&prefix=node-a/{obj}",
+            moto.endpoint()
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        listing.contains("<StorageClass>GLACIER_IR</StorageClass>"),
+        "{listing}"
+    );
+    let (code, out, _) = cli(&["list", "--backup-url", url], &env);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("restorable:") && out.contains("Last verification"),
+        "{out}"
+    );
+
+    // Restore into a new directory: exactly the acknowledged notes.
+    let restored = dir.path().join("restored");
+    let k = key.to_str().unwrap();
+    let (code, out, err) = cli(
+        &[
+            "restore",
+            "--backup-url",
+            url,
+            "--backup-key-file",
+            k,
+            "--to",
+            restored.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("restored"), "{out}");
+    let notes = notes_in(&restored).await;
+    assert_eq!(
+        notes.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>()
+    );
+    for (name, text) in &expected {
+        assert!(
+            notes[name].contains(text.as_str()),
+            "{name}: {}",
+            notes[name]
+        );
+    }
+    // Again into the same directory: refused unless told to overwrite.
+    let (code, _, err) = cli(
+        &[
+            "restore",
+            "--backup-url",
+            url,
+            "--backup-key-file",
+            k,
+            "--to",
+            restored.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("not empty") && err.contains("--overwrite"),
+        "{err}"
+    );
+
+    // A wrong key is refused by name.
+    let other = dir.path().join("other.key");
+    cli(&["keygen", "--out", other.to_str().unwrap()], &[]);
+    let (code, _, err) = cli(
+        &[
+            "verify",
+            "--backup-url",
+            url,
+            "--backup-key-file",
+            other.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("wrong backup key"), "{err}");
+
+    // Tampering through the S3 API: each damaged object is named.
+    let (code, out, err) = cli(
+        &["verify", "--backup-url", url, "--backup-key-file", k],
+        &env,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let segs: Vec<String> = gen0["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["object"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(segs.len() >= 3, "{gen0}");
+    // A signed S3 client, as an attacker or a faulty tool with write access would use.
+    use object_store::{ObjectStoreExt, path::Path as ObjectPath};
+    let s3 = object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(moto.endpoint())
+        .with_allow_http(true)
+        .with_bucket_name("haven-backups")
+        .with_region("us-east-1")
+        .with_access_key_id("testing")
+        .with_secret_access_key("testing")
+        .build()
+        .unwrap();
+    let path = |o: &str| ObjectPath::from(format!("node-a/{o}"));
+    let bytes = s3
+        .get(&path(&segs[0]))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    let mut altered = bytes.clone();
+    let n = altered.len();
+    altered[n - 5] ^= 1;
+    s3.put(&path(&segs[0]), altered.into()).await.unwrap();
+    s3.delete(&path(&segs[1])).await.unwrap();
+    let bytes = s3
+        .get(&path(&segs[2]))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    s3.put(&path(&segs[2]), bytes[..bytes.len() / 2].to_vec().into())
+        .await
+        .unwrap();
+    let (code, out, _) = cli(
+        &["verify", "--backup-url", url, "--backup-key-file", k],
+        &env,
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("altered: {}", segs[0])), "{out}");
+    assert!(out.contains(&format!("missing: {}", segs[1])), "{out}");
+    assert!(out.contains(&format!("truncated: {}", segs[2])), "{out}");
+    drop(moto);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_during_shipping_then_data_loss_is_at_most_one_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let backup = dir.path().join("backup");
+    let url = backup.to_str().unwrap().to_owned();
+    let data = dir.path().join("data");
+    let k = key.to_str().unwrap().to_owned();
+    let args = [
+        "--backup-url",
+        url.as_str(),
+        "--backup-key-file",
+        k.as_str(),
+        "--backup-interval",
+        "1s",
+    ];
+    let client = reqwest::Client::new();
+    // name -> acknowledgement time
+    let mut acked: Vec<(String, u64)> = Vec::new();
+    let mut id = 0;
+    let mut kill_at = 0;
+    for cycle in 0..3u64 {
+        let mut h = Haven::start(&data, free_port(), "default", &args).await;
+        // Write for a while, then kill -9 in the middle of the writes (and of shipping).
+        let run_for = Duration::from_millis(2300 + 350 * cycle);
+        let started = Instant::now();
+        while started.elapsed() < run_for {
+            id += 1;
+            let name = format!("c{cycle}-{id}");
+            if put_note(&client, &h.url(), id, &name, "x").await {
+                acked.push((name, now_millis()));
+            }
+        }
+        kill_at = now_millis();
+        h.kill9();
+    }
+    // The backup is one generation whose segments follow each other exactly.
+    let (code, out, err) = cli(&["list", "--backup-url", &url, "--json"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let list: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        list["generations"].as_array().unwrap().len(),
+        1,
+        "restarts resume the same generation"
+    );
+    assert_continuous(&list);
+    let (code, out, _) = cli(
+        &["verify", "--backup-url", &url, "--backup-key-file", &k],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}");
+
+    // Disaster: the data directory is gone. Restore the latest point.
+    std::fs::remove_dir_all(&data).unwrap();
+    let restored = dir.path().join("restored");
+    let (code, out, err) = cli(
+        &[
+            "restore",
+            "--backup-url",
+            &url,
+            "--backup-key-file",
+            &k,
+            "--to",
+            restored.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let notes = notes_in(&restored).await;
+    let lost: Vec<&(String, u64)> = acked
+        .iter()
+        .filter(|(n, _)| !notes.contains_key(n))
+        .collect();
+    let window = lost
+        .iter()
+        .map(|(_, at)| kill_at.saturating_sub(*at))
+        .max()
+        .unwrap_or(0);
+    eprintln!(
+        "acknowledged {} notes, restored {}, lost {} acknowledged in the last {window} ms before the kill",
+        acked.len(),
+        notes.len(),
+        lost.len()
+    );
+    // Everything acknowledged before the last kill's final shipping interval is there.
+    assert!(
+        window <= 1000 + 250,
+        "lost writes acknowledged {window} ms before the kill"
+    );
+    // Nothing restored that was not written (notes from earlier cycles are all there).
+    for n in notes.keys() {
+        assert!(
+            acked.iter().any(|(a, _)| a == n) || n.starts_with('c'),
+            "{n}"
+        );
+    }
+    let earlier: Vec<_> = acked
+        .iter()
+        .filter(|(n, _)| !n.starts_with("c2-"))
+        .collect();
+    assert!(
+        earlier.iter().all(|(n, _)| notes.contains_key(n)),
+        "writes before a restart are never lost"
+    );
+}
