@@ -137,6 +137,15 @@ pub struct ClientOptions {
     pub text: String,
     /// Accept a legacy server that answers initialize without an `Mcp-Session-Id`.
     pub allow_sessionless: bool,
+    /// Call Haven's `notes_put` (a durable write, note named `bench`, the text as its body)
+    /// instead of `echo`; any successful, non-error result counts.
+    pub notes_put: bool,
+}
+
+impl ClientOptions {
+    fn tool(&self) -> &'static str {
+        if self.notes_put { "notes_put" } else { "echo" }
+    }
 }
 
 type Conn = Connection<TokioIo<TcpStream>, Full<Bytes>>;
@@ -203,6 +212,23 @@ async fn open(target: &Target) -> anyhow::Result<(SendRequest<Full<Bytes>>, Conn
 
 fn call_suffix(options: &ClientOptions) -> String {
     let text = serde_json::to_string(&options.text).expect("a string serializes");
+    if options.notes_put {
+        let args = format!(r#"{{"name":"bench","text":{text}}}"#);
+        return match options.era {
+            Era::Modern => format!(
+                concat!(
+                    r#","method":"tools/call","params":{{"name":"notes_put","arguments":{},"#,
+                    r#""_meta":{{"io.modelcontextprotocol/protocolVersion":"2026-07-28","#,
+                    r#""io.modelcontextprotocol/clientCapabilities":{{}},"#,
+                    r#""io.modelcontextprotocol/clientInfo":{{"name":"mcp-load","version":"1"}}}}}}}}"#
+                ),
+                args
+            ),
+            Era::Legacy => format!(
+                r#","method":"tools/call","params":{{"name":"notes_put","arguments":{args}}}}}"#
+            ),
+        };
+    }
     match options.era {
         Era::Modern => format!(
             concat!(
@@ -378,7 +404,7 @@ impl McpConnection {
             Era::Modern => {
                 builder = builder
                     .header("mcp-method", HeaderValue::from_static("tools/call"))
-                    .header("mcp-name", HeaderValue::from_static("echo"));
+                    .header("mcp-name", HeaderValue::from_static(self.options.tool()));
             }
             Era::Legacy => {
                 if let Some(session) = &self.session_id {
@@ -406,6 +432,7 @@ impl McpConnection {
             return Err(CallError::protocol("tool result has isError: true"));
         }
         match result.content.as_slice() {
+            [item] if item.kind == "text" && self.options.notes_put => Ok(kind),
             [item] if item.kind == "text" && item.text.as_deref() == Some(&self.options.text) => {
                 Ok(kind)
             }
@@ -564,6 +591,7 @@ mod tests {
                 era,
                 text: "he\"llo".into(),
                 allow_sessionless: false,
+                notes_put: false,
             };
             let body = format!(r#"{{"jsonrpc":"2.0","id":7{}"#, call_suffix(&options));
             let value: serde_json::Value = serde_json::from_str(&body).unwrap();

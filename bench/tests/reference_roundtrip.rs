@@ -54,6 +54,7 @@ async fn connect(url: &str, era: Era) -> anyhow::Result<McpConnection> {
         era,
         text: "hello \"bench\"".into(),
         allow_sessionless: false,
+        notes_put: false,
     });
     McpConnection::connect(target, options).await
 }

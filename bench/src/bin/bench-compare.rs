@@ -581,6 +581,7 @@ async fn wait_ready(server: &mut Server, era: Era, timeout_s: f64) -> anyhow::Re
         era,
         text: "ready?".into(),
         allow_sessionless: false,
+        notes_put: false,
     });
     loop {
         if let Some(status) = server.child.try_wait()? {

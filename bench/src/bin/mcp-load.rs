@@ -58,6 +58,9 @@ struct Args {
     /// Legacy era: accept a server that issues no Mcp-Session-Id.
     #[arg(long)]
     allow_sessionless: bool,
+    /// Call `notes_put` (a durable write) instead of `echo`.
+    #[arg(long)]
+    notes_put: bool,
 }
 
 /// The single JSON line printed at the end of a run.
@@ -162,6 +165,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         era: args.era,
         text: args.text.clone(),
         allow_sessionless: args.allow_sessionless,
+        notes_put: args.notes_put,
     });
 
     // Set up every connection (and legacy session) before the clock starts.
