@@ -56,7 +56,9 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match cli.cmd {
         Cmd::Restore { records, repeat } => rt.block_on(restore_bench(records, repeat)),
         Cmd::Overhead {
@@ -65,14 +67,24 @@ fn main() -> anyhow::Result<()> {
             duration,
             connections,
             era,
-        } => rt.block_on(overhead_bench(haven_bin, rounds, duration, connections, &era)),
+        } => rt.block_on(overhead_bench(
+            haven_bin,
+            rounds,
+            duration,
+            connections,
+            &era,
+        )),
     }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 async fn restore_bench(records: u64, repeat: usize) -> anyhow::Result<()> {
@@ -117,7 +129,10 @@ async fn restore_bench(records: u64, repeat: usize) -> anyhow::Result<()> {
         t.await??;
     }
     let written = store.last_seq().await?;
-    println!("wrote {written} log entries in {:.1} s", started.elapsed().as_secs_f64());
+    println!(
+        "wrote {written} log entries in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     let started = Instant::now();
     let r = shipper.ship_now(true).await.map_err(anyhow::Error::msg)?;
     println!(
@@ -132,7 +147,10 @@ async fn restore_bench(records: u64, repeat: usize) -> anyhow::Result<()> {
     let mut results = Vec::new();
     for (label, point) in [
         ("from the snapshot", Point::Latest),
-        ("from the empty first snapshot + every segment", Point::Seq(written - 1)),
+        (
+            "from the empty first snapshot + every segment",
+            Point::Seq(written - 1),
+        ),
     ] {
         let mut secs = Vec::new();
         let mut entries = 0;
@@ -164,13 +182,18 @@ async fn restore_bench(records: u64, repeat: usize) -> anyhow::Result<()> {
     println!("| restore | entries | median time | entries/s |");
     println!("|---|---|---|---|");
     for (label, entries, m) in results {
-        println!("| {label} | {entries} | {m:.2} s | {:.0} |", entries as f64 / m);
+        println!(
+            "| {label} | {entries} | {m:.2} s | {:.0} |",
+            entries as f64 / m
+        );
     }
     Ok(())
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 struct Server {
@@ -184,7 +207,12 @@ impl Drop for Server {
     }
 }
 
-async fn start_haven(bin: &Path, dir: &Path, backup: bool, key: &Path) -> anyhow::Result<(Server, u16)> {
+async fn start_haven(
+    bin: &Path,
+    dir: &Path,
+    backup: bool,
+    key: &Path,
+) -> anyhow::Result<(Server, u16)> {
     let port = free_port()?;
     let mut cmd = Command::new(bin);
     cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
@@ -199,12 +227,15 @@ async fn start_haven(bin: &Path, dir: &Path, backup: bool, key: &Path) -> anyhow
             .arg(key)
             .args(["--backup-interval", "1s"]);
     }
-    let server = Server { child: cmd.spawn().context("starting haven")? };
+    let server = Server {
+        child: cmd.spawn().context("starting haven")?,
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            s.write_all(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").await?;
+            s.write_all(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                .await?;
             let mut buf = Vec::new();
             let _ = s.read_to_end(&mut buf).await;
             if buf.starts_with(b"HTTP/1.1 200") {
@@ -236,7 +267,11 @@ async fn overhead_bench(
     let mut on = Vec::new();
     let mut ratios = Vec::new();
     for round in 0..rounds {
-        let order = if round % 2 == 0 { [false, true] } else { [true, false] };
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
         let mut rps = [0.0f64; 2];
         for backup in order {
             let dir = tempfile::tempdir()?;
@@ -261,8 +296,12 @@ async fn overhead_bench(
                 .context("running mcp-load")?;
             drop(server);
             let line = String::from_utf8_lossy(&out.stdout);
-            let v: serde_json::Value = serde_json::from_str(line.trim())
-                .with_context(|| format!("mcp-load output: {line} {}", String::from_utf8_lossy(&out.stderr)))?;
+            let v: serde_json::Value = serde_json::from_str(line.trim()).with_context(|| {
+                format!(
+                    "mcp-load output: {line} {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })?;
             let r = v["rps"].as_f64().unwrap_or(0.0);
             if v["errors"].as_u64() != Some(0) {
                 bail!("load errors: {v}");
