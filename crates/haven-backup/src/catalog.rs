@@ -256,9 +256,24 @@ pub struct Catalog {
     pub bad_manifests: Vec<(String, String)>,
 }
 
+/// Manifest records already read, so that a long-running shipper lists the target but reads
+/// only the records that are new or changed since the last time.
+#[derive(Clone, Debug, Default)]
+pub struct ManifestCache {
+    /// Manifest key -> (modification time when read, content).
+    records: std::collections::HashMap<String, (u64, bytes::Bytes)>,
+    /// Generation records, which never change.
+    generations: std::collections::HashMap<String, GenerationInfo>,
+}
+
 impl Catalog {
     /// Reads the catalog of `target`.
     pub async fn load(target: &Target) -> Result<Catalog> {
+        Catalog::load_cached(target, &mut ManifestCache::default()).await
+    }
+
+    /// Reads the catalog of `target`, reusing and refreshing `cache`.
+    pub async fn load_cached(target: &Target, cache: &mut ManifestCache) -> Result<Catalog> {
         let deployment = match target.get(DEPLOYMENT_KEY).await? {
             None => None,
             Some(b) => Some(serde_json::from_slice::<Deployment>(&b).map_err(|e| {
@@ -270,12 +285,18 @@ impl Catalog {
         };
         let listed = target.list("generations/").await?;
         let mut manifest_keys = Vec::new();
+        let mut cached = Vec::new();
         let mut generation_ids = std::collections::BTreeSet::new();
         let mut objects = Vec::new();
         for item in &listed {
             if let Some((g, ..)) = parse_manifest_key(&item.key) {
                 generation_ids.insert(g);
-                manifest_keys.push(item.key.clone());
+                match cache.records.get(&item.key) {
+                    Some((modified, bytes)) if *modified == item.modified_millis => {
+                        cached.push((item.key.clone(), Some(bytes.clone())));
+                    }
+                    _ => manifest_keys.push((item.key.clone(), item.modified_millis)),
+                }
             } else if let Some(rest) = item.key.strip_prefix("generations/")
                 && let Some((g, name)) = rest.split_once('/')
             {
@@ -285,14 +306,27 @@ impl Catalog {
                 }
             }
         }
-        let fetched: Vec<(String, Option<bytes::Bytes>)> = futures::stream::iter(manifest_keys)
-            .map(|k| {
+        let mut fetched: Vec<(String, Option<bytes::Bytes>)> = futures::stream::iter(manifest_keys)
+            .map(|(k, modified)| {
                 let target = target.clone();
-                async move { target.get(&k).await.map(|b| (k, b)) }
+                async move { target.get(&k).await.map(|b| (k, modified, b)) }
             })
             .buffer_unordered(32)
-            .try_collect()
-            .await?;
+            .try_collect::<Vec<_>>()
+            .await?
+            .into_iter()
+            .map(|(k, modified, b)| {
+                if let Some(b) = &b {
+                    cache.records.insert(k.clone(), (modified, b.clone()));
+                }
+                (k, b)
+            })
+            .collect();
+        // Forget records that are gone from the target.
+        let listed: std::collections::HashSet<&str> =
+            listed.iter().map(|l| l.key.as_str()).collect();
+        cache.records.retain(|k, _| listed.contains(k.as_str()));
+        fetched.append(&mut cached);
         let mut catalog = Catalog {
             deployment,
             ..Catalog::default()
@@ -330,8 +364,13 @@ impl Catalog {
             }
         }
         for g in by_gen.values_mut() {
-            if let Some(b) = target.get(&generation_key(&g.id)).await? {
+            if let Some(info) = cache.generations.get(&g.id) {
+                g.info = Some(info.clone());
+            } else if let Some(b) = target.get(&generation_key(&g.id)).await? {
                 g.info = serde_json::from_slice(&b).ok();
+                if let Some(info) = &g.info {
+                    cache.generations.insert(g.id.clone(), info.clone());
+                }
             }
             g.snapshots.sort_by_key(|e| e.last_seq);
             g.segments.sort_by_key(|e| (e.first_seq, e.last_seq));

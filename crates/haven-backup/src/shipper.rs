@@ -262,6 +262,8 @@ pub struct Shipper {
     last_snapshot_created: Option<u64>,
     last_verify: Option<u64>,
     last_prune: Option<u64>,
+    /// Manifest records read so far (retention lists the target, reads only what is new).
+    manifests: crate::catalog::ManifestCache,
 }
 
 impl Shipper {
@@ -296,6 +298,7 @@ impl Shipper {
             last_snapshot_created: None,
             last_verify: None,
             last_prune: None,
+            manifests: Default::default(),
         };
         tokio::spawn(shipper.run(rx));
         Ok(ShipperHandle {
@@ -404,7 +407,7 @@ impl Shipper {
                     .await?;
             }
         }
-        let catalog = Catalog::load(&self.target).await?;
+        let catalog = Catalog::load_cached(&self.target, &mut self.manifests).await?;
         let local_seq = self.store.last_seq().await?;
         let remembered: Option<LocalGeneration> = std::fs::read(&self.state_file)
             .ok()
@@ -689,7 +692,7 @@ impl Shipper {
 
     async fn prune(&mut self) -> Result<retention::RetentionReport> {
         self.prepare().await?;
-        let catalog = Catalog::load(&self.target).await?;
+        let catalog = Catalog::load_cached(&self.target, &mut self.manifests).await?;
         let plan = retention::plan(&catalog, self.now(), &self.config.retention);
         let report =
             retention::apply(&self.target, &plan, &self.config.retention.archive_class).await?;

@@ -398,6 +398,16 @@ async fn retention_on_a_simulated_clock_prunes_and_keeps_every_needed_point() {
     let before = Catalog::load(&target).await.unwrap();
     let r = shipper.prune_now().await.unwrap();
     assert!(r.deleted > 0, "{r:?}");
+    // A second pass (served from the shipper's manifest cache) finds nothing more to do.
+    let again = shipper.prune_now().await.unwrap();
+    assert_eq!(again.deleted, 0, "{again:?}");
+    let mut cache = haven_backup::catalog::ManifestCache::default();
+    let first = Catalog::load_cached(&target, &mut cache).await.unwrap();
+    let cached = Catalog::load_cached(&target, &mut cache).await.unwrap();
+    assert_eq!(
+        format!("{:?}", first.generations),
+        format!("{:?}", cached.generations)
+    );
     let after = Catalog::load(&target).await.unwrap();
     let g = &after.generations[0];
     assert!(g.segments.len() < before.generations[0].segments.len());

@@ -249,6 +249,8 @@ async fn s3_backup_survives_an_unreachable_store_restores_and_detects_tampering(
         assert!(Instant::now() < deadline, "shipping did not catch up: {st}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // (time, the notes at that time), recorded between batches of writes.
+    let mut points = Vec::new();
     for i in 5..20 {
         let name = format!("online-{i}");
         assert!(put_note(&client, &h.url(), i, &name, &format!("text {i}")).await);
@@ -267,6 +269,9 @@ async fn s3_backup_survives_an_unreachable_store_restores_and_detects_tampering(
             );
             assert_eq!(code, 0, "{out}{err}");
             assert!(out.contains("shipped"), "{out}");
+            points.push((now_millis(), expected.clone()));
+            // Later writes carry a later commit time.
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
     let r = admin(&h, reqwest::Method::POST, "/admin/v1/backup/now").await;
@@ -344,6 +349,32 @@ async fn s3_backup_survives_an_unreachable_store_restores_and_detects_tampering(
             notes[name].contains(text.as_str()),
             "{name}: {}",
             notes[name]
+        );
+    }
+    // Restore at each recorded time: exactly the notes written by then.
+    for (i, (at, notes_then)) in points.iter().enumerate() {
+        let to = dir.path().join(format!("at-{i}"));
+        let at = haven_backup::fmt_millis(*at);
+        let (code, out, err) = cli(
+            &[
+                "restore",
+                "--backup-url",
+                url,
+                "--backup-key-file",
+                k,
+                "--to",
+                to.to_str().unwrap(),
+                "--at",
+                &at,
+            ],
+            &env,
+        );
+        assert_eq!(code, 0, "{out}{err}");
+        let notes = notes_in(&to).await;
+        assert_eq!(
+            notes.keys().collect::<Vec<_>>(),
+            notes_then.keys().collect::<Vec<_>>(),
+            "restore --at {at}"
         );
     }
     // Again into the same directory: refused unless told to overwrite.
