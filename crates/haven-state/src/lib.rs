@@ -3,12 +3,14 @@
 //! hybrid-logical-clock version. This crate knows nothing about MCP.
 
 pub mod clock;
+pub mod nats_store;
 pub mod record;
 pub mod redb_store;
 pub mod store;
 mod wal;
 
 pub use clock::{Hlc, HybridClock, ManualClock, PhysicalClock, SystemClock};
+pub use nats_store::{NatsConfig, NatsStore};
 pub use record::{
     Change, LogEntry, Origin, Record, StoredRecord, StreamEvent, Version, View, merge,
 };

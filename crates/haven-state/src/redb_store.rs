@@ -672,7 +672,7 @@ impl Restorer {
     }
 }
 
-fn validate(batch: &Batch) -> StoreResult<()> {
+pub(crate) fn validate(batch: &Batch) -> StoreResult<()> {
     for op in &batch.ops {
         let (ns, key, len) = match op {
             Op::Put {
