@@ -90,6 +90,22 @@ impl Generation {
         self.entries().map(|e| e.last_seq).max().unwrap_or(0)
     }
 
+    /// Where shipping resumes: the end of the continuous chain of segments after the newest
+    /// bridging snapshot (a snapshot that segments do not also cover).
+    pub fn resume_seq(&self) -> u64 {
+        let Some(base) = self
+            .snapshots
+            .iter()
+            .filter(|s| s.bridge)
+            .max_by_key(|s| s.last_seq)
+            .or_else(|| self.snapshots.first())
+        else {
+            return 0;
+        };
+        let (chain, _) = self.chain_after(base);
+        chain.last().map_or(base.last_seq, |s| s.last_seq)
+    }
+
     /// The segments that continue snapshot `base` without a break, and the gap that ends
     /// them, if any segment lies beyond it.
     pub fn chain_after(&self, base: &ManifestEntry) -> (Vec<ManifestEntry>, Option<Gap>) {
@@ -100,14 +116,12 @@ impl Generation {
             if s.last_seq < next {
                 continue;
             }
-            if s.first_seq == next {
+            if s.first_seq <= next {
+                // Starts at the next sequence, or straddles a snapshot taken in its range
+                // (its entries up to the snapshot are skipped when replaying).
                 next = s.last_seq + 1;
                 last_millis = s.last_millis;
                 out.push(s.clone());
-                continue;
-            }
-            if s.first_seq < next {
-                // Overlapping ranges cannot be chained consistently; treat as a break.
                 continue;
             }
             // A later snapshot may bridge the gap; the caller decides.
@@ -375,10 +389,20 @@ impl Catalog {
             g.snapshots.sort_by_key(|e| e.last_seq);
             g.segments.sort_by_key(|e| (e.first_seq, e.last_seq));
         }
-        let referenced: std::collections::HashSet<&str> = by_gen
+        let mut referenced: std::collections::HashSet<String> = by_gen
             .values()
-            .flat_map(|g| g.entries().map(|e| e.object.as_str()))
+            .flat_map(|g| g.entries().map(|e| e.object.clone()))
             .collect();
+        // An unreadable manifest record still names its object: never treat that object as
+        // a leftover (retention would delete it).
+        for (key, _) in &catalog.bad_manifests {
+            if let Some((g, kind, first, last)) = parse_manifest_key(key) {
+                referenced.insert(match kind {
+                    ObjectKind::Segment => crate::manifest::segment_key(&g, first, last),
+                    ObjectKind::Snapshot => crate::manifest::snapshot_key(&g, last),
+                });
+            }
+        }
         catalog.unreferenced = objects
             .into_iter()
             .filter(|(k, _)| !referenced.contains(k.as_str()))
@@ -392,23 +416,42 @@ impl Catalog {
         self.generations.iter().find(|g| g.id == id)
     }
 
-    /// The newest generation that holds a snapshot.
+    /// The generation holding the newest restorable point (ties: the newer generation). A
+    /// restore drill that ships a short generation of its own does not hide a production
+    /// generation that keeps shipping.
     pub fn latest(&self) -> Option<&Generation> {
         self.generations
             .iter()
-            .rev()
-            .find(|g| !g.snapshots.is_empty())
+            .filter_map(|g| g.restorable().map(|r| (r.last_millis, r.last_seq, g)))
+            .max_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)))
+            .map(|(_, _, g)| g)
     }
 
-    /// The generation to restore `point` from: for a time, the newest generation whose
-    /// restorable range starts at or before it; otherwise the newest generation.
+    /// The generation to restore `point` from. For a time: among the generations whose
+    /// restorable range contains it, the one that started earliest (the original history: a
+    /// generation started from a restore holds the restored state, not the writes the
+    /// original made after that point); when none contains it, the one with the newest point
+    /// at or before it. Otherwise: [`Catalog::latest`].
     pub fn generation_for(&self, point: Point) -> Option<&Generation> {
         match point {
-            Point::Time(t) => self
-                .generations
-                .iter()
-                .rev()
-                .find(|g| g.restorable().is_some_and(|r| r.first_millis <= t)),
+            Point::Time(t) => {
+                let ranged: Vec<(Restorable, &Generation)> = self
+                    .generations
+                    .iter()
+                    .filter_map(|g| g.restorable().map(|r| (r, g)))
+                    .filter(|(r, _)| r.first_millis <= t)
+                    .collect();
+                ranged
+                    .iter()
+                    .filter(|(r, _)| t <= r.last_millis)
+                    .min_by_key(|(r, _)| r.first_millis)
+                    .or_else(|| {
+                        ranged
+                            .iter()
+                            .max_by_key(|(r, _)| (r.last_millis, r.last_seq))
+                    })
+                    .map(|(_, g)| *g)
+            }
             _ => self.latest(),
         }
     }

@@ -14,8 +14,7 @@ pub enum BackupError {
     Target {
         /// Target URL.
         target: String,
-        /// The underlying error.
-        #[source]
+        /// The underlying error (shown in the message, not chained, so it prints once).
         source: object_store::Error,
     },
     /// The key does not match the one the backup was written with.
@@ -64,8 +63,7 @@ pub enum BackupError {
     Io {
         /// What was being done.
         context: String,
-        /// The underlying error.
-        #[source]
+        /// The underlying error (shown in the message, not chained, so it prints once).
         source: std::io::Error,
     },
 }

@@ -68,6 +68,10 @@ pub struct ManifestEntry {
     /// Storage class the object was last written or moved to (`None`: the target's default).
     #[serde(default)]
     pub storage_class: Option<String>,
+    /// For a snapshot: the chain of segments continues after it (it starts a generation or
+    /// bridges a hole in the local log), rather than segments also covering its range.
+    #[serde(default)]
+    pub bridge: bool,
 }
 
 /// The record at `generations/<id>/generation.json`: one unbroken history of the change log.

@@ -73,6 +73,32 @@ fn dir_is_empty(dir: &Path) -> Result<bool> {
     }
 }
 
+/// Refuses to replace a directory that is not a Haven data directory, that a running Haven
+/// has open, or that holds the current working directory.
+fn check_replaceable(dir: &Path) -> Result<()> {
+    if !dir.join("state.redb").exists() {
+        return Err(BackupError::Refused(format!(
+            "{} is not a Haven data directory (it has no state.redb); --overwrite only replaces a data directory",
+            dir.display()
+        )));
+    }
+    if haven_state::data_dir_in_use(dir) {
+        return Err(BackupError::Refused(format!(
+            "{} is in use by a running Haven process; stop it before replacing its data",
+            dir.display()
+        )));
+    }
+    if let (Ok(cwd), Ok(d)) = (std::env::current_dir(), dir.canonicalize())
+        && cwd.canonicalize().is_ok_and(|c| c.starts_with(&d))
+    {
+        return Err(BackupError::Refused(format!(
+            "{} holds the current directory; restore into another directory",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Restores `opts.point` from `target` into `opts.to`. The directory is built under a
 /// temporary name next to it and renamed into place at the end, so a failed restore leaves
 /// `opts.to` as it was.
@@ -82,11 +108,14 @@ pub async fn restore(
     opts: &RestoreOptions,
     progress: &(dyn Fn(u64, u64, u64) + Send + Sync),
 ) -> Result<RestoreReport> {
-    if !dir_is_empty(&opts.to)? && !opts.overwrite {
-        return Err(BackupError::Refused(format!(
-            "{} is not empty; restore into an empty or new directory, or pass --overwrite to replace it",
-            opts.to.display()
-        )));
+    if !dir_is_empty(&opts.to)? {
+        if !opts.overwrite {
+            return Err(BackupError::Refused(format!(
+                "{} is not empty; restore into an empty or new directory, or pass --overwrite to replace it",
+                opts.to.display()
+            )));
+        }
+        check_replaceable(&opts.to)?;
     }
     let catalog = Catalog::load(target).await?;
     let deployment = check_key(target, &catalog, key)?;
@@ -229,6 +258,10 @@ async fn build(
         };
         let mut take = Vec::with_capacity(entries.len());
         for e in entries {
+            if e.seq <= report.restored_seq {
+                // Already in the snapshot this segment straddles.
+                continue;
+            }
             let millis = e.change.version().hlc.millis();
             if e.seq > plan.until_seq || plan.until_millis.is_some_and(|t| millis > t) {
                 stopped = true;
@@ -246,6 +279,21 @@ async fn build(
         if stopped {
             break;
         }
+    }
+    // A sequence beyond the end of the chain is a loss too.
+    if let (Point::Seq(n), false, true) = (opts.point, stopped, report.complete)
+        && report.restored_seq < n
+    {
+        report.complete = false;
+        report.lost = Some(LostRange {
+            from_seq: report.restored_seq + 1,
+            after_millis: report.restored_millis,
+            from_millis: None,
+            reason: format!(
+                "no segment holds sequences {}..={n}",
+                report.restored_seq + 1
+            ),
+        });
     }
     // A break in the chain before the point is a loss too.
     if !stopped && report.complete {

@@ -304,6 +304,7 @@ mod tests {
             sha256: String::new(),
             created_millis: last_millis,
             storage_class: None,
+            bridge: false,
         }
     }
 

@@ -277,6 +277,35 @@ impl Shipper {
     ) -> Result<ShipperHandle> {
         let target = Target::open(&config.url)?;
         let deployment = ensure_deployment(store.as_ref()).await?;
+        // A backup of another deployment or under another key is refused now; an unreachable
+        // target is not (shipping retries, and serving goes on).
+        match tokio::time::timeout(Duration::from_secs(10), target.get(DEPLOYMENT_KEY)).await {
+            Ok(Ok(Some(b))) => {
+                if let Ok(d) = serde_json::from_slice::<Deployment>(&b) {
+                    if d.id != deployment {
+                        return Err(BackupError::OtherDeployment {
+                            target: target.url().to_owned(),
+                            expected: deployment,
+                            found: d.id,
+                        });
+                    }
+                    if d.key_fingerprint != config.key.fingerprint() {
+                        return Err(BackupError::WrongKey {
+                            target: target.url().to_owned(),
+                            expected: d.key_fingerprint,
+                            found: config.key.fingerprint(),
+                        });
+                    }
+                }
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the backup target is not reachable yet; shipping will retry")
+            }
+            Err(_) => {
+                tracing::warn!("the backup target did not answer within 10 s; shipping will retry")
+            }
+        }
         let status = Arc::new(Mutex::new(BackupStatus {
             target: config.url.clone(),
             deployment: deployment.clone(),
@@ -351,10 +380,18 @@ impl Shipper {
     }
 
     fn failed(&self, e: &BackupError) {
-        tracing::warn!(error = %e, "backup shipping failed; will retry");
+        let text = e.to_string();
         let mut s = self.status.lock();
-        s.state = "failing".into();
-        s.last_error = Some(e.to_string());
+        // Say it once, not every interval.
+        if s.last_error.as_deref() != Some(text.as_str()) {
+            tracing::warn!(error = %text, "backup shipping failed; will retry");
+        }
+        s.state = match e {
+            BackupError::WrongKey { .. } | BackupError::OtherDeployment { .. } => "refused",
+            _ => "failing",
+        }
+        .into();
+        s.last_error = Some(text);
     }
 
     fn now(&self) -> u64 {
@@ -415,10 +452,10 @@ impl Shipper {
         let continued = remembered
             .filter(|r| r.target == self.target.url() && r.deployment == self.deployment)
             .and_then(|r| catalog.generation(&r.generation).cloned())
-            .filter(|g| !g.snapshots.is_empty() && g.last_shipped_seq() <= local_seq);
+            .filter(|g| !g.snapshots.is_empty() && g.resume_seq() <= local_seq);
         if let Some(g) = continued {
-            // Resume right after the newest object the backup holds.
-            self.shipped_seq = g.last_shipped_seq();
+            // Resume right after the end of the chain of segments.
+            self.shipped_seq = g.resume_seq();
             let last_snap = g.snapshots.last().expect("checked");
             self.last_snapshot_seq = Some(last_snap.last_seq);
             self.last_snapshot_created = Some(last_snap.created_millis);
@@ -448,7 +485,7 @@ impl Shipper {
             self.last_snapshot_seq = None;
             self.last_snapshot_created = None;
             // A new generation starts with a snapshot of everything so far.
-            self.snapshot().await?;
+            self.snapshot(true).await?;
             tracing::info!(generation = %id, seq = self.shipped_seq, "started a new backup generation");
         }
         let local = LocalGeneration {
@@ -475,6 +512,13 @@ impl Shipper {
 
     /// One round: ship every committed change not yet shipped, then a snapshot when due.
     async fn round(&mut self, force_snapshot: bool) -> Result<ShipReport> {
+        if self.generation.is_some() && self.target.get(DEPLOYMENT_KEY).await?.is_none() {
+            // The target was emptied or replaced: start over there (a new generation, whose
+            // first snapshot holds everything).
+            tracing::warn!(target = %self.target.url(), "the backup target lost its content; starting a new backup there");
+            self.generation = None;
+            self.manifests = Default::default();
+        }
         self.prepare().await?;
         let generation = self.generation.clone().expect("prepared");
         let mut report = ShipReport {
@@ -490,8 +534,8 @@ impl Shipper {
             let Some(first) = entries.first() else { break };
             if first.seq != self.shipped_seq + 1 {
                 // The log has a hole here (it was restored from a snapshot): bridge it with a
-                // snapshot, which holds the state at its end.
-                self.snapshot().await?;
+                // snapshot, which holds the state at its end, and continue after it.
+                self.snapshot(true).await?;
                 report.snapshot = true;
                 continue;
             }
@@ -502,11 +546,29 @@ impl Shipper {
         let due = self.last_snapshot_created.is_none_or(|at| {
             self.now().saturating_sub(at) >= self.config.snapshot_interval.as_millis() as u64
         });
-        if (force_snapshot || due) && self.last_snapshot_seq != Some(until.max(self.shipped_seq))
+        if (force_snapshot || due) && self.last_snapshot_seq != Some(self.shipped_seq)
             || self.last_snapshot_seq.is_none()
         {
-            self.snapshot().await?;
+            self.snapshot(false).await?;
             report.snapshot = true;
+            // Changes committed while the snapshot was read also go out as segments, so
+            // that every point stays restorable (the chain of segments has no hole).
+            let until = self.store.last_seq().await?;
+            while self.shipped_seq < until {
+                let entries = self
+                    .store
+                    .read_log(self.shipped_seq + 1, MAX_SEGMENT_ENTRIES)
+                    .await?;
+                if entries
+                    .first()
+                    .is_none_or(|f| f.seq != self.shipped_seq + 1)
+                {
+                    break;
+                }
+                let n = self.ship_segment(&generation, entries).await?;
+                report.segments += 1;
+                report.entries += n;
+            }
         }
         report.shipped_seq = self.shipped_seq;
         let now = self.now();
@@ -545,6 +607,7 @@ impl Shipper {
                 last,
                 &entries,
                 plain,
+                false,
             )
             .await?;
         self.shipped_seq = last;
@@ -556,8 +619,10 @@ impl Shipper {
         Ok(entries.len() as u64)
     }
 
-    /// Writes a snapshot of the current state.
-    async fn snapshot(&mut self) -> Result<()> {
+    /// Writes a snapshot of the current state. With `bridge` (a new generation, or a hole in
+    /// the local log) the chain continues after the snapshot; otherwise segments still cover
+    /// everything up to it.
+    async fn snapshot(&mut self, bridge: bool) -> Result<()> {
         let generation = self.generation.clone().expect("prepared");
         let (seq, entries) = self.store.state_entries().await?;
         let plain = format::encode(ObjectKind::Snapshot, 0, seq, &entries);
@@ -571,10 +636,12 @@ impl Shipper {
                 seq,
                 &entries,
                 plain,
+                bridge,
             )
             .await?;
-        // The snapshot covers everything up to its sequence.
-        self.shipped_seq = self.shipped_seq.max(seq);
+        if bridge {
+            self.shipped_seq = self.shipped_seq.max(seq);
+        }
         self.last_snapshot_seq = Some(seq);
         self.last_snapshot_created = Some(entry.created_millis);
         let mut s = self.status.lock();
@@ -597,6 +664,7 @@ impl Shipper {
         last: u64,
         entries: &[LogEntry],
         plain: Vec<u8>,
+        bridge: bool,
     ) -> Result<ManifestEntry> {
         let key = self.config.key.clone();
         let deployment = self.deployment.clone();
@@ -628,6 +696,7 @@ impl Shipper {
             sha256: crypto::sha256_hex(&sealed),
             created_millis: self.now(),
             storage_class: None,
+            bridge,
         };
         self.target.put(object, sealed, None).await?;
         self.target

@@ -131,6 +131,20 @@ impl Target {
         })
     }
 
+    /// Opens an existing target for reading: like [`Target::open`], but a local directory
+    /// that does not exist is an error instead of being created.
+    pub fn open_existing(url: &str) -> Result<Target> {
+        let u = url.trim();
+        let local = !u.contains("://") || u.starts_with("file://");
+        let dir = u.strip_prefix("file://").unwrap_or(u);
+        if local && !dir.is_empty() && !std::path::Path::new(dir).is_dir() {
+            return Err(BackupError::Config(format!(
+                "the backup directory {dir} does not exist"
+            )));
+        }
+        Target::open(url)
+    }
+
     /// The URL the target was opened from.
     pub fn url(&self) -> &str {
         &self.url

@@ -190,9 +190,31 @@ async fn restore_at_several_points_equals_the_recorded_state() {
         .unwrap_err();
     assert!(matches!(e, BackupError::Refused(_)), "{e}");
     assert!(out.path().join("keep.txt").exists(), "nothing changed");
+    // --overwrite replaces only a Haven data directory that no process has open.
     opts.overwrite = true;
-    restore(&target, &key, &opts, &|_, _, _| {}).await.unwrap();
-    assert!(!out.path().join("keep.txt").exists());
+    let e = restore(&target, &key, &opts, &|_, _, _| {})
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("not a Haven data directory"), "{e}");
+    assert!(out.path().join("keep.txt").exists(), "nothing changed");
+    let (data_dir, _) = do_restore(&target, &key, Point::Seq(points[0].seq)).await;
+    opts.to = data_dir.path().join("data");
+    {
+        let open = RedbStore::open(
+            &opts.to,
+            Origin::new("r1", "x"),
+            Arc::new(HybridClock::default()),
+        )
+        .unwrap();
+        let e = restore(&target, &key, &opts, &|_, _, _| {})
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("in use"), "{e}");
+        drop(open);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = restore(&target, &key, &opts, &|_, _, _| {}).await.unwrap();
+    assert_eq!(r.restored_seq, points.last().unwrap().seq);
     opts.point = Point::Seq(points.last().unwrap().seq + 100);
     opts.to = out.path().join("other");
     let e = restore(&target, &key, &opts, &|_, _, _| {})
@@ -307,15 +329,23 @@ async fn a_wrong_key_or_another_deployment_is_refused() {
     let e = verify(&target, &wrong, T0, &|_, _| {}).await.unwrap_err();
     assert!(matches!(e, BackupError::WrongKey { .. }), "{e}");
 
-    // Another deployment's node pointed at this backup ships nothing and says why.
+    // Another deployment's node pointed at this backup is refused at start, by name; so is
+    // this deployment's node with another key.
     let other = node(clock.clone());
-    let other_shipper = start(&other, config(&url, &key)).await;
-    let e = other_shipper.ship_now(false).await.unwrap_err();
-    assert!(e.contains("belongs to deployment"), "{e}");
-    let st = other_shipper.status().await;
-    assert_eq!(st.state, "failing");
-    assert!(st.lag_entries > 0);
-    // And its own writes are unaffected.
+    let as_dyn: Arc<dyn Store> = other.store.clone();
+    let e = Shipper::start(as_dyn, config(&url, &key), other.dir.path(), clock.clone())
+        .await
+        .err()
+        .expect("refused");
+    assert!(matches!(e, BackupError::OtherDeployment { .. }), "{e}");
+    assert!(e.to_string().contains("belongs to deployment"), "{e}");
+    let as_dyn: Arc<dyn Store> = n.store.clone();
+    let e = Shipper::start(as_dyn, config(&url, &wrong), n.dir.path(), clock.clone())
+        .await
+        .err()
+        .expect("refused");
+    assert!(matches!(e, BackupError::WrongKey { .. }), "{e}");
+    // And the other node's own writes are unaffected.
     other
         .store
         .commit(Batch::new().put("notes", "x", b"1".to_vec()))
@@ -425,4 +455,196 @@ async fn retention_on_a_simulated_clock_prunes_and_keeps_every_needed_point() {
     let oldest = g.snapshots.first().unwrap().last_millis;
     assert!(now - oldest > 12 * 3600 * 1000);
     assert!(g.snapshots.len() <= 2 + 3, "{}", g.snapshots.len());
+}
+
+/// Segments of a generation, checked to follow each other from its first snapshot to `last`.
+fn assert_chain(catalog: &Catalog, last: u64) {
+    let g = catalog.generations.last().unwrap();
+    let mut next = g.snapshots[0].last_seq + 1;
+    for s in &g.segments {
+        assert_eq!(s.first_seq, next, "no gap, no overlap");
+        next = s.last_seq + 1;
+    }
+    assert_eq!(next - 1, last);
+    assert!(g.gaps().is_empty());
+    assert_eq!(g.resume_seq(), last);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_taken_under_load_leave_no_hole_in_the_segment_chain() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let n = node(clock.clone());
+    let backup = tempfile::tempdir().unwrap();
+    let url = backup.path().to_str().unwrap().to_owned();
+    let key = BackupKey::generate();
+    let shipper = start(&n, config(&url, &key)).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let store = n.store.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                store
+                    .commit(Batch::new().put(
+                        "notes",
+                        &format!("k{}", i % 50),
+                        i.to_string().into_bytes(),
+                    ))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    for round in 0..8 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        shipper.ship_now(round % 2 == 0).await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    shipper.ship_now(false).await.unwrap();
+    let target = Target::open(&url).unwrap();
+    let catalog = Catalog::load(&target).await.unwrap();
+    assert!(catalog.generations[0].snapshots.len() >= 4);
+    let last = n.store.last_seq().await.unwrap();
+    assert_chain(&catalog, last);
+    // Every sequence restores exactly (a few samples).
+    for seq in [last / 3, last / 2, last - 1, last] {
+        let (_, r) = do_restore(&target, &key, Point::Seq(seq)).await;
+        assert!(r.complete, "{r:?}");
+        assert_eq!(r.restored_seq, seq);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_drill_shipping_to_the_same_backup_does_not_hide_production() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let prod = node(clock.clone());
+    let backup = tempfile::tempdir().unwrap();
+    let url = backup.path().to_str().unwrap().to_owned();
+    let key = BackupKey::generate();
+    let shipper = start(&prod, config(&url, &key)).await;
+    write_round(&prod, 0).await;
+    shipper.ship_now(false).await.unwrap();
+    let target = Target::open(&url).unwrap();
+
+    // A drill: restore, then run the restored data with backup to the same place.
+    let drill_dir = tempfile::tempdir().unwrap();
+    let opts = RestoreOptions {
+        to: drill_dir.path().join("d"),
+        point: Point::Latest,
+        generation: None,
+        overwrite: false,
+    };
+    restore(&target, &key, &opts, &|_, _, _| {}).await.unwrap();
+    clock.advance(1000);
+    let drill_store = Arc::new(
+        RedbStore::open(
+            &opts.to,
+            Origin::new("r1", "drill"),
+            Arc::new(HybridClock::new(clock.clone())),
+        )
+        .unwrap(),
+    );
+    let as_dyn: Arc<dyn Store> = drill_store.clone();
+    let drill = Shipper::start(as_dyn, config(&url, &key), &opts.to, clock.clone())
+        .await
+        .unwrap();
+    clock.advance(1000);
+    drill_store
+        .commit(Batch::new().put("notes", "drill", b"x".to_vec()))
+        .await
+        .unwrap();
+    drill.ship_now(false).await.unwrap();
+    let during_drill = clock.now_millis();
+
+    // Production goes on.
+    clock.advance(1000);
+    write_round(&prod, 1).await;
+    shipper.ship_now(false).await.unwrap();
+    let catalog = Catalog::load(&target).await.unwrap();
+    assert_eq!(catalog.generations.len(), 2);
+
+    // Latest is production's newest state, not the drill's.
+    let (dir, r) = do_restore(&target, &key, Point::Latest).await;
+    assert_eq!(r.restored_seq, prod.store.last_seq().await.unwrap());
+    let (v, _) = restored_view(&dir.path().join("data")).await;
+    assert_eq!(v, view_of(prod.store.as_ref()).await);
+    // A time during the drill restores production's history at that time.
+    let (dir, _) = do_restore(&target, &key, Point::Time(during_drill)).await;
+    let (v, _) = restored_view(&dir.path().join("data")).await;
+    assert!(
+        !v.records
+            .contains_key(&("notes".to_owned(), "drill".to_owned()))
+    );
+    // The drill's own history is still there, by generation.
+    let drill_gen = catalog
+        .generations
+        .iter()
+        .find(|g| g.info.as_ref().is_some_and(|i| i.origin.ends_with("drill")))
+        .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let opts = RestoreOptions {
+        to: out.path().join("d"),
+        point: Point::Latest,
+        generation: Some(drill_gen.id.clone()),
+        overwrite: false,
+    };
+    restore(&target, &key, &opts, &|_, _, _| {}).await.unwrap();
+    let (v, _) = restored_view(&opts.to).await;
+    assert!(
+        v.records
+            .contains_key(&("notes".to_owned(), "drill".to_owned()))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emptied_target_is_noticed_and_an_unreadable_manifest_keeps_its_object() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let n = node(clock.clone());
+    let backup = tempfile::tempdir().unwrap();
+    let url = backup.path().to_str().unwrap().to_owned();
+    let key = BackupKey::generate();
+    let shipper = start(&n, config(&url, &key)).await;
+    write_round(&n, 0).await;
+    shipper.ship_now(false).await.unwrap();
+    let target = Target::open(&url).unwrap();
+
+    // An unreadable manifest record: verify names it, retention keeps its object.
+    let catalog = Catalog::load(&target).await.unwrap();
+    let seg = catalog.generations[0].segments[0].clone();
+    std::fs::write(backup.path().join(seg.manifest_key()), b"{not json").unwrap();
+    let report = verify(&target, &key, T0, &|_, _| {}).await.unwrap();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| matches!(p, Problem::BadManifest { .. })),
+        "{report:?}"
+    );
+    clock.advance(10 * 24 * 3600 * 1000);
+    shipper.prune_now().await.unwrap();
+    assert!(
+        backup.path().join(&seg.object).exists(),
+        "the object of an unreadable record is kept"
+    );
+
+    // The target is emptied: the next round starts a new generation there.
+    for entry in std::fs::read_dir(backup.path()).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_dir() {
+            std::fs::remove_dir_all(p).unwrap();
+        } else {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    write_round(&n, 1).await;
+    shipper.ship_now(false).await.unwrap();
+    let catalog = Catalog::load(&target).await.unwrap();
+    assert!(catalog.deployment.is_some());
+    assert_chain(&catalog, n.store.last_seq().await.unwrap());
+    let (dir, _) = do_restore(&target, &key, Point::Latest).await;
+    let (v, _) = restored_view(&dir.path().join("data")).await;
+    assert_eq!(v, view_of(n.store.as_ref()).await);
 }

@@ -14,7 +14,7 @@ pub use nats_store::{NatsConfig, NatsStore};
 pub use record::{
     Change, LogEntry, Origin, Record, StoredRecord, StreamEvent, Version, View, merge,
 };
-pub use redb_store::{RedbStore, Restorer};
+pub use redb_store::{RedbStore, Restorer, data_dir_in_use};
 pub use store::{
     Batch, Commit, Expect, LogFold, Op, Outcome, ScanPage, Store, StoreError, StoreResult, watch,
 };

@@ -565,6 +565,20 @@ impl Store for RedbStore {
     }
 }
 
+/// Whether a Haven process has the store in `dir` open right now (redb holds a lock on the
+/// file while it is open).
+pub fn data_dir_in_use(dir: &Path) -> bool {
+    let file = dir.join("state.redb");
+    if !file.exists() {
+        return false;
+    }
+    match redb::Database::open(&file) {
+        Ok(_) => false,
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => true,
+        Err(_) => false,
+    }
+}
+
 /// Builds a new data directory from change-log entries with their original sequences (a
 /// restore from backup). Entries must come in increasing sequence order; gaps are allowed
 /// (a snapshot holds only the entries still current). The result opens as a [`RedbStore`]

@@ -10,8 +10,8 @@ use haven_backup::{BackupKey, Point, RestoreOptions, Target, fmt_millis};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::settings::{
-    BackupCommand, BackupKeygenArgs, BackupNowArgs, BackupRestoreArgs, BackupTargetArgs,
-    backup_target,
+    BackupCommand, BackupKeygenArgs, BackupListArgs, BackupNowArgs, BackupRestoreArgs,
+    BackupTargetArgs, backup_target,
 };
 
 /// Runs a backup subcommand.
@@ -47,7 +47,7 @@ fn keygen(a: BackupKeygenArgs) -> Result<ExitCode> {
 
 fn open_target(a: &BackupTargetArgs) -> Result<(Target, Option<BackupKey>)> {
     let (url, key_file) = backup_target(a)?;
-    let target = Target::open(&url)?;
+    let target = Target::open_existing(&url)?;
     let key = key_file.map(|f| BackupKey::from_file(&f)).transpose()?;
     Ok((target, key))
 }
@@ -168,16 +168,17 @@ fn now_millis() -> u64 {
         .unwrap_or(0)
 }
 
-async fn list(a: BackupTargetArgs) -> Result<ExitCode> {
-    let (target, _) = open_target(&a)?;
+async fn list(l: BackupListArgs) -> Result<ExitCode> {
+    let a = &l.target;
+    let (target, _) = open_target(a)?;
     let catalog = Catalog::load(&target).await?;
     let verification = haven_backup::verify::load_latest(&target).await?;
     // The live lag, when the node answers.
-    let node = a
+    let node = l
         .node
         .clone()
         .unwrap_or_else(|| "http://127.0.0.1:8080".into());
-    let live = match token(a.admin_token_file.as_ref(), a.data.as_ref()) {
+    let live = match token(l.admin_token_file.as_ref(), l.data.as_ref()) {
         Ok(t) => admin_call(&node, &t, reqwest::Method::GET, "/admin/v1/backup")
             .await
             .map_err(|e| e.to_string()),
@@ -310,6 +311,10 @@ async fn list(a: BackupTargetArgs) -> Result<ExitCode> {
         None => println!("Last verification: never"),
     }
     match live {
+        Ok(v) if v["target"].as_str() != Some(target.url()) => println!(
+            "Node lag: unknown (the node at {node} ships to {}, not to this backup)",
+            v["target"].as_str().unwrap_or("?")
+        ),
         Ok(v) => println!(
             "Node lag: {} entries ({} ms behind), state {}",
             v["lag_entries"],

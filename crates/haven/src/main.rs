@@ -73,8 +73,9 @@ fn run_backup_command(cmd: settings::BackupCommand) -> std::process::ExitCode {
     match runtime.block_on(backup_cmd::run(cmd)) {
         Ok(code) => code,
         Err(e) => {
+            // 2: the command could not run (1 and 3 mean damage found / restore incomplete).
             eprintln!("haven: error: {e:#}");
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(2)
         }
     }
 }

@@ -39,7 +39,7 @@ pub enum BackupCommand {
     /// --snapshot).
     Now(BackupNowArgs),
     /// Show the backup's generations, snapshots, segments, restorable range and lag.
-    List(BackupTargetArgs),
+    List(BackupListArgs),
     /// Check every object against the manifest and the chain for continuity.
     Verify(BackupTargetArgs),
     /// Build a data directory holding exactly the state as of a point.
@@ -60,10 +60,17 @@ pub struct BackupTargetArgs {
     /// TOML file with settings (backup_url, backup_key_file, ...)
     #[arg(long, env = "HAVEN_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Print JSON instead of a table
+    /// Print JSON instead of text
     #[arg(long)]
     pub json: bool,
-    /// Node to ask for the live backup lag (list only) [default: http://127.0.0.1:8080]
+}
+
+/// `haven backup list`.
+#[derive(Args, Debug)]
+pub struct BackupListArgs {
+    #[command(flatten)]
+    pub target: BackupTargetArgs,
+    /// Node to ask for the live backup lag [default: http://127.0.0.1:8080]
     #[arg(long, env = "HAVEN_NODE", value_name = "URL")]
     pub node: Option<String>,
     /// Admin token file of that node [default: DATA/admin.token]
@@ -299,15 +306,19 @@ pub fn parse_duration(text: &str) -> Result<Duration> {
     let n: u64 = num
         .parse()
         .with_context(|| format!("invalid duration {text:?}: use e.g. 1s, 60s, 5m, 24h, 7d, 7y"))?;
-    let millis = match unit.trim() {
-        "ms" => n,
-        "" | "s" => n * 1000,
-        "m" => n * 60_000,
-        "h" => n * 3_600_000,
-        "d" => n * 86_400_000,
-        "y" => n * 365 * 86_400_000,
+    let unit_millis: u64 = match unit.trim() {
+        "ms" => 1,
+        "" | "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        "y" => 365 * 86_400_000,
         other => bail!("invalid duration unit {other:?} in {text:?}: use ms, s, m, h, d or y"),
     };
+    let millis = n
+        .checked_mul(unit_millis)
+        .filter(|m| *m <= 1000 * 365 * 86_400_000)
+        .with_context(|| format!("duration {text:?} is too long (at most 1000y)"))?;
     Ok(Duration::from_millis(millis))
 }
 
@@ -393,6 +404,20 @@ impl BackupSettings {
             .clone()
             .or(file.backup_archive_class.take())
         {
+            // Classes that need a restore request before an object can be read would make
+            // archived points unrestorable by `haven backup restore`.
+            const INSTANT: &[&str] = &[
+                "STANDARD_IA",
+                "ONEZONE_IA",
+                "INTELLIGENT_TIERING",
+                "GLACIER_IR",
+            ];
+            if !INSTANT.contains(&class.as_str()) {
+                bail!(
+                    "backup_archive_class {class:?} is not supported: archived objects must stay readable without a restore request; use one of {}",
+                    INSTANT.join(", ")
+                );
+            }
             retention.archive_class = class;
         }
         if let Some(keep) = a.backup_keep.clone().or(file.backup_keep.take()) {

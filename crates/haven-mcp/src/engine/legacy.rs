@@ -205,7 +205,7 @@ async fn initialize(inner: &Arc<Inner>, req: &IncomingRequest) -> Reply {
     }
 }
 
-fn caller_of(s: &SessionRecord) -> Caller {
+pub(super) fn caller_of(s: &SessionRecord) -> Caller {
     Caller {
         client_info: s.client_info.clone(),
         capabilities: s.client_capabilities.clone(),
@@ -434,7 +434,7 @@ async fn open_stream(
     Reply::Stream(keep_alive(live_rx, inner.config.keep_alive))
 }
 
-async fn pump(
+pub(super) async fn pump(
     inner: Arc<Inner>,
     session: String,
     stream_id: String,

@@ -5,6 +5,7 @@
 
 mod dispatch;
 mod legacy;
+pub mod membership;
 mod mrtr;
 mod recovery;
 mod stateless;
@@ -88,6 +89,10 @@ pub struct EngineConfig {
     pub list_ttl_millis: u64,
     /// Lifetime of a sealed `requestState`.
     pub request_state_ttl: Duration,
+    /// How often this node writes its heartbeat and looks for dead nodes' work.
+    pub heartbeat_interval: Duration,
+    /// How long a heartbeat lives: a node silent for this long is dead.
+    pub heartbeat_ttl: Duration,
 }
 
 impl Default for EngineConfig {
@@ -106,6 +111,8 @@ impl Default for EngineConfig {
             keep_alive: Duration::from_secs(15),
             list_ttl_millis: 5000,
             request_state_ttl: Duration::from_secs(3600),
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_ttl: Duration::from_secs(5),
         }
     }
 }
@@ -198,6 +205,10 @@ pub(crate) struct Inner {
     tools: RwLock<ToolCache>,
     /// Recently used legacy sessions.
     sessions: crate::session::SessionCache,
+    /// Other nodes, from their heartbeat records.
+    membership: membership::Membership,
+    /// When this process started, Unix milliseconds.
+    started_millis: u64,
 }
 
 /// The protocol engine of one node. Cheap to clone.
@@ -214,6 +225,7 @@ impl Engine {
         catalog: Arc<dyn Catalog>,
         config: EngineConfig,
     ) -> Result<Engine, haven_state::StoreError> {
+        let store_started_millis = store.clock().wall_millis();
         let hub = Hub::new();
         hub.start(store.clone());
         let keyring = Keyring::load(store.clone()).await?;
@@ -228,12 +240,19 @@ impl Engine {
             running: Mutex::new(HashMap::new()),
             tools: RwLock::new(ToolCache::default()),
             sessions: crate::session::SessionCache::default(),
+            membership: membership::Membership::default(),
+            started_millis: store_started_millis,
         });
         let engine = Engine { inner };
         engine.watch_announcements();
         engine.watch_sessions();
         engine.watch_keys();
+        // Heartbeat once and read the others' before judging anyone dead.
+        if let Err(e) = membership::beat(&engine.inner).await {
+            tracing::warn!(error = %e, "storing the first heartbeat failed; retrying in the background");
+        }
         recovery::recover(&engine.inner).await?;
+        membership::start(&engine.inner);
         Ok(engine)
     }
 
@@ -250,6 +269,23 @@ impl Engine {
     /// The request-state keyring.
     pub fn keyring(&self) -> &Keyring {
         &self.inner.keyring
+    }
+
+    /// The nodes of this region, from their heartbeat records.
+    pub fn members(&self) -> Vec<membership::Member> {
+        let now = self.inner.store.clock().wall_millis();
+        self.inner.membership.members(now)
+    }
+
+    /// Marks this node as draining (its heartbeat says so) and, on `leave`, removes its
+    /// heartbeat so that other nodes take over what it leaves unfinished at once.
+    pub async fn drain(&self, leave: bool) {
+        self.inner.membership.set_draining();
+        if leave {
+            membership::leave(&self.inner).await;
+        } else {
+            let _ = membership::beat(&self.inner).await;
+        }
     }
 
     /// Handles a POST of the legacy era.
