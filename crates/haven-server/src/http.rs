@@ -73,6 +73,16 @@ pub async fn serve(
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with_grace(listener, router, shutdown, SHUTDOWN_GRACE).await
+}
+
+/// [`serve`] with the grace period for open connections after `shutdown`.
+pub async fn serve_with_grace(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let service = hyper_util::service::TowerToHyperService::new(router);
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -107,7 +117,7 @@ pub async fn serve(
     drop(listener);
     tokio::select! {
         () = graceful.shutdown() => {}
-        () = tokio::time::sleep(SHUTDOWN_GRACE) => {
+        () = tokio::time::sleep(grace) => {
             tracing::info!("connections still open after the grace period are closed");
         }
     }
@@ -119,6 +129,15 @@ async fn healthz() -> Response {
 }
 
 async fn readyz(State(app): State<Arc<AppState>>) -> Response {
+    if app.engine.is_draining() {
+        let mut r = json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"status":"draining","reason":"this node is shutting down"}"#.to_owned(),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return r;
+    }
     let check =
         tokio::time::timeout(Duration::from_secs(2), app.engine.store().check_writable()).await;
     match check {
@@ -427,9 +446,13 @@ pub fn encode_frame(frame: &SseFrame) -> Bytes {
             if let Some(r) = retry {
                 s.push_str(&format!("retry: {r}\n"));
             }
-            if id.is_some() || !data.is_empty() {
-                s.push_str("event: message\n");
+            if id.is_none() && data.is_empty() {
+                // Only a reconnection hint (a draining node asks the client to come back
+                // elsewhere): no data line, so no event is dispatched.
+                s.push('\n');
+                return Bytes::from(s);
             }
+            s.push_str("event: message\n");
             for line in data.split('\n') {
                 s.push_str("data: ");
                 s.push_str(line);
@@ -456,6 +479,11 @@ fn to_response(reply: Reply) -> Response {
             let mut r = json_response(StatusCode::from_u16(status).unwrap_or(StatusCode::OK), body);
             if let Some(s) = session.and_then(|s| HeaderValue::from_str(&s).ok()) {
                 r.headers_mut().insert("mcp-session-id", s);
+            }
+            if status == 503 {
+                // The store is unavailable (no quorum, full, I/O error): say when to retry.
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             r
         }

@@ -6,4 +6,4 @@
 pub mod http;
 pub mod stdio;
 
-pub use http::{HttpConfig, router, serve};
+pub use http::{HttpConfig, router, serve, serve_with_grace};

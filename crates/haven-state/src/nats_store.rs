@@ -818,6 +818,43 @@ impl Store for NatsStore {
         self.shared.feed.subscribe()
     }
 
+    async fn describe(&self) -> serde_json::Value {
+        let server = self.client.server_info();
+        let mut out = serde_json::json!({
+            "backend": "nats",
+            "stream": self.stream_name,
+            "connection": format!("{:?}", self.client.connection_state()),
+            "connected_server": { "name": server.server_name, "host": server.host, "port": server.port, "version": server.version },
+            "known_servers": server.connect_urls,
+            "applied_seq": self.shared.index.read().applied,
+        });
+        match self.js.get_stream(&self.stream_name).await {
+            Ok(mut s) => match s.info().await {
+                Ok(info) => {
+                    out["last_seq"] = info.state.last_sequence.into();
+                    out["replicas"] = info.config.num_replicas.into();
+                    if let Some(c) = &info.cluster {
+                        out["leader"] = serde_json::json!(c.leader);
+                        out["peers"] = c
+                            .replicas
+                            .iter()
+                            .map(|p| {
+                                serde_json::json!({
+                                    "name": p.name, "current": p.current,
+                                    "offline": p.offline, "lag": p.lag,
+                                    "active_ms": p.active.as_millis() as u64,
+                                })
+                            })
+                            .collect();
+                    }
+                }
+                Err(e) => out["error"] = e.to_string().into(),
+            },
+            Err(e) => out["error"] = e.to_string().into(),
+        }
+        out
+    }
+
     async fn check_writable(&self) -> StoreResult<()> {
         if let Some(e) = self.shared.follower_error.read().clone() {
             return Err(StoreError::Unavailable(format!(

@@ -264,6 +264,11 @@ pub trait Store: Send + Sync + 'static {
     /// Checks that the store can take a durable write right now.
     async fn check_writable(&self) -> StoreResult<()>;
 
+    /// What the backend is and how healthy it is, for status pages (JSON).
+    async fn describe(&self) -> serde_json::Value {
+        serde_json::json!({ "backend": "embedded" })
+    }
+
     /// The current state as change-log entries, read at one consistent point: the entry that
     /// made each key's record current (tombstones and expired records included) and every
     /// stream event, in sequence order, with the log's last sequence at that point. Replaying

@@ -17,6 +17,8 @@ use serde_json::json;
 pub struct Admin {
     token: String,
     backup: Option<ShipperHandle>,
+    engine: haven_mcp::engine::Engine,
+    region: String,
 }
 
 /// The admin token: read from `configured`, or from `DATA/admin.token`, created with a random
@@ -64,9 +66,20 @@ pub fn write_private(path: &Path, content: &[u8]) -> Result<()> {
 }
 
 /// The admin routes.
-pub fn router(token: String, backup: Option<ShipperHandle>) -> Router {
-    let state = Arc::new(Admin { token, backup });
+pub fn router(
+    token: String,
+    backup: Option<ShipperHandle>,
+    engine: haven_mcp::engine::Engine,
+    region: String,
+) -> Router {
+    let state = Arc::new(Admin {
+        token,
+        backup,
+        engine,
+        region,
+    });
     Router::new()
+        .route("/admin/v1/status", get(status))
         .route("/admin/v1/backup", get(backup_status))
         .route("/admin/v1/backup/now", post(backup_now))
         .route("/admin/v1/backup/verify", post(backup_verify))
@@ -107,6 +120,30 @@ fn shipper(admin: &Admin) -> Result<&ShipperHandle, Response> {
             "backup is not enabled on this node; start it with --backup-url and --backup-key-file",
         )
     })
+}
+
+/// The region as this node sees it: nodes from their heartbeats, the store's health, backup.
+async fn status(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&admin, &headers) {
+        return r;
+    }
+    let e = &admin.engine;
+    let backup = match &admin.backup {
+        Some(b) => serde_json::to_value(b.status().await).unwrap_or_default(),
+        None => serde_json::Value::Null,
+    };
+    Json(json!({
+        "region": admin.region,
+        "node": e.config().node_id,
+        "version": env!("CARGO_PKG_VERSION"),
+        "draining": e.is_draining(),
+        "running_requests": e.running_requests(),
+        "nodes": e.members(),
+        "store": e.store().describe().await,
+        "writable": e.store().check_writable().await.map_err(|e| e.to_string()).err(),
+        "backup": backup,
+    }))
+    .into_response()
 }
 
 async fn backup_status(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Response {

@@ -25,6 +25,93 @@ pub async fn run(cmd: BackupCommand) -> Result<ExitCode> {
     }
 }
 
+/// `haven status`: asks a running node for its view of the region.
+pub async fn status(a: crate::settings::StatusArgs) -> Result<ExitCode> {
+    let node = a.node.clone().unwrap_or_else(|| "http://127.0.0.1:8080".into());
+    let token = token(a.admin_token_file.as_ref(), a.data.as_ref())?;
+    let v = admin_call(&node, &token, reqwest::Method::GET, "/admin/v1/status").await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let now = now_millis();
+    println!(
+        "Region {} — asked node {} (version {}){}",
+        v["region"].as_str().unwrap_or("?"),
+        v["node"].as_str().unwrap_or("?"),
+        v["version"].as_str().unwrap_or("?"),
+        if v["draining"] == true { ", draining" } else { "" }
+    );
+    println!();
+    println!("  {:<20} {:<8} {:<22} {:<10} {}", "NODE", "STATE", "LAST HEARTBEAT", "VERSION", "BOOT");
+    for n in v["nodes"].as_array().cloned().unwrap_or_default() {
+        let info = &n["info"];
+        let state = if n["alive"] == true {
+            if info["draining"] == true { "draining" } else { "alive" }
+        } else {
+            "dead"
+        };
+        let beat = info["beat_millis"].as_u64().unwrap_or(0);
+        println!(
+            "  {:<20} {:<8} {:<22} {:<10} {}",
+            info["node"].as_str().unwrap_or("?"),
+            state,
+            age(now, beat),
+            info["version"].as_str().unwrap_or("?"),
+            info["boot"].as_str().unwrap_or("?")
+        );
+    }
+    let store = &v["store"];
+    println!();
+    match store["backend"].as_str() {
+        Some("nats") => {
+            println!(
+                "Store: NATS JetStream stream {}, {} replicas, leader {}, last sequence {}, applied here {}",
+                store["stream"].as_str().unwrap_or("?"),
+                store["replicas"],
+                store["leader"].as_str().unwrap_or("none"),
+                store["last_seq"],
+                store["applied_seq"]
+            );
+            println!(
+                "  connected to {} ({}:{}), {}",
+                store["connected_server"]["name"].as_str().unwrap_or("?"),
+                store["connected_server"]["host"].as_str().unwrap_or("?"),
+                store["connected_server"]["port"],
+                store["connection"].as_str().unwrap_or("?")
+            );
+            for p in store["peers"].as_array().cloned().unwrap_or_default() {
+                println!(
+                    "  replica {}: {}{}, lag {}",
+                    p["name"].as_str().unwrap_or("?"),
+                    if p["current"] == true { "current" } else { "behind" },
+                    if p["offline"] == true { ", OFFLINE" } else { "" },
+                    p["lag"]
+                );
+            }
+            if let Some(e) = store["error"].as_str() {
+                println!("  ERROR: {e}");
+            }
+        }
+        _ => println!("Store: embedded (redb)"),
+    }
+    match v["writable"].as_str() {
+        None => println!("Writable: yes"),
+        Some(e) => println!("Writable: NO ({e})"),
+    }
+    if !v["backup"].is_null() {
+        let b = &v["backup"];
+        println!(
+            "Backup: {} to {}, lag {} entries ({} ms)",
+            b["state"].as_str().unwrap_or("?"),
+            b["target"].as_str().unwrap_or("?"),
+            b["lag_entries"],
+            b["lag_millis"]
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn keygen(a: BackupKeygenArgs) -> Result<ExitCode> {
     if a.out.exists() {
         bail!(

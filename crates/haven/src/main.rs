@@ -28,6 +28,9 @@ fn main() -> std::process::ExitCode {
     if let Command::Backup(cmd) = cli.command {
         return run_backup_command(cmd);
     }
+    if let Command::Status(args) = cli.command {
+        return run_client_command(backup_cmd::status(args));
+    }
     let result = Settings::from_cli(&cli).and_then(|(mode, s)| {
         let mut runtime = tokio::runtime::Builder::new_multi_thread();
         runtime.enable_all();
@@ -53,6 +56,13 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run_backup_command(cmd: settings::BackupCommand) -> std::process::ExitCode {
+    run_client_command(backup_cmd::run(cmd))
+}
+
+/// Runs a command that talks to a node or a backup (not a server itself).
+fn run_client_command(
+    fut: impl std::future::Future<Output = Result<std::process::ExitCode>>,
+) -> std::process::ExitCode {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HAVEN_LOG")
@@ -70,7 +80,7 @@ fn run_backup_command(cmd: settings::BackupCommand) -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(backup_cmd::run(cmd)) {
+    match runtime.block_on(fut) {
         Ok(code) => code,
         Err(e) => {
             // 2: the command could not run (1 and 3 mean damage found / restore incomplete).
@@ -135,18 +145,33 @@ async fn start_engine(s: &Settings) -> Result<(Engine, Arc<dyn Store>)> {
         .with_context(|| format!("creating the data directory {}", s.data.display()))?;
     let node = node_id(&s.data, s.node_id.as_deref())?;
     let origin = Origin::new(s.region.as_str(), node.as_str());
-    let store = RedbStore::open(&s.data, origin, Arc::new(HybridClock::default())).map_err(|e| {
-        let text = e.to_string();
-        if text.contains("already open") || text.contains("lock") {
-            anyhow::anyhow!(
-                "the data directory {} is in use by another Haven process ({text}); stop it or choose another --data",
-                s.data.display()
-            )
-        } else {
-            anyhow::anyhow!("opening the store in {}: {text}", s.data.display())
+    let store: Arc<dyn Store> = match &s.nats {
+        Some(servers) => {
+            let config = haven_state::NatsConfig {
+                servers: servers.clone(),
+                region: s.region.clone(),
+                replicas: s.store_replicas,
+            };
+            let store = haven_state::NatsStore::open(&config, origin, Arc::new(HybridClock::default()))
+                .await
+                .map_err(|e| anyhow::anyhow!("opening the NATS JetStream store at {}: {e}", servers.join(",")))?;
+            Arc::new(store)
         }
-    })?;
-    let store: Arc<dyn Store> = Arc::new(store);
+        None => {
+            let store = RedbStore::open(&s.data, origin, Arc::new(HybridClock::default())).map_err(|e| {
+                let text = e.to_string();
+                if text.contains("already open") || text.contains("lock") {
+                    anyhow::anyhow!(
+                        "the data directory {} is in use by another Haven process ({text}); stop it or choose another --data",
+                        s.data.display()
+                    )
+                } else {
+                    anyhow::anyhow!("opening the store in {}: {text}", s.data.display())
+                }
+            })?;
+            Arc::new(store)
+        }
+    };
     let config = EngineConfig {
         node_id: node,
         legacy_responses: s.legacy_responses,
@@ -208,8 +233,35 @@ async fn serve(s: Settings) -> Result<()> {
         "admin API at http://{addr}/admin/v1 (token in {})",
         token_file.display()
     );
-    let router = haven_server::router(engine, http).merge(admin::router(token, backup));
-    haven_server::serve(listener, router, shutdown_signal()).await?;
+    let router = haven_server::router(engine.clone(), http).merge(admin::router(
+        token,
+        backup,
+        engine.clone(),
+        s.region.clone(),
+    ));
+    // SIGTERM: drain. /readyz fails at once (load balancers stop sending), open legacy
+    // streams end with a reconnection hint, running requests get up to --drain-timeout.
+    let drain = {
+        let engine = engine.clone();
+        async move {
+            shutdown_signal().await;
+            tracing::info!("draining");
+            engine.begin_drain().await;
+        }
+    };
+    let grace = s.drain_timeout;
+    haven_server::serve_with_grace(listener, router, drain, grace).await?;
+    let deadline = tokio::time::Instant::now() + grace;
+    while engine.running_requests() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    if engine.running_requests() > 0 {
+        tracing::warn!(
+            running = engine.running_requests(),
+            "drain deadline reached; other nodes take over what is left"
+        );
+    }
+    engine.leave().await;
     tracing::info!("haven stopped");
     Ok(())
 }

@@ -30,6 +30,26 @@ pub enum Command {
     /// Backups: ship now, list, verify, restore, create a key.
     #[command(subcommand)]
     Backup(BackupCommand),
+    /// Show a running node's region: its nodes (alive, last heartbeat, version), the store
+    /// (NATS servers and stream health) and backup.
+    Status(StatusArgs),
+}
+
+/// `haven status`.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Node to ask [default: http://127.0.0.1:8080]
+    #[arg(long, env = "HAVEN_NODE", value_name = "URL")]
+    pub node: Option<String>,
+    /// Admin token file of the node [default: DATA/admin.token]
+    #[arg(long, env = "HAVEN_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Data directory of the node (where its admin token is) [default: ./haven-data]
+    #[arg(long, env = "HAVEN_DATA", value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `haven backup` subcommands.
@@ -207,6 +227,14 @@ pub struct CommonArgs {
     /// Worker threads of the async runtime [default: one per core]
     #[arg(long, env = "HAVEN_WORKER_THREADS", value_name = "N")]
     pub worker_threads: Option<usize>,
+    /// Where state lives: `embedded` (a redb file in the data directory) or a NATS JetStream
+    /// cluster, `nats://HOST:PORT[,HOST:PORT...]` (one stream per --region) [default: embedded]
+    #[arg(long, env = "HAVEN_STORE", value_name = "STORE")]
+    pub store: Option<String>,
+    /// Replicas of the region's JetStream stream (3: a write survives the loss of any one
+    /// NATS server) [default: 3]
+    #[arg(long, env = "HAVEN_STORE_REPLICAS", value_name = "N")]
+    pub store_replicas: Option<usize>,
 }
 
 /// Settings of `haven serve`.
@@ -229,6 +257,10 @@ pub struct ServeArgs {
     /// Largest accepted request body in bytes [default: 4194304]
     #[arg(long, env = "HAVEN_MAX_BODY_BYTES", value_name = "BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// On SIGTERM, how long running requests may take to finish before the node exits
+    /// [default: 30s]
+    #[arg(long, env = "HAVEN_DRAIN_TIMEOUT", value_name = "DURATION")]
+    pub drain_timeout: Option<String>,
     /// File holding the admin API token (/admin/v1) [default: DATA/admin.token, created
     /// on first start]
     #[arg(long, env = "HAVEN_ADMIN_TOKEN_FILE", value_name = "FILE")]
@@ -251,6 +283,9 @@ struct FileSettings {
     session_ttl: Option<u64>,
     page_size: Option<usize>,
     worker_threads: Option<usize>,
+    store: Option<String>,
+    store_replicas: Option<usize>,
+    drain_timeout: Option<String>,
     listen: Option<String>,
     allowed_hosts: Option<Vec<String>>,
     max_body_bytes: Option<usize>,
@@ -280,6 +315,10 @@ pub struct Settings {
     pub session_ttl_secs: u64,
     pub page_size: usize,
     pub worker_threads: Option<usize>,
+    /// `None`: embedded; else the NATS server URLs.
+    pub nats: Option<Vec<String>>,
+    pub store_replicas: usize,
+    pub drain_timeout: Duration,
     pub listen: String,
     pub allowed_hosts: Vec<String>,
     pub max_body_bytes: usize,
@@ -465,7 +504,9 @@ impl Settings {
         match &cli.command {
             Command::Serve(args) => Ok((Mode::Serve, Settings::resolve(&args.common, Some(args))?)),
             Command::Stdio(args) => Ok((Mode::Stdio, Settings::resolve(args, None)?)),
-            Command::Backup(_) => bail!("backup commands have no server settings"),
+            Command::Backup(_) | Command::Status(_) => {
+                bail!("this command has no server settings")
+            }
         }
     }
 
@@ -479,6 +520,44 @@ impl Settings {
         let admin_token_file = serve
             .and_then(|s| s.admin_token_file.clone())
             .or(file.admin_token_file.take());
+        let store = common
+            .store
+            .clone()
+            .or(file.store.take())
+            .unwrap_or_else(|| "embedded".into());
+        let nats = if store == "embedded" {
+            None
+        } else if store.starts_with("nats://") {
+            let servers: Vec<String> = store
+                .split(',')
+                .map(|s| s.trim())
+                .filter(|s| !s.is_empty())
+                .map(|s| {
+                    if s.contains("://") {
+                        s.to_owned()
+                    } else {
+                        format!("nats://{s}")
+                    }
+                })
+                .collect();
+            Some(servers)
+        } else {
+            bail!("invalid store {store:?}: use embedded or nats://HOST:PORT[,HOST:PORT...]");
+        };
+        let store_replicas = common
+            .store_replicas
+            .or(file.store_replicas)
+            .unwrap_or(3);
+        if !(1..=5).contains(&store_replicas) {
+            bail!("store_replicas must be between 1 and 5");
+        }
+        let drain_timeout = parse_duration(
+            &serve
+                .and_then(|s| s.drain_timeout.clone())
+                .or(file.drain_timeout.take())
+                .unwrap_or_else(|| "30s".into()),
+        )
+        .context("setting drain_timeout")?;
         let legacy = common
             .legacy_responses
             .clone()
@@ -557,6 +636,9 @@ impl Settings {
             max_body_bytes,
             admin_token_file,
             backup,
+            nats,
+            store_replicas,
+            drain_timeout,
         })
     }
 }

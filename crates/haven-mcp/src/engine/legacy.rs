@@ -431,7 +431,7 @@ async fn open_stream(
             cancel_rx,
         ));
     }
-    Reply::Stream(keep_alive(live_rx, inner.config.keep_alive))
+    Reply::Stream(keep_alive_until_drain(inner, live_rx))
 }
 
 pub(super) async fn pump(
@@ -517,6 +517,36 @@ async fn append_retrying(
 }
 
 /// Adds keep-alive comments to an SSE frame stream while it is idle; ends with the frames.
+/// Like [`keep_alive`], and when the node starts draining the stream ends with a reconnection
+/// hint: the client comes back with `Last-Event-ID`, through the load balancer, to another
+/// node (the request itself keeps running here, or is taken over, and its events are stored).
+pub(crate) fn keep_alive_until_drain(
+    inner: &Inner,
+    rx: mpsc::UnboundedReceiver<SseFrame>,
+) -> futures::stream::BoxStream<'static, SseFrame> {
+    let every = inner.config.keep_alive;
+    let stop = inner.shutdown.clone();
+    let retry = inner.config.drain_retry_millis;
+    futures::stream::unfold((rx, stop, false), move |(mut rx, stop, done)| async move {
+        if done {
+            return None;
+        }
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => Some((
+                SseFrame::Event { id: None, retry: Some(retry), data: String::new() },
+                (rx, stop, true),
+            )),
+            r = tokio::time::timeout(every, rx.recv()) => match r {
+                Ok(Some(f)) => Some((f, (rx, stop, false))),
+                Ok(None) => None,
+                Err(_) => Some((SseFrame::Comment("keep-alive".into()), (rx, stop, false))),
+            },
+        }
+    })
+    .boxed()
+}
+
 pub(crate) fn keep_alive(
     rx: mpsc::UnboundedReceiver<SseFrame>,
     every: Duration,
@@ -581,7 +611,7 @@ async fn resume(inner: &Arc<Inner>, loaded: LoadedSession, last_event_id: &str) 
     }
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(follow(inner.clone(), sid, stream_id, after, tx));
-    Reply::Stream(keep_alive(rx, inner.config.keep_alive))
+    Reply::Stream(keep_alive_until_drain(inner, rx))
 }
 
 /// Replays a request stream after `after` and follows it until its final event, taking over
@@ -682,7 +712,7 @@ async fn standalone(
         }
     };
     tokio::spawn(produce_standalone(inner.clone(), sid, stream_id, after, tx));
-    Reply::Stream(keep_alive(rx, inner.config.keep_alive))
+    Reply::Stream(keep_alive_until_drain(inner, rx))
 }
 
 fn notification_for(a: &Announcement, subscriptions: &[String]) -> Option<String> {

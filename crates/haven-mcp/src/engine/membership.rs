@@ -55,6 +55,8 @@ pub(crate) struct Membership {
     /// When this node last stored its own heartbeat (0: never).
     own_beat: RwLock<u64>,
     draining: RwLock<bool>,
+    /// Set when the node left: no more heartbeats.
+    left: RwLock<bool>,
 }
 
 impl Membership {
@@ -98,6 +100,9 @@ impl Membership {
 
 /// Writes this node's heartbeat and refreshes the view of the others.
 pub(crate) async fn beat(inner: &Inner) -> Result<(), haven_state::StoreError> {
+    if *inner.membership.left.read() {
+        return Ok(());
+    }
     let now = inner.store.clock().wall_millis();
     let info = NodeInfo {
         node: inner.config.node_id.clone(),
@@ -148,6 +153,7 @@ pub(crate) async fn refresh(inner: &Inner) -> Result<(), haven_state::StoreError
 
 /// Removes this node's heartbeat (a clean exit: others take over at once).
 pub(crate) async fn leave(inner: &Inner) {
+    *inner.membership.left.write() = true;
     let _ = inner
         .store
         .commit(Batch::new().delete(NODES_NS, &inner.config.node_id))

@@ -93,6 +93,8 @@ pub struct EngineConfig {
     pub heartbeat_interval: Duration,
     /// How long a heartbeat lives: a node silent for this long is dead.
     pub heartbeat_ttl: Duration,
+    /// `retry:` hint sent when a draining node ends a legacy stream, in milliseconds.
+    pub drain_retry_millis: u64,
 }
 
 impl Default for EngineConfig {
@@ -113,6 +115,7 @@ impl Default for EngineConfig {
             request_state_ttl: Duration::from_secs(3600),
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_ttl: Duration::from_secs(5),
+            drain_retry_millis: 250,
         }
     }
 }
@@ -209,6 +212,8 @@ pub(crate) struct Inner {
     membership: membership::Membership,
     /// When this process started, Unix milliseconds.
     started_millis: u64,
+    /// Cancelled when the node starts draining.
+    shutdown: CancellationToken,
 }
 
 /// The protocol engine of one node. Cheap to clone.
@@ -242,6 +247,7 @@ impl Engine {
             sessions: crate::session::SessionCache::default(),
             membership: membership::Membership::default(),
             started_millis: store_started_millis,
+            shutdown: CancellationToken::new(),
         });
         let engine = Engine { inner };
         engine.watch_announcements();
@@ -277,15 +283,28 @@ impl Engine {
         self.inner.membership.members(now)
     }
 
-    /// Marks this node as draining (its heartbeat says so) and, on `leave`, removes its
-    /// heartbeat so that other nodes take over what it leaves unfinished at once.
-    pub async fn drain(&self, leave: bool) {
+    /// Starts draining: `/readyz` fails, the heartbeat says so, and open legacy streams end
+    /// with a reconnection hint. Running requests go on.
+    pub async fn begin_drain(&self) {
         self.inner.membership.set_draining();
-        if leave {
-            membership::leave(&self.inner).await;
-        } else {
-            let _ = membership::beat(&self.inner).await;
-        }
+        self.inner.shutdown.cancel();
+        let _ = membership::beat(&self.inner).await;
+    }
+
+    /// Whether the node is draining.
+    pub fn is_draining(&self) -> bool {
+        self.inner.shutdown.is_cancelled()
+    }
+
+    /// Requests running on this node.
+    pub fn running_requests(&self) -> usize {
+        self.inner.running.lock().len()
+    }
+
+    /// Ends draining: removes this node's heartbeat, so that other nodes take over what is
+    /// left unfinished at once instead of after the heartbeat's time-to-live.
+    pub async fn leave(&self) {
+        membership::leave(&self.inner).await;
     }
 
     /// Handles a POST of the legacy era.
