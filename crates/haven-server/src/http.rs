@@ -49,7 +49,18 @@ struct AppState {
 
 /// The router: `/mcp`, `/healthz`, `/readyz`.
 pub fn router(engine: Engine, config: HttpConfig) -> Router {
+    // Every answer names the node that gave it (useful behind a load balancer).
+    let node = HeaderValue::from_str(&engine.config().node_id).ok();
     let state = Arc::new(AppState { engine, config });
+    let tag = axum::middleware::map_response(move |mut r: Response| {
+        let node = node.clone();
+        async move {
+            if let Some(n) = node {
+                r.headers_mut().insert("x-haven-node", n);
+            }
+            r
+        }
+    });
     Router::new()
         .route(
             "/mcp",
@@ -61,6 +72,7 @@ pub fn router(engine: Engine, config: HttpConfig) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state)
+        .layer(tag)
 }
 
 /// How long a stopping server waits for open connections (SSE streams included) to finish.

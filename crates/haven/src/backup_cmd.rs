@@ -27,7 +27,10 @@ pub async fn run(cmd: BackupCommand) -> Result<ExitCode> {
 
 /// `haven status`: asks a running node for its view of the region.
 pub async fn status(a: crate::settings::StatusArgs) -> Result<ExitCode> {
-    let node = a.node.clone().unwrap_or_else(|| "http://127.0.0.1:8080".into());
+    let node = a
+        .node
+        .clone()
+        .unwrap_or_else(|| "http://127.0.0.1:8080".into());
     let token = token(a.admin_token_file.as_ref(), a.data.as_ref())?;
     let v = admin_call(&node, &token, reqwest::Method::GET, "/admin/v1/status").await?;
     if a.json {
@@ -40,14 +43,25 @@ pub async fn status(a: crate::settings::StatusArgs) -> Result<ExitCode> {
         v["region"].as_str().unwrap_or("?"),
         v["node"].as_str().unwrap_or("?"),
         v["version"].as_str().unwrap_or("?"),
-        if v["draining"] == true { ", draining" } else { "" }
+        if v["draining"] == true {
+            ", draining"
+        } else {
+            ""
+        }
     );
     println!();
-    println!("  {:<20} {:<8} {:<22} {:<10} {}", "NODE", "STATE", "LAST HEARTBEAT", "VERSION", "BOOT");
+    println!(
+        "  {:<20} {:<8} {:<22} {:<10} BOOT",
+        "NODE", "STATE", "LAST HEARTBEAT", "VERSION"
+    );
     for n in v["nodes"].as_array().cloned().unwrap_or_default() {
         let info = &n["info"];
         let state = if n["alive"] == true {
-            if info["draining"] == true { "draining" } else { "alive" }
+            if info["draining"] == true {
+                "draining"
+            } else {
+                "alive"
+            }
         } else {
             "dead"
         };
@@ -84,8 +98,16 @@ pub async fn status(a: crate::settings::StatusArgs) -> Result<ExitCode> {
                 println!(
                     "  replica {}: {}{}, lag {}",
                     p["name"].as_str().unwrap_or("?"),
-                    if p["current"] == true { "current" } else { "behind" },
-                    if p["offline"] == true { ", OFFLINE" } else { "" },
+                    if p["current"] == true {
+                        "current"
+                    } else {
+                        "behind"
+                    },
+                    if p["offline"] == true {
+                        ", OFFLINE"
+                    } else {
+                        ""
+                    },
                     p["lag"]
                 );
             }

@@ -152,9 +152,15 @@ async fn start_engine(s: &Settings) -> Result<(Engine, Arc<dyn Store>)> {
                 region: s.region.clone(),
                 replicas: s.store_replicas,
             };
-            let store = haven_state::NatsStore::open(&config, origin, Arc::new(HybridClock::default()))
-                .await
-                .map_err(|e| anyhow::anyhow!("opening the NATS JetStream store at {}: {e}", servers.join(",")))?;
+            let store =
+                haven_state::NatsStore::open(&config, origin, Arc::new(HybridClock::default()))
+                    .await
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "opening the NATS JetStream store at {}: {e}",
+                            servers.join(",")
+                        )
+                    })?;
             Arc::new(store)
         }
         None => {

@@ -544,10 +544,7 @@ impl Settings {
         } else {
             bail!("invalid store {store:?}: use embedded or nats://HOST:PORT[,HOST:PORT...]");
         };
-        let store_replicas = common
-            .store_replicas
-            .or(file.store_replicas)
-            .unwrap_or(3);
+        let store_replicas = common.store_replicas.or(file.store_replicas).unwrap_or(3);
         if !(1..=5).contains(&store_replicas) {
             bail!("store_replicas must be between 1 and 5");
         }

@@ -1,5 +1,6 @@
-//! Membership from the store: every node keeps a heartbeat record (namespace `nodes`, a
-//! time-to-live) and reads everyone else's. A node whose record has expired, or whose record
+//! Membership from the store: every node rewrites its heartbeat record (namespace `nodes`)
+//! every second and reads everyone else's. A node whose heartbeat is older than its
+//! time-to-live, or whose record
 //! names another boot, is dead; the node that notices takes over its in-flight work
 //! (`recovery`). There is no membership protocol of Haven's own: the store is the authority.
 
@@ -35,6 +36,9 @@ pub struct NodeInfo {
     /// Whether the node is draining (stops taking new work).
     #[serde(default)]
     pub draining: bool,
+    /// The heartbeat is valid until `beat_millis + ttl_millis`.
+    #[serde(default)]
+    pub ttl_millis: u64,
 }
 
 /// A node as seen from here.
@@ -112,15 +116,16 @@ pub(crate) async fn beat(inner: &Inner) -> Result<(), haven_state::StoreError> {
         started_millis: inner.started_millis,
         beat_millis: now,
         draining: *inner.membership.draining.read(),
+        ttl_millis: inner.config.heartbeat_ttl.as_millis() as u64,
     };
-    let ttl = inner.config.heartbeat_ttl.as_millis() as u64;
+    // No store time-to-live: a dead node's last heartbeat stays readable (status shows it as
+    // dead, with its last beat) until the node leaves cleanly or is started again.
     inner
         .store
-        .commit(Batch::new().put_ttl(
+        .commit(Batch::new().put(
             NODES_NS,
             &inner.config.node_id,
             serde_json::to_vec(&info).expect("serializable"),
-            ttl,
         ))
         .await?;
     *inner.membership.own_beat.write() = now;
@@ -138,7 +143,7 @@ pub(crate) async fn refresh(inner: &Inner) -> Result<(), haven_state::StoreError
             .await?;
         for r in &page.records {
             if let Ok(info) = serde_json::from_slice::<NodeInfo>(r.value()) {
-                let expires = r.record.expires_at_millis.unwrap_or(u64::MAX);
+                let expires = info.beat_millis.saturating_add(info.ttl_millis);
                 seen.insert(info.node.clone(), (info, expires));
             }
         }

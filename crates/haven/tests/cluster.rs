@@ -1,0 +1,381 @@
+//! Cluster mode against real processes on loopback: three nats-server processes in one
+//! JetStream cluster, three Haven nodes on it, HAProxy in front.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::cluster::{NatsCluster, Proxy, haven_node};
+use common::{Haven, Legacy, SseReader, free_port, stateless};
+use serde_json::{Value, json};
+
+struct Region {
+    nats: NatsCluster,
+    nodes: Vec<Option<Haven>>,
+    ports: Vec<u16>,
+    dirs: tempfile::TempDir,
+    proxy: Proxy,
+}
+
+impl Region {
+    async fn start() -> Region {
+        let nats = NatsCluster::start().await;
+        let dirs = tempfile::tempdir().unwrap();
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut nodes = Vec::new();
+        for (i, p) in ports.iter().enumerate() {
+            let data = dirs.path().join(format!("node{i}"));
+            nodes.push(Some(
+                haven_node(&nats, &data, *p, &format!("node{i}"), &[]).await,
+            ));
+        }
+        let proxy = Proxy::start(&ports).await;
+        Region {
+            nats,
+            nodes,
+            ports,
+            dirs,
+            proxy,
+        }
+    }
+
+    async fn restart_node(&mut self, i: usize) {
+        let data = self.dirs.path().join(format!("node{i}"));
+        self.nodes[i] =
+            Some(haven_node(&self.nats, &data, self.ports[i], &format!("node{i}"), &[]).await);
+    }
+
+    fn index_of_node(&self, name: &str) -> usize {
+        name.trim_start_matches("node").parse().unwrap()
+    }
+
+    async fn status(&self) -> Value {
+        for n in self.nodes.iter().flatten() {
+            let token = std::fs::read_to_string(n.data.join("admin.token")).unwrap();
+            if let Ok(r) = reqwest::Client::new()
+                .get(format!("http://127.0.0.1:{}/admin/v1/status", n.port))
+                .bearer_auth(token.trim())
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await
+            {
+                if let Ok(v) = r.json::<Value>().await {
+                    return v;
+                }
+            }
+        }
+        panic!("no node answered /admin/v1/status");
+    }
+}
+
+/// A notes_put through the proxy, retried on 503 (with Retry-After) up to `within`.
+async fn put_note(
+    client: &reqwest::Client,
+    url: &str,
+    id: i64,
+    name: &str,
+    within: Duration,
+) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            stateless(
+                client,
+                url,
+                id,
+                "tools/call",
+                json!({"name":"notes_put","arguments":{"name":name,"text":name}}),
+                json!({}),
+            ),
+        )
+        .await;
+        if let Ok(r) = r {
+            let status = r.status();
+            if status == 200 {
+                let v: Value = r.json().await.unwrap_or(Value::Null);
+                if v.get("result").is_some() && v["result"]["isError"] != json!(true) {
+                    return true;
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Every note name through the proxy.
+async fn all_notes(url: &str) -> BTreeSet<String> {
+    let client = reqwest::Client::new();
+    let mut names = BTreeSet::new();
+    let mut cursor: Option<String> = None;
+    let mut id = 100_000;
+    loop {
+        id += 1;
+        let mut args = json!({});
+        if let Some(c) = &cursor {
+            args["cursor"] = json!(c);
+        }
+        let r = stateless(
+            &client,
+            url,
+            id,
+            "tools/call",
+            json!({"name":"notes_list","arguments":args}),
+            json!({}),
+        )
+        .await;
+        let v: Value = r.json().await.unwrap();
+        let sc = &v["result"]["structuredContent"];
+        for n in sc["notes"].as_array().cloned().unwrap_or_default() {
+            if let Some(s) = n.as_str() {
+                names.insert(s.to_owned());
+            } else if let Some(s) = n["name"].as_str() {
+                names.insert(s.to_owned());
+            }
+        }
+        match sc["nextCursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nodes_streams_resume_on_another_node_without_loss_or_duplicate() {
+    let mut region = Region::start().await;
+    let url = region.proxy.url();
+    let client = Legacy::connect(&url).await;
+
+    // Any node serves the session: several requests, spread by the proxy.
+    let mut served = BTreeSet::new();
+    for i in 0..6 {
+        let r = client
+            .post_raw(json!({"jsonrpc":"2.0","id":i,"method":"tools/call","params":{"name":"echo","arguments":{"text":"hi"}}}))
+            .await;
+        served.insert(r.headers()["x-haven-node"].to_str().unwrap().to_owned());
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["result"]["content"][0]["text"], "hi");
+    }
+    assert!(served.len() >= 2, "requests reached {served:?}");
+
+    // A long idempotent call streams progress; its node dies mid-stream.
+    let r = client
+        .post_raw(json!({"jsonrpc":"2.0","id":50,"method":"tools/call","params":{"name":"sleep","arguments":{"seconds":4},"_meta":{"progressToken":"p"}}}))
+        .await;
+    let owner = r.headers()["x-haven-node"].to_str().unwrap().to_owned();
+    let mut sse = SseReader::new(r);
+    let mut last_id = String::new();
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let e = tokio::time::timeout(Duration::from_secs(10), sse.next())
+            .await
+            .unwrap()
+            .unwrap();
+        if let Some(id) = &e.id {
+            last_id = id.clone();
+        }
+        if !e.data.is_empty() {
+            seen.push(e.index());
+        }
+    }
+    let killed = region.index_of_node(&owner);
+    let killed_at = Instant::now();
+    region.nodes[killed].as_mut().unwrap().kill9();
+    region.nodes[killed] = None;
+
+    // Resume through the proxy: another node serves the rest of the stream, exactly once, and
+    // (sleep being idempotent) runs the call again to its result.
+    let mut result = None;
+    let mut indices = seen.clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while result.is_none() {
+        assert!(Instant::now() < deadline, "no result after failover");
+        let r = client.resume(&last_id).await;
+        if r.status() != 200 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        assert_ne!(r.headers()["x-haven-node"].to_str().unwrap(), owner);
+        let mut sse = SseReader::new(r);
+        while let Ok(Some(e)) = tokio::time::timeout(Duration::from_secs(30), sse.next()).await {
+            if e.data.is_empty() {
+                continue;
+            }
+            last_id = e.id.clone().unwrap();
+            indices.push(e.index());
+            let v = e.json();
+            if v.get("id") == Some(&json!(50)) {
+                result = Some(v);
+                break;
+            }
+        }
+    }
+    let result = result.unwrap();
+    assert!(result["result"]["content"].is_array(), "{result}");
+    let mut sorted = indices.clone();
+    sorted.dedup();
+    assert_eq!(sorted, indices, "no event twice");
+    assert!(
+        indices.windows(2).all(|w| w[1] == w[0] + 1),
+        "no event lost: {indices:?}"
+    );
+    eprintln!(
+        "result after failover {:.1} s after the kill",
+        killed_at.elapsed().as_secs_f64()
+    );
+
+    // The session goes on, no re-initialization.
+    let v = client
+        .request(
+            60,
+            "tools/call",
+            json!({"name":"echo","arguments":{"text":"still here"}}),
+        )
+        .await;
+    assert_eq!(v["result"]["content"][0]["text"], "still here");
+    let st = region.status().await;
+    let dead: Vec<&Value> = st["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["alive"] == false)
+        .collect();
+    assert!(
+        dead.iter().any(|n| n["info"]["node"] == owner.as_str()),
+        "{st}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_continue_after_the_stream_leader_is_killed_and_it_rejoins() {
+    let mut region = Region::start().await;
+    let url = region.proxy.url();
+    let client = reqwest::Client::new();
+    for i in 0..5 {
+        assert!(
+            put_note(
+                &client,
+                &url,
+                i,
+                &format!("before-{i}"),
+                Duration::from_secs(10)
+            )
+            .await
+        );
+    }
+    let st = region.status().await;
+    let leader = st["store"]["leader"].as_str().unwrap().to_owned();
+    let li = region.nats.index_of(&leader).unwrap();
+    let killed_at = Instant::now();
+    region.nats.kill9(li);
+    // Writes succeed again after the election (503s meanwhile are retried).
+    let mut first_ok = None;
+    for i in 0..20 {
+        assert!(
+            put_note(
+                &client,
+                &url,
+                100 + i,
+                &format!("after-{i}"),
+                Duration::from_secs(30)
+            )
+            .await,
+            "write {i} after the leader died"
+        );
+        first_ok.get_or_insert_with(|| killed_at.elapsed());
+    }
+    eprintln!("first write after the leader kill: {:?}", first_ok.unwrap());
+    let st = region.status().await;
+    assert_ne!(
+        st["store"]["leader"].as_str(),
+        Some(leader.as_str()),
+        "{st}"
+    );
+    // The old leader comes back and catches up without operator action.
+    region.nats.restart(li).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = region.status().await;
+        let peers = st["store"]["peers"].as_array().cloned().unwrap_or_default();
+        if peers
+            .iter()
+            .any(|p| p["name"] == leader.as_str() && p["current"] == true && p["offline"] == false)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{leader} did not rejoin: {st}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let notes = all_notes(&url).await;
+    for i in 0..5 {
+        assert!(notes.contains(&format!("before-{i}")));
+    }
+    for i in 0..20 {
+        assert!(notes.contains(&format!("after-{i}")));
+    }
+    drop(region.nodes.drain(..));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_under_load_fails_no_request() {
+    let mut region = Region::start().await;
+    let url = region.proxy.url();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let url = url.clone();
+        let stop = stop.clone();
+        workers.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let id = (w * 1_000_000 + i) as i64;
+                let r = stateless(
+                    &client,
+                    &url,
+                    id,
+                    "tools/call",
+                    json!({"name":"notes_put","arguments":{"name":format!("w{w}-{i}"),"text":"x"}}),
+                    json!({}),
+                )
+                .await;
+                let status = r.status();
+                let v: Value = r.json().await.unwrap_or(Value::Null);
+                if status == 200 && v.get("result").is_some() {
+                    ok += 1;
+                } else {
+                    failed.push(format!("{status} {v}"));
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..3 {
+        let node = region.nodes[i].as_mut().unwrap();
+        assert!(
+            node.terminate(Duration::from_secs(40)).await,
+            "node{i} drained and exited"
+        );
+        region.nodes[i] = None;
+        region.restart_node(i).await;
+        // Let the proxy see it healthy again before the next one goes.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for w in workers {
+        let (ok, failed) = w.await.unwrap();
+        assert!(failed.is_empty(), "failed requests: {failed:?}");
+        total += ok;
+    }
+    assert!(total > 50, "{total} requests during the rolling restart");
+    eprintln!("{total} requests during the rolling restart, none failed");
+}

@@ -1,0 +1,241 @@
+//! A region on loopback: three nats-server processes in one JetStream cluster, Haven nodes on
+//! it, and HAProxy in front. Every process is stopped when its handle is dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{Haven, free_port};
+
+pub fn tools_dir() -> PathBuf {
+    std::env::var_os("HAVEN_TOOLS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools"))
+}
+
+/// A minimal HTTP GET on loopback; the status code, if any answer.
+pub async fn http_status(port: u16, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    text.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// One nats-server of the cluster.
+pub struct NatsServer {
+    pub child: Option<Child>,
+    pub conf: PathBuf,
+    pub client_port: u16,
+    pub http_port: u16,
+    pub name: String,
+}
+
+/// Three nats-servers in one JetStream cluster (`sync_interval: always`).
+pub struct NatsCluster {
+    pub servers: Vec<NatsServer>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            if let Some(mut c) = s.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+impl NatsCluster {
+    pub async fn start() -> NatsCluster {
+        let bin = tools_dir().join("venv/bin/nats-server");
+        assert!(
+            bin.exists(),
+            "{} is missing: run scripts/install-tools (the README's test command does)",
+            bin.display()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let client: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let cluster: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let http: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut servers = Vec::new();
+        for i in 0..3 {
+            let routes: Vec<String> = cluster
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, p)| format!("\"nats-route://127.0.0.1:{p}\""))
+                .collect();
+            let conf = dir.path().join(format!("nats{i}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "server_name: nats{i}\nlisten: 127.0.0.1:{}\nhttp: 127.0.0.1:{}\njetstream {{ store_dir: \"{}\", sync_interval: always }}\ncluster {{ name: haven-region, listen: 127.0.0.1:{}, routes: [{}] }}\n",
+                    client[i],
+                    http[i],
+                    dir.path().join(format!("js{i}")).display(),
+                    cluster[i],
+                    routes.join(", ")
+                ),
+            )
+            .unwrap();
+            servers.push(NatsServer {
+                child: None,
+                conf,
+                client_port: client[i],
+                http_port: http[i],
+                name: format!("nats{i}"),
+            });
+        }
+        let mut c = NatsCluster { servers, _dir: dir };
+        for i in 0..3 {
+            c.spawn(i);
+        }
+        for i in 0..3 {
+            c.wait_healthy(i).await;
+        }
+        c
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let bin = tools_dir().join("venv/bin/nats-server");
+        let s = &mut self.servers[i];
+        s.child = Some(
+            Command::new(bin)
+                .arg("-c")
+                .arg(&s.conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("starting nats-server"),
+        );
+    }
+
+    pub async fn wait_healthy(&self, i: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http_status(self.servers[i].http_port, "/healthz?js-enabled-only=true").await
+            != Some(200)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server {i} did not become healthy"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `kill -9` of server `i`.
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(mut c) = self.servers[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts server `i` again on its data.
+    pub async fn restart(&mut self, i: usize) {
+        self.spawn(i);
+        self.wait_healthy(i).await;
+    }
+
+    /// The `--store` value naming every server.
+    pub fn store_url(&self) -> String {
+        self.servers
+            .iter()
+            .map(|s| format!("nats://127.0.0.1:{}", s.client_port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.servers.iter().position(|s| s.name == name)
+    }
+}
+
+/// HAProxy in front of Haven nodes: health checks on /readyz every 200 ms, a request goes to
+/// another node when its node refuses the connection.
+pub struct Proxy {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proxy {
+    pub async fn start(backends: &[u16]) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let servers: String = backends
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                format!("    server n{i} 127.0.0.1:{p} check inter 200ms fall 1 rise 2\n")
+            })
+            .collect();
+        let conf = dir.path().join("haproxy.cfg");
+        std::fs::write(
+            &conf,
+            format!(
+                "global\n    maxconn 2000\n\ndefaults\n    mode http\n    timeout connect 1s\n    timeout client 120s\n    timeout server 120s\n    retries 3\n    option redispatch\n    option http-server-close\n    retry-on conn-failure empty-response\n\nfrontend mcp\n    bind 127.0.0.1:{port}\n    default_backend haven\n\nbackend haven\n    balance roundrobin\n    option httpchk GET /readyz\n    http-check expect status 200\n{servers}"
+            ),
+        )
+        .unwrap();
+        let child = Command::new("haproxy")
+            .arg("-f")
+            .arg(&conf)
+            .arg("-db")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting haproxy (installed by scripts/install-tools)");
+        let p = Proxy {
+            child,
+            port,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while http_status(port, "/readyz").await != Some(200) {
+            assert!(Instant::now() < deadline, "haproxy did not come up");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        p
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/mcp", self.port)
+    }
+}
+
+/// Starts a Haven node of region `r1` on the cluster.
+pub async fn haven_node(
+    nats: &NatsCluster,
+    data: &Path,
+    port: u16,
+    node: &str,
+    extra: &[&str],
+) -> Haven {
+    let store = nats.store_url();
+    let mut args = vec![
+        "--store",
+        store.as_str(),
+        "--region",
+        "r1",
+        "--node-id",
+        node,
+    ];
+    args.extend_from_slice(extra);
+    Haven::start(data, port, "default", &args).await
+}
