@@ -59,10 +59,9 @@ impl Region {
                 .timeout(Duration::from_secs(10))
                 .send()
                 .await
+                && let Ok(v) = r.json::<Value>().await
             {
-                if let Ok(v) = r.json::<Value>().await {
-                    return v;
-                }
+                return v;
             }
         }
         panic!("no node answered /admin/v1/status");
