@@ -674,6 +674,8 @@ impl Store for NatsStore {
         after: Option<&str>,
         limit: usize,
     ) -> StoreResult<ScanPage> {
+        // A listing sees every write acknowledged before it, on any node.
+        self.catch_up(COMMIT_TIMEOUT).await?;
         let now = self.clock.wall_millis();
         let index = self.shared.index.read();
         let start = match after {

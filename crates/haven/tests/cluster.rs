@@ -106,8 +106,19 @@ async fn put_note(
     }
 }
 
-/// Every note name through the proxy.
+/// Every note name through the proxy (retried while the region answers with errors).
 async fn all_notes(url: &str) -> BTreeSet<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(n) = try_all_notes(url).await {
+            return n;
+        }
+        assert!(Instant::now() < deadline, "notes_list kept failing");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+async fn try_all_notes(url: &str) -> Option<BTreeSet<String>> {
     let client = reqwest::Client::new();
     let mut names = BTreeSet::new();
     let mut cursor: Option<String> = None;
@@ -127,7 +138,11 @@ async fn all_notes(url: &str) -> BTreeSet<String> {
             json!({}),
         )
         .await;
-        let v: Value = r.json().await.unwrap();
+        if r.status() != 200 {
+            return None;
+        }
+        let v: Value = r.json().await.ok()?;
+        v.get("result")?;
         let sc = &v["result"]["structuredContent"];
         for n in sc["notes"].as_array().cloned().unwrap_or_default() {
             if let Some(s) = n.as_str() {
@@ -141,7 +156,7 @@ async fn all_notes(url: &str) -> BTreeSet<String> {
             None => break,
         }
     }
-    names
+    Some(names)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -377,4 +392,97 @@ async fn a_rolling_restart_under_load_fails_no_request() {
     }
     assert!(total > 50, "{total} requests during the rolling restart");
     eprintln!("{total} requests during the rolling restart, none failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_rounds_of_random_kills_lose_no_acknowledged_write() {
+    let mut region = Region::start().await;
+    let url = region.proxy.url();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..2 {
+        let url = url.clone();
+        let stop = stop.clone();
+        workers.push(tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap();
+            let mut acked = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let name = format!("w{w}-{i}");
+                let r = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .header("accept", "application/json, text/event-stream")
+                    .header("mcp-protocol-version", "2026-07-28")
+                    .header("mcp-method", "tools/call")
+                    .header("mcp-name", "notes_put")
+                    .body(json!({"jsonrpc":"2.0","id":i,"method":"tools/call","params":{"name":"notes_put","arguments":{"name":name,"text":"x"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{},"io.modelcontextprotocol/clientInfo":{"name":"checker","version":"1"}}}}).to_string())
+                    .send()
+                    .await;
+                let Ok(r) = r else { continue };
+                if r.status() != 200 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                let Ok(v) = r.json::<Value>().await else { continue };
+                if v.get("result").is_some() && v["result"]["isError"] != json!(true) {
+                    acked.push(name);
+                }
+            }
+            acked
+        }));
+    }
+    // One thing at a time dies (kill -9) and comes back: a Haven node or a NATS server.
+    let mut rng_state = 0x9e3779b97f4a7c15u64;
+    let mut next = || {
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        rng_state
+    };
+    let started = Instant::now();
+    for round in 0..50 {
+        let which = (next() % 6) as usize;
+        if which < 3 {
+            region.nodes[which].as_mut().unwrap().kill9();
+            region.nodes[which] = None;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            region.restart_node(which).await;
+        } else {
+            let i = which - 3;
+            region.nats.kill9(i);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            region.nats.restart(i).await;
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "round {round}: the chaos loop is bounded"
+        );
+    }
+    // Let the last restart settle, then stop writing and check.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for w in workers {
+        acked.extend(w.await.unwrap());
+    }
+    let notes = all_notes(&url).await;
+    let lost: Vec<&String> = acked.iter().filter(|n| !notes.contains(*n)).collect();
+    eprintln!(
+        "{} writes acknowledged during 50 rounds of kills ({:.0} s), {} lost",
+        acked.len(),
+        started.elapsed().as_secs_f64(),
+        lost.len()
+    );
+    assert!(
+        acked.len() > 100,
+        "the writers made progress: {}",
+        acked.len()
+    );
+    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
 }
