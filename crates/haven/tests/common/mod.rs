@@ -56,11 +56,28 @@ impl Haven {
             .append(true)
             .open(&log)
             .unwrap();
+        // With HAVEN_TEST_NATS set (scripts/nats-cluster), the same tests run on the
+        // JetStream backend: one region per data directory, so tests do not share state.
+        let mut store_args: Vec<String> = Vec::new();
+        if let Ok(nats) = std::env::var("HAVEN_TEST_NATS")
+            && !extra.contains(&"--store")
+        {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            data.hash(&mut h);
+            store_args = vec![
+                "--store".into(),
+                nats,
+                "--region".into(),
+                format!("t{:016x}", h.finish()),
+            ];
+        }
         let child = Command::new(env!("CARGO_BIN_EXE_haven"))
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
             .arg(data)
             .args(["--catalog", catalog])
             .args(extra)
+            .args(&store_args)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("HAVEN_LOG", "info")
             .stdout(Stdio::null())
