@@ -52,6 +52,9 @@ pub enum BackupError {
     /// There is nothing to restore at the requested point.
     #[error("{0}")]
     NothingToRestore(String),
+    /// Another node holds the region's shipping lease; this one stands by.
+    #[error("{0}")]
+    Standby(String),
     /// A restore target is not empty.
     #[error("{0}")]
     Refused(String),

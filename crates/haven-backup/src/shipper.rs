@@ -213,6 +213,17 @@ impl ShipperHandle {
 pub const DEPLOYMENT_NAMESPACE: &str = "system";
 /// See [`DEPLOYMENT_NAMESPACE`].
 pub const DEPLOYMENT_RECORD: &str = "deployment";
+/// The generation a cluster ships (in the shared store).
+pub const GENERATION_RECORD: &str = "backup-generation";
+/// The shipping lease: one node per region ships at a time.
+pub const LEASE_RECORD: &str = "backup-lease";
+
+/// The holder of the shipping lease.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Lease {
+    holder: String,
+    expires_millis: u64,
+}
 
 /// The deployment id kept in the store, created on first use. It travels with the state
 /// (replication, backup and restore), so a restored node keeps its deployment's identity.
@@ -264,6 +275,10 @@ pub struct Shipper {
     last_prune: Option<u64>,
     /// Manifest records read so far (retention lists the target, reads only what is new).
     manifests: crate::catalog::ManifestCache,
+    /// Who this shipper is in the lease (`region/node/random`).
+    holder: String,
+    /// Whether this shipper held the lease at its last round.
+    holding: bool,
 }
 
 impl Shipper {
@@ -328,6 +343,9 @@ impl Shipper {
             last_verify: None,
             last_prune: None,
             manifests: Default::default(),
+            // The node, not the process: a node that restarts takes its lease back at once.
+            holder: store.origin().to_string(),
+            holding: false,
         };
         tokio::spawn(shipper.run(rx));
         Ok(ShipperHandle {
@@ -380,6 +398,9 @@ impl Shipper {
     }
 
     fn failed(&self, e: &BackupError) {
+        if matches!(e, BackupError::Standby(_)) {
+            return;
+        }
         let text = e.to_string();
         let mut s = self.status.lock();
         // Say it once, not every interval.
@@ -446,9 +467,17 @@ impl Shipper {
         }
         let catalog = Catalog::load_cached(&self.target, &mut self.manifests).await?;
         let local_seq = self.store.last_seq().await?;
-        let remembered: Option<LocalGeneration> = std::fs::read(&self.state_file)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+        let remembered: Option<LocalGeneration> = if self.store.shared() {
+            // A cluster: the generation belongs to the region, whichever node ships it.
+            self.store
+                .get(DEPLOYMENT_NAMESPACE, GENERATION_RECORD)
+                .await?
+                .and_then(|r| serde_json::from_slice(r.value()).ok())
+        } else {
+            std::fs::read(&self.state_file)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+        };
         let continued = remembered
             .filter(|r| r.target == self.target.url() && r.deployment == self.deployment)
             .and_then(|r| catalog.generation(&r.generation).cloned())
@@ -493,11 +522,21 @@ impl Shipper {
             target: self.target.url().to_owned(),
             deployment: self.deployment.clone(),
         };
-        std::fs::write(
-            &self.state_file,
-            serde_json::to_vec_pretty(&local).expect("json"),
-        )
-        .map_err(|e| BackupError::io(format!("writing {}", self.state_file.display()), e))?;
+        if self.store.shared() {
+            self.store
+                .commit(haven_state::Batch::new().put(
+                    DEPLOYMENT_NAMESPACE,
+                    GENERATION_RECORD,
+                    serde_json::to_vec(&local).expect("json"),
+                ))
+                .await?;
+        } else {
+            std::fs::write(
+                &self.state_file,
+                serde_json::to_vec_pretty(&local).expect("json"),
+            )
+            .map_err(|e| BackupError::io(format!("writing {}", self.state_file.display()), e))?;
+        }
         if let Some(v) = verify::load_latest(&self.target).await? {
             self.last_verify = Some(v.checked_at_millis);
             self.status.lock().last_verification = Some(summary(&v));
@@ -511,7 +550,70 @@ impl Shipper {
     }
 
     /// One round: ship every committed change not yet shipped, then a snapshot when due.
+    /// Takes or renews the region's shipping lease; `false` when another live shipper holds
+    /// it. The lease outlives three rounds (at least 10 s), so a dead holder is replaced
+    /// within that time and the new holder resumes from the manifest.
+    async fn hold_lease(&mut self) -> Result<bool> {
+        if !self.store.shared() {
+            // One process owns an embedded store: nobody to share the work with.
+            self.holding = true;
+            return Ok(true);
+        }
+        let now = self.now();
+        let ttl = (3 * self.config.interval.as_millis() as u64).max(10_000);
+        let current = self.store.get(DEPLOYMENT_NAMESPACE, LEASE_RECORD).await?;
+        let expect = match &current {
+            None => haven_state::Expect::Absent,
+            Some(r) => {
+                if let Ok(l) = serde_json::from_slice::<Lease>(r.value())
+                    && l.holder != self.holder
+                    && l.expires_millis > now
+                {
+                    let mut s = self.status.lock();
+                    s.state = "standby".into();
+                    s.last_error = Some(format!("{} ships for the region", l.holder));
+                    return Ok(false);
+                }
+                haven_state::Expect::Revision(r.revision)
+            }
+        };
+        let lease = Lease {
+            holder: self.holder.clone(),
+            expires_millis: now + ttl,
+        };
+        let batch = haven_state::Batch::new().put_if(
+            DEPLOYMENT_NAMESPACE,
+            LEASE_RECORD,
+            serde_json::to_vec(&lease).expect("json"),
+            expect,
+        );
+        match self.store.commit(batch).await {
+            Ok(_) => {
+                if !self.holding {
+                    tracing::info!(holder = %self.holder, "took the backup shipping lease");
+                    // Whoever shipped before may have gone further: read the manifest again.
+                    self.generation = None;
+                    self.manifests = Default::default();
+                }
+                self.holding = true;
+                Ok(true)
+            }
+            Err(haven_state::StoreError::Conflict { .. }) => {
+                self.holding = false;
+                self.status.lock().state = "standby".into();
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     async fn round(&mut self, force_snapshot: bool) -> Result<ShipReport> {
+        if !self.hold_lease().await? {
+            self.holding = false;
+            return Err(BackupError::Standby(
+                "another node holds the region's backup lease and ships".into(),
+            ));
+        }
         if self.generation.is_some() && self.target.get(DEPLOYMENT_KEY).await?.is_none() {
             // The target was emptied or replaced: start over there (a new generation, whose
             // first snapshot holds everything).
@@ -711,7 +813,7 @@ impl Shipper {
 
     /// Verification and retention when they are due; failures are reported, not fatal.
     async fn scheduled_work(&mut self) {
-        if self.generation.is_none() {
+        if self.generation.is_none() || !self.holding {
             return;
         }
         let now = self.now();

@@ -820,6 +820,10 @@ impl Store for NatsStore {
         self.shared.feed.subscribe()
     }
 
+    fn shared(&self) -> bool {
+        true
+    }
+
     async fn describe(&self) -> serde_json::Value {
         let server = self.client.server_info();
         let mut out = serde_json::json!({

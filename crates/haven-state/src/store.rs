@@ -264,6 +264,12 @@ pub trait Store: Send + Sync + 'static {
     /// Checks that the store can take a durable write right now.
     async fn check_writable(&self) -> StoreResult<()>;
 
+    /// Whether several nodes share this store (a cluster): then node-local files cannot hold
+    /// state that belongs to the region.
+    fn shared(&self) -> bool {
+        false
+    }
+
     /// What the backend is and how healthy it is, for status pages (JSON).
     async fn describe(&self) -> serde_json::Value {
         serde_json::json!({ "backend": "embedded" })

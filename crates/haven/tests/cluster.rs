@@ -16,10 +16,15 @@ struct Region {
     ports: Vec<u16>,
     dirs: tempfile::TempDir,
     proxy: Proxy,
+    extra: Vec<String>,
 }
 
 impl Region {
     async fn start() -> Region {
+        Region::start_with(&[]).await
+    }
+
+    async fn start_with(extra: &[&str]) -> Region {
         let nats = NatsCluster::start().await;
         let dirs = tempfile::tempdir().unwrap();
         let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
@@ -27,7 +32,7 @@ impl Region {
         for (i, p) in ports.iter().enumerate() {
             let data = dirs.path().join(format!("node{i}"));
             nodes.push(Some(
-                haven_node(&nats, &data, *p, &format!("node{i}"), &[]).await,
+                haven_node(&nats, &data, *p, &format!("node{i}"), extra).await,
             ));
         }
         let proxy = Proxy::start(&ports).await;
@@ -37,13 +42,23 @@ impl Region {
             ports,
             dirs,
             proxy,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         }
     }
 
     async fn restart_node(&mut self, i: usize) {
         let data = self.dirs.path().join(format!("node{i}"));
-        self.nodes[i] =
-            Some(haven_node(&self.nats, &data, self.ports[i], &format!("node{i}"), &[]).await);
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        self.nodes[i] = Some(
+            haven_node(
+                &self.nats,
+                &data,
+                self.ports[i],
+                &format!("node{i}"),
+                &extra,
+            )
+            .await,
+        );
     }
 
     fn index_of_node(&self, name: &str) -> usize {
@@ -485,4 +500,141 @@ async fn fifty_rounds_of_random_kills_lose_no_acknowledged_write() {
         acked.len()
     );
     assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+}
+
+async fn backup_status(node: &Haven) -> Value {
+    let token = std::fs::read_to_string(node.data.join("admin.token")).unwrap();
+    reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{}/admin/v1/backup", node.port))
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_per_region_ships_backups_and_another_takes_over_when_it_dies() {
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("backup.key");
+    std::fs::write(&key, format!("{}\n", "ab".repeat(32))).unwrap();
+    let backup = keys.path().join("backup");
+    let (b, k) = (
+        backup.to_str().unwrap().to_owned(),
+        key.to_str().unwrap().to_owned(),
+    );
+    let mut region = Region::start_with(&[
+        "--backup-url",
+        &b,
+        "--backup-key-file",
+        &k,
+        "--backup-interval",
+        "1s",
+    ])
+    .await;
+    let url = region.proxy.url();
+    let client = reqwest::Client::new();
+    for i in 0..10 {
+        assert!(put_note(&client, &url, i, &format!("a-{i}"), Duration::from_secs(10)).await);
+    }
+    // Exactly one node ships; the others stand by.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let shipper = loop {
+        let mut states = Vec::new();
+        for n in region.nodes.iter().flatten() {
+            states.push(
+                backup_status(n).await["state"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned(),
+            );
+        }
+        let ok: Vec<usize> = states
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| *s == "ok")
+            .map(|(i, _)| i)
+            .collect();
+        if ok.len() == 1 && states.iter().filter(|s| *s == "standby").count() == 2 {
+            break ok[0];
+        }
+        assert!(Instant::now() < deadline, "states: {states:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    // The shipper dies; another node takes the lease and goes on in the same generation.
+    region.nodes[shipper].as_mut().unwrap().kill9();
+    region.nodes[shipper] = None;
+    for i in 0..10 {
+        assert!(
+            put_note(
+                &client,
+                &url,
+                100 + i,
+                &format!("b-{i}"),
+                Duration::from_secs(20)
+            )
+            .await
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let mut ok = 0;
+        let mut lag = u64::MAX;
+        for n in region.nodes.iter().flatten() {
+            let st = backup_status(n).await;
+            if st["state"] == "ok" {
+                ok += 1;
+                lag = st["lag_entries"].as_u64().unwrap_or(u64::MAX);
+            }
+        }
+        if ok == 1 && lag == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no node took over shipping");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_haven"))
+        .args(["backup", "list", "--backup-url", &b, "--json"])
+        .output()
+        .unwrap();
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let gens = list["generations"].as_array().unwrap();
+    assert_eq!(gens.len(), 1, "the region keeps one generation: {list}");
+    let snaps = gens[0]["snapshots"].as_array().unwrap();
+    let mut next = snaps[0]["last_seq"].as_u64().unwrap() + 1;
+    for s in gens[0]["segments"].as_array().unwrap() {
+        let first = s["first_seq"].as_u64().unwrap();
+        assert!(first <= next, "no gap: {s}");
+        next = next.max(s["last_seq"].as_u64().unwrap() + 1);
+    }
+    // The backup restores every acknowledged note.
+    let to = keys.path().join("restored");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_haven"))
+        .args([
+            "backup",
+            "restore",
+            "--backup-url",
+            &b,
+            "--backup-key-file",
+            &k,
+            "--to",
+        ])
+        .arg(&to)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let restored = Haven::start(&to, free_port(), "default", &["--store", "embedded"]).await;
+    let notes = all_notes(&restored.url()).await;
+    for i in 0..10 {
+        assert!(
+            notes.contains(&format!("a-{i}")) && notes.contains(&format!("b-{i}")),
+            "{notes:?}"
+        );
+    }
 }

@@ -254,11 +254,16 @@ impl Engine {
         engine.watch_sessions();
         engine.watch_keys();
         // Heartbeat once and read the others' before judging anyone dead.
-        if let Err(e) = membership::beat(&engine.inner).await {
+        // In a cluster (a shared store), heartbeat once and read the others' before judging
+        // anyone dead; an embedded store has one node and needs no heartbeats.
+        let shared = engine.inner.store.shared();
+        if shared && let Err(e) = membership::beat(&engine.inner).await {
             tracing::warn!(error = %e, "storing the first heartbeat failed; retrying in the background");
         }
         recovery::recover(&engine.inner).await?;
-        membership::start(&engine.inner);
+        if shared {
+            membership::start(&engine.inner);
+        }
         Ok(engine)
     }
 
@@ -280,6 +285,23 @@ impl Engine {
     /// The nodes of this region, from their heartbeat records.
     pub fn members(&self) -> Vec<membership::Member> {
         let now = self.inner.store.clock().wall_millis();
+        if !self.inner.store.shared() {
+            // One node: itself.
+            return vec![membership::Member {
+                info: membership::NodeInfo {
+                    node: self.inner.config.node_id.clone(),
+                    boot: self.inner.config.boot_id.clone(),
+                    region: self.inner.store.origin().region.to_string(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    started_millis: self.inner.started_millis,
+                    beat_millis: now,
+                    draining: self.is_draining(),
+                    ttl_millis: 0,
+                },
+                expires_millis: now,
+                alive: true,
+            }];
+        }
         self.inner.membership.members(now)
     }
 
@@ -288,7 +310,9 @@ impl Engine {
     pub async fn begin_drain(&self) {
         self.inner.membership.set_draining();
         self.inner.shutdown.cancel();
-        let _ = membership::beat(&self.inner).await;
+        if self.inner.store.shared() {
+            let _ = membership::beat(&self.inner).await;
+        }
     }
 
     /// Whether the node is draining.
@@ -304,7 +328,9 @@ impl Engine {
     /// Ends draining: removes this node's heartbeat, so that other nodes take over what is
     /// left unfinished at once instead of after the heartbeat's time-to-live.
     pub async fn leave(&self) {
-        membership::leave(&self.inner).await;
+        if self.inner.store.shared() {
+            membership::leave(&self.inner).await;
+        }
     }
 
     /// Handles a POST of the legacy era.
