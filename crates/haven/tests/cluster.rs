@@ -174,16 +174,61 @@ async fn try_all_notes(url: &str) -> Option<BTreeSet<String>> {
     Some(names)
 }
 
+/// One client's long call: its session, the stream's last event id, indices seen, its node.
+struct Held {
+    client: Legacy,
+    last_id: String,
+    indices: Vec<u64>,
+    node: String,
+    sse: Option<SseReader>,
+    resumed: bool,
+}
+
+/// Reads a held stream (and resumes it through the proxy when it breaks) until the final
+/// response to request 50.
+async fn finish(mut h: Held, deadline: Instant) -> (Held, Value) {
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no result for a client after failover"
+        );
+        let mut sse = match h.sse.take() {
+            Some(s) => s,
+            None => {
+                let r = h.client.resume(&h.last_id).await;
+                if r.status() != 200 {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                h.node = r.headers()["x-haven-node"].to_str().unwrap().to_owned();
+                h.resumed = true;
+                SseReader::new(r)
+            }
+        };
+        while let Ok(Some(e)) = tokio::time::timeout(Duration::from_secs(30), sse.next()).await {
+            if e.data.is_empty() {
+                continue;
+            }
+            h.last_id = e.id.clone().unwrap();
+            h.indices.push(e.index());
+            let v = e.json();
+            if v.get("id") == Some(&json!(50)) {
+                return (h, v);
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_nodes_streams_resume_on_another_node_without_loss_or_duplicate() {
     let mut region = Region::start().await;
     let url = region.proxy.url();
-    let client = Legacy::connect(&url).await;
+    let first = Legacy::connect(&url).await;
 
     // Any node serves the session: several requests, spread by the proxy.
     let mut served = BTreeSet::new();
     for i in 0..6 {
-        let r = client
+        let r = first
             .post_raw(json!({"jsonrpc":"2.0","id":i,"method":"tools/call","params":{"name":"echo","arguments":{"text":"hi"}}}))
             .await;
         served.insert(r.headers()["x-haven-node"].to_str().unwrap().to_owned());
@@ -192,74 +237,86 @@ async fn a_killed_nodes_streams_resume_on_another_node_without_loss_or_duplicate
     }
     assert!(served.len() >= 2, "requests reached {served:?}");
 
-    // A long idempotent call streams progress; its node dies mid-stream.
-    let r = client
-        .post_raw(json!({"jsonrpc":"2.0","id":50,"method":"tools/call","params":{"name":"sleep","arguments":{"seconds":4},"_meta":{"progressToken":"p"}}}))
-        .await;
-    let owner = r.headers()["x-haven-node"].to_str().unwrap().to_owned();
-    let mut sse = SseReader::new(r);
-    let mut last_id = String::new();
-    let mut seen = Vec::new();
-    while seen.len() < 2 {
-        let e = tokio::time::timeout(Duration::from_secs(10), sse.next())
-            .await
-            .unwrap()
-            .unwrap();
-        if let Some(id) = &e.id {
-            last_id = id.clone();
-        }
-        if !e.data.is_empty() {
-            seen.push(e.index());
-        }
+    // Six clients hold SSE streams of a long idempotent call, spread over the nodes.
+    let mut clients = vec![first.with_url(&url)];
+    for _ in 1..6 {
+        clients.push(Legacy::connect(&url).await);
     }
+    let held: Vec<Held> = futures::future::join_all(clients.into_iter().map(|client| async move {
+        let r = client
+            .post_raw(json!({"jsonrpc":"2.0","id":50,"method":"tools/call","params":{"name":"sleep","arguments":{"seconds":6},"_meta":{"progressToken":"p"}}}))
+            .await;
+        let node = r.headers()["x-haven-node"].to_str().unwrap().to_owned();
+        let mut sse = SseReader::new(r);
+        let mut last_id = String::new();
+        let mut indices = Vec::new();
+        while indices.is_empty() {
+            let e = tokio::time::timeout(Duration::from_secs(10), sse.next())
+                .await
+                .unwrap()
+                .unwrap();
+            if let Some(id) = &e.id {
+                last_id = id.clone();
+            }
+            if !e.data.is_empty() {
+                indices.push(e.index());
+            }
+        }
+        Held {
+            client,
+            last_id,
+            indices,
+            node,
+            sse: Some(sse),
+            resumed: false,
+        }
+    }))
+    .await;
+    let owner = held[0].node.clone();
+    let on_killed = held.iter().filter(|h| h.node == owner).count();
     let killed = region.index_of_node(&owner);
     let killed_at = Instant::now();
     region.nodes[killed].as_mut().unwrap().kill9();
     region.nodes[killed] = None;
 
-    // Resume through the proxy: another node serves the rest of the stream, exactly once, and
-    // (sleep being idempotent) runs the call again to its result.
-    let mut result = None;
-    let mut indices = seen.clone();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while result.is_none() {
-        assert!(Instant::now() < deadline, "no result after failover");
-        let r = client.resume(&last_id).await;
-        if r.status() != 200 {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
+    // Every client gets its result, the ones on the dead node through another node; every
+    // event exactly once and none missing.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let results = futures::future::join_all(held.into_iter().map(|h| {
+        let was_on_killed = h.node == owner;
+        async move {
+            let (h, v) = finish(h, deadline).await;
+            (was_on_killed, h, v)
         }
-        assert_ne!(r.headers()["x-haven-node"].to_str().unwrap(), owner);
-        let mut sse = SseReader::new(r);
-        while let Ok(Some(e)) = tokio::time::timeout(Duration::from_secs(30), sse.next()).await {
-            if e.data.is_empty() {
-                continue;
-            }
-            last_id = e.id.clone().unwrap();
-            indices.push(e.index());
-            let v = e.json();
-            if v.get("id") == Some(&json!(50)) {
-                result = Some(v);
-                break;
-            }
+    }))
+    .await;
+    for (was_on_killed, h, v) in &results {
+        assert!(v["result"]["content"].is_array(), "{v}");
+        if *was_on_killed && h.resumed {
+            assert_ne!(h.node, owner, "resumed on another node");
         }
+        let mut sorted = h.indices.clone();
+        sorted.dedup();
+        assert_eq!(sorted, h.indices, "no event twice");
+        assert!(
+            h.indices.windows(2).all(|w| w[1] == w[0] + 1),
+            "no event lost: {:?}",
+            h.indices
+        );
     }
-    let result = result.unwrap();
-    assert!(result["result"]["content"].is_array(), "{result}");
-    let mut sorted = indices.clone();
-    sorted.dedup();
-    assert_eq!(sorted, indices, "no event twice");
     assert!(
-        indices.windows(2).all(|w| w[1] == w[0] + 1),
-        "no event lost: {indices:?}"
+        results.iter().any(|(k, h, _)| *k && h.resumed),
+        "a stream of the killed node was resumed elsewhere"
     );
     eprintln!(
-        "result after failover {:.1} s after the kill",
+        "{on_killed} of 6 streams were on the killed node; all results {:.1} s after the kill",
         killed_at.elapsed().as_secs_f64()
     );
 
-    // The session goes on, no re-initialization.
-    let v = client
+    // The sessions go on, no re-initialization.
+    let v = results[0]
+        .1
+        .client
         .request(
             60,
             "tools/call",
