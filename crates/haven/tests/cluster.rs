@@ -695,3 +695,68 @@ async fn one_node_per_region_ships_backups_and_another_takes_over_when_it_dies()
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_nats_cluster_makes_nodes_unready_and_answer_503_then_they_recover() {
+    let mut region = Region::start().await;
+    let node_port = region.ports[0];
+    let direct = format!("http://127.0.0.1:{node_port}/mcp");
+    let client = reqwest::Client::new();
+    assert!(put_note(&client, &direct, 1, "before", Duration::from_secs(10)).await);
+
+    // One server down: still a quorum, still ready.
+    region.nats.kill9(2);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(put_note(&client, &direct, 2, "one-down", Duration::from_secs(20)).await);
+
+    // All down: /readyz fails and a write gets 503 with Retry-After, quickly, never a hang.
+    region.nats.kill9(0);
+    region.nats.kill9(1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while common::cluster::http_status(node_port, "/readyz").await != Some(503) {
+        assert!(Instant::now() < deadline, "/readyz kept answering 200 without NATS");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let started = Instant::now();
+    let r = stateless(
+        &client,
+        &direct,
+        3,
+        "tools/call",
+        json!({"name":"notes_put","arguments":{"name":"during","text":"x"}}),
+        json!({}),
+    )
+    .await;
+    let took = started.elapsed();
+    let status = r.status().as_u16();
+    let retry_after = r.headers().get("retry-after").cloned();
+    let body: Value = r.json().await.unwrap_or(Value::Null);
+    assert!(took < Duration::from_secs(15), "answered in {took:?}");
+    // A tool's store failure is reported as a tool error (nothing was changed) or as 503.
+    if status == 503 {
+        assert!(retry_after.is_some());
+    } else {
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body["result"]["isError"] == json!(true) || body.get("error").is_some(),
+            "a write without a store must not succeed: {body}"
+        );
+    }
+
+    // The servers come back: the node is ready again and writes succeed, without operator
+    // action.
+    for i in 0..3 {
+        region.nats.restart(i).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while common::cluster::http_status(node_port, "/readyz").await != Some(200) {
+        assert!(Instant::now() < deadline, "the node did not become ready again");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(put_note(&client, &direct, 4, "after", Duration::from_secs(30)).await);
+    let notes = all_notes(&direct).await;
+    for n in ["before", "one-down", "after"] {
+        assert!(notes.contains(n), "{notes:?}");
+    }
+    assert!(!notes.contains("during"));
+}
