@@ -10,6 +10,10 @@ use common::cluster::{NatsCluster, Proxy, haven_node};
 use common::{Haven, Legacy, SseReader, free_port, stateless};
 use serde_json::{Value, json};
 
+/// The region tests run one at a time: each starts seven processes, and the machine has two
+/// cores.
+static ONE_REGION_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 struct Region {
     nats: NatsCluster,
     nodes: Vec<Option<Haven>>,
@@ -221,6 +225,7 @@ async fn finish(mut h: Held, deadline: Instant) -> (Held, Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_nodes_streams_resume_on_another_node_without_loss_or_duplicate() {
+    let _one = ONE_REGION_AT_A_TIME.lock().await;
     let mut region = Region::start().await;
     let url = region.proxy.url();
     let first = Legacy::connect(&url).await;
@@ -339,6 +344,7 @@ async fn a_killed_nodes_streams_resume_on_another_node_without_loss_or_duplicate
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_continue_after_the_stream_leader_is_killed_and_it_rejoins() {
+    let _one = ONE_REGION_AT_A_TIME.lock().await;
     let mut region = Region::start().await;
     let url = region.proxy.url();
     let client = reqwest::Client::new();
@@ -409,6 +415,7 @@ async fn writes_continue_after_the_stream_leader_is_killed_and_it_rejoins() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_under_load_fails_no_request() {
+    let _one = ONE_REGION_AT_A_TIME.lock().await;
     let mut region = Region::start().await;
     let url = region.proxy.url();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -468,6 +475,7 @@ async fn a_rolling_restart_under_load_fails_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_rounds_of_random_kills_lose_no_acknowledged_write() {
+    let _one = ONE_REGION_AT_A_TIME.lock().await;
     let mut region = Region::start().await;
     let url = region.proxy.url();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -574,6 +582,7 @@ async fn backup_status(node: &Haven) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_node_per_region_ships_backups_and_another_takes_over_when_it_dies() {
+    let _one = ONE_REGION_AT_A_TIME.lock().await;
     let keys = tempfile::tempdir().unwrap();
     let key = keys.path().join("backup.key");
     std::fs::write(&key, format!("{}\n", "ab".repeat(32))).unwrap();
@@ -698,6 +707,7 @@ async fn one_node_per_region_ships_backups_and_another_takes_over_when_it_dies()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_nats_cluster_makes_nodes_unready_and_answer_503_then_they_recover() {
+    let _one = ONE_REGION_AT_A_TIME.lock().await;
     let mut region = Region::start().await;
     let node_port = region.ports[0];
     let direct = format!("http://127.0.0.1:{node_port}/mcp");
@@ -714,7 +724,10 @@ async fn a_lost_nats_cluster_makes_nodes_unready_and_answer_503_then_they_recove
     region.nats.kill9(1);
     let deadline = Instant::now() + Duration::from_secs(20);
     while common::cluster::http_status(node_port, "/readyz").await != Some(503) {
-        assert!(Instant::now() < deadline, "/readyz kept answering 200 without NATS");
+        assert!(
+            Instant::now() < deadline,
+            "/readyz kept answering 200 without NATS"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let started = Instant::now();
@@ -750,7 +763,10 @@ async fn a_lost_nats_cluster_makes_nodes_unready_and_answer_503_then_they_recove
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     while common::cluster::http_status(node_port, "/readyz").await != Some(200) {
-        assert!(Instant::now() < deadline, "the node did not become ready again");
+        assert!(
+            Instant::now() < deadline,
+            "the node did not become ready again"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert!(put_note(&client, &direct, 4, "after", Duration::from_secs(30)).await);
