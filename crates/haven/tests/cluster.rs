@@ -362,6 +362,50 @@ async fn writes_continue_after_the_stream_leader_is_killed_and_it_rejoins() {
     }
     let st = region.status().await;
     let leader = st["store"]["leader"].as_str().unwrap().to_owned();
+    // `haven status` shows the region, its nodes and the stream (the membership view
+    // refreshes every second, so a node started last may take a moment to appear).
+    let n0 = region.nodes[0].as_ref().unwrap();
+    let wanted = [
+        "Region r1",
+        "node0",
+        "node1",
+        "node2",
+        "alive",
+        "NATS JetStream stream HAVEN_R1",
+        "Writable: yes",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_haven"))
+            .args([
+                "status",
+                "--node",
+                &format!("http://127.0.0.1:{}", n0.port),
+                "--data",
+            ])
+            .arg(&n0.data)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let missing: Vec<&str> = wanted
+            .iter()
+            .copied()
+            .filter(|w| !text.contains(w))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{missing:?} missing from:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     let li = region.nats.index_of(&leader).unwrap();
     let killed_at = Instant::now();
     region.nats.kill9(li);
