@@ -129,6 +129,8 @@ struct Shared {
     clock: Arc<HybridClock>,
     /// Set when the follower cannot read the stream (shown by `check_writable`).
     follower_error: RwLock<Option<String>>,
+    /// Asks the follower to recreate its consumer (it seems stuck, e.g. after its server died).
+    kick: tokio::sync::Notify,
 }
 
 /// Store on a NATS JetStream stream.
@@ -224,6 +226,7 @@ impl NatsStore {
             feed,
             clock: clock.clone(),
             follower_error: RwLock::new(None),
+            kick: tokio::sync::Notify::new(),
         });
         let follower = tokio::spawn(follow(
             js.clone(),
@@ -268,8 +271,15 @@ impl NatsStore {
     /// Waits until the index has applied sequence `seq`.
     async fn wait_applied(&self, seq: u64, timeout: Duration) -> StoreResult<()> {
         let mut rx = self.shared.applied.subscribe();
+        // A follower that has not moved for a second may be stuck on a consumer whose server
+        // died: have it start over from where it is, then go on waiting.
+        let first = timeout.min(Duration::from_secs(1));
+        if let Ok(r) = tokio::time::timeout(first, rx.wait_for(|a| *a >= seq)).await {
+            return r.map(|_| ()).map_err(|_| StoreError::Closed);
+        }
+        self.shared.kick.notify_one();
         let wait = rx.wait_for(|a| *a >= seq);
-        match tokio::time::timeout(timeout, wait).await {
+        match tokio::time::timeout(timeout.saturating_sub(first), wait).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => Err(StoreError::Closed),
             Err(_) => Err(StoreError::Unavailable(format!(
@@ -598,7 +608,12 @@ async fn follow_from(
         .map_err(|e| e.to_string())?;
     let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
     *shared.follower_error.write() = None;
-    while let Some(msg) = messages.next().await {
+    loop {
+        let next = tokio::select! {
+            m = messages.next() => m,
+            () = shared.kick.notified() => return Err("the consumer seemed stuck; starting it again".into()),
+        };
+        let Some(msg) = next else { break };
         let msg = msg.map_err(|e| e.to_string())?;
         let seq = msg.info().map_err(|e| e.to_string())?.stream_sequence;
         let change: Change = match postcard::from_bytes(&msg.payload) {
