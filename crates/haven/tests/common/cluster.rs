@@ -119,7 +119,9 @@ impl NatsCluster {
     }
 
     pub async fn wait_healthy(&self, i: usize) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // A restarted server recovers its JetStream state first; on a loaded machine that
+        // can take a while.
+        let deadline = Instant::now() + Duration::from_secs(120);
         while http_status(self.servers[i].http_port, "/healthz?js-enabled-only=true").await
             != Some(200)
         {
