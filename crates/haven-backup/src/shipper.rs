@@ -175,37 +175,33 @@ impl ShipperHandle {
         s
     }
 
-    /// Ships everything committed so far (and a snapshot when `snapshot`), now.
-    pub async fn ship_now(&self, snapshot: bool) -> std::result::Result<ShipReport, String> {
+    /// Sends a command to the shipper task and waits for its answer.
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<std::result::Result<T, String>>) -> Command,
+    ) -> std::result::Result<T, String> {
+        let stopped = || "the backup shipper has stopped".to_owned();
         let (reply, rx) = oneshot::channel();
         self.commands
-            .send(Command::Ship { snapshot, reply })
+            .send(command(reply))
             .await
-            .map_err(|_| "the backup shipper has stopped".to_owned())?;
-        rx.await
-            .map_err(|_| "the backup shipper has stopped".to_owned())?
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Ships everything committed so far (and a snapshot when `snapshot`), now.
+    pub async fn ship_now(&self, snapshot: bool) -> std::result::Result<ShipReport, String> {
+        self.ask(|reply| Command::Ship { snapshot, reply }).await
     }
 
     /// Applies retention now.
     pub async fn prune_now(&self) -> std::result::Result<retention::RetentionReport, String> {
-        let (reply, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Prune { reply })
-            .await
-            .map_err(|_| "the backup shipper has stopped".to_owned())?;
-        rx.await
-            .map_err(|_| "the backup shipper has stopped".to_owned())?
+        self.ask(|reply| Command::Prune { reply }).await
     }
 
     /// Verifies the whole backup now.
     pub async fn verify_now(&self) -> std::result::Result<verify::VerifyReport, String> {
-        let (reply, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Verify { reply })
-            .await
-            .map_err(|_| "the backup shipper has stopped".to_owned())?;
-        rx.await
-            .map_err(|_| "the backup shipper has stopped".to_owned())?
+        self.ask(|reply| Command::Verify { reply }).await
     }
 }
 

@@ -499,6 +499,11 @@ async fn snapshots_taken_under_load_leave_no_hole_in_the_segment_chain() {
     };
     for round in 0..8 {
         tokio::time::sleep(Duration::from_millis(20)).await;
+        // At least one change since the last round, so every forced snapshot is taken.
+        n.store
+            .commit(Batch::new().put("notes", "round", vec![round]))
+            .await
+            .unwrap();
         shipper.ship_now(round % 2 == 0).await.unwrap();
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
