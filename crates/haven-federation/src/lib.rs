@@ -1,0 +1,1 @@
+//! Federation of upstream MCP servers (see the crate description).
