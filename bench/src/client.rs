@@ -140,11 +140,17 @@ pub struct ClientOptions {
     /// Call Haven's `notes_put` (a durable write, note named `bench`, the text as its body)
     /// instead of `echo`; any successful, non-error result counts.
     pub notes_put: bool,
+    /// Name of the echo tool: `echo`, or a federated one such as `ref__echo`.
+    pub echo_tool: String,
 }
 
 impl ClientOptions {
-    fn tool(&self) -> &'static str {
-        if self.notes_put { "notes_put" } else { "echo" }
+    fn tool(&self) -> &str {
+        if self.notes_put {
+            "notes_put"
+        } else {
+            &self.echo_tool
+        }
     }
 }
 
@@ -229,18 +235,19 @@ fn call_suffix(options: &ClientOptions) -> String {
             ),
         };
     }
+    let tool = serde_json::to_string(&options.echo_tool).expect("a string serializes");
     match options.era {
         Era::Modern => format!(
             concat!(
-                r#","method":"tools/call","params":{{"name":"echo","arguments":{{"text":{}}},"#,
+                r#","method":"tools/call","params":{{"name":{},"arguments":{{"text":{}}},"#,
                 r#""_meta":{{"io.modelcontextprotocol/protocolVersion":"2026-07-28","#,
                 r#""io.modelcontextprotocol/clientCapabilities":{{}},"#,
                 r#""io.modelcontextprotocol/clientInfo":{{"name":"mcp-load","version":"1"}}}}}}}}"#
             ),
-            text
+            tool, text
         ),
         Era::Legacy => format!(
-            r#","method":"tools/call","params":{{"name":"echo","arguments":{{"text":{text}}}}}}}"#
+            r#","method":"tools/call","params":{{"name":{tool},"arguments":{{"text":{text}}}}}}}"#
         ),
     }
 }
@@ -404,7 +411,11 @@ impl McpConnection {
             Era::Modern => {
                 builder = builder
                     .header("mcp-method", HeaderValue::from_static("tools/call"))
-                    .header("mcp-name", HeaderValue::from_static(self.options.tool()));
+                    .header(
+                        "mcp-name",
+                        HeaderValue::from_str(self.options.tool())
+                            .unwrap_or_else(|_| HeaderValue::from_static("echo")),
+                    );
             }
             Era::Legacy => {
                 if let Some(session) = &self.session_id {
@@ -592,6 +603,7 @@ mod tests {
                 text: "he\"llo".into(),
                 allow_sessionless: false,
                 notes_put: false,
+                echo_tool: "echo".into(),
             };
             let body = format!(r#"{{"jsonrpc":"2.0","id":7{}"#, call_suffix(&options));
             let value: serde_json::Value = serde_json::from_str(&body).unwrap();

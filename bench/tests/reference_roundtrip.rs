@@ -55,6 +55,7 @@ async fn connect(url: &str, era: Era) -> anyhow::Result<McpConnection> {
         text: "hello \"bench\"".into(),
         allow_sessionless: false,
         notes_put: false,
+        echo_tool: "echo".into(),
     });
     McpConnection::connect(target, options).await
 }

@@ -582,6 +582,7 @@ async fn wait_ready(server: &mut Server, era: Era, timeout_s: f64) -> anyhow::Re
         text: "ready?".into(),
         allow_sessionless: false,
         notes_put: false,
+        echo_tool: "echo".into(),
     });
     loop {
         if let Some(status) = server.child.try_wait()? {

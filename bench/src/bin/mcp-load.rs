@@ -61,6 +61,9 @@ struct Args {
     /// Call `notes_put` (a durable write) instead of `echo`.
     #[arg(long)]
     notes_put: bool,
+    /// Name of the echo tool to call (e.g. a federated `ref__echo`).
+    #[arg(long, default_value = "echo")]
+    tool: String,
 }
 
 /// The single JSON line printed at the end of a run.
@@ -166,6 +169,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         text: args.text.clone(),
         allow_sessionless: args.allow_sessionless,
         notes_put: args.notes_put,
+        echo_tool: args.tool.clone(),
     });
 
     // Set up every connection (and legacy session) before the clock starts.

@@ -1,5 +1,19 @@
-//! The configuration service: runtime settings kept in the store (namespace [`CONFIG_NS`]),
-//! watched by every node and applied without a restart.
+//! The configuration service: runtime settings kept in the store (namespace [`CONFIG_NS`], one
+//! last-writer-wins record per setting), watched by every node and applied without a restart.
+//!
+//! The set of settings is fixed ([`SETTINGS`]): each has a type, bounds and a default. A value
+//! is checked before it is stored, so a bad value changes nothing; a stored value this version
+//! cannot read (written by a newer Haven, say) is ignored with a warning and the default holds.
+//! Every node folds the records into a [`Snapshot`] and publishes it on a `watch` channel; the
+//! parts of Haven that use a setting read the current snapshot (or react to a new one).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use haven_state::{Batch, Change, Store, StoreError};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::{broadcast, watch};
 
 /// Namespace of configuration records.
 pub const CONFIG_NS: &str = "config";
@@ -29,5 +43,539 @@ impl Default for UpstreamSettings {
             restart_max_backoff_ms: 30_000,
             connect_timeout_ms: 10_000,
         }
+    }
+}
+
+/// The type and bounds of a setting.
+#[derive(Clone, Copy, Debug)]
+pub enum Kind {
+    /// An integer within bounds (inclusive).
+    Integer {
+        /// Smallest value.
+        min: u64,
+        /// Largest value.
+        max: u64,
+    },
+    /// One of a fixed set of words.
+    OneOf(&'static [&'static str]),
+    /// A log filter: `LEVEL` or `target=LEVEL` items separated by commas.
+    LogFilter,
+}
+
+/// One known setting.
+#[derive(Clone, Copy, Debug)]
+pub struct SettingDef {
+    /// Its key, e.g. `upstream.timeout_ms`.
+    pub key: &'static str,
+    /// Type and bounds.
+    pub kind: Kind,
+    /// Default, as text.
+    pub default: &'static str,
+    /// What it does.
+    pub help: &'static str,
+}
+
+const LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
+
+/// Every runtime setting.
+pub const SETTINGS: &[SettingDef] = &[
+    SettingDef {
+        key: "catalog",
+        kind: Kind::OneOf(&["default", "conformance", "none"]),
+        default: "default",
+        help: "Haven's built-in catalog served next to the federated upstreams (none: only upstreams)",
+    },
+    SettingDef {
+        key: "limits.max_body_bytes",
+        kind: Kind::Integer {
+            min: 1024,
+            max: 256 * 1024 * 1024,
+        },
+        default: "4194304",
+        help: "largest MCP request body accepted over HTTP, in bytes",
+    },
+    SettingDef {
+        key: "log.level",
+        kind: Kind::LogFilter,
+        default: "info",
+        help: "log filter: a level (trace, debug, info, warn, error, off) or target=level items, comma-separated",
+    },
+    SettingDef {
+        key: "upstream.breaker_cooldown_ms",
+        kind: Kind::Integer {
+            min: 100,
+            max: 3_600_000,
+        },
+        default: "10000",
+        help: "how long an open circuit breaker refuses calls to an upstream before one trial call",
+    },
+    SettingDef {
+        key: "upstream.breaker_failures",
+        kind: Kind::Integer { min: 1, max: 1000 },
+        default: "5",
+        help: "consecutive failed calls that open an upstream's circuit breaker",
+    },
+    SettingDef {
+        key: "upstream.connect_timeout_ms",
+        kind: Kind::Integer {
+            min: 100,
+            max: 600_000,
+        },
+        default: "10000",
+        help: "longest wait for connecting to and initializing an upstream",
+    },
+    SettingDef {
+        key: "upstream.restart_max_backoff_ms",
+        kind: Kind::Integer {
+            min: 100,
+            max: 3_600_000,
+        },
+        default: "30000",
+        help: "longest wait between restarts of a dead stdio upstream (backoff doubles from 250 ms)",
+    },
+    SettingDef {
+        key: "upstream.timeout_ms",
+        kind: Kind::Integer {
+            min: 1,
+            max: 600_000,
+        },
+        default: "30000",
+        help: "per-call timeout of upstreams that do not set their own",
+    },
+];
+
+/// Errors of the configuration service. Messages say what was wrong and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// No such setting.
+    #[error("unknown setting '{0}'; known settings: {1}")]
+    Unknown(String, String),
+    /// The value does not fit the setting.
+    #[error("invalid value for {key}: {reason}")]
+    Invalid {
+        /// The setting.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The stored form of a setting.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct StoredSetting {
+    value: Value,
+    set_millis: u64,
+    #[serde(default)]
+    set_by: String,
+}
+
+/// A setting as shown to operators.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConfigEntry {
+    /// Its key.
+    pub key: String,
+    /// The value in force.
+    pub value: Value,
+    /// The default.
+    pub default: Value,
+    /// `store` when set, `default` otherwise.
+    pub source: String,
+    /// When it was set (Unix ms), if set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub set_millis: Option<u64>,
+    /// Which node set it, if set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub set_by: Option<String>,
+    /// What it does.
+    pub help: String,
+}
+
+/// The settings in force on a node.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Snapshot {
+    /// Every setting, by key.
+    pub entries: BTreeMap<String, ConfigEntry>,
+    /// Upstream connection settings.
+    pub upstream: UpstreamSettings,
+    /// Built-in catalog name.
+    pub catalog: String,
+    /// Log filter.
+    pub log_level: String,
+    /// Largest request body.
+    pub max_body_bytes: u64,
+    /// Change-log sequence of the last configuration change applied (0: none yet).
+    pub applied_seq: u64,
+    /// When this snapshot was built, Unix ms.
+    pub applied_millis: u64,
+}
+
+fn def(key: &str) -> Result<&'static SettingDef, ConfigError> {
+    SETTINGS.iter().find(|d| d.key == key).ok_or_else(|| {
+        ConfigError::Unknown(
+            key.to_owned(),
+            SETTINGS
+                .iter()
+                .map(|d| d.key)
+                .collect::<Vec<_>>()
+                .join(", "),
+        )
+    })
+}
+
+/// Parses the text of a value for `key` into its typed JSON form, checking type and bounds.
+pub fn parse_value(key: &str, text: &str) -> Result<Value, ConfigError> {
+    let d = def(key)?;
+    let invalid = |reason: String| ConfigError::Invalid {
+        key: key.to_owned(),
+        reason,
+    };
+    let text = text.trim();
+    match d.kind {
+        Kind::Integer { min, max } => {
+            let n: u64 = text.replace('_', "").parse().map_err(|_| {
+                invalid(format!(
+                    "'{text}' is not a whole number (expected {min} to {max})"
+                ))
+            })?;
+            if n < min || n > max {
+                return Err(invalid(format!("{n} is outside {min} to {max}")));
+            }
+            Ok(Value::from(n))
+        }
+        Kind::OneOf(words) => {
+            if words.contains(&text) {
+                Ok(Value::from(text))
+            } else {
+                Err(invalid(format!(
+                    "'{text}' is not one of {}",
+                    words.join(", ")
+                )))
+            }
+        }
+        Kind::LogFilter => {
+            if text.is_empty() {
+                return Err(invalid("the filter is empty".into()));
+            }
+            for item in text.split(',') {
+                let item = item.trim();
+                let level = match item.split_once('=') {
+                    Some((target, level)) => {
+                        let ok_target = !target.is_empty()
+                            && target
+                                .chars()
+                                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':');
+                        if !ok_target {
+                            return Err(invalid(format!(
+                                "'{target}' is not a module path (letters, digits, '_' and '::')"
+                            )));
+                        }
+                        level
+                    }
+                    None => item,
+                };
+                if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+                    return Err(invalid(format!(
+                        "'{level}' is not a level ({})",
+                        LEVELS.join(", ")
+                    )));
+                }
+            }
+            Ok(Value::from(text))
+        }
+    }
+}
+
+/// Checks a stored JSON value against its setting (used when folding records).
+fn check_stored(key: &str, value: &Value) -> Result<Value, ConfigError> {
+    let text = match value {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        other => other.to_string(),
+    };
+    parse_value(key, &text)
+}
+
+fn default_value(d: &SettingDef) -> Value {
+    parse_value(d.key, d.default).expect("defaults are valid")
+}
+
+/// Folds stored settings into a snapshot.
+fn fold(stored: &BTreeMap<String, StoredSetting>, applied_seq: u64, now: u64) -> Snapshot {
+    let mut entries = BTreeMap::new();
+    for d in SETTINGS {
+        let default = default_value(d);
+        let mut entry = ConfigEntry {
+            key: d.key.to_owned(),
+            value: default.clone(),
+            default,
+            source: "default".into(),
+            set_millis: None,
+            set_by: None,
+            help: d.help.to_owned(),
+        };
+        if let Some(s) = stored.get(d.key) {
+            match check_stored(d.key, &s.value) {
+                Ok(v) => {
+                    entry.value = v;
+                    entry.source = "store".into();
+                    entry.set_millis = Some(s.set_millis);
+                    entry.set_by = Some(s.set_by.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "ignoring a stored setting; the default holds")
+                }
+            }
+        }
+        entries.insert(d.key.to_owned(), entry);
+    }
+    let int = |k: &str| entries[k].value.as_u64().unwrap_or_default();
+    let text = |k: &str| entries[k].value.as_str().unwrap_or_default().to_owned();
+    Snapshot {
+        upstream: UpstreamSettings {
+            timeout_ms: int("upstream.timeout_ms"),
+            breaker_failures: int("upstream.breaker_failures") as u32,
+            breaker_cooldown_ms: int("upstream.breaker_cooldown_ms"),
+            restart_max_backoff_ms: int("upstream.restart_max_backoff_ms"),
+            connect_timeout_ms: int("upstream.connect_timeout_ms"),
+        },
+        catalog: text("catalog"),
+        log_level: text("log.level"),
+        max_body_bytes: int("limits.max_body_bytes"),
+        entries,
+        applied_seq,
+        applied_millis: now,
+    }
+}
+
+/// The configuration service of one node. Cheap to clone.
+#[derive(Clone)]
+pub struct ConfigService {
+    store: Arc<dyn Store>,
+    tx: Arc<watch::Sender<Arc<Snapshot>>>,
+    upstream: Arc<watch::Sender<UpstreamSettings>>,
+}
+
+impl ConfigService {
+    /// Reads the stored settings and starts watching the store for changes.
+    pub async fn start(store: Arc<dyn Store>) -> Result<ConfigService, ConfigError> {
+        // Subscribe before reading, so that no change falls between the read and the feed.
+        let feed = store.subscribe();
+        let seq = store.last_seq().await?;
+        let stored = load_all(&*store).await?;
+        let snap = fold(&stored, seq, store.clock().wall_millis());
+        let (upstream, _) = watch::channel(snap.upstream.clone());
+        let (tx, _) = watch::channel(Arc::new(snap));
+        let svc = ConfigService {
+            store,
+            tx: Arc::new(tx),
+            upstream: Arc::new(upstream),
+        };
+        svc.spawn_watcher(feed, stored);
+        Ok(svc)
+    }
+
+    fn spawn_watcher(
+        &self,
+        mut feed: broadcast::Receiver<Arc<haven_state::LogEntry>>,
+        mut stored: BTreeMap<String, StoredSetting>,
+    ) {
+        let store = self.store.clone();
+        let tx = Arc::downgrade(&self.tx);
+        let upstream = Arc::downgrade(&self.upstream);
+        tokio::spawn(async move {
+            loop {
+                let (seq, changed) = match feed.recv().await {
+                    Ok(entry) => match &entry.change {
+                        Change::Record(r) if r.namespace == CONFIG_NS => {
+                            match &r.value {
+                                Some(v) => match serde_json::from_slice::<StoredSetting>(v) {
+                                    Ok(s) => {
+                                        stored.insert(r.key.clone(), s);
+                                    }
+                                    Err(e) => {
+                                        tracing::warn!(key = %r.key, error = %e, "unreadable setting record")
+                                    }
+                                },
+                                None => {
+                                    stored.remove(&r.key);
+                                }
+                            }
+                            (entry.seq, true)
+                        }
+                        _ => (entry.seq, false),
+                    },
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        // Changes were missed: read everything again.
+                        let seq = store.last_seq().await.unwrap_or_default();
+                        match load_all(&*store).await {
+                            Ok(s) => {
+                                stored = s;
+                                (seq, true)
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "re-reading settings failed");
+                                continue;
+                            }
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                };
+                if !changed {
+                    continue;
+                }
+                let (Some(tx), Some(upstream)) = (tx.upgrade(), upstream.upgrade()) else {
+                    break;
+                };
+                let snap = fold(&stored, seq, store.clock().wall_millis());
+                upstream.send_if_modified(|u| {
+                    if *u != snap.upstream {
+                        *u = snap.upstream.clone();
+                        true
+                    } else {
+                        false
+                    }
+                });
+                tx.send_replace(Arc::new(snap));
+            }
+        });
+    }
+
+    /// The settings in force now.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.tx.borrow().clone()
+    }
+
+    /// A receiver that sees every new snapshot.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.tx.subscribe()
+    }
+
+    /// A receiver of the upstream settings alone (changes only when they change).
+    pub fn upstream_settings(&self) -> watch::Receiver<UpstreamSettings> {
+        self.upstream.subscribe()
+    }
+
+    /// Sets `key` to the value written as `text`, after checking it. Returns the entry as
+    /// stored. Every node (this one included) applies it when its watcher sees the change.
+    pub async fn set(&self, key: &str, text: &str) -> Result<ConfigEntry, ConfigError> {
+        let value = parse_value(key, text)?;
+        let d = def(key)?;
+        let set_millis = self.store.clock().wall_millis();
+        let set_by = self.store.origin().to_string();
+        let rec = StoredSetting {
+            value: value.clone(),
+            set_millis,
+            set_by: set_by.clone(),
+        };
+        self.store
+            .commit(Batch::new().put(
+                CONFIG_NS,
+                key,
+                serde_json::to_vec(&rec).expect("a setting serializes"),
+            ))
+            .await?;
+        Ok(ConfigEntry {
+            key: key.to_owned(),
+            value,
+            default: default_value(d),
+            source: "store".into(),
+            set_millis: Some(set_millis),
+            set_by: Some(set_by),
+            help: d.help.to_owned(),
+        })
+    }
+
+    /// Returns `key` to its default (a tombstone).
+    pub async fn unset(&self, key: &str) -> Result<ConfigEntry, ConfigError> {
+        let d = def(key)?;
+        self.store
+            .commit(Batch::new().delete(CONFIG_NS, key))
+            .await?;
+        let default = default_value(d);
+        Ok(ConfigEntry {
+            key: key.to_owned(),
+            value: default.clone(),
+            default,
+            source: "default".into(),
+            set_millis: None,
+            set_by: None,
+            help: d.help.to_owned(),
+        })
+    }
+
+    /// Every setting as stored now (read from the store, not from this node's snapshot).
+    pub async fn list(&self) -> Result<Vec<ConfigEntry>, ConfigError> {
+        let stored = load_all(&*self.store).await?;
+        let snap = fold(&stored, 0, 0);
+        Ok(snap.entries.into_values().collect())
+    }
+
+    /// One setting as stored now.
+    pub async fn get(&self, key: &str) -> Result<ConfigEntry, ConfigError> {
+        def(key)?;
+        let list = self.list().await?;
+        Ok(list
+            .into_iter()
+            .find(|e| e.key == key)
+            .expect("every known key is listed"))
+    }
+}
+
+async fn load_all(store: &dyn Store) -> Result<BTreeMap<String, StoredSetting>, ConfigError> {
+    let mut out = BTreeMap::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store.scan(CONFIG_NS, "", after.as_deref(), 256).await?;
+        for r in &page.records {
+            match serde_json::from_slice::<StoredSetting>(r.value()) {
+                Ok(s) => {
+                    out.insert(r.record.key.clone(), s);
+                }
+                Err(e) => {
+                    tracing::warn!(key = %r.record.key, error = %e, "unreadable setting record")
+                }
+            }
+        }
+        match page.next_after {
+            Some(a) => after = Some(a),
+            None => break,
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_checked_against_their_setting() {
+        assert_eq!(
+            parse_value("upstream.timeout_ms", "1500").unwrap(),
+            Value::from(1500)
+        );
+        assert!(parse_value("upstream.timeout_ms", "0").is_err());
+        assert!(parse_value("upstream.timeout_ms", "fast").is_err());
+        assert!(parse_value("catalog", "conformance").is_ok());
+        assert!(parse_value("catalog", "other").is_err());
+        assert!(parse_value("log.level", "debug,haven_federation=trace").is_ok());
+        assert!(parse_value("log.level", "loud").is_err());
+        let e = parse_value("no.such", "1").unwrap_err().to_string();
+        assert!(
+            e.contains("known settings") && e.contains("upstream.timeout_ms"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn defaults_fold_into_a_snapshot() {
+        let snap = fold(&BTreeMap::new(), 0, 0);
+        assert_eq!(snap.upstream, UpstreamSettings::default());
+        assert_eq!(snap.catalog, "default");
+        assert_eq!(snap.max_body_bytes, 4 * 1024 * 1024);
+        assert!(snap.entries.values().all(|e| e.source == "default"));
     }
 }

@@ -33,9 +33,7 @@ pub enum RegistryError {
     #[error("invalid upstream entry: {0}")]
     Invalid(String),
     /// An upstream of that name exists already.
-    #[error(
-        "an upstream named '{0}' is already registered; remove it first or add with replace"
-    )]
+    #[error("an upstream named '{0}' is already registered; remove it first or add with replace")]
     Duplicate(String),
     /// No upstream of that name.
     #[error("no upstream named '{0}' is registered (see `haven registry list`)")]
@@ -201,9 +199,8 @@ impl UpstreamSpec {
                 }
                 for (k, v) in headers {
                     let valid_name = !k.is_empty()
-                        && k.bytes().all(|b| {
-                            b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-                        });
+                        && k.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
                     if !valid_name {
                         return Err(RegistryError::Invalid(format!(
                             "header name '{k}' is not a valid HTTP header name"
@@ -395,11 +392,7 @@ impl Registry {
         };
         match self
             .store
-            .commit(Batch::new().delete_if(
-                REGISTRY_NS,
-                name,
-                Expect::Revision(current.revision),
-            ))
+            .commit(Batch::new().delete_if(REGISTRY_NS, name, Expect::Revision(current.revision)))
             .await
         {
             Ok(_) => Ok(()),
@@ -473,7 +466,12 @@ mod tests {
         if let Transport::Http { headers, .. } = &mut s.transport {
             headers.insert("Authorization".into(), "Bearer ${secret:tok".into());
         }
-        assert!(s.validate().unwrap_err().to_string().contains("unterminated"));
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("unterminated")
+        );
         let mut s = http("x", "http://127.0.0.1:1/mcp");
         if let Transport::Http { headers, .. } = &mut s.transport {
             headers.insert("Mcp-Session-Id".into(), "x".into());

@@ -17,13 +17,15 @@ use haven_mcp::jsonrpc;
 use haven_mcp::rmcp::model::{ErrorCode, ErrorData};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use http_body_util::BodyExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::net::TcpListener;
 
 /// HTTP settings.
 #[derive(Clone, Debug)]
 pub struct HttpConfig {
-    /// Largest request body accepted, in bytes.
-    pub max_body_bytes: usize,
+    /// Largest request body accepted, in bytes. Shared, so that a configuration change
+    /// applies to the next request without a restart.
+    pub max_body_bytes: Arc<AtomicUsize>,
     /// Host names (without port) allowed in `Host` and `Origin`; `*` allows any.
     pub allowed_hosts: Vec<String>,
 }
@@ -31,7 +33,7 @@ pub struct HttpConfig {
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
-            max_body_bytes: 4 * 1024 * 1024,
+            max_body_bytes: Arc::new(AtomicUsize::new(4 * 1024 * 1024)),
             allowed_hosts: vec![
                 "localhost".into(),
                 "127.0.0.1".into(),
@@ -39,6 +41,13 @@ impl Default for HttpConfig {
                 "::1".into(),
             ],
         }
+    }
+}
+
+impl HttpConfig {
+    /// The body limit in force now.
+    pub fn body_limit(&self) -> usize {
+        self.max_body_bytes.load(Ordering::Relaxed)
     }
 }
 
@@ -298,11 +307,11 @@ async fn read_body(
     if let Some(len) = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-        && len > config.max_body_bytes
+        && len > config.body_limit()
     {
         return Err(too_large(config));
     }
-    let limited = http_body_util::Limited::new(body, config.max_body_bytes);
+    let limited = http_body_util::Limited::new(body, config.body_limit());
     match limited.collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e)
@@ -325,7 +334,7 @@ fn too_large(config: &HttpConfig) -> Response {
         -32600,
         &format!(
             "Payload Too Large: the request body exceeds {} bytes",
-            config.max_body_bytes
+            config.body_limit()
         ),
     )
 }

@@ -1,5 +1,8 @@
-//! The node's admin API under `/admin/v1`, protected by a bearer token: backup status,
-//! shipping and verification on demand.
+//! The node's admin API under `/admin/v1`, protected by a bearer token: node status, backup
+//! (status, shipping and verification on demand), the upstream registry, runtime
+//! configuration, secrets and key rotation. Every answer is JSON; an error is
+//! `{"error": "<what was wrong and what to do>"}` with a 4xx status for bad input (which
+//! changes nothing) and 503 when the store cannot take the change now.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,13 +20,25 @@ use serde_json::json;
 pub struct Admin {
     token: String,
     backup: Option<ShipperHandle>,
-    engine: haven_mcp::engine::Engine,
+    pub(crate) engine: haven_mcp::engine::Engine,
     region: String,
+    pub(crate) control: crate::control::Control,
 }
 
-/// The admin token: read from `configured`, or from `DATA/admin.token`, created with a random
-/// value (mode 0600) when missing.
+/// The admin token: read from `configured`, else from the `HAVEN_ADMIN_TOKEN` environment
+/// variable, else from `DATA/admin.token`, created with a random value (mode 0600) when missing.
 pub fn load_or_create_token(data: &Path, configured: Option<&Path>) -> Result<(String, PathBuf)> {
+    if configured.is_none()
+        && let Ok(t) = std::env::var("HAVEN_ADMIN_TOKEN")
+        && !t.trim().is_empty()
+    {
+        let t = t.trim().to_owned();
+        anyhow::ensure!(
+            t.len() >= 16,
+            "the admin token in HAVEN_ADMIN_TOKEN is shorter than 16 characters"
+        );
+        return Ok((t, PathBuf::from("$HAVEN_ADMIN_TOKEN")));
+    }
     if let Some(path) = configured {
         let t = std::fs::read_to_string(path)
             .with_context(|| format!("reading the admin token file {}", path.display()))?;
@@ -71,28 +86,31 @@ pub fn router(
     backup: Option<ShipperHandle>,
     engine: haven_mcp::engine::Engine,
     region: String,
+    control: crate::control::Control,
 ) -> Router {
     let state = Arc::new(Admin {
         token,
         backup,
         engine,
         region,
+        control,
     });
     Router::new()
         .route("/admin/v1/status", get(status))
         .route("/admin/v1/backup", get(backup_status))
         .route("/admin/v1/backup/now", post(backup_now))
         .route("/admin/v1/backup/verify", post(backup_verify))
+        .merge(crate::admin_control::routes())
         .with_state(state)
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
 // A rejection is returned once per request; boxing it would buy nothing.
 #[allow(clippy::result_large_err)]
-fn authorize(admin: &Admin, headers: &HeaderMap) -> Result<(), Response> {
+pub(crate) fn authorize(admin: &Admin, headers: &HeaderMap) -> Result<(), Response> {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

@@ -1,6 +1,5 @@
 //! `haven backup now|list|verify|restore|keygen`.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -9,6 +8,7 @@ use haven_backup::catalog::Catalog;
 use haven_backup::{BackupKey, Point, RestoreOptions, Target, fmt_millis};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::client::{admin_call, token};
 use crate::settings::{
     BackupCommand, BackupKeygenArgs, BackupListArgs, BackupNowArgs, BackupRestoreArgs,
     BackupTargetArgs, backup_target,
@@ -163,53 +163,6 @@ fn open_target(a: &BackupTargetArgs) -> Result<(Target, Option<BackupKey>)> {
 
 fn require_key(key: Option<BackupKey>) -> Result<BackupKey> {
     key.context("this command reads the backup's content: pass --backup-key-file FILE (or set HAVEN_BACKUP_KEY_FILE)")
-}
-
-fn token(file: Option<&PathBuf>, data: Option<&PathBuf>) -> Result<String> {
-    let path = match file {
-        Some(f) => f.clone(),
-        None => data
-            .cloned()
-            .unwrap_or_else(|| PathBuf::from("./haven-data"))
-            .join("admin.token"),
-    };
-    let t = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "reading the admin token {} (pass --admin-token-file or --data of the node)",
-            path.display()
-        )
-    })?;
-    Ok(t.trim().to_owned())
-}
-
-async fn admin_call(
-    node: &str,
-    token: &str,
-    method: reqwest::Method,
-    path: &str,
-) -> Result<serde_json::Value> {
-    let url = format!("{}{path}", node.trim_end_matches('/'));
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(600))
-        .build()?;
-    let resp = client
-        .request(method, &url)
-        .bearer_auth(token)
-        .send()
-        .await
-        .with_context(|| {
-            format!("cannot reach the node at {node}; is `haven serve` running there?")
-        })?;
-    let status = resp.status();
-    let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
-    if !status.is_success() {
-        let msg = body
-            .get("error")
-            .and_then(|e| e.as_str())
-            .unwrap_or("no details");
-        bail!("the node answered {status}: {msg}");
-    }
-    Ok(body)
 }
 
 async fn now(a: BackupNowArgs) -> Result<ExitCode> {

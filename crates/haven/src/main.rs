@@ -2,7 +2,11 @@
 //! the same catalog over stdio.
 
 mod admin;
+mod admin_control;
 mod backup_cmd;
+mod client;
+mod control;
+mod control_cmd;
 mod settings;
 
 use std::net::SocketAddr;
@@ -11,9 +15,6 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use haven_mcp::catalog::Catalog;
-use haven_mcp::catalog::conformance::ConformanceCatalog;
-use haven_mcp::catalog::default::DefaultCatalog;
 use haven_mcp::engine::{Engine, EngineConfig};
 use haven_state::{HybridClock, Origin, RedbStore, Store};
 use settings::{Cli, Command, Mode, Settings};
@@ -28,9 +29,13 @@ fn main() -> std::process::ExitCode {
     if let Command::Backup(cmd) = cli.command {
         return run_backup_command(cmd);
     }
-    if let Command::Status(args) = cli.command {
-        return run_client_command(backup_cmd::status(args));
-    }
+    let cli = match cli.command {
+        Command::Status(args) => return run_client_command(backup_cmd::status(args)),
+        Command::Registry(cmd) => return run_client_command(control_cmd::registry(cmd)),
+        Command::Config(cmd) => return run_client_command(control_cmd::config(cmd)),
+        Command::Secrets(cmd) => return run_client_command(control_cmd::secrets(cmd)),
+        command => Cli { command },
+    };
     let result = Settings::from_cli(&cli).and_then(|(mode, s)| {
         let mut runtime = tokio::runtime::Builder::new_multi_thread();
         runtime.enable_all();
@@ -38,11 +43,11 @@ fn main() -> std::process::ExitCode {
             runtime.worker_threads(n);
         }
         let runtime = runtime.build().context("starting the async runtime")?;
-        init_logging(&s);
+        let log = init_logging(&s);
         runtime.block_on(async move {
             match mode {
-                Mode::Serve => serve(s).await,
-                Mode::Stdio => stdio(s).await,
+                Mode::Serve => serve(s, log).await,
+                Mode::Stdio => stdio(s, log).await,
             }
         })
     });
@@ -90,25 +95,27 @@ fn run_client_command(
     }
 }
 
-fn init_logging(s: &Settings) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&s.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+/// Starts logging to stderr; returns what changes the filter later (the `log.level` setting).
+fn init_logging(s: &Settings) -> control::LogReloader {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, fmt, reload};
+    let filter = EnvFilter::try_new(&s.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
     if s.log_format == "json" {
-        builder.json().init();
+        registry
+            .with(fmt::layer().json().with_writer(std::io::stderr))
+            .init();
     } else {
-        builder.init();
+        registry
+            .with(fmt::layer().with_writer(std::io::stderr))
+            .init();
     }
-}
-
-fn catalog(name: &str) -> Result<Arc<dyn Catalog>> {
-    match name {
-        "default" => Ok(Arc::new(DefaultCatalog::new())),
-        "conformance" => Ok(Arc::new(ConformanceCatalog::new())),
-        other => bail!("unknown catalog {other:?}; choose one of: default, conformance"),
-    }
+    Arc::new(move |f: &str| {
+        let filter = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    })
 }
 
 /// The node id kept in the data directory, created on first start.
@@ -140,7 +147,10 @@ fn rand_u32() -> u32 {
     h.finish() as u32
 }
 
-async fn start_engine(s: &Settings) -> Result<(Engine, Arc<dyn Store>)> {
+async fn start_engine(
+    s: &Settings,
+    log: control::LogReloader,
+) -> Result<(Engine, Arc<dyn Store>, control::Control)> {
     std::fs::create_dir_all(&s.data)
         .with_context(|| format!("creating the data directory {}", s.data.display()))?;
     let node = node_id(&s.data, s.node_id.as_deref())?;
@@ -178,17 +188,90 @@ async fn start_engine(s: &Settings) -> Result<(Engine, Arc<dyn Store>)> {
             Arc::new(store)
         }
     };
-    let config = EngineConfig {
+    let secrets = open_secrets(s, &store).await?;
+    let config = haven_control::config::ConfigService::start(store.clone())
+        .await
+        .context("reading the runtime settings from the store")?;
+    // The store's `catalog` setting, once set, wins over the start-up flag.
+    let snap = config.current();
+    let builtin_name = if snap.entries["catalog"].source == "store" {
+        snap.catalog.clone()
+    } else {
+        s.catalog.clone()
+    };
+    let builtin = Arc::new(control::BuiltinCatalog::new(&builtin_name)?);
+    let upstreams = haven_federation::Upstreams::start(
+        store.clone(),
+        Arc::new(secrets.clone()),
+        config.upstream_settings(),
+    );
+    let catalog = Arc::new(haven_federation::FederatedCatalog::new(
+        upstreams.clone(),
+        builtin.clone(),
+    ));
+    let engine_config = EngineConfig {
         node_id: node,
         legacy_responses: s.legacy_responses,
         session_ttl: std::time::Duration::from_secs(s.session_ttl_secs),
         page_size: s.page_size,
         ..EngineConfig::default()
     };
-    let engine = Engine::start(store.clone(), catalog(&s.catalog)?, config)
+    let engine = Engine::start(store.clone(), catalog, engine_config, secrets.clone())
         .await
         .context("starting the protocol engine")?;
-    Ok((engine, store))
+    let in_force = Arc::new(parking_lot::RwLock::new(config.current()));
+    let control = control::Control {
+        config,
+        registry: haven_control::registry::Registry::new(store.clone()),
+        secrets,
+        upstreams,
+        max_body_bytes: Arc::new(std::sync::atomic::AtomicUsize::new(s.max_body_bytes)),
+        in_force,
+    };
+    control::apply_config(
+        &control,
+        store.clone(),
+        builtin,
+        Some(log),
+        s.log_level.clone(),
+    );
+    Ok((engine, store, control))
+}
+
+/// The secrets service with its key-encryption keys: from --secrets-key-file and/or
+/// HAVEN_SECRETS_KEYS; on an embedded store without either, from DATA/secrets.keys (created on
+/// first start). Nodes sharing a store must share keys, so a NATS store requires them.
+async fn open_secrets(
+    s: &Settings,
+    store: &Arc<dyn Store>,
+) -> Result<haven_control::secrets::Secrets> {
+    use haven_control::secrets::{KekRing, KekSource, Secrets};
+    let env = std::env::var("HAVEN_SECRETS_KEYS")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let file = match (&s.secrets_key_file, &env) {
+        (Some(f), _) => Some(f.clone()),
+        (None, Some(_)) => None,
+        (None, None) => {
+            if store.shared() {
+                bail!(
+                    "a shared (NATS) store needs the same secrets keys on every node: create a key file once with `haven secrets new-key --key-file FILE`, copy it to every node and pass --secrets-key-file FILE (or set HAVEN_SECRETS_KEYS)"
+                );
+            }
+            let f = s.data.join("secrets.keys");
+            if !f.exists() {
+                KekRing::create_file(&f)
+                    .with_context(|| format!("creating the secrets key file {}", f.display()))?;
+                tracing::info!(
+                    "created the secrets key file {} (keep a copy outside the data directory: backups do not hold it)",
+                    f.display()
+                );
+            }
+            Some(f)
+        }
+    };
+    let source = KekSource { file, env };
+    Secrets::open(store.clone(), source).context("loading the secrets keys")
 }
 
 /// Starts continuous backup when configured. A bad URL or key fails the start; an
@@ -217,8 +300,8 @@ async fn start_backup(
     Ok(Some(handle))
 }
 
-async fn serve(s: Settings) -> Result<()> {
-    let (engine, store) = start_engine(&s).await?;
+async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
+    let (engine, store, control) = start_engine(&s, log).await?;
     let backup = start_backup(&s, store).await?;
     let (token, token_file) = admin::load_or_create_token(&s.data, s.admin_token_file.as_deref())?;
     let listener = tokio::net::TcpListener::bind(&s.listen)
@@ -226,7 +309,7 @@ async fn serve(s: Settings) -> Result<()> {
         .with_context(|| format!("listening on {}", s.listen))?;
     let addr: SocketAddr = listener.local_addr()?;
     let http = haven_server::HttpConfig {
-        max_body_bytes: s.max_body_bytes,
+        max_body_bytes: control.max_body_bytes.clone(),
         allowed_hosts: s.allowed_hosts.clone(),
     };
     tracing::info!(
@@ -244,6 +327,7 @@ async fn serve(s: Settings) -> Result<()> {
         backup,
         engine.clone(),
         s.region.clone(),
+        control.clone(),
     ));
     // SIGTERM: drain. /readyz fails at once (load balancers stop sending), open legacy
     // streams end with a reconnection hint, running requests get up to --drain-timeout.
@@ -286,8 +370,8 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-async fn stdio(s: Settings) -> Result<()> {
-    let (engine, _) = start_engine(&s).await?;
+async fn stdio(s: Settings, log: control::LogReloader) -> Result<()> {
+    let (engine, _, _control) = start_engine(&s, log).await?;
     haven_server::stdio::serve_stdio(engine, tokio::io::stdin(), tokio::io::stdout()).await?;
     Ok(())
 }

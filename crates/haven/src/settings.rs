@@ -33,6 +33,192 @@ pub enum Command {
     /// Show a running node's region: its nodes (alive, last heartbeat, version), the store
     /// (NATS servers and stream health) and backup.
     Status(StatusArgs),
+    /// The upstream MCP servers a running node federates: add, list, show, remove.
+    #[command(subcommand)]
+    Registry(RegistryCommand),
+    /// Runtime settings of a running node's region: get, set, unset, list.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Secrets of a running node's region: set, list, delete, rotate-key; and new-key, which
+    /// adds a key-encryption key to a key file.
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
+}
+
+/// How a command reaches a running node.
+#[derive(Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// Node to ask [default: http://127.0.0.1:8080]
+    #[arg(long, env = "HAVEN_NODE", value_name = "URL")]
+    pub node: Option<String>,
+    /// Admin token file of the node [default: HAVEN_ADMIN_TOKEN, else DATA/admin.token]
+    #[arg(long, env = "HAVEN_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Data directory of the node (where its admin token is) [default: ./haven-data]
+    #[arg(long, env = "HAVEN_DATA", value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Print JSON
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// `haven registry` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum RegistryCommand {
+    /// Register an upstream: `--url URL` (Streamable HTTP) or `-- COMMAND [ARGS...]` (stdio).
+    Add(RegistryAddArgs),
+    /// List registered upstreams with this node's connection state.
+    List(NodeArgs),
+    /// Show one upstream's entry and connection state.
+    Show(RegistryNameArgs),
+    /// Remove an upstream; its connections are closed and its tools withdrawn.
+    Remove(RegistryNameArgs),
+}
+
+/// `haven registry add`.
+#[derive(Args, Debug)]
+pub struct RegistryAddArgs {
+    /// Upstream name: 1-32 of a-z, 0-9, '-', starting with a letter. Its tools are served as
+    /// NAME__TOOL and its resources as NAME+URI.
+    pub name: String,
+    /// MCP endpoint of a Streamable HTTP upstream
+    #[arg(long, value_name = "URL", conflicts_with = "command")]
+    pub url: Option<String>,
+    /// Request header of an HTTP upstream, `Name: value` or `Name=value`; the value may
+    /// reference secrets as ${secret:NAME} (repeatable)
+    #[arg(long = "header", value_name = "HEADER")]
+    pub headers: Vec<String>,
+    /// Environment variable of a stdio upstream, `NAME=value`; the value may reference
+    /// secrets as ${secret:NAME} (repeatable)
+    #[arg(long = "env", value_name = "NAME=VALUE")]
+    pub env: Vec<String>,
+    /// Working directory of a stdio upstream
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<String>,
+    /// Per-call timeout in milliseconds [default: the upstream.timeout_ms setting]
+    #[arg(long, value_name = "MS")]
+    pub timeout_ms: Option<u64>,
+    /// Register it disabled (not connected, not served)
+    #[arg(long)]
+    pub disabled: bool,
+    /// Free text for operators
+    #[arg(long, value_name = "TEXT")]
+    pub description: Option<String>,
+    /// Replace an existing entry of the same name
+    #[arg(long)]
+    pub replace: bool,
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// Command and arguments of a stdio upstream (after `--`)
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// A command naming one upstream.
+#[derive(Args, Debug)]
+pub struct RegistryNameArgs {
+    /// Upstream name
+    pub name: String,
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+/// `haven config` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Show one setting: value in force, default, where it came from.
+    Get(ConfigKeyArgs),
+    /// Set a setting for the whole region; every node applies it without a restart.
+    Set(ConfigSetArgs),
+    /// Return a setting to its default.
+    Unset(ConfigKeyArgs),
+    /// List every setting.
+    List(NodeArgs),
+}
+
+/// A command naming one setting.
+#[derive(Args, Debug)]
+pub struct ConfigKeyArgs {
+    /// Setting, e.g. upstream.timeout_ms (see `haven config list`)
+    pub key: String,
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+/// `haven config set`.
+#[derive(Args, Debug)]
+pub struct ConfigSetArgs {
+    /// Setting, e.g. upstream.timeout_ms (see `haven config list`)
+    pub key: String,
+    /// New value
+    pub value: String,
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+/// `haven secrets` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum SecretsCommand {
+    /// Store a secret. The value is read from standard input (one line; or everything with
+    /// --multiline), or from --value-file; never from the command line.
+    Set(SecretsSetArgs),
+    /// List secrets (names, key-encryption key, times; never values).
+    List(SecretsListArgs),
+    /// Delete a secret (refused while a registered upstream references it, unless --force).
+    Delete(SecretsDeleteArgs),
+    /// Re-wrap every data key under the newest key-encryption key of the node's key file, and
+    /// start signing request state with a new key. Shows which old keys are still in use.
+    RotateKey(NodeArgs),
+    /// Show key-encryption keys in use and the request-state signing keys.
+    Keys(NodeArgs),
+    /// Append a new key-encryption key to a key file (it becomes the primary after the next
+    /// rotate-key); creates the file if missing. Runs locally; copy the file to every node.
+    NewKey(SecretsNewKeyArgs),
+}
+
+/// `haven secrets set`.
+#[derive(Args, Debug)]
+pub struct SecretsSetArgs {
+    /// Secret name: letters, digits, '_', '-', '.', '/'
+    pub name: String,
+    /// Read the value from this file (all of it, as is)
+    #[arg(long, value_name = "FILE")]
+    pub value_file: Option<PathBuf>,
+    /// Read all of standard input instead of one line
+    #[arg(long)]
+    pub multiline: bool,
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+/// `haven secrets list`.
+#[derive(Args, Debug)]
+pub struct SecretsListArgs {
+    /// Include Haven's own secrets (system/...)
+    #[arg(long)]
+    pub all: bool,
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+/// `haven secrets delete`.
+#[derive(Args, Debug)]
+pub struct SecretsDeleteArgs {
+    /// Secret name
+    pub name: String,
+    /// Delete even if a registered upstream references it
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+/// `haven secrets new-key`.
+#[derive(Args, Debug)]
+pub struct SecretsNewKeyArgs {
+    /// Key file to append to (created, mode 0600, if missing)
+    #[arg(long, value_name = "FILE")]
+    pub key_file: PathBuf,
 }
 
 /// `haven status`.
@@ -235,6 +421,12 @@ pub struct CommonArgs {
     /// NATS server) [default: 3]
     #[arg(long, env = "HAVEN_STORE_REPLICAS", value_name = "N")]
     pub store_replicas: Option<usize>,
+    /// File of key-encryption keys for secrets (`<kid> <base64 key>` per line, the last one
+    /// wraps new data keys). The keys may also come from HAVEN_SECRETS_KEYS (lines separated by
+    /// `;`). Every node of a region needs the same keys. [default on an embedded store:
+    /// DATA/secrets.keys, created on first start; a NATS store requires one of the two]
+    #[arg(long, env = "HAVEN_SECRETS_KEY_FILE", value_name = "FILE")]
+    pub secrets_key_file: Option<PathBuf>,
 }
 
 /// Settings of `haven serve`.
@@ -285,6 +477,7 @@ struct FileSettings {
     worker_threads: Option<usize>,
     store: Option<String>,
     store_replicas: Option<usize>,
+    secrets_key_file: Option<PathBuf>,
     drain_timeout: Option<String>,
     listen: Option<String>,
     allowed_hosts: Option<Vec<String>>,
@@ -323,6 +516,7 @@ pub struct Settings {
     pub allowed_hosts: Vec<String>,
     pub max_body_bytes: usize,
     pub admin_token_file: Option<PathBuf>,
+    pub secrets_key_file: Option<PathBuf>,
     pub backup: Option<BackupSettings>,
 }
 
@@ -504,7 +698,11 @@ impl Settings {
         match &cli.command {
             Command::Serve(args) => Ok((Mode::Serve, Settings::resolve(&args.common, Some(args))?)),
             Command::Stdio(args) => Ok((Mode::Stdio, Settings::resolve(args, None)?)),
-            Command::Backup(_) | Command::Status(_) => {
+            Command::Backup(_)
+            | Command::Status(_)
+            | Command::Registry(_)
+            | Command::Config(_)
+            | Command::Secrets(_) => {
                 bail!("this command has no server settings")
             }
         }
@@ -632,6 +830,7 @@ impl Settings {
                 .unwrap_or_else(|| vec!["localhost".into(), "127.0.0.1".into(), "[::1]".into()]),
             max_body_bytes,
             admin_token_file,
+            secrets_key_file: common.secrets_key_file.clone().or(file.secrets_key_file),
             backup,
             nats,
             store_replicas,

@@ -821,3 +821,67 @@ async fn a_lost_nats_cluster_makes_nodes_unready_and_answer_503_then_they_recove
     }
     assert!(!notes.contains("during"));
 }
+
+async fn node_config(node: &Haven) -> Value {
+    let token = std::fs::read_to_string(node.data.join("admin.token")).unwrap();
+    reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{}/admin/v1/config", node.port))
+        .bearer_auth(token.trim())
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setting_changed_on_one_node_applies_on_every_node_within_a_second() {
+    let _one = ONE_REGION_AT_A_TIME.lock().await;
+    let region = Region::start().await;
+    let nodes: Vec<&Haven> = region.nodes.iter().flatten().collect();
+    let token = std::fs::read_to_string(nodes[0].data.join("admin.token")).unwrap();
+    let client = reqwest::Client::new();
+    // Time from the set being acknowledged by node0 to the value being in force on the
+    // others, over 20 changes.
+    let mut lags = Vec::new();
+    for i in 0..20u64 {
+        let value = 10_000 + i;
+        let r = client
+            .put(format!(
+                "http://127.0.0.1:{}/admin/v1/config/upstream.timeout_ms",
+                nodes[0].port
+            ))
+            .bearer_auth(token.trim())
+            .json(&json!({ "value": value.to_string() }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let acked = Instant::now();
+        for n in &nodes[1..] {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let v = node_config(n).await;
+                if v["in_force"]["values"]["upstream.timeout_ms"] == json!(value) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "not applied on {}: {v}", n.port);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        lags.push(acked.elapsed());
+    }
+    lags.sort();
+    let median = lags[lags.len() / 2];
+    println!(
+        "config change applied on both other nodes after: median {median:?}, max {:?} (20 changes)",
+        lags[lags.len() - 1]
+    );
+    // Every node reads the same settings from the store.
+    let lists: Vec<Value> = futures::future::join_all(nodes.iter().map(|n| node_config(n))).await;
+    for l in &lists[1..] {
+        assert_eq!(l["settings"], lists[0]["settings"]);
+    }
+}

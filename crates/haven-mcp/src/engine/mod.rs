@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::{Catalog, CatalogInfo};
 use crate::context::ANNOUNCE_NS;
 use crate::hub::{Hub, Topic};
-use crate::keyring::Keyring;
+use crate::keyring::{Keyring, KeyringError, Secrets};
 
 pub use legacy::LegacyPost;
 pub use stateless::{
@@ -216,6 +216,17 @@ pub(crate) struct Inner {
     shutdown: CancellationToken,
 }
 
+/// Why an engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The request-state keyring could not be loaded.
+    #[error("loading the request-state keyring: {0}")]
+    Keyring(#[from] KeyringError),
+    /// The store failed (during recovery).
+    #[error(transparent)]
+    Store(#[from] haven_state::StoreError),
+}
+
 /// The protocol engine of one node. Cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
@@ -223,17 +234,19 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts an engine on `store` serving `catalog`: loads the keyring, starts the change hub,
-    /// and recovers what a previous process of this node left in flight.
+    /// Starts an engine on `store` serving `catalog`: loads the keyring (its key material is
+    /// kept in `secrets`), starts the change hub, and recovers what a previous process of this
+    /// node left in flight.
     pub async fn start(
         store: Arc<dyn Store>,
         catalog: Arc<dyn Catalog>,
         config: EngineConfig,
-    ) -> Result<Engine, haven_state::StoreError> {
+        secrets: Secrets,
+    ) -> Result<Engine, StartError> {
         let store_started_millis = store.clock().wall_millis();
         let hub = Hub::new();
         hub.start(store.clone());
-        let keyring = Keyring::load(store.clone()).await?;
+        let keyring = Keyring::load(store.clone(), secrets).await?;
         let info = catalog.info();
         let inner = Arc::new(Inner {
             store,
@@ -280,6 +293,11 @@ impl Engine {
     /// The request-state keyring.
     pub fn keyring(&self) -> &Keyring {
         &self.inner.keyring
+    }
+
+    /// The secrets service (envelope-encrypted values in the store).
+    pub fn secrets(&self) -> &Secrets {
+        self.inner.keyring.secrets()
     }
 
     /// The nodes of this region, from their heartbeat records.

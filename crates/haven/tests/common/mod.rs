@@ -3,6 +3,11 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod upstreams;
+
+/// Key-encryption key every test node on a shared (NATS) store gets through
+/// HAVEN_SECRETS_KEYS: nodes of one region must share their secrets keys.
+pub const TEST_SECRETS_KEYS: &str = "test QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=";
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -72,7 +77,15 @@ impl Haven {
                 format!("t{:016x}", h.finish()),
             ];
         }
-        let child = Command::new(env!("CARGO_BIN_EXE_haven"))
+        let shared_store = !store_args.is_empty()
+            || extra
+                .windows(2)
+                .any(|w| w[0] == "--store" && w[1].starts_with("nats://"));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_haven"));
+        if shared_store && !extra.contains(&"--secrets-key-file") {
+            command.env("HAVEN_SECRETS_KEYS", TEST_SECRETS_KEYS);
+        }
+        let child = command
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
             .arg(data)
             .args(["--catalog", catalog])

@@ -1,0 +1,262 @@
+//! Opening a connection to an upstream (stdio child process or Streamable HTTP) and the client
+//! handler that receives the upstream's notifications and requests.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use haven_control::config::UpstreamSettings;
+use haven_control::registry::{Transport, UpstreamSpec, served_uri};
+use haven_mcp::RequestContext;
+use haven_mcp::context::{Announcement, announce};
+use haven_state::Store;
+use parking_lot::Mutex;
+use rmcp::ClientHandler;
+use rmcp::model::{
+    ClientCapabilities, ClientConfig, CreateMessageRequestParams, CreateMessageResult,
+    ElicitRequestParams, ElicitResult, ErrorCode, ErrorData, Implementation, ListRootsResult,
+    LoggingMessageNotificationParam, ProgressNotificationParam, ProgressToken, ProtocolVersion,
+    ResourceUpdatedNotificationParam,
+};
+use rmcp::service::{NotificationContext, Peer, RequestContext as RmcpContext, RoleClient};
+use rmcp::transport::streamable_http_client::{
+    StreamableHttpClientTransportConfig, StreamableHttpError,
+};
+use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::SecretResolver;
+
+/// Requests in flight whose progress goes to a client: the progress token Haven's client put on
+/// the upstream request → the calling client's context.
+pub(crate) type ProgressMap = Arc<Mutex<HashMap<ProgressToken, RequestContext>>>;
+
+/// An open connection.
+pub(crate) struct Opened {
+    /// Sends requests to the upstream.
+    pub peer: Peer<RoleClient>,
+    /// Cancels the rmcp service (which closes the transport: the child process is closed,
+    /// then killed, and reaped; the HTTP session is deleted).
+    pub ct: CancellationToken,
+    /// Cancelled once the service has ended and its transport is closed.
+    pub done: CancellationToken,
+    /// The child's process id (stdio).
+    pub pid: Option<u32>,
+}
+
+/// Receives what an upstream sends on its own: list changes, resource updates, progress, log
+/// messages, and server-to-client requests (which it answers itself; see the crate doc).
+#[derive(Clone)]
+pub(crate) struct Handler {
+    pub upstream: String,
+    pub store: Arc<dyn Store>,
+    /// Wakes the connection's list refresher.
+    pub refresh: Arc<Notify>,
+    pub progress: ProgressMap,
+}
+
+fn refused(what: &str) -> ErrorData {
+    ErrorData::new(
+        ErrorCode::METHOD_NOT_FOUND,
+        format!("Haven does not relay {what} requests from upstream servers"),
+        None,
+    )
+}
+
+impl ClientHandler for Handler {
+    fn get_info(&self) -> ClientConfig {
+        // Haven talks to upstreams in the legacy era (initialize + session), newest version.
+        let mut config = ClientConfig::new(
+            ClientCapabilities::default(),
+            Implementation::new("haven", env!("CARGO_PKG_VERSION")),
+        );
+        config.protocol_version = ProtocolVersion::LATEST_WITH_INITIALIZE;
+        config
+    }
+
+    async fn create_message(
+        &self,
+        _params: CreateMessageRequestParams,
+        _context: RmcpContext<RoleClient>,
+    ) -> Result<CreateMessageResult, ErrorData> {
+        Err(refused("sampling"))
+    }
+
+    async fn list_roots(
+        &self,
+        _context: RmcpContext<RoleClient>,
+    ) -> Result<ListRootsResult, ErrorData> {
+        Ok(ListRootsResult::default())
+    }
+
+    async fn create_elicitation(
+        &self,
+        _request: ElicitRequestParams,
+        _context: RmcpContext<RoleClient>,
+    ) -> Result<ElicitResult, ErrorData> {
+        Err(refused("elicitation"))
+    }
+
+    async fn on_progress(
+        &self,
+        params: ProgressNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        let ctx = self.progress.lock().get(&params.progress_token).cloned();
+        if let Some(ctx) = ctx {
+            ctx.progress(params.progress, params.total, params.message);
+        }
+    }
+
+    async fn on_logging_message(
+        &self,
+        params: LoggingMessageNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        tracing::debug!(upstream = %self.upstream, level = ?params.level, logger = ?params.logger, data = %params.data, "upstream log message");
+    }
+
+    async fn on_resource_updated(
+        &self,
+        params: ResourceUpdatedNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        let uri = served_uri(&self.upstream, &params.uri);
+        if let Err(e) = announce(&*self.store, &Announcement::ResourceUpdated(uri)).await {
+            tracing::warn!(upstream = %self.upstream, error = %e, "could not announce a resource update");
+        }
+    }
+
+    async fn on_tool_list_changed(&self, _context: NotificationContext<RoleClient>) {
+        self.refresh.notify_one();
+    }
+
+    async fn on_prompt_list_changed(&self, _context: NotificationContext<RoleClient>) {
+        self.refresh.notify_one();
+    }
+
+    async fn on_resource_list_changed(&self, _context: NotificationContext<RoleClient>) {
+        self.refresh.notify_one();
+    }
+}
+
+/// Opens a connection to `spec` and completes the MCP handshake. The caller bounds the time.
+pub(crate) async fn open(
+    spec: &UpstreamSpec,
+    handler: Handler,
+    secrets: &dyn SecretResolver,
+    settings: &UpstreamSettings,
+) -> Result<Opened, String> {
+    let ct = CancellationToken::new();
+    let (running, pid) = match &spec.transport {
+        Transport::Stdio {
+            command,
+            args,
+            env,
+            cwd,
+        } => {
+            let mut cmd = tokio::process::Command::new(command);
+            cmd.args(args).kill_on_drop(true);
+            for (k, v) in env {
+                let value = secrets
+                    .expand(v)
+                    .await
+                    .map_err(|e| format!("environment variable {k}: {e}"))?;
+                cmd.env(k, value);
+            }
+            if let Some(dir) = cwd {
+                cmd.current_dir(dir);
+            }
+            let (child, stderr) = TokioChildProcess::builder(cmd)
+                .stderr(Stdio::piped())
+                .spawn()
+                .map_err(|e| format!("cannot start '{command}': {e}"))?;
+            let pid = child.id();
+            if let Some(stderr) = stderr {
+                let name = spec.name.clone();
+                tokio::spawn(async move {
+                    let mut lines = tokio::io::BufReader::new(stderr).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        tracing::debug!(upstream = %name, "stderr: {line}");
+                    }
+                });
+            }
+            let running = rmcp::service::serve_client_with_ct(handler, child, ct.clone())
+                .await
+                .map_err(|e| format!("MCP handshake failed: {e}"))?;
+            (running, pid)
+        }
+        Transport::Http { url, headers } => {
+            let mut custom = HashMap::new();
+            for (k, v) in headers {
+                let name = http::HeaderName::from_bytes(k.as_bytes())
+                    .map_err(|_| format!("'{k}' is not a valid header name"))?;
+                let value = secrets
+                    .expand(v)
+                    .await
+                    .map_err(|e| format!("header {k}: {e}"))?;
+                let mut value = http::HeaderValue::from_str(&value)
+                    .map_err(|_| format!("header {k}: the value is not a valid header value"))?;
+                value.set_sensitive(true);
+                custom.insert(name, value);
+            }
+            let client = reqwest::Client::builder()
+                .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
+                .build()
+                .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+            let config = StreamableHttpClientTransportConfig::with_uri(url.as_str())
+                .custom_headers(custom)
+                .reinit_on_expired_session(true);
+            let transport = StreamableHttpClientTransport::with_client(client, config);
+            let running = rmcp::service::serve_client_with_ct(handler, transport, ct.clone())
+                .await
+                .map_err(|e| format!("MCP handshake failed: {e}"))?;
+            (running, None)
+        }
+    };
+    let peer = running.peer().clone();
+    let done = CancellationToken::new();
+    tokio::spawn({
+        let done = done.clone();
+        async move {
+            let reason = running.waiting().await;
+            tracing::debug!(?reason, "upstream connection ended");
+            done.cancel();
+        }
+    });
+    Ok(Opened {
+        peer,
+        ct,
+        done,
+        pid,
+    })
+}
+
+/// Whether a failed send provably never reached the upstream: the connection was refused, or
+/// the session was gone (HTTP 404) and could not be re-opened.
+pub(crate) fn not_delivered(error: &rmcp::service::ServiceError) -> bool {
+    let rmcp::service::ServiceError::TransportSend(e) = error else {
+        return false;
+    };
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e.error.as_ref());
+    while let Some(err) = source {
+        if let Some(http) = err.downcast_ref::<StreamableHttpError<reqwest::Error>>() {
+            match http {
+                StreamableHttpError::Client(c) if c.is_connect() => return true,
+                StreamableHttpError::SessionExpired
+                | StreamableHttpError::ReinitializationFailed(_) => return true,
+                _ => {}
+            }
+        }
+        if let Some(c) = err.downcast_ref::<reqwest::Error>()
+            && c.is_connect()
+        {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}

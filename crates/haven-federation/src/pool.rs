@@ -1,0 +1,1024 @@
+//! The per-node pool of upstream connections: one supervisor task per enabled upstream, the
+//! registry watcher, the call path (deadline, cancellation, circuit breaker, one retry of an
+//! undelivered request) and the operator status.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use haven_control::config::UpstreamSettings;
+use haven_control::registry::{REGISTRY_NS, Transport, UpstreamSpec};
+use haven_mcp::RequestContext;
+use haven_state::{Change, Store, StoreError};
+use parking_lot::Mutex;
+use rmcp::model::{ClientRequest, ErrorCode, ErrorData, ServerResult};
+use rmcp::service::{Peer, PeerRequestOptions, RoleClient, ServiceError};
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::{Notify, broadcast, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::breaker::Breaker;
+use crate::connect::{self, Handler, ProgressMap};
+use crate::lists::{self, LISTS_NS, UpstreamLists};
+use crate::{
+    REQUEST_CANCELLED, SecretResolver, UPSTREAM_BAD_RESPONSE, UPSTREAM_TIMEOUT,
+    UPSTREAM_UNAVAILABLE,
+};
+
+/// First wait before reconnecting a dead upstream; doubles up to `restart_max_backoff_ms`.
+const INITIAL_BACKOFF_MS: u64 = 250;
+/// How long closing a connection may take (a stdio child gets stdin closed, then SIGTERM, then
+/// SIGKILL, each after 3 s).
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
+/// How long a `notifications/cancelled` may take to send.
+const CANCEL_SEND_WAIT: Duration = Duration::from_secs(5);
+
+/// What an upstream is doing, for operators.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamState {
+    /// Connected; calls go through.
+    Connected,
+    /// Connecting (or fetching its lists after connecting).
+    Connecting,
+    /// Waiting before the next connection attempt after a failure.
+    Backoff,
+    /// Connected, but the circuit breaker refuses calls (or lets one trial through).
+    BreakerOpen,
+    /// Registered but disabled: not connected, not served.
+    Disabled,
+}
+
+/// One upstream's status (serializable; holds no secret values).
+#[derive(Clone, Debug, Serialize)]
+pub struct UpstreamStatus {
+    /// Registered name.
+    pub name: String,
+    /// `http` or `stdio`.
+    pub transport: &'static str,
+    /// What it is doing.
+    pub state: UpstreamState,
+    /// The last connection, listing or call error, if any since the last success.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Served tools (from this node's last fetch).
+    pub tools: usize,
+    /// Served prompts.
+    pub prompts: usize,
+    /// Served resources.
+    pub resources: usize,
+    /// Served resource templates.
+    pub resource_templates: usize,
+    /// Calls answered by the upstream (including tool results with `isError`).
+    pub calls_ok: u64,
+    /// Calls that ended in an error (timeouts, refusals, upstream JSON-RPC errors, …).
+    pub calls_failed: u64,
+    /// Reconnections after the first connection.
+    pub restarts: u64,
+    /// Consecutive failures counted by the circuit breaker.
+    pub consecutive_failures: u32,
+    /// Process id of a stdio upstream's child while connected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Milliseconds until the next connection attempt (state `backoff`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_in_ms: Option<u64>,
+}
+
+/// The pool of upstream connections of this node. Cheap to clone.
+#[derive(Clone)]
+pub struct Upstreams {
+    pub(crate) inner: Arc<Pool>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) store: Arc<dyn Store>,
+    secrets: Arc<dyn SecretResolver>,
+    settings: watch::Receiver<UpstreamSettings>,
+}
+
+impl Shared {
+    fn settings(&self) -> UpstreamSettings {
+        self.settings.borrow().clone()
+    }
+}
+
+pub(crate) struct Pool {
+    pub(crate) shared: Arc<Shared>,
+    entries: Mutex<BTreeMap<String, Arc<Entry>>>,
+    shutdown: CancellationToken,
+    /// The registry watcher and closing tasks, awaited by [`Upstreams::shutdown`].
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Decoded list records by upstream, with the revision they were decoded from.
+    pub(crate) lists_cache: Mutex<HashMap<String, (u64, Arc<UpstreamLists>)>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Disabled,
+    Connecting,
+    Connected,
+    Backoff { until: Instant },
+    Stopped,
+}
+
+struct Conn {
+    peer: Peer<RoleClient>,
+    ct: CancellationToken,
+    done: CancellationToken,
+    pid: Option<u32>,
+    generation: u64,
+    /// Progress routes of this connection's requests in flight.
+    progress: ProgressMap,
+}
+
+impl Conn {
+    async fn close(&self) {
+        self.ct.cancel();
+        if tokio::time::timeout(CLOSE_WAIT, self.done.cancelled())
+            .await
+            .is_err()
+        {
+            tracing::warn!("an upstream connection did not close within {CLOSE_WAIT:?}");
+        }
+    }
+}
+
+struct EntryState {
+    phase: Phase,
+    conn: Option<Arc<Conn>>,
+    generation: u64,
+    reconnect_for: Option<u64>,
+    last_error: Option<String>,
+    counts: (usize, usize, usize, usize),
+    calls_ok: u64,
+    calls_failed: u64,
+    restarts: u64,
+    connected_once: bool,
+    backoff_ms: u64,
+    breaker: Breaker,
+}
+
+struct Entry {
+    spec: UpstreamSpec,
+    st: Mutex<EntryState>,
+    /// Bumped on every phase or connection change.
+    changed: watch::Sender<()>,
+    stop: CancellationToken,
+    reconnect: Notify,
+    supervisor: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Entry {
+    fn new(spec: UpstreamSpec) -> Arc<Entry> {
+        let phase = if spec.disabled {
+            Phase::Disabled
+        } else {
+            Phase::Connecting
+        };
+        Arc::new(Entry {
+            spec,
+            st: Mutex::new(EntryState {
+                phase,
+                conn: None,
+                generation: 0,
+                reconnect_for: None,
+                last_error: None,
+                counts: (0, 0, 0, 0),
+                calls_ok: 0,
+                calls_failed: 0,
+                restarts: 0,
+                connected_once: false,
+                backoff_ms: INITIAL_BACKOFF_MS,
+                breaker: Breaker::default(),
+            }),
+            changed: watch::channel(()).0,
+            stop: CancellationToken::new(),
+            reconnect: Notify::new(),
+            supervisor: Mutex::new(None),
+        })
+    }
+
+    fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    fn is_http(&self) -> bool {
+        matches!(self.spec.transport, Transport::Http { .. })
+    }
+
+    fn update(&self, f: impl FnOnce(&mut EntryState)) {
+        f(&mut self.st.lock());
+        self.changed.send_replace(());
+    }
+
+    /// Asks the supervisor to replace connection `generation` (if it is still the current one).
+    fn request_reconnect(&self, generation: u64) {
+        self.st.lock().reconnect_for = Some(generation);
+        self.reconnect.notify_one();
+    }
+
+    /// Stops the supervisor and closes the connection; returns when both are done.
+    async fn stop(&self) {
+        self.stop.cancel();
+        let handle = self.supervisor.lock().take();
+        if let Some(h) = handle {
+            let _ = h.await;
+        }
+        let conn = self.st.lock().conn.take();
+        if let Some(c) = conn {
+            c.close().await;
+        }
+        self.update(|st| st.phase = Phase::Stopped);
+    }
+
+    fn status(&self) -> UpstreamStatus {
+        let st = self.st.lock();
+        let now = Instant::now();
+        let (state, retry_in_ms) = match st.phase {
+            Phase::Disabled | Phase::Stopped => (UpstreamState::Disabled, None),
+            Phase::Connecting => (UpstreamState::Connecting, None),
+            Phase::Connected if st.breaker.is_open() => (UpstreamState::BreakerOpen, None),
+            Phase::Connected => (UpstreamState::Connected, None),
+            Phase::Backoff { until } => (
+                UpstreamState::Backoff,
+                Some(until.saturating_duration_since(now).as_millis() as u64),
+            ),
+        };
+        UpstreamStatus {
+            name: self.spec.name.clone(),
+            transport: match self.spec.transport {
+                Transport::Http { .. } => "http",
+                Transport::Stdio { .. } => "stdio",
+            },
+            state,
+            last_error: st.last_error.clone(),
+            tools: st.counts.0,
+            prompts: st.counts.1,
+            resources: st.counts.2,
+            resource_templates: st.counts.3,
+            calls_ok: st.calls_ok,
+            calls_failed: st.calls_failed,
+            restarts: st.restarts,
+            consecutive_failures: st.breaker.failures(),
+            pid: st.conn.as_ref().and_then(|c| c.pid),
+            retry_in_ms,
+        }
+    }
+}
+
+/// How one attempt of a request ended.
+enum Sent {
+    Answered(Box<ServerResult>),
+    UpstreamError(ErrorData),
+    NotDelivered(String),
+    Failed(String),
+    Garbage(String),
+    Timeout,
+    Cancelled,
+}
+
+/// Why no connection could be had for a request.
+enum NoConn {
+    Unavailable(String),
+    Timeout(String),
+    Cancelled,
+}
+
+fn error(code: i32, upstream: &str, reason: &str, message: String) -> ErrorData {
+    ErrorData::new(
+        ErrorCode(code),
+        message,
+        Some(json!({ "upstream": upstream, "reason": reason })),
+    )
+}
+
+fn cancelled_error() -> ErrorData {
+    ErrorData::new(ErrorCode(REQUEST_CANCELLED), "Request cancelled", None)
+}
+
+/// Removes a request's progress route when the request ends.
+struct ProgressRoute {
+    map: ProgressMap,
+    token: rmcp::model::ProgressToken,
+}
+
+impl Drop for ProgressRoute {
+    fn drop(&mut self) {
+        self.map.lock().remove(&self.token);
+    }
+}
+
+impl Upstreams {
+    /// Starts the pool: connects every enabled registered upstream in the background and
+    /// follows registry changes. `settings` is read on every call and connection attempt.
+    /// Must be called within a Tokio runtime.
+    pub fn start(
+        store: Arc<dyn Store>,
+        secrets: Arc<dyn SecretResolver>,
+        settings: watch::Receiver<UpstreamSettings>,
+    ) -> Upstreams {
+        let pool = Arc::new(Pool {
+            shared: Arc::new(Shared {
+                store,
+                secrets,
+                settings,
+            }),
+            entries: Mutex::new(BTreeMap::new()),
+            shutdown: CancellationToken::new(),
+            tasks: Mutex::new(Vec::new()),
+            lists_cache: Mutex::new(HashMap::new()),
+        });
+        let feed = pool.shared.store.subscribe();
+        let watcher = tokio::spawn(watch_registry(pool.clone(), feed));
+        pool.tasks.lock().push(watcher);
+        Upstreams { inner: pool }
+    }
+
+    /// A catalog serving `base` and every enabled upstream.
+    pub fn catalog(&self, base: Arc<dyn haven_mcp::Catalog>) -> crate::FederatedCatalog {
+        crate::FederatedCatalog::new(self.clone(), base)
+    }
+
+    /// Every registered upstream this node knows of, by name.
+    pub fn status(&self) -> Vec<UpstreamStatus> {
+        let entries: Vec<Arc<Entry>> = self.inner.entries.lock().values().cloned().collect();
+        entries.iter().map(|e| e.status()).collect()
+    }
+
+    /// Re-reads the whole registry and applies it (the pool does this on start and when its
+    /// change feed lagged; registry changes are otherwise applied as they are committed).
+    pub async fn reconcile(&self) -> Result<(), StoreError> {
+        reconcile_all(&self.inner).await
+    }
+
+    /// Stops watching the registry and closes every connection (child processes are closed,
+    /// killed if they do not exit, and reaped). List records stay: other nodes keep serving
+    /// them, and this node refreshes them when it starts again.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut *self.inner.tasks.lock());
+        for t in tasks {
+            let _ = t.await;
+        }
+        let entries: Vec<Arc<Entry>> = std::mem::take(&mut *self.inner.entries.lock())
+            .into_values()
+            .collect();
+        futures::future::join_all(entries.iter().map(|e| e.stop())).await;
+        // Closing tasks started while the watcher ran.
+        let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut *self.inner.tasks.lock());
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Whether `name` is an upstream of this node (enabled or not).
+    pub(crate) fn knows(&self, name: &str) -> bool {
+        self.inner.entries.lock().contains_key(name)
+    }
+
+    /// Sends `request` to upstream `name` on behalf of the client of `ctx`, with the call's
+    /// deadline, cancellation, circuit breaker and one retry of an undelivered request.
+    /// `extract` turns the answer into the expected result; `None` is an invalid answer.
+    pub(crate) async fn request<T>(
+        &self,
+        name: &str,
+        method: &str,
+        request: ClientRequest,
+        ctx: &RequestContext,
+        extract: impl Fn(ServerResult) -> Option<T>,
+    ) -> Result<T, ErrorData> {
+        let entry = self.inner.entries.lock().get(name).cloned();
+        let Some(entry) = entry else {
+            return Err(error(
+                UPSTREAM_UNAVAILABLE,
+                name,
+                "unknown",
+                format!("upstream '{name}' is not connected on this node (yet)"),
+            ));
+        };
+        if entry.spec.disabled {
+            return Err(error(
+                UPSTREAM_UNAVAILABLE,
+                name,
+                "disabled",
+                format!("upstream '{name}' is disabled"),
+            ));
+        }
+        let settings = self.inner.shared.settings();
+        let timeout = entry.spec.timeout(settings.timeout_ms);
+        let timeout_ms = timeout.as_millis() as u64;
+        let deadline = tokio::time::Instant::now() + timeout;
+
+        let admitted = entry.st.lock().breaker.admit(Instant::now());
+        let admit = match admitted {
+            Ok(a) => a,
+            Err(left) => {
+                entry.update(|st| st.calls_failed += 1);
+                let message = if left.is_zero() {
+                    format!(
+                        "upstream '{name}' is failing (circuit breaker half-open, a trial call is running); try again shortly"
+                    )
+                } else {
+                    format!(
+                        "upstream '{name}' is failing (circuit breaker open after {} consecutive failures); calls are refused for another {} ms",
+                        settings.breaker_failures,
+                        left.as_millis()
+                    )
+                };
+                return Err(error(UPSTREAM_UNAVAILABLE, name, "breaker-open", message));
+            }
+        };
+
+        let mut min_generation = 0;
+        let mut retried = false;
+        let outcome = loop {
+            let conn = match wait_conn(&entry, deadline, min_generation, ctx.cancelled()).await {
+                Ok(c) => c,
+                Err(e) => break Err(e),
+            };
+            match send_once(&conn, request.clone(), deadline, ctx).await {
+                Sent::NotDelivered(why) if entry.is_http() && !retried => {
+                    tracing::debug!(upstream = name, %why, "request not delivered; reconnecting and retrying once");
+                    retried = true;
+                    entry.request_reconnect(conn.generation);
+                    min_generation = conn.generation + 1;
+                }
+                sent => break Ok(sent),
+            }
+        };
+
+        let now = Instant::now();
+        let cooldown = Duration::from_millis(settings.breaker_cooldown_ms);
+        let threshold = settings.breaker_failures;
+        // Account: breaker, counters, backoff, last error.
+        let failure = |st: &mut EntryState, why: String| {
+            st.calls_failed += 1;
+            st.last_error = Some(why);
+            if st.breaker.failure(admit, now, threshold, cooldown) {
+                tracing::warn!(upstream = name, "circuit breaker opened");
+            }
+        };
+        match outcome {
+            Ok(Sent::Answered(result)) => match extract(*result) {
+                Some(v) => {
+                    entry.update(|st| {
+                        st.calls_ok += 1;
+                        st.breaker.success();
+                        st.backoff_ms = INITIAL_BACKOFF_MS;
+                        st.last_error = None;
+                    });
+                    Ok(v)
+                }
+                None => {
+                    let why = format!("answered {method} with an invalid result");
+                    entry.update(|st| failure(st, why.clone()));
+                    Err(error(
+                        UPSTREAM_BAD_RESPONSE,
+                        name,
+                        "bad-response",
+                        format!("upstream '{name}' {why}"),
+                    ))
+                }
+            },
+            Ok(Sent::UpstreamError(e)) => {
+                entry.update(|st| {
+                    st.calls_failed += 1;
+                    st.breaker.success();
+                    st.backoff_ms = INITIAL_BACKOFF_MS;
+                });
+                Err(e)
+            }
+            Ok(Sent::Garbage(why)) => {
+                entry.update(|st| failure(st, why.clone()));
+                Err(error(
+                    UPSTREAM_BAD_RESPONSE,
+                    name,
+                    "bad-response",
+                    format!("upstream '{name}' {why}"),
+                ))
+            }
+            Ok(Sent::NotDelivered(why)) | Ok(Sent::Failed(why)) => {
+                entry.update(|st| failure(st, why.clone()));
+                Err(error(
+                    UPSTREAM_UNAVAILABLE,
+                    name,
+                    "transport",
+                    format!("upstream '{name}' failed during {method}: {why}"),
+                ))
+            }
+            Ok(Sent::Timeout) => {
+                let why = format!("did not answer {method} within {timeout_ms} ms");
+                entry.update(|st| failure(st, why.clone()));
+                Err(error(
+                    UPSTREAM_TIMEOUT,
+                    name,
+                    "timeout",
+                    format!("upstream '{name}' {why}"),
+                ))
+            }
+            Ok(Sent::Cancelled) | Err(NoConn::Cancelled) => {
+                entry.update(|st| st.breaker.release(admit));
+                Err(cancelled_error())
+            }
+            Err(NoConn::Unavailable(why)) => {
+                entry.update(|st| {
+                    st.calls_failed += 1;
+                    st.breaker.release(admit);
+                });
+                Err(error(
+                    UPSTREAM_UNAVAILABLE,
+                    name,
+                    "unavailable",
+                    format!("upstream '{name}' is unavailable: {why}"),
+                ))
+            }
+            Err(NoConn::Timeout(why)) => {
+                entry.update(|st| {
+                    st.calls_failed += 1;
+                    st.breaker.release(admit);
+                });
+                Err(error(
+                    UPSTREAM_TIMEOUT,
+                    name,
+                    "timeout",
+                    format!(
+                        "upstream '{name}' did not answer {method} within {timeout_ms} ms ({why})"
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+/// Waits (until `deadline`) for a connection of at least `min_generation`. A connection in
+/// backoff, a disabled or removed upstream fail at once.
+async fn wait_conn(
+    entry: &Entry,
+    deadline: tokio::time::Instant,
+    min_generation: u64,
+    cancel: &CancellationToken,
+) -> Result<Arc<Conn>, NoConn> {
+    let mut rx = entry.changed.subscribe();
+    loop {
+        {
+            let st = entry.st.lock();
+            match st.phase {
+                Phase::Connected => {
+                    if let Some(c) = &st.conn
+                        && c.generation >= min_generation
+                    {
+                        return Ok(c.clone());
+                    }
+                }
+                Phase::Backoff { until } => {
+                    let left = until.saturating_duration_since(Instant::now()).as_millis();
+                    let why = st
+                        .last_error
+                        .clone()
+                        .unwrap_or_else(|| "not connected".into());
+                    return Err(NoConn::Unavailable(format!(
+                        "{why} (next connection attempt in {left} ms)"
+                    )));
+                }
+                Phase::Disabled => return Err(NoConn::Unavailable("it is disabled".into())),
+                Phase::Stopped => {
+                    return Err(NoConn::Unavailable(
+                        "it was removed or changed; try again".into(),
+                    ));
+                }
+                Phase::Connecting => {}
+            }
+        }
+        tokio::select! {
+            r = rx.changed() => {
+                if r.is_err() {
+                    return Err(NoConn::Unavailable("it was removed".into()));
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                let why = entry.st.lock().last_error.clone();
+                return Err(NoConn::Timeout(match why {
+                    Some(w) => format!("still connecting; last error: {w}"),
+                    None => "still connecting".into(),
+                }));
+            }
+            _ = cancel.cancelled() => return Err(NoConn::Cancelled),
+        }
+    }
+}
+
+/// Sends `cancelled` for request `id` without waiting for it.
+fn cancel_upstream(peer: &Peer<RoleClient>, id: rmcp::model::RequestId, reason: &str) {
+    let peer = peer.clone();
+    let param = rmcp::model::CancelledNotificationParam::new(Some(id), Some(reason.to_owned()));
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(CANCEL_SEND_WAIT, peer.notify_cancelled(param)).await;
+    });
+}
+
+async fn send_once(
+    conn: &Conn,
+    request: ClientRequest,
+    deadline: tokio::time::Instant,
+    ctx: &RequestContext,
+) -> Sent {
+    let handle = match conn
+        .peer
+        .send_cancellable_request(request, PeerRequestOptions::no_options())
+        .await
+    {
+        Ok(h) => h,
+        Err(e) => return Sent::NotDelivered(format!("the connection is closed ({e})")),
+    };
+    let id = handle.id.clone();
+    let _route = {
+        conn.progress
+            .lock()
+            .insert(handle.progress_token.clone(), ctx.clone());
+        ProgressRoute {
+            map: conn.progress.clone(),
+            token: handle.progress_token.clone(),
+        }
+    };
+    let mut rx = handle.rx;
+    tokio::select! {
+        r = &mut rx => match r {
+            Ok(Ok(result)) => Sent::Answered(Box::new(result)),
+            Ok(Err(e)) => classify(e),
+            Err(_) => Sent::Failed("the connection closed before the upstream answered".into()),
+        },
+        _ = tokio::time::sleep_until(deadline) => {
+            cancel_upstream(&conn.peer, id, "timeout");
+            Sent::Timeout
+        }
+        _ = ctx.cancelled().cancelled() => {
+            cancel_upstream(&conn.peer, id, "cancelled by the client");
+            Sent::Cancelled
+        }
+    }
+}
+
+fn classify(e: ServiceError) -> Sent {
+    if connect::not_delivered(&e) {
+        return Sent::NotDelivered(e.to_string());
+    }
+    match e {
+        ServiceError::McpError(err) => Sent::UpstreamError(err),
+        ServiceError::UnexpectedResponse => {
+            Sent::Garbage("answered with an unexpected result".into())
+        }
+        ServiceError::TransportClosed => {
+            Sent::Failed("the connection closed before the upstream answered".into())
+        }
+        ServiceError::Timeout { .. } => Sent::Timeout,
+        other => Sent::Failed(other.to_string()),
+    }
+}
+
+/// Fetches every list of the upstream (all pages) and publishes them.
+async fn refresh_lists(
+    shared: &Shared,
+    entry: &Entry,
+    peer: &Peer<RoleClient>,
+) -> Result<(), String> {
+    let name = entry.name();
+    let caps = peer
+        .peer_info()
+        .map(|i| i.capabilities.clone())
+        .unwrap_or_default();
+    let mut lists = UpstreamLists::default();
+    if caps.tools.is_some() {
+        lists.tools = peer
+            .list_all_tools()
+            .await
+            .map_err(|e| format!("tools/list failed: {e}"))?;
+    }
+    if caps.prompts.is_some() {
+        lists.prompts = peer
+            .list_all_prompts()
+            .await
+            .map_err(|e| format!("prompts/list failed: {e}"))?;
+    }
+    if caps.resources.is_some() {
+        lists.resources = peer
+            .list_all_resources()
+            .await
+            .map_err(|e| format!("resources/list failed: {e}"))?;
+        // Templates are optional even for servers with resources.
+        lists.templates = match peer.list_all_resource_templates().await {
+            Ok(t) => t,
+            Err(ServiceError::McpError(e)) if e.code == ErrorCode::METHOD_NOT_FOUND => Vec::new(),
+            Err(e) => return Err(format!("resources/templates/list failed: {e}")),
+        };
+    }
+    let invalid = lists.invalid_names(name);
+    if !invalid.is_empty() {
+        tracing::warn!(
+            upstream = name,
+            names = ?invalid,
+            "skipping tools/prompts whose served name would be invalid (longer than 128 characters or characters outside A-Z a-z 0-9 _ . -)"
+        );
+    }
+    let counts = lists.served_counts(name);
+    if entry.stop.is_cancelled() {
+        return Ok(());
+    }
+    let changes = lists::publish(&*shared.store, name, lists)
+        .await
+        .map_err(|e| format!("could not store the upstream's lists: {e}"))?;
+    if !changes.is_empty() {
+        tracing::info!(upstream = name, ?changes, "upstream lists changed");
+    }
+    entry.update(|st| st.counts = counts);
+    Ok(())
+}
+
+/// Refreshes the lists whenever the upstream says one changed, until the connection ends.
+async fn refresh_worker(
+    shared: Arc<Shared>,
+    entry: Arc<Entry>,
+    conn: Arc<Conn>,
+    wake: Arc<Notify>,
+) {
+    loop {
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = conn.done.cancelled() => return,
+            _ = entry.stop.cancelled() => return,
+        }
+        let limit = Duration::from_millis(shared.settings().timeout_ms);
+        match tokio::time::timeout(limit, refresh_lists(&shared, &entry, &conn.peer)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(upstream = entry.name(), error = %e, "refreshing upstream lists failed");
+                entry.update(|st| st.last_error = Some(e));
+            }
+            Err(_) => {
+                let e = format!("listing did not finish within {} ms", limit.as_millis());
+                tracing::warn!(upstream = entry.name(), error = %e, "refreshing upstream lists failed");
+                entry.update(|st| st.last_error = Some(e));
+            }
+        }
+    }
+}
+
+/// Keeps one upstream connected until the entry is stopped.
+async fn supervise(shared: Arc<Shared>, entry: Arc<Entry>) {
+    let name = entry.name().to_owned();
+    let mut wait_first = false;
+    loop {
+        if wait_first {
+            let max = shared.settings().restart_max_backoff_ms.max(1);
+            let mut wait = 0;
+            entry.update(|st| {
+                wait = st.backoff_ms.min(max);
+                st.backoff_ms = (wait.saturating_mul(2)).min(max);
+                st.phase = Phase::Backoff {
+                    until: Instant::now() + Duration::from_millis(wait),
+                };
+            });
+            tracing::debug!(upstream = %name, wait_ms = wait, "reconnecting after backoff");
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+                _ = entry.stop.cancelled() => break,
+            }
+        }
+        wait_first = true;
+        entry.update(|st| st.phase = Phase::Connecting);
+        let settings = shared.settings();
+        let connect_limit = Duration::from_millis(settings.connect_timeout_ms);
+        let wake = Arc::new(Notify::new());
+        let progress: ProgressMap = Arc::new(Mutex::new(HashMap::new()));
+        let handler = Handler {
+            upstream: name.clone(),
+            store: shared.store.clone(),
+            refresh: wake.clone(),
+            progress: progress.clone(),
+        };
+        let attempt = tokio::select! {
+            r = tokio::time::timeout(
+                connect_limit,
+                connect::open(&entry.spec, handler, &*shared.secrets, &settings),
+            ) => r,
+            _ = entry.stop.cancelled() => break,
+        };
+        let opened = match attempt {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => {
+                tracing::warn!(upstream = %name, error = %e, "connecting to upstream failed");
+                entry.update(|st| st.last_error = Some(e));
+                continue;
+            }
+            Err(_) => {
+                let e = format!(
+                    "did not complete the MCP handshake within {} ms",
+                    connect_limit.as_millis()
+                );
+                tracing::warn!(upstream = %name, error = %e, "connecting to upstream failed");
+                entry.update(|st| st.last_error = Some(e));
+                continue;
+            }
+        };
+        let generation = {
+            let mut st = entry.st.lock();
+            st.generation += 1;
+            st.generation
+        };
+        let conn = Arc::new(Conn {
+            peer: opened.peer,
+            ct: opened.ct,
+            done: opened.done,
+            pid: opened.pid,
+            generation,
+            progress,
+        });
+        // The first listing, before calls are let through (bounded like the handshake).
+        let listed = tokio::select! {
+            r = tokio::time::timeout(connect_limit, refresh_lists(&shared, &entry, &conn.peer)) => r,
+            _ = entry.stop.cancelled() => {
+                conn.close().await;
+                break;
+            }
+        };
+        let list_error = match listed {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e),
+            Err(_) => Some(format!(
+                "listing did not finish within {} ms",
+                connect_limit.as_millis()
+            )),
+        };
+        if let Some(e) = &list_error {
+            tracing::warn!(upstream = %name, error = %e, "listing the upstream failed");
+        }
+        entry.update(|st| {
+            st.conn = Some(conn.clone());
+            st.phase = Phase::Connected;
+            st.last_error = list_error;
+            if st.connected_once {
+                st.restarts += 1;
+            }
+            st.connected_once = true;
+        });
+        tracing::info!(upstream = %name, pid = ?conn.pid, "upstream connected");
+        let worker = tokio::spawn(refresh_worker(
+            shared.clone(),
+            entry.clone(),
+            conn.clone(),
+            wake,
+        ));
+        enum End {
+            Closed,
+            Stop,
+            Reconnect,
+        }
+        let end = loop {
+            tokio::select! {
+                _ = conn.done.cancelled() => break End::Closed,
+                _ = entry.stop.cancelled() => break End::Stop,
+                _ = entry.reconnect.notified() => {
+                    if entry.st.lock().reconnect_for.take() == Some(generation) {
+                        break End::Reconnect;
+                    }
+                }
+            }
+        };
+        entry.update(|st| {
+            st.conn = None;
+            st.phase = Phase::Connecting;
+            if matches!(end, End::Closed) {
+                st.last_error = Some("the connection to the upstream closed".into());
+            }
+        });
+        worker.abort();
+        conn.close().await;
+        match end {
+            End::Stop => break,
+            End::Closed => {
+                tracing::warn!(upstream = %name, "upstream connection closed; reconnecting");
+            }
+            End::Reconnect => {
+                tracing::info!(upstream = %name, "reconnecting to upstream");
+                wait_first = false;
+            }
+        }
+    }
+    entry.update(|st| st.phase = Phase::Stopped);
+}
+
+/// Applies the current registry entry of `name` (`None`: removed).
+async fn apply(pool: &Arc<Pool>, name: &str, spec: Option<UpstreamSpec>) {
+    let existing = pool.entries.lock().get(name).cloned();
+    if let (Some(e), Some(s)) = (&existing, &spec)
+        && e.spec == *s
+    {
+        return;
+    }
+    // Replace (or remove) the old entry; its connection closes in the background.
+    if let Some(old) = existing {
+        pool.entries.lock().remove(name);
+        // Stop at once (no more list refreshes); the connection closes in the background.
+        old.stop.cancel();
+        let closing = tokio::spawn(async move { old.stop().await });
+        let mut tasks = pool.tasks.lock();
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(closing);
+    }
+    let served = spec.as_ref().is_some_and(|s| !s.disabled);
+    if let Some(spec) = spec {
+        let entry = Entry::new(spec);
+        if !entry.spec.disabled {
+            tracing::info!(upstream = name, "starting upstream");
+            let task = tokio::spawn(supervise(pool.shared.clone(), entry.clone()));
+            *entry.supervisor.lock() = Some(task);
+        }
+        pool.entries.lock().insert(name.to_owned(), entry);
+    }
+    if !served {
+        tracing::info!(
+            upstream = name,
+            "upstream removed or disabled; withdrawing its lists"
+        );
+        pool.lists_cache.lock().remove(name);
+        if let Err(e) = lists::remove(&*pool.shared.store, name).await {
+            tracing::warn!(upstream = name, error = %e, "could not delete the upstream's list record");
+        }
+    }
+}
+
+async fn reconcile_all(pool: &Arc<Pool>) -> Result<(), StoreError> {
+    let store = pool.shared.store.clone();
+    let specs: BTreeMap<String, UpstreamSpec> = lists::registered(&*store)
+        .await?
+        .into_iter()
+        .map(|s| (s.name.clone(), s))
+        .collect();
+    let known: Vec<String> = pool.entries.lock().keys().cloned().collect();
+    for name in known {
+        if !specs.contains_key(&name) {
+            apply(pool, &name, None).await;
+        }
+    }
+    for (name, spec) in &specs {
+        apply(pool, name, Some(spec.clone())).await;
+    }
+    // List records of upstreams that are gone (removed while no node ran, say).
+    for name in lists::scan_all(&*store, LISTS_NS).await?.into_keys() {
+        if specs.get(&name).is_none_or(|s| s.disabled) {
+            lists::remove(&*store, &name).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Follows the change feed and applies registry changes as they are committed.
+async fn watch_registry(
+    pool: Arc<Pool>,
+    mut feed: broadcast::Receiver<Arc<haven_state::LogEntry>>,
+) {
+    let mut need_full = true;
+    loop {
+        if need_full {
+            match reconcile_all(&pool).await {
+                Ok(()) => need_full = false,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the upstream registry failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = pool.shutdown.cancelled() => return,
+                    }
+                }
+            }
+        }
+        let entry = tokio::select! {
+            r = feed.recv() => r,
+            _ = pool.shutdown.cancelled() => return,
+        };
+        match entry {
+            Ok(e) => {
+                let Change::Record(r) = &e.change else {
+                    continue;
+                };
+                if r.namespace != REGISTRY_NS {
+                    continue;
+                }
+                let key = r.key.clone();
+                let current = match pool.shared.store.get(REGISTRY_NS, &key).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading a registry entry failed");
+                        need_full = true;
+                        continue;
+                    }
+                };
+                let spec = current.and_then(|c| lists::decode_spec(&key, c.value()));
+                apply(&pool, &key, spec).await;
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => need_full = true,
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}

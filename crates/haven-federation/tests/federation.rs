@@ -1,0 +1,908 @@
+//! The federation against real upstreams on 127.0.0.1: an rmcp server over Streamable HTTP in
+//! this process and the `haven-federation-test-upstream` binary over stdio. Every test stops
+//! what it started (pool, servers, child processes); every wait is bounded.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use haven_control::config::UpstreamSettings;
+use haven_control::registry::{Piece, Registry, Transport, UpstreamSpec, parse_template};
+use haven_federation::testing::{HttpUpstream, long_tool_name};
+use haven_federation::{
+    FederatedCatalog, LISTS_NS, REQUEST_CANCELLED, SecretResolver, UPSTREAM_TIMEOUT,
+    UPSTREAM_UNAVAILABLE, UpstreamLists, UpstreamState, UpstreamStatus, Upstreams,
+};
+use haven_mcp::catalog::default::DefaultCatalog;
+use haven_mcp::catalog::{Caller, Catalog, Round, Step};
+use haven_mcp::context::{ANNOUNCE_NS, Era, Item, RequestContext};
+use haven_state::{HybridClock, Origin, RedbStore, Store};
+use rmcp::model::{
+    ArgumentInfo, CallToolResult, CompleteRequestParams, ErrorData, JsonObject, NumberOrString,
+    ProgressToken, Reference, ResourceContents,
+};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+const STDIO_BIN: &str = env!("CARGO_BIN_EXE_haven-federation-test-upstream");
+const SECRET_VALUE: &str = "s3cr3t-value-xyz";
+
+/// Resolves `${secret:NAME}` from a fixed map.
+struct MapSecrets(BTreeMap<String, String>);
+
+#[async_trait]
+impl SecretResolver for MapSecrets {
+    async fn expand(&self, template: &str) -> Result<String, String> {
+        let mut out = String::new();
+        for p in parse_template(template).map_err(|e| e.to_string())? {
+            match p {
+                Piece::Text(t) => out.push_str(t),
+                Piece::Secret(n) => out.push_str(
+                    self.0
+                        .get(n)
+                        .ok_or_else(|| format!("unknown secret '{n}'"))?,
+                ),
+            }
+        }
+        Ok(out)
+    }
+}
+
+struct Node {
+    _dir: tempfile::TempDir,
+    store: Arc<dyn Store>,
+    settings: watch::Sender<UpstreamSettings>,
+    upstreams: Upstreams,
+    catalog: FederatedCatalog,
+}
+
+fn settings() -> UpstreamSettings {
+    UpstreamSettings {
+        timeout_ms: 5_000,
+        breaker_failures: 3,
+        breaker_cooldown_ms: 1_000,
+        restart_max_backoff_ms: 1_000,
+        connect_timeout_ms: 3_000,
+    }
+}
+
+fn node(settings: UpstreamSettings) -> Node {
+    // RUST_LOG=haven_federation=debug shows what the pool does.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(
+        RedbStore::open(
+            dir.path(),
+            Origin::new("r1", "n1"),
+            Arc::new(HybridClock::default()),
+        )
+        .unwrap(),
+    );
+    let (tx, rx) = watch::channel(settings);
+    let secrets = MapSecrets(BTreeMap::from([(
+        "tok".to_string(),
+        SECRET_VALUE.to_string(),
+    )]));
+    let upstreams = Upstreams::start(store.clone(), Arc::new(secrets), rx);
+    let catalog = upstreams.catalog(Arc::new(DefaultCatalog::new()));
+    Node {
+        _dir: dir,
+        store,
+        settings: tx,
+        upstreams,
+        catalog,
+    }
+}
+
+impl Node {
+    async fn register(&self, spec: UpstreamSpec) {
+        let known = spec.secret_references();
+        Registry::new(self.store.clone())
+            .add(&spec, &known, true)
+            .await
+            .unwrap();
+    }
+
+    fn status(&self, name: &str) -> Option<UpstreamStatus> {
+        self.upstreams.status().into_iter().find(|s| s.name == name)
+    }
+
+    /// Waits (at most `limit`) until `name` is in `state`.
+    async fn wait_state(
+        &self,
+        name: &str,
+        state: UpstreamState,
+        limit: Duration,
+    ) -> UpstreamStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.status(name)
+                && s.state == state
+            {
+                return s;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "{name} did not become {state:?} within {limit:?}: {:?}",
+                self.status(name)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn tool_names(&self) -> Vec<String> {
+        self.catalog
+            .tools(&ctx(&self.store))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| t.name.to_string())
+            .collect()
+    }
+
+    async fn call(&self, name: &str, args: Value) -> Result<CallToolResult, ErrorData> {
+        self.call_with(&ctx(&self.store), name, args).await
+    }
+
+    async fn call_with(
+        &self,
+        ctx: &RequestContext,
+        name: &str,
+        args: Value,
+    ) -> Result<CallToolResult, ErrorData> {
+        let Value::Object(args) = args else { panic!() };
+        match self
+            .catalog
+            .call_tool(ctx, name, args, Round::default())
+            .await?
+        {
+            Step::Done(r) => Ok(r),
+            Step::NeedInput { .. } => panic!("unexpected input request"),
+        }
+    }
+
+    async fn record(&self, upstream: &str) -> Option<(u64, UpstreamLists)> {
+        let r = self.store.get(LISTS_NS, upstream).await.unwrap()?;
+        Some((r.revision, serde_json::from_slice(r.value()).unwrap()))
+    }
+
+    async fn announcement(&self, key: &str) -> Option<u64> {
+        self.store
+            .get(ANNOUNCE_NS, key)
+            .await
+            .unwrap()
+            .map(|r| r.revision)
+    }
+
+    async fn stop(self) {
+        self.upstreams.shutdown().await;
+        drop(self.settings);
+    }
+}
+
+fn ctx(store: &Arc<dyn Store>) -> RequestContext {
+    RequestContext::new(
+        store.clone(),
+        Era::Stateless {
+            protocol_version: "2026-07-28".into(),
+        },
+        Caller::default(),
+        None,
+        None,
+        CancellationToken::new(),
+    )
+}
+
+fn http_spec(name: &str, url: &str) -> UpstreamSpec {
+    UpstreamSpec {
+        name: name.into(),
+        transport: Transport::Http {
+            url: url.into(),
+            headers: BTreeMap::from([("X-Token".to_string(), "${secret:tok}".to_string())]),
+        },
+        timeout_ms: None,
+        disabled: false,
+        description: None,
+    }
+}
+
+fn stdio_spec(name: &str, label: &str) -> UpstreamSpec {
+    UpstreamSpec {
+        name: name.into(),
+        transport: Transport::Stdio {
+            command: STDIO_BIN.into(),
+            args: vec![label.into()],
+            env: BTreeMap::from([(
+                "HAVEN_TEST_TOKEN".to_string(),
+                "Bearer ${secret:tok}".to_string(),
+            )]),
+            cwd: None,
+        },
+        timeout_ms: None,
+        disabled: false,
+        description: None,
+    }
+}
+
+fn text_of(r: &CallToolResult) -> String {
+    r.content
+        .iter()
+        .filter_map(|c| c.as_text().map(|t| t.text.clone()))
+        .collect::<Vec<_>>()
+        .join("")
+}
+
+fn local() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+fn process_exists(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+const CONNECT: Duration = Duration::from_secs(15);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstreams_are_served_namespaced_and_calls_route() {
+    let web = HttpUpstream::start("web", local()).await.unwrap();
+    let n = node(settings());
+    n.register(http_spec("web", &web.url)).await;
+    n.register(stdio_spec("local", "loc")).await;
+    n.wait_state("web", UpstreamState::Connected, CONNECT).await;
+    let st = n
+        .wait_state("local", UpstreamState::Connected, CONNECT)
+        .await;
+    assert_eq!(st.transport, "stdio");
+    assert_eq!(st.tools, 7, "{st:?}");
+    assert_eq!((st.prompts, st.resources, st.resource_templates), (1, 1, 1));
+
+    // Tools of both upstreams, namespaced, next to Haven's own; invalid names are skipped.
+    let tools = n.tool_names().await;
+    for t in [
+        "echo",
+        "web__add",
+        "web__slow",
+        "local__add",
+        "local__getenv",
+    ] {
+        assert!(tools.contains(&t.to_string()), "{t} missing from {tools:?}");
+    }
+    assert!(
+        !tools
+            .iter()
+            .any(|t| t.contains("bad name") || t.contains(&long_tool_name()))
+    );
+
+    // Calls route with their arguments intact; the base catalog still answers.
+    let r = n.call("web__add", json!({"a": 2, "b": 3})).await.unwrap();
+    assert_eq!(text_of(&r), "5");
+    let r = n
+        .call("local__add", json!({"a": 1.5, "b": 2}))
+        .await
+        .unwrap();
+    assert_eq!(text_of(&r), "3.5");
+    let r = n.call("echo", json!({"text": "hi"})).await.unwrap();
+    assert_eq!(text_of(&r), "hi");
+    // The upstream's own JSON-RPC error reaches the client.
+    let e = n.call("web__nope", json!({})).await.unwrap_err();
+    assert!(e.message.contains("Unknown tool: nope"), "{e:?}");
+    // Secrets in the environment of a stdio upstream are expanded.
+    let r = n
+        .call("local__getenv", json!({"name": "HAVEN_TEST_TOKEN"}))
+        .await
+        .unwrap();
+    assert_eq!(text_of(&r), format!("Bearer {SECRET_VALUE}"));
+
+    // Resources, templates and prompts through the prefix.
+    let c = ctx(&n.store);
+    let resources = n.catalog.resources(&c).await.unwrap();
+    let uris: Vec<&str> = resources.iter().map(|r| r.uri.as_str()).collect();
+    assert!(uris.contains(&"web+test://static/hello"), "{uris:?}");
+    assert!(uris.contains(&"local+test://static/hello"), "{uris:?}");
+    let templates = n.catalog.resource_templates(&c).await.unwrap();
+    assert!(
+        templates
+            .iter()
+            .any(|t| t.uri_template == "local+test://items/{id}")
+    );
+    let Step::Done(read) = n
+        .catalog
+        .read_resource(&c, "web+test://static/hello", Round::default())
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let ResourceContents::TextResourceContents { uri, text, .. } = &read.contents[0] else {
+        panic!("{read:?}")
+    };
+    assert_eq!(
+        (uri.as_str(), text.as_str()),
+        ("web+test://static/hello", "hello from web")
+    );
+    let Step::Done(read) = n
+        .catalog
+        .read_resource(&c, "local+test://items/7", Round::default())
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let ResourceContents::TextResourceContents { text, .. } = &read.contents[0] else {
+        panic!()
+    };
+    assert_eq!(text, "item 7");
+    let prompts = n.catalog.prompts(&c).await.unwrap();
+    assert!(prompts.iter().any(|p| p.name == "web__greet"));
+    let mut args = JsonObject::new();
+    args.insert("name".into(), json!("Ada"));
+    let Step::Done(p) = n
+        .catalog
+        .get_prompt(&c, "local__greet", args, Round::default())
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let msg = serde_json::to_string(&p.messages).unwrap();
+    assert!(msg.contains("Hello, Ada! (loc)"), "{msg}");
+    let done = n
+        .catalog
+        .complete(
+            &c,
+            CompleteRequestParams::new(
+                Reference::for_prompt("web__greet"),
+                ArgumentInfo::new("name", "B"),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.completion.values, vec!["Bob".to_string()]);
+
+    // Capabilities: Haven's own, with list changes announced for all three lists.
+    let caps = n.catalog.info().capabilities;
+    assert_eq!(caps.tools.unwrap().list_changed, Some(true));
+    assert_eq!(caps.prompts.unwrap().list_changed, Some(true));
+    assert_eq!(caps.resources.unwrap().list_changed, Some(true));
+
+    // The lists are records every node serves.
+    let (_, lists) = n.record("web").await.unwrap();
+    assert_eq!(lists.tools.len(), 9);
+    assert!(lists.fetched_at_millis > 0);
+    assert!(n.announcement("list/tools").await.is_some());
+
+    // Status is JSON without secret values.
+    let status = serde_json::to_string(&n.upstreams.status()).unwrap();
+    assert!(!status.contains(SECRET_VALUE), "{status}");
+    let v: Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(v[0]["name"], "local");
+    assert_eq!(v[0]["state"], "connected");
+    assert!(v[0]["pid"].as_u64().is_some());
+    assert_eq!(v[1]["transport"], "http");
+    assert!(v[1]["calls_ok"].as_u64().unwrap() >= 1);
+    assert_eq!(v[1]["calls_failed"], 1);
+
+    n.stop().await;
+    web.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_changes_rewrite_the_record_and_are_announced() {
+    let web = HttpUpstream::start("web", local()).await.unwrap();
+    let n = node(settings());
+    n.register(http_spec("web", &web.url)).await;
+    n.wait_state("web", UpstreamState::Connected, CONNECT).await;
+    let (rev, lists) = n.record("web").await.unwrap();
+    assert!(!lists.tools.iter().any(|t| t.name == "extra"));
+    let announced = n.announcement("list/tools").await.unwrap();
+
+    // The upstream adds a tool and says so.
+    n.call("web__toggle", json!({})).await.unwrap();
+    let start = Instant::now();
+    loop {
+        let (r, lists) = n.record("web").await.unwrap();
+        if r > rev && lists.tools.iter().any(|t| t.name == "extra") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "record not rewritten"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(n.announcement("list/tools").await.unwrap() > announced);
+    assert!(n.tool_names().await.contains(&"web__extra".to_string()));
+    assert_eq!(
+        n.call("web__extra", json!({})).await.unwrap().is_error,
+        Some(false)
+    );
+
+    // A resource update becomes an announcement of the served URI.
+    n.call("web__touch", json!({"uri": "test://items/3"}))
+        .await
+        .unwrap();
+    let start = Instant::now();
+    while n
+        .announcement("resource/web+test://items/3")
+        .await
+        .is_none()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no resource announcement"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    n.stop().await;
+    web.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_and_client_cancellation_cancel_the_upstream_request() {
+    let web = HttpUpstream::start("web", local()).await.unwrap();
+    let n = node(settings());
+    let mut spec = http_spec("web", &web.url);
+    spec.timeout_ms = Some(400);
+    n.register(spec).await;
+    n.wait_state("web", UpstreamState::Connected, CONNECT).await;
+
+    // Progress of the upstream reaches the client; the timeout cancels the upstream call.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let c = RequestContext::new(
+        n.store.clone(),
+        Era::Stateless {
+            protocol_version: "2026-07-28".into(),
+        },
+        Caller::default(),
+        Some(ProgressToken(NumberOrString::Number(7))),
+        Some(tx),
+        CancellationToken::new(),
+    );
+    let start = Instant::now();
+    let e = n
+        .call_with(&c, "web__slow", json!({"ms": 10_000}))
+        .await
+        .unwrap_err();
+    let took = start.elapsed();
+    assert_eq!(e.code.0, UPSTREAM_TIMEOUT, "{e:?}");
+    assert!(
+        e.message
+            .contains("upstream 'web' did not answer tools/call within 400 ms"),
+        "{e:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(390) && took < Duration::from_millis(1_400),
+        "{took:?}"
+    );
+    let Ok(Item::Notify(progress)) = rx.try_recv() else {
+        panic!("no progress forwarded")
+    };
+    assert!(progress.contains("notifications/progress"), "{progress}");
+    assert!(
+        progress.contains("web sleeping") && progress.contains("\"progressToken\":7"),
+        "{progress}"
+    );
+    let start = Instant::now();
+    while web.probe.cancelled.load(Ordering::SeqCst) < 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "upstream never saw the cancellation"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A client that cancels cancels the upstream request too.
+    let token = CancellationToken::new();
+    let c = RequestContext::new(
+        n.store.clone(),
+        Era::Stateless {
+            protocol_version: "2026-07-28".into(),
+        },
+        Caller::default(),
+        None,
+        None,
+        token.clone(),
+    );
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        token.cancel();
+    });
+    let e = n
+        .call_with(&c, "web__slow", json!({"ms": 10_000}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code.0, REQUEST_CANCELLED, "{e:?}");
+    canceller.await.unwrap();
+    let start = Instant::now();
+    while web.probe.cancelled.load(Ordering::SeqCst) < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "upstream never saw the cancellation"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    n.stop().await;
+    web.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_opens_after_failures_and_half_opens_after_cooldown() {
+    let web = HttpUpstream::start("web", local()).await.unwrap();
+    let mut s = settings();
+    s.breaker_failures = 2;
+    s.breaker_cooldown_ms = 700;
+    let n = node(s);
+    let mut spec = http_spec("web", &web.url);
+    spec.timeout_ms = Some(200);
+    n.register(spec).await;
+    n.wait_state("web", UpstreamState::Connected, CONNECT).await;
+
+    // Tool errors (isError) are answers, not failures.
+    for _ in 0..4 {
+        n.call("web__flaky", json!({})).await.unwrap();
+    }
+    assert_eq!(n.status("web").unwrap().consecutive_failures, 0);
+
+    // Two timeouts open the breaker.
+    for _ in 0..2 {
+        let e = n.call("web__slow", json!({"ms": 5_000})).await.unwrap_err();
+        assert_eq!(e.code.0, UPSTREAM_TIMEOUT);
+    }
+    assert_eq!(n.status("web").unwrap().state, UpstreamState::BreakerOpen);
+    let start = Instant::now();
+    let e = n
+        .call("web__add", json!({"a": 1, "b": 1}))
+        .await
+        .unwrap_err();
+    assert!(start.elapsed() < Duration::from_millis(100));
+    assert_eq!(e.code.0, UPSTREAM_UNAVAILABLE);
+    assert!(e.message.contains("circuit breaker open"), "{e:?}");
+
+    // After the cooldown one trial goes through; a failed trial opens it again.
+    tokio::time::sleep(Duration::from_millis(750)).await;
+    let e = n.call("web__slow", json!({"ms": 5_000})).await.unwrap_err();
+    assert_eq!(e.code.0, UPSTREAM_TIMEOUT);
+    let e = n
+        .call("web__add", json!({"a": 1, "b": 1}))
+        .await
+        .unwrap_err();
+    assert!(e.message.contains("circuit breaker open"), "{e:?}");
+
+    // A successful trial closes it.
+    tokio::time::sleep(Duration::from_millis(750)).await;
+    let r = n.call("web__add", json!({"a": 1, "b": 1})).await.unwrap();
+    assert_eq!(text_of(&r), "2");
+    let st = n.status("web").unwrap();
+    assert_eq!(
+        (st.state, st.consecutive_failures),
+        (UpstreamState::Connected, 0)
+    );
+    n.call("web__add", json!({"a": 1, "b": 1})).await.unwrap();
+
+    n.stop().await;
+    web.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_stdio_upstream_is_restarted() {
+    let n = node(settings());
+    n.register(stdio_spec("local", "loc")).await;
+    let st = n
+        .wait_state("local", UpstreamState::Connected, CONNECT)
+        .await;
+    let pid = st.pid.unwrap();
+    let r = n.call("local__pid", json!({})).await.unwrap();
+    assert_eq!(text_of(&r), pid.to_string());
+
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+
+    // Calls fail quickly while it is down, then succeed against a new process.
+    let start = Instant::now();
+    let mut failures = 0;
+    let new_pid = loop {
+        let t = Instant::now();
+        match n.call("local__pid", json!({})).await {
+            Ok(r) => break text_of(&r),
+            Err(e) => {
+                assert!(t.elapsed() < Duration::from_secs(1), "slow failure: {e:?}");
+                failures += 1;
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "not restarted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(failures >= 1);
+    assert_ne!(new_pid, pid.to_string());
+    let st = n.status("local").unwrap();
+    assert_eq!(st.restarts, 1, "{st:?}");
+    assert_eq!(st.pid.unwrap().to_string(), new_pid);
+    // The killed child was reaped.
+    assert!(!process_exists(pid));
+
+    n.stop().await;
+    assert!(
+        !process_exists(new_pid.parse().unwrap()),
+        "child left running"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_upstream_that_restarts_is_used_again() {
+    let web = HttpUpstream::start("web", local()).await.unwrap();
+    let addr = web.addr;
+    let n = node(settings());
+    n.register(http_spec("web", &web.url)).await;
+    n.wait_state("web", UpstreamState::Connected, CONNECT).await;
+    n.call("web__add", json!({"a": 1, "b": 2})).await.unwrap();
+
+    web.stop().await;
+    // While it is down, calls fail within the timeout.
+    let t = Instant::now();
+    n.call("web__add", json!({"a": 1, "b": 2}))
+        .await
+        .unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(6));
+
+    let web = HttpUpstream::start("web2", addr).await.unwrap();
+    let start = Instant::now();
+    loop {
+        if let Ok(r) = n.call("web__add", json!({"a": 1, "b": 2})).await {
+            assert_eq!(text_of(&r), "3");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "upstream not used again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The new server answers (a new session).
+    let Step::Done(read) = n
+        .catalog
+        .read_resource(&ctx(&n.store), "web+test://static/hello", Round::default())
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let ResourceContents::TextResourceContents { text, .. } = &read.contents[0] else {
+        panic!()
+    };
+    assert_eq!(text, "hello from web2");
+
+    // Restarted between two calls: its session is gone, so it is re-opened and the call sent
+    // again. (A call that raced the old server's shutdown on a kept-alive connection may fail:
+    // it is not provably undelivered, so it is not resent.)
+    web.stop().await;
+    let web = HttpUpstream::start("web3", addr).await.unwrap();
+    let start = Instant::now();
+    let mut failures = 0;
+    loop {
+        match n.call("web__add", json!({"a": 2, "b": 2})).await {
+            Ok(r) => {
+                assert_eq!(text_of(&r), "4");
+                break;
+            }
+            Err(e) => {
+                failures += 1;
+                assert!(failures <= 2, "{e:?}");
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "upstream not used again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Executed exactly once by the new server.
+    assert_eq!(web.probe.calls.load(Ordering::SeqCst), 1);
+
+    n.stop().await;
+    web.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_hanging_upstreams_fail_while_a_healthy_one_answers() {
+    // A route answering 200 text/plain to everything, and a listener that never answers.
+    let garbage = tokio::net::TcpListener::bind(local()).await.unwrap();
+    let garbage_url = format!("http://{}/mcp", garbage.local_addr().unwrap());
+    let garbage_ct = CancellationToken::new();
+    let garbage_task = tokio::spawn({
+        let ct = garbage_ct.clone();
+        async move {
+            let router = axum::Router::new().fallback(|| async {
+                ([(axum::http::header::CONTENT_TYPE, "text/plain")], "nope")
+            });
+            let _ = axum::serve(garbage, router)
+                .with_graceful_shutdown(ct.cancelled_owned())
+                .await;
+        }
+    });
+    let hanging = tokio::net::TcpListener::bind(local()).await.unwrap();
+    let hanging_url = format!("http://{}/mcp", hanging.local_addr().unwrap());
+    let hanging_task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = hanging.accept().await {
+            held.push(sock);
+        }
+    });
+    let web = HttpUpstream::start("web", local()).await.unwrap();
+
+    let mut s = settings();
+    s.connect_timeout_ms = 600;
+    s.timeout_ms = 1_000;
+    let n = Arc::new(node(s));
+    n.register(http_spec("web", &web.url)).await;
+    n.register(http_spec("garbage", &garbage_url)).await;
+    n.register(http_spec("hanging", &hanging_url)).await;
+    n.wait_state("web", UpstreamState::Connected, CONNECT).await;
+
+    let bad = |name: &'static str| {
+        let n = n.clone();
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let e = n
+                .call(&format!("{name}__add"), json!({"a": 1, "b": 1}))
+                .await
+                .unwrap_err();
+            (t.elapsed(), e)
+        })
+    };
+    let g = bad("garbage");
+    let h = bad("hanging");
+    // The healthy upstream and the lists answer meanwhile.
+    for _ in 0..5 {
+        let t = Instant::now();
+        let r = n.call("web__add", json!({"a": 2, "b": 2})).await.unwrap();
+        assert_eq!(text_of(&r), "4");
+        assert!(n.tool_names().await.contains(&"web__add".to_string()));
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+    let (took, e) = g.await.unwrap();
+    assert!(took < Duration::from_millis(1_500), "{took:?} {e:?}");
+    assert!(e.message.contains("garbage"), "{e:?}");
+    let (took, e) = h.await.unwrap();
+    assert!(took < Duration::from_millis(1_500), "{took:?} {e:?}");
+    assert!(e.message.contains("hanging"), "{e:?}");
+    // Operators see why.
+    let st = n.status("garbage").unwrap();
+    assert_ne!(st.state, UpstreamState::Connected);
+    assert!(st.last_error.is_some(), "{st:?}");
+    let st = n.status("hanging").unwrap();
+    assert_ne!(st.state, UpstreamState::Connected);
+
+    let n = Arc::try_unwrap(n).ok().unwrap();
+    n.stop().await;
+    web.stop().await;
+    garbage_ct.cancel();
+    garbage_task.await.unwrap();
+    hanging_task.abort();
+    let _ = hanging_task.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_disabled_and_removed_upstreams() {
+    let n = node(settings());
+    n.register(stdio_spec("local", "one")).await;
+    let pid1 = n
+        .wait_state("local", UpstreamState::Connected, CONNECT)
+        .await
+        .pid
+        .unwrap();
+
+    // A changed entry reconnects (the old child goes away).
+    n.register(stdio_spec("local", "two")).await;
+    let start = Instant::now();
+    let pid2 = loop {
+        if let Some(st) = n.status("local")
+            && st.state == UpstreamState::Connected
+            && let Some(p) = st.pid
+            && p != pid1
+        {
+            break p;
+        }
+        assert!(start.elapsed() < CONNECT, "not reconnected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let start = Instant::now();
+    while process_exists(pid1) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "old child still running"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut args = JsonObject::new();
+    args.insert("name".into(), json!("X"));
+    let Step::Done(p) = n
+        .catalog
+        .get_prompt(&ctx(&n.store), "local__greet", args, Round::default())
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert!(serde_json::to_string(&p).unwrap().contains("(two)"));
+
+    // Disabled: closed, not served, shown as disabled.
+    let announced = n.announcement("list/tools").await.unwrap();
+    let mut spec = stdio_spec("local", "two");
+    spec.disabled = true;
+    n.register(spec).await;
+    n.wait_state("local", UpstreamState::Disabled, CONNECT)
+        .await;
+    let start = Instant::now();
+    while process_exists(pid2) || n.record("local").await.is_some() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "disabled child still running"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !n.tool_names()
+            .await
+            .iter()
+            .any(|t| t.starts_with("local__"))
+    );
+    assert!(n.announcement("list/tools").await.unwrap() > announced);
+    let e = n
+        .call("local__add", json!({"a": 1, "b": 1}))
+        .await
+        .unwrap_err();
+    assert!(e.message.contains("disabled"), "{e:?}");
+
+    // Enabled again, then removed: the process is gone and so are its tools.
+    n.register(stdio_spec("local", "three")).await;
+    let pid3 = n
+        .wait_state("local", UpstreamState::Connected, CONNECT)
+        .await
+        .pid
+        .unwrap();
+    assert!(n.tool_names().await.contains(&"local__add".to_string()));
+    let announced = n.announcement("list/tools").await.unwrap();
+    Registry::new(n.store.clone())
+        .remove("local")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    while process_exists(pid3) || n.record("local").await.is_some() || n.status("local").is_some() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "removed child still running"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !n.tool_names()
+            .await
+            .iter()
+            .any(|t| t.starts_with("local__"))
+    );
+    assert!(n.announcement("list/tools").await.unwrap() > announced);
+    // Its names now belong to the base catalog, which does not know them.
+    let e = n
+        .call("local__add", json!({"a": 1, "b": 1}))
+        .await
+        .unwrap_err();
+    assert!(e.message.contains("Unknown tool"), "{e:?}");
+
+    n.stop().await;
+}

@@ -1,0 +1,473 @@
+//! Admin routes of the control plane: `/admin/v1/registry`, `/admin/v1/config`,
+//! `/admin/v1/secrets` and `/admin/v1/keys`.
+//!
+//! Bodies are parsed by hand (not axum's `Json` extractor) so that every bad body gets the same
+//! `{"error": ...}` shape as every other admin error.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use haven_control::config::ConfigError;
+use haven_control::registry::{RegistryError, UpstreamSpec};
+use haven_control::secrets::SecretsError;
+use serde_json::{Value, json};
+
+use crate::admin::{Admin, authorize, error};
+
+type S = State<Arc<Admin>>;
+
+/// The routes.
+pub fn routes() -> Router<Arc<Admin>> {
+    Router::new()
+        .route("/admin/v1/registry", get(registry_list).post(registry_add))
+        .route(
+            "/admin/v1/registry/{name}",
+            get(registry_show).put(registry_put).delete(registry_remove),
+        )
+        .route("/admin/v1/config", get(config_list))
+        .route(
+            "/admin/v1/config/{key}",
+            get(config_get).put(config_set).delete(config_unset),
+        )
+        .route("/admin/v1/secrets", get(secrets_list))
+        .route(
+            "/admin/v1/secrets/{*name}",
+            axum::routing::put(secrets_set).delete(secrets_delete),
+        )
+        .route("/admin/v1/keys", get(keys_show))
+        .route("/admin/v1/keys/rotate", post(keys_rotate))
+        .route("/admin/v1/keys/retire", post(keys_retire))
+}
+
+fn json_ok(status: StatusCode, v: Value) -> Response {
+    (status, axum::Json(v)).into_response()
+}
+
+#[allow(clippy::result_large_err)]
+fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes, what: &str) -> Result<T, Response> {
+    serde_json::from_slice(body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("the request body is not a valid {what}: {e}"),
+        )
+    })
+}
+
+fn registry_error(e: RegistryError) -> Response {
+    let status = match &e {
+        RegistryError::Invalid(_) | RegistryError::UnknownSecrets(_) => StatusCode::BAD_REQUEST,
+        RegistryError::Duplicate(_) => StatusCode::CONFLICT,
+        RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
+        RegistryError::Store(s) if s.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
+        RegistryError::Store(haven_state::StoreError::Conflict { .. }) => StatusCode::CONFLICT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, e.to_string())
+}
+
+fn config_error(e: ConfigError) -> Response {
+    let status = match &e {
+        ConfigError::Unknown(..) => StatusCode::NOT_FOUND,
+        ConfigError::Invalid { .. } => StatusCode::BAD_REQUEST,
+        ConfigError::Store(s) if s.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, e.to_string())
+}
+
+fn secrets_error(e: SecretsError) -> Response {
+    let status = match &e {
+        SecretsError::NotFound(_) => StatusCode::NOT_FOUND,
+        SecretsError::Invalid(_) | SecretsError::Reserved(_) => StatusCode::BAD_REQUEST,
+        SecretsError::Store(s) if s.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
+        SecretsError::UnknownKek { .. } => StatusCode::CONFLICT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, e.to_string())
+}
+
+/// An upstream's registry entry with this node's view of its connection.
+fn upstream_view(admin: &Admin, spec: &UpstreamSpec) -> Value {
+    let mut v = serde_json::to_value(spec).unwrap_or_default();
+    let status = admin
+        .control
+        .upstreams
+        .status()
+        .into_iter()
+        .find(|s| s.name == spec.name);
+    v["status"] = status
+        .map(|s| serde_json::to_value(s).unwrap_or_default())
+        .unwrap_or(Value::Null);
+    v
+}
+
+async fn registry_list(State(admin): S, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&admin, &headers) {
+        return r;
+    }
+    match admin.control.registry.list().await {
+        Ok(list) => {
+            let items: Vec<Value> = list.iter().map(|s| upstream_view(&admin, s)).collect();
+            json_ok(StatusCode::OK, json!({ "upstreams": items }))
+        }
+        Err(e) => registry_error(e),
+    }
+}
+
+#[derive(serde::Deserialize, Default)]
+struct AddQuery {
+    #[serde(default)]
+    replace: bool,
+}
+
+async fn add(admin: &Admin, spec: UpstreamSpec, replace: bool) -> Response {
+    let known = match admin.control.secrets.names().await {
+        Ok(n) => n,
+        Err(e) => return secrets_error(e),
+    };
+    match admin.control.registry.add(&spec, &known, replace).await {
+        Ok(()) => json_ok(StatusCode::CREATED, upstream_view(admin, &spec)),
+        Err(e) => registry_error(e),
+    }
+}
+
+async fn registry_add(
+    State(admin): S,
+    headers: HeaderMap,
+    Query(q): Query<AddQuery>,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = authorize(&admin, &headers) {
+        return r;
+    }
+    let spec: UpstreamSpec = match parse_body(&body, "upstream entry") {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    add(&admin, spec, q.replace).await
+}
+
+async fn registry_put(
+    State(admin): S,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = authorize(&admin, &headers) {
+        return r;
+    }
+    let mut v: Value = match parse_body(&body, "upstream entry") {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    match v.get("name").and_then(Value::as_str) {
+        Some(n) if n != name => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("the body names upstream '{n}' but the path names '{name}'"),
+            );
+        }
+        _ => v["name"] = Value::from(name),
+    }
+    let spec: UpstreamSpec = match serde_json::from_value(v) {
+        Ok(s) => s,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("the request body is not a valid upstream entry: {e}"),
+            );
+        }
+    };
+    add(&admin, spec, true).await
+}
+
+async fn registry_show(State(admin): S, headers: HeaderMap, Path(name): Path<String>) -> Response {
+    if let Err(r) = authorize(&admin, &headers) {
+        return r;
+    }
+    match admin.control.registry.get(&name).await {
+        Ok(Some(spec)) => json_ok(StatusCode::OK, upstream_view(&admin, &spec)),
+        Ok(None) => registry_error(RegistryError::NotFound(name)),
+        Err(e) => registry_error(e),
+    }
+}
+
+async fn registry_remove(
+    State(admin): S,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Response {
+    if let Err(r) = authorize(&admin, &headers) {
+        return r;
+    }
+    match admin.control.registry.remove(&name).await {
+        Ok(()) => json_ok(StatusCode::OK, json!({ "removed": name })),
+        Err(e) => registry_error(e),
+    }
+}
+
+fn in_force(admin: &Admin) -> Value {
+    let snap = admin.control.in_force.read().clone();
+    let values: serde_json::Map<String, Value> = snap
+        .entries
+        .iter()
+        .map(|(k, e)| (k.clone(), e.value.clone()))
+        .collect();
+    json!({
+        "node": admin.engine.config().node_id,
+        "applied_seq": snap.applied_seq,
+        "applied_millis": snap.applied_millis,
+        "values": values,
+    })
+}
+
+async fn config_list(State(admin): S, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&admin, &headers) {
+        return r;
+    }
+    match admin.control.config.list().await {
+        Ok(list) => json_ok(
+            StatusCode::OK,
+            json!({ "settings": list, "in_force": in_force(&admin) }),
+        ),
+        Err(e) => config_error(e),
+    }
+}
+
+async fn config_get(State(admin): S, headers: HeaderMap, Path(key): Path<String>) -> Response {
+    if let Err(r) = authorize(&admin, &headers) {
+        return r;
+    }
+    match admin.control.config.get(&key).await {
+        Ok(entry) => {
+            let mut v = serde_json::to_value(entry).unwrap_or_default();
+            v["in_force"] = in_force(&admin)["values"][&key].clone();
+            json_ok(StatusCode::OK, v)
+        }
+        Err(e) => config_error(e),
+    }
+}
+
+async fn config_set(
+    State(admin): S,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = authorize(&admin, &headers) {
+        return r;
+    }
+    let v: Value = match parse_body(&body, "JSON object {\"value\": ...}") {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let text = match v.get("value") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "send {\"value\": \"...\"} with the new value as a string or number",
+            );
+        }
+    };
+    match admin.control.config.set(&key, &text).await {
+        Ok(entry) => json_ok(
+            StatusCode::OK,
+            serde_json::to_value(entry).unwrap_or_default(),
+        ),
+        Err(e) => config_error(e),
+    }
+}
+
+async fn config_unset(State(admin): S, headers: HeaderMap, Path(key): Path<String>) -> Response {
+    if let Err(r) = authorize(&admin, &headers) {
+        return r;
+    }
+    match admin.control.config.unset(&key).await {
+        Ok(entry) => json_ok(
+            StatusCode::OK,
+            serde_json::to_value(entry).unwrap_or_default(),
+        ),
+        Err(e) => config_error(e),
+    }
+}
+
+#[derive(serde::Deserialize, Default)]
+struct ListQuery {
+    #[serde(default)]
+    all: bool,
+}
+
+async fn secrets_list(State(admin): S, headers: HeaderMap, Query(q): Query<ListQuery>) -> Response {
+    if let Err(r) = authorize(&admin, &headers) {
+        return r;
+    }
+    match admin.control.secrets.list().await {
+        Ok(list) => {
+            let items: Vec<_> = list
+                .into_iter()
+                .filter(|m| q.all || !m.name.starts_with("system/"))
+                .collect();
+            json_ok(StatusCode::OK, json!({ "secrets": items }))
+        }
+        Err(e) => secrets_error(e),
+    }
+}
+
+async fn secrets_set(
+    State(admin): S,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = authorize(&admin, &headers) {
+        return r;
+    }
+    let v: Value = match parse_body(&body, "JSON object {\"value\": \"...\"}") {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let value = match (v.get("value"), v.get("value_base64")) {
+        (Some(Value::String(s)), None) => s.as_bytes().to_vec(),
+        (None, Some(Value::String(b))) => {
+            use base64::Engine as _;
+            match base64::engine::general_purpose::STANDARD.decode(b) {
+                Ok(v) => v,
+                Err(_) => {
+                    return error(StatusCode::BAD_REQUEST, "value_base64 is not valid base64");
+                }
+            }
+        }
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "send {\"value\": \"<text>\"} or {\"value_base64\": \"<bytes>\"}",
+            );
+        }
+    };
+    match admin.control.secrets.set_user(&name, &value).await {
+        Ok(meta) => json_ok(
+            StatusCode::OK,
+            serde_json::to_value(meta).unwrap_or_default(),
+        ),
+        Err(e) => secrets_error(e),
+    }
+}
+
+#[derive(serde::Deserialize, Default)]
+struct DeleteQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn secrets_delete(
+    State(admin): S,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Query(q): Query<DeleteQuery>,
+) -> Response {
+    if let Err(r) = authorize(&admin, &headers) {
+        return r;
+    }
+    if !q.force {
+        match admin.control.registry.list().await {
+            Ok(list) => {
+                let users: Vec<String> = list
+                    .iter()
+                    .filter(|s| s.secret_references().contains(&name))
+                    .map(|s| s.name.clone())
+                    .collect();
+                if !users.is_empty() {
+                    return error(
+                        StatusCode::CONFLICT,
+                        format!(
+                            "secret '{name}' is used by upstream(s) {}; change them first, or delete with force",
+                            users.join(", ")
+                        ),
+                    );
+                }
+            }
+            Err(e) => return registry_error(e),
+        }
+    }
+    match admin.control.secrets.delete_user(&name).await {
+        Ok(true) => json_ok(StatusCode::OK, json!({ "deleted": name })),
+        Ok(false) => secrets_error(SecretsError::NotFound(name)),
+        Err(e) => secrets_error(e),
+    }
+}
+
+async fn keys_show(State(admin): S, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&admin, &headers) {
+        return r;
+    }
+    let usage = match admin.control.secrets.kek_usage().await {
+        Ok(u) => u,
+        Err(e) => return secrets_error(e),
+    };
+    let ring = admin.engine.keyring();
+    json_ok(
+        StatusCode::OK,
+        json!({
+            "kek": {
+                "primary": admin.control.secrets.primary_kid(),
+                "known": admin.control.secrets.known_kids(),
+                "usage": usage,
+            },
+            "request_state": {
+                "signing": ring.active_kid(),
+                "keys": ring.list().await.unwrap_or_default(),
+            },
+        }),
+    )
+}
+
+async fn keys_rotate(State(admin): S, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&admin, &headers) {
+        return r;
+    }
+    let report = match admin.control.secrets.rotate_kek().await {
+        Ok(r) => r,
+        Err(e) => return secrets_error(e),
+    };
+    let kid = match admin.engine.keyring().rotate().await {
+        Ok(k) => k,
+        Err(e) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the data keys were re-wrapped, but adding a request-state key failed: {e}"
+                ),
+            );
+        }
+    };
+    json_ok(
+        StatusCode::OK,
+        json!({ "kek": report, "request_state": { "signing": kid } }),
+    )
+}
+
+#[derive(serde::Deserialize)]
+struct RetireBody {
+    kid: String,
+}
+
+async fn keys_retire(State(admin): S, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(r) = authorize(&admin, &headers) {
+        return r;
+    }
+    let b: RetireBody = match parse_body(&body, "JSON object {\"kid\": \"...\"}") {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    match admin.engine.keyring().retire(&b.kid).await {
+        Ok(()) => json_ok(StatusCode::OK, json!({ "retired": b.kid })),
+        Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}

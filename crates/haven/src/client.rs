@@ -1,0 +1,86 @@
+//! The client side of the admin API, shared by the commands that talk to a running node
+//! (`haven status`, `haven backup now`, `haven registry|config|secrets`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+/// The admin token: `HAVEN_ADMIN_TOKEN` if set, else the token file (`--admin-token-file`, or
+/// `admin.token` in the node's data directory).
+pub fn token(file: Option<&PathBuf>, data: Option<&PathBuf>) -> Result<String> {
+    if file.is_none()
+        && let Ok(t) = std::env::var("HAVEN_ADMIN_TOKEN")
+        && !t.trim().is_empty()
+    {
+        return Ok(t.trim().to_owned());
+    }
+    let path = match file {
+        Some(f) => f.clone(),
+        None => data
+            .cloned()
+            .unwrap_or_else(|| PathBuf::from("./haven-data"))
+            .join("admin.token"),
+    };
+    let t = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading the admin token {} (pass --admin-token-file or --data of the node, or set HAVEN_ADMIN_TOKEN)",
+            path.display()
+        )
+    })?;
+    Ok(t.trim().to_owned())
+}
+
+/// Calls the admin API without a body.
+pub async fn admin_call(
+    node: &str,
+    token: &str,
+    method: reqwest::Method,
+    path: &str,
+) -> Result<serde_json::Value> {
+    admin_request(node, token, method, path, None).await
+}
+
+/// Calls the admin API; a non-2xx answer becomes an error carrying the node's message.
+pub async fn admin_request(
+    node: &str,
+    token: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> Result<serde_json::Value> {
+    let url = format!("{}{path}", node.trim_end_matches('/'));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(600))
+        .build()?;
+    let mut req = client.request(method, &url).bearer_auth(token);
+    if let Some(b) = body {
+        req = req.json(b);
+    }
+    let resp = req.send().await.with_context(|| {
+        format!("cannot reach the node at {node}; is `haven serve` running there?")
+    })?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
+    if !status.is_success() {
+        let msg = body
+            .get("error")
+            .and_then(|e| e.as_str())
+            .unwrap_or("no details");
+        bail!("the node answered {status}: {msg}");
+    }
+    Ok(body)
+}
+
+/// Percent-encodes one path segment (names may hold `/`, which secret routes accept as is).
+pub fn segment(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

@@ -1,0 +1,236 @@
+//! The control plane of a node, wired together: the configuration service and what applies
+//! its settings (log filter, body limit, built-in catalog, upstream settings), the registry,
+//! the secrets service, and the federation of upstream MCP servers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use haven_control::config::ConfigService;
+use haven_control::registry::Registry;
+use haven_control::secrets::Secrets;
+use haven_mcp::catalog::{Catalog, CatalogInfo, Ctx, Round, Step};
+use haven_mcp::context::Announcement;
+use haven_state::Store;
+use parking_lot::RwLock;
+use rmcp::model::{
+    CallToolResult, CompleteRequestParams, CompleteResult, ErrorData, GetPromptResult, JsonObject,
+    Prompt, ReadResourceResult, Resource, ResourceTemplate, Tool,
+};
+
+/// Changes the process's log filter (a `tracing_subscriber` reload handle, wrapped).
+pub type LogReloader = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// The control plane of one node.
+#[derive(Clone)]
+pub struct Control {
+    /// Runtime settings.
+    pub config: ConfigService,
+    /// Upstream registry.
+    pub registry: Registry,
+    /// Secrets.
+    pub secrets: Secrets,
+    /// Connections to upstreams.
+    pub upstreams: haven_federation::Upstreams,
+    /// Body limit of the HTTP layer, changed by `limits.max_body_bytes`.
+    pub max_body_bytes: Arc<AtomicUsize>,
+    /// The configuration snapshot this node has applied last.
+    pub in_force: Arc<RwLock<Arc<haven_control::config::Snapshot>>>,
+}
+
+/// The built-in catalog, switchable at runtime by the `catalog` setting.
+pub struct BuiltinCatalog {
+    current: RwLock<Arc<dyn Catalog>>,
+    name: RwLock<String>,
+    info: CatalogInfo,
+}
+
+/// A built-in catalog by name.
+pub fn builtin(name: &str) -> anyhow::Result<Arc<dyn Catalog>> {
+    use haven_mcp::catalog::conformance::ConformanceCatalog;
+    use haven_mcp::catalog::default::DefaultCatalog;
+    match name {
+        "default" => Ok(Arc::new(DefaultCatalog::new())),
+        "conformance" => Ok(Arc::new(ConformanceCatalog::new())),
+        "none" => Ok(Arc::new(EmptyCatalog)),
+        other => {
+            anyhow::bail!("unknown catalog {other:?}; choose one of: default, conformance, none")
+        }
+    }
+}
+
+impl BuiltinCatalog {
+    /// Starts with catalog `name`. The identity clients see is the starting catalog's; the
+    /// capabilities are those of every built-in catalog, so a switch never needs a new one.
+    pub fn new(name: &str) -> anyhow::Result<BuiltinCatalog> {
+        let first = builtin(name)?;
+        let mut info = first.info();
+        for other in ["default", "conformance"] {
+            let o = builtin(other)?.info().capabilities;
+            let c = &mut info.capabilities;
+            c.tools = c.tools.take().or(o.tools);
+            c.prompts = c.prompts.take().or(o.prompts);
+            c.resources = c.resources.take().or(o.resources);
+            c.logging = c.logging.take().or(o.logging);
+            c.completions = c.completions.take().or(o.completions);
+        }
+        Ok(BuiltinCatalog {
+            current: RwLock::new(first),
+            name: RwLock::new(name.to_owned()),
+            info,
+        })
+    }
+
+    /// Switches to catalog `name`; returns whether anything changed.
+    pub fn switch(&self, name: &str) -> anyhow::Result<bool> {
+        if *self.name.read() == name {
+            return Ok(false);
+        }
+        let next = builtin(name)?;
+        *self.current.write() = next;
+        *self.name.write() = name.to_owned();
+        Ok(true)
+    }
+
+    fn get(&self) -> Arc<dyn Catalog> {
+        self.current.read().clone()
+    }
+}
+
+#[async_trait]
+impl Catalog for BuiltinCatalog {
+    fn info(&self) -> CatalogInfo {
+        self.info.clone()
+    }
+    async fn tools(&self, ctx: &Ctx) -> Result<Vec<Tool>, ErrorData> {
+        self.get().tools(ctx).await
+    }
+    fn task_support(&self, tool: &str) -> haven_mcp::catalog::TaskSupport {
+        self.get().task_support(tool)
+    }
+    async fn call_tool(
+        &self,
+        ctx: &Ctx,
+        name: &str,
+        arguments: JsonObject,
+        round: Round,
+    ) -> Result<Step<CallToolResult>, ErrorData> {
+        self.get().call_tool(ctx, name, arguments, round).await
+    }
+    async fn resources(&self, ctx: &Ctx) -> Result<Vec<Resource>, ErrorData> {
+        self.get().resources(ctx).await
+    }
+    async fn resource_templates(&self, ctx: &Ctx) -> Result<Vec<ResourceTemplate>, ErrorData> {
+        self.get().resource_templates(ctx).await
+    }
+    async fn read_resource(
+        &self,
+        ctx: &Ctx,
+        uri: &str,
+        round: Round,
+    ) -> Result<Step<ReadResourceResult>, ErrorData> {
+        self.get().read_resource(ctx, uri, round).await
+    }
+    async fn prompts(&self, ctx: &Ctx) -> Result<Vec<Prompt>, ErrorData> {
+        self.get().prompts(ctx).await
+    }
+    async fn get_prompt(
+        &self,
+        ctx: &Ctx,
+        name: &str,
+        arguments: JsonObject,
+        round: Round,
+    ) -> Result<Step<GetPromptResult>, ErrorData> {
+        self.get().get_prompt(ctx, name, arguments, round).await
+    }
+    async fn complete(
+        &self,
+        ctx: &Ctx,
+        params: CompleteRequestParams,
+    ) -> Result<CompleteResult, ErrorData> {
+        self.get().complete(ctx, params).await
+    }
+}
+
+/// No built-in tools: a node that only serves its upstreams.
+struct EmptyCatalog;
+
+#[async_trait]
+impl Catalog for EmptyCatalog {
+    fn info(&self) -> CatalogInfo {
+        let mut info = haven_mcp::catalog::default::DefaultCatalog::new().info();
+        info.instructions = None;
+        info
+    }
+    async fn tools(&self, _ctx: &Ctx) -> Result<Vec<Tool>, ErrorData> {
+        Ok(Vec::new())
+    }
+    async fn call_tool(
+        &self,
+        _ctx: &Ctx,
+        name: &str,
+        _arguments: JsonObject,
+        _round: Round,
+    ) -> Result<Step<CallToolResult>, ErrorData> {
+        Err(haven_mcp::catalog::unknown_tool(name))
+    }
+}
+
+/// Applies every new configuration snapshot on this node: the log filter, the body limit and
+/// the built-in catalog (upstream settings reach the federation layer through their own
+/// channel). A changed catalog is announced so that clients re-list.
+pub fn apply_config(
+    control: &Control,
+    store: Arc<dyn Store>,
+    builtin: Arc<BuiltinCatalog>,
+    log: Option<LogReloader>,
+    startup_log_level: String,
+) {
+    let mut rx = control.config.subscribe();
+    let max_body_bytes = control.max_body_bytes.clone();
+    let in_force = control.in_force.clone();
+    tokio::spawn(async move {
+        let mut applied_log = None::<String>;
+        loop {
+            let snap = rx.borrow_and_update().clone();
+            max_body_bytes.store(snap.max_body_bytes as usize, Ordering::Relaxed);
+            // The log filter of the store wins once set; until then the start-up flag holds.
+            let level = if snap.entries["log.level"].source == "store" {
+                snap.log_level.clone()
+            } else {
+                startup_log_level.clone()
+            };
+            if applied_log.as_deref() != Some(level.as_str()) {
+                if let Some(reload) = &log
+                    && let Err(e) = reload(&level)
+                {
+                    tracing::warn!(filter = %level, error = %e, "could not apply the log filter");
+                }
+                applied_log = Some(level);
+            }
+            if snap.entries["catalog"].source == "store" {
+                match builtin.switch(&snap.catalog) {
+                    Ok(true) => {
+                        tracing::info!(catalog = %snap.catalog, "built-in catalog switched");
+                        for a in [
+                            Announcement::ToolsChanged,
+                            Announcement::PromptsChanged,
+                            Announcement::ResourcesChanged,
+                        ] {
+                            if let Err(e) = haven_mcp::context::announce(&*store, &a).await {
+                                tracing::warn!(error = %e, "announcing the catalog switch failed");
+                            }
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, "could not switch the catalog"),
+                }
+            }
+            tracing::debug!(seq = snap.applied_seq, "configuration applied");
+            *in_force.write() = snap;
+            if rx.changed().await.is_err() {
+                break;
+            }
+        }
+    });
+}

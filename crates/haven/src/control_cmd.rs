@@ -1,0 +1,565 @@
+//! `haven registry|config|secrets`: commands that talk to a running node's admin API. Output
+//! is a table by default and the node's JSON with `--json`.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::client::{admin_request, segment, token};
+use crate::settings::{ConfigCommand, NodeArgs, RegistryAddArgs, RegistryCommand, SecretsCommand};
+
+struct Node {
+    url: String,
+    token: String,
+    json: bool,
+}
+
+impl Node {
+    fn from(a: &NodeArgs) -> Result<Node> {
+        Ok(Node {
+            url: a
+                .node
+                .clone()
+                .unwrap_or_else(|| "http://127.0.0.1:8080".into()),
+            token: token(a.admin_token_file.as_ref(), a.data.as_ref())?,
+            json: a.json,
+        })
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value> {
+        admin_request(&self.url, &self.token, method, path, body).await
+    }
+
+    /// Prints `v` as JSON when asked to; returns whether it did.
+    fn json(&self, v: &Value) -> Result<bool> {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(v)?);
+        }
+        Ok(self.json)
+    }
+}
+
+/// Prints rows as a table with a header, each column as wide as its widest cell.
+fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut out = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(c);
+            } else {
+                out.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Runs `haven registry ...`.
+pub async fn registry(cmd: RegistryCommand) -> Result<ExitCode> {
+    match cmd {
+        RegistryCommand::Add(a) => registry_add(a).await,
+        RegistryCommand::List(n) => {
+            let node = Node::from(&n)?;
+            let v = node.call(Method::GET, "/admin/v1/registry", None).await?;
+            if node.json(&v)? {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let list = v["upstreams"].as_array().cloned().unwrap_or_default();
+            if list.is_empty() {
+                println!(
+                    "No upstreams registered. Add one with `haven registry add NAME --url URL` or `haven registry add NAME -- COMMAND ARGS...`."
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            let rows: Vec<Vec<String>> = list.iter().map(upstream_row).collect();
+            table(
+                &[
+                    "NAME",
+                    "TRANSPORT",
+                    "TARGET",
+                    "STATE",
+                    "TOOLS",
+                    "LAST ERROR",
+                ],
+                &rows,
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        RegistryCommand::Show(a) => {
+            let node = Node::from(&a.node)?;
+            let v = node
+                .call(
+                    Method::GET,
+                    &format!("/admin/v1/registry/{}", segment(&a.name)),
+                    None,
+                )
+                .await?;
+            if node.json(&v)? {
+                return Ok(ExitCode::SUCCESS);
+            }
+            print_upstream(&v);
+            Ok(ExitCode::SUCCESS)
+        }
+        RegistryCommand::Remove(a) => {
+            let node = Node::from(&a.node)?;
+            let v = node
+                .call(
+                    Method::DELETE,
+                    &format!("/admin/v1/registry/{}", segment(&a.name)),
+                    None,
+                )
+                .await?;
+            if !node.json(&v)? {
+                println!("Removed upstream '{}'.", a.name);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn target(v: &Value) -> String {
+    match v["transport"].as_str() {
+        Some("http") => text(&v["url"]),
+        Some("stdio") => {
+            let mut parts = vec![text(&v["command"])];
+            for a in v["args"].as_array().cloned().unwrap_or_default() {
+                parts.push(text(&a));
+            }
+            parts.join(" ")
+        }
+        _ => "?".into(),
+    }
+}
+
+fn upstream_row(v: &Value) -> Vec<String> {
+    let st = &v["status"];
+    let state = if v["disabled"] == true {
+        "disabled".to_owned()
+    } else {
+        st["state"].as_str().unwrap_or("unknown").to_owned()
+    };
+    vec![
+        text(&v["name"]),
+        text(&v["transport"]),
+        target(v),
+        state,
+        st["tools"]
+            .as_u64()
+            .map(|n| n.to_string())
+            .unwrap_or("-".into()),
+        st["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .chars()
+            .take(60)
+            .collect(),
+    ]
+}
+
+fn print_upstream(v: &Value) {
+    println!("Upstream {}", text(&v["name"]));
+    println!("  transport:   {}", text(&v["transport"]));
+    println!("  target:      {}", target(v));
+    if let Some(h) = v["headers"].as_object() {
+        for (k, val) in h {
+            println!("  header:      {k}: {}", text(val));
+        }
+    }
+    if let Some(e) = v["env"].as_object() {
+        for (k, val) in e {
+            println!("  env:         {k}={}", text(val));
+        }
+    }
+    if let Some(t) = v["timeout_ms"].as_u64() {
+        println!("  timeout:     {t} ms");
+    }
+    if v["disabled"] == true {
+        println!("  disabled:    yes");
+    }
+    if let Some(d) = v["description"].as_str() {
+        println!("  description: {d}");
+    }
+    let st = &v["status"];
+    if st.is_object() {
+        println!("On this node:");
+        for (k, val) in st.as_object().into_iter().flatten() {
+            if k != "name" {
+                println!("  {k:<12} {}", text(val));
+            }
+        }
+    }
+}
+
+fn pairs(items: &[String], what: &str, seps: &[char]) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for item in items {
+        let Some(at) = item.find(|c| seps.contains(&c)) else {
+            bail!("{what} {item:?} must be written NAME=VALUE");
+        };
+        let (k, v) = item.split_at(at);
+        out.insert(k.trim().to_owned(), v[1..].trim_start().to_owned());
+    }
+    Ok(out)
+}
+
+async fn registry_add(a: RegistryAddArgs) -> Result<ExitCode> {
+    let node = Node::from(&a.node)?;
+    let mut spec = json!({ "name": a.name });
+    match (&a.url, a.command.is_empty()) {
+        (Some(url), true) => {
+            if !a.env.is_empty() || a.cwd.is_some() {
+                bail!("--env and --cwd are for stdio upstreams; an HTTP upstream takes --header");
+            }
+            spec["transport"] = json!("http");
+            spec["url"] = json!(url);
+            spec["headers"] = json!(pairs(&a.headers, "header", &[':', '='])?);
+        }
+        (None, false) => {
+            if !a.headers.is_empty() {
+                bail!("--header is for HTTP upstreams; a stdio upstream takes --env");
+            }
+            spec["transport"] = json!("stdio");
+            spec["command"] = json!(a.command[0]);
+            spec["args"] = json!(a.command[1..]);
+            spec["env"] = json!(pairs(&a.env, "environment variable", &['='])?);
+            if let Some(c) = &a.cwd {
+                spec["cwd"] = json!(c);
+            }
+        }
+        (Some(_), false) => bail!("give either --url or a command after --, not both"),
+        (None, true) => bail!(
+            "say how to reach the upstream: --url http://HOST:PORT/mcp, or -- COMMAND ARGS... for stdio"
+        ),
+    }
+    if let Some(t) = a.timeout_ms {
+        spec["timeout_ms"] = json!(t);
+    }
+    if a.disabled {
+        spec["disabled"] = json!(true);
+    }
+    if let Some(d) = &a.description {
+        spec["description"] = json!(d);
+    }
+    let path = if a.replace {
+        "/admin/v1/registry?replace=true"
+    } else {
+        "/admin/v1/registry"
+    };
+    let v = node.call(Method::POST, path, Some(&spec)).await?;
+    if !node.json(&v)? {
+        println!(
+            "Registered upstream '{}' ({}). Its tools are served as {}__TOOL; see `haven registry show {}`.",
+            a.name,
+            target(&v),
+            a.name,
+            a.name
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `haven config ...`.
+pub async fn config(cmd: ConfigCommand) -> Result<ExitCode> {
+    match cmd {
+        ConfigCommand::List(n) => {
+            let node = Node::from(&n)?;
+            let v = node.call(Method::GET, "/admin/v1/config", None).await?;
+            if node.json(&v)? {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let rows: Vec<Vec<String>> = v["settings"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|e| {
+                    vec![
+                        text(&e["key"]),
+                        text(&e["value"]),
+                        text(&e["source"]),
+                        text(&e["help"]),
+                    ]
+                })
+                .collect();
+            table(&["KEY", "VALUE", "SOURCE", "MEANING"], &rows);
+            Ok(ExitCode::SUCCESS)
+        }
+        ConfigCommand::Get(a) => {
+            let node = Node::from(&a.node)?;
+            let v = node
+                .call(
+                    Method::GET,
+                    &format!("/admin/v1/config/{}", segment(&a.key)),
+                    None,
+                )
+                .await?;
+            if !node.json(&v)? {
+                print_setting(&v);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ConfigCommand::Set(a) => {
+            let node = Node::from(&a.node)?;
+            let v = node
+                .call(
+                    Method::PUT,
+                    &format!("/admin/v1/config/{}", segment(&a.key)),
+                    Some(&json!({ "value": a.value })),
+                )
+                .await?;
+            if !node.json(&v)? {
+                println!(
+                    "{} = {} (every node applies it within about a second)",
+                    a.key,
+                    text(&v["value"])
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ConfigCommand::Unset(a) => {
+            let node = Node::from(&a.node)?;
+            let v = node
+                .call(
+                    Method::DELETE,
+                    &format!("/admin/v1/config/{}", segment(&a.key)),
+                    None,
+                )
+                .await?;
+            if !node.json(&v)? {
+                println!("{} back to its default, {}", a.key, text(&v["value"]));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_setting(v: &Value) {
+    println!("{} = {}", text(&v["key"]), text(&v["value"]));
+    println!("  source:    {}", text(&v["source"]));
+    println!("  default:   {}", text(&v["default"]));
+    if !v["in_force"].is_null() && v["in_force"] != v["value"] {
+        println!("  on this node still: {} (applying)", text(&v["in_force"]));
+    }
+    println!("  meaning:   {}", text(&v["help"]));
+}
+
+fn millis_text(v: &Value) -> String {
+    v.as_u64()
+        .map(haven_backup::fmt_millis)
+        .unwrap_or_else(|| "-".into())
+}
+
+/// Runs `haven secrets ...`.
+pub async fn secrets(cmd: SecretsCommand) -> Result<ExitCode> {
+    match cmd {
+        SecretsCommand::NewKey(a) => {
+            let kid = if a.key_file.exists() {
+                haven_control::secrets::KekRing::append_new_key(&a.key_file)?
+            } else {
+                haven_control::secrets::KekRing::create_file(&a.key_file)?
+            };
+            println!(
+                "Added key-encryption key {kid} to {}. Copy the file to every node, then run `haven secrets rotate-key`.",
+                a.key_file.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        SecretsCommand::Set(a) => {
+            let node = Node::from(&a.node)?;
+            let value = match &a.value_file {
+                Some(f) => std::fs::read(f)
+                    .with_context(|| format!("reading the secret value from {}", f.display()))?,
+                None if a.multiline => {
+                    let mut buf = Vec::new();
+                    std::io::stdin().read_to_end(&mut buf)?;
+                    buf
+                }
+                None => {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line)?;
+                    line.trim_end_matches(['\n', '\r']).as_bytes().to_vec()
+                }
+            };
+            if value.is_empty() {
+                bail!("the secret value is empty: pipe it on standard input or pass --value-file");
+            }
+            let body = match String::from_utf8(value) {
+                Ok(s) => json!({ "value": s }),
+                Err(e) => {
+                    use base64::Engine as _;
+                    json!({ "value_base64": base64::engine::general_purpose::STANDARD.encode(e.into_bytes()) })
+                }
+            };
+            let v = node
+                .call(
+                    Method::PUT,
+                    &format!("/admin/v1/secrets/{}", segment(&a.name)),
+                    Some(&body),
+                )
+                .await?;
+            if !node.json(&v)? {
+                println!(
+                    "Stored secret '{}' (version {}, under key {}). Reference it as ${{secret:{}}}.",
+                    a.name,
+                    text(&v["version"]),
+                    text(&v["kek"]),
+                    a.name
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        SecretsCommand::List(a) => {
+            let node = Node::from(&a.node)?;
+            let path = if a.all {
+                "/admin/v1/secrets?all=true"
+            } else {
+                "/admin/v1/secrets"
+            };
+            let v = node.call(Method::GET, path, None).await?;
+            if node.json(&v)? {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let list = v["secrets"].as_array().cloned().unwrap_or_default();
+            if list.is_empty() {
+                println!(
+                    "No secrets. Store one with `haven secrets set NAME` (value on standard input)."
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|m| {
+                    vec![
+                        text(&m["name"]),
+                        text(&m["version"]),
+                        text(&m["kek"]),
+                        millis_text(&m["updated_millis"]),
+                    ]
+                })
+                .collect();
+            table(&["NAME", "VERSION", "KEY", "UPDATED"], &rows);
+            Ok(ExitCode::SUCCESS)
+        }
+        SecretsCommand::Delete(a) => {
+            let node = Node::from(&a.node)?;
+            let mut path = format!("/admin/v1/secrets/{}", segment(&a.name));
+            if a.force {
+                path.push_str("?force=true");
+            }
+            let v = node.call(Method::DELETE, &path, None).await?;
+            if !node.json(&v)? {
+                println!("Deleted secret '{}'.", a.name);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        SecretsCommand::RotateKey(n) => {
+            let node = Node::from(&n)?;
+            let v = node
+                .call(Method::POST, "/admin/v1/keys/rotate", None)
+                .await?;
+            if node.json(&v)? {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let k = &v["kek"];
+            println!(
+                "Data keys now wrapped under {}: {} re-wrapped.",
+                text(&k["primary"]),
+                text(&k["rewrapped"])
+            );
+            let still: Vec<String> = k["still_in_use"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(text)
+                .filter(|kid| Some(kid.as_str()) != k["primary"].as_str())
+                .collect();
+            if still.is_empty() {
+                println!(
+                    "No secret uses an older key-encryption key: older keys can be removed from the key files."
+                );
+            } else {
+                println!(
+                    "Still in use: {} (a concurrent change or an unreadable record; run rotate-key again)",
+                    still.join(", ")
+                );
+            }
+            println!(
+                "Request state is now signed with {}; older keys still verify until retired.",
+                text(&v["request_state"]["signing"])
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        SecretsCommand::Keys(n) => {
+            let node = Node::from(&n)?;
+            let v = node.call(Method::GET, "/admin/v1/keys", None).await?;
+            if node.json(&v)? {
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "Key-encryption keys (primary {}):",
+                text(&v["kek"]["primary"])
+            );
+            let usage = v["kek"]["usage"].as_object().cloned().unwrap_or_default();
+            let rows: Vec<Vec<String>> = v["kek"]["known"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|kid| {
+                    let k = text(kid);
+                    let n = usage.get(&k).map(text).unwrap_or_else(|| "0".into());
+                    vec![k, n]
+                })
+                .collect();
+            table(&["KID", "SECRETS"], &rows);
+            println!();
+            println!(
+                "Request-state keys (signing {}):",
+                text(&v["request_state"]["signing"])
+            );
+            let rows: Vec<Vec<String>> = v["request_state"]["keys"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|k| {
+                    vec![
+                        text(&k["kid"]),
+                        millis_text(&k["created_millis"]),
+                        if k["retired"] == true {
+                            "retired"
+                        } else {
+                            "live"
+                        }
+                        .into(),
+                    ]
+                })
+                .collect();
+            table(&["KID", "CREATED", "STATE"], &rows);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

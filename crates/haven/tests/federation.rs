@@ -1,0 +1,668 @@
+//! Federation of real upstream MCP servers through the real binary: server-everything over
+//! stdio and Streamable HTTP and a Python FastMCP server, managed with `haven registry`,
+//! `haven secrets` and `haven config`, called by clients of both protocol eras.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::upstreams::{
+    Upstream, admin, children_of, cli, cli_ok, cmdline, everything_stdio_command, require_tools,
+};
+use common::{Haven, Legacy, SseReader, final_response, free_port, stateless};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+async fn start() -> (tempfile::TempDir, Haven) {
+    require_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let h = Haven::start(&data, free_port(), "default", &[]).await;
+    (dir, h)
+}
+
+fn tool_names(list: &Value) -> Vec<String> {
+    list["result"]["tools"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|t| t["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Waits (bounded) until a fresh legacy session lists every tool in `want`.
+async fn wait_for_tools(h: &Haven, want: &[&str]) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let l = Legacy::connect(&h.url()).await;
+        let names = tool_names(&l.request(1, "tools/list", json!({})).await);
+        if want.iter().all(|w| names.iter().any(|n| n == w)) {
+            return names;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tools {want:?} did not appear; listed: {names:?}; registry: {}",
+            admin(h, Method::GET, "/admin/v1/registry", None).await.1
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn text_of(resp: &Value) -> String {
+    resp["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no text content in {resp}"))
+        .to_owned()
+}
+
+async fn call_stateless(h: &Haven, id: i64, name: &str, args: Value) -> Value {
+    let client = reqwest::Client::new();
+    let r = stateless(
+        &client,
+        &h.url(),
+        id,
+        "tools/call",
+        json!({"name": name, "arguments": args}),
+        json!({}),
+    )
+    .await;
+    final_response(r, id).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_upstreams_are_federated_for_both_eras() {
+    let (_dir, h) = start().await;
+    let ev_http = Upstream::everything_http(None).await;
+    let fast = Upstream::fastmcp_http().await;
+
+    // A legacy client with its standalone stream open hears about the new tools.
+    let watcher = Legacy::connect(&h.url()).await;
+    let stream = watcher
+        .client
+        .get(&watcher.url)
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", &watcher.session)
+        .header("mcp-protocol-version", common::LEGACY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let mut events = SseReader::new(stream);
+
+    let secret = format!("s3cret-{:016x}", rand_u64());
+    cli_ok(
+        &h,
+        &["secrets", "set", "api/token"],
+        Some(&format!("{secret}\n")),
+    );
+    let mut stdio_args = vec![
+        "registry",
+        "add",
+        "ev",
+        "--env",
+        "HAVEN_TEST_TOKEN=${secret:api/token}",
+        "--",
+    ];
+    let cmd = everything_stdio_command();
+    stdio_args.extend(cmd.iter().map(String::as_str));
+    let out = cli_ok(&h, &stdio_args, None);
+    assert!(out.contains("Registered upstream 'ev'"), "{out}");
+    cli_ok(
+        &h,
+        &[
+            "registry",
+            "add",
+            "evhttp",
+            "--url",
+            &ev_http.url(),
+            "--timeout-ms",
+            "20000",
+        ],
+        None,
+    );
+    cli_ok(
+        &h,
+        &[
+            "registry",
+            "add",
+            "fast",
+            "--url",
+            &fast.url(),
+            "--header",
+            "Authorization: Bearer ${secret:api/token}",
+        ],
+        None,
+    );
+
+    let names = wait_for_tools(&h, &["ev__echo", "evhttp__get-sum", "fast__add", "echo"]).await;
+    assert!(names.iter().all(|n| {
+        n.len() <= 128
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+    }));
+
+    let listed = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(e) = events.next().await {
+            if e.json()["method"] == "notifications/tools/list_changed" {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        listed,
+        Ok(true),
+        "no tools/list_changed on the standalone stream"
+    );
+
+    // Legacy era.
+    let l = Legacy::connect(&h.url()).await;
+    let r = l
+        .request(
+            2,
+            "tools/call",
+            json!({"name": "ev__echo", "arguments": {"message": "hi"}}),
+        )
+        .await;
+    assert_eq!(text_of(&r), "Echo: hi");
+    let r = l
+        .request(
+            3,
+            "tools/call",
+            json!({"name": "evhttp__get-sum", "arguments": {"a": 2, "b": 40}}),
+        )
+        .await;
+    assert!(text_of(&r).contains("42"), "{r}");
+    let r = l
+        .request(
+            4,
+            "tools/call",
+            json!({"name": "fast__add", "arguments": {"a": 20, "b": 22}}),
+        )
+        .await;
+    assert!(text_of(&r).contains("42"), "{r}");
+    // Secret references reach the stdio upstream's environment, expanded.
+    let r = l
+        .request(
+            5,
+            "tools/call",
+            json!({"name": "ev__get-env", "arguments": {}}),
+        )
+        .await;
+    let env: Value = serde_json::from_str(&text_of(&r)).unwrap();
+    assert_eq!(env["HAVEN_TEST_TOKEN"], json!(secret));
+    // Resources and prompts through the prefix rule.
+    let r = l
+        .request(6, "resources/read", json!({"uri": "fast+fast://greeting"}))
+        .await;
+    assert_eq!(
+        r["result"]["contents"][0]["text"], "hello from fastmcp",
+        "{r}"
+    );
+    let r = l
+        .request(
+            7,
+            "prompts/get",
+            json!({"name": "fast__review", "arguments": {"code": "x = 1"}}),
+        )
+        .await;
+    assert!(
+        r["result"]["messages"][0]["content"]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("x = 1")),
+        "{r}"
+    );
+    // Haven's own tools are still there, unprefixed.
+    let r = l
+        .request(
+            8,
+            "tools/call",
+            json!({"name": "echo", "arguments": {"text": "own"}}),
+        )
+        .await;
+    assert!(r.get("result").is_some(), "{r}");
+
+    // 2026-07-28 era.
+    let r = call_stateless(&h, 9, "fast__shout", json!({"text": "quiet"})).await;
+    assert!(text_of(&r).contains("QUIET"), "{r}");
+    let r = call_stateless(&h, 10, "evhttp__echo", json!({"message": "modern"})).await;
+    assert_eq!(text_of(&r), "Echo: modern");
+
+    // Status as the CLI shows it.
+    let list: Value =
+        serde_json::from_str(&cli_ok(&h, &["registry", "list", "--json"], None)).unwrap();
+    let ups = list["upstreams"].as_array().unwrap();
+    assert_eq!(ups.len(), 3, "{list}");
+    for u in ups {
+        assert_eq!(u["status"]["state"], "connected", "{u}");
+    }
+    let table = cli_ok(&h, &["registry", "list"], None);
+    assert!(
+        table.contains("NAME") && table.contains("evhttp"),
+        "{table}"
+    );
+    let show = cli_ok(&h, &["registry", "show", "fast"], None);
+    assert!(show.contains("${secret:api/token}"), "{show}");
+    assert!(
+        !show.contains(&secret),
+        "a secret value was printed: {show}"
+    );
+
+    // Removing the stdio upstream withdraws its tools and ends its process.
+    let pid = h.child.id();
+    let before: Vec<u32> = children_of(pid)
+        .into_iter()
+        .filter(|p| cmdline(*p).contains("server-everything"))
+        .collect();
+    assert_eq!(before.len(), 1, "one stdio upstream process expected");
+    cli_ok(&h, &["registry", "remove", "ev"], None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let l = Legacy::connect(&h.url()).await;
+        let names = tool_names(&l.request(1, "tools/list", json!({})).await);
+        let alive = std::path::Path::new(&format!("/proc/{}", before[0])).exists()
+            && !std::fs::read_to_string(format!("/proc/{}/stat", before[0]))
+                .unwrap_or_default()
+                .contains(") Z ");
+        if !names.iter().any(|n| n.starts_with("ev__")) && !alive {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ev still served ({names:?}) or its process alive ({alive})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // No secret value in the log or in the stored data.
+    let log = std::fs::read_to_string(&h.log).unwrap_or_default();
+    assert!(!log.contains(&secret), "the secret value is in the log");
+    drop(h);
+    for e in walk(&_dir.path().join("data")) {
+        let bytes = std::fs::read(&e).unwrap_or_default();
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "the secret value is stored in plain text in {}",
+            e.display()
+        );
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
+    h.finish()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_registry_entries_are_refused_and_change_nothing() {
+    let (_dir, h) = start().await;
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["registry", "add", "bad", "--url", "not a url"],
+            "not a valid URL",
+        ),
+        (
+            vec!["registry", "add", "bad", "--url", "ftp://127.0.0.1/x"],
+            "http or https",
+        ),
+        (
+            vec![
+                "registry",
+                "add",
+                "Bad_Name",
+                "--url",
+                "http://127.0.0.1:1/mcp",
+            ],
+            "must be 1 to 32",
+        ),
+        (
+            vec![
+                "registry",
+                "add",
+                "bad",
+                "--url",
+                "http://127.0.0.1:1/mcp",
+                "--header",
+                "X-Key: ${secret:nope}",
+            ],
+            "unknown secret",
+        ),
+        (
+            vec!["registry", "add", "bad"],
+            "say how to reach the upstream",
+        ),
+    ];
+    for (args, want) in &cases {
+        let out = cli(&h, args, None);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: expected '{want}' in: {err}");
+    }
+    // A duplicate name.
+    cli_ok(
+        &h,
+        &["registry", "add", "one", "--url", "http://127.0.0.1:1/mcp"],
+        None,
+    );
+    let out = cli(
+        &h,
+        &["registry", "add", "one", "--url", "http://127.0.0.1:2/mcp"],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already registered"));
+    // Bad bodies on the API itself.
+    for (body, status) in [
+        (json!({"name": "x"}), 400),
+        (json!({"name": "x", "transport": "carrier-pigeon"}), 400),
+        (
+            json!({"name": "x", "transport": "http", "url": "http://127.0.0.1:1/mcp", "timeout_ms": 0}),
+            400,
+        ),
+        (
+            json!({"name": "one", "transport": "http", "url": "http://127.0.0.1:3/mcp"}),
+            409,
+        ),
+    ] {
+        let (s, v) = admin(&h, Method::POST, "/admin/v1/registry", Some(body.clone())).await;
+        assert_eq!(s, status, "{body} -> {v}");
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+    }
+    let (s, _) = admin(&h, Method::DELETE, "/admin/v1/registry/nobody", None).await;
+    assert_eq!(s, 404);
+    // Unauthorized calls change nothing either.
+    let r = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{}/admin/v1/registry", h.port))
+        .json(&json!({"name": "sneaky", "transport": "http", "url": "http://127.0.0.1:1/mcp"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // Only the one good entry exists, unchanged.
+    let (_, list) = admin(&h, Method::GET, "/admin/v1/registry", None).await;
+    let ups = list["upstreams"].as_array().unwrap();
+    assert_eq!(ups.len(), 1, "{list}");
+    assert_eq!(ups[0]["url"], "http://127.0.0.1:1/mcp");
+    // Bad settings and secrets are refused too.
+    let out = cli(&h, &["config", "set", "upstream.timeout_ms", "soon"], None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a whole number"));
+    let out = cli(&h, &["config", "set", "no.such.setting", "1"], None);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("known settings"));
+    let out = cli(&h, &["secrets", "set", "bad name"], Some("x\n"));
+    assert_eq!(out.status.code(), Some(2));
+    let out = cli(
+        &h,
+        &["secrets", "set", "system/request-state/x"],
+        Some("x\n"),
+    );
+    assert_eq!(out.status.code(), Some(2), "reserved names are refused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_apply_without_restart() {
+    let (_dir, h) = start().await;
+    let ev_http = Upstream::everything_http(None).await;
+    cli_ok(
+        &h,
+        &["registry", "add", "evhttp", "--url", &ev_http.url()],
+        None,
+    );
+    wait_for_tools(&h, &["evhttp__trigger-long-running-operation"]).await;
+
+    // A shorter upstream timeout applies to the next call: a 10 s operation fails after ~1 s.
+    cli_ok(&h, &["config", "set", "upstream.timeout_ms", "1000"], None);
+    wait_applied(&h, "upstream.timeout_ms", json!(1000)).await;
+    let started = Instant::now();
+    let r = call_stateless(
+        &h,
+        1,
+        "evhttp__trigger-long-running-operation",
+        json!({"duration": 10, "steps": 2}),
+    )
+    .await;
+    let took = started.elapsed();
+    let err = r["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(err.contains("1000 ms"), "expected a timeout error, got {r}");
+    assert!(took < Duration::from_secs(8), "the call took {took:?}");
+    // The upstream keeps serving other calls.
+    let r = call_stateless(&h, 2, "evhttp__echo", json!({"message": "still"})).await;
+    assert_eq!(text_of(&r), "Echo: still");
+    cli_ok(&h, &["config", "unset", "upstream.timeout_ms"], None);
+
+    // A smaller body limit applies to the next request.
+    cli_ok(
+        &h,
+        &["config", "set", "limits.max_body_bytes", "2048"],
+        None,
+    );
+    wait_applied(&h, "limits.max_body_bytes", json!(2048)).await;
+    let big = "x".repeat(4096);
+    let r = reqwest::Client::new()
+        .post(h.url())
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(json!({"jsonrpc":"2.0","id":1,"method":"ping","params":{"pad": big}}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+
+    // The built-in catalog can be switched off and on.
+    cli_ok(&h, &["config", "set", "catalog", "none"], None);
+    wait_applied(&h, "catalog", json!("none")).await;
+    let names = tool_names(
+        &Legacy::connect(&h.url())
+            .await
+            .request(1, "tools/list", json!({}))
+            .await,
+    );
+    assert!(!names.iter().any(|n| n == "echo"), "{names:?}");
+    assert!(names.iter().any(|n| n == "evhttp__echo"), "{names:?}");
+
+    // How long a change takes to apply on this node (set acknowledged -> in force).
+    let mut took = Vec::new();
+    for i in 0..20u64 {
+        let value = 20_000 + i;
+        let started = Instant::now();
+        cli_ok(
+            &h,
+            &["config", "set", "upstream.timeout_ms", &value.to_string()],
+            None,
+        );
+        wait_applied(&h, "upstream.timeout_ms", json!(value)).await;
+        took.push(started.elapsed());
+    }
+    took.sort();
+    println!(
+        "config change applied (CLI set -> in force, 20 changes): median {:?}, max {:?}",
+        took[took.len() / 2],
+        took[took.len() - 1]
+    );
+    let listed = cli_ok(&h, &["config", "list"], None);
+    assert!(
+        listed.contains("upstream.timeout_ms") && listed.contains("store"),
+        "{listed}"
+    );
+}
+
+/// Waits (bounded) until the node reports `key` in force with `value`.
+async fn wait_applied(h: &Haven, key: &str, value: Value) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, v) = admin(h, Method::GET, "/admin/v1/config", None).await;
+        if v["in_force"]["values"][key] == value {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{key} not applied: {v}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stdio_upstream_that_dies_mid_call_errors_and_is_restarted() {
+    let (_dir, h) = start().await;
+    let mut args = vec!["registry", "add", "ev", "--timeout-ms", "30000", "--"];
+    let cmd = everything_stdio_command();
+    args.extend(cmd.iter().map(String::as_str));
+    cli_ok(&h, &args, None);
+    wait_for_tools(&h, &["ev__trigger-long-running-operation"]).await;
+    let pid = h.child.id();
+    let upstream_pid = || {
+        children_of(pid)
+            .into_iter()
+            .find(|p| cmdline(*p).contains("server-everything"))
+    };
+    let first = upstream_pid().expect("the stdio upstream runs as a child of haven");
+
+    let url = h.url();
+    let call = tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let r = stateless(
+            &client,
+            &url,
+            1,
+            "tools/call",
+            json!({"name": "ev__trigger-long-running-operation", "arguments": {"duration": 20, "steps": 4}}),
+            json!({}),
+        )
+        .await;
+        final_response(r, 1).await
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let started = Instant::now();
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &first.to_string()])
+        .status();
+    let r = tokio::time::timeout(Duration::from_secs(15), call)
+        .await
+        .expect("the call did not end after its upstream died")
+        .unwrap();
+    assert!(r.get("error").is_some(), "expected a JSON-RPC error: {r}");
+    println!(
+        "call ended {:?} after its upstream was killed",
+        started.elapsed()
+    );
+
+    // The upstream is restarted and serves again, without operator action.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = call_stateless(&h, 2, "ev__echo", json!({"message": "back"})).await;
+        if r.get("result").is_some() && text_of(&r) == "Echo: back" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the upstream did not come back: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let second = upstream_pid().expect("a new upstream process");
+    assert_ne!(first, second);
+    let (_, v) = admin(&h, Method::GET, "/admin/v1/registry/ev", None).await;
+    assert!(v["status"]["restarts"].as_u64().unwrap_or(0) >= 1, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_the_key_encryption_key_keeps_every_secret() {
+    require_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let keys = dir.path().join("secrets.keys");
+    let port = free_port();
+    let key_arg = keys.display().to_string();
+    // The operator creates the key file first.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_haven"))
+        .args(["secrets", "new-key", "--key-file", &key_arg])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let old_kid = std::fs::read_to_string(&keys)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_owned();
+    let h = Haven::start(&data, port, "default", &["--secrets-key-file", &key_arg]).await;
+    for i in 0..5 {
+        cli_ok(
+            &h,
+            &["secrets", "set", &format!("app/s{i}")],
+            Some(&format!("value-{i}\n")),
+        );
+    }
+    let listed = cli_ok(&h, &["secrets", "list"], None);
+    assert!(
+        listed.contains("app/s4") && !listed.contains("value-"),
+        "{listed}"
+    );
+
+    // A new key, then rotation while the node serves.
+    cli_ok(&h, &["secrets", "new-key", "--key-file", &key_arg], None);
+    let rotated = cli_ok(&h, &["secrets", "rotate-key"], None);
+    assert!(rotated.contains("older keys can be removed"), "{rotated}");
+    let (_, k) = admin(&h, Method::GET, "/admin/v1/keys", None).await;
+    let primary = k["kek"]["primary"].as_str().unwrap().to_owned();
+    assert_ne!(primary, old_kid);
+    assert!(
+        k["kek"]["usage"].get(&old_kid).is_none_or(|n| n == 0),
+        "{k}"
+    );
+
+    // The old key is retired: remove it from the file and restart with the new key only.
+    let text = std::fs::read_to_string(&keys).unwrap();
+    let kept: Vec<&str> = text.lines().filter(|l| !l.starts_with(&old_kid)).collect();
+    std::fs::write(&keys, kept.join("\n") + "\n").unwrap();
+    drop(h);
+    let h = Haven::start(&data, port, "default", &["--secrets-key-file", &key_arg]).await;
+    // Every secret still decrypts: an upstream that references one starts with its value.
+    let mut args = vec![
+        "registry",
+        "add",
+        "ev",
+        "--env",
+        "HAVEN_TEST_S3=${secret:app/s3}",
+        "--",
+    ];
+    let cmd = everything_stdio_command();
+    args.extend(cmd.iter().map(String::as_str));
+    cli_ok(&h, &args, None);
+    wait_for_tools(&h, &["ev__get-env"]).await;
+    let r = call_stateless(&h, 1, "ev__get-env", json!({})).await;
+    let env: Value = serde_json::from_str(&text_of(&r)).unwrap();
+    assert_eq!(env["HAVEN_TEST_S3"], "value-3");
+    let keys_out = cli_ok(&h, &["secrets", "keys"], None);
+    assert!(keys_out.contains(&primary), "{keys_out}");
+}
