@@ -630,7 +630,15 @@ async fn rotating_the_key_encryption_key_keeps_every_secret() {
     );
 
     // A new key, then rotation while the node serves.
-    cli_ok(&h, &["secrets", "new-key", "--key-file", &key_arg], None);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_haven"))
+        .args(["secrets", "new-key", "--key-file", &key_arg])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rotated = cli_ok(&h, &["secrets", "rotate-key"], None);
     assert!(rotated.contains("older keys can be removed"), "{rotated}");
     let (_, k) = admin(&h, Method::GET, "/admin/v1/keys", None).await;
@@ -643,7 +651,10 @@ async fn rotating_the_key_encryption_key_keeps_every_secret() {
 
     // The old key is retired: remove it from the file and restart with the new key only.
     let text = std::fs::read_to_string(&keys).unwrap();
-    let kept: Vec<&str> = text.lines().filter(|l| !l.starts_with(&old_kid)).collect();
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with(&format!("{old_kid} ")))
+        .collect();
     std::fs::write(&keys, kept.join("\n") + "\n").unwrap();
     drop(h);
     let h = Haven::start(&data, port, "default", &["--secrets-key-file", &key_arg]).await;
