@@ -101,7 +101,23 @@ pub fn router(
         .route("/admin/v1/backup/now", post(backup_now))
         .route("/admin/v1/backup/verify", post(backup_verify))
         .merge(crate::admin_control::routes())
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ))
         .with_state(state)
+}
+
+/// Every admin route requires the bearer token.
+async fn require_token(
+    State(admin): State<Arc<Admin>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match authorize(&admin, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(r) => r,
+    }
 }
 
 pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -110,7 +126,7 @@ pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response 
 
 // A rejection is returned once per request; boxing it would buy nothing.
 #[allow(clippy::result_large_err)]
-pub(crate) fn authorize(admin: &Admin, headers: &HeaderMap) -> Result<(), Response> {
+fn authorize(admin: &Admin, headers: &HeaderMap) -> Result<(), Response> {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -141,10 +157,7 @@ fn shipper(admin: &Admin) -> Result<&ShipperHandle, Response> {
 }
 
 /// The region as this node sees it: nodes from their heartbeats, the store's health, backup.
-async fn status(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&admin, &headers) {
-        return r;
-    }
+async fn status(State(admin): State<Arc<Admin>>) -> Response {
     let e = &admin.engine;
     let backup = match &admin.backup {
         Some(b) => serde_json::to_value(b.status().await).unwrap_or_default(),
@@ -164,10 +177,7 @@ async fn status(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Response
     .into_response()
 }
 
-async fn backup_status(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&admin, &headers) {
-        return r;
-    }
+async fn backup_status(State(admin): State<Arc<Admin>>) -> Response {
     match shipper(&admin) {
         Ok(s) => Json(s.status().await).into_response(),
         Err(r) => r,
@@ -180,14 +190,7 @@ struct NowQuery {
     snapshot: bool,
 }
 
-async fn backup_now(
-    State(admin): State<Arc<Admin>>,
-    headers: HeaderMap,
-    Query(q): Query<NowQuery>,
-) -> Response {
-    if let Err(r) = authorize(&admin, &headers) {
-        return r;
-    }
+async fn backup_now(State(admin): State<Arc<Admin>>, Query(q): Query<NowQuery>) -> Response {
     let s = match shipper(&admin) {
         Ok(s) => s,
         Err(r) => return r,
@@ -201,10 +204,7 @@ async fn backup_now(
     }
 }
 
-async fn backup_verify(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&admin, &headers) {
-        return r;
-    }
+async fn backup_verify(State(admin): State<Arc<Admin>>) -> Response {
     let s = match shipper(&admin) {
         Ok(s) => s,
         Err(r) => return r,

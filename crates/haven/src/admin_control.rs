@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use haven_control::config::ConfigError;
@@ -17,7 +17,7 @@ use haven_control::registry::{RegistryError, UpstreamSpec};
 use haven_control::secrets::SecretsError;
 use serde_json::{Value, json};
 
-use crate::admin::{Admin, authorize, error};
+use crate::admin::{Admin, error};
 
 type S = State<Arc<Admin>>;
 
@@ -106,10 +106,7 @@ fn upstream_view(admin: &Admin, spec: &UpstreamSpec) -> Value {
     v
 }
 
-async fn registry_list(State(admin): S, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&admin, &headers) {
-        return r;
-    }
+async fn registry_list(State(admin): S) -> Response {
     match admin.control.registry.list().await {
         Ok(list) => {
             let items: Vec<Value> = list.iter().map(|s| upstream_view(&admin, s)).collect();
@@ -136,15 +133,7 @@ async fn add(admin: &Admin, spec: UpstreamSpec, replace: bool) -> Response {
     }
 }
 
-async fn registry_add(
-    State(admin): S,
-    headers: HeaderMap,
-    Query(q): Query<AddQuery>,
-    body: Bytes,
-) -> Response {
-    if let Err(r) = authorize(&admin, &headers) {
-        return r;
-    }
+async fn registry_add(State(admin): S, Query(q): Query<AddQuery>, body: Bytes) -> Response {
     let spec: UpstreamSpec = match parse_body(&body, "upstream entry") {
         Ok(s) => s,
         Err(r) => return r,
@@ -152,15 +141,7 @@ async fn registry_add(
     add(&admin, spec, q.replace).await
 }
 
-async fn registry_put(
-    State(admin): S,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-    body: Bytes,
-) -> Response {
-    if let Err(r) = authorize(&admin, &headers) {
-        return r;
-    }
+async fn registry_put(State(admin): S, Path(name): Path<String>, body: Bytes) -> Response {
     let mut v: Value = match parse_body(&body, "upstream entry") {
         Ok(v) => v,
         Err(r) => return r,
@@ -186,10 +167,7 @@ async fn registry_put(
     add(&admin, spec, true).await
 }
 
-async fn registry_show(State(admin): S, headers: HeaderMap, Path(name): Path<String>) -> Response {
-    if let Err(r) = authorize(&admin, &headers) {
-        return r;
-    }
+async fn registry_show(State(admin): S, Path(name): Path<String>) -> Response {
     match admin.control.registry.get(&name).await {
         Ok(Some(spec)) => json_ok(StatusCode::OK, upstream_view(&admin, &spec)),
         Ok(None) => registry_error(RegistryError::NotFound(name)),
@@ -197,14 +175,7 @@ async fn registry_show(State(admin): S, headers: HeaderMap, Path(name): Path<Str
     }
 }
 
-async fn registry_remove(
-    State(admin): S,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> Response {
-    if let Err(r) = authorize(&admin, &headers) {
-        return r;
-    }
+async fn registry_remove(State(admin): S, Path(name): Path<String>) -> Response {
     match admin.control.registry.remove(&name).await {
         Ok(()) => json_ok(StatusCode::OK, json!({ "removed": name })),
         Err(e) => registry_error(e),
@@ -226,10 +197,7 @@ fn in_force(admin: &Admin) -> Value {
     })
 }
 
-async fn config_list(State(admin): S, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&admin, &headers) {
-        return r;
-    }
+async fn config_list(State(admin): S) -> Response {
     match admin.control.config.list().await {
         Ok(list) => json_ok(
             StatusCode::OK,
@@ -239,10 +207,7 @@ async fn config_list(State(admin): S, headers: HeaderMap) -> Response {
     }
 }
 
-async fn config_get(State(admin): S, headers: HeaderMap, Path(key): Path<String>) -> Response {
-    if let Err(r) = authorize(&admin, &headers) {
-        return r;
-    }
+async fn config_get(State(admin): S, Path(key): Path<String>) -> Response {
     match admin.control.config.get(&key).await {
         Ok(entry) => {
             let mut v = serde_json::to_value(entry).unwrap_or_default();
@@ -253,15 +218,7 @@ async fn config_get(State(admin): S, headers: HeaderMap, Path(key): Path<String>
     }
 }
 
-async fn config_set(
-    State(admin): S,
-    headers: HeaderMap,
-    Path(key): Path<String>,
-    body: Bytes,
-) -> Response {
-    if let Err(r) = authorize(&admin, &headers) {
-        return r;
-    }
+async fn config_set(State(admin): S, Path(key): Path<String>, body: Bytes) -> Response {
     let v: Value = match parse_body(&body, "JSON object {\"value\": ...}") {
         Ok(v) => v,
         Err(r) => return r,
@@ -285,10 +242,7 @@ async fn config_set(
     }
 }
 
-async fn config_unset(State(admin): S, headers: HeaderMap, Path(key): Path<String>) -> Response {
-    if let Err(r) = authorize(&admin, &headers) {
-        return r;
-    }
+async fn config_unset(State(admin): S, Path(key): Path<String>) -> Response {
     match admin.control.config.unset(&key).await {
         Ok(entry) => json_ok(
             StatusCode::OK,
@@ -304,10 +258,7 @@ struct ListQuery {
     all: bool,
 }
 
-async fn secrets_list(State(admin): S, headers: HeaderMap, Query(q): Query<ListQuery>) -> Response {
-    if let Err(r) = authorize(&admin, &headers) {
-        return r;
-    }
+async fn secrets_list(State(admin): S, Query(q): Query<ListQuery>) -> Response {
     match admin.control.secrets.list().await {
         Ok(list) => {
             let items: Vec<_> = list
@@ -320,15 +271,7 @@ async fn secrets_list(State(admin): S, headers: HeaderMap, Query(q): Query<ListQ
     }
 }
 
-async fn secrets_set(
-    State(admin): S,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-    body: Bytes,
-) -> Response {
-    if let Err(r) = authorize(&admin, &headers) {
-        return r;
-    }
+async fn secrets_set(State(admin): S, Path(name): Path<String>, body: Bytes) -> Response {
     let v: Value = match parse_body(&body, "JSON object {\"value\": \"...\"}") {
         Ok(v) => v,
         Err(r) => return r,
@@ -368,13 +311,9 @@ struct DeleteQuery {
 
 async fn secrets_delete(
     State(admin): S,
-    headers: HeaderMap,
     Path(name): Path<String>,
     Query(q): Query<DeleteQuery>,
 ) -> Response {
-    if let Err(r) = authorize(&admin, &headers) {
-        return r;
-    }
     if !q.force {
         match admin.control.registry.list().await {
             Ok(list) => {
@@ -403,10 +342,7 @@ async fn secrets_delete(
     }
 }
 
-async fn keys_show(State(admin): S, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&admin, &headers) {
-        return r;
-    }
+async fn keys_show(State(admin): S) -> Response {
     let usage = match admin.control.secrets.kek_usage().await {
         Ok(u) => u,
         Err(e) => return secrets_error(e),
@@ -428,10 +364,7 @@ async fn keys_show(State(admin): S, headers: HeaderMap) -> Response {
     )
 }
 
-async fn keys_rotate(State(admin): S, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&admin, &headers) {
-        return r;
-    }
+async fn keys_rotate(State(admin): S) -> Response {
     let report = match admin.control.secrets.rotate_kek().await {
         Ok(r) => r,
         Err(e) => return secrets_error(e),
@@ -458,10 +391,7 @@ struct RetireBody {
     kid: String,
 }
 
-async fn keys_retire(State(admin): S, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = authorize(&admin, &headers) {
-        return r;
-    }
+async fn keys_retire(State(admin): S, body: Bytes) -> Response {
     let b: RetireBody = match parse_body(&body, "JSON object {\"kid\": \"...\"}") {
         Ok(b) => b,
         Err(r) => return r,

@@ -26,7 +26,7 @@ pub async fn run(cmd: BackupCommand) -> Result<ExitCode> {
 }
 
 /// `haven status`: asks a running node for its view of the region.
-pub async fn status(a: crate::settings::StatusArgs) -> Result<ExitCode> {
+pub async fn status(a: crate::settings::NodeArgs) -> Result<ExitCode> {
     let node = a
         .node
         .clone()
@@ -168,9 +168,10 @@ fn require_key(key: Option<BackupKey>) -> Result<BackupKey> {
 async fn now(a: BackupNowArgs) -> Result<ExitCode> {
     let node = a
         .node
+        .node
         .clone()
         .unwrap_or_else(|| "http://127.0.0.1:8080".into());
-    let token = token(a.admin_token_file.as_ref(), a.data.as_ref())?;
+    let token = token(a.node.admin_token_file.as_ref(), a.node.data.as_ref())?;
     let spinner = ProgressBar::new_spinner().with_message("shipping");
     spinner.enable_steady_tick(Duration::from_millis(100));
     let path = if a.snapshot {
@@ -181,7 +182,7 @@ async fn now(a: BackupNowArgs) -> Result<ExitCode> {
     let r = admin_call(&node, &token, reqwest::Method::POST, path).await;
     spinner.finish_and_clear();
     let r = r?;
-    if a.json {
+    if a.node.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!(

@@ -32,7 +32,7 @@ pub enum Command {
     Backup(BackupCommand),
     /// Show a running node's region: its nodes (alive, last heartbeat, version), the store
     /// (NATS servers and stream health) and backup.
-    Status(StatusArgs),
+    Status(NodeArgs),
     /// The upstream MCP servers a running node federates: add, list, show, remove.
     #[command(subcommand)]
     Registry(RegistryCommand),
@@ -221,23 +221,6 @@ pub struct SecretsNewKeyArgs {
     pub key_file: PathBuf,
 }
 
-/// `haven status`.
-#[derive(Args, Debug)]
-pub struct StatusArgs {
-    /// Node to ask [default: http://127.0.0.1:8080]
-    #[arg(long, env = "HAVEN_NODE", value_name = "URL")]
-    pub node: Option<String>,
-    /// Admin token file of the node [default: DATA/admin.token]
-    #[arg(long, env = "HAVEN_ADMIN_TOKEN_FILE", value_name = "FILE")]
-    pub admin_token_file: Option<PathBuf>,
-    /// Data directory of the node (where its admin token is) [default: ./haven-data]
-    #[arg(long, env = "HAVEN_DATA", value_name = "DIR")]
-    pub data: Option<PathBuf>,
-    /// Print JSON
-    #[arg(long)]
-    pub json: bool,
-}
-
 /// `haven backup` subcommands.
 #[derive(Subcommand, Debug)]
 pub enum BackupCommand {
@@ -312,21 +295,11 @@ pub struct BackupRestoreArgs {
 /// `haven backup now`.
 #[derive(Args, Debug)]
 pub struct BackupNowArgs {
-    /// Node to ask [default: http://127.0.0.1:8080]
-    #[arg(long, env = "HAVEN_NODE", value_name = "URL")]
-    pub node: Option<String>,
-    /// Admin token file of the node [default: DATA/admin.token]
-    #[arg(long, env = "HAVEN_ADMIN_TOKEN_FILE", value_name = "FILE")]
-    pub admin_token_file: Option<PathBuf>,
-    /// Data directory of the node (where its admin token is) [default: ./haven-data]
-    #[arg(long, env = "HAVEN_DATA", value_name = "DIR")]
-    pub data: Option<PathBuf>,
     /// Also take a full snapshot
     #[arg(long)]
     pub snapshot: bool,
-    /// Print JSON
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub node: NodeArgs,
 }
 
 /// `haven backup keygen`.
@@ -380,7 +353,8 @@ pub struct CommonArgs {
     /// Data directory (created if missing) [default: ./haven-data]
     #[arg(long, env = "HAVEN_DATA", value_name = "DIR")]
     pub data: Option<PathBuf>,
-    /// Catalog to serve: default or conformance [default: default]
+    /// Built-in catalog to serve next to federated upstreams: default, conformance or none
+    /// (the `catalog` runtime setting wins once set) [default: default]
     #[arg(long, env = "HAVEN_CATALOG", value_name = "NAME")]
     pub catalog: Option<String>,
     /// TOML file with settings (keys as the long flags, with underscores); flags and
@@ -860,6 +834,12 @@ pub fn backup_target(args: &BackupTargetArgs) -> Result<(String, Option<PathBuf>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
 
     fn resolve(args: &[&str]) -> Result<(Mode, Settings)> {
         let cli = Cli::try_parse_from(args).map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -89,6 +89,18 @@ async fn real_upstreams_are_federated_for_both_eras() {
         .unwrap();
     assert_eq!(stream.status(), 200);
     let mut events = SseReader::new(stream);
+    // And a 2026-07-28 client listening for tool list changes.
+    let listen = stateless(
+        &reqwest::Client::new(),
+        &h.url(),
+        77,
+        "subscriptions/listen",
+        json!({"notifications": {"toolsListChanged": true}}),
+        json!({}),
+    )
+    .await;
+    assert_eq!(listen.status(), 200);
+    let mut listen = SseReader::new(listen);
 
     let secret = format!("s3cret-{:016x}", rand_u64());
     cli_ok(
@@ -155,6 +167,24 @@ async fn real_upstreams_are_federated_for_both_eras() {
         listed,
         Ok(true),
         "no tools/list_changed on the standalone stream"
+    );
+    let heard = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(e) = listen.next().await {
+            if e.data.is_empty() {
+                continue;
+            }
+            let v = e.json();
+            if v["method"] == "notifications/tools/list_changed" {
+                return v["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"] == 77;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        heard,
+        Ok(true),
+        "no tools/list_changed on subscriptions/listen"
     );
 
     // Legacy era.
