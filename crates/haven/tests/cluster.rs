@@ -885,3 +885,75 @@ async fn a_setting_changed_on_one_node_applies_on_every_node_within_a_second() {
         assert_eq!(l["settings"], lists[0]["settings"]);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_registered_on_one_node_is_served_by_every_node_and_survives_a_node_kill() {
+    let _one = ONE_REGION_AT_A_TIME.lock().await;
+    common::upstreams::require_tools();
+    let fast = common::upstreams::Upstream::fastmcp_http().await;
+    let mut region = Region::start().await;
+    let node0 = region.nodes[0].as_ref().unwrap();
+    let (status, v) = common::upstreams::admin(
+        node0,
+        reqwest::Method::POST,
+        "/admin/v1/registry",
+        Some(json!({"name": "fast", "transport": "http", "url": fast.url()})),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    let client = reqwest::Client::new();
+    let add = |url: String, id: i64| {
+        let client = client.clone();
+        async move {
+            let r = stateless(
+                &client,
+                &url,
+                id,
+                "tools/call",
+                json!({"name": "fast__add", "arguments": {"a": id, "b": 1}}),
+                json!({}),
+            )
+            .await;
+            let v: Value = r.json().await.unwrap_or(Value::Null);
+            v["result"]["content"][0]["text"]
+                .as_str()
+                .map(str::to_owned)
+        }
+    };
+    // Every node serves the upstream's tools (each with its own connection to it).
+    for (i, port) in region.ports.clone().into_iter().enumerate() {
+        let url = format!("http://127.0.0.1:{port}/mcp");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if add(url.clone(), 10 + i as i64).await == Some((11 + i as i64).to_string()) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node{i} does not serve fast__add"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // The node it was registered on dies; calls through the proxy keep working.
+    region.nodes[0].take().unwrap().kill9();
+    let url = region.proxy.url();
+    let mut ok = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ok < 20 {
+        assert!(Instant::now() < deadline, "{ok} of 20 calls after the kill");
+        if add(url.clone(), 100 + ok).await == Some((101 + ok).to_string()) {
+            ok += 1;
+        }
+    }
+    // And the registry, in the store, is still there for the restarted node.
+    region.restart_node(0).await;
+    let (_, v) = common::upstreams::admin(
+        region.nodes[0].as_ref().unwrap(),
+        reqwest::Method::GET,
+        "/admin/v1/registry",
+        None,
+    )
+    .await;
+    assert_eq!(v["upstreams"][0]["name"], "fast", "{v}");
+}
