@@ -260,6 +260,15 @@ async fn open_secrets(
             }
             let f = s.data.join("secrets.keys");
             if !f.exists() {
+                // A store that already holds user secrets (a restored or moved data directory)
+                // needs the keys they were wrapped under: a new key could not read them.
+                let existing = user_secret_names(store, 1).await?;
+                if let Some(name) = existing.first() {
+                    bail!(
+                        "the store holds secrets (e.g. '{name}') but {} is missing: copy the key file you kept for this deployment there, or pass --secrets-key-file FILE",
+                        f.display()
+                    );
+                }
                 KekRing::create_file(&f)
                     .with_context(|| format!("creating the secrets key file {}", f.display()))?;
                 tracing::info!(
@@ -272,6 +281,35 @@ async fn open_secrets(
     };
     let source = KekSource { file, env };
     Secrets::open(store.clone(), source).context("loading the secrets keys")
+}
+
+/// Up to `limit` names of user (not `system/`) secrets in the store.
+async fn user_secret_names(store: &Arc<dyn Store>, limit: usize) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store
+            .scan(
+                haven_control::secrets::SECRETS_NS,
+                "",
+                after.as_deref(),
+                256,
+            )
+            .await
+            .context("reading the secrets")?;
+        for r in &page.records {
+            if !haven_control::secrets::is_reserved(&r.record.key) {
+                out.push(r.record.key.clone());
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+            }
+        }
+        match page.next_after {
+            Some(a) => after = Some(a),
+            None => return Ok(out),
+        }
+    }
 }
 
 /// Starts continuous backup when configured. A bad URL or key fails the start; an

@@ -707,3 +707,29 @@ async fn rotating_the_key_encryption_key_keeps_every_secret() {
     let keys_out = cli_ok(&h, &["secrets", "keys"], None);
     assert!(keys_out.contains(&primary), "{keys_out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_the_key_file_of_its_secrets_refuses_to_start() {
+    let (dir, h) = start().await;
+    cli_ok(&h, &["secrets", "set", "db/password"], Some("hunter2\n"));
+    drop(h);
+    let data = dir.path().join("data");
+    std::fs::remove_file(data.join("secrets.keys")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_haven"))
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--data",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("holds secrets") && err.contains("db/password"),
+        "{err}"
+    );
+    assert!(!data.join("secrets.keys").exists(), "no new key was made");
+}
