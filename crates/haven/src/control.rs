@@ -176,6 +176,16 @@ impl Catalog for EmptyCatalog {
     }
 }
 
+/// The values of start-up flags that a runtime setting overrides once it is set in the store.
+pub struct StartupValues {
+    /// `--log-level`.
+    pub log_level: String,
+    /// `--max-body-bytes`.
+    pub max_body_bytes: usize,
+    /// `--catalog`.
+    pub catalog: String,
+}
+
 /// Applies every new configuration snapshot on this node: the log filter, the body limit and
 /// the built-in catalog (upstream settings reach the federation layer through their own
 /// channel). A changed catalog is announced so that clients re-list.
@@ -184,7 +194,7 @@ pub fn apply_config(
     store: Arc<dyn Store>,
     builtin: Arc<BuiltinCatalog>,
     log: Option<LogReloader>,
-    startup_log_level: String,
+    startup: StartupValues,
 ) {
     let mut rx = control.config.subscribe();
     let max_body_bytes = control.max_body_bytes.clone();
@@ -193,12 +203,17 @@ pub fn apply_config(
         let mut applied_log = None::<String>;
         loop {
             let snap = rx.borrow_and_update().clone();
-            max_body_bytes.store(snap.max_body_bytes as usize, Ordering::Relaxed);
-            // The log filter of the store wins once set; until then the start-up flag holds.
+            // A setting in the store wins once set; until then the start-up flag holds.
+            let limit = if snap.entries["limits.max_body_bytes"].source == "store" {
+                snap.max_body_bytes as usize
+            } else {
+                startup.max_body_bytes
+            };
+            max_body_bytes.store(limit, Ordering::Relaxed);
             let level = if snap.entries["log.level"].source == "store" {
                 snap.log_level.clone()
             } else {
-                startup_log_level.clone()
+                startup.log_level.clone()
             };
             if applied_log.as_deref() != Some(level.as_str()) {
                 if let Some(reload) = &log
@@ -208,10 +223,15 @@ pub fn apply_config(
                 }
                 applied_log = Some(level);
             }
-            if snap.entries["catalog"].source == "store" {
-                match builtin.switch(&snap.catalog) {
+            {
+                let want = if snap.entries["catalog"].source == "store" {
+                    snap.catalog.as_str()
+                } else {
+                    startup.catalog.as_str()
+                };
+                match builtin.switch(want) {
                     Ok(true) => {
-                        tracing::info!(catalog = %snap.catalog, "built-in catalog switched");
+                        tracing::info!(catalog = %want, "built-in catalog switched");
                         for a in [
                             Announcement::ToolsChanged,
                             Announcement::PromptsChanged,

@@ -233,7 +233,11 @@ async fn start_engine(
         store.clone(),
         builtin,
         Some(log),
-        s.log_level.clone(),
+        control::StartupValues {
+            log_level: s.log_level.clone(),
+            max_body_bytes: s.max_body_bytes,
+            catalog: s.catalog.clone(),
+        },
     );
     Ok((engine, store, control))
 }

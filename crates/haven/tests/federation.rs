@@ -514,6 +514,25 @@ async fn settings_apply_without_restart() {
     );
     assert!(!names.iter().any(|n| n == "echo"), "{names:?}");
     assert!(names.iter().any(|n| n == "evhttp__echo"), "{names:?}");
+    cli_ok(&h, &["config", "unset", "catalog"], None);
+    wait_applied(&h, "catalog", json!("default")).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let names = tool_names(
+            &Legacy::connect(&h.url())
+                .await
+                .request(1, "tools/list", json!({}))
+                .await,
+        );
+        if names.iter().any(|n| n == "echo") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "echo did not come back: {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // How long a change takes to apply on this node (set acknowledged -> in force).
     let mut took = Vec::new();

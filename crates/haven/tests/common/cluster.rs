@@ -191,7 +191,7 @@ impl Proxy {
         std::fs::write(
             &conf,
             format!(
-                "global\n    maxconn 2000\n\ndefaults\n    mode http\n    timeout connect 200ms\n    timeout client 120s\n    timeout server 120s\n    retries 3\n    option redispatch\n    option http-server-close\n    retry-on conn-failure empty-response\n\nfrontend mcp\n    bind 127.0.0.1:{port}\n    default_backend haven\n\nbackend haven\n    balance roundrobin\n    option httpchk GET /readyz\n    http-check expect status 200\n{servers}"
+                "global\n    maxconn 2000\n\ndefaults\n    mode http\n    timeout connect 200ms\n    timeout check 2s\n    timeout client 120s\n    timeout server 120s\n    retries 3\n    option redispatch\n    option http-server-close\n    retry-on conn-failure empty-response\n\nfrontend mcp\n    bind 127.0.0.1:{port}\n    default_backend haven\n\nbackend haven\n    balance roundrobin\n    option httpchk GET /readyz\n    http-check expect status 200\n{servers}"
             ),
         )
         .unwrap();
