@@ -260,3 +260,24 @@ pub(crate) fn not_delivered(error: &rmcp::service::ServiceError) -> bool {
     }
     false
 }
+
+/// Why a failed request counts as an invalid answer rather than a transport failure: the
+/// upstream answered over HTTP, but with a body that is not a JSON-RPC message or with an
+/// unexpected content type or status (other than 429 and 5xx, which mean it cannot serve now).
+pub(crate) fn bad_response(error: &rmcp::service::ServiceError) -> Option<String> {
+    let rmcp::service::ServiceError::TransportSend(e) = error else {
+        return None;
+    };
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e.error.as_ref());
+    while let Some(err) = source {
+        if let Some(
+            http @ (StreamableHttpError::<reqwest::Error>::UnexpectedServerResponse(_)
+            | StreamableHttpError::UnexpectedContentType(_)),
+        ) = err.downcast_ref::<StreamableHttpError<reqwest::Error>>()
+        {
+            return Some(http.to_string());
+        }
+        source = err.source();
+    }
+    None
+}

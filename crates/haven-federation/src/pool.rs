@@ -665,6 +665,9 @@ fn classify(e: ServiceError) -> Sent {
     if connect::not_delivered(&e) {
         return Sent::NotDelivered(e.to_string());
     }
+    if let Some(why) = connect::bad_response(&e) {
+        return Sent::Garbage(format!("answered with an invalid response ({why})"));
+    }
     match e {
         ServiceError::McpError(err) => Sent::UpstreamError(err),
         ServiceError::UnexpectedResponse => {

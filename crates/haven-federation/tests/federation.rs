@@ -906,3 +906,220 @@ async fn changed_disabled_and_removed_upstreams() {
 
     n.stop().await;
 }
+
+/// A hand-written Streamable HTTP upstream that completes the handshake and lists the tools
+/// `bad` and `good`, but answers `bad` {variant} with garbage: 1 a body that is not JSON (as
+/// application/json), 2 a result of the wrong shape, 3 a response with another id, 4 HTTP 500
+/// with HTML, 5 no response (the connection is closed). `good` answers properly.
+#[derive(Default)]
+struct Shaky {
+    bad_calls: std::sync::atomic::AtomicU64,
+    good_calls: std::sync::atomic::AtomicU64,
+    /// The `X-Token` header of the last request.
+    token: parking_lot::Mutex<Option<String>>,
+}
+
+async fn shaky_mcp(
+    axum::extract::State(shaky): axum::extract::State<Arc<Shaky>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    use axum::http::StatusCode;
+    use axum::http::header::CONTENT_TYPE;
+    use axum::response::IntoResponse;
+
+    *shaky.token.lock() = headers
+        .get("x-token")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let json_answer = |v: Value| {
+        (
+            StatusCode::OK,
+            [
+                ("content-type", "application/json"),
+                ("mcp-session-id", "shaky-1"),
+            ],
+            v.to_string(),
+        )
+            .into_response()
+    };
+    let Ok(msg) = serde_json::from_slice::<Value>(&body) else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    let Some(id) = msg.get("id").cloned() else {
+        // Notifications (initialized, cancelled).
+        return StatusCode::ACCEPTED.into_response();
+    };
+    let result = |r: Value| json_answer(json!({"jsonrpc": "2.0", "id": id, "result": r}));
+    let params = &msg["params"];
+    match msg["method"].as_str().unwrap_or("") {
+        "initialize" => result(json!({
+            "protocolVersion": params["protocolVersion"],
+            "capabilities": {"tools": {}},
+            "serverInfo": {"name": "shaky", "version": "0.0.0"},
+        })),
+        "tools/list" => result(json!({"tools": [
+            {"name": "bad", "description": "Answers garbage", "inputSchema": {"type": "object"}},
+            {"name": "good", "description": "Answers", "inputSchema": {"type": "object"}},
+        ]})),
+        "tools/call" if params["name"] == "good" => {
+            shaky.good_calls.fetch_add(1, Ordering::SeqCst);
+            result(json!({"content": [{"type": "text", "text": "fine"}]}))
+        }
+        "tools/call" if params["name"] == "bad" => {
+            shaky.bad_calls.fetch_add(1, Ordering::SeqCst);
+            match params["arguments"]["variant"].as_u64() {
+                Some(1) => (
+                    [(CONTENT_TYPE, "application/json")],
+                    "this is {not json at all",
+                )
+                    .into_response(),
+                Some(2) => result(json!({"content": "not an array"})),
+                Some(3) => json_answer(json!({
+                    "jsonrpc": "2.0",
+                    "id": "not-the-request",
+                    "result": {"content": [{"type": "text", "text": "for someone else"}]},
+                })),
+                Some(4) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    [(CONTENT_TYPE, "text/html")],
+                    "<html><body><h1>500 Internal Server Error</h1></body></html>",
+                )
+                    .into_response(),
+                // A body that fails before its first byte: hyper closes the connection
+                // without writing the response.
+                _ => axum::body::Body::from_stream(futures::stream::once(async {
+                    Err::<axum::body::Bytes, _>(std::io::Error::other("closed on purpose"))
+                }))
+                .into_response(),
+            }
+        }
+        _ => json_answer(json!({
+            "jsonrpc": "2.0",
+            "id": id,
+            "error": {"code": -32601, "message": "Method not found"},
+        })),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_answering_garbage_mid_call_gives_a_json_rpc_error() {
+    use haven_federation::UPSTREAM_BAD_RESPONSE;
+
+    let shaky = Arc::new(Shaky::default());
+    let listener = tokio::net::TcpListener::bind(local()).await.unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    let server_ct = CancellationToken::new();
+    let server = tokio::spawn({
+        let ct = server_ct.clone();
+        let router = axum::Router::new()
+            .route(
+                "/mcp",
+                axum::routing::post(shaky_mcp)
+                    .get(|| async { axum::http::StatusCode::METHOD_NOT_ALLOWED })
+                    .delete(|| async { axum::http::StatusCode::OK }),
+            )
+            .with_state(shaky.clone());
+        async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(ct.cancelled_owned())
+                .await;
+        }
+    });
+
+    // A breaker that never opens here, so every variant reaches the upstream.
+    let mut s = settings();
+    s.timeout_ms = 2_000;
+    s.breaker_failures = 100;
+    s.breaker_cooldown_ms = 100;
+    let n = node(s);
+    n.register(http_spec("shaky", &url)).await;
+    n.wait_state("shaky", UpstreamState::Connected, CONNECT)
+        .await;
+    assert!(n.tool_names().await.contains(&"shaky__bad".to_string()));
+    assert_eq!(shaky.token.lock().as_deref(), Some(SECRET_VALUE));
+
+    let limit = Duration::from_millis(2_000 + 1_000);
+    let mut seen = Vec::new();
+    let mut messages = Vec::new();
+    for variant in 1..=5u64 {
+        let t = Instant::now();
+        let call = n.call("shaky__bad", json!({"variant": variant}));
+        let Ok(outcome) = tokio::time::timeout(limit, call).await else {
+            panic!("variant {variant}: no answer within {limit:?}");
+        };
+        let took = t.elapsed();
+        let e = match outcome {
+            Ok(r) => panic!("variant {variant}: garbage accepted as {r:?}"),
+            Err(e) => e,
+        };
+        assert!(
+            [
+                UPSTREAM_TIMEOUT,
+                UPSTREAM_UNAVAILABLE,
+                UPSTREAM_BAD_RESPONSE
+            ]
+            .contains(&e.code.0),
+            "variant {variant}: {e:?}"
+        );
+        assert!(e.message.contains("shaky"), "variant {variant}: {e:?}");
+        let text = serde_json::to_string(&e).unwrap();
+        assert!(!text.contains(SECRET_VALUE), "variant {variant}: {text}");
+        assert!(took < limit, "variant {variant}: {took:?}");
+        seen.push((variant, e.code.0));
+        messages.push(e.message);
+    }
+    // Each call reached the upstream exactly once (none was resent).
+    assert_eq!(shaky.bad_calls.load(Ordering::SeqCst), 5);
+    // Invalid answers are bad responses; a response with a foreign id leaves the call
+    // unanswered until its timeout; a server error or a lost connection is unavailability.
+    assert_eq!(
+        seen,
+        [
+            (1, UPSTREAM_BAD_RESPONSE),
+            (2, UPSTREAM_BAD_RESPONSE),
+            (3, UPSTREAM_TIMEOUT),
+            (4, UPSTREAM_UNAVAILABLE),
+            (5, UPSTREAM_UNAVAILABLE),
+        ],
+        "{messages:#?}"
+    );
+    let st = n.status("shaky").unwrap();
+    assert_eq!(st.consecutive_failures, 5, "{st:?}");
+    assert!(
+        !serde_json::to_string(&st).unwrap().contains(SECRET_VALUE),
+        "{st:?}"
+    );
+
+    // The upstream is still usable.
+    let start = Instant::now();
+    let r = loop {
+        match n.call("shaky__good", json!({})).await {
+            Ok(r) => break r,
+            Err(e) => assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "good never answered: {e:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(text_of(&r), "fine");
+    assert_eq!(shaky.good_calls.load(Ordering::SeqCst), 1);
+    let st = n.status("shaky").unwrap();
+    assert_eq!(
+        (st.state, st.consecutive_failures),
+        (UpstreamState::Connected, 0),
+        "{st:?}"
+    );
+
+    n.stop().await;
+    server_ct.cancel();
+    let mut server = server;
+    if tokio::time::timeout(Duration::from_secs(5), &mut server)
+        .await
+        .is_err()
+    {
+        server.abort();
+        let _ = server.await;
+    }
+}
