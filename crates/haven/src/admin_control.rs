@@ -398,6 +398,15 @@ async fn keys_retire(State(admin): S, body: Bytes) -> Response {
     };
     match admin.engine.keyring().retire(&b.kid).await {
         Ok(()) => json_ok(StatusCode::OK, json!({ "retired": b.kid })),
-        Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) => {
+            use haven_mcp::keyring::KeyringError;
+            let status = match &e {
+                KeyringError::NotFound(_) => StatusCode::NOT_FOUND,
+                KeyringError::LastLiveKey(_) => StatusCode::CONFLICT,
+                KeyringError::Store(s) if s.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            error(status, e.to_string())
+        }
     }
 }

@@ -512,6 +512,23 @@ pub async fn secrets(cmd: SecretsCommand) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        SecretsCommand::RetireKey(a) => {
+            let node = Node::from(&a.node)?;
+            let v = node
+                .call(
+                    Method::POST,
+                    "/admin/v1/keys/retire",
+                    Some(&json!({ "kid": a.kid })),
+                )
+                .await?;
+            if !node.json(&v)? {
+                println!(
+                    "Retired request-state key {}: values it sealed no longer verify.",
+                    a.kid
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         SecretsCommand::Keys(n) => {
             let node = Node::from(&n)?;
             let v = node.call(Method::GET, "/admin/v1/keys", None).await?;

@@ -171,6 +171,9 @@ pub enum SecretsCommand {
     RotateKey(NodeArgs),
     /// Show key-encryption keys in use and the request-state signing keys.
     Keys(NodeArgs),
+    /// Retire a request-state signing key (values it sealed stop verifying). The key that
+    /// signs now cannot be retired; rotate first.
+    RetireKey(SecretsRetireArgs),
     /// Append a new key-encryption key to a key file (it becomes the primary after the next
     /// rotate-key); creates the file if missing. Runs locally; copy the file to every node.
     NewKey(SecretsNewKeyArgs),
@@ -209,6 +212,15 @@ pub struct SecretsDeleteArgs {
     /// Delete even if a registered upstream references it
     #[arg(long)]
     pub force: bool,
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+/// `haven secrets retire-key`.
+#[derive(Args, Debug)]
+pub struct SecretsRetireArgs {
+    /// Key id, as `haven secrets keys` lists it
+    pub kid: String,
     #[command(flatten)]
     pub node: NodeArgs,
 }

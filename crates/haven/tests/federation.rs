@@ -725,6 +725,28 @@ async fn rotating_the_key_encryption_key_keeps_every_secret() {
     assert_eq!(env["HAVEN_TEST_S3"], "value-3");
     let keys_out = cli_ok(&h, &["secrets", "keys"], None);
     assert!(keys_out.contains(&primary), "{keys_out}");
+
+    // Request-state keys: rotate-key started a new signing key; the older one can be retired,
+    // the signing one cannot.
+    let (_, k) = admin(&h, Method::GET, "/admin/v1/keys", None).await;
+    let signing = k["request_state"]["signing"].as_str().unwrap().to_owned();
+    let older: Vec<String> = k["request_state"]["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["retired"] != true)
+        .map(|r| r["kid"].as_str().unwrap().to_owned())
+        .filter(|kid| *kid != signing)
+        .collect();
+    assert!(!older.is_empty(), "{k}");
+    for kid in &older {
+        cli_ok(&h, &["secrets", "retire-key", kid], None);
+    }
+    let out = cli(&h, &["secrets", "retire-key", &signing], None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only live key"));
+    let out = cli(&h, &["secrets", "retire-key", "no-such-key"], None);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("404"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
