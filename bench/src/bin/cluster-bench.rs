@@ -95,85 +95,23 @@ async fn wait_status(port: u16, path: &str, what: &str) -> anyhow::Result<()> {
 }
 
 struct Region {
-    _nats: Vec<Proc>,
+    _nats: haven_testkit::NatsCluster,
     nodes: Vec<Option<Proc>>,
     ports: Vec<u16>,
     store: String,
     haven: PathBuf,
     dir: tempfile::TempDir,
-    _proxy: Proc,
+    _proxy: Option<haven_testkit::Proxy>,
     proxy_port: u16,
 }
 
 impl Region {
+    /// Three nats-servers (`haven-testkit`), three Haven nodes on them, HAProxy in front.
     async fn start(haven: &Path, tools: &Path) -> anyhow::Result<Region> {
         let dir = tempfile::tempdir()?;
-        let nats_bin = tools.join("venv/bin/nats-server");
-        let client: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_, _>>()?;
-        let cluster: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_, _>>()?;
-        let http: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_, _>>()?;
-        let mut nats = Vec::new();
-        for i in 0..3 {
-            let routes: Vec<String> = (0..3)
-                .filter(|j| *j != i)
-                .map(|j| format!("\"nats-route://127.0.0.1:{}\"", cluster[j]))
-                .collect();
-            let conf = dir.path().join(format!("n{i}.conf"));
-            std::fs::write(
-                &conf,
-                format!(
-                    "server_name: n{i}\nlisten: 127.0.0.1:{}\nhttp: 127.0.0.1:{}\njetstream {{ store_dir: \"{}\", sync_interval: always }}\ncluster {{ name: bench, listen: 127.0.0.1:{}, routes: [{}] }}\n",
-                    client[i],
-                    http[i],
-                    dir.path().join(format!("js{i}")).display(),
-                    cluster[i],
-                    routes.join(", ")
-                ),
-            )?;
-            nats.push(Proc(
-                Command::new(&nats_bin)
-                    .arg("-c")
-                    .arg(&conf)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .with_context(|| format!("starting {}", nats_bin.display()))?,
-            ));
-        }
-        for p in &http {
-            wait_status(*p, "/healthz?js-enabled-only=true", "nats-server").await?;
-        }
-        let store = client
-            .iter()
-            .map(|p| format!("nats://127.0.0.1:{p}"))
-            .collect::<Vec<_>>()
-            .join(",");
+        let nats = haven_testkit::NatsCluster::start_in(tools).await;
+        let store = nats.store_url();
         let ports: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_, _>>()?;
-        let proxy_port = free_port()?;
-        let servers: String = ports
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                format!("    server n{i} 127.0.0.1:{p} check inter 200ms fall 1 rise 2\n")
-            })
-            .collect();
-        let cfg = dir.path().join("haproxy.cfg");
-        std::fs::write(
-            &cfg,
-            format!(
-                "global\n    maxconn 4000\n\ndefaults\n    mode http\n    timeout connect 200ms\n    timeout client 60s\n    timeout server 60s\n    retries 3\n    option redispatch\n    retry-on conn-failure empty-response\n\nfrontend mcp\n    bind 127.0.0.1:{proxy_port}\n    default_backend haven\n\nbackend haven\n    balance roundrobin\n    option httpchk GET /readyz\n    http-check expect status 200\n{servers}"
-            ),
-        )?;
-        let proxy = Proc(
-            Command::new("haproxy")
-                .arg("-f")
-                .arg(&cfg)
-                .arg("-db")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting haproxy")?,
-        );
         let mut region = Region {
             _nats: nats,
             nodes: vec![None, None, None],
@@ -181,13 +119,15 @@ impl Region {
             store,
             haven: haven.to_owned(),
             dir,
-            _proxy: proxy,
-            proxy_port,
+            _proxy: None,
+            proxy_port: 0,
         };
         for i in 0..3 {
             region.start_node(i).await?;
         }
-        wait_status(proxy_port, "/readyz", "haproxy").await?;
+        let proxy = haven_testkit::Proxy::start(&region.ports).await;
+        region.proxy_port = proxy.port;
+        region._proxy = Some(proxy);
         Ok(region)
     }
 

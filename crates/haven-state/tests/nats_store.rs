@@ -1,8 +1,6 @@
 //! The JetStream backend against the same contract as the embedded one, on a real
 //! three-server NATS cluster on loopback (nats-server from scripts/install-tools).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,137 +10,28 @@ use haven_state::{
     Store, StoreError, Version, watch,
 };
 
-fn tools_dir() -> PathBuf {
-    std::env::var_os("HAVEN_TOOLS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools"))
-}
+use haven_testkit::NatsCluster;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Three nats-server processes in one JetStream cluster, stopped when dropped.
-struct Cluster {
-    servers: Vec<Child>,
-    client_ports: Vec<u16>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for s in &mut self.servers {
-            let _ = s.kill();
-            let _ = s.wait();
-        }
-    }
-}
-
-impl Cluster {
-    async fn start() -> Cluster {
-        let bin = tools_dir().join("venv/bin/nats-server");
-        assert!(
-            bin.exists(),
-            "{} is missing: run scripts/install-tools (the README's test command does)",
-            bin.display()
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let client_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let http_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let mut servers = Vec::new();
-        for i in 0..3 {
-            let routes: Vec<String> = cluster_ports
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(_, p)| format!("\"nats-route://127.0.0.1:{p}\""))
-                .collect();
-            let conf = format!(
-                "server_name: n{i}\nlisten: 127.0.0.1:{}\nhttp: 127.0.0.1:{}\njetstream {{ store_dir: \"{}\", sync_interval: always }}\ncluster {{ name: haven-test, listen: 127.0.0.1:{}, routes: [{}] }}\n",
-                client_ports[i],
-                http_ports[i],
-                dir.path().join(format!("n{i}")).display(),
-                cluster_ports[i],
-                routes.join(", ")
-            );
-            let path = dir.path().join(format!("n{i}.conf"));
-            std::fs::write(&path, conf).unwrap();
-            servers.push(
-                Command::new(&bin)
-                    .arg("-c")
-                    .arg(&path)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("starting nats-server"),
-            );
-        }
-        let c = Cluster {
-            servers,
-            client_ports,
-            _dir: dir,
-        };
-        let client = reqwest_free_get;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        for p in &http_ports {
-            loop {
-                if client(*p, "/healthz?js-enabled-only=true").await {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "nats-server did not become healthy"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-        c
-    }
-
-    fn url(&self, i: usize) -> String {
-        format!("nats://127.0.0.1:{}", self.client_ports[i])
-    }
-
-    async fn store(&self, i: usize, node: &str) -> NatsStore {
-        let config = NatsConfig {
-            servers: vec![self.url(i)],
-            region: "test-region".into(),
-            replicas: 3,
-        };
-        NatsStore::open(
-            &config,
-            Origin::new("test-region", node),
-            Arc::new(HybridClock::default()),
-        )
-        .await
-        .unwrap()
-    }
-}
-
-/// A minimal HTTP GET on loopback; true on a 200 answer.
-async fn reqwest_free_get(port: u16, path: &str) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-        return false;
+/// A store of node `node` connected to server `i` of the cluster.
+async fn store(cluster: &NatsCluster, i: usize, node: &str) -> NatsStore {
+    let config = NatsConfig {
+        servers: vec![cluster.url(i)],
+        region: "test-region".into(),
+        replicas: 3,
     };
-    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-    if s.write_all(req.as_bytes()).await.is_err() {
-        return false;
-    }
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf).await;
-    buf.starts_with(b"HTTP/1.1 200") || buf.starts_with(b"HTTP/1.0 200")
+    NatsStore::open(
+        &config,
+        Origin::new("test-region", node),
+        Arc::new(HybridClock::default()),
+    )
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_jetstream_backend_keeps_the_store_contract() {
-    let cluster = Cluster::start().await;
-    let s = cluster.store(0, "n1").await;
+    let cluster = NatsCluster::start().await;
+    let s = store(&cluster, 0, "n1").await;
 
     // Conditional writes.
     let c = s
@@ -245,7 +134,7 @@ async fn the_jetstream_backend_keeps_the_store_contract() {
     assert_eq!(entries.len(), fold.len());
 
     // A watch from the start sees everything, then live entries.
-    let mut w = watch(Arc::new(cluster.store(1, "n1-watch").await), 1);
+    let mut w = watch(Arc::new(store(&cluster, 1, "n1-watch").await), 1);
     for e in &log {
         assert_eq!(w.next().await.unwrap().unwrap().seq, e.seq);
     }
@@ -292,7 +181,7 @@ async fn the_jetstream_backend_keeps_the_store_contract() {
     assert_eq!(s.get("notes", "a").await.unwrap().unwrap().value(), b"new");
 
     // A new store (another process, another server) rebuilds the same state from the stream.
-    let again = cluster.store(2, "n2").await;
+    let again = store(&cluster, 2, "n2").await;
     assert_eq!(
         again.get("notes", "a").await.unwrap().unwrap().value(),
         b"new"
@@ -307,9 +196,9 @@ async fn the_jetstream_backend_keeps_the_store_contract() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compare_and_set_across_nodes_loses_no_update() {
-    let cluster = Cluster::start().await;
-    let a = Arc::new(cluster.store(0, "a").await);
-    let b = Arc::new(cluster.store(1, "b").await);
+    let cluster = NatsCluster::start().await;
+    let a = Arc::new(store(&cluster, 0, "a").await);
+    let b = Arc::new(store(&cluster, 1, "b").await);
     a.commit(Batch::new().put("counters", "c", b"0".to_vec()))
         .await
         .unwrap();

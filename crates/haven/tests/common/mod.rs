@@ -1,6 +1,6 @@
 //! Helpers for tests that run the real `haven` binary on loopback.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod cluster;
 pub mod upstreams;
@@ -9,7 +9,6 @@ pub mod upstreams;
 /// HAVEN_SECRETS_KEYS: nodes of one region must share their secrets keys.
 pub const TEST_SECRETS_KEYS: &str = "test QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=";
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -32,14 +31,7 @@ impl Drop for Haven {
     }
 }
 
-/// A free loopback port.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use haven_testkit::free_port;
 
 impl Haven {
     /// Starts `haven serve` on `port` with `data`, waits until it is ready.
