@@ -259,13 +259,13 @@ impl NatsStore {
 
     /// The stream's last sequence, from its leader.
     async fn stream_last_seq(&self) -> StoreResult<u64> {
-        let mut s = self
+        // `get_stream` is one STREAM.INFO round trip; its answer is the cached info.
+        let s = self
             .js
             .get_stream(&self.stream_name)
             .await
             .map_err(unavailable)?;
-        let info = s.info().await.map_err(unavailable)?;
-        Ok(info.state.last_sequence)
+        Ok(s.cached_info().state.last_sequence)
     }
 
     /// Waits until the index has applied sequence `seq`.
@@ -850,27 +850,25 @@ impl Store for NatsStore {
             "applied_seq": self.shared.index.read().applied,
         });
         match self.js.get_stream(&self.stream_name).await {
-            Ok(mut s) => match s.info().await {
-                Ok(info) => {
-                    out["last_seq"] = info.state.last_sequence.into();
-                    out["replicas"] = info.config.num_replicas.into();
-                    if let Some(c) = &info.cluster {
-                        out["leader"] = serde_json::json!(c.leader);
-                        out["peers"] = c
-                            .replicas
-                            .iter()
-                            .map(|p| {
-                                serde_json::json!({
-                                    "name": p.name, "current": p.current,
-                                    "offline": p.offline, "lag": p.lag,
-                                    "active_ms": p.active.as_millis() as u64,
-                                })
+            Ok(s) => {
+                let info = s.cached_info();
+                out["last_seq"] = info.state.last_sequence.into();
+                out["replicas"] = info.config.num_replicas.into();
+                if let Some(c) = &info.cluster {
+                    out["leader"] = serde_json::json!(c.leader);
+                    out["peers"] = c
+                        .replicas
+                        .iter()
+                        .map(|p| {
+                            serde_json::json!({
+                                "name": p.name, "current": p.current,
+                                "offline": p.offline, "lag": p.lag,
+                                "active_ms": p.active.as_millis() as u64,
                             })
-                            .collect();
-                    }
+                        })
+                        .collect();
                 }
-                Err(e) => out["error"] = e.to_string().into(),
-            },
+            }
             Err(e) => out["error"] = e.to_string().into(),
         }
         out
@@ -883,12 +881,12 @@ impl Store for NatsStore {
             )));
         }
         // The leader answers stream info only while the stream has a quorum.
-        let mut s = self
+        let s = self
             .js
             .get_stream(&self.stream_name)
             .await
             .map_err(unavailable)?;
-        let info = s.info().await.map_err(unavailable)?;
+        let info = s.cached_info();
         if info.cluster.as_ref().is_some_and(|c| c.leader.is_none()) {
             return Err(StoreError::Unavailable(
                 "the change-log stream has no leader".into(),
