@@ -394,8 +394,22 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
         );
     }
     engine.leave().await;
+    close_upstreams(&control).await;
     tracing::info!("haven stopped");
     Ok(())
+}
+
+/// Closes this node's upstream connections (stdio children are ended and reaped), bounded.
+async fn close_upstreams(control: &control::Control) {
+    if tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        control.upstreams.shutdown(),
+    )
+    .await
+    .is_err()
+    {
+        tracing::warn!("closing the upstream connections took more than 10 s; exiting anyway");
+    }
 }
 
 async fn shutdown_signal() {
@@ -413,7 +427,10 @@ async fn shutdown_signal() {
 }
 
 async fn stdio(s: Settings, log: control::LogReloader) -> Result<()> {
-    let (engine, _, _control) = start_engine(&s, log).await?;
-    haven_server::stdio::serve_stdio(engine, tokio::io::stdin(), tokio::io::stdout()).await?;
+    let (engine, _, control) = start_engine(&s, log).await?;
+    let served =
+        haven_server::stdio::serve_stdio(engine, tokio::io::stdin(), tokio::io::stdout()).await;
+    close_upstreams(&control).await;
+    served?;
     Ok(())
 }

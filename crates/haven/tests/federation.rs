@@ -635,6 +635,19 @@ async fn a_stdio_upstream_that_dies_mid_call_errors_and_is_restarted() {
     assert_ne!(first, second);
     let (_, v) = admin(&h, Method::GET, "/admin/v1/registry/ev", None).await;
     assert!(v["status"]["restarts"].as_u64().unwrap_or(0) >= 1, "{v}");
+
+    // A node that stops (SIGTERM) ends its stdio upstreams too.
+    let mut h = h;
+    assert!(h.terminate(Duration::from_secs(30)).await, "haven exited");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(format!("/proc/{second}/stat")).is_ok_and(|s| !s.contains(") Z "))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the stdio upstream outlived haven"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
