@@ -168,14 +168,20 @@ fn shown(name: &str) -> String {
 /// Checks a secret name: 1 to [`MAX_NAME_LEN`] characters of
 /// [`registry::is_secret_name_char`].
 pub fn validate_name(name: &str) -> SecretsResult<()> {
+    // `/` separates parts of a name (`github/token`); every part must be a real name, so that
+    // a name can travel in a URL path without `.`/`..` or empty segments changing its meaning.
+    let parts_ok = name
+        .split('/')
+        .all(|p| !p.is_empty() && p != "." && p != "..");
     if !name.is_empty()
         && name.len() <= MAX_NAME_LEN
         && name.chars().all(registry::is_secret_name_char)
+        && parts_ok
     {
         Ok(())
     } else {
         Err(SecretsError::Invalid(format!(
-            "invalid secret name '{}': a name is 1 to {MAX_NAME_LEN} characters of letters, digits, '_', '-', '.' and '/'",
+            "invalid secret name '{}': a name is 1 to {MAX_NAME_LEN} characters of letters, digits, '_', '-', '.' and '/', with no empty, '.' or '..' part between slashes",
             shown(name)
         )))
     }

@@ -28,6 +28,13 @@ use tokio::io::AsyncBufReadExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+/// Variables a stdio upstream inherits from Haven's environment (what MCP clients commonly
+/// pass on: enough to find programs and a home directory); everything else it gets only
+/// from its registry entry.
+pub(crate) const INHERITED_ENV: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "LANG", "LC_ALL", "TZ", "TMPDIR",
+];
+
 use crate::SecretResolver;
 
 /// Requests in flight whose progress goes to a client: the progress token Haven's client put on
@@ -160,6 +167,15 @@ pub(crate) async fn open(
         } => {
             let mut cmd = tokio::process::Command::new(command);
             cmd.args(args).kill_on_drop(true);
+            // A stdio upstream gets a clean environment: the few variables a program needs
+            // to run, then its configured ones; never Haven's own (keys, tokens, cloud
+            // credentials).
+            cmd.env_clear();
+            for k in INHERITED_ENV {
+                if let Some(v) = std::env::var_os(k) {
+                    cmd.env(k, v);
+                }
+            }
             for (k, v) in env {
                 let value = secrets
                     .expand(v)
@@ -168,6 +184,9 @@ pub(crate) async fn open(
                 cmd.env(k, value);
             }
             if let Some(dir) = cwd {
+                if !std::path::Path::new(dir).is_dir() {
+                    return Err(format!("the working directory '{dir}' does not exist"));
+                }
                 cmd.current_dir(dir);
             }
             let (child, stderr) = TokioChildProcess::builder(cmd)

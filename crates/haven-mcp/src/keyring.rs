@@ -40,6 +40,11 @@ pub enum KeyringError {
         "request-state key '{0}' is the only live key; rotate first, so that a new key signs before this one is retired"
     )]
     LastLiveKey(String),
+    /// The key signs new values now; retiring it would fall back to an older key.
+    #[error(
+        "request-state key '{0}' is the one that signs now; rotate first (`haven secrets rotate-key`), then retire it"
+    )]
+    SigningKey(String),
     /// A key record could not be read.
     #[error("request-state key record '{key}' is unreadable: {detail}")]
     Corrupt {
@@ -311,6 +316,9 @@ impl Keyring {
             }
             if !self.live_kids().iter().any(|live| live != kid) {
                 return Err(KeyringError::LastLiveKey(kid.to_owned()));
+            }
+            if self.active_kid() == kid {
+                return Err(KeyringError::SigningKey(kid.to_owned()));
             }
             let rec = KeyRecord {
                 retired: true,

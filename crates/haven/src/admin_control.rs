@@ -122,6 +122,52 @@ struct AddQuery {
     replace: bool,
 }
 
+/// A registry entry from JSON, refusing fields that do not belong to its transport (a typo
+/// such as `headerz` would otherwise be dropped without a word).
+#[allow(clippy::result_large_err)]
+fn upstream_from(v: Value) -> Result<UpstreamSpec, Response> {
+    const COMMON: &[&str] = &["name", "transport", "timeout_ms", "disabled", "description"];
+    let specific: &[&str] = match v.get("transport").and_then(Value::as_str) {
+        Some("http") => &["url", "headers"],
+        Some("stdio") => &["command", "args", "env", "cwd"],
+        _ => &[],
+    };
+    if let Some(obj) = v.as_object()
+        && !specific.is_empty()
+    {
+        let unknown: Vec<&String> = obj
+            .keys()
+            .filter(|k| !COMMON.contains(&k.as_str()) && !specific.contains(&k.as_str()))
+            .collect();
+        if !unknown.is_empty() {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "unknown field(s) {} for a {} upstream; its fields are {}",
+                    unknown
+                        .iter()
+                        .map(|k| format!("'{k}'"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    v["transport"].as_str().unwrap_or_default(),
+                    COMMON
+                        .iter()
+                        .chain(specific)
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+    }
+    serde_json::from_value(v).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("the request body is not a valid upstream entry: {e}"),
+        )
+    })
+}
+
 async fn add(admin: &Admin, spec: UpstreamSpec, replace: bool) -> Response {
     let known = match admin.control.secrets.names().await {
         Ok(n) => n,
@@ -134,11 +180,14 @@ async fn add(admin: &Admin, spec: UpstreamSpec, replace: bool) -> Response {
 }
 
 async fn registry_add(State(admin): S, Query(q): Query<AddQuery>, body: Bytes) -> Response {
-    let spec: UpstreamSpec = match parse_body(&body, "upstream entry") {
-        Ok(s) => s,
+    let v: Value = match parse_body(&body, "upstream entry") {
+        Ok(v) => v,
         Err(r) => return r,
     };
-    add(&admin, spec, q.replace).await
+    match upstream_from(v) {
+        Ok(spec) => add(&admin, spec, q.replace).await,
+        Err(r) => r,
+    }
 }
 
 async fn registry_put(State(admin): S, Path(name): Path<String>, body: Bytes) -> Response {
@@ -155,16 +204,10 @@ async fn registry_put(State(admin): S, Path(name): Path<String>, body: Bytes) ->
         }
         _ => v["name"] = Value::from(name),
     }
-    let spec: UpstreamSpec = match serde_json::from_value(v) {
-        Ok(s) => s,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("the request body is not a valid upstream entry: {e}"),
-            );
-        }
-    };
-    add(&admin, spec, true).await
+    match upstream_from(v) {
+        Ok(spec) => add(&admin, spec, true).await,
+        Err(r) => r,
+    }
 }
 
 async fn registry_show(State(admin): S, Path(name): Path<String>) -> Response {
@@ -402,7 +445,7 @@ async fn keys_retire(State(admin): S, body: Bytes) -> Response {
             use haven_mcp::keyring::KeyringError;
             let status = match &e {
                 KeyringError::NotFound(_) => StatusCode::NOT_FOUND,
-                KeyringError::LastLiveKey(_) => StatusCode::CONFLICT,
+                KeyringError::LastLiveKey(_) | KeyringError::SigningKey(_) => StatusCode::CONFLICT,
                 KeyringError::Store(s) if s.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             };

@@ -43,6 +43,34 @@ impl Node {
     }
 }
 
+/// Checks an upstream name before it goes into a URL path.
+fn upstream_name(name: &str) -> Result<&str> {
+    haven_control::registry::validate_name(name)?;
+    Ok(name)
+}
+
+/// Checks a setting key before it goes into a URL path.
+fn setting_key(key: &str) -> Result<&str> {
+    use haven_control::config::SETTINGS;
+    if SETTINGS.iter().any(|d| d.key == key) {
+        return Ok(key);
+    }
+    bail!(
+        "unknown setting '{key}'; known settings: {}",
+        SETTINGS
+            .iter()
+            .map(|d| d.key)
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// Checks a secret name before it goes into a URL path.
+fn secret_name(name: &str) -> Result<&str> {
+    haven_control::secrets::validate_name(name)?;
+    Ok(name)
+}
+
 /// Prints rows as a table with a header, each column as wide as its widest cell.
 fn table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
@@ -112,7 +140,7 @@ pub async fn registry(cmd: RegistryCommand) -> Result<ExitCode> {
             let v = node
                 .call(
                     Method::GET,
-                    &format!("/admin/v1/registry/{}", segment(&a.name)),
+                    &format!("/admin/v1/registry/{}", segment(upstream_name(&a.name)?)),
                     None,
                 )
                 .await?;
@@ -127,7 +155,7 @@ pub async fn registry(cmd: RegistryCommand) -> Result<ExitCode> {
             let v = node
                 .call(
                     Method::DELETE,
-                    &format!("/admin/v1/registry/{}", segment(&a.name)),
+                    &format!("/admin/v1/registry/{}", segment(upstream_name(&a.name)?)),
                     None,
                 )
                 .await?;
@@ -311,7 +339,7 @@ pub async fn config(cmd: ConfigCommand) -> Result<ExitCode> {
             let v = node
                 .call(
                     Method::GET,
-                    &format!("/admin/v1/config/{}", segment(&a.key)),
+                    &format!("/admin/v1/config/{}", segment(setting_key(&a.key)?)),
                     None,
                 )
                 .await?;
@@ -325,7 +353,7 @@ pub async fn config(cmd: ConfigCommand) -> Result<ExitCode> {
             let v = node
                 .call(
                     Method::PUT,
-                    &format!("/admin/v1/config/{}", segment(&a.key)),
+                    &format!("/admin/v1/config/{}", segment(setting_key(&a.key)?)),
                     Some(&json!({ "value": a.value })),
                 )
                 .await?;
@@ -343,7 +371,7 @@ pub async fn config(cmd: ConfigCommand) -> Result<ExitCode> {
             let v = node
                 .call(
                     Method::DELETE,
-                    &format!("/admin/v1/config/{}", segment(&a.key)),
+                    &format!("/admin/v1/config/{}", segment(setting_key(&a.key)?)),
                     None,
                 )
                 .await?;
@@ -397,11 +425,32 @@ pub async fn secrets(cmd: SecretsCommand) -> Result<ExitCode> {
                     buf
                 }
                 None => {
-                    let mut line = String::new();
-                    std::io::stdin().read_line(&mut line)?;
-                    line.trim_end_matches(['\n', '\r']).as_bytes().to_vec()
+                    let mut buf = Vec::new();
+                    std::io::stdin().read_to_end(&mut buf)?;
+                    // One line: its line break is not part of the value.
+                    if buf.ends_with(b"\n") {
+                        buf.pop();
+                        if buf.ends_with(b"\r") {
+                            buf.pop();
+                        }
+                    }
+                    if buf.contains(&b'\n') {
+                        bail!(
+                            "standard input holds more than one line; pass --multiline to store all of it as the value (or --value-file FILE)"
+                        );
+                    }
+                    buf
                 }
             };
+            if a.value_file.is_some() && value.ends_with(b"\n") {
+                eprintln!(
+                    "note: the value from {} ends with a line break, which is stored as part of it",
+                    a.value_file
+                        .as_ref()
+                        .map(|f| f.display().to_string())
+                        .unwrap_or_default()
+                );
+            }
             if value.is_empty() {
                 bail!("the secret value is empty: pipe it on standard input or pass --value-file");
             }
@@ -415,7 +464,7 @@ pub async fn secrets(cmd: SecretsCommand) -> Result<ExitCode> {
             let v = node
                 .call(
                     Method::PUT,
-                    &format!("/admin/v1/secrets/{}", segment(&a.name)),
+                    &format!("/admin/v1/secrets/{}", segment(secret_name(&a.name)?)),
                     Some(&body),
                 )
                 .await?;
@@ -464,7 +513,7 @@ pub async fn secrets(cmd: SecretsCommand) -> Result<ExitCode> {
         }
         SecretsCommand::Delete(a) => {
             let node = Node::from(&a.node)?;
-            let mut path = format!("/admin/v1/secrets/{}", segment(&a.name));
+            let mut path = format!("/admin/v1/secrets/{}", segment(secret_name(&a.name)?));
             if a.force {
                 path.push_str("?force=true");
             }

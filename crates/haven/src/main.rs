@@ -68,6 +68,13 @@ fn run_backup_command(cmd: settings::BackupCommand) -> std::process::ExitCode {
 fn run_client_command(
     fut: impl std::future::Future<Output = Result<std::process::ExitCode>>,
 ) -> std::process::ExitCode {
+    // A command whose output goes into a pipe that closes early (`| head`) ends quietly, as
+    // command-line tools do, instead of panicking on the failed write.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HAVEN_LOG")
@@ -284,7 +291,25 @@ async fn open_secrets(
         }
     };
     let source = KekSource { file, env };
-    Secrets::open(store.clone(), source).context("loading the secrets keys")
+    let secrets = Secrets::open(store.clone(), source).context("loading the secrets keys")?;
+    // Secrets wrapped under a key this node does not have would fail on first use: refuse
+    // now, while the fix (the right key file) is obvious.
+    let known = secrets.known_kids();
+    let foreign: Vec<String> = secrets
+        .list()
+        .await
+        .context("reading the secrets")?
+        .into_iter()
+        .filter(|m| !haven_control::secrets::is_reserved(&m.name) && !known.contains(&m.kek))
+        .map(|m| format!("'{}' (key {})", m.name, m.kek))
+        .collect();
+    if !foreign.is_empty() {
+        bail!(
+            "the store holds secrets wrapped under key-encryption keys this node's key file does not have: {}; start with the key file they were written with (it may hold several keys), then rotate",
+            foreign.join(", ")
+        );
+    }
+    Ok(secrets)
 }
 
 /// Up to `limit` names of user (not `system/`) secrets in the store.

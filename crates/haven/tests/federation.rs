@@ -223,6 +223,14 @@ async fn real_upstreams_are_federated_for_both_eras() {
         .await;
     let env: Value = serde_json::from_str(&text_of(&r)).unwrap();
     assert_eq!(env["HAVEN_TEST_TOKEN"], json!(secret));
+    // Nothing of Haven's own environment (HAVEN_LOG is set for every test node) leaks into it.
+    let leaked: Vec<&String> = env
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| k.starts_with("HAVEN_") && *k != "HAVEN_TEST_TOKEN")
+        .collect();
+    assert!(leaked.is_empty(), "leaked into the upstream: {leaked:?}");
     // Resources and prompts through the prefix rule.
     let r = l
         .request(6, "resources/read", json!({"uri": "fast+fast://greeting"}))
@@ -415,6 +423,14 @@ async fn bad_registry_entries_are_refused_and_change_nothing() {
             json!({"name": "one", "transport": "http", "url": "http://127.0.0.1:3/mcp"}),
             409,
         ),
+        (
+            json!({"name": "y", "transport": "http", "url": "http://127.0.0.1:3/mcp", "headerz": {}}),
+            400,
+        ),
+        (
+            json!({"name": "y", "transport": "http", "url": "http://127.0.0.1:3/mcp", "command": "x"}),
+            400,
+        ),
     ] {
         let (s, v) = admin(&h, Method::POST, "/admin/v1/registry", Some(body.clone())).await;
         assert_eq!(s, status, "{body} -> {v}");
@@ -449,6 +465,40 @@ async fn bad_registry_entries_are_refused_and_change_nothing() {
         Some("x\n"),
     );
     assert_eq!(out.status.code(), Some(2), "reserved names are refused");
+    // Names that would change meaning in a URL path are refused before anything is sent.
+    cli_ok(&h, &["secrets", "set", "keep/me"], Some("v\n"));
+    for args in [
+        vec!["registry", "remove", "../secrets/keep/me"],
+        vec!["config", "unset", "../secrets/keep/me"],
+        vec!["secrets", "delete", "x/../keep/me"],
+        vec!["secrets", "delete", "/keep/me"],
+    ] {
+        let out = cli(&h, &args, None);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
+    let out = cli(&h, &["secrets", "set", "x/../keep/me"], Some("other\n"));
+    assert_eq!(out.status.code(), Some(2));
+    let (s, v) = admin(
+        &h,
+        Method::PUT,
+        "/admin/v1/secrets/a//b",
+        Some(json!({"value": "v"})),
+    )
+    .await;
+    assert_eq!(s, 400, "{v}");
+    let listed = cli_ok(&h, &["secrets", "list", "--json"], None);
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    let keep = listed["secrets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "keep/me")
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(keep["version"], 1, "keep/me untouched: {listed}");
+    // Several lines on standard input are refused without --multiline.
+    let out = cli(&h, &["secrets", "set", "two"], Some("a\nb\n"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--multiline"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -752,6 +802,13 @@ async fn rotating_the_key_encryption_key_keeps_every_secret() {
         .filter(|kid| *kid != signing)
         .collect();
     assert!(!older.is_empty(), "{k}");
+    let out = cli(&h, &["secrets", "retire-key", &signing], None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("signs now"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for kid in &older {
         cli_ok(&h, &["secrets", "retire-key", kid], None);
     }
@@ -786,4 +843,31 @@ async fn a_node_without_the_key_file_of_its_secrets_refuses_to_start() {
         "{err}"
     );
     assert!(!data.join("secrets.keys").exists(), "no new key was made");
+
+    // Nor with another deployment's key file.
+    let other = dir.path().join("other.keys");
+    let made = std::process::Command::new(env!("CARGO_BIN_EXE_haven"))
+        .args(["secrets", "new-key", "--key-file"])
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_haven"))
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--data",
+        ])
+        .arg(&data)
+        .arg("--secrets-key-file")
+        .arg(&other)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("does not have") && err.contains("db/password"),
+        "{err}"
+    );
 }
