@@ -131,7 +131,7 @@ pub const SETTINGS: &[SettingDef] = &[
             max: 3_600_000,
         },
         default: "30000",
-        help: "longest wait between restarts of a dead stdio upstream (backoff doubles from 250 ms)",
+        help: "longest wait between reconnections of a dead upstream (stdio: restarts; the backoff doubles from 250 ms)",
     },
     SettingDef {
         key: "upstream.timeout_ms",

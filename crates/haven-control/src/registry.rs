@@ -33,7 +33,9 @@ pub enum RegistryError {
     #[error("invalid upstream entry: {0}")]
     Invalid(String),
     /// An upstream of that name exists already.
-    #[error("an upstream named '{0}' is already registered; remove it first or add with replace")]
+    #[error(
+        "an upstream named '{0}' is already registered; remove it first, or add it again with --replace (API: ?replace=true)"
+    )]
     Duplicate(String),
     /// No upstream of that name.
     #[error("no upstream named '{0}' is registered (see `haven registry list`)")]

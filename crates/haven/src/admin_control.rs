@@ -369,7 +369,7 @@ async fn secrets_delete(
                     return error(
                         StatusCode::CONFLICT,
                         format!(
-                            "secret '{name}' is used by upstream(s) {}; change them first, or delete with force",
+                            "secret '{name}' is used by upstream(s) {}; change them first, or delete with --force (API: ?force=true)",
                             users.join(", ")
                         ),
                     );

@@ -28,7 +28,14 @@ pub fn token(file: Option<&PathBuf>, data: Option<&PathBuf>) -> Result<String> {
             path.display()
         )
     })?;
-    Ok(t.trim().to_owned())
+    let t = t.trim();
+    if t.is_empty() {
+        bail!(
+            "the admin token file {} is empty; it is created by `haven serve` in its data directory",
+            path.display()
+        );
+    }
+    Ok(t.to_owned())
 }
 
 /// Calls the admin API without a body.

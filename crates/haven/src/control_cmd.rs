@@ -197,13 +197,18 @@ fn upstream_row(v: &Value) -> Vec<String> {
             .as_u64()
             .map(|n| n.to_string())
             .unwrap_or("-".into()),
-        st["last_error"]
-            .as_str()
-            .unwrap_or("")
-            .chars()
-            .take(60)
-            .collect(),
+        tail(st["last_error"].as_str().unwrap_or(""), 70),
     ]
+}
+
+/// The last `n` characters of an error (its most specific part), marked when cut.
+fn tail(text: &str, n: usize) -> String {
+    let count = text.chars().count();
+    if count <= n {
+        return text.to_owned();
+    }
+    let rest: String = text.chars().skip(count - n + 1).collect();
+    format!("…{rest}")
 }
 
 fn print_upstream(v: &Value) {
@@ -233,8 +238,8 @@ fn print_upstream(v: &Value) {
     if st.is_object() {
         println!("On this node:");
         for (k, val) in st.as_object().into_iter().flatten() {
-            if k != "name" {
-                println!("  {k:<12} {}", text(val));
+            if k != "name" && k != "transport" {
+                println!("  {:<22} {}", format!("{k}:"), text(val));
             }
         }
     }
@@ -244,6 +249,9 @@ fn pairs(items: &[String], what: &str, seps: &[char]) -> Result<BTreeMap<String,
     let mut out = BTreeMap::new();
     for item in items {
         let Some(at) = item.find(|c| seps.contains(&c)) else {
+            if seps.contains(&':') {
+                bail!("{what} {item:?} must be written 'Name: value' or Name=value");
+            }
             bail!("{what} {item:?} must be written NAME=VALUE");
         };
         let (k, v) = item.split_at(at);
@@ -297,13 +305,21 @@ async fn registry_add(a: RegistryAddArgs) -> Result<ExitCode> {
     };
     let v = node.call(Method::POST, path, Some(&spec)).await?;
     if !node.json(&v)? {
-        println!(
-            "Registered upstream '{}' ({}). Its tools are served as {}__TOOL; see `haven registry show {}`.",
-            a.name,
-            target(&v),
-            a.name,
-            a.name
-        );
+        if a.disabled {
+            println!(
+                "Registered upstream '{}' ({}), disabled: it is not connected or served until enabled.",
+                a.name,
+                target(&v)
+            );
+        } else {
+            println!(
+                "Registered upstream '{}' ({}). Its tools are served as {}__TOOL; see `haven registry show {}`.",
+                a.name,
+                target(&v),
+                a.name,
+                a.name
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -359,7 +375,7 @@ pub async fn config(cmd: ConfigCommand) -> Result<ExitCode> {
                 .await?;
             if !node.json(&v)? {
                 println!(
-                    "{} = {} (every node applies it within about a second)",
+                    "{} = {} (every node applies it as soon as it sees the change, without a restart)",
                     a.key,
                     text(&v["value"])
                 );
@@ -532,10 +548,20 @@ pub async fn secrets(cmd: SecretsCommand) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             let k = &v["kek"];
+            let moved: Vec<String> = k["rewrapped"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(kid, n)| format!("{} from {kid}", text(n)))
+                .collect();
             println!(
-                "Data keys now wrapped under {}: {} re-wrapped.",
+                "Data keys now wrapped under {}: {}.",
                 text(&k["primary"]),
-                text(&k["rewrapped"])
+                if moved.is_empty() {
+                    "none needed re-wrapping".to_owned()
+                } else {
+                    format!("re-wrapped {}", moved.join(", "))
+                }
             );
             let still: Vec<String> = k["still_in_use"]
                 .as_array()
@@ -589,18 +615,30 @@ pub async fn secrets(cmd: SecretsCommand) -> Result<ExitCode> {
                 text(&v["kek"]["primary"])
             );
             let usage = v["kek"]["usage"].as_object().cloned().unwrap_or_default();
-            let rows: Vec<Vec<String>> = v["kek"]["known"]
+            let known: Vec<String> = v["kek"]["known"]
                 .as_array()
                 .cloned()
                 .unwrap_or_default()
                 .iter()
-                .map(|kid| {
-                    let k = text(kid);
-                    let n = usage.get(&k).map(text).unwrap_or_else(|| "0".into());
-                    vec![k, n]
+                .map(text)
+                .collect();
+            let mut rows: Vec<Vec<String>> = known
+                .iter()
+                .map(|k| {
+                    let n = usage.get(k).map(text).unwrap_or_else(|| "0".into());
+                    vec![k.clone(), n, "in the key file".into()]
                 })
                 .collect();
-            table(&["KID", "SECRETS"], &rows);
+            for (kid, n) in &usage {
+                if !known.contains(kid) {
+                    rows.push(vec![
+                        kid.clone(),
+                        text(n),
+                        "MISSING from the key file".into(),
+                    ]);
+                }
+            }
+            table(&["KID", "SECRETS", "WHERE"], &rows);
             println!();
             println!(
                 "Request-state keys (signing {}):",
