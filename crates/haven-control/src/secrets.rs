@@ -453,8 +453,10 @@ impl KekRing {
     }
 }
 
+/// A new key id: the creation time and a random part, so that keys made in the same second
+/// (on different machines, or a node's first key next to an operator's) never share an id.
 fn default_kid() -> String {
-    format!("k{:x}", unix_secs())
+    format!("k{:x}{:04x}", unix_secs(), rand::random::<u16>())
 }
 
 fn key_file_error(action: &'static str, path: &Path, error: std::io::Error) -> SecretsError {

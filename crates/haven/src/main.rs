@@ -295,12 +295,16 @@ async fn open_secrets(
     // Secrets wrapped under a key this node does not have would fail on first use: refuse
     // now, while the fix (the right key file) is obvious.
     let known = secrets.known_kids();
-    let foreign: Vec<String> = secrets
+    let user: Vec<_> = secrets
         .list()
         .await
         .context("reading the secrets")?
         .into_iter()
-        .filter(|m| !haven_control::secrets::is_reserved(&m.name) && !known.contains(&m.kek))
+        .filter(|m| !haven_control::secrets::is_reserved(&m.name))
+        .collect();
+    let foreign: Vec<String> = user
+        .iter()
+        .filter(|m| !known.contains(&m.kek))
         .map(|m| format!("'{}' (key {})", m.name, m.kek))
         .collect();
     if !foreign.is_empty() {
@@ -308,6 +312,20 @@ async fn open_secrets(
             "the store holds secrets wrapped under key-encryption keys this node's key file does not have: {}; start with the key file they were written with (it may hold several keys), then rotate",
             foreign.join(", ")
         );
+    }
+    // A key of the right id but the wrong material shows only when it unwraps: try one
+    // secret per key.
+    let mut tried = std::collections::BTreeSet::new();
+    for m in &user {
+        if tried.insert(m.kek.clone())
+            && let Err(e) = secrets.get(&m.name).await
+        {
+            bail!(
+                "key-encryption key {} of this node's key file does not open secret '{}' ({e}); start with the key file the secrets were written with",
+                m.kek,
+                m.name
+            );
+        }
     }
     Ok(secrets)
 }

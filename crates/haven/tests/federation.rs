@@ -819,23 +819,47 @@ async fn rotating_the_key_encryption_key_keeps_every_secret() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("404"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_without_the_key_file_of_its_secrets_refuses_to_start() {
-    let (dir, h) = start().await;
-    cli_ok(&h, &["secrets", "set", "db/password"], Some("hunter2\n"));
-    drop(h);
-    let data = dir.path().join("data");
-    std::fs::remove_file(data.join("secrets.keys")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_haven"))
+/// Runs `haven serve` expecting it to exit at once; kills it after 30 s (so a node that
+/// wrongly starts fails the test instead of hanging it).
+fn serve_until_exit(data: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_haven"))
         .args([
             "serve",
             "--listen",
             &format!("127.0.0.1:{}", free_port()),
             "--data",
         ])
-        .arg(&data)
-        .output()
+        .arg(data)
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+            panic!("haven serve {extra:?} kept running; it should have refused to start");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_the_key_file_of_its_secrets_refuses_to_start() {
+    let (dir, h) = start().await;
+    cli_ok(&h, &["secrets", "set", "db/password"], Some("hunter2\n"));
+    drop(h);
+    let data = dir.path().join("data");
+    let kept = dir.path().join("kept.keys");
+    std::fs::rename(data.join("secrets.keys"), &kept).unwrap();
+    let out = serve_until_exit(&data, &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -852,22 +876,46 @@ async fn a_node_without_the_key_file_of_its_secrets_refuses_to_start() {
         .output()
         .unwrap();
     assert!(made.status.success());
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_haven"))
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--data",
-        ])
-        .arg(&data)
-        .arg("--secrets-key-file")
-        .arg(&other)
-        .output()
-        .unwrap();
+    let out = serve_until_exit(&data, &["--secrets-key-file", &other.display().to_string()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("db/password"), "{err}");
+
+    // Nor with a key of the right id but other material.
+    let text = std::fs::read_to_string(&kept).unwrap();
+    let kid = text
+        .lines()
+        .rfind(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_owned();
+    let forged = dir.path().join("forged.keys");
+    // 32 bytes of 'A', base64.
+    std::fs::write(
+        &forged,
+        format!("{kid} QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=\n"),
+    )
+    .unwrap();
+    let out = serve_until_exit(
+        &data,
+        &["--secrets-key-file", &forged.display().to_string()],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        err.contains("does not have") && err.contains("db/password"),
+        err.contains("does not open") && err.contains("db/password"),
         "{err}"
     );
+
+    // With the kept key file it starts.
+    let h = Haven::start(
+        &data,
+        free_port(),
+        "default",
+        &["--secrets-key-file", &kept.display().to_string()],
+    )
+    .await;
+    drop(h);
 }
