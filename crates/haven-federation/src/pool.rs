@@ -625,6 +625,9 @@ async fn send_once(
     deadline: tokio::time::Instant,
     ctx: &RequestContext,
 ) -> Sent {
+    if conn.done.is_cancelled() {
+        return Sent::NotDelivered("the connection is closed".into());
+    }
     let handle = match conn
         .peer
         .send_cancellable_request(request, PeerRequestOptions::no_options())
@@ -645,11 +648,17 @@ async fn send_once(
     };
     let mut rx = handle.rx;
     tokio::select! {
+        biased;
         r = &mut rx => match r {
             Ok(Ok(result)) => Sent::Answered(Box::new(result)),
             Ok(Err(e)) => classify(e),
             Err(_) => Sent::Failed("the connection closed before the upstream answered".into()),
         },
+        // The connection ended (a stdio child died, the transport closed): a request still
+        // waiting will never be answered on it, so it fails now rather than at its deadline.
+        _ = conn.done.cancelled() => {
+            Sent::Failed("the connection closed before the upstream answered".into())
+        }
         _ = tokio::time::sleep_until(deadline) => {
             cancel_upstream(&conn.peer, id, "timeout");
             Sent::Timeout
