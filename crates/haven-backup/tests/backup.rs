@@ -612,13 +612,22 @@ async fn an_emptied_target_is_noticed_and_an_unreadable_manifest_keeps_its_objec
     let url = backup.path().to_str().unwrap().to_owned();
     let key = BackupKey::generate();
     let shipper = start(&n, config(&url, &key)).await;
-    write_round(&n, 0).await;
-    shipper.ship_now(false).await.unwrap();
     let target = Target::open(&url).unwrap();
+    // The shipper's first round may snapshot everything written so far (then no segment
+    // exists yet): write and ship until a segment is there.
+    let mut round = 0;
+    let seg = loop {
+        write_round(&n, round).await;
+        shipper.ship_now(false).await.unwrap();
+        let catalog = Catalog::load(&target).await.unwrap();
+        if let Some(s) = catalog.generations[0].segments.first() {
+            break s.clone();
+        }
+        round += 1;
+        assert!(round < 10, "no segment was shipped after {round} rounds");
+    };
 
     // An unreadable manifest record: verify names it, retention keeps its object.
-    let catalog = Catalog::load(&target).await.unwrap();
-    let seg = catalog.generations[0].segments[0].clone();
     std::fs::write(backup.path().join(seg.manifest_key()), b"{not json").unwrap();
     let report = verify(&target, &key, T0, &|_, _| {}).await.unwrap();
     assert!(
