@@ -3,18 +3,25 @@
 //! hybrid-logical-clock version. This crate knows nothing about MCP.
 
 pub mod clock;
+mod index;
+pub mod mem_store;
 pub mod nats_store;
+mod plan;
 pub mod record;
 pub mod redb_store;
+pub mod replicated;
 pub mod store;
 mod wal;
 
 pub use clock::{Hlc, HybridClock, ManualClock, PhysicalClock, SystemClock};
+pub use mem_store::{LinkFaults, MemLog, MemStore};
 pub use nats_store::{NatsConfig, NatsStore};
+pub use plan::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
 pub use record::{
     Change, LogEntry, Origin, Record, StoredRecord, StreamEvent, Version, View, merge,
 };
 pub use redb_store::{RedbStore, Restorer, data_dir_in_use};
+pub use replicated::{ReplicatedStore, SharedLog};
 pub use store::{
     Batch, Commit, Expect, LogFold, Op, Outcome, ScanPage, Store, StoreError, StoreResult, watch,
 };

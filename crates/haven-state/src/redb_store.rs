@@ -12,8 +12,8 @@ use redb::{
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::clock::{Hlc, HybridClock};
-use crate::record::{Change, LogEntry, Origin, Record, StoredRecord, StreamEvent, Version};
-use crate::store::{Batch, Commit, Expect, Op, Outcome, ScanPage, Store, StoreError, StoreResult};
+use crate::record::{Change, LogEntry, Origin, Record, StoredRecord, StreamEvent};
+use crate::store::{Batch, Commit, ScanPage, Store, StoreError, StoreResult};
 use crate::wal::Wal;
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
@@ -33,8 +33,7 @@ const META_LOG_FLOOR: &str = "log_floor";
 const MAX_GROUP: usize = 512;
 /// How long a read waits for the database to be reopened after an I/O error.
 const REOPEN_WAIT: Duration = Duration::from_secs(3);
-/// Largest value a single operation may carry.
-pub const MAX_VALUE_BYTES: usize = 16 * 1024 * 1024;
+pub use crate::plan::MAX_VALUE_BYTES;
 
 /// Opens the storage behind the database; called again to reopen after an I/O error.
 pub type BackendFactory = Box<dyn Fn() -> std::io::Result<Box<dyn StorageBackend>> + Send + Sync>;
@@ -450,7 +449,7 @@ impl Store for RedbStore {
     }
 
     async fn commit(&self, batch: Batch) -> StoreResult<Commit> {
-        validate(&batch)?;
+        crate::plan::validate(&batch)?;
         let (reply, rx) = oneshot::channel();
         self.writer
             .send(WriteRequest { batch, reply })
@@ -684,41 +683,6 @@ impl Restorer {
         tx.commit().map_err(storage_err)?;
         Ok(last)
     }
-}
-
-pub(crate) fn validate(batch: &Batch) -> StoreResult<()> {
-    for op in &batch.ops {
-        let (ns, key, len) = match op {
-            Op::Put {
-                namespace,
-                key,
-                value,
-                ..
-            } => (namespace.as_str(), key.as_str(), value.len()),
-            Op::Delete { namespace, key, .. } => (namespace.as_str(), key.as_str(), 0),
-            Op::Append { stream, data } => (stream.as_str(), "", data.len()),
-            Op::Merge(r) => (
-                r.namespace.as_str(),
-                r.key.as_str(),
-                r.value.as_ref().map_or(0, Vec::len),
-            ),
-            Op::MergeEvent(e) => (e.stream.as_str(), "", e.data.len()),
-        };
-        if ns.is_empty() {
-            return Err(StoreError::Invalid(
-                "namespace or stream name is empty".into(),
-            ));
-        }
-        if len > MAX_VALUE_BYTES {
-            return Err(StoreError::Invalid(format!(
-                "value of {len} bytes exceeds the limit of {MAX_VALUE_BYTES} bytes"
-            )));
-        }
-        if ns.len() + key.len() > 4096 {
-            return Err(StoreError::Invalid("key longer than 4096 bytes".into()));
-        }
-    }
-    Ok(())
 }
 
 struct Writer {
@@ -960,177 +924,27 @@ impl Writer {
         last_seq: &mut u64,
         merged_hlc: &mut u64,
     ) -> StoreResult<StoreResult<Applied>> {
-        let Tables {
-            records,
-            events,
-            log,
-        } = tables;
         let now = self.clock.wall_millis();
-
-        // Preconditions, against the state before this batch.
-        for op in &batch.ops {
-            let (ns, key, expect) = match op {
-                Op::Put {
-                    namespace,
-                    key,
-                    expect,
-                    ..
-                }
-                | Op::Delete {
-                    namespace,
-                    key,
-                    expect,
-                } => (namespace, key, *expect),
-                _ => continue,
-            };
-            if expect == Expect::Any {
-                continue;
-            }
-            let current = match records
-                .get((ns.as_str(), key.as_str()))
-                .map_err(storage_err)?
-            {
-                Some(v) => {
-                    let row: RecordRow = decode(v.value())?;
-                    row.record.is_live(now).then_some(row.revision)
-                }
-                None => None,
-            };
-            let ok = match expect {
-                Expect::Absent => current.is_none(),
-                Expect::Revision(r) => current == Some(r),
-                Expect::Any => true,
-            };
-            if !ok {
-                return Ok(Err(StoreError::Conflict {
-                    namespace: ns.clone(),
-                    key: key.clone(),
-                    expected: match expect {
-                        Expect::Absent => "no live record".into(),
-                        Expect::Revision(r) => format!("revision {r}"),
-                        Expect::Any => unreachable!(),
-                    },
-                    found: current.map_or("no live record".into(), |r| format!("revision {r}")),
-                }));
-            }
-        }
-
-        let mut outcomes = Vec::with_capacity(batch.ops.len());
-        let mut entries = Vec::with_capacity(batch.ops.len());
-        for op in &batch.ops {
-            let change = match op {
-                Op::Put {
-                    namespace,
-                    key,
-                    value,
-                    ttl_millis,
-                    ..
-                } => {
-                    let hlc = self.clock.now();
-                    Change::Record(Record {
-                        namespace: namespace.clone(),
-                        key: key.clone(),
-                        version: Version {
-                            hlc,
-                            origin: self.origin.clone(),
-                        },
-                        value: Some(value.clone()),
-                        expires_at_millis: ttl_millis.map(|t| now.saturating_add(t)),
-                    })
-                }
-                Op::Delete { namespace, key, .. } => {
-                    let hlc = self.clock.now();
-                    Change::Record(Record {
-                        namespace: namespace.clone(),
-                        key: key.clone(),
-                        version: Version {
-                            hlc,
-                            origin: self.origin.clone(),
-                        },
-                        value: None,
-                        expires_at_millis: None,
-                    })
-                }
-                Op::Merge(r) => {
-                    self.clock.observe(r.version.hlc);
-                    *merged_hlc = (*merged_hlc).max(r.version.hlc.0);
-                    let current = match records
-                        .get((r.namespace.as_str(), r.key.as_str()))
-                        .map_err(storage_err)?
-                    {
-                        Some(v) => Some(decode::<RecordRow>(v.value())?.record),
-                        None => None,
-                    };
-                    if current.is_some_and(|c| !r.supersedes(&c)) {
-                        outcomes.push(Outcome::Unchanged);
-                        continue;
-                    }
-                    Change::Record(r.clone())
-                }
-                Op::Append { stream, data } => {
-                    let hlc = self.clock.now();
-                    let index = last_index(events, stream)? + 1;
-                    Change::Event(StreamEvent {
-                        stream: stream.clone(),
-                        index,
-                        version: Version {
-                            hlc,
-                            origin: self.origin.clone(),
-                        },
-                        data: data.clone(),
-                    })
-                }
-                Op::MergeEvent(e) => {
-                    self.clock.observe(e.version.hlc);
-                    *merged_hlc = (*merged_hlc).max(e.version.hlc.0);
-                    let current = match events
-                        .get((e.stream.as_str(), e.index))
-                        .map_err(storage_err)?
-                    {
-                        Some(seq) => Some(event_at(log, seq.value())?),
-                        None => None,
-                    };
-                    if current.is_some_and(|c| !e.supersedes(&c)) {
-                        outcomes.push(Outcome::Unchanged);
-                        continue;
-                    }
-                    Change::Event(e.clone())
-                }
-            };
+        let plan = match crate::plan::plan(&*tables, batch, &self.clock, &self.origin, now) {
+            Ok(p) => p,
+            Err(e @ (StoreError::Conflict { .. } | StoreError::Invalid(_))) => return Ok(Err(e)),
+            Err(e) => return Err(e),
+        };
+        *merged_hlc = (*merged_hlc).max(plan.merged_hlc);
+        let first = *last_seq + 1;
+        let mut entries = Vec::with_capacity(plan.writes.len());
+        for w in plan.writes.iter() {
             *last_seq += 1;
-            let seq = *last_seq;
-            log.insert(seq, encode(&change).as_slice())
-                .map_err(storage_err)?;
-            match &change {
-                Change::Record(r) => {
-                    let row = RecordRow {
-                        record: r.clone(),
-                        revision: seq,
-                    };
-                    records
-                        .insert(
-                            (r.namespace.as_str(), r.key.as_str()),
-                            encode(&row).as_slice(),
-                        )
-                        .map_err(storage_err)?;
-                    outcomes.push(Outcome::Written { revision: seq });
-                }
-                Change::Event(e) => {
-                    events
-                        .insert((e.stream.as_str(), e.index), seq)
-                        .map_err(storage_err)?;
-                    outcomes.push(Outcome::Appended {
-                        index: e.index,
-                        seq,
-                    });
-                }
-            }
-            entries.push(Arc::new(LogEntry { seq, change }));
+            write_change(tables, *last_seq, &w.change)?;
+            entries.push(Arc::new(LogEntry {
+                seq: *last_seq,
+                change: w.change.clone(),
+            }));
         }
         Ok(Ok((
             Commit {
                 last_seq: *last_seq,
-                outcomes,
+                outcomes: plan.outcomes(first),
             },
             entries,
         )))
@@ -1144,6 +958,42 @@ struct Tables<'txn> {
     log: redb::Table<'txn, u64, &'static [u8]>,
 }
 
+impl crate::plan::StateRead for Tables<'_> {
+    fn record(&self, namespace: &str, key: &str) -> StoreResult<Option<StoredRecord>> {
+        match self.records.get((namespace, key)).map_err(storage_err)? {
+            None => Ok(None),
+            Some(v) => {
+                let row: RecordRow = decode(v.value())?;
+                Ok(Some(StoredRecord {
+                    record: row.record,
+                    revision: row.revision,
+                }))
+            }
+        }
+    }
+
+    fn stream_head(&self, stream: &str) -> StoreResult<(u64, u64)> {
+        let mut range = self
+            .events
+            .range((stream, 0)..=(stream, u64::MAX))
+            .map_err(storage_err)?;
+        match range.next_back() {
+            Some(item) => {
+                let (k, seq) = item.map_err(storage_err)?;
+                Ok((k.value().1, seq.value()))
+            }
+            None => Ok((0, 0)),
+        }
+    }
+
+    fn event(&self, stream: &str, index: u64) -> StoreResult<Option<StreamEvent>> {
+        match self.events.get((stream, index)).map_err(storage_err)? {
+            Some(seq) => Ok(Some(event_at(&self.log, seq.value())?)),
+            None => Ok(None),
+        }
+    }
+}
+
 /// The event stored at change-log sequence `seq`.
 fn event_at(log: &impl ReadableTable<u64, &'static [u8]>, seq: u64) -> StoreResult<StreamEvent> {
     let entry = log.get(seq).map_err(storage_err)?.ok_or_else(|| {
@@ -1154,16 +1004,6 @@ fn event_at(log: &impl ReadableTable<u64, &'static [u8]>, seq: u64) -> StoreResu
         Change::Record(_) => Err(StoreError::Corrupt(format!(
             "log entry {seq} is not an event"
         ))),
-    }
-}
-
-fn last_index(events: &redb::Table<(&str, u64), u64>, stream: &str) -> StoreResult<u64> {
-    let mut range = events
-        .range((stream, 0)..=(stream, u64::MAX))
-        .map_err(storage_err)?;
-    match range.next_back() {
-        Some(item) => Ok(item.map_err(storage_err)?.0.value().1),
-        None => Ok(0),
     }
 }
 

@@ -240,6 +240,21 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> StoreResult<ScanPage>;
 
+    /// Every live record of `namespace` whose key starts with `prefix`, in key order (all
+    /// pages of [`Store::scan`]).
+    async fn scan_all(&self, namespace: &str, prefix: &str) -> StoreResult<Vec<StoredRecord>> {
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.scan(namespace, prefix, after.as_deref(), 512).await?;
+            out.extend(page.records);
+            match page.next_after {
+                Some(a) => after = Some(a),
+                None => return Ok(out),
+            }
+        }
+    }
+
     /// Applies `batch` atomically and durably.
     async fn commit(&self, batch: Batch) -> StoreResult<Commit>;
 

@@ -1,0 +1,343 @@
+//! The in-memory backend: a [`ReplicatedStore`] on a change log held in memory ([`MemLog`]).
+//!
+//! One node alone uses it as a store that keeps nothing across restarts (tests, fuzzing).
+//! Several nodes of one process share one `MemLog`, each through its own [`MemLink`], which is
+//! how the simulator runs a region in one process: the log behaves like the region's
+//! JetStream stream (atomic batches, per-key expectations checked by the log, every node
+//! following it in order into its own index), and each link can be made to fail the way a
+//! node's connection does ([`LinkFaults`]: down, paused, killed, lost acknowledgements, late
+//! deliveries).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use crate::clock::HybridClock;
+use crate::record::{Change, LogEntry, Origin};
+use crate::replicated::{
+    AppendError, Delivery, DeliveryStream, LogWrite, ReplicatedStore, SharedLog,
+};
+use crate::store::{StoreError, StoreResult};
+
+/// Most writes one batch may hold (as on JetStream).
+const MAX_BATCH: usize = 1000;
+
+/// What a key or stream is, for the log's per-key expectations.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Subject {
+    Record(String, String),
+    Stream(String),
+}
+
+fn subject(change: &Change) -> Subject {
+    match change {
+        Change::Record(r) => Subject::Record(r.namespace.clone(), r.key.clone()),
+        Change::Event(e) => Subject::Stream(e.stream.clone()),
+    }
+}
+
+#[derive(Default)]
+struct LogState {
+    /// Entries with whether each ends its batch; entry `i` has sequence `i + 1`.
+    entries: Vec<(LogEntry, bool)>,
+    /// Sequence of the last entry per key or stream.
+    last: HashMap<Subject, u64>,
+}
+
+/// A change log in memory, shared by the nodes of one process.
+pub struct MemLog {
+    state: Mutex<LogState>,
+    /// The last sequence, for followers to wait on.
+    tail: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for MemLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemLog")
+            .field("last_seq", &*self.tail.borrow())
+            .finish()
+    }
+}
+
+impl MemLog {
+    /// An empty log.
+    pub fn new() -> Arc<MemLog> {
+        Arc::new(MemLog {
+            state: Mutex::new(LogState::default()),
+            tail: watch::channel(0).0,
+        })
+    }
+
+    /// The sequence of the last entry.
+    pub fn last_seq(&self) -> u64 {
+        *self.tail.borrow()
+    }
+
+    /// Every entry of the log, in order (for checks of a whole history).
+    pub fn entries(&self) -> Vec<LogEntry> {
+        self.state
+            .lock()
+            .entries
+            .iter()
+            .map(|(e, _)| e.clone())
+            .collect()
+    }
+
+    /// A new node on this log: its store (stamping writes as `origin` with `clock`) and the
+    /// switches that make its connection fail.
+    pub async fn join(
+        self: &Arc<Self>,
+        origin: Origin,
+        clock: Arc<HybridClock>,
+    ) -> StoreResult<(MemStore, Arc<LinkFaults>)> {
+        let faults = Arc::new(LinkFaults::default());
+        let link = MemLink {
+            log: self.clone(),
+            faults: faults.clone(),
+            shared: true,
+        };
+        let store = ReplicatedStore::start(link, origin, clock, Duration::from_secs(60)).await?;
+        Ok((store, faults))
+    }
+
+    fn append(&self, writes: &[LogWrite]) -> Result<u64, AppendError> {
+        let mut state = self.state.lock();
+        for w in writes {
+            if let Some(expected) = w.expected {
+                let found = state.last.get(&subject(&w.change)).copied().unwrap_or(0);
+                if found != expected {
+                    return Err(AppendError::Conflict(format!(
+                        "wrong last sequence for {:?}: expected {expected}, found {found}",
+                        subject(&w.change)
+                    )));
+                }
+            }
+        }
+        let n = writes.len();
+        for (i, w) in writes.iter().enumerate() {
+            let seq = state.entries.len() as u64 + 1;
+            state.last.insert(subject(&w.change), seq);
+            state.entries.push((
+                LogEntry {
+                    seq,
+                    change: w.change.clone(),
+                },
+                i + 1 == n,
+            ));
+        }
+        let last = state.entries.len() as u64;
+        drop(state);
+        self.tail.send_replace(last);
+        Ok(last)
+    }
+
+    fn entries_from(&self, from: u64, limit: usize) -> Vec<(LogEntry, bool)> {
+        let state = self.state.lock();
+        let start = from.max(1) as usize - 1;
+        state
+            .entries
+            .iter()
+            .skip(start)
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+}
+
+/// Switches that make one node's connection to a [`MemLog`] fail, for fault injection.
+#[derive(Debug)]
+pub struct LinkFaults {
+    /// Every operation fails at once as unavailable.
+    down: AtomicBool,
+    /// Every operation waits until the link is resumed (a paused process).
+    paused: watch::Sender<bool>,
+    /// The node is gone: every operation fails as closed, for good.
+    killed: AtomicBool,
+    /// This many next appends are stored but answered as of unknown outcome.
+    lost_acks: AtomicU32,
+    /// Entries reach the node's follower this late (milliseconds).
+    delivery_delay_ms: AtomicU64,
+}
+
+impl Default for LinkFaults {
+    fn default() -> Self {
+        LinkFaults {
+            down: AtomicBool::new(false),
+            paused: watch::channel(false).0,
+            killed: AtomicBool::new(false),
+            lost_acks: AtomicU32::new(0),
+            delivery_delay_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl LinkFaults {
+    /// Cuts (true) or restores (false) the link.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Whether the link is cut.
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::SeqCst)
+    }
+
+    /// Stops (true) or resumes (false) every operation of the node, as SIGSTOP/SIGCONT would.
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.send_replace(paused);
+    }
+
+    /// Ends the link for good (the process died).
+    pub fn kill(&self) {
+        self.killed.store(true, Ordering::SeqCst);
+        self.paused.send_replace(false);
+    }
+
+    /// The next `n` appends are stored but their acknowledgement is lost.
+    pub fn lose_acks(&self, n: u32) {
+        self.lost_acks.store(n, Ordering::SeqCst);
+    }
+
+    /// Delivers log entries to this node's follower `delay` late.
+    pub fn set_delivery_delay(&self, delay: Duration) {
+        self.delivery_delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Waits while paused; then fails if the link is down or killed.
+    async fn pass(&self) -> Result<(), StoreError> {
+        let mut rx = self.paused.subscribe();
+        let _ = rx.wait_for(|p| !*p).await;
+        if self.killed.load(Ordering::SeqCst) {
+            return Err(StoreError::Closed);
+        }
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable(
+                "the in-memory log link is down".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One node's connection to a [`MemLog`].
+pub struct MemLink {
+    log: Arc<MemLog>,
+    faults: Arc<LinkFaults>,
+    shared: bool,
+}
+
+/// The in-memory backend.
+pub type MemStore = ReplicatedStore<MemLink>;
+
+impl ReplicatedStore<MemLink> {
+    /// A store of its own, on a new empty log (nothing is kept across restarts).
+    pub async fn open_alone(origin: Origin, clock: Arc<HybridClock>) -> StoreResult<MemStore> {
+        let link = MemLink {
+            log: MemLog::new(),
+            faults: Arc::new(LinkFaults::default()),
+            shared: false,
+        };
+        ReplicatedStore::start(link, origin, clock, Duration::from_secs(5)).await
+    }
+}
+
+#[async_trait]
+impl SharedLog for MemLink {
+    async fn append(&self, writes: &[LogWrite]) -> Result<u64, AppendError> {
+        self.faults.pass().await.map_err(|e| match e {
+            StoreError::Closed => AppendError::Unavailable("the node is gone".into()),
+            e => AppendError::Unavailable(e.to_string()),
+        })?;
+        let last = self.log.append(writes)?;
+        let lost = self
+            .faults
+            .lost_acks
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if lost.is_ok() {
+            return Err(AppendError::Unknown("the acknowledgement was lost".into()));
+        }
+        Ok(last)
+    }
+
+    async fn last_seq(&self) -> StoreResult<u64> {
+        self.faults.pass().await?;
+        Ok(self.log.last_seq())
+    }
+
+    async fn follow(&self, from: u64) -> Result<DeliveryStream, String> {
+        self.faults.pass().await.map_err(|e| e.to_string())?;
+        let log = self.log.clone();
+        let faults = self.faults.clone();
+        let tail = log.tail.subscribe();
+        let stream = futures::stream::unfold(
+            (
+                log,
+                faults,
+                tail,
+                from.max(1),
+                VecDeque::<(LogEntry, bool)>::new(),
+            ),
+            |(log, faults, mut tail, mut next, mut buffer)| async move {
+                loop {
+                    if let Err(e) = faults.pass().await {
+                        return Some((Err(e.to_string()), (log, faults, tail, next, buffer)));
+                    }
+                    if let Some((entry, complete)) = buffer.pop_front() {
+                        next = entry.seq + 1;
+                        let delivery = Delivery {
+                            seq: entry.seq,
+                            change: Some(entry.change),
+                            complete,
+                        };
+                        return Some((Ok(delivery), (log, faults, tail, next, buffer)));
+                    }
+                    buffer = log.entries_from(next, 256).into();
+                    if buffer.is_empty() {
+                        if tail.changed().await.is_err() {
+                            return None;
+                        }
+                        continue;
+                    }
+                    let delay = faults.delivery_delay_ms.load(Ordering::SeqCst);
+                    if delay > 0 {
+                        tokio::time::sleep(Duration::from_millis(delay)).await;
+                    }
+                }
+            },
+        );
+        Ok(stream.boxed())
+    }
+
+    async fn read_log(&self, from: u64, limit: usize) -> StoreResult<Vec<LogEntry>> {
+        self.faults.pass().await?;
+        Ok(self
+            .log
+            .entries_from(from, limit)
+            .into_iter()
+            .map(|(e, _)| e)
+            .collect())
+    }
+
+    async fn check_writable(&self) -> StoreResult<()> {
+        self.faults.pass().await
+    }
+
+    async fn describe(&self) -> serde_json::Value {
+        serde_json::json!({ "backend": "memory", "last_seq": self.log.last_seq() })
+    }
+
+    fn max_batch(&self) -> usize {
+        MAX_BATCH
+    }
+
+    fn shared(&self) -> bool {
+        self.shared
+    }
+}

@@ -1,0 +1,390 @@
+//! A store on a change log that several nodes share ([`SharedLog`]): the JetStream backend
+//! and the in-memory one are this store on two logs.
+//!
+//! Every node follows the log in order into its own [`Index`] and serves reads from it. A
+//! commit plans its batch against the index ([`crate::plan`]), and the log appends the
+//! planned changes as one atomic batch, refusing it when a key or stream the plan relied on
+//! was written meanwhile (the plan's `expected` sequences). A refused batch makes the node
+//! catch up and plan again, so only a real conflict reaches the caller. A commit returns once
+//! the node's index has applied it (a node reads its own writes); a read of a missing key and
+//! every scan first catch up with the log's end (what another node acknowledged is seen).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use parking_lot::RwLock;
+use tokio::sync::{broadcast, watch};
+
+use crate::clock::HybridClock;
+use crate::index::Index;
+use crate::plan;
+use crate::record::{Change, LogEntry, Origin, StoredRecord, StreamEvent};
+use crate::store::{Batch, Commit, ScanPage, Store, StoreError, StoreResult};
+
+pub use crate::plan::PlannedWrite as LogWrite;
+
+/// How long a commit or a catch-up waits for the log or the local index.
+pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many times a commit planned against a stale index is planned again.
+const CONFLICT_RETRIES: usize = 5;
+
+/// Why a log refused or may not have taken an append.
+#[derive(Debug, Clone)]
+pub enum AppendError {
+    /// An expectation did not hold: the key or stream was written meanwhile.
+    Conflict(String),
+    /// The log cannot take the batch now (no leader, no connection, limits).
+    Unavailable(String),
+    /// The log is full.
+    Full(String),
+    /// The outcome is unknown (the answer was lost): the batch may or may not be stored.
+    Unknown(String),
+}
+
+/// One entry of the log as a follower receives it.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// Its sequence in the log.
+    pub seq: u64,
+    /// The change, or `None` for an entry that holds no Haven change (skipped).
+    pub change: Option<Change>,
+    /// Whether this entry ends its batch (the batch is applied then, all at once).
+    pub complete: bool,
+}
+
+/// The followed entries of a log, in order; an error ends the stream (the follower starts
+/// again from where it was).
+pub type DeliveryStream = BoxStream<'static, Result<Delivery, String>>;
+
+/// A change log shared by the nodes of a region.
+#[async_trait]
+pub trait SharedLog: Send + Sync + 'static {
+    /// Appends `writes` as one atomic batch (stored on consecutive sequences, or not at all),
+    /// provided that every write's `expected` sequence, when set, is the sequence of the last
+    /// entry on its key or stream. Returns the sequence of the batch's last entry.
+    async fn append(&self, writes: &[LogWrite]) -> Result<u64, AppendError>;
+    /// The sequence of the log's last entry, from the log's authority.
+    async fn last_seq(&self) -> StoreResult<u64>;
+    /// Delivers the log's entries from sequence `from` on, in order, and then new ones as they
+    /// are appended.
+    async fn follow(&self, from: u64) -> Result<DeliveryStream, String>;
+    /// Entries with sequence at least `from`, at most `limit`.
+    async fn read_log(&self, from: u64, limit: usize) -> StoreResult<Vec<LogEntry>>;
+    /// Whether the log can take a write now.
+    async fn check_writable(&self) -> StoreResult<()>;
+    /// What the log is and how healthy it is (JSON, for status pages).
+    async fn describe(&self) -> serde_json::Value;
+    /// Most writes one batch may hold.
+    fn max_batch(&self) -> usize;
+    /// Whether several nodes share this log.
+    fn shared(&self) -> bool {
+        true
+    }
+}
+
+struct Follower {
+    index: RwLock<Index>,
+    applied: watch::Sender<u64>,
+    feed: broadcast::Sender<Arc<LogEntry>>,
+    clock: Arc<HybridClock>,
+    /// Set while the follower cannot read the log (shown by `check_writable`).
+    error: RwLock<Option<String>>,
+    /// Asks the follower to start over (its delivery seems stuck).
+    kick: tokio::sync::Notify,
+}
+
+/// A store whose change log is a [`SharedLog`] and whose reads come from a local index.
+pub struct ReplicatedStore<L: SharedLog> {
+    origin: Origin,
+    clock: Arc<HybridClock>,
+    log: Arc<L>,
+    follower: Arc<Follower>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl<L: SharedLog> std::fmt::Debug for ReplicatedStore<L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicatedStore")
+            .field("origin", &self.origin)
+            .field("applied", &self.follower.index.read().applied())
+            .finish()
+    }
+}
+
+impl<L: SharedLog> Drop for ReplicatedStore<L> {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl<L: SharedLog> ReplicatedStore<L> {
+    /// Starts following `log` and waits (up to `catch_up`) until the index holds the whole
+    /// log as of now, so that nothing is served from a partial view.
+    pub async fn start(
+        log: L,
+        origin: Origin,
+        clock: Arc<HybridClock>,
+        catch_up: Duration,
+    ) -> StoreResult<ReplicatedStore<L>> {
+        let log = Arc::new(log);
+        let (applied, _) = watch::channel(0);
+        let (feed, _) = broadcast::channel(8192);
+        let follower = Arc::new(Follower {
+            index: RwLock::new(Index::default()),
+            applied,
+            feed,
+            clock: clock.clone(),
+            error: RwLock::new(None),
+            kick: tokio::sync::Notify::new(),
+        });
+        let task = tokio::spawn(follow(log.clone(), follower.clone()));
+        let store = ReplicatedStore {
+            origin,
+            clock,
+            log,
+            follower,
+            task,
+        };
+        store.catch_up(catch_up).await?;
+        Ok(store)
+    }
+
+    /// The log under the store.
+    pub fn log(&self) -> &Arc<L> {
+        &self.log
+    }
+
+    /// Waits until the index has applied sequence `seq`.
+    async fn wait_applied(&self, seq: u64, timeout: Duration) -> StoreResult<()> {
+        let mut rx = self.follower.applied.subscribe();
+        // A follower that has not moved for a second may be stuck on a delivery whose server
+        // died: have it start over from where it is, then go on waiting.
+        let first = timeout.min(Duration::from_secs(1));
+        if let Ok(r) = tokio::time::timeout(first, rx.wait_for(|a| *a >= seq)).await {
+            return r.map(|_| ()).map_err(|_| StoreError::Closed);
+        }
+        self.follower.kick.notify_one();
+        let wait = rx.wait_for(|a| *a >= seq);
+        match tokio::time::timeout(timeout.saturating_sub(first), wait).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(StoreError::Closed),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "the local index did not reach sequence {seq} within {timeout:?}{}",
+                self.follower
+                    .error
+                    .read()
+                    .as_ref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            ))),
+        }
+    }
+
+    /// Brings the index up to the log's current end.
+    async fn catch_up(&self, timeout: Duration) -> StoreResult<()> {
+        let last = self.log.last_seq().await?;
+        self.wait_applied(last, timeout).await
+    }
+}
+
+/// Follows the log into the index for as long as the store lives.
+async fn follow<L: SharedLog>(log: Arc<L>, follower: Arc<Follower>) {
+    loop {
+        let start = follower.index.read().applied() + 1;
+        if let Err(e) = follow_from(&*log, &follower, start).await {
+            tracing::warn!(error = %e, "following the change log failed; retrying");
+            *follower.error.write() = Some(e);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn follow_from<L: SharedLog>(log: &L, follower: &Follower, start: u64) -> Result<(), String> {
+    let mut deliveries = log.follow(start).await?;
+    *follower.error.write() = None;
+    loop {
+        let next = tokio::select! {
+            d = deliveries.next() => d,
+            () = follower.kick.notified() => return Err("the delivery seemed stuck; starting it again".into()),
+        };
+        let Some(delivery) = next else {
+            return Err("the change-log delivery ended".into());
+        };
+        let Delivery {
+            seq,
+            change,
+            complete,
+        } = delivery?;
+        let ready = {
+            let mut index = follower.index.write();
+            match change {
+                Some(change) => index.deliver(LogEntry { seq, change }, complete),
+                None => {
+                    // Not Haven's data; count it as applied rather than stall every reader.
+                    tracing::error!(seq, "undecodable entry in the change log");
+                    index.skip(seq);
+                    let applied = index.applied();
+                    drop(index);
+                    follower.applied.send_replace(applied);
+                    continue;
+                }
+            }
+        };
+        for e in ready {
+            follower.clock.observe(e.change.version().hlc);
+            let seq = e.seq;
+            let _ = follower.feed.send(Arc::new(e));
+            follower.applied.send_replace(seq);
+        }
+    }
+}
+
+#[async_trait]
+impl<L: SharedLog> Store for ReplicatedStore<L> {
+    fn origin(&self) -> &Origin {
+        &self.origin
+    }
+
+    fn clock(&self) -> &Arc<HybridClock> {
+        &self.clock
+    }
+
+    async fn get(&self, namespace: &str, key: &str) -> StoreResult<Option<StoredRecord>> {
+        let now = self.clock.wall_millis();
+        Ok(self
+            .get_raw(namespace, key)
+            .await?
+            .filter(|r| r.record.is_live(now)))
+    }
+
+    async fn get_raw(&self, namespace: &str, key: &str) -> StoreResult<Option<StoredRecord>> {
+        if let Some(r) = self.follower.index.read().get(namespace, key) {
+            return Ok(Some(r.clone()));
+        }
+        // Not here (yet): it may have just been written through another node.
+        self.catch_up(COMMIT_TIMEOUT).await?;
+        Ok(self.follower.index.read().get(namespace, key).cloned())
+    }
+
+    async fn scan(
+        &self,
+        namespace: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<ScanPage> {
+        // A listing sees every write acknowledged before it, on any node.
+        self.catch_up(COMMIT_TIMEOUT).await?;
+        let now = self.clock.wall_millis();
+        Ok(self
+            .follower
+            .index
+            .read()
+            .scan(namespace, prefix, after, limit, now))
+    }
+
+    async fn commit(&self, batch: Batch) -> StoreResult<Commit> {
+        plan::validate(&batch)?;
+        let max = self.log.max_batch();
+        if batch.ops.len() > max {
+            return Err(StoreError::Invalid(format!(
+                "a batch holds at most {max} operations"
+            )));
+        }
+        let mut attempt = 0;
+        loop {
+            let planned = {
+                let index = self.follower.index.read();
+                plan::plan(
+                    &*index,
+                    &batch,
+                    &self.clock,
+                    &self.origin,
+                    self.clock.wall_millis(),
+                )?
+            };
+            if planned.is_empty() {
+                let last = self.log.last_seq().await?;
+                return Ok(Commit {
+                    last_seq: last,
+                    outcomes: planned.outcomes(last + 1),
+                });
+            }
+            match self.log.append(&planned.writes).await {
+                Ok(last) => {
+                    let first = last + 1 - planned.writes.len() as u64;
+                    self.wait_applied(last, COMMIT_TIMEOUT).await?;
+                    return Ok(Commit {
+                        last_seq: last,
+                        outcomes: planned.outcomes(first),
+                    });
+                }
+                Err(AppendError::Conflict(text)) => {
+                    // The index was behind the log, or another node won. Catch up and check
+                    // the preconditions again: a real conflict fails in `plan`.
+                    attempt += 1;
+                    if attempt > CONFLICT_RETRIES {
+                        return Err(StoreError::Conflict {
+                            namespace: String::new(),
+                            key: String::new(),
+                            expected: "no concurrent write".into(),
+                            found: text,
+                        });
+                    }
+                    self.catch_up(COMMIT_TIMEOUT).await?;
+                    tokio::time::sleep(Duration::from_millis(2 * attempt as u64)).await;
+                }
+                Err(AppendError::Full(text)) => return Err(StoreError::Full(text)),
+                Err(AppendError::Unavailable(text)) => return Err(StoreError::Unavailable(text)),
+                Err(AppendError::Unknown(text)) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "{text}; the write may or may not have been stored"
+                    )));
+                }
+            }
+        }
+    }
+
+    async fn read_events(
+        &self,
+        stream: &str,
+        after: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<StreamEvent>> {
+        Ok(self.follower.index.read().events(stream, after, limit))
+    }
+
+    async fn read_log(&self, from_seq: u64, limit: usize) -> StoreResult<Vec<LogEntry>> {
+        self.log.read_log(from_seq, limit).await
+    }
+
+    async fn last_seq(&self) -> StoreResult<u64> {
+        self.log.last_seq().await
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Arc<LogEntry>> {
+        self.follower.feed.subscribe()
+    }
+
+    fn shared(&self) -> bool {
+        self.log.shared()
+    }
+
+    async fn describe(&self) -> serde_json::Value {
+        let mut out = self.log.describe().await;
+        out["applied_seq"] = self.follower.index.read().applied().into();
+        out
+    }
+
+    async fn check_writable(&self) -> StoreResult<()> {
+        if let Some(e) = self.follower.error.read().clone() {
+            return Err(StoreError::Unavailable(format!(
+                "cannot follow the change log: {e}"
+            )));
+        }
+        self.log.check_writable().await
+    }
+}

@@ -1,0 +1,80 @@
+//! The store contract (tests/contract) on the in-memory and the embedded (redb) backends. The
+//! JetStream backend runs the same suite in tests/nats_store.rs.
+
+mod contract;
+
+use std::sync::Arc;
+
+use haven_state::{MemStore, Origin, RedbStore, Store};
+use proptest::test_runner::{Config, TestRunner};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn mem() -> (Arc<haven_state::ManualClock>, Arc<dyn Store>) {
+    let (wall, clock) = contract::clock();
+    let s = MemStore::open_alone(Origin::new("r", "n1"), clock)
+        .await
+        .unwrap();
+    (wall, Arc::new(s))
+}
+
+fn redb(dir: &std::path::Path) -> (Arc<haven_state::ManualClock>, Arc<dyn Store>) {
+    let (wall, clock) = contract::clock();
+    let s = RedbStore::open(dir, Origin::new("r", "n1"), clock).unwrap();
+    (wall, Arc::new(s))
+}
+
+#[test]
+fn the_in_memory_backend_keeps_the_contract_in_random_histories() {
+    let rt = runtime();
+    let mut runner = TestRunner::new(Config {
+        cases: 256,
+        ..Config::default()
+    });
+    runner
+        .run(&contract::history(24), |steps| {
+            rt.block_on(async {
+                let (wall, s) = mem().await;
+                contract::check_history(&*s, &wall, &steps).await;
+            });
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn the_embedded_backend_keeps_the_contract_in_random_histories() {
+    let rt = runtime();
+    let mut runner = TestRunner::new(Config {
+        cases: 96,
+        ..Config::default()
+    });
+    runner
+        .run(&contract::history(24), |steps| {
+            let dir = tempfile::tempdir().unwrap();
+            rt.block_on(async {
+                let (wall, s) = redb(dir.path());
+                contract::check_history(&*s, &wall, &steps).await;
+            });
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_in_memory_backend_passes_the_fixed_cases() {
+    let (_, s) = mem().await;
+    contract::basics(s).await;
+}
+
+#[tokio::test]
+async fn the_embedded_backend_passes_the_fixed_cases() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, s) = redb(dir.path());
+    contract::basics(s).await;
+}
