@@ -89,6 +89,39 @@ impl PhysicalClock for ManualClock {
     }
 }
 
+/// A wall clock that follows tokio's clock (which tests pause and advance) from a starting
+/// time, shifted by an offset that can change: a node's clock in a simulation, skew included.
+#[derive(Debug)]
+pub struct VirtualClock {
+    base_millis: u64,
+    start: tokio::time::Instant,
+    offset_millis: std::sync::atomic::AtomicI64,
+}
+
+impl VirtualClock {
+    /// A clock reading `base_millis` now, moving with tokio's time.
+    pub fn new(base_millis: u64) -> VirtualClock {
+        VirtualClock {
+            base_millis,
+            start: tokio::time::Instant::now(),
+            offset_millis: std::sync::atomic::AtomicI64::new(0),
+        }
+    }
+
+    /// Sets how far this clock is ahead (positive) or behind (negative) of true time.
+    pub fn set_offset(&self, millis: i64) {
+        self.offset_millis.store(millis, Ordering::SeqCst);
+    }
+}
+
+impl PhysicalClock for VirtualClock {
+    fn now_millis(&self) -> u64 {
+        let elapsed = self.start.elapsed().as_millis() as u64;
+        (self.base_millis + elapsed)
+            .saturating_add_signed(self.offset_millis.load(Ordering::SeqCst))
+    }
+}
+
 /// A hybrid logical clock shared by everything that stamps writes on one node.
 #[derive(Debug)]
 pub struct HybridClock {

@@ -13,7 +13,7 @@ pub mod replicated;
 pub mod store;
 mod wal;
 
-pub use clock::{Hlc, HybridClock, ManualClock, PhysicalClock, SystemClock};
+pub use clock::{Hlc, HybridClock, ManualClock, PhysicalClock, SystemClock, VirtualClock};
 pub use mem_store::{LinkFaults, MemLog, MemStore};
 pub use nats_store::{NatsConfig, NatsStore};
 pub use plan::{MAX_KEY_BYTES, MAX_VALUE_BYTES};

@@ -1,0 +1,433 @@
+//! Membership from the store, with liveness that does not trust wall clocks.
+//!
+//! Every node rewrites its heartbeat record (namespace [`NODES_NS`]) every interval. Another
+//! node is judged by whether its record *changed* within the time-to-live, measured on the
+//! judge's own monotonic clock from the moment the judge saw the change — never by comparing
+//! the timestamp inside the record with the judge's wall clock. A node does not judge anyone
+//! while its own heartbeats fail, nor before it has watched the others for a full time-to-live
+//! since its own store connection last came back: when the store itself was unavailable,
+//! everyone's silence says nothing.
+//!
+//! The wall-clock times inside heartbeats are used for one thing: estimating each node's clock
+//! offset (the beat's time minus the local time when the beat arrived, the best of recent
+//! samples), reported in status and logged when it exceeds the allowed skew.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use haven_state::{Batch, Change, Store, StoreError};
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+/// Namespace of heartbeat records.
+pub const NODES_NS: &str = "nodes";
+
+/// How many recent offset samples a node's estimate keeps.
+const OFFSET_SAMPLES: usize = 16;
+
+/// A node's heartbeat record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Node id.
+    pub node: String,
+    /// Boot id of the process.
+    pub boot: String,
+    /// Region (the store's origin).
+    pub region: String,
+    /// Haven version.
+    pub version: String,
+    /// When the process started, Unix milliseconds (its own clock).
+    pub started_millis: u64,
+    /// When this heartbeat was written, Unix milliseconds (its own clock).
+    pub beat_millis: u64,
+    /// Whether the node is draining (stops taking new work).
+    #[serde(default)]
+    pub draining: bool,
+    /// The time-to-live the node announces, in milliseconds.
+    #[serde(default)]
+    pub ttl_millis: u64,
+    /// The node left cleanly: its work may be taken over at once.
+    #[serde(default)]
+    pub left: bool,
+}
+
+/// A node as seen from here.
+#[derive(Clone, Debug, Serialize)]
+pub struct Member {
+    /// Its last heartbeat.
+    pub info: NodeInfo,
+    /// Whether it is alive now, as judged here.
+    pub alive: bool,
+    /// Milliseconds since its heartbeat last changed, on this node's monotonic clock.
+    pub silent_millis: u64,
+    /// Estimated offset of its clock from this node's, in milliseconds (positive: ahead).
+    pub clock_offset_millis: Option<i64>,
+    /// Whether that offset exceeds the allowed skew.
+    pub clock_skewed: bool,
+}
+
+/// Settings of a node's membership.
+#[derive(Clone, Debug)]
+pub struct MembershipConfig {
+    /// This node's id.
+    pub node_id: String,
+    /// This process's boot id.
+    pub boot_id: String,
+    /// Haven version, shown to others.
+    pub version: String,
+    /// How often the heartbeat is written.
+    pub interval: Duration,
+    /// How long a heartbeat may stay unchanged before its node is dead.
+    pub ttl: Duration,
+    /// Largest clock offset between nodes that is not reported as skew.
+    pub max_skew: Duration,
+}
+
+#[derive(Clone, Debug)]
+struct Observed {
+    info: NodeInfo,
+    revision: u64,
+    /// When this node saw the record change last.
+    changed_at: Instant,
+    /// Recent samples of (beat time − local time on arrival).
+    offsets: VecDeque<i64>,
+}
+
+impl Observed {
+    fn offset(&self) -> Option<i64> {
+        // A sample is the true offset minus the delivery delay: the largest is the closest.
+        self.offsets.iter().copied().max()
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    members: HashMap<String, Observed>,
+    /// When a node's record was first found missing (it never beat, or was deleted).
+    missing_since: HashMap<String, Instant>,
+    /// When this node's heartbeats last started succeeding after failing (or at start);
+    /// `None` while its last heartbeat failed.
+    own_ok_since: Option<Instant>,
+    /// When this node's heartbeat last succeeded.
+    own_last_ok: Option<Instant>,
+    draining: bool,
+    left: bool,
+    /// Nodes currently reported as skewed (so that each change is logged once).
+    skewed: HashMap<String, bool>,
+}
+
+/// The membership view of one node.
+pub struct Membership {
+    store: Arc<dyn Store>,
+    config: MembershipConfig,
+    started_millis: u64,
+    state: RwLock<State>,
+}
+
+impl std::fmt::Debug for Membership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Membership")
+            .field("node", &self.config.node_id)
+            .finish()
+    }
+}
+
+impl Membership {
+    /// The membership of this node on `store`.
+    pub fn new(store: Arc<dyn Store>, config: MembershipConfig) -> Arc<Membership> {
+        let started_millis = store.clock().wall_millis();
+        Arc::new(Membership {
+            store,
+            config,
+            started_millis,
+            state: RwLock::new(State {
+                members: HashMap::new(),
+                missing_since: HashMap::new(),
+                own_ok_since: None,
+                own_last_ok: None,
+                draining: false,
+                left: false,
+                skewed: HashMap::new(),
+            }),
+        })
+    }
+
+    /// This node's settings.
+    pub fn config(&self) -> &MembershipConfig {
+        &self.config
+    }
+
+    /// When this process started, Unix milliseconds.
+    pub fn started_millis(&self) -> u64 {
+        self.started_millis
+    }
+
+    fn own_info(&self) -> NodeInfo {
+        let state = self.state.read();
+        NodeInfo {
+            node: self.config.node_id.clone(),
+            boot: self.config.boot_id.clone(),
+            region: self.store.origin().region.to_string(),
+            version: self.config.version.clone(),
+            started_millis: self.started_millis,
+            beat_millis: self.store.clock().wall_millis(),
+            draining: state.draining,
+            ttl_millis: self.config.ttl.as_millis() as u64,
+            left: state.left,
+        }
+    }
+
+    /// Writes this node's heartbeat, then reads everyone's.
+    pub async fn beat(&self) -> Result<(), StoreError> {
+        if self.state.read().left {
+            return Ok(());
+        }
+        let info = self.own_info();
+        let written = self
+            .store
+            .commit(Batch::new().put(
+                NODES_NS,
+                &self.config.node_id,
+                serde_json::to_vec(&info).expect("heartbeat serializes"),
+            ))
+            .await;
+        let now = Instant::now();
+        match written {
+            Ok(_) => {
+                let mut state = self.state.write();
+                if state.own_ok_since.is_none() {
+                    // First beat, or the first after a failed one: the others' records may
+                    // look old only because the store was out of reach; watch them afresh.
+                    state.own_ok_since = Some(now);
+                }
+                state.own_last_ok = Some(now);
+            }
+            Err(e) => {
+                self.state.write().own_ok_since = None;
+                return Err(e);
+            }
+        }
+        self.refresh().await
+    }
+
+    /// Reads every heartbeat record and notes which changed since the last read.
+    pub async fn refresh(&self) -> Result<(), StoreError> {
+        let records = self.store.scan_all(NODES_NS, "").await?;
+        let now = Instant::now();
+        let wall = self.store.clock().wall_millis();
+        let mut seen = Vec::with_capacity(records.len());
+        for r in &records {
+            if let Ok(info) = serde_json::from_slice::<NodeInfo>(r.value()) {
+                seen.push(info.node.clone());
+                self.observe(info, r.revision, now, wall);
+            }
+        }
+        let mut state = self.state.write();
+        let known: Vec<String> = state.members.keys().cloned().collect();
+        for node in known {
+            if !seen.contains(&node) {
+                state.members.remove(&node);
+                state.missing_since.entry(node).or_insert(now);
+            }
+        }
+        drop(state);
+        self.report_skew();
+        Ok(())
+    }
+
+    /// Takes a heartbeat record seen at local time `now` (monotonic) and `wall`.
+    pub fn observe(&self, info: NodeInfo, revision: u64, now: Instant, wall: u64) {
+        let mut state = self.state.write();
+        state.missing_since.remove(&info.node);
+        let offset = info.beat_millis as i64 - wall as i64;
+        match state.members.get_mut(&info.node) {
+            Some(o) if o.revision == revision => {}
+            Some(o) if o.revision > revision => {}
+            Some(o) => {
+                if o.info.boot != info.boot {
+                    o.offsets.clear();
+                }
+                o.revision = revision;
+                o.changed_at = now;
+                o.offsets.push_back(offset);
+                if o.offsets.len() > OFFSET_SAMPLES {
+                    o.offsets.pop_front();
+                }
+                o.info = info;
+            }
+            None => {
+                let node = info.node.clone();
+                state.members.insert(
+                    node,
+                    Observed {
+                        info,
+                        revision,
+                        changed_at: now,
+                        offsets: VecDeque::from([offset]),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Takes a change from the store's live feed (heartbeats arrive here as they are
+    /// written, which makes the offset estimates close).
+    pub fn observe_change(&self, change: &Change, seq: u64) {
+        if let Change::Record(r) = change
+            && r.namespace == NODES_NS
+            && let Some(value) = &r.value
+            && let Ok(info) = serde_json::from_slice::<NodeInfo>(value)
+        {
+            self.observe(info, seq, Instant::now(), self.store.clock().wall_millis());
+        }
+    }
+
+    /// Whether this node may judge others now: its last heartbeat succeeded (recently), and it
+    /// has watched the others for a full time-to-live since its heartbeats started succeeding.
+    fn may_judge(&self, state: &State, now: Instant) -> Option<Instant> {
+        let ttl = self.config.ttl;
+        let last_ok = state.own_last_ok?;
+        let since = state.own_ok_since?;
+        if now.duration_since(last_ok) > ttl || now.duration_since(since) < ttl {
+            return None;
+        }
+        Some(since)
+    }
+
+    /// Whether the process `boot` of node `node` is known to be gone.
+    pub fn is_dead(&self, node: &str, boot: &str) -> bool {
+        if node == self.config.node_id {
+            return boot != self.config.boot_id;
+        }
+        let now = Instant::now();
+        if !self.state.read().members.contains_key(node) {
+            // A node without a heartbeat record: count its silence from the first time it
+            // is asked about.
+            self.state
+                .write()
+                .missing_since
+                .entry(node.to_owned())
+                .or_insert(now);
+        }
+        let state = self.state.read();
+        let Some(since) = self.may_judge(&state, now) else {
+            return false;
+        };
+        let ttl = self.config.ttl;
+        match state.members.get(node) {
+            Some(o) if o.info.boot != boot || o.info.left => true,
+            Some(o) => now.duration_since(o.changed_at.max(since)) >= ttl,
+            None => state
+                .missing_since
+                .get(node)
+                .is_some_and(|t| now.duration_since((*t).max(since)) >= ttl),
+        }
+    }
+
+    /// Every node with a heartbeat record, with this node's judgement of it.
+    pub fn members(&self) -> Vec<Member> {
+        let now = Instant::now();
+        let max_skew = self.config.max_skew.as_millis() as i64;
+        let mut out: Vec<Member> = {
+            let state = self.state.read();
+            state
+                .members
+                .values()
+                .map(|o| {
+                    let offset = (o.info.node != self.config.node_id)
+                        .then(|| o.offset())
+                        .flatten();
+                    Member {
+                        info: o.info.clone(),
+                        alive: false,
+                        silent_millis: now.duration_since(o.changed_at).as_millis() as u64,
+                        clock_offset_millis: offset,
+                        clock_skewed: offset.is_some_and(|x| x.abs() > max_skew),
+                    }
+                })
+                .collect()
+        };
+        for m in &mut out {
+            m.alive = !self.is_dead(&m.info.node, &m.info.boot);
+        }
+        out.sort_by(|a, b| a.info.node.cmp(&b.info.node));
+        out
+    }
+
+    /// The largest clock offset to another live node, in milliseconds (absolute).
+    pub fn max_clock_offset(&self) -> Option<u64> {
+        self.members()
+            .iter()
+            .filter(|m| m.alive)
+            .filter_map(|m| m.clock_offset_millis)
+            .map(i64::unsigned_abs)
+            .max()
+    }
+
+    fn report_skew(&self) {
+        let max = self.config.max_skew.as_millis() as i64;
+        let offsets: Vec<(String, Option<i64>)> = {
+            let state = self.state.read();
+            state
+                .members
+                .values()
+                .filter(|o| o.info.node != self.config.node_id)
+                .map(|o| (o.info.node.clone(), o.offset()))
+                .collect()
+        };
+        let mut state = self.state.write();
+        for (node, offset) in offsets {
+            let skewed = offset.is_some_and(|x| x.abs() > max);
+            let was = state.skewed.insert(node.clone(), skewed).unwrap_or(false);
+            match (was, skewed) {
+                (false, true) => tracing::warn!(
+                    node = %node,
+                    offset_ms = offset.unwrap_or_default(),
+                    max_ms = max,
+                    "the clock of another node differs from this node's by more than the allowed skew"
+                ),
+                (true, false) => {
+                    tracing::info!(node = %node, "the clock of another node is within the allowed skew again")
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Marks this node as draining (its next heartbeat says so).
+    pub fn set_draining(&self) {
+        self.state.write().draining = true;
+    }
+
+    /// Whether this node is draining.
+    pub fn is_draining(&self) -> bool {
+        self.state.read().draining
+    }
+
+    /// Leaves: the last heartbeat says so, and others take over this node's work at once.
+    pub async fn leave(&self) {
+        self.state.write().left = true;
+        let info = self.own_info();
+        let _ = self
+            .store
+            .commit(Batch::new().put(
+                NODES_NS,
+                &self.config.node_id,
+                serde_json::to_vec(&info).expect("heartbeat serializes"),
+            ))
+            .await;
+    }
+
+    /// This node itself, as a member (for a store that only one node uses).
+    pub fn me(&self) -> Member {
+        Member {
+            info: self.own_info(),
+            alive: true,
+            silent_millis: 0,
+            clock_offset_millis: None,
+            clock_skewed: false,
+        }
+    }
+}

@@ -1,0 +1,517 @@
+//! Fenced ownership of executions (a request's run, a task's run).
+//!
+//! Each execution has an ownership record (namespace [`OWNERS_NS`]) naming the node and
+//! process that runs it and an epoch. Every write that belongs to the execution — its events,
+//! its final answer, its task updates and the tool's own changes — commits together with a
+//! compare-and-set of that record ([`Execution::commit`]), so it lands only while the writer
+//! still owns the execution. Taking over a dead owner's execution ([`Claim`]) is a
+//! compare-and-set that requires the record to still name that owner and epoch, and it
+//! increments the epoch: at most one node wins, and the loser — or the old owner waking from a
+//! pause — finds out at its next write ([`FenceError::Fenced`]), which cancels its handler.
+//!
+//! The record also counts the execution's writes (so that a write whose acknowledgement was
+//! lost is recognised when it is retried, and never applied twice) and its *effects* — writes
+//! beyond its own stream — so that whoever settles an interrupted execution can say whether it
+//! changed anything.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use haven_state::{
+    Batch, Commit, Expect, LogEntry, Op, Origin, Outcome, ScanPage, Store, StoreError, StoreResult,
+    StoredRecord, StreamEvent,
+};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+/// Namespace of ownership records.
+pub const OWNERS_NS: &str = "owners";
+
+/// How long a finished execution's record is kept (it answers a late retry of its last
+/// write), in milliseconds.
+const FINISHED_TTL_MILLIS: u64 = 3_600_000;
+
+/// Who runs an execution.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    /// Node id.
+    pub node: String,
+    /// Boot id of the process.
+    pub boot: String,
+    /// Incremented by every takeover.
+    pub epoch: u64,
+    /// Writes made under this epoch.
+    pub writes: u64,
+    /// Writes (in any epoch) that changed state beyond the execution's own stream and records.
+    pub effects: u64,
+    /// The execution has ended; nothing more may be written under it.
+    #[serde(default)]
+    pub finished: bool,
+}
+
+impl Owner {
+    /// A first owner: this node's process, epoch 1.
+    pub fn new(node: &str, boot: &str) -> Owner {
+        Owner {
+            node: node.to_owned(),
+            boot: boot.to_owned(),
+            epoch: 1,
+            writes: 0,
+            effects: 0,
+            finished: false,
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("owner record serializes")
+    }
+
+    /// Decodes an ownership record.
+    pub fn decode(bytes: &[u8]) -> Option<Owner> {
+        serde_json::from_slice(bytes).ok()
+    }
+
+    fn same_run(&self, other: &Owner) -> bool {
+        self.node == other.node && self.boot == other.boot && self.epoch == other.epoch
+    }
+}
+
+/// Why an execution's write did not land.
+#[derive(Debug, thiserror::Error)]
+pub enum FenceError {
+    /// Another owner took the execution over (or it was settled): nothing was written, and
+    /// nothing more may be.
+    #[error("this node no longer owns {key}: {by}")]
+    Fenced {
+        /// The ownership key.
+        key: String,
+        /// Who owns it now, in words.
+        by: String,
+    },
+    /// The store failed; the same batch may be retried.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a landed write reports.
+#[derive(Debug, Clone)]
+pub enum Landed {
+    /// This call wrote it.
+    Now(Commit),
+    /// An earlier attempt of the same batch (whose answer was lost) had written it.
+    Earlier,
+}
+
+/// An execution this node owns.
+pub struct Execution {
+    store: Arc<dyn Store>,
+    key: String,
+    state: tokio::sync::Mutex<ExecState>,
+    /// Cancelled when the execution is found to belong to someone else.
+    lost: CancellationToken,
+}
+
+struct ExecState {
+    owner: Owner,
+    revision: u64,
+    /// A batch whose outcome is unknown (the store failed after it may have taken it).
+    uncertain: Option<Batch>,
+}
+
+impl std::fmt::Debug for Execution {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Execution").field("key", &self.key).finish()
+    }
+}
+
+/// The current ownership record of `key`, read after catching up with the store.
+pub async fn current(store: &dyn Store, key: &str) -> StoreResult<Option<(Owner, u64)>> {
+    // A scan catches up with the log first; a plain get may answer from a stale index.
+    let records = store.scan_all(OWNERS_NS, key).await?;
+    Ok(records
+        .into_iter()
+        .find(|r| r.record.key == key)
+        .and_then(|r| Owner::decode(r.value()).map(|o| (o, r.revision))))
+}
+
+impl Execution {
+    /// Starts an execution: commits `batch` together with a new ownership record for `key`
+    /// (which must not exist). Returns the execution and the batch's own outcomes.
+    pub async fn open(
+        store: Arc<dyn Store>,
+        key: &str,
+        owner: Owner,
+        batch: Batch,
+    ) -> StoreResult<(Arc<Execution>, Commit)> {
+        let n = batch.ops.len();
+        let full = batch.put_if(OWNERS_NS, key, owner.encode(), Expect::Absent);
+        let mut commit = store.commit(full).await?;
+        let revision = revision_of(&commit, n)?;
+        commit.outcomes.truncate(n);
+        Ok((
+            Arc::new(Execution {
+                store,
+                key: key.to_owned(),
+                state: tokio::sync::Mutex::new(ExecState {
+                    owner,
+                    revision,
+                    uncertain: None,
+                }),
+                lost: CancellationToken::new(),
+            }),
+            commit,
+        ))
+    }
+
+    /// The ownership key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The store the execution writes to.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Cancelled when this node finds it no longer owns the execution.
+    pub fn lost(&self) -> &CancellationToken {
+        &self.lost
+    }
+
+    /// The owner as this node last wrote it.
+    pub async fn owner(&self) -> Owner {
+        self.state.lock().await.owner.clone()
+    }
+
+    /// Commits `batch` if and only if this node still owns the execution. `effect` says
+    /// whether the batch changes state beyond the execution's own records (a tool's writes).
+    ///
+    /// After a [`FenceError::Store`] error the caller may retry the same batch: if the failed
+    /// attempt was stored after all, the retry reports [`Landed::Earlier`] instead of writing
+    /// it twice.
+    pub async fn commit(&self, batch: Batch, effect: bool) -> Result<Landed, FenceError> {
+        self.write(batch, effect, false).await
+    }
+
+    /// Commits the execution's last write: `batch` with the ownership record marked finished.
+    pub async fn finish(&self, batch: Batch) -> Result<Landed, FenceError> {
+        self.write(batch, false, true).await
+    }
+
+    async fn write(&self, batch: Batch, effect: bool, finish: bool) -> Result<Landed, FenceError> {
+        let mut state = self.state.lock().await;
+        if self.lost.is_cancelled() {
+            return Err(self.fenced(&state.owner));
+        }
+        for _ in 0..8 {
+            let mut next = state.owner.clone();
+            next.writes += 1;
+            next.effects += u64::from(effect);
+            next.finished = finish;
+            let n = batch.ops.len();
+            let mut full = batch.clone();
+            full.ops.push(Op::Put {
+                namespace: OWNERS_NS.into(),
+                key: self.key.clone(),
+                value: next.encode(),
+                expect: Expect::Revision(state.revision),
+                ttl_millis: finish.then_some(FINISHED_TTL_MILLIS),
+            });
+            match self.store.commit(full).await {
+                Ok(mut commit) => {
+                    state.revision = revision_of(&commit, n)?;
+                    state.owner = next;
+                    state.uncertain = None;
+                    commit.outcomes.truncate(n);
+                    return Ok(Landed::Now(commit));
+                }
+                Err(StoreError::Conflict { namespace, key, .. })
+                    if !(namespace.is_empty() || namespace == OWNERS_NS && key == self.key) =>
+                {
+                    // The batch's own precondition failed: nothing was written.
+                    return Err(FenceError::Store(StoreError::Conflict {
+                        namespace,
+                        key,
+                        expected: "a precondition of the batch".into(),
+                        found: "another value".into(),
+                    }));
+                }
+                Err(StoreError::Conflict { .. }) => {
+                    match current(&*self.store, &self.key).await? {
+                        Some((cur, rev)) if cur.same_run(&state.owner) => {
+                            if cur.writes == next.writes && state.uncertain.as_ref() == Some(&batch)
+                            {
+                                // The attempt whose answer was lost had landed.
+                                state.revision = rev;
+                                state.owner = cur;
+                                state.uncertain = None;
+                                return Ok(Landed::Earlier);
+                            }
+                            // Still ours (an earlier uncertain write of another batch landed):
+                            // go on from the record as it is.
+                            state.revision = rev;
+                            state.owner = cur;
+                        }
+                        Some((cur, _)) => {
+                            self.lost.cancel();
+                            return Err(self.fenced(&cur));
+                        }
+                        None => {
+                            self.lost.cancel();
+                            return Err(FenceError::Fenced {
+                                key: self.key.clone(),
+                                by: "the record is gone (the execution was settled)".into(),
+                            });
+                        }
+                    }
+                }
+                Err(e) => {
+                    if e.is_retryable() {
+                        state.uncertain = Some(batch.clone());
+                    }
+                    return Err(FenceError::Store(e));
+                }
+            }
+        }
+        Err(FenceError::Store(StoreError::Unavailable(format!(
+            "the ownership record {} changed under every attempt",
+            self.key
+        ))))
+    }
+
+    fn fenced(&self, by: &Owner) -> FenceError {
+        FenceError::Fenced {
+            key: self.key.clone(),
+            by: format!(
+                "node {} (process {}) owns it at epoch {}{}",
+                by.node,
+                by.boot,
+                by.epoch,
+                if by.finished { ", finished" } else { "" }
+            ),
+        }
+    }
+}
+
+fn revision_of(commit: &Commit, position: usize) -> StoreResult<u64> {
+    match commit.outcomes.get(position) {
+        Some(Outcome::Written { revision }) => Ok(*revision),
+        other => Err(StoreError::Corrupt(format!(
+            "the ownership write reported {other:?}"
+        ))),
+    }
+}
+
+/// A takeover of an execution whose owner is gone.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    /// The ownership key.
+    pub key: String,
+    /// The owner that is gone.
+    pub dead: Owner,
+    /// The revision of its record.
+    pub revision: u64,
+}
+
+/// Why a takeover did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    /// Someone else changed the record first (another node took over, or the owner wrote).
+    #[error("the execution {0} is no longer the dead owner's")]
+    Lost(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Claim {
+    /// The claim on `key` if its record still names an unfinished run of another process.
+    pub async fn read(store: &dyn Store, key: &str) -> StoreResult<Option<Claim>> {
+        Ok(current(store, key).await?.and_then(|(dead, revision)| {
+            (!dead.finished).then(|| Claim {
+                key: key.to_owned(),
+                dead,
+                revision,
+            })
+        }))
+    }
+
+    /// Takes the execution over for this node (epoch + 1), committing `batch` with it.
+    pub async fn take(
+        self,
+        store: Arc<dyn Store>,
+        node: &str,
+        boot: &str,
+        batch: Batch,
+    ) -> Result<(Arc<Execution>, Commit), ClaimError> {
+        let owner = Owner {
+            node: node.to_owned(),
+            boot: boot.to_owned(),
+            epoch: self.dead.epoch + 1,
+            writes: 0,
+            effects: self.dead.effects,
+            finished: false,
+        };
+        let n = batch.ops.len();
+        let full = batch.put_if(
+            OWNERS_NS,
+            &self.key,
+            owner.encode(),
+            Expect::Revision(self.revision),
+        );
+        match store.commit(full).await {
+            Ok(mut commit) => {
+                let revision = revision_of(&commit, n)?;
+                commit.outcomes.truncate(n);
+                Ok((
+                    Arc::new(Execution {
+                        store,
+                        key: self.key,
+                        state: tokio::sync::Mutex::new(ExecState {
+                            owner,
+                            revision,
+                            uncertain: None,
+                        }),
+                        lost: CancellationToken::new(),
+                    }),
+                    commit,
+                ))
+            }
+            Err(StoreError::Conflict { .. }) => Err(ClaimError::Lost(self.key)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Settles the execution without running it again: commits `batch` (its final answer)
+    /// with the record marked finished by this node (epoch + 1).
+    pub async fn settle(
+        self,
+        store: &dyn Store,
+        node: &str,
+        boot: &str,
+        batch: Batch,
+    ) -> Result<Commit, ClaimError> {
+        let owner = Owner {
+            node: node.to_owned(),
+            boot: boot.to_owned(),
+            epoch: self.dead.epoch + 1,
+            writes: 1,
+            effects: self.dead.effects,
+            finished: true,
+        };
+        let n = batch.ops.len();
+        let mut full = batch;
+        full.ops.push(Op::Put {
+            namespace: OWNERS_NS.into(),
+            key: self.key.clone(),
+            value: owner.encode(),
+            expect: Expect::Revision(self.revision),
+            ttl_millis: Some(FINISHED_TTL_MILLIS),
+        });
+        match store.commit(full).await {
+            Ok(mut commit) => {
+                commit.outcomes.truncate(n);
+                Ok(commit)
+            }
+            Err(StoreError::Conflict { .. }) => Err(ClaimError::Lost(self.key)),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// A view of the store for a running handler: reads go to the store, and every commit goes
+/// through the execution, so that a handler whose node lost the execution changes nothing.
+pub struct FencedStore {
+    execution: Arc<Execution>,
+}
+
+impl FencedStore {
+    /// The fenced view of `execution`'s store.
+    pub fn new(execution: Arc<Execution>) -> Arc<FencedStore> {
+        Arc::new(FencedStore { execution })
+    }
+}
+
+#[async_trait]
+impl Store for FencedStore {
+    fn origin(&self) -> &Origin {
+        self.execution.store.origin()
+    }
+
+    fn clock(&self) -> &Arc<haven_state::HybridClock> {
+        self.execution.store.clock()
+    }
+
+    async fn get(&self, namespace: &str, key: &str) -> StoreResult<Option<StoredRecord>> {
+        self.execution.store.get(namespace, key).await
+    }
+
+    async fn get_raw(&self, namespace: &str, key: &str) -> StoreResult<Option<StoredRecord>> {
+        self.execution.store.get_raw(namespace, key).await
+    }
+
+    async fn scan(
+        &self,
+        namespace: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<ScanPage> {
+        self.execution
+            .store
+            .scan(namespace, prefix, after, limit)
+            .await
+    }
+
+    async fn commit(&self, batch: Batch) -> StoreResult<Commit> {
+        match self.execution.commit(batch, true).await {
+            Ok(Landed::Now(c)) => Ok(c),
+            Ok(Landed::Earlier) => Err(StoreError::Unavailable(
+                "an earlier attempt of this write was stored; read the state again".into(),
+            )),
+            Err(FenceError::Store(e)) => Err(e),
+            Err(FenceError::Fenced { key, by }) => {
+                tracing::warn!(execution = %key, owner = %by, "a write of a handler was refused: this node no longer owns its execution");
+                Err(StoreError::Conflict {
+                    namespace: OWNERS_NS.into(),
+                    key,
+                    expected: "this node owns the execution".into(),
+                    found: by,
+                })
+            }
+        }
+    }
+
+    async fn read_events(
+        &self,
+        stream: &str,
+        after: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<StreamEvent>> {
+        self.execution.store.read_events(stream, after, limit).await
+    }
+
+    async fn read_log(&self, from_seq: u64, limit: usize) -> StoreResult<Vec<LogEntry>> {
+        self.execution.store.read_log(from_seq, limit).await
+    }
+
+    async fn last_seq(&self) -> StoreResult<u64> {
+        self.execution.store.last_seq().await
+    }
+
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<LogEntry>> {
+        self.execution.store.subscribe()
+    }
+
+    async fn check_writable(&self) -> StoreResult<()> {
+        self.execution.store.check_writable().await
+    }
+
+    fn shared(&self) -> bool {
+        self.execution.store.shared()
+    }
+
+    async fn describe(&self) -> serde_json::Value {
+        self.execution.store.describe().await
+    }
+}

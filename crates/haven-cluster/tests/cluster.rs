@@ -1,0 +1,273 @@
+//! Membership, ownership and leases on the in-memory log, under tokio's paused clock: time
+//! moves only when every task waits, so the histories below are exact, not timed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use haven_cluster::{
+    Claim, ClaimError, Execution, FenceError, Holding, Landed, Lease, Membership, MembershipConfig,
+    Owner,
+};
+use haven_state::{Batch, HybridClock, LinkFaults, MemLog, Origin, Store, VirtualClock};
+
+const START: u64 = 1_800_000_000_000;
+
+struct Node {
+    store: Arc<dyn Store>,
+    faults: Arc<LinkFaults>,
+    clock: Arc<VirtualClock>,
+    membership: Arc<Membership>,
+}
+
+async fn node(log: &Arc<MemLog>, name: &str) -> Node {
+    let clock = Arc::new(VirtualClock::new(START));
+    let (store, faults) = log
+        .join(
+            Origin::new("r", name),
+            Arc::new(HybridClock::new(clock.clone())),
+        )
+        .await
+        .unwrap();
+    let store: Arc<dyn Store> = Arc::new(store);
+    let membership = Membership::new(
+        store.clone(),
+        MembershipConfig {
+            node_id: name.into(),
+            boot_id: format!("{name}-boot"),
+            version: "test".into(),
+            interval: Duration::from_secs(1),
+            ttl: Duration::from_secs(5),
+            max_skew: Duration::from_millis(500),
+        },
+    );
+    Node {
+        store,
+        faults,
+        clock,
+        membership,
+    }
+}
+
+/// One heartbeat round of every node whose link works (errors are the point of some tests).
+async fn round(nodes: &[&Node]) {
+    for n in nodes {
+        let _ = n.membership.beat().await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+fn dead(judge: &Node, other: &str) -> bool {
+    judge.membership.is_dead(other, &format!("{other}-boot"))
+}
+
+#[tokio::test(start_paused = true)]
+async fn skewed_clocks_neither_kill_nor_hide_nodes_and_are_reported() {
+    let log = MemLog::new();
+    let (a, b, c) = (
+        node(&log, "a").await,
+        node(&log, "b").await,
+        node(&log, "c").await,
+    );
+    b.clock.set_offset(8_000);
+    c.clock.set_offset(-8_000);
+    for _ in 0..20 {
+        round(&[&a, &b, &c]).await;
+        for (judge, others) in [(&a, ["b", "c"]), (&b, ["a", "c"]), (&c, ["a", "b"])] {
+            for o in others {
+                assert!(!dead(judge, o), "{o} judged dead by {:?}", judge.membership);
+            }
+        }
+    }
+    let members = a.membership.members();
+    let b_seen = members.iter().find(|m| m.info.node == "b").unwrap();
+    let c_seen = members.iter().find(|m| m.info.node == "c").unwrap();
+    assert!(b_seen.alive && c_seen.alive);
+    assert!(b_seen.clock_skewed && c_seen.clock_skewed);
+    let off = b_seen.clock_offset_millis.unwrap();
+    assert!(
+        (7_000..=8_000).contains(&off),
+        "offset of b seen from a: {off}"
+    );
+    assert!(a.membership.max_clock_offset().unwrap() >= 7_000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_paused_node_is_dead_after_the_ttl_and_alive_when_it_beats_again() {
+    let log = MemLog::new();
+    let (a, b) = (node(&log, "a").await, node(&log, "b").await);
+    for _ in 0..6 {
+        round(&[&a, &b]).await;
+    }
+    b.faults.set_paused(true);
+    for i in 0..6 {
+        round(&[&a]).await;
+        assert_eq!(dead(&a, "b"), i >= 4, "round {i}");
+    }
+    b.faults.set_paused(false);
+    round(&[&a, &b]).await;
+    round(&[&a, &b]).await;
+    assert!(!dead(&a, "b"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_store_outage_nobody_is_judged_before_a_full_ttl_of_watching() {
+    let log = MemLog::new();
+    let (a, b) = (node(&log, "a").await, node(&log, "b").await);
+    for _ in 0..6 {
+        round(&[&a, &b]).await;
+    }
+    // The store is unreachable for everyone for 10 s (a leader election, an outage).
+    a.faults.set_down(true);
+    b.faults.set_down(true);
+    for i in 0..10 {
+        round(&[&a, &b]).await;
+        assert!(
+            !dead(&a, "b"),
+            "a judged b dead during the outage, round {i}"
+        );
+        assert!(
+            !dead(&b, "a"),
+            "b judged a dead during the outage, round {i}"
+        );
+    }
+    // It comes back for `a` first; `b` is slower to reconnect by 3 s.
+    a.faults.set_down(false);
+    for _ in 0..3 {
+        round(&[&a, &b]).await;
+        assert!(!dead(&a, "b"), "judged before watching a full ttl");
+    }
+    b.faults.set_down(false);
+    for i in 0..10 {
+        round(&[&a, &b]).await;
+        assert!(!dead(&a, "b"), "a judged b dead, round {i}");
+        assert!(!dead(&b, "a"), "b judged a dead, round {i}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_that_left_is_dead_at_once_and_a_missing_one_after_the_ttl() {
+    let log = MemLog::new();
+    let (a, b) = (node(&log, "a").await, node(&log, "b").await);
+    for _ in 0..6 {
+        round(&[&a, &b]).await;
+    }
+    b.membership.leave().await;
+    round(&[&a]).await;
+    assert!(dead(&a, "b"));
+    // A node that never wrote a heartbeat (its in-flight records exist, its first beat failed).
+    assert!(!dead(&a, "ghost"));
+    for _ in 0..6 {
+        round(&[&a]).await;
+    }
+    assert!(a.membership.is_dead("ghost", "g"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_takeover_fences_the_old_owner_and_only_one_claim_wins() {
+    let log = MemLog::new();
+    let (a, b, c) = (
+        node(&log, "a").await,
+        node(&log, "b").await,
+        node(&log, "c").await,
+    );
+    let (exec, _) = Execution::open(
+        a.store.clone(),
+        "s/x/1",
+        Owner::new("a", "a-boot"),
+        Batch::new().append("st", b"first".to_vec()),
+    )
+    .await
+    .unwrap();
+    exec.commit(Batch::new().append("st", b"second".to_vec()), false)
+        .await
+        .unwrap();
+    // b and c both find a dead and claim at the same time: one wins.
+    let claim_b = Claim::read(&*b.store, "s/x/1").await.unwrap().unwrap();
+    let claim_c = Claim::read(&*c.store, "s/x/1").await.unwrap().unwrap();
+    let (rb, rc) = tokio::join!(
+        claim_b.take(b.store.clone(), "b", "b-boot", Batch::new()),
+        claim_c.settle(
+            &*c.store,
+            "c",
+            "c-boot",
+            Batch::new().append("st", b"settled".to_vec())
+        ),
+    );
+    let winners = usize::from(rb.is_ok()) + usize::from(rc.is_ok());
+    assert_eq!(winners, 1, "{rb:?} {rc:?}");
+    assert!(matches!(
+        rb.as_ref().err().or(rc.as_ref().err()),
+        Some(ClaimError::Lost(_))
+    ));
+    // The old owner wakes and writes: refused, and its execution says it is lost.
+    let r = exec
+        .commit(Batch::new().append("st", b"zombie".to_vec()), false)
+        .await;
+    assert!(matches!(r, Err(FenceError::Fenced { .. })), "{r:?}");
+    assert!(exec.lost().is_cancelled());
+    let events = a.store.read_events("st", 0, 10).await.unwrap();
+    assert!(events.iter().all(|e| e.data != b"zombie"));
+    // A second claim of the settled (or re-owned) execution by c cannot take it from b.
+    if let Ok((exec_b, _)) = rb {
+        exec_b
+            .finish(Batch::new().append("st", b"final".to_vec()))
+            .await
+            .unwrap();
+        assert!(Claim::read(&*c.store, "s/x/1").await.unwrap().is_none());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_write_whose_answer_was_lost_is_not_applied_twice() {
+    let log = MemLog::new();
+    let a = node(&log, "a").await;
+    let (exec, _) = Execution::open(
+        a.store.clone(),
+        "s/x/2",
+        Owner::new("a", "a-boot"),
+        Batch::new(),
+    )
+    .await
+    .unwrap();
+    let batch = Batch::new().append("st2", b"progress".to_vec());
+    a.faults.lose_acks(1);
+    let first = exec.commit(batch.clone(), false).await;
+    assert!(matches!(first, Err(FenceError::Store(_))), "{first:?}");
+    let retry = exec.commit(batch.clone(), false).await.unwrap();
+    assert!(matches!(retry, Landed::Earlier), "{retry:?}");
+    assert_eq!(a.store.read_events("st2", 0, 10).await.unwrap().len(), 1);
+    // And the execution goes on normally.
+    exec.commit(batch, false).await.unwrap();
+    assert_eq!(a.store.read_events("st2", 0, 10).await.unwrap().len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_passes_only_after_its_holder_stops_renewing_for_the_ttl() {
+    let log = MemLog::new();
+    let (a, b) = (node(&log, "a").await, node(&log, "b").await);
+    // b's clock is far ahead: it must not matter.
+    b.clock.set_offset(60_000);
+    let ttl = Duration::from_secs(10);
+    let mut la = Lease::new(a.store.clone(), "system", "lease", "a", ttl);
+    let mut lb = Lease::new(b.store.clone(), "system", "lease", "b", ttl);
+    assert_eq!(la.hold().await.unwrap(), Holding::Held { taken: true });
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(matches!(
+            la.hold().await.unwrap(),
+            Holding::Held { taken: false }
+        ));
+        assert!(matches!(lb.hold().await.unwrap(), Holding::Standby { .. }));
+    }
+    // a stops renewing; b takes over after watching the record unchanged for the ttl.
+    let mut taken_after = None;
+    for s in 1..=15 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if lb.hold().await.unwrap() == (Holding::Held { taken: true }) {
+            taken_after = Some(s);
+            break;
+        }
+    }
+    assert!(matches!(taken_after, Some(10..=12)), "{taken_after:?}");
+    assert!(matches!(la.hold().await.unwrap(), Holding::Standby { .. }));
+}
