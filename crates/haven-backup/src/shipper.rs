@@ -214,13 +214,6 @@ pub const GENERATION_RECORD: &str = "backup-generation";
 /// The shipping lease: one node per region ships at a time.
 pub const LEASE_RECORD: &str = "backup-lease";
 
-/// The holder of the shipping lease.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct Lease {
-    holder: String,
-    expires_millis: u64,
-}
-
 /// The deployment id kept in the store, created on first use. It travels with the state
 /// (replication, backup and restore), so a restored node keeps its deployment's identity.
 pub async fn ensure_deployment(store: &dyn Store) -> Result<String> {
@@ -271,8 +264,9 @@ pub struct Shipper {
     last_prune: Option<u64>,
     /// Manifest records read so far (retention lists the target, reads only what is new).
     manifests: crate::catalog::ManifestCache,
-    /// Who this shipper is in the lease (`region/node/random`).
-    holder: String,
+    /// The region's shipping lease, as this node's side of it (the holder is the node, not
+    /// the process: a node that restarts takes its lease back at once).
+    lease: haven_cluster::Lease,
     /// Whether this shipper held the lease at its last round.
     holding: bool,
 }
@@ -324,6 +318,7 @@ impl Shipper {
             ..BackupStatus::default()
         }));
         let (tx, rx) = mpsc::channel(16);
+        let lease_ttl = (3 * config.interval).max(Duration::from_secs(10));
         let shipper = Shipper {
             store: store.clone(),
             target,
@@ -339,8 +334,13 @@ impl Shipper {
             last_verify: None,
             last_prune: None,
             manifests: Default::default(),
-            // The node, not the process: a node that restarts takes its lease back at once.
-            holder: store.origin().to_string(),
+            lease: haven_cluster::Lease::new(
+                store.clone(),
+                DEPLOYMENT_NAMESPACE,
+                LEASE_RECORD,
+                &store.origin().to_string(),
+                lease_ttl,
+            ),
             holding: false,
         };
         tokio::spawn(shipper.run(rx));
@@ -547,7 +547,8 @@ impl Shipper {
 
     /// One round: ship every committed change not yet shipped, then a snapshot when due.
     /// Takes or renews the region's shipping lease; `false` when another live shipper holds
-    /// it. The lease outlives three rounds (at least 10 s), so a dead holder is replaced
+    /// it. Another node takes the lease once it has seen it unrenewed for three rounds (at
+    /// least 10 s) on its own clock, so a dead holder is replaced
     /// within that time and the new holder resumes from the manifest.
     async fn hold_lease(&mut self) -> Result<bool> {
         if !self.store.shared() {
@@ -555,38 +556,10 @@ impl Shipper {
             self.holding = true;
             return Ok(true);
         }
-        let now = self.now();
-        let ttl = (3 * self.config.interval.as_millis() as u64).max(10_000);
-        let current = self.store.get(DEPLOYMENT_NAMESPACE, LEASE_RECORD).await?;
-        let expect = match &current {
-            None => haven_state::Expect::Absent,
-            Some(r) => {
-                if let Ok(l) = serde_json::from_slice::<Lease>(r.value())
-                    && l.holder != self.holder
-                    && l.expires_millis > now
-                {
-                    let mut s = self.status.lock();
-                    s.state = "standby".into();
-                    s.last_error = Some(format!("{} ships for the region", l.holder));
-                    return Ok(false);
-                }
-                haven_state::Expect::Revision(r.revision)
-            }
-        };
-        let lease = Lease {
-            holder: self.holder.clone(),
-            expires_millis: now + ttl,
-        };
-        let batch = haven_state::Batch::new().put_if(
-            DEPLOYMENT_NAMESPACE,
-            LEASE_RECORD,
-            serde_json::to_vec(&lease).expect("json"),
-            expect,
-        );
-        match self.store.commit(batch).await {
-            Ok(_) => {
-                if !self.holding {
-                    tracing::info!(holder = %self.holder, "took the backup shipping lease");
+        match self.lease.hold().await? {
+            haven_cluster::Holding::Held { taken } => {
+                if taken || !self.holding {
+                    tracing::info!("took the backup shipping lease");
                     // Whoever shipped before may have gone further: read the manifest again.
                     self.generation = None;
                     self.manifests = Default::default();
@@ -594,12 +567,13 @@ impl Shipper {
                 self.holding = true;
                 Ok(true)
             }
-            Err(haven_state::StoreError::Conflict { .. }) => {
+            haven_cluster::Holding::Standby { holder } => {
                 self.holding = false;
-                self.status.lock().state = "standby".into();
+                let mut s = self.status.lock();
+                s.state = "standby".into();
+                s.last_error = Some(format!("{holder} ships for the region"));
                 Ok(false)
             }
-            Err(e) => Err(e.into()),
         }
     }
 

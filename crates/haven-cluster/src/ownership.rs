@@ -420,34 +420,75 @@ impl Claim {
 }
 
 /// A view of the store for a running handler: reads go to the store, and every commit goes
-/// through the execution, so that a handler whose node lost the execution changes nothing.
+/// through the handler's execution once it has one, so that a handler whose node lost the
+/// execution changes nothing. Until an execution is attached (a request answered quickly
+/// never gets one), commits go straight to the store, and are counted as effects that the
+/// execution inherits when it is opened.
 pub struct FencedStore {
-    execution: Arc<Execution>,
+    store: Arc<dyn Store>,
+    execution: std::sync::OnceLock<Arc<Execution>>,
+    /// Held by every direct commit, taken exclusively while the execution is attached.
+    gate: tokio::sync::RwLock<u64>,
 }
 
 impl FencedStore {
-    /// The fenced view of `execution`'s store.
+    /// A view with no execution yet.
+    pub fn unattached(store: Arc<dyn Store>) -> Arc<FencedStore> {
+        Arc::new(FencedStore {
+            store,
+            execution: std::sync::OnceLock::new(),
+            gate: tokio::sync::RwLock::new(0),
+        })
+    }
+
+    /// The fenced view of `execution`.
     pub fn new(execution: Arc<Execution>) -> Arc<FencedStore> {
-        Arc::new(FencedStore { execution })
+        let store = execution.store.clone();
+        let cell = std::sync::OnceLock::new();
+        let _ = cell.set(execution);
+        Arc::new(FencedStore {
+            store,
+            execution: cell,
+            gate: tokio::sync::RwLock::new(0),
+        })
+    }
+
+    /// Opens the execution with `open` (given the number of direct commits made so far, for
+    /// its effect count) and fences every later commit with it. No direct commit is in
+    /// flight meanwhile.
+    pub async fn attach<T, E, F, Fut>(&self, open: F) -> Result<T, E>
+    where
+        F: FnOnce(u64) -> Fut,
+        Fut: std::future::Future<Output = Result<(Arc<Execution>, T), E>>,
+    {
+        let effects = self.gate.write().await;
+        let (execution, out) = open(*effects).await?;
+        let _ = self.execution.set(execution);
+        Ok(out)
+    }
+
+    /// The attached execution, if any.
+    pub fn execution(&self) -> Option<&Arc<Execution>> {
+        self.execution.get()
     }
 }
 
 #[async_trait]
 impl Store for FencedStore {
     fn origin(&self) -> &Origin {
-        self.execution.store.origin()
+        self.store.origin()
     }
 
     fn clock(&self) -> &Arc<haven_state::HybridClock> {
-        self.execution.store.clock()
+        self.store.clock()
     }
 
     async fn get(&self, namespace: &str, key: &str) -> StoreResult<Option<StoredRecord>> {
-        self.execution.store.get(namespace, key).await
+        self.store.get(namespace, key).await
     }
 
     async fn get_raw(&self, namespace: &str, key: &str) -> StoreResult<Option<StoredRecord>> {
-        self.execution.store.get_raw(namespace, key).await
+        self.store.get_raw(namespace, key).await
     }
 
     async fn scan(
@@ -457,14 +498,24 @@ impl Store for FencedStore {
         after: Option<&str>,
         limit: usize,
     ) -> StoreResult<ScanPage> {
-        self.execution
-            .store
-            .scan(namespace, prefix, after, limit)
-            .await
+        self.store.scan(namespace, prefix, after, limit).await
     }
 
     async fn commit(&self, batch: Batch) -> StoreResult<Commit> {
-        match self.execution.commit(batch, true).await {
+        let execution = match self.execution.get() {
+            Some(e) => e.clone(),
+            None => {
+                let mut effects = self.gate.write().await;
+                if let Some(e) = self.execution.get() {
+                    e.clone()
+                } else {
+                    let commit = self.store.commit(batch).await?;
+                    *effects += 1;
+                    return Ok(commit);
+                }
+            }
+        };
+        match execution.commit(batch, true).await {
             Ok(Landed::Now(c)) => Ok(c),
             Ok(Landed::Earlier) => Err(StoreError::Unavailable(
                 "an earlier attempt of this write was stored; read the state again".into(),
@@ -488,30 +539,30 @@ impl Store for FencedStore {
         after: u64,
         limit: usize,
     ) -> StoreResult<Vec<StreamEvent>> {
-        self.execution.store.read_events(stream, after, limit).await
+        self.store.read_events(stream, after, limit).await
     }
 
     async fn read_log(&self, from_seq: u64, limit: usize) -> StoreResult<Vec<LogEntry>> {
-        self.execution.store.read_log(from_seq, limit).await
+        self.store.read_log(from_seq, limit).await
     }
 
     async fn last_seq(&self) -> StoreResult<u64> {
-        self.execution.store.last_seq().await
+        self.store.last_seq().await
     }
 
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<LogEntry>> {
-        self.execution.store.subscribe()
+        self.store.subscribe()
     }
 
     async fn check_writable(&self) -> StoreResult<()> {
-        self.execution.store.check_writable().await
+        self.store.check_writable().await
     }
 
     fn shared(&self) -> bool {
-        self.execution.store.shared()
+        self.store.shared()
     }
 
     async fn describe(&self) -> serde_json::Value {
-        self.execution.store.describe().await
+        self.store.describe().await
     }
 }

@@ -129,6 +129,13 @@ impl Catalog for FederatedCatalog {
         Ok(out)
     }
 
+    fn tracks_effects(&self, tool: &str) -> bool {
+        match split_name(tool) {
+            Some((up, _)) if self.upstreams.knows(up) => false,
+            _ => self.base.tracks_effects(tool),
+        }
+    }
+
     fn task_support(&self, tool: &str) -> TaskSupport {
         match split_name(tool) {
             Some((up, _)) if self.upstreams.knows(up) => TaskSupport::Forbidden,

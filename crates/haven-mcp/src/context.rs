@@ -120,6 +120,8 @@ pub struct RequestContext(Arc<Facilities>);
 #[derive(Clone)]
 struct Facilities {
     store: Arc<dyn Store>,
+    /// The fenced view behind `store`, when the request may be taken over by another node.
+    fence: Option<Arc<haven_cluster::FencedStore>>,
     era: Era,
     caller: Caller,
     progress_token: Option<ProgressToken>,
@@ -161,6 +163,7 @@ impl RequestContext {
     ) -> RequestContext {
         RequestContext(Arc::new(Facilities {
             store,
+            fence: None,
             era,
             caller,
             progress_token,
@@ -168,6 +171,20 @@ impl RequestContext {
             cancel,
             task: None,
         }))
+    }
+
+    /// The same context, its writes going through `fence` (the request's execution, once it
+    /// has one).
+    pub fn with_fence(mut self, fence: Arc<haven_cluster::FencedStore>) -> RequestContext {
+        let f = Arc::make_mut(&mut self.0);
+        f.store = fence.clone();
+        f.fence = Some(fence);
+        self
+    }
+
+    /// The fenced view of the store this request writes through, if it has one.
+    pub(crate) fn fence(&self) -> Option<&Arc<haven_cluster::FencedStore>> {
+        self.0.fence.as_ref()
     }
 
     /// The same context, able to become a task through `hook`.

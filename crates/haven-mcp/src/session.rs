@@ -91,7 +91,7 @@ impl SessionCache {
 
 /// Creates a random session id: 128 bits, hex (visible ASCII as the spec requires).
 pub fn new_session_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
+    format!("{:032x}", haven_state::ids::random_u128())
 }
 
 /// Stores a new session durably.

@@ -1,6 +1,8 @@
 //! Resumable SSE streams of the legacy era: every event is appended to the store before it is
 //! sent, so a client can resume with `Last-Event-ID` on any node, after any crash. A stream whose
-//! request is still running has an in-flight record naming the node instance that runs it.
+//! request is still running has an in-flight record (what the request is) and an ownership
+//! record (`haven_cluster::ownership`, key [`owner_key`]: who runs it, at which epoch); every
+//! write to the stream is fenced by the latter.
 
 use haven_state::{Batch, Expect, Store, StoreError};
 use serde::{Deserialize, Serialize};
@@ -16,6 +18,16 @@ pub fn stream_key(session: &str, stream: &str) -> String {
     format!("sse/{session}/{stream}")
 }
 
+/// Key of the ownership record of a request's stream.
+pub fn owner_key(session: &str, stream: &str) -> String {
+    format!("s/{session}/{stream}")
+}
+
+/// The session and stream of an ownership key made by [`owner_key`].
+pub fn parse_owner_key(key: &str) -> Option<(&str, &str)> {
+    key.strip_prefix("s/")?.split_once('/')
+}
+
 /// Key of the in-flight record of a stream.
 pub fn inflight_key(session: &str, stream: &str) -> String {
     format!("{session}/{stream}")
@@ -23,7 +35,7 @@ pub fn inflight_key(session: &str, stream: &str) -> String {
 
 /// A new random stream id (lowercase hex, so event ids stay visible ASCII).
 pub fn new_stream_id() -> String {
-    format!("{:016x}", rand::random::<u64>())
+    format!("{:016x}", haven_state::ids::random_u64())
 }
 
 /// The SSE event id of event `index` of `stream`. Index 0 is the priming event.
@@ -93,12 +105,9 @@ pub fn append_ops(
     batch
 }
 
-/// Opens a stream for a running request: the in-flight record and the first events, durably.
-pub async fn open(
-    store: &dyn Store,
-    inflight: &InflightRecord,
-    events: &[(String, bool)],
-) -> Result<u64, StoreError> {
+/// The batch that opens a stream for a running request: its in-flight record (unless the
+/// first events already end it) and the first events.
+pub fn open_batch(inflight: &InflightRecord, events: &[(String, bool)]) -> Batch {
     let finished = events.iter().any(|(_, last)| *last);
     let mut batch = Batch::new();
     if !finished {
@@ -109,27 +118,42 @@ pub async fn open(
             Expect::Absent,
         );
     }
-    let batch = append_ops(batch, &inflight.session, &inflight.stream, events);
-    let commit = store.commit(batch).await?;
-    Ok(last_index(&commit))
+    append_ops(batch, &inflight.session, &inflight.stream, events)
 }
 
-/// Appends events to a stream durably; when one of them is the last, the in-flight record
-/// goes in the same commit.
+/// The batch that appends `events` to a stream; when one of them is the last, the in-flight
+/// record goes in the same commit.
+pub fn append_batch(session: &str, stream: &str, events: &[(String, bool)]) -> Batch {
+    let mut batch = append_ops(Batch::new(), session, stream, events);
+    if events.iter().any(|(_, last)| *last) {
+        batch = batch.delete(INFLIGHT_NS, &inflight_key(session, stream));
+    }
+    batch
+}
+
+/// Appends events to a stream nobody owns (the standalone GET stream) durably; returns the
+/// index of the last.
 pub async fn append(
     store: &dyn Store,
     session: &str,
     stream: &str,
     events: &[(String, bool)],
 ) -> Result<u64, StoreError> {
-    let mut batch = append_ops(Batch::new(), session, stream, events);
-    if events.iter().any(|(_, last)| *last) {
-        batch = batch.delete(INFLIGHT_NS, &inflight_key(session, stream));
-    }
-    let commit = store.commit(batch).await?;
+    let commit = store.commit(append_batch(session, stream, events)).await?;
     Ok(last_index(&commit))
 }
 
+/// Opens a stream nobody owns (the standalone GET stream): its in-flight record.
+pub async fn open(
+    store: &dyn Store,
+    inflight: &InflightRecord,
+    events: &[(String, bool)],
+) -> Result<u64, StoreError> {
+    let commit = store.commit(open_batch(inflight, events)).await?;
+    Ok(last_index(&commit))
+}
+
+/// The index of the last event a commit appended (0: none).
 fn last_index(commit: &haven_state::Commit) -> u64 {
     commit
         .outcomes

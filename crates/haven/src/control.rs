@@ -108,6 +108,9 @@ impl Catalog for BuiltinCatalog {
     fn task_support(&self, tool: &str) -> haven_mcp::catalog::TaskSupport {
         self.get().task_support(tool)
     }
+    fn tracks_effects(&self, tool: &str) -> bool {
+        self.get().tracks_effects(tool)
+    }
     async fn call_tool(
         &self,
         ctx: &Ctx,

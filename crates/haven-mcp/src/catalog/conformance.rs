@@ -1227,6 +1227,10 @@ impl Catalog for ConformanceCatalog {
         Ok(self.tools.clone())
     }
 
+    fn tracks_effects(&self, _tool: &str) -> bool {
+        true
+    }
+
     fn task_support(&self, tool: &str) -> TaskSupport {
         match tool {
             "slow_compute" | "confirm_delete" | "multi_input" => TaskSupport::Optional,

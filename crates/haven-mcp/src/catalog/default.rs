@@ -253,6 +253,11 @@ impl Catalog for DefaultCatalog {
         Ok(self.tools.clone())
     }
 
+    fn tracks_effects(&self, _tool: &str) -> bool {
+        // Notes are the only state these tools change, and they live in the store.
+        true
+    }
+
     fn task_support(&self, tool: &str) -> TaskSupport {
         if tool == "sleep" {
             TaskSupport::Optional

@@ -138,6 +138,13 @@ pub trait Catalog: Send + Sync + 'static {
         TaskSupport::Forbidden
     }
 
+    /// Whether every change `tool` makes goes through the request's store (so that Haven knows
+    /// whether an interrupted call changed anything). False for tools with effects elsewhere,
+    /// such as an upstream server's.
+    fn tracks_effects(&self, _tool: &str) -> bool {
+        false
+    }
+
     /// Calls a tool.
     async fn call_tool(
         &self,

@@ -58,9 +58,16 @@ pub(crate) fn may_stream(method: &str) -> bool {
     )
 }
 
-/// Runs `call` to completion, sending its items and then its final response to `out`.
-pub(crate) async fn run(inner: Arc<Inner>, call: Call, out: Outbox, cancel: CancellationToken) {
-    let ctx = RequestContext::new(
+/// Runs `call` to completion, sending its items and then its final response to `out`. With a
+/// `fence`, the handler writes through it (a request that another node may take over).
+pub(crate) async fn run(
+    inner: Arc<Inner>,
+    call: Call,
+    out: Outbox,
+    cancel: CancellationToken,
+    fence: Option<Arc<haven_cluster::FencedStore>>,
+) {
+    let mut ctx = RequestContext::new(
         inner.store.clone(),
         call.era.clone(),
         call.caller.clone(),
@@ -68,6 +75,9 @@ pub(crate) async fn run(inner: Arc<Inner>, call: Call, out: Outbox, cancel: Canc
         Some(out.clone()),
         cancel.clone(),
     );
+    if let Some(f) = fence {
+        ctx = ctx.with_fence(f);
+    }
     let outcome = dispatch(&inner, &call, ctx, &out, &cancel).await;
     let final_message = match outcome {
         Outcome::Sent => return,
@@ -475,6 +485,7 @@ async fn tools_call(
             name.clone(),
             arguments.clone(),
             idempotent,
+            ctx.fence().cloned(),
         )
     } else {
         tasks::Promoter::disabled()

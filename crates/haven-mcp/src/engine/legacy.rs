@@ -10,7 +10,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::dispatch::{self, Call, may_stream};
+use super::dispatch::{Call, may_stream};
 use super::mrtr::{id_json, store_reply};
 use super::{
     Inner, LATEST_LEGACY, LEGACY_VERSIONS, LegacyResponses, Reply, SseFrame, is_legacy_version,
@@ -233,21 +233,19 @@ async fn request(
         },
         caller: caller_of(s),
     };
-    let (tx, rx) = mpsc::unbounded_channel();
-    let cancel = CancellationToken::new();
-    let key = Inner::running_key(&s.id, &req.id);
-    inner.running.lock().insert(key.clone(), cancel.clone());
-    {
-        let inner = inner.clone();
-        let call = call.clone();
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            dispatch::run(inner.clone(), call, tx, cancel).await;
-            inner.running.lock().remove(&key);
-        });
-    }
+    let fence = haven_cluster::FencedStore::unattached(inner.store.clone());
+    let running = inner.spawn_handler(call.clone(), Some(fence.clone()));
     refresh_session(inner, &loaded);
-    deliver(inner, &call, rx, cancel, accepts_json, accepts_sse).await
+    deliver(
+        inner,
+        &call,
+        running.rx,
+        running.cancel,
+        fence,
+        accepts_json,
+        accepts_sse,
+    )
+    .await
 }
 
 /// Extends a session's life when more than half of it has passed.
@@ -272,6 +270,7 @@ async fn deliver(
     call: &Call,
     mut rx: mpsc::UnboundedReceiver<Item>,
     cancel: CancellationToken,
+    fence: Arc<haven_cluster::FencedStore>,
     accepts_json: bool,
     accepts_sse: bool,
 ) -> Reply {
@@ -330,7 +329,7 @@ async fn deliver(
         }
         None => {}
     }
-    open_stream(inner, call, rx, first, cancel).await
+    open_stream(inner, call, rx, first, cancel, fence).await
 }
 
 fn frames_for(stream_id: &str, first_index: u64, events: &[(String, bool)]) -> Vec<SseFrame> {
@@ -365,13 +364,15 @@ fn to_events(items: Vec<Item>) -> (Vec<(String, bool)>, bool, Option<usize>) {
 }
 
 /// Opens a durable stream for a running request and pumps its items into the store and, while
-/// the client is connected, to the client.
+/// the client is connected, to the client. The stream's writes are fenced by its execution
+/// (ownership record), which the handler's own writes join from now on.
 async fn open_stream(
     inner: &Arc<Inner>,
     call: &Call,
     mut rx: mpsc::UnboundedReceiver<Item>,
     mut first: Vec<Item>,
     cancel: CancellationToken,
+    fence: Arc<haven_cluster::FencedStore>,
 ) -> Reply {
     while let Ok(item) = rx.try_recv() {
         let last = matches!(item, Item::Final(_));
@@ -393,9 +394,27 @@ async fn open_stream(
         started_millis: inner.store.clock().wall_millis(),
     };
     let (events, finished, close_at) = to_events(first);
-    let last = match stream::open(&*inner.store, &inflight, &events).await {
-        Ok(last) => last,
+    let key = stream::owner_key(&session, &stream_id);
+    inner.executions.lock().insert(key.clone());
+    let store = inner.store.clone();
+    let batch = stream::open_batch(&inflight, &events);
+    let mut owner = haven_cluster::Owner::new(&inner.config.node_id, &inner.config.boot_id);
+    owner.finished = finished;
+    let opened = fence
+        .attach(|effects| async move {
+            owner.effects = effects;
+            haven_cluster::Execution::open(store, &key, owner, batch)
+                .await
+                .map(|(execution, _)| (execution.clone(), execution))
+        })
+        .await;
+    let execution = match opened {
+        Ok(e) => e,
         Err(e) => {
+            inner
+                .executions
+                .lock()
+                .remove(&stream::owner_key(&session, &stream_id));
             cancel.cancel();
             return Reply::error(503, Some(&call.id), &super::store_error(e));
         }
@@ -406,9 +425,8 @@ async fn open_stream(
         retry: Some(inner.config.sse_retry_millis),
         data: String::new(),
     });
-    let first_index = last + 1 - events.len() as u64;
     let visible = close_at.unwrap_or(events.len());
-    for f in frames_for(&stream_id, first_index, &events[..visible]) {
+    for f in frames_for(&stream_id, 1, &events[..visible]) {
         let _ = live_tx.send(f);
     }
     let live = if finished || close_at.is_some() {
@@ -416,15 +434,24 @@ async fn open_stream(
     } else {
         Some(live_tx)
     };
-    if !finished {
+    if finished {
+        inner
+            .executions
+            .lock()
+            .remove(&stream::owner_key(&session, &stream_id));
+    } else {
         let cancel_rx = inner.hub.subscribe(Topic::key(
             CANCELS_NS,
             &Inner::running_key(&session, &call.id),
         ));
-        tokio::spawn(pump(
+        inner.spawn(pump(
             inner.clone(),
-            session,
-            stream_id,
+            Pump {
+                session,
+                stream: stream_id,
+                execution,
+                next_index: events.len() as u64 + 1,
+            },
             rx,
             live,
             cancel,
@@ -434,42 +461,71 @@ async fn open_stream(
     Reply::Stream(keep_alive_until_drain(inner, live_rx))
 }
 
-pub(super) async fn pump(
+/// A running request's stream, as its pump writes it.
+pub(crate) struct Pump {
+    /// Session of the request.
+    pub session: String,
+    /// The stream.
+    pub stream: String,
+    /// The execution that fences every write to the stream.
+    pub execution: Arc<haven_cluster::Execution>,
+    /// Index the next event gets (only the owner appends, so it is known in advance).
+    pub next_index: u64,
+}
+
+/// Stores a running request's items in its stream, in order, and sends them to the client
+/// while it is connected. A write is retried until it is stored or the node loses the
+/// execution; the final answer is never dropped (one the store refuses as invalid is
+/// replaced by an error saying so).
+pub(crate) async fn pump(
     inner: Arc<Inner>,
-    session: String,
-    stream_id: String,
+    mut p: Pump,
     mut rx: mpsc::UnboundedReceiver<Item>,
     mut live: Option<mpsc::UnboundedSender<SseFrame>>,
     cancel: CancellationToken,
     mut cancel_rx: tokio::sync::broadcast::Receiver<Arc<haven_state::LogEntry>>,
 ) {
+    let key = p.execution.key().to_owned();
     loop {
         let item = tokio::select! {
             item = rx.recv() => item,
             Ok(_) = cancel_rx.recv() => { cancel.cancel(); continue; }
+            () = p.execution.lost().cancelled() => None,
         };
-        let Some(item) = item else {
-            // The handler ended without a final response (it panicked): end the stream with an
-            // error rather than silence.
-            let e = jsonrpc::internal("the request failed on the server");
-            let msg = jsonrpc::error_response(None, &e);
-            let _ = stream::append(&*inner.store, &session, &stream_id, &[(msg, true)]).await;
-            return;
-        };
-        let mut items = vec![item];
-        while !matches!(items.last(), Some(Item::Final(_))) {
-            match rx.try_recv() {
-                Ok(i) => items.push(i),
-                Err(_) => break,
+        let items = match item {
+            Some(item) => {
+                let mut items = vec![item];
+                while !matches!(items.last(), Some(Item::Final(_))) {
+                    match rx.try_recv() {
+                        Ok(i) => items.push(i),
+                        Err(_) => break,
+                    }
+                }
+                items
             }
-        }
+            // The handler ended without a final response (it panicked): end the stream with
+            // an error rather than silence.
+            None if !p.execution.lost().is_cancelled() => {
+                vec![Item::Final(jsonrpc::error_response(
+                    None,
+                    &jsonrpc::internal("the request failed on the server"),
+                ))]
+            }
+            None => Vec::new(),
+        };
         let (events, finished, close_at) = to_events(items);
         if !events.is_empty() {
-            let last = append_retrying(&inner, &session, &stream_id, &events).await;
-            if let (Some(tx), Some(last)) = (&live, last) {
-                let first_index = last + 1 - events.len() as u64;
+            let stored = store_events(&p, &events, finished).await;
+            if !stored {
+                // Another node owns the stream now: it answers; this handler stops.
+                cancel.cancel();
+                break;
+            }
+            let first_index = p.next_index;
+            p.next_index += events.len() as u64;
+            if let Some(tx) = &live {
                 let visible = close_at.unwrap_or(events.len());
-                for f in frames_for(&stream_id, first_index, &events[..visible]) {
+                for f in frames_for(&p.stream, first_index, &events[..visible]) {
                     if tx.send(f).is_err() {
                         break;
                     }
@@ -479,41 +535,65 @@ pub(super) async fn pump(
         if close_at.is_some() || live.as_ref().is_some_and(|t| t.is_closed()) {
             live = None;
         }
-        if finished {
-            return;
+        if finished || p.execution.lost().is_cancelled() {
+            break;
         }
     }
+    inner.executions.lock().remove(&key);
 }
 
-/// Appends events, retrying while the store is unavailable (bounded): a stream whose events
-/// cannot be stored is still sent to a connected client, and the failure is logged.
-async fn append_retrying(
-    inner: &Inner,
-    session: &str,
-    stream_id: &str,
-    events: &[(String, bool)],
-) -> Option<u64> {
-    let mut delay = Duration::from_millis(20);
-    for _ in 0..8 {
-        match stream::append(&*inner.store, session, stream_id, events).await {
-            Ok(last) => return Some(last),
-            Err(e) if e.is_retryable() => {
-                tracing::warn!(error = %e, session, stream = stream_id, "storing stream events failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(1));
+/// Stores events of a stream under its execution, retrying while the store fails. Returns
+/// false when the node no longer owns the stream (nothing was stored).
+async fn store_events(p: &Pump, events: &[(String, bool)], finished: bool) -> bool {
+    let mut delay = std::time::Duration::from_millis(20);
+    let mut events = events.to_vec();
+    let mut warned = false;
+    loop {
+        let batch = stream::append_batch(&p.session, &p.stream, &events);
+        let r = if finished {
+            p.execution.finish(batch).await
+        } else {
+            p.execution.commit(batch, false).await
+        };
+        match r {
+            Ok(_) => {
+                if warned {
+                    tracing::info!(session = %p.session, stream = %p.stream, "stream events stored after retries");
+                }
+                return true;
             }
-            Err(e) => {
-                tracing::error!(error = %e, session, stream = stream_id, "storing stream events failed");
-                return None;
+            Err(haven_cluster::FenceError::Fenced { key, by }) => {
+                tracing::warn!(execution = %key, owner = %by, "this node lost a request it was running; its handler stops and its events are not stored");
+                return false;
+            }
+            Err(haven_cluster::FenceError::Store(e)) if e.is_retryable() => {
+                if !warned {
+                    tracing::warn!(error = %e, session = %p.session, stream = %p.stream, "storing stream events failed; retrying until stored");
+                    warned = true;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(1));
+            }
+            Err(haven_cluster::FenceError::Store(e)) => {
+                // The store refuses these events as they are (too large): keep the final
+                // answer's place with an error that says why; drop other events.
+                tracing::error!(error = %e, session = %p.session, stream = %p.stream, "the store refused stream events");
+                if !finished {
+                    return true;
+                }
+                let id = events
+                    .last()
+                    .and_then(|(m, _)| serde_json::from_str::<Value>(m).ok())
+                    .and_then(|v| v.get("id").cloned())
+                    .and_then(|id| serde_json::from_value(id).ok());
+                let msg = jsonrpc::error_response(
+                    id.as_ref(),
+                    &jsonrpc::internal(format!("the result could not be stored: {e}")),
+                );
+                events = vec![(msg, true)];
             }
         }
     }
-    tracing::error!(
-        session,
-        stream = stream_id,
-        "storing stream events failed repeatedly; events were not stored"
-    );
-    None
 }
 
 /// Adds keep-alive comments to an SSE frame stream while it is idle; ends with the frames.
@@ -610,7 +690,7 @@ async fn resume(inner: &Arc<Inner>, loaded: LoadedSession, last_event_id: &str) 
         return standalone(inner, loaded, Some((stream_id, after))).await;
     }
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(follow(inner.clone(), sid, stream_id, after, tx));
+    inner.spawn(follow(inner.clone(), sid, stream_id, after, tx));
     Reply::Stream(keep_alive_until_drain(inner, rx))
 }
 
@@ -658,11 +738,13 @@ async fn follow(
                 // No final event and no running request: the stream was cut off; say so.
                 return;
             }
-            Ok(Some(rec)) if super::recovery::owner_is_dead(&inner, &rec.node, &rec.boot) => {
-                super::recovery::interrupt(&inner, &rec).await;
-                continue;
+            Ok(Some(_)) => {
+                // Whoever owns the request answers; if nobody can (its process is gone),
+                // this node settles it now rather than at the next scan.
+                let key = stream::owner_key(&session, &stream_id);
+                super::recovery::settle_if_orphaned(&inner, &key).await;
             }
-            _ => {}
+            Err(_) => {}
         }
         tokio::select! {
             _ = rx.recv() => {}
@@ -711,7 +793,7 @@ async fn standalone(
             (stream_id, None)
         }
     };
-    tokio::spawn(produce_standalone(inner.clone(), sid, stream_id, after, tx));
+    inner.spawn(produce_standalone(inner.clone(), sid, stream_id, after, tx));
     Reply::Stream(keep_alive_until_drain(inner, rx))
 }
 

@@ -91,8 +91,11 @@ pub struct EngineConfig {
     pub request_state_ttl: Duration,
     /// How often this node writes its heartbeat and looks for dead nodes' work.
     pub heartbeat_interval: Duration,
-    /// How long a heartbeat lives: a node silent for this long is dead.
+    /// How long a node's heartbeat may stay unchanged (on this node's clock) before the node
+    /// is dead.
     pub heartbeat_ttl: Duration,
+    /// Largest clock offset between nodes that is not reported as skew.
+    pub max_clock_skew: Duration,
     /// `retry:` hint sent when a draining node ends a legacy stream, in milliseconds.
     pub drain_retry_millis: u64,
 }
@@ -101,7 +104,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
             node_id: "node-1".into(),
-            boot_id: format!("{:016x}", rand::random::<u64>()),
+            boot_id: format!("{:016x}", haven_state::ids::random_u64()),
             page_size: 100,
             session_ttl: Duration::from_secs(24 * 3600),
             legacy_responses: LegacyResponses::Adaptive,
@@ -115,6 +118,7 @@ impl Default for EngineConfig {
             request_state_ttl: Duration::from_secs(3600),
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_ttl: Duration::from_secs(5),
+            max_clock_skew: Duration::from_millis(500),
             drain_retry_millis: 250,
         }
     }
@@ -209,11 +213,22 @@ pub(crate) struct Inner {
     /// Recently used legacy sessions.
     sessions: crate::session::SessionCache,
     /// Other nodes, from their heartbeat records.
-    membership: membership::Membership,
-    /// When this process started, Unix milliseconds.
-    started_millis: u64,
+    membership: Arc<haven_cluster::Membership>,
+    /// Ownership keys of the executions this process runs (an execution of this process
+    /// that is not here was left without a final answer, and is settled).
+    executions: Mutex<std::collections::HashSet<String>>,
     /// Cancelled when the node starts draining.
     shutdown: CancellationToken,
+    /// Cancelled when the engine is killed: every task it spawned stops at its next await.
+    killed: CancellationToken,
+}
+
+/// A request's handler, running in its own task.
+pub(crate) struct Running {
+    /// Its items, in order; the last is the final answer.
+    pub rx: tokio::sync::mpsc::UnboundedReceiver<crate::context::Item>,
+    /// Cancels it.
+    pub cancel: CancellationToken,
 }
 
 /// Why an engine could not start.
@@ -243,11 +258,21 @@ impl Engine {
         config: EngineConfig,
         secrets: Secrets,
     ) -> Result<Engine, StartError> {
-        let store_started_millis = store.clock().wall_millis();
         let hub = Hub::new();
         hub.start(store.clone());
         let keyring = Keyring::load(store.clone(), secrets).await?;
         let info = catalog.info();
+        let membership = haven_cluster::Membership::new(
+            store.clone(),
+            haven_cluster::MembershipConfig {
+                node_id: config.node_id.clone(),
+                boot_id: config.boot_id.clone(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                interval: config.heartbeat_interval,
+                ttl: config.heartbeat_ttl,
+                max_skew: config.max_clock_skew,
+            },
+        );
         let inner = Arc::new(Inner {
             store,
             catalog,
@@ -258,9 +283,10 @@ impl Engine {
             running: Mutex::new(HashMap::new()),
             tools: RwLock::new(ToolCache::default()),
             sessions: crate::session::SessionCache::default(),
-            membership: membership::Membership::default(),
-            started_millis: store_started_millis,
+            membership,
+            executions: Mutex::new(std::collections::HashSet::new()),
             shutdown: CancellationToken::new(),
+            killed: CancellationToken::new(),
         });
         let engine = Engine { inner };
         engine.watch_announcements();
@@ -270,8 +296,11 @@ impl Engine {
         // In a cluster (a shared store), heartbeat once and read the others' before judging
         // anyone dead; an embedded store has one node and needs no heartbeats.
         let shared = engine.inner.store.shared();
-        if shared && let Err(e) = membership::beat(&engine.inner).await {
-            tracing::warn!(error = %e, "storing the first heartbeat failed; retrying in the background");
+        if shared {
+            membership::watch_heartbeats(&engine.inner);
+            if let Err(e) = engine.inner.membership.beat().await {
+                tracing::warn!(error = %e, "storing the first heartbeat failed; retrying in the background");
+            }
         }
         recovery::recover(&engine.inner).await?;
         if shared {
@@ -300,27 +329,30 @@ impl Engine {
         self.inner.keyring.secrets()
     }
 
-    /// The nodes of this region, from their heartbeat records.
+    /// The nodes of this region, from their heartbeat records, as this node judges them.
     pub fn members(&self) -> Vec<membership::Member> {
-        let now = self.inner.store.clock().wall_millis();
         if !self.inner.store.shared() {
             // One node: itself.
-            return vec![membership::Member {
-                info: membership::NodeInfo {
-                    node: self.inner.config.node_id.clone(),
-                    boot: self.inner.config.boot_id.clone(),
-                    region: self.inner.store.origin().region.to_string(),
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    started_millis: self.inner.started_millis,
-                    beat_millis: now,
-                    draining: self.is_draining(),
-                    ttl_millis: 0,
-                },
-                expires_millis: now,
-                alive: true,
-            }];
+            return vec![self.inner.membership.me()];
         }
-        self.inner.membership.members(now)
+        self.inner.membership.members()
+    }
+
+    /// The largest clock offset to another live node (milliseconds), and whether it exceeds
+    /// the allowed skew.
+    pub fn clock_skew(&self) -> Option<(u64, bool)> {
+        let max = self.inner.config.max_clock_skew.as_millis() as u64;
+        self.inner
+            .membership
+            .max_clock_offset()
+            .map(|o| (o, o > max))
+    }
+
+    /// Stops every task of this engine at its next await, as the death of the process would
+    /// (simulations kill nodes with it; its store must refuse writes from then on too).
+    pub fn kill(&self) {
+        self.inner.killed.cancel();
+        self.inner.shutdown.cancel();
     }
 
     /// Starts draining: `/readyz` fails, the heartbeat says so, and open legacy streams end
@@ -329,7 +361,7 @@ impl Engine {
         self.inner.membership.set_draining();
         self.inner.shutdown.cancel();
         if self.inner.store.shared() {
-            let _ = membership::beat(&self.inner).await;
+            let _ = self.inner.membership.beat().await;
         }
     }
 
@@ -343,11 +375,11 @@ impl Engine {
         self.inner.running.lock().len()
     }
 
-    /// Ends draining: removes this node's heartbeat, so that other nodes take over what is
-    /// left unfinished at once instead of after the heartbeat's time-to-live.
+    /// Ends draining: the last heartbeat says the node left, so that other nodes take over
+    /// what is left unfinished at once instead of after the heartbeat's time-to-live.
     pub async fn leave(&self) {
         if self.inner.store.shared() {
-            membership::leave(&self.inner).await;
+            self.inner.membership.leave().await;
         }
     }
 
@@ -382,7 +414,7 @@ impl Engine {
             .inner
             .hub
             .subscribe(Topic::Namespace(ANNOUNCE_NS.into()));
-        tokio::spawn(async move {
+        self.inner.spawn(async move {
             loop {
                 match rx.recv().await {
                     Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
@@ -400,7 +432,7 @@ impl Engine {
             .inner
             .hub
             .subscribe(Topic::Namespace(crate::session::SESSIONS_NS.into()));
-        tokio::spawn(async move {
+        self.inner.spawn(async move {
             loop {
                 let entry = match rx.recv().await {
                     Ok(e) => e,
@@ -427,7 +459,7 @@ impl Engine {
             .inner
             .hub
             .subscribe(Topic::Namespace(crate::keyring::KEYS_NS.into()));
-        tokio::spawn(async move {
+        self.inner.spawn(async move {
             loop {
                 match rx.recv().await {
                     Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
@@ -443,6 +475,46 @@ impl Engine {
 }
 
 impl Inner {
+    /// Spawns a task of this engine: it stops when the engine is killed.
+    pub(crate) fn spawn<F>(&self, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let killed = self.killed.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                biased;
+                () = killed.cancelled() => {}
+                () = fut => {}
+            }
+        });
+    }
+
+    /// Starts a request's handler in its own task. Its items arrive on the returned channel;
+    /// it is registered as running (so that cancellation reaches it) until it ends. `fence`
+    /// is the store view its writes go through (a request that may be taken over).
+    pub(crate) fn spawn_handler(
+        self: &Arc<Self>,
+        call: dispatch::Call,
+        fence: Option<Arc<haven_cluster::FencedStore>>,
+    ) -> Running {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
+        let key = call.era.session().map(|s| Inner::running_key(s, &call.id));
+        if let Some(k) = &key {
+            self.running.lock().insert(k.clone(), cancel.clone());
+        }
+        let inner = self.clone();
+        let token = cancel.clone();
+        self.spawn(async move {
+            dispatch::run(inner.clone(), call, tx, token, fence).await;
+            if let Some(k) = key {
+                inner.running.lock().remove(&k);
+            }
+        });
+        Running { rx, cancel }
+    }
+
     /// The catalog's tools and an index by name (cached).
     async fn tool_index(
         &self,

@@ -207,7 +207,7 @@ pub(crate) async fn ask_client(
 ) -> Result<BTreeMap<String, Value>, ErrorData> {
     let mut pending = Vec::new();
     for (key, req) in requests {
-        let id = RequestId::String(format!("haven-{:016x}", rand::random::<u64>()).into());
+        let id = RequestId::String(format!("haven-{:016x}", haven_state::ids::random_u64()).into());
         let rkey = reply_key(session, &id);
         let rx = inner.hub.subscribe(Topic::key(REPLIES_NS, &rkey));
         let mut params = req.params.clone().unwrap_or_else(|| serde_json::json!({}));

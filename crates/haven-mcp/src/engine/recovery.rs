@@ -1,70 +1,84 @@
-//! What a node does about work a dead process left behind: streams whose request was running
-//! get a final JSON-RPC error (never silence), and tasks are resumed or failed.
+//! What a node does about work whose owner is gone: every execution (a request's stream, a
+//! task) has an ownership record (`haven_cluster::ownership`), and the node that finds its
+//! owner dead takes it over by compare-and-set — at most one node wins. A request's stream
+//! then gets its final answer exactly once: an interrupted idempotent tool call runs again
+//! into the same stream, any other request ends with an "interrupted" error that says
+//! whether it had changed anything. Tasks are resumed or failed the same way.
+//!
+//! The same applies to this node's own executions that nothing here runs any more (their
+//! handler ended without a final answer): they are found by the same scan and settled.
 
 use std::sync::Arc;
 
-use haven_state::{Batch, Expect, StoreError};
+use haven_cluster::{Claim, ClaimError, FencedStore, OWNERS_NS, Owner};
+use haven_state::{Batch, StoreError};
 use rmcp::model::{ErrorCode, ErrorData, NumberOrString};
 use serde_json::Value;
 
 use super::Inner;
 use super::dispatch::Call;
 use super::legacy::STANDALONE;
-use super::tasks::{self, TASKS_NS, TaskRecord};
+use super::tasks;
 use crate::context::Era;
 use crate::jsonrpc;
 use crate::stream::{self, INFLIGHT_NS, InflightRecord};
 
-/// Whether the process that owns a record is gone. A different boot id of this node means
-/// the process restarted; other nodes are judged by their heartbeat records in cluster mode.
-pub(crate) fn owner_is_dead(inner: &Inner, node: &str, boot: &str) -> bool {
-    let now = inner.store.clock().wall_millis();
-    inner.membership.is_dead(inner, node, boot, now)
-}
-
 /// The error a client gets on a stream whose request was cut off by a dying process.
-pub(crate) fn interrupted_error() -> ErrorData {
+/// `changed` says whether the request had changed state before it was cut off (`None`: not
+/// known, e.g. a call to an upstream server).
+pub(crate) fn interrupted_error(changed: Option<bool>) -> ErrorData {
+    let (message, retryable) = match changed {
+        Some(false) => (
+            "The request was interrupted because the server process handling it stopped before it changed anything; it may be retried.",
+            true,
+        ),
+        Some(true) => (
+            "The request was interrupted because the server process handling it stopped after it had changed state; retrying it may repeat those changes.",
+            false,
+        ),
+        None => (
+            "The request was interrupted because the server process handling it stopped; it may or may not have taken effect.",
+            false,
+        ),
+    };
     ErrorData::new(
         ErrorCode::INTERNAL_ERROR,
-        "The request was interrupted because the server process handling it stopped; it may be retried.",
-        Some(serde_json::json!({ "interrupted": true, "retryable": true })),
+        message,
+        Some(serde_json::json!({
+            "interrupted": true,
+            "retryable": retryable,
+            "changedState": changed,
+        })),
     )
 }
 
-/// Runs an interrupted `tools/call` again on this node when its tool is annotated idempotent
-/// (`idempotentHint`): the in-flight record is claimed by compare-and-set (so one node does
-/// it), and the new run's events continue the same stream. Returns whether the request was
-/// taken care of (run again here, or already claimed by another node).
-///
-/// Only work of *another* node is run again: a node that restarts ends its own interrupted
-/// streams with an error, and the client decides whether to retry.
-async fn rerun(inner: &Arc<Inner>, rec: &InflightRecord) -> bool {
-    if rec.method != "tools/call" || rec.node == inner.config.node_id {
-        return false;
+fn request_id(rec: &InflightRecord) -> Option<NumberOrString> {
+    match &rec.request_id {
+        Value::Number(n) => n.as_i64().map(NumberOrString::Number),
+        Value::String(s) => Some(NumberOrString::String(s.as_str().into())),
+        _ => None,
+    }
+}
+
+/// The call an in-flight record describes, if it is a tool call that may run again here.
+async fn rerunnable_call(inner: &Arc<Inner>, rec: &InflightRecord) -> Option<(Call, String)> {
+    if rec.method != "tools/call" {
+        return None;
     }
     let Some(Value::Object(params)) = rec.params.clone() else {
-        return false;
+        return None;
     };
-    let Some(name) = params
-        .get("name")
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-    else {
-        return false;
-    };
-    let Ok(Some(loaded)) = crate::session::load(&*inner.store, &rec.session).await else {
-        return false;
-    };
-    let id = match &rec.request_id {
-        Value::Number(n) => match n.as_i64() {
-            Some(n) => NumberOrString::Number(n),
-            None => return false,
-        },
-        Value::String(s) => NumberOrString::String(s.as_str().into()),
-        _ => return false,
-    };
+    let name = params.get("name").and_then(Value::as_str)?.to_owned();
+    let loaded = crate::session::load(&*inner.store, &rec.session)
+        .await
+        .ok()??;
+    let progress_token = params
+        .get("_meta")
+        .and_then(|m| m.get("progressToken"))
+        .cloned()
+        .and_then(|t| serde_json::from_value(t).ok());
     let call = Call {
-        id,
+        id: request_id(rec)?,
         method: rec.method.clone(),
         params,
         era: Era::Legacy {
@@ -72,157 +86,213 @@ async fn rerun(inner: &Arc<Inner>, rec: &InflightRecord) -> bool {
             protocol_version: loaded.record.protocol_version.clone(),
         },
         caller: super::legacy::caller_of(&loaded.record),
-        progress_token: None,
+        progress_token,
     };
-    let Ok((tools, index)) = inner.tools_for(&call).await else {
-        return false;
-    };
+    let (tools, index) = inner.tools_for(&call).await.ok()?;
     let idempotent = index
         .get(&name)
         .and_then(|i| tools[*i].annotations.as_ref())
         .and_then(|a| a.idempotent_hint)
         .unwrap_or(false);
-    if !idempotent {
-        return false;
-    }
-    // Claim it.
-    let key = stream::inflight_key(&rec.session, &rec.stream);
-    let Ok(Some(current)) = inner.store.get(INFLIGHT_NS, &key).await else {
-        return true;
-    };
-    let mut mine = rec.clone();
-    mine.node = inner.config.node_id.clone();
-    mine.boot = inner.config.boot_id.clone();
-    let claim = Batch::new().put_if(
-        INFLIGHT_NS,
-        &key,
-        serde_json::to_vec(&mine).expect("in-flight record serializes"),
-        Expect::Revision(current.revision),
-    );
-    match inner.store.commit(claim).await {
-        Ok(_) => {}
-        Err(StoreError::Conflict { .. }) => return true,
-        Err(e) => {
-            tracing::warn!(error = %e, "could not claim an interrupted request");
-            return true;
-        }
-    }
-    tracing::info!(
-        session = %rec.session,
-        stream = %rec.stream,
-        tool = %name,
-        dead_node = %rec.node,
-        "running an interrupted idempotent tool call again"
-    );
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let running = Inner::running_key(&rec.session, &call.id);
-    inner.running.lock().insert(running.clone(), cancel.clone());
-    let cancel_rx = inner
-        .hub
-        .subscribe(crate::hub::Topic::key(super::legacy::CANCELS_NS, &running));
-    {
-        let inner = inner.clone();
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            super::dispatch::run(inner.clone(), call, tx, cancel).await;
-            inner.running.lock().remove(&running);
-        });
-    }
-    tokio::spawn(super::legacy::pump(
-        inner.clone(),
-        rec.session.clone(),
-        rec.stream.clone(),
-        rx,
-        None,
-        cancel,
-        cancel_rx,
-    ));
-    true
+    idempotent.then_some((call, name))
 }
 
-/// Ends the stream of an interrupted request with an error event, once (compare-and-set on the
-/// in-flight record, so two nodes cannot both do it) — unless an idempotent tool call can be
-/// run again instead.
-pub(crate) async fn interrupt(inner: &Arc<Inner>, rec: &InflightRecord) {
-    if rerun(inner, rec).await {
+/// Whether an interrupted request had changed state: known only for tools whose every write
+/// goes through Haven's store.
+fn changed_state(inner: &Inner, rec: &InflightRecord, owner: &Owner) -> Option<bool> {
+    if rec.method != "tools/call" {
+        return Some(owner.effects > 0);
+    }
+    let tool = rec
+        .params
+        .as_ref()
+        .and_then(|p| p.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    inner
+        .catalog
+        .tracks_effects(tool)
+        .then_some(owner.effects > 0)
+}
+
+/// Takes over the stream of a request whose owner is gone: runs it again here when allowed
+/// (an idempotent tool call of another node), otherwise ends it with the interrupted error.
+async fn take_over_stream(inner: &Arc<Inner>, claim: Claim, session: &str, stream_id: &str) {
+    let rec = match stream::inflight(&*inner.store, session, stream_id).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading an interrupted request failed");
+            return;
+        }
+    };
+    let Some(rec) = rec else {
+        // The request's final answer is stored but its ownership record was not closed (an
+        // older version wrote no ownership records): close it.
+        let _ = claim
+            .settle(
+                &*inner.store,
+                &inner.config.node_id,
+                &inner.config.boot_id,
+                Batch::new(),
+            )
+            .await;
+        return;
+    };
+    let another_node = claim.dead.node != inner.config.node_id;
+    if another_node && let Some((call, tool)) = rerunnable_call(inner, &rec).await {
+        rerun(inner, claim, call, &tool, &rec).await;
         return;
     }
-    let key = stream::inflight_key(&rec.session, &rec.stream);
-    let Ok(Some(current)) = inner.store.get(INFLIGHT_NS, &key).await else {
-        return;
-    };
-    let batch = Batch::new().delete_if(INFLIGHT_NS, &key, Expect::Revision(current.revision));
-    let batch = if rec.method == STANDALONE {
-        batch
-    } else {
-        let id = match &rec.request_id {
-            Value::Number(n) => n.as_i64().map(NumberOrString::Number),
-            Value::String(s) => Some(NumberOrString::String(s.as_str().into())),
-            _ => None,
-        };
-        let msg = jsonrpc::error_response(id.as_ref(), &interrupted_error());
-        stream::append_ops(batch, &rec.session, &rec.stream, &[(msg, true)])
-    };
-    match inner.store.commit(batch).await {
-        Ok(_) => {
-            tracing::info!(session = %rec.session, stream = %rec.stream, method = %rec.method, "ended the stream of an interrupted request")
-        }
-        Err(StoreError::Conflict { .. }) => {}
+    let changed = changed_state(inner, &rec, &claim.dead);
+    let msg = jsonrpc::error_response(request_id(&rec).as_ref(), &interrupted_error(changed));
+    let batch = stream::append_batch(session, stream_id, &[(msg, true)]);
+    let dead = claim.dead.clone();
+    match claim
+        .settle(
+            &*inner.store,
+            &inner.config.node_id,
+            &inner.config.boot_id,
+            batch,
+        )
+        .await
+    {
+        Ok(_) => tracing::info!(
+            session, stream = stream_id, method = %rec.method, dead_node = %dead.node,
+            epoch = dead.epoch, "ended the stream of an interrupted request"
+        ),
+        Err(ClaimError::Lost(_)) => {}
         Err(e) => tracing::warn!(error = %e, "could not end an interrupted stream"),
     }
 }
 
-/// Scans for work of dead processes of this node and settles it.
+/// Runs an interrupted idempotent tool call again into the same stream, under a claim that
+/// makes this node its owner (the client's progress token goes with it).
+async fn rerun(inner: &Arc<Inner>, claim: Claim, call: Call, tool: &str, rec: &InflightRecord) {
+    let dead = claim.dead.clone();
+    let key = claim.key.clone();
+    inner.executions.lock().insert(key.clone());
+    let taken = claim
+        .take(
+            inner.store.clone(),
+            &inner.config.node_id,
+            &inner.config.boot_id,
+            Batch::new(),
+        )
+        .await;
+    let execution = match taken {
+        Ok((e, _)) => e,
+        Err(e) => {
+            inner.executions.lock().remove(&key);
+            if !matches!(e, ClaimError::Lost(_)) {
+                tracing::warn!(error = %e, "could not claim an interrupted request");
+            }
+            return;
+        }
+    };
+    tracing::info!(
+        session = %rec.session, stream = %rec.stream, tool, dead_node = %dead.node,
+        epoch = dead.epoch + 1, "running an interrupted idempotent tool call again"
+    );
+    let last = match stream::read(&*inner.store, &rec.session, &rec.stream, 0, usize::MAX).await {
+        Ok(events) => events.last().map_or(0, |e| e.index),
+        Err(_) => 0,
+    };
+    let fence = FencedStore::new(execution.clone());
+    let running = inner.spawn_handler(call.clone(), Some(fence));
+    let cancel_rx = inner.hub.subscribe(crate::hub::Topic::key(
+        super::legacy::CANCELS_NS,
+        &Inner::running_key(&rec.session, &call.id),
+    ));
+    inner.spawn(super::legacy::pump(
+        inner.clone(),
+        super::legacy::Pump {
+            session: rec.session.clone(),
+            stream: rec.stream.clone(),
+            execution,
+            next_index: last + 1,
+        },
+        running.rx,
+        None,
+        running.cancel,
+        cancel_rx,
+    ));
+}
+
+/// Settles one execution whose owner is gone (or that nothing on this node runs any more).
+async fn take_over(inner: &Arc<Inner>, claim: Claim) {
+    if let Some((session, stream_id)) = stream::parse_owner_key(&claim.key) {
+        let (session, stream_id) = (session.to_owned(), stream_id.to_owned());
+        take_over_stream(inner, claim, &session, &stream_id).await;
+    } else if let Some(task) = tasks::parse_owner_key(&claim.key) {
+        let task = task.to_owned();
+        tasks::adopt(inner, claim, &task).await;
+    } else {
+        tracing::warn!(key = %claim.key, "an ownership record of an unknown kind");
+    }
+}
+
+/// Whether this node should settle the execution of `owner` now.
+fn needs_settling(inner: &Inner, key: &str, owner: &Owner) -> bool {
+    if owner.finished {
+        return false;
+    }
+    if owner.node == inner.config.node_id && owner.boot == inner.config.boot_id {
+        // Ours: settle it only if nothing here runs it any more.
+        return !inner.executions.lock().contains(key);
+    }
+    inner.membership.is_dead(&owner.node, &owner.boot)
+}
+
+/// Settles the execution `key` if its owner is gone; what a resumed stream calls when it
+/// finds no more events.
+pub(crate) async fn settle_if_orphaned(inner: &Arc<Inner>, key: &str) {
+    let Ok(Some(claim)) = Claim::read(&*inner.store, key).await else {
+        return;
+    };
+    if needs_settling(inner, key, &claim.dead) {
+        take_over(inner, claim).await;
+    }
+}
+
+/// Scans every running execution and settles those whose owner is gone; ends standalone
+/// streams of dead processes.
 pub(crate) async fn recover(inner: &Arc<Inner>) -> Result<(), StoreError> {
-    let mut after: Option<String> = None;
-    let mut interrupted = 0usize;
-    loop {
-        let page = inner
-            .store
-            .scan(INFLIGHT_NS, "", after.as_deref(), 512)
-            .await?;
-        for r in &page.records {
-            let Ok(rec) = serde_json::from_slice::<InflightRecord>(r.value()) else {
-                continue;
-            };
-            if owner_is_dead(inner, &rec.node, &rec.boot) {
-                interrupt(inner, &rec).await;
-                interrupted += 1;
+    let mut settled = 0usize;
+    for r in inner.store.scan_all(OWNERS_NS, "").await? {
+        let Some(owner) = Owner::decode(r.value()) else {
+            continue;
+        };
+        let key = r.record.key.clone();
+        if !needs_settling(inner, &key, &owner) {
+            continue;
+        }
+        let claim = Claim {
+            key,
+            dead: owner,
+            revision: r.revision,
+        };
+        take_over(inner, claim).await;
+        settled += 1;
+    }
+    // Standalone GET streams have no ownership record: their in-flight record only says
+    // which process served them.
+    for r in inner.store.scan_all(INFLIGHT_NS, "").await? {
+        let Ok(rec) = serde_json::from_slice::<InflightRecord>(r.value()) else {
+            continue;
+        };
+        if rec.method == STANDALONE && inner.membership.is_dead(&rec.node, &rec.boot) {
+            let batch = Batch::new().delete_if(
+                INFLIGHT_NS,
+                &r.record.key,
+                haven_state::Expect::Revision(r.revision),
+            );
+            if inner.store.commit(batch).await.is_ok() {
+                settled += 1;
             }
         }
-        match page.next_after {
-            Some(a) => after = Some(a),
-            None => break,
-        }
     }
-    let mut after: Option<String> = None;
-    let mut adopted = 0usize;
-    loop {
-        let page = inner
-            .store
-            .scan(TASKS_NS, "", after.as_deref(), 512)
-            .await?;
-        for r in &page.records {
-            let Ok(rec) = serde_json::from_slice::<TaskRecord>(r.value()) else {
-                continue;
-            };
-            if !rec.status.is_terminal() && owner_is_dead(inner, &rec.owner_node, &rec.owner_boot) {
-                tasks::adopt(inner, rec).await;
-                adopted += 1;
-            }
-        }
-        match page.next_after {
-            Some(a) => after = Some(a),
-            None => break,
-        }
-    }
-    if interrupted + adopted > 0 {
-        tracing::info!(
-            interrupted,
-            adopted,
-            "recovered work left by a previous process"
-        );
+    if settled > 0 {
+        tracing::info!(settled, "settled work left by processes that are gone");
     }
     Ok(())
 }

@@ -421,7 +421,7 @@ async fn run(inner: &Arc<Inner>, call: Call) -> Reply {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let id = call.id.clone();
     let mut handler: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = Box::pin(
-        dispatch::run(inner.clone(), call, tx, CancellationToken::new()),
+        dispatch::run(inner.clone(), call, tx, CancellationToken::new(), None),
     );
     let (first, running) = tokio::select! {
         biased;
@@ -500,7 +500,15 @@ async fn run_spawned(inner: &Arc<Inner>, call: Call) -> Reply {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let cancel = CancellationToken::new();
     let id = call.id.clone();
-    tokio::spawn(dispatch::run(inner.clone(), call, tx, cancel.clone()));
+    // It may become a task, whose writes are fenced by the task's execution from then on.
+    let fence = haven_cluster::FencedStore::unattached(inner.store.clone());
+    inner.spawn(dispatch::run(
+        inner.clone(),
+        call,
+        tx,
+        cancel.clone(),
+        Some(fence),
+    ));
     let mut guard = CancelOnDrop(Some(cancel));
     let first = match rx.recv().await {
         Some(Item::Final(json)) => {

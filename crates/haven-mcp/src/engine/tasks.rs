@@ -29,6 +29,16 @@ use crate::jsonrpc::{self, invalid_params};
 pub const TASKS_NS: &str = "tasks";
 /// Namespace of the per-session task index (for `tasks/list`).
 pub const TASK_INDEX_NS: &str = "task-index";
+/// Key of the ownership record of a task's run.
+pub fn owner_key(task_id: &str) -> String {
+    format!("t/{task_id}")
+}
+
+/// The task id of an ownership key made by [`owner_key`].
+pub fn parse_owner_key(key: &str) -> Option<&str> {
+    key.strip_prefix("t/")
+}
+
 /// Extension id of the tasks extension.
 pub const TASKS_EXTENSION: &str = "io.modelcontextprotocol/tasks";
 
@@ -184,6 +194,18 @@ pub(crate) async fn load(inner: &Inner, id: &str) -> Result<Option<(TaskRecord, 
 pub(crate) async fn update(
     inner: &Inner,
     id: &str,
+    change: impl FnMut(&mut TaskRecord) -> Result<bool, ErrorData>,
+) -> Result<Option<TaskRecord>, ErrorData> {
+    update_as(inner, id, None, false, change).await
+}
+
+/// Like [`update`], written by the task's runner under its execution: the write lands only
+/// while this node owns the task's run (`finish` closes the run with it).
+pub(crate) async fn update_as(
+    inner: &Inner,
+    id: &str,
+    execution: Option<&haven_cluster::Execution>,
+    finish: bool,
     mut change: impl FnMut(&mut TaskRecord) -> Result<bool, ErrorData>,
 ) -> Result<Option<TaskRecord>, ErrorData> {
     for _ in 0..32 {
@@ -191,6 +213,10 @@ pub(crate) async fn update(
             return Ok(None);
         };
         if !change(&mut rec)? {
+            if finish && let Some(e) = execution {
+                // Nothing to change (e.g. cancelled meanwhile), but the run ends here.
+                let _ = e.finish(Batch::new()).await;
+            }
             return Ok(Some(rec));
         }
         rec.last_updated_at = rfc3339(inner.store.clock().wall_millis());
@@ -199,8 +225,28 @@ pub(crate) async fn update(
         if let haven_state::Op::Put { ttl_millis, .. } = &mut batch.ops[0] {
             *ttl_millis = Some(remaining_ttl(inner, &rec));
         }
-        match inner.store.commit(batch).await {
-            Ok(_) => return Ok(Some(rec)),
+        let written = match execution {
+            None => inner.store.commit(batch).await.map(|_| ()),
+            Some(e) => {
+                let r = if finish {
+                    e.finish(batch).await
+                } else {
+                    e.commit(batch, false).await
+                };
+                match r {
+                    Ok(_) => Ok(()),
+                    Err(haven_cluster::FenceError::Store(e)) => Err(e),
+                    Err(haven_cluster::FenceError::Fenced { key, by }) => {
+                        tracing::warn!(task = id, execution = %key, owner = %by, "this node lost a task it was running; it stops");
+                        return Err(jsonrpc::internal(format!(
+                            "task {id} is run by another node now"
+                        )));
+                    }
+                }
+            }
+        };
+        match written {
+            Ok(()) => return Ok(Some(rec)),
             Err(StoreError::Conflict { .. }) => continue,
             Err(e) => return Err(store_error(e)),
         }
@@ -226,8 +272,8 @@ fn remaining_ttl(inner: &Inner, rec: &TaskRecord) -> u64 {
         .max(1)
 }
 
-/// Creates a task record durably.
-async fn create(inner: &Inner, rec: &TaskRecord) -> Result<(), ErrorData> {
+/// The batch that creates a task record (and its session index entry).
+fn create_batch(rec: &TaskRecord) -> Batch {
     let value = serde_json::to_vec(rec).expect("task serializes");
     let mut batch = Batch::new().put_if(TASKS_NS, &rec.task_id, value, Expect::Absent);
     if let haven_state::Op::Put { ttl_millis, .. } = &mut batch.ops[0] {
@@ -241,12 +287,40 @@ async fn create(inner: &Inner, rec: &TaskRecord) -> Result<(), ErrorData> {
             rec.ttl_ms,
         );
     }
-    inner
-        .store
-        .commit(batch)
-        .await
-        .map(|_| ())
-        .map_err(store_error)
+    batch
+}
+
+/// Creates a task record durably, with the execution that runs it (owned by this node). With
+/// a `fence`, the handler's writes go through that execution from now on.
+async fn create(
+    inner: &Inner,
+    rec: &TaskRecord,
+    fence: Option<&Arc<haven_cluster::FencedStore>>,
+) -> Result<Arc<haven_cluster::Execution>, ErrorData> {
+    let key = owner_key(&rec.task_id);
+    inner.executions.lock().insert(key.clone());
+    let owner = haven_cluster::Owner::new(&inner.config.node_id, &inner.config.boot_id);
+    let store = inner.store.clone();
+    let batch = create_batch(rec);
+    let opened = match fence {
+        Some(f) => {
+            f.attach(|effects| async move {
+                let mut owner = owner;
+                owner.effects = effects;
+                haven_cluster::Execution::open(store, &key, owner, batch)
+                    .await
+                    .map(|(e, _)| (e.clone(), e))
+            })
+            .await
+        }
+        None => haven_cluster::Execution::open(store, &key, owner, batch)
+            .await
+            .map(|(e, _)| e),
+    };
+    opened.map_err(|e| {
+        inner.executions.lock().remove(&owner_key(&rec.task_id));
+        store_error(e)
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -269,7 +343,7 @@ fn new_record(
         Era::Stateless { protocol_version } => (None, protocol_version.clone()),
     };
     TaskRecord {
-        task_id: format!("{:032x}", rand::random::<u128>()),
+        task_id: format!("{:032x}", haven_state::ids::random_u128()),
         form,
         session,
         protocol_version,
@@ -298,6 +372,8 @@ fn new_record(
 pub(crate) struct Promoter {
     target: Option<PromoteTarget>,
     task_id: Mutex<Option<String>>,
+    /// The execution of the task's run, once there is one.
+    execution: Mutex<Option<Arc<haven_cluster::Execution>>>,
 }
 
 struct PromoteTarget {
@@ -307,10 +383,12 @@ struct PromoteTarget {
     tool: String,
     arguments: JsonObject,
     idempotent: bool,
+    fence: Option<Arc<haven_cluster::FencedStore>>,
 }
 
 impl Promoter {
     /// A promoter for a tool call; `eligible` says whether it may become a task.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         inner: Arc<Inner>,
         call: Call,
@@ -318,6 +396,7 @@ impl Promoter {
         tool: String,
         arguments: JsonObject,
         idempotent: bool,
+        fence: Option<Arc<haven_cluster::FencedStore>>,
     ) -> Arc<Promoter> {
         Arc::new(Promoter {
             target: Some(PromoteTarget {
@@ -327,8 +406,10 @@ impl Promoter {
                 tool,
                 arguments,
                 idempotent,
+                fence,
             }),
             task_id: Mutex::new(None),
+            execution: Mutex::new(None),
         })
     }
 
@@ -338,17 +419,23 @@ impl Promoter {
             Arc::new(Promoter {
                 target: None,
                 task_id: Mutex::new(None),
+                execution: Mutex::new(None),
             })
         });
         DISABLED.clone()
     }
 
-    /// A promoter for a task that already exists.
-    fn promoted(task_id: String) -> Arc<Promoter> {
+    /// A promoter for a task that already exists, run under `execution`.
+    fn promoted(task_id: String, execution: Arc<haven_cluster::Execution>) -> Arc<Promoter> {
         Arc::new(Promoter {
             target: None,
             task_id: Mutex::new(Some(task_id)),
+            execution: Mutex::new(Some(execution)),
         })
+    }
+
+    fn execution(&self) -> Option<Arc<haven_cluster::Execution>> {
+        self.execution.lock().clone()
     }
 
     /// Whether the request became a task.
@@ -379,7 +466,8 @@ impl TaskHook for Promoter {
             t.idempotent,
             None,
         );
-        create(&t.inner, &rec).await?;
+        let execution = create(&t.inner, &rec, t.fence.as_ref()).await?;
+        *self.execution.lock() = Some(execution);
         let created = rmcp::model::CreateTaskResult::new(rec.base());
         let _ = t
             .out
@@ -415,17 +503,21 @@ pub(crate) async fn start_client_task(
         idempotent,
         ttl,
     );
-    if let Err(e) = create(inner, &rec).await {
-        return Outcome::Error(e);
-    }
+    let execution = match create(inner, &rec, None).await {
+        Ok(e) => e,
+        Err(e) => return Outcome::Error(e),
+    };
     let mut created = serde_json::json!({ "task": rec.experimental_json() });
     created["_meta"] = serde_json::json!({
         "io.modelcontextprotocol/model-immediate-response":
             format!("Started task {} for {}; poll tasks/get for its status.", rec.task_id, tool)
     });
     let _ = out.send(Item::Final(jsonrpc::response(&call.id, &created)));
-    let hook = Promoter::promoted(rec.task_id.clone());
-    let ctx = ctx.with_task_hook(hook.clone());
+    let hook = Promoter::promoted(rec.task_id.clone(), execution.clone());
+    // The tool runs under the task's execution now, not the request's (which just ended).
+    let ctx = ctx
+        .with_fence(haven_cluster::FencedStore::new(execution))
+        .with_task_hook(hook.clone());
     let step = inner
         .catalog
         .call_tool(&ctx, &tool, arguments, Round::default())
@@ -436,10 +528,11 @@ pub(crate) async fn start_client_task(
 
 /// Cancels `token` when the task is cancelled (by `tasks/cancel` on any node).
 fn watch_cancel(inner: &Arc<Inner>, task_id: &str, token: CancellationToken) {
-    let inner = inner.clone();
+    let inner2 = inner.clone();
     let task_id = task_id.to_owned();
     let mut rx = inner.hub.subscribe(Topic::key(TASKS_NS, &task_id));
-    tokio::spawn(async move {
+    inner.spawn(async move {
+        let inner = inner2;
         loop {
             match load(&inner, &task_id).await {
                 Ok(Some((rec, _))) if rec.status == TaskStatus::Cancelled => {
@@ -459,32 +552,56 @@ fn watch_cancel(inner: &Arc<Inner>, task_id: &str, token: CancellationToken) {
     });
 }
 
-/// Runs a task from the step its handler just produced until the task is terminal.
+/// Runs a task from the step its handler just produced until the task is terminal. Every
+/// write of the run goes through its execution: a node that lost the task stops.
 pub(crate) async fn run_task(
     inner: &Arc<Inner>,
     hook: &Promoter,
     ctx: RequestContext,
-    mut step: Result<Step<CallToolResult>, ErrorData>,
+    step: Result<Step<CallToolResult>, ErrorData>,
 ) {
-    let Some(task_id) = hook.task_id() else {
+    let (Some(task_id), Some(execution)) = (hook.task_id(), hook.execution()) else {
         return;
     };
     let cancel = ctx.cancelled().clone();
     watch_cancel(inner, &task_id, cancel.clone());
-    let ctx = ctx.detached();
+    {
+        // Losing the run (another node took it over) stops the handler.
+        let lost = execution.lost().clone();
+        let cancel = cancel.clone();
+        inner.spawn(async move {
+            tokio::select! {
+                () = lost.cancelled() => cancel.cancel(),
+                () = cancel.cancelled() => {}
+            }
+        });
+    }
+    drive_task(inner, &task_id, &execution, ctx.detached(), step, &cancel).await;
+    inner.executions.lock().remove(execution.key());
+}
+
+async fn drive_task(
+    inner: &Arc<Inner>,
+    task_id: &str,
+    execution: &haven_cluster::Execution,
+    ctx: RequestContext,
+    mut step: Result<Step<CallToolResult>, ErrorData>,
+    cancel: &CancellationToken,
+) {
     loop {
         let (requests, state) = match step {
             Ok(Step::Done(result)) => {
-                return finish_task(inner, &task_id, Ok(result), &cancel).await;
+                return finish_task(inner, task_id, execution, Ok(result), cancel).await;
             }
-            Err(e) => return finish_task(inner, &task_id, Err(e), &cancel).await,
+            Err(e) => return finish_task(inner, task_id, execution, Err(e), cancel).await,
             Ok(Step::NeedInput { requests, state }) => (requests, state),
         };
-        let Some(round) = wait_for_answers(inner, &task_id, &ctx, requests, state, &cancel).await
+        let Some(round) =
+            wait_for_answers(inner, task_id, execution, &ctx, requests, state, cancel).await
         else {
             return;
         };
-        let Some((rec, _)) = load(inner, &task_id).await.ok().flatten() else {
+        let Some((rec, _)) = load(inner, task_id).await.ok().flatten() else {
             return;
         };
         step = inner
@@ -499,6 +616,7 @@ pub(crate) async fn run_task(
 async fn wait_for_answers(
     inner: &Arc<Inner>,
     task_id: &str,
+    execution: &haven_cluster::Execution,
     ctx: &RequestContext,
     requests: BTreeMap<String, InputRequest>,
     state: Option<Value>,
@@ -518,14 +636,14 @@ async fn wait_for_answers(
             "Missing required client capability",
             Some(serde_json::json!({ "requiredCapabilities": missing })),
         );
-        finish_task(inner, task_id, Err(e), cancel).await;
+        finish_task(inner, task_id, execution, Err(e), cancel).await;
         return None;
     }
     let pending: BTreeMap<String, Value> = requests
         .iter()
         .map(|(k, r)| (k.clone(), r.to_json()))
         .collect();
-    let set = update(inner, task_id, |rec| {
+    let set = update_as(inner, task_id, Some(execution), false, |rec| {
         if is_terminal(rec.status) {
             return Ok(false);
         }
@@ -540,7 +658,7 @@ async fn wait_for_answers(
     if !matches!(set, Ok(Some(ref r)) if r.status == TaskStatus::InputRequired) {
         return None;
     }
-    wait_until_answered(inner, task_id, cancel).await
+    wait_until_answered(inner, task_id, execution, cancel).await
 }
 
 /// Waits for `tasks/update` (or `tasks/result` answers) to fill every pending request, then
@@ -548,6 +666,7 @@ async fn wait_for_answers(
 pub(crate) async fn wait_until_answered(
     inner: &Arc<Inner>,
     task_id: &str,
+    execution: &haven_cluster::Execution,
     cancel: &CancellationToken,
 ) -> Option<Round> {
     let mut rx = inner.hub.subscribe(Topic::key(TASKS_NS, task_id));
@@ -562,7 +681,7 @@ pub(crate) async fn wait_until_answered(
                 state: rec.state.clone(),
                 number: rec.round,
             };
-            update(inner, task_id, |r| {
+            update_as(inner, task_id, Some(execution), false, |r| {
                 if r.status != TaskStatus::InputRequired {
                     return Ok(false);
                 }
@@ -586,10 +705,11 @@ pub(crate) async fn wait_until_answered(
 async fn finish_task(
     inner: &Arc<Inner>,
     task_id: &str,
+    execution: &haven_cluster::Execution,
     outcome: Result<CallToolResult, ErrorData>,
     cancel: &CancellationToken,
 ) {
-    let r = update(inner, task_id, |rec| {
+    let r = update_as(inner, task_id, Some(execution), true, |rec| {
         if is_terminal(rec.status) {
             return Ok(false);
         }
@@ -873,36 +993,83 @@ pub(crate) async fn result(
     }
 }
 
-/// Picks up a task whose process died: re-runs an idempotent tool, keeps waiting for input
-/// on an input-required task, and fails any other.
-pub(crate) async fn adopt(inner: &Arc<Inner>, rec: TaskRecord) {
-    let id = rec.task_id.clone();
-    let me_node = inner.config.node_id.clone();
-    let me_boot = inner.config.boot_id.clone();
-    let resumable = rec.status == TaskStatus::InputRequired || rec.idempotent;
-    let claimed = update(inner, &id, |r| {
-        if is_terminal(r.status) || r.owner_boot == me_boot {
-            return Ok(false);
+/// Picks up a task whose run's owner is gone, under `claim` (at most one node wins it):
+/// re-runs an idempotent tool, keeps waiting for input on an input-required task, and fails
+/// any other.
+pub(crate) async fn adopt(inner: &Arc<Inner>, claim: haven_cluster::Claim, task_id: &str) {
+    let (rec, rev) = match load(inner, task_id).await {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            // The task expired or never got stored: close its run.
+            let _ = claim
+                .settle(
+                    &*inner.store,
+                    &inner.config.node_id,
+                    &inner.config.boot_id,
+                    Batch::new(),
+                )
+                .await;
+            return;
         }
-        r.owner_node = me_node.clone();
-        r.owner_boot = me_boot.clone();
-        if !resumable {
-            r.status = TaskStatus::Failed;
-            r.status_message = Some("The task was interrupted because the node running it stopped.".into());
-            r.error = Some(serde_json::json!({
-                "code": -32603,
-                "message": "The task was interrupted because the node running it stopped; the call may be retried."
-            }));
+        Err(e) => {
+            tracing::warn!(task = task_id, error = %e, "reading an interrupted task failed");
+            return;
         }
-        Ok(true)
-    })
-    .await;
-    let Ok(Some(rec)) = claimed else { return };
-    if !resumable || rec.owner_boot != inner.config.boot_id || is_terminal(rec.status) {
+    };
+    let me = (&inner.config.node_id, &inner.config.boot_id);
+    if is_terminal(rec.status) {
+        let _ = claim.settle(&*inner.store, me.0, me.1, Batch::new()).await;
         return;
     }
-    let inner = inner.clone();
-    tokio::spawn(async move {
+    let resumable = rec.status == TaskStatus::InputRequired || rec.idempotent;
+    let mut next = rec.clone();
+    next.owner_node = me.0.clone();
+    next.owner_boot = me.1.clone();
+    next.last_updated_at = rfc3339(inner.store.clock().wall_millis());
+    if !resumable {
+        next.status = TaskStatus::Failed;
+        next.status_message =
+            Some("The task was interrupted because the node running it stopped.".into());
+        next.error = Some(serde_json::json!({
+            "code": -32603,
+            "message": "The task was interrupted because the node running it stopped; the call may be retried."
+        }));
+    }
+    let mut batch = Batch::new().put_if(
+        TASKS_NS,
+        task_id,
+        serde_json::to_vec(&next).expect("task serializes"),
+        Expect::Revision(rev),
+    );
+    if let haven_state::Op::Put { ttl_millis, .. } = &mut batch.ops[0] {
+        *ttl_millis = Some(remaining_ttl(inner, &next));
+    }
+    if !resumable {
+        match claim.settle(&*inner.store, me.0, me.1, batch).await {
+            Ok(_) => tracing::info!(task = task_id, "failed an interrupted task"),
+            Err(haven_cluster::ClaimError::Lost(_)) => {}
+            Err(e) => {
+                tracing::warn!(task = task_id, error = %e, "could not fail an interrupted task")
+            }
+        }
+        return;
+    }
+    let key = claim.key.clone();
+    inner.executions.lock().insert(key.clone());
+    let execution = match claim.take(inner.store.clone(), me.0, me.1, batch).await {
+        Ok((e, _)) => e,
+        Err(e) => {
+            inner.executions.lock().remove(&key);
+            if !matches!(e, haven_cluster::ClaimError::Lost(_)) {
+                tracing::warn!(task = task_id, error = %e, "could not take over an interrupted task");
+            }
+            return;
+        }
+    };
+    let inner2 = inner.clone();
+    let rec = next;
+    inner.spawn(async move {
+        let inner = inner2;
         let era = match rec.form {
             TaskForm::Extension => Era::Stateless {
                 protocol_version: rec.protocol_version.clone(),
@@ -913,7 +1080,7 @@ pub(crate) async fn adopt(inner: &Arc<Inner>, rec: TaskRecord) {
             },
         };
         let cancel = CancellationToken::new();
-        let hook = Promoter::promoted(rec.task_id.clone());
+        let hook = Promoter::promoted(rec.task_id.clone(), execution.clone());
         let ctx = RequestContext::new(
             inner.store.clone(),
             era,
@@ -922,12 +1089,16 @@ pub(crate) async fn adopt(inner: &Arc<Inner>, rec: TaskRecord) {
             None,
             cancel.clone(),
         )
+        .with_fence(haven_cluster::FencedStore::new(execution.clone()))
         .with_task_hook(hook.clone());
         let round = if rec.status == TaskStatus::InputRequired {
             watch_cancel(&inner, &rec.task_id, cancel.clone());
-            match wait_until_answered(&inner, &rec.task_id, &cancel).await {
+            match wait_until_answered(&inner, &rec.task_id, &execution, &cancel).await {
                 Some(r) => r,
-                None => return,
+                None => {
+                    inner.executions.lock().remove(execution.key());
+                    return;
+                }
             }
         } else {
             Round {
