@@ -269,7 +269,10 @@ impl Keyring {
         let mut material = Zeroizing::new([0u8; KEY_LEN]);
         rand::rng().fill_bytes(&mut material[..]);
         let created_millis = self.store.clock().wall_millis();
-        let kid = format!("k{created_millis:x}{:04x}", rand::random::<u16>());
+        let kid = format!(
+            "k{created_millis:x}{:04x}",
+            haven_state::ids::random_u64() as u16
+        );
         // The material first: a node that sees the record finds it.
         self.secrets.set(&secret_name(&kid), &material[..]).await?;
         let rec = KeyRecord {

@@ -71,6 +71,10 @@ pub struct InflightRecord {
     pub boot: String,
     /// When it started, Unix milliseconds.
     pub started_millis: u64,
+    /// The request's progress token (`_meta.progressToken`), so that a re-run reports
+    /// progress the client can match.
+    #[serde(default)]
+    pub progress_token: Option<serde_json::Value>,
 }
 
 /// One stored event of a stream.

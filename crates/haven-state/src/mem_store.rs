@@ -89,6 +89,20 @@ impl MemLog {
             .collect()
     }
 
+    /// Every entry of the log grouped by the atomic batch that appended it.
+    pub fn batches(&self) -> Vec<Vec<LogEntry>> {
+        let state = self.state.lock();
+        let mut out = Vec::new();
+        let mut current = Vec::new();
+        for (e, complete) in &state.entries {
+            current.push(e.clone());
+            if *complete {
+                out.push(std::mem::take(&mut current));
+            }
+        }
+        out
+    }
+
     /// A new node on this log: its store (stamping writes as `origin` with `clock`) and the
     /// switches that make its connection fail.
     pub async fn join(

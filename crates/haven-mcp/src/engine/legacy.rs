@@ -392,6 +392,10 @@ async fn open_stream(
         node: inner.config.node_id.clone(),
         boot: inner.config.boot_id.clone(),
         started_millis: inner.store.clock().wall_millis(),
+        progress_token: call
+            .progress_token
+            .as_ref()
+            .and_then(|t| serde_json::to_value(t).ok()),
     };
     let (events, finished, close_at) = to_events(first);
     let key = stream::owner_key(&session, &stream_id);
@@ -781,6 +785,7 @@ async fn standalone(
                 node: inner.config.node_id.clone(),
                 boot: inner.config.boot_id.clone(),
                 started_millis: inner.store.clock().wall_millis(),
+                progress_token: None,
             };
             if let Err(e) = stream::open(&*inner.store, &rec, &[]).await {
                 return unavailable(e);

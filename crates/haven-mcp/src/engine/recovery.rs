@@ -72,10 +72,9 @@ async fn rerunnable_call(inner: &Arc<Inner>, rec: &InflightRecord) -> Option<(Ca
     let loaded = crate::session::load(&*inner.store, &rec.session)
         .await
         .ok()??;
-    let progress_token = params
-        .get("_meta")
-        .and_then(|m| m.get("progressToken"))
-        .cloned()
+    let progress_token = rec
+        .progress_token
+        .clone()
         .and_then(|t| serde_json::from_value(t).ok());
     let call = Call {
         id: request_id(rec)?,
