@@ -6,12 +6,11 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::get;
 use bytes::Bytes;
-use futures::StreamExt;
 use haven_mcp::engine::{
-    Engine, LegacyPost, Reply, SseFrame, StatelessHeaders, StatelessPost, is_stateless,
+    Engine, LegacyPost, Rejection, StatelessHeaders, StatelessPost, is_stateless,
 };
 use haven_mcp::jsonrpc;
 use haven_mcp::rmcp::model::{ErrorCode, ErrorData};
@@ -19,6 +18,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use http_body_util::BodyExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::net::TcpListener;
+
+use crate::response::{Era, respond};
 
 /// HTTP settings.
 #[derive(Clone, Debug)]
@@ -200,14 +201,7 @@ fn rmcp_error(code: i32, message: &str) -> ErrorData {
 }
 
 async fn method_not_allowed() -> Response {
-    let mut r = rpc_error(
-        StatusCode::METHOD_NOT_ALLOWED,
-        -32000,
-        "Method Not Allowed: use POST, GET or DELETE on /mcp",
-    );
-    r.headers_mut()
-        .insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
-    r
+    respond(Era::Legacy, Rejection::method_not_allowed().into())
 }
 
 /// Header names Haven reads, parsed once (looking a header up by a `&str` parses the name on
@@ -370,15 +364,11 @@ async fn mcp_post(State(app): State<Arc<AppState>>, req: Request) -> Response {
     };
     let message = match jsonrpc::parse(&body) {
         Ok(m) => m,
-        Err(m) => {
-            return json_response(
-                StatusCode::BAD_REQUEST,
-                jsonrpc::error_response(m.id.as_ref(), &m.error),
-            );
-        }
+        // No era yet; a refusal's status does not depend on one.
+        Err(m) => return respond(Era::Legacy, Rejection::from(m).into()),
     };
     let version = header_str(headers, &names::PROTOCOL_VERSION).map(str::to_owned);
-    let reply = if is_stateless(version.as_deref(), &message) {
+    if is_stateless(version.as_deref(), &message) {
         let params = headers
             .iter()
             .filter_map(|(k, v)| {
@@ -392,13 +382,15 @@ async fn mcp_post(State(app): State<Arc<AppState>>, req: Request) -> Response {
             name: header_str(headers, &names::NAME).map(str::to_owned),
             params,
         };
-        app.engine
+        let reply = app
+            .engine
             .stateless_post(StatelessPost {
                 headers,
                 message,
                 from_http: true,
             })
-            .await
+            .await;
+        respond(Era::Stateless, reply)
     } else {
         let post = LegacyPost {
             session: header_str(headers, &names::SESSION_ID).map(str::to_owned),
@@ -407,9 +399,8 @@ async fn mcp_post(State(app): State<Arc<AppState>>, req: Request) -> Response {
             accepts_sse: sse_ok,
             message,
         };
-        app.engine.legacy_post(post).await
-    };
-    to_response(reply)
+        respond(Era::Legacy, app.engine.legacy_post(post).await)
+    }
 }
 
 async fn mcp_get(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
@@ -417,9 +408,6 @@ async fn mcp_get(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Respon
         return r;
     }
     let version = header_str(&headers, &names::PROTOCOL_VERSION);
-    if version.is_some_and(|v| !haven_mcp::engine::is_legacy_version(v)) {
-        return method_not_allowed().await;
-    }
     let (_, sse_ok) = accepts(&headers);
     if !sse_ok {
         return rpc_error(
@@ -436,93 +424,21 @@ async fn mcp_get(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Respon
             header_str(&headers, &names::LAST_EVENT_ID),
         )
         .await;
-    to_response(reply)
+    respond(Era::Legacy, reply)
 }
 
 async fn mcp_delete(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     if let Some(r) = host_origin_rejection(&app.config, &headers) {
         return r;
     }
-    let version = header_str(&headers, &names::PROTOCOL_VERSION);
-    if version.is_some_and(|v| !haven_mcp::engine::is_legacy_version(v)) {
-        return method_not_allowed().await;
-    }
-    to_response(
-        app.engine
-            .legacy_delete(header_str(&headers, &names::SESSION_ID))
-            .await,
-    )
-}
-
-/// Encodes one SSE frame.
-pub fn encode_frame(frame: &SseFrame) -> Bytes {
-    match frame {
-        SseFrame::Event { id, retry, data } => {
-            let mut s = String::with_capacity(data.len() + 48);
-            if let Some(id) = id {
-                s.push_str("id: ");
-                s.push_str(id);
-                s.push('\n');
-            }
-            if let Some(r) = retry {
-                s.push_str(&format!("retry: {r}\n"));
-            }
-            if id.is_none() && data.is_empty() {
-                // Only a reconnection hint (a draining node asks the client to come back
-                // elsewhere): no data line, so no event is dispatched.
-                s.push('\n');
-                return Bytes::from(s);
-            }
-            s.push_str("event: message\n");
-            for line in data.split('\n') {
-                s.push_str("data: ");
-                s.push_str(line);
-                s.push('\n');
-            }
-            s.push('\n');
-            Bytes::from(s)
-        }
-        SseFrame::Comment(c) => Bytes::from(format!(": {c}\n\n")),
-    }
-}
-
-fn to_response(reply: Reply) -> Response {
-    match reply {
-        Reply::Accepted => StatusCode::ACCEPTED.into_response(),
-        Reply::Status(s) => StatusCode::from_u16(s)
-            .unwrap_or(StatusCode::OK)
-            .into_response(),
-        Reply::Json {
-            status,
-            body,
-            session,
-        } => {
-            let mut r = json_response(StatusCode::from_u16(status).unwrap_or(StatusCode::OK), body);
-            if let Some(s) = session.and_then(|s| HeaderValue::from_str(&s).ok()) {
-                r.headers_mut().insert("mcp-session-id", s);
-            }
-            if status == 503 {
-                // The store is unavailable (no quorum, full, I/O error): say when to retry.
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            }
-            r
-        }
-        Reply::Stream(frames) => {
-            let body = Body::from_stream(
-                frames.map(|f| Ok::<_, std::convert::Infallible>(encode_frame(&f))),
-            );
-            let mut r = Response::new(body);
-            let h = r.headers_mut();
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/event-stream"),
-            );
-            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-            h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-            r
-        }
-    }
+    let reply = app
+        .engine
+        .legacy_delete(
+            header_str(&headers, &names::SESSION_ID),
+            header_str(&headers, &names::PROTOCOL_VERSION),
+        )
+        .await;
+    respond(Era::Legacy, reply)
 }
 
 #[cfg(test)]
@@ -535,15 +451,5 @@ mod tests {
         assert_eq!(host_name("[::1]:8080"), "[::1]");
         assert_eq!(host_name("[::1]"), "[::1]");
         assert_eq!(host_name("example.com"), "example.com");
-    }
-
-    #[test]
-    fn priming_frames_have_a_data_line() {
-        let f = encode_frame(&SseFrame::Event {
-            id: Some("s-0".into()),
-            retry: Some(1000),
-            data: String::new(),
-        });
-        assert_eq!(&f[..], b"id: s-0\nretry: 1000\nevent: message\ndata: \n\n");
     }
 }
