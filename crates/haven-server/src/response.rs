@@ -46,8 +46,16 @@ pub fn status(era: Era, reply: &Reply) -> StatusCode {
 fn answer_status(era: Era, answer: Answer) -> StatusCode {
     match (era, answer) {
         (_, Answer::Result) => StatusCode::OK,
+        // An outage is not the request's fault: say so, and when to come back, in both eras.
+        (
+            _,
+            Answer::Error {
+                store_unavailable: true,
+                ..
+            },
+        ) => StatusCode::SERVICE_UNAVAILABLE,
         // The stateless era's HTTP binding gives protocol errors their own statuses.
-        (Era::Stateless, Answer::Error { code }) => match code {
+        (Era::Stateless, Answer::Error { code, .. }) => match code {
             -32601 => StatusCode::NOT_FOUND,
             -32020 | -32021 | -32022 | -32700 | -32600 => StatusCode::BAD_REQUEST,
             _ => StatusCode::OK,
@@ -146,10 +154,13 @@ mod tests {
     use haven_mcp::jsonrpc;
     use haven_mcp::rmcp::model::{ErrorCode, ErrorData, RequestId};
 
-    fn answer(code: i32) -> Reply {
+    fn answer(code: i32, store_unavailable: bool) -> Reply {
         Reply::Json {
             body: "{}".into(),
-            answer: Answer::Error { code },
+            answer: Answer::Error {
+                code,
+                store_unavailable,
+            },
             session: None,
         }
     }
@@ -169,21 +180,23 @@ mod tests {
             }),
             200
         );
-        assert_eq!(s(answer(-32601)), 404);
+        assert_eq!(s(answer(-32601, false)), 404);
         for code in [-32020, -32021, -32022, -32700, -32600] {
-            assert_eq!(s(answer(code)), 400, "{code}");
+            assert_eq!(s(answer(code, false)), 400, "{code}");
         }
         for code in [-32602, -32603, -32002, -32050, -32800] {
-            assert_eq!(s(answer(code)), 200, "{code}");
+            assert_eq!(s(answer(code, false)), 200, "{code}");
         }
+        assert_eq!(s(answer(-32603, true)), 503);
     }
 
     #[test]
     fn answers_in_the_legacy_era() {
         let s = |r: Reply| status(Era::Legacy, &r).as_u16();
         for code in [-32601, -32600, -32602, -32603] {
-            assert_eq!(s(answer(code)), 200, "{code}");
+            assert_eq!(s(answer(code, false)), 200, "{code}");
         }
+        assert_eq!(s(answer(-32603, true)), 503);
     }
 
     #[test]
@@ -211,7 +224,7 @@ mod tests {
     }
 
     #[test]
-    fn a_503_says_when_to_retry_and_405_says_what_is_allowed() {
+    fn outages_say_when_to_retry_and_405_says_what_is_allowed() {
         let error = ErrorData::new(ErrorCode::INTERNAL_ERROR, "down", None);
         let r = respond(
             Era::Stateless,
@@ -224,7 +237,9 @@ mod tests {
         assert_eq!(r.status(), 503);
         assert_eq!(r.headers()[header::RETRY_AFTER], "1");
         assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
-        let r = respond(Era::Legacy, answer(-32603));
+        let r = respond(Era::Legacy, answer(-32603, true));
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        let r = respond(Era::Legacy, answer(-32603, false));
         assert!(r.headers().get(header::RETRY_AFTER).is_none());
         let r = respond(
             Era::Legacy,

@@ -55,10 +55,10 @@ fn session_not_found() -> Reply {
 
 fn unavailable(e: haven_state::StoreError) -> Reply {
     tracing::warn!(error = %e, "store unavailable");
-    Rejection::exchange(
-        Reason::StoreUnavailable,
-        -32603,
+    Rejection::store(
+        None,
         "The server's storage is unavailable; retry shortly",
+        &e,
     )
     .into()
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 use futures::stream::BoxStream;
 use haven_state::Store;
 use parking_lot::{Mutex, RwLock};
-use rmcp::model::{ErrorCode, ErrorData, RequestId, Tool};
+use rmcp::model::{ErrorData, RequestId, Tool};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{Catalog, CatalogInfo};
@@ -504,25 +504,18 @@ impl Inner {
     }
 }
 
-/// Maps a store failure to the JSON-RPC error a client sees.
+/// Maps a store failure to the JSON-RPC error a client sees (marked retryable when the store
+/// is unavailable, see [`crate::outcome::store_failure`]).
 pub(crate) fn store_error(e: haven_state::StoreError) -> ErrorData {
-    match &e {
-        haven_state::StoreError::Full(_) => ErrorData::new(
-            ErrorCode::INTERNAL_ERROR,
-            "The server's storage is full; the request was not applied. Retry later.",
-            None,
-        ),
-        haven_state::StoreError::Unavailable(_) | haven_state::StoreError::Closed => {
-            ErrorData::new(
-                ErrorCode::INTERNAL_ERROR,
-                "The server's storage is unavailable; the request was not applied. Retry later.",
-                None,
-            )
+    let message = match &e {
+        haven_state::StoreError::Full(_) => {
+            "The server's storage is full; the request was not applied. Retry later.".to_owned()
         }
-        _ => ErrorData::new(
-            ErrorCode::INTERNAL_ERROR,
-            format!("Storage error: {e}"),
-            None,
-        ),
-    }
+        haven_state::StoreError::Unavailable(_) | haven_state::StoreError::Closed => {
+            "The server's storage is unavailable; the request was not applied. Retry later."
+                .to_owned()
+        }
+        _ => format!("Storage error: {e}"),
+    };
+    crate::outcome::store_failure(message, &e)
 }
