@@ -23,8 +23,9 @@ pub struct FederatedCatalog {
     base: Arc<dyn Catalog>,
 }
 
+/// The upstream lists could not be read; marked retryable when the store is unavailable.
 fn store_error(e: haven_state::StoreError) -> ErrorData {
-    ErrorData::internal_error(format!("reading upstream lists failed: {e}"), None)
+    haven_mcp::outcome::store_failure(format!("reading upstream lists failed: {e}"), &e)
 }
 
 impl FederatedCatalog {

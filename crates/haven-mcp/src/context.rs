@@ -95,7 +95,35 @@ pub enum Item {
     /// resumable and later items are still stored.
     Close,
     /// The JSON-RPC response that ends the request.
-    Final(String),
+    Final(Final),
+}
+
+/// The JSON-RPC response that ends a request, and what it says: classified where it is built,
+/// so that no transport has to parse it to choose how to answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Final {
+    /// The response, serialized.
+    pub message: String,
+    /// Result or error, and which error.
+    pub answer: crate::outcome::Answer,
+}
+
+impl Final {
+    /// A final result.
+    pub fn result(message: String) -> Final {
+        Final {
+            message,
+            answer: crate::outcome::Answer::Result,
+        }
+    }
+
+    /// A final error response for `id`.
+    pub fn error(id: &rmcp::model::RequestId, error: &rmcp::model::ErrorData) -> Final {
+        Final {
+            message: crate::jsonrpc::error_response(Some(id), error),
+            answer: crate::outcome::Answer::of_error(error),
+        }
+    }
 }
 
 /// The channel a request's items go to.

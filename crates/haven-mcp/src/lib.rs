@@ -1,7 +1,8 @@
 //! Haven's MCP protocol engine. It serves both protocol eras from one set of catalogs: legacy
 //! sessions (2025-06-18, 2025-11-25) whose sessions, streams and tasks live in the store, and
 //! the stateless 2026-07-28 protocol. Wire types come from `rmcp::model`. This crate knows
-//! nothing about HTTP; the server crate maps its answers to HTTP.
+//! nothing about HTTP: it answers with protocol outcomes (`outcome`), and the server crate maps
+//! them to HTTP.
 
 // rmcp marks logging (and other legacy-era features) deprecated by SEP-2577; Haven serves the
 // legacy era on purpose, so it uses them.
@@ -13,6 +14,7 @@ pub mod engine;
 pub mod hub;
 pub mod jsonrpc;
 pub mod keyring;
+pub mod outcome;
 pub mod session;
 pub mod stream;
 
@@ -25,3 +27,4 @@ pub use engine::{
     Engine, EngineConfig, LegacyPost, LegacyResponses, Reply, SseFrame, StatelessHeaders,
     StatelessPost,
 };
+pub use outcome::{Answer, Reason, Rejection};

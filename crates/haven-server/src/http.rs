@@ -1,24 +1,26 @@
-//! The Streamable HTTP transport.
+//! The Streamable HTTP transport: routes, the accept loop, health endpoints, and the handlers of
+//! `/mcp`, which only read the request and dispatch it to the engine. The HTTP-level checks run
+//! before them as layers (`layers`); the engine's answer becomes HTTP in one place (`response`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::response::{IntoResponse, Response};
+use axum::extract::{DefaultBodyLimit, Extension, State};
+use axum::response::Response;
 use axum::routing::get;
+use axum::{Router, middleware};
 use bytes::Bytes;
-use futures::StreamExt;
 use haven_mcp::engine::{
-    Engine, LegacyPost, Reply, SseFrame, StatelessHeaders, StatelessPost, is_stateless,
+    Engine, LegacyPost, Rejection, Reply, StatelessHeaders, StatelessPost, is_stateless,
 };
 use haven_mcp::jsonrpc;
-use haven_mcp::rmcp::model::{ErrorCode, ErrorData};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
-use http_body_util::BodyExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::net::TcpListener;
+
+use crate::layers::{body_limit, content, host_origin};
+use crate::response::{Era, respond};
 
 /// HTTP settings.
 #[derive(Clone, Debug)]
@@ -53,15 +55,14 @@ impl HttpConfig {
 
 struct AppState {
     engine: Engine,
-    config: HttpConfig,
 }
 
 /// The router: `/mcp`, `/healthz`, `/readyz`.
 pub fn router(engine: Engine, config: HttpConfig) -> Router {
     // Every answer names the node that gave it (useful behind a load balancer).
     let node = HeaderValue::from_str(&engine.config().node_id).ok();
-    let state = Arc::new(AppState { engine, config });
-    let tag = axum::middleware::map_response(move |mut r: Response| {
+    let state = Arc::new(AppState { engine });
+    let tag = middleware::map_response(move |mut r: Response| {
         let node = node.clone();
         async move {
             if let Some(n) = node {
@@ -70,14 +71,26 @@ pub fn router(engine: Engine, config: HttpConfig) -> Router {
             r
         }
     });
+    // Layers run outermost first, i.e. in the reverse order of the calls below: Host/Origin,
+    // then media types, then the body limit (which reads the body), then the handler. They
+    // apply to the routes, not to the fallback: any other method gets 405 whatever its headers.
+    let mcp = get(mcp_get)
+        .post(mcp_post)
+        .delete(mcp_delete)
+        // The body limit layer enforces the runtime limit; axum's fixed default must not.
+        .route_layer(DefaultBodyLimit::disable())
+        .route_layer(middleware::from_fn_with_state(
+            body_limit::BodyLimit(config.max_body_bytes.clone()),
+            body_limit::enforce,
+        ))
+        .route_layer(middleware::from_fn(content::enforce))
+        .route_layer(middleware::from_fn_with_state(
+            host_origin::AllowedHosts::new(&config.allowed_hosts),
+            host_origin::enforce,
+        ))
+        .fallback(method_not_allowed);
     Router::new()
-        .route(
-            "/mcp",
-            get(mcp_get)
-                .post(mcp_post)
-                .delete(mcp_delete)
-                .fallback(method_not_allowed),
-        )
+        .route("/mcp", mcp)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state)
@@ -190,24 +203,8 @@ fn json_response(status: StatusCode, body: String) -> Response {
     r
 }
 
-fn rpc_error(status: StatusCode, code: i32, message: &str) -> Response {
-    let e = rmcp_error(code, message);
-    json_response(status, jsonrpc::error_response(None, &e))
-}
-
-fn rmcp_error(code: i32, message: &str) -> ErrorData {
-    ErrorData::new(ErrorCode(code), message.to_owned(), None)
-}
-
 async fn method_not_allowed() -> Response {
-    let mut r = rpc_error(
-        StatusCode::METHOD_NOT_ALLOWED,
-        -32000,
-        "Method Not Allowed: use POST, GET or DELETE on /mcp",
-    );
-    r.headers_mut()
-        .insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
-    r
+    respond(Era::Legacy, Rejection::method_not_allowed().into())
 }
 
 /// Header names Haven reads, parsed once (looking a header up by a `&str` parses the name on
@@ -215,10 +212,6 @@ async fn method_not_allowed() -> Response {
 mod names {
     use http::HeaderName;
 
-    pub static HOST: HeaderName = http::header::HOST;
-    pub static ORIGIN: HeaderName = http::header::ORIGIN;
-    pub static ACCEPT: HeaderName = http::header::ACCEPT;
-    pub static CONTENT_TYPE: HeaderName = http::header::CONTENT_TYPE;
     pub static PROTOCOL_VERSION: HeaderName = HeaderName::from_static("mcp-protocol-version");
     pub static METHOD: HeaderName = HeaderName::from_static("mcp-method");
     pub static NAME: HeaderName = HeaderName::from_static("mcp-name");
@@ -230,320 +223,77 @@ fn header_str<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// Strips the port from a `Host` header value (handles `[::1]:8080`).
-fn host_name(host: &str) -> &str {
-    if let Some(rest) = host.strip_prefix('[') {
-        return rest
-            .split_once(']')
-            .map_or(host, |(h, _)| &host[..h.len() + 2]);
-    }
-    match host.rsplit_once(':') {
-        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => host,
-    }
-}
-
-/// DNS-rebinding protection: `Host` and (if present) `Origin` must name an allowed host.
-fn host_origin_rejection(config: &HttpConfig, headers: &HeaderMap) -> Option<Response> {
-    if config.allowed_hosts.iter().any(|h| h == "*") {
-        return None;
-    }
-    let allowed = |h: &str| {
-        config
-            .allowed_hosts
-            .iter()
-            .any(|a| a.eq_ignore_ascii_case(h))
-    };
-    if let Some(host) = header_str(headers, &names::HOST)
-        && !allowed(host_name(host))
-    {
-        return Some(rpc_error(
-            StatusCode::FORBIDDEN,
-            -32000,
-            &format!("Forbidden: Host {host} is not allowed"),
-        ));
-    }
-    if let Some(origin) = header_str(headers, &names::ORIGIN) {
-        let host = origin
-            .split_once("://")
-            .map(|(_, rest)| rest.split('/').next().unwrap_or(rest));
-        if !host.is_some_and(|h| allowed(host_name(h))) {
-            return Some(rpc_error(
-                StatusCode::FORBIDDEN,
-                -32000,
-                &format!("Forbidden: Origin {origin} is not allowed"),
-            ));
-        }
-    }
-    None
-}
-
-/// What an `Accept` header allows: (JSON, SSE).
-fn accepts(headers: &HeaderMap) -> (bool, bool) {
-    let Some(accept) = header_str(headers, &names::ACCEPT) else {
-        return (true, true);
-    };
-    let mut json = false;
-    let mut sse = false;
-    for part in accept.split(',') {
-        let media = part.split(';').next().unwrap_or("").trim();
-        let is = |m: &str| media.eq_ignore_ascii_case(m);
-        if is("*/*") {
-            return (true, true);
-        } else if is("application/json") || is("application/*") {
-            json = true;
-        } else if is("text/event-stream") || is("text/*") {
-            sse = true;
-        }
-    }
-    (json, sse)
-}
-
-async fn read_body(
-    config: &HttpConfig,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<Bytes, Response> {
-    if let Some(len) = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-        && len > config.body_limit()
-    {
-        return Err(too_large(config));
-    }
-    let limited = http_body_util::Limited::new(body, config.body_limit());
-    match limited.collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(too_large(config))
-        }
-        Err(_) => Err(rpc_error(
-            StatusCode::BAD_REQUEST,
-            -32700,
-            "Parse error: the request body could not be read",
-        )),
+/// The routing headers of a stateless request, as plain data for the engine.
+fn stateless_headers(headers: &HeaderMap, version: Option<String>) -> StatelessHeaders {
+    let params = headers
+        .iter()
+        .filter_map(|(k, v)| {
+            let name = k.as_str().strip_prefix("mcp-param-")?;
+            Some((name.to_owned(), v.to_str().ok()?.to_owned()))
+        })
+        .collect();
+    StatelessHeaders {
+        protocol_version: version,
+        method: header_str(headers, &names::METHOD).map(str::to_owned),
+        name: header_str(headers, &names::NAME).map(str::to_owned),
+        params,
     }
 }
 
-fn too_large(config: &HttpConfig) -> Response {
-    rpc_error(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        -32600,
-        &format!(
-            "Payload Too Large: the request body exceeds {} bytes",
-            config.body_limit()
-        ),
-    )
-}
-
-async fn mcp_post(State(app): State<Arc<AppState>>, req: Request) -> Response {
-    let (parts, body) = req.into_parts();
-    let headers = &parts.headers;
-    if let Some(r) = host_origin_rejection(&app.config, headers) {
-        return r;
-    }
-    let content_type = header_str(headers, &names::CONTENT_TYPE).unwrap_or("");
-    let media = content_type.split(';').next().unwrap_or("").trim();
-    if !media.eq_ignore_ascii_case("application/json") {
-        return rpc_error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            -32600,
-            &format!(
-                "Unsupported Media Type: Content-Type must be application/json, got {content_type:?}"
-            ),
-        );
-    }
-    let (json_ok, sse_ok) = accepts(headers);
-    if !json_ok && !sse_ok {
-        return rpc_error(
-            StatusCode::NOT_ACCEPTABLE,
-            -32600,
-            "Not Acceptable: Accept must allow application/json and text/event-stream",
-        );
-    }
-    let body = match read_body(&app.config, headers, body).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
+/// POST /mcp: one JSON-RPC message (its media types and size already checked by the layers),
+/// dispatched to the era it belongs to.
+async fn mcp_post(
+    State(app): State<Arc<AppState>>,
+    Extension(accepts): Extension<content::Accepts>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let message = match jsonrpc::parse(&body) {
         Ok(m) => m,
-        Err(m) => {
-            return json_response(
-                StatusCode::BAD_REQUEST,
-                jsonrpc::error_response(m.id.as_ref(), &m.error),
-            );
-        }
+        // No era yet; a refusal's status does not depend on one.
+        Err(m) => return respond(Era::Legacy, Rejection::from(m).into()),
     };
-    let version = header_str(headers, &names::PROTOCOL_VERSION).map(str::to_owned);
-    let reply = if is_stateless(version.as_deref(), &message) {
-        let params = headers
-            .iter()
-            .filter_map(|(k, v)| {
-                let name = k.as_str().strip_prefix("mcp-param-")?;
-                Some((name.to_owned(), v.to_str().ok()?.to_owned()))
-            })
-            .collect();
-        let headers = StatelessHeaders {
-            protocol_version: version,
-            method: header_str(headers, &names::METHOD).map(str::to_owned),
-            name: header_str(headers, &names::NAME).map(str::to_owned),
-            params,
+    let version = header_str(&headers, &names::PROTOCOL_VERSION).map(str::to_owned);
+    if is_stateless(version.as_deref(), &message) {
+        let post = StatelessPost {
+            headers: stateless_headers(&headers, version),
+            message,
+            from_http: true,
         };
-        app.engine
-            .stateless_post(StatelessPost {
-                headers,
-                message,
-                from_http: true,
-            })
-            .await
+        respond(Era::Stateless, app.engine.stateless_post(post).await)
     } else {
         let post = LegacyPost {
-            session: header_str(headers, &names::SESSION_ID).map(str::to_owned),
+            session: header_str(&headers, &names::SESSION_ID).map(str::to_owned),
             protocol_version: version,
-            accepts_json: json_ok,
-            accepts_sse: sse_ok,
+            accepts_json: accepts.json,
+            accepts_sse: accepts.sse,
             message,
         };
-        app.engine.legacy_post(post).await
-    };
-    to_response(reply)
+        respond(Era::Legacy, app.engine.legacy_post(post).await)
+    }
 }
 
+/// GET /mcp: a legacy session's standalone stream, or the resumption of one of its streams.
 async fn mcp_get(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Some(r) = host_origin_rejection(&app.config, &headers) {
-        return r;
-    }
-    let version = header_str(&headers, &names::PROTOCOL_VERSION);
-    if version.is_some_and(|v| !haven_mcp::engine::is_legacy_version(v)) {
-        return method_not_allowed().await;
-    }
-    let (_, sse_ok) = accepts(&headers);
-    if !sse_ok {
-        return rpc_error(
-            StatusCode::NOT_ACCEPTABLE,
-            -32600,
-            "Not Acceptable: GET /mcp needs Accept: text/event-stream",
-        );
-    }
-    let reply = app
+    let reply: Reply = app
         .engine
         .legacy_get(
             header_str(&headers, &names::SESSION_ID),
-            version,
+            header_str(&headers, &names::PROTOCOL_VERSION),
             header_str(&headers, &names::LAST_EVENT_ID),
         )
         .await;
-    to_response(reply)
+    respond(Era::Legacy, reply)
 }
 
+/// DELETE /mcp: ends a legacy session.
 async fn mcp_delete(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Some(r) = host_origin_rejection(&app.config, &headers) {
-        return r;
-    }
-    let version = header_str(&headers, &names::PROTOCOL_VERSION);
-    if version.is_some_and(|v| !haven_mcp::engine::is_legacy_version(v)) {
-        return method_not_allowed().await;
-    }
-    to_response(
-        app.engine
-            .legacy_delete(header_str(&headers, &names::SESSION_ID))
-            .await,
-    )
-}
-
-/// Encodes one SSE frame.
-pub fn encode_frame(frame: &SseFrame) -> Bytes {
-    match frame {
-        SseFrame::Event { id, retry, data } => {
-            let mut s = String::with_capacity(data.len() + 48);
-            if let Some(id) = id {
-                s.push_str("id: ");
-                s.push_str(id);
-                s.push('\n');
-            }
-            if let Some(r) = retry {
-                s.push_str(&format!("retry: {r}\n"));
-            }
-            if id.is_none() && data.is_empty() {
-                // Only a reconnection hint (a draining node asks the client to come back
-                // elsewhere): no data line, so no event is dispatched.
-                s.push('\n');
-                return Bytes::from(s);
-            }
-            s.push_str("event: message\n");
-            for line in data.split('\n') {
-                s.push_str("data: ");
-                s.push_str(line);
-                s.push('\n');
-            }
-            s.push('\n');
-            Bytes::from(s)
-        }
-        SseFrame::Comment(c) => Bytes::from(format!(": {c}\n\n")),
-    }
-}
-
-fn to_response(reply: Reply) -> Response {
-    match reply {
-        Reply::Accepted => StatusCode::ACCEPTED.into_response(),
-        Reply::Status(s) => StatusCode::from_u16(s)
-            .unwrap_or(StatusCode::OK)
-            .into_response(),
-        Reply::Json {
-            status,
-            body,
-            session,
-        } => {
-            let mut r = json_response(StatusCode::from_u16(status).unwrap_or(StatusCode::OK), body);
-            if let Some(s) = session.and_then(|s| HeaderValue::from_str(&s).ok()) {
-                r.headers_mut().insert("mcp-session-id", s);
-            }
-            if status == 503 {
-                // The store is unavailable (no quorum, full, I/O error): say when to retry.
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            }
-            r
-        }
-        Reply::Stream(frames) => {
-            let body = Body::from_stream(
-                frames.map(|f| Ok::<_, std::convert::Infallible>(encode_frame(&f))),
-            );
-            let mut r = Response::new(body);
-            let h = r.headers_mut();
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/event-stream"),
-            );
-            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-            h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-            r
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_names() {
-        assert_eq!(host_name("localhost:8080"), "localhost");
-        assert_eq!(host_name("[::1]:8080"), "[::1]");
-        assert_eq!(host_name("[::1]"), "[::1]");
-        assert_eq!(host_name("example.com"), "example.com");
-    }
-
-    #[test]
-    fn priming_frames_have_a_data_line() {
-        let f = encode_frame(&SseFrame::Event {
-            id: Some("s-0".into()),
-            retry: Some(1000),
-            data: String::new(),
-        });
-        assert_eq!(&f[..], b"id: s-0\nretry: 1000\nevent: message\ndata: \n\n");
-    }
+    let reply = app
+        .engine
+        .legacy_delete(
+            header_str(&headers, &names::SESSION_ID),
+            header_str(&headers, &names::PROTOCOL_VERSION),
+        )
+        .await;
+    respond(Era::Legacy, reply)
 }

@@ -1,9 +1,11 @@
 //! Haven's server layer: MCP over Streamable HTTP (both protocol eras on one `/mcp` endpoint)
-//! and over stdio, health and readiness endpoints, and the HTTP-level checks (Host and Origin,
-//! body size, content types). Protocol decisions are the engine's; this crate maps them to
-//! HTTP.
+//! and over stdio, health and readiness endpoints. It is the only crate that speaks HTTP: the
+//! HTTP-level checks (Host and Origin, content types, body size) are its layers, and the
+//! engine's protocol outcomes become statuses and headers in one place, `response`.
 
 pub mod http;
+pub mod layers;
+pub mod response;
 pub mod stdio;
 
 pub use http::{HttpConfig, router, serve, serve_with_grace};

@@ -142,6 +142,10 @@ async fn write_reply(reply: Reply, tx: &mpsc::UnboundedSender<String>) {
                 }
             }
         }
-        Reply::Accepted | Reply::Status(_) => {}
+        // Over stdio a refusal is just its JSON-RPC error; there is no status to carry.
+        Reply::Rejected(r) => {
+            let _ = tx.send(r.body());
+        }
+        Reply::Accepted | Reply::SessionEnded => {}
     }
 }

@@ -81,7 +81,7 @@ fn answer(reply: Reply) -> Answer {
             Err(_) => Answer::Refused,
         },
         Reply::Stream(s) => Answer::Stream(s),
-        Reply::Accepted | Reply::Status(_) => Answer::Refused,
+        Reply::Accepted | Reply::SessionEnded | Reply::Rejected(_) => Answer::Refused,
     }
 }
 
@@ -94,13 +94,6 @@ fn post(session: Option<&str>, body: &Value) -> Option<LegacyPost> {
         accepts_sse: true,
         message,
     })
-}
-
-/// Whether a JSON-RPC error says the store was unavailable (the request was not applied).
-fn not_applied(v: &Value) -> bool {
-    v.pointer("/error/message")
-        .and_then(Value::as_str)
-        .is_some_and(|m| m.contains("storage is unavailable") || m.contains("storage is full"))
 }
 
 impl Client {
@@ -204,13 +197,7 @@ impl Client {
             Err(_) => return,
         };
         match reply {
-            Answer::Json { body, .. } => {
-                if body.get("error").is_some() && not_applied(&body) {
-                    // Refused before anything was stored: the client may simply retry.
-                    return;
-                }
-                log.finals.push(body);
-            }
+            Answer::Json { body, .. } => log.finals.push(body),
             Answer::Refused => {
                 if self.rng.random_bool(0.5) {
                     self.session = None;

@@ -712,7 +712,7 @@ impl ConformanceCatalog {
     ) -> Result<Step<CallToolResult>, ErrorData> {
         ctx.announce(what)
             .await
-            .map_err(|e| internal(format!("Cannot announce: {e}")))?;
+            .map_err(|e| crate::outcome::store_failure(format!("Cannot announce: {e}"), &e))?;
         done(ok_text(text))
     }
 

@@ -138,10 +138,13 @@ fn note_name(args: &JsonObject) -> Result<&str, ErrorData> {
     Ok(name)
 }
 
+/// A note operation the store refused; marked retryable when the store is unavailable, so that
+/// the client is told to come back rather than that its request failed.
 fn store_failure(e: StoreError) -> ErrorData {
-    internal(format!(
-        "The note store is unavailable, nothing was changed: {e}"
-    ))
+    crate::outcome::store_failure(
+        format!("The note store is unavailable, nothing was changed: {e}"),
+        &e,
+    )
 }
 
 async fn load_note(ctx: &Ctx, name: &str) -> Result<Option<Note>, ErrorData> {

@@ -17,7 +17,7 @@ use super::mrtr::{self, Driven};
 use super::tasks;
 use super::{Inner, store_error};
 use crate::catalog::{Caller, Round, TaskSupport, check_arguments};
-use crate::context::{Era, Item, Outbox, RequestContext};
+use crate::context::{Era, Final, Item, Outbox, RequestContext};
 use crate::jsonrpc::{self, invalid_params, method_not_found};
 use crate::session;
 
@@ -79,13 +79,14 @@ pub(crate) async fn run(
         ctx = ctx.with_fence(f);
     }
     let outcome = dispatch(&inner, &call, ctx, &out, &cancel).await;
-    let final_message = match outcome {
+    // The answer is classified here, where it is known, so that no transport parses it.
+    let final_response = match outcome {
         Outcome::Sent => return,
-        Outcome::Result(v) => jsonrpc::response(&call.id, &v),
-        Outcome::Raw(json) => jsonrpc::response_raw(&call.id, &json),
-        Outcome::Error(e) => jsonrpc::error_response(Some(&call.id), &e),
+        Outcome::Result(v) => Final::result(jsonrpc::response(&call.id, &v)),
+        Outcome::Raw(json) => Final::result(jsonrpc::response_raw(&call.id, &json)),
+        Outcome::Error(e) => Final::error(&call.id, &e),
     };
-    let _ = out.send(Item::Final(final_message));
+    let _ = out.send(Item::Final(final_response));
 }
 
 /// What a dispatched request produced.

@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 use super::dispatch::{Call, may_stream};
 use super::mrtr::{id_json, store_reply};
 use super::{
-    Inner, LATEST_LEGACY, LEGACY_VERSIONS, LegacyResponses, Reply, SseFrame, is_legacy_version,
-    transport_error,
+    Inner, LATEST_LEGACY, LEGACY_VERSIONS, LegacyResponses, Reason, Rejection, Reply, SseFrame,
+    is_legacy_version,
 };
 use crate::catalog::Caller;
 use crate::context::{ANNOUNCE_NS, Announcement, Era, Item};
@@ -45,20 +45,32 @@ pub struct LegacyPost {
 }
 
 fn session_not_found() -> Reply {
-    transport_error(
-        404,
+    Rejection::exchange(
+        Reason::SessionNotFound,
         -32001,
         "Session not found: it ended or never existed; send initialize to start a new one",
     )
+    .into()
 }
 
 fn unavailable(e: haven_state::StoreError) -> Reply {
     tracing::warn!(error = %e, "store unavailable");
-    transport_error(
-        503,
-        -32603,
+    Rejection::store(
+        None,
         "The server's storage is unavailable; retry shortly",
+        &e,
     )
+    .into()
+}
+
+/// The handler ended without its final response.
+fn no_response(call: &Call) -> Reply {
+    Rejection::new(
+        Reason::NoResponse,
+        Some(&call.id),
+        jsonrpc::internal("the request ended without a response"),
+    )
+    .into()
 }
 
 /// Checks the session headers of a non-initialize request.
@@ -68,23 +80,25 @@ async fn open_session(
     protocol_version: Option<&str>,
 ) -> Result<LoadedSession, Reply> {
     let Some(sid) = session else {
-        return Err(transport_error(
-            400,
+        return Err(Rejection::exchange(
+            Reason::SessionRequired,
             -32000,
             "Bad Request: the Mcp-Session-Id header is required; send initialize first",
-        ));
+        )
+        .into());
     };
     if let Some(v) = protocol_version
         && !is_legacy_version(v)
     {
-        return Err(transport_error(
-            400,
+        return Err(Rejection::exchange(
+            Reason::UnsupportedVersion,
             -32000,
-            &format!(
+            format!(
                 "Bad Request: unsupported MCP-Protocol-Version {v}; supported: {}",
                 LEGACY_VERSIONS.join(", ")
             ),
-        ));
+        )
+        .into());
     }
     match inner.sessions.load(&*inner.store, sid).await {
         Ok(Some(s)) => Ok(s),
@@ -157,7 +171,7 @@ async fn initialize(inner: &Arc<Inner>, req: &IncomingRequest) -> Reply {
     let params: InitializeRequestParams =
         match jsonrpc::typed_params(&req.method, req.params.as_ref()) {
             Ok(p) => p,
-            Err(e) => return Reply::error(400, Some(&req.id), &e),
+            Err(e) => return Rejection::new(Reason::InvalidParams, Some(&req.id), e).into(),
         };
     let requested = params.protocol_version.as_str();
     let version = if LEGACY_VERSIONS.contains(&requested) {
@@ -182,7 +196,12 @@ async fn initialize(inner: &Arc<Inner>, req: &IncomingRequest) -> Reply {
     )
     .await
     {
-        return Reply::error(503, Some(&req.id), &super::store_error(e));
+        return Rejection::new(
+            Reason::StoreUnavailable,
+            Some(&req.id),
+            super::store_error(e),
+        )
+        .into();
     }
     let mut capabilities = inner.info.capabilities.clone();
     // The tasks extension belongs to the stateless era; legacy sessions get the experimental
@@ -199,8 +218,8 @@ async fn initialize(inner: &Arc<Inner>, req: &IncomingRequest) -> Reply {
         });
     }
     Reply::Json {
-        status: 200,
         body: jsonrpc::response(&req.id, &v),
+        answer: super::Answer::Result,
         session: Some(record.id),
     }
 }
@@ -280,22 +299,12 @@ async fn deliver(
         // be delivered, so the handler is cancelled if it tries.
         while let Some(item) = rx.recv().await {
             match item {
-                Item::Final(json) => {
-                    return Reply::Json {
-                        status: 200,
-                        body: json,
-                        session: None,
-                    };
-                }
+                Item::Final(f) => return f.into(),
                 Item::Request(_) => cancel.cancel(),
                 _ => {}
             }
         }
-        return Reply::error(
-            500,
-            Some(&call.id),
-            &jsonrpc::internal("the request ended without a response"),
-        );
+        return no_response(call);
     }
     // A stream is needed when the client takes nothing else, or when Haven is told to store
     // every streamable answer; a JSON answer is possible only for a quick result.
@@ -312,21 +321,9 @@ async fn deliver(
         Some(rx.recv().await)
     };
     match next {
-        Some(Some(Item::Final(json))) if json_allowed => {
-            return Reply::Json {
-                status: 200,
-                body: json,
-                session: None,
-            };
-        }
+        Some(Some(Item::Final(f))) if json_allowed => return f.into(),
         Some(Some(item)) => first.push(item),
-        Some(None) => {
-            return Reply::error(
-                500,
-                Some(&call.id),
-                &jsonrpc::internal("the request ended without a response"),
-            );
-        }
+        Some(None) => return no_response(call),
         None => {}
     }
     open_stream(inner, call, rx, first, cancel, fence).await
@@ -353,8 +350,8 @@ fn to_events(items: Vec<Item>) -> (Vec<(String, bool)>, bool, Option<usize>) {
     for item in items {
         match item {
             Item::Notify(m) | Item::Request(m) => events.push((m, false)),
-            Item::Final(m) => {
-                events.push((m, true));
+            Item::Final(f) => {
+                events.push((f.message, true));
                 finished = true;
             }
             Item::Close => close_at = close_at.or(Some(events.len())),
@@ -420,7 +417,12 @@ async fn open_stream(
                 .lock()
                 .remove(&stream::owner_key(&session, &stream_id));
             cancel.cancel();
-            return Reply::error(503, Some(&call.id), &super::store_error(e));
+            return Rejection::new(
+                Reason::StoreUnavailable,
+                Some(&call.id),
+                super::store_error(e),
+            )
+            .into();
         }
     };
     let (live_tx, live_rx) = mpsc::unbounded_channel::<SseFrame>();
@@ -510,10 +512,11 @@ pub(crate) async fn pump(
             // The handler ended without a final response (it panicked): end the stream with
             // an error rather than silence.
             None if !p.execution.lost().is_cancelled() => {
-                vec![Item::Final(jsonrpc::error_response(
-                    None,
-                    &jsonrpc::internal("the request failed on the server"),
-                ))]
+                let e = jsonrpc::internal("the request failed on the server");
+                vec![Item::Final(crate::context::Final {
+                    message: jsonrpc::error_response(None, &e),
+                    answer: crate::outcome::Answer::of_error(&e),
+                })]
             }
             None => Vec::new(),
         };
@@ -664,13 +667,14 @@ pub(super) async fn get(
 async fn resume(inner: &Arc<Inner>, loaded: LoadedSession, last_event_id: &str) -> Reply {
     let sid = loaded.record.id.clone();
     let Some((stream_id, after)) = stream::parse_event_id(last_event_id) else {
-        return transport_error(
-            400,
+        return Rejection::exchange(
+            Reason::BadLastEventId,
             -32000,
-            &format!(
+            format!(
                 "Bad Request: Last-Event-ID {last_event_id:?} is not an event id of this server"
             ),
-        );
+        )
+        .into();
     };
     let stream_id = stream_id.to_owned();
     let inflight = match stream::inflight(&*inner.store, &sid, &stream_id).await {
@@ -682,13 +686,12 @@ async fn resume(inner: &Arc<Inner>, loaded: LoadedSession, last_event_id: &str) 
         Err(e) => return unavailable(e),
     };
     if inflight.is_none() && any.is_empty() {
-        return transport_error(
-            400,
+        return Rejection::exchange(
+            Reason::BadLastEventId,
             -32000,
-            &format!(
-                "Bad Request: Last-Event-ID {last_event_id:?} names no stream of this session"
-            ),
-        );
+            format!("Bad Request: Last-Event-ID {last_event_id:?} names no stream of this session"),
+        )
+        .into();
     }
     if inflight.as_ref().is_some_and(|r| r.method == STANDALONE) {
         return standalone(inner, loaded, Some((stream_id, after))).await;
@@ -879,11 +882,12 @@ async fn produce_standalone(
 
 pub(super) async fn delete(inner: &Arc<Inner>, session: Option<&str>) -> Reply {
     let Some(sid) = session else {
-        return transport_error(
-            400,
+        return Rejection::exchange(
+            Reason::SessionRequired,
             -32000,
             "Bad Request: the Mcp-Session-Id header is required",
-        );
+        )
+        .into();
     };
     let ended = session::end(&*inner.store, sid).await;
     inner.sessions.invalidate(sid);
@@ -895,7 +899,7 @@ pub(super) async fn delete(inner: &Arc<Inner>, session: Option<&str>) -> Reply {
                     token.cancel();
                 }
             }
-            Reply::Status(200)
+            Reply::SessionEnded
         }
         Ok(false) => session_not_found(),
         Err(e) => unavailable(e),

@@ -1,6 +1,6 @@
 //! The protocol engine: takes classified JSON-RPC messages from a transport, runs them against
-//! the catalog, and answers in the shape the transport needs (202, one JSON body, or an SSE
-//! stream). Sessions, stream events, tasks and replies to server-to-client requests all go
+//! the catalog, and answers with a protocol outcome ([`Reply`]: accepted, one JSON body with its
+//! classification, an SSE stream, or a [`Rejection`]); it never chooses an HTTP status. Sessions, stream events, tasks and replies to server-to-client requests all go
 //! through the store, so any node can pick up where another left off.
 
 mod dispatch;
@@ -18,13 +18,14 @@ use std::time::Duration;
 use futures::stream::BoxStream;
 use haven_state::Store;
 use parking_lot::{Mutex, RwLock};
-use rmcp::model::{ErrorCode, ErrorData, RequestId, Tool};
+use rmcp::model::{ErrorData, RequestId, Tool};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{Catalog, CatalogInfo};
-use crate::context::ANNOUNCE_NS;
+use crate::context::{ANNOUNCE_NS, Final};
 use crate::hub::{Hub, Topic};
 use crate::keyring::{Keyring, KeyringError, Secrets};
+pub use crate::outcome::{Answer, Reason, Rejection};
 
 pub use legacy::LegacyPost;
 pub use stateless::{
@@ -141,54 +142,62 @@ pub enum SseFrame {
     Comment(String),
 }
 
-/// The engine's answer, for the transport to put on the wire.
+/// The engine's answer, for the transport to put on the wire. It says what happened in
+/// protocol terms; which HTTP status that is, is the transport's business.
 pub enum Reply {
-    /// 202 Accepted, no body.
+    /// The message was taken; there is nothing to answer (a notification or a client reply).
     Accepted,
-    /// A JSON body with an HTTP status; `session` is set on a new session's response.
+    /// One JSON-RPC response; `session` is set on a new session's response.
     Json {
-        /// HTTP status.
-        status: u16,
         /// JSON text.
         body: String,
-        /// `Mcp-Session-Id` to send back.
+        /// What the response says (result, or which error).
+        answer: Answer,
+        /// Session id to hand back.
         session: Option<String>,
     },
-    /// An SSE stream (HTTP 200).
+    /// An SSE stream; once it started, even a failure arrives as its final event.
     Stream(BoxStream<'static, SseFrame>),
-    /// A bodiless status (e.g. 200 after DELETE, 405).
-    Status(u16),
+    /// The session was ended; nothing to answer.
+    SessionEnded,
+    /// The request was refused, or could not be answered normally.
+    Rejected(Rejection),
 }
 
 impl std::fmt::Debug for Reply {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Reply::Accepted => write!(f, "Accepted"),
-            Reply::Json { status, body, .. } => write!(f, "Json({status}, {body})"),
+            Reply::Json { answer, body, .. } => write!(f, "Json({answer:?}, {body})"),
             Reply::Stream(_) => write!(f, "Stream"),
-            Reply::Status(s) => write!(f, "Status({s})"),
+            Reply::SessionEnded => write!(f, "SessionEnded"),
+            Reply::Rejected(r) => write!(f, "Rejected({r:?})"),
         }
     }
 }
 
-impl Reply {
-    /// A JSON-RPC error body with an HTTP status.
-    pub fn error(status: u16, id: Option<&RequestId>, error: &ErrorData) -> Reply {
+impl From<Rejection> for Reply {
+    fn from(r: Rejection) -> Reply {
+        Reply::Rejected(r)
+    }
+}
+
+impl From<Final> for Reply {
+    fn from(f: Final) -> Reply {
         Reply::Json {
-            status,
-            body: crate::jsonrpc::error_response(id, error),
+            body: f.message,
+            answer: f.answer,
             session: None,
         }
     }
 }
 
-/// Errors that are about the HTTP exchange rather than one JSON-RPC request.
-pub(crate) fn transport_error(status: u16, code: i32, message: &str) -> Reply {
-    Reply::error(
-        status,
-        None,
-        &ErrorData::new(ErrorCode(code), message.to_owned(), None),
-    )
+/// Refuses requests that only the legacy era has (opening or resuming a stream, ending a
+/// session) when they name another era's protocol version.
+fn legacy_only(protocol_version: Option<&str>) -> Option<Reply> {
+    protocol_version
+        .is_some_and(|v| !is_legacy_version(v))
+        .then(|| Rejection::method_not_allowed().into())
 }
 
 /// The catalog's tools and their positions by name.
@@ -388,18 +397,30 @@ impl Engine {
         legacy::post(&self.inner, post).await
     }
 
-    /// Handles a GET of the legacy era (standalone stream or resumption).
+    /// Handles a GET of the legacy era (standalone stream or resumption); another era's
+    /// protocol version is refused (the stateless era has no streams to open).
     pub async fn legacy_get(
         &self,
         session: Option<&str>,
         protocol_version: Option<&str>,
         last_event_id: Option<&str>,
     ) -> Reply {
+        if let Some(refused) = legacy_only(protocol_version) {
+            return refused;
+        }
         legacy::get(&self.inner, session, protocol_version, last_event_id).await
     }
 
-    /// Handles a DELETE of the legacy era (ends the session).
-    pub async fn legacy_delete(&self, session: Option<&str>) -> Reply {
+    /// Handles a DELETE of the legacy era (ends the session); another era's protocol version is
+    /// refused (the stateless era has no sessions).
+    pub async fn legacy_delete(
+        &self,
+        session: Option<&str>,
+        protocol_version: Option<&str>,
+    ) -> Reply {
+        if let Some(refused) = legacy_only(protocol_version) {
+            return refused;
+        }
         legacy::delete(&self.inner, session).await
     }
 
@@ -555,25 +576,18 @@ impl Inner {
     }
 }
 
-/// Maps a store failure to the JSON-RPC error a client sees.
+/// Maps a store failure to the JSON-RPC error a client sees (marked retryable when the store
+/// is unavailable, see [`crate::outcome::store_failure`]).
 pub(crate) fn store_error(e: haven_state::StoreError) -> ErrorData {
-    match &e {
-        haven_state::StoreError::Full(_) => ErrorData::new(
-            ErrorCode::INTERNAL_ERROR,
-            "The server's storage is full; the request was not applied. Retry later.",
-            None,
-        ),
-        haven_state::StoreError::Unavailable(_) | haven_state::StoreError::Closed => {
-            ErrorData::new(
-                ErrorCode::INTERNAL_ERROR,
-                "The server's storage is unavailable; the request was not applied. Retry later.",
-                None,
-            )
+    let message = match &e {
+        haven_state::StoreError::Full(_) => {
+            "The server's storage is full; the request was not applied. Retry later.".to_owned()
         }
-        _ => ErrorData::new(
-            ErrorCode::INTERNAL_ERROR,
-            format!("Storage error: {e}"),
-            None,
-        ),
-    }
+        haven_state::StoreError::Unavailable(_) | haven_state::StoreError::Closed => {
+            "The server's storage is unavailable; the request was not applied. Retry later."
+                .to_owned()
+        }
+        _ => format!("Storage error: {e}"),
+    };
+    crate::outcome::store_failure(message, &e)
 }

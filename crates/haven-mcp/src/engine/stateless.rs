@@ -15,7 +15,10 @@ use tokio_util::sync::CancellationToken;
 use super::dispatch::{self, Call};
 use super::legacy::keep_alive;
 use super::tasks::TASKS_EXTENSION;
-use super::{Inner, LEGACY_VERSIONS, Reply, STATELESS_VERSIONS, SseFrame, is_legacy_version};
+use super::{
+    Answer, Inner, LEGACY_VERSIONS, Reason, Rejection, Reply, STATELESS_VERSIONS, SseFrame,
+    is_legacy_version,
+};
 use crate::catalog::Caller;
 use crate::context::{ANNOUNCE_NS, Announcement, Era, Item};
 use crate::hub::Topic;
@@ -96,13 +99,13 @@ pub fn supported_versions() -> Vec<String> {
 }
 
 fn reject(
-    status: u16,
+    reason: Reason,
     id: &RequestId,
     code: ErrorCode,
     message: String,
     data: Option<Value>,
 ) -> Reply {
-    Reply::error(status, Some(id), &ErrorData::new(code, message, data))
+    Rejection::new(reason, Some(id), ErrorData::new(code, message, data)).into()
 }
 
 /// Decodes a header value: trims optional whitespace and decodes a `=?base64?…?=` sentinel
@@ -138,11 +141,12 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
         Incoming::Request(r) => r,
         Incoming::Notification { .. } => return Reply::Accepted,
         Incoming::Response { .. } | Incoming::Error { .. } => {
-            return super::transport_error(
-                400,
+            return Rejection::exchange(
+                Reason::Malformed,
                 -32600,
                 "Invalid Request: stateless requests send no server-to-client requests to answer",
-            );
+            )
+            .into();
         }
     };
     let h = &p.headers;
@@ -152,11 +156,11 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
     let meta = match req.meta() {
         Ok(Some(m)) => m,
         Ok(None) => {
-            return reject(400, &id, ErrorCode::INVALID_PARAMS, "Invalid params: _meta is required (with io.modelcontextprotocol/protocolVersion and io.modelcontextprotocol/clientCapabilities)".into(), None);
+            return reject(Reason::InvalidParams, &id, ErrorCode::INVALID_PARAMS, "Invalid params: _meta is required (with io.modelcontextprotocol/protocolVersion and io.modelcontextprotocol/clientCapabilities)".into(), None);
         }
         Err(e) => {
             return reject(
-                400,
+                Reason::InvalidParams,
                 &id,
                 ErrorCode::INVALID_PARAMS,
                 format!("Invalid params: _meta: {e}"),
@@ -166,7 +170,7 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
     };
     let Some(version) = meta.protocol_version else {
         return reject(
-            400,
+            Reason::InvalidParams,
             &id,
             ErrorCode::INVALID_PARAMS,
             format!("Invalid params: _meta[\"{META_VERSION}\"] (string) is required"),
@@ -175,7 +179,7 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
     };
     let Some(capabilities) = meta.client_capabilities else {
         return reject(
-            400,
+            Reason::InvalidParams,
             &id,
             ErrorCode::INVALID_PARAMS,
             format!("Invalid params: _meta[\"{META_CAPABILITIES}\"] (object) is required"),
@@ -188,7 +192,7 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
     // 2. The header must agree with `_meta`.
     if p.from_http && h.protocol_version.as_deref() != Some(version.as_str()) {
         return reject(
-            400,
+            Reason::HeaderMismatch,
             &id,
             ErrorCode::HEADER_MISMATCH,
             format!(
@@ -207,7 +211,7 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
                 .map(|v| super::protocol_version(v))
                 .collect::<Vec<_>>(),
         );
-        return Reply::error(400, Some(&id), &e);
+        return Rejection::new(Reason::UnsupportedVersion, Some(&id), e).into();
     }
     // 4. `Mcp-Method` must name the body's method exactly.
     match h
@@ -219,7 +223,7 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
         _ if !p.from_http => {}
         other => {
             return reject(
-                400,
+                Reason::HeaderMismatch,
                 &id,
                 ErrorCode::HEADER_MISMATCH,
                 format!(
@@ -233,7 +237,12 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
     }
     // 5. The method must exist in this era.
     if !METHODS.contains(&req.method.as_str()) {
-        return Reply::error(404, Some(&id), &jsonrpc::method_not_found(&req.method));
+        return Rejection::new(
+            Reason::MethodNotFound,
+            Some(&id),
+            jsonrpc::method_not_found(&req.method),
+        )
+        .into();
     }
     // 6. `Mcp-Name` must name the target.
     let target_field = match req.method.as_str() {
@@ -251,7 +260,7 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
         let header = h.name.as_deref().and_then(decode_header_value);
         if header.is_none() || header.as_deref() != target {
             return reject(
-                400,
+                Reason::HeaderMismatch,
                 &id,
                 ErrorCode::HEADER_MISMATCH,
                 format!(
@@ -334,7 +343,7 @@ async fn param_header_rejection(
         };
         if !ok {
             return Some(reject(
-                400,
+                Reason::HeaderMismatch,
                 &call.id,
                 ErrorCode::HEADER_MISMATCH,
                 format!(
@@ -367,25 +376,20 @@ fn discover(inner: &Arc<Inner>, call: &Call) -> Reply {
     v["_meta"]["io.modelcontextprotocol/serverInfo"] =
         serde_json::to_value(&inner.info.server_info).expect("serializes");
     Reply::Json {
-        status: 200,
         body: jsonrpc::response(&call.id, &v),
+        answer: Answer::Result,
         session: None,
     }
 }
 
-/// HTTP status of a final response in the stateless era.
-fn status_of(final_json: &str) -> u16 {
-    if !final_json.contains("\"error\"") {
-        return 200;
-    }
-    let code = serde_json::from_str::<Value>(final_json)
-        .ok()
-        .and_then(|v| v.get("error")?.get("code")?.as_i64());
-    match code {
-        Some(-32601) => 404,
-        Some(-32020) | Some(-32021) | Some(-32022) | Some(-32700) | Some(-32600) => 400,
-        _ => 200,
-    }
+/// The handler ended without its final response.
+fn no_response(id: &RequestId) -> Reply {
+    Rejection::new(
+        Reason::NoResponse,
+        Some(id),
+        jsonrpc::internal("the request ended without a response"),
+    )
+    .into()
 }
 
 /// Cancels a request when its response is dropped before the final message went out.
@@ -429,21 +433,9 @@ async fn run(inner: &Arc<Inner>, call: Call) -> Reply {
         () = &mut handler => (rx.try_recv().ok(), false),
     };
     let first = match first {
-        Some(Item::Final(json)) => {
-            return Reply::Json {
-                status: status_of(&json),
-                body: json,
-                session: None,
-            };
-        }
+        Some(Item::Final(f)) => return f.into(),
         Some(item) => item,
-        None => {
-            return Reply::error(
-                500,
-                Some(&id),
-                &jsonrpc::internal("the request ended without a response"),
-            );
-        }
+        None => return no_response(&id),
     };
     let state = (Some(first), rx, running.then_some(handler));
     let frames = futures::stream::unfold(state, |(pending, mut rx, mut handler)| async move {
@@ -466,7 +458,8 @@ async fn run(inner: &Arc<Inner>, call: Call) -> Reply {
         };
         let last = matches!(item, Item::Final(_));
         let data = match item {
-            Item::Final(m) | Item::Notify(m) | Item::Request(m) => m,
+            Item::Final(f) => f.message,
+            Item::Notify(m) | Item::Request(m) => m,
             Item::Close => String::new(),
         };
         if last {
@@ -511,22 +504,14 @@ async fn run_spawned(inner: &Arc<Inner>, call: Call) -> Reply {
     ));
     let mut guard = CancelOnDrop(Some(cancel));
     let first = match rx.recv().await {
-        Some(Item::Final(json)) => {
+        Some(Item::Final(f)) => {
             guard.0 = None;
-            return Reply::Json {
-                status: status_of(&json),
-                body: json,
-                session: None,
-            };
+            return f.into();
         }
         Some(item) => item,
         None => {
             guard.0 = None;
-            return Reply::error(
-                500,
-                Some(&id),
-                &jsonrpc::internal("the request ended without a response"),
-            );
+            return no_response(&id);
         }
     };
     // Anything before the result makes the answer a stream. Closing it cancels the request.
@@ -542,12 +527,12 @@ async fn run_spawned(inner: &Arc<Inner>, call: Call) -> Reply {
             },
         };
         let data = match item {
-            Item::Final(m) => {
+            Item::Final(f) => {
                 guard.0 = None;
                 let frame = SseFrame::Event {
                     id: None,
                     retry: None,
-                    data: m,
+                    data: f.message,
                 };
                 rx.close();
                 return Some((frame, (None, rx, guard)));
@@ -581,19 +566,21 @@ fn listen(inner: &Arc<Inner>, call: &Call) -> Reply {
         Some(v) => match serde_json::from_value(v.clone()) {
             Ok(f) => f,
             Err(e) => {
-                return Reply::error(
-                    400,
+                return Rejection::new(
+                    Reason::InvalidParams,
                     Some(&call.id),
-                    &jsonrpc::invalid_params(format!("Invalid params: notifications: {e}")),
-                );
+                    jsonrpc::invalid_params(format!("Invalid params: notifications: {e}")),
+                )
+                .into();
             }
         },
         None => {
-            return Reply::error(
-                400,
+            return Rejection::new(
+                Reason::InvalidParams,
                 Some(&call.id),
-                &jsonrpc::invalid_params("Invalid params: notifications is required"),
-            );
+                jsonrpc::invalid_params("Invalid params: notifications is required"),
+            )
+            .into();
         }
     };
     let sub_id = serde_json::to_value(&call.id).expect("ids serialize");

@@ -21,7 +21,7 @@ use super::dispatch::{Call, Outcome, finish, legacy_tasks};
 use super::mrtr::ask_client;
 use super::{Inner, store_error};
 use crate::catalog::{Caller, InputRequest, Round, Step};
-use crate::context::{Era, Item, Outbox, RequestContext, TaskHook};
+use crate::context::{Era, Final, Item, Outbox, RequestContext, TaskHook};
 use crate::hub::Topic;
 use crate::jsonrpc::{self, invalid_params};
 
@@ -469,9 +469,9 @@ impl TaskHook for Promoter {
         let execution = create(&t.inner, &rec, t.fence.as_ref()).await?;
         *self.execution.lock() = Some(execution);
         let created = rmcp::model::CreateTaskResult::new(rec.base());
-        let _ = t
-            .out
-            .send(Item::Final(jsonrpc::response(&t.call.id, &created)));
+        let _ = t.out.send(Item::Final(Final::result(jsonrpc::response(
+            &t.call.id, &created,
+        ))));
         *self.task_id.lock() = Some(rec.task_id);
         Ok(true)
     }
@@ -512,7 +512,9 @@ pub(crate) async fn start_client_task(
         "io.modelcontextprotocol/model-immediate-response":
             format!("Started task {} for {}; poll tasks/get for its status.", rec.task_id, tool)
     });
-    let _ = out.send(Item::Final(jsonrpc::response(&call.id, &created)));
+    let _ = out.send(Item::Final(Final::result(jsonrpc::response(
+        &call.id, &created,
+    ))));
     let hook = Promoter::promoted(rec.task_id.clone(), execution.clone());
     // The tool runs under the task's execution now, not the request's (which just ended).
     let ctx = ctx

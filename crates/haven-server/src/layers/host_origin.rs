@@ -1,0 +1,260 @@
+//! DNS-rebinding protection. A web page on another site can make a browser send requests to a
+//! server on the user's machine under a name the attacker controls; the browser then sends that
+//! name in `Host` and the page's site in `Origin`. So `Host` and, when present, `Origin` must
+//! name an allowed host (`--allowed-hosts`), else 403. A request with two `Host` or two `Origin`
+//! headers is refused outright (400, as RFC 9112 requires for `Host`): checking one of them
+//! while a proxy or a framework reads the other would defeat the check.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+
+/// Host names (without port) allowed in `Host` and `Origin`.
+#[derive(Clone, Debug)]
+pub struct AllowedHosts {
+    any: bool,
+    names: Arc<[String]>,
+}
+
+impl AllowedHosts {
+    /// The allowed names; `*` among them allows any host.
+    pub fn new(names: &[String]) -> AllowedHosts {
+        AllowedHosts {
+            any: names.iter().any(|n| n == "*"),
+            names: names.into(),
+        }
+    }
+
+    fn allows(&self, host: &str) -> bool {
+        let name = host_name(host);
+        self.any || self.names.iter().any(|a| a.eq_ignore_ascii_case(name))
+    }
+}
+
+/// Why a request's `Host` or `Origin` is refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// `Host` names a host that is not allowed (or cannot be read).
+    #[error("Forbidden: Host {0} is not allowed")]
+    Host(String),
+    /// `Origin` names a host that is not allowed (or is not a URL with a host, like `null`).
+    #[error("Forbidden: Origin {0} is not allowed")]
+    Origin(String),
+    /// More than one `Host` header.
+    #[error("Bad Request: a request carries one Host header, this one has {0}")]
+    DuplicateHost(usize),
+    /// More than one `Origin` header.
+    #[error("Bad Request: a request carries at most one Origin header, this one has {0}")]
+    DuplicateOrigin(usize),
+}
+
+impl Refusal {
+    /// The HTTP status of the refusal.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::Host(_) | Refusal::Origin(_) => StatusCode::FORBIDDEN,
+            Refusal::DuplicateHost(_) | Refusal::DuplicateOrigin(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        super::refusal(self.status(), -32000, &self.to_string())
+    }
+}
+
+/// Strips the port from a `Host` header value (handles `[::1]:8080`).
+pub fn host_name(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest
+            .split_once(']')
+            .map_or(host, |(h, _)| &host[..h.len() + 2]);
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+/// A header value as text; bytes that are not visible ASCII are shown replaced, and never
+/// match an allowed name.
+fn text(v: &HeaderValue) -> Result<&str, String> {
+    v.to_str()
+        .map_err(|_| String::from_utf8_lossy(v.as_bytes()).into_owned())
+}
+
+/// Checks `Host` and `Origin` of a request against `allowed`.
+pub fn check(allowed: &AllowedHosts, headers: &HeaderMap) -> Result<(), Refusal> {
+    let hosts = headers.get_all(header::HOST).iter().count();
+    if hosts > 1 {
+        return Err(Refusal::DuplicateHost(hosts));
+    }
+    let origins = headers.get_all(header::ORIGIN).iter().count();
+    if origins > 1 {
+        return Err(Refusal::DuplicateOrigin(origins));
+    }
+    if allowed.any {
+        return Ok(());
+    }
+    if let Some(host) = headers.get(header::HOST) {
+        match text(host) {
+            Ok(h) if allowed.allows(h) => {}
+            Ok(h) => return Err(Refusal::Host(h.to_owned())),
+            Err(shown) => return Err(Refusal::Host(shown)),
+        }
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let origin = text(origin).map_err(Refusal::Origin)?;
+        let host = origin
+            .split_once("://")
+            .map(|(_, rest)| rest.split('/').next().unwrap_or(rest));
+        if !host.is_some_and(|h| allowed.allows(h)) {
+            return Err(Refusal::Origin(origin.to_owned()));
+        }
+    }
+    Ok(())
+}
+
+/// The middleware: refuses a request whose `Host` or `Origin` is not allowed.
+pub async fn enforce(State(allowed): State<AllowedHosts>, req: Request, next: Next) -> Response {
+    match check(&allowed, req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(refusal) => {
+            tracing::debug!(%refusal, "request refused");
+            refusal.into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::test_util::{request, send};
+    use axum::Router;
+    use axum::routing::post;
+
+    fn allowed(names: &[&str]) -> AllowedHosts {
+        AllowedHosts::new(&names.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn host_names() {
+        assert_eq!(host_name("localhost:8080"), "localhost");
+        assert_eq!(host_name("[::1]:8080"), "[::1]");
+        assert_eq!(host_name("[::1]"), "[::1]");
+        assert_eq!(host_name("example.com"), "example.com");
+    }
+
+    #[test]
+    fn hosts_and_origins_must_be_allowed() {
+        let a = allowed(&["localhost", "127.0.0.1", "[::1]"]);
+        assert_eq!(check(&a, &headers(&[("host", "localhost:8080")])), Ok(()));
+        assert_eq!(check(&a, &headers(&[("host", "LOCALHOST")])), Ok(()));
+        assert_eq!(check(&a, &headers(&[("host", "[::1]:9")])), Ok(()));
+        assert_eq!(check(&a, &headers(&[])), Ok(()), "no Host: HTTP/1.0");
+        assert_eq!(
+            check(&a, &headers(&[("host", "evil.example.com")])),
+            Err(Refusal::Host("evil.example.com".into()))
+        );
+        assert_eq!(
+            check(
+                &a,
+                &headers(&[("host", "localhost"), ("origin", "http://localhost:3000")])
+            ),
+            Ok(())
+        );
+        for origin in ["http://evil.example.com", "null", "localhost"] {
+            assert_eq!(
+                check(&a, &headers(&[("host", "localhost"), ("origin", origin)])),
+                Err(Refusal::Origin(origin.into())),
+                "{origin}"
+            );
+        }
+    }
+
+    #[test]
+    fn unreadable_hosts_are_refused() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::HOST,
+            HeaderValue::from_bytes(b"local\xffhost").unwrap(),
+        );
+        assert!(matches!(
+            check(&allowed(&["localhost"]), &h),
+            Err(Refusal::Host(_))
+        ));
+    }
+
+    #[test]
+    fn duplicates_are_refused_even_when_any_host_is_allowed() {
+        for a in [allowed(&["localhost"]), allowed(&["*"])] {
+            assert_eq!(
+                check(
+                    &a,
+                    &headers(&[("host", "localhost"), ("host", "evil.example.com")])
+                ),
+                Err(Refusal::DuplicateHost(2))
+            );
+            assert_eq!(
+                check(
+                    &a,
+                    &headers(&[
+                        ("host", "localhost"),
+                        ("origin", "http://localhost"),
+                        ("origin", "http://evil.example.com"),
+                    ])
+                ),
+                Err(Refusal::DuplicateOrigin(2))
+            );
+        }
+        assert_eq!(
+            check(&allowed(&["*"]), &headers(&[("host", "anything.example")])),
+            Ok(())
+        );
+    }
+
+    #[tokio::test]
+    async fn the_layer_answers_before_the_handler() {
+        let router = Router::new()
+            .route("/mcp", post(|| async { "handled" }))
+            .layer(axum::middleware::from_fn_with_state(
+                allowed(&["localhost"]),
+                enforce,
+            ));
+        let (s, body) = send(
+            router.clone(),
+            request("POST", &[("host", "evil.example.com")], ""),
+        )
+        .await;
+        assert_eq!(s, StatusCode::FORBIDDEN);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"]["code"], -32000);
+        assert_eq!(
+            v["error"]["message"],
+            "Forbidden: Host evil.example.com is not allowed"
+        );
+        let (s, _) = send(
+            router.clone(),
+            request("POST", &[("host", "localhost"), ("host", "localhost")], ""),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        let (s, body) = send(router, request("POST", &[("host", "localhost:1")], "")).await;
+        assert_eq!((s, body.as_str()), (StatusCode::OK, "handled"));
+    }
+}
