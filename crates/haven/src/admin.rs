@@ -170,6 +170,11 @@ async fn status(State(admin): State<Arc<Admin>>) -> Response {
         "draining": e.is_draining(),
         "running_requests": e.running_requests(),
         "nodes": e.members(),
+        "clock": {
+            "max_offset_ms": e.clock_skew().map(|(o, _)| o),
+            "skewed": e.clock_skew().is_some_and(|(_, s)| s),
+            "allowed_skew_ms": e.config().max_clock_skew.as_millis() as u64,
+        },
         "store": e.store().describe().await,
         "writable": e.store().check_writable().await.map_err(|e| e.to_string()).err(),
         "backup": backup,

@@ -37,7 +37,6 @@ pub async fn status(a: crate::settings::NodeArgs) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let now = now_millis();
     println!(
         "Region {} — asked node {} (version {}){}",
         v["region"].as_str().unwrap_or("?"),
@@ -51,12 +50,14 @@ pub async fn status(a: crate::settings::NodeArgs) -> Result<ExitCode> {
     );
     println!();
     println!(
-        "  {:<20} {:<8} {:<22} {:<10} BOOT",
-        "NODE", "STATE", "LAST HEARTBEAT", "VERSION"
+        "  {:<20} {:<8} {:<22} {:<12} {:<10} BOOT",
+        "NODE", "STATE", "LAST HEARTBEAT", "CLOCK", "VERSION"
     );
     for n in v["nodes"].as_array().cloned().unwrap_or_default() {
         let info = &n["info"];
-        let state = if n["alive"] == true {
+        let state = if info["left"] == true {
+            "left"
+        } else if n["alive"] == true {
             if info["draining"] == true {
                 "draining"
             } else {
@@ -65,14 +66,29 @@ pub async fn status(a: crate::settings::NodeArgs) -> Result<ExitCode> {
         } else {
             "dead"
         };
-        let beat = info["beat_millis"].as_u64().unwrap_or(0);
+        // The heartbeat's age as this node measured it (no clock comparison).
+        let silent = n["silent_millis"].as_u64().unwrap_or(0);
+        let beat = format!("{:.1}s ago", silent as f64 / 1000.0);
+        let clock = match n["clock_offset_millis"].as_i64() {
+            Some(o) if n["clock_skewed"] == true => format!("{o:+}ms SKEW"),
+            Some(o) => format!("{o:+}ms"),
+            None => "-".into(),
+        };
         println!(
-            "  {:<20} {:<8} {:<22} {:<10} {}",
+            "  {:<20} {:<8} {:<22} {:<12} {:<10} {}",
             info["node"].as_str().unwrap_or("?"),
             state,
-            age(now, beat),
+            beat,
+            clock,
             info["version"].as_str().unwrap_or("?"),
             info["boot"].as_str().unwrap_or("?")
+        );
+    }
+    if v["clock"]["skewed"] == true {
+        println!();
+        println!(
+            "  warning: clocks of this region's nodes differ by up to {} ms (allowed {} ms); fix their time synchronisation (NTP). Liveness does not depend on clocks, but record expiry and timestamps do.",
+            v["clock"]["max_offset_ms"], v["clock"]["allowed_skew_ms"]
         );
     }
     let store = &v["store"];

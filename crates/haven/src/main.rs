@@ -220,6 +220,7 @@ async fn start_engine(
         node_id: node,
         legacy_responses: s.legacy_responses,
         session_ttl: std::time::Duration::from_secs(s.session_ttl_secs),
+        max_clock_skew: s.max_clock_skew,
         page_size: s.page_size,
         ..EngineConfig::default()
     };

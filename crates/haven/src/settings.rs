@@ -439,6 +439,10 @@ pub struct ServeArgs {
     /// [default: 30s]
     #[arg(long, env = "HAVEN_DRAIN_TIMEOUT", value_name = "DURATION")]
     pub drain_timeout: Option<String>,
+    /// Largest clock difference between the nodes of a region that is not reported as skew
+    /// (in status and logs; liveness never depends on clocks) [default: 500ms]
+    #[arg(long, env = "HAVEN_MAX_CLOCK_SKEW", value_name = "DURATION")]
+    pub max_clock_skew: Option<String>,
     /// File holding the admin API token (/admin/v1) [default: DATA/admin.token, created
     /// on first start]
     #[arg(long, env = "HAVEN_ADMIN_TOKEN_FILE", value_name = "FILE")]
@@ -465,6 +469,7 @@ struct FileSettings {
     store_replicas: Option<usize>,
     secrets_key_file: Option<PathBuf>,
     drain_timeout: Option<String>,
+    max_clock_skew: Option<String>,
     listen: Option<String>,
     allowed_hosts: Option<Vec<String>>,
     max_body_bytes: Option<usize>,
@@ -498,6 +503,7 @@ pub struct Settings {
     pub nats: Option<Vec<String>>,
     pub store_replicas: usize,
     pub drain_timeout: Duration,
+    pub max_clock_skew: Duration,
     pub listen: String,
     pub allowed_hosts: Vec<String>,
     pub max_body_bytes: usize,
@@ -739,6 +745,13 @@ impl Settings {
                 .unwrap_or_else(|| "30s".into()),
         )
         .context("setting drain_timeout")?;
+        let max_clock_skew = parse_duration(
+            &serve
+                .and_then(|s| s.max_clock_skew.clone())
+                .or(file.max_clock_skew.take())
+                .unwrap_or_else(|| "500ms".into()),
+        )
+        .context("setting max_clock_skew")?;
         let legacy = common
             .legacy_responses
             .clone()
@@ -821,6 +834,7 @@ impl Settings {
             nats,
             store_replicas,
             drain_timeout,
+            max_clock_skew,
         })
     }
 }
