@@ -43,6 +43,7 @@ pub(crate) async fn check(world: &World, logs: &[ClientLog]) -> Result<Report, S
     streams(&batches)?;
     clients(logs)?;
     effects(&entries, logs)?;
+    tasks(&entries, logs)?;
     convergence(world, &entries).await?;
     let requests: usize = logs.iter().map(|l| l.requests.len()).sum();
     let answered = logs
@@ -53,6 +54,7 @@ pub(crate) async fn check(world: &World, logs: &[ClientLog]) -> Result<Report, S
     Ok(Report {
         requests,
         answered,
+        tasks: logs.iter().map(|l| l.tasks.len()).sum(),
         takeovers,
         log_entries: entries.len() as u64,
         digest: digest(&entries),
@@ -261,6 +263,63 @@ fn effects(entries: &[LogEntry], logs: &[ClientLog]) -> Result<(), String> {
             return Err(format!(
                 "{who}: answered as interrupted after changing state, but {ns}/{key} is absent"
             ));
+        }
+    }
+    Ok(())
+}
+
+/// Tasks: each ends exactly once (no write of its record after its first terminal one), and
+/// its client saw it end, with no terminal status followed by another.
+fn tasks(entries: &[LogEntry], logs: &[ClientLog]) -> Result<(), String> {
+    let mut ended: HashMap<String, (u64, String)> = HashMap::new();
+    for e in entries {
+        let Change::Record(r) = &e.change else {
+            continue;
+        };
+        if r.namespace != "tasks" {
+            continue;
+        }
+        let status = r
+            .value
+            .as_deref()
+            .and_then(|v| serde_json::from_slice::<Value>(v).ok())
+            .and_then(|v| v.get("status").and_then(Value::as_str).map(str::to_owned))
+            .unwrap_or_default();
+        if let Some((seq, first)) = ended.get(&r.key) {
+            return Err(format!(
+                "task {}: written again at seq {} ({status}) after it ended {first} at seq {seq}",
+                r.key, e.seq
+            ));
+        }
+        if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
+            ended.insert(r.key.clone(), (e.seq, status));
+        }
+    }
+    for t in logs.iter().flat_map(|l| &l.tasks) {
+        let who = format!("client {} task {}", t.client, t.task);
+        let terminal: Vec<&String> = t
+            .statuses
+            .iter()
+            .filter(|s| matches!(s.as_str(), "completed" | "failed" | "cancelled"))
+            .collect();
+        match terminal.as_slice() {
+            [last] if t.statuses.last() == Some(*last) => {}
+            [] => {
+                return Err(format!(
+                    "{who}: never ended after the faults ended (statuses {:?})",
+                    t.statuses
+                ));
+            }
+            _ => return Err(format!("{who}: ended more than once: {:?}", t.statuses)),
+        }
+        match ended.get(&t.task) {
+            Some((_, s)) if s == terminal[0] => {}
+            other => {
+                return Err(format!(
+                    "{who}: the client saw {} but the store holds {other:?}",
+                    terminal[0]
+                ));
+            }
         }
     }
     Ok(())

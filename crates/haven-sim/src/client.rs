@@ -48,11 +48,26 @@ pub struct RequestLog {
     pub unanswered: bool,
 }
 
+/// What one task did, as its (stateless) client saw it.
+#[derive(Clone, Debug)]
+pub struct TaskLog {
+    /// Client number.
+    pub client: usize,
+    /// Task id.
+    pub task: String,
+    /// Statuses seen by polling, in order.
+    pub statuses: Vec<String>,
+    /// Whether the client asked to cancel it.
+    pub cancelled: bool,
+}
+
 /// Everything one client saw.
 #[derive(Clone, Debug, Default)]
 pub struct ClientLog {
     /// Its requests.
     pub requests: Vec<RequestLog>,
+    /// Its tasks.
+    pub tasks: Vec<TaskLog>,
 }
 
 pub(crate) struct Client {
@@ -109,6 +124,15 @@ impl Client {
     }
 
     pub async fn run(mut self, active_until: tokio::time::Instant) -> ClientLog {
+        // Every other client uses the stateless era and its tasks extension.
+        if self.number % 2 == 1 {
+            while tokio::time::Instant::now() < active_until {
+                self.one_task(active_until).await;
+                let pause = self.rng.random_range(0..1_500);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+            return self.log;
+        }
         while tokio::time::Instant::now() < active_until {
             if self.session.is_none() && !self.initialize().await {
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -144,6 +168,91 @@ impl Client {
             },
             Err(_) => false,
         }
+    }
+
+    /// One stateless request to any node; `None` when no node answered in time.
+    async fn stateless(&mut self, method: &str, mut params: Value) -> Option<Value> {
+        let (_, engine) = self.world.pick(&mut self.rng)?;
+        let id = self.next_id;
+        self.next_id += 1;
+        params["_meta"] = json!({
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {
+                "extensions": { "io.modelcontextprotocol/tasks": {} }
+            },
+            "io.modelcontextprotocol/clientInfo": {"name": format!("sim-client-{}", self.number), "version": "1"}
+        });
+        let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        let message = haven_mcp::jsonrpc::parse(body.to_string().as_bytes()).ok()?;
+        let post = haven_mcp::engine::StatelessPost {
+            headers: haven_mcp::engine::StatelessHeaders {
+                protocol_version: Some("2026-07-28".into()),
+                method: Some(method.into()),
+                name: None,
+                params: Vec::new(),
+            },
+            message,
+            from_http: false,
+        };
+        match tokio::time::timeout(SILENCE, engine.stateless_post(post)).await {
+            Ok(Reply::Json { body, .. }) => serde_json::from_str(&body).ok(),
+            _ => None,
+        }
+    }
+
+    /// Starts a task (a long `sleep`), polls it to its end on random nodes, sometimes
+    /// cancels it.
+    async fn one_task(&mut self, active_until: tokio::time::Instant) {
+        let seconds = self.rng.random_range(2..9);
+        let Some(created) = self
+            .stateless(
+                "tools/call",
+                json!({"name": "sleep", "arguments": {"seconds": seconds}}),
+            )
+            .await
+        else {
+            return;
+        };
+        let Some(task) = created
+            .pointer("/result/taskId")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+        else {
+            return;
+        };
+        let mut log = TaskLog {
+            client: self.number,
+            task: task.clone(),
+            statuses: Vec::new(),
+            cancelled: false,
+        };
+        let cancel_at = self.rng.random_bool(0.25).then(|| {
+            tokio::time::Instant::now() + Duration::from_millis(self.rng.random_range(0..6_000))
+        });
+        let give_up = active_until + SETTLE_FOR;
+        loop {
+            tokio::time::sleep(Duration::from_millis(self.rng.random_range(300..1_500))).await;
+            if cancel_at.is_some_and(|t| tokio::time::Instant::now() >= t) && !log.cancelled {
+                log.cancelled = true;
+                let _ = self
+                    .stateless("tasks/cancel", json!({"taskId": task}))
+                    .await;
+            }
+            if let Some(v) = self.stateless("tasks/get", json!({"taskId": task})).await
+                && let Some(status) = v.pointer("/result/status").and_then(Value::as_str)
+            {
+                if log.statuses.last().map(String::as_str) != Some(status) {
+                    log.statuses.push(status.to_owned());
+                }
+                if matches!(status, "completed" | "failed" | "cancelled") {
+                    break;
+                }
+            }
+            if tokio::time::Instant::now() >= give_up {
+                break;
+            }
+        }
+        self.log.tasks.push(log);
     }
 
     fn next_call(&mut self) -> (String, Value) {

@@ -35,6 +35,8 @@ pub struct Options {
     pub active: Duration,
     /// Whether faults strike.
     pub faults: bool,
+    /// Which faults strike.
+    pub mix: FaultMix,
     /// Largest clock offset a node may get, in milliseconds.
     pub max_skew_millis: i64,
     /// Log every step (for replaying a failure).
@@ -48,10 +50,21 @@ impl Default for Options {
             clients: 4,
             active: Duration::from_secs(40),
             faults: true,
+            mix: FaultMix::All,
             max_skew_millis: 8_000,
             verbose: false,
         }
     }
+}
+
+/// Which faults a history gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultMix {
+    /// Every kind of fault.
+    All,
+    /// Only clock skew and pauses shorter than a heartbeat's time-to-live: faults that must
+    /// never make a node take another's work over.
+    ClockAndShortPauses,
 }
 
 /// Runs the history of `seed` on a fresh single-threaded runtime with a paused clock and
@@ -84,6 +97,10 @@ pub fn replay_command(seed: u64, options: &Options) -> String {
         options.nodes,
         options.clients,
         options.active.as_secs(),
-        if options.faults { "" } else { " --no-faults" }
+        match (options.faults, options.mix) {
+            (false, _) => " --no-faults",
+            (true, FaultMix::All) => "",
+            (true, FaultMix::ClockAndShortPauses) => " --clock-faults-only",
+        }
     )
 }

@@ -12,8 +12,8 @@ use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::Options;
 use crate::client::{Client, ClientLog};
+use crate::{FaultMix, Options};
 
 /// Wall-clock time every simulated clock starts from (2027-01-15).
 const EPOCH_MILLIS: u64 = 1_800_000_000_000;
@@ -46,6 +46,8 @@ pub struct Report {
     pub requests: usize,
     /// Requests that ended with a final answer the client saw.
     pub answered: usize,
+    /// Tasks started by clients.
+    pub tasks: usize,
     /// Executions taken over or settled by another process than their first owner.
     pub takeovers: usize,
     /// Faults injected.
@@ -114,7 +116,7 @@ impl World {
         let faults = if options.faults {
             world
                 .clone()
-                .strike(&mut rng, active_until, options.max_skew_millis)
+                .strike(&mut rng, active_until, options.max_skew_millis, options.mix)
                 .await
         } else {
             tokio::time::sleep_until(active_until).await;
@@ -192,6 +194,7 @@ impl World {
         rng: &mut StdRng,
         until: tokio::time::Instant,
         max_skew: i64,
+        mix: FaultMix,
     ) -> usize {
         let mut count = 0;
         let n = self.nodes.lock().len();
@@ -212,7 +215,18 @@ impl World {
                 11 => Fault::SlowDelivery,
                 _ => Fault::Skew,
             };
-            let lasts = Duration::from_millis(rng.random_range(500..12_000));
+            let (fault, lasts) = match mix {
+                FaultMix::All => (fault, Duration::from_millis(rng.random_range(500..12_000))),
+                // Well under the 5 s time-to-live of a heartbeat, even with a beat's interval.
+                FaultMix::ClockAndShortPauses => (
+                    if rng.random_bool(0.5) {
+                        Fault::Skew
+                    } else {
+                        Fault::Pause
+                    },
+                    Duration::from_millis(rng.random_range(200..2_500)),
+                ),
+            };
             if self.apply(i, &fault, lasts, rng, max_skew) {
                 count += 1;
             }

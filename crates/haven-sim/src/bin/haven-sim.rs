@@ -27,6 +27,10 @@ struct Args {
     /// No faults.
     #[arg(long)]
     no_faults: bool,
+    /// Only clock skew and pauses shorter than a heartbeat's time-to-live (no takeover may
+    /// happen).
+    #[arg(long)]
+    clock_faults_only: bool,
     /// Also run each seed twice and compare the histories (determinism).
     #[arg(long)]
     twice: bool,
@@ -51,6 +55,11 @@ fn main() -> std::process::ExitCode {
         clients: args.clients,
         active: Duration::from_secs(args.active_secs),
         faults: !args.no_faults,
+        mix: if args.clock_faults_only {
+            haven_sim::FaultMix::ClockAndShortPauses
+        } else {
+            haven_sim::FaultMix::All
+        },
         verbose: args.verbose,
         ..haven_sim::Options::default()
     };
@@ -74,11 +83,13 @@ fn main() -> std::process::ExitCode {
         },
     };
     let started = Instant::now();
-    let (mut failed, mut requests, mut takeovers, mut faults) = (0usize, 0usize, 0usize, 0usize);
+    let (mut failed, mut requests, mut takeovers, mut faults, mut tasks) =
+        (0usize, 0usize, 0usize, 0usize, 0usize);
     for seed in &seeds {
         match haven_sim::run(*seed, &options) {
             Ok(report) => {
                 requests += report.requests;
+                tasks += report.tasks;
                 takeovers += report.takeovers;
                 faults += report.faults;
                 if args.twice {
@@ -111,7 +122,7 @@ fn main() -> std::process::ExitCode {
         }
     }
     println!(
-        "{} seeds, {failed} failed; {requests} requests, {faults} faults, {takeovers} takeovers; {:.1} s",
+        "{} seeds, {failed} failed; {requests} requests, {tasks} tasks, {faults} faults, {takeovers} takeovers; {:.1} s",
         seeds.len(),
         started.elapsed().as_secs_f64()
     );
