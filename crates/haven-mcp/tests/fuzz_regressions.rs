@@ -20,10 +20,7 @@ fn an_array_is_never_read_as_a_message_by_position() {
                 assert!(m.id.is_none());
                 assert!(m.error.message.contains("batches"), "{}", m.error.message);
             }
-            Ok(other) => panic!(
-                "{} was read as {other:?}",
-                String::from_utf8_lossy(body)
-            ),
+            Ok(other) => panic!("{} was read as {other:?}", String::from_utf8_lossy(body)),
         }
     }
     // Objects still take the fast path, with any leading whitespace.
