@@ -109,9 +109,13 @@ impl Generation {
     /// The segments that continue snapshot `base` without a break, and the gap that ends
     /// them, if any segment lies beyond it.
     pub fn chain_after(&self, base: &ManifestEntry) -> (Vec<ManifestEntry>, Option<Gap>) {
-        let mut next = base.last_seq + 1;
-        let mut last_millis = base.last_millis;
         let mut out = Vec::new();
+        // Manifest records come from the target: a range may end at the last sequence there
+        // is, and then nothing can follow it.
+        let Some(mut next) = base.last_seq.checked_add(1) else {
+            return (out, None);
+        };
+        let mut last_millis = base.last_millis;
         for s in &self.segments {
             if s.last_seq < next {
                 continue;
@@ -119,9 +123,12 @@ impl Generation {
             if s.first_seq <= next {
                 // Starts at the next sequence, or straddles a snapshot taken in its range
                 // (its entries up to the snapshot are skipped when replaying).
-                next = s.last_seq + 1;
                 last_millis = s.last_millis;
                 out.push(s.clone());
+                match s.last_seq.checked_add(1) {
+                    Some(n) => next = n,
+                    None => return (out, None),
+                }
                 continue;
             }
             // A later snapshot may bridge the gap; the caller decides.
@@ -155,7 +162,9 @@ impl Generation {
                 .min_by_key(|s| s.last_seq);
             match (gap, bridge) {
                 (None, _) => return gaps,
-                (Some(g), Some(b)) if b.last_seq + 1 >= g.resumes_at_seq => base = b.clone(),
+                (Some(g), Some(b)) if b.last_seq.saturating_add(1) >= g.resumes_at_seq => {
+                    base = b.clone()
+                }
                 (Some(g), b) => {
                     let resumes = g.resumes_at_seq;
                     gaps.push(g);

@@ -103,13 +103,23 @@ fn aad(header: &[u8], object: &str) -> Vec<u8> {
 
 /// Compresses and encrypts `plain` as object `object` of `deployment`.
 pub fn seal(key: &BackupKey, deployment: &str, object: &str, plain: &[u8]) -> Result<Vec<u8>> {
+    let compressed = zstd::bulk::compress(plain, ZSTD_LEVEL)
+        .map_err(|e| BackupError::io("compressing a backup object", e))?;
+    seal_compressed(key, deployment, object, &compressed)
+}
+
+/// Encrypts already compressed bytes as object `object` of `deployment`.
+pub(crate) fn seal_compressed(
+    key: &BackupKey,
+    deployment: &str,
+    object: &str,
+    compressed: &[u8],
+) -> Result<Vec<u8>> {
     if deployment.len() > 255 {
         return Err(BackupError::Config(
             "deployment id longer than 255 bytes".into(),
         ));
     }
-    let compressed = zstd::bulk::compress(plain, ZSTD_LEVEL)
-        .map_err(|e| BackupError::io("compressing a backup object", e))?;
     let mut nonce = [0u8; NONCE_LEN];
     rand::rng().fill_bytes(&mut nonce);
     let mut out = header(deployment, &nonce);
@@ -118,7 +128,7 @@ pub fn seal(key: &BackupKey, deployment: &str, object: &str, plain: &[u8]) -> Re
         .encrypt(
             Nonce::from_slice(&nonce),
             Payload {
-                msg: &compressed,
+                msg: compressed,
                 aad: &aad(&out, object),
             },
         )

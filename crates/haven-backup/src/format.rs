@@ -74,7 +74,7 @@ pub fn decode(entry: &ManifestEntry, plain: &[u8]) -> Result<Vec<LogEntry>> {
     };
     for e in &p.entries {
         let ok = match entry.kind {
-            ObjectKind::Segment => e.seq == prev + 1,
+            ObjectKind::Segment => prev.checked_add(1) == Some(e.seq),
             ObjectKind::Snapshot => e.seq > prev && e.seq <= entry.last_seq,
         };
         if !ok {

@@ -21,6 +21,28 @@ pub mod shipper;
 pub mod target;
 pub mod verify;
 
+/// Hooks for Haven's fuzz targets (`fuzz/`): private pieces exposed as they are, only when the
+/// `fuzzing` feature is on (never in Haven's own build).
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Encrypts already compressed bytes as a sealed object (what `crypto::seal` does after
+    /// compressing), so that `crypto::open` can be fed arbitrary zstd frames.
+    pub fn seal_compressed(
+        key: &crate::BackupKey,
+        deployment: &str,
+        object: &str,
+        compressed: &[u8],
+    ) -> crate::Result<Vec<u8>> {
+        crate::crypto::seal_compressed(key, deployment, object, compressed)
+    }
+
+    /// An empty in-memory target.
+    pub fn memory_target() -> crate::Target {
+        crate::Target::in_memory()
+    }
+}
+
 pub use catalog::{Catalog, Point};
 pub use crypto::BackupKey;
 pub use error::{BackupError, Result};

@@ -131,6 +131,17 @@ impl Target {
         })
     }
 
+    /// An empty in-memory target (the fuzz targets' stand-in for a bucket).
+    #[cfg(feature = "fuzzing")]
+    pub(crate) fn in_memory() -> Target {
+        Target {
+            store: Arc::new(object_store::memory::InMemory::new()),
+            prefix: String::new(),
+            url: "memory://".into(),
+            kind: TargetKind::Local,
+        }
+    }
+
     /// Opens an existing target for reading: like [`Target::open`], but a local directory
     /// that does not exist is an error instead of being created.
     pub fn open_existing(url: &str) -> Result<Target> {

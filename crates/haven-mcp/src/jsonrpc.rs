@@ -280,10 +280,21 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::E
 /// Parses and classifies one JSON-RPC message from `body`.
 pub fn parse(body: &[u8]) -> Result<Incoming, Malformed> {
     // The common case, an object, is read straight into its members (no intermediate map);
-    // anything else goes through a generic parse to find the right error.
-    match serde_json::from_slice::<Members>(body) {
-        Ok(m) => classify_members(m),
-        Err(_) => {
+    // anything else goes through a generic parse to find the right error. Only an object may
+    // take the fast path: serde reads a struct from an array too, by position, which would
+    // take `["2.0", 1, "tools/list"]` for a request.
+    let object = body
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'{');
+    let fast = if object {
+        serde_json::from_slice::<Members>(body).ok()
+    } else {
+        None
+    };
+    match fast {
+        Some(m) => classify_members(m),
+        None => {
             let value: Value = serde_json::from_slice(body).map_err(|e| Malformed {
                 id: None,
                 error: ErrorData::new(ErrorCode::PARSE_ERROR, format!("Parse error: {e}"), None),

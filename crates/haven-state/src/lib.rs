@@ -14,6 +14,18 @@ pub mod replicated;
 pub mod store;
 mod wal;
 
+/// Hooks for Haven's fuzz targets (`fuzz/`): private decoders exposed as they are, only when
+/// the `fuzzing` feature is on (never in Haven's own build).
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Decodes one write-ahead-log segment as a restart reads it (stops at a torn tail).
+    pub fn wal_segment(bytes: &[u8]) -> Result<Vec<crate::LogEntry>, String> {
+        let mut out = Vec::new();
+        crate::wal::decode_segment(bytes, &mut out).map(|()| out)
+    }
+}
+
 pub use clock::{Hlc, HybridClock, ManualClock, PhysicalClock, SystemClock, VirtualClock};
 pub use mem_store::{LinkFaults, MemLog, MemStore};
 pub use nats_store::{NatsConfig, NatsStore};

@@ -69,6 +69,29 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(|e| io_err("syncing", dir, e))
 }
 
+/// Decodes the records of one segment's bytes into `out`, stopping at a torn tail (a record
+/// cut short, or with a wrong checksum). A record whose checksum holds but whose entry does
+/// not decode is corruption, not a torn write: an error.
+pub(crate) fn decode_segment(bytes: &[u8], out: &mut Vec<LogEntry>) -> Result<(), String> {
+    let mut at = 0usize;
+    while at + 8 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+        let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes"));
+        let end = at + 8 + len as usize;
+        if len > MAX_RECORD || end > bytes.len() {
+            break;
+        }
+        let payload = &bytes[at + 8..end];
+        if crc32fast::hash(payload) != crc {
+            break;
+        }
+        let entry: LogEntry = postcard::from_bytes(payload).map_err(|e| e.to_string())?;
+        out.push(entry);
+        at = end;
+    }
+    Ok(())
+}
+
 impl Wal {
     /// Reads every entry of the log in `dir`, in order, stopping at a torn tail.
     pub(crate) fn read_all(dir: &Path) -> Result<Vec<LogEntry>, StoreError> {
@@ -78,23 +101,8 @@ impl Wal {
             File::open(&path)
                 .and_then(|mut f| f.read_to_end(&mut bytes))
                 .map_err(|e| io_err("reading", &path, e))?;
-            let mut at = 0usize;
-            while at + 8 <= bytes.len() {
-                let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
-                let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes"));
-                let end = at + 8 + len as usize;
-                if len > MAX_RECORD || end > bytes.len() {
-                    break;
-                }
-                let payload = &bytes[at + 8..end];
-                if crc32fast::hash(payload) != crc {
-                    break;
-                }
-                let entry: LogEntry = postcard::from_bytes(payload)
-                    .map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display())))?;
-                out.push(entry);
-                at = end;
-            }
+            decode_segment(&bytes, &mut out)
+                .map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display())))?;
         }
         Ok(out)
     }

@@ -195,6 +195,13 @@ async fn registry_put(State(admin): S, Path(name): Path<String>, body: Bytes) ->
         Ok(v) => v,
         Err(r) => return r,
     };
+    if !v.is_object() {
+        // Indexing a non-object to set its name below would panic (and drop the connection).
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the request body is not a valid upstream entry: expected a JSON object",
+        );
+    }
     match v.get("name").and_then(Value::as_str) {
         Some(n) if n != name => {
             return error(

@@ -436,6 +436,19 @@ async fn bad_registry_entries_are_refused_and_change_nothing() {
         assert_eq!(s, status, "{body} -> {v}");
         assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
     }
+    // A body that is JSON but not an object, on PUT (which sets the name from the path):
+    // a 400, not a panic that drops the connection (a review finding of the fuzzing work).
+    for body in [json!([]), json!(1), json!("one"), json!(null), json!(true)] {
+        let (s, v) = admin(
+            &h,
+            Method::PUT,
+            "/admin/v1/registry/two",
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(s, 400, "{body} -> {v}");
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+    }
     let (s, _) = admin(&h, Method::DELETE, "/admin/v1/registry/nobody", None).await;
     assert_eq!(s, 404);
     // Unauthorized calls change nothing either.
