@@ -27,10 +27,6 @@ use tokio_util::sync::CancellationToken;
 /// Namespace of ownership records.
 pub const OWNERS_NS: &str = "owners";
 
-/// How long a finished execution's record is kept (it answers a late retry of its last
-/// write), in milliseconds.
-const FINISHED_TTL_MILLIS: u64 = 3_600_000;
-
 /// Who runs an execution.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Owner {
@@ -44,7 +40,8 @@ pub struct Owner {
     pub writes: u64,
     /// Writes (in any epoch) that changed state beyond the execution's own stream and records.
     pub effects: u64,
-    /// The execution has ended; nothing more may be written under it.
+    /// The execution has ended; nothing more may be written under it. (An ended execution's
+    /// record is deleted; records of older versions may carry this flag instead.)
     #[serde(default)]
     pub finished: bool,
 }
@@ -193,7 +190,9 @@ impl Execution {
         self.write(batch, effect, false).await
     }
 
-    /// Commits the execution's last write: `batch` with the ownership record marked finished.
+    /// Commits the execution's last write: `batch`, with the ownership record deleted (its
+    /// tombstone names this node, which is how a retried last write whose answer was lost is
+    /// recognised).
     pub async fn finish(&self, batch: Batch) -> Result<Landed, FenceError> {
         self.write(batch, false, true).await
     }
@@ -207,15 +206,22 @@ impl Execution {
             let mut next = state.owner.clone();
             next.writes += 1;
             next.effects += u64::from(effect);
-            next.finished = finish;
             let n = batch.ops.len();
             let mut full = batch.clone();
-            full.ops.push(Op::Put {
-                namespace: OWNERS_NS.into(),
-                key: self.key.clone(),
-                value: next.encode(),
-                expect: Expect::Revision(state.revision),
-                ttl_millis: finish.then_some(FINISHED_TTL_MILLIS),
+            full.ops.push(if finish {
+                Op::Delete {
+                    namespace: OWNERS_NS.into(),
+                    key: self.key.clone(),
+                    expect: Expect::Revision(state.revision),
+                }
+            } else {
+                Op::Put {
+                    namespace: OWNERS_NS.into(),
+                    key: self.key.clone(),
+                    value: next.encode(),
+                    expect: Expect::Revision(state.revision),
+                    ttl_millis: None,
+                }
             });
             match self.store.commit(full).await {
                 Ok(mut commit) => {
@@ -257,10 +263,18 @@ impl Execution {
                             return Err(self.fenced(&cur));
                         }
                         None => {
+                            // Ended. By this node's own last write, whose answer was lost?
+                            let ended_here = finish
+                                && state.uncertain.as_ref() == Some(&batch)
+                                && self.ended_by_this_node().await?;
+                            if ended_here {
+                                state.uncertain = None;
+                                return Ok(Landed::Earlier);
+                            }
                             self.lost.cancel();
                             return Err(FenceError::Fenced {
                                 key: self.key.clone(),
-                                by: "the record is gone (the execution was settled)".into(),
+                                by: "the execution was ended elsewhere (settled)".into(),
                             });
                         }
                     }
@@ -277,6 +291,14 @@ impl Execution {
             "the ownership record {} changed under every attempt",
             self.key
         ))))
+    }
+
+    /// Whether the record's tombstone was written by this node.
+    async fn ended_by_this_node(&self) -> StoreResult<bool> {
+        let raw = self.store.get_raw(OWNERS_NS, &self.key).await?;
+        Ok(raw.is_some_and(|r| {
+            r.record.is_tombstone() && r.record.version.origin == *self.store.origin()
+        }))
     }
 
     fn fenced(&self, by: &Owner) -> FenceError {
@@ -383,31 +405,16 @@ impl Claim {
     }
 
     /// Settles the execution without running it again: commits `batch` (its final answer)
-    /// with the record marked finished by this node (epoch + 1).
+    /// with the ownership record deleted, if it still names the dead owner.
     pub async fn settle(
         self,
         store: &dyn Store,
-        node: &str,
-        boot: &str,
+        _node: &str,
+        _boot: &str,
         batch: Batch,
     ) -> Result<Commit, ClaimError> {
-        let owner = Owner {
-            node: node.to_owned(),
-            boot: boot.to_owned(),
-            epoch: self.dead.epoch + 1,
-            writes: 1,
-            effects: self.dead.effects,
-            finished: true,
-        };
         let n = batch.ops.len();
-        let mut full = batch;
-        full.ops.push(Op::Put {
-            namespace: OWNERS_NS.into(),
-            key: self.key.clone(),
-            value: owner.encode(),
-            expect: Expect::Revision(self.revision),
-            ttl_millis: Some(FINISHED_TTL_MILLIS),
-        });
+        let full = batch.delete_if(OWNERS_NS, &self.key, Expect::Revision(self.revision));
         match store.commit(full).await {
             Ok(mut commit) => {
                 commit.outcomes.truncate(n);

@@ -70,6 +70,7 @@ fn ownership(batches: &[Vec<LogEntry>]) -> Result<usize, String> {
     let mut current: HashMap<String, Owner> = HashMap::new();
     let mut epoch_owner: HashMap<(String, u64), (String, String)> = HashMap::new();
     let mut taken_over = HashSet::new();
+    let mut ended: HashSet<String> = HashSet::new();
     for batch in batches {
         let mut owners_written = HashSet::new();
         for e in batch {
@@ -80,7 +81,15 @@ fn ownership(batches: &[Vec<LogEntry>]) -> Result<usize, String> {
                 continue;
             }
             owners_written.insert(r.key.clone());
+            if ended.contains(&r.key) {
+                return Err(format!(
+                    "seq {}: execution {} was written after it ended",
+                    e.seq, r.key
+                ));
+            }
             let Some(owner) = r.value.as_deref().and_then(Owner::decode) else {
+                // The record's deletion ends the execution.
+                ended.insert(r.key.clone());
                 continue;
             };
             if let Some(prev) = current.get(&r.key) {
@@ -166,13 +175,11 @@ fn streams(batches: &[Vec<LogEntry>]) -> Result<(), String> {
                 ));
             }
         }
-        if !owned.contains(stream) {
-            // A standalone stream: no final answer.
-            continue;
-        }
         let finals: Vec<u64> = evs.iter().filter(|(_, l)| *l).map(|(i, _)| *i).collect();
         match finals.as_slice() {
             [only] if *only == evs.len() as u64 => {}
+            // A standalone stream has no final answer; a request's stream must have one.
+            [] if !owned.contains(stream) => {}
             [] => return Err(format!("{stream}: no final answer was stored")),
             [only] => {
                 return Err(format!(

@@ -399,16 +399,20 @@ async fn open_stream(
     inner.executions.lock().insert(key.clone());
     let store = inner.store.clone();
     let batch = stream::open_batch(&inflight, &events);
-    let mut owner = haven_cluster::Owner::new(&inner.config.node_id, &inner.config.boot_id);
-    owner.finished = finished;
-    let opened = fence
-        .attach(|effects| async move {
-            owner.effects = effects;
-            haven_cluster::Execution::open(store, &key, owner, batch)
-                .await
-                .map(|(execution, _)| (execution.clone(), execution))
-        })
-        .await;
+    let owner = haven_cluster::Owner::new(&inner.config.node_id, &inner.config.boot_id);
+    let opened = if finished {
+        // Complete at once: nothing runs on, so nothing needs an owner.
+        store.commit(batch).await.map(|_| None)
+    } else {
+        fence
+            .attach(|effects| async move {
+                let owner = haven_cluster::Owner { effects, ..owner };
+                haven_cluster::Execution::open(store, &key, owner, batch)
+                    .await
+                    .map(|(execution, _)| (execution.clone(), Some(execution)))
+            })
+            .await
+    };
     let execution = match opened {
         Ok(e) => e,
         Err(e) => {
@@ -445,7 +449,7 @@ async fn open_stream(
             .executions
             .lock()
             .remove(&stream::owner_key(&session, &stream_id));
-    } else {
+    } else if let Some(execution) = execution {
         let cancel_rx = inner.hub.subscribe(Topic::key(
             CANCELS_NS,
             &Inner::running_key(&session, &call.id),
