@@ -406,13 +406,7 @@ impl Claim {
 
     /// Settles the execution without running it again: commits `batch` (its final answer)
     /// with the ownership record deleted, if it still names the dead owner.
-    pub async fn settle(
-        self,
-        store: &dyn Store,
-        _node: &str,
-        _boot: &str,
-        batch: Batch,
-    ) -> Result<Commit, ClaimError> {
+    pub async fn settle(self, store: &dyn Store, batch: Batch) -> Result<Commit, ClaimError> {
         let n = batch.ops.len();
         let full = batch.delete_if(OWNERS_NS, &self.key, Expect::Revision(self.revision));
         match store.commit(full).await {
@@ -488,10 +482,6 @@ impl Store for FencedStore {
 
     fn clock(&self) -> &Arc<haven_state::HybridClock> {
         self.store.clock()
-    }
-
-    async fn get(&self, namespace: &str, key: &str) -> StoreResult<Option<StoredRecord>> {
-        self.store.get(namespace, key).await
     }
 
     async fn get_raw(&self, namespace: &str, key: &str) -> StoreResult<Option<StoredRecord>> {

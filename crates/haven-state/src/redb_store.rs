@@ -395,14 +395,6 @@ impl Store for RedbStore {
         &self.clock
     }
 
-    async fn get(&self, namespace: &str, key: &str) -> StoreResult<Option<StoredRecord>> {
-        let now = self.clock.wall_millis();
-        Ok(self
-            .read_row(namespace, key)
-            .await?
-            .filter(|r| r.record.is_live(now)))
-    }
-
     async fn get_raw(&self, namespace: &str, key: &str) -> StoreResult<Option<StoredRecord>> {
         self.read_row(namespace, key).await
     }

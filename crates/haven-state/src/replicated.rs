@@ -252,14 +252,6 @@ impl<L: SharedLog> Store for ReplicatedStore<L> {
         &self.clock
     }
 
-    async fn get(&self, namespace: &str, key: &str) -> StoreResult<Option<StoredRecord>> {
-        let now = self.clock.wall_millis();
-        Ok(self
-            .get_raw(namespace, key)
-            .await?
-            .filter(|r| r.record.is_live(now)))
-    }
-
     async fn get_raw(&self, namespace: &str, key: &str) -> StoreResult<Option<StoredRecord>> {
         if let Some(r) = self.follower.index.read().get(namespace, key) {
             return Ok(Some(r.clone()));

@@ -225,7 +225,13 @@ pub trait Store: Send + Sync + 'static {
     fn clock(&self) -> &Arc<HybridClock>;
 
     /// The live record of `namespace`/`key`, if any.
-    async fn get(&self, namespace: &str, key: &str) -> StoreResult<Option<StoredRecord>>;
+    async fn get(&self, namespace: &str, key: &str) -> StoreResult<Option<StoredRecord>> {
+        let now = self.clock().wall_millis();
+        Ok(self
+            .get_raw(namespace, key)
+            .await?
+            .filter(|r| r.record.is_live(now)))
+    }
 
     /// The record of `namespace`/`key` including tombstones and expired records.
     async fn get_raw(&self, namespace: &str, key: &str) -> StoreResult<Option<StoredRecord>>;

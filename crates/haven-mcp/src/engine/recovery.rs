@@ -127,14 +127,7 @@ async fn take_over_stream(inner: &Arc<Inner>, claim: Claim, session: &str, strea
     let Some(rec) = rec else {
         // The request's final answer is stored but its ownership record was not closed (an
         // older version wrote no ownership records): close it.
-        let _ = claim
-            .settle(
-                &*inner.store,
-                &inner.config.node_id,
-                &inner.config.boot_id,
-                Batch::new(),
-            )
-            .await;
+        let _ = claim.settle(&*inner.store, Batch::new()).await;
         return;
     };
     let another_node = claim.dead.node != inner.config.node_id;
@@ -146,15 +139,7 @@ async fn take_over_stream(inner: &Arc<Inner>, claim: Claim, session: &str, strea
     let msg = jsonrpc::error_response(request_id(&rec).as_ref(), &interrupted_error(changed));
     let batch = stream::append_batch(session, stream_id, &[(msg, true)]);
     let dead = claim.dead.clone();
-    match claim
-        .settle(
-            &*inner.store,
-            &inner.config.node_id,
-            &inner.config.boot_id,
-            batch,
-        )
-        .await
-    {
+    match claim.settle(&*inner.store, batch).await {
         Ok(_) => tracing::info!(
             session, stream = stream_id, method = %rec.method, dead_node = %dead.node,
             epoch = dead.epoch, "ended the stream of an interrupted request"

@@ -1003,14 +1003,7 @@ pub(crate) async fn adopt(inner: &Arc<Inner>, claim: haven_cluster::Claim, task_
         Ok(Some(r)) => r,
         Ok(None) => {
             // The task expired or never got stored: close its run.
-            let _ = claim
-                .settle(
-                    &*inner.store,
-                    &inner.config.node_id,
-                    &inner.config.boot_id,
-                    Batch::new(),
-                )
-                .await;
+            let _ = claim.settle(&*inner.store, Batch::new()).await;
             return;
         }
         Err(e) => {
@@ -1020,7 +1013,7 @@ pub(crate) async fn adopt(inner: &Arc<Inner>, claim: haven_cluster::Claim, task_
     };
     let me = (&inner.config.node_id, &inner.config.boot_id);
     if is_terminal(rec.status) {
-        let _ = claim.settle(&*inner.store, me.0, me.1, Batch::new()).await;
+        let _ = claim.settle(&*inner.store, Batch::new()).await;
         return;
     }
     let resumable = rec.status == TaskStatus::InputRequired || rec.idempotent;
@@ -1047,7 +1040,7 @@ pub(crate) async fn adopt(inner: &Arc<Inner>, claim: haven_cluster::Claim, task_
         *ttl_millis = Some(remaining_ttl(inner, &next));
     }
     if !resumable {
-        match claim.settle(&*inner.store, me.0, me.1, batch).await {
+        match claim.settle(&*inner.store, batch).await {
             Ok(_) => tracing::info!(task = task_id, "failed an interrupted task"),
             Err(haven_cluster::ClaimError::Lost(_)) => {}
             Err(e) => {
