@@ -396,7 +396,7 @@ async fn open_stream(
     };
     let (events, finished, close_at) = to_events(first);
     let key = stream::owner_key(&session, &stream_id);
-    inner.executions.lock().insert(key.clone());
+    inner.executions.begin(&key);
     let store = inner.store.clone();
     let batch = stream::open_batch(&inflight, &events);
     let owner = haven_cluster::Owner::new(&inner.config.node_id, &inner.config.boot_id);
@@ -418,8 +418,7 @@ async fn open_stream(
         Err(e) => {
             inner
                 .executions
-                .lock()
-                .remove(&stream::owner_key(&session, &stream_id));
+                .end(&stream::owner_key(&session, &stream_id));
             cancel.cancel();
             return Rejection::new(
                 Reason::StoreUnavailable,
@@ -447,8 +446,7 @@ async fn open_stream(
     if finished {
         inner
             .executions
-            .lock()
-            .remove(&stream::owner_key(&session, &stream_id));
+            .end(&stream::owner_key(&session, &stream_id));
     } else if let Some(execution) = execution {
         let cancel_rx = inner.hub.subscribe(Topic::key(
             CANCELS_NS,
@@ -550,7 +548,7 @@ pub(crate) async fn pump(
             break;
         }
     }
-    inner.executions.lock().remove(&key);
+    inner.executions.end(&key);
 }
 
 /// Stores events of a stream under its execution, retrying while the store fails. Returns

@@ -225,7 +225,7 @@ pub(crate) struct Inner {
     membership: Arc<haven_cluster::Membership>,
     /// Ownership keys of the executions this process runs (an execution of this process
     /// that is not here was left without a final answer, and is settled).
-    executions: Mutex<std::collections::HashSet<String>>,
+    executions: Runs,
     /// Cancelled when the node starts draining.
     shutdown: CancellationToken,
     /// Cancelled when the engine is killed: every task it spawned stops at its next await.
@@ -293,7 +293,7 @@ impl Engine {
             tools: RwLock::new(ToolCache::default()),
             sessions: crate::session::SessionCache::default(),
             membership,
-            executions: Mutex::new(std::collections::HashSet::new()),
+            executions: Runs::default(),
             shutdown: CancellationToken::new(),
             killed: CancellationToken::new(),
         });
@@ -578,6 +578,36 @@ impl Inner {
 
 /// Maps a store failure to the JSON-RPC error a client sees (marked retryable when the store
 /// is unavailable, see [`crate::outcome::store_failure`]).
+/// The executions this process runs, counted per ownership key: a run that was fenced (its
+/// successor may be a run of this same process) and ends late must not make its successor
+/// look gone, so every `begin` is matched by exactly one `end` and a key counts as running
+/// while any of its runs does.
+#[derive(Default)]
+pub(crate) struct Runs(Mutex<HashMap<String, usize>>);
+
+impl Runs {
+    /// A run of `key` starts here.
+    pub(crate) fn begin(&self, key: &str) {
+        *self.0.lock().entry(key.to_owned()).or_insert(0) += 1;
+    }
+
+    /// A run of `key` that [`Runs::begin`] counted ended.
+    pub(crate) fn end(&self, key: &str) {
+        let mut runs = self.0.lock();
+        if let Some(n) = runs.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                runs.remove(key);
+            }
+        }
+    }
+
+    /// Whether any run of `key` is going on here.
+    pub(crate) fn contains(&self, key: &str) -> bool {
+        self.0.lock().contains_key(key)
+    }
+}
+
 pub(crate) fn store_error(e: haven_state::StoreError) -> ErrorData {
     let message = match &e {
         haven_state::StoreError::Full(_) => {

@@ -154,7 +154,7 @@ async fn take_over_stream(inner: &Arc<Inner>, claim: Claim, session: &str, strea
 async fn rerun(inner: &Arc<Inner>, claim: Claim, call: Call, tool: &str, rec: &InflightRecord) {
     let dead = claim.dead.clone();
     let key = claim.key.clone();
-    inner.executions.lock().insert(key.clone());
+    inner.executions.begin(&key);
     let taken = claim
         .take(
             inner.store.clone(),
@@ -166,7 +166,7 @@ async fn rerun(inner: &Arc<Inner>, claim: Claim, call: Call, tool: &str, rec: &I
     let execution = match taken {
         Ok((e, _)) => e,
         Err(e) => {
-            inner.executions.lock().remove(&key);
+            inner.executions.end(&key);
             if !matches!(e, ClaimError::Lost(_)) {
                 tracing::warn!(error = %e, "could not claim an interrupted request");
             }
@@ -222,7 +222,7 @@ fn needs_settling(inner: &Inner, key: &str, owner: &Owner) -> bool {
     }
     if owner.node == inner.config.node_id && owner.boot == inner.config.boot_id {
         // Ours: settle it only if nothing here runs it any more.
-        return !inner.executions.lock().contains(key);
+        return !inner.executions.contains(key);
     }
     inner.membership.is_dead(&owner.node, &owner.boot)
 }

@@ -256,6 +256,34 @@ pub(crate) async fn update_as(
     )))
 }
 
+/// Like [`update_as`], retrying while the store is unavailable: what a run records about
+/// itself (its outcome above all) is kept until it is stored or the run is lost, never
+/// dropped by an outage (a dropped outcome would make the task run again, or fail a task
+/// whose work was done).
+async fn update_until_stored(
+    inner: &Inner,
+    id: &str,
+    execution: &haven_cluster::Execution,
+    finish: bool,
+    mut change: impl FnMut(&mut TaskRecord) -> Result<bool, ErrorData>,
+) -> Result<Option<TaskRecord>, ErrorData> {
+    let mut delay = Duration::from_millis(20);
+    let mut warned = false;
+    loop {
+        match update_as(inner, id, Some(execution), finish, &mut change).await {
+            Err(e) if crate::outcome::is_store_unavailable(&e) => {
+                if !warned {
+                    tracing::warn!(task = id, error = %e.message, "recording a task's state failed; retrying until stored");
+                    warned = true;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            r => return r,
+        }
+    }
+}
+
 fn created_millis(rec: &TaskRecord) -> u64 {
     time::OffsetDateTime::parse(
         &rec.created_at,
@@ -298,7 +326,7 @@ async fn create(
     fence: Option<&Arc<haven_cluster::FencedStore>>,
 ) -> Result<Arc<haven_cluster::Execution>, ErrorData> {
     let key = owner_key(&rec.task_id);
-    inner.executions.lock().insert(key.clone());
+    inner.executions.begin(&key);
     let owner = haven_cluster::Owner::new(&inner.config.node_id, &inner.config.boot_id);
     let store = inner.store.clone();
     let batch = create_batch(rec);
@@ -318,7 +346,7 @@ async fn create(
             .map(|(e, _)| e),
     };
     opened.map_err(|e| {
-        inner.executions.lock().remove(&owner_key(&rec.task_id));
+        inner.executions.end(&owner_key(&rec.task_id));
         store_error(e)
     })
 }
@@ -579,7 +607,7 @@ pub(crate) async fn run_task(
         });
     }
     drive_task(inner, &task_id, &execution, ctx.detached(), step, &cancel).await;
-    inner.executions.lock().remove(execution.key());
+    inner.executions.end(execution.key());
 }
 
 async fn drive_task(
@@ -645,7 +673,7 @@ async fn wait_for_answers(
         .iter()
         .map(|(k, r)| (k.clone(), r.to_json()))
         .collect();
-    let set = update_as(inner, task_id, Some(execution), false, |rec| {
+    let set = update_until_stored(inner, task_id, execution, false, |rec| {
         if is_terminal(rec.status) {
             return Ok(false);
         }
@@ -683,7 +711,7 @@ pub(crate) async fn wait_until_answered(
                 state: rec.state.clone(),
                 number: rec.round,
             };
-            update_as(inner, task_id, Some(execution), false, |r| {
+            update_until_stored(inner, task_id, execution, false, |r| {
                 if r.status != TaskStatus::InputRequired {
                     return Ok(false);
                 }
@@ -711,7 +739,7 @@ async fn finish_task(
     outcome: Result<CallToolResult, ErrorData>,
     cancel: &CancellationToken,
 ) {
-    let r = update_as(inner, task_id, Some(execution), true, |rec| {
+    let r = update_until_stored(inner, task_id, execution, true, |rec| {
         if is_terminal(rec.status) {
             return Ok(false);
         }
@@ -1050,11 +1078,11 @@ pub(crate) async fn adopt(inner: &Arc<Inner>, claim: haven_cluster::Claim, task_
         return;
     }
     let key = claim.key.clone();
-    inner.executions.lock().insert(key.clone());
+    inner.executions.begin(&key);
     let execution = match claim.take(inner.store.clone(), me.0, me.1, batch).await {
         Ok((e, _)) => e,
         Err(e) => {
-            inner.executions.lock().remove(&key);
+            inner.executions.end(&key);
             if !matches!(e, haven_cluster::ClaimError::Lost(_)) {
                 tracing::warn!(task = task_id, error = %e, "could not take over an interrupted task");
             }
@@ -1091,7 +1119,7 @@ pub(crate) async fn adopt(inner: &Arc<Inner>, claim: haven_cluster::Claim, task_
             match wait_until_answered(&inner, &rec.task_id, &execution, &cancel).await {
                 Some(r) => r,
                 None => {
-                    inner.executions.lock().remove(execution.key());
+                    inner.executions.end(execution.key());
                     return;
                 }
             }
