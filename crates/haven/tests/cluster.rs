@@ -6,86 +6,9 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::cluster::{NatsCluster, Proxy, haven_node};
+use common::cluster::{ONE_REGION_AT_A_TIME, Region};
 use common::{Haven, Legacy, SseReader, free_port, stateless};
 use serde_json::{Value, json};
-
-/// The region tests run one at a time: each starts seven processes, and the machine has two
-/// cores.
-static ONE_REGION_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-struct Region {
-    nats: NatsCluster,
-    nodes: Vec<Option<Haven>>,
-    ports: Vec<u16>,
-    dirs: tempfile::TempDir,
-    proxy: Proxy,
-    extra: Vec<String>,
-}
-
-impl Region {
-    async fn start() -> Region {
-        Region::start_with(&[]).await
-    }
-
-    async fn start_with(extra: &[&str]) -> Region {
-        let nats = NatsCluster::start().await;
-        let dirs = tempfile::tempdir().unwrap();
-        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let mut nodes = Vec::new();
-        for (i, p) in ports.iter().enumerate() {
-            let data = dirs.path().join(format!("node{i}"));
-            nodes.push(Some(
-                haven_node(&nats, &data, *p, &format!("node{i}"), extra).await,
-            ));
-        }
-        let proxy = Proxy::start(&ports).await;
-        Region {
-            nats,
-            nodes,
-            ports,
-            dirs,
-            proxy,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-        }
-    }
-
-    async fn restart_node(&mut self, i: usize) {
-        let data = self.dirs.path().join(format!("node{i}"));
-        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
-        self.nodes[i] = Some(
-            haven_node(
-                &self.nats,
-                &data,
-                self.ports[i],
-                &format!("node{i}"),
-                &extra,
-            )
-            .await,
-        );
-    }
-
-    fn index_of_node(&self, name: &str) -> usize {
-        name.trim_start_matches("node").parse().unwrap()
-    }
-
-    async fn status(&self) -> Value {
-        for n in self.nodes.iter().flatten() {
-            let token = std::fs::read_to_string(n.data.join("admin.token")).unwrap();
-            if let Ok(r) = reqwest::Client::new()
-                .get(format!("http://127.0.0.1:{}/admin/v1/status", n.port))
-                .bearer_auth(token.trim())
-                .timeout(Duration::from_secs(10))
-                .send()
-                .await
-                && let Ok(v) = r.json::<Value>().await
-            {
-                return v;
-            }
-        }
-        panic!("no node answered /admin/v1/status");
-    }
-}
 
 /// A notes_put through the proxy, retried on 503 (with Retry-After) up to `within`.
 async fn put_note(

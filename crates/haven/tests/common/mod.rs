@@ -129,6 +129,24 @@ impl Haven {
         self.child.wait().unwrap();
     }
 
+    /// SIGSTOP: the process stops running (its connections stay open) until [`Haven::resume`].
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`Haven::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill {sig} failed");
+    }
+
     /// SIGTERM, then waits (bounded) for the process to exit; returns whether it did.
     pub async fn terminate(&mut self, within: Duration) -> bool {
         let _ = Command::new("kill")
