@@ -106,8 +106,10 @@ async fn start_call(url: &str, id: i64, token: &str, seconds: u64) -> Call {
         .expect("initialize answered");
     let r = tokio::time::timeout(
         HANG_GUARD,
-        client.post_raw(json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{
-            "name":"sleep","arguments":{"seconds":seconds},"_meta":{"progressToken":token}}})),
+        client.post_raw(
+            json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{
+            "name":"sleep","arguments":{"seconds":seconds},"_meta":{"progressToken":token}}}),
+        ),
     )
     .await
     .expect("the call is answered");
@@ -127,7 +129,10 @@ async fn start_call(url: &str, id: i64, token: &str, seconds: u64) -> Call {
         .expect("the stream has a priming event");
     let last_id = priming.id.clone().expect("the priming event has an id");
     let (stream, index) = last_id.rsplit_once('-').unwrap();
-    assert_eq!(index, "0", "the first event is the priming event: {priming:?}");
+    assert_eq!(
+        index, "0",
+        "the first event is the priming event: {priming:?}"
+    );
     let mut call = Call {
         client,
         id,
@@ -141,7 +146,10 @@ async fn start_call(url: &str, id: i64, token: &str, seconds: u64) -> Call {
         before_resume: None,
         answer: None,
     };
-    read_live(&mut call, |v| v.get("method") == Some(&json!("notifications/progress"))).await;
+    read_live(&mut call, |v| {
+        v.get("method") == Some(&json!("notifications/progress"))
+    })
+    .await;
     call
 }
 
@@ -338,7 +346,10 @@ async fn read_back(url: &str, session: &str, stream: &str, deadline: Instant) ->
 fn check_one_final(call: &Call, stored: &Stored) -> Vec<f64> {
     let label = call.label();
     let all: Vec<&(u64, Value)> = stored.events.iter().chain(&stored.after_end).collect();
-    let finals = all.iter().filter(|(_, v)| is_response_to(v, call.id)).count();
+    let finals = all
+        .iter()
+        .filter(|(_, v)| is_response_to(v, call.id))
+        .count();
     let responses = all.iter().filter(|(_, v)| is_response(v)).count();
     assert_eq!(
         finals, 1,
@@ -442,12 +453,7 @@ async fn finish_and_check(
     within: Duration,
 ) -> Vec<Vec<f64>> {
     let deadline = Instant::now() + within;
-    futures::future::join_all(
-        calls
-            .iter_mut()
-            .map(|c| finish(c, urls, idle, deadline)),
-    )
-    .await;
+    futures::future::join_all(calls.iter_mut().map(|c| finish(c, urls, idle, deadline))).await;
     let mut out = Vec::new();
     for c in calls.iter() {
         let started_on = region.index_of_node(&c.node);
@@ -573,9 +579,10 @@ async fn b_a_node_woken_from_sigstop_after_a_takeover_writes_nothing_into_the_st
     // The woken node finds out that it lost the request and stops its handler.
     let lost_deadline = Instant::now() + Duration::from_secs(30);
     let lost = loop {
-        let lost = region.log_lines(victim).into_iter().find(|l| {
-            (l.contains(LOST) || l.contains(REFUSED)) && l.contains(&call.stream)
-        });
+        let lost = region
+            .log_lines(victim)
+            .into_iter()
+            .find(|l| (l.contains(LOST) || l.contains(REFUSED)) && l.contains(&call.stream));
         if let Some(line) = lost {
             break line;
         }
@@ -612,7 +619,11 @@ async fn b_a_node_woken_from_sigstop_after_a_takeover_writes_nothing_into_the_st
         );
     }
     let reruns = region.count_logged(&[RERUN, &call.stream]);
-    assert_eq!(reruns.iter().sum::<usize>(), 1, "re-runs per node: {reruns:?}");
+    assert_eq!(
+        reruns.iter().sum::<usize>(),
+        1,
+        "re-runs per node: {reruns:?}"
+    );
     assert_eq!(reruns[victim], 0);
     eprintln!("node{victim} was stopped for {paused_for:.1?}; on waking it logged: {lost}");
 }
@@ -783,13 +794,9 @@ fn faketime_lib() -> Option<std::path::PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e_skewed_clocks_and_a_short_pause_cause_no_takeover() {
     let _one = ONE_REGION_AT_A_TIME.lock().await;
-    let Some(lib) = faketime_lib() else {
-        eprintln!(
-            "SKIPPED e_skewed_clocks_and_a_short_pause_cause_no_takeover: libfaketime is not \
-             installed (scripts/install-tools installs the Debian package faketime)"
-        );
-        return;
-    };
+    let lib = faketime_lib().expect(
+        "libfaketime is not installed: scripts/install-tools installs the Debian package faketime",
+    );
     // node1's wall clock runs 8 s ahead, node2's 8 s behind; monotonic clocks are untouched.
     let skewed = |offset: &str| {
         vec![
@@ -813,9 +820,7 @@ async fn e_skewed_clocks_and_a_short_pause_cause_no_takeover() {
                 .find(|n| n["info"]["node"] == node)
                 .map(|n| (n["clock_offset_millis"].as_i64(), n["clock_skewed"] == true))
         };
-        let near = |o: Option<(Option<i64>, bool)>, want: i64| {
-            matches!(o, Some((Some(x), true)) if (x - want).abs() < 1500)
-        };
+        let near = |o: Option<(Option<i64>, bool)>, want: i64| matches!(o, Some((Some(x), true)) if (x - want).abs() < 1500);
         // node0 logs a warning per skewed node (at its next read of the heartbeats).
         let warned = |n: &str| region.count_logged(&[SKEW_WARNING, n])[0] >= 1;
         if near(offset("node1"), 8000)
@@ -900,7 +905,10 @@ async fn f_during_a_full_nats_outage_writes_get_503_with_retry_after() {
     }
     region.wait_readyz(503, Duration::from_secs(30)).await;
 
-    let client = reqwest::Client::builder().timeout(HANG_GUARD).build().unwrap();
+    let client = reqwest::Client::builder()
+        .timeout(HANG_GUARD)
+        .build()
+        .unwrap();
     for (i, session) in sessions.iter().enumerate() {
         let url = region.node_url(i);
         // Stateless: one JSON body.
@@ -917,8 +925,10 @@ async fn f_during_a_full_nats_outage_writes_get_503_with_retry_after() {
         // Legacy, a call answered with one JSON body.
         let r = tokio::time::timeout(
             HANG_GUARD,
-            session.post_raw(json!({"jsonrpc":"2.0","id":2,"method":"tools/call","params":{
-                "name":"notes_put","arguments":{"name":format!("legacy-{i}"),"text":"x"}}})),
+            session.post_raw(
+                json!({"jsonrpc":"2.0","id":2,"method":"tools/call","params":{
+                "name":"notes_put","arguments":{"name":format!("legacy-{i}"),"text":"x"}}}),
+            ),
         )
         .await
         .expect("the legacy call is answered");
@@ -967,10 +977,7 @@ async fn check_503(what: &str, r: reqwest::Response, id: Option<i64>) {
     let body: Value = r.json().await.unwrap_or(Value::Null);
     assert_eq!(status, 503, "{what}: {body}");
     assert_eq!(retry_after.as_deref(), Some("1"), "{what}");
-    assert_eq!(
-        body["error"]["data"]["retryable"], true,
-        "{what}: {body}"
-    );
+    assert_eq!(body["error"]["data"]["retryable"], true, "{what}: {body}");
     if let Some(id) = id {
         assert_eq!(body["id"], id, "{what}: {body}");
     }
