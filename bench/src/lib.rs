@@ -4,13 +4,132 @@
 //! The binaries are:
 //! - `rmcp-reference`: the rmcp 3.x reference server (one `echo` tool);
 //! - `mcp-load`: a closed-loop `tools/call` load generator for both MCP protocol eras;
-//! - `bench-compare`: runs servers side by side in alternating rounds and reports ratios.
+//! - `bench-compare`: runs servers side by side in alternating rounds and reports ratios;
+//! - `backup-bench`, `cluster-bench`, `federation-bench`: Haven's own scenarios, which start
+//!   `haven serve` processes ([`haven_serve`], [`wait_ready`]) and load them with `mcp-load`
+//!   ([`mcp_load`]).
 
 pub mod client;
 pub mod sse;
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+/// The report `mcp-load` prints at the end of a run (one JSON line), as `bench-compare` and the
+/// scenario benchmarks read it.
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+pub struct LoadReport {
+    pub url: String,
+    pub era: String,
+    pub connections: usize,
+    pub requests: u64,
+    pub errors: u64,
+    pub seconds: f64,
+    pub rps: f64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+    pub mean_us: f64,
+    pub json_responses: u64,
+    pub sse_responses: u64,
+    pub reconnects: u64,
+    pub server_cpu_s: Option<f64>,
+    pub server_cpu_us_per_req: Option<f64>,
+    pub load_cpu_s: f64,
+    #[serde(default)]
+    pub load_cpu_us_per_req: f64,
+    #[serde(default)]
+    pub other_cpu_s: Option<f64>,
+    #[serde(default)]
+    pub other_cpu_share: Option<f64>,
+    #[serde(default)]
+    pub error_samples: BTreeMap<String, u64>,
+}
+
+/// The load of a scenario benchmark: `mcp-load`'s flags.
+#[derive(clap::Args, Clone, Debug)]
+pub struct LoadFlags {
+    /// Measured seconds per run.
+    #[arg(long, default_value_t = 4.0)]
+    pub duration: f64,
+    /// Concurrent connections of the load generator.
+    #[arg(long, default_value_t = 16)]
+    pub connections: usize,
+    /// Protocol era of the load: 2026 (stateless) or legacy.
+    #[arg(long, default_value = "2026")]
+    pub era: String,
+}
+
+impl LoadFlags {
+    /// `mcp-load`'s arguments for a run against `url` after one second of warm-up.
+    pub fn mcp_load_args(&self, url: &str) -> Vec<String> {
+        [
+            "--url",
+            url,
+            "--era",
+            &self.era,
+            "--connections",
+            &self.connections.to_string(),
+            "--duration",
+            &self.duration.to_string(),
+            "--warmup",
+            "1",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+}
+
+/// `haven serve` of the binary `bin` on loopback port `port` with data directory `data`,
+/// quiet (warnings only, nothing on stdout or stderr); add arguments and spawn it.
+pub fn haven_serve(bin: &Path, port: u16, data: &Path) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
+        .arg(data)
+        .env("HAVEN_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
+/// Waits (at most 60 s) until the server on `port` answers `/readyz` with 200.
+pub async fn wait_ready(port: u16, what: &str) -> anyhow::Result<()> {
+    if !haven_testkit::wait_for_status(port, "/readyz", Duration::from_secs(60)).await {
+        bail!("{what} did not become ready");
+    }
+    Ok(())
+}
+
+/// Waits (at most 60 s) until something accepts connections on `port`.
+pub async fn wait_listening(port: u16, what: &str) -> anyhow::Result<()> {
+    if !haven_testkit::wait_listening(port, Duration::from_secs(60)).await {
+        bail!("{what} did not start listening on {port}");
+    }
+    Ok(())
+}
+
+/// Runs the load generator `mcp-load` (at `bin`) with `args` and returns its report; a run in
+/// which calls failed is an error.
+pub fn mcp_load(bin: &Path, args: &[String]) -> anyhow::Result<LoadReport> {
+    let out = Command::new(bin)
+        .args(args)
+        .output()
+        .context("running mcp-load")?;
+    let line = String::from_utf8_lossy(&out.stdout);
+    let report: LoadReport = serde_json::from_str(line.trim())
+        .with_context(|| format!("mcp-load: {line} {}", String::from_utf8_lossy(&out.stderr)))?;
+    if report.errors != 0 {
+        bail!("load errors ({}): {}", args.join(" "), line.trim());
+    }
+    Ok(report)
+}
 
 /// The MCP protocol era a client speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

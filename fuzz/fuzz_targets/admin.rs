@@ -18,8 +18,8 @@ use haven_control::registry::{
     self, Piece, Registry, RegistryError, UpstreamSpec, parse_template, served_name, served_uri,
     split_name, split_uri,
 };
-use haven_control::secrets::{self, KekRing, KekSource, Secrets, SecretsError};
 use haven_fuzz::{assert_clear_message, redb_store, runtime};
+use haven_secrets::{self as secrets, KekRing, KekSource, Secrets, SecretsError};
 use haven_state::Store;
 use libfuzzer_sys::fuzz_target;
 

@@ -193,12 +193,9 @@ fn records(data: &[u8]) {
     let _ = BackupKey::parse(data).map(|k| k.fingerprint());
 }
 
-/// A target holding the manifest records (and stray objects) the input describes, read as
-/// a catalog; then every question the shipper, `backup list`, restore and retention ask it.
-fn catalog(data: &[u8]) {
-    let mut r = Reader(data);
-    let target = haven_backup::fuzzing::memory_target();
-    let rt = runtime();
+/// The manifest records, generation records and stray objects the input describes (at most
+/// 24), as (key, content).
+fn target_records(r: &mut Reader) -> Vec<(String, Vec<u8>)> {
     let mut puts: Vec<(String, Vec<u8>)> = Vec::new();
     for _ in 0..24 {
         if r.0.is_empty() {
@@ -208,7 +205,7 @@ fn catalog(data: &[u8]) {
         let generation = ["g1", "g2", "0190aa-x"][usize::from(op >> 4) % 3];
         match op % 8 {
             0..=4 => {
-                let kind = if op % 2 == 0 {
+                let kind = if op.is_multiple_of(2) {
                     ObjectKind::Segment
                 } else {
                     ObjectKind::Snapshot
@@ -258,6 +255,16 @@ fn catalog(data: &[u8]) {
             }
         }
     }
+    puts
+}
+
+/// A target holding the manifest records (and stray objects) the input describes, read as
+/// a catalog; then every question the shipper, `backup list`, restore and retention ask it.
+fn catalog(data: &[u8]) {
+    let mut r = Reader(data);
+    let target = haven_backup::fuzzing::memory_target();
+    let rt = runtime();
+    let puts = target_records(&mut r);
     let catalog = rt.block_on(async {
         for (k, v) in puts {
             target.put(&k, v, None).await.expect("in-memory put");

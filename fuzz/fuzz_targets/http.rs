@@ -34,13 +34,12 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use haven_control::secrets::{KekSource, Secrets};
+use haven_catalogs::{ConformanceCatalog, DefaultCatalog};
 use haven_fuzz::{redb_store, runtime};
 use haven_mcp::catalog::Catalog;
-use haven_mcp::catalog::conformance::ConformanceCatalog;
-use haven_mcp::catalog::default::DefaultCatalog;
 use haven_mcp::engine::{Engine, EngineConfig};
 use haven_mcp::rmcp::model::SealOptions;
+use haven_secrets::{KekSource, Secrets};
 use haven_server::http::{HttpConfig, router};
 use http::{HeaderName, HeaderValue, Method, Request, Response};
 use http_body_util::BodyExt;

@@ -7,14 +7,15 @@
 //!   run; reports medians and the ratio.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use haven_backup::{BackupConfig, BackupKey, Point, RestoreOptions, Shipper, Target};
+use haven_bench::{LoadFlags, haven_serve, mcp_load, median, wait_ready};
 use haven_state::{Batch, HybridClock, Origin, RedbStore, Store, SystemClock};
+use haven_testkit::{Process, free_port};
 
 #[derive(Parser)]
 #[command(about = "Haven backup benchmarks: restore speed and the cost of continuous shipping")]
@@ -42,15 +43,8 @@ enum Cmd {
         /// Rounds; each runs both configurations once, in alternating order.
         #[arg(long, default_value_t = 6)]
         rounds: usize,
-        /// Measured seconds per run.
-        #[arg(long, default_value_t = 4.0)]
-        duration: f64,
-        /// Concurrent connections of the load generator.
-        #[arg(long, default_value_t = 16)]
-        connections: usize,
-        /// Protocol era of the load: 2026 or legacy.
-        #[arg(long, default_value = "2026")]
-        era: String,
+        #[command(flatten)]
+        load: LoadFlags,
     },
 }
 
@@ -64,26 +58,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Overhead {
             haven_bin,
             rounds,
-            duration,
-            connections,
-            era,
-        } => rt.block_on(overhead_bench(
-            haven_bin,
-            rounds,
-            duration,
-            connections,
-            &era,
-        )),
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
+            load,
+        } => rt.block_on(overhead_bench(haven_bin, rounds, &load)),
     }
 }
 
@@ -105,29 +81,8 @@ async fn restore_bench(records: u64, repeat: usize) -> anyhow::Result<()> {
     let shipper = Shipper::start(as_dyn, config, &data, Arc::new(SystemClock)).await?;
     shipper.ship_now(false).await.map_err(anyhow::Error::msg)?;
 
-    // Records of ~120 bytes, written by 8 writers in batches of 1000.
     let started = Instant::now();
-    let per_writer = records / 8;
-    let mut tasks = Vec::new();
-    for w in 0..8u64 {
-        let store = store.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut i = 0;
-            while i < per_writer {
-                let mut b = Batch::new();
-                for _ in 0..1000.min(per_writer - i) {
-                    let value = format!("{{\"text\":\"note {w}-{i} {}\"}}", "x".repeat(80));
-                    b = b.put("notes", &format!("w{w}-{i:08}"), value.into_bytes());
-                    i += 1;
-                }
-                store.commit(b).await?;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
+    write_notes(&store, records).await?;
     let written = store.last_seq().await?;
     println!(
         "wrote {written} log entries in {:.1} s",
@@ -171,7 +126,7 @@ async fn restore_bench(records: u64, repeat: usize) -> anyhow::Result<()> {
             }
             std::fs::remove_dir_all(&to)?;
         }
-        let m = median(secs.clone());
+        let m = median(&secs);
         println!(
             "restore {label}: {entries} entries, median {m:.2} s of {repeat} ({:.0} entries/s); runs: {secs:.2?}",
             entries as f64 / m
@@ -190,21 +145,30 @@ async fn restore_bench(records: u64, repeat: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-struct Server {
-    child: std::process::Child,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// Writes `records` notes of ~120 bytes, by 8 writers in batches of 1000.
+async fn write_notes(store: &Arc<RedbStore>, records: u64) -> anyhow::Result<()> {
+    let per_writer = records / 8;
+    let mut tasks = Vec::new();
+    for w in 0..8u64 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0;
+            while i < per_writer {
+                let mut b = Batch::new();
+                for _ in 0..1000.min(per_writer - i) {
+                    let value = format!("{{\"text\":\"note {w}-{i} {}\"}}", "x".repeat(80));
+                    b = b.put("notes", &format!("w{w}-{i:08}"), value.into_bytes());
+                    i += 1;
+                }
+                store.commit(b).await?;
+            }
+            anyhow::Ok(())
+        }));
     }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
 }
 
 async fn start_haven(
@@ -212,14 +176,9 @@ async fn start_haven(
     dir: &Path,
     backup: bool,
     key: &Path,
-) -> anyhow::Result<(Server, u16)> {
-    let port = free_port()?;
-    let mut cmd = Command::new(bin);
-    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
-        .arg(dir.join("data"))
-        .env("HAVEN_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+) -> anyhow::Result<(Process, u16)> {
+    let port = free_port();
+    let mut cmd = haven_serve(bin, port, &dir.join("data"));
     if backup {
         cmd.args(["--backup-url"])
             .arg(dir.join("backup"))
@@ -227,35 +186,17 @@ async fn start_haven(
             .arg(key)
             .args(["--backup-interval", "1s"]);
     }
-    let server = Server {
-        child: cmd.spawn().context("starting haven")?,
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            s.write_all(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-                .await?;
-            let mut buf = Vec::new();
-            let _ = s.read_to_end(&mut buf).await;
-            if buf.starts_with(b"HTTP/1.1 200") {
-                return Ok((server, port));
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("haven did not become ready");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let server = Process(cmd.spawn().context("starting haven")?);
+    wait_ready(port, "haven").await?;
+    Ok((server, port))
 }
 
 async fn overhead_bench(
     haven_bin: Option<PathBuf>,
     rounds: usize,
-    duration: f64,
-    connections: usize,
-    era: &str,
+    flags: &LoadFlags,
 ) -> anyhow::Result<()> {
+    let (era, connections) = (&flags.era, flags.connections);
     let me = std::env::current_exe()?;
     let bin_dir = me.parent().context("binary directory")?;
     let haven = haven_bin.unwrap_or_else(|| bin_dir.join("haven"));
@@ -276,36 +217,11 @@ async fn overhead_bench(
         for backup in order {
             let dir = tempfile::tempdir()?;
             let (server, port) = start_haven(&haven, dir.path(), backup, &key).await?;
-            let out = Command::new(&load)
-                .args([
-                    "--url",
-                    &format!("http://127.0.0.1:{port}/mcp"),
-                    "--era",
-                    era,
-                    "--notes-put",
-                    "--connections",
-                    &connections.to_string(),
-                    "--duration",
-                    &duration.to_string(),
-                    "--warmup",
-                    "1",
-                    "--server-pid",
-                    &server.child.id().to_string(),
-                ])
-                .output()
-                .context("running mcp-load")?;
+            let mut args = flags.mcp_load_args(&format!("http://127.0.0.1:{port}/mcp"));
+            args.extend(["--notes-put".into(), "--server-pid".into()]);
+            args.push(server.0.id().to_string());
+            let r = mcp_load(&load, &args)?.rps;
             drop(server);
-            let line = String::from_utf8_lossy(&out.stdout);
-            let v: serde_json::Value = serde_json::from_str(line.trim()).with_context(|| {
-                format!(
-                    "mcp-load output: {line} {}",
-                    String::from_utf8_lossy(&out.stderr)
-                )
-            })?;
-            let r = v["rps"].as_f64().unwrap_or(0.0);
-            if v["errors"].as_u64() != Some(0) {
-                bail!("load errors: {v}");
-            }
             rps[usize::from(backup)] = r;
             if backup {
                 let segs = std::fs::read_dir(dir.path().join("backup/generations"))
@@ -323,7 +239,7 @@ async fn overhead_bench(
         on.push(rps[1]);
         ratios.push(rps[1] / rps[0]);
     }
-    let (mo, mn, mr) = (median(off), median(on), median(ratios.clone()));
+    let (mo, mn, mr) = (median(&off), median(&on), median(&ratios));
     ratios.sort_by(|a, b| a.partial_cmp(b).unwrap());
     println!();
     println!("| configuration | median calls/s |");

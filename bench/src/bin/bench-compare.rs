@@ -126,27 +126,7 @@ struct Matchup {
 }
 
 /// One `mcp-load` result as printed by it.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-struct LoadResult {
-    requests: u64,
-    errors: u64,
-    seconds: f64,
-    rps: f64,
-    p50_us: u64,
-    p90_us: u64,
-    p99_us: u64,
-    max_us: u64,
-    json_responses: u64,
-    sse_responses: u64,
-    server_cpu_us_per_req: Option<f64>,
-    load_cpu_s: f64,
-    #[serde(default)]
-    load_cpu_us_per_req: f64,
-    #[serde(default)]
-    other_cpu_share: Option<f64>,
-    #[serde(default)]
-    error_samples: serde_json::Map<String, serde_json::Value>,
-}
+type LoadResult = haven_bench::LoadReport;
 
 /// One run's raw result, as written by `--json-out`.
 #[derive(Serialize)]
@@ -403,6 +383,43 @@ async fn run_all(
     let mut report = String::new();
     let mut raw = Vec::new();
     let mut clean = true;
+    write_header(&mut report, args, &started)?;
+    for matchup in matchups {
+        let (a_label, b_label) = (&specs[matchup.a].label, &specs[matchup.b].label);
+        let mut rows: Vec<Row> = Vec::new();
+        for round in 0..args.rounds {
+            if !args.keep_processes {
+                for index in [matchup.a, matchup.b] {
+                    fleet.start(specs, index, work)?;
+                    wait_ready(fleet.get_mut(index), matchup.era, args.ready_timeout).await?;
+                }
+            }
+            let best = run_round(args, load_bin, fleet, matchup, round, &mut raw).await?;
+            rows.push(best);
+            if !args.keep_processes {
+                fleet.shutdown().await;
+            }
+        }
+        clean &= rows.iter().all(|r| r.a.errors == 0 && r.b.errors == 0);
+        write_era(
+            &mut report,
+            matchup.era,
+            a_label,
+            b_label,
+            &rows,
+            args.self_check,
+        )?;
+    }
+    println!("{report}");
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, serde_json::to_vec_pretty(&raw)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(clean)
+}
+
+/// The report's header: when, what and how the comparison ran.
+fn write_header(report: &mut String, args: &Args, started: &str) -> anyhow::Result<()> {
     writeln!(report, "## bench-compare results\n")?;
     writeln!(report, "- date: {started}")?;
     writeln!(report, "- command: `{}`", command_line())?;
@@ -427,95 +444,78 @@ async fn run_all(
         args.retries,
         args.max_other_cpu * 100.0
     )?;
-    for matchup in matchups {
-        let (a_label, b_label) = (&specs[matchup.a].label, &specs[matchup.b].label);
-        let mut rows: Vec<Row> = Vec::new();
-        for round in 0..args.rounds {
-            let a_first = round % 2 == 0;
-            if !args.keep_processes {
-                for index in [matchup.a, matchup.b] {
-                    fleet.start(specs, index, work)?;
-                    wait_ready(fleet.get_mut(index), matchup.era, args.ready_timeout).await?;
-                }
-            }
-            let mut best: Option<Row> = None;
-            for attempt in 1..=args.retries + 1 {
-                let mut results = Vec::with_capacity(2);
-                let order = if a_first {
-                    [matchup.a, matchup.b]
-                } else {
-                    [matchup.b, matchup.a]
-                };
-                for (position, &index) in order.iter().enumerate() {
-                    let server = fleet.get(index);
-                    let result = run_load(args, load_bin, server, matchup.era).await?;
-                    eprintln!(
-                        "[{} round {}/{} try {}] {:<20} {:>9.0} rps  p50 {:>6} us  p99 {:>6} us  cpu/call {:>6} us  other cpu {:>3} %  errors {}",
-                        matchup.era,
-                        round + 1,
-                        args.rounds,
-                        attempt,
-                        server.label,
-                        result.rps,
-                        result.p50_us,
-                        result.p99_us,
-                        fmt_opt(result.server_cpu_us_per_req, 1),
-                        fmt_opt(result.other_cpu_share.map(|s| s * 100.0), 0),
-                        result.errors
-                    );
-                    raw.push(RawRun {
-                        era: matchup.era.name(),
-                        round: round + 1,
-                        attempt,
-                        position,
-                        server: server.label.clone(),
-                        result: result.clone(),
-                    });
-                    results.push(result);
-                }
-                let (first, second) = (results.remove(0), results.remove(0));
-                let (ra, rb) = if a_first {
-                    (first, second)
-                } else {
-                    (second, first)
-                };
-                let row = Row {
-                    a: ra,
-                    b: rb,
-                    a_first,
-                    attempts: attempt,
-                };
-                let noise = row.other_share();
-                if best.as_ref().is_none_or(|b| noise < b.other_share()) {
-                    best = Some(row);
-                } else if let Some(b) = best.as_mut() {
-                    b.attempts = attempt;
-                }
-                if noise <= args.max_other_cpu {
-                    break;
-                }
-            }
-            rows.push(best.expect("at least one attempt"));
-            if !args.keep_processes {
-                fleet.shutdown().await;
-            }
+    Ok(())
+}
+
+/// One round of a matchup: each server loaded once, in the round's order, again (up to
+/// `--retries` times) while other processes took too much of the machine; the quietest attempt.
+async fn run_round(
+    args: &Args,
+    load_bin: &Path,
+    fleet: &Fleet,
+    matchup: &Matchup,
+    round: usize,
+    raw: &mut Vec<RawRun>,
+) -> anyhow::Result<Row> {
+    let a_first = round.is_multiple_of(2);
+    let mut best: Option<Row> = None;
+    for attempt in 1..=args.retries + 1 {
+        let mut results = Vec::with_capacity(2);
+        let order = if a_first {
+            [matchup.a, matchup.b]
+        } else {
+            [matchup.b, matchup.a]
+        };
+        for (position, &index) in order.iter().enumerate() {
+            let server = fleet.get(index);
+            let result = run_load(args, load_bin, server, matchup.era).await?;
+            eprintln!(
+                "[{} round {}/{} try {}] {:<20} {:>9.0} rps  p50 {:>6} us  p99 {:>6} us  cpu/call {:>6} us  other cpu {:>3} %  errors {}",
+                matchup.era,
+                round + 1,
+                args.rounds,
+                attempt,
+                server.label,
+                result.rps,
+                result.p50_us,
+                result.p99_us,
+                fmt_opt(result.server_cpu_us_per_req, 1),
+                fmt_opt(result.other_cpu_share.map(|s| s * 100.0), 0),
+                result.errors
+            );
+            raw.push(RawRun {
+                era: matchup.era.name(),
+                round: round + 1,
+                attempt,
+                position,
+                server: server.label.clone(),
+                result: result.clone(),
+            });
+            results.push(result);
         }
-        clean &= rows.iter().all(|r| r.a.errors == 0 && r.b.errors == 0);
-        write_era(
-            &mut report,
-            matchup.era,
-            a_label,
-            b_label,
-            &rows,
-            args.self_check,
-        )?;
+        let (first, second) = (results.remove(0), results.remove(0));
+        let (ra, rb) = if a_first {
+            (first, second)
+        } else {
+            (second, first)
+        };
+        let row = Row {
+            a: ra,
+            b: rb,
+            a_first,
+            attempts: attempt,
+        };
+        let noise = row.other_share();
+        if best.as_ref().is_none_or(|b| noise < b.other_share()) {
+            best = Some(row);
+        } else if let Some(b) = best.as_mut() {
+            b.attempts = attempt;
+        }
+        if noise <= args.max_other_cpu {
+            break;
+        }
     }
-    println!("{report}");
-    if let Some(path) = &args.json_out {
-        std::fs::write(path, serde_json::to_vec_pretty(&raw)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(clean)
+    Ok(best.expect("at least one attempt"))
 }
 
 fn start_server(spec: &ServerSpec, log: &Path, data: &Path) -> anyhow::Result<Server> {
@@ -659,6 +659,11 @@ async fn run_load(
     }
 }
 
+/// `x / y`, or NaN when `y` is not positive.
+fn ratio(x: f64, y: f64) -> f64 {
+    if y > 0.0 { x / y } else { f64::NAN }
+}
+
 /// Writes one era's table, medians and ratios.
 fn write_era(
     out: &mut String,
@@ -673,39 +678,7 @@ fn write_era(
         Era::Legacy => "legacy era (2025-11-25 sessions)",
     };
     writeln!(out, "\n### {era_title}: A = {a}, B = {b}\n")?;
-    writeln!(
-        out,
-        "| round | first | A rps | B rps | A/B rps | A p50 µs | B p50 µs | A p99 µs | B p99 µs | A cpu µs/call | B cpu µs/call | other cpu % | tries | A/B reply | errors A/B |"
-    )?;
-    writeln!(
-        out,
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|---|"
-    )?;
-    let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { f64::NAN };
-    for (i, row) in rows.iter().enumerate() {
-        let (ra, rb) = (&row.a, &row.b);
-        writeln!(
-            out,
-            "| {} | {} | {:.0} | {:.0} | {:.3} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {}/{} | {}/{} |",
-            i + 1,
-            if row.a_first { "A" } else { "B" },
-            ra.rps,
-            rb.rps,
-            ratio(ra.rps, rb.rps),
-            ra.p50_us,
-            rb.p50_us,
-            ra.p99_us,
-            rb.p99_us,
-            fmt_opt(ra.server_cpu_us_per_req, 1),
-            fmt_opt(rb.server_cpu_us_per_req, 1),
-            row.other_share() * 100.0,
-            row.attempts,
-            reply_kind(ra),
-            reply_kind(rb),
-            ra.errors,
-            rb.errors
-        )?;
-    }
+    write_rounds(out, rows)?;
     let col = |f: &dyn Fn(&LoadResult) -> f64, pick_a: bool| -> f64 {
         let values: Vec<f64> = rows
             .iter()
@@ -783,6 +756,54 @@ fn write_era(
         col(&load, false)
     )?;
     let errors = errors_a + errors_b;
+    write_errors(out, rows, (a, b), errors)?;
+    write_target(out, era, &rps_ratios, errors, self_check, (lo, hi))
+}
+
+/// The table of rounds: one row per round, A against B.
+fn write_rounds(out: &mut String, rows: &[Row]) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "| round | first | A rps | B rps | A/B rps | A p50 µs | B p50 µs | A p99 µs | B p99 µs | A cpu µs/call | B cpu µs/call | other cpu % | tries | A/B reply | errors A/B |"
+    )?;
+    writeln!(
+        out,
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|---|"
+    )?;
+    for (i, row) in rows.iter().enumerate() {
+        let (ra, rb) = (&row.a, &row.b);
+        writeln!(
+            out,
+            "| {} | {} | {:.0} | {:.0} | {:.3} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {}/{} | {}/{} |",
+            i + 1,
+            if row.a_first { "A" } else { "B" },
+            ra.rps,
+            rb.rps,
+            ratio(ra.rps, rb.rps),
+            ra.p50_us,
+            rb.p50_us,
+            ra.p99_us,
+            rb.p99_us,
+            fmt_opt(ra.server_cpu_us_per_req, 1),
+            fmt_opt(rb.server_cpu_us_per_req, 1),
+            row.other_share() * 100.0,
+            row.attempts,
+            reply_kind(ra),
+            reply_kind(rb),
+            ra.errors,
+            rb.errors
+        )?;
+    }
+    Ok(())
+}
+
+/// The failed calls of every round, if any.
+fn write_errors(
+    out: &mut String,
+    rows: &[Row],
+    (a, b): (&str, &str),
+    errors: u64,
+) -> anyhow::Result<()> {
     if errors > 0 {
         writeln!(
             out,
@@ -796,6 +817,18 @@ fn write_era(
             }
         }
     }
+    Ok(())
+}
+
+/// The run's noise (a self-check) or whether the throughput target is met.
+fn write_target(
+    out: &mut String,
+    era: Era,
+    rps_ratios: &[f64],
+    errors: u64,
+    self_check: bool,
+    (lo, hi): (f64, f64),
+) -> anyhow::Result<()> {
     if self_check {
         let spread = (hi - lo) / 2.0 * 100.0;
         writeln!(
@@ -807,8 +840,8 @@ fn write_era(
             Era::Modern => 2.0,
             Era::Legacy => 1.0,
         };
-        let got = median(&rps_ratios);
-        let verdict = match median_ci95(&rps_ratios) {
+        let got = median(rps_ratios);
+        let verdict = match median_ci95(rps_ratios) {
             _ if errors > 0 => "not met (calls failed)",
             Some((low, _, _)) if low >= target => "met (the whole CI is above it)",
             Some((_, high, _)) if high < target => "not met (the whole CI is below it)",

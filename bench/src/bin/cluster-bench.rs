@@ -17,11 +17,13 @@
 //!   each, reported as a histogram.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use haven_bench::{LoadFlags, haven_serve, mcp_load, median, wait_ready};
+use haven_testkit::{Process, free_port};
 
 #[derive(Parser)]
 #[command(
@@ -81,63 +83,17 @@ enum Cmd {
         /// Rounds; each loads both setups once, in alternating order.
         #[arg(long, default_value_t = 4)]
         rounds: usize,
-        /// Measured seconds per run.
-        #[arg(long, default_value_t = 4.0)]
-        duration: f64,
-        /// Concurrent connections of the load generator.
-        #[arg(long, default_value_t = 16)]
-        connections: usize,
+        #[command(flatten)]
+        load: LoadFlags,
         /// Call notes_put (a durable write) instead of echo.
         #[arg(long)]
         notes_put: bool,
     },
 }
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-async fn http_status(port: u16, path: &str) -> Option<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.ok()?;
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await;
-    String::from_utf8_lossy(&buf)
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-async fn wait_status(port: u16, path: &str, what: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while http_status(port, path).await != Some(200) {
-        if Instant::now() > deadline {
-            bail!("{what} did not become ready");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
-}
-
 struct Region {
     nats: haven_testkit::NatsCluster,
-    nodes: Vec<Option<Proc>>,
+    nodes: Vec<Option<Process>>,
     ports: Vec<u16>,
     store: String,
     haven: PathBuf,
@@ -152,7 +108,7 @@ impl Region {
         let dir = tempfile::tempdir()?;
         let nats = haven_testkit::NatsCluster::start_in(tools).await;
         let store = nats.store_url();
-        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_, _>>()?;
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let mut region = Region {
             nats,
             nodes: vec![None, None, None],
@@ -173,14 +129,8 @@ impl Region {
     }
 
     async fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
-        let child = Command::new(&self.haven)
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{}", self.ports[i]),
-                "--data",
-            ])
-            .arg(self.dir.path().join(format!("node{i}")))
+        let data = self.dir.path().join(format!("node{i}"));
+        let child = haven_serve(&self.haven, self.ports[i], &data)
             .args([
                 "--store",
                 &self.store,
@@ -194,8 +144,8 @@ impl Region {
             .stderr(self.log_file(i)?)
             .spawn()
             .context("starting haven")?;
-        self.nodes[i] = Some(Proc(child));
-        wait_status(self.ports[i], "/readyz", "haven").await
+        self.nodes[i] = Some(Process(child));
+        wait_ready(self.ports[i], "haven").await
     }
 
     /// Node `i`'s log (every process of node `i` appends to it).
@@ -301,16 +251,6 @@ async fn call_once(port: u16) -> bool {
     text.starts_with("HTTP/1.1 200") && text.contains("\"result\"")
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 async fn failover(haven: &Path, tools: &Path, rounds: usize) -> anyhow::Result<()> {
     let mut region = Region::start(haven, tools).await?;
     let mut times = Vec::new();
@@ -358,79 +298,45 @@ async fn failover(haven: &Path, tools: &Path, rounds: usize) -> anyhow::Result<(
     sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
     println!(
         "\nnode failover as a client sees it (kill -9 to the first successful call through HAProxy): median {:.1} ms, min {:.1} ms, max {:.1} ms over {rounds} kills",
-        median(times),
+        median(&times),
         sorted[0],
         sorted[sorted.len() - 1]
     );
     Ok(())
 }
 
-fn load(
-    load_bin: &Path,
-    url: &str,
-    duration: f64,
-    connections: usize,
-    notes_put: bool,
-) -> anyhow::Result<f64> {
-    let mut cmd = Command::new(load_bin);
-    cmd.args([
-        "--url",
-        url,
-        "--era",
-        "2026",
-        "--connections",
-        &connections.to_string(),
-        "--duration",
-        &duration.to_string(),
-        "--warmup",
-        "1",
-    ]);
+fn load(load_bin: &Path, url: &str, flags: &LoadFlags, notes_put: bool) -> anyhow::Result<f64> {
+    let mut args = flags.mcp_load_args(url);
     if notes_put {
-        cmd.arg("--notes-put");
+        args.push("--notes-put".into());
     }
-    let out = cmd.output().context("running mcp-load")?;
-    let line = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(line.trim())
-        .with_context(|| format!("mcp-load: {line} {}", String::from_utf8_lossy(&out.stderr)))?;
-    if v["errors"].as_u64() != Some(0) {
-        bail!("load errors: {v}");
-    }
-    Ok(v["rps"].as_f64().unwrap_or(0.0))
+    Ok(mcp_load(load_bin, &args)?.rps)
 }
 
 async fn throughput(
     haven: &Path,
     tools: &Path,
     rounds: usize,
-    duration: f64,
-    connections: usize,
+    flags: &LoadFlags,
     notes_put: bool,
 ) -> anyhow::Result<()> {
     let load_bin = haven.parent().context("binary directory")?.join("mcp-load");
     let region = Region::start(haven, tools).await?;
     let dir = tempfile::tempdir()?;
-    let port = free_port()?;
-    let _single = Proc(
-        Command::new(haven)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
-            .arg(dir.path().join("single"))
-            .env("HAVEN_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    wait_status(port, "/readyz", "haven").await?;
+    let port = free_port();
+    let _single = Process(haven_serve(haven, port, &dir.path().join("single")).spawn()?);
+    wait_ready(port, "haven").await?;
     let region_url = format!("http://127.0.0.1:{}/mcp", region.proxy_port);
     let single_url = format!("http://127.0.0.1:{port}/mcp");
     let (mut a, mut b, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         let (r, s) = if round % 2 == 0 {
-            let r = load(&load_bin, &region_url, duration, connections, notes_put)?;
-            let s = load(&load_bin, &single_url, duration, connections, notes_put)?;
+            let r = load(&load_bin, &region_url, flags, notes_put)?;
+            let s = load(&load_bin, &single_url, flags, notes_put)?;
             (r, s)
         } else {
-            let s = load(&load_bin, &single_url, duration, connections, notes_put)?;
-            let r = load(&load_bin, &region_url, duration, connections, notes_put)?;
+            let s = load(&load_bin, &single_url, flags, notes_put)?;
+            let r = load(&load_bin, &region_url, flags, notes_put)?;
             (r, s)
         };
         println!("round {round}: region {r:.0} calls/s, one embedded node {s:.0} calls/s");
@@ -442,15 +348,15 @@ async fn throughput(
     println!("\n| setup | median calls/s ({tool}) |\n|---|---|");
     println!(
         "| 3 nodes on a 3-server NATS cluster, through HAProxy | {:.0} |",
-        median(a)
+        median(&a)
     );
     println!(
         "| 1 node on the embedded store, direct | {:.0} |",
-        median(b)
+        median(&b)
     );
     println!(
         "\nratio region/embedded: median {:.3} over {rounds} rounds",
-        median(ratios)
+        median(&ratios)
     );
     Ok(())
 }
@@ -1090,7 +996,7 @@ async fn faults(
     let chaos = started.elapsed();
     // Let the region settle (every node ready), stop the clients once their last calls ended.
     for i in 0..3 {
-        wait_status(region.ports[i], "/readyz", "haven").await?;
+        wait_ready(region.ports[i], "haven").await?;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut records = Vec::new();
@@ -1249,16 +1155,8 @@ fn main() -> anyhow::Result<()> {
         )),
         Cmd::Throughput {
             rounds,
-            duration,
-            connections,
+            load,
             notes_put,
-        } => rt.block_on(throughput(
-            &haven,
-            &tools,
-            rounds,
-            duration,
-            connections,
-            notes_put,
-        )),
+        } => rt.block_on(throughput(&haven, &tools, rounds, &load, notes_put)),
     }
 }

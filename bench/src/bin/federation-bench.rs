@@ -8,12 +8,13 @@
 //! of the median latency, and the ratios federated/direct per round.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use haven_bench::median;
+use haven_bench::{LoadFlags, haven_serve, mcp_load, median, wait_listening};
+use haven_testkit::{Process, free_port};
 
 #[derive(Parser)]
 #[command(about = "Overhead of a federated tools/call against calling the upstream directly")]
@@ -24,33 +25,11 @@ struct Cli {
     /// Rounds; each loads every setup once, in rotating order.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
-    /// Measured seconds per run.
-    #[arg(long, default_value_t = 4.0)]
-    duration: f64,
-    /// Concurrent connections of the load generator.
-    #[arg(long, default_value_t = 16)]
-    connections: usize,
-    /// Protocol era of the client: 2026 (stateless) or legacy.
-    #[arg(long, default_value = "2026")]
-    era: String,
+    #[command(flatten)]
+    load: LoadFlags,
 }
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// One HTTP/1.1 request on loopback (Connection: close); status and body.
+/// One admin API request to Haven on `port` with the bearer `token`; status and body.
 async fn http(
     port: u16,
     method: &str,
@@ -58,36 +37,14 @@ async fn http(
     token: &str,
     body: Option<&serde_json::Value>,
 ) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
+    let auth = format!("Bearer {token}");
+    let headers = [
+        ("Authorization", auth.as_str()),
+        ("Content-Type", "application/json"),
+    ];
     let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.ok()?;
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-    Some((status, body))
-}
-
-async fn wait_listening(port: u16, what: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("{what} did not start listening on {port}")
+    let within = Duration::from_secs(5);
+    haven_testkit::http_request(port, method, path, &headers, Some(&body), within).await
 }
 
 struct Load {
@@ -96,76 +53,18 @@ struct Load {
 }
 
 fn load(load_bin: &Path, url: &str, tool: &str, cli: &Cli) -> anyhow::Result<Load> {
-    let out = Command::new(load_bin)
-        .args([
-            "--url",
-            url,
-            "--era",
-            &cli.era,
-            "--connections",
-            &cli.connections.to_string(),
-            "--duration",
-            &cli.duration.to_string(),
-            "--warmup",
-            "1",
-            "--tool",
-            tool,
-        ])
-        .output()
-        .context("running mcp-load")?;
-    let line = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(line.trim())
-        .with_context(|| format!("mcp-load: {line} {}", String::from_utf8_lossy(&out.stderr)))?;
-    if v["errors"].as_u64() != Some(0) {
-        bail!("load errors calling {tool} at {url}: {v}");
-    }
+    let mut args = cli.load.mcp_load_args(url);
+    args.extend(["--tool".to_owned(), tool.to_owned()]);
+    let report = mcp_load(load_bin, &args)?;
     Ok(Load {
-        rps: v["rps"].as_f64().unwrap_or(0.0),
-        p50_us: v["p50_us"].as_f64().unwrap_or(0.0),
+        rps: report.rps,
+        p50_us: report.p50_us as f64,
     })
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    let me = std::env::current_exe()?;
-    let dir_bin = me.parent().context("binary directory")?;
-    let haven = cli
-        .haven_bin
-        .clone()
-        .unwrap_or_else(|| dir_bin.join("haven"));
-    let load_bin = dir_bin.join("mcp-load");
-    let reference = dir_bin.join("rmcp-reference");
-
-    let up_port = free_port()?;
-    let _upstream = Proc(
-        Command::new(&reference)
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{up_port}"),
-                "--mode",
-                "stateless",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", reference.display()))?,
-    );
-    wait_listening(up_port, "rmcp-reference").await?;
-
-    let data = tempfile::tempdir()?;
-    let port = free_port()?;
-    let token = "federation-bench-token-0123456789";
-    let _haven = Proc(
-        Command::new(&haven)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
-            .arg(data.path().join("data"))
-            .env("HAVEN_ADMIN_TOKEN", token)
-            .env("HAVEN_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", haven.display()))?,
-    );
-    wait_listening(port, "haven").await?;
+/// Registers the upstream on `up_port` as `ref` through Haven's admin API and waits until
+/// Haven is connected to it.
+async fn register_upstream(port: u16, token: &str, up_port: u16) -> anyhow::Result<()> {
     let entry = serde_json::json!({
         "name": "ref",
         "transport": "http",
@@ -193,6 +92,46 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    Ok(())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let me = std::env::current_exe()?;
+    let dir_bin = me.parent().context("binary directory")?;
+    let haven = cli
+        .haven_bin
+        .clone()
+        .unwrap_or_else(|| dir_bin.join("haven"));
+    let load_bin = dir_bin.join("mcp-load");
+    let reference = dir_bin.join("rmcp-reference");
+
+    let up_port = free_port();
+    let _upstream = Process(
+        Command::new(&reference)
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{up_port}"),
+                "--mode",
+                "stateless",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", reference.display()))?,
+    );
+    wait_listening(up_port, "rmcp-reference").await?;
+
+    let data = tempfile::tempdir()?;
+    let port = free_port();
+    let token = "federation-bench-token-0123456789";
+    let _haven = Process(
+        haven_serve(&haven, port, &data.path().join("data"))
+            .env("HAVEN_ADMIN_TOKEN", token)
+            .spawn()
+            .with_context(|| format!("starting {}", haven.display()))?,
+    );
+    wait_listening(port, "haven").await?;
+    register_upstream(port, token, up_port).await?;
 
     let direct = format!("http://127.0.0.1:{up_port}/mcp");
     let through = format!("http://127.0.0.1:{port}/mcp");

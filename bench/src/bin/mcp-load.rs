@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Parser;
 use haven_bench::client::{ClientOptions, McpConnection, ResponseKind, Target};
-use haven_bench::{Era, machine_busy_seconds, process_cpu_seconds, self_cpu_seconds};
+use haven_bench::{
+    Era, LoadReport, machine_busy_seconds, process_cpu_seconds, self_cpu_seconds,
+};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
@@ -66,33 +68,6 @@ struct Args {
     tool: String,
 }
 
-/// The single JSON line printed at the end of a run.
-#[derive(Serialize, Debug)]
-struct Report {
-    url: String,
-    era: String,
-    connections: usize,
-    requests: u64,
-    errors: u64,
-    seconds: f64,
-    rps: f64,
-    p50_us: u64,
-    p90_us: u64,
-    p99_us: u64,
-    max_us: u64,
-    mean_us: f64,
-    json_responses: u64,
-    sse_responses: u64,
-    reconnects: u64,
-    server_cpu_s: Option<f64>,
-    server_cpu_us_per_req: Option<f64>,
-    load_cpu_s: f64,
-    load_cpu_us_per_req: f64,
-    other_cpu_s: Option<f64>,
-    other_cpu_share: Option<f64>,
-    error_samples: BTreeMap<String, u64>,
-}
-
 /// What one connection task measured.
 struct ConnStats {
     hist: Histogram<u64>,
@@ -116,6 +91,19 @@ impl ConnStats {
             reconnects: 0,
             last_done: Instant::now(),
             error_samples: BTreeMap::new(),
+        }
+    }
+
+    /// Adds what another connection measured.
+    fn add(&mut self, stats: ConnStats) {
+        self.hist.add(&stats.hist).expect("same bounds");
+        self.requests += stats.requests;
+        self.errors += stats.errors;
+        self.json += stats.json;
+        self.sse += stats.sse;
+        self.reconnects += stats.reconnects;
+        for (message, count) in stats.error_samples {
+            *self.error_samples.entry(message).or_default() += count;
         }
     }
 
@@ -161,7 +149,7 @@ fn main() {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<Report> {
+async fn run(args: Args) -> anyhow::Result<LoadReport> {
     anyhow::ensure!(args.connections > 0, "--connections must be positive");
     let target = Arc::new(Target::resolve(&args.url).await?);
     let options = Arc::new(ClientOptions {
@@ -228,15 +216,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         let (stats, conn) = task.await?;
         open.push(conn);
         finished = finished.max(stats.last_done);
-        total.hist.add(&stats.hist).expect("same bounds");
-        total.requests += stats.requests;
-        total.errors += stats.errors;
-        total.json += stats.json;
-        total.sse += stats.sse;
-        total.reconnects += stats.reconnects;
-        for (message, count) in stats.error_samples {
-            *total.error_samples.entry(message).or_default() += count;
-        }
+        total.add(stats);
     }
     let (server_cpu_end, load_cpu_end, busy_end) = match end_sampler {
         Some(task) => task.await?,
@@ -260,6 +240,31 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         (Some(a), Some(b)) => Some((b - a - load_cpu_s - server_cpu_s.unwrap_or(0.0)).max(0.0)),
         _ => None,
     };
+    let cpu = Cpu {
+        server_s: server_cpu_s,
+        load_s: load_cpu_s,
+        other_s: other_cpu_s,
+    };
+    Ok(report(args, total, seconds, cpu))
+}
+
+/// CPU seconds used during the measured window.
+struct Cpu {
+    /// By the server (with --server-pid).
+    server_s: Option<f64>,
+    /// By this load generator.
+    load_s: f64,
+    /// By everything else (with /proc/stat).
+    other_s: Option<f64>,
+}
+
+/// The report of a run: `total` measured over `seconds`.
+fn report(args: Args, total: ConnStats, seconds: f64, cpu: Cpu) -> LoadReport {
+    let Cpu {
+        server_s: server_cpu_s,
+        load_s: load_cpu_s,
+        other_s: other_cpu_s,
+    } = cpu;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let hist = &total.hist;
     let quantile = |q: f64| {
@@ -269,7 +274,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
             hist.value_at_quantile(q)
         }
     };
-    Ok(Report {
+    LoadReport {
         url: args.url,
         era: args.era.name().to_owned(),
         connections: args.connections,
@@ -302,7 +307,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         other_cpu_s,
         other_cpu_share: other_cpu_s.map(|cpu| cpu / (seconds * cores)),
         error_samples: total.error_samples,
-    })
+    }
 }
 
 /// Closes every connection (ending legacy sessions) concurrently.

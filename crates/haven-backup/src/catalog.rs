@@ -289,23 +289,16 @@ pub struct ManifestCache {
     generations: std::collections::HashMap<String, GenerationInfo>,
 }
 
-impl Catalog {
-    /// Reads the catalog of `target`.
-    pub async fn load(target: &Target) -> Result<Catalog> {
-        Catalog::load_cached(target, &mut ManifestCache::default()).await
-    }
+/// What a target's `generations/` folder lists: every manifest record (read from the
+/// target, or from the cache when unchanged), the generations named, and the other objects.
+struct Listing {
+    manifests: Vec<(String, Option<bytes::Bytes>)>,
+    generation_ids: std::collections::BTreeSet<String>,
+    objects: Vec<(String, u64)>,
+}
 
-    /// Reads the catalog of `target`, reusing and refreshing `cache`.
-    pub async fn load_cached(target: &Target, cache: &mut ManifestCache) -> Result<Catalog> {
-        let deployment = match target.get(DEPLOYMENT_KEY).await? {
-            None => None,
-            Some(b) => Some(serde_json::from_slice::<Deployment>(&b).map_err(|e| {
-                BackupError::Damaged {
-                    object: DEPLOYMENT_KEY.into(),
-                    reason: format!("cannot parse: {e}"),
-                }
-            })?),
-        };
+impl Listing {
+    async fn read(target: &Target, cache: &mut ManifestCache) -> Result<Listing> {
         let listed = target.list("generations/").await?;
         let mut manifest_keys = Vec::new();
         let mut cached = Vec::new();
@@ -329,27 +322,84 @@ impl Catalog {
                 }
             }
         }
-        let mut fetched: Vec<(String, Option<bytes::Bytes>)> = futures::stream::iter(manifest_keys)
-            .map(|(k, modified)| {
-                let target = target.clone();
-                async move { target.get(&k).await.map(|b| (k, modified, b)) }
-            })
-            .buffer_unordered(32)
-            .try_collect::<Vec<_>>()
-            .await?
-            .into_iter()
-            .map(|(k, modified, b)| {
-                if let Some(b) = &b {
-                    cache.records.insert(k.clone(), (modified, b.clone()));
-                }
-                (k, b)
-            })
-            .collect();
+        let mut manifests: Vec<(String, Option<bytes::Bytes>)> =
+            futures::stream::iter(manifest_keys)
+                .map(|(k, modified)| {
+                    let target = target.clone();
+                    async move { target.get(&k).await.map(|b| (k, modified, b)) }
+                })
+                .buffer_unordered(32)
+                .try_collect::<Vec<_>>()
+                .await?
+                .into_iter()
+                .map(|(k, modified, b)| {
+                    if let Some(b) = &b {
+                        cache.records.insert(k.clone(), (modified, b.clone()));
+                    }
+                    (k, b)
+                })
+                .collect();
         // Forget records that are gone from the target.
         let listed: std::collections::HashSet<&str> =
             listed.iter().map(|l| l.key.as_str()).collect();
         cache.records.retain(|k, _| listed.contains(k.as_str()));
-        fetched.append(&mut cached);
+        manifests.append(&mut cached);
+        Ok(Listing {
+            manifests,
+            generation_ids,
+            objects,
+        })
+    }
+}
+
+/// The objects of `objects` that no manifest record names (leftovers of interrupted uploads).
+fn unreferenced(
+    by_gen: &std::collections::BTreeMap<String, Generation>,
+    bad_manifests: &[(String, String)],
+    objects: Vec<(String, u64)>,
+) -> Vec<(String, u64)> {
+    let mut referenced: std::collections::HashSet<String> = by_gen
+        .values()
+        .flat_map(|g| g.entries().map(|e| e.object.clone()))
+        .collect();
+    // An unreadable manifest record still names its object: never treat that object as
+    // a leftover (retention would delete it).
+    for (key, _) in bad_manifests {
+        if let Some((g, kind, first, last)) = parse_manifest_key(key) {
+            referenced.insert(match kind {
+                ObjectKind::Segment => crate::manifest::segment_key(&g, first, last),
+                ObjectKind::Snapshot => crate::manifest::snapshot_key(&g, last),
+            });
+        }
+    }
+    objects
+        .into_iter()
+        .filter(|(k, _)| !referenced.contains(k.as_str()))
+        .collect()
+}
+
+impl Catalog {
+    /// Reads the catalog of `target`.
+    pub async fn load(target: &Target) -> Result<Catalog> {
+        Catalog::load_cached(target, &mut ManifestCache::default()).await
+    }
+
+    /// Reads the catalog of `target`, reusing and refreshing `cache`.
+    pub async fn load_cached(target: &Target, cache: &mut ManifestCache) -> Result<Catalog> {
+        let deployment = match target.get(DEPLOYMENT_KEY).await? {
+            None => None,
+            Some(b) => Some(serde_json::from_slice::<Deployment>(&b).map_err(|e| {
+                BackupError::Damaged {
+                    object: DEPLOYMENT_KEY.into(),
+                    reason: format!("cannot parse: {e}"),
+                }
+            })?),
+        };
+        let Listing {
+            manifests: fetched,
+            generation_ids,
+            objects,
+        } = Listing::read(target, cache).await?;
         let mut catalog = Catalog {
             deployment,
             ..Catalog::default()
@@ -398,24 +448,7 @@ impl Catalog {
             g.snapshots.sort_by_key(|e| e.last_seq);
             g.segments.sort_by_key(|e| (e.first_seq, e.last_seq));
         }
-        let mut referenced: std::collections::HashSet<String> = by_gen
-            .values()
-            .flat_map(|g| g.entries().map(|e| e.object.clone()))
-            .collect();
-        // An unreadable manifest record still names its object: never treat that object as
-        // a leftover (retention would delete it).
-        for (key, _) in &catalog.bad_manifests {
-            if let Some((g, kind, first, last)) = parse_manifest_key(key) {
-                referenced.insert(match kind {
-                    ObjectKind::Segment => crate::manifest::segment_key(&g, first, last),
-                    ObjectKind::Snapshot => crate::manifest::snapshot_key(&g, last),
-                });
-            }
-        }
-        catalog.unreferenced = objects
-            .into_iter()
-            .filter(|(k, _)| !referenced.contains(k.as_str()))
-            .collect();
+        catalog.unreferenced = unreferenced(&by_gen, &catalog.bad_manifests, objects);
         catalog.generations = by_gen.into_values().collect();
         Ok(catalog)
     }

@@ -7,7 +7,7 @@ use futures::StreamExt;
 use haven_state::{LogEntry, Restorer};
 use serde::Serialize;
 
-use crate::catalog::{Catalog, Point};
+use crate::catalog::{Catalog, Plan, Point};
 use crate::crypto::BackupKey;
 use crate::error::{BackupError, Result};
 use crate::target::Target;
@@ -189,29 +189,8 @@ async fn build(
     dir: &Path,
     progress: &(dyn Fn(u64, u64, u64) + Send + Sync),
 ) -> Result<RestoreReport> {
-    let mut problems = Vec::new();
-    let mut skip = Vec::new();
-    // The newest intact snapshot at or before the point.
-    let (plan, snapshot_entries) = loop {
-        let plan = match generation.plan(opts.point, &skip) {
-            Ok(p) => p,
-            Err(e) if problems.is_empty() => return Err(e),
-            Err(_) => {
-                let list: Vec<String> = problems.iter().map(ToString::to_string).collect();
-                return Err(BackupError::NothingToRestore(format!(
-                    "no intact snapshot at or before that point: {}",
-                    list.join("; ")
-                )));
-            }
-        };
-        match fetch_checked(target, key, deployment, &plan.snapshot).await {
-            Ok(entries) => break (plan, entries),
-            Err(p) => {
-                skip.push(plan.snapshot.object.clone());
-                problems.push(p);
-            }
-        }
-    };
+    let (plan, snapshot_entries, problems) =
+        intact_snapshot(target, key, deployment, generation, opts.point).await?;
     let total = 1 + plan.segments.len() as u64;
     let mut restorer = Restorer::create(dir)?;
     let mut report = RestoreReport {
@@ -280,8 +259,57 @@ async fn build(
             break;
         }
     }
+    if !stopped {
+        note_loss_at_end(&mut report, generation, &plan, opts.point);
+    }
+    restorer.finish(report.restored_seq)?;
+    Ok(report)
+}
+
+/// The newest snapshot at or before `point` that is intact (damaged ones are skipped), its
+/// plan and entries, and the problems of the snapshots skipped.
+async fn intact_snapshot(
+    target: &Target,
+    key: &BackupKey,
+    deployment: &str,
+    generation: &crate::catalog::Generation,
+    point: Point,
+) -> Result<(Plan, Vec<LogEntry>, Vec<Problem>)> {
+    let mut problems = Vec::new();
+    let mut skip = Vec::new();
+    loop {
+        let plan = match generation.plan(point, &skip) {
+            Ok(p) => p,
+            Err(e) if problems.is_empty() => return Err(e),
+            Err(_) => {
+                let list: Vec<String> = problems.iter().map(ToString::to_string).collect();
+                return Err(BackupError::NothingToRestore(format!(
+                    "no intact snapshot at or before that point: {}",
+                    list.join("; ")
+                )));
+            }
+        };
+        match fetch_checked(target, key, deployment, &plan.snapshot).await {
+            Ok(entries) => return Ok((plan, entries, problems)),
+            Err(p) => {
+                skip.push(plan.snapshot.object.clone());
+                problems.push(p);
+            }
+        }
+    }
+}
+
+/// After every segment of the plan was restored (none was damaged and the point was not
+/// passed): records as lost what the point asked for beyond the end of the chain, or beyond a
+/// break in it.
+fn note_loss_at_end(
+    report: &mut RestoreReport,
+    generation: &crate::catalog::Generation,
+    plan: &Plan,
+    point: Point,
+) {
     // A sequence beyond the end of the chain is a loss too.
-    if let (Point::Seq(n), false, true) = (opts.point, stopped, report.complete)
+    if let (Point::Seq(n), true) = (point, report.complete)
         && report.restored_seq < n
     {
         report.complete = false;
@@ -296,9 +324,9 @@ async fn build(
         });
     }
     // A break in the chain before the point is a loss too.
-    if !stopped && report.complete {
+    if report.complete {
         let (_, gap) = generation.chain_after(&plan.snapshot);
-        let wanted_more = match opts.point {
+        let wanted_more = match point {
             Point::Seq(n) => report.restored_seq < n,
             Point::Latest => true,
             Point::Time(t) => gap.as_ref().is_some_and(|g| g.resumes_at_millis <= t),
@@ -318,8 +346,6 @@ async fn build(
             });
         }
     }
-    restorer.finish(report.restored_seq)?;
-    Ok(report)
 }
 
 fn write_chunked(restorer: &mut Restorer, entries: &[LogEntry]) -> Result<()> {

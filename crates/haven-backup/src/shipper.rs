@@ -422,58 +422,10 @@ impl Shipper {
         if self.generation.is_some() {
             return Ok(());
         }
-        let key = &self.config.key;
-        match self.target.get(DEPLOYMENT_KEY).await? {
-            Some(b) => {
-                let d: Deployment =
-                    serde_json::from_slice(&b).map_err(|e| BackupError::Damaged {
-                        object: DEPLOYMENT_KEY.into(),
-                        reason: format!("cannot parse: {e}"),
-                    })?;
-                if d.id != self.deployment {
-                    return Err(BackupError::OtherDeployment {
-                        target: self.target.url().to_owned(),
-                        expected: self.deployment.clone(),
-                        found: d.id,
-                    });
-                }
-                if d.key_fingerprint != key.fingerprint() {
-                    return Err(BackupError::WrongKey {
-                        target: self.target.url().to_owned(),
-                        expected: d.key_fingerprint,
-                        found: key.fingerprint(),
-                    });
-                }
-            }
-            None => {
-                let d = Deployment {
-                    id: self.deployment.clone(),
-                    format: FORMAT,
-                    key_fingerprint: key.fingerprint(),
-                    created_millis: self.now(),
-                };
-                self.target
-                    .put(
-                        DEPLOYMENT_KEY,
-                        serde_json::to_vec_pretty(&d).expect("json"),
-                        None,
-                    )
-                    .await?;
-            }
-        }
+        self.claim_deployment().await?;
         let catalog = Catalog::load_cached(&self.target, &mut self.manifests).await?;
         let local_seq = self.store.last_seq().await?;
-        let remembered: Option<LocalGeneration> = if self.store.shared() {
-            // A cluster: the generation belongs to the region, whichever node ships it.
-            self.store
-                .get(DEPLOYMENT_NAMESPACE, GENERATION_RECORD)
-                .await?
-                .and_then(|r| serde_json::from_slice(r.value()).ok())
-        } else {
-            std::fs::read(&self.state_file)
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok())
-        };
+        let remembered = self.remembered_generation().await?;
         let continued = remembered
             .filter(|r| r.target == self.target.url() && r.deployment == self.deployment)
             .and_then(|r| catalog.generation(&r.generation).cloned())
@@ -513,6 +465,80 @@ impl Shipper {
             self.snapshot(true).await?;
             tracing::info!(generation = %id, seq = self.shipped_seq, "started a new backup generation");
         }
+        self.remember_generation().await?;
+        if let Some(v) = verify::load_latest(&self.target).await? {
+            self.last_verify = Some(v.checked_at_millis);
+            self.status.lock().last_verification = Some(summary(&v));
+        }
+        let mut s = self.status.lock();
+        s.generation = self.generation.clone();
+        s.shipped_seq = self.shipped_seq;
+        s.last_snapshot_seq = self.last_snapshot_seq;
+        s.last_snapshot_millis = self.last_snapshot_created;
+        Ok(())
+    }
+
+    /// Checks that the target belongs to this deployment and key (claiming an empty target).
+    async fn claim_deployment(&self) -> Result<()> {
+        let key = &self.config.key;
+        match self.target.get(DEPLOYMENT_KEY).await? {
+            Some(b) => {
+                let d: Deployment =
+                    serde_json::from_slice(&b).map_err(|e| BackupError::Damaged {
+                        object: DEPLOYMENT_KEY.into(),
+                        reason: format!("cannot parse: {e}"),
+                    })?;
+                if d.id != self.deployment {
+                    return Err(BackupError::OtherDeployment {
+                        target: self.target.url().to_owned(),
+                        expected: self.deployment.clone(),
+                        found: d.id,
+                    });
+                }
+                if d.key_fingerprint != key.fingerprint() {
+                    return Err(BackupError::WrongKey {
+                        target: self.target.url().to_owned(),
+                        expected: d.key_fingerprint,
+                        found: key.fingerprint(),
+                    });
+                }
+            }
+            None => {
+                let d = Deployment {
+                    id: self.deployment.clone(),
+                    format: FORMAT,
+                    key_fingerprint: key.fingerprint(),
+                    created_millis: self.now(),
+                };
+                self.target
+                    .put(
+                        DEPLOYMENT_KEY,
+                        serde_json::to_vec_pretty(&d).expect("json"),
+                        None,
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The generation this node (or, in a cluster, this region) last shipped, if recorded.
+    async fn remembered_generation(&self) -> Result<Option<LocalGeneration>> {
+        Ok(if self.store.shared() {
+            // A cluster: the generation belongs to the region, whichever node ships it.
+            self.store
+                .get(DEPLOYMENT_NAMESPACE, GENERATION_RECORD)
+                .await?
+                .and_then(|r| serde_json::from_slice(r.value()).ok())
+        } else {
+            std::fs::read(&self.state_file)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+        })
+    }
+
+    /// Records the generation being shipped, for the next start (of any node of the region).
+    async fn remember_generation(&self) -> Result<()> {
         let local = LocalGeneration {
             generation: self.generation.clone().expect("set"),
             target: self.target.url().to_owned(),
@@ -533,15 +559,6 @@ impl Shipper {
             )
             .map_err(|e| BackupError::io(format!("writing {}", self.state_file.display()), e))?;
         }
-        if let Some(v) = verify::load_latest(&self.target).await? {
-            self.last_verify = Some(v.checked_at_millis);
-            self.status.lock().last_verification = Some(summary(&v));
-        }
-        let mut s = self.status.lock();
-        s.generation = self.generation.clone();
-        s.shipped_seq = self.shipped_seq;
-        s.last_snapshot_seq = self.last_snapshot_seq;
-        s.last_snapshot_millis = self.last_snapshot_created;
         Ok(())
     }
 
@@ -597,24 +614,7 @@ impl Shipper {
             generation: generation.clone(),
             ..ShipReport::default()
         };
-        let until = self.store.last_seq().await?;
-        while self.shipped_seq < until {
-            let entries = self
-                .store
-                .read_log(self.shipped_seq + 1, MAX_SEGMENT_ENTRIES)
-                .await?;
-            let Some(first) = entries.first() else { break };
-            if first.seq != self.shipped_seq + 1 {
-                // The log has a hole here (it was restored from a snapshot): bridge it with a
-                // snapshot, which holds the state at its end, and continue after it.
-                self.snapshot(true).await?;
-                report.snapshot = true;
-                continue;
-            }
-            let n = self.ship_segment(&generation, entries).await?;
-            report.segments += 1;
-            report.entries += n;
-        }
+        self.ship_log(&generation, true, &mut report).await?;
         let due = self.last_snapshot_created.is_none_or(|at| {
             self.now().saturating_sub(at) >= self.config.snapshot_interval.as_millis() as u64
         });
@@ -625,22 +625,7 @@ impl Shipper {
             report.snapshot = true;
             // Changes committed while the snapshot was read also go out as segments, so
             // that every point stays restorable (the chain of segments has no hole).
-            let until = self.store.last_seq().await?;
-            while self.shipped_seq < until {
-                let entries = self
-                    .store
-                    .read_log(self.shipped_seq + 1, MAX_SEGMENT_ENTRIES)
-                    .await?;
-                if entries
-                    .first()
-                    .is_none_or(|f| f.seq != self.shipped_seq + 1)
-                {
-                    break;
-                }
-                let n = self.ship_segment(&generation, entries).await?;
-                report.segments += 1;
-                report.entries += n;
-            }
+            self.ship_log(&generation, false, &mut report).await?;
         }
         report.shipped_seq = self.shipped_seq;
         let now = self.now();
@@ -650,6 +635,37 @@ impl Shipper {
         s.shipped_seq = self.shipped_seq;
         s.last_ship_millis = Some(now);
         Ok(report)
+    }
+
+    /// Ships the log from after `shipped_seq` up to its current end as segments. A hole in the
+    /// log (it was restored from a snapshot) is bridged with a snapshot, which holds the state
+    /// at its end, when `bridge_holes` is set; otherwise shipping stops there.
+    async fn ship_log(
+        &mut self,
+        generation: &str,
+        bridge_holes: bool,
+        report: &mut ShipReport,
+    ) -> Result<()> {
+        let until = self.store.last_seq().await?;
+        while self.shipped_seq < until {
+            let entries = self
+                .store
+                .read_log(self.shipped_seq + 1, MAX_SEGMENT_ENTRIES)
+                .await?;
+            let Some(first) = entries.first() else { break };
+            if first.seq != self.shipped_seq + 1 {
+                if !bridge_holes {
+                    break;
+                }
+                self.snapshot(true).await?;
+                report.snapshot = true;
+                continue;
+            }
+            let n = self.ship_segment(generation, entries).await?;
+            report.segments += 1;
+            report.entries += n;
+        }
+        Ok(())
     }
 
     /// Writes one segment from `entries` (contiguous, starting after `shipped_seq`), cut at

@@ -122,6 +122,7 @@ async fn do_restore(
     (out, report)
 }
 
+// Long by design: rounds of writes and shipping, then a restore at every recorded point.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_at_several_points_equals_the_recorded_state() {
     let clock = Arc::new(ManualClock::new(T0));

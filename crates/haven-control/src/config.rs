@@ -302,12 +302,11 @@ fn default_value(d: &SettingDef) -> Value {
     parse_value(d.key, d.default).expect("defaults are valid")
 }
 
-/// Folds stored settings into a snapshot.
-fn fold(stored: &BTreeMap<String, StoredSetting>, applied_seq: u64, now: u64) -> Snapshot {
-    let mut entries = BTreeMap::new();
-    for d in SETTINGS {
+impl ConfigEntry {
+    /// Setting `d` at its default value.
+    fn default_of(d: &SettingDef) -> ConfigEntry {
         let default = default_value(d);
-        let mut entry = ConfigEntry {
+        ConfigEntry {
             key: d.key.to_owned(),
             value: default.clone(),
             default,
@@ -315,7 +314,15 @@ fn fold(stored: &BTreeMap<String, StoredSetting>, applied_seq: u64, now: u64) ->
             set_millis: None,
             set_by: None,
             help: d.help.to_owned(),
-        };
+        }
+    }
+}
+
+/// Folds stored settings into a snapshot.
+fn fold(stored: &BTreeMap<String, StoredSetting>, applied_seq: u64, now: u64) -> Snapshot {
+    let mut entries = BTreeMap::new();
+    for d in SETTINGS {
+        let mut entry = ConfigEntry::default_of(d);
         if let Some(s) = stored.get(d.key) {
             match check_stored(d.key, &s.value) {
                 Ok(v) => {
@@ -494,16 +501,7 @@ impl ConfigService {
         self.store
             .commit(Batch::new().delete(CONFIG_NS, key))
             .await?;
-        let default = default_value(d);
-        Ok(ConfigEntry {
-            key: key.to_owned(),
-            value: default.clone(),
-            default,
-            source: "default".into(),
-            set_millis: None,
-            set_by: None,
-            help: d.help.to_owned(),
-        })
+        Ok(ConfigEntry::default_of(d))
     }
 
     /// Every setting as stored now (read from the store, not from this node's snapshot).
@@ -526,22 +524,14 @@ impl ConfigService {
 
 async fn load_all(store: &dyn Store) -> Result<BTreeMap<String, StoredSetting>, ConfigError> {
     let mut out = BTreeMap::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = store.scan(CONFIG_NS, "", after.as_deref(), 256).await?;
-        for r in &page.records {
-            match serde_json::from_slice::<StoredSetting>(r.value()) {
-                Ok(s) => {
-                    out.insert(r.record.key.clone(), s);
-                }
-                Err(e) => {
-                    tracing::warn!(key = %r.record.key, error = %e, "unreadable setting record")
-                }
+    for r in store.scan_all(CONFIG_NS, "").await? {
+        match serde_json::from_slice::<StoredSetting>(r.value()) {
+            Ok(s) => {
+                out.insert(r.record.key, s);
             }
-        }
-        match page.next_after {
-            Some(a) => after = Some(a),
-            None => break,
+            Err(e) => {
+                tracing::warn!(key = %r.record.key, error = %e, "unreadable setting record")
+            }
         }
     }
     Ok(out)

@@ -3,11 +3,11 @@
 //! - [`registry`]: the upstream MCP servers Haven federates (one last-writer-wins record per
 //!   upstream, tombstoned on removal);
 //! - [`config`]: runtime settings every node watches and applies without a restart;
-//! - [`secrets`]: secret values under envelope encryption (a data key per secret, wrapped by a
-//!   key-encryption key that never enters the store).
 //!
-//! This crate sits on the state layer: it depends on `haven-state` only.
+//! Secret values (and the `${secret:NAME}` references registry entries make to them) are the
+//! `haven-secrets` crate's.
+//!
+//! This crate sits on the state layer: it depends on `haven-state` and `haven-secrets` only.
 
 pub mod config;
 pub mod registry;
-pub mod secrets;

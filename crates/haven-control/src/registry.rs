@@ -117,58 +117,12 @@ pub fn validate_name(name: &str) -> Result<(), RegistryError> {
     }
 }
 
-/// A reference to a secret inside a header or environment value: `${secret:NAME}`.
-const SECRET_OPEN: &str = "${secret:";
+pub use haven_secrets::template::{Piece, is_secret_name_char};
 
-/// Whether `c` may appear in a secret name.
-pub fn is_secret_name_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/')
-}
-
-/// One piece of a value template.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Piece<'a> {
-    /// Literal text.
-    Text(&'a str),
-    /// A secret's value.
-    Secret(&'a str),
-}
-
-/// Splits a value into literal text and secret references. An unterminated or empty
-/// reference is an error.
+/// Splits a value into literal text and secret references (see
+/// [`haven_secrets::template::parse_template`]); a malformed reference makes the entry invalid.
 pub fn parse_template(value: &str) -> Result<Vec<Piece<'_>>, RegistryError> {
-    let mut pieces = Vec::new();
-    let mut rest = value;
-    while let Some(at) = rest.find(SECRET_OPEN) {
-        if at > 0 {
-            pieces.push(Piece::Text(&rest[..at]));
-        }
-        let after = &rest[at + SECRET_OPEN.len()..];
-        let Some(end) = after.find('}') else {
-            return Err(RegistryError::Invalid(format!(
-                "unterminated secret reference in '{}': write ${{secret:NAME}}",
-                redact_template(value)
-            )));
-        };
-        let name = &after[..end];
-        if name.is_empty() || !name.chars().all(is_secret_name_char) {
-            return Err(RegistryError::Invalid(format!(
-                "bad secret reference '${{secret:{name}}}': a secret name is letters, digits, '_', '-', '.' and '/'"
-            )));
-        }
-        pieces.push(Piece::Secret(name));
-        rest = &after[end + 1..];
-    }
-    if !rest.is_empty() {
-        pieces.push(Piece::Text(rest));
-    }
-    Ok(pieces)
-}
-
-/// A value with every literal part kept and every secret reference kept as written (templates
-/// hold no secret values, so they may be shown; this only guards against printing garbage).
-fn redact_template(value: &str) -> String {
-    value.chars().take(80).collect()
+    haven_secrets::template::parse_template(value).map_err(|e| RegistryError::Invalid(e.0))
 }
 
 impl UpstreamSpec {
@@ -324,22 +278,11 @@ impl Registry {
 
     /// Every registered upstream, by name.
     pub async fn list(&self) -> Result<Vec<UpstreamSpec>, RegistryError> {
-        let mut out = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = self
-                .store
-                .scan(REGISTRY_NS, "", after.as_deref(), 256)
-                .await?;
-            for r in &page.records {
-                out.push(decode(&r.record.key, r.value())?);
-            }
-            match page.next_after {
-                Some(a) => after = Some(a),
-                None => break,
-            }
-        }
-        Ok(out)
+        let records = self.store.scan_all(REGISTRY_NS, "").await?;
+        records
+            .iter()
+            .map(|r| decode(&r.record.key, r.value()))
+            .collect()
     }
 
     /// One upstream.
@@ -482,16 +425,7 @@ mod tests {
     }
 
     #[test]
-    fn templates_split_into_text_and_secrets() {
-        assert_eq!(
-            parse_template("Bearer ${secret:api/token} x").unwrap(),
-            vec![
-                Piece::Text("Bearer "),
-                Piece::Secret("api/token"),
-                Piece::Text(" x")
-            ]
-        );
-        assert!(parse_template("${secret:}").is_err());
+    fn secret_references_are_collected() {
         assert!(parse_template("${secret:a b}").is_err());
         let mut s = http("x", "http://127.0.0.1:1/mcp");
         if let Transport::Http { headers, .. } = &mut s.transport {

@@ -1,7 +1,7 @@
 //! Opening a connection to an upstream (stdio child process or Streamable HTTP) and the client
 //! handler that receives the upstream's notifications and requests.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +19,9 @@ use rmcp::model::{
     LoggingMessageNotificationParam, ProgressNotificationParam, ProgressToken, ProtocolVersion,
     ResourceUpdatedNotificationParam,
 };
-use rmcp::service::{NotificationContext, Peer, RequestContext as RmcpContext, RoleClient};
+use rmcp::service::{
+    NotificationContext, Peer, RequestContext as RmcpContext, RoleClient, RunningService,
+};
 use rmcp::transport::streamable_http_client::{
     StreamableHttpClientTransportConfig, StreamableHttpError,
 };
@@ -165,75 +167,17 @@ pub(crate) async fn open(
             env,
             cwd,
         } => {
-            let mut cmd = tokio::process::Command::new(command);
-            cmd.args(args).kill_on_drop(true);
-            // A stdio upstream gets a clean environment: the few variables a program needs
-            // to run, then its configured ones; never Haven's own (keys, tokens, cloud
-            // credentials).
-            cmd.env_clear();
-            for k in INHERITED_ENV {
-                if let Some(v) = std::env::var_os(k) {
-                    cmd.env(k, v);
-                }
-            }
-            for (k, v) in env {
-                let value = secrets
-                    .expand(v)
-                    .await
-                    .map_err(|e| format!("environment variable {k}: {e}"))?;
-                cmd.env(k, value);
-            }
-            if let Some(dir) = cwd {
-                if !std::path::Path::new(dir).is_dir() {
-                    return Err(format!("the working directory '{dir}' does not exist"));
-                }
-                cmd.current_dir(dir);
-            }
-            let (child, stderr) = TokioChildProcess::builder(cmd)
-                .stderr(Stdio::piped())
-                .spawn()
-                .map_err(|e| format!("cannot start '{command}': {e}"))?;
-            let pid = child.id();
-            if let Some(stderr) = stderr {
-                let name = spec.name.clone();
-                tokio::spawn(async move {
-                    let mut lines = tokio::io::BufReader::new(stderr).lines();
-                    while let Ok(Some(line)) = lines.next_line().await {
-                        tracing::debug!(upstream = %name, "stderr: {line}");
-                    }
-                });
-            }
-            let running = rmcp::service::serve_client_with_ct(handler, child, ct.clone())
-                .await
-                .map_err(|e| format!("MCP handshake failed: {e}"))?;
-            (running, pid)
+            let process = Process {
+                name: &spec.name,
+                command,
+                args,
+                env,
+                cwd: cwd.as_deref(),
+            };
+            open_stdio(process, handler, secrets, ct.clone()).await?
         }
         Transport::Http { url, headers } => {
-            let mut custom = HashMap::new();
-            for (k, v) in headers {
-                let name = http::HeaderName::from_bytes(k.as_bytes())
-                    .map_err(|_| format!("'{k}' is not a valid header name"))?;
-                let value = secrets
-                    .expand(v)
-                    .await
-                    .map_err(|e| format!("header {k}: {e}"))?;
-                let mut value = http::HeaderValue::from_str(&value)
-                    .map_err(|_| format!("header {k}: the value is not a valid header value"))?;
-                value.set_sensitive(true);
-                custom.insert(name, value);
-            }
-            let client = reqwest::Client::builder()
-                .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
-                .build()
-                .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
-            let config = StreamableHttpClientTransportConfig::with_uri(url.as_str())
-                .custom_headers(custom)
-                .reinit_on_expired_session(true);
-            let transport = StreamableHttpClientTransport::with_client(client, config);
-            let running = rmcp::service::serve_client_with_ct(handler, transport, ct.clone())
-                .await
-                .map_err(|e| format!("MCP handshake failed: {e}"))?;
-            (running, None)
+            open_http(url, headers, handler, secrets, settings, ct.clone()).await?
         }
     };
     let peer = running.peer().clone();
@@ -252,6 +196,114 @@ pub(crate) async fn open(
         done,
         pid,
     })
+}
+
+/// A connection the upstream serves, and the process id of a stdio upstream.
+type Running = (RunningService<RoleClient, Handler>, Option<u32>);
+
+/// How a stdio upstream is started.
+struct Process<'a> {
+    name: &'a str,
+    command: &'a str,
+    args: &'a [String],
+    env: &'a BTreeMap<String, String>,
+    cwd: Option<&'a str>,
+}
+
+/// Starts a stdio upstream (in a clean environment, its stderr to the log) and completes the
+/// MCP handshake over its stdin/stdout.
+async fn open_stdio(
+    p: Process<'_>,
+    handler: Handler,
+    secrets: &dyn SecretResolver,
+    ct: CancellationToken,
+) -> Result<Running, String> {
+    let Process {
+        name,
+        command,
+        args,
+        env,
+        cwd,
+    } = p;
+    let mut cmd = tokio::process::Command::new(command);
+    cmd.args(args).kill_on_drop(true);
+    // A stdio upstream gets a clean environment: the few variables a program needs
+    // to run, then its configured ones; never Haven's own (keys, tokens, cloud
+    // credentials).
+    cmd.env_clear();
+    for k in INHERITED_ENV {
+        if let Some(v) = std::env::var_os(k) {
+            cmd.env(k, v);
+        }
+    }
+    for (k, v) in env {
+        let value = secrets
+            .expand(v)
+            .await
+            .map_err(|e| format!("environment variable {k}: {e}"))?;
+        cmd.env(k, value);
+    }
+    if let Some(dir) = cwd {
+        if !std::path::Path::new(dir).is_dir() {
+            return Err(format!("the working directory '{dir}' does not exist"));
+        }
+        cmd.current_dir(dir);
+    }
+    let (child, stderr) = TokioChildProcess::builder(cmd)
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start '{command}': {e}"))?;
+    let pid = child.id();
+    if let Some(stderr) = stderr {
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                tracing::debug!(upstream = %name, "stderr: {line}");
+            }
+        });
+    }
+    let running = rmcp::service::serve_client_with_ct(handler, child, ct)
+        .await
+        .map_err(|e| format!("MCP handshake failed: {e}"))?;
+    Ok((running, pid))
+}
+
+/// Connects to a Streamable HTTP upstream with its configured headers (secret references
+/// expanded now) and completes the MCP handshake.
+async fn open_http(
+    url: &str,
+    headers: &BTreeMap<String, String>,
+    handler: Handler,
+    secrets: &dyn SecretResolver,
+    settings: &UpstreamSettings,
+    ct: CancellationToken,
+) -> Result<Running, String> {
+    let mut custom = HashMap::new();
+    for (k, v) in headers {
+        let name = http::HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| format!("'{k}' is not a valid header name"))?;
+        let value = secrets
+            .expand(v)
+            .await
+            .map_err(|e| format!("header {k}: {e}"))?;
+        let mut value = http::HeaderValue::from_str(&value)
+            .map_err(|_| format!("header {k}: the value is not a valid header value"))?;
+        value.set_sensitive(true);
+        custom.insert(name, value);
+    }
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
+        .build()
+        .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+    let config = StreamableHttpClientTransportConfig::with_uri(url)
+        .custom_headers(custom)
+        .reinit_on_expired_session(true);
+    let transport = StreamableHttpClientTransport::with_client(client, config);
+    let running = rmcp::service::serve_client_with_ct(handler, transport, ct)
+        .await
+        .map_err(|e| format!("MCP handshake failed: {e}"))?;
+    Ok((running, None))
 }
 
 /// Whether a failed send provably never reached the upstream: the connection was refused, or

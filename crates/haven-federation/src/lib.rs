@@ -89,9 +89,9 @@ pub trait SecretResolver: Send + Sync + 'static {
 
 /// Haven's secrets service expands references with the secrets stored (encrypted) in the store.
 #[async_trait]
-impl SecretResolver for haven_control::secrets::Secrets {
+impl SecretResolver for haven_secrets::Secrets {
     async fn expand(&self, template: &str) -> Result<String, String> {
-        haven_control::secrets::Secrets::expand(self, template)
+        haven_secrets::Secrets::expand(self, template)
             .await
             .map(|v| v.as_str().to_owned())
             .map_err(|e| e.to_string())

@@ -177,19 +177,14 @@ pub(crate) async fn scan_all(
     store: &dyn Store,
     namespace: &str,
 ) -> Result<BTreeMap<String, (u64, Vec<u8>)>, StoreError> {
-    let mut out = BTreeMap::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = store.scan(namespace, "", after.as_deref(), 256).await?;
-        for r in page.records {
+    let records = store.scan_all(namespace, "").await?;
+    Ok(records
+        .into_iter()
+        .map(|r| {
             let value = r.value().to_vec();
-            out.insert(r.record.key, (r.revision, value));
-        }
-        match page.next_after {
-            Some(a) => after = Some(a),
-            None => return Ok(out),
-        }
-    }
+            (r.record.key, (r.revision, value))
+        })
+        .collect())
 }
 
 /// The registered upstreams (unreadable entries are skipped with a warning).

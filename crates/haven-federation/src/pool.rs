@@ -19,7 +19,7 @@ use tokio::sync::{Notify, broadcast, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::breaker::Breaker;
+use crate::breaker::{Admit, Breaker};
 use crate::connect::{self, Handler, ProgressMap};
 use crate::lists::{self, LISTS_NS, UpstreamLists};
 use crate::{
@@ -409,62 +409,90 @@ impl Upstreams {
         }
         let settings = self.inner.shared.settings();
         let timeout = entry.spec.timeout(settings.timeout_ms);
-        let timeout_ms = timeout.as_millis() as u64;
         let deadline = tokio::time::Instant::now() + timeout;
-
-        let admitted = entry.st.lock().breaker.admit(Instant::now());
-        let admit = match admitted {
-            Ok(a) => a,
-            Err(left) => {
-                entry.update(|st| st.calls_failed += 1);
-                let message = if left.is_zero() {
-                    format!(
-                        "upstream '{name}' is failing (circuit breaker half-open, a trial call is running); try again shortly"
-                    )
-                } else {
-                    format!(
-                        "upstream '{name}' is failing (circuit breaker open after {} consecutive failures); calls are refused for another {} ms",
-                        settings.breaker_failures,
-                        left.as_millis()
-                    )
-                };
-                return Err(error(UPSTREAM_UNAVAILABLE, name, "breaker-open", message));
-            }
+        let admit = admit(&entry, name, &settings)?;
+        let outcome = deliver(&entry, name, request, deadline, ctx).await;
+        let call = CallAccount {
+            entry: &entry,
+            name,
+            method,
+            admit,
+            settings,
+            timeout_ms: timeout.as_millis() as u64,
         };
+        call.settle(outcome, extract)
+    }
+}
 
-        let mut min_generation = 0;
-        let mut retried = false;
-        let outcome = loop {
-            let conn = match wait_conn(&entry, deadline, min_generation, ctx.cancelled()).await {
-                Ok(c) => c,
-                Err(e) => break Err(e),
-            };
-            match send_once(&conn, request.clone(), deadline, ctx).await {
-                Sent::NotDelivered(why) if entry.is_http() && !retried => {
-                    tracing::debug!(upstream = name, %why, "request not delivered; reconnecting and retrying once");
-                    retried = true;
-                    entry.request_reconnect(conn.generation);
-                    min_generation = conn.generation + 1;
-                }
-                sent => break Ok(sent),
-            }
+/// Lets a call to `entry` through its circuit breaker, or refuses it (counted as failed).
+fn admit(entry: &Entry, name: &str, settings: &UpstreamSettings) -> Result<Admit, ErrorData> {
+    let admitted = entry.st.lock().breaker.admit(Instant::now());
+    admitted.map_err(|left| {
+        entry.update(|st| st.calls_failed += 1);
+        let message = if left.is_zero() {
+            format!(
+                "upstream '{name}' is failing (circuit breaker half-open, a trial call is running); try again shortly"
+            )
+        } else {
+            format!(
+                "upstream '{name}' is failing (circuit breaker open after {} consecutive failures); calls are refused for another {} ms",
+                settings.breaker_failures,
+                left.as_millis()
+            )
         };
+        error(UPSTREAM_UNAVAILABLE, name, "breaker-open", message)
+    })
+}
 
+/// Sends `request` on the upstream's connection (waiting for one until `deadline`); a request
+/// that provably never reached an HTTP upstream is sent once more on a new connection.
+async fn deliver(
+    entry: &Entry,
+    name: &str,
+    request: ClientRequest,
+    deadline: tokio::time::Instant,
+    ctx: &RequestContext,
+) -> Result<Sent, NoConn> {
+    let mut min_generation = 0;
+    let mut retried = false;
+    loop {
+        let conn = wait_conn(entry, deadline, min_generation, ctx.cancelled()).await?;
+        match send_once(&conn, request.clone(), deadline, ctx).await {
+            Sent::NotDelivered(why) if entry.is_http() && !retried => {
+                tracing::debug!(upstream = name, %why, "request not delivered; reconnecting and retrying once");
+                retried = true;
+                entry.request_reconnect(conn.generation);
+                min_generation = conn.generation + 1;
+            }
+            sent => return Ok(sent),
+        }
+    }
+}
+
+/// A call to an upstream that went through its circuit breaker, accounted for when it ends.
+struct CallAccount<'a> {
+    entry: &'a Entry,
+    name: &'a str,
+    method: &'a str,
+    admit: Admit,
+    settings: UpstreamSettings,
+    timeout_ms: u64,
+}
+
+impl CallAccount<'_> {
+    /// Accounts for how the call went (breaker, counters, backoff, last error) and turns it
+    /// into the call's result.
+    fn settle<T>(
+        &self,
+        outcome: Result<Sent, NoConn>,
+        extract: impl Fn(ServerResult) -> Option<T>,
+    ) -> Result<T, ErrorData> {
+        let (name, method, timeout_ms) = (self.name, self.method, self.timeout_ms);
         let now = Instant::now();
-        let cooldown = Duration::from_millis(settings.breaker_cooldown_ms);
-        let threshold = settings.breaker_failures;
-        // Account: breaker, counters, backoff, last error.
-        let failure = |st: &mut EntryState, why: String| {
-            st.calls_failed += 1;
-            st.last_error = Some(why);
-            if st.breaker.failure(admit, now, threshold, cooldown) {
-                tracing::warn!(upstream = name, "circuit breaker opened");
-            }
-        };
         match outcome {
             Ok(Sent::Answered(result)) => match extract(*result) {
                 Some(v) => {
-                    entry.update(|st| {
+                    self.entry.update(|st| {
                         st.calls_ok += 1;
                         st.breaker.success();
                         st.backoff_ms = INITIAL_BACKOFF_MS;
@@ -474,17 +502,12 @@ impl Upstreams {
                 }
                 None => {
                     let why = format!("answered {method} with an invalid result");
-                    entry.update(|st| failure(st, why.clone()));
-                    Err(error(
-                        UPSTREAM_BAD_RESPONSE,
-                        name,
-                        "bad-response",
-                        format!("upstream '{name}' {why}"),
-                    ))
+                    let message = format!("upstream '{name}' {why}");
+                    Err(self.failed(now, why, UPSTREAM_BAD_RESPONSE, "bad-response", message))
                 }
             },
             Ok(Sent::UpstreamError(e)) => {
-                entry.update(|st| {
+                self.entry.update(|st| {
                     st.calls_failed += 1;
                     st.breaker.success();
                     st.backoff_ms = INITIAL_BACKOFF_MS;
@@ -492,64 +515,65 @@ impl Upstreams {
                 Err(e)
             }
             Ok(Sent::Garbage(why)) => {
-                entry.update(|st| failure(st, why.clone()));
-                Err(error(
-                    UPSTREAM_BAD_RESPONSE,
-                    name,
-                    "bad-response",
-                    format!("upstream '{name}' {why}"),
-                ))
+                let message = format!("upstream '{name}' {why}");
+                Err(self.failed(now, why, UPSTREAM_BAD_RESPONSE, "bad-response", message))
             }
             Ok(Sent::NotDelivered(why)) | Ok(Sent::Failed(why)) => {
-                entry.update(|st| failure(st, why.clone()));
-                Err(error(
-                    UPSTREAM_UNAVAILABLE,
-                    name,
-                    "transport",
-                    format!("upstream '{name}' failed during {method}: {why}"),
-                ))
+                let message = format!("upstream '{name}' failed during {method}: {why}");
+                Err(self.failed(now, why, UPSTREAM_UNAVAILABLE, "transport", message))
             }
             Ok(Sent::Timeout) => {
                 let why = format!("did not answer {method} within {timeout_ms} ms");
-                entry.update(|st| failure(st, why.clone()));
-                Err(error(
-                    UPSTREAM_TIMEOUT,
-                    name,
-                    "timeout",
-                    format!("upstream '{name}' {why}"),
-                ))
+                let message = format!("upstream '{name}' {why}");
+                Err(self.failed(now, why, UPSTREAM_TIMEOUT, "timeout", message))
             }
             Ok(Sent::Cancelled) | Err(NoConn::Cancelled) => {
-                entry.update(|st| st.breaker.release(admit));
+                self.entry.update(|st| st.breaker.release(self.admit));
                 Err(cancelled_error())
             }
             Err(NoConn::Unavailable(why)) => {
-                entry.update(|st| {
-                    st.calls_failed += 1;
-                    st.breaker.release(admit);
-                });
-                Err(error(
-                    UPSTREAM_UNAVAILABLE,
-                    name,
-                    "unavailable",
-                    format!("upstream '{name}' is unavailable: {why}"),
-                ))
+                let message = format!("upstream '{name}' is unavailable: {why}");
+                Err(self.not_sent(UPSTREAM_UNAVAILABLE, "unavailable", message))
             }
             Err(NoConn::Timeout(why)) => {
-                entry.update(|st| {
-                    st.calls_failed += 1;
-                    st.breaker.release(admit);
-                });
-                Err(error(
-                    UPSTREAM_TIMEOUT,
-                    name,
-                    "timeout",
-                    format!(
-                        "upstream '{name}' did not answer {method} within {timeout_ms} ms ({why})"
-                    ),
-                ))
+                let message = format!(
+                    "upstream '{name}' did not answer {method} within {timeout_ms} ms ({why})"
+                );
+                Err(self.not_sent(UPSTREAM_TIMEOUT, "timeout", message))
             }
         }
+    }
+
+    /// A call the upstream failed (`why`, at `now`): counted, kept as its last error and
+    /// reported to the circuit breaker.
+    fn failed(
+        &self,
+        now: Instant,
+        why: String,
+        code: i32,
+        reason: &str,
+        message: String,
+    ) -> ErrorData {
+        let cooldown = Duration::from_millis(self.settings.breaker_cooldown_ms);
+        let threshold = self.settings.breaker_failures;
+        self.entry.update(|st| {
+            st.calls_failed += 1;
+            st.last_error = Some(why);
+            if st.breaker.failure(self.admit, now, threshold, cooldown) {
+                tracing::warn!(upstream = self.name, "circuit breaker opened");
+            }
+        });
+        error(code, self.name, reason, message)
+    }
+
+    /// A call that found no connection to send on: counted, and its breaker admission released
+    /// (the upstream is not to blame for it).
+    fn not_sent(&self, code: i32, reason: &str, message: String) -> ErrorData {
+        self.entry.update(|st| {
+            st.calls_failed += 1;
+            st.breaker.release(self.admit);
+        });
+        error(code, self.name, reason, message)
     }
 }
 
@@ -782,122 +806,22 @@ async fn supervise(shared: Arc<Shared>, entry: Arc<Entry>) {
     let name = entry.name().to_owned();
     let mut wait_first = false;
     loop {
-        if wait_first {
-            let max = shared.settings().restart_max_backoff_ms.max(1);
-            let mut wait = 0;
-            entry.update(|st| {
-                wait = st.backoff_ms.min(max);
-                st.backoff_ms = (wait.saturating_mul(2)).min(max);
-                st.phase = Phase::Backoff {
-                    until: Instant::now() + Duration::from_millis(wait),
-                };
-            });
-            tracing::debug!(upstream = %name, wait_ms = wait, "reconnecting after backoff");
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
-                _ = entry.stop.cancelled() => break,
-            }
+        if wait_first && !back_off(&shared, &entry, &name).await {
+            break;
         }
         wait_first = true;
-        entry.update(|st| st.phase = Phase::Connecting);
-        let settings = shared.settings();
-        let connect_limit = Duration::from_millis(settings.connect_timeout_ms);
-        let wake = Arc::new(Notify::new());
-        let progress: ProgressMap = Arc::new(Mutex::new(HashMap::new()));
-        let handler = Handler {
-            upstream: name.clone(),
-            store: shared.store.clone(),
-            refresh: wake.clone(),
-            progress: progress.clone(),
+        let (conn, wake) = match connect_once(&shared, &entry, &name).await {
+            Attempt::Connected(conn, wake) => (conn, wake),
+            Attempt::Failed => continue,
+            Attempt::Stopped => break,
         };
-        let attempt = tokio::select! {
-            r = tokio::time::timeout(
-                connect_limit,
-                connect::open(&entry.spec, handler, &*shared.secrets, &settings),
-            ) => r,
-            _ = entry.stop.cancelled() => break,
-        };
-        let opened = match attempt {
-            Ok(Ok(o)) => o,
-            Ok(Err(e)) => {
-                tracing::warn!(upstream = %name, error = %e, "connecting to upstream failed");
-                entry.update(|st| st.last_error = Some(e));
-                continue;
-            }
-            Err(_) => {
-                let e = format!(
-                    "did not complete the MCP handshake within {} ms",
-                    connect_limit.as_millis()
-                );
-                tracing::warn!(upstream = %name, error = %e, "connecting to upstream failed");
-                entry.update(|st| st.last_error = Some(e));
-                continue;
-            }
-        };
-        let generation = {
-            let mut st = entry.st.lock();
-            st.generation += 1;
-            st.generation
-        };
-        let conn = Arc::new(Conn {
-            peer: opened.peer,
-            ct: opened.ct,
-            done: opened.done,
-            pid: opened.pid,
-            generation,
-            progress,
-        });
-        // The first listing, before calls are let through (bounded like the handshake).
-        let listed = tokio::select! {
-            r = tokio::time::timeout(connect_limit, refresh_lists(&shared, &entry, &conn.peer)) => r,
-            _ = entry.stop.cancelled() => {
-                conn.close().await;
-                break;
-            }
-        };
-        let list_error = match listed {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e),
-            Err(_) => Some(format!(
-                "listing did not finish within {} ms",
-                connect_limit.as_millis()
-            )),
-        };
-        if let Some(e) = &list_error {
-            tracing::warn!(upstream = %name, error = %e, "listing the upstream failed");
-        }
-        entry.update(|st| {
-            st.conn = Some(conn.clone());
-            st.phase = Phase::Connected;
-            st.last_error = list_error;
-            if st.connected_once {
-                st.restarts += 1;
-            }
-            st.connected_once = true;
-        });
-        tracing::info!(upstream = %name, pid = ?conn.pid, "upstream connected");
         let worker = tokio::spawn(refresh_worker(
             shared.clone(),
             entry.clone(),
             conn.clone(),
             wake,
         ));
-        enum End {
-            Closed,
-            Stop,
-            Reconnect,
-        }
-        let end = loop {
-            tokio::select! {
-                _ = conn.done.cancelled() => break End::Closed,
-                _ = entry.stop.cancelled() => break End::Stop,
-                _ = entry.reconnect.notified() => {
-                    if entry.st.lock().reconnect_for.take() == Some(generation) {
-                        break End::Reconnect;
-                    }
-                }
-            }
-        };
+        let end = until_end(&entry, &conn).await;
         entry.update(|st| {
             st.conn = None;
             st.phase = Phase::Connecting;
@@ -919,6 +843,146 @@ async fn supervise(shared: Arc<Shared>, entry: Arc<Entry>) {
         }
     }
     entry.update(|st| st.phase = Phase::Stopped);
+}
+
+/// Waits out the upstream's backoff before a reconnection (and doubles it, up to the
+/// `upstream.restart_max_backoff_ms` setting, for the next one); false when the upstream is
+/// stopped meanwhile.
+async fn back_off(shared: &Shared, entry: &Entry, name: &str) -> bool {
+    let max = shared.settings().restart_max_backoff_ms.max(1);
+    let mut wait = 0;
+    entry.update(|st| {
+        wait = st.backoff_ms.min(max);
+        st.backoff_ms = (wait.saturating_mul(2)).min(max);
+        st.phase = Phase::Backoff {
+            until: Instant::now() + Duration::from_millis(wait),
+        };
+    });
+    tracing::debug!(upstream = %name, wait_ms = wait, "reconnecting after backoff");
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_millis(wait)) => true,
+        _ = entry.stop.cancelled() => false,
+    }
+}
+
+/// How a connection attempt went.
+enum Attempt {
+    /// Connected and listed (or the listing failed, which is recorded): the connection and the
+    /// notifier that asks its refresh worker to list again.
+    Connected(Arc<Conn>, Arc<Notify>),
+    /// The handshake failed (recorded as the upstream's last error).
+    Failed,
+    /// The upstream was stopped meanwhile.
+    Stopped,
+}
+
+/// One connection attempt: the MCP handshake, then the first listing before calls are let
+/// through, each bounded by the `upstream.connect_timeout_ms` setting.
+async fn connect_once(shared: &Arc<Shared>, entry: &Arc<Entry>, name: &str) -> Attempt {
+    entry.update(|st| st.phase = Phase::Connecting);
+    let settings = shared.settings();
+    let connect_limit = Duration::from_millis(settings.connect_timeout_ms);
+    let wake = Arc::new(Notify::new());
+    let progress: ProgressMap = Arc::new(Mutex::new(HashMap::new()));
+    let handler = Handler {
+        upstream: name.to_owned(),
+        store: shared.store.clone(),
+        refresh: wake.clone(),
+        progress: progress.clone(),
+    };
+    let attempt = tokio::select! {
+        r = tokio::time::timeout(
+            connect_limit,
+            connect::open(&entry.spec, handler, &*shared.secrets, &settings),
+        ) => r,
+        _ = entry.stop.cancelled() => return Attempt::Stopped,
+    };
+    let opened = match attempt {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => {
+            tracing::warn!(upstream = %name, error = %e, "connecting to upstream failed");
+            entry.update(|st| st.last_error = Some(e));
+            return Attempt::Failed;
+        }
+        Err(_) => {
+            let e = format!(
+                "did not complete the MCP handshake within {} ms",
+                connect_limit.as_millis()
+            );
+            tracing::warn!(upstream = %name, error = %e, "connecting to upstream failed");
+            entry.update(|st| st.last_error = Some(e));
+            return Attempt::Failed;
+        }
+    };
+    let generation = {
+        let mut st = entry.st.lock();
+        st.generation += 1;
+        st.generation
+    };
+    let conn = Arc::new(Conn {
+        peer: opened.peer,
+        ct: opened.ct,
+        done: opened.done,
+        pid: opened.pid,
+        generation,
+        progress,
+    });
+    // The first listing, before calls are let through (bounded like the handshake).
+    let listed = tokio::select! {
+        r = tokio::time::timeout(connect_limit, refresh_lists(shared, entry, &conn.peer)) => r,
+        _ = entry.stop.cancelled() => {
+            conn.close().await;
+            return Attempt::Stopped;
+        }
+    };
+    let list_error = match listed {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e),
+        Err(_) => Some(format!(
+            "listing did not finish within {} ms",
+            connect_limit.as_millis()
+        )),
+    };
+    if let Some(e) = &list_error {
+        tracing::warn!(upstream = %name, error = %e, "listing the upstream failed");
+    }
+    entry.update(|st| {
+        st.conn = Some(conn.clone());
+        st.phase = Phase::Connected;
+        st.last_error = list_error;
+        if st.connected_once {
+            st.restarts += 1;
+        }
+        st.connected_once = true;
+    });
+    tracing::info!(upstream = %name, pid = ?conn.pid, "upstream connected");
+    Attempt::Connected(conn, wake)
+}
+
+/// Why a connection's service ended.
+enum End {
+    /// The connection closed.
+    Closed,
+    /// The upstream was stopped.
+    Stop,
+    /// A call asked for a new connection (its request never reached this one).
+    Reconnect,
+}
+
+/// Serves `conn` until it closes, the upstream is stopped, or a call asks for a reconnection
+/// of this very connection.
+async fn until_end(entry: &Entry, conn: &Conn) -> End {
+    loop {
+        tokio::select! {
+            _ = conn.done.cancelled() => return End::Closed,
+            _ = entry.stop.cancelled() => return End::Stop,
+            _ = entry.reconnect.notified() => {
+                if entry.st.lock().reconnect_for.take() == Some(conn.generation) {
+                    return End::Reconnect;
+                }
+            }
+        }
+    }
 }
 
 /// Applies the current registry entry of `name` (`None`: removed).

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use haven_catalogs::DefaultCatalog;
 use haven_control::config::UpstreamSettings;
 use haven_control::registry::{Piece, Registry, Transport, UpstreamSpec, parse_template};
 use haven_federation::testing::{HttpUpstream, long_tool_name};
@@ -16,10 +17,9 @@ use haven_federation::{
     FederatedCatalog, LISTS_NS, REQUEST_CANCELLED, SecretResolver, UPSTREAM_TIMEOUT,
     UPSTREAM_UNAVAILABLE, UpstreamLists, UpstreamState, UpstreamStatus, Upstreams,
 };
-use haven_mcp::catalog::default::DefaultCatalog;
 use haven_mcp::catalog::{Caller, Catalog, Round, Step};
 use haven_mcp::context::{ANNOUNCE_NS, Era, Item, RequestContext};
-use haven_state::{HybridClock, Origin, RedbStore, Store};
+use haven_state::Store;
 use rmcp::model::{
     ArgumentInfo, CallToolResult, CompleteRequestParams, ErrorData, JsonObject, NumberOrString,
     ProgressToken, Reference, ResourceContents,
@@ -77,14 +77,7 @@ fn node(settings: UpstreamSettings) -> Node {
         .with_test_writer()
         .try_init();
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(
-        RedbStore::open(
-            dir.path(),
-            Origin::new("r1", "n1"),
-            Arc::new(HybridClock::default()),
-        )
-        .unwrap(),
-    );
+    let store: Arc<dyn Store> = haven_testkit::redb_store(dir.path());
     let (tx, rx) = watch::channel(settings);
     let secrets = MapSecrets(BTreeMap::from([(
         "tok".to_string(),
@@ -249,6 +242,7 @@ fn process_exists(pid: u32) -> bool {
 
 const CONNECT: Duration = Duration::from_secs(15);
 
+// Long by design: one pool with two upstreams, through every kind of call that routes by prefix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstreams_are_served_namespaced_and_calls_route() {
     let web = HttpUpstream::start("web", local()).await.unwrap();
@@ -797,6 +791,7 @@ async fn garbage_and_hanging_upstreams_fail_while_a_healthy_one_answers() {
     let _ = hanging_task.await;
 }
 
+// Long by design: one upstream changed, disabled and removed in turn, the pool checked after each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changed_disabled_and_removed_upstreams() {
     let n = node(settings());
@@ -1002,6 +997,7 @@ async fn shaky_mcp(
     }
 }
 
+// Long by design: one misbehaving upstream, through each kind of garbage it sends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_answering_garbage_mid_call_gives_a_json_rpc_error() {
     use haven_federation::UPSTREAM_BAD_RESPONSE;

@@ -2,9 +2,16 @@
 //! a key or a stream. Everything that crosses requests (replies to server-to-client requests,
 //! cancellations, resumed streams, list changes, key rotation) travels through the store and
 //! reaches waiters here, so it works the same whichever node wrote it.
+//!
+//! Whoever waits for state in the store to change uses [`Hub::wait_until`]: subscribe first,
+//! then read the state, then wait for a change (or a re-check interval, or a reason to stop),
+//! and read again.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::ops::ControlFlow;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use haven_state::{Change, LogEntry, Store};
@@ -35,6 +42,18 @@ impl Topic {
             key: key.to_owned(),
         }
     }
+}
+
+/// What woke a check of [`Hub::wait_until`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Woke {
+    /// The first check, before any wait.
+    First,
+    /// A change of the topic at this index of the waiter's topics (or changes the hub missed,
+    /// which may have been of it).
+    Changed(usize),
+    /// The re-check interval passed without a change (a change the feed missed is found).
+    Recheck,
 }
 
 /// Routes committed changes to subscribers by topic.
@@ -96,6 +115,43 @@ impl Hub {
             .subscribe()
     }
 
+    /// Re-reads state until it is as wanted. Subscribes to `topics` first, then calls `check`;
+    /// while `check` continues, waits for a change of any topic, for `recheck` to pass, or for
+    /// `stop`, and calls `check` again. Because the subscription comes before the first read,
+    /// no change can slip between a read and the wait. `state` goes from one check to the next
+    /// (a cursor, say). Returns what `check` broke with, or `stop`'s output if it completed
+    /// first.
+    pub async fn wait_until<S, T, R, F, Fut>(
+        &self,
+        topics: &[Topic],
+        recheck: Duration,
+        stop: impl Future<Output = R>,
+        mut state: S,
+        mut check: F,
+    ) -> Result<T, R>
+    where
+        F: FnMut(S, Woke) -> Fut,
+        Fut: Future<Output = ControlFlow<T, S>>,
+    {
+        let mut receivers: Vec<_> = topics
+            .iter()
+            .map(|t| Some(self.subscribe(t.clone())))
+            .collect();
+        let mut stop = std::pin::pin!(stop);
+        let mut woke = Woke::First;
+        loop {
+            state = match check(state, woke).await {
+                ControlFlow::Break(t) => return Ok(t),
+                ControlFlow::Continue(s) => s,
+            };
+            woke = tokio::select! {
+                i = changed(&mut receivers) => Woke::Changed(i),
+                r = &mut stop => return Err(r),
+                () = tokio::time::sleep(recheck) => Woke::Recheck,
+            };
+        }
+    }
+
     /// Delivers one committed change to its subscribers.
     pub fn route(&self, entry: &Arc<LogEntry>) {
         let mut topics = self.topics.lock();
@@ -135,5 +191,94 @@ impl Hub {
         for tx in topics.values() {
             let _ = tx.send(marker.clone());
         }
+    }
+}
+
+/// Waits for a message on any of `receivers`; returns its index. A lag counts as a change; a
+/// closed channel (which cannot happen while the hub lives) is not listened to again.
+async fn changed(receivers: &mut [Option<broadcast::Receiver<Arc<LogEntry>>>]) -> usize {
+    loop {
+        let live: Vec<_> = receivers
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, rx)| {
+                rx.as_mut()
+                    .map(|rx| Box::pin(async move { (i, rx.recv().await) }))
+            })
+            .collect();
+        if live.is_empty() {
+            return std::future::pending().await;
+        }
+        let ((i, r), _, _) = futures::future::select_all(live).await;
+        if let Err(broadcast::error::RecvError::Closed) = r {
+            receivers[i] = None;
+            continue;
+        }
+        return i;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A waiter that checks once, then breaks on the next wake-up with what woke it.
+    async fn second_wake(hub: &Hub, recheck: Duration) -> Result<Woke, ()> {
+        let topics = [Topic::key("ns", "a"), Topic::key("ns", "b")];
+        let check = |checked: bool, woke| async move {
+            if checked {
+                ControlFlow::Break(woke)
+            } else {
+                ControlFlow::Continue(true)
+            }
+        };
+        let stop = std::future::pending::<()>();
+        hub.wait_until(&topics, recheck, stop, false, check).await
+    }
+
+    #[tokio::test]
+    async fn a_change_of_any_topic_wakes_the_waiter() {
+        let hub = Hub::new();
+        let waiter = tokio::spawn({
+            let hub = hub.clone();
+            async move { second_wake(&hub, Duration::from_secs(3600)).await }
+        });
+        // Once it subscribed (before its first check), a change of its second topic.
+        while !hub.topics.lock().contains_key(&Topic::key("ns", "b")) {
+            tokio::task::yield_now().await;
+        }
+        let tx = hub.topics.lock()[&Topic::key("ns", "b")].clone();
+        let _ = tx.send(Arc::new(LogEntry {
+            seq: 1,
+            change: Change::Event(haven_state::StreamEvent {
+                stream: "s".into(),
+                index: 0,
+                version: haven_state::Version {
+                    hlc: haven_state::Hlc::ZERO,
+                    origin: haven_state::Origin::new("r", "n"),
+                },
+                data: Vec::new(),
+            }),
+        }));
+        assert_eq!(waiter.await.unwrap(), Ok(Woke::Changed(1)));
+    }
+
+    #[tokio::test]
+    async fn without_a_change_the_state_is_read_again_after_the_interval() {
+        let hub = Hub::new();
+        let woke = second_wake(&hub, Duration::from_millis(10)).await;
+        assert_eq!(woke, Ok(Woke::Recheck));
+    }
+
+    #[tokio::test]
+    async fn stop_ends_the_wait_with_its_output() {
+        let hub = Hub::new();
+        let never = |(), _| async { ControlFlow::<(), ()>::Continue(()) };
+        let topics = [Topic::Namespace("ns".into())];
+        let stop = async { "stopped" };
+        let r = hub
+            .wait_until(&topics, Duration::from_secs(3600), stop, (), never)
+            .await;
+        assert_eq!(r, Err("stopped"));
     }
 }

@@ -3,7 +3,7 @@
 //! rotated while requests are in flight and retired afterwards.
 //!
 //! Key material is a secret of the secrets service (envelope-encrypted, name
-//! `system/request-state/<kid>`, see [`haven_control::secrets`]); namespace [`KEYS_NS`] keeps
+//! `system/request-state/<kid>`, see [`haven_secrets`]); namespace [`KEYS_NS`] keeps
 //! only each key's metadata ([`KeyRecord`]), whose changes every node watches to reload. Records
 //! of the earlier format, which held the material in plain text, are migrated when read: the
 //! material becomes a secret and the record is rewritten without it.
@@ -17,7 +17,7 @@ use rand::RngCore;
 use rmcp::model::RequestStateCodec;
 use serde::{Deserialize, Serialize};
 
-pub use haven_control::secrets::{KekSource, Secrets, SecretsError, Zeroizing};
+pub use haven_secrets::{KekSource, Secrets, SecretsError, Zeroizing};
 
 /// Namespace of key records.
 pub const KEYS_NS: &str = "keys";
@@ -152,27 +152,18 @@ impl Keyring {
 
     /// Every request-state key record, with its revision.
     async fn records(&self) -> Result<Vec<(StoredRecord, StoredKey)>, KeyringError> {
-        let mut out = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = self
-                .store
-                .scan(KEYS_NS, REQUEST_STATE_PREFIX, after.as_deref(), 256)
-                .await?;
-            for r in page.records {
+        let records = self.store.scan_all(KEYS_NS, REQUEST_STATE_PREFIX).await?;
+        records
+            .into_iter()
+            .map(|r| {
                 let k: StoredKey =
                     serde_json::from_slice(r.value()).map_err(|e| KeyringError::Corrupt {
                         key: r.record.key.clone(),
                         detail: e.to_string(),
                     })?;
-                out.push((r, k));
-            }
-            match page.next_after {
-                Some(a) => after = Some(a),
-                None => break,
-            }
-        }
-        Ok(out)
+                Ok((r, k))
+            })
+            .collect()
     }
 
     /// Moves the plaintext material of an earlier-format record into a secret (unless the key

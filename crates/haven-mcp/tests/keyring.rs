@@ -6,23 +6,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use haven_mcp::catalog::default::DefaultCatalog;
+use haven_catalogs::DefaultCatalog;
 use haven_mcp::engine::{Engine, EngineConfig};
 use haven_mcp::keyring::{
     KEYS_NS, KekSource, Keyring, KeyringError, REQUEST_STATE_PREFIX, Secrets, secret_name,
 };
 use haven_mcp::rmcp::model::{RequestStateCodec, SealOptions};
-use haven_state::{Batch, HybridClock, Origin, RedbStore, Store};
+use haven_state::{Batch, Store};
 
+/// A store in `dir` (for the trait object the services take).
 fn open_store(dir: &std::path::Path) -> Arc<dyn Store> {
-    Arc::new(
-        RedbStore::open(
-            dir,
-            Origin::new("r1", "n1"),
-            Arc::new(HybridClock::default()),
-        )
-        .unwrap(),
-    )
+    haven_testkit::redb_store(dir)
 }
 
 fn seal(ring: &Keyring, payload: &str) -> String {

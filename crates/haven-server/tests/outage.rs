@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use axum::Router;
 use axum::body::Body;
-use haven_mcp::catalog::default::DefaultCatalog;
+use haven_catalogs::DefaultCatalog;
 use haven_mcp::engine::{Engine, EngineConfig};
 use haven_mcp::keyring::{KekSource, Secrets};
 use haven_server::{HttpConfig, router};

@@ -397,13 +397,13 @@ impl Client {
 /// The default catalog plus `ledger_append`, a tool that is not idempotent and changes state
 /// half-way through (so that an interrupted call may or may not have changed it).
 pub(crate) struct SimCatalog {
-    base: haven_mcp::catalog::default::DefaultCatalog,
+    base: haven_catalogs::DefaultCatalog,
 }
 
 impl Default for SimCatalog {
     fn default() -> Self {
         SimCatalog {
-            base: haven_mcp::catalog::default::DefaultCatalog::new(),
+            base: haven_catalogs::DefaultCatalog::new(),
         }
     }
 }

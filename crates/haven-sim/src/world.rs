@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use haven_mcp::engine::{EngineConfig, LegacyResponses};
-use haven_mcp::keyring::{KekSource, Secrets};
 use haven_mcp::{Catalog, Engine};
+use haven_secrets::{KekSource, Secrets};
 use haven_state::{HybridClock, LinkFaults, MemLog, Origin, Store, VirtualClock};
 use parking_lot::Mutex;
 use rand::rngs::StdRng;

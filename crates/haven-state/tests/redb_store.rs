@@ -7,16 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use haven_state::{Batch, HybridClock, Origin, RedbStore, Store, StoreError};
 
-fn open(dir: &std::path::Path) -> Arc<RedbStore> {
-    Arc::new(
-        RedbStore::open(
-            dir,
-            Origin::new("r1", "n1"),
-            Arc::new(HybridClock::default()),
-        )
-        .unwrap(),
-    )
-}
+use haven_testkit::redb_store as open;
 
 #[tokio::test]
 async fn acknowledged_writes_survive_reopen_and_clock_never_goes_back() {

@@ -1,20 +1,9 @@
 //! Snapshots of the state as change-log entries, and rebuilding a data directory from them
 //! (what a restore from backup does).
 
-use std::sync::Arc;
+use haven_state::{Batch, LogFold, RedbStore, Restorer, Store, StoreError};
 
-use haven_state::{Batch, HybridClock, LogFold, Origin, RedbStore, Restorer, Store, StoreError};
-
-fn open(dir: &std::path::Path) -> Arc<RedbStore> {
-    Arc::new(
-        RedbStore::open(
-            dir,
-            Origin::new("r1", "n1"),
-            Arc::new(HybridClock::default()),
-        )
-        .unwrap(),
-    )
-}
+use haven_testkit::redb_store as open;
 
 async fn fill(s: &RedbStore) {
     for i in 0..50u32 {

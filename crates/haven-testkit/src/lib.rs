@@ -1,11 +1,15 @@
 //! Test and benchmark support: the processes Haven's tests run against, on loopback only, each
-//! stopped when its handle is dropped. The binaries come from the tools folder that
-//! `scripts/install-tools` fills (`HAVEN_TOOLS_DIR`, default `.tools/` of the repository);
-//! HAProxy comes from the system.
+//! stopped when its handle is dropped, and the small helpers every test and benchmark needs
+//! around them (free ports, raw HTTP probes, bounded waits, a store in a temporary directory).
+//! The binaries come from the tools folder that `scripts/install-tools` fills
+//! (`HAVEN_TOOLS_DIR`, default `.tools/` of the repository); HAProxy comes from the system.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use haven_state::{HybridClock, Origin, RedbStore};
 
 /// The tools folder.
 pub fn tools_dir() -> PathBuf {
@@ -23,19 +27,107 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A minimal HTTP GET on loopback; the status code, if any answer within 5 s (longer than
-/// Haven's own 2 s bound on a readiness check, so that a slow "not ready" is still read).
-pub async fn http_status(port: u16, path: &str) -> Option<u16> {
+/// A redb store in `dir`, of node `n1` in region `r1`, on the system clock.
+pub fn redb_store(dir: &Path) -> Arc<RedbStore> {
+    Arc::new(
+        RedbStore::open(
+            dir,
+            Origin::new("r1", "n1"),
+            Arc::new(HybridClock::default()),
+        )
+        .unwrap(),
+    )
+}
+
+/// A child process, killed (and reaped) when dropped.
+pub struct Process(pub Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One HTTP/1.1 request on loopback (`Connection: close`) with `headers` and an optional
+/// body; the status and the body of the answer, if one arrives within `within`.
+pub async fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+    within: Duration,
+) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .ok()?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+    for (name, value) in headers {
+        req.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
+    }
+    req.push_str("Connection: close\r\n\r\n");
+    req.push_str(body.unwrap_or_default());
     s.write_all(req.as_bytes()).await.ok()?;
     let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    let _ = tokio::time::timeout(within, s.read_to_end(&mut buf)).await;
     let text = String::from_utf8_lossy(&buf);
-    text.split_whitespace().nth(1)?.parse().ok()
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Some((status, body.to_owned()))
+}
+
+/// The status of a GET of `path` on loopback, if an answer arrives within `within`.
+pub async fn http_status_within(port: u16, path: &str, within: Duration) -> Option<u16> {
+    http_request(port, "GET", path, &[], None, within)
+        .await
+        .map(|(status, _)| status)
+}
+
+/// A minimal HTTP GET on loopback; the status code, if any answer within 5 s (longer than
+/// Haven's own 2 s bound on a readiness check, so that a slow "not ready" is still read).
+pub async fn http_status(port: u16, path: &str) -> Option<u16> {
+    http_status_within(port, path, Duration::from_secs(5)).await
+}
+
+/// Polls `ready` every `every` until it holds; false if it still does not after `within`.
+pub async fn wait_until<F, Fut>(within: Duration, every: Duration, mut ready: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if ready().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Waits until a GET of `path` answers 200 (polled with `http_status`); false after `within`.
+pub async fn wait_for_status(port: u16, path: &str, within: Duration) -> bool {
+    wait_until(within, Duration::from_millis(100), || async {
+        http_status(port, path).await == Some(200)
+    })
+    .await
+}
+
+/// Waits until something accepts connections on `port`; false after `within`.
+pub async fn wait_listening(port: u16, within: Duration) -> bool {
+    wait_until(within, Duration::from_millis(100), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await
 }
 
 /// One nats-server of a [`NatsCluster`].
@@ -150,16 +242,14 @@ impl NatsCluster {
     pub async fn wait_healthy(&self, i: usize) {
         // A restarted server recovers its JetStream state first; on a loaded machine that
         // can take a while.
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while http_status(self.servers[i].http_port, "/healthz?js-enabled-only=true").await
-            != Some(200)
-        {
-            assert!(
-                Instant::now() < deadline,
-                "nats-server {i} did not become healthy"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let port = self.servers[i].http_port;
+        let healthy = wait_for_status(
+            port,
+            "/healthz?js-enabled-only=true",
+            Duration::from_secs(120),
+        )
+        .await;
+        assert!(healthy, "nats-server {i} did not become healthy");
     }
 
     /// `kill -9` of server `i`.
@@ -246,11 +336,8 @@ impl Proxy {
             port,
             _dir: dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while http_status(port, "/readyz").await != Some(200) {
-            assert!(Instant::now() < deadline, "haproxy did not come up");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let up = wait_for_status(port, "/readyz", Duration::from_secs(20)).await;
+        assert!(up, "haproxy did not come up");
         p
     }
 

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use haven_control::config::ConfigError;
 use haven_control::registry::{RegistryError, UpstreamSpec};
-use haven_control::secrets::SecretsError;
+use haven_secrets::SecretsError;
 use serde_json::{Value, json};
 
 use crate::admin::{Admin, error};

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use haven_backup::catalog::Catalog;
+use haven_backup::catalog::{Catalog, Generation};
 use haven_backup::{BackupKey, Point, RestoreOptions, Target, fmt_millis};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -48,12 +48,41 @@ pub async fn status(a: crate::settings::NodeArgs) -> Result<ExitCode> {
             ""
         }
     );
+    print_nodes(&v["nodes"]);
+    if v["clock"]["skewed"] == true {
+        println!();
+        println!(
+            "  warning: clocks of this region's nodes differ by up to {} ms (allowed {} ms); fix their time synchronisation (NTP). Liveness does not depend on clocks, but record expiry and timestamps do.",
+            v["clock"]["max_offset_ms"], v["clock"]["allowed_skew_ms"]
+        );
+    }
+    println!();
+    print_store(&v["store"]);
+    match v["writable"].as_str() {
+        None => println!("Writable: yes"),
+        Some(e) => println!("Writable: NO ({e})"),
+    }
+    if !v["backup"].is_null() {
+        let b = &v["backup"];
+        println!(
+            "Backup: {} to {}, lag {} entries ({} ms)",
+            b["state"].as_str().unwrap_or("?"),
+            b["target"].as_str().unwrap_or("?"),
+            b["lag_entries"],
+            b["lag_millis"]
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The nodes table of `haven status`.
+fn print_nodes(nodes: &serde_json::Value) {
     println!();
     println!(
         "  {:<20} {:<8} {:<22} {:<12} {:<10} BOOT",
         "NODE", "STATE", "LAST HEARTBEAT", "CLOCK", "VERSION"
     );
-    for n in v["nodes"].as_array().cloned().unwrap_or_default() {
+    for n in nodes.as_array().cloned().unwrap_or_default() {
         let info = &n["info"];
         let state = if info["left"] == true {
             "left"
@@ -84,15 +113,10 @@ pub async fn status(a: crate::settings::NodeArgs) -> Result<ExitCode> {
             info["boot"].as_str().unwrap_or("?")
         );
     }
-    if v["clock"]["skewed"] == true {
-        println!();
-        println!(
-            "  warning: clocks of this region's nodes differ by up to {} ms (allowed {} ms); fix their time synchronisation (NTP). Liveness does not depend on clocks, but record expiry and timestamps do.",
-            v["clock"]["max_offset_ms"], v["clock"]["allowed_skew_ms"]
-        );
-    }
-    let store = &v["store"];
-    println!();
+}
+
+/// The store's part of `haven status`.
+fn print_store(store: &serde_json::Value) {
     match store["backend"].as_str() {
         Some("nats") => {
             println!(
@@ -133,21 +157,6 @@ pub async fn status(a: crate::settings::NodeArgs) -> Result<ExitCode> {
         }
         _ => println!("Store: embedded (redb)"),
     }
-    match v["writable"].as_str() {
-        None => println!("Writable: yes"),
-        Some(e) => println!("Writable: NO ({e})"),
-    }
-    if !v["backup"].is_null() {
-        let b = &v["backup"];
-        println!(
-            "Backup: {} to {}, lag {} entries ({} ms)",
-            b["state"].as_str().unwrap_or("?"),
-            b["target"].as_str().unwrap_or("?"),
-            b["lag_entries"],
-            b["lag_millis"]
-        );
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 fn keygen(a: BackupKeygenArgs) -> Result<ExitCode> {
@@ -271,29 +280,7 @@ async fn list(l: BackupListArgs) -> Result<ExitCode> {
         .map(|s| s.created_millis)
         .max();
     if a.json {
-        let gens: Vec<_> = catalog
-            .generations
-            .iter()
-            .map(|g| {
-                serde_json::json!({
-                    "id": g.id,
-                    "info": g.info,
-                    "restorable": g.restorable(),
-                    "gaps": g.gaps(),
-                    "snapshots": g.snapshots,
-                    "segments": g.segments,
-                })
-            })
-            .collect();
-        let out = serde_json::json!({
-            "target": target.url(),
-            "deployment": catalog.deployment,
-            "generations": gens,
-            "unreferenced_objects": catalog.unreferenced.len(),
-            "last_segment_millis": last_segment,
-            "last_verification": verification,
-            "node": match &live { Ok(v) => v.clone(), Err(e) => serde_json::json!({ "unreachable": e }) },
-        });
+        let out = list_json(&target, &catalog, last_segment, &verification, &live);
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
@@ -308,67 +295,7 @@ async fn list(l: BackupListArgs) -> Result<ExitCode> {
         dep.key_fingerprint
     );
     for g in &catalog.generations {
-        let seg_bytes: u64 = g.segments.iter().map(|s| s.size).sum();
-        println!();
-        println!(
-            "Generation {}{}",
-            g.id,
-            g.info
-                .as_ref()
-                .map(|i| format!(
-                    " (started {} by {} at sequence {})",
-                    fmt_millis(i.created_millis),
-                    i.origin,
-                    i.start_seq
-                ))
-                .unwrap_or_default()
-        );
-        match g.restorable() {
-            Some(r) => println!(
-                "  restorable: {} (seq {}) → {} (seq {})",
-                fmt_millis(r.first_millis),
-                r.first_seq,
-                fmt_millis(r.last_millis),
-                r.last_seq
-            ),
-            None => println!("  restorable: nothing (no snapshot)"),
-        }
-        println!(
-            "  {:<10} {:>22} {:>26} {:>10}  CLASS",
-            "SNAPSHOT", "SEQUENCE", "AS OF", "SIZE"
-        );
-        for s in &g.snapshots {
-            println!(
-                "  {:<10} {:>22} {:>26} {:>10}  {}",
-                "",
-                s.last_seq,
-                fmt_millis(s.last_millis),
-                size(s.size),
-                s.storage_class.as_deref().unwrap_or("standard")
-            );
-        }
-        if let (Some(f), Some(l)) = (g.segments.first(), g.segments.last()) {
-            println!(
-                "  segments: {} covering sequences {}..={} ({} → {}), {}",
-                g.segments.len(),
-                f.first_seq,
-                l.last_seq,
-                fmt_millis(f.first_millis),
-                fmt_millis(l.last_millis),
-                size(seg_bytes)
-            );
-        } else {
-            println!("  segments: none");
-        }
-        for gap in g.gaps() {
-            println!(
-                "  GAP: sequences {}..{} missing ({} → {})",
-                gap.after_seq + 1,
-                gap.resumes_at_seq - 1,
-                fmt_millis(gap.after_millis),
-                fmt_millis(gap.resumes_at_millis)
-            );
-        }
+        print_generation(g);
     }
     println!();
     match last_segment {
@@ -409,6 +336,104 @@ async fn list(l: BackupListArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `haven backup list --json`.
+fn list_json(
+    target: &Target,
+    catalog: &Catalog,
+    last_segment: Option<u64>,
+    verification: &Option<haven_backup::verify::VerifyReport>,
+    live: &Result<serde_json::Value, String>,
+) -> serde_json::Value {
+    let gens: Vec<_> = catalog
+        .generations
+        .iter()
+        .map(|g| {
+            serde_json::json!({
+                "id": g.id,
+                "info": g.info,
+                "restorable": g.restorable(),
+                "gaps": g.gaps(),
+                "snapshots": g.snapshots,
+                "segments": g.segments,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "target": target.url(),
+        "deployment": catalog.deployment,
+        "generations": gens,
+        "unreferenced_objects": catalog.unreferenced.len(),
+        "last_segment_millis": last_segment,
+        "last_verification": verification,
+        "node": match &live { Ok(v) => v.clone(), Err(e) => serde_json::json!({ "unreachable": e }) },
+    })
+}
+
+/// One generation of `haven backup list`: what it can restore, its snapshots, segments and gaps.
+fn print_generation(g: &Generation) {
+    let seg_bytes: u64 = g.segments.iter().map(|s| s.size).sum();
+    println!();
+    println!(
+        "Generation {}{}",
+        g.id,
+        g.info
+            .as_ref()
+            .map(|i| format!(
+                " (started {} by {} at sequence {})",
+                fmt_millis(i.created_millis),
+                i.origin,
+                i.start_seq
+            ))
+            .unwrap_or_default()
+    );
+    match g.restorable() {
+        Some(r) => println!(
+            "  restorable: {} (seq {}) → {} (seq {})",
+            fmt_millis(r.first_millis),
+            r.first_seq,
+            fmt_millis(r.last_millis),
+            r.last_seq
+        ),
+        None => println!("  restorable: nothing (no snapshot)"),
+    }
+    println!(
+        "  {:<10} {:>22} {:>26} {:>10}  CLASS",
+        "SNAPSHOT", "SEQUENCE", "AS OF", "SIZE"
+    );
+    for s in &g.snapshots {
+        println!(
+            "  {:<10} {:>22} {:>26} {:>10}  {}",
+            "",
+            s.last_seq,
+            fmt_millis(s.last_millis),
+            size(s.size),
+            s.storage_class.as_deref().unwrap_or("standard")
+        );
+    }
+    if let (Some(f), Some(l)) = (g.segments.first(), g.segments.last()) {
+        println!(
+            "  segments: {} covering sequences {}..={} ({} → {}), {}",
+            g.segments.len(),
+            f.first_seq,
+            l.last_seq,
+            fmt_millis(f.first_millis),
+            fmt_millis(l.last_millis),
+            size(seg_bytes)
+        );
+    } else {
+        println!("  segments: none");
+    }
+    for gap in g.gaps() {
+        println!(
+            "  GAP: sequences {}..{} missing ({} → {})",
+            gap.after_seq + 1,
+            gap.resumes_at_seq - 1,
+            fmt_millis(gap.after_millis),
+            fmt_millis(gap.resumes_at_millis)
+        );
+    }
 }
 
 fn bar(len: u64, what: &str) -> ProgressBar {

@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use async_trait::async_trait;
 use haven_control::config::ConfigService;
 use haven_control::registry::Registry;
-use haven_control::secrets::Secrets;
 use haven_mcp::catalog::{Catalog, CatalogInfo, Ctx, Round, Step};
 use haven_mcp::context::Announcement;
+use haven_secrets::Secrets;
 use haven_state::Store;
 use parking_lot::RwLock;
 use rmcp::model::{
@@ -47,8 +47,7 @@ pub struct BuiltinCatalog {
 
 /// A built-in catalog by name.
 pub fn builtin(name: &str) -> anyhow::Result<Arc<dyn Catalog>> {
-    use haven_mcp::catalog::conformance::ConformanceCatalog;
-    use haven_mcp::catalog::default::DefaultCatalog;
+    use haven_catalogs::{ConformanceCatalog, DefaultCatalog};
     match name {
         "default" => Ok(Arc::new(DefaultCatalog::new())),
         "conformance" => Ok(Arc::new(ConformanceCatalog::new())),
@@ -161,7 +160,7 @@ struct EmptyCatalog;
 #[async_trait]
 impl Catalog for EmptyCatalog {
     fn info(&self) -> CatalogInfo {
-        let mut info = haven_mcp::catalog::default::DefaultCatalog::new().info();
+        let mut info = haven_catalogs::DefaultCatalog::new().info();
         info.instructions = None;
         info
     }

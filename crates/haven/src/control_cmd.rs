@@ -10,7 +10,10 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::client::{admin_request, segment, token};
-use crate::settings::{ConfigCommand, NodeArgs, RegistryAddArgs, RegistryCommand, SecretsCommand};
+use crate::settings::{
+    ConfigCommand, NodeArgs, RegistryAddArgs, RegistryCommand, SecretsCommand, SecretsDeleteArgs,
+    SecretsListArgs, SecretsNewKeyArgs, SecretsRetireArgs, SecretsSetArgs,
+};
 
 struct Node {
     url: String,
@@ -67,7 +70,7 @@ fn setting_key(key: &str) -> Result<&str> {
 
 /// Checks a secret name before it goes into a URL path.
 fn secret_name(name: &str) -> Result<&str> {
-    haven_control::secrets::validate_name(name)?;
+    haven_secrets::validate_name(name)?;
     Ok(name)
 }
 
@@ -418,252 +421,271 @@ fn millis_text(v: &Value) -> String {
 /// Runs `haven secrets ...`.
 pub async fn secrets(cmd: SecretsCommand) -> Result<ExitCode> {
     match cmd {
-        SecretsCommand::NewKey(a) => {
-            let kid = if a.key_file.exists() {
-                haven_control::secrets::KekRing::append_new_key(&a.key_file)?
-            } else {
-                haven_control::secrets::KekRing::create_file(&a.key_file)?
-            };
-            println!(
-                "Added key-encryption key {kid} to {}. Copy the file to every node, then run `haven secrets rotate-key`.",
-                a.key_file.display()
-            );
-            Ok(ExitCode::SUCCESS)
+        SecretsCommand::NewKey(a) => new_key(a).await,
+        SecretsCommand::Set(a) => set_secret(a).await,
+        SecretsCommand::List(a) => list_secrets(a).await,
+        SecretsCommand::Delete(a) => delete_secret(a).await,
+        SecretsCommand::RotateKey(n) => rotate_key(n).await,
+        SecretsCommand::RetireKey(a) => retire_key(a).await,
+        SecretsCommand::Keys(n) => show_keys(n).await,
+    }
+}
+
+/// `haven secrets new-key`: a new key-encryption key in a key file (created if missing).
+async fn new_key(a: SecretsNewKeyArgs) -> Result<ExitCode> {
+    let kid = if a.key_file.exists() {
+        haven_secrets::KekRing::append_new_key(&a.key_file)?
+    } else {
+        haven_secrets::KekRing::create_file(&a.key_file)?
+    };
+    println!(
+        "Added key-encryption key {kid} to {}. Copy the file to every node, then run `haven secrets rotate-key`.",
+        a.key_file.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `haven secrets set NAME`: the value from standard input or a file.
+async fn set_secret(a: SecretsSetArgs) -> Result<ExitCode> {
+    let node = Node::from(&a.node)?;
+    let value = match &a.value_file {
+        Some(f) => std::fs::read(f)
+            .with_context(|| format!("reading the secret value from {}", f.display()))?,
+        None if a.multiline => {
+            let mut buf = Vec::new();
+            std::io::stdin().read_to_end(&mut buf)?;
+            buf
         }
-        SecretsCommand::Set(a) => {
-            let node = Node::from(&a.node)?;
-            let value = match &a.value_file {
-                Some(f) => std::fs::read(f)
-                    .with_context(|| format!("reading the secret value from {}", f.display()))?,
-                None if a.multiline => {
-                    let mut buf = Vec::new();
-                    std::io::stdin().read_to_end(&mut buf)?;
-                    buf
+        None => {
+            let mut buf = Vec::new();
+            std::io::stdin().read_to_end(&mut buf)?;
+            // One line: its line break is not part of the value.
+            if buf.ends_with(b"\n") {
+                buf.pop();
+                if buf.ends_with(b"\r") {
+                    buf.pop();
                 }
-                None => {
-                    let mut buf = Vec::new();
-                    std::io::stdin().read_to_end(&mut buf)?;
-                    // One line: its line break is not part of the value.
-                    if buf.ends_with(b"\n") {
-                        buf.pop();
-                        if buf.ends_with(b"\r") {
-                            buf.pop();
-                        }
-                    }
-                    if buf.contains(&b'\n') {
-                        bail!(
-                            "standard input holds more than one line; pass --multiline to store all of it as the value (or --value-file FILE)"
-                        );
-                    }
-                    buf
-                }
-            };
-            if a.value_file.is_some() && value.ends_with(b"\n") {
-                eprintln!(
-                    "note: the value from {} ends with a line break, which is stored as part of it",
-                    a.value_file
-                        .as_ref()
-                        .map(|f| f.display().to_string())
-                        .unwrap_or_default()
+            }
+            if buf.contains(&b'\n') {
+                bail!(
+                    "standard input holds more than one line; pass --multiline to store all of it as the value (or --value-file FILE)"
                 );
             }
-            if value.is_empty() {
-                bail!("the secret value is empty: pipe it on standard input or pass --value-file");
-            }
-            let body = match String::from_utf8(value) {
-                Ok(s) => json!({ "value": s }),
-                Err(e) => {
-                    use base64::Engine as _;
-                    json!({ "value_base64": base64::engine::general_purpose::STANDARD.encode(e.into_bytes()) })
-                }
-            };
-            let v = node
-                .call(
-                    Method::PUT,
-                    &format!("/admin/v1/secrets/{}", segment(secret_name(&a.name)?)),
-                    Some(&body),
-                )
-                .await?;
-            if !node.json(&v)? {
-                println!(
-                    "Stored secret '{}' (version {}, under key {}). Reference it as ${{secret:{}}}.",
-                    a.name,
-                    text(&v["version"]),
-                    text(&v["kek"]),
-                    a.name
-                );
-            }
-            Ok(ExitCode::SUCCESS)
+            buf
         }
-        SecretsCommand::List(a) => {
-            let node = Node::from(&a.node)?;
-            let path = if a.all {
-                "/admin/v1/secrets?all=true"
-            } else {
-                "/admin/v1/secrets"
-            };
-            let v = node.call(Method::GET, path, None).await?;
-            if node.json(&v)? {
-                return Ok(ExitCode::SUCCESS);
-            }
-            let list = v["secrets"].as_array().cloned().unwrap_or_default();
-            if list.is_empty() {
-                println!(
-                    "No secrets. Store one with `haven secrets set NAME` (value on standard input)."
-                );
-                return Ok(ExitCode::SUCCESS);
-            }
-            let rows: Vec<Vec<String>> = list
-                .iter()
-                .map(|m| {
-                    vec![
-                        text(&m["name"]),
-                        text(&m["version"]),
-                        text(&m["kek"]),
-                        millis_text(&m["updated_millis"]),
-                    ]
-                })
-                .collect();
-            table(&["NAME", "VERSION", "KEY", "UPDATED"], &rows);
-            Ok(ExitCode::SUCCESS)
-        }
-        SecretsCommand::Delete(a) => {
-            let node = Node::from(&a.node)?;
-            let mut path = format!("/admin/v1/secrets/{}", segment(secret_name(&a.name)?));
-            if a.force {
-                path.push_str("?force=true");
-            }
-            let v = node.call(Method::DELETE, &path, None).await?;
-            if !node.json(&v)? {
-                println!("Deleted secret '{}'.", a.name);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        SecretsCommand::RotateKey(n) => {
-            let node = Node::from(&n)?;
-            let v = node
-                .call(Method::POST, "/admin/v1/keys/rotate", None)
-                .await?;
-            if node.json(&v)? {
-                return Ok(ExitCode::SUCCESS);
-            }
-            let k = &v["kek"];
-            let moved: Vec<String> = k["rewrapped"]
-                .as_object()
-                .into_iter()
-                .flatten()
-                .map(|(kid, n)| format!("{} from {kid}", text(n)))
-                .collect();
-            println!(
-                "Data keys now wrapped under {}: {}.",
-                text(&k["primary"]),
-                if moved.is_empty() {
-                    "none needed re-wrapping".to_owned()
-                } else {
-                    format!("re-wrapped {}", moved.join(", "))
-                }
-            );
-            let still: Vec<String> = k["still_in_use"]
-                .as_array()
-                .cloned()
+    };
+    if a.value_file.is_some() && value.ends_with(b"\n") {
+        eprintln!(
+            "note: the value from {} ends with a line break, which is stored as part of it",
+            a.value_file
+                .as_ref()
+                .map(|f| f.display().to_string())
                 .unwrap_or_default()
-                .iter()
-                .map(text)
-                .filter(|kid| Some(kid.as_str()) != k["primary"].as_str())
-                .collect();
-            if still.is_empty() {
-                println!(
-                    "No secret uses an older key-encryption key: older keys can be removed from the key files."
-                );
-            } else {
-                println!(
-                    "Still in use: {} (a concurrent change or an unreadable record; run rotate-key again)",
-                    still.join(", ")
-                );
-            }
-            println!(
-                "Request state is now signed with {}; older keys still verify until retired.",
-                text(&v["request_state"]["signing"])
-            );
-            Ok(ExitCode::SUCCESS)
+        );
+    }
+    if value.is_empty() {
+        bail!("the secret value is empty: pipe it on standard input or pass --value-file");
+    }
+    let body = match String::from_utf8(value) {
+        Ok(s) => json!({ "value": s }),
+        Err(e) => {
+            use base64::Engine as _;
+            json!({ "value_base64": base64::engine::general_purpose::STANDARD.encode(e.into_bytes()) })
         }
-        SecretsCommand::RetireKey(a) => {
-            let node = Node::from(&a.node)?;
-            let v = node
-                .call(
-                    Method::POST,
-                    "/admin/v1/keys/retire",
-                    Some(&json!({ "kid": a.kid })),
-                )
-                .await?;
-            if !node.json(&v)? {
-                println!(
-                    "Retired request-state key {}: values it sealed no longer verify.",
-                    a.kid
-                );
-            }
-            Ok(ExitCode::SUCCESS)
+    };
+    let v = node
+        .call(
+            Method::PUT,
+            &format!("/admin/v1/secrets/{}", segment(secret_name(&a.name)?)),
+            Some(&body),
+        )
+        .await?;
+    if !node.json(&v)? {
+        println!(
+            "Stored secret '{}' (version {}, under key {}). Reference it as ${{secret:{}}}.",
+            a.name,
+            text(&v["version"]),
+            text(&v["kek"]),
+            a.name
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `haven secrets list`.
+async fn list_secrets(a: SecretsListArgs) -> Result<ExitCode> {
+    let node = Node::from(&a.node)?;
+    let path = if a.all {
+        "/admin/v1/secrets?all=true"
+    } else {
+        "/admin/v1/secrets"
+    };
+    let v = node.call(Method::GET, path, None).await?;
+    if node.json(&v)? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let list = v["secrets"].as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        println!("No secrets. Store one with `haven secrets set NAME` (value on standard input).");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|m| {
+            vec![
+                text(&m["name"]),
+                text(&m["version"]),
+                text(&m["kek"]),
+                millis_text(&m["updated_millis"]),
+            ]
+        })
+        .collect();
+    table(&["NAME", "VERSION", "KEY", "UPDATED"], &rows);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `haven secrets delete NAME`.
+async fn delete_secret(a: SecretsDeleteArgs) -> Result<ExitCode> {
+    let node = Node::from(&a.node)?;
+    let mut path = format!("/admin/v1/secrets/{}", segment(secret_name(&a.name)?));
+    if a.force {
+        path.push_str("?force=true");
+    }
+    let v = node.call(Method::DELETE, &path, None).await?;
+    if !node.json(&v)? {
+        println!("Deleted secret '{}'.", a.name);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `haven secrets rotate-key`: re-wraps data keys under the primary key and rotates the request-state key.
+async fn rotate_key(n: NodeArgs) -> Result<ExitCode> {
+    let node = Node::from(&n)?;
+    let v = node
+        .call(Method::POST, "/admin/v1/keys/rotate", None)
+        .await?;
+    if node.json(&v)? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let k = &v["kek"];
+    let moved: Vec<String> = k["rewrapped"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(kid, n)| format!("{} from {kid}", text(n)))
+        .collect();
+    println!(
+        "Data keys now wrapped under {}: {}.",
+        text(&k["primary"]),
+        if moved.is_empty() {
+            "none needed re-wrapping".to_owned()
+        } else {
+            format!("re-wrapped {}", moved.join(", "))
         }
-        SecretsCommand::Keys(n) => {
-            let node = Node::from(&n)?;
-            let v = node.call(Method::GET, "/admin/v1/keys", None).await?;
-            if node.json(&v)? {
-                return Ok(ExitCode::SUCCESS);
-            }
-            println!(
-                "Key-encryption keys (primary {}):",
-                text(&v["kek"]["primary"])
-            );
-            let usage = v["kek"]["usage"].as_object().cloned().unwrap_or_default();
-            let known: Vec<String> = v["kek"]["known"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .iter()
-                .map(text)
-                .collect();
-            let mut rows: Vec<Vec<String>> = known
-                .iter()
-                .map(|k| {
-                    let n = usage.get(k).map(text).unwrap_or_else(|| "0".into());
-                    vec![k.clone(), n, "in the key file".into()]
-                })
-                .collect();
-            for (kid, n) in &usage {
-                if !known.contains(kid) {
-                    rows.push(vec![
-                        kid.clone(),
-                        text(n),
-                        "MISSING from the key file".into(),
-                    ]);
-                }
-            }
-            table(&["KID", "SECRETS", "WHERE"], &rows);
-            println!();
-            println!(
-                "Request-state keys (signing {}):",
-                text(&v["request_state"]["signing"])
-            );
-            let rows: Vec<Vec<String>> = v["request_state"]["keys"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .iter()
-                .map(|k| {
-                    vec![
-                        text(&k["kid"]),
-                        millis_text(&k["created_millis"]),
-                        if k["retired"] == true {
-                            "retired"
-                        } else {
-                            "live"
-                        }
-                        .into(),
-                    ]
-                })
-                .collect();
-            table(&["KID", "CREATED", "STATE"], &rows);
-            Ok(ExitCode::SUCCESS)
+    );
+    let still: Vec<String> = k["still_in_use"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(text)
+        .filter(|kid| Some(kid.as_str()) != k["primary"].as_str())
+        .collect();
+    if still.is_empty() {
+        println!(
+            "No secret uses an older key-encryption key: older keys can be removed from the key files."
+        );
+    } else {
+        println!(
+            "Still in use: {} (a concurrent change or an unreadable record; run rotate-key again)",
+            still.join(", ")
+        );
+    }
+    println!(
+        "Request state is now signed with {}; older keys still verify until retired.",
+        text(&v["request_state"]["signing"])
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `haven secrets retire-key KID`.
+async fn retire_key(a: SecretsRetireArgs) -> Result<ExitCode> {
+    let node = Node::from(&a.node)?;
+    let v = node
+        .call(
+            Method::POST,
+            "/admin/v1/keys/retire",
+            Some(&json!({ "kid": a.kid })),
+        )
+        .await?;
+    if !node.json(&v)? {
+        println!(
+            "Retired request-state key {}: values it sealed no longer verify.",
+            a.kid
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `haven secrets keys`: key-encryption keys and request-state keys in use.
+async fn show_keys(n: NodeArgs) -> Result<ExitCode> {
+    let node = Node::from(&n)?;
+    let v = node.call(Method::GET, "/admin/v1/keys", None).await?;
+    if node.json(&v)? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "Key-encryption keys (primary {}):",
+        text(&v["kek"]["primary"])
+    );
+    let usage = v["kek"]["usage"].as_object().cloned().unwrap_or_default();
+    let known: Vec<String> = v["kek"]["known"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(text)
+        .collect();
+    let mut rows: Vec<Vec<String>> = known
+        .iter()
+        .map(|k| {
+            let n = usage.get(k).map(text).unwrap_or_else(|| "0".into());
+            vec![k.clone(), n, "in the key file".into()]
+        })
+        .collect();
+    for (kid, n) in &usage {
+        if !known.contains(kid) {
+            rows.push(vec![
+                kid.clone(),
+                text(n),
+                "MISSING from the key file".into(),
+            ]);
         }
     }
+    table(&["KID", "SECRETS", "WHERE"], &rows);
+    println!();
+    println!(
+        "Request-state keys (signing {}):",
+        text(&v["request_state"]["signing"])
+    );
+    let rows: Vec<Vec<String>> = v["request_state"]["keys"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|k| {
+            vec![
+                text(&k["kid"]),
+                millis_text(&k["created_millis"]),
+                if k["retired"] == true {
+                    "retired"
+                } else {
+                    "live"
+                }
+                .into(),
+            ]
+        })
+        .collect();
+    table(&["KID", "CREATED", "STATE"], &rows);
+    Ok(ExitCode::SUCCESS)
 }

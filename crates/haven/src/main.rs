@@ -253,11 +253,8 @@ async fn start_engine(
 /// The secrets service with its key-encryption keys: from --secrets-key-file and/or
 /// HAVEN_SECRETS_KEYS; on an embedded store without either, from DATA/secrets.keys (created on
 /// first start). Nodes sharing a store must share keys, so a NATS store requires them.
-async fn open_secrets(
-    s: &Settings,
-    store: &Arc<dyn Store>,
-) -> Result<haven_control::secrets::Secrets> {
-    use haven_control::secrets::{KekRing, KekSource, Secrets};
+async fn open_secrets(s: &Settings, store: &Arc<dyn Store>) -> Result<haven_secrets::Secrets> {
+    use haven_secrets::{KekRing, KekSource, Secrets};
     let env = std::env::var("HAVEN_SECRETS_KEYS")
         .ok()
         .filter(|v| !v.trim().is_empty());
@@ -301,7 +298,7 @@ async fn open_secrets(
         .await
         .context("reading the secrets")?
         .into_iter()
-        .filter(|m| !haven_control::secrets::is_reserved(&m.name))
+        .filter(|m| !haven_secrets::is_reserved(&m.name))
         .collect();
     let foreign: Vec<String> = user
         .iter()
@@ -333,31 +330,16 @@ async fn open_secrets(
 
 /// Up to `limit` names of user (not `system/`) secrets in the store.
 async fn user_secret_names(store: &Arc<dyn Store>, limit: usize) -> Result<Vec<String>> {
-    let mut out = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = store
-            .scan(
-                haven_control::secrets::SECRETS_NS,
-                "",
-                after.as_deref(),
-                256,
-            )
-            .await
-            .context("reading the secrets")?;
-        for r in &page.records {
-            if !haven_control::secrets::is_reserved(&r.record.key) {
-                out.push(r.record.key.clone());
-                if out.len() >= limit {
-                    return Ok(out);
-                }
-            }
-        }
-        match page.next_after {
-            Some(a) => after = Some(a),
-            None => return Ok(out),
-        }
-    }
+    let records = store
+        .scan_all(haven_secrets::SECRETS_NS, "")
+        .await
+        .context("reading the secrets")?;
+    Ok(records
+        .into_iter()
+        .map(|r| r.record.key)
+        .filter(|k| !haven_secrets::is_reserved(k))
+        .take(limit)
+        .collect())
 }
 
 /// Starts continuous backup when configured. A bad URL or key fails the start; an

@@ -547,6 +547,86 @@ pub fn parse_duration(text: &str) -> Result<Duration> {
     Ok(Duration::from_millis(millis))
 }
 
+/// A duration setting: its value (flag, environment or file) or `default`.
+fn duration_setting(value: Option<String>, default: &str, name: &str) -> Result<Duration> {
+    let text = value.unwrap_or_else(|| default.to_owned());
+    parse_duration(&text).with_context(|| format!("setting {name}"))
+}
+
+/// The retention policy of backups: the point-in-time window, archiving and the counts kept.
+fn retention_policy(
+    a: &BackupServeArgs,
+    file: &mut FileSettings,
+) -> Result<haven_backup::RetentionPolicy> {
+    let mut retention = haven_backup::RetentionPolicy {
+        pitr_window_millis: duration_setting(
+            a.backup_pitr_window
+                .clone()
+                .or(file.backup_pitr_window.take()),
+            "24h",
+            "backup_pitr_window",
+        )?
+        .as_millis() as u64,
+        archive_retention_millis: duration_setting(
+            a.backup_archive_retention
+                .clone()
+                .or(file.backup_archive_retention.take()),
+            "7y",
+            "backup_archive_retention",
+        )?
+        .as_millis() as u64,
+        ..haven_backup::RetentionPolicy::default()
+    };
+    let archive_after = a
+        .backup_archive_after
+        .clone()
+        .or(file.backup_archive_after.take());
+    retention.archive_after_millis = match archive_after.as_deref() {
+        Some("never") => None,
+        Some(t) => Some(
+            parse_duration(t)
+                .context("setting backup_archive_after")?
+                .as_millis() as u64,
+        ),
+        None => retention.archive_after_millis,
+    };
+    if let Some(class) = a
+        .backup_archive_class
+        .clone()
+        .or(file.backup_archive_class.take())
+    {
+        // Classes that need a restore request before an object can be read would make
+        // archived points unrestorable by `haven backup restore`.
+        const INSTANT: &[&str] = &[
+            "STANDARD_IA",
+            "ONEZONE_IA",
+            "INTELLIGENT_TIERING",
+            "GLACIER_IR",
+        ];
+        if !INSTANT.contains(&class.as_str()) {
+            bail!(
+                "backup_archive_class {class:?} is not supported: archived objects must stay readable without a restore request; use one of {}",
+                INSTANT.join(", ")
+            );
+        }
+        retention.archive_class = class;
+    }
+    if let Some(keep) = a.backup_keep.clone().or(file.backup_keep.take()) {
+        let n: Vec<usize> = keep
+            .split(',')
+            .map(|p| p.trim().parse::<usize>())
+            .collect::<std::result::Result<_, _>>()
+            .ok()
+            .filter(|v: &Vec<usize>| v.len() == 4)
+            .with_context(|| format!("invalid backup_keep {keep:?}: use four counts, hourly,daily,monthly,yearly, e.g. 24,30,12,7"))?;
+        retention.hourly = n[0];
+        retention.daily = n[1];
+        retention.monthly = n[2];
+        retention.yearly = n[3];
+    }
+    Ok(retention)
+}
+
 impl BackupSettings {
     fn resolve(
         args: Option<&BackupServeArgs>,
@@ -562,102 +642,32 @@ impl BackupSettings {
                 "backups need an encryption key: create one with `haven backup keygen --out FILE`, keep it outside the data directory, and pass --backup-key-file FILE"
             );
         };
-        let dur = |flag: &Option<String>,
-                   file: Option<String>,
-                   default: &str,
-                   name: &str|
-         -> Result<Duration> {
-            let text = flag.clone().or(file).unwrap_or_else(|| default.to_owned());
-            parse_duration(&text).with_context(|| format!("setting {name}"))
-        };
-        let interval = dur(
-            &a.backup_interval,
-            file.backup_interval.take(),
+        let interval = duration_setting(
+            a.backup_interval.clone().or(file.backup_interval.take()),
             "60s",
             "backup_interval",
         )?;
         if interval < Duration::from_secs(1) {
             bail!("backup_interval must be at least 1s");
         }
-        let snapshot_interval = dur(
-            &a.snapshot_interval,
-            file.snapshot_interval.take(),
+        let snapshot_interval = duration_setting(
+            a.snapshot_interval
+                .clone()
+                .or(file.snapshot_interval.take()),
             "24h",
             "snapshot_interval",
         )?;
         if snapshot_interval < interval {
             bail!("snapshot_interval must be at least backup_interval");
         }
-        let verify_interval = dur(
-            &a.backup_verify_interval,
-            file.backup_verify_interval.take(),
+        let verify_interval = duration_setting(
+            a.backup_verify_interval
+                .clone()
+                .or(file.backup_verify_interval.take()),
             "7d",
             "backup_verify_interval",
         )?;
-        let mut retention = haven_backup::RetentionPolicy {
-            pitr_window_millis: dur(
-                &a.backup_pitr_window,
-                file.backup_pitr_window.take(),
-                "24h",
-                "backup_pitr_window",
-            )?
-            .as_millis() as u64,
-            archive_retention_millis: dur(
-                &a.backup_archive_retention,
-                file.backup_archive_retention.take(),
-                "7y",
-                "backup_archive_retention",
-            )?
-            .as_millis() as u64,
-            ..haven_backup::RetentionPolicy::default()
-        };
-        let archive_after = a
-            .backup_archive_after
-            .clone()
-            .or(file.backup_archive_after.take());
-        retention.archive_after_millis = match archive_after.as_deref() {
-            Some("never") => None,
-            Some(t) => Some(
-                parse_duration(t)
-                    .context("setting backup_archive_after")?
-                    .as_millis() as u64,
-            ),
-            None => retention.archive_after_millis,
-        };
-        if let Some(class) = a
-            .backup_archive_class
-            .clone()
-            .or(file.backup_archive_class.take())
-        {
-            // Classes that need a restore request before an object can be read would make
-            // archived points unrestorable by `haven backup restore`.
-            const INSTANT: &[&str] = &[
-                "STANDARD_IA",
-                "ONEZONE_IA",
-                "INTELLIGENT_TIERING",
-                "GLACIER_IR",
-            ];
-            if !INSTANT.contains(&class.as_str()) {
-                bail!(
-                    "backup_archive_class {class:?} is not supported: archived objects must stay readable without a restore request; use one of {}",
-                    INSTANT.join(", ")
-                );
-            }
-            retention.archive_class = class;
-        }
-        if let Some(keep) = a.backup_keep.clone().or(file.backup_keep.take()) {
-            let n: Vec<usize> = keep
-                .split(',')
-                .map(|p| p.trim().parse::<usize>())
-                .collect::<std::result::Result<_, _>>()
-                .ok()
-                .filter(|v: &Vec<usize>| v.len() == 4)
-                .with_context(|| format!("invalid backup_keep {keep:?}: use four counts, hourly,daily,monthly,yearly, e.g. 24,30,12,7"))?;
-            retention.hourly = n[0];
-            retention.daily = n[1];
-            retention.monthly = n[2];
-            retention.yearly = n[3];
-        }
+        let retention = retention_policy(a, file)?;
         Ok(Some(BackupSettings {
             url,
             key_file,
@@ -701,6 +711,7 @@ impl Settings {
     }
 
     /// Merges flags/environment (already combined by clap) over the file over defaults.
+    // Long by design: one merge per setting, in the order their errors are reported.
     pub fn resolve(common: &CommonArgs, serve: Option<&ServeArgs>) -> Result<Settings> {
         let mut file = match &common.config {
             Some(p) => load_file(p)?,
@@ -715,43 +726,25 @@ impl Settings {
             .clone()
             .or(file.store.take())
             .unwrap_or_else(|| "embedded".into());
-        let nats = if store == "embedded" {
-            None
-        } else if store.starts_with("nats://") {
-            let servers: Vec<String> = store
-                .split(',')
-                .map(|s| s.trim())
-                .filter(|s| !s.is_empty())
-                .map(|s| {
-                    if s.contains("://") {
-                        s.to_owned()
-                    } else {
-                        format!("nats://{s}")
-                    }
-                })
-                .collect();
-            Some(servers)
-        } else {
-            bail!("invalid store {store:?}: use embedded or nats://HOST:PORT[,HOST:PORT...]");
-        };
+        let nats = nats_servers(&store)?;
         let store_replicas = common.store_replicas.or(file.store_replicas).unwrap_or(3);
         if !(1..=5).contains(&store_replicas) {
             bail!("store_replicas must be between 1 and 5");
         }
-        let drain_timeout = parse_duration(
-            &serve
+        let drain_timeout = duration_setting(
+            serve
                 .and_then(|s| s.drain_timeout.clone())
-                .or(file.drain_timeout.take())
-                .unwrap_or_else(|| "30s".into()),
-        )
-        .context("setting drain_timeout")?;
-        let max_clock_skew = parse_duration(
-            &serve
+                .or(file.drain_timeout.take()),
+            "30s",
+            "drain_timeout",
+        )?;
+        let max_clock_skew = duration_setting(
+            serve
                 .and_then(|s| s.max_clock_skew.clone())
-                .or(file.max_clock_skew.take())
-                .unwrap_or_else(|| "500ms".into()),
-        )
-        .context("setting max_clock_skew")?;
+                .or(file.max_clock_skew.take()),
+            "500ms",
+            "max_clock_skew",
+        )?;
         let legacy = common
             .legacy_responses
             .clone()
@@ -837,6 +830,29 @@ impl Settings {
             max_clock_skew,
         })
     }
+}
+
+/// The NATS servers of a `--store` value (`None`: the embedded store).
+fn nats_servers(store: &str) -> Result<Option<Vec<String>>> {
+    Ok(if store == "embedded" {
+        None
+    } else if store.starts_with("nats://") {
+        let servers: Vec<String> = store
+            .split(',')
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                if s.contains("://") {
+                    s.to_owned()
+                } else {
+                    format!("nats://{s}")
+                }
+            })
+            .collect();
+        Some(servers)
+    } else {
+        bail!("invalid store {store:?}: use embedded or nats://HOST:PORT[,HOST:PORT...]");
+    })
 }
 
 /// Backup location and key for the `haven backup` commands: flags, environment, then the

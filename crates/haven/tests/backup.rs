@@ -150,22 +150,14 @@ async fn admin(h: &Haven, method: reqwest::Method, path: &str) -> Value {
 /// Notes (name -> stored value) in a data directory.
 async fn notes_in(dir: &Path) -> std::collections::BTreeMap<String, String> {
     let s = RedbStore::open(dir, Origin::new("t", "t"), Arc::new(HybridClock::default())).unwrap();
-    let mut out = std::collections::BTreeMap::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = s.scan("notes", "", after.as_deref(), 1000).await.unwrap();
-        for r in &page.records {
-            out.insert(
-                r.record.key.clone(),
-                String::from_utf8_lossy(r.value()).into_owned(),
-            );
-        }
-        match page.next_after {
-            Some(a) => after = Some(a),
-            None => break,
-        }
-    }
-    out
+    let records = s.scan_all("notes", "").await.unwrap();
+    records
+        .into_iter()
+        .map(|r| {
+            let value = String::from_utf8_lossy(r.value()).into_owned();
+            (r.record.key, value)
+        })
+        .collect()
 }
 
 /// The segments of every generation follow each other without gap or overlap.
@@ -183,6 +175,8 @@ fn assert_continuous(list: &Value) {
     }
 }
 
+// Long by design: one S3 story (outage, catch-up, restore, tampering), each step on the state the
+// last left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_backup_survives_an_unreachable_store_restores_and_detects_tampering() {
     let dir = tempfile::tempdir().unwrap();
@@ -472,6 +466,7 @@ async fn s3_backup_survives_an_unreachable_store_restores_and_detects_tampering(
     drop(moto);
 }
 
+// Long by design: one node killed while shipping, then the loss measured after a restore.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_during_shipping_then_data_loss_is_at_most_one_interval() {
     let dir = tempfile::tempdir().unwrap();

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::cluster::{ONE_REGION_AT_A_TIME, Region};
-use common::{Haven, Legacy, SseReader, free_port, stateless};
+use common::{Haven, Legacy, SseReader, free_port, run_ok, stateless};
 use serde_json::{Value, json};
 
 /// A notes_put through the proxy, retried on 503 (with Retry-After) up to `within`.
@@ -146,6 +146,8 @@ async fn finish(mut h: Held, deadline: Instant) -> (Held, Value) {
     }
 }
 
+// Long by design: one region, a node killed mid-stream, every stream resumed and checked event by
+// event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_nodes_streams_resume_on_another_node_without_loss_or_duplicate() {
     let _one = ONE_REGION_AT_A_TIME.lock().await;
@@ -265,6 +267,7 @@ async fn a_killed_nodes_streams_resume_on_another_node_without_loss_or_duplicate
     );
 }
 
+// Long by design: one region through a leader kill and its rejoin, writes checked at each step.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_continue_after_the_stream_leader_is_killed_and_it_rejoins() {
     let _one = ONE_REGION_AT_A_TIME.lock().await;
@@ -547,6 +550,8 @@ async fn backup_status(node: &Haven) -> Value {
         .unwrap()
 }
 
+// Long by design: one region: shipping, the holder killed, takeover, then the backup restored and
+// checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_node_per_region_ships_backups_and_another_takes_over_when_it_dies() {
     let _one = ONE_REGION_AT_A_TIME.lock().await;
@@ -644,23 +649,18 @@ async fn one_node_per_region_ships_backups_and_another_takes_over_when_it_dies()
     }
     // The backup restores every acknowledged note.
     let to = keys.path().join("restored");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_haven"))
-        .args([
-            "backup",
-            "restore",
-            "--backup-url",
-            &b,
-            "--backup-key-file",
-            &k,
-            "--to",
-        ])
-        .arg(&to)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        std::process::Command::new(env!("CARGO_BIN_EXE_haven"))
+            .args([
+                "backup",
+                "restore",
+                "--backup-url",
+                &b,
+                "--backup-key-file",
+                &k,
+                "--to",
+            ])
+            .arg(&to),
     );
     let restored = Haven::start(&to, free_port(), "default", &["--store", "embedded"]).await;
     let notes = all_notes(&restored.url()).await;

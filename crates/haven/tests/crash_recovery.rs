@@ -8,6 +8,8 @@ use std::time::Duration;
 use common::{Haven, Legacy, SseReader, free_port, stateless};
 use serde_json::{Value, json};
 
+// Long by design: one process killed mid-stream and mid-task, then everything it held checked after
+// the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_stream_and_tasks_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Haven, LEGACY, Legacy, SseReader, free_port, stateless};
+use common::{Haven, Legacy, SseReader, free_port, stateless};
 use serde_json::{Value, json};
 
 async fn next_json(sse: &mut SseReader) -> Value {
@@ -30,14 +30,7 @@ async fn resource_updates_and_list_changes_reach_listeners() {
         .request(1, "resources/subscribe", json!({"uri":"note://plan"}))
         .await;
     assert_eq!(sub["result"], json!({}));
-    let get = reqwest::Client::new()
-        .get(h.url())
-        .header("accept", "text/event-stream")
-        .header("mcp-session-id", &c.session)
-        .header("mcp-protocol-version", LEGACY)
-        .send()
-        .await
-        .unwrap();
+    let get = c.open_standalone().await;
     assert_eq!(get.status(), 200);
     let mut standalone = SseReader::new(get);
     assert!(

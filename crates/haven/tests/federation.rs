@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::upstreams::{
     Upstream, admin, children_of, cli, cli_ok, cmdline, everything_stdio_command, require_tools,
 };
-use common::{Haven, Legacy, SseReader, final_response, free_port, stateless};
+use common::{Haven, Legacy, SseReader, final_response, free_port, run_ok, stateless};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -70,6 +70,8 @@ async fn call_stateless(h: &Haven, id: i64, name: &str, args: Value) -> Value {
     final_response(r, id).await
 }
 
+// Long by design: one setup of real upstreams, exercised through every kind of request in both
+// eras.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_upstreams_are_federated_for_both_eras() {
     let (_dir, h) = start().await;
@@ -78,15 +80,7 @@ async fn real_upstreams_are_federated_for_both_eras() {
 
     // A legacy client with its standalone stream open hears about the new tools.
     let watcher = Legacy::connect(&h.url()).await;
-    let stream = watcher
-        .client
-        .get(&watcher.url)
-        .header("accept", "text/event-stream")
-        .header("mcp-session-id", &watcher.session)
-        .header("mcp-protocol-version", common::LEGACY)
-        .send()
-        .await
-        .unwrap();
+    let stream = watcher.open_standalone().await;
     assert_eq!(stream.status(), 200);
     let mut events = SseReader::new(stream);
     // And a 2026-07-28 client listening for tool list changes.
@@ -353,6 +347,7 @@ fn rand_u64() -> u64 {
     h.finish()
 }
 
+// Long by design: a table of refused entries, each checked to change nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_registry_entries_are_refused_and_change_nothing() {
     let (_dir, h) = start().await;
@@ -514,6 +509,7 @@ async fn bad_registry_entries_are_refused_and_change_nothing() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--multiline"));
 }
 
+// Long by design: each runtime setting changed on a running node and its effect checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_apply_without_restart() {
     let (_dir, h) = start().await;
@@ -713,6 +709,8 @@ async fn a_stdio_upstream_that_dies_mid_call_errors_and_is_restarted() {
     }
 }
 
+// Long by design: one rotation story: new key, rotate, retire, restart, each checked on every
+// secret.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotating_the_key_encryption_key_keeps_every_secret() {
     require_tools();
@@ -722,15 +720,8 @@ async fn rotating_the_key_encryption_key_keeps_every_secret() {
     let port = free_port();
     let key_arg = keys.display().to_string();
     // The operator creates the key file first.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_haven"))
-        .args(["secrets", "new-key", "--key-file", &key_arg])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let new_key = ["secrets", "new-key", "--key-file", &key_arg];
+    run_ok(std::process::Command::new(env!("CARGO_BIN_EXE_haven")).args(new_key));
     let old_kid = std::fs::read_to_string(&keys)
         .unwrap()
         .lines()
@@ -755,15 +746,8 @@ async fn rotating_the_key_encryption_key_keeps_every_secret() {
     );
 
     // A new key, then rotation while the node serves.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_haven"))
-        .args(["secrets", "new-key", "--key-file", &key_arg])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let new_key = ["secrets", "new-key", "--key-file", &key_arg];
+    run_ok(std::process::Command::new(env!("CARGO_BIN_EXE_haven")).args(new_key));
     let rotated = cli_ok(&h, &["secrets", "rotate-key"], None);
     assert!(rotated.contains("older keys can be removed"), "{rotated}");
     let (_, k) = admin(&h, Method::GET, "/admin/v1/keys", None).await;

@@ -17,6 +17,7 @@ impl Drop for Mount {
     }
 }
 
+// Long by design: one tmpfs filled, every kind of write refused, then freed and checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_disk_refuses_writes_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();

@@ -29,6 +29,7 @@ async fn post(url: &str, headers: &[(&str, &str)], body: impl Into<reqwest::Body
 const JSON: (&str, &str) = ("content-type", "application/json");
 const ACCEPT: (&str, &str) = ("accept", "application/json, text/event-stream");
 
+// Long by design: a table of bad requests and the error each must get.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_the_specified_errors() {
     let (_dir, h) = start(&["--max-body-bytes", "2048"]).await;
@@ -234,13 +235,7 @@ async fn session_lifecycle_and_methods() {
         .unwrap();
     assert_eq!(r.status(), 405);
     // DELETE ends the session everywhere.
-    let r = reqwest::Client::new()
-        .delete(h.url())
-        .header("mcp-session-id", &c.session)
-        .header("mcp-protocol-version", LEGACY)
-        .send()
-        .await
-        .unwrap();
+    let r = c.delete().await;
     assert_eq!(r.status(), 200);
     let r = c
         .post_raw(json!({"jsonrpc":"2.0","id":3,"method":"ping"}))

@@ -4,9 +4,6 @@
 //! server-to-client requests for legacy sessions and with input-required results for stateless
 //! clients.
 
-pub mod conformance;
-pub mod default;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 

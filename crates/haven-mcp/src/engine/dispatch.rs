@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::mrtr::{self, Driven};
 use super::tasks;
 use super::{Inner, store_error};
-use crate::catalog::{Caller, Round, TaskSupport, check_arguments};
+use crate::catalog::{Caller, Round, Step, TaskSupport, check_arguments};
 use crate::context::{Era, Final, Item, Outbox, RequestContext};
 use crate::jsonrpc::{self, invalid_params, method_not_found};
 use crate::session;
@@ -373,6 +373,85 @@ async fn subscribe(inner: &Arc<Inner>, call: &Call, on: bool) -> Result<Value, E
     Ok(serde_json::json!({}))
 }
 
+/// The parameters of `tools/call`. They are read in place rather than through rmcp's
+/// `CallToolRequestParams`: this is the hot path, and the typed form would copy the whole
+/// request (and parse `_meta`).
+struct ToolCallParams<'a> {
+    name: String,
+    arguments: JsonObject,
+    input_responses: Option<InputResponses>,
+    request_state: Option<&'a str>,
+}
+
+impl<'a> ToolCallParams<'a> {
+    fn read(params: &'a JsonObject) -> Result<ToolCallParams<'a>, ErrorData> {
+        let name = match params.get("name") {
+            Some(Value::String(n)) => n.clone(),
+            _ => {
+                return Err(invalid_params(
+                    "Invalid params for tools/call: name (string) is required",
+                ));
+            }
+        };
+        let arguments = match params.get("arguments") {
+            None | Some(Value::Null) => JsonObject::new(),
+            Some(Value::Object(a)) => a.clone(),
+            Some(_) => {
+                return Err(invalid_params(
+                    "Invalid params for tools/call: arguments must be an object",
+                ));
+            }
+        };
+        let input_responses = match params.get("inputResponses") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(m)) => Some(m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
+            Some(_) => {
+                return Err(invalid_params(
+                    "Invalid params for tools/call: inputResponses must be an object",
+                ));
+            }
+        };
+        let request_state = match params.get("requestState") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.as_str()),
+            Some(_) => {
+                return Err(invalid_params(
+                    "Invalid params for tools/call: requestState must be a string",
+                ));
+            }
+        };
+        Ok(ToolCallParams {
+            name,
+            arguments,
+            input_responses,
+            request_state,
+        })
+    }
+}
+
+/// Whether a legacy `tools/call` asks to run as a (2025-11-25 experimental) task: with the
+/// requested time-to-live if so; an error when the tool cannot run the way it was asked.
+fn client_task(
+    call: &Call,
+    support: TaskSupport,
+    name: &str,
+) -> Result<Option<Option<u64>>, ErrorData> {
+    match (call.task_param(), support) {
+        (Some(_), TaskSupport::Forbidden) => Err(ErrorData::new(
+            ErrorCode::METHOD_NOT_FOUND,
+            format!("Tool {name} does not support task-augmented calls"),
+            None,
+        )),
+        (None, TaskSupport::Required) => Err(ErrorData::new(
+            ErrorCode::METHOD_NOT_FOUND,
+            format!("Tool {name} must be called as a task (add params.task)"),
+            None,
+        )),
+        (Some(task), _) => Ok(Some(task.get("ttl").and_then(Value::as_u64))),
+        (None, _) => Ok(None),
+    }
+}
+
 async fn tools_call(
     inner: &Arc<Inner>,
     call: &Call,
@@ -380,43 +459,14 @@ async fn tools_call(
     out: &Outbox,
     cancel: &CancellationToken,
 ) -> Outcome {
-    // The parameters are read in place rather than through rmcp's CallToolRequestParams: this
-    // is the hot path, and the typed form would copy the whole request (and parse `_meta`).
-    let params = &call.params;
-    let name = match params.get("name") {
-        Some(Value::String(n)) => n.clone(),
-        _ => {
-            return Outcome::Error(invalid_params(
-                "Invalid params for tools/call: name (string) is required",
-            ));
-        }
-    };
-    let arguments = match params.get("arguments") {
-        None | Some(Value::Null) => JsonObject::new(),
-        Some(Value::Object(a)) => a.clone(),
-        Some(_) => {
-            return Outcome::Error(invalid_params(
-                "Invalid params for tools/call: arguments must be an object",
-            ));
-        }
-    };
-    let input_responses: Option<InputResponses> = match params.get("inputResponses") {
-        None | Some(Value::Null) => None,
-        Some(Value::Object(m)) => Some(m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
-        Some(_) => {
-            return Outcome::Error(invalid_params(
-                "Invalid params for tools/call: inputResponses must be an object",
-            ));
-        }
-    };
-    let request_state = match params.get("requestState") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.as_str()),
-        Some(_) => {
-            return Outcome::Error(invalid_params(
-                "Invalid params for tools/call: requestState must be a string",
-            ));
-        }
+    let ToolCallParams {
+        name,
+        arguments,
+        input_responses,
+        request_state,
+    } = match ToolCallParams::read(&call.params) {
+        Ok(p) => p,
+        Err(e) => return Outcome::Error(e),
     };
     let (tools, index) = match inner.tool_index(&ctx).await {
         Ok(t) => t,
@@ -437,23 +487,9 @@ async fn tools_call(
 
     // The 2025-11-25 experimental form: the client asks for a task.
     if legacy_tasks(&call.era) {
-        match (call.task_param(), support) {
-            (Some(_), TaskSupport::Forbidden) => {
-                return Outcome::Error(ErrorData::new(
-                    ErrorCode::METHOD_NOT_FOUND,
-                    format!("Tool {name} does not support task-augmented calls"),
-                    None,
-                ));
-            }
-            (None, TaskSupport::Required) => {
-                return Outcome::Error(ErrorData::new(
-                    ErrorCode::METHOD_NOT_FOUND,
-                    format!("Tool {name} must be called as a task (add params.task)"),
-                    None,
-                ));
-            }
-            (Some(task), _) => {
-                let requested_ttl = task.get("ttl").and_then(Value::as_u64);
+        match client_task(call, support, &name) {
+            Err(e) => return Outcome::Error(e),
+            Ok(Some(requested_ttl)) => {
                 return Box::pin(tasks::start_client_task(
                     inner,
                     call,
@@ -466,7 +502,7 @@ async fn tools_call(
                 ))
                 .await;
             }
-            (None, _) => {}
+            Ok(None) => {}
         }
     }
     let client_tasks = call.era.is_stateless() && ctx.client_supports("tasks");
@@ -528,36 +564,24 @@ async fn resources_read(
     let params: ReadResourceRequestParams =
         jsonrpc::typed_params(&call.method, Some(&call.params))?;
     let uri = params.uri.clone();
-    let round = mrtr::first_round(
-        inner,
-        call,
-        &uri,
-        params.input_responses,
-        params.request_state.as_deref(),
-    )?;
     let catalog = inner.catalog.clone();
     let step_fn = |ctx: RequestContext, round: Round| {
         let catalog = catalog.clone();
         let uri = uri.clone();
         async move { catalog.read_resource(&ctx, &uri, round).await }
     };
-    let hook = tasks::Promoter::disabled();
-    match mrtr::drive(inner, call, &ctx, out, cancel, &uri, round, &hook, step_fn).await {
-        Driven::Done(r) => Ok(finish(
-            inner,
-            &call.era,
-            ServerResult::ReadResourceResult(r),
-        )),
-        Driven::InputRequired(v) => Ok(v),
-        Driven::Error(mut e) => {
-            // SEP-2164: the stateless era reports a missing resource as invalid params.
-            if call.era.is_stateless() && e.code == ErrorCode::RESOURCE_NOT_FOUND {
-                e.code = ErrorCode::INVALID_PARAMS;
-            }
-            Err(e)
+    let first = (params.input_responses, params.request_state.as_deref());
+    let to_result = ServerResult::ReadResourceResult;
+    let read = drive_untasked(
+        inner, call, &ctx, out, cancel, &uri, first, step_fn, to_result,
+    );
+    read.await.map_err(|mut e| {
+        // SEP-2164: the stateless era reports a missing resource as invalid params.
+        if call.era.is_stateless() && e.code == ErrorCode::RESOURCE_NOT_FOUND {
+            e.code = ErrorCode::INVALID_PARAMS;
         }
-        Driven::Promoted(_) => Err(jsonrpc::internal("resources/read cannot become a task")),
-    }
+        e
+    })
 }
 
 async fn prompts_get(
@@ -570,13 +594,6 @@ async fn prompts_get(
     let params: GetPromptRequestParams = jsonrpc::typed_params(&call.method, Some(&call.params))?;
     let name = params.name.clone();
     let arguments = params.arguments.clone().unwrap_or_default();
-    let round = mrtr::first_round(
-        inner,
-        call,
-        &name,
-        params.input_responses,
-        params.request_state.as_deref(),
-    )?;
     let catalog = inner.catalog.clone();
     let step_fn = |ctx: RequestContext, round: Round| {
         let catalog = catalog.clone();
@@ -584,15 +601,46 @@ async fn prompts_get(
         let arguments = arguments.clone();
         async move { catalog.get_prompt(&ctx, &name, arguments, round).await }
     };
+    let first = (params.input_responses, params.request_state.as_deref());
+    let to_result = ServerResult::GetPromptResult;
+    drive_untasked(
+        inner, call, &ctx, out, cancel, &name, first, step_fn, to_result,
+    )
+    .await
+}
+
+/// Runs a handler that cannot become a task (a resource read, a prompt) round after round from
+/// the request's first round (`first`: its input responses and request state), and shapes
+/// its result for the era.
+#[allow(clippy::too_many_arguments)]
+async fn drive_untasked<T, F, Fut>(
+    inner: &Arc<Inner>,
+    call: &Call,
+    ctx: &RequestContext,
+    out: &Outbox,
+    cancel: &CancellationToken,
+    target: &str,
+    first: (Option<InputResponses>, Option<&str>),
+    step_fn: F,
+    to_result: fn(T) -> ServerResult,
+) -> Result<Value, ErrorData>
+where
+    F: Fn(RequestContext, Round) -> Fut,
+    Fut: std::future::Future<Output = Result<Step<T>, ErrorData>>,
+{
+    let round = mrtr::first_round(inner, call, target, first.0, first.1)?;
     let hook = tasks::Promoter::disabled();
     match Box::pin(mrtr::drive(
-        inner, call, &ctx, out, cancel, &name, round, &hook, step_fn,
+        inner, call, ctx, out, cancel, target, round, &hook, step_fn,
     ))
     .await
     {
-        Driven::Done(r) => Ok(finish(inner, &call.era, ServerResult::GetPromptResult(r))),
+        Driven::Done(r) => Ok(finish(inner, &call.era, to_result(r))),
         Driven::InputRequired(v) => Ok(v),
         Driven::Error(e) => Err(e),
-        Driven::Promoted(_) => Err(jsonrpc::internal("prompts/get cannot become a task")),
+        Driven::Promoted(_) => Err(jsonrpc::internal(format!(
+            "{} cannot become a task",
+            call.method
+        ))),
     }
 }

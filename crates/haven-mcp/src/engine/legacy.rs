@@ -1,6 +1,7 @@
 //! The legacy era over Streamable HTTP: `initialize` and sessions, POST answered with JSON or a
 //! resumable SSE stream, the standalone GET stream, resumption with `Last-Event-ID`, DELETE.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ use super::{
 };
 use crate::catalog::Caller;
 use crate::context::{ANNOUNCE_NS, Announcement, Era, Item};
-use crate::hub::Topic;
+use crate::hub::{Topic, Woke};
 use crate::jsonrpc::{self, Incoming, IncomingRequest};
 use crate::session::{self, LoadedSession, SESSIONS_NS, SessionRecord};
 use crate::stream::{self, InflightRecord, StoredEvent};
@@ -28,6 +29,8 @@ use crate::stream::{self, InflightRecord, StoredEvent};
 pub const CANCELS_NS: &str = "cancels";
 /// `method` of the in-flight record of a standalone GET stream.
 pub const STANDALONE: &str = "standalone";
+/// How often a resumed stream re-reads its events without a change (in case one was missed).
+const RECHECK: Duration = Duration::from_secs(2);
 
 /// A legacy-era POST, as the transport read it.
 #[derive(Debug)]
@@ -363,6 +366,8 @@ fn to_events(items: Vec<Item>) -> (Vec<(String, bool)>, bool, Option<usize>) {
 /// Opens a durable stream for a running request and pumps its items into the store and, while
 /// the client is connected, to the client. The stream's writes are fenced by its execution
 /// (ownership record), which the handler's own writes join from now on.
+// Long by design: the stream's opening under its execution (fencing), kept whole: the order of its
+// steps is the fencing rule.
 async fn open_stream(
     inner: &Arc<Inner>,
     call: &Call,
@@ -448,23 +453,13 @@ async fn open_stream(
             .executions
             .end(&stream::owner_key(&session, &stream_id));
     } else if let Some(execution) = execution {
-        let cancel_rx = inner.hub.subscribe(Topic::key(
-            CANCELS_NS,
-            &Inner::running_key(&session, &call.id),
-        ));
-        inner.spawn(pump(
-            inner.clone(),
-            Pump {
-                session,
-                stream: stream_id,
-                execution,
-                next_index: events.len() as u64 + 1,
-            },
-            rx,
-            live,
-            cancel,
-            cancel_rx,
-        ));
+        let p = Pump {
+            session,
+            stream: stream_id,
+            execution,
+            next_index: events.len() as u64 + 1,
+        };
+        start_pump(inner, p, &call.id, rx, live, cancel);
     }
     Reply::Stream(keep_alive_until_drain(inner, live_rx))
 }
@@ -481,11 +476,26 @@ pub(crate) struct Pump {
     pub next_index: u64,
 }
 
+/// Starts the pump of a running request's stream (see [`pump`]); a cancellation of the
+/// request stored by any node cancels its handler.
+pub(crate) fn start_pump(
+    inner: &Arc<Inner>,
+    p: Pump,
+    request_id: &rmcp::model::RequestId,
+    rx: mpsc::UnboundedReceiver<Item>,
+    live: Option<mpsc::UnboundedSender<SseFrame>>,
+    cancel: CancellationToken,
+) {
+    let cancels = Topic::key(CANCELS_NS, &Inner::running_key(&p.session, request_id));
+    let cancel_rx = inner.hub.subscribe(cancels);
+    inner.spawn(pump(inner.clone(), p, rx, live, cancel, cancel_rx));
+}
+
 /// Stores a running request's items in its stream, in order, and sends them to the client
 /// while it is connected. A write is retried until it is stored or the node loses the
 /// execution; the final answer is never dropped (one the store refuses as invalid is
 /// replaced by an error saying so).
-pub(crate) async fn pump(
+async fn pump(
     inner: Arc<Inner>,
     mut p: Pump,
     mut rx: mpsc::UnboundedReceiver<Item>,
@@ -704,68 +714,81 @@ async fn resume(inner: &Arc<Inner>, loaded: LoadedSession, last_event_id: &str) 
 }
 
 /// Replays a request stream after `after` and follows it until its final event, taking over
-/// requests whose node died.
+/// requests whose node died. It ends when the client goes or the session ends.
 async fn follow(
     inner: Arc<Inner>,
     session: String,
     stream_id: String,
-    mut after: u64,
+    after: u64,
     tx: mpsc::UnboundedSender<SseFrame>,
 ) {
-    let key = stream::stream_key(&session, &stream_id);
-    let mut rx = inner.hub.subscribe(Topic::Stream(key));
-    let mut ses_rx = inner.hub.subscribe(Topic::key(SESSIONS_NS, &session));
+    let topics = [
+        Topic::Stream(stream::stream_key(&session, &stream_id)),
+        Topic::key(SESSIONS_NS, &session),
+    ];
+    let (inner, session, stream_id, tx) = (&inner, &session, &stream_id, &tx);
+    let check = move |after, woke| async move {
+        if woke == Woke::Changed(1)
+            && matches!(session::load(&*inner.store, session).await, Ok(None))
+        {
+            return ControlFlow::Break(());
+        }
+        replay(inner, session, stream_id, after, tx).await
+    };
+    // Whichever way it ends (final event, client gone, session ended) there is nothing to add.
+    let _ = inner
+        .hub
+        .wait_until(&topics, RECHECK, tx.closed(), after, check)
+        .await;
+}
+
+/// Sends the events of a request stream after `after`; breaks at the final event, when the
+/// client is gone or the stream was cut off, and continues with the last index sent. Whoever
+/// owns the request answers; if nobody can (its process is gone), this node settles it now
+/// rather than at the next scan.
+async fn replay(
+    inner: &Arc<Inner>,
+    session: &str,
+    stream_id: &str,
+    mut after: u64,
+    tx: &mpsc::UnboundedSender<SseFrame>,
+) -> ControlFlow<(), u64> {
+    const PAGE: usize = 256;
     loop {
         let events: Vec<StoredEvent> =
-            match stream::read(&*inner.store, &session, &stream_id, after, 256).await {
+            match stream::read(&*inner.store, session, stream_id, after, PAGE).await {
                 Ok(e) => e,
                 Err(e) => {
                     tracing::warn!(error = %e, "reading stream events failed");
-                    return;
+                    return ControlFlow::Break(());
                 }
             };
         let n = events.len();
         for e in events {
             after = e.index;
             let frame = SseFrame::Event {
-                id: Some(stream::event_id(&stream_id, e.index)),
+                id: Some(stream::event_id(stream_id, e.index)),
                 retry: None,
                 data: e.message,
             };
-            if tx.send(frame).is_err() {
-                return;
-            }
-            if e.last {
-                return;
+            if tx.send(frame).is_err() || e.last {
+                return ControlFlow::Break(());
             }
         }
-        if n == 256 {
-            continue;
-        }
-        match stream::inflight(&*inner.store, &session, &stream_id).await {
-            Ok(None) => {
-                // No final event and no running request: the stream was cut off; say so.
-                return;
-            }
-            Ok(Some(_)) => {
-                // Whoever owns the request answers; if nobody can (its process is gone),
-                // this node settles it now rather than at the next scan.
-                let key = stream::owner_key(&session, &stream_id);
-                super::recovery::settle_if_orphaned(&inner, &key).await;
-            }
-            Err(_) => {}
-        }
-        tokio::select! {
-            _ = rx.recv() => {}
-            _ = ses_rx.recv() => {
-                if matches!(session::load(&*inner.store, &session).await, Ok(None)) {
-                    return;
-                }
-            }
-            _ = tx.closed() => return,
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        if n < PAGE {
+            break;
         }
     }
+    match stream::inflight(&*inner.store, session, stream_id).await {
+        // No final event and no running request: the stream was cut off; say so.
+        Ok(None) => return ControlFlow::Break(()),
+        Ok(Some(_)) => {
+            let key = stream::owner_key(session, stream_id);
+            super::recovery::settle_if_orphaned(inner, &key).await;
+        }
+        Err(_) => {}
+    }
+    ControlFlow::Continue(after)
 }
 
 /// The standalone GET stream: notifications not tied to a request (list changes, resource

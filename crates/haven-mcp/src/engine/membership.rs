@@ -47,18 +47,9 @@ pub(crate) fn start(inner: &Arc<Inner>) {
 /// Feeds heartbeats to the membership as they arrive (closer clock-offset estimates than the
 /// periodic reads).
 pub(crate) fn watch_heartbeats(inner: &Arc<Inner>) {
-    let weak: Weak<Inner> = Arc::downgrade(inner);
-    let mut rx = inner
-        .hub
-        .subscribe(Topic::Namespace(haven_cluster::NODES_NS.into()));
-    inner.spawn(async move {
-        loop {
-            let entry = match rx.recv().await {
-                Ok(e) => e,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-            };
-            let Some(inner) = weak.upgrade() else { return };
+    let nodes = Topic::Namespace(haven_cluster::NODES_NS.into());
+    inner.on_change(nodes, |inner, entry| async move {
+        if let Some(entry) = entry {
             inner.membership.observe_change(&entry.change, entry.seq);
         }
     });

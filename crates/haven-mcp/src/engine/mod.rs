@@ -22,7 +22,7 @@ use rmcp::model::{ErrorData, RequestId, Tool};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{Catalog, CatalogInfo};
-use crate::context::{ANNOUNCE_NS, Final};
+use crate::context::{ANNOUNCE_NS, Announcement, Final};
 use crate::hub::{Hub, Topic};
 use crate::keyring::{Keyring, KeyringError, Secrets};
 pub use crate::outcome::{Answer, Reason, Rejection};
@@ -429,67 +429,32 @@ impl Engine {
         stateless::post(&self.inner, post).await
     }
 
+    /// Drops the cached tools when the tool list changes (on any node), and when the hub
+    /// missed changes that may have said so. Other announcements leave the cache alone.
     fn watch_announcements(&self) {
-        let weak = Arc::downgrade(&self.inner);
-        let mut rx = self
-            .inner
-            .hub
-            .subscribe(Topic::Namespace(ANNOUNCE_NS.into()));
-        self.inner.spawn(async move {
-            loop {
-                match rx.recv().await {
-                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                }
-                let Some(inner) = weak.upgrade() else { break };
-                inner.tools.write().tools = None;
-            }
+        let tools = Topic::key(ANNOUNCE_NS, &Announcement::ToolsChanged.key());
+        self.inner.on_change(tools, |inner, _| async move {
+            inner.tools.write().tools = None;
         });
     }
 
     fn watch_sessions(&self) {
-        let weak = Arc::downgrade(&self.inner);
-        let mut rx = self
-            .inner
-            .hub
-            .subscribe(Topic::Namespace(crate::session::SESSIONS_NS.into()));
-        self.inner.spawn(async move {
-            loop {
-                let entry = match rx.recv().await {
-                    Ok(e) => e,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        // Changes were missed: forget everything rather than serve stale state.
-                        if let Some(inner) = weak.upgrade() {
-                            inner.sessions.clear();
-                        }
-                        continue;
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                };
-                let Some(inner) = weak.upgrade() else { break };
-                if let haven_state::Change::Record(r) = &entry.change {
-                    inner.sessions.invalidate(&r.key);
-                }
+        let sessions = Topic::Namespace(crate::session::SESSIONS_NS.into());
+        self.inner.on_change(sessions, |inner, entry| async move {
+            match entry.as_deref().map(|e| &e.change) {
+                Some(haven_state::Change::Record(r)) => inner.sessions.invalidate(&r.key),
+                Some(haven_state::Change::Event(_)) => {}
+                // Changes were missed: forget everything rather than serve stale state.
+                None => inner.sessions.clear(),
             }
         });
     }
 
     fn watch_keys(&self) {
-        let weak = Arc::downgrade(&self.inner);
-        let mut rx = self
-            .inner
-            .hub
-            .subscribe(Topic::Namespace(crate::keyring::KEYS_NS.into()));
-        self.inner.spawn(async move {
-            loop {
-                match rx.recv().await {
-                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                }
-                let Some(inner) = weak.upgrade() else { break };
-                if let Err(e) = inner.keyring.reload().await {
-                    tracing::error!(error = %e, "reloading the request-state keyring failed");
-                }
+        let keys = Topic::Namespace(crate::keyring::KEYS_NS.into());
+        self.inner.on_change(keys, |inner, _| async move {
+            if let Err(e) = inner.keyring.reload().await {
+                tracing::error!(error = %e, "reloading the request-state keyring failed");
             }
         });
     }
@@ -507,6 +472,29 @@ impl Inner {
                 biased;
                 () = killed.cancelled() => {}
                 () = fut => {}
+            }
+        });
+    }
+
+    /// Calls `on_change` with every change of `topic` that the hub routes (`None` when the hub
+    /// missed changes, which may have been of it), for as long as the engine lives. The
+    /// subscription is made at once.
+    pub(crate) fn on_change<F, Fut>(self: &Arc<Self>, topic: Topic, on_change: F)
+    where
+        F: Fn(Arc<Inner>, Option<Arc<haven_state::LogEntry>>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let weak = Arc::downgrade(self);
+        let mut rx = self.hub.subscribe(topic);
+        self.spawn(async move {
+            loop {
+                let entry = match rx.recv().await {
+                    Ok(e) => Some(e),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => None,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                };
+                let Some(inner) = weak.upgrade() else { break };
+                on_change(inner, entry).await;
             }
         });
     }

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +25,8 @@ use crate::jsonrpc::{self, invalid_params};
 pub const REPLIES_NS: &str = "replies";
 /// Most rounds one request may take.
 const MAX_ROUNDS: u32 = 32;
+/// How often a request waiting for a client's reply re-reads it without a change.
+const RECHECK: Duration = Duration::from_secs(2);
 
 /// How a multi-round request ended.
 pub(crate) enum Driven<T> {
@@ -80,7 +83,7 @@ pub(crate) fn first_round(
 }
 
 /// The -32021 error for input requests the client cannot answer.
-fn missing_capabilities(
+pub(crate) fn missing_capabilities(
     requests: &BTreeMap<String, InputRequest>,
     ctx: &RequestContext,
 ) -> Option<ErrorData> {
@@ -208,8 +211,6 @@ pub(crate) async fn ask_client(
     let mut pending = Vec::new();
     for (key, req) in requests {
         let id = RequestId::String(format!("haven-{:016x}", haven_state::ids::random_u64()).into());
-        let rkey = reply_key(session, &id);
-        let rx = inner.hub.subscribe(Topic::key(REPLIES_NS, &rkey));
         let mut params = req.params.clone().unwrap_or_else(|| serde_json::json!({}));
         if let (Some(task), Some(obj)) = (related_task, params.as_object_mut()) {
             let meta = obj.entry("_meta").or_insert_with(|| serde_json::json!({}));
@@ -222,53 +223,61 @@ pub(crate) async fn ask_client(
         {
             return Err(jsonrpc::internal("the request's stream is gone"));
         }
-        pending.push((key.clone(), rkey, rx));
+        pending.push((key.as_str(), reply_key(session, &id)));
     }
     let deadline = tokio::time::Instant::now() + inner.config.client_reply_timeout;
     let mut responses = BTreeMap::new();
-    for (key, rkey, mut rx) in pending {
-        loop {
-            if let Some(r) = inner
-                .store
-                .get(REPLIES_NS, &rkey)
-                .await
-                .map_err(store_error)?
-            {
-                let reply: Value = serde_json::from_slice(r.value())
-                    .map_err(|e| jsonrpc::internal(format!("corrupt client reply: {e}")))?;
-                if let Some(result) = reply.get("result") {
-                    responses.insert(key.clone(), result.clone());
-                } else {
-                    let err: ErrorData = reply
-                        .get("error")
-                        .and_then(|e| serde_json::from_value(e.clone()).ok())
-                        .unwrap_or_else(|| jsonrpc::internal("client replied with an error"));
-                    return Err(ErrorData::new(
-                        err.code,
-                        format!("The client answered {key} with an error: {}", err.message),
-                        err.data,
-                    ));
-                }
-                break;
-            }
+    for (key, rkey) in pending {
+        let stop = async {
             tokio::select! {
-                _ = rx.recv() => {}
-                _ = tokio::time::sleep_until(deadline) => {
-                    return Err(jsonrpc::internal(format!(
-                        "The client did not answer the {key} request within {:?}",
-                        inner.config.client_reply_timeout
-                    )));
-                }
-                _ = cancel.cancelled() => {
-                    return Err(ErrorData::new(ErrorCode::INTERNAL_ERROR, "Request cancelled", None));
-                }
-                // Replies posted to another node arrive through the store; re-check now and then
-                // in case the change feed was missed.
-                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                () = tokio::time::sleep_until(deadline) => jsonrpc::internal(format!(
+                    "The client did not answer the {key} request within {:?}",
+                    inner.config.client_reply_timeout
+                )),
+                () = cancel.cancelled() => jsonrpc::internal("Request cancelled"),
             }
-        }
+        };
+        let rkey = rkey.as_str();
+        let check = move |(), _| async move {
+            match inner.store.get(REPLIES_NS, rkey).await {
+                Ok(None) => ControlFlow::Continue(()),
+                Ok(Some(r)) => ControlFlow::Break(client_answer(key, r.value())),
+                Err(e) => ControlFlow::Break(Err(store_error(e))),
+            }
+        };
+        // Replies posted to another node arrive through the store; re-check now and then in
+        // case the change feed was missed.
+        let topics = [Topic::key(REPLIES_NS, rkey)];
+        let answer = match inner
+            .hub
+            .wait_until(&topics, RECHECK, stop, (), check)
+            .await
+        {
+            Ok(answer) => answer?,
+            Err(stopped) => return Err(stopped),
+        };
+        responses.insert(key.to_owned(), answer);
     }
     Ok(responses)
+}
+
+/// The result of a client's stored reply to the `key` input request, or the error it answered
+/// with.
+fn client_answer(key: &str, stored: &[u8]) -> Result<Value, ErrorData> {
+    let reply: Value = serde_json::from_slice(stored)
+        .map_err(|e| jsonrpc::internal(format!("corrupt client reply: {e}")))?;
+    if let Some(result) = reply.get("result") {
+        return Ok(result.clone());
+    }
+    let err: ErrorData = reply
+        .get("error")
+        .and_then(|e| serde_json::from_value(e.clone()).ok())
+        .unwrap_or_else(|| jsonrpc::internal("client replied with an error"));
+    Err(ErrorData::new(
+        err.code,
+        format!("The client answered {key} with an error: {}", err.message),
+        err.data,
+    ))
 }
 
 /// Stores a client's reply to a server-to-client request.

@@ -183,23 +183,13 @@ async fn rerun(inner: &Arc<Inner>, claim: Claim, call: Call, tool: &str, rec: &I
     };
     let fence = FencedStore::new(execution.clone());
     let running = inner.spawn_handler(call.clone(), Some(fence));
-    let cancel_rx = inner.hub.subscribe(crate::hub::Topic::key(
-        super::legacy::CANCELS_NS,
-        &Inner::running_key(&rec.session, &call.id),
-    ));
-    inner.spawn(super::legacy::pump(
-        inner.clone(),
-        super::legacy::Pump {
-            session: rec.session.clone(),
-            stream: rec.stream.clone(),
-            execution,
-            next_index: last + 1,
-        },
-        running.rx,
-        None,
-        running.cancel,
-        cancel_rx,
-    ));
+    let p = super::legacy::Pump {
+        session: rec.session.clone(),
+        stream: rec.stream.clone(),
+        execution,
+        next_index: last + 1,
+    };
+    super::legacy::start_pump(inner, p, &call.id, running.rx, None, running.cancel);
 }
 
 /// Settles one execution whose owner is gone (or that nothing on this node runs any more).

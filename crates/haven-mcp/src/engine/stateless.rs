@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use rmcp::model::{
-    CacheScope, DiscoverResult, ErrorCode, ErrorData, RequestId, SubscriptionFilter,
+    CacheScope, ClientCapabilities, DiscoverResult, ErrorCode, ErrorData, RequestId,
+    SubscriptionFilter,
 };
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -22,7 +23,7 @@ use super::{
 use crate::catalog::Caller;
 use crate::context::{ANNOUNCE_NS, Announcement, Era, Item};
 use crate::hub::Topic;
-use crate::jsonrpc::{self, Incoming};
+use crate::jsonrpc::{self, Incoming, IncomingRequest, RequestMeta};
 
 const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
 const META_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
@@ -151,141 +152,26 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
     };
     let h = &p.headers;
     let id = req.id.clone();
-
-    // 1. `_meta` must carry the protocol version and the client capabilities.
-    let meta = match req.meta() {
-        Ok(Some(m)) => m,
-        Ok(None) => {
-            return reject(Reason::InvalidParams, &id, ErrorCode::INVALID_PARAMS, "Invalid params: _meta is required (with io.modelcontextprotocol/protocolVersion and io.modelcontextprotocol/clientCapabilities)".into(), None);
-        }
-        Err(e) => {
-            return reject(
-                Reason::InvalidParams,
-                &id,
-                ErrorCode::INVALID_PARAMS,
-                format!("Invalid params: _meta: {e}"),
-                None,
-            );
-        }
+    let (version, capabilities, meta) = match required_meta(&req, &id) {
+        Ok(m) => m,
+        Err(r) => return r,
     };
-    let Some(version) = meta.protocol_version else {
-        return reject(
-            Reason::InvalidParams,
-            &id,
-            ErrorCode::INVALID_PARAMS,
-            format!("Invalid params: _meta[\"{META_VERSION}\"] (string) is required"),
-            None,
-        );
-    };
-    let Some(capabilities) = meta.client_capabilities else {
-        return reject(
-            Reason::InvalidParams,
-            &id,
-            ErrorCode::INVALID_PARAMS,
-            format!("Invalid params: _meta[\"{META_CAPABILITIES}\"] (object) is required"),
-            None,
-        );
-    };
-    let client_info = meta.client_info;
-    let log_level = meta.log_level;
-    let progress_token = meta.progress_token;
-    // 2. The header must agree with `_meta`.
-    if p.from_http && h.protocol_version.as_deref() != Some(version.as_str()) {
-        return reject(
-            Reason::HeaderMismatch,
-            &id,
-            ErrorCode::HEADER_MISMATCH,
-            format!(
-                "Header mismatch: MCP-Protocol-Version header {:?} does not match _meta protocolVersion {version:?}",
-                h.protocol_version.as_deref().unwrap_or("(absent)")
-            ),
-            None,
-        );
+    if let Err(r) = check_routing(&req, h, p.from_http, &version, &id) {
+        return r;
     }
-    // 3. The version must be one Haven speaks statelessly.
-    if !STATELESS_VERSIONS.contains(&version.as_str()) {
-        let e = ErrorData::unsupported_protocol_version(
-            super::protocol_version(&version),
-            &supported_versions()
-                .iter()
-                .map(|v| super::protocol_version(v))
-                .collect::<Vec<_>>(),
-        );
-        return Rejection::new(Reason::UnsupportedVersion, Some(&id), e).into();
-    }
-    // 4. `Mcp-Method` must name the body's method exactly.
-    match h
-        .method
-        .as_deref()
-        .map(|m| m.trim_matches(|c| c == ' ' || c == '\t'))
-    {
-        Some(m) if m == req.method => {}
-        _ if !p.from_http => {}
-        other => {
-            return reject(
-                Reason::HeaderMismatch,
-                &id,
-                ErrorCode::HEADER_MISMATCH,
-                format!(
-                    "Header mismatch: Mcp-Method header {:?} does not match method {:?}",
-                    other.unwrap_or("(absent)"),
-                    req.method
-                ),
-                None,
-            );
-        }
-    }
-    // 5. The method must exist in this era.
-    if !METHODS.contains(&req.method.as_str()) {
-        return Rejection::new(
-            Reason::MethodNotFound,
-            Some(&id),
-            jsonrpc::method_not_found(&req.method),
-        )
-        .into();
-    }
-    // 6. `Mcp-Name` must name the target.
-    let target_field = match req.method.as_str() {
-        "tools/call" | "prompts/get" => Some("name"),
-        "resources/read" => Some("uri"),
-        "tasks/get" | "tasks/update" | "tasks/cancel" => Some("taskId"),
-        _ => None,
-    };
-    if let (Some(field), true) = (target_field, p.from_http) {
-        let target = req
-            .params
-            .as_ref()
-            .and_then(|p| p.get(field))
-            .and_then(Value::as_str);
-        let header = h.name.as_deref().and_then(decode_header_value);
-        if header.is_none() || header.as_deref() != target {
-            return reject(
-                Reason::HeaderMismatch,
-                &id,
-                ErrorCode::HEADER_MISMATCH,
-                format!(
-                    "Header mismatch: Mcp-Name header {:?} does not match params.{field} {:?}",
-                    h.name.as_deref().unwrap_or("(absent)"),
-                    target.unwrap_or("(absent)")
-                ),
-                None,
-            );
-        }
-    }
-    let method = req.method;
     let call = Call {
         id,
-        method,
+        method: req.method,
         params: req.params.unwrap_or_default(),
         era: Era::Stateless {
             protocol_version: version,
         },
         caller: Caller {
-            client_info,
+            client_info: meta.client_info,
             capabilities,
-            log_level,
+            log_level: meta.log_level,
         },
-        progress_token,
+        progress_token: meta.progress_token,
     };
     // 7. `Mcp-Param-*` headers must mirror the arguments they stand for.
     if call.method == "tools/call"
@@ -299,6 +185,145 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
         "subscriptions/listen" => listen(inner, &call),
         _ => Box::pin(run(inner, call)).await,
     }
+}
+
+/// Step 1 of a stateless request's checks: `_meta` must carry the protocol version and the
+/// client capabilities. Returns them, and the rest of `_meta`.
+fn required_meta(
+    req: &IncomingRequest,
+    id: &RequestId,
+) -> Result<(String, ClientCapabilities, RequestMeta), Reply> {
+    let mut meta = match req.meta() {
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            return Err(reject(Reason::InvalidParams, id, ErrorCode::INVALID_PARAMS, "Invalid params: _meta is required (with io.modelcontextprotocol/protocolVersion and io.modelcontextprotocol/clientCapabilities)".into(), None));
+        }
+        Err(e) => {
+            return Err(reject(
+                Reason::InvalidParams,
+                id,
+                ErrorCode::INVALID_PARAMS,
+                format!("Invalid params: _meta: {e}"),
+                None,
+            ));
+        }
+    };
+    let Some(version) = meta.protocol_version.take() else {
+        return Err(reject(
+            Reason::InvalidParams,
+            id,
+            ErrorCode::INVALID_PARAMS,
+            format!("Invalid params: _meta[\"{META_VERSION}\"] (string) is required"),
+            None,
+        ));
+    };
+    let Some(capabilities) = meta.client_capabilities.take() else {
+        return Err(reject(
+            Reason::InvalidParams,
+            id,
+            ErrorCode::INVALID_PARAMS,
+            format!("Invalid params: _meta[\"{META_CAPABILITIES}\"] (object) is required"),
+            None,
+        ));
+    };
+    Ok((version, capabilities, meta))
+}
+
+/// Steps 2 to 6 of a stateless request's checks, in the order the spec's error codes require:
+/// the headers must agree with the body (`MCP-Protocol-Version`, `Mcp-Method`, `Mcp-Name`;
+/// over HTTP only), the version must be one Haven speaks statelessly and the method must exist
+/// in this era.
+fn check_routing(
+    req: &IncomingRequest,
+    h: &StatelessHeaders,
+    from_http: bool,
+    version: &str,
+    id: &RequestId,
+) -> Result<(), Reply> {
+    // 2. The header must agree with `_meta`.
+    if from_http && h.protocol_version.as_deref() != Some(version) {
+        return Err(reject(
+            Reason::HeaderMismatch,
+            id,
+            ErrorCode::HEADER_MISMATCH,
+            format!(
+                "Header mismatch: MCP-Protocol-Version header {:?} does not match _meta protocolVersion {version:?}",
+                h.protocol_version.as_deref().unwrap_or("(absent)")
+            ),
+            None,
+        ));
+    }
+    // 3. The version must be one Haven speaks statelessly.
+    if !STATELESS_VERSIONS.contains(&version) {
+        let e = ErrorData::unsupported_protocol_version(
+            super::protocol_version(version),
+            &supported_versions()
+                .iter()
+                .map(|v| super::protocol_version(v))
+                .collect::<Vec<_>>(),
+        );
+        return Err(Rejection::new(Reason::UnsupportedVersion, Some(id), e).into());
+    }
+    // 4. `Mcp-Method` must name the body's method exactly.
+    match h
+        .method
+        .as_deref()
+        .map(|m| m.trim_matches(|c| c == ' ' || c == '\t'))
+    {
+        Some(m) if m == req.method => {}
+        _ if !from_http => {}
+        other => {
+            return Err(reject(
+                Reason::HeaderMismatch,
+                id,
+                ErrorCode::HEADER_MISMATCH,
+                format!(
+                    "Header mismatch: Mcp-Method header {:?} does not match method {:?}",
+                    other.unwrap_or("(absent)"),
+                    req.method
+                ),
+                None,
+            ));
+        }
+    }
+    // 5. The method must exist in this era.
+    if !METHODS.contains(&req.method.as_str()) {
+        return Err(Rejection::new(
+            Reason::MethodNotFound,
+            Some(id),
+            jsonrpc::method_not_found(&req.method),
+        )
+        .into());
+    }
+    // 6. `Mcp-Name` must name the target.
+    let target_field = match req.method.as_str() {
+        "tools/call" | "prompts/get" => Some("name"),
+        "resources/read" => Some("uri"),
+        "tasks/get" | "tasks/update" | "tasks/cancel" => Some("taskId"),
+        _ => None,
+    };
+    if let (Some(field), true) = (target_field, from_http) {
+        let target = req
+            .params
+            .as_ref()
+            .and_then(|p| p.get(field))
+            .and_then(Value::as_str);
+        let header = h.name.as_deref().and_then(decode_header_value);
+        if header.is_none() || header.as_deref() != target {
+            return Err(reject(
+                Reason::HeaderMismatch,
+                id,
+                ErrorCode::HEADER_MISMATCH,
+                format!(
+                    "Header mismatch: Mcp-Name header {:?} does not match params.{field} {:?}",
+                    h.name.as_deref().unwrap_or("(absent)"),
+                    target.unwrap_or("(absent)")
+                ),
+                None,
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Checks `Mcp-Param-*` headers against the tool's `x-mcp-header` arguments.
@@ -475,6 +500,12 @@ async fn run(inner: &Arc<Inner>, call: Call) -> Reply {
             (None, rx, handler),
         ))
     });
+    without_empty_events(frames)
+}
+
+/// A stream of SSE frames as a reply, without events that carry nothing (a handler's request
+/// to close the stream has no meaning in this era).
+fn without_empty_events(frames: impl futures::Stream<Item = SseFrame> + Send + 'static) -> Reply {
     use futures::StreamExt;
     Reply::Stream(
         frames
@@ -490,19 +521,12 @@ async fn run(inner: &Arc<Inner>, call: Call) -> Reply {
 /// Runs a request that may become a task in its own tokio task, so that it can outlive the
 /// HTTP exchange; closing the response before the final message cancels it.
 async fn run_spawned(inner: &Arc<Inner>, call: Call) -> Reply {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let cancel = CancellationToken::new();
     let id = call.id.clone();
     // It may become a task, whose writes are fenced by the task's execution from then on.
     let fence = haven_cluster::FencedStore::unattached(inner.store.clone());
-    inner.spawn(dispatch::run(
-        inner.clone(),
-        call,
-        tx,
-        cancel.clone(),
-        Some(fence),
-    ));
-    let mut guard = CancelOnDrop(Some(cancel));
+    let running = inner.spawn_handler(call, Some(fence));
+    let mut rx = running.rx;
+    let mut guard = CancelOnDrop(Some(running.cancel));
     let first = match rx.recv().await {
         Some(Item::Final(f)) => {
             guard.0 = None;
@@ -549,16 +573,7 @@ async fn run_spawned(inner: &Arc<Inner>, call: Call) -> Reply {
             (None, rx, guard),
         ))
     });
-    use futures::StreamExt;
-    Reply::Stream(
-        frames
-            .filter(|f| {
-                futures::future::ready(
-                    !matches!(f, SseFrame::Event { data, .. } if data.is_empty()),
-                )
-            })
-            .boxed(),
-    )
+    without_empty_events(frames)
 }
 
 fn listen(inner: &Arc<Inner>, call: &Call) -> Reply {

@@ -5,6 +5,7 @@
 //! before the response that announces it, and any node can serve it afterwards.
 
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::dispatch::{Call, Outcome, finish, legacy_tasks};
-use super::mrtr::ask_client;
+use super::mrtr::{ask_client, missing_capabilities};
 use super::{Inner, store_error};
 use crate::catalog::{Caller, InputRequest, Round, Step};
 use crate::context::{Era, Final, Item, Outbox, RequestContext, TaskHook};
@@ -38,6 +39,11 @@ pub fn owner_key(task_id: &str) -> String {
 pub fn parse_owner_key(key: &str) -> Option<&str> {
     key.strip_prefix("t/")
 }
+
+/// How often a waiter re-reads a task without a change (in case one was missed).
+const RECHECK: Duration = Duration::from_secs(2);
+/// How often a task's runner re-reads it for a cancellation without a change.
+const CANCEL_RECHECK: Duration = Duration::from_secs(5);
 
 /// Extension id of the tasks extension.
 pub const TASKS_EXTENSION: &str = "io.modelcontextprotocol/tasks";
@@ -105,7 +111,7 @@ fn is_terminal(s: TaskStatus) -> bool {
 }
 
 /// RFC 3339 timestamp of a Unix-millisecond time.
-pub(crate) fn rfc3339(millis: u64) -> String {
+pub fn rfc3339(millis: u64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     t.format(&time::format_description::well_known::Rfc3339)
@@ -113,6 +119,19 @@ pub(crate) fn rfc3339(millis: u64) -> String {
 }
 
 impl TaskRecord {
+    /// The era of the requests of the task's form (the era its tool runs in).
+    fn era(&self) -> Era {
+        match self.form {
+            TaskForm::Extension => Era::Stateless {
+                protocol_version: self.protocol_version.clone(),
+            },
+            TaskForm::Experimental => Era::Legacy {
+                session: self.session.clone().unwrap_or_default(),
+                protocol_version: self.protocol_version.clone(),
+            },
+        }
+    }
+
     fn base(&self) -> Task {
         let mut t = Task::new(
             self.task_id.clone(),
@@ -560,25 +579,24 @@ pub(crate) async fn start_client_task(
 fn watch_cancel(inner: &Arc<Inner>, task_id: &str, token: CancellationToken) {
     let inner2 = inner.clone();
     let task_id = task_id.to_owned();
-    let mut rx = inner.hub.subscribe(Topic::key(TASKS_NS, &task_id));
     inner.spawn(async move {
-        let inner = inner2;
-        loop {
-            match load(&inner, &task_id).await {
+        let (inner, task_id, token) = (&inner2, &task_id, &token);
+        let check = move |(), _| async move {
+            match load(inner, task_id).await {
                 Ok(Some((rec, _))) if rec.status == TaskStatus::Cancelled => {
                     token.cancel();
-                    return;
+                    ControlFlow::Break(())
                 }
-                Ok(Some((rec, _))) if is_terminal(rec.status) => return,
-                Ok(None) => return,
-                _ => {}
+                Ok(Some((rec, _))) if is_terminal(rec.status) => ControlFlow::Break(()),
+                Ok(None) => ControlFlow::Break(()),
+                _ => ControlFlow::Continue(()),
             }
-            tokio::select! {
-                r = rx.recv() => if let Err(tokio::sync::broadcast::error::RecvError::Closed) = r { return },
-                _ = token.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-            }
-        }
+        };
+        let topics = [Topic::key(TASKS_NS, task_id)];
+        let _ = inner
+            .hub
+            .wait_until(&topics, CANCEL_RECHECK, token.cancelled(), (), check)
+            .await;
     });
 }
 
@@ -652,20 +670,7 @@ async fn wait_for_answers(
     state: Option<Value>,
     cancel: &CancellationToken,
 ) -> Option<Round> {
-    let mut missing = serde_json::Map::new();
-    for r in requests.values() {
-        if let Some(cap) = r.required_capability()
-            && !ctx.client_supports(cap)
-        {
-            missing.insert(cap.into(), serde_json::json!({}));
-        }
-    }
-    if !missing.is_empty() {
-        let e = ErrorData::new(
-            ErrorCode::MISSING_REQUIRED_CLIENT_CAPABILITY,
-            "Missing required client capability",
-            Some(serde_json::json!({ "requiredCapabilities": missing })),
-        );
+    if let Some(e) = missing_capabilities(&requests, ctx) {
         finish_task(inner, task_id, execution, Err(e), cancel).await;
         return None;
     }
@@ -699,36 +704,38 @@ pub(crate) async fn wait_until_answered(
     execution: &haven_cluster::Execution,
     cancel: &CancellationToken,
 ) -> Option<Round> {
-    let mut rx = inner.hub.subscribe(Topic::key(TASKS_NS, task_id));
-    loop {
-        let (rec, _) = load(inner, task_id).await.ok().flatten()?;
+    let check = move |(), _| async move {
+        let Some((rec, _)) = load(inner, task_id).await.ok().flatten() else {
+            return ControlFlow::Break(None);
+        };
         if is_terminal(rec.status) {
-            return None;
+            return ControlFlow::Break(None);
         }
-        if rec.status == TaskStatus::InputRequired && rec.pending.is_empty() {
-            let round = Round {
-                input_responses: rec.answers.clone(),
-                state: rec.state.clone(),
-                number: rec.round,
-            };
-            update_until_stored(inner, task_id, execution, false, |r| {
-                if r.status != TaskStatus::InputRequired {
-                    return Ok(false);
-                }
-                r.status = TaskStatus::Working;
-                r.answers.clear();
-                Ok(true)
-            })
-            .await
-            .ok()?;
-            return Some(round);
+        if rec.status != TaskStatus::InputRequired || !rec.pending.is_empty() {
+            return ControlFlow::Continue(());
         }
-        tokio::select! {
-            r = rx.recv() => if let Err(tokio::sync::broadcast::error::RecvError::Closed) = r { return None },
-            _ = cancel.cancelled() => return None,
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-        }
-    }
+        let round = Round {
+            input_responses: rec.answers.clone(),
+            state: rec.state.clone(),
+            number: rec.round,
+        };
+        let working = update_until_stored(inner, task_id, execution, false, |r| {
+            if r.status != TaskStatus::InputRequired {
+                return Ok(false);
+            }
+            r.status = TaskStatus::Working;
+            r.answers.clear();
+            Ok(true)
+        })
+        .await;
+        ControlFlow::Break(working.ok().map(|_| round))
+    };
+    let topics = [Topic::key(TASKS_NS, task_id)];
+    inner
+        .hub
+        .wait_until(&topics, RECHECK, cancel.cancelled(), (), check)
+        .await
+        .unwrap_or(None)
 }
 
 /// Records a task's outcome. A cancelled task stays cancelled.
@@ -750,15 +757,7 @@ async fn finish_task(
                 rec.status_message = Some("The task was cancelled.".into());
             }
             Ok(result) => {
-                let era = match rec.form {
-                    TaskForm::Extension => Era::Stateless {
-                        protocol_version: rec.protocol_version.clone(),
-                    },
-                    TaskForm::Experimental => Era::Legacy {
-                        session: rec.session.clone().unwrap_or_default(),
-                        protocol_version: rec.protocol_version.clone(),
-                    },
-                };
+                let era = rec.era();
                 let is_error = result.is_error == Some(true);
                 rec.result = Some(finish(
                     inner,
@@ -921,24 +920,14 @@ pub(crate) use update_method as update_request;
 pub(crate) async fn list(inner: &Arc<Inner>, call: &Call) -> Result<Value, ErrorData> {
     gate(call)?;
     let session = call.era.session().unwrap_or_default();
-    let mut ids = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = inner
-            .store
-            .scan(TASK_INDEX_NS, &format!("{session}/"), after.as_deref(), 512)
-            .await
-            .map_err(store_error)?;
-        ids.extend(
-            page.records
-                .iter()
-                .filter_map(|r| r.record.key.rsplit('/').next().map(str::to_owned)),
-        );
-        match page.next_after {
-            Some(a) => after = Some(a),
-            None => break,
-        }
-    }
+    let ids: Vec<String> = inner
+        .store
+        .scan_all(TASK_INDEX_NS, &format!("{session}/"))
+        .await
+        .map_err(store_error)?
+        .iter()
+        .filter_map(|r| r.record.key.rsplit('/').next().map(str::to_owned))
+        .collect();
     let mut tasks = Vec::new();
     for id in ids {
         if let Some((rec, _)) = load(inner, &id).await.map_err(store_error)? {
@@ -966,17 +955,42 @@ pub(crate) async fn result(
     gate(call)?;
     let id = task_id_param(call)?;
     visible(inner, call, &id).await?;
-    let session = call.era.session().unwrap_or_default().to_owned();
-    let mut rx = inner.hub.subscribe(Topic::key(TASKS_NS, &id));
+    let id = &id;
+    let check = move |(), _| async move {
+        match task_outcome(inner, call, id, out, cancel).await {
+            Ok(None) => ControlFlow::Continue(()),
+            Ok(Some(v)) => ControlFlow::Break(Ok(v)),
+            Err(e) => ControlFlow::Break(Err(e)),
+        }
+    };
+    let topics = [Topic::key(TASKS_NS, id)];
+    inner
+        .hub
+        .wait_until(&topics, RECHECK, cancel.cancelled(), (), check)
+        .await
+        .unwrap_or_else(|()| Err(jsonrpc::internal("Request cancelled")))
+}
+
+/// What `tasks/result` answers for the task as it is now: the result or error of an ended
+/// task, or `None` while it runs. Input requests the task waits for are asked of the client
+/// first, and their answers recorded.
+async fn task_outcome(
+    inner: &Arc<Inner>,
+    call: &Call,
+    id: &str,
+    out: &Outbox,
+    cancel: &CancellationToken,
+) -> Result<Option<Value>, ErrorData> {
+    let session = call.era.session().unwrap_or_default();
     loop {
-        let rec = visible(inner, call, &id).await?;
+        let rec = visible(inner, call, id).await?;
         let related =
             serde_json::json!({ "io.modelcontextprotocol/related-task": { "taskId": id } });
         match rec.status {
             TaskStatus::Completed | TaskStatus::Failed if rec.result.is_some() => {
                 let mut v = rec.result.clone().unwrap_or_default();
                 v["_meta"] = related;
-                return Ok(v);
+                return Ok(Some(v));
             }
             TaskStatus::Failed => {
                 let mut e: ErrorData = rec
@@ -1008,17 +1022,10 @@ pub(crate) async fn result(
                         )
                     })
                     .collect();
-                let answers =
-                    ask_client(inner, &session, out, cancel, &requests, Some(&id)).await?;
-                answer(inner, &id, &answers).await?;
-                continue;
+                let answers = ask_client(inner, session, out, cancel, &requests, Some(id)).await?;
+                answer(inner, id, &answers).await?;
             }
-            _ => {}
-        }
-        tokio::select! {
-            _ = rx.recv() => {}
-            _ = cancel.cancelled() => return Err(ErrorData::new(ErrorCode::INTERNAL_ERROR, "Request cancelled", None)),
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ => return Ok(None),
         }
     }
 }
@@ -1026,6 +1033,8 @@ pub(crate) async fn result(
 /// Picks up a task whose run's owner is gone, under `claim` (at most one node wins it):
 /// re-runs an idempotent tool, keeps waiting for input on an input-required task, and fails
 /// any other.
+// Long by design: one claim's takeover from reading the task to running it again, kept whole
+// because every step is fenced by the same claim.
 pub(crate) async fn adopt(inner: &Arc<Inner>, claim: haven_cluster::Claim, task_id: &str) {
     let (rec, rev) = match load(inner, task_id).await {
         Ok(Some(r)) => r,
@@ -1093,15 +1102,7 @@ pub(crate) async fn adopt(inner: &Arc<Inner>, claim: haven_cluster::Claim, task_
     let rec = next;
     inner.spawn(async move {
         let inner = inner2;
-        let era = match rec.form {
-            TaskForm::Extension => Era::Stateless {
-                protocol_version: rec.protocol_version.clone(),
-            },
-            TaskForm::Experimental => Era::Legacy {
-                session: rec.session.clone().unwrap_or_default(),
-                protocol_version: rec.protocol_version.clone(),
-            },
-        };
+        let era = rec.era();
         let cancel = CancellationToken::new();
         let hook = Promoter::promoted(rec.task_id.clone(), execution.clone());
         let ctx = RequestContext::new(

@@ -237,6 +237,7 @@ impl Model {
 
     /// What `batch` should do: a conflict, or the changes it appends (with the clock after
     /// it) and, per operation, the position of its change (or `None`: unchanged).
+    // Long by design: the model of the store contract: a flat match of the operations.
     #[allow(clippy::type_complexity)]
     fn predict(
         &self,
@@ -500,6 +501,7 @@ pub fn clock() -> (Arc<ManualClock>, Arc<haven_state::HybridClock>) {
 
 /// The fixed cases: conditional writes, atomicity, tombstones, scans with pages, streams, the
 /// change log and `watch`.
+// Long by design: the basic operations of the contract, one after the other on one store.
 pub async fn basics(s: Arc<dyn Store>) {
     // Conditional writes.
     let c = s

@@ -165,6 +165,18 @@ impl Haven {
     }
 }
 
+/// Runs `command` (to its end) and asserts that it succeeded; its output.
+pub fn run_ok(command: &mut Command) -> std::process::Output {
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// One parsed SSE event.
 #[derive(Debug, Clone)]
 pub struct Event {
@@ -293,6 +305,29 @@ impl Legacy {
             .post_raw(json!({"jsonrpc":"2.0","id":id,"method":method,"params":params}))
             .await;
         final_response(r, id).await
+    }
+
+    /// Opens the session's standalone GET stream.
+    pub async fn open_standalone(&self) -> reqwest::Response {
+        self.client
+            .get(&self.url)
+            .header("accept", "text/event-stream")
+            .header("mcp-session-id", &self.session)
+            .header("mcp-protocol-version", LEGACY)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// DELETE of the session.
+    pub async fn delete(&self) -> reqwest::Response {
+        self.client
+            .delete(&self.url)
+            .header("mcp-session-id", &self.session)
+            .header("mcp-protocol-version", LEGACY)
+            .send()
+            .await
+            .unwrap()
     }
 
     pub async fn resume(&self, last_event_id: &str) -> reqwest::Response {

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -111,17 +111,12 @@ impl Upstream {
     }
 
     async fn wait_listening(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("upstream on port {} did not start listening", self.port);
+        let listening = haven_testkit::wait_listening(self.port, Duration::from_secs(60)).await;
+        assert!(
+            listening,
+            "upstream on port {} did not start listening",
+            self.port
+        );
     }
 
     /// `kill -9`.

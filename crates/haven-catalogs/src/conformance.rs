@@ -21,9 +21,9 @@ use rmcp::model::{
 };
 use serde_json::{Value, json};
 
-use super::{Catalog, CatalogInfo, Ctx, InputRequest, Round, Step, TaskSupport};
-use crate::context::Announcement;
-use crate::jsonrpc::{internal, invalid_params};
+use haven_mcp::catalog::{Catalog, CatalogInfo, Ctx, InputRequest, Round, Step, TaskSupport};
+use haven_mcp::context::Announcement;
+use haven_mcp::jsonrpc::{internal, invalid_params};
 
 /// The reference fixture's 1×1 PNG, base64.
 pub const PNG_BASE64: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg==";
@@ -60,8 +60,9 @@ fn no_args() -> Value {
     json!({ "type": "object", "properties": {} })
 }
 
+// Long by design: a flat list of the suite's fixture tools, exactly as the suite expects them.
 fn tool_list() -> Vec<Tool> {
-    use super::tool;
+    use haven_mcp::catalog::tool;
     vec![
         // Must stay first: http-header-validation calls tools[0] with `arguments: {}`.
         tool(
@@ -422,16 +423,8 @@ struct Elicited {
 impl Elicited {
     /// The answer under `key`, if there is one. A present but malformed answer is -32602.
     fn from(round: &Round, key: &str) -> Result<Option<Elicited>, ErrorData> {
-        let Some(v) = round.input_responses.get(key) else {
+        let Some(obj) = answer_object(round, key)? else {
             return Ok(None);
-        };
-        if v.is_null() {
-            return Ok(None);
-        }
-        let Some(obj) = v.as_object() else {
-            return Err(invalid_params(format!(
-                "Invalid inputResponses: {key} must be an object"
-            )));
         };
         let Some(action) = obj.get("action").and_then(Value::as_str) else {
             return Err(invalid_params(format!(
@@ -482,18 +475,27 @@ impl Elicited {
     }
 }
 
-/// The text of a client's answer to a sampling request under `key`.
-fn sampled(round: &Round, key: &str) -> Result<Option<String>, ErrorData> {
+/// The client's answer under `key` (an object), if there is one. A present but malformed
+/// answer is -32602.
+fn answer_object<'a>(round: &'a Round, key: &str) -> Result<Option<&'a JsonObject>, ErrorData> {
     let Some(v) = round.input_responses.get(key) else {
         return Ok(None);
     };
     if v.is_null() {
         return Ok(None);
     }
-    let Some(obj) = v.as_object() else {
-        return Err(invalid_params(format!(
+    match v.as_object() {
+        Some(obj) => Ok(Some(obj)),
+        None => Err(invalid_params(format!(
             "Invalid inputResponses: {key} must be an object"
-        )));
+        ))),
+    }
+}
+
+/// The text of a client's answer to a sampling request under `key`.
+fn sampled(round: &Round, key: &str) -> Result<Option<String>, ErrorData> {
+    let Some(obj) = answer_object(round, key)? else {
+        return Ok(None);
     };
     let text = |c: &Value| c.get("text").and_then(Value::as_str).map(str::to_owned);
     let found = match obj.get("content") {
@@ -712,7 +714,7 @@ impl ConformanceCatalog {
     ) -> Result<Step<CallToolResult>, ErrorData> {
         ctx.announce(what)
             .await
-            .map_err(|e| crate::outcome::store_failure(format!("Cannot announce: {e}"), &e))?;
+            .map_err(|e| haven_mcp::outcome::store_failure(format!("Cannot announce: {e}"), &e))?;
         done(ok_text(text))
     }
 
@@ -1331,7 +1333,7 @@ impl Catalog for ConformanceCatalog {
             "confirm_delete" => self.confirm_delete(ctx, args, round).await,
             "multi_input" => self.multi_input(ctx, round).await,
             "test_tool_with_task" => self.tool_with_task(ctx, round).await,
-            other => Err(super::unknown_tool(other)),
+            other => Err(haven_mcp::catalog::unknown_tool(other)),
         }
     }
 
@@ -1364,7 +1366,7 @@ impl Catalog for ConformanceCatalog {
             WATCHED_URI => text_resource(uri, "text/plain", "Watched resource content"),
             _ => match template_id(uri) {
                 Some(id) => text_resource(uri, "application/json", &template_text(id)),
-                None => return Err(super::resource_not_found(uri)),
+                None => return Err(haven_mcp::catalog::resource_not_found(uri)),
             },
         };
         let mut result = ReadResourceResult::new(vec![contents]);

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use haven_mcp::catalog::conformance::ConformanceCatalog;
+use haven_catalogs::ConformanceCatalog;
 use haven_mcp::catalog::{Caller, Catalog, Ctx, InputRequest, Round, Step, TaskSupport};
 use haven_mcp::context::{ANNOUNCE_NS, Era, Item, RequestContext, TaskHook};
-use haven_state::{HybridClock, Origin, RedbStore, Store};
+use haven_state::Store;
 use rmcp::model::{
     CallToolResult, ClientCapabilities, CompleteRequestParams, ErrorData, JsonObject, LoggingLevel,
     NumberOrString, ProgressToken,
@@ -35,15 +35,9 @@ struct Env {
 
 fn env() -> Env {
     let dir = tempfile::tempdir().unwrap();
-    let store = RedbStore::open(
-        dir.path(),
-        Origin::new("r", "n"),
-        Arc::new(HybridClock::default()),
-    )
-    .unwrap();
     Env {
+        store: haven_testkit::redb_store(dir.path()),
         _dir: dir,
-        store: Arc::new(store),
         catalog: ConformanceCatalog::new(),
     }
 }

@@ -8,18 +8,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use base64::Engine as _;
-use haven_control::secrets::{KekRing, KekSource, SECRETS_NS, Secrets, SecretsError, is_valid_kid};
-use haven_state::{Batch, Change, HybridClock, Origin, RedbStore, Store};
+use haven_secrets::{KekRing, KekSource, SECRETS_NS, Secrets, SecretsError, is_valid_kid};
+use haven_state::{Batch, Change, Store};
 
-fn open_store(dir: &Path) -> Arc<dyn Store> {
-    Arc::new(
-        RedbStore::open(
-            dir,
-            Origin::new("r1", "n1"),
-            Arc::new(HybridClock::default()),
-        )
-        .unwrap(),
-    )
+/// A store in `dir` (for the trait object the services take).
+fn open_store(dir: &std::path::Path) -> Arc<dyn Store> {
+    haven_testkit::redb_store(dir)
 }
 
 fn b64(bytes: &[u8]) -> String {

@@ -16,9 +16,9 @@ use rmcp::model::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::{Catalog, CatalogInfo, Ctx, Round, Step, TaskSupport, tool};
-use crate::context::Announcement;
-use crate::jsonrpc::{internal, invalid_params};
+use haven_mcp::catalog::{Catalog, CatalogInfo, Ctx, Round, Step, TaskSupport, tool};
+use haven_mcp::context::Announcement;
+use haven_mcp::jsonrpc::{internal, invalid_params};
 
 /// Namespace of notes in the store.
 pub const NOTES_NS: &str = "notes";
@@ -141,7 +141,7 @@ fn note_name(args: &JsonObject) -> Result<&str, ErrorData> {
 /// A note operation the store refused; marked retryable when the store is unavailable, so that
 /// the client is told to come back rather than that its request failed.
 fn store_failure(e: StoreError) -> ErrorData {
-    crate::outcome::store_failure(
+    haven_mcp::outcome::store_failure(
         format!("The note store is unavailable, nothing was changed: {e}"),
         &e,
     )
@@ -162,24 +162,18 @@ async fn load_note(ctx: &Ctx, name: &str) -> Result<Option<Note>, ErrorData> {
 }
 
 async fn list_notes(ctx: &Ctx) -> Result<Vec<(String, Note)>, ErrorData> {
-    let mut out = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = ctx
-            .store()
-            .scan(NOTES_NS, "", after.as_deref(), 500)
-            .await
-            .map_err(store_failure)?;
-        for r in &page.records {
-            if let Ok(n) = serde_json::from_slice::<Note>(r.value()) {
-                out.push((r.record.key.clone(), n));
-            }
-        }
-        match page.next_after {
-            Some(a) => after = Some(a),
-            None => return Ok(out),
-        }
-    }
+    let records = ctx
+        .store()
+        .scan_all(NOTES_NS, "")
+        .await
+        .map_err(store_failure)?;
+    Ok(records
+        .into_iter()
+        .filter_map(|r| {
+            let note = serde_json::from_slice::<Note>(r.value()).ok()?;
+            Some((r.record.key, note))
+        })
+        .collect())
 }
 
 fn note_uri(name: &str) -> String {
@@ -269,6 +263,7 @@ impl Catalog for DefaultCatalog {
         }
     }
 
+    // Long by design: a flat match of the catalog's tools.
     async fn call_tool(
         &self,
         ctx: &Ctx,
@@ -280,7 +275,7 @@ impl Catalog for DefaultCatalog {
             "echo" => text_result(str_arg(&args, "text")?),
             "time_now" => {
                 let millis = ctx.store().clock().wall_millis();
-                let utc = crate::engine::tasks::rfc3339(millis);
+                let utc = haven_mcp::engine::tasks::rfc3339(millis);
                 let mut r = text_result(utc.clone());
                 r.structured_content = Some(json!({ "utc": utc, "unixMillis": millis }));
                 r
@@ -327,7 +322,7 @@ impl Catalog for DefaultCatalog {
                 r.structured_content = Some(json!({
                     "notes": notes.iter().map(|(n, note)| json!({
                         "name": n,
-                        "updated": crate::engine::tasks::rfc3339(note.updated_millis),
+                        "updated": haven_mcp::engine::tasks::rfc3339(note.updated_millis),
                         "bytes": note.text.len(),
                     })).collect::<Vec<_>>()
                 }));
@@ -403,7 +398,7 @@ impl Catalog for DefaultCatalog {
                 }
                 text_result(format!("Slept {seconds} seconds"))
             }
-            other => return Err(super::unknown_tool(other)),
+            other => return Err(haven_mcp::catalog::unknown_tool(other)),
         };
         Ok(Step::Done(result))
     }
@@ -436,13 +431,13 @@ impl Catalog for DefaultCatalog {
         _round: Round,
     ) -> Result<Step<ReadResourceResult>, ErrorData> {
         let Some(name) = uri.strip_prefix(NOTE_SCHEME).and_then(percent_decode) else {
-            return Err(super::resource_not_found(uri));
+            return Err(haven_mcp::catalog::resource_not_found(uri));
         };
         match load_note(ctx, &name).await? {
             Some(n) => Ok(Step::Done(ReadResourceResult::new(vec![
                 ResourceContents::text(n.text, uri).with_mime_type("text/plain"),
             ]))),
-            None => Err(super::resource_not_found(uri)),
+            None => Err(haven_mcp::catalog::resource_not_found(uri)),
         }
     }
 

@@ -21,6 +21,11 @@
 //! example the request-state HMAC keys); the `*_user` operations refuse them.
 //!
 //! Secret values never appear in `Debug` output, error messages or logs.
+//!
+//! This crate sits on the state layer: it depends on `haven-state` only, so that the protocol
+//! engine (whose request-state keys are secrets) and the control plane both use it.
+
+pub mod template;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -37,7 +42,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 pub use zeroize::Zeroizing;
 
-use crate::registry::{self, Piece};
+use crate::template::{Piece, is_secret_name_char, parse_template};
 
 /// Namespace of secret records.
 pub const SECRETS_NS: &str = "secrets";
@@ -166,7 +171,7 @@ fn shown(name: &str) -> String {
 }
 
 /// Checks a secret name: 1 to [`MAX_NAME_LEN`] characters of
-/// [`registry::is_secret_name_char`].
+/// [`is_secret_name_char`].
 pub fn validate_name(name: &str) -> SecretsResult<()> {
     // `/` separates parts of a name (`github/token`); every part must be a real name, so that
     // a name can travel in a URL path without `.`/`..` or empty segments changing its meaning.
@@ -175,7 +180,7 @@ pub fn validate_name(name: &str) -> SecretsResult<()> {
         .all(|p| !p.is_empty() && p != "." && p != "..");
     if !name.is_empty()
         && name.len() <= MAX_NAME_LEN
-        && name.chars().all(registry::is_secret_name_char)
+        && name.chars().all(is_secret_name_char)
         && parts_ok
     {
         Ok(())
@@ -1052,8 +1057,9 @@ impl Secrets {
     /// Replaces every `${secret:NAME}` of `template` by the secret's value (UTF-8 text).
     /// A missing secret is an error naming it; reserved names cannot be referenced.
     pub async fn expand(&self, template: &str) -> SecretsResult<Zeroizing<String>> {
-        let pieces =
-            registry::parse_template(template).map_err(|e| SecretsError::Invalid(e.to_string()))?;
+        // The message reads as the registry's (templates are upstream entries' values).
+        let pieces = parse_template(template)
+            .map_err(|e| SecretsError::Invalid(format!("invalid upstream entry: {e}")))?;
         let mut values = Vec::new();
         for p in &pieces {
             if let Piece::Secret(name) = p {
@@ -1094,21 +1100,7 @@ impl Secrets {
     }
 
     async fn scan_all(&self) -> SecretsResult<Vec<StoredRecord>> {
-        let mut out = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = self
-                .inner
-                .store
-                .scan(SECRETS_NS, "", after.as_deref(), 256)
-                .await?;
-            out.extend(page.records);
-            match page.next_after {
-                Some(a) => after = Some(a),
-                None => break,
-            }
-        }
-        Ok(out)
+        Ok(self.inner.store.scan_all(SECRETS_NS, "").await?)
     }
 }
 
