@@ -19,7 +19,7 @@ use anyhow::{Context as _, anyhow, bail};
 use clap::{Parser, ValueEnum};
 use haven_bench::client::{ClientOptions, McpConnection, Target};
 use haven_bench::{Era, median, median_ci95};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::process::{Child, Command};
 
 /// Framing the stateless rmcp reference is asked to use.

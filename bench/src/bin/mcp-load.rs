@@ -15,11 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Parser;
 use haven_bench::client::{ClientOptions, McpConnection, ResponseKind, Target};
-use haven_bench::{
-    Era, LoadReport, machine_busy_seconds, process_cpu_seconds, self_cpu_seconds,
-};
+use haven_bench::{Era, LoadReport, machine_busy_seconds, process_cpu_seconds, self_cpu_seconds};
 use hdrhistogram::Histogram;
-use serde::Serialize;
 
 /// Command-line flags of the load generator.
 #[derive(Parser, Debug)]
