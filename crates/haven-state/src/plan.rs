@@ -171,23 +171,9 @@ fn check_preconditions(state: &impl StateRead, batch: &Batch, now: u64) -> Store
     Ok(())
 }
 
-/// Plans `batch` against `state`: fails with [`StoreError::Conflict`] when a precondition does
-/// not hold (nothing of the batch may then be applied), otherwise says what to append.
-///
-/// Local writes are stamped by `clock` as `origin`; `now` is the wall-clock time that decides
-/// whether records have expired and when new ones expire.
-pub(crate) fn plan(
-    state: &impl StateRead,
-    batch: &Batch,
-    clock: &HybridClock,
-    origin: &Origin,
-    now: u64,
-) -> StoreResult<Plan> {
-    validate(batch)?;
-    check_preconditions(state, batch, now)?;
-    let mut plan = Plan::default();
-    // Keys with a precondition somewhere in the batch.
-    let conditional: std::collections::HashSet<(&str, &str)> = batch
+/// The keys that a write of `batch` puts a precondition on.
+fn conditional_keys(batch: &Batch) -> std::collections::HashSet<(&str, &str)> {
+    batch
         .ops
         .iter()
         .filter_map(|op| match op {
@@ -204,7 +190,56 @@ pub(crate) fn plan(
             } if *expect != Expect::Any => Some((namespace.as_str(), key.as_str())),
             _ => None,
         })
-        .collect();
+        .collect()
+}
+
+/// The record a local put or delete (`op`, of `namespace`/`key`) writes, stamped by `clock`
+/// as `origin`; a put's time-to-live counts from `now`.
+fn local_record(
+    op: &Op,
+    namespace: &str,
+    key: &str,
+    clock: &HybridClock,
+    origin: &Origin,
+    now: u64,
+) -> Record {
+    let (value, expires_at_millis) = match op {
+        Op::Put {
+            value, ttl_millis, ..
+        } => (
+            Some(value.clone()),
+            ttl_millis.map(|t| now.saturating_add(t)),
+        ),
+        _ => (None, None),
+    };
+    Record {
+        namespace: namespace.to_owned(),
+        key: key.to_owned(),
+        version: Version {
+            hlc: clock.now(),
+            origin: origin.clone(),
+        },
+        value,
+        expires_at_millis,
+    }
+}
+
+/// Plans `batch` against `state`: fails with [`StoreError::Conflict`] when a precondition does
+/// not hold (nothing of the batch may then be applied), otherwise says what to append.
+///
+/// Local writes are stamped by `clock` as `origin`; `now` is the wall-clock time that decides
+/// whether records have expired and when new ones expire.
+pub(crate) fn plan(
+    state: &impl StateRead,
+    batch: &Batch,
+    clock: &HybridClock,
+    origin: &Origin,
+    now: u64,
+) -> StoreResult<Plan> {
+    validate(batch)?;
+    check_preconditions(state, batch, now)?;
+    let mut plan = Plan::default();
+    let conditional = conditional_keys(batch);
     // What earlier operations of this batch wrote, so that later ones build on it.
     let mut records: HashMap<(String, String), Record> = HashMap::new();
     let mut heads: HashMap<String, u64> = HashMap::new();
@@ -219,25 +254,7 @@ pub(crate) fn plan(
     for op in &batch.ops {
         match op {
             Op::Put { namespace, key, .. } | Op::Delete { namespace, key, .. } => {
-                let (value, expires_at_millis) = match op {
-                    Op::Put {
-                        value, ttl_millis, ..
-                    } => (
-                        Some(value.clone()),
-                        ttl_millis.map(|t| now.saturating_add(t)),
-                    ),
-                    _ => (None, None),
-                };
-                let record = Record {
-                    namespace: namespace.clone(),
-                    key: key.clone(),
-                    version: Version {
-                        hlc: clock.now(),
-                        origin: origin.clone(),
-                    },
-                    value,
-                    expires_at_millis,
-                };
+                let record = local_record(op, namespace, key, clock, origin, now);
                 // The log checks the key's state at the batch's first write to it, if any
                 // write of the batch to that key has a precondition.
                 let checked = conditional.contains(&(namespace.as_str(), key.as_str()));
