@@ -728,7 +728,7 @@ fn distribution(label: &str, mut v: Vec<f64>) {
         "| {label} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
         v.len(),
         v.first().copied().unwrap_or(f64::NAN),
-        median(v.clone()),
+        median(&v),
         percentile(&v, 90.0),
         v.last().copied().unwrap_or(f64::NAN),
     );
