@@ -106,6 +106,15 @@ impl Region {
     /// Three nats-servers (`haven-testkit`), three Haven nodes on them, HAProxy in front.
     async fn start(haven: &Path, tools: &Path) -> anyhow::Result<Region> {
         let dir = tempfile::tempdir()?;
+        // Nodes of one region share their secrets keys: one key file for all three.
+        let made = std::process::Command::new(haven)
+            .args(["secrets", "new-key", "--key-file"])
+            .arg(dir.path().join("secrets.key"))
+            .status()
+            .context("running haven secrets new-key")?;
+        if !made.success() {
+            bail!("haven secrets new-key failed: {made}");
+        }
         let nats = haven_testkit::NatsCluster::start_in(tools).await;
         let store = nats.store_url();
         let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
@@ -138,14 +147,23 @@ impl Region {
                 "bench",
                 "--node-id",
                 &format!("node{i}"),
+                "--secrets-key-file",
             ])
+            .arg(self.dir.path().join("secrets.key"))
             .env("HAVEN_LOG", "info")
             .stdout(Stdio::null())
             .stderr(self.log_file(i)?)
             .spawn()
             .context("starting haven")?;
         self.nodes[i] = Some(Process(child));
-        wait_ready(self.ports[i], "haven").await
+        wait_ready(self.ports[i], "haven").await.with_context(|| {
+            let log = std::fs::read_to_string(self.log_path(i)).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            format!(
+                "node{i}'s log ends with:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        })
     }
 
     /// Node `i`'s log (every process of node `i` appends to it).
@@ -623,7 +641,8 @@ async fn call_streamed(
             continue;
         }
         let v = e.json();
-        if v["method"] == "notifications/progress" && v["params"]["progress"] == 0 {
+        if v["method"] == "notifications/progress" && v["params"]["progress"].as_f64() == Some(0.0)
+        {
             progress_zero += 1;
             if progress_zero == 1 {
                 if let Some(f) = on_open.take() {
