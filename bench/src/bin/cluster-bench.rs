@@ -1077,10 +1077,11 @@ async fn faults(
         }
         // What the client received was stored as received (stored before sent).
         for (i, data) in &r.seen.events {
-            if stored.events.iter().find(|(j, _)| j == i).map(|(_, d)| d) != Some(data) {
+            let at_i = stored.events.iter().find(|(j, _)| j == i).map(|(_, d)| d);
+            if at_i != Some(data) {
                 problems.push(format!(
-                    "{} request {}, stream {stream}: event {i} received but not stored as such",
-                    r.kind, r.id
+                    "{} request {} of session {}, stream {stream}: event {i} received but not stored as such; received {data}, stored {at_i:?}",
+                    r.kind, r.id, r.session
                 ));
             }
         }

@@ -20,7 +20,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::clock::HybridClock;
 use crate::index::Index;
-use crate::plan;
+use crate::plan::{self, StateRead};
 use crate::record::{Change, LogEntry, Origin, StoredRecord, StreamEvent};
 use crate::store::{Batch, Commit, ScanPage, Store, StoreError, StoreResult};
 
@@ -183,6 +183,40 @@ impl<L: SharedLog> ReplicatedStore<L> {
         }
     }
 
+    /// Checks that the log, as this node follows it, holds `writes` at the sequences the
+    /// append acknowledged (from `first` on): a record's key was written there or later, an
+    /// event is there with this write's version. An acknowledgement for sequences that the
+    /// followed log then fills with other entries (a log that lost an acknowledged append
+    /// across a leader change) must not be reported as a commit: the caller would tell a
+    /// client something the store does not hold. The batch is reported as not applied
+    /// (retryable); its preconditions still hold, so a retry writes it again.
+    fn check_kept(&self, writes: &[LogWrite], first: u64) -> StoreResult<()> {
+        let index = self.follower.index.read();
+        for (i, w) in writes.iter().enumerate() {
+            let seq = first + i as u64;
+            let kept = match &w.change {
+                Change::Record(r) => index
+                    .get(&r.namespace, &r.key)
+                    .is_some_and(|cur| cur.revision >= seq),
+                Change::Event(e) => index
+                    .event(&e.stream, e.index)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|cur| cur.version == e.version || cur.supersedes(e)),
+            };
+            if !kept {
+                tracing::error!(
+                    seq,
+                    "the change log acknowledged a write that it does not hold at that sequence; the write is reported as not applied"
+                );
+                return Err(StoreError::Unavailable(format!(
+                    "the change log did not keep the write acknowledged at sequence {seq}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Brings the index up to the log's current end.
     async fn catch_up(&self, timeout: Duration) -> StoreResult<()> {
         let last = self.log.last_seq().await?;
@@ -309,6 +343,7 @@ impl<L: SharedLog> Store for ReplicatedStore<L> {
                 Ok(last) => {
                     let first = last + 1 - planned.writes.len() as u64;
                     self.wait_applied(last, COMMIT_TIMEOUT).await?;
+                    self.check_kept(&planned.writes, first)?;
                     return Ok(Commit {
                         last_seq: last,
                         outcomes: planned.outcomes(first),

@@ -1,5 +1,8 @@
 //! The JetStream backend against the same contract as the embedded one, on a real
 //! three-server NATS cluster on loopback (nats-server from scripts/install-tools).
+//!
+//! These tests run in the test command's `nats` stage (`scripts/on-nats`, with
+//! `--include-ignored`), beside the rest of the JetStream suites; each starts its own cluster.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +34,7 @@ async fn store(cluster: &NatsCluster, i: usize, node: &str) -> NatsStore {
 }
 
 #[test]
+#[ignore = "JetStream: runs in the nats stage (scripts/on-nats)"]
 fn the_jetstream_backend_keeps_the_contract_in_random_histories() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -64,6 +68,7 @@ fn the_jetstream_backend_keeps_the_contract_in_random_histories() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "JetStream: runs in the nats stage (scripts/on-nats)"]
 async fn the_jetstream_backend_keeps_the_store_contract() {
     let cluster = NatsCluster::start().await;
     let s = Arc::new(store(&cluster, 0, "n1").await);
@@ -150,6 +155,7 @@ async fn the_jetstream_backend_keeps_the_store_contract() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "JetStream: runs in the nats stage (scripts/on-nats)"]
 async fn compare_and_set_across_nodes_loses_no_update() {
     let cluster = NatsCluster::start().await;
     let a = Arc::new(store(&cluster, 0, "a").await);
