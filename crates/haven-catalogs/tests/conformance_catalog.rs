@@ -175,6 +175,11 @@ fn accept(content: Value) -> Value {
     json!({ "action": "accept", "content": content })
 }
 
+/// A tool result of one text block.
+fn text_result(text: &str) -> Value {
+    json!({ "content": [{ "type": "text", "text": text }] })
+}
+
 fn sampling_answer(text: &str) -> Value {
     json!({
         "role": "assistant",
@@ -479,7 +484,7 @@ async fn content_tools_return_the_reference_payloads() {
         let cases = [
             (
                 "test_simple_text",
-                json!({ "content": [{ "type": "text", "text": "This is a simple text response for testing." }] }),
+                text_result("This is a simple text response for testing."),
             ),
             (
                 "test_image_content",
@@ -538,10 +543,7 @@ async fn simple_text_works_as_the_first_tool_with_empty_arguments_and_echo_tools
             first(),
         )
         .await;
-    assert_eq!(
-        r,
-        json!({ "content": [{ "type": "text", "text": "Hello" }] })
-    );
+    assert_eq!(r, text_result("Hello"));
     let err = e
         .error(&c.ctx, "test_custom_header_tool", json!({}), first())
         .await;
@@ -549,10 +551,7 @@ async fn simple_text_works_as_the_first_tool_with_empty_arguments_and_echo_tools
     let r = e
         .done(&c.ctx, "greet", json!({ "name": "sep-2243" }), first())
         .await;
-    assert_eq!(
-        r,
-        json!({ "content": [{ "type": "text", "text": "Hello, sep-2243!" }] })
-    );
+    assert_eq!(r, text_result("Hello, sep-2243!"));
     let r = e
         .done(
             &c.ctx,
@@ -587,10 +586,7 @@ async fn logging_tool_sends_three_info_messages_before_its_result() {
     let r = e
         .done(&c.ctx, "test_tool_with_logging", json!({}), first())
         .await;
-    assert_eq!(
-        r,
-        json!({ "content": [{ "type": "text", "text": "Tool with logging executed successfully" }] })
-    );
+    assert_eq!(r, text_result("Tool with logging executed successfully"));
     let items = drain(&mut c.rx);
     assert_eq!(
         notifications(&items, "notifications/message"),
@@ -622,10 +618,7 @@ async fn stateless_logging_tool_logs_only_when_a_level_is_named() {
     let r = e
         .done(&c.ctx, "test_logging_tool", json!({}), first())
         .await;
-    assert_eq!(
-        r,
-        json!({ "content": [{ "type": "text", "text": "logged" }] })
-    );
+    assert_eq!(r, text_result("logged"));
     assert!(drain(&mut c.rx).is_empty(), "no logLevel, no log frames");
 
     let mut c = e.call_ctx(stateless(), json!({}), Some(LoggingLevel::Info), None);
@@ -647,10 +640,7 @@ async fn progress_tool_reports_0_50_100_of_100_with_the_token_then_echoes_it() {
         let r = e
             .done(&c.ctx, "test_tool_with_progress", json!({}), first())
             .await;
-        assert_eq!(
-            r,
-            json!({ "content": [{ "type": "text", "text": "progress-test-1" }] })
-        );
+        assert_eq!(r, text_result("progress-test-1"));
         let progress = notifications(&drain(&mut c.rx), "notifications/progress");
         assert_eq!(
             progress,
@@ -701,10 +691,7 @@ async fn reconnection_closes_the_stream_before_answering() {
         "the result comes after a pause"
     );
     assert!(start.elapsed() < Duration::from_secs(2));
-    assert_eq!(
-        r,
-        json!({ "content": [{ "type": "text", "text": "Reconnection test completed successfully" }] })
-    );
+    assert_eq!(r, text_result("Reconnection test completed successfully"));
     assert_eq!(drain(&mut c.rx), vec![Item::Close]);
 }
 
@@ -771,7 +758,7 @@ async fn test_sampling_asks_the_client_llm_and_reports_its_answer() {
         .await;
     assert_eq!(
         r,
-        json!({ "content": [{ "type": "text", "text": "LLM response: This is a test response from the client" }] })
+        text_result("LLM response: This is a test response from the client")
     );
     // Without the sampling capability the tool refuses with -32021 instead of asking.
     let c = e.call_ctx(legacy(), json!({ "elicitation": {} }), None, None);
@@ -1071,10 +1058,7 @@ async fn irr_elicitation_asks_for_user_name_then_greets() {
     let r = e
         .done(&c.ctx, IRR_ELICIT, json!({}), round(answer, None, 1))
         .await;
-    assert_eq!(
-        r,
-        json!({ "content": [{ "type": "text", "text": "Hello, Alice!" }] })
-    );
+    assert_eq!(r, text_result("Hello, Alice!"));
 }
 
 #[tokio::test]
@@ -1247,11 +1231,7 @@ async fn irr_request_state_and_tampered_state_need_their_state_back() {
                 round(answer.clone(), Some(state.clone()), 1),
             )
             .await;
-        assert_eq!(
-            r,
-            json!({ "content": [{ "type": "text", "text": text }] }),
-            "{tool}"
-        );
+        assert_eq!(r, text_result(text), "{tool}");
         // Without its state (or with another tool's) the answer is not trusted: ask again.
         let (requests, again) = e
             .need(&c.ctx, tool, json!({}), round(answer.clone(), None, 1))
