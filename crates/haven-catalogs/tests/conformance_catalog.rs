@@ -133,6 +133,13 @@ impl Env {
         }
     }
 
+    /// Calls a tool without arguments a second time (round 1, no state) with `answer` as its
+    /// input responses; it must finish at once. Returns its result as JSON.
+    async fn answered(&self, ctx: &Ctx, name: &str, answer: Value) -> Value {
+        self.done(ctx, name, json!({}), round(answer, None, 1))
+            .await
+    }
+
     async fn error(&self, ctx: &Ctx, name: &str, args: Value, round: Round) -> ErrorData {
         match self.call(ctx, name, args, round).await {
             Err(e) => e,
@@ -982,14 +989,7 @@ async fn missing_capability_is_32021_with_required_sampling_data() {
     assert_eq!(request["method"], "sampling/createMessage");
     assert!(request["params"]["maxTokens"].is_u64());
     let answer = json!({ key: sampling_answer("hi") });
-    let r = e
-        .done(
-            &c.ctx,
-            "test_missing_capability",
-            json!({}),
-            round(answer, None, 1),
-        )
-        .await;
+    let r = e.answered(&c.ctx, "test_missing_capability", answer).await;
     assert!(text_of(&r).contains("hi"));
 }
 
@@ -1023,12 +1023,7 @@ async fn streaming_elicitation_answers_with_an_input_request_not_a_stream_reques
     );
     let answer = json!({ "confirm": accept(json!({ "ok": true })) });
     let r = e
-        .done(
-            &c.ctx,
-            "test_streaming_elicitation",
-            json!({}),
-            round(answer, None, 1),
-        )
+        .answered(&c.ctx, "test_streaming_elicitation", answer)
         .await;
     assert!(!text_of(&r).is_empty());
 }
@@ -1055,9 +1050,7 @@ async fn irr_elicitation_asks_for_user_name_then_greets() {
         "unknown_extra_key": accept(json!({ "foo": "bar" })),
         "another_unexpected": accept(json!({ "baz": 123 }))
     });
-    let r = e
-        .done(&c.ctx, IRR_ELICIT, json!({}), round(answer, None, 1))
-        .await;
+    let r = e.answered(&c.ctx, IRR_ELICIT, answer).await;
     assert_eq!(r, text_result("Hello, Alice!"));
 }
 
@@ -1110,9 +1103,7 @@ async fn irr_elicitation_rerequests_on_missing_key_and_rejects_malformed_input()
     assert!(requests.contains_key("user_name"));
     // A declined elicitation still completes.
     let answer = json!({ "user_name": { "action": "decline" } });
-    let r = e
-        .done(&c.ctx, IRR_ELICIT, json!({}), round(answer, None, 1))
-        .await;
+    let r = e.answered(&c.ctx, IRR_ELICIT, answer).await;
     assert!(!text_of(&r).is_empty());
 }
 
@@ -1143,12 +1134,7 @@ async fn irr_sampling_and_list_roots_use_the_reference_requests() {
     );
     let answer = json!({ "capital_question": sampling_answer("The capital of France is Paris.") });
     let r = e
-        .done(
-            &c.ctx,
-            "test_input_required_result_sampling",
-            json!({}),
-            round(answer, None, 1),
-        )
+        .answered(&c.ctx, "test_input_required_result_sampling", answer)
         .await;
     assert_eq!(
         text_of(&r),
@@ -1157,12 +1143,7 @@ async fn irr_sampling_and_list_roots_use_the_reference_requests() {
     // Content given as an array of blocks (SEP-1577) is understood too.
     let answer = json!({ "capital_question": { "role": "assistant", "model": "m", "content": [{ "type": "text", "text": "Paris" }] } });
     let r = e
-        .done(
-            &c.ctx,
-            "test_input_required_result_sampling",
-            json!({}),
-            round(answer, None, 1),
-        )
+        .answered(&c.ctx, "test_input_required_result_sampling", answer)
         .await;
     assert_eq!(text_of(&r), "Sampling result: Paris");
     let err = e
@@ -1192,12 +1173,7 @@ async fn irr_sampling_and_list_roots_use_the_reference_requests() {
     );
     let answer = json!({ "client_roots": roots_answer() });
     let r = e
-        .done(
-            &c.ctx,
-            "test_input_required_result_list_roots",
-            json!({}),
-            round(answer, None, 1),
-        )
+        .answered(&c.ctx, "test_input_required_result_list_roots", answer)
         .await;
     assert_eq!(text_of(&r), "Found 1 root(s): file:///test/root");
 }
@@ -1445,9 +1421,7 @@ async fn the_same_mrtr_tools_work_for_legacy_sessions() {
     let (requests, _) = e.need(&c.ctx, IRR_ELICIT, json!({}), first()).await;
     assert!(requests.contains_key("user_name"));
     let answer = json!({ "user_name": accept(json!({ "name": "Zoë" })) });
-    let r = e
-        .done(&c.ctx, IRR_ELICIT, json!({}), round(answer, None, 1))
-        .await;
+    let r = e.answered(&c.ctx, IRR_ELICIT, answer).await;
     assert_eq!(text_of(&r), "Hello, Zoë!");
 }
 
