@@ -223,14 +223,14 @@ async fn build(
         let entries = match fetched {
             Ok(entries) => entries,
             Err(p) => {
-                report.lost = Some(LostRange {
+                let lost = LostRange {
                     from_seq: seg.first_seq,
                     after_millis: report.restored_millis,
                     from_millis: Some(seg.first_millis),
                     reason: p.to_string(),
-                });
+                };
+                mark_lost(&mut report, lost);
                 report.problems.push(p);
-                report.complete = false;
                 stopped = true;
                 break;
             }
@@ -299,6 +299,12 @@ async fn intact_snapshot(
     }
 }
 
+/// Marks the restore incomplete: `lost` is the history it could not restore.
+fn mark_lost(report: &mut RestoreReport, lost: LostRange) {
+    report.complete = false;
+    report.lost = Some(lost);
+}
+
 /// After every segment of the plan was restored (none was damaged and the point was not
 /// passed): records as lost what the point asked for beyond the end of the chain, or beyond a
 /// break in it.
@@ -312,16 +318,18 @@ fn note_loss_at_end(
     if let (Point::Seq(n), true) = (point, report.complete)
         && report.restored_seq < n
     {
-        report.complete = false;
-        report.lost = Some(LostRange {
-            from_seq: report.restored_seq + 1,
-            after_millis: report.restored_millis,
-            from_millis: None,
-            reason: format!(
-                "no segment holds sequences {}..={n}",
-                report.restored_seq + 1
-            ),
-        });
+        mark_lost(
+            report,
+            LostRange {
+                from_seq: report.restored_seq + 1,
+                after_millis: report.restored_millis,
+                from_millis: None,
+                reason: format!(
+                    "no segment holds sequences {}..={n}",
+                    report.restored_seq + 1
+                ),
+            },
+        );
     }
     // A break in the chain before the point is a loss too.
     if report.complete {
@@ -332,18 +340,20 @@ fn note_loss_at_end(
             Point::Time(t) => gap.as_ref().is_some_and(|g| g.resumes_at_millis <= t),
         };
         if let (Some(g), true) = (gap, wanted_more) {
-            report.complete = false;
-            report.lost = Some(LostRange {
-                from_seq: g.after_seq + 1,
-                after_millis: g.after_millis,
-                from_millis: None,
-                reason: format!(
-                    "no segment holds sequences {}..{} (the chain resumes at {})",
-                    g.after_seq + 1,
-                    g.resumes_at_seq - 1,
-                    g.resumes_at_seq
-                ),
-            });
+            mark_lost(
+                report,
+                LostRange {
+                    from_seq: g.after_seq + 1,
+                    after_millis: g.after_millis,
+                    from_millis: None,
+                    reason: format!(
+                        "no segment holds sequences {}..{} (the chain resumes at {})",
+                        g.after_seq + 1,
+                        g.resumes_at_seq - 1,
+                        g.resumes_at_seq
+                    ),
+                },
+            );
         }
     }
 }

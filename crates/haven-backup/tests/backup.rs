@@ -2,7 +2,7 @@
 //! clock: shipping, point-in-time restore, verification of damaged backups, resumption,
 //! refusals and retention.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +32,30 @@ fn node(clock: Arc<ManualClock>) -> Node {
         store: Arc::new(store),
         clock,
         dir,
+    }
+}
+
+/// A node on a simulated clock, an empty local backup location (`url`, there as long as
+/// `backup` lives) and a new backup key.
+struct Setup {
+    clock: Arc<ManualClock>,
+    n: Node,
+    backup: tempfile::TempDir,
+    url: String,
+    key: BackupKey,
+}
+
+fn setup() -> Setup {
+    let clock = Arc::new(ManualClock::new(T0));
+    let n = node(clock.clone());
+    let backup = tempfile::tempdir().unwrap();
+    let url = backup.path().to_str().unwrap().to_owned();
+    Setup {
+        clock,
+        n,
+        backup,
+        url,
+        key: BackupKey::generate(),
     }
 }
 
@@ -113,23 +137,43 @@ async fn do_restore(
 ) -> (tempfile::TempDir, haven_backup::RestoreReport) {
     let out = tempfile::tempdir().unwrap();
     let opts = RestoreOptions {
-        to: out.path().join("data"),
         point,
+        ..options(out.path().join("data"))
+    };
+    let report = quiet_restore(target, key, &opts).await.unwrap();
+    (out, report)
+}
+
+/// Options that restore the latest point of the newest generation into `to`, refusing a
+/// directory that is not empty.
+fn options(to: PathBuf) -> RestoreOptions {
+    RestoreOptions {
+        to,
+        point: Point::Latest,
         generation: None,
         overwrite: false,
-    };
-    let report = restore(target, key, &opts, &|_, _, _| {}).await.unwrap();
-    (out, report)
+    }
+}
+
+/// A restore that reports no progress.
+async fn quiet_restore(
+    target: &Target,
+    key: &BackupKey,
+    opts: &RestoreOptions,
+) -> Result<haven_backup::RestoreReport, BackupError> {
+    restore(target, key, opts, &|_, _, _| {}).await
 }
 
 // Long by design: rounds of writes and shipping, then a restore at every recorded point.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_at_several_points_equals_the_recorded_state() {
-    let clock = Arc::new(ManualClock::new(T0));
-    let n = node(clock.clone());
-    let backup = tempfile::tempdir().unwrap();
-    let url = backup.path().to_str().unwrap().to_owned();
-    let key = BackupKey::generate();
+    let Setup {
+        clock,
+        n,
+        backup: _backup,
+        url,
+        key,
+    } = setup();
     let shipper = start(&n, config(&url, &key)).await;
     shipper.ship_now(false).await.unwrap();
 
@@ -180,22 +224,13 @@ async fn restore_at_several_points_equals_the_recorded_state() {
     // Refusals: a non-empty directory without --overwrite, a sequence beyond the backup.
     let out = tempfile::tempdir().unwrap();
     std::fs::write(out.path().join("keep.txt"), b"x").unwrap();
-    let mut opts = RestoreOptions {
-        to: out.path().to_owned(),
-        point: Point::Latest,
-        generation: None,
-        overwrite: false,
-    };
-    let e = restore(&target, &key, &opts, &|_, _, _| {})
-        .await
-        .unwrap_err();
+    let mut opts = options(out.path().to_owned());
+    let e = quiet_restore(&target, &key, &opts).await.unwrap_err();
     assert!(matches!(e, BackupError::Refused(_)), "{e}");
     assert!(out.path().join("keep.txt").exists(), "nothing changed");
     // --overwrite replaces only a Haven data directory that no process has open.
     opts.overwrite = true;
-    let e = restore(&target, &key, &opts, &|_, _, _| {})
-        .await
-        .unwrap_err();
+    let e = quiet_restore(&target, &key, &opts).await.unwrap_err();
     assert!(e.to_string().contains("not a Haven data directory"), "{e}");
     assert!(out.path().join("keep.txt").exists(), "nothing changed");
     let (data_dir, _) = do_restore(&target, &key, Point::Seq(points[0].seq)).await;
@@ -207,20 +242,16 @@ async fn restore_at_several_points_equals_the_recorded_state() {
             Arc::new(HybridClock::default()),
         )
         .unwrap();
-        let e = restore(&target, &key, &opts, &|_, _, _| {})
-            .await
-            .unwrap_err();
+        let e = quiet_restore(&target, &key, &opts).await.unwrap_err();
         assert!(e.to_string().contains("in use"), "{e}");
         drop(open);
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let r = restore(&target, &key, &opts, &|_, _, _| {}).await.unwrap();
+    let r = quiet_restore(&target, &key, &opts).await.unwrap();
     assert_eq!(r.restored_seq, points.last().unwrap().seq);
     opts.point = Point::Seq(points.last().unwrap().seq + 100);
     opts.to = out.path().join("other");
-    let e = restore(&target, &key, &opts, &|_, _, _| {})
-        .await
-        .unwrap_err();
+    let e = quiet_restore(&target, &key, &opts).await.unwrap_err();
     assert!(e.to_string().contains("beyond the newest"), "{e}");
     // A restored directory serves new writes after its restored sequence.
     let (v_dir, _) = do_restore(&target, &key, Point::Seq(points[1].seq)).await;
@@ -239,11 +270,13 @@ async fn restore_at_several_points_equals_the_recorded_state() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_objects_are_named_and_restore_stops_at_the_last_verified_point() {
-    let clock = Arc::new(ManualClock::new(T0));
-    let n = node(clock.clone());
-    let backup = tempfile::tempdir().unwrap();
-    let url = backup.path().to_str().unwrap().to_owned();
-    let key = BackupKey::generate();
+    let Setup {
+        n,
+        backup,
+        url,
+        key,
+        ..
+    } = setup();
     let shipper = start(&n, config(&url, &key)).await;
     shipper.ship_now(false).await.unwrap();
     let mut points = Vec::new();
@@ -304,11 +337,13 @@ async fn damaged_objects_are_named_and_restore_stops_at_the_last_verified_point(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_key_or_another_deployment_is_refused() {
-    let clock = Arc::new(ManualClock::new(T0));
-    let n = node(clock.clone());
-    let backup = tempfile::tempdir().unwrap();
-    let url = backup.path().to_str().unwrap().to_owned();
-    let key = BackupKey::generate();
+    let Setup {
+        clock,
+        n,
+        backup: _backup,
+        url,
+        key,
+    } = setup();
     let shipper = start(&n, config(&url, &key)).await;
     write_round(&n, 0).await;
     shipper.ship_now(false).await.unwrap();
@@ -316,15 +351,8 @@ async fn a_wrong_key_or_another_deployment_is_refused() {
 
     let wrong = BackupKey::generate();
     let out = tempfile::tempdir().unwrap();
-    let opts = RestoreOptions {
-        to: out.path().join("d"),
-        point: Point::Latest,
-        generation: None,
-        overwrite: false,
-    };
-    let e = restore(&target, &wrong, &opts, &|_, _, _| {})
-        .await
-        .unwrap_err();
+    let opts = options(out.path().join("d"));
+    let e = quiet_restore(&target, &wrong, &opts).await.unwrap_err();
     assert!(matches!(e, BackupError::WrongKey { .. }), "{e}");
     assert!(e.to_string().contains("wrong backup key"));
     let e = verify(&target, &wrong, T0, &|_, _| {}).await.unwrap_err();
@@ -356,11 +384,13 @@ async fn a_wrong_key_or_another_deployment_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_shipper_resumes_without_gap_or_duplicate() {
-    let clock = Arc::new(ManualClock::new(T0));
-    let n = node(clock.clone());
-    let backup = tempfile::tempdir().unwrap();
-    let url = backup.path().to_str().unwrap().to_owned();
-    let key = BackupKey::generate();
+    let Setup {
+        n,
+        backup,
+        url,
+        key,
+        ..
+    } = setup();
     let shipper = start(&n, config(&url, &key)).await;
     shipper.ship_now(false).await.unwrap();
     write_round(&n, 0).await;
@@ -407,11 +437,13 @@ async fn a_restarted_shipper_resumes_without_gap_or_duplicate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_on_a_simulated_clock_prunes_and_keeps_every_needed_point() {
-    let clock = Arc::new(ManualClock::new(T0));
-    let n = node(clock.clone());
-    let backup = tempfile::tempdir().unwrap();
-    let url = backup.path().to_str().unwrap().to_owned();
-    let key = BackupKey::generate();
+    let Setup {
+        clock,
+        n,
+        backup: _backup,
+        url,
+        key,
+    } = setup();
     let mut cfg = config(&url, &key);
     cfg.snapshot_interval = Duration::from_secs(6 * 3600);
     cfg.retention.pitr_window_millis = 12 * 3600 * 1000;
@@ -473,11 +505,13 @@ fn assert_chain(catalog: &Catalog, last: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_taken_under_load_leave_no_hole_in_the_segment_chain() {
-    let clock = Arc::new(ManualClock::new(T0));
-    let n = node(clock.clone());
-    let backup = tempfile::tempdir().unwrap();
-    let url = backup.path().to_str().unwrap().to_owned();
-    let key = BackupKey::generate();
+    let Setup {
+        n,
+        backup: _backup,
+        url,
+        key,
+        ..
+    } = setup();
     let shipper = start(&n, config(&url, &key)).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
@@ -525,11 +559,13 @@ async fn snapshots_taken_under_load_leave_no_hole_in_the_segment_chain() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_drill_shipping_to_the_same_backup_does_not_hide_production() {
-    let clock = Arc::new(ManualClock::new(T0));
-    let prod = node(clock.clone());
-    let backup = tempfile::tempdir().unwrap();
-    let url = backup.path().to_str().unwrap().to_owned();
-    let key = BackupKey::generate();
+    let Setup {
+        clock,
+        n: prod,
+        backup: _backup,
+        url,
+        key,
+    } = setup();
     let shipper = start(&prod, config(&url, &key)).await;
     write_round(&prod, 0).await;
     shipper.ship_now(false).await.unwrap();
@@ -537,13 +573,8 @@ async fn a_restore_drill_shipping_to_the_same_backup_does_not_hide_production() 
 
     // A drill: restore, then run the restored data with backup to the same place.
     let drill_dir = tempfile::tempdir().unwrap();
-    let opts = RestoreOptions {
-        to: drill_dir.path().join("d"),
-        point: Point::Latest,
-        generation: None,
-        overwrite: false,
-    };
-    restore(&target, &key, &opts, &|_, _, _| {}).await.unwrap();
+    let opts = options(drill_dir.path().join("d"));
+    quiet_restore(&target, &key, &opts).await.unwrap();
     clock.advance(1000);
     let drill_store = Arc::new(
         RedbStore::open(
@@ -592,12 +623,10 @@ async fn a_restore_drill_shipping_to_the_same_backup_does_not_hide_production() 
         .unwrap();
     let out = tempfile::tempdir().unwrap();
     let opts = RestoreOptions {
-        to: out.path().join("d"),
-        point: Point::Latest,
         generation: Some(drill_gen.id.clone()),
-        overwrite: false,
+        ..options(out.path().join("d"))
     };
-    restore(&target, &key, &opts, &|_, _, _| {}).await.unwrap();
+    quiet_restore(&target, &key, &opts).await.unwrap();
     let (v, _) = restored_view(&opts.to).await;
     assert!(
         v.records
@@ -607,11 +636,13 @@ async fn a_restore_drill_shipping_to_the_same_backup_does_not_hide_production() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_emptied_target_is_noticed_and_an_unreadable_manifest_keeps_its_object() {
-    let clock = Arc::new(ManualClock::new(T0));
-    let n = node(clock.clone());
-    let backup = tempfile::tempdir().unwrap();
-    let url = backup.path().to_str().unwrap().to_owned();
-    let key = BackupKey::generate();
+    let Setup {
+        clock,
+        n,
+        backup,
+        url,
+        key,
+    } = setup();
     let shipper = start(&n, config(&url, &key)).await;
     let target = Target::open(&url).unwrap();
     // The shipper's first round may snapshot everything written so far (then no segment

@@ -133,6 +133,13 @@ impl Env {
         }
     }
 
+    /// Calls a tool without arguments a second time (round 1, no state) with `answer` as its
+    /// input responses; it must finish at once. Returns its result as JSON.
+    async fn answered(&self, ctx: &Ctx, name: &str, answer: Value) -> Value {
+        self.done(ctx, name, json!({}), round(answer, None, 1))
+            .await
+    }
+
     async fn error(&self, ctx: &Ctx, name: &str, args: Value, round: Round) -> ErrorData {
         match self.call(ctx, name, args, round).await {
             Err(e) => e,
@@ -173,6 +180,11 @@ fn text_of(result: &Value) -> &str {
 
 fn accept(content: Value) -> Value {
     json!({ "action": "accept", "content": content })
+}
+
+/// A tool result of one text block.
+fn text_result(text: &str) -> Value {
+    json!({ "content": [{ "type": "text", "text": text }] })
 }
 
 fn sampling_answer(text: &str) -> Value {
@@ -479,7 +491,7 @@ async fn content_tools_return_the_reference_payloads() {
         let cases = [
             (
                 "test_simple_text",
-                json!({ "content": [{ "type": "text", "text": "This is a simple text response for testing." }] }),
+                text_result("This is a simple text response for testing."),
             ),
             (
                 "test_image_content",
@@ -538,10 +550,7 @@ async fn simple_text_works_as_the_first_tool_with_empty_arguments_and_echo_tools
             first(),
         )
         .await;
-    assert_eq!(
-        r,
-        json!({ "content": [{ "type": "text", "text": "Hello" }] })
-    );
+    assert_eq!(r, text_result("Hello"));
     let err = e
         .error(&c.ctx, "test_custom_header_tool", json!({}), first())
         .await;
@@ -549,10 +558,7 @@ async fn simple_text_works_as_the_first_tool_with_empty_arguments_and_echo_tools
     let r = e
         .done(&c.ctx, "greet", json!({ "name": "sep-2243" }), first())
         .await;
-    assert_eq!(
-        r,
-        json!({ "content": [{ "type": "text", "text": "Hello, sep-2243!" }] })
-    );
+    assert_eq!(r, text_result("Hello, sep-2243!"));
     let r = e
         .done(
             &c.ctx,
@@ -587,10 +593,7 @@ async fn logging_tool_sends_three_info_messages_before_its_result() {
     let r = e
         .done(&c.ctx, "test_tool_with_logging", json!({}), first())
         .await;
-    assert_eq!(
-        r,
-        json!({ "content": [{ "type": "text", "text": "Tool with logging executed successfully" }] })
-    );
+    assert_eq!(r, text_result("Tool with logging executed successfully"));
     let items = drain(&mut c.rx);
     assert_eq!(
         notifications(&items, "notifications/message"),
@@ -622,10 +625,7 @@ async fn stateless_logging_tool_logs_only_when_a_level_is_named() {
     let r = e
         .done(&c.ctx, "test_logging_tool", json!({}), first())
         .await;
-    assert_eq!(
-        r,
-        json!({ "content": [{ "type": "text", "text": "logged" }] })
-    );
+    assert_eq!(r, text_result("logged"));
     assert!(drain(&mut c.rx).is_empty(), "no logLevel, no log frames");
 
     let mut c = e.call_ctx(stateless(), json!({}), Some(LoggingLevel::Info), None);
@@ -647,10 +647,7 @@ async fn progress_tool_reports_0_50_100_of_100_with_the_token_then_echoes_it() {
         let r = e
             .done(&c.ctx, "test_tool_with_progress", json!({}), first())
             .await;
-        assert_eq!(
-            r,
-            json!({ "content": [{ "type": "text", "text": "progress-test-1" }] })
-        );
+        assert_eq!(r, text_result("progress-test-1"));
         let progress = notifications(&drain(&mut c.rx), "notifications/progress");
         assert_eq!(
             progress,
@@ -701,10 +698,7 @@ async fn reconnection_closes_the_stream_before_answering() {
         "the result comes after a pause"
     );
     assert!(start.elapsed() < Duration::from_secs(2));
-    assert_eq!(
-        r,
-        json!({ "content": [{ "type": "text", "text": "Reconnection test completed successfully" }] })
-    );
+    assert_eq!(r, text_result("Reconnection test completed successfully"));
     assert_eq!(drain(&mut c.rx), vec![Item::Close]);
 }
 
@@ -771,7 +765,7 @@ async fn test_sampling_asks_the_client_llm_and_reports_its_answer() {
         .await;
     assert_eq!(
         r,
-        json!({ "content": [{ "type": "text", "text": "LLM response: This is a test response from the client" }] })
+        text_result("LLM response: This is a test response from the client")
     );
     // Without the sampling capability the tool refuses with -32021 instead of asking.
     let c = e.call_ctx(legacy(), json!({ "elicitation": {} }), None, None);
@@ -995,14 +989,7 @@ async fn missing_capability_is_32021_with_required_sampling_data() {
     assert_eq!(request["method"], "sampling/createMessage");
     assert!(request["params"]["maxTokens"].is_u64());
     let answer = json!({ key: sampling_answer("hi") });
-    let r = e
-        .done(
-            &c.ctx,
-            "test_missing_capability",
-            json!({}),
-            round(answer, None, 1),
-        )
-        .await;
+    let r = e.answered(&c.ctx, "test_missing_capability", answer).await;
     assert!(text_of(&r).contains("hi"));
 }
 
@@ -1036,12 +1023,7 @@ async fn streaming_elicitation_answers_with_an_input_request_not_a_stream_reques
     );
     let answer = json!({ "confirm": accept(json!({ "ok": true })) });
     let r = e
-        .done(
-            &c.ctx,
-            "test_streaming_elicitation",
-            json!({}),
-            round(answer, None, 1),
-        )
+        .answered(&c.ctx, "test_streaming_elicitation", answer)
         .await;
     assert!(!text_of(&r).is_empty());
 }
@@ -1068,13 +1050,8 @@ async fn irr_elicitation_asks_for_user_name_then_greets() {
         "unknown_extra_key": accept(json!({ "foo": "bar" })),
         "another_unexpected": accept(json!({ "baz": 123 }))
     });
-    let r = e
-        .done(&c.ctx, IRR_ELICIT, json!({}), round(answer, None, 1))
-        .await;
-    assert_eq!(
-        r,
-        json!({ "content": [{ "type": "text", "text": "Hello, Alice!" }] })
-    );
+    let r = e.answered(&c.ctx, IRR_ELICIT, answer).await;
+    assert_eq!(r, text_result("Hello, Alice!"));
 }
 
 #[tokio::test]
@@ -1126,9 +1103,7 @@ async fn irr_elicitation_rerequests_on_missing_key_and_rejects_malformed_input()
     assert!(requests.contains_key("user_name"));
     // A declined elicitation still completes.
     let answer = json!({ "user_name": { "action": "decline" } });
-    let r = e
-        .done(&c.ctx, IRR_ELICIT, json!({}), round(answer, None, 1))
-        .await;
+    let r = e.answered(&c.ctx, IRR_ELICIT, answer).await;
     assert!(!text_of(&r).is_empty());
 }
 
@@ -1159,12 +1134,7 @@ async fn irr_sampling_and_list_roots_use_the_reference_requests() {
     );
     let answer = json!({ "capital_question": sampling_answer("The capital of France is Paris.") });
     let r = e
-        .done(
-            &c.ctx,
-            "test_input_required_result_sampling",
-            json!({}),
-            round(answer, None, 1),
-        )
+        .answered(&c.ctx, "test_input_required_result_sampling", answer)
         .await;
     assert_eq!(
         text_of(&r),
@@ -1173,12 +1143,7 @@ async fn irr_sampling_and_list_roots_use_the_reference_requests() {
     // Content given as an array of blocks (SEP-1577) is understood too.
     let answer = json!({ "capital_question": { "role": "assistant", "model": "m", "content": [{ "type": "text", "text": "Paris" }] } });
     let r = e
-        .done(
-            &c.ctx,
-            "test_input_required_result_sampling",
-            json!({}),
-            round(answer, None, 1),
-        )
+        .answered(&c.ctx, "test_input_required_result_sampling", answer)
         .await;
     assert_eq!(text_of(&r), "Sampling result: Paris");
     let err = e
@@ -1208,12 +1173,7 @@ async fn irr_sampling_and_list_roots_use_the_reference_requests() {
     );
     let answer = json!({ "client_roots": roots_answer() });
     let r = e
-        .done(
-            &c.ctx,
-            "test_input_required_result_list_roots",
-            json!({}),
-            round(answer, None, 1),
-        )
+        .answered(&c.ctx, "test_input_required_result_list_roots", answer)
         .await;
     assert_eq!(text_of(&r), "Found 1 root(s): file:///test/root");
 }
@@ -1247,11 +1207,7 @@ async fn irr_request_state_and_tampered_state_need_their_state_back() {
                 round(answer.clone(), Some(state.clone()), 1),
             )
             .await;
-        assert_eq!(
-            r,
-            json!({ "content": [{ "type": "text", "text": text }] }),
-            "{tool}"
-        );
+        assert_eq!(r, text_result(text), "{tool}");
         // Without its state (or with another tool's) the answer is not trusted: ask again.
         let (requests, again) = e
             .need(&c.ctx, tool, json!({}), round(answer.clone(), None, 1))
@@ -1465,9 +1421,7 @@ async fn the_same_mrtr_tools_work_for_legacy_sessions() {
     let (requests, _) = e.need(&c.ctx, IRR_ELICIT, json!({}), first()).await;
     assert!(requests.contains_key("user_name"));
     let answer = json!({ "user_name": accept(json!({ "name": "Zoë" })) });
-    let r = e
-        .done(&c.ctx, IRR_ELICIT, json!({}), round(answer, None, 1))
-        .await;
+    let r = e.answered(&c.ctx, IRR_ELICIT, answer).await;
     assert_eq!(text_of(&r), "Hello, Zoë!");
 }
 

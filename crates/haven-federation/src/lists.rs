@@ -111,6 +111,25 @@ fn with_announcements(mut batch: Batch, store: &dyn Store, changes: &[Announceme
     batch
 }
 
+/// Commits `batch` (a compare-and-set of a list record) with the announcements of `changes`.
+/// Returns the announcements once stored, or `None` when a concurrent write won and attempts
+/// are left (of five): the caller reads the record again and retries.
+async fn commit_announcing(
+    store: &dyn Store,
+    batch: Batch,
+    changes: Vec<Announcement>,
+    attempt: u32,
+) -> Result<Option<Vec<Announcement>>, StoreError> {
+    match store
+        .commit(with_announcements(batch, store, &changes))
+        .await
+    {
+        Ok(_) => Ok(Some(changes)),
+        Err(StoreError::Conflict { .. }) if attempt < 5 => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Stores `lists` as `upstream`'s record if they differ from the stored ones (compare-and-set,
 /// retried on a concurrent write) and announces what changed. Returns the announcements made.
 pub(crate) async fn publish(
@@ -132,15 +151,9 @@ pub(crate) async fn publish(
         }
         lists.fetched_at_millis = store.clock().wall_millis();
         let value = serde_json::to_vec(&lists).expect("lists serialize");
-        let batch = with_announcements(
-            Batch::new().put_if(LISTS_NS, upstream, value, expect),
-            store,
-            &changes,
-        );
-        match store.commit(batch).await {
-            Ok(_) => return Ok(changes),
-            Err(StoreError::Conflict { .. }) if attempts < 5 => continue,
-            Err(e) => return Err(e),
+        let batch = Batch::new().put_if(LISTS_NS, upstream, value, expect);
+        if let Some(made) = commit_announcing(store, batch, changes, attempts).await? {
+            return Ok(made);
         }
     }
 }
@@ -159,15 +172,9 @@ pub(crate) async fn remove(
         };
         let changes =
             UpstreamLists::default().changes_from(decode(upstream, current.value()).as_ref());
-        let batch = with_announcements(
-            Batch::new().delete_if(LISTS_NS, upstream, Expect::Revision(current.revision)),
-            store,
-            &changes,
-        );
-        match store.commit(batch).await {
-            Ok(_) => return Ok(changes),
-            Err(StoreError::Conflict { .. }) if attempts < 5 => continue,
-            Err(e) => return Err(e),
+        let batch = Batch::new().delete_if(LISTS_NS, upstream, Expect::Revision(current.revision));
+        if let Some(made) = commit_announcing(store, batch, changes, attempts).await? {
+            return Ok(made);
         }
     }
 }

@@ -236,6 +236,15 @@ fn local() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
 
+/// Polls `done` every 20 ms until it holds; fails saying `what` after `limit`.
+async fn wait_until(limit: Duration, what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while !done().await {
+        assert!(start.elapsed() < limit, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn process_exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -399,18 +408,15 @@ async fn list_changes_rewrite_the_record_and_are_announced() {
 
     // The upstream adds a tool and says so.
     n.call("web__toggle", json!({})).await.unwrap();
-    let start = Instant::now();
-    loop {
-        let (r, lists) = n.record("web").await.unwrap();
-        if r > rev && lists.tools.iter().any(|t| t.name == "extra") {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "record not rewritten"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        Duration::from_secs(10),
+        "record not rewritten",
+        async || {
+            let (r, lists) = n.record("web").await.unwrap();
+            r > rev && lists.tools.iter().any(|t| t.name == "extra")
+        },
+    )
+    .await;
     assert!(n.announcement("list/tools").await.unwrap() > announced);
     assert!(n.tool_names().await.contains(&"web__extra".to_string()));
     assert_eq!(
@@ -422,18 +428,16 @@ async fn list_changes_rewrite_the_record_and_are_announced() {
     n.call("web__touch", json!({"uri": "test://items/3"}))
         .await
         .unwrap();
-    let start = Instant::now();
-    while n
-        .announcement("resource/web+test://items/3")
-        .await
-        .is_none()
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "no resource announcement"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        Duration::from_secs(10),
+        "no resource announcement",
+        async || {
+            n.announcement("resource/web+test://items/3")
+                .await
+                .is_some()
+        },
+    )
+    .await;
 
     n.stop().await;
     web.stop().await;
@@ -484,14 +488,12 @@ async fn timeouts_and_client_cancellation_cancel_the_upstream_request() {
         progress.contains("web sleeping") && progress.contains("\"progressToken\":7"),
         "{progress}"
     );
-    let start = Instant::now();
-    while web.probe.cancelled.load(Ordering::SeqCst) < 1 {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "upstream never saw the cancellation"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        Duration::from_secs(5),
+        "upstream never saw the cancellation",
+        async || web.probe.cancelled.load(Ordering::SeqCst) >= 1,
+    )
+    .await;
 
     // A client that cancels cancels the upstream request too.
     let token = CancellationToken::new();
@@ -515,14 +517,12 @@ async fn timeouts_and_client_cancellation_cancel_the_upstream_request() {
         .unwrap_err();
     assert_eq!(e.code.0, REQUEST_CANCELLED, "{e:?}");
     canceller.await.unwrap();
-    let start = Instant::now();
-    while web.probe.cancelled.load(Ordering::SeqCst) < 2 {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "upstream never saw the cancellation"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        Duration::from_secs(5),
+        "upstream never saw the cancellation",
+        async || web.probe.cancelled.load(Ordering::SeqCst) >= 2,
+    )
+    .await;
 
     n.stop().await;
     web.stop().await;
@@ -791,6 +791,21 @@ async fn garbage_and_hanging_upstreams_fail_while_a_healthy_one_answers() {
     let _ = hanging_task.await;
 }
 
+/// Asserts that no tool of the upstream `local` is listed any more and that this was announced
+/// (after `announced`); returns the error of calling one of them.
+async fn local_tools_withdrawn(n: &Node, announced: u64) -> ErrorData {
+    assert!(
+        !n.tool_names()
+            .await
+            .iter()
+            .any(|t| t.starts_with("local__"))
+    );
+    assert!(n.announcement("list/tools").await.unwrap() > announced);
+    n.call("local__add", json!({"a": 1, "b": 1}))
+        .await
+        .unwrap_err()
+}
+
 // Long by design: one upstream changed, disabled and removed in turn, the pool checked after each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changed_disabled_and_removed_upstreams() {
@@ -816,14 +831,12 @@ async fn changed_disabled_and_removed_upstreams() {
         assert!(start.elapsed() < CONNECT, "not reconnected");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let start = Instant::now();
-    while process_exists(pid1) {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "old child still running"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        Duration::from_secs(10),
+        "old child still running",
+        async || !process_exists(pid1),
+    )
+    .await;
     let mut args = JsonObject::new();
     args.insert("name".into(), json!("X"));
     let Step::Done(p) = n
@@ -843,25 +856,13 @@ async fn changed_disabled_and_removed_upstreams() {
     n.register(spec).await;
     n.wait_state("local", UpstreamState::Disabled, CONNECT)
         .await;
-    let start = Instant::now();
-    while process_exists(pid2) || n.record("local").await.is_some() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "disabled child still running"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(
-        !n.tool_names()
-            .await
-            .iter()
-            .any(|t| t.starts_with("local__"))
-    );
-    assert!(n.announcement("list/tools").await.unwrap() > announced);
-    let e = n
-        .call("local__add", json!({"a": 1, "b": 1}))
-        .await
-        .unwrap_err();
+    wait_until(
+        Duration::from_secs(10),
+        "disabled child still running",
+        async || !process_exists(pid2) && n.record("local").await.is_none(),
+    )
+    .await;
+    let e = local_tools_withdrawn(&n, announced).await;
     assert!(e.message.contains("disabled"), "{e:?}");
 
     // Enabled again, then removed: the process is gone and so are its tools.
@@ -877,26 +878,18 @@ async fn changed_disabled_and_removed_upstreams() {
         .remove("local")
         .await
         .unwrap();
-    let start = Instant::now();
-    while process_exists(pid3) || n.record("local").await.is_some() || n.status("local").is_some() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "removed child still running"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(
-        !n.tool_names()
-            .await
-            .iter()
-            .any(|t| t.starts_with("local__"))
-    );
-    assert!(n.announcement("list/tools").await.unwrap() > announced);
+    wait_until(
+        Duration::from_secs(10),
+        "removed child still running",
+        async || {
+            !process_exists(pid3)
+                && n.record("local").await.is_none()
+                && n.status("local").is_none()
+        },
+    )
+    .await;
     // Its names now belong to the base catalog, which does not know them.
-    let e = n
-        .call("local__add", json!({"a": 1, "b": 1}))
-        .await
-        .unwrap_err();
+    let e = local_tools_withdrawn(&n, announced).await;
     assert!(e.message.contains("Unknown tool"), "{e:?}");
 
     n.stop().await;

@@ -167,6 +167,16 @@ impl JetStreamLog {
             state => Err(format!("NATS: not connected ({state:?})")),
         }
     }
+
+    /// The region's stream, asked of the server while connected: `get_stream` is one
+    /// STREAM.INFO round trip, its answer the stream's cached info.
+    async fn stream_info(&self) -> StoreResult<stream::Stream> {
+        self.connected().map_err(StoreError::Unavailable)?;
+        self.js
+            .get_stream(&self.stream_name)
+            .await
+            .map_err(unavailable)
+    }
 }
 
 #[async_trait]
@@ -217,13 +227,7 @@ impl SharedLog for JetStreamLog {
     }
 
     async fn last_seq(&self) -> StoreResult<u64> {
-        self.connected().map_err(StoreError::Unavailable)?;
-        // `get_stream` is one STREAM.INFO round trip; its answer is the cached info.
-        let s = self
-            .js
-            .get_stream(&self.stream_name)
-            .await
-            .map_err(unavailable)?;
+        let s = self.stream_info().await?;
         Ok(s.cached_info().state.last_sequence)
     }
 
@@ -280,13 +284,8 @@ impl SharedLog for JetStreamLog {
     }
 
     async fn check_writable(&self) -> StoreResult<()> {
-        self.connected().map_err(StoreError::Unavailable)?;
         // The leader answers stream info only while the stream has a quorum.
-        let s = self
-            .js
-            .get_stream(&self.stream_name)
-            .await
-            .map_err(unavailable)?;
+        let s = self.stream_info().await?;
         let info = s.cached_info();
         if info.cluster.as_ref().is_some_and(|c| c.leader.is_none()) {
             return Err(StoreError::Unavailable(

@@ -317,6 +317,38 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
+/// Puts `entry` in its place unless the entry there supersedes it; returns whether it did.
+fn fold_into<K>(
+    place: std::collections::hash_map::Entry<'_, K, LogEntry>,
+    entry: LogEntry,
+) -> bool {
+    use std::collections::hash_map::Entry;
+    match place {
+        Entry::Occupied(mut o) => {
+            let wins = supersedes(&entry.change, &o.get().change);
+            if wins {
+                o.insert(entry);
+            }
+            wins
+        }
+        Entry::Vacant(v) => {
+            v.insert(entry);
+            true
+        }
+    }
+}
+
+/// Whether `new` replaces `current` at the same place: a later version of a record or an
+/// event replaces an earlier one; a change of the other kind is always replaced.
+fn supersedes(new: &crate::record::Change, current: &crate::record::Change) -> bool {
+    use crate::record::Change;
+    match (new, current) {
+        (Change::Record(new), Change::Record(current)) => new.supersedes(current),
+        (Change::Event(new), Change::Event(current)) => new.supersedes(current),
+        (Change::Record(_), Change::Event(_)) | (Change::Event(_), Change::Record(_)) => true,
+    }
+}
+
 /// The current state folded from change-log entries, keeping for every key and event the
 /// entry (with its sequence) that made it current.
 #[derive(Clone, Debug, Default)]
@@ -329,44 +361,15 @@ pub struct LogFold {
 impl LogFold {
     /// Folds one entry in; returns whether it became current.
     pub fn apply(&mut self, entry: LogEntry) -> bool {
-        use std::collections::hash_map::Entry;
         self.last_seq = self.last_seq.max(entry.seq);
         match &entry.change {
             crate::record::Change::Record(r) => {
-                match self.records.entry((r.namespace.clone(), r.key.clone())) {
-                    Entry::Occupied(mut o) => {
-                        let wins = match &o.get().change {
-                            crate::record::Change::Record(cur) => r.supersedes(cur),
-                            crate::record::Change::Event(_) => true,
-                        };
-                        if wins {
-                            o.insert(entry);
-                        }
-                        wins
-                    }
-                    Entry::Vacant(v) => {
-                        v.insert(entry);
-                        true
-                    }
-                }
+                let key = (r.namespace.clone(), r.key.clone());
+                fold_into(self.records.entry(key), entry)
             }
             crate::record::Change::Event(e) => {
-                match self.events.entry((e.stream.clone(), e.index)) {
-                    Entry::Occupied(mut o) => {
-                        let wins = match &o.get().change {
-                            crate::record::Change::Event(cur) => e.supersedes(cur),
-                            crate::record::Change::Record(_) => true,
-                        };
-                        if wins {
-                            o.insert(entry);
-                        }
-                        wins
-                    }
-                    Entry::Vacant(v) => {
-                        v.insert(entry);
-                        true
-                    }
-                }
+                let key = (e.stream.clone(), e.index);
+                fold_into(self.events.entry(key), entry)
             }
         }
     }

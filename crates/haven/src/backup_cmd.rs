@@ -8,7 +8,7 @@ use haven_backup::catalog::{Catalog, Generation};
 use haven_backup::{BackupKey, Point, RestoreOptions, Target, fmt_millis};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::client::{admin_call, token};
+use crate::client::{admin_call, node_url, token};
 use crate::settings::{
     BackupCommand, BackupKeygenArgs, BackupListArgs, BackupNowArgs, BackupRestoreArgs,
     BackupTargetArgs, backup_target,
@@ -27,10 +27,7 @@ pub async fn run(cmd: BackupCommand) -> Result<ExitCode> {
 
 /// `haven status`: asks a running node for its view of the region.
 pub async fn status(a: crate::settings::NodeArgs) -> Result<ExitCode> {
-    let node = a
-        .node
-        .clone()
-        .unwrap_or_else(|| "http://127.0.0.1:8080".into());
+    let node = node_url(a.node.as_ref());
     let token = token(a.admin_token_file.as_ref(), a.data.as_ref())?;
     let v = admin_call(&node, &token, reqwest::Method::GET, "/admin/v1/status").await?;
     if a.json {
@@ -191,11 +188,7 @@ fn require_key(key: Option<BackupKey>) -> Result<BackupKey> {
 }
 
 async fn now(a: BackupNowArgs) -> Result<ExitCode> {
-    let node = a
-        .node
-        .node
-        .clone()
-        .unwrap_or_else(|| "http://127.0.0.1:8080".into());
+    let node = node_url(a.node.node.as_ref());
     let token = token(a.node.admin_token_file.as_ref(), a.node.data.as_ref())?;
     let spinner = ProgressBar::new_spinner().with_message("shipping");
     spinner.enable_steady_tick(Duration::from_millis(100));
@@ -262,10 +255,7 @@ async fn list(l: BackupListArgs) -> Result<ExitCode> {
     let catalog = Catalog::load(&target).await?;
     let verification = haven_backup::verify::load_latest(&target).await?;
     // The live lag, when the node answers.
-    let node = l
-        .node
-        .clone()
-        .unwrap_or_else(|| "http://127.0.0.1:8080".into());
+    let node = node_url(l.node.as_ref());
     let live = match token(l.admin_token_file.as_ref(), l.data.as_ref()) {
         Ok(t) => admin_call(&node, &t, reqwest::Method::GET, "/admin/v1/backup")
             .await

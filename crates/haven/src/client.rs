@@ -6,6 +6,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
+/// The URL of the node a command asks: `--node` (or `HAVEN_NODE`), else the local default.
+pub fn node_url(node: Option<&String>) -> String {
+    node.cloned()
+        .unwrap_or_else(|| "http://127.0.0.1:8080".into())
+}
+
 /// The admin token: `HAVEN_ADMIN_TOKEN` if set, else the token file (`--admin-token-file`, or
 /// `admin.token` in the node's data directory).
 pub fn token(file: Option<&PathBuf>, data: Option<&PathBuf>) -> Result<String> {

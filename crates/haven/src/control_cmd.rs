@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::client::{admin_request, segment, token};
+use crate::client::{admin_request, node_url, segment, token};
 use crate::settings::{
     ConfigCommand, NodeArgs, RegistryAddArgs, RegistryCommand, SecretsCommand, SecretsDeleteArgs,
     SecretsListArgs, SecretsNewKeyArgs, SecretsRetireArgs, SecretsSetArgs,
@@ -24,10 +24,7 @@ struct Node {
 impl Node {
     fn from(a: &NodeArgs) -> Result<Node> {
         Ok(Node {
-            url: a
-                .node
-                .clone()
-                .unwrap_or_else(|| "http://127.0.0.1:8080".into()),
+            url: node_url(a.node.as_ref()),
             token: token(a.admin_token_file.as_ref(), a.data.as_ref())?,
             json: a.json,
         })
@@ -46,17 +43,17 @@ impl Node {
     }
 }
 
-/// Checks an upstream name before it goes into a URL path.
-fn upstream_name(name: &str) -> Result<&str> {
+/// The admin API path of an upstream, its name checked first.
+fn upstream_path(name: &str) -> Result<String> {
     haven_control::registry::validate_name(name)?;
-    Ok(name)
+    Ok(format!("/admin/v1/registry/{}", segment(name)))
 }
 
-/// Checks a setting key before it goes into a URL path.
-fn setting_key(key: &str) -> Result<&str> {
+/// The admin API path of a setting, its key checked first.
+fn setting_path(key: &str) -> Result<String> {
     use haven_control::config::SETTINGS;
     if SETTINGS.iter().any(|d| d.key == key) {
-        return Ok(key);
+        return Ok(format!("/admin/v1/config/{}", segment(key)));
     }
     bail!(
         "unknown setting '{key}'; known settings: {}",
@@ -68,10 +65,15 @@ fn setting_key(key: &str) -> Result<&str> {
     )
 }
 
-/// Checks a secret name before it goes into a URL path.
-fn secret_name(name: &str) -> Result<&str> {
+/// The admin API path of a secret, its name checked first.
+fn secret_path(name: &str) -> Result<String> {
     haven_secrets::validate_name(name)?;
-    Ok(name)
+    Ok(format!("/admin/v1/secrets/{}", segment(name)))
+}
+
+/// The elements of a JSON array; none when `v` is not one.
+fn items(v: &Value) -> &[Value] {
+    v.as_array().map(Vec::as_slice).unwrap_or_default()
 }
 
 /// Prints rows as a table with a header, each column as wide as its widest cell.
@@ -117,7 +119,7 @@ pub async fn registry(cmd: RegistryCommand) -> Result<ExitCode> {
             if node.json(&v)? {
                 return Ok(ExitCode::SUCCESS);
             }
-            let list = v["upstreams"].as_array().cloned().unwrap_or_default();
+            let list = items(&v["upstreams"]);
             if list.is_empty() {
                 println!(
                     "No upstreams registered. Add one with `haven registry add NAME --url URL` or `haven registry add NAME -- COMMAND ARGS...`."
@@ -141,11 +143,7 @@ pub async fn registry(cmd: RegistryCommand) -> Result<ExitCode> {
         RegistryCommand::Show(a) => {
             let node = Node::from(&a.node)?;
             let v = node
-                .call(
-                    Method::GET,
-                    &format!("/admin/v1/registry/{}", segment(upstream_name(&a.name)?)),
-                    None,
-                )
+                .call(Method::GET, &upstream_path(&a.name)?, None)
                 .await?;
             if node.json(&v)? {
                 return Ok(ExitCode::SUCCESS);
@@ -156,11 +154,7 @@ pub async fn registry(cmd: RegistryCommand) -> Result<ExitCode> {
         RegistryCommand::Remove(a) => {
             let node = Node::from(&a.node)?;
             let v = node
-                .call(
-                    Method::DELETE,
-                    &format!("/admin/v1/registry/{}", segment(upstream_name(&a.name)?)),
-                    None,
-                )
+                .call(Method::DELETE, &upstream_path(&a.name)?, None)
                 .await?;
             if !node.json(&v)? {
                 println!("Removed upstream '{}'.", a.name);
@@ -175,8 +169,8 @@ fn target(v: &Value) -> String {
         Some("http") => text(&v["url"]),
         Some("stdio") => {
             let mut parts = vec![text(&v["command"])];
-            for a in v["args"].as_array().cloned().unwrap_or_default() {
-                parts.push(text(&a));
+            for a in items(&v["args"]) {
+                parts.push(text(a));
             }
             parts.join(" ")
         }
@@ -336,10 +330,7 @@ pub async fn config(cmd: ConfigCommand) -> Result<ExitCode> {
             if node.json(&v)? {
                 return Ok(ExitCode::SUCCESS);
             }
-            let rows: Vec<Vec<String>> = v["settings"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
+            let rows: Vec<Vec<String>> = items(&v["settings"])
                 .iter()
                 .map(|e| {
                     vec![
@@ -355,13 +346,7 @@ pub async fn config(cmd: ConfigCommand) -> Result<ExitCode> {
         }
         ConfigCommand::Get(a) => {
             let node = Node::from(&a.node)?;
-            let v = node
-                .call(
-                    Method::GET,
-                    &format!("/admin/v1/config/{}", segment(setting_key(&a.key)?)),
-                    None,
-                )
-                .await?;
+            let v = node.call(Method::GET, &setting_path(&a.key)?, None).await?;
             if !node.json(&v)? {
                 print_setting(&v);
             }
@@ -372,7 +357,7 @@ pub async fn config(cmd: ConfigCommand) -> Result<ExitCode> {
             let v = node
                 .call(
                     Method::PUT,
-                    &format!("/admin/v1/config/{}", segment(setting_key(&a.key)?)),
+                    &setting_path(&a.key)?,
                     Some(&json!({ "value": a.value })),
                 )
                 .await?;
@@ -388,11 +373,7 @@ pub async fn config(cmd: ConfigCommand) -> Result<ExitCode> {
         ConfigCommand::Unset(a) => {
             let node = Node::from(&a.node)?;
             let v = node
-                .call(
-                    Method::DELETE,
-                    &format!("/admin/v1/config/{}", segment(setting_key(&a.key)?)),
-                    None,
-                )
+                .call(Method::DELETE, &setting_path(&a.key)?, None)
                 .await?;
             if !node.json(&v)? {
                 println!("{} back to its default, {}", a.key, text(&v["value"]));
@@ -494,11 +475,7 @@ async fn set_secret(a: SecretsSetArgs) -> Result<ExitCode> {
         }
     };
     let v = node
-        .call(
-            Method::PUT,
-            &format!("/admin/v1/secrets/{}", segment(secret_name(&a.name)?)),
-            Some(&body),
-        )
+        .call(Method::PUT, &secret_path(&a.name)?, Some(&body))
         .await?;
     if !node.json(&v)? {
         println!(
@@ -524,7 +501,7 @@ async fn list_secrets(a: SecretsListArgs) -> Result<ExitCode> {
     if node.json(&v)? {
         return Ok(ExitCode::SUCCESS);
     }
-    let list = v["secrets"].as_array().cloned().unwrap_or_default();
+    let list = items(&v["secrets"]);
     if list.is_empty() {
         println!("No secrets. Store one with `haven secrets set NAME` (value on standard input).");
         return Ok(ExitCode::SUCCESS);
@@ -547,7 +524,7 @@ async fn list_secrets(a: SecretsListArgs) -> Result<ExitCode> {
 /// `haven secrets delete NAME`.
 async fn delete_secret(a: SecretsDeleteArgs) -> Result<ExitCode> {
     let node = Node::from(&a.node)?;
-    let mut path = format!("/admin/v1/secrets/{}", segment(secret_name(&a.name)?));
+    let mut path = secret_path(&a.name)?;
     if a.force {
         path.push_str("?force=true");
     }
@@ -583,10 +560,7 @@ async fn rotate_key(n: NodeArgs) -> Result<ExitCode> {
             format!("re-wrapped {}", moved.join(", "))
         }
     );
-    let still: Vec<String> = k["still_in_use"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+    let still: Vec<String> = items(&k["still_in_use"])
         .iter()
         .map(text)
         .filter(|kid| Some(kid.as_str()) != k["primary"].as_str())
@@ -639,13 +613,7 @@ async fn show_keys(n: NodeArgs) -> Result<ExitCode> {
         text(&v["kek"]["primary"])
     );
     let usage = v["kek"]["usage"].as_object().cloned().unwrap_or_default();
-    let known: Vec<String> = v["kek"]["known"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .map(text)
-        .collect();
+    let known: Vec<String> = items(&v["kek"]["known"]).iter().map(text).collect();
     let mut rows: Vec<Vec<String>> = known
         .iter()
         .map(|k| {
@@ -668,10 +636,7 @@ async fn show_keys(n: NodeArgs) -> Result<ExitCode> {
         "Request-state keys (signing {}):",
         text(&v["request_state"]["signing"])
     );
-    let rows: Vec<Vec<String>> = v["request_state"]["keys"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+    let rows: Vec<Vec<String>> = items(&v["request_state"]["keys"])
         .iter()
         .map(|k| {
             vec![

@@ -679,10 +679,16 @@ impl BackupSettings {
     }
 }
 
-fn load_file(path: &Path) -> Result<FileSettings> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("parsing the config file {}", path.display()))
+impl FileSettings {
+    /// The settings of the TOML file `--config` names; none without one.
+    fn load(config: Option<&Path>) -> Result<FileSettings> {
+        let Some(path) = config else {
+            return Ok(FileSettings::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing the config file {}", path.display()))
+    }
 }
 
 /// What to run.
@@ -713,10 +719,7 @@ impl Settings {
     /// Merges flags/environment (already combined by clap) over the file over defaults.
     // Long by design: one merge per setting, in the order their errors are reported.
     pub fn resolve(common: &CommonArgs, serve: Option<&ServeArgs>) -> Result<Settings> {
-        let mut file = match &common.config {
-            Some(p) => load_file(p)?,
-            None => FileSettings::default(),
-        };
+        let mut file = FileSettings::load(common.config.as_deref())?;
         let backup = BackupSettings::resolve(serve.map(|s| &s.backup), &mut file)?;
         let admin_token_file = serve
             .and_then(|s| s.admin_token_file.clone())
@@ -858,10 +861,7 @@ fn nats_servers(store: &str) -> Result<Option<Vec<String>>> {
 /// Backup location and key for the `haven backup` commands: flags, environment, then the
 /// TOML file.
 pub fn backup_target(args: &BackupTargetArgs) -> Result<(String, Option<PathBuf>)> {
-    let mut file = match &args.config {
-        Some(p) => load_file(p)?,
-        None => FileSettings::default(),
-    };
+    let mut file = FileSettings::load(args.config.as_deref())?;
     let Some(url) = args.backup_url.clone().or(file.backup_url.take()) else {
         bail!(
             "no backup location: pass --backup-url URL (a directory, file:///DIR or s3://BUCKET/PREFIX) or set HAVEN_BACKUP_URL"

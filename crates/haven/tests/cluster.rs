@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::cluster::{ONE_REGION_AT_A_TIME, Region};
+use common::cluster::{ONE_REGION_AT_A_TIME, Region, haven_status};
 use common::{Haven, Legacy, SseReader, free_port, run_ok, stateless};
 use serde_json::{Value, json};
 
@@ -302,16 +302,7 @@ async fn writes_continue_after_the_stream_leader_is_killed_and_it_rejoins() {
     ];
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_haven"))
-            .args([
-                "status",
-                "--node",
-                &format!("http://127.0.0.1:{}", n0.port),
-                "--data",
-            ])
-            .arg(&n0.data)
-            .output()
-            .unwrap();
+        let out = haven_status(n0);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(
             out.status.success(),

@@ -14,7 +14,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::cluster::{ONE_REGION_AT_A_TIME, Region};
+use common::cluster::{ONE_REGION_AT_A_TIME, Region, haven_status};
 use common::{Event, Legacy, SseReader, stateless};
 use serde_json::{Value, json};
 
@@ -183,6 +183,15 @@ async fn read_live(call: &mut Call, until: impl Fn(&Value) -> bool) {
             return;
         }
     }
+}
+
+/// Reads the live stream of every call until its progress reached `at_least`.
+async fn read_until_progress(calls: &mut [Call], at_least: f64) {
+    futures::future::join_all(calls.iter_mut().map(|c| {
+        let token = c.token.clone();
+        async move { read_live(c, |v| progress(v, &token).is_some_and(|p| p >= at_least)).await }
+    }))
+    .await;
 }
 
 /// Reads the call's stream until an event satisfies `until`, resuming with `Last-Event-ID` at
@@ -473,6 +482,23 @@ async fn finish_and_check(
     out
 }
 
+/// Finishes every call and checks its stream (see [`finish_and_check`]); asserts that each
+/// counted all its `seconds`, none missing or repeated, and ended with a tool result.
+async fn finish_counting(
+    region: &Region,
+    calls: &mut [Call],
+    seconds: u64,
+    idle: Duration,
+    within: Duration,
+) {
+    let urls = running_urls(region);
+    let values = finish_and_check(region, calls, &urls, idle, within).await;
+    for (c, values) in calls.iter().zip(&values) {
+        assert_eq!(values, &counting(seconds), "{}", c.label());
+        assert!(c.answer.as_ref().unwrap()["result"]["content"].is_array());
+    }
+}
+
 /// The URLs of the running nodes.
 fn running_urls(region: &Region) -> Vec<String> {
     (0..3)
@@ -673,32 +699,18 @@ async fn d1_a_leader_kill_as_calls_finish_drops_no_final() {
     const SECONDS: u64 = 5;
     let mut calls = calls_on_every_node(&region, 2, SECONDS, "finish").await;
     // Each call is one second from its final answer when the leader dies.
-    futures::future::join_all(calls.iter_mut().map(|c| {
-        let token = c.token.clone();
-        async move {
-            read_live(c, |v| {
-                progress(v, &token).is_some_and(|p| p >= (SECONDS - 1) as f64)
-            })
-            .await
-        }
-    }))
-    .await;
+    read_until_progress(&mut calls, (SECONDS - 1) as f64).await;
     let leader = region.stream_leader().await;
     region.nats.kill9(leader);
 
-    let urls = running_urls(&region);
-    let values = finish_and_check(
+    finish_counting(
         &region,
         &mut calls,
-        &urls,
+        SECONDS,
         Duration::from_secs(10),
         Duration::from_secs(90),
     )
     .await;
-    for (c, values) in calls.iter().zip(&values) {
-        assert_eq!(values, &counting(SECONDS), "{}", c.label());
-        assert!(c.answer.as_ref().unwrap()["result"]["content"].is_array());
-    }
     assert_no_takeover(&region);
 }
 
@@ -708,16 +720,7 @@ async fn d2_a_full_nats_outage_as_calls_finish_drops_no_final() {
     let mut region = Region::start().await;
     const SECONDS: u64 = 6;
     let mut calls = calls_on_every_node(&region, 2, SECONDS, "outage").await;
-    futures::future::join_all(calls.iter_mut().map(|c| {
-        let token = c.token.clone();
-        async move {
-            read_live(c, |v| {
-                progress(v, &token).is_some_and(|p| p >= (SECONDS - 3) as f64)
-            })
-            .await
-        }
-    }))
-    .await;
+    read_until_progress(&mut calls, (SECONDS - 3) as f64).await;
     // Every nats-server stops; the calls finish meanwhile (their last progress and final
     // answers cannot be stored); NATS stays down for 20 s (the fault's length, longer than
     // the heartbeat time-to-live), then comes back.
@@ -733,19 +736,14 @@ async fn d2_a_full_nats_outage_as_calls_finish_drops_no_final() {
 
     // The clients stay on their connections (a long idle bound): the answers stored after the
     // outage reach them there, or through a resumption.
-    let urls = running_urls(&region);
-    let values = finish_and_check(
+    finish_counting(
         &region,
         &mut calls,
-        &urls,
+        SECONDS,
         Duration::from_secs(60),
         Duration::from_secs(180),
     )
     .await;
-    for (c, values) in calls.iter().zip(&values) {
-        assert_eq!(values, &counting(SECONDS), "{}", c.label());
-        assert!(c.answer.as_ref().unwrap()["result"]["content"].is_array());
-    }
     // Nothing is left in flight: every stream ended (checked by `read_back`), and no node runs
     // a request any more.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -842,16 +840,7 @@ async fn e_skewed_clocks_and_a_short_pause_cause_no_takeover() {
     assert!((max - 8000).abs() < 1500, "{st}");
     assert_eq!(st["clock"]["allowed_skew_ms"], 500, "{st}");
     let n0 = region.nodes[0].as_ref().unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_haven"))
-        .args([
-            "status",
-            "--node",
-            &format!("http://127.0.0.1:{}", n0.port),
-            "--data",
-        ])
-        .arg(&n0.data)
-        .output()
-        .unwrap();
+    let out = haven_status(n0);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("SKEW") && text.contains("warning: clocks"),
@@ -867,19 +856,14 @@ async fn e_skewed_clocks_and_a_short_pause_cause_no_takeover() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     paused.resume();
 
-    let urls = running_urls(&region);
-    let values = finish_and_check(
+    finish_counting(
         &region,
         &mut calls,
-        &urls,
+        SECONDS,
         Duration::from_secs(10),
         Duration::from_secs(90),
     )
     .await;
-    for (c, values) in calls.iter().zip(&values) {
-        assert_eq!(values, &counting(SECONDS), "{}", c.label());
-        assert!(c.answer.as_ref().unwrap()["result"]["content"].is_array());
-    }
     assert_no_takeover(&region);
     region.wait_readyz(200, Duration::from_secs(10)).await;
     let st = region.node_status(0).await.unwrap();

@@ -126,61 +126,40 @@ async fn dispatch(
         "resources/unsubscribe" if !stateless => Box::pin(subscribe(inner, call, false)).await,
         "tools/list" => Box::pin(list_tools(inner, call, &ctx)).await,
         "tools/call" => return Box::pin(tools_call(inner, call, ctx, out, cancel)).await,
-        "resources/list" => {
-            let all = inner.catalog.resources(&ctx).await;
-            all.and_then(|all| {
-                let (page, next) = paginate(inner, p, all)?;
-                Ok(finish(
-                    inner,
-                    &call.era,
-                    ServerResult::ListResourcesResult(ListResourcesResult {
-                        result_type: Some(ResultType::COMPLETE),
-                        meta: None,
-                        next_cursor: next,
-                        ttl_ms: None,
-                        cache_scope: None,
-                        resources: page,
-                    }),
-                ))
-            })
-        }
-        "resources/templates/list" => {
-            let all = inner.catalog.resource_templates(&ctx).await;
-            all.and_then(|all| {
-                let (page, next) = paginate(inner, p, all)?;
-                Ok(finish(
-                    inner,
-                    &call.era,
-                    ServerResult::ListResourceTemplatesResult(ListResourceTemplatesResult {
-                        result_type: Some(ResultType::COMPLETE),
-                        meta: None,
-                        next_cursor: next,
-                        ttl_ms: None,
-                        cache_scope: None,
-                        resource_templates: page,
-                    }),
-                ))
-            })
-        }
+        "resources/list" => list_page(
+            inner,
+            call,
+            inner.catalog.resources(&ctx).await,
+            |page, next_cursor| {
+                ServerResult::ListResourcesResult(ListResourcesResult {
+                    next_cursor,
+                    ..ListResourcesResult::with_all_items(page)
+                })
+            },
+        ),
+        "resources/templates/list" => list_page(
+            inner,
+            call,
+            inner.catalog.resource_templates(&ctx).await,
+            |page, next_cursor| {
+                ServerResult::ListResourceTemplatesResult(ListResourceTemplatesResult {
+                    next_cursor,
+                    ..ListResourceTemplatesResult::with_all_items(page)
+                })
+            },
+        ),
         "resources/read" => Box::pin(resources_read(inner, call, ctx, out, cancel)).await,
-        "prompts/list" => {
-            let all = inner.catalog.prompts(&ctx).await;
-            all.and_then(|all| {
-                let (page, next) = paginate(inner, p, all)?;
-                Ok(finish(
-                    inner,
-                    &call.era,
-                    ServerResult::ListPromptsResult(ListPromptsResult {
-                        result_type: Some(ResultType::COMPLETE),
-                        meta: None,
-                        next_cursor: next,
-                        ttl_ms: None,
-                        cache_scope: None,
-                        prompts: page,
-                    }),
-                ))
-            })
-        }
+        "prompts/list" => list_page(
+            inner,
+            call,
+            inner.catalog.prompts(&ctx).await,
+            |page, next_cursor| {
+                ServerResult::ListPromptsResult(ListPromptsResult {
+                    next_cursor,
+                    ..ListPromptsResult::with_all_items(page)
+                })
+            },
+        ),
         "prompts/get" => Box::pin(prompts_get(inner, call, ctx, out, cancel)).await,
         "completion/complete" => {
             match jsonrpc::typed_params::<CompleteRequestParams>(&call.method, p) {
@@ -255,6 +234,19 @@ fn hint(ttl: &mut Option<u64>, scope: &mut Option<CacheScope>, default_ttl: u64)
 
 const CURSOR_PREFIX: &str = "haven-offset:";
 
+/// The page of a list that the request's cursor asks for, as the era's result: `all` is the
+/// whole list (or the error that came instead), `result` wraps a page and the next cursor in
+/// the list's result type.
+fn list_page<T>(
+    inner: &Inner,
+    call: &Call,
+    all: Result<Vec<T>, ErrorData>,
+    result: impl FnOnce(Vec<T>, Option<String>) -> ServerResult,
+) -> Result<Value, ErrorData> {
+    let (page, next) = paginate(inner, Some(&call.params), all?)?;
+    Ok(finish(inner, &call.era, result(page, next)))
+}
+
 /// One page of `all` per the request's `cursor`, and the cursor of the next page.
 pub(crate) fn paginate<T>(
     inner: &Inner,
@@ -304,12 +296,8 @@ async fn list_tools(
         inner,
         &call.era,
         ServerResult::ListToolsResult(ListToolsResult {
-            result_type: Some(ResultType::COMPLETE),
-            meta: None,
             next_cursor: next,
-            ttl_ms: None,
-            cache_scope: None,
-            tools: page,
+            ..ListToolsResult::with_all_items(page)
         }),
     );
     // The 2025-11-25 experimental tasks declare task support per tool (`execution`), a field

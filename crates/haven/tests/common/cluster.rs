@@ -47,6 +47,20 @@ pub async fn haven_node_env(
     Haven::start_env(data, port, "default", &args, env).await
 }
 
+/// `haven status` asking node `n` (its admin token from its data directory).
+pub fn haven_status(n: &Haven) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_haven"))
+        .args([
+            "status",
+            "--node",
+            &format!("http://127.0.0.1:{}", n.port),
+            "--data",
+        ])
+        .arg(&n.data)
+        .output()
+        .unwrap()
+}
+
 /// Three nats-servers, three Haven nodes (`node0`..`node2`) on them, HAProxy in front.
 /// Fields are dropped in order: the proxy, the nodes, then NATS and the data directories.
 pub struct Region {
