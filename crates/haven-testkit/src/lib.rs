@@ -20,11 +20,19 @@ pub fn tools_dir() -> PathBuf {
 
 /// A free loopback port.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_ports(1)[0]
+}
+
+/// `n` distinct free ports on loopback (their listeners are all held until every port is
+/// chosen, so the system cannot hand one out twice).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
 }
 
 /// A redb store in `dir`, of node `n1` in region `r1`, on the system clock.
@@ -170,7 +178,9 @@ impl NatsCluster {
         NatsCluster::start_in(&tools_dir()).await
     }
 
-    /// Like [`NatsCluster::start`] with the nats-server of another tools folder.
+    /// Like [`NatsCluster::start`] with the nats-server of another tools folder. A start
+    /// that fails (a port taken by another process between its choice and the server's bind)
+    /// is tried again on new ports, up to three times.
     pub async fn start_in(tools: &Path) -> NatsCluster {
         let bin = tools.join("venv/bin/nats-server");
         assert!(
@@ -178,10 +188,33 @@ impl NatsCluster {
             "{} is missing: run scripts/install-tools (the README's test command does)",
             bin.display()
         );
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            let mut c = NatsCluster::configure(bin.clone());
+            for i in 0..3 {
+                c.spawn(i);
+            }
+            let mut ok = true;
+            for i in 0..3 {
+                if let Err(e) = c.healthy(i).await {
+                    failures.push(e);
+                    ok = false;
+                    break;
+                }
+            }
+            if ok {
+                return c;
+            }
+        }
+        panic!("the NATS cluster did not start:\n{}", failures.join("\n"));
+    }
+
+    /// Writes the configuration of three servers on new ports (nothing started).
+    fn configure(bin: PathBuf) -> NatsCluster {
         let dir = tempfile::tempdir().unwrap();
-        let client: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let cluster: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let http: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let ports = free_ports(9);
+        let (client, rest) = ports.split_at(3);
+        let (cluster, http) = rest.split_at(3);
         let mut servers = Vec::new();
         for i in 0..3 {
             let routes: Vec<String> = cluster
@@ -211,18 +244,11 @@ impl NatsCluster {
                 name: format!("nats{i}"),
             });
         }
-        let mut c = NatsCluster {
+        NatsCluster {
             servers,
             bin,
             _dir: dir,
-        };
-        for i in 0..3 {
-            c.spawn(i);
         }
-        for i in 0..3 {
-            c.wait_healthy(i).await;
-        }
-        c
     }
 
     fn spawn(&mut self, i: usize) {
@@ -232,24 +258,48 @@ impl NatsCluster {
                 .arg("-c")
                 .arg(&s.conf)
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(log_file(&s.conf.with_extension("log")))
                 .spawn()
                 .expect("starting nats-server"),
         );
     }
 
     /// Waits until server `i` reports JetStream healthy.
-    pub async fn wait_healthy(&self, i: usize) {
+    pub async fn wait_healthy(&mut self, i: usize) {
+        if let Err(e) = self.healthy(i).await {
+            panic!("{e}");
+        }
+    }
+
+    /// Waits until server `i` reports JetStream healthy; fails at once if it exited, with
+    /// the end of its log.
+    async fn healthy(&mut self, i: usize) -> Result<(), String> {
         // A restarted server recovers its JetStream state first; on a loaded machine that
         // can take a while.
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
         let port = self.servers[i].http_port;
-        let healthy = wait_for_status(
-            port,
-            "/healthz?js-enabled-only=true",
-            Duration::from_secs(120),
-        )
-        .await;
-        assert!(healthy, "nats-server {i} did not become healthy");
+        loop {
+            if http_status(port, "/healthz?js-enabled-only=true").await == Some(200) {
+                return Ok(());
+            }
+            let exited = self.servers[i]
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || std::time::Instant::now() > deadline {
+                let log = std::fs::read_to_string(self.servers[i].conf.with_extension("log"))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(10).collect();
+                return Err(format!(
+                    "nats-server {i} did not become healthy ({}); its log ends with:\n{}",
+                    exited.map_or("still running after 120 s".to_owned(), |s| format!(
+                        "exited: {s}"
+                    )),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// `kill -9` of server `i`.
@@ -345,4 +395,13 @@ impl Proxy {
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}/mcp", self.port)
     }
+}
+
+/// A log file that every start of a process appends to.
+fn log_file(path: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("opening a log file")
 }
