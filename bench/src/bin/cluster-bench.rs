@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use haven_bench::{LoadFlags, haven_serve, mcp_load, median, wait_ready};
+use haven_testkit::SseReader;
 use haven_testkit::{Process, free_port};
 
 #[derive(Parser)]
@@ -389,67 +390,6 @@ const SETTLED: &str = "ended the stream of an interrupted request";
 const LOST: &str = "this node lost a request it was running";
 const REFUSED: &str = "a write of a handler was refused";
 
-/// One SSE event with data: its id and data.
-struct SseEvent {
-    id: Option<String>,
-    data: String,
-}
-
-impl SseEvent {
-    fn index(&self) -> Option<u64> {
-        self.id.as_deref()?.rsplit_once('-')?.1.parse().ok()
-    }
-
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.data).unwrap_or(serde_json::Value::Null)
-    }
-}
-
-/// Reads SSE events (with a data line, priming events included) from a response body.
-struct Sse {
-    body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
-    buf: String,
-}
-
-impl Sse {
-    fn new(r: reqwest::Response) -> Sse {
-        use futures::StreamExt;
-        Sse {
-            body: r.bytes_stream().boxed(),
-            buf: String::new(),
-        }
-    }
-
-    async fn next(&mut self) -> Option<SseEvent> {
-        use futures::StreamExt;
-        loop {
-            if let Some(pos) = self.buf.find("\n\n") {
-                let block: String = self.buf.drain(..pos + 2).collect();
-                let (mut id, mut data, mut has_data) = (None, Vec::new(), false);
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("id:") {
-                        id = Some(v.trim().to_owned());
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        has_data = true;
-                        data.push(v.strip_prefix(' ').unwrap_or(v).to_owned());
-                    }
-                }
-                if has_data {
-                    return Some(SseEvent {
-                        id,
-                        data: data.join("\n"),
-                    });
-                }
-                continue;
-            }
-            match self.body.next().await {
-                Some(Ok(b)) => self.buf.push_str(&String::from_utf8_lossy(&b)),
-                _ => return None,
-            }
-        }
-    }
-}
-
 fn is_response_to(v: &serde_json::Value, id: i64) -> bool {
     v.get("id") == Some(&serde_json::json!(id))
         && (v.get("result").is_some() || v.get("error").is_some())
@@ -516,7 +456,7 @@ async fn resume(
     url: &str,
     session: &str,
     last_event_id: &str,
-) -> Option<Sse> {
+) -> Option<SseReader> {
     let r = tokio::time::timeout(
         Duration::from_secs(10),
         client
@@ -530,7 +470,7 @@ async fn resume(
     .await
     .ok()?
     .ok()?;
-    (r.status() == 200).then(|| Sse::new(r))
+    (r.status() == 200).then(|| SseReader::new(r))
 }
 
 /// What became of one request, as its client saw it.
@@ -602,7 +542,7 @@ async fn call_streamed(
         seen.refused = Some(format!("HTTP {}", r.status()));
         return seen;
     }
-    let mut sse = Some(Sse::new(r));
+    let mut sse = Some(SseReader::new(r));
     let mut last_id = String::new();
     let mut on_open = Some(on_open);
     let mut progress_zero = 0;

@@ -405,3 +405,72 @@ fn log_file(path: &Path) -> std::fs::File {
         .open(path)
         .expect("opening a log file")
 }
+
+/// One server-sent event with a data line (a priming event's data is empty).
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    /// The event's id (`<stream>-<index>` for Haven's streams).
+    pub id: Option<String>,
+    /// The data lines, joined by newlines.
+    pub data: String,
+}
+
+impl SseEvent {
+    /// The data as JSON (`Null` if it is not JSON).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.data).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The index part of a `<stream>-<index>` id.
+    pub fn index(&self) -> Option<u64> {
+        self.id.as_deref()?.rsplit_once('-')?.1.parse().ok()
+    }
+}
+
+/// Reads the server-sent events of a response body (events with a data line, priming events
+/// included).
+pub struct SseReader {
+    body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    buf: String,
+}
+
+impl SseReader {
+    /// Reads `response`'s body.
+    pub fn new(response: reqwest::Response) -> SseReader {
+        use futures::StreamExt;
+        SseReader {
+            body: response.bytes_stream().boxed(),
+            buf: String::new(),
+        }
+    }
+
+    /// The next event, or `None` at the end of the body (or on a transport error).
+    pub async fn next(&mut self) -> Option<SseEvent> {
+        use futures::StreamExt;
+        loop {
+            if let Some(pos) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..pos + 2).collect();
+                let (mut id, mut data, mut has_data) = (None, Vec::new(), false);
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        id = Some(v.trim().to_owned());
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        has_data = true;
+                        data.push(v.strip_prefix(' ').unwrap_or(v).to_owned());
+                    }
+                }
+                if has_data {
+                    return Some(SseEvent {
+                        id,
+                        data: data.join("\n"),
+                    });
+                }
+                continue;
+            }
+            match self.body.next().await {
+                Some(Ok(b)) => self.buf.push_str(&String::from_utf8_lossy(&b)),
+                _ => return None,
+            }
+        }
+    }
+}

@@ -137,7 +137,7 @@ async fn finish(mut h: Held, deadline: Instant) -> (Held, Value) {
                 continue;
             }
             h.last_id = e.id.clone().unwrap();
-            h.indices.push(e.index());
+            h.indices.push(e.index().unwrap());
             let v = e.json();
             if v.get("id") == Some(&json!(50)) {
                 return (h, v);
@@ -189,7 +189,7 @@ async fn a_killed_nodes_streams_resume_on_another_node_without_loss_or_duplicate
                 last_id = id.clone();
             }
             if !e.data.is_empty() {
-                indices.push(e.index());
+                indices.push(e.index().unwrap());
             }
         }
         Held {

@@ -307,7 +307,7 @@ async fn read_back(url: &str, session: &str, stream: &str, deadline: Instant) ->
                     if e.data.is_empty() {
                         continue;
                     }
-                    events.push((e.index(), e.json()));
+                    events.push((e.index().unwrap(), e.json()));
                 }
                 Ok(None) => {
                     ended = true;
@@ -336,7 +336,7 @@ async fn read_back(url: &str, session: &str, stream: &str, deadline: Instant) ->
         match tokio::time::timeout(Duration::from_secs(15), sse.next()).await {
             Ok(Some(e)) => {
                 if !e.data.is_empty() {
-                    after_end.push((e.index(), e.json()));
+                    after_end.push((e.index().unwrap(), e.json()));
                 }
             }
             Ok(None) => break,
@@ -380,7 +380,7 @@ fn check_one_final(call: &Call, stored: &Stored) -> Vec<f64> {
     let expected: Vec<u64> = (1..=indexes.len() as u64).collect();
     assert_eq!(indexes, expected, "{label}: stream indexes");
     for e in &call.received {
-        let i = e.index() as usize;
+        let i = e.index().unwrap() as usize;
         assert!(
             i >= 1 && i <= stored.events.len() && stored.events[i - 1].1 == e.json(),
             "{label}: the client received {e:?}, which is not stored as such: {stored:#?}"

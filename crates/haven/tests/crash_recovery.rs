@@ -53,7 +53,7 @@ async fn session_stream_and_tasks_survive_kill_9() {
     let mut sse = SseReader::new(r);
     let priming = sse.next().await.unwrap();
     assert!(priming.data.is_empty());
-    assert_eq!(priming.index(), 0);
+    assert_eq!(priming.index().unwrap(), 0);
     let mut seen = Vec::new();
     while seen.len() < 2 {
         let e = sse.next().await.unwrap();
@@ -80,8 +80,8 @@ async fn session_stream_and_tasks_survive_kill_9() {
     assert!(!replayed.is_empty());
     for (i, e) in replayed.iter().enumerate() {
         assert_eq!(
-            e.index(),
-            last_seen.index() + 1 + i as u64,
+            e.index().unwrap(),
+            last_seen.index().unwrap() + 1 + i as u64,
             "events must follow without gap or repeat: {replayed:?}"
         );
     }

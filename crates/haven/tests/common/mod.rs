@@ -177,72 +177,8 @@ pub fn run_ok(command: &mut Command) -> std::process::Output {
     out
 }
 
-/// One parsed SSE event.
-#[derive(Debug, Clone)]
-pub struct Event {
-    pub id: Option<String>,
-    pub data: String,
-}
-
-impl Event {
-    pub fn json(&self) -> Value {
-        serde_json::from_str(&self.data).unwrap_or(Value::Null)
-    }
-
-    pub fn index(&self) -> u64 {
-        self.id
-            .as_deref()
-            .and_then(|i| i.rsplit_once('-'))
-            .and_then(|(_, n)| n.parse().ok())
-            .unwrap()
-    }
-}
-
-/// Reads SSE events from a response body.
-pub struct SseReader {
-    stream: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
-    buf: String,
-}
-
-impl SseReader {
-    pub fn new(resp: reqwest::Response) -> SseReader {
-        SseReader {
-            stream: resp.bytes_stream().boxed(),
-            buf: String::new(),
-        }
-    }
-
-    /// The next event with a data line (priming events included), or None at the end.
-    pub async fn next(&mut self) -> Option<Event> {
-        loop {
-            if let Some(pos) = self.buf.find("\n\n") {
-                let block: String = self.buf.drain(..pos + 2).collect();
-                let mut id = None;
-                let mut data = Vec::new();
-                let mut has_data = false;
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("id:") {
-                        id = Some(v.trim().to_owned());
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        has_data = true;
-                        data.push(v.strip_prefix(' ').unwrap_or(v).to_owned());
-                    }
-                }
-                if has_data {
-                    return Some(Event {
-                        id,
-                        data: data.join("\n"),
-                    });
-                }
-                continue;
-            }
-            match self.stream.next().await {
-                Some(Ok(b)) => self.buf.push_str(&String::from_utf8_lossy(&b)),
-                _ => return None,
-            }
-        }
-    }
-}
+/// One parsed SSE event, and the reader of a response's events (shared with the benches).
+pub use haven_testkit::{SseEvent as Event, SseReader};
 
 /// A legacy-era client on one session.
 pub struct Legacy {
