@@ -248,6 +248,7 @@ impl Execution {
                             if cur.writes == next.writes && state.uncertain.as_ref() == Some(&batch)
                             {
                                 // The attempt whose answer was lost had landed.
+                                tracing::info!(execution = %self.key, revision = rev, "a write whose answer was lost had been stored");
                                 state.revision = rev;
                                 state.owner = cur;
                                 state.uncertain = None;
@@ -268,6 +269,7 @@ impl Execution {
                                 && state.uncertain.as_ref() == Some(&batch)
                                 && self.ended_by_this_node().await?;
                             if ended_here {
+                                tracing::info!(execution = %self.key, "the last write, whose answer was lost, had been stored");
                                 state.uncertain = None;
                                 return Ok(Landed::Earlier);
                             }
