@@ -575,9 +575,13 @@ async fn store_events(p: &Pump, events: &[(String, bool)], finished: bool) -> bo
             p.execution.commit(batch, false).await
         };
         match r {
-            Ok(_) => {
+            Ok(landed) => {
                 if warned {
-                    tracing::info!(session = %p.session, stream = %p.stream, "stream events stored after retries");
+                    let how = match landed {
+                        haven_cluster::Landed::Now(c) => format!("stored at sequence {}", c.last_seq),
+                        haven_cluster::Landed::Earlier => "an earlier attempt had stored them".into(),
+                    };
+                    tracing::info!(session = %p.session, stream = %p.stream, how, "stream events stored after retries");
                 }
                 return true;
             }
