@@ -48,6 +48,12 @@ impl Index {
         ready
     }
 
+    /// Forgets the entries of a batch that is not complete yet: the log is about to be
+    /// delivered again from the sequence after the last applied one, so they come again.
+    pub(crate) fn restart(&mut self) {
+        self.pending.clear();
+    }
+
     /// Marks `seq` as applied without a change (a log entry that holds no Haven change).
     pub(crate) fn skip(&mut self, seq: u64) {
         if self.pending.is_empty() {
@@ -161,5 +167,43 @@ impl StateRead for Index {
             .events
             .get(&(stream.to_owned(), index))
             .map(|(_, e)| e.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Hlc;
+    use crate::record::{Origin, Record, Version};
+
+    fn put(seq: u64, key: &str) -> LogEntry {
+        LogEntry {
+            seq,
+            change: Change::Record(Record {
+                namespace: "n".into(),
+                key: key.into(),
+                version: Version {
+                    hlc: Hlc(seq),
+                    origin: Origin::new("r", "a"),
+                },
+                value: Some(vec![1]),
+                expires_at_millis: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_batch_delivered_again_after_a_restart_is_applied_once() {
+        let mut index = Index::default();
+        assert!(index.deliver(put(1, "a"), false).is_empty());
+        // The delivery broke mid-batch and starts again after the last applied sequence.
+        index.restart();
+        assert!(index.deliver(put(1, "a"), false).is_empty());
+        let applied = index.deliver(put(2, "b"), true);
+        assert_eq!(
+            applied.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert_eq!(index.applied(), 2);
     }
 }

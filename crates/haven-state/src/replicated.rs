@@ -238,6 +238,8 @@ async fn follow<L: SharedLog>(log: Arc<L>, follower: Arc<Follower>) {
 
 async fn follow_from<L: SharedLog>(log: &L, follower: &Follower, start: u64) -> Result<(), String> {
     let mut deliveries = log.follow(start).await?;
+    // Entries of an incomplete batch that the last delivery left are delivered again.
+    follower.index.write().restart();
     *follower.error.write() = None;
     loop {
         let next = tokio::select! {

@@ -49,7 +49,7 @@ pub async fn haven_node_env(
 
 /// `haven status` asking node `n` (its admin token from its data directory).
 pub fn haven_status(n: &Haven) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_haven"))
+    std::process::Command::new(super::haven_bin())
         .args([
             "status",
             "--node",

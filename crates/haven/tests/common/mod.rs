@@ -16,6 +16,15 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
+/// The `haven` binary the tests start: this build's, or the one `HAVEN_TEST_BINARY` names
+/// (to run the same tests against another build, e.g. to show that a test fails on an
+/// earlier version).
+pub fn haven_bin() -> std::path::PathBuf {
+    std::env::var_os("HAVEN_TEST_BINARY")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_haven").into())
+}
+
 /// A running `haven serve`, killed when dropped.
 pub struct Haven {
     pub child: Child,
@@ -73,7 +82,7 @@ impl Haven {
             || extra
                 .windows(2)
                 .any(|w| w[0] == "--store" && w[1].starts_with("nats://"));
-        let mut command = Command::new(env!("CARGO_BIN_EXE_haven"));
+        let mut command = Command::new(haven_bin());
         if shared_store && !extra.contains(&"--secrets-key-file") {
             command.env("HAVEN_SECRETS_KEYS", TEST_SECRETS_KEYS);
         }

@@ -154,7 +154,7 @@ pub async fn admin(
 /// Runs `haven ARGS... --node URL --data DIR` (with `stdin` piped in, if any).
 pub fn cli(h: &Haven, args: &[&str], stdin: Option<&str>) -> Output {
     use std::io::Write;
-    let mut c = Command::new(env!("CARGO_BIN_EXE_haven"));
+    let mut c = Command::new(super::haven_bin());
     // Options go before a trailing `-- COMMAND...`.
     let (head, tail) = match args.iter().position(|a| *a == "--") {
         Some(i) => (&args[..i], &args[i..]),
