@@ -387,3 +387,43 @@ impl SharedLog for MemLink {
         self.shared
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::store::{Batch, Store};
+
+    #[tokio::test]
+    async fn observers_see_every_batch_once_in_log_order() {
+        let log = MemLog::new();
+        let seen: Arc<Mutex<Vec<Vec<u64>>>> = Arc::default();
+        let to = seen.clone();
+        log.observe(move |batch| to.lock().push(batch.iter().map(|e| e.seq).collect()));
+        let mut stores = Vec::new();
+        for node in ["a", "b"] {
+            let clock = Arc::new(HybridClock::new(Arc::new(ManualClock::new(1_000))));
+            let (store, _) = log.join(Origin::new("r", node), clock).await.unwrap();
+            stores.push(store);
+        }
+        for i in 0..5u8 {
+            let store = &stores[usize::from(i) % 2];
+            store
+                .commit(
+                    Batch::new()
+                        .put("ns", &format!("k{i}"), vec![i])
+                        .append("s", vec![i]),
+                )
+                .await
+                .unwrap();
+        }
+        let expected: Vec<Vec<u64>> = log
+            .batches()
+            .iter()
+            .map(|b| b.iter().map(|e| e.seq).collect())
+            .collect();
+        assert_eq!(*seen.lock(), expected);
+        assert_eq!(expected.concat(), (1..=log.last_seq()).collect::<Vec<_>>());
+        assert_eq!(log.last_seq(), 10);
+    }
+}
