@@ -318,6 +318,8 @@ impl Client {
                     .await;
             }
         }
+        // What the answer acknowledges must be in the log from now on.
+        self.world.watch.answer(&log);
         self.log.requests.push(log);
     }
 

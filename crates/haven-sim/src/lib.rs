@@ -11,10 +11,19 @@
 //! thread's: the same seed gives the same history, so any failure replays exactly with
 //! `haven-sim --seed N`.
 //!
-//! After every history the invariants are checked ([`check`]): every request has exactly one
-//! final answer (in the store, and as its client saw it), no write of an execution lands after
-//! its node lost it, takeover by exactly one node, no acknowledged write lost, an interrupted
-//! request's "changed state" is the truth, and every node's view converges.
+//! The invariants ([`check`]) are checked while each history runs and at its end. Every batch
+//! the log takes is judged at once by [`check::Checker`]: no write of an execution lands
+//! after its node lost it (fencing, epochs), takeover by exactly one node (epochs go up by
+//! one, one process each), at most one final event per request stream and nothing after it,
+//! no task finished twice, and a write acknowledged to a client is in the log when the client
+//! gets the answer; the first violation ends the history, reported with its log sequence and
+//! entry. After each fault is applied or repaired, what must hold at any moment is checked
+//! (the checker has seen the whole log, no node ahead of the log, every node's view of a live
+//! execution names the log's owner of that epoch). At the end the whole log is judged again
+//! by a fresh checker, which must agree, and what only the end can tell is checked: every
+//! request has exactly one final answer (in the store, and as its client saw it), an
+//! interrupted request's "changed state" is the truth, tasks ended as their clients saw them,
+//! and every node's view converges.
 
 pub mod check;
 mod client;

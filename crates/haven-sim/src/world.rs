@@ -7,11 +7,12 @@ use std::time::Duration;
 use haven_mcp::engine::{EngineConfig, LegacyResponses};
 use haven_mcp::{Catalog, Engine};
 use haven_secrets::{KekSource, Secrets};
-use haven_state::{HybridClock, LinkFaults, MemLog, Origin, Store, VirtualClock};
+use haven_state::{HybridClock, LinkFaults, MemLog, MemStore, Origin, Store, VirtualClock};
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::check::Watch;
 use crate::client::{Client, ClientLog};
 use crate::{FaultMix, Options};
 
@@ -69,12 +70,14 @@ pub(crate) struct Node {
 pub(crate) struct Running {
     pub engine: Engine,
     pub faults: Arc<LinkFaults>,
-    pub store: Arc<dyn Store>,
+    pub store: Arc<MemStore>,
 }
 
 /// The region as the clients and the fault schedule share it.
 pub(crate) struct World {
     pub log: Arc<MemLog>,
+    /// The invariants, checked as the log grows and between steps of the fault schedule.
+    pub watch: Arc<Watch>,
     pub nodes: Mutex<Vec<Node>>,
     kek: String,
     catalog: Arc<dyn Catalog>,
@@ -83,11 +86,15 @@ pub(crate) struct World {
 }
 
 impl World {
-    /// Runs one history and checks it.
+    /// Runs one history and checks it: as it runs (the first broken invariant ends it), and
+    /// at its end.
     pub async fn run(seed: u64, options: Options) -> Result<Report, String> {
         let mut rng = StdRng::seed_from_u64(seed);
+        let log = MemLog::new();
+        let watch = Watch::attach(&log);
         let world = Arc::new(World {
-            log: MemLog::new(),
+            log,
+            watch: watch.clone(),
             nodes: Mutex::new(Vec::new()),
             kek: format!("sim {}", base64_key(&mut rng)),
             catalog: Arc::new(crate::client::SimCatalog::default()),
@@ -98,6 +105,35 @@ impl World {
             },
             verbose: options.verbose,
         });
+        // The history ends as soon as it moves on after the first broken invariant (whose
+        // sequence is kept). The violation is looked at whenever the history is polled, not
+        // waited on: waiting on it as well would change the schedule of the tasks, and so the
+        // history of a seed.
+        let mut history = std::pin::pin!(Self::history(world.clone(), &mut rng, &options));
+        let (logs, faults) = std::future::poll_fn(|cx| match watch.failed() {
+            Some(v) => std::task::Poll::Ready(Err(v)),
+            None => history.as_mut().poll(cx),
+        })
+        .await?;
+        let report = crate::check::check(&world, &watch, &logs).await?;
+        if let Some(v) = watch.failed() {
+            return Err(v);
+        }
+        Ok(Report {
+            seed,
+            faults,
+            ..report
+        })
+    }
+
+    /// The course of a history: nodes start, clients run and faults strike until the end of
+    /// the active phase, every fault is repaired, and clients finish. Returns what the
+    /// clients saw and how many faults struck.
+    async fn history(
+        world: Arc<World>,
+        rng: &mut StdRng,
+        options: &Options,
+    ) -> Result<(Vec<ClientLog>, usize), String> {
         for i in 0..options.nodes {
             world.nodes.lock().push(Node {
                 name: format!("n{}", i + 1),
@@ -116,7 +152,7 @@ impl World {
         let faults = if options.faults {
             world
                 .clone()
-                .strike(&mut rng, active_until, options.max_skew_millis, options.mix)
+                .strike(rng, active_until, options.max_skew_millis, options.mix)
                 .await
         } else {
             tokio::time::sleep_until(active_until).await;
@@ -129,12 +165,7 @@ impl World {
         }
         // Let every node's follower reach the end of the log.
         tokio::time::sleep(Duration::from_secs(5)).await;
-        let report = crate::check::check(&world, &logs).await?;
-        Ok(Report {
-            seed,
-            faults,
-            ..report
-        })
+        Ok((logs, faults))
     }
 
     /// Starts (or restarts) node `i` as a new process on the log.
@@ -151,8 +182,9 @@ impl World {
             )
             .await
             .map_err(|e| format!("node {name} cannot join the log: {e}"))?;
-        let store: Arc<dyn Store> = Arc::new(store);
-        let secrets = Secrets::open(store.clone(), KekSource::text(self.kek.clone()))
+        let store = Arc::new(store);
+        let dyn_store: Arc<dyn Store> = store.clone();
+        let secrets = Secrets::open(dyn_store.clone(), KekSource::text(self.kek.clone()))
             .map_err(|e| format!("node {name}: secrets: {e}"))?;
         let config = EngineConfig {
             node_id: name.clone(),
@@ -160,7 +192,7 @@ impl World {
             legacy_responses: self.legacy_responses,
             ..EngineConfig::default()
         };
-        let engine = Engine::start(store.clone(), self.catalog.clone(), config, secrets)
+        let engine = Engine::start(dyn_store, self.catalog.clone(), config, secrets)
             .await
             .map_err(|e| format!("node {name} cannot start: {e}"))?;
         self.nodes.lock()[i].running = Some(Running {
@@ -229,6 +261,8 @@ impl World {
             };
             if self.apply(i, &fault, lasts, rng, max_skew) {
                 count += 1;
+                let name = self.nodes.lock()[i].name.clone();
+                self.watch.step(&self, &format!("{fault:?} on {name}"));
             }
         }
     }
@@ -267,22 +301,31 @@ impl World {
                 tokio::spawn(async move {
                     tokio::time::sleep(lasts).await;
                     world.restart_until_up(i).await;
+                    world.watch.step(&world, &format!("the restart of {name}"));
                 });
             }
             Fault::Pause => {
                 faults.set_paused(true);
                 drop(nodes);
+                let world = self.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(lasts).await;
                     faults.set_paused(false);
+                    world
+                        .watch
+                        .step(&world, &format!("the end of the pause of {name}"));
                 });
             }
             Fault::LinkDown => {
                 faults.set_down(true);
                 drop(nodes);
+                let world = self.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(lasts).await;
                     faults.set_down(false);
+                    world
+                        .watch
+                        .step(&world, &format!("the repair of the link of {name}"));
                 });
             }
             Fault::Outage => {
@@ -294,20 +337,26 @@ impl World {
                 for f in &all {
                     f.set_down(true);
                 }
+                let world = self.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(lasts).await;
                     for f in &all {
                         f.set_down(false);
                     }
+                    world.watch.step(&world, "the end of the outage");
                 });
             }
             Fault::LostAcks => faults.lose_acks(rng.random_range(1..4)),
             Fault::SlowDelivery => {
                 faults.set_delivery_delay(Duration::from_millis(rng.random_range(50..2_000)));
                 drop(nodes);
+                let world = self.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(lasts).await;
                     faults.set_delivery_delay(Duration::ZERO);
+                    world
+                        .watch
+                        .step(&world, &format!("the end of slow delivery to {name}"));
                 });
             }
             Fault::Skew => nodes[i]
@@ -353,6 +402,7 @@ impl World {
                 None => self.restart_until_up(i).await,
             }
         }
+        self.watch.step(self, "healing every fault");
         if self.verbose {
             tracing::info!("healed");
         }

@@ -27,7 +27,7 @@ pub mod fuzzing {
 }
 
 pub use clock::{Hlc, HybridClock, ManualClock, PhysicalClock, SystemClock, VirtualClock};
-pub use mem_store::{LinkFaults, MemLog, MemStore};
+pub use mem_store::{BatchObserver, LinkFaults, MemLog, MemStore};
 pub use nats_store::{NatsConfig, NatsStore};
 pub use plan::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
 pub use record::{

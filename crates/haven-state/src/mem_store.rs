@@ -7,6 +7,10 @@
 //! following it in order into its own index), and each link can be made to fail the way a
 //! node's connection does ([`LinkFaults`]: down, paused, killed, lost acknowledgements, late
 //! deliveries).
+//!
+//! A test can watch the log as it grows: [`MemLog::observe`] hands every appended batch to a
+//! callback, in log order, at the moment the log takes it (the simulator checks its
+//! invariants there, step by step).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -50,9 +54,14 @@ struct LogState {
     last: HashMap<Subject, u64>,
 }
 
+/// What [`MemLog::observe`] calls with each appended batch.
+pub type BatchObserver = Box<dyn Fn(&[LogEntry]) + Send + Sync>;
+
 /// A change log in memory, shared by the nodes of one process.
 pub struct MemLog {
     state: Mutex<LogState>,
+    /// Called with every appended batch, in order, while the log is locked.
+    observers: Mutex<Vec<BatchObserver>>,
     /// The last sequence, for followers to wait on.
     tail: watch::Sender<u64>,
 }
@@ -70,6 +79,7 @@ impl MemLog {
     pub fn new() -> Arc<MemLog> {
         Arc::new(MemLog {
             state: Mutex::new(LogState::default()),
+            observers: Mutex::new(Vec::new()),
             tail: watch::channel(0).0,
         })
     }
@@ -103,6 +113,14 @@ impl MemLog {
         out
     }
 
+    /// Calls `observer` with every batch appended from now on, once each, in log order, as the
+    /// log takes it (before any node's follower can see it, and before the append is
+    /// acknowledged). It runs while the log is locked: it must be quick and must not use the
+    /// log (no append or read of this `MemLog` from inside it).
+    pub fn observe(&self, observer: impl Fn(&[LogEntry]) + Send + Sync + 'static) {
+        self.observers.lock().push(Box::new(observer));
+    }
+
     /// A new node on this log: its store (stamping writes as `origin` with `clock`) and the
     /// switches that make its connection fail.
     pub async fn join(
@@ -134,6 +152,7 @@ impl MemLog {
             }
         }
         let n = writes.len();
+        let first = state.entries.len();
         for (i, w) in writes.iter().enumerate() {
             let seq = state.entries.len() as u64 + 1;
             state.last.insert(subject(&w.change), seq);
@@ -146,6 +165,19 @@ impl MemLog {
             ));
         }
         let last = state.entries.len() as u64;
+        {
+            // Under the log's lock, so that observers see batches in log order.
+            let observers = self.observers.lock();
+            if !observers.is_empty() {
+                let batch: Vec<LogEntry> = state.entries[first..]
+                    .iter()
+                    .map(|(e, _)| e.clone())
+                    .collect();
+                for observe in observers.iter() {
+                    observe(&batch);
+                }
+            }
+        }
         drop(state);
         self.tail.send_replace(last);
         Ok(last)
@@ -353,5 +385,45 @@ impl SharedLog for MemLink {
 
     fn shared(&self) -> bool {
         self.shared
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::store::{Batch, Store};
+
+    #[tokio::test]
+    async fn observers_see_every_batch_once_in_log_order() {
+        let log = MemLog::new();
+        let seen: Arc<Mutex<Vec<Vec<u64>>>> = Arc::default();
+        let to = seen.clone();
+        log.observe(move |batch| to.lock().push(batch.iter().map(|e| e.seq).collect()));
+        let mut stores = Vec::new();
+        for node in ["a", "b"] {
+            let clock = Arc::new(HybridClock::new(Arc::new(ManualClock::new(1_000))));
+            let (store, _) = log.join(Origin::new("r", node), clock).await.unwrap();
+            stores.push(store);
+        }
+        for i in 0..5u8 {
+            let store = &stores[usize::from(i) % 2];
+            store
+                .commit(
+                    Batch::new()
+                        .put("ns", &format!("k{i}"), vec![i])
+                        .append("s", vec![i]),
+                )
+                .await
+                .unwrap();
+        }
+        let expected: Vec<Vec<u64>> = log
+            .batches()
+            .iter()
+            .map(|b| b.iter().map(|e| e.seq).collect())
+            .collect();
+        assert_eq!(*seen.lock(), expected);
+        assert_eq!(expected.concat(), (1..=log.last_seq()).collect::<Vec<_>>());
+        assert_eq!(log.last_seq(), 10);
     }
 }

@@ -157,6 +157,18 @@ impl<L: SharedLog> ReplicatedStore<L> {
         &self.log
     }
 
+    /// The record of `namespace`/`key` as this node's index holds it now, without catching up
+    /// with the log or waiting for anything (it may be behind the log; for checks of a
+    /// replica's view at one moment).
+    pub fn local_record(&self, namespace: &str, key: &str) -> Option<StoredRecord> {
+        self.follower.index.read().get(namespace, key).cloned()
+    }
+
+    /// The last sequence this node's index has applied.
+    pub fn applied_seq(&self) -> u64 {
+        self.follower.index.read().applied()
+    }
+
     /// Waits until the index has applied sequence `seq`.
     async fn wait_applied(&self, seq: u64, timeout: Duration) -> StoreResult<()> {
         let mut rx = self.follower.applied.subscribe();
