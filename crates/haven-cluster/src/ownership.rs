@@ -44,6 +44,10 @@ pub struct Owner {
     /// record is deleted; records of older versions may carry this flag instead.)
     #[serde(default)]
     pub finished: bool,
+    /// The id of the last write made under this record (0: none yet): how a write whose
+    /// answer was lost is told from another that was stored meanwhile.
+    #[serde(default)]
+    pub last_write: u64,
 }
 
 impl Owner {
@@ -56,6 +60,7 @@ impl Owner {
             writes: 0,
             effects: 0,
             finished: false,
+            last_write: 0,
         }
     }
 
@@ -111,8 +116,48 @@ pub struct Execution {
 struct ExecState {
     owner: Owner,
     revision: u64,
-    /// A batch whose outcome is unknown (the store failed after it may have taken it).
-    uncertain: Option<Batch>,
+    /// Writes whose outcome is unknown (the store failed after it may have taken them), each
+    /// with the id it was tried under; a retry of the same batch reuses that id.
+    uncertain: Vec<(Batch, u64)>,
+    /// Ids of uncertain writes found stored since (their retry reports [`Landed::Earlier`]).
+    stored: Vec<u64>,
+}
+
+/// How many uncertain writes an execution remembers (a handler retries one at a time).
+const MAX_UNCERTAIN: usize = 16;
+
+impl ExecState {
+    fn new(owner: Owner, revision: u64) -> ExecState {
+        ExecState {
+            owner,
+            revision,
+            uncertain: Vec::new(),
+            stored: Vec::new(),
+        }
+    }
+
+    /// The id `batch` was last tried under, if its outcome is unknown.
+    fn uncertain_id(&self, batch: &Batch) -> Option<u64> {
+        self.uncertain
+            .iter()
+            .find(|(b, _)| b == batch)
+            .map(|(_, id)| *id)
+    }
+
+    fn forget(&mut self, id: u64) {
+        self.uncertain.retain(|(_, i)| *i != id);
+        self.stored.retain(|i| *i != id);
+    }
+
+    fn remember_uncertain(&mut self, batch: &Batch, id: u64) {
+        if self.uncertain_id(batch).is_none() {
+            if self.uncertain.len() == MAX_UNCERTAIN {
+                let (_, oldest) = self.uncertain.remove(0);
+                self.stored.retain(|i| *i != oldest);
+            }
+            self.uncertain.push((batch.clone(), id));
+        }
+    }
 }
 
 impl std::fmt::Debug for Execution {
@@ -149,11 +194,7 @@ impl Execution {
             Arc::new(Execution {
                 store,
                 key: key.to_owned(),
-                state: tokio::sync::Mutex::new(ExecState {
-                    owner,
-                    revision,
-                    uncertain: None,
-                }),
+                state: tokio::sync::Mutex::new(ExecState::new(owner, revision)),
                 lost: CancellationToken::new(),
             }),
             commit,
@@ -202,10 +243,20 @@ impl Execution {
         if self.lost.is_cancelled() {
             return Err(self.fenced(&state.owner));
         }
+        // A retry of a write whose answer was lost goes under the id it was first tried with.
+        let known = state.uncertain_id(&batch);
+        if let Some(id) = known
+            && state.stored.contains(&id)
+        {
+            state.forget(id);
+            return Ok(Landed::Earlier);
+        }
+        let id = known.unwrap_or_else(|| haven_state::ids::random_u64().max(1));
         for _ in 0..8 {
             let mut next = state.owner.clone();
             next.writes += 1;
             next.effects += u64::from(effect);
+            next.last_write = id;
             let n = batch.ops.len();
             let mut full = batch.clone();
             full.ops.push(if finish {
@@ -227,7 +278,7 @@ impl Execution {
                 Ok(mut commit) => {
                     state.revision = revision_of(&commit, n)?;
                     state.owner = next;
-                    state.uncertain = None;
+                    state.forget(id);
                     commit.outcomes.truncate(n);
                     return Ok(Landed::Now(commit));
                 }
@@ -245,19 +296,21 @@ impl Execution {
                 Err(StoreError::Conflict { .. }) => {
                     match current(&*self.store, &self.key).await? {
                         Some((cur, rev)) if cur.same_run(&state.owner) => {
-                            if cur.writes == next.writes && state.uncertain.as_ref() == Some(&batch)
-                            {
-                                // The attempt whose answer was lost had landed.
-                                tracing::info!(execution = %self.key, revision = rev, "a write whose answer was lost had been stored");
-                                state.revision = rev;
-                                state.owner = cur;
-                                state.uncertain = None;
-                                return Ok(Landed::Earlier);
-                            }
-                            // Still ours (an earlier uncertain write of another batch landed):
-                            // go on from the record as it is.
+                            // Still ours: a write of this run whose answer was lost was
+                            // stored. This one (only a write that keeps the record can be
+                            // the one the record names)? Else go on from the record as it is.
+                            let this_one = !finish && cur.last_write == id;
+                            let landed = cur.last_write;
                             state.revision = rev;
                             state.owner = cur;
+                            if this_one {
+                                tracing::info!(execution = %self.key, revision = rev, "a write whose answer was lost had been stored");
+                                state.forget(id);
+                                return Ok(Landed::Earlier);
+                            }
+                            if state.uncertain.iter().any(|(_, i)| *i == landed) {
+                                state.stored.push(landed);
+                            }
                         }
                         Some((cur, _)) => {
                             self.lost.cancel();
@@ -265,12 +318,11 @@ impl Execution {
                         }
                         None => {
                             // Ended. By this node's own last write, whose answer was lost?
-                            let ended_here = finish
-                                && state.uncertain.as_ref() == Some(&batch)
-                                && self.ended_by_this_node().await?;
+                            let ended_here =
+                                finish && known.is_some() && self.ended_by_this_node().await?;
                             if ended_here {
                                 tracing::info!(execution = %self.key, "the last write, whose answer was lost, had been stored");
-                                state.uncertain = None;
+                                state.forget(id);
                                 return Ok(Landed::Earlier);
                             }
                             self.lost.cancel();
@@ -283,7 +335,7 @@ impl Execution {
                 }
                 Err(e) => {
                     if e.is_retryable() {
-                        state.uncertain = Some(batch.clone());
+                        state.remember_uncertain(&batch, id);
                     }
                     return Err(FenceError::Store(e));
                 }
@@ -375,6 +427,7 @@ impl Claim {
             writes: 0,
             effects: self.dead.effects,
             finished: false,
+            last_write: 0,
         };
         let n = batch.ops.len();
         let full = batch.put_if(
@@ -391,11 +444,7 @@ impl Claim {
                     Arc::new(Execution {
                         store,
                         key: self.key,
-                        state: tokio::sync::Mutex::new(ExecState {
-                            owner,
-                            revision,
-                            uncertain: None,
-                        }),
+                        state: tokio::sync::Mutex::new(ExecState::new(owner, revision)),
                         lost: CancellationToken::new(),
                     }),
                     commit,

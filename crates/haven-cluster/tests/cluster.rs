@@ -236,6 +236,58 @@ async fn a_write_whose_answer_was_lost_is_not_applied_twice() {
     assert_eq!(a.store.read_events("st2", 0, 10).await.unwrap().len(), 2);
 }
 
+/// A write whose answer was lost (it was stored) followed by a write that failed outright (it
+/// was not): the retry of the second is stored, never taken for the first. The ownership
+/// record moved because of the first write, not the second.
+#[tokio::test(start_paused = true)]
+async fn a_failed_write_is_not_taken_for_an_earlier_one_whose_answer_was_lost() {
+    for finish in [false, true] {
+        let log = MemLog::new();
+        let a = node(&log, "a").await;
+        let (exec, _) = Execution::open(
+            a.store.clone(),
+            "s/x/3",
+            Owner::new("a", "a-boot"),
+            Batch::new(),
+        )
+        .await
+        .unwrap();
+        // A handler's write: stored, its answer lost.
+        a.faults.lose_acks(1);
+        let handler = Batch::new().put("notes", "n1", b"v".to_vec());
+        let r = exec.commit(handler.clone(), true).await;
+        assert!(matches!(r, Err(FenceError::Store(_))), "{r:?}");
+        // The stream's next write finds the store unavailable: nothing is stored.
+        a.faults.set_down(true);
+        let next = Batch::new().append("st3", b"final".to_vec());
+        let write = |b: Batch| async {
+            if finish {
+                exec.finish(b).await
+            } else {
+                exec.commit(b, false).await
+            }
+        };
+        let r = write(next.clone()).await;
+        assert!(matches!(r, Err(FenceError::Store(_))), "{r:?}");
+        a.faults.set_down(false);
+        // Its retry stores it.
+        let r = write(next).await.unwrap();
+        assert!(matches!(r, Landed::Now(_)), "finish {finish}: {r:?}");
+        let events = a.store.read_events("st3", 0, 10).await.unwrap();
+        assert_eq!(events.len(), 1, "finish {finish}");
+        assert_eq!(
+            Claim::read(&*a.store, "s/x/3").await.unwrap().is_none(),
+            finish
+        );
+        // The handler's retry of its own write is recognised as stored, not applied again.
+        if !finish {
+            let r = exec.commit(handler, true).await.unwrap();
+            assert!(matches!(r, Landed::Earlier), "{r:?}");
+            assert_eq!(exec.owner().await.writes, 2);
+        }
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_lease_passes_only_after_its_holder_stops_renewing_for_the_ttl() {
     let log = MemLog::new();

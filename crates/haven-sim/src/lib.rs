@@ -6,7 +6,8 @@
 //! their SSE streams and resume them elsewhere with `Last-Event-ID` when a connection dies;
 //! and faults hit the nodes: crashes at any await point and restarts, pauses (a SIGSTOP:
 //! every store operation waits, then resumes), a node's lost connection to the store, a whole
-//! store outage, lost acknowledgements, late delivery of the log to a node, and clock skew.
+//! store outage, lost acknowledgements, a flaky link (each write goes through, fails, or is
+//! stored with its answer lost), late delivery of the log to a node, and clock skew.
 //! Time is tokio's paused clock, identifiers come from the seed, and scheduling is the one
 //! thread's: the same seed gives the same history, so any failure replays exactly with
 //! `haven-sim --seed N`.

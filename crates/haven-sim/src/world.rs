@@ -32,6 +32,9 @@ pub enum Fault {
     Outage,
     /// The node's next writes are stored but their acknowledgements are lost.
     LostAcks,
+    /// The node's link to the store is flaky: each write goes through, fails before it is
+    /// stored, or is stored with its acknowledgement lost (a log whose leader is changing).
+    Flaky,
     /// The log reaches the node late.
     SlowDelivery,
     /// The node's clock jumps ahead or behind.
@@ -238,13 +241,14 @@ impl World {
             }
             tokio::time::sleep(wait).await;
             let i = rng.random_range(0..n);
-            let fault = match rng.random_range(0..14) {
+            let fault = match rng.random_range(0..15) {
                 0..=3 => Fault::Crash,
                 4..=6 => Fault::Pause,
                 7..=8 => Fault::LinkDown,
                 9 => Fault::Outage,
                 10 => Fault::LostAcks,
                 11 => Fault::SlowDelivery,
+                12 => Fault::Flaky,
                 _ => Fault::Skew,
             };
             let (fault, lasts) = match mix {
@@ -347,6 +351,18 @@ impl World {
                 });
             }
             Fault::LostAcks => faults.lose_acks(rng.random_range(1..4)),
+            Fault::Flaky => {
+                faults.set_flaky(Some(rng.random()));
+                drop(nodes);
+                let world = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(lasts).await;
+                    faults.set_flaky(None);
+                    world
+                        .watch
+                        .step(&world, &format!("the end of the flaky link of {name}"));
+                });
+            }
             Fault::SlowDelivery => {
                 faults.set_delivery_delay(Duration::from_millis(rng.random_range(50..2_000)));
                 drop(nodes);
@@ -397,6 +413,7 @@ impl World {
                     f.set_paused(false);
                     f.set_down(false);
                     f.lose_acks(0);
+                    f.set_flaky(None);
                     f.set_delivery_delay(Duration::ZERO);
                 }
                 None => self.restart_until_up(i).await,

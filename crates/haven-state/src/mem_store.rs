@@ -209,6 +209,10 @@ pub struct LinkFaults {
     lost_acks: AtomicU32,
     /// Entries reach the node's follower this late (milliseconds).
     delivery_delay_ms: AtomicU64,
+    /// While not 0: the state of a generator that makes each append, in turn, go through,
+    /// fail before it is stored, or be stored with its acknowledgement lost (a connection
+    /// to a log whose leader is changing).
+    flaky: AtomicU64,
 }
 
 impl Default for LinkFaults {
@@ -219,6 +223,7 @@ impl Default for LinkFaults {
             killed: AtomicBool::new(false),
             lost_acks: AtomicU32::new(0),
             delivery_delay_ms: AtomicU64::new(0),
+            flaky: AtomicU64::new(0),
         }
     }
 }
@@ -248,6 +253,32 @@ impl LinkFaults {
     /// The next `n` appends are stored but their acknowledgement is lost.
     pub fn lose_acks(&self, n: u32) {
         self.lost_acks.store(n, Ordering::SeqCst);
+    }
+
+    /// Makes every append, chosen by a generator seeded with `seed`, go through, fail before
+    /// it is stored, or be stored with its acknowledgement lost; `None` ends it.
+    pub fn set_flaky(&self, seed: Option<u64>) {
+        // xorshift needs a state other than 0.
+        self.flaky
+            .store(seed.map_or(0, |s| s | 1), Ordering::SeqCst);
+    }
+
+    /// What the flaky link does to the next append: 0 passes, 1 fails, 2 loses the answer.
+    fn flaky_draw(&self) -> u64 {
+        let step = |mut x: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        match self
+            .flaky
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |x| {
+                (x != 0).then(|| step(x))
+            }) {
+            Ok(x) => step(x) % 3,
+            Err(_) => 0,
+        }
     }
 
     /// Delivers log entries to this node's follower `delay` late.
@@ -301,7 +332,18 @@ impl SharedLog for MemLink {
             StoreError::Closed => AppendError::Unavailable("the node is gone".into()),
             e => AppendError::Unavailable(e.to_string()),
         })?;
+        let draw = self.faults.flaky_draw();
+        if draw == 1 {
+            return Err(AppendError::Unavailable(
+                "the flaky link dropped the append".into(),
+            ));
+        }
         let last = self.log.append(writes)?;
+        if draw == 2 {
+            return Err(AppendError::Unknown(
+                "the flaky link lost the acknowledgement".into(),
+            ));
+        }
         let lost = self
             .faults
             .lost_acks

@@ -578,8 +578,12 @@ async fn store_events(p: &Pump, events: &[(String, bool)], finished: bool) -> bo
             Ok(landed) => {
                 if warned {
                     let how = match landed {
-                        haven_cluster::Landed::Now(c) => format!("stored at sequence {}", c.last_seq),
-                        haven_cluster::Landed::Earlier => "an earlier attempt had stored them".into(),
+                        haven_cluster::Landed::Now(c) => {
+                            format!("stored at sequence {}", c.last_seq)
+                        }
+                        haven_cluster::Landed::Earlier => {
+                            "an earlier attempt had stored them".into()
+                        }
                     };
                     tracing::info!(session = %p.session, stream = %p.stream, how, "stream events stored after retries");
                 }
