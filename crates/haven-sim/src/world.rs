@@ -352,12 +352,16 @@ impl World {
             }
             Fault::LostAcks => faults.lose_acks(rng.random_range(1..4)),
             Fault::Flaky => {
+                // As while a log's leader changes: writes go through, fail or lose their
+                // answer, and the log reaches the node late.
                 faults.set_flaky(Some(rng.random()));
+                faults.set_delivery_delay(Duration::from_millis(rng.random_range(20..500)));
                 drop(nodes);
                 let world = self.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(lasts).await;
                     faults.set_flaky(None);
+                    faults.set_delivery_delay(Duration::ZERO);
                     world
                         .watch
                         .step(&world, &format!("the end of the flaky link of {name}"));
