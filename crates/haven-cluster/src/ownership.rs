@@ -16,11 +16,7 @@
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use haven_state::{
-    Batch, Commit, Expect, LogEntry, Op, Origin, Outcome, ScanPage, Store, StoreError, StoreResult,
-    StoredRecord, StreamEvent,
-};
+use haven_state::{Batch, Commit, Expect, Op, Outcome, Store, StoreError, StoreResult};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -474,30 +470,7 @@ impl FencedStore {
     }
 }
 
-#[async_trait]
-impl Store for FencedStore {
-    fn origin(&self) -> &Origin {
-        self.store.origin()
-    }
-
-    fn clock(&self) -> &Arc<haven_state::HybridClock> {
-        self.store.clock()
-    }
-
-    async fn get_raw(&self, namespace: &str, key: &str) -> StoreResult<Option<StoredRecord>> {
-        self.store.get_raw(namespace, key).await
-    }
-
-    async fn scan(
-        &self,
-        namespace: &str,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> StoreResult<ScanPage> {
-        self.store.scan(namespace, prefix, after, limit).await
-    }
-
+haven_state::wrap_store!(FencedStore, store, {
     async fn commit(&self, batch: Batch) -> StoreResult<Commit> {
         let execution = match self.execution.get() {
             Some(e) => e.clone(),
@@ -530,36 +503,7 @@ impl Store for FencedStore {
         }
     }
 
-    async fn read_events(
-        &self,
-        stream: &str,
-        after: u64,
-        limit: usize,
-    ) -> StoreResult<Vec<StreamEvent>> {
-        self.store.read_events(stream, after, limit).await
-    }
-
-    async fn read_log(&self, from_seq: u64, limit: usize) -> StoreResult<Vec<LogEntry>> {
-        self.store.read_log(from_seq, limit).await
-    }
-
-    async fn last_seq(&self) -> StoreResult<u64> {
-        self.store.last_seq().await
-    }
-
-    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<LogEntry>> {
-        self.store.subscribe()
-    }
-
     async fn check_writable(&self) -> StoreResult<()> {
         self.store.check_writable().await
     }
-
-    fn shared(&self) -> bool {
-        self.store.shared()
-    }
-
-    async fn describe(&self) -> serde_json::Value {
-        self.store.describe().await
-    }
-}
+});
