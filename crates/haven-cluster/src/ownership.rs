@@ -138,22 +138,33 @@ impl Execution {
     ) -> StoreResult<(Arc<Execution>, Commit)> {
         let n = batch.ops.len();
         let full = batch.put_if(OWNERS_NS, key, owner.encode(), Expect::Absent);
-        let mut commit = store.commit(full).await?;
+        let commit = store.commit(full).await?;
+        Execution::started(store, key.to_owned(), owner, commit, n)
+    }
+
+    /// The execution that `commit` (a batch of `n` operations and then the ownership record
+    /// of `key`) started, and the batch's own outcomes.
+    fn started(
+        store: Arc<dyn Store>,
+        key: String,
+        owner: Owner,
+        mut commit: Commit,
+        n: usize,
+    ) -> StoreResult<(Arc<Execution>, Commit)> {
         let revision = revision_of(&commit, n)?;
         commit.outcomes.truncate(n);
-        Ok((
-            Arc::new(Execution {
-                store,
-                key: key.to_owned(),
-                state: tokio::sync::Mutex::new(ExecState {
-                    owner,
-                    revision,
-                    uncertain: None,
-                }),
-                lost: CancellationToken::new(),
-            }),
-            commit,
-        ))
+        let state = ExecState {
+            owner,
+            revision,
+            uncertain: None,
+        };
+        let execution = Execution {
+            store,
+            key,
+            state: tokio::sync::Mutex::new(state),
+            lost: CancellationToken::new(),
+        };
+        Ok((Arc::new(execution), commit))
     }
 
     /// The ownership key.
@@ -378,23 +389,7 @@ impl Claim {
             Expect::Revision(self.revision),
         );
         match store.commit(full).await {
-            Ok(mut commit) => {
-                let revision = revision_of(&commit, n)?;
-                commit.outcomes.truncate(n);
-                Ok((
-                    Arc::new(Execution {
-                        store,
-                        key: self.key,
-                        state: tokio::sync::Mutex::new(ExecState {
-                            owner,
-                            revision,
-                            uncertain: None,
-                        }),
-                        lost: CancellationToken::new(),
-                    }),
-                    commit,
-                ))
-            }
+            Ok(commit) => Ok(Execution::started(store, self.key, owner, commit, n)?),
             Err(StoreError::Conflict { .. }) => Err(ClaimError::Lost(self.key)),
             Err(e) => Err(e.into()),
         }
