@@ -296,6 +296,18 @@ fn form_request(message: &str, field: &str, kind: &str) -> Value {
     })
 }
 
+/// An elicitation request in form mode with `properties` and nothing required.
+fn form_mode_request(message: &str, properties: Value) -> Value {
+    json!({
+        "method": "elicitation/create",
+        "params": {
+            "mode": "form",
+            "message": message,
+            "requestedSchema": { "type": "object", "properties": properties, "required": [] }
+        }
+    })
+}
+
 /// The input requests of a round that asks one thing, under `key`.
 fn one_request(key: &str, request: Value) -> BTreeMap<String, Value> {
     BTreeMap::from([(key.to_owned(), request)])
@@ -856,29 +868,21 @@ async fn sep1034_request_carries_every_default_exactly() {
         .await;
     assert_eq!(
         request,
-        json!({
-            "method": "elicitation/create",
-            "params": {
-                "mode": "form",
-                "message": "Please review and update the form fields with defaults",
-                "requestedSchema": {
-                    "type": "object",
-                    "properties": {
-                        "name": { "type": "string", "description": "User name", "default": "John Doe" },
-                        "age": { "type": "integer", "description": "User age", "default": 30 },
-                        "score": { "type": "number", "description": "User score", "default": 95.5 },
-                        "status": {
-                            "type": "string",
-                            "description": "User status",
-                            "enum": ["active", "inactive", "pending"],
-                            "default": "active"
-                        },
-                        "verified": { "type": "boolean", "description": "Verification status", "default": true }
-                    },
-                    "required": []
-                }
-            }
-        })
+        form_mode_request(
+            "Please review and update the form fields with defaults",
+            json!({
+                "name": { "type": "string", "description": "User name", "default": "John Doe" },
+                "age": { "type": "integer", "description": "User age", "default": 30 },
+                "score": { "type": "number", "description": "User score", "default": 95.5 },
+                "status": {
+                    "type": "string",
+                    "description": "User status",
+                    "enum": ["active", "inactive", "pending"],
+                    "default": "active"
+                },
+                "verified": { "type": "boolean", "description": "Verification status", "default": true }
+            }),
+        )
     );
     // The integer default stays an integer on the wire.
     let age = &request["params"]["requestedSchema"]["properties"]["age"]["default"];
@@ -905,57 +909,49 @@ async fn sep1330_request_has_each_enum_shape_exactly() {
         .await;
     assert_eq!(
         request,
-        json!({
-            "method": "elicitation/create",
-            "params": {
-                "mode": "form",
-                "message": "Please select options from the enum fields",
-                "requestedSchema": {
-                    "type": "object",
-                    "properties": {
-                        "untitledSingle": {
-                            "type": "string",
-                            "description": "Select one option",
-                            "enum": ["option1", "option2", "option3"]
-                        },
-                        "titledSingle": {
-                            "type": "string",
-                            "description": "Select one option with titles",
-                            "oneOf": [
-                                { "const": "value1", "title": "First Option" },
-                                { "const": "value2", "title": "Second Option" },
-                                { "const": "value3", "title": "Third Option" }
-                            ]
-                        },
-                        "legacyEnum": {
-                            "type": "string",
-                            "description": "Select one option (legacy)",
-                            "enum": ["opt1", "opt2", "opt3"],
-                            "enumNames": ["Option One", "Option Two", "Option Three"]
-                        },
-                        "untitledMulti": {
-                            "type": "array",
-                            "description": "Select multiple options",
-                            "minItems": 1,
-                            "maxItems": 3,
-                            "items": { "type": "string", "enum": ["option1", "option2", "option3"] }
-                        },
-                        "titledMulti": {
-                            "type": "array",
-                            "description": "Select multiple options with titles",
-                            "minItems": 1,
-                            "maxItems": 3,
-                            "items": { "anyOf": [
-                                { "const": "value1", "title": "First Choice" },
-                                { "const": "value2", "title": "Second Choice" },
-                                { "const": "value3", "title": "Third Choice" }
-                            ] }
-                        }
-                    },
-                    "required": []
+        form_mode_request(
+            "Please select options from the enum fields",
+            json!({
+                "untitledSingle": {
+                    "type": "string",
+                    "description": "Select one option",
+                    "enum": ["option1", "option2", "option3"]
+                },
+                "titledSingle": {
+                    "type": "string",
+                    "description": "Select one option with titles",
+                    "oneOf": [
+                        { "const": "value1", "title": "First Option" },
+                        { "const": "value2", "title": "Second Option" },
+                        { "const": "value3", "title": "Third Option" }
+                    ]
+                },
+                "legacyEnum": {
+                    "type": "string",
+                    "description": "Select one option (legacy)",
+                    "enum": ["opt1", "opt2", "opt3"],
+                    "enumNames": ["Option One", "Option Two", "Option Three"]
+                },
+                "untitledMulti": {
+                    "type": "array",
+                    "description": "Select multiple options",
+                    "minItems": 1,
+                    "maxItems": 3,
+                    "items": { "type": "string", "enum": ["option1", "option2", "option3"] }
+                },
+                "titledMulti": {
+                    "type": "array",
+                    "description": "Select multiple options with titles",
+                    "minItems": 1,
+                    "maxItems": 3,
+                    "items": { "anyOf": [
+                        { "const": "value1", "title": "First Choice" },
+                        { "const": "value2", "title": "Second Choice" },
+                        { "const": "value3", "title": "Third Choice" }
+                    ] }
                 }
-            }
-        })
+            }),
+        )
     );
     let props = &request["params"]["requestedSchema"]["properties"];
     // The shapes the SDK's Zod union must not misparse.
