@@ -247,11 +247,7 @@ async fn a_killed_nodes_streams_resume_on_another_node_without_loss_or_duplicate
     let v = results[0]
         .1
         .client
-        .request(
-            60,
-            "tools/call",
-            json!({"name":"echo","arguments":{"text":"still here"}}),
-        )
+        .call_tool(60, "echo", json!({"text":"still here"}))
         .await;
     assert_eq!(v["result"]["content"][0]["text"], "still here");
     let st = region.status().await;

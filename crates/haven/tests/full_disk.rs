@@ -50,10 +50,10 @@ async fn full_disk_refuses_writes_and_loses_nothing() {
     let mut refusal = None;
     for i in 0..400 {
         let v = c
-            .request(
+            .call_tool(
                 100 + i,
-                "tools/call",
-                json!({"name":"notes_put","arguments":{"name":format!("n{i}"),"text":text}}),
+                "notes_put",
+                json!({"name":format!("n{i}"),"text":text}),
             )
             .await;
         if v["result"]["content"][0]["text"] == format!("Saved note n{i}") {
@@ -76,13 +76,7 @@ async fn full_disk_refuses_writes_and_loses_nothing() {
 
     // Reads still work and nothing acknowledged is missing.
     for name in &saved {
-        let v = c
-            .request(
-                1000,
-                "tools/call",
-                json!({"name":"notes_get","arguments":{"name":name}}),
-            )
-            .await;
+        let v = c.call_tool(1000, "notes_get", json!({"name":name})).await;
         assert_eq!(
             v["result"]["content"][0]["text"].as_str().map(str::len),
             Some(text.len()),
@@ -103,10 +97,10 @@ async fn full_disk_refuses_writes_and_loses_nothing() {
     let mut ok = false;
     for i in 0..50 {
         let v = c
-            .request(
+            .call_tool(
                 2000 + i,
-                "tools/call",
-                json!({"name":"notes_put","arguments":{"name":"after","text":"space is back"}}),
+                "notes_put",
+                json!({"name":"after","text":"space is back"}),
             )
             .await;
         if v["result"]["content"][0]["text"] == "Saved note after" {
@@ -122,13 +116,7 @@ async fn full_disk_refuses_writes_and_loses_nothing() {
     let h = Haven::start(&data, port, "default", &[]).await;
     let c = Legacy::connect(&h.url()).await;
     for name in saved.iter().chain(std::iter::once(&"after".to_owned())) {
-        let v = c
-            .request(
-                3000,
-                "tools/call",
-                json!({"name":"notes_get","arguments":{"name":name}}),
-            )
-            .await;
+        let v = c.call_tool(3000, "notes_get", json!({"name":name})).await;
         assert!(v["result"]["isError"] != json!(true), "{name} lost: {v}");
     }
     let log = std::fs::read_to_string(&h.log).unwrap();
