@@ -16,13 +16,9 @@ use haven_catalogs::DefaultCatalog;
 use haven_mcp::engine::{Engine, EngineConfig};
 use haven_mcp::keyring::{KekSource, Secrets};
 use haven_server::{HttpConfig, router};
-use haven_state::{
-    Batch, Commit, HybridClock, LogEntry, Origin, RedbStore, ScanPage, Store, StoreError,
-    StoreResult, StoredRecord, StreamEvent,
-};
+use haven_state::{Batch, Commit, HybridClock, Origin, RedbStore, Store, StoreError, StoreResult};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
-use tokio::sync::broadcast;
 use tower::ServiceExt;
 
 /// The real store, with a switch that makes every write fail as unavailable.

@@ -342,7 +342,7 @@ async fn s3_backup_survives_an_unreachable_store_restores_and_detects_tampering(
     // Restore into a new directory: exactly the acknowledged notes.
     let restored = dir.path().join("restored");
     let k = key.to_str().unwrap();
-    let (code, out, err) = restore_cli(&url, &k, &restored, &[], &env);
+    let (code, out, err) = restore_cli(url, k, &restored, &[], &env);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("restored"), "{out}");
     let notes = notes_in(&restored).await;
@@ -361,7 +361,7 @@ async fn s3_backup_survives_an_unreachable_store_restores_and_detects_tampering(
     for (i, (at, notes_then)) in points.iter().enumerate() {
         let to = dir.path().join(format!("at-{i}"));
         let at = haven_backup::fmt_millis(*at);
-        let (code, out, err) = restore_cli(&url, &k, &to, &["--at", &at], &env);
+        let (code, out, err) = restore_cli(url, k, &to, &["--at", &at], &env);
         assert_eq!(code, 0, "{out}{err}");
         let notes = notes_in(&to).await;
         assert_eq!(
@@ -371,7 +371,7 @@ async fn s3_backup_survives_an_unreachable_store_restores_and_detects_tampering(
         );
     }
     // Again into the same directory: refused unless told to overwrite.
-    let (code, _, err) = restore_cli(&url, &k, &restored, &[], &env);
+    let (code, _, err) = restore_cli(url, k, &restored, &[], &env);
     assert_ne!(code, 0);
     assert!(
         err.contains("not empty") && err.contains("--overwrite"),
