@@ -218,37 +218,31 @@ async fn open(target: &Target) -> anyhow::Result<(SendRequest<Full<Bytes>>, Conn
 
 fn call_suffix(options: &ClientOptions) -> String {
     let text = serde_json::to_string(&options.text).expect("a string serializes");
-    if options.notes_put {
-        let args = format!(r#"{{"name":"bench","text":{text}}}"#);
-        return match options.era {
-            Era::Modern => format!(
-                concat!(
-                    r#","method":"tools/call","params":{{"name":"notes_put","arguments":{},"#,
-                    r#""_meta":{{"io.modelcontextprotocol/protocolVersion":"2026-07-28","#,
-                    r#""io.modelcontextprotocol/clientCapabilities":{{}},"#,
-                    r#""io.modelcontextprotocol/clientInfo":{{"name":"mcp-load","version":"1"}}}}}}}}"#
-                ),
-                args
-            ),
-            Era::Legacy => format!(
-                r#","method":"tools/call","params":{{"name":"notes_put","arguments":{args}}}}}"#
-            ),
-        };
-    }
-    let tool = serde_json::to_string(&options.echo_tool).expect("a string serializes");
+    // The tool's name and its arguments, as JSON.
+    let (tool, args) = if options.notes_put {
+        (
+            r#""notes_put""#.to_owned(),
+            format!(r#"{{"name":"bench","text":{text}}}"#),
+        )
+    } else {
+        (
+            serde_json::to_string(&options.echo_tool).expect("a string serializes"),
+            format!(r#"{{"text":{text}}}"#),
+        )
+    };
     match options.era {
         Era::Modern => format!(
             concat!(
-                r#","method":"tools/call","params":{{"name":{},"arguments":{{"text":{}}},"#,
+                r#","method":"tools/call","params":{{"name":{},"arguments":{},"#,
                 r#""_meta":{{"io.modelcontextprotocol/protocolVersion":"2026-07-28","#,
                 r#""io.modelcontextprotocol/clientCapabilities":{{}},"#,
                 r#""io.modelcontextprotocol/clientInfo":{{"name":"mcp-load","version":"1"}}}}}}}}"#
             ),
-            tool, text
+            tool, args
         ),
-        Era::Legacy => format!(
-            r#","method":"tools/call","params":{{"name":{tool},"arguments":{{"text":{text}}}}}}}"#
-        ),
+        Era::Legacy => {
+            format!(r#","method":"tools/call","params":{{"name":{tool},"arguments":{args}}}}}"#)
+        }
     }
 }
 

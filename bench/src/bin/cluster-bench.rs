@@ -450,6 +450,13 @@ async fn initialize_retrying(
     }
 }
 
+/// `request`, in the legacy-era session `session`.
+fn in_session(request: reqwest::RequestBuilder, session: &str) -> reqwest::RequestBuilder {
+    request
+        .header("mcp-session-id", session)
+        .header("mcp-protocol-version", LEGACY)
+}
+
 /// GET with `Last-Event-ID`: the stream after `last_event_id`.
 async fn resume(
     client: &reqwest::Client,
@@ -459,11 +466,8 @@ async fn resume(
 ) -> Option<SseReader> {
     let r = tokio::time::timeout(
         Duration::from_secs(10),
-        client
-            .get(url)
+        in_session(client.get(url), session)
             .header("accept", "text/event-stream")
-            .header("mcp-session-id", session)
-            .header("mcp-protocol-version", LEGACY)
             .header("last-event-id", last_event_id)
             .send(),
     )
@@ -512,12 +516,9 @@ async fn call_streamed(
     let body = serde_json::json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":params});
     let sent = tokio::time::timeout(
         Duration::from_secs(30),
-        client
-            .post(url)
+        in_session(client.post(url), session)
             .header("content-type", "application/json")
             .header("accept", accept)
-            .header("mcp-session-id", session)
-            .header("mcp-protocol-version", LEGACY)
             .body(body.to_string())
             .send(),
     )
@@ -883,23 +884,11 @@ async fn faults(
     let proxy = region.proxy_url();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut clients = Vec::new();
-    for n in 0..long_clients {
-        clients.push(tokio::spawn(client_loop(
-            "long",
-            n,
-            seed,
-            proxy.clone(),
-            stop.clone(),
-        )));
-    }
-    for n in 0..quick_clients {
-        clients.push(tokio::spawn(client_loop(
-            "quick",
-            n,
-            seed,
-            proxy.clone(),
-            stop.clone(),
-        )));
+    for (kind, many) in [("long", long_clients), ("quick", quick_clients)] {
+        for n in 0..many {
+            let client = client_loop(kind, n, seed, proxy.clone(), stop.clone());
+            clients.push(tokio::spawn(client));
+        }
     }
     let mut rng = Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1);
     let started = Instant::now();

@@ -202,6 +202,14 @@ impl Generation {
         })
     }
 
+    /// The newest snapshot that `fits`.
+    fn newest_snapshot(&self, fits: impl Fn(&ManifestEntry) -> bool) -> Option<&ManifestEntry> {
+        self.snapshots
+            .iter()
+            .filter(|s| fits(s))
+            .max_by_key(|s| s.last_seq)
+    }
+
     /// Plans a restore of `point` from this generation: the newest snapshot at or before it,
     /// then the segments after that snapshot up to the point. Snapshots in `skip` (known
     /// damaged) are not used.
@@ -215,18 +223,9 @@ impl Generation {
                     (chain.last().map_or(s.last_seq, |c| c.last_seq), s.last_seq)
                 })
             }
-            Point::Seq(n) => self
-                .snapshots
-                .iter()
-                .filter(usable)
-                .filter(|s| s.last_seq <= n)
-                .max_by_key(|s| s.last_seq),
-            Point::Time(t) => self
-                .snapshots
-                .iter()
-                .filter(usable)
-                .filter(|s| s.last_millis <= t)
-                .max_by_key(|s| s.last_seq),
+            // The newest usable snapshot at or before the point.
+            Point::Seq(n) => self.newest_snapshot(|s| usable(&s) && s.last_seq <= n),
+            Point::Time(t) => self.newest_snapshot(|s| usable(&s) && s.last_millis <= t),
         };
         let Some(snapshot) = snapshot.cloned() else {
             let earliest = self.restorable();

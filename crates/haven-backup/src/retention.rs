@@ -308,6 +308,11 @@ mod tests {
         }
     }
 
+    /// The snapshots `p` keeps.
+    fn kept_snapshots(p: &RetentionPlan) -> impl Iterator<Item = &ManifestEntry> {
+        p.keep.iter().filter(|e| e.kind == ObjectKind::Snapshot)
+    }
+
     fn catalog_of(g: Generation) -> Catalog {
         Catalog {
             generations: vec![g],
@@ -374,12 +379,7 @@ mod tests {
         let catalog = catalog_of(history(YEAR0, end, 365 * DAY, 365 * DAY));
         let policy = RetentionPolicy::default();
         let p = plan(&catalog, end, &policy);
-        let kept: Vec<u64> = p
-            .keep
-            .iter()
-            .filter(|e| e.kind == ObjectKind::Snapshot)
-            .map(|e| e.last_millis)
-            .collect();
+        let kept: Vec<u64> = kept_snapshots(&p).map(|e| e.last_millis).collect();
         assert!(
             kept.iter()
                 .all(|m| end - m <= policy.archive_retention_millis)
@@ -388,11 +388,7 @@ mod tests {
         // Eight years later only the newest point survives.
         let later = end + 8 * 365 * DAY;
         let p = plan(&catalog, later, &policy);
-        let kept: Vec<_> = p
-            .keep
-            .iter()
-            .filter(|e| e.kind == ObjectKind::Snapshot)
-            .collect();
+        let kept: Vec<_> = kept_snapshots(&p).collect();
         assert_eq!(kept.len(), 1);
         assert_eq!(
             kept[0].last_millis,
@@ -425,12 +421,7 @@ mod tests {
         let catalog = catalog_of(history(YEAR0, end, DAY, HOUR));
         for now in [end, end + DAY, end + 30 * DAY, end + 400 * DAY] {
             let p = plan(&catalog, now, &RetentionPolicy::default());
-            let kept_snaps: Vec<u64> = p
-                .keep
-                .iter()
-                .filter(|e| e.kind == ObjectKind::Snapshot)
-                .map(|e| e.last_seq)
-                .collect();
+            let kept_snaps: Vec<u64> = kept_snapshots(&p).map(|e| e.last_seq).collect();
             for s in p.keep.iter().filter(|e| e.kind == ObjectKind::Segment) {
                 assert!(kept_snaps.iter().any(|&b| b < s.first_seq));
             }

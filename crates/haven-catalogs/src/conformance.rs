@@ -338,21 +338,11 @@ fn done(r: CallToolResult) -> Result<Step<CallToolResult>, ErrorData> {
 }
 
 fn text_resource(uri: &str, mime: &str, text: &str) -> ResourceContents {
-    ResourceContents::TextResourceContents {
-        uri: uri.to_owned(),
-        mime_type: Some(mime.to_owned()),
-        text: text.to_owned(),
-        meta: None,
-    }
+    ResourceContents::text(text, uri).with_mime_type(mime)
 }
 
 fn blob_resource(uri: &str, mime: &str, blob: &str) -> ResourceContents {
-    ResourceContents::BlobResourceContents {
-        uri: uri.to_owned(),
-        mime_type: Some(mime.to_owned()),
-        blob: blob.to_owned(),
-        meta: None,
-    }
+    ResourceContents::blob(blob, uri).with_mime_type(mime)
 }
 
 fn one(key: &str, request: InputRequest) -> BTreeMap<String, InputRequest> {

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use haven_catalogs::ConformanceCatalog;
 use haven_mcp::catalog::{Caller, Catalog, Ctx, InputRequest, Round, Step, TaskSupport};
@@ -40,6 +40,13 @@ fn env() -> Env {
         _dir: dir,
         catalog: ConformanceCatalog::new(),
     }
+}
+
+/// A fresh environment and a call in `era` with the default capabilities.
+fn env_with(era: Era) -> (Env, Call) {
+    let e = env();
+    let c = e.ctx(era);
+    (e, c)
 }
 
 fn legacy() -> Era {
@@ -133,11 +140,53 @@ impl Env {
         }
     }
 
+    /// [`Env::done`] in the first round.
+    async fn done_first(&self, ctx: &Ctx, name: &str, args: Value) -> Value {
+        self.done(ctx, name, args, first()).await
+    }
+
+    /// [`Env::need`] in the first round.
+    async fn need_first(
+        &self,
+        ctx: &Ctx,
+        name: &str,
+        args: Value,
+    ) -> (BTreeMap<String, Value>, Option<Value>) {
+        self.need(ctx, name, args, first()).await
+    }
+
+    /// [`Env::error`] in the first round.
+    async fn error_first(&self, ctx: &Ctx, name: &str, args: Value) -> ErrorData {
+        self.error(ctx, name, args, first()).await
+    }
+
+    /// Calls a tool without arguments in the first round; it must ask for input. Returns the
+    /// key and the JSON of its first request (by key order).
+    async fn only_request(&self, ctx: &Ctx, name: &str) -> (String, Value) {
+        let (requests, _) = self.need_first(ctx, name, json!({})).await;
+        let (key, request) = requests.into_iter().next().expect("an input request");
+        (key, request)
+    }
+
     /// Calls a tool without arguments a second time (round 1, no state) with `answer` as its
     /// input responses; it must finish at once. Returns its result as JSON.
     async fn answered(&self, ctx: &Ctx, name: &str, answer: Value) -> Value {
         self.done(ctx, name, json!({}), round(answer, None, 1))
             .await
+    }
+
+    /// A stateless call with `capabilities` whose task hook accepts to make it a task or not:
+    /// the hook, the context with the hook, and the call.
+    fn task_call(&self, accept: bool, capabilities: Value) -> (Arc<FakeHook>, Ctx, Call) {
+        let hook = FakeHook::new(accept);
+        let c = self.call_ctx(stateless(), capabilities, None, None);
+        let ctx = c.ctx.clone().with_task_hook(hook.clone());
+        (hook, ctx, c)
+    }
+
+    /// Whether `key` (such as `list/tools`) was announced.
+    async fn announced(&self, key: &str) -> bool {
+        self.store.get(ANNOUNCE_NS, key).await.unwrap().is_some()
     }
 
     async fn error(&self, ctx: &Ctx, name: &str, args: Value, round: Round) -> ErrorData {
@@ -166,6 +215,17 @@ fn round(responses: Value, state: Option<Value>, number: u32) -> Round {
         state,
         number,
     }
+}
+
+/// Under tokio's paused clock: `call` is still running after `at_least` of (virtual) time,
+/// then finishes; its output.
+async fn not_before<T>(at_least: Duration, call: impl Future<Output = T>, what: &str) -> T {
+    tokio::pin!(call);
+    assert!(
+        tokio::time::timeout(at_least, &mut call).await.is_err(),
+        "finished before {at_least:?}: {what}"
+    );
+    call.await
 }
 
 fn first() -> Round {
@@ -221,32 +281,59 @@ fn notifications(items: &[Item], method: &str) -> Vec<Value> {
         .collect()
 }
 
-fn name_request() -> Value {
+/// An elicitation request of a form with one required field `field` of JSON type `kind`.
+fn form_request(message: &str, field: &str, kind: &str) -> Value {
     json!({
         "method": "elicitation/create",
         "params": {
-            "message": "What is your name?",
+            "message": message,
             "requestedSchema": {
                 "type": "object",
-                "properties": { "name": { "type": "string" } },
-                "required": ["name"]
+                "properties": { field: { "type": kind } },
+                "required": [field]
             }
         }
     })
 }
 
-fn confirm_ok_request() -> Value {
+/// An elicitation request in form mode with `properties` and nothing required.
+fn form_mode_request(message: &str, properties: Value) -> Value {
     json!({
         "method": "elicitation/create",
         "params": {
-            "message": "Please confirm",
-            "requestedSchema": {
-                "type": "object",
-                "properties": { "ok": { "type": "boolean" } },
-                "required": ["ok"]
-            }
+            "mode": "form",
+            "message": message,
+            "requestedSchema": { "type": "object", "properties": properties, "required": [] }
         }
     })
+}
+
+/// The input requests of a round that asks one thing, under `key`.
+fn one_request(key: &str, request: Value) -> BTreeMap<String, Value> {
+    BTreeMap::from([(key.to_owned(), request)])
+}
+
+/// A sampling request of one user message `text`.
+fn sampling_request(text: &str, max_tokens: u32) -> Value {
+    json!({
+        "method": "sampling/createMessage",
+        "params": {
+            "messages": [{ "role": "user", "content": { "type": "text", "text": text } }],
+            "maxTokens": max_tokens
+        }
+    })
+}
+
+fn roots_request() -> Value {
+    json!({ "method": "roots/list", "params": {} })
+}
+
+fn name_request() -> Value {
+    form_request("What is your name?", "name", "string")
+}
+
+fn confirm_ok_request() -> Value {
+    form_request("Please confirm", "ok", "boolean")
 }
 
 /// A task hook that records promotions; `accept` says whether the request can become a task.
@@ -355,8 +442,7 @@ fn info_declares_list_changed_subscribe_completions_and_logging() {
 
 #[tokio::test]
 async fn tools_are_complete_ordered_and_described() {
-    let e = env();
-    let c = e.ctx(stateless());
+    let (e, c) = env_with(stateless());
     let tools = e.catalog.tools(&c.ctx).await.unwrap();
     let names: Vec<&str> = tools.iter().map(|t| t.name.as_ref()).collect();
     assert_eq!(names, TOOL_NAMES);
@@ -396,8 +482,7 @@ async fn tools_are_complete_ordered_and_described() {
 
 #[tokio::test]
 async fn special_tool_schemas_are_verbatim() {
-    let e = env();
-    let c = e.ctx(legacy());
+    let (e, c) = env_with(legacy());
     let tools = e.catalog.tools(&c.ctx).await.unwrap();
     let get = |n: &str| {
         let t = tools.iter().find(|t| t.name == n).unwrap();
@@ -528,7 +613,7 @@ async fn content_tools_return_the_reference_payloads() {
         ];
         for (name, expected) in cases {
             assert_eq!(
-                e.done(&c.ctx, name, json!({}), first()).await,
+                e.done_first(&c.ctx, name, json!({})).await,
                 expected,
                 "{name}"
             );
@@ -538,34 +623,27 @@ async fn content_tools_return_the_reference_payloads() {
 
 #[tokio::test]
 async fn simple_text_works_as_the_first_tool_with_empty_arguments_and_echo_tools_echo() {
-    let e = env();
-    let c = e.ctx(stateless());
-    let r = e.done(&c.ctx, "test_simple_text", json!({}), first()).await;
+    let (e, c) = env_with(stateless());
+    let r = e.done_first(&c.ctx, "test_simple_text", json!({})).await;
     assert_eq!(text_of(&r), "This is a simple text response for testing.");
     let r = e
-        .done(
+        .done_first(
             &c.ctx,
             "test_custom_header_tool",
             json!({ "greeting": "Hello" }),
-            first(),
         )
         .await;
     assert_eq!(r, text_result("Hello"));
     let err = e
-        .error(&c.ctx, "test_custom_header_tool", json!({}), first())
+        .error_first(&c.ctx, "test_custom_header_tool", json!({}))
         .await;
     assert_eq!(err.code.0, -32602);
     let r = e
-        .done(&c.ctx, "greet", json!({ "name": "sep-2243" }), first())
+        .done_first(&c.ctx, "greet", json!({ "name": "sep-2243" }))
         .await;
     assert_eq!(r, text_result("Hello, sep-2243!"));
     let r = e
-        .done(
-            &c.ctx,
-            "json_schema_2020_12_tool",
-            json!({ "name": "x" }),
-            first(),
-        )
+        .done_first(&c.ctx, "json_schema_2020_12_tool", json!({ "name": "x" }))
         .await;
     assert_eq!(
         text_of(&r),
@@ -575,9 +653,8 @@ async fn simple_text_works_as_the_first_tool_with_empty_arguments_and_echo_tools
 
 #[tokio::test]
 async fn unknown_tool_is_a_protocol_error_not_a_tool_error() {
-    let e = env();
-    let c = e.ctx(legacy());
-    let err = e.error(&c.ctx, "no_such_tool", json!({}), first()).await;
+    let (e, c) = env_with(legacy());
+    let err = e.error_first(&c.ctx, "no_such_tool", json!({})).await;
     assert_eq!(err.code.0, -32602);
     assert!(err.message.contains("no_such_tool"));
 }
@@ -591,7 +668,7 @@ async fn logging_tool_sends_three_info_messages_before_its_result() {
     let e = env();
     let mut c = e.call_ctx(legacy(), all_caps(), Some(LoggingLevel::Debug), None);
     let r = e
-        .done(&c.ctx, "test_tool_with_logging", json!({}), first())
+        .done_first(&c.ctx, "test_tool_with_logging", json!({}))
         .await;
     assert_eq!(r, text_result("Tool with logging executed successfully"));
     let items = drain(&mut c.rx);
@@ -605,7 +682,7 @@ async fn logging_tool_sends_three_info_messages_before_its_result() {
     );
     // A legacy session with no level set still hears info messages.
     let mut c = e.call_ctx(legacy(), all_caps(), None, None);
-    e.done(&c.ctx, "test_tool_with_logging", json!({}), first())
+    e.done_first(&c.ctx, "test_tool_with_logging", json!({}))
         .await;
     assert_eq!(
         notifications(&drain(&mut c.rx), "notifications/message").len(),
@@ -613,7 +690,7 @@ async fn logging_tool_sends_three_info_messages_before_its_result() {
     );
     // A session at "error" hears none.
     let mut c = e.call_ctx(legacy(), all_caps(), Some(LoggingLevel::Error), None);
-    e.done(&c.ctx, "test_tool_with_logging", json!({}), first())
+    e.done_first(&c.ctx, "test_tool_with_logging", json!({}))
         .await;
     assert!(notifications(&drain(&mut c.rx), "notifications/message").is_empty());
 }
@@ -622,16 +699,12 @@ async fn logging_tool_sends_three_info_messages_before_its_result() {
 async fn stateless_logging_tool_logs_only_when_a_level_is_named() {
     let e = env();
     let mut c = e.call_ctx(stateless(), json!({}), None, None);
-    let r = e
-        .done(&c.ctx, "test_logging_tool", json!({}), first())
-        .await;
+    let r = e.done_first(&c.ctx, "test_logging_tool", json!({})).await;
     assert_eq!(r, text_result("logged"));
     assert!(drain(&mut c.rx).is_empty(), "no logLevel, no log frames");
 
     let mut c = e.call_ctx(stateless(), json!({}), Some(LoggingLevel::Info), None);
-    let r = e
-        .done(&c.ctx, "test_logging_tool", json!({}), first())
-        .await;
+    let r = e.done_first(&c.ctx, "test_logging_tool", json!({})).await;
     assert_eq!(text_of(&r), "logged");
     let logs = notifications(&drain(&mut c.rx), "notifications/message");
     assert_eq!(logs.len(), 1);
@@ -645,7 +718,7 @@ async fn progress_tool_reports_0_50_100_of_100_with_the_token_then_echoes_it() {
         let token = ProgressToken(NumberOrString::String("progress-test-1".into()));
         let mut c = e.call_ctx(era, all_caps(), None, Some(token));
         let r = e
-            .done(&c.ctx, "test_tool_with_progress", json!({}), first())
+            .done_first(&c.ctx, "test_tool_with_progress", json!({}))
             .await;
         assert_eq!(r, text_result("progress-test-1"));
         let progress = notifications(&drain(&mut c.rx), "notifications/progress");
@@ -671,7 +744,7 @@ async fn progress_tool_reports_0_50_100_of_100_with_the_token_then_echoes_it() {
         Some(ProgressToken(NumberOrString::Number(7))),
     );
     let r = e
-        .done(&c.ctx, "test_tool_with_progress", json!({}), first())
+        .done_first(&c.ctx, "test_tool_with_progress", json!({}))
         .await;
     assert_eq!(text_of(&r), "7");
     let progress = notifications(&drain(&mut c.rx), "notifications/progress");
@@ -679,62 +752,40 @@ async fn progress_tool_reports_0_50_100_of_100_with_the_token_then_echoes_it() {
     // No token: no notifications, still a result.
     let mut c = e.ctx(legacy());
     let r = e
-        .done(&c.ctx, "test_tool_with_progress", json!({}), first())
+        .done_first(&c.ctx, "test_tool_with_progress", json!({}))
         .await;
     assert!(!text_of(&r).is_empty());
     assert!(drain(&mut c.rx).is_empty());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn reconnection_closes_the_stream_before_answering() {
-    let e = env();
-    let mut c = e.ctx(legacy());
-    let start = Instant::now();
-    let r = e
-        .done(&c.ctx, "test_reconnection", json!({}), first())
-        .await;
-    assert!(
-        start.elapsed() >= Duration::from_millis(100),
-        "the result comes after a pause"
-    );
-    assert!(start.elapsed() < Duration::from_secs(2));
+    let (e, mut c) = env_with(legacy());
+    let call = e.done_first(&c.ctx, "test_reconnection", json!({}));
+    let r = not_before(
+        Duration::from_millis(100),
+        call,
+        "the result comes after a pause",
+    )
+    .await;
     assert_eq!(r, text_result("Reconnection test completed successfully"));
     assert_eq!(drain(&mut c.rx), vec![Item::Close]);
 }
 
 #[tokio::test]
 async fn trigger_tools_record_announcements() {
-    let e = env();
-    let c = e.ctx(stateless());
+    let (e, c) = env_with(stateless());
     let r = e
-        .done(&c.ctx, "test_trigger_tool_change", json!({}), first())
+        .done_first(&c.ctx, "test_trigger_tool_change", json!({}))
         .await;
     assert!(!text_of(&r).is_empty());
-    assert!(
-        e.store
-            .get(ANNOUNCE_NS, "list/tools")
-            .await
-            .unwrap()
-            .is_some()
-    );
-    assert!(
-        e.store
-            .get(ANNOUNCE_NS, "list/prompts")
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(e.announced("list/tools").await);
+    assert!(!e.announced("list/prompts").await);
     let r = e
-        .done(&c.ctx, "test_trigger_prompt_change", json!({}), first())
+        .done_first(&c.ctx, "test_trigger_prompt_change", json!({}))
         .await;
     assert!(!text_of(&r).is_empty());
-    assert!(
-        e.store
-            .get(ANNOUNCE_NS, "list/prompts")
-            .await
-            .unwrap()
-            .is_some()
-    );
+    assert!(e.announced("list/prompts").await);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -743,22 +794,12 @@ async fn trigger_tools_record_announcements() {
 
 #[tokio::test]
 async fn test_sampling_asks_the_client_llm_and_reports_its_answer() {
-    let e = env();
-    let c = e.ctx(legacy());
+    let (e, c) = env_with(legacy());
     let args = json!({ "prompt": "Test prompt for sampling" });
-    let (requests, _) = e.need(&c.ctx, "test_sampling", args.clone(), first()).await;
+    let (requests, _) = e.need_first(&c.ctx, "test_sampling", args.clone()).await;
     assert_eq!(requests.len(), 1);
     let (key, request) = requests.iter().next().unwrap();
-    assert_eq!(
-        *request,
-        json!({
-            "method": "sampling/createMessage",
-            "params": {
-                "messages": [{ "role": "user", "content": { "type": "text", "text": "Test prompt for sampling" } }],
-                "maxTokens": 100
-            }
-        })
-    );
+    assert_eq!(*request, sampling_request("Test prompt for sampling", 100));
     let answer = json!({ key: sampling_answer("This is a test response from the client") });
     let r = e
         .done(&c.ctx, "test_sampling", args, round(answer, None, 1))
@@ -770,19 +811,16 @@ async fn test_sampling_asks_the_client_llm_and_reports_its_answer() {
     // Without the sampling capability the tool refuses with -32021 instead of asking.
     let c = e.call_ctx(legacy(), json!({ "elicitation": {} }), None, None);
     let err = e
-        .error(&c.ctx, "test_sampling", json!({ "prompt": "x" }), first())
+        .error_first(&c.ctx, "test_sampling", json!({ "prompt": "x" }))
         .await;
     assert_eq!(err.code.0, -32021);
 }
 
 #[tokio::test]
 async fn test_elicitation_asks_for_username_and_email() {
-    let e = env();
-    let c = e.ctx(legacy());
+    let (e, c) = env_with(legacy());
     let args = json!({ "message": "Please provide your information" });
-    let (requests, _) = e
-        .need(&c.ctx, "test_elicitation", args.clone(), first())
-        .await;
+    let (requests, _) = e.need_first(&c.ctx, "test_elicitation", args.clone()).await;
     let (key, request) = requests.iter().next().unwrap();
     assert_eq!(
         *request,
@@ -824,53 +862,37 @@ async fn test_elicitation_asks_for_username_and_email() {
 
 #[tokio::test]
 async fn sep1034_request_carries_every_default_exactly() {
-    let e = env();
-    let c = e.ctx(legacy());
-    let (requests, _) = e
-        .need(
-            &c.ctx,
-            "test_elicitation_sep1034_defaults",
-            json!({}),
-            first(),
-        )
+    let (e, c) = env_with(legacy());
+    let (key, request) = e
+        .only_request(&c.ctx, "test_elicitation_sep1034_defaults")
         .await;
-    let (key, request) = requests.iter().next().unwrap();
     assert_eq!(
-        *request,
-        json!({
-            "method": "elicitation/create",
-            "params": {
-                "mode": "form",
-                "message": "Please review and update the form fields with defaults",
-                "requestedSchema": {
-                    "type": "object",
-                    "properties": {
-                        "name": { "type": "string", "description": "User name", "default": "John Doe" },
-                        "age": { "type": "integer", "description": "User age", "default": 30 },
-                        "score": { "type": "number", "description": "User score", "default": 95.5 },
-                        "status": {
-                            "type": "string",
-                            "description": "User status",
-                            "enum": ["active", "inactive", "pending"],
-                            "default": "active"
-                        },
-                        "verified": { "type": "boolean", "description": "Verification status", "default": true }
-                    },
-                    "required": []
-                }
-            }
-        })
+        request,
+        form_mode_request(
+            "Please review and update the form fields with defaults",
+            json!({
+                "name": { "type": "string", "description": "User name", "default": "John Doe" },
+                "age": { "type": "integer", "description": "User age", "default": 30 },
+                "score": { "type": "number", "description": "User score", "default": 95.5 },
+                "status": {
+                    "type": "string",
+                    "description": "User status",
+                    "enum": ["active", "inactive", "pending"],
+                    "default": "active"
+                },
+                "verified": { "type": "boolean", "description": "Verification status", "default": true }
+            }),
+        )
     );
     // The integer default stays an integer on the wire.
     let age = &request["params"]["requestedSchema"]["properties"]["age"]["default"];
     assert!(age.is_u64());
     let content = json!({ "name": "Jane Smith", "age": 25, "score": 88, "status": "inactive", "verified": false });
     let r = e
-        .done(
+        .answered(
             &c.ctx,
             "test_elicitation_sep1034_defaults",
-            json!({}),
-            round(json!({ key: accept(content) }), None, 1),
+            json!({ key: accept(content) }),
         )
         .await;
     assert_eq!(
@@ -881,65 +903,55 @@ async fn sep1034_request_carries_every_default_exactly() {
 
 #[tokio::test]
 async fn sep1330_request_has_each_enum_shape_exactly() {
-    let e = env();
-    let c = e.ctx(legacy());
-    let (requests, _) = e
-        .need(&c.ctx, "test_elicitation_sep1330_enums", json!({}), first())
+    let (e, c) = env_with(legacy());
+    let (key, request) = e
+        .only_request(&c.ctx, "test_elicitation_sep1330_enums")
         .await;
-    let (key, request) = requests.iter().next().unwrap();
     assert_eq!(
-        *request,
-        json!({
-            "method": "elicitation/create",
-            "params": {
-                "mode": "form",
-                "message": "Please select options from the enum fields",
-                "requestedSchema": {
-                    "type": "object",
-                    "properties": {
-                        "untitledSingle": {
-                            "type": "string",
-                            "description": "Select one option",
-                            "enum": ["option1", "option2", "option3"]
-                        },
-                        "titledSingle": {
-                            "type": "string",
-                            "description": "Select one option with titles",
-                            "oneOf": [
-                                { "const": "value1", "title": "First Option" },
-                                { "const": "value2", "title": "Second Option" },
-                                { "const": "value3", "title": "Third Option" }
-                            ]
-                        },
-                        "legacyEnum": {
-                            "type": "string",
-                            "description": "Select one option (legacy)",
-                            "enum": ["opt1", "opt2", "opt3"],
-                            "enumNames": ["Option One", "Option Two", "Option Three"]
-                        },
-                        "untitledMulti": {
-                            "type": "array",
-                            "description": "Select multiple options",
-                            "minItems": 1,
-                            "maxItems": 3,
-                            "items": { "type": "string", "enum": ["option1", "option2", "option3"] }
-                        },
-                        "titledMulti": {
-                            "type": "array",
-                            "description": "Select multiple options with titles",
-                            "minItems": 1,
-                            "maxItems": 3,
-                            "items": { "anyOf": [
-                                { "const": "value1", "title": "First Choice" },
-                                { "const": "value2", "title": "Second Choice" },
-                                { "const": "value3", "title": "Third Choice" }
-                            ] }
-                        }
-                    },
-                    "required": []
+        request,
+        form_mode_request(
+            "Please select options from the enum fields",
+            json!({
+                "untitledSingle": {
+                    "type": "string",
+                    "description": "Select one option",
+                    "enum": ["option1", "option2", "option3"]
+                },
+                "titledSingle": {
+                    "type": "string",
+                    "description": "Select one option with titles",
+                    "oneOf": [
+                        { "const": "value1", "title": "First Option" },
+                        { "const": "value2", "title": "Second Option" },
+                        { "const": "value3", "title": "Third Option" }
+                    ]
+                },
+                "legacyEnum": {
+                    "type": "string",
+                    "description": "Select one option (legacy)",
+                    "enum": ["opt1", "opt2", "opt3"],
+                    "enumNames": ["Option One", "Option Two", "Option Three"]
+                },
+                "untitledMulti": {
+                    "type": "array",
+                    "description": "Select multiple options",
+                    "minItems": 1,
+                    "maxItems": 3,
+                    "items": { "type": "string", "enum": ["option1", "option2", "option3"] }
+                },
+                "titledMulti": {
+                    "type": "array",
+                    "description": "Select multiple options with titles",
+                    "minItems": 1,
+                    "maxItems": 3,
+                    "items": { "anyOf": [
+                        { "const": "value1", "title": "First Choice" },
+                        { "const": "value2", "title": "Second Choice" },
+                        { "const": "value3", "title": "Third Choice" }
+                    ] }
                 }
-            }
-        })
+            }),
+        )
     );
     let props = &request["params"]["requestedSchema"]["properties"];
     // The shapes the SDK's Zod union must not misparse.
@@ -952,11 +964,10 @@ async fn sep1330_request_has_each_enum_shape_exactly() {
         "untitledMulti": ["option1", "option2"], "titledMulti": ["value1", "value2"]
     });
     let r = e
-        .done(
+        .answered(
             &c.ctx,
             "test_elicitation_sep1330_enums",
-            json!({}),
-            round(json!({ key: accept(content) }), None, 1),
+            json!({ key: accept(content) }),
         )
         .await;
     assert!(text_of(&r).starts_with("Elicitation completed: action=accept, content={"));
@@ -971,7 +982,7 @@ async fn missing_capability_is_32021_with_required_sampling_data() {
     let e = env();
     let c = e.call_ctx(stateless(), json!({}), None, None);
     let err = e
-        .error(&c.ctx, "test_missing_capability", json!({}), first())
+        .error_first(&c.ctx, "test_missing_capability", json!({}))
         .await;
     assert_eq!(err.code.0, -32021);
     assert_eq!(
@@ -982,7 +993,7 @@ async fn missing_capability_is_32021_with_required_sampling_data() {
 
     let c = e.call_ctx(stateless(), json!({ "sampling": {} }), None, None);
     let (requests, _) = e
-        .need(&c.ctx, "test_missing_capability", json!({}), first())
+        .need_first(&c.ctx, "test_missing_capability", json!({}))
         .await;
     assert_eq!(requests.len(), 1);
     let (key, request) = requests.iter().next().unwrap();
@@ -998,24 +1009,11 @@ async fn streaming_elicitation_answers_with_an_input_request_not_a_stream_reques
     let e = env();
     let mut c = e.call_ctx(stateless(), json!({ "elicitation": {} }), None, None);
     let (requests, _) = e
-        .need(&c.ctx, "test_streaming_elicitation", json!({}), first())
+        .need_first(&c.ctx, "test_streaming_elicitation", json!({}))
         .await;
     assert_eq!(
         requests,
-        BTreeMap::from([(
-            "confirm".to_owned(),
-            json!({
-                "method": "elicitation/create",
-                "params": {
-                    "message": "Proceed?",
-                    "requestedSchema": {
-                        "type": "object",
-                        "properties": { "ok": { "type": "boolean" } },
-                        "required": ["ok"]
-                    }
-                }
-            })
-        )])
+        one_request("confirm", form_request("Proceed?", "ok", "boolean"))
     );
     assert!(
         drain(&mut c.rx).is_empty(),
@@ -1036,13 +1034,9 @@ const IRR_ELICIT: &str = "test_input_required_result_elicitation";
 
 #[tokio::test]
 async fn irr_elicitation_asks_for_user_name_then_greets() {
-    let e = env();
-    let c = e.ctx(stateless());
-    let (requests, state) = e.need(&c.ctx, IRR_ELICIT, json!({}), first()).await;
-    assert_eq!(
-        requests,
-        BTreeMap::from([("user_name".to_owned(), name_request())])
-    );
+    let (e, c) = env_with(stateless());
+    let (requests, state) = e.need_first(&c.ctx, IRR_ELICIT, json!({})).await;
+    assert_eq!(requests, one_request("user_name", name_request()));
     assert_eq!(state, None);
     // Completes with a valid answer even though no state comes back (ignore-extra-params).
     let answer = json!({
@@ -1056,17 +1050,13 @@ async fn irr_elicitation_asks_for_user_name_then_greets() {
 
 #[tokio::test]
 async fn irr_elicitation_rerequests_on_missing_key_and_rejects_malformed_input() {
-    let e = env();
-    let c = e.ctx(stateless());
+    let (e, c) = env_with(stateless());
     // missing-input-response: a wrong key gets the same request again.
     let answer = json!({ "wrong_key": accept(json!({ "data": "wrong" })) });
     let (requests, _) = e
         .need(&c.ctx, IRR_ELICIT, json!({}), round(answer, None, 1))
         .await;
-    assert_eq!(
-        requests,
-        BTreeMap::from([("user_name".to_owned(), name_request())])
-    );
+    assert_eq!(requests, one_request("user_name", name_request()));
     // validate-input: a non-object answer is -32602.
     let err = e
         .error(
@@ -1109,28 +1099,16 @@ async fn irr_elicitation_rerequests_on_missing_key_and_rejects_malformed_input()
 
 #[tokio::test]
 async fn irr_sampling_and_list_roots_use_the_reference_requests() {
-    let e = env();
-    let c = e.ctx(stateless());
+    let (e, c) = env_with(stateless());
     let (requests, _) = e
-        .need(
-            &c.ctx,
-            "test_input_required_result_sampling",
-            json!({}),
-            first(),
-        )
+        .need_first(&c.ctx, "test_input_required_result_sampling", json!({}))
         .await;
     assert_eq!(
         requests,
-        BTreeMap::from([(
-            "capital_question".to_owned(),
-            json!({
-                "method": "sampling/createMessage",
-                "params": {
-                    "messages": [{ "role": "user", "content": { "type": "text", "text": "What is the capital of France?" } }],
-                    "maxTokens": 100
-                }
-            })
-        )])
+        one_request(
+            "capital_question",
+            sampling_request("What is the capital of France?", 100)
+        )
     );
     let answer = json!({ "capital_question": sampling_answer("The capital of France is Paris.") });
     let r = e
@@ -1157,20 +1135,9 @@ async fn irr_sampling_and_list_roots_use_the_reference_requests() {
     assert_eq!(err.code.0, -32602);
 
     let (requests, _) = e
-        .need(
-            &c.ctx,
-            "test_input_required_result_list_roots",
-            json!({}),
-            first(),
-        )
+        .need_first(&c.ctx, "test_input_required_result_list_roots", json!({}))
         .await;
-    assert_eq!(
-        requests,
-        BTreeMap::from([(
-            "client_roots".to_owned(),
-            json!({ "method": "roots/list", "params": {} })
-        )])
-    );
+    assert_eq!(requests, one_request("client_roots", roots_request()));
     let answer = json!({ "client_roots": roots_answer() });
     let r = e
         .answered(&c.ctx, "test_input_required_result_list_roots", answer)
@@ -1180,8 +1147,7 @@ async fn irr_sampling_and_list_roots_use_the_reference_requests() {
 
 #[tokio::test]
 async fn irr_request_state_and_tampered_state_need_their_state_back() {
-    let e = env();
-    let c = e.ctx(stateless());
+    let (e, c) = env_with(stateless());
     for (tool, text) in [
         (
             "test_input_required_result_request_state",
@@ -1192,11 +1158,8 @@ async fn irr_request_state_and_tampered_state_need_their_state_back() {
             "Confirmed: requestState intact",
         ),
     ] {
-        let (requests, state) = e.need(&c.ctx, tool, json!({}), first()).await;
-        assert_eq!(
-            requests,
-            BTreeMap::from([("confirm".to_owned(), confirm_ok_request())])
-        );
+        let (requests, state) = e.need_first(&c.ctx, tool, json!({})).await;
+        assert_eq!(requests, one_request("confirm", confirm_ok_request()));
         let state = state.expect("a state, so that a requestState is emitted");
         let answer = json!({ "confirm": accept(json!({ "ok": true })) });
         let r = e
@@ -1224,28 +1187,18 @@ async fn irr_request_state_and_tampered_state_need_their_state_back() {
 
 #[tokio::test]
 async fn irr_multiple_inputs_asks_three_kinds_at_once_and_keeps_partial_answers() {
-    let e = env();
-    let c = e.ctx(stateless());
+    let (e, c) = env_with(stateless());
     let tool = "test_input_required_result_multiple_inputs";
-    let (requests, state) = e.need(&c.ctx, tool, json!({}), first()).await;
+    let (requests, state) = e.need_first(&c.ctx, tool, json!({})).await;
     assert_eq!(
         requests,
         BTreeMap::from([
             ("user_name".to_owned(), name_request()),
             (
                 "greeting".to_owned(),
-                json!({
-                    "method": "sampling/createMessage",
-                    "params": {
-                        "messages": [{ "role": "user", "content": { "type": "text", "text": "Generate a greeting" } }],
-                        "maxTokens": 50
-                    }
-                })
+                sampling_request("Generate a greeting", 50)
             ),
-            (
-                "client_roots".to_owned(),
-                json!({ "method": "roots/list", "params": {} })
-            ),
+            ("client_roots".to_owned(), roots_request()),
         ])
     );
     assert!(state.is_some());
@@ -1277,26 +1230,15 @@ async fn irr_multiple_inputs_asks_three_kinds_at_once_and_keeps_partial_answers(
 
 #[tokio::test]
 async fn irr_multi_round_carries_the_name_in_its_state() {
-    let e = env();
-    let c = e.ctx(stateless());
+    let (e, c) = env_with(stateless());
     let tool = "test_input_required_result_multi_round";
-    let (requests, s1) = e.need(&c.ctx, tool, json!({}), first()).await;
+    let (requests, s1) = e.need_first(&c.ctx, tool, json!({})).await;
     assert_eq!(
         requests,
-        BTreeMap::from([(
-            "step1".to_owned(),
-            json!({
-                "method": "elicitation/create",
-                "params": {
-                    "message": "Step 1: What is your name?",
-                    "requestedSchema": {
-                        "type": "object",
-                        "properties": { "name": { "type": "string" } },
-                        "required": ["name"]
-                    }
-                }
-            })
-        )])
+        one_request(
+            "step1",
+            form_request("Step 1: What is your name?", "name", "string")
+        )
     );
     let s1 = s1.expect("round 1 state");
     let r2 = round(
@@ -1307,20 +1249,10 @@ async fn irr_multi_round_carries_the_name_in_its_state() {
     let (requests, s2) = e.need(&c.ctx, tool, json!({}), r2).await;
     assert_eq!(
         requests,
-        BTreeMap::from([(
-            "step2".to_owned(),
-            json!({
-                "method": "elicitation/create",
-                "params": {
-                    "message": "Step 2: What is your favorite color?",
-                    "requestedSchema": {
-                        "type": "object",
-                        "properties": { "color": { "type": "string" } },
-                        "required": ["color"]
-                    }
-                }
-            })
-        )])
+        one_request(
+            "step2",
+            form_request("Step 2: What is your favorite color?", "color", "string")
+        )
     );
     let s2 = s2.expect("round 2 state");
     assert_ne!(s1, s2, "the state changes between rounds");
@@ -1363,27 +1295,13 @@ async fn irr_capabilities_only_asks_for_declared_capabilities() {
     let e = env();
     let tool = "test_input_required_result_capabilities";
     let c = e.call_ctx(stateless(), json!({ "sampling": {} }), None, None);
-    let (requests, _) = e.need(&c.ctx, tool, json!({}), first()).await;
+    let (requests, _) = e.need_first(&c.ctx, tool, json!({})).await;
     assert_eq!(
         requests,
-        BTreeMap::from([(
-            "sample".to_owned(),
-            json!({
-                "method": "sampling/createMessage",
-                "params": {
-                    "messages": [{ "role": "user", "content": { "type": "text", "text": "Summarise" } }],
-                    "maxTokens": 50
-                }
-            })
-        )])
+        one_request("sample", sampling_request("Summarise", 50))
     );
     let r = e
-        .done(
-            &c.ctx,
-            tool,
-            json!({}),
-            round(json!({ "sample": sampling_answer("ok") }), None, 1),
-        )
+        .answered(&c.ctx, tool, json!({ "sample": sampling_answer("ok") }))
         .await;
     assert!(!text_of(&r).is_empty());
 
@@ -1393,7 +1311,7 @@ async fn irr_capabilities_only_asks_for_declared_capabilities() {
         None,
         None,
     );
-    let (requests, _) = e.need(&c.ctx, tool, json!({}), first()).await;
+    let (requests, _) = e.need_first(&c.ctx, tool, json!({})).await;
     assert_eq!(
         requests.keys().collect::<Vec<_>>(),
         ["client_roots", "confirm"]
@@ -1405,20 +1323,19 @@ async fn irr_capabilities_only_asks_for_declared_capabilities() {
     );
 
     let c = e.call_ctx(stateless(), all_caps(), None, None);
-    let (requests, _) = e.need(&c.ctx, tool, json!({}), first()).await;
+    let (requests, _) = e.need_first(&c.ctx, tool, json!({})).await;
     assert_eq!(requests.len(), 3);
 
     // Nothing declared: nothing can be asked; the tool says so as a tool error.
     let c = e.call_ctx(stateless(), json!({}), None, None);
-    let r = e.done(&c.ctx, tool, json!({}), first()).await;
+    let r = e.done_first(&c.ctx, tool, json!({})).await;
     assert_eq!(r["isError"], true);
 }
 
 #[tokio::test]
 async fn the_same_mrtr_tools_work_for_legacy_sessions() {
-    let e = env();
-    let c = e.ctx(legacy());
-    let (requests, _) = e.need(&c.ctx, IRR_ELICIT, json!({}), first()).await;
+    let (e, c) = env_with(legacy());
+    let (requests, _) = e.need_first(&c.ctx, IRR_ELICIT, json!({})).await;
     assert!(requests.contains_key("user_name"));
     let answer = json!({ "user_name": accept(json!({ "name": "Zoë" })) });
     let r = e.answered(&c.ctx, IRR_ELICIT, answer).await;
@@ -1432,62 +1349,53 @@ async fn the_same_mrtr_tools_work_for_legacy_sessions() {
 #[tokio::test]
 async fn slow_compute_with_zero_seconds_answers_directly() {
     let e = env();
-    let hook = FakeHook::new(true);
-    let c = e.call_ctx(stateless(), tasks_caps(), None, None);
-    let ctx = c.ctx.with_task_hook(hook.clone());
+    let (hook, ctx, _c) = e.task_call(true, tasks_caps());
     let r = e
-        .done(
+        .done_first(
             &ctx,
             "slow_compute",
             json!({ "seconds": 0, "label": "instant" }),
-            first(),
         )
         .await;
     assert_eq!(text_of(&r), "Computed instant in 0 second(s)");
     assert_eq!(hook.promotions(), 0);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn slow_compute_becomes_a_task_and_stops_when_cancelled() {
     let e = env();
-    let hook = FakeHook::new(true);
-    let c = e.call_ctx(stateless(), tasks_caps(), None, None);
-    let ctx = c.ctx.clone().with_task_hook(hook.clone());
-    let cancel = c.cancel.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        cancel.cancel();
-    });
-    let start = Instant::now();
-    let err = e
-        .error(
-            &ctx,
-            "slow_compute",
-            json!({ "seconds": 60, "label": "cancel" }),
-            first(),
-        )
-        .await;
-    assert!(start.elapsed() < Duration::from_secs(5));
+    let (hook, ctx, c) = e.task_call(true, tasks_caps());
+    let call = e.error_first(
+        &ctx,
+        "slow_compute",
+        json!({ "seconds": 60, "label": "cancel" }),
+    );
+    tokio::pin!(call);
+    // Still sleeping (as a task) after a while, it ends as soon as it is cancelled.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), &mut call)
+            .await
+            .is_err(),
+        "slow_compute ended before it was cancelled"
+    );
+    c.cancel.cancel();
+    let err = tokio::time::timeout(Duration::from_millis(1), call)
+        .await
+        .expect("slow_compute did not stop when cancelled");
     assert_eq!(hook.promotions(), 1);
     assert!(err.message.contains("cancelled"));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn slow_compute_without_task_support_runs_synchronously() {
     let e = env();
-    let hook = FakeHook::new(false);
-    let c = e.call_ctx(stateless(), json!({}), None, None);
-    let ctx = c.ctx.with_task_hook(hook.clone());
-    let start = Instant::now();
-    let r = e
-        .done(
-            &ctx,
-            "slow_compute",
-            json!({ "seconds": 1, "label": "sync" }),
-            first(),
-        )
-        .await;
-    assert!(start.elapsed() >= Duration::from_millis(900));
+    let (hook, ctx, _c) = e.task_call(false, json!({}));
+    let call = e.done_first(
+        &ctx,
+        "slow_compute",
+        json!({ "seconds": 1, "label": "sync" }),
+    );
+    let r = not_before(Duration::from_millis(900), call, "it sleeps its second").await;
     assert_eq!(text_of(&r), "Computed sync in 1 second(s)");
     assert_eq!(hook.promotions(), 1);
 }
@@ -1495,20 +1403,14 @@ async fn slow_compute_without_task_support_runs_synchronously() {
 #[tokio::test]
 async fn failing_and_protocol_error_jobs_become_tasks_then_fail_their_way() {
     let e = env();
-    let hook = FakeHook::new(true);
-    let c = e.call_ctx(stateless(), tasks_caps(), None, None);
-    let ctx = c.ctx.with_task_hook(hook.clone());
-    let r = e.done(&ctx, "failing_job", json!({}), first()).await;
+    let (hook, ctx, _c) = e.task_call(true, tasks_caps());
+    let r = e.done_first(&ctx, "failing_job", json!({})).await;
     assert_eq!(r["isError"], true);
     assert!(!text_of(&r).is_empty());
     assert_eq!(hook.promotions(), 1);
 
-    let hook = FakeHook::new(true);
-    let c = e.call_ctx(stateless(), tasks_caps(), None, None);
-    let ctx = c.ctx.with_task_hook(hook.clone());
-    let err = e
-        .error(&ctx, "protocol_error_job", json!({}), first())
-        .await;
+    let (hook, ctx, _c) = e.task_call(true, tasks_caps());
+    let err = e.error_first(&ctx, "protocol_error_job", json!({})).await;
     assert_eq!(err.code.0, -32603);
     assert!(!err.message.is_empty());
     assert_eq!(hook.promotions(), 1);
@@ -1517,28 +1419,16 @@ async fn failing_and_protocol_error_jobs_become_tasks_then_fail_their_way() {
 #[tokio::test]
 async fn confirm_delete_becomes_a_task_asks_then_completes() {
     let e = env();
-    let hook = FakeHook::new(true);
-    let c = e.call_ctx(stateless(), tasks_caps(), None, None);
-    let ctx = c.ctx.with_task_hook(hook.clone());
+    let (hook, ctx, _c) = e.task_call(true, tasks_caps());
     let args = json!({ "filename": "mrtr-resume.txt" });
-    let (requests, _) = e.need(&ctx, "confirm_delete", args.clone(), first()).await;
+    let (requests, _) = e.need_first(&ctx, "confirm_delete", args.clone()).await;
     assert_eq!(hook.promotions(), 1);
     assert_eq!(
         requests,
-        BTreeMap::from([(
-            "confirm".to_owned(),
-            json!({
-                "method": "elicitation/create",
-                "params": {
-                    "message": "Delete mrtr-resume.txt?",
-                    "requestedSchema": {
-                        "type": "object",
-                        "properties": { "confirm": { "type": "boolean" } },
-                        "required": ["confirm"]
-                    }
-                }
-            })
-        )])
+        one_request(
+            "confirm",
+            form_request("Delete mrtr-resume.txt?", "confirm", "boolean")
+        )
     );
     let answer = json!({ "confirm": accept(json!({ "confirm": true })) });
     let r = e
@@ -1555,7 +1445,7 @@ async fn confirm_delete_becomes_a_task_asks_then_completes() {
     let hook = FakeHook::new(false);
     let c = e.call_ctx(legacy(), all_caps(), None, None);
     let ctx = c.ctx.with_task_hook(hook.clone());
-    let (requests, _) = e.need(&ctx, "confirm_delete", args.clone(), first()).await;
+    let (requests, _) = e.need_first(&ctx, "confirm_delete", args.clone()).await;
     assert!(requests.contains_key("confirm"));
     let answer = json!({ "confirm": accept(json!({ "confirm": false })) });
     let r = e
@@ -1567,10 +1457,8 @@ async fn confirm_delete_becomes_a_task_asks_then_completes() {
 #[tokio::test]
 async fn multi_input_asks_two_things_and_completes_when_both_are_answered() {
     let e = env();
-    let hook = FakeHook::new(true);
-    let c = e.call_ctx(stateless(), tasks_caps(), None, None);
-    let ctx = c.ctx.with_task_hook(hook.clone());
-    let (requests, _) = e.need(&ctx, "multi_input", json!({}), first()).await;
+    let (hook, ctx, _c) = e.task_call(true, tasks_caps());
+    let (requests, _) = e.need_first(&ctx, "multi_input", json!({})).await;
     assert_eq!(requests.keys().collect::<Vec<_>>(), ["confirm", "name"]);
     assert!(
         requests
@@ -1582,9 +1470,7 @@ async fn multi_input_asks_two_things_and_completes_when_both_are_answered() {
         "confirm": accept(json!({ "name": "partial-1", "confirm": true })),
         "name": accept(json!({ "name": "partial-2", "confirm": true }))
     });
-    let r = e
-        .done(&ctx, "multi_input", json!({}), round(both, None, 1))
-        .await;
+    let r = e.answered(&ctx, "multi_input", both).await;
     assert_eq!(
         text_of(&r),
         "multi_input complete: name=partial-2, confirm=true"
@@ -1607,23 +1493,11 @@ async fn tool_with_task_asks_synchronously_first_then_becomes_a_task() {
         None,
     );
     let ctx = c.ctx.with_task_hook(hook.clone());
-    let (requests, _) = e
-        .need(&ctx, "test_tool_with_task", json!({}), first())
-        .await;
-    assert_eq!(
-        requests,
-        BTreeMap::from([("user_name".to_owned(), name_request())])
-    );
+    let (requests, _) = e.need_first(&ctx, "test_tool_with_task", json!({})).await;
+    assert_eq!(requests, one_request("user_name", name_request()));
     assert_eq!(hook.promotions(), 0, "no task before the synchronous round");
     let answer = json!({ "user_name": accept(json!({ "name": "Alice" })) });
-    let r = e
-        .done(
-            &ctx,
-            "test_tool_with_task",
-            json!({}),
-            round(answer, None, 1),
-        )
-        .await;
+    let r = e.answered(&ctx, "test_tool_with_task", answer).await;
     assert_eq!(hook.promotions(), 1);
     assert!(text_of(&r).contains("Alice"));
 }
@@ -1631,11 +1505,9 @@ async fn tool_with_task_asks_synchronously_first_then_becomes_a_task() {
 #[tokio::test]
 async fn greet_never_becomes_a_task() {
     let e = env();
-    let hook = FakeHook::new(true);
-    let c = e.call_ctx(stateless(), tasks_caps(), None, None);
-    let ctx = c.ctx.with_task_hook(hook.clone());
+    let (hook, ctx, _c) = e.task_call(true, tasks_caps());
     let r = e
-        .done(&ctx, "greet", json!({ "name": "World" }), first())
+        .done_first(&ctx, "greet", json!({ "name": "World" }))
         .await;
     assert_eq!(text_of(&r), "Hello, World!");
     assert_eq!(hook.promotions(), 0);
@@ -1654,8 +1526,7 @@ async fn read(e: &Env, ctx: &Ctx, uri: &str) -> Result<Value, ErrorData> {
 
 #[tokio::test]
 async fn resources_and_templates_are_listed_exactly() {
-    let e = env();
-    let c = e.ctx(stateless());
+    let (e, c) = env_with(stateless());
     let resources = serde_json::to_value(e.catalog.resources(&c.ctx).await.unwrap()).unwrap();
     assert_eq!(
         resources,
@@ -1694,8 +1565,7 @@ async fn resources_and_templates_are_listed_exactly() {
 
 #[tokio::test]
 async fn resources_read_returns_the_reference_contents() {
-    let e = env();
-    let c = e.ctx(legacy());
+    let (e, c) = env_with(legacy());
     assert_eq!(
         read(&e, &c.ctx, "test://static-text").await.unwrap(),
         json!({ "contents": [{
@@ -1717,8 +1587,7 @@ async fn resources_read_returns_the_reference_contents() {
 
 #[tokio::test]
 async fn template_reads_substitute_the_id() {
-    let e = env();
-    let c = e.ctx(stateless());
+    let (e, c) = env_with(stateless());
     assert_eq!(
         read(&e, &c.ctx, "test://template/123/data").await.unwrap(),
         json!({ "contents": [{
@@ -1749,8 +1618,7 @@ async fn template_reads_substitute_the_id() {
 
 #[tokio::test]
 async fn unknown_resources_are_not_found_with_the_uri() {
-    let e = env();
-    let c = e.ctx(stateless());
+    let (e, c) = env_with(stateless());
     let uri = "test://nonexistent-resource-for-conformance-testing";
     let err = read(&e, &c.ctx, uri).await.unwrap_err();
     assert_eq!(
@@ -1789,8 +1657,7 @@ async fn prompt_done(e: &Env, ctx: &Ctx, name: &str, args: Value) -> Value {
 
 #[tokio::test]
 async fn prompts_are_listed_with_descriptions_and_arguments() {
-    let e = env();
-    let c = e.ctx(stateless());
+    let (e, c) = env_with(stateless());
     let prompts = serde_json::to_value(e.catalog.prompts(&c.ctx).await.unwrap()).unwrap();
     assert_eq!(
         prompts,
@@ -1820,8 +1687,7 @@ async fn prompts_are_listed_with_descriptions_and_arguments() {
 
 #[tokio::test]
 async fn prompts_render_the_reference_messages() {
-    let e = env();
-    let c = e.ctx(legacy());
+    let (e, c) = env_with(legacy());
     assert_eq!(
         prompt_done(&e, &c.ctx, "test_simple_prompt", json!({})).await,
         json!({ "messages": [{ "role": "user", "content": { "type": "text", "text": "This is a simple prompt for testing." } }] })
@@ -1865,8 +1731,7 @@ async fn prompts_render_the_reference_messages() {
 
 #[tokio::test]
 async fn prompt_errors_are_invalid_params() {
-    let e = env();
-    let c = e.ctx(legacy());
+    let (e, c) = env_with(legacy());
     for (name, args) in [
         ("test_prompt_with_arguments", json!({ "arg1": "only one" })),
         ("test_prompt_with_embedded_resource", json!({})),
@@ -1881,8 +1746,7 @@ async fn prompt_errors_are_invalid_params() {
 
 #[tokio::test]
 async fn input_required_prompt_asks_for_context_then_renders_it() {
-    let e = env();
-    let c = e.ctx(stateless());
+    let (e, c) = env_with(stateless());
     let name = "test_input_required_result_prompt";
     match prompt(&e, &c.ctx, name, json!({}), Round::default())
         .await
@@ -1892,20 +1756,10 @@ async fn input_required_prompt_asks_for_context_then_renders_it() {
             assert_eq!(state, None);
             assert_eq!(
                 requests_json(&requests),
-                BTreeMap::from([(
-                    "user_context".to_owned(),
-                    json!({
-                        "method": "elicitation/create",
-                        "params": {
-                            "message": "What context should the prompt use?",
-                            "requestedSchema": {
-                                "type": "object",
-                                "properties": { "context": { "type": "string" } },
-                                "required": ["context"]
-                            }
-                        }
-                    })
-                )])
+                one_request(
+                    "user_context",
+                    form_request("What context should the prompt use?", "context", "string")
+                )
             );
         }
         other => panic!("expected input request, got {other:?}"),
@@ -1934,8 +1788,7 @@ fn complete_params(reference: Value, arg: &str, value: &str) -> CompleteRequestP
 
 #[tokio::test]
 async fn completion_filters_candidates_by_prefix() {
-    let e = env();
-    let c = e.ctx(stateless());
+    let (e, c) = env_with(stateless());
     let prompt_ref = json!({ "type": "ref/prompt", "name": "test_prompt_with_arguments" });
     let r = e
         .catalog

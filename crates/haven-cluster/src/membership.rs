@@ -16,7 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use haven_state::{Batch, Change, Store, StoreError};
+use haven_state::{Batch, Change, Commit, Store, StoreError};
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -185,14 +185,7 @@ impl Membership {
             return Ok(());
         }
         let info = self.own_info();
-        let written = self
-            .store
-            .commit(Batch::new().put(
-                NODES_NS,
-                &self.config.node_id,
-                serde_json::to_vec(&info).expect("heartbeat serializes"),
-            ))
-            .await;
+        let written = self.write_heartbeat(&info).await;
         let now = Instant::now();
         match written {
             Ok(_) => {
@@ -409,15 +402,14 @@ impl Membership {
     /// Leaves: the last heartbeat says so, and others take over this node's work at once.
     pub async fn leave(&self) {
         self.state.write().left = true;
-        let info = self.own_info();
-        let _ = self
-            .store
-            .commit(Batch::new().put(
-                NODES_NS,
-                &self.config.node_id,
-                serde_json::to_vec(&info).expect("heartbeat serializes"),
-            ))
-            .await;
+        let _ = self.write_heartbeat(&self.own_info()).await;
+    }
+
+    /// Writes `info` as this node's heartbeat record.
+    async fn write_heartbeat(&self, info: &NodeInfo) -> Result<Commit, StoreError> {
+        let value = serde_json::to_vec(info).expect("heartbeat serializes");
+        let batch = Batch::new().put(NODES_NS, &self.config.node_id, value);
+        self.store.commit(batch).await
     }
 
     /// This node itself, as a member (for a store that only one node uses).

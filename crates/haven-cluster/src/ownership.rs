@@ -16,11 +16,7 @@
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use haven_state::{
-    Batch, Commit, Expect, LogEntry, Op, Origin, Outcome, ScanPage, Store, StoreError, StoreResult,
-    StoredRecord, StreamEvent,
-};
+use haven_state::{Batch, Commit, Expect, Op, Outcome, Store, StoreError, StoreResult};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -187,18 +183,28 @@ impl Execution {
     ) -> StoreResult<(Arc<Execution>, Commit)> {
         let n = batch.ops.len();
         let full = batch.put_if(OWNERS_NS, key, owner.encode(), Expect::Absent);
-        let mut commit = store.commit(full).await?;
+        let commit = store.commit(full).await?;
+        Execution::started(store, key.to_owned(), owner, commit, n)
+    }
+
+    /// The execution that `commit` (a batch of `n` operations and then the ownership record
+    /// of `key`) started, and the batch's own outcomes.
+    fn started(
+        store: Arc<dyn Store>,
+        key: String,
+        owner: Owner,
+        mut commit: Commit,
+        n: usize,
+    ) -> StoreResult<(Arc<Execution>, Commit)> {
         let revision = revision_of(&commit, n)?;
         commit.outcomes.truncate(n);
-        Ok((
-            Arc::new(Execution {
-                store,
-                key: key.to_owned(),
-                state: tokio::sync::Mutex::new(ExecState::new(owner, revision)),
-                lost: CancellationToken::new(),
-            }),
-            commit,
-        ))
+        let execution = Execution {
+            store,
+            key,
+            state: tokio::sync::Mutex::new(ExecState::new(owner, revision)),
+            lost: CancellationToken::new(),
+        };
+        Ok((Arc::new(execution), commit))
     }
 
     /// The ownership key.
@@ -437,19 +443,7 @@ impl Claim {
             Expect::Revision(self.revision),
         );
         match store.commit(full).await {
-            Ok(mut commit) => {
-                let revision = revision_of(&commit, n)?;
-                commit.outcomes.truncate(n);
-                Ok((
-                    Arc::new(Execution {
-                        store,
-                        key: self.key,
-                        state: tokio::sync::Mutex::new(ExecState::new(owner, revision)),
-                        lost: CancellationToken::new(),
-                    }),
-                    commit,
-                ))
-            }
+            Ok(commit) => Ok(Execution::started(store, self.key, owner, commit, n)?),
             Err(StoreError::Conflict { .. }) => Err(ClaimError::Lost(self.key)),
             Err(e) => Err(e.into()),
         }
@@ -525,30 +519,7 @@ impl FencedStore {
     }
 }
 
-#[async_trait]
-impl Store for FencedStore {
-    fn origin(&self) -> &Origin {
-        self.store.origin()
-    }
-
-    fn clock(&self) -> &Arc<haven_state::HybridClock> {
-        self.store.clock()
-    }
-
-    async fn get_raw(&self, namespace: &str, key: &str) -> StoreResult<Option<StoredRecord>> {
-        self.store.get_raw(namespace, key).await
-    }
-
-    async fn scan(
-        &self,
-        namespace: &str,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> StoreResult<ScanPage> {
-        self.store.scan(namespace, prefix, after, limit).await
-    }
-
+haven_state::wrap_store!(FencedStore, store, {
     async fn commit(&self, batch: Batch) -> StoreResult<Commit> {
         let execution = match self.execution.get() {
             Some(e) => e.clone(),
@@ -581,36 +552,7 @@ impl Store for FencedStore {
         }
     }
 
-    async fn read_events(
-        &self,
-        stream: &str,
-        after: u64,
-        limit: usize,
-    ) -> StoreResult<Vec<StreamEvent>> {
-        self.store.read_events(stream, after, limit).await
-    }
-
-    async fn read_log(&self, from_seq: u64, limit: usize) -> StoreResult<Vec<LogEntry>> {
-        self.store.read_log(from_seq, limit).await
-    }
-
-    async fn last_seq(&self) -> StoreResult<u64> {
-        self.store.last_seq().await
-    }
-
-    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<LogEntry>> {
-        self.store.subscribe()
-    }
-
     async fn check_writable(&self) -> StoreResult<()> {
         self.store.check_writable().await
     }
-
-    fn shared(&self) -> bool {
-        self.store.shared()
-    }
-
-    async fn describe(&self) -> serde_json::Value {
-        self.store.describe().await
-    }
-}
+});

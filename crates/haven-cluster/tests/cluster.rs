@@ -56,18 +56,34 @@ async fn round(nodes: &[&Node]) {
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
-fn dead(judge: &Node, other: &str) -> bool {
-    judge.membership.is_dead(other, &format!("{other}-boot"))
-}
-
-#[tokio::test(start_paused = true)]
-async fn skewed_clocks_neither_kill_nor_hide_nodes_and_are_reported() {
+/// Three nodes on one log.
+async fn three_nodes() -> (Node, Node, Node) {
     let log = MemLog::new();
     let (a, b, c) = (
         node(&log, "a").await,
         node(&log, "b").await,
         node(&log, "c").await,
     );
+    (a, b, c)
+}
+
+/// Two nodes on one log after six heartbeat rounds together.
+async fn two_nodes_that_know_each_other() -> (Node, Node) {
+    let log = MemLog::new();
+    let (a, b) = (node(&log, "a").await, node(&log, "b").await);
+    for _ in 0..6 {
+        round(&[&a, &b]).await;
+    }
+    (a, b)
+}
+
+fn dead(judge: &Node, other: &str) -> bool {
+    judge.membership.is_dead(other, &format!("{other}-boot"))
+}
+
+#[tokio::test(start_paused = true)]
+async fn skewed_clocks_neither_kill_nor_hide_nodes_and_are_reported() {
+    let (a, b, c) = three_nodes().await;
     b.clock.set_offset(8_000);
     c.clock.set_offset(-8_000);
     for _ in 0..20 {
@@ -93,11 +109,7 @@ async fn skewed_clocks_neither_kill_nor_hide_nodes_and_are_reported() {
 
 #[tokio::test(start_paused = true)]
 async fn a_paused_node_is_dead_after_the_ttl_and_alive_when_it_beats_again() {
-    let log = MemLog::new();
-    let (a, b) = (node(&log, "a").await, node(&log, "b").await);
-    for _ in 0..6 {
-        round(&[&a, &b]).await;
-    }
+    let (a, b) = two_nodes_that_know_each_other().await;
     b.faults.set_paused(true);
     for i in 0..6 {
         round(&[&a]).await;
@@ -111,11 +123,7 @@ async fn a_paused_node_is_dead_after_the_ttl_and_alive_when_it_beats_again() {
 
 #[tokio::test(start_paused = true)]
 async fn after_a_store_outage_nobody_is_judged_before_a_full_ttl_of_watching() {
-    let log = MemLog::new();
-    let (a, b) = (node(&log, "a").await, node(&log, "b").await);
-    for _ in 0..6 {
-        round(&[&a, &b]).await;
-    }
+    let (a, b) = two_nodes_that_know_each_other().await;
     // The store is unreachable for everyone for 10 s (a leader election, an outage).
     a.faults.set_down(true);
     b.faults.set_down(true);
@@ -146,11 +154,7 @@ async fn after_a_store_outage_nobody_is_judged_before_a_full_ttl_of_watching() {
 
 #[tokio::test(start_paused = true)]
 async fn a_node_that_left_is_dead_at_once_and_a_missing_one_after_the_ttl() {
-    let log = MemLog::new();
-    let (a, b) = (node(&log, "a").await, node(&log, "b").await);
-    for _ in 0..6 {
-        round(&[&a, &b]).await;
-    }
+    let (a, b) = two_nodes_that_know_each_other().await;
     b.membership.leave().await;
     round(&[&a]).await;
     assert!(dead(&a, "b"));
@@ -164,12 +168,7 @@ async fn a_node_that_left_is_dead_at_once_and_a_missing_one_after_the_ttl() {
 
 #[tokio::test(start_paused = true)]
 async fn a_takeover_fences_the_old_owner_and_only_one_claim_wins() {
-    let log = MemLog::new();
-    let (a, b, c) = (
-        node(&log, "a").await,
-        node(&log, "b").await,
-        node(&log, "c").await,
-    );
+    let (a, b, c) = three_nodes().await;
     let (exec, _) = Execution::open(
         a.store.clone(),
         "s/x/1",

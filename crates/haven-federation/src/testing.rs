@@ -86,51 +86,25 @@ impl TestUpstream {
 
     fn tools(&self) -> Vec<Tool> {
         let num = json!({"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]});
+        let object = || json!({"type": "object"});
+        let one = |name: &str, kind: &str| json!({"type": "object", "properties": {name: {"type": kind}}});
         let mut tools = vec![
             tool("add", "Adds a and b", num),
-            tool(
-                "slow",
-                "Sleeps ms milliseconds",
-                json!({"type": "object", "properties": {"ms": {"type": "integer"}}}),
-            ),
-            tool(
-                "flaky",
-                "Every other call fails with isError",
-                json!({"type": "object"}),
-            ),
-            tool(
-                "toggle",
-                "Adds or removes the tool extra",
-                json!({"type": "object"}),
-            ),
+            tool("slow", "Sleeps ms milliseconds", one("ms", "integer")),
+            tool("flaky", "Every other call fails with isError", object()),
+            tool("toggle", "Adds or removes the tool extra", object()),
             tool(
                 "touch",
                 "Sends resources/updated for uri",
-                json!({"type": "object", "properties": {"uri": {"type": "string"}}}),
+                one("uri", "string"),
             ),
-            tool(
-                "getenv",
-                "An environment variable",
-                json!({"type": "object", "properties": {"name": {"type": "string"}}}),
-            ),
-            tool("pid", "The process id", json!({"type": "object"})),
-            tool(
-                &long_tool_name(),
-                "Too long when served",
-                json!({"type": "object"}),
-            ),
-            tool(
-                "bad name!",
-                "Invalid when served",
-                json!({"type": "object"}),
-            ),
+            tool("getenv", "An environment variable", one("name", "string")),
+            tool("pid", "The process id", object()),
+            tool(&long_tool_name(), "Too long when served", object()),
+            tool("bad name!", "Invalid when served", object()),
         ];
         if self.probe.extra.load(Ordering::SeqCst) {
-            tools.push(tool(
-                "extra",
-                "Appears after toggle",
-                json!({"type": "object"}),
-            ));
+            tools.push(tool("extra", "Appears after toggle", object()));
         }
         tools
     }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use haven_catalogs::DefaultCatalog;
@@ -21,8 +21,8 @@ use haven_mcp::catalog::{Caller, Catalog, Round, Step};
 use haven_mcp::context::{ANNOUNCE_NS, Era, Item, RequestContext};
 use haven_state::Store;
 use rmcp::model::{
-    ArgumentInfo, CallToolResult, CompleteRequestParams, ErrorData, JsonObject, NumberOrString,
-    ProgressToken, Reference, ResourceContents,
+    ArgumentInfo, CallToolResult, CompleteRequestParams, ErrorData, GetPromptResult, JsonObject,
+    NumberOrString, ProgressToken, Reference, ResourceContents,
 };
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
@@ -114,19 +114,15 @@ impl Node {
         state: UpstreamState,
         limit: Duration,
     ) -> UpstreamStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(s) = self.status(name)
-                && s.state == state
-            {
-                return s;
-            }
-            assert!(
-                start.elapsed() < limit,
+        let waited = poll(Duration::from_millis(20), async || {
+            self.status(name).filter(|s| s.state == state)
+        });
+        match tokio::time::timeout(limit, waited).await {
+            Ok(s) => s,
+            Err(_) => panic!(
                 "{name} did not become {state:?} within {limit:?}: {:?}",
                 self.status(name)
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            ),
         }
     }
 
@@ -161,6 +157,56 @@ impl Node {
         }
     }
 
+    /// Calls `name` until its breaker lets the call through (until then each call is refused
+    /// as "circuit breaker open" without reaching the upstream); the outcome of that call.
+    async fn call_after_cooldown(
+        &self,
+        name: &str,
+        args: Value,
+    ) -> Result<CallToolResult, ErrorData> {
+        let every = Duration::from_millis(20);
+        retry(
+            Duration::from_secs(5),
+            every,
+            "the breaker stayed open",
+            async || match self.call(name, args.clone()).await {
+                Err(e) if e.message.contains("circuit breaker open") => None,
+                outcome => Some(outcome),
+            },
+        )
+        .await
+    }
+
+    /// Reads the text resource `uri`: the URI it answers with and its text.
+    async fn read_text(&self, uri: &str) -> (String, String) {
+        let Step::Done(read) = self
+            .catalog
+            .read_resource(&ctx(&self.store), uri, Round::default())
+            .await
+            .unwrap()
+        else {
+            panic!("{uri}: no final result")
+        };
+        let ResourceContents::TextResourceContents { uri, text, .. } = &read.contents[0] else {
+            panic!("{read:?}")
+        };
+        (uri.clone(), text.clone())
+    }
+
+    /// Renders the prompt `local__greet` for `name`.
+    async fn greet_prompt(&self, name: &str) -> GetPromptResult {
+        let mut args = JsonObject::new();
+        args.insert("name".into(), json!(name));
+        let c = ctx(&self.store);
+        let call = self
+            .catalog
+            .get_prompt(&c, "local__greet", args, Round::default());
+        let Step::Done(p) = call.await.unwrap() else {
+            panic!("local__greet: no final result")
+        };
+        p
+    }
+
     async fn record(&self, upstream: &str) -> Option<(u64, UpstreamLists)> {
         let r = self.store.get(LISTS_NS, upstream).await.unwrap()?;
         Some((r.revision, serde_json::from_slice(r.value()).unwrap()))
@@ -181,15 +227,25 @@ impl Node {
 }
 
 fn ctx(store: &Arc<dyn Store>) -> RequestContext {
+    ctx_with(store, None, None, CancellationToken::new())
+}
+
+/// A stateless-era request context with a progress token, an outlet and a cancellation.
+fn ctx_with(
+    store: &Arc<dyn Store>,
+    token: Option<ProgressToken>,
+    out: Option<mpsc::UnboundedSender<Item>>,
+    cancel: CancellationToken,
+) -> RequestContext {
     RequestContext::new(
         store.clone(),
         Era::Stateless {
             protocol_version: "2026-07-28".into(),
         },
         Caller::default(),
-        None,
-        None,
-        CancellationToken::new(),
+        token,
+        out,
+        cancel,
     )
 }
 
@@ -236,13 +292,34 @@ fn local() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
 
+/// Tries `attempt` every `every` until it gives a value; fails saying `what` after `limit`.
+async fn retry<T>(
+    limit: Duration,
+    every: Duration,
+    what: &str,
+    attempt: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    tokio::time::timeout(limit, poll(every, attempt))
+        .await
+        .unwrap_or_else(|_| panic!("{what} (waited {limit:?})"))
+}
+
+/// Tries `attempt` every `every` until it gives a value (the caller bounds the wait).
+async fn poll<T>(every: Duration, mut attempt: impl AsyncFnMut() -> Option<T>) -> T {
+    loop {
+        if let Some(v) = attempt().await {
+            return v;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// Polls `done` every 20 ms until it holds; fails saying `what` after `limit`.
 async fn wait_until(limit: Duration, what: &str, mut done: impl AsyncFnMut() -> bool) {
-    let start = Instant::now();
-    while !done().await {
-        assert!(start.elapsed() < limit, "{what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    retry(limit, Duration::from_millis(20), what, async || {
+        done().await.then_some(())
+    })
+    .await
 }
 
 fn process_exists(pid: u32) -> bool {
@@ -250,6 +327,27 @@ fn process_exists(pid: u32) -> bool {
 }
 
 const CONNECT: Duration = Duration::from_secs(15);
+
+/// A stdio upstream `local` (labelled `label`) on a new node, connected; its child's pid.
+async fn stdio_node(label: &str) -> (Node, u32) {
+    let n = node(settings());
+    n.register(stdio_spec("local", label)).await;
+    let st = n
+        .wait_state("local", UpstreamState::Connected, CONNECT)
+        .await;
+    (n, st.pid.unwrap())
+}
+
+/// An HTTP upstream `web` (with its own call timeout, if given) on a new node, connected.
+async fn web_node(settings: UpstreamSettings, timeout_ms: Option<u64>) -> (HttpUpstream, Node) {
+    let web = HttpUpstream::start("web", local()).await.unwrap();
+    let n = node(settings);
+    let mut spec = http_spec("web", &web.url);
+    spec.timeout_ms = timeout_ms;
+    n.register(spec).await;
+    n.wait_state("web", UpstreamState::Connected, CONNECT).await;
+    (web, n)
+}
 
 // Long by design: one pool with two upstreams, through every kind of call that routes by prefix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -315,45 +413,17 @@ async fn upstreams_are_served_namespaced_and_calls_route() {
             .iter()
             .any(|t| t.uri_template == "local+test://items/{id}")
     );
-    let Step::Done(read) = n
-        .catalog
-        .read_resource(&c, "web+test://static/hello", Round::default())
-        .await
-        .unwrap()
-    else {
-        panic!()
-    };
-    let ResourceContents::TextResourceContents { uri, text, .. } = &read.contents[0] else {
-        panic!("{read:?}")
-    };
     assert_eq!(
-        (uri.as_str(), text.as_str()),
-        ("web+test://static/hello", "hello from web")
+        n.read_text("web+test://static/hello").await,
+        (
+            "web+test://static/hello".to_owned(),
+            "hello from web".to_owned()
+        )
     );
-    let Step::Done(read) = n
-        .catalog
-        .read_resource(&c, "local+test://items/7", Round::default())
-        .await
-        .unwrap()
-    else {
-        panic!()
-    };
-    let ResourceContents::TextResourceContents { text, .. } = &read.contents[0] else {
-        panic!()
-    };
-    assert_eq!(text, "item 7");
+    assert_eq!(n.read_text("local+test://items/7").await.1, "item 7");
     let prompts = n.catalog.prompts(&c).await.unwrap();
     assert!(prompts.iter().any(|p| p.name == "web__greet"));
-    let mut args = JsonObject::new();
-    args.insert("name".into(), json!("Ada"));
-    let Step::Done(p) = n
-        .catalog
-        .get_prompt(&c, "local__greet", args, Round::default())
-        .await
-        .unwrap()
-    else {
-        panic!()
-    };
+    let p = n.greet_prompt("Ada").await;
     let msg = serde_json::to_string(&p.messages).unwrap();
     assert!(msg.contains("Hello, Ada! (loc)"), "{msg}");
     let done = n
@@ -398,10 +468,7 @@ async fn upstreams_are_served_namespaced_and_calls_route() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_changes_rewrite_the_record_and_are_announced() {
-    let web = HttpUpstream::start("web", local()).await.unwrap();
-    let n = node(settings());
-    n.register(http_spec("web", &web.url)).await;
-    n.wait_state("web", UpstreamState::Connected, CONNECT).await;
+    let (web, n) = web_node(settings(), None).await;
     let (rev, lists) = n.record("web").await.unwrap();
     assert!(!lists.tools.iter().any(|t| t.name == "extra"));
     let announced = n.announcement("list/tools").await.unwrap();
@@ -445,40 +512,22 @@ async fn list_changes_rewrite_the_record_and_are_announced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeouts_and_client_cancellation_cancel_the_upstream_request() {
-    let web = HttpUpstream::start("web", local()).await.unwrap();
-    let n = node(settings());
-    let mut spec = http_spec("web", &web.url);
-    spec.timeout_ms = Some(400);
-    n.register(spec).await;
-    n.wait_state("web", UpstreamState::Connected, CONNECT).await;
+    let (web, n) = web_node(settings(), Some(400)).await;
 
     // Progress of the upstream reaches the client; the timeout cancels the upstream call.
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let c = RequestContext::new(
-        n.store.clone(),
-        Era::Stateless {
-            protocol_version: "2026-07-28".into(),
-        },
-        Caller::default(),
-        Some(ProgressToken(NumberOrString::Number(7))),
-        Some(tx),
-        CancellationToken::new(),
-    );
-    let start = Instant::now();
-    let e = n
-        .call_with(&c, "web__slow", json!({"ms": 10_000}))
+    let token = Some(ProgressToken(NumberOrString::Number(7)));
+    let c = ctx_with(&n.store, token, Some(tx), CancellationToken::new());
+    let call = n.call_with(&c, "web__slow", json!({"ms": 10_000}));
+    let e = tokio::time::timeout(Duration::from_secs(5), call)
         .await
+        .expect("the upstream timeout did not end the call")
         .unwrap_err();
-    let took = start.elapsed();
     assert_eq!(e.code.0, UPSTREAM_TIMEOUT, "{e:?}");
     assert!(
         e.message
             .contains("upstream 'web' did not answer tools/call within 400 ms"),
         "{e:?}"
-    );
-    assert!(
-        took >= Duration::from_millis(390) && took < Duration::from_millis(1_400),
-        "{took:?}"
     );
     let Ok(Item::Notify(progress)) = rx.try_recv() else {
         panic!("no progress forwarded")
@@ -497,18 +546,19 @@ async fn timeouts_and_client_cancellation_cancel_the_upstream_request() {
 
     // A client that cancels cancels the upstream request too.
     let token = CancellationToken::new();
-    let c = RequestContext::new(
-        n.store.clone(),
-        Era::Stateless {
-            protocol_version: "2026-07-28".into(),
-        },
-        Caller::default(),
-        None,
-        None,
-        token.clone(),
-    );
+    let c = ctx_with(&n.store, None, None, token.clone());
+    // It cancels once the upstream has started the call.
+    let started = web.probe.slow_started.load(Ordering::SeqCst);
+    let probe = web.probe.clone();
     let canceller = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        let call_started = async {
+            while probe.slow_started.load(Ordering::SeqCst) == started {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), call_started)
+            .await
+            .expect("the upstream never started the call");
         token.cancel();
     });
     let e = n
@@ -530,15 +580,10 @@ async fn timeouts_and_client_cancellation_cancel_the_upstream_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn breaker_opens_after_failures_and_half_opens_after_cooldown() {
-    let web = HttpUpstream::start("web", local()).await.unwrap();
     let mut s = settings();
     s.breaker_failures = 2;
     s.breaker_cooldown_ms = 700;
-    let n = node(s);
-    let mut spec = http_spec("web", &web.url);
-    spec.timeout_ms = Some(200);
-    n.register(spec).await;
-    n.wait_state("web", UpstreamState::Connected, CONNECT).await;
+    let (web, n) = web_node(s, Some(200)).await;
 
     // Tool errors (isError) are answers, not failures.
     for _ in 0..4 {
@@ -552,18 +597,24 @@ async fn breaker_opens_after_failures_and_half_opens_after_cooldown() {
         assert_eq!(e.code.0, UPSTREAM_TIMEOUT);
     }
     assert_eq!(n.status("web").unwrap().state, UpstreamState::BreakerOpen);
-    let start = Instant::now();
+    let reached = web.probe.calls.load(Ordering::SeqCst);
     let e = n
         .call("web__add", json!({"a": 1, "b": 1}))
         .await
         .unwrap_err();
-    assert!(start.elapsed() < Duration::from_millis(100));
     assert_eq!(e.code.0, UPSTREAM_UNAVAILABLE);
     assert!(e.message.contains("circuit breaker open"), "{e:?}");
+    assert_eq!(
+        web.probe.calls.load(Ordering::SeqCst),
+        reached,
+        "an open breaker refuses without reaching the upstream"
+    );
 
     // After the cooldown one trial goes through; a failed trial opens it again.
-    tokio::time::sleep(Duration::from_millis(750)).await;
-    let e = n.call("web__slow", json!({"ms": 5_000})).await.unwrap_err();
+    let e = n
+        .call_after_cooldown("web__slow", json!({"ms": 5_000}))
+        .await
+        .unwrap_err();
     assert_eq!(e.code.0, UPSTREAM_TIMEOUT);
     let e = n
         .call("web__add", json!({"a": 1, "b": 1}))
@@ -572,8 +623,10 @@ async fn breaker_opens_after_failures_and_half_opens_after_cooldown() {
     assert!(e.message.contains("circuit breaker open"), "{e:?}");
 
     // A successful trial closes it.
-    tokio::time::sleep(Duration::from_millis(750)).await;
-    let r = n.call("web__add", json!({"a": 1, "b": 1})).await.unwrap();
+    let r = n
+        .call_after_cooldown("web__add", json!({"a": 1, "b": 1}))
+        .await
+        .unwrap();
     assert_eq!(text_of(&r), "2");
     let st = n.status("web").unwrap();
     assert_eq!(
@@ -588,12 +641,7 @@ async fn breaker_opens_after_failures_and_half_opens_after_cooldown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_stdio_upstream_is_restarted() {
-    let n = node(settings());
-    n.register(stdio_spec("local", "loc")).await;
-    let st = n
-        .wait_state("local", UpstreamState::Connected, CONNECT)
-        .await;
-    let pid = st.pid.unwrap();
+    let (n, pid) = stdio_node("loc").await;
     let r = n.call("local__pid", json!({})).await.unwrap();
     assert_eq!(text_of(&r), pid.to_string());
 
@@ -603,21 +651,24 @@ async fn a_killed_stdio_upstream_is_restarted() {
         .unwrap();
     assert!(killed.success());
 
-    // Calls fail quickly while it is down, then succeed against a new process.
-    let start = Instant::now();
+    // Calls fail at once (unavailable, not after the upstream timeout) while it is down, then
+    // succeed against a new process.
     let mut failures = 0;
-    let new_pid = loop {
-        let t = Instant::now();
-        match n.call("local__pid", json!({})).await {
-            Ok(r) => break text_of(&r),
+    let every = Duration::from_millis(20);
+    let new_pid = retry(
+        Duration::from_secs(20),
+        every,
+        "not restarted",
+        async || match n.call("local__pid", json!({})).await {
+            Ok(r) => Some(text_of(&r)),
             Err(e) => {
-                assert!(t.elapsed() < Duration::from_secs(1), "slow failure: {e:?}");
+                assert_eq!(e.code.0, UPSTREAM_UNAVAILABLE, "slow failure: {e:?}");
                 failures += 1;
+                None
             }
-        }
-        assert!(start.elapsed() < Duration::from_secs(20), "not restarted");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        },
+    )
+    .await;
     assert!(failures >= 1);
     assert_ne!(new_pid, pid.to_string());
     let st = n.status("local").unwrap();
@@ -635,46 +686,34 @@ async fn a_killed_stdio_upstream_is_restarted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_upstream_that_restarts_is_used_again() {
-    let web = HttpUpstream::start("web", local()).await.unwrap();
+    let (web, n) = web_node(settings(), None).await;
     let addr = web.addr;
-    let n = node(settings());
-    n.register(http_spec("web", &web.url)).await;
-    n.wait_state("web", UpstreamState::Connected, CONNECT).await;
     n.call("web__add", json!({"a": 1, "b": 2})).await.unwrap();
 
     web.stop().await;
-    // While it is down, calls fail within the timeout.
-    let t = Instant::now();
-    n.call("web__add", json!({"a": 1, "b": 2}))
+    // While it is down, calls fail (within the upstream timeout of 5 s).
+    let call = n.call("web__add", json!({"a": 1, "b": 2}));
+    let e = tokio::time::timeout(Duration::from_secs(6), call)
         .await
+        .expect("a call to an upstream that is down did not fail")
         .unwrap_err();
-    assert!(t.elapsed() < Duration::from_secs(6));
+    assert!(
+        [UPSTREAM_UNAVAILABLE, UPSTREAM_TIMEOUT].contains(&e.code.0),
+        "{e:?}"
+    );
 
     let web = HttpUpstream::start("web2", addr).await.unwrap();
-    let start = Instant::now();
-    loop {
-        if let Ok(r) = n.call("web__add", json!({"a": 1, "b": 2})).await {
-            assert_eq!(text_of(&r), "3");
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "upstream not used again"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let every = Duration::from_millis(50);
+    let r = retry(
+        Duration::from_secs(20),
+        every,
+        "upstream not used again",
+        async || n.call("web__add", json!({"a": 1, "b": 2})).await.ok(),
+    )
+    .await;
+    assert_eq!(text_of(&r), "3");
     // The new server answers (a new session).
-    let Step::Done(read) = n
-        .catalog
-        .read_resource(&ctx(&n.store), "web+test://static/hello", Round::default())
-        .await
-        .unwrap()
-    else {
-        panic!()
-    };
-    let ResourceContents::TextResourceContents { text, .. } = &read.contents[0] else {
-        panic!()
-    };
+    let (_, text) = n.read_text("web+test://static/hello").await;
     assert_eq!(text, "hello from web2");
 
     // Restarted between two calls: its session is gone, so it is re-opened and the call sent
@@ -682,25 +721,22 @@ async fn an_http_upstream_that_restarts_is_used_again() {
     // it is not provably undelivered, so it is not resent.)
     web.stop().await;
     let web = HttpUpstream::start("web3", addr).await.unwrap();
-    let start = Instant::now();
     let mut failures = 0;
-    loop {
-        match n.call("web__add", json!({"a": 2, "b": 2})).await {
-            Ok(r) => {
-                assert_eq!(text_of(&r), "4");
-                break;
-            }
+    let r = retry(
+        Duration::from_secs(20),
+        every,
+        "upstream not used again",
+        async || match n.call("web__add", json!({"a": 2, "b": 2})).await {
+            Ok(r) => Some(r),
             Err(e) => {
                 failures += 1;
                 assert!(failures <= 2, "{e:?}");
+                None
             }
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "upstream not used again"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        },
+    )
+    .await;
+    assert_eq!(text_of(&r), "4");
     // Executed exactly once by the new server.
     assert_eq!(web.probe.calls.load(Ordering::SeqCst), 1);
 
@@ -744,36 +780,34 @@ async fn garbage_and_hanging_upstreams_fail_while_a_healthy_one_answers() {
     n.register(http_spec("hanging", &hanging_url)).await;
     n.wait_state("web", UpstreamState::Connected, CONNECT).await;
 
+    // Each bad upstream fails its call within its connect timeout and call timeout.
     let bad = |name: &'static str| {
         let n = n.clone();
         tokio::spawn(async move {
-            let t = Instant::now();
-            let e = n
-                .call(&format!("{name}__add"), json!({"a": 1, "b": 1}))
+            let tool = format!("{name}__add");
+            let call = n.call(&tool, json!({"a": 1, "b": 1}));
+            tokio::time::timeout(Duration::from_millis(1_500), call)
                 .await
-                .unwrap_err();
-            (t.elapsed(), e)
+                .unwrap_or_else(|_| panic!("{name}: the call did not fail in time"))
+                .unwrap_err()
         })
     };
     let g = bad("garbage");
     let h = bad("hanging");
-    // The healthy upstream and the lists answer meanwhile.
+    // The healthy upstream and the lists answer meanwhile, not held up behind the bad ones.
     for _ in 0..5 {
-        let t = Instant::now();
-        let r = n.call("web__add", json!({"a": 2, "b": 2})).await.unwrap();
-        assert_eq!(text_of(&r), "4");
-        assert!(n.tool_names().await.contains(&"web__add".to_string()));
-        assert!(
-            t.elapsed() < Duration::from_millis(500),
-            "{:?}",
-            t.elapsed()
-        );
+        let healthy = async {
+            let r = n.call("web__add", json!({"a": 2, "b": 2})).await.unwrap();
+            assert_eq!(text_of(&r), "4");
+            assert!(n.tool_names().await.contains(&"web__add".to_string()));
+        };
+        tokio::time::timeout(Duration::from_millis(500), healthy)
+            .await
+            .expect("the healthy upstream waited for the bad ones");
     }
-    let (took, e) = g.await.unwrap();
-    assert!(took < Duration::from_millis(1_500), "{took:?} {e:?}");
+    let e = g.await.unwrap();
     assert!(e.message.contains("garbage"), "{e:?}");
-    let (took, e) = h.await.unwrap();
-    assert!(took < Duration::from_millis(1_500), "{took:?} {e:?}");
+    let e = h.await.unwrap();
     assert!(e.message.contains("hanging"), "{e:?}");
     // Operators see why.
     let st = n.status("garbage").unwrap();
@@ -809,44 +843,25 @@ async fn local_tools_withdrawn(n: &Node, announced: u64) -> ErrorData {
 // Long by design: one upstream changed, disabled and removed in turn, the pool checked after each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changed_disabled_and_removed_upstreams() {
-    let n = node(settings());
-    n.register(stdio_spec("local", "one")).await;
-    let pid1 = n
-        .wait_state("local", UpstreamState::Connected, CONNECT)
-        .await
-        .pid
-        .unwrap();
+    let (n, pid1) = stdio_node("one").await;
 
     // A changed entry reconnects (the old child goes away).
     n.register(stdio_spec("local", "two")).await;
-    let start = Instant::now();
-    let pid2 = loop {
-        if let Some(st) = n.status("local")
-            && st.state == UpstreamState::Connected
-            && let Some(p) = st.pid
-            && p != pid1
-        {
-            break p;
-        }
-        assert!(start.elapsed() < CONNECT, "not reconnected");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let every = Duration::from_millis(20);
+    let pid2 = retry(CONNECT, every, "not reconnected", async || {
+        let st = n.status("local")?;
+        (st.state == UpstreamState::Connected)
+            .then_some(st.pid?)
+            .filter(|p| *p != pid1)
+    })
+    .await;
     wait_until(
         Duration::from_secs(10),
         "old child still running",
         async || !process_exists(pid1),
     )
     .await;
-    let mut args = JsonObject::new();
-    args.insert("name".into(), json!("X"));
-    let Step::Done(p) = n
-        .catalog
-        .get_prompt(&ctx(&n.store), "local__greet", args, Round::default())
-        .await
-        .unwrap()
-    else {
-        panic!()
-    };
+    let p = n.greet_prompt("X").await;
     assert!(serde_json::to_string(&p).unwrap().contains("(two)"));
 
     // Disabled: closed, not served, shown as disabled.
@@ -1032,12 +1047,10 @@ async fn an_upstream_answering_garbage_mid_call_gives_a_json_rpc_error() {
     let mut seen = Vec::new();
     let mut messages = Vec::new();
     for variant in 1..=5u64 {
-        let t = Instant::now();
         let call = n.call("shaky__bad", json!({"variant": variant}));
         let Ok(outcome) = tokio::time::timeout(limit, call).await else {
             panic!("variant {variant}: no answer within {limit:?}");
         };
-        let took = t.elapsed();
         let e = match outcome {
             Ok(r) => panic!("variant {variant}: garbage accepted as {r:?}"),
             Err(e) => e,
@@ -1054,7 +1067,6 @@ async fn an_upstream_answering_garbage_mid_call_gives_a_json_rpc_error() {
         assert!(e.message.contains("shaky"), "variant {variant}: {e:?}");
         let text = serde_json::to_string(&e).unwrap();
         assert!(!text.contains(SECRET_VALUE), "variant {variant}: {text}");
-        assert!(took < limit, "variant {variant}: {took:?}");
         seen.push((variant, e.code.0));
         messages.push(e.message);
     }
@@ -1081,16 +1093,18 @@ async fn an_upstream_answering_garbage_mid_call_gives_a_json_rpc_error() {
     );
 
     // The upstream is still usable.
-    let start = Instant::now();
-    let r = loop {
+    let mut last = None;
+    let good = poll(Duration::from_millis(50), async || {
         match n.call("shaky__good", json!({})).await {
-            Ok(r) => break r,
-            Err(e) => assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "good never answered: {e:?}"
-            ),
+            Ok(r) => Some(r),
+            Err(e) => {
+                last = Some(e);
+                None
+            }
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    });
+    let Ok(r) = tokio::time::timeout(Duration::from_secs(10), good).await else {
+        panic!("good never answered: {last:?}")
     };
     assert_eq!(text_of(&r), "fine");
     assert_eq!(shaky.good_calls.load(Ordering::SeqCst), 1);

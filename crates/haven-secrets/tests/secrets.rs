@@ -8,12 +8,51 @@ use std::path::Path;
 use std::sync::Arc;
 
 use base64::Engine as _;
-use haven_secrets::{KekRing, KekSource, SECRETS_NS, Secrets, SecretsError, is_valid_kid};
+use haven_secrets::{
+    KekRing, KekSource, SECRETS_NS, SecretMeta, Secrets, SecretsError, is_valid_kid,
+};
 use haven_state::{Batch, Change, Store};
 
 /// A store in `dir` (for the trait object the services take).
 fn open_store(dir: &std::path::Path) -> Arc<dyn Store> {
     haven_testkit::redb_store(dir)
+}
+
+/// Secrets on a new store, under a generated key-encryption key.
+fn generated() -> (tempfile::TempDir, Secrets) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Secrets::open(open_store(dir.path()), KekSource::generated()).unwrap();
+    (dir, s)
+}
+
+/// Secrets on a new store under a new key file (one key), in a new directory.
+struct KeyFile {
+    dir: tempfile::TempDir,
+    store: Arc<dyn Store>,
+    file: std::path::PathBuf,
+    /// The key's id.
+    kid: String,
+    secrets: Secrets,
+}
+
+fn key_file() -> KeyFile {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(&dir.path().join("data"));
+    let file = dir.path().join("keys");
+    let kid = KekRing::create_file(&file).unwrap();
+    let secrets = Secrets::open(store.clone(), KekSource::file(&file)).unwrap();
+    KeyFile {
+        dir,
+        store,
+        file,
+        kid,
+        secrets,
+    }
+}
+
+/// The names of listed secrets, in order.
+fn names_of(list: Vec<SecretMeta>) -> Vec<String> {
+    list.into_iter().map(|m| m.name).collect()
 }
 
 fn b64(bytes: &[u8]) -> String {
@@ -94,8 +133,7 @@ async fn values_round_trip_with_metadata() {
 
 #[tokio::test]
 async fn reserved_names_are_for_haven_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = Secrets::open(open_store(dir.path()), KekSource::generated()).unwrap();
+    let (_dir, s) = generated();
     s.set("system/request-state/k1", b"internal").await.unwrap();
     s.set_user("user-secret", b"u").await.unwrap();
 
@@ -106,21 +144,9 @@ async fn reserved_names_are_for_haven_only() {
     assert!(matches!(e, SecretsError::Reserved(_)), "{e}");
     assert!(s.get("system/request-state/k1").await.unwrap().is_some());
 
-    let all: Vec<String> = s
-        .list()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|m| m.name)
-        .collect();
+    let all = names_of(s.list().await.unwrap());
     assert_eq!(all, ["system/request-state/k1", "user-secret"]);
-    let user: Vec<String> = s
-        .list_user()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|m| m.name)
-        .collect();
+    let user = names_of(s.list_user().await.unwrap());
     assert_eq!(user, ["user-secret"]);
     assert_eq!(s.names().await.unwrap().len(), 2);
 
@@ -233,8 +259,7 @@ async fn listing_and_debug_show_no_values_or_keys() {
 
 #[tokio::test]
 async fn templates_expand_and_name_missing_secrets() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = Secrets::open(open_store(dir.path()), KekSource::generated()).unwrap();
+    let (_dir, s) = generated();
     s.set("user", b"alice").await.unwrap();
     s.set("api/token", b"t0k3n").await.unwrap();
     s.set("binary", &[0xff, 0xfe]).await.unwrap();
@@ -390,11 +415,13 @@ async fn tampered_records_fail_to_decrypt() {
 
 #[tokio::test]
 async fn rotation_rewraps_every_data_key_under_the_new_primary() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open_store(&dir.path().join("data"));
-    let file = dir.path().join("keys");
-    let kid_a = KekRing::create_file(&file).unwrap();
-    let s = Secrets::open(store.clone(), KekSource::file(&file)).unwrap();
+    let KeyFile {
+        dir: _dir,
+        store,
+        file,
+        kid: kid_a,
+        secrets: s,
+    } = key_file();
     for i in 0..20 {
         s.set(&format!("s{i:02}"), format!("value {i}").as_bytes())
             .await
@@ -462,11 +489,13 @@ async fn rotation_rewraps_every_data_key_under_the_new_primary() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_never_loses_a_concurrent_set() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open_store(&dir.path().join("data"));
-    let file = dir.path().join("keys");
-    KekRing::create_file(&file).unwrap();
-    let s = Secrets::open(store.clone(), KekSource::file(&file)).unwrap();
+    let KeyFile {
+        dir: _dir,
+        store,
+        file,
+        kid: _,
+        secrets: s,
+    } = key_file();
     const NAMES: usize = 6;
     for i in 0..NAMES {
         s.set(&format!("n{i}"), b"initial").await.unwrap();
@@ -649,11 +678,13 @@ fn key_files_are_created_private_and_appended() {
 
 #[tokio::test]
 async fn reloading_keys_picks_up_a_new_primary() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open_store(&dir.path().join("data"));
-    let file = dir.path().join("keys");
-    let k1 = KekRing::create_file(&file).unwrap();
-    let s = Secrets::open(store, KekSource::file(&file)).unwrap();
+    let KeyFile {
+        dir: _dir,
+        store: _,
+        file,
+        kid: k1,
+        secrets: s,
+    } = key_file();
     assert_eq!(s.primary_kid(), k1);
     let k2 = KekRing::append_new_key(&file).unwrap();
     assert_eq!(s.primary_kid(), k1, "keys are read on reload only");

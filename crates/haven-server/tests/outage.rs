@@ -10,20 +10,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use axum::Router;
 use axum::body::Body;
 use haven_catalogs::DefaultCatalog;
 use haven_mcp::engine::{Engine, EngineConfig};
 use haven_mcp::keyring::{KekSource, Secrets};
 use haven_server::{HttpConfig, router};
-use haven_state::{
-    Batch, Commit, HybridClock, LogEntry, Origin, RedbStore, ScanPage, Store, StoreError,
-    StoreResult, StoredRecord, StreamEvent,
-};
+use haven_state::{Batch, Commit, HybridClock, Origin, RedbStore, Store, StoreError, StoreResult};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
-use tokio::sync::broadcast;
 use tower::ServiceExt;
 
 /// The real store, with a switch that makes every write fail as unavailable.
@@ -40,60 +35,12 @@ impl FaultyStore {
     }
 }
 
-#[async_trait]
-impl Store for FaultyStore {
-    fn origin(&self) -> &Origin {
-        self.inner.origin()
-    }
-
-    fn clock(&self) -> &Arc<HybridClock> {
-        self.inner.clock()
-    }
-
-    async fn get(&self, namespace: &str, key: &str) -> StoreResult<Option<StoredRecord>> {
-        self.inner.get(namespace, key).await
-    }
-
-    async fn get_raw(&self, namespace: &str, key: &str) -> StoreResult<Option<StoredRecord>> {
-        self.inner.get_raw(namespace, key).await
-    }
-
-    async fn scan(
-        &self,
-        namespace: &str,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> StoreResult<ScanPage> {
-        self.inner.scan(namespace, prefix, after, limit).await
-    }
-
+haven_state::wrap_store!(FaultyStore, inner, {
     async fn commit(&self, batch: Batch) -> StoreResult<Commit> {
         match self.refused() {
             Some(e) => Err(e),
             None => self.inner.commit(batch).await,
         }
-    }
-
-    async fn read_events(
-        &self,
-        stream: &str,
-        after: u64,
-        limit: usize,
-    ) -> StoreResult<Vec<StreamEvent>> {
-        self.inner.read_events(stream, after, limit).await
-    }
-
-    async fn read_log(&self, from_seq: u64, limit: usize) -> StoreResult<Vec<LogEntry>> {
-        self.inner.read_log(from_seq, limit).await
-    }
-
-    async fn last_seq(&self) -> StoreResult<u64> {
-        self.inner.last_seq().await
-    }
-
-    fn subscribe(&self) -> broadcast::Receiver<Arc<LogEntry>> {
-        self.inner.subscribe()
     }
 
     async fn check_writable(&self) -> StoreResult<()> {
@@ -102,19 +49,7 @@ impl Store for FaultyStore {
             None => self.inner.check_writable().await,
         }
     }
-
-    fn shared(&self) -> bool {
-        self.inner.shared()
-    }
-
-    async fn describe(&self) -> Value {
-        self.inner.describe().await
-    }
-
-    async fn state_entries(&self) -> StoreResult<(u64, Vec<LogEntry>)> {
-        self.inner.state_entries().await
-    }
-}
+});
 
 struct Node {
     _dir: tempfile::TempDir,

@@ -26,6 +26,48 @@ pub mod fuzzing {
     }
 }
 
+/// What [`wrap_store!`] expands to needs, reachable from any crate.
+#[doc(hidden)]
+pub mod __private {
+    pub use async_trait::async_trait;
+    pub use serde_json::Value;
+    pub use tokio::sync::broadcast::Receiver;
+}
+
+/// Implements [`Store`] for a wrapper of another store: every method is forwarded to the
+/// field `$inner` except `commit` and `check_writable`, which the wrapper writes itself (in
+/// the braces, as in an `#[async_trait]` impl) — the two that decide whether a write may go.
+///
+/// ```ignore
+/// haven_state::wrap_store!(FaultyStore, inner, {
+///     async fn commit(&self, batch: Batch) -> StoreResult<Commit> { ... }
+///     async fn check_writable(&self) -> StoreResult<()> { ... }
+/// });
+/// ```
+#[macro_export]
+macro_rules! wrap_store {
+    ($ty:ty, $inner:ident, { $($writes:tt)* }) => {
+        #[$crate::__private::async_trait]
+        impl $crate::Store for $ty {
+            $($writes)*
+
+            // One line a method: each forwards to the inner store.
+            fn origin(&self) -> &$crate::Origin { self.$inner.origin() }
+            fn clock(&self) -> &::std::sync::Arc<$crate::HybridClock> { self.$inner.clock() }
+            async fn get(&self, ns: &str, key: &str) -> $crate::StoreResult<Option<$crate::StoredRecord>> { self.$inner.get(ns, key).await }
+            async fn get_raw(&self, ns: &str, key: &str) -> $crate::StoreResult<Option<$crate::StoredRecord>> { self.$inner.get_raw(ns, key).await }
+            async fn scan(&self, ns: &str, prefix: &str, after: Option<&str>, limit: usize) -> $crate::StoreResult<$crate::ScanPage> { self.$inner.scan(ns, prefix, after, limit).await }
+            async fn read_events(&self, stream: &str, after: u64, limit: usize) -> $crate::StoreResult<Vec<$crate::StreamEvent>> { self.$inner.read_events(stream, after, limit).await }
+            async fn read_log(&self, from_seq: u64, limit: usize) -> $crate::StoreResult<Vec<$crate::LogEntry>> { self.$inner.read_log(from_seq, limit).await }
+            async fn last_seq(&self) -> $crate::StoreResult<u64> { self.$inner.last_seq().await }
+            fn subscribe(&self) -> $crate::__private::Receiver<::std::sync::Arc<$crate::LogEntry>> { self.$inner.subscribe() }
+            fn shared(&self) -> bool { self.$inner.shared() }
+            async fn describe(&self) -> $crate::__private::Value { self.$inner.describe().await }
+            async fn state_entries(&self) -> $crate::StoreResult<(u64, Vec<$crate::LogEntry>)> { self.$inner.state_entries().await }
+        }
+    };
+}
+
 pub use clock::{Hlc, HybridClock, ManualClock, PhysicalClock, SystemClock, VirtualClock};
 pub use mem_store::{BatchObserver, LinkFaults, MemLog, MemStore};
 pub use nats_store::{NatsConfig, NatsStore};

@@ -130,19 +130,8 @@ fn describe(revision: Option<u64>) -> String {
 /// Checks every precondition of `batch` against the state before it.
 fn check_preconditions(state: &impl StateRead, batch: &Batch, now: u64) -> StoreResult<()> {
     for op in &batch.ops {
-        let (ns, key, expect) = match op {
-            Op::Put {
-                namespace,
-                key,
-                expect,
-                ..
-            }
-            | Op::Delete {
-                namespace,
-                key,
-                expect,
-            } => (namespace, key, *expect),
-            _ => continue,
+        let Some((ns, key, expect)) = op.precondition() else {
+            continue;
         };
         let live = match expect {
             Expect::Any => continue,
@@ -158,8 +147,8 @@ fn check_preconditions(state: &impl StateRead, batch: &Batch, now: u64) -> Store
         };
         if !holds {
             return Err(StoreError::Conflict {
-                namespace: ns.clone(),
-                key: key.clone(),
+                namespace: ns.to_owned(),
+                key: key.to_owned(),
                 expected: match expect {
                     Expect::Revision(r) => format!("revision {r}"),
                     _ => "no live record".into(),
@@ -176,19 +165,9 @@ fn conditional_keys(batch: &Batch) -> std::collections::HashSet<(&str, &str)> {
     batch
         .ops
         .iter()
-        .filter_map(|op| match op {
-            Op::Put {
-                namespace,
-                key,
-                expect,
-                ..
-            }
-            | Op::Delete {
-                namespace,
-                key,
-                expect,
-            } if *expect != Expect::Any => Some((namespace.as_str(), key.as_str())),
-            _ => None,
+        .filter_map(|op| match op.precondition()? {
+            (_, _, Expect::Any) => None,
+            (namespace, key, _) => Some((namespace, key)),
         })
         .collect()
 }

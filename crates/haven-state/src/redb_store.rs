@@ -1,5 +1,6 @@
 //! The embedded backend: one redb file, written by one thread that group-commits batches.
 
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,7 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use parking_lot::RwLock;
 use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, StorageBackend, TableDefinition,
+    BackendError, Database, Durability, ReadableDatabase, ReadableTable, StorageBackend,
+    TableDefinition,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -99,6 +101,12 @@ fn open_database(factory: &BackendFactory) -> StoreResult<Database> {
         // Reopening (possibly on a full disk): no write needed.
         return Ok(db);
     }
+    create_tables(&db)?;
+    Ok(db)
+}
+
+/// Creates the (empty) tables of a new database, durably.
+fn create_tables(db: &Database) -> StoreResult<()> {
     let mut tx = db.begin_write().map_err(storage_err)?;
     tx.set_durability(Durability::Immediate)
         .map_err(storage_err)?;
@@ -108,8 +116,19 @@ fn open_database(factory: &BackendFactory) -> StoreResult<Database> {
         tx.open_table(EVENTS).map_err(storage_err)?;
         tx.open_table(META).map_err(storage_err)?;
     }
-    tx.commit().map_err(storage_err)?;
-    Ok(db)
+    tx.commit().map_err(storage_err)
+}
+
+/// Opens (creating it if need be) the database file at `path` as a redb file backend.
+pub fn open_file_backend(path: &Path) -> std::io::Result<redb::backends::FileBackend> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    redb::backends::FileBackend::new(f)
+        .map_err(|e| std::io::Error::other(format!("cannot open {}: {e}", path.display())))
 }
 
 fn tables_exist(db: &Database) -> bool {
@@ -244,25 +263,17 @@ impl StorageBackend for BoxedBackend {
     fn close(&self) -> Result<(), std::io::Error> {
         self.0.close()
     }
-    fn try_lock_range(
-        &self,
-        start: std::ops::Bound<u64>,
-        end: std::ops::Bound<u64>,
-    ) -> Result<bool, redb::BackendError> {
+    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
         self.0.try_lock_range(start, end)
     }
     fn try_lock_shared_range(
         &self,
-        start: std::ops::Bound<u64>,
-        end: std::ops::Bound<u64>,
-    ) -> Result<bool, redb::BackendError> {
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> Result<bool, BackendError> {
         self.0.try_lock_shared_range(start, end)
     }
-    fn unlock_range(
-        &self,
-        start: std::ops::Bound<u64>,
-        end: std::ops::Bound<u64>,
-    ) -> Result<(), redb::BackendError> {
+    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
         self.0.unlock_range(start, end)
     }
 }
@@ -280,15 +291,7 @@ impl RedbStore {
         let file = dir.join("state.redb");
         let path = file.clone();
         let factory: BackendFactory = Box::new(move || {
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)?;
-            let backend = redb::backends::FileBackend::new(f).map_err(|e| {
-                std::io::Error::other(format!("cannot open {}: {e}", path.display()))
-            })?;
+            let backend = open_file_backend(&path)?;
             Ok(Box::new(backend) as Box<dyn StorageBackend>)
         });
         let mut store = RedbStore::open_with_wal(factory, Some(dir.join("wal")), origin, clock)?;
@@ -604,16 +607,7 @@ impl Restorer {
             )));
         }
         let db = redb::Builder::new().create(&file).map_err(storage_err)?;
-        let mut tx = db.begin_write().map_err(storage_err)?;
-        tx.set_durability(Durability::Immediate)
-            .map_err(storage_err)?;
-        {
-            tx.open_table(LOG).map_err(storage_err)?;
-            tx.open_table(RECORDS).map_err(storage_err)?;
-            tx.open_table(EVENTS).map_err(storage_err)?;
-            tx.open_table(META).map_err(storage_err)?;
-        }
-        tx.commit().map_err(storage_err)?;
+        create_tables(&db)?;
         Ok(Restorer {
             db,
             last_seq: 0,

@@ -104,6 +104,27 @@ pub enum Op {
     MergeEvent(StreamEvent),
 }
 
+impl Op {
+    /// The key a local write (`Put` or `Delete`) names and its precondition; `None` for the
+    /// other operations, which have none.
+    pub fn precondition(&self) -> Option<(&str, &str, Expect)> {
+        match self {
+            Op::Put {
+                namespace,
+                key,
+                expect,
+                ..
+            }
+            | Op::Delete {
+                namespace,
+                key,
+                expect,
+            } => Some((namespace, key, *expect)),
+            _ => None,
+        }
+    }
+}
+
 /// Operations committed atomically: all preconditions hold and all operations are durable, or
 /// none is applied.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

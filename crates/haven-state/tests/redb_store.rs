@@ -83,13 +83,7 @@ async fn full_disk_refuses_writes_and_keeps_acknowledged_ones() {
     let quota = Arc::new(AtomicU64::new(u64::MAX));
     let q = quota.clone();
     let factory: haven_state::redb_store::BackendFactory = Box::new(move || {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?;
-        let inner = redb::backends::FileBackend::new(f).map_err(std::io::Error::other)?;
+        let inner = haven_state::redb_store::open_file_backend(&path)?;
         Ok(Box::new(QuotaBackend {
             inner,
             quota: q.clone(),

@@ -1,9 +1,19 @@
 //! Snapshots of the state as change-log entries, and rebuilding a data directory from them
 //! (what a restore from backup does).
 
+use std::sync::Arc;
+
 use haven_state::{Batch, LogFold, RedbStore, Restorer, Store, StoreError};
 
 use haven_testkit::redb_store as open;
+
+/// A store in a new directory, filled by [`fill`].
+async fn filled() -> (tempfile::TempDir, Arc<RedbStore>) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    fill(&s).await;
+    (dir, s)
+}
 
 async fn fill(s: &RedbStore) {
     for i in 0..50u32 {
@@ -28,9 +38,7 @@ async fn folded(s: &dyn Store) -> LogFold {
 
 #[tokio::test]
 async fn state_entries_match_the_folded_log() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(dir.path());
-    fill(&s).await;
+    let (_dir, s) = filled().await;
     let (last, entries) = s.state_entries().await.unwrap();
     assert_eq!(last, s.last_seq().await.unwrap());
     let fold = folded(s.as_ref()).await;
@@ -40,9 +48,7 @@ async fn state_entries_match_the_folded_log() {
 
 #[tokio::test]
 async fn a_restored_directory_has_the_same_state_and_continues_the_log() {
-    let src_dir = tempfile::tempdir().unwrap();
-    let s = open(src_dir.path());
-    fill(&s).await;
+    let (_src_dir, s) = filled().await;
     let (last, entries) = s.state_entries().await.unwrap();
     let view = folded(s.as_ref()).await.view();
 
@@ -94,9 +100,7 @@ async fn restore_refuses_an_existing_store_and_out_of_order_entries() {
     let err = Restorer::create(dir.path()).unwrap_err();
     assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
 
-    let src = tempfile::tempdir().unwrap();
-    let s = open(src.path());
-    fill(&s).await;
+    let (_src, s) = filled().await;
     let entries = s.read_log(1, 10).await.unwrap();
     let dst = tempfile::tempdir().unwrap();
     let mut r = Restorer::create(&dst.path().join("x")).unwrap();

@@ -29,17 +29,22 @@ fn redb(dir: &std::path::Path) -> (Arc<haven_state::ManualClock>, Arc<dyn Store>
     (wall, Arc::new(s))
 }
 
-#[test]
-fn the_in_memory_backend_keeps_the_contract_in_random_histories() {
+/// Checks `cases` random histories, each on a new store: embedded (in a new directory) or in
+/// memory.
+fn random_histories(cases: u32, embedded: bool) {
     let rt = runtime();
     let mut runner = TestRunner::new(Config {
-        cases: 256,
+        cases,
         ..Config::default()
     });
     runner
         .run(&contract::history(24), |steps| {
+            let dir = embedded.then(|| tempfile::tempdir().unwrap());
             rt.block_on(async {
-                let (wall, s) = mem().await;
+                let (wall, s) = match &dir {
+                    Some(dir) => redb(dir.path()),
+                    None => mem().await,
+                };
                 contract::check_history(&*s, &wall, &steps).await;
             });
             Ok(())
@@ -48,22 +53,13 @@ fn the_in_memory_backend_keeps_the_contract_in_random_histories() {
 }
 
 #[test]
+fn the_in_memory_backend_keeps_the_contract_in_random_histories() {
+    random_histories(256, false);
+}
+
+#[test]
 fn the_embedded_backend_keeps_the_contract_in_random_histories() {
-    let rt = runtime();
-    let mut runner = TestRunner::new(Config {
-        cases: 96,
-        ..Config::default()
-    });
-    runner
-        .run(&contract::history(24), |steps| {
-            let dir = tempfile::tempdir().unwrap();
-            rt.block_on(async {
-                let (wall, s) = redb(dir.path());
-                contract::check_history(&*s, &wall, &steps).await;
-            });
-            Ok(())
-        })
-        .unwrap();
+    random_histories(96, true);
 }
 
 #[tokio::test]

@@ -93,6 +93,29 @@ fn aws_env(port: u16) -> Vec<(String, String)> {
 }
 
 /// Runs `haven backup ...`; returns (exit code, stdout, stderr).
+/// `haven backup restore` of the backup at `url` (key file `key`) into `to`, with `extra`
+/// arguments.
+fn restore_cli(
+    url: &str,
+    key: &str,
+    to: &Path,
+    extra: &[&str],
+    env: &[(String, String)],
+) -> (i32, String, String) {
+    let to = to.to_str().unwrap();
+    let mut args = vec![
+        "restore",
+        "--backup-url",
+        url,
+        "--backup-key-file",
+        key,
+        "--to",
+        to,
+    ];
+    args.extend(extra);
+    cli(&args, env)
+}
+
 fn cli(args: &[&str], env: &[(String, String)]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_haven"))
         .arg("backup")
@@ -319,18 +342,7 @@ async fn s3_backup_survives_an_unreachable_store_restores_and_detects_tampering(
     // Restore into a new directory: exactly the acknowledged notes.
     let restored = dir.path().join("restored");
     let k = key.to_str().unwrap();
-    let (code, out, err) = cli(
-        &[
-            "restore",
-            "--backup-url",
-            url,
-            "--backup-key-file",
-            k,
-            "--to",
-            restored.to_str().unwrap(),
-        ],
-        &env,
-    );
+    let (code, out, err) = restore_cli(url, k, &restored, &[], &env);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("restored"), "{out}");
     let notes = notes_in(&restored).await;
@@ -349,20 +361,7 @@ async fn s3_backup_survives_an_unreachable_store_restores_and_detects_tampering(
     for (i, (at, notes_then)) in points.iter().enumerate() {
         let to = dir.path().join(format!("at-{i}"));
         let at = haven_backup::fmt_millis(*at);
-        let (code, out, err) = cli(
-            &[
-                "restore",
-                "--backup-url",
-                url,
-                "--backup-key-file",
-                k,
-                "--to",
-                to.to_str().unwrap(),
-                "--at",
-                &at,
-            ],
-            &env,
-        );
+        let (code, out, err) = restore_cli(url, k, &to, &["--at", &at], &env);
         assert_eq!(code, 0, "{out}{err}");
         let notes = notes_in(&to).await;
         assert_eq!(
@@ -372,18 +371,7 @@ async fn s3_backup_survives_an_unreachable_store_restores_and_detects_tampering(
         );
     }
     // Again into the same directory: refused unless told to overwrite.
-    let (code, _, err) = cli(
-        &[
-            "restore",
-            "--backup-url",
-            url,
-            "--backup-key-file",
-            k,
-            "--to",
-            restored.to_str().unwrap(),
-        ],
-        &env,
-    );
+    let (code, _, err) = restore_cli(url, k, &restored, &[], &env);
     assert_ne!(code, 0);
     assert!(
         err.contains("not empty") && err.contains("--overwrite"),
@@ -431,27 +419,22 @@ async fn s3_backup_survives_an_unreachable_store_restores_and_detects_tampering(
         .build()
         .unwrap();
     let path = |o: &str| ObjectPath::from(format!("node-a/{o}"));
-    let bytes = s3
-        .get(&path(&segs[0]))
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap()
-        .to_vec();
+    let read = async |o: &str| {
+        s3.get(&path(o))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+            .to_vec()
+    };
+    let bytes = read(&segs[0]).await;
     let mut altered = bytes.clone();
     let n = altered.len();
     altered[n - 5] ^= 1;
     s3.put(&path(&segs[0]), altered.into()).await.unwrap();
     s3.delete(&path(&segs[1])).await.unwrap();
-    let bytes = s3
-        .get(&path(&segs[2]))
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap()
-        .to_vec();
+    let bytes = read(&segs[2]).await;
     s3.put(&path(&segs[2]), bytes[..bytes.len() / 2].to_vec().into())
         .await
         .unwrap();
@@ -522,18 +505,7 @@ async fn kill9_during_shipping_then_data_loss_is_at_most_one_interval() {
     // Disaster: the data directory is gone. Restore the latest point.
     std::fs::remove_dir_all(&data).unwrap();
     let restored = dir.path().join("restored");
-    let (code, out, err) = cli(
-        &[
-            "restore",
-            "--backup-url",
-            &url,
-            "--backup-key-file",
-            &k,
-            "--to",
-            restored.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let (code, out, err) = restore_cli(&url, &k, &restored, &[], &[]);
     assert_eq!(code, 0, "{out}{err}");
     let notes = notes_in(&restored).await;
     let lost: Vec<&(String, u64)> = acked

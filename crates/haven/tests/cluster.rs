@@ -247,11 +247,7 @@ async fn a_killed_nodes_streams_resume_on_another_node_without_loss_or_duplicate
     let v = results[0]
         .1
         .client
-        .request(
-            60,
-            "tools/call",
-            json!({"name":"echo","arguments":{"text":"still here"}}),
-        )
+        .call_tool(60, "echo", json!({"text":"still here"}))
         .await;
     assert_eq!(v["result"]["content"][0]["text"], "still here");
     let st = region.status().await;
@@ -529,10 +525,16 @@ async fn fifty_rounds_of_random_kills_lose_no_acknowledged_write() {
 }
 
 async fn backup_status(node: &Haven) -> Value {
+    admin_get(node, "backup").await
+}
+
+/// GET of the admin API's `/admin/v1/{what}` on `node`, as JSON.
+async fn admin_get(node: &Haven, what: &str) -> Value {
     let token = std::fs::read_to_string(node.data.join("admin.token")).unwrap();
     reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{}/admin/v1/backup", node.port))
+        .get(format!("http://127.0.0.1:{}/admin/v1/{what}", node.port))
         .bearer_auth(token.trim())
+        .timeout(Duration::from_secs(10))
         .send()
         .await
         .unwrap()
@@ -740,17 +742,7 @@ async fn a_lost_nats_cluster_makes_nodes_unready_and_answer_503_then_they_recove
 }
 
 async fn node_config(node: &Haven) -> Value {
-    let token = std::fs::read_to_string(node.data.join("admin.token")).unwrap();
-    reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{}/admin/v1/config", node.port))
-        .bearer_auth(token.trim())
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    admin_get(node, "config").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -34,6 +34,11 @@ const SKEW_WARNING: &str =
 /// Bound of any single HTTP exchange of these tests (a hang guard, not a measurement).
 const HANG_GUARD: Duration = Duration::from_secs(60);
 
+/// How long a client waits on a silent stream before it resumes, and the bound for all the
+/// calls of a test to finish, unless a test says otherwise.
+const IDLE: Duration = Duration::from_secs(10);
+const WITHIN: Duration = Duration::from_secs(90);
+
 /// One long `sleep` call of a legacy client, as the client holds it.
 struct Call {
     /// The client's session; `url` is the node the call was sent to.
@@ -499,6 +504,17 @@ async fn finish_counting(
     }
 }
 
+/// Asserts that exactly one node logged a re-run of `stream`, and not node `victim`.
+fn assert_rerun_once_elsewhere(region: &Region, stream: &str, victim: usize, label: &str) {
+    let reruns = region.count_logged(&[RERUN, stream]);
+    assert_eq!(
+        reruns.iter().sum::<usize>(),
+        1,
+        "{label}: re-runs logged per node: {reruns:?}"
+    );
+    assert_eq!(reruns[victim], 0, "{label}: re-run by a surviving node");
+}
+
 /// The URLs of the running nodes.
 fn running_urls(region: &Region) -> Vec<String> {
     (0..3)
@@ -527,14 +543,7 @@ async fn a_kill_9_of_a_node_reruns_each_of_its_idempotent_calls_exactly_once() {
 
         // Every client resumes through the proxy and gets the re-run's result.
         let proxy = vec![region.proxy.url()];
-        let values = finish_and_check(
-            &region,
-            &mut calls,
-            &proxy,
-            Duration::from_secs(10),
-            Duration::from_secs(90),
-        )
-        .await;
+        let values = finish_and_check(&region, &mut calls, &proxy, IDLE, WITHIN).await;
         for (c, values) in calls.iter().zip(&values) {
             let label = c.label();
             let answer = c.answer.as_ref().unwrap();
@@ -561,13 +570,7 @@ async fn a_kill_9_of_a_node_reruns_each_of_its_idempotent_calls_exactly_once() {
                 "{label}: the result arrived in the resumed stream"
             );
             // Exactly one surviving node ran it again; nobody ended it with an error.
-            let reruns = region.count_logged(&[RERUN, &c.stream]);
-            assert_eq!(
-                reruns.iter().sum::<usize>(),
-                1,
-                "{label}: re-runs logged per node: {reruns:?}"
-            );
-            assert_eq!(reruns[victim], 0, "{label}: re-run by a surviving node");
+            assert_rerun_once_elsewhere(&region, &c.stream, victim, &label);
             let settled = region.count_logged(&[SETTLED, &c.stream]);
             assert_eq!(settled.iter().sum::<usize>(), 0, "{label}: {settled:?}");
         }
@@ -644,13 +647,7 @@ async fn b_a_node_woken_from_sigstop_after_a_takeover_writes_nothing_into_the_st
             "the stopped run's progress before the stop: {first:?}"
         );
     }
-    let reruns = region.count_logged(&[RERUN, &call.stream]);
-    assert_eq!(
-        reruns.iter().sum::<usize>(),
-        1,
-        "re-runs per node: {reruns:?}"
-    );
-    assert_eq!(reruns[victim], 0);
+    assert_rerun_once_elsewhere(&region, &call.stream, victim, &call.label());
     eprintln!("node{victim} was stopped for {paused_for:.1?}; on waking it logged: {lost}");
 }
 
@@ -665,14 +662,7 @@ async fn c_killing_the_stream_leader_causes_no_takeover_and_loses_no_progress() 
     region.nats.kill9(leader);
 
     let urls = running_urls(&region);
-    let values = finish_and_check(
-        &region,
-        &mut calls,
-        &urls,
-        Duration::from_secs(10),
-        Duration::from_secs(90),
-    )
-    .await;
+    let values = finish_and_check(&region, &mut calls, &urls, IDLE, WITHIN).await;
     for (c, values) in calls.iter().zip(&values) {
         assert_eq!(
             values,
@@ -703,14 +693,7 @@ async fn d1_a_leader_kill_as_calls_finish_drops_no_final() {
     let leader = region.stream_leader().await;
     region.nats.kill9(leader);
 
-    finish_counting(
-        &region,
-        &mut calls,
-        SECONDS,
-        Duration::from_secs(10),
-        Duration::from_secs(90),
-    )
-    .await;
+    finish_counting(&region, &mut calls, SECONDS, IDLE, WITHIN).await;
     assert_no_takeover(&region);
 }
 
@@ -856,14 +839,7 @@ async fn e_skewed_clocks_and_a_short_pause_cause_no_takeover() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     paused.resume();
 
-    finish_counting(
-        &region,
-        &mut calls,
-        SECONDS,
-        Duration::from_secs(10),
-        Duration::from_secs(90),
-    )
-    .await;
+    finish_counting(&region, &mut calls, SECONDS, IDLE, WITHIN).await;
     assert_no_takeover(&region);
     region.wait_readyz(200, Duration::from_secs(10)).await;
     let st = region.node_status(0).await.unwrap();

@@ -5,17 +5,15 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Haven, Legacy, SseReader, free_port, stateless};
+use common::{Home, Legacy, SseReader, stateless};
 use serde_json::{Value, json};
 
 // Long by design: one process killed mid-stream and mid-task, then everything it held checked after
 // the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_stream_and_tasks_survive_kill_9() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let port = free_port();
-    let mut haven = Haven::start(&data, port, "default", &[]).await;
+    let home = Home::new();
+    let mut haven = home.start("default", &[]).await;
     let client = Legacy::connect(&haven.url()).await;
 
     // A task of each form, created before the crash.
@@ -66,7 +64,7 @@ async fn session_stream_and_tasks_survive_kill_9() {
     tokio::time::sleep(Duration::from_millis(1300)).await;
     haven.kill9();
     drop(sse);
-    let haven = Haven::start(&data, port, "default", &[]).await;
+    let haven = home.start("default", &[]).await;
 
     // Resume: every stored event after the last one seen, exactly once, ending with an error
     // response to the interrupted request.
@@ -110,11 +108,7 @@ async fn session_stream_and_tasks_survive_kill_9() {
 
     // The session goes on without a new initialize.
     let echo = client
-        .request(
-            8,
-            "tools/call",
-            json!({"name":"echo","arguments":{"text":"still here"}}),
-        )
+        .call_tool(8, "echo", json!({"text":"still here"}))
         .await;
     assert_eq!(echo["result"]["content"][0]["text"], "still here", "{echo}");
 
@@ -173,10 +167,8 @@ async fn session_stream_and_tasks_survive_kill_9() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_finished_stream_replays_after_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let port = free_port();
-    let mut haven = Haven::start(&data, port, "default", &["--legacy-responses", "sse"]).await;
+    let home = Home::new();
+    let mut haven = home.start("default", &["--legacy-responses", "sse"]).await;
     let client = Legacy::connect(&haven.url()).await;
     let r = client.post_raw(json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"durable"}}})).await;
     let mut sse = SseReader::new(r);
@@ -184,7 +176,7 @@ async fn a_finished_stream_replays_after_restart() {
     let result = sse.next().await.unwrap();
     assert_eq!(result.json()["result"]["content"][0]["text"], "durable");
     haven.kill9();
-    let _haven = Haven::start(&data, port, "default", &[]).await;
+    let _haven = home.start("default", &[]).await;
     let mut sse = SseReader::new(client.resume(priming.id.as_deref().unwrap()).await);
     let replayed = sse.next().await.unwrap();
     assert_eq!(replayed.id, result.id);

@@ -21,6 +21,17 @@ async fn start() -> (tempfile::TempDir, Haven) {
     (dir, h)
 }
 
+/// Registers server-everything over stdio as upstream `ev`, with the `registry add` options
+/// `options`; the command's output.
+fn add_everything_stdio(h: &Haven, options: &[&str]) -> String {
+    let mut args = vec!["registry", "add", "ev"];
+    args.extend(options);
+    args.push("--");
+    let cmd = everything_stdio_command();
+    args.extend(cmd.iter().map(String::as_str));
+    cli_ok(h, &args, None)
+}
+
 fn tool_names(list: &Value) -> Vec<String> {
     list["result"]["tools"]
         .as_array()
@@ -102,17 +113,8 @@ async fn real_upstreams_are_federated_for_both_eras() {
         &["secrets", "set", "api/token"],
         Some(&format!("{secret}\n")),
     );
-    let mut stdio_args = vec![
-        "registry",
-        "add",
-        "ev",
-        "--env",
-        "HAVEN_TEST_TOKEN=${secret:api/token}",
-        "--",
-    ];
-    let cmd = everything_stdio_command();
-    stdio_args.extend(cmd.iter().map(String::as_str));
-    let out = cli_ok(&h, &stdio_args, None);
+    let env = ["--env", "HAVEN_TEST_TOKEN=${secret:api/token}"];
+    let out = add_everything_stdio(&h, &env);
     assert!(out.contains("Registered upstream 'ev'"), "{out}");
     cli_ok(
         &h,
@@ -183,38 +185,16 @@ async fn real_upstreams_are_federated_for_both_eras() {
 
     // Legacy era.
     let l = Legacy::connect(&h.url()).await;
-    let r = l
-        .request(
-            2,
-            "tools/call",
-            json!({"name": "ev__echo", "arguments": {"message": "hi"}}),
-        )
-        .await;
+    let r = l.call_tool(2, "ev__echo", json!({"message": "hi"})).await;
     assert_eq!(text_of(&r), "Echo: hi");
     let r = l
-        .request(
-            3,
-            "tools/call",
-            json!({"name": "evhttp__get-sum", "arguments": {"a": 2, "b": 40}}),
-        )
+        .call_tool(3, "evhttp__get-sum", json!({"a": 2, "b": 40}))
         .await;
     assert!(text_of(&r).contains("42"), "{r}");
-    let r = l
-        .request(
-            4,
-            "tools/call",
-            json!({"name": "fast__add", "arguments": {"a": 20, "b": 22}}),
-        )
-        .await;
+    let r = l.call_tool(4, "fast__add", json!({"a": 20, "b": 22})).await;
     assert!(text_of(&r).contains("42"), "{r}");
     // Secret references reach the stdio upstream's environment, expanded.
-    let r = l
-        .request(
-            5,
-            "tools/call",
-            json!({"name": "ev__get-env", "arguments": {}}),
-        )
-        .await;
+    let r = l.call_tool(5, "ev__get-env", json!({})).await;
     let env: Value = serde_json::from_str(&text_of(&r)).unwrap();
     assert_eq!(env["HAVEN_TEST_TOKEN"], json!(secret));
     // Nothing of Haven's own environment (HAVEN_LOG is set for every test node) leaks into it.
@@ -247,13 +227,7 @@ async fn real_upstreams_are_federated_for_both_eras() {
         "{r}"
     );
     // Haven's own tools are still there, unprefixed.
-    let r = l
-        .request(
-            8,
-            "tools/call",
-            json!({"name": "echo", "arguments": {"text": "own"}}),
-        )
-        .await;
+    let r = l.call_tool(8, "echo", json!({"text": "own"})).await;
     assert!(r.get("result").is_some(), "{r}");
 
     // 2026-07-28 era.
@@ -635,10 +609,7 @@ async fn wait_applied(h: &Haven, key: &str, value: Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stdio_upstream_that_dies_mid_call_errors_and_is_restarted() {
     let (_dir, h) = start().await;
-    let mut args = vec!["registry", "add", "ev", "--timeout-ms", "30000", "--"];
-    let cmd = everything_stdio_command();
-    args.extend(cmd.iter().map(String::as_str));
-    cli_ok(&h, &args, None);
+    add_everything_stdio(&h, &["--timeout-ms", "30000"]);
     wait_for_tools(&h, &["ev__trigger-long-running-operation"]).await;
     let pid = h.child.id();
     let upstream_pid = || {
@@ -768,17 +739,7 @@ async fn rotating_the_key_encryption_key_keeps_every_secret() {
     drop(h);
     let h = Haven::start(&data, port, "default", &["--secrets-key-file", &key_arg]).await;
     // Every secret still decrypts: an upstream that references one starts with its value.
-    let mut args = vec![
-        "registry",
-        "add",
-        "ev",
-        "--env",
-        "HAVEN_TEST_S3=${secret:app/s3}",
-        "--",
-    ];
-    let cmd = everything_stdio_command();
-    args.extend(cmd.iter().map(String::as_str));
-    cli_ok(&h, &args, None);
+    add_everything_stdio(&h, &["--env", "HAVEN_TEST_S3=${secret:app/s3}"]);
     wait_for_tools(&h, &["ev__get-env"]).await;
     let r = call_stateless(&h, 1, "ev__get-env", json!({})).await;
     let env: Value = serde_json::from_str(&text_of(&r)).unwrap();

@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 
 use common::{Haven, Legacy, free_port};
-use serde_json::json;
+use serde_json::{Value, json};
 
 struct Mount(std::path::PathBuf);
 
@@ -18,6 +18,17 @@ impl Drop for Mount {
 }
 
 // Long by design: one tmpfs filled, every kind of write refused, then freed and checked.
+/// Saves the note `name`: whether it was saved, and the answer.
+async fn put_note(c: &Legacy, id: i64, name: &str, text: &str) -> (bool, Value) {
+    let v = c
+        .call_tool(id, "notes_put", json!({"name": name, "text": text}))
+        .await;
+    (
+        v["result"]["content"][0]["text"] == format!("Saved note {name}"),
+        v,
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_disk_refuses_writes_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -49,15 +60,10 @@ async fn full_disk_refuses_writes_and_loses_nothing() {
     let mut saved = Vec::new();
     let mut refusal = None;
     for i in 0..400 {
-        let v = c
-            .request(
-                100 + i,
-                "tools/call",
-                json!({"name":"notes_put","arguments":{"name":format!("n{i}"),"text":text}}),
-            )
-            .await;
-        if v["result"]["content"][0]["text"] == format!("Saved note n{i}") {
-            saved.push(format!("n{i}"));
+        let name = format!("n{i}");
+        let (stored, v) = put_note(&c, 100 + i, &name, &text).await;
+        if stored {
+            saved.push(name);
         } else {
             refusal = Some(v);
             break;
@@ -76,13 +82,7 @@ async fn full_disk_refuses_writes_and_loses_nothing() {
 
     // Reads still work and nothing acknowledged is missing.
     for name in &saved {
-        let v = c
-            .request(
-                1000,
-                "tools/call",
-                json!({"name":"notes_get","arguments":{"name":name}}),
-            )
-            .await;
+        let v = c.call_tool(1000, "notes_get", json!({"name":name})).await;
         assert_eq!(
             v["result"]["content"][0]["text"].as_str().map(str::len),
             Some(text.len()),
@@ -102,14 +102,7 @@ async fn full_disk_refuses_writes_and_loses_nothing() {
     std::fs::remove_file(&filler).unwrap();
     let mut ok = false;
     for i in 0..50 {
-        let v = c
-            .request(
-                2000 + i,
-                "tools/call",
-                json!({"name":"notes_put","arguments":{"name":"after","text":"space is back"}}),
-            )
-            .await;
-        if v["result"]["content"][0]["text"] == "Saved note after" {
+        if put_note(&c, 2000 + i, "after", "space is back").await.0 {
             ok = true;
             break;
         }
@@ -122,13 +115,7 @@ async fn full_disk_refuses_writes_and_loses_nothing() {
     let h = Haven::start(&data, port, "default", &[]).await;
     let c = Legacy::connect(&h.url()).await;
     for name in saved.iter().chain(std::iter::once(&"after".to_owned())) {
-        let v = c
-            .request(
-                3000,
-                "tools/call",
-                json!({"name":"notes_get","arguments":{"name":name}}),
-            )
-            .await;
+        let v = c.call_tool(3000, "notes_get", json!({"name":name})).await;
         assert!(v["result"]["isError"] != json!(true), "{name} lost: {v}");
     }
     let log = std::fs::read_to_string(&h.log).unwrap();

@@ -84,13 +84,7 @@ async fn bad_input_gets_the_specified_errors() {
         .request(3, "tools/call", json!({"name":"no_such_tool"}))
         .await;
     assert_eq!(v["error"]["code"], -32602, "{v}");
-    let v = c
-        .request(
-            4,
-            "tools/call",
-            json!({"name":"test_sampling","arguments":{"prompt":7}}),
-        )
-        .await;
+    let v = c.call_tool(4, "test_sampling", json!({"prompt":7})).await;
     assert_eq!(v["error"]["code"], -32602, "wrong argument type: {v}");
     let v = c
         .request(5, "tools/list", json!({"cursor":"garbage"}))
@@ -163,20 +157,13 @@ async fn bad_input_gets_the_specified_errors() {
 async fn dns_rebinding_protection() {
     let (_dir, h) = start(&[]).await;
     let body = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
-    let (s, _) = post(
-        &h.url(),
-        &[JSON, ACCEPT, ("host", "evil.example.com")],
-        body,
-    )
-    .await;
-    assert_eq!(s, 403);
-    let (s, _) = post(
-        &h.url(),
-        &[JSON, ACCEPT, ("origin", "http://evil.example.com")],
-        body,
-    )
-    .await;
-    assert_eq!(s, 403);
+    for foreign in [
+        ("host", "evil.example.com"),
+        ("origin", "http://evil.example.com"),
+    ] {
+        let (s, _) = post(&h.url(), &[JSON, ACCEPT, foreign], body).await;
+        assert_eq!(s, 403, "{foreign:?}");
+    }
     let (s, _) = post(
         &h.url(),
         &[

@@ -503,15 +503,15 @@ async fn tools_call(
         Err(e) => return Outcome::Error(e),
     };
     let hook = if client_tasks && support != TaskSupport::Forbidden {
-        tasks::Promoter::new(
-            inner.clone(),
-            call.clone(),
-            out.clone(),
-            name.clone(),
-            arguments.clone(),
+        tasks::Promoter::new(tasks::PromoteTarget {
+            inner: inner.clone(),
+            call: call.clone(),
+            out: out.clone(),
+            tool: name.clone(),
+            arguments: arguments.clone(),
             idempotent,
-            ctx.fence().cloned(),
-        )
+            fence: ctx.fence().cloned(),
+        })
     } else {
         tasks::Promoter::disabled()
     };

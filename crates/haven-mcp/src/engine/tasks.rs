@@ -423,38 +423,22 @@ pub(crate) struct Promoter {
     execution: Mutex<Option<Arc<haven_cluster::Execution>>>,
 }
 
-struct PromoteTarget {
-    inner: Arc<Inner>,
-    call: Call,
-    out: Outbox,
-    tool: String,
-    arguments: JsonObject,
-    idempotent: bool,
-    fence: Option<Arc<haven_cluster::FencedStore>>,
+/// The tool call a promoter can make a task of.
+pub(crate) struct PromoteTarget {
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) call: Call,
+    pub(crate) out: Outbox,
+    pub(crate) tool: String,
+    pub(crate) arguments: JsonObject,
+    pub(crate) idempotent: bool,
+    pub(crate) fence: Option<Arc<haven_cluster::FencedStore>>,
 }
 
 impl Promoter {
-    /// A promoter for a tool call; `eligible` says whether it may become a task.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        inner: Arc<Inner>,
-        call: Call,
-        out: Outbox,
-        tool: String,
-        arguments: JsonObject,
-        idempotent: bool,
-        fence: Option<Arc<haven_cluster::FencedStore>>,
-    ) -> Arc<Promoter> {
+    /// A promoter for a tool call that may become a task.
+    pub(crate) fn new(target: PromoteTarget) -> Arc<Promoter> {
         Arc::new(Promoter {
-            target: Some(PromoteTarget {
-                inner,
-                call,
-                out,
-                tool,
-                arguments,
-                idempotent,
-                fence,
-            }),
+            target: Some(target),
             task_id: Mutex::new(None),
             execution: Mutex::new(None),
         })

@@ -246,19 +246,8 @@ impl Model {
         origin: &Origin,
     ) -> Result<(Vec<Change>, Vec<Option<usize>>, u64), ()> {
         for op in &batch.ops {
-            let (ns, key, expect) = match op {
-                Op::Put {
-                    namespace,
-                    key,
-                    expect,
-                    ..
-                }
-                | Op::Delete {
-                    namespace,
-                    key,
-                    expect,
-                } => (namespace, key, *expect),
-                _ => continue,
+            let Some((ns, key, expect)) = op.precondition() else {
+                continue;
             };
             let live = self.live_revision(ns, key, now);
             let holds = match expect {

@@ -42,6 +42,30 @@ impl Drop for Haven {
 
 pub use haven_testkit::free_port;
 
+/// Where a node lives across restarts: a data directory (in a temporary directory that goes
+/// away with this) and a port.
+pub struct Home {
+    _dir: tempfile::TempDir,
+    pub data: PathBuf,
+    pub port: u16,
+}
+
+impl Home {
+    pub fn new() -> Home {
+        let dir = tempfile::tempdir().unwrap();
+        Home {
+            data: dir.path().join("data"),
+            _dir: dir,
+            port: free_port(),
+        }
+    }
+
+    /// Starts (again) the node that lives here, as [`Haven::start`].
+    pub async fn start(&self, catalog: &str, extra: &[&str]) -> Haven {
+        Haven::start(&self.data, self.port, catalog, extra).await
+    }
+}
+
 impl Haven {
     /// Starts `haven serve` on `port` with `data`, waits until it is ready.
     pub async fn start(data: &Path, port: u16, catalog: &str, extra: &[&str]) -> Haven {
@@ -253,6 +277,12 @@ impl Legacy {
     }
 
     /// Opens the session's standalone GET stream.
+    /// Calls the tool `name` with `arguments` (a tools/call request); the answer.
+    pub async fn call_tool(&self, id: i64, name: &str, arguments: Value) -> Value {
+        let params = json!({ "name": name, "arguments": arguments });
+        self.request(id, "tools/call", params).await
+    }
+
     pub async fn open_standalone(&self) -> reqwest::Response {
         self.client
             .get(&self.url)

@@ -78,33 +78,32 @@ impl Upstream {
     /// server-everything over Streamable HTTP on a free loopback port (or `port`).
     pub async fn everything_http(port: Option<u16>) -> Upstream {
         let port = port.unwrap_or_else(free_port);
-        let child = Command::new(node())
+        let mut command = Command::new(node());
+        command
             .arg("--require")
             .arg(loopback_cjs())
             .arg(everything_js())
             .arg("streamableHttp")
-            .env("PORT", port.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting server-everything");
-        let u = Upstream { child, port };
-        u.wait_listening().await;
-        u
+            .env("PORT", port.to_string());
+        Upstream::serve(command, port, "server-everything").await
     }
 
     /// The FastMCP test server over Streamable HTTP on a free loopback port.
     pub async fn fastmcp_http() -> Upstream {
         let port = free_port();
-        let child = Command::new(python())
-            .arg(fastmcp_py())
-            .args(["http", &port.to_string()])
+        let mut command = Command::new(python());
+        command.arg(fastmcp_py()).args(["http", &port.to_string()]);
+        Upstream::serve(command, port, "the FastMCP server").await
+    }
+
+    /// Starts `command` (no stdio) and waits until it listens on `port`.
+    async fn serve(mut command: Command, port: u16, what: &str) -> Upstream {
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("starting the FastMCP server");
+            .unwrap_or_else(|e| panic!("starting {what}: {e}"));
         let u = Upstream { child, port };
         u.wait_listening().await;
         u
