@@ -458,6 +458,7 @@ pub(crate) async fn check(
     }
     whole.finals()?;
     clients(logs)?;
+    stored_as_sent(&batches, logs)?;
     for r in logs.iter().flat_map(|l| &l.requests) {
         whole.answer(r)?;
     }
@@ -478,6 +479,34 @@ pub(crate) async fn check(
         digest: whole.digest(),
         ..Report::default()
     })
+}
+
+/// Every event a client received is what the store holds at that index of the stream: a
+/// node sends an event only once it is stored, and nothing replaces it.
+fn stored_as_sent(batches: &[Vec<LogEntry>], logs: &[ClientLog]) -> Result<(), String> {
+    let mut stored: HashMap<(&str, u64), &[u8]> = HashMap::new();
+    for e in batches.iter().flatten() {
+        if let Change::Event(ev) = &e.change {
+            stored.insert((ev.stream.as_str(), ev.index), &ev.data);
+        }
+    }
+    for r in logs.iter().flat_map(|l| &l.requests) {
+        let Some(stream) = &r.stream else { continue };
+        let key = haven_mcp::stream::stream_key(&r.session, stream);
+        for (index, message) in &r.received {
+            let held = stored
+                .get(&(key.as_str(), *index))
+                .and_then(|d| d.split_first())
+                .map(|(_, body)| String::from_utf8_lossy(body));
+            if held.as_deref() != Some(message.as_str()) {
+                return Err(format!(
+                    "client {} request {} ({}): event {index} of stream {stream} was received as {message} but the store holds {held:?}",
+                    r.client, r.id, r.tool
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What clients saw: every request answered exactly once, no event delivered twice.

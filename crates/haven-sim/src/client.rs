@@ -44,6 +44,8 @@ pub struct RequestLog {
     pub finals: Vec<Value>,
     /// Event indexes received, in order, across all connections (no repeats when all is well).
     pub indexes: Vec<u64>,
+    /// Every event received with its message: what the store must hold at that index.
+    pub received: Vec<(u64, String)>,
     /// Whether the request was given up (no final within the settling time).
     pub unanswered: bool,
 }
@@ -292,6 +294,7 @@ impl Client {
             stream: None,
             finals: Vec::new(),
             indexes: Vec::new(),
+            received: Vec::new(),
             unanswered: false,
         };
         let Some((_, engine)) = self.world.pick(&mut self.rng) else {
@@ -347,6 +350,12 @@ impl Client {
                     if index > 0 {
                         log.indexes.push(index);
                     }
+                }
+                if let Some((_, index)) = haven_mcp::stream::parse_event_id(&id)
+                    && index > 0
+                    && !data.is_empty()
+                {
+                    log.received.push((index, data.clone()));
                 }
                 last_id = Some(id);
                 if data.is_empty() {
