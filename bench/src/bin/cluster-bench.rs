@@ -869,31 +869,16 @@ async fn client_loop(
     out
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn faults(
-    haven: &Path,
-    tools: &Path,
+/// Injects up to `count` random faults (fewer if `limit` passes first) into the region, one
+/// after another; returns how many of each kind and in all.
+async fn inject(
+    region: &mut Region,
+    rng: &mut Rng,
     count: usize,
-    seed: u64,
-    long_clients: usize,
-    quick_clients: usize,
-    max_minutes: u64,
-    keep: bool,
-) -> anyhow::Result<()> {
-    let mut region = Region::start(haven, tools).await?;
-    let proxy = region.proxy_url();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut clients = Vec::new();
-    for (kind, many) in [("long", long_clients), ("quick", quick_clients)] {
-        for n in 0..many {
-            let client = client_loop(kind, n, seed, proxy.clone(), stop.clone());
-            clients.push(tokio::spawn(client));
-        }
-    }
-    let mut rng = Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1);
+    limit: Duration,
+) -> anyhow::Result<(std::collections::BTreeMap<&'static str, usize>, usize)> {
     let started = Instant::now();
-    let limit = Duration::from_secs(max_minutes * 60);
-    let mut done: std::collections::BTreeMap<&str, usize> = Default::default();
+    let mut done: std::collections::BTreeMap<&'static str, usize> = Default::default();
     let mut injected = 0;
     while injected < count && started.elapsed() < limit {
         tokio::time::sleep(rng.millis(300, 1500)).await;
@@ -941,6 +926,88 @@ async fn faults(
             );
         }
     }
+    Ok((done, injected))
+}
+
+/// What the stored streams and the clients' records say, request by request.
+#[derive(Default)]
+struct Tally {
+    /// Requests with a stored stream.
+    started: usize,
+    by_kind: std::collections::BTreeMap<&'static str, usize>,
+    /// Why requests were refused before a stream existed.
+    refused: std::collections::BTreeMap<String, usize>,
+    /// Final responses stored per request -> requests.
+    stored: std::collections::BTreeMap<usize, usize>,
+    /// Final responses received per request -> requests.
+    received: std::collections::BTreeMap<usize, usize>,
+    problems: Vec<String>,
+}
+
+impl Tally {
+    fn of(records: &[Record], reads: Vec<Option<StoredStream>>) -> Tally {
+        let mut t = Tally::default();
+        for (r, stored) in records.iter().zip(reads) {
+            let (Some(stream), Some(stored)) = (&r.seen.stream, stored) else {
+                let why = r.seen.refused.clone().unwrap_or_else(|| "?".into());
+                let why = if why.starts_with("transport") {
+                    "transport error".to_owned()
+                } else {
+                    why
+                };
+                *t.refused.entry(why).or_default() += 1;
+                continue;
+            };
+            t.started += 1;
+            *t.by_kind.entry(r.kind).or_default() += 1;
+            *t.stored.entry(stored.finals).or_default() += 1;
+            *t.received.entry(r.seen.finals).or_default() += 1;
+            if stored.finals != 1 || !stored.ended {
+                t.problems.push(format!(
+                    "{} request {} of session {}, stream {stream}: {} finals stored, ended: {}, client saw {} finals",
+                    r.kind, r.id, r.session, stored.finals, stored.ended, r.seen.finals
+                ));
+            }
+            // What the client received was stored as received (stored before sent).
+            for (i, data) in &r.seen.events {
+                let at_i = stored.events.iter().find(|(j, _)| j == i).map(|(_, d)| d);
+                if at_i != Some(data) {
+                    t.problems.push(format!(
+                        "{} request {} of session {}, stream {stream}: event {i} received but not stored as such; received {data}, stored {at_i:?}",
+                        r.kind, r.id, r.session
+                    ));
+                }
+            }
+        }
+        t
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn faults(
+    haven: &Path,
+    tools: &Path,
+    count: usize,
+    seed: u64,
+    long_clients: usize,
+    quick_clients: usize,
+    max_minutes: u64,
+    keep: bool,
+) -> anyhow::Result<()> {
+    let mut region = Region::start(haven, tools).await?;
+    let proxy = region.proxy_url();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for (kind, many) in [("long", long_clients), ("quick", quick_clients)] {
+        for n in 0..many {
+            let client = client_loop(kind, n, seed, proxy.clone(), stop.clone());
+            clients.push(tokio::spawn(client));
+        }
+    }
+    let mut rng = Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1);
+    let started = Instant::now();
+    let limit = Duration::from_secs(max_minutes * 60);
+    let (done, injected) = inject(&mut region, &mut rng, count, limit).await?;
     let chaos = started.elapsed();
     // Let the region settle (every node ready), stop the clients once their last calls ended.
     for i in 0..3 {
@@ -953,12 +1020,6 @@ async fn faults(
     }
     // Every request whose stream the client learned: its stored stream read back from a node.
     let client = reqwest::Client::new();
-    let mut histogram: std::collections::BTreeMap<usize, usize> = Default::default();
-    let mut client_histogram: std::collections::BTreeMap<usize, usize> = Default::default();
-    let mut refused = std::collections::BTreeMap::<String, usize>::new();
-    let mut problems = Vec::new();
-    let mut started_requests = 0;
-    let mut by_kind: std::collections::BTreeMap<&str, usize> = Default::default();
     // Read back concurrently (a few at a time), in the order of the records.
     let reads: Vec<Option<StoredStream>> = {
         use futures::StreamExt;
@@ -983,38 +1044,7 @@ async fn faults(
         .collect()
         .await
     };
-    for (r, stored) in records.iter().zip(reads) {
-        let (Some(stream), Some(stored)) = (&r.seen.stream, stored) else {
-            let why = r.seen.refused.clone().unwrap_or_else(|| "?".into());
-            let why = if why.starts_with("transport") {
-                "transport error".to_owned()
-            } else {
-                why
-            };
-            *refused.entry(why).or_default() += 1;
-            continue;
-        };
-        started_requests += 1;
-        *by_kind.entry(r.kind).or_default() += 1;
-        *histogram.entry(stored.finals).or_default() += 1;
-        *client_histogram.entry(r.seen.finals).or_default() += 1;
-        if stored.finals != 1 || !stored.ended {
-            problems.push(format!(
-                "{} request {} of session {}, stream {stream}: {} finals stored, ended: {}, client saw {} finals",
-                r.kind, r.id, r.session, stored.finals, stored.ended, r.seen.finals
-            ));
-        }
-        // What the client received was stored as received (stored before sent).
-        for (i, data) in &r.seen.events {
-            let at_i = stored.events.iter().find(|(j, _)| j == i).map(|(_, d)| d);
-            if at_i != Some(data) {
-                problems.push(format!(
-                    "{} request {} of session {}, stream {stream}: event {i} received but not stored as such; received {data}, stored {at_i:?}",
-                    r.kind, r.id, r.session
-                ));
-            }
-        }
-    }
+    let t = Tally::of(&records, reads);
     println!(
         "\n{injected} faults in {:.0} s (seed {seed}, {long_clients} long-call and {quick_clients} quick-write clients):",
         chaos.as_secs_f64()
@@ -1023,24 +1053,25 @@ async fn faults(
         println!("  {n:>4} {what}");
     }
     println!(
-        "\nrequests: {} sent, {started_requests} with a stored stream ({}), {} refused before a stream existed",
+        "\nrequests: {} sent, {} with a stored stream ({}), {} refused before a stream existed",
         records.len(),
-        by_kind
+        t.started,
+        t.by_kind
             .iter()
             .map(|(k, n)| format!("{n} {k}"))
             .collect::<Vec<_>>()
             .join(", "),
-        records.len() - started_requests
+        records.len() - t.started
     );
-    for (why, n) in &refused {
+    for (why, n) in &t.refused {
         println!("  {n:>6} refused: {why}");
     }
     println!("\n| final responses stored in the request's stream | requests |\n|---|---|");
-    for (finals, n) in &histogram {
+    for (finals, n) in &t.stored {
         println!("| {finals} | {n} |");
     }
     println!("\n| final responses the client received | requests |\n|---|---|");
-    for (finals, n) in &client_histogram {
+    for (finals, n) in &t.received {
         println!("| {finals} | {n} |");
     }
     let finals_error = records
@@ -1054,19 +1085,19 @@ async fn faults(
         region.count_logged(LOST),
         region.count_logged(REFUSED)
     );
-    if problems.is_empty() {
+    if t.problems.is_empty() {
         println!("\nevery request with a stream has exactly one final response: OK");
         if keep {
             println!("kept {}", region.dir.keep().display());
         }
         Ok(())
     } else {
-        for p in problems.iter().take(50) {
+        for p in t.problems.iter().take(50) {
             println!("VIOLATION: {p}");
         }
         let dir = region.dir.keep();
         println!("logs and data kept in {}", dir.display());
-        bail!("{} violations", problems.len())
+        bail!("{} violations", t.problems.len())
     }
 }
 

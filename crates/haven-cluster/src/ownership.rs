@@ -300,43 +300,8 @@ impl Execution {
                     }));
                 }
                 Err(StoreError::Conflict { .. }) => {
-                    match current(&*self.store, &self.key).await? {
-                        Some((cur, rev)) if cur.same_run(&state.owner) => {
-                            // Still ours: a write of this run whose answer was lost was
-                            // stored. This one (only a write that keeps the record can be
-                            // the one the record names)? Else go on from the record as it is.
-                            let this_one = !finish && cur.last_write == id;
-                            let landed = cur.last_write;
-                            state.revision = rev;
-                            state.owner = cur;
-                            if this_one {
-                                tracing::info!(execution = %self.key, revision = rev, "a write whose answer was lost had been stored");
-                                state.forget(id);
-                                return Ok(Landed::Earlier);
-                            }
-                            if state.uncertain.iter().any(|(_, i)| *i == landed) {
-                                state.stored.push(landed);
-                            }
-                        }
-                        Some((cur, _)) => {
-                            self.lost.cancel();
-                            return Err(self.fenced(&cur));
-                        }
-                        None => {
-                            // Ended. By this node's own last write, whose answer was lost?
-                            let ended_here =
-                                finish && known.is_some() && self.ended_by_this_node().await?;
-                            if ended_here {
-                                tracing::info!(execution = %self.key, "the last write, whose answer was lost, had been stored");
-                                state.forget(id);
-                                return Ok(Landed::Earlier);
-                            }
-                            self.lost.cancel();
-                            return Err(FenceError::Fenced {
-                                key: self.key.clone(),
-                                by: "the execution was ended elsewhere (settled)".into(),
-                            });
-                        }
+                    if let Some(landed) = self.resolve(&mut state, id, known, finish).await? {
+                        return Ok(landed);
                     }
                 }
                 Err(e) => {
@@ -351,6 +316,54 @@ impl Execution {
             "the ownership record {} changed under every attempt",
             self.key
         ))))
+    }
+
+    /// After the ownership record was not where this node left it: `Some` when the write
+    /// (tried under `id`; `known` when an earlier attempt's answer was lost) had landed,
+    /// `None` when the record is still this run's (another write whose answer was lost was
+    /// stored) and the write should be tried again on it, an error when the execution is lost.
+    async fn resolve(
+        &self,
+        state: &mut ExecState,
+        id: u64,
+        known: Option<u64>,
+        finish: bool,
+    ) -> Result<Option<Landed>, FenceError> {
+        match current(&*self.store, &self.key).await? {
+            Some((cur, rev)) if cur.same_run(&state.owner) => {
+                // Only a write that keeps the record can be the one the record names.
+                let this_one = !finish && cur.last_write == id;
+                let landed = cur.last_write;
+                state.revision = rev;
+                state.owner = cur;
+                if this_one {
+                    tracing::info!(execution = %self.key, revision = rev, "a write whose answer was lost had been stored");
+                    state.forget(id);
+                    return Ok(Some(Landed::Earlier));
+                }
+                if state.uncertain.iter().any(|(_, i)| *i == landed) {
+                    state.stored.push(landed);
+                }
+                Ok(None)
+            }
+            Some((cur, _)) => {
+                self.lost.cancel();
+                Err(self.fenced(&cur))
+            }
+            None => {
+                // Ended. By this node's own last write, whose answer was lost?
+                if finish && known.is_some() && self.ended_by_this_node().await? {
+                    tracing::info!(execution = %self.key, "the last write, whose answer was lost, had been stored");
+                    state.forget(id);
+                    return Ok(Some(Landed::Earlier));
+                }
+                self.lost.cancel();
+                Err(FenceError::Fenced {
+                    key: self.key.clone(),
+                    by: "the execution was ended elsewhere (settled)".into(),
+                })
+            }
+        }
     }
 
     /// Whether the record's tombstone was written by this node.
