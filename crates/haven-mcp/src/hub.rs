@@ -59,7 +59,29 @@ pub enum Woke {
 /// Routes committed changes to subscribers by topic.
 #[derive(Clone, Default)]
 pub struct Hub {
-    topics: Arc<Mutex<HashMap<Topic, broadcast::Sender<Arc<LogEntry>>>>>,
+    topics: Arc<Mutex<Topics>>,
+}
+
+/// Size of the topic table below which it is never swept.
+const MIN_SWEEP: usize = 1024;
+
+/// The hub's table: a sender per topic somebody subscribed to.
+#[derive(Default)]
+struct Topics {
+    map: HashMap<Topic, broadcast::Sender<Arc<LogEntry>>>,
+    /// Size at which topics nobody listens to any more are dropped (twice the size after the
+    /// last sweep): most topics are one request's, and no change may ever come for them again
+    /// to find their last subscriber gone, so the table would otherwise grow with traffic.
+    sweep_at: usize,
+}
+
+impl Topics {
+    fn sweep_if_grown(&mut self) {
+        if self.map.len() >= self.sweep_at.max(MIN_SWEEP) {
+            self.map.retain(|_, tx| tx.receiver_count() > 0);
+            self.sweep_at = 2 * self.map.len();
+        }
+    }
 }
 
 impl Hub {
@@ -109,7 +131,9 @@ impl Hub {
     /// after every message, so that no change can slip between the read and the wait.
     pub fn subscribe(&self, topic: Topic) -> broadcast::Receiver<Arc<LogEntry>> {
         let mut topics = self.topics.lock();
+        topics.sweep_if_grown();
         topics
+            .map
             .entry(topic)
             .or_insert_with(|| broadcast::channel(64).0)
             .subscribe()
@@ -156,10 +180,10 @@ impl Hub {
     pub fn route(&self, entry: &Arc<LogEntry>) {
         let mut topics = self.topics.lock();
         let mut send = |t: Topic| {
-            if let Some(tx) = topics.get(&t)
+            if let Some(tx) = topics.map.get(&t)
                 && tx.send(entry.clone()).is_err()
             {
-                topics.remove(&t);
+                topics.map.remove(&t);
             }
         };
         match &entry.change {
@@ -188,7 +212,7 @@ impl Hub {
                 data: Vec::new(),
             }),
         });
-        for tx in topics.values() {
+        for tx in topics.map.values() {
             let _ = tx.send(marker.clone());
         }
     }
@@ -244,10 +268,10 @@ mod tests {
             async move { second_wake(&hub, Duration::from_secs(3600)).await }
         });
         // Once it subscribed (before its first check), a change of its second topic.
-        while !hub.topics.lock().contains_key(&Topic::key("ns", "b")) {
+        while !hub.topics.lock().map.contains_key(&Topic::key("ns", "b")) {
             tokio::task::yield_now().await;
         }
-        let tx = hub.topics.lock()[&Topic::key("ns", "b")].clone();
+        let tx = hub.topics.lock().map[&Topic::key("ns", "b")].clone();
         let _ = tx.send(Arc::new(LogEntry {
             seq: 1,
             change: Change::Event(haven_state::StreamEvent {
@@ -261,6 +285,37 @@ mod tests {
             }),
         }));
         assert_eq!(waiter.await.unwrap(), Ok(Woke::Changed(1)));
+    }
+
+    fn entry_of(namespace: &str, key: &str) -> Arc<LogEntry> {
+        Arc::new(LogEntry {
+            seq: 1,
+            change: Change::Record(haven_state::Record {
+                namespace: namespace.into(),
+                key: key.into(),
+                version: haven_state::Version {
+                    hlc: haven_state::Hlc::ZERO,
+                    origin: haven_state::Origin::new("r", "n"),
+                },
+                value: Some(vec![1]),
+                expires_at_millis: None,
+            }),
+        })
+    }
+
+    #[test]
+    fn topics_nobody_listens_to_are_dropped_as_the_table_grows() {
+        let hub = Hub::new();
+        let mut kept = hub.subscribe(Topic::key("ns", "kept"));
+        // One topic per request, its subscriber gone with the request, no change ever after.
+        for i in 0..20_000 {
+            drop(hub.subscribe(Topic::key("cancels", &format!("request-{i}"))));
+        }
+        let size = hub.topics.lock().map.len();
+        assert!(size <= 2 * MIN_SWEEP, "the table holds {size} topics");
+        // A topic that is still listened to survives every sweep and still gets its changes.
+        hub.route(&entry_of("ns", "kept"));
+        assert!(kept.try_recv().is_ok());
     }
 
     #[tokio::test]
