@@ -119,8 +119,10 @@ struct ExecState {
     stored: Vec<u64>,
 }
 
-/// How many uncertain writes an execution remembers (a handler retries one at a time).
-const MAX_UNCERTAIN: usize = 16;
+/// How many uncertain writes an execution remembers. A retry is recognised only while its
+/// first attempt is remembered: a run that abandons more failed writes than this (a handler
+/// that never retries them) before retrying an older one could apply that one twice.
+const MAX_UNCERTAIN: usize = 64;
 
 impl ExecState {
     fn new(owner: Owner, revision: u64) -> ExecState {
@@ -254,6 +256,7 @@ impl Execution {
         if let Some(id) = known
             && state.stored.contains(&id)
         {
+            tracing::info!(execution = %self.key, "a write whose answer was lost had been stored");
             state.forget(id);
             return Ok(Landed::Earlier);
         }

@@ -207,12 +207,16 @@ async fn take_over(inner: &Arc<Inner>, claim: Claim) {
 
 /// Whether this node should settle the execution of `owner` now.
 fn needs_settling(inner: &Inner, key: &str, owner: &Owner) -> bool {
-    if owner.finished {
+    // Never while something here still runs it: ours, or an old run of this process that
+    // lost it to another node and has not written since (it finds out at its next write and
+    // ends). Settling it here meanwhile would write a tombstone with this node's origin, which
+    // that old run's retried last write would take for its own.
+    if owner.finished || inner.executions.contains(key) {
         return false;
     }
     if owner.node == inner.config.node_id && owner.boot == inner.config.boot_id {
-        // Ours: settle it only if nothing here runs it any more.
-        return !inner.executions.contains(key);
+        // Ours, and nothing here runs it any more.
+        return true;
     }
     inner.membership.is_dead(&owner.node, &owner.boot)
 }
