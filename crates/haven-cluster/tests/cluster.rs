@@ -211,18 +211,23 @@ async fn a_takeover_fences_the_old_owner_and_only_one_claim_wins() {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_write_whose_answer_was_lost_is_not_applied_twice() {
-    let log = MemLog::new();
-    let a = node(&log, "a").await;
+/// Node `a` alone on a new log, running an execution of `key` opened with no writes.
+async fn lone_execution(key: &str) -> (Node, Arc<Execution>) {
+    let a = node(&MemLog::new(), "a").await;
     let (exec, _) = Execution::open(
         a.store.clone(),
-        "s/x/2",
+        key,
         Owner::new("a", "a-boot"),
         Batch::new(),
     )
     .await
     .unwrap();
+    (a, exec)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_write_whose_answer_was_lost_is_not_applied_twice() {
+    let (a, exec) = lone_execution("s/x/2").await;
     let batch = Batch::new().append("st2", b"progress".to_vec());
     a.faults.lose_acks(1);
     let first = exec.commit(batch.clone(), false).await;
@@ -241,16 +246,7 @@ async fn a_write_whose_answer_was_lost_is_not_applied_twice() {
 #[tokio::test(start_paused = true)]
 async fn a_failed_write_is_not_taken_for_an_earlier_one_whose_answer_was_lost() {
     for finish in [false, true] {
-        let log = MemLog::new();
-        let a = node(&log, "a").await;
-        let (exec, _) = Execution::open(
-            a.store.clone(),
-            "s/x/3",
-            Owner::new("a", "a-boot"),
-            Batch::new(),
-        )
-        .await
-        .unwrap();
+        let (a, exec) = lone_execution("s/x/3").await;
         // A handler's write: stored, its answer lost.
         a.faults.lose_acks(1);
         let handler = Batch::new().put("notes", "n1", b"v".to_vec());

@@ -549,24 +549,19 @@ async fn timeouts_and_client_cancellation_cancel_the_upstream_request() {
     let c = ctx_with(&n.store, None, None, token.clone());
     // It cancels once the upstream has started the call.
     let started = web.probe.slow_started.load(Ordering::SeqCst);
-    let probe = web.probe.clone();
-    let canceller = tokio::spawn(async move {
-        let call_started = async {
-            while probe.slow_started.load(Ordering::SeqCst) == started {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(5), call_started)
-            .await
-            .expect("the upstream never started the call");
+    let canceller = async {
+        wait_until(
+            Duration::from_secs(5),
+            "the upstream never started the call",
+            async || web.probe.slow_started.load(Ordering::SeqCst) != started,
+        )
+        .await;
         token.cancel();
-    });
-    let e = n
-        .call_with(&c, "web__slow", json!({"ms": 10_000}))
-        .await
-        .unwrap_err();
+    };
+    let call = n.call_with(&c, "web__slow", json!({"ms": 10_000}));
+    let (answer, ()) = tokio::join!(call, canceller);
+    let e = answer.unwrap_err();
     assert_eq!(e.code.0, REQUEST_CANCELLED, "{e:?}");
-    canceller.await.unwrap();
     wait_until(
         Duration::from_secs(5),
         "upstream never saw the cancellation",
