@@ -209,10 +209,16 @@ impl ShipperHandle {
 pub const DEPLOYMENT_NAMESPACE: &str = "system";
 /// See [`DEPLOYMENT_NAMESPACE`].
 pub const DEPLOYMENT_RECORD: &str = "deployment";
-/// The generation a cluster ships (in the shared store).
+/// The generation a cluster ships (in the shared store, namespace
+/// [`haven_cluster::regions::LOCAL_NS`]: each region ships its own), followed by `/<region>`.
 pub const GENERATION_RECORD: &str = "backup-generation";
-/// The shipping lease: one node per region ships at a time.
+/// The shipping lease: one node per region ships at a time (namespace
+/// [`haven_cluster::regions::LOCAL_NS`]), followed by `/<region>`.
 pub const LEASE_RECORD: &str = "backup-lease";
+
+fn region_key(store: &dyn Store, name: &str) -> String {
+    format!("{name}/{}", store.origin().region)
+}
 
 /// The deployment id kept in the store, created on first use. It travels with the state
 /// (replication, backup and restore), so a restored node keeps its deployment's identity.
@@ -336,8 +342,8 @@ impl Shipper {
             manifests: Default::default(),
             lease: haven_cluster::Lease::new(
                 store.clone(),
-                DEPLOYMENT_NAMESPACE,
-                LEASE_RECORD,
+                haven_cluster::regions::LOCAL_NS,
+                &region_key(&*store, LEASE_RECORD),
                 &store.origin().to_string(),
                 lease_ttl,
             ),
@@ -527,7 +533,10 @@ impl Shipper {
         Ok(if self.store.shared() {
             // A cluster: the generation belongs to the region, whichever node ships it.
             self.store
-                .get(DEPLOYMENT_NAMESPACE, GENERATION_RECORD)
+                .get(
+                    haven_cluster::regions::LOCAL_NS,
+                    &region_key(&*self.store, GENERATION_RECORD),
+                )
                 .await?
                 .and_then(|r| serde_json::from_slice(r.value()).ok())
         } else {
@@ -547,8 +556,8 @@ impl Shipper {
         if self.store.shared() {
             self.store
                 .commit(haven_state::Batch::new().put(
-                    DEPLOYMENT_NAMESPACE,
-                    GENERATION_RECORD,
+                    haven_cluster::regions::LOCAL_NS,
+                    &region_key(&*self.store, GENERATION_RECORD),
                     serde_json::to_vec(&local).expect("json"),
                 ))
                 .await?;

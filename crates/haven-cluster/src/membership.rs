@@ -24,6 +24,11 @@ use tokio::time::Instant;
 /// Namespace of heartbeat records.
 pub const NODES_NS: &str = "nodes";
 
+/// The key of the heartbeat record of `node` of `region`.
+pub fn heartbeat_key(region: &str, node: &str) -> String {
+    format!("{region}/{node}")
+}
+
 /// How many recent offset samples a node's estimate keeps.
 const OFFSET_SAMPLES: usize = 16;
 
@@ -207,7 +212,10 @@ impl Membership {
 
     /// Reads every heartbeat record and notes which changed since the last read.
     pub async fn refresh(&self) -> Result<(), StoreError> {
-        let records = self.store.scan_all(NODES_NS, "").await?;
+        let records = self
+            .store
+            .scan_all(NODES_NS, &format!("{}/", self.region()))
+            .await?;
         let now = Instant::now();
         let wall = self.store.clock().wall_millis();
         let mut seen = Vec::with_capacity(records.len());
@@ -232,6 +240,10 @@ impl Membership {
 
     /// Takes a heartbeat record seen at local time `now` (monotonic) and `wall`.
     pub fn observe(&self, info: NodeInfo, revision: u64, now: Instant, wall: u64) {
+        if info.region != self.region() {
+            // Another region's node (replicated here): judged by its own region only.
+            return;
+        }
         let mut state = self.state.write();
         state.missing_since.remove(&info.node);
         let offset = info.beat_millis as i64 - wall as i64;
@@ -405,10 +417,20 @@ impl Membership {
         let _ = self.write_heartbeat(&self.own_info()).await;
     }
 
+    fn region(&self) -> &str {
+        &self.store.origin().region
+    }
+
+    /// The key of this node's heartbeat record: `<region>/<node>`, so that nodes of
+    /// different regions never share one, whatever their ids.
+    fn own_key(&self) -> String {
+        heartbeat_key(self.region(), &self.config.node_id)
+    }
+
     /// Writes `info` as this node's heartbeat record.
     async fn write_heartbeat(&self, info: &NodeInfo) -> Result<Commit, StoreError> {
         let value = serde_json::to_vec(info).expect("heartbeat serializes");
-        let batch = Batch::new().put(NODES_NS, &self.config.node_id, value);
+        let batch = Batch::new().put(NODES_NS, &self.own_key(), value);
         self.store.commit(batch).await
     }
 

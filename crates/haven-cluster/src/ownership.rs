@@ -16,7 +16,9 @@
 
 use std::sync::Arc;
 
-use haven_state::{Batch, Commit, Expect, Op, Outcome, Store, StoreError, StoreResult};
+use haven_state::{
+    Batch, Commit, Expect, Op, Outcome, Store, StoreError, StoreResult, StoredRecord,
+};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -166,12 +168,22 @@ impl std::fmt::Debug for Execution {
 
 /// The current ownership record of `key`, read after catching up with the store.
 pub async fn current(store: &dyn Store, key: &str) -> StoreResult<Option<(Owner, u64)>> {
+    Ok(current_record(store, key)
+        .await?
+        .and_then(|r| Owner::decode(r.value()).map(|o| (o, r.revision))))
+}
+
+async fn current_record(store: &dyn Store, key: &str) -> StoreResult<Option<StoredRecord>> {
     // A scan catches up with the log first; a plain get may answer from a stale index.
     let records = store.scan_all(OWNERS_NS, key).await?;
-    Ok(records
-        .into_iter()
-        .find(|r| r.record.key == key)
-        .and_then(|r| Owner::decode(r.value()).map(|o| (o, r.revision))))
+    Ok(records.into_iter().find(|r| r.record.key == key))
+}
+
+/// Whether an ownership record belongs to the region of `store`: the region whose node wrote
+/// it last (its owner, or the node that took it over). Only that region's nodes take over or
+/// settle it; another region's execution (replicated here) is its own region's to settle.
+pub fn of_this_region(store: &dyn Store, record: &StoredRecord) -> bool {
+    record.record.version.origin.region == store.origin().region
 }
 
 impl Execution {
@@ -424,12 +436,19 @@ pub enum ClaimError {
 
 impl Claim {
     /// The claim on `key` if its record still names an unfinished run of another process.
+    /// Another region's execution (replicated here) is never claimed here.
     pub async fn read(store: &dyn Store, key: &str) -> StoreResult<Option<Claim>> {
-        Ok(current(store, key).await?.and_then(|(dead, revision)| {
+        let Some(record) = current_record(store, key)
+            .await?
+            .filter(|r| of_this_region(store, r))
+        else {
+            return Ok(None);
+        };
+        Ok(Owner::decode(record.value()).and_then(|dead| {
             (!dead.finished).then(|| Claim {
                 key: key.to_owned(),
                 dead,
-                revision,
+                revision: record.revision,
             })
         }))
     }

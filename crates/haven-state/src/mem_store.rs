@@ -138,6 +138,18 @@ impl MemLog {
         Ok((store, faults))
     }
 
+    /// A connection to this log without a node of its own (what another region reads it
+    /// through), with the switches that make it fail.
+    pub fn link(self: &Arc<Self>) -> (MemLink, Arc<LinkFaults>) {
+        let faults = Arc::new(LinkFaults::default());
+        let link = MemLink {
+            log: self.clone(),
+            faults: faults.clone(),
+            shared: true,
+        };
+        (link, faults)
+    }
+
     fn append(&self, writes: &[LogWrite]) -> Result<u64, AppendError> {
         let mut state = self.state.lock();
         for w in writes {

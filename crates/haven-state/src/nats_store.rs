@@ -80,6 +80,11 @@ pub struct JetStreamLog {
     js: jetstream::Context,
     stream_name: String,
     prefix: String,
+    /// Subject prefix of the JetStream API that serves the stream (`$JS.API` in this
+    /// region's domain, `$JS.<domain>.API` for another region's).
+    api_prefix: String,
+    /// Another region's log, read through this region's connection: never appended to.
+    peer: bool,
 }
 
 /// The JetStream backend: a [`ReplicatedStore`] on the region's stream.
@@ -144,7 +149,23 @@ impl JetStreamLog {
             js,
             stream_name,
             prefix,
+            api_prefix: "$JS.API".into(),
+            peer: false,
         })
+    }
+
+    /// The log of another region, `region`, whose JetStream domain is `domain`, read through
+    /// this log's connection (the regions' servers are joined by leafnodes, each region its
+    /// own domain). Read-only: it is followed and read, never appended to.
+    pub fn peer(&self, region: &str, domain: &str) -> JetStreamLog {
+        JetStreamLog {
+            client: self.client.clone(),
+            js: jetstream::with_domain(self.client.clone(), domain),
+            stream_name: stream_name(region),
+            prefix: format!("hv.{}", token(region)),
+            api_prefix: format!("$JS.{domain}.API"),
+            peer: true,
+        }
     }
 
     fn subject(&self, change: &Change) -> String {
@@ -182,6 +203,11 @@ impl JetStreamLog {
 #[async_trait]
 impl SharedLog for JetStreamLog {
     async fn append(&self, writes: &[LogWrite]) -> Result<u64, AppendError> {
+        if self.peer {
+            return Err(AppendError::Unavailable(
+                "another region's log is read-only here".into(),
+            ));
+        }
         self.connected().map_err(AppendError::Unavailable)?;
         let n = writes.len();
         let batch_id = hex::encode(rand::random::<[u8; 12]>());
@@ -271,7 +297,8 @@ impl SharedLog for JetStreamLog {
         let mut next = from_seq.max(1);
         while out.len() < limit {
             let want = (limit - out.len()).min(1000);
-            let got = direct_batch(&self.client, &self.stream_name, next, want).await?;
+            let subject = format!("{}.DIRECT.GET.{}", self.api_prefix, self.stream_name);
+            let got = direct_batch(&self.client, &subject, next, want).await?;
             let Some(last) = got.last() else { break };
             next = last.seq + 1;
             let done = got.len() < want;
@@ -358,7 +385,7 @@ fn parse_ack(payload: &[u8]) -> Result<u64, AppendError> {
 /// Reads up to `batch` messages from sequence `from` with one batched direct get.
 async fn direct_batch(
     client: &async_nats::Client,
-    stream: &str,
+    subject: &str,
     from: u64,
     batch: usize,
 ) -> StoreResult<Vec<LogEntry>> {
@@ -366,7 +393,7 @@ async fn direct_batch(
     let mut sub = client.subscribe(inbox.clone()).await.map_err(unavailable)?;
     let body = serde_json::json!({ "seq": from, "batch": batch }).to_string();
     client
-        .publish_with_reply(format!("$JS.API.DIRECT.GET.{stream}"), inbox, body.into())
+        .publish_with_reply(subject.to_owned(), inbox, body.into())
         .await
         .map_err(unavailable)?;
     let mut out = Vec::with_capacity(batch);

@@ -156,6 +156,8 @@ pub struct NatsServer {
 pub struct NatsCluster {
     /// The servers, by index.
     pub servers: Vec<NatsServer>,
+    /// The leafnode listener of a region's server ([`NatsCluster::start_region`]).
+    pub leaf_port: Option<u16>,
     bin: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -182,6 +184,23 @@ impl NatsCluster {
     /// that fails (a port taken by another process between its choice and the server's bind)
     /// is tried again on new ports, up to three times.
     pub async fn start_in(tools: &Path) -> NatsCluster {
+        NatsCluster::start_configured(tools, NatsCluster::configure).await
+    }
+
+    /// One nats-server as a region of its own: JetStream in domain `region` (the region's
+    /// name, as Haven's multi-region mode expects), a leafnode listener, and leafnode
+    /// remotes to the listeners on `remotes` (other regions, or proxies in front of them).
+    pub async fn start_region(region: &str, remotes: &[u16]) -> NatsCluster {
+        NatsCluster::start_configured(&tools_dir(), |bin| {
+            NatsCluster::configure_region(bin, region, remotes)
+        })
+        .await
+    }
+
+    async fn start_configured(
+        tools: &Path,
+        configure: impl Fn(PathBuf) -> NatsCluster,
+    ) -> NatsCluster {
         let bin = tools.join("venv/bin/nats-server");
         assert!(
             bin.exists(),
@@ -190,12 +209,13 @@ impl NatsCluster {
         );
         let mut failures = Vec::new();
         for _ in 0..3 {
-            let mut c = NatsCluster::configure(bin.clone());
-            for i in 0..3 {
+            let mut c = configure(bin.clone());
+            let n = c.servers.len();
+            for i in 0..n {
                 c.spawn(i);
             }
             let mut ok = true;
-            for i in 0..3 {
+            for i in 0..n {
                 if let Err(e) = c.healthy(i).await {
                     failures.push(e);
                     ok = false;
@@ -206,7 +226,42 @@ impl NatsCluster {
                 return c;
             }
         }
-        panic!("the NATS cluster did not start:\n{}", failures.join("\n"));
+        panic!("the NATS servers did not start:\n{}", failures.join("\n"));
+    }
+
+    /// The configuration of one server of region `region` (nothing started).
+    fn configure_region(bin: PathBuf, region: &str, remotes: &[u16]) -> NatsCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let ports = free_ports(3);
+        let remotes: Vec<String> = remotes
+            .iter()
+            .map(|p| format!("{{ url: \"nats-leaf://127.0.0.1:{p}\" }}"))
+            .collect();
+        let conf = dir.path().join("nats0.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "server_name: {region}-nats0\nlisten: 127.0.0.1:{}\nhttp: 127.0.0.1:{}\njetstream {{ store_dir: \"{}\", sync_interval: always, domain: {region} }}\nleafnodes {{ listen: 127.0.0.1:{}, no_advertise: true, reconnect: 1, remotes: [{}] }}\n",
+                ports[0],
+                ports[1],
+                dir.path().join("js0").display(),
+                ports[2],
+                remotes.join(", ")
+            ),
+        )
+        .unwrap();
+        NatsCluster {
+            servers: vec![NatsServer {
+                child: None,
+                conf,
+                client_port: ports[0],
+                http_port: ports[1],
+                name: format!("{region}-nats0"),
+            }],
+            leaf_port: Some(ports[2]),
+            bin,
+            _dir: dir,
+        }
     }
 
     /// Writes the configuration of three servers on new ports (nothing started).
@@ -246,6 +301,7 @@ impl NatsCluster {
         }
         NatsCluster {
             servers,
+            leaf_port: None,
             bin,
             _dir: dir,
         }
@@ -394,6 +450,66 @@ impl Proxy {
     /// The MCP endpoint through the proxy.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}/mcp", self.port)
+    }
+}
+
+/// A TCP link of the tests' own between two processes (e.g. a leafnode connection between
+/// regions) that can be cut and healed: cut closes every connection through it at once and
+/// refuses new ones; heal lets new ones through again.
+pub struct Link {
+    /// The port to connect to instead of the target's.
+    pub port: u16,
+    cut: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.cut.send_replace(true);
+        self.task.abort();
+    }
+}
+
+impl Link {
+    /// A link to `target` on loopback.
+    pub async fn start(target: u16) -> Link {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (cut, watch) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                if *watch.borrow() {
+                    drop(inbound);
+                    continue;
+                }
+                let mut watch = watch.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = watch.wait_for(|c| *c) => {}
+                    }
+                });
+            }
+        });
+        Link { port, cut, task }
+    }
+
+    /// Closes every connection through the link and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    /// Lets new connections through again.
+    pub fn heal(&self) {
+        self.cut.send_replace(false);
     }
 }
 

@@ -97,6 +97,7 @@ pub fn router(
     });
     Router::new()
         .route("/admin/v1/status", get(status))
+        .route("/admin/v1/regions", get(regions))
         .route("/admin/v1/backup", get(backup_status))
         .route("/admin/v1/backup/now", post(backup_now))
         .route("/admin/v1/backup/verify", post(backup_verify))
@@ -180,6 +181,44 @@ async fn status(State(admin): State<Arc<Admin>>) -> Response {
         "backup": backup,
     }))
     .into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct RegionsQuery {
+    /// Include a digest of the whole state (reads every record: for convergence checks).
+    #[serde(default)]
+    digest: bool,
+}
+
+/// This region and every other region as this node sees them: the links that apply their
+/// logs here, how far behind each is (entries and seconds), and on request a digest of the
+/// state that every region converges to.
+async fn regions(State(admin): State<Arc<Admin>>, Query(q): Query<RegionsQuery>) -> Response {
+    let e = &admin.engine;
+    let peers = match &admin.control.regions {
+        Some(r) => r.status().await,
+        None => Vec::new(),
+    };
+    let members = e.members();
+    let mut out = json!({
+        "region": admin.region,
+        "node": e.config().node_id,
+        "nodes_alive": members.iter().filter(|m| m.alive && !m.info.left).count(),
+        "writable": e.store().check_writable().await.map_err(|e| e.to_string()).err(),
+        "peers": peers,
+    });
+    if q.digest {
+        match haven_cluster::regions::state_digest(&**e.store()).await {
+            Ok((sha256, items)) => out["digest"] = json!({ "sha256": sha256, "items": items }),
+            Err(err) => {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("reading the state for its digest: {err}"),
+                );
+            }
+        }
+    }
+    Json(out).into_response()
 }
 
 async fn backup_status(State(admin): State<Arc<Admin>>) -> Response {

@@ -73,6 +73,77 @@ pub async fn status(a: crate::settings::NodeArgs) -> Result<ExitCode> {
 }
 
 /// The nodes table of `haven status`.
+/// `haven region status`.
+pub async fn region_status(a: crate::settings::RegionStatusArgs) -> Result<ExitCode> {
+    let node = node_url(a.node.node.as_ref());
+    let token = token(a.node.admin_token_file.as_ref(), a.node.data.as_ref())?;
+    let path = if a.digest {
+        "/admin/v1/regions?digest=true"
+    } else {
+        "/admin/v1/regions"
+    };
+    let v = admin_call(&node, &token, reqwest::Method::GET, path).await?;
+    if a.node.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let writable = match v["writable"].as_str() {
+        None => "writable".to_owned(),
+        Some(e) => format!("NOT WRITABLE: {e}"),
+    };
+    println!(
+        "Region {} (this one) — asked node {}: {} nodes alive, {}",
+        v["region"].as_str().unwrap_or("?"),
+        v["node"].as_str().unwrap_or("?"),
+        v["nodes_alive"],
+        writable
+    );
+    let peers = v["peers"].as_array().cloned().unwrap_or_default();
+    if peers.is_empty() {
+        println!("No other region: this node applies no other region's log (--peer-regions).");
+    } else {
+        println!();
+        println!(
+            "  {:<16} {:<12} {:>10} {:>10} {:>8} {:>6}  LAST HEARD",
+            "REGION", "LINK", "APPLIED", "BEHIND", "LAG", "NODES"
+        );
+        for p in &peers {
+            let behind = p["behind_entries"]
+                .as_u64()
+                .map_or("?".to_owned(), |b| b.to_string());
+            let lag = p["lag_seconds"]
+                .as_f64()
+                .map_or("-".to_owned(), |l| format!("{l:.1}s"));
+            let heard = match p["last_heartbeat_millis"].as_u64() {
+                Some(ms) => fmt_millis(ms),
+                None => "never".into(),
+            };
+            println!(
+                "  {:<16} {:<12} {:>10} {:>10} {:>8} {:>6}  {}",
+                p["name"].as_str().unwrap_or("?"),
+                p["link"].as_str().unwrap_or("?"),
+                p["applied_seq"],
+                behind,
+                lag,
+                p["nodes"],
+                heard
+            );
+            if let Some(e) = p["error"].as_str() {
+                println!("    error: {e}");
+            }
+        }
+    }
+    if let Some(d) = v.get("digest") {
+        println!();
+        println!(
+            "State digest: {} ({} records and events)",
+            d["sha256"].as_str().unwrap_or("?"),
+            d["items"]
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn print_nodes(nodes: &serde_json::Value) {
     println!();
     println!(

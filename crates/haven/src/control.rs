@@ -36,6 +36,8 @@ pub struct Control {
     pub max_body_bytes: Arc<AtomicUsize>,
     /// The configuration snapshot this node has applied last.
     pub in_force: Arc<RwLock<Arc<haven_control::config::Snapshot>>>,
+    /// Replication from the other regions (`None`: one region).
+    pub regions: Option<Arc<haven_cluster::regions::Regions>>,
 }
 
 /// The built-in catalog, switchable at runtime by the `catalog` setting.

@@ -34,6 +34,9 @@ fn main() -> std::process::ExitCode {
         Command::Registry(cmd) => return run_client_command(control_cmd::registry(cmd)),
         Command::Config(cmd) => return run_client_command(control_cmd::config(cmd)),
         Command::Secrets(cmd) => return run_client_command(control_cmd::secrets(cmd)),
+        Command::Region(settings::RegionCommand::Status(a)) => {
+            return run_client_command(backup_cmd::region_status(a));
+        }
         command => Cli { command },
     };
     let result = Settings::from_cli(&cli).and_then(|(mode, s)| {
@@ -162,6 +165,7 @@ async fn start_engine(
         .with_context(|| format!("creating the data directory {}", s.data.display()))?;
     let node = node_id(&s.data, s.node_id.as_deref())?;
     let origin = Origin::new(s.region.as_str(), node.as_str());
+    let mut regions = None;
     let store: Arc<dyn Store> = match &s.nats {
         Some(servers) => {
             let config = haven_state::NatsConfig {
@@ -178,7 +182,28 @@ async fn start_engine(
                             servers.join(",")
                         )
                     })?;
-            Arc::new(store)
+            let peers: Vec<(String, Arc<dyn haven_state::SharedLog>)> = s
+                .peer_regions
+                .iter()
+                .map(|r| {
+                    let log: Arc<dyn haven_state::SharedLog> = Arc::new(store.log().peer(r, r));
+                    (r.clone(), log)
+                })
+                .collect();
+            let store: Arc<dyn Store> = Arc::new(store);
+            if !peers.is_empty() {
+                tracing::info!(
+                    region = %s.region,
+                    peers = %s.peer_regions.join(","),
+                    "applying the change logs of the other regions"
+                );
+                regions = Some(Arc::new(haven_cluster::regions::Regions::start(
+                    store.clone(),
+                    &node,
+                    peers,
+                )));
+            }
+            store
         }
         None => {
             let store = RedbStore::open(&s.data, origin, Arc::new(HybridClock::default())).map_err(|e| {
@@ -235,6 +260,7 @@ async fn start_engine(
         upstreams,
         max_body_bytes: Arc::new(std::sync::atomic::AtomicUsize::new(s.max_body_bytes)),
         in_force,
+        regions,
     };
     control::apply_config(
         &control,

@@ -43,6 +43,27 @@ pub enum Command {
     /// adds a key-encryption key to a key file.
     #[command(subcommand)]
     Secrets(SecretsCommand),
+    /// Regions as a running node sees them: status.
+    #[command(subcommand)]
+    Region(RegionCommand),
+}
+
+/// `haven region` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum RegionCommand {
+    /// This region and every other: the link that applies its log here, entries behind,
+    /// replication lag in seconds, its nodes, last heard.
+    Status(RegionStatusArgs),
+}
+
+/// `haven region status`.
+#[derive(Args, Debug)]
+pub struct RegionStatusArgs {
+    /// Also compute a digest of the whole state (equal in every region once they converge)
+    #[arg(long)]
+    pub digest: bool,
+    #[command(flatten)]
+    pub node: NodeArgs,
 }
 
 /// How a command reaches a running node.
@@ -447,6 +468,16 @@ pub struct ServeArgs {
     /// on first start]
     #[arg(long, env = "HAVEN_ADMIN_TOKEN_FILE", value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// Other regions whose change logs this region applies, comma-separated (a NATS store
+    /// only: each region's servers run JetStream with `domain: <region name>` and are joined
+    /// to the others' by leafnodes) [default: none]
+    #[arg(
+        long,
+        env = "HAVEN_PEER_REGIONS",
+        value_name = "REGIONS",
+        value_delimiter = ','
+    )]
+    pub peer_regions: Option<Vec<String>>,
     #[command(flatten)]
     pub backup: BackupServeArgs,
 }
@@ -474,6 +505,7 @@ struct FileSettings {
     allowed_hosts: Option<Vec<String>>,
     max_body_bytes: Option<usize>,
     admin_token_file: Option<PathBuf>,
+    peer_regions: Option<Vec<String>>,
     backup_url: Option<String>,
     backup_key_file: Option<PathBuf>,
     backup_interval: Option<String>,
@@ -510,6 +542,8 @@ pub struct Settings {
     pub admin_token_file: Option<PathBuf>,
     pub secrets_key_file: Option<PathBuf>,
     pub backup: Option<BackupSettings>,
+    /// Other regions this one applies the logs of (empty: one region).
+    pub peer_regions: Vec<String>,
 }
 
 /// Resolved backup settings of `haven serve`.
@@ -710,7 +744,8 @@ impl Settings {
             | Command::Status(_)
             | Command::Registry(_)
             | Command::Config(_)
-            | Command::Secrets(_) => {
+            | Command::Secrets(_)
+            | Command::Region(_) => {
                 bail!("this command has no server settings")
             }
         }
@@ -781,6 +816,45 @@ impl Settings {
         if region.is_empty() || region.contains('/') {
             bail!("invalid region {region:?}: use a non-empty name without '/'");
         }
+        let peer_regions: Vec<String> = serve
+            .and_then(|s| s.peer_regions.clone())
+            .or(file.peer_regions)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| r.trim().to_owned())
+            .filter(|r| !r.is_empty())
+            .collect();
+        if !peer_regions.is_empty() {
+            if nats.is_none() {
+                bail!(
+                    "peer_regions needs a NATS store (--store nats://...): regions replicate through JetStream"
+                );
+            }
+            let domain_name = |r: &str| {
+                r.len() <= 64
+                    && r.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            };
+            for r in peer_regions.iter().chain([&region]) {
+                if !domain_name(r) {
+                    bail!(
+                        "invalid region {r:?} for multi-region: a region's name is also its JetStream domain, so use letters, digits, '-' and '_' (at most 64)"
+                    );
+                }
+            }
+            if peer_regions.contains(&region) {
+                bail!("peer_regions lists this node's own region {region:?}");
+            }
+            let mut unique = peer_regions.clone();
+            unique.sort();
+            unique.dedup();
+            if unique.len() != peer_regions.len() {
+                bail!(
+                    "peer_regions lists a region twice: {}",
+                    peer_regions.join(",")
+                );
+            }
+        }
         Ok(Settings {
             data: common
                 .data
@@ -827,6 +901,7 @@ impl Settings {
             admin_token_file,
             secrets_key_file: common.secrets_key_file.clone().or(file.secrets_key_file),
             backup,
+            peer_regions,
             nats,
             store_replicas,
             drain_timeout,

@@ -237,6 +237,9 @@ pub(crate) async fn settle_if_orphaned(inner: &Arc<Inner>, key: &str) {
 pub(crate) async fn recover(inner: &Arc<Inner>) -> Result<(), StoreError> {
     let mut settled = 0usize;
     for r in inner.store.scan_all(OWNERS_NS, "").await? {
+        if !haven_cluster::ownership::of_this_region(&*inner.store, &r) {
+            continue;
+        }
         let Some(owner) = Owner::decode(r.value()) else {
             continue;
         };
@@ -258,7 +261,10 @@ pub(crate) async fn recover(inner: &Arc<Inner>) -> Result<(), StoreError> {
         let Ok(rec) = serde_json::from_slice::<InflightRecord>(r.value()) else {
             continue;
         };
-        if rec.method == STANDALONE && inner.membership.is_dead(&rec.node, &rec.boot) {
+        if rec.method == STANDALONE
+            && haven_cluster::ownership::of_this_region(&*inner.store, &r)
+            && inner.membership.is_dead(&rec.node, &rec.boot)
+        {
             let batch = Batch::new().delete_if(
                 INFLIGHT_NS,
                 &r.record.key,

@@ -1,0 +1,520 @@
+//! Regions: each region keeps its own change log, and every other region's log is applied to
+//! it under the merge rules, so that any region serves what was written anywhere.
+//!
+//! A [`Replicator`] applies one other region's log (the *source*) to this region's store. One
+//! node of the region does it at a time (a [`Lease`] per source). It follows the source's log
+//! from the sequence after its cursor, waits for each atomic batch of the source to be
+//! complete, keeps the changes the source region wrote itself (its own records and events;
+//! what the source merely applied from a third region comes from that region directly), and
+//! commits them here as one batch of [`Op::Merge`]/[`Op::MergeEvent`] together with the new
+//! cursor. So a source's batch is as atomic here as it was there, the cursor moves exactly
+//! with what it covers, and a crash between the two is impossible; merges are idempotent
+//! anyway, so a batch applied twice would change nothing.
+//!
+//! Records of namespace [`LOCAL_NS`] (cursors, the appliers' leases, the backup lease) belong
+//! to their region's own log and are never applied elsewhere: cursors change with every
+//! applied batch, and carrying them back and forth would never end.
+//!
+//! Lag in seconds is measured from the nodes' heartbeat records, which every node writes each
+//! second with its own clock and which replicate like everything else: a source region's lag
+//! is this node's clock minus the newest heartbeat of that region held here
+//! ([`Regions::status`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use haven_state::{
+    Batch, Change, Expect, LogEntry, Op, SharedLog, Store, StoreError, replicated::Delivery,
+};
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+use crate::lease::{Holding, Lease};
+use crate::membership::{NODES_NS, NodeInfo};
+
+/// Namespace of records that stay in their region's log and are never applied elsewhere:
+/// replication cursors and leases, the backup lease and generation.
+pub const LOCAL_NS: &str = "local";
+
+/// Most operations one applied batch holds (JetStream's atomic batch limit); a source batch
+/// that fills it commits its cursor on its own, right after.
+const MAX_OPS: usize = haven_state::nats_store::MAX_BATCH_OPS;
+
+/// How long a quiet replicator waits for the source to say how far its log is.
+const STALL_CHECK: Duration = Duration::from_secs(2);
+
+/// How long a replicator's lease lives without renewal.
+const LEASE_TTL: Duration = Duration::from_secs(5);
+
+/// Whether a change of the source region's log is the source's own and travels to others.
+pub fn replicates(change: &Change, source: &str) -> bool {
+    match change {
+        Change::Record(r) => &*r.version.origin.region == source && r.namespace != LOCAL_NS,
+        Change::Event(e) => &*e.version.origin.region == source,
+    }
+}
+
+/// The cursor record of `source` in this region's store: the last sequence of the source's
+/// log applied here.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Cursor {
+    /// Last sequence of the source's log covered (applied or skipped as not the source's own).
+    pub seq: u64,
+    /// When it was written, Unix milliseconds (this region's clock).
+    pub at_millis: u64,
+}
+
+fn cursor_key(source: &str) -> String {
+    format!("cursor/{source}")
+}
+
+fn lease_key(source: &str) -> String {
+    format!("lease/{source}")
+}
+
+/// Reads the cursor of `source` with its revision.
+pub async fn read_cursor(
+    store: &dyn Store,
+    source: &str,
+) -> Result<(Cursor, Option<u64>), StoreError> {
+    Ok(match store.get(LOCAL_NS, &cursor_key(source)).await? {
+        Some(r) => (
+            serde_json::from_slice(r.value()).unwrap_or_default(),
+            Some(r.revision),
+        ),
+        None => (Cursor::default(), None),
+    })
+}
+
+/// What this node's replicator of one source is doing.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ReplicatorState {
+    /// `replicating` (this node holds the lease), `standby` (another node does), `starting`,
+    /// or `unreachable` (the source's log could not be read).
+    pub state: String,
+    /// The last error, while it lasts.
+    pub error: Option<String>,
+    /// Source batches applied by this node.
+    pub batches: u64,
+    /// Records and events applied by this node.
+    pub changes: u64,
+    /// The last source sequence this node applied or found to hold nothing to apply (it
+    /// may be ahead of the stored cursor by batches that held nothing).
+    pub covered: u64,
+}
+
+/// Applies one source region's log to this region's store (see the module docs).
+pub struct Replicator {
+    local: Arc<dyn Store>,
+    source: String,
+    remote: Arc<dyn SharedLog>,
+    holder: String,
+    state: Arc<RwLock<ReplicatorState>>,
+}
+
+impl Replicator {
+    /// A replicator of `source` (whose log is `remote`) into `local`, for node `holder`.
+    pub fn new(
+        local: Arc<dyn Store>,
+        source: &str,
+        remote: Arc<dyn SharedLog>,
+        holder: &str,
+    ) -> Replicator {
+        Replicator {
+            local,
+            source: source.to_owned(),
+            remote,
+            holder: holder.to_owned(),
+            state: Arc::new(RwLock::new(ReplicatorState {
+                state: "starting".into(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    /// What it is doing, for status.
+    pub fn state(&self) -> Arc<RwLock<ReplicatorState>> {
+        self.state.clone()
+    }
+
+    fn set(&self, state: &str, error: Option<String>) {
+        let mut s = self.state.write();
+        if s.state != state {
+            tracing::info!(source = %self.source, state, "replication from a region");
+        }
+        s.state = state.to_owned();
+        s.error = error;
+    }
+
+    /// Runs until the task is aborted: holds the lease when it may and applies the source.
+    pub async fn run(self) {
+        let mut lease = Lease::new(
+            self.local.clone(),
+            LOCAL_NS,
+            &lease_key(&self.source),
+            &self.holder,
+            LEASE_TTL,
+        );
+        loop {
+            match lease.hold().await {
+                Ok(Holding::Held { .. }) => {
+                    if let Err(e) = self.apply(&mut lease).await {
+                        tracing::warn!(source = %self.source, error = %e, "replication from a region stopped; starting again");
+                        self.set("unreachable", Some(e));
+                    }
+                }
+                Ok(Holding::Standby { .. }) => self.set("standby", None),
+                Err(e) => self.set("unreachable", Some(format!("this region's store: {e}"))),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Applies the source from the cursor on, while this node holds the lease; returns why it
+    /// stopped.
+    async fn apply(&self, lease: &mut Lease) -> Result<(), String> {
+        let (cursor, revision) = read_cursor(&*self.local, &self.source)
+            .await
+            .map_err(|e| format!("reading the cursor: {e}"))?;
+        let mut deliveries = self
+            .remote
+            .follow(cursor.seq + 1)
+            .await
+            .map_err(|e| format!("following the source: {e}"))?;
+        self.set("replicating", None);
+        let mut renew = tokio::time::interval(LEASE_TTL / 3);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        renew.tick().await;
+        let mut at = Position {
+            saved: cursor.seq,
+            covered: cursor.seq,
+            revision,
+        };
+        // Entries of a source batch that is not complete yet.
+        let mut pending: Vec<LogEntry> = Vec::new();
+        // Whether anything arrived since the last lease renewal.
+        let mut delivered = false;
+        loop {
+            let first = tokio::select! {
+                d = deliveries.next() => d,
+                _ = renew.tick() => {
+                    match lease.hold().await {
+                        Ok(Holding::Held { .. }) => {}
+                        Ok(Holding::Standby { .. }) => return Ok(()),
+                        Err(e) => return Err(format!("renewing the lease: {e}")),
+                    }
+                    if !std::mem::take(&mut delivered) {
+                        // Quiet: idle, or a delivery that stalled (a cut link leaves the
+                        // consumer waiting): ask the source how far it is.
+                        match tokio::time::timeout(STALL_CHECK, self.remote.last_seq()).await {
+                            Ok(Ok(last)) if last > at.covered => {
+                                return Err(format!(
+                                    "the delivery stalled at {} of {last}",
+                                    at.covered
+                                ));
+                            }
+                            Ok(Ok(_)) => {}
+                            Ok(Err(e)) => return Err(format!("the source is unreachable: {e}")),
+                            Err(_) => return Err("the source is unreachable: no answer".into()),
+                        }
+                    }
+                    // Batches that held nothing to apply moved the cursor only here.
+                    if at.covered > at.saved {
+                        let covered = at.covered;
+                        self.commit(Vec::new(), &mut at, covered, 0).await?;
+                    }
+                    continue;
+                }
+            };
+            delivered = true;
+            // This delivery and every one ready now, so that a burst is applied in few
+            // commits (never splitting a source batch).
+            let mut group = Group::default();
+            let mut next = first;
+            loop {
+                let d = match next {
+                    Some(Ok(d)) => d,
+                    Some(Err(e)) => return Err(format!("reading the source: {e}")),
+                    None => return Err("the source's delivery ended".into()),
+                };
+                if let Some((seq, batch)) = take(&mut pending, d) {
+                    let own: Vec<Op> = batch
+                        .iter()
+                        .filter(|e| replicates(&e.change, &self.source))
+                        .map(|e| match &e.change {
+                            Change::Record(r) => Op::Merge(r.clone()),
+                            Change::Event(ev) => Op::MergeEvent(ev.clone()),
+                        })
+                        .collect();
+                    if group.ops.len() + own.len() >= MAX_OPS {
+                        self.flush(&mut group, &mut at).await?;
+                    }
+                    if own.len() >= MAX_OPS {
+                        // A batch as large as a commit may be: its changes alone, then the
+                        // cursor (applying it again after a crash in between changes
+                        // nothing).
+                        let n = own.len() as u64;
+                        self.local
+                            .commit(Batch { ops: own })
+                            .await
+                            .map_err(|e| format!("applying a batch: {e}"))?;
+                        self.commit(Vec::new(), &mut at, seq, n).await?;
+                    } else {
+                        group.ops.extend(own);
+                        group.last = Some(seq);
+                        group.batches += 1;
+                    }
+                }
+                if group.ops.len() >= MAX_OPS / 2 && pending.is_empty() {
+                    break;
+                }
+                match deliveries.next().now_or_never() {
+                    Some(d) => next = d,
+                    None => break,
+                }
+            }
+            self.flush(&mut group, &mut at).await?;
+        }
+    }
+
+    /// Applies what `group` gathered, with the cursor; a group with nothing to apply only
+    /// moves the covered position (saved at the next lease renewal).
+    async fn flush(&self, group: &mut Group, at: &mut Position) -> Result<(), String> {
+        let Some(last) = group.last.take() else {
+            return Ok(());
+        };
+        let ops = std::mem::take(&mut group.ops);
+        if ops.is_empty() {
+            at.covered = last;
+            self.state.write().covered = last;
+        } else {
+            let n = ops.len() as u64;
+            self.commit(ops, at, last, n).await?;
+        }
+        let mut s = self.state.write();
+        s.batches += std::mem::take(&mut group.batches);
+        Ok(())
+    }
+
+    /// Commits `ops` (`n` changes) with the cursor at `seq`.
+    async fn commit(
+        &self,
+        ops: Vec<Op>,
+        at: &mut Position,
+        seq: u64,
+        n: u64,
+    ) -> Result<(), String> {
+        let cursor = Cursor {
+            seq,
+            at_millis: self.local.clock().wall_millis(),
+        };
+        let expect = at.revision.map_or(Expect::Absent, Expect::Revision);
+        let batch = Batch { ops }.put_if(
+            LOCAL_NS,
+            &cursor_key(&self.source),
+            serde_json::to_vec(&cursor).expect("a cursor serializes"),
+            expect,
+        );
+        let commit = self
+            .local
+            .commit(batch)
+            .await
+            .map_err(|e| format!("applying a batch: {e}"))?;
+        // The cursor is the batch's last write.
+        at.revision = Some(commit.last_seq);
+        at.saved = seq;
+        at.covered = seq;
+        let mut s = self.state.write();
+        s.changes += n;
+        s.covered = seq;
+        Ok(())
+    }
+}
+
+/// Where a replicator is in its source's log.
+struct Position {
+    /// The stored cursor.
+    saved: u64,
+    /// The last source sequence applied or found to hold nothing to apply.
+    covered: u64,
+    /// The stored cursor's revision.
+    revision: Option<u64>,
+}
+
+/// Complete source batches gathered for one commit.
+#[derive(Default)]
+struct Group {
+    ops: Vec<Op>,
+    last: Option<u64>,
+    batches: u64,
+}
+
+/// Takes one delivery; once a batch's last entry arrived, returns its last sequence and its
+/// entries.
+fn take(pending: &mut Vec<LogEntry>, d: Delivery) -> Option<(u64, Vec<LogEntry>)> {
+    if let Some(change) = d.change {
+        pending.push(LogEntry { seq: d.seq, change });
+    }
+    d.complete.then(|| (d.seq, std::mem::take(pending)))
+}
+
+/// A digest of the state that every region converges to: every record (tombstones included)
+/// and every stream event, except this region's own bookkeeping ([`LOCAL_NS`]) and the
+/// heartbeats, which change every second. Two regions that applied the same writes have the
+/// same digest, whatever order they applied them in.
+pub async fn state_digest(store: &dyn Store) -> Result<(String, u64), StoreError> {
+    let (_, entries) = store.state_entries().await?;
+    let mut items: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+    for e in entries {
+        let key = match &e.change {
+            Change::Record(r) if r.namespace == LOCAL_NS || r.namespace == NODES_NS => {
+                continue;
+            }
+            Change::Record(r) => encoded(&(0u8, &r.namespace, &r.key)),
+            Change::Event(ev) => encoded(&(1u8, &ev.stream, ev.index)),
+        };
+        items.insert(key, encoded(&e.change));
+    }
+    let mut hash = sha2::Sha256::new();
+    for (k, v) in &items {
+        hash.update((k.len() as u64).to_le_bytes());
+        hash.update(k);
+        hash.update((v.len() as u64).to_le_bytes());
+        hash.update(v);
+    }
+    Ok((hex::encode(hash.finalize()), items.len() as u64))
+}
+
+fn encoded<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("serializes")
+}
+
+/// Another region as this node knows it.
+struct Peer {
+    name: String,
+    log: Arc<dyn SharedLog>,
+    state: Arc<RwLock<ReplicatorState>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// This node's side of multi-region replication: a [`Replicator`] per other region, and the
+/// status of every link.
+pub struct Regions {
+    local: Arc<dyn Store>,
+    peers: Vec<Peer>,
+}
+
+impl Drop for Regions {
+    fn drop(&mut self) {
+        for p in &self.peers {
+            p.task.abort();
+        }
+    }
+}
+
+/// One other region, as [`Regions::status`] shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct PeerStatus {
+    /// The region's name.
+    pub name: String,
+    /// This node's replicator of it: `replicating`, `standby` (another node of this region
+    /// replicates it), `starting` or `unreachable`.
+    pub link: String,
+    /// The link's last error, while it lasts.
+    pub error: Option<String>,
+    /// The last sequence of its log applied here (the stored cursor).
+    pub applied_seq: u64,
+    /// When the cursor was last written, Unix milliseconds (this region's clock).
+    pub cursor_at_millis: Option<u64>,
+    /// The last sequence of its log, asked of it now (`None`: it did not answer in 2 s).
+    pub source_last_seq: Option<u64>,
+    /// Entries of its log not applied here yet (of every kind: some hold nothing to apply).
+    pub behind_entries: Option<u64>,
+    /// The newest heartbeat of its nodes held here, Unix milliseconds (its clock).
+    pub last_heartbeat_millis: Option<u64>,
+    /// Replication lag in seconds: this node's clock minus that heartbeat (clock skew
+    /// between the regions adds to it).
+    pub lag_seconds: Option<f64>,
+    /// Its nodes whose heartbeat is held here and that have not left.
+    pub nodes: usize,
+    /// Batches and changes of it applied by this node.
+    pub batches_applied: u64,
+    /// See `batches_applied`.
+    pub changes_applied: u64,
+}
+
+impl Regions {
+    /// Starts replicating every region of `peers` (name and log) into `local`, as node
+    /// `node`.
+    pub fn start(
+        local: Arc<dyn Store>,
+        node: &str,
+        peers: Vec<(String, Arc<dyn SharedLog>)>,
+    ) -> Regions {
+        let peers = peers
+            .into_iter()
+            .map(|(name, log)| {
+                let replicator = Replicator::new(local.clone(), &name, log.clone(), node);
+                let state = replicator.state();
+                let task = tokio::spawn(replicator.run());
+                Peer {
+                    name,
+                    log,
+                    state,
+                    task,
+                }
+            })
+            .collect();
+        Regions { local, peers }
+    }
+
+    /// The names of the other regions.
+    pub fn peers(&self) -> Vec<String> {
+        self.peers.iter().map(|p| p.name.clone()).collect()
+    }
+
+    /// Every other region, with the link to it and its lag.
+    pub async fn status(&self) -> Vec<PeerStatus> {
+        let now = self.local.clock().wall_millis();
+        let mut out = Vec::with_capacity(self.peers.len());
+        for p in &self.peers {
+            let state = p.state.read().clone();
+            let (cursor, stored) = read_cursor(&*self.local, &p.name).await.unwrap_or_default();
+            let source_last_seq = tokio::time::timeout(Duration::from_secs(2), p.log.last_seq())
+                .await
+                .ok()
+                .and_then(Result::ok);
+            let beats = self
+                .local
+                .scan_all(NODES_NS, &format!("{}/", p.name))
+                .await
+                .unwrap_or_default();
+            let infos: Vec<NodeInfo> = beats
+                .iter()
+                .filter_map(|r| serde_json::from_slice::<NodeInfo>(r.value()).ok())
+                .filter(|i| i.region == p.name)
+                .collect();
+            let last = infos.iter().map(|i| i.beat_millis).max();
+            // The holder knows how far it got; others go by the stored cursor.
+            let covered = cursor.seq.max(state.covered);
+            out.push(PeerStatus {
+                name: p.name.clone(),
+                link: state.state,
+                error: state.error,
+                applied_seq: cursor.seq,
+                cursor_at_millis: stored.map(|_| cursor.at_millis),
+                source_last_seq,
+                behind_entries: source_last_seq.map(|s| s.saturating_sub(covered)),
+                last_heartbeat_millis: last,
+                lag_seconds: last.map(|b| now.saturating_sub(b) as f64 / 1000.0),
+                nodes: infos.iter().filter(|i| !i.left).count(),
+                batches_applied: state.batches,
+                changes_applied: state.changes,
+            });
+        }
+        out
+    }
+}

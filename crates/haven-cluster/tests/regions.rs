@@ -1,0 +1,346 @@
+//! Regions on in-memory logs under tokio's paused clock: each region its own log and nodes,
+//! each applying the other's log with a replicator; links cut and healed by the links' own
+//! switches (the real-process version, with nats-servers joined by leafnodes through a
+//! cuttable proxy, is `crates/haven/tests/regions.rs`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use haven_cluster::regions::{LOCAL_NS, Regions, replicates, state_digest};
+use haven_cluster::{Claim, Execution, Membership, MembershipConfig, Owner};
+use haven_state::{
+    Batch, Change, HybridClock, LinkFaults, MemLog, Origin, SharedLog, Store, VirtualClock,
+};
+
+const START: u64 = 1_800_000_000_000;
+
+struct Region {
+    name: &'static str,
+    log: Arc<MemLog>,
+    store: Arc<dyn Store>,
+    membership: Arc<Membership>,
+}
+
+async fn region(name: &'static str, node: &str) -> Region {
+    let log = MemLog::new();
+    let clock = Arc::new(VirtualClock::new(START));
+    let (store, _) = log
+        .join(Origin::new(name, node), Arc::new(HybridClock::new(clock)))
+        .await
+        .unwrap();
+    let store: Arc<dyn Store> = Arc::new(store);
+    let membership = Membership::new(
+        store.clone(),
+        MembershipConfig {
+            node_id: node.into(),
+            boot_id: format!("{node}-boot"),
+            version: "test".into(),
+            interval: Duration::from_secs(1),
+            ttl: Duration::from_secs(5),
+            max_skew: Duration::from_millis(500),
+        },
+    );
+    Region {
+        name,
+        log,
+        store,
+        membership,
+    }
+}
+
+/// `to` applies `from`'s log; returns the switches of the link it reads through.
+fn replicate(from: &Region, to: &Region, node: &str) -> (Regions, Arc<LinkFaults>) {
+    let (link, faults) = from.log.link();
+    let log: Arc<dyn SharedLog> = Arc::new(link);
+    let regions = Regions::start(to.store.clone(), node, vec![(from.name.to_owned(), log)]);
+    (regions, faults)
+}
+
+async fn put(store: &dyn Store, key: &str, value: &str) {
+    store
+        .commit(Batch::new().put("notes", key, value.as_bytes().to_vec()))
+        .await
+        .unwrap();
+}
+
+async fn value(store: &dyn Store, key: &str) -> Option<String> {
+    store
+        .get("notes", key)
+        .await
+        .unwrap()
+        .map(|r| String::from_utf8_lossy(r.value()).into_owned())
+}
+
+/// Lets the replicators run for `secs` seconds of paused time.
+async fn run_for(secs: u64, regions: &[&Region]) {
+    for _ in 0..secs {
+        for r in regions {
+            let _ = r.membership.beat().await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_write_reaches_the_other_region_and_both_converge() {
+    let a = region("A", "a1").await;
+    let b = region("B", "b1").await;
+    let (ra, _) = replicate(&b, &a, "a1");
+    let (rb, _) = replicate(&a, &b, "b1");
+
+    put(&*a.store, "from-a", "1").await;
+    put(&*b.store, "from-b", "2").await;
+    a.store
+        .commit(
+            Batch::new()
+                .append("sse/s/1", b"e1".to_vec())
+                .append("sse/s/1", b"e2".to_vec()),
+        )
+        .await
+        .unwrap();
+    // The same key on both sides: the later version wins in both regions.
+    put(&*a.store, "both", "a").await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    put(&*b.store, "both", "b").await;
+    run_for(3, &[&a, &b]).await;
+
+    for r in [&a, &b] {
+        assert_eq!(
+            value(&*r.store, "from-a").await.as_deref(),
+            Some("1"),
+            "{}",
+            r.name
+        );
+        assert_eq!(
+            value(&*r.store, "from-b").await.as_deref(),
+            Some("2"),
+            "{}",
+            r.name
+        );
+        assert_eq!(
+            value(&*r.store, "both").await.as_deref(),
+            Some("b"),
+            "{}",
+            r.name
+        );
+    }
+    let events = b.store.read_events("sse/s/1", 0, 10).await.unwrap();
+    assert_eq!(
+        events.iter().map(|e| e.data.clone()).collect::<Vec<_>>(),
+        vec![b"e1".to_vec(), b"e2".to_vec()]
+    );
+    assert_eq!(
+        state_digest(&*a.store).await.unwrap(),
+        state_digest(&*b.store).await.unwrap()
+    );
+
+    // Status: the link replicates, nothing is behind, the lag comes from heartbeats.
+    let st = rb.status().await;
+    assert_eq!(st.len(), 1);
+    assert_eq!(st[0].name, "A");
+    assert_eq!(st[0].link, "replicating");
+    assert_eq!(st[0].behind_entries, Some(0));
+    assert_eq!(st[0].nodes, 1);
+    assert!(st[0].lag_seconds.is_some_and(|l| l <= 1.0), "{st:?}");
+    assert!(ra.status().await[0].changes_applied >= 2);
+
+    // A region's own bookkeeping never travels: no cursor or lease of B is in A's log.
+    for e in a.log.entries() {
+        if let Change::Record(r) = &e.change {
+            assert!(
+                !(r.namespace == LOCAL_NS && &*r.version.origin.region == "B"),
+                "{r:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_is_applied_whole_in_the_other_region() {
+    let a = region("A", "a1").await;
+    let b = region("B", "b1").await;
+    let (_rb, _) = replicate(&a, &b, "b1");
+    for i in 0..20 {
+        let mut batch = Batch::new();
+        for k in 0..5 {
+            batch = batch.put("notes", &format!("n{i}-{k}"), vec![k]);
+        }
+        a.store.commit(batch).await.unwrap();
+    }
+    run_for(3, &[&a, &b]).await;
+    // Every batch of B's log that holds A's notes holds whole batches of A.
+    let mut seen = 0;
+    for batch in b.log.batches() {
+        let notes: Vec<String> = batch
+            .iter()
+            .filter_map(|e| match &e.change {
+                Change::Record(r) if r.namespace == "notes" => Some(r.key.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            notes.len() % 5,
+            0,
+            "a partial batch of A applied in B: {notes:?}"
+        );
+        seen += notes.len();
+    }
+    assert_eq!(seen, 100);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_partition_heals_into_one_state_and_nothing_is_lost() {
+    let a = region("A", "a1").await;
+    let b = region("B", "b1").await;
+    let (_ra, b_to_a) = replicate(&b, &a, "a1");
+    let (_rb, a_to_b) = replicate(&a, &b, "b1");
+    put(&*a.store, "before", "x").await;
+    run_for(2, &[&a, &b]).await;
+    assert_eq!(value(&*b.store, "before").await.as_deref(), Some("x"));
+
+    // Cut both directions for 40 s; both sides keep taking writes, some to the same keys.
+    a_to_b.set_down(true);
+    b_to_a.set_down(true);
+    for i in 0..40 {
+        put(&*a.store, &format!("a-{i}"), "a").await;
+        put(&*b.store, &format!("b-{i}"), "b").await;
+        put(&*a.store, &format!("same-{}", i % 5), &format!("a{i}")).await;
+        put(&*b.store, &format!("same-{}", i % 5), &format!("b{i}")).await;
+        if i == 20 {
+            a.store
+                .commit(Batch::new().delete("notes", "before"))
+                .await
+                .unwrap();
+        }
+        run_for(1, &[&a, &b]).await;
+    }
+    assert_eq!(value(&*b.store, "a-0").await, None, "the link was cut");
+    assert_ne!(
+        state_digest(&*a.store).await.unwrap(),
+        state_digest(&*b.store).await.unwrap()
+    );
+
+    a_to_b.set_down(false);
+    b_to_a.set_down(false);
+    // Idle links notice the cut at their next delivery; give them a write to deliver.
+    put(&*a.store, "after", "a").await;
+    put(&*b.store, "after-b", "b").await;
+    run_for(5, &[&a, &b]).await;
+    assert_eq!(
+        state_digest(&*a.store).await.unwrap(),
+        state_digest(&*b.store).await.unwrap()
+    );
+    for r in [&a, &b] {
+        for i in 0..40 {
+            assert_eq!(
+                value(&*r.store, &format!("a-{i}")).await.as_deref(),
+                Some("a")
+            );
+            assert_eq!(
+                value(&*r.store, &format!("b-{i}")).await.as_deref(),
+                Some("b")
+            );
+        }
+        // Per same key, the greater (HLC, origin) of the split wins everywhere: B wrote each
+        // after A at the same clock reading, and then B (later counter or origin) wins.
+        for k in 0..5 {
+            assert_eq!(
+                value(&*r.store, &format!("same-{k}")).await,
+                Some(format!("b{}", 35 + k)),
+                "{}",
+                r.name
+            );
+        }
+        assert_eq!(
+            value(&*r.store, "before").await,
+            None,
+            "the delete wins in {}",
+            r.name
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn another_regions_nodes_and_executions_are_never_judged_here() {
+    let a = region("A", "n1").await;
+    let b = region("B", "n1").await; // the same node id in both regions
+    let (_rb, _) = replicate(&a, &b, "n1");
+    let owner = Owner::new("n1", "n1-boot-a");
+    let _exec = Execution::open(a.store.clone(), "s/x/1", owner, Batch::new())
+        .await
+        .unwrap();
+    run_for(12, &[&a, &b]).await;
+    assert!(
+        b.store.get("owners", "s/x/1").await.unwrap().is_some(),
+        "replicated"
+    );
+    // B's membership sees only B's node; A's execution is not B's to claim.
+    let members = b.membership.members();
+    assert_eq!(members.len(), 1, "{members:?}");
+    assert_eq!(members[0].info.region, "B");
+    assert!(
+        b.membership.is_dead("n1", "n1-boot-a"),
+        "another boot of B's own n1"
+    );
+    assert!(Claim::read(&*b.store, "s/x/1").await.unwrap().is_none());
+    assert!(Claim::read(&*a.store, "s/x/1").await.unwrap().is_some());
+    // Every replicated change is one that A wrote itself.
+    for e in b.log.entries() {
+        if let Change::Record(r) = &e.change
+            && &*r.version.origin.region == "A"
+        {
+            assert!(replicates(&e.change, "A"));
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_node_of_a_region_replicates_at_a_time() {
+    let a = region("A", "a1").await;
+    let b = region("B", "b1").await;
+    let clock = Arc::new(VirtualClock::new(START));
+    let (b2, b2_faults) = b
+        .log
+        .join(Origin::new("B", "b2"), Arc::new(HybridClock::new(clock)))
+        .await
+        .unwrap();
+    let b2: Arc<dyn Store> = Arc::new(b2);
+    let (r1, _) = replicate(&a, &b, "b1");
+    let (l2, _) = a.log.link();
+    let r2 = Regions::start(b2.clone(), "b2", vec![("A".into(), Arc::new(l2))]);
+    for i in 0..10 {
+        put(&*a.store, &format!("k{i}"), "v").await;
+        run_for(1, &[&a, &b]).await;
+    }
+    let s1 = r1.status().await;
+    let s2 = r2.status().await;
+    let states = [s1[0].link.as_str(), s2[0].link.as_str()];
+    assert!(
+        states.contains(&"replicating") && states.contains(&"standby"),
+        "{states:?}"
+    );
+    // Every note applied exactly once in B's log.
+    let applied = b
+        .log
+        .entries()
+        .iter()
+        .filter(|e| matches!(&e.change, Change::Record(r) if r.namespace == "notes"))
+        .count();
+    assert_eq!(applied, 10);
+    // The holder's node dies: the other takes over after the lease's time-to-live.
+    let holder_is_b2 = s2[0].link == "replicating";
+    if holder_is_b2 {
+        b2_faults.kill();
+        drop(r2);
+    } else {
+        drop(r1);
+    }
+    put(&*a.store, "later", "v").await;
+    run_for(12, &[&a]).await;
+    assert_eq!(
+        value(if holder_is_b2 { &*b.store } else { &*b2 }, "later")
+            .await
+            .as_deref(),
+        Some("v")
+    );
+}

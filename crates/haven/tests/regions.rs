@@ -1,0 +1,278 @@
+//! Regions against real processes on loopback: two regions, each one nats-server running
+//! JetStream in its own domain and one Haven node; region B's server joins region A's by a
+//! leafnode through a link of the tests' own (`haven_testkit::Link`), which the tests cut and
+//! heal. Each node applies the other region's log (`--peer-regions`).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::cluster::ONE_REGION_AT_A_TIME;
+use common::upstreams::admin;
+use common::{Haven, Legacy, run_ok};
+use haven_testkit::{Link, NatsCluster, wait_until};
+use serde_json::{Value, json};
+
+/// Two regions; fields drop in order: the nodes, the link, then NATS.
+struct TwoRegions {
+    a: Haven,
+    b: Haven,
+    link: Link,
+    _nats_b: NatsCluster,
+    _nats_a: NatsCluster,
+    _dirs: tempfile::TempDir,
+}
+
+async fn node(nats: &NatsCluster, dirs: &tempfile::TempDir, region: &str, peer: &str) -> Haven {
+    let store = nats.url(0);
+    let data = dirs.path().join(region);
+    Haven::start(
+        &data,
+        common::free_port(),
+        "default",
+        &[
+            "--store",
+            &store,
+            "--store-replicas",
+            "1",
+            "--region",
+            region,
+            "--peer-regions",
+            peer,
+            "--node-id",
+            &format!("{region}-node"),
+        ],
+    )
+    .await
+}
+
+async fn two_regions() -> TwoRegions {
+    let nats_a = NatsCluster::start_region("A", &[]).await;
+    let link = Link::start(nats_a.leaf_port.unwrap()).await;
+    let nats_b = NatsCluster::start_region("B", &[link.port]).await;
+    let dirs = tempfile::tempdir().unwrap();
+    let a = node(&nats_a, &dirs, "A", "B").await;
+    let b = node(&nats_b, &dirs, "B", "A").await;
+    TwoRegions {
+        a,
+        b,
+        link,
+        _nats_b: nats_b,
+        _nats_a: nats_a,
+        _dirs: dirs,
+    }
+}
+
+async fn regions(h: &Haven, digest: bool) -> Value {
+    let path = if digest {
+        "/admin/v1/regions?digest=true"
+    } else {
+        "/admin/v1/regions"
+    };
+    let (status, v) = admin(h, reqwest::Method::GET, path, None).await;
+    assert_eq!(status, 200, "{v}");
+    v
+}
+
+/// The text of note `name` as node `h` serves it to session `s`, if any.
+async fn note(s: &Legacy, id: i64, name: &str) -> Option<String> {
+    let r = s.call_tool(id, "notes_get", json!({ "name": name })).await;
+    if r["result"]["isError"] == true || r.get("error").is_some() {
+        return None;
+    }
+    r["result"]["content"][0]["text"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+async fn put(s: &Legacy, id: i64, name: &str, text: &str) {
+    let r = s
+        .call_tool(id, "notes_put", json!({ "name": name, "text": text }))
+        .await;
+    assert!(
+        r.get("result").is_some() && r["result"]["isError"] != true,
+        "{r}"
+    );
+}
+
+/// Waits (up to `within`) until both regions hold the same state; returns the digest.
+async fn converge(r: &TwoRegions, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let da = regions(&r.a, true).await["digest"]["sha256"].clone();
+        let db = regions(&r.b, true).await["digest"]["sha256"].clone();
+        if da == db {
+            return da.as_str().unwrap().to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the regions did not converge within {within:?}: A {da}, B {db}\nA: {}\nB: {}",
+            regions(&r.a, false).await,
+            regions(&r.b, false).await
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_one_region_writes_the_other_serves() {
+    let _one = ONE_REGION_AT_A_TIME.lock().await;
+    let r = two_regions().await;
+
+    // A session opened in A, a note written through it.
+    let in_a = Legacy::connect(&r.a.url()).await;
+    put(&in_a, 1, "shared", "written in A").await;
+    // The same session continues in B and reads the note there.
+    let in_b = in_a.with_url(&r.b.url());
+    let mut id = 10;
+    let seen = wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        id += 1;
+        let (s, id) = (&in_b, id);
+        async move { note(s, id, "shared").await.as_deref() == Some("written in A") }
+    })
+    .await;
+    assert!(seen, "the note written in A never reached B");
+    // And back: B writes, A reads.
+    put(&in_b, 100, "from-b", "written in B").await;
+    let mut id = 200;
+    let seen = wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        id += 1;
+        let (s, id) = (&in_a, id);
+        async move { note(s, id, "from-b").await.as_deref() == Some("written in B") }
+    })
+    .await;
+    assert!(seen, "the note written in B never reached A");
+
+    // A setting changed in A applies in B: B refuses a body over the new limit.
+    let (st, v) = admin(
+        &r.a,
+        reqwest::Method::PUT,
+        "/admin/v1/config/limits.max_body_bytes",
+        Some(json!({ "value": 2048 })),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let big = json!({"jsonrpc":"2.0","id":900,"method":"tools/call","params":{"name":"echo","arguments":{"text":"x".repeat(4000)}}});
+    let refused = wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        let (s, big) = (&in_b, big.clone());
+        async move { s.post_raw(big).await.status() == 413 }
+    })
+    .await;
+    assert!(refused, "the body limit set in A never applied in B");
+
+    // A secret set in A is listed in B (ciphertext replicated; same key-encryption keys).
+    let (st, v) = admin(
+        &r.a,
+        reqwest::Method::PUT,
+        "/admin/v1/secrets/api-token",
+        Some(json!({ "value": "s3cret" })),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let listed = wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async {
+            let (_, v) = admin(&r.b, reqwest::Method::GET, "/admin/v1/secrets", None).await;
+            v.to_string().contains("api-token")
+        },
+    )
+    .await;
+    assert!(listed, "the secret set in A never reached B");
+
+    // Status: each region sees the other replicating, with a lag of seconds at most.
+    let ok = wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || async {
+            let v = regions(&r.b, false).await;
+            let p = &v["peers"][0];
+            p["name"] == "A"
+                && p["link"] == "replicating"
+                && p["lag_seconds"].as_f64().is_some_and(|l| l < 3.0)
+                && p["nodes"] == 1
+        },
+    )
+    .await;
+    assert!(ok, "{}", regions(&r.b, false).await);
+    assert_eq!(regions(&r.a, false).await["peers"][0]["name"], "B");
+    let out = run_ok(
+        std::process::Command::new(common::haven_bin())
+            .args(["region", "status", "--digest", "--node"])
+            .arg(format!("http://127.0.0.1:{}", r.b.port))
+            .arg("--data")
+            .arg(&r.b.data),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Region B") && text.contains("replicating") && text.contains("State digest"),
+        "{text}"
+    );
+    converge(&r, Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_heals_into_one_state_with_every_write_kept() {
+    let _one = ONE_REGION_AT_A_TIME.lock().await;
+    let r = two_regions().await;
+    let in_a = Legacy::connect(&r.a.url()).await;
+    let in_b = Legacy::connect(&r.b.url()).await;
+    put(&in_a, 1, "before", "v0").await;
+    converge(&r, Duration::from_secs(30)).await;
+
+    // Cut the link between the regions for 30 s; both keep serving and taking writes, to
+    // keys of their own and to the same keys.
+    r.link.cut();
+    let cut_at = Instant::now();
+    let mut id = 10;
+    let mut i = 0;
+    while cut_at.elapsed() < Duration::from_secs(30) {
+        id += 4;
+        put(&in_a, id, &format!("a-{i}"), "a").await;
+        put(&in_b, id + 1, &format!("b-{i}"), "b").await;
+        put(&in_a, id + 2, &format!("same-{}", i % 3), &format!("a{i}")).await;
+        put(&in_b, id + 3, &format!("same-{}", i % 3), &format!("b{i}")).await;
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let writes = i;
+    // During the split each region says how long it has not heard from the other.
+    let v = regions(&r.b, false).await;
+    assert!(
+        v["peers"][0]["lag_seconds"]
+            .as_f64()
+            .is_some_and(|l| l > 10.0),
+        "B should report A's lag growing: {v}"
+    );
+    assert!(v["writable"].is_null(), "B stays writable: {v}");
+    assert_eq!(note(&in_b, 9000, "a-0").await, None, "the link was cut");
+
+    r.link.heal();
+    let healed = Instant::now();
+    converge(&r, Duration::from_secs(60)).await;
+    eprintln!("converged {:?} after the heal", healed.elapsed());
+    // Every write of the split is in both regions; each same key holds the same winner.
+    for (s, name) in [(&in_a, "A"), (&in_b, "B")] {
+        for k in 0..writes {
+            id += 2;
+            assert_eq!(
+                note(s, id, &format!("a-{k}")).await.as_deref(),
+                Some("a"),
+                "{name}"
+            );
+            assert_eq!(
+                note(s, id + 1, &format!("b-{k}")).await.as_deref(),
+                Some("b"),
+                "{name}"
+            );
+        }
+    }
+    for k in 0..3 {
+        id += 2;
+        let in_a_now = note(&in_a, id, &format!("same-{k}")).await;
+        let in_b_now = note(&in_b, id + 1, &format!("same-{k}")).await;
+        assert!(in_a_now.is_some());
+        assert_eq!(in_a_now, in_b_now, "same-{k}");
+    }
+    assert_eq!(note(&in_b, id + 5, "before").await.as_deref(), Some("v0"));
+}
