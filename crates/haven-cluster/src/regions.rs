@@ -104,7 +104,13 @@ pub struct ReplicatorState {
     /// The last source sequence this node applied or found to hold nothing to apply (it
     /// may be ahead of the stored cursor by batches that held nothing).
     pub covered: u64,
+    /// Whether this node has applied the source's log up to (nearly) its end since it
+    /// started (or seen another node of the region do so).
+    pub caught_up: bool,
 }
+
+/// How close to the source's end a replicator counts as caught up (entries).
+const CAUGHT_UP_WITHIN: u64 = 16;
 
 /// Applies one source region's log to this region's store (see the module docs).
 pub struct Replicator {
@@ -166,7 +172,17 @@ impl Replicator {
                         self.set("unreachable", Some(e));
                     }
                 }
-                Ok(Holding::Standby { .. }) => self.set("standby", None),
+                Ok(Holding::Standby { .. }) => {
+                    self.set("standby", None);
+                    if !self.state.read().caught_up
+                        && let Ok((cursor, _)) = read_cursor(&*self.local, &self.source).await
+                        && let Ok(Ok(last)) =
+                            tokio::time::timeout(STALL_CHECK, self.remote.last_seq()).await
+                        && last <= cursor.seq + CAUGHT_UP_WITHIN
+                    {
+                        self.state.write().caught_up = true;
+                    }
+                }
                 Err(e) => self.set("unreachable", Some(format!("this region's store: {e}"))),
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -205,6 +221,14 @@ impl Replicator {
                         Ok(Holding::Held { .. }) => {}
                         Ok(Holding::Standby { .. }) => return Ok(()),
                         Err(e) => return Err(format!("renewing the lease: {e}")),
+                    }
+                    if !self.state.read().caught_up
+                        && let Ok(Ok(last)) =
+                            tokio::time::timeout(STALL_CHECK, self.remote.last_seq()).await
+                        && last <= at.covered + CAUGHT_UP_WITHIN
+                    {
+                        tracing::info!(source = %self.source, "caught up with the region's log");
+                        self.state.write().caught_up = true;
                     }
                     if !std::mem::take(&mut delivered) {
                         // Quiet: idle, or a delivery that stalled (a cut link leaves the
@@ -400,11 +424,15 @@ struct Peer {
     task: tokio::task::JoinHandle<()>,
 }
 
-/// This node's side of multi-region replication: a [`Replicator`] per other region, and the
-/// status of every link.
+/// This node's side of multi-region replication: a [`Replicator`] per other region, the
+/// status of every link, the regions' roles, and the health checks that move the active role
+/// away from a region that a majority of regions finds silent.
 pub struct Regions {
     local: Arc<dyn Store>,
+    name: String,
     peers: Vec<Peer>,
+    health: Arc<Health>,
+    checker: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Regions {
@@ -412,7 +440,104 @@ impl Drop for Regions {
         for p in &self.peers {
             p.task.abort();
         }
+        self.checker.abort();
     }
+}
+
+/// Namespace of the regions' shared records: the roles (key [`ROLES_KEY`]) and each
+/// region's verdict on the others (`verdict/<region>`). They travel to every region.
+pub const REGIONS_NS: &str = "regions";
+/// Key of the roles record.
+pub const ROLES_KEY: &str = "roles";
+
+/// Which region is active (the one global load balancers prefer); every other region with
+/// nodes is a standby (it serves too). Changed by a planned switchover (`promote`,
+/// `demote`) or by automatic failover; every change increments the epoch.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Roles {
+    /// Incremented by every change.
+    pub epoch: u64,
+    /// The active region (`None`: no region is preferred).
+    pub active: Option<String>,
+    /// The region whose node made the change.
+    pub changed_by: String,
+    /// Why.
+    pub reason: String,
+    /// When, Unix milliseconds (the changing node's clock).
+    pub at_millis: u64,
+}
+
+/// What a region's nodes conclude about the others from their health checks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// Regions whose heartbeats have not changed for the failure threshold × the check
+    /// interval, on the judging node's own clock.
+    pub silent: Vec<String>,
+}
+
+/// Health-check settings of regions.
+#[derive(Clone, Debug)]
+pub struct HealthConfig {
+    /// How often another region's health is checked (the design's default: 10 s).
+    pub interval: Duration,
+    /// Failed checks in a row after which a region is judged failed.
+    pub threshold: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            interval: Duration::from_secs(10),
+            threshold: 3,
+        }
+    }
+}
+
+/// When each other region's newest heartbeat last changed, on this node's monotonic clock.
+#[derive(Default)]
+struct Health {
+    config: parking_lot::Mutex<HealthConfig>,
+    seen: parking_lot::Mutex<BTreeMap<String, (u64, tokio::time::Instant)>>,
+}
+
+/// The role of `region` under `roles`.
+pub fn role_of(roles: &Roles, region: &str) -> &'static str {
+    if roles.active.as_deref() == Some(region) {
+        "active"
+    } else {
+        "standby"
+    }
+}
+
+/// Reads the roles record with its revision.
+pub async fn read_roles(store: &dyn Store) -> Result<(Roles, Option<u64>), StoreError> {
+    Ok(match store.get(REGIONS_NS, ROLES_KEY).await? {
+        Some(r) => (
+            serde_json::from_slice(r.value()).unwrap_or_default(),
+            Some(r.revision),
+        ),
+        None => (Roles::default(), None),
+    })
+}
+
+/// The verdict of `region`, as held here.
+pub async fn read_verdict(store: &dyn Store, region: &str) -> Result<Verdict, StoreError> {
+    Ok(store
+        .get(REGIONS_NS, &format!("verdict/{region}"))
+        .await?
+        .and_then(|r| serde_json::from_slice(r.value()).ok())
+        .unwrap_or_default())
+}
+
+/// Why a role change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RoleError {
+    /// The change could lose writes or split the preference; `--force` overrides.
+    #[error("{0}")]
+    Refused(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// One other region, as [`Regions::status`] shows it.
@@ -420,6 +545,11 @@ impl Drop for Regions {
 pub struct PeerStatus {
     /// The region's name.
     pub name: String,
+    /// Its role: `active` or `standby`.
+    pub role: String,
+    /// Seconds since its newest heartbeat changed here, on this node's clock (what the
+    /// health checks judge).
+    pub silent_seconds: Option<f64>,
     /// This node's replicator of it: `replicating`, `standby` (another node of this region
     /// replicates it), `starting` or `unreachable`.
     pub link: String,
@@ -448,11 +578,21 @@ pub struct PeerStatus {
 
 impl Regions {
     /// Starts replicating every region of `peers` (name and log) into `local`, as node
-    /// `node`.
+    /// `node`, with the default health checks.
     pub fn start(
         local: Arc<dyn Store>,
         node: &str,
         peers: Vec<(String, Arc<dyn SharedLog>)>,
+    ) -> Regions {
+        Regions::start_with(local, node, peers, HealthConfig::default())
+    }
+
+    /// Like [`Regions::start`], with the given health checks.
+    pub fn start_with(
+        local: Arc<dyn Store>,
+        node: &str,
+        peers: Vec<(String, Arc<dyn SharedLog>)>,
+        health: HealthConfig,
     ) -> Regions {
         let peers = peers
             .into_iter()
@@ -467,8 +607,125 @@ impl Regions {
                     task,
                 }
             })
-            .collect();
-        Regions { local, peers }
+            .collect::<Vec<Peer>>();
+        let name = local.origin().region.to_string();
+        let health = Arc::new(Health {
+            config: parking_lot::Mutex::new(health),
+            seen: Default::default(),
+        });
+        let checker = tokio::spawn(check_health(
+            local.clone(),
+            name.clone(),
+            peers.iter().map(|p| p.name.clone()).collect(),
+            health.clone(),
+        ));
+        Regions {
+            local,
+            name,
+            peers,
+            health,
+            checker,
+        }
+    }
+
+    /// This region's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The roles record as held here.
+    pub async fn roles(&self) -> Result<Roles, StoreError> {
+        Ok(read_roles(&*self.local).await?.0)
+    }
+
+    /// Whether this region may be preferred by load balancers now: every other region's log
+    /// has been applied up to (nearly) its end since this node started, or that region has
+    /// been silent for the failure threshold (it may be gone). A region that returns from
+    /// an outage so serves its old clients' writes made elsewhere before it is preferred.
+    pub fn caught_up(&self) -> bool {
+        let config = self.health.config.lock().clone();
+        let limit = config.interval * config.threshold;
+        self.peers.iter().all(|p| {
+            p.state.read().caught_up || self.silent_for(&p.name).is_some_and(|d| d >= limit)
+        })
+    }
+
+    /// Seconds since the newest heartbeat of `region` changed, on this node's clock (`None`
+    /// before any was seen).
+    pub fn silent_for(&self, region: &str) -> Option<Duration> {
+        self.health
+            .seen
+            .lock()
+            .get(region)
+            .map(|(_, at)| at.elapsed())
+    }
+
+    /// Makes this region the active one (a planned switchover). Refused, unless `force`,
+    /// while the active region may be alive and this region has not applied all of its log:
+    /// the error says how far behind it is.
+    pub async fn promote(&self, force: bool) -> Result<Roles, RoleError> {
+        let (roles, revision) = read_roles(&*self.local).await?;
+        if roles.active.as_deref() == Some(self.name.as_str()) {
+            return Ok(roles);
+        }
+        if let Some(active) = roles.active.as_deref()
+            && !force
+        {
+            let status = self.status().await;
+            if let Some(p) = status.iter().find(|p| p.name == active) {
+                let silent = self.silent_for(active).unwrap_or_default();
+                let caught_up = p.link == "replicating"
+                    && p.behind_entries == Some(0)
+                    && p.lag_seconds.is_some_and(|l| l < 5.0);
+                if !caught_up {
+                    return Err(RoleError::Refused(format!(
+                        "region {} has not applied all of the active region {active}'s log: link {}, applied {} of {}, lag {}; its last heartbeat arrived {:.1} s ago, so it may be alive: promoting now would make clients prefer a region without those writes (they arrive when the link works again, but are missing meanwhile and lost if {active} is gone). Wait until `haven region status` shows 0 behind, or use --force",
+                        self.name,
+                        p.link,
+                        p.applied_seq,
+                        p.source_last_seq.map_or("?".into(), |s| s.to_string()),
+                        p.lag_seconds
+                            .map_or("unknown".into(), |l| format!("{l:.1} s")),
+                        silent.as_secs_f64(),
+                    )));
+                }
+            }
+        }
+        let next = Roles {
+            epoch: roles.epoch + 1,
+            active: Some(self.name.clone()),
+            changed_by: self.name.clone(),
+            reason: if force {
+                "promoted by an operator (forced)".into()
+            } else {
+                "promoted by an operator".into()
+            },
+            at_millis: self.local.clock().wall_millis(),
+        };
+        write_roles(&*self.local, &next, revision).await?;
+        Ok(next)
+    }
+
+    /// Makes this region a standby: no region is active until another is promoted (a
+    /// planned switchover starts here, so that clients move before the promotion).
+    pub async fn demote(&self) -> Result<Roles, RoleError> {
+        let (roles, revision) = read_roles(&*self.local).await?;
+        if roles.active.as_deref() != Some(self.name.as_str()) {
+            return Err(RoleError::Refused(format!(
+                "region {} is not the active region (the active one is {})",
+                self.name,
+                roles.active.as_deref().unwrap_or("none")
+            )));
+        }
+        let next = Roles {
+            epoch: roles.epoch + 1,
+            active: None,
+            changed_by: self.name.clone(),
+            reason: "demoted by an operator".into(),
+            at_millis: self.local.clock().wall_millis(),
+        };
+        write_roles(&*self.local, &next, revision).await?;
+        Ok(next)
     }
 
     /// The names of the other regions.
@@ -479,6 +736,7 @@ impl Regions {
     /// Every other region, with the link to it and its lag.
     pub async fn status(&self) -> Vec<PeerStatus> {
         let now = self.local.clock().wall_millis();
+        let roles = self.roles().await.unwrap_or_default();
         let mut out = Vec::with_capacity(self.peers.len());
         for p in &self.peers {
             let state = p.state.read().clone();
@@ -501,6 +759,8 @@ impl Regions {
             // The holder knows how far it got; others go by the stored cursor.
             let covered = cursor.seq.max(state.covered);
             out.push(PeerStatus {
+                role: role_of(&roles, &p.name).into(),
+                silent_seconds: self.silent_for(&p.name).map(|d| d.as_secs_f64()),
                 name: p.name.clone(),
                 link: state.state,
                 error: state.error,
@@ -516,5 +776,116 @@ impl Regions {
             });
         }
         out
+    }
+}
+
+async fn write_roles(
+    store: &dyn Store,
+    roles: &Roles,
+    revision: Option<u64>,
+) -> Result<(), StoreError> {
+    let expect = revision.map_or(Expect::Absent, Expect::Revision);
+    store
+        .commit(Batch::new().put_if(
+            REGIONS_NS,
+            ROLES_KEY,
+            serde_json::to_vec(roles).expect("roles serialize"),
+            expect,
+        ))
+        .await?;
+    tracing::info!(epoch = roles.epoch, active = ?roles.active, reason = %roles.reason, "region roles changed");
+    Ok(())
+}
+
+/// Every check interval: notes which regions are silent (their newest heartbeat unchanged
+/// for the threshold on this node's clock), publishes this region's verdict, and when the
+/// active region is silent to a majority of all regions (this one included), the first of
+/// that majority by name makes itself active. One side of a split never decides alone: two
+/// regions need a third (or a witness region) to fail over automatically.
+async fn check_health(
+    local: Arc<dyn Store>,
+    name: String,
+    peers: Vec<String>,
+    health: Arc<Health>,
+) {
+    let mut published: Option<Verdict> = None;
+    loop {
+        let config = health.config.lock().clone();
+        tokio::time::sleep(config.interval).await;
+        let limit = config.interval * config.threshold;
+        let mut silent = Vec::new();
+        for p in &peers {
+            let newest = local
+                .scan_all(NODES_NS, &format!("{p}/"))
+                .await
+                .ok()
+                .and_then(|beats| beats.iter().map(|r| r.revision).max())
+                .unwrap_or(0);
+            let now = tokio::time::Instant::now();
+            let mut seen = health.seen.lock();
+            let entry = seen.entry(p.clone()).or_insert((newest, now));
+            if entry.0 != newest {
+                *entry = (newest, now);
+            }
+            if now.duration_since(entry.1) >= limit {
+                silent.push(p.clone());
+            }
+        }
+        let verdict = Verdict { silent };
+        if published.as_ref() != Some(&verdict) {
+            let key = format!("verdict/{name}");
+            let value = serde_json::to_vec(&verdict).expect("verdict serializes");
+            if local
+                .commit(Batch::new().put(REGIONS_NS, &key, value))
+                .await
+                .is_ok()
+            {
+                if !verdict.silent.is_empty() {
+                    tracing::warn!(silent = ?verdict.silent, "regions silent for the failure threshold");
+                }
+                published = Some(verdict.clone());
+            }
+        }
+        let Ok((roles, revision)) = read_roles(&*local).await else {
+            continue;
+        };
+        let Some(active) = roles.active.clone() else {
+            continue;
+        };
+        if active == name || !verdict.silent.contains(&active) {
+            continue;
+        }
+        // Who else finds the active region silent (their verdicts, as held here).
+        let mut agree = vec![name.clone()];
+        for p in peers.iter().filter(|p| **p != active) {
+            if read_verdict(&*local, p)
+                .await
+                .is_ok_and(|v| v.silent.contains(&active))
+            {
+                agree.push(p.clone());
+            }
+        }
+        let total = peers.len() + 1;
+        if agree.len() * 2 <= total {
+            tracing::warn!(%active, agree = ?agree, total, "the active region is silent, but not to a majority of regions: no automatic failover");
+            continue;
+        }
+        agree.sort();
+        if agree[0] != name {
+            continue;
+        }
+        let next = Roles {
+            epoch: roles.epoch + 1,
+            active: Some(name.clone()),
+            changed_by: name.clone(),
+            reason: format!(
+                "automatic failover: {active} silent for {} s to {} of {total} regions ({})",
+                limit.as_secs(),
+                agree.len(),
+                agree.join(", ")
+            ),
+            at_millis: local.clock().wall_millis(),
+        };
+        let _ = write_roles(&*local, &next, revision).await;
     }
 }

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use haven_cluster::regions::{LOCAL_NS, Regions, replicates, state_digest};
+use haven_cluster::regions::{HealthConfig, LOCAL_NS, Regions, replicates, state_digest};
 use haven_cluster::{Claim, Execution, Membership, MembershipConfig, Owner};
 use haven_state::{
     Batch, Change, HybridClock, LinkFaults, MemLog, Origin, SharedLog, Store, VirtualClock,
@@ -343,4 +343,104 @@ async fn one_node_of_a_region_replicates_at_a_time() {
             .as_deref(),
         Some("v")
     );
+}
+
+/// Every region applies every other's log; returns each region's `Regions` and the switches
+/// of the link `(from, to)` (region `to` reads `from` through it).
+fn mesh(all: &[&Region]) -> (Vec<Regions>, Vec<((usize, usize), Arc<LinkFaults>)>) {
+    let mut out = Vec::new();
+    let mut links = Vec::new();
+    for (t, to) in all.iter().enumerate() {
+        let mut peers: Vec<(String, Arc<dyn SharedLog>)> = Vec::new();
+        for (f, from) in all.iter().enumerate() {
+            if f == t {
+                continue;
+            }
+            let (link, faults) = from.log.link();
+            peers.push((from.name.to_owned(), Arc::new(link)));
+            links.push(((f, t), faults));
+        }
+        let node = format!("{}-node", to.name);
+        out.push(Regions::start_with(
+            to.store.clone(),
+            &node,
+            peers,
+            HealthConfig {
+                interval: Duration::from_secs(1),
+                threshold: 3,
+            },
+        ));
+    }
+    (out, links)
+}
+
+/// Cuts (or heals) every link to and from region `i`.
+fn isolate(links: &[((usize, usize), Arc<LinkFaults>)], i: usize, cut: bool) {
+    for ((f, t), faults) in links {
+        if *f == i || *t == i {
+            faults.set_down(cut);
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_majority_of_regions_moves_the_active_role_away_from_a_silent_region() {
+    let a = region("A", "a1").await;
+    let b = region("B", "b1").await;
+    let c = region("C", "c1").await;
+    let (rs, links) = mesh(&[&a, &b, &c]);
+    let roles = rs[0].promote(false).await.unwrap();
+    assert_eq!((roles.epoch, roles.active.as_deref()), (1, Some("A")));
+    run_for(5, &[&a, &b, &c]).await;
+    assert_eq!(rs[2].roles().await.unwrap().active.as_deref(), Some("A"));
+
+    // A goes silent to both others: after 3 checks of 1 s, B and C agree, and B (first by
+    // name) becomes active. A, alone, changes nothing.
+    isolate(&links, 0, true);
+    run_for(8, &[&a, &b, &c]).await;
+    for r in [&rs[1], &rs[2]] {
+        let roles = r.roles().await.unwrap();
+        assert_eq!(roles.active.as_deref(), Some("B"), "{roles:?}");
+        assert_eq!(roles.epoch, 2);
+        assert!(roles.reason.contains("automatic failover"), "{roles:?}");
+    }
+    assert_eq!(rs[0].roles().await.unwrap().active.as_deref(), Some("A"));
+
+    // A returns: it learns the newer roles and is a standby; a planned switchover (demote
+    // B, then promote A once caught up) makes it active again.
+    isolate(&links, 0, false);
+    put(&*a.store, "wake", "1").await;
+    put(&*b.store, "wake-b", "1").await;
+    put(&*c.store, "wake-c", "1").await;
+    run_for(5, &[&a, &b, &c]).await;
+    assert_eq!(rs[0].roles().await.unwrap().active.as_deref(), Some("B"));
+    rs[1].demote().await.unwrap();
+    run_for(3, &[&a, &b, &c]).await;
+    let roles = rs[0].promote(false).await.unwrap();
+    assert_eq!((roles.epoch, roles.active.as_deref()), (4, Some("A")));
+    run_for(3, &[&a, &b, &c]).await;
+    for r in &rs {
+        assert_eq!(r.roles().await.unwrap(), roles);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_side_of_a_split_never_fails_over_alone() {
+    let a = region("A", "a1").await;
+    let b = region("B", "b1").await;
+    let (rs, links) = mesh(&[&a, &b]);
+    rs[0].promote(false).await.unwrap();
+    run_for(3, &[&a, &b]).await;
+    isolate(&links, 0, true);
+    run_for(30, &[&a, &b]).await;
+    assert!(rs[1].silent_for("A").unwrap() >= Duration::from_secs(3));
+    assert_eq!(rs[1].roles().await.unwrap().active.as_deref(), Some("A"));
+    // An operator may still promote B, but only by forcing it while A may be alive.
+    let refused = rs[1].promote(false).await.unwrap_err().to_string();
+    assert!(
+        refused.contains("--force") && refused.contains("A"),
+        "{refused}"
+    );
+    let forced = rs[1].promote(true).await.unwrap();
+    assert_eq!(forced.active.as_deref(), Some("B"));
 }

@@ -447,6 +447,54 @@ impl Proxy {
         p
     }
 
+    /// HAProxy as a global load balancer in front of regions: the nodes on `primaries` (the
+    /// region meant to be active) are checked on `/regionz` (200 only while their region is
+    /// the active one and caught up), the nodes on `backups` (a standby region) on
+    /// `/readyz` and used only while no primary passes (two backends: `active`, chosen while
+    /// it has a server up, else `standby`). Checks every 500 ms; a node is down after 2
+    /// failed checks, up after 2 good ones.
+    pub async fn start_global(primaries: &[u16], backups: &[u16]) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let line = |name: String, p: &u16| {
+            format!("    server {name} 127.0.0.1:{p} check inter 500ms fall 2 rise 2\n")
+        };
+        let active: String = primaries
+            .iter()
+            .enumerate()
+            .map(|(i, p)| line(format!("p{i}"), p))
+            .collect();
+        let standby: String = backups
+            .iter()
+            .enumerate()
+            .map(|(i, p)| line(format!("b{i}"), p))
+            .collect();
+        let conf = dir.path().join("haproxy.cfg");
+        std::fs::write(
+            &conf,
+            format!(
+                "global\n    maxconn 4000\n\ndefaults\n    mode http\n    timeout connect 200ms\n    timeout check 2s\n    timeout client 120s\n    timeout server 120s\n    retries 3\n    option redispatch\n    option http-server-close\n    retry-on conn-failure empty-response\n\nfrontend mcp\n    bind 127.0.0.1:{port}\n    use_backend active if {{ nbsrv(active) gt 0 }}\n    default_backend standby\n\nbackend active\n    option httpchk GET /regionz\n    http-check expect status 200\n{active}\nbackend standby\n    option httpchk GET /readyz\n    http-check expect status 200\n{standby}"
+            ),
+        )
+        .unwrap();
+        let child = Command::new("haproxy")
+            .arg("-f")
+            .arg(&conf)
+            .arg("-db")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting haproxy (installed by scripts/install-tools)");
+        let p = Proxy {
+            child,
+            port,
+            _dir: dir,
+        };
+        let up = wait_for_status(port, "/readyz", Duration::from_secs(20)).await;
+        assert!(up, "haproxy did not come up");
+        p
+    }
+
     /// The MCP endpoint through the proxy.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}/mcp", self.port)

@@ -98,6 +98,8 @@ pub fn router(
     Router::new()
         .route("/admin/v1/status", get(status))
         .route("/admin/v1/regions", get(regions))
+        .route("/admin/v1/regions/promote", post(region_promote))
+        .route("/admin/v1/regions/demote", post(region_demote))
         .route("/admin/v1/backup", get(backup_status))
         .route("/admin/v1/backup/now", post(backup_now))
         .route("/admin/v1/backup/verify", post(backup_verify))
@@ -200,8 +202,14 @@ async fn regions(State(admin): State<Arc<Admin>>, Query(q): Query<RegionsQuery>)
         None => Vec::new(),
     };
     let members = e.members();
+    let roles = haven_cluster::regions::read_roles(&**e.store())
+        .await
+        .map(|(r, _)| r)
+        .unwrap_or_default();
     let mut out = json!({
         "region": admin.region,
+        "role": haven_cluster::regions::role_of(&roles, &admin.region),
+        "roles": roles,
         "node": e.config().node_id,
         "nodes_alive": members.iter().filter(|m| m.alive && !m.info.left).count(),
         "writable": e.store().check_writable().await.map_err(|e| e.to_string()).err(),
@@ -219,6 +227,106 @@ async fn regions(State(admin): State<Arc<Admin>>, Query(q): Query<RegionsQuery>)
         }
     }
     Json(out).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct PromoteQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+#[allow(clippy::result_large_err)]
+fn multi_region(admin: &Admin) -> Result<&haven_cluster::regions::Regions, Response> {
+    admin.control.regions.as_deref().ok_or_else(|| {
+        error(
+            StatusCode::NOT_FOUND,
+            "this node runs one region: start it with --peer-regions (and a NATS store) for roles",
+        )
+    })
+}
+
+fn role_answer(
+    r: Result<haven_cluster::regions::Roles, haven_cluster::regions::RoleError>,
+) -> Response {
+    use haven_cluster::regions::RoleError;
+    match r {
+        Ok(roles) => Json(roles).into_response(),
+        Err(RoleError::Refused(why)) => error(StatusCode::CONFLICT, why),
+        Err(RoleError::Store(e)) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the store cannot take the change now: {e}"),
+        ),
+    }
+}
+
+async fn region_promote(
+    State(admin): State<Arc<Admin>>,
+    Query(q): Query<PromoteQuery>,
+) -> Response {
+    match multi_region(&admin) {
+        Ok(r) => role_answer(r.promote(q.force).await),
+        Err(e) => e,
+    }
+}
+
+async fn region_demote(State(admin): State<Arc<Admin>>) -> Response {
+    match multi_region(&admin) {
+        Ok(r) => role_answer(r.demote().await),
+        Err(e) => e,
+    }
+}
+
+/// `/regionz`, for global load balancers and DNS health checks (no token: it says only the
+/// region's name and role): 200 while this node is ready and its region is the active one
+/// (or no region is active) and has caught up with the other regions since it started, 503
+/// otherwise — a standby still serves, it is just not preferred.
+pub fn regionz_router(
+    engine: haven_mcp::engine::Engine,
+    region: String,
+    regions: Option<Arc<haven_cluster::regions::Regions>>,
+) -> Router {
+    Router::new().route(
+        "/regionz",
+        get(move || {
+            let engine = engine.clone();
+            let region = region.clone();
+            let regions = regions.clone();
+            async move {
+                let roles = haven_cluster::regions::read_roles(&**engine.store())
+                    .await
+                    .map(|(r, _)| r);
+                let (preferred, role, active) = match &roles {
+                    Ok(r) => (
+                        r.active.is_none() || r.active.as_deref() == Some(region.as_str()),
+                        haven_cluster::regions::role_of(r, &region),
+                        r.active.clone(),
+                    ),
+                    Err(_) => (false, "unknown", None),
+                };
+                let caught_up = regions.as_ref().is_none_or(|r| r.caught_up());
+                let ready = caught_up
+                    && !engine.is_draining()
+                    && engine.store().check_writable().await.is_ok();
+                let status = if preferred && ready {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                (
+                    status,
+                    Json(json!({
+                        "region": region,
+                        "role": role,
+                        "active": active,
+                        "ready": ready,
+                        "caught_up": caught_up,
+                        "preferred": preferred && ready,
+                    })),
+                )
+                    .into_response()
+            }
+        }),
+    )
 }
 
 async fn backup_status(State(admin): State<Arc<Admin>>) -> Response {

@@ -73,6 +73,24 @@ pub async fn status(a: crate::settings::NodeArgs) -> Result<ExitCode> {
 }
 
 /// The nodes table of `haven status`.
+/// `haven region promote|demote`: posts to `path` and prints the new roles.
+pub async fn region_change(a: crate::settings::NodeArgs, path: &str) -> Result<ExitCode> {
+    let node = node_url(a.node.as_ref());
+    let token = token(a.admin_token_file.as_ref(), a.data.as_ref())?;
+    let v = admin_call(&node, &token, reqwest::Method::POST, path).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "Roles, epoch {}: active region {} ({})",
+            v["epoch"],
+            v["active"].as_str().unwrap_or("none"),
+            v["reason"].as_str().unwrap_or("")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `haven region status`.
 pub async fn region_status(a: crate::settings::RegionStatusArgs) -> Result<ExitCode> {
     let node = node_url(a.node.node.as_ref());
@@ -92,11 +110,22 @@ pub async fn region_status(a: crate::settings::RegionStatusArgs) -> Result<ExitC
         Some(e) => format!("NOT WRITABLE: {e}"),
     };
     println!(
-        "Region {} (this one) — asked node {}: {} nodes alive, {}",
+        "Region {} (this one, {}) — asked node {}: {} nodes alive, {}",
         v["region"].as_str().unwrap_or("?"),
+        v["role"].as_str().unwrap_or("?"),
         v["node"].as_str().unwrap_or("?"),
         v["nodes_alive"],
         writable
+    );
+    println!(
+        "Roles epoch {}: active region {}{}",
+        v["roles"]["epoch"],
+        v["roles"]["active"].as_str().unwrap_or("none"),
+        v["roles"]["reason"]
+            .as_str()
+            .filter(|r| !r.is_empty())
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default()
     );
     let peers = v["peers"].as_array().cloned().unwrap_or_default();
     if peers.is_empty() {
@@ -104,8 +133,8 @@ pub async fn region_status(a: crate::settings::RegionStatusArgs) -> Result<ExitC
     } else {
         println!();
         println!(
-            "  {:<16} {:<12} {:>10} {:>10} {:>8} {:>6}  LAST HEARD",
-            "REGION", "LINK", "APPLIED", "BEHIND", "LAG", "NODES"
+            "  {:<16} {:<8} {:<12} {:>10} {:>10} {:>8} {:>6}  LAST HEARD",
+            "REGION", "ROLE", "LINK", "APPLIED", "BEHIND", "LAG", "NODES"
         );
         for p in &peers {
             let behind = p["behind_entries"]
@@ -119,8 +148,9 @@ pub async fn region_status(a: crate::settings::RegionStatusArgs) -> Result<ExitC
                 None => "never".into(),
             };
             println!(
-                "  {:<16} {:<12} {:>10} {:>10} {:>8} {:>6}  {}",
+                "  {:<16} {:<8} {:<12} {:>10} {:>10} {:>8} {:>6}  {}",
                 p["name"].as_str().unwrap_or("?"),
+                p["role"].as_str().unwrap_or("?"),
                 p["link"].as_str().unwrap_or("?"),
                 p["applied_seq"],
                 behind,

@@ -37,6 +37,17 @@ fn main() -> std::process::ExitCode {
         Command::Region(settings::RegionCommand::Status(a)) => {
             return run_client_command(backup_cmd::region_status(a));
         }
+        Command::Region(settings::RegionCommand::Promote(a)) => {
+            let path = if a.force {
+                "/admin/v1/regions/promote?force=true"
+            } else {
+                "/admin/v1/regions/promote"
+            };
+            return run_client_command(backup_cmd::region_change(a.node, path));
+        }
+        Command::Region(settings::RegionCommand::Demote(a)) => {
+            return run_client_command(backup_cmd::region_change(a, "/admin/v1/regions/demote"));
+        }
         command => Cli { command },
     };
     let result = Settings::from_cli(&cli).and_then(|(mode, s)| {
@@ -197,10 +208,11 @@ async fn start_engine(
                     peers = %s.peer_regions.join(","),
                     "applying the change logs of the other regions"
                 );
-                regions = Some(Arc::new(haven_cluster::regions::Regions::start(
+                regions = Some(Arc::new(haven_cluster::regions::Regions::start_with(
                     store.clone(),
                     &node,
                     peers,
+                    s.region_health.clone(),
                 )));
             }
             store
@@ -416,13 +428,19 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
         "admin API at http://{addr}/admin/v1 (token in {})",
         token_file.display()
     );
-    let router = haven_server::router(engine.clone(), http).merge(admin::router(
-        token,
-        backup,
-        engine.clone(),
-        s.region.clone(),
-        control.clone(),
-    ));
+    let router = haven_server::router(engine.clone(), http)
+        .merge(admin::router(
+            token,
+            backup,
+            engine.clone(),
+            s.region.clone(),
+            control.clone(),
+        ))
+        .merge(admin::regionz_router(
+            engine.clone(),
+            s.region.clone(),
+            control.regions.clone(),
+        ));
     // SIGTERM: drain. /readyz fails at once (load balancers stop sending), open legacy
     // streams end with a reconnection hint, running requests get up to --drain-timeout.
     let drain = {

@@ -51,9 +51,26 @@ pub enum Command {
 /// `haven region` subcommands.
 #[derive(Subcommand, Debug)]
 pub enum RegionCommand {
-    /// This region and every other: the link that applies its log here, entries behind,
-    /// replication lag in seconds, its nodes, last heard.
+    /// This region and every other: roles and epoch, the link that applies each other
+    /// region's log here, entries behind, replication lag in seconds, nodes, last heard.
     Status(RegionStatusArgs),
+    /// Make the asked node's region the active one (planned switchover). Refused while the
+    /// active region may be alive and this one has not applied all of its log, unless
+    /// --force.
+    Promote(RegionPromoteArgs),
+    /// Make the asked node's region, the active one, a standby (no region is active until
+    /// another is promoted).
+    Demote(NodeArgs),
+}
+
+/// `haven region promote`.
+#[derive(Args, Debug)]
+pub struct RegionPromoteArgs {
+    /// Promote even if this region is behind the active one, which may be alive
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub node: NodeArgs,
 }
 
 /// `haven region status`.
@@ -478,6 +495,14 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub peer_regions: Option<Vec<String>>,
+    /// How often another region's health is checked (its heartbeats must change between
+    /// checks), at least 1s [default: 10s]
+    #[arg(long, env = "HAVEN_REGION_CHECK_INTERVAL", value_name = "DURATION")]
+    pub region_check_interval: Option<String>,
+    /// Failed checks in a row after which a region is judged failed; the active role moves
+    /// only when a majority of regions judge the active one failed [default: 3]
+    #[arg(long, env = "HAVEN_REGION_FAILURE_THRESHOLD", value_name = "N")]
+    pub region_failure_threshold: Option<u32>,
     #[command(flatten)]
     pub backup: BackupServeArgs,
 }
@@ -506,6 +531,8 @@ struct FileSettings {
     max_body_bytes: Option<usize>,
     admin_token_file: Option<PathBuf>,
     peer_regions: Option<Vec<String>>,
+    region_check_interval: Option<String>,
+    region_failure_threshold: Option<u32>,
     backup_url: Option<String>,
     backup_key_file: Option<PathBuf>,
     backup_interval: Option<String>,
@@ -544,6 +571,8 @@ pub struct Settings {
     pub backup: Option<BackupSettings>,
     /// Other regions this one applies the logs of (empty: one region).
     pub peer_regions: Vec<String>,
+    /// Health checks of the other regions.
+    pub region_health: haven_cluster::regions::HealthConfig,
 }
 
 /// Resolved backup settings of `haven serve`.
@@ -783,6 +812,25 @@ impl Settings {
             "500ms",
             "max_clock_skew",
         )?;
+        let region_health = haven_cluster::regions::HealthConfig {
+            interval: duration_setting(
+                serve
+                    .and_then(|s| s.region_check_interval.clone())
+                    .or(file.region_check_interval.take()),
+                "10s",
+                "region_check_interval",
+            )?,
+            threshold: serve
+                .and_then(|s| s.region_failure_threshold)
+                .or(file.region_failure_threshold)
+                .unwrap_or(3),
+        };
+        if region_health.interval < Duration::from_secs(1) {
+            bail!("region_check_interval must be at least 1s");
+        }
+        if !(1..=100).contains(&region_health.threshold) {
+            bail!("region_failure_threshold must be between 1 and 100");
+        }
         let legacy = common
             .legacy_responses
             .clone()
@@ -902,6 +950,7 @@ impl Settings {
             secrets_key_file: common.secrets_key_file.clone().or(file.secrets_key_file),
             backup,
             peer_regions,
+            region_health,
             nats,
             store_replicas,
             drain_timeout,

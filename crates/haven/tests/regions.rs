@@ -18,17 +18,34 @@ struct TwoRegions {
     a: Haven,
     b: Haven,
     link: Link,
-    _nats_b: NatsCluster,
-    _nats_a: NatsCluster,
+    nats_b: NatsCluster,
+    nats_a: NatsCluster,
     _dirs: tempfile::TempDir,
 }
 
 async fn node(nats: &NatsCluster, dirs: &tempfile::TempDir, region: &str, peer: &str) -> Haven {
-    let store = nats.url(0);
-    let data = dirs.path().join(region);
-    Haven::start(
-        &data,
+    node_at(
+        nats,
+        &dirs.path().join(region),
         common::free_port(),
+        region,
+        peer,
+    )
+    .await
+}
+
+/// Starts (again) region `region`'s node with `data` on `port`.
+async fn node_at(
+    nats: &NatsCluster,
+    data: &std::path::Path,
+    port: u16,
+    region: &str,
+    peer: &str,
+) -> Haven {
+    let store = nats.url(0);
+    Haven::start(
+        data,
+        port,
         "default",
         &[
             "--store",
@@ -57,8 +74,8 @@ async fn two_regions() -> TwoRegions {
         a,
         b,
         link,
-        _nats_b: nats_b,
-        _nats_a: nats_a,
+        nats_b,
+        nats_a,
         _dirs: dirs,
     }
 }
@@ -275,4 +292,154 @@ async fn a_partition_heals_into_one_state_with_every_write_kept() {
         assert_eq!(in_a_now, in_b_now, "same-{k}");
     }
     assert_eq!(note(&in_b, id + 5, "before").await.as_deref(), Some("v0"));
+}
+
+/// Runs `haven region ARGS --node <h> --data <its data>`.
+fn region_cli(h: &Haven, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(common::haven_bin())
+        .arg("region")
+        .args(args)
+        .arg("--node")
+        .arg(format!("http://127.0.0.1:{}", h.port))
+        .arg("--data")
+        .arg(&h.data)
+        .output()
+        .unwrap()
+}
+
+/// Which region serves `/regionz` through the load balancer now.
+async fn lb_region(lb: &haven_testkit::Proxy) -> Option<String> {
+    let r = reqwest::get(format!("http://127.0.0.1:{}/regionz", lb.port))
+        .await
+        .ok()?;
+    let v: Value = r.json().await.ok()?;
+    v["region"].as_str().map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_region_fails_over_behind_the_global_load_balancer_and_fails_back() {
+    let _one = ONE_REGION_AT_A_TIME.lock().await;
+    let mut r = two_regions().await;
+    let out = region_cli(&r.a, &["promote"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lb = haven_testkit::Proxy::start_global(&[r.a.port], &[r.b.port]).await;
+    let on_a = wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async { lb_region(&lb).await.as_deref() == Some("A") },
+    )
+    .await;
+    assert!(
+        on_a,
+        "the load balancer never preferred the active region A"
+    );
+
+    // A client through the load balancer: a session (on A), a note, replicated to B.
+    let client = Legacy::connect(&lb.url()).await;
+    put(&client, 1, "before-loss", "v1").await;
+    let direct_b = client.with_url(&r.b.url());
+    let mut id = 10;
+    let replicated = wait_until(Duration::from_secs(20), Duration::from_millis(100), || {
+        id += 1;
+        let (s, id) = (&direct_b, id);
+        async move { note(s, id, "before-loss").await.as_deref() == Some("v1") }
+    })
+    .await;
+    assert!(replicated);
+
+    // Region A is lost: every process of it killed.
+    r.a.kill9();
+    r.nats_a.kill9(0);
+    let lost = Instant::now();
+    // The same session continues through the load balancer, now on B.
+    let mut id = 100;
+    let mut served = None;
+    while lost.elapsed() < Duration::from_secs(30) {
+        id += 1;
+        let resp = client
+            .post_raw(json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"notes_get","arguments":{"name":"before-loss"}}}))
+            .await;
+        if resp.status() == 200 {
+            let v = common::final_response(resp, id).await;
+            if v["result"]["content"][0]["text"] == "v1" {
+                served = Some(lost.elapsed());
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let served = served.expect("the session never continued in region B");
+    eprintln!("client-visible region failover through the load balancer: {served:?}");
+    assert!(
+        served <= Duration::from_secs(10),
+        "failover took {served:?}"
+    );
+    put(&client, 2000, "during-loss", "v2").await;
+
+    // Promoting B while A's writes may be missing is refused without --force.
+    let refused = region_cli(&r.b, &["promote"]);
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("--force"), "{why}");
+    let forced = region_cli(&r.b, &["promote", "--force"]);
+    assert!(
+        forced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&forced.stderr)
+    );
+
+    // A returns: it catches up (B's writes of the outage), learns it is a standby, and the
+    // load balancer stays on B.
+    r.nats_a.restart(0).await;
+    let (data, port) = (r.a.data.clone(), r.a.port);
+    r.a = node_at(&r.nats_a, &data, port, "A", "B").await;
+    let direct_a = client.with_url(&r.a.url());
+    let mut id = 3000;
+    let caught_up = wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+        id += 1;
+        let (s, id) = (&direct_a, id);
+        async move { note(s, id, "during-loss").await.as_deref() == Some("v2") }
+    })
+    .await;
+    assert!(caught_up, "A never caught up with B's writes");
+    let v = regions(&r.a, false).await;
+    assert_eq!(v["role"], "standby", "{v}");
+    assert_eq!(lb_region(&lb).await.as_deref(), Some("B"));
+
+    // Planned switchover back: demote B, then promote A once it has applied all of B's log.
+    let out = region_cli(&r.b, &["demote"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let promoted = wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+        || async { region_cli(&r.a, &["promote"]).status.success() },
+    )
+    .await;
+    assert!(
+        promoted,
+        "A could not be promoted: {}",
+        regions(&r.a, false).await
+    );
+    let back = wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async { lb_region(&lb).await.as_deref() == Some("A") },
+    )
+    .await;
+    assert!(back, "the load balancer never went back to A");
+    // Nothing was lost: every note is in both regions, and their states are equal.
+    let mut id = 5000;
+    for name in ["before-loss", "during-loss"] {
+        id += 1;
+        assert!(note(&client, id, name).await.is_some(), "{name}");
+    }
+    converge(&r, Duration::from_secs(30)).await;
 }
