@@ -18,7 +18,7 @@ struct TwoRegions {
     a: Haven,
     b: Haven,
     link: Link,
-    nats_b: NatsCluster,
+    _nats_b: NatsCluster,
     nats_a: NatsCluster,
     _dirs: tempfile::TempDir,
 }
@@ -74,7 +74,7 @@ async fn two_regions() -> TwoRegions {
         a,
         b,
         link,
-        nats_b,
+        _nats_b: nats_b,
         nats_a,
         _dirs: dirs,
     }
