@@ -345,9 +345,11 @@ async fn one_node_of_a_region_replicates_at_a_time() {
     );
 }
 
-/// Every region applies every other's log; returns each region's `Regions` and the switches
-/// of the link `(from, to)` (region `to` reads `from` through it).
-fn mesh(all: &[&Region]) -> (Vec<Regions>, Vec<((usize, usize), Arc<LinkFaults>)>) {
+/// The switches of the link `(from, to)`: region `to` reads `from` through it.
+type Links = Vec<((usize, usize), Arc<LinkFaults>)>;
+
+/// Every region applies every other's log; returns each region's `Regions` and the links.
+fn mesh(all: &[&Region]) -> (Vec<Regions>, Links) {
     let mut out = Vec::new();
     let mut links = Vec::new();
     for (t, to) in all.iter().enumerate() {
@@ -375,7 +377,7 @@ fn mesh(all: &[&Region]) -> (Vec<Regions>, Vec<((usize, usize), Arc<LinkFaults>)
 }
 
 /// Cuts (or heals) every link to and from region `i`.
-fn isolate(links: &[((usize, usize), Arc<LinkFaults>)], i: usize, cut: bool) {
+fn isolate(links: &Links, i: usize, cut: bool) {
     for ((f, t), faults) in links {
         if *f == i || *t == i {
             faults.set_down(cut);
