@@ -326,17 +326,21 @@ async fn a_lost_region_fails_over_behind_the_global_load_balancer_and_fails_back
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let lb = haven_testkit::Proxy::start_global(&[r.a.port], &[r.b.port]).await;
-    let on_a = wait_until(
-        Duration::from_secs(20),
-        Duration::from_millis(100),
-        || async { lb_region(&lb).await.as_deref() == Some("A") },
-    )
+    // The README's recipe: every node in both backends; /regionz picks the active region.
+    let nodes = [r.a.port, r.b.port];
+    let lb = haven_testkit::Proxy::start_global(&nodes, &nodes).await;
+    // HAProxy starts with every server up; wait until its checks have taken B out of the
+    // active backend (ten answers in a row from A).
+    let on_a = wait_until(Duration::from_secs(20), Duration::from_millis(100), || async {
+        for _ in 0..10 {
+            if lb_region(&lb).await.as_deref() != Some("A") {
+                return false;
+            }
+        }
+        true
+    })
     .await;
-    assert!(
-        on_a,
-        "the load balancer never preferred the active region A"
-    );
+    assert!(on_a, "the load balancer never preferred the active region A");
 
     // A client through the load balancer: a session (on A), a note, replicated to B.
     let client = Legacy::connect(&lb.url()).await;
