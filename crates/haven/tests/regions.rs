@@ -331,16 +331,23 @@ async fn a_lost_region_fails_over_behind_the_global_load_balancer_and_fails_back
     let lb = haven_testkit::Proxy::start_global(&nodes, &nodes).await;
     // HAProxy starts with every server up; wait until its checks have taken B out of the
     // active backend (ten answers in a row from A).
-    let on_a = wait_until(Duration::from_secs(20), Duration::from_millis(100), || async {
-        for _ in 0..10 {
-            if lb_region(&lb).await.as_deref() != Some("A") {
-                return false;
+    let on_a = wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async {
+            for _ in 0..10 {
+                if lb_region(&lb).await.as_deref() != Some("A") {
+                    return false;
+                }
             }
-        }
-        true
-    })
+            true
+        },
+    )
     .await;
-    assert!(on_a, "the load balancer never preferred the active region A");
+    assert!(
+        on_a,
+        "the load balancer never preferred the active region A"
+    );
 
     // A client through the load balancer: a session (on A), a note, replicated to B.
     let client = Legacy::connect(&lb.url()).await;
@@ -446,4 +453,190 @@ async fn a_lost_region_fails_over_behind_the_global_load_balancer_and_fails_back
         assert!(note(&client, id, name).await.is_some(), "{name}");
     }
     converge(&r, Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_lost_region_continue_in_another() {
+    let _one = ONE_REGION_AT_A_TIME.lock().await;
+    let mut r = two_regions().await;
+    let http = reqwest::Client::new();
+    let in_a = Legacy::connect(&r.a.url()).await;
+
+    // A task of each form, created in A.
+    let created = in_a
+        .request(
+            1,
+            "tools/call",
+            json!({"name":"sleep","arguments":{"seconds":2},"task":{"ttl":600000}}),
+        )
+        .await;
+    let legacy_task = created["result"]["task"]["taskId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let tasks_caps = json!({"extensions":{"io.modelcontextprotocol/tasks":{}}});
+    let created: Value = common::stateless(
+        &http,
+        &r.a.url(),
+        2,
+        "tools/call",
+        json!({"name":"sleep","arguments":{"seconds":2}}),
+        tasks_caps.clone(),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let ext_task = created["result"]["taskId"].as_str().unwrap().to_owned();
+
+    // A long idempotent call with progress, running in A when A is lost.
+    let resp = in_a
+        .post_raw(json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"sleep","arguments":{"seconds":8},"_meta":{"progressToken":"far"}}}))
+        .await;
+    let mut sse = common::SseReader::new(resp);
+    let _priming = sse.next().await.unwrap();
+    let first = sse.next().await.unwrap();
+    let second = sse.next().await.unwrap();
+    assert_eq!(second.json()["method"], "notifications/progress");
+    // Both tasks ended in A, and those ends reached B, before the loss.
+    let in_b = in_a.with_url(&r.b.url());
+    let mut id = 100;
+    let ended = wait_until(Duration::from_secs(20), Duration::from_millis(200), || {
+        id += 1;
+        let (s, id, t) = (&in_b, id, legacy_task.clone());
+        async move {
+            let v = s.request(id, "tasks/get", json!({"taskId": t})).await;
+            v["result"]["status"] == "completed"
+        }
+    })
+    .await;
+    assert!(
+        ended,
+        "the experimental task created in A never showed completed in B"
+    );
+    let v: Value = common::stateless(
+        &http,
+        &r.b.url(),
+        200,
+        "tasks/get",
+        json!({"taskId": ext_task}),
+        tasks_caps.clone(),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert!(
+        v.get("result").is_some(),
+        "the task created in A is unknown in B: {v}"
+    );
+    // Give the second progress event time to cross, then lose region A.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    r.a.kill9();
+    r.nats_a.kill9(0);
+    drop(sse);
+
+    // The session continues in B: resuming after the first event replays what had crossed.
+    let resumed = in_b.resume(first.id.as_deref().unwrap()).await;
+    assert_eq!(resumed.status(), 200);
+    let mut sse = common::SseReader::new(resumed);
+    let again = tokio::time::timeout(Duration::from_secs(10), sse.next())
+        .await
+        .expect("the replicated event was not replayed in B")
+        .unwrap();
+    assert_eq!(again.id, second.id);
+    assert_eq!(again.json(), second.json());
+
+    // A returns: its own recovery settles the interrupted call (the same node, restarted,
+    // ends it with the "interrupted" error rather than running it again), and the client,
+    // still resumed in B, gets exactly one final answer.
+    r.nats_a.restart(0).await;
+    let (data, port) = (r.a.data.clone(), r.a.port);
+    r.a = node_at(&r.nats_a, &data, port, "A", "B").await;
+    let mut finals = 0;
+    let rest = async {
+        while let Some(e) = sse.next().await {
+            let v = e.json();
+            if v["id"] == 7 {
+                finals += 1;
+                assert_eq!(v["error"]["data"]["interrupted"], true, "{v}");
+                assert_eq!(v["error"]["data"]["retryable"], true, "{v}");
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), rest)
+        .await
+        .expect("the interrupted call never ended in B after A returned");
+    assert_eq!(finals, 1);
+
+    // A 2026-07-28 request state sealed in A verifies in B (the keys are replicated secrets).
+    let (st, v) = admin(
+        &r.a,
+        reqwest::Method::PUT,
+        "/admin/v1/config/catalog",
+        Some(json!({ "value": "conformance" })),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let caps = json!({"elicitation":{}});
+    let tool = json!({"name":"test_input_required_result_request_state","arguments":{}});
+    // Until the setting has applied: a bounded loop.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        let v: Value = common::stateless(
+            &http,
+            &r.a.url(),
+            300,
+            "tools/call",
+            tool.clone(),
+            caps.clone(),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+        if v["result"]["resultType"] == "input_required" {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the conformance catalog never applied in A: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let state = first["result"]["requestState"].as_str().unwrap().to_owned();
+    let key = first["result"]["inputRequests"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .next()
+        .unwrap()
+        .clone();
+    let mut retry = tool.clone();
+    retry["inputResponses"] = json!({ key: {"action":"accept","content":{"ok":true}} });
+    retry["requestState"] = json!(state);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let done: Value = common::stateless(
+            &http,
+            &r.b.url(),
+            301,
+            "tools/call",
+            retry.clone(),
+            caps.clone(),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+        if done["result"]["resultType"] == "complete" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a request state sealed in A did not verify in B: {done}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

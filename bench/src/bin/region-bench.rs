@@ -1,0 +1,471 @@
+//! Multi-region benchmarks on loopback with real processes: two regions, each one nats-server
+//! (JetStream in its own domain) and one Haven node, joined by a leafnode through a link
+//! that the benchmark cuts and heals (`haven_testkit::Link`), and HAProxy as the global load
+//! balancer (`/regionz` picks the active region).
+//!
+//! In order: replication lag under a steady write load (a probe note written in A, the time
+//! until B serves it, against the write's own latency in A as the reference); a planned
+//! switchover A → B (time until the load balancer answers from B, and the writes made in A
+//! before it that B lacks: the RPO); convergence after a split with writes on both sides
+//! (time from the heal until both regions' state digests are equal); and a region loss (every
+//! process of the active region killed: time until a client's session works again through
+//! the load balancer, and the acknowledged writes B lacks).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use haven_bench::{haven_serve, median, wait_ready};
+use haven_testkit::{Link, NatsCluster, Process, Proxy, free_port};
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+#[command(about = "Haven multi-region benchmarks: lag, switchover, convergence, region loss")]
+struct Cli {
+    /// Haven binary [default: `haven` next to this binary]
+    #[arg(long)]
+    haven_bin: Option<PathBuf>,
+    /// Probe writes for the lag measurement.
+    #[arg(long, default_value_t = 300)]
+    probes: usize,
+    /// Background writes per second in region A during the lag measurement.
+    #[arg(long, default_value_t = 50)]
+    rate: u64,
+    /// Seconds the regions are split (with writes on both sides).
+    #[arg(long, default_value_t = 30)]
+    split_secs: u64,
+}
+
+struct Node {
+    _proc: Process,
+    port: u16,
+    data: PathBuf,
+}
+
+fn start_node(
+    haven: &Path,
+    nats: &NatsCluster,
+    dir: &Path,
+    region: &str,
+    peer: &str,
+    port: u16,
+) -> anyhow::Result<Node> {
+    let data = dir.join(region);
+    let child = haven_serve(haven, port, &data)
+        .args([
+            "--store",
+            &nats.url(0),
+            "--store-replicas",
+            "1",
+            "--region",
+            region,
+        ])
+        .args([
+            "--peer-regions",
+            peer,
+            "--node-id",
+            &format!("{region}-node"),
+        ])
+        .args(["--region-check-interval", "1s"])
+        .arg("--secrets-key-file")
+        .arg(dir.join("secrets.key"))
+        .spawn()
+        .context("starting haven")?;
+    Ok(Node {
+        _proc: Process(child),
+        port,
+        data,
+    })
+}
+
+async fn call(
+    client: &reqwest::Client,
+    port: u16,
+    id: u64,
+    name: &str,
+    args: Value,
+) -> anyhow::Result<Value> {
+    let body = json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":name,"arguments":args,"_meta":{
+        "io.modelcontextprotocol/protocolVersion":"2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities":{},
+        "io.modelcontextprotocol/clientInfo":{"name":"region-bench","version":"1"}}}});
+    let r = client
+        .post(format!("http://127.0.0.1:{port}/mcp"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", name)
+        .body(body.to_string())
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await?;
+    if r.status() != 200 {
+        bail!("HTTP {}", r.status());
+    }
+    Ok(r.json().await?)
+}
+
+async fn put(
+    client: &reqwest::Client,
+    port: u16,
+    id: u64,
+    name: &str,
+    text: &str,
+) -> anyhow::Result<()> {
+    let v = call(
+        client,
+        port,
+        id,
+        "notes_put",
+        json!({"name": name, "text": text}),
+    )
+    .await?;
+    if v.get("result").is_none() || v["result"]["isError"] == true {
+        bail!("notes_put failed: {v}");
+    }
+    Ok(())
+}
+
+async fn get(client: &reqwest::Client, port: u16, id: u64, name: &str) -> Option<String> {
+    let v = call(client, port, id, "notes_get", json!({"name": name}))
+        .await
+        .ok()?;
+    if v["result"]["isError"] == true {
+        return None;
+    }
+    v["result"]["content"][0]["text"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+async fn admin(
+    client: &reqwest::Client,
+    n: &Node,
+    method: reqwest::Method,
+    path: &str,
+) -> anyhow::Result<Value> {
+    let token = std::fs::read_to_string(n.data.join("admin.token"))?;
+    let r = client
+        .request(method, format!("http://127.0.0.1:{}{path}", n.port))
+        .bearer_auth(token.trim())
+        .send()
+        .await?;
+    let status = r.status();
+    let v: Value = r.json().await?;
+    if !status.is_success() {
+        bail!("{path}: {status} {v}");
+    }
+    Ok(v)
+}
+
+async fn digest(client: &reqwest::Client, n: &Node) -> Option<String> {
+    admin(
+        client,
+        n,
+        reqwest::Method::GET,
+        "/admin/v1/regions?digest=true",
+    )
+    .await
+    .ok()
+    .and_then(|v| v["digest"]["sha256"].as_str().map(str::to_owned))
+}
+
+async fn lb_region(client: &reqwest::Client, port: u16) -> Option<String> {
+    let r = client
+        .get(format!("http://127.0.0.1:{port}/regionz"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    let v: Value = r.json().await.ok()?;
+    v["region"].as_str().map(str::to_owned)
+}
+
+fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let haven = cli.haven_bin.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .expect("own path")
+            .with_file_name("haven")
+    });
+    let dir = tempfile::tempdir()?;
+    let made = std::process::Command::new(&haven)
+        .args(["secrets", "new-key", "--key-file"])
+        .arg(dir.path().join("secrets.key"))
+        .status()?;
+    if !made.success() {
+        bail!("haven secrets new-key failed");
+    }
+    let mut nats_a = NatsCluster::start_region("A", &[]).await;
+    let link = Link::start(nats_a.leaf_port.expect("a region has a leafnode port")).await;
+    let nats_b = NatsCluster::start_region("B", &[link.port]).await;
+    let (pa, pb) = (free_port(), free_port());
+    let mut a = Some(start_node(&haven, &nats_a, dir.path(), "A", "B", pa)?);
+    let b = start_node(&haven, &nats_b, dir.path(), "B", "A", pb)?;
+    wait_ready(pa, "node A").await?;
+    wait_ready(pb, "node B").await?;
+    let client = reqwest::Client::new();
+    let mut id = 0u64;
+
+    // 1. Replication lag under a steady write load in A.
+    let background = {
+        let client = client.clone();
+        let rate = cli.rate;
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
+            loop {
+                tick.tick().await;
+                i += 1;
+                let _ = put(
+                    &client,
+                    pa,
+                    1_000_000 + i,
+                    &format!("load-{}", i % 500),
+                    "x",
+                )
+                .await;
+            }
+        })
+    };
+    let (mut lags, mut acks) = (Vec::new(), Vec::new());
+    for i in 0..cli.probes {
+        id += 1;
+        let sent = Instant::now();
+        put(&client, pa, id, &format!("probe-{i}"), "p").await?;
+        let acked = Instant::now();
+        loop {
+            id += 1;
+            if get(&client, pb, id, &format!("probe-{i}")).await.is_some() {
+                break;
+            }
+            if acked.elapsed() > Duration::from_secs(30) {
+                bail!("probe {i} never reached B");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        lags.push(acked.elapsed().as_secs_f64() * 1000.0);
+        acks.push((acked - sent).as_secs_f64() * 1000.0);
+    }
+    background.abort();
+    println!(
+        "replication lag A→B over {} probes with {} background writes/s: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (the write's own latency in A: p50 {:.1} ms, p99 {:.1} ms; lag/write p50 ratio {:.2})",
+        cli.probes,
+        cli.rate,
+        median(&lags),
+        percentile(&lags, 0.99),
+        percentile(&lags, 1.0),
+        median(&acks),
+        percentile(&acks, 0.99),
+        median(&lags) / median(&acks)
+    );
+
+    // 2. Planned switchover A → B behind the global load balancer.
+    let nodes = [pa, pb];
+    let lb = Proxy::start_global(&nodes, &nodes).await;
+    let a_node = a.as_ref().expect("running");
+    admin(
+        &client,
+        a_node,
+        reqwest::Method::POST,
+        "/admin/v1/regions/promote",
+    )
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut streak = 0;
+    while streak < 10 {
+        streak = if lb_region(&client, lb.port).await.as_deref() == Some("A") {
+            streak + 1
+        } else {
+            0
+        };
+        if Instant::now() > deadline {
+            bail!("the load balancer never preferred A");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in 0..50 {
+        id += 1;
+        put(&client, pa, id, &format!("before-switch-{i}"), "s").await?;
+    }
+    let started = Instant::now();
+    admin(
+        &client,
+        a_node,
+        reqwest::Method::POST,
+        "/admin/v1/regions/demote",
+    )
+    .await?;
+    loop {
+        match admin(
+            &client,
+            &b,
+            reqwest::Method::POST,
+            "/admin/v1/regions/promote",
+        )
+        .await
+        {
+            Ok(_) => break,
+            Err(_) if started.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let promoted = started.elapsed();
+    while lb_region(&client, lb.port).await.as_deref() != Some("B") {
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("the load balancer never moved to B");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let switched = started.elapsed();
+    let mut missing = 0;
+    for i in 0..50 {
+        id += 1;
+        if get(&client, pb, id, &format!("before-switch-{i}"))
+            .await
+            .is_none()
+        {
+            missing += 1;
+        }
+    }
+    println!(
+        "planned switchover A → B: B promoted (caught up) {:.2} s after the demotion, load balancer on B after {:.2} s; writes made in A before the switchover missing in B: {missing} of 50",
+        promoted.as_secs_f64(),
+        switched.as_secs_f64()
+    );
+    // And back, so that A is active for the loss below.
+    admin(
+        &client,
+        &b,
+        reqwest::Method::POST,
+        "/admin/v1/regions/demote",
+    )
+    .await?;
+    let back = Instant::now();
+    while admin(
+        &client,
+        a_node,
+        reqwest::Method::POST,
+        "/admin/v1/regions/promote",
+    )
+    .await
+    .is_err()
+    {
+        if back.elapsed() > Duration::from_secs(30) {
+            bail!("A could not be promoted back");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // 3. A split with writes on both sides, then the heal.
+    link.cut();
+    let cut = Instant::now();
+    let mut i = 0;
+    while cut.elapsed() < Duration::from_secs(cli.split_secs) {
+        id += 4;
+        put(&client, pa, id, &format!("split-a-{i}"), "a").await?;
+        put(&client, pb, id + 1, &format!("split-b-{i}"), "b").await?;
+        put(
+            &client,
+            pa,
+            id + 2,
+            &format!("split-same-{}", i % 10),
+            &format!("a{i}"),
+        )
+        .await?;
+        put(
+            &client,
+            pb,
+            id + 3,
+            &format!("split-same-{}", i % 10),
+            &format!("b{i}"),
+        )
+        .await?;
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    link.heal();
+    let healed = Instant::now();
+    loop {
+        let (da, db) = (digest(&client, a_node).await, digest(&client, &b).await);
+        if da.is_some() && da == db {
+            break;
+        }
+        if healed.elapsed() > Duration::from_secs(120) {
+            bail!("the regions did not converge within 120 s of the heal");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "split of {} s with {} writes on each side ({} to shared keys): equal state digests {:.2} s after the heal",
+        cli.split_secs,
+        2 * i,
+        i,
+        healed.elapsed().as_secs_f64()
+    );
+
+    // 4. Region A lost behind the load balancer.
+    let mut streak = 0;
+    while streak < 10 {
+        streak = if lb_region(&client, lb.port).await.as_deref() == Some("A") {
+            streak + 1
+        } else {
+            0
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut acked = Vec::new();
+    let writer_until = Instant::now() + Duration::from_secs(3);
+    let mut k = 0;
+    while Instant::now() < writer_until {
+        id += 1;
+        if put(&client, lb.port, id, &format!("loss-{k}"), "l")
+            .await
+            .is_ok()
+        {
+            acked.push((k, Instant::now()));
+        }
+        k += 1;
+    }
+    drop(a.take());
+    nats_a.kill9(0);
+    let killed = Instant::now();
+    loop {
+        id += 1;
+        if put(&client, lb.port, id, "after-loss", "x").await.is_ok() {
+            break;
+        }
+        if killed.elapsed() > Duration::from_secs(60) {
+            bail!("the load balancer never served from B");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let failover = killed.elapsed();
+    let mut lost = Vec::new();
+    for (k, at) in &acked {
+        id += 1;
+        if get(&client, pb, id, &format!("loss-{k}")).await.is_none() {
+            lost.push(killed.duration_since(*at).as_secs_f64() * 1000.0);
+        }
+    }
+    let window = lost.iter().copied().fold(0.0, f64::max);
+    println!(
+        "region A lost (nats-server and node killed): a write through the load balancer succeeds on B {:.2} s later (health checks every 500 ms, down after 2); acknowledged writes of the last 3 s missing in B: {} of {} (the oldest acknowledged {:.0} ms before the kill)",
+        failover.as_secs_f64(),
+        lost.len(),
+        acked.len(),
+        window
+    );
+    Ok(())
+}
