@@ -67,7 +67,8 @@ pub struct Cursor {
     pub at_millis: u64,
 }
 
-fn cursor_key(source: &str) -> String {
+/// The key of the cursor of `source` (namespace [`LOCAL_NS`]).
+pub fn cursor_key(source: &str) -> String {
     format!("cursor/{source}")
 }
 

@@ -277,14 +277,14 @@ fn keygen(a: BackupKeygenArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn open_target(a: &BackupTargetArgs) -> Result<(Target, Option<BackupKey>)> {
+pub fn open_target(a: &BackupTargetArgs) -> Result<(Target, Option<BackupKey>)> {
     let (url, key_file) = backup_target(a)?;
     let target = Target::open_existing(&url)?;
     let key = key_file.map(|f| BackupKey::from_file(&f)).transpose()?;
     Ok((target, key))
 }
 
-fn require_key(key: Option<BackupKey>) -> Result<BackupKey> {
+pub fn require_key(key: Option<BackupKey>) -> Result<BackupKey> {
     key.context("this command reads the backup's content: pass --backup-key-file FILE (or set HAVEN_BACKUP_KEY_FILE)")
 }
 

@@ -7,6 +7,7 @@ mod backup_cmd;
 mod client;
 mod control;
 mod control_cmd;
+mod region_cmd;
 mod settings;
 
 use std::net::SocketAddr;
@@ -44,6 +45,9 @@ fn main() -> std::process::ExitCode {
                 "/admin/v1/regions/promote"
             };
             return run_client_command(backup_cmd::region_change(a.node, path));
+        }
+        Command::Region(settings::RegionCommand::Bootstrap(a)) => {
+            return run_client_command(region_cmd::bootstrap(a));
         }
         Command::Region(settings::RegionCommand::Demote(a)) => {
             return run_client_command(backup_cmd::region_change(a, "/admin/v1/regions/demote"));

@@ -61,6 +61,38 @@ pub enum RegionCommand {
     /// Make the asked node's region, the active one, a standby (no region is active until
     /// another is promoted).
     Demote(NodeArgs),
+    /// Build a new (cold) region's store from another region's backups: the state as of the
+    /// latest backed-up change (or a point), every region's records in it, and the cursor
+    /// from which the new region's nodes then apply the source region's log.
+    Bootstrap(RegionBootstrapArgs),
+}
+
+/// `haven region bootstrap`.
+#[derive(Args, Debug)]
+pub struct RegionBootstrapArgs {
+    #[command(flatten)]
+    pub target: BackupTargetArgs,
+    /// The new region's store: `nats://HOST:PORT[,HOST:PORT...]` (its own JetStream domain)
+    #[arg(long, value_name = "STORE")]
+    pub store: String,
+    /// The new region's name
+    #[arg(long, value_name = "NAME")]
+    pub region: String,
+    /// Replicas of the new region's stream
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub store_replicas: usize,
+    /// The region whose backups these are [default: read from the backup]
+    #[arg(long, value_name = "NAME")]
+    pub source_region: Option<String>,
+    /// Bootstrap the state as of this time (RFC 3339) [default: the latest backed-up change]
+    #[arg(long, value_name = "TIME", conflicts_with = "seq")]
+    pub at: Option<String>,
+    /// Bootstrap the state as of this sequence of the source region's log
+    #[arg(long, value_name = "N")]
+    pub seq: Option<u64>,
+    /// Write into a region store that is not empty
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `haven region promote`.
@@ -960,7 +992,7 @@ impl Settings {
 }
 
 /// The NATS servers of a `--store` value (`None`: the embedded store).
-fn nats_servers(store: &str) -> Result<Option<Vec<String>>> {
+pub fn nats_servers(store: &str) -> Result<Option<Vec<String>>> {
     Ok(if store == "embedded" {
         None
     } else if store.starts_with("nats://") {

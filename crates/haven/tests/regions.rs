@@ -42,25 +42,34 @@ async fn node_at(
     region: &str,
     peer: &str,
 ) -> Haven {
+    node_with(nats, data, port, region, peer, &[]).await
+}
+
+/// Like [`node_at`], with extra arguments.
+async fn node_with(
+    nats: &NatsCluster,
+    data: &std::path::Path,
+    port: u16,
+    region: &str,
+    peer: &str,
+    extra: &[&str],
+) -> Haven {
     let store = nats.url(0);
-    Haven::start(
-        data,
-        port,
-        "default",
-        &[
-            "--store",
-            &store,
-            "--store-replicas",
-            "1",
-            "--region",
-            region,
-            "--peer-regions",
-            peer,
-            "--node-id",
-            &format!("{region}-node"),
-        ],
-    )
-    .await
+    let node_id = format!("{region}-node");
+    let mut args = vec![
+        "--store",
+        &store,
+        "--store-replicas",
+        "1",
+        "--region",
+        region,
+        "--peer-regions",
+        peer,
+        "--node-id",
+        &node_id,
+    ];
+    args.extend_from_slice(extra);
+    Haven::start(data, port, "default", &args).await
 }
 
 async fn two_regions() -> TwoRegions {
@@ -639,4 +648,145 @@ async fn clients_of_a_lost_region_continue_in_another() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_region_is_built_from_backups_and_catches_up() {
+    let _one = ONE_REGION_AT_A_TIME.lock().await;
+    let dirs = tempfile::tempdir().unwrap();
+    let backups = dirs.path().join("backups");
+    let key = dirs.path().join("backup.key");
+    let out = run_ok(
+        std::process::Command::new(common::haven_bin())
+            .args(["backup", "keygen", "--out"])
+            .arg(&key),
+    );
+    assert!(out.status.success());
+    let nats_a = NatsCluster::start_region("A", &[]).await;
+    let a = node_with(
+        &nats_a,
+        &dirs.path().join("A"),
+        common::free_port(),
+        "A",
+        "C",
+        &[
+            "--backup-url",
+            backups.to_str().unwrap(),
+            "--backup-key-file",
+            key.to_str().unwrap(),
+            // Ships only when asked below, so that what follows is not in the backup.
+            "--backup-interval",
+            "1h",
+        ],
+    )
+    .await;
+    let in_a = Legacy::connect(&a.url()).await;
+    for i in 0..20 {
+        put(&in_a, i, &format!("backed-up-{i}"), "b").await;
+    }
+    let (st, v) = admin(
+        &a,
+        reqwest::Method::POST,
+        "/admin/v1/backup/now?snapshot=true",
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    // Written after the backup: the new region gets these from A's log, not from the backup.
+    for i in 0..10 {
+        put(&in_a, 100 + i, &format!("after-backup-{i}"), "l").await;
+    }
+
+    // Region C, cold: a nats-server joined to A, its store built from A's backup.
+    let link = Link::start(nats_a.leaf_port.unwrap()).await;
+    let nats_c = NatsCluster::start_region("C", &[link.port]).await;
+    let out = run_ok(
+        std::process::Command::new(common::haven_bin())
+            .args(["region", "bootstrap", "--backup-url"])
+            .arg(&backups)
+            .arg("--backup-key-file")
+            .arg(&key)
+            .args([
+                "--store",
+                &nats_c.url(0),
+                "--region",
+                "C",
+                "--store-replicas",
+                "1",
+            ]),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("from region A"), "{text}");
+    // The backup ends before the later notes: those come from A's log.
+    let restored: u64 = text
+        .split("as of its sequence ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no sequence in {text}"));
+    let (_, status) = admin(&a, reqwest::Method::GET, "/admin/v1/status", None).await;
+    let a_last = status["store"]["last_seq"].as_u64().unwrap();
+    assert!(
+        restored > 0 && restored + 10 <= a_last,
+        "restored {restored}, A at {a_last}"
+    );
+    // Bootstrapping again into the same region is refused.
+    let again = std::process::Command::new(common::haven_bin())
+        .args(["region", "bootstrap", "--backup-url"])
+        .arg(&backups)
+        .arg("--backup-key-file")
+        .arg(&key)
+        .args([
+            "--store",
+            &nats_c.url(0),
+            "--region",
+            "C",
+            "--store-replicas",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds"));
+
+    let c = node_with(
+        &nats_c,
+        &dirs.path().join("C"),
+        common::free_port(),
+        "C",
+        "A",
+        &[],
+    )
+    .await;
+    let in_c = in_a.with_url(&c.url());
+    let mut id = 1000;
+    for name in (0..20)
+        .map(|i| format!("backed-up-{i}"))
+        .chain((0..10).map(|i| format!("after-backup-{i}")))
+    {
+        let found = wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+            id += 1;
+            let (s, id, name) = (&in_c, id, name.clone());
+            async move { note(s, id, &name).await.is_some() }
+        })
+        .await;
+        assert!(found, "{name} never reached region C");
+    }
+    // C's writes reach A, and both converge to one state.
+    put(&in_c, 5000, "from-c", "c").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let da = regions(&a, true).await["digest"]["sha256"].clone();
+        let dc = regions(&c, true).await["digest"]["sha256"].clone();
+        if da == dc {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A {da} and C {dc} never converged"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(note(&in_a, 6000, "from-c").await.as_deref(), Some("c"));
+    drop((c, a, link, nats_c, nats_a));
 }
