@@ -348,6 +348,10 @@ async fn one_node_of_a_region_replicates_at_a_time() {
 /// The switches of the link `(from, to)`: region `to` reads `from` through it.
 type Links = Vec<((usize, usize), Arc<LinkFaults>)>;
 
+/// A region's running replicators and the switches of the links they read through (by the
+/// index of the region read).
+type Running = Vec<Option<(Regions, Vec<(usize, Arc<LinkFaults>)>)>>;
+
 /// Every region applies every other's log; returns each region's `Regions` and the links.
 fn mesh(all: &[&Region]) -> (Vec<Regions>, Links) {
     let mut out = Vec::new();
@@ -484,10 +488,8 @@ async fn random_history(seed: u64, rounds: usize) {
         );
         (r, faults)
     };
-    let mut running: Vec<Option<(Regions, Vec<(usize, Arc<LinkFaults>)>)>> =
-        (0..3).map(|t| Some(start(t, &cut))).collect();
-    let apply_cuts = |running: &Vec<Option<(Regions, Vec<(usize, Arc<LinkFaults>)>)>>,
-                      cut: &std::collections::HashSet<(usize, usize)>| {
+    let mut running: Running = (0..3).map(|t| Some(start(t, &cut))).collect();
+    let apply_cuts = |running: &Running, cut: &std::collections::HashSet<(usize, usize)>| {
         for (t, r) in running.iter().enumerate() {
             if let Some((_, faults)) = r {
                 for (f, sw) in faults {
@@ -527,9 +529,9 @@ async fn random_history(seed: u64, rounds: usize) {
             }
             _ => {}
         }
-        for t in 0..3 {
-            if running[t].is_none() && rng.random_bool(0.3) {
-                running[t] = Some(start(t, &cut));
+        for (t, r) in running.iter_mut().enumerate() {
+            if r.is_none() && rng.random_bool(0.3) {
+                *r = Some(start(t, &cut));
             }
         }
         for _ in 0..rng.random_range(1..6) {
@@ -552,9 +554,9 @@ async fn random_history(seed: u64, rounds: usize) {
     }
     // Heal everything and let every region catch up.
     cut.clear();
-    for t in 0..3 {
-        if running[t].is_none() {
-            running[t] = Some(start(t, &cut));
+    for (t, r) in running.iter_mut().enumerate() {
+        if r.is_none() {
+            *r = Some(start(t, &cut));
         }
     }
     apply_cuts(&running, &cut);
