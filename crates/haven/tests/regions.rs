@@ -206,6 +206,28 @@ async fn what_one_region_writes_the_other_serves() {
     .await;
     assert!(listed, "the secret set in A never reached B");
 
+    // An upstream registered in A is served by B (B's node connects to it itself).
+    common::upstreams::require_tools();
+    let mut args = vec!["registry", "add", "ev", "--"];
+    let cmd = common::upstreams::everything_stdio_command();
+    args.extend(cmd.iter().map(String::as_str));
+    common::upstreams::cli_ok(&r.a, &args, None);
+    let mut id = 700;
+    let served = wait_until(Duration::from_secs(60), Duration::from_millis(250), || {
+        id += 1;
+        let (s, id) = (&in_b, id);
+        async move {
+            let v = s
+                .call_tool(id, "ev__echo", json!({ "message": "across regions" }))
+                .await;
+            v["result"]["content"][0]["text"]
+                .as_str()
+                .is_some_and(|t| t.contains("across regions"))
+        }
+    })
+    .await;
+    assert!(served, "the upstream registered in A was never served by B");
+
     // Status: each region sees the other replicating, with a lag of seconds at most.
     let ok = wait_until(
         Duration::from_secs(20),
