@@ -412,8 +412,6 @@ impl Proxy {
     /// Starts HAProxy in front of the nodes on `backends` and waits until it answers
     /// `/readyz` (so at least one node must be up).
     pub async fn start(backends: &[u16]) -> Proxy {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
         let servers: String = backends
             .iter()
             .enumerate()
@@ -421,11 +419,26 @@ impl Proxy {
                 format!("    server n{i} 127.0.0.1:{p} check inter 200ms fall 1 rise 2\n")
             })
             .collect();
+        Proxy::launch(|port| {
+            format!(
+                "frontend mcp\n    bind 127.0.0.1:{port}\n    default_backend haven\n\nbackend haven\n    balance roundrobin\n    option httpchk GET /readyz\n    http-check expect status 200\n{servers}"
+            )
+        })
+        .await
+    }
+
+    /// Starts HAProxy with the shared `global` and `defaults` sections and the frontends and
+    /// backends that `proxies(port)` writes for the port clients use; waits until it answers
+    /// `/readyz`.
+    async fn launch(proxies: impl FnOnce(u16) -> String) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
         let conf = dir.path().join("haproxy.cfg");
         std::fs::write(
             &conf,
             format!(
-                "global\n    maxconn 4000\n\ndefaults\n    mode http\n    timeout connect 200ms\n    timeout check 2s\n    timeout client 120s\n    timeout server 120s\n    retries 3\n    option redispatch\n    option http-server-close\n    retry-on conn-failure empty-response\n\nfrontend mcp\n    bind 127.0.0.1:{port}\n    default_backend haven\n\nbackend haven\n    balance roundrobin\n    option httpchk GET /readyz\n    http-check expect status 200\n{servers}"
+                "global\n    maxconn 4000\n\ndefaults\n    mode http\n    timeout connect 200ms\n    timeout check 2s\n    timeout client 120s\n    timeout server 120s\n    retries 3\n    option redispatch\n    option http-server-close\n    retry-on conn-failure empty-response\n\n{}",
+                proxies(port)
             ),
         )
         .unwrap();
@@ -454,8 +467,6 @@ impl Proxy {
     /// it has a server up, else `standby`). Checks every 500 ms; a node is down after 2
     /// failed checks, up after 2 good ones.
     pub async fn start_global(primaries: &[u16], backups: &[u16]) -> Proxy {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
         let line = |name: String, p: &u16| {
             format!("    server {name} 127.0.0.1:{p} check inter 500ms fall 2 rise 2\n")
         };
@@ -469,30 +480,12 @@ impl Proxy {
             .enumerate()
             .map(|(i, p)| line(format!("b{i}"), p))
             .collect();
-        let conf = dir.path().join("haproxy.cfg");
-        std::fs::write(
-            &conf,
+        Proxy::launch(|port| {
             format!(
-                "global\n    maxconn 4000\n\ndefaults\n    mode http\n    timeout connect 200ms\n    timeout check 2s\n    timeout client 120s\n    timeout server 120s\n    retries 3\n    option redispatch\n    option http-server-close\n    retry-on conn-failure empty-response\n\nfrontend mcp\n    bind 127.0.0.1:{port}\n    use_backend active if {{ nbsrv(active) gt 0 }}\n    default_backend standby\n\nbackend active\n    option httpchk GET /regionz\n    http-check expect status 200\n{active}\nbackend standby\n    option httpchk GET /readyz\n    http-check expect status 200\n{standby}"
-            ),
-        )
-        .unwrap();
-        let child = Command::new("haproxy")
-            .arg("-f")
-            .arg(&conf)
-            .arg("-db")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting haproxy (installed by scripts/install-tools)");
-        let p = Proxy {
-            child,
-            port,
-            _dir: dir,
-        };
-        let up = wait_for_status(port, "/readyz", Duration::from_secs(20)).await;
-        assert!(up, "haproxy did not come up");
-        p
+                "frontend mcp\n    bind 127.0.0.1:{port}\n    use_backend active if {{ nbsrv(active) gt 0 }}\n    default_backend standby\n\nbackend active\n    option httpchk GET /regionz\n    http-check expect status 200\n{active}\nbackend standby\n    option httpchk GET /readyz\n    http-check expect status 200\n{standby}"
+            )
+        })
+        .await
     }
 
     /// The MCP endpoint through the proxy.

@@ -284,6 +284,15 @@ pub fn open_target(a: &BackupTargetArgs) -> Result<(Target, Option<BackupKey>)> 
     Ok((target, key))
 }
 
+/// The point `--at TIME` or `--seq N` names (neither: the latest backed-up change).
+pub fn point_of(at: Option<&str>, seq: Option<u64>) -> Result<Point> {
+    Ok(match (at, seq) {
+        (Some(t), _) => Point::Time(haven_backup::parse_time(t)?),
+        (None, Some(n)) => Point::Seq(n),
+        (None, None) => Point::Latest,
+    })
+}
+
 pub fn require_key(key: Option<BackupKey>) -> Result<BackupKey> {
     key.context("this command reads the backup's content: pass --backup-key-file FILE (or set HAVEN_BACKUP_KEY_FILE)")
 }
@@ -595,11 +604,7 @@ async fn verify(a: BackupTargetArgs) -> Result<ExitCode> {
 async fn restore(a: BackupRestoreArgs) -> Result<ExitCode> {
     let (target, key) = open_target(&a.target)?;
     let key = require_key(key)?;
-    let point = match (&a.at, a.seq) {
-        (Some(t), _) => Point::Time(haven_backup::parse_time(t)?),
-        (None, Some(n)) => Point::Seq(n),
-        (None, None) => Point::Latest,
-    };
+    let point = point_of(a.at.as_deref(), a.seq)?;
     let opts = RestoreOptions {
         to: a.to.clone(),
         point,

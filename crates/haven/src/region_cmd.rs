@@ -13,11 +13,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use haven_backup::{Point, RestoreOptions};
+use haven_backup::RestoreOptions;
 use haven_cluster::regions::{Cursor, LOCAL_NS, cursor_key};
 use haven_state::{Batch, Change, HybridClock, Op, Origin, RedbStore, Store};
 
-use crate::backup_cmd::{open_target, require_key};
+use crate::backup_cmd::{open_target, point_of, require_key};
 use crate::settings::RegionBootstrapArgs;
 
 /// Most operations one bootstrap commit holds (under JetStream's atomic batch limit).
@@ -49,11 +49,7 @@ pub async fn bootstrap(a: RegionBootstrapArgs) -> Result<ExitCode> {
         .context("--store must name the new region's NATS servers (nats://HOST:PORT,...)")?;
     let (target, key) = open_target(&a.target)?;
     let key = require_key(key)?;
-    let point = match (&a.at, a.seq) {
-        (Some(t), _) => Point::Time(haven_backup::parse_time(t)?),
-        (None, Some(n)) => Point::Seq(n),
-        (None, None) => Point::Latest,
-    };
+    let point = point_of(a.at.as_deref(), a.seq)?;
     let tmp = tempfile::tempdir().context("creating a temporary directory")?;
     let data = tmp.path().join("restored");
     let opts = RestoreOptions {

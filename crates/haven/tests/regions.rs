@@ -722,21 +722,17 @@ async fn a_cold_region_is_built_from_backups_and_catches_up() {
     // Region C, cold: a nats-server joined to A, its store built from A's backup.
     let link = Link::start(nats_a.leaf_port.unwrap()).await;
     let nats_c = NatsCluster::start_region("C", &[link.port]).await;
-    let out = run_ok(
-        std::process::Command::new(common::haven_bin())
-            .args(["region", "bootstrap", "--backup-url"])
+    let bootstrap = || {
+        let mut c = std::process::Command::new(common::haven_bin());
+        c.args(["region", "bootstrap", "--backup-url"])
             .arg(&backups)
             .arg("--backup-key-file")
             .arg(&key)
-            .args([
-                "--store",
-                &nats_c.url(0),
-                "--region",
-                "C",
-                "--store-replicas",
-                "1",
-            ]),
-    );
+            .args(["--store", &nats_c.url(0), "--region", "C"])
+            .args(["--store-replicas", "1"]);
+        c
+    };
+    let out = run_ok(&mut bootstrap());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("from region A"), "{text}");
     // The backup ends before the later notes: those come from A's log.
@@ -753,21 +749,7 @@ async fn a_cold_region_is_built_from_backups_and_catches_up() {
         "restored {restored}, A at {a_last}"
     );
     // Bootstrapping again into the same region is refused.
-    let again = std::process::Command::new(common::haven_bin())
-        .args(["region", "bootstrap", "--backup-url"])
-        .arg(&backups)
-        .arg("--backup-key-file")
-        .arg(&key)
-        .args([
-            "--store",
-            &nats_c.url(0),
-            "--region",
-            "C",
-            "--store-replicas",
-            "1",
-        ])
-        .output()
-        .unwrap();
+    let again = bootstrap().output().unwrap();
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already holds"));
 
