@@ -651,6 +651,21 @@ impl Regions {
         })
     }
 
+    /// The other regions this node cannot hear now: its replicator of them cannot read
+    /// their log, or their heartbeats have not changed for the failure threshold.
+    pub fn unreachable(&self) -> Vec<String> {
+        let config = self.health.config.lock().clone();
+        let limit = config.interval * config.threshold;
+        self.peers
+            .iter()
+            .filter(|p| {
+                p.state.read().state == "unreachable"
+                    || self.silent_for(&p.name).is_some_and(|d| d >= limit)
+            })
+            .map(|p| p.name.clone())
+            .collect()
+    }
+
     /// Seconds since the newest heartbeat of `region` changed, on this node's clock (`None`
     /// before any was seen).
     pub fn silent_for(&self, region: &str) -> Option<Duration> {

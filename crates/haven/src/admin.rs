@@ -213,6 +213,12 @@ async fn regions(State(admin): State<Arc<Admin>>, Query(q): Query<RegionsQuery>)
         "node": e.config().node_id,
         "nodes_alive": members.iter().filter(|m| m.alive && !m.info.left).count(),
         "writable": e.store().check_writable().await.map_err(|e| e.to_string()).err(),
+        "unreachable": admin
+            .control
+            .regions
+            .as_ref()
+            .map(|r| r.unreachable())
+            .unwrap_or_default(),
         "peers": peers,
     });
     if q.digest {
@@ -304,6 +310,10 @@ pub fn regionz_router(
                     Err(_) => (false, "unknown", None),
                 };
                 let caught_up = regions.as_ref().is_none_or(|r| r.caught_up());
+                let unreachable = regions
+                    .as_ref()
+                    .map(|r| r.unreachable())
+                    .unwrap_or_default();
                 let ready = caught_up
                     && !engine.is_draining()
                     && engine.store().check_writable().await.is_ok();
@@ -320,6 +330,7 @@ pub fn regionz_router(
                         "active": active,
                         "ready": ready,
                         "caught_up": caught_up,
+                        "unreachable": unreachable,
                         "preferred": preferred && ready,
                     })),
                 )

@@ -127,6 +127,16 @@ pub async fn region_status(a: crate::settings::RegionStatusArgs) -> Result<ExitC
             .map(|r| format!(" ({r})"))
             .unwrap_or_default()
     );
+    let unreachable: Vec<&str> = v["unreachable"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|r| r.as_str()).collect())
+        .unwrap_or_default();
+    if !unreachable.is_empty() {
+        println!(
+            "warning: cut off from {}: this region keeps serving and taking writes; what those regions wrote since their last heartbeat here is missing until the link works again",
+            unreachable.join(", ")
+        );
+    }
     let peers = v["peers"].as_array().cloned().unwrap_or_default();
     if peers.is_empty() {
         println!("No other region: this node applies no other region's log (--peer-regions).");

@@ -67,6 +67,8 @@ async fn node_with(
         peer,
         "--node-id",
         &node_id,
+        "--region-check-interval",
+        "1s",
     ];
     args.extend_from_slice(extra);
     Haven::start(data, port, "default", &args).await
@@ -293,6 +295,17 @@ async fn a_partition_heals_into_one_state_with_every_write_kept() {
         "B should report A's lag growing: {v}"
     );
     assert!(v["writable"].is_null(), "B stays writable: {v}");
+    assert_eq!(v["unreachable"], json!(["A"]), "{v}");
+    let out = region_cli(&r.b, &["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("cut off from A"), "{text}");
+    let z: Value = reqwest::get(format!("http://127.0.0.1:{}/regionz", r.b.port))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(z["unreachable"], json!(["A"]), "{z}");
     assert_eq!(note(&in_b, 9000, "a-0").await, None, "the link was cut");
 
     r.link.heal();
