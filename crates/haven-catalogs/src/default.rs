@@ -141,10 +141,7 @@ fn note_name(args: &JsonObject) -> Result<&str, ErrorData> {
 /// A note operation the store refused; marked retryable when the store is unavailable, so that
 /// the client is told to come back rather than that its request failed.
 fn store_failure(e: StoreError) -> ErrorData {
-    haven_mcp::outcome::store_failure(
-        format!("The note store is unavailable, nothing was changed: {e}"),
-        &e,
-    )
+    haven_mcp::outcome::store_failure(format!("The note store is unavailable: {e}"), &e)
 }
 
 async fn load_note(ctx: &Ctx, name: &str) -> Result<Option<Note>, ErrorData> {

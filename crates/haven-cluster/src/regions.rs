@@ -569,8 +569,12 @@ pub struct PeerStatus {
     /// Replication lag in seconds: this node's clock minus that heartbeat (clock skew
     /// between the regions adds to it).
     pub lag_seconds: Option<f64>,
-    /// Its nodes whose heartbeat is held here and that have not left.
+    /// Its nodes heard lately: those that have not left and whose heartbeat is at most 5 s
+    /// older than the region's newest one (by that region's clock); 0 while the region is
+    /// silent for the failure threshold.
     pub nodes: usize,
+    /// Whether the health checks judge it failed now (silent for the failure threshold).
+    pub silent: bool,
     /// Batches and changes of it applied by this node.
     pub batches_applied: u64,
     /// See `batches_applied`.
@@ -639,23 +643,36 @@ impl Regions {
         Ok(read_roles(&*self.local).await?.0)
     }
 
+    /// How long a region may be silent before it is judged failed.
+    fn failure_limit(&self) -> Duration {
+        let config = self.health.config.lock().clone();
+        config.interval * config.threshold
+    }
+
     /// Whether this region may be preferred by load balancers now: every other region's log
     /// has been applied up to (nearly) its end since this node started, or that region has
     /// been silent for the failure threshold (it may be gone). A region that returns from
     /// an outage so serves its old clients' writes made elsewhere before it is preferred.
     pub fn caught_up(&self) -> bool {
-        let config = self.health.config.lock().clone();
-        let limit = config.interval * config.threshold;
+        let limit = self.failure_limit();
         self.peers.iter().all(|p| {
             p.state.read().caught_up || self.silent_for(&p.name).is_some_and(|d| d >= limit)
         })
     }
 
+    /// Whether this region hears a majority of all regions (itself included): a region cut
+    /// off from the majority is not preferred by load balancers, since the majority may
+    /// have moved the active role away from it meanwhile.
+    pub fn hears_majority(&self) -> bool {
+        let total = self.peers.len() + 1;
+        let heard = total - self.unreachable().len();
+        heard * 2 > total
+    }
+
     /// The other regions this node cannot hear now: its replicator of them cannot read
     /// their log, or their heartbeats have not changed for the failure threshold.
     pub fn unreachable(&self) -> Vec<String> {
-        let config = self.health.config.lock().clone();
-        let limit = config.interval * config.threshold;
+        let limit = self.failure_limit();
         self.peers
             .iter()
             .filter(|p| {
@@ -772,6 +789,17 @@ impl Regions {
                 .filter(|i| i.region == p.name)
                 .collect();
             let last = infos.iter().map(|i| i.beat_millis).max();
+            let silent = self
+                .silent_for(&p.name)
+                .is_some_and(|d| d >= self.failure_limit());
+            let nodes = if silent {
+                0
+            } else {
+                infos
+                    .iter()
+                    .filter(|i| !i.left && last.is_some_and(|l| i.beat_millis + 5_000 >= l))
+                    .count()
+            };
             // The holder knows how far it got; others go by the stored cursor.
             let covered = cursor.seq.max(state.covered);
             out.push(PeerStatus {
@@ -786,7 +814,8 @@ impl Regions {
                 behind_entries: source_last_seq.map(|s| s.saturating_sub(covered)),
                 last_heartbeat_millis: last,
                 lag_seconds: last.map(|b| now.saturating_sub(b) as f64 / 1000.0),
-                nodes: infos.iter().filter(|i| !i.left).count(),
+                nodes,
+                silent,
                 batches_applied: state.batches,
                 changes_applied: state.changes,
             });

@@ -411,6 +411,10 @@ async fn a_majority_of_regions_moves_the_active_role_away_from_a_silent_region()
         assert!(roles.reason.contains("automatic failover"), "{roles:?}");
     }
     assert_eq!(rs[0].roles().await.unwrap().active.as_deref(), Some("A"));
+    // A, cut off from both others, knows it is no longer heard by a majority (so it is not
+    // preferred by load balancers even though its own roles record still names it).
+    assert!(!rs[0].hears_majority());
+    assert!(rs[1].hears_majority() && rs[2].hears_majority());
 
     // A returns: it learns the newer roles and is a standby; a planned switchover (demote
     // B, then promote A once caught up) makes it active again.

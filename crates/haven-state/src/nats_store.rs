@@ -61,6 +61,22 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("NATS: {e}"))
 }
 
+/// The JetStream domain of the servers at `servers` (`None`: no domain configured), asked
+/// before anything is created on them.
+pub async fn server_domain(servers: &[String]) -> StoreResult<Option<String>> {
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .request_timeout(Some(COMMIT_TIMEOUT))
+        .connect(servers.to_vec())
+        .await
+        .map_err(unavailable)?;
+    let account = jetstream::new(client)
+        .query_account()
+        .await
+        .map_err(unavailable)?;
+    Ok(account.domain.filter(|d| !d.is_empty()))
+}
+
 /// Stream name of `region`.
 pub fn stream_name(region: &str) -> String {
     let mut name = String::from("HAVEN_");

@@ -284,8 +284,9 @@ async fn region_demote(State(admin): State<Arc<Admin>>) -> Response {
 
 /// `/regionz`, for global load balancers and DNS health checks (no token: it says only the
 /// region's name and role): 200 while this node is ready and its region is the active one
-/// (or no region is active) and has caught up with the other regions since it started, 503
-/// otherwise — a standby still serves, it is just not preferred.
+/// (or no region is active), has caught up with the other regions since it started and hears
+/// a majority of all regions, 503 otherwise — a standby, or a region cut off from the
+/// majority, still serves; it is just not preferred.
 pub fn regionz_router(
     engine: haven_mcp::engine::Engine,
     region: String,
@@ -314,9 +315,14 @@ pub fn regionz_router(
                     .as_ref()
                     .map(|r| r.unreachable())
                     .unwrap_or_default();
-                let ready = caught_up
-                    && !engine.is_draining()
-                    && engine.store().check_writable().await.is_ok();
+                let majority = regions.as_ref().is_none_or(|r| r.hears_majority());
+                let writable = tokio::time::timeout(
+                    std::time::Duration::from_secs(2),
+                    engine.store().check_writable(),
+                )
+                .await
+                .is_ok_and(|r| r.is_ok());
+                let ready = caught_up && majority && !engine.is_draining() && writable;
                 let status = if preferred && ready {
                     StatusCode::OK
                 } else {
@@ -330,6 +336,7 @@ pub fn regionz_router(
                         "active": active,
                         "ready": ready,
                         "caught_up": caught_up,
+                        "hears_majority": majority,
                         "unreachable": unreachable,
                         "preferred": preferred && ready,
                     })),

@@ -110,7 +110,7 @@ pub async fn region_status(a: crate::settings::RegionStatusArgs) -> Result<ExitC
         Some(e) => format!("NOT WRITABLE: {e}"),
     };
     println!(
-        "Region {} (this one, {}) — asked node {}: {} nodes alive, {}",
+        "Region {} (this one, {}) — asked node {}: nodes alive {}, {}",
         v["region"].as_str().unwrap_or("?"),
         v["role"].as_str().unwrap_or("?"),
         v["node"].as_str().unwrap_or("?"),
@@ -143,8 +143,8 @@ pub async fn region_status(a: crate::settings::RegionStatusArgs) -> Result<ExitC
     } else {
         println!();
         println!(
-            "  {:<16} {:<8} {:<12} {:>10} {:>10} {:>8} {:>6}  LAST HEARD",
-            "REGION", "ROLE", "LINK", "APPLIED", "BEHIND", "LAG", "NODES"
+            "  {:<16} {:<8} {:<12} {:<7} {:>10} {:>10} {:>8} {:>6}  LAST HEARD",
+            "REGION", "ROLE", "LINK", "HEALTH", "APPLIED", "BEHIND", "LAG", "NODES"
         );
         for p in &peers {
             let behind = p["behind_entries"]
@@ -157,15 +157,23 @@ pub async fn region_status(a: crate::settings::RegionStatusArgs) -> Result<ExitC
                 Some(ms) => fmt_millis(ms),
                 None => "never".into(),
             };
+            // The link of this node: `standby` there means another node of this region
+            // applies that region's log.
+            let link = match p["link"].as_str().unwrap_or("?") {
+                "standby" => "other node",
+                l => l,
+            };
+            let health = if p["silent"] == true { "SILENT" } else { "ok" };
             println!(
-                "  {:<16} {:<8} {:<12} {:>10} {:>10} {:>8} {:>6}  {}",
+                "  {:<16} {:<8} {:<12} {:<7} {:>10} {:>10} {:>8} {:>6}  {}",
                 p["name"].as_str().unwrap_or("?"),
                 p["role"].as_str().unwrap_or("?"),
-                p["link"].as_str().unwrap_or("?"),
-                p["applied_seq"],
+                link,
+                health,
+                p["applied_seq"].as_u64().unwrap_or(0).to_string(),
                 behind,
                 lag,
-                p["nodes"],
+                p["nodes"].as_u64().unwrap_or(0).to_string(),
                 heard
             );
             if let Some(e) = p["error"].as_str() {

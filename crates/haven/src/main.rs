@@ -183,6 +183,9 @@ async fn start_engine(
     let mut regions = None;
     let store: Arc<dyn Store> = match &s.nats {
         Some(servers) => {
+            if !s.peer_regions.is_empty() {
+                check_domain(servers, &s.region).await?;
+            }
             let config = haven_state::NatsConfig {
                 servers: servers.clone(),
                 region: s.region.clone(),
@@ -290,6 +293,24 @@ async fn start_engine(
         },
     );
     Ok((engine, store, control))
+}
+
+/// Refuses a multi-region node whose NATS servers are not in the JetStream domain named
+/// after its region: another region's servers, or servers without a domain, would take this
+/// region's stream (and other regions would not find it).
+pub(crate) async fn check_domain(servers: &[String], region: &str) -> Result<()> {
+    let domain = haven_state::nats_store::server_domain(servers)
+        .await
+        .map_err(|e| anyhow::anyhow!("asking the NATS servers for their JetStream domain: {e}"))?;
+    match domain.as_deref() {
+        Some(d) if d == region => Ok(()),
+        Some(d) => bail!(
+            "the NATS servers given to region {region} are in JetStream domain {d:?}, not {region:?}: these are region {d}'s servers, or the region's name is wrong (a region's name is also its JetStream domain: jetstream {{ domain: {region} }})"
+        ),
+        None => bail!(
+            "the NATS servers given to region {region} have no JetStream domain; with --peer-regions each region's servers need jetstream {{ domain: {region} }} (a region's name is also its domain)"
+        ),
+    }
 }
 
 /// The secrets service with its key-encryption keys: from --secrets-key-file and/or

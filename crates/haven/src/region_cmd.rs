@@ -47,6 +47,8 @@ pub async fn bootstrap(a: RegionBootstrapArgs) -> Result<ExitCode> {
     let started = Instant::now();
     let servers = crate::settings::nats_servers(&a.store)?
         .context("--store must name the new region's NATS servers (nats://HOST:PORT,...)")?;
+    // Before anything is created on them: these must be the new region's servers.
+    crate::check_domain(&servers, &a.region).await?;
     let (target, key) = open_target(&a.target)?;
     let key = require_key(key)?;
     let point = point_of(a.at.as_deref(), a.seq)?;

@@ -43,7 +43,8 @@ pub enum Command {
     /// adds a key-encryption key to a key file.
     #[command(subcommand)]
     Secrets(SecretsCommand),
-    /// Regions as a running node sees them: status.
+    /// Regions: status, promote, demote (asked of a running node), and bootstrap of a cold
+    /// region from another region's backups.
     #[command(subcommand)]
     Region(RegionCommand),
 }

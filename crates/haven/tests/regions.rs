@@ -306,6 +306,9 @@ async fn a_partition_heals_into_one_state_with_every_write_kept() {
         .await
         .unwrap();
     assert_eq!(z["unreachable"], json!(["A"]), "{z}");
+    // One of two regions is no majority: not preferred (it serves all the same).
+    assert_eq!(z["hears_majority"], false, "{z}");
+    assert_eq!(z["preferred"], false, "{z}");
     assert_eq!(note(&in_b, 9000, "a-0").await, None, "the link was cut");
 
     r.link.heal();
@@ -765,6 +768,36 @@ async fn a_cold_region_is_built_from_backups_and_catches_up() {
     let again = bootstrap().output().unwrap();
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already holds"));
+    // Servers of another domain are refused, before anything is created on them: a
+    // bootstrap or a node naming region X on C's servers.
+    let wrong = std::process::Command::new(common::haven_bin())
+        .args(["region", "bootstrap", "--backup-url"])
+        .arg(&backups)
+        .arg("--backup-key-file")
+        .arg(&key)
+        .args(["--store", &nats_c.url(0), "--region", "X"])
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success());
+    let why = String::from_utf8_lossy(&wrong.stderr);
+    assert!(why.contains("JetStream domain \"C\""), "{why}");
+    let wrong = std::process::Command::new(common::haven_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dirs.path().join("X"))
+        .args([
+            "--store",
+            &nats_c.url(0),
+            "--region",
+            "X",
+            "--peer-regions",
+            "A",
+        ])
+        .env("HAVEN_SECRETS_KEYS", common::TEST_SECRETS_KEYS)
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success());
+    let why = String::from_utf8_lossy(&wrong.stderr);
+    assert!(why.contains("JetStream domain \"C\""), "{why}");
 
     let c = node_with(
         &nats_c,
