@@ -229,6 +229,38 @@ impl NatsCluster {
         panic!("the NATS servers did not start:\n{}", failures.join("\n"));
     }
 
+    /// One nats-server without JetStream that regions join by leafnodes (their
+    /// `start_region` remotes name its `leaf_port`): the interconnect of three or more
+    /// regions, since leafnode connections must not form a cycle.
+    pub async fn start_hub() -> NatsCluster {
+        NatsCluster::start_configured(&tools_dir(), |bin| {
+            let dir = tempfile::tempdir().unwrap();
+            let ports = free_ports(3);
+            let conf = dir.path().join("nats0.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "server_name: hub0\nlisten: 127.0.0.1:{}\nhttp: 127.0.0.1:{}\nleafnodes {{ listen: 127.0.0.1:{}, no_advertise: true }}\n",
+                    ports[0], ports[1], ports[2]
+                ),
+            )
+            .unwrap();
+            NatsCluster {
+                servers: vec![NatsServer {
+                    child: None,
+                    conf,
+                    client_port: ports[0],
+                    http_port: ports[1],
+                    name: "hub0".into(),
+                }],
+                leaf_port: Some(ports[2]),
+                bin,
+                _dir: dir,
+            }
+        })
+        .await
+    }
+
     /// The configuration of one server of region `region` (nothing started).
     fn configure_region(bin: PathBuf, region: &str, remotes: &[u16]) -> NatsCluster {
         let dir = tempfile::tempdir().unwrap();

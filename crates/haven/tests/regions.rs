@@ -840,3 +840,96 @@ async fn a_cold_region_is_built_from_backups_and_catches_up() {
     assert_eq!(note(&in_a, 6000, "from-c").await.as_deref(), Some("c"));
     drop((c, a, link, nats_c, nats_a));
 }
+
+/// Which region `/regionz` through the load balancer names, ten times in a row.
+async fn lb_settled_on(lb: &haven_testkit::Proxy, region: &str, within: Duration) -> bool {
+    wait_until(within, Duration::from_millis(100), || async {
+        for _ in 0..10 {
+            if lb_region(lb).await.as_deref() != Some(region) {
+                return false;
+            }
+        }
+        true
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_regions_fail_over_by_majority_without_an_operator() {
+    let _one = ONE_REGION_AT_A_TIME.lock().await;
+    // The README's three regions: each joins a hub (plain NATS, no JetStream) by a leafnode,
+    // so that losing one region leaves the others joined (leafnodes may not form a cycle).
+    let hub = NatsCluster::start_hub().await;
+    let leaf = [hub.leaf_port.unwrap()];
+    let mut nats_a = NatsCluster::start_region("A", &leaf).await;
+    let nats_b = NatsCluster::start_region("B", &leaf).await;
+    let nats_c = NatsCluster::start_region("C", &leaf).await;
+    let dirs = tempfile::tempdir().unwrap();
+    let port = common::free_port;
+    let mut a = node_at(&nats_a, &dirs.path().join("A"), port(), "A", "B,C").await;
+    let b = node_at(&nats_b, &dirs.path().join("B"), port(), "B", "A,C").await;
+    let c = node_at(&nats_c, &dirs.path().join("C"), port(), "C", "A,B").await;
+    let out = region_cli(&a, &["promote"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let nodes = [a.port, b.port, c.port];
+    let lb = haven_testkit::Proxy::start_global(&nodes, &nodes).await;
+    if !lb_settled_on(&lb, "A", Duration::from_secs(30)).await {
+        for h in [&a, &b, &c] {
+            let z: Value = reqwest::get(format!("http://127.0.0.1:{}/regionz", h.port))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            eprintln!("{z}\n{}", regions(h, false).await);
+        }
+        panic!("the load balancer never settled on A");
+    }
+    let client = Legacy::connect(&lb.url()).await;
+    put(&client, 1, "before", "v").await;
+
+    // Region A is lost. B and C each find it silent for 3 checks of 1 s, publish their
+    // verdicts, and B (first by name of the majority) makes itself active; the load balancer
+    // follows /regionz.
+    a.kill9();
+    nats_a.kill9(0);
+    let lost = Instant::now();
+    assert!(
+        lb_settled_on(&lb, "B", Duration::from_secs(60)).await,
+        "{}",
+        regions(&b, false).await
+    );
+    eprintln!(
+        "active role moved to B {:?} after region A was lost",
+        lost.elapsed()
+    );
+    let roles = regions(&c, false).await["roles"].clone();
+    assert_eq!(roles["active"], "B", "{roles}");
+    assert!(
+        roles["reason"]
+            .as_str()
+            .unwrap()
+            .contains("automatic failover"),
+        "{roles}"
+    );
+    // The session goes on (on B, through the load balancer) with what A had written.
+    assert_eq!(note(&client, 2, "before").await.as_deref(), Some("v"));
+
+    // A returns as a standby: it learns the newer roles and is not preferred.
+    nats_a.restart(0).await;
+    let data = dirs.path().join("A");
+    a = node_at(&nats_a, &data, a.port, "A", "B,C").await;
+    let standby = wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        || async { regions(&a, false).await["role"] == "standby" },
+    )
+    .await;
+    assert!(standby, "{}", regions(&a, false).await);
+    assert!(lb_settled_on(&lb, "B", Duration::from_secs(10)).await);
+    drop((lb, a, b, c, nats_a, nats_b, nats_c, hub));
+}
