@@ -169,7 +169,13 @@ impl Replicator {
             match lease.hold().await {
                 Ok(Holding::Held { .. }) => {
                     if let Err(e) = self.apply(&mut lease).await {
-                        tracing::warn!(source = %self.source, error = %e, "replication from a region stopped; starting again");
+                        let e = explain(&self.source, e);
+                        // Once per outage at warning level; the retries every second below it.
+                        if self.state.read().state == "unreachable" {
+                            tracing::debug!(source = %self.source, error = %e, "replication from a region still stopped");
+                        } else {
+                            tracing::warn!(source = %self.source, error = %e, "replication from a region stopped; retrying every second");
+                        }
                         self.set("unreachable", Some(e));
                     }
                 }
@@ -375,6 +381,21 @@ struct Group {
     ops: Vec<Op>,
     last: Option<u64>,
     batches: u64,
+}
+
+/// An error of reading region `source`'s log, with what it most likely means when NATS says
+/// only that a resource does not exist.
+fn explain(source: &str, e: String) -> String {
+    if e.contains("does not exist") {
+        format!(
+            "{e}: region {source}'s stream (HAVEN_{}) was not found in JetStream domain {source:?}; check that the region is named right (in --peer-regions), that its servers run JetStream in domain {source:?}, and that the regions are joined by leafnodes (directly, or through a hub for three or more)",
+            source
+                .to_ascii_uppercase()
+                .replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+        )
+    } else {
+        e
+    }
 }
 
 /// Takes one delivery; once a batch's last entry arrived, returns its last sequence and its
@@ -854,10 +875,16 @@ async fn check_health(
     health: Arc<Health>,
 ) {
     let mut published: Option<Verdict> = None;
+    let mut last_check = tokio::time::Instant::now();
+    // Whether "silent, but not to a majority" was logged (once per episode).
+    let mut warned_minority = false;
     loop {
         let config = health.config.lock().clone();
-        tokio::time::sleep(config.interval).await;
+        // Heartbeats are sampled every second (so that silence is measured to a second,
+        // whatever the interval); verdicts and failover are decided every interval.
+        tokio::time::sleep(config.interval.min(Duration::from_secs(1))).await;
         let limit = config.interval * config.threshold;
+        let deciding = last_check.elapsed() >= config.interval;
         let mut silent = Vec::new();
         for p in &peers {
             let newest = local
@@ -876,6 +903,10 @@ async fn check_health(
                 silent.push(p.clone());
             }
         }
+        if !deciding {
+            continue;
+        }
+        last_check = tokio::time::Instant::now();
         let verdict = Verdict { silent };
         if published.as_ref() != Some(&verdict) {
             let key = format!("verdict/{name}");
@@ -912,9 +943,13 @@ async fn check_health(
         }
         let total = peers.len() + 1;
         if agree.len() * 2 <= total {
-            tracing::warn!(%active, agree = ?agree, total, "the active region is silent, but not to a majority of regions: no automatic failover");
+            if !warned_minority {
+                tracing::warn!(%active, agree = ?agree, total, "the active region is silent, but not to a majority of regions: no automatic failover");
+                warned_minority = true;
+            }
             continue;
         }
+        warned_minority = false;
         agree.sort();
         if agree[0] != name {
             continue;

@@ -208,7 +208,11 @@ async fn regions(State(admin): State<Arc<Admin>>, Query(q): Query<RegionsQuery>)
         .unwrap_or_default();
     let mut out = json!({
         "region": admin.region,
-        "role": haven_cluster::regions::role_of(&roles, &admin.region),
+        "role": if admin.control.regions.is_some() {
+            haven_cluster::regions::role_of(&roles, &admin.region)
+        } else {
+            "single"
+        },
         "roles": roles,
         "node": e.config().node_id,
         "nodes_alive": members.iter().filter(|m| m.alive && !m.info.left).count(),
@@ -305,7 +309,11 @@ pub fn regionz_router(
                 let (preferred, role, active) = match &roles {
                     Ok(r) => (
                         r.active.is_none() || r.active.as_deref() == Some(region.as_str()),
-                        haven_cluster::regions::role_of(r, &region),
+                        if regions.is_none() {
+                            "single"
+                        } else {
+                            haven_cluster::regions::role_of(r, &region)
+                        },
                         r.active.clone(),
                     ),
                     Err(_) => (false, "unknown", None),

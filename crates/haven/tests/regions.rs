@@ -738,6 +738,18 @@ async fn a_cold_region_is_built_from_backups_and_catches_up() {
     // Region C, cold: a nats-server joined to A, its store built from A's backup.
     let link = Link::start(nats_a.leaf_port.unwrap()).await;
     let nats_c = NatsCluster::start_region("C", &[link.port]).await;
+    // Before C has a stream, A says what is missing and what to check.
+    let explained = wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(250),
+        || async {
+            regions(&a, false).await["peers"][0]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("was not found in JetStream domain \"C\""))
+        },
+    )
+    .await;
+    assert!(explained, "{}", regions(&a, false).await);
     let bootstrap = || {
         let mut c = std::process::Command::new(common::haven_bin());
         c.args(["region", "bootstrap", "--backup-url"])
