@@ -47,6 +47,9 @@ pub struct BackupConfig {
     pub prune_interval: Duration,
     /// What retention keeps.
     pub retention: RetentionPolicy,
+    /// A label for an additional target of the same node (`None`: the main target). Each
+    /// target ships under its own lease and generation record, named with the label.
+    pub label: Option<String>,
 }
 
 impl BackupConfig {
@@ -61,6 +64,16 @@ impl BackupConfig {
             verify_interval: Duration::from_secs(7 * 24 * 3600),
             prune_interval: Duration::from_secs(3600),
             retention: RetentionPolicy::default(),
+            label: None,
+        }
+    }
+
+    /// The name of a per-target record or file: `name`, followed by `-<label>` for an
+    /// additional target.
+    fn labelled(&self, name: &str) -> String {
+        match &self.label {
+            Some(l) => format!("{name}-{l}"),
+            None => name.to_owned(),
         }
     }
 }
@@ -325,12 +338,14 @@ impl Shipper {
         }));
         let (tx, rx) = mpsc::channel(16);
         let lease_ttl = (3 * config.interval).max(Duration::from_secs(10));
+        let state_file = data_dir.join(format!("{}.json", config.labelled("backup-generation")));
+        let lease_key = region_key(&*store, &config.labelled(LEASE_RECORD));
         let shipper = Shipper {
             store: store.clone(),
             target,
             config,
             clock: clock.clone(),
-            state_file: data_dir.join("backup-generation.json"),
+            state_file,
             status: status.clone(),
             deployment,
             generation: None,
@@ -343,7 +358,7 @@ impl Shipper {
             lease: haven_cluster::Lease::new(
                 store.clone(),
                 haven_cluster::regions::LOCAL_NS,
-                &region_key(&*store, LEASE_RECORD),
+                &lease_key,
                 &store.origin().to_string(),
                 lease_ttl,
             ),
@@ -535,7 +550,7 @@ impl Shipper {
             self.store
                 .get(
                     haven_cluster::regions::LOCAL_NS,
-                    &region_key(&*self.store, GENERATION_RECORD),
+                    &region_key(&*self.store, &self.config.labelled(GENERATION_RECORD)),
                 )
                 .await?
                 .and_then(|r| serde_json::from_slice(r.value()).ok())
@@ -557,7 +572,7 @@ impl Shipper {
             self.store
                 .commit(haven_state::Batch::new().put(
                     haven_cluster::regions::LOCAL_NS,
-                    &region_key(&*self.store, GENERATION_RECORD),
+                    &region_key(&*self.store, &self.config.labelled(GENERATION_RECORD)),
                     serde_json::to_vec(&local).expect("json"),
                 ))
                 .await?;

@@ -19,7 +19,8 @@ use serde_json::json;
 /// Shared state of the admin routes.
 pub struct Admin {
     token: String,
-    backup: Option<ShipperHandle>,
+    /// The backup shippers: the main target first, then the additional ones.
+    backup: Vec<ShipperHandle>,
     pub(crate) engine: haven_mcp::engine::Engine,
     region: String,
     pub(crate) control: crate::control::Control,
@@ -83,7 +84,7 @@ pub fn write_private(path: &Path, content: &[u8]) -> Result<()> {
 /// The admin routes.
 pub fn router(
     token: String,
-    backup: Option<ShipperHandle>,
+    backup: Vec<ShipperHandle>,
     engine: haven_mcp::engine::Engine,
     region: String,
     control: crate::control::Control,
@@ -151,7 +152,7 @@ fn authorize(admin: &Admin, headers: &HeaderMap) -> Result<(), Response> {
 
 #[allow(clippy::result_large_err)]
 fn shipper(admin: &Admin) -> Result<&ShipperHandle, Response> {
-    admin.backup.as_ref().ok_or_else(|| {
+    admin.backup.first().ok_or_else(|| {
         error(
             StatusCode::NOT_FOUND,
             "backup is not enabled on this node; start it with --backup-url and --backup-key-file",
@@ -162,10 +163,7 @@ fn shipper(admin: &Admin) -> Result<&ShipperHandle, Response> {
 /// The region as this node sees it: nodes from their heartbeats, the store's health, backup.
 async fn status(State(admin): State<Arc<Admin>>) -> Response {
     let e = &admin.engine;
-    let backup = match &admin.backup {
-        Some(b) => serde_json::to_value(b.status().await).unwrap_or_default(),
-        None => serde_json::Value::Null,
-    };
+    let backup = backup_json(&admin).await;
     Json(json!({
         "region": admin.region,
         "node": e.config().node_id,
@@ -355,9 +353,26 @@ pub fn regionz_router(
     )
 }
 
+/// The main target's status, with the additional targets' under `also` (each with its own
+/// lag); `null` without backup.
+async fn backup_json(admin: &Admin) -> serde_json::Value {
+    let Some((main, rest)) = admin.backup.split_first() else {
+        return serde_json::Value::Null;
+    };
+    let mut v = serde_json::to_value(main.status().await).unwrap_or_default();
+    if !rest.is_empty() {
+        let mut also = Vec::new();
+        for s in rest {
+            also.push(serde_json::to_value(s.status().await).unwrap_or_default());
+        }
+        v["also"] = serde_json::Value::Array(also);
+    }
+    v
+}
+
 async fn backup_status(State(admin): State<Arc<Admin>>) -> Response {
     match shipper(&admin) {
-        Ok(s) => Json(s.status().await).into_response(),
+        Ok(_) => Json(backup_json(&admin).await).into_response(),
         Err(r) => r,
     }
 }
@@ -373,13 +388,28 @@ async fn backup_now(State(admin): State<Arc<Admin>>, Query(q): Query<NowQuery>) 
         Ok(s) => s,
         Err(r) => return r,
     };
-    match s.ship_now(q.snapshot).await {
-        Ok(report) => Json(report).into_response(),
-        Err(e) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("shipping failed: {e}"),
-        ),
+    let report = match s.ship_now(q.snapshot).await {
+        Ok(report) => report,
+        Err(e) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("shipping failed: {e}"),
+            );
+        }
+    };
+    let mut v = serde_json::to_value(report).unwrap_or_default();
+    // The additional targets too; one that fails says so without failing the main one.
+    let mut also = Vec::new();
+    for other in &admin.backup[1..] {
+        also.push(match other.ship_now(q.snapshot).await {
+            Ok(r) => serde_json::to_value(r).unwrap_or_default(),
+            Err(e) => json!({ "error": format!("shipping failed: {e}") }),
+        });
     }
+    if !also.is_empty() {
+        v["also"] = serde_json::Value::Array(also);
+    }
+    Json(v).into_response()
 }
 
 async fn backup_verify(State(admin): State<Arc<Admin>>) -> Response {

@@ -60,14 +60,16 @@ pub async fn status(a: crate::settings::NodeArgs) -> Result<ExitCode> {
         Some(e) => println!("Writable: NO ({e})"),
     }
     if !v["backup"].is_null() {
-        let b = &v["backup"];
-        println!(
-            "Backup: {} to {}, lag {} entries ({} ms)",
-            b["state"].as_str().unwrap_or("?"),
-            b["target"].as_str().unwrap_or("?"),
-            b["lag_entries"],
-            b["lag_millis"]
-        );
+        let also = v["backup"]["also"].as_array().cloned().unwrap_or_default();
+        for b in std::iter::once(&v["backup"]).chain(&also) {
+            println!(
+                "Backup: {} to {}, lag {} entries ({} ms)",
+                b["state"].as_str().unwrap_or("?"),
+                b["target"].as_str().unwrap_or("?"),
+                b["lag_entries"],
+                b["lag_millis"]
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -410,25 +410,48 @@ async fn user_secret_names(store: &Arc<dyn Store>, limit: usize) -> Result<Vec<S
 async fn start_backup(
     s: &Settings,
     store: Arc<dyn Store>,
-) -> Result<Option<haven_backup::ShipperHandle>> {
-    let Some(b) = &s.backup else { return Ok(None) };
+) -> Result<Vec<haven_backup::ShipperHandle>> {
+    let Some(b) = &s.backup else {
+        return Ok(Vec::new());
+    };
     let key = haven_backup::BackupKey::from_file(&b.key_file)?;
-    let mut config = haven_backup::BackupConfig::new(b.url.clone(), key);
-    config.interval = b.interval;
-    config.snapshot_interval = b.snapshot_interval;
-    config.verify_interval = b.verify_interval;
-    config.retention = b.retention.clone();
-    let handle =
-        haven_backup::Shipper::start(store, config, &s.data, Arc::new(haven_state::SystemClock))
-            .await
-            .context("starting backup")?;
-    tracing::info!(
-        "backing up to {} every {:?} (snapshots every {:?})",
-        b.url,
-        b.interval,
-        b.snapshot_interval
-    );
-    Ok(Some(handle))
+    let mut handles = Vec::new();
+    for url in std::iter::once(&b.url).chain(&b.also) {
+        let mut config = haven_backup::BackupConfig::new(url.clone(), key.clone());
+        config.interval = b.interval;
+        config.snapshot_interval = b.snapshot_interval;
+        config.verify_interval = b.verify_interval;
+        config.retention = b.retention.clone();
+        if *url != b.url {
+            // A stable label per location: its own lease, generation record and state file.
+            config.label = Some(label_of(url));
+        }
+        let handle = haven_backup::Shipper::start(
+            store.clone(),
+            config,
+            &s.data,
+            Arc::new(haven_state::SystemClock),
+        )
+        .await
+        .with_context(|| format!("starting backup to {url}"))?;
+        tracing::info!(
+            "backing up to {url} every {:?} (snapshots every {:?})",
+            b.interval,
+            b.snapshot_interval
+        );
+        handles.push(handle);
+    }
+    Ok(handles)
+}
+
+/// A short stable name of a backup location (FNV-1a of its URL).
+fn label_of(url: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in url.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{:08x}", h >> 32)
 }
 
 async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {

@@ -400,6 +400,15 @@ pub struct BackupServeArgs {
     /// (S3 endpoint and credentials from AWS_* variables) [default: no backup]
     #[arg(long, env = "HAVEN_BACKUP_URL", value_name = "URL")]
     pub backup_url: Option<String>,
+    /// More locations to ship the same backups to (e.g. a bucket in another region),
+    /// comma-separated or repeated; each has its own shipping state and lag
+    #[arg(
+        long,
+        env = "HAVEN_BACKUP_ALSO",
+        value_name = "URL",
+        value_delimiter = ','
+    )]
+    pub backup_also: Vec<String>,
     /// File holding the backup encryption key; create one with `haven backup keygen`
     #[arg(long, env = "HAVEN_BACKUP_KEY_FILE", value_name = "FILE")]
     pub backup_key_file: Option<PathBuf>,
@@ -567,6 +576,7 @@ struct FileSettings {
     region_check_interval: Option<String>,
     region_failure_threshold: Option<u32>,
     backup_url: Option<String>,
+    backup_also: Option<Vec<String>>,
     backup_key_file: Option<PathBuf>,
     backup_interval: Option<String>,
     snapshot_interval: Option<String>,
@@ -612,6 +622,8 @@ pub struct Settings {
 #[derive(Debug, Clone)]
 pub struct BackupSettings {
     pub url: String,
+    /// More targets, each shipped on its own.
+    pub also: Vec<String>,
     pub key_file: PathBuf,
     pub interval: Duration,
     pub snapshot_interval: Duration,
@@ -764,8 +776,25 @@ impl BackupSettings {
             "backup_verify_interval",
         )?;
         let retention = retention_policy(a, file)?;
+        let also: Vec<String> = if a.backup_also.is_empty() {
+            file.backup_also.take().unwrap_or_default()
+        } else {
+            a.backup_also.clone()
+        }
+        .into_iter()
+        .map(|u| u.trim().to_owned())
+        .filter(|u| !u.is_empty())
+        .collect();
+        for (i, u) in also.iter().enumerate() {
+            if *u == url || also[..i].contains(u) {
+                bail!(
+                    "backup location {u} is given twice (backup_url and backup_also must all differ)"
+                );
+            }
+        }
         Ok(Some(BackupSettings {
             url,
+            also,
             key_file,
             interval,
             snapshot_interval,

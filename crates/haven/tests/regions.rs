@@ -693,6 +693,8 @@ async fn a_cold_region_is_built_from_backups_and_catches_up() {
     let _one = ONE_REGION_AT_A_TIME.lock().await;
     let dirs = tempfile::tempdir().unwrap();
     let backups = dirs.path().join("backups");
+    // A second location (say, a bucket in another region): the new region is built from it.
+    let remote_backups = dirs.path().join("remote-backups");
     let key = dirs.path().join("backup.key");
     let out = run_ok(
         std::process::Command::new(common::haven_bin())
@@ -712,6 +714,8 @@ async fn a_cold_region_is_built_from_backups_and_catches_up() {
             backups.to_str().unwrap(),
             "--backup-key-file",
             key.to_str().unwrap(),
+            "--backup-also",
+            remote_backups.to_str().unwrap(),
             // Ships only when asked below, so that what follows is not in the backup.
             "--backup-interval",
             "1h",
@@ -730,6 +734,20 @@ async fn a_cold_region_is_built_from_backups_and_catches_up() {
     )
     .await;
     assert_eq!(st, 200, "{v}");
+    // Both locations shipped, each with its own status and lag.
+    assert_eq!(v["also"][0]["snapshot"], true, "{v}");
+    // Shipped after the main one, it holds at least as much of the log.
+    assert!(
+        v["also"][0]["shipped_seq"].as_u64() >= v["shipped_seq"].as_u64(),
+        "{v}"
+    );
+    let (_, b) = admin(&a, reqwest::Method::GET, "/admin/v1/backup", None).await;
+    assert_eq!(
+        b["also"][0]["target"],
+        remote_backups.to_str().unwrap(),
+        "{b}"
+    );
+    assert!(b["also"][0]["lag_entries"].is_number(), "{b}");
     // Written after the backup: the new region gets these from A's log, not from the backup.
     for i in 0..10 {
         put(&in_a, 100 + i, &format!("after-backup-{i}"), "l").await;
@@ -753,7 +771,7 @@ async fn a_cold_region_is_built_from_backups_and_catches_up() {
     let bootstrap = || {
         let mut c = std::process::Command::new(common::haven_bin());
         c.args(["region", "bootstrap", "--backup-url"])
-            .arg(&backups)
+            .arg(&remote_backups)
             .arg("--backup-key-file")
             .arg(&key)
             .args(["--store", &nats_c.url(0), "--region", "C"])
