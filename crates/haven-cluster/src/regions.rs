@@ -105,13 +105,13 @@ pub struct ReplicatorState {
     /// The last source sequence this node applied or found to hold nothing to apply (it
     /// may be ahead of the stored cursor by batches that held nothing).
     pub covered: u64,
-    /// Whether this node has applied the source's log up to (nearly) its end since it
-    /// started (or seen another node of the region do so).
+    /// Whether this region holds the source's log up to `target` (as applied by this node,
+    /// or by the node holding the lease, by the stored cursor).
     pub caught_up: bool,
+    /// The source's last sequence, as the source first answered after this node started:
+    /// everything the source wrote before is applied here once `caught_up`.
+    pub target: Option<u64>,
 }
-
-/// How close to the source's end a replicator counts as caught up (entries).
-const CAUGHT_UP_WITHIN: u64 = 16;
 
 /// Applies one source region's log to this region's store (see the module docs).
 pub struct Replicator {
@@ -181,13 +181,8 @@ impl Replicator {
                 }
                 Ok(Holding::Standby { .. }) => {
                     self.set("standby", None);
-                    if !self.state.read().caught_up
-                        && let Ok((cursor, _)) = read_cursor(&*self.local, &self.source).await
-                        && let Ok(Ok(last)) =
-                            tokio::time::timeout(STALL_CHECK, self.remote.last_seq()).await
-                        && last <= cursor.seq + CAUGHT_UP_WITHIN
-                    {
-                        self.state.write().caught_up = true;
+                    if let Ok((cursor, _)) = read_cursor(&*self.local, &self.source).await {
+                        self.note_progress(cursor.seq).await;
                     }
                 }
                 Err(e) => self.set("unreachable", Some(format!("this region's store: {e}"))),
@@ -229,14 +224,7 @@ impl Replicator {
                         Ok(Holding::Standby { .. }) => return Ok(()),
                         Err(e) => return Err(format!("renewing the lease: {e}")),
                     }
-                    if !self.state.read().caught_up
-                        && let Ok(Ok(last)) =
-                            tokio::time::timeout(STALL_CHECK, self.remote.last_seq()).await
-                        && last <= at.covered + CAUGHT_UP_WITHIN
-                    {
-                        tracing::info!(source = %self.source, "caught up with the region's log");
-                        self.state.write().caught_up = true;
-                    }
+                    self.note_progress(at.covered).await;
                     if !std::mem::take(&mut delivered) {
                         // Quiet: idle, or a delivery that stalled (a cut link leaves the
                         // consumer waiting): ask the source how far it is.
@@ -328,6 +316,29 @@ impl Replicator {
         let mut s = self.state.write();
         s.batches += std::mem::take(&mut group.batches);
         Ok(())
+    }
+
+    /// Notes that this region holds the source's log up to `applied`: the first time the
+    /// source answers, its last sequence becomes the target; reaching it is catching up.
+    async fn note_progress(&self, applied: u64) {
+        if self.state.read().caught_up {
+            return;
+        }
+        let target = self.state.read().target;
+        let target = match target {
+            Some(t) => t,
+            None => match tokio::time::timeout(STALL_CHECK, self.remote.last_seq()).await {
+                Ok(Ok(last)) => {
+                    self.state.write().target = Some(last);
+                    last
+                }
+                _ => return,
+            },
+        };
+        if applied >= target {
+            tracing::info!(source = %self.source, target, "caught up with the region's log");
+            self.state.write().caught_up = true;
+        }
     }
 
     /// Commits `ops` (`n` changes) with the cursor at `seq`.
@@ -662,6 +673,14 @@ impl Regions {
     /// The roles record as held here.
     pub async fn roles(&self) -> Result<Roles, StoreError> {
         Ok(read_roles(&*self.local).await?.0)
+    }
+
+    /// Whether this region holds every other region's log up to where it was when this
+    /// node started (strictly: a silent region counts as not heard). A node settles work
+    /// left by dead processes only then, so that a takeover of this region's work that
+    /// another region made while this one was gone is applied here first.
+    pub fn heard_all(&self) -> bool {
+        self.peers.iter().all(|p| p.state.read().caught_up)
     }
 
     /// How long a region may be silent before it is judged failed.

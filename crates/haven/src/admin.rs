@@ -101,6 +101,7 @@ pub fn router(
         .route("/admin/v1/regions", get(regions))
         .route("/admin/v1/regions/promote", post(region_promote))
         .route("/admin/v1/regions/demote", post(region_demote))
+        .route("/admin/v1/regions/takeover", post(region_takeover))
         .route("/admin/v1/backup", get(backup_status))
         .route("/admin/v1/backup/now", post(backup_now))
         .route("/admin/v1/backup/verify", post(backup_verify))
@@ -281,6 +282,61 @@ async fn region_demote(State(admin): State<Arc<Admin>>) -> Response {
     match multi_region(&admin) {
         Ok(r) => role_answer(r.demote().await),
         Err(e) => e,
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct TakeoverQuery {
+    region: String,
+    #[serde(default)]
+    confirm_dead: bool,
+}
+
+/// Takes over the running work of a lost region. Refused unless the operator confirms that
+/// every process of that region is stopped, and unless this node has found the region
+/// silent for the failure threshold.
+async fn region_takeover(
+    State(admin): State<Arc<Admin>>,
+    Query(q): Query<TakeoverQuery>,
+) -> Response {
+    let regions = match multi_region(&admin) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    if !regions.peers().contains(&q.region) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{} is not one of this region's peer regions ({})",
+                q.region,
+                regions.peers().join(", ")
+            ),
+        );
+    }
+    if !regions.unreachable().contains(&q.region) {
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "region {} is not silent here: it may be running its work itself; a takeover is only for a region that is gone",
+                q.region
+            ),
+        );
+    }
+    if !q.confirm_dead {
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "taking over region {}'s running work is safe only if every Haven process of it is stopped (a live one would go on writing that work too): stop them, or make sure they are gone, then confirm with --confirm-dead; when that region comes back, its nodes first apply this takeover",
+                q.region
+            ),
+        );
+    }
+    match admin.engine.take_over_region(&q.region).await {
+        Ok(taken) => Json(json!({ "region": q.region, "taken": taken })).into_response(),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the store cannot take the takeover now: {e}"),
+        ),
     }
 }
 

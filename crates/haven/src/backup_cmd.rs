@@ -93,6 +93,38 @@ pub async fn region_change(a: crate::settings::NodeArgs, path: &str) -> Result<E
     Ok(ExitCode::SUCCESS)
 }
 
+/// `haven region takeover`.
+pub async fn region_takeover(a: crate::settings::RegionTakeoverArgs) -> Result<ExitCode> {
+    if a.region.is_empty()
+        || !a
+            .region
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        anyhow::bail!(
+            "invalid region {:?}: a region's name is letters, digits, '-' and '_'",
+            a.region
+        );
+    }
+    let node = node_url(a.node.node.as_ref());
+    let token = token(a.node.admin_token_file.as_ref(), a.node.data.as_ref())?;
+    let path = format!(
+        "/admin/v1/regions/takeover?region={}&confirm_dead={}",
+        a.region, a.confirm_dead
+    );
+    let v = admin_call(&node, &token, reqwest::Method::POST, &path).await?;
+    if a.node.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "took over {} running executions of region {}",
+            v["taken"],
+            v["region"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `haven region status`.
 pub async fn region_status(a: crate::settings::RegionStatusArgs) -> Result<ExitCode> {
     let node = node_url(a.node.node.as_ref());

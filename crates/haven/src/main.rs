@@ -46,6 +46,9 @@ fn main() -> std::process::ExitCode {
             };
             return run_client_command(backup_cmd::region_change(a.node, path));
         }
+        Command::Region(settings::RegionCommand::Takeover(a)) => {
+            return run_client_command(backup_cmd::region_takeover(a));
+        }
         Command::Region(settings::RegionCommand::Bootstrap(a)) => {
             return run_client_command(region_cmd::bootstrap(a));
         }
@@ -260,7 +263,15 @@ async fn start_engine(
         upstreams.clone(),
         builtin.clone(),
     ));
+    // A multi-region node settles others' work only once it has heard every other region
+    // (a takeover of this region's work made elsewhere is applied first).
+    let recovery_gate = regions
+        .clone()
+        .map(|r: Arc<haven_cluster::regions::Regions>| {
+            haven_mcp::engine::RecoveryGate(Arc::new(move || r.heard_all()))
+        });
     let engine_config = EngineConfig {
+        recovery_gate,
         node_id: node,
         legacy_responses: s.legacy_responses,
         session_ttl: std::time::Duration::from_secs(s.session_ttl_secs),

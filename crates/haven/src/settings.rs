@@ -62,10 +62,26 @@ pub enum RegionCommand {
     /// Make the asked node's region, the active one, a standby (no region is active until
     /// another is promoted).
     Demote(NodeArgs),
+    /// Take over the running work of a lost region (every process of it stopped): its
+    /// interrupted idempotent tool calls run again here, other requests end with the
+    /// "interrupted" error, its tasks are adopted. Asked of a node of another region.
+    Takeover(RegionTakeoverArgs),
     /// Build a new (cold) region's store from another region's backups: the state as of the
     /// latest backed-up change (or a point), every region's records in it, and the cursor
     /// from which the new region's nodes then apply the source region's log.
     Bootstrap(RegionBootstrapArgs),
+}
+
+/// `haven region takeover`.
+#[derive(Args, Debug)]
+pub struct RegionTakeoverArgs {
+    /// The lost region
+    pub region: String,
+    /// Confirm that every Haven process of that region is stopped
+    #[arg(long)]
+    pub confirm_dead: bool,
+    #[command(flatten)]
+    pub node: NodeArgs,
 }
 
 /// `haven region bootstrap`.

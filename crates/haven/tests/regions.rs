@@ -963,3 +963,99 @@ async fn three_regions_fail_over_by_majority_without_an_operator() {
     assert!(lb_settled_on(&lb, "B", Duration::from_secs(10)).await);
     drop((lb, a, b, c, nats_a, nats_b, nats_c, hub));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_takes_over_a_lost_regions_running_call_and_it_ends_once() {
+    let _one = ONE_REGION_AT_A_TIME.lock().await;
+    let mut r = two_regions().await;
+    let in_a = Legacy::connect(&r.a.url()).await;
+    let resp = in_a
+        .post_raw(json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"sleep","arguments":{"seconds":6},"_meta":{"progressToken":"lost"}}}))
+        .await;
+    let mut sse = common::SseReader::new(resp);
+    let _priming = sse.next().await.unwrap();
+    let first = sse.next().await.unwrap();
+    let second = sse.next().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    r.a.kill9();
+    r.nats_a.kill9(0);
+    drop(sse);
+
+    // The client resumes in B and gets what had crossed.
+    let in_b = in_a.with_url(&r.b.url());
+    let resumed = in_b.resume(first.id.as_deref().unwrap()).await;
+    let mut sse = common::SseReader::new(resumed);
+    let again = tokio::time::timeout(Duration::from_secs(10), sse.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.id, second.id);
+
+    // The takeover needs the region silent here, and the operator's confirmation.
+    let silent = wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(250),
+        || async { regions(&r.b, false).await["unreachable"] == json!(["A"]) },
+    )
+    .await;
+    assert!(silent);
+    let refused = region_cli(&r.b, &["takeover", "A"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--confirm-dead"));
+    let out = region_cli(&r.b, &["takeover", "A", "--confirm-dead"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("took over 1"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // B runs the idempotent call again into the same stream; the resumed client gets its
+    // progress and one final result.
+    let ended = async {
+        let mut progress = 0;
+        while let Some(e) = sse.next().await {
+            let v = e.json();
+            if v["method"] == "notifications/progress" {
+                progress += 1;
+            }
+            if v["id"] == 7 {
+                return (progress, v);
+            }
+        }
+        panic!("the stream ended without a final answer");
+    };
+    let (progress, fin) = tokio::time::timeout(Duration::from_secs(60), ended)
+        .await
+        .expect("the taken-over call never ended");
+    assert!(progress > 0);
+    assert!(fin.get("result").is_some(), "{fin}");
+
+    // A returns: its node applies B's takeover before settling anything, so the call is not
+    // ended a second time. The whole stream, read in A, holds exactly one final answer.
+    r.nats_a.restart(0).await;
+    let (data, port) = (r.a.data.clone(), r.a.port);
+    r.a = node_at(&r.nats_a, &data, port, "A", "B").await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let whole = in_a
+        .with_url(&r.a.url())
+        .resume(first.id.as_deref().unwrap())
+        .await;
+    let mut sse = common::SseReader::new(whole);
+    let mut finals = Vec::new();
+    let read = async {
+        while let Some(e) = sse.next().await {
+            let v = e.json();
+            if v["id"] == 7 {
+                finals.push(v);
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+    assert_eq!(finals.len(), 1, "{finals:?}");
+    assert!(finals[0].get("result").is_some(), "{finals:?}");
+}

@@ -99,6 +99,20 @@ pub struct EngineConfig {
     pub max_clock_skew: Duration,
     /// `retry:` hint sent when a draining node ends a legacy stream, in milliseconds.
     pub drain_retry_millis: u64,
+    /// Whether this node may settle work left by processes that are gone, asked before each
+    /// recovery (`None`: always). A multi-region node waits until it has applied every other
+    /// region's log once, so that a takeover another region made meanwhile is seen first.
+    pub recovery_gate: Option<RecoveryGate>,
+}
+
+/// See [`EngineConfig::recovery_gate`].
+#[derive(Clone)]
+pub struct RecoveryGate(pub Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl std::fmt::Debug for RecoveryGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RecoveryGate")
+    }
 }
 
 impl Default for EngineConfig {
@@ -121,6 +135,7 @@ impl Default for EngineConfig {
             heartbeat_ttl: Duration::from_secs(5),
             max_clock_skew: Duration::from_millis(500),
             drain_retry_millis: 250,
+            recovery_gate: None,
         }
     }
 }
@@ -321,6 +336,15 @@ impl Engine {
     /// The store the engine writes to.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.inner.store
+    }
+
+    /// Takes over the running work of region `region` (another region, declared lost by an
+    /// operator: every process of it stopped): each of its executions held here is settled
+    /// by this node as if its owner were a dead node of this region (an idempotent tool call
+    /// runs again, any other request ends with the "interrupted" error, tasks are adopted),
+    /// under epoch + 1. Returns how many executions were taken.
+    pub async fn take_over_region(&self, region: &str) -> Result<usize, haven_state::StoreError> {
+        recovery::take_over_region(&self.inner, region).await
     }
 
     /// The engine's settings.

@@ -224,6 +224,9 @@ fn needs_settling(inner: &Inner, key: &str, owner: &Owner) -> bool {
 /// Settles the execution `key` if its owner is gone; what a resumed stream calls when it
 /// finds no more events.
 pub(crate) async fn settle_if_orphaned(inner: &Arc<Inner>, key: &str) {
+    if !recovery_open(inner) {
+        return;
+    }
     let Ok(Some(claim)) = Claim::read(&*inner.store, key).await else {
         return;
     };
@@ -235,6 +238,10 @@ pub(crate) async fn settle_if_orphaned(inner: &Arc<Inner>, key: &str) {
 /// Scans every running execution and settles those whose owner is gone; ends standalone
 /// streams of dead processes.
 pub(crate) async fn recover(inner: &Arc<Inner>) -> Result<(), StoreError> {
+    if !recovery_open(inner) {
+        tracing::debug!("not settling others' work yet: waiting to hear every other region once");
+        return Ok(());
+    }
     let mut settled = 0usize;
     for r in inner.store.scan_all(OWNERS_NS, "").await? {
         if !haven_cluster::ownership::of_this_region(&*inner.store, &r) {
@@ -279,4 +286,55 @@ pub(crate) async fn recover(inner: &Arc<Inner>) -> Result<(), StoreError> {
         tracing::info!(settled, "settled work left by processes that are gone");
     }
     Ok(())
+}
+
+/// Whether this node may settle work left by others now (see `EngineConfig::recovery_gate`).
+fn recovery_open(inner: &Inner) -> bool {
+    inner.config.recovery_gate.as_ref().is_none_or(|g| (g.0)())
+}
+
+/// Takes over every running execution of region `region` held here (see
+/// `Engine::take_over_region`).
+pub(crate) async fn take_over_region(
+    inner: &Arc<Inner>,
+    region: &str,
+) -> Result<usize, StoreError> {
+    let mut taken = 0usize;
+    for r in inner.store.scan_all(OWNERS_NS, "").await? {
+        if &*r.record.version.origin.region != region {
+            continue;
+        }
+        let Some(owner) = Owner::decode(r.value()) else {
+            continue;
+        };
+        if owner.finished {
+            continue;
+        }
+        let claim = Claim {
+            key: r.record.key.clone(),
+            dead: owner,
+            revision: r.revision,
+        };
+        take_over(inner, claim).await;
+        taken += 1;
+    }
+    // Its standalone GET streams end too (their in-flight records only).
+    for r in inner.store.scan_all(INFLIGHT_NS, "").await? {
+        if &*r.record.version.origin.region != region {
+            continue;
+        }
+        let Ok(rec) = serde_json::from_slice::<InflightRecord>(r.value()) else {
+            continue;
+        };
+        if rec.method == STANDALONE {
+            let batch = Batch::new().delete_if(
+                INFLIGHT_NS,
+                &r.record.key,
+                haven_state::Expect::Revision(r.revision),
+            );
+            let _ = inner.store.commit(batch).await;
+        }
+    }
+    tracing::warn!(region, taken, "took over the running work of a lost region");
+    Ok(taken)
 }
