@@ -964,32 +964,79 @@ async fn three_regions_fail_over_by_majority_without_an_operator() {
     drop((lb, a, b, c, nats_a, nats_b, nats_c, hub));
 }
 
+/// Reads the rest of a resumed stream until request `id`'s final answer; the number of
+/// progress events before it, and the answer.
+async fn until_final(sse: &mut common::SseReader, id: i64) -> (usize, Value) {
+    let mut progress = 0;
+    while let Some(e) = sse.next().await {
+        let v = e.json();
+        if v["method"] == "notifications/progress" {
+            progress += 1;
+        }
+        if v["id"] == id {
+            return (progress, v);
+        }
+    }
+    panic!("the stream of {id} ended without a final answer");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_operator_takes_over_a_lost_regions_running_call_and_it_ends_once() {
+async fn an_operator_takes_over_a_lost_regions_running_work_and_each_request_ends_once() {
     let _one = ONE_REGION_AT_A_TIME.lock().await;
     let mut r = two_regions().await;
-    let in_a = Legacy::connect(&r.a.url()).await;
-    let resp = in_a
-        .post_raw(json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"sleep","arguments":{"seconds":6},"_meta":{"progressToken":"lost"}}}))
+    let http = reqwest::Client::new();
+    // In region A when it is lost: three long legacy calls on their streams, and a task of
+    // each form.
+    let mut calls = Vec::new();
+    for i in 0..3i64 {
+        let client = Legacy::connect(&r.a.url()).await;
+        let id = 10 + i;
+        let resp = client
+            .post_raw(json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"sleep","arguments":{"seconds":6},"_meta":{"progressToken":format!("lost-{i}")}}}))
+            .await;
+        let mut sse = common::SseReader::new(resp);
+        let _priming = sse.next().await.unwrap();
+        let first = sse.next().await.unwrap();
+        calls.push((client, id, first));
+    }
+    let legacy = Legacy::connect(&r.a.url()).await;
+    let created = legacy
+        .request(
+            20,
+            "tools/call",
+            json!({"name":"sleep","arguments":{"seconds":6},"task":{"ttl":600000}}),
+        )
         .await;
-    let mut sse = common::SseReader::new(resp);
-    let _priming = sse.next().await.unwrap();
-    let first = sse.next().await.unwrap();
-    let second = sse.next().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let legacy_task = created["result"]["task"]["taskId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let tasks_caps = json!({"extensions":{"io.modelcontextprotocol/tasks":{}}});
+    let created: Value = common::stateless(
+        &http,
+        &r.a.url(),
+        21,
+        "tools/call",
+        json!({"name":"sleep","arguments":{"seconds":6}}),
+        tasks_caps.clone(),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let ext_task = created["result"]["taskId"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(800)).await;
     r.a.kill9();
     r.nats_a.kill9(0);
-    drop(sse);
 
-    // The client resumes in B and gets what had crossed.
-    let in_b = in_a.with_url(&r.b.url());
-    let resumed = in_b.resume(first.id.as_deref().unwrap()).await;
-    let mut sse = common::SseReader::new(resumed);
-    let again = tokio::time::timeout(Duration::from_secs(10), sse.next())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(again.id, second.id);
+    // Every client resumes in B and gets what had crossed (at least the event it saw).
+    let mut resumed = Vec::new();
+    for (client, id, first) in &calls {
+        let in_b = client.with_url(&r.b.url());
+        let resp = in_b.resume(first.id.as_deref().unwrap()).await;
+        assert_eq!(resp.status(), 200);
+        resumed.push((common::SseReader::new(resp), *id));
+    }
 
     // The takeover needs the region silent here, and the operator's confirmation.
     let silent = wait_until(
@@ -1008,54 +1055,81 @@ async fn an_operator_takes_over_a_lost_regions_running_call_and_it_ends_once() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("took over 1"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("took over 5"), "{text}");
 
-    // B runs the idempotent call again into the same stream; the resumed client gets its
-    // progress and one final result.
-    let ended = async {
-        let mut progress = 0;
-        while let Some(e) = sse.next().await {
-            let v = e.json();
-            if v["method"] == "notifications/progress" {
-                progress += 1;
-            }
-            if v["id"] == 7 {
-                return (progress, v);
-            }
+    // B runs each idempotent call again into its stream: every resumed client gets progress
+    // and one final result.
+    for (sse, id) in &mut resumed {
+        let (progress, fin) = tokio::time::timeout(Duration::from_secs(60), until_final(sse, *id))
+            .await
+            .expect("a taken-over call never ended");
+        assert!(progress > 0, "{id}");
+        assert!(fin.get("result").is_some(), "{fin}");
+    }
+    // Both tasks were adopted by B and complete there.
+    let in_b = legacy.with_url(&r.b.url());
+    let mut poll = 100;
+    let done = wait_until(Duration::from_secs(60), Duration::from_millis(250), || {
+        poll += 1;
+        let (s, id, t) = (&in_b, poll, legacy_task.clone());
+        async move {
+            s.request(id, "tasks/get", json!({"taskId": t})).await["result"]["status"]
+                == "completed"
         }
-        panic!("the stream ended without a final answer");
-    };
-    let (progress, fin) = tokio::time::timeout(Duration::from_secs(60), ended)
-        .await
-        .expect("the taken-over call never ended");
-    assert!(progress > 0);
-    assert!(fin.get("result").is_some(), "{fin}");
+    })
+    .await;
+    assert!(done, "the experimental task of A never completed in B");
+    let done = wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || async {
+            let v: Value = common::stateless(
+                &http,
+                &r.b.url(),
+                300,
+                "tasks/get",
+                json!({"taskId": ext_task}),
+                tasks_caps.clone(),
+            )
+            .await
+            .json()
+            .await
+            .unwrap();
+            v["result"]["status"] == "completed"
+        },
+    )
+    .await;
+    assert!(done, "the extension task of A never completed in B");
 
-    // A returns: its node applies B's takeover before settling anything, so the call is not
-    // ended a second time. The whole stream, read in A, holds exactly one final answer.
+    // A returns: its node applies B's takeover before settling anything, so nothing is ended
+    // a second time. Every stream, read whole in A, holds exactly one final answer, a result.
     r.nats_a.restart(0).await;
     let (data, port) = (r.a.data.clone(), r.a.port);
     r.a = node_at(&r.nats_a, &data, port, "A", "B").await;
     tokio::time::sleep(Duration::from_secs(8)).await;
-    let whole = in_a
-        .with_url(&r.a.url())
-        .resume(first.id.as_deref().unwrap())
-        .await;
-    let mut sse = common::SseReader::new(whole);
-    let mut finals = Vec::new();
-    let read = async {
-        while let Some(e) = sse.next().await {
-            let v = e.json();
-            if v["id"] == 7 {
-                finals.push(v);
+    for (client, id, first) in &calls {
+        let whole = client
+            .with_url(&r.a.url())
+            .resume(first.id.as_deref().unwrap())
+            .await;
+        let mut sse = common::SseReader::new(whole);
+        let mut finals = Vec::new();
+        let read = async {
+            while let Some(e) = sse.next().await {
+                let v = e.json();
+                if v["id"] == *id {
+                    finals.push(v);
+                }
             }
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
-    assert_eq!(finals.len(), 1, "{finals:?}");
-    assert!(finals[0].get("result").is_some(), "{finals:?}");
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+        assert_eq!(finals.len(), 1, "{finals:?}");
+        assert!(finals[0].get("result").is_some(), "{finals:?}");
+    }
+    let in_a = legacy.with_url(&r.a.url());
+    let v = in_a
+        .request(400, "tasks/get", json!({"taskId": legacy_task}))
+        .await;
+    assert_eq!(v["result"]["status"], "completed", "{v}");
 }
