@@ -35,6 +35,10 @@ struct Cli {
     /// Seconds the regions are split (with writes on both sides).
     #[arg(long, default_value_t = 30)]
     split_secs: u64,
+    /// Only measure the bootstrap of a cold region from a backup of this many records
+    /// (written straight into region A's stream, then shipped by A's node).
+    #[arg(long)]
+    bootstrap_records: Option<u64>,
 }
 
 struct Node {
@@ -146,9 +150,20 @@ async fn admin(
     method: reqwest::Method,
     path: &str,
 ) -> anyhow::Result<Value> {
-    let token = std::fs::read_to_string(n.data.join("admin.token"))?;
+    admin_at(client, n.port, &n.data, method, path).await
+}
+
+/// An admin call to the node on `port` whose data directory (with its token) is `data`.
+async fn admin_at(
+    client: &reqwest::Client,
+    port: u16,
+    data: &Path,
+    method: reqwest::Method,
+    path: &str,
+) -> anyhow::Result<Value> {
+    let token = std::fs::read_to_string(data.join("admin.token"))?;
     let r = client
-        .request(method, format!("http://127.0.0.1:{}{path}", n.port))
+        .request(method, format!("http://127.0.0.1:{port}{path}"))
         .bearer_auth(token.trim())
         .send()
         .await?;
@@ -197,6 +212,9 @@ async fn main() -> anyhow::Result<()> {
             .expect("own path")
             .with_file_name("haven")
     });
+    if let Some(n) = cli.bootstrap_records {
+        return bootstrap(&haven, n).await;
+    }
     let dir = tempfile::tempdir()?;
     let made = std::process::Command::new(&haven)
         .args(["secrets", "new-key", "--key-file"])
@@ -466,6 +484,121 @@ async fn main() -> anyhow::Result<()> {
         lost.len(),
         acked.len(),
         window
+    );
+    Ok(())
+}
+
+/// A cold region bootstrapped from a backup of `n` records: the records are written into
+/// region A's stream in batches of 500, A's node ships a snapshot, then `haven region
+/// bootstrap` builds region C from it; reports each phase's time.
+async fn bootstrap(haven: &Path, n: u64) -> anyhow::Result<()> {
+    use haven_state::{Batch, HybridClock, NatsConfig, NatsStore, Origin, Store};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir()?;
+    let key = dir.path().join("backup.key");
+    let made = std::process::Command::new(haven)
+        .args(["backup", "keygen", "--out"])
+        .arg(&key)
+        .status()?;
+    if !made.success() {
+        bail!("haven backup keygen failed");
+    }
+    let keys = dir.path().join("secrets.key");
+    std::process::Command::new(haven)
+        .args(["secrets", "new-key", "--key-file"])
+        .arg(&keys)
+        .status()?;
+    let nats_a = NatsCluster::start_region("A", &[]).await;
+    let started = Instant::now();
+    {
+        let store = NatsStore::open(
+            &NatsConfig {
+                servers: vec![nats_a.url(0)],
+                region: "A".into(),
+                replicas: 1,
+            },
+            Origin::new("A", "loader"),
+            Arc::new(HybridClock::default()),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let value = vec![b'x'; 100];
+        let mut i = 0u64;
+        while i < n {
+            let mut batch = Batch::new();
+            for _ in 0..500.min(n - i) {
+                batch = batch.put("notes", &format!("record-{i:09}"), value.clone());
+                i += 1;
+            }
+            store
+                .commit(batch)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+    }
+    let loaded = started.elapsed();
+    let backups = dir.path().join("backups");
+    let port = free_port();
+    let child = haven_serve(haven, port, &dir.path().join("A"))
+        .args([
+            "--store",
+            &nats_a.url(0),
+            "--store-replicas",
+            "1",
+            "--region",
+            "A",
+        ])
+        .args(["--peer-regions", "C", "--node-id", "A-node"])
+        .arg("--secrets-key-file")
+        .arg(&keys)
+        .arg("--backup-url")
+        .arg(&backups)
+        .arg("--backup-key-file")
+        .arg(&key)
+        .args(["--backup-interval", "1h"])
+        .spawn()?;
+    let _a = Process(child);
+    wait_ready(port, "node A").await?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3600))
+        .build()?;
+    let shipping = Instant::now();
+    admin_at(
+        &client,
+        port,
+        &dir.path().join("A"),
+        reqwest::Method::POST,
+        "/admin/v1/backup/now?snapshot=true",
+    )
+    .await?;
+    let shipped = shipping.elapsed();
+    let nats_c = NatsCluster::start_region("C", &[]).await;
+    let booting = Instant::now();
+    let out = std::process::Command::new(haven)
+        .args(["region", "bootstrap", "--backup-url"])
+        .arg(&backups)
+        .arg("--backup-key-file")
+        .arg(&key)
+        .args([
+            "--store",
+            &nats_c.url(0),
+            "--region",
+            "C",
+            "--store-replicas",
+            "1",
+        ])
+        .output()?;
+    let booted = booting.elapsed();
+    if !out.status.success() {
+        bail!("bootstrap failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    println!("{}", String::from_utf8_lossy(&out.stdout).trim());
+    println!(
+        "cold region from a backup of {n} records: loading region A {:.1} s, shipping A's snapshot {:.1} s, haven region bootstrap {:.1} s ({:.0} records/s)",
+        loaded.as_secs_f64(),
+        shipped.as_secs_f64(),
+        booted.as_secs_f64(),
+        n as f64 / booted.as_secs_f64()
     );
     Ok(())
 }
