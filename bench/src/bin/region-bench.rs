@@ -39,6 +39,11 @@ struct Cli {
     /// (written straight into region A's stream, then shipped by A's node).
     #[arg(long)]
     bootstrap_records: Option<u64>,
+    /// Only measure automatic failover of the active role: three regions joined through a
+    /// leafnode hub, region checks every 1 s (threshold 3), this many losses of the active
+    /// region (each restarted afterwards and made active again).
+    #[arg(long)]
+    three_region_losses: Option<usize>,
 }
 
 struct Node {
@@ -214,6 +219,9 @@ async fn main() -> anyhow::Result<()> {
     });
     if let Some(n) = cli.bootstrap_records {
         return bootstrap(&haven, n).await;
+    }
+    if let Some(n) = cli.three_region_losses {
+        return three_regions(&haven, n).await;
     }
     let dir = tempfile::tempdir()?;
     let made = std::process::Command::new(&haven)
@@ -599,6 +607,161 @@ async fn bootstrap(haven: &Path, n: u64) -> anyhow::Result<()> {
         shipped.as_secs_f64(),
         booted.as_secs_f64(),
         n as f64 / booted.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Automatic failover of the active role among three regions (see `Cli::three_region_losses`):
+/// per loss, the time from the kill of the active region's processes until (a) a write
+/// through the load balancer succeeds (served by a standby), (b) a surviving region holds the
+/// roles record naming a new active region (detection and decision), and (c) the load
+/// balancer's `/regionz` answers from the new active region ten times in a row.
+async fn three_regions(haven: &Path, losses: usize) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    std::process::Command::new(haven)
+        .args(["secrets", "new-key", "--key-file"])
+        .arg(dir.path().join("secrets.key"))
+        .status()?;
+    let hub = NatsCluster::start_hub().await;
+    let leaf = [hub.leaf_port.expect("a hub has a leafnode port")];
+    let names = ["A", "B", "C"];
+    let mut nats = Vec::new();
+    for n in names {
+        nats.push(NatsCluster::start_region(n, &leaf).await);
+    }
+    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    let peers = |i: usize| -> String {
+        names
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, n)| *n)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let mut nodes: Vec<Option<Node>> = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        nodes.push(Some(start_node(
+            haven,
+            &nats[i],
+            dir.path(),
+            n,
+            &peers(i),
+            ports[i],
+        )?));
+    }
+    for p in &ports {
+        wait_ready(*p, "a node").await?;
+    }
+    let client = reqwest::Client::new();
+    let lb = Proxy::start_global(&ports, &ports).await;
+    let (mut writes, mut decided, mut preferred) = (Vec::new(), Vec::new(), Vec::new());
+    let mut active = 0usize;
+    admin(
+        &client,
+        nodes[0].as_ref().expect("up"),
+        reqwest::Method::POST,
+        "/admin/v1/regions/promote",
+    )
+    .await?;
+    let mut id = 0u64;
+    for round in 0..losses {
+        // Wait until the load balancer settles on the active region.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut streak = 0;
+        while streak < 10 {
+            streak = if lb_region(&client, lb.port).await.as_deref() == Some(names[active]) {
+                streak + 1
+            } else {
+                0
+            };
+            if Instant::now() > deadline {
+                bail!("the load balancer never preferred {}", names[active]);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        nodes[active] = None;
+        nats[active].kill9(0);
+        let killed = Instant::now();
+        let mut t_write = None;
+        let mut t_roles = None;
+        let mut t_pref = None;
+        let mut streak = 0;
+        let survivor = (active + 1) % 3;
+        while t_pref.is_none() {
+            if killed.elapsed() > Duration::from_secs(120) {
+                bail!("round {round}: no failover within 120 s");
+            }
+            id += 1;
+            if t_write.is_none() && put(&client, lb.port, id, "probe", "x").await.is_ok() {
+                t_write = Some(killed.elapsed());
+            }
+            if t_roles.is_none() {
+                let v = admin(
+                    &client,
+                    nodes[survivor].as_ref().expect("up"),
+                    reqwest::Method::GET,
+                    "/admin/v1/regions",
+                )
+                .await?;
+                if v["roles"]["active"]
+                    .as_str()
+                    .is_some_and(|a| a != names[active])
+                {
+                    t_roles = Some(killed.elapsed());
+                }
+            }
+            if t_roles.is_some() {
+                let now = lb_region(&client, lb.port).await;
+                streak = if now.as_deref().is_some_and(|r| r != names[active]) {
+                    streak + 1
+                } else {
+                    0
+                };
+                if streak == 10 {
+                    t_pref = Some(killed.elapsed());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        writes.push(t_write.unwrap_or_default().as_secs_f64());
+        decided.push(t_roles.unwrap_or_default().as_secs_f64());
+        preferred.push(t_pref.unwrap_or_default().as_secs_f64());
+        eprintln!(
+            "loss {round} of {}: write served {:.2} s, new active decided {:.2} s, load balancer on it {:.2} s",
+            names[active], writes[round], decided[round], preferred[round]
+        );
+        // The lost region returns (as a standby); the new active region is the next one.
+        nats[active].restart(0).await;
+        nodes[active] = Some(start_node(
+            haven,
+            &nats[active],
+            dir.path(),
+            names[active],
+            &peers(active),
+            ports[active],
+        )?);
+        wait_ready(ports[active], "a restarted node").await?;
+        let v = admin(
+            &client,
+            nodes[survivor].as_ref().expect("up"),
+            reqwest::Method::GET,
+            "/admin/v1/regions",
+        )
+        .await?;
+        active = names
+            .iter()
+            .position(|n| v["roles"]["active"] == *n)
+            .context("no active region after the failover")?;
+    }
+    println!(
+        "automatic failover among three regions over {losses} losses of the active region (region checks 1 s x 3, HAProxy checks 500 ms x 2): a write through the load balancer succeeds after median {:.2} s (max {:.2}); the surviving majority names a new active region after median {:.2} s (max {:.2}); the load balancer prefers it after median {:.2} s (max {:.2})",
+        median(&writes),
+        percentile(&writes, 1.0),
+        median(&decided),
+        percentile(&decided, 1.0),
+        median(&preferred),
+        percentile(&preferred, 1.0)
     );
     Ok(())
 }
