@@ -8,9 +8,11 @@ pub mod lease;
 pub mod membership;
 pub mod ownership;
 pub mod regions;
+pub mod takeover;
 
 pub use lease::{Holding, Lease};
 pub use membership::{Member, Membership, MembershipConfig, NODES_NS, NodeInfo};
 pub use ownership::{
     Claim, ClaimError, Execution, FenceError, FencedStore, Landed, OWNERS_NS, Owner,
 };
+pub use takeover::RegionLease;

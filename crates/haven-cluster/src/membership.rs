@@ -129,6 +129,8 @@ pub struct Membership {
     config: MembershipConfig,
     started_millis: u64,
     state: RwLock<State>,
+    /// The region lease this node's heartbeats renew (multi-region nodes).
+    lease: std::sync::OnceLock<crate::takeover::RegionLease>,
 }
 
 impl std::fmt::Debug for Membership {
@@ -156,7 +158,14 @@ impl Membership {
                 left: false,
                 skewed: HashMap::new(),
             }),
+            lease: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Makes this node's heartbeats the beats of `lease` (each landed beat is noted with
+    /// its sequence and when it was sent).
+    pub fn set_region_lease(&self, lease: crate::takeover::RegionLease) {
+        let _ = self.lease.set(lease);
     }
 
     /// This node's settings.
@@ -190,10 +199,14 @@ impl Membership {
             return Ok(());
         }
         let info = self.own_info();
+        let sent = Instant::now();
         let written = self.write_heartbeat(&info).await;
         let now = Instant::now();
         match written {
-            Ok(_) => {
+            Ok(commit) => {
+                if let Some(lease) = self.lease.get() {
+                    lease.note_beat(commit.last_seq, sent);
+                }
                 let mut state = self.state.write();
                 if state.own_ok_since.is_none() {
                     // First beat, or the first after a failed one: the others' records may

@@ -15,12 +15,15 @@
 //! changed anything.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use haven_state::{
     Batch, Commit, Expect, Op, Outcome, Store, StoreError, StoreResult, StoredRecord,
 };
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
+
+use crate::takeover::RegionLease;
 
 /// Namespace of ownership records.
 pub const OWNERS_NS: &str = "owners";
@@ -46,6 +49,11 @@ pub struct Owner {
     /// answer was lost is told from another that was stored meanwhile.
     #[serde(default)]
     pub last_write: u64,
+    /// Whether another region may take the execution over when this one fails: it was
+    /// opened (or taken over) while its node held its region lease, and every write under
+    /// it needs that lease (`crate::takeover`). Otherwise only its own region settles it.
+    #[serde(default)]
+    pub claimable: bool,
 }
 
 impl Owner {
@@ -59,6 +67,7 @@ impl Owner {
             effects: 0,
             finished: false,
             last_write: 0,
+            claimable: false,
         }
     }
 
@@ -109,6 +118,8 @@ pub struct Execution {
     state: tokio::sync::Mutex<ExecState>,
     /// Cancelled when the execution is found to belong to someone else.
     lost: CancellationToken,
+    /// The region lease its writes need, when it is claimable.
+    fence: Option<RegionLease>,
 }
 
 struct ExecState {
@@ -125,6 +136,9 @@ struct ExecState {
 /// first attempt is remembered: a run that abandons more failed writes than this (a handler
 /// that never retries them) before retrying an older one could apply that one twice.
 const MAX_UNCERTAIN: usize = 64;
+
+/// How often a claimable execution without its region lease looks again.
+const LEASE_POLL: Duration = Duration::from_millis(250);
 
 impl ExecState {
     fn new(owner: Owner, revision: u64) -> ExecState {
@@ -195,10 +209,24 @@ impl Execution {
         owner: Owner,
         batch: Batch,
     ) -> StoreResult<(Arc<Execution>, Commit)> {
+        Execution::open_leased(store, key, owner, batch, None).await
+    }
+
+    /// Like [`Execution::open`], for a node of a region with a region lease: the execution
+    /// is claimable by other regions when the lease holds now, and then each of its writes
+    /// needs the lease.
+    pub async fn open_leased(
+        store: Arc<dyn Store>,
+        key: &str,
+        mut owner: Owner,
+        batch: Batch,
+        lease: Option<&RegionLease>,
+    ) -> StoreResult<(Arc<Execution>, Commit)> {
+        owner.claimable = lease.is_some_and(RegionLease::holds);
         let n = batch.ops.len();
         let full = batch.put_if(OWNERS_NS, key, owner.encode(), Expect::Absent);
         let commit = store.commit(full).await?;
-        Execution::started(store, key.to_owned(), owner, commit, n)
+        Execution::started(store, key.to_owned(), owner, commit, n, lease)
     }
 
     /// The execution that `commit` (a batch of `n` operations and then the ownership record
@@ -209,14 +237,17 @@ impl Execution {
         owner: Owner,
         mut commit: Commit,
         n: usize,
+        lease: Option<&RegionLease>,
     ) -> StoreResult<(Arc<Execution>, Commit)> {
         let revision = revision_of(&commit, n)?;
         commit.outcomes.truncate(n);
+        let fence = lease.filter(|_| owner.claimable).cloned();
         let execution = Execution {
             store,
             key,
             state: tokio::sync::Mutex::new(ExecState::new(owner, revision)),
             lost: CancellationToken::new(),
+            fence,
         };
         Ok((Arc::new(execution), commit))
     }
@@ -273,6 +304,9 @@ impl Execution {
             return Ok(Landed::Earlier);
         }
         let id = known.unwrap_or_else(|| haven_state::ids::random_u64().max(1));
+        if let Some(lease) = &self.fence {
+            self.await_lease(lease, &state).await?;
+        }
         for _ in 0..8 {
             let mut next = state.owner.clone();
             next.writes += 1;
@@ -381,6 +415,38 @@ impl Execution {
         }
     }
 
+    /// Waits until this node's region lease holds (a claimable execution writes nothing
+    /// without it: another region may be taking it over), or the execution is found lost.
+    async fn await_lease(&self, lease: &RegionLease, state: &ExecState) -> Result<(), FenceError> {
+        let mut logged = false;
+        while !lease.holds() {
+            if !logged {
+                tracing::warn!(execution = %self.key, "this region's lease has lapsed (it does not hear a majority of regions): the execution's writes wait for it");
+                logged = true;
+            }
+            match current(&*self.store, &self.key).await {
+                Ok(Some((cur, _))) if cur.same_run(&state.owner) => {}
+                Ok(Some((cur, _))) => {
+                    self.lost.cancel();
+                    return Err(self.fenced(&cur));
+                }
+                Ok(None) => {
+                    self.lost.cancel();
+                    return Err(FenceError::Fenced {
+                        key: self.key.clone(),
+                        by: "the execution was ended elsewhere (settled)".into(),
+                    });
+                }
+                Err(_) => {}
+            }
+            tokio::time::sleep(LEASE_POLL).await;
+        }
+        if logged {
+            tracing::info!(execution = %self.key, "this region's lease holds again: the execution's writes go on");
+        }
+        Ok(())
+    }
+
     /// Whether the record's tombstone was written by this node.
     async fn ended_by_this_node(&self) -> StoreResult<bool> {
         let raw = self.store.get_raw(OWNERS_NS, &self.key).await?;
@@ -429,6 +495,12 @@ pub enum ClaimError {
     /// Someone else changed the record first (another node took over, or the owner wrote).
     #[error("the execution {0} is no longer the dead owner's")]
     Lost(String),
+    /// The execution may be taken over by another region, and this node does not hold its
+    /// region lease now: it may be being taken over there. Try again later.
+    #[error(
+        "the execution {0} may be taken over by another region and this region's lease does not hold now"
+    )]
+    NoLease(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -453,14 +525,28 @@ impl Claim {
         }))
     }
 
-    /// Takes the execution over for this node (epoch + 1), committing `batch` with it.
+    /// Refuses a claim of claimable work while this node's region lease does not hold.
+    fn check_lease(&self, lease: Option<&RegionLease>) -> Result<(), ClaimError> {
+        match lease {
+            Some(l) if self.dead.claimable && !l.holds() => {
+                Err(ClaimError::NoLease(self.key.clone()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Takes the execution over for this node (epoch + 1), committing `batch` with it. With
+    /// a region lease, the new run is claimable when the lease holds; a claimable
+    /// execution is taken only while it holds.
     pub async fn take(
         self,
         store: Arc<dyn Store>,
         node: &str,
         boot: &str,
         batch: Batch,
+        lease: Option<&RegionLease>,
     ) -> Result<(Arc<Execution>, Commit), ClaimError> {
+        self.check_lease(lease)?;
         let owner = Owner {
             node: node.to_owned(),
             boot: boot.to_owned(),
@@ -469,6 +555,7 @@ impl Claim {
             effects: self.dead.effects,
             finished: false,
             last_write: 0,
+            claimable: lease.is_some_and(RegionLease::holds),
         };
         let n = batch.ops.len();
         let full = batch.put_if(
@@ -478,15 +565,24 @@ impl Claim {
             Expect::Revision(self.revision),
         );
         match store.commit(full).await {
-            Ok(commit) => Ok(Execution::started(store, self.key, owner, commit, n)?),
+            Ok(commit) => Ok(Execution::started(
+                store, self.key, owner, commit, n, lease,
+            )?),
             Err(StoreError::Conflict { .. }) => Err(ClaimError::Lost(self.key)),
             Err(e) => Err(e.into()),
         }
     }
 
     /// Settles the execution without running it again: commits `batch` (its final answer)
-    /// with the ownership record deleted, if it still names the dead owner.
-    pub async fn settle(self, store: &dyn Store, batch: Batch) -> Result<Commit, ClaimError> {
+    /// with the ownership record deleted, if it still names the dead owner. A claimable
+    /// execution is settled only while `lease` holds.
+    pub async fn settle(
+        self,
+        store: &dyn Store,
+        batch: Batch,
+        lease: Option<&RegionLease>,
+    ) -> Result<Commit, ClaimError> {
+        self.check_lease(lease)?;
         let n = batch.ops.len();
         let full = batch.delete_if(OWNERS_NS, &self.key, Expect::Revision(self.revision));
         match store.commit(full).await {

@@ -34,6 +34,36 @@ use sha2::Digest;
 
 use crate::lease::{Holding, Lease};
 use crate::membership::{NODES_NS, NodeInfo};
+use crate::takeover::{
+    Driver, Echo, RegionLease, Takeover, TakeoverHandler, read_echo, takeovers_of,
+};
+
+/// The takeovers held here and this node's lease (`Regions::takeovers`).
+#[derive(Clone, Debug, Serialize)]
+pub struct TakeoverStatus {
+    /// How long this node's region lease holds from now (`None`: it does not, or fewer than
+    /// three regions).
+    pub lease_remaining_seconds: Option<f64>,
+    /// Whether claimable work may be written now (`None`: fewer than three regions).
+    pub lease_holds: Option<bool>,
+    /// Every takeover record held here.
+    pub takeovers: Vec<TakeoverView>,
+    /// This region's echo of each other region (how far it applied it; frozen for a
+    /// takeover).
+    pub echoes: BTreeMap<String, Echo>,
+}
+
+/// One takeover record.
+#[derive(Clone, Debug, Serialize)]
+pub struct TakeoverView {
+    /// The region whose work is taken.
+    pub source: String,
+    /// The region taking it.
+    pub claimer: String,
+    /// Where it stands.
+    #[serde(flatten)]
+    pub takeover: Takeover,
+}
 
 /// Namespace of records that stay in their region's log and are never applied elsewhere:
 /// replication cursors and leases, the backup lease and generation.
@@ -48,6 +78,9 @@ const STALL_CHECK: Duration = Duration::from_secs(2);
 
 /// How long a replicator's lease lives without renewal.
 const LEASE_TTL: Duration = Duration::from_secs(5);
+
+/// How often, at most, a replicator tells the other regions how far it has applied.
+const ECHO_EVERY: Duration = Duration::from_millis(250);
 
 /// Whether a change of the source region's log is the source's own and travels to others.
 pub fn replicates(change: &Change, source: &str) -> bool {
@@ -120,6 +153,8 @@ pub struct Replicator {
     remote: Arc<dyn SharedLog>,
     holder: String,
     state: Arc<RwLock<ReplicatorState>>,
+    /// When this node last wrote its region's echo of the source.
+    echoed: parking_lot::Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Replicator {
@@ -139,6 +174,24 @@ impl Replicator {
                 state: "starting".into(),
                 ..Default::default()
             })),
+            echoed: parking_lot::Mutex::new(None),
+        }
+    }
+
+    /// Tells every region how far this one has applied the source (at most every
+    /// [`ECHO_EVERY`], or at once with `now`); the source's nodes renew their region lease
+    /// from it (`crate::takeover`).
+    async fn echo(&self, seq: u64, now: bool) {
+        let due = self
+            .echoed
+            .lock()
+            .is_none_or(|at| at.elapsed() >= ECHO_EVERY);
+        if !(due || now) {
+            return;
+        }
+        *self.echoed.lock() = Some(tokio::time::Instant::now());
+        if let Err(e) = crate::takeover::write_echo(&*self.local, &self.source, seq).await {
+            tracing::debug!(source = %self.source, error = %e, "writing the echo failed");
         }
     }
 
@@ -225,6 +278,7 @@ impl Replicator {
                         Err(e) => return Err(format!("renewing the lease: {e}")),
                     }
                     self.note_progress(at.covered).await;
+                    self.echo(at.covered, true).await;
                     if !std::mem::take(&mut delivered) {
                         // Quiet: idle, or a delivery that stalled (a cut link leaves the
                         // consumer waiting): ask the source how far it is.
@@ -369,9 +423,12 @@ impl Replicator {
         at.revision = Some(commit.last_seq);
         at.saved = seq;
         at.covered = seq;
-        let mut s = self.state.write();
-        s.changes += n;
-        s.covered = seq;
+        {
+            let mut s = self.state.write();
+            s.changes += n;
+            s.covered = seq;
+        }
+        self.echo(seq, false).await;
         Ok(())
     }
 }
@@ -466,6 +523,8 @@ pub struct Regions {
     peers: Vec<Peer>,
     health: Arc<Health>,
     checker: tokio::task::JoinHandle<()>,
+    lease: RegionLease,
+    handler: Arc<std::sync::OnceLock<TakeoverHandler>>,
 }
 
 impl Drop for Regions {
@@ -650,11 +709,21 @@ impl Regions {
             config: parking_lot::Mutex::new(health),
             seen: Default::default(),
         });
+        let lease = RegionLease::new(peers.len() + 1);
+        let handler = Arc::new(std::sync::OnceLock::new());
+        let driver = Driver::new(
+            local.clone(),
+            node,
+            peers.iter().map(|p| p.name.clone()).collect(),
+            lease.clone(),
+            handler.clone(),
+        );
         let checker = tokio::spawn(check_health(
             local.clone(),
             name.clone(),
             peers.iter().map(|p| p.name.clone()).collect(),
             health.clone(),
+            driver,
         ));
         Regions {
             local,
@@ -662,12 +731,64 @@ impl Regions {
             peers,
             health,
             checker,
+            lease,
+            handler,
         }
     }
 
     /// This region's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// This node's region lease: with three regions or more, work opened while it holds
+    /// may be taken over by another region if this one fails, and is written only while it
+    /// holds (`crate::takeover`).
+    pub fn lease(&self) -> Option<RegionLease> {
+        (self.peers.len() >= 2).then(|| self.lease.clone())
+    }
+
+    /// Sets what claims a failed region's claimable work held here (the engine's
+    /// `take_over_region`). A node without one takes no part in takeovers (it neither
+    /// freezes nor claims); it still renews its lease.
+    pub fn set_takeover_handler(&self, handler: TakeoverHandler) {
+        let _ = self.handler.set(handler);
+    }
+
+    /// Every takeover record held here, by source region and claimer, and this region's
+    /// echo of each other region.
+    pub async fn takeovers(&self) -> Result<TakeoverStatus, StoreError> {
+        let mut takeovers = Vec::new();
+        let mut echoes = Vec::new();
+        for p in self
+            .peers
+            .iter()
+            .map(|p| p.name.clone())
+            .chain(std::iter::once(self.name.clone()))
+        {
+            for (claimer, (t, _)) in takeovers_of(&*self.local, &p).await? {
+                takeovers.push(TakeoverView {
+                    source: p.clone(),
+                    claimer,
+                    takeover: t,
+                });
+            }
+        }
+        for p in &self.peers {
+            echoes.push((
+                p.name.clone(),
+                read_echo(&*self.local, &self.name, &p.name).await,
+            ));
+        }
+        Ok(TakeoverStatus {
+            lease_remaining_seconds: self
+                .lease()
+                .and_then(|l| l.remaining())
+                .map(|d| d.as_secs_f64()),
+            lease_holds: self.lease().map(|l| l.holds()),
+            takeovers,
+            echoes: echoes.into_iter().collect(),
+        })
     }
 
     /// The roles record as held here.
@@ -892,6 +1013,7 @@ async fn check_health(
     name: String,
     peers: Vec<String>,
     health: Arc<Health>,
+    mut driver: Driver,
 ) {
     let mut published: Option<Verdict> = None;
     let mut last_check = tokio::time::Instant::now();
@@ -922,6 +1044,7 @@ async fn check_health(
                 silent.push(p.clone());
             }
         }
+        driver.step(&silent).await;
         if !deciding {
             continue;
         }

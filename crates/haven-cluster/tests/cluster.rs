@@ -184,8 +184,12 @@ async fn a_takeover_fences_the_old_owner_and_only_one_claim_wins() {
     let claim_b = Claim::read(&*b.store, "s/x/1").await.unwrap().unwrap();
     let claim_c = Claim::read(&*c.store, "s/x/1").await.unwrap().unwrap();
     let (rb, rc) = tokio::join!(
-        claim_b.take(b.store.clone(), "b", "b-boot", Batch::new()),
-        claim_c.settle(&*c.store, Batch::new().append("st", b"settled".to_vec())),
+        claim_b.take(b.store.clone(), "b", "b-boot", Batch::new(), None),
+        claim_c.settle(
+            &*c.store,
+            Batch::new().append("st", b"settled".to_vec()),
+            None
+        ),
     );
     let winners = usize::from(rb.is_ok()) + usize::from(rc.is_ok());
     assert_eq!(winners, 1, "{rb:?} {rc:?}");

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use haven_cluster::regions::{HealthConfig, LOCAL_NS, Regions, replicates, state_digest};
+use haven_cluster::takeover::{LEASE_TERM, Stage, Takeover, takeovers_of};
 use haven_cluster::{Claim, Execution, Membership, MembershipConfig, Owner};
 use haven_state::{
     Batch, Change, HybridClock, LinkFaults, MemLog, Origin, SharedLog, Store, VirtualClock,
@@ -354,6 +355,11 @@ type Running = Vec<Option<(Regions, Vec<(usize, Arc<LinkFaults>)>)>>;
 
 /// Every region applies every other's log; returns each region's `Regions` and the links.
 fn mesh(all: &[&Region]) -> (Vec<Regions>, Links) {
+    mesh_with(all, 3)
+}
+
+/// [`mesh`], judging a region failed after `threshold` checks of 1 s.
+fn mesh_with(all: &[&Region], threshold: u32) -> (Vec<Regions>, Links) {
     let mut out = Vec::new();
     let mut links = Vec::new();
     for (t, to) in all.iter().enumerate() {
@@ -373,7 +379,7 @@ fn mesh(all: &[&Region]) -> (Vec<Regions>, Links) {
             peers,
             HealthConfig {
                 interval: Duration::from_secs(1),
-                threshold: 3,
+                threshold,
             },
         ));
     }
@@ -453,6 +459,267 @@ async fn one_side_of_a_split_never_fails_over_alone() {
     );
     let forced = rs[1].promote(true).await.unwrap();
     assert_eq!(forced.active.as_deref(), Some("B"));
+}
+
+/// Three regions whose nodes renew their region leases and claim, for a takeover, every
+/// claimable execution of the failed region held here (what the engine's
+/// `take_over_region` does, minus running the work again). A region is judged failed after
+/// one check of 1 s: sooner than its lease runs out, so that the claimer's wait is what
+/// keeps the claims after it.
+fn leased_mesh(all: &[&Region]) -> (Vec<Regions>, Links, Claims) {
+    let (rs, links) = mesh_with(all, 1);
+    let claims: Claims = Default::default();
+    for (r, region) in rs.iter().zip(all) {
+        let claims = claims.clone();
+        let lease = r.lease().expect("three regions lease");
+        region.membership.set_region_lease(lease.clone());
+        let store = region.store.clone();
+        let node = format!("{}-claimer", region.name);
+        r.set_takeover_handler(Arc::new(move |source: String| {
+            let (store, lease, node) = (store.clone(), lease.clone(), node.clone());
+            claims
+                .lock()
+                .push((node.clone(), tokio::time::Instant::now()));
+            Box::pin(async move {
+                let mut claimed = 0;
+                for rec in store
+                    .scan_all("owners", "")
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
+                    let owner = Owner::decode(rec.value()).unwrap();
+                    if *rec.record.version.origin.region != *source || !owner.claimable {
+                        continue;
+                    }
+                    let claim = Claim {
+                        key: rec.record.key.clone(),
+                        dead: owner,
+                        revision: rec.revision,
+                    };
+                    claim
+                        .take(store.clone(), &node, "boot", Batch::new(), Some(&lease))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    claimed += 1;
+                }
+                Ok(claimed)
+            })
+        }));
+    }
+    (rs, links, claims)
+}
+
+/// When each region's takeover handler ran: (claiming node, instant).
+type Claims = Arc<parking_lot::Mutex<Vec<(String, tokio::time::Instant)>>>;
+
+/// The takeover record of `source` by `claimer` held in `store`.
+async fn takeover(store: &dyn Store, source: &str, claimer: &str) -> Option<Takeover> {
+    takeovers_of(store, source)
+        .await
+        .unwrap()
+        .remove(claimer)
+        .map(|(t, _)| t)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_regions_claimable_work_is_taken_over_only_after_its_lease_ran_out() {
+    let a = region("A", "a1").await;
+    let b = region("B", "b1").await;
+    let c = region("C", "c1").await;
+    let (rs, links, claims) = leased_mesh(&[&a, &b, &c]);
+    let all = [&a, &b, &c];
+    run_for(5, &all).await;
+    let lease_a = rs[0].lease().unwrap();
+    assert!(lease_a.holds(), "{lease_a:?}");
+
+    // A opens an execution while it holds its lease (claimable), and it replicates.
+    let (exec, _) = Execution::open_leased(
+        a.store.clone(),
+        "s/x/1",
+        Owner::new("a1", "a1-boot"),
+        Batch::new(),
+        Some(&lease_a),
+    )
+    .await
+    .unwrap();
+    assert!(exec.owner().await.claimable);
+    run_for(2, &all).await;
+    assert!(b.store.get("owners", "s/x/1").await.unwrap().is_some());
+
+    // A is cut off from both others. Its lease lapses; a write of the execution waits.
+    isolate(&links, 0, true);
+    let writer = {
+        let exec = exec.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            exec.commit(Batch::new().append("sse/x", b"late".to_vec()), false)
+                .await
+        })
+    };
+    // Work A opens without its lease is not claimable, and writes without waiting.
+    let mut unclaimable = None;
+    let mut decided_at = None;
+    // The latest instant A's lease ever held until after the cut, and when C's echo of A
+    // was first seen frozen (to the second).
+    let mut until = tokio::time::Instant::now();
+    let mut c_froze = None;
+    for second in 0..30 {
+        if let Some(r) = lease_a.remaining() {
+            until = until.max(tokio::time::Instant::now() + r);
+        }
+        run_for(1, &all).await;
+        if c_froze.is_none()
+            && rs[2].takeovers().await.unwrap().echoes["A"]
+                .frozen
+                .is_some()
+        {
+            c_froze = Some(tokio::time::Instant::now());
+        }
+        if unclaimable.is_none() && !lease_a.holds() {
+            let (e, _) = Execution::open_leased(
+                a.store.clone(),
+                "s/x/2",
+                Owner::new("a1", "a1-boot"),
+                Batch::new(),
+                Some(&lease_a),
+            )
+            .await
+            .unwrap();
+            assert!(!e.owner().await.claimable);
+            e.commit(Batch::new().append("sse/x2", b"on".to_vec()), false)
+                .await
+                .unwrap();
+            unclaimable = Some(e);
+        }
+        if let Some(t) = takeover(&*b.store, "A", "B").await
+            && t.stage != Stage::Intent
+        {
+            decided_at = Some(second);
+            break;
+        }
+    }
+    let decided_at = decided_at.expect("B decided the takeover");
+    assert!(!writer.is_finished(), "A's write waits for its lease");
+    run_for(3, &all).await;
+    // Only B claimed, once, and only after A's lease had run out (A stopped starting
+    // claimable writes HOLD_MARGIN before that).
+    let claimed = claims.lock().clone();
+    assert_eq!(claimed.len(), 1, "{claimed:?}");
+    assert_eq!(claimed[0].0, "B-claimer");
+    assert!(
+        claimed[0].1 >= until,
+        "B claimed {:?} before A's lease ran out",
+        until - claimed[0].1
+    );
+    // Whatever A's lease was: any echo of C that renewed it was written before C froze, so
+    // B claims a full lease term after that.
+    let c_froze = c_froze.expect("C froze its echo of A");
+    assert!(
+        claimed[0].1 + Duration::from_secs(1) >= c_froze + LEASE_TERM,
+        "B claimed {:?} after C froze",
+        claimed[0].1 + Duration::from_secs(1) - c_froze
+    );
+    let t = takeover(&*b.store, "A", "B").await.unwrap();
+    assert_eq!((t.stage, t.claimed), (Stage::Done, 1), "{t:?}");
+    assert!(t.done_seq > 0);
+    let owner = Owner::decode(
+        b.store
+            .get("owners", "s/x/1")
+            .await
+            .unwrap()
+            .unwrap()
+            .value(),
+    )
+    .unwrap();
+    assert_eq!((owner.node.as_str(), owner.epoch), ("B-claimer", 2));
+    // C froze its echo of A for B, and both stay frozen while A cannot have applied it.
+    for r in [&rs[1], &rs[2]] {
+        let status = r.takeovers().await.unwrap();
+        assert!(status.echoes["A"].frozen.is_some(), "{status:?}");
+    }
+    println!("B decided {decided_at} s after the cut");
+
+    // A returns: it applies B's claim, so its waiting write finds the execution taken and
+    // changes nothing; the freezes are released once A has applied B's log up to the
+    // claims, and A's lease holds again.
+    isolate(&links, 0, false);
+    run_for(8, &all).await;
+    let late = writer.await.unwrap();
+    assert!(late.is_err(), "{late:?}");
+    assert!(
+        a.store
+            .read_events("sse/x", 0, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    for r in [&rs[1], &rs[2]] {
+        let status = r.takeovers().await.unwrap();
+        assert_eq!(status.echoes["A"].frozen, None, "{status:?}");
+    }
+    assert!(lease_a.holds(), "{lease_a:?}");
+    // The unclaimable execution is still A's, and goes on.
+    let e = unclaimable.unwrap();
+    e.commit(Batch::new().append("sse/x2", b"after".to_vec()), false)
+        .await
+        .unwrap();
+    run_for(3, &all).await;
+    let (da, _) = state_digest(&*a.store).await.unwrap();
+    for r in [&b, &c] {
+        assert_eq!(state_digest(&*r.store).await.unwrap().0, da);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_region_heard_again_before_the_decision_keeps_its_work() {
+    let a = region("A", "a1").await;
+    let b = region("B", "b1").await;
+    let c = region("C", "c1").await;
+    let (rs, links, claims) = leased_mesh(&[&a, &b, &c]);
+    let all = [&a, &b, &c];
+    run_for(5, &all).await;
+    let lease_a = rs[0].lease().unwrap();
+    let (exec, _) = Execution::open_leased(
+        a.store.clone(),
+        "s/y/1",
+        Owner::new("a1", "a1-boot"),
+        Batch::new(),
+        Some(&lease_a),
+    )
+    .await
+    .unwrap();
+    run_for(2, &all).await;
+    // Cut long enough to be judged silent and frozen, not long enough for a decision.
+    isolate(&links, 0, true);
+    let mut froze = false;
+    for _ in 0..8 {
+        run_for(1, &all).await;
+        if takeover(&*b.store, "A", "B")
+            .await
+            .is_some_and(|t| t.stage == Stage::Intent)
+            && rs[2].takeovers().await.unwrap().echoes["A"]
+                .frozen
+                .is_some()
+        {
+            froze = true;
+            break;
+        }
+    }
+    assert!(froze, "B intended and C froze");
+    isolate(&links, 0, false);
+    run_for(6, &all).await;
+    let t = takeover(&*b.store, "A", "B").await.unwrap();
+    assert_eq!(t.stage, Stage::Aborted, "{t:?}");
+    assert!(claims.lock().is_empty());
+    for r in [&rs[1], &rs[2]] {
+        assert_eq!(r.takeovers().await.unwrap().echoes["A"].frozen, None);
+    }
+    // A's execution was never claimed, and writes again.
+    assert!(lease_a.holds());
+    exec.commit(Batch::new().append("sse/y", b"on".to_vec()), false)
+        .await
+        .unwrap();
+    assert_eq!(exec.owner().await.epoch, 1);
 }
 
 /// One randomized history of three regions: rounds of writes (puts and deletes, to shared

@@ -331,7 +331,7 @@ async fn region_takeover(
             ),
         );
     }
-    match admin.engine.take_over_region(&q.region).await {
+    match admin.engine.take_over_region(&q.region, false).await {
         Ok(taken) => Json(json!({ "region": q.region, "taken": taken })).into_response(),
         Err(e) => error(
             StatusCode::SERVICE_UNAVAILABLE,

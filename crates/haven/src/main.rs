@@ -270,8 +270,10 @@ async fn start_engine(
         .map(|r: Arc<haven_cluster::regions::Regions>| {
             haven_mcp::engine::RecoveryGate(Arc::new(move || r.heard_all()))
         });
+    let region_lease = regions.as_ref().and_then(|r| r.lease());
     let engine_config = EngineConfig {
         recovery_gate,
+        region_lease,
         node_id: node,
         legacy_responses: s.legacy_responses,
         session_ttl: std::time::Duration::from_secs(s.session_ttl_secs),
@@ -282,6 +284,19 @@ async fn start_engine(
     let engine = Engine::start(store.clone(), catalog, engine_config, secrets.clone())
         .await
         .context("starting the protocol engine")?;
+    if let Some(r) = &regions {
+        // A failed region's claimable work is claimed here once its lease has run out.
+        let engine = engine.clone();
+        r.set_takeover_handler(Arc::new(move |region: String| {
+            let engine = engine.clone();
+            Box::pin(async move {
+                engine
+                    .take_over_region(&region, true)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        }));
+    }
     let in_force = Arc::new(parking_lot::RwLock::new(config.current()));
     let control = control::Control {
         config,

@@ -405,6 +405,7 @@ async fn open_stream(
     let store = inner.store.clone();
     let batch = stream::open_batch(&inflight, &events);
     let owner = haven_cluster::Owner::new(&inner.config.node_id, &inner.config.boot_id);
+    let lease = inner.config.region_lease.clone();
     let opened = if finished {
         // Complete at once: nothing runs on, so nothing needs an owner.
         store.commit(batch).await.map(|_| None)
@@ -412,7 +413,7 @@ async fn open_stream(
         fence
             .attach(|effects| async move {
                 let owner = haven_cluster::Owner { effects, ..owner };
-                haven_cluster::Execution::open(store, &key, owner, batch)
+                haven_cluster::Execution::open_leased(store, &key, owner, batch, lease.as_ref())
                     .await
                     .map(|(execution, _)| (execution.clone(), Some(execution)))
             })

@@ -103,6 +103,10 @@ pub struct EngineConfig {
     /// recovery (`None`: always). A multi-region node waits until it has applied every other
     /// region's log once, so that a takeover another region made meanwhile is seen first.
     pub recovery_gate: Option<RecoveryGate>,
+    /// This node's region lease (three regions or more): executions opened while it holds
+    /// may be taken over by another region, and write only while it holds
+    /// (`haven_cluster::takeover`).
+    pub region_lease: Option<haven_cluster::RegionLease>,
 }
 
 /// See [`EngineConfig::recovery_gate`].
@@ -136,6 +140,7 @@ impl Default for EngineConfig {
             max_clock_skew: Duration::from_millis(500),
             drain_retry_millis: 250,
             recovery_gate: None,
+            region_lease: None,
         }
     }
 }
@@ -297,6 +302,9 @@ impl Engine {
                 max_skew: config.max_clock_skew,
             },
         );
+        if let Some(lease) = &config.region_lease {
+            membership.set_region_lease(lease.clone());
+        }
         let inner = Arc::new(Inner {
             store,
             catalog,
@@ -343,8 +351,16 @@ impl Engine {
     /// by this node as if its owner were a dead node of this region (an idempotent tool call
     /// runs again, any other request ends with the "interrupted" error, tasks are adopted),
     /// under epoch + 1. Returns how many executions were taken.
-    pub async fn take_over_region(&self, region: &str) -> Result<usize, haven_state::StoreError> {
-        recovery::take_over_region(&self.inner, region).await
+    ///
+    /// `claimable_only`: only the executions another region may take over (opened while
+    /// their node held its region lease), and no standalone streams — what an automatic
+    /// takeover claims once that region's lease has run out (`haven_cluster::takeover`).
+    pub async fn take_over_region(
+        &self,
+        region: &str,
+        claimable_only: bool,
+    ) -> Result<usize, haven_state::StoreError> {
+        recovery::take_over_region(&self.inner, region, claimable_only).await
     }
 
     /// The engine's settings.

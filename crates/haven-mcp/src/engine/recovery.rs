@@ -127,7 +127,13 @@ async fn take_over_stream(inner: &Arc<Inner>, claim: Claim, session: &str, strea
     let Some(rec) = rec else {
         // The request's final answer is stored but its ownership record was not closed (an
         // older version wrote no ownership records): close it.
-        let _ = claim.settle(&*inner.store, Batch::new()).await;
+        let _ = claim
+            .settle(
+                &*inner.store,
+                Batch::new(),
+                inner.config.region_lease.as_ref(),
+            )
+            .await;
         return;
     };
     let another_node = claim.dead.node != inner.config.node_id;
@@ -139,7 +145,10 @@ async fn take_over_stream(inner: &Arc<Inner>, claim: Claim, session: &str, strea
     let msg = jsonrpc::error_response(request_id(&rec).as_ref(), &interrupted_error(changed));
     let batch = stream::append_batch(session, stream_id, &[(msg, true)]);
     let dead = claim.dead.clone();
-    match claim.settle(&*inner.store, batch).await {
+    match claim
+        .settle(&*inner.store, batch, inner.config.region_lease.as_ref())
+        .await
+    {
         Ok(_) => tracing::info!(
             session, stream = stream_id, method = %rec.method, dead_node = %dead.node,
             epoch = dead.epoch, "ended the stream of an interrupted request"
@@ -161,6 +170,7 @@ async fn rerun(inner: &Arc<Inner>, claim: Claim, call: Call, tool: &str, rec: &I
             &inner.config.node_id,
             &inner.config.boot_id,
             Batch::new(),
+            inner.config.region_lease.as_ref(),
         )
         .await;
     let execution = match taken {
@@ -298,6 +308,7 @@ fn recovery_open(inner: &Inner) -> bool {
 pub(crate) async fn take_over_region(
     inner: &Arc<Inner>,
     region: &str,
+    claimable_only: bool,
 ) -> Result<usize, StoreError> {
     let mut taken = 0usize;
     for r in inner.store.scan_all(OWNERS_NS, "").await? {
@@ -307,7 +318,7 @@ pub(crate) async fn take_over_region(
         let Some(owner) = Owner::decode(r.value()) else {
             continue;
         };
-        if owner.finished {
+        if owner.finished || (claimable_only && !owner.claimable) {
             continue;
         }
         let claim = Claim {
@@ -317,6 +328,14 @@ pub(crate) async fn take_over_region(
         };
         take_over(inner, claim).await;
         taken += 1;
+    }
+    if claimable_only {
+        tracing::warn!(
+            region,
+            taken,
+            "took over the claimable work of a failed region"
+        );
+        return Ok(taken);
     }
     // Its standalone GET streams end too (their in-flight records only).
     for r in inner.store.scan_all(INFLIGHT_NS, "").await? {

@@ -347,6 +347,7 @@ async fn create(
     let key = owner_key(&rec.task_id);
     inner.executions.begin(&key);
     let owner = haven_cluster::Owner::new(&inner.config.node_id, &inner.config.boot_id);
+    let lease = inner.config.region_lease.clone();
     let store = inner.store.clone();
     let batch = create_batch(rec);
     let opened = match fence {
@@ -354,13 +355,13 @@ async fn create(
             f.attach(|effects| async move {
                 let mut owner = owner;
                 owner.effects = effects;
-                haven_cluster::Execution::open(store, &key, owner, batch)
+                haven_cluster::Execution::open_leased(store, &key, owner, batch, lease.as_ref())
                     .await
                     .map(|(e, _)| (e.clone(), e))
             })
             .await
         }
-        None => haven_cluster::Execution::open(store, &key, owner, batch)
+        None => haven_cluster::Execution::open_leased(store, &key, owner, batch, lease.as_ref())
             .await
             .map(|(e, _)| e),
     };
@@ -1024,7 +1025,13 @@ pub(crate) async fn adopt(inner: &Arc<Inner>, claim: haven_cluster::Claim, task_
         Ok(Some(r)) => r,
         Ok(None) => {
             // The task expired or never got stored: close its run.
-            let _ = claim.settle(&*inner.store, Batch::new()).await;
+            let _ = claim
+                .settle(
+                    &*inner.store,
+                    Batch::new(),
+                    inner.config.region_lease.as_ref(),
+                )
+                .await;
             return;
         }
         Err(e) => {
@@ -1034,7 +1041,13 @@ pub(crate) async fn adopt(inner: &Arc<Inner>, claim: haven_cluster::Claim, task_
     };
     let me = (&inner.config.node_id, &inner.config.boot_id);
     if is_terminal(rec.status) {
-        let _ = claim.settle(&*inner.store, Batch::new()).await;
+        let _ = claim
+            .settle(
+                &*inner.store,
+                Batch::new(),
+                inner.config.region_lease.as_ref(),
+            )
+            .await;
         return;
     }
     let resumable = rec.status == TaskStatus::InputRequired || rec.idempotent;
@@ -1061,7 +1074,10 @@ pub(crate) async fn adopt(inner: &Arc<Inner>, claim: haven_cluster::Claim, task_
         *ttl_millis = Some(remaining_ttl(inner, &next));
     }
     if !resumable {
-        match claim.settle(&*inner.store, batch).await {
+        match claim
+            .settle(&*inner.store, batch, inner.config.region_lease.as_ref())
+            .await
+        {
             Ok(_) => tracing::info!(task = task_id, "failed an interrupted task"),
             Err(haven_cluster::ClaimError::Lost(_)) => {}
             Err(e) => {
@@ -1072,7 +1088,16 @@ pub(crate) async fn adopt(inner: &Arc<Inner>, claim: haven_cluster::Claim, task_
     }
     let key = claim.key.clone();
     inner.executions.begin(&key);
-    let execution = match claim.take(inner.store.clone(), me.0, me.1, batch).await {
+    let execution = match claim
+        .take(
+            inner.store.clone(),
+            me.0,
+            me.1,
+            batch,
+            inner.config.region_lease.as_ref(),
+        )
+        .await
+    {
         Ok((e, _)) => e,
         Err(e) => {
             inner.executions.end(&key);
