@@ -224,6 +224,11 @@ async fn regions(State(admin): State<Arc<Admin>>, Query(q): Query<RegionsQuery>)
             .unwrap_or_default(),
         "peers": peers,
     });
+    if let Some(r) = &admin.control.regions
+        && let Ok(t) = r.takeovers().await
+    {
+        out["takeover"] = json!(t);
+    }
     if q.digest {
         match haven_cluster::regions::state_digest(&**e.store()).await {
             Ok((sha256, items)) => out["digest"] = json!({ "sha256": sha256, "items": items }),

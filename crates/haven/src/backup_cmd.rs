@@ -215,6 +215,7 @@ pub async fn region_status(a: crate::settings::RegionStatusArgs) -> Result<ExitC
             }
         }
     }
+    print_takeovers(&v["takeover"]);
     if let Some(d) = v.get("digest") {
         println!();
         println!(
@@ -224,6 +225,41 @@ pub async fn region_status(a: crate::settings::RegionStatusArgs) -> Result<ExitC
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The region lease of the asked node and the automatic takeovers held there.
+fn print_takeovers(t: &serde_json::Value) {
+    match t["lease_holds"].as_bool() {
+        None => return,
+        Some(true) => println!(
+            "Region lease: holds ({:.1} s left): work started now may be taken over by another region if this one fails",
+            t["lease_remaining_seconds"].as_f64().unwrap_or(0.0)
+        ),
+        Some(false) => println!(
+            "Region lease: LAPSED (a majority of regions has not echoed this region lately): work started now stays this region's; work that others may take over waits"
+        ),
+    }
+    for (region, echo) in t["echoes"].as_object().cloned().unwrap_or_default() {
+        if let Some(f) = echo["frozen"].as_object() {
+            println!(
+                "  frozen: this region no longer echoes {region} (for {}'s takeover, round {})",
+                f.get("claimer").and_then(|c| c.as_str()).unwrap_or("?"),
+                f.get("round").cloned().unwrap_or_default()
+            );
+        }
+    }
+    for x in t["takeovers"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "  takeover of {} by {}, round {}: {} — {} ({} claimed) at {}",
+            x["source"].as_str().unwrap_or("?"),
+            x["claimer"].as_str().unwrap_or("?"),
+            x["round"],
+            x["stage"].as_str().unwrap_or("?"),
+            x["reason"].as_str().unwrap_or(""),
+            x["claimed"],
+            fmt_millis(x["at_millis"].as_u64().unwrap_or(0))
+        );
+    }
 }
 
 fn print_nodes(nodes: &serde_json::Value) {

@@ -1130,3 +1130,270 @@ async fn an_operator_takes_over_a_lost_regions_running_work_and_each_request_end
         .await;
     assert_eq!(v["result"]["status"], "completed", "{v}");
 }
+
+/// Three regions through the hub, region A's leafnode through a link the test cuts: what A is
+/// running when it is cut off is taken over by B without an operator, once A's lease has run
+/// out; A, alive all along, stops writing that work, and after the heal every request has
+/// exactly one final answer in every region.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_regions_running_work_is_taken_over_without_an_operator_and_ends_once() {
+    let _one = ONE_REGION_AT_A_TIME.lock().await;
+    let hub = NatsCluster::start_hub().await;
+    let leaf = hub.leaf_port.unwrap();
+    let link = Link::start(leaf).await;
+    let nats_a = NatsCluster::start_region("A", &[link.port]).await;
+    let nats_b = NatsCluster::start_region("B", &[leaf]).await;
+    let nats_c = NatsCluster::start_region("C", &[leaf]).await;
+    let dirs = tempfile::tempdir().unwrap();
+    let port = common::free_port;
+    let a = node_at(&nats_a, &dirs.path().join("A"), port(), "A", "B,C").await;
+    let b = node_at(&nats_b, &dirs.path().join("B"), port(), "B", "A,C").await;
+    let c = node_at(&nats_c, &dirs.path().join("C"), port(), "C", "A,B").await;
+    let leased = wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || async { lease_holds(&a).await == Some(true) },
+    )
+    .await;
+    assert!(leased, "{}", regions(&a, false).await);
+
+    // Running in A when it is cut off: two long legacy calls on their streams, and a task of
+    // each form. All were started under A's lease, so another region may take them over.
+    let http = reqwest::Client::new();
+    let mut calls = Vec::new();
+    for i in 0..2i64 {
+        let client = Legacy::connect(&a.url()).await;
+        let id = 10 + i;
+        let resp = client
+            .post_raw(json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"sleep","arguments":{"seconds":8},"_meta":{"progressToken":format!("cut-{i}")}}}))
+            .await;
+        let mut sse = common::SseReader::new(resp);
+        let _priming = sse.next().await.unwrap();
+        let first = sse.next().await.unwrap();
+        calls.push((client, id, first, sse));
+    }
+    let legacy = Legacy::connect(&a.url()).await;
+    let created = legacy
+        .request(
+            20,
+            "tools/call",
+            json!({"name":"sleep","arguments":{"seconds":8},"task":{"ttl":600000}}),
+        )
+        .await;
+    let legacy_task = created["result"]["task"]["taskId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let tasks_caps = json!({"extensions":{"io.modelcontextprotocol/tasks":{}}});
+    let created: Value = common::stateless(
+        &http,
+        &a.url(),
+        21,
+        "tools/call",
+        json!({"name":"sleep","arguments":{"seconds":8}}),
+        tasks_caps.clone(),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let ext_task = created["result"]["taskId"].as_str().unwrap().to_owned();
+    // Until B holds A's calls up to the events their clients saw.
+    let crossed = wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async {
+            let mut all = true;
+            for (client, _, first, _) in &calls {
+                let resp = client
+                    .with_url(&b.url())
+                    .resume(first.id.as_deref().unwrap())
+                    .await;
+                all &= resp.status() == 200;
+            }
+            all
+        },
+    )
+    .await;
+    assert!(crossed, "A's streams never reached B");
+
+    link.cut();
+    let cut = Instant::now();
+    // A, cut off from both others, loses its lease: its running work waits.
+    let lapsed = wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        || async { lease_holds(&a).await == Some(false) },
+    )
+    .await;
+    assert!(lapsed, "{}", regions(&a, false).await);
+    eprintln!("A's lease lapsed {:?} after the cut", cut.elapsed());
+    // B and C find A silent and freeze it; B (first by name) decides once A's lease has run
+    // out, and claims A's work: it runs the idempotent calls again and adopts the tasks.
+    let done = wait_until(
+        Duration::from_secs(90),
+        Duration::from_millis(250),
+        || async {
+            let v = regions(&b, false).await;
+            v["takeover"]["takeovers"].as_array().is_some_and(|t| {
+                t.iter()
+                    .any(|x| x["source"] == "A" && x["claimer"] == "B" && x["stage"] == "done")
+            })
+        },
+    )
+    .await;
+    assert!(
+        done,
+        "B never took over A's work: {}",
+        regions(&b, false).await
+    );
+    eprintln!("B took over A's work {:?} after the cut", cut.elapsed());
+    let status = regions(&b, false).await;
+    let t = status["takeover"]["takeovers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["source"] == "A")
+        .unwrap()
+        .clone();
+    assert_eq!(t["claimed"], 4, "{t}");
+
+    // Each client resumes in B and gets one final result.
+    for (client, id, first, _) in &calls {
+        let resp = client
+            .with_url(&b.url())
+            .resume(first.id.as_deref().unwrap())
+            .await;
+        assert_eq!(resp.status(), 200);
+        let mut sse = common::SseReader::new(resp);
+        let (_, fin) = tokio::time::timeout(Duration::from_secs(60), until_final(&mut sse, *id))
+            .await
+            .expect("a taken-over call never ended in B");
+        assert!(fin.get("result").is_some(), "{fin}");
+    }
+    let in_b = legacy.with_url(&b.url());
+    let mut poll = 100;
+    let completed = wait_until(Duration::from_secs(60), Duration::from_millis(250), || {
+        poll += 1;
+        let (s, id, t) = (&in_b, poll, legacy_task.clone());
+        async move {
+            s.request(id, "tasks/get", json!({"taskId": t})).await["result"]["status"]
+                == "completed"
+        }
+    })
+    .await;
+    assert!(completed, "A's experimental task never completed in B");
+    let completed = wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || async {
+            let v: Value = common::stateless(
+                &http,
+                &b.url(),
+                300,
+                "tasks/get",
+                json!({"taskId": ext_task}),
+                tasks_caps.clone(),
+            )
+            .await
+            .json()
+            .await
+            .unwrap();
+            v["result"]["status"] == "completed"
+        },
+    )
+    .await;
+    assert!(completed, "A's extension task never completed in B");
+
+    // The clients' first streams, still open on A, never got a final answer from A: A's
+    // runs have been waiting for its lease since shortly after the cut.
+    for (_, id, _, sse) in &mut calls {
+        let mut from_a = Vec::new();
+        let read = async {
+            while let Some(e) = sse.next().await {
+                from_a.push(e.json());
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), read).await;
+        assert!(
+            !from_a.iter().any(|v| v["id"] == *id),
+            "A answered {id} while cut off: {from_a:?}"
+        );
+    }
+
+    // The link heals. A applies B's claims (its waiting runs find their work taken and stop),
+    // the freezes are released, A's lease holds again, and all three regions converge.
+    link.heal();
+    for (_, id, _, sse) in &mut calls {
+        let mut from_a = Vec::new();
+        let read = async {
+            while let Some(e) = sse.next().await {
+                from_a.push(e.json());
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+        assert!(
+            !from_a
+                .iter()
+                .any(|v| v["id"] == *id && v.get("result").is_none()),
+            "A's stopped run answered {id} with an error: {from_a:?}"
+        );
+    }
+    let back = wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || async { lease_holds(&a).await == Some(true) },
+    )
+    .await;
+    assert!(
+        back,
+        "A's lease never came back: {}",
+        regions(&a, false).await
+    );
+    let converged = wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        || async {
+            let mut digests = Vec::new();
+            for h in [&a, &b, &c] {
+                digests.push(regions(h, true).await["digest"]["sha256"].clone());
+            }
+            digests.iter().all(|d| *d == digests[0])
+        },
+    )
+    .await;
+    assert!(converged, "the three regions never converged");
+    // Every stream, read whole in every region, holds exactly one final answer: a result.
+    for h in [&a, &b, &c] {
+        for (client, id, first, _) in &calls {
+            let whole = client
+                .with_url(&h.url())
+                .resume(first.id.as_deref().unwrap())
+                .await;
+            let mut sse = common::SseReader::new(whole);
+            let mut finals = Vec::new();
+            let read = async {
+                while let Some(e) = sse.next().await {
+                    let v = e.json();
+                    if v["id"] == *id {
+                        finals.push(v);
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+            assert_eq!(finals.len(), 1, "port {}: {finals:?}", h.port);
+            assert!(finals[0].get("result").is_some(), "{finals:?}");
+        }
+        let v = legacy
+            .with_url(&h.url())
+            .request(400, "tasks/get", json!({"taskId": legacy_task}))
+            .await;
+        assert_eq!(v["result"]["status"], "completed", "{v}");
+    }
+    drop((calls, a, b, c, link, nats_a, nats_b, nats_c, hub));
+}
+
+/// Whether node `h`'s region lease holds (`None`: fewer than three regions).
+async fn lease_holds(h: &Haven) -> Option<bool> {
+    regions(h, false).await["takeover"]["lease_holds"].as_bool()
+}
