@@ -918,6 +918,49 @@ async fn three_regions_fail_over_by_majority_without_an_operator() {
     }
     let client = Legacy::connect(&lb.url()).await;
     put(&client, 1, "before", "v").await;
+    // A call and a task running in A when it is lost (started under A's lease).
+    let leased = wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || async { lease_holds(&a).await == Some(true) },
+    )
+    .await;
+    assert!(leased, "{}", regions(&a, false).await);
+    let caller = Legacy::connect(&lb.url()).await;
+    let resp = caller
+        .post_raw(json!({"jsonrpc":"2.0","id":50,"method":"tools/call","params":{"name":"sleep","arguments":{"seconds":8},"_meta":{"progressToken":"lost"}}}))
+        .await;
+    let mut sse = common::SseReader::new(resp);
+    let _priming = sse.next().await.unwrap();
+    let first = sse.next().await.unwrap();
+    let last_seen = first.id.clone().unwrap();
+    let created = caller
+        .request(
+            51,
+            "tools/call",
+            json!({"name":"sleep","arguments":{"seconds":8},"task":{"ttl":600000}}),
+        )
+        .await;
+    let task = created["result"]["task"]["taskId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let crossed = wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async {
+            caller.with_url(&b.url()).resume(&last_seen).await.status() == 200
+                && caller
+                    .with_url(&b.url())
+                    .request(52, "tasks/get", json!({"taskId": task}))
+                    .await
+                    .get("result")
+                    .is_some()
+        },
+    )
+    .await;
+    assert!(crossed, "A's call and task never reached B");
+    drop(sse);
 
     // Region A is lost. B and C each find it silent for 3 checks of 1 s, publish their
     // verdicts, and B (first by name of the majority) makes itself active; the load balancer
@@ -945,6 +988,30 @@ async fn three_regions_fail_over_by_majority_without_an_operator() {
     );
     // The session goes on (on B, through the load balancer) with what A had written.
     assert_eq!(note(&client, 2, "before").await.as_deref(), Some("v"));
+    // Once A's lease has run out, B takes over A's running work without an operator: the
+    // call resumed through the load balancer gets one final result, the task completes.
+    let resp = caller.resume(&last_seen).await;
+    assert_eq!(resp.status(), 200);
+    let mut resumed = common::SseReader::new(resp);
+    let (_, fin) = tokio::time::timeout(Duration::from_secs(90), until_final(&mut resumed, 50))
+        .await
+        .expect("the call running in the lost region never ended");
+    assert!(fin.get("result").is_some(), "{fin}");
+    eprintln!(
+        "the lost region's call ended in B {:?} after the loss",
+        lost.elapsed()
+    );
+    let mut poll = 60;
+    let completed = wait_until(Duration::from_secs(60), Duration::from_millis(250), || {
+        poll += 1;
+        let (s, id, t) = (&caller, poll, task.clone());
+        async move {
+            s.request(id, "tasks/get", json!({"taskId": t})).await["result"]["status"]
+                == "completed"
+        }
+    })
+    .await;
+    assert!(completed, "the lost region's task never completed in B");
 
     // A returns as a standby: it learns the newer roles and is not preferred.
     nats_a.restart(0).await;
@@ -958,6 +1025,35 @@ async fn three_regions_fail_over_by_majority_without_an_operator() {
     .await;
     assert!(standby, "{}", regions(&a, false).await);
     assert!(lb_settled_on(&lb, "B", Duration::from_secs(10)).await);
+    // A applied B's takeover before settling its own dead process's work: the stream, read
+    // whole in A, holds exactly one final answer, and the task is completed there.
+    let recovered = wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || async {
+            caller
+                .with_url(&a.url())
+                .request(70, "tasks/get", json!({"taskId": task}))
+                .await["result"]["status"]
+                == "completed"
+        },
+    )
+    .await;
+    assert!(recovered, "A never applied the task's end");
+    let whole = caller.with_url(&a.url()).resume(&last_seen).await;
+    let mut sse = common::SseReader::new(whole);
+    let mut finals = Vec::new();
+    let read = async {
+        while let Some(e) = sse.next().await {
+            let v = e.json();
+            if v["id"] == 50 {
+                finals.push(v);
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+    assert_eq!(finals.len(), 1, "{finals:?}");
+    assert!(finals[0].get("result").is_some(), "{finals:?}");
     drop((lb, a, b, c, nats_a, nats_b, nats_c, hub));
 }
 
