@@ -615,7 +615,9 @@ async fn bootstrap(haven: &Path, n: u64) -> anyhow::Result<()> {
 /// per loss, the time from the kill of the active region's processes until (a) a write
 /// through the load balancer succeeds (served by a standby), (b) a surviving region holds the
 /// roles record naming a new active region (detection and decision), and (c) the load
-/// balancer's `/regionz` answers from the new active region ten times in a row.
+/// balancer's `/regionz` answers from the new active region ten times in a row, and (d) a
+/// surviving region has taken over the lost region's claimable running work (its takeover
+/// record is done: silence, freezes by a majority, the wait for the lost region's lease).
 async fn three_regions(haven: &Path, losses: usize) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     std::process::Command::new(haven)
@@ -656,6 +658,7 @@ async fn three_regions(haven: &Path, losses: usize) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     let lb = Proxy::start_global(&ports, &ports).await;
     let (mut writes, mut decided, mut preferred) = (Vec::new(), Vec::new(), Vec::new());
+    let mut taken = Vec::new();
     let mut active = 0usize;
     admin(
         &client,
@@ -680,6 +683,13 @@ async fn three_regions(haven: &Path, losses: usize) -> anyhow::Result<()> {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let survivor = (active + 1) % 3;
+        let before = takeover_round(
+            &client,
+            nodes[survivor].as_ref().expect("up"),
+            names[active],
+        )
+        .await?;
         nodes[active] = None;
         nats[active].kill9(0);
         let killed = Instant::now();
@@ -687,7 +697,6 @@ async fn three_regions(haven: &Path, losses: usize) -> anyhow::Result<()> {
         let mut t_roles = None;
         let mut t_pref = None;
         let mut streak = 0;
-        let survivor = (active + 1) % 3;
         while t_pref.is_none() {
             if killed.elapsed() > Duration::from_secs(120) {
                 bail!("round {round}: no failover within 120 s");
@@ -724,12 +733,26 @@ async fn three_regions(haven: &Path, losses: usize) -> anyhow::Result<()> {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let t_taken = loop {
+            if killed.elapsed() > Duration::from_secs(120) {
+                bail!("round {round}: no takeover of the lost region's work within 120 s");
+            }
+            let mut done = false;
+            for n in nodes.iter().flatten() {
+                done |= takeover_round(&client, n, names[active]).await? > before;
+            }
+            if done {
+                break killed.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        taken.push(t_taken.as_secs_f64());
         writes.push(t_write.unwrap_or_default().as_secs_f64());
         decided.push(t_roles.unwrap_or_default().as_secs_f64());
         preferred.push(t_pref.unwrap_or_default().as_secs_f64());
         eprintln!(
-            "loss {round} of {}: write served {:.2} s, new active decided {:.2} s, load balancer on it {:.2} s",
-            names[active], writes[round], decided[round], preferred[round]
+            "loss {round} of {}: write served {:.2} s, new active decided {:.2} s, load balancer on it {:.2} s, running work taken over {:.2} s",
+            names[active], writes[round], decided[round], preferred[round], taken[round]
         );
         // The lost region returns (as a standby); the new active region is the next one.
         nats[active].restart(0).await;
@@ -755,13 +778,28 @@ async fn three_regions(haven: &Path, losses: usize) -> anyhow::Result<()> {
             .context("no active region after the failover")?;
     }
     println!(
-        "automatic failover among three regions over {losses} losses of the active region (region checks 1 s x 3, HAProxy checks 500 ms x 2): a write through the load balancer succeeds after median {:.2} s (max {:.2}); the surviving majority names a new active region after median {:.2} s (max {:.2}); the load balancer prefers it after median {:.2} s (max {:.2})",
+        "automatic failover among three regions over {losses} losses of the active region (region checks 1 s x 3, HAProxy checks 500 ms x 2): a write through the load balancer succeeds after median {:.2} s (max {:.2}); the surviving majority names a new active region after median {:.2} s (max {:.2}); the load balancer prefers it after median {:.2} s (max {:.2}); a survivor has taken over the lost region's running work after median {:.2} s (max {:.2})",
         median(&writes),
         percentile(&writes, 1.0),
         median(&decided),
         percentile(&decided, 1.0),
         median(&preferred),
-        percentile(&preferred, 1.0)
+        percentile(&preferred, 1.0),
+        median(&taken),
+        percentile(&taken, 1.0)
     );
     Ok(())
+}
+
+/// The highest round of a completed takeover of `source`'s work held by node `n` (0: none).
+async fn takeover_round(client: &reqwest::Client, n: &Node, source: &str) -> anyhow::Result<u64> {
+    let v = admin(client, n, reqwest::Method::GET, "/admin/v1/regions").await?;
+    Ok(v["takeover"]["takeovers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| t["source"] == source && t["stage"] == "done")
+        .filter_map(|t| t["round"].as_u64())
+        .max()
+        .unwrap_or(0))
 }

@@ -137,6 +137,9 @@ struct ExecState {
 /// that never retries them) before retrying an older one could apply that one twice.
 const MAX_UNCERTAIN: usize = 64;
 
+/// How often a claimable execution's last write looks whether a majority holds it.
+const CONFIRM_POLL: Duration = Duration::from_millis(50);
+
 /// How often a claimable execution without its region lease looks again.
 const LEASE_POLL: Duration = Duration::from_millis(250);
 
@@ -285,8 +288,43 @@ impl Execution {
     /// Commits the execution's last write: `batch`, with the ownership record deleted (its
     /// tombstone names this node, which is how a retried last write whose answer was lost is
     /// recognised).
+    ///
+    /// A claimable execution's last write returns only once a majority of regions holds it
+    /// (by their echoes): until then another region that takes this one's work over might
+    /// not have it, so the caller must not show it to a client yet. It reports
+    /// [`FenceError::Fenced`] if another region took the execution over meanwhile (its
+    /// history then supersedes this write).
     pub async fn finish(&self, batch: Batch) -> Result<Landed, FenceError> {
-        self.write(batch, false, true).await
+        let landed = self.write(batch, false, true).await?;
+        if let Some(lease) = &self.fence {
+            let seq = match &landed {
+                Landed::Now(c) => c.last_seq,
+                Landed::Earlier => self.store.last_seq().await?,
+            };
+            self.await_confirmed(lease, seq).await?;
+        }
+        Ok(landed)
+    }
+
+    /// Waits until a majority of regions holds this region's log up to `seq`, or the
+    /// execution's ownership record shows another owner.
+    async fn await_confirmed(&self, lease: &RegionLease, seq: u64) -> Result<(), FenceError> {
+        let mut logged = false;
+        let owner = self.state.lock().await.owner.clone();
+        while !lease.confirmed(&*self.store, seq).await {
+            if !logged {
+                tracing::info!(execution = %self.key, seq, "the execution's last write waits until a majority of regions holds it");
+                logged = true;
+            }
+            if let Ok(Some((cur, _))) = current(&*self.store, &self.key).await
+                && !cur.same_run(&owner)
+            {
+                self.lost.cancel();
+                return Err(self.fenced(&cur));
+            }
+            tokio::time::sleep(CONFIRM_POLL).await;
+        }
+        Ok(())
     }
 
     async fn write(&self, batch: Batch, effect: bool, finish: bool) -> Result<Landed, FenceError> {

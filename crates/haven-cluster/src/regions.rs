@@ -80,7 +80,7 @@ const STALL_CHECK: Duration = Duration::from_secs(2);
 const LEASE_TTL: Duration = Duration::from_secs(5);
 
 /// How often, at most, a replicator tells the other regions how far it has applied.
-const ECHO_EVERY: Duration = Duration::from_millis(250);
+const ECHO_EVERY: Duration = Duration::from_millis(100);
 
 /// Whether a change of the source region's log is the source's own and travels to others.
 pub fn replicates(change: &Change, source: &str) -> bool {
@@ -590,6 +590,9 @@ impl Default for HealthConfig {
 struct Health {
     config: parking_lot::Mutex<HealthConfig>,
     seen: parking_lot::Mutex<BTreeMap<String, (u64, tokio::time::Instant)>>,
+    /// Recent samples of each region's clock offset (its heartbeat's time minus this node's
+    /// clock when the heartbeat arrived), milliseconds.
+    offsets: parking_lot::Mutex<BTreeMap<String, std::collections::VecDeque<i64>>>,
 }
 
 /// The role of `region` under `roles`.
@@ -708,8 +711,9 @@ impl Regions {
         let health = Arc::new(Health {
             config: parking_lot::Mutex::new(health),
             seen: Default::default(),
+            offsets: Default::default(),
         });
-        let lease = RegionLease::new(peers.len() + 1);
+        let lease = RegionLease::new(&name, peers.iter().map(|p| p.name.clone()).collect());
         let handler = Arc::new(std::sync::OnceLock::new());
         let driver = Driver::new(
             local.clone(),
@@ -1028,23 +1032,43 @@ async fn check_health(
         let deciding = last_check.elapsed() >= config.interval;
         let mut silent = Vec::new();
         for p in &peers {
-            let newest = local
+            let beat = local
                 .scan_all(NODES_NS, &format!("{p}/"))
                 .await
                 .ok()
-                .and_then(|beats| beats.iter().map(|r| r.revision).max())
-                .unwrap_or(0);
+                .and_then(|beats| beats.into_iter().max_by_key(|r| r.revision));
+            let newest = beat.as_ref().map_or(0, |r| r.revision);
             let now = tokio::time::Instant::now();
             let mut seen = health.seen.lock();
             let entry = seen.entry(p.clone()).or_insert((newest, now));
             if entry.0 != newest {
                 *entry = (newest, now);
+                // A new heartbeat: its time minus this node's clock on arrival is the
+                // region's clock offset minus the delivery delay; the largest recent sample
+                // is the closest.
+                if let Some(info) =
+                    beat.and_then(|r| serde_json::from_slice::<NodeInfo>(r.value()).ok())
+                {
+                    let sample = info.beat_millis as i64 - local.clock().wall_millis() as i64;
+                    let mut offsets = health.offsets.lock();
+                    let samples = offsets.entry(p.clone()).or_default();
+                    samples.push_back(sample);
+                    if samples.len() > 16 {
+                        samples.pop_front();
+                    }
+                }
             }
             if now.duration_since(entry.1) >= limit {
                 silent.push(p.clone());
             }
         }
-        driver.step(&silent).await;
+        let ahead: BTreeMap<String, i64> = health
+            .offsets
+            .lock()
+            .iter()
+            .filter_map(|(p, samples)| samples.iter().max().map(|m| (p.clone(), *m)))
+            .collect();
+        driver.step(&silent, &ahead).await;
         if !deciding {
             continue;
         }

@@ -31,7 +31,7 @@
 //! Executions a region opens while it holds no lease (cut off from the majority) are not
 //! claimable: only their region settles them, so an isolated region keeps serving.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,7 +42,6 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::lease::{Holding, Lease};
-use crate::membership::{NODES_NS, NodeInfo};
 use crate::regions::{LOCAL_NS, REGIONS_NS, read_verdict};
 
 /// How long an echoed heartbeat keeps a node's region lease.
@@ -58,6 +57,9 @@ pub fn decision_wait() -> Duration {
     LEASE_TERM + LEASE_TERM / 10 + Duration::from_millis(500)
 }
 
+/// How far ahead of the claimer's clock a region's clock may be for an automatic takeover.
+const MAX_AHEAD_MILLIS: i64 = 1_000;
+
 /// How many of its own recent heartbeats a node remembers (a minute at one a second).
 const BEATS: usize = 64;
 
@@ -68,6 +70,10 @@ pub struct RegionLease {
 }
 
 struct LeaseInner {
+    /// This region.
+    region: String,
+    /// The other regions.
+    peers: Vec<String>,
     /// Echoes from other regions needed besides this region's own: a majority of all
     /// regions, minus this one.
     needed: usize,
@@ -86,11 +92,13 @@ impl std::fmt::Debug for RegionLease {
 }
 
 impl RegionLease {
-    /// The lease of a node of one of `regions` regions (all of them, this one included).
-    pub fn new(regions: usize) -> RegionLease {
+    /// The lease of a node of region `region`, among `peers` (the other regions).
+    pub fn new(region: &str, peers: Vec<String>) -> RegionLease {
         RegionLease {
             inner: Arc::new(LeaseInner {
-                needed: regions / 2,
+                region: region.to_owned(),
+                needed: peers.len().div_ceil(2),
+                peers,
                 beats: Mutex::new(VecDeque::with_capacity(BEATS)),
                 until: Mutex::new(None),
             }),
@@ -144,6 +152,19 @@ impl RegionLease {
     /// [`HOLD_MARGIN`] more.
     pub fn holds(&self) -> bool {
         self.remaining().is_some_and(|r| r >= HOLD_MARGIN)
+    }
+
+    /// Whether a majority of regions (this one included) holds this region's log up to
+    /// `seq`, by their echoes held in `store`: a write up to there can no longer be missed
+    /// by a region that takes this one's work over.
+    pub async fn confirmed(&self, store: &dyn Store, seq: u64) -> bool {
+        let mut echoed = 0;
+        for p in &self.inner.peers {
+            if read_echo(store, p, &self.inner.region).await.seq >= seq {
+                echoed += 1;
+            }
+        }
+        echoed >= self.inner.needed
     }
 }
 
@@ -203,9 +224,14 @@ pub struct Takeover {
     /// Executions claimed (once done).
     #[serde(default)]
     pub claimed: usize,
-    /// The sequence of the claimer's log that covers every claim (0: not known yet).
+    /// The sequence of the claimer's log that covers every claim of this and earlier rounds
+    /// (0: none yet). Kept by a new round, so that a region still frozen for an earlier
+    /// round can tell when the source has applied it.
     #[serde(default)]
     pub done_seq: u64,
+    /// Whether `done_seq` covers this round's claims (set with it once the round is done).
+    #[serde(default)]
+    pub sealed: bool,
     /// Why it is where it is, in words.
     pub reason: String,
     /// When it changed last, Unix milliseconds (the claimer's clock).
@@ -273,6 +299,19 @@ pub async fn write_echo(store: &dyn Store, source: &str, seq: u64) -> Result<(),
     }
 }
 
+/// How many of `source`'s claimable executions this store holds unclaimed (ownership
+/// records last written by `source`, claimable and not finished).
+pub async fn claimable_of(store: &dyn Store, source: &str) -> Result<usize, StoreError> {
+    Ok(store
+        .scan_all(crate::OWNERS_NS, "")
+        .await?
+        .iter()
+        .filter(|r| &*r.record.version.origin.region == source)
+        .filter_map(|r| crate::Owner::decode(r.value()))
+        .filter(|o| o.claimable && !o.finished)
+        .count())
+}
+
 /// Every takeover record of `source`, by claimer.
 pub async fn takeovers_of(
     store: &dyn Store,
@@ -304,8 +343,6 @@ pub(crate) struct Driver {
     /// For each intent of this region on a source that a majority froze: its round and when
     /// this node first saw the majority.
     frozen_at: BTreeMap<String, (u64, Instant)>,
-    /// Sources heard since this region's last completed takeover of them.
-    heard: BTreeSet<String>,
 }
 
 impl Driver {
@@ -331,12 +368,13 @@ impl Driver {
             handler,
             role,
             frozen_at: BTreeMap::new(),
-            heard: BTreeSet::new(),
         }
     }
 
-    /// One step, about every second; `silent` are the regions this node finds silent now.
-    pub(crate) async fn step(&mut self, silent: &[String]) {
+    /// One step, about every second; `silent` are the regions this node finds silent now,
+    /// `ahead` how far each region's clock was seen ahead of this node's (milliseconds; the
+    /// largest recent sample of its heartbeat's time minus this node's on arrival).
+    pub(crate) async fn step(&mut self, silent: &[String], ahead: &BTreeMap<String, i64>) {
         let mut echoes = Vec::with_capacity(self.peers.len());
         for p in &self.peers {
             echoes.push(read_echo(&*self.local, p, &self.name).await.seq);
@@ -351,13 +389,11 @@ impl Driver {
         }
         for source in self.peers.clone() {
             let silent_here = silent.contains(&source);
-            if !silent_here {
-                self.heard.insert(source.clone());
-            }
             if let Err(e) = self.vote(&source, silent_here).await {
                 tracing::debug!(%source, error = %e, "a takeover vote failed; retrying");
             }
-            if let Err(e) = self.claim(&source, silent_here).await {
+            let ahead = ahead.get(&source).copied().unwrap_or(0);
+            if let Err(e) = self.claim(&source, silent_here, ahead).await {
                 tracing::debug!(%source, error = %e, "a takeover step failed; retrying");
             }
         }
@@ -374,14 +410,20 @@ impl Driver {
         };
         let takeovers = takeovers_of(&*self.local, source).await?;
         if let Some(f) = &echo.frozen {
+            // Released once that round was aborted, or once the source has applied every
+            // claim the claimer made up to it (a later round of the claimer means the frozen
+            // one ended; its claims are covered by the kept `done_seq`).
             let release = match takeovers.get(&f.claimer) {
                 Some((t, _)) if t.round == f.round => match t.stage {
                     Stage::Aborted => true,
-                    Stage::Done if t.done_seq > 0 => {
+                    Stage::Done if t.sealed => {
                         read_echo(&*self.local, source, &f.claimer).await.seq >= t.done_seq
                     }
                     _ => false,
                 },
+                Some((t, _)) if t.round > f.round => {
+                    read_echo(&*self.local, source, &f.claimer).await.seq >= t.done_seq
+                }
                 _ => false,
             };
             if release {
@@ -421,7 +463,12 @@ impl Driver {
     }
 
     /// This region as the claimer of `source`'s work.
-    async fn claim(&mut self, source: &str, silent_here: bool) -> Result<(), StoreError> {
+    async fn claim(
+        &mut self,
+        source: &str,
+        silent_here: bool,
+        ahead: i64,
+    ) -> Result<(), StoreError> {
         let key = takeover_key(source, &self.name);
         let mine = read::<Takeover>(&*self.local, &key).await?;
         let now_millis = self.local.clock().wall_millis();
@@ -469,12 +516,13 @@ impl Driver {
                 if since.elapsed() < decision_wait() || !self.lease.holds() {
                     return Ok(());
                 }
-                if let Some(ahead) = self.clock_ahead(source, now_millis).await? {
-                    tracing::warn!(%source, ahead_ms = ahead, "not taking over: the region's clock runs ahead of this one's by more than a second, so its late writes could win over the claims");
+                if ahead > MAX_AHEAD_MILLIS {
+                    tracing::warn!(%source, ahead_ms = ahead, "not taking over: the region's clock was seen ahead of this one's by more than a second, so its last writes could win over the claims");
                     return Ok(());
                 }
                 let next = Takeover {
                     stage: Stage::Decided,
+                    claimed: claimable_of(&*self.local, source).await?,
                     reason: format!(
                         "{source} silent to {frozen} of {total} regions, which froze it; its lease ran out"
                     ),
@@ -487,38 +535,47 @@ impl Driver {
             }
             Some((t, rev)) if t.stage == Stage::Decided => {
                 let handler = self.handler.get().expect("checked").clone();
-                let claimed = handler(source.to_owned())
+                handler(source.to_owned())
                     .await
                     .map_err(StoreError::Unavailable)?;
+                // Done only once nothing claimable of the source is left here unclaimed
+                // (a claim refused for want of this node's lease, or lost to a concurrent
+                // change, is tried again at the next step), so that `done_seq`, written
+                // after, covers every claim.
+                let left = claimable_of(&*self.local, source).await?;
+                if left > 0 {
+                    tracing::warn!(%source, left, "some of the region's claimable work is not claimed yet; trying again");
+                    return Ok(());
+                }
                 let done = Takeover {
                     stage: Stage::Done,
-                    claimed,
-                    done_seq: 0,
-                    reason: t.reason.clone(),
                     at_millis: now_millis,
                     ..t
                 };
                 let seq = write(&*self.local, &key, &done, Some(rev)).await?;
                 self.finish(source, done, seq).await
             }
-            Some((t, _)) if t.stage == Stage::Done && t.done_seq == 0 => {
-                // The claims are written; say up to where (a rewrite covers them too).
-                let rev = read::<Takeover>(&*self.local, &key).await?.map(|(_, r)| r);
-                let seq = write(&*self.local, &key, &t, rev).await?;
-                self.finish(source, t, seq).await
+            Some((t, rev)) if t.stage == Stage::Done && t.done_seq < rev && !t.sealed => {
+                // The claims are written; say up to where (the done record's own revision
+                // follows them).
+                self.finish(source, t, rev).await
             }
             previous => {
                 // A new intent when a majority finds the source silent and this region is
                 // the first of them by name, unless its last takeover of the source is done
                 // and the source has not been heard since.
-                let (round, revision) = match &previous {
+                let (round, revision, done_seq) = match &previous {
                     Some((t, rev)) => {
-                        if t.stage == Stage::Done && !self.heard.contains(source) {
+                        // After a completed takeover, a new one only once the source has
+                        // come back and applied it (it may then have started new work).
+                        if t.stage == Stage::Done
+                            && read_echo(&*self.local, source, &self.name).await.seq < t.done_seq
+                        {
                             return Ok(());
                         }
-                        (t.round + 1, Some(*rev))
+                        (t.round + 1, Some(*rev), t.done_seq)
                     }
-                    None => (1, None),
+                    None => (1, None, 0),
                 };
                 if !silent_here {
                     return Ok(());
@@ -536,11 +593,13 @@ impl Driver {
                 if agree.len() * 2 <= total || agree[0] != self.name {
                     return Ok(());
                 }
+                let claimed = claimable_of(&*self.local, source).await?;
                 let intent = Takeover {
                     round,
                     stage: Stage::Intent,
-                    claimed: 0,
-                    done_seq: 0,
+                    claimed,
+                    done_seq,
+                    sealed: false,
                     reason: format!(
                         "{source} silent to {} of {total} regions ({})",
                         agree.len(),
@@ -549,44 +608,27 @@ impl Driver {
                     at_millis: now_millis,
                 };
                 write(&*self.local, &key, &intent, revision).await?;
-                self.heard.remove(source);
                 tracing::warn!(%source, round, "intends to take over a silent region's in-flight work: asking the regions to freeze it");
                 Ok(())
             }
         }
     }
 
-    /// Records where in this region's log the claims end (`seq`, the done record's own
-    /// write, which follows them).
+    /// Records where in this region's log the claims end: `seq`, the revision of the done
+    /// record, whose write followed every claim.
     async fn finish(&mut self, source: &str, done: Takeover, seq: u64) -> Result<(), StoreError> {
         let key = takeover_key(source, &self.name);
-        let rev = read::<Takeover>(&*self.local, &key).await?.map(|(_, r)| r);
         let claimed = done.claimed;
         let round = done.round;
         let next = Takeover {
             done_seq: seq,
+            sealed: true,
             ..done
         };
-        write(&*self.local, &key, &next, rev).await?;
+        write(&*self.local, &key, &next, Some(seq)).await?;
         self.frozen_at.remove(source);
         tracing::warn!(%source, round, claimed, "took over a failed region's in-flight work");
         Ok(())
-    }
-
-    /// How far `source`'s newest heartbeat held here is ahead of this node's clock, when
-    /// more than a second.
-    async fn clock_ahead(&self, source: &str, now_millis: u64) -> Result<Option<u64>, StoreError> {
-        let newest = self
-            .local
-            .scan_all(NODES_NS, &format!("{source}/"))
-            .await?
-            .iter()
-            .filter_map(|r| serde_json::from_slice::<NodeInfo>(r.value()).ok())
-            .map(|i| i.beat_millis)
-            .max();
-        Ok(newest
-            .map(|b| b.saturating_sub(now_millis))
-            .filter(|ahead| *ahead > 1_000))
     }
 }
 
@@ -597,7 +639,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_lease_holds_from_the_send_time_of_the_newest_beat_a_majority_echoed() {
         // Three regions: one echo besides this region's own is a majority.
-        let lease = RegionLease::new(3);
+        let lease = RegionLease::new("A", vec!["B".into(), "C".into()]);
         let t0 = Instant::now();
         lease.note_beat(10, t0);
         tokio::time::advance(Duration::from_secs(1)).await;
@@ -622,17 +664,17 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn five_regions_need_two_echoes_and_two_regions_never_lease() {
-        let lease = RegionLease::new(5);
+        let lease = RegionLease::new("A", ["B", "C", "D", "E"].map(String::from).to_vec());
         lease.note_beat(10, Instant::now());
         lease.refresh(&[10, 0, 0, 0]);
         assert!(!lease.holds());
         lease.refresh(&[10, 0, 12, 0]);
         assert!(lease.holds());
-        let two = RegionLease::new(2);
+        let two = RegionLease::new("A", vec!["B".into()]);
         two.note_beat(10, Instant::now());
         two.refresh(&[10]);
         assert!(two.holds(), "with two regions one echo is the majority");
-        let one = RegionLease::new(1);
+        let one = RegionLease::new("A", Vec::new());
         one.refresh(&[]);
         assert!(!one.holds());
     }

@@ -543,11 +543,32 @@ async fn a_failed_regions_claimable_work_is_taken_over_only_after_its_lease_ran_
     .await
     .unwrap();
     assert!(exec.owner().await.claimable);
+    let (ending, _) = Execution::open_leased(
+        a.store.clone(),
+        "s/x/0",
+        Owner::new("a1", "a1-boot"),
+        Batch::new(),
+        Some(&lease_a),
+    )
+    .await
+    .unwrap();
     run_for(2, &all).await;
     assert!(b.store.get("owners", "s/x/1").await.unwrap().is_some());
 
     // A is cut off from both others. Its lease lapses; a write of the execution waits.
     isolate(&links, 0, true);
+    // A last write made just after the cut, while A's lease still holds, lands in A's log
+    // but never reaches the others: it does not return (its answer is not shown to anyone)
+    // until a majority holds it, and B's takeover supersedes it.
+    assert!(lease_a.holds());
+    let last = {
+        let ending = ending.clone();
+        tokio::spawn(async move {
+            ending
+                .finish(Batch::new().append("sse/x0", b"final".to_vec()))
+                .await
+        })
+    };
     let writer = {
         let exec = exec.clone();
         tokio::spawn(async move {
@@ -600,6 +621,10 @@ async fn a_failed_regions_claimable_work_is_taken_over_only_after_its_lease_ran_
     }
     let decided_at = decided_at.expect("B decided the takeover");
     assert!(!writer.is_finished(), "A's write waits for its lease");
+    assert!(
+        !last.is_finished(),
+        "A's last write waits for a majority to hold it"
+    );
     run_for(3, &all).await;
     // Only B claimed, once, and only after A's lease had run out (A stopped starting
     // claimable writes HOLD_MARGIN before that).
@@ -620,7 +645,7 @@ async fn a_failed_regions_claimable_work_is_taken_over_only_after_its_lease_ran_
         claimed[0].1 + Duration::from_secs(1) - c_froze
     );
     let t = takeover(&*b.store, "A", "B").await.unwrap();
-    assert_eq!((t.stage, t.claimed), (Stage::Done, 1), "{t:?}");
+    assert_eq!((t.stage, t.claimed), (Stage::Done, 2), "{t:?}");
     assert!(t.done_seq > 0);
     let owner = Owner::decode(
         b.store
@@ -646,6 +671,24 @@ async fn a_failed_regions_claimable_work_is_taken_over_only_after_its_lease_ran_
     run_for(8, &all).await;
     let late = writer.await.unwrap();
     assert!(late.is_err(), "{late:?}");
+    let last = last.await.unwrap();
+    assert!(
+        matches!(last, Err(haven_cluster::FenceError::Fenced { .. })),
+        "{last:?}"
+    );
+    let owner = Owner::decode(
+        a.store
+            .get("owners", "s/x/0")
+            .await
+            .unwrap()
+            .unwrap()
+            .value(),
+    )
+    .unwrap();
+    assert_eq!(
+        owner.epoch, 2,
+        "B's claim supersedes A's last write everywhere"
+    );
     assert!(
         a.store
             .read_events("sse/x", 0, 10)
@@ -668,6 +711,47 @@ async fn a_failed_regions_claimable_work_is_taken_over_only_after_its_lease_ran_
     for r in [&b, &c] {
         assert_eq!(state_digest(&*r.store).await.unwrap().0, da);
     }
+
+    // A fails again with new claimable work: a second round takes it over.
+    let (_again, _) = Execution::open_leased(
+        a.store.clone(),
+        "s/x/3",
+        Owner::new("a1", "a1-boot"),
+        Batch::new(),
+        Some(&lease_a),
+    )
+    .await
+    .unwrap();
+    run_for(2, &all).await;
+    isolate(&links, 0, true);
+    let mut second = None;
+    for _ in 0..30 {
+        run_for(1, &all).await;
+        if let Some(t) = takeover(&*b.store, "A", "B").await
+            && t.round == 2
+            && t.sealed
+        {
+            second = Some(t);
+            break;
+        }
+    }
+    let second = second.expect("a second takeover");
+    assert_eq!(second.claimed, 1, "{second:?}");
+    assert!(second.done_seq > t.done_seq);
+    let owner = Owner::decode(
+        b.store
+            .get("owners", "s/x/3")
+            .await
+            .unwrap()
+            .unwrap()
+            .value(),
+    )
+    .unwrap();
+    assert_eq!(owner.epoch, 2);
+    isolate(&links, 0, false);
+    run_for(8, &all).await;
+    assert!(lease_a.holds(), "{lease_a:?}");
+    assert_eq!(claims.lock().len(), 2);
 }
 
 #[tokio::test(start_paused = true)]

@@ -945,11 +945,40 @@ async fn three_regions_fail_over_by_majority_without_an_operator() {
         .as_str()
         .unwrap()
         .to_owned();
+    // A task of the 2026-07-28 era too.
+    let http = reqwest::Client::new();
+    let tasks_caps = json!({"extensions":{"io.modelcontextprotocol/tasks":{}}});
+    let created: Value = common::stateless(
+        &http,
+        &lb.url(),
+        53,
+        "tools/call",
+        json!({"name":"sleep","arguments":{"seconds":8}}),
+        tasks_caps.clone(),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let ext_task = created["result"]["taskId"].as_str().unwrap().to_owned();
+    let ext_status = |url: String, id: i64| {
+        let (http, caps, t) = (http.clone(), tasks_caps.clone(), ext_task.clone());
+        async move {
+            let v: Value =
+                common::stateless(&http, &url, id, "tasks/get", json!({"taskId": t}), caps)
+                    .await
+                    .json()
+                    .await
+                    .unwrap_or(Value::Null);
+            v["result"]["status"].as_str().map(str::to_owned)
+        }
+    };
     let crossed = wait_until(
         Duration::from_secs(20),
         Duration::from_millis(100),
         || async {
-            caller.with_url(&b.url()).resume(&last_seen).await.status() == 200
+            ext_status(b.url(), 54).await.is_some()
+                && caller.with_url(&b.url()).resume(&last_seen).await.status() == 200
                 && caller
                     .with_url(&b.url())
                     .request(52, "tasks/get", json!({"taskId": task}))
@@ -1012,6 +1041,16 @@ async fn three_regions_fail_over_by_majority_without_an_operator() {
     })
     .await;
     assert!(completed, "the lost region's task never completed in B");
+    let completed = wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || async { ext_status(lb.url(), 55).await.as_deref() == Some("completed") },
+    )
+    .await;
+    assert!(
+        completed,
+        "the lost region's 2026-07-28 task never completed in B"
+    );
 
     // A returns as a standby: it learns the newer roles and is not preferred.
     nats_a.restart(0).await;
@@ -1040,6 +1079,7 @@ async fn three_regions_fail_over_by_majority_without_an_operator() {
     )
     .await;
     assert!(recovered, "A never applied the task's end");
+    assert_eq!(ext_status(a.url(), 71).await.as_deref(), Some("completed"));
     let whole = caller.with_url(&a.url()).resume(&last_seen).await;
     let mut sse = common::SseReader::new(whole);
     let mut finals = Vec::new();

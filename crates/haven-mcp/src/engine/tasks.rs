@@ -100,6 +100,10 @@ pub struct TaskRecord {
     pub result: Option<Value>,
     /// Final JSON-RPC error, once failed.
     pub error: Option<Value>,
+    /// Whether another region may take the task over (it was created under this node's
+    /// region lease): its end is shown only once a majority of regions holds it.
+    #[serde(default)]
+    pub claimable: bool,
     /// Node running it.
     pub owner_node: String,
     /// Process running it.
@@ -347,9 +351,17 @@ async fn create(
     let key = owner_key(&rec.task_id);
     inner.executions.begin(&key);
     let owner = haven_cluster::Owner::new(&inner.config.node_id, &inner.config.boot_id);
-    let lease = inner.config.region_lease.clone();
+    // Claimable only if the record says so (the execution cannot become claimable after
+    // the record was written as not).
+    let lease = inner
+        .config
+        .region_lease
+        .clone()
+        .filter(haven_cluster::RegionLease::holds);
+    let mut rec = rec.clone();
+    rec.claimable = lease.is_some();
     let store = inner.store.clone();
-    let batch = create_batch(rec);
+    let batch = create_batch(&rec);
     let opened = match fence {
         Some(f) => {
             f.attach(|effects| async move {
@@ -411,6 +423,7 @@ fn new_record(
         state: None,
         result: None,
         error: None,
+        claimable: false,
         owner_node: inner.config.node_id.clone(),
         owner_boot: inner.config.boot_id.clone(),
     }
@@ -786,16 +799,44 @@ fn not_found(id: &str) -> ErrorData {
 /// Loads a task the caller may see: stateless callers see extension tasks; a legacy session
 /// sees its own experimental tasks.
 async fn visible(inner: &Inner, call: &Call, id: &str) -> Result<TaskRecord, ErrorData> {
-    let rec = load(inner, id)
+    let (mut rec, revision) = load(inner, id)
         .await
         .map_err(store_error)?
-        .map(|(r, _)| r)
         .ok_or_else(|| not_found(id))?;
     let ok = match &call.era {
         Era::Stateless { .. } => rec.form == TaskForm::Extension,
         Era::Legacy { session, .. } => rec.session.as_deref() == Some(session.as_str()),
     };
-    if ok { Ok(rec) } else { Err(not_found(id)) }
+    if !ok {
+        return Err(not_found(id));
+    }
+    if rec.claimable && is_terminal(rec.status) && !outcome_confirmed(inner, id, revision).await {
+        // This region wrote the end, and a majority of regions does not hold it yet:
+        // another region taking this one's work over might not have it, so it is not the
+        // task's end until then.
+        rec.status = TaskStatus::Working;
+        rec.status_message =
+            Some("Finishing: waiting until a majority of regions holds the outcome.".into());
+        rec.result = None;
+        rec.error = None;
+    }
+    Ok(rec)
+}
+
+/// Whether the task record `id` at `revision` may be shown as it is: it was written in
+/// another region, or this node has no region lease (fewer than three regions), or a
+/// majority of regions holds this region's log up to it.
+async fn outcome_confirmed(inner: &Inner, id: &str, revision: u64) -> bool {
+    let Some(lease) = &inner.config.region_lease else {
+        return true;
+    };
+    let here = inner.store.origin().region.clone();
+    match inner.store.get(TASKS_NS, id).await {
+        Ok(Some(r)) if r.record.version.origin.region == here => {
+            lease.confirmed(&*inner.store, revision).await
+        }
+        _ => true,
+    }
 }
 
 fn gate(call: &Call) -> Result<(), ErrorData> {
@@ -839,6 +880,22 @@ pub(crate) async fn cancel(inner: &Arc<Inner>, call: &Call) -> Result<Value, Err
                     .unwrap_or("finished")
             ))),
         };
+    }
+    if let Some(lease) = &inner.config.region_lease
+        && !lease.holds()
+        && haven_cluster::ownership::current(&*inner.store, &owner_key(&id))
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|(o, _)| o.claimable)
+    {
+        return Err(ErrorData::new(
+            ErrorCode(-32000),
+            format!(
+                "Task {id} cannot be cancelled now: this region does not hear a majority of regions, and another region may be taking the task over. Try again, or in another region."
+            ),
+            Some(serde_json::json!({ "retryable": true })),
+        ));
     }
     let updated = update(inner, &id, |r| {
         if is_terminal(r.status) {
