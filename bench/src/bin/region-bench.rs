@@ -44,6 +44,12 @@ struct Cli {
     /// region (each restarted afterwards and made active again).
     #[arg(long)]
     three_region_losses: Option<usize>,
+    /// Only measure what waiting for a majority of regions adds to the end of a streamed
+    /// call: this many legacy `sleep` calls of 1 s, alternately on a node of three regions
+    /// (its final answer waits until two regions hold it) and of two regions (no region
+    /// lease: it does not wait).
+    #[arg(long)]
+    final_latency: Option<usize>,
 }
 
 struct Node {
@@ -219,6 +225,9 @@ async fn main() -> anyhow::Result<()> {
     });
     if let Some(n) = cli.bootstrap_records {
         return bootstrap(&haven, n).await;
+    }
+    if let Some(n) = cli.final_latency {
+        return final_latency(&haven, n).await;
     }
     if let Some(n) = cli.three_region_losses {
         return three_regions(&haven, n).await;
@@ -802,4 +811,137 @@ async fn takeover_round(client: &reqwest::Client, n: &Node, source: &str) -> any
         .filter_map(|t| t["round"].as_u64())
         .max()
         .unwrap_or(0))
+}
+
+/// Opens a legacy session on the node on `port`; its id.
+async fn legacy_session(client: &reqwest::Client, port: u16) -> anyhow::Result<String> {
+    let url = format!("http://127.0.0.1:{port}/mcp");
+    let r = client
+        .post(&url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"region-bench","version":"1"}}}).to_string())
+        .send()
+        .await?;
+    let session = r
+        .headers()
+        .get("mcp-session-id")
+        .context("no session id")?
+        .to_str()?
+        .to_owned();
+    let _ = r.bytes().await?;
+    client
+        .post(&url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", &session)
+        .body(json!({"jsonrpc":"2.0","method":"notifications/initialized"}).to_string())
+        .send()
+        .await?;
+    Ok(session)
+}
+
+/// A legacy `sleep` call of one second on its SSE stream; the time until the stream ended
+/// (after its final answer).
+async fn streamed_sleep(
+    client: &reqwest::Client,
+    port: u16,
+    session: &str,
+    id: u64,
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let r = client
+        .post(format!("http://127.0.0.1:{port}/mcp"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", session)
+        .body(json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"sleep","arguments":{"seconds":1},"_meta":{"progressToken":format!("p{id}")}}}).to_string())
+        .send()
+        .await?;
+    let body = String::from_utf8(r.bytes().await?.to_vec())?;
+    if !body.contains("Slept 1 second") {
+        bail!("no final result: {body}");
+    }
+    Ok(started.elapsed())
+}
+
+/// See `Cli::final_latency`.
+async fn final_latency(haven: &Path, n: usize) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    std::process::Command::new(haven)
+        .args(["secrets", "new-key", "--key-file"])
+        .arg(dir.path().join("secrets.key"))
+        .status()?;
+    // Three regions through a hub, and two regions joined directly.
+    let hub = NatsCluster::start_hub().await;
+    let leaf = [hub.leaf_port.expect("a hub has a leafnode port")];
+    let three = ["A", "B", "C"];
+    let mut nats = Vec::new();
+    for r in three {
+        nats.push(NatsCluster::start_region(r, &leaf).await);
+    }
+    let x = NatsCluster::start_region("X", &[]).await;
+    let y = NatsCluster::start_region("Y", &[x.leaf_port.expect("a leafnode port")]).await;
+    let mut nodes = Vec::new();
+    for (i, r) in three.iter().enumerate() {
+        let peers: Vec<&str> = three.iter().filter(|p| *p != r).copied().collect();
+        nodes.push(start_node(
+            haven,
+            &nats[i],
+            dir.path(),
+            r,
+            &peers.join(","),
+            free_port(),
+        )?);
+    }
+    nodes.push(start_node(haven, &x, dir.path(), "X", "Y", free_port())?);
+    nodes.push(start_node(haven, &y, dir.path(), "Y", "X", free_port())?);
+    for n in &nodes {
+        wait_ready(n.port, "a node").await?;
+    }
+    let client = reqwest::Client::new();
+    // Until node A holds its region lease (its calls are then claimable).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = admin(
+            &client,
+            &nodes[0],
+            reqwest::Method::GET,
+            "/admin/v1/regions",
+        )
+        .await?;
+        if v["takeover"]["lease_holds"] == true {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("node A never held its region lease: {v}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (pa, px) = (nodes[0].port, nodes[3].port);
+    let sa = legacy_session(&client, pa).await?;
+    let sx = legacy_session(&client, px).await?;
+    let (mut leased, mut plain) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        // Alternate which goes first, so that drift on the machine hits both alike.
+        let id = i as u64 + 1;
+        if i % 2 == 0 {
+            leased.push(streamed_sleep(&client, pa, &sa, id).await?.as_secs_f64() - 1.0);
+            plain.push(streamed_sleep(&client, px, &sx, id).await?.as_secs_f64() - 1.0);
+        } else {
+            plain.push(streamed_sleep(&client, px, &sx, id).await?.as_secs_f64() - 1.0);
+            leased.push(streamed_sleep(&client, pa, &sa, id).await?.as_secs_f64() - 1.0);
+        }
+    }
+    let (ml, mp) = (median(&leased), median(&plain));
+    println!(
+        "a streamed 1 s call, time beyond its 1 s ({n} calls each): three regions (final waits for a majority) median {:.0} ms, p90 {:.0} ms; two regions (no wait) median {:.0} ms, p90 {:.0} ms; difference of medians {:.0} ms",
+        ml * 1000.0,
+        percentile(&leased, 0.9) * 1000.0,
+        mp * 1000.0,
+        percentile(&plain, 0.9) * 1000.0,
+        (ml - mp) * 1000.0
+    );
+    drop(nodes);
+    Ok(())
 }

@@ -270,10 +270,28 @@ async fn a_partition_heals_into_one_state_with_every_write_kept() {
     put(&in_a, 1, "before", "v0").await;
     converge(&r, Duration::from_secs(30)).await;
 
+    // Work running in each region when the link is cut (a streamed call, a task of each
+    // era), and a task of each era started on each side during the split. Each ends in its
+    // home region during the split; after the heal each has ended exactly once everywhere.
+    let http = reqwest::Client::new();
+    let mut calls = Vec::new();
+    let mut tasks = Vec::new();
+    for (k, h) in [&r.a, &r.b].into_iter().enumerate() {
+        let id = 60 + 10 * k as i64;
+        calls.push(streamed_sleep(&h.url(), id, 3).await);
+        tasks.push((k, start_task(&http, &h.url(), true, id + 1, 3).await));
+        tasks.push((k, start_task(&http, &h.url(), false, id + 2, 3).await));
+    }
+
     // Cut the link between the regions for 30 s; both keep serving and taking writes, to
     // keys of their own and to the same keys.
     r.link.cut();
     let cut_at = Instant::now();
+    for (k, h) in [&r.a, &r.b].into_iter().enumerate() {
+        let id = 80 + 10 * k as i64;
+        tasks.push((k, start_task(&http, &h.url(), true, id, 2).await));
+        tasks.push((k, start_task(&http, &h.url(), false, id + 1, 2).await));
+    }
     let mut id = 10;
     let mut i = 0;
     while cut_at.elapsed() < Duration::from_secs(30) {
@@ -286,6 +304,24 @@ async fn a_partition_heals_into_one_state_with_every_write_kept() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let writes = i;
+    // Every task has ended in its home region; the other region does not know the end yet.
+    let homes = [&r.a, &r.b];
+    let mut ended = Vec::new();
+    for (n, (home, task)) in tasks.iter().enumerate() {
+        let v = task_get(&http, &homes[*home].url(), task, 500 + n as i64).await;
+        assert_eq!(
+            v["status"], "completed",
+            "{} in its home region: {v}",
+            task.1
+        );
+        let other = task_get(&http, &homes[1 - home].url(), task, 600 + n as i64).await;
+        assert_ne!(
+            other["status"], "completed",
+            "{} crossed a cut link: {other}",
+            task.1
+        );
+        ended.push(v);
+    }
     // During the split each region says how long it has not heard from the other.
     let v = regions(&r.b, false).await;
     assert!(
@@ -339,6 +375,106 @@ async fn a_partition_heals_into_one_state_with_every_write_kept() {
         assert_eq!(in_a_now, in_b_now, "same-{k}");
     }
     assert_eq!(note(&in_b, id + 5, "before").await.as_deref(), Some("v0"));
+    // No request answered twice, no task finished twice: each call's stream holds one final
+    // answer in both regions, and each task's end is, in both regions, the one its home
+    // region showed during the split.
+    for h in [&r.a, &r.b] {
+        for (client, id, first) in &calls {
+            let finals = finals_after(&client.with_url(&h.url()), first, *id).await;
+            assert_eq!(finals.len(), 1, "port {}: {finals:?}", h.port);
+            assert!(finals[0].get("result").is_some(), "{finals:?}");
+        }
+        for (n, ((_, task), then)) in tasks.iter().zip(&ended).enumerate() {
+            let now = task_get(&http, &h.url(), task, 700 + n as i64).await;
+            assert_eq!(&now, then, "{} on port {}", task.1, h.port);
+        }
+    }
+}
+
+/// Starts a legacy `sleep` of `seconds` on its stream, in a session of its own on `url`;
+/// returns the session, the request id and the id of the stream's first event (after which
+/// a resume replays the rest).
+async fn streamed_sleep(url: &str, id: i64, seconds: u64) -> (Legacy, i64, String) {
+    let client = Legacy::connect(url).await;
+    let resp = client
+        .post_raw(json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"sleep","arguments":{"seconds":seconds},"_meta":{"progressToken":format!("p{id}")}}}))
+        .await;
+    let mut sse = common::SseReader::new(resp);
+    let _priming = sse.next().await.unwrap();
+    let first = sse.next().await.unwrap();
+    (client, id, first.id.unwrap())
+}
+
+/// The final answers to request `id` on the stream of `client`'s session after event
+/// `after`, read whole (bounded: 5 s).
+async fn finals_after(client: &Legacy, after: &str, id: i64) -> Vec<Value> {
+    let mut sse = common::SseReader::new(client.resume(after).await);
+    let mut finals = Vec::new();
+    let read = async {
+        while let Some(e) = sse.next().await {
+            let v = e.json();
+            if v["id"] == id {
+                finals.push(v);
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+    finals
+}
+
+/// A task of a `sleep` of `seconds` on `url`: the 2025-11-25 era's (a session of its own)
+/// or the 2026-07-28 era's; `(the legacy session, task id)`.
+async fn start_task(
+    http: &reqwest::Client,
+    url: &str,
+    legacy: bool,
+    id: i64,
+    seconds: u64,
+) -> (Option<Legacy>, String) {
+    let args = json!({"name": "sleep", "arguments": {"seconds": seconds}});
+    let mut session = None;
+    let v = if legacy {
+        let mut params = args;
+        params["task"] = json!({"ttl": 600000});
+        let s = Legacy::connect(url).await;
+        let v = s.request(id, "tools/call", params).await["result"]["task"].clone();
+        session = Some(s);
+        v
+    } else {
+        let caps = json!({"extensions":{"io.modelcontextprotocol/tasks":{}}});
+        let v: Value = common::stateless(http, url, id, "tools/call", args, caps)
+            .await
+            .json()
+            .await
+            .unwrap();
+        v["result"].clone()
+    };
+    let task = v["taskId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no task: {v}"));
+    (session, task.to_owned())
+}
+
+/// `tasks/get` of `task` (from [`start_task`]) on `url`, in the task's era: its result.
+async fn task_get(
+    http: &reqwest::Client,
+    url: &str,
+    task: &(Option<Legacy>, String),
+    id: i64,
+) -> Value {
+    let (session, task) = task;
+    let params = json!({"taskId": task});
+    if let Some(s) = session {
+        s.with_url(url).request(id, "tasks/get", params).await["result"].clone()
+    } else {
+        let caps = json!({"extensions":{"io.modelcontextprotocol/tasks":{}}});
+        let v: Value = common::stateless(http, url, id, "tasks/get", params, caps)
+            .await
+            .json()
+            .await
+            .unwrap();
+        v["result"].clone()
+    }
 }
 
 /// Runs `haven region ARGS --node <h> --data <its data>`.
@@ -409,6 +545,39 @@ async fn a_lost_region_fails_over_behind_the_global_load_balancer_and_fails_back
     .await;
     assert!(replicated);
 
+    // Client load through the load balancer in both eras, from before the loss until after
+    // B serves: writes to keys of their own, each with when it was sent and whether it was
+    // acknowledged.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for legacy in [true, false] {
+        let (stop, url) = (stop.clone(), lb.url());
+        load.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut sent = Vec::new();
+            for n in 0..3000i64 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let era = if legacy { "legacy" } else { "2026" };
+                let key = format!("load-{era}-{n}");
+                let started = Instant::now();
+                let ok = try_note_put(&http, &url, legacy, 10_000 + n, &key, "v").await;
+                sent.push((key, started, ok.then(Instant::now)));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            sent
+        }));
+    }
+    // The replication lag B measures under this load (the largest of a few samples).
+    let mut lag = 0.0f64;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Some(l) = regions(&r.b, false).await["peers"][0]["lag_seconds"].as_f64() {
+            lag = lag.max(l);
+        }
+    }
+
     // Region A is lost: every process of it killed.
     r.a.kill9();
     r.nats_a.kill9(0);
@@ -434,6 +603,42 @@ async fn a_lost_region_fails_over_behind_the_global_load_balancer_and_fails_back
     // How long that took is measured by region-bench (BENCHMARKS.md), not asserted here.
     eprintln!("client-visible region failover through the load balancer: {served:?}");
     put(&client, 2000, "during-loss", "v2").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut sent = Vec::new();
+    for l in load {
+        sent.extend(l.await.unwrap());
+    }
+    let acked: Vec<(String, Instant, Instant)> = sent
+        .iter()
+        .filter_map(|(k, started, at)| at.map(|at| (k.clone(), *started, at)))
+        .collect();
+    // Every write acknowledged more than the lag before the loss is in B, and every write
+    // sent after it; those of the last `lag` before it that B lacks are the loss's RPO.
+    let http = reqwest::Client::new();
+    let window = Duration::from_secs_f64(lag);
+    let (mut old_missing, mut recent_missing) = (Vec::new(), Vec::new());
+    for (k, (key, started, at)) in acked.iter().enumerate() {
+        let held = try_note_get(&http, &r.b.url(), 20_000 + k as i64, key).await;
+        if held.as_ref().is_ok_and(Option::is_some) {
+            continue;
+        }
+        if *at + window < lost || *started > lost {
+            old_missing.push((key.clone(), held));
+        } else {
+            recent_missing.push(key.clone());
+        }
+    }
+    assert!(
+        old_missing.is_empty(),
+        "acknowledged writes missing in B: {old_missing:?} (lag {lag:.3} s)"
+    );
+    eprintln!(
+        "load through the load balancer: {} writes sent, {} acknowledged; lag before the loss {lag:.3} s; acknowledged within it and missing in B (the RPO): {}",
+        sent.len(),
+        acked.len(),
+        recent_missing.len()
+    );
 
     // Promoting B while A's writes may be missing is refused without --force.
     let refused = region_cli(&r.b, &["promote"]);
@@ -497,6 +702,14 @@ async fn a_lost_region_fails_over_behind_the_global_load_balancer_and_fails_back
         assert!(note(&client, id, name).await.is_some(), "{name}");
     }
     converge(&r, Duration::from_secs(30)).await;
+    // After the failback every acknowledged write is in both regions: also those A took
+    // just before it was lost, which B lacked until A returned.
+    for (h, name) in [(&r.a, "A"), (&r.b, "B")] {
+        for (k, (key, _, _)) in acked.iter().enumerate() {
+            let held = try_note_get(&http, &h.url(), 40_000 + k as i64, key).await;
+            assert_eq!(held, Ok(Some("v".to_owned())), "{key} in {name}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1532,4 +1745,358 @@ async fn a_cut_off_regions_running_work_is_taken_over_without_an_operator_and_en
 /// Whether node `h`'s region lease holds (`None`: fewer than three regions).
 async fn lease_holds(h: &Haven) -> Option<bool> {
     regions(h, false).await["takeover"]["lease_holds"].as_bool()
+}
+
+/// One write of the randomized history: what was written, when it was sent, and when (if
+/// ever) its final answer said it was saved.
+#[derive(Debug, Clone)]
+struct Tried {
+    key: String,
+    value: String,
+    region: &'static str,
+    started: Instant,
+    acked: Option<Instant>,
+}
+
+/// `notes_put` of `key` = `value` on node `url`, in the 2025-11-25 era (a session of its own)
+/// or the 2026-07-28 era; whether the final answer said it was saved. Bounded: a call that
+/// has no answer within 6 s counts as unknown (it may still land).
+async fn try_note_put(
+    http: &reqwest::Client,
+    url: &str,
+    legacy: bool,
+    id: i64,
+    key: &str,
+    value: &str,
+) -> bool {
+    let args = json!({"name": "notes_put", "arguments": {"name": key, "text": value}});
+    let attempt = async {
+        let r = if legacy {
+            let s = Legacy::try_connect(url).await?;
+            s.try_post_raw(json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":args}))
+                .await
+                .ok()?
+        } else {
+            common::try_stateless(http, url, id, "tools/call", args.clone(), json!({}))
+                .await
+                .ok()?
+        };
+        let v = common::try_final(r, id).await?;
+        Some(v.get("result").is_some() && v["result"]["isError"] != true)
+    };
+    tokio::time::timeout(Duration::from_secs(6), attempt)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+/// The text of note `key` on node `url` (2026-07-28 era); `Err` when the node did not answer.
+async fn try_note_get(
+    http: &reqwest::Client,
+    url: &str,
+    id: i64,
+    key: &str,
+) -> Result<Option<String>, String> {
+    let args = json!({"name": "notes_get", "arguments": {"name": key}});
+    let r = common::try_stateless(http, url, id, "tools/call", args, json!({}))
+        .await
+        .map_err(|e| e.to_string())?;
+    let v = common::try_final(r, id).await.ok_or("no answer")?;
+    if v["result"]["isError"] == true {
+        return Ok(None);
+    }
+    match v["result"]["content"][0]["text"].as_str() {
+        Some(t) => Ok(Some(t.to_owned())),
+        None => Err(v.to_string()),
+    }
+}
+
+/// The randomized checker on real processes: three regions (one nats-server and one Haven
+/// node each) joined through a hub, each by a link of the test's own. Every round does one
+/// fault at random (cut a region's link, heal links, `kill -9` a region's node or its
+/// nats-server and start it again afterwards, or nothing), while concurrent writes of both
+/// eras go to random regions: to keys of their own and to a few shared keys. Links stay cut
+/// across rounds until a heal, so a region may stay cut off long enough to lose its lease
+/// and have its running calls taken over. At the end every link is healed and the regions
+/// must converge to one digest, in which every acknowledged write is present: a write to a
+/// key of its own exactly, and a shared key holds a value that was written to it and that no
+/// acknowledged write sent after its own acknowledgement superseded.
+///
+/// `HAVEN_REGION_FAULT_SEED` repeats a history's choices (the timing of real processes is not
+/// repeatable); `HAVEN_REGION_FAULT_ROUNDS` sets the number of rounds (30).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_kills_and_partitions_of_real_regions_lose_no_acknowledged_write() {
+    use rand::{Rng, SeedableRng};
+    let _one = ONE_REGION_AT_A_TIME.lock().await;
+    let seed: u64 = std::env::var("HAVEN_REGION_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(haven_state_seed);
+    let rounds: usize = std::env::var("HAVEN_REGION_FAULT_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    eprintln!(
+        "region faults: seed {seed}, {rounds} rounds (HAVEN_REGION_FAULT_SEED={seed} repeats the choices)"
+    );
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+
+    const NAMES: [&str; 3] = ["A", "B", "C"];
+    let hub = NatsCluster::start_hub().await;
+    let leaf = hub.leaf_port.unwrap();
+    let mut links = Vec::new();
+    let mut nats = Vec::new();
+    for name in NAMES {
+        let link = Link::start(leaf).await;
+        nats.push(NatsCluster::start_region(name, &[link.port]).await);
+        links.push(link);
+    }
+    let dirs = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (0..3).map(|_| common::free_port()).collect();
+    let peers = |i: usize| {
+        NAMES
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, n)| *n)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let mut nodes: Vec<Option<Haven>> = Vec::new();
+    for i in 0..3 {
+        let data = dirs.path().join(NAMES[i]);
+        nodes.push(Some(
+            node_at(&nats[i], &data, ports[i], NAMES[i], &peers(i)).await,
+        ));
+    }
+    let urls: Vec<String> = ports
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}/mcp"))
+        .collect();
+    let leased = wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || async {
+            let mut all = true;
+            for n in nodes.iter().flatten() {
+                all &= lease_holds(n).await == Some(true);
+            }
+            all
+        },
+    )
+    .await;
+    assert!(leased, "the regions never held their leases");
+
+    let http = reqwest::Client::new();
+    let mut cut = [false; 3];
+    let mut tried: Vec<Tried> = Vec::new();
+    let mut faults = Vec::new();
+    let mut id = 1000i64;
+    for round in 0..rounds {
+        let (mut node_down, mut nats_down) = (None, None);
+        let r = rng.random_range(0..3usize);
+        let fault = match rng.random_range(0..10) {
+            0..=2 => {
+                links[r].cut();
+                cut[r] = true;
+                format!("cut {}", NAMES[r])
+            }
+            3 => {
+                for (l, c) in links.iter().zip(cut.iter_mut()) {
+                    l.heal();
+                    *c = false;
+                }
+                "heal".to_owned()
+            }
+            4 | 5 => {
+                nodes[r].take().unwrap().kill9();
+                node_down = Some(r);
+                format!("kill -9 node {}", NAMES[r])
+            }
+            6 => {
+                nats[r].kill9(0);
+                nats_down = Some(r);
+                format!("kill -9 nats {}", NAMES[r])
+            }
+            _ => "none".to_owned(),
+        };
+        faults.push(format!("{round}: {fault} (cut {cut:?})"));
+        let mut writes = Vec::new();
+        for i in 0..rng.random_range(3..8usize) {
+            let mut t = rng.random_range(0..3usize);
+            if node_down == Some(t) {
+                t = (t + 1) % 3;
+            }
+            let key = if rng.random_bool(0.5) {
+                format!("shared-{}", rng.random_range(0..4))
+            } else {
+                format!("own-{round}-{i}")
+            };
+            let value = format!("{round}.{i}@{}", NAMES[t]);
+            let legacy = rng.random_bool(0.5);
+            id += 1;
+            let (http, url) = (http.clone(), urls[t].clone());
+            // Spread over the round, so that a round lasts about 2.5 s and a cut of a few
+            // rounds outlasts the region's lease.
+            let pause = Duration::from_millis(rng.random_range(0..2500));
+            writes.push(async move {
+                tokio::time::sleep(pause).await;
+                let started = Instant::now();
+                let ok = try_note_put(&http, &url, legacy, id, &key, &value).await;
+                Tried {
+                    key,
+                    value,
+                    region: NAMES[t],
+                    started,
+                    acked: ok.then(Instant::now),
+                }
+            });
+        }
+        tried.extend(futures::future::join_all(writes).await);
+        if let Some(r) = node_down {
+            let data = dirs.path().join(NAMES[r]);
+            nodes[r] = Some(node_at(&nats[r], &data, ports[r], NAMES[r], &peers(r)).await);
+        }
+        if let Some(r) = nats_down {
+            nats[r].restart(0).await;
+        }
+    }
+    for l in &links {
+        l.heal();
+    }
+    let acked = tried.iter().filter(|t| t.acked.is_some()).count();
+    let per_region: Vec<String> = NAMES
+        .iter()
+        .map(|n| {
+            let of = |a: bool| {
+                tried
+                    .iter()
+                    .filter(|t| t.region == *n && t.acked.is_some() == a)
+                    .count()
+            };
+            format!("{n}: {} acknowledged, {} unknown", of(true), of(false))
+        })
+        .collect();
+    eprintln!(
+        "region faults: {} writes, {acked} acknowledged ({}); faults:\n{}",
+        tried.len(),
+        per_region.join("; "),
+        faults.join("\n")
+    );
+    assert!(
+        acked > tried.len() / 2,
+        "seed {seed}: too few writes were acknowledged to check anything"
+    );
+
+    // Healed: the three regions converge to one digest.
+    let nodes: Vec<Haven> = nodes.into_iter().map(Option::unwrap).collect();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let converged = loop {
+        let mut digests = Vec::new();
+        for n in &nodes {
+            let (_, v) = admin(
+                n,
+                reqwest::Method::GET,
+                "/admin/v1/regions?digest=true",
+                None,
+            )
+            .await;
+            digests.push(v["digest"]["sha256"].clone());
+        }
+        if digests[0].is_string() && digests.iter().all(|d| *d == digests[0]) {
+            break Ok(());
+        }
+        if Instant::now() > deadline {
+            break Err(digests);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    if let Err(digests) = converged {
+        panic!("seed {seed}: the regions did not converge: {digests:?}");
+    }
+
+    // Every region serves the same value for every key written, and no acknowledged write
+    // is missing. A call still unsettled (its answer unknown) may land late: read until the
+    // regions agree.
+    let mut keys: Vec<&str> = tried.iter().map(|t| t.key.as_str()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut held = std::collections::BTreeMap::new();
+    let agreed = 'reads: loop {
+        if Instant::now() > deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        held.clear();
+        for (k, key) in keys.iter().enumerate() {
+            let mut seen = Vec::new();
+            for (j, url) in urls.iter().enumerate() {
+                match try_note_get(&http, url, 100_000 + (k * 3 + j) as i64, key).await {
+                    Ok(v) => seen.push(v),
+                    Err(_) => continue 'reads,
+                }
+            }
+            if seen.iter().any(|v| *v != seen[0]) {
+                continue 'reads;
+            }
+            held.insert(key.to_string(), seen[0].clone());
+        }
+        break true;
+    };
+    assert!(agreed, "seed {seed}: the regions serve different values");
+    let margin = Duration::from_millis(20);
+    for t in tried.iter().filter(|t| t.acked.is_some()) {
+        let now = held[&t.key].as_deref();
+        if t.key.starts_with("own-") {
+            assert_eq!(
+                now,
+                Some(t.value.as_str()),
+                "seed {seed}: acknowledged {t:?} lost"
+            );
+            continue;
+        }
+        let now = now.unwrap_or_else(|| {
+            panic!(
+                "seed {seed}: shared key {} lost; {t:?} was acknowledged",
+                t.key
+            )
+        });
+        let winner = tried
+            .iter()
+            .find(|w| w.key == t.key && w.value == now)
+            .unwrap_or_else(|| panic!("seed {seed}: {} holds {now:?}, which nobody wrote", t.key));
+        // The winner was written after t's acknowledgement, or is not itself superseded.
+        if let Some(won_at) = winner.acked {
+            let later = tried
+                .iter()
+                .find(|w| w.key == t.key && w.acked.is_some() && w.started > won_at + margin);
+            assert!(
+                later.is_none(),
+                "seed {seed}: {} holds {winner:?}, though {later:?} was sent after it was acknowledged",
+                t.key
+            );
+        }
+    }
+    let mut takeovers = 0;
+    for n in &nodes {
+        let v = regions(n, false).await;
+        takeovers += v["takeover"]["takeovers"]
+            .as_array()
+            .map_or(0, |t| t.iter().filter(|x| x["stage"] == "done").count());
+    }
+    eprintln!(
+        "region faults: seed {seed}: {} keys agree in all regions, {acked} acknowledged writes kept; takeovers done (as each region records them): {takeovers}",
+        keys.len()
+    );
+    drop((nodes, links, nats, hub));
+}
+
+/// A seed for a history when none is given.
+fn haven_state_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
 }

@@ -223,6 +223,33 @@ pub struct Legacy {
 pub const LEGACY: &str = "2025-11-25";
 
 impl Legacy {
+    /// Like [`Legacy::connect`], for a node that may be down: `None` when any step fails.
+    pub async fn try_connect(url: &str) -> Option<Legacy> {
+        let client = reqwest::Client::new();
+        let r = client
+            .post(url)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":LEGACY,"capabilities":{},"clientInfo":{"name":"haven-test","version":"1"}}}).to_string())
+            .send()
+            .await
+            .ok()?;
+        if r.status() != 200 {
+            return None;
+        }
+        let session = r.headers().get("mcp-session-id")?.to_str().ok()?.to_owned();
+        let l = Legacy {
+            client,
+            url: url.to_owned(),
+            session,
+        };
+        let r = l
+            .try_post_raw(json!({"jsonrpc":"2.0","method":"notifications/initialized"}))
+            .await
+            .ok()?;
+        (r.status() == 202).then_some(l)
+    }
+
     pub async fn connect(url: &str) -> Legacy {
         let client = reqwest::Client::new();
         let r = client
@@ -256,6 +283,11 @@ impl Legacy {
     }
 
     pub async fn post_raw(&self, body: Value) -> reqwest::Response {
+        self.try_post_raw(body).await.unwrap()
+    }
+
+    /// Like [`Legacy::post_raw`], with the transport's error instead of a panic.
+    pub async fn try_post_raw(&self, body: Value) -> reqwest::Result<reqwest::Response> {
         self.client
             .post(&self.url)
             .header("content-type", "application/json")
@@ -265,7 +297,6 @@ impl Legacy {
             .body(body.to_string())
             .send()
             .await
-            .unwrap()
     }
 
     /// A request; returns the final JSON-RPC response (from JSON or SSE).
@@ -318,6 +349,30 @@ impl Legacy {
     }
 }
 
+/// Like [`final_response`], `None` when the answer breaks off or is no JSON-RPC response.
+pub async fn try_final(r: reqwest::Response, id: i64) -> Option<Value> {
+    let is_sse = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if !is_sse {
+        return r.json().await.ok();
+    }
+    let mut sse = SseReader::new(r);
+    while let Some(e) = sse.next().await {
+        let Ok(v) = serde_json::from_str::<Value>(&e.data) else {
+            continue;
+        };
+        if v.get("id") == Some(&json!(id))
+            && (v.get("result").is_some() || v.get("error").is_some())
+        {
+            return Some(v);
+        }
+    }
+    None
+}
+
 /// The final response of a request answered with JSON or SSE.
 pub async fn final_response(r: reqwest::Response, id: i64) -> Value {
     let is_sse = r
@@ -345,9 +400,23 @@ pub async fn stateless(
     url: &str,
     id: i64,
     method: &str,
-    mut params: Value,
+    params: Value,
     caps: Value,
 ) -> reqwest::Response {
+    try_stateless(client, url, id, method, params, caps)
+        .await
+        .unwrap()
+}
+
+/// Like [`stateless`], with the transport's error instead of a panic.
+pub async fn try_stateless(
+    client: &reqwest::Client,
+    url: &str,
+    id: i64,
+    method: &str,
+    mut params: Value,
+    caps: Value,
+) -> reqwest::Result<reqwest::Response> {
     params["_meta"] = json!({
         "io.modelcontextprotocol/protocolVersion": "2026-07-28",
         "io.modelcontextprotocol/clientCapabilities": caps,
@@ -370,5 +439,4 @@ pub async fn stateless(
     req.body(json!({"jsonrpc":"2.0","id":id,"method":method,"params":params}).to_string())
         .send()
         .await
-        .unwrap()
 }
