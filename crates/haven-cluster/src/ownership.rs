@@ -196,6 +196,19 @@ async fn current_record(store: &dyn Store, key: &str) -> StoreResult<Option<Stor
     Ok(records.into_iter().find(|r| r.record.key == key))
 }
 
+/// Whether execution `key` was last ended in the region of `store` (its ownership record is
+/// a tombstone written there) or never had a record: then no other region took it over.
+pub async fn ended_in_this_region(store: &dyn Store, key: &str) -> StoreResult<bool> {
+    // A scan catches up with the log first; a plain get may answer from a stale index.
+    store.scan_all(OWNERS_NS, key).await?;
+    Ok(match store.get_raw(OWNERS_NS, key).await? {
+        None => true,
+        Some(r) => {
+            r.record.is_tombstone() && r.record.version.origin.region == store.origin().region
+        }
+    })
+}
+
 /// Whether an ownership record belongs to the region of `store`: the region whose node wrote
 /// it last (its owner, or the node that took it over). Only that region's nodes take over or
 /// settle it; another region's execution (replicated here) is its own region's to settle.
@@ -255,6 +268,12 @@ impl Execution {
         Ok((Arc::new(execution), commit))
     }
 
+    /// Whether another region may take this execution over (it was opened while this
+    /// region's lease held): its last write is then confirmed by a majority of regions.
+    pub fn claimable(&self) -> bool {
+        self.fence.is_some()
+    }
+
     /// The ownership key.
     pub fn key(&self) -> &str {
         &self.key
@@ -311,20 +330,34 @@ impl Execution {
     async fn await_confirmed(&self, lease: &RegionLease, seq: u64) -> Result<(), FenceError> {
         let mut logged = false;
         let owner = self.state.lock().await.owner.clone();
-        while !lease.confirmed(&*self.store, seq).await {
-            if !logged {
-                tracing::info!(execution = %self.key, seq, "the execution's last write waits until a majority of regions holds it");
-                logged = true;
-            }
+        loop {
+            let confirmed = lease.confirmed(&*self.store, seq).await;
+            // Checked also once confirmed: after a takeover the other regions echo this
+            // one again only once it has applied the claims, so a claim is seen here by then.
             if let Ok(Some((cur, _))) = current(&*self.store, &self.key).await
                 && !cur.same_run(&owner)
             {
                 self.lost.cancel();
                 return Err(self.fenced(&cur));
             }
+            if confirmed {
+                // The record must still be this node's own end: a takeover's run that
+                // already ended leaves its own tombstone, a later version than this one's.
+                if self.ended_by_this_node().await? {
+                    return Ok(());
+                }
+                self.lost.cancel();
+                return Err(FenceError::Fenced {
+                    key: self.key.clone(),
+                    by: "another region took the execution over and ended it".into(),
+                });
+            }
+            if !logged {
+                tracing::info!(execution = %self.key, seq, "the execution's last write waits until a majority of regions holds it");
+                logged = true;
+            }
             tokio::time::sleep(CONFIRM_POLL).await;
         }
-        Ok(())
     }
 
     async fn write(&self, batch: Batch, effect: bool, finish: bool) -> Result<Landed, FenceError> {

@@ -462,6 +462,19 @@ impl Driver {
         Ok(())
     }
 
+    /// Another region (not `source`) that has applied `source`'s log further than this
+    /// one: `(region, its seq, this region's cursor)`.
+    async fn behind_on(&self, source: &str) -> Result<Option<(String, u64, u64)>, StoreError> {
+        let (cursor, _) = crate::regions::read_cursor(&*self.local, source).await?;
+        for r in self.peers.iter().filter(|p| *p != source) {
+            let theirs = read_echo(&*self.local, r, source).await.seq;
+            if theirs > cursor.seq {
+                return Ok(Some((r.clone(), theirs, cursor.seq)));
+            }
+        }
+        Ok(None)
+    }
+
     /// This region as the claimer of `source`'s work.
     async fn claim(
         &mut self,
@@ -485,6 +498,25 @@ impl Driver {
                     write(&*self.local, &key, &next, Some(rev)).await?;
                     self.frozen_at.remove(source);
                     tracing::info!(%source, round = next.round, "takeover aborted: the region was heard again");
+                    return Ok(());
+                }
+                // The claimer must hold the source's log as far as every other region that
+                // applied it: the source's last writes (a final answer) count as held once a
+                // majority echoed them, and a claimer lacking them would run again what the
+                // source already answered. While the source is silent this region cannot
+                // catch up, so it gives way to the region that applied the most.
+                if let Some((ahead_region, theirs, mine)) = self.behind_on(source).await? {
+                    let next = Takeover {
+                        stage: Stage::Aborted,
+                        reason: format!(
+                            "{ahead_region} applied more of {source}'s log ({theirs} > {mine}): it takes over instead"
+                        ),
+                        at_millis: now_millis,
+                        ..t
+                    };
+                    write(&*self.local, &key, &next, Some(rev)).await?;
+                    self.frozen_at.remove(source);
+                    tracing::warn!(%source, region = %ahead_region, theirs, mine, round = next.round, "takeover aborted: another region applied more of the silent region's log, and takes over instead");
                     return Ok(());
                 }
                 let mut frozen = 0;
@@ -589,10 +621,19 @@ impl Driver {
                         agree.push(p.clone());
                     }
                 }
-                agree.sort();
-                if agree.len() * 2 <= total || agree[0] != self.name {
+                // The claimer is the region that applied the most of the source's log (then
+                // the first by name): it holds every last write of the source that a majority
+                // may have echoed.
+                let mut ranked = Vec::with_capacity(agree.len());
+                for r in &agree {
+                    let seq = read_echo(&*self.local, r, source).await.seq;
+                    ranked.push((std::cmp::Reverse(seq), r.clone()));
+                }
+                ranked.sort();
+                if agree.len() * 2 <= total || ranked[0].1 != self.name {
                     return Ok(());
                 }
+                agree.sort();
                 let claimed = claimable_of(&*self.local, source).await?;
                 let intent = Takeover {
                     round,

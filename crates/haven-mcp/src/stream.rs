@@ -12,6 +12,10 @@ pub const INFLIGHT_NS: &str = "inflight";
 
 /// Flag bit of a stored event: the stream ends after it.
 const FINAL: u8 = 1;
+/// Flag byte bit: written by an execution that another region may take over (see
+/// `haven_cluster::Execution::claimable`); such a final event is shown only once a majority of
+/// regions holds it.
+const CLAIMABLE: u8 = 2;
 
 /// Store stream name of an SSE stream of a session.
 pub fn stream_key(session: &str, stream: &str) -> String {
@@ -86,25 +90,36 @@ pub struct StoredEvent {
     pub message: String,
     /// Whether the stream ends after this event.
     pub last: bool,
+    /// Whether an execution that another region may take over wrote it.
+    pub claimable: bool,
+    /// The version of the write that appended it (its origin says which region wrote it).
+    pub version: haven_state::Version,
 }
 
-fn encode(message: &str, last: bool) -> Vec<u8> {
+fn encode(message: &str, last: bool, claimable: bool) -> Vec<u8> {
     let mut v = Vec::with_capacity(message.len() + 1);
-    v.push(if last { FINAL } else { 0 });
+    v.push(if last { FINAL } else { 0 } | if claimable { CLAIMABLE } else { 0 });
     v.extend_from_slice(message.as_bytes());
     v
 }
 
 /// Adds the operations that append `events` to a batch.
-pub fn append_ops(
+pub fn append_ops(batch: Batch, session: &str, stream: &str, events: &[(String, bool)]) -> Batch {
+    claimable_ops(batch, session, stream, events, false)
+}
+
+/// Like [`append_ops`]; `claimable`: the events are written by an execution that another
+/// region may take over.
+fn claimable_ops(
     mut batch: Batch,
     session: &str,
     stream: &str,
     events: &[(String, bool)],
+    claimable: bool,
 ) -> Batch {
     let key = stream_key(session, stream);
     for (message, last) in events {
-        batch = batch.append(&key, encode(message, *last));
+        batch = batch.append(&key, encode(message, *last, claimable));
     }
     batch
 }
@@ -128,7 +143,18 @@ pub fn open_batch(inflight: &InflightRecord, events: &[(String, bool)]) -> Batch
 /// The batch that appends `events` to a stream; when one of them is the last, the in-flight
 /// record goes in the same commit.
 pub fn append_batch(session: &str, stream: &str, events: &[(String, bool)]) -> Batch {
-    let mut batch = append_ops(Batch::new(), session, stream, events);
+    execution_batch(session, stream, events, false)
+}
+
+/// Like [`append_batch`], for the execution that runs the stream's request; `claimable`:
+/// another region may take that execution over.
+pub fn execution_batch(
+    session: &str,
+    stream: &str,
+    events: &[(String, bool)],
+    claimable: bool,
+) -> Batch {
+    let mut batch = claimable_ops(Batch::new(), session, stream, events, claimable);
     if events.iter().any(|(_, last)| *last) {
         batch = batch.delete(INFLIGHT_NS, &inflight_key(session, stream));
     }
@@ -194,6 +220,8 @@ pub async fn read(
                 index: e.index,
                 message,
                 last: flags & FINAL != 0,
+                claimable: flags & CLAIMABLE != 0,
+                version: e.version,
             })
         })
         .collect()

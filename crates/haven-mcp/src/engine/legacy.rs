@@ -31,6 +31,8 @@ pub const CANCELS_NS: &str = "cancels";
 pub const STANDALONE: &str = "standalone";
 /// How often a resumed stream re-reads its events without a change (in case one was missed).
 const RECHECK: Duration = Duration::from_secs(2);
+/// How often a resumed stream's final answer looks whether a majority of regions holds it.
+const CONFIRM_POLL: Duration = Duration::from_millis(50);
 
 /// A legacy-era POST, as the transport read it.
 #[derive(Debug)]
@@ -569,7 +571,8 @@ async fn store_events(p: &Pump, events: &[(String, bool)], finished: bool) -> bo
     let mut events = events.to_vec();
     let mut warned = false;
     loop {
-        let batch = stream::append_batch(&p.session, &p.stream, &events);
+        let claimable = p.execution.claimable();
+        let batch = stream::execution_batch(&p.session, &p.stream, &events, claimable);
         let r = if finished {
             p.execution.finish(batch).await
         } else {
@@ -774,6 +777,10 @@ async fn replay(
             };
         let n = events.len();
         for e in events {
+            if e.last && !final_confirmed(inner, session, stream_id, &e, tx).await {
+                // Not yet the request's answer (or replaced meanwhile): look again later.
+                return ControlFlow::Continue(after);
+            }
             after = e.index;
             let frame = SseFrame::Event {
                 id: Some(stream::event_id(stream_id, e.index)),
@@ -798,6 +805,61 @@ async fn replay(
         Err(_) => {}
     }
     ControlFlow::Continue(after)
+}
+
+/// Whether the final event `e` may be sent. It may unless this region wrote it for an
+/// execution that another region may take over, and a majority of regions does not hold it
+/// yet: a region taking this one's work over might not have it and would answer again. Then
+/// this waits, while the client stays, until a majority holds this region's log up to where
+/// it was when `e` was read; false when the client left or `e` was replaced (by a takeover's
+/// answer merged in after a partition healed).
+async fn final_confirmed(
+    inner: &Arc<Inner>,
+    session: &str,
+    stream_id: &str,
+    e: &StoredEvent,
+    tx: &mpsc::UnboundedSender<SseFrame>,
+) -> bool {
+    let Some(lease) = &inner.config.region_lease else {
+        return true;
+    };
+    if !e.claimable || e.version.origin.region != inner.store.origin().region {
+        return true;
+    }
+    let Ok(seq) = inner.store.last_seq().await else {
+        return false;
+    };
+    let mut polls = 0u32;
+    loop {
+        if lease.confirmed(&*inner.store, seq).await {
+            // Unless another region took the request over meanwhile (its claim is here by
+            // the time the others echo this region again): its answer comes instead.
+            let key = stream::owner_key(session, stream_id);
+            return matches!(
+                haven_cluster::ownership::ended_in_this_region(&*inner.store, &key).await,
+                Ok(true)
+            );
+        }
+        if tx.is_closed() {
+            return false;
+        }
+        polls += 1;
+        if polls == 1 {
+            tracing::info!(
+                session,
+                stream = stream_id,
+                index = e.index,
+                "a resumed stream's final answer waits until a majority of regions holds it"
+            );
+        }
+        if polls.is_multiple_of(20) {
+            match stream::read(&*inner.store, session, stream_id, e.index - 1, 1).await {
+                Ok(now) if now.first().is_some_and(|n| n.version == e.version) => {}
+                _ => return false,
+            }
+        }
+        tokio::time::sleep(CONFIRM_POLL).await;
+    }
 }
 
 /// The standalone GET stream: notifications not tied to a request (list changes, resource

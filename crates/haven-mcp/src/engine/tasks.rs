@@ -833,7 +833,14 @@ async fn outcome_confirmed(inner: &Inner, id: &str, revision: u64) -> bool {
     let here = inner.store.origin().region.clone();
     match inner.store.get(TASKS_NS, id).await {
         Ok(Some(r)) if r.record.version.origin.region == here => {
+            // Confirmed, and not taken over meanwhile by another region (whose claim is
+            // here by the time the others echo this region again).
             lease.confirmed(&*inner.store, revision).await
+                && matches!(
+                    haven_cluster::ownership::ended_in_this_region(&*inner.store, &owner_key(id))
+                        .await,
+                    Ok(true)
+                )
         }
         _ => true,
     }
