@@ -13,7 +13,8 @@
 //!    another region may take over (a *claimable* execution) is written only while the
 //!    lease holds with [`HOLD_MARGIN`] to spare.
 //! 2. **Freezes before a decision.** When a majority of regions finds a region silent, the
-//!    first of them by name (the *claimer*) writes an intent ([`Takeover`], record
+//!    one of them that applied the most of its log (then the first by name; the *claimer*)
+//!    writes an intent ([`Takeover`], record
 //!    `regions/takeover/<source>/<claimer>`); every region that also finds the source silent
 //!    *freezes* its echo of the source (compare-and-set on its echo record, which its
 //!    replicator also updates by compare-and-set, so no echo is written after the freeze).
@@ -594,7 +595,7 @@ impl Driver {
             }
             previous => {
                 // A new intent when a majority finds the source silent and this region is
-                // the first of them by name, unless its last takeover of the source is done
+                // the first of them (below), unless its last takeover of the source is done
                 // and the source has not been heard since.
                 let (round, revision, done_seq) = match &previous {
                     Some((t, rev)) => {

@@ -230,7 +230,7 @@ impl Legacy {
             .post(url)
             .header("content-type", "application/json")
             .header("accept", "application/json, text/event-stream")
-            .body(json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":LEGACY,"capabilities":{},"clientInfo":{"name":"haven-test","version":"1"}}}).to_string())
+            .body(json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":LEGACY,"capabilities":{"sampling":{},"elicitation":{}},"clientInfo":{"name":"haven-test","version":"1"}}}).to_string())
             .send()
             .await
             .ok()?;
@@ -251,27 +251,9 @@ impl Legacy {
     }
 
     pub async fn connect(url: &str) -> Legacy {
-        let client = reqwest::Client::new();
-        let r = client
-            .post(url)
-            .header("content-type", "application/json")
-            .header("accept", "application/json, text/event-stream")
-            .body(json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":LEGACY,"capabilities":{"sampling":{},"elicitation":{}},"clientInfo":{"name":"haven-test","version":"1"}}}).to_string())
-            .send()
+        Legacy::try_connect(url)
             .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        let session = r.headers()["mcp-session-id"].to_str().unwrap().to_owned();
-        let l = Legacy {
-            client,
-            url: url.to_owned(),
-            session,
-        };
-        let r = l
-            .post_raw(json!({"jsonrpc":"2.0","method":"notifications/initialized"}))
-            .await;
-        assert_eq!(r.status(), 202);
-        l
+            .unwrap_or_else(|| panic!("initialize on {url} failed"))
     }
 
     pub fn with_url(&self, url: &str) -> Legacy {
