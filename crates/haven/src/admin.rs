@@ -336,6 +336,30 @@ async fn region_takeover(
             ),
         );
     }
+    // Work the lost region started under its region lease may be taken over by the majority
+    // of regions at any moment: only a region that hears the majority may take it too.
+    if let Some(lease) = &admin.engine.config().region_lease
+        && !lease.holds()
+    {
+        match haven_cluster::takeover::claimable_of(&**admin.engine.store(), &q.region).await {
+            Ok(0) => {}
+            Ok(n) => {
+                return error(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "{n} of region {}'s running requests were started under its region lease, and this region's own lease does not hold (it does not hear a majority of regions): the majority may be taking them over itself. Run the takeover from a region whose `haven region status` says `Region lease: holds`; nothing was taken over",
+                        q.region
+                    ),
+                );
+            }
+            Err(e) => {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the store cannot take the takeover now: {e}"),
+                );
+            }
+        }
+    }
     match admin.engine.take_over_region(&q.region, false).await {
         Ok(taken) => Json(json!({ "region": q.region, "taken": taken })).into_response(),
         Err(e) => error(

@@ -2149,3 +2149,75 @@ fn haven_state_seed() -> u64 {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(1)
 }
+
+/// An operator's takeover from a region that does not hear the majority is refused when the
+/// lost region's work was started under its lease: the majority may be taking that work over
+/// itself. Three regions; C is cut off while B runs such a call, which C holds; `haven region
+/// takeover B --confirm-dead` on C says why it refuses and takes nothing, and the call ends
+/// once, in B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_takeover_without_the_majority_leaves_leased_work_alone() {
+    let _one = ONE_REGION_AT_A_TIME.lock().await;
+    let hub = NatsCluster::start_hub().await;
+    let leaf = hub.leaf_port.unwrap();
+    let link = Link::start(leaf).await;
+    let nats_a = NatsCluster::start_region("A", &[leaf]).await;
+    let nats_b = NatsCluster::start_region("B", &[leaf]).await;
+    let nats_c = NatsCluster::start_region("C", &[link.port]).await;
+    let dirs = tempfile::tempdir().unwrap();
+    let port = common::free_port;
+    let a = node_at(&nats_a, &dirs.path().join("A"), port(), "A", "B,C").await;
+    let b = node_at(&nats_b, &dirs.path().join("B"), port(), "B", "A,C").await;
+    let c = node_at(&nats_c, &dirs.path().join("C"), port(), "C", "A,B").await;
+    let leased = wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || async { lease_holds(&b).await == Some(true) },
+    )
+    .await;
+    assert!(leased, "{}", regions(&b, false).await);
+    let (client, id, first) = streamed_sleep(&b.url(), 10, 6).await;
+    let crossed = wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async { client.with_url(&c.url()).resume(&first).await.status() == 200 },
+    )
+    .await;
+    assert!(crossed, "B's call never reached C");
+
+    link.cut();
+    let alone = wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        || async {
+            let v = regions(&c, false).await;
+            v["takeover"]["lease_holds"] == false && v["unreachable"] == json!(["A", "B"])
+        },
+    )
+    .await;
+    assert!(alone, "{}", regions(&c, false).await);
+    let out = region_cli(&c, &["takeover", "B", "--confirm-dead"]);
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{why}");
+    assert!(
+        why.contains("does not hear a majority") && why.contains("nothing was taken over"),
+        "{why}"
+    );
+
+    // B, with the majority, finishes its call: one final answer, a result, in B and (after
+    // the heal) in C.
+    link.heal();
+    for h in [&b, &c] {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let finals = loop {
+            let finals = finals_after(&client.with_url(&h.url()), &first, id).await;
+            if !finals.is_empty() || Instant::now() > deadline {
+                break finals;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        assert_eq!(finals.len(), 1, "port {}: {finals:?}", h.port);
+        assert!(finals[0].get("result").is_some(), "{finals:?}");
+    }
+    drop((client, a, b, c, link, nats_a, nats_b, nats_c, hub));
+}
