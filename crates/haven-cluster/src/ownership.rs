@@ -196,16 +196,27 @@ async fn current_record(store: &dyn Store, key: &str) -> StoreResult<Option<Stor
     Ok(records.into_iter().find(|r| r.record.key == key))
 }
 
-/// Whether execution `key` was last ended in the region of `store` (its ownership record is
-/// a tombstone written there) or never had a record: then no other region took it over.
-pub async fn ended_in_this_region(store: &dyn Store, key: &str) -> StoreResult<bool> {
+/// Where execution `key` stands, by its ownership record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum End {
+    /// It never had an ownership record (it completed at once).
+    Never,
+    /// A run owns it now.
+    Running,
+    /// Ended by the run of this origin (the tombstone's writer).
+    By(haven_state::Origin),
+}
+
+/// Where execution `key` stands. A final answer of a run another region may take over is the
+/// execution's answer only if that run's node wrote the tombstone (in the same batch): a
+/// later claim, or the tombstone a claimer's run left, means a stopped run wrote it.
+pub async fn end_of(store: &dyn Store, key: &str) -> StoreResult<End> {
     // A scan catches up with the log first; a plain get may answer from a stale index.
     store.scan_all(OWNERS_NS, key).await?;
     Ok(match store.get_raw(OWNERS_NS, key).await? {
-        None => true,
-        Some(r) => {
-            r.record.is_tombstone() && r.record.version.origin.region == store.origin().region
-        }
+        None => End::Never,
+        Some(r) if r.record.is_tombstone() => End::By(r.record.version.origin.clone()),
+        Some(_) => End::Running,
     })
 }
 

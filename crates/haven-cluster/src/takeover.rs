@@ -58,6 +58,10 @@ pub fn decision_wait() -> Duration {
     LEASE_TERM + LEASE_TERM / 10 + Duration::from_millis(500)
 }
 
+/// How long an intent waits for a majority of regions to freeze for it before its claimer
+/// gives it up (regions that froze for a concurrent intent never switch).
+pub const INTENT_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// How far ahead of the claimer's clock a region's clock may be for an automatic takeover.
 const MAX_AHEAD_MILLIS: i64 = 1_000;
 
@@ -451,8 +455,11 @@ impl Driver {
         else {
             return Ok(());
         };
+        // Frozen at how far this region has really applied the source: the echo record is
+        // written at most every 100 ms, and may lag the cursor by the source's last batches.
+        let (cursor, _) = crate::regions::read_cursor(&*self.local, source).await?;
         let frozen = Echo {
-            seq: echo.seq,
+            seq: echo.seq.max(cursor.seq),
             frozen: Some(Freeze {
                 claimer: claimer.clone(),
                 round: t.round,
@@ -535,6 +542,23 @@ impl Driver {
                     }
                 }
                 if frozen * 2 <= total {
+                    // Regions that froze for another claimer's intent (written before they
+                    // saw this one) never freeze for this one: give it up after a while so
+                    // that one intent gathers a majority.
+                    if now_millis.saturating_sub(t.at_millis) > INTENT_TIMEOUT.as_millis() as u64 {
+                        let next = Takeover {
+                            stage: Stage::Aborted,
+                            reason: format!(
+                                "no majority froze {source} for this intent within {} s",
+                                INTENT_TIMEOUT.as_secs()
+                            ),
+                            at_millis: now_millis,
+                            ..t
+                        };
+                        write(&*self.local, &key, &next, Some(rev)).await?;
+                        self.frozen_at.remove(source);
+                        tracing::warn!(%source, round = next.round, frozen, total, "takeover intent given up: no majority froze for it");
+                    }
                     return Ok(());
                 }
                 let since = match self.frozen_at.get(source) {

@@ -2221,3 +2221,107 @@ async fn an_operator_takeover_without_the_majority_leaves_leased_work_alone() {
     }
     drop((client, a, b, c, link, nats_a, nats_b, nats_c, hub));
 }
+
+/// A cut-off region's call that stored its final answer just after the cut (under its lease,
+/// but held by no other region) is taken over; the link heals while the claimer's run is
+/// still going, so the stopped run's answer arrives in every region before the claimer's.
+/// Every region shows the claimer's answer, and only it: the stopped run's is skipped, also
+/// in the region that wrote it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_runs_answer_that_arrives_after_the_heal_is_not_the_answer() {
+    let _one = ONE_REGION_AT_A_TIME.lock().await;
+    let hub = NatsCluster::start_hub().await;
+    let leaf = hub.leaf_port.unwrap();
+    let link = Link::start(leaf).await;
+    let nats_a = NatsCluster::start_region("A", &[link.port]).await;
+    let nats_b = NatsCluster::start_region("B", &[leaf]).await;
+    let nats_c = NatsCluster::start_region("C", &[leaf]).await;
+    let dirs = tempfile::tempdir().unwrap();
+    let port = common::free_port;
+    let a = node_at(&nats_a, &dirs.path().join("A"), port(), "A", "B,C").await;
+    let b = node_at(&nats_b, &dirs.path().join("B"), port(), "B", "A,C").await;
+    let c = node_at(&nats_c, &dirs.path().join("C"), port(), "C", "A,B").await;
+    let leased = wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || async { lease_holds(&a).await == Some(true) },
+    )
+    .await;
+    assert!(leased, "{}", regions(&a, false).await);
+
+    // A call without a progress token: its stream holds no event before the final answer.
+    let id = 30;
+    let client = Legacy::connect(&a.url()).await;
+    let started = Instant::now();
+    let resp = client
+        .post_raw(json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"sleep","arguments":{"seconds":6}}}))
+        .await;
+    let mut sse = common::SseReader::new(resp);
+    let priming = sse.next().await.unwrap().id.unwrap();
+    let crossed = wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async { client.with_url(&b.url()).resume(&priming).await.status() == 200 },
+    )
+    .await;
+    assert!(crossed, "the call never reached B");
+    // Cut 1.5 s before the run ends: A stores its answer while its lease still holds.
+    tokio::time::sleep(Duration::from_millis(4500).saturating_sub(started.elapsed())).await;
+    link.cut();
+    let stored = wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(250),
+        || async {
+            std::fs::read_to_string(&a.log).is_ok_and(|l| {
+                l.contains("the execution's last write waits until a majority of regions holds it")
+            })
+        },
+    )
+    .await;
+    assert!(stored, "A never stored the call's answer");
+    // A survivor takes the call over and runs it again (6 s); the link heals meanwhile.
+    let done = wait_until(
+        Duration::from_secs(90),
+        Duration::from_millis(250),
+        || async {
+            regions(&b, false).await["takeover"]["takeovers"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|x| x["source"] == "A" && x["stage"] == "done"))
+        },
+    )
+    .await;
+    assert!(done, "no region took over A's call");
+    link.heal();
+
+    // Every region, read whole after the priming event: one final answer, the same event.
+    let mut seen = Vec::new();
+    for h in [&b, &c, &a] {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let finals = loop {
+            let mut sse = common::SseReader::new(client.with_url(&h.url()).resume(&priming).await);
+            let mut finals = Vec::new();
+            let read = async {
+                while let Some(e) = sse.next().await {
+                    if e.json()["id"] == id {
+                        finals.push(e.clone());
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+            if !finals.is_empty() || Instant::now() > deadline {
+                break finals;
+            }
+        };
+        assert_eq!(finals.len(), 1, "port {}: {finals:?}", h.port);
+        assert!(finals[0].json().get("result").is_some(), "{finals:?}");
+        seen.push(finals[0].id.clone());
+    }
+    assert!(seen.iter().all(|s| *s == seen[0]), "{seen:?}");
+    // The answer shown is the claimer's, after the stopped run's (index 1).
+    assert_ne!(
+        seen[0].as_deref(),
+        Some(format!("{}-1", priming.rsplit_once('-').unwrap().0).as_str()),
+        "{seen:?}"
+    );
+    drop((sse, client, a, b, c, link, nats_a, nats_b, nats_c, hub));
+}

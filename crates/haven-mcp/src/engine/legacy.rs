@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use haven_cluster::ownership::{self, End};
 use rmcp::model::{InitializeRequestParams, InitializeResult};
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -777,9 +778,16 @@ async fn replay(
             };
         let n = events.len();
         for e in events {
-            if e.last && !final_confirmed(inner, session, stream_id, &e, tx).await {
-                // Not yet the request's answer (or replaced meanwhile): look again later.
-                return ControlFlow::Continue(after);
+            if e.last && e.claimable {
+                match claimable_final(inner, session, stream_id, &e, tx).await {
+                    FinalIs::Answer => {}
+                    // A stopped run's answer: the run that took the request over answers.
+                    FinalIs::Superseded => {
+                        after = e.index;
+                        continue;
+                    }
+                    FinalIs::NotYet => return ControlFlow::Continue(after),
+                }
             }
             after = e.index;
             let frame = SseFrame::Event {
@@ -796,8 +804,19 @@ async fn replay(
         }
     }
     match stream::inflight(&*inner.store, session, stream_id).await {
-        // No final event and no running request: the stream was cut off; say so.
-        Ok(None) => return ControlFlow::Break(()),
+        // No final event and no running request: the stream was cut off; say so. Unless a
+        // run that took the request over goes on (a stopped run's last batch, merged in after
+        // a partition healed, ended the in-flight record).
+        Ok(None) => {
+            let key = stream::owner_key(session, stream_id);
+            if matches!(
+                ownership::end_of(&*inner.store, &key).await,
+                Ok(End::Running)
+            ) {
+                return ControlFlow::Continue(after);
+            }
+            return ControlFlow::Break(());
+        }
         Ok(Some(_)) => {
             let key = stream::owner_key(session, stream_id);
             super::recovery::settle_if_orphaned(inner, &key).await;
@@ -807,44 +826,68 @@ async fn replay(
     ControlFlow::Continue(after)
 }
 
-/// Whether the final event `e` may be sent. It may unless this region wrote it for an
-/// execution that another region may take over, and a majority of regions does not hold it
-/// yet: a region taking this one's work over might not have it and would answer again. Then
-/// this waits, while the client stays, until a majority holds this region's log up to where
-/// it was when `e` was read; false when the client left or `e` was replaced (by a takeover's
-/// answer merged in after a partition healed).
-async fn final_confirmed(
+/// What a final event written by a run that another region may take over is.
+enum FinalIs {
+    /// The request's answer: send it.
+    Answer,
+    /// A stopped run's answer (the request was taken over): skip it.
+    Superseded,
+    /// Not yet known to be the answer: look again later.
+    NotYet,
+}
+
+/// Whether the claimable final event `e` is the request's answer. It is when the run that
+/// wrote it also ended the execution (the ownership record's tombstone has `e`'s origin, as
+/// they are written in one batch); a later claim, or the tombstone of a claimer's run, means
+/// a stopped run wrote it. And when this region wrote it, only once a majority of regions
+/// holds it: a region taking this one's work over might not have it and would answer again.
+/// Then this waits, while the client stays, until a majority holds this region's log up to
+/// where it was when `e` was read.
+async fn claimable_final(
     inner: &Arc<Inner>,
     session: &str,
     stream_id: &str,
     e: &StoredEvent,
     tx: &mpsc::UnboundedSender<SseFrame>,
-) -> bool {
-    let Some(lease) = &inner.config.region_lease else {
-        return true;
+) -> FinalIs {
+    let key = stream::owner_key(session, stream_id);
+    let ended_by_writer = || async {
+        match ownership::end_of(&*inner.store, &key).await {
+            Ok(End::By(o)) if o == e.version.origin => Some(true),
+            Ok(End::Never) => Some(true),
+            Ok(_) => Some(false),
+            Err(_) => None,
+        }
     };
-    if !e.claimable || e.version.origin.region != inner.store.origin().region {
-        return true;
-    }
-    let Ok(seq) = inner.store.last_seq().await else {
-        return false;
+    let here = e.version.origin.region == inner.store.origin().region;
+    let lease = inner.config.region_lease.as_ref().filter(|_| here);
+    let seq = match lease {
+        Some(_) => match inner.store.last_seq().await {
+            Ok(seq) => seq,
+            Err(_) => return FinalIs::NotYet,
+        },
+        None => 0,
     };
     let mut polls = 0u32;
     loop {
-        if lease.confirmed(&*inner.store, seq).await {
-            // Unless another region took the request over meanwhile (its claim is here by
-            // the time the others echo this region again): its answer comes instead.
-            let key = stream::owner_key(session, stream_id);
-            return matches!(
-                haven_cluster::ownership::ended_in_this_region(&*inner.store, &key).await,
-                Ok(true)
-            );
+        let confirmed = match lease {
+            Some(l) => l.confirmed(&*inner.store, seq).await,
+            None => true,
+        };
+        // Checked again once confirmed: after a takeover the other regions echo this one
+        // again only once it has applied the claims.
+        if confirmed || polls.is_multiple_of(20) {
+            match ended_by_writer().await {
+                Some(true) if confirmed => return FinalIs::Answer,
+                Some(true) => {}
+                Some(false) => return FinalIs::Superseded,
+                None => return FinalIs::NotYet,
+            }
         }
         if tx.is_closed() {
-            return false;
+            return FinalIs::NotYet;
         }
-        polls += 1;
-        if polls == 1 {
+        if polls == 0 {
             tracing::info!(
                 session,
                 stream = stream_id,
@@ -852,12 +895,7 @@ async fn final_confirmed(
                 "a resumed stream's final answer waits until a majority of regions holds it"
             );
         }
-        if polls.is_multiple_of(20) {
-            match stream::read(&*inner.store, session, stream_id, e.index - 1, 1).await {
-                Ok(now) if now.first().is_some_and(|n| n.version == e.version) => {}
-                _ => return false,
-            }
-        }
+        polls += 1;
         tokio::time::sleep(CONFIRM_POLL).await;
     }
 }

@@ -9,6 +9,7 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
+use haven_cluster::ownership::{self, End};
 use haven_state::{Batch, Expect, StoreError};
 use parking_lot::Mutex;
 use rmcp::model::{
@@ -832,14 +833,16 @@ async fn outcome_confirmed(inner: &Inner, id: &str, revision: u64) -> bool {
     };
     let here = inner.store.origin().region.clone();
     match inner.store.get(TASKS_NS, id).await {
+        // Changed since it was loaded (a claimer's record merged in): look again later.
+        Ok(Some(r)) if r.revision != revision => false,
         Ok(Some(r)) if r.record.version.origin.region == here => {
-            // Confirmed, and not taken over meanwhile by another region (whose claim is
-            // here by the time the others echo this region again).
+            // Confirmed, and no run owns the task now (another region that took it over
+            // meanwhile has its claim here by the time the others echo this region again;
+            // its run's record supersedes this one when it writes).
             lease.confirmed(&*inner.store, revision).await
                 && matches!(
-                    haven_cluster::ownership::ended_in_this_region(&*inner.store, &owner_key(id))
-                        .await,
-                    Ok(true)
+                    ownership::end_of(&*inner.store, &owner_key(id)).await,
+                    Ok(End::Never | End::By(_))
                 )
         }
         _ => true,
