@@ -879,6 +879,93 @@ async fn the_region_holding_most_of_a_silent_regions_log_takes_it_over() {
     assert!(lease_a.holds(), "{lease_a:?}");
 }
 
+/// Two intents at once (regions that ranked each other differently for a moment), each
+/// region frozen for its own: neither gathers a majority. They are given up — after
+/// `INTENT_TIMEOUT`, or at once by a claimer that does not find A silent yet or is behind
+/// the other — and then one intent gathers the majority and takes A's work over. (With the
+/// timeout removed, most runs of this test never take A's work over.)
+#[tokio::test(start_paused = true)]
+async fn split_intents_are_given_up_and_one_takes_over() {
+    use haven_cluster::regions::REGIONS_NS;
+    use haven_cluster::takeover::{Echo, Freeze, echo_key, takeover_key};
+    let a = region("A", "a1").await;
+    let b = region("B", "b1").await;
+    let c = region("C", "c1").await;
+    let (rs, links, claims) = leased_mesh(&[&a, &b, &c]);
+    let all = [&a, &b, &c];
+    run_for(5, &all).await;
+    let lease_a = rs[0].lease().unwrap();
+    let (_exec, _) = Execution::open_leased(
+        a.store.clone(),
+        "s/z/1",
+        Owner::new("a1", "a1-boot"),
+        Batch::new(),
+        Some(&lease_a),
+    )
+    .await
+    .unwrap();
+    run_for(2, &all).await;
+    isolate(&links, 0, true);
+    // B and C each intend and freeze for themselves, as if neither had seen the other's
+    // intent yet; both frozen at the same point of A's log, so neither is behind the other.
+    let mut at = u64::MAX;
+    for r in [&b, &c] {
+        let (cursor, _) = haven_cluster::regions::read_cursor(&*r.store, "A")
+            .await
+            .unwrap();
+        at = at.min(cursor.seq);
+    }
+    for (r, name) in [(&b, "B"), (&c, "C")] {
+        let at_millis = r.store.clock().wall_millis();
+        let intent = Takeover {
+            round: 1,
+            stage: Stage::Intent,
+            claimed: 1,
+            done_seq: 0,
+            sealed: false,
+            reason: "a split intent (test)".into(),
+            at_millis,
+        };
+        let echo = Echo {
+            seq: at,
+            frozen: Some(Freeze {
+                claimer: name.into(),
+                round: 1,
+            }),
+        };
+        r.store
+            .commit(
+                Batch::new()
+                    .put(
+                        REGIONS_NS,
+                        &takeover_key("A", name),
+                        serde_json::to_vec(&intent).unwrap(),
+                    )
+                    .put(
+                        REGIONS_NS,
+                        &echo_key(name, "A"),
+                        serde_json::to_vec(&echo).unwrap(),
+                    ),
+            )
+            .await
+            .unwrap();
+    }
+    let mut done = None;
+    for second in 0..90 {
+        run_for(1, &all).await;
+        let ts = takeovers_of(&*b.store, "A").await.unwrap();
+        if let Some((claimer, (t, _))) = ts.into_iter().find(|(_, (t, _))| t.sealed) {
+            done = Some((second, claimer, t));
+            break;
+        }
+    }
+    let (second, claimer, t) = done.expect("one intent gathered a majority and took A's work over");
+    assert_eq!((t.stage, t.claimed), (Stage::Done, 1), "{t:?}");
+    let claimed = claims.lock().clone();
+    assert_eq!(claimed.len(), 1, "{claimed:?}");
+    println!("{claimer} took over {second} s after the split intents");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_region_heard_again_before_the_decision_keeps_its_work() {
     let a = region("A", "a1").await;
