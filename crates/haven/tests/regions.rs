@@ -2062,6 +2062,19 @@ async fn randomized_kills_and_partitions_of_real_regions_lose_no_acknowledged_wr
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     if let Err(digests) = converged {
+        for n in &nodes {
+            eprintln!("{}", regions(n, false).await);
+            let log = std::fs::read_to_string(&n.log).unwrap_or_default();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .collect();
+            eprintln!(
+                "{} warnings; the last:\n{}",
+                lines.len(),
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            );
+        }
         panic!("seed {seed}: the regions did not converge: {digests:?}");
     }
 
