@@ -1488,24 +1488,13 @@ async fn an_operator_takes_over_a_lost_regions_running_work_and_each_request_end
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_off_regions_running_work_is_taken_over_without_an_operator_and_ends_once() {
     let _one = ONE_REGION_AT_A_TIME.lock().await;
-    let hub = NatsCluster::start_hub().await;
-    let leaf = hub.leaf_port.unwrap();
-    let link = Link::start(leaf).await;
-    let nats_a = NatsCluster::start_region("A", &[link.port]).await;
-    let nats_b = NatsCluster::start_region("B", &[leaf]).await;
-    let nats_c = NatsCluster::start_region("C", &[leaf]).await;
-    let dirs = tempfile::tempdir().unwrap();
-    let port = common::free_port;
-    let a = node_at(&nats_a, &dirs.path().join("A"), port(), "A", "B,C").await;
-    let b = node_at(&nats_b, &dirs.path().join("B"), port(), "B", "A,C").await;
-    let c = node_at(&nats_c, &dirs.path().join("C"), port(), "C", "A,B").await;
-    let leased = wait_until(
-        Duration::from_secs(60),
-        Duration::from_millis(250),
-        || async { lease_holds(&a).await == Some(true) },
-    )
-    .await;
-    assert!(leased, "{}", regions(&a, false).await);
+    let ThreeRegions {
+        a,
+        b,
+        c,
+        link,
+        rest,
+    } = three_regions("A", "A").await;
 
     // Running in A when it is cut off: two long legacy calls on their streams, and a task of
     // each form. All were started under A's lease, so another region may take them over.
@@ -1570,7 +1559,6 @@ async fn a_cut_off_regions_running_work_is_taken_over_without_an_operator_and_en
     // answer then, but no other region holds it, so it is not the request's answer yet.
     let late_id = 12;
     let late_client = Legacy::connect(&a.url()).await;
-    let late_started = Instant::now();
     let resp = late_client
         .post_raw(json!({"jsonrpc":"2.0","id":late_id,"method":"tools/call","params":{"name":"sleep","arguments":{"seconds":3},"_meta":{"progressToken":"late"}}}))
         .await;
@@ -1591,7 +1579,17 @@ async fn a_cut_off_regions_running_work_is_taken_over_without_an_operator_and_en
     )
     .await;
     assert!(late_crossed, "the late call never reached B");
-    tokio::time::sleep(Duration::from_millis(1800).saturating_sub(late_started.elapsed())).await;
+    // Cut once it reports its second second: its answer comes a second later, while A's
+    // lease (renewed until the cut) still holds.
+    loop {
+        let e = late_sse
+            .next()
+            .await
+            .expect("the late call's stream ended early");
+        if e.json()["params"]["progress"].as_f64() >= Some(2.0) {
+            break;
+        }
+    }
 
     link.cut();
     let cut = Instant::now();
@@ -1788,7 +1786,65 @@ async fn a_cut_off_regions_running_work_is_taken_over_without_an_operator_and_en
             .await;
         assert_eq!(v["result"]["status"], "completed", "{v}");
     }
-    drop((calls, a, b, c, link, nats_a, nats_b, nats_c, hub));
+    drop((calls, a, b, c, link, rest));
+}
+
+/// Three regions, each one nats-server and one node, joined through a hub; region `linked`
+/// joins it through a [`Link`] the test can cut. Returned once region `leased`'s node holds
+/// its region lease. Fields drop in order: the nodes, the link, then NATS.
+struct ThreeRegions {
+    a: Haven,
+    b: Haven,
+    c: Haven,
+    link: Link,
+    rest: Infra,
+}
+
+/// The NATS servers and data directories under [`ThreeRegions`]' nodes.
+struct Infra {
+    _nats: Vec<NatsCluster>,
+    _hub: NatsCluster,
+    _dirs: tempfile::TempDir,
+}
+
+async fn three_regions(linked: &str, leased: &str) -> ThreeRegions {
+    let hub = NatsCluster::start_hub().await;
+    let leaf = hub.leaf_port.unwrap();
+    let link = Link::start(leaf).await;
+    let dirs = tempfile::tempdir().unwrap();
+    let mut nats = Vec::new();
+    let mut nodes = Vec::new();
+    for (name, peers) in [("A", "B,C"), ("B", "A,C"), ("C", "A,B")] {
+        let remote = if name == linked { link.port } else { leaf };
+        let n = NatsCluster::start_region(name, &[remote]).await;
+        let data = dirs.path().join(name);
+        nodes.push(node_at(&n, &data, common::free_port(), name, peers).await);
+        nats.push(n);
+    }
+    let [a, b, c]: [Haven; 3] = nodes.try_into().ok().unwrap();
+    let holder = match leased {
+        "A" => &a,
+        "B" => &b,
+        _ => &c,
+    };
+    let held = wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || async { lease_holds(holder).await == Some(true) },
+    )
+    .await;
+    assert!(held, "{}", regions(holder, false).await);
+    ThreeRegions {
+        a,
+        b,
+        c,
+        link,
+        rest: Infra {
+            _nats: nats,
+            _hub: hub,
+            _dirs: dirs,
+        },
+    }
 }
 
 /// Whether node `h`'s region lease holds (`None`: fewer than three regions).
@@ -2171,24 +2227,13 @@ fn haven_state_seed() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_takeover_without_the_majority_leaves_leased_work_alone() {
     let _one = ONE_REGION_AT_A_TIME.lock().await;
-    let hub = NatsCluster::start_hub().await;
-    let leaf = hub.leaf_port.unwrap();
-    let link = Link::start(leaf).await;
-    let nats_a = NatsCluster::start_region("A", &[leaf]).await;
-    let nats_b = NatsCluster::start_region("B", &[leaf]).await;
-    let nats_c = NatsCluster::start_region("C", &[link.port]).await;
-    let dirs = tempfile::tempdir().unwrap();
-    let port = common::free_port;
-    let a = node_at(&nats_a, &dirs.path().join("A"), port(), "A", "B,C").await;
-    let b = node_at(&nats_b, &dirs.path().join("B"), port(), "B", "A,C").await;
-    let c = node_at(&nats_c, &dirs.path().join("C"), port(), "C", "A,B").await;
-    let leased = wait_until(
-        Duration::from_secs(60),
-        Duration::from_millis(250),
-        || async { lease_holds(&b).await == Some(true) },
-    )
-    .await;
-    assert!(leased, "{}", regions(&b, false).await);
+    let ThreeRegions {
+        a,
+        b,
+        c,
+        link,
+        rest,
+    } = three_regions("C", "B").await;
     let (client, id, first) = streamed_sleep(&b.url(), 10, 6).await;
     let crossed = wait_until(
         Duration::from_secs(20),
@@ -2232,7 +2277,7 @@ async fn an_operator_takeover_without_the_majority_leaves_leased_work_alone() {
         assert_eq!(finals.len(), 1, "port {}: {finals:?}", h.port);
         assert!(finals[0].get("result").is_some(), "{finals:?}");
     }
-    drop((client, a, b, c, link, nats_a, nats_b, nats_c, hub));
+    drop((client, a, b, c, link, rest));
 }
 
 /// A cut-off region's call that stored its final answer just after the cut (under its lease,
@@ -2243,24 +2288,13 @@ async fn an_operator_takeover_without_the_majority_leaves_leased_work_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_runs_answer_that_arrives_after_the_heal_is_not_the_answer() {
     let _one = ONE_REGION_AT_A_TIME.lock().await;
-    let hub = NatsCluster::start_hub().await;
-    let leaf = hub.leaf_port.unwrap();
-    let link = Link::start(leaf).await;
-    let nats_a = NatsCluster::start_region("A", &[link.port]).await;
-    let nats_b = NatsCluster::start_region("B", &[leaf]).await;
-    let nats_c = NatsCluster::start_region("C", &[leaf]).await;
-    let dirs = tempfile::tempdir().unwrap();
-    let port = common::free_port;
-    let a = node_at(&nats_a, &dirs.path().join("A"), port(), "A", "B,C").await;
-    let b = node_at(&nats_b, &dirs.path().join("B"), port(), "B", "A,C").await;
-    let c = node_at(&nats_c, &dirs.path().join("C"), port(), "C", "A,B").await;
-    let leased = wait_until(
-        Duration::from_secs(60),
-        Duration::from_millis(250),
-        || async { lease_holds(&a).await == Some(true) },
-    )
-    .await;
-    assert!(leased, "{}", regions(&a, false).await);
+    let ThreeRegions {
+        a,
+        b,
+        c,
+        link,
+        rest,
+    } = three_regions("A", "A").await;
 
     // A call without a progress token: its stream holds no event before the final answer.
     let id = 30;
@@ -2336,5 +2370,5 @@ async fn a_stopped_runs_answer_that_arrives_after_the_heal_is_not_the_answer() {
         Some(format!("{}-1", priming.rsplit_once('-').unwrap().0).as_str()),
         "{seen:?}"
     );
-    drop((sse, client, a, b, c, link, nats_a, nats_b, nats_c, hub));
+    drop((sse, client, a, b, c, link, rest));
 }
