@@ -26,7 +26,8 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use haven_state::{
-    Batch, Change, Expect, LogEntry, Op, SharedLog, Store, StoreError, replicated::Delivery,
+    Batch, Change, Expect, LogEntry, Op, SharedLog, Store, StoreError, Version,
+    replicated::Delivery,
 };
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
@@ -476,30 +477,145 @@ fn take(pending: &mut Vec<LogEntry>, d: Delivery) -> Option<(u64, Vec<LogEntry>)
 }
 
 /// A digest of the state that every region converges to: every record (tombstones included)
-/// and every stream event, except this region's own bookkeeping ([`LOCAL_NS`]) and the
-/// heartbeats, which change every second. Two regions that applied the same writes have the
+/// and every stream event, except this region's own bookkeeping ([`LOCAL_NS`]), the
+/// heartbeats and the echoes (how far each region has applied each other's log), which change
+/// every second while the regions live: two regions never hold the same copies of them at the
+/// same instant, however converged the rest. Two regions that applied the same writes have the
 /// same digest, whatever order they applied them in.
 pub async fn state_digest(store: &dyn Store) -> Result<(String, u64), StoreError> {
+    let d = state_digest_parts(store).await?;
+    Ok((d.sha256, d.items))
+}
+
+/// The part of the state that stream events make up in [`StateDigest::parts`] and
+/// [`state_items`]; records are listed under their namespace.
+pub const EVENTS_PART: &str = "(events)";
+
+/// [`state_digest`] of the whole state and of each of its parts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StateDigest {
+    /// SHA-256 of the whole converging state.
+    pub sha256: String,
+    /// How many records and events it holds.
+    pub items: u64,
+    /// The same per part: each record namespace, and the stream events ([`EVENTS_PART`]).
+    /// Two regions whose digests differ differ in the parts whose digests differ.
+    pub parts: BTreeMap<String, PartDigest>,
+}
+
+/// The digest of one part of the state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PartDigest {
+    /// SHA-256 of the part.
+    pub sha256: String,
+    /// How many items it holds.
+    pub items: u64,
+}
+
+/// [`state_digest`], with the digest of each part of the state.
+pub async fn state_digest_parts(store: &dyn Store) -> Result<StateDigest, StoreError> {
+    let items = converging_items(store).await?;
+    Ok(StateDigest {
+        sha256: digest_of(items.values().flatten()),
+        items: items.values().map(|p| p.len() as u64).sum(),
+        parts: items
+            .iter()
+            .map(|(part, items)| {
+                let d = PartDigest {
+                    sha256: digest_of(items.iter()),
+                    items: items.len() as u64,
+                };
+                (part.clone(), d)
+            })
+            .collect(),
+    })
+}
+
+/// One item of the converging state, as [`state_items`] lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateItem {
+    /// The record's key, or the event's `stream#index`.
+    pub key: String,
+    /// The version that won.
+    pub version: Version,
+    /// Whether the record is a tombstone.
+    pub tombstone: bool,
+    /// SHA-256 of the item's whole content (value, expiry, version).
+    pub sha256: String,
+}
+
+/// Every item of one part of the converging state (a namespace, or [`EVENTS_PART`]), in key
+/// order, with its version and a digest of its content: what tells two regions' differences
+/// apart key by key.
+pub async fn state_items(store: &dyn Store, part: &str) -> Result<Vec<StateItem>, StoreError> {
     let (_, entries) = store.state_entries().await?;
-    let mut items: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+    let mut items = BTreeMap::new();
     for e in entries {
-        let key = match &e.change {
-            Change::Record(r) if r.namespace == LOCAL_NS || r.namespace == NODES_NS => {
-                continue;
+        let (key, version, tombstone) = match &e.change {
+            Change::Record(r) if r.namespace == part && !excluded(&r.namespace, &r.key) => {
+                (r.key.clone(), r.version.clone(), r.is_tombstone())
             }
-            Change::Record(r) => encoded(&(0u8, &r.namespace, &r.key)),
-            Change::Event(ev) => encoded(&(1u8, &ev.stream, ev.index)),
+            Change::Event(ev) if part == EVENTS_PART => (
+                format!("{}#{}", ev.stream, ev.index),
+                ev.version.clone(),
+                false,
+            ),
+            _ => continue,
         };
-        items.insert(key, encoded(&e.change));
+        let sha256 = hex::encode(sha2::Sha256::digest(encoded(&e.change)));
+        items.insert(
+            key.clone(),
+            StateItem {
+                key,
+                version,
+                tombstone,
+                sha256,
+            },
+        );
     }
+    Ok(items.into_values().collect())
+}
+
+/// The records that are not part of the converging state.
+fn excluded(namespace: &str, key: &str) -> bool {
+    namespace == LOCAL_NS
+        || namespace == NODES_NS
+        || (namespace == REGIONS_NS && key.starts_with(crate::takeover::ECHO_PREFIX))
+}
+
+/// The converging state's items by part: (sort key, encoded change) pairs in order.
+async fn converging_items(
+    store: &dyn Store,
+) -> Result<BTreeMap<String, BTreeMap<Vec<u8>, Vec<u8>>>, StoreError> {
+    let (_, entries) = store.state_entries().await?;
+    let mut parts: BTreeMap<String, BTreeMap<Vec<u8>, Vec<u8>>> = BTreeMap::new();
+    for e in entries {
+        let (part, key) = match &e.change {
+            Change::Record(r) if excluded(&r.namespace, &r.key) => continue,
+            Change::Record(r) => (r.namespace.clone(), encoded(&(0u8, &r.namespace, &r.key))),
+            Change::Event(ev) => (
+                EVENTS_PART.to_owned(),
+                encoded(&(1u8, &ev.stream, ev.index)),
+            ),
+        };
+        parts
+            .entry(part)
+            .or_default()
+            .insert(key, encoded(&e.change));
+    }
+    Ok(parts)
+}
+
+/// SHA-256 over (key, value) pairs in order, each length-prefixed.
+fn digest_of<'a>(items: impl Iterator<Item = (&'a Vec<u8>, &'a Vec<u8>)>) -> String {
     let mut hash = sha2::Sha256::new();
-    for (k, v) in &items {
+    for (k, v) in items {
         hash.update((k.len() as u64).to_le_bytes());
         hash.update(k);
         hash.update((v.len() as u64).to_le_bytes());
         hash.update(v);
     }
-    Ok((hex::encode(hash.finalize()), items.len() as u64))
+    hex::encode(hash.finalize())
 }
 
 fn encoded<T: Serialize>(v: &T) -> Vec<u8> {

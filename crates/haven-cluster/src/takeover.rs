@@ -195,8 +195,11 @@ pub struct Freeze {
 
 /// The key of `region`'s echo of `source`.
 pub fn echo_key(region: &str, source: &str) -> String {
-    format!("echo/{region}/{source}")
+    format!("{ECHO_PREFIX}{region}/{source}")
 }
+
+/// The prefix of every echo's key (namespace [`REGIONS_NS`]).
+pub const ECHO_PREFIX: &str = "echo/";
 
 /// The key of `claimer`'s takeover record of `source`.
 pub fn takeover_key(source: &str, claimer: &str) -> String {

@@ -189,6 +189,10 @@ struct RegionsQuery {
     /// Include a digest of the whole state (reads every record: for convergence checks).
     #[serde(default)]
     digest: bool,
+    /// List every item of this part of the state (a namespace, or `(events)`) with its
+    /// version and a digest of its content: to find which keys two regions disagree on.
+    #[serde(default)]
+    items: Option<String>,
 }
 
 /// This region and every other region as this node sees them: the links that apply their
@@ -230,12 +234,23 @@ async fn regions(State(admin): State<Arc<Admin>>, Query(q): Query<RegionsQuery>)
         out["takeover"] = json!(t);
     }
     if q.digest {
-        match haven_cluster::regions::state_digest(&**e.store()).await {
-            Ok((sha256, items)) => out["digest"] = json!({ "sha256": sha256, "items": items }),
+        match haven_cluster::regions::state_digest_parts(&**e.store()).await {
+            Ok(d) => out["digest"] = json!(d),
             Err(err) => {
                 return error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("reading the state for its digest: {err}"),
+                );
+            }
+        }
+    }
+    if let Some(part) = &q.items {
+        match haven_cluster::regions::state_items(&**e.store(), part).await {
+            Ok(items) => out["items"] = json!({ "part": part, "items": items }),
+            Err(err) => {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("reading the state's items: {err}"),
                 );
             }
         }

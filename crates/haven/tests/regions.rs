@@ -2146,6 +2146,7 @@ async fn randomized_kills_and_partitions_of_real_regions_lose_no_acknowledged_wr
                 lines[lines.len().saturating_sub(40)..].join("\n")
             );
         }
+        eprintln!("{}", state_differences(&nodes, &NAMES).await);
         panic!("seed {seed}: the regions did not converge: {digests:?}");
     }
 
@@ -2386,4 +2387,71 @@ async fn a_stopped_runs_answer_that_arrives_after_the_heal_is_not_the_answer() {
         "{seen:?}"
     );
     drop((sse, client, a, b, c, link, rest));
+}
+
+/// Where the states of `nodes`' regions differ: the parts whose digests differ, and in each
+/// the keys whose items differ, with every region's version of them.
+async fn state_differences(nodes: &[Haven], names: &[&str]) -> String {
+    let mut parts = Vec::new();
+    for n in nodes {
+        let (_, v) = admin(
+            n,
+            reqwest::Method::GET,
+            "/admin/v1/regions?digest=true",
+            None,
+        )
+        .await;
+        parts.push(v["digest"]["parts"].clone());
+    }
+    let mut part_names: Vec<String> = parts
+        .iter()
+        .filter_map(Value::as_object)
+        .flat_map(|p| p.keys().cloned())
+        .collect();
+    part_names.sort();
+    part_names.dedup();
+    let mut out = String::new();
+    for part in part_names {
+        let ds: Vec<&Value> = parts.iter().map(|p| &p[&part]["sha256"]).collect();
+        if ds.iter().all(|d| *d == ds[0]) {
+            continue;
+        }
+        out += &format!(
+            "part {part} differs: {:?}\n",
+            parts.iter().map(|p| &p[&part]["items"]).collect::<Vec<_>>()
+        );
+        let mut by_key: std::collections::BTreeMap<String, Vec<Value>> = Default::default();
+        for (i, n) in nodes.iter().enumerate() {
+            let path = format!("/admin/v1/regions?items={}", urlencode(&part));
+            let (_, v) = admin(n, reqwest::Method::GET, &path, None).await;
+            for item in v["items"]["items"].as_array().into_iter().flatten() {
+                let key = item["key"].as_str().unwrap_or_default().to_owned();
+                let e = by_key
+                    .entry(key)
+                    .or_insert_with(|| vec![Value::Null; nodes.len()]);
+                e[i] = item.clone();
+            }
+        }
+        for (key, items) in by_key {
+            if items.iter().all(|i| i["sha256"] == items[0]["sha256"]) {
+                continue;
+            }
+            out += &format!("  {key}:\n");
+            for (n, i) in names.iter().zip(&items) {
+                out += &format!("    {n}: {i}\n");
+            }
+        }
+    }
+    out
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
