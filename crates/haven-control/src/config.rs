@@ -34,6 +34,21 @@ pub struct UpstreamSettings {
     pub connect_timeout_ms: u64,
 }
 
+/// Connection limits of the HTTP server (applied to connections opened after a change; the
+/// body deadline to the next request).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpSettings {
+    /// Longest wait for a request's headers (also how long an idle keep-alive connection
+    /// stays open), ms.
+    pub header_read_timeout_ms: u64,
+    /// Longest time to read a request's body, ms.
+    pub body_read_timeout_ms: u64,
+    /// Open connections per node.
+    pub max_connections: u64,
+    /// Open connections per client address (0: no cap).
+    pub max_connections_per_ip: u64,
+}
+
 impl Default for UpstreamSettings {
     fn default() -> Self {
         UpstreamSettings {
@@ -84,6 +99,42 @@ pub const SETTINGS: &[SettingDef] = &[
         kind: Kind::OneOf(&["default", "conformance", "none"]),
         default: "default",
         help: "Haven's built-in catalog served next to the federated upstreams (none: only upstreams)",
+    },
+    SettingDef {
+        key: "http.body_read_timeout_ms",
+        kind: Kind::Integer {
+            min: 100,
+            max: 3_600_000,
+        },
+        default: "30000",
+        help: "longest time to read a request's body; a slower body is answered 408",
+    },
+    SettingDef {
+        key: "http.header_read_timeout_ms",
+        kind: Kind::Integer {
+            min: 100,
+            max: 3_600_000,
+        },
+        default: "10000",
+        help: "longest wait for a request's headers, from the connection's opening or the end of the previous answer on it: slow clients and idle keep-alive connections are closed after it (applies to new connections)",
+    },
+    SettingDef {
+        key: "http.max_connections",
+        kind: Kind::Integer {
+            min: 1,
+            max: 1_000_000,
+        },
+        default: "10000",
+        help: "open connections a node keeps; one more is answered 503 with Retry-After and closed (keep it below the process's file descriptor limit)",
+    },
+    SettingDef {
+        key: "http.max_connections_per_ip",
+        kind: Kind::Integer {
+            min: 0,
+            max: 1_000_000,
+        },
+        default: "0",
+        help: "open connections from one client address, beyond which it is answered 503 (0: no cap per address; behind a proxy every connection comes from the proxy's address)",
     },
     SettingDef {
         key: "limits.max_body_bytes",
@@ -206,6 +257,8 @@ pub struct Snapshot {
     pub log_level: String,
     /// Largest request body.
     pub max_body_bytes: u64,
+    /// Connection limits.
+    pub http: HttpSettings,
     /// Change-log sequence of the last configuration change applied (0: none yet).
     pub applied_seq: u64,
     /// When this snapshot was built, Unix ms.
@@ -351,6 +404,12 @@ fn fold(stored: &BTreeMap<String, StoredSetting>, applied_seq: u64, now: u64) ->
         catalog: text("catalog"),
         log_level: text("log.level"),
         max_body_bytes: int("limits.max_body_bytes"),
+        http: HttpSettings {
+            header_read_timeout_ms: int("http.header_read_timeout_ms"),
+            body_read_timeout_ms: int("http.body_read_timeout_ms"),
+            max_connections: int("http.max_connections"),
+            max_connections_per_ip: int("http.max_connections_per_ip"),
+        },
         entries,
         applied_seq,
         applied_millis: now,

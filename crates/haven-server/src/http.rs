@@ -30,6 +30,8 @@ pub struct HttpConfig {
     pub max_body_bytes: Arc<AtomicUsize>,
     /// Host names (without port) allowed in `Host` and `Origin`; `*` allows any.
     pub allowed_hosts: Vec<String>,
+    /// Connection caps and timeouts, shared like the body limit.
+    pub limits: Arc<crate::conn::ConnLimits>,
 }
 
 impl Default for HttpConfig {
@@ -42,6 +44,7 @@ impl Default for HttpConfig {
                 "[::1]".into(),
                 "::1".into(),
             ],
+            limits: Arc::default(),
         }
     }
 }
@@ -80,7 +83,10 @@ pub fn router(engine: Engine, config: HttpConfig) -> Router {
         // The body limit layer enforces the runtime limit; axum's fixed default must not.
         .route_layer(DefaultBodyLimit::disable())
         .route_layer(middleware::from_fn_with_state(
-            body_limit::BodyLimit(config.max_body_bytes.clone()),
+            body_limit::BodyLimit {
+                bytes: config.max_body_bytes.clone(),
+                limits: config.limits.clone(),
+            },
             body_limit::enforce,
         ))
         .route_layer(middleware::from_fn(content::enforce))
@@ -100,62 +106,27 @@ pub fn router(engine: Engine, config: HttpConfig) -> Router {
 /// How long a stopping server waits for open connections (SSE streams included) to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// Serves `router` on `listener` until `shutdown` resolves, then lets open connections finish
-/// (bounded by a grace period). HTTP/1.1 only, every connection with `TCP_NODELAY`.
+/// Serves `router` on `listener` with the default connection limits until `shutdown`
+/// resolves, then lets open connections finish (bounded by a grace period).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    serve_with_grace(listener, router, shutdown, SHUTDOWN_GRACE).await
+    let limits = Arc::new(crate::conn::ConnLimits::default());
+    crate::conn::serve(listener, router, limits, shutdown, SHUTDOWN_GRACE).await
 }
 
-/// [`serve`] with the grace period for open connections after `shutdown`.
+/// [`serve`] within `config`'s connection limits, with the grace period for open connections
+/// after `shutdown`.
 pub async fn serve_with_grace(
     listener: TcpListener,
     router: Router,
+    config: &HttpConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let service = hyper_util::service::TowerToHyperService::new(router);
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.keep_alive(true);
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(error = %e, "accepting a connection failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                if let Err(e) = stream.set_nodelay(true) {
-                    tracing::debug!(error = %e, "setting TCP_NODELAY failed");
-                }
-                let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service.clone());
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
-            }
-            () = &mut shutdown => break,
-        }
-    }
-    drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(grace) => {
-            tracing::info!("connections still open after the grace period are closed");
-        }
-    }
-    Ok(())
+    crate::conn::serve(listener, router, config.limits.clone(), shutdown, grace).await
 }
 
 async fn healthz() -> Response {

@@ -3,9 +3,11 @@
 //! HTTP-level checks (Host and Origin, content types, body size) are its layers, and the
 //! engine's protocol outcomes become statuses and headers in one place, `response`.
 
+pub mod conn;
 pub mod http;
 pub mod layers;
 pub mod response;
 pub mod stdio;
 
+pub use conn::ConnLimits;
 pub use http::{HttpConfig, router, serve, serve_with_grace};

@@ -34,6 +34,8 @@ pub struct Control {
     pub upstreams: haven_federation::Upstreams,
     /// Body limit of the HTTP layer, changed by `limits.max_body_bytes`.
     pub max_body_bytes: Arc<AtomicUsize>,
+    /// Connection caps and timeouts of the HTTP server, changed by the `http.*` settings.
+    pub conn_limits: Arc<haven_server::ConnLimits>,
     /// The configuration snapshot this node has applied last.
     pub in_force: Arc<RwLock<Arc<haven_control::config::Snapshot>>>,
     /// Replication from the other regions (`None`: one region).
@@ -190,8 +192,8 @@ pub struct StartupValues {
     pub catalog: String,
 }
 
-/// Applies every new configuration snapshot on this node: the log filter, the body limit and
-/// the built-in catalog (upstream settings reach the federation layer through their own
+/// Applies every new configuration snapshot on this node: the log filter, the body limit, the
+/// connection limits and the built-in catalog (upstream settings reach the federation layer through their own
 /// channel). A changed catalog is announced so that clients re-list.
 pub fn apply_config(
     control: &Control,
@@ -202,6 +204,7 @@ pub fn apply_config(
 ) {
     let mut rx = control.config.subscribe();
     let max_body_bytes = control.max_body_bytes.clone();
+    let conn_limits = control.conn_limits.clone();
     let in_force = control.in_force.clone();
     tokio::spawn(async move {
         let mut applied_log = None::<String>;
@@ -214,6 +217,19 @@ pub fn apply_config(
                 startup.max_body_bytes
             };
             max_body_bytes.store(limit, Ordering::Relaxed);
+            let h = &snap.http;
+            conn_limits
+                .header_read_timeout_ms
+                .store(h.header_read_timeout_ms, Ordering::Relaxed);
+            conn_limits
+                .body_read_timeout_ms
+                .store(h.body_read_timeout_ms, Ordering::Relaxed);
+            conn_limits
+                .max_connections
+                .store(h.max_connections as usize, Ordering::Relaxed);
+            conn_limits
+                .max_connections_per_ip
+                .store(h.max_connections_per_ip as usize, Ordering::Relaxed);
             let level = if snap.entries["log.level"].source == "store" {
                 snap.log_level.clone()
             } else {

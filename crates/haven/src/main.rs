@@ -304,6 +304,7 @@ async fn start_engine(
         secrets,
         upstreams,
         max_body_bytes: Arc::new(std::sync::atomic::AtomicUsize::new(s.max_body_bytes)),
+        conn_limits: Arc::default(),
         in_force,
         regions,
     };
@@ -491,6 +492,7 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
     let http = haven_server::HttpConfig {
         max_body_bytes: control.max_body_bytes.clone(),
         allowed_hosts: s.allowed_hosts.clone(),
+        limits: control.conn_limits.clone(),
     };
     tracing::info!(
         "haven listening on http://{addr}/mcp (data: {}, catalog: {}, node: {})",
@@ -502,7 +504,7 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
         "admin API at http://{addr}/admin/v1 (token in {})",
         token_file.display()
     );
-    let router = haven_server::router(engine.clone(), http)
+    let router = haven_server::router(engine.clone(), http.clone())
         .merge(admin::router(
             token,
             backup,
@@ -526,7 +528,7 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
         }
     };
     let grace = s.drain_timeout;
-    haven_server::serve_with_grace(listener, router, drain, grace).await?;
+    haven_server::serve_with_grace(listener, router, &http, drain, grace).await?;
     let deadline = tokio::time::Instant::now() + grace;
     while engine.running_requests() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;

@@ -536,6 +536,43 @@ async fn settings_apply_without_restart() {
         .unwrap();
     assert_eq!(r.status(), 413);
 
+    // A cap on connections per client address applies to the next connection: one address
+    // at its cap is answered 503 and closed, the others are served.
+    cli_ok(
+        &h,
+        &["config", "set", "http.max_connections_per_ip", "1"],
+        None,
+    );
+    wait_applied(&h, "http.max_connections_per_ip", json!(1)).await;
+    let from = |ip: &str| {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        s.connect(format!("127.0.0.1:{}", h.port).parse().unwrap())
+    };
+    let get = b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n";
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut held = from("127.0.0.2").await.unwrap();
+        held.write_all(get).await.unwrap();
+        assert!(first_answer(&mut held).await.starts_with("HTTP/1.1 200"));
+        let mut over = from("127.0.0.2").await.unwrap();
+        over.write_all(get).await.unwrap();
+        let a = first_answer(&mut over).await;
+        assert!(
+            a.starts_with("HTTP/1.1 503") && a.contains("retry-after: 1"),
+            "{a}"
+        );
+        let mut other = from("127.0.0.3").await.unwrap();
+        other.write_all(get).await.unwrap();
+        assert!(first_answer(&mut other).await.starts_with("HTTP/1.1 200"));
+    }
+    cli_ok(
+        &h,
+        &["config", "unset", "http.max_connections_per_ip"],
+        None,
+    );
+    wait_applied(&h, "http.max_connections_per_ip", json!(0)).await;
+
     // The built-in catalog can be switched off and on.
     cli_ok(&h, &["config", "set", "catalog", "none"], None);
     wait_applied(&h, "catalog", json!("none")).await;
@@ -594,6 +631,14 @@ async fn settings_apply_without_restart() {
 }
 
 /// Waits (bounded) until the node reports `key` in force with `value`.
+/// What the server first sends on `s`.
+async fn first_answer(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    String::from_utf8_lossy(&buf[..n]).to_string()
+}
+
 async fn wait_applied(h: &Haven, key: &str, value: Value) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -15,17 +15,20 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode, header};
 use http_body_util::BodyExt;
 
-/// The largest body accepted, in bytes, shared with whoever changes it at runtime.
+/// The largest body accepted, in bytes, and the deadline for reading it, shared with
+/// whoever changes them at runtime.
 #[derive(Clone, Debug)]
-pub struct BodyLimit(
+pub struct BodyLimit {
     /// The limit, as `HttpConfig::max_body_bytes` holds it.
-    pub Arc<AtomicUsize>,
-);
+    pub bytes: Arc<AtomicUsize>,
+    /// The connection limits, whose body read deadline applies.
+    pub limits: Arc<crate::conn::ConnLimits>,
+}
 
 impl BodyLimit {
     /// The limit in force now.
     pub fn bytes(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
+        self.bytes.load(Ordering::Relaxed)
     }
 }
 
@@ -38,6 +41,9 @@ pub enum Refusal {
     /// The body could not be read (the connection failed mid-body).
     #[error("Parse error: the request body could not be read")]
     Unreadable,
+    /// The body did not arrive within the read deadline.
+    #[error("Request Timeout: the request body did not arrive within {0} ms")]
+    TooSlow(u64),
 }
 
 impl Refusal {
@@ -46,6 +52,7 @@ impl Refusal {
         match self {
             Refusal::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::Unreadable => StatusCode::BAD_REQUEST,
+            Refusal::TooSlow(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -53,6 +60,7 @@ impl Refusal {
         match self {
             Refusal::TooLarge(_) => -32600,
             Refusal::Unreadable => -32700,
+            Refusal::TooSlow(_) => -32600,
         }
     }
 }
@@ -87,7 +95,9 @@ pub async fn read(limit: usize, headers: &HeaderMap, body: Body) -> Result<Bytes
 /// The middleware: refuses bodies over the limit in force and hands the body on read.
 pub async fn enforce(State(limit): State<BodyLimit>, req: Request, next: Next) -> Response {
     let (parts, body) = req.into_parts();
-    match read(limit.bytes(), &parts.headers, body).await {
+    let deadline = limit.limits.body_read_timeout();
+    let read = tokio::time::timeout(deadline, read(limit.bytes(), &parts.headers, body)).await;
+    match read.unwrap_or(Err(Refusal::TooSlow(deadline.as_millis() as u64))) {
         Ok(bytes) => {
             next.run(Request::from_parts(parts, Body::from(bytes)))
                 .await
@@ -114,7 +124,10 @@ mod tests {
 
     #[tokio::test]
     async fn the_limit_in_force_applies_to_the_next_request() {
-        let limit = BodyLimit(Arc::new(AtomicUsize::new(10)));
+        let limit = BodyLimit {
+            bytes: Arc::new(AtomicUsize::new(10)),
+            limits: Arc::default(),
+        };
         let (s, body) = send(router(&limit), request("POST", &[], "x".repeat(11))).await;
         assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -127,17 +140,20 @@ mod tests {
         assert_eq!((s, body.as_str()), (StatusCode::OK, "10"));
         // The setting changes while serving: the same router follows it.
         let r = router(&limit);
-        limit.0.store(20, Ordering::Relaxed);
+        limit.bytes.store(20, Ordering::Relaxed);
         let (s, body) = send(r.clone(), request("POST", &[], "x".repeat(11))).await;
         assert_eq!((s, body.as_str()), (StatusCode::OK, "11"));
-        limit.0.store(5, Ordering::Relaxed);
+        limit.bytes.store(5, Ordering::Relaxed);
         let (s, _) = send(r, request("POST", &[], "x".repeat(11))).await;
         assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
     }
 
     #[tokio::test]
     async fn declared_and_streamed_lengths_both_count() {
-        let limit = BodyLimit(Arc::new(AtomicUsize::new(10)));
+        let limit = BodyLimit {
+            bytes: Arc::new(AtomicUsize::new(10)),
+            limits: Arc::default(),
+        };
         // Declared too large: refused without reading.
         let (s, _) = send(
             router(&limit),
@@ -159,7 +175,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_that_fails_mid_way_is_a_parse_error() {
-        let limit = BodyLimit(Arc::new(AtomicUsize::new(100)));
+        let limit = BodyLimit {
+            bytes: Arc::new(AtomicUsize::new(100)),
+            limits: Arc::default(),
+        };
         let chunks = futures::stream::iter([
             Ok(Bytes::from_static(b"{\"jsonrpc\"")),
             Err(std::io::Error::other("connection reset")),

@@ -1,0 +1,280 @@
+//! Connections: the accept loop with its caps (open connections in all and per client
+//! address), the header read timeout (which also closes idle keep-alive connections), and the
+//! graceful stop. The limits are runtime settings (`http.*`, applied by the binary while
+//! serving), read from shared values when a connection opens.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Connection limits, shared with whoever changes them at runtime. A change applies to
+/// connections opened after it (and, for the body deadline, to the next request).
+#[derive(Debug)]
+pub struct ConnLimits {
+    /// Longest wait for a request's headers, counted from the connection's opening or from
+    /// the end of the previous answer on it: a slow client's connection, and an idle
+    /// keep-alive connection, is closed after it. Milliseconds.
+    pub header_read_timeout_ms: AtomicU64,
+    /// Longest time to read a request's body (answered 408 after it). Milliseconds.
+    pub body_read_timeout_ms: AtomicU64,
+    /// Open connections a node keeps; one more is answered 503 and closed.
+    pub max_connections: AtomicUsize,
+    /// Open connections from one client address (0: no cap per address).
+    pub max_connections_per_ip: AtomicUsize,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits {
+            header_read_timeout_ms: AtomicU64::new(10_000),
+            body_read_timeout_ms: AtomicU64::new(30_000),
+            max_connections: AtomicUsize::new(10_000),
+            max_connections_per_ip: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl ConnLimits {
+    /// The header read timeout in force.
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms.load(Ordering::Relaxed).max(1))
+    }
+
+    /// The body read deadline in force.
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_read_timeout_ms.load(Ordering::Relaxed).max(1))
+    }
+}
+
+/// Why a connection was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Full {
+    /// The node holds `max_connections`.
+    Node(usize),
+    /// The client's address holds `max_connections_per_ip`.
+    Address(usize),
+}
+
+/// The open connections, in all and per client address.
+#[derive(Default)]
+struct Tracker {
+    counts: Mutex<Counts>,
+    /// Notified when the last connection closes.
+    none_open: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Counts {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+/// One admitted connection; closing it (dropping the slot) frees its place.
+struct Slot {
+    tracker: Arc<Tracker>,
+    ip: IpAddr,
+}
+
+impl Tracker {
+    fn admit(self: &Arc<Self>, ip: IpAddr, limits: &ConnLimits) -> Result<Slot, Full> {
+        let max = limits.max_connections.load(Ordering::Relaxed);
+        let per_ip = limits.max_connections_per_ip.load(Ordering::Relaxed);
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if c.total >= max {
+            return Err(Full::Node(max));
+        }
+        let mine = c.per_ip.entry(ip).or_default();
+        if per_ip > 0 && *mine >= per_ip {
+            return Err(Full::Address(per_ip));
+        }
+        *mine += 1;
+        c.total += 1;
+        Ok(Slot {
+            tracker: self.clone(),
+            ip,
+        })
+    }
+
+    fn open(&self) -> usize {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner()).total
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut c = self
+            .tracker
+            .counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        c.total -= 1;
+        if let Some(n) = c.per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.per_ip.remove(&self.ip);
+            }
+        }
+        if c.total == 0 {
+            self.tracker.none_open.notify_waiters();
+        }
+    }
+}
+
+/// Refusals being written at once, at most: beyond it a refused connection is just closed.
+const MAX_REFUSING: usize = 64;
+
+/// Answers a refused connection 503 with `Retry-After` and closes it, within a second.
+async fn refuse(mut stream: TcpStream, why: Full) {
+    let text = match why {
+        Full::Node(n) => format!("this node holds its maximum of {n} open connections"),
+        Full::Address(n) => {
+            format!("this client address holds its maximum of {n} open connections")
+        }
+    };
+    let body = format!(
+        r#"{{"jsonrpc":"2.0","id":null,"error":{{"code":-32000,"message":"Service Unavailable: {text}; retry later"}}}}"#
+    );
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        stream.shutdown().await?;
+        // Read what the client sent until it closes, so that closing does not reset the
+        // connection before the client read the answer.
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+}
+
+/// Serves `router` on `listener` within `limits` until `shutdown` resolves, then lets open
+/// connections finish (bounded by `grace`). HTTP/1.1 only, every connection with
+/// `TCP_NODELAY`.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: Arc<ConnLimits>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    let tracker = Arc::new(Tracker::default());
+    let refusing = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING));
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accepting a connection failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let slot = match tracker.admit(peer.ip(), &limits) {
+                    Ok(slot) => slot,
+                    Err(why) => {
+                        tracing::debug!(peer = %peer, ?why, "connection refused: at the cap");
+                        if let Ok(permit) = refusing.clone().try_acquire_owned() {
+                            tokio::spawn(async move {
+                                refuse(stream, why).await;
+                                drop(permit);
+                            });
+                        }
+                        continue;
+                    }
+                };
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!(error = %e, "setting TCP_NODELAY failed");
+                }
+                let mut http = hyper::server::conn::http1::Builder::new();
+                http.keep_alive(true)
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(limits.header_read_timeout());
+                let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service.clone());
+                let mut stopping = stopping.clone();
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    let mut conn = std::pin::pin!(conn);
+                    let ended = tokio::select! {
+                        r = conn.as_mut() => r,
+                        () = async { drop(stopping.wait_for(|s| *s).await) } => {
+                            conn.as_mut().graceful_shutdown();
+                            conn.await
+                        }
+                    };
+                    if let Err(e) = ended {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    let _ = stop.send(true);
+    let drained = async {
+        loop {
+            let none = tracker.none_open.notified();
+            if tracker.open() == 0 {
+                return;
+            }
+            none.await;
+        }
+    };
+    tokio::select! {
+        () = drained => {}
+        () = tokio::time::sleep(grace) => {
+            tracing::info!("connections still open after the grace period are closed");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_count_in_all_and_per_address_and_free_on_close() {
+        let t = Arc::new(Tracker::default());
+        let limits = ConnLimits::default();
+        limits.max_connections.store(3, Ordering::Relaxed);
+        limits.max_connections_per_ip.store(2, Ordering::Relaxed);
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let b: IpAddr = "127.0.0.2".parse().unwrap();
+        let a1 = t.admit(a, &limits).unwrap();
+        let _a2 = t.admit(a, &limits).unwrap();
+        assert_eq!(t.admit(a, &limits).err(), Some(Full::Address(2)));
+        let _b1 = t.admit(b, &limits).unwrap();
+        assert_eq!(t.admit(b, &limits).err(), Some(Full::Node(3)));
+        drop(a1);
+        assert_eq!(t.open(), 2);
+        let _a3 = t.admit(a, &limits).unwrap();
+        // No cap per address.
+        limits.max_connections_per_ip.store(0, Ordering::Relaxed);
+        limits.max_connections.store(10, Ordering::Relaxed);
+        let more: Vec<Slot> = (0..5).map(|_| t.admit(a, &limits).unwrap()).collect();
+        assert_eq!(t.open(), 8);
+        drop(more);
+        assert_eq!(t.open(), 3);
+        assert_eq!(
+            t.counts.lock().unwrap().per_ip.get(&a).copied(),
+            Some(2),
+            "per-address counts follow closes"
+        );
+    }
+}
