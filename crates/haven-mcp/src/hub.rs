@@ -62,24 +62,45 @@ pub struct Hub {
     topics: Arc<Mutex<Topics>>,
 }
 
-/// Size of the topic table below which it is never swept.
-const MIN_SWEEP: usize = 1024;
-
-/// The hub's table: a sender per topic somebody subscribed to.
+/// The hub's table: a sender per topic somebody listens to. A topic is removed with its
+/// last [`Subscription`]: most topics are one request's, so the table is as large as what is
+/// being waited for now, not as the traffic so far.
 #[derive(Default)]
 struct Topics {
     map: HashMap<Topic, broadcast::Sender<Arc<LogEntry>>>,
-    /// Size at which topics nobody listens to any more are dropped (twice the size after the
-    /// last sweep): most topics are one request's, and no change may ever come for them again
-    /// to find their last subscriber gone, so the table would otherwise grow with traffic.
-    sweep_at: usize,
 }
 
-impl Topics {
-    fn sweep_if_grown(&mut self) {
-        if self.map.len() >= self.sweep_at.max(MIN_SWEEP) {
-            self.map.retain(|_, tx| tx.receiver_count() > 0);
-            self.sweep_at = 2 * self.map.len();
+/// A subscription to one topic of the [`Hub`]: a receiver of its changes (it derefs to the
+/// `broadcast::Receiver`). Dropping the last subscription of a topic removes the topic.
+pub struct Subscription {
+    rx: broadcast::Receiver<Arc<LogEntry>>,
+    topic: Topic,
+    topics: Arc<Mutex<Topics>>,
+}
+
+impl std::ops::Deref for Subscription {
+    type Target = broadcast::Receiver<Arc<LogEntry>>;
+    fn deref(&self) -> &Self::Target {
+        &self.rx
+    }
+}
+
+impl std::ops::DerefMut for Subscription {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.rx
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut topics = self.topics.lock();
+        // Under the lock nobody subscribes meanwhile: a count of one is this receiver.
+        if topics
+            .map
+            .get(&self.topic)
+            .is_some_and(|tx| tx.receiver_count() <= 1)
+        {
+            topics.map.remove(&self.topic);
         }
     }
 }
@@ -129,14 +150,24 @@ impl Hub {
 
     /// Subscribes to `topic`. Subscribe before reading the state you wait on, then re-read
     /// after every message, so that no change can slip between the read and the wait.
-    pub fn subscribe(&self, topic: Topic) -> broadcast::Receiver<Arc<LogEntry>> {
-        let mut topics = self.topics.lock();
-        topics.sweep_if_grown();
-        topics
+    pub fn subscribe(&self, topic: Topic) -> Subscription {
+        let rx = self
+            .topics
+            .lock()
             .map
-            .entry(topic)
+            .entry(topic.clone())
             .or_insert_with(|| broadcast::channel(64).0)
-            .subscribe()
+            .subscribe();
+        Subscription {
+            rx,
+            topic,
+            topics: self.topics.clone(),
+        }
+    }
+
+    /// How many topics somebody listens to now.
+    pub fn topics(&self) -> usize {
+        self.topics.lock().map.len()
     }
 
     /// Re-reads state until it is as wanted. Subscribes to `topics` first, then calls `check`;
@@ -220,7 +251,7 @@ impl Hub {
 
 /// Waits for a message on any of `receivers`; returns its index. A lag counts as a change; a
 /// closed channel (which cannot happen while the hub lives) is not listened to again.
-async fn changed(receivers: &mut [Option<broadcast::Receiver<Arc<LogEntry>>>]) -> usize {
+async fn changed(receivers: &mut [Option<Subscription>]) -> usize {
     loop {
         let live: Vec<_> = receivers
             .iter_mut()
@@ -304,18 +335,28 @@ mod tests {
     }
 
     #[test]
-    fn topics_nobody_listens_to_are_dropped_as_the_table_grows() {
+    fn a_topic_is_removed_with_its_last_subscription() {
         let hub = Hub::new();
         let mut kept = hub.subscribe(Topic::key("ns", "kept"));
         // One topic per request, its subscriber gone with the request, no change ever after.
         for i in 0..20_000 {
             drop(hub.subscribe(Topic::key("cancels", &format!("request-{i}"))));
         }
-        let size = hub.topics.lock().map.len();
-        assert!(size <= 2 * MIN_SWEEP, "the table holds {size} topics");
-        // A topic that is still listened to survives every sweep and still gets its changes.
+        assert_eq!(hub.topics(), 1);
+        // Two subscriptions of one topic: it stays until the second goes.
+        let a = hub.subscribe(Topic::key("ns", "shared"));
+        let mut b = hub.subscribe(Topic::key("ns", "shared"));
+        drop(a);
+        assert_eq!(hub.topics(), 2);
+        hub.route(&entry_of("ns", "shared"));
+        assert!(b.try_recv().is_ok());
+        drop(b);
+        assert_eq!(hub.topics(), 1);
+        // The topic still listened to still gets its changes.
         hub.route(&entry_of("ns", "kept"));
         assert!(kept.try_recv().is_ok());
+        drop(kept);
+        assert_eq!(hub.topics(), 0);
     }
 
     #[tokio::test]

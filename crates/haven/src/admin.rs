@@ -171,6 +171,7 @@ async fn status(State(admin): State<Arc<Admin>>) -> Response {
         "version": env!("CARGO_PKG_VERSION"),
         "draining": e.is_draining(),
         "running_requests": e.running_requests(),
+        "hub_topics": e.hub_topics(),
         "nodes": e.members(),
         "clock": {
             "max_offset_ms": e.clock_skew().map(|(o, _)| o),

@@ -4,6 +4,7 @@
 mod common;
 
 use common::{Haven, LEGACY, Legacy, free_port, stateless};
+use futures::StreamExt;
 use serde_json::{Value, json};
 
 async fn start(extra: &[&str]) -> (tempfile::TempDir, Haven) {
@@ -305,4 +306,51 @@ async fn server_to_client_requests_cross_a_real_round_trip() {
         }
     }
     panic!("no final response");
+}
+
+/// Thousands of requests answered as live streams leave the change hub as it was: each
+/// request's topics (its cancellation, its stream) go with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_requests_leave_no_topic_in_the_change_hub() {
+    let (dir, h) = start(&[]).await;
+    let token = std::fs::read_to_string(dir.path().join("data/admin.token")).unwrap();
+    let http = reqwest::Client::new();
+    let topics = || async {
+        let v: Value = http
+            .get(format!("http://127.0.0.1:{}/admin/v1/status", h.port))
+            .bearer_auth(token.trim())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["hub_topics"].as_u64().expect("hub_topics in the status")
+    };
+    let c = Legacy::connect(&h.url()).await;
+    let baseline = topics().await;
+    let n = 2000;
+    let mut running = futures::stream::iter(0..n)
+        .map(|i| {
+            let c = &c;
+            async move {
+                c.call_tool(10 + i, "test_tool_with_progress", json!({}))
+                    .await
+            }
+        })
+        .buffer_unordered(16);
+    let mut answered = 0;
+    while let Some(v) = running.next().await {
+        assert!(v["result"].is_object(), "{v}");
+        answered += 1;
+    }
+    assert_eq!(answered, n);
+    // The last requests' topics go as their streams end.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut now = topics().await;
+    while now > baseline && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        now = topics().await;
+    }
+    assert_eq!(now, baseline, "topics left after {n} requests");
 }

@@ -505,7 +505,7 @@ async fn pump(
     mut rx: mpsc::UnboundedReceiver<Item>,
     mut live: Option<mpsc::UnboundedSender<SseFrame>>,
     cancel: CancellationToken,
-    mut cancel_rx: tokio::sync::broadcast::Receiver<Arc<haven_state::LogEntry>>,
+    mut cancel_rx: crate::hub::Subscription,
 ) {
     let key = p.execution.key().to_owned();
     loop {

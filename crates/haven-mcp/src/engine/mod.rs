@@ -424,6 +424,11 @@ impl Engine {
         self.inner.running.lock().len()
     }
 
+    /// Topics of the change hub somebody waits on now (requests, streams, sessions).
+    pub fn hub_topics(&self) -> usize {
+        self.inner.hub.topics()
+    }
+
     /// Ends draining: the last heartbeat says the node left, so that other nodes take over
     /// what is left unfinished at once instead of after the heartbeat's time-to-live.
     pub async fn leave(&self) {
