@@ -146,6 +146,24 @@ pub const SETTINGS: &[SettingDef] = &[
         help: "largest MCP request body accepted over HTTP, in bytes",
     },
     SettingDef {
+        key: "limits.max_subscriptions_per_session",
+        kind: Kind::Integer {
+            min: 0,
+            max: 1_000_000,
+        },
+        default: "256",
+        help: "resource subscriptions one session holds (resources/subscribe), and resource URIs one subscriptions/listen names; one more is refused with invalid params",
+    },
+    SettingDef {
+        key: "limits.max_uri_bytes",
+        kind: Kind::Integer {
+            min: 16,
+            max: 1_048_576,
+        },
+        default: "4096",
+        help: "longest resource URI a subscription accepts, in bytes",
+    },
+    SettingDef {
         key: "log.level",
         kind: Kind::LogFilter,
         default: "info",
@@ -259,6 +277,10 @@ pub struct Snapshot {
     pub max_body_bytes: u64,
     /// Connection limits.
     pub http: HttpSettings,
+    /// Resource subscriptions per session.
+    pub max_subscriptions_per_session: u64,
+    /// Longest subscription URI.
+    pub max_uri_bytes: u64,
     /// Change-log sequence of the last configuration change applied (0: none yet).
     pub applied_seq: u64,
     /// When this snapshot was built, Unix ms.
@@ -410,6 +432,8 @@ fn fold(stored: &BTreeMap<String, StoredSetting>, applied_seq: u64, now: u64) ->
             max_connections: int("http.max_connections"),
             max_connections_per_ip: int("http.max_connections_per_ip"),
         },
+        max_subscriptions_per_session: int("limits.max_subscriptions_per_session"),
+        max_uri_bytes: int("limits.max_uri_bytes"),
         entries,
         applied_seq,
         applied_millis: now,

@@ -14,6 +14,7 @@ pub mod engine;
 pub mod hub;
 pub mod jsonrpc;
 pub mod keyring;
+pub mod limits;
 pub mod outcome;
 pub mod session;
 pub mod stream;

@@ -36,6 +36,8 @@ pub struct Control {
     pub max_body_bytes: Arc<AtomicUsize>,
     /// Connection caps and timeouts of the HTTP server, changed by the `http.*` settings.
     pub conn_limits: Arc<haven_server::ConnLimits>,
+    /// Limits on what a client controls, changed by the `limits.*` settings.
+    pub client_limits: Arc<haven_mcp::limits::ClientLimits>,
     /// The configuration snapshot this node has applied last.
     pub in_force: Arc<RwLock<Arc<haven_control::config::Snapshot>>>,
     /// Replication from the other regions (`None`: one region).
@@ -205,6 +207,7 @@ pub fn apply_config(
     let mut rx = control.config.subscribe();
     let max_body_bytes = control.max_body_bytes.clone();
     let conn_limits = control.conn_limits.clone();
+    let client_limits = control.client_limits.clone();
     let in_force = control.in_force.clone();
     tokio::spawn(async move {
         let mut applied_log = None::<String>;
@@ -230,6 +233,13 @@ pub fn apply_config(
             conn_limits
                 .max_connections_per_ip
                 .store(h.max_connections_per_ip as usize, Ordering::Relaxed);
+            client_limits.max_subscriptions_per_session.store(
+                snap.max_subscriptions_per_session as usize,
+                Ordering::Relaxed,
+            );
+            client_limits
+                .max_uri_bytes
+                .store(snap.max_uri_bytes as usize, Ordering::Relaxed);
             let level = if snap.entries["log.level"].source == "store" {
                 snap.log_level.clone()
             } else {

@@ -271,6 +271,7 @@ async fn start_engine(
             haven_mcp::engine::RecoveryGate(Arc::new(move || r.heard_all()))
         });
     let region_lease = regions.as_ref().and_then(|r| r.lease());
+    let client_limits = Arc::new(haven_mcp::limits::ClientLimits::default());
     let engine_config = EngineConfig {
         recovery_gate,
         region_lease,
@@ -279,6 +280,7 @@ async fn start_engine(
         session_ttl: std::time::Duration::from_secs(s.session_ttl_secs),
         max_clock_skew: s.max_clock_skew,
         page_size: s.page_size,
+        limits: client_limits.clone(),
         ..EngineConfig::default()
     };
     let engine = Engine::start(store.clone(), catalog, engine_config, secrets.clone())
@@ -305,6 +307,7 @@ async fn start_engine(
         upstreams,
         max_body_bytes: Arc::new(std::sync::atomic::AtomicUsize::new(s.max_body_bytes)),
         conn_limits: Arc::default(),
+        client_limits,
         in_force,
         regions,
     };

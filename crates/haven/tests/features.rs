@@ -185,3 +185,128 @@ async fn request_state_keys_outlive_the_process() {
         .unwrap();
     assert_eq!(bad["error"]["code"], -32602, "{bad}");
 }
+
+/// The subscription limits (`limits.max_subscriptions_per_session`, `limits.max_uri_bytes`)
+/// refuse one more subscription, or a URI too long, with invalid params naming the setting,
+/// in both eras; what a session holds is unchanged, and a change of a limit applies to the
+/// next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_are_bounded_per_session_and_in_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Haven::start(&dir.path().join("data"), free_port(), "default", &[]).await;
+    let token = std::fs::read_to_string(dir.path().join("data/admin.token")).unwrap();
+    let http = reqwest::Client::new();
+    let set = |key: &'static str, value: Value| {
+        let (http, token, port) = (&http, token.trim().to_owned(), h.port);
+        async move {
+            let url = format!("http://127.0.0.1:{port}/admin/v1/config/{key}");
+            let r = http
+                .put(&url)
+                .bearer_auth(&token)
+                .json(&json!({ "value": value }))
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let v: Value = http
+                    .get(format!("http://127.0.0.1:{port}/admin/v1/config"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                if v["in_force"]["values"][key] == value {
+                    return;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{key} not applied: {v}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    };
+    set("limits.max_subscriptions_per_session", json!(3)).await;
+    let c = Legacy::connect(&h.url()).await;
+    let subscribe = |id: i64, uri: String| {
+        let c = &c;
+        async move {
+            c.request(id, "resources/subscribe", json!({ "uri": uri }))
+                .await
+        }
+    };
+    for i in 1..=3 {
+        let v = subscribe(i, format!("note://n{i}")).await;
+        assert_eq!(v["result"], json!({}), "{v}");
+    }
+    let over = subscribe(4, "note://n4".into()).await;
+    assert_eq!(over["error"]["code"], -32602, "{over}");
+    let msg = over["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("at most 3") && msg.contains("limits.max_subscriptions_per_session"),
+        "{msg}"
+    );
+    // Subscribing again to a URI held is no new subscription.
+    assert_eq!(subscribe(5, "note://n1".into()).await["result"], json!({}));
+    // Another session is not affected.
+    let other = Legacy::connect(&h.url()).await;
+    let v = other
+        .request(1, "resources/subscribe", json!({"uri": "note://n4"}))
+        .await;
+    assert_eq!(v["result"], json!({}), "{v}");
+    // One unsubscribed frees a place.
+    let v = c
+        .request(6, "resources/unsubscribe", json!({"uri": "note://n1"}))
+        .await;
+    assert_eq!(v["result"], json!({}), "{v}");
+    assert_eq!(subscribe(7, "note://n4".into()).await["result"], json!({}));
+    assert_eq!(
+        subscribe(8, "note://n5".into()).await["error"]["code"],
+        -32602
+    );
+
+    // A URI over the length limit, at the default of 4096 bytes and after a change.
+    let long = format!("note://{}", "x".repeat(5000));
+    let v = other
+        .request(2, "resources/subscribe", json!({ "uri": long }))
+        .await;
+    assert_eq!(v["error"]["code"], -32602, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limits.max_uri_bytes"),
+        "{v}"
+    );
+    set("limits.max_uri_bytes", json!(8192)).await;
+    let v = other
+        .request(3, "resources/subscribe", json!({ "uri": long }))
+        .await;
+    assert_eq!(v["result"], json!({}), "{v}");
+
+    // The stateless era: one listen names at most as many resources.
+    let uris: Vec<String> = (0..4).map(|i| format!("note://s{i}")).collect();
+    let r = stateless(
+        &http,
+        &h.url(),
+        9,
+        "subscriptions/listen",
+        json!({"notifications":{"resourceSubscriptions": uris}}),
+        json!({}),
+    )
+    .await;
+    let status = r.status();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], -32602, "{status} {v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limits.max_subscriptions_per_session"),
+        "{v}"
+    );
+}

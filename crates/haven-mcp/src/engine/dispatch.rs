@@ -344,19 +344,47 @@ async fn subscribe(inner: &Arc<Inner>, call: &Call, on: bool) -> Result<Value, E
         .ok_or_else(|| invalid_params("Invalid params: uri (string) is required"))?
         .to_owned();
     let session = call.era.session().unwrap_or_default();
+    let limits = &inner.config.limits;
+    if on {
+        limits
+            .check_uri(&uri)
+            .map_err(|e| invalid_params(format!("Invalid params: {e}")))?;
+        // A new subscription must fit; the update below keeps to the limit too, should
+        // another request of the session subscribe meanwhile.
+        if let Some(cur) = session::load(&*inner.store, session)
+            .await
+            .map_err(store_error)?
+            && !cur.record.subscriptions.contains(&uri)
+        {
+            limits
+                .check_count(cur.record.subscriptions.len() + 1)
+                .map_err(|e| invalid_params(format!("Invalid params: {e}")))?;
+        }
+    }
+    let max = limits.max_subscriptions();
+    let refused = std::sync::atomic::AtomicBool::new(false);
     session::update(
         &*inner.store,
         session,
         inner.config.session_ttl.as_millis() as u64,
         |s| {
+            let had = s.subscriptions.len();
             s.subscriptions.retain(|u| u != &uri);
-            if on {
+            let fits = s.subscriptions.len() < had || s.subscriptions.len() < max;
+            refused.store(on && !fits, std::sync::atomic::Ordering::Relaxed);
+            if on && fits {
                 s.subscriptions.push(uri.clone());
             }
         },
     )
     .await
     .map_err(store_error)?;
+    if refused.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(invalid_params(format!(
+            "Invalid params: {}",
+            limits.check_count(max + 1).unwrap_err()
+        )));
+    }
     inner.sessions.invalidate(session);
     Ok(serde_json::json!({}))
 }

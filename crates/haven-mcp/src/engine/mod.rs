@@ -107,6 +107,8 @@ pub struct EngineConfig {
     /// may be taken over by another region, and write only while it holds
     /// (`haven_cluster::takeover`).
     pub region_lease: Option<haven_cluster::RegionLease>,
+    /// Limits on what a client controls, changed at runtime by the `limits.*` settings.
+    pub limits: Arc<crate::limits::ClientLimits>,
 }
 
 /// See [`EngineConfig::recovery_gate`].
@@ -141,6 +143,7 @@ impl Default for EngineConfig {
             drain_retry_millis: 250,
             recovery_gate: None,
             region_lease: None,
+            limits: Arc::default(),
         }
     }
 }

@@ -598,6 +598,20 @@ fn listen(inner: &Arc<Inner>, call: &Call) -> Reply {
             .into();
         }
     };
+    if let Some(uris) = &filter.resource_subscriptions {
+        let limits = &inner.config.limits;
+        let checked = limits
+            .check_count(uris.len())
+            .and_then(|()| uris.iter().try_for_each(|u| limits.check_uri(u)));
+        if let Err(e) = checked {
+            return Rejection::new(
+                Reason::InvalidParams,
+                Some(&call.id),
+                jsonrpc::invalid_params(format!("Invalid params: notifications: {e}")),
+            )
+            .into();
+        }
+    }
     let sub_id = serde_json::to_value(&call.id).expect("ids serialize");
     let meta = serde_json::json!({ META_SUBSCRIPTION: sub_id });
     let (tx, rx) = mpsc::unbounded_channel();

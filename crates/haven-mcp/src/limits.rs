@@ -1,0 +1,60 @@
+//! Limits on what a client controls, shared with whoever changes them at runtime (the binary
+//! applies the `limits.*` settings): each is read when a request needs it, so a change
+//! applies to the next request. Exceeding one is an invalid-params error that names the limit
+//! and changes nothing.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Limits on what a client controls.
+#[derive(Debug)]
+pub struct ClientLimits {
+    /// Resource subscriptions one session holds (`resources/subscribe`), and resource URIs
+    /// one `subscriptions/listen` names.
+    pub max_subscriptions_per_session: AtomicUsize,
+    /// Length of a resource URI in a subscription, in bytes.
+    pub max_uri_bytes: AtomicUsize,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        ClientLimits {
+            max_subscriptions_per_session: AtomicUsize::new(256),
+            max_uri_bytes: AtomicUsize::new(4096),
+        }
+    }
+}
+
+impl ClientLimits {
+    /// The subscription limit in force.
+    pub fn max_subscriptions(&self) -> usize {
+        self.max_subscriptions_per_session.load(Ordering::Relaxed)
+    }
+
+    /// The URI length limit in force.
+    pub fn max_uri_bytes(&self) -> usize {
+        self.max_uri_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Checks a subscription's URI: the error's message names the limit.
+    pub fn check_uri(&self, uri: &str) -> Result<(), String> {
+        let max = self.max_uri_bytes();
+        if uri.len() > max {
+            return Err(format!(
+                "the resource URI is {} bytes long; at most {max} are allowed (setting limits.max_uri_bytes)",
+                uri.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks how many subscriptions one session would hold.
+    pub fn check_count(&self, count: usize) -> Result<(), String> {
+        let max = self.max_subscriptions();
+        if count > max {
+            return Err(format!(
+                "a session holds at most {max} resource subscriptions (setting limits.max_subscriptions_per_session); unsubscribe from one first"
+            ));
+        }
+        Ok(())
+    }
+}
