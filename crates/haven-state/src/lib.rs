@@ -64,6 +64,7 @@ macro_rules! wrap_store {
             fn shared(&self) -> bool { self.$inner.shared() }
             async fn describe(&self) -> $crate::__private::Value { self.$inner.describe().await }
             async fn state_entries(&self) -> $crate::StoreResult<(u64, Vec<$crate::LogEntry>)> { self.$inner.state_entries().await }
+            async fn reclaim(&self, r: &$crate::Reclaim) -> $crate::StoreResult<$crate::Reclaimed> { self.$inner.reclaim(r).await }
         }
     };
 }
@@ -78,5 +79,6 @@ pub use record::{
 pub use redb_store::{RedbStore, Restorer, data_dir_in_use};
 pub use replicated::{ReplicatedStore, SharedLog};
 pub use store::{
-    Batch, Commit, Expect, LogFold, Op, Outcome, ScanPage, Store, StoreError, StoreResult, watch,
+    Batch, Commit, Expect, LogFold, Op, Outcome, Reclaim, Reclaimed, ScanPage, Store, StoreError,
+    StoreResult, watch,
 };

@@ -15,7 +15,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::clock::{Hlc, HybridClock};
 use crate::record::{Change, LogEntry, Origin, Record, StoredRecord, StreamEvent};
-use crate::store::{Batch, Commit, ScanPage, Store, StoreError, StoreResult};
+use crate::store::{Batch, Commit, Reclaim, Reclaimed, ScanPage, Store, StoreError, StoreResult};
 use crate::wal::Wal;
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
@@ -31,6 +31,10 @@ const META_MAX_HLC: &str = "max_hlc";
 /// a snapshot keeps only the entries still current, so the log's last key may be lower.
 const META_LOG_FLOOR: &str = "log_floor";
 
+/// Change-log entries below this sequence have been examined by reclamation: those not
+/// current were removed, so a record or event superseded later has its entry removed at once.
+const META_TRIMMED: &str = "trimmed_below";
+
 /// Most batches one commit takes; bounds the latency one commit adds to the first of them.
 const MAX_GROUP: usize = 512;
 /// How long a read waits for the database to be reopened after an I/O error.
@@ -45,6 +49,12 @@ struct WriteRequest {
     reply: oneshot::Sender<StoreResult<(Commit, Vec<Arc<LogEntry>>)>>,
 }
 
+/// What the writer thread does: commits, and reclamation steps between them.
+enum Job {
+    Write(WriteRequest),
+    Reclaim(Reclaim, oneshot::Sender<StoreResult<Reclaimed>>),
+}
+
 /// The value stored in the `records` table: the record plus the revision that wrote it.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct RecordRow {
@@ -57,7 +67,7 @@ pub struct RedbStore {
     origin: Origin,
     clock: Arc<HybridClock>,
     db: Arc<RwLock<Option<Arc<Database>>>>,
-    writer: mpsc::Sender<WriteRequest>,
+    writer: mpsc::Sender<Job>,
     feed: broadcast::Sender<Arc<LogEntry>>,
     path: Option<PathBuf>,
 }
@@ -158,10 +168,12 @@ fn recover(db: &Database, wal_dir: Option<&Path>) -> StoreResult<(u64, Hlc, Opti
         tx.set_durability(Durability::Immediate)
             .map_err(storage_err)?;
         {
+            let trimmed = trimmed_below(&tx)?;
             let mut tables = Tables {
                 records: tx.open_table(RECORDS).map_err(storage_err)?,
                 events: tx.open_table(EVENTS).map_err(storage_err)?,
                 log: tx.open_table(LOG).map_err(storage_err)?,
+                trimmed,
             };
             for e in &pending {
                 if e.seq != last + 1 {
@@ -186,34 +198,52 @@ fn recover(db: &Database, wal_dir: Option<&Path>) -> StoreResult<(u64, Hlc, Opti
     Ok((last, hlc, Some(wal)))
 }
 
-/// Writes one change to the log and its view.
+/// Writes one change to the log and its view. The entry it supersedes is removed from the
+/// log at once when reclamation has already passed it.
 fn write_change(tables: &mut Tables<'_>, seq: u64, change: &Change) -> StoreResult<()> {
     tables
         .log
         .insert(seq, encode(change).as_slice())
         .map_err(storage_err)?;
-    match change {
+    let superseded = match change {
         Change::Record(r) => {
             let row = RecordRow {
                 record: r.clone(),
                 revision: seq,
             };
-            tables
+            let old = tables
                 .records
                 .insert(
                     (r.namespace.as_str(), r.key.as_str()),
                     encode(&row).as_slice(),
                 )
                 .map_err(storage_err)?;
+            match old {
+                Some(v) => Some(decode::<RecordRow>(v.value())?.revision),
+                None => None,
+            }
         }
-        Change::Event(e) => {
-            tables
-                .events
-                .insert((e.stream.as_str(), e.index), seq)
-                .map_err(storage_err)?;
-        }
+        Change::Event(e) => tables
+            .events
+            .insert((e.stream.as_str(), e.index), seq)
+            .map_err(storage_err)?
+            .map(|v| v.value()),
+    };
+    if let Some(old) = superseded
+        && old < tables.trimmed
+    {
+        tables.log.remove(old).map_err(storage_err)?;
     }
     Ok(())
+}
+
+/// Where reclamation's pass over the change log is (see [`META_TRIMMED`]).
+fn trimmed_below(tx: &redb::WriteTransaction) -> StoreResult<u64> {
+    let meta = tx.open_table(META).map_err(storage_err)?;
+    Ok(meta
+        .get(META_TRIMMED)
+        .map_err(storage_err)?
+        .map_or(1, |v| v.value()))
 }
 
 /// The sequence of the last change-log entry and the greatest timestamp the store holds.
@@ -334,6 +364,8 @@ impl RedbStore {
             commits_since_checkpoint: 0,
             last_checkpoint: std::time::Instant::now(),
             wal_failed: false,
+            record_cursor: None,
+            event_cursor: None,
         };
         std::thread::Builder::new()
             .name("haven-redb-writer".into())
@@ -447,7 +479,7 @@ impl Store for RedbStore {
         crate::plan::validate(&batch)?;
         let (reply, rx) = oneshot::channel();
         self.writer
-            .send(WriteRequest { batch, reply })
+            .send(Job::Write(WriteRequest { batch, reply }))
             .await
             .map_err(|_| StoreError::Closed)?;
         let (commit, entries) = rx.await.map_err(|_| StoreError::Closed)??;
@@ -509,6 +541,15 @@ impl Store for RedbStore {
 
     fn subscribe(&self) -> broadcast::Receiver<Arc<LogEntry>> {
         self.feed.subscribe()
+    }
+
+    async fn reclaim(&self, reclaim: &Reclaim) -> StoreResult<Reclaimed> {
+        let (reply, rx) = oneshot::channel();
+        self.writer
+            .send(Job::Reclaim(reclaim.clone(), reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn check_writable(&self) -> StoreResult<()> {
@@ -624,10 +665,12 @@ impl Restorer {
         let mut last = self.last_seq;
         let mut max_hlc = self.max_hlc;
         {
+            let trimmed = trimmed_below(&tx)?;
             let mut tables = Tables {
                 records: tx.open_table(RECORDS).map_err(storage_err)?,
                 events: tx.open_table(EVENTS).map_err(storage_err)?,
                 log: tx.open_table(LOG).map_err(storage_err)?,
+                trimmed,
             };
             for e in entries {
                 if e.seq <= last {
@@ -676,7 +719,7 @@ struct Writer {
     factory: BackendFactory,
     clock: Arc<HybridClock>,
     origin: Origin,
-    rx: mpsc::Receiver<WriteRequest>,
+    rx: mpsc::Receiver<Job>,
     /// Sequence of the last committed change-log entry (only this thread writes).
     last_seq: u64,
     /// The write-ahead log, when commits to redb are not durable by themselves.
@@ -687,6 +730,10 @@ struct Writer {
     last_checkpoint: std::time::Instant,
     /// Whether the last failed group failed in the write-ahead log (redb is then intact).
     wal_failed: bool,
+    /// Where reclamation's pass over the records resumes (`None`: from the start).
+    record_cursor: Option<(String, String)>,
+    /// Where reclamation's pass over the stream events resumes.
+    event_cursor: Option<(String, u64)>,
 }
 
 /// A checkpoint is taken after this many commits…
@@ -724,15 +771,204 @@ impl Writer {
                     Err(mpsc::error::TryRecvError::Disconnected) => return,
                 }
             };
-            group.push(first);
-            while group.len() < MAX_GROUP {
+            // A reclamation step runs between groups of commits.
+            let mut reclaim = None;
+            match first {
+                Job::Write(w) => group.push(w),
+                Job::Reclaim(r, reply) => reclaim = Some((r, reply)),
+            }
+            while reclaim.is_none() && group.len() < MAX_GROUP {
                 match self.rx.try_recv() {
-                    Ok(r) => group.push(r),
+                    Ok(Job::Write(w)) => group.push(w),
+                    Ok(Job::Reclaim(r, reply)) => reclaim = Some((r, reply)),
                     Err(_) => break,
                 }
             }
-            self.commit_group(&mut group);
+            if !group.is_empty() {
+                self.commit_group(&mut group);
+            }
+            if let Some((r, reply)) = reclaim {
+                let _ = reply.send(self.reclaim(&r));
+            }
         }
+    }
+
+    /// One bounded reclamation step, in one transaction (made durable like commits are):
+    /// expired records and old tombstones, old stream events (each stream's last kept), and
+    /// change-log entries below the floor that are no longer current. Each kind resumes
+    /// where the previous step stopped.
+    fn reclaim(&mut self, r: &Reclaim) -> StoreResult<Reclaimed> {
+        let Some(db) = self.db.read().clone() else {
+            return Err(StoreError::Unavailable(
+                "the database is being reopened after an I/O error".into(),
+            ));
+        };
+        let mut tx = db.begin_write().map_err(storage_err)?;
+        let durability = if self.wal.is_some() {
+            Durability::None
+        } else {
+            Durability::Immediate
+        };
+        tx.set_durability(durability).map_err(storage_err)?;
+        let trimmed = trimmed_below(&tx)?;
+        // Never the last entry: it tells a restarted store where the log is.
+        let floor = r.log_floor.min(self.last_seq);
+        let mut out = Reclaimed::default();
+        let (records_done, events_done, log_done);
+        {
+            let mut records = tx.open_table(RECORDS).map_err(storage_err)?;
+            let mut events = tx.open_table(EVENTS).map_err(storage_err)?;
+            let mut log = tx.open_table(LOG).map_err(storage_err)?;
+            // An entry is removed from the log with its record or event when reclamation's
+            // pass over the log is past it, or it is below the floor (that pass removes
+            // it later otherwise).
+            let drop_entry = |log: &mut redb::Table<'_, u64, &'static [u8]>, seq: u64| {
+                if seq < trimmed || seq < floor {
+                    log.remove(seq).map_err(storage_err)?;
+                    return Ok::<u64, StoreError>(1);
+                }
+                Ok(0)
+            };
+
+            // Expired records and old tombstones.
+            let mut doomed = Vec::new();
+            let mut examined = 0;
+            let mut next_record = None;
+            {
+                let start = self.record_cursor.clone();
+                let range = match &start {
+                    Some((ns, key)) => records
+                        .range((ns.as_str(), key.as_str())..)
+                        .map_err(storage_err)?,
+                    None => records.range::<(&str, &str)>(..).map_err(storage_err)?,
+                };
+                for item in range {
+                    let (k, v) = item.map_err(storage_err)?;
+                    let (ns, key) = k.value();
+                    if examined == r.step {
+                        next_record = Some((ns.to_owned(), key.to_owned()));
+                        break;
+                    }
+                    examined += 1;
+                    let row: RecordRow = decode(v.value())?;
+                    let old = |retention: u64| {
+                        row.record.version.hlc.millis().saturating_add(retention) < r.now_millis
+                    };
+                    let expired = row
+                        .record
+                        .expires_at_millis
+                        .is_some_and(|at| at.saturating_add(r.expired_grace_millis) < r.now_millis);
+                    if expired || (row.record.is_tombstone() && old(r.tombstone_retention_millis)) {
+                        doomed.push((ns.to_owned(), key.to_owned(), row.revision));
+                    }
+                }
+            }
+            for (ns, key, revision) in &doomed {
+                records
+                    .remove((ns.as_str(), key.as_str()))
+                    .map_err(storage_err)?;
+                out.log_entries += drop_entry(&mut log, *revision)?;
+            }
+            out.records = doomed.len() as u64;
+            records_done = next_record.is_none();
+            self.record_cursor = next_record;
+
+            // Old stream events, except each stream's last.
+            let mut doomed = Vec::new();
+            let mut examined = 0;
+            let mut next_event = None;
+            {
+                let start = self.event_cursor.clone();
+                let range = match &start {
+                    Some((stream, index)) => events
+                        .range((stream.as_str(), *index)..)
+                        .map_err(storage_err)?,
+                    None => events.range::<(&str, u64)>(..).map_err(storage_err)?,
+                };
+                let mut range = range.peekable();
+                while let Some(item) = range.next() {
+                    let (k, seq) = item.map_err(storage_err)?;
+                    let (stream, index) = k.value();
+                    if examined == r.step {
+                        next_event = Some((stream.to_owned(), index));
+                        break;
+                    }
+                    examined += 1;
+                    let last_of_stream = match range.peek() {
+                        Some(Ok((next, _))) => next.value().0 != stream,
+                        Some(Err(_)) | None => true,
+                    };
+                    if last_of_stream {
+                        continue;
+                    }
+                    let seq = seq.value();
+                    let event = event_at(&log, seq)?;
+                    if event
+                        .version
+                        .hlc
+                        .millis()
+                        .saturating_add(r.event_retention_millis)
+                        < r.now_millis
+                    {
+                        doomed.push((stream.to_owned(), index, seq));
+                    }
+                }
+            }
+            for (stream, index, seq) in &doomed {
+                events
+                    .remove((stream.as_str(), *index))
+                    .map_err(storage_err)?;
+                out.log_entries += drop_entry(&mut log, *seq)?;
+            }
+            out.events = doomed.len() as u64;
+            events_done = next_event.is_none();
+            self.event_cursor = next_event;
+
+            // Change-log entries below the floor that are no longer current.
+            let mut doomed = Vec::new();
+            let mut reached = trimmed;
+            let mut examined = 0;
+            if floor > trimmed {
+                for item in log.range(trimmed..floor).map_err(storage_err)?.take(r.step) {
+                    let (k, v) = item.map_err(storage_err)?;
+                    let seq = k.value();
+                    examined += 1;
+                    reached = seq + 1;
+                    let current = match decode::<Change>(v.value())? {
+                        Change::Record(rec) => records
+                            .get((rec.namespace.as_str(), rec.key.as_str()))
+                            .map_err(storage_err)?
+                            .map(|row| decode::<RecordRow>(row.value()))
+                            .transpose()?
+                            .is_some_and(|row| row.revision == seq),
+                        Change::Event(e) => events
+                            .get((e.stream.as_str(), e.index))
+                            .map_err(storage_err)?
+                            .is_some_and(|s| s.value() == seq),
+                    };
+                    if !current {
+                        doomed.push(seq);
+                    }
+                }
+            }
+            // Fewer than a step's worth left: the pass reached the floor.
+            log_done = examined < r.step;
+            if log_done {
+                reached = reached.max(floor);
+            }
+            for seq in &doomed {
+                log.remove(*seq).map_err(storage_err)?;
+            }
+            out.log_entries += doomed.len() as u64;
+            let mut meta = tx.open_table(META).map_err(storage_err)?;
+            if reached > trimmed {
+                meta.insert(META_TRIMMED, reached).map_err(storage_err)?;
+            }
+        }
+        tx.commit().map_err(storage_err)?;
+        self.commits_since_checkpoint += 1;
+        out.done = records_done && events_done && log_done;
+        Ok(out)
     }
 
     fn commit_group(&mut self, group: &mut Vec<WriteRequest>) {
@@ -846,10 +1082,12 @@ impl Writer {
         let mut last_seq = self.last_seq;
         let mut merged_hlc = 0u64;
         {
+            let trimmed = trimmed_below(&tx)?;
             let mut tables = Tables {
                 records: tx.open_table(RECORDS).map_err(storage_err)?,
                 events: tx.open_table(EVENTS).map_err(storage_err)?,
                 log: tx.open_table(LOG).map_err(storage_err)?,
+                trimmed,
             };
             for req in group {
                 results.push(self.apply_batch(
@@ -942,6 +1180,8 @@ struct Tables<'txn> {
     records: redb::Table<'txn, (&'static str, &'static str), &'static [u8]>,
     events: redb::Table<'txn, (&'static str, u64), u64>,
     log: redb::Table<'txn, u64, &'static [u8]>,
+    /// [`META_TRIMMED`] when the transaction began.
+    trimmed: u64,
 }
 
 impl crate::plan::StateRead for Tables<'_> {

@@ -336,6 +336,50 @@ pub trait Store: Send + Sync + 'static {
         }
         Ok((next - 1, fold.into_entries()))
     }
+
+    /// One bounded step of reclamation (see [`Reclaim`]): removes what no reader needs any
+    /// more, examining at most `reclaim.step` items of each kind. Call it again while
+    /// [`Reclaimed::done`] is false. A backend that does not reclaim yet answers
+    /// [`StoreError::Invalid`] and keeps everything.
+    async fn reclaim(&self, reclaim: &Reclaim) -> StoreResult<Reclaimed> {
+        let _ = reclaim;
+        Err(StoreError::Invalid(
+            "this backend does not reclaim storage yet; it keeps its whole history".into(),
+        ))
+    }
+}
+
+/// What a reclamation step may remove.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reclaim {
+    /// Change-log entries below this sequence are needed by no reader any more (backups
+    /// shipped them): those no longer current (a record's superseded version, an event
+    /// removed) are removed. The backend never removes its last entry.
+    pub log_floor: u64,
+    /// Wall-clock now, Unix milliseconds.
+    pub now_millis: u64,
+    /// Records expired longer ago than this are removed (they already read as absent).
+    pub expired_grace_millis: u64,
+    /// Tombstones older than this (by their timestamp) are removed.
+    pub tombstone_retention_millis: u64,
+    /// Stream events older than this (by their timestamp) are removed, except each stream's
+    /// last, which keeps the stream's position.
+    pub event_retention_millis: u64,
+    /// Most items of each kind examined in one step.
+    pub step: usize,
+}
+
+/// What a reclamation step removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Reclaimed {
+    /// Change-log entries removed.
+    pub log_entries: u64,
+    /// Expired records and old tombstones removed.
+    pub records: u64,
+    /// Stream events removed.
+    pub events: u64,
+    /// Whether this pass over the store is complete (the next step starts a new one).
+    pub done: bool,
 }
 
 /// Puts `entry` in its place unless the entry there supersedes it; returns whether it did.

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use haven_state::{Batch, HybridClock, Origin, RedbStore, Store, StoreError};
+use haven_state::{Batch, HybridClock, Origin, PhysicalClock, RedbStore, Store, StoreError};
 
 use haven_testkit::redb_store as open;
 
@@ -142,4 +142,177 @@ async fn full_disk_refuses_writes_and_keeps_acknowledged_ones() {
     }
     let big = s.scan("big", "", None, 1000).await.unwrap().records.len() as u32;
     assert_eq!(50 + big, acked);
+}
+
+/// Runs reclamation steps until a pass is complete; what they removed in all.
+async fn reclaim_all(s: &dyn Store, r: &haven_state::Reclaim) -> haven_state::Reclaimed {
+    let mut all = haven_state::Reclaimed::default();
+    for _ in 0..1000 {
+        let step = s.reclaim(r).await.unwrap();
+        all.log_entries += step.log_entries;
+        all.records += step.records;
+        all.events += step.events;
+        if step.done {
+            all.done = true;
+            return all;
+        }
+    }
+    panic!("reclamation never completed a pass");
+}
+
+fn policy(now_millis: u64) -> haven_state::Reclaim {
+    haven_state::Reclaim {
+        log_floor: u64::MAX,
+        now_millis,
+        expired_grace_millis: 60_000,
+        tombstone_retention_millis: 3_600_000,
+        event_retention_millis: 3_600_000,
+        // Small steps, so that passes span many steps.
+        step: 7,
+    }
+}
+
+/// Reclamation removes the history nobody needs and nothing of the state: the log keeps one
+/// entry per current record and event, the state (and its digest, `state_entries`) is
+/// unchanged, the store reopens at the same position and goes on from it, and a key written
+/// again after the pass has its superseded entry removed at once.
+#[tokio::test]
+async fn reclamation_keeps_the_state_and_drops_the_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let wall = Arc::new(haven_state::ManualClock::new(1_700_000_000_000));
+    let open_at = |wall: &Arc<haven_state::ManualClock>| {
+        RedbStore::open(
+            dir.path(),
+            Origin::new("r1", "n1"),
+            Arc::new(HybridClock::new(wall.clone())),
+        )
+        .unwrap()
+    };
+    let s = open_at(&wall);
+    for i in 0..30u32 {
+        s.commit(Batch::new().put("notes", "big", vec![i as u8; 10_000]))
+            .await
+            .unwrap();
+        s.commit(Batch::new().put("notes", &format!("k{}", i % 5), vec![i as u8]))
+            .await
+            .unwrap();
+        s.commit(Batch::new().append("stream", vec![i as u8]))
+            .await
+            .unwrap();
+    }
+    s.commit(Batch::new().delete("notes", "k0")).await.unwrap();
+    s.commit(Batch::new().put_ttl("sessions", "s1", vec![1], 1000))
+        .await
+        .unwrap();
+    let last = s.last_seq().await.unwrap();
+    let (_, before) = s.state_entries().await.unwrap();
+
+    let done = reclaim_all(&s, &policy(wall.now_millis())).await;
+    // 30 writes of `big`, 6 of each of k0..k4 and the delete of k0: all but the last of each
+    // key.
+    assert_eq!(done.log_entries, 29 + 6 + 4 * 5);
+    assert_eq!((done.records, done.events), (0, 0));
+    let (at, after) = s.state_entries().await.unwrap();
+    assert_eq!((at, &after), (last, &before));
+    let log = s.read_log(1, 10_000).await.unwrap();
+    assert_eq!(log.len(), before.len(), "one log entry per current item");
+    assert_eq!(s.read_events("stream", 0, 100).await.unwrap().len(), 30);
+    assert_eq!(
+        s.get("notes", "big").await.unwrap().unwrap().record.value,
+        Some(vec![29; 10_000])
+    );
+    // Written again after the pass: the superseded entry goes at once.
+    s.commit(Batch::new().put("notes", "big", vec![30; 10_000]))
+        .await
+        .unwrap();
+    assert_eq!(s.read_log(1, 10_000).await.unwrap().len(), before.len());
+    drop(s);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let s = open_at(&wall);
+    assert_eq!(s.last_seq().await.unwrap(), last + 1);
+    let c = s
+        .commit(Batch::new().append("stream", vec![]))
+        .await
+        .unwrap();
+    assert_eq!(c.last_seq, last + 2);
+    assert!(
+        matches!(
+            c.outcomes[0],
+            haven_state::Outcome::Appended { index: 31, .. }
+        ),
+        "{:?}",
+        c.outcomes
+    );
+}
+
+/// Past their retention: expired records and tombstones are removed, and old stream events
+/// but each stream's last, so that the stream goes on at its next index. Entries at or above
+/// the log floor (not shipped yet) stay in the log.
+#[tokio::test]
+async fn reclamation_removes_what_expired_and_keeps_the_log_above_the_floor() {
+    let dir = tempfile::tempdir().unwrap();
+    let wall = Arc::new(haven_state::ManualClock::new(1_700_000_000_000));
+    let s = RedbStore::open(
+        dir.path(),
+        Origin::new("r1", "n1"),
+        Arc::new(HybridClock::new(wall.clone())),
+    )
+    .unwrap();
+    for i in 0..10u8 {
+        s.commit(Batch::new().append("old", vec![i])).await.unwrap();
+    }
+    s.commit(Batch::new().put("notes", "gone", vec![1]))
+        .await
+        .unwrap();
+    s.commit(Batch::new().delete("notes", "gone"))
+        .await
+        .unwrap();
+    s.commit(Batch::new().put_ttl("sessions", "s1", vec![1], 1000))
+        .await
+        .unwrap();
+    s.commit(Batch::new().put("notes", "kept", vec![1]))
+        .await
+        .unwrap();
+    let floor = s.last_seq().await.unwrap() + 1;
+    // Later writes, not shipped yet: above the floor.
+    s.commit(Batch::new().put("notes", "kept", vec![2]))
+        .await
+        .unwrap();
+    s.commit(Batch::new().put("notes", "kept", vec![3]))
+        .await
+        .unwrap();
+    wall.advance(2 * 3_600_000);
+    let mut p = policy(wall.now_millis());
+    p.log_floor = floor;
+    let done = reclaim_all(&s, &p).await;
+    assert_eq!((done.records, done.events), (2, 9), "{done:?}");
+    assert!(s.get_raw("notes", "gone").await.unwrap().is_none());
+    assert!(s.get_raw("sessions", "s1").await.unwrap().is_none());
+    let events = s.read_events("old", 0, 100).await.unwrap();
+    assert_eq!(events.iter().map(|e| e.index).collect::<Vec<_>>(), [10]);
+    let c = s.commit(Batch::new().append("old", vec![])).await.unwrap();
+    assert!(
+        matches!(
+            c.outcomes[0],
+            haven_state::Outcome::Appended { index: 11, .. }
+        ),
+        "{:?}",
+        c.outcomes
+    );
+    // Above the floor every entry is still there, superseded or not.
+    let above: Vec<u64> = s
+        .read_log(floor, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(above, [floor, floor + 1, floor + 2]);
+    // Below it: only what is current (the event kept, "kept"'s first version is superseded).
+    let below = s.read_log(1, 100).await.unwrap();
+    assert_eq!(
+        below.iter().filter(|e| e.seq < floor).count(),
+        1,
+        "{below:?}"
+    );
 }
