@@ -49,6 +49,17 @@ pub struct HttpSettings {
     pub max_connections_per_ip: u64,
 }
 
+/// Storage reclamation settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StorageSettings {
+    /// How often a reclamation pass runs, ms.
+    pub reclaim_interval_ms: u64,
+    /// How long tombstones are kept, ms.
+    pub tombstone_retention_ms: u64,
+    /// How long stream events stay resumable, ms.
+    pub event_retention_ms: u64,
+}
+
 impl Default for UpstreamSettings {
     fn default() -> Self {
         UpstreamSettings {
@@ -170,6 +181,33 @@ pub const SETTINGS: &[SettingDef] = &[
         help: "log filter: a level (trace, debug, info, warn, error, off) or target=level items, comma-separated",
     },
     SettingDef {
+        key: "storage.event_retention_ms",
+        kind: Kind::Integer {
+            min: 1000,
+            max: 31_536_000_000,
+        },
+        default: "86400000",
+        help: "how long stream events stay resumable (Last-Event-ID): older ones are reclaimed, except each stream's last",
+    },
+    SettingDef {
+        key: "storage.reclaim_interval_ms",
+        kind: Kind::Integer {
+            min: 100,
+            max: 86_400_000,
+        },
+        default: "5000",
+        help: "how often a node reclaims storage (in bounded steps between commits): superseded change-log entries already backed up, expired records, old tombstones and events",
+    },
+    SettingDef {
+        key: "storage.tombstone_retention_ms",
+        kind: Kind::Integer {
+            min: 1000,
+            max: 31_536_000_000,
+        },
+        default: "604800000",
+        help: "how long a deletion's tombstone is kept before it is reclaimed",
+    },
+    SettingDef {
         key: "upstream.breaker_cooldown_ms",
         kind: Kind::Integer {
             min: 100,
@@ -277,6 +315,8 @@ pub struct Snapshot {
     pub max_body_bytes: u64,
     /// Connection limits.
     pub http: HttpSettings,
+    /// Storage reclamation.
+    pub storage: StorageSettings,
     /// Resource subscriptions per session.
     pub max_subscriptions_per_session: u64,
     /// Longest subscription URI.
@@ -431,6 +471,11 @@ fn fold(stored: &BTreeMap<String, StoredSetting>, applied_seq: u64, now: u64) ->
             body_read_timeout_ms: int("http.body_read_timeout_ms"),
             max_connections: int("http.max_connections"),
             max_connections_per_ip: int("http.max_connections_per_ip"),
+        },
+        storage: StorageSettings {
+            reclaim_interval_ms: int("storage.reclaim_interval_ms"),
+            tombstone_retention_ms: int("storage.tombstone_retention_ms"),
+            event_retention_ms: int("storage.event_retention_ms"),
         },
         max_subscriptions_per_session: int("limits.max_subscriptions_per_session"),
         max_uri_bytes: int("limits.max_uri_bytes"),

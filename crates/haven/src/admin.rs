@@ -179,6 +179,7 @@ async fn status(State(admin): State<Arc<Admin>>) -> Response {
             "allowed_skew_ms": e.config().max_clock_skew.as_millis() as u64,
         },
         "store": e.store().describe().await,
+        "reclamation": admin.control.reclaim.lock().clone(),
         "writable": e.store().check_writable().await.map_err(|e| e.to_string()).err(),
         "backup": backup,
     }))

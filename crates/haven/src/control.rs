@@ -38,6 +38,8 @@ pub struct Control {
     pub conn_limits: Arc<haven_server::ConnLimits>,
     /// Limits on what a client controls, changed by the `limits.*` settings.
     pub client_limits: Arc<haven_mcp::limits::ClientLimits>,
+    /// What the storage reclaimer has done (`crate::reclaim`).
+    pub reclaim: Arc<parking_lot::Mutex<crate::reclaim::ReclaimStatus>>,
     /// The configuration snapshot this node has applied last.
     pub in_force: Arc<RwLock<Arc<haven_control::config::Snapshot>>>,
     /// Replication from the other regions (`None`: one region).

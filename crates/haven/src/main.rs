@@ -7,6 +7,7 @@ mod backup_cmd;
 mod client;
 mod control;
 mod control_cmd;
+mod reclaim;
 mod region_cmd;
 mod settings;
 
@@ -308,6 +309,7 @@ async fn start_engine(
         max_body_bytes: Arc::new(std::sync::atomic::AtomicUsize::new(s.max_body_bytes)),
         conn_limits: Arc::default(),
         client_limits,
+        reclaim: Arc::default(),
         in_force,
         regions,
     };
@@ -486,7 +488,13 @@ fn label_of(url: &str) -> String {
 
 async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
     let (engine, store, control) = start_engine(&s, log).await?;
-    let backup = start_backup(&s, store).await?;
+    let backup = start_backup(&s, store.clone()).await?;
+    reclaim::start(
+        store,
+        backup.clone(),
+        control.in_force.clone(),
+        control.reclaim.clone(),
+    );
     let (token, token_file) = admin::load_or_create_token(&s.data, s.admin_token_file.as_deref())?;
     let listener = tokio::net::TcpListener::bind(&s.listen)
         .await

@@ -544,3 +544,137 @@ async fn kill9_during_shipping_then_data_loss_is_at_most_one_interval() {
         "writes before a restart are never lost"
     );
 }
+
+/// A note overwritten again and again: once the backup has shipped the versions, the node
+/// reclaims them (its store file stops growing with the history), and a point-in-time
+/// restore between two versions still gives exactly the earlier one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overwritten_values_are_reclaimed_and_restore_in_the_window_stays_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let url = dir.path().join("backup").to_str().unwrap().to_owned();
+    let k = key.to_str().unwrap().to_owned();
+    let data = dir.path().join("data");
+    let args = [
+        "--backup-url",
+        url.as_str(),
+        "--backup-key-file",
+        k.as_str(),
+        "--backup-interval",
+        "1s",
+    ];
+    let h = Haven::start(&data, free_port(), "default", &args).await;
+    let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    let client = reqwest::Client::new();
+    let r = client
+        .put(format!(
+            "http://127.0.0.1:{}/admin/v1/config/storage.reclaim_interval_ms",
+            h.port
+        ))
+        .bearer_auth(token.trim())
+        .json(&json!({"value": 200}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+
+    // Versions of one note, each 512 KiB; the time between two of them is remembered.
+    let text = |v: usize| format!("{v:04}").repeat(128 * 1024);
+    let mut id = 0;
+    let mut between = None;
+    let mut write = |from: usize, to: usize| {
+        let (client, url) = (client.clone(), h.url());
+        let mut versions = Vec::new();
+        for v in from..to {
+            id += 1;
+            versions.push((id, v));
+        }
+        async move {
+            let mut at = None;
+            for (id, v) in versions {
+                assert!(
+                    put_note(&client, &url, id, "big", &text(v)).await,
+                    "version {v}"
+                );
+                if v == 5 {
+                    at = Some(now_millis());
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            at
+        }
+    };
+    between = between.or(write(0, 20).await);
+    // Reclaimed once shipped: wait until the node removed the superseded versions.
+    let reclaimed = |at_least: u64| {
+        let h = &h;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let s = admin(h, reqwest::Method::GET, "/admin/v1/status").await;
+                let removed = s["reclamation"]["removed"]["log_entries"].as_u64().unwrap();
+                if removed >= at_least {
+                    return s;
+                }
+                assert!(Instant::now() < deadline, "not reclaimed: {s}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    reclaimed(19).await;
+    let file = data.join("state.redb");
+    let size = || std::fs::metadata(&file).unwrap().len();
+    let first = size();
+    write(20, 60).await;
+    let s = reclaimed(59).await;
+    // Two more passes, so that the freed pages are reused by what follows.
+    let passes = s["reclamation"]["passes"].as_u64().unwrap();
+    while admin(&h, reqwest::Method::GET, "/admin/v1/status").await["reclamation"]["passes"]
+        .as_u64()
+        .unwrap()
+        < passes + 2
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    write(60, 100).await;
+    reclaimed(99).await;
+    let last = size();
+    // 80 more versions of 512 KiB (40 MiB of history, twice over with the log) left the
+    // file within a few versions' size of where it was.
+    eprintln!(
+        "store file after 20 versions: {} KiB, after 100: {} KiB",
+        first / 1024,
+        last / 1024
+    );
+    assert!(
+        last < first + 8 * 1024 * 1024,
+        "the store grew from {first} to {last} bytes"
+    );
+
+    // The backup still holds every version: a restore between version 5 and 6 gives 5.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while admin(&h, reqwest::Method::GET, "/admin/v1/status").await["backup"]["lag_entries"]
+        .as_u64()
+        != Some(0)
+    {
+        assert!(Instant::now() < deadline, "the backup never caught up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let at = haven_backup::fmt_millis(between.unwrap());
+    let to = dir.path().join("at");
+    let (code, out, err) = restore_cli(&url, &k, &to, &["--at", &at], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(version_in(&to).await, Some(5));
+    let to = dir.path().join("latest");
+    let (code, out, err) = restore_cli(&url, &k, &to, &[], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(version_in(&to).await, Some(99));
+}
+
+/// Which version of the note "big" a data directory holds (`None`: not that text).
+async fn version_in(dir: &Path) -> Option<usize> {
+    let stored: Value = serde_json::from_str(&notes_in(dir).await["big"]).ok()?;
+    let text = stored["text"].as_str()?;
+    let v: usize = text.get(..4)?.parse().ok()?;
+    (text == format!("{v:04}").repeat(128 * 1024)).then_some(v)
+}
