@@ -49,6 +49,19 @@ pub struct HttpSettings {
     pub max_connections_per_ip: u64,
 }
 
+/// Admission control settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdmissionSettings {
+    /// Requests a node serves at once.
+    pub max_requests: u64,
+    /// Requests that wait for a place.
+    pub max_queued: u64,
+    /// How long one waits, ms.
+    pub queue_wait_ms: u64,
+    /// Requests of one session at once.
+    pub max_requests_per_session: u64,
+}
+
 /// Storage reclamation settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StorageSettings {
@@ -157,6 +170,33 @@ pub const SETTINGS: &[SettingDef] = &[
         help: "largest MCP request body accepted over HTTP, in bytes",
     },
     SettingDef {
+        key: "limits.max_queued_requests",
+        kind: Kind::Integer {
+            min: 0,
+            max: 1_000_000,
+        },
+        default: "1024",
+        help: "requests that wait for a place while a node serves limits.max_requests; beyond them a request is answered 503 at once",
+    },
+    SettingDef {
+        key: "limits.max_requests",
+        kind: Kind::Integer {
+            min: 1,
+            max: 1_000_000,
+        },
+        default: "4096",
+        help: "MCP requests a node serves at once, open response streams included; more wait in the queue (limits.queue_wait_ms) or are answered 503 with Retry-After",
+    },
+    SettingDef {
+        key: "limits.max_requests_per_session",
+        kind: Kind::Integer {
+            min: 1,
+            max: 1_000_000,
+        },
+        default: "64",
+        help: "MCP requests of one session in flight at once, open response streams included; one more is answered 429 with Retry-After",
+    },
+    SettingDef {
         key: "limits.max_subscriptions_per_session",
         kind: Kind::Integer {
             min: 0,
@@ -173,6 +213,15 @@ pub const SETTINGS: &[SettingDef] = &[
         },
         default: "4096",
         help: "longest resource URI a subscription accepts, in bytes",
+    },
+    SettingDef {
+        key: "limits.queue_wait_ms",
+        kind: Kind::Integer {
+            min: 0,
+            max: 60_000,
+        },
+        default: "1000",
+        help: "how long a request waits in the queue for a place before it is answered 503",
     },
     SettingDef {
         key: "log.level",
@@ -317,6 +366,8 @@ pub struct Snapshot {
     pub http: HttpSettings,
     /// Storage reclamation.
     pub storage: StorageSettings,
+    /// Admission: requests per node, queued, queue wait (ms), requests per session.
+    pub admission: AdmissionSettings,
     /// Resource subscriptions per session.
     pub max_subscriptions_per_session: u64,
     /// Longest subscription URI.
@@ -476,6 +527,12 @@ fn fold(stored: &BTreeMap<String, StoredSetting>, applied_seq: u64, now: u64) ->
             reclaim_interval_ms: int("storage.reclaim_interval_ms"),
             tombstone_retention_ms: int("storage.tombstone_retention_ms"),
             event_retention_ms: int("storage.event_retention_ms"),
+        },
+        admission: AdmissionSettings {
+            max_requests: int("limits.max_requests"),
+            max_queued: int("limits.max_queued_requests"),
+            queue_wait_ms: int("limits.queue_wait_ms"),
+            max_requests_per_session: int("limits.max_requests_per_session"),
         },
         max_subscriptions_per_session: int("limits.max_subscriptions_per_session"),
         max_uri_bytes: int("limits.max_uri_bytes"),

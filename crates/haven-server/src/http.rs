@@ -19,7 +19,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::net::TcpListener;
 
-use crate::layers::{body_limit, content, host_origin};
+use crate::layers::{admission, body_limit, content, host_origin};
 use crate::response::{Era, respond};
 
 /// HTTP settings.
@@ -32,6 +32,8 @@ pub struct HttpConfig {
     pub allowed_hosts: Vec<String>,
     /// Connection caps and timeouts, shared like the body limit.
     pub limits: Arc<crate::conn::ConnLimits>,
+    /// Requests served at once, per node and per session.
+    pub admission: Arc<crate::layers::admission::Admission>,
 }
 
 impl Default for HttpConfig {
@@ -45,6 +47,7 @@ impl Default for HttpConfig {
                 "::1".into(),
             ],
             limits: Arc::default(),
+            admission: Arc::default(),
         }
     }
 }
@@ -75,7 +78,8 @@ pub fn router(engine: Engine, config: HttpConfig) -> Router {
         }
     });
     // Layers run outermost first, i.e. in the reverse order of the calls below: Host/Origin,
-    // then media types, then the body limit (which reads the body), then the handler. They
+    // then media types, then admission, then the body limit (which reads the body), then the
+    // handler. They
     // apply to the routes, not to the fallback: any other method gets 405 whatever its headers.
     let mcp = get(mcp_get)
         .post(mcp_post)
@@ -88,6 +92,10 @@ pub fn router(engine: Engine, config: HttpConfig) -> Router {
                 limits: config.limits.clone(),
             },
             body_limit::enforce,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            config.admission.clone(),
+            admission::enforce,
         ))
         .route_layer(middleware::from_fn(content::enforce))
         .route_layer(middleware::from_fn_with_state(

@@ -172,6 +172,10 @@ async fn status(State(admin): State<Arc<Admin>>) -> Response {
         "draining": e.is_draining(),
         "running_requests": e.running_requests(),
         "hub_topics": e.hub_topics(),
+        "admission": {
+            "running": admin.control.admission.load().0,
+            "queued": admin.control.admission.load().1,
+        },
         "nodes": e.members(),
         "clock": {
             "max_offset_ms": e.clock_skew().map(|(o, _)| o),

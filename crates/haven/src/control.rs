@@ -36,6 +36,8 @@ pub struct Control {
     pub max_body_bytes: Arc<AtomicUsize>,
     /// Connection caps and timeouts of the HTTP server, changed by the `http.*` settings.
     pub conn_limits: Arc<haven_server::ConnLimits>,
+    /// Admission control of the HTTP server, changed by the `limits.*requests*` settings.
+    pub admission: Arc<haven_server::layers::admission::Admission>,
     /// Limits on what a client controls, changed by the `limits.*` settings.
     pub client_limits: Arc<haven_mcp::limits::ClientLimits>,
     /// What the storage reclaimer has done (`crate::reclaim`).
@@ -210,6 +212,7 @@ pub fn apply_config(
     let max_body_bytes = control.max_body_bytes.clone();
     let conn_limits = control.conn_limits.clone();
     let client_limits = control.client_limits.clone();
+    let admission = control.admission.limits.clone();
     let in_force = control.in_force.clone();
     tokio::spawn(async move {
         let mut applied_log = None::<String>;
@@ -239,6 +242,19 @@ pub fn apply_config(
                 snap.max_subscriptions_per_session as usize,
                 Ordering::Relaxed,
             );
+            let a = &snap.admission;
+            admission
+                .max_requests
+                .store(a.max_requests as usize, Ordering::Relaxed);
+            admission
+                .max_queued
+                .store(a.max_queued as usize, Ordering::Relaxed);
+            admission
+                .queue_wait_ms
+                .store(a.queue_wait_ms, Ordering::Relaxed);
+            admission
+                .max_requests_per_session
+                .store(a.max_requests_per_session as usize, Ordering::Relaxed);
             client_limits
                 .max_uri_bytes
                 .store(snap.max_uri_bytes as usize, Ordering::Relaxed);

@@ -309,6 +309,7 @@ async fn start_engine(
         max_body_bytes: Arc::new(std::sync::atomic::AtomicUsize::new(s.max_body_bytes)),
         conn_limits: Arc::default(),
         client_limits,
+        admission: Arc::default(),
         reclaim: Arc::default(),
         in_force,
         regions,
@@ -504,6 +505,7 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
         max_body_bytes: control.max_body_bytes.clone(),
         allowed_hosts: s.allowed_hosts.clone(),
         limits: control.conn_limits.clone(),
+        admission: control.admission.clone(),
     };
     tracing::info!(
         "haven listening on http://{addr}/mcp (data: {}, catalog: {}, node: {})",

@@ -194,42 +194,8 @@ async fn request_state_keys_outlive_the_process() {
 async fn subscriptions_are_bounded_per_session_and_in_length() {
     let dir = tempfile::tempdir().unwrap();
     let h = Haven::start(&dir.path().join("data"), free_port(), "default", &[]).await;
-    let token = std::fs::read_to_string(dir.path().join("data/admin.token")).unwrap();
     let http = reqwest::Client::new();
-    let set = |key: &'static str, value: Value| {
-        let (http, token, port) = (&http, token.trim().to_owned(), h.port);
-        async move {
-            let url = format!("http://127.0.0.1:{port}/admin/v1/config/{key}");
-            let r = http
-                .put(&url)
-                .bearer_auth(&token)
-                .json(&json!({ "value": value }))
-                .send()
-                .await
-                .unwrap();
-            assert!(r.status().is_success(), "{}", r.text().await.unwrap());
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            loop {
-                let v: Value = http
-                    .get(format!("http://127.0.0.1:{port}/admin/v1/config"))
-                    .bearer_auth(&token)
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
-                if v["in_force"]["values"][key] == value {
-                    return;
-                }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "{key} not applied: {v}"
-                );
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
-        }
-    };
+    let set = |key: &'static str, value: Value| set_setting(&h, key, value);
     set("limits.max_subscriptions_per_session", json!(3)).await;
     let c = Legacy::connect(&h.url()).await;
     let subscribe = |id: i64, uri: String| {
@@ -309,4 +275,156 @@ async fn subscriptions_are_bounded_per_session_and_in_length() {
             .contains("limits.max_subscriptions_per_session"),
         "{v}"
     );
+}
+
+/// Sets a runtime setting through the admin API and waits until the node applies it.
+async fn set_setting(h: &Haven, key: &str, value: Value) {
+    let token = std::fs::read_to_string(h.data.join("admin.token")).unwrap();
+    let token = token.trim();
+    let http = reqwest::Client::new();
+    let port = h.port;
+    let r = http
+        .put(format!("http://127.0.0.1:{port}/admin/v1/config/{key}"))
+        .bearer_auth(token)
+        .json(&json!({ "value": value }))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let v: Value = http
+            .get(format!("http://127.0.0.1:{port}/admin/v1/config"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["in_force"]["values"][key] == value {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{key} not applied: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A ping in the stateless era, raw: (status, `Retry-After`, body).
+async fn raw_ping(
+    http: &reqwest::Client,
+    url: &str,
+    session: Option<&str>,
+) -> (u16, Option<String>, Value) {
+    let mut req = http
+        .post(url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream");
+    if let Some(s) = session {
+        req = req
+            .header("mcp-session-id", s)
+            .header("mcp-protocol-version", common::LEGACY);
+    }
+    let r = req
+        .body(json!({"jsonrpc":"2.0","id":1,"method":"ping","params":{}}).to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let text = r.text().await.unwrap();
+    (
+        status,
+        retry,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// Admission control: a node serves at most `limits.max_requests` requests at once (open
+/// response streams included) and a session `limits.max_requests_per_session`; over them a
+/// request is answered at once — 503 or 429 with `Retry-After` — or waits in the bounded
+/// queue for a place that frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_over_the_admission_limits_are_refused_at_once_or_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Haven::start(&dir.path().join("data"), free_port(), "default", &[]).await;
+    let http = reqwest::Client::new();
+    // One session with its standalone stream open: at a limit of one per session, its next
+    // request is refused with 429 while another session is served.
+    let c = Legacy::connect(&h.url()).await;
+    set_setting(&h, "limits.max_requests_per_session", json!(1)).await;
+    let stream = c.open_standalone().await;
+    assert_eq!(stream.status(), 200);
+    let (status, retry, v) = raw_ping(&http, &h.url(), Some(&c.session)).await;
+    assert_eq!((status, retry.as_deref()), (429, Some("1")), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limits.max_requests_per_session"),
+        "{v}"
+    );
+    let other = Legacy::connect(&h.url()).await;
+    assert_eq!(
+        other.request(2, "ping", json!({})).await["result"],
+        json!({})
+    );
+    let third = Legacy::connect(&h.url()).await;
+    // The stream ends: the session is served again.
+    drop(stream);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while raw_ping(&http, &h.url(), Some(&c.session)).await.0 != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stream's place was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The node at its limit of two, with no queue: a third request is refused at once.
+    set_setting(&h, "limits.max_queued_requests", json!(0)).await;
+    set_setting(&h, "limits.max_requests", json!(2)).await;
+    let first = long_call(&c, 10).await;
+    let second = long_call(&other, 11).await;
+    assert_eq!(
+        (first.status().as_u16(), second.status().as_u16()),
+        (200, 200)
+    );
+    let (status, retry, v) = raw_ping(&http, &h.url(), None).await;
+    assert_eq!((status, retry.as_deref()), (503, Some("1")), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limits.max_requests"),
+        "{v}"
+    );
+    // With a queue, the request waits for the place the first call's stream frees.
+    set_setting(&h, "limits.max_queued_requests", json!(8)).await;
+    set_setting(&h, "limits.queue_wait_ms", json!(10_000)).await;
+    let waiting = {
+        let (http, url, session) = (http.clone(), h.url(), third.session.clone());
+        tokio::spawn(async move { raw_ping(&http, &url, Some(&session)).await.0 })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the request did not wait for a place"
+    );
+    drop(first);
+    assert_eq!(waiting.await.unwrap(), 200);
+    drop(second);
+}
+
+/// A 30 s `sleep` call of `client`'s session whose answer is a stream (open until dropped).
+async fn long_call(client: &Legacy, id: i64) -> reqwest::Response {
+    client
+        .post_raw(json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"sleep","arguments":{"seconds":30},"_meta":{"progressToken":format!("p{id}")}}}))
+        .await
 }

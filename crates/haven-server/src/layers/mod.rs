@@ -3,11 +3,13 @@
 //!
 //! 1. [`host_origin`]: DNS-rebinding protection (403; duplicate `Host`/`Origin` 400),
 //! 2. [`content`]: `Content-Type` (415) and `Accept` (406),
-//! 3. [`body_limit`]: the body limit in force for this request (413), read at every request
+//! 3. [`admission`]: places per node and per session (503 or 429 with `Retry-After`),
+//! 4. [`body_limit`]: the body limit in force for this request (413), read at every request
 //!    because it is a runtime setting.
 //!
 //! Each refusal is a JSON-RPC error body without an id: no message has been read yet.
 
+pub mod admission;
 pub mod body_limit;
 pub mod content;
 pub mod host_origin;
