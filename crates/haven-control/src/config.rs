@@ -161,6 +161,15 @@ pub const SETTINGS: &[SettingDef] = &[
         help: "open connections from one client address, beyond which it is answered 503 (0: no cap per address; behind a proxy every connection comes from the proxy's address)",
     },
     SettingDef {
+        key: "limits.abandoned_call_ms",
+        kind: Kind::Integer {
+            min: 1000,
+            max: 86_400_000,
+        },
+        default: "120000",
+        help: "how long a legacy request whose client left runs on while nobody resumes its stream (Last-Event-ID, on any node); then it is cancelled",
+    },
+    SettingDef {
         key: "limits.max_body_bytes",
         kind: Kind::Integer {
             min: 1024,
@@ -368,6 +377,8 @@ pub struct Snapshot {
     pub storage: StorageSettings,
     /// Admission: requests per node, queued, queue wait (ms), requests per session.
     pub admission: AdmissionSettings,
+    /// How long an abandoned legacy request runs on, ms.
+    pub abandoned_call_ms: u64,
     /// Resource subscriptions per session.
     pub max_subscriptions_per_session: u64,
     /// Longest subscription URI.
@@ -534,6 +545,7 @@ fn fold(stored: &BTreeMap<String, StoredSetting>, applied_seq: u64, now: u64) ->
             queue_wait_ms: int("limits.queue_wait_ms"),
             max_requests_per_session: int("limits.max_requests_per_session"),
         },
+        abandoned_call_ms: int("limits.abandoned_call_ms"),
         max_subscriptions_per_session: int("limits.max_subscriptions_per_session"),
         max_uri_bytes: int("limits.max_uri_bytes"),
         entries,

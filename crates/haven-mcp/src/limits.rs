@@ -3,7 +3,8 @@
 //! applies to the next request. Exceeding one is an invalid-params error that names the limit
 //! and changes nothing.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 /// Limits on what a client controls.
 #[derive(Debug)]
@@ -13,6 +14,9 @@ pub struct ClientLimits {
     pub max_subscriptions_per_session: AtomicUsize,
     /// Length of a resource URI in a subscription, in bytes.
     pub max_uri_bytes: AtomicUsize,
+    /// How long a legacy request whose client is gone runs on while nobody resumes its
+    /// stream, in milliseconds; then it is cancelled.
+    pub abandoned_call_ms: AtomicU64,
 }
 
 impl Default for ClientLimits {
@@ -20,6 +24,7 @@ impl Default for ClientLimits {
         ClientLimits {
             max_subscriptions_per_session: AtomicUsize::new(256),
             max_uri_bytes: AtomicUsize::new(4096),
+            abandoned_call_ms: AtomicU64::new(120_000),
         }
     }
 }
@@ -28,6 +33,11 @@ impl ClientLimits {
     /// The subscription limit in force.
     pub fn max_subscriptions(&self) -> usize {
         self.max_subscriptions_per_session.load(Ordering::Relaxed)
+    }
+
+    /// How long an abandoned legacy request runs on.
+    pub fn abandoned_after(&self) -> Duration {
+        Duration::from_millis(self.abandoned_call_ms.load(Ordering::Relaxed).max(1))
     }
 
     /// The URI length limit in force.

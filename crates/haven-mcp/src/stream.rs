@@ -10,6 +10,40 @@ use serde::{Deserialize, Serialize};
 /// Namespace of in-flight request records.
 pub const INFLIGHT_NS: &str = "inflight";
 
+/// Namespace of reader records: a client that resumed a request's stream (on any node) keeps
+/// one alive while it reads, so that the node running the request knows its answer is still
+/// awaited (`limits.abandoned_call_ms`).
+pub const READERS_NS: &str = "readers";
+
+/// Notes that a client reads the stream now, for `ttl_millis`.
+pub async fn note_reader(
+    store: &dyn Store,
+    session: &str,
+    stream: &str,
+    node: &str,
+    ttl_millis: u64,
+) -> Result<(), StoreError> {
+    let batch = Batch::new().put_ttl(
+        READERS_NS,
+        &owner_key(session, stream),
+        node.as_bytes().to_vec(),
+        ttl_millis,
+    );
+    store.commit(batch).await.map(|_| ())
+}
+
+/// Whether a client read the stream within the reader records' time-to-live.
+pub async fn has_reader(
+    store: &dyn Store,
+    session: &str,
+    stream: &str,
+) -> Result<bool, StoreError> {
+    Ok(store
+        .get(READERS_NS, &owner_key(session, stream))
+        .await?
+        .is_some())
+}
+
 /// Flag bit of a stored event: the stream ends after it.
 const FINAL: u8 = 1;
 /// Flag byte bit: written by an execution that another region may take over (see

@@ -256,6 +256,9 @@ pub fn apply_config(
                 .max_requests_per_session
                 .store(a.max_requests_per_session as usize, Ordering::Relaxed);
             client_limits
+                .abandoned_call_ms
+                .store(snap.abandoned_call_ms, Ordering::Relaxed);
+            client_limits
                 .max_uri_bytes
                 .store(snap.max_uri_bytes as usize, Ordering::Relaxed);
             let level = if snap.entries["log.level"].source == "store" {

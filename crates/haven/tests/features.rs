@@ -428,3 +428,85 @@ async fn long_call(client: &Legacy, id: i64) -> reqwest::Response {
         .post_raw(json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"sleep","arguments":{"seconds":30},"_meta":{"progressToken":format!("p{id}")}}}))
         .await
 }
+
+/// A legacy call whose client left and whose stream nobody resumes is cancelled after
+/// `limits.abandoned_call_ms`; one whose stream a client resumed (on any node) runs to its
+/// answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_nobody_awaits_is_cancelled_and_a_resumed_one_runs_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Haven::start(&dir.path().join("data"), free_port(), "default", &[]).await;
+    set_setting(&h, "limits.abandoned_call_ms", json!(1000)).await;
+    let token = std::fs::read_to_string(h.data.join("admin.token")).unwrap();
+    let running = || {
+        let (token, port) = (token.trim().to_owned(), h.port);
+        async move {
+            let v: Value = reqwest::Client::new()
+                .get(format!("http://127.0.0.1:{port}/admin/v1/status"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["running_requests"].as_u64().unwrap()
+        }
+    };
+
+    // Left: a 60 s call, its client gone after the first progress event.
+    let c = Legacy::connect(&h.url()).await;
+    let mut sse = SseReader::new(long_call(&c, 1).await);
+    let _priming = sse.next().await.unwrap();
+    let first = sse.next().await.unwrap().id.unwrap();
+    drop(sse);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while running().await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the abandoned call still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Its stream ends with the cancellation, for a client that comes back after all.
+    let mut back = SseReader::new(c.resume(&first).await);
+    let last = last_of(&mut back).await;
+    assert_eq!(last["id"], 1, "{last}");
+    assert!(
+        last.get("error").is_some() || last["result"]["isError"] == true,
+        "{last}"
+    );
+
+    // Resumed at once: the call runs to its answer although the first client left.
+    let c = Legacy::connect(&h.url()).await;
+    let resp = c
+        .post_raw(json!({"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"sleep","arguments":{"seconds":3},"_meta":{"progressToken":"p2"}}}))
+        .await;
+    let mut sse = SseReader::new(resp);
+    let _priming = sse.next().await.unwrap();
+    let first = sse.next().await.unwrap().id.unwrap();
+    drop(sse);
+    let mut resumed = SseReader::new(c.resume(&first).await);
+    let last = last_of(&mut resumed).await;
+    assert_eq!(last["id"], 2, "{last}");
+    assert!(
+        last["result"].is_object() && last["result"]["isError"] != true,
+        "{last}"
+    );
+}
+
+/// The last message of a stream, read to its end (bounded: 30 s).
+async fn last_of(sse: &mut SseReader) -> Value {
+    let mut last = Value::Null;
+    let read = async {
+        while let Some(e) = sse.next().await {
+            if !e.data.is_empty() {
+                last = e.json();
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("the stream did not end");
+    last
+}

@@ -508,11 +508,43 @@ async fn pump(
     mut cancel_rx: crate::hub::Subscription,
 ) {
     let key = p.execution.key().to_owned();
+    // Since when nobody receives the stream (its client went, or it runs where no client
+    // was): once that lasts `limits.abandoned_call_ms` and no client resumed the stream on
+    // any node, the request is cancelled, so that abandoned work does not run on.
+    let mut orphaned = live.is_none().then(tokio::time::Instant::now);
     loop {
+        let window = inner.config.limits.abandoned_after();
         let item = tokio::select! {
             item = rx.recv() => item,
             Ok(_) = cancel_rx.recv() => { cancel.cancel(); continue; }
             () = p.execution.lost().cancelled() => None,
+            () = async {
+                match &live {
+                    Some(t) => t.closed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                live = None;
+                orphaned = Some(tokio::time::Instant::now());
+                continue;
+            }
+            () = async {
+                match orphaned {
+                    Some(at) => tokio::time::sleep_until(at + window).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                match stream::has_reader(&*inner.store, &p.session, &p.stream).await {
+                    Ok(false) if !cancel.is_cancelled() => {
+                        tracing::info!(session = %p.session, stream = %p.stream, after_ms = window.as_millis() as u64, "cancelling a request nobody awaits: its client left and nobody resumed its stream");
+                        cancel.cancel();
+                        orphaned = None;
+                    }
+                    // A reader (or a store that cannot say): look again after another window.
+                    _ => orphaned = Some(tokio::time::Instant::now()),
+                }
+                continue;
+            }
         };
         let items = match item {
             Some(item) => {
@@ -555,8 +587,10 @@ async fn pump(
                 }
             }
         }
-        if close_at.is_some() || live.as_ref().is_some_and(|t| t.is_closed()) {
-            live = None;
+        if (close_at.is_some() || live.as_ref().is_some_and(|t| t.is_closed()))
+            && live.take().is_some()
+        {
+            orphaned = Some(tokio::time::Instant::now());
         }
         if finished || p.execution.lost().is_cancelled() {
             break;
@@ -722,8 +756,39 @@ async fn resume(inner: &Arc<Inner>, loaded: LoadedSession, last_event_id: &str) 
         return standalone(inner, loaded, Some((stream_id, after))).await;
     }
     let (tx, rx) = mpsc::unbounded_channel();
-    inner.spawn(follow(inner.clone(), sid, stream_id, after, tx));
+    // The reader record is kept only while the stream is followed: both end together, and
+    // with them every sender of the client's stream, which ends it.
+    let reading = keep_reading(inner.clone(), sid.clone(), stream_id.clone(), tx.clone());
+    let following = follow(inner.clone(), sid, stream_id, after, tx);
+    inner.spawn(async move {
+        tokio::select! {
+            () = following => {}
+            () = reading => {}
+        }
+    });
     Reply::Stream(keep_alive_until_drain(inner, rx))
+}
+
+/// While a client reads a resumed stream, keeps its reader record alive, so that the request
+/// is not taken for abandoned (see [`pump`]).
+async fn keep_reading(
+    inner: Arc<Inner>,
+    session: String,
+    stream_id: String,
+    tx: mpsc::UnboundedSender<SseFrame>,
+) {
+    loop {
+        let window = inner.config.limits.abandoned_after();
+        let node = &inner.config.node_id;
+        let ttl = window.as_millis() as u64;
+        if let Err(e) = stream::note_reader(&*inner.store, &session, &stream_id, node, ttl).await {
+            tracing::debug!(error = %e, "noting a stream's reader failed");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(window / 3) => {}
+            () = tx.closed() => return,
+        }
+    }
 }
 
 /// Replays a request stream after `after` and follows it until its final event, taking over
