@@ -171,6 +171,7 @@ async fn status(State(admin): State<Arc<Admin>>) -> Response {
         "version": env!("CARGO_PKG_VERSION"),
         "draining": e.is_draining(),
         "running_requests": e.running_requests(),
+        "running_executions": e.running_executions(),
         "hub_topics": e.hub_topics(),
         "admission": {
             "running": admin.control.admission.load().0,

@@ -510,3 +510,51 @@ async fn last_of(sse: &mut SseReader) -> Value {
         .expect("the stream did not end");
     last
 }
+
+/// A task whose record expires while its handler runs is stopped: nobody can poll or cancel
+/// it any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_whose_record_expires_stops_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Haven::start(&dir.path().join("data"), free_port(), "default", &[]).await;
+    let token = std::fs::read_to_string(h.data.join("admin.token")).unwrap();
+    let executions = || {
+        let (token, port) = (token.trim().to_owned(), h.port);
+        async move {
+            let v: Value = reqwest::Client::new()
+                .get(format!("http://127.0.0.1:{port}/admin/v1/status"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["running_executions"].as_u64().unwrap()
+        }
+    };
+    let c = Legacy::connect(&h.url()).await;
+    let created = c
+        .request(
+            1,
+            "tools/call",
+            json!({"name":"sleep","arguments":{"seconds":120},"task":{"ttl":1500}}),
+        )
+        .await;
+    let task = created["result"]["task"]["taskId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(executions().await, 1, "{created}");
+    // Past its time-to-live the task is gone, and within the re-check interval so is its run.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while executions().await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the expired task's handler still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let v = c.request(2, "tasks/get", json!({"taskId": task})).await;
+    assert!(v.get("error").is_some(), "{v}");
+}

@@ -427,6 +427,12 @@ impl Engine {
         self.inner.running.lock().len()
     }
 
+    /// Executions (request streams and tasks this node runs under an ownership record)
+    /// running on this node.
+    pub fn running_executions(&self) -> usize {
+        self.inner.executions.0.lock().len()
+    }
+
     /// Topics of the change hub somebody waits on now (requests, streams, sessions).
     pub fn hub_topics(&self) -> usize {
         self.inner.hub.topics()

@@ -566,6 +566,9 @@ pub(crate) async fn start_client_task(
     let ctx = ctx
         .with_fence(haven_cluster::FencedStore::new(execution))
         .with_task_hook(hook.clone());
+    // The tool runs here until its first step: a cancellation, or the record's expiry,
+    // stops it meanwhile too.
+    watch_cancel(inner, &rec.task_id, ctx.cancelled().clone());
     let step = inner
         .catalog
         .call_tool(&ctx, &tool, arguments, Round::default())
@@ -574,7 +577,8 @@ pub(crate) async fn start_client_task(
     Outcome::Sent
 }
 
-/// Cancels `token` when the task is cancelled (by `tasks/cancel` on any node).
+/// Cancels `token` when the task is cancelled (by `tasks/cancel` on any node) or its record
+/// expires.
 fn watch_cancel(inner: &Arc<Inner>, task_id: &str, token: CancellationToken) {
     let inner2 = inner.clone();
     let task_id = task_id.to_owned();
@@ -587,7 +591,13 @@ fn watch_cancel(inner: &Arc<Inner>, task_id: &str, token: CancellationToken) {
                     ControlFlow::Break(())
                 }
                 Ok(Some((rec, _))) if is_terminal(rec.status) => ControlFlow::Break(()),
-                Ok(None) => ControlFlow::Break(()),
+                // The record expired (or was removed) while the task ran: nobody can poll or
+                // cancel it any more, so its handler stops rather than run on unseen.
+                Ok(None) => {
+                    tracing::info!(task = %task_id, "stopping a task whose record expired");
+                    token.cancel();
+                    ControlFlow::Break(())
+                }
                 _ => ControlFlow::Continue(()),
             }
         };
@@ -1191,8 +1201,9 @@ pub(crate) async fn adopt(inner: &Arc<Inner>, claim: haven_cluster::Claim, task_
         )
         .with_fence(haven_cluster::FencedStore::new(execution.clone()))
         .with_task_hook(hook.clone());
+        // A cancellation or the record's expiry stops the run from here on.
+        watch_cancel(&inner, &rec.task_id, cancel.clone());
         let round = if rec.status == TaskStatus::InputRequired {
-            watch_cancel(&inner, &rec.task_id, cancel.clone());
             match wait_until_answered(&inner, &rec.task_id, &execution, &cancel).await {
                 Some(r) => r,
                 None => {
