@@ -15,6 +15,34 @@ pub const INFLIGHT_NS: &str = "inflight";
 /// awaited (`limits.abandoned_call_ms`).
 pub const READERS_NS: &str = "readers";
 
+/// Gives a stream's in-flight record `ttl_millis` to live from now (a standalone GET stream's:
+/// the session's lifetime while a client reads it, a short window once the client left). A
+/// record that is gone or changed meanwhile is left as it is.
+pub async fn set_inflight_ttl(
+    store: &dyn Store,
+    session: &str,
+    stream: &str,
+    ttl_millis: u64,
+) -> Result<(), StoreError> {
+    let key = inflight_key(session, stream);
+    let Some(r) = store.get(INFLIGHT_NS, &key).await? else {
+        return Ok(());
+    };
+    let mut batch = Batch::new().put_if(
+        INFLIGHT_NS,
+        &key,
+        r.value().to_vec(),
+        Expect::Revision(r.revision),
+    );
+    if let haven_state::Op::Put { ttl_millis: t, .. } = &mut batch.ops[0] {
+        *t = Some(ttl_millis);
+    }
+    match store.commit(batch).await {
+        Ok(_) | Err(StoreError::Conflict { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Notes that a client reads the stream now, for `ttl_millis`.
 pub async fn note_reader(
     store: &dyn Store,

@@ -558,3 +558,42 @@ async fn a_task_whose_record_expires_stops_running() {
     let v = c.request(2, "tasks/get", json!({"taskId": task})).await;
     assert!(v.get("error").is_some(), "{v}");
 }
+
+/// A standalone GET stream stays resumable while its client may come back, and leaves no
+/// record behind once nobody did within `limits.abandoned_call_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_stream_nobody_resumes_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Haven::start(&dir.path().join("data"), free_port(), "default", &[]).await;
+    set_setting(&h, "limits.abandoned_call_ms", json!(1000)).await;
+    let c = Legacy::connect(&h.url()).await;
+    let mut sse = SseReader::new(c.open_standalone().await);
+    let priming = sse.next().await.unwrap().id.unwrap();
+    drop(sse);
+    // Back at once: resumed.
+    let back = c.resume(&priming).await;
+    assert_eq!(back.status(), 200);
+    drop(back);
+    // Not back within the window: the stream's record is gone, and resuming it says so.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = c.resume(&priming).await;
+        if r.status() == 400 {
+            let v: Value = r.json().await.unwrap();
+            assert!(
+                v["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("names no stream"),
+                "{v}"
+            );
+            break;
+        }
+        drop(r);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the abandoned standalone stream is still resumable"
+        );
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+}

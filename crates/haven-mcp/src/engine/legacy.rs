@@ -1022,6 +1022,9 @@ fn notification_for(a: &Announcement, subscriptions: &[String]) -> Option<String
     Some(jsonrpc::notification(method, None))
 }
 
+/// Serves a standalone GET stream. Its in-flight record (which makes it resumable) lives as
+/// long as the session may while a client reads it, and `limits.abandoned_call_ms` once the
+/// client left, so that streams nobody comes back to leave nothing behind.
 async fn produce_standalone(
     inner: Arc<Inner>,
     session: String,
@@ -1029,6 +1032,29 @@ async fn produce_standalone(
     after: Option<u64>,
     tx: mpsc::UnboundedSender<SseFrame>,
 ) {
+    let store = &*inner.store;
+    let ttl = inner.config.session_ttl.as_millis() as u64;
+    if let Err(e) = stream::set_inflight_ttl(store, &session, &stream_id, ttl).await {
+        tracing::debug!(error = %e, "renewing a standalone stream's record failed");
+    }
+    if serve_standalone(&inner, &session, &stream_id, after, &tx).await {
+        let window = inner.config.limits.abandoned_after().as_millis() as u64;
+        if let Err(e) = stream::set_inflight_ttl(store, &session, &stream_id, window).await {
+            tracing::debug!(error = %e, "shortening a standalone stream's record failed");
+        }
+    }
+}
+
+/// Sends a standalone stream's notifications until the client leaves (true) or the session
+/// ends (false).
+async fn serve_standalone(
+    inner: &Arc<Inner>,
+    session: &str,
+    stream_id: &str,
+    after: Option<u64>,
+    tx: &mpsc::UnboundedSender<SseFrame>,
+) -> bool {
+    let (session, stream_id) = (session.to_owned(), stream_id.to_owned());
     let mut ann_rx = inner.hub.subscribe(Topic::Namespace(ANNOUNCE_NS.into()));
     let mut ses_rx = inner.hub.subscribe(Topic::key(SESSIONS_NS, &session));
     if let Some(after) = after
@@ -1041,7 +1067,7 @@ async fn produce_standalone(
                 data: e.message,
             };
             if tx.send(frame).is_err() {
-                return;
+                return true;
             }
         }
     }
@@ -1051,13 +1077,13 @@ async fn produce_standalone(
                 let entry = match entry {
                     Ok(e) => e,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(_) => return,
+                    Err(_) => return false,
                 };
                 let haven_state::Change::Record(r) = &entry.change else { continue };
                 let Some(a) = Announcement::from_key(&r.key) else { continue };
                 let subs = match session::load(&*inner.store, &session).await {
                     Ok(Some(s)) => s.record.subscriptions.clone(),
-                    _ => return,
+                    _ => return false,
                 };
                 let Some(msg) = notification_for(&a, &subs) else { continue };
                 let Ok(index) = stream::append(&*inner.store, &session, &stream_id, &[(msg.clone(), false)]).await else {
@@ -1065,16 +1091,16 @@ async fn produce_standalone(
                 };
                 let frame = SseFrame::Event { id: Some(stream::event_id(&stream_id, index)), retry: None, data: msg };
                 if tx.send(frame).is_err() {
-                    return;
+                    return true;
                 }
             }
             _ = ses_rx.recv() => {
                 if matches!(session::load(&*inner.store, &session).await, Ok(None)) {
                     let _ = inner.store.commit(haven_state::Batch::new().delete(stream::INFLIGHT_NS, &stream::inflight_key(&session, &stream_id))).await;
-                    return;
+                    return false;
                 }
             }
-            _ = tx.closed() => return,
+            _ = tx.closed() => return true,
         }
     }
 }
