@@ -158,19 +158,85 @@ async fn load_note(ctx: &Ctx, name: &str) -> Result<Option<Note>, ErrorData> {
         .map_err(|e| internal(format!("Corrupt note {name}: {e}")))
 }
 
-async fn list_notes(ctx: &Ctx) -> Result<Vec<(String, Note)>, ErrorData> {
+/// Namespace of the notes' metadata (size, last change), written with each note, so that
+/// listing reads these small records rather than every note whole.
+pub const NOTES_META_NS: &str = "notes.meta";
+/// Namespace of the marker that the metadata of notes written before it existed was built.
+const NOTES_INDEX_NS: &str = "notes.index";
+
+/// What listing shows of a note.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NoteMeta {
+    /// Size of the text, bytes.
+    pub bytes: u64,
+    /// Last change, Unix milliseconds.
+    pub updated_millis: u64,
+}
+
+impl NoteMeta {
+    fn of(note: &Note) -> NoteMeta {
+        NoteMeta {
+            bytes: note.text.len() as u64,
+            updated_millis: note.updated_millis,
+        }
+    }
+}
+
+/// Every note's name and metadata, in name order.
+async fn list_notes(ctx: &Ctx) -> Result<Vec<(String, NoteMeta)>, ErrorData> {
+    backfill_meta(ctx).await?;
     let records = ctx
         .store()
-        .scan_all(NOTES_NS, "")
+        .scan_all(NOTES_META_NS, "")
         .await
         .map_err(store_failure)?;
     Ok(records
         .into_iter()
         .filter_map(|r| {
-            let note = serde_json::from_slice::<Note>(r.value()).ok()?;
-            Some((r.record.key, note))
+            let meta = serde_json::from_slice::<NoteMeta>(r.value()).ok()?;
+            Some((r.record.key, meta))
         })
         .collect())
+}
+
+/// Once per store: writes the metadata of notes stored before it was kept, reading them a
+/// page at a time (a later write of a note wins over what this writes).
+async fn backfill_meta(ctx: &Ctx) -> Result<(), ErrorData> {
+    let store = ctx.store();
+    if store
+        .get(NOTES_INDEX_NS, "built")
+        .await
+        .map_err(store_failure)?
+        .is_some()
+    {
+        return Ok(());
+    }
+    let mut after: Option<String> = None;
+    loop {
+        let page = store
+            .scan(NOTES_NS, "", after.as_deref(), 32)
+            .await
+            .map_err(store_failure)?;
+        for r in &page.records {
+            if let Ok(note) = serde_json::from_slice::<Note>(r.value()) {
+                let meta = serde_json::to_vec(&NoteMeta::of(&note)).expect("metadata serializes");
+                let batch = Batch::new().put_if(NOTES_META_NS, &r.record.key, meta, Expect::Absent);
+                match store.commit(batch).await {
+                    Ok(_) | Err(StoreError::Conflict { .. }) => {}
+                    Err(e) => return Err(store_failure(e)),
+                }
+            }
+        }
+        match page.next_after {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    store
+        .commit(Batch::new().put(NOTES_INDEX_NS, "built", b"1".to_vec()))
+        .await
+        .map_err(store_failure)?;
+    Ok(())
 }
 
 fn note_uri(name: &str) -> String {
@@ -290,8 +356,13 @@ impl Catalog for DefaultCatalog {
                     updated_millis: ctx.store().clock().wall_millis(),
                 };
                 let value = serde_json::to_vec(&note).expect("notes serialize");
+                let meta = serde_json::to_vec(&NoteMeta::of(&note)).expect("metadata serializes");
                 ctx.store()
-                    .commit(Batch::new().put(NOTES_NS, name, value))
+                    .commit(
+                        Batch::new()
+                            .put(NOTES_NS, name, value)
+                            .put(NOTES_META_NS, name, meta),
+                    )
                     .await
                     .map_err(store_failure)?;
                 announce_note(ctx, name).await;
@@ -320,7 +391,7 @@ impl Catalog for DefaultCatalog {
                     "notes": notes.iter().map(|(n, note)| json!({
                         "name": n,
                         "updated": haven_mcp::engine::tasks::rfc3339(note.updated_millis),
-                        "bytes": note.text.len(),
+                        "bytes": note.bytes,
                     })).collect::<Vec<_>>()
                 }));
                 r
@@ -330,25 +401,27 @@ impl Catalog for DefaultCatalog {
                 let deleted = ctx
                     .store()
                     .commit(
-                        Batch::new().delete_if(
-                            NOTES_NS,
-                            name,
-                            Expect::Revision(
-                                match ctx
-                                    .store()
-                                    .get(NOTES_NS, name)
-                                    .await
-                                    .map_err(store_failure)?
-                                {
-                                    Some(r) => r.revision,
-                                    None => {
-                                        return Ok(Step::Done(error_result(format!(
-                                            "No note named {name}"
-                                        ))));
-                                    }
-                                },
-                            ),
-                        ),
+                        Batch::new()
+                            .delete_if(
+                                NOTES_NS,
+                                name,
+                                Expect::Revision(
+                                    match ctx
+                                        .store()
+                                        .get(NOTES_NS, name)
+                                        .await
+                                        .map_err(store_failure)?
+                                    {
+                                        Some(r) => r.revision,
+                                        None => {
+                                            return Ok(Step::Done(error_result(format!(
+                                                "No note named {name}"
+                                            ))));
+                                        }
+                                    },
+                                ),
+                            )
+                            .delete(NOTES_META_NS, name),
                     )
                     .await;
                 match deleted {
@@ -408,7 +481,7 @@ impl Catalog for DefaultCatalog {
                 Resource::new(note_uri(&name), name.clone())
                     .with_description(format!("Note {name}"))
                     .with_mime_type("text/plain")
-                    .with_size(note.text.len() as u64)
+                    .with_size(note.bytes)
             })
             .collect())
     }
