@@ -179,6 +179,15 @@ pub const SETTINGS: &[SettingDef] = &[
         help: "largest MCP request body accepted over HTTP, in bytes",
     },
     SettingDef {
+        key: "limits.max_call_ms",
+        kind: Kind::Integer {
+            min: 100,
+            max: 604_800_000,
+        },
+        default: "3600000",
+        help: "the longest a request's handler runs (a tool call, or a task run from its request); then it is cancelled",
+    },
+    SettingDef {
         key: "limits.max_queued_requests",
         kind: Kind::Integer {
             min: 0,
@@ -379,6 +388,8 @@ pub struct Snapshot {
     pub admission: AdmissionSettings,
     /// How long an abandoned legacy request runs on, ms.
     pub abandoned_call_ms: u64,
+    /// The longest run of a handler, ms.
+    pub max_call_ms: u64,
     /// Resource subscriptions per session.
     pub max_subscriptions_per_session: u64,
     /// Longest subscription URI.
@@ -546,6 +557,7 @@ fn fold(stored: &BTreeMap<String, StoredSetting>, applied_seq: u64, now: u64) ->
             max_requests_per_session: int("limits.max_requests_per_session"),
         },
         abandoned_call_ms: int("limits.abandoned_call_ms"),
+        max_call_ms: int("limits.max_call_ms"),
         max_subscriptions_per_session: int("limits.max_subscriptions_per_session"),
         max_uri_bytes: int("limits.max_uri_bytes"),
         entries,

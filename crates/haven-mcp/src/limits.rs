@@ -17,6 +17,9 @@ pub struct ClientLimits {
     /// How long a legacy request whose client is gone runs on while nobody resumes its
     /// stream, in milliseconds; then it is cancelled.
     pub abandoned_call_ms: AtomicU64,
+    /// The longest run of a request's handler (a tool call, a task run from its request),
+    /// in milliseconds; then it is cancelled.
+    pub max_call_ms: AtomicU64,
 }
 
 impl Default for ClientLimits {
@@ -25,6 +28,7 @@ impl Default for ClientLimits {
             max_subscriptions_per_session: AtomicUsize::new(256),
             max_uri_bytes: AtomicUsize::new(4096),
             abandoned_call_ms: AtomicU64::new(120_000),
+            max_call_ms: AtomicU64::new(3_600_000),
         }
     }
 }
@@ -38,6 +42,11 @@ impl ClientLimits {
     /// How long an abandoned legacy request runs on.
     pub fn abandoned_after(&self) -> Duration {
         Duration::from_millis(self.abandoned_call_ms.load(Ordering::Relaxed).max(1))
+    }
+
+    /// The longest run of a handler.
+    pub fn max_call(&self) -> Duration {
+        Duration::from_millis(self.max_call_ms.load(Ordering::Relaxed).max(1))
     }
 
     /// The URI length limit in force.

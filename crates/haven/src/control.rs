@@ -259,6 +259,9 @@ pub fn apply_config(
                 .abandoned_call_ms
                 .store(snap.abandoned_call_ms, Ordering::Relaxed);
             client_limits
+                .max_call_ms
+                .store(snap.max_call_ms, Ordering::Relaxed);
+            client_limits
                 .max_uri_bytes
                 .store(snap.max_uri_bytes as usize, Ordering::Relaxed);
             let level = if snap.entries["log.level"].source == "store" {

@@ -597,3 +597,23 @@ async fn a_standalone_stream_nobody_resumes_leaves_nothing_behind() {
         tokio::time::sleep(Duration::from_millis(1500)).await;
     }
 }
+
+/// A call that runs longer than `limits.max_call_ms` is cancelled: its stream ends with the
+/// cancellation, and nothing of it runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_longer_than_the_limit_is_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Haven::start(&dir.path().join("data"), free_port(), "default", &[]).await;
+    set_setting(&h, "limits.max_call_ms", json!(1000)).await;
+    let c = Legacy::connect(&h.url()).await;
+    let started = std::time::Instant::now();
+    let mut sse = SseReader::new(long_call(&c, 1).await);
+    let last = last_of(&mut sse).await;
+    assert_eq!(last["id"], 1, "{last}");
+    assert!(
+        last.get("error").is_some() || last["result"]["isError"] == true,
+        "{last}"
+    );
+    // Far less than the call's 30 s (how long exactly is not the point).
+    assert!(started.elapsed() < std::time::Duration::from_secs(25));
+}

@@ -569,8 +569,24 @@ impl Inner {
         }
         let inner = self.clone();
         let token = cancel.clone();
+        // A handler runs at most `limits.max_call_ms`: then it is cancelled.
+        let limit = self.config.limits.max_call();
+        let timer = {
+            let token = cancel.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(limit).await;
+                if !token.is_cancelled() {
+                    tracing::info!(
+                        limit_ms = limit.as_millis() as u64,
+                        "cancelling a request that ran for limits.max_call_ms"
+                    );
+                    token.cancel();
+                }
+            })
+        };
         self.spawn(async move {
             dispatch::run(inner.clone(), call, tx, token, fence).await;
+            timer.abort();
             if let Some(k) = key {
                 inner.running.lock().remove(&k);
             }
