@@ -642,11 +642,14 @@ async fn overwritten_values_are_reclaimed_and_restore_in_the_window_stays_exact(
         tokio::time::sleep(Duration::from_millis(1100)).await;
         sizes.push(size() / 1024);
     }
-    // 100 versions of 512 KiB are 50 MiB of history (twice over, with the log).
+    // 100 versions of 512 KiB are 50 MiB of history (twice over, with the log): rounds 2 to
+    // 4 wrote 60 MiB that would stay without reclamation. With it the file may still take
+    // a step (redb grows in regions, and a busy machine reclaims a round later) but not
+    // the history's size.
     eprintln!("store file after each round of 20 versions, KiB: {sizes:?}");
     assert!(
-        sizes[4] <= sizes[1] + 4 * 1024,
-        "the store file kept growing: {sizes:?} KiB"
+        sizes[4] <= sizes[1] + 16 * 1024,
+        "the store file grew with the history: {sizes:?} KiB"
     );
 
     // The backup still holds every version: a restore between version 5 and 6 gives 5.
