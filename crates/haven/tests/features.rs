@@ -437,22 +437,7 @@ async fn a_call_nobody_awaits_is_cancelled_and_a_resumed_one_runs_on() {
     let dir = tempfile::tempdir().unwrap();
     let h = Haven::start(&dir.path().join("data"), free_port(), "default", &[]).await;
     set_setting(&h, "limits.abandoned_call_ms", json!(1000)).await;
-    let token = std::fs::read_to_string(h.data.join("admin.token")).unwrap();
-    let running = || {
-        let (token, port) = (token.trim().to_owned(), h.port);
-        async move {
-            let v: Value = reqwest::Client::new()
-                .get(format!("http://127.0.0.1:{port}/admin/v1/status"))
-                .bearer_auth(token)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            v["running_requests"].as_u64().unwrap()
-        }
-    };
+    let running = || async { h.status().await["running_requests"].as_u64().unwrap() };
 
     // Left: a 60 s call, its client gone after the first progress event.
     let c = Legacy::connect(&h.url()).await;
@@ -517,22 +502,7 @@ async fn last_of(sse: &mut SseReader) -> Value {
 async fn a_task_whose_record_expires_stops_running() {
     let dir = tempfile::tempdir().unwrap();
     let h = Haven::start(&dir.path().join("data"), free_port(), "default", &[]).await;
-    let token = std::fs::read_to_string(h.data.join("admin.token")).unwrap();
-    let executions = || {
-        let (token, port) = (token.trim().to_owned(), h.port);
-        async move {
-            let v: Value = reqwest::Client::new()
-                .get(format!("http://127.0.0.1:{port}/admin/v1/status"))
-                .bearer_auth(token)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            v["running_executions"].as_u64().unwrap()
-        }
-    };
+    let executions = || async { h.status().await["running_executions"].as_u64().unwrap() };
     let c = Legacy::connect(&h.url()).await;
     let created = c
         .request(

@@ -312,20 +312,11 @@ async fn server_to_client_requests_cross_a_real_round_trip() {
 /// request's topics (its cancellation, its stream) go with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_requests_leave_no_topic_in_the_change_hub() {
-    let (dir, h) = start(&[]).await;
-    let token = std::fs::read_to_string(dir.path().join("data/admin.token")).unwrap();
-    let http = reqwest::Client::new();
+    let (_dir, h) = start(&[]).await;
     let topics = || async {
-        let v: Value = http
-            .get(format!("http://127.0.0.1:{}/admin/v1/status", h.port))
-            .bearer_auth(token.trim())
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v["hub_topics"].as_u64().expect("hub_topics in the status")
+        h.status().await["hub_topics"]
+            .as_u64()
+            .expect("hub_topics in the status")
     };
     let c = Legacy::connect(&h.url()).await;
     let baseline = topics().await;

@@ -67,6 +67,20 @@ impl Home {
 }
 
 impl Haven {
+    /// `/admin/v1/status` of this node (its admin token read from the data directory).
+    pub async fn status(&self) -> Value {
+        let token = std::fs::read_to_string(self.data.join("admin.token")).unwrap();
+        reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{}/admin/v1/status", self.port))
+            .bearer_auth(token.trim())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// Starts `haven serve` on `port` with `data`, waits until it is ready.
     pub async fn start(data: &Path, port: u16, catalog: &str, extra: &[&str]) -> Haven {
         Haven::start_env(data, port, catalog, extra, &[]).await
