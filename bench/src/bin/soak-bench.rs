@@ -82,7 +82,10 @@ fn main() -> anyhow::Result<()> {
 async fn soak(cli: Cli) -> anyhow::Result<()> {
     let me = std::env::current_exe()?;
     let bin_dir = me.parent().context("binary directory")?;
-    let haven = cli.haven_bin.clone().unwrap_or_else(|| bin_dir.join("haven"));
+    let haven = cli
+        .haven_bin
+        .clone()
+        .unwrap_or_else(|| bin_dir.join("haven"));
     std::fs::create_dir_all(&cli.out)?;
     let dir = tempfile::tempdir()?;
     let key = dir.path().join("backup.key");
@@ -106,7 +109,10 @@ async fn soak(cli: Cli) -> anyhow::Result<()> {
     let token = std::fs::read_to_string(data.join("admin.token"))?;
     let token = token.trim().to_owned();
     let retention = (cli.retention_secs * 1000).to_string();
-    for setting in ["storage.event_retention_ms", "storage.tombstone_retention_ms"] {
+    for setting in [
+        "storage.event_retention_ms",
+        "storage.tombstone_retention_ms",
+    ] {
         let r = http
             .put(format!("{base}/admin/v1/config/{setting}"))
             .bearer_auth(&token)
@@ -132,10 +138,10 @@ async fn soak(cli: Cli) -> anyhow::Result<()> {
             let mut n = w as u64;
             let mut next = Instant::now();
             while Instant::now() < stop_at {
-                if let Err(e) = cycle(&http, &url, n, notes, &text).await {
-                    if errors.fetch_add(1, Ordering::Relaxed) < 5 {
-                        eprintln!("cycle failed: {e:#}");
-                    }
+                if let Err(e) = cycle(&http, &url, n, notes, &text).await
+                    && errors.fetch_add(1, Ordering::Relaxed) < 5
+                {
+                    eprintln!("cycle failed: {e:#}");
                 }
                 cycles.fetch_add(1, Ordering::Relaxed);
                 n += 7919;
@@ -195,9 +201,11 @@ async fn cycle(
     let init = http
         .post(url)
         .header("accept", "application/json, text/event-stream")
-        .json(&json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        .json(
+            &json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
             "protocolVersion": "2025-11-25", "capabilities": {},
-            "clientInfo": {"name": "soak", "version": "1"}}}))
+            "clientInfo": {"name": "soak", "version": "1"}}}),
+        )
         .send()
         .await?;
     let session = init
@@ -227,7 +235,7 @@ async fn cycle(
         .await?;
         reply(del, 2).await?;
     }
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         let r = http
             .delete(url)
             .header("mcp-protocol-version", "2025-11-25")
@@ -244,11 +252,13 @@ async fn cycle(
         .header("mcp-protocol-version", "2026-07-28")
         .header("mcp-method", "tools/call")
         .header("mcp-name", "echo")
-        .json(&json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
+        .json(
+            &json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
             "name": "echo", "arguments": {"text": "soak"},
             "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
                 "io.modelcontextprotocol/clientCapabilities": {},
-                "io.modelcontextprotocol/clientInfo": {"name": "soak", "version": "1"}}}}))
+                "io.modelcontextprotocol/clientInfo": {"name": "soak", "version": "1"}}}}),
+        )
         .send()
         .await?;
     reply(echo, 3).await?;
@@ -265,7 +275,10 @@ async fn reply(response: reqwest::Response, id: u64) -> anyhow::Result<Value> {
         .is_some_and(|c| c.starts_with("text/event-stream"));
     let body = response.text().await?;
     if !status.is_success() {
-        bail!("HTTP {status}: {}", body.chars().take(200).collect::<String>());
+        bail!(
+            "HTTP {status}: {}",
+            body.chars().take(200).collect::<String>()
+        );
     }
     let messages: Vec<Value> = if sse {
         body.lines()
@@ -338,7 +351,8 @@ fn chart(samples: &[Sample]) -> String {
         w + 2.0 * pad,
         2.0 * h + 3.0 * pad
     );
-    let panels: [(&str, fn(&Sample) -> u64); 2] = [
+    type Value = fn(&Sample) -> u64;
+    let panels: [(&str, Value); 2] = [
         ("resident memory (MiB)", |s| s.rss_kib),
         ("data directory (MiB)", |s| s.data_kib),
     ];

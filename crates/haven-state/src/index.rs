@@ -2,7 +2,7 @@
 //! the current record per key, every stream event, and where each key and stream was last
 //! written in the log (what conditional writes compare against).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use crate::plan::StateRead;
 use crate::record::{Change, LogEntry, StoredRecord, StreamEvent};
@@ -16,12 +16,81 @@ pub(crate) struct Index {
     records: BTreeMap<(String, String), StoredRecord>,
     /// Events per (stream, index) with their log sequence.
     events: BTreeMap<(String, u64), (u64, StreamEvent)>,
-    /// Per stream: its greatest event index and the sequence of its last log entry.
-    stream_heads: HashMap<String, (u64, u64)>,
+    /// Per stream: its greatest event index, the sequence of its last log entry, and whether
+    /// that entry holds nothing current any more (it stays in the log while it is the
+    /// stream's last: appends compare against it; it becomes obsolete with the next one).
+    stream_heads: HashMap<String, StreamHead>,
     /// Last applied sequence.
     applied: u64,
     /// Entries of a batch whose last entry has not arrived yet.
     pending: Vec<LogEntry>,
+    /// The batch `pending` belongs to (see [`Index::deliver`]).
+    pending_batch: u64,
+    /// Keys whose winning record is not in the key's last log entry (a merge that lost came
+    /// after it): the sequence of the entry that holds the winner.
+    winners: HashMap<(String, String), u64>,
+    /// Log entries that hold nothing current any more (a superseded version, a forgotten
+    /// record or event), as (sequence applied when it stopped being current, its sequence),
+    /// in the order they stopped being current: what a log that can remove entries removes
+    /// once every reader is past them.
+    obsolete: VecDeque<(u64, u64)>,
+    /// Where the next [`Index::forget_old`] step starts.
+    record_cursor: Option<(String, String)>,
+    event_cursor: Option<(String, u64)>,
+    /// Whether the current pass of forgetting finished the records, the events (a finished
+    /// part waits for the other, so that a pass ends).
+    pass_finished: [bool; 2],
+}
+
+/// Longest queue of obsolete entries looked through for entries below the floor behind
+/// the first one above it.
+const MAX_OBSOLETE_SCAN: usize = 65_536;
+
+/// Where a stream stands in the log.
+#[derive(Clone, Copy, Debug, Default)]
+struct StreamHead {
+    /// Its greatest event index.
+    index: u64,
+    /// The sequence of its last log entry.
+    seq: u64,
+    /// Whether that entry holds nothing current (a forgotten or lost event).
+    seq_obsolete: bool,
+}
+
+/// What [`Index::forget_old`] forgets: what reads as absent or is no longer resumable.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ForgetRules {
+    pub now_millis: u64,
+    pub expired_grace_millis: u64,
+    pub tombstone_retention_millis: u64,
+    pub event_retention_millis: u64,
+    pub step: usize,
+}
+
+impl ForgetRules {
+    /// Whether `record` reads as absent and has for long enough to be forgotten.
+    pub(crate) fn dead(&self, record: &crate::record::Record) -> bool {
+        let expired = record
+            .expires_at_millis
+            .is_some_and(|at| at.saturating_add(self.expired_grace_millis) < self.now_millis);
+        let old_tombstone = record.is_tombstone()
+            && record
+                .version
+                .hlc
+                .millis()
+                .saturating_add(self.tombstone_retention_millis)
+                < self.now_millis;
+        expired || old_tombstone
+    }
+}
+
+/// What one [`Index::forget_old`] step forgot.
+#[derive(Debug, Default)]
+pub(crate) struct Forgotten {
+    pub records: u64,
+    pub events: u64,
+    /// Whether the step finished a pass over the whole index.
+    pub done: bool,
 }
 
 impl Index {
@@ -30,17 +99,28 @@ impl Index {
         self.applied
     }
 
-    /// Takes one delivered log entry; a batch is applied only once its last entry (`complete`)
-    /// arrives, so that readers never see part of one. Returns the entries applied now.
-    pub(crate) fn deliver(&mut self, entry: LogEntry, complete: bool) -> Vec<LogEntry> {
+    /// Takes one delivered log entry of batch `batch` (0: an entry of no batch); a batch is
+    /// applied only once its last entry (`complete`) arrives, so that readers never see part
+    /// of one. A batch whose last entry was removed from the log (it held nothing current) is
+    /// applied when an entry of another batch arrives: a batch occupies consecutive
+    /// sequences, so nothing of it can come after that. Returns the entries applied now.
+    pub(crate) fn deliver(&mut self, entry: LogEntry, complete: bool, batch: u64) -> Vec<LogEntry> {
         if entry.seq <= self.applied {
             return Vec::new();
         }
+        let mut ready = Vec::new();
+        if !self.pending.is_empty() && (batch == 0 || batch != self.pending_batch) {
+            ready = std::mem::take(&mut self.pending);
+        }
         if !complete {
             self.pending.push(entry);
-            return Vec::new();
+            self.pending_batch = batch;
+            for e in &ready {
+                self.apply(e);
+            }
+            return ready;
         }
-        let mut ready = std::mem::take(&mut self.pending);
+        ready.append(&mut self.pending);
         ready.push(entry);
         for e in &ready {
             self.apply(e);
@@ -67,8 +147,29 @@ impl Index {
                 let k = (r.namespace.clone(), r.key.clone());
                 match self.records.get_mut(&k) {
                     Some(cur) => {
+                        let previous = cur.revision;
                         if r.supersedes(&cur.record) {
                             cur.record = r.clone();
+                            // The previous last entry, and the winner's entry if it was
+                            // another, hold nothing current now.
+                            self.obsolete.push_back((entry.seq, previous));
+                            if let Some(w) = self.winners.remove(&k) {
+                                self.obsolete.push_back((entry.seq, w));
+                            }
+                        } else {
+                            match self.winners.entry(k) {
+                                // The previous last entry lost too; the winner stays where
+                                // it is.
+                                std::collections::hash_map::Entry::Occupied(_) => {
+                                    self.obsolete.push_back((entry.seq, previous));
+                                }
+                                // The winner stays in the previous entry; this entry is the
+                                // key's last (what conditional writes compare against) but
+                                // lost.
+                                std::collections::hash_map::Entry::Vacant(v) => {
+                                    v.insert(previous);
+                                }
+                            }
                         }
                         cur.revision = entry.seq;
                     }
@@ -89,15 +190,250 @@ impl Index {
                     Some((_, cur)) => e.supersedes(cur),
                     None => true,
                 };
-                if replace {
-                    self.events.insert(k, (entry.seq, e.clone()));
+                if replace && let Some((old, _)) = self.events.insert(k, (entry.seq, e.clone())) {
+                    self.obsolete.push_back((entry.seq, old));
                 }
-                let head = self.stream_heads.entry(e.stream.clone()).or_insert((0, 0));
-                head.0 = head.0.max(e.index);
-                head.1 = entry.seq;
+                let head = self.stream_heads.entry(e.stream.clone()).or_default();
+                if head.seq_obsolete {
+                    // The stream's previous last entry can go now that it is not the last.
+                    self.obsolete.push_back((entry.seq, head.seq));
+                }
+                head.index = head.index.max(e.index);
+                head.seq = entry.seq;
+                // An entry that lost to the event in place holds nothing current, but it is
+                // the stream's last entry now.
+                head.seq_obsolete = !replace;
             }
         }
         self.applied = self.applied.max(entry.seq);
+    }
+
+    /// One step of forgetting (see [`ForgetRules`]): records that read as absent long enough
+    /// (expired past their grace, old tombstones) and stream events past their retention (a
+    /// stream with none left is forgotten), but never what the log's last entry holds. At
+    /// most `rules.step` records and as many events are examined; their log entries become
+    /// obsolete.
+    pub(crate) fn forget_old(&mut self, rules: &ForgetRules) -> Forgotten {
+        let at = self.applied;
+        let mut out = Forgotten::default();
+
+        let mut doomed = Vec::new();
+        let mut next = None;
+        if !self.pass_finished[0] {
+            let range = match &self.record_cursor {
+                Some(k) => self.records.range(k.clone()..),
+                None => self.records.range::<(String, String), _>(..),
+            };
+            for (i, (k, r)) in range.enumerate() {
+                if i == rules.step {
+                    next = Some(k.clone());
+                    break;
+                }
+                // Not while its entry is the log's last: the log keeps that one, and the
+                // key's next conditional write compares against it.
+                if rules.dead(&r.record) && r.revision != self.applied {
+                    doomed.push(k.clone());
+                }
+            }
+        }
+        for k in doomed {
+            if let Some(r) = self.records.remove(&k) {
+                self.obsolete.push_back((at, r.revision));
+                out.records += 1;
+            }
+            if let Some(w) = self.winners.remove(&k) {
+                self.obsolete.push_back((at, w));
+            }
+        }
+        let records_done = next.is_none();
+        self.record_cursor = next;
+
+        let mut doomed = Vec::new();
+        let mut next = None;
+        if !self.pass_finished[1] {
+            let range = match &self.event_cursor {
+                Some(k) => self.events.range(k.clone()..),
+                None => self.events.range::<(String, u64), _>(..),
+            };
+            for (i, (k, (seq, e))) in range.enumerate() {
+                if i == rules.step {
+                    next = Some(k.clone());
+                    break;
+                }
+                let old = e
+                    .version
+                    .hlc
+                    .millis()
+                    .saturating_add(rules.event_retention_millis)
+                    < rules.now_millis;
+                // Not while its entry is the log's last: the log keeps that one.
+                if old && *seq != self.applied {
+                    doomed.push((k.clone(), *seq));
+                }
+            }
+        }
+        let mut streams = Vec::new();
+        for (k, seq) in doomed {
+            self.events.remove(&k);
+            match self.stream_heads.get_mut(&k.0) {
+                // The stream's last entry stays while it is the last (see `StreamHead`).
+                Some(head) if head.seq == seq => head.seq_obsolete = true,
+                _ => self.obsolete.push_back((at, seq)),
+            }
+            out.events += 1;
+            if streams.last() != Some(&k.0) {
+                streams.push(k.0);
+            }
+        }
+        // A stream with no event left is forgotten: its last entry goes too, and its next
+        // append, if any, starts it again.
+        // A stream goes on after its greatest event left (as the embedded store, which finds
+        // a stream's position in its events).
+        for stream in streams {
+            let greatest = self
+                .events
+                .range((stream.clone(), 0)..=(stream.clone(), u64::MAX))
+                .next_back()
+                .map(|((_, index), _)| *index);
+            match greatest {
+                Some(index) => {
+                    if let Some(head) = self.stream_heads.get_mut(&stream) {
+                        head.index = index;
+                    }
+                }
+                None => {
+                    if let Some(head) = self.stream_heads.remove(&stream)
+                        && head.seq_obsolete
+                    {
+                        self.obsolete.push_back((at, head.seq));
+                    }
+                }
+            }
+        }
+        let events_done = next.is_none();
+        self.event_cursor = next;
+        self.pass_finished[0] |= records_done;
+        self.pass_finished[1] |= events_done;
+        out.done = self.pass_finished.iter().all(|f| *f);
+        if out.done {
+            self.pass_finished = [false; 2];
+        }
+        out
+    }
+
+    /// Takes from the queue obsolete entries below `floor` (every reader has read them), at
+    /// most `limit`, oldest first.
+    pub(crate) fn take_obsolete(&mut self, floor: u64, limit: usize) -> Vec<u64> {
+        let mut out = Vec::new();
+        // The queue is in the order entries became obsolete: those that did so below the
+        // floor are below it themselves.
+        while out.len() < limit {
+            match self.obsolete.front() {
+                Some(&(at, seq)) if at < floor => {
+                    out.push(seq);
+                    self.obsolete.pop_front();
+                }
+                _ => break,
+            }
+        }
+        // Behind them, entries that became obsolete later may still be below the floor; the
+        // rest of the queue is what the floor's readers have not reached (short, unless a
+        // reader stopped), looked through only while it is short.
+        if out.len() < limit && self.obsolete.len() <= MAX_OBSOLETE_SCAN {
+            let mut room = limit - out.len();
+            self.obsolete.retain(|&(_, seq)| {
+                if room > 0 && seq < floor {
+                    out.push(seq);
+                    room -= 1;
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        out
+    }
+
+    /// Puts back obsolete entries that could not be removed (they are tried again first).
+    pub(crate) fn requeue_obsolete(&mut self, seqs: &[u64]) {
+        for &seq in seqs.iter().rev() {
+            self.obsolete.push_front((seq, seq));
+        }
+    }
+
+    /// Obsolete entries waiting to be removed.
+    pub(crate) fn obsolete_len(&self) -> usize {
+        self.obsolete.len()
+    }
+
+    /// Makes the index agree with the log about where a stream ends, after an append the
+    /// log refused although the index had caught up: `last` is the log's last entry on the
+    /// stream as (sequence, event index), none when the log removed every entry of it (its
+    /// events were all past their retention). Returns whether the index changed.
+    pub(crate) fn reconcile_stream(&mut self, stream: &str, last: Option<(u64, u64)>) -> bool {
+        let held = self.stream_heads.get(stream).map(|h| h.seq);
+        if held == last.map(|(seq, _)| seq) {
+            return false;
+        }
+        match last {
+            None => {
+                let keys: Vec<(String, u64)> = self
+                    .events
+                    .range((stream.to_owned(), 0)..=(stream.to_owned(), u64::MAX))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in keys {
+                    self.events.remove(&k);
+                }
+                self.stream_heads.remove(stream);
+            }
+            Some((seq, index)) => {
+                let holds_event = self
+                    .events
+                    .get(&(stream.to_owned(), index))
+                    .is_some_and(|(s, _)| *s == seq);
+                let head = self.stream_heads.entry(stream.to_owned()).or_default();
+                head.index = head.index.max(index);
+                head.seq = seq;
+                head.seq_obsolete = !holds_event;
+            }
+        }
+        true
+    }
+
+    /// Makes the index agree with the log about a key that reads as absent in both: `last` is
+    /// the log's last entry on the key (none: the log removed every entry of it). A
+    /// forgotten record, or one whose entries the log removed, must not make conditional
+    /// writes compare against a sequence the log no longer has. A key live on either side
+    /// is left alone (then the log and the index disagree for another reason: a real
+    /// conflict, or an index behind).
+    pub(crate) fn reconcile_absent(
+        &mut self,
+        namespace: &str,
+        key: &str,
+        last: Option<(u64, crate::record::Record)>,
+        now: u64,
+    ) -> bool {
+        let k = (namespace.to_owned(), key.to_owned());
+        if self.records.get(&k).is_some_and(|c| c.record.is_live(now))
+            || last.as_ref().is_some_and(|(_, r)| r.is_live(now))
+        {
+            return false;
+        }
+        let held = self.records.get(&k).map(|c| c.revision);
+        if held == last.as_ref().map(|(seq, _)| *seq) {
+            return false;
+        }
+        self.winners.remove(&k);
+        match last {
+            None => {
+                self.records.remove(&k);
+            }
+            Some((revision, record)) => {
+                self.records.insert(k, StoredRecord { record, revision });
+            }
+        }
+        true
     }
 
     /// The record of a key, tombstones and expired records included.
@@ -159,7 +495,10 @@ impl StateRead for Index {
     }
 
     fn stream_head(&self, stream: &str) -> StoreResult<(u64, u64)> {
-        Ok(self.stream_heads.get(stream).copied().unwrap_or((0, 0)))
+        Ok(self
+            .stream_heads
+            .get(stream)
+            .map_or((0, 0), |h| (h.index, h.seq)))
     }
 
     fn event(&self, stream: &str, index: u64) -> StoreResult<Option<StreamEvent>> {
@@ -195,15 +534,81 @@ mod tests {
     #[test]
     fn a_batch_delivered_again_after_a_restart_is_applied_once() {
         let mut index = Index::default();
-        assert!(index.deliver(put(1, "a"), false).is_empty());
+        assert!(index.deliver(put(1, "a"), false, 7).is_empty());
         // The delivery broke mid-batch and starts again after the last applied sequence.
         index.restart();
-        assert!(index.deliver(put(1, "a"), false).is_empty());
-        let applied = index.deliver(put(2, "b"), true);
+        assert!(index.deliver(put(1, "a"), false, 7).is_empty());
+        let applied = index.deliver(put(2, "b"), true, 7);
         assert_eq!(
             applied.iter().map(|e| e.seq).collect::<Vec<_>>(),
             vec![1, 2]
         );
         assert_eq!(index.applied(), 2);
+    }
+
+    #[test]
+    fn a_batch_whose_last_entry_was_removed_is_applied_when_the_next_batch_begins() {
+        let mut index = Index::default();
+        // Batch 7 was entries 1..=3; entry 3 (its last) was removed from the log.
+        assert!(index.deliver(put(1, "a"), false, 7).is_empty());
+        assert!(index.deliver(put(2, "b"), false, 7).is_empty());
+        let applied = index.deliver(put(4, "c"), false, 9);
+        assert_eq!(
+            applied.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        let applied = index.deliver(put(5, "d"), true, 9);
+        assert_eq!(
+            applied.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![4, 5]
+        );
+        // An entry of no batch ends a pending one too.
+        assert!(index.deliver(put(6, "e"), false, 11).is_empty());
+        let applied = index.deliver(put(8, "f"), true, 0);
+        assert_eq!(
+            applied.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![6, 8]
+        );
+        assert_eq!(index.applied(), 8);
+    }
+
+    #[test]
+    fn superseded_and_forgotten_entries_become_obsolete_in_order() {
+        let mut index = Index::default();
+        index.deliver(put(1, "a"), true, 0);
+        index.deliver(put(2, "a"), true, 0);
+        index.deliver(put(3, "b"), true, 0);
+        index.deliver(put(4, "a"), true, 0);
+        assert_eq!(index.take_obsolete(2, 10), vec![1]);
+        assert_eq!(index.take_obsolete(5, 10), vec![2]);
+        // A tombstone past its retention is forgotten; its entry becomes obsolete.
+        let mut tomb = put(5, "b");
+        if let Change::Record(r) = &mut tomb.change {
+            r.value = None;
+        }
+        index.deliver(tomb, true, 0);
+        // (A record whose entry is the log's last is not forgotten: the log keeps it.)
+        index.deliver(put(6, "c"), true, 0);
+        let rules = ForgetRules {
+            now_millis: 1000,
+            expired_grace_millis: 0,
+            tombstone_retention_millis: 100,
+            event_retention_millis: 100,
+            step: 1,
+        };
+        let mut passes = 0;
+        while !index.forget_old(&rules).done {
+            passes += 1;
+        }
+        assert!(passes >= 1, "a step examines one record at a time");
+        assert!(index.get("n", "b").is_none());
+        assert!(index.get("n", "a").is_some());
+        assert_eq!(index.take_obsolete(6, 10), vec![3, 5]);
+        // The log removed the key's entries: the index agrees that nothing is there.
+        assert!(!index.reconcile_absent("n", "b", None, 1000));
+        assert!(
+            !index.reconcile_absent("n", "a", None, 1000),
+            "a live record stays"
+        );
     }
 }

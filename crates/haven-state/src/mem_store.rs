@@ -12,7 +12,7 @@
 //! callback, in log order, at the moment the log takes it (the simulator checks its
 //! invariants there, step by step).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -46,11 +46,24 @@ fn subject(change: &Change) -> Subject {
     }
 }
 
+/// An entry as the log keeps it.
+#[derive(Clone)]
+struct Stored {
+    entry: LogEntry,
+    /// Whether it ends its batch.
+    complete: bool,
+    /// Its batch: the sequence of the batch's first entry.
+    batch: u64,
+}
+
 #[derive(Default)]
 struct LogState {
-    /// Entries with whether each ends its batch; entry `i` has sequence `i + 1`.
-    entries: Vec<(LogEntry, bool)>,
-    /// Sequence of the last entry per key or stream.
+    /// Entries by sequence (removed ones are missing).
+    entries: BTreeMap<u64, Stored>,
+    /// The last sequence ever given (removing entries does not lower it).
+    last_seq: u64,
+    /// Sequence of the last entry per key or stream (a subject all of whose entries were
+    /// removed has none, as on JetStream).
     last: HashMap<Subject, u64>,
 }
 
@@ -94,21 +107,32 @@ impl MemLog {
         self.state
             .lock()
             .entries
-            .iter()
-            .map(|(e, _)| e.clone())
+            .values()
+            .map(|s| s.entry.clone())
             .collect()
+    }
+
+    /// How many entries the log holds (fewer than its last sequence once some are removed).
+    pub fn len(&self) -> usize {
+        self.state.lock().entries.len()
+    }
+
+    /// Whether the log holds no entry.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Every entry of the log grouped by the atomic batch that appended it.
     pub fn batches(&self) -> Vec<Vec<LogEntry>> {
         let state = self.state.lock();
-        let mut out = Vec::new();
-        let mut current = Vec::new();
-        for (e, complete) in &state.entries {
-            current.push(e.clone());
-            if *complete {
-                out.push(std::mem::take(&mut current));
+        let mut out: Vec<Vec<LogEntry>> = Vec::new();
+        let mut current_batch = None;
+        for s in state.entries.values() {
+            if current_batch != Some(s.batch) {
+                out.push(Vec::new());
+                current_batch = Some(s.batch);
             }
+            out.last_mut().expect("pushed").push(s.entry.clone());
         }
         out
     }
@@ -164,26 +188,32 @@ impl MemLog {
             }
         }
         let n = writes.len();
-        let first = state.entries.len();
+        let first = state.last_seq + 1;
         for (i, w) in writes.iter().enumerate() {
-            let seq = state.entries.len() as u64 + 1;
+            let seq = first + i as u64;
             state.last.insert(subject(&w.change), seq);
-            state.entries.push((
-                LogEntry {
-                    seq,
-                    change: w.change.clone(),
+            state.entries.insert(
+                seq,
+                Stored {
+                    entry: LogEntry {
+                        seq,
+                        change: w.change.clone(),
+                    },
+                    complete: i + 1 == n,
+                    batch: first,
                 },
-                i + 1 == n,
-            ));
+            );
         }
-        let last = state.entries.len() as u64;
+        state.last_seq = first + n as u64 - 1;
+        let last = state.last_seq;
         {
             // Under the log's lock, so that observers see batches in log order.
             let observers = self.observers.lock();
             if !observers.is_empty() {
-                let batch: Vec<LogEntry> = state.entries[first..]
-                    .iter()
-                    .map(|(e, _)| e.clone())
+                let batch: Vec<LogEntry> = state
+                    .entries
+                    .range(first..)
+                    .map(|(_, s)| s.entry.clone())
                     .collect();
                 for observe in observers.iter() {
                     observe(&batch);
@@ -195,16 +225,47 @@ impl MemLog {
         Ok(last)
     }
 
-    fn entries_from(&self, from: u64, limit: usize) -> Vec<(LogEntry, bool)> {
+    fn entries_from(&self, from: u64, limit: usize) -> Vec<Stored> {
         let state = self.state.lock();
-        let start = from.max(1) as usize - 1;
         state
             .entries
-            .iter()
-            .skip(start)
+            .range(from.max(1)..)
             .take(limit)
-            .cloned()
+            .map(|(_, s)| s.clone())
             .collect()
+    }
+
+    /// Removes the entries at `seqs` (as JetStream removes a message: the sequence is not
+    /// given again, and a subject whose every entry is gone has no last entry).
+    fn remove(&self, seqs: &[u64]) -> u64 {
+        let mut state = self.state.lock();
+        let mut removed = 0;
+        for seq in seqs {
+            let Some(gone) = state.entries.remove(seq) else {
+                continue;
+            };
+            removed += 1;
+            let subject = subject(&gone.entry.change);
+            if state.last.get(&subject) == Some(seq) {
+                let before = state
+                    .entries
+                    .range(..*seq)
+                    .rev()
+                    .find(|(_, s)| self::subject(&s.entry.change) == subject)
+                    .map(|(k, _)| *k);
+                match before {
+                    Some(k) => state.last.insert(subject, k),
+                    None => state.last.remove(&subject),
+                };
+            }
+        }
+        removed
+    }
+
+    fn last_entry_of(&self, change: &Change) -> Option<LogEntry> {
+        let state = self.state.lock();
+        let seq = state.last.get(&subject(change))?;
+        state.entries.get(seq).map(|s| s.entry.clone())
     }
 }
 
@@ -377,24 +438,19 @@ impl SharedLog for MemLink {
         let faults = self.faults.clone();
         let tail = log.tail.subscribe();
         let stream = futures::stream::unfold(
-            (
-                log,
-                faults,
-                tail,
-                from.max(1),
-                VecDeque::<(LogEntry, bool)>::new(),
-            ),
+            (log, faults, tail, from.max(1), VecDeque::<Stored>::new()),
             |(log, faults, mut tail, mut next, mut buffer)| async move {
                 loop {
                     if let Err(e) = faults.pass().await {
                         return Some((Err(e.to_string()), (log, faults, tail, next, buffer)));
                     }
-                    if let Some((entry, complete)) = buffer.pop_front() {
-                        next = entry.seq + 1;
+                    if let Some(s) = buffer.pop_front() {
+                        next = s.entry.seq + 1;
                         let delivery = Delivery {
-                            seq: entry.seq,
-                            change: Some(entry.change),
-                            complete,
+                            seq: s.entry.seq,
+                            change: Some(s.entry.change),
+                            complete: s.complete,
+                            batch: s.batch,
                         };
                         return Some((Ok(delivery), (log, faults, tail, next, buffer)));
                     }
@@ -421,8 +477,18 @@ impl SharedLog for MemLink {
             .log
             .entries_from(from, limit)
             .into_iter()
-            .map(|(e, _)| e)
+            .map(|s| s.entry)
             .collect())
+    }
+
+    async fn remove(&self, seqs: &[u64]) -> StoreResult<u64> {
+        self.faults.pass().await?;
+        Ok(self.log.remove(seqs))
+    }
+
+    async fn last_entry_of(&self, change: &Change) -> StoreResult<Option<LogEntry>> {
+        self.faults.pass().await?;
+        Ok(self.log.last_entry_of(change))
     }
 
     async fn check_writable(&self) -> StoreResult<()> {

@@ -101,7 +101,12 @@ pub struct JetStreamLog {
     api_prefix: String,
     /// Another region's log, read through this region's connection: never appended to.
     peer: bool,
+    /// Whether entries may be removed (why not, otherwise).
+    can_remove: Result<(), String>,
 }
+
+/// How many removals are in flight at once.
+const REMOVALS_IN_FLIGHT: usize = 64;
 
 /// The JetStream backend: a [`ReplicatedStore`] on the region's stream.
 pub type NatsStore = ReplicatedStore<JetStreamLog>;
@@ -142,7 +147,8 @@ impl JetStreamLog {
             storage: stream::StorageType::File,
             retention: stream::RetentionPolicy::Limits,
             discard: stream::DiscardPolicy::New,
-            deny_delete: true,
+            // Reclamation removes entries that hold nothing current (see `remove`).
+            deny_delete: false,
             deny_purge: true,
             allow_direct: true,
             allow_atomic_publish: true,
@@ -150,9 +156,23 @@ impl JetStreamLog {
             ..Default::default()
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut can_remove = Ok(());
         loop {
             match js.get_or_create_stream(stream_config.clone()).await {
-                Ok(_) => break,
+                Ok(s) => {
+                    // A stream made by an older Haven denies removals: allow them.
+                    if s.cached_info().config.deny_delete {
+                        let mut config = s.cached_info().config.clone();
+                        config.deny_delete = false;
+                        if let Err(e) = js.update_stream(config).await {
+                            tracing::warn!(error = %e, stream = %stream_name, "the change-log stream denies removing entries; obsolete entries are kept");
+                            can_remove = Err(format!(
+                                "the stream {stream_name} denies removing messages and could not be changed: {e}"
+                            ));
+                        }
+                    }
+                    break;
+                }
                 Err(e) if tokio::time::Instant::now() < deadline => {
                     tracing::debug!(error = %e, "waiting for JetStream");
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -167,6 +187,7 @@ impl JetStreamLog {
             prefix,
             api_prefix: "$JS.API".into(),
             peer: false,
+            can_remove,
         })
     }
 
@@ -181,6 +202,7 @@ impl JetStreamLog {
             prefix: format!("hv.{}", token(region)),
             api_prefix: format!("$JS.{domain}.API"),
             peer: true,
+            can_remove: Err("another region's log is read-only here".into()),
         }
     }
 
@@ -296,12 +318,13 @@ impl SharedLog for JetStreamLog {
                 let seq = msg.info().map_err(|e| e.to_string())?.stream_sequence;
                 let change = postcard::from_bytes::<Change>(&msg.payload).ok();
                 let headers = msg.headers.as_ref();
-                let in_batch = headers.is_some_and(|h| h.get("Nats-Batch-Id").is_some());
+                let batch_id = headers.and_then(|h| h.get("Nats-Batch-Id"));
                 let commits = headers.and_then(|h| h.get("Nats-Batch-Commit")).is_some();
                 Ok(Delivery {
                     seq,
                     change,
-                    complete: !in_batch || commits,
+                    complete: batch_id.is_none() || commits,
+                    batch: batch_id.map_or(0, |id| batch_number(id.as_str())),
                 })
             })
             .boxed())
@@ -375,6 +398,76 @@ impl SharedLog for JetStreamLog {
     fn max_batch(&self) -> usize {
         MAX_BATCH_OPS
     }
+
+    async fn remove(&self, seqs: &[u64]) -> StoreResult<u64> {
+        self.can_remove.clone().map_err(StoreError::Invalid)?;
+        self.connected().map_err(StoreError::Unavailable)?;
+        let subject = format!("{}.STREAM.MSG.DELETE.{}", self.api_prefix, self.stream_name);
+        let removals = futures::stream::iter(seqs.iter().copied())
+            .map(|seq| {
+                let (client, subject) = (self.client.clone(), subject.clone());
+                async move {
+                    // `no_erase`: the message is dropped, not overwritten first.
+                    let body = serde_json::json!({ "seq": seq, "no_erase": true }).to_string();
+                    let reply = client
+                        .request(subject, body.into())
+                        .await
+                        .map_err(unavailable)?;
+                    let v: serde_json::Value = serde_json::from_slice(&reply.payload)
+                        .map_err(|e| unavailable(format!("unreadable delete reply: {e}")))?;
+                    match v.get("error") {
+                        None => Ok(1),
+                        // 10057: no message at that sequence (already removed).
+                        Some(e) if e.get("err_code").and_then(|c| c.as_u64()) == Some(10057) => {
+                            Ok(0)
+                        }
+                        Some(e) => Err(unavailable(format!("removing entry {seq}: {e}"))),
+                    }
+                }
+            })
+            .buffer_unordered(REMOVALS_IN_FLIGHT);
+        let results: Vec<StoreResult<u64>> = removals.collect().await;
+        let mut removed = 0;
+        for r in results {
+            removed += r?;
+        }
+        Ok(removed)
+    }
+
+    async fn last_entry_of(&self, change: &Change) -> StoreResult<Option<LogEntry>> {
+        self.connected().map_err(StoreError::Unavailable)?;
+        let subject = format!("{}.DIRECT.GET.{}", self.api_prefix, self.stream_name);
+        let body = serde_json::json!({ "last_by_subj": self.subject(change) }).to_string();
+        let msg = tokio::time::timeout(COMMIT_TIMEOUT, self.client.request(subject, body.into()))
+            .await
+            .map_err(|_| unavailable("direct get timed out"))?
+            .map_err(unavailable)?;
+        if let Some(status) = msg.status {
+            if status.as_u16() == 404 {
+                return Ok(None);
+            }
+            return Err(unavailable(format!(
+                "direct get answered {status}: {}",
+                msg.description.unwrap_or_default()
+            )));
+        }
+        let seq: u64 = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Sequence"))
+            .and_then(|v| v.as_str().parse().ok())
+            .ok_or_else(|| unavailable("direct get reply without Nats-Sequence"))?;
+        let change: Change = postcard::from_bytes(&msg.payload)
+            .map_err(|e| StoreError::Corrupt(format!("log entry {seq}: {e}")))?;
+        Ok(Some(LogEntry { seq, change }))
+    }
+}
+
+/// A batch's number from its id (the first 16 hex digits of the random id).
+fn batch_number(id: &str) -> u64 {
+    u64::from_str_radix(id.get(..16).unwrap_or(id), 16)
+        .unwrap_or(1)
+        .max(1)
 }
 
 fn parse_ack(payload: &[u8]) -> Result<u64, AppendError> {

@@ -366,6 +366,7 @@ impl RedbStore {
             wal_failed: false,
             record_cursor: None,
             event_cursor: None,
+            pass_finished: [false; 3],
         };
         std::thread::Builder::new()
             .name("haven-redb-writer".into())
@@ -734,6 +735,9 @@ struct Writer {
     record_cursor: Option<(String, String)>,
     /// Where reclamation's pass over the stream events resumes.
     event_cursor: Option<(String, u64)>,
+    /// Which of the pass's three parts (records, events, log) are finished: a finished part
+    /// waits for the others, so that a pass ends.
+    pass_finished: [bool; 3],
 }
 
 /// A checkpoint is taken after this many commits…
@@ -794,7 +798,7 @@ impl Writer {
     }
 
     /// One bounded reclamation step, in one transaction (made durable like commits are):
-    /// expired records and old tombstones, old stream events (each stream's last kept), and
+    /// expired records and old tombstones, old stream events, and
     /// change-log entries below the floor that are no longer current. Each kind resumes
     /// where the previous step stopped.
     fn reclaim(&mut self, r: &Reclaim) -> StoreResult<Reclaimed> {
@@ -834,7 +838,7 @@ impl Writer {
             let mut doomed = Vec::new();
             let mut examined = 0;
             let mut next_record = None;
-            {
+            if !self.pass_finished[0] {
                 let start = self.record_cursor.clone();
                 let range = match &start {
                     Some((ns, key)) => records
@@ -858,7 +862,10 @@ impl Writer {
                         .record
                         .expires_at_millis
                         .is_some_and(|at| at.saturating_add(r.expired_grace_millis) < r.now_millis);
-                    if expired || (row.record.is_tombstone() && old(r.tombstone_retention_millis)) {
+                    // Not while its entry is the log's last (the log keeps that one).
+                    if (expired || (row.record.is_tombstone() && old(r.tombstone_retention_millis)))
+                        && row.revision != self.last_seq
+                    {
                         doomed.push((ns.to_owned(), key.to_owned(), row.revision));
                     }
                 }
@@ -873,11 +880,12 @@ impl Writer {
             records_done = next_record.is_none();
             self.record_cursor = next_record;
 
-            // Old stream events, except each stream's last.
+            // Old stream events: a stream whose every event is old goes entirely (its next
+            // append, if any, starts it again at index 1).
             let mut doomed = Vec::new();
             let mut examined = 0;
             let mut next_event = None;
-            {
+            if !self.pass_finished[1] {
                 let start = self.event_cursor.clone();
                 let range = match &start {
                     Some((stream, index)) => events
@@ -885,8 +893,7 @@ impl Writer {
                         .map_err(storage_err)?,
                     None => events.range::<(&str, u64)>(..).map_err(storage_err)?,
                 };
-                let mut range = range.peekable();
-                while let Some(item) = range.next() {
+                for item in range {
                     let (k, seq) = item.map_err(storage_err)?;
                     let (stream, index) = k.value();
                     if examined == r.step {
@@ -894,14 +901,11 @@ impl Writer {
                         break;
                     }
                     examined += 1;
-                    let last_of_stream = match range.peek() {
-                        Some(Ok((next, _))) => next.value().0 != stream,
-                        Some(Err(_)) | None => true,
-                    };
-                    if last_of_stream {
+                    let seq = seq.value();
+                    // Not while its entry is the log's last (the log keeps that one).
+                    if seq == self.last_seq {
                         continue;
                     }
-                    let seq = seq.value();
                     let event = event_at(&log, seq)?;
                     if event
                         .version
@@ -967,7 +971,14 @@ impl Writer {
         }
         tx.commit().map_err(storage_err)?;
         self.commits_since_checkpoint += 1;
-        out.done = records_done && events_done && log_done;
+        let finished = &mut self.pass_finished;
+        finished[0] |= records_done;
+        finished[1] |= events_done;
+        finished[2] |= log_done;
+        out.done = finished.iter().all(|f| *f);
+        if out.done {
+            self.pass_finished = [false; 3];
+        }
         Ok(out)
     }
 

@@ -19,10 +19,10 @@ use parking_lot::RwLock;
 use tokio::sync::{broadcast, watch};
 
 use crate::clock::HybridClock;
-use crate::index::Index;
+use crate::index::{ForgetRules, Index};
 use crate::plan::{self, StateRead};
 use crate::record::{Change, LogEntry, Origin, StoredRecord, StreamEvent};
-use crate::store::{Batch, Commit, ScanPage, Store, StoreError, StoreResult};
+use crate::store::{Batch, Commit, Reclaim, Reclaimed, ScanPage, Store, StoreError, StoreResult};
 
 pub use crate::plan::PlannedWrite as LogWrite;
 
@@ -53,6 +53,9 @@ pub struct Delivery {
     pub change: Option<Change>,
     /// Whether this entry ends its batch (the batch is applied then, all at once).
     pub complete: bool,
+    /// The batch the entry belongs to (0: none). A batch whose last entry the log removed is
+    /// applied when an entry of another batch arrives.
+    pub batch: u64,
 }
 
 /// The followed entries of a log, in order; an error ends the stream (the follower starts
@@ -82,6 +85,22 @@ pub trait SharedLog: Send + Sync + 'static {
     /// Whether several nodes share this log.
     fn shared(&self) -> bool {
         true
+    }
+    /// Removes the entries at `seqs`, each of which holds nothing current (an entry already
+    /// gone counts as removed); returns how many it removed. A log that cannot remove
+    /// entries answers [`StoreError::Invalid`].
+    async fn remove(&self, seqs: &[u64]) -> StoreResult<u64> {
+        let _ = seqs;
+        Err(StoreError::Invalid(
+            "this change log cannot remove entries".into(),
+        ))
+    }
+    /// The log's last entry on the key or stream that `change` writes, if it has one.
+    async fn last_entry_of(&self, change: &Change) -> StoreResult<Option<LogEntry>> {
+        let _ = change;
+        Err(StoreError::Invalid(
+            "this change log cannot look up a key's last entry".into(),
+        ))
     }
 }
 
@@ -229,6 +248,62 @@ impl<L: SharedLog> ReplicatedStore<L> {
         Ok(())
     }
 
+    /// After a refused append: for each conditional write to a key that reads as absent here,
+    /// asks the log for the key's last entry and makes the index agree with it. The index
+    /// forgets records that read as absent long enough, and the log removes their entries
+    /// once every reader is past them, each on its own schedule: a write must compare
+    /// against what the log has, not against what this node forgot or still remembers.
+    async fn reconcile_absent(&self, writes: &[LogWrite]) -> StoreResult<()> {
+        let now = self.clock.wall_millis();
+        for w in writes {
+            if w.expected.is_none() {
+                continue;
+            }
+            if let Change::Record(r) = &w.change {
+                let live_here = self
+                    .follower
+                    .index
+                    .read()
+                    .get(&r.namespace, &r.key)
+                    .is_some_and(|c| c.record.is_live(now));
+                if live_here {
+                    continue;
+                }
+            }
+            let last = match self.log.last_entry_of(&w.change).await {
+                Ok(last) => last,
+                Err(StoreError::Invalid(_)) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let mut index = self.follower.index.write();
+            let changed = match (&w.change, last) {
+                (Change::Record(r), last) => {
+                    let last = last.and_then(|e| match e.change {
+                        Change::Record(rec) => Some((e.seq, rec)),
+                        Change::Event(_) => None,
+                    });
+                    index.reconcile_absent(&r.namespace, &r.key, last, now)
+                }
+                (Change::Event(ev), last) => {
+                    let last = last.and_then(|e| match e.change {
+                        Change::Event(le) => Some((e.seq, le.index)),
+                        Change::Record(_) => None,
+                    });
+                    index.reconcile_stream(&ev.stream, last)
+                }
+            };
+            if changed {
+                tracing::debug!(seq = ?w.expected, "the index now agrees with the change log about a forgotten key or stream");
+            }
+        }
+        Ok(())
+    }
+
+    /// Obsolete log entries this node knows of that are not removed yet.
+    pub fn obsolete_entries(&self) -> usize {
+        self.follower.index.read().obsolete_len()
+    }
+
     /// Brings the index up to the log's current end.
     async fn catch_up(&self, timeout: Duration) -> StoreResult<()> {
         let last = self.log.last_seq().await?;
@@ -265,11 +340,12 @@ async fn follow_from<L: SharedLog>(log: &L, follower: &Follower, start: u64) -> 
             seq,
             change,
             complete,
+            batch,
         } = delivery?;
         let ready = {
             let mut index = follower.index.write();
             match change {
-                Some(change) => index.deliver(LogEntry { seq, change }, complete),
+                Some(change) => index.deliver(LogEntry { seq, change }, complete, batch),
                 None => {
                     // Not Haven's data; count it as applied rather than stall every reader.
                     tracing::error!(seq, "undecodable entry in the change log");
@@ -376,6 +452,7 @@ impl<L: SharedLog> Store for ReplicatedStore<L> {
                         });
                     }
                     self.catch_up(COMMIT_TIMEOUT).await?;
+                    self.reconcile_absent(&planned.writes).await?;
                     tokio::time::sleep(Duration::from_millis(2 * attempt as u64)).await;
                 }
                 Err(AppendError::Full(text)) => return Err(StoreError::Full(text)),
@@ -418,6 +495,43 @@ impl<L: SharedLog> Store for ReplicatedStore<L> {
         let mut out = self.log.describe().await;
         out["applied_seq"] = self.follower.index.read().applied().into();
         out
+    }
+
+    async fn reclaim(&self, r: &Reclaim) -> StoreResult<Reclaimed> {
+        // Everything in the log so far is in the index: what it made obsolete is queued.
+        self.catch_up(COMMIT_TIMEOUT).await?;
+        let rules = ForgetRules {
+            now_millis: r.now_millis,
+            expired_grace_millis: r.expired_grace_millis,
+            tombstone_retention_millis: r.tombstone_retention_millis,
+            event_retention_millis: r.event_retention_millis,
+            step: r.step,
+        };
+        let forgotten = self.follower.index.write().forget_old(&rules);
+        // Never the log's last entry: it tells a follower where the log ends.
+        let floor = r.log_floor.min(self.log.last_seq().await?);
+        let seqs = self.follower.index.write().take_obsolete(floor, r.step);
+        let mut removed = 0;
+        if r.trim_log && !seqs.is_empty() {
+            match self.log.remove(&seqs).await {
+                Ok(n) => removed = n,
+                Err(StoreError::Invalid(why)) => {
+                    // The log keeps its entries (see its description); the index still
+                    // forgets, so memory stays bounded.
+                    tracing::debug!(%why, "obsolete change-log entries are kept");
+                }
+                Err(e) => {
+                    self.follower.index.write().requeue_obsolete(&seqs);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Reclaimed {
+            log_entries: removed,
+            records: forgotten.records,
+            events: forgotten.events,
+            done: forgotten.done && seqs.len() < r.step,
+        })
     }
 
     async fn check_writable(&self) -> StoreResult<()> {

@@ -367,6 +367,10 @@ pub struct Reclaim {
     pub event_retention_millis: u64,
     /// Most items of each kind examined in one step.
     pub step: usize,
+    /// Whether this node removes change-log entries. One node of a region does for a log
+    /// the region's nodes share (the others only forget in memory what no reader needs); a
+    /// store of one node always does.
+    pub trim_log: bool,
 }
 
 /// What a reclamation step removed.

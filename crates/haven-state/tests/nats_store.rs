@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use haven_state::{
-    Batch, Change, Expect, HybridClock, LogFold, NatsConfig, NatsStore, Origin, Outcome, Record,
-    Store, StoreError, Version, watch,
+    Batch, Change, Expect, HybridClock, LogFold, NatsConfig, NatsStore, Origin, Outcome,
+    PhysicalClock, Record, Store, StoreError, Version, watch,
 };
 
 use haven_testkit::NatsCluster;
@@ -208,4 +208,185 @@ async fn compare_and_set_across_nodes_loses_no_update() {
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A store of node `node` on server `i`, in region `region`, whose wall clock is `wall`.
+async fn store_at(
+    cluster: &NatsCluster,
+    i: usize,
+    region: &str,
+    node: &str,
+    wall: &Arc<haven_state::ManualClock>,
+) -> NatsStore {
+    let config = NatsConfig {
+        servers: vec![cluster.url(i)],
+        region: region.into(),
+        replicas: 3,
+    };
+    NatsStore::open(
+        &config,
+        Origin::new(region, node),
+        Arc::new(HybridClock::new(wall.clone())),
+    )
+    .await
+    .unwrap()
+}
+
+/// Messages the region's stream holds.
+async fn stream_messages(cluster: &NatsCluster, region: &str) -> u64 {
+    let client = async_nats::connect(cluster.url(0)).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js
+        .get_stream(haven_state::nats_store::stream_name(region))
+        .await
+        .unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
+/// One whole reclamation pass on `s` with nothing held back by readers.
+async fn reclaim_pass(s: &NatsStore, now_millis: u64, trim_log: bool) -> haven_state::Reclaimed {
+    let policy = haven_state::Reclaim {
+        log_floor: u64::MAX,
+        now_millis,
+        expired_grace_millis: 60_000,
+        tombstone_retention_millis: 7 * 24 * 3_600_000,
+        event_retention_millis: 24 * 3_600_000,
+        step: 16,
+        trim_log,
+    };
+    let mut total = haven_state::Reclaimed::default();
+    for _ in 0..10_000 {
+        let r = s.reclaim(&policy).await.unwrap();
+        total.log_entries += r.log_entries;
+        total.records += r.records;
+        total.events += r.events;
+        if r.done {
+            total.done = true;
+            return total;
+        }
+    }
+    panic!("a reclamation pass never completed");
+}
+
+/// Reclamation on JetStream: the trimming node removes the stream's obsolete messages (a
+/// record's superseded versions, also when they ended their batch), every node keeps the
+/// same state, a node that starts afterwards builds the same state from what is left, and
+/// once a tombstone is past its retention and removed, a node that still remembered it
+/// writes the key with a condition that compares against what the stream has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "JetStream: runs in the nats stage (scripts/on-nats)"]
+async fn reclamation_removes_obsolete_messages_and_every_node_keeps_the_state() {
+    let cluster = NatsCluster::start().await;
+    let region = "reclaim";
+    let wall = Arc::new(haven_state::ManualClock::new(contract::START_MILLIS));
+    let a = store_at(&cluster, 0, region, "a", &wall).await;
+    let b = store_at(&cluster, 1, region, "b", &wall).await;
+    // 40 batches: a key of its own (stays current) and `big` (superseded by the next
+    // batch) last, so that the removed entries end their batches.
+    for i in 0..40u32 {
+        a.commit(
+            Batch::new()
+                .put("notes", &format!("k{i:02}"), vec![i as u8])
+                .put("notes", "big", vec![i as u8; 2000]),
+        )
+        .await
+        .unwrap();
+    }
+    a.commit(Batch::new().put("notes", "gone", b"x".to_vec()))
+        .await
+        .unwrap();
+    a.commit(Batch::new().delete("notes", "gone"))
+        .await
+        .unwrap();
+    let before = a.state_entries().await.unwrap();
+    let messages = stream_messages(&cluster, region).await;
+    assert_eq!(messages, 80 + 2);
+
+    // `b` does not trim: it only forgets in memory (nothing is old yet).
+    let r = reclaim_pass(&b, wall.now_millis(), false).await;
+    assert_eq!((r.log_entries, r.records, r.events), (0, 0, 0));
+    assert_eq!(stream_messages(&cluster, region).await, messages);
+    // `a` trims: 39 superseded versions of `big` and the put of `gone`.
+    let r = reclaim_pass(&a, wall.now_millis(), true).await;
+    assert_eq!(r.log_entries, 40, "{r:?}");
+    assert_eq!(stream_messages(&cluster, region).await, messages - 40);
+    assert_eq!(a.state_entries().await.unwrap(), before);
+    assert_eq!(b.state_entries().await.unwrap(), before);
+    // A node that starts now reads what is left and builds the same state.
+    let c = store_at(&cluster, 2, region, "c", &wall).await;
+    assert_eq!(c.state_entries().await.unwrap(), before);
+    assert_eq!(
+        c.get("notes", "big").await.unwrap().unwrap().value(),
+        vec![39u8; 2000]
+    );
+    assert_eq!(c.get("notes", "k00").await.unwrap().unwrap().value(), [0]);
+    assert!(c.get("notes", "gone").await.unwrap().is_none());
+
+    // A week later the tombstone of `gone` is past its retention: `a` forgets it and removes
+    // its message (another write made it no longer the stream's last).
+    wall.advance(8 * 24 * 3_600_000);
+    a.commit(Batch::new().put("notes", "later", b"1".to_vec()))
+        .await
+        .unwrap();
+    let r = reclaim_pass(&a, wall.now_millis(), true).await;
+    assert_eq!(r.records, 1, "{r:?}");
+    assert!(a.local_record("notes", "gone").is_none());
+    // `b` has not forgotten it yet; its create-if-absent compares against the stream, where
+    // nothing of `gone` is left, and succeeds.
+    assert!(b.local_record("notes", "gone").is_some());
+    b.commit(Batch::new().put_if("notes", "gone", b"again".to_vec(), Expect::Absent))
+        .await
+        .unwrap();
+    // `c` remembered the tombstone too; now the key is live, and its create-if-absent is a
+    // real conflict.
+    let err = c
+        .commit(Batch::new().put_if("notes", "gone", b"c".to_vec(), Expect::Absent))
+        .await;
+    assert!(matches!(err, Err(StoreError::Conflict { .. })), "{err:?}");
+    let d = store_at(&cluster, 0, region, "d", &wall).await;
+    assert_eq!(
+        d.get("notes", "gone").await.unwrap().unwrap().value(),
+        b"again"
+    );
+    assert_eq!(
+        d.state_entries().await.unwrap(),
+        a.state_entries().await.unwrap()
+    );
+    // Events, and two days later they are past their retention: `b` forgets the whole
+    // stream (it does not trim: the stream keeps their messages).
+    for i in 0..20u8 {
+        b.commit(Batch::new().append("events", vec![i]))
+            .await
+            .unwrap();
+    }
+    a.commit(Batch::new().put("notes", "later", b"2".to_vec()))
+        .await
+        .unwrap();
+    wall.advance(2 * 24 * 3_600_000);
+    let r = reclaim_pass(&b, wall.now_millis(), false).await;
+    assert_eq!(r.events, 20, "{r:?}");
+    assert!(b.read_events("events", 0, 100).await.unwrap().is_empty());
+    // An append there compares against the stream's last message, which `b` forgot: it
+    // learns where the stream ends from the stream, and goes on after it.
+    let c2 = b
+        .commit(Batch::new().append("events", vec![99]))
+        .await
+        .unwrap();
+    assert!(
+        matches!(c2.outcomes[0], Outcome::Appended { index: 21, .. }),
+        "{:?}",
+        c2.outcomes
+    );
+    // `a` trims the 20 old events' messages and the first version of `later`.
+    let before = stream_messages(&cluster, region).await;
+    let r = reclaim_pass(&a, wall.now_millis(), true).await;
+    assert_eq!((r.events, r.log_entries), (20, 21), "{r:?}");
+    assert_eq!(stream_messages(&cluster, region).await, before - 21);
+    let e = store_at(&cluster, 1, region, "e", &wall).await;
+    let events = e.read_events("events", 0, 100).await.unwrap();
+    assert_eq!(events.iter().map(|e| e.index).collect::<Vec<_>>(), [21]);
+    assert_eq!(
+        e.state_entries().await.unwrap(),
+        b.state_entries().await.unwrap()
+    );
 }

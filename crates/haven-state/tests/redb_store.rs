@@ -169,6 +169,7 @@ fn policy(now_millis: u64) -> haven_state::Reclaim {
         event_retention_millis: 3_600_000,
         // Small steps, so that passes span many steps.
         step: 7,
+        trim_log: true,
     }
 }
 
@@ -245,8 +246,8 @@ async fn reclamation_keeps_the_state_and_drops_the_history() {
     );
 }
 
-/// Past their retention: expired records and tombstones are removed, and old stream events
-/// but each stream's last, so that the stream goes on at its next index. Entries at or above
+/// Past their retention: expired records, tombstones and old stream events are removed (a
+/// stream whose events are all old goes; an append starts it again). Entries at or above
 /// the log floor (not shipped yet) stay in the log.
 #[tokio::test]
 async fn reclamation_removes_what_expired_and_keeps_the_log_above_the_floor() {
@@ -285,16 +286,16 @@ async fn reclamation_removes_what_expired_and_keeps_the_log_above_the_floor() {
     let mut p = policy(wall.now_millis());
     p.log_floor = floor;
     let done = reclaim_all(&s, &p).await;
-    assert_eq!((done.records, done.events), (2, 9), "{done:?}");
+    assert_eq!((done.records, done.events), (2, 10), "{done:?}");
     assert!(s.get_raw("notes", "gone").await.unwrap().is_none());
     assert!(s.get_raw("sessions", "s1").await.unwrap().is_none());
-    let events = s.read_events("old", 0, 100).await.unwrap();
-    assert_eq!(events.iter().map(|e| e.index).collect::<Vec<_>>(), [10]);
+    // The stream's events were all old: it is gone, and an append starts it again.
+    assert!(s.read_events("old", 0, 100).await.unwrap().is_empty());
     let c = s.commit(Batch::new().append("old", vec![])).await.unwrap();
     assert!(
         matches!(
             c.outcomes[0],
-            haven_state::Outcome::Appended { index: 11, .. }
+            haven_state::Outcome::Appended { index: 1, .. }
         ),
         "{:?}",
         c.outcomes
@@ -308,11 +309,11 @@ async fn reclamation_removes_what_expired_and_keeps_the_log_above_the_floor() {
         .map(|e| e.seq)
         .collect();
     assert_eq!(above, [floor, floor + 1, floor + 2]);
-    // Below it: only what is current (the event kept, "kept"'s first version is superseded).
+    // Below it: nothing ("kept"'s first version is superseded, the rest was forgotten).
     let below = s.read_log(1, 100).await.unwrap();
     assert_eq!(
         below.iter().filter(|e| e.seq < floor).count(),
-        1,
+        0,
         "{below:?}"
     );
 }

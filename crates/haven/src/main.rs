@@ -493,6 +493,7 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
     reclaim::start(
         store,
         backup.clone(),
+        s.peer_regions.clone(),
         control.in_force.clone(),
         control.reclaim.clone(),
     );

@@ -13,7 +13,7 @@
 
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -33,6 +33,10 @@ pub enum Step {
     Commit(Vec<OpSpec>),
     /// Let wall-clock time pass.
     Advance(u64),
+    /// A whole reclamation pass with nothing held back by readers: tombstones and events
+    /// older than `retention` and records expired longer ago than `grace` are forgotten,
+    /// and the log keeps only entries that hold something current (and its last).
+    Reclaim { retention: u64, grace: u64 },
 }
 
 /// An operation with its precondition given relative to the state, so that histories hit
@@ -125,6 +129,8 @@ pub fn history(len: usize) -> impl Strategy<Value = Vec<Step>> {
         prop_oneof![
             6 => prop::collection::vec(op_spec(), 1..5).prop_map(Step::Commit),
             1 => (1..4_000u64).prop_map(Step::Advance),
+            1 => (0..3_000u64, 0..2_000u64)
+                .prop_map(|(retention, grace)| Step::Reclaim { retention, grace }),
         ],
         1..len,
     )
@@ -137,8 +143,12 @@ struct Model {
     records: BTreeMap<(String, String), (Record, u64)>,
     /// (stream, index) -> event.
     events: BTreeMap<(String, u64), StreamEvent>,
-    /// The change log.
+    /// The change log, every entry ever appended.
     log: Vec<LogEntry>,
+    /// Entries that held nothing current at a reclamation pass: gone from the log since.
+    gone: BTreeSet<u64>,
+    /// Whether a reclamation pass ran.
+    reclaimed: bool,
     /// The store's hybrid clock, simulated: the greatest timestamp it returned or observed.
     clock_last: u64,
 }
@@ -353,6 +363,88 @@ impl Model {
         Ok((changes, positions, clock))
     }
 
+    /// A reclamation pass at `now` (see [`Step::Reclaim`]).
+    fn reclaim(&mut self, now: u64, retention: u64, grace: u64) {
+        let last = self.log.len() as u64;
+        // A record whose entry is the log's last stays (the log keeps that entry).
+        self.records.retain(|_, (r, rev)| {
+            let expired = r.expires_at_millis.is_some_and(|at| at + grace < now);
+            let old_tombstone = r.value.is_none() && r.version.hlc.millis() + retention < now;
+            !(expired || old_tombstone) || *rev == last
+        });
+        // An event whose entry is the log's last stays (the log keeps that entry).
+        let at_last = match self.log.last().map(|e| &e.change) {
+            Some(Change::Event(e)) => Some(e.clone()),
+            _ => None,
+        };
+        self.events.retain(|_, e| {
+            e.version.hlc.millis() + retention >= now || at_last.as_ref() == Some(e)
+        });
+        // What holds nothing current now must be gone after the pass (but the log's last
+        // entry and each stream's last; see `check_log`); later passes may take more.
+        self.reclaimed = true;
+        let (required, allowed) = self.kept();
+        for e in &self.log {
+            if !required.contains(&e.seq) && !allowed.contains(&e.seq) {
+                self.gone.insert(e.seq);
+            }
+        }
+    }
+
+    /// The entries that hold something current (a record's last entry — in this one-node
+    /// contract a record's winner is always in it — each event's entry, and the log's last),
+    /// and those a log may keep besides (each stream's last: a log whose appends compare
+    /// against it keeps it while it is the last).
+    fn kept(&self) -> (BTreeSet<u64>, BTreeSet<u64>) {
+        let mut required: BTreeSet<u64> = self.records.values().map(|(_, rev)| *rev).collect();
+        let mut stream_last: HashMap<&str, u64> = HashMap::new();
+        for e in &self.log {
+            if let Change::Event(ev) = &e.change {
+                stream_last.insert(&ev.stream, e.seq);
+                if self.events.get(&(ev.stream.clone(), ev.index)) == Some(ev) {
+                    required.insert(e.seq);
+                }
+            }
+        }
+        required.extend(self.log.last().map(|e| e.seq));
+        (required, stream_last.values().copied().collect())
+    }
+
+    /// Checks the store's log against the model: every entry the store holds is the model's
+    /// entry at that sequence, it holds every entry that holds something current, and none
+    /// that a reclamation pass had to remove.
+    fn check_log(&self, got: &[LogEntry]) {
+        let (required, _) = self.kept();
+        let mut held = BTreeSet::new();
+        for e in got {
+            let want = self.log.get(e.seq as usize - 1);
+            assert_eq!(
+                Some(e),
+                want,
+                "the store's log entry {} is the model's",
+                e.seq
+            );
+            assert!(
+                !self.gone.contains(&e.seq),
+                "entry {} held nothing current at a reclamation pass and was kept: {e:?}",
+                e.seq
+            );
+            held.insert(e.seq);
+        }
+        let missing: Vec<&u64> = required.difference(&held).collect();
+        assert!(
+            missing.is_empty(),
+            "entries holding current items were removed: {missing:?}"
+        );
+        if !self.reclaimed {
+            assert_eq!(
+                got.len(),
+                self.log.len(),
+                "nothing is removed without reclamation"
+            );
+        }
+    }
+
     /// Checks the store's entries against what was expected and folds them in.
     fn apply(&mut self, entries: &[LogEntry], expected: &[Change], clock: u64) {
         let got: Vec<&Change> = entries.iter().map(|e| &e.change).collect();
@@ -387,6 +479,26 @@ pub async fn check_history(store: &dyn Store, wall: &ManualClock, steps: &[Step]
         let batch = match step {
             Step::Advance(ms) => {
                 wall.advance(*ms);
+                continue;
+            }
+            Step::Reclaim { retention, grace } => {
+                let now = wall_now(wall);
+                let policy = haven_state::Reclaim {
+                    log_floor: u64::MAX,
+                    now_millis: now,
+                    expired_grace_millis: *grace,
+                    tombstone_retention_millis: *retention,
+                    event_retention_millis: *retention,
+                    step: 3,
+                    trim_log: true,
+                };
+                let mut steps = 0;
+                while !store.reclaim(&policy).await.unwrap().done {
+                    steps += 1;
+                    assert!(steps < 10_000, "a reclamation pass never completed");
+                }
+                model.reclaim(now, *retention, *grace);
+                compare_reads(store, &model, now).await;
                 continue;
             }
             Step::Commit(ops) => {
@@ -437,7 +549,7 @@ fn wall_now(wall: &ManualClock) -> u64 {
 
 async fn compare_reads(store: &dyn Store, model: &Model, now: u64) {
     assert_eq!(store.last_seq().await.unwrap(), model.log.len() as u64);
-    assert_eq!(store.read_log(1, 10_000).await.unwrap(), model.log);
+    model.check_log(&store.read_log(1, 10_000).await.unwrap());
     for ns in NAMESPACES {
         for key in KEYS {
             let want = model.records.get(&(ns.to_owned(), key.to_owned()));
