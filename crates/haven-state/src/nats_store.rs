@@ -374,6 +374,12 @@ impl SharedLog for JetStreamLog {
             Ok(s) => {
                 let info = s.cached_info();
                 out["last_seq"] = info.state.last_sequence.into();
+                // Fewer than `last_seq` once reclamation removed obsolete entries.
+                out["messages"] = info.state.messages.into();
+                out["bytes"] = info.state.bytes.into();
+                if let Err(why) = &self.can_remove {
+                    out["reclamation"] = why.as_str().into();
+                }
                 out["replicas"] = info.config.num_replicas.into();
                 if let Some(c) = &info.cluster {
                     out["leader"] = serde_json::json!(c.leader);

@@ -493,7 +493,10 @@ impl<L: SharedLog> Store for ReplicatedStore<L> {
 
     async fn describe(&self) -> serde_json::Value {
         let mut out = self.log.describe().await;
-        out["applied_seq"] = self.follower.index.read().applied().into();
+        let index = self.follower.index.read();
+        out["applied_seq"] = index.applied().into();
+        // Entries no reader needs that wait for the readers' floor (or for removal).
+        out["obsolete_entries"] = index.obsolete_len().into();
         out
     }
 
