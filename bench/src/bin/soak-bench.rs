@@ -59,6 +59,10 @@ struct Cli {
     /// Where soak.csv and soak.svg go.
     #[arg(long, default_value = "soak-out")]
     out: PathBuf,
+    /// Run the node on a three-server JetStream cluster started for the run (the tools
+    /// folder's nats-server) instead of the embedded store.
+    #[arg(long)]
+    nats: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -67,6 +71,9 @@ struct Sample {
     rss_kib: u64,
     data_kib: u64,
     backup_kib: u64,
+    /// What the store's status says it holds: JetStream messages and bytes (0 embedded).
+    store_messages: u64,
+    store_kib: u64,
     cycles: u64,
     errors: u64,
 }
@@ -93,7 +100,19 @@ async fn soak(cli: Cli) -> anyhow::Result<()> {
     let data = dir.path().join("data");
     let backup = dir.path().join("backup");
     let port = free_port();
+    let nats = if cli.nats {
+        Some(haven_testkit::NatsCluster::start().await)
+    } else {
+        None
+    };
     let mut cmd = haven_serve(&haven, port, &data);
+    if let Some(n) = &nats {
+        cmd.args(["--store", &n.store_url(), "--region", "soak"]);
+        cmd.env(
+            "HAVEN_SECRETS_KEYS",
+            "soak AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        );
+    }
     cmd.args(["--legacy-responses", "sse", "--session-ttl"])
         .arg(cli.session_ttl.to_string())
         .arg("--backup-url")
@@ -154,17 +173,35 @@ async fn soak(cli: Cli) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut samples = Vec::new();
     loop {
+        let status: Value = match http
+            .get(format!("{base}/admin/v1/status"))
+            .bearer_auth(&token)
+            .send()
+            .await
+        {
+            Ok(r) => r.json().await.unwrap_or(Value::Null),
+            Err(_) => Value::Null,
+        };
         let s = Sample {
             minutes: started.elapsed().as_secs_f64() / 60.0,
             rss_kib: rss_kib(pid).unwrap_or(0),
             data_kib: allocated_kib(&data),
             backup_kib: allocated_kib(&backup),
+            store_messages: status["store"]["messages"].as_u64().unwrap_or(0),
+            store_kib: status["store"]["bytes"].as_u64().unwrap_or(0) / 1024,
             cycles: cycles.load(Ordering::Relaxed),
             errors: errors.load(Ordering::Relaxed),
         };
         eprintln!(
-            "{:6.1} min: rss {} KiB, data {} KiB, backup {} KiB, {} cycles, {} errors",
-            s.minutes, s.rss_kib, s.data_kib, s.backup_kib, s.cycles, s.errors
+            "{:6.1} min: rss {} KiB, data {} KiB, backup {} KiB, stream {} messages {} KiB, {} cycles, {} errors",
+            s.minutes,
+            s.rss_kib,
+            s.data_kib,
+            s.backup_kib,
+            s.store_messages,
+            s.store_kib,
+            s.cycles,
+            s.errors
         );
         samples.push(s);
         if Instant::now() >= stop_at {
@@ -183,9 +220,10 @@ async fn soak(cli: Cli) -> anyhow::Result<()> {
         .json()
         .await?;
     drop(server);
+    drop(nats);
 
     write_csv(&cli.out.join("soak.csv"), &samples)?;
-    std::fs::write(cli.out.join("soak.svg"), chart(&samples))?;
+    std::fs::write(cli.out.join("soak.svg"), chart(&samples, cli.nats))?;
     report(&cli, &samples, &status);
     Ok(())
 }
@@ -331,11 +369,20 @@ fn allocated_kib(dir: &Path) -> u64 {
 }
 
 fn write_csv(path: &Path, samples: &[Sample]) -> anyhow::Result<()> {
-    let mut out = String::from("minutes,rss_kib,data_kib,backup_kib,cycles,errors\n");
+    let mut out = String::from(
+        "minutes,rss_kib,data_kib,backup_kib,store_messages,store_kib,cycles,errors\n",
+    );
     for s in samples {
         out.push_str(&format!(
-            "{:.2},{},{},{},{},{}\n",
-            s.minutes, s.rss_kib, s.data_kib, s.backup_kib, s.cycles, s.errors
+            "{:.2},{},{},{},{},{},{},{}\n",
+            s.minutes,
+            s.rss_kib,
+            s.data_kib,
+            s.backup_kib,
+            s.store_messages,
+            s.store_kib,
+            s.cycles,
+            s.errors
         ));
     }
     std::fs::write(path, out)?;
@@ -343,7 +390,7 @@ fn write_csv(path: &Path, samples: &[Sample]) -> anyhow::Result<()> {
 }
 
 /// Two panels, the node's memory and its data directory (MiB) over minutes.
-fn chart(samples: &[Sample]) -> String {
+fn chart(samples: &[Sample], nats: bool) -> String {
     let (w, h, pad) = (760.0, 220.0, 50.0);
     let end = samples.last().map_or(1.0, |s| s.minutes).max(1e-9);
     let mut svg = format!(
@@ -352,10 +399,17 @@ fn chart(samples: &[Sample]) -> String {
         2.0 * h + 3.0 * pad
     );
     type Value = fn(&Sample) -> u64;
-    let panels: [(&str, Value); 2] = [
-        ("resident memory (MiB)", |s| s.rss_kib),
-        ("data directory (MiB)", |s| s.data_kib),
-    ];
+    let panels: [(&str, Value); 2] = if nats {
+        [
+            ("resident memory (MiB)", |s| s.rss_kib),
+            ("JetStream stream (MiB)", |s| s.store_kib),
+        ]
+    } else {
+        [
+            ("resident memory (MiB)", |s| s.rss_kib),
+            ("data directory (MiB)", |s| s.data_kib),
+        ]
+    };
     for (i, (label, value)) in panels.iter().enumerate() {
         let top = pad + i as f64 * (h + pad);
         let max = samples.iter().map(value).max().unwrap_or(1).max(1) as f64 / 1024.0 * 1.1;
@@ -395,17 +449,21 @@ fn report(cli: &Cli, samples: &[Sample], status: &Value) {
         last.errors
     );
     println!();
-    println!("| minutes | RSS (MiB) | data dir (MiB) | backup dir (MiB) | cycles |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| minutes | RSS (MiB) | data dir (MiB) | backup dir (MiB) | stream messages | stream (MiB) | cycles |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     let every = (samples.len() / 12).max(1);
     for (i, s) in samples.iter().enumerate() {
         if i % every == 0 || i + 1 == samples.len() {
             println!(
-                "| {:.1} | {:.1} | {:.1} | {:.1} | {} |",
+                "| {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.1} | {} |",
                 s.minutes,
                 s.rss_kib as f64 / 1024.0,
                 s.data_kib as f64 / 1024.0,
                 s.backup_kib as f64 / 1024.0,
+                s.store_messages,
+                s.store_kib as f64 / 1024.0,
                 s.cycles
             );
         }
@@ -420,10 +478,19 @@ fn report(cli: &Cli, samples: &[Sample], status: &Value) {
         median(&part)
     };
     let rss = quarter(3, |s| s.rss_kib) / quarter(1, |s| s.rss_kib);
-    let disk = quarter(3, |s| s.data_kib) / quarter(1, |s| s.data_kib);
+    let disk = if cli.nats {
+        quarter(3, |s| s.store_kib) / quarter(1, |s| s.store_kib)
+    } else {
+        quarter(3, |s| s.data_kib) / quarter(1, |s| s.data_kib)
+    };
     println!();
     println!(
-        "last quarter's median against the second quarter's: memory x{rss:.2}, data directory x{disk:.2}"
+        "last quarter's median against the second quarter's: memory x{rss:.2}, {} x{disk:.2}",
+        if cli.nats {
+            "JetStream stream"
+        } else {
+            "data directory"
+        }
     );
     println!(
         "reclamation at the end: {}",

@@ -215,6 +215,15 @@ pub const SETTINGS: &[SettingDef] = &[
         help: "MCP requests of one session in flight at once, open response streams included; one more is answered 429 with Retry-After",
     },
     SettingDef {
+        key: "limits.max_session_bytes",
+        kind: Kind::Integer {
+            min: 1024,
+            max: 16 * 1024 * 1024,
+        },
+        default: "65536",
+        help: "bytes of one legacy session's record (client info and capabilities from initialize, log level, subscriptions), which every change of the session rewrites; an initialize or change beyond it is refused with invalid params",
+    },
+    SettingDef {
         key: "limits.max_subscriptions_per_session",
         kind: Kind::Integer {
             min: 0,
@@ -222,6 +231,15 @@ pub const SETTINGS: &[SettingDef] = &[
         },
         default: "256",
         help: "resource subscriptions one session holds (resources/subscribe), and resource URIs one subscriptions/listen names; one more is refused with invalid params",
+    },
+    SettingDef {
+        key: "limits.max_tasks_per_session",
+        kind: Kind::Integer {
+            min: 1,
+            max: 1_000_000,
+        },
+        default: "256",
+        help: "tasks of one legacy session that have not expired (finished and cancelled ones count until their time-to-live ends); one more is refused with invalid params",
     },
     SettingDef {
         key: "limits.max_uri_bytes",
@@ -394,6 +412,10 @@ pub struct Snapshot {
     pub max_subscriptions_per_session: u64,
     /// Longest subscription URI.
     pub max_uri_bytes: u64,
+    /// Bytes of one legacy session's record.
+    pub max_session_bytes: u64,
+    /// Unexpired tasks of one legacy session.
+    pub max_tasks_per_session: u64,
     /// Change-log sequence of the last configuration change applied (0: none yet).
     pub applied_seq: u64,
     /// When this snapshot was built, Unix ms.
@@ -560,6 +582,8 @@ fn fold(stored: &BTreeMap<String, StoredSetting>, applied_seq: u64, now: u64) ->
         max_call_ms: int("limits.max_call_ms"),
         max_subscriptions_per_session: int("limits.max_subscriptions_per_session"),
         max_uri_bytes: int("limits.max_uri_bytes"),
+        max_session_bytes: int("limits.max_session_bytes"),
+        max_tasks_per_session: int("limits.max_tasks_per_session"),
         entries,
         applied_seq,
         applied_millis: now,

@@ -20,6 +20,11 @@ pub struct ClientLimits {
     /// The longest run of a request's handler (a tool call, a task run from its request),
     /// in milliseconds; then it is cancelled.
     pub max_call_ms: AtomicU64,
+    /// Bytes of one legacy session's record (client info and capabilities from
+    /// `initialize`, log level, subscriptions): what every change of the session rewrites.
+    pub max_session_bytes: AtomicUsize,
+    /// Tasks of one legacy session that are not expired yet.
+    pub max_tasks_per_session: AtomicUsize,
 }
 
 impl Default for ClientLimits {
@@ -29,6 +34,8 @@ impl Default for ClientLimits {
             max_uri_bytes: AtomicUsize::new(4096),
             abandoned_call_ms: AtomicU64::new(120_000),
             max_call_ms: AtomicU64::new(3_600_000),
+            max_session_bytes: AtomicUsize::new(65_536),
+            max_tasks_per_session: AtomicUsize::new(256),
         }
     }
 }
@@ -47,6 +54,16 @@ impl ClientLimits {
     /// The longest run of a handler.
     pub fn max_call(&self) -> Duration {
         Duration::from_millis(self.max_call_ms.load(Ordering::Relaxed).max(1))
+    }
+
+    /// The session record size limit in force.
+    pub fn max_session_bytes(&self) -> usize {
+        self.max_session_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The task limit per session in force.
+    pub fn max_tasks_per_session(&self) -> usize {
+        self.max_tasks_per_session.load(Ordering::Relaxed)
     }
 
     /// The URI length limit in force.

@@ -124,12 +124,21 @@ pub async fn load(store: &dyn Store, id: &str) -> Result<Option<LoadedSession>, 
     }))
 }
 
+/// The error when a session record would take `len` bytes, more than `max`.
+pub fn too_large(len: usize, max: usize) -> String {
+    format!(
+        "the session would take {len} bytes; at most {max} are allowed (setting limits.max_session_bytes)"
+    )
+}
+
 /// Applies `change` to a session with compare-and-set, retrying on concurrent updates.
-/// Returns `None` when the session no longer exists.
+/// Returns `None` when the session no longer exists. A record that would take more than
+/// `max_bytes` is not written: [`StoreError::Invalid`] (see [`too_large`]).
 pub async fn update(
     store: &dyn Store,
     id: &str,
     ttl_millis: u64,
+    max_bytes: usize,
     change: impl Fn(&mut SessionRecord),
 ) -> Result<Option<SessionRecord>, StoreError> {
     for _ in 0..16 {
@@ -139,6 +148,9 @@ pub async fn update(
         let mut rec = (*cur.record).clone();
         change(&mut rec);
         let value = serde_json::to_vec(&rec).expect("session serializes");
+        if value.len() > max_bytes {
+            return Err(StoreError::Invalid(too_large(value.len(), max_bytes)));
+        }
         let mut batch = Batch::new().put_if(SESSIONS_NS, id, value, Expect::Revision(cur.revision));
         if let haven_state::Op::Put { ttl_millis: t, .. } = &mut batch.ops[0] {
             *t = Some(ttl_millis);

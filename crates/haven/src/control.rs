@@ -264,6 +264,12 @@ pub fn apply_config(
             client_limits
                 .max_uri_bytes
                 .store(snap.max_uri_bytes as usize, Ordering::Relaxed);
+            client_limits
+                .max_session_bytes
+                .store(snap.max_session_bytes as usize, Ordering::Relaxed);
+            client_limits
+                .max_tasks_per_session
+                .store(snap.max_tasks_per_session as usize, Ordering::Relaxed);
             let level = if snap.entries["log.level"].source == "store" {
                 snap.log_level.clone()
             } else {

@@ -277,6 +277,103 @@ async fn subscriptions_are_bounded_per_session_and_in_length() {
     );
 }
 
+/// `limits.max_session_bytes` refuses an `initialize` whose session would be larger, and a
+/// change of a session (a subscription) that would make it larger, with invalid params
+/// naming the setting; the session is unchanged. `limits.max_tasks_per_session` refuses one
+/// more task of a session while the others have not expired; another session is not
+/// affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_size_and_tasks_per_session_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Haven::start(&dir.path().join("data"), free_port(), "default", &[]).await;
+    let http = reqwest::Client::new();
+    set_setting(&h, "limits.max_session_bytes", json!(2048)).await;
+    let init = |name: String| {
+        http.post(h.url())
+            .header("accept", "application/json, text/event-stream")
+            .json(
+                &json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{
+                "protocolVersion": common::LEGACY, "capabilities": {},
+                "clientInfo": {"name": name, "version": "1"}}}),
+            )
+            .send()
+    };
+    let r = init("x".repeat(4000)).await.unwrap();
+    assert!(r.headers().get("mcp-session-id").is_none());
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], -32602, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limits.max_session_bytes"),
+        "{v}"
+    );
+    // A session near the limit: a subscription that would take it over is refused.
+    let c = Legacy::connect(&h.url()).await;
+    let v = c
+        .request(
+            1,
+            "resources/subscribe",
+            json!({"uri": format!("note://{}", "a".repeat(1000))}),
+        )
+        .await;
+    assert_eq!(v["result"], json!({}), "{v}");
+    let v = c
+        .request(
+            2,
+            "resources/subscribe",
+            json!({"uri": format!("note://{}", "b".repeat(1500))}),
+        )
+        .await;
+    assert_eq!(v["error"]["code"], -32602, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limits.max_session_bytes"),
+        "{v}"
+    );
+    // The session still works, holding what it held.
+    let v = c
+        .request(
+            3,
+            "tools/call",
+            json!({"name":"echo","arguments":{"text":"hi"}}),
+        )
+        .await;
+    assert_eq!(v["result"]["content"][0]["text"], "hi", "{v}");
+
+    set_setting(&h, "limits.max_tasks_per_session", json!(2)).await;
+    let task = |c: &Legacy, id: i64| {
+        let c = c.with_url(&c.url);
+        async move {
+            c.request(
+                id,
+                "tools/call",
+                json!({"name":"sleep","arguments":{"seconds":0},"task":{"ttl":600000}}),
+            )
+            .await
+        }
+    };
+    for id in 10..12 {
+        let v = task(&c, id).await;
+        assert!(v["result"]["task"]["taskId"].is_string(), "{v}");
+    }
+    let v = task(&c, 12).await;
+    assert_eq!(v["error"]["code"], -32602, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limits.max_tasks_per_session"),
+        "{v}"
+    );
+    let other = Legacy::connect(&h.url()).await;
+    let v = task(&other, 1).await;
+    assert!(v["result"]["task"]["taskId"].is_string(), "{v}");
+}
+
 /// Sets a runtime setting through the admin API and waits until the node applies it.
 async fn set_setting(h: &Haven, key: &str, value: Value) {
     let token = std::fs::read_to_string(h.data.join("admin.token")).unwrap();

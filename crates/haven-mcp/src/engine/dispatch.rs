@@ -328,12 +328,22 @@ async fn set_level(inner: &Arc<Inner>, call: &Call) -> Result<Value, ErrorData> 
         &*inner.store,
         session,
         inner.config.session_ttl.as_millis() as u64,
+        inner.config.limits.max_session_bytes(),
         |s| s.log_level = Some(params.level),
     )
     .await
-    .map_err(store_error)?;
+    .map_err(session_update_error)?;
     inner.sessions.invalidate(session);
     Ok(serde_json::json!({}))
+}
+
+/// A failed session update: over the session size limit (invalid params, nothing changed)
+/// or a storage failure.
+fn session_update_error(e: haven_state::StoreError) -> ErrorData {
+    match e {
+        haven_state::StoreError::Invalid(why) => invalid_params(format!("Invalid params: {why}")),
+        e => store_error(e),
+    }
 }
 
 async fn subscribe(inner: &Arc<Inner>, call: &Call, on: bool) -> Result<Value, ErrorData> {
@@ -367,6 +377,7 @@ async fn subscribe(inner: &Arc<Inner>, call: &Call, on: bool) -> Result<Value, E
         &*inner.store,
         session,
         inner.config.session_ttl.as_millis() as u64,
+        limits.max_session_bytes(),
         |s| {
             let had = s.subscriptions.len();
             s.subscriptions.retain(|u| u != &uri);
@@ -378,7 +389,7 @@ async fn subscribe(inner: &Arc<Inner>, call: &Call, on: bool) -> Result<Value, E
         },
     )
     .await
-    .map_err(store_error)?;
+    .map_err(session_update_error)?;
     if refused.load(std::sync::atomic::Ordering::Relaxed) {
         return Err(invalid_params(format!(
             "Invalid params: {}",

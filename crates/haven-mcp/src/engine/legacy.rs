@@ -195,6 +195,22 @@ async fn initialize(inner: &Arc<Inner>, req: &IncomingRequest) -> Reply {
         subscriptions: Vec::new(),
         created_millis: now,
     };
+    let size = serde_json::to_vec(&record).map_or(0, |v| v.len());
+    let max = inner.config.limits.max_session_bytes();
+    if size > max {
+        return Rejection::new(
+            Reason::InvalidParams,
+            Some(&req.id),
+            rmcp::model::ErrorData::invalid_params(
+                format!(
+                    "Invalid params: {} (the client info and capabilities are too large)",
+                    session::too_large(size, max)
+                ),
+                None,
+            ),
+        )
+        .into();
+    }
     if let Err(e) = session::create(
         &*inner.store,
         &record,
@@ -283,7 +299,8 @@ fn refresh_session(inner: &Arc<Inner>, loaded: &LoadedSession) {
     let inner = inner.clone();
     let id = loaded.record.id.clone();
     tokio::spawn(async move {
-        let _ = session::update(&*inner.store, &id, ttl, |s| s.created_millis = now).await;
+        let max = inner.config.limits.max_session_bytes();
+        let _ = session::update(&*inner.store, &id, ttl, max, |s| s.created_millis = now).await;
         inner.sessions.invalidate(&id);
     });
 }

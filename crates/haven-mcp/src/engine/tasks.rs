@@ -349,6 +349,23 @@ async fn create(
     rec: &TaskRecord,
     fence: Option<&Arc<haven_cluster::FencedStore>>,
 ) -> Result<Arc<haven_cluster::Execution>, ErrorData> {
+    if let Some(session) = &rec.session {
+        // The session's tasks that have not expired, counted up to the limit.
+        let max = inner.config.limits.max_tasks_per_session();
+        let page = inner
+            .store
+            .scan(TASK_INDEX_NS, &format!("{session}/"), None, max)
+            .await
+            .map_err(store_error)?;
+        if page.records.len() >= max {
+            return Err(ErrorData::invalid_params(
+                format!(
+                    "Invalid params: a session holds at most {max} tasks that have not expired (setting limits.max_tasks_per_session; finished and cancelled ones count until they expire)"
+                ),
+                None,
+            ));
+        }
+    }
     let key = owner_key(&rec.task_id);
     inner.executions.begin(&key);
     let owner = haven_cluster::Owner::new(&inner.config.node_id, &inner.config.boot_id);
