@@ -24,8 +24,9 @@ pub struct SessionRecord {
     /// Minimum level of log notifications the client asked for (`logging/setLevel`).
     #[serde(default)]
     pub log_level: Option<LoggingLevel>,
-    /// Resource URIs the client subscribed to.
-    #[serde(default)]
+    /// Resource URIs the client subscribed to, as sessions made by an older Haven kept them
+    /// (read, never written: subscriptions are records of their own, [`SUBSCRIPTIONS_NS`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subscriptions: Vec<String>,
     /// Creation time, Unix milliseconds.
     pub created_millis: u64,
@@ -166,11 +167,130 @@ pub async fn update(
     )))
 }
 
-/// Ends a session: a tombstone, so that it answers 404 from every node from now on.
+/// Ends a session: a tombstone, so that it answers 404 from every node from now on, and its
+/// subscriptions go with it.
 pub async fn end(store: &dyn Store, id: &str) -> Result<bool, StoreError> {
     if load(store, id).await?.is_none() {
         return Ok(false);
     }
-    store.commit(Batch::new().delete(SESSIONS_NS, id)).await?;
+    let mut batch = Batch::new().delete(SESSIONS_NS, id);
+    for r in store.scan_all(SUBSCRIPTIONS_NS, &format!("{id}/")).await? {
+        batch = batch.delete(SUBSCRIPTIONS_NS, &r.record.key);
+    }
+    store.commit(batch).await?;
     Ok(true)
+}
+
+/// Namespace of legacy sessions' resource subscriptions: a record each (`<session>/<hash of
+/// the URI>`, the URI as its value, the session's time-to-live), so that a subscription
+/// never makes the session's record, which every change of the session rewrites, larger.
+pub const SUBSCRIPTIONS_NS: &str = "subscriptions";
+
+fn subscription_key(session: &str, uri: &str) -> String {
+    use sha2::Digest;
+    format!(
+        "{session}/{}",
+        hex::encode(&sha2::Sha256::digest(uri.as_bytes())[..16])
+    )
+}
+
+/// Whether session `session` (its record as loaded) is subscribed to `uri`.
+pub async fn is_subscribed(
+    store: &dyn Store,
+    session: &SessionRecord,
+    uri: &str,
+) -> Result<bool, StoreError> {
+    if session.subscriptions.iter().any(|s| s == uri) {
+        return Ok(true);
+    }
+    Ok(store
+        .get(SUBSCRIPTIONS_NS, &subscription_key(&session.id, uri))
+        .await?
+        .is_some_and(|r| r.value() == uri.as_bytes()))
+}
+
+/// The URIs session `session` is subscribed to, at most `limit`.
+pub async fn subscriptions(
+    store: &dyn Store,
+    session: &SessionRecord,
+    limit: usize,
+) -> Result<Vec<String>, StoreError> {
+    let mut out = session.subscriptions.clone();
+    let page = store
+        .scan(SUBSCRIPTIONS_NS, &format!("{}/", session.id), None, limit)
+        .await?;
+    for r in page.records {
+        let uri = String::from_utf8_lossy(r.value()).into_owned();
+        if !out.contains(&uri) {
+            out.push(uri);
+        }
+    }
+    out.truncate(limit);
+    Ok(out)
+}
+
+/// Subscribes session `session` to `uri` (again: its record's life starts over). Over
+/// `max` subscriptions: [`StoreError::Invalid`] with `over`'s message, nothing changed.
+pub async fn subscribe(
+    store: &dyn Store,
+    session: &SessionRecord,
+    uri: &str,
+    ttl_millis: u64,
+    max: usize,
+    over: impl Fn() -> String,
+) -> Result<(), StoreError> {
+    let key = subscription_key(&session.id, uri);
+    let held = store.get(SUBSCRIPTIONS_NS, &key).await?.is_some()
+        || session.subscriptions.iter().any(|s| s == uri);
+    if !held && subscriptions(store, session, max + 1).await?.len() >= max {
+        return Err(StoreError::Invalid(over()));
+    }
+    store
+        .commit(Batch::new().put_ttl(SUBSCRIPTIONS_NS, &key, uri.as_bytes().to_vec(), ttl_millis))
+        .await
+        .map(|_| ())
+}
+
+/// Unsubscribes session `session` from `uri` (also from a subscription an older Haven kept in
+/// the session's record).
+pub async fn unsubscribe(
+    store: &dyn Store,
+    session: &SessionRecord,
+    uri: &str,
+    ttl_millis: u64,
+    max_bytes: usize,
+) -> Result<(), StoreError> {
+    store
+        .commit(Batch::new().delete(SUBSCRIPTIONS_NS, &subscription_key(&session.id, uri)))
+        .await?;
+    if session.subscriptions.iter().any(|s| s == uri) {
+        update(store, &session.id, ttl_millis, max_bytes, |s| {
+            s.subscriptions.retain(|u| u != uri)
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// Starts the life of a session's subscriptions over (with the session's, when it is
+/// extended).
+pub async fn renew_subscriptions(
+    store: &dyn Store,
+    id: &str,
+    ttl_millis: u64,
+) -> Result<(), StoreError> {
+    let held = store.scan_all(SUBSCRIPTIONS_NS, &format!("{id}/")).await?;
+    if held.is_empty() {
+        return Ok(());
+    }
+    let mut batch = Batch::new();
+    for r in held {
+        batch = batch.put_ttl(
+            SUBSCRIPTIONS_NS,
+            &r.record.key,
+            r.value().to_vec(),
+            ttl_millis,
+        );
+    }
+    store.commit(batch).await.map(|_| ())
 }

@@ -355,46 +355,33 @@ async fn subscribe(inner: &Arc<Inner>, call: &Call, on: bool) -> Result<Value, E
         .to_owned();
     let session = call.era.session().unwrap_or_default();
     let limits = &inner.config.limits;
+    let ttl = inner.config.session_ttl.as_millis() as u64;
+    let Some(loaded) = session::load(&*inner.store, session)
+        .await
+        .map_err(store_error)?
+    else {
+        return Err(invalid_params("Invalid params: the session has ended"));
+    };
     if on {
         limits
             .check_uri(&uri)
             .map_err(|e| invalid_params(format!("Invalid params: {e}")))?;
-        // A new subscription must fit; the update below keeps to the limit too, should
-        // another request of the session subscribe meanwhile.
-        if let Some(cur) = session::load(&*inner.store, session)
-            .await
-            .map_err(store_error)?
-            && !cur.record.subscriptions.contains(&uri)
-        {
-            limits
-                .check_count(cur.record.subscriptions.len() + 1)
-                .map_err(|e| invalid_params(format!("Invalid params: {e}")))?;
-        }
-    }
-    let max = limits.max_subscriptions();
-    let refused = std::sync::atomic::AtomicBool::new(false);
-    session::update(
-        &*inner.store,
-        session,
-        inner.config.session_ttl.as_millis() as u64,
-        limits.max_session_bytes(),
-        |s| {
-            let had = s.subscriptions.len();
-            s.subscriptions.retain(|u| u != &uri);
-            let fits = s.subscriptions.len() < had || s.subscriptions.len() < max;
-            refused.store(on && !fits, std::sync::atomic::Ordering::Relaxed);
-            if on && fits {
-                s.subscriptions.push(uri.clone());
-            }
-        },
-    )
-    .await
-    .map_err(session_update_error)?;
-    if refused.load(std::sync::atomic::Ordering::Relaxed) {
-        return Err(invalid_params(format!(
-            "Invalid params: {}",
+        let max = limits.max_subscriptions();
+        session::subscribe(&*inner.store, &loaded.record, &uri, ttl, max, || {
             limits.check_count(max + 1).unwrap_err()
-        )));
+        })
+        .await
+        .map_err(session_update_error)?;
+    } else {
+        session::unsubscribe(
+            &*inner.store,
+            &loaded.record,
+            &uri,
+            ttl,
+            limits.max_session_bytes(),
+        )
+        .await
+        .map_err(session_update_error)?;
     }
     inner.sessions.invalidate(session);
     Ok(serde_json::json!({}))

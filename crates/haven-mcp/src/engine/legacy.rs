@@ -301,6 +301,9 @@ fn refresh_session(inner: &Arc<Inner>, loaded: &LoadedSession) {
     tokio::spawn(async move {
         let max = inner.config.limits.max_session_bytes();
         let _ = session::update(&*inner.store, &id, ttl, max, |s| s.created_millis = now).await;
+        if let Err(e) = session::renew_subscriptions(&*inner.store, &id, ttl).await {
+            tracing::debug!(error = %e, "renewing a session's subscriptions failed");
+        }
         inner.sessions.invalidate(&id);
     });
 }
@@ -1021,13 +1024,15 @@ async fn standalone(
     Reply::Stream(keep_alive_until_drain(inner, rx))
 }
 
-fn notification_for(a: &Announcement, subscriptions: &[String]) -> Option<String> {
+/// The notification of `a` for a session (`subscribed`: to the resource `a` is about, if it
+/// is about one).
+fn notification_for(a: &Announcement, subscribed: bool) -> Option<String> {
     let method = match a {
         Announcement::ToolsChanged => "notifications/tools/list_changed",
         Announcement::PromptsChanged => "notifications/prompts/list_changed",
         Announcement::ResourcesChanged => "notifications/resources/list_changed",
         Announcement::ResourceUpdated(uri) => {
-            if !subscriptions.iter().any(|s| s == uri) {
+            if !subscribed {
                 return None;
             }
             return Some(jsonrpc::notification(
@@ -1098,11 +1103,17 @@ async fn serve_standalone(
                 };
                 let haven_state::Change::Record(r) = &entry.change else { continue };
                 let Some(a) = Announcement::from_key(&r.key) else { continue };
-                let subs = match session::load(&*inner.store, &session).await {
-                    Ok(Some(s)) => s.record.subscriptions.clone(),
+                let record = match session::load(&*inner.store, &session).await {
+                    Ok(Some(s)) => s.record,
                     _ => return false,
                 };
-                let Some(msg) = notification_for(&a, &subs) else { continue };
+                let subscribed = match &a {
+                    Announcement::ResourceUpdated(uri) => {
+                        session::is_subscribed(&*inner.store, &record, uri).await.unwrap_or(false)
+                    }
+                    _ => true,
+                };
+                let Some(msg) = notification_for(&a, subscribed) else { continue };
                 let Ok(index) = stream::append(&*inner.store, &session, &stream_id, &[(msg.clone(), false)]).await else {
                     continue;
                 };

@@ -69,9 +69,14 @@ impl Home {
 impl Haven {
     /// `/admin/v1/status` of this node (its admin token read from the data directory).
     pub async fn status(&self) -> Value {
+        self.admin_get("/admin/v1/status").await
+    }
+
+    /// GET of the admin API's `path` (e.g. `/admin/v1/status`), as JSON.
+    pub async fn admin_get(&self, path: &str) -> Value {
         let token = std::fs::read_to_string(self.data.join("admin.token")).unwrap();
         reqwest::Client::new()
-            .get(format!("http://127.0.0.1:{}/admin/v1/status", self.port))
+            .get(format!("http://127.0.0.1:{}{path}", self.port))
             .bearer_auth(token.trim())
             .send()
             .await
