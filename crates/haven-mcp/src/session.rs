@@ -52,7 +52,13 @@ const CACHE_CAPACITY: usize = 100_000;
 #[derive(Default)]
 pub struct SessionCache {
     entries: parking_lot::Mutex<std::collections::HashMap<String, LoadedSession>>,
+    /// Entries put in since expired ones were last dropped.
+    inserted: std::sync::atomic::AtomicUsize,
 }
+
+/// Every this many entries put in, the expired ones are dropped (sessions left to expire are
+/// never invalidated: without this the cache would hold them until it is full).
+const CACHE_SWEEP_EVERY: usize = 1024;
 
 impl SessionCache {
     /// The live session `id`, from the cache or the store.
@@ -70,6 +76,12 @@ impl SessionCache {
         let loaded = load(store, id).await?;
         if let Some(s) = &loaded {
             let mut entries = self.entries.lock();
+            let inserted = self
+                .inserted
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if inserted % CACHE_SWEEP_EVERY == CACHE_SWEEP_EVERY - 1 {
+                entries.retain(|_, s| s.expires_at_millis.is_none_or(|at| now < at));
+            }
             if entries.len() >= CACHE_CAPACITY {
                 // Crude but bounded: start over rather than track recency.
                 entries.clear();
@@ -87,6 +99,16 @@ impl SessionCache {
     /// Forgets every session.
     pub fn clear(&self) {
         self.entries.lock().clear();
+    }
+
+    /// Sessions held.
+    pub fn len(&self) -> usize {
+        self.entries.lock().len()
+    }
+
+    /// Whether no session is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -293,4 +315,45 @@ pub async fn renew_subscriptions(
         );
     }
     store.commit(batch).await.map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use haven_state::{HybridClock, ManualClock, MemStore, Origin};
+
+    fn record(id: String) -> SessionRecord {
+        SessionRecord {
+            id,
+            protocol_version: "2025-11-25".into(),
+            client_info: None,
+            client_capabilities: ClientCapabilities::default(),
+            log_level: None,
+            subscriptions: Vec::new(),
+            created_millis: 0,
+        }
+    }
+
+    /// Sessions left to expire leave the cache as new ones come, not only when it is full.
+    #[tokio::test]
+    async fn expired_sessions_leave_the_cache() {
+        let wall = Arc::new(ManualClock::new(1_800_000_000_000));
+        let store = MemStore::open_alone(
+            Origin::new("r", "n"),
+            Arc::new(HybridClock::new(wall.clone())),
+        )
+        .await
+        .unwrap();
+        let cache = SessionCache::default();
+        for round in 0..2 {
+            for i in 0..CACHE_SWEEP_EVERY {
+                let id = format!("{round}-{i}");
+                create(&store, &record(id.clone()), 1_000).await.unwrap();
+                assert!(cache.load(&store, &id).await.unwrap().is_some());
+            }
+            wall.advance(2_000);
+        }
+        // The second round's last insert dropped the first round's sessions, expired by then.
+        assert_eq!(cache.len(), CACHE_SWEEP_EVERY);
+    }
 }

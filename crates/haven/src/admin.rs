@@ -173,6 +173,7 @@ async fn status(State(admin): State<Arc<Admin>>) -> Response {
         "running_requests": e.running_requests(),
         "running_executions": e.running_executions(),
         "hub_topics": e.hub_topics(),
+        "cached_sessions": e.cached_sessions(),
         "admission": {
             "running": admin.control.admission.load().0,
             "queued": admin.control.admission.load().1,

@@ -438,6 +438,11 @@ impl Engine {
         self.inner.hub.topics()
     }
 
+    /// Sessions held in this node's session cache (expired ones are dropped as it fills).
+    pub fn cached_sessions(&self) -> usize {
+        self.inner.sessions.len()
+    }
+
     /// Ends draining: the last heartbeat says the node left, so that other nodes take over
     /// what is left unfinished at once instead of after the heartbeat's time-to-live.
     pub async fn leave(&self) {
