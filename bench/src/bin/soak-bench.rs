@@ -143,6 +143,7 @@ async fn soak(cli: Cli) -> anyhow::Result<()> {
         }
     }
 
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let cycles = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let stop_at = Instant::now() + Duration::from_secs_f64(cli.minutes * 60.0);
@@ -152,11 +153,12 @@ async fn soak(cli: Cli) -> anyhow::Result<()> {
     for w in 0..cli.workers {
         let (http, url) = (http.clone(), format!("{base}/mcp"));
         let (cycles, errors, text) = (cycles.clone(), errors.clone(), text.clone());
+        let stop = stop.clone();
         let notes = cli.notes;
         workers.push(tokio::spawn(async move {
             let mut n = w as u64;
             let mut next = Instant::now();
-            while Instant::now() < stop_at {
+            while Instant::now() < stop_at && !stop.load(Ordering::Relaxed) {
                 if let Err(e) = cycle(&http, &url, n, notes, &text).await
                     && errors.fetch_add(1, Ordering::Relaxed) < 5
                 {
@@ -204,10 +206,16 @@ async fn soak(cli: Cli) -> anyhow::Result<()> {
             s.errors
         );
         samples.push(s);
-        if Instant::now() >= stop_at {
+        if Instant::now() >= stop_at || stop.load(Ordering::Relaxed) {
             break;
         }
-        tokio::time::sleep(Duration::from_secs(cli.sample_secs)).await;
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(cli.sample_secs)) => {}
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("interrupted: stopping the load, the node and what the run started");
+                stop.store(true, Ordering::Relaxed);
+            }
+        }
     }
     for w in workers {
         w.await?;
