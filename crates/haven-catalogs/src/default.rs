@@ -3,6 +3,8 @@
 //! `sleep` is a long call that reports progress and can run as a task, which makes failover
 //! visible.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -24,8 +26,9 @@ use haven_mcp::jsonrpc::{internal, invalid_params};
 pub const NOTES_NS: &str = "notes";
 /// Longest note name.
 const MAX_NAME: usize = 200;
-/// Largest note text.
-const MAX_TEXT: usize = 1024 * 1024;
+/// Key of the notes' count (namespace `notes.index`), kept with every note created or
+/// deleted.
+const COUNT_KEY: &str = "count";
 /// Longest `sleep`.
 const MAX_SLEEP_SECONDS: f64 = 24.0 * 3600.0;
 const NOTE_SCHEME: &str = "note://";
@@ -39,10 +42,30 @@ pub struct Note {
     pub updated_millis: u64,
 }
 
+/// Limits on notes, changed at runtime by the binary (`limits.max_note_bytes`,
+/// `limits.max_notes`); each is read when a note is written.
+#[derive(Debug)]
+pub struct NoteLimits {
+    /// Bytes of one note's text.
+    pub max_note_bytes: AtomicUsize,
+    /// Notes the store holds.
+    pub max_notes: AtomicU64,
+}
+
+impl Default for NoteLimits {
+    fn default() -> Self {
+        NoteLimits {
+            max_note_bytes: AtomicUsize::new(1024 * 1024),
+            max_notes: AtomicU64::new(100_000),
+        }
+    }
+}
+
 /// The default catalog.
 #[derive(Clone, Debug)]
 pub struct DefaultCatalog {
     tools: Vec<Tool>,
+    limits: Arc<NoteLimits>,
 }
 
 impl Default for DefaultCatalog {
@@ -110,7 +133,18 @@ impl DefaultCatalog {
             }))
             .with_annotations(annotations(true, true)),
         ];
-        DefaultCatalog { tools }
+        DefaultCatalog {
+            tools,
+            limits: Arc::default(),
+        }
+    }
+
+    /// The default catalog with note limits that someone else changes.
+    pub fn with_limits(limits: Arc<NoteLimits>) -> DefaultCatalog {
+        DefaultCatalog {
+            limits,
+            ..DefaultCatalog::new()
+        }
     }
 }
 
@@ -197,6 +231,104 @@ async fn list_notes(ctx: &Ctx) -> Result<Vec<(String, NoteMeta)>, ErrorData> {
             Some((r.record.key, meta))
         })
         .collect())
+}
+
+/// How many notes the store holds, and the condition to update the count against: the count
+/// record, or (once, when there is none yet) the notes' metadata counted.
+async fn note_count(ctx: &Ctx) -> Result<(u64, Expect), ErrorData> {
+    let store = ctx.store();
+    if let Some(r) = store
+        .get(NOTES_INDEX_NS, COUNT_KEY)
+        .await
+        .map_err(store_failure)?
+    {
+        let n = std::str::from_utf8(r.value())
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| internal("Corrupt note count"))?;
+        return Ok((n, Expect::Revision(r.revision)));
+    }
+    backfill_meta(ctx).await?;
+    let n = store
+        .scan_all(NOTES_META_NS, "")
+        .await
+        .map_err(store_failure)?
+        .len() as u64;
+    Ok((n, Expect::Absent))
+}
+
+/// Saves a note: a new one only while the store holds fewer than `limits.max_notes`, its
+/// count updated in the same commit (retried when another write came first).
+async fn save_note(
+    ctx: &Ctx,
+    limits: &NoteLimits,
+    name: &str,
+    value: Vec<u8>,
+    meta: Vec<u8>,
+) -> Result<(), ErrorData> {
+    let store = ctx.store();
+    for _ in 0..16 {
+        let batch = match store.get(NOTES_NS, name).await.map_err(store_failure)? {
+            Some(r) => Batch::new()
+                .put_if(NOTES_NS, name, value.clone(), Expect::Revision(r.revision))
+                .put(NOTES_META_NS, name, meta.clone()),
+            None => {
+                let (count, expect) = note_count(ctx).await?;
+                let max = limits.max_notes.load(Ordering::Relaxed);
+                if count >= max {
+                    return Err(invalid_params(format!(
+                        "Invalid arguments: the store holds {count} notes, at most {max} are allowed (setting limits.max_notes); delete one first"
+                    )));
+                }
+                Batch::new()
+                    .put_if(NOTES_NS, name, value.clone(), Expect::Absent)
+                    .put(NOTES_META_NS, name, meta.clone())
+                    .put_if(
+                        NOTES_INDEX_NS,
+                        COUNT_KEY,
+                        (count + 1).to_string().into_bytes(),
+                        expect,
+                    )
+            }
+        };
+        match store.commit(batch).await {
+            Ok(_) => return Ok(()),
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(store_failure(e)),
+        }
+    }
+    Err(store_failure(StoreError::Unavailable(
+        "the note is written too often concurrently".into(),
+    )))
+}
+
+/// Deletes a note and counts it out, in one commit (retried when another write came first);
+/// `false` when there is no such note.
+async fn delete_note(ctx: &Ctx, name: &str) -> Result<bool, ErrorData> {
+    let store = ctx.store();
+    for _ in 0..16 {
+        let Some(r) = store.get(NOTES_NS, name).await.map_err(store_failure)? else {
+            return Ok(false);
+        };
+        let (count, expect) = note_count(ctx).await?;
+        let batch = Batch::new()
+            .delete_if(NOTES_NS, name, Expect::Revision(r.revision))
+            .delete(NOTES_META_NS, name)
+            .put_if(
+                NOTES_INDEX_NS,
+                COUNT_KEY,
+                count.saturating_sub(1).to_string().into_bytes(),
+                expect,
+            );
+        match store.commit(batch).await {
+            Ok(_) => return Ok(true),
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(store_failure(e)),
+        }
+    }
+    Err(store_failure(StoreError::Unavailable(
+        "the note is written too often concurrently".into(),
+    )))
 }
 
 /// Once per store: writes the metadata of notes stored before it was kept, reading them a
@@ -346,9 +478,11 @@ impl Catalog for DefaultCatalog {
             "notes_put" => {
                 let name = note_name(&args)?;
                 let text = str_arg(&args, "text")?;
-                if text.len() > MAX_TEXT {
+                let max = self.limits.max_note_bytes.load(Ordering::Relaxed);
+                if text.len() > max {
                     return Err(invalid_params(format!(
-                        "Invalid arguments: 'text' is longer than {MAX_TEXT} bytes"
+                        "Invalid arguments: 'text' is {} bytes long, at most {max} are allowed (setting limits.max_note_bytes)",
+                        text.len()
                     )));
                 }
                 let note = Note {
@@ -357,14 +491,7 @@ impl Catalog for DefaultCatalog {
                 };
                 let value = serde_json::to_vec(&note).expect("notes serialize");
                 let meta = serde_json::to_vec(&NoteMeta::of(&note)).expect("metadata serializes");
-                ctx.store()
-                    .commit(
-                        Batch::new()
-                            .put(NOTES_NS, name, value)
-                            .put(NOTES_META_NS, name, meta),
-                    )
-                    .await
-                    .map_err(store_failure)?;
+                save_note(ctx, &self.limits, name, value, meta).await?;
                 announce_note(ctx, name).await;
                 text_result(format!("Saved note {name}"))
             }
@@ -398,42 +525,11 @@ impl Catalog for DefaultCatalog {
             }
             "notes_delete" => {
                 let name = note_name(&args)?;
-                let deleted = ctx
-                    .store()
-                    .commit(
-                        Batch::new()
-                            .delete_if(
-                                NOTES_NS,
-                                name,
-                                Expect::Revision(
-                                    match ctx
-                                        .store()
-                                        .get(NOTES_NS, name)
-                                        .await
-                                        .map_err(store_failure)?
-                                    {
-                                        Some(r) => r.revision,
-                                        None => {
-                                            return Ok(Step::Done(error_result(format!(
-                                                "No note named {name}"
-                                            ))));
-                                        }
-                                    },
-                                ),
-                            )
-                            .delete(NOTES_META_NS, name),
-                    )
-                    .await;
-                match deleted {
-                    Ok(_) => {
-                        announce_note(ctx, name).await;
-                        text_result(format!("Deleted note {name}"))
-                    }
-                    Err(StoreError::Conflict { .. }) => error_result(format!(
-                        "Note {name} changed while it was being deleted; try again"
-                    )),
-                    Err(e) => return Err(store_failure(e)),
+                if !delete_note(ctx, name).await? {
+                    return Ok(Step::Done(error_result(format!("No note named {name}"))));
                 }
+                announce_note(ctx, name).await;
+                text_result(format!("Deleted note {name}"))
             }
             "sleep" => {
                 let seconds = args

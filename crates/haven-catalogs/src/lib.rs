@@ -13,4 +13,4 @@ pub mod conformance;
 pub mod default;
 
 pub use conformance::ConformanceCatalog;
-pub use default::DefaultCatalog;
+pub use default::{DefaultCatalog, NoteLimits};

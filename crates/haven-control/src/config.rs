@@ -188,6 +188,24 @@ pub const SETTINGS: &[SettingDef] = &[
         help: "the longest a request's handler runs (a tool call, or a task run from its request); then it is cancelled",
     },
     SettingDef {
+        key: "limits.max_note_bytes",
+        kind: Kind::Integer {
+            min: 1,
+            max: 64 * 1024 * 1024,
+        },
+        default: "1048576",
+        help: "bytes of one note's text (default catalog); a longer one is refused with invalid params",
+    },
+    SettingDef {
+        key: "limits.max_notes",
+        kind: Kind::Integer {
+            min: 0,
+            max: 1_000_000_000,
+        },
+        default: "100000",
+        help: "notes the store holds (default catalog); a new note beyond it is refused with invalid params (overwriting one is not)",
+    },
+    SettingDef {
         key: "limits.max_queued_requests",
         kind: Kind::Integer {
             min: 0,
@@ -416,6 +434,10 @@ pub struct Snapshot {
     pub max_session_bytes: u64,
     /// Unexpired tasks of one legacy session.
     pub max_tasks_per_session: u64,
+    /// Bytes of one note's text.
+    pub max_note_bytes: u64,
+    /// Notes the store holds.
+    pub max_notes: u64,
     /// Change-log sequence of the last configuration change applied (0: none yet).
     pub applied_seq: u64,
     /// When this snapshot was built, Unix ms.
@@ -584,6 +606,8 @@ fn fold(stored: &BTreeMap<String, StoredSetting>, applied_seq: u64, now: u64) ->
         max_uri_bytes: int("limits.max_uri_bytes"),
         max_session_bytes: int("limits.max_session_bytes"),
         max_tasks_per_session: int("limits.max_tasks_per_session"),
+        max_note_bytes: int("limits.max_note_bytes"),
+        max_notes: int("limits.max_notes"),
         entries,
         applied_seq,
         applied_millis: now,

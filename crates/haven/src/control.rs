@@ -55,11 +55,16 @@ pub struct BuiltinCatalog {
     info: CatalogInfo,
 }
 
+/// The note limits of this process's default catalog (one node per process), changed by
+/// `limits.max_note_bytes` and `limits.max_notes`.
+static NOTE_LIMITS: std::sync::LazyLock<Arc<haven_catalogs::NoteLimits>> =
+    std::sync::LazyLock::new(Arc::default);
+
 /// A built-in catalog by name.
 pub fn builtin(name: &str) -> anyhow::Result<Arc<dyn Catalog>> {
     use haven_catalogs::{ConformanceCatalog, DefaultCatalog};
     match name {
-        "default" => Ok(Arc::new(DefaultCatalog::new())),
+        "default" => Ok(Arc::new(DefaultCatalog::with_limits(NOTE_LIMITS.clone()))),
         "conformance" => Ok(Arc::new(ConformanceCatalog::new())),
         "none" => Ok(Arc::new(EmptyCatalog)),
         other => {
@@ -270,6 +275,12 @@ pub fn apply_config(
             client_limits
                 .max_tasks_per_session
                 .store(snap.max_tasks_per_session as usize, Ordering::Relaxed);
+            NOTE_LIMITS
+                .max_note_bytes
+                .store(snap.max_note_bytes as usize, Ordering::Relaxed);
+            NOTE_LIMITS
+                .max_notes
+                .store(snap.max_notes, Ordering::Relaxed);
             let level = if snap.entries["log.level"].source == "store" {
                 snap.log_level.clone()
             } else {

@@ -379,6 +379,70 @@ async fn session_size_and_tasks_per_session_are_bounded() {
     assert!(v["result"]["task"]["taskId"].is_string(), "{v}");
 }
 
+/// `limits.max_notes` refuses a new note while the store holds that many (overwriting one
+/// and deleting one are not refused, and a deletion makes room); `limits.max_note_bytes`
+/// refuses a longer text. Both answer invalid params naming the setting and change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notes_are_bounded_in_count_and_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Haven::start(&dir.path().join("data"), free_port(), "default", &[]).await;
+    let c = Legacy::connect(&h.url()).await;
+    // Two notes before the limit is set: the count starts from what the store holds.
+    for (id, name) in [(1, "a"), (2, "b")] {
+        let v = c
+            .call_tool(id, "notes_put", json!({"name": name, "text": "x"}))
+            .await;
+        assert_eq!(v["result"]["isError"], json!(false), "{v}");
+    }
+    set_setting(&h, "limits.max_notes", json!(3)).await;
+    let put = |id: i64, name: &'static str, text: String| {
+        let c = &c;
+        async move {
+            c.call_tool(id, "notes_put", json!({"name": name, "text": text}))
+                .await
+        }
+    };
+    assert_eq!(
+        put(3, "c", "x".into()).await["result"]["isError"],
+        json!(false)
+    );
+    let v = put(4, "d", "x".into()).await;
+    assert_eq!(v["error"]["code"], -32602, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limits.max_notes"),
+        "{v}"
+    );
+    // Overwriting is not a new note; a deletion makes room.
+    assert_eq!(
+        put(5, "a", "y".into()).await["result"]["isError"],
+        json!(false)
+    );
+    let v = c.call_tool(6, "notes_delete", json!({"name": "b"})).await;
+    assert_eq!(v["result"]["isError"], json!(false), "{v}");
+    assert_eq!(
+        put(7, "d", "x".into()).await["result"]["isError"],
+        json!(false)
+    );
+    let v = c.call_tool(8, "notes_list", json!({})).await;
+    assert_eq!(v["result"]["content"][0]["text"], "a\nc\nd", "{v}");
+
+    set_setting(&h, "limits.max_note_bytes", json!(10)).await;
+    let v = put(9, "a", "z".repeat(11)).await;
+    assert_eq!(v["error"]["code"], -32602, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limits.max_note_bytes"),
+        "{v}"
+    );
+    let v = c.call_tool(10, "notes_get", json!({"name": "a"})).await;
+    assert_eq!(v["result"]["content"][0]["text"], "y", "{v}");
+}
+
 /// Sets a runtime setting through the admin API and waits until the node applies it.
 async fn set_setting(h: &Haven, key: &str, value: Value) {
     let token = std::fs::read_to_string(h.data.join("admin.token")).unwrap();
