@@ -242,6 +242,15 @@ pub const SETTINGS: &[SettingDef] = &[
         help: "bytes of one legacy session's record (client info and capabilities from initialize, log level, subscriptions), which every change of the session rewrites; an initialize or change beyond it is refused with invalid params",
     },
     SettingDef {
+        key: "limits.max_sessions_per_node",
+        kind: Kind::Integer {
+            min: 1,
+            max: 100_000_000,
+        },
+        default: "100000",
+        help: "legacy sessions a node created that have neither ended nor expired; one more initialize is answered 503 with Retry-After (another node may take it)",
+    },
+    SettingDef {
         key: "limits.max_subscriptions_per_session",
         kind: Kind::Integer {
             min: 0,
@@ -434,6 +443,8 @@ pub struct Snapshot {
     pub max_session_bytes: u64,
     /// Unexpired tasks of one legacy session.
     pub max_tasks_per_session: u64,
+    /// Live legacy sessions one node created.
+    pub max_sessions_per_node: u64,
     /// Bytes of one note's text.
     pub max_note_bytes: u64,
     /// Notes the store holds.
@@ -606,6 +617,7 @@ fn fold(stored: &BTreeMap<String, StoredSetting>, applied_seq: u64, now: u64) ->
         max_uri_bytes: int("limits.max_uri_bytes"),
         max_session_bytes: int("limits.max_session_bytes"),
         max_tasks_per_session: int("limits.max_tasks_per_session"),
+        max_sessions_per_node: int("limits.max_sessions_per_node"),
         max_note_bytes: int("limits.max_note_bytes"),
         max_notes: int("limits.max_notes"),
         entries,

@@ -25,6 +25,8 @@ pub struct ClientLimits {
     pub max_session_bytes: AtomicUsize,
     /// Tasks of one legacy session that are not expired yet.
     pub max_tasks_per_session: AtomicUsize,
+    /// Legacy sessions this node created that have neither ended nor expired.
+    pub max_sessions_per_node: AtomicUsize,
 }
 
 impl Default for ClientLimits {
@@ -36,6 +38,7 @@ impl Default for ClientLimits {
             max_call_ms: AtomicU64::new(3_600_000),
             max_session_bytes: AtomicUsize::new(65_536),
             max_tasks_per_session: AtomicUsize::new(256),
+            max_sessions_per_node: AtomicUsize::new(100_000),
         }
     }
 }
@@ -59,6 +62,11 @@ impl ClientLimits {
     /// The session record size limit in force.
     pub fn max_session_bytes(&self) -> usize {
         self.max_session_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The session limit per node in force.
+    pub fn max_sessions_per_node(&self) -> usize {
+        self.max_sessions_per_node.load(Ordering::Relaxed)
     }
 
     /// The task limit per session in force.

@@ -112,6 +112,74 @@ impl SessionCache {
     }
 }
 
+/// The legacy sessions this node created that have neither ended nor expired, as far as this
+/// node knows: what `limits.max_sessions_per_node` bounds. A session is counted until its
+/// time-to-live from its creation or its last renewal on this node runs out, or it is ended
+/// here (one ended or renewed through another node is counted until its time-to-live here
+/// runs out: the count errs toward expiring, never toward holding a place for ever).
+#[derive(Default)]
+pub struct SessionCount {
+    inner: parking_lot::Mutex<CountInner>,
+}
+
+#[derive(Default)]
+struct CountInner {
+    by_expiry: std::collections::BTreeSet<(u64, String)>,
+    expiry_of: std::collections::HashMap<String, u64>,
+}
+
+impl CountInner {
+    fn drop_expired(&mut self, now: u64) {
+        while let Some((at, _)) = self.by_expiry.first() {
+            if *at > now {
+                break;
+            }
+            let (_, id) = self.by_expiry.pop_first().expect("checked");
+            self.expiry_of.remove(&id);
+        }
+    }
+}
+
+impl SessionCount {
+    /// Sessions counted at `now`.
+    pub fn live(&self, now: u64) -> usize {
+        let mut c = self.inner.lock();
+        c.drop_expired(now);
+        c.expiry_of.len()
+    }
+
+    /// Counts a session that expires at `expires_at` unless `max` are counted at `now`;
+    /// returns whether it did.
+    pub fn admit(&self, id: &str, now: u64, expires_at: u64, max: usize) -> bool {
+        let mut c = self.inner.lock();
+        c.drop_expired(now);
+        if c.expiry_of.len() >= max {
+            return false;
+        }
+        c.by_expiry.insert((expires_at, id.to_owned()));
+        c.expiry_of.insert(id.to_owned(), expires_at);
+        true
+    }
+
+    /// A session counted here now expires at `expires_at` (renewed); one not counted stays so.
+    pub fn renew(&self, id: &str, expires_at: u64) {
+        let mut c = self.inner.lock();
+        if let Some(old) = c.expiry_of.get_mut(id) {
+            let before = std::mem::replace(old, expires_at);
+            c.by_expiry.remove(&(before, id.to_owned()));
+            c.by_expiry.insert((expires_at, id.to_owned()));
+        }
+    }
+
+    /// A session ended.
+    pub fn end(&self, id: &str) {
+        let mut c = self.inner.lock();
+        if let Some(at) = c.expiry_of.remove(id) {
+            c.by_expiry.remove(&(at, id.to_owned()));
+        }
+    }
+}
+
 /// Creates a random session id: 128 bits, hex (visible ASCII as the spec requires).
 pub fn new_session_id() -> String {
     format!("{:032x}", haven_state::ids::random_u128())
@@ -355,5 +423,21 @@ mod tests {
         }
         // The second round's last insert dropped the first round's sessions, expired by then.
         assert_eq!(cache.len(), CACHE_SWEEP_EVERY);
+    }
+
+    /// The per-node session count lets sessions go when they expire or end, and a renewal
+    /// keeps one counted.
+    #[test]
+    fn the_session_count_follows_expiry_renewal_and_end() {
+        let c = SessionCount::default();
+        assert!(c.admit("a", 0, 100, 2));
+        assert!(c.admit("b", 0, 200, 2));
+        assert!(!c.admit("c", 50, 300, 2), "full");
+        c.renew("a", 400);
+        assert!(!c.admit("c", 150, 300, 2), "a was renewed");
+        assert!(c.admit("c", 250, 300, 2), "b expired");
+        c.end("a");
+        assert_eq!(c.live(260), 1);
+        assert_eq!(c.live(300), 0);
     }
 }

@@ -174,6 +174,7 @@ async fn status(State(admin): State<Arc<Admin>>) -> Response {
         "running_executions": e.running_executions(),
         "hub_topics": e.hub_topics(),
         "cached_sessions": e.cached_sessions(),
+        "live_sessions": e.live_sessions(),
         "admission": {
             "running": admin.control.admission.load().0,
             "queued": admin.control.admission.load().1,

@@ -275,6 +275,9 @@ pub fn apply_config(
             client_limits
                 .max_tasks_per_session
                 .store(snap.max_tasks_per_session as usize, Ordering::Relaxed);
+            client_limits
+                .max_sessions_per_node
+                .store(snap.max_sessions_per_node as usize, Ordering::Relaxed);
             NOTE_LIMITS
                 .max_note_bytes
                 .store(snap.max_note_bytes as usize, Ordering::Relaxed);

@@ -443,6 +443,46 @@ async fn notes_are_bounded_in_count_and_size() {
     assert_eq!(v["result"]["content"][0]["text"], "y", "{v}");
 }
 
+/// `limits.max_sessions_per_node`: one more `initialize` than the node may hold is answered
+/// 503 with `Retry-After` and an error naming the setting (no session is made); ending a
+/// session makes room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_per_node_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Haven::start(&dir.path().join("data"), free_port(), "default", &[]).await;
+    set_setting(&h, "limits.max_sessions_per_node", json!(2)).await;
+    let a = Legacy::connect(&h.url()).await;
+    let _b = Legacy::connect(&h.url()).await;
+    assert_eq!(h.status().await["live_sessions"], 2);
+    let r = reqwest::Client::new()
+        .post(h.url())
+        .header("accept", "application/json, text/event-stream")
+        .json(
+            &json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{
+            "protocolVersion": common::LEGACY, "capabilities": {},
+            "clientInfo": {"name": "third", "version": "1"}}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().get("retry-after").is_some());
+    assert!(r.headers().get("mcp-session-id").is_none());
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limits.max_sessions_per_node"),
+        "{v}"
+    );
+    assert_eq!(a.delete().await.status(), 200);
+    assert_eq!(h.status().await["live_sessions"], 1);
+    let c = Legacy::connect(&h.url()).await;
+    let v = c.call_tool(1, "echo", json!({"text": "in"})).await;
+    assert_eq!(v["result"]["content"][0]["text"], "in", "{v}");
+}
+
 /// Sets a runtime setting through the admin API and waits until the node applies it.
 async fn set_setting(h: &Haven, key: &str, value: Value) {
     let token = std::fs::read_to_string(h.data.join("admin.token")).unwrap();

@@ -211,13 +211,27 @@ async fn initialize(inner: &Arc<Inner>, req: &IncomingRequest) -> Reply {
         )
         .into();
     }
-    if let Err(e) = session::create(
-        &*inner.store,
-        &record,
-        inner.config.session_ttl.as_millis() as u64,
-    )
-    .await
+    let ttl = inner.config.session_ttl.as_millis() as u64;
+    let most = inner.config.limits.max_sessions_per_node();
+    if !inner
+        .session_count
+        .admit(&record.id, now, now.saturating_add(ttl), most)
     {
+        // The node is full: another node (or this one later) can take the session.
+        return Rejection::new(
+            Reason::StoreUnavailable,
+            Some(&req.id),
+            crate::outcome::store_failure(
+                format!(
+                    "This node holds {most} live sessions, as many as it may (setting limits.max_sessions_per_node); retry later or on another node"
+                ),
+                &haven_state::StoreError::Unavailable("node full".into()),
+            ),
+        )
+        .into();
+    }
+    if let Err(e) = session::create(&*inner.store, &record, ttl).await {
+        inner.session_count.end(&record.id);
         return Rejection::new(
             Reason::StoreUnavailable,
             Some(&req.id),
@@ -301,6 +315,7 @@ fn refresh_session(inner: &Arc<Inner>, loaded: &LoadedSession) {
     tokio::spawn(async move {
         let max = inner.config.limits.max_session_bytes();
         let _ = session::update(&*inner.store, &id, ttl, max, |s| s.created_millis = now).await;
+        inner.session_count.renew(&id, now.saturating_add(ttl));
         if let Err(e) = session::renew_subscriptions(&*inner.store, &id, ttl).await {
             tracing::debug!(error = %e, "renewing a session's subscriptions failed");
         }
@@ -1144,6 +1159,7 @@ pub(super) async fn delete(inner: &Arc<Inner>, session: Option<&str>) -> Reply {
     };
     let ended = session::end(&*inner.store, sid).await;
     inner.sessions.invalidate(sid);
+    inner.session_count.end(sid);
     match ended {
         Ok(true) => {
             let prefix = format!("{sid}/");

@@ -244,6 +244,8 @@ pub(crate) struct Inner {
     tools: RwLock<ToolCache>,
     /// Recently used legacy sessions.
     sessions: crate::session::SessionCache,
+    /// Legacy sessions created here and still live (`limits.max_sessions_per_node`).
+    pub(crate) session_count: crate::session::SessionCount,
     /// Other nodes, from their heartbeat records.
     membership: Arc<haven_cluster::Membership>,
     /// Ownership keys of the executions this process runs (an execution of this process
@@ -318,6 +320,7 @@ impl Engine {
             running: Mutex::new(HashMap::new()),
             tools: RwLock::new(ToolCache::default()),
             sessions: crate::session::SessionCache::default(),
+            session_count: crate::session::SessionCount::default(),
             membership,
             executions: Runs::default(),
             shutdown: CancellationToken::new(),
@@ -436,6 +439,14 @@ impl Engine {
     /// Topics of the change hub somebody waits on now (requests, streams, sessions).
     pub fn hub_topics(&self) -> usize {
         self.inner.hub.topics()
+    }
+
+    /// Legacy sessions this node created that are still live, as far as it knows
+    /// (`limits.max_sessions_per_node`).
+    pub fn live_sessions(&self) -> usize {
+        self.inner
+            .session_count
+            .live(self.inner.store.clock().wall_millis())
     }
 
     /// Sessions held in this node's session cache (expired ones are dropped as it fills).
