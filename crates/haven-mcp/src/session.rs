@@ -52,13 +52,7 @@ const CACHE_CAPACITY: usize = 100_000;
 #[derive(Default)]
 pub struct SessionCache {
     entries: parking_lot::Mutex<std::collections::HashMap<String, LoadedSession>>,
-    /// Entries put in since expired ones were last dropped.
-    inserted: std::sync::atomic::AtomicUsize,
 }
-
-/// Every this many entries put in, the expired ones are dropped (sessions left to expire are
-/// never invalidated: without this the cache would hold them until it is full).
-const CACHE_SWEEP_EVERY: usize = 1024;
 
 impl SessionCache {
     /// The live session `id`, from the cache or the store.
@@ -76,12 +70,6 @@ impl SessionCache {
         let loaded = load(store, id).await?;
         if let Some(s) = &loaded {
             let mut entries = self.entries.lock();
-            let inserted = self
-                .inserted
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if inserted % CACHE_SWEEP_EVERY == CACHE_SWEEP_EVERY - 1 {
-                entries.retain(|_, s| s.expires_at_millis.is_none_or(|at| now < at));
-            }
             if entries.len() >= CACHE_CAPACITY {
                 // Crude but bounded: start over rather than track recency.
                 entries.clear();
@@ -99,6 +87,15 @@ impl SessionCache {
     /// Forgets every session.
     pub fn clear(&self) {
         self.entries.lock().clear();
+    }
+
+    /// Drops the sessions expired at `now`. Sessions left to expire are never invalidated:
+    /// the engine calls this in the background (not on a request's path) so that the cache
+    /// does not hold them until it is full.
+    pub fn drop_expired(&self, now: u64) {
+        self.entries
+            .lock()
+            .retain(|_, s| s.expires_at_millis.is_none_or(|at| now < at));
     }
 
     /// Sessions held.
@@ -402,7 +399,7 @@ mod tests {
         }
     }
 
-    /// Sessions left to expire leave the cache as new ones come, not only when it is full.
+    /// Sessions left to expire leave the cache at a sweep, not only when it is full.
     #[tokio::test]
     async fn expired_sessions_leave_the_cache() {
         let wall = Arc::new(ManualClock::new(1_800_000_000_000));
@@ -414,15 +411,19 @@ mod tests {
         .unwrap();
         let cache = SessionCache::default();
         for round in 0..2 {
-            for i in 0..CACHE_SWEEP_EVERY {
+            for i in 0..100 {
                 let id = format!("{round}-{i}");
                 create(&store, &record(id.clone()), 1_000).await.unwrap();
                 assert!(cache.load(&store, &id).await.unwrap().is_some());
             }
             wall.advance(2_000);
         }
-        // The second round's last insert dropped the first round's sessions, expired by then.
-        assert_eq!(cache.len(), CACHE_SWEEP_EVERY);
+        assert_eq!(cache.len(), 200);
+        // The first round's sessions expired, then the second's.
+        cache.drop_expired(1_800_000_000_000 + 2_500);
+        assert_eq!(cache.len(), 100);
+        cache.drop_expired(1_800_000_000_000 + 4_500);
+        assert!(cache.is_empty());
     }
 
     /// The per-node session count lets sessions go when they expire or end, and a renewal

@@ -329,6 +329,7 @@ impl Engine {
         let engine = Engine { inner };
         engine.watch_announcements();
         engine.watch_sessions();
+        engine.sweep_sessions();
         engine.watch_keys();
         // Heartbeat once and read the others' before judging anyone dead.
         // In a cluster (a shared store), heartbeat once and read the others' before judging
@@ -512,10 +513,34 @@ impl Engine {
         let sessions = Topic::Namespace(crate::session::SESSIONS_NS.into());
         self.inner.on_change(sessions, |inner, entry| async move {
             match entry.as_deref().map(|e| &e.change) {
-                Some(haven_state::Change::Record(r)) => inner.sessions.invalidate(&r.key),
+                Some(haven_state::Change::Record(r)) => {
+                    inner.sessions.invalidate(&r.key);
+                    // Ended or renewed through any node: the count here follows.
+                    match r.expires_at_millis {
+                        _ if r.is_tombstone() => inner.session_count.end(&r.key),
+                        Some(at) => inner.session_count.renew(&r.key, at),
+                        None => {}
+                    }
+                }
                 Some(haven_state::Change::Event(_)) => {}
                 // Changes were missed: forget everything rather than serve stale state.
                 None => inner.sessions.clear(),
+            }
+        });
+    }
+
+    /// Every 10 s, drops the expired sessions from the session cache (in the background, so
+    /// that no request's path scans the cache).
+    fn sweep_sessions(&self) {
+        let inner = self.inner.clone();
+        self.inner.spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(10));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let now = inner.store.clock().wall_millis();
+                inner.sessions.drop_expired(now);
+                inner.session_count.live(now);
             }
         });
     }
