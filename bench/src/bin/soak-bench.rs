@@ -195,6 +195,15 @@ async fn soak(cli: Cli) -> anyhow::Result<()> {
             errors: errors.load(Ordering::Relaxed),
         };
         eprintln!(
+            "{:6.1} min: node holds {} cached sessions, {} live sessions, {} hub topics, {} executions, {} obsolete entries",
+            started.elapsed().as_secs_f64() / 60.0,
+            status["cached_sessions"],
+            status["live_sessions"],
+            status["hub_topics"],
+            status["running_executions"],
+            status["store"]["obsolete_entries"]
+        );
+        eprintln!(
             "{:6.1} min: rss {} KiB, data {} KiB, backup {} KiB, stream {} messages {} KiB, {} cycles, {} errors",
             s.minutes,
             s.rss_kib,
