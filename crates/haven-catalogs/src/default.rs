@@ -233,6 +233,18 @@ async fn list_notes(ctx: &Ctx) -> Result<Vec<(String, NoteMeta)>, ErrorData> {
         .collect())
 }
 
+/// How many times a note's creation or deletion is tried again when another one changed the
+/// count first.
+const COUNT_RETRIES: u32 = 64;
+
+/// A short random pause before trying again, growing with the attempts (up to ~8 ms), so that
+/// writers contending for the count spread out.
+async fn conflict_pause(attempt: u32) {
+    let most = u64::from(attempt.min(16)) * 500;
+    let micros = haven_state::ids::random_u64() % most.max(1);
+    tokio::time::sleep(Duration::from_micros(micros)).await;
+}
+
 /// How many notes the store holds, and the condition to update the count against: the count
 /// record, or (once, when there is none yet) the notes' metadata counted.
 async fn note_count(ctx: &Ctx) -> Result<(u64, Expect), ErrorData> {
@@ -258,7 +270,10 @@ async fn note_count(ctx: &Ctx) -> Result<(u64, Expect), ErrorData> {
 }
 
 /// Saves a note: a new one only while the store holds fewer than `limits.max_notes`, its
-/// count updated in the same commit (retried when another write came first).
+/// count updated in the same commit (retried when another write came first). Overwriting a
+/// note is an unconditional write, as it always was (the last writer wins, concurrent
+/// writers of one note never conflict); an overwrite racing a deletion of the same note may
+/// leave the count one short.
 async fn save_note(
     ctx: &Ctx,
     limits: &NoteLimits,
@@ -267,11 +282,16 @@ async fn save_note(
     meta: Vec<u8>,
 ) -> Result<(), ErrorData> {
     let store = ctx.store();
-    for _ in 0..16 {
+    for attempt in 0..COUNT_RETRIES {
+        if attempt > 0 {
+            conflict_pause(attempt).await;
+        }
         let batch = match store.get(NOTES_NS, name).await.map_err(store_failure)? {
-            Some(r) => Batch::new()
-                .put_if(NOTES_NS, name, value.clone(), Expect::Revision(r.revision))
-                .put(NOTES_META_NS, name, meta.clone()),
+            Some(_) => Batch::new().put(NOTES_NS, name, value.clone()).put(
+                NOTES_META_NS,
+                name,
+                meta.clone(),
+            ),
             None => {
                 let (count, expect) = note_count(ctx).await?;
                 let max = limits.max_notes.load(Ordering::Relaxed);
@@ -306,7 +326,10 @@ async fn save_note(
 /// `false` when there is no such note.
 async fn delete_note(ctx: &Ctx, name: &str) -> Result<bool, ErrorData> {
     let store = ctx.store();
-    for _ in 0..16 {
+    for attempt in 0..COUNT_RETRIES {
+        if attempt > 0 {
+            conflict_pause(attempt).await;
+        }
         let Some(r) = store.get(NOTES_NS, name).await.map_err(store_failure)? else {
             return Ok(false);
         };

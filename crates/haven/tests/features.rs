@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Haven, Home, Legacy, SseReader, free_port, stateless};
+use futures::StreamExt;
 use serde_json::{Value, json};
 
 async fn next_json(sse: &mut SseReader) -> Value {
@@ -481,6 +482,58 @@ async fn sessions_per_node_are_bounded() {
     let c = Legacy::connect(&h.url()).await;
     let v = c.call_tool(1, "echo", json!({"text": "in"})).await;
     assert_eq!(v["result"]["content"][0]["text"], "in", "{v}");
+}
+
+/// Notes created and overwritten by many clients at once: every write succeeds (creations
+/// contend for the count and are tried again; overwrites never contend), and the count is
+/// exact afterwards (`limits.max_notes` refuses exactly the next creation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_note_writes_all_succeed_and_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Haven::start(&dir.path().join("data"), free_port(), "default", &[]).await;
+    let http = reqwest::Client::new();
+    let put = |id: i64, name: String| {
+        let (http, url) = (&http, h.url());
+        async move {
+            let r = stateless(
+                http,
+                &url,
+                id,
+                "tools/call",
+                json!({"name":"notes_put","arguments":{"name": name, "text": "x"}}),
+                json!({}),
+            )
+            .await;
+            let status = r.status();
+            let v: Value = r.json().await.unwrap();
+            assert!(
+                status == 200 && v["result"]["isError"] == json!(false),
+                "{status} {v}"
+            );
+        }
+    };
+    let creations = futures::stream::iter(0..40)
+        .map(|i| put(i, format!("n{i}")))
+        .buffer_unordered(16)
+        .collect::<Vec<()>>();
+    creations.await;
+    let overwrites = futures::stream::iter(0..40)
+        .map(|i| put(100 + i, "n0".to_owned()))
+        .buffer_unordered(16)
+        .collect::<Vec<()>>();
+    overwrites.await;
+    set_setting(&h, "limits.max_notes", json!(40)).await;
+    let r = stateless(
+        &http,
+        &h.url(),
+        999,
+        "tools/call",
+        json!({"name":"notes_put","arguments":{"name":"one-more","text":"x"}}),
+        json!({}),
+    )
+    .await;
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], -32602, "{v}");
 }
 
 /// Sets a runtime setting through the admin API and waits until the node applies it.
