@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use haven_bench::{haven_serve, median, wait_ready};
+use haven_bench::{haven_serve, median, rss_kib, wait_ready};
 use haven_testkit::{NatsCluster, Process, free_port};
 use serde_json::json;
 
@@ -44,17 +44,6 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(run(cli))
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// Median and 99th percentile of `calls` stateless echo calls, in microseconds.
@@ -160,7 +149,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         open_session(&http, &url).await?;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_before = rss_kib(pid);
+    let rss_before = rss_kib(pid).unwrap_or(0);
     let before = echo_latency(&http, &url, cli.calls).await?;
     eprintln!(
         "baseline: rss {rss_before} KiB, echo p50 {:.0} us",
@@ -188,7 +177,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!(
                 "{} sessions opened, rss {} KiB",
                 next.load(Ordering::Relaxed).min(cli.sessions),
-                rss_kib(pid)
+                rss_kib(pid).unwrap_or(0)
             );
         }
     }
@@ -197,7 +186,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let opened_in = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let rss_after = rss_kib(pid);
+    let rss_after = rss_kib(pid).unwrap_or(0);
     let after = echo_latency(&http, &url, cli.calls).await?;
     drop(server);
     drop(nats);

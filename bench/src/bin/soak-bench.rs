@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use haven_backup::BackupKey;
-use haven_bench::{haven_serve, median, wait_ready};
+use haven_bench::{haven_serve, median, rss_kib, wait_ready};
 use haven_testkit::{Process, free_port};
 use serde_json::{Value, json};
 
@@ -354,14 +354,6 @@ async fn reply(response: reqwest::Response, id: u64) -> anyhow::Result<Value> {
         bail!("tool error: {}", found["result"]);
     }
     Ok(found)
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// Disk space allocated to the files under `dir` (KiB).

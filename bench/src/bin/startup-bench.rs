@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use haven_bench::haven_serve;
+use haven_bench::{haven_serve, rss_kib};
 use haven_state::{Batch, HybridClock, NatsConfig, NatsStore, Origin, Reclaim, Store};
 use haven_testkit::{NatsCluster, Process, free_port};
 
@@ -44,17 +44,6 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(run(cli))
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// Starts a node on the region, times it until ready, and returns (seconds, RSS KiB).
 async fn node_start(bin: &std::path::Path, nats: &NatsCluster) -> anyhow::Result<(f64, u64)> {
     let dir = tempfile::tempdir()?;
@@ -71,7 +60,7 @@ async fn node_start(bin: &std::path::Path, nats: &NatsCluster) -> anyhow::Result
         anyhow::bail!("the node did not become ready within 15 minutes");
     }
     let secs = started.elapsed().as_secs_f64();
-    let rss = rss_kib(server.0.id());
+    let rss = rss_kib(server.0.id()).unwrap_or(0);
     drop(server);
     Ok((secs, rss))
 }
