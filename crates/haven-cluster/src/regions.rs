@@ -453,9 +453,9 @@ struct Group {
 }
 
 /// An error of reading region `source`'s log, with what it most likely means when NATS says
-/// only that a resource does not exist.
+/// only that a resource does not exist (in either of the words it uses for a missing stream).
 fn explain(source: &str, e: String) -> String {
-    if e.contains("does not exist") {
+    if e.contains("does not exist") || e.contains("stream not found") {
         format!(
             "{e}: region {source}'s stream (HAVEN_{}) was not found in JetStream domain {source:?}; check that the region is named right (in --peer-regions), that its servers run JetStream in domain {source:?}, and that the regions are joined by leafnodes (directly, or through a hub for three or more)",
             source
