@@ -5,7 +5,8 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use crate::plan::StateRead;
-use crate::record::{Change, LogEntry, StoredRecord, StreamEvent};
+use crate::record::{Change, LogEntry, LogSubject, StoredRecord, StreamEvent};
+use crate::replicated::Removal;
 use crate::store::{ScanPage, StoreResult};
 
 /// The folded state of a log, up to the last sequence applied.
@@ -33,7 +34,7 @@ pub(crate) struct Index {
     /// record or event), as (sequence applied when it stopped being current, its sequence),
     /// in the order they stopped being current: what a log that can remove entries removes
     /// once every reader is past them.
-    obsolete: VecDeque<(u64, u64)>,
+    obsolete: VecDeque<Obsolete>,
     /// Where the next [`Index::forget_old`] step starts.
     record_cursor: Option<(String, String)>,
     event_cursor: Option<(String, u64)>,
@@ -45,6 +46,21 @@ pub(crate) struct Index {
 /// Longest queue of obsolete entries looked through for entries below the floor behind
 /// the first one above it.
 const MAX_OBSOLETE_SCAN: usize = 65_536;
+
+/// A log entry that holds nothing current any more.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Obsolete {
+    /// The sequence applied when it stopped being current.
+    pub at: u64,
+    /// Its sequence.
+    pub seq: u64,
+    /// The key or stream it wrote.
+    pub subject: LogSubject,
+}
+
+/// Most events of one stream looked through to find the first one still current (a longer
+/// stream's old entries are removed one by one).
+const MAX_STREAM_SCAN: usize = 4096;
 
 /// Where a stream stands in the log.
 #[derive(Clone, Copy, Debug, Default)]
@@ -152,16 +168,16 @@ impl Index {
                             cur.record = r.clone();
                             // The previous last entry, and the winner's entry if it was
                             // another, hold nothing current now.
-                            self.obsolete.push_back((entry.seq, previous));
+                            retire(&mut self.obsolete, entry.seq, previous, &k);
                             if let Some(w) = self.winners.remove(&k) {
-                                self.obsolete.push_back((entry.seq, w));
+                                retire(&mut self.obsolete, entry.seq, w, &k);
                             }
                         } else {
                             match self.winners.entry(k) {
                                 // The previous last entry lost too; the winner stays where
                                 // it is.
-                                std::collections::hash_map::Entry::Occupied(_) => {
-                                    self.obsolete.push_back((entry.seq, previous));
+                                std::collections::hash_map::Entry::Occupied(o) => {
+                                    retire(&mut self.obsolete, entry.seq, previous, o.key());
                                 }
                                 // The winner stays in the previous entry; this entry is the
                                 // key's last (what conditional writes compare against) but
@@ -191,12 +207,20 @@ impl Index {
                     None => true,
                 };
                 if replace && let Some((old, _)) = self.events.insert(k, (entry.seq, e.clone())) {
-                    self.obsolete.push_back((entry.seq, old));
+                    self.obsolete.push_back(Obsolete {
+                        at: entry.seq,
+                        seq: old,
+                        subject: LogSubject::Stream(e.stream.clone()),
+                    });
                 }
                 let head = self.stream_heads.entry(e.stream.clone()).or_default();
                 if head.seq_obsolete {
                     // The stream's previous last entry can go now that it is not the last.
-                    self.obsolete.push_back((entry.seq, head.seq));
+                    self.obsolete.push_back(Obsolete {
+                        at: entry.seq,
+                        seq: head.seq,
+                        subject: LogSubject::Stream(e.stream.clone()),
+                    });
                 }
                 head.index = head.index.max(e.index);
                 head.seq = entry.seq;
@@ -238,11 +262,11 @@ impl Index {
         }
         for k in doomed {
             if let Some(r) = self.records.remove(&k) {
-                self.obsolete.push_back((at, r.revision));
+                retire(&mut self.obsolete, at, r.revision, &k);
                 out.records += 1;
             }
             if let Some(w) = self.winners.remove(&k) {
-                self.obsolete.push_back((at, w));
+                retire(&mut self.obsolete, at, w, &k);
             }
         }
         let records_done = next.is_none();
@@ -278,7 +302,11 @@ impl Index {
             match self.stream_heads.get_mut(&k.0) {
                 // The stream's last entry stays while it is the last (see `StreamHead`).
                 Some(head) if head.seq == seq => head.seq_obsolete = true,
-                _ => self.obsolete.push_back((at, seq)),
+                _ => self.obsolete.push_back(Obsolete {
+                    at,
+                    seq,
+                    subject: LogSubject::Stream(k.0.clone()),
+                }),
             }
             out.events += 1;
             if streams.last() != Some(&k.0) {
@@ -305,7 +333,11 @@ impl Index {
                     if let Some(head) = self.stream_heads.remove(&stream)
                         && head.seq_obsolete
                     {
-                        self.obsolete.push_back((at, head.seq));
+                        self.obsolete.push_back(Obsolete {
+                            at,
+                            seq: head.seq,
+                            subject: LogSubject::Stream(stream.clone()),
+                        });
                     }
                 }
             }
@@ -323,16 +355,13 @@ impl Index {
 
     /// Takes from the queue obsolete entries below `floor` (every reader has read them), at
     /// most `limit`, oldest first.
-    pub(crate) fn take_obsolete(&mut self, floor: u64, limit: usize) -> Vec<u64> {
+    pub(crate) fn take_obsolete(&mut self, floor: u64, limit: usize) -> Vec<Obsolete> {
         let mut out = Vec::new();
         // The queue is in the order entries became obsolete: those that did so below the
         // floor are below it themselves.
         while out.len() < limit {
             match self.obsolete.front() {
-                Some(&(at, seq)) if at < floor => {
-                    out.push(seq);
-                    self.obsolete.pop_front();
-                }
+                Some(o) if o.at < floor => out.extend(self.obsolete.pop_front()),
                 _ => break,
             }
         }
@@ -341,9 +370,9 @@ impl Index {
         // reader stopped), looked through only while it is short.
         if out.len() < limit && self.obsolete.len() <= MAX_OBSOLETE_SCAN {
             let mut room = limit - out.len();
-            self.obsolete.retain(|&(_, seq)| {
-                if room > 0 && seq < floor {
-                    out.push(seq);
+            self.obsolete.retain(|o| {
+                if room > 0 && o.seq < floor {
+                    out.push(o.clone());
                     room -= 1;
                     false
                 } else {
@@ -354,10 +383,75 @@ impl Index {
         out
     }
 
+    /// How a log removes `taken` (entries taken from the queue below `floor`): a key or
+    /// stream with several of them loses every entry below the first one it still needs in
+    /// one [`Removal::Below`] (every entry on it below that point holds nothing current:
+    /// this index made each obsolete as it applied the next), the rest one by one.
+    pub(crate) fn removals(&self, taken: &[Obsolete], floor: u64) -> Vec<Removal> {
+        // Only what this index has applied: later entries on a subject are not known here.
+        let floor = floor.min(self.applied.saturating_add(1));
+        let mut by_subject: BTreeMap<&LogSubject, Vec<u64>> = BTreeMap::new();
+        for o in taken {
+            by_subject.entry(&o.subject).or_default().push(o.seq);
+        }
+        let mut out = Vec::new();
+        for (subject, seqs) in by_subject {
+            let kept_from = if seqs.len() > 1 {
+                self.first_needed(subject).min(floor)
+            } else {
+                0
+            };
+            let below = seqs.iter().filter(|&&s| s < kept_from).count();
+            if below > 1 {
+                out.push(Removal::Below {
+                    subject: subject.clone(),
+                    below: kept_from,
+                });
+                out.extend(
+                    seqs.iter()
+                        .filter(|&&s| s >= kept_from)
+                        .map(|&s| Removal::Entry(s)),
+                );
+            } else {
+                out.extend(seqs.iter().map(|&s| Removal::Entry(s)));
+            }
+        }
+        out
+    }
+
+    /// The lowest sequence on `subject` whose entry this index still needs (its current
+    /// record or events, the entry that conditional writes compare against); `u64::MAX`
+    /// when it needs none, 0 when it cannot tell cheaply.
+    fn first_needed(&self, subject: &LogSubject) -> u64 {
+        match subject {
+            LogSubject::Key(namespace, key) => {
+                let k = (namespace.clone(), key.clone());
+                let last = self.records.get(&k).map_or(u64::MAX, |r| r.revision);
+                let winner = self.winners.get(&k).copied().unwrap_or(u64::MAX);
+                last.min(winner)
+            }
+            LogSubject::Stream(stream) => {
+                let mut first = self.stream_heads.get(stream).map_or(u64::MAX, |h| h.seq);
+                for (i, (_, (seq, _))) in self
+                    .events
+                    .range((stream.clone(), 0)..=(stream.clone(), u64::MAX))
+                    .enumerate()
+                {
+                    if i == MAX_STREAM_SCAN {
+                        return 0;
+                    }
+                    first = first.min(*seq);
+                }
+                first
+            }
+        }
+    }
+
     /// Puts back obsolete entries that could not be removed (they are tried again first).
-    pub(crate) fn requeue_obsolete(&mut self, seqs: &[u64]) {
-        for &seq in seqs.iter().rev() {
-            self.obsolete.push_front((seq, seq));
+    pub(crate) fn requeue_obsolete(&mut self, taken: Vec<Obsolete>) {
+        for mut o in taken.into_iter().rev() {
+            o.at = o.seq;
+            self.obsolete.push_front(o);
         }
     }
 
@@ -509,6 +603,15 @@ impl StateRead for Index {
     }
 }
 
+/// Queues the entry at `seq` of key `k` as obsolete since `at`.
+fn retire(obsolete: &mut VecDeque<Obsolete>, at: u64, seq: u64, k: &(String, String)) {
+    obsolete.push_back(Obsolete {
+        at,
+        seq,
+        subject: LogSubject::Key(k.0.clone(), k.1.clone()),
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -529,6 +632,80 @@ mod tests {
                 expires_at_millis: None,
             }),
         }
+    }
+
+    fn seqs(taken: Vec<Obsolete>) -> Vec<u64> {
+        taken.into_iter().map(|o| o.seq).collect()
+    }
+
+    fn older(mut e: LogEntry, hlc: u64) -> LogEntry {
+        if let Change::Record(r) = &mut e.change {
+            r.version.hlc = Hlc(hlc);
+        }
+        e
+    }
+
+    fn key(k: &str) -> LogSubject {
+        LogSubject::Key("n".into(), k.into())
+    }
+
+    #[test]
+    fn a_keys_superseded_versions_go_in_one_removal_below_what_it_still_needs() {
+        let mut index = Index::default();
+        for seq in 1..=5 {
+            index.deliver(put(seq, "hot"), true, 0);
+        }
+        index.deliver(put(6, "cold"), true, 0);
+        index.deliver(put(7, "cold"), true, 0);
+        let taken = index.take_obsolete(8, 100);
+        assert_eq!(seqs(taken.clone()), vec![1, 2, 3, 4, 6]);
+        let mut removals = index.removals(&taken, 8);
+        removals.sort_by_key(|r| format!("{r:?}"));
+        assert_eq!(
+            removals,
+            vec![
+                Removal::Below {
+                    subject: key("hot"),
+                    below: 5
+                },
+                Removal::Entry(6),
+            ]
+        );
+        // The floor bounds the removal: entries at or above it stay for their readers.
+        let mut index = Index::default();
+        for seq in 1..=5 {
+            index.deliver(put(seq, "hot"), true, 0);
+        }
+        let taken = index.take_obsolete(4, 100);
+        assert_eq!(
+            index.removals(&taken, 4),
+            vec![Removal::Below {
+                subject: key("hot"),
+                below: 4
+            }]
+        );
+        assert_eq!(seqs(index.take_obsolete(6, 100)), vec![4]);
+    }
+
+    #[test]
+    fn a_removal_below_never_reaches_the_entry_that_holds_the_winner() {
+        let mut index = Index::default();
+        index.deliver(put(1, "k"), true, 0);
+        index.deliver(put(2, "k"), true, 0);
+        // Merges that lost (older versions from another region) come after the winner.
+        index.deliver(older(put(3, "k"), 1), true, 0);
+        index.deliver(older(put(4, "k"), 1), true, 0);
+        index.deliver(older(put(5, "k"), 1), true, 0);
+        // 1 was superseded; 3 and 4 lost; 2 holds the winner, 5 is the key's last entry.
+        let taken = index.take_obsolete(6, 100);
+        assert_eq!(seqs(taken.clone()), vec![1, 3, 4]);
+        let mut removals = index.removals(&taken, 6);
+        removals.sort_by_key(|r| format!("{r:?}"));
+        assert_eq!(
+            removals,
+            vec![Removal::Entry(1), Removal::Entry(3), Removal::Entry(4)]
+        );
+        assert_eq!(index.get("n", "k").unwrap().revision, 5);
     }
 
     #[test]
@@ -579,8 +756,8 @@ mod tests {
         index.deliver(put(2, "a"), true, 0);
         index.deliver(put(3, "b"), true, 0);
         index.deliver(put(4, "a"), true, 0);
-        assert_eq!(index.take_obsolete(2, 10), vec![1]);
-        assert_eq!(index.take_obsolete(5, 10), vec![2]);
+        assert_eq!(seqs(index.take_obsolete(2, 10)), vec![1]);
+        assert_eq!(seqs(index.take_obsolete(5, 10)), vec![2]);
         // A tombstone past its retention is forgotten; its entry becomes obsolete.
         let mut tomb = put(5, "b");
         if let Change::Record(r) = &mut tomb.change {
@@ -603,7 +780,7 @@ mod tests {
         assert!(passes >= 1, "a step examines one record at a time");
         assert!(index.get("n", "b").is_none());
         assert!(index.get("n", "a").is_some());
-        assert_eq!(index.take_obsolete(6, 10), vec![3, 5]);
+        assert_eq!(seqs(index.take_obsolete(6, 10)), vec![3, 5]);
         // The log removed the key's entries: the index agrees that nothing is there.
         assert!(!index.reconcile_absent("n", "b", None, 1000));
         assert!(

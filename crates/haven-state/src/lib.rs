@@ -74,10 +74,10 @@ pub use mem_store::{BatchObserver, LinkFaults, MemLog, MemStore};
 pub use nats_store::{NatsConfig, NatsStore};
 pub use plan::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
 pub use record::{
-    Change, LogEntry, Origin, Record, StoredRecord, StreamEvent, Version, View, merge,
+    Change, LogEntry, LogSubject, Origin, Record, StoredRecord, StreamEvent, Version, View, merge,
 };
 pub use redb_store::{RedbStore, Restorer, data_dir_in_use};
-pub use replicated::{ReplicatedStore, SharedLog};
+pub use replicated::{Removal, ReplicatedStore, SharedLog};
 pub use store::{
     Batch, Commit, Expect, LogFold, Op, Outcome, Reclaim, Reclaimed, ScanPage, Store, StoreError,
     StoreResult, watch,

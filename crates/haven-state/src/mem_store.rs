@@ -23,27 +23,17 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::clock::HybridClock;
-use crate::record::{Change, LogEntry, Origin};
+use crate::record::{Change, LogEntry, LogSubject, Origin};
 use crate::replicated::{
-    AppendError, Delivery, DeliveryStream, LogWrite, ReplicatedStore, SharedLog,
+    AppendError, Delivery, DeliveryStream, LogWrite, Removal, ReplicatedStore, SharedLog,
 };
 use crate::store::{StoreError, StoreResult};
 
 /// Most writes one batch may hold (as on JetStream).
 const MAX_BATCH: usize = 1000;
 
-/// What a key or stream is, for the log's per-key expectations.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-enum Subject {
-    Record(String, String),
-    Stream(String),
-}
-
-fn subject(change: &Change) -> Subject {
-    match change {
-        Change::Record(r) => Subject::Record(r.namespace.clone(), r.key.clone()),
-        Change::Event(e) => Subject::Stream(e.stream.clone()),
-    }
+fn subject(change: &Change) -> LogSubject {
+    change.subject()
 }
 
 /// An entry as the log keeps it.
@@ -64,7 +54,7 @@ struct LogState {
     last_seq: u64,
     /// Sequence of the last entry per key or stream (a subject all of whose entries were
     /// removed has none, as on JetStream).
-    last: HashMap<Subject, u64>,
+    last: HashMap<LogSubject, u64>,
 }
 
 /// What [`MemLog::observe`] calls with each appended batch.
@@ -235,12 +225,25 @@ impl MemLog {
             .collect()
     }
 
-    /// Removes the entries at `seqs` (as JetStream removes a message: the sequence is not
-    /// given again, and a subject whose every entry is gone has no last entry).
-    fn remove(&self, seqs: &[u64]) -> u64 {
+    /// Removes what `removals` name (as JetStream removes or purges messages: a sequence is
+    /// not given again, and a subject whose every entry is gone has no last entry).
+    fn remove(&self, removals: &[Removal]) -> u64 {
         let mut state = self.state.lock();
+        let mut seqs = Vec::new();
+        for r in removals {
+            match r {
+                Removal::Entry(seq) => seqs.push(*seq),
+                Removal::Below { subject, below } => seqs.extend(
+                    state
+                        .entries
+                        .range(..*below)
+                        .filter(|(_, s)| self::subject(&s.entry.change) == *subject)
+                        .map(|(k, _)| *k),
+                ),
+            }
+        }
         let mut removed = 0;
-        for seq in seqs {
+        for seq in &seqs {
             let Some(gone) = state.entries.remove(seq) else {
                 continue;
             };
@@ -481,9 +484,9 @@ impl SharedLog for MemLink {
             .collect())
     }
 
-    async fn remove(&self, seqs: &[u64]) -> StoreResult<u64> {
+    async fn remove(&self, removals: &[Removal]) -> StoreResult<u64> {
         self.faults.pass().await?;
-        Ok(self.log.remove(seqs))
+        Ok(self.log.remove(removals))
     }
 
     async fn last_entry_of(&self, change: &Change) -> StoreResult<Option<LogEntry>> {

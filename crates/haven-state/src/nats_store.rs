@@ -25,9 +25,10 @@ use async_trait::async_trait;
 use futures::StreamExt;
 
 use crate::clock::HybridClock;
-use crate::record::{Change, LogEntry, Origin};
+use crate::record::{Change, LogEntry, LogSubject, Origin};
 use crate::replicated::{
-    AppendError, COMMIT_TIMEOUT, Delivery, DeliveryStream, LogWrite, ReplicatedStore, SharedLog,
+    AppendError, COMMIT_TIMEOUT, Delivery, DeliveryStream, LogWrite, Removal, ReplicatedStore,
+    SharedLog,
 };
 use crate::store::{StoreError, StoreResult};
 
@@ -149,7 +150,7 @@ impl JetStreamLog {
             discard: stream::DiscardPolicy::New,
             // Reclamation removes entries that hold nothing current (see `remove`).
             deny_delete: false,
-            deny_purge: true,
+            deny_purge: false,
             allow_direct: true,
             allow_atomic_publish: true,
             duplicate_window: Duration::from_secs(600),
@@ -161,9 +162,11 @@ impl JetStreamLog {
             match js.get_or_create_stream(stream_config.clone()).await {
                 Ok(s) => {
                     // A stream made by an older Haven denies removals: allow them.
-                    if s.cached_info().config.deny_delete {
-                        let mut config = s.cached_info().config.clone();
+                    let config = &s.cached_info().config;
+                    if config.deny_delete || config.deny_purge {
+                        let mut config = config.clone();
                         config.deny_delete = false;
+                        config.deny_purge = false;
                         if let Err(e) = js.update_stream(config).await {
                             tracing::warn!(error = %e, stream = %stream_name, "the change-log stream denies removing entries; obsolete entries are kept");
                             can_remove = Err(format!(
@@ -207,14 +210,15 @@ impl JetStreamLog {
     }
 
     fn subject(&self, change: &Change) -> String {
-        match change {
-            Change::Record(r) => format!(
-                "{}.k.{}.{}",
-                self.prefix,
-                token(&r.namespace),
-                token(&r.key)
-            ),
-            Change::Event(e) => format!("{}.e.{}", self.prefix, token(&e.stream)),
+        self.subject_of(&change.subject())
+    }
+
+    fn subject_of(&self, subject: &LogSubject) -> String {
+        match subject {
+            LogSubject::Key(namespace, key) => {
+                format!("{}.k.{}.{}", self.prefix, token(namespace), token(key))
+            }
+            LogSubject::Stream(stream) => format!("{}.e.{}", self.prefix, token(stream)),
         }
     }
 
@@ -405,34 +409,49 @@ impl SharedLog for JetStreamLog {
         MAX_BATCH_OPS
     }
 
-    async fn remove(&self, seqs: &[u64]) -> StoreResult<u64> {
+    async fn remove(&self, removals: &[Removal]) -> StoreResult<u64> {
         self.can_remove.clone().map_err(StoreError::Invalid)?;
         self.connected().map_err(StoreError::Unavailable)?;
-        let subject = format!("{}.STREAM.MSG.DELETE.{}", self.api_prefix, self.stream_name);
-        let removals = futures::stream::iter(seqs.iter().copied())
-            .map(|seq| {
-                let (client, subject) = (self.client.clone(), subject.clone());
+        let delete = format!("{}.STREAM.MSG.DELETE.{}", self.api_prefix, self.stream_name);
+        let purge = format!("{}.STREAM.PURGE.{}", self.api_prefix, self.stream_name);
+        let requests: Vec<(String, serde_json::Value)> = removals
+            .iter()
+            .map(|r| match r {
+                // `no_erase`: the message is dropped, not overwritten first.
+                Removal::Entry(seq) => (
+                    delete.clone(),
+                    serde_json::json!({ "seq": seq, "no_erase": true }),
+                ),
+                // Every message on the subject below `below` (up to, not including it).
+                Removal::Below { subject, below } => (
+                    purge.clone(),
+                    serde_json::json!({ "filter": self.subject_of(subject), "seq": below }),
+                ),
+            })
+            .collect();
+        let requests = futures::stream::iter(requests)
+            .map(|(api, body)| {
+                let client = self.client.clone();
                 async move {
-                    // `no_erase`: the message is dropped, not overwritten first.
-                    let body = serde_json::json!({ "seq": seq, "no_erase": true }).to_string();
                     let reply = client
-                        .request(subject, body.into())
+                        .request(api, body.to_string().into())
                         .await
                         .map_err(unavailable)?;
                     let v: serde_json::Value = serde_json::from_slice(&reply.payload)
-                        .map_err(|e| unavailable(format!("unreadable delete reply: {e}")))?;
+                        .map_err(|e| unavailable(format!("unreadable removal reply: {e}")))?;
                     match v.get("error") {
-                        None => Ok(1),
+                        // A purge says how many it removed; a delete removed one.
+                        None => Ok(v.get("purged").and_then(|n| n.as_u64()).unwrap_or(1)),
                         // 10057: no message at that sequence (already removed).
                         Some(e) if e.get("err_code").and_then(|c| c.as_u64()) == Some(10057) => {
                             Ok(0)
                         }
-                        Some(e) => Err(unavailable(format!("removing entry {seq}: {e}"))),
+                        Some(e) => Err(unavailable(format!("removing {body}: {e}"))),
                     }
                 }
             })
             .buffer_unordered(REMOVALS_IN_FLIGHT);
-        let results: Vec<StoreResult<u64>> = removals.collect().await;
+        let results: Vec<StoreResult<u64>> = requests.collect().await;
         let mut removed = 0;
         for r in results {
             removed += r?;

@@ -126,7 +126,26 @@ pub enum Change {
     Event(StreamEvent),
 }
 
+/// What a change writes to: a key or a stream. A log keeps each one's entries together (one
+/// subject per key or stream on JetStream): conditional writes compare against its last
+/// entry, and reclamation can remove its old entries at once.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LogSubject {
+    /// The key `(namespace, key)`.
+    Key(String, String),
+    /// The stream of that name.
+    Stream(String),
+}
+
 impl Change {
+    /// The key or stream this change writes.
+    pub fn subject(&self) -> LogSubject {
+        match self {
+            Change::Record(r) => LogSubject::Key(r.namespace.clone(), r.key.clone()),
+            Change::Event(e) => LogSubject::Stream(e.stream.clone()),
+        }
+    }
+
     /// The version of the write behind this change.
     pub fn version(&self) -> &Version {
         match self {

@@ -21,7 +21,7 @@ use tokio::sync::{broadcast, watch};
 use crate::clock::HybridClock;
 use crate::index::{ForgetRules, Index};
 use crate::plan::{self, StateRead};
-use crate::record::{Change, LogEntry, Origin, StoredRecord, StreamEvent};
+use crate::record::{Change, LogEntry, LogSubject, Origin, StoredRecord, StreamEvent};
 use crate::store::{Batch, Commit, Reclaim, Reclaimed, ScanPage, Store, StoreError, StoreResult};
 
 pub use crate::plan::PlannedWrite as LogWrite;
@@ -58,6 +58,21 @@ pub struct Delivery {
     pub batch: u64,
 }
 
+/// Entries of a shared log that reclamation removes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Removal {
+    /// The entry at this sequence.
+    Entry(u64),
+    /// Every entry on `subject` with a sequence below `below`: one request removes all of a
+    /// key's superseded versions, however many there are.
+    Below {
+        /// The key or stream.
+        subject: LogSubject,
+        /// The first sequence kept.
+        below: u64,
+    },
+}
+
 /// The followed entries of a log, in order; an error ends the stream (the follower starts
 /// again from where it was).
 pub type DeliveryStream = BoxStream<'static, Result<Delivery, String>>;
@@ -86,11 +101,11 @@ pub trait SharedLog: Send + Sync + 'static {
     fn shared(&self) -> bool {
         true
     }
-    /// Removes the entries at `seqs`, each of which holds nothing current (an entry already
-    /// gone counts as removed); returns how many it removed. A log that cannot remove
+    /// Removes what `removals` name, each of which holds nothing current (an entry already
+    /// gone is not an error); returns how many entries it removed. A log that cannot remove
     /// entries answers [`StoreError::Invalid`].
-    async fn remove(&self, seqs: &[u64]) -> StoreResult<u64> {
-        let _ = seqs;
+    async fn remove(&self, removals: &[Removal]) -> StoreResult<u64> {
+        let _ = removals;
         Err(StoreError::Invalid(
             "this change log cannot remove entries".into(),
         ))
@@ -513,10 +528,19 @@ impl<L: SharedLog> Store for ReplicatedStore<L> {
         let forgotten = self.follower.index.write().forget_old(&rules);
         // Never the log's last entry: it tells a follower where the log ends.
         let floor = r.log_floor.min(self.log.last_seq().await?);
-        let seqs = self.follower.index.write().take_obsolete(floor, r.step);
+        let (taken, removals) = {
+            let mut index = self.follower.index.write();
+            let taken = index.take_obsolete(floor, r.step);
+            let removals = if r.trim_log {
+                index.removals(&taken, floor)
+            } else {
+                Vec::new()
+            };
+            (taken, removals)
+        };
         let mut removed = 0;
-        if r.trim_log && !seqs.is_empty() {
-            match self.log.remove(&seqs).await {
+        if !removals.is_empty() {
+            match self.log.remove(&removals).await {
                 Ok(n) => removed = n,
                 Err(StoreError::Invalid(why)) => {
                     // The log keeps its entries (see its description); the index still
@@ -524,7 +548,7 @@ impl<L: SharedLog> Store for ReplicatedStore<L> {
                     tracing::debug!(%why, "obsolete change-log entries are kept");
                 }
                 Err(e) => {
-                    self.follower.index.write().requeue_obsolete(&seqs);
+                    self.follower.index.write().requeue_obsolete(taken);
                     return Err(e);
                 }
             }
@@ -533,7 +557,7 @@ impl<L: SharedLog> Store for ReplicatedStore<L> {
             log_entries: removed,
             records: forgotten.records,
             events: forgotten.events,
-            done: forgotten.done && seqs.len() < r.step,
+            done: forgotten.done && taken.len() < r.step,
         })
     }
 
