@@ -1,5 +1,6 @@
 //! The embedded backend: one redb file, written by one thread that group-commits batches.
 
+use std::collections::BTreeSet;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -174,6 +175,7 @@ fn recover(db: &Database, wal_dir: Option<&Path>) -> StoreResult<(u64, Hlc, Opti
                 events: tx.open_table(EVENTS).map_err(storage_err)?,
                 log: tx.open_table(LOG).map_err(storage_err)?,
                 trimmed,
+                newly_obsolete: Vec::new(),
             };
             for e in &pending {
                 if e.seq != last + 1 {
@@ -229,10 +231,12 @@ fn write_change(tables: &mut Tables<'_>, seq: u64, change: &Change) -> StoreResu
             .map_err(storage_err)?
             .map(|v| v.value()),
     };
-    if let Some(old) = superseded
-        && old < tables.trimmed
-    {
-        tables.log.remove(old).map_err(storage_err)?;
+    if let Some(old) = superseded {
+        if old < tables.trimmed {
+            tables.log.remove(old).map_err(storage_err)?;
+        } else {
+            tables.newly_obsolete.push(old);
+        }
     }
     Ok(())
 }
@@ -367,6 +371,8 @@ impl RedbStore {
             record_cursor: None,
             event_cursor: None,
             pass_finished: [false; 3],
+            known_obsolete: BTreeSet::new(),
+            scan_until: last_seq + 1,
         };
         std::thread::Builder::new()
             .name("haven-redb-writer".into())
@@ -672,6 +678,7 @@ impl Restorer {
                 events: tx.open_table(EVENTS).map_err(storage_err)?,
                 log: tx.open_table(LOG).map_err(storage_err)?,
                 trimmed,
+                newly_obsolete: Vec::new(),
             };
             for e in entries {
                 if e.seq <= last {
@@ -738,7 +745,19 @@ struct Writer {
     /// Which of the pass's three parts (records, events, log) are finished: a finished part
     /// waits for the others, so that a pass ends.
     pass_finished: [bool; 3],
+    /// Entries that stopped being current since the store was opened and are still in the
+    /// log (at or above [`META_TRIMMED`] when they did): reclamation removes them without
+    /// reading the log. At most [`MAX_KNOWN_OBSOLETE`].
+    known_obsolete: BTreeSet<u64>,
+    /// Entries below this sequence may have stopped being current before the store was
+    /// opened (or while `known_obsolete` was full): reclamation finds those by reading the
+    /// log from [`META_TRIMMED`] up to here.
+    scan_until: u64,
 }
+
+/// Most obsolete entries remembered (about 40 bytes each); past it, reclamation reads the
+/// log to find them, as after a restart.
+const MAX_KNOWN_OBSOLETE: usize = 1 << 20;
 
 /// A checkpoint is taken after this many commits…
 const CHECKPOINT_COMMITS: u64 = 2000;
@@ -819,20 +838,24 @@ impl Writer {
         let floor = r.log_floor.min(self.last_seq);
         let mut out = Reclaimed::default();
         let (records_done, events_done, log_done);
+        let (removed_known, stays_obsolete);
         {
             let mut records = tx.open_table(RECORDS).map_err(storage_err)?;
             let mut events = tx.open_table(EVENTS).map_err(storage_err)?;
             let mut log = tx.open_table(LOG).map_err(storage_err)?;
             // An entry is removed from the log with its record or event when reclamation's
-            // pass over the log is past it, or it is below the floor (that pass removes
-            // it later otherwise).
-            let drop_entry = |log: &mut redb::Table<'_, u64, &'static [u8]>, seq: u64| {
-                if seq < trimmed || seq < floor {
-                    log.remove(seq).map_err(storage_err)?;
-                    return Ok::<u64, StoreError>(1);
-                }
-                Ok(0)
-            };
+            // pass over the log is past it, or it is below the floor (otherwise it is
+            // remembered, and removed once the floor is past it).
+            let drop_entry =
+                |log: &mut redb::Table<'_, u64, &'static [u8]>, stays: &mut Vec<u64>, seq: u64| {
+                    if seq < trimmed || seq < floor {
+                        log.remove(seq).map_err(storage_err)?;
+                        return Ok::<u64, StoreError>(1);
+                    }
+                    stays.push(seq);
+                    Ok(0)
+                };
+            let mut stays = Vec::new();
 
             // Expired records and old tombstones.
             let mut doomed = Vec::new();
@@ -874,7 +897,7 @@ impl Writer {
                 records
                     .remove((ns.as_str(), key.as_str()))
                     .map_err(storage_err)?;
-                out.log_entries += drop_entry(&mut log, *revision)?;
+                out.log_entries += drop_entry(&mut log, &mut stays, *revision)?;
             }
             out.records = doomed.len() as u64;
             records_done = next_record.is_none();
@@ -922,18 +945,26 @@ impl Writer {
                 events
                     .remove((stream.as_str(), *index))
                     .map_err(storage_err)?;
-                out.log_entries += drop_entry(&mut log, *seq)?;
+                out.log_entries += drop_entry(&mut log, &mut stays, *seq)?;
             }
             out.events = doomed.len() as u64;
             events_done = next_event.is_none();
             self.event_cursor = next_event;
 
-            // Change-log entries below the floor that are no longer current.
+            // Change-log entries below the floor that are no longer current: those that may
+            // have stopped being current before the store was opened are found by reading
+            // the log (up to `scan_until`); later ones are known.
             let mut doomed = Vec::new();
             let mut reached = trimmed;
-            let mut examined = 0;
-            if floor > trimmed {
-                for item in log.range(trimmed..floor).map_err(storage_err)?.take(r.step) {
+            let scan_end = floor.min(self.scan_until);
+            let mut scanned = true;
+            if scan_end > trimmed {
+                let mut examined = 0;
+                for item in log
+                    .range(trimmed..scan_end)
+                    .map_err(storage_err)?
+                    .take(r.step)
+                {
                     let (k, v) = item.map_err(storage_err)?;
                     let seq = k.value();
                     examined += 1;
@@ -954,23 +985,59 @@ impl Writer {
                         doomed.push(seq);
                     }
                 }
-            }
-            // Fewer than a step's worth left: the pass reached the floor.
-            log_done = examined < r.step;
-            if log_done {
-                reached = reached.max(floor);
+                // Fewer than a step's worth left: the scan reached its end.
+                scanned = examined < r.step;
+                if scanned {
+                    reached = scan_end;
+                }
             }
             for seq in &doomed {
                 log.remove(*seq).map_err(storage_err)?;
             }
             out.log_entries += doomed.len() as u64;
+            let known: Vec<u64> = self
+                .known_obsolete
+                .range(..floor)
+                .take(r.step)
+                .copied()
+                .collect();
+            for seq in &known {
+                if log.remove(*seq).map_err(storage_err)?.is_some() {
+                    out.log_entries += 1;
+                }
+            }
+            removed_known = known;
+            // The pass reached the floor once the scan did and every known entry below it
+            // is gone. [`META_TRIMMED`] never passes a known entry still in the log: after a
+            // restart only the scan finds it.
+            let left = self
+                .known_obsolete
+                .range(..floor)
+                .nth(removed_known.len())
+                .copied();
+            log_done = scanned && left.is_none();
+            if log_done {
+                reached = reached.max(floor);
+            }
+            if let Some(seq) = left {
+                reached = reached.min(seq);
+            }
+            stays_obsolete = stays;
             let mut meta = tx.open_table(META).map_err(storage_err)?;
             if reached > trimmed {
                 meta.insert(META_TRIMMED, reached).map_err(storage_err)?;
             }
         }
-        tx.commit().map_err(storage_err)?;
+        if let Err(e) = tx.commit() {
+            // What it remembered may be gone from the log or not: read the log instead.
+            self.forget_known_obsolete();
+            return Err(storage_err(e));
+        }
         self.commits_since_checkpoint += 1;
+        for seq in &removed_known {
+            self.known_obsolete.remove(seq);
+        }
+        self.remember_obsolete(stays_obsolete);
         let finished = &mut self.pass_finished;
         finished[0] |= records_done;
         finished[1] |= events_done;
@@ -1061,6 +1128,21 @@ impl Writer {
         }
     }
 
+    /// Remembers entries that a committed transaction made obsolete.
+    fn remember_obsolete(&mut self, seqs: Vec<u64>) {
+        if self.known_obsolete.len() + seqs.len() > MAX_KNOWN_OBSOLETE {
+            self.forget_known_obsolete();
+            return;
+        }
+        self.known_obsolete.extend(seqs);
+    }
+
+    /// Forgets which entries are obsolete: reclamation reads the log up to here to find them.
+    fn forget_known_obsolete(&mut self) {
+        self.known_obsolete.clear();
+        self.scan_until = self.last_seq + 1;
+    }
+
     /// One attempt to reopen the database (redb must be reopened after an I/O error).
     fn reopen(&mut self) -> StoreResult<Arc<Database>> {
         let db = Arc::new(open_database(&self.factory)?);
@@ -1071,6 +1153,7 @@ impl Writer {
             self.wal = wal;
         }
         self.commits_since_checkpoint = 0;
+        self.forget_known_obsolete();
         *self.db.write() = Some(db.clone());
         tracing::info!("the database was reopened after a storage error");
         Ok(db)
@@ -1092,6 +1175,7 @@ impl Writer {
         let mut results = Vec::with_capacity(group.len());
         let mut last_seq = self.last_seq;
         let mut merged_hlc = 0u64;
+        let newly_obsolete;
         {
             let trimmed = trimmed_below(&tx)?;
             let mut tables = Tables {
@@ -1099,6 +1183,7 @@ impl Writer {
                 events: tx.open_table(EVENTS).map_err(storage_err)?,
                 log: tx.open_table(LOG).map_err(storage_err)?,
                 trimmed,
+                newly_obsolete: Vec::new(),
             };
             for req in group {
                 results.push(self.apply_batch(
@@ -1108,6 +1193,7 @@ impl Writer {
                     &mut merged_hlc,
                 )?);
             }
+            newly_obsolete = std::mem::take(&mut tables.newly_obsolete);
             if merged_hlc > 0 {
                 let mut meta = tx.open_table(META).map_err(storage_err)?;
                 let stored = meta
@@ -1143,6 +1229,7 @@ impl Writer {
         }
         self.last_seq = last_seq;
         self.commits_since_checkpoint += 1;
+        self.remember_obsolete(newly_obsolete);
         for r in results.iter_mut().flatten() {
             r.0.last_seq = last_seq;
         }
@@ -1193,6 +1280,9 @@ struct Tables<'txn> {
     log: redb::Table<'txn, u64, &'static [u8]>,
     /// [`META_TRIMMED`] when the transaction began.
     trimmed: u64,
+    /// Entries this transaction superseded that stay in the log for now (reclamation
+    /// removes them once every reader is past them).
+    newly_obsolete: Vec<u64>,
 }
 
 impl crate::plan::StateRead for Tables<'_> {

@@ -246,6 +246,54 @@ async fn reclamation_keeps_the_state_and_drops_the_history() {
     );
 }
 
+/// The store remembers which entries it superseded and removes them below the floor
+/// without reading the log; what it remembered is lost with the process, so an entry
+/// superseded before a restart and still above the floor then is found by reading the log.
+#[tokio::test]
+async fn superseded_entries_remembered_or_not_are_all_removed_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let wall = Arc::new(haven_state::ManualClock::new(1_700_000_000_000));
+    let open_at = |wall: &Arc<haven_state::ManualClock>| {
+        RedbStore::open(
+            dir.path(),
+            Origin::new("r1", "n1"),
+            Arc::new(HybridClock::new(wall.clone())),
+        )
+        .unwrap()
+    };
+    let s = open_at(&wall);
+    for i in 0..40u32 {
+        s.commit(Batch::new().put("notes", "hot", vec![i as u8; 100]))
+            .await
+            .unwrap();
+    }
+    // Readers are at 21: entries 1..=20 go, 21..=39 are superseded but stay.
+    let mut p = policy(wall.now_millis());
+    p.log_floor = 21;
+    let done = reclaim_all(&s, &p).await;
+    assert_eq!(done.log_entries, 20);
+    assert_eq!(s.read_log(1, 100).await.unwrap().len(), 20);
+    drop(s);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let s = open_at(&wall);
+    for i in 40..50u32 {
+        s.commit(Batch::new().put("notes", "hot", vec![i as u8; 100]))
+            .await
+            .unwrap();
+    }
+    // Readers are past everything: the 19 entries superseded before the restart (found by
+    // reading the log) and the 10 after it (remembered) go; one entry is left.
+    p.log_floor = u64::MAX;
+    let done = reclaim_all(&s, &p).await;
+    assert_eq!(done.log_entries, 19 + 10);
+    let log = s.read_log(1, 100).await.unwrap();
+    assert_eq!(log.iter().map(|e| e.seq).collect::<Vec<_>>(), [50]);
+    assert_eq!(
+        s.get("notes", "hot").await.unwrap().unwrap().record.value,
+        Some(vec![49; 100])
+    );
+}
+
 /// Past their retention: expired records, tombstones and old stream events are removed (a
 /// stream whose events are all old goes; an append starts it again). Entries at or above
 /// the log floor (not shipped yet) stay in the log.
