@@ -54,8 +54,42 @@ pub(crate) struct Obsolete {
     pub at: u64,
     /// Its sequence.
     pub seq: u64,
-    /// The key or stream it wrote.
-    pub subject: LogSubject,
+    /// A hash of the key or stream it wrote ([`subject_hash`]): 8 bytes rather than the
+    /// names, however long; a removal of several entries of one subject learns the subject
+    /// from the log.
+    pub subject: u64,
+}
+
+/// Fewest obsolete entries of one subject that are removed by one [`Removal::Below`] (which
+/// costs a read of one of them, to learn the subject, and one request) rather than one by
+/// one.
+const MIN_BELOW: usize = 3;
+
+/// The hash of a key's subject that [`Obsolete`] keeps.
+pub(crate) fn key_hash(namespace: &str, key: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    0u8.hash(&mut h);
+    namespace.hash(&mut h);
+    key.hash(&mut h);
+    h.finish()
+}
+
+/// The hash of a stream's subject that [`Obsolete`] keeps.
+pub(crate) fn stream_hash(stream: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    1u8.hash(&mut h);
+    stream.hash(&mut h);
+    h.finish()
+}
+
+/// The hash of `subject` that [`Obsolete`] keeps.
+pub(crate) fn subject_hash(subject: &LogSubject) -> u64 {
+    match subject {
+        LogSubject::Key(namespace, key) => key_hash(namespace, key),
+        LogSubject::Stream(stream) => stream_hash(stream),
+    }
 }
 
 /// Most events of one stream looked through to find the first one still current (a longer
@@ -210,7 +244,7 @@ impl Index {
                     self.obsolete.push_back(Obsolete {
                         at: entry.seq,
                         seq: old,
-                        subject: LogSubject::Stream(e.stream.clone()),
+                        subject: stream_hash(&e.stream),
                     });
                 }
                 let head = self.stream_heads.entry(e.stream.clone()).or_default();
@@ -219,7 +253,7 @@ impl Index {
                     self.obsolete.push_back(Obsolete {
                         at: entry.seq,
                         seq: head.seq,
-                        subject: LogSubject::Stream(e.stream.clone()),
+                        subject: stream_hash(&e.stream),
                     });
                 }
                 head.index = head.index.max(e.index);
@@ -305,7 +339,7 @@ impl Index {
                 _ => self.obsolete.push_back(Obsolete {
                     at,
                     seq,
-                    subject: LogSubject::Stream(k.0.clone()),
+                    subject: stream_hash(&k.0),
                 }),
             }
             out.events += 1;
@@ -336,7 +370,7 @@ impl Index {
                         self.obsolete.push_back(Obsolete {
                             at,
                             seq: head.seq,
-                            subject: LogSubject::Stream(stream.clone()),
+                            subject: stream_hash(&stream),
                         });
                     }
                 }
@@ -383,37 +417,59 @@ impl Index {
         out
     }
 
-    /// How a log removes `taken` (entries taken from the queue below `floor`): a key or
-    /// stream with several of them loses every entry below the first one it still needs in
-    /// one [`Removal::Below`] (every entry on it below that point holds nothing current:
-    /// this index made each obsolete as it applied the next), the rest one by one.
-    pub(crate) fn removals(&self, taken: &[Obsolete], floor: u64) -> Vec<Removal> {
+    /// Subjects of `taken` with enough entries to be removed together, each as its hash and
+    /// the sequence of one of its entries (reading it tells the subject).
+    pub(crate) fn subjects_to_learn(&self, taken: &[Obsolete]) -> Vec<(u64, u64)> {
+        let mut by_subject: HashMap<u64, (usize, u64)> = HashMap::new();
+        for o in taken {
+            let e = by_subject.entry(o.subject).or_insert((0, o.seq));
+            e.0 += 1;
+        }
+        by_subject
+            .into_iter()
+            .filter(|(_, (n, _))| *n >= MIN_BELOW)
+            .map(|(h, (_, seq))| (h, seq))
+            .collect()
+    }
+
+    /// How a log removes `taken` (entries taken from the queue below `floor`): a subject in
+    /// `subjects` (by hash, see [`Index::subjects_to_learn`]) with several of them loses
+    /// every entry below the first one it still needs in one [`Removal::Below`] (every entry
+    /// on it below that point holds nothing current: this index made each obsolete as it
+    /// applied the next), the rest go one by one.
+    pub(crate) fn removals(
+        &self,
+        taken: &[Obsolete],
+        floor: u64,
+        subjects: &HashMap<u64, LogSubject>,
+    ) -> Vec<Removal> {
         // Only what this index has applied: later entries on a subject are not known here.
         let floor = floor.min(self.applied.saturating_add(1));
-        let mut by_subject: BTreeMap<&LogSubject, Vec<u64>> = BTreeMap::new();
+        let mut by_subject: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
         for o in taken {
-            by_subject.entry(&o.subject).or_default().push(o.seq);
+            by_subject.entry(o.subject).or_default().push(o.seq);
         }
         let mut out = Vec::new();
-        for (subject, seqs) in by_subject {
-            let kept_from = if seqs.len() > 1 {
-                self.first_needed(subject).min(floor)
-            } else {
-                0
-            };
-            let below = seqs.iter().filter(|&&s| s < kept_from).count();
-            if below > 1 {
-                out.push(Removal::Below {
-                    subject: subject.clone(),
-                    below: kept_from,
-                });
-                out.extend(
-                    seqs.iter()
-                        .filter(|&&s| s >= kept_from)
-                        .map(|&s| Removal::Entry(s)),
-                );
-            } else {
-                out.extend(seqs.iter().map(|&s| Removal::Entry(s)));
+        for (hash, seqs) in by_subject {
+            let below = subjects.get(&hash).map(|subject| {
+                let kept_from = self.first_needed(subject).min(floor);
+                (subject, kept_from)
+            });
+            match below {
+                Some((subject, kept_from))
+                    if seqs.iter().filter(|&&s| s < kept_from).count() >= MIN_BELOW =>
+                {
+                    out.push(Removal::Below {
+                        subject: subject.clone(),
+                        below: kept_from,
+                    });
+                    out.extend(
+                        seqs.iter()
+                            .filter(|&&s| s >= kept_from)
+                            .map(|&s| Removal::Entry(s)),
+                    );
+                }
+                _ => out.extend(seqs.iter().map(|&s| Removal::Entry(s))),
             }
         }
         out
@@ -445,6 +501,13 @@ impl Index {
                 first
             }
         }
+    }
+
+    /// Drops from the queue the entries of subject `hash` below `below`: a
+    /// [`Removal::Below`] removed them with the ones it was made for.
+    pub(crate) fn drop_covered(&mut self, hash: u64, below: u64) {
+        self.obsolete
+            .retain(|o| !(o.subject == hash && o.seq < below));
     }
 
     /// Puts back obsolete entries that could not be removed (they are tried again first).
@@ -608,7 +671,7 @@ fn retire(obsolete: &mut VecDeque<Obsolete>, at: u64, seq: u64, k: &(String, Str
     obsolete.push_back(Obsolete {
         at,
         seq,
-        subject: LogSubject::Key(k.0.clone(), k.1.clone()),
+        subject: key_hash(&k.0, &k.1),
     });
 }
 
@@ -649,6 +712,12 @@ mod tests {
         LogSubject::Key("n".into(), k.into())
     }
 
+    fn learned(keys: &[&str]) -> HashMap<u64, LogSubject> {
+        keys.iter()
+            .map(|k| (subject_hash(&key(k)), key(k)))
+            .collect()
+    }
+
     #[test]
     fn a_keys_superseded_versions_go_in_one_removal_below_what_it_still_needs() {
         let mut index = Index::default();
@@ -659,7 +728,10 @@ mod tests {
         index.deliver(put(7, "cold"), true, 0);
         let taken = index.take_obsolete(8, 100);
         assert_eq!(seqs(taken.clone()), vec![1, 2, 3, 4, 6]);
-        let mut removals = index.removals(&taken, 8);
+        // One entry of `hot` is read to learn its subject; `cold` has one entry to remove.
+        let to_learn = index.subjects_to_learn(&taken);
+        assert_eq!(to_learn, vec![(subject_hash(&key("hot")), 1)]);
+        let mut removals = index.removals(&taken, 8, &learned(&["hot"]));
         removals.sort_by_key(|r| format!("{r:?}"));
         assert_eq!(
             removals,
@@ -678,7 +750,7 @@ mod tests {
         }
         let taken = index.take_obsolete(4, 100);
         assert_eq!(
-            index.removals(&taken, 4),
+            index.removals(&taken, 4, &learned(&["hot"])),
             vec![Removal::Below {
                 subject: key("hot"),
                 below: 4
@@ -699,7 +771,7 @@ mod tests {
         // 1 was superseded; 3 and 4 lost; 2 holds the winner, 5 is the key's last entry.
         let taken = index.take_obsolete(6, 100);
         assert_eq!(seqs(taken.clone()), vec![1, 3, 4]);
-        let mut removals = index.removals(&taken, 6);
+        let mut removals = index.removals(&taken, 6, &learned(&["k"]));
         removals.sort_by_key(|r| format!("{r:?}"));
         assert_eq!(
             removals,

@@ -442,8 +442,14 @@ impl SharedLog for JetStreamLog {
                     match v.get("error") {
                         // A purge says how many it removed; a delete removed one.
                         None => Ok(v.get("purged").and_then(|n| n.as_u64()).unwrap_or(1)),
-                        // 10057: no message at that sequence (already removed).
-                        Some(e) if e.get("err_code").and_then(|c| c.as_u64()) == Some(10057) => {
+                        // 10057 (no message at that sequence) or 10043 (sequence not
+                        // found): already removed, by an earlier removal or a purge.
+                        Some(e)
+                            if matches!(
+                                e.get("err_code").and_then(|c| c.as_u64()),
+                                Some(10057 | 10043)
+                            ) =>
+                        {
                             Ok(0)
                         }
                         Some(e) => Err(unavailable(format!("removing {body}: {e}"))),

@@ -528,20 +528,48 @@ impl<L: SharedLog> Store for ReplicatedStore<L> {
         let forgotten = self.follower.index.write().forget_old(&rules);
         // Never the log's last entry: it tells a follower where the log ends.
         let floor = r.log_floor.min(self.log.last_seq().await?);
-        let (taken, removals) = {
+        let (taken, to_learn) = {
             let mut index = self.follower.index.write();
             let taken = index.take_obsolete(floor, r.step);
-            let removals = if r.trim_log {
-                index.removals(&taken, floor)
+            let to_learn = if r.trim_log {
+                index.subjects_to_learn(&taken)
             } else {
                 Vec::new()
             };
-            (taken, removals)
+            (taken, to_learn)
+        };
+        let removals = if r.trim_log && !taken.is_empty() {
+            // The subjects with several entries to remove, read from one entry of each.
+            let learned: Vec<Option<(u64, LogSubject)>> = futures::stream::iter(to_learn)
+                .map(|(hash, seq)| async move {
+                    let entry = self.log.read_log(seq, 1).await.ok()?.into_iter().next()?;
+                    let subject = entry.change.subject();
+                    (entry.seq == seq && crate::index::subject_hash(&subject) == hash)
+                        .then_some((hash, subject))
+                })
+                .buffer_unordered(16)
+                .collect()
+                .await;
+            let subjects = learned.into_iter().flatten().collect();
+            self.follower
+                .index
+                .read()
+                .removals(&taken, floor, &subjects)
+        } else {
+            Vec::new()
         };
         let mut removed = 0;
         if !removals.is_empty() {
             match self.log.remove(&removals).await {
-                Ok(n) => removed = n,
+                Ok(n) => {
+                    removed = n;
+                    let mut index = self.follower.index.write();
+                    for r in &removals {
+                        if let Removal::Below { subject, below } = r {
+                            index.drop_covered(crate::index::subject_hash(subject), *below);
+                        }
+                    }
+                }
                 Err(StoreError::Invalid(why)) => {
                     // The log keeps its entries (see its description); the index still
                     // forgets, so memory stays bounded.
