@@ -34,7 +34,7 @@ pub(crate) struct Index {
     /// record or event), as (sequence applied when it stopped being current, its sequence),
     /// in the order they stopped being current: what a log that can remove entries removes
     /// once every reader is past them.
-    obsolete: VecDeque<Obsolete>,
+    obsolete: ObsoleteQueue,
     /// Where the next [`Index::forget_old`] step starts.
     record_cursor: Option<(String, String)>,
     event_cursor: Option<(String, u64)>,
@@ -58,6 +58,63 @@ pub(crate) struct Obsolete {
     /// names, however long; a removal of several entries of one subject learns the subject
     /// from the log.
     pub subject: u64,
+}
+
+/// Obsolete entries in the order they stopped being current, with per subject how many are
+/// queued and below which sequence a [`Removal::Below`] already removed them (a queued entry
+/// below it is dropped when it is reached, not removed again).
+#[derive(Default)]
+struct ObsoleteQueue {
+    queue: VecDeque<Obsolete>,
+    /// Queued entries per subject hash (subjects with none are not kept).
+    counts: HashMap<u64, u32>,
+    /// Per subject hash with queued entries: the entries below this sequence are gone.
+    removed_below: HashMap<u64, u64>,
+}
+
+impl ObsoleteQueue {
+    fn push_back(&mut self, o: Obsolete) {
+        *self.counts.entry(o.subject).or_default() += 1;
+        self.queue.push_back(o);
+    }
+
+    fn push_front(&mut self, o: Obsolete) {
+        *self.counts.entry(o.subject).or_default() += 1;
+        self.queue.push_front(o);
+    }
+
+    fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Queued entries of subject `hash`.
+    fn queued(&self, hash: u64) -> u32 {
+        self.counts.get(&hash).copied().unwrap_or(0)
+    }
+
+    /// Accounts for `o` leaving the queue; false when a removal already took it.
+    fn left(&mut self, o: &Obsolete) -> bool {
+        let gone = self
+            .removed_below
+            .get(&o.subject)
+            .is_some_and(|&below| o.seq < below);
+        match self.counts.get_mut(&o.subject) {
+            Some(n) if *n > 1 => *n -= 1,
+            _ => {
+                self.counts.remove(&o.subject);
+                self.removed_below.remove(&o.subject);
+            }
+        }
+        !gone
+    }
+
+    /// Records that every entry of subject `hash` below `below` is gone.
+    fn removed(&mut self, hash: u64, below: u64) {
+        if self.counts.contains_key(&hash) {
+            let b = self.removed_below.entry(hash).or_default();
+            *b = (*b).max(below);
+        }
+    }
 }
 
 /// Fewest obsolete entries of one subject that are removed by one [`Removal::Below`] (which
@@ -391,28 +448,46 @@ impl Index {
     /// most `limit`, oldest first.
     pub(crate) fn take_obsolete(&mut self, floor: u64, limit: usize) -> Vec<Obsolete> {
         let mut out = Vec::new();
+        let q = &mut self.obsolete;
         // The queue is in the order entries became obsolete: those that did so below the
         // floor are below it themselves.
         while out.len() < limit {
-            match self.obsolete.front() {
-                Some(o) if o.at < floor => out.extend(self.obsolete.pop_front()),
+            match q.queue.front() {
+                Some(o) if o.at < floor => {
+                    let o = q.queue.pop_front().expect("a front entry");
+                    if q.left(&o) {
+                        out.push(o);
+                    }
+                }
                 _ => break,
             }
         }
         // Behind them, entries that became obsolete later may still be below the floor; the
         // rest of the queue is what the floor's readers have not reached (short, unless a
         // reader stopped), looked through only while it is short.
-        if out.len() < limit && self.obsolete.len() <= MAX_OBSOLETE_SCAN {
+        if out.len() < limit && q.len() <= MAX_OBSOLETE_SCAN {
             let mut room = limit - out.len();
-            self.obsolete.retain(|o| {
-                if room > 0 && o.seq < floor {
-                    out.push(o.clone());
-                    room -= 1;
+            let mut behind = Vec::new();
+            let removed_below = &q.removed_below;
+            q.queue.retain(|o| {
+                if o.seq >= floor {
+                    return true;
+                }
+                // What a removal already took leaves without taking room.
+                let gone = removed_below.get(&o.subject).is_some_and(|&b| o.seq < b);
+                if gone || room > 0 {
+                    room -= usize::from(!gone);
+                    behind.push(o.clone());
                     false
                 } else {
                     true
                 }
             });
+            for o in behind {
+                if q.left(&o) {
+                    out.push(o);
+                }
+            }
         }
         out
     }
@@ -427,7 +502,7 @@ impl Index {
         }
         by_subject
             .into_iter()
-            .filter(|(_, (n, _))| *n >= MIN_BELOW)
+            .filter(|(h, (n, _))| *n + self.obsolete.queued(*h) as usize >= MIN_BELOW)
             .map(|(h, (_, seq))| (h, seq))
             .collect()
     }
@@ -455,10 +530,14 @@ impl Index {
                 let kept_from = self.first_needed(subject).min(floor);
                 (subject, kept_from)
             });
+            // Worth one request when it takes several entries: of this step, or queued
+            // further on (dropped when reached).
+            let worth = |kept_from: u64| {
+                let now = seqs.iter().filter(|&&s| s < kept_from).count();
+                now > 0 && now + self.obsolete.queued(hash) as usize >= MIN_BELOW
+            };
             match below {
-                Some((subject, kept_from))
-                    if seqs.iter().filter(|&&s| s < kept_from).count() >= MIN_BELOW =>
-                {
+                Some((subject, kept_from)) if worth(kept_from) => {
                     out.push(Removal::Below {
                         subject: subject.clone(),
                         below: kept_from,
@@ -503,11 +582,10 @@ impl Index {
         }
     }
 
-    /// Drops from the queue the entries of subject `hash` below `below`: a
-    /// [`Removal::Below`] removed them with the ones it was made for.
-    pub(crate) fn drop_covered(&mut self, hash: u64, below: u64) {
-        self.obsolete
-            .retain(|o| !(o.subject == hash && o.seq < below));
+    /// Records that a [`Removal::Below`] removed every entry of subject `hash` below
+    /// `below`: queued ones are dropped when they are reached.
+    pub(crate) fn removed_below(&mut self, hash: u64, below: u64) {
+        self.obsolete.removed(hash, below);
     }
 
     /// Puts back obsolete entries that could not be removed (they are tried again first).
@@ -667,7 +745,7 @@ impl StateRead for Index {
 }
 
 /// Queues the entry at `seq` of key `k` as obsolete since `at`.
-fn retire(obsolete: &mut VecDeque<Obsolete>, at: u64, seq: u64, k: &(String, String)) {
+fn retire(obsolete: &mut ObsoleteQueue, at: u64, seq: u64, k: &(String, String)) {
     obsolete.push_back(Obsolete {
         at,
         seq,
@@ -757,6 +835,56 @@ mod tests {
             }]
         );
         assert_eq!(seqs(index.take_obsolete(6, 100)), vec![4]);
+    }
+
+    #[test]
+    fn a_history_of_sweeps_is_removed_a_key_at_a_time_and_what_a_removal_took_is_skipped() {
+        // Three keys written four times over, one after the other: the queue holds each
+        // key's versions far apart.
+        let mut index = Index::default();
+        let mut seq = 0;
+        for _ in 0..4 {
+            for k in ["a", "b", "c"] {
+                seq += 1;
+                index.deliver(put(seq, k), true, 0);
+            }
+        }
+        assert_eq!(index.obsolete_len(), 9);
+        // A step of two: `a` and `b` have three entries each (two of them queued further
+        // on): each is learned and removed below its last entry.
+        let taken = index.take_obsolete(u64::MAX, 2);
+        assert_eq!(seqs(taken.clone()), vec![1, 2]);
+        let mut to_learn: Vec<u64> = index
+            .subjects_to_learn(&taken)
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect();
+        to_learn.sort();
+        assert_eq!(to_learn, vec![1, 2]);
+        let mut removals = index.removals(&taken, u64::MAX, &learned(&["a", "b"]));
+        removals.sort_by_key(|r| format!("{r:?}"));
+        assert_eq!(
+            removals,
+            vec![
+                Removal::Below {
+                    subject: key("a"),
+                    below: 10
+                },
+                Removal::Below {
+                    subject: key("b"),
+                    below: 11
+                },
+            ]
+        );
+        for r in &removals {
+            if let Removal::Below { subject, below } = r {
+                index.removed_below(subject_hash(subject), *below);
+            }
+        }
+        // What those removals took is skipped; only `c`'s entries are left to remove.
+        let taken = index.take_obsolete(u64::MAX, 100);
+        assert_eq!(seqs(taken), vec![3, 6, 9]);
+        assert_eq!(index.obsolete_len(), 0);
     }
 
     #[test]

@@ -566,7 +566,7 @@ impl<L: SharedLog> Store for ReplicatedStore<L> {
                     let mut index = self.follower.index.write();
                     for r in &removals {
                         if let Removal::Below { subject, below } = r {
-                            index.drop_covered(crate::index::subject_hash(subject), *below);
+                            index.removed_below(crate::index::subject_hash(subject), *below);
                         }
                     }
                 }

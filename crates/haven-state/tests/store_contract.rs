@@ -74,3 +74,84 @@ async fn the_embedded_backend_passes_the_fixed_cases() {
     let (_, s) = redb(dir.path());
     contract::basics(s).await;
 }
+
+/// A history the random ones found: a removal of a subject's old entries (several at once)
+/// must not end a reclamation pass while another subject's obsolete entry waits behind the
+/// ones it took.
+#[tokio::test]
+async fn a_pass_ends_only_once_every_obsolete_entry_below_the_floor_is_gone() {
+    use contract::{ExpectSpec::Any, OpSpec::*, Step::*};
+    let steps = vec![
+        Commit(vec![
+            Put {
+                ns: 0,
+                key: 2,
+                value: vec![],
+                expect: Any,
+                ttl: None,
+            },
+            Merge {
+                ns: 0,
+                key: 0,
+                offset_millis: 0,
+                logical: 0,
+                node: 0,
+                value: None,
+            },
+        ]),
+        Commit(vec![Append {
+            stream: 1,
+            data: vec![],
+        }]),
+        Commit(vec![Put {
+            ns: 0,
+            key: 0,
+            value: vec![],
+            expect: Any,
+            ttl: None,
+        }]),
+        Commit(vec![
+            Append {
+                stream: 1,
+                data: vec![],
+            },
+            Delete {
+                ns: 1,
+                key: 0,
+                expect: Any,
+            },
+        ]),
+        Commit(vec![
+            Append {
+                stream: 1,
+                data: vec![],
+            },
+            Put {
+                ns: 0,
+                key: 1,
+                value: vec![],
+                expect: Any,
+                ttl: Some(1),
+            },
+        ]),
+        Commit(vec![Delete {
+            ns: 0,
+            key: 0,
+            expect: Any,
+        }]),
+        Advance(604),
+        Commit(vec![MergeEvent {
+            stream: 1,
+            index: 1,
+            offset_millis: 0,
+            node: 0,
+            data: vec![],
+        }]),
+        Reclaim {
+            retention: 0,
+            grace: 0,
+        },
+    ];
+    let (wall, s) = mem().await;
+    contract::check_history(&*s, &wall, &steps).await;
+}
