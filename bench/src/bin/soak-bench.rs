@@ -10,7 +10,7 @@
 //! directory (the reclaimer trims only what they shipped); event and tombstone retention
 //! are set to `--retention-secs` so that they pass inside the run.
 //!
-//! Every `--sample-secs` it records the node's resident memory (`VmRSS`), the data
+//! Every `--sample-secs` it records the node's resident memory (`VmRSS`) and threads, the data
 //! directory's allocated size, the backup directory's size and the cycles done, and writes
 //! `soak.csv` and a chart, `soak.svg`, into `--out`; it prints a Markdown summary.
 
@@ -63,12 +63,22 @@ struct Cli {
     /// folder's nats-server) instead of the embedded store.
     #[arg(long)]
     nats: bool,
+    /// One more argument for `haven serve`, appended to its command line (repeat for each,
+    /// e.g. `--haven-arg=--backup-prune-interval --haven-arg=5m`).
+    #[arg(long = "haven-arg", value_name = "ARG", allow_hyphen_values = true)]
+    haven_args: Vec<String>,
+    /// An environment variable for the node, `NAME=VALUE` (repeat for each), e.g.
+    /// `MALLOC_ARENA_MAX=2`.
+    #[arg(long = "haven-env", value_name = "NAME=VALUE")]
+    haven_env: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
 struct Sample {
     minutes: f64,
     rss_kib: u64,
+    /// The node's threads (`Threads` in `/proc/PID/status`).
+    threads: u64,
     data_kib: u64,
     backup_kib: u64,
     /// What the store's status says it holds: JetStream messages and bytes (0 embedded).
@@ -119,7 +129,14 @@ async fn soak(cli: Cli) -> anyhow::Result<()> {
         .arg(&backup)
         .arg("--backup-key-file")
         .arg(&key)
-        .args(["--backup-interval", "1s"]);
+        .args(["--backup-interval", "1s"])
+        .args(&cli.haven_args);
+    for pair in &cli.haven_env {
+        let (name, value) = pair
+            .split_once('=')
+            .with_context(|| format!("--haven-env {pair:?}: expected NAME=VALUE"))?;
+        cmd.env(name, value);
+    }
     let server = Process(cmd.spawn().context("starting haven")?);
     wait_ready(port, "haven").await?;
     let pid = server.0.id();
@@ -187,6 +204,7 @@ async fn soak(cli: Cli) -> anyhow::Result<()> {
         let s = Sample {
             minutes: started.elapsed().as_secs_f64() / 60.0,
             rss_kib: rss_kib(pid).unwrap_or(0),
+            threads: threads(pid).unwrap_or(0),
             data_kib: allocated_kib(&data),
             backup_kib: allocated_kib(&backup),
             store_messages: status["store"]["messages"].as_u64().unwrap_or(0),
@@ -204,9 +222,10 @@ async fn soak(cli: Cli) -> anyhow::Result<()> {
             status["store"]["obsolete_entries"]
         );
         eprintln!(
-            "{:6.1} min: rss {} KiB, data {} KiB, backup {} KiB, stream {} messages {} KiB, {} cycles, {} errors",
+            "{:6.1} min: rss {} KiB, {} threads, data {} KiB, backup {} KiB, stream {} messages {} KiB, {} cycles, {} errors",
             s.minutes,
             s.rss_kib,
+            s.threads,
             s.data_kib,
             s.backup_kib,
             s.store_messages,
@@ -356,6 +375,17 @@ async fn reply(response: reqwest::Response, id: u64) -> anyhow::Result<Value> {
     Ok(found)
 }
 
+/// The number of threads of process `pid`.
+fn threads(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Disk space allocated to the files under `dir` (KiB).
 fn allocated_kib(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -379,13 +409,14 @@ fn allocated_kib(dir: &Path) -> u64 {
 
 fn write_csv(path: &Path, samples: &[Sample]) -> anyhow::Result<()> {
     let mut out = String::from(
-        "minutes,rss_kib,data_kib,backup_kib,store_messages,store_kib,cycles,errors\n",
+        "minutes,rss_kib,threads,data_kib,backup_kib,store_messages,store_kib,cycles,errors\n",
     );
     for s in samples {
         out.push_str(&format!(
-            "{:.2},{},{},{},{},{},{},{}\n",
+            "{:.2},{},{},{},{},{},{},{},{}\n",
             s.minutes,
             s.rss_kib,
+            s.threads,
             s.data_kib,
             s.backup_kib,
             s.store_messages,

@@ -454,6 +454,7 @@ async fn start_backup(
         config.interval = b.interval;
         config.snapshot_interval = b.snapshot_interval;
         config.verify_interval = b.verify_interval;
+        config.prune_interval = b.prune_interval;
         config.retention = b.retention.clone();
         if *url != b.url {
             // A stable label per location: its own lease, generation record and state file.

@@ -437,6 +437,9 @@ pub struct BackupServeArgs {
     /// How often the whole backup is verified [default: 7d]
     #[arg(long, env = "HAVEN_BACKUP_VERIFY_INTERVAL", value_name = "DURATION")]
     pub backup_verify_interval: Option<String>,
+    /// How often retention is applied to the backup [default: 1h]
+    #[arg(long, env = "HAVEN_BACKUP_PRUNE_INTERVAL", value_name = "DURATION")]
+    pub backup_prune_interval: Option<String>,
     /// Every point of this recent period stays restorable [default: 24h]
     #[arg(long, env = "HAVEN_BACKUP_PITR_WINDOW", value_name = "DURATION")]
     pub backup_pitr_window: Option<String>,
@@ -597,6 +600,7 @@ struct FileSettings {
     backup_interval: Option<String>,
     snapshot_interval: Option<String>,
     backup_verify_interval: Option<String>,
+    backup_prune_interval: Option<String>,
     backup_pitr_window: Option<String>,
     backup_keep: Option<String>,
     backup_archive_after: Option<String>,
@@ -644,6 +648,7 @@ pub struct BackupSettings {
     pub interval: Duration,
     pub snapshot_interval: Duration,
     pub verify_interval: Duration,
+    pub prune_interval: Duration,
     pub retention: haven_backup::RetentionPolicy,
 }
 
@@ -791,6 +796,16 @@ impl BackupSettings {
             "7d",
             "backup_verify_interval",
         )?;
+        let prune_interval = duration_setting(
+            a.backup_prune_interval
+                .clone()
+                .or(file.backup_prune_interval.take()),
+            "1h",
+            "backup_prune_interval",
+        )?;
+        if prune_interval < Duration::from_secs(1) {
+            bail!("backup_prune_interval must be at least 1s");
+        }
         let retention = retention_policy(a, file)?;
         let also: Vec<String> = if a.backup_also.is_empty() {
             file.backup_also.take().unwrap_or_default()
@@ -815,6 +830,7 @@ impl BackupSettings {
             interval,
             snapshot_interval,
             verify_interval,
+            prune_interval,
             retention,
         }))
     }
