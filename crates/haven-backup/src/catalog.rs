@@ -2,8 +2,6 @@
 //! generations, and in each generation the chain of snapshots and segments, with the points it
 //! can restore.
 
-use futures::{StreamExt, TryStreamExt};
-
 use crate::error::{BackupError, Result};
 use crate::manifest::{
     DEPLOYMENT_KEY, Deployment, GenerationInfo, ManifestEntry, ObjectKind, generation_key,
@@ -321,23 +319,20 @@ impl Listing {
                 }
             }
         }
-        let mut manifests: Vec<(String, Option<bytes::Bytes>)> =
-            futures::stream::iter(manifest_keys)
-                .map(|(k, modified)| {
-                    let target = target.clone();
-                    async move { target.get(&k).await.map(|b| (k, modified, b)) }
-                })
-                .buffer_unordered(32)
-                .try_collect::<Vec<_>>()
-                .await?
-                .into_iter()
-                .map(|(k, modified, b)| {
-                    if let Some(b) = &b {
-                        cache.records.insert(k.clone(), (modified, b.clone()));
-                    }
-                    (k, b)
-                })
-                .collect();
+        let modified: std::collections::HashMap<String, u64> = manifest_keys.into_iter().collect();
+        let mut manifests: Vec<(String, Option<bytes::Bytes>)> = target
+            .get_many(modified.keys().cloned().collect())
+            .await?
+            .into_iter()
+            .map(|(k, b)| {
+                if let Some(b) = &b
+                    && let Some(modified) = modified.get(k.as_str())
+                {
+                    cache.records.insert(k.clone(), (*modified, b.clone()));
+                }
+                (k, b)
+            })
+            .collect();
         // Forget records that are gone from the target.
         let listed: std::collections::HashSet<&str> =
             listed.iter().map(|l| l.key.as_str()).collect();

@@ -218,7 +218,7 @@ async fn build(
                 (s, r)
             }
         })
-        .buffered(4);
+        .buffered(target.reads_in_flight(4));
     while let Some((seg, fetched)) = fetches.next().await {
         let entries = match fetched {
             Ok(entries) => entries,

@@ -227,7 +227,7 @@ pub async fn verify(
                 (e, r)
             }
         })
-        .buffered(8);
+        .buffered(target.reads_in_flight(8));
     let mut done = 0;
     let mut damaged = std::collections::HashSet::new();
     while let Some((e, r)) = results.next().await {
