@@ -119,6 +119,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None
     };
     let (mut on, mut off, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    // The server's CPU time per call, and its ratio off/on: what reclamation adds to each
+    // call's cost, less sensitive to other work on a shared machine than calls per second.
+    let (mut cpu_on, mut cpu_off, mut cpu_ratios) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..cli.rounds {
         let order = if round % 2 == 0 {
             [true, false]
@@ -126,6 +129,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             [false, true]
         };
         let mut rps = [0.0f64; 2];
+        let mut cpu = [0.0f64; 2];
         for reclaim in order {
             let dir = tempfile::tempdir()?;
             let interval = if reclaim { 5_000 } else { 86_400_000 };
@@ -138,7 +142,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .mcp_load_args(&format!("http://127.0.0.1:{port}/mcp"));
             args.extend(["--notes-put".into(), "--server-pid".into()]);
             args.push(server.0.id().to_string());
-            let r = mcp_load(&load, &args)?.rps;
+            let report = mcp_load(&load, &args)?;
+            let r = report.rps;
+            cpu[usize::from(reclaim)] = report.server_cpu_us_per_req.unwrap_or(f64::NAN);
             // Let a pass run after the load, to show what reclamation removed.
             tokio::time::sleep(Duration::from_secs(if reclaim { 7 } else { 1 })).await;
             let (gone, store) = removed(port, &dir.path().join("data")).await?;
@@ -149,13 +155,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 None => String::new(),
             };
             println!(
-                "round {round}: reclamation {}: {r:.0} calls/s ({gone} entries removed{held})",
-                if reclaim { "on " } else { "off" }
+                "round {round}: reclamation {}: {r:.0} calls/s, {:.0} µs of server CPU per call ({gone} entries removed{held})",
+                if reclaim { "on " } else { "off" },
+                cpu[usize::from(reclaim)]
             );
         }
         off.push(rps[0]);
         on.push(rps[1]);
         ratios.push(rps[1] / rps[0]);
+        cpu_off.push(cpu[0]);
+        cpu_on.push(cpu[1]);
+        cpu_ratios.push(cpu[0] / cpu[1]);
     }
     drop(nats);
     let (m_on, m_off, m_ratio) = (median(&on), median(&off), median(&ratios));
@@ -169,5 +179,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         if cli.nats { "JetStream" } else { "embedded" }
     );
     println!("per-round ratios: {ratios:.3?}");
+    println!(
+        "server CPU per call: off {:.0} µs, on {:.0} µs (medians); ratio off/on {:.3} (median of rounds; per round {cpu_ratios:.3?})",
+        median(&cpu_off),
+        median(&cpu_on),
+        median(&cpu_ratios)
+    );
     Ok(())
 }
