@@ -139,19 +139,33 @@ impl UpstreamSpec {
         }
         match &self.transport {
             Transport::Http { url, headers } => {
+                // Errors show the URL without its credentials and query string.
+                let shown = crate::redact::redact_url(url);
                 let parsed = url::Url::parse(url).map_err(|e| {
                     RegistryError::Invalid(format!(
-                        "url '{url}' is not a valid URL ({e}); write e.g. http://127.0.0.1:3001/mcp"
+                        "url '{shown}' is not a valid URL ({e}); write e.g. http://127.0.0.1:3001/mcp"
                     ))
                 })?;
                 if !matches!(parsed.scheme(), "http" | "https") {
                     return Err(RegistryError::Invalid(format!(
-                        "url '{url}' must use http or https, not '{}'",
+                        "url '{shown}' must use http or https, not '{}'",
                         parsed.scheme()
                     )));
                 }
                 if parsed.host_str().is_none_or(str::is_empty) {
-                    return Err(RegistryError::Invalid(format!("url '{url}' has no host")));
+                    return Err(RegistryError::Invalid(format!("url '{shown}' has no host")));
+                }
+                if url_has_credentials(&parsed)
+                    && headers
+                        .keys()
+                        .any(|k| k.eq_ignore_ascii_case("authorization"))
+                {
+                    return Err(RegistryError::Invalid(format!(
+                        "url '{shown}' carries credentials (user:password@) and an Authorization header is configured too; \
+                         the URL's credentials would be sent as 'Authorization: Basic' in place of the header. \
+                         Give only one: remove the credentials from the URL (keep the header, with a ${{secret:NAME}} reference), \
+                         or drop the header"
+                    )));
                 }
                 for (k, v) in headers {
                     let valid_name = !k.is_empty()
@@ -239,6 +253,30 @@ impl UpstreamSpec {
     /// The effective per-call timeout.
     pub fn timeout(&self, default_millis: u64) -> std::time::Duration {
         std::time::Duration::from_millis(self.timeout_ms.unwrap_or(default_millis))
+    }
+}
+
+/// Whether a URL carries credentials (`user@` or `user:password@`), which Haven's HTTP client
+/// sends as `Authorization: Basic`.
+pub fn url_has_credentials(url: &url::Url) -> bool {
+    !url.username().is_empty() || url.password().is_some()
+}
+
+impl UpstreamSpec {
+    /// Which credentials win for an entry stored before the combination of URL credentials and
+    /// an `Authorization` header was refused (see [`UpstreamSpec::validate`]): such an entry
+    /// keeps working, with the URL's credentials sent as `Authorization: Basic` and the
+    /// configured header left out. `None` for every other entry.
+    pub fn credentials_conflict(&self) -> Option<&'static str> {
+        let Transport::Http { url, headers } = &self.transport else {
+            return None;
+        };
+        let parsed = url::Url::parse(url).ok()?;
+        (url_has_credentials(&parsed)
+            && headers.keys().any(|k| k.eq_ignore_ascii_case("authorization")))
+        .then_some(
+            "the url carries credentials and an Authorization header is configured too: the url's credentials win (sent as 'Authorization: Basic'); the configured Authorization header is not sent. Registering this combination is refused now: keep one of them",
+        )
     }
 }
 
@@ -422,6 +460,53 @@ mod tests {
             headers.insert("Mcp-Session-Id".into(), "x".into());
         }
         assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn url_credentials_and_an_authorization_header_are_refused_together() {
+        let with_header = |url: &str, header: &str| {
+            let mut s = http("x", url);
+            if let Transport::Http { headers, .. } = &mut s.transport {
+                headers.insert(header.into(), "Bearer ${secret:tok}".into());
+            }
+            s
+        };
+        for url in [
+            "https://user:pa55word@h/mcp?key=q",
+            "https://user@h/mcp",
+            "https://:pa55word@h/mcp",
+        ] {
+            for header in ["Authorization", "authorization", "AUTHORIZATION"] {
+                let s = with_header(url, header);
+                let e = s.validate().unwrap_err().to_string();
+                assert!(e.contains("carries credentials"), "{url} {header}: {e}");
+                // The error names the URL without its password or query.
+                assert!(!e.contains("pa55word") && !e.contains("key=q"), "{e}");
+                assert!(s.credentials_conflict().is_some());
+            }
+        }
+        // Either alone is fine.
+        with_header("https://h/mcp", "Authorization")
+            .validate()
+            .unwrap();
+        http("x", "https://user:pa55word@h/mcp").validate().unwrap();
+        with_header("https://user:pa55word@h/mcp", "X-Api-Key")
+            .validate()
+            .unwrap();
+        assert!(
+            with_header("https://h/mcp", "Authorization")
+                .credentials_conflict()
+                .is_none()
+        );
+        // Other errors do not echo a password either.
+        let e = http("x", "ftp://u:pa55word@h/")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("http or https") && !e.contains("pa55word"),
+            "{e}"
+        );
     }
 
     #[test]
