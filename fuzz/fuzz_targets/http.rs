@@ -253,6 +253,14 @@ fn request(data: &[u8]) -> Option<(&'static Node, Request<Body>, bool)> {
         };
         builder = builder.header(name, value);
     }
+    // A client over HTTP/1.1 always sends Host (a request without one is refused with 400
+    // before any handler); an input without it gets one, so that it reaches the handlers.
+    if !head.lines().any(|l| {
+        l.split_once(':')
+            .is_some_and(|(n, _)| n.trim().eq_ignore_ascii_case("host"))
+    }) {
+        builder = builder.header("host", "localhost");
+    }
     let body = prepare_body(&node.engine, &session, body);
     let req = builder.body(Body::from(body)).ok()?;
     Some((node, req, uses_session && method == Method::DELETE))

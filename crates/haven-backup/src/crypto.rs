@@ -62,14 +62,29 @@ impl BackupKey {
         ))
     }
 
-    /// Reads a key file.
+    /// Reads a key file; refuses one that group or others may read or change (its mode is not
+    /// 0600 or 0400).
     pub fn from_file(path: &std::path::Path) -> Result<BackupKey> {
+        if path.exists() {
+            haven_state::files::check_private_file(path, "backup key file")
+                .map_err(|e| BackupError::Config(e.to_string()))?;
+        }
         let content = std::fs::read(path).map_err(|e| {
             BackupError::io(format!("reading the backup key file {}", path.display()), e)
         })?;
         BackupKey::parse(&content).map_err(|e| {
             BackupError::Config(format!("the backup key file {}: {e}", path.display()))
         })
+    }
+
+    /// Runs a key command (e.g. one that asks a KMS or a vault) and reads the key it prints on
+    /// standard output, in a key file's format (see [`haven_state::files::run_key_command`]).
+    /// Blocks until the command ends.
+    pub fn from_command(command: &str) -> Result<BackupKey> {
+        let out = haven_state::files::run_key_command(command, "backup key")
+            .map_err(|e| BackupError::Config(e.to_string()))?;
+        BackupKey::parse(&out)
+            .map_err(|e| BackupError::Config(format!("the output of the backup key command: {e}")))
     }
 
     /// The key as 64 hexadecimal digits (what `keygen` writes).

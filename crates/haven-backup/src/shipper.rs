@@ -577,9 +577,9 @@ impl Shipper {
                 ))
                 .await?;
         } else {
-            std::fs::write(
+            haven_state::files::write_private(
                 &self.state_file,
-                serde_json::to_vec_pretty(&local).expect("json"),
+                &serde_json::to_vec_pretty(&local).expect("json"),
             )
             .map_err(|e| BackupError::io(format!("writing {}", self.state_file.display()), e))?;
         }

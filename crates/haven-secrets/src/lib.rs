@@ -157,6 +157,9 @@ pub enum SecretsError {
         "the value references secret '{0}', which does not exist; create it with `haven secrets set {0}`"
     )]
     MissingSecret(String),
+    /// A key file that others may read, or a key command that failed.
+    #[error(transparent)]
+    KeySource(#[from] haven_state::files::KeySourceError),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -324,10 +327,22 @@ impl KekRing {
     }
 
     /// Reads a key file.
+    /// Refused when group or others may read or change it (its mode is not 0600 or 0400).
     pub fn from_file(path: &Path) -> SecretsResult<KekRing> {
         let text = read_key_file(path)?;
-        warn_if_readable_by_others(path);
         Self::parse(&text, &format!("key file {}", path.display()))
+    }
+
+    /// Reads the key lines a key command prints (see [`haven_state::files::run_key_command`]):
+    /// the format of a key file.
+    pub fn from_command(command: &str) -> SecretsResult<KekRing> {
+        let out = haven_state::files::run_key_command(command, "secrets key")?;
+        let text = std::str::from_utf8(&out).map_err(|_| SecretsError::KeyLine {
+            origin: "the secrets key command's output".into(),
+            line: 1,
+            reason: "it is not UTF-8 text; print `<kid> <base64 key>` lines".into(),
+        })?;
+        Self::parse(text, "the secrets key command's output")
     }
 
     /// `self`'s keys followed by `later`'s (whose last key becomes the primary). An id present
@@ -472,36 +487,28 @@ fn key_file_error(action: &'static str, path: &Path, error: std::io::Error) -> S
     }
 }
 
+/// Reads a key file; refuses one that group or others may read or change.
 fn read_key_file(path: &Path) -> SecretsResult<Zeroizing<String>> {
+    if path.exists() {
+        haven_state::files::check_private_file(path, "secrets key file")?;
+    }
     std::fs::read_to_string(path)
         .map(Zeroizing::new)
         .map_err(|e| key_file_error("reading", path, e))
 }
 
-fn warn_if_readable_by_others(path: &Path) {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        if let Ok(m) = std::fs::metadata(path)
-            && m.permissions().mode() & 0o077 != 0
-        {
-            tracing::warn!(
-                "the key file {} is accessible to other users; restrict it with `chmod 600`",
-                path.display()
-            );
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = path;
-}
-
-/// Where a node's key-encryption keys come from: a key file, key lines given as text (the
-/// value of [`KEYS_ENV`]), or both (the file's keys first, so the text's last key is the
-/// primary). Read again by [`Secrets::reload_keys`]. `Debug` does not show the text.
+/// Where a node's key-encryption keys come from: a key file or a key command (which prints
+/// a key file's content, e.g. from a KMS or a vault), key lines given as text (the value of
+/// [`KEYS_ENV`]), or one of the first two and the text (the file's or command's keys first, so
+/// the text's last key is the primary). Read again by [`Secrets::reload_keys`] (the command is
+/// run again). `Debug` does not show the text.
 #[derive(Clone, Default)]
 pub struct KekSource {
     /// A key file.
     pub file: Option<PathBuf>,
+    /// A command whose standard output is a key file's content (see
+    /// [`haven_state::files::run_key_command`]); not together with `file`.
+    pub command: Option<String>,
     /// Key lines in the format of [`KEYS_ENV`] (separated by newlines or `;`).
     pub env: Option<String>,
 }
@@ -510,6 +517,7 @@ impl fmt::Debug for KekSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KekSource")
             .field("file", &self.file)
+            .field("command", &self.command)
             .field("env", &self.env.as_ref().map(|_| "<redacted>"))
             .finish()
     }
@@ -520,15 +528,15 @@ impl KekSource {
     pub fn file(path: impl Into<PathBuf>) -> KekSource {
         KekSource {
             file: Some(path.into()),
-            env: None,
+            ..KekSource::default()
         }
     }
 
     /// Keys from text in the format of [`KEYS_ENV`] (lines separated by newlines or `;`).
     pub fn text(text: impl Into<String>) -> KekSource {
         KekSource {
-            file: None,
             env: Some(text.into()),
+            ..KekSource::default()
         }
     }
 
@@ -539,15 +547,32 @@ impl KekSource {
         KekSource::text(KekRing::generate_line(Some(&kid)))
     }
 
-    /// Reads the keys.
+    /// Keys from a key command.
+    pub fn command(command: impl Into<String>) -> KekSource {
+        KekSource {
+            command: Some(command.into()),
+            ..KekSource::default()
+        }
+    }
+
+    /// Reads the keys (runs the key command, if any: this blocks until it ends).
     pub fn load(&self) -> SecretsResult<KekRing> {
-        let from_file = self.file.as_deref().map(KekRing::from_file).transpose()?;
+        let from_file = match (&self.file, &self.command) {
+            (Some(_), Some(_)) => {
+                return Err(SecretsError::Invalid(
+                    "the secrets keys come from a key file or a key command, not both".into(),
+                ));
+            }
+            (Some(f), None) => Some(KekRing::from_file(f)?),
+            (None, Some(c)) => Some(KekRing::from_command(c)?),
+            (None, None) => None,
+        };
         let from_env = self.env.as_deref().map(KekRing::parse_env).transpose()?;
         match (from_file, from_env) {
             (Some(f), Some(t)) => f.chain(t),
             (Some(r), None) | (None, Some(r)) => Ok(r),
             (None, None) => Err(SecretsError::NoKeys(
-                "neither a key file nor key text was given".into(),
+                "neither a key file, a key command nor key text was given".into(),
             )),
         }
     }

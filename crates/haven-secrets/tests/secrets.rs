@@ -640,6 +640,28 @@ fn key_files_are_created_private_and_appended() {
     // A file without a trailing newline gets one before the new line.
     let f2 = dir.path().join("other.keys");
     std::fs::write(&f2, KekRing::generate_line(Some("x"))).unwrap();
+    #[cfg(unix)]
+    {
+        // A key file others may read is refused, for reading and for adding a key, and left
+        // as it was.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&f2, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let before = std::fs::read(&f2).unwrap();
+        for e in [
+            KekRing::from_file(&f2).unwrap_err(),
+            KekRing::append_new_key(&f2).unwrap_err(),
+        ] {
+            let text = e.to_string();
+            assert!(
+                text.contains("secrets key file")
+                    && text.contains("0644")
+                    && text.contains(&format!("chmod 600 {}", f2.display())),
+                "{text}"
+            );
+        }
+        assert_eq!(std::fs::read(&f2).unwrap(), before);
+        std::fs::set_permissions(&f2, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     let k = KekRing::append_new_key(&f2).unwrap();
     assert_eq!(
         KekRing::from_file(&f2).unwrap().kids(),
@@ -674,6 +696,37 @@ fn key_files_are_created_private_and_appended() {
     assert!(matches!(e, SecretsError::DuplicateKid { .. }), "{e}");
     let e = KekSource::default().load().unwrap_err();
     assert!(matches!(e, SecretsError::NoKeys(_)), "{e}");
+
+    // Keys from a command: its output is a key file's content; a failing or silent command,
+    // or one with a bad line, is an error that shows no key material; a file and a command
+    // together are refused.
+    #[cfg(unix)]
+    {
+        let line = KekRing::generate_line(Some("from-cmd"));
+        let cmd = format!("printf '# a comment\\n%s\\n' '{line}'");
+        let ring = KekSource::command(&cmd).load().unwrap();
+        assert_eq!(ring.kids(), ["from-cmd"]);
+        let with_env = KekSource {
+            env: Some(KekRing::generate_line(Some("env-key"))),
+            ..KekSource::command(&cmd)
+        };
+        assert_eq!(with_env.load().unwrap().primary_kid(), "env-key");
+        let secret_part = line.split_whitespace().nth(1).unwrap().to_owned();
+        for bad in [
+            format!("sh -c 'echo {secret_part} >&2; exit 1'"),
+            "true".to_owned(),
+            format!("echo from-cmd {secret_part}x"),
+        ] {
+            let e = KekSource::command(&bad).load().unwrap_err().to_string();
+            assert!(!e.contains(&secret_part), "{bad}: {e}");
+            assert!(e.contains("secrets key command"), "{bad}: {e}");
+        }
+        let both = KekSource {
+            file: Some(file.clone()),
+            ..KekSource::command(&cmd)
+        };
+        assert!(both.load().unwrap_err().to_string().contains("not both"));
+    }
 }
 
 #[tokio::test]

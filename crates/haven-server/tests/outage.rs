@@ -100,6 +100,7 @@ async fn post(node: &Node, headers: &[(&str, &str)], body: Value) -> Answer {
     let mut req = http::Request::builder()
         .method("POST")
         .uri("/mcp")
+        .header("host", "localhost")
         .header("content-type", "application/json")
         .header("accept", "application/json, text/event-stream");
     for (k, v) in headers {

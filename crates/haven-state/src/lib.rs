@@ -3,6 +3,7 @@
 //! hybrid-logical-clock version. This crate knows nothing about MCP.
 
 pub mod clock;
+pub mod files;
 pub mod ids;
 mod index;
 pub mod mem_store;

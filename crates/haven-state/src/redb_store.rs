@@ -130,9 +130,10 @@ fn create_tables(db: &Database) -> StoreResult<()> {
     tx.commit().map_err(storage_err)
 }
 
-/// Opens (creating it if need be) the database file at `path` as a redb file backend.
+/// Opens (creating it if need be, mode 0600) the database file at `path` as a redb file
+/// backend.
 pub fn open_file_backend(path: &Path) -> std::io::Result<redb::backends::FileBackend> {
-    let f = std::fs::OpenOptions::new()
+    let f = crate::files::private_options()
         .read(true)
         .write(true)
         .create(true)
@@ -159,7 +160,7 @@ fn recover(db: &Database, wal_dir: Option<&Path>) -> StoreResult<(u64, Hlc, Opti
         let (last, hlc) = log_position(db)?;
         return Ok((last, hlc, None));
     };
-    std::fs::create_dir_all(dir)
+    crate::files::private_dir(dir)
         .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
     let (mut last, _) = log_position(db)?;
     let entries = Wal::read_all(dir)?;
@@ -314,15 +315,22 @@ impl StorageBackend for BoxedBackend {
 
 impl RedbStore {
     /// Opens (or creates) the store in directory `dir` (file `state.redb`), stamping local
-    /// writes as `origin` with `clock`.
+    /// writes as `origin` with `clock`. The directory is private (0700) and so are its files
+    /// (0600): an existing one that others may read is tightened (see [`crate::files`]).
     pub fn open(dir: &Path, origin: Origin, clock: Arc<HybridClock>) -> StoreResult<RedbStore> {
-        std::fs::create_dir_all(dir).map_err(|e| {
+        crate::files::private_dir(dir).map_err(|e| {
             StoreError::Unavailable(format!(
                 "cannot create data directory {}: {e}",
                 dir.display()
             ))
         })?;
         let file = dir.join("state.redb");
+        crate::files::tighten_if_present(&file, crate::files::FILE_MODE).map_err(|e| {
+            StoreError::Unavailable(format!(
+                "cannot restrict {} to its owner: {e}",
+                file.display()
+            ))
+        })?;
         let path = file.clone();
         let factory: BackendFactory = Box::new(move || {
             let backend = open_file_backend(&path)?;
@@ -644,7 +652,7 @@ impl std::fmt::Debug for Restorer {
 impl Restorer {
     /// Creates the store file in `dir`, which must not hold one yet.
     pub fn create(dir: &Path) -> StoreResult<Restorer> {
-        std::fs::create_dir_all(dir).map_err(|e| {
+        crate::files::private_dir(dir).map_err(|e| {
             StoreError::Unavailable(format!("cannot create directory {}: {e}", dir.display()))
         })?;
         let file = dir.join("state.redb");
@@ -654,6 +662,14 @@ impl Restorer {
                 dir.display()
             )));
         }
+        // Created empty and private first; redb initializes an empty file in place.
+        crate::files::private_options()
+            .write(true)
+            .create_new(true)
+            .open(&file)
+            .map_err(|e| {
+                StoreError::Unavailable(format!("cannot create {}: {e}", file.display()))
+            })?;
         let db = redb::Builder::new().create(&file).map_err(storage_err)?;
         create_tables(&db)?;
         Ok(Restorer {

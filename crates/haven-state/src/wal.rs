@@ -9,7 +9,7 @@
 //! crash (short, or with a wrong checksum) ends the log: everything before it was synced,
 //! nothing after it was acknowledged.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
@@ -110,9 +110,9 @@ impl Wal {
     /// Starts a new segment for entries from `first_seq` on and removes every older segment
     /// (their entries must be durable in the views already).
     pub(crate) fn start(dir: &Path, first_seq: u64) -> Result<Wal, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| io_err("creating", dir, e))?;
+        crate::files::private_dir(dir).map_err(|e| io_err("creating", dir, e))?;
         let path = dir.join(segment_name(first_seq));
-        let file = OpenOptions::new()
+        let file = crate::files::private_options()
             .create(true)
             .write(true)
             .truncate(true)
@@ -220,7 +220,10 @@ mod tests {
         wal.append(&[entry(3)]).unwrap();
         // A crash in the middle of the next append leaves part of a record.
         let path = dir.path().join(segment_name(1));
-        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
         f.write_all(&[40, 0, 0, 0, 1, 2, 3, 4, 9, 9]).unwrap();
         let read = Wal::read_all(dir.path()).unwrap();
         assert_eq!(

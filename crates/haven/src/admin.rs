@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use haven_backup::ShipperHandle;
+use haven_server::layers::host_origin::{self, AllowedHosts};
 use serde_json::json;
 
 /// Shared state of the admin routes.
@@ -41,6 +42,7 @@ pub fn load_or_create_token(data: &Path, configured: Option<&Path>) -> Result<(S
         return Ok((t, PathBuf::from("$HAVEN_ADMIN_TOKEN")));
     }
     if let Some(path) = configured {
+        haven_state::files::check_private_file(path, "admin token file")?;
         let t = std::fs::read_to_string(path)
             .with_context(|| format!("reading the admin token file {}", path.display()))?;
         let t = t.trim().to_owned();
@@ -52,6 +54,9 @@ pub fn load_or_create_token(data: &Path, configured: Option<&Path>) -> Result<(S
         return Ok((t, path.to_owned()));
     }
     let path = data.join("admin.token");
+    if path.exists() {
+        haven_state::files::check_private_file(&path, "admin token file")?;
+    }
     if let Ok(t) = std::fs::read_to_string(&path) {
         let t = t.trim().to_owned();
         if t.len() >= 16 {
@@ -63,17 +68,12 @@ pub fn load_or_create_token(data: &Path, configured: Option<&Path>) -> Result<(S
     Ok((token, path))
 }
 
-/// Writes a file readable only by its owner.
+/// Creates a file readable only by its owner (0600); refuses to replace an existing one.
 pub fn write_private(path: &Path, content: &[u8]) -> Result<()> {
     use std::io::Write;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts
+    let mut f = haven_state::files::private_options()
+        .write(true)
+        .create_new(true)
         .open(path)
         .with_context(|| format!("creating {}", path.display()))?;
     f.write_all(content)
@@ -81,13 +81,15 @@ pub fn write_private(path: &Path, content: &[u8]) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// The admin routes.
+/// The admin routes. Every request's headers are checked as on `/mcp` (`allowed`: the names
+/// allowed in `Host` and `Origin`; the headers that must be single), then its bearer token.
 pub fn router(
     token: String,
     backup: Vec<ShipperHandle>,
     engine: haven_mcp::engine::Engine,
     region: String,
     control: crate::control::Control,
+    allowed: AllowedHosts,
 ) -> Router {
     let state = Arc::new(Admin {
         token,
@@ -110,7 +112,26 @@ pub fn router(
             state.clone(),
             require_token,
         ))
+        // Runs before the token check: a request whose headers are refused is not looked at.
+        .route_layer(axum::middleware::from_fn_with_state(allowed, check_headers))
         .with_state(state)
+}
+
+/// The checks of `/mcp`'s first layer, answered the admin API's way (`{"error": ...}`): a
+/// missing `Host`, a header that must be single given twice or not in visible ASCII (400), a
+/// `Host` or `Origin` that is not allowed (403).
+async fn check_headers(
+    State(allowed): State<AllowedHosts>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match host_origin::check(&allowed, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(refusal) => {
+            tracing::debug!(%refusal, "admin request refused");
+            error(refusal.status(), refusal.to_string())
+        }
+    }
 }
 
 /// Every admin route requires the bearer token.
@@ -135,7 +156,7 @@ fn authorize(admin: &Admin, headers: &HeaderMap) -> Result<(), Response> {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer)
         .unwrap_or("");
     // Compare without an early exit on the first differing byte.
     let a = given.as_bytes();
@@ -149,6 +170,15 @@ fn authorize(admin: &Admin, headers: &HeaderMap) -> Result<(), Response> {
             "missing or wrong admin token: send Authorization: Bearer <token from the node's admin token file>",
         ))
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` value. The scheme is case-insensitive
+/// (RFC 9110 §11.1), so `bearer` and `BEARER` work too; one or more spaces follow it.
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim_start_matches(' '))
 }
 
 #[allow(clippy::result_large_err)]
@@ -532,5 +562,20 @@ async fn backup_verify(State(admin): State<Arc<Admin>>) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             format!("verification failed: {e}"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for v in ["Bearer t0k", "bearer t0k", "BEARER t0k", "bEaReR   t0k"] {
+            assert_eq!(bearer(v), Some("t0k"), "{v}");
+        }
+        for v in ["Basic t0k", "Bearer", "Bearert0k", "Token t0k"] {
+            assert_ne!(bearer(v), Some("t0k"), "{v}");
+        }
     }
 }

@@ -27,7 +27,7 @@ pub async fn run(cmd: BackupCommand) -> Result<ExitCode> {
 
 /// `haven status`: asks a running node for its view of the region.
 pub async fn status(a: crate::settings::NodeArgs) -> Result<ExitCode> {
-    let node = node_url(a.node.as_ref());
+    let node = node_url(a.node.as_ref(), a.data.as_ref());
     let token = token(a.admin_token_file.as_ref(), a.data.as_ref())?;
     let v = admin_call(&node, &token, reqwest::Method::GET, "/admin/v1/status").await?;
     if a.json {
@@ -77,7 +77,7 @@ pub async fn status(a: crate::settings::NodeArgs) -> Result<ExitCode> {
 /// The nodes table of `haven status`.
 /// `haven region promote|demote`: posts to `path` and prints the new roles.
 pub async fn region_change(a: crate::settings::NodeArgs, path: &str) -> Result<ExitCode> {
-    let node = node_url(a.node.as_ref());
+    let node = node_url(a.node.as_ref(), a.data.as_ref());
     let token = token(a.admin_token_file.as_ref(), a.data.as_ref())?;
     let v = admin_call(&node, &token, reqwest::Method::POST, path).await?;
     if a.json {
@@ -106,7 +106,7 @@ pub async fn region_takeover(a: crate::settings::RegionTakeoverArgs) -> Result<E
             a.region
         );
     }
-    let node = node_url(a.node.node.as_ref());
+    let node = node_url(a.node.node.as_ref(), a.node.data.as_ref());
     let token = token(a.node.admin_token_file.as_ref(), a.node.data.as_ref())?;
     let path = format!(
         "/admin/v1/regions/takeover?region={}&confirm_dead={}",
@@ -127,7 +127,7 @@ pub async fn region_takeover(a: crate::settings::RegionTakeoverArgs) -> Result<E
 
 /// `haven region status`.
 pub async fn region_status(a: crate::settings::RegionStatusArgs) -> Result<ExitCode> {
-    let node = node_url(a.node.node.as_ref());
+    let node = node_url(a.node.node.as_ref(), a.node.data.as_ref());
     let token = token(a.node.admin_token_file.as_ref(), a.node.data.as_ref())?;
     let path = if a.digest {
         "/admin/v1/regions?digest=true"
@@ -366,9 +366,9 @@ fn keygen(a: BackupKeygenArgs) -> Result<ExitCode> {
 }
 
 pub fn open_target(a: &BackupTargetArgs) -> Result<(Target, Option<BackupKey>)> {
-    let (url, key_file) = backup_target(a)?;
+    let (url, key_source) = backup_target(a)?;
     let target = Target::open_existing(&url)?;
-    let key = key_file.map(|f| BackupKey::from_file(&f)).transpose()?;
+    let key = key_source.map(|k| k.backup_key()).transpose()?;
     Ok((target, key))
 }
 
@@ -382,11 +382,11 @@ pub fn point_of(at: Option<&str>, seq: Option<u64>) -> Result<Point> {
 }
 
 pub fn require_key(key: Option<BackupKey>) -> Result<BackupKey> {
-    key.context("this command reads the backup's content: pass --backup-key-file FILE (or set HAVEN_BACKUP_KEY_FILE)")
+    key.context("this command reads the backup's content: pass --backup-key-file FILE or --backup-key-command COMMAND (or set HAVEN_BACKUP_KEY_FILE or HAVEN_BACKUP_KEY_COMMAND)")
 }
 
 async fn now(a: BackupNowArgs) -> Result<ExitCode> {
-    let node = node_url(a.node.node.as_ref());
+    let node = node_url(a.node.node.as_ref(), a.node.data.as_ref());
     let token = token(a.node.admin_token_file.as_ref(), a.node.data.as_ref())?;
     let spinner = ProgressBar::new_spinner().with_message("shipping");
     spinner.enable_steady_tick(Duration::from_millis(100));
@@ -453,7 +453,7 @@ async fn list(l: BackupListArgs) -> Result<ExitCode> {
     let catalog = Catalog::load(&target).await?;
     let verification = haven_backup::verify::load_latest(&target).await?;
     // The live lag, when the node answers.
-    let node = node_url(l.node.as_ref());
+    let node = node_url(l.node.as_ref(), l.data.as_ref());
     let live = match token(l.admin_token_file.as_ref(), l.data.as_ref()) {
         Ok(t) => admin_call(&node, &t, reqwest::Method::GET, "/admin/v1/backup")
             .await

@@ -6,9 +6,22 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-/// The URL of the node a command asks: `--node` (or `HAVEN_NODE`), else the local default.
-pub fn node_url(node: Option<&String>) -> String {
-    node.cloned()
+/// The URL of the admin API a command asks: `--node` (or `HAVEN_NODE`); else the one the node
+/// wrote into its data directory at start (`DATA/admin.url`: its admin listener's address,
+/// `--admin-listen`, or else its MCP listener's), with `--data` or `./haven-data`; else the
+/// local default.
+pub fn node_url(node: Option<&String>, data: Option<&PathBuf>) -> String {
+    if let Some(n) = node {
+        return n.clone();
+    }
+    let file = data
+        .cloned()
+        .unwrap_or_else(|| PathBuf::from("./haven-data"))
+        .join("admin.url");
+    std::fs::read_to_string(file)
+        .ok()
+        .map(|u| u.trim().to_owned())
+        .filter(|u| u.starts_with("http://") || u.starts_with("https://"))
         .unwrap_or_else(|| "http://127.0.0.1:8080".into())
 }
 
@@ -28,6 +41,9 @@ pub fn token(file: Option<&PathBuf>, data: Option<&PathBuf>) -> Result<String> {
             .unwrap_or_else(|| PathBuf::from("./haven-data"))
             .join("admin.token"),
     };
+    if path.exists() {
+        haven_state::files::check_private_file(&path, "admin token file")?;
+    }
     let t = std::fs::read_to_string(&path).with_context(|| {
         format!(
             "reading the admin token {} (pass --admin-token-file or --data of the node, or set HAVEN_ADMIN_TOKEN)",
@@ -76,10 +92,14 @@ pub async fn admin_request(
     let status = resp.status();
     let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
     if !status.is_success() {
-        let msg = body
-            .get("error")
-            .and_then(|e| e.as_str())
-            .unwrap_or("no details");
+        let Some(msg) = body.get("error").and_then(|e| e.as_str()) else {
+            if status == reqwest::StatusCode::NOT_FOUND {
+                bail!(
+                    "{node} answered 404 to {path}: no admin API is served there; a node started with --admin-listen ADDR serves it only on that address: pass --node http://ADDR (or --data of the node, whose admin.url names it)"
+                );
+            }
+            bail!("the node answered {status}: no details");
+        };
         bail!("the node answered {status}: {msg}");
     }
     Ok(body)

@@ -24,7 +24,7 @@ struct Node {
 impl Node {
     fn from(a: &NodeArgs) -> Result<Node> {
         Ok(Node {
-            url: node_url(a.node.as_ref()),
+            url: node_url(a.node.as_ref(), a.data.as_ref()),
             token: token(a.admin_token_file.as_ref(), a.data.as_ref())?,
             json: a.json,
         })

@@ -147,6 +147,27 @@ fn init_logging(s: &Settings) -> control::LogReloader {
     })
 }
 
+/// Tightens the files Haven keeps in its data directory (besides the store's, which the store
+/// tightens itself) to 0600 when others may read them: the node id and the backup state files.
+/// Key and token files are not changed but refused when open (see `haven_state::files`).
+fn tighten_data_files(data: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(data).with_context(|| format!("reading {}", data.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("reading {}", data.display()))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let ours = name == "node-id"
+            || name == "admin.url"
+            || (name.starts_with("backup-generation") && name.ends_with(".json"));
+        if ours {
+            let f = entry.path();
+            haven_state::files::tighten_if_present(&f, haven_state::files::FILE_MODE)
+                .with_context(|| format!("restricting {} to its owner", f.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// The node id kept in the data directory, created on first start.
 fn node_id(dir: &Path, configured: Option<&str>) -> Result<String> {
     if let Some(id) = configured {
@@ -160,7 +181,8 @@ fn node_id(dir: &Path, configured: Option<&str>) -> Result<String> {
         }
     }
     let id = format!("node-{:08x}", rand_u32());
-    std::fs::write(&file, &id).with_context(|| format!("writing {}", file.display()))?;
+    haven_state::files::write_private(&file, id.as_bytes())
+        .with_context(|| format!("writing {}", file.display()))?;
     Ok(id)
 }
 
@@ -180,8 +202,12 @@ async fn start_engine(
     s: &Settings,
     log: control::LogReloader,
 ) -> Result<(Engine, Arc<dyn Store>, control::Control)> {
-    std::fs::create_dir_all(&s.data)
+    // Private to Haven's user (0700), and so is every file Haven keeps in it (0600): it holds
+    // session ids, note text and every record in clear. An existing directory, or a file of
+    // Haven's in it, that others may reach is tightened (and logged).
+    haven_state::files::private_dir(&s.data)
         .with_context(|| format!("creating the data directory {}", s.data.display()))?;
+    tighten_data_files(&s.data)?;
     let node = node_id(&s.data, s.node_id.as_deref())?;
     let origin = Origin::new(s.region.as_str(), node.as_str());
     let mut regions = None;
@@ -354,13 +380,14 @@ async fn open_secrets(s: &Settings, store: &Arc<dyn Store>) -> Result<haven_secr
     let env = std::env::var("HAVEN_SECRETS_KEYS")
         .ok()
         .filter(|v| !v.trim().is_empty());
-    let file = match (&s.secrets_key_file, &env) {
-        (Some(f), _) => Some(f.clone()),
-        (None, Some(_)) => None,
-        (None, None) => {
+    let configured = s.secrets_key_command.is_some() || env.is_some();
+    let file = match &s.secrets_key_file {
+        Some(f) => Some(f.clone()),
+        None if configured => None,
+        None => {
             if store.shared() {
                 bail!(
-                    "a shared (NATS) store needs the same secrets keys on every node: create a key file once with `haven secrets new-key --key-file FILE`, copy it to every node and pass --secrets-key-file FILE (or set HAVEN_SECRETS_KEYS)"
+                    "a shared (NATS) store needs the same secrets keys on every node: create a key file once with `haven secrets new-key --key-file FILE`, copy it to every node and pass --secrets-key-file FILE (or --secrets-key-command COMMAND that prints it, or set HAVEN_SECRETS_KEYS)"
                 );
             }
             let f = s.data.join("secrets.keys");
@@ -384,8 +411,17 @@ async fn open_secrets(s: &Settings, store: &Arc<dyn Store>) -> Result<haven_secr
             Some(f)
         }
     };
-    let source = KekSource { file, env };
-    let secrets = Secrets::open(store.clone(), source).context("loading the secrets keys")?;
+    let source = KekSource {
+        file,
+        command: s.secrets_key_command.clone(),
+        env,
+    };
+    // Reading the keys may run a key command: off the async threads.
+    let opening = store.clone();
+    let secrets = tokio::task::spawn_blocking(move || Secrets::open(opening, source))
+        .await
+        .context("loading the secrets keys")?
+        .context("loading the secrets keys")?;
     // Secrets wrapped under a key this node does not have would fail on first use: refuse
     // now, while the fix (the right key file) is obvious.
     let known = secrets.known_kids();
@@ -447,7 +483,11 @@ async fn start_backup(
     let Some(b) = &s.backup else {
         return Ok(Vec::new());
     };
-    let key = haven_backup::BackupKey::from_file(&b.key_file)?;
+    // Reading the key may run a key command: off the async threads.
+    let source = b.key.clone();
+    let key = tokio::task::spawn_blocking(move || source.backup_key())
+        .await
+        .context("reading the backup key")??;
     let mut handles = Vec::new();
     for url in std::iter::once(&b.url).chain(&b.also) {
         let mut config = haven_backup::BackupConfig::new(url.clone(), key.clone());
@@ -478,6 +518,18 @@ async fn start_backup(
     Ok(handles)
 }
 
+/// An address a local client can connect to: a wildcard address becomes loopback.
+fn connectable(addr: SocketAddr) -> SocketAddr {
+    let mut a = addr;
+    if a.ip().is_unspecified() {
+        a.set_ip(match a {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    a
+}
+
 /// A short stable name of a backup location (FNV-1a of its URL).
 fn label_of(url: &str) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -488,7 +540,36 @@ fn label_of(url: &str) -> String {
     format!("{:08x}", h >> 32)
 }
 
+/// Refuses the key and token files given in the settings when group or others may read or
+/// change them, before anything is created or opened (the files Haven keeps in the data
+/// directory are checked when they are read).
+fn check_key_files(s: &Settings) -> Result<()> {
+    let files = [
+        (s.secrets_key_file.as_deref(), "secrets key file"),
+        (s.admin_token_file.as_deref(), "admin token file"),
+        (
+            s.backup.as_ref().and_then(|b| match &b.key {
+                settings::KeySource::File(f) => Some(f.as_path()),
+                settings::KeySource::Command(_) => None,
+            }),
+            "backup key file",
+        ),
+    ];
+    for (file, what) in files {
+        if let Some(f) = file.filter(|f| f.exists()) {
+            haven_state::files::check_private_file(f, what)?;
+        }
+    }
+    Ok(())
+}
+
 async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
+    check_key_files(&s)?;
+    // The admin token next: one that others may read stops the start before the store is
+    // opened.
+    haven_state::files::private_dir(&s.data)
+        .with_context(|| format!("creating the data directory {}", s.data.display()))?;
+    let (token, token_file) = admin::load_or_create_token(&s.data, s.admin_token_file.as_deref())?;
     let (engine, store, control) = start_engine(&s, log).await?;
     let backup = start_backup(&s, store.clone()).await?;
     reclaim::start(
@@ -498,11 +579,22 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
         control.in_force.clone(),
         control.reclaim.clone(),
     );
-    let (token, token_file) = admin::load_or_create_token(&s.data, s.admin_token_file.as_deref())?;
     let listener = tokio::net::TcpListener::bind(&s.listen)
         .await
         .with_context(|| format!("listening on {}", s.listen))?;
     let addr: SocketAddr = listener.local_addr()?;
+    let admin_listener = match &s.admin_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("listening on {a} (admin_listen, the admin API)"))?,
+        ),
+        None => None,
+    };
+    let admin_addr = match &admin_listener {
+        Some(l) => l.local_addr()?,
+        None => addr,
+    };
     let http = haven_server::HttpConfig {
         max_body_bytes: control.max_body_bytes.clone(),
         allowed_hosts: s.allowed_hosts.clone(),
@@ -516,22 +608,28 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
         engine.config().node_id
     );
     tracing::info!(
-        "admin API at http://{addr}/admin/v1 (token in {})",
+        "admin API at http://{admin_addr}/admin/v1 (token in {})",
         token_file.display()
     );
-    let router = haven_server::router(engine.clone(), http.clone())
-        .merge(admin::router(
-            token,
-            backup,
-            engine.clone(),
-            s.region.clone(),
-            control.clone(),
-        ))
-        .merge(admin::regionz_router(
-            engine.clone(),
-            s.region.clone(),
-            control.regions.clone(),
-        ));
+    // Where the CLI finds the admin API when it is not told (`--node`).
+    let admin_url = format!("http://{}", connectable(admin_addr));
+    haven_state::files::write_private(&s.data.join("admin.url"), admin_url.as_bytes())
+        .with_context(|| format!("writing {}", s.data.join("admin.url").display()))?;
+    let admin_routes = admin::router(
+        token,
+        backup,
+        engine.clone(),
+        s.region.clone(),
+        control.clone(),
+        haven_server::layers::host_origin::AllowedHosts::new(&s.allowed_hosts),
+    );
+    let mut router = haven_server::router(engine.clone(), http.clone()).merge(
+        admin::regionz_router(engine.clone(), s.region.clone(), control.regions.clone()),
+    );
+    if admin_listener.is_none() {
+        router = router.merge(admin_routes.clone());
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // SIGTERM: drain. /readyz fails at once (load balancers stop sending), open legacy
     // streams end with a reconnection hint, running requests get up to --drain-timeout.
     let drain = {
@@ -540,10 +638,28 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
             shutdown_signal().await;
             tracing::info!("draining");
             engine.begin_drain().await;
+            let _ = stop_tx.send(true);
         }
     };
     let grace = s.drain_timeout;
+    // The admin API on its own listener stops with the MCP listener.
+    let admin_server = admin_listener.map(|l| {
+        let http = http.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            haven_server::serve_with_grace(l, admin_routes, &http, stopped, grace).await
+        })
+    });
     haven_server::serve_with_grace(listener, router, &http, drain, grace).await?;
+    if let Some(a) = admin_server {
+        match a.await {
+            Ok(r) => r.context("serving the admin API")?,
+            Err(e) => tracing::warn!("the admin API's server ended abnormally: {e}"),
+        }
+    }
     let deadline = tokio::time::Instant::now() + grace;
     while engine.running_requests() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -588,6 +704,7 @@ async fn shutdown_signal() {
 }
 
 async fn stdio(s: Settings, log: control::LogReloader) -> Result<()> {
+    check_key_files(&s)?;
     let (engine, _, control) = start_engine(&s, log).await?;
     let served =
         haven_server::stdio::serve_stdio(engine, tokio::io::stdin(), tokio::io::stdout()).await;

@@ -135,7 +135,9 @@ pub struct RegionStatusArgs {
 /// How a command reaches a running node.
 #[derive(Args, Debug, Clone)]
 pub struct NodeArgs {
-    /// Node to ask [default: http://127.0.0.1:8080]
+    /// Admin API of the node to ask: its --admin-listen address if it has one, else its
+    /// --listen address [default: the URL in DATA/admin.url, which the node writes at start,
+    /// else http://127.0.0.1:8080]
     #[arg(long, env = "HAVEN_NODE", value_name = "URL")]
     pub node: Option<String>,
     /// Admin token file of the node [default: HAVEN_ADMIN_TOKEN, else DATA/admin.token]
@@ -342,9 +344,15 @@ pub struct BackupTargetArgs {
     /// Backup location: a directory, file:///DIR or s3://BUCKET/PREFIX
     #[arg(long, env = "HAVEN_BACKUP_URL", value_name = "URL")]
     pub backup_url: Option<String>,
-    /// File holding the backup encryption key (64 hex digits)
+    /// File holding the backup encryption key (64 hex digits); it must not be readable by
+    /// group or others (chmod 600)
     #[arg(long, env = "HAVEN_BACKUP_KEY_FILE", value_name = "FILE")]
     pub backup_key_file: Option<PathBuf>,
+    /// Command that prints the backup encryption key (as in a key file) instead of a file,
+    /// e.g. one asking a KMS or a vault; split into words like a shell would and run without
+    /// one
+    #[arg(long, env = "HAVEN_BACKUP_KEY_COMMAND", value_name = "COMMAND")]
+    pub backup_key_command: Option<String>,
     /// TOML file with settings (backup_url, backup_key_file, ...)
     #[arg(long, env = "HAVEN_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -358,7 +366,8 @@ pub struct BackupTargetArgs {
 pub struct BackupListArgs {
     #[command(flatten)]
     pub target: BackupTargetArgs,
-    /// Node to ask for the live backup lag [default: http://127.0.0.1:8080]
+    /// Admin API of the node to ask for the live backup lag [default: the URL in
+    /// DATA/admin.url, else http://127.0.0.1:8080]
     #[arg(long, env = "HAVEN_NODE", value_name = "URL")]
     pub node: Option<String>,
     /// Admin token file of that node [default: DATA/admin.token]
@@ -425,9 +434,15 @@ pub struct BackupServeArgs {
         value_delimiter = ','
     )]
     pub backup_also: Vec<String>,
-    /// File holding the backup encryption key; create one with `haven backup keygen`
+    /// File holding the backup encryption key; create one with `haven backup keygen`. It must
+    /// not be readable by group or others (chmod 600)
     #[arg(long, env = "HAVEN_BACKUP_KEY_FILE", value_name = "FILE")]
     pub backup_key_file: Option<PathBuf>,
+    /// Command that prints the backup encryption key (as in a key file) instead of a file,
+    /// e.g. one asking a KMS or a vault; split into words like a shell would and run without
+    /// one
+    #[arg(long, env = "HAVEN_BACKUP_KEY_COMMAND", value_name = "COMMAND")]
+    pub backup_key_command: Option<String>,
     /// How often new changes are shipped, e.g. 1s, 60s, 5m [default: 60s]
     #[arg(long, env = "HAVEN_BACKUP_INTERVAL", value_name = "DURATION")]
     pub backup_interval: Option<String>,
@@ -512,6 +527,11 @@ pub struct CommonArgs {
     /// DATA/secrets.keys, created on first start; a NATS store requires one of the two]
     #[arg(long, env = "HAVEN_SECRETS_KEY_FILE", value_name = "FILE")]
     pub secrets_key_file: Option<PathBuf>,
+    /// Command that prints the key-encryption keys for secrets (the key file's format)
+    /// instead of a file, e.g. one asking a KMS or a vault; split into words like a shell
+    /// would and run without one, at start and again at every `haven secrets rotate-key`
+    #[arg(long, env = "HAVEN_SECRETS_KEY_COMMAND", value_name = "COMMAND")]
+    pub secrets_key_command: Option<String>,
 }
 
 /// Settings of `haven serve`.
@@ -546,6 +566,11 @@ pub struct ServeArgs {
     /// on first start]
     #[arg(long, env = "HAVEN_ADMIN_TOKEN_FILE", value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// Serve the admin API (/admin/v1) on this address of its own, e.g. 127.0.0.1:8081, and
+    /// no longer on the MCP listener (so /mcp can be public while the admin API stays on
+    /// loopback) [default: on the MCP listener]
+    #[arg(long, env = "HAVEN_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<String>,
     /// Other regions whose change logs this region applies, comma-separated (a NATS store
     /// only: each region's servers run JetStream with `domain: <region name>` and are joined
     /// to the others' by leafnodes) [default: none]
@@ -585,18 +610,21 @@ struct FileSettings {
     store: Option<String>,
     store_replicas: Option<usize>,
     secrets_key_file: Option<PathBuf>,
+    secrets_key_command: Option<String>,
     drain_timeout: Option<String>,
     max_clock_skew: Option<String>,
     listen: Option<String>,
     allowed_hosts: Option<Vec<String>>,
     max_body_bytes: Option<usize>,
     admin_token_file: Option<PathBuf>,
+    admin_listen: Option<String>,
     peer_regions: Option<Vec<String>>,
     region_check_interval: Option<String>,
     region_failure_threshold: Option<u32>,
     backup_url: Option<String>,
     backup_also: Option<Vec<String>>,
     backup_key_file: Option<PathBuf>,
+    backup_key_command: Option<String>,
     backup_interval: Option<String>,
     snapshot_interval: Option<String>,
     backup_verify_interval: Option<String>,
@@ -630,7 +658,10 @@ pub struct Settings {
     pub allowed_hosts: Vec<String>,
     pub max_body_bytes: usize,
     pub admin_token_file: Option<PathBuf>,
+    /// The admin API's own address (`None`: it shares the MCP listener).
+    pub admin_listen: Option<String>,
     pub secrets_key_file: Option<PathBuf>,
+    pub secrets_key_command: Option<String>,
     pub backup: Option<BackupSettings>,
     /// Other regions this one applies the logs of (empty: one region).
     pub peer_regions: Vec<String>,
@@ -644,12 +675,51 @@ pub struct BackupSettings {
     pub url: String,
     /// More targets, each shipped on its own.
     pub also: Vec<String>,
-    pub key_file: PathBuf,
+    pub key: KeySource,
     pub interval: Duration,
     pub snapshot_interval: Duration,
     pub verify_interval: Duration,
     pub prune_interval: Duration,
     pub retention: haven_backup::RetentionPolicy,
+}
+
+/// Where a key comes from: a file (which must be private to its owner) or a command that
+/// prints it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    File(PathBuf),
+    Command(String),
+}
+
+impl KeySource {
+    /// The pair of settings `<name>_file` / `<name>_command`: flags and environment first (both
+    /// at once is an error), then the TOML file's (likewise).
+    fn resolve(
+        name: &str,
+        given: (Option<PathBuf>, Option<String>),
+        file: (Option<PathBuf>, Option<String>),
+    ) -> Result<Option<KeySource>> {
+        let pick = |(f, c): (Option<PathBuf>, Option<String>), whence: &str| match (f, c) {
+            (Some(_), Some(_)) => bail!(
+                "{name}_file and {name}_command are both set{whence}: the key comes from one of them"
+            ),
+            (Some(f), None) => Ok(Some(KeySource::File(f))),
+            (None, Some(c)) => Ok(Some(KeySource::Command(c))),
+            (None, None) => Ok(None),
+        };
+        match pick(given, " (flags or environment)")? {
+            Some(k) => Ok(Some(k)),
+            None => pick(file, " in the config file"),
+        }
+    }
+
+    /// The backup key it holds (runs the command: blocks until it ends).
+    pub fn backup_key(&self) -> Result<haven_backup::BackupKey> {
+        Ok(match self {
+            KeySource::File(f) => haven_backup::BackupKey::from_file(f)?,
+            KeySource::Command(c) => haven_backup::BackupKey::from_command(c)?,
+        })
+    }
 }
 
 /// Parses a duration: a number of seconds, or a number with a unit: ms, s, m, h, d, y.
@@ -766,9 +836,14 @@ impl BackupSettings {
         let Some(url) = a.backup_url.clone().or(file.backup_url.take()) else {
             return Ok(None);
         };
-        let Some(key_file) = a.backup_key_file.clone().or(file.backup_key_file.take()) else {
+        let key = KeySource::resolve(
+            "backup_key",
+            (a.backup_key_file.clone(), a.backup_key_command.clone()),
+            (file.backup_key_file.take(), file.backup_key_command.take()),
+        )?;
+        let Some(key) = key else {
             bail!(
-                "backups need an encryption key: create one with `haven backup keygen --out FILE`, keep it outside the data directory, and pass --backup-key-file FILE"
+                "backups need an encryption key: create one with `haven backup keygen --out FILE`, keep it outside the data directory, and pass --backup-key-file FILE (or --backup-key-command COMMAND that prints it)"
             );
         };
         let interval = duration_setting(
@@ -826,7 +901,7 @@ impl BackupSettings {
         Ok(Some(BackupSettings {
             url,
             also,
-            key_file,
+            key,
             interval,
             snapshot_interval,
             verify_interval,
@@ -882,6 +957,21 @@ impl Settings {
         let admin_token_file = serve
             .and_then(|s| s.admin_token_file.clone())
             .or(file.admin_token_file.take());
+        let admin_listen = serve
+            .and_then(|s| s.admin_listen.clone())
+            .or(file.admin_listen.take())
+            .map(|a| a.trim().to_owned());
+        let secrets_key = KeySource::resolve(
+            "secrets_key",
+            (
+                common.secrets_key_file.clone(),
+                common.secrets_key_command.clone(),
+            ),
+            (
+                file.secrets_key_file.take(),
+                file.secrets_key_command.take(),
+            ),
+        )?;
         let store = common
             .store
             .clone()
@@ -997,6 +1087,22 @@ impl Settings {
                 );
             }
         }
+        let listen = serve
+            .and_then(|s| s.listen.clone())
+            .or(file.listen)
+            .unwrap_or_else(|| "127.0.0.1:8080".into());
+        if let Some(a) = &admin_listen {
+            if a.is_empty() {
+                bail!(
+                    "admin_listen is empty: give an address such as 127.0.0.1:8081, or leave it unset to serve the admin API on the MCP listener"
+                );
+            }
+            if *a == listen {
+                bail!(
+                    "admin_listen {a} is the MCP listener's address: give the admin API another address, or leave admin_listen unset to serve it on the MCP listener"
+                );
+            }
+        }
         Ok(Settings {
             data: common
                 .data
@@ -1031,17 +1137,22 @@ impl Settings {
                 .worker_threads
                 .or(file.worker_threads)
                 .filter(|n| *n > 0),
-            listen: serve
-                .and_then(|s| s.listen.clone())
-                .or(file.listen)
-                .unwrap_or_else(|| "127.0.0.1:8080".into()),
+            listen,
             allowed_hosts: serve
                 .and_then(|s| s.allowed_hosts.clone())
                 .or(file.allowed_hosts)
                 .unwrap_or_else(|| vec!["localhost".into(), "127.0.0.1".into(), "[::1]".into()]),
             max_body_bytes,
             admin_token_file,
-            secrets_key_file: common.secrets_key_file.clone().or(file.secrets_key_file),
+            admin_listen,
+            secrets_key_file: match &secrets_key {
+                Some(KeySource::File(f)) => Some(f.clone()),
+                _ => None,
+            },
+            secrets_key_command: match secrets_key {
+                Some(KeySource::Command(c)) => Some(c),
+                _ => None,
+            },
             backup,
             peer_regions,
             region_health,
@@ -1078,17 +1189,22 @@ pub fn nats_servers(store: &str) -> Result<Option<Vec<String>>> {
 
 /// Backup location and key for the `haven backup` commands: flags, environment, then the
 /// TOML file.
-pub fn backup_target(args: &BackupTargetArgs) -> Result<(String, Option<PathBuf>)> {
+pub fn backup_target(args: &BackupTargetArgs) -> Result<(String, Option<KeySource>)> {
     let mut file = FileSettings::load(args.config.as_deref())?;
     let Some(url) = args.backup_url.clone().or(file.backup_url.take()) else {
         bail!(
             "no backup location: pass --backup-url URL (a directory, file:///DIR or s3://BUCKET/PREFIX) or set HAVEN_BACKUP_URL"
         );
     };
-    Ok((
-        url,
-        args.backup_key_file.clone().or(file.backup_key_file.take()),
-    ))
+    let key = KeySource::resolve(
+        "backup_key",
+        (
+            args.backup_key_file.clone(),
+            args.backup_key_command.clone(),
+        ),
+        (file.backup_key_file.take(), file.backup_key_command.take()),
+    )?;
+    Ok((url, key))
 }
 
 #[cfg(test)]
@@ -1157,5 +1273,58 @@ mod tests {
             format!("{e:#}").contains("reading the config file"),
             "{e:#}"
         );
+        let e = resolve(&["haven", "serve", "--admin-listen", "127.0.0.1:8080"]).unwrap_err();
+        assert!(format!("{e:#}").contains("MCP listener"), "{e:#}");
+    }
+
+    #[test]
+    fn keys_come_from_a_file_or_a_command() {
+        let (_, s) = resolve(&["haven", "serve", "--secrets-key-command", "kms get"]).unwrap();
+        assert_eq!(
+            (s.secrets_key_file, s.secrets_key_command.as_deref()),
+            (None, Some("kms get"))
+        );
+        let e = resolve(&[
+            "haven",
+            "serve",
+            "--secrets-key-command",
+            "kms get",
+            "--secrets-key-file",
+            "/k",
+        ])
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("both set"), "{e:#}");
+        // A flag wins over the file's pair; the file alone may not name both.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("h.toml");
+        std::fs::write(
+            &file,
+            "backup_url = \"/b\"\nbackup_key_file = \"/k\"\nadmin_listen = \"127.0.0.1:9\"\n",
+        )
+        .unwrap();
+        let f = file.to_str().unwrap();
+        let (_, s) = resolve(&["haven", "serve", "--config", f]).unwrap();
+        assert_eq!(s.backup.unwrap().key, KeySource::File("/k".into()));
+        assert_eq!(s.admin_listen.as_deref(), Some("127.0.0.1:9"));
+        let (_, s) = resolve(&[
+            "haven",
+            "serve",
+            "--config",
+            f,
+            "--backup-key-command",
+            "vault read",
+        ])
+        .unwrap();
+        assert_eq!(
+            s.backup.unwrap().key,
+            KeySource::Command("vault read".into())
+        );
+        std::fs::write(
+            &file,
+            "secrets_key_file = \"/k\"\nsecrets_key_command = \"x\"\n",
+        )
+        .unwrap();
+        let e = resolve(&["haven", "serve", "--config", f]).unwrap_err();
+        assert!(format!("{e:#}").contains("in the config file"), "{e:#}");
     }
 }

@@ -550,7 +550,7 @@ async fn one_node_per_region_ships_backups_and_another_takes_over_when_it_dies()
     let _one = ONE_REGION_AT_A_TIME.lock().await;
     let keys = tempfile::tempdir().unwrap();
     let key = keys.path().join("backup.key");
-    std::fs::write(&key, format!("{}\n", "ab".repeat(32))).unwrap();
+    common::write_key_file(&key, format!("{}\n", "ab".repeat(32)));
     let backup = keys.path().join("backup");
     let (b, k) = (
         backup.to_str().unwrap().to_owned(),
@@ -922,7 +922,7 @@ async fn a_region_trims_its_stream_behind_its_backup_and_the_backup_restores_eve
     let _one = ONE_REGION_AT_A_TIME.lock().await;
     let keys = tempfile::tempdir().unwrap();
     let key = keys.path().join("backup.key");
-    std::fs::write(&key, format!("{}\n", "cd".repeat(32))).unwrap();
+    common::write_key_file(&key, format!("{}\n", "cd".repeat(32)));
     let backup = keys.path().join("backup");
     let (b, k) = (
         backup.to_str().unwrap().to_owned(),

@@ -896,11 +896,10 @@ async fn a_node_without_the_key_file_of_its_secrets_refuses_to_start() {
         .to_owned();
     let forged = dir.path().join("forged.keys");
     // 32 bytes of 'A', base64.
-    std::fs::write(
+    common::write_key_file(
         &forged,
         format!("{kid} QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=\n"),
-    )
-    .unwrap();
+    );
     let out = serve_until_exit(
         &data,
         &["--secrets-key-file", &forged.display().to_string()],

@@ -1,9 +1,11 @@
 //! DNS-rebinding protection. A web page on another site can make a browser send requests to a
 //! server on the user's machine under a name the attacker controls; the browser then sends that
 //! name in `Host` and the page's site in `Origin`. So `Host` and, when present, `Origin` must
-//! name an allowed host (`--allowed-hosts`), else 403. A request with two `Host` or two `Origin`
-//! headers is refused outright (400, as RFC 9112 requires for `Host`): checking one of them
-//! while a proxy or a framework reads the other would defeat the check.
+//! name an allowed host (`--allowed-hosts`), else 403. Before that, the headers that must be
+//! single are checked ([`super::single`]): a request without `Host`, with two `Host` or two
+//! `Origin` headers (checking one of them while a proxy or a framework reads the other would
+//! defeat the check), or with a value that is not visible ASCII is refused outright (400).
+//! The admin API applies the same [`check`].
 
 use std::sync::Arc;
 
@@ -43,12 +45,9 @@ pub enum Refusal {
     /// `Origin` names a host that is not allowed (or is not a URL with a host, like `null`).
     #[error("Forbidden: Origin {0} is not allowed")]
     Origin(String),
-    /// More than one `Host` header.
-    #[error("Bad Request: a request carries one Host header, this one has {0}")]
-    DuplicateHost(usize),
-    /// More than one `Origin` header.
-    #[error("Bad Request: a request carries at most one Origin header, this one has {0}")]
-    DuplicateOrigin(usize),
+    /// A header that must be single and readable is not, or `Host` is missing (400).
+    #[error(transparent)]
+    Headers(#[from] super::single::Refusal),
 }
 
 impl Refusal {
@@ -56,7 +55,7 @@ impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {
             Refusal::Host(_) | Refusal::Origin(_) => StatusCode::FORBIDDEN,
-            Refusal::DuplicateHost(_) | Refusal::DuplicateOrigin(_) => StatusCode::BAD_REQUEST,
+            Refusal::Headers(r) => r.status(),
         }
     }
 }
@@ -87,16 +86,10 @@ fn text(v: &HeaderValue) -> Result<&str, String> {
         .map_err(|_| String::from_utf8_lossy(v.as_bytes()).into_owned())
 }
 
-/// Checks `Host` and `Origin` of a request against `allowed`.
+/// Checks the headers that must be single, then `Host` and `Origin` of a request against
+/// `allowed`.
 pub fn check(allowed: &AllowedHosts, headers: &HeaderMap) -> Result<(), Refusal> {
-    let hosts = headers.get_all(header::HOST).iter().count();
-    if hosts > 1 {
-        return Err(Refusal::DuplicateHost(hosts));
-    }
-    let origins = headers.get_all(header::ORIGIN).iter().count();
-    if origins > 1 {
-        return Err(Refusal::DuplicateOrigin(origins));
-    }
+    super::single::check(headers)?;
     if allowed.any {
         return Ok(());
     }
@@ -119,7 +112,8 @@ pub fn check(allowed: &AllowedHosts, headers: &HeaderMap) -> Result<(), Refusal>
     Ok(())
 }
 
-/// The middleware: refuses a request whose `Host` or `Origin` is not allowed.
+/// The middleware: refuses a request whose `Host` or `Origin` is not allowed, or whose headers
+/// are not single and readable.
 pub async fn enforce(State(allowed): State<AllowedHosts>, req: Request, next: Next) -> Response {
     match check(&allowed, req.headers()) {
         Ok(()) => next.run(req).await,
@@ -166,7 +160,13 @@ mod tests {
         assert_eq!(check(&a, &headers(&[("host", "localhost:8080")])), Ok(()));
         assert_eq!(check(&a, &headers(&[("host", "LOCALHOST")])), Ok(()));
         assert_eq!(check(&a, &headers(&[("host", "[::1]:9")])), Ok(()));
-        assert_eq!(check(&a, &headers(&[])), Ok(()), "no Host: HTTP/1.0");
+        assert!(
+            matches!(
+                check(&a, &headers(&[])),
+                Err(Refusal::Headers(super::super::single::Refusal::NoHost))
+            ),
+            "no Host"
+        );
         assert_eq!(
             check(&a, &headers(&[("host", "evil.example.com")])),
             Err(Refusal::Host("evil.example.com".into()))
@@ -196,7 +196,9 @@ mod tests {
         );
         assert!(matches!(
             check(&allowed(&["localhost"]), &h),
-            Err(Refusal::Host(_))
+            Err(Refusal::Headers(
+                super::super::single::Refusal::NotAscii { .. }
+            ))
         ));
     }
 
@@ -208,7 +210,10 @@ mod tests {
                     &a,
                     &headers(&[("host", "localhost"), ("host", "evil.example.com")])
                 ),
-                Err(Refusal::DuplicateHost(2))
+                Err(Refusal::Headers(super::super::single::Refusal::Duplicate {
+                    name: "Host".into(),
+                    count: 2
+                }))
             );
             assert_eq!(
                 check(
@@ -219,7 +224,10 @@ mod tests {
                         ("origin", "http://evil.example.com"),
                     ])
                 ),
-                Err(Refusal::DuplicateOrigin(2))
+                Err(Refusal::Headers(super::super::single::Refusal::Duplicate {
+                    name: "Origin".into(),
+                    count: 2
+                }))
             );
         }
         assert_eq!(

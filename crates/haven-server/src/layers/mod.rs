@@ -1,7 +1,9 @@
 //! The HTTP-level checks in front of `/mcp`, one tower layer (axum middleware) per concern,
 //! applied before any handler runs, so that the handlers only read and dispatch:
 //!
-//! 1. [`host_origin`]: DNS-rebinding protection (403; duplicate `Host`/`Origin` 400),
+//! 1. [`host_origin`]: the headers that must be single and readable ([`single`]: no `Host`, two
+//!    of a header Haven reads, or a value that is not visible ASCII, 400), then DNS-rebinding
+//!    protection (403),
 //! 2. [`content`]: `Content-Type` (415) and `Accept` (406),
 //! 3. [`admission`]: places per node and per session (503 or 429 with `Retry-After`),
 //! 4. [`body_limit`]: the body limit in force for this request (413), read at every request
@@ -13,6 +15,7 @@ pub mod admission;
 pub mod body_limit;
 pub mod content;
 pub mod host_origin;
+pub mod single;
 
 use axum::body::Body;
 use axum::response::Response;

@@ -42,6 +42,16 @@ impl Drop for Haven {
 
 pub use haven_testkit::free_port;
 
+/// Writes a key file readable only by its owner (0600), as Haven requires of key files.
+pub fn write_key_file(path: &Path, content: impl AsRef<[u8]>) {
+    std::fs::write(path, content).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+}
+
 /// Where a node lives across restarts: a data directory (in a temporary directory that goes
 /// away with this) and a port.
 pub struct Home {
