@@ -108,7 +108,8 @@ impl Secrets {
     }
 
     /// Adds the credentials of `url` (the password, and `user:password` as its `Basic`
-    /// base64) and the values of its credential-like query parameters.
+    /// base64), its whole query string and the values of its credential-like query
+    /// parameters.
     pub fn add_url(&mut self, url: &str) {
         let Ok(parsed) = url::Url::parse(url) else {
             return;
@@ -121,6 +122,11 @@ impl Secrets {
             let basic =
                 base64::engine::general_purpose::STANDARD.encode(format!("{user}:{decoded}"));
             self.add(&basic);
+        }
+        // The whole query string: an echo of a relative request URI (`/mcp?…`) shows it
+        // without the scheme that marks a URL.
+        if let Some(q) = parsed.query() {
+            self.add(q);
         }
         for (k, v) in parsed.query_pairs() {
             if is_credential_name(&k) {
@@ -364,10 +370,10 @@ mod tests {
         let mut s = Secrets::new();
         s.add_url("https://alice:p%40ss@h/mcp?api_key=QK-123&page=2");
         let basic = base64::engine::general_purpose::STANDARD.encode("alice:p@ss");
-        let text = format!("echo p@ss {basic} QK-123 page 2");
+        let text = format!("echo p@ss {basic} QK-123 page 2 /mcp?api_key=QK-123&page=2");
         assert_eq!(
             redact(&text, &s),
-            "echo [redacted] [redacted] [redacted] page 2"
+            "echo [redacted] [redacted] [redacted] page 2 /mcp?[redacted]"
         );
     }
 

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use haven_control::config::UpstreamSettings;
-use haven_control::registry::{Transport, UpstreamSpec, served_uri};
+use haven_control::redact::{Secrets, is_credential_name, redact};
+use haven_control::registry::{Piece, Transport, UpstreamSpec, parse_template, served_uri};
 use haven_mcp::RequestContext;
 use haven_mcp::context::{Announcement, announce};
 use haven_state::Store;
@@ -38,6 +39,7 @@ pub(crate) const INHERITED_ENV: &[&str] = &[
 ];
 
 use crate::SecretResolver;
+use crate::failure::{Failure, Reason};
 
 /// Requests in flight whose progress goes to a client: the progress token Haven's client put on
 /// the upstream request → the calling client's context.
@@ -65,6 +67,15 @@ pub(crate) struct Handler {
     /// Wakes the connection's list refresher.
     pub refresh: Arc<Notify>,
     pub progress: ProgressMap,
+    /// The upstream's known secret values, removed from what it sends before it is forwarded
+    /// to a client or logged.
+    pub secrets: Arc<Mutex<Secrets>>,
+}
+
+impl Handler {
+    fn redact(&self, text: &str) -> String {
+        redact(text, &self.secrets.lock())
+    }
 }
 
 fn refused(what: &str) -> ErrorData {
@@ -116,7 +127,8 @@ impl ClientHandler for Handler {
     ) {
         let ctx = self.progress.lock().get(&params.progress_token).cloned();
         if let Some(ctx) = ctx {
-            ctx.progress(params.progress, params.total, params.message);
+            let message = params.message.map(|m| self.redact(&m));
+            ctx.progress(params.progress, params.total, message);
         }
     }
 
@@ -125,7 +137,8 @@ impl ClientHandler for Handler {
         params: LoggingMessageNotificationParam,
         _context: NotificationContext<RoleClient>,
     ) {
-        tracing::debug!(upstream = %self.upstream, level = ?params.level, logger = ?params.logger, data = %params.data, "upstream log message");
+        let data = self.redact(&params.data.to_string());
+        tracing::debug!(upstream = %self.upstream, level = ?params.level, logger = ?params.logger, %data, "upstream log message");
     }
 
     async fn on_resource_updated(
@@ -152,13 +165,58 @@ impl ClientHandler for Handler {
     }
 }
 
+/// The secret values `spec` names without the secrets service: its URL's password (and
+/// credential-like query values), and literal values of credential-like headers and
+/// environment variables.
+pub(crate) fn literal_secrets(spec: &UpstreamSpec) -> Secrets {
+    let mut known = Secrets::new();
+    let values = match &spec.transport {
+        Transport::Http { url, headers } => {
+            known.add_url(url);
+            headers
+        }
+        Transport::Stdio { env, .. } => env,
+    };
+    for (k, v) in values {
+        if is_credential_name(k) {
+            known.add_credential(v);
+        }
+    }
+    known
+}
+
+/// Expands the secret references of `template`, adding every secret value it holds (and the
+/// whole value, when it references one) to `known`.
+async fn expand(
+    template: &str,
+    credential: bool,
+    resolver: &dyn SecretResolver,
+    known: &Mutex<Secrets>,
+) -> Result<String, String> {
+    let pieces = parse_template(template).map_err(|e| e.to_string())?;
+    let mut referenced = false;
+    for p in &pieces {
+        if let Piece::Secret(name) = p {
+            referenced = true;
+            let value = resolver.expand(&format!("${{secret:{name}}}")).await?;
+            known.lock().add(&value);
+        }
+    }
+    let value = resolver.expand(template).await?;
+    if referenced || credential {
+        known.lock().add_credential(&value);
+    }
+    Ok(value)
+}
+
 /// Opens a connection to `spec` and completes the MCP handshake. The caller bounds the time.
+/// Every secret value expanded for it is added to `handler.secrets` first.
 pub(crate) async fn open(
     spec: &UpstreamSpec,
     handler: Handler,
     secrets: &dyn SecretResolver,
     settings: &UpstreamSettings,
-) -> Result<Opened, String> {
+) -> Result<Opened, Failure> {
     let ct = CancellationToken::new();
     let (running, pid) = match &spec.transport {
         Transport::Stdio {
@@ -177,7 +235,16 @@ pub(crate) async fn open(
             open_stdio(process, handler, secrets, ct.clone()).await?
         }
         Transport::Http { url, headers } => {
-            open_http(url, headers, handler, secrets, settings, ct.clone()).await?
+            // An entry stored before URL credentials and an Authorization header were refused
+            // together: the URL's credentials win (reqwest sends them as `Authorization:
+            // Basic`), and the header is left out rather than sent a second time.
+            let skip_authorization = spec.credentials_conflict().is_some();
+            let target = HttpTarget {
+                url,
+                headers,
+                skip_authorization,
+            };
+            open_http(target, handler, secrets, settings, ct.clone()).await?
         }
     };
     let peer = running.peer().clone();
@@ -210,6 +277,14 @@ struct Process<'a> {
     cwd: Option<&'a str>,
 }
 
+/// Where a Streamable HTTP upstream is and what it is sent.
+struct HttpTarget<'a> {
+    url: &'a str,
+    headers: &'a BTreeMap<String, String>,
+    /// Leave the configured `Authorization` header out (see [`open`]).
+    skip_authorization: bool,
+}
+
 /// Starts a stdio upstream (in a clean environment, its stderr to the log) and completes the
 /// MCP handshake over its stdin/stdout.
 async fn open_stdio(
@@ -217,7 +292,7 @@ async fn open_stdio(
     handler: Handler,
     secrets: &dyn SecretResolver,
     ct: CancellationToken,
-) -> Result<Running, String> {
+) -> Result<Running, Failure> {
     let Process {
         name,
         command,
@@ -237,72 +312,89 @@ async fn open_stdio(
         }
     }
     for (k, v) in env {
-        let value = secrets
-            .expand(v)
+        let value = expand(v, is_credential_name(k), secrets, &handler.secrets)
             .await
-            .map_err(|e| format!("environment variable {k}: {e}"))?;
+            .map_err(|e| {
+                Failure::new(
+                    Reason::Misconfigured,
+                    format!("environment variable {k}: {e}"),
+                )
+            })?;
         cmd.env(k, value);
     }
     if let Some(dir) = cwd {
         if !std::path::Path::new(dir).is_dir() {
-            return Err(format!("the working directory '{dir}' does not exist"));
+            return Err(Failure::new(
+                Reason::Misconfigured,
+                format!("the working directory '{dir}' does not exist"),
+            ));
         }
         cmd.current_dir(dir);
     }
     let (child, stderr) = TokioChildProcess::builder(cmd)
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot start '{command}': {e}"))?;
+        .map_err(|e| {
+            Failure::new(
+                Reason::Unreachable,
+                format!("cannot start '{command}': {e}"),
+            )
+        })?;
     let pid = child.id();
     if let Some(stderr) = stderr {
         let name = name.to_owned();
+        let known = handler.secrets.clone();
         tokio::spawn(async move {
             let mut lines = tokio::io::BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
+                let line = redact(&line, &known.lock());
                 tracing::debug!(upstream = %name, "stderr: {line}");
             }
         });
     }
     let running = rmcp::service::serve_client_with_ct(handler, child, ct)
         .await
-        .map_err(|e| format!("MCP handshake failed: {e}"))?;
+        .map_err(|e| Failure::from_error("MCP handshake failed", &e))?;
     Ok((running, pid))
 }
 
 /// Connects to a Streamable HTTP upstream with its configured headers (secret references
 /// expanded now) and completes the MCP handshake.
 async fn open_http(
-    url: &str,
-    headers: &BTreeMap<String, String>,
+    target: HttpTarget<'_>,
     handler: Handler,
     secrets: &dyn SecretResolver,
     settings: &UpstreamSettings,
     ct: CancellationToken,
-) -> Result<Running, String> {
+) -> Result<Running, Failure> {
+    let misconfigured = |detail: String| Failure::new(Reason::Misconfigured, detail);
     let mut custom = HashMap::new();
-    for (k, v) in headers {
+    for (k, v) in target.headers {
+        if target.skip_authorization && k.eq_ignore_ascii_case("authorization") {
+            continue;
+        }
         let name = http::HeaderName::from_bytes(k.as_bytes())
-            .map_err(|_| format!("'{k}' is not a valid header name"))?;
-        let value = secrets
-            .expand(v)
+            .map_err(|_| misconfigured(format!("'{k}' is not a valid header name")))?;
+        let value = expand(v, is_credential_name(k), secrets, &handler.secrets)
             .await
-            .map_err(|e| format!("header {k}: {e}"))?;
-        let mut value = http::HeaderValue::from_str(&value)
-            .map_err(|_| format!("header {k}: the value is not a valid header value"))?;
+            .map_err(|e| misconfigured(format!("header {k}: {e}")))?;
+        let mut value = http::HeaderValue::from_str(&value).map_err(|_| {
+            misconfigured(format!("header {k}: the value is not a valid header value"))
+        })?;
         value.set_sensitive(true);
         custom.insert(name, value);
     }
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
         .build()
-        .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
-    let config = StreamableHttpClientTransportConfig::with_uri(url)
+        .map_err(|e| Failure::from_error("cannot build an HTTP client", &e))?;
+    let config = StreamableHttpClientTransportConfig::with_uri(target.url)
         .custom_headers(custom)
         .reinit_on_expired_session(true);
     let transport = StreamableHttpClientTransport::with_client(client, config);
     let running = rmcp::service::serve_client_with_ct(handler, transport, ct)
         .await
-        .map_err(|e| format!("MCP handshake failed: {e}"))?;
+        .map_err(|e| Failure::from_error("MCP handshake failed", &e))?;
     Ok((running, None))
 }
 
@@ -330,25 +422,4 @@ pub(crate) fn not_delivered(error: &rmcp::service::ServiceError) -> bool {
         source = err.source();
     }
     false
-}
-
-/// Why a failed request counts as an invalid answer rather than a transport failure: the
-/// upstream answered over HTTP, but with a body that is not a JSON-RPC message or with an
-/// unexpected content type or status (other than 429 and 5xx, which mean it cannot serve now).
-pub(crate) fn bad_response(error: &rmcp::service::ServiceError) -> Option<String> {
-    let rmcp::service::ServiceError::TransportSend(e) = error else {
-        return None;
-    };
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e.error.as_ref());
-    while let Some(err) = source {
-        if let Some(
-            http @ (StreamableHttpError::<reqwest::Error>::UnexpectedServerResponse(_)
-            | StreamableHttpError::UnexpectedContentType(_)),
-        ) = err.downcast_ref::<StreamableHttpError<reqwest::Error>>()
-        {
-            return Some(http.to_string());
-        }
-        source = err.source();
-    }
-    None
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use haven_control::config::UpstreamSettings;
+use haven_control::redact::{Secrets, redact};
 use haven_control::registry::{REGISTRY_NS, Transport, UpstreamSpec};
 use haven_mcp::RequestContext;
 use haven_state::{Change, Store, StoreError};
@@ -14,18 +15,16 @@ use parking_lot::Mutex;
 use rmcp::model::{ClientRequest, ErrorCode, ErrorData, ServerResult};
 use rmcp::service::{Peer, PeerRequestOptions, RoleClient, ServiceError};
 use serde::Serialize;
-use serde_json::json;
+use serde_json::Value;
 use tokio::sync::{Notify, broadcast, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::breaker::{Admit, Breaker};
 use crate::connect::{self, Handler, ProgressMap};
+use crate::failure::{Failure, Reason, client_error};
 use crate::lists::{self, LISTS_NS, UpstreamLists};
-use crate::{
-    REQUEST_CANCELLED, SecretResolver, UPSTREAM_BAD_RESPONSE, UPSTREAM_TIMEOUT,
-    UPSTREAM_UNAVAILABLE,
-};
+use crate::{REQUEST_CANCELLED, SecretResolver};
 
 /// First wait before reconnecting a dead upstream; doubles up to `restart_max_backoff_ms`.
 const INITIAL_BACKOFF_MS: u64 = 250;
@@ -60,9 +59,17 @@ pub struct UpstreamStatus {
     pub transport: &'static str,
     /// What it is doing.
     pub state: UpstreamState,
-    /// The last connection, listing or call error, if any since the last success.
+    /// The last connection, listing or call error, if any since the last success: the
+    /// details, with known secret values, URL credentials and query strings redacted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The reason code of the last error (what a client was told, see [`Reason`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error_reason: Option<Reason>,
+    /// Something about the entry an operator should fix (e.g. URL credentials and an
+    /// `Authorization` header together: which one is sent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<&'static str>,
     /// Served tools (from this node's last fetch).
     pub tools: usize,
     /// Served prompts.
@@ -151,7 +158,7 @@ struct EntryState {
     conn: Option<Arc<Conn>>,
     generation: u64,
     reconnect_for: Option<u64>,
-    last_error: Option<String>,
+    last_error: Option<Failure>,
     counts: (usize, usize, usize, usize),
     calls_ok: u64,
     calls_failed: u64,
@@ -163,6 +170,9 @@ struct EntryState {
 
 struct Entry {
     spec: UpstreamSpec,
+    /// The upstream's known secret values (from its entry, and every value expanded for one
+    /// of its connections), removed from everything said about it.
+    secrets: Arc<Mutex<Secrets>>,
     st: Mutex<EntryState>,
     /// Bumped on every phase or connection change.
     changed: watch::Sender<()>,
@@ -178,8 +188,10 @@ impl Entry {
         } else {
             Phase::Connecting
         };
+        let secrets = Arc::new(Mutex::new(connect::literal_secrets(&spec)));
         Arc::new(Entry {
             spec,
+            secrets,
             st: Mutex::new(EntryState {
                 phase,
                 conn: None,
@@ -207,6 +219,18 @@ impl Entry {
 
     fn is_http(&self) -> bool {
         matches!(self.spec.transport, Transport::Http { .. })
+    }
+
+    /// `text` as operators may see it: [`redact`]ed with this upstream's known secrets.
+    fn redact(&self, text: &str) -> String {
+        redact(text, &self.secrets.lock())
+    }
+
+    /// Records `failure` as the last error and logs it (redacted), with `what` happened.
+    fn record_failure(&self, what: &str, failure: Failure) {
+        let detail = failure.detail_for(&self.secrets.lock());
+        tracing::warn!(upstream = self.name(), reason = failure.reason.as_str(), error = %detail, "{what}");
+        self.update(|st| st.last_error = Some(failure));
     }
 
     fn update(&self, f: impl FnOnce(&mut EntryState)) {
@@ -254,7 +278,12 @@ impl Entry {
                 Transport::Stdio { .. } => "stdio",
             },
             state,
-            last_error: st.last_error.clone(),
+            last_error: st
+                .last_error
+                .as_ref()
+                .map(|f| f.detail_for(&self.secrets.lock())),
+            last_error_reason: st.last_error.as_ref().map(|f| f.reason),
+            warning: self.spec.credentials_conflict(),
             tools: st.counts.0,
             prompts: st.counts.1,
             resources: st.counts.2,
@@ -273,26 +302,38 @@ impl Entry {
 enum Sent {
     Answered(Box<ServerResult>),
     UpstreamError(ErrorData),
-    NotDelivered(String),
-    Failed(String),
-    Garbage(String),
+    NotDelivered(Failure),
+    Failed(Failure),
     Timeout,
     Cancelled,
 }
 
 /// Why no connection could be had for a request.
 enum NoConn {
-    Unavailable(String),
-    Timeout(String),
+    /// Not connected now: the phase says why, with the last connection failure (if any) and
+    /// the milliseconds until the next attempt.
+    Unavailable(Reason, Option<Failure>, Option<u128>),
+    /// Still connecting at the call's deadline.
+    Timeout,
     Cancelled,
 }
 
-fn error(code: i32, upstream: &str, reason: &str, message: String) -> ErrorData {
-    ErrorData::new(
-        ErrorCode(code),
-        message,
-        Some(json!({ "upstream": upstream, "reason": reason })),
-    )
+/// An upstream's JSON-RPC error, forwarded to the client (it is the upstream's answer) with
+/// [`redact`] applied to its message and every string of its data.
+fn forwarded(mut e: ErrorData, secrets: &Secrets) -> ErrorData {
+    fn walk(v: &mut Value, secrets: &Secrets) {
+        match v {
+            Value::String(s) => *s = redact(s, secrets),
+            Value::Array(a) => a.iter_mut().for_each(|v| walk(v, secrets)),
+            Value::Object(o) => o.values_mut().for_each(|v| walk(v, secrets)),
+            _ => {}
+        }
+    }
+    e.message = redact(&e.message, secrets).into();
+    if let Some(d) = &mut e.data {
+        walk(d, secrets);
+    }
+    e
 }
 
 fn cancelled_error() -> ErrorData {
@@ -392,20 +433,10 @@ impl Upstreams {
     ) -> Result<T, ErrorData> {
         let entry = self.inner.entries.lock().get(name).cloned();
         let Some(entry) = entry else {
-            return Err(error(
-                UPSTREAM_UNAVAILABLE,
-                name,
-                "unknown",
-                format!("upstream '{name}' is not connected on this node (yet)"),
-            ));
+            return Err(Failure::new(Reason::NotConnected, "").to_client(name, method));
         };
         if entry.spec.disabled {
-            return Err(error(
-                UPSTREAM_UNAVAILABLE,
-                name,
-                "disabled",
-                format!("upstream '{name}' is disabled"),
-            ));
+            return Err(Failure::new(Reason::Disabled, "").to_client(name, method));
         }
         let settings = self.inner.shared.settings();
         let timeout = entry.spec.timeout(settings.timeout_ms);
@@ -440,7 +471,7 @@ fn admit(entry: &Entry, name: &str, settings: &UpstreamSettings) -> Result<Admit
                 left.as_millis()
             )
         };
-        error(UPSTREAM_UNAVAILABLE, name, "breaker-open", message)
+        client_error(name, Reason::CircuitOpen, None, message)
     })
 }
 
@@ -459,6 +490,7 @@ async fn deliver(
         let conn = wait_conn(entry, deadline, min_generation, ctx.cancelled()).await?;
         match send_once(&conn, request.clone(), deadline, ctx).await {
             Sent::NotDelivered(why) if entry.is_http() && !retried => {
+                let why = why.detail_for(&entry.secrets.lock());
                 tracing::debug!(upstream = name, %why, "request not delivered; reconnecting and retrying once");
                 retried = true;
                 entry.request_reconnect(conn.generation);
@@ -489,6 +521,14 @@ impl CallAccount<'_> {
     ) -> Result<T, ErrorData> {
         let (name, method, timeout_ms) = (self.name, self.method, self.timeout_ms);
         let now = Instant::now();
+        let timed_out = || {
+            client_error(
+                name,
+                Reason::Timeout,
+                None,
+                format!("upstream '{name}' did not answer {method} within {timeout_ms} ms"),
+            )
+        };
         match outcome {
             Ok(Sent::Answered(result)) => match extract(*result) {
                 Some(v) => {
@@ -502,8 +542,7 @@ impl CallAccount<'_> {
                 }
                 None => {
                     let why = format!("answered {method} with an invalid result");
-                    let message = format!("upstream '{name}' {why}");
-                    Err(self.failed(now, why, UPSTREAM_BAD_RESPONSE, "bad-response", message))
+                    Err(self.failed(now, Failure::new(Reason::Protocol, why)))
                 }
             },
             Ok(Sent::UpstreamError(e)) => {
@@ -512,68 +551,72 @@ impl CallAccount<'_> {
                     st.breaker.success();
                     st.backoff_ms = INITIAL_BACKOFF_MS;
                 });
-                Err(e)
+                Err(forwarded(e, &self.entry.secrets.lock()))
             }
-            Ok(Sent::Garbage(why)) => {
-                let message = format!("upstream '{name}' {why}");
-                Err(self.failed(now, why, UPSTREAM_BAD_RESPONSE, "bad-response", message))
-            }
-            Ok(Sent::NotDelivered(why)) | Ok(Sent::Failed(why)) => {
-                let message = format!("upstream '{name}' failed during {method}: {why}");
-                Err(self.failed(now, why, UPSTREAM_UNAVAILABLE, "transport", message))
-            }
+            Ok(Sent::NotDelivered(f)) | Ok(Sent::Failed(f)) => Err(self.failed(now, f)),
             Ok(Sent::Timeout) => {
                 let why = format!("did not answer {method} within {timeout_ms} ms");
-                let message = format!("upstream '{name}' {why}");
-                Err(self.failed(now, why, UPSTREAM_TIMEOUT, "timeout", message))
+                self.failed(now, Failure::new(Reason::Timeout, why));
+                Err(timed_out())
             }
             Ok(Sent::Cancelled) | Err(NoConn::Cancelled) => {
                 self.entry.update(|st| st.breaker.release(self.admit));
                 Err(cancelled_error())
             }
-            Err(NoConn::Unavailable(why)) => {
-                let message = format!("upstream '{name}' is unavailable: {why}");
-                Err(self.not_sent(UPSTREAM_UNAVAILABLE, "unavailable", message))
+            Err(NoConn::Unavailable(reason, last, next_in)) => {
+                self.not_sent();
+                // The last connection failure says why (its reason and HTTP status; never its
+                // details).
+                let (reason, status) = match (&last, reason) {
+                    (Some(f), Reason::Unreachable) => (f.reason, f.status),
+                    _ => (reason, None),
+                };
+                let mut e = Failure {
+                    reason,
+                    status,
+                    detail: String::new(),
+                }
+                .to_client(name, method);
+                if let Some(ms) = next_in {
+                    e.message =
+                        format!("{}; the next connection attempt is in {ms} ms", e.message).into();
+                }
+                Err(e)
             }
-            Err(NoConn::Timeout(why)) => {
-                let message = format!(
-                    "upstream '{name}' did not answer {method} within {timeout_ms} ms ({why})"
-                );
-                Err(self.not_sent(UPSTREAM_TIMEOUT, "timeout", message))
+            Err(NoConn::Timeout) => {
+                self.not_sent();
+                let mut e = timed_out();
+                e.message = format!("{} (still connecting)", e.message).into();
+                Err(e)
             }
         }
     }
 
-    /// A call the upstream failed (`why`, at `now`): counted, kept as its last error and
-    /// reported to the circuit breaker.
-    fn failed(
-        &self,
-        now: Instant,
-        why: String,
-        code: i32,
-        reason: &str,
-        message: String,
-    ) -> ErrorData {
+    /// A call the upstream failed (at `now`): counted, kept as its last error (redacted),
+    /// logged and reported to the circuit breaker; the client's error holds no details.
+    fn failed(&self, now: Instant, failure: Failure) -> ErrorData {
         let cooldown = Duration::from_millis(self.settings.breaker_cooldown_ms);
         let threshold = self.settings.breaker_failures;
+        let client = failure.to_client(self.name, self.method);
+        let detail = failure.detail_for(&self.entry.secrets.lock());
+        tracing::warn!(upstream = self.name, method = self.method, reason = failure.reason.as_str(), error = %detail, "upstream call failed");
         self.entry.update(|st| {
             st.calls_failed += 1;
-            st.last_error = Some(why);
+            st.last_error = Some(failure);
             if st.breaker.failure(self.admit, now, threshold, cooldown) {
                 tracing::warn!(upstream = self.name, "circuit breaker opened");
             }
         });
-        error(code, self.name, reason, message)
+        client
     }
 
     /// A call that found no connection to send on: counted, and its breaker admission released
     /// (the upstream is not to blame for it).
-    fn not_sent(&self, code: i32, reason: &str, message: String) -> ErrorData {
+    fn not_sent(&self) {
         self.entry.update(|st| {
             st.calls_failed += 1;
             st.breaker.release(self.admit);
         });
-        error(code, self.name, reason, message)
     }
 }
 
@@ -599,19 +642,15 @@ async fn wait_conn(
                 }
                 Phase::Backoff { until } => {
                     let left = until.saturating_duration_since(Instant::now()).as_millis();
-                    let why = st
-                        .last_error
-                        .clone()
-                        .unwrap_or_else(|| "not connected".into());
-                    return Err(NoConn::Unavailable(format!(
-                        "{why} (next connection attempt in {left} ms)"
-                    )));
-                }
-                Phase::Disabled => return Err(NoConn::Unavailable("it is disabled".into())),
-                Phase::Stopped => {
                     return Err(NoConn::Unavailable(
-                        "it was removed or changed; try again".into(),
+                        Reason::Unreachable,
+                        st.last_error.clone(),
+                        Some(left),
                     ));
+                }
+                Phase::Disabled => return Err(NoConn::Unavailable(Reason::Disabled, None, None)),
+                Phase::Stopped => {
+                    return Err(NoConn::Unavailable(Reason::NotConnected, None, None));
                 }
                 Phase::Connecting => {}
             }
@@ -619,16 +658,10 @@ async fn wait_conn(
         tokio::select! {
             r = rx.changed() => {
                 if r.is_err() {
-                    return Err(NoConn::Unavailable("it was removed".into()));
+                    return Err(NoConn::Unavailable(Reason::NotConnected, None, None));
                 }
             }
-            _ = tokio::time::sleep_until(deadline) => {
-                let why = entry.st.lock().last_error.clone();
-                return Err(NoConn::Timeout(match why {
-                    Some(w) => format!("still connecting; last error: {w}"),
-                    None => "still connecting".into(),
-                }));
-            }
+            _ = tokio::time::sleep_until(deadline) => return Err(NoConn::Timeout),
             _ = cancel.cancelled() => return Err(NoConn::Cancelled),
         }
     }
@@ -650,7 +683,10 @@ async fn send_once(
     ctx: &RequestContext,
 ) -> Sent {
     if conn.done.is_cancelled() {
-        return Sent::NotDelivered("the connection is closed".into());
+        return Sent::NotDelivered(Failure::new(
+            Reason::Unreachable,
+            "the connection is closed",
+        ));
     }
     let handle = match conn
         .peer
@@ -658,7 +694,9 @@ async fn send_once(
         .await
     {
         Ok(h) => h,
-        Err(e) => return Sent::NotDelivered(format!("the connection is closed ({e})")),
+        Err(e) => {
+            return Sent::NotDelivered(Failure::from_error("the connection is closed", &e));
+        }
     };
     let id = handle.id.clone();
     let _route = {
@@ -676,13 +714,11 @@ async fn send_once(
         r = &mut rx => match r {
             Ok(Ok(result)) => Sent::Answered(Box::new(result)),
             Ok(Err(e)) => classify(e),
-            Err(_) => Sent::Failed("the connection closed before the upstream answered".into()),
+            Err(_) => Sent::Failed(connection_lost()),
         },
         // The connection ended (a stdio child died, the transport closed): a request still
         // waiting will never be answered on it, so it fails now rather than at its deadline.
-        _ = conn.done.cancelled() => {
-            Sent::Failed("the connection closed before the upstream answered".into())
-        }
+        _ = conn.done.cancelled() => Sent::Failed(connection_lost()),
         _ = tokio::time::sleep_until(deadline) => {
             cancel_upstream(&conn.peer, id, "timeout");
             Sent::Timeout
@@ -694,23 +730,26 @@ async fn send_once(
     }
 }
 
+fn connection_lost() -> Failure {
+    Failure::new(
+        Reason::ConnectionLost,
+        "the connection closed before the upstream answered",
+    )
+}
+
 fn classify(e: ServiceError) -> Sent {
     if connect::not_delivered(&e) {
-        return Sent::NotDelivered(e.to_string());
-    }
-    if let Some(why) = connect::bad_response(&e) {
-        return Sent::Garbage(format!("answered with an invalid response ({why})"));
+        return Sent::NotDelivered(Failure::from_error("the request was not delivered", &e));
     }
     match e {
         ServiceError::McpError(err) => Sent::UpstreamError(err),
-        ServiceError::UnexpectedResponse => {
-            Sent::Garbage("answered with an unexpected result".into())
-        }
-        ServiceError::TransportClosed => {
-            Sent::Failed("the connection closed before the upstream answered".into())
-        }
+        ServiceError::UnexpectedResponse => Sent::Failed(Failure::new(
+            Reason::Protocol,
+            "answered with an unexpected result",
+        )),
+        ServiceError::TransportClosed => Sent::Failed(connection_lost()),
         ServiceError::Timeout { .. } => Sent::Timeout,
-        other => Sent::Failed(other.to_string()),
+        other => Sent::Failed(Failure::from_error("the request failed", &other)),
     }
 }
 
@@ -719,7 +758,7 @@ async fn refresh_lists(
     shared: &Shared,
     entry: &Entry,
     peer: &Peer<RoleClient>,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let name = entry.name();
     let caps = peer
         .peer_info()
@@ -730,24 +769,24 @@ async fn refresh_lists(
         lists.tools = peer
             .list_all_tools()
             .await
-            .map_err(|e| format!("tools/list failed: {e}"))?;
+            .map_err(|e| Failure::from_error("tools/list failed", &e))?;
     }
     if caps.prompts.is_some() {
         lists.prompts = peer
             .list_all_prompts()
             .await
-            .map_err(|e| format!("prompts/list failed: {e}"))?;
+            .map_err(|e| Failure::from_error("prompts/list failed", &e))?;
     }
     if caps.resources.is_some() {
         lists.resources = peer
             .list_all_resources()
             .await
-            .map_err(|e| format!("resources/list failed: {e}"))?;
+            .map_err(|e| Failure::from_error("resources/list failed", &e))?;
         // Templates are optional even for servers with resources.
         lists.templates = match peer.list_all_resource_templates().await {
             Ok(t) => t,
             Err(ServiceError::McpError(e)) if e.code == ErrorCode::METHOD_NOT_FOUND => Vec::new(),
-            Err(e) => return Err(format!("resources/templates/list failed: {e}")),
+            Err(e) => return Err(Failure::from_error("resources/templates/list failed", &e)),
         };
     }
     let invalid = lists.invalid_names(name);
@@ -764,7 +803,7 @@ async fn refresh_lists(
     }
     let changes = lists::publish(&*shared.store, name, lists)
         .await
-        .map_err(|e| format!("could not store the upstream's lists: {e}"))?;
+        .map_err(|e| Failure::from_error("could not store the upstream's lists", &e))?;
     if !changes.is_empty() {
         tracing::info!(upstream = name, ?changes, "upstream lists changed");
     }
@@ -788,14 +827,11 @@ async fn refresh_worker(
         let limit = Duration::from_millis(shared.settings().timeout_ms);
         match tokio::time::timeout(limit, refresh_lists(&shared, &entry, &conn.peer)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(upstream = entry.name(), error = %e, "refreshing upstream lists failed");
-                entry.update(|st| st.last_error = Some(e));
-            }
+            Ok(Err(f)) => entry.record_failure("refreshing upstream lists failed", f),
             Err(_) => {
                 let e = format!("listing did not finish within {} ms", limit.as_millis());
-                tracing::warn!(upstream = entry.name(), error = %e, "refreshing upstream lists failed");
-                entry.update(|st| st.last_error = Some(e));
+                let f = Failure::new(Reason::Timeout, e);
+                entry.record_failure("refreshing upstream lists failed", f);
             }
         }
     }
@@ -826,7 +862,10 @@ async fn supervise(shared: Arc<Shared>, entry: Arc<Entry>) {
             st.conn = None;
             st.phase = Phase::Connecting;
             if matches!(end, End::Closed) {
-                st.last_error = Some("the connection to the upstream closed".into());
+                st.last_error = Some(Failure::new(
+                    Reason::Unreachable,
+                    "the connection to the upstream closed",
+                ));
             }
         });
         worker.abort();
@@ -889,6 +928,7 @@ async fn connect_once(shared: &Arc<Shared>, entry: &Arc<Entry>, name: &str) -> A
         store: shared.store.clone(),
         refresh: wake.clone(),
         progress: progress.clone(),
+        secrets: entry.secrets.clone(),
     };
     let attempt = tokio::select! {
         r = tokio::time::timeout(
@@ -899,9 +939,8 @@ async fn connect_once(shared: &Arc<Shared>, entry: &Arc<Entry>, name: &str) -> A
     };
     let opened = match attempt {
         Ok(Ok(o)) => o,
-        Ok(Err(e)) => {
-            tracing::warn!(upstream = %name, error = %e, "connecting to upstream failed");
-            entry.update(|st| st.last_error = Some(e));
+        Ok(Err(f)) => {
+            entry.record_failure("connecting to upstream failed", f);
             return Attempt::Failed;
         }
         Err(_) => {
@@ -909,8 +948,8 @@ async fn connect_once(shared: &Arc<Shared>, entry: &Arc<Entry>, name: &str) -> A
                 "did not complete the MCP handshake within {} ms",
                 connect_limit.as_millis()
             );
-            tracing::warn!(upstream = %name, error = %e, "connecting to upstream failed");
-            entry.update(|st| st.last_error = Some(e));
+            let f = Failure::new(Reason::Timeout, e);
+            entry.record_failure("connecting to upstream failed", f);
             return Attempt::Failed;
         }
     };
@@ -937,14 +976,18 @@ async fn connect_once(shared: &Arc<Shared>, entry: &Arc<Entry>, name: &str) -> A
     };
     let list_error = match listed {
         Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(e),
-        Err(_) => Some(format!(
-            "listing did not finish within {} ms",
-            connect_limit.as_millis()
+        Ok(Err(f)) => Some(f),
+        Err(_) => Some(Failure::new(
+            Reason::Timeout,
+            format!(
+                "listing did not finish within {} ms",
+                connect_limit.as_millis()
+            ),
         )),
     };
-    if let Some(e) = &list_error {
-        tracing::warn!(upstream = %name, error = %e, "listing the upstream failed");
+    if let Some(f) = &list_error {
+        let detail = entry.redact(&f.detail);
+        tracing::warn!(upstream = %name, reason = f.reason.as_str(), error = %detail, "listing the upstream failed");
     }
     entry.update(|st| {
         st.conn = Some(conn.clone());
@@ -1006,6 +1049,9 @@ async fn apply(pool: &Arc<Pool>, name: &str, spec: Option<UpstreamSpec>) {
     let served = spec.as_ref().is_some_and(|s| !s.disabled);
     if let Some(spec) = spec {
         let entry = Entry::new(spec);
+        if let Some(warning) = entry.spec.credentials_conflict() {
+            tracing::warn!(upstream = name, "{warning}");
+        }
         if !entry.spec.disabled {
             tracing::info!(upstream = name, "starting upstream");
             let task = tokio::spawn(supervise(pool.shared.clone(), entry.clone()));

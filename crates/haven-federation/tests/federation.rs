@@ -1121,3 +1121,270 @@ async fn an_upstream_answering_garbage_mid_call_gives_a_json_rpc_error() {
         let _ = server.await;
     }
 }
+
+/// A secret-looking query parameter of the leaky upstream's URL.
+const QUERY_SECRET: &str = "QUERYSECRET-4711";
+
+/// What no client error may hold: the secret, the URL's query, the upstream's error body, and
+/// the names and formatting of Rust types and libraries.
+fn assert_nothing_leaks(what: &str, e: &ErrorData) {
+    let text = serde_json::to_string(e).unwrap();
+    for bad in [
+        SECRET_VALUE,
+        QUERY_SECRET,
+        "api_key",
+        "?",
+        "unauthorized: you sent",
+        "authorization:",
+        "::",
+        "Error {",
+        "Client error",
+        "reqwest",
+        "Streamable",
+        "Transport",
+        "127.0.0.1",
+    ] {
+        assert!(
+            !text.contains(bad),
+            "{what}: '{bad}' reached the client: {text}"
+        );
+    }
+}
+
+fn leaky_spec(name: &str, url: &str) -> UpstreamSpec {
+    UpstreamSpec {
+        name: name.into(),
+        transport: Transport::Http {
+            url: url.into(),
+            headers: BTreeMap::from([(
+                "Authorization".to_string(),
+                "Bearer ${secret:tok}".to_string(),
+            )]),
+        },
+        timeout_ms: None,
+        disabled: false,
+        description: None,
+    }
+}
+
+/// The details operators see: there (with `want`), with the secret and the query redacted
+/// (`echoed`: the details quote the upstream's echo, so something was redacted).
+fn assert_redacted_detail(what: &str, st: &UpstreamStatus, want: &str, echoed: bool) {
+    let detail = st.last_error.clone().unwrap_or_default();
+    assert!(
+        detail.contains(want),
+        "{what}: '{want}' missing from {detail}"
+    );
+    assert_eq!(detail.contains("[redacted]"), echoed, "{what}: {detail}");
+    for bad in [SECRET_VALUE, QUERY_SECRET] {
+        assert!(!detail.contains(bad), "{what}: {bad} in {detail}");
+    }
+    let json = serde_json::to_string(st).unwrap();
+    assert!(
+        !json.contains(SECRET_VALUE) && !json.contains(QUERY_SECRET),
+        "{json}"
+    );
+}
+
+// Long by design: one leaky upstream through every kind of request that reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_failures_reach_clients_as_reasons_and_operators_redacted() {
+    let leaky = haven_testkit::LeakyUpstream::start().await;
+    let mut s = settings();
+    s.breaker_failures = 100;
+    let n = node(s);
+    n.register(leaky_spec(
+        "leaky",
+        &leaky.url(&format!("/mcp?api_key={QUERY_SECRET}&v=1")),
+    ))
+    .await;
+    n.register(leaky_spec(
+        "denied",
+        &leaky.url(&format!("/deny?api_key={QUERY_SECRET}")),
+    ))
+    .await;
+    n.wait_state("leaky", UpstreamState::Connected, CONNECT)
+        .await;
+    // The upstream works and got the secret (so it has something to leak).
+    assert_eq!(
+        text_of(&n.call("leaky__ok", json!({})).await.unwrap()),
+        "fine"
+    );
+    assert!(
+        leaky
+            .authorizations()
+            .iter()
+            .any(|a| a == &[format!("Bearer {SECRET_VALUE}")]),
+        "{:?}",
+        leaky.authorizations()
+    );
+
+    // tools/call: each kind of HTTP failure, as a reason (and a status).
+    // (rmcp keeps the bodies of a 401 with a challenge and of a 500 to itself.)
+    for (tool, reason, status, code, echoed) in [
+        ("leaky", "auth_rejected", 401, UPSTREAM_UNAVAILABLE, true),
+        (
+            "leaky_challenge",
+            "auth_rejected",
+            401,
+            UPSTREAM_UNAVAILABLE,
+            false,
+        ),
+        ("leaky_500", "http_status", 500, UPSTREAM_UNAVAILABLE, false),
+    ] {
+        let e = n
+            .call(&format!("leaky__{tool}"), json!({}))
+            .await
+            .unwrap_err();
+        assert_nothing_leaks(tool, &e);
+        assert_eq!(
+            e.data,
+            Some(json!({"upstream": "leaky", "reason": reason, "status": status})),
+            "{tool}: {e:?}"
+        );
+        assert_eq!(e.code.0, code, "{tool}: {e:?}");
+        assert!(e.message.contains("upstream 'leaky'"), "{e:?}");
+        // Operators get the details, redacted.
+        let st = n.status("leaky").unwrap();
+        assert_redacted_detail(tool, &st, &format!("HTTP {status}"), echoed);
+        assert_eq!(
+            serde_json::to_value(st.last_error_reason).unwrap(),
+            json!(reason)
+        );
+        if echoed {
+            // What the upstream said, without the secret and the query.
+            assert_redacted_detail(
+                tool,
+                &st,
+                "unauthorized: you sent authorization: [redacted] to /mcp?[redacted]",
+                true,
+            );
+        }
+    }
+
+    // An upstream's own JSON-RPC error is its answer and is passed on, but without the
+    // secret values Haven knows and without the URL's query.
+    let e = n.call("leaky__leaky_json", json!({})).await.unwrap_err();
+    assert_eq!(e.code.0, -32000, "{e:?}");
+    let text = serde_json::to_string(&e).unwrap();
+    assert!(text.contains("unauthorized: you sent"), "{text}");
+    assert!(
+        !text.contains(SECRET_VALUE) && !text.contains(QUERY_SECRET),
+        "{text}"
+    );
+
+    // resources/read and prompts/get.
+    let c = ctx(&n.store);
+    let e = n
+        .catalog
+        .read_resource(&c, "leaky+leak://doc", Round::default())
+        .await
+        .unwrap_err();
+    assert_nothing_leaks("resources/read", &e);
+    assert_eq!(
+        e.data,
+        Some(json!({"upstream": "leaky", "reason": "auth_rejected", "status": 401}))
+    );
+    let e = n
+        .catalog
+        .get_prompt(
+            &c,
+            "leaky__leaky_prompt",
+            JsonObject::new(),
+            Round::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_nothing_leaks("prompts/get", &e);
+    assert_eq!(
+        e.data,
+        Some(json!({"upstream": "leaky", "reason": "auth_rejected", "status": 403}))
+    );
+
+    // An upstream that refuses the handshake: calls fail with the reason of its last
+    // connection attempt; the details are in its status, redacted.
+    let st = retry(
+        CONNECT,
+        Duration::from_millis(20),
+        "the denied upstream never recorded its failure",
+        async || {
+            n.status("denied")
+                .filter(|s| s.state == UpstreamState::Backoff && s.last_error.is_some())
+        },
+    )
+    .await;
+    assert_redacted_detail("denied", &st, "HTTP 401", true);
+    let e = n.call("denied__anything", json!({})).await.unwrap_err();
+    assert_nothing_leaks("denied", &e);
+    let data = e.data.clone().unwrap();
+    assert_eq!(data["upstream"], "denied", "{e:?}");
+    // Between its attempts it is backing off (auth_rejected); an attempt may be under way.
+    assert!(
+        [json!("auth_rejected"), json!("timeout")].contains(&data["reason"]),
+        "{e:?}"
+    );
+
+    n.stop().await;
+    leaky.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_entry_with_url_credentials_and_an_authorization_header_sends_the_urls() {
+    let leaky = haven_testkit::LeakyUpstream::start().await;
+    let n = node(settings());
+    // Registering the combination is refused, and nothing is stored.
+    let url = leaky
+        .url("/mcp")
+        .replace("http://", "http://alice:pa55word@");
+    let spec = leaky_spec("both", &url);
+    let refused = Registry::new(n.store.clone())
+        .add(&spec, &spec.secret_references(), true)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("carries credentials"), "{refused}");
+    assert!(!refused.contains("pa55word"), "{refused}");
+    assert!(
+        n.store
+            .get(haven_control::registry::REGISTRY_NS, "both")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // An entry stored before the refusal keeps working: the URL's credentials win, sent once
+    // as Basic; the configured header is not sent; the status says so.
+    n.store
+        .commit(haven_state::Batch::new().put(
+            haven_control::registry::REGISTRY_NS,
+            "both",
+            serde_json::to_vec(&spec).unwrap(),
+        ))
+        .await
+        .unwrap();
+    let st = n
+        .wait_state("both", UpstreamState::Connected, CONNECT)
+        .await;
+    let warning = st.warning.unwrap_or_default();
+    assert!(warning.contains("credentials win"), "{st:?}");
+    assert_eq!(
+        text_of(&n.call("both__ok", json!({})).await.unwrap()),
+        "fine"
+    );
+    let basic = "Basic YWxpY2U6cGE1NXdvcmQ="; // alice:pa55word
+    let seen = leaky.authorizations();
+    assert!(!seen.is_empty());
+    for a in &seen {
+        assert_eq!(a, &[basic.to_string()], "{seen:?}");
+    }
+    // Its password is a known secret: redacted from what operators see.
+    let e = n.call("both__leaky", json!({})).await.unwrap_err();
+    assert_nothing_leaks("both", &e);
+    let st = n.status("both").unwrap();
+    let detail = st.last_error.unwrap();
+    assert!(
+        !detail.contains("YWxpY2U6cGE1NXdvcmQ") && !detail.contains("pa55word"),
+        "{detail}"
+    );
+    n.stop().await;
+    leaky.stop().await;
+}

@@ -1,6 +1,7 @@
 //! Test and benchmark support: the processes Haven's tests run against, on loopback only, each
 //! stopped when its handle is dropped, and the small helpers every test and benchmark needs
-//! around them (free ports, raw HTTP probes, bounded waits, a store in a temporary directory).
+//! around them (free ports, raw HTTP probes, bounded waits, a store in a temporary directory,
+//! an upstream MCP server whose error pages echo credentials: [`LeakyUpstream`]).
 //! The binaries come from the tools folder that `scripts/install-tools` fills
 //! (`HAVEN_TOOLS_DIR`, default `.tools/` of the repository); HAProxy comes from the system.
 
@@ -10,6 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use haven_state::{HybridClock, Origin, RedbStore};
+
+pub mod leaky_upstream;
+pub use leaky_upstream::LeakyUpstream;
 
 /// The tools folder.
 pub fn tools_dir() -> PathBuf {
