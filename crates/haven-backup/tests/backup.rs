@@ -246,7 +246,6 @@ async fn restore_at_several_points_equals_the_recorded_state() {
         assert!(e.to_string().contains("in use"), "{e}");
         drop(open);
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let r = quiet_restore(&target, &key, &opts).await.unwrap();
     assert_eq!(r.restored_seq, points.last().unwrap().seq);
     opts.point = Point::Seq(points.last().unwrap().seq + 100);

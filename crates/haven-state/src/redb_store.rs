@@ -69,8 +69,23 @@ pub struct RedbStore {
     clock: Arc<HybridClock>,
     db: Arc<RwLock<Option<Arc<Database>>>>,
     writer: mpsc::Sender<Job>,
+    /// The writer thread, joined when the store is dropped.
+    thread: Option<std::thread::JoinHandle<()>>,
     feed: broadcast::Sender<Arc<LogEntry>>,
     path: Option<PathBuf>,
+}
+
+/// Dropping the store closes it: the writer finishes what is queued, checkpoints, and lets the
+/// database go before `drop` returns, so that the data directory can be opened again (or
+/// restored into) at once.
+impl Drop for RedbStore {
+    fn drop(&mut self) {
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.writer, closed));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -382,7 +397,7 @@ impl RedbStore {
             known_obsolete: BTreeSet::new(),
             scan_until: last_seq + 1,
         };
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("haven-redb-writer".into())
             .spawn(move || writer.run())
             .map_err(|e| StoreError::Unavailable(format!("cannot start writer thread: {e}")))?;
@@ -391,6 +406,7 @@ impl RedbStore {
             clock,
             db,
             writer: tx,
+            thread: Some(thread),
             feed,
             path: None,
         })

@@ -26,8 +26,7 @@ async fn acknowledged_writes_survive_reopen_and_clock_never_goes_back() {
         }
         last_hlc = s.get("n", "99").await.unwrap().unwrap().record.version.hlc;
     }
-    // The writer thread owns the file until the store is dropped; give it a moment.
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    // Dropping the store closes it: it opens again at once.
     let s = RedbStore::open(
         dir.path(),
         Origin::new("r1", "n1"),
@@ -228,7 +227,6 @@ async fn reclamation_keeps_the_state_and_drops_the_history() {
         .unwrap();
     assert_eq!(s.read_log(1, 10_000).await.unwrap().len(), before.len());
     drop(s);
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     let s = open_at(&wall);
     assert_eq!(s.last_seq().await.unwrap(), last + 1);
     let c = s
@@ -274,7 +272,6 @@ async fn superseded_entries_remembered_or_not_are_all_removed_across_a_restart()
     assert_eq!(done.log_entries, 20);
     assert_eq!(s.read_log(1, 100).await.unwrap().len(), 20);
     drop(s);
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     let s = open_at(&wall);
     for i in 40..50u32 {
         s.commit(Batch::new().put("notes", "hot", vec![i as u8; 100]))
