@@ -91,9 +91,14 @@ fn secrets_error(e: SecretsError) -> Response {
     error(status, e.to_string())
 }
 
-/// An upstream's registry entry with this node's view of its connection.
+/// An upstream's registry entry with this node's view of its connection. Its URL is shown
+/// without credentials and query string (which may hold secrets: the entry is shown with
+/// secret references, never values).
 fn upstream_view(admin: &Admin, spec: &UpstreamSpec) -> Value {
     let mut v = serde_json::to_value(spec).unwrap_or_default();
+    if let Some(url) = v.get("url").and_then(Value::as_str) {
+        v["url"] = Value::from(haven_control::redact::redact_url(url));
+    }
     let status = admin
         .control
         .upstreams

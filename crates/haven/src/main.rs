@@ -99,8 +99,10 @@ fn run_client_command(
     }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HAVEN_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            std::env::var("HAVEN_LOG")
+                .ok()
+                .and_then(|f| log_filter(&f).ok())
+                .unwrap_or_else(|| log_filter("warn").expect("a valid filter")),
         )
         .with_writer(std::io::stderr)
         .try_init();
@@ -124,12 +126,28 @@ fn run_client_command(
     }
 }
 
+/// The log filter `f`, with the log lines of rmcp (the MCP client library Haven talks to
+/// upstreams with) off unless `f` names `rmcp`: they quote upstream answers unredacted (an
+/// error page that echoes a request's `Authorization` header, say), while Haven logs every
+/// upstream failure itself, redacted.
+fn log_filter(f: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    let f = if f.contains("rmcp") {
+        f.to_owned()
+    } else if f.trim().is_empty() {
+        "rmcp=off".to_owned()
+    } else {
+        format!("{f},rmcp=off")
+    };
+    tracing_subscriber::EnvFilter::try_new(f).map_err(|e| e.to_string())
+}
+
 /// Starts logging to stderr; returns what changes the filter later (the `log.level` setting).
 fn init_logging(s: &Settings) -> control::LogReloader {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::{EnvFilter, fmt, reload};
-    let filter = EnvFilter::try_new(&s.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    use tracing_subscriber::{fmt, reload};
+    let filter =
+        log_filter(&s.log_level).unwrap_or_else(|_| log_filter("info").expect("a valid filter"));
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
     if s.log_format == "json" {
@@ -142,7 +160,7 @@ fn init_logging(s: &Settings) -> control::LogReloader {
             .init();
     }
     Arc::new(move |f: &str| {
-        let filter = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
+        let filter = log_filter(f)?;
         handle.reload(filter).map_err(|e| e.to_string())
     })
 }

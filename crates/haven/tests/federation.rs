@@ -921,3 +921,271 @@ async fn a_node_without_the_key_file_of_its_secrets_refuses_to_start() {
     .await;
     drop(h);
 }
+
+/// Asserts that `resp` is a JSON-RPC error with `data: {upstream: "leaky", reason, status}`
+/// and nothing of the upstream's answer, its URL or Haven's internals.
+fn assert_upstream_error(what: &str, resp: &Value, reason: &str, status: u16, leaks: &[&str]) {
+    let e = &resp["error"];
+    assert_eq!(
+        e["data"],
+        json!({"upstream": "leaky", "reason": reason, "status": status}),
+        "{what}: {resp}"
+    );
+    assert!(
+        e["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("upstream 'leaky' ")),
+        "{what}: {resp}"
+    );
+    let text = e.to_string();
+    for bad in leaks.iter().chain(&[
+        "api_key",
+        "?",
+        "unauthorized: you sent",
+        "::",
+        "Error {",
+        "reqwest",
+        "Transport",
+        "127.0.0.1",
+    ]) {
+        assert!(
+            !text.contains(bad),
+            "{what}: '{bad}' reached the client: {resp}"
+        );
+    }
+}
+
+// Long by design: one leaky upstream, through each kind of request in both eras, then what
+// operators see, then the refused credentials combination.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_failures_reach_clients_of_both_eras_without_details() {
+    const SECRET: &str = "s3cr3t-tok-0815";
+    const QUERY: &str = "QUERYSECRET-4711";
+    let dir = tempfile::tempdir().unwrap();
+    let h = Haven::start(&dir.path().join("data"), free_port(), "default", &[]).await;
+    let leaky = haven_testkit::LeakyUpstream::start().await;
+    // Every failing call below reaches the upstream (its breaker stays closed).
+    cli_ok(
+        &h,
+        &["config", "set", "upstream.breaker_failures", "100"],
+        None,
+    );
+    wait_applied(&h, "upstream.breaker_failures", json!(100)).await;
+    cli_ok(&h, &["secrets", "set", "leaky/token"], Some(SECRET));
+    let url = leaky.url(&format!("/mcp?api_key={QUERY}"));
+    cli_ok(
+        &h,
+        &[
+            "registry",
+            "add",
+            "leaky",
+            "--url",
+            &url,
+            "--header",
+            "Authorization: Bearer ${secret:leaky/token}",
+        ],
+        None,
+    );
+    wait_for_tools(&h, &["leaky__ok", "leaky__leaky"]).await;
+    let l = Legacy::connect(&h.url()).await;
+    assert_eq!(
+        text_of(&l.call_tool(1, "leaky__ok", json!({})).await),
+        "fine"
+    );
+    // The upstream got the secret, so it has something to echo.
+    assert!(
+        leaky
+            .authorizations()
+            .iter()
+            .any(|a| a == &[format!("Bearer {SECRET}")]),
+        "{:?}",
+        leaky.authorizations()
+    );
+
+    let leaks = [SECRET, QUERY];
+    let cases = [
+        (
+            "tools/call",
+            json!({"name": "leaky__leaky", "arguments": {}}),
+            "auth_rejected",
+            401,
+        ),
+        (
+            "tools/call",
+            json!({"name": "leaky__leaky_500", "arguments": {}}),
+            "http_status",
+            500,
+        ),
+        (
+            "resources/read",
+            json!({"uri": "leaky+leak://doc"}),
+            "auth_rejected",
+            401,
+        ),
+        (
+            "prompts/get",
+            json!({"name": "leaky__leaky_prompt"}),
+            "auth_rejected",
+            403,
+        ),
+    ];
+    let client = reqwest::Client::new();
+    for (i, (method, params, reason, status)) in cases.iter().enumerate() {
+        let id = 10 + i as i64;
+        let legacy = l.request(id, method, params.clone()).await;
+        assert_upstream_error(
+            &format!("legacy {method} {params}"),
+            &legacy,
+            reason,
+            *status,
+            &leaks,
+        );
+        let r = stateless(&client, &h.url(), id, method, params.clone(), json!({})).await;
+        let modern = final_response(r, id).await;
+        assert_upstream_error(
+            &format!("2026-07-28 {method} {params}"),
+            &modern,
+            reason,
+            *status,
+            &leaks,
+        );
+    }
+
+    // Operators: the log and the admin API have the details, redacted.
+    let log = std::fs::read_to_string(&h.log).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("upstream call failed")
+            && l.contains("leaky")
+            && l.contains("HTTP 401")
+            && l.contains("authorization: [redacted]")
+            && l.contains("/mcp?[redacted]")),
+        "no redacted details in the log:\n{log}"
+    );
+    for bad in leaks {
+        assert!(!log.contains(bad), "'{bad}' is in the log:\n{log}");
+    }
+    let (s, v) = admin(&h, Method::GET, "/admin/v1/registry/leaky", None).await;
+    assert_eq!(s, 200, "{v}");
+    let st = &v["status"];
+    assert!(
+        st["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("HTTP 403")),
+        "{v}"
+    );
+    assert_eq!(st["last_error_reason"], "auth_rejected", "{v}");
+    assert_eq!(v["url"], leaky.url("/mcp?[redacted]"), "{v}");
+    let listed = cli_ok(&h, &["registry", "list"], None);
+    let shown = cli_ok(&h, &["registry", "show", "leaky"], None);
+    let (_, all) = admin(&h, Method::GET, "/admin/v1/registry", None).await;
+    for bad in leaks {
+        for (what, text) in [
+            ("show", v.to_string()),
+            ("list", all.to_string()),
+            ("cli list", listed.clone()),
+            ("cli show", shown.clone()),
+        ] {
+            assert!(!text.contains(bad), "{what}: '{bad}' shown: {text}");
+        }
+    }
+
+    // Its credentials are revoked (the entry now points at a route that refuses everything,
+    // the handshake included; rmcp's own log lines of that would quote the echo unredacted):
+    // its listed tools stay, and clients get the reason of its last connection attempt.
+    cli_ok(
+        &h,
+        &[
+            "registry",
+            "add",
+            "leaky",
+            "--replace",
+            "--url",
+            &leaky.url(&format!("/deny?api_key={QUERY}")),
+            "--header",
+            "Authorization: Bearer ${secret:leaky/token}",
+        ],
+        None,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let denied = loop {
+        let (_, v) = admin(&h, Method::GET, "/admin/v1/registry/leaky", None).await;
+        if v["status"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("handshake"))
+        {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "the handshake never failed: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        denied["status"]["last_error_reason"], "auth_rejected",
+        "{denied}"
+    );
+    let detail = denied["status"]["last_error"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("HTTP 401") && detail.contains("authorization: [redacted]"),
+        "{denied}"
+    );
+    for (i, era) in ["legacy", "2026-07-28"].iter().enumerate() {
+        let id = 30 + i as i64;
+        let params = json!({"name": "leaky__ok", "arguments": {}});
+        let r = if i == 0 {
+            l.request(id, "tools/call", params).await
+        } else {
+            let r = stateless(&client, &h.url(), id, "tools/call", params, json!({})).await;
+            final_response(r, id).await
+        };
+        assert_upstream_error(era, &r, "auth_rejected", 401, &leaks);
+    }
+    let log = std::fs::read_to_string(&h.log).unwrap();
+    for bad in leaks {
+        assert!(!log.contains(bad), "'{bad}' is in the log:\n{log}");
+    }
+    let (_, all) = admin(&h, Method::GET, "/admin/v1/registry", None).await;
+
+    // URL credentials and an Authorization header together are refused (CLI, API: add and
+    // replace), saying why, without echoing the password; nothing is stored.
+    let entries = |all: &Value| -> Vec<Value> {
+        all["upstreams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| json!([u["name"], u["url"], u["headers"]]))
+            .collect()
+    };
+    let before = entries(&all);
+    let combo = leaky
+        .url("/mcp")
+        .replace("http://", "http://alice:pa55word@");
+    let out = cli(
+        &h,
+        &[
+            "registry",
+            "add",
+            "combo",
+            "--url",
+            &combo,
+            "--header",
+            "Authorization: Bearer ${secret:leaky/token}",
+        ],
+        None,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("carries credentials"), "{err}");
+    assert!(!err.contains("pa55word"), "{err}");
+    let body = json!({
+        "name": "combo", "transport": "http", "url": combo,
+        "headers": {"authorization": "Basic Zm9vOmJhcg=="},
+    });
+    let (s, v) = admin(&h, Method::POST, "/admin/v1/registry", Some(body.clone())).await;
+    assert_eq!(s, 400, "{v}");
+    assert!(!v.to_string().contains("pa55word"), "{v}");
+    let (s, v) = admin(&h, Method::PUT, "/admin/v1/registry/leaky", Some(body)).await;
+    assert_eq!(s, 400, "{v}");
+    let (_, all) = admin(&h, Method::GET, "/admin/v1/registry", None).await;
+    assert_eq!(entries(&all), before, "{all}");
+
+    leaky.stop().await;
+}
