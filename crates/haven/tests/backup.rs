@@ -138,8 +138,10 @@ fn keygen(dir: &Path) -> PathBuf {
 }
 
 async fn put_note(client: &reqwest::Client, url: &str, id: i64, name: &str, text: &str) -> bool {
+    // A bound against a hang, not a measure of speed: a loaded machine's debug build can take
+    // seconds to write 512 KiB.
     let Ok(resp) = tokio::time::timeout(
-        Duration::from_secs(5),
+        Duration::from_secs(60),
         stateless(
             client,
             url,
