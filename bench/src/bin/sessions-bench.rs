@@ -94,12 +94,16 @@ async fn open_session(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
         )
         .send()
         .await?;
-    let session = r
+    let Some(session) = r
         .headers()
         .get("mcp-session-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
-        .context("initialize without a session")?;
+    else {
+        let status = r.status();
+        let body = r.text().await.unwrap_or_default();
+        bail!("initialize without a session: HTTP {status}: {body}");
+    };
     r.bytes().await?;
     let r = http
         .post(url)
@@ -143,6 +147,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(cli.concurrency as usize)
         .build()?;
+    // The node's limit on live sessions (100 000 by default) must leave room for the warm-up's
+    // sessions as well as the measured ones.
+    let token = std::fs::read_to_string(dir.path().join("data").join("admin.token"))?;
+    let r = http
+        .put(format!(
+            "http://127.0.0.1:{port}/admin/v1/config/limits.max_sessions_per_node"
+        ))
+        .bearer_auth(token.trim())
+        .json(&json!({"value": cli.sessions + 1000}))
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!("raising limits.max_sessions_per_node: HTTP {}", r.status());
+    }
     // Warm up (allocator, caches, connections), then the baseline.
     echo_latency(&http, &url, cli.calls).await?;
     for _ in 0..200 {
@@ -164,7 +182,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let total = cli.sessions;
         workers.push(tokio::spawn(async move {
             while next.fetch_add(1, Ordering::Relaxed) < total {
-                open_session(&http, &url).await?;
+                // A retryable refusal (503: the store was briefly unavailable) is tried
+                // again, as a client would; anything else ends the run.
+                let mut tries = 0;
+                while let Err(e) = open_session(&http, &url).await {
+                    tries += 1;
+                    if tries > 50 || !e.to_string().contains("HTTP 503") {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
             anyhow::Ok(())
         }));

@@ -21,10 +21,9 @@ use haven_mcp::engine::{Engine, EngineConfig};
 use haven_state::{HybridClock, Origin, RedbStore, Store};
 use settings::{Cli, Command, Mode, Settings};
 
-// Request handling allocates many small, short-lived objects; mimalloc serves them faster than
-// the system allocator (see BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+// No `#[global_allocator]`: the system allocator (glibc's). Under a steady load mimalloc's
+// memory kept rising while glibc's stayed flat at about half of it, for about 6 to 14 % more
+// CPU per request (BENCHMARKS.md, "Soak: the allocator").
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
