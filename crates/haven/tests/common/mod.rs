@@ -166,7 +166,9 @@ impl Haven {
     }
 
     async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // A bound against a hang: on a loaded machine a node of a JetStream region that is
+        // electing leaders has taken over 30 s to become ready.
+        let deadline = Instant::now() + Duration::from_secs(90);
         let client = reqwest::Client::new();
         while Instant::now() < deadline {
             if let Ok(r) = client
