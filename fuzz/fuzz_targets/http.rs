@@ -103,6 +103,7 @@ fn nodes() -> &'static [Node; 2] {
 
 fn post(body: &Value, session: Option<&str>) -> Request<Body> {
     let mut r = Request::post("/mcp")
+        .header("host", "localhost")
         .header("content-type", "application/json")
         .header("accept", "application/json, text/event-stream")
         .header("mcp-protocol-version", LEGACY);
