@@ -1,0 +1,9 @@
+//! Who is calling. A request that reaches the protocol engine carries a [`Principal`]: the
+//! subject of a validated OAuth access token, the owner of an API key, or the local operator
+//! when authentication is off (loopback and stdio, today's default). Authorization rules,
+//! the binding of sessions, streams and tasks to their creator, rate limits and the audit
+//! log all name callers by [`Principal::id`].
+
+pub mod principal;
+
+pub use principal::{Principal, PrincipalKind};
