@@ -4,6 +4,10 @@
 //! the binding of sessions, streams and tasks to their creator, rate limits and the audit
 //! log all name callers by [`Principal::id`].
 
+pub mod authenticator;
+pub mod oauth;
 pub mod principal;
 
+pub use authenticator::{AuthError, Authenticator, KeyVerifier};
+pub use oauth::{OAuthSettings, TokenError, TokenValidator};
 pub use principal::{Principal, PrincipalKind};

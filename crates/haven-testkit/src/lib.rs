@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use haven_state::{HybridClock, Origin, RedbStore};
 
+pub mod idp;
 pub mod leaky_upstream;
 pub use leaky_upstream::LeakyUpstream;
 
