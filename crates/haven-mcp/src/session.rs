@@ -30,6 +30,23 @@ pub struct SessionRecord {
     pub subscriptions: Vec<String>,
     /// Creation time, Unix milliseconds.
     pub created_millis: u64,
+    /// The principal that created the session ([`haven_auth::Principal::id`]); `None` for a
+    /// session created without authentication. Only the same principal can use the session,
+    /// its streams and its requests: to anyone else it does not exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+impl SessionRecord {
+    /// Whether `principal` may use this session.
+    pub fn belongs_to(&self, principal: &haven_auth::Principal) -> bool {
+        self.owner == owner_of(principal)
+    }
+}
+
+/// The owner recorded for what `principal` creates: `None` when authentication is off.
+pub fn owner_of(principal: &haven_auth::Principal) -> Option<String> {
+    (!principal.is_anonymous()).then(|| principal.id())
 }
 
 /// A session as read from the store, with the revision to update it against.
@@ -396,6 +413,7 @@ mod tests {
             log_level: None,
             subscriptions: Vec::new(),
             created_millis: 0,
+            owner: None,
         }
     }
 

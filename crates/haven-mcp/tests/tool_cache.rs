@@ -52,6 +52,7 @@ async fn list_tools(engine: &Engine) {
             headers: StatelessHeaders::default(),
             message,
             from_http: false,
+            principal: haven_auth::Principal::anonymous(),
         })
         .await;
     match reply {

@@ -11,6 +11,7 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::{Router, middleware};
 use bytes::Bytes;
+use haven_auth::Principal;
 use haven_mcp::engine::{
     Engine, LegacyPost, Rejection, Reply, StatelessHeaders, StatelessPost, is_stateless,
 };
@@ -19,7 +20,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::net::TcpListener;
 
-use crate::layers::{admission, body_limit, content, host_origin};
+use crate::layers::{admission, authn, body_limit, content, host_origin};
 use crate::response::{Era, respond};
 
 /// HTTP settings.
@@ -34,6 +35,8 @@ pub struct HttpConfig {
     pub limits: Arc<crate::conn::ConnLimits>,
     /// Requests served at once, per node and per session.
     pub admission: Arc<crate::layers::admission::Admission>,
+    /// Authentication of `/mcp` (`None`: off, every caller is anonymous).
+    pub authentication: Option<Arc<crate::layers::authn::Authentication>>,
 }
 
 impl Default for HttpConfig {
@@ -48,6 +51,7 @@ impl Default for HttpConfig {
             ],
             limits: Arc::default(),
             admission: Arc::default(),
+            authentication: None,
         }
     }
 }
@@ -99,16 +103,46 @@ pub fn router(engine: Engine, config: HttpConfig) -> Router {
         ))
         .route_layer(middleware::from_fn(content::enforce))
         .route_layer(middleware::from_fn_with_state(
+            config.authentication.clone(),
+            authn::enforce,
+        ))
+        .route_layer(middleware::from_fn_with_state(
             host_origin::AllowedHosts::new(&config.allowed_hosts),
             host_origin::enforce,
         ))
         .fallback(method_not_allowed);
-    Router::new()
+    let mut router = Router::new()
         .route("/mcp", mcp)
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .with_state(state)
-        .layer(tag)
+        .route("/readyz", get(readyz));
+    if let Some(auth) = &config.authentication {
+        // RFC 9728 protected resource metadata, at the path-suffixed well-known URI and at the
+        // bare one (clients try both), readable without credentials.
+        let document = auth
+            .authenticator
+            .resource_metadata(&auth.resource)
+            .to_string();
+        let serve_document = move || {
+            let document = document.clone();
+            async move {
+                let mut r = json_response(StatusCode::OK, document);
+                r.headers_mut().insert(
+                    header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                    HeaderValue::from_static("*"),
+                );
+                r
+            }
+        };
+        let path = auth.metadata_path();
+        router = router.route(
+            "/.well-known/oauth-protected-resource",
+            get(serve_document.clone()),
+        );
+        if path != "/.well-known/oauth-protected-resource" {
+            router = router.route(&path, get(serve_document));
+        }
+    }
+    router.with_state(state).layer(tag)
 }
 
 /// How long a stopping server waits for open connections (SSE streams included) to finish.
@@ -224,6 +258,7 @@ fn stateless_headers(headers: &HeaderMap, version: Option<String>) -> StatelessH
 async fn mcp_post(
     State(app): State<Arc<AppState>>,
     Extension(accepts): Extension<content::Accepts>,
+    Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -238,6 +273,7 @@ async fn mcp_post(
             headers: stateless_headers(&headers, version),
             message,
             from_http: true,
+            principal,
         };
         respond(Era::Stateless, app.engine.stateless_post(post).await)
     } else {
@@ -247,31 +283,42 @@ async fn mcp_post(
             accepts_json: accepts.json,
             accepts_sse: accepts.sse,
             message,
+            principal,
         };
         respond(Era::Legacy, app.engine.legacy_post(post).await)
     }
 }
 
 /// GET /mcp: a legacy session's standalone stream, or the resumption of one of its streams.
-async fn mcp_get(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+async fn mcp_get(
+    State(app): State<Arc<AppState>>,
+    Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
+) -> Response {
     let reply: Reply = app
         .engine
         .legacy_get(
             header_str(&headers, &names::SESSION_ID),
             header_str(&headers, &names::PROTOCOL_VERSION),
             header_str(&headers, &names::LAST_EVENT_ID),
+            &principal,
         )
         .await;
     respond(Era::Legacy, reply)
 }
 
 /// DELETE /mcp: ends a legacy session.
-async fn mcp_delete(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+async fn mcp_delete(
+    State(app): State<Arc<AppState>>,
+    Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
+) -> Response {
     let reply = app
         .engine
         .legacy_delete(
             header_str(&headers, &names::SESSION_ID),
             header_str(&headers, &names::PROTOCOL_VERSION),
+            &principal,
         )
         .await;
     respond(Era::Legacy, reply)

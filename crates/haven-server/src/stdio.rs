@@ -69,6 +69,8 @@ where
                             headers,
                             message,
                             from_http: false,
+                            // The process on the other end of stdio started this one.
+                            principal: haven_auth::Principal::anonymous(),
                         })
                         .await,
                     &tx,
@@ -84,6 +86,7 @@ where
             accepts_json: true,
             accepts_sse: true,
             message,
+            principal: haven_auth::Principal::anonymous(),
         };
         if initialize {
             // Later lines use the session, so it must exist before the next line is read.

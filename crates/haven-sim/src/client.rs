@@ -110,6 +110,7 @@ fn post(session: Option<&str>, body: &Value) -> Option<LegacyPost> {
         accepts_json: true,
         accepts_sse: true,
         message,
+        principal: haven_auth::Principal::anonymous(),
     })
 }
 
@@ -195,6 +196,7 @@ impl Client {
             },
             message,
             from_http: false,
+            principal: haven_auth::Principal::anonymous(),
         };
         match tokio::time::timeout(SILENCE, engine.stateless_post(post)).await {
             Ok(Reply::Json { body, .. }) => serde_json::from_str(&body).ok(),
@@ -395,7 +397,12 @@ impl Client {
             };
             let reply = tokio::time::timeout(
                 SILENCE,
-                engine.legacy_get(Some(&log.session), Some("2025-11-25"), Some(&last)),
+                engine.legacy_get(
+                    Some(&log.session),
+                    Some("2025-11-25"),
+                    Some(&last),
+                    &haven_auth::Principal::anonymous(),
+                ),
             )
             .await;
             if let Ok(Reply::Stream(s)) = reply {

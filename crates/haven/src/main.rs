@@ -612,11 +612,13 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
         Some(l) => l.local_addr()?,
         None => addr,
     };
+    let authentication = authentication(&s, &control).await?;
     let http = haven_server::HttpConfig {
         max_body_bytes: control.max_body_bytes.clone(),
         allowed_hosts: s.allowed_hosts.clone(),
         limits: control.conn_limits.clone(),
         admission: control.admission.clone(),
+        authentication,
     };
     tracing::info!(
         "haven listening on http://{addr}/mcp (data: {}, catalog: {}, node: {})",
@@ -691,6 +693,53 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
     close_upstreams(&control).await;
     tracing::info!("haven stopped");
     Ok(())
+}
+
+/// Authentication of `/mcp`, as the settings ask (`None`: off). The issuer's keys are fetched
+/// now, so that a wrong issuer is seen at start; if the issuer cannot be reached the node
+/// starts anyway (and says so) and fetches them at the first token.
+async fn authentication(
+    s: &Settings,
+    _control: &control::Control,
+) -> Result<Option<Arc<haven_server::layers::authn::Authentication>>> {
+    let Some(a) = &s.auth else {
+        let loopback = s
+            .listen
+            .parse::<SocketAddr>()
+            .map(|a| a.ip().is_loopback())
+            .unwrap_or(s.listen.starts_with("localhost:"));
+        if !loopback {
+            tracing::warn!(
+                listen = %s.listen,
+                "authentication is off on a listener that is not loopback: anyone who reaches it can call every tool (see \"Securing Haven\" in the README)"
+            );
+        }
+        return Ok(None);
+    };
+    let oauth = match &a.oauth {
+        Some(o) => {
+            let v = haven_auth::TokenValidator::new(o.clone(), haven_auth::oauth::system_now())
+                .map_err(|e| anyhow::anyhow!("OAuth settings: {e}"))?;
+            if let Err(e) = v.prefetch().await {
+                tracing::warn!(issuer = %o.issuer, error = %e, "the issuer's keys could not be fetched at start; tokens are refused with 503 until they can");
+            }
+            Some(Arc::new(v))
+        }
+        None => None,
+    };
+    let authenticator =
+        haven_auth::Authenticator::new(oauth, None, a.required_scopes.clone(), Vec::new());
+    tracing::info!(
+        resource = %a.resource,
+        issuer = a.oauth.as_ref().map(|o| o.issuer.as_str()).unwrap_or("(none: API keys only)"),
+        "authentication is on for /mcp"
+    );
+    Ok(Some(Arc::new(
+        haven_server::layers::authn::Authentication {
+            authenticator: Arc::new(authenticator),
+            resource: a.resource.clone(),
+        },
+    )))
 }
 
 /// Closes this node's upstream connections (stdio children are ended and reaped), bounded.

@@ -591,6 +591,172 @@ pub struct ServeArgs {
     pub region_failure_threshold: Option<u32>,
     #[command(flatten)]
     pub backup: BackupServeArgs,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+}
+
+/// Authentication of `/mcp`: the OAuth 2.1 resource server and API keys.
+#[derive(Args, Debug, Default)]
+pub struct AuthArgs {
+    /// Require a credential on /mcp: `on` (an OAuth access token from --oauth-issuer, or an
+    /// API key), or `off` (anyone who reaches the listener) [default: on when --oauth-issuer
+    /// is given, else off]
+    #[arg(long = "auth", env = "HAVEN_AUTH", value_name = "on|off")]
+    pub auth: Option<String>,
+    /// The OAuth authorization server whose access tokens are accepted (its issuer
+    /// identifier; its keys are found through its metadata unless --oauth-jwks-uri is given)
+    #[arg(long, env = "HAVEN_OAUTH_ISSUER", value_name = "URL")]
+    pub oauth_issuer: Option<String>,
+    /// This server's canonical resource URL, which every token's audience must name, e.g.
+    /// https://mcp.example.com/mcp [default: http://LISTEN/mcp]
+    #[arg(long, env = "HAVEN_OAUTH_RESOURCE", value_name = "URL")]
+    pub oauth_resource: Option<String>,
+    /// The issuer's JWKS URL [default: discovered from the issuer's metadata]
+    #[arg(long, env = "HAVEN_OAUTH_JWKS_URI", value_name = "URL")]
+    pub oauth_jwks_uri: Option<String>,
+    /// Scopes every /mcp request needs, comma-separated [default: none]
+    #[arg(
+        long,
+        env = "HAVEN_OAUTH_SCOPES",
+        value_name = "SCOPES",
+        value_delimiter = ','
+    )]
+    pub oauth_scopes: Option<Vec<String>>,
+    /// JWT signature algorithms accepted, comma-separated (asymmetric only)
+    /// [default: RS256,RS384,RS512,PS256,PS384,PS512,ES256,ES384,EdDSA]
+    #[arg(
+        long,
+        env = "HAVEN_OAUTH_ALGORITHMS",
+        value_name = "ALGS",
+        value_delimiter = ','
+    )]
+    pub oauth_algorithms: Option<Vec<String>>,
+    /// Token claims that name the caller's groups or roles, comma-separated
+    /// [default: groups,roles]
+    #[arg(
+        long,
+        env = "HAVEN_OAUTH_GROUP_CLAIMS",
+        value_name = "CLAIMS",
+        value_delimiter = ','
+    )]
+    pub oauth_group_claims: Option<Vec<String>>,
+    /// Leeway on a token's exp and nbf [default: 30s]
+    #[arg(long, env = "HAVEN_OAUTH_LEEWAY", value_name = "DURATION")]
+    pub oauth_leeway: Option<String>,
+    /// Shortest time between two fetches of the issuer's keys caused by tokens naming an
+    /// unknown key id [default: 30s]
+    #[arg(long, env = "HAVEN_OAUTH_JWKS_REFRESH", value_name = "DURATION")]
+    pub oauth_jwks_refresh: Option<String>,
+    /// PEM file of CA certificates to trust for the issuer's HTTPS endpoints, besides the
+    /// system's [default: the system's only]
+    #[arg(long, env = "HAVEN_OAUTH_CA_FILE", value_name = "FILE")]
+    pub oauth_ca_file: Option<PathBuf>,
+}
+
+/// The `[auth]` table of the TOML file: the same settings as the `--auth`/`--oauth-*` flags.
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+struct AuthFile {
+    auth: Option<String>,
+    oauth_issuer: Option<String>,
+    oauth_resource: Option<String>,
+    oauth_jwks_uri: Option<String>,
+    oauth_scopes: Option<Vec<String>>,
+    oauth_algorithms: Option<Vec<String>>,
+    oauth_group_claims: Option<Vec<String>>,
+    oauth_leeway: Option<String>,
+    oauth_jwks_refresh: Option<String>,
+    oauth_ca_file: Option<PathBuf>,
+}
+
+/// Resolved authentication of `/mcp` (`None` in [`Settings::auth`]: off).
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    /// The canonical resource URL of `/mcp`.
+    pub resource: String,
+    /// Access tokens of this issuer are accepted (`None`: API keys only).
+    pub oauth: Option<haven_auth::OAuthSettings>,
+    /// Scopes every request needs.
+    pub required_scopes: Vec<String>,
+}
+
+impl AuthSettings {
+    fn resolve(given: &AuthArgs, file: AuthFile, listen: &str) -> Result<Option<AuthSettings>> {
+        let mode = given.auth.clone().or(file.auth);
+        let issuer = given.oauth_issuer.clone().or(file.oauth_issuer);
+        let on = match mode.as_deref().map(str::trim) {
+            Some("on") => true,
+            Some("off") => {
+                anyhow::ensure!(
+                    issuer.is_none(),
+                    "auth is off but an OAuth issuer is given: set auth to on, or remove oauth_issuer"
+                );
+                false
+            }
+            Some(other) => anyhow::bail!("auth must be on or off, not {other:?}"),
+            None => issuer.is_some(),
+        };
+        if !on {
+            return Ok(None);
+        }
+        let resource = given
+            .oauth_resource
+            .clone()
+            .or(file.oauth_resource)
+            .unwrap_or_else(|| format!("http://{listen}/mcp"));
+        let required_scopes: Vec<String> = given
+            .oauth_scopes
+            .clone()
+            .or(file.oauth_scopes)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
+        for s in &required_scopes {
+            anyhow::ensure!(
+                s.chars()
+                    .all(|c| c.is_ascii_graphic() && c != '"' && c != '\\'),
+                "the scope {s:?} has characters a scope cannot have"
+            );
+        }
+        let oauth = match issuer {
+            None => None,
+            Some(issuer) => {
+                let mut o = haven_auth::OAuthSettings::new(issuer, resource.clone());
+                o.jwks_uri = given.oauth_jwks_uri.clone().or(file.oauth_jwks_uri);
+                if let Some(a) = given.oauth_algorithms.clone().or(file.oauth_algorithms) {
+                    o.algorithms = a
+                        .iter()
+                        .map(|n| haven_auth::oauth::parse_algorithm(n))
+                        .collect::<std::result::Result<_, _>>()
+                        .map_err(|e| anyhow::anyhow!("oauth_algorithms: {e}"))?;
+                }
+                if let Some(c) = given.oauth_group_claims.clone().or(file.oauth_group_claims) {
+                    o.group_claims = c;
+                }
+                if let Some(l) = given.oauth_leeway.clone().or(file.oauth_leeway) {
+                    o.leeway_secs = parse_duration(&l)
+                        .with_context(|| format!("oauth_leeway {l:?}"))?
+                        .as_secs();
+                }
+                if let Some(r) = given.oauth_jwks_refresh.clone().or(file.oauth_jwks_refresh) {
+                    o.jwks_min_refresh =
+                        parse_duration(&r).with_context(|| format!("oauth_jwks_refresh {r:?}"))?;
+                }
+                o.ca_file = given.oauth_ca_file.clone().or(file.oauth_ca_file);
+                // Checks the URLs and the algorithms now, so that a mistake stops the start.
+                haven_auth::TokenValidator::new(o.clone(), haven_auth::oauth::system_now())
+                    .map_err(|e| anyhow::anyhow!("OAuth settings: {e}"))?;
+                Some(o)
+            }
+        };
+        Ok(Some(AuthSettings {
+            resource,
+            oauth,
+            required_scopes,
+        }))
+    }
 }
 
 /// The TOML file: every key optional.
@@ -634,6 +800,7 @@ struct FileSettings {
     backup_archive_after: Option<String>,
     backup_archive_class: Option<String>,
     backup_archive_retention: Option<String>,
+    auth: Option<AuthFile>,
 }
 
 /// Resolved settings.
@@ -667,6 +834,8 @@ pub struct Settings {
     pub peer_regions: Vec<String>,
     /// Health checks of the other regions.
     pub region_health: haven_cluster::regions::HealthConfig,
+    /// Authentication of `/mcp` (`None`: off).
+    pub auth: Option<AuthSettings>,
 }
 
 /// Resolved backup settings of `haven serve`.
@@ -1091,6 +1260,12 @@ impl Settings {
             .and_then(|s| s.listen.clone())
             .or(file.listen)
             .unwrap_or_else(|| "127.0.0.1:8080".into());
+        let auth = match serve {
+            Some(s) => {
+                AuthSettings::resolve(&s.auth, file.auth.take().unwrap_or_default(), &listen)?
+            }
+            None => None,
+        };
         if let Some(a) = &admin_listen {
             if a.is_empty() {
                 bail!(
@@ -1160,6 +1335,7 @@ impl Settings {
             store_replicas,
             drain_timeout,
             max_clock_skew,
+            auth,
         })
     }
 }

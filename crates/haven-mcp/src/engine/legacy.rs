@@ -48,6 +48,8 @@ pub struct LegacyPost {
     pub accepts_sse: bool,
     /// The message.
     pub message: Incoming,
+    /// Who sent it.
+    pub principal: haven_auth::Principal,
 }
 
 fn session_not_found() -> Reply {
@@ -84,6 +86,7 @@ async fn open_session(
     inner: &Inner,
     session: Option<&str>,
     protocol_version: Option<&str>,
+    principal: &haven_auth::Principal,
 ) -> Result<LoadedSession, Reply> {
     let Some(sid) = session else {
         return Err(Rejection::exchange(
@@ -107,8 +110,9 @@ async fn open_session(
         .into());
     }
     match inner.sessions.load(&*inner.store, sid).await {
-        Ok(Some(s)) => Ok(s),
-        Ok(None) => Err(session_not_found()),
+        // Another principal's session is answered exactly like one that does not exist.
+        Ok(Some(s)) if s.record.belongs_to(principal) => Ok(s),
+        Ok(_) => Err(session_not_found()),
         Err(e) => Err(unavailable(e)),
     }
 }
@@ -117,13 +121,19 @@ pub(super) async fn post(inner: &Arc<Inner>, p: LegacyPost) -> Reply {
     if let Incoming::Request(req) = &p.message
         && req.method == "initialize"
     {
-        return Box::pin(initialize(inner, req)).await;
+        return Box::pin(initialize(inner, req, &p.principal)).await;
     }
-    let loaded =
-        match open_session(inner, p.session.as_deref(), p.protocol_version.as_deref()).await {
-            Ok(s) => s,
-            Err(r) => return r,
-        };
+    let loaded = match open_session(
+        inner,
+        p.session.as_deref(),
+        p.protocol_version.as_deref(),
+        &p.principal,
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
     let sid = loaded.record.id.clone();
     match p.message {
         Incoming::Request(req) => {
@@ -173,7 +183,11 @@ async fn cancel_request(inner: &Arc<Inner>, session: &str, id: &Value) {
     }
 }
 
-async fn initialize(inner: &Arc<Inner>, req: &IncomingRequest) -> Reply {
+async fn initialize(
+    inner: &Arc<Inner>,
+    req: &IncomingRequest,
+    principal: &haven_auth::Principal,
+) -> Reply {
     let params: InitializeRequestParams =
         match jsonrpc::typed_params(&req.method, req.params.as_ref()) {
             Ok(p) => p,
@@ -194,6 +208,7 @@ async fn initialize(inner: &Arc<Inner>, req: &IncomingRequest) -> Reply {
         log_level: None,
         subscriptions: Vec::new(),
         created_millis: now,
+        owner: session::owner_of(principal),
     };
     let size = serde_json::to_vec(&record).map_or(0, |v| v.len());
     let max = inner.config.limits.max_session_bytes();
@@ -747,8 +762,9 @@ pub(super) async fn get(
     session: Option<&str>,
     protocol_version: Option<&str>,
     last_event_id: Option<&str>,
+    principal: &haven_auth::Principal,
 ) -> Reply {
-    let loaded = match open_session(inner, session, protocol_version).await {
+    let loaded = match open_session(inner, session, protocol_version, principal).await {
         Ok(s) => s,
         Err(r) => return r,
     };
@@ -1148,7 +1164,11 @@ async fn serve_standalone(
     }
 }
 
-pub(super) async fn delete(inner: &Arc<Inner>, session: Option<&str>) -> Reply {
+pub(super) async fn delete(
+    inner: &Arc<Inner>,
+    session: Option<&str>,
+    principal: &haven_auth::Principal,
+) -> Reply {
     let Some(sid) = session else {
         return Rejection::exchange(
             Reason::SessionRequired,
@@ -1157,6 +1177,12 @@ pub(super) async fn delete(inner: &Arc<Inner>, session: Option<&str>) -> Reply {
         )
         .into();
     };
+    // Only the session's principal may end it.
+    match inner.sessions.load(&*inner.store, sid).await {
+        Ok(Some(s)) if s.record.belongs_to(principal) => {}
+        Ok(_) => return session_not_found(),
+        Err(e) => return unavailable(e),
+    }
     let ended = session::end(&*inner.store, sid).await;
     inner.sessions.invalidate(sid);
     inner.session_count.end(sid);

@@ -475,11 +475,19 @@ impl Engine {
         session: Option<&str>,
         protocol_version: Option<&str>,
         last_event_id: Option<&str>,
+        principal: &haven_auth::Principal,
     ) -> Reply {
         if let Some(refused) = legacy_only(protocol_version) {
             return refused;
         }
-        legacy::get(&self.inner, session, protocol_version, last_event_id).await
+        legacy::get(
+            &self.inner,
+            session,
+            protocol_version,
+            last_event_id,
+            principal,
+        )
+        .await
     }
 
     /// Handles a DELETE of the legacy era (ends the session); another era's protocol version is
@@ -488,11 +496,12 @@ impl Engine {
         &self,
         session: Option<&str>,
         protocol_version: Option<&str>,
+        principal: &haven_auth::Principal,
     ) -> Reply {
         if let Some(refused) = legacy_only(protocol_version) {
             return refused;
         }
-        legacy::delete(&self.inner, session).await
+        legacy::delete(&self.inner, session, principal).await
     }
 
     /// Handles a POST of the stateless era.

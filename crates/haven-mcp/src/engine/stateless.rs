@@ -69,6 +69,8 @@ pub struct StatelessPost {
     /// Whether the request came over HTTP, whose routing headers must then match the body.
     /// Over stdio there are no headers to check.
     pub from_http: bool,
+    /// Who sent it.
+    pub principal: haven_auth::Principal,
 }
 
 /// Whether a request belongs to the stateless era: its `MCP-Protocol-Version` names a

@@ -4,14 +4,17 @@
 //! 1. [`host_origin`]: the headers that must be single and readable ([`single`]: no `Host`, two
 //!    of a header Haven reads, or a value that is not visible ASCII, 400), then DNS-rebinding
 //!    protection (403),
-//! 2. [`content`]: `Content-Type` (415) and `Accept` (406),
-//! 3. [`admission`]: places per node and per session (503 or 429 with `Retry-After`),
-//! 4. [`body_limit`]: the body limit in force for this request (413), read at every request
+//! 2. [`authn`]: the bearer credential becomes the request's principal (401 with a challenge
+//!    naming the protected resource metadata, 403 for a missing scope),
+//! 3. [`content`]: `Content-Type` (415) and `Accept` (406),
+//! 4. [`admission`]: places per node and per session (503 or 429 with `Retry-After`),
+//! 5. [`body_limit`]: the body limit in force for this request (413), read at every request
 //!    because it is a runtime setting.
 //!
 //! Each refusal is a JSON-RPC error body without an id: no message has been read yet.
 
 pub mod admission;
+pub mod authn;
 pub mod body_limit;
 pub mod content;
 pub mod host_origin;
