@@ -4,6 +4,8 @@
 //! the binding of sessions, streams and tasks to their creator, rate limits and the audit
 //! log all name callers by [`Principal::id`].
 
+pub mod apikeys;
 pub mod principal;
 
+pub use apikeys::{ApiKey, ApiKeyError, ApiKeys, KeyState, PresentedKey, looks_like_api_key};
 pub use principal::{Principal, PrincipalKind};
