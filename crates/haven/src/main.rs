@@ -35,6 +35,7 @@ fn main() -> std::process::ExitCode {
         Command::Registry(cmd) => return run_client_command(control_cmd::registry(cmd)),
         Command::Config(cmd) => return run_client_command(control_cmd::config(cmd)),
         Command::Secrets(cmd) => return run_client_command(control_cmd::secrets(cmd)),
+        Command::Auth(cmd) => return run_client_command(control_cmd::auth(cmd)),
         Command::Region(settings::RegionCommand::Status(a)) => {
             return run_client_command(backup_cmd::region_status(a));
         }
@@ -347,6 +348,7 @@ async fn start_engine(
     let control = control::Control {
         config,
         registry: haven_control::registry::Registry::new(store.clone()),
+        api_keys: haven_auth::ApiKeys::new(store.clone()),
         secrets,
         upstreams,
         max_body_bytes: Arc::new(std::sync::atomic::AtomicUsize::new(s.max_body_bytes)),
