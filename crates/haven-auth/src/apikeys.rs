@@ -931,4 +931,43 @@ mod tests {
             Err(ApiKeyError::Revoked(_))
         ));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Whatever a client sends as a bearer credential, verification refuses it with one of
+        /// the refusals (never a panic, a store error or a principal), and the refusal does
+        /// not repeat what was sent.
+        #[test]
+        fn any_credential_is_refused_cleanly(
+            tail in "[a-z0-9_A-Z+/=é -]{0,70}",
+            raw in ".{0,80}",
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let (_, store) = mem().await;
+                let keys = ApiKeys::new(store);
+                keys.create("k", vec![], vec![], None, "admin-token").await.unwrap();
+                for c in [format!("hvn_{tail}"), raw.clone()] {
+                    let e = keys.verify(&c, T0).await.unwrap_err();
+                    assert!(e.is_refusal(), "{c:?}: {e}");
+                    // Past where an id would end: what a secret would be.
+                    if let Some(rest) = c.get(17..).filter(|r| r.len() >= 8) {
+                        assert!(!e.to_string().contains(rest), "{c:?}: {e}");
+                    }
+                }
+            });
+        }
+
+        /// Any expiry text is a time in the future or an `Invalid` error.
+        #[test]
+        fn any_expiry_text_is_parsed_or_refused(text in ".{0,40}", digits in "[0-9]{1,25}[smhdw]") {
+            for t in [text, digits] {
+                match parse_expiry(&t, T0) {
+                    Ok(at) => assert!(at > T0),
+                    Err(e) => assert!(matches!(e, ApiKeyError::Invalid(_))),
+                }
+            }
+        }
+    }
 }
