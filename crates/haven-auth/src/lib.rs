@@ -4,10 +4,12 @@
 //! the binding of sessions, streams and tasks to their creator, rate limits and the audit
 //! log all name callers by [`Principal::id`].
 
+pub mod apikeys;
 pub mod authenticator;
 pub mod oauth;
 pub mod principal;
 
+pub use apikeys::{ApiKey, ApiKeyError, ApiKeys, KeyState, PresentedKey, looks_like_api_key};
 pub use authenticator::{AuthError, Authenticator, KeyVerifier};
 pub use oauth::{OAuthSettings, TokenError, TokenValidator};
 pub use principal::{Principal, PrincipalKind};

@@ -1,5 +1,5 @@
 //! Admin routes of the control plane: `/admin/v1/registry`, `/admin/v1/config`,
-//! `/admin/v1/secrets` and `/admin/v1/keys`.
+//! `/admin/v1/secrets`, `/admin/v1/keys` and `/admin/v1/auth/keys` (API keys).
 //!
 //! Bodies are parsed by hand (not axum's `Json` extractor) so that every bad body gets the same
 //! `{"error": ...}` shape as every other admin error.
@@ -12,6 +12,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use haven_auth::ApiKeyError;
 use haven_control::config::ConfigError;
 use haven_control::registry::{RegistryError, UpstreamSpec};
 use haven_secrets::SecretsError;
@@ -42,6 +43,12 @@ pub fn routes() -> Router<Arc<Admin>> {
         .route("/admin/v1/keys", get(keys_show))
         .route("/admin/v1/keys/rotate", post(keys_rotate))
         .route("/admin/v1/keys/retire", post(keys_retire))
+        .route(
+            "/admin/v1/auth/keys",
+            get(api_keys_list).post(api_keys_create),
+        )
+        .route("/admin/v1/auth/keys/{id}", get(api_keys_show))
+        .route("/admin/v1/auth/keys/{id}/revoke", post(api_keys_revoke))
 }
 
 fn json_ok(status: StatusCode, v: Value) -> Response {
@@ -463,5 +470,132 @@ async fn keys_retire(State(admin): S, body: Bytes) -> Response {
             };
             error(status, e.to_string())
         }
+    }
+}
+
+fn api_key_error(e: ApiKeyError) -> Response {
+    let status = match &e {
+        ApiKeyError::Invalid(_) => StatusCode::BAD_REQUEST,
+        ApiKeyError::NotFound(_) => StatusCode::NOT_FOUND,
+        ApiKeyError::AlreadyRevoked { .. } => StatusCode::CONFLICT,
+        ApiKeyError::Store(s) if s.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, e.to_string())
+}
+
+/// Who is changing API keys: the authenticated admin principal when the admin API names one,
+/// else the holder of the admin token.
+fn actor(who: Option<axum::Extension<haven_auth::Principal>>) -> String {
+    match who {
+        Some(axum::Extension(p)) if !p.is_anonymous() => p.id(),
+        _ => "admin-token".to_owned(),
+    }
+}
+
+/// An API key as the admin API shows it: its record and its state now (never its secret).
+fn api_key_view(key: &haven_auth::ApiKey, now: u64) -> Value {
+    let mut v = serde_json::to_value(key).unwrap_or_default();
+    v["state"] = serde_json::to_value(key.state(now)).unwrap_or_default();
+    v
+}
+
+async fn api_keys_list(State(admin): S) -> Response {
+    let keys = &admin.control.api_keys;
+    match keys.list().await {
+        Ok(list) => {
+            let now = keys.now();
+            let items: Vec<Value> = list.iter().map(|k| api_key_view(k, now)).collect();
+            json_ok(StatusCode::OK, json!({ "keys": items }))
+        }
+        Err(e) => api_key_error(e),
+    }
+}
+
+async fn api_keys_show(State(admin): S, Path(id): Path<String>) -> Response {
+    let keys = &admin.control.api_keys;
+    match keys.get(&id).await {
+        Ok(Some(k)) => json_ok(StatusCode::OK, api_key_view(&k, keys.now())),
+        Ok(None) => api_key_error(ApiKeyError::NotFound(id)),
+        Err(e) => api_key_error(e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKeyBody {
+    name: String,
+    #[serde(default)]
+    scopes: Vec<String>,
+    #[serde(default)]
+    groups: Vec<String>,
+    /// A duration from now (`30d`), an RFC 3339 time, or seconds since the Unix epoch.
+    #[serde(default)]
+    expires: Option<Value>,
+}
+
+async fn api_keys_create(
+    State(admin): S,
+    who: Option<axum::Extension<haven_auth::Principal>>,
+    body: Bytes,
+) -> Response {
+    const SHAPE: &str = "JSON object {\"name\": ..., \"scopes\": [...], \"groups\": [...], \"expires\": \"30d\" or RFC 3339}";
+    let v: Value = match parse_body(&body, SHAPE) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    // A struct also reads from an array; only an object is meant.
+    if !v.is_object() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("the request body is not a valid {SHAPE}: expected an object"),
+        );
+    }
+    let b: CreateKeyBody = match serde_json::from_value(v) {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("the request body is not a valid {SHAPE}: {e}"),
+            );
+        }
+    };
+    let keys = &admin.control.api_keys;
+    let expires_at = match &b.expires {
+        None | Some(Value::Null) => None,
+        Some(Value::String(t)) => match haven_auth::apikeys::parse_expiry(t, keys.now()) {
+            Ok(at) => Some(at),
+            Err(e) => return api_key_error(e),
+        },
+        Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64(),
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "expires must be a duration such as \"30d\", an RFC 3339 time, or seconds since the Unix epoch",
+            );
+        }
+    };
+    match keys
+        .create(&b.name, b.scopes, b.groups, expires_at, &actor(who))
+        .await
+    {
+        Ok((key, presented)) => {
+            let mut v = api_key_view(&key, keys.now());
+            v["api_key"] = Value::from(presented.expose());
+            json_ok(StatusCode::CREATED, v)
+        }
+        Err(e) => api_key_error(e),
+    }
+}
+
+async fn api_keys_revoke(
+    State(admin): S,
+    who: Option<axum::Extension<haven_auth::Principal>>,
+    Path(id): Path<String>,
+) -> Response {
+    let keys = &admin.control.api_keys;
+    match keys.revoke(&id, &actor(who)).await {
+        Ok(key) => json_ok(StatusCode::OK, api_key_view(&key, keys.now())),
+        Err(e) => api_key_error(e),
     }
 }

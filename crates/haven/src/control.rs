@@ -30,6 +30,8 @@ pub struct Control {
     pub registry: Registry,
     /// Secrets.
     pub secrets: Secrets,
+    /// API keys (`haven auth keys`).
+    pub api_keys: haven_auth::ApiKeys,
     /// Connections to upstreams.
     pub upstreams: haven_federation::Upstreams,
     /// Body limit of the HTTP layer, changed by `limits.max_body_bytes`.

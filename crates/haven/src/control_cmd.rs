@@ -1,4 +1,4 @@
-//! `haven registry|config|secrets`: commands that talk to a running node's admin API. Output
+//! `haven registry|config|secrets|auth`: commands that talk to a running node's admin API. Output
 //! is a table by default and the node's JSON with `--json`.
 
 use std::collections::BTreeMap;
@@ -11,8 +11,9 @@ use serde_json::{Value, json};
 
 use crate::client::{admin_request, node_url, segment, token};
 use crate::settings::{
-    ConfigCommand, NodeArgs, RegistryAddArgs, RegistryCommand, SecretsCommand, SecretsDeleteArgs,
-    SecretsListArgs, SecretsNewKeyArgs, SecretsRetireArgs, SecretsSetArgs,
+    AuthCommand, AuthKeysCommand, AuthKeysCreateArgs, AuthKeysRevokeArgs, ConfigCommand, NodeArgs,
+    RegistryAddArgs, RegistryCommand, SecretsCommand, SecretsDeleteArgs, SecretsListArgs,
+    SecretsNewKeyArgs, SecretsRetireArgs, SecretsSetArgs,
 };
 
 struct Node {
@@ -652,5 +653,144 @@ async fn show_keys(n: NodeArgs) -> Result<ExitCode> {
         })
         .collect();
     table(&["KID", "CREATED", "STATE"], &rows);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `haven auth ...`.
+pub async fn auth(cmd: AuthCommand) -> Result<ExitCode> {
+    match cmd {
+        AuthCommand::Keys(AuthKeysCommand::Create(a)) => create_api_key(a).await,
+        AuthCommand::Keys(AuthKeysCommand::List(n)) => list_api_keys(n).await,
+        AuthCommand::Keys(AuthKeysCommand::Revoke(a)) => revoke_api_key(a).await,
+    }
+}
+
+fn secs_text(v: &Value) -> String {
+    v.as_u64()
+        .map(haven_auth::apikeys::fmt_time)
+        .unwrap_or_else(|| "-".into())
+}
+
+fn list_text(v: &Value) -> String {
+    let l: Vec<String> = items(v).iter().map(text).collect();
+    if l.is_empty() {
+        "-".into()
+    } else {
+        l.join(",")
+    }
+}
+
+/// `haven auth keys create`: the key is printed once.
+async fn create_api_key(a: AuthKeysCreateArgs) -> Result<ExitCode> {
+    // Checked here first for a quick, clear answer; the node checks again.
+    for s in &a.scopes {
+        haven_auth::apikeys::validate_scope(s)?;
+    }
+    for g in &a.groups {
+        haven_auth::apikeys::validate_group(g)?;
+    }
+    let node = Node::from(&a.node)?;
+    let body = json!({
+        "name": a.name,
+        "scopes": a.scopes,
+        "groups": a.groups,
+        "expires": a.expires,
+    });
+    let v = node
+        .call(Method::POST, "/admin/v1/auth/keys", Some(&body))
+        .await?;
+    if node.json(&v)? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let expires = match v["expires_at"].as_u64() {
+        Some(_) => secs_text(&v["expires_at"]),
+        None => "never".into(),
+    };
+    println!(
+        "Created API key {} ({:?}): scopes {}, groups {}, expires {}.",
+        text(&v["id"]),
+        text(&v["name"]),
+        list_text(&v["scopes"]),
+        list_text(&v["groups"]),
+        expires
+    );
+    println!("The key, shown this once (only a hash of it is kept; store it now):");
+    println!("{}", text(&v["api_key"]));
+    println!("Clients send it as `Authorization: Bearer <key>`.");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `haven auth keys list`.
+async fn list_api_keys(n: NodeArgs) -> Result<ExitCode> {
+    let node = Node::from(&n)?;
+    let v = node.call(Method::GET, "/admin/v1/auth/keys", None).await?;
+    if node.json(&v)? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let list = items(&v["keys"]);
+    if list.is_empty() {
+        println!("No API keys. Create one with `haven auth keys create --name NAME`.");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|k| {
+            let state = match (k["state"].as_str(), k["revoked_at"].as_u64()) {
+                (Some("revoked"), Some(_)) => format!(
+                    "revoked {} by {}",
+                    secs_text(&k["revoked_at"]),
+                    text(&k["revoked_by"])
+                ),
+                _ => text(&k["state"]),
+            };
+            vec![
+                text(&k["id"]),
+                text(&k["name"]),
+                list_text(&k["scopes"]),
+                list_text(&k["groups"]),
+                secs_text(&k["created_at"]),
+                secs_text(&k["expires_at"]),
+                state,
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID", "NAME", "SCOPES", "GROUPS", "CREATED", "EXPIRES", "STATE",
+        ],
+        &rows,
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `haven auth keys revoke ID`.
+async fn revoke_api_key(a: AuthKeysRevokeArgs) -> Result<ExitCode> {
+    let node = Node::from(&a.node)?;
+    // An id holds only a-z and 0-9; anything else names no key (and is not sent as a path).
+    if a.id.is_empty()
+        || !a
+            .id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        bail!(
+            "no API key with id '{}' (an id is the 12 characters of a-z0-9 after hvn_; see `haven auth keys list`)",
+            a.id
+        );
+    }
+    let v = node
+        .call(
+            Method::POST,
+            &format!("/admin/v1/auth/keys/{}/revoke", segment(&a.id)),
+            None,
+        )
+        .await?;
+    if !node.json(&v)? {
+        println!(
+            "Revoked API key {} ({:?}); every node refuses it from now on.",
+            text(&v["id"]),
+            text(&v["name"])
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -35,6 +35,7 @@ fn main() -> std::process::ExitCode {
         Command::Registry(cmd) => return run_client_command(control_cmd::registry(cmd)),
         Command::Config(cmd) => return run_client_command(control_cmd::config(cmd)),
         Command::Secrets(cmd) => return run_client_command(control_cmd::secrets(cmd)),
+        Command::Auth(cmd) => return run_client_command(control_cmd::auth(cmd)),
         Command::Region(settings::RegionCommand::Status(a)) => {
             return run_client_command(backup_cmd::region_status(a));
         }
@@ -347,6 +348,7 @@ async fn start_engine(
     let control = control::Control {
         config,
         registry: haven_control::registry::Registry::new(store.clone()),
+        api_keys: haven_auth::ApiKeys::new(store.clone()),
         secrets,
         upstreams,
         max_body_bytes: Arc::new(std::sync::atomic::AtomicUsize::new(s.max_body_bytes)),
@@ -700,7 +702,7 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
 /// starts anyway (and says so) and fetches them at the first token.
 async fn authentication(
     s: &Settings,
-    _control: &control::Control,
+    control: &control::Control,
 ) -> Result<Option<Arc<haven_server::layers::authn::Authentication>>> {
     let Some(a) = &s.auth else {
         let loopback = s
@@ -727,8 +729,10 @@ async fn authentication(
         }
         None => None,
     };
+    // API keys are always accepted when authentication is on.
+    let keys: Arc<dyn haven_auth::KeyVerifier> = Arc::new(control.api_keys.clone());
     let authenticator =
-        haven_auth::Authenticator::new(oauth, None, a.required_scopes.clone(), Vec::new());
+        haven_auth::Authenticator::new(oauth, Some(keys), a.required_scopes.clone(), Vec::new());
     tracing::info!(
         resource = %a.resource,
         issuer = a.oauth.as_ref().map(|o| o.issuer.as_str()).unwrap_or("(none: API keys only)"),

@@ -47,6 +47,59 @@ pub enum Command {
     /// region from another region's backups.
     #[command(subcommand)]
     Region(RegionCommand),
+    /// Authentication of a running node's region: API keys for machine clients.
+    #[command(subcommand)]
+    Auth(AuthCommand),
+}
+
+/// `haven auth` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum AuthCommand {
+    /// API keys, a way in for machine clients (`Authorization: Bearer hvn_...`): create,
+    /// list, revoke.
+    #[command(subcommand)]
+    Keys(AuthKeysCommand),
+}
+
+/// `haven auth keys` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum AuthKeysCommand {
+    /// Create a key. The key is printed once and cannot be shown again: only a hash of its
+    /// secret is stored.
+    Create(AuthKeysCreateArgs),
+    /// List keys: id, name, scopes, groups, created, expiry, state (never a secret).
+    List(NodeArgs),
+    /// Revoke a key: every node refuses it from then on. The record stays, marked revoked.
+    Revoke(AuthKeysRevokeArgs),
+}
+
+/// `haven auth keys create`.
+#[derive(Args, Debug)]
+pub struct AuthKeysCreateArgs {
+    /// Name of the key, for operators (e.g. the client or job that uses it)
+    #[arg(long)]
+    pub name: String,
+    /// Scope granted to the key's callers, an OAuth scope token such as mcp:tools (repeatable)
+    #[arg(long = "scope", value_name = "SCOPE")]
+    pub scopes: Vec<String>,
+    /// Group or role of the key's callers, as authorization rules name them (repeatable)
+    #[arg(long = "group", value_name = "GROUP")]
+    pub groups: Vec<String>,
+    /// When the key stops working: a duration from now (30d, 12h, 1d12h, 2w) or an RFC 3339
+    /// time (2027-01-31T00:00:00Z) [default: never]
+    #[arg(long, value_name = "WHEN")]
+    pub expires: Option<String>,
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+/// `haven auth keys revoke`.
+#[derive(Args, Debug)]
+pub struct AuthKeysRevokeArgs {
+    /// Key id, as `haven auth keys list` shows it (the part after `hvn_`)
+    pub id: String,
+    #[command(flatten)]
+    pub node: NodeArgs,
 }
 
 /// `haven region` subcommands.
@@ -1112,7 +1165,8 @@ impl Settings {
             | Command::Registry(_)
             | Command::Config(_)
             | Command::Secrets(_)
-            | Command::Region(_) => {
+            | Command::Region(_)
+            | Command::Auth(_) => {
                 bail!("this command has no server settings")
             }
         }
