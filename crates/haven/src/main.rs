@@ -353,6 +353,7 @@ async fn start_engine(
         conn_limits: Arc::default(),
         client_limits,
         admission: Arc::default(),
+        rate: Arc::default(),
         reclaim: Arc::default(),
         in_force,
         regions,
@@ -617,6 +618,7 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
         allowed_hosts: s.allowed_hosts.clone(),
         limits: control.conn_limits.clone(),
         admission: control.admission.clone(),
+        rate: control.rate.clone(),
     };
     tracing::info!(
         "haven listening on http://{addr}/mcp (data: {}, catalog: {}, node: {})",
