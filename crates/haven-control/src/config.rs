@@ -47,6 +47,101 @@ pub struct HttpSettings {
     pub max_connections: u64,
     /// Open connections per client address (0: no cap).
     pub max_connections_per_ip: u64,
+    /// Largest request head, bytes.
+    pub max_header_bytes: u64,
+    /// Most header fields in one request.
+    pub max_headers: u64,
+}
+
+/// The rate of one tool (setting `limits.rate.tools`): `count` calls per `period_secs`, with
+/// bursts of `burst` (none: `limits.rate.per_tool_burst`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ToolRate {
+    /// Calls per period (0: no limit for this tool).
+    pub count: u64,
+    /// The period: 1, 60 or 3600 seconds.
+    pub period_secs: u64,
+    /// Calls let through at once, when the item names one.
+    pub burst: Option<u64>,
+}
+
+/// Rate limit settings (`limits.rate.*`): a rate of 0 turns that limit off.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RateSettings {
+    /// Requests per second from one client address, before authentication.
+    pub per_ip_rps: u64,
+    /// Burst per client address.
+    pub per_ip_burst: u64,
+    /// Requests per second of one principal.
+    pub per_principal_rps: u64,
+    /// Burst per principal.
+    pub per_principal_burst: u64,
+    /// `tools/call` per second of one principal for one tool.
+    pub per_tool_rps: u64,
+    /// Burst per principal and tool.
+    pub per_tool_burst: u64,
+    /// Tools with their own rate.
+    pub tools: BTreeMap<String, ToolRate>,
+    /// Keys one rate table holds at most.
+    pub max_keys: u64,
+}
+
+/// Parses `limits.rate.tools`: comma-separated `TOOL=RATE[:BURST]` items, RATE being `N`
+/// (per second), `N/s`, `N/min` or `N/h`, BURST at least 1. A tool named twice is an error.
+pub fn parse_tool_rates(text: &str) -> Result<BTreeMap<String, ToolRate>, String> {
+    let mut out = BTreeMap::new();
+    for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (tool, rate) = item.split_once('=').ok_or_else(|| {
+            format!("'{item}' is not TOOL=RATE[:BURST] (e.g. notes_put=10/min:5)")
+        })?;
+        let tool = tool.trim();
+        if tool.is_empty()
+            || tool.len() > 128
+            || tool
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '=' | ':' | ','))
+        {
+            return Err(format!(
+                "'{tool}' is not a tool name (1 to 128 characters, no spaces, '=', ':' or ',')"
+            ));
+        }
+        let (rate, burst) = match rate.split_once(':') {
+            Some((r, b)) => {
+                let b: u64 = b
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("burst '{}' of {tool} is not a whole number", b.trim()))?;
+                if b == 0 || b > 10_000_000 {
+                    return Err(format!("burst {b} of {tool} is outside 1 to 10000000"));
+                }
+                (r, Some(b))
+            }
+            None => (rate, None),
+        };
+        let (count, unit) = rate.split_once('/').unwrap_or((rate, "s"));
+        let count: u64 = count
+            .trim()
+            .parse()
+            .map_err(|_| format!("rate '{}' of {tool} is not a whole number", count.trim()))?;
+        if count > 1_000_000 {
+            return Err(format!("rate {count} of {tool} is above 1000000"));
+        }
+        let period_secs = match unit.trim() {
+            "s" => 1,
+            "m" | "min" => 60,
+            "h" => 3600,
+            other => return Err(format!("'{other}' is not a period (s, min or h)")),
+        };
+        let rate = ToolRate {
+            count,
+            period_secs,
+            burst,
+        };
+        if out.insert(tool.to_owned(), rate).is_some() {
+            return Err(format!("{tool} is named twice"));
+        }
+    }
+    Ok(out)
 }
 
 /// Admission control settings.
@@ -99,6 +194,9 @@ pub enum Kind {
     OneOf(&'static [&'static str]),
     /// A log filter: `LEVEL` or `target=LEVEL` items separated by commas.
     LogFilter,
+    /// Rates of named tools: `TOOL=RATE[:BURST]` items separated by commas (see
+    /// [`parse_tool_rates`]); empty for none.
+    ToolRates,
 }
 
 /// One known setting.
@@ -159,6 +257,24 @@ pub const SETTINGS: &[SettingDef] = &[
         },
         default: "0",
         help: "open connections from one client address, beyond which it is answered 503 (0: no cap per address; behind a proxy every connection comes from the proxy's address)",
+    },
+    SettingDef {
+        key: "http.max_header_bytes",
+        kind: Kind::Integer {
+            min: 8192,
+            max: 16 * 1024 * 1024,
+        },
+        default: "65536",
+        help: "largest request head (request line and headers) in bytes; a larger one is answered 431 and its connection closed (applies to new connections)",
+    },
+    SettingDef {
+        key: "http.max_headers",
+        kind: Kind::Integer {
+            min: 8,
+            max: 10_000,
+        },
+        default: "100",
+        help: "most header fields in one request; more are answered 431 and the connection closed (applies to new connections)",
     },
     SettingDef {
         key: "limits.abandoned_call_ms",
@@ -285,6 +401,75 @@ pub const SETTINGS: &[SettingDef] = &[
         },
         default: "1000",
         help: "how long a request waits in the queue for a place before it is answered 503",
+    },
+    SettingDef {
+        key: "limits.rate.max_keys",
+        kind: Kind::Integer {
+            min: 1,
+            max: 10_000_000,
+        },
+        default: "100000",
+        help: "client addresses, principals and (principal, tool) pairs each rate table tracks at most; idle ones are dropped, and while a table is full of busy ones, newcomers share one bucket",
+    },
+    SettingDef {
+        key: "limits.rate.per_ip_burst",
+        kind: Kind::Integer {
+            min: 1,
+            max: 10_000_000,
+        },
+        default: "200",
+        help: "requests one client address may send at once before limits.rate.per_ip_rps applies",
+    },
+    SettingDef {
+        key: "limits.rate.per_ip_rps",
+        kind: Kind::Integer {
+            min: 0,
+            max: 1_000_000,
+        },
+        default: "0",
+        help: "MCP requests per second from one client address, counted before authentication (an SSE stream counts when it opens); more are answered 429 with Retry-After (0: off; behind a proxy every request comes from the proxy's address)",
+    },
+    SettingDef {
+        key: "limits.rate.per_principal_burst",
+        kind: Kind::Integer {
+            min: 1,
+            max: 10_000_000,
+        },
+        default: "100",
+        help: "requests one principal may send at once before limits.rate.per_principal_rps applies",
+    },
+    SettingDef {
+        key: "limits.rate.per_principal_rps",
+        kind: Kind::Integer {
+            min: 0,
+            max: 1_000_000,
+        },
+        default: "0",
+        help: "MCP requests per second of one principal (authenticated caller; all unauthenticated callers are the one anonymous principal); more are answered 429 with Retry-After (0: off)",
+    },
+    SettingDef {
+        key: "limits.rate.per_tool_burst",
+        kind: Kind::Integer {
+            min: 1,
+            max: 10_000_000,
+        },
+        default: "20",
+        help: "calls of one tool one principal may make at once before its rate applies",
+    },
+    SettingDef {
+        key: "limits.rate.per_tool_rps",
+        kind: Kind::Integer {
+            min: 0,
+            max: 1_000_000,
+        },
+        default: "0",
+        help: "tools/call requests per second of one principal for one tool, unless limits.rate.tools names the tool; more are answered 429 with Retry-After (0: off)",
+    },
+    SettingDef {
+        key: "limits.rate.tools",
+        kind: Kind::ToolRates,
+        default: "",
+        help: "tools with their own rate per principal: TOOL=RATE[:BURST] items, comma-separated, RATE as N (per second), N/s, N/min or N/h (e.g. notes_put=10/min:5,github__create_issue=1/s); 0 exempts a tool",
     },
     SettingDef {
         key: "log.level",
@@ -431,6 +616,8 @@ pub struct Snapshot {
     pub storage: StorageSettings,
     /// Admission: requests per node, queued, queue wait (ms), requests per session.
     pub admission: AdmissionSettings,
+    /// Rate limits.
+    pub rate: RateSettings,
     /// How long an abandoned legacy request runs on, ms.
     pub abandoned_call_ms: u64,
     /// The longest run of a handler, ms.
@@ -497,6 +684,10 @@ pub fn parse_value(key: &str, text: &str) -> Result<Value, ConfigError> {
                     words.join(", ")
                 )))
             }
+        }
+        Kind::ToolRates => {
+            parse_tool_rates(text).map_err(invalid)?;
+            Ok(Value::from(text))
         }
         Kind::LogFilter => {
             if text.is_empty() {
@@ -599,6 +790,8 @@ fn fold(stored: &BTreeMap<String, StoredSetting>, applied_seq: u64, now: u64) ->
             body_read_timeout_ms: int("http.body_read_timeout_ms"),
             max_connections: int("http.max_connections"),
             max_connections_per_ip: int("http.max_connections_per_ip"),
+            max_header_bytes: int("http.max_header_bytes"),
+            max_headers: int("http.max_headers"),
         },
         storage: StorageSettings {
             reclaim_interval_ms: int("storage.reclaim_interval_ms"),
@@ -610,6 +803,17 @@ fn fold(stored: &BTreeMap<String, StoredSetting>, applied_seq: u64, now: u64) ->
             max_queued: int("limits.max_queued_requests"),
             queue_wait_ms: int("limits.queue_wait_ms"),
             max_requests_per_session: int("limits.max_requests_per_session"),
+        },
+        rate: RateSettings {
+            per_ip_rps: int("limits.rate.per_ip_rps"),
+            per_ip_burst: int("limits.rate.per_ip_burst"),
+            per_principal_rps: int("limits.rate.per_principal_rps"),
+            per_principal_burst: int("limits.rate.per_principal_burst"),
+            per_tool_rps: int("limits.rate.per_tool_rps"),
+            per_tool_burst: int("limits.rate.per_tool_burst"),
+            // Checked before it was kept: it parses.
+            tools: parse_tool_rates(&text("limits.rate.tools")).unwrap_or_default(),
+            max_keys: int("limits.rate.max_keys"),
         },
         abandoned_call_ms: int("limits.abandoned_call_ms"),
         max_call_ms: int("limits.max_call_ms"),
@@ -827,6 +1031,67 @@ mod tests {
             e.contains("known settings") && e.contains("upstream.timeout_ms"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn tool_rates_are_checked_and_fold_into_the_snapshot() {
+        let rates = parse_tool_rates(" notes_put=10/min:5, gh__issue=1 ,slow=2/h").unwrap();
+        assert_eq!(
+            rates["notes_put"],
+            ToolRate {
+                count: 10,
+                period_secs: 60,
+                burst: Some(5)
+            }
+        );
+        assert_eq!(rates["gh__issue"].period_secs, 1);
+        assert_eq!(rates["gh__issue"].burst, None);
+        assert_eq!(rates["slow"].period_secs, 3600);
+        assert!(parse_tool_rates("").unwrap().is_empty());
+        for bad in [
+            "notes_put",
+            "=5",
+            "a b=5",
+            "x=5/day",
+            "x=five",
+            "x=5:0",
+            "x=1,x=2",
+            "x=2000000",
+        ] {
+            assert!(parse_value("limits.rate.tools", bad).is_err(), "{bad:?}");
+        }
+        let mut stored = BTreeMap::new();
+        stored.insert(
+            "limits.rate.tools".to_owned(),
+            StoredSetting {
+                value: Value::from("notes_put=1/s:2"),
+                set_millis: 1,
+                set_by: "n1".into(),
+            },
+        );
+        stored.insert(
+            "limits.rate.per_ip_rps".to_owned(),
+            StoredSetting {
+                value: Value::from(50),
+                set_millis: 1,
+                set_by: "n1".into(),
+            },
+        );
+        let snap = fold(&stored, 1, 1);
+        assert_eq!(snap.rate.per_ip_rps, 50);
+        assert_eq!(snap.rate.tools["notes_put"].burst, Some(2));
+        let defaults = fold(&BTreeMap::new(), 0, 0);
+        assert_eq!(
+            (
+                defaults.rate.per_ip_rps,
+                defaults.rate.per_principal_rps,
+                defaults.rate.per_tool_rps
+            ),
+            (0, 0, 0),
+            "rate limits are off unless set"
+        );
+        assert!(defaults.rate.tools.is_empty());
+        assert_eq!(defaults.http.max_header_bytes, 65536);
     }
 
     #[test]

@@ -87,6 +87,12 @@ pub enum Reason {
     StoreUnavailable,
     /// The request's handler ended without a final response.
     NoResponse,
+    /// A rate limit refused the request before it ran (the transport's own limits: per client
+    /// address, per principal, per tool); nothing was applied. Retry after that many seconds.
+    RateLimited {
+        /// Seconds until the limit lets a request of the same kind through (at least 1).
+        retry_after_secs: u64,
+    },
 }
 
 /// A refusal: its reason, and the JSON-RPC error (with the request id, when known) that says so.

@@ -1,10 +1,11 @@
 //! Connections: the accept loop with its caps (open connections in all and per client
-//! address), the header read timeout (which also closes idle keep-alive connections), and the
-//! graceful stop. The limits are runtime settings (`http.*`, applied by the binary while
+//! address), the header read timeout (which also closes idle keep-alive connections), the
+//! bounds of a request head (bytes and header count: 431), and the graceful stop. Every
+//! request carries its connection's peer address for the per-address rate limit. The limits are runtime settings (`http.*`, applied by the binary while
 //! serving), read from shared values when a connection opens.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,6 +28,12 @@ pub struct ConnLimits {
     pub max_connections: AtomicUsize,
     /// Open connections from one client address (0: no cap per address).
     pub max_connections_per_ip: AtomicUsize,
+    /// Largest request head (request line and headers), bytes: hyper's read buffer, which a
+    /// head must fit in (at least 8192). A larger head is answered 431 and the connection
+    /// closed.
+    pub max_header_bytes: AtomicUsize,
+    /// Most header fields in one request; more are answered 431 and the connection closed.
+    pub max_headers: AtomicUsize,
 }
 
 impl Default for ConnLimits {
@@ -36,9 +43,18 @@ impl Default for ConnLimits {
             body_read_timeout_ms: AtomicU64::new(30_000),
             max_connections: AtomicUsize::new(10_000),
             max_connections_per_ip: AtomicUsize::new(0),
+            max_header_bytes: AtomicUsize::new(DEFAULT_MAX_HEADER_BYTES),
+            max_headers: AtomicUsize::new(DEFAULT_MAX_HEADERS),
         }
     }
 }
+
+/// The default of [`ConnLimits::max_header_bytes`].
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 65_536;
+/// The default of [`ConnLimits::max_headers`] (hyper's own, kept on the stack).
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// hyper's smallest read buffer.
+const MIN_HEADER_BYTES: usize = 8192;
 
 impl ConnLimits {
     /// The header read timeout in force.
@@ -126,6 +142,29 @@ impl Drop for Slot {
     }
 }
 
+/// The router's service for one connection: every request carries the connection's peer
+/// address (`ConnectInfo<SocketAddr>`), which the per-address rate limit reads.
+#[derive(Clone)]
+struct WithPeer<S> {
+    inner: S,
+    peer: SocketAddr,
+}
+
+impl<S, B> hyper::service::Service<http::Request<B>> for WithPeer<S>
+where
+    S: hyper::service::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, mut req: http::Request<B>) -> Self::Future {
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(self.peer));
+        self.inner.call(req)
+    }
+}
+
 /// Refusals being written at once, at most: beyond it a refused connection is just closed.
 const MAX_REFUSING: usize = 64;
 
@@ -203,8 +242,24 @@ pub async fn serve(
                 let mut http = hyper::server::conn::http1::Builder::new();
                 http.keep_alive(true)
                     .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(limits.header_read_timeout());
-                let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service.clone());
+                    .header_read_timeout(limits.header_read_timeout())
+                    .max_buf_size(
+                        limits
+                            .max_header_bytes
+                            .load(Ordering::Relaxed)
+                            .max(MIN_HEADER_BYTES),
+                    );
+                let max_headers = limits.max_headers.load(Ordering::Relaxed).max(1);
+                if max_headers != DEFAULT_MAX_HEADERS {
+                    // Another count than hyper's default moves the parser's header array to
+                    // the heap, a small cost per request: only then is it set.
+                    http.max_headers(max_headers);
+                }
+                let service = WithPeer {
+                    inner: service.clone(),
+                    peer,
+                };
+                let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
                 let mut stopping = stopping.clone();
                 tokio::spawn(async move {
                     let _slot = slot;

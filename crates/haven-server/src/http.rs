@@ -20,7 +20,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::net::TcpListener;
 
-use crate::layers::{admission, authn, body_limit, content, host_origin};
+use crate::layers::{admission, authn, body_limit, content, host_origin, rate};
 use crate::response::{Era, respond};
 
 /// HTTP settings.
@@ -37,6 +37,8 @@ pub struct HttpConfig {
     pub admission: Arc<crate::layers::admission::Admission>,
     /// Authentication of `/mcp` (`None`: off, every caller is anonymous).
     pub authentication: Option<Arc<crate::layers::authn::Authentication>>,
+    /// Request rates per client address, per principal and per tool.
+    pub rate: Arc<crate::rate::RateLimiter>,
 }
 
 impl Default for HttpConfig {
@@ -52,6 +54,7 @@ impl Default for HttpConfig {
             limits: Arc::default(),
             admission: Arc::default(),
             authentication: None,
+            rate: Arc::default(),
         }
     }
 }
@@ -65,13 +68,17 @@ impl HttpConfig {
 
 struct AppState {
     engine: Engine,
+    rate: Arc<crate::rate::RateLimiter>,
 }
 
 /// The router: `/mcp`, `/healthz`, `/readyz`.
 pub fn router(engine: Engine, config: HttpConfig) -> Router {
     // Every answer names the node that gave it (useful behind a load balancer).
     let node = HeaderValue::from_str(&engine.config().node_id).ok();
-    let state = Arc::new(AppState { engine });
+    let state = Arc::new(AppState {
+        engine,
+        rate: config.rate.clone(),
+    });
     let tag = middleware::map_response(move |mut r: Response| {
         let node = node.clone();
         async move {
@@ -81,10 +88,13 @@ pub fn router(engine: Engine, config: HttpConfig) -> Router {
             r
         }
     });
-    // Layers run outermost first, i.e. in the reverse order of the calls below: Host/Origin,
-    // then media types, then admission, then the body limit (which reads the body), then the
-    // handler. They
-    // apply to the routes, not to the fallback: any other method gets 405 whatever its headers.
+    // Layers run outermost first, i.e. in the reverse order of the calls below: the client
+    // address's rate limit (before anything else, authentication included), Host/Origin, then
+    // media types, then the principal's rate limit (an authentication layer, which places the
+    // `Principal` in the request's extensions, goes outside it), then admission, then the body
+    // limit (which reads the body), then the handler (which applies the per-tool rate limit
+    // once the message is parsed). They apply to the routes, not to the fallback: any other
+    // method gets 405 whatever its headers.
     let mcp = get(mcp_get)
         .post(mcp_post)
         .delete(mcp_delete)
@@ -101,6 +111,10 @@ pub fn router(engine: Engine, config: HttpConfig) -> Router {
             config.admission.clone(),
             admission::enforce,
         ))
+        .route_layer(middleware::from_fn_with_state(
+            config.rate.clone(),
+            rate::per_principal,
+        ))
         .route_layer(middleware::from_fn(content::enforce))
         .route_layer(middleware::from_fn_with_state(
             config.authentication.clone(),
@@ -109,6 +123,10 @@ pub fn router(engine: Engine, config: HttpConfig) -> Router {
         .route_layer(middleware::from_fn_with_state(
             host_origin::AllowedHosts::new(&config.allowed_hosts),
             host_origin::enforce,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            config.rate.clone(),
+            rate::per_ip,
         ))
         .fallback(method_not_allowed);
     let mut router = Router::new()
@@ -268,7 +286,16 @@ async fn mcp_post(
         Err(m) => return respond(Era::Legacy, Rejection::from(m).into()),
     };
     let version = header_str(&headers, &names::PROTOCOL_VERSION).map(str::to_owned);
-    if is_stateless(version.as_deref(), &message) {
+    let stateless = is_stateless(version.as_deref(), &message);
+    let era = if stateless {
+        Era::Stateless
+    } else {
+        Era::Legacy
+    };
+    if let Some(refused) = rate::check_tool(&app.rate, Some(&principal), &message, era) {
+        return refused;
+    }
+    if stateless {
         let post = StatelessPost {
             headers: stateless_headers(&headers, version),
             message,

@@ -1,6 +1,7 @@
 //! The one place where the engine's protocol outcomes become HTTP: [`status`] maps every
 //! [`Reply`] to its status, [`respond`] builds the response with the headers that go with it
-//! (`Retry-After` on 503, `Allow` on 405, `Mcp-Session-Id` on a new session) and frames SSE.
+//! (`Retry-After` on 503 and on a rate limit's 429, `Allow` on 405, `Mcp-Session-Id` on a new
+//! session) and frames SSE.
 //!
 //! The engine classifies its answers where it builds them ([`Answer`], [`Reason`]); nothing
 //! here reads a JSON body to find out what it says.
@@ -38,6 +39,7 @@ pub fn status(era: Era, reply: &Reply) -> StatusCode {
             Reason::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Reason::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Reason::NoResponse => StatusCode::INTERNAL_SERVER_ERROR,
+            Reason::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         },
     }
 }
@@ -67,6 +69,13 @@ fn answer_status(era: Era, answer: Answer) -> StatusCode {
 /// The HTTP response for an engine reply in `era`.
 pub fn respond(era: Era, reply: Reply) -> Response {
     let status = status(era, &reply);
+    let retry_after = match &reply {
+        Reply::Rejected(r) => match r.reason {
+            Reason::RateLimited { retry_after_secs } => Some(retry_after_secs.max(1)),
+            _ => None,
+        },
+        _ => None,
+    };
     let mut r = match reply {
         Reply::Accepted | Reply::SessionEnded => Response::new(Body::empty()),
         Reply::Json { body, session, .. } => {
@@ -84,6 +93,10 @@ pub fn respond(era: Era, reply: Reply) -> Response {
     if status == StatusCode::SERVICE_UNAVAILABLE {
         // The store is unavailable (no quorum, full, I/O error): say when to retry.
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    if let Some(secs) = retry_after {
+        // A rate limit: when the next request of the same kind will be let through.
+        h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     if status == StatusCode::METHOD_NOT_ALLOWED {
         h.insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
@@ -218,6 +231,12 @@ mod tests {
             assert_eq!(s(Reason::MethodNotAllowed), 405);
             assert_eq!(s(Reason::StoreUnavailable), 503);
             assert_eq!(s(Reason::NoResponse), 500);
+            assert_eq!(
+                s(Reason::RateLimited {
+                    retry_after_secs: 3
+                }),
+                429
+            );
             assert_eq!(status(era, &Reply::Accepted), StatusCode::ACCEPTED);
             assert_eq!(status(era, &Reply::SessionEnded), StatusCode::OK);
         }
@@ -259,6 +278,35 @@ mod tests {
         let r = respond(Era::Legacy, Reply::SessionEnded);
         assert_eq!(r.status(), 200);
         assert!(r.headers().get(header::CONTENT_TYPE).is_none());
+    }
+
+    #[test]
+    fn rate_limits_say_when_to_retry_in_whole_seconds() {
+        for era in [Era::Legacy, Era::Stateless] {
+            let r = respond(
+                era,
+                Reply::Rejected(Rejection::new(
+                    Reason::RateLimited {
+                        retry_after_secs: 3,
+                    },
+                    Some(&RequestId::Number(4)),
+                    ErrorData::new(ErrorCode(-32000), "Too Many Requests", None),
+                )),
+            );
+            assert_eq!(r.status(), 429);
+            assert_eq!(r.headers()[header::RETRY_AFTER], "3");
+            let r = respond(
+                era,
+                Reply::Rejected(Rejection::exchange(
+                    Reason::RateLimited {
+                        retry_after_secs: 0,
+                    },
+                    -32000,
+                    "Too Many Requests",
+                )),
+            );
+            assert_eq!(r.headers()[header::RETRY_AFTER], "1", "never 0");
+        }
     }
 
     #[test]

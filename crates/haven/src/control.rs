@@ -40,6 +40,8 @@ pub struct Control {
     pub conn_limits: Arc<haven_server::ConnLimits>,
     /// Admission control of the HTTP server, changed by the `limits.*requests*` settings.
     pub admission: Arc<haven_server::layers::admission::Admission>,
+    /// Rate limits of the HTTP server, changed by the `limits.rate.*` settings.
+    pub rate: Arc<haven_server::rate::RateLimiter>,
     /// Limits on what a client controls, changed by the `limits.*` settings.
     pub client_limits: Arc<haven_mcp::limits::ClientLimits>,
     /// What the storage reclaimer has done (`crate::reclaim`).
@@ -205,6 +207,34 @@ pub struct StartupValues {
     pub catalog: String,
 }
 
+/// Applies the `limits.rate.*` settings to the rate limiters (the next request reads them).
+fn apply_rates(rate: &haven_server::rate::RateLimits, r: &haven_control::config::RateSettings) {
+    use haven_server::rate::Quota;
+    rate.per_ip_rps.store(r.per_ip_rps, Ordering::Relaxed);
+    rate.per_ip_burst.store(r.per_ip_burst, Ordering::Relaxed);
+    rate.per_principal_rps
+        .store(r.per_principal_rps, Ordering::Relaxed);
+    rate.per_principal_burst
+        .store(r.per_principal_burst, Ordering::Relaxed);
+    rate.per_tool_rps.store(r.per_tool_rps, Ordering::Relaxed);
+    rate.per_tool_burst
+        .store(r.per_tool_burst, Ordering::Relaxed);
+    rate.max_keys.store(r.max_keys as usize, Ordering::Relaxed);
+    let tools = r
+        .tools
+        .iter()
+        .map(|(name, t)| {
+            let quota = Quota {
+                count: t.count,
+                period: std::time::Duration::from_secs(t.period_secs),
+                burst: t.burst.unwrap_or(r.per_tool_burst),
+            };
+            (name.clone(), quota)
+        })
+        .collect();
+    rate.set_tool_overrides(tools);
+}
+
 /// Applies every new configuration snapshot on this node: the log filter, the body limit, the
 /// connection limits and the built-in catalog (upstream settings reach the federation layer through their own
 /// channel). A changed catalog is announced so that clients re-list.
@@ -220,6 +250,7 @@ pub fn apply_config(
     let conn_limits = control.conn_limits.clone();
     let client_limits = control.client_limits.clone();
     let admission = control.admission.limits.clone();
+    let rate = control.rate.limits.clone();
     let in_force = control.in_force.clone();
     tokio::spawn(async move {
         let mut applied_log = None::<String>;
@@ -245,6 +276,13 @@ pub fn apply_config(
             conn_limits
                 .max_connections_per_ip
                 .store(h.max_connections_per_ip as usize, Ordering::Relaxed);
+            conn_limits
+                .max_header_bytes
+                .store(h.max_header_bytes as usize, Ordering::Relaxed);
+            conn_limits
+                .max_headers
+                .store(h.max_headers as usize, Ordering::Relaxed);
+            apply_rates(&rate, &snap.rate);
             client_limits.max_subscriptions_per_session.store(
                 snap.max_subscriptions_per_session as usize,
                 Ordering::Relaxed,

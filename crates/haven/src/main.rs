@@ -355,6 +355,7 @@ async fn start_engine(
         conn_limits: Arc::default(),
         client_limits,
         admission: Arc::default(),
+        rate: Arc::default(),
         reclaim: Arc::default(),
         in_force,
         regions,
@@ -621,6 +622,7 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
         limits: control.conn_limits.clone(),
         admission: control.admission.clone(),
         authentication,
+        rate: control.rate.clone(),
     };
     tracing::info!(
         "haven listening on http://{addr}/mcp (data: {}, catalog: {}, node: {})",

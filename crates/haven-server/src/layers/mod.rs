@@ -1,12 +1,16 @@
 //! The HTTP-level checks in front of `/mcp`, one tower layer (axum middleware) per concern,
 //! applied before any handler runs, so that the handlers only read and dispatch:
 //!
+//! 0. [`rate::per_ip`]: the client address's request rate (429 with `Retry-After`), before
+//!    anything else and before authentication,
 //! 1. [`host_origin`]: the headers that must be single and readable ([`single`]: no `Host`, two
 //!    of a header Haven reads, or a value that is not visible ASCII, 400), then DNS-rebinding
 //!    protection (403),
 //! 2. [`authn`]: the bearer credential becomes the request's principal (401 with a challenge
 //!    naming the protected resource metadata, 403 for a missing scope),
 //! 3. [`content`]: `Content-Type` (415) and `Accept` (406),
+//! 3b. [`rate::per_principal`]: the principal's request rate (429 with `Retry-After`), after
+//!    authentication (the per-tool rate is checked by the handler, [`rate::check_tool`]),
 //! 4. [`admission`]: places per node and per session (503 or 429 with `Retry-After`),
 //! 5. [`body_limit`]: the body limit in force for this request (413), read at every request
 //!    because it is a runtime setting.
@@ -18,6 +22,7 @@ pub mod authn;
 pub mod body_limit;
 pub mod content;
 pub mod host_origin;
+pub mod rate;
 pub mod single;
 
 use axum::body::Body;
