@@ -42,6 +42,12 @@ pub fn parse_public(hex_text: &str) -> Option<VerifyingKey> {
     VerifyingKey::from_bytes(&bytes).ok()
 }
 
+/// A key that lives only in memory: for a one-off writer such as an operator's command, whose
+/// chain is one run (its public key is published in the store like any other).
+pub fn ephemeral() -> SigningKey {
+    SigningKey::from_bytes(&rand::random())
+}
+
 /// The signing key in `dir/audit.key`, created (0600) when missing; refused when others may
 /// read it.
 pub fn load_or_create(dir: &Path) -> Result<SigningKey, KeyError> {

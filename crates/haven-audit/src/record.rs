@@ -169,6 +169,8 @@ pub mod actions {
     pub const REGION_PROMOTE: &str = "region.promote";
     /// This region demoted.
     pub const REGION_DEMOTE: &str = "region.demote";
+    /// A new region built from another region's backups (`haven region bootstrap`).
+    pub const REGION_BOOTSTRAP: &str = "region.bootstrap";
     /// A lost region's work taken over.
     pub const REGION_TAKEOVER: &str = "region.takeover";
     /// Credentials refused.

@@ -357,3 +357,75 @@ async fn a_full_queue_drops_and_records_the_drop() {
     assert_eq!(dropped[0].target, "events:48");
     assert!(verify(&*store, &[]).await.unwrap().ok);
 }
+
+/// Copies every change of `from`'s log after `after` into `to` as merges, as replication
+/// between nodes and regions does; returns the last sequence copied.
+async fn replicate(from: &Arc<dyn Store>, to: &Arc<dyn Store>, after: u64) -> u64 {
+    let entries = from.read_log(after + 1, 100_000).await.unwrap();
+    let last = entries.last().map(|e| e.seq).unwrap_or(after);
+    let ops: Vec<haven_state::Op> = entries
+        .into_iter()
+        .map(|e| match e.change {
+            haven_state::Change::Record(r) => haven_state::Op::Merge(r),
+            haven_state::Change::Event(ev) => haven_state::Op::MergeEvent(ev),
+        })
+        .collect();
+    if !ops.is_empty() {
+        to.commit(Batch { ops }).await.unwrap();
+    }
+    last
+}
+
+#[tokio::test]
+async fn two_regions_write_at_once_and_each_verifies_both_chains() {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let mut stores: Vec<Arc<dyn Store>> = Vec::new();
+    let mut audits = Vec::new();
+    for (dir, region) in dirs.iter().zip(["eu", "us"]) {
+        let store: Arc<dyn Store> = Arc::new(
+            RedbStore::open(
+                dir.path(),
+                Origin::new(region, "n1"),
+                Arc::new(HybridClock::default()),
+            )
+            .unwrap(),
+        );
+        let key = haven_audit::key::load_or_create(dir.path()).unwrap();
+        audits.push(Audit::start(store.clone(), key, config()).await.unwrap());
+        stores.push(store);
+    }
+    // Both write, interleaved, with no coordination; then each region applies the other's log.
+    for i in 0..9 {
+        audits[0].record(event(i));
+        audits[1].record(event(i));
+        if i % 3 == 0 {
+            audits[0].flush().await.unwrap();
+            audits[1].flush().await.unwrap();
+        }
+    }
+    audits[0].checkpoint_now().await.unwrap();
+    audits[1].checkpoint_now().await.unwrap();
+    let (a, b) = (stores[0].clone(), stores[1].clone());
+    replicate(&a, &b, 0).await;
+    replicate(&b, &a, 0).await;
+    for store in &stores {
+        let r = verify(&**store, &[]).await.unwrap();
+        assert!(r.ok, "{r:?}");
+        let chains: Vec<&str> = r.chains.iter().map(|c| c.chain.as_str()).collect();
+        assert_eq!(chains, ["eu/n1", "us/n1"]);
+        assert!(r.chains.iter().all(|c| c.last_seq == Some(9)), "{r:?}");
+        assert_eq!(r.keys.len(), 2);
+    }
+    // A record of region eu removed in region us is named there.
+    stores[1]
+        .commit(Batch::new().delete(AUDIT_NS, &record_key("eu/n1", 4)))
+        .await
+        .unwrap();
+    let r = verify(&*stores[1], &[]).await.unwrap();
+    let p = &r.problems[0];
+    assert_eq!(
+        (p.chain.as_str(), p.seq, p.kind),
+        ("eu/n1", 4, ProblemKind::Removed),
+        "{r:?}"
+    );
+}
