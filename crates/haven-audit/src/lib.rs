@@ -140,7 +140,10 @@ pub(crate) struct Shared {
     pub(crate) chain: String,
     pub(crate) node: String,
     pub(crate) region: String,
+    /// Dropped and not yet recorded (the writer records and resets it).
     pub(crate) dropped: AtomicU64,
+    /// Dropped since start.
+    pub(crate) dropped_total: AtomicU64,
     pub(crate) written: AtomicU64,
     tool_calls: AtomicBool,
     retention_days: AtomicU64,
@@ -209,6 +212,7 @@ impl Audit {
             node: origin.node.to_string(),
             region: origin.region.to_string(),
             dropped: AtomicU64::new(0),
+            dropped_total: AtomicU64::new(0),
             written: AtomicU64::new(0),
             tool_calls: AtomicBool::new(false),
             retention_days: AtomicU64::new(config.retention_days.max(1)),
@@ -275,9 +279,9 @@ impl Audit {
             .store((every.as_millis() as u64).max(10), Ordering::Relaxed);
     }
 
-    /// Events dropped because the queue was full, since start.
+    /// Events dropped (the queue was full, or the store refused them), since start.
     pub fn dropped(&self) -> u64 {
-        self.shared.dropped.load(Ordering::Relaxed)
+        self.shared.dropped_total.load(Ordering::Relaxed)
     }
 
     /// Records committed by this node since start.
@@ -299,7 +303,8 @@ impl Audit {
             .try_send(Msg::Event(event, at, hlc, Vec::new(), None))
             .is_err()
         {
-            let n = self.shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            let n = self.shared.dropped_total.fetch_add(1, Ordering::Relaxed) + 1;
             if n.is_power_of_two() {
                 tracing::warn!(
                     dropped = n,

@@ -194,7 +194,7 @@ impl Writer {
                     take(m, &mut rest, &mut waiters, &mut a, &mut b);
                 }
                 self.shared
-                    .dropped
+                    .dropped_total
                     .fetch_add(rest.len() as u64, Ordering::Relaxed);
                 for w in waiters {
                     let _ = w.send(());
@@ -236,6 +236,9 @@ impl Writer {
                     tracing::error!(error = %e, records = pending.len(), "the store refused audit records; they are dropped (counted in audit.dropped)");
                     self.shared
                         .dropped
+                        .fetch_add(pending.len() as u64, Ordering::Relaxed);
+                    self.shared
+                        .dropped_total
                         .fetch_add(pending.len() as u64, Ordering::Relaxed);
                     return;
                 }

@@ -355,6 +355,7 @@ async fn a_full_queue_drops_and_records_the_drop() {
         .collect();
     assert_eq!(dropped.len(), 1, "{dropped:?}");
     assert_eq!(dropped[0].target, "events:48");
+    assert_eq!(audit.dropped(), 48);
     assert!(verify(&*store, &[]).await.unwrap().ok);
 }
 

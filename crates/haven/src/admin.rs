@@ -228,6 +228,11 @@ async fn status(State(admin): State<Arc<Admin>>) -> Response {
         "reclamation": admin.control.reclaim.lock().clone(),
         "writable": e.store().check_writable().await.map_err(|e| e.to_string()).err(),
         "backup": backup,
+        "audit": {
+            "chain": admin.control.audit.chain(),
+            "written": admin.control.audit.written(),
+            "dropped": admin.control.audit.dropped(),
+        },
     }))
     .into_response()
 }

@@ -196,6 +196,25 @@ async fn control_plane_changes_are_audited_backed_up_restored_and_verified() {
     };
     assert_eq!(calls[0]["principal"], "anonymous");
     assert_eq!(calls[0]["target"], "tool:notes_put");
+    // The legacy era too.
+    let legacy = common::Legacy::connect(&h.url()).await;
+    let got = legacy.call_tool(3, "notes_get", json!({"name": "a"})).await;
+    assert!(got.get("result").is_some(), "{got}");
+    let calls = eventually(&data, &["--action", "tools.call"]).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut calls = calls;
+    while !calls.iter().any(|c| c["target"] == "tool:notes_get") {
+        assert!(
+            Instant::now() < deadline,
+            "no tools.call record of the legacy call"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        calls = list(&data, &["--action", "tools.call"]);
+    }
+    // The node's status says how much it wrote and dropped.
+    let status = h.status().await;
+    assert_eq!(status["audit"]["dropped"], 0, "{status}");
+    assert!(status["audit"]["written"].as_u64().unwrap() > 5, "{status}");
 
     // The secret's value appears nowhere in the export.
     let export = ok(&data, &["audit", "export"]);
