@@ -3,7 +3,8 @@
 //! tool calls are recorded, a secret's value appears nowhere in `haven audit export`, the log
 //! survives a backup and a restore and verifies there against the original node's pinned key,
 //! and a byte changed in the restored store's redb file (through the store's own write API,
-//! with the node stopped) is named by `haven audit verify`.
+//! with the node stopped) is named by `haven audit verify`; three nodes of a NATS cluster
+//! write their own chains at once and every node verifies all of them.
 
 mod common;
 
@@ -307,4 +308,54 @@ async fn control_plane_changes_are_audited_backed_up_restored_and_verified() {
         out.contains(&format!("FIRST BAD RECORD: {chain}/2 (altered)")),
         "{out}"
     );
+}
+
+/// Three nodes of one region (NATS JetStream) change settings at the same time: each writes its
+/// own chain without coordination, and every node verifies all three with their checkpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_of_a_cluster_write_their_own_chains_and_every_node_verifies_them() {
+    let _one = common::cluster::ONE_REGION_AT_A_TIME.lock().await;
+    let region = common::cluster::Region::start().await;
+    let data: Vec<std::path::PathBuf> = (0..3)
+        .map(|i| region.dirs.path().join(format!("node{i}")))
+        .collect();
+    // Concurrent changes, one node each.
+    let children: Vec<_> = data
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            Command::new(common::haven_bin())
+                .args(["config", "set", "limits.max_notes"])
+                .arg(format!("{}", 1000 + i))
+                .arg("--data")
+                .arg(d)
+                .env_remove("HAVEN_ADMIN_TOKEN")
+                .env_remove("HAVEN_NODE")
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut c in children {
+        assert!(c.wait().unwrap().success());
+    }
+    for d in &data {
+        ok(d, &["audit", "checkpoint"]);
+    }
+    for d in &data {
+        let v: Value = serde_json::from_str(&ok(d, &["audit", "verify", "--json"])).unwrap();
+        assert_eq!(v["ok"], true, "{v:#}");
+        let chains: Vec<&str> = v["chains"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["chain"].as_str().unwrap())
+            .collect();
+        assert_eq!(chains, ["r1/node0", "r1/node1", "r1/node2"], "{v:#}");
+        for c in v["chains"].as_array().unwrap() {
+            assert!(c["checkpoints"].as_u64().unwrap() >= 1, "{v:#}");
+        }
+        let sets = list(d, &["--action", "config.set"]);
+        assert_eq!(sets.len(), 3, "{sets:#?}");
+    }
 }
