@@ -173,6 +173,8 @@ pub mod actions {
     pub const REGION_BOOTSTRAP: &str = "region.bootstrap";
     /// A lost region's work taken over.
     pub const REGION_TAKEOVER: &str = "region.takeover";
+    /// Any other change through the admin API (target: its path).
+    pub const ADMIN_CHANGE: &str = "admin.change";
     /// Credentials refused.
     pub const AUTH_FAILURE: &str = "auth.failure";
     /// A call refused by the authorization rules.
