@@ -217,6 +217,30 @@ const LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
 /// Every runtime setting.
 pub const SETTINGS: &[SettingDef] = &[
     SettingDef {
+        key: "audit.checkpoint_interval_ms",
+        kind: Kind::Integer {
+            min: 1000,
+            max: 86_400_000,
+        },
+        default: "60000",
+        help: "longest time between a record of the audit log and the signed checkpoint that covers it (a checkpoint is also signed every 1000 records)",
+    },
+    SettingDef {
+        key: "audit.retention_days",
+        kind: Kind::Integer {
+            min: 1,
+            max: 36_500,
+        },
+        default: "90",
+        help: "days of audit records kept: whole older days are removed from the start of each chain, and the removal is recorded in the log",
+    },
+    SettingDef {
+        key: "audit.tool_calls",
+        kind: Kind::OneOf(&["off", "on"]),
+        default: "off",
+        help: "whether every tool call is recorded in the audit log (principal, tool name, outcome; never its arguments or result)",
+    },
+    SettingDef {
         key: "catalog",
         kind: Kind::OneOf(&["default", "conformance", "none"]),
         default: "default",
@@ -636,6 +660,12 @@ pub struct Snapshot {
     pub max_note_bytes: u64,
     /// Notes the store holds.
     pub max_notes: u64,
+    /// Days of audit records kept.
+    pub audit_retention_days: u64,
+    /// Whether tool calls are audited.
+    pub audit_tool_calls: bool,
+    /// Longest time before an audit record is covered by a signed checkpoint, ms.
+    pub audit_checkpoint_interval_ms: u64,
     /// Change-log sequence of the last configuration change applied (0: none yet).
     pub applied_seq: u64,
     /// When this snapshot was built, Unix ms.
@@ -824,6 +854,9 @@ fn fold(stored: &BTreeMap<String, StoredSetting>, applied_seq: u64, now: u64) ->
         max_sessions_per_node: int("limits.max_sessions_per_node"),
         max_note_bytes: int("limits.max_note_bytes"),
         max_notes: int("limits.max_notes"),
+        audit_retention_days: int("audit.retention_days"),
+        audit_tool_calls: text("audit.tool_calls") == "on",
+        audit_checkpoint_interval_ms: int("audit.checkpoint_interval_ms"),
         entries,
         applied_seq,
         applied_millis: now,

@@ -23,7 +23,7 @@ pub struct Admin {
     /// The backup shippers: the main target first, then the additional ones.
     backup: Vec<ShipperHandle>,
     pub(crate) engine: haven_mcp::engine::Engine,
-    region: String,
+    pub(crate) region: String,
     pub(crate) control: crate::control::Control,
 }
 
@@ -108,6 +108,12 @@ pub fn router(
         .route("/admin/v1/backup/now", post(backup_now))
         .route("/admin/v1/backup/verify", post(backup_verify))
         .merge(crate::admin_control::routes())
+        .merge(crate::admin_audit::routes())
+        // Inside the token check: only changes by someone let in are recorded as changes.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::admin_audit::record_changes,
+        ))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_token,
@@ -142,7 +148,10 @@ async fn require_token(
 ) -> Response {
     match authorize(&admin, request.headers()) {
         Ok(()) => next.run(request).await,
-        Err(r) => r,
+        Err(r) => {
+            crate::admin_audit::auth_failure(&admin);
+            r
+        }
     }
 }
 
@@ -219,6 +228,11 @@ async fn status(State(admin): State<Arc<Admin>>) -> Response {
         "reclamation": admin.control.reclaim.lock().clone(),
         "writable": e.store().check_writable().await.map_err(|e| e.to_string()).err(),
         "backup": backup,
+        "audit": {
+            "chain": admin.control.audit.chain(),
+            "written": admin.control.audit.written(),
+            "dropped": admin.control.audit.dropped(),
+        },
     }))
     .into_response()
 }

@@ -50,6 +50,8 @@ pub struct Control {
     pub in_force: Arc<RwLock<Arc<haven_control::config::Snapshot>>>,
     /// Replication from the other regions (`None`: one region).
     pub regions: Option<Arc<haven_cluster::regions::Regions>>,
+    /// The audit log (this node's chain).
+    pub audit: haven_audit::Audit,
 }
 
 /// The built-in catalog, switchable at runtime by the `catalog` setting.
@@ -252,6 +254,7 @@ pub fn apply_config(
     let admission = control.admission.limits.clone();
     let rate = control.rate.limits.clone();
     let in_force = control.in_force.clone();
+    let audit = control.audit.clone();
     tokio::spawn(async move {
         let mut applied_log = None::<String>;
         loop {
@@ -324,6 +327,11 @@ pub fn apply_config(
             NOTE_LIMITS
                 .max_notes
                 .store(snap.max_notes, Ordering::Relaxed);
+            audit.set_retention_days(snap.audit_retention_days);
+            audit.set_tool_calls(snap.audit_tool_calls);
+            audit.set_checkpoint_interval(std::time::Duration::from_millis(
+                snap.audit_checkpoint_interval_ms,
+            ));
             let level = if snap.entries["log.level"].source == "store" {
                 snap.log_level.clone()
             } else {

@@ -2,7 +2,9 @@
 //! the same catalog over stdio.
 
 mod admin;
+mod admin_audit;
 mod admin_control;
+mod audit_cmd;
 mod backup_cmd;
 mod client;
 mod control;
@@ -36,6 +38,7 @@ fn main() -> std::process::ExitCode {
         Command::Config(cmd) => return run_client_command(control_cmd::config(cmd)),
         Command::Secrets(cmd) => return run_client_command(control_cmd::secrets(cmd)),
         Command::Auth(cmd) => return run_client_command(control_cmd::auth(cmd)),
+        Command::Audit(cmd) => return run_client_command(audit_cmd::run(cmd)),
         Command::Region(settings::RegionCommand::Status(a)) => {
             return run_client_command(backup_cmd::region_status(a));
         }
@@ -288,6 +291,15 @@ async fn start_engine(
         }
     };
     let secrets = open_secrets(s, &store).await?;
+    // The audit log: this node's chain, signed with the key in DATA/audit.key.
+    let audit_key = haven_audit::key::load_or_create(&s.data)?;
+    let audit = haven_audit::Audit::start(
+        store.clone(),
+        audit_key,
+        haven_audit::AuditConfig::default(),
+    )
+    .await
+    .context("starting the audit log")?;
     let config = haven_control::config::ConfigService::start(store.clone())
         .await
         .context("reading the runtime settings from the store")?;
@@ -326,6 +338,7 @@ async fn start_engine(
         max_clock_skew: s.max_clock_skew,
         page_size: s.page_size,
         limits: client_limits.clone(),
+        audit: Some(audit.clone()),
         ..EngineConfig::default()
     };
     let engine = Engine::start(store.clone(), catalog, engine_config, secrets.clone())
@@ -359,6 +372,7 @@ async fn start_engine(
         reclaim: Arc::default(),
         in_force,
         regions,
+        audit,
     };
     control::apply_config(
         &control,
@@ -695,6 +709,9 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
     }
     engine.leave().await;
     close_upstreams(&control).await;
+    if let Err(e) = control.audit.close().await {
+        tracing::warn!(error = %e, "closing the audit log");
+    }
     tracing::info!("haven stopped");
     Ok(())
 }
@@ -781,6 +798,9 @@ async fn stdio(s: Settings, log: control::LogReloader) -> Result<()> {
     let served =
         haven_server::stdio::serve_stdio(engine, tokio::io::stdin(), tokio::io::stdout()).await;
     close_upstreams(&control).await;
+    if let Err(e) = control.audit.close().await {
+        tracing::warn!(error = %e, "closing the audit log");
+    }
     served?;
     Ok(())
 }

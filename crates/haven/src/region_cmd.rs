@@ -98,6 +98,7 @@ pub async fn bootstrap(a: RegionBootstrapArgs) -> Result<ExitCode> {
     )
     .await
     .map_err(|e| anyhow::anyhow!("opening region {}'s store: {e}", a.region))?;
+    let store: Arc<dyn Store> = Arc::new(store);
     let existing = store.last_seq().await?;
     if existing > 0 && !a.force {
         bail!(
@@ -147,6 +148,7 @@ pub async fn bootstrap(a: RegionBootstrapArgs) -> Result<ExitCode> {
         ))
         .await
         .context("writing the cursor of the source region")?;
+    record_bootstrap(&store, &a.region).await;
     let secs = started.elapsed().as_secs_f64();
     println!(
         "region {} bootstrapped from region {source}'s backup: the state as of its sequence {} ({}), {written} of {total} records and events in {secs:.1} s; start its nodes with --region {} --peer-regions {source},... and they apply {source}'s log from sequence {}",
@@ -157,4 +159,34 @@ pub async fn bootstrap(a: RegionBootstrapArgs) -> Result<ExitCode> {
         report.restored_seq + 1
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Records the bootstrap in the new region's audit log, as the operator, in a chain of this
+/// command's own (`<region>/bootstrap-<pid>`, signed with a key that lives only for this run).
+/// A failure is reported, not fatal: the region is built.
+async fn record_bootstrap(store: &Arc<dyn Store>, region: &str) {
+    use haven_audit::{Actor, Audit, AuditConfig, Event, Outcome, Target, actions};
+    let done = async {
+        let audit = Audit::start(
+            store.clone(),
+            haven_audit::key::ephemeral(),
+            AuditConfig::default(),
+        )
+        .await?;
+        audit
+            .record_wait(
+                Event::new(
+                    Actor::Operator,
+                    actions::REGION_BOOTSTRAP,
+                    Target::named("region", region),
+                    Outcome::Ok,
+                ),
+                std::time::Duration::from_secs(30),
+            )
+            .await?;
+        audit.close().await
+    };
+    if let Err(e) = done.await {
+        eprintln!("haven: warning: recording the bootstrap in the audit log failed: {e}");
+    }
 }

@@ -50,6 +50,10 @@ pub enum Command {
     /// Authentication of a running node's region: API keys for machine clients.
     #[command(subcommand)]
     Auth(AuthCommand),
+    /// The tamper-evident audit log of a running node's region: list, export, verify,
+    /// checkpoint.
+    #[command(subcommand)]
+    Audit(AuditCommand),
 }
 
 /// `haven auth` subcommands.
@@ -93,11 +97,55 @@ pub struct AuthKeysCreateArgs {
     pub node: NodeArgs,
 }
 
+/// `haven audit` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Audit records, oldest first: time, principal, action, target, outcome, node.
+    List(AuditListArgs),
+    /// Everything the log holds (records, checkpoints, chain heads, public keys), one JSON
+    /// object a line, for archiving or checking elsewhere.
+    Export(NodeArgs),
+    /// Checks every chain and every checkpoint signature; names the first altered, removed or
+    /// reordered record. Exit status 1 when something is wrong.
+    Verify(AuditVerifyArgs),
+    /// Signs a checkpoint of the asked node's chain now (e.g. before a backup).
+    Checkpoint(NodeArgs),
+}
+
+/// `haven audit list`.
+#[derive(Args, Debug)]
+pub struct AuditListArgs {
+    /// Only records at or after this time: RFC 3339 (2026-01-02T03:04:05Z) or Unix ms.
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Only records of this principal (e.g. admin-token, anonymous, token:ISS#SUB, key:ID).
+    #[arg(long, value_name = "ID")]
+    pub principal: Option<String>,
+    /// Only records of this action (e.g. config.set), or of actions starting with it when it
+    /// ends with `.` or `*` (e.g. `secrets.`).
+    #[arg(long, value_name = "ACTION")]
+    pub action: Option<String>,
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
 /// `haven auth keys revoke`.
 #[derive(Args, Debug)]
 pub struct AuthKeysRevokeArgs {
     /// Key id, as `haven auth keys list` shows it (the part after `hvn_`)
     pub id: String,
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+/// `haven audit verify`.
+#[derive(Args, Debug)]
+pub struct AuditVerifyArgs {
+    /// A public key (64 hex characters, as `haven audit verify` prints them) or a file holding
+    /// one per line, trusted for checkpoint signatures; repeatable. Given, only these keys are
+    /// trusted; else the keys published in the store are.
+    #[arg(long = "trusted-key", value_name = "KEY|FILE")]
+    pub trusted_keys: Vec<String>,
     #[command(flatten)]
     pub node: NodeArgs,
 }
@@ -1166,7 +1214,8 @@ impl Settings {
             | Command::Config(_)
             | Command::Secrets(_)
             | Command::Region(_)
-            | Command::Auth(_) => {
+            | Command::Auth(_)
+            | Command::Audit(_) => {
                 bail!("this command has no server settings")
             }
         }

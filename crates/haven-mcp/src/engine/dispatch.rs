@@ -89,6 +89,42 @@ pub(crate) async fn run(
     let _ = out.send(Item::Final(final_response));
 }
 
+/// The principal a request is recorded under in the audit log. Principals do not reach the
+/// engine yet: every caller is `anonymous` until they do (this is the one place to change).
+fn caller_principal(_call: &Call) -> String {
+    "anonymous".to_owned()
+}
+
+/// Records a `tools/call` in the audit log when `audit.tool_calls` is on: who, which tool,
+/// how it ended (never its arguments or result). Does not wait: the audit writer commits it.
+fn audit_tool_call(inner: &Inner, call: &Call, outcome: &Outcome, principal: &str) {
+    use haven_audit::{Actor, Event, Outcome as Audited, Target, actions};
+    let Some(audit) = inner.config.audit.as_ref().filter(|a| a.tool_calls()) else {
+        return;
+    };
+    let name = call
+        .params
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let result = match outcome {
+        Outcome::Error(e) => Audited::Error(match e.code {
+            ErrorCode::INVALID_PARAMS => "invalid params",
+            ErrorCode::METHOD_NOT_FOUND => "method not found",
+            ErrorCode::INVALID_REQUEST => "invalid request",
+            ErrorCode::INTERNAL_ERROR => "internal error",
+            _ => "the call failed",
+        }),
+        _ => Audited::Ok,
+    };
+    audit.record(Event::new(
+        Actor::Principal(principal.to_owned()),
+        actions::TOOLS_CALL,
+        Target::named("tool", name),
+        result,
+    ));
+}
+
 /// What a dispatched request produced.
 pub(crate) enum Outcome {
     /// A result to send.
@@ -125,7 +161,11 @@ async fn dispatch(
         "resources/subscribe" if !stateless => Box::pin(subscribe(inner, call, true)).await,
         "resources/unsubscribe" if !stateless => Box::pin(subscribe(inner, call, false)).await,
         "tools/list" => Box::pin(list_tools(inner, call, &ctx)).await,
-        "tools/call" => return Box::pin(tools_call(inner, call, ctx, out, cancel)).await,
+        "tools/call" => {
+            let outcome = Box::pin(tools_call(inner, call, ctx, out, cancel)).await;
+            audit_tool_call(inner, call, &outcome, &caller_principal(call));
+            return outcome;
+        }
         "resources/list" => list_page(
             inner,
             call,

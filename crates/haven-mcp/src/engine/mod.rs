@@ -109,6 +109,8 @@ pub struct EngineConfig {
     pub region_lease: Option<haven_cluster::RegionLease>,
     /// Limits on what a client controls, changed at runtime by the `limits.*` settings.
     pub limits: Arc<crate::limits::ClientLimits>,
+    /// The audit log: tool calls are recorded in it while `audit.tool_calls` is on.
+    pub audit: Option<haven_audit::Audit>,
 }
 
 /// See [`EngineConfig::recovery_gate`].
@@ -144,6 +146,7 @@ impl Default for EngineConfig {
             recovery_gate: None,
             region_lease: None,
             limits: Arc::default(),
+            audit: None,
         }
     }
 }
