@@ -8,6 +8,8 @@ pub mod http;
 pub mod layers;
 pub mod response;
 pub mod stdio;
+pub mod tls;
 
 pub use conn::ConnLimits;
-pub use http::{HttpConfig, router, serve, serve_with_grace};
+pub use http::{HttpConfig, router, serve, serve_tls, serve_with_grace};
+pub use tls::{MinVersion, ServerTls, TlsFiles};
