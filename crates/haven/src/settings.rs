@@ -1394,6 +1394,67 @@ mod tests {
     }
 
     #[test]
+    fn tls_settings_resolve_and_half_given_pairs_are_refused() {
+        let (_, s) = resolve(&["haven", "serve"]).unwrap();
+        assert!(s.tls.is_none() && s.admin_tls.is_none());
+        assert_eq!(s.tls_min_version, haven_server::MinVersion::Tls13);
+        assert!(!s.nats_tls.enabled());
+        let (_, s) = resolve(&[
+            "haven",
+            "serve",
+            "--tls-cert",
+            "/c",
+            "--tls-key",
+            "/k",
+            "--tls-min-version",
+            "1.2",
+            "--admin-listen",
+            "127.0.0.1:9",
+        ])
+        .unwrap();
+        let pair = haven_server::TlsFiles {
+            cert: "/c".into(),
+            key: "/k".into(),
+        };
+        assert_eq!(s.tls.as_ref(), Some(&pair));
+        assert_eq!(
+            s.admin_tls.as_ref(),
+            Some(&pair),
+            "the admin API shares the pair"
+        );
+        assert_eq!(s.tls_min_version, haven_server::MinVersion::Tls12);
+        let e = resolve(&["haven", "serve", "--tls-cert", "/c"]).unwrap_err();
+        assert!(e.to_string().contains("tls_key"), "{e}");
+        let e = resolve(&["haven", "serve", "--tls-min-version", "1.0"]).unwrap_err();
+        assert!(e.to_string().contains("tls_min_version"), "{e}");
+        let e = resolve(&[
+            "haven",
+            "serve",
+            "--admin-tls-cert",
+            "/c",
+            "--admin-tls-key",
+            "/k",
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("admin_listen"), "{e}");
+        // NATS: tls:// URLs or any option make TLS required; without a NATS store, refused.
+        let (_, s) = resolve(&["haven", "serve", "--store", "tls://127.0.0.1:4222"]).unwrap();
+        assert!(s.nats_tls.require);
+        let (_, s) = resolve(&[
+            "haven",
+            "serve",
+            "--store",
+            "nats://127.0.0.1:4222",
+            "--nats-ca-file",
+            "/ca",
+        ])
+        .unwrap();
+        assert!(s.nats_tls.enabled() && !s.nats_tls.require);
+        assert!(resolve(&["haven", "serve", "--nats-ca-file", "/ca"]).is_err());
+        assert!(resolve(&["haven", "serve", "--nats-cert", "/c"]).is_err());
+    }
+
+    #[test]
     fn defaults_file_and_flags_in_order_of_precedence() {
         let (_, s) = resolve(&["haven", "serve"]).unwrap();
         assert_eq!(s.listen, "127.0.0.1:8080");
