@@ -533,6 +533,7 @@ async fn bootstrap(haven: &Path, n: u64) -> anyhow::Result<()> {
                 servers: vec![nats_a.url(0)],
                 region: "A".into(),
                 replicas: 1,
+                tls: Default::default(),
             },
             Origin::new("A", "loader"),
             Arc::new(HybridClock::default()),

@@ -76,6 +76,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         servers: vec![nats.url(0)],
         region: "startup".into(),
         replicas: 3,
+        tls: Default::default(),
     };
     let writer = NatsStore::open(
         &config,

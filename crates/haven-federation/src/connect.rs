@@ -209,6 +209,30 @@ async fn expand(
     Ok(value)
 }
 
+/// Which certificates https:// upstreams are verified against: the system's roots, and the
+/// CA certificates of a file given to the node (`--upstream-ca`). Plain http:// upstreams are
+/// not affected.
+#[derive(Clone, Debug, Default)]
+pub struct UpstreamTls {
+    /// `None`: reqwest's own verification (the platform's verifier, the system's roots).
+    config: Option<std::sync::Arc<rustls::ClientConfig>>,
+}
+
+impl UpstreamTls {
+    /// The system's roots and the CA certificates of the PEM file `path` (at least one).
+    pub fn with_ca_file(path: &std::path::Path) -> Result<UpstreamTls, String> {
+        let roots = haven_state::tls::root_store_with_system(path)?;
+        let config = rustls::ClientConfig::builder_with_provider(haven_state::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(UpstreamTls {
+            config: Some(std::sync::Arc::new(config)),
+        })
+    }
+}
+
 /// Opens a connection to `spec` and completes the MCP handshake. The caller bounds the time.
 /// Every secret value expanded for it is added to `handler.secrets` first.
 pub(crate) async fn open(
@@ -216,6 +240,7 @@ pub(crate) async fn open(
     handler: Handler,
     secrets: &dyn SecretResolver,
     settings: &UpstreamSettings,
+    tls: &UpstreamTls,
 ) -> Result<Opened, Failure> {
     let ct = CancellationToken::new();
     let (running, pid) = match &spec.transport {
@@ -244,7 +269,7 @@ pub(crate) async fn open(
                 headers,
                 skip_authorization,
             };
-            open_http(target, handler, secrets, settings, ct.clone()).await?
+            open_http(target, handler, secrets, settings, tls, ct.clone()).await?
         }
     };
     let peer = running.peer().clone();
@@ -365,6 +390,7 @@ async fn open_http(
     handler: Handler,
     secrets: &dyn SecretResolver,
     settings: &UpstreamSettings,
+    tls: &UpstreamTls,
     ct: CancellationToken,
 ) -> Result<Running, Failure> {
     let misconfigured = |detail: String| Failure::new(Reason::Misconfigured, detail);
@@ -384,8 +410,12 @@ async fn open_http(
         value.set_sensitive(true);
         custom.insert(name, value);
     }
-    let client = reqwest::Client::builder()
-        .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
+    let mut client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_millis(settings.connect_timeout_ms));
+    if let Some(config) = &tls.config {
+        client = client.tls_backend_preconfigured((**config).clone());
+    }
+    let client = client
         .build()
         .map_err(|e| Failure::from_error("cannot build an HTTP client", &e))?;
     let config = StreamableHttpClientTransportConfig::with_uri(target.url)

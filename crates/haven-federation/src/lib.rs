@@ -67,6 +67,7 @@ pub mod testing;
 use async_trait::async_trait;
 
 pub use catalog::FederatedCatalog;
+pub use connect::UpstreamTls;
 pub use failure::Reason;
 pub use lists::{LISTS_NS, UpstreamLists, valid_served_name};
 pub use pool::{UpstreamState, UpstreamStatus, Upstreams};

@@ -104,6 +104,7 @@ pub(crate) struct Shared {
     pub(crate) store: Arc<dyn Store>,
     secrets: Arc<dyn SecretResolver>,
     settings: watch::Receiver<UpstreamSettings>,
+    tls: crate::connect::UpstreamTls,
 }
 
 impl Shared {
@@ -361,11 +362,23 @@ impl Upstreams {
         secrets: Arc<dyn SecretResolver>,
         settings: watch::Receiver<UpstreamSettings>,
     ) -> Upstreams {
+        Self::start_with_tls(store, secrets, settings, crate::UpstreamTls::default())
+    }
+
+    /// [`Upstreams::start`], with `tls` deciding which certificates https:// upstreams are
+    /// verified against.
+    pub fn start_with_tls(
+        store: Arc<dyn Store>,
+        secrets: Arc<dyn SecretResolver>,
+        settings: watch::Receiver<UpstreamSettings>,
+        tls: crate::UpstreamTls,
+    ) -> Upstreams {
         let pool = Arc::new(Pool {
             shared: Arc::new(Shared {
                 store,
                 secrets,
                 settings,
+                tls,
             }),
             entries: Mutex::new(BTreeMap::new()),
             shutdown: CancellationToken::new(),
@@ -933,7 +946,7 @@ async fn connect_once(shared: &Arc<Shared>, entry: &Arc<Entry>, name: &str) -> A
     let attempt = tokio::select! {
         r = tokio::time::timeout(
             connect_limit,
-            connect::open(&entry.spec, handler, &*shared.secrets, &settings),
+            connect::open(&entry.spec, handler, &*shared.secrets, &settings, &shared.tls),
         ) => r,
         _ = entry.stop.cancelled() => return Attempt::Stopped,
     };

@@ -196,6 +196,33 @@ async fn refuse(mut stream: TcpStream, why: Full) {
     .await;
 }
 
+/// The service every connection is handed.
+type Service = hyper_util::service::TowerToHyperService<Router>;
+
+/// Serves one admitted connection (plain or TLS) until it ends or, once the node stops,
+/// until its running request is answered.
+async fn serve_connection<I>(
+    io: I,
+    http: hyper::server::conn::http1::Builder,
+    service: WithPeer<Service>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let conn = http.serve_connection(io, service);
+    let mut conn = std::pin::pin!(conn);
+    let ended = tokio::select! {
+        r = conn.as_mut() => r,
+        () = async { drop(stopping.wait_for(|s| *s).await) } => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
 /// Serves `router` on `listener` within `limits` until `shutdown` resolves, then lets open
 /// connections finish (bounded by `grace`). HTTP/1.1 only, every connection with
 /// `TCP_NODELAY`.
@@ -203,6 +230,21 @@ pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Arc<ConnLimits>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    serve_maybe_tls(listener, router, limits, None, shutdown, grace).await
+}
+
+/// [`serve`], over TLS when `tls` is given. The TLS handshake happens inside the connection
+/// caps and must complete within the header read timeout (a client that opens a connection
+/// and never finishes it is closed then); a connection refused at a cap is closed without an
+/// answer (an HTTP answer could not be read before a handshake).
+pub async fn serve_maybe_tls(
+    listener: TcpListener,
+    router: Router,
+    limits: Arc<ConnLimits>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
@@ -227,7 +269,9 @@ pub async fn serve(
                     Ok(slot) => slot,
                     Err(why) => {
                         tracing::debug!(peer = %peer, ?why, "connection refused: at the cap");
-                        if let Ok(permit) = refusing.clone().try_acquire_owned() {
+                        if tls.is_none()
+                            && let Ok(permit) = refusing.clone().try_acquire_owned()
+                        {
                             tokio::spawn(async move {
                                 refuse(stream, why).await;
                                 drop(permit);
@@ -239,10 +283,11 @@ pub async fn serve(
                 if let Err(e) = stream.set_nodelay(true) {
                     tracing::debug!(error = %e, "setting TCP_NODELAY failed");
                 }
+                let header_read_timeout = limits.header_read_timeout();
                 let mut http = hyper::server::conn::http1::Builder::new();
                 http.keep_alive(true)
                     .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(limits.header_read_timeout())
+                    .header_read_timeout(header_read_timeout)
                     .max_buf_size(
                         limits
                             .max_header_bytes
@@ -259,20 +304,31 @@ pub async fn serve(
                     inner: service.clone(),
                     peer,
                 };
-                let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
                 let mut stopping = stopping.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
-                    let mut conn = std::pin::pin!(conn);
-                    let ended = tokio::select! {
-                        r = conn.as_mut() => r,
-                        () = async { drop(stopping.wait_for(|s| *s).await) } => {
-                            conn.as_mut().graceful_shutdown();
-                            conn.await
-                        }
+                    let Some(acceptor) = tls else {
+                        let io = hyper_util::rt::TokioIo::new(stream);
+                        serve_connection(io, http, service, stopping).await;
+                        return;
                     };
-                    if let Err(e) = ended {
-                        tracing::debug!(error = %e, "connection ended with an error");
+                    let handshake = tokio::select! {
+                        r = tokio::time::timeout(header_read_timeout, acceptor.accept(stream)) => r,
+                        () = async { drop(stopping.wait_for(|s| *s).await) } => return,
+                    };
+                    match handshake {
+                        Ok(Ok(stream)) => {
+                            let io = hyper_util::rt::TokioIo::new(stream);
+                            serve_connection(io, http, service, stopping).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+                        }
+                        Err(_) => tracing::debug!(
+                            peer = %peer,
+                            "TLS handshake not completed within the header read timeout: closed"
+                        ),
                     }
                 });
             }

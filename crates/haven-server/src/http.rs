@@ -189,6 +189,26 @@ pub async fn serve_with_grace(
     crate::conn::serve(listener, router, config.limits.clone(), shutdown, grace).await
 }
 
+/// [`serve_with_grace`] over TLS when `tls` is given (see [`crate::conn::serve_maybe_tls`]).
+pub async fn serve_tls(
+    listener: TcpListener,
+    router: Router,
+    config: &HttpConfig,
+    tls: Option<&crate::tls::ServerTls>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    crate::conn::serve_maybe_tls(
+        listener,
+        router,
+        config.limits.clone(),
+        tls.map(|t| t.acceptor()),
+        shutdown,
+        grace,
+    )
+    .await
+}
+
 async fn healthz() -> Response {
     json_response(StatusCode::OK, r#"{"status":"alive"}"#.to_owned())
 }

@@ -9,6 +9,8 @@ pub mod layers;
 pub mod rate;
 pub mod response;
 pub mod stdio;
+pub mod tls;
 
 pub use conn::ConnLimits;
-pub use http::{HttpConfig, router, serve, serve_with_grace};
+pub use http::{HttpConfig, router, serve, serve_tls, serve_with_grace};
+pub use tls::{MinVersion, ServerTls, TlsFiles};

@@ -13,6 +13,7 @@ pub mod record;
 pub mod redb_store;
 pub mod replicated;
 pub mod store;
+pub mod tls;
 mod wal;
 
 /// Hooks for Haven's fuzz targets (`fuzz/`): private decoders exposed as they are, only when
@@ -72,7 +73,7 @@ macro_rules! wrap_store {
 
 pub use clock::{Hlc, HybridClock, ManualClock, PhysicalClock, SystemClock, VirtualClock};
 pub use mem_store::{BatchObserver, LinkFaults, MemLog, MemStore};
-pub use nats_store::{NatsConfig, NatsStore};
+pub use nats_store::{NatsConfig, NatsStore, NatsTls};
 pub use plan::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
 pub use record::{
     Change, LogEntry, LogSubject, Origin, Record, StoredRecord, StreamEvent, Version, View, merge,

@@ -44,6 +44,40 @@ pub struct NatsConfig {
     pub region: String,
     /// Stream replicas (3 in production: a write survives the loss of any one server).
     pub replicas: usize,
+    /// TLS to the servers (none by default).
+    pub tls: NatsTls,
+}
+
+/// TLS to the NATS servers. Any of its settings makes TLS required: the client then refuses a
+/// server that does not offer it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NatsTls {
+    /// Require TLS (verified against the system's roots unless `ca_file` is given).
+    pub require: bool,
+    /// PEM file of the CA certificates the servers' certificates are verified against.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Client certificate and key presented to the servers (mutual TLS, `verify: true`).
+    pub identity: Option<crate::tls::Identity>,
+}
+
+impl NatsTls {
+    /// Whether TLS is asked for at all.
+    pub fn enabled(&self) -> bool {
+        self.require || self.ca_file.is_some() || self.identity.is_some()
+    }
+
+    /// `options` with this TLS configuration (unchanged when TLS is not asked for).
+    pub fn apply(
+        &self,
+        options: async_nats::ConnectOptions,
+    ) -> StoreResult<async_nats::ConnectOptions> {
+        if !self.enabled() {
+            return Ok(options);
+        }
+        let config = crate::tls::client_config(self.ca_file.as_deref(), self.identity.as_ref())
+            .map_err(|e| StoreError::Invalid(format!("NATS TLS: {e}")))?;
+        Ok(options.tls_client_config(config).require_tls(true))
+    }
 }
 
 fn token(s: &str) -> String {
@@ -64,8 +98,9 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 
 /// The JetStream domain of the servers at `servers` (`None`: no domain configured), asked
 /// before anything is created on them.
-pub async fn server_domain(servers: &[String]) -> StoreResult<Option<String>> {
-    let client = async_nats::ConnectOptions::new()
+pub async fn server_domain(servers: &[String], tls: &NatsTls) -> StoreResult<Option<String>> {
+    let client = tls
+        .apply(async_nats::ConnectOptions::new())?
         .connection_timeout(Duration::from_secs(5))
         .request_timeout(Some(COMMIT_TIMEOUT))
         .connect(servers.to_vec())
@@ -131,7 +166,9 @@ impl JetStreamLog {
         if config.servers.is_empty() {
             return Err(StoreError::Invalid("no NATS server given".into()));
         }
-        let client = async_nats::ConnectOptions::new()
+        let client = config
+            .tls
+            .apply(async_nats::ConnectOptions::new())?
             .connection_timeout(Duration::from_secs(5))
             .request_timeout(Some(COMMIT_TIMEOUT))
             .retry_on_initial_connect()

@@ -23,6 +23,7 @@ async fn store(cluster: &NatsCluster, i: usize, node: &str) -> NatsStore {
         servers: vec![cluster.url(i)],
         region: "test-region".into(),
         replicas: 3,
+        tls: Default::default(),
     };
     NatsStore::open(
         &config,
@@ -56,6 +57,7 @@ fn the_jetstream_backend_keeps_the_contract_in_random_histories() {
                     servers: vec![cluster.url(case % 3)],
                     region: format!("contract-{case}"),
                     replicas: 3,
+                    tls: Default::default(),
                 };
                 let s = NatsStore::open(&config, Origin::new("r", "n1"), clock)
                     .await
@@ -222,6 +224,7 @@ async fn store_at(
         servers: vec![cluster.url(i)],
         region: region.into(),
         replicas: 3,
+        tls: Default::default(),
     };
     NatsStore::open(
         &config,

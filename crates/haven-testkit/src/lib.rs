@@ -266,6 +266,41 @@ impl NatsCluster {
         .await
     }
 
+    /// One nats-server with JetStream (one replica) whose client port requires TLS: `tls` is
+    /// the body of its `tls { }` block, e.g. `cert_file: "…", key_file: "…", ca_file: "…",
+    /// verify: true` (client certificates required). Its monitoring port stays plain HTTP.
+    pub async fn start_tls(tls: &str) -> NatsCluster {
+        let tls = tls.to_owned();
+        NatsCluster::start_configured(&tools_dir(), move |bin| {
+            let dir = tempfile::tempdir().unwrap();
+            let ports = free_ports(2);
+            let conf = dir.path().join("nats0.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "server_name: tls0\nlisten: 127.0.0.1:{}\nhttp: 127.0.0.1:{}\njetstream {{ store_dir: \"{}\", sync_interval: always }}\ntls {{ {tls} }}\n",
+                    ports[0],
+                    ports[1],
+                    dir.path().join("js0").display(),
+                ),
+            )
+            .unwrap();
+            NatsCluster {
+                servers: vec![NatsServer {
+                    child: None,
+                    conf,
+                    client_port: ports[0],
+                    http_port: ports[1],
+                    name: "tls0".into(),
+                }],
+                leaf_port: None,
+                bin,
+                _dir: dir,
+            }
+        })
+        .await
+    }
+
     /// The configuration of one server of region `region` (nothing started).
     fn configure_region(bin: PathBuf, region: &str, remotes: &[u16]) -> NatsCluster {
         let dir = tempfile::tempdir().unwrap();

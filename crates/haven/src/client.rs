@@ -2,6 +2,7 @@
 //! (`haven status`, `haven backup now`, `haven registry|config|secrets`).
 
 use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -60,6 +61,28 @@ pub fn token(file: Option<&PathBuf>, data: Option<&PathBuf>) -> Result<String> {
     Ok(t.to_owned())
 }
 
+/// The CA file the admin calls trust (`--ca-file`), set once at start.
+static CA_FILE: OnceLock<Option<PathBuf>> = OnceLock::new();
+
+/// Sets the CA file the admin calls trust for an https:// node (`None`: the system's roots).
+pub fn set_ca_file(ca: Option<PathBuf>) {
+    let _ = CA_FILE.set(ca);
+}
+
+/// The HTTP client of the admin calls: an https:// node is verified against `--ca-file`
+/// (`HAVEN_CA_FILE`), else the system's roots.
+fn http_client() -> Result<reqwest::Client> {
+    let ca = CA_FILE.get().cloned().flatten();
+    let tls = haven_state::tls::client_config(ca.as_deref(), None).map_err(|e| match &ca {
+        Some(f) => anyhow::anyhow!("--ca-file {}: {e}", f.display()),
+        None => anyhow::anyhow!("{e}"),
+    })?;
+    Ok(reqwest::Client::builder()
+        .timeout(Duration::from_secs(600))
+        .use_preconfigured_tls(tls)
+        .build()?)
+}
+
 /// Calls the admin API without a body.
 pub async fn admin_call(
     node: &str,
@@ -79,15 +102,29 @@ pub async fn admin_request(
     body: Option<&serde_json::Value>,
 ) -> Result<serde_json::Value> {
     let url = format!("{}{path}", node.trim_end_matches('/'));
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(600))
-        .build()?;
+    let client = http_client()?;
     let mut req = client.request(method, &url).bearer_auth(token);
     if let Some(b) = body {
         req = req.json(b);
     }
-    let resp = req.send().await.with_context(|| {
-        format!("cannot reach the node at {node}; is `haven serve` running there?")
+    let resp = req.send().await.map_err(|e| {
+        // A TLS failure (an unknown CA, a certificate for another name) says so.
+        let mut chain = String::new();
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(err) = source {
+            chain.push_str(": ");
+            chain.push_str(&err.to_string());
+            source = err.source();
+        }
+        if node.starts_with("https://") {
+            anyhow::anyhow!(
+                "cannot reach the node at {node}{chain}; is `haven serve` running there, and does --ca-file (HAVEN_CA_FILE) name the CA of its certificate?"
+            )
+        } else {
+            anyhow::anyhow!(
+                "cannot reach the node at {node}{chain}; is `haven serve` running there?"
+            )
+        }
     })?;
     let status = resp.status();
     let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);

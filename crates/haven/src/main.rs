@@ -28,7 +28,11 @@ use settings::{Cli, Command, Mode, Settings};
 // CPU per request (BENCHMARKS.md, "Soak: the allocator").
 
 fn main() -> std::process::ExitCode {
+    // One crypto provider for every TLS configuration built in this process, including those
+    // that libraries build with rustls's defaults.
+    haven_state::tls::install_default_provider();
     let cli = Cli::parse();
+    client::set_ca_file(cli.ca_file.clone());
     if let Command::Backup(cmd) = cli.command {
         return run_backup_command(cmd);
     }
@@ -59,7 +63,10 @@ fn main() -> std::process::ExitCode {
         Command::Region(settings::RegionCommand::Demote(a)) => {
             return run_client_command(backup_cmd::region_change(a, "/admin/v1/regions/demote"));
         }
-        command => Cli { command },
+        command => Cli {
+            command,
+            ca_file: cli.ca_file,
+        },
     };
     let result = Settings::from_cli(&cli).and_then(|(mode, s)| {
         let mut runtime = tokio::runtime::Builder::new_multi_thread();
@@ -235,12 +242,13 @@ async fn start_engine(
     let store: Arc<dyn Store> = match &s.nats {
         Some(servers) => {
             if !s.peer_regions.is_empty() {
-                check_domain(servers, &s.region).await?;
+                check_domain(servers, &s.region, &s.nats_tls).await?;
             }
             let config = haven_state::NatsConfig {
                 servers: servers.clone(),
                 region: s.region.clone(),
                 replicas: s.store_replicas,
+                tls: s.nats_tls.clone(),
             };
             let store =
                 haven_state::NatsStore::open(&config, origin, Arc::new(HybridClock::default()))
@@ -311,10 +319,16 @@ async fn start_engine(
         s.catalog.clone()
     };
     let builtin = Arc::new(control::BuiltinCatalog::new(&builtin_name)?);
-    let upstreams = haven_federation::Upstreams::start(
+    let upstream_tls = match &s.upstream_ca {
+        Some(f) => haven_federation::UpstreamTls::with_ca_file(f)
+            .map_err(|e| anyhow::anyhow!("upstream_ca: {e}"))?,
+        None => haven_federation::UpstreamTls::default(),
+    };
+    let upstreams = haven_federation::Upstreams::start_with_tls(
         store.clone(),
         Arc::new(secrets.clone()),
         config.upstream_settings(),
+        upstream_tls,
     );
     let catalog = Arc::new(haven_federation::FederatedCatalog::new(
         upstreams.clone(),
@@ -391,8 +405,12 @@ async fn start_engine(
 /// Refuses a multi-region node whose NATS servers are not in the JetStream domain named
 /// after its region: another region's servers, or servers without a domain, would take this
 /// region's stream (and other regions would not find it).
-pub(crate) async fn check_domain(servers: &[String], region: &str) -> Result<()> {
-    let domain = haven_state::nats_store::server_domain(servers)
+pub(crate) async fn check_domain(
+    servers: &[String],
+    region: &str,
+    tls: &haven_state::NatsTls,
+) -> Result<()> {
+    let domain = haven_state::nats_store::server_domain(servers, tls)
         .await
         .map_err(|e| anyhow::anyhow!("asking the NATS servers for their JetStream domain: {e}"))?;
     match domain.as_deref() {
@@ -588,6 +606,15 @@ fn check_key_files(s: &Settings) -> Result<()> {
             }),
             "backup key file",
         ),
+        (s.tls.as_ref().map(|t| t.key.as_path()), "TLS key file"),
+        (
+            s.admin_tls.as_ref().map(|t| t.key.as_path()),
+            "TLS key file",
+        ),
+        (
+            s.nats_tls.identity.as_ref().map(|i| i.key.as_path()),
+            "TLS client key file",
+        ),
     ];
     for (file, what) in files {
         if let Some(f) = file.filter(|f| f.exists()) {
@@ -604,6 +631,12 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
     haven_state::files::private_dir(&s.data)
         .with_context(|| format!("creating the data directory {}", s.data.display()))?;
     let (token, token_file) = admin::load_or_create_token(&s.data, s.admin_token_file.as_deref())?;
+    // The TLS pairs next: a broken one stops the start before the store is opened.
+    let tls = load_tls(s.tls.as_ref(), s.tls_min_version, "tls")?;
+    let admin_tls = match (&s.admin_tls, &tls) {
+        (Some(f), Some(t)) if t.files() == f => Some(t.clone()),
+        (f, _) => load_tls(f.as_ref(), s.tls_min_version, "admin_tls")?,
+    };
     let (engine, store, control) = start_engine(&s, log).await?;
     let backup = start_backup(&s, store.clone()).await?;
     reclaim::start(
@@ -638,18 +671,32 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
         authentication,
         rate: control.rate.clone(),
     };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    // Without a listener of its own the admin API is served on the MCP listener (its TLS).
+    let admin_scheme = match (&admin_listener, &tls, &admin_tls) {
+        (None, Some(_), _) | (Some(_), _, Some(_)) => "https",
+        _ => "http",
+    };
+    let mut watchers = Vec::new();
+    for t in
+        tls.iter().chain(admin_tls.iter().filter(|a| {
+            !tls.as_ref().is_some_and(|t| Arc::ptr_eq(t, a)) && admin_listener.is_some()
+        }))
+    {
+        watchers.push(t.watch(TLS_RELOAD_INTERVAL));
+    }
     tracing::info!(
-        "haven listening on http://{addr}/mcp (data: {}, catalog: {}, node: {})",
+        "haven listening on {scheme}://{addr}/mcp (data: {}, catalog: {}, node: {})",
         s.data.display(),
         s.catalog,
         engine.config().node_id
     );
     tracing::info!(
-        "admin API at http://{admin_addr}/admin/v1 (token in {})",
+        "admin API at {admin_scheme}://{admin_addr}/admin/v1 (token in {})",
         token_file.display()
     );
     // Where the CLI finds the admin API when it is not told (`--node`).
-    let admin_url = format!("http://{}", connectable(admin_addr));
+    let admin_url = format!("{admin_scheme}://{}", connectable(admin_addr));
     haven_state::files::write_private(&s.data.join("admin.url"), admin_url.as_bytes())
         .with_context(|| format!("writing {}", s.data.join("admin.url").display()))?;
     let admin_routes = admin::router(
@@ -683,14 +730,19 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
     let admin_server = admin_listener.map(|l| {
         let http = http.clone();
         let mut stop = stop_rx.clone();
+        let admin_tls = admin_tls.clone();
         tokio::spawn(async move {
             let stopped = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            haven_server::serve_with_grace(l, admin_routes, &http, stopped, grace).await
+            haven_server::serve_tls(l, admin_routes, &http, admin_tls.as_deref(), stopped, grace)
+                .await
         })
     });
-    haven_server::serve_with_grace(listener, router, &http, drain, grace).await?;
+    haven_server::serve_tls(listener, router, &http, tls.as_deref(), drain, grace).await?;
+    for w in watchers {
+        w.abort();
+    }
     if let Some(a) = admin_server {
         match a.await {
             Ok(r) => r.context("serving the admin API")?,
@@ -763,6 +815,28 @@ async fn authentication(
             resource: a.resource.clone(),
         },
     )))
+}
+
+/// How often the TLS certificate and key files are checked for a change.
+const TLS_RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A listener's TLS from `files` (`None`: plain HTTP); `name` is the settings' prefix.
+fn load_tls(
+    files: Option<&haven_server::TlsFiles>,
+    min: haven_server::MinVersion,
+    name: &str,
+) -> Result<Option<Arc<haven_server::ServerTls>>> {
+    let Some(f) = files else {
+        return Ok(None);
+    };
+    let tls = haven_server::ServerTls::load(f.clone(), min)
+        .map_err(|e| anyhow::anyhow!("{name}_cert / {name}_key: {e}"))?;
+    tracing::info!(
+        cert = %f.cert.display(),
+        min_version = %min,
+        "TLS on ({name}); the files are reloaded when they change"
+    );
+    Ok(Some(tls))
 }
 
 /// Closes this node's upstream connections (stdio children are ended and reaped), bounded.

@@ -48,7 +48,8 @@ pub async fn bootstrap(a: RegionBootstrapArgs) -> Result<ExitCode> {
     let servers = crate::settings::nats_servers(&a.store)?
         .context("--store must name the new region's NATS servers (nats://HOST:PORT,...)")?;
     // Before anything is created on them: these must be the new region's servers.
-    crate::check_domain(&servers, &a.region).await?;
+    let nats_tls = a.nats_tls.resolve_flags(&servers)?;
+    crate::check_domain(&servers, &a.region, &nats_tls).await?;
     let (target, key) = open_target(&a.target)?;
     let key = require_key(key)?;
     let point = point_of(a.at.as_deref(), a.seq)?;
@@ -89,6 +90,7 @@ pub async fn bootstrap(a: RegionBootstrapArgs) -> Result<ExitCode> {
         servers: servers.clone(),
         region: a.region.clone(),
         replicas: a.store_replicas,
+        tls: nats_tls,
     };
     let node = format!("bootstrap-{}", std::process::id());
     let store = haven_state::NatsStore::open(

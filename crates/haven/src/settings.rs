@@ -16,6 +16,11 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// CA certificate(s) (PEM) that the commands talking to a node's admin API (status,
+    /// registry, config, secrets, backup now/verify, region) trust when its URL is https://
+    /// [default: the system's roots]
+    #[arg(long, global = true, env = "HAVEN_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Subcommands.
@@ -211,6 +216,8 @@ pub struct RegionBootstrapArgs {
     /// Write into a region store that is not empty
     #[arg(long)]
     pub force: bool,
+    #[command(flatten)]
+    pub nats_tls: NatsTlsArgs,
 }
 
 /// `haven region promote`.
@@ -574,6 +581,68 @@ pub struct BackupServeArgs {
     pub backup_archive_retention: Option<String>,
 }
 
+/// TLS to the NATS servers (any of these makes TLS required).
+#[derive(Args, Debug, Default, Clone)]
+pub struct NatsTlsArgs {
+    /// Require TLS to the NATS servers, verified against the system's roots unless
+    /// --nats-ca-file is given (implied by the other --nats-* TLS options and by tls:// URLs)
+    #[arg(long, env = "HAVEN_NATS_TLS")]
+    pub nats_tls: bool,
+    /// CA certificate(s) (PEM) the NATS servers' certificates are verified against
+    #[arg(long, env = "HAVEN_NATS_CA_FILE", value_name = "FILE")]
+    pub nats_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) presented to the NATS servers (mutual TLS; with --nats-key)
+    #[arg(
+        long,
+        env = "HAVEN_NATS_CERT",
+        value_name = "FILE",
+        requires = "nats_key"
+    )]
+    pub nats_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM, readable by its owner only)
+    #[arg(
+        long,
+        env = "HAVEN_NATS_KEY",
+        value_name = "FILE",
+        requires = "nats_cert"
+    )]
+    pub nats_key: Option<PathBuf>,
+}
+
+impl NatsTlsArgs {
+    /// The TLS settings for `servers` from these flags alone (commands without a settings
+    /// file).
+    pub fn resolve_flags(&self, servers: &[String]) -> Result<haven_state::NatsTls> {
+        self.resolve(&mut FileSettings::default(), Some(servers))
+    }
+
+    /// The TLS settings for `servers`, from these flags over the file's keys.
+    fn resolve(
+        &self,
+        file: &mut FileSettings,
+        servers: Option<&[String]>,
+    ) -> Result<haven_state::NatsTls> {
+        let ca_file = self.nats_ca_file.clone().or(file.nats_ca_file.take());
+        let cert = self.nats_cert.clone().or(file.nats_cert.take());
+        let key = self.nats_key.clone().or(file.nats_key.take());
+        let identity = match (cert, key) {
+            (Some(cert), Some(key)) => Some(haven_state::tls::Identity { cert, key }),
+            (None, None) => None,
+            _ => bail!("nats_cert and nats_key go together: give both or neither"),
+        };
+        let tls_urls = servers.is_some_and(|s| s.iter().any(|u| u.starts_with("tls://")));
+        let tls = haven_state::NatsTls {
+            require: self.nats_tls || file.nats_tls.unwrap_or(false) || tls_urls,
+            ca_file,
+            identity,
+        };
+        if tls.enabled() && servers.is_none() {
+            bail!("the nats TLS settings need a NATS store (--store nats://... or tls://...)");
+        }
+        Ok(tls)
+    }
+}
+
 /// Settings shared by every command.
 #[derive(Args, Debug, Default)]
 pub struct CommonArgs {
@@ -633,6 +702,8 @@ pub struct CommonArgs {
     /// would and run without one, at start and again at every `haven secrets rotate-key`
     #[arg(long, env = "HAVEN_SECRETS_KEY_COMMAND", value_name = "COMMAND")]
     pub secrets_key_command: Option<String>,
+    #[command(flatten)]
+    pub nats_tls: NatsTlsArgs,
 }
 
 /// Settings of `haven serve`.
@@ -672,6 +743,27 @@ pub struct ServeArgs {
     /// loopback) [default: on the MCP listener]
     #[arg(long, env = "HAVEN_ADMIN_LISTEN", value_name = "ADDR")]
     pub admin_listen: Option<String>,
+    /// Serve over TLS with this certificate chain (PEM, the leaf first; with --tls-key),
+    /// reloaded when the file changes [default: plain HTTP]
+    #[arg(long, env = "HAVEN_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The TLS certificate's private key (PEM, readable by its owner only)
+    #[arg(long, env = "HAVEN_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Oldest TLS version accepted: 1.3 or 1.2 [default: 1.3]
+    #[arg(long, env = "HAVEN_TLS_MIN_VERSION", value_name = "VERSION")]
+    pub tls_min_version: Option<String>,
+    /// The admin listener's own certificate (with --admin-listen and --admin-tls-key)
+    /// [default: the --tls-cert pair when TLS is on, else plain HTTP]
+    #[arg(long, env = "HAVEN_ADMIN_TLS_CERT", value_name = "FILE")]
+    pub admin_tls_cert: Option<PathBuf>,
+    /// The admin certificate's private key (PEM, readable by its owner only)
+    #[arg(long, env = "HAVEN_ADMIN_TLS_KEY", value_name = "FILE")]
+    pub admin_tls_key: Option<PathBuf>,
+    /// CA certificate(s) (PEM) trusted for https:// upstreams besides the system's roots
+    /// [default: the system's roots only]
+    #[arg(long, env = "HAVEN_UPSTREAM_CA", value_name = "FILE")]
+    pub upstream_ca: Option<PathBuf>,
     /// Other regions whose change logs this region applies, comma-separated (a NATS store
     /// only: each region's servers run JetStream with `domain: <region name>` and are joined
     /// to the others' by leafnodes) [default: none]
@@ -885,6 +977,16 @@ struct FileSettings {
     max_body_bytes: Option<usize>,
     admin_token_file: Option<PathBuf>,
     admin_listen: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_min_version: Option<String>,
+    admin_tls_cert: Option<PathBuf>,
+    admin_tls_key: Option<PathBuf>,
+    upstream_ca: Option<PathBuf>,
+    nats_tls: Option<bool>,
+    nats_ca_file: Option<PathBuf>,
+    nats_cert: Option<PathBuf>,
+    nats_key: Option<PathBuf>,
     peer_regions: Option<Vec<String>>,
     region_check_interval: Option<String>,
     region_failure_threshold: Option<u32>,
@@ -928,6 +1030,16 @@ pub struct Settings {
     pub admin_token_file: Option<PathBuf>,
     /// The admin API's own address (`None`: it shares the MCP listener).
     pub admin_listen: Option<String>,
+    /// TLS of the MCP listener (`None`: plain HTTP).
+    pub tls: Option<haven_server::TlsFiles>,
+    /// Oldest TLS version the listeners accept.
+    pub tls_min_version: haven_server::MinVersion,
+    /// TLS of the admin listener (`None`: plain HTTP); the MCP listener's pair by default.
+    pub admin_tls: Option<haven_server::TlsFiles>,
+    /// More CA certificates trusted for https:// upstreams.
+    pub upstream_ca: Option<PathBuf>,
+    /// TLS to the NATS servers.
+    pub nats_tls: haven_state::NatsTls,
     pub secrets_key_file: Option<PathBuf>,
     pub secrets_key_command: Option<String>,
     pub backup: Option<BackupSettings>,
@@ -1250,6 +1362,43 @@ impl Settings {
             .or(file.store.take())
             .unwrap_or_else(|| "embedded".into());
         let nats = nats_servers(&store)?;
+        let nats_tls = common.nats_tls.resolve(&mut file, nats.as_deref())?;
+        let tls = tls_pair(
+            "tls",
+            serve
+                .and_then(|s| s.tls_cert.clone())
+                .or(file.tls_cert.take()),
+            serve
+                .and_then(|s| s.tls_key.clone())
+                .or(file.tls_key.take()),
+        )?;
+        let admin_tls = tls_pair(
+            "admin_tls",
+            serve
+                .and_then(|s| s.admin_tls_cert.clone())
+                .or(file.admin_tls_cert.take()),
+            serve
+                .and_then(|s| s.admin_tls_key.clone())
+                .or(file.admin_tls_key.take()),
+        )?;
+        if admin_tls.is_some() && admin_listen.is_none() {
+            bail!(
+                "admin_tls_cert needs admin_listen: without a listener of its own the admin API is served on the MCP listener, with its TLS (--tls-cert)"
+            );
+        }
+        let admin_tls = admin_tls.or_else(|| tls.clone());
+        let tls_min_version: haven_server::MinVersion = serve
+            .and_then(|s| s.tls_min_version.clone())
+            .or(file.tls_min_version.take())
+            .map(|v| {
+                v.parse()
+                    .map_err(|e: String| anyhow::anyhow!("tls_min_version: {e}"))
+            })
+            .transpose()?
+            .unwrap_or_default();
+        let upstream_ca = serve
+            .and_then(|s| s.upstream_ca.clone())
+            .or(file.upstream_ca.take());
         let store_replicas = common.store_replicas.or(file.store_replicas).unwrap_or(3);
         if !(1..=5).contains(&store_replicas) {
             bail!("store_replicas must be between 1 and 5");
@@ -1423,6 +1572,11 @@ impl Settings {
             max_body_bytes,
             admin_token_file,
             admin_listen,
+            tls,
+            tls_min_version,
+            admin_tls,
+            upstream_ca,
+            nats_tls,
             secrets_key_file: match &secrets_key {
                 Some(KeySource::File(f)) => Some(f.clone()),
                 _ => None,
@@ -1443,11 +1597,26 @@ impl Settings {
     }
 }
 
-/// The NATS servers of a `--store` value (`None`: the embedded store).
+/// A certificate and key given together (`name`: the settings' prefix), or neither.
+fn tls_pair(
+    name: &str,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<Option<haven_server::TlsFiles>> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(haven_server::TlsFiles { cert, key })),
+        (None, None) => Ok(None),
+        (Some(_), None) => bail!("{name}_cert is given without {name}_key: give both"),
+        (None, Some(_)) => bail!("{name}_key is given without {name}_cert: give both"),
+    }
+}
+
+/// The NATS servers of a `--store` value (`None`: the embedded store). `tls://` URLs ask for
+/// TLS.
 pub fn nats_servers(store: &str) -> Result<Option<Vec<String>>> {
     Ok(if store == "embedded" {
         None
-    } else if store.starts_with("nats://") {
+    } else if store.starts_with("nats://") || store.starts_with("tls://") {
         let servers: Vec<String> = store
             .split(',')
             .map(|s| s.trim())
@@ -1462,7 +1631,9 @@ pub fn nats_servers(store: &str) -> Result<Option<Vec<String>>> {
             .collect();
         Some(servers)
     } else {
-        bail!("invalid store {store:?}: use embedded or nats://HOST:PORT[,HOST:PORT...]");
+        bail!(
+            "invalid store {store:?}: use embedded or nats://HOST:PORT[,HOST:PORT...] (tls://... for TLS)"
+        );
     })
 }
 
@@ -1499,6 +1670,67 @@ mod tests {
     fn resolve(args: &[&str]) -> Result<(Mode, Settings)> {
         let cli = Cli::try_parse_from(args).map_err(|e| anyhow::anyhow!("{e}"))?;
         Settings::from_cli(&cli)
+    }
+
+    #[test]
+    fn tls_settings_resolve_and_half_given_pairs_are_refused() {
+        let (_, s) = resolve(&["haven", "serve"]).unwrap();
+        assert!(s.tls.is_none() && s.admin_tls.is_none());
+        assert_eq!(s.tls_min_version, haven_server::MinVersion::Tls13);
+        assert!(!s.nats_tls.enabled());
+        let (_, s) = resolve(&[
+            "haven",
+            "serve",
+            "--tls-cert",
+            "/c",
+            "--tls-key",
+            "/k",
+            "--tls-min-version",
+            "1.2",
+            "--admin-listen",
+            "127.0.0.1:9",
+        ])
+        .unwrap();
+        let pair = haven_server::TlsFiles {
+            cert: "/c".into(),
+            key: "/k".into(),
+        };
+        assert_eq!(s.tls.as_ref(), Some(&pair));
+        assert_eq!(
+            s.admin_tls.as_ref(),
+            Some(&pair),
+            "the admin API shares the pair"
+        );
+        assert_eq!(s.tls_min_version, haven_server::MinVersion::Tls12);
+        let e = resolve(&["haven", "serve", "--tls-cert", "/c"]).unwrap_err();
+        assert!(e.to_string().contains("tls_key"), "{e}");
+        let e = resolve(&["haven", "serve", "--tls-min-version", "1.0"]).unwrap_err();
+        assert!(e.to_string().contains("tls_min_version"), "{e}");
+        let e = resolve(&[
+            "haven",
+            "serve",
+            "--admin-tls-cert",
+            "/c",
+            "--admin-tls-key",
+            "/k",
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("admin_listen"), "{e}");
+        // NATS: tls:// URLs or any option make TLS required; without a NATS store, refused.
+        let (_, s) = resolve(&["haven", "serve", "--store", "tls://127.0.0.1:4222"]).unwrap();
+        assert!(s.nats_tls.require);
+        let (_, s) = resolve(&[
+            "haven",
+            "serve",
+            "--store",
+            "nats://127.0.0.1:4222",
+            "--nats-ca-file",
+            "/ca",
+        ])
+        .unwrap();
+        assert!(s.nats_tls.enabled() && !s.nats_tls.require);
+        assert!(resolve(&["haven", "serve", "--nats-ca-file", "/ca"]).is_err());
+        assert!(resolve(&["haven", "serve", "--nats-cert", "/c"]).is_err());
     }
 
     #[test]
