@@ -580,6 +580,25 @@ fn decode(key: &str, value: &[u8]) -> Result<Stored, ApiKeyError> {
     serde_json::from_slice(value).map_err(|e| ApiKeyError::Corrupt(key.to_owned(), e.to_string()))
 }
 
+#[async_trait::async_trait]
+impl crate::authenticator::KeyVerifier for ApiKeys {
+    fn recognises(&self, credential: &str) -> bool {
+        looks_like_api_key(credential)
+    }
+
+    async fn verify_key(&self, credential: &str) -> Result<Principal, crate::AuthError> {
+        self.verify(credential, self.now())
+            .await
+            .map_err(|e| match e {
+                ApiKeyError::Store(s) if s.is_retryable() => {
+                    crate::AuthError::Unavailable(format!("API keys cannot be read now: {s}"))
+                }
+                // Refusals (and unreadable records) name the key id, never the secret.
+                e => crate::AuthError::Invalid(e.to_string()),
+            })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -969,24 +988,5 @@ mod tests {
                 }
             }
         }
-    }
-}
-
-#[async_trait::async_trait]
-impl crate::authenticator::KeyVerifier for ApiKeys {
-    fn recognises(&self, credential: &str) -> bool {
-        looks_like_api_key(credential)
-    }
-
-    async fn verify_key(&self, credential: &str) -> Result<Principal, crate::AuthError> {
-        self.verify(credential, self.now())
-            .await
-            .map_err(|e| match e {
-                ApiKeyError::Store(s) if s.is_retryable() => {
-                    crate::AuthError::Unavailable(format!("API keys cannot be read now: {s}"))
-                }
-                // Refusals (and unreadable records) name the key id, never the secret.
-                e => crate::AuthError::Invalid(e.to_string()),
-            })
     }
 }

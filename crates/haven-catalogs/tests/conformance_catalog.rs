@@ -91,6 +91,7 @@ impl Env {
             client_info: None,
             capabilities: caps(capabilities),
             log_level,
+            principal: None,
         };
         let ctx = RequestContext::new(
             self.store.clone(),

@@ -813,6 +813,7 @@ async fn authentication(
         haven_server::layers::authn::Authentication {
             authenticator: Arc::new(authenticator),
             resource: a.resource.clone(),
+            audit: Some(control.audit.clone()),
         },
     )))
 }

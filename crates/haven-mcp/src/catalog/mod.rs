@@ -274,6 +274,10 @@ pub struct Caller {
     pub capabilities: ClientCapabilities,
     /// Minimum log level the client wants.
     pub log_level: Option<LoggingLevel>,
+    /// The authenticated principal ([`haven_auth::Principal::id`]); `None` when
+    /// authentication is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principal: Option<String>,
 }
 
 /// Shared handle every handler gets to the node's store.

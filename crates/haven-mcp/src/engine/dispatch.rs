@@ -89,10 +89,13 @@ pub(crate) async fn run(
     let _ = out.send(Item::Final(final_response));
 }
 
-/// The principal a request is recorded under in the audit log. Principals do not reach the
-/// engine yet: every caller is `anonymous` until they do (this is the one place to change).
-fn caller_principal(_call: &Call) -> String {
-    "anonymous".to_owned()
+/// The principal a request is recorded under in the audit log: the authenticated principal,
+/// or `anonymous` when authentication is off.
+fn caller_principal(call: &Call) -> String {
+    call.caller
+        .principal
+        .clone()
+        .unwrap_or_else(|| "anonymous".to_owned())
 }
 
 /// Records a `tools/call` in the audit log when `audit.tool_calls` is on: who, which tool,

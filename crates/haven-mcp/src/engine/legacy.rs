@@ -280,6 +280,7 @@ pub(super) fn caller_of(s: &SessionRecord) -> Caller {
         client_info: s.client_info.clone(),
         capabilities: s.client_capabilities.clone(),
         log_level: s.log_level,
+        principal: s.owner.clone(),
     }
 }
 

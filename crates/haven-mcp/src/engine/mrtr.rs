@@ -48,8 +48,22 @@ struct SealedState {
     s: Option<Value>,
 }
 
+/// What a sealed `requestState` is bound to (its associated data): the method, the tool or
+/// prompt name, the principal that made the request, and the request's arguments. A state
+/// replayed by another principal, or with other arguments, fails the integrity check.
 fn binding(call: &Call, name: &str) -> Vec<u8> {
-    format!("{}\u{0}{}", call.method, name).into_bytes()
+    let mut b = format!(
+        "{}\u{0}{}\u{0}{}\u{0}",
+        call.method,
+        name,
+        call.caller.principal.as_deref().unwrap_or("")
+    )
+    .into_bytes();
+    // serde_json's maps are ordered by key, so equal arguments give equal bytes.
+    if let Some(args) = call.params.get("arguments") {
+        b.extend_from_slice(args.to_string().as_bytes());
+    }
+    b
 }
 
 /// The first round of a request: empty for legacy; from `inputResponses` and a verified

@@ -172,6 +172,7 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
             client_info: meta.client_info,
             capabilities,
             log_level: meta.log_level,
+            principal: crate::session::owner_of(&p.principal),
         },
         progress_token: meta.progress_token,
     };

@@ -825,7 +825,7 @@ fn not_found(id: &str) -> ErrorData {
 }
 
 /// Loads a task the caller may see: stateless callers see extension tasks; a legacy session
-/// sees its own experimental tasks.
+/// sees its own experimental tasks; and only the principal that created a task sees it.
 async fn visible(inner: &Inner, call: &Call, id: &str) -> Result<TaskRecord, ErrorData> {
     let (mut rec, revision) = load(inner, id)
         .await
@@ -835,7 +835,8 @@ async fn visible(inner: &Inner, call: &Call, id: &str) -> Result<TaskRecord, Err
         Era::Stateless { .. } => rec.form == TaskForm::Extension,
         Era::Legacy { session, .. } => rec.session.as_deref() == Some(session.as_str()),
     };
-    if !ok {
+    // A task belongs to the principal that created it: to any other it does not exist.
+    if !ok || rec.caller.principal != call.caller.principal {
         return Err(not_found(id));
     }
     if rec.claimable && is_terminal(rec.status) && !outcome_confirmed(inner, id, revision).await {

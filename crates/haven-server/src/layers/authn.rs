@@ -22,6 +22,9 @@ pub struct Authentication {
     pub authenticator: Arc<Authenticator>,
     /// This server's canonical resource URL (e.g. `https://mcp.example.com/mcp`).
     pub resource: String,
+    /// Where refused credentials are recorded (`auth.failure`); requests that present none
+    /// are not (every client's first request is one).
+    pub audit: Option<haven_audit::Audit>,
 }
 
 impl std::fmt::Debug for Authentication {
@@ -70,7 +73,12 @@ pub async fn enforce(
     next: Next,
 ) -> Response {
     let principal = match &auth {
-        None => Principal::anonymous(),
+        // Off: anonymous, unless a layer of this process already named the caller (requests
+        // from the network cannot set extensions).
+        None => match req.extensions_mut().remove::<Principal>() {
+            Some(p) => p,
+            None => Principal::anonymous(),
+        },
         Some(a) => {
             // The single-header layer already refused two Authorization headers or an
             // unreadable one.
@@ -96,7 +104,25 @@ fn refuse(a: &Authentication, e: &AuthError) -> Response {
     };
     match e {
         AuthError::Missing => tracing::debug!("request without credentials refused"),
-        _ => tracing::info!(reason = %e, "request refused by authentication"),
+        _ => {
+            tracing::info!(reason = %e, "request refused by authentication");
+            if let Some(audit) = &a.audit {
+                use haven_audit::{Actor, Event, Outcome, Target, actions};
+                let outcome = match e {
+                    AuthError::Unavailable(_) => {
+                        Outcome::Error("the issuer's keys are unavailable")
+                    }
+                    AuthError::InsufficientScope { .. } => Outcome::Error("insufficient scope"),
+                    _ => Outcome::Denied,
+                };
+                audit.record(Event::new(
+                    Actor::Unauthenticated,
+                    actions::AUTH_FAILURE,
+                    Target::kind("mcp"),
+                    outcome,
+                ));
+            }
+        }
     }
     let mut r = super::refusal(status, code, &e.to_string());
     if let Ok(v) = HeaderValue::from_str(&a.authenticator.challenge(e, &a.metadata_url())) {
@@ -126,6 +152,7 @@ mod tests {
         let a = Authentication {
             authenticator: Arc::new(Authenticator::new(None, None, vec![], vec![])),
             resource: "https://h.example/team/mcp".into(),
+            audit: None,
         };
         assert_eq!(
             a.metadata_path(),

@@ -9,10 +9,10 @@
 //! 2. [`authn`]: the bearer credential becomes the request's principal (401 with a challenge
 //!    naming the protected resource metadata, 403 for a missing scope),
 //! 3. [`content`]: `Content-Type` (415) and `Accept` (406),
-//! 3b. [`rate::per_principal`]: the principal's request rate (429 with `Retry-After`), after
+//! 4. [`rate::per_principal`]: the principal's request rate (429 with `Retry-After`), after
 //!    authentication (the per-tool rate is checked by the handler, [`rate::check_tool`]),
-//! 4. [`admission`]: places per node and per session (503 or 429 with `Retry-After`),
-//! 5. [`body_limit`]: the body limit in force for this request (413), read at every request
+//! 5. [`admission`]: places per node and per session (503 or 429 with `Retry-After`),
+//! 6. [`body_limit`]: the body limit in force for this request (413), read at every request
 //!    because it is a runtime setting.
 //!
 //! Each refusal is a JSON-RPC error body without an id: no message has been read yet.
