@@ -338,3 +338,77 @@ async fn with_authentication_off_everything_is_as_before() {
     let v = c.request(1, "tools/list", json!({})).await;
     assert!(v["result"]["tools"].is_array(), "{v}");
 }
+
+/// A sealed `requestState` is bound to the principal that got it and to the request's
+/// arguments: replayed by another principal, or with other arguments, it is refused; its own
+/// principal completes the request with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_state_replayed_by_another_principal_is_refused() {
+    let idp = TestIdp::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let resource = format!("http://127.0.0.1:{port}/mcp");
+    let h = Haven::start(
+        &dir.path().join("data"),
+        port,
+        "conformance",
+        &[
+            "--oauth-issuer",
+            idp.issuer(),
+            "--oauth-resource",
+            &resource,
+        ],
+    )
+    .await;
+    let url = h.url();
+    let alice = client(&idp.sign(&idp.claims("alice", &resource, "mcp")));
+    let bob = client(&idp.sign(&idp.claims("bob", &resource, "mcp")));
+    let caps = json!({"elicitation":{}});
+    let tool = json!({"name":"test_input_required_result_request_state","arguments":{}});
+    let first: Value = common::stateless(&alice, &url, 1, "tools/call", tool.clone(), caps.clone())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["result"]["resultType"], "input_required", "{first}");
+    let state = first["result"]["requestState"].as_str().unwrap().to_owned();
+    let key = first["result"]["inputRequests"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .next()
+        .unwrap()
+        .clone();
+    let mut retry = tool.clone();
+    retry["inputResponses"] = json!({ key: {"action":"accept","content":{"ok":true}} });
+    retry["requestState"] = json!(state);
+    let refused = |v: &Value| {
+        v["error"]["code"] == -32602
+            && v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("requestState"))
+    };
+    // Bob replays Alice's state.
+    let v: Value = common::stateless(&bob, &url, 2, "tools/call", retry.clone(), caps.clone())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(refused(&v), "{v}");
+    // Alice, with other arguments.
+    let mut other = retry.clone();
+    other["arguments"] = json!({"extra": 1});
+    let v: Value = common::stateless(&alice, &url, 3, "tools/call", other, caps.clone())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(refused(&v), "{v}");
+    // Alice, as issued.
+    let v: Value = common::stateless(&alice, &url, 4, "tools/call", retry, caps)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["result"]["resultType"], "complete", "{v}");
+}
