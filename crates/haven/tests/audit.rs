@@ -10,7 +10,7 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Haven, free_port, stateless, write_key_file};
 use haven_state::{Batch, HybridClock, Origin, RedbStore, Store};
@@ -47,17 +47,12 @@ fn list(data: &Path, extra: &[&str]) -> Vec<Value> {
     v["records"].as_array().unwrap().clone()
 }
 
-/// Waits (bounded) until `haven audit list` with `extra` has a record; the records.
-async fn eventually(data: &Path, extra: &[&str]) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = list(data, extra);
-        if !r.is_empty() {
-            return r;
-        }
-        assert!(Instant::now() < deadline, "no audit record for {extra:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+/// The records of `haven audit list` with `extra`, after `haven audit checkpoint`, which
+/// commits every event the node queued before it: what a request recorded before its answer
+/// is listed, with no waiting.
+fn flushed(data: &Path, extra: &[&str]) -> Vec<Value> {
+    ok(data, &["audit", "checkpoint"]);
+    list(data, extra)
 }
 
 fn actions(records: &[Value]) -> Vec<(String, String, String, String)> {
@@ -174,7 +169,7 @@ async fn control_plane_changes_are_audited_backed_up_restored_and_verified() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
-    let failures = eventually(&data, &["--action", "auth.failure"]).await;
+    let failures = flushed(&data, &["--action", "auth.failure"]);
     assert_eq!(failures[0]["principal"], "unauthenticated");
     assert_eq!(failures[0]["outcome"], "denied");
 
@@ -184,34 +179,34 @@ async fn control_plane_changes_are_audited_backed_up_restored_and_verified() {
     let r = stateless(&client, &h.url(), 1, "tools/call", call.clone(), json!({})).await;
     assert!(r.status().is_success());
     ok(&data, &["config", "set", "audit.tool_calls", "on"]);
-    // Applied on every node through the store's change feed: wait until a call is recorded.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let calls = loop {
-        stateless(&client, &h.url(), 2, "tools/call", call.clone(), json!({})).await;
-        let c = list(&data, &["--action", "tools.call"]);
-        if !c.is_empty() {
-            break c;
-        }
-        assert!(Instant::now() < deadline, "no tools.call record");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    assert!(flushed(&data, &["--action", "tools.call"]).is_empty());
+    // The setting reaches the engine through the store's change feed, on its own time: calls
+    // are made until one is recorded (bounded).
+    let recorded =
+        haven_testkit::wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+            let client = client.clone();
+            let call = call.clone();
+            let url = h.url();
+            let data = data.clone();
+            async move {
+                stateless(&client, &url, 2, "tools/call", call, json!({})).await;
+                !flushed(&data, &["--action", "tools.call"]).is_empty()
+            }
+        })
+        .await;
+    assert!(recorded, "no tools.call record");
+    let calls = list(&data, &["--action", "tools.call"]);
     assert_eq!(calls[0]["principal"], "anonymous");
     assert_eq!(calls[0]["target"], "tool:notes_put");
     // The legacy era too.
     let legacy = common::Legacy::connect(&h.url()).await;
     let got = legacy.call_tool(3, "notes_get", json!({"name": "a"})).await;
     assert!(got.get("result").is_some(), "{got}");
-    let calls = eventually(&data, &["--action", "tools.call"]).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut calls = calls;
-    while !calls.iter().any(|c| c["target"] == "tool:notes_get") {
-        assert!(
-            Instant::now() < deadline,
-            "no tools.call record of the legacy call"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        calls = list(&data, &["--action", "tools.call"]);
-    }
+    let calls = flushed(&data, &["--action", "tools.call"]);
+    assert!(
+        calls.iter().any(|c| c["target"] == "tool:notes_get"),
+        "no tools.call record of the legacy call: {calls:?}"
+    );
     // The node's status says how much it wrote and dropped.
     let status = h.status().await;
     assert_eq!(status["audit"]["dropped"], 0, "{status}");

@@ -196,7 +196,7 @@ async fn subscriptions_are_bounded_per_session_and_in_length() {
     let dir = tempfile::tempdir().unwrap();
     let h = Haven::start(&dir.path().join("data"), free_port(), "default", &[]).await;
     let http = reqwest::Client::new();
-    let set = |key: &'static str, value: Value| set_setting(&h, key, value);
+    let set = |key: &'static str, value: Value| h.set_setting(key, value);
     set("limits.max_subscriptions_per_session", json!(3)).await;
     let c = Legacy::connect(&h.url()).await;
     let subscribe = |id: i64, uri: String| {
@@ -309,7 +309,7 @@ async fn session_size_and_tasks_per_session_are_bounded() {
     let dir = tempfile::tempdir().unwrap();
     let h = Haven::start(&dir.path().join("data"), free_port(), "default", &[]).await;
     let http = reqwest::Client::new();
-    set_setting(&h, "limits.max_session_bytes", json!(2048)).await;
+    h.set_setting("limits.max_session_bytes", json!(2048)).await;
     let init = |name: String| {
         http.post(h.url())
             .header("accept", "application/json, text/event-stream")
@@ -350,7 +350,8 @@ async fn session_size_and_tasks_per_session_are_bounded() {
         .await;
     assert_eq!(v["result"]["content"][0]["text"], "hi", "{v}");
 
-    set_setting(&h, "limits.max_tasks_per_session", json!(2)).await;
+    h.set_setting("limits.max_tasks_per_session", json!(2))
+        .await;
     let task = |c: &Legacy, id: i64| {
         let c = c.with_url(&c.url);
         async move {
@@ -395,7 +396,7 @@ async fn notes_are_bounded_in_count_and_size() {
             .await;
         assert_eq!(v["result"]["isError"], json!(false), "{v}");
     }
-    set_setting(&h, "limits.max_notes", json!(3)).await;
+    h.set_setting("limits.max_notes", json!(3)).await;
     let put = |id: i64, name: &'static str, text: String| {
         let c = &c;
         async move {
@@ -430,7 +431,7 @@ async fn notes_are_bounded_in_count_and_size() {
     let v = c.call_tool(8, "notes_list", json!({})).await;
     assert_eq!(v["result"]["content"][0]["text"], "a\nc\nd", "{v}");
 
-    set_setting(&h, "limits.max_note_bytes", json!(10)).await;
+    h.set_setting("limits.max_note_bytes", json!(10)).await;
     let v = put(9, "a", "z".repeat(11)).await;
     assert_eq!(v["error"]["code"], -32602, "{v}");
     assert!(
@@ -451,7 +452,8 @@ async fn notes_are_bounded_in_count_and_size() {
 async fn sessions_per_node_are_bounded() {
     let dir = tempfile::tempdir().unwrap();
     let h = Haven::start(&dir.path().join("data"), free_port(), "default", &[]).await;
-    set_setting(&h, "limits.max_sessions_per_node", json!(2)).await;
+    h.set_setting("limits.max_sessions_per_node", json!(2))
+        .await;
     let a = Legacy::connect(&h.url()).await;
     let _b = Legacy::connect(&h.url()).await;
     assert_eq!(h.status().await["live_sessions"], 2);
@@ -522,7 +524,7 @@ async fn concurrent_note_writes_all_succeed_and_are_counted() {
         .buffer_unordered(16)
         .collect::<Vec<()>>();
     overwrites.await;
-    set_setting(&h, "limits.max_notes", json!(40)).await;
+    h.set_setting("limits.max_notes", json!(40)).await;
     let r = stateless(
         &http,
         &h.url(),
@@ -534,42 +536,6 @@ async fn concurrent_note_writes_all_succeed_and_are_counted() {
     .await;
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], -32602, "{v}");
-}
-
-/// Sets a runtime setting through the admin API and waits until the node applies it.
-async fn set_setting(h: &Haven, key: &str, value: Value) {
-    let token = std::fs::read_to_string(h.data.join("admin.token")).unwrap();
-    let token = token.trim();
-    let http = reqwest::Client::new();
-    let port = h.port;
-    let r = http
-        .put(format!("http://127.0.0.1:{port}/admin/v1/config/{key}"))
-        .bearer_auth(token)
-        .json(&json!({ "value": value }))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let v: Value = http
-            .get(format!("http://127.0.0.1:{port}/admin/v1/config"))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if v["in_force"]["values"][key] == value {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{key} not applied: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// A ping in the stateless era, raw: (status, `Retry-After`, body).
@@ -617,7 +583,8 @@ async fn requests_over_the_admission_limits_are_refused_at_once_or_queued() {
     // One session with its standalone stream open: at a limit of one per session, its next
     // request is refused with 429 while another session is served.
     let c = Legacy::connect(&h.url()).await;
-    set_setting(&h, "limits.max_requests_per_session", json!(1)).await;
+    h.set_setting("limits.max_requests_per_session", json!(1))
+        .await;
     let stream = c.open_standalone().await;
     assert_eq!(stream.status(), 200);
     let (status, retry, v) = raw_ping(&http, &h.url(), Some(&c.session)).await;
@@ -647,8 +614,8 @@ async fn requests_over_the_admission_limits_are_refused_at_once_or_queued() {
     }
 
     // The node at its limit of two, with no queue: a third request is refused at once.
-    set_setting(&h, "limits.max_queued_requests", json!(0)).await;
-    set_setting(&h, "limits.max_requests", json!(2)).await;
+    h.set_setting("limits.max_queued_requests", json!(0)).await;
+    h.set_setting("limits.max_requests", json!(2)).await;
     let first = long_call(&c, 10).await;
     let second = long_call(&other, 11).await;
     assert_eq!(
@@ -665,8 +632,8 @@ async fn requests_over_the_admission_limits_are_refused_at_once_or_queued() {
         "{v}"
     );
     // With a queue, the request waits for the place the first call's stream frees.
-    set_setting(&h, "limits.max_queued_requests", json!(8)).await;
-    set_setting(&h, "limits.queue_wait_ms", json!(10_000)).await;
+    h.set_setting("limits.max_queued_requests", json!(8)).await;
+    h.set_setting("limits.queue_wait_ms", json!(10_000)).await;
     let waiting = {
         let (http, url, session) = (http.clone(), h.url(), third.session.clone());
         tokio::spawn(async move { raw_ping(&http, &url, Some(&session)).await.0 })
@@ -695,7 +662,7 @@ async fn long_call(client: &Legacy, id: i64) -> reqwest::Response {
 async fn a_call_nobody_awaits_is_cancelled_and_a_resumed_one_runs_on() {
     let dir = tempfile::tempdir().unwrap();
     let h = Haven::start(&dir.path().join("data"), free_port(), "default", &[]).await;
-    set_setting(&h, "limits.abandoned_call_ms", json!(1000)).await;
+    h.set_setting("limits.abandoned_call_ms", json!(1000)).await;
     let running = || async { h.status().await["running_requests"].as_u64().unwrap() };
 
     // Left: a 60 s call, its client gone after the first progress event.
@@ -794,7 +761,7 @@ async fn a_task_whose_record_expires_stops_running() {
 async fn a_standalone_stream_nobody_resumes_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
     let h = Haven::start(&dir.path().join("data"), free_port(), "default", &[]).await;
-    set_setting(&h, "limits.abandoned_call_ms", json!(1000)).await;
+    h.set_setting("limits.abandoned_call_ms", json!(1000)).await;
     let c = Legacy::connect(&h.url()).await;
     let mut sse = SseReader::new(c.open_standalone().await);
     let priming = sse.next().await.unwrap().id.unwrap();
@@ -833,7 +800,7 @@ async fn a_standalone_stream_nobody_resumes_leaves_nothing_behind() {
 async fn a_call_longer_than_the_limit_is_cancelled() {
     let dir = tempfile::tempdir().unwrap();
     let h = Haven::start(&dir.path().join("data"), free_port(), "default", &[]).await;
-    set_setting(&h, "limits.max_call_ms", json!(1000)).await;
+    h.set_setting("limits.max_call_ms", json!(1000)).await;
     let c = Legacy::connect(&h.url()).await;
     let started = std::time::Instant::now();
     let mut sse = SseReader::new(long_call(&c, 1).await);

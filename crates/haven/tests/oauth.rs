@@ -311,7 +311,9 @@ async fn tokens_and_api_keys_authenticate_and_sessions_and_tasks_belong_to_their
     let r = initialize(&client(&key), &url).await;
     assert_eq!(r.status(), 401);
 
-    // The refusals are in the audit log, under no principal, and no token is.
+    // The refusals are in the audit log, under no principal, and no token is. (A checkpoint
+    // commits what the node queued before it: the records of the refused requests.)
+    cli(&data, &["audit", "checkpoint"]);
     let out = cli(&data, &["audit", "list", "--action", "auth.failure"]);
     let listed = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(listed.contains("unauthenticated"), "{listed}");

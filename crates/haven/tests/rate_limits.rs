@@ -12,42 +12,6 @@ use common::{Haven, free_port};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Sets `key` through the admin API and waits until the node has applied it.
-async fn set_setting(h: &Haven, key: &str, value: Value) {
-    let token = std::fs::read_to_string(h.data.join("admin.token")).unwrap();
-    let token = token.trim();
-    let http = reqwest::Client::new();
-    let port = h.port;
-    let r = http
-        .put(format!("http://127.0.0.1:{port}/admin/v1/config/{key}"))
-        .bearer_auth(token)
-        .json(&json!({ "value": value }))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let v: Value = http
-            .get(format!("http://127.0.0.1:{port}/admin/v1/config"))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if v["in_force"]["values"][key] == value {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{key} not applied: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// An HTTP client whose connections come from `ip` (any 127.x address is local on Linux).
 fn client_from(ip: &str) -> reqwest::Client {
     reqwest::Client::builder()
@@ -105,8 +69,8 @@ async fn a_flood_from_one_address_gets_429_while_another_address_is_served() {
             200
         );
     }
-    set_setting(&h, "limits.rate.per_ip_burst", json!(5)).await;
-    set_setting(&h, "limits.rate.per_ip_rps", json!(1)).await;
+    h.set_setting("limits.rate.per_ip_burst", json!(5)).await;
+    h.set_setting("limits.rate.per_ip_rps", json!(1)).await;
     // A flood: after the burst, refused with Retry-After (bounded: at 1 per second, a
     // thousand requests cannot all pass).
     let mut refused = None;
@@ -154,14 +118,15 @@ async fn a_flood_from_one_address_gets_429_while_another_address_is_served() {
         assert_eq!(r.status(), 200, "{path}");
     }
     // Turned off live: the flooding address is served again.
-    set_setting(&h, "limits.rate.per_ip_rps", json!(0)).await;
+    h.set_setting("limits.rate.per_ip_rps", json!(0)).await;
     assert_eq!(
         call(&flooder, &h, 2, "tools/list", json!({})).await.status,
         200
     );
 
     // A tool's own rate, live: the second notes_put within the minute is refused.
-    set_setting(&h, "limits.rate.tools", json!("notes_put=1/min:1")).await;
+    h.set_setting("limits.rate.tools", json!("notes_put=1/min:1"))
+        .await;
     let put = |name: &str| json!({"name": "notes_put", "arguments": {"name": name, "text": "x"}});
     let a = call(&other, &h, 3, "tools/call", put("first")).await;
     assert_eq!(a.status, 200, "{}", a.body);
@@ -230,10 +195,10 @@ async fn oversized_request_heads_are_refused_with_431_and_change_nothing() {
     let a = raw(&h, &put_request(h.port, "many-ok", &many)).await;
     assert!(a.starts_with("HTTP/1.1 200"), "{a}");
     // Lowered live (for new connections): refused, nothing written.
-    set_setting(&h, "http.max_header_bytes", json!(8192)).await;
+    h.set_setting("http.max_header_bytes", json!(8192)).await;
     let a = raw(&h, &put_request(h.port, "big", &big)).await;
     assert!(a.is_empty() || a.starts_with("HTTP/1.1 431"), "{a}");
-    set_setting(&h, "http.max_headers", json!(20)).await;
+    h.set_setting("http.max_headers", json!(20)).await;
     let a = raw(&h, &put_request(h.port, "many", &many)).await;
     assert!(a.is_empty() || a.starts_with("HTTP/1.1 431"), "{a}");
     assert!(note_exists(&http, &h, "big-ok").await);

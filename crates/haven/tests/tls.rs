@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Legacy, free_port, haven_bin, write_key_file};
+use haven_testkit::wait_until;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
@@ -275,15 +276,17 @@ impl Node {
 
     /// Waits (bounded) until the log holds `needle`.
     async fn wait_logged(&self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.log_text().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "{needle:?} was not logged; log:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let logged = wait_until(
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+            || async { self.log_text().contains(needle) },
+        )
+        .await;
+        assert!(
+            logged,
+            "{needle:?} was not logged; log:\n{}",
+            self.log_text()
+        );
     }
 }
 
@@ -422,15 +425,17 @@ async fn the_certificate_is_reloaded_while_serving() {
     // Replace the pair: new connections get the new certificate (another subject, serial).
     let second = f.ca.issue("haven-two", false);
     f.write_pair("cert.pem", "key.pem", &second);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while served_leaf(node.port, &f.ca).await != leaf_der(&second.0) {
-        assert!(
-            Instant::now() < deadline,
-            "the new certificate was not served; log:\n{}",
-            node.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let served = wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async { served_leaf(node.port, &f.ca).await == leaf_der(&second.0) },
+    )
+    .await;
+    assert!(
+        served,
+        "the new certificate was not served; log:\n{}",
+        node.log_text()
+    );
     node.wait_logged("TLS certificate reloaded").await;
     // The connection opened before still works.
     assert_eq!(healthz_on(&mut open).await, 200);
@@ -450,24 +455,28 @@ async fn the_certificate_is_reloaded_while_serving() {
     // A key file others may read is refused as well.
     f.write_pair("cert.pem", "key.pem", &fourth);
     std::fs::set_permissions(f.path("key.pem"), std::fs::Permissions::from_mode(0o644)).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while node
-        .log_text()
-        .matches("TLS certificate not reloaded")
-        .count()
-        < 2
-    {
-        assert!(Instant::now() < deadline, "{}", node.log_text());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let refused = wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || async {
+            node.log_text()
+                .matches("TLS certificate not reloaded")
+                .count()
+                >= 2
+        },
+    )
+    .await;
+    assert!(refused, "{}", node.log_text());
     assert_eq!(served_leaf(node.port, &f.ca).await, leaf_der(&second.0));
     // Fixed: it is taken.
     std::fs::set_permissions(f.path("key.pem"), std::fs::Permissions::from_mode(0o600)).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while served_leaf(node.port, &f.ca).await != leaf_der(&fourth.0) {
-        assert!(Instant::now() < deadline, "{}", node.log_text());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let served = wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async { served_leaf(node.port, &f.ca).await == leaf_der(&fourth.0) },
+    )
+    .await;
+    assert!(served, "{}", node.log_text());
 }
 
 #[tokio::test]
@@ -756,15 +765,19 @@ async fn https_upstreams_are_verified_against_the_system_roots_or_a_given_ca() {
     let trusting = Node::start(&f.ca, &args, &[]).await;
     let o = add(&trusting);
     assert!(o.status.success(), "{}", text(&o));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while upstream_status(&trusting, &f.ca, "up").await["status"]["state"] != "connected" {
-        assert!(
-            Instant::now() < deadline,
-            "{}",
-            upstream_status(&trusting, &f.ca, "up").await
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let connected = wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || async {
+            upstream_status(&trusting, &f.ca, "up").await["status"]["state"] == "connected"
+        },
+    )
+    .await;
+    assert!(
+        connected,
+        "{}",
+        upstream_status(&trusting, &f.ca, "up").await
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let l = legacy(https_client(&f.ca), &trusting.url()).await;

@@ -77,6 +77,41 @@ impl Home {
 }
 
 impl Haven {
+    /// Sets a runtime setting through the admin API, then waits (bounded) until the node has
+    /// applied it: settings reach the engine through the store's change feed.
+    pub async fn set_setting(&self, key: &str, value: Value) {
+        let token = std::fs::read_to_string(self.data.join("admin.token")).unwrap();
+        let token = token.trim().to_owned();
+        let http = reqwest::Client::new();
+        let port = self.port;
+        let r = http
+            .put(format!("http://127.0.0.1:{port}/admin/v1/config/{key}"))
+            .bearer_auth(&token)
+            .json(&json!({ "value": value }))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+        let applied = haven_testkit::wait_until(
+            Duration::from_secs(30),
+            Duration::from_millis(10),
+            || async {
+                let v: Value = http
+                    .get(format!("http://127.0.0.1:{port}/admin/v1/config"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                v["in_force"]["values"][key] == value
+            },
+        )
+        .await;
+        assert!(applied, "{key} was not applied within 30 s");
+    }
+
     /// `/admin/v1/status` of this node (its admin token read from the data directory).
     pub async fn status(&self) -> Value {
         self.admin_get("/admin/v1/status").await
