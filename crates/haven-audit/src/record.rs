@@ -175,6 +175,14 @@ pub mod actions {
     pub const REGION_TAKEOVER: &str = "region.takeover";
     /// Any other change through the admin API (target: its path).
     pub const ADMIN_CHANGE: &str = "admin.change";
+    /// An API key created.
+    pub const AUTH_KEY_CREATE: &str = "auth.key.create";
+    /// An API key revoked.
+    pub const AUTH_KEY_REVOKE: &str = "auth.key.revoke";
+    /// An authorization rule created or replaced.
+    pub const AUTH_RULE_SET: &str = "auth.rule.set";
+    /// An authorization rule removed.
+    pub const AUTH_RULE_REMOVE: &str = "auth.rule.remove";
     /// Credentials refused.
     pub const AUTH_FAILURE: &str = "auth.failure";
     /// A call refused by the authorization rules.

@@ -78,8 +78,26 @@ impl Authenticator {
         &self.required_scopes
     }
 
-    /// Authenticates the value of an `Authorization` header (`None`: there was none).
+    /// Authenticates the value of an `Authorization` header (`None`: there was none) and
+    /// checks the scopes every request needs.
     pub async fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, AuthError> {
+        let principal = self.identify(authorization).await?;
+        let missing: Vec<&String> = self
+            .required_scopes
+            .iter()
+            .filter(|s| !principal.has_scope(s))
+            .collect();
+        if !missing.is_empty() {
+            return Err(AuthError::InsufficientScope {
+                required: self.required_scopes.clone(),
+            });
+        }
+        Ok(principal)
+    }
+
+    /// Who an `Authorization` header value names, without the scope check of
+    /// [`authenticate`](Self::authenticate) (the admin API checks roles instead).
+    pub async fn identify(&self, authorization: Option<&str>) -> Result<Principal, AuthError> {
         let Some(value) = authorization else {
             return Err(AuthError::Missing);
         };
@@ -101,16 +119,6 @@ impl Authenticator {
                 }
             },
         };
-        let missing: Vec<&String> = self
-            .required_scopes
-            .iter()
-            .filter(|s| !principal.has_scope(s))
-            .collect();
-        if !missing.is_empty() {
-            return Err(AuthError::InsufficientScope {
-                required: self.required_scopes.clone(),
-            });
-        }
         Ok(principal)
     }
 

@@ -8,8 +8,12 @@ pub mod apikeys;
 pub mod authenticator;
 pub mod oauth;
 pub mod principal;
+pub mod roles;
+pub mod rules;
 
 pub use apikeys::{ApiKey, ApiKeyError, ApiKeys, KeyState, PresentedKey, looks_like_api_key};
 pub use authenticator::{AuthError, Authenticator, KeyVerifier};
 pub use oauth::{OAuthSettings, TokenError, TokenValidator};
 pub use principal::{Principal, PrincipalKind};
+pub use roles::AdminRole;
+pub use rules::{Effect, Grant, Kind, Policy, Rule, RuleError, RuleSet, Rules, Selector};

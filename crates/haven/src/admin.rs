@@ -20,6 +20,9 @@ use serde_json::json;
 /// Shared state of the admin routes.
 pub struct Admin {
     token: String,
+    /// Authentication of `/mcp` (`None`: off). When on, the admin API also takes its tokens
+    /// and API keys, with the rights of the principal's [`haven_auth::AdminRole`].
+    authn: Option<Arc<haven_auth::Authenticator>>,
     /// The backup shippers: the main target first, then the additional ones.
     backup: Vec<ShipperHandle>,
     pub(crate) engine: haven_mcp::engine::Engine,
@@ -90,9 +93,11 @@ pub fn router(
     region: String,
     control: crate::control::Control,
     allowed: AllowedHosts,
+    authn: Option<Arc<haven_auth::Authenticator>>,
 ) -> Router {
     let state = Arc::new(Admin {
         token,
+        authn,
         backup,
         engine,
         region,
@@ -140,19 +145,63 @@ async fn check_headers(
     }
 }
 
-/// Every admin route requires the bearer token.
+/// Every admin route requires the admin token or, when authentication is on, a token or API
+/// key of a principal whose role allows the request ([`haven_auth::AdminRole::required`]).
 async fn require_token(
     State(admin): State<Arc<Admin>>,
-    request: axum::extract::Request,
+    mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    match authorize(&admin, request.headers()) {
-        Ok(()) => next.run(request).await,
-        Err(r) => {
-            crate::admin_audit::auth_failure(&admin);
-            r
+    let refused = match authorize(&admin, request.headers()) {
+        Ok(()) => return next.run(request).await,
+        Err(r) => r,
+    };
+    let Some(authn) = admin.authn.as_ref() else {
+        crate::admin_audit::auth_failure(&admin);
+        return refused;
+    };
+    let header = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.to_str().unwrap_or("\u{fffd}").to_owned());
+    let principal = match authn.identify(header.as_deref()).await {
+        Ok(p) => p,
+        Err(haven_auth::AuthError::Unavailable(why)) => {
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, why);
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+            return r;
         }
+        Err(e) => {
+            tracing::debug!(error = %e, "admin credentials refused");
+            crate::admin_audit::auth_failure(&admin);
+            return error(
+                StatusCode::UNAUTHORIZED,
+                format!(
+                    "{e}; send Authorization: Bearer <the node's admin token, or an access token or API key with the scope or group haven:viewer, haven:operator or haven:admin>"
+                ),
+            );
+        }
+    };
+    let need = haven_auth::AdminRole::required(request.method().as_str(), request.uri().path());
+    let has = haven_auth::AdminRole::of(&principal);
+    if has.is_none_or(|r| r < need) {
+        crate::admin_audit::role_denied(&admin, &principal, request.uri().path());
+        return error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{} {} needs the {} role ({}); {} has {}",
+                request.method(),
+                request.uri().path(),
+                need.as_str(),
+                need.grant_name(),
+                principal.id(),
+                has.map_or("no admin role", |r| r.as_str()),
+            ),
+        );
     }
+    request.extensions_mut().insert(principal);
+    next.run(request).await
 }
 
 pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -228,6 +277,10 @@ async fn status(State(admin): State<Arc<Admin>>) -> Response {
         "reclamation": admin.control.reclaim.lock().clone(),
         "writable": e.store().check_writable().await.map_err(|e| e.to_string()).err(),
         "backup": backup,
+        "authorization": {
+            "rules": admin.control.policy.current().len(),
+            "unreadable": admin.control.policy.current().unreadable(),
+        },
         "audit": {
             "chain": admin.control.audit.chain(),
             "written": admin.control.audit.written(),

@@ -103,6 +103,16 @@ fn change_of(
                 .unwrap_or_default();
             (actions::REGION_TAKEOVER, Target::named("region", &lost))
         }
+        ("POST", "auth", Some("keys")) => (actions::AUTH_KEY_CREATE, named("api-key", body_name)),
+        ("POST", "auth", Some(n)) if n.starts_with("keys/") && n.ends_with("/revoke") => {
+            let id = n["keys/".len()..n.len() - "/revoke".len()].to_owned();
+            (actions::AUTH_KEY_REVOKE, named("api-key", Some(id)))
+        }
+        ("POST", "auth", Some("rules")) => (actions::AUTH_RULE_SET, named("rule", body_name)),
+        ("DELETE", "auth", Some(n)) if n.starts_with("rules/") => {
+            let rule = n["rules/".len()..].to_owned();
+            (actions::AUTH_RULE_REMOVE, named("rule", Some(rule)))
+        }
         ("POST", "audit", Some("checkpoint")) => (actions::AUDIT_CHECKPOINT, Target::kind("audit")),
         // Reads that take a body.
         ("POST", "audit", Some("verify")) | ("POST", "backup", Some("verify")) => return None,
@@ -127,8 +137,14 @@ pub async fn record_changes(
     let who = actor(&request);
     // The routes that take the name in the body: read it (bounded) and hand it on.
     let needs_body = (method == Method::POST
-        && (path == "/admin/v1/registry" || path == "/admin/v1/keys/retire"))
-        .then_some(());
+        && matches!(
+            path.as_str(),
+            "/admin/v1/registry"
+                | "/admin/v1/keys/retire"
+                | "/admin/v1/auth/keys"
+                | "/admin/v1/auth/rules"
+        ))
+    .then_some(());
     let (request, body_name) = match needs_body {
         None => (request, None),
         Some(()) => {
@@ -173,6 +189,16 @@ pub fn auth_failure(admin: &Admin) {
         Actor::Unauthenticated,
         actions::AUTH_FAILURE,
         Target::kind("admin-api"),
+        Outcome::Denied,
+    ));
+}
+
+/// Records an admin request refused because the principal's role does not allow it.
+pub fn role_denied(admin: &Admin, principal: &haven_auth::Principal, path: &str) {
+    admin.control.audit.record(Event::new(
+        Actor::principal(principal),
+        actions::CALL_DENIED,
+        Target::named("path", path),
         Outcome::Denied,
     ));
 }

@@ -1,5 +1,6 @@
 //! Admin routes of the control plane: `/admin/v1/registry`, `/admin/v1/config`,
-//! `/admin/v1/secrets`, `/admin/v1/keys` and `/admin/v1/auth/keys` (API keys).
+//! `/admin/v1/secrets`, `/admin/v1/keys`, `/admin/v1/auth/keys` (API keys) and
+//! `/admin/v1/auth/rules` (authorization rules).
 //!
 //! Bodies are parsed by hand (not axum's `Json` extractor) so that every bad body gets the same
 //! `{"error": ...}` shape as every other admin error.
@@ -49,6 +50,11 @@ pub fn routes() -> Router<Arc<Admin>> {
         )
         .route("/admin/v1/auth/keys/{id}", get(api_keys_show))
         .route("/admin/v1/auth/keys/{id}/revoke", post(api_keys_revoke))
+        .route("/admin/v1/auth/rules", get(rules_list).post(rules_put))
+        .route(
+            "/admin/v1/auth/rules/{name}",
+            get(rules_show).delete(rules_remove),
+        )
 }
 
 fn json_ok(status: StatusCode, v: Value) -> Response {
@@ -597,5 +603,87 @@ async fn api_keys_revoke(
     match keys.revoke(&id, &actor(who)).await {
         Ok(key) => json_ok(StatusCode::OK, api_key_view(&key, keys.now())),
         Err(e) => api_key_error(e),
+    }
+}
+
+fn rule_error(e: haven_auth::RuleError) -> Response {
+    use haven_auth::RuleError;
+    let status = match &e {
+        RuleError::Invalid(_) => StatusCode::BAD_REQUEST,
+        RuleError::NotFound(_) => StatusCode::NOT_FOUND,
+        RuleError::Store(s) if s.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
+        RuleError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, e.to_string())
+}
+
+/// Every rule, and whether authorization is open (no rules: everything allowed).
+async fn rules_list(State(admin): S) -> Response {
+    match admin.control.rules.list().await {
+        Ok(rules) => json_ok(
+            StatusCode::OK,
+            json!({ "open": rules.is_empty(), "rules": rules }),
+        ),
+        Err(e) => rule_error(e),
+    }
+}
+
+async fn rules_show(State(admin): S, Path(name): Path<String>) -> Response {
+    match admin.control.rules.get(&name).await {
+        Ok(Some(r)) => json_ok(StatusCode::OK, json!(r)),
+        Ok(None) => rule_error(haven_auth::RuleError::NotFound(name)),
+        Err(e) => rule_error(e),
+    }
+}
+
+/// Creates a rule, or replaces the rule of that name (201 when new, 200 when replaced).
+async fn rules_put(
+    State(admin): S,
+    who: Option<axum::Extension<haven_auth::Principal>>,
+    body: Bytes,
+) -> Response {
+    const SHAPE: &str = "JSON object {\"name\": ..., \"effect\": \"allow\"|\"deny\", \"principals\": [...], \"tools\": [...], \"resources\": [...], \"prompts\": [...], \"description\": ...}";
+    let v: Value = match parse_body(&body, SHAPE) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let Some(obj) = v.as_object() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("the request body is not a valid {SHAPE}: expected an object"),
+        );
+    };
+    if obj.contains_key("updated_by") || obj.contains_key("updated_at") {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "updated_by and updated_at are set by the node, not by the request",
+        );
+    }
+    let rule: haven_auth::Rule = match serde_json::from_value(v) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("the request body is not a valid {SHAPE}: {e}"),
+            );
+        }
+    };
+    match admin.control.rules.put(rule, &actor(who)).await {
+        Ok((rule, replaced)) => {
+            let status = if replaced {
+                StatusCode::OK
+            } else {
+                StatusCode::CREATED
+            };
+            json_ok(status, json!(rule))
+        }
+        Err(e) => rule_error(e),
+    }
+}
+
+async fn rules_remove(State(admin): S, Path(name): Path<String>) -> Response {
+    match admin.control.rules.remove(&name).await {
+        Ok(r) => json_ok(StatusCode::OK, json!(r)),
+        Err(e) => rule_error(e),
     }
 }

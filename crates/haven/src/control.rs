@@ -32,6 +32,10 @@ pub struct Control {
     pub secrets: Secrets,
     /// API keys (`haven auth keys`).
     pub api_keys: haven_auth::ApiKeys,
+    /// Authorization rules (`haven auth rules`).
+    pub rules: haven_auth::Rules,
+    /// The rules in force on this node (followed from the store).
+    pub policy: haven_auth::Policy,
     /// Connections to upstreams.
     pub upstreams: haven_federation::Upstreams,
     /// Body limit of the HTTP layer, changed by `limits.max_body_bytes`.

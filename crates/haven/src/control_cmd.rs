@@ -11,9 +11,10 @@ use serde_json::{Value, json};
 
 use crate::client::{admin_request, node_url, segment, token};
 use crate::settings::{
-    AuthCommand, AuthKeysCommand, AuthKeysCreateArgs, AuthKeysRevokeArgs, ConfigCommand, NodeArgs,
-    RegistryAddArgs, RegistryCommand, SecretsCommand, SecretsDeleteArgs, SecretsListArgs,
-    SecretsNewKeyArgs, SecretsRetireArgs, SecretsSetArgs,
+    AuthCommand, AuthKeysCommand, AuthKeysCreateArgs, AuthKeysRevokeArgs, AuthRulesCommand,
+    AuthRulesRemoveArgs, AuthRulesSetArgs, ConfigCommand, NodeArgs, RegistryAddArgs,
+    RegistryCommand, SecretsCommand, SecretsDeleteArgs, SecretsListArgs, SecretsNewKeyArgs,
+    SecretsRetireArgs, SecretsSetArgs,
 };
 
 struct Node {
@@ -662,7 +663,106 @@ pub async fn auth(cmd: AuthCommand) -> Result<ExitCode> {
         AuthCommand::Keys(AuthKeysCommand::Create(a)) => create_api_key(a).await,
         AuthCommand::Keys(AuthKeysCommand::List(n)) => list_api_keys(n).await,
         AuthCommand::Keys(AuthKeysCommand::Revoke(a)) => revoke_api_key(a).await,
+        AuthCommand::Rules(AuthRulesCommand::Set(a)) => set_rule(a).await,
+        AuthCommand::Rules(AuthRulesCommand::List(n)) => list_rules(n).await,
+        AuthCommand::Rules(AuthRulesCommand::Remove(a)) => remove_rule(a).await,
     }
+}
+
+/// `haven auth rules set`.
+async fn set_rule(a: AuthRulesSetArgs) -> Result<ExitCode> {
+    let rule = haven_auth::Rule {
+        name: a.name,
+        effect: if a.deny {
+            haven_auth::Effect::Deny
+        } else {
+            haven_auth::Effect::Allow
+        },
+        principals: a.principals,
+        tools: a.tools,
+        resources: a.resources,
+        prompts: a.prompts,
+        description: a.description,
+        updated_by: None,
+        updated_at: None,
+    };
+    // Checked here first for a quick, clear answer; the node checks again.
+    rule.validate()?;
+    let node = Node::from(&a.node)?;
+    let body = serde_json::to_value(&rule)?;
+    let v = node
+        .call(Method::POST, "/admin/v1/auth/rules", Some(&body))
+        .await?;
+    if !node.json(&v)? {
+        println!(
+            "Rule {} set: every node applies it as soon as its store has it.",
+            text(&v["name"])
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `haven auth rules list`.
+async fn list_rules(n: NodeArgs) -> Result<ExitCode> {
+    let node = Node::from(&n)?;
+    let v = node.call(Method::GET, "/admin/v1/auth/rules", None).await?;
+    if node.json(&v)? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let list = items(&v["rules"]);
+    if list.is_empty() {
+        println!(
+            "No authorization rules: every principal that authenticates may use every tool, resource and prompt. Add one with `haven auth rules set NAME --principal SELECTOR --tool PATTERN`."
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|r| {
+            vec![
+                text(&r["name"]),
+                text(&r["effect"]),
+                list_text(&r["principals"]),
+                list_text(&r["tools"]),
+                list_text(&r["resources"]),
+                list_text(&r["prompts"]),
+                format!(
+                    "{} by {}",
+                    secs_text(&r["updated_at"]),
+                    text(&r["updated_by"])
+                ),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME",
+            "EFFECT",
+            "PRINCIPALS",
+            "TOOLS",
+            "RESOURCES",
+            "PROMPTS",
+            "UPDATED",
+        ],
+        &rows,
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `haven auth rules remove NAME`.
+async fn remove_rule(a: AuthRulesRemoveArgs) -> Result<ExitCode> {
+    let node = Node::from(&a.node)?;
+    let v = node
+        .call(
+            Method::DELETE,
+            &format!("/admin/v1/auth/rules/{}", segment(&a.name)),
+            None,
+        )
+        .await?;
+    if !node.json(&v)? {
+        println!("Rule {} removed.", text(&v["name"]));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn secs_text(v: &Value) -> String {

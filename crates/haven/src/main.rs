@@ -343,6 +343,9 @@ async fn start_engine(
         });
     let region_lease = regions.as_ref().and_then(|r| r.lease());
     let client_limits = Arc::new(haven_mcp::limits::ClientLimits::default());
+    let policy = haven_auth::Policy::follow(store.clone())
+        .await
+        .context("reading the authorization rules")?;
     let engine_config = EngineConfig {
         recovery_gate,
         region_lease,
@@ -353,6 +356,7 @@ async fn start_engine(
         page_size: s.page_size,
         limits: client_limits.clone(),
         audit: Some(audit.clone()),
+        policy: Some(policy.clone()),
         ..EngineConfig::default()
     };
     let engine = Engine::start(store.clone(), catalog, engine_config, secrets.clone())
@@ -376,6 +380,8 @@ async fn start_engine(
         config,
         registry: haven_control::registry::Registry::new(store.clone()),
         api_keys: haven_auth::ApiKeys::new(store.clone()),
+        rules: haven_auth::Rules::new(store.clone()),
+        policy,
         secrets,
         upstreams,
         max_body_bytes: Arc::new(std::sync::atomic::AtomicUsize::new(s.max_body_bytes)),
@@ -706,6 +712,9 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
         s.region.clone(),
         control.clone(),
         haven_server::layers::host_origin::AllowedHosts::new(&s.allowed_hosts),
+        http.authentication
+            .as_ref()
+            .map(|a| a.authenticator.clone()),
     );
     let mut router = haven_server::router(engine.clone(), http.clone()).merge(
         admin::regionz_router(engine.clone(), s.region.clone(), control.regions.clone()),

@@ -68,6 +68,60 @@ pub enum AuthCommand {
     /// list, revoke.
     #[command(subcommand)]
     Keys(AuthKeysCommand),
+    /// Authorization rules: which principals may use which tools, resources and prompts.
+    /// With no rule everything is allowed; the first rule closes everything it does not open.
+    #[command(subcommand)]
+    Rules(AuthRulesCommand),
+}
+
+/// `haven auth rules` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum AuthRulesCommand {
+    /// Create a rule, or replace the rule of that name. Every node applies it as soon as its
+    /// store has it (no restart).
+    Set(AuthRulesSetArgs),
+    /// List the rules.
+    List(NodeArgs),
+    /// Remove a rule.
+    Remove(AuthRulesRemoveArgs),
+}
+
+/// `haven auth rules set`.
+#[derive(Args, Debug)]
+pub struct AuthRulesSetArgs {
+    /// Name of the rule (A-Z a-z 0-9 . _ -)
+    pub name: String,
+    /// Who the rule is about (repeatable): sub:SUBJECT, client:CLIENT_ID, group:GROUP,
+    /// key:KEY_ID, scope:SCOPE, id:PRINCIPAL_ID, authenticated, anonymous, or * (anyone)
+    #[arg(long = "principal", value_name = "SELECTOR", required = true)]
+    pub principals: Vec<String>,
+    /// Tool name pattern (repeatable); `*` matches any run of characters, `?` one
+    /// (e.g. weather__* for every tool of the upstream weather)
+    #[arg(long = "tool", value_name = "PATTERN")]
+    pub tools: Vec<String>,
+    /// Resource URI pattern (repeatable), e.g. notes://team-a/*
+    #[arg(long = "resource", value_name = "PATTERN")]
+    pub resources: Vec<String>,
+    /// Prompt name pattern (repeatable)
+    #[arg(long = "prompt", value_name = "PATTERN")]
+    pub prompts: Vec<String>,
+    /// Deny what the rule covers instead of allowing it (a deny always wins)
+    #[arg(long)]
+    pub deny: bool,
+    /// Free text for operators
+    #[arg(long)]
+    pub description: Option<String>,
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+/// `haven auth rules remove`.
+#[derive(Args, Debug)]
+pub struct AuthRulesRemoveArgs {
+    /// Name of the rule
+    pub name: String,
+    #[command(flatten)]
+    pub node: NodeArgs,
 }
 
 /// `haven auth keys` subcommands.

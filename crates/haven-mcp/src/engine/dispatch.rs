@@ -20,6 +20,7 @@ use crate::catalog::{Caller, Round, Step, TaskSupport, check_arguments};
 use crate::context::{Era, Final, Item, Outbox, RequestContext};
 use crate::jsonrpc::{self, invalid_params, method_not_found};
 use crate::session;
+use haven_auth::Kind;
 
 /// One request, ready to run.
 #[derive(Clone, Debug)]
@@ -36,6 +37,10 @@ pub(crate) struct Call {
     pub caller: Caller,
     /// `_meta.progressToken`, if the client wants progress notifications.
     pub progress_token: Option<ProgressToken>,
+    /// The principal the request came from, as authentication established it (groups,
+    /// client, scopes: what authorization rules select by). `None` only for a call this node
+    /// runs again after a takeover: the rules admitted it when it first arrived.
+    pub principal: Option<Arc<haven_auth::Principal>>,
 }
 
 impl Call {
@@ -47,6 +52,69 @@ impl Call {
     /// Whether the client asked for the 2025-11-25 experimental task form.
     pub fn task_param(&self) -> Option<&Value> {
         self.params.get("task")
+    }
+}
+
+/// The rules that apply to `call`'s principal now; `None` when everything is allowed (no
+/// policy, no rules, or a call re-run after a takeover).
+fn rules_for(
+    inner: &Inner,
+    call: &Call,
+) -> Option<(Arc<haven_auth::RuleSet>, Arc<haven_auth::Principal>)> {
+    let policy = inner.config.policy.as_ref()?;
+    let principal = call.principal.clone()?;
+    let set = policy.current();
+    (!set.is_open()).then_some((set, principal))
+}
+
+/// Whether `call`'s principal may use the item `name` of `kind`. A refusal is recorded in the
+/// audit log (`call.denied`); the caller answers as if the item did not exist.
+pub(crate) fn allowed(inner: &Inner, call: &Call, kind: haven_auth::Kind, name: &str) -> bool {
+    let Some((set, principal)) = rules_for(inner, call) else {
+        return true;
+    };
+    if set.allows(&principal, kind, name) {
+        return true;
+    }
+    tracing::debug!(principal = %principal.id(), kind = kind.as_str(), name, method = %call.method, "refused by the authorization rules");
+    if let Some(audit) = inner.config.audit.as_ref() {
+        use haven_audit::{Actor, Event, Outcome as Audited, Target, actions};
+        audit.record(Event::new(
+            Actor::Principal(principal.id()),
+            actions::CALL_DENIED,
+            Target::named(kind.as_str(), name),
+            Audited::Denied,
+        ));
+    }
+    false
+}
+
+/// `items` without those `call`'s principal may not use (`name` gives an item's name).
+pub(crate) fn visible<T>(
+    inner: &Inner,
+    call: &Call,
+    kind: haven_auth::Kind,
+    items: Vec<T>,
+    name: impl Fn(&T) -> &str,
+) -> Vec<T> {
+    let Some((set, principal)) = rules_for(inner, call) else {
+        return items;
+    };
+    let grant = set.grant(&principal);
+    items
+        .into_iter()
+        .filter(|t| grant.allows(kind, name(t)))
+        .collect()
+}
+
+/// Whether the prompt or resource a completion is for may be used by `call`'s principal.
+fn completion_allowed(inner: &Inner, call: &Call, params: &CompleteRequestParams) -> bool {
+    use rmcp::model::Reference;
+    match &params.r#ref {
+        Reference::Prompt(p) => allowed(inner, call, Kind::Prompt, &p.name),
+        Reference::Resource(r) => allowed(inner, call, Kind::Resource, &r.uri),
+        // A kind of reference no rule can name: only when nothing is restricted.
+        _ => rules_for(inner, call).is_none(),
     }
 }
 
@@ -172,7 +240,11 @@ async fn dispatch(
         "resources/list" => list_page(
             inner,
             call,
-            inner.catalog.resources(&ctx).await,
+            inner
+                .catalog
+                .resources(&ctx)
+                .await
+                .map(|l| visible(inner, call, Kind::Resource, l, |r| r.uri.as_str())),
             |page, next_cursor| {
                 ServerResult::ListResourcesResult(ListResourcesResult {
                     next_cursor,
@@ -183,7 +255,11 @@ async fn dispatch(
         "resources/templates/list" => list_page(
             inner,
             call,
-            inner.catalog.resource_templates(&ctx).await,
+            inner
+                .catalog
+                .resource_templates(&ctx)
+                .await
+                .map(|l| visible(inner, call, Kind::Resource, l, |t| t.uri_template.as_str())),
             |page, next_cursor| {
                 ServerResult::ListResourceTemplatesResult(ListResourceTemplatesResult {
                     next_cursor,
@@ -195,7 +271,11 @@ async fn dispatch(
         "prompts/list" => list_page(
             inner,
             call,
-            inner.catalog.prompts(&ctx).await,
+            inner
+                .catalog
+                .prompts(&ctx)
+                .await
+                .map(|l| visible(inner, call, Kind::Prompt, l, |p| p.name.as_str())),
             |page, next_cursor| {
                 ServerResult::ListPromptsResult(ListPromptsResult {
                     next_cursor,
@@ -206,6 +286,13 @@ async fn dispatch(
         "prompts/get" => Box::pin(prompts_get(inner, call, ctx, out, cancel)).await,
         "completion/complete" => {
             match jsonrpc::typed_params::<CompleteRequestParams>(&call.method, p) {
+                // A completion for a prompt or resource the caller may not use completes
+                // nothing, as for one that does not exist.
+                Ok(params) if !completion_allowed(inner, call, &params) => Ok(finish(
+                    inner,
+                    &call.era,
+                    ServerResult::CompleteResult(Default::default()),
+                )),
                 Ok(params) => inner
                     .catalog
                     .complete(&ctx, params)
@@ -333,7 +420,8 @@ async fn list_tools(
     ctx: &RequestContext,
 ) -> Result<Value, ErrorData> {
     let (tools, _) = inner.tool_index(ctx).await?;
-    let (page, next) = paginate(inner, Some(&call.params), tools.as_ref().clone())?;
+    let tools = visible(inner, call, Kind::Tool, tools.as_ref().clone(), |t| &t.name);
+    let (page, next) = paginate(inner, Some(&call.params), tools)?;
     let names: Vec<String> = page.iter().map(|t| t.name.to_string()).collect();
     let mut v = finish(
         inner,
@@ -405,6 +493,9 @@ async fn subscribe(inner: &Arc<Inner>, call: &Call, on: bool) -> Result<Value, E
     else {
         return Err(invalid_params("Invalid params: the session has ended"));
     };
+    if on && !allowed(inner, call, Kind::Resource, &uri) {
+        return Err(crate::catalog::resource_not_found(&uri));
+    }
     if on {
         limits
             .check_uri(&uri)
@@ -529,7 +620,11 @@ async fn tools_call(
         Ok(t) => t,
         Err(e) => return Outcome::Error(e),
     };
-    let Some(tool) = index.get(&name).map(|i| &tools[*i]) else {
+    let Some(tool) = index
+        .get(&name)
+        .map(|i| &tools[*i])
+        .filter(|_| allowed(inner, call, Kind::Tool, &name))
+    else {
         return Outcome::Error(crate::catalog::unknown_tool(&name));
     };
     if let Err(e) = check_arguments(tool, &arguments) {
@@ -621,6 +716,13 @@ async fn resources_read(
     let params: ReadResourceRequestParams =
         jsonrpc::typed_params(&call.method, Some(&call.params))?;
     let uri = params.uri.clone();
+    if !allowed(inner, call, Kind::Resource, &uri) {
+        let mut e = crate::catalog::resource_not_found(&uri);
+        if call.era.is_stateless() {
+            e.code = ErrorCode::INVALID_PARAMS;
+        }
+        return Err(e);
+    }
     let catalog = inner.catalog.clone();
     let step_fn = |ctx: RequestContext, round: Round| {
         let catalog = catalog.clone();
@@ -650,6 +752,9 @@ async fn prompts_get(
 ) -> Result<Value, ErrorData> {
     let params: GetPromptRequestParams = jsonrpc::typed_params(&call.method, Some(&call.params))?;
     let name = params.name.clone();
+    if !allowed(inner, call, Kind::Prompt, &name) {
+        return Err(invalid_params(format!("Unknown prompt: {name}")));
+    }
     let arguments = params.arguments.clone().unwrap_or_default();
     let catalog = inner.catalog.clone();
     let step_fn = |ctx: RequestContext, round: Round| {

@@ -137,7 +137,16 @@ pub(super) async fn post(inner: &Arc<Inner>, p: LegacyPost) -> Reply {
     let sid = loaded.record.id.clone();
     match p.message {
         Incoming::Request(req) => {
-            Box::pin(request(inner, loaded, req, p.accepts_json, p.accepts_sse)).await
+            let principal = Arc::new(p.principal);
+            Box::pin(request(
+                inner,
+                loaded,
+                req,
+                principal,
+                p.accepts_json,
+                p.accepts_sse,
+            ))
+            .await
         }
         Incoming::Notification { method, params } => {
             if method == "notifications/cancelled"
@@ -288,6 +297,7 @@ async fn request(
     inner: &Arc<Inner>,
     loaded: LoadedSession,
     req: IncomingRequest,
+    principal: Arc<haven_auth::Principal>,
     accepts_json: bool,
     accepts_sse: bool,
 ) -> Reply {
@@ -303,6 +313,7 @@ async fn request(
             protocol_version: s.protocol_version.clone(),
         },
         caller: caller_of(s),
+        principal: Some(principal),
     };
     let fence = haven_cluster::FencedStore::unattached(inner.store.clone());
     let running = inner.spawn_handler(call.clone(), Some(fence.clone()));

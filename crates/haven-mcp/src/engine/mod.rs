@@ -111,6 +111,10 @@ pub struct EngineConfig {
     pub limits: Arc<crate::limits::ClientLimits>,
     /// The audit log: tool calls are recorded in it while `audit.tool_calls` is on.
     pub audit: Option<haven_audit::Audit>,
+    /// The authorization rules (`haven auth rules`): lists are filtered through them and a
+    /// call outside them is answered as if its tool, resource or prompt did not exist. `None`
+    /// allows everything.
+    pub policy: Option<haven_auth::Policy>,
 }
 
 /// See [`EngineConfig::recovery_gate`].
@@ -147,6 +151,7 @@ impl Default for EngineConfig {
             region_lease: None,
             limits: Arc::default(),
             audit: None,
+            policy: None,
         }
     }
 }

@@ -86,6 +86,8 @@ async fn rerunnable_call(inner: &Arc<Inner>, rec: &InflightRecord) -> Option<(Ca
         },
         caller: super::legacy::caller_of(&loaded.record),
         progress_token,
+        // Admitted by the rules when it first arrived.
+        principal: None,
     };
     let (tools, index) = inner.tools_for(&call).await.ok()?;
     let idempotent = index

@@ -174,6 +174,7 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
             log_level: meta.log_level,
             principal: crate::session::owner_of(&p.principal),
         },
+        principal: Some(Arc::new(p.principal.clone())),
         progress_token: meta.progress_token,
     };
     // 7. `Mcp-Param-*` headers must mirror the arguments they stand for.
