@@ -33,6 +33,7 @@ MOCK = TOOLS / "oauth2-mock-server" / "node_modules" / "oauth2-mock-server" / "d
 class Protected:
     url: str
     issuer: str
+    admin_token: str
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,8 @@ def protected() -> Iterator[Protected]:
                     assert haven.poll() is None, "haven exited"
                     assert time.monotonic() < deadline, "haven not ready"
                     time.sleep(0.2)
-                yield Protected(url=f"{base}/mcp", issuer=issuer)
+                admin_token = (Path(tmp) / "data" / "admin.token").read_text().strip()
+                yield Protected(url=f"{base}/mcp", issuer=issuer, admin_token=admin_token)
             finally:
                 _stop(haven)
     finally:
@@ -141,3 +143,46 @@ def test_tokens_the_issuer_made_for_something_else_are_refused(protected: Protec
     assert status == 403 and 'error="insufficient_scope"' in challenge, challenge
     good = client_credentials(protected.issuer, "agent-a", "mcp", protected.url)
     assert status_of(protected.url, good)[0] == 200
+
+
+def admin(protected: Protected, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    """A request to the node's admin API with its admin token."""
+    base = protected.url.removesuffix("/mcp")
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"{base}/admin/v1{path}", data=data, method=method)
+    request.add_header("authorization", f"Bearer {protected.admin_token}")
+    request.add_header("content-type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def rules_in_force(protected: Protected, n: int) -> None:
+    """Waits (bounded) until the node applies `n` rules (they reach it through its store's feed)."""
+    deadline = time.monotonic() + 30
+    while admin(protected, "GET", "/status")[1]["authorization"]["rules"] != n:
+        assert time.monotonic() < deadline, f"{n} rules not in force"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_authorization_rules_filter_what_the_real_client_sees(protected: Protected, mode: str) -> None:
+    status, _ = admin(protected, "POST", "/auth/rules", {"name": "agent-a-echo", "principals": ["sub:agent-a"], "tools": ["echo"]})
+    assert status == 201
+    try:
+        rules_in_force(protected, 1)
+        a = client_credentials(protected.issuer, "agent-a", "mcp", protected.url)
+        async with bearer_client(protected.url, a, mode) as client:
+            assert [t.name for t in (await client.list_tools()).tools] == ["echo"]
+            assert (await client.call_tool("echo", {"text": "allowed"})).content[0].text == "allowed"
+            with pytest.raises(Exception, match="Unknown tool: notes_put"):
+                await client.call_tool("notes_put", {"name": "n", "text": "t"})
+            assert (await client.list_prompts()).prompts == []
+        b = client_credentials(protected.issuer, "agent-b", "mcp", protected.url)
+        async with bearer_client(protected.url, b, mode) as client:
+            assert (await client.list_tools()).tools == []
+    finally:
+        assert admin(protected, "DELETE", "/auth/rules/agent-a-echo")[0] == 200
+        rules_in_force(protected, 0)

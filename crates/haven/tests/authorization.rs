@@ -119,6 +119,48 @@ async fn wait_for_rules(h: &Haven, n: u64) {
     assert!(ok, "the node did not apply {n} rules: {}", h.status().await);
 }
 
+/// A TCP proxy on loopback to `127.0.0.1:target`, keeping every byte sent through it towards
+/// the target. It stops with the test's runtime.
+async fn recording_proxy(target: u16) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = sent.clone();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                else {
+                    return;
+                };
+                let (mut ri, mut wi) = inbound.into_split();
+                let (mut ro, mut wo) = outbound.into_split();
+                let up = async {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    while let Ok(n) = ri.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        kept.lock().unwrap().extend_from_slice(&buf[..n]);
+                        if wo.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = wo.shutdown().await;
+                };
+                let down = async {
+                    let _ = tokio::io::copy(&mut ro, &mut wi).await;
+                    let _ = wi.shutdown().await;
+                };
+                tokio::join!(up, down);
+            });
+        }
+    });
+    (port, sent)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_filter_lists_and_refuse_calls_in_both_eras_and_change_live() {
     let idp = TestIdp::start().await;
@@ -143,15 +185,19 @@ async fn rules_filter_lists_and_refuse_calls_in_both_eras_and_change_live() {
     )
     .await;
     let url = h.url();
-    cli_ok(&data, &["registry", "add", "up", "--url", &up.url()]);
+    // Haven reaches the upstream through a recording proxy: what it sends upstream is kept.
+    let (proxy_port, sent) = recording_proxy(up.port).await;
+    let up_url = format!("http://127.0.0.1:{proxy_port}/mcp");
+    cli_ok(&data, &["registry", "add", "up", "--url", &up_url]);
 
     let token_for = |sub: &str, groups: &[&str]| {
         let mut c = idp.claims(sub, &resource, "mcp");
         c["groups"] = json!(groups);
-        client(&idp.sign(&c))
+        idp.sign(&c)
     };
-    let alice = token_for("alice", &["team-a"]);
-    let bob = token_for("bob", &["team-b"]);
+    let alice_token = token_for("alice", &["team-a"]);
+    let alice = client(&alice_token);
+    let bob = client(&token_for("bob", &["team-b"]));
 
     // No rules: everything is open; the upstream's tools appear (bounded wait: the node
     // connects to the upstream in the background).
@@ -295,6 +341,30 @@ async fn rules_filter_lists_and_refuse_calls_in_both_eras_and_change_live() {
     )
     .await;
     assert_eq!(v["result"]["content"][0]["text"], "hi", "{v}");
+    let v = stateless(
+        &alice,
+        &url,
+        "tools/call",
+        json!({"name": "up__echo", "arguments": {"text": "via up, stateless"}}),
+    )
+    .await;
+    assert_eq!(
+        v["result"]["content"][0]["text"], "via up, stateless",
+        "{v}"
+    );
+    // The client's token never went upstream: no byte Haven sent there holds it, or any
+    // Authorization header (the upstream is registered without one).
+    let upstream_bytes = String::from_utf8_lossy(&sent.lock().unwrap()).to_lowercase();
+    assert!(upstream_bytes.contains("via up"), "the proxy saw no call");
+    assert!(
+        !upstream_bytes.contains("authorization:"),
+        "{upstream_bytes}"
+    );
+    let signature = alice_token.rsplit('.').next().unwrap().to_lowercase();
+    assert!(
+        !upstream_bytes.contains(&signature),
+        "alice's token went upstream"
+    );
 
     // Resources: bob lists and reads the note; alice neither lists nor reads it.
     let b = session(&bob, &url).await;

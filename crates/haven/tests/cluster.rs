@@ -793,6 +793,33 @@ async fn a_setting_changed_on_one_node_applies_on_every_node_within_a_second() {
     for l in &lists[1..] {
         assert_eq!(l["settings"], lists[0]["settings"]);
     }
+
+    // An authorization rule written on node0 is in force on every node (issue 13 §3):
+    // authentication is off, so the caller is `anonymous`.
+    let r = client
+        .post(format!(
+            "http://127.0.0.1:{}/admin/v1/auth/rules",
+            nodes[0].port
+        ))
+        .bearer_auth(token.trim())
+        .json(&json!({"name": "only-echo", "principals": ["anonymous"], "tools": ["echo"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    for n in &nodes[1..] {
+        let applied = haven_testkit::wait_until(
+            Duration::from_secs(10),
+            Duration::from_millis(5),
+            || async { admin_get(n, "status").await["authorization"]["rules"] == json!(1) },
+        )
+        .await;
+        assert!(applied, "the rule is not in force on {}", n.port);
+        let l = Legacy::connect(&n.url()).await;
+        let v = l.request(1, "tools/list", json!({})).await;
+        assert_eq!(v["result"]["tools"].as_array().unwrap().len(), 1, "{v}");
+        assert_eq!(v["result"]["tools"][0]["name"], "echo", "{v}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
