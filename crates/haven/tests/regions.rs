@@ -259,6 +259,52 @@ async fn what_one_region_writes_the_other_serves() {
         "{text}"
     );
     converge(&r, Duration::from_secs(30)).await;
+
+    // An authorization rule set in A is in force in B (issue 13 §3; authentication is off,
+    // so the caller is `anonymous`).
+    let (status, v) = admin(
+        &r.a,
+        reqwest::Method::POST,
+        "/admin/v1/auth/rules",
+        Some(json!({"name": "only-echo", "principals": ["anonymous"], "tools": ["echo"]})),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    let applied = wait_until(Duration::from_secs(20), Duration::from_millis(50), || async {
+        admin(&r.b, reqwest::Method::GET, "/admin/v1/status", None)
+            .await
+            .1["authorization"]["rules"]
+            == json!(1)
+    })
+    .await;
+    assert!(applied, "A's rule is not in force in B");
+    let sb = Legacy::connect(&r.b.url()).await;
+    let v = sb.request(90, "tools/list", json!({})).await;
+    assert_eq!(v["result"]["tools"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["result"]["tools"][0]["name"], "echo", "{v}");
+
+    // The audit log across regions (issue 13 §6): once A has signed its chain and the regions
+    // have converged, B holds both chains and verifies them, A's rule change among them.
+    let cli = |h: &Haven, args: &[&str]| {
+        run_ok(
+            std::process::Command::new(common::haven_bin())
+                .args(args)
+                .arg("--node")
+                .arg(format!("http://127.0.0.1:{}", h.port))
+                .arg("--data")
+                .arg(&h.data),
+        )
+    };
+    cli(&r.a, &["audit", "checkpoint"]);
+    cli(&r.b, &["audit", "checkpoint"]);
+    converge(&r, Duration::from_secs(30)).await;
+    let out = cli(&r.b, &["audit", "verify", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], json!(true), "{v}");
+    assert!(v["chains"].as_array().unwrap().len() >= 2, "{v}");
+    let out = cli(&r.b, &["audit", "list", "--action", "auth.rule.set"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("only-echo") && text.contains("A-node"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1109,6 +1155,24 @@ async fn a_cold_region_is_built_from_backups_and_catches_up() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert_eq!(note(&in_a, 6000, "from-c").await.as_deref(), Some("c"));
+    // The bootstrap is in C's audit log (a chain of the command's own, signed with a key of
+    // that run), and C's log verifies with A's chains replicated into it.
+    let cli = |args: &[&str]| {
+        run_ok(
+            std::process::Command::new(common::haven_bin())
+                .args(args)
+                .arg("--node")
+                .arg(format!("http://127.0.0.1:{}", c.port))
+                .arg("--data")
+                .arg(&c.data),
+        )
+    };
+    let out = cli(&["audit", "list", "--action", "region.bootstrap"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("region.bootstrap") && text.contains("operator"), "{text}");
+    let out = cli(&["audit", "verify", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], json!(true), "{v}");
     drop((c, a, link, nats_c, nats_a));
 }
 
