@@ -455,6 +455,7 @@ impl Upstreams {
         let timeout = entry.spec.timeout(settings.timeout_ms);
         let deadline = tokio::time::Instant::now() + timeout;
         let admit = admit(&entry, name, &settings)?;
+        let started = std::time::Instant::now();
         let outcome = deliver(&entry, name, request, deadline, ctx).await;
         let call = CallAccount {
             entry: &entry,
@@ -464,7 +465,21 @@ impl Upstreams {
             settings,
             timeout_ms: timeout.as_millis() as u64,
         };
-        call.settle(outcome, extract)
+        let answer = call.settle(outcome, extract);
+        if let Some(m) = haven_telemetry::get() {
+            let outcome = if answer.is_ok() {
+                haven_telemetry::Outcome::ok
+            } else {
+                haven_telemetry::Outcome::error
+            };
+            m.upstream_calls
+                .get_or_create(&haven_telemetry::UpstreamCallLabels {
+                    upstream: name.to_owned(),
+                    outcome,
+                })
+                .observe(started.elapsed().as_secs_f64());
+        }
+        answer
     }
 }
 

@@ -64,6 +64,8 @@ pub struct RequestMeta {
     pub log_level: Option<LoggingLevel>,
     /// `progressToken` (ignored when malformed).
     pub progress_token: Option<ProgressToken>,
+    /// `traceparent` (W3C trace context, SEP-414; ignored when not a string).
+    pub traceparent: Option<String>,
 }
 
 /// `_meta` read strictly: the fast path for well-formed requests.
@@ -79,6 +81,8 @@ struct StrictMeta {
     log_level: Option<LoggingLevel>,
     #[serde(rename = "progressToken", default)]
     progress_token: Option<ProgressToken>,
+    #[serde(default)]
+    traceparent: Option<String>,
 }
 
 /// `_meta` read leniently, when the strict read failed: optional fields that are malformed are
@@ -95,6 +99,8 @@ struct LenientMeta {
     log_level: Option<Value>,
     #[serde(rename = "progressToken", default)]
     progress_token: Option<Value>,
+    #[serde(default)]
+    traceparent: Option<Value>,
 }
 
 impl IncomingRequest {
@@ -111,6 +117,7 @@ impl IncomingRequest {
                 client_info: m.client_info,
                 log_level: m.log_level,
                 progress_token: m.progress_token,
+                traceparent: m.traceparent,
             }));
         }
         let m: LenientMeta = serde_json::from_str(raw.get())?;
@@ -123,6 +130,7 @@ impl IncomingRequest {
             client_info: opt(m.client_info),
             log_level: opt(m.log_level),
             progress_token: opt(m.progress_token),
+            traceparent: opt(m.traceparent),
         }))
     }
 }

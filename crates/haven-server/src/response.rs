@@ -114,9 +114,33 @@ pub fn json(body: String) -> Response {
     r
 }
 
+/// Counts an SSE stream as open (`haven_sse_streams_open`) from its response until its body is
+/// dropped (finished, or its client gone).
+struct OpenStream;
+
+impl OpenStream {
+    fn new() -> OpenStream {
+        if let Some(m) = haven_telemetry::get() {
+            m.sse_streams_open.inc();
+        }
+        OpenStream
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        if let Some(m) = haven_telemetry::get() {
+            m.sse_streams_open.dec();
+        }
+    }
+}
+
 fn sse(frames: futures::stream::BoxStream<'static, SseFrame>) -> Response {
-    let body =
-        Body::from_stream(frames.map(|f| Ok::<_, std::convert::Infallible>(encode_frame(&f))));
+    let open = OpenStream::new();
+    let body = Body::from_stream(frames.map(move |f| {
+        let _ = &open;
+        Ok::<_, std::convert::Infallible>(encode_frame(&f))
+    }));
     let mut r = Response::new(body);
     let h = r.headers_mut();
     h.insert(

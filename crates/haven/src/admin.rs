@@ -24,7 +24,7 @@ pub struct Admin {
     /// and API keys, with the rights of the principal's [`haven_auth::AdminRole`].
     authn: Option<Arc<haven_auth::Authenticator>>,
     /// The backup shippers: the main target first, then the additional ones.
-    backup: Vec<ShipperHandle>,
+    pub(crate) backup: Vec<ShipperHandle>,
     pub(crate) engine: haven_mcp::engine::Engine,
     pub(crate) region: String,
     pub(crate) control: crate::control::Control,
@@ -84,8 +84,10 @@ pub fn write_private(path: &Path, content: &[u8]) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// The admin routes. Every request's headers are checked as on `/mcp` (`allowed`: the names
-/// allowed in `Host` and `Origin`; the headers that must be single), then its bearer token.
+/// The admin routes, and `/metrics` open (for `--metrics-listen`; the admin routes serve it
+/// too, behind their credentials). Every admin request's headers are checked as on `/mcp`
+/// (`allowed`: the names allowed in `Host` and `Origin`; the headers that must be single),
+/// then its bearer token.
 pub fn router(
     token: String,
     backup: Vec<ShipperHandle>,
@@ -94,7 +96,7 @@ pub fn router(
     control: crate::control::Control,
     allowed: AllowedHosts,
     authn: Option<Arc<haven_auth::Authenticator>>,
-) -> Router {
+) -> (Router, Router) {
     let state = Arc::new(Admin {
         token,
         authn,
@@ -103,7 +105,11 @@ pub fn router(
         region,
         control,
     });
-    Router::new()
+    let open_metrics = Router::new()
+        .route("/metrics", get(crate::metrics::serve))
+        .with_state(state.clone());
+    let admin = Router::new()
+        .route("/metrics", get(crate::metrics::serve))
         .route("/admin/v1/status", get(status))
         .route("/admin/v1/regions", get(regions))
         .route("/admin/v1/regions/promote", post(region_promote))
@@ -125,7 +131,8 @@ pub fn router(
         ))
         // Runs before the token check: a request whose headers are refused is not looked at.
         .route_layer(axum::middleware::from_fn_with_state(allowed, check_headers))
-        .with_state(state)
+        .with_state(state);
+    (admin, open_metrics)
 }
 
 /// The checks of `/mcp`'s first layer, answered the admin API's way (`{"error": ...}`): a

@@ -185,6 +185,9 @@ pub async fn record_changes(
 /// Records refused admin credentials (without waiting: a flood of them fills the queue, and
 /// what does not fit is counted and recorded as dropped).
 pub fn auth_failure(admin: &Admin) {
+    if let Some(m) = haven_telemetry::get() {
+        m.auth_failures.inc();
+    }
     admin.control.audit.record(Event::new(
         Actor::Unauthenticated,
         actions::AUTH_FAILURE,
@@ -195,6 +198,9 @@ pub fn auth_failure(admin: &Admin) {
 
 /// Records an admin request refused because the principal's role does not allow it.
 pub fn role_denied(admin: &Admin, principal: &haven_auth::Principal, path: &str) {
+    if let Some(m) = haven_telemetry::get() {
+        m.calls_denied.inc();
+    }
     admin.control.audit.record(Event::new(
         Actor::principal(principal),
         actions::CALL_DENIED,

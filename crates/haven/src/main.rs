@@ -9,6 +9,7 @@ mod backup_cmd;
 mod client;
 mod control;
 mod control_cmd;
+mod metrics;
 mod reclaim;
 mod region_cmd;
 mod settings;
@@ -298,6 +299,13 @@ async fn start_engine(
             Arc::new(store)
         }
     };
+    // The process's metrics, every series labelled with this node; commits are timed.
+    haven_telemetry::install(haven_telemetry::Metrics::new(
+        &s.region,
+        &node,
+        env!("CARGO_PKG_VERSION"),
+    ));
+    let store = metrics::MeteredStore::wrap(store);
     let secrets = open_secrets(s, &store).await?;
     // The audit log: this node's chain, signed with the key in DATA/audit.key.
     let audit_key = haven_audit::key::load_or_create(&s.data)?;
@@ -664,6 +672,14 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
         ),
         None => None,
     };
+    let metrics_listener = match &s.metrics_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("listening on {a} (metrics_listen, /metrics)"))?,
+        ),
+        None => None,
+    };
     let admin_addr = match &admin_listener {
         Some(l) => l.local_addr()?,
         None => addr,
@@ -705,7 +721,7 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
     let admin_url = format!("{admin_scheme}://{}", connectable(admin_addr));
     haven_state::files::write_private(&s.data.join("admin.url"), admin_url.as_bytes())
         .with_context(|| format!("writing {}", s.data.join("admin.url").display()))?;
-    let admin_routes = admin::router(
+    let (admin_routes, open_metrics) = admin::router(
         token,
         backup,
         engine.clone(),
@@ -748,7 +764,27 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
                 .await
         })
     });
+    // /metrics without credentials on its own listener, stopped with the MCP listener.
+    let metrics_server = metrics_listener.map(|l| {
+        if let Ok(a) = l.local_addr() {
+            tracing::info!("metrics at http://{a}/metrics (no credentials)");
+        }
+        let http = http.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            haven_server::serve_tls(l, open_metrics, &http, None, stopped, grace).await
+        })
+    });
     haven_server::serve_tls(listener, router, &http, tls.as_deref(), drain, grace).await?;
+    if let Some(m) = metrics_server {
+        match m.await {
+            Ok(r) => r.context("serving /metrics")?,
+            Err(e) => tracing::warn!("the metrics server ended abnormally: {e}"),
+        }
+    }
     for w in watchers {
         w.abort();
     }

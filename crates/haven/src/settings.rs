@@ -797,6 +797,11 @@ pub struct ServeArgs {
     /// loopback) [default: on the MCP listener]
     #[arg(long, env = "HAVEN_ADMIN_LISTEN", value_name = "ADDR")]
     pub admin_listen: Option<String>,
+    /// Also serve /metrics, without credentials, on this address of its own (e.g. an
+    /// address only the Prometheus network reaches) [default: /metrics only on the admin
+    /// API, with its credentials]
+    #[arg(long, env = "HAVEN_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
     /// Serve over TLS with this certificate chain (PEM, the leaf first; with --tls-key),
     /// reloaded when the file changes [default: plain HTTP]
     #[arg(long, env = "HAVEN_TLS_CERT", value_name = "FILE")]
@@ -1031,6 +1036,7 @@ struct FileSettings {
     max_body_bytes: Option<usize>,
     admin_token_file: Option<PathBuf>,
     admin_listen: Option<String>,
+    metrics_listen: Option<String>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_min_version: Option<String>,
@@ -1084,6 +1090,8 @@ pub struct Settings {
     pub admin_token_file: Option<PathBuf>,
     /// The admin API's own address (`None`: it shares the MCP listener).
     pub admin_listen: Option<String>,
+    /// An address serving /metrics without credentials (`None`: only the admin API's).
+    pub metrics_listen: Option<String>,
     /// TLS of the MCP listener (`None`: plain HTTP).
     pub tls: Option<haven_server::TlsFiles>,
     /// Oldest TLS version the listeners accept.
@@ -1395,6 +1403,9 @@ impl Settings {
         let admin_token_file = serve
             .and_then(|s| s.admin_token_file.clone())
             .or(file.admin_token_file.take());
+        let metrics_listen = serve
+            .and_then(|s| s.metrics_listen.clone())
+            .or(file.metrics_listen.take());
         let admin_listen = serve
             .and_then(|s| s.admin_listen.clone())
             .or(file.admin_listen.take())
@@ -1572,6 +1583,13 @@ impl Settings {
             }
             None => None,
         };
+        if let Some(m) = &metrics_listen
+            && (m.is_empty() || *m == listen || Some(m) == admin_listen.as_ref())
+        {
+            bail!(
+                "metrics_listen {m:?} must be an address of its own, such as 127.0.0.1:9464 (not the MCP or admin listener's)"
+            );
+        }
         if let Some(a) = &admin_listen {
             if a.is_empty() {
                 bail!(
@@ -1626,6 +1644,7 @@ impl Settings {
             max_body_bytes,
             admin_token_file,
             admin_listen,
+            metrics_listen,
             tls,
             tls_min_version,
             admin_tls,

@@ -41,6 +41,8 @@ pub(crate) struct Call {
     /// client, scopes: what authorization rules select by). `None` only for a call this node
     /// runs again after a takeover: the rules admitted it when it first arrived.
     pub principal: Option<Arc<haven_auth::Principal>>,
+    /// The W3C trace id of `_meta.traceparent`, when the client sent a valid one.
+    pub trace_id: Option<String>,
 }
 
 impl Call {
@@ -77,6 +79,9 @@ pub(crate) fn allowed(inner: &Inner, call: &Call, kind: haven_auth::Kind, name: 
         return true;
     }
     tracing::debug!(principal = %principal.id(), kind = kind.as_str(), name, method = %call.method, "refused by the authorization rules");
+    if let Some(m) = haven_telemetry::get() {
+        m.calls_denied.inc();
+    }
     if let Some(audit) = inner.config.audit.as_ref() {
         use haven_audit::{Actor, Event, Outcome as Audited, Target, actions};
         audit.record(Event::new(
@@ -146,7 +151,9 @@ pub(crate) async fn run(
     if let Some(f) = fence {
         ctx = ctx.with_fence(f);
     }
+    let started = std::time::Instant::now();
     let outcome = dispatch(&inner, &call, ctx, &out, &cancel).await;
+    record_operation(&inner, &call, &outcome, started.elapsed());
     // The answer is classified here, where it is known, so that no transport parses it.
     let final_response = match outcome {
         Outcome::Sent => return,
@@ -155,6 +162,74 @@ pub(crate) async fn run(
         Outcome::Error(e) => Final::error(&call.id, &e),
     };
     let _ = out.send(Item::Final(final_response));
+}
+
+/// The methods a request's duration is recorded under by name; any other is `_other` (so that
+/// made-up method names cannot grow the label set).
+const KNOWN_METHODS: &[&str] = &[
+    "ping",
+    "logging/setLevel",
+    "resources/subscribe",
+    "resources/unsubscribe",
+    "tools/list",
+    "tools/call",
+    "resources/list",
+    "resources/templates/list",
+    "resources/read",
+    "prompts/list",
+    "prompts/get",
+    "completion/complete",
+    "tasks/get",
+    "tasks/cancel",
+    "tasks/update",
+    "tasks/list",
+    "tasks/result",
+];
+
+/// Records a request's duration (`mcp_server_operation_duration_seconds`), with the trace
+/// named by `params._meta.traceparent` as exemplar.
+fn record_operation(inner: &Inner, call: &Call, outcome: &Outcome, took: std::time::Duration) {
+    use haven_telemetry::{Era as E, OperationLabels, Outcome as O};
+    let Some(m) = haven_telemetry::get() else {
+        return;
+    };
+    let method = KNOWN_METHODS
+        .iter()
+        .find(|k| **k == call.method)
+        .copied()
+        .unwrap_or("_other");
+    let tool = if method == "tools/call" {
+        match call.params.get("name").and_then(Value::as_str) {
+            Some(n) if inner.knows_tool(n) => n,
+            _ => "_other",
+        }
+    } else {
+        ""
+    };
+    let (era, version) = match &call.era {
+        crate::context::Era::Legacy {
+            protocol_version, ..
+        } => (E::legacy, protocol_version.as_str()),
+        crate::context::Era::Stateless { protocol_version } => {
+            (E::stateless, protocol_version.as_str())
+        }
+    };
+    let (outcome, code) = match outcome {
+        Outcome::Error(e) => (O::error, e.code.0.to_string()),
+        _ => (O::ok, String::new()),
+    };
+    m.operation(
+        &OperationLabels {
+            mcp_method_name: method.to_owned(),
+            gen_ai_tool_name: tool.to_owned(),
+            mcp_protocol_version: version.to_owned(),
+            era,
+            outcome,
+            rpc_response_status_code: code,
+        },
+        took,
+        call.trace_id.as_deref(),
+    );
 }
 
 /// The principal a request is recorded under in the audit log: the authenticated principal,

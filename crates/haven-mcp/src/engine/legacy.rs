@@ -302,8 +302,15 @@ async fn request(
     accepts_sse: bool,
 ) -> Reply {
     let s = &loaded.record;
-    let progress_token = req.meta().ok().flatten().and_then(|m| m.progress_token);
+    let meta = req.meta().ok().flatten();
+    let trace_id = meta
+        .as_ref()
+        .and_then(|m| m.traceparent.as_deref())
+        .and_then(haven_telemetry::trace_id_of)
+        .map(str::to_owned);
+    let progress_token = meta.and_then(|m| m.progress_token);
     let call = Call {
+        trace_id,
         progress_token,
         id: req.id.clone(),
         method: req.method.clone(),
@@ -787,6 +794,9 @@ pub(super) async fn get(
 }
 
 async fn resume(inner: &Arc<Inner>, loaded: LoadedSession, last_event_id: &str) -> Reply {
+    if let Some(m) = haven_telemetry::get() {
+        m.sse_resumptions.inc();
+    }
     let sid = loaded.record.id.clone();
     let Some((stream_id, after)) = stream::parse_event_id(last_event_id) else {
         return Rejection::exchange(

@@ -671,6 +671,15 @@ impl Inner {
         Ok(entry)
     }
 
+    /// Whether the cached tool index lists `name` (false while the cache is cold).
+    pub(crate) fn knows_tool(&self, name: &str) -> bool {
+        self.tools
+            .read()
+            .tools
+            .as_ref()
+            .is_some_and(|(_, index)| index.contains_key(name))
+    }
+
     /// The tool index, built with a context for `call` when the cache is cold.
     async fn tools_for(&self, call: &dispatch::Call) -> Result<ToolIndex, ErrorData> {
         if let Some(t) = self.tools.read().tools.clone() {

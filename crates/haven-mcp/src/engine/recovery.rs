@@ -88,6 +88,7 @@ async fn rerunnable_call(inner: &Arc<Inner>, rec: &InflightRecord) -> Option<(Ca
         progress_token,
         // Admitted by the rules when it first arrived.
         principal: None,
+        trace_id: None,
     };
     let (tools, index) = inner.tools_for(&call).await.ok()?;
     let idempotent = index
@@ -151,10 +152,16 @@ async fn take_over_stream(inner: &Arc<Inner>, claim: Claim, session: &str, strea
         .settle(&*inner.store, batch, inner.config.region_lease.as_ref())
         .await
     {
-        Ok(_) => tracing::info!(
+        Ok(_) => {
+            if let Some(m) = haven_telemetry::get() {
+                m.takeovers.inc();
+                m.interrupted.inc();
+            }
+            tracing::info!(
             session, stream = stream_id, method = %rec.method, dead_node = %dead.node,
             epoch = dead.epoch, "ended the stream of an interrupted request"
-        ),
+            )
+        }
         Err(ClaimError::Lost(_)) => {}
         Err(e) => tracing::warn!(error = %e, "could not end an interrupted stream"),
     }
@@ -185,6 +192,9 @@ async fn rerun(inner: &Arc<Inner>, claim: Claim, call: Call, tool: &str, rec: &I
             return;
         }
     };
+    if let Some(m) = haven_telemetry::get() {
+        m.takeovers.inc();
+    }
     tracing::info!(
         session = %rec.session, stream = %rec.stream, tool, dead_node = %dead.node,
         epoch = dead.epoch + 1, "running an interrupted idempotent tool call again"

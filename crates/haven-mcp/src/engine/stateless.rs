@@ -176,6 +176,11 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
         },
         principal: Some(Arc::new(p.principal.clone())),
         progress_token: meta.progress_token,
+        trace_id: meta
+            .traceparent
+            .as_deref()
+            .and_then(haven_telemetry::trace_id_of)
+            .map(str::to_owned),
     };
     // 7. `Mcp-Param-*` headers must mirror the arguments they stand for.
     if call.method == "tools/call"

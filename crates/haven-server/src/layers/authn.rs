@@ -115,6 +115,9 @@ fn refuse(a: &Authentication, e: &AuthError) -> Response {
                     AuthError::InsufficientScope { .. } => Outcome::Error("insufficient scope"),
                     _ => Outcome::Denied,
                 };
+                if let Some(m) = haven_telemetry::get() {
+                    m.auth_failures.inc();
+                }
                 audit.record(Event::new(
                     Actor::Unauthenticated,
                     actions::AUTH_FAILURE,

@@ -34,6 +34,16 @@ const CODE: i32 = -32000;
 
 /// A refusal of the whole exchange (no message read yet), in `era`.
 fn refuse(era: Era, limited: &Limited) -> Response {
+    if let Some(m) = haven_telemetry::get() {
+        let kind = match limited.scope {
+            crate::rate::Scope::Address => "address",
+            crate::rate::Scope::Principal => "principal",
+            crate::rate::Scope::Tool => "tool",
+        };
+        m.rate_limited
+            .get_or_create(&haven_telemetry::KindLabel { kind: kind.into() })
+            .inc();
+    }
     let rejection = Rejection::exchange(
         Reason::RateLimited {
             retry_after_secs: limited.retry_after_secs(),

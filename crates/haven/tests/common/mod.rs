@@ -456,6 +456,44 @@ pub async fn stateless(
         .unwrap()
 }
 
+/// A stateless request whose `_meta` also holds `extra` (e.g. a `traceparent`); its JSON
+/// answer.
+pub async fn stateless_with_meta(
+    client: &reqwest::Client,
+    url: &str,
+    id: i64,
+    method: &str,
+    params: Value,
+    extra: Value,
+) -> Value {
+    let mut meta = json!({
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {},
+        "io.modelcontextprotocol/clientInfo": {"name": "haven-test", "version": "1"}
+    });
+    for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+        meta[k] = v;
+    }
+    let mut params = params;
+    params["_meta"] = meta;
+    let mut req = client
+        .post(url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", method);
+    if let Some(n) = params.get("name").and_then(Value::as_str) {
+        req = req.header("mcp-name", n);
+    }
+    req.body(json!({"jsonrpc":"2.0","id":id,"method":method,"params":params}).to_string())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// Like [`stateless`], with the transport's error instead of a panic.
 pub async fn try_stateless(
     client: &reqwest::Client,
