@@ -440,7 +440,7 @@ impl Upstreams {
         &self,
         name: &str,
         method: &str,
-        request: ClientRequest,
+        mut request: ClientRequest,
         ctx: &RequestContext,
         extract: impl Fn(ServerResult) -> Option<T>,
     ) -> Result<T, ErrorData> {
@@ -456,7 +456,27 @@ impl Upstreams {
         let deadline = tokio::time::Instant::now() + timeout;
         let admit = admit(&entry, name, &settings)?;
         let started = std::time::Instant::now();
-        let outcome = deliver(&entry, name, request, deadline, ctx).await;
+        // A client span for the call; its context goes to the upstream as
+        // `_meta.traceparent`, so the upstream's span is its child.
+        let span = tracing::info_span!(
+            "mcp.client",
+            otel.name = %format!("{method} {name}"),
+            otel.kind = "client",
+            mcp.method.name = method,
+            haven.upstream = name,
+        );
+        if let Some(tp) = span.in_scope(haven_telemetry::trace::current_traceparent) {
+            use rmcp::model::GetMeta as _;
+            (request.get_meta_mut().0)
+                .0
+                .insert("traceparent".into(), serde_json::Value::String(tp));
+        }
+        let outcome = {
+            use tracing::Instrument as _;
+            deliver(&entry, name, request, deadline, ctx)
+                .instrument(span)
+                .await
+        };
         let call = CallAccount {
             entry: &entry,
             name,

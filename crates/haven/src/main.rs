@@ -76,13 +76,20 @@ fn main() -> std::process::ExitCode {
             runtime.worker_threads(n);
         }
         let runtime = runtime.build().context("starting the async runtime")?;
-        let log = init_logging(&s);
-        runtime.block_on(async move {
+        let (log, provider) = init_logging(&s);
+        let result = runtime.block_on(async move {
             match mode {
                 Mode::Serve => serve(s, log).await,
                 Mode::Stdio => stdio(s, log).await,
             }
-        })
+        });
+        // Outside the runtime: the exporter's client blocks.
+        if let Some(p) = provider
+            && let Err(e) = p.shutdown()
+        {
+            eprintln!("haven: warning: flushing the last spans: {e}");
+        }
+        result
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -152,28 +159,108 @@ fn log_filter(f: &str) -> Result<tracing_subscriber::EnvFilter, String> {
     tracing_subscriber::EnvFilter::try_new(f).map_err(|e| e.to_string())
 }
 
-/// Starts logging to stderr; returns what changes the filter later (the `log.level` setting).
-fn init_logging(s: &Settings) -> control::LogReloader {
+/// Starts logging to stderr, and the export of traces when `--otlp-endpoint` is given;
+/// returns what changes the log filter later (the `log.level` setting) and the tracer
+/// provider to shut down (flushing its spans) at the end.
+fn init_logging(
+    s: &Settings,
+) -> (
+    control::LogReloader,
+    Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::{fmt, reload};
+    use tracing_subscriber::{Layer, fmt, reload};
     let filter =
         log_filter(&s.log_level).unwrap_or_else(|_| log_filter("info").expect("a valid filter"));
     let (filter, handle) = reload::Layer::new(filter);
-    let registry = tracing_subscriber::registry().with(filter);
-    if s.log_format == "json" {
-        registry
-            .with(fmt::layer().json().with_writer(std::io::stderr))
-            .init();
+    let fmt_layer = if s.log_format == "json" {
+        fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed()
     } else {
-        registry
-            .with(fmt::layer().with_writer(std::io::stderr))
-            .init();
-    }
-    Arc::new(move |f: &str| {
+        fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed()
+    };
+    let (otel, provider) = match tracer_provider(s) {
+        Some(provider) => {
+            use opentelemetry::trace::TracerProvider as _;
+            // Spans are exported whatever the log filter says (Haven's own at info and
+            // above; rmcp's never, as in the log).
+            let spans = tracing_subscriber::filter::Targets::new()
+                .with_default(tracing::Level::INFO)
+                .with_target("rmcp", tracing::level_filters::LevelFilter::OFF);
+            let layer = tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("haven"))
+                .with_filter(spans);
+            (Some(layer), Some(provider))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(fmt_layer)
+        .with(otel)
+        .init();
+    let reload: control::LogReloader = Arc::new(move |f: &str| {
         let filter = log_filter(f)?;
         handle.reload(filter).map_err(|e| e.to_string())
-    })
+    });
+    (reload, provider)
+}
+
+/// The OTLP/HTTP (protobuf) trace exporter of `--otlp-endpoint`, batching on its own thread,
+/// sampling new traces at `--trace-sample-ratio` and following the caller's decision.
+fn tracer_provider(s: &Settings) -> Option<opentelemetry_sdk::trace::SdkTracerProvider> {
+    use opentelemetry_otlp::WithExportConfig as _;
+    use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+    let endpoint = s.otlp_endpoint.as_ref()?;
+    let url = if endpoint.trim_end_matches('/').ends_with("/v1/traces") {
+        endpoint.clone()
+    } else {
+        format!("{}/v1/traces", endpoint.trim_end_matches('/'))
+    };
+    let exporter = match opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+        .with_endpoint(url.clone())
+        .with_timeout(std::time::Duration::from_secs(10))
+        .build()
+    {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!(
+                "haven: warning: traces are not exported: the OTLP exporter for {url} could not be built: {e}"
+            );
+            return None;
+        }
+    };
+    let mut attributes = vec![opentelemetry::KeyValue::new(
+        "cloud.region",
+        s.region.clone(),
+    )];
+    if let Some(n) = &s.node_id {
+        attributes.push(opentelemetry::KeyValue::new(
+            "service.instance.id",
+            n.clone(),
+        ));
+    }
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name("haven")
+        .with_attributes(attributes)
+        .build();
+    Some(
+        SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                s.trace_sample_ratio,
+            ))))
+            .with_resource(resource)
+            .build(),
+    )
 }
 
 /// Tightens the files Haven keeps in its data directory (besides the store's, which the store

@@ -30,8 +30,10 @@ impl MeteredStore {
 
 haven_state::wrap_store!(MeteredStore, inner, {
     async fn commit(&self, batch: Batch) -> StoreResult<Commit> {
+        use tracing::Instrument as _;
         let started = Instant::now();
-        let r = self.inner.commit(batch).await;
+        let span = tracing::info_span!("store.commit", otel.kind = "internal");
+        let r = self.inner.commit(batch).instrument(span).await;
         if let Some(m) = haven_telemetry::get() {
             m.store_commit.observe(started.elapsed().as_secs_f64());
             if let Err(e) = &r {

@@ -723,6 +723,14 @@ pub struct CommonArgs {
     /// Log format: text or json [default: text]
     #[arg(long, env = "HAVEN_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// Export traces by OTLP over HTTP (protobuf) to this collector, e.g.
+    /// http://127.0.0.1:4318 (spans go to its /v1/traces) [default: no export]
+    #[arg(long, env = "HAVEN_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// Share of new traces sampled, 0 to 1; a request whose caller sampled its trace is
+    /// always sampled [default: 1]
+    #[arg(long, env = "HAVEN_TRACE_SAMPLE_RATIO", value_name = "RATIO")]
+    pub trace_sample_ratio: Option<f64>,
     /// How legacy-era requests are answered: adaptive (JSON when a request finishes at once,
     /// otherwise a resumable SSE stream) or sse (always a stored, resumable stream)
     /// [default: adaptive]
@@ -1021,6 +1029,8 @@ struct FileSettings {
     region: Option<String>,
     log_level: Option<String>,
     log_format: Option<String>,
+    otlp_endpoint: Option<String>,
+    trace_sample_ratio: Option<f64>,
     legacy_responses: Option<String>,
     session_ttl: Option<u64>,
     page_size: Option<usize>,
@@ -1075,6 +1085,10 @@ pub struct Settings {
     pub region: String,
     pub log_level: String,
     pub log_format: String,
+    /// Where traces are exported (OTLP/HTTP; `None`: not exported).
+    pub otlp_endpoint: Option<String>,
+    /// Share of new traces sampled.
+    pub trace_sample_ratio: f64,
     pub legacy_responses: LegacyResponses,
     pub session_ttl_secs: u64,
     pub page_size: usize,
@@ -1519,6 +1533,25 @@ impl Settings {
         if log_format != "text" && log_format != "json" {
             bail!("invalid log_format {log_format:?}: use text or json");
         }
+        let otlp_endpoint = common
+            .otlp_endpoint
+            .clone()
+            .or(file.otlp_endpoint)
+            .filter(|e| !e.trim().is_empty());
+        if let Some(e) = &otlp_endpoint
+            && !(e.starts_with("http://") || e.starts_with("https://"))
+        {
+            bail!(
+                "invalid otlp_endpoint {e:?}: give an http:// or https:// URL of an OTLP/HTTP collector, e.g. http://127.0.0.1:4318"
+            );
+        }
+        let trace_sample_ratio = common
+            .trace_sample_ratio
+            .or(file.trace_sample_ratio)
+            .unwrap_or(1.0);
+        if !(0.0..=1.0).contains(&trace_sample_ratio) {
+            bail!("invalid trace_sample_ratio {trace_sample_ratio}: give a share from 0 to 1");
+        }
         let max_body_bytes = serve
             .and_then(|s| s.max_body_bytes)
             .or(file.max_body_bytes)
@@ -1621,6 +1654,8 @@ impl Settings {
                 .or(file.log_level)
                 .unwrap_or_else(|| "info".into()),
             log_format,
+            otlp_endpoint,
+            trace_sample_ratio,
             legacy_responses,
             session_ttl_secs: common
                 .session_ttl

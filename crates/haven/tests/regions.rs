@@ -270,12 +270,16 @@ async fn what_one_region_writes_the_other_serves() {
     )
     .await;
     assert_eq!(status, 201, "{v}");
-    let applied = wait_until(Duration::from_secs(20), Duration::from_millis(50), || async {
-        admin(&r.b, reqwest::Method::GET, "/admin/v1/status", None)
-            .await
-            .1["authorization"]["rules"]
-            == json!(1)
-    })
+    let applied = wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || async {
+            admin(&r.b, reqwest::Method::GET, "/admin/v1/status", None)
+                .await
+                .1["authorization"]["rules"]
+                == json!(1)
+        },
+    )
     .await;
     assert!(applied, "A's rule is not in force in B");
     let sb = Legacy::connect(&r.b.url()).await;
@@ -304,7 +308,10 @@ async fn what_one_region_writes_the_other_serves() {
     assert!(v["chains"].as_array().unwrap().len() >= 2, "{v}");
     let out = cli(&r.b, &["audit", "list", "--action", "auth.rule.set"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("only-echo") && text.contains("A-node"), "{text}");
+    assert!(
+        text.contains("only-echo") && text.contains("A-node"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1169,7 +1176,10 @@ async fn a_cold_region_is_built_from_backups_and_catches_up() {
     };
     let out = cli(&["audit", "list", "--action", "region.bootstrap"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("region.bootstrap") && text.contains("operator"), "{text}");
+    assert!(
+        text.contains("region.bootstrap") && text.contains("operator"),
+        "{text}"
+    );
     let out = cli(&["audit", "verify", "--json"]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["ok"], json!(true), "{v}");

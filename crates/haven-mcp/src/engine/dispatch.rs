@@ -41,8 +41,9 @@ pub(crate) struct Call {
     /// client, scopes: what authorization rules select by). `None` only for a call this node
     /// runs again after a takeover: the rules admitted it when it first arrived.
     pub principal: Option<Arc<haven_auth::Principal>>,
-    /// The W3C trace id of `_meta.traceparent`, when the client sent a valid one.
-    pub trace_id: Option<String>,
+    /// `_meta.traceparent` (W3C trace context, SEP-414), when the client sent a valid one:
+    /// the parent of the request's span, and the exemplar of its duration.
+    pub traceparent: Option<String>,
 }
 
 impl Call {
@@ -152,7 +153,17 @@ pub(crate) async fn run(
         ctx = ctx.with_fence(f);
     }
     let started = std::time::Instant::now();
-    let outcome = dispatch(&inner, &call, ctx, &out, &cancel).await;
+    let span = request_span(&inner, &call);
+    let outcome = {
+        use tracing::Instrument as _;
+        dispatch(&inner, &call, ctx, &out, &cancel)
+            .instrument(span.clone())
+            .await
+    };
+    if let Outcome::Error(e) = &outcome {
+        span.record("rpc.response.status_code", e.code.0.to_string());
+        span.record("error.type", e.code.0.to_string());
+    }
     record_operation(&inner, &call, &outcome, started.elapsed());
     // The answer is classified here, where it is known, so that no transport parses it.
     let final_response = match outcome {
@@ -185,6 +196,50 @@ const KNOWN_METHODS: &[&str] = &[
     "tasks/list",
     "tasks/result",
 ];
+
+/// The server span of a request, named as the OpenTelemetry MCP conventions say (`{method}
+/// {target}`), its parent the client's `_meta.traceparent`.
+fn request_span(inner: &Inner, call: &Call) -> tracing::Span {
+    let target = call
+        .params
+        .get("name")
+        .or_else(|| call.params.get("uri"))
+        .and_then(Value::as_str)
+        .filter(|n| inner.knows_tool(n) || call.method != "tools/call");
+    let name = match target {
+        Some(t) if call.method != "resources/read" => format!("{} {t}", call.method),
+        _ => call.method.clone(),
+    };
+    let (session, version) = match &call.era {
+        crate::context::Era::Legacy {
+            session,
+            protocol_version,
+        } => (session.as_str(), protocol_version.as_str()),
+        crate::context::Era::Stateless { protocol_version } => ("", protocol_version.as_str()),
+    };
+    let span = tracing::info_span!(
+        "mcp.server",
+        otel.name = %name,
+        otel.kind = "server",
+        mcp.method.name = %call.method,
+        gen_ai.tool.name = tracing::field::Empty,
+        mcp.protocol.version = version,
+        mcp.session.id = tracing::field::Empty,
+        jsonrpc.request.id = %call.id,
+        rpc.response.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    );
+    if call.method == "tools/call"
+        && let Some(t) = target
+    {
+        span.record("gen_ai.tool.name", t);
+    }
+    if !session.is_empty() {
+        span.record("mcp.session.id", session);
+    }
+    haven_telemetry::trace::set_parent(&span, call.traceparent.as_deref());
+    span
+}
 
 /// Records a request's duration (`mcp_server_operation_duration_seconds`), with the trace
 /// named by `params._meta.traceparent` as exemplar.
@@ -228,7 +283,9 @@ fn record_operation(inner: &Inner, call: &Call, outcome: &Outcome, took: std::ti
             rpc_response_status_code: code,
         },
         took,
-        call.trace_id.as_deref(),
+        call.traceparent
+            .as_deref()
+            .and_then(haven_telemetry::trace_id_of),
     );
 }
 

@@ -303,14 +303,13 @@ async fn request(
 ) -> Reply {
     let s = &loaded.record;
     let meta = req.meta().ok().flatten();
-    let trace_id = meta
+    let traceparent = meta
         .as_ref()
-        .and_then(|m| m.traceparent.as_deref())
-        .and_then(haven_telemetry::trace_id_of)
-        .map(str::to_owned);
+        .and_then(|m| m.traceparent.clone())
+        .filter(|t| haven_telemetry::trace_id_of(t).is_some());
     let progress_token = meta.and_then(|m| m.progress_token);
     let call = Call {
-        trace_id,
+        traceparent,
         progress_token,
         id: req.id.clone(),
         method: req.method.clone(),

@@ -88,7 +88,7 @@ async fn rerunnable_call(inner: &Arc<Inner>, rec: &InflightRecord) -> Option<(Ca
         progress_token,
         // Admitted by the rules when it first arrived.
         principal: None,
-        trace_id: None,
+        traceparent: None,
     };
     let (tools, index) = inner.tools_for(&call).await.ok()?;
     let idempotent = index

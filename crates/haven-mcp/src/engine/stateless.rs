@@ -176,11 +176,9 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
         },
         principal: Some(Arc::new(p.principal.clone())),
         progress_token: meta.progress_token,
-        trace_id: meta
+        traceparent: meta
             .traceparent
-            .as_deref()
-            .and_then(haven_telemetry::trace_id_of)
-            .map(str::to_owned),
+            .filter(|t| haven_telemetry::trace_id_of(t).is_some()),
     };
     // 7. `Mcp-Param-*` headers must mirror the arguments they stand for.
     if call.method == "tools/call"
