@@ -165,6 +165,22 @@ pub struct TokenValidator {
     fetching: tokio::sync::Mutex<()>,
     jwks_uri: tokio::sync::OnceCell<String>,
     stats: parking_lot::Mutex<JwksStats>,
+    /// Tokens whose signature, issuer and audience were verified, by SHA-256 of the token:
+    /// their claims. A token presented again is not verified again (a signature check costs
+    /// hundreds of microseconds; a lookup, one hash): its `exp`/`nbf` are still judged at
+    /// every use. Emptied whenever the issuer's keys are fetched again, so a key the issuer
+    /// withdrew stops accepting at the next refresh; bounded by [`VERIFIED_CACHE_MAX`].
+    verified: parking_lot::Mutex<
+        std::collections::HashMap<[u8; 32], Arc<serde_json::Map<String, Value>>>,
+    >,
+}
+
+/// Most tokens kept verified at once; when full, the cache is emptied and refills.
+pub const VERIFIED_CACHE_MAX: usize = 4096;
+
+fn token_digest(token: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(token.as_bytes()).into()
 }
 
 impl TokenValidator {
@@ -216,6 +232,7 @@ impl TokenValidator {
             fetching: tokio::sync::Mutex::new(()),
             jwks_uri: tokio::sync::OnceCell::new(),
             stats: parking_lot::Mutex::new(JwksStats::default()),
+            verified: parking_lot::Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -236,6 +253,20 @@ impl TokenValidator {
 
     /// Validates `token` and returns its principal.
     pub async fn validate(&self, token: &str) -> Result<Principal, TokenError> {
+        let digest = token_digest(token);
+        let stale = {
+            let set = self.keys.read().await;
+            let now = (self.now)();
+            set.fetched
+                .is_none_or(|t| now.saturating_sub(t) >= self.settings.jwks_max_age.as_secs())
+        };
+        if !stale {
+            let cached = self.verified.lock().get(&digest).cloned();
+            if let Some(claims) = cached {
+                self.check_claims(&claims)?;
+                return Ok(self.principal(&claims));
+            }
+        }
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| TokenError::Invalid(format!("malformed token header: {e}")))?;
         if !self.settings.algorithms.contains(&header.alg) {
@@ -285,7 +316,13 @@ impl TokenValidator {
             }
         };
         self.check_claims(&claims)?;
-        Ok(self.principal(&claims))
+        let principal = self.principal(&claims);
+        let mut verified = self.verified.lock();
+        if verified.len() >= VERIFIED_CACHE_MAX {
+            verified.clear();
+        }
+        verified.insert(digest, Arc::new(claims));
+        Ok(principal)
     }
 
     async fn verify_with_cached(
@@ -437,6 +474,7 @@ impl TokenValidator {
         stats.fetches += 1;
         match result {
             Ok(keys) => {
+                self.verified.lock().clear();
                 set.keys = keys;
                 set.fetched = Some(now);
                 set.last_error = None;

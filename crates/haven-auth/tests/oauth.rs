@@ -198,3 +198,36 @@ async fn scopes_and_an_unreachable_issuer() {
         Err(AuthError::Unavailable(_))
     ));
 }
+
+#[tokio::test]
+async fn a_token_verified_once_is_still_judged_by_its_times_at_every_use() {
+    let idp = TestIdp::start().await;
+    let (t, now) = clock();
+    let v = validator(&idp, now);
+    let mut claims = idp.claims("carol", RESOURCE, "mcp");
+    claims["exp"] = json!(t.load(Ordering::Relaxed) + 60);
+    let token = idp.sign(&claims);
+    // Verified, then served from the cache of verified tokens.
+    assert_eq!(v.validate(&token).await.unwrap().subject, "carol");
+    assert_eq!(v.validate(&token).await.unwrap().subject, "carol");
+    // A copy with one signature character changed is another token: verified, refused.
+    let (head, sig) = token.rsplit_once('.').unwrap();
+    let flipped = format!(
+        "{head}.{}{}",
+        if sig.starts_with('A') { 'B' } else { 'A' },
+        &sig[1..]
+    );
+    assert!(v.validate(&flipped).await.is_err());
+    // Past its expiry (and the leeway), the cached token is refused.
+    t.fetch_add(60 + 31, Ordering::Relaxed);
+    assert!(invalid(v.validate(&token).await).contains("expired"));
+    // A token not yet valid when first seen stays refused until its nbf.
+    let mut early = idp.claims("dave", RESOURCE, "mcp");
+    let at = t.load(Ordering::Relaxed);
+    early["nbf"] = json!(at + 600);
+    early["exp"] = json!(at + 3000);
+    let early = idp.sign(&early);
+    assert!(invalid(v.validate(&early).await).contains("nbf"));
+    t.fetch_add(600, Ordering::Relaxed);
+    assert_eq!(v.validate(&early).await.unwrap().subject, "dave");
+}
