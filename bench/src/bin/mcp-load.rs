@@ -63,6 +63,22 @@ struct Args {
     /// Name of the echo tool to call (e.g. a federated `ref__echo`).
     #[arg(long, default_value = "echo")]
     tool: String,
+    /// Extra header sent on every request, `Name: value` (repeatable), e.g.
+    /// `--header 'Authorization: Bearer TOKEN'`.
+    #[arg(long = "header", value_name = "NAME: VALUE", value_parser = parse_header)]
+    headers: Vec<(http::HeaderName, http::HeaderValue)>,
+}
+
+/// Parses `Name: value` into a header.
+fn parse_header(s: &str) -> Result<(http::HeaderName, http::HeaderValue), String> {
+    let (name, value) = s
+        .split_once(':')
+        .ok_or_else(|| format!("a header is `Name: value`, not {s:?}"))?;
+    let name = http::HeaderName::from_bytes(name.trim().as_bytes())
+        .map_err(|e| format!("header name {:?}: {e}", name.trim()))?;
+    let value = http::HeaderValue::from_str(value.trim())
+        .map_err(|e| format!("value of the header {name}: {e}"))?;
+    Ok((name, value))
 }
 
 /// What one connection task measured.
@@ -155,6 +171,7 @@ async fn run(args: Args) -> anyhow::Result<LoadReport> {
         allow_sessionless: args.allow_sessionless,
         notes_put: args.notes_put,
         echo_tool: args.tool.clone(),
+        headers: args.headers.clone(),
     });
 
     // Set up every connection (and legacy session) before the clock starts.
