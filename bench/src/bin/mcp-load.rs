@@ -392,3 +392,30 @@ async fn drive(mut conn: McpConnection, plan: Arc<Plan>) -> (ConnStats, McpConne
     stats.reconnects = conn.reconnects();
     (stats, conn)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_parse_as_name_colon_value() {
+        let (name, value) = parse_header("Authorization: Bearer a.b.c").unwrap();
+        assert_eq!(name, http::header::AUTHORIZATION);
+        assert_eq!(value, "Bearer a.b.c");
+        let (name, value) = parse_header("x-trace:v:1").unwrap();
+        assert_eq!((name.as_str(), value.to_str().unwrap()), ("x-trace", "v:1"));
+        assert!(parse_header("no colon").is_err());
+        assert!(parse_header("bad name: v").is_err());
+        let args = Args::try_parse_from([
+            "mcp-load",
+            "--url",
+            "http://127.0.0.1:1/mcp",
+            "--header",
+            "A: 1",
+            "--header",
+            "B: 2",
+        ])
+        .unwrap();
+        assert_eq!(args.headers.len(), 2);
+    }
+}
