@@ -142,6 +142,8 @@ pub struct ClientOptions {
     pub notes_put: bool,
     /// Name of the echo tool: `echo`, or a federated one such as `ref__echo`.
     pub echo_tool: String,
+    /// Extra headers sent on every request (e.g. `Authorization: Bearer ...`).
+    pub headers: Vec<(http::HeaderName, HeaderValue)>,
 }
 
 impl ClientOptions {
@@ -287,6 +289,9 @@ impl McpConnection {
             .header(ACCEPT, ACCEPT_BOTH);
         if !body.is_empty() {
             builder = builder.header(CONTENT_TYPE, JSON);
+        }
+        for (name, value) in &self.options.headers {
+            builder = builder.header(name, value.clone());
         }
         builder
     }
@@ -598,6 +603,7 @@ mod tests {
                 allow_sessionless: false,
                 notes_put: false,
                 echo_tool: "echo".into(),
+                headers: Vec::new(),
             };
             let body = format!(r#"{{"jsonrpc":"2.0","id":7{}"#, call_suffix(&options));
             let value: serde_json::Value = serde_json::from_str(&body).unwrap();

@@ -56,6 +56,7 @@ async fn connect(url: &str, era: Era) -> anyhow::Result<McpConnection> {
         allow_sessionless: false,
         notes_put: false,
         echo_tool: "echo".into(),
+        headers: Vec::new(),
     });
     McpConnection::connect(target, options).await
 }

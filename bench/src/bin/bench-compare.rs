@@ -583,6 +583,7 @@ async fn wait_ready(server: &mut Server, era: Era, timeout_s: f64) -> anyhow::Re
         allow_sessionless: false,
         notes_put: false,
         echo_tool: "echo".into(),
+        headers: Vec::new(),
     });
     loop {
         if let Some(status) = server.child.try_wait()? {

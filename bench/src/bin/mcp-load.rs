@@ -63,6 +63,22 @@ struct Args {
     /// Name of the echo tool to call (e.g. a federated `ref__echo`).
     #[arg(long, default_value = "echo")]
     tool: String,
+    /// Extra header sent on every request, `Name: value` (repeatable), e.g.
+    /// `--header 'Authorization: Bearer TOKEN'`.
+    #[arg(long = "header", value_name = "NAME: VALUE", value_parser = parse_header)]
+    headers: Vec<(http::HeaderName, http::HeaderValue)>,
+}
+
+/// Parses `Name: value` into a header.
+fn parse_header(s: &str) -> Result<(http::HeaderName, http::HeaderValue), String> {
+    let (name, value) = s
+        .split_once(':')
+        .ok_or_else(|| format!("a header is `Name: value`, not {s:?}"))?;
+    let name = http::HeaderName::from_bytes(name.trim().as_bytes())
+        .map_err(|e| format!("header name {:?}: {e}", name.trim()))?;
+    let value = http::HeaderValue::from_str(value.trim())
+        .map_err(|e| format!("value of the header {name}: {e}"))?;
+    Ok((name, value))
 }
 
 /// What one connection task measured.
@@ -155,6 +171,7 @@ async fn run(args: Args) -> anyhow::Result<LoadReport> {
         allow_sessionless: args.allow_sessionless,
         notes_put: args.notes_put,
         echo_tool: args.tool.clone(),
+        headers: args.headers.clone(),
     });
 
     // Set up every connection (and legacy session) before the clock starts.
@@ -374,4 +391,31 @@ async fn drive(mut conn: McpConnection, plan: Arc<Plan>) -> (ConnStats, McpConne
     }
     stats.reconnects = conn.reconnects();
     (stats, conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_parse_as_name_colon_value() {
+        let (name, value) = parse_header("Authorization: Bearer a.b.c").unwrap();
+        assert_eq!(name, http::header::AUTHORIZATION);
+        assert_eq!(value, "Bearer a.b.c");
+        let (name, value) = parse_header("x-trace:v:1").unwrap();
+        assert_eq!((name.as_str(), value.to_str().unwrap()), ("x-trace", "v:1"));
+        assert!(parse_header("no colon").is_err());
+        assert!(parse_header("bad name: v").is_err());
+        let args = Args::try_parse_from([
+            "mcp-load",
+            "--url",
+            "http://127.0.0.1:1/mcp",
+            "--header",
+            "A: 1",
+            "--header",
+            "B: 2",
+        ])
+        .unwrap();
+        assert_eq!(args.headers.len(), 2);
+    }
 }
