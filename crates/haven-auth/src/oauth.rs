@@ -170,9 +170,14 @@ pub struct TokenValidator {
     /// hundreds of microseconds; a lookup, one hash): its `exp`/`nbf` are still judged at
     /// every use. Emptied whenever the issuer's keys are fetched again, so a key the issuer
     /// withdrew stops accepting at the next refresh; bounded by [`VERIFIED_CACHE_MAX`].
-    verified: parking_lot::Mutex<
-        std::collections::HashMap<[u8; 32], Arc<serde_json::Map<String, Value>>>,
-    >,
+    verified: parking_lot::Mutex<std::collections::HashMap<[u8; 32], Verified>>,
+}
+
+/// A verified token: its principal and its times.
+struct Verified {
+    principal: Principal,
+    exp: u64,
+    nbf: Option<u64>,
 }
 
 /// Most tokens kept verified at once; when full, the cache is emptied and refills.
@@ -261,10 +266,14 @@ impl TokenValidator {
                 .is_none_or(|t| now.saturating_sub(t) >= self.settings.jwks_max_age.as_secs())
         };
         if !stale {
-            let cached = self.verified.lock().get(&digest).cloned();
-            if let Some(claims) = cached {
-                self.check_claims(&claims)?;
-                return Ok(self.principal(&claims));
+            let cached = self
+                .verified
+                .lock()
+                .get(&digest)
+                .map(|v| (v.principal.clone(), v.exp, v.nbf));
+            if let Some((principal, exp, nbf)) = cached {
+                self.check_times(exp, nbf)?;
+                return Ok(principal);
             }
         }
         let header = jsonwebtoken::decode_header(token)
@@ -317,11 +326,20 @@ impl TokenValidator {
         };
         self.check_claims(&claims)?;
         let principal = self.principal(&claims);
+        let exp = claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
+        let nbf = claims.get("nbf").and_then(Value::as_u64);
         let mut verified = self.verified.lock();
         if verified.len() >= VERIFIED_CACHE_MAX {
             verified.clear();
         }
-        verified.insert(digest, Arc::new(claims));
+        verified.insert(
+            digest,
+            Verified {
+                principal: principal.clone(),
+                exp,
+                nbf,
+            },
+        );
         Ok(principal)
     }
 
@@ -374,26 +392,36 @@ impl TokenValidator {
         }
     }
 
-    fn check_claims(&self, claims: &serde_json::Map<String, Value>) -> Result<(), TokenError> {
+    /// `exp` and `nbf` against now, with the leeway.
+    fn check_times(&self, exp: u64, nbf: Option<u64>) -> Result<(), TokenError> {
         let now = (self.now)();
         let leeway = self.settings.leeway_secs;
+        if exp.saturating_add(leeway) <= now {
+            return Err(TokenError::Invalid("the token has expired".into()));
+        }
+        if let Some(nbf) = nbf
+            && nbf > now.saturating_add(leeway)
+        {
+            return Err(TokenError::Invalid(
+                "the token is not valid yet (nbf)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_claims(&self, claims: &serde_json::Map<String, Value>) -> Result<(), TokenError> {
         let exp = claims
             .get("exp")
             .and_then(Value::as_u64)
             .ok_or_else(|| TokenError::Invalid("the token has no numeric exp claim".into()))?;
-        if exp.saturating_add(leeway) <= now {
-            return Err(TokenError::Invalid("the token has expired".into()));
-        }
-        if let Some(nbf) = claims.get("nbf") {
-            let nbf = nbf
-                .as_u64()
-                .ok_or_else(|| TokenError::Invalid("the token's nbf is not a number".into()))?;
-            if nbf > now.saturating_add(leeway) {
-                return Err(TokenError::Invalid(
-                    "the token is not valid yet (nbf)".into(),
-                ));
-            }
-        }
+        let nbf = match claims.get("nbf") {
+            None => None,
+            Some(v) => Some(
+                v.as_u64()
+                    .ok_or_else(|| TokenError::Invalid("the token's nbf is not a number".into()))?,
+            ),
+        };
+        self.check_times(exp, nbf)?;
         // `iss` and `aud` were checked by the decoder; insist they are present.
         if claims.get("iss").and_then(Value::as_str) != Some(self.settings.issuer.as_str()) {
             return Err(TokenError::Invalid(

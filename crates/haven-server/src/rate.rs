@@ -417,6 +417,11 @@ impl RateLimiter {
     }
 
     /// A `tools/call` of `tool` by the principal named `principal`.
+    /// Whether calls of `tool` are rate limited.
+    pub fn tool_limited(&self, tool: &str) -> bool {
+        self.limits.tool_quota(tool).is_limited()
+    }
+
     pub fn check_tool(&self, principal: &str, tool: &str) -> Result<(), Limited> {
         let quota = self.limits.tool_quota(tool);
         if !quota.is_limited() {

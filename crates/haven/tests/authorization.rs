@@ -7,67 +7,12 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Haven, LEGACY, Legacy, free_port, haven_bin};
+use common::auth::{bearer_client as client, cli, cli_ok, session};
+use common::{Haven, free_port};
 use haven_testkit::idp::TestIdp;
 use serde_json::{Value, json};
-
-fn client(token: &str) -> reqwest::Client {
-    let mut h = reqwest::header::HeaderMap::new();
-    h.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Bearer {token}").parse().unwrap(),
-    );
-    reqwest::Client::builder()
-        .default_headers(h)
-        .build()
-        .unwrap()
-}
-
-fn cli(data: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(haven_bin())
-        .args(args)
-        .arg("--data")
-        .arg(data)
-        .env_remove("HAVEN_ADMIN_TOKEN")
-        .env_remove("HAVEN_NODE")
-        .env_remove("HAVEN_DATA")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn cli_ok(data: &Path, args: &[&str]) -> String {
-    let out = cli(data, args);
-    assert!(
-        out.status.success(),
-        "haven {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A legacy session of the caller `client` authenticates.
-async fn session(client: &reqwest::Client, url: &str) -> Legacy {
-    let r = client
-        .post(url)
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .body(json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":LEGACY,"capabilities":{},"clientInfo":{"name":"authz-test","version":"1"}}}).to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let session = r.headers()["mcp-session-id"].to_str().unwrap().to_owned();
-    Legacy {
-        client: client.clone(),
-        url: url.to_owned(),
-        session,
-    }
-}
 
 async fn stateless(client: &reqwest::Client, url: &str, method: &str, params: Value) -> Value {
     common::stateless(client, url, 1, method, params, json!({}))

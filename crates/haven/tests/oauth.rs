@@ -5,66 +5,10 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Stdio};
-
-use common::{Haven, LEGACY, Legacy, free_port, haven_bin};
+use common::auth::{bearer_client as client, cli_ok as cli, initialize, session};
+use common::{Haven, LEGACY, Legacy, free_port};
 use haven_testkit::idp::TestIdp;
 use serde_json::{Value, json};
-
-fn client(token: &str) -> reqwest::Client {
-    let mut h = reqwest::header::HeaderMap::new();
-    h.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Bearer {token}").parse().unwrap(),
-    );
-    reqwest::Client::builder()
-        .default_headers(h)
-        .build()
-        .unwrap()
-}
-
-async fn initialize(client: &reqwest::Client, url: &str) -> reqwest::Response {
-    client
-        .post(url)
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .body(json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":LEGACY,"capabilities":{},"clientInfo":{"name":"oauth-test","version":"1"}}}).to_string())
-        .send()
-        .await
-        .unwrap()
-}
-
-/// A legacy session of the caller `client` authenticates.
-async fn session(client: &reqwest::Client, url: &str) -> Legacy {
-    let r = initialize(client, url).await;
-    assert_eq!(r.status(), 200);
-    let session = r.headers()["mcp-session-id"].to_str().unwrap().to_owned();
-    Legacy {
-        client: client.clone(),
-        url: url.to_owned(),
-        session,
-    }
-}
-
-fn cli(data: &Path, args: &[&str]) -> std::process::Output {
-    let out = Command::new(haven_bin())
-        .args(args)
-        .arg("--data")
-        .arg(data)
-        .env_remove("HAVEN_ADMIN_TOKEN")
-        .env_remove("HAVEN_NODE")
-        .env_remove("HAVEN_DATA")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "haven {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_and_api_keys_authenticate_and_sessions_and_tasks_belong_to_their_principal() {
@@ -289,7 +233,7 @@ async fn tokens_and_api_keys_authenticate_and_sessions_and_tasks_belong_to_their
             "auth", "keys", "create", "--name", "ci", "--scope", "mcp", "--json",
         ],
     );
-    let created: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let created: Value = serde_json::from_str(&out).unwrap();
     let key = created["api_key"].as_str().unwrap().to_owned();
     let id = created["id"]
         .as_str()
@@ -315,10 +259,10 @@ async fn tokens_and_api_keys_authenticate_and_sessions_and_tasks_belong_to_their
     // commits what the node queued before it: the records of the refused requests.)
     cli(&data, &["audit", "checkpoint"]);
     let out = cli(&data, &["audit", "list", "--action", "auth.failure"]);
-    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    let listed = out;
     assert!(listed.contains("unauthenticated"), "{listed}");
     let out = cli(&data, &["audit", "export"]);
-    let exported = String::from_utf8_lossy(&out.stdout).into_owned();
+    let exported = out;
     assert!(!exported.contains(&signed) && !exported.contains(&key));
 }
 

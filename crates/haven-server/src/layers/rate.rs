@@ -104,6 +104,9 @@ pub fn check_tool(
     }
     // A call without a readable name is refused by the engine; it runs nothing.
     let tool = req.params.as_ref()?.get("name")?.as_str()?;
+    if !rate.tool_limited(tool) {
+        return None;
+    }
     let principal = principal_id(principal);
     let limited = rate.check_tool(&principal, tool).err()?;
     tracing::debug!(principal = %principal, tool, "tool call refused: its rate limit");

@@ -2,6 +2,7 @@
 
 #![allow(dead_code, unused_imports)]
 
+pub mod auth;
 pub mod cluster;
 pub mod upstreams;
 
