@@ -259,6 +259,8 @@ impl TokenValidator {
     /// Validates `token` and returns its principal.
     pub async fn validate(&self, token: &str) -> Result<Principal, TokenError> {
         let digest = token_digest(token);
+        // Whether the keys are older than `jwks_max_age`: then nothing verified under them is
+        // trusted from the cache, and they are fetched again below.
         let stale = {
             let set = self.keys.read().await;
             let now = (self.now)();
@@ -286,12 +288,6 @@ impl TokenValidator {
         }
         let family = header.alg.family();
         // Keys stale by age are fetched again before use; a failure keeps the stale ones.
-        let stale = {
-            let set = self.keys.read().await;
-            let now = (self.now)();
-            set.fetched
-                .is_none_or(|t| now.saturating_sub(t) >= self.settings.jwks_max_age.as_secs())
-        };
         if stale {
             let _ = self.refresh(false).await;
         }

@@ -161,6 +161,8 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
     if let Err(r) = check_routing(&req, h, p.from_http, &version, &id) {
         return r;
     }
+    let owner = crate::session::owner_of(&p.principal);
+    let from_http = p.from_http;
     let call = Call {
         id,
         method: req.method,
@@ -172,9 +174,9 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
             client_info: meta.client_info,
             capabilities,
             log_level: meta.log_level,
-            principal: crate::session::owner_of(&p.principal),
+            principal: owner,
         },
-        principal: Some(Arc::new(p.principal.clone())),
+        principal: Some(Arc::new(p.principal)),
         progress_token: meta.progress_token,
         traceparent: meta
             .traceparent
@@ -182,7 +184,7 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
     };
     // 7. `Mcp-Param-*` headers must mirror the arguments they stand for.
     if call.method == "tools/call"
-        && p.from_http
+        && from_http
         && let Some(r) = Box::pin(param_header_rejection(inner, &call, h)).await
     {
         return r;
