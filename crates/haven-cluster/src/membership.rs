@@ -33,7 +33,7 @@ pub fn heartbeat_key(region: &str, node: &str) -> String {
 const OFFSET_SAMPLES: usize = 16;
 
 /// A node's heartbeat record.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NodeInfo {
     /// Node id.
     pub node: String,
@@ -56,6 +56,10 @@ pub struct NodeInfo {
     /// The node left cleanly: its work may be taken over at once.
     #[serde(default)]
     pub left: bool,
+    /// Its recent requests (availability, throughput, latency), for every node's status
+    /// page; absent where no metrics registry is installed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<haven_telemetry::recent::RecentSummary>,
 }
 
 /// A node as seen from here.
@@ -190,6 +194,8 @@ impl Membership {
             draining: state.draining,
             ttl_millis: self.config.ttl.as_millis() as u64,
             left: state.left,
+            stats: haven_telemetry::get()
+                .map(|m| m.recent.summary(self.store.clock().wall_millis() / 1000)),
         }
     }
 

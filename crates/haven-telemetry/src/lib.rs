@@ -24,6 +24,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
 pub mod process;
+pub mod recent;
 pub mod trace;
 
 /// `Content-Type` of the OpenMetrics text format.
@@ -180,6 +181,8 @@ pub struct Metrics {
     pub calls_denied: Counter,
     /// The process metrics, refreshed at scrape.
     pub process: process::ProcessMetrics,
+    /// The last day's requests by minute, for the status page and the heartbeat.
+    pub recent: recent::Recent,
 }
 
 fn duration_buckets() -> impl Iterator<Item = f64> {
@@ -238,6 +241,7 @@ impl Metrics {
             auth_failures: Counter::default(),
             calls_denied: Counter::default(),
             process: process::ProcessMetrics::default(),
+            recent: recent::Recent::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -409,6 +413,16 @@ impl Metrics {
         self.operations
             .get_or_create(labels)
             .observe(took.as_secs_f64(), exemplar, None);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.recent.record(
+            now,
+            took.as_secs_f64(),
+            labels.outcome == Outcome::error
+                && recent::is_server_error(&labels.rpc_response_status_code),
+            !recent::is_long_by_design(&labels.mcp_method_name, &labels.gen_ai_tool_name),
+        );
     }
 
     /// The registry in OpenMetrics text (with exemplars).

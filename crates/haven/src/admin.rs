@@ -17,12 +17,22 @@ use haven_backup::ShipperHandle;
 use haven_server::layers::host_origin::{self, AllowedHosts};
 use serde_json::json;
 
+/// Who may use the admin API: its token, the names allowed in `Host` and `Origin`, and the
+/// authentication of `/mcp` whose tokens and API keys it also takes (`None`: off).
+pub struct Access {
+    pub token: String,
+    pub allowed: AllowedHosts,
+    pub authn: Option<Arc<haven_auth::Authenticator>>,
+}
+
 /// Shared state of the admin routes.
 pub struct Admin {
     token: String,
     /// Authentication of `/mcp` (`None`: off). When on, the admin API also takes its tokens
     /// and API keys, with the rights of the principal's [`haven_auth::AdminRole`].
     authn: Option<Arc<haven_auth::Authenticator>>,
+    /// The status page's settings.
+    pub(crate) status: crate::status::StatusConfig,
     /// The backup shippers: the main target first, then the additional ones.
     pub(crate) backup: Vec<ShipperHandle>,
     pub(crate) engine: haven_mcp::engine::Engine,
@@ -89,17 +99,22 @@ pub fn write_private(path: &Path, content: &[u8]) -> Result<()> {
 /// (`allowed`: the names allowed in `Host` and `Origin`; the headers that must be single),
 /// then its bearer token.
 pub fn router(
-    token: String,
+    access: Access,
     backup: Vec<ShipperHandle>,
     engine: haven_mcp::engine::Engine,
     region: String,
     control: crate::control::Control,
-    allowed: AllowedHosts,
-    authn: Option<Arc<haven_auth::Authenticator>>,
+    status_config: crate::status::StatusConfig,
 ) -> (Router, Router) {
+    let Access {
+        token,
+        allowed,
+        authn,
+    } = access;
     let state = Arc::new(Admin {
         token,
         authn,
+        status: status_config,
         backup,
         engine,
         region,
@@ -107,9 +122,21 @@ pub fn router(
     });
     let open_metrics = Router::new()
         .route("/metrics", get(crate::metrics::serve))
+        .route("/status", get(crate::status::page))
+        .with_state(state.clone());
+    // The status page's sign-in: outside the credentials check, inside the header checks.
+    let login = Router::new()
+        .route("/status/login", post(crate::status::login))
+        .route("/status/logout", post(crate::status::logout))
+        .route_layer(axum::middleware::from_fn_with_state(
+            allowed.clone(),
+            check_headers,
+        ))
         .with_state(state.clone());
     let admin = Router::new()
         .route("/metrics", get(crate::metrics::serve))
+        .route("/status", get(crate::status::page))
+        .route("/admin/v1/overview", get(crate::status::json))
         .route("/admin/v1/status", get(status))
         .route("/admin/v1/regions", get(regions))
         .route("/admin/v1/regions/promote", post(region_promote))
@@ -129,9 +156,12 @@ pub fn router(
             state.clone(),
             require_token,
         ))
+        // The status page's cookie becomes its credentials; a refusal, the sign-in form.
+        .route_layer(axum::middleware::from_fn(crate::status::cookie_credentials))
         // Runs before the token check: a request whose headers are refused is not looked at.
         .route_layer(axum::middleware::from_fn_with_state(allowed, check_headers))
-        .with_state(state);
+        .with_state(state)
+        .merge(login);
     (admin, open_metrics)
 }
 
@@ -209,6 +239,32 @@ async fn require_token(
     }
     request.extensions_mut().insert(principal);
     next.run(request).await
+}
+
+/// Whether `token` (the admin token, or with authentication on an access token or API key)
+/// may read the admin API (the viewer role); the reason when not.
+pub(crate) async fn check_viewer(admin: &Admin, token: &str) -> Result<(), String> {
+    let mut headers = HeaderMap::new();
+    if let Ok(v) = header::HeaderValue::from_str(&format!("Bearer {token}")) {
+        headers.insert(header::AUTHORIZATION, v);
+    }
+    if authorize(admin, &headers).is_ok() {
+        return Ok(());
+    }
+    let Some(authn) = admin.authn.as_ref() else {
+        return Err("That is not this node's admin token.".into());
+    };
+    let principal = authn
+        .identify(Some(&format!("Bearer {token}")))
+        .await
+        .map_err(|e| format!("Refused: {e}."))?;
+    match haven_auth::AdminRole::of(&principal) {
+        Some(_) => Ok(()),
+        None => Err(format!(
+            "{} has no admin role (haven:viewer or higher).",
+            principal.id()
+        )),
+    }
 }
 
 pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {

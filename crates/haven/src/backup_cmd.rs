@@ -29,8 +29,16 @@ pub async fn run(cmd: BackupCommand) -> Result<ExitCode> {
 pub async fn status(a: crate::settings::NodeArgs) -> Result<ExitCode> {
     let node = node_url(a.node.as_ref(), a.data.as_ref());
     let token = token(a.admin_token_file.as_ref(), a.data.as_ref())?;
-    let v = admin_call(&node, &token, reqwest::Method::GET, "/admin/v1/status").await?;
+    let mut v = admin_call(&node, &token, reqwest::Method::GET, "/admin/v1/status").await?;
+    // Every region and node, their health and traffic (a node older than the overview
+    // has only its own region's nodes to show).
+    let overview = admin_call(&node, &token, reqwest::Method::GET, "/admin/v1/overview")
+        .await
+        .ok();
     if a.json {
+        if let Some(o) = overview {
+            v["overview"] = o;
+        }
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
@@ -45,7 +53,10 @@ pub async fn status(a: crate::settings::NodeArgs) -> Result<ExitCode> {
             ""
         }
     );
-    print_nodes(&v["nodes"]);
+    match &overview {
+        Some(o) => print!("{}", crate::status::render_text(o)),
+        None => print_nodes(&v["nodes"]),
+    }
     if v["clock"]["skewed"] == true {
         println!();
         println!(

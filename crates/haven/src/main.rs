@@ -13,6 +13,7 @@ mod metrics;
 mod reclaim;
 mod region_cmd;
 mod settings;
+mod status;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -809,15 +810,22 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
     haven_state::files::write_private(&s.data.join("admin.url"), admin_url.as_bytes())
         .with_context(|| format!("writing {}", s.data.join("admin.url").display()))?;
     let (admin_routes, open_metrics) = admin::router(
-        token,
+        admin::Access {
+            token,
+            allowed: haven_server::layers::host_origin::AllowedHosts::new(&s.allowed_hosts),
+            authn: http
+                .authentication
+                .as_ref()
+                .map(|a| a.authenticator.clone()),
+        },
         backup,
         engine.clone(),
         s.region.clone(),
         control.clone(),
-        haven_server::layers::host_origin::AllowedHosts::new(&s.allowed_hosts),
-        http.authentication
-            .as_ref()
-            .map(|a| a.authenticator.clone()),
+        status::StatusConfig {
+            alerts_url: s.alerts_url.clone(),
+            secure_cookie: admin_scheme == "https",
+        },
     );
     let mut router = haven_server::router(engine.clone(), http.clone()).merge(
         admin::regionz_router(engine.clone(), s.region.clone(), control.regions.clone()),

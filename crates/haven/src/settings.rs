@@ -810,6 +810,11 @@ pub struct ServeArgs {
     /// API, with its credentials]
     #[arg(long, env = "HAVEN_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<String>,
+    /// The Prometheus whose alerts (firing and pending) the status page (/status) and
+    /// `haven status` show, e.g. http://127.0.0.1:9090 [default: none; the page shows
+    /// Haven's own findings only]
+    #[arg(long, env = "HAVEN_ALERTS_URL", value_name = "URL")]
+    pub alerts_url: Option<String>,
     /// Serve over TLS with this certificate chain (PEM, the leaf first; with --tls-key),
     /// reloaded when the file changes [default: plain HTTP]
     #[arg(long, env = "HAVEN_TLS_CERT", value_name = "FILE")]
@@ -1047,6 +1052,7 @@ struct FileSettings {
     admin_token_file: Option<PathBuf>,
     admin_listen: Option<String>,
     metrics_listen: Option<String>,
+    alerts_url: Option<String>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_min_version: Option<String>,
@@ -1106,6 +1112,8 @@ pub struct Settings {
     pub admin_listen: Option<String>,
     /// An address serving /metrics without credentials (`None`: only the admin API's).
     pub metrics_listen: Option<String>,
+    /// The Prometheus whose alerts the status page shows.
+    pub alerts_url: Option<reqwest::Url>,
     /// TLS of the MCP listener (`None`: plain HTTP).
     pub tls: Option<haven_server::TlsFiles>,
     /// Oldest TLS version the listeners accept.
@@ -1420,6 +1428,21 @@ impl Settings {
         let metrics_listen = serve
             .and_then(|s| s.metrics_listen.clone())
             .or(file.metrics_listen.take());
+        let alerts_url = match serve
+            .and_then(|s| s.alerts_url.clone())
+            .or(file.alerts_url.take())
+        {
+            None => None,
+            Some(u) => {
+                let url = reqwest::Url::parse(&u).with_context(|| {
+                    format!("alerts_url {u:?} is not a URL; give Prometheus' base URL, such as http://127.0.0.1:9090")
+                })?;
+                if !matches!(url.scheme(), "http" | "https") {
+                    bail!("alerts_url {u:?} must be an http or https URL (Prometheus' base URL)");
+                }
+                Some(url)
+            }
+        };
         let admin_listen = serve
             .and_then(|s| s.admin_listen.clone())
             .or(file.admin_listen.take())
@@ -1680,6 +1703,7 @@ impl Settings {
             admin_token_file,
             admin_listen,
             metrics_listen,
+            alerts_url,
             tls,
             tls_min_version,
             admin_tls,

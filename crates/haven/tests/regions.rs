@@ -312,6 +312,65 @@ async fn what_one_region_writes_the_other_serves() {
         text.contains("only-echo") && text.contains("A-node"),
         "{text}"
     );
+
+    // The status page's overview and `haven status` across regions (issue 14 §5): A shows B
+    // and B's node, with its traffic (carried by B's replicated heartbeat) and the lag.
+    let ok = wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        || async {
+            let (_, v) = admin(&r.a, reqwest::Method::GET, "/admin/v1/overview", None).await;
+            let b = &v["regions"][1];
+            b["name"] == "B"
+                && b["state"] == "up"
+                && b["nodes"][0]["name"] == "B-node"
+                && b["nodes"][0]["state"] == "up"
+                && b["nodes"][0]["stats"]["requests_1h"].as_u64() > Some(0)
+                && b["lag_seconds"].as_f64().is_some()
+                && b["role"].is_string()
+        },
+    )
+    .await;
+    let (_, v) = admin(&r.a, reqwest::Method::GET, "/admin/v1/overview", None).await;
+    assert!(ok, "A's overview does not show B: {v:#}");
+    let out = cli(&r.a, &["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let role = |i: usize| v["regions"][i]["role"].as_str().unwrap().to_owned();
+    assert!(
+        text.contains(&format!("Region A (here) — up ({})", role(0))),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("Region B — up ({})", role(1))),
+        "{text}"
+    );
+    assert!(text.contains("replication here"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.trim_start().starts_with("B-node") && l.contains("up")),
+        "{text}"
+    );
+    let page = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{}/status", r.a.port))
+        .bearer_auth(
+            std::fs::read_to_string(r.a.data.join("admin.token"))
+                .unwrap()
+                .trim(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("data-region=\"B\" data-state=\"up\""),
+        "{page}"
+    );
+    assert!(
+        page.contains("data-node=\"B-node\" data-state=\"up\""),
+        "{page}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
