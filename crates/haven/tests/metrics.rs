@@ -5,131 +5,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use common::cluster::{ONE_REGION_AT_A_TIME, Region};
+use common::prometheus::Prometheus;
 use common::{Haven, Legacy, free_port};
 use serde_json::{Value, json};
-
-/// A Prometheus server on loopback, stopped (and reaped) when dropped.
-struct Prometheus {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn prometheus_bin() -> PathBuf {
-    let tools = haven_testkit::tools_dir().join("bin").join("prometheus");
-    if tools.exists() {
-        return tools;
-    }
-    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
-        let p = Path::new(dir).join("prometheus");
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!("prometheus not found (scripts/install-tools installs Debian's prometheus package)");
-}
-
-impl Prometheus {
-    /// Scrapes `targets` (address, token file) every second.
-    async fn start(targets: &[(String, PathBuf)]) -> Prometheus {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config =
-            String::from("global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n");
-        for (i, (addr, token)) in targets.iter().enumerate() {
-            config.push_str(&format!(
-                "  - job_name: haven-{i}\n    metrics_path: /metrics\n    authorization:\n      credentials_file: {}\n    static_configs:\n      - targets: ['{addr}']\n        labels:\n          service: haven\n",
-                token.display()
-            ));
-        }
-        let config_file = dir.path().join("prometheus.yml");
-        std::fs::write(&config_file, config).unwrap();
-        let port = free_port();
-        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
-        let child = Command::new(prometheus_bin())
-            .arg(format!("--config.file={}", config_file.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("tsdb").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--enable-feature=exemplar-storage")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let p = Prometheus {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-            _dir: dir,
-        };
-        let ready = haven_testkit::wait_until(
-            Duration::from_secs(60),
-            Duration::from_millis(100),
-            || async {
-                reqwest::get(format!("{}/-/ready", p.url))
-                    .await
-                    .is_ok_and(|r| r.status() == 200)
-            },
-        )
-        .await;
-        assert!(ready, "prometheus did not get ready");
-        p
-    }
-
-    /// The result vector of an instant query.
-    async fn query(&self, q: &str) -> Vec<Value> {
-        let v: Value = reqwest::Client::new()
-            .get(format!("{}/api/v1/query", self.url))
-            .query(&[("query", q)])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(v["status"], "success", "{q}: {v}");
-        v["data"]["result"].as_array().cloned().unwrap_or_default()
-    }
-
-    /// Waits (bounded: scrapes happen every second) until `q` returns `n` series, each of
-    /// whose value satisfies `ok`; returns them.
-    async fn until(&self, q: &str, n: usize, ok: impl Fn(f64) -> bool) -> Vec<Value> {
-        let last = std::sync::Mutex::new(Vec::new());
-        let found = haven_testkit::wait_until(
-            Duration::from_secs(30),
-            Duration::from_millis(250),
-            || async {
-                let got = self.query(q).await;
-                let good = got.len() == n
-                    && got.iter().all(|s| {
-                        s["value"][1]
-                            .as_str()
-                            .and_then(|v| v.parse::<f64>().ok())
-                            .is_some_and(&ok)
-                    });
-                *last.lock().unwrap() = got;
-                good
-            },
-        )
-        .await;
-        let last = last.into_inner().unwrap();
-        assert!(found, "{q}: wanted {n} series, got {last:?}");
-        last
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_a_region_and_sees_traffic_a_backup_and_a_kill() {

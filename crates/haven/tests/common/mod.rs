@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod cluster;
+pub mod prometheus;
 pub mod upstreams;
 
 /// Key-encryption key every test node on a shared (NATS) store gets through
