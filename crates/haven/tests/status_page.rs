@@ -11,6 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::cluster::{ONE_REGION_AT_A_TIME, Region, haven_status};
+use common::prometheus::Prometheus;
 use common::{Legacy, free_port};
 use serde_json::{Value, json};
 
@@ -117,11 +118,37 @@ fn row_state(dom: &str, node: &str) -> Option<String> {
 async fn the_status_page_shows_the_region_and_a_killed_node_down_in_a_real_browser() {
     let _one = ONE_REGION_AT_A_TIME.lock().await;
     let open: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    // A Prometheus with Haven's alert rules scrapes every node's open /metrics; the page
+    // shows its alerts.
+    let prom_port = free_port();
     let env = open
         .iter()
-        .map(|p| vec![("HAVEN_METRICS_LISTEN".to_owned(), format!("127.0.0.1:{p}"))])
+        .map(|p| {
+            vec![
+                ("HAVEN_METRICS_LISTEN".to_owned(), format!("127.0.0.1:{p}")),
+                (
+                    "HAVEN_ALERTS_URL".to_owned(),
+                    format!("http://127.0.0.1:{prom_port}"),
+                ),
+            ]
+        })
         .collect();
     let mut region = Region::start_custom(&[], env).await;
+    let mut targets = String::new();
+    for (i, p) in open.iter().enumerate() {
+        targets.push_str(&format!(
+            "      - targets: ['127.0.0.1:{p}']\n        labels: {{region: r1, node: node{i}}}\n"
+        ));
+    }
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../deploy/prometheus/haven-alerts.yml");
+    let prom = Prometheus::start_on(
+        prom_port,
+        &format!("  - job_name: haven\n    honor_labels: true\n    static_configs:\n{targets}"),
+        &[rules],
+    )
+    .await;
+    prom.until("up{job=\"haven\"}", 3, |v| v == 1.0).await;
     let profile = tempfile::tempdir().unwrap();
     let page = format!("http://127.0.0.1:{}/status", open[0]);
 
@@ -182,7 +209,11 @@ async fn the_status_page_shows_the_region_and_a_killed_node_down_in_a_real_brows
     assert!(r["rate_5m"].as_f64().unwrap() > 0.0);
     assert!(r["p99_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(overview["healthy"], true, "{overview:#}");
-    assert_eq!(overview["alerts"]["source"], Value::Null);
+    assert_eq!(
+        overview["alerts"]["source"],
+        format!("http://127.0.0.1:{prom_port}/")
+    );
+    assert_eq!(overview["alerts"]["error"], Value::Null, "{overview:#}");
     assert_eq!(overview["drill"], Value::Null);
 
     // The page in a real browser: three nodes up, no script, the sections all there.
@@ -245,6 +276,25 @@ async fn the_status_page_shows_the_region_and_a_killed_node_down_in_a_real_brows
         "{html}"
     );
     assert!(html.contains("node node2 of region r1 is down"), "{html}");
+    // Prometheus saw it too: its HavenNodeDown alert (pending for its first minute, then
+    // firing) is on the page.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let html = loop {
+        let html = dom(profile.path().into(), page.clone()).await;
+        if html.contains("data-alert=\"HavenNodeDown\"") {
+            break html;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the page never showed Prometheus' HavenNodeDown alert: {html}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        html.contains("data-alert=\"HavenNodeDown\" data-state=\"pending\"")
+            || html.contains("data-alert=\"HavenNodeDown\" data-state=\"firing\""),
+        "{html}"
+    );
     let shot = screenshot(
         profile.path().into(),
         page.clone(),
@@ -274,6 +324,8 @@ async fn the_status_page_shows_the_region_and_a_killed_node_down_in_a_real_brows
     assert!(line.contains("down"), "{text}");
     assert!(text.contains("node node2 of region r1 is down"), "{text}");
     assert!(text.contains("Last drill: none on record"), "{text}");
+    assert!(text.contains("HavenNodeDown"), "{text}");
+    drop(prom);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -64,13 +64,24 @@ impl Prometheus {
     /// indented by two spaces), a scrape and evaluation interval of one second, and waits
     /// (bounded) until it is ready.
     pub async fn start_with(scrape_configs: &str) -> Prometheus {
+        Prometheus::start_on(free_port(), scrape_configs, &[]).await
+    }
+
+    /// On `port`, with these rule files loaded (evaluated every second).
+    pub async fn start_on(port: u16, scrape_configs: &str, rule_files: &[PathBuf]) -> Prometheus {
         let dir = tempfile::tempdir().unwrap();
+        let mut rules = String::new();
+        if !rule_files.is_empty() {
+            rules.push_str("rule_files:\n");
+            for f in rule_files {
+                rules.push_str(&format!("  - {}\n", f.display()));
+            }
+        }
         let config = format!(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\nscrape_configs:\n{scrape_configs}"
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n{rules}scrape_configs:\n{scrape_configs}"
         );
         let config_file = dir.path().join("prometheus.yml");
         std::fs::write(&config_file, config).unwrap();
-        let port = free_port();
         let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
         let child = Command::new(prometheus_bin())
             .arg(format!("--config.file={}", config_file.display()))
