@@ -1,4 +1,4 @@
-//! The cost of Haven's security features (issue 13, "Measured"):
+//! The cost of Haven's security and observability features (issues 13 and 14, "Measured"):
 //!
 //! - **authentication**: `tools/call` echo throughput of `haven serve --auth off` (A) against
 //!   `--auth on` with JWT access tokens of an OAuth issuer that this bench runs in-process
@@ -10,7 +10,11 @@
 //!   off;
 //! - **a JWKS refresh**: `haven_auth::TokenValidator` against the issuer on loopback, the time
 //!   of a validation whose key is cached against the first validation after the issuer
-//!   rotated its key (an unknown `kid`, which makes the validator fetch the JWKS again).
+//!   rotated its key (an unknown `kid`, which makes the validator fetch the JWKS again);
+//! - **metrics and tracing** (`--observability`): `--metrics off` (A) against metrics on (B),
+//!   metrics on with traces exported by OTLP/HTTP to a collector this bench runs in-process
+//!   (it answers every export with 200 and counts them) with 1 % of new traces sampled (C)
+//!   and with every trace sampled (D).
 //!
 //! The load comparisons run in both protocol eras, fresh `haven serve` processes for every
 //! run, the order of the setups alternating by round, with the noise guard of
@@ -61,6 +65,9 @@ struct Cli {
     /// Skip the audit comparison.
     #[arg(long)]
     no_audit: bool,
+    /// Also compare metrics and tracing on against off.
+    #[arg(long)]
+    observability: bool,
     /// JWKS refreshes timed (0: skip that part).
     #[arg(long, default_value_t = 200)]
     refreshes: usize,
@@ -86,6 +93,14 @@ enum Setup {
     AuditOff,
     /// Authentication off, `audit.tool_calls` on.
     AuditOn,
+    /// `--metrics off`.
+    MetricsOff,
+    /// Metrics on (the default).
+    MetricsOn,
+    /// Metrics on, traces exported with 1 % of new traces sampled.
+    Trace1,
+    /// Metrics on, every trace sampled and exported.
+    Trace100,
 }
 
 impl Setup {
@@ -96,6 +111,10 @@ impl Setup {
             Setup::JwtRules => "JWT + rules",
             Setup::AuditOff => "audit off",
             Setup::AuditOn => "audit on",
+            Setup::MetricsOff => "metrics off",
+            Setup::MetricsOn => "metrics on",
+            Setup::Trace1 => "tracing 1 %",
+            Setup::Trace100 => "tracing 100 %",
         }
     }
 }
@@ -106,6 +125,8 @@ struct Run {
     report: LoadReport,
     /// Audit records written and events dropped by the node (audit setups).
     audit: Option<(u64, u64)>,
+    /// OTLP export requests and their bytes received by the collector (tracing setups).
+    exported: Option<(u64, u64)>,
 }
 
 impl Run {
@@ -126,6 +147,7 @@ struct Ctx {
     haven: PathBuf,
     load: PathBuf,
     idp: TestIdp,
+    otlp: Collector,
     cli: Cli,
     http: reqwest::Client,
 }
@@ -178,6 +200,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         haven,
         load: bin_dir.join("mcp-load"),
         idp: TestIdp::start().await,
+        otlp: Collector::start().await?,
         cli,
         http: reqwest::Client::new(),
     };
@@ -199,6 +222,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     if !ctx.cli.no_audit {
         groups.push(vec![Setup::AuditOff, Setup::AuditOn]);
+    }
+    if ctx.cli.observability {
+        groups.push(vec![
+            Setup::MetricsOff,
+            Setup::MetricsOn,
+            Setup::Trace1,
+            Setup::Trace100,
+        ]);
     }
     let mut tables = Vec::new();
     for group in &groups {
@@ -295,10 +326,10 @@ fn render(
 ) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let title = if setups[0] == Setup::AuthOff {
-        "authentication"
-    } else {
-        "audit of every tool call"
+    let title = match setups[0] {
+        Setup::AuthOff => "authentication",
+        Setup::MetricsOff => "metrics and tracing",
+        _ => "audit of every tool call",
     };
     let _ = writeln!(
         out,
@@ -399,6 +430,16 @@ fn render(
         median(&load_cpu)
     );
     for (i, s) in setups.iter().enumerate() {
+        let exported: Vec<(u64, u64)> = rounds.iter().filter_map(|runs| runs[i].exported).collect();
+        if !exported.is_empty() {
+            let _ = writeln!(
+                out,
+                "- {}: OTLP export requests per run (whole run) {:?}, bytes {:?}",
+                s.label(),
+                exported.iter().map(|e| e.0).collect::<Vec<_>>(),
+                exported.iter().map(|e| e.1).collect::<Vec<_>>(),
+            );
+        }
         let audit: Vec<(u64, u64)> = rounds.iter().filter_map(|runs| runs[i].audit).collect();
         if !audit.is_empty() {
             let calls: Vec<f64> = rounds
@@ -453,6 +494,22 @@ async fn run_one(ctx: &Ctx, setup: Setup, era: Era) -> anyhow::Result<Run> {
             None
         }
     };
+    match setup {
+        Setup::MetricsOff => {
+            cmd.args(["--metrics", "off"]);
+        }
+        Setup::Trace1 | Setup::Trace100 => {
+            let ratio = if setup == Setup::Trace1 { "0.01" } else { "1" };
+            cmd.args([
+                "--otlp-endpoint",
+                &ctx.otlp.url,
+                "--trace-sample-ratio",
+                ratio,
+            ]);
+        }
+        _ => {}
+    }
+    let exports_before = ctx.otlp.counts();
     die_with_parent(&mut cmd);
     let server = Process(cmd.spawn().context("starting haven")?);
     wait_ready(port, "haven").await?;
@@ -543,7 +600,61 @@ async fn run_one(ctx: &Ctx, setup: Setup, era: Era) -> anyhow::Result<Run> {
         None
     };
     drop(server);
-    Ok(Run { report, audit })
+    // The node flushes its spans as it stops.
+    let exported = matches!(setup, Setup::Trace1 | Setup::Trace100).then(|| {
+        let (r, b) = ctx.otlp.counts();
+        (r - exports_before.0, b - exports_before.1)
+    });
+    if setup == Setup::Trace100 && exported.is_some_and(|(r, _)| r == 0) {
+        bail!("tracing 100 %: the collector received no export: the setting did not apply");
+    }
+    Ok(Run {
+        report,
+        audit,
+        exported,
+    })
+}
+
+/// An OTLP/HTTP collector on loopback that takes every export (200) and counts them.
+struct Collector {
+    url: String,
+    counts: std::sync::Arc<(std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64)>,
+}
+
+impl Collector {
+    async fn start() -> anyhow::Result<Collector> {
+        use std::sync::atomic::Ordering;
+        let counts = std::sync::Arc::new((
+            std::sync::atomic::AtomicU64::new(0),
+            std::sync::atomic::AtomicU64::new(0),
+        ));
+        let c = counts.clone();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: bytes::Bytes| {
+                let c = c.clone();
+                async move {
+                    c.0.fetch_add(1, Ordering::Relaxed);
+                    c.1.fetch_add(body.len() as u64, Ordering::Relaxed);
+                    axum::http::StatusCode::OK
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Collector { url, counts })
+    }
+
+    fn counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        (
+            self.counts.0.load(Ordering::Relaxed),
+            self.counts.1.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// Adds `n` authorization rules through the admin API: `n - 1` for other principals and one

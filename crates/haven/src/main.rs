@@ -388,11 +388,13 @@ async fn start_engine(
         }
     };
     // The process's metrics, every series labelled with this node; commits are timed.
-    haven_telemetry::install(haven_telemetry::Metrics::new(
-        &s.region,
-        &node,
-        env!("CARGO_PKG_VERSION"),
-    ));
+    if s.metrics {
+        haven_telemetry::install(haven_telemetry::Metrics::new(
+            &s.region,
+            &node,
+            env!("CARGO_PKG_VERSION"),
+        ));
+    }
     let store = metrics::MeteredStore::wrap(store);
     let secrets = open_secrets(s, &store).await?;
     // The audit log: this node's chain, signed with the key in DATA/audit.key.

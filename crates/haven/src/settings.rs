@@ -731,6 +731,10 @@ pub struct CommonArgs {
     /// always sampled [default: 1]
     #[arg(long, env = "HAVEN_TRACE_SAMPLE_RATIO", value_name = "RATIO")]
     pub trace_sample_ratio: Option<f64>,
+    /// Keep metrics (on) or not (off: no /metrics, and the status page has no traffic
+    /// figures; for measuring what they cost) [default: on]
+    #[arg(long, env = "HAVEN_METRICS", value_name = "on|off")]
+    pub metrics: Option<String>,
     /// How legacy-era requests are answered: adaptive (JSON when a request finishes at once,
     /// otherwise a resumable SSE stream) or sse (always a stored, resumable stream)
     /// [default: adaptive]
@@ -1036,6 +1040,7 @@ struct FileSettings {
     log_format: Option<String>,
     otlp_endpoint: Option<String>,
     trace_sample_ratio: Option<f64>,
+    metrics: Option<String>,
     legacy_responses: Option<String>,
     session_ttl: Option<u64>,
     page_size: Option<usize>,
@@ -1095,6 +1100,8 @@ pub struct Settings {
     pub otlp_endpoint: Option<String>,
     /// Share of new traces sampled.
     pub trace_sample_ratio: f64,
+    /// Whether the process keeps metrics.
+    pub metrics: bool,
     pub legacy_responses: LegacyResponses,
     pub session_ttl_secs: u64,
     pub page_size: usize,
@@ -1575,6 +1582,17 @@ impl Settings {
         if !(0.0..=1.0).contains(&trace_sample_ratio) {
             bail!("invalid trace_sample_ratio {trace_sample_ratio}: give a share from 0 to 1");
         }
+        let metrics = match common
+            .metrics
+            .clone()
+            .or(file.metrics.take())
+            .as_deref()
+            .unwrap_or("on")
+        {
+            "on" => true,
+            "off" => false,
+            other => bail!("invalid metrics {other:?}: give on or off"),
+        };
         let max_body_bytes = serve
             .and_then(|s| s.max_body_bytes)
             .or(file.max_body_bytes)
@@ -1679,6 +1697,7 @@ impl Settings {
             log_format,
             otlp_endpoint,
             trace_sample_ratio,
+            metrics,
             legacy_responses,
             session_ttl_secs: common
                 .session_ttl
