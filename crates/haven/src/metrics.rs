@@ -66,6 +66,15 @@ async fn refresh(admin: &Admin) {
     m.running_requests.set(e.running_requests() as i64);
     m.draining.set(e.is_draining() as i64);
     let store = e.store();
+    if let Ok(counts) =
+        haven_mcp::engine::tasks::count_by_state(&**store, &e.config().node_id).await
+    {
+        for (state, n) in haven_telemetry::TaskState::ALL.into_iter().zip(counts) {
+            m.tasks
+                .get_or_create(&haven_telemetry::TaskStateLabel { state })
+                .set(n as i64);
+        }
+    }
     m.store_writable
         .set(store.check_writable().await.is_ok() as i64);
     let d = store.describe().await;
