@@ -447,3 +447,99 @@ async fn a_request_taken_over_after_a_kill_9_runs_under_a_span_linked_to_its_tra
         "the re-run's server span is a child of the takeover span"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_replicated_to_another_region_is_applied_under_a_span_linked_to_its_trace() {
+    let _one = common::cluster::ONE_REGION_AT_A_TIME.lock().await;
+    let (collector, spans) = receiver().await;
+    // Two regions, each a nats-server in its own JetStream domain and one node; B's server
+    // joins A's by a leafnode. Locals drop in reverse: the nodes first, NATS last.
+    let nats_a = haven_testkit::NatsCluster::start_region("A", &[]).await;
+    let link = haven_testkit::Link::start(nats_a.leaf_port.unwrap()).await;
+    let nats_b = haven_testkit::NatsCluster::start_region("B", &[link.port]).await;
+    let dirs = tempfile::tempdir().unwrap();
+    let node = |nats: &haven_testkit::NatsCluster, region: &'static str, peer: &'static str| {
+        let store = nats.url(0);
+        let data = dirs.path().join(region);
+        let collector = collector.clone();
+        async move {
+            let node_id = format!("{region}-node");
+            Haven::start(
+                &data,
+                free_port(),
+                "default",
+                &[
+                    "--store",
+                    &store,
+                    "--store-replicas",
+                    "1",
+                    "--region",
+                    region,
+                    "--peer-regions",
+                    peer,
+                    "--node-id",
+                    &node_id,
+                    "--region-check-interval",
+                    "1s",
+                    "--otlp-endpoint",
+                    &collector,
+                ],
+            )
+            .await
+        }
+    };
+    let a = node(&nats_a, "A", "B").await;
+    let b = node(&nats_b, "B", "A").await;
+
+    let (trace, parent) = ("66666666666666666666666666666666", "6666666666666666");
+    let s = Legacy::connect(&a.url()).await;
+    let v = s
+        .request(
+            1,
+            "tools/call",
+            json!({"name": "notes_put", "arguments": {"name": "traced", "text": "x"},
+                "_meta": {"traceparent": format!("00-{trace}-{parent}-01")}}),
+        )
+        .await;
+    assert_eq!(v["result"]["isError"], json!(false), "{v}");
+
+    let applied = || {
+        spans
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|s| {
+                s.name == "region.apply"
+                    && s.service_instance.contains("B-node")
+                    && s.links.iter().any(|(t, _)| t == trace)
+            })
+            .cloned()
+    };
+    let seen = haven_testkit::wait_until(
+        Duration::from_secs(90),
+        Duration::from_millis(200),
+        || async { applied().is_some() },
+    )
+    .await;
+    let names: Vec<String> = spans
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| format!("{} {} {:?}", s.service_instance, s.name, s.links))
+        .collect();
+    assert!(
+        seen,
+        "no region.apply span in B linked to {trace}: {names:?}"
+    );
+    let span = applied().unwrap();
+    assert_ne!(span.trace_id, trace, "applying is a trace of B's own");
+    // The link names A's span of the write (its store commit), not the client's span.
+    let (_, linked) = span.links.iter().find(|(t, _)| t == trace).unwrap();
+    assert!(
+        spans.lock().unwrap().iter().any(|s| s.trace_id == trace
+            && &s.span_id == linked
+            && s.service_instance.contains("A-node")),
+        "the linked span is one A exported in the writer's trace"
+    );
+    drop((s, b, a, dirs, nats_b, link, nats_a));
+}
