@@ -369,7 +369,7 @@ async fn the_http_traceparent_header_is_the_parent_unless_meta_names_one_and_jso
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_taken_over_after_a_kill_9_runs_under_a_span_linked_to_its_trace() {
+async fn a_request_and_a_task_taken_over_after_a_kill_9_run_under_spans_linked_to_their_traces() {
     let _one = common::cluster::ONE_REGION_AT_A_TIME.lock().await;
     let (collector, spans) = receiver().await;
     let mut region = common::cluster::Region::start_with(&["--otlp-endpoint", &collector]).await;
@@ -394,6 +394,22 @@ async fn a_request_taken_over_after_a_kill_9_runs_under_a_span_linked_to_its_tra
             break;
         }
     }
+    // And a task there, in another trace.
+    let task_trace = "77777777777777777777777777777777";
+    let created = common::stateless_with_meta(
+        &reqwest::Client::new(),
+        &region.node_url(0),
+        4,
+        "tools/call",
+        json!({"name": "sleep", "arguments": {"seconds": 8}}),
+        json!({
+            "io.modelcontextprotocol/clientCapabilities":
+                {"extensions": {"io.modelcontextprotocol/tasks": {}}},
+            "traceparent": format!("00-{task_trace}-7777777777777777-01"),
+        }),
+    )
+    .await;
+    assert_eq!(created["result"]["resultType"], "task", "{created}");
     region.kill9(0);
     drop(sse);
 
@@ -445,6 +461,23 @@ async fn a_request_taken_over_after_a_kill_9_runs_under_a_span_linked_to_its_tra
     assert!(
         rerun,
         "the re-run's server span is a child of the takeover span"
+    );
+    // The task is adopted by a surviving node under a span linked to its trace.
+    let adopted = haven_testkit::wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || async {
+            spans.lock().unwrap().iter().any(|s| {
+                s.name == "takeover task"
+                    && !s.service_instance.contains("node0")
+                    && s.links.iter().any(|(t, _)| t == task_trace)
+            })
+        },
+    )
+    .await;
+    assert!(
+        adopted,
+        "no takeover span of the task linked to {task_trace}"
     );
 }
 
