@@ -314,7 +314,7 @@ impl Replicator {
                     Some(Err(e)) => return Err(format!("reading the source: {e}")),
                     None => return Err("the source's delivery ended".into()),
                 };
-                if let Some((seq, batch)) = take(&mut pending, d) {
+                if let Some((seq, batch, trace)) = take(&mut pending, d) {
                     let own: Vec<Op> = batch
                         .iter()
                         .filter(|e| replicates(&e.change, &self.source))
@@ -331,12 +331,21 @@ impl Replicator {
                         // cursor (applying it again after a crash in between changes
                         // nothing).
                         let n = own.len() as u64;
+                        use tracing::Instrument as _;
+                        let span = apply_span(&self.source, n, trace.as_slice());
                         self.local
                             .commit(Batch { ops: own })
+                            .instrument(span)
                             .await
                             .map_err(|e| format!("applying a batch: {e}"))?;
                         self.commit(Vec::new(), &mut at, seq, n).await?;
                     } else {
+                        if !own.is_empty()
+                            && let Some(t) = trace
+                            && group.traces.len() < MAX_LINKS
+                        {
+                            group.traces.push(t);
+                        }
                         group.ops.extend(own);
                         group.last = Some(seq);
                         group.batches += 1;
@@ -366,8 +375,11 @@ impl Replicator {
             self.state.write().covered = last;
         } else {
             let n = ops.len() as u64;
-            self.commit(ops, at, last, n).await?;
+            use tracing::Instrument as _;
+            let span = apply_span(&self.source, n, &group.traces);
+            self.commit(ops, at, last, n).instrument(span).await?;
         }
+        group.traces.clear();
         let mut s = self.state.write();
         s.batches += std::mem::take(&mut group.batches);
         Ok(())
@@ -450,6 +462,26 @@ struct Group {
     ops: Vec<Op>,
     last: Option<u64>,
     batches: u64,
+    /// The trace contexts of its source batches' writers (at most [`MAX_LINKS`]).
+    traces: Vec<String>,
+}
+
+/// The most links a `region.apply` span has (one per source batch written in a sampled trace).
+const MAX_LINKS: usize = 32;
+
+/// The span of applying source batches here, linked to the traces that wrote them.
+fn apply_span(source: &str, changes: u64, traces: &[String]) -> tracing::Span {
+    let span = tracing::info_span!(
+        "region.apply",
+        otel.name = "region.apply",
+        otel.kind = "consumer",
+        haven.source_region = %source,
+        haven.changes = changes,
+    );
+    for t in traces {
+        haven_telemetry::trace::add_link(&span, Some(t));
+    }
+    span
 }
 
 /// An error of reading region `source`'s log, with what it most likely means when NATS says
@@ -469,11 +501,12 @@ fn explain(source: &str, e: String) -> String {
 
 /// Takes one delivery; once a batch's last entry arrived, returns its last sequence and its
 /// entries.
-fn take(pending: &mut Vec<LogEntry>, d: Delivery) -> Option<(u64, Vec<LogEntry>)> {
+fn take(pending: &mut Vec<LogEntry>, d: Delivery) -> Option<(u64, Vec<LogEntry>, Option<String>)> {
     if let Some(change) = d.change {
         pending.push(LogEntry { seq: d.seq, change });
     }
-    d.complete.then(|| (d.seq, std::mem::take(pending)))
+    d.complete
+        .then(|| (d.seq, std::mem::take(pending), d.traceparent))
 }
 
 /// A digest of the state that every region converges to: every record (tombstones included)

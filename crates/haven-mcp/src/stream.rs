@@ -141,6 +141,10 @@ pub struct InflightRecord {
     /// progress the client can match.
     #[serde(default)]
     pub progress_token: Option<serde_json::Value>,
+    /// The `traceparent` of the request's server span when it was sampled: a node that
+    /// takes the request over links its span to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// One stored event of a stream.

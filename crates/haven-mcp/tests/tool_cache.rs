@@ -53,6 +53,7 @@ async fn list_tools(engine: &Engine) {
             message,
             from_http: false,
             principal: haven_auth::Principal::anonymous(),
+            trace: Default::default(),
         })
         .await;
     match reply {

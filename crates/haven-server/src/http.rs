@@ -13,7 +13,8 @@ use axum::{Router, middleware};
 use bytes::Bytes;
 use haven_auth::Principal;
 use haven_mcp::engine::{
-    Engine, LegacyPost, Rejection, Reply, StatelessHeaders, StatelessPost, is_stateless,
+    Engine, LegacyPost, Rejection, Reply, StatelessHeaders, StatelessPost, TraceHeaders,
+    is_stateless,
 };
 use haven_mcp::jsonrpc;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
@@ -268,10 +269,20 @@ mod names {
     pub static NAME: HeaderName = HeaderName::from_static("mcp-name");
     pub static SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
     pub static LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
+    pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+    pub static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 }
 
 fn header_str<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The W3C trace context headers of a request, for the engine (it validates them).
+fn trace_headers(headers: &HeaderMap) -> TraceHeaders {
+    TraceHeaders {
+        traceparent: header_str(headers, &names::TRACEPARENT).map(str::to_owned),
+        tracestate: header_str(headers, &names::TRACESTATE).map(str::to_owned),
+    }
 }
 
 /// The routing headers of a stateless request, as plain data for the engine.
@@ -321,6 +332,7 @@ async fn mcp_post(
             message,
             from_http: true,
             principal,
+            trace: trace_headers(&headers),
         };
         respond(Era::Stateless, app.engine.stateless_post(post).await)
     } else {
@@ -331,6 +343,7 @@ async fn mcp_post(
             accepts_sse: accepts.sse,
             message,
             principal,
+            trace: trace_headers(&headers),
         };
         respond(Era::Legacy, app.engine.legacy_post(post).await)
     }

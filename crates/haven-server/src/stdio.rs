@@ -71,6 +71,7 @@ where
                             from_http: false,
                             // The process on the other end of stdio started this one.
                             principal: haven_auth::Principal::anonymous(),
+                            trace: Default::default(),
                         })
                         .await,
                     &tx,
@@ -87,6 +88,7 @@ where
             accepts_sse: true,
             message,
             principal: haven_auth::Principal::anonymous(),
+            trace: Default::default(),
         };
         if initialize {
             // Later lines use the session, so it must exist before the next line is read.

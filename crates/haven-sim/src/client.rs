@@ -111,6 +111,7 @@ fn post(session: Option<&str>, body: &Value) -> Option<LegacyPost> {
         accepts_sse: true,
         message,
         principal: haven_auth::Principal::anonymous(),
+        trace: Default::default(),
     })
 }
 
@@ -197,6 +198,7 @@ impl Client {
             message,
             from_http: false,
             principal: haven_auth::Principal::anonymous(),
+            trace: Default::default(),
         };
         match tokio::time::timeout(SILENCE, engine.stateless_post(post)).await {
             Ok(Reply::Json { body, .. }) => serde_json::from_str(&body).ok(),

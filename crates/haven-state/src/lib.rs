@@ -14,6 +14,7 @@ pub mod redb_store;
 pub mod replicated;
 pub mod store;
 pub mod tls;
+pub mod trace;
 mod wal;
 
 /// Hooks for Haven's fuzz targets (`fuzz/`): private decoders exposed as they are, only when

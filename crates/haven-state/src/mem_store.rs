@@ -454,6 +454,7 @@ impl SharedLog for MemLink {
                             change: Some(s.entry.change),
                             complete: s.complete,
                             batch: s.batch,
+                            traceparent: None,
                         };
                         return Some((Ok(delivery), (log, faults, tail, next, buffer)));
                     }

@@ -35,6 +35,10 @@ use crate::store::{StoreError, StoreResult};
 /// Most operations one commit may hold (JetStream's atomic batch limit).
 pub const MAX_BATCH_OPS: usize = 1000;
 
+/// The message header of a batch's last entry that holds its writer's trace context (see
+/// [`crate::trace`]); outside the payload, so no part of the change.
+pub const TRACEPARENT_HEADER: &str = "Haven-Traceparent";
+
 /// Settings of the JetStream backend.
 #[derive(Clone, Debug)]
 pub struct NatsConfig {
@@ -290,6 +294,7 @@ impl SharedLog for JetStreamLog {
         self.connected().map_err(AppendError::Unavailable)?;
         let n = writes.len();
         let batch_id = hex::encode(rand::random::<[u8; 12]>());
+        let traceparent = crate::trace::current_traceparent();
         for (i, w) in writes.iter().enumerate() {
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Batch-Id", batch_id.as_str());
@@ -313,6 +318,9 @@ impl SharedLog for JetStreamLog {
                 continue;
             }
             headers.insert("Nats-Batch-Commit", "1");
+            if let Some(t) = &traceparent {
+                headers.insert(TRACEPARENT_HEADER, t.as_str());
+            }
             let reply = self
                 .client
                 .request_with_headers(subject, headers, payload)
@@ -361,11 +369,17 @@ impl SharedLog for JetStreamLog {
                 let headers = msg.headers.as_ref();
                 let batch_id = headers.and_then(|h| h.get("Nats-Batch-Id"));
                 let commits = headers.and_then(|h| h.get("Nats-Batch-Commit")).is_some();
+                let traceparent = headers
+                    .and_then(|h| h.get(TRACEPARENT_HEADER))
+                    .map(|v| v.as_str())
+                    .filter(|t| t.len() <= crate::trace::MAX_TRACEPARENT)
+                    .map(str::to_owned);
                 Ok(Delivery {
                     seq,
                     change,
                     complete: batch_id.is_none() || commits,
                     batch: batch_id.map_or(0, |id| batch_number(id.as_str())),
+                    traceparent,
                 })
             })
             .boxed())

@@ -56,6 +56,9 @@ pub struct Delivery {
     /// The batch the entry belongs to (0: none). A batch whose last entry the log removed is
     /// applied when an entry of another batch arrives.
     pub batch: u64,
+    /// The trace context its writer committed it in (see [`crate::trace`]), on the batch's
+    /// last entry, when the log keeps one.
+    pub traceparent: Option<String>,
 }
 
 /// Entries of a shared log that reclamation removes.
@@ -356,6 +359,7 @@ async fn follow_from<L: SharedLog>(log: &L, follower: &Follower, start: u64) -> 
             change,
             complete,
             batch,
+            ..
         } = delivery?;
         let ready = {
             let mut index = follower.index.write();

@@ -111,6 +111,40 @@ pub struct UpstreamCallLabels {
     pub outcome: Outcome,
 }
 
+/// The state of an MCP task, as Haven names it.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum TaskState {
+    /// Running.
+    working,
+    /// Waiting for the client's input.
+    input_required,
+    /// Ended with a result.
+    completed,
+    /// Ended with an error.
+    failed,
+    /// Cancelled by the client.
+    cancelled,
+}
+
+impl TaskState {
+    /// Every state, in a fixed order.
+    pub const ALL: [TaskState; 5] = [
+        TaskState::working,
+        TaskState::input_required,
+        TaskState::completed,
+        TaskState::failed,
+        TaskState::cancelled,
+    ];
+}
+
+/// A label set naming a task state.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskStateLabel {
+    /// The state.
+    pub state: TaskState,
+}
+
 /// A label set of the build.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
@@ -157,6 +191,8 @@ pub struct Metrics {
     pub backup_last_success: Family<KindLabel, Gauge>,
     /// `haven_backup_failures_total` by kind.
     pub backup_failures: Family<KindLabel, Counter>,
+    /// `haven_tasks` by state.
+    pub tasks: Family<TaskStateLabel, Gauge>,
     /// `haven_upstream_up` by upstream.
     pub upstream_up: Family<UpstreamLabel, Gauge>,
     /// `haven_upstream_breaker_open` by upstream.
@@ -229,6 +265,7 @@ impl Metrics {
             backup_lag_entries: Gauge::default(),
             backup_last_success: Family::default(),
             backup_failures: Family::default(),
+            tasks: Family::default(),
             upstream_up: Family::default(),
             upstream_breaker_open: Family::default(),
             upstream_calls,
@@ -337,6 +374,11 @@ impl Metrics {
             "haven_backup_failures",
             "Failed backup shipping or verification attempts",
             m.backup_failures.clone(),
+        );
+        r.register(
+            "haven_tasks",
+            "Tasks this node runs or ran last, held in its region's store, by state",
+            m.tasks.clone(),
         );
         r.register(
             "haven_upstream_up",

@@ -6,8 +6,21 @@
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-/// The remote parent a valid `traceparent` names.
-pub fn remote_context(traceparent: &str) -> Option<opentelemetry::Context> {
+/// The longest `tracestate` kept (W3C allows 32 members of at most 256 characters each; a
+/// longer value is dropped, not cut).
+const MAX_TRACESTATE: usize = 512;
+
+/// The remote parent a valid `traceparent` names (with its `tracestate`, when valid).
+pub fn remote_context(
+    traceparent: &str,
+    tracestate: Option<&str>,
+) -> Option<opentelemetry::Context> {
+    let sc = span_context(traceparent, tracestate)?;
+    Some(opentelemetry::Context::new().with_remote_span_context(sc))
+}
+
+/// The span context a valid `traceparent` names, remote.
+fn span_context(traceparent: &str, tracestate: Option<&str>) -> Option<SpanContext> {
     let trace = crate::trace_id_of(traceparent)?;
     let mut parts = traceparent.split('-').skip(2);
     let span = parts.next()?;
@@ -17,18 +30,44 @@ pub fn remote_context(traceparent: &str) -> Option<opentelemetry::Context> {
         SpanId::from_hex(span).ok()?,
         TraceFlags::new(flags) & TraceFlags::SAMPLED,
         true,
-        TraceState::default(),
+        tracestate
+            .filter(|t| t.len() <= MAX_TRACESTATE)
+            .and_then(|t| t.parse::<TraceState>().ok())
+            .unwrap_or_default(),
     );
-    sc.is_valid()
-        .then(|| opentelemetry::Context::new().with_remote_span_context(sc))
+    sc.is_valid().then_some(sc)
 }
 
 /// Makes the span `traceparent` names the parent of `span` (nothing for a missing or invalid
 /// value: the span starts a trace of its own).
-pub fn set_parent(span: &tracing::Span, traceparent: Option<&str>) {
-    if let Some(cx) = traceparent.and_then(remote_context) {
+pub fn set_parent(span: &tracing::Span, traceparent: Option<&str>, tracestate: Option<&str>) {
+    if let Some(cx) = traceparent.and_then(|t| remote_context(t, tracestate)) {
         let _ = span.set_parent(cx);
     }
+}
+
+/// Links `span` to the span `traceparent` names (work that continues what that span began:
+/// a takeover, an adoption, a replicated write). Nothing for a missing or invalid value.
+pub fn add_link(span: &tracing::Span, traceparent: Option<&str>) {
+    if let Some(sc) = traceparent.and_then(|t| span_context(t, None)) {
+        span.add_link(sc);
+    }
+}
+
+/// The `traceparent` of the current span when it is sampled (exported): what is stored with
+/// work another node or region may continue, so that it can link back. `None` otherwise, so
+/// that nothing is stored when tracing is off or the trace not sampled.
+pub fn sampled_traceparent() -> Option<String> {
+    current_traceparent().filter(|t| t.ends_with("-01"))
+}
+
+/// The trace and span ids (hex) of a span's OpenTelemetry context, when it has a valid one.
+pub fn ids_of(span: &tracing::Span) -> Option<(String, String)> {
+    let cx = span.context();
+    let s = cx.span();
+    let sc = s.span_context();
+    sc.is_valid()
+        .then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
 }
 
 /// The `traceparent` of the current span, to pass the trace on (to an upstream), when
@@ -47,13 +86,137 @@ pub fn current_traceparent() -> Option<String> {
     })
 }
 
+/// The dispatcher whose OpenTelemetry layer [`WithTraceIds`] reads span contexts from.
+static DISPATCH: std::sync::OnceLock<tracing::dispatcher::WeakDispatch> =
+    std::sync::OnceLock::new();
+
+/// A JSON log line format that puts `trace_id` and `span_id` (W3C hex) first in every line
+/// emitted inside a span with a valid OpenTelemetry context (the nearest such span); other
+/// lines are the inner format's unchanged. Call [`carry_trace_ids`] once the subscriber is
+/// installed.
+pub struct WithTraceIds<F>(pub F);
+
+/// Lets [`WithTraceIds`] read span contexts from the current default dispatcher (the one
+/// just installed). Later calls change nothing.
+pub fn carry_trace_ids() {
+    tracing::dispatcher::get_default(|d| {
+        let _ = DISPATCH.set(d.downgrade());
+    });
+}
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for WithTraceIds<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let ids = DISPATCH.get().and_then(|d| d.upgrade()).and_then(|d| {
+            ctx.event_scope()?.find_map(|span| {
+                let cx = tracing_opentelemetry::get_otel_context(&span.id(), &d)?;
+                let s = cx.span();
+                let sc = s.span_context();
+                sc.is_valid().then(|| (sc.trace_id(), sc.span_id()))
+            })
+        });
+        let Some((trace, span)) = ids else {
+            return self.0.format_event(ctx, writer, event);
+        };
+        let mut line = String::new();
+        self.0.format_event(
+            ctx,
+            tracing_subscriber::fmt::format::Writer::new(&mut line),
+            event,
+        )?;
+        match line.strip_prefix('{') {
+            Some(rest) => {
+                let comma = if rest.starts_with('}') { "" } else { "," };
+                write!(
+                    writer,
+                    "{{\"trace_id\":\"{trace}\",\"span_id\":\"{span}\"{comma}{rest}"
+                )
+            }
+            None => writer.write_str(&line),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// A log writer into a shared buffer.
+    #[derive(Clone, Default)]
+    struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn json_lines_inside_a_traced_span_carry_its_ids() {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let buffer = Buffer::default();
+        let out = buffer.clone();
+        let subscriber = tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .event_format(WithTraceIds(tracing_subscriber::fmt::format().json()))
+                    .with_writer(move || out.clone()),
+            )
+            .with(
+                tracing_opentelemetry::layer()
+                    .with_tracer(opentelemetry::trace::noop::NoopTracer::new()),
+            );
+        tracing::subscriber::with_default(subscriber, || {
+            carry_trace_ids();
+            tracing::info!("outside");
+            let span = tracing::info_span!("request");
+            set_parent(
+                &span,
+                Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+                None,
+            );
+            span.in_scope(|| tracing::info!(n = 1, "inside"));
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].get("trace_id").is_none(), "{text}");
+        assert_eq!(
+            lines[1]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736",
+            "{text}"
+        );
+        assert_eq!(
+            lines[1]["span_id"].as_str().map(str::len),
+            Some(16),
+            "{text}"
+        );
+        assert_eq!(lines[1]["fields"]["message"], "inside", "{text}");
+    }
+
     #[test]
     fn a_traceparent_becomes_a_remote_parent() {
-        let cx = remote_context("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        let cx = remote_context(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            Some("vendor=abc,other=1"),
+        )
+        .unwrap();
         let span = cx.span();
         let sc = span.span_context();
         assert!(sc.is_remote() && sc.is_sampled());
@@ -62,11 +225,17 @@ mod tests {
             "4bf92f3577b34da6a3ce929d0e0e4736"
         );
         assert_eq!(sc.span_id().to_string(), "00f067aa0ba902b7");
+        assert_eq!(sc.trace_state().get("vendor"), Some("abc"));
         assert!(
-            remote_context("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")
-                .is_some_and(|c| !c.span().span_context().is_sampled())
+            remote_context(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+                Some("not a valid state")
+            )
+            .is_some_and(|c| !c.span().span_context().is_sampled()
+                && c.span().span_context().trace_state().header().is_empty())
         );
-        assert!(remote_context("garbage").is_none());
+        assert!(remote_context("garbage", None).is_none());
+        assert_eq!(sampled_traceparent(), None);
         // Without an OpenTelemetry layer there is nothing to pass on.
         assert_eq!(current_traceparent(), None);
     }

@@ -176,8 +176,10 @@ fn init_logging(
         log_filter(&s.log_level).unwrap_or_else(|_| log_filter("info").expect("a valid filter"));
     let (filter, handle) = reload::Layer::new(filter);
     let fmt_layer = if s.log_format == "json" {
+        // Lines inside a span with a trace context carry its `trace_id` and `span_id`.
         fmt::layer()
             .json()
+            .event_format(haven_telemetry::trace::WithTraceIds(fmt::format().json()))
             .with_writer(std::io::stderr)
             .with_filter(filter)
             .boxed()
@@ -206,6 +208,7 @@ fn init_logging(
         .with(fmt_layer)
         .with(otel)
         .init();
+    haven_telemetry::trace::carry_trace_ids();
     let reload: control::LogReloader = Arc::new(move |f: &str| {
         let filter = log_filter(f)?;
         handle.reload(filter).map_err(|e| e.to_string())

@@ -33,7 +33,12 @@ haven_state::wrap_store!(MeteredStore, inner, {
         use tracing::Instrument as _;
         let started = Instant::now();
         let span = tracing::info_span!("store.commit", otel.kind = "internal");
-        let r = self.inner.commit(batch).instrument(span).await;
+        // The writer's trace goes with the batch (beside it, never in it), so that a region
+        // that replicates it can link back.
+        let trace = span.in_scope(haven_telemetry::trace::sampled_traceparent);
+        let r = haven_state::trace::with_traceparent(trace, self.inner.commit(batch))
+            .instrument(span)
+            .await;
         if let Some(m) = haven_telemetry::get() {
             m.store_commit.observe(started.elapsed().as_secs_f64());
             if let Err(e) = &r {
@@ -66,6 +71,15 @@ async fn refresh(admin: &Admin) {
     m.running_requests.set(e.running_requests() as i64);
     m.draining.set(e.is_draining() as i64);
     let store = e.store();
+    if let Ok(counts) =
+        haven_mcp::engine::tasks::count_by_state(&**store, &e.config().node_id).await
+    {
+        for (state, n) in haven_telemetry::TaskState::ALL.into_iter().zip(counts) {
+            m.tasks
+                .get_or_create(&haven_telemetry::TaskStateLabel { state })
+                .set(n as i64);
+        }
+    }
     m.store_writable
         .set(store.check_writable().await.is_ok() as i64);
     let d = store.describe().await;

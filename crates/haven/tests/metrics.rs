@@ -193,6 +193,43 @@ async fn metrics_need_credentials_on_the_admin_api_and_none_on_their_own_listene
         text.contains("haven_build_info{") && !text.contains("# EOF"),
         "{text}"
     );
+    // Tasks by state: one that ran to its end shows as completed.
+    let created: Value = common::stateless(
+        &reqwest::Client::new(),
+        &h.url(),
+        1,
+        "tools/call",
+        json!({"name": "sleep", "arguments": {"seconds": 1}}),
+        json!({"extensions": {"io.modelcontextprotocol/tasks": {}}}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(created["result"]["resultType"], "task", "{created}");
+    let completed = haven_testkit::wait_until(
+        std::time::Duration::from_secs(30),
+        std::time::Duration::from_millis(100),
+        || async {
+            let text = reqwest::get(format!("http://{listen}/metrics"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            text.lines().any(|l| {
+                l.starts_with("haven_tasks{")
+                    && l.contains("state=\"completed\"")
+                    && l.ends_with(" 1")
+            }) && text.lines().any(|l| {
+                l.starts_with("haven_tasks{")
+                    && l.contains("state=\"working\"")
+                    && l.ends_with(" 0")
+            })
+        },
+    )
+    .await;
+    assert!(completed, "haven_tasks never showed the completed task");
     // Open on its own listener; OpenMetrics when asked.
     let r = reqwest::Client::new()
         .get(format!("http://{listen}/metrics"))

@@ -44,6 +44,11 @@ pub(crate) struct Call {
     /// `_meta.traceparent` (W3C trace context, SEP-414), when the client sent a valid one:
     /// the parent of the request's span, and the exemplar of its duration.
     pub traceparent: Option<String>,
+    /// The `tracestate` that goes with `traceparent` (from the HTTP header only).
+    pub tracestate: Option<String>,
+    /// The `traceparent` of the request's own server span, when sampled: stored with the
+    /// work (in-flight record, task) so that a node or region that continues it links back.
+    pub trace: Option<String>,
 }
 
 impl Call {
@@ -140,6 +145,7 @@ pub(crate) async fn run(
     out: Outbox,
     cancel: CancellationToken,
     fence: Option<Arc<haven_cluster::FencedStore>>,
+    span: Option<tracing::Span>,
 ) {
     let mut ctx = RequestContext::new(
         inner.store.clone(),
@@ -153,12 +159,15 @@ pub(crate) async fn run(
         ctx = ctx.with_fence(f);
     }
     let started = std::time::Instant::now();
-    let span = request_span(&inner, &call);
+    let span = span.unwrap_or_else(|| request_span(&inner, &call));
     let outcome = {
         use tracing::Instrument as _;
-        dispatch(&inner, &call, ctx, &out, &cancel)
-            .instrument(span.clone())
-            .await
+        async {
+            tracing::debug!(method = %call.method, id = %call.id, "request");
+            dispatch(&inner, &call, ctx, &out, &cancel).await
+        }
+        .instrument(span.clone())
+        .await
     };
     if let Outcome::Error(e) = &outcome {
         span.record("rpc.response.status_code", e.code.0.to_string());
@@ -198,8 +207,8 @@ const KNOWN_METHODS: &[&str] = &[
 ];
 
 /// The server span of a request, named as the OpenTelemetry MCP conventions say (`{method}
-/// {target}`), its parent the client's `_meta.traceparent`.
-fn request_span(inner: &Inner, call: &Call) -> tracing::Span {
+/// {target}`), its parent the client's `_meta.traceparent` (or the HTTP `traceparent`).
+pub(crate) fn request_span(inner: &Inner, call: &Call) -> tracing::Span {
     let target = call
         .params
         .get("name")
@@ -237,7 +246,11 @@ fn request_span(inner: &Inner, call: &Call) -> tracing::Span {
     if !session.is_empty() {
         span.record("mcp.session.id", session);
     }
-    haven_telemetry::trace::set_parent(&span, call.traceparent.as_deref());
+    haven_telemetry::trace::set_parent(
+        &span,
+        call.traceparent.as_deref(),
+        call.tracestate.as_deref(),
+    );
     span
 }
 

@@ -50,6 +50,8 @@ pub struct LegacyPost {
     pub message: Incoming,
     /// Who sent it.
     pub principal: haven_auth::Principal,
+    /// Its W3C trace context headers.
+    pub trace: super::TraceHeaders,
 }
 
 fn session_not_found() -> Reply {
@@ -143,8 +145,8 @@ pub(super) async fn post(inner: &Arc<Inner>, p: LegacyPost) -> Reply {
                 loaded,
                 req,
                 principal,
-                p.accepts_json,
-                p.accepts_sse,
+                p.trace,
+                (p.accepts_json, p.accepts_sse),
             ))
             .await
         }
@@ -298,18 +300,21 @@ async fn request(
     loaded: LoadedSession,
     req: IncomingRequest,
     principal: Arc<haven_auth::Principal>,
-    accepts_json: bool,
-    accepts_sse: bool,
+    trace: super::TraceHeaders,
+    (accepts_json, accepts_sse): (bool, bool),
 ) -> Reply {
     let s = &loaded.record;
     let meta = req.meta().ok().flatten();
-    let traceparent = meta
-        .as_ref()
-        .and_then(|m| m.traceparent.clone())
-        .filter(|t| haven_telemetry::trace_id_of(t).is_some());
+    let (traceparent, tracestate) = trace.parent(
+        meta.as_ref()
+            .and_then(|m| m.traceparent.clone())
+            .filter(|t| haven_telemetry::trace_id_of(t).is_some()),
+    );
     let progress_token = meta.and_then(|m| m.progress_token);
-    let call = Call {
+    let mut call = Call {
         traceparent,
+        tracestate,
+        trace: None,
         progress_token,
         id: req.id.clone(),
         method: req.method.clone(),
@@ -323,6 +328,7 @@ async fn request(
     };
     let fence = haven_cluster::FencedStore::unattached(inner.store.clone());
     let running = inner.spawn_handler(call.clone(), Some(fence.clone()));
+    call.trace = running.trace.clone();
     refresh_session(inner, &loaded);
     deliver(
         inner,
@@ -469,6 +475,7 @@ async fn open_stream(
             .progress_token
             .as_ref()
             .and_then(|t| serde_json::to_value(t).ok()),
+        traceparent: call.trace.clone(),
     };
     let (events, finished, close_at) = to_events(first);
     let key = stream::owner_key(&session, &stream_id);
@@ -1060,6 +1067,7 @@ async fn standalone(
                 boot: inner.config.boot_id.clone(),
                 started_millis: inner.store.clock().wall_millis(),
                 progress_token: None,
+                traceparent: None,
             };
             if let Err(e) = stream::open(&*inner.store, &rec, &[]).await {
                 return unavailable(e);

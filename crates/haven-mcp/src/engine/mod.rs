@@ -28,6 +28,31 @@ use crate::keyring::{Keyring, KeyringError, Secrets};
 pub use crate::outcome::{Answer, Reason, Rejection};
 
 pub use legacy::LegacyPost;
+
+/// The W3C trace context HTTP headers of a request (`traceparent`, `tracestate`), as the
+/// transport read them: the parent of the request's span when `params._meta.traceparent`
+/// names none.
+#[derive(Clone, Debug, Default)]
+pub struct TraceHeaders {
+    /// `traceparent`.
+    pub traceparent: Option<String>,
+    /// `tracestate`.
+    pub tracestate: Option<String>,
+}
+
+impl TraceHeaders {
+    /// The parent of a request's span and its `tracestate`: `_meta.traceparent` (already
+    /// checked) when there is one, else these headers' valid `traceparent`.
+    pub(crate) fn parent(self, meta: Option<String>) -> (Option<String>, Option<String>) {
+        match meta {
+            Some(m) => (Some(m), None),
+            None => match self.traceparent {
+                Some(t) if haven_telemetry::trace_id_of(&t).is_some() => (Some(t), self.tracestate),
+                _ => (None, None),
+            },
+        }
+    }
+}
 pub use stateless::{
     StatelessHeaders, StatelessPost, decode_header_value, is_stateless, supported_versions,
 };
@@ -271,6 +296,9 @@ pub(crate) struct Running {
     pub rx: tokio::sync::mpsc::UnboundedReceiver<crate::context::Item>,
     /// Cancels it.
     pub cancel: CancellationToken,
+    /// The `traceparent` of its server span when sampled: stored with work another node may
+    /// continue (see [`dispatch::Call::trace`]).
+    pub trace: Option<String>,
 }
 
 /// Why an engine could not start.
@@ -616,9 +644,13 @@ impl Inner {
     /// is the store view its writes go through (a request that may be taken over).
     pub(crate) fn spawn_handler(
         self: &Arc<Self>,
-        call: dispatch::Call,
+        mut call: dispatch::Call,
         fence: Option<Arc<haven_cluster::FencedStore>>,
     ) -> Running {
+        // The span is made here, so that the caller knows its context before it runs.
+        let span = dispatch::request_span(self, &call);
+        call.trace = span.in_scope(haven_telemetry::trace::sampled_traceparent);
+        let trace = call.trace.clone();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
         let key = call.era.session().map(|s| Inner::running_key(s, &call.id));
@@ -643,13 +675,13 @@ impl Inner {
             })
         };
         self.spawn(async move {
-            dispatch::run(inner.clone(), call, tx, token, fence).await;
+            dispatch::run(inner.clone(), call, tx, token, fence, Some(span)).await;
             timer.abort();
             if let Some(k) = key {
                 inner.running.lock().remove(&k);
             }
         });
-        Running { rx, cancel }
+        Running { rx, cancel, trace }
     }
 
     /// The catalog's tools and an index by name (cached).
@@ -745,4 +777,26 @@ pub(crate) fn store_error(e: haven_state::StoreError) -> ErrorData {
         _ => format!("Storage error: {e}"),
     };
     crate::outcome::store_failure(message, &e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TraceHeaders;
+
+    #[test]
+    fn meta_wins_over_the_trace_headers_and_invalid_headers_are_ignored() {
+        let meta = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned();
+        let header = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned();
+        let h = |tp: &str| TraceHeaders {
+            traceparent: Some(tp.to_owned()),
+            tracestate: Some("v=1".into()),
+        };
+        assert_eq!(h(&header).parent(Some(meta.clone())), (Some(meta), None));
+        assert_eq!(
+            h(&header).parent(None),
+            (Some(header.clone()), Some("v=1".into()))
+        );
+        assert_eq!(h("00-garbage").parent(None), (None, None));
+        assert_eq!(TraceHeaders::default().parent(None), (None, None));
+    }
 }

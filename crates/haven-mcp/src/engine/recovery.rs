@@ -60,6 +60,19 @@ fn request_id(rec: &InflightRecord) -> Option<NumberOrString> {
     }
 }
 
+/// The span of taking over work begun elsewhere (`takeover {what}`), linked to the trace of
+/// the request that began it when that one was sampled (`traceparent`, stored with the work).
+pub(crate) fn takeover_span(what: &str, dead: &Owner, traceparent: Option<&str>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "haven.takeover",
+        otel.name = %format!("takeover {what}"),
+        otel.kind = "internal",
+        haven.dead_node = %dead.node,
+    );
+    haven_telemetry::trace::add_link(&span, traceparent);
+    span
+}
+
 /// The call an in-flight record describes, if it is a tool call that may run again here.
 async fn rerunnable_call(inner: &Arc<Inner>, rec: &InflightRecord) -> Option<(Call, String)> {
     if rec.method != "tools/call" {
@@ -89,6 +102,8 @@ async fn rerunnable_call(inner: &Arc<Inner>, rec: &InflightRecord) -> Option<(Ca
         // Admitted by the rules when it first arrived.
         principal: None,
         traceparent: None,
+        tracestate: None,
+        trace: None,
     };
     let (tools, index) = inner.tools_for(&call).await.ok()?;
     let idempotent = index
@@ -139,6 +154,21 @@ async fn take_over_stream(inner: &Arc<Inner>, claim: Claim, session: &str, strea
             .await;
         return;
     };
+    let span = takeover_span(&rec.method, &claim.dead, rec.traceparent.as_deref());
+    use tracing::Instrument as _;
+    settle_stream(inner, claim, session, stream_id, rec)
+        .instrument(span)
+        .await;
+}
+
+/// [`take_over_stream`] once its in-flight record is read, in the takeover's span.
+async fn settle_stream(
+    inner: &Arc<Inner>,
+    claim: Claim,
+    session: &str,
+    stream_id: &str,
+    rec: InflightRecord,
+) {
     let another_node = claim.dead.node != inner.config.node_id;
     if another_node && let Some((call, tool)) = rerunnable_call(inner, &rec).await {
         rerun(inner, claim, call, &tool, &rec).await;

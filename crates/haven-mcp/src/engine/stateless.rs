@@ -71,6 +71,8 @@ pub struct StatelessPost {
     pub from_http: bool,
     /// Who sent it.
     pub principal: haven_auth::Principal,
+    /// Its W3C trace context headers.
+    pub trace: super::TraceHeaders,
 }
 
 /// Whether a request belongs to the stateless era: its `MCP-Protocol-Version` names a
@@ -163,6 +165,10 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
     }
     let owner = crate::session::owner_of(&p.principal);
     let from_http = p.from_http;
+    let (traceparent, tracestate) = p.trace.parent(
+        meta.traceparent
+            .filter(|t| haven_telemetry::trace_id_of(t).is_some()),
+    );
     let call = Call {
         id,
         method: req.method,
@@ -178,9 +184,9 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
         },
         principal: Some(Arc::new(p.principal)),
         progress_token: meta.progress_token,
-        traceparent: meta
-            .traceparent
-            .filter(|t| haven_telemetry::trace_id_of(t).is_some()),
+        traceparent,
+        tracestate,
+        trace: None,
     };
     // 7. `Mcp-Param-*` headers must mirror the arguments they stand for.
     if call.method == "tools/call"
@@ -458,9 +464,15 @@ async fn run(inner: &Arc<Inner>, call: Call) -> Reply {
     // client closing it) drops the handler, which is the era's cancellation.
     let (tx, mut rx) = mpsc::unbounded_channel();
     let id = call.id.clone();
-    let mut handler: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = Box::pin(
-        dispatch::run(inner.clone(), call, tx, CancellationToken::new(), None),
-    );
+    let mut handler: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+        Box::pin(dispatch::run(
+            inner.clone(),
+            call,
+            tx,
+            CancellationToken::new(),
+            None,
+            None,
+        ));
     let (first, running) = tokio::select! {
         biased;
         item = rx.recv() => (item, true),

@@ -109,6 +109,51 @@ pub struct TaskRecord {
     pub owner_node: String,
     /// Process running it.
     pub owner_boot: String,
+    /// The `traceparent` of the server span of the request that created it, when sampled: a
+    /// node or region that adopts the task links its span to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+}
+
+/// How many tasks of the store `node_id` runs (or ran last), by state in the order of
+/// [`haven_telemetry::TaskState::ALL`] (working, input required, completed, failed,
+/// cancelled): what `haven_tasks` shows. Reads the status and owner of each live task only.
+pub async fn count_by_state(
+    store: &dyn haven_state::Store,
+    node_id: &str,
+) -> Result<[u64; 5], haven_state::StoreError> {
+    #[derive(serde::Deserialize)]
+    struct Brief<'a> {
+        status: TaskStatus,
+        #[serde(borrow)]
+        owner_node: std::borrow::Cow<'a, str>,
+    }
+    let mut counts = [0u64; 5];
+    let mut after: Option<String> = None;
+    loop {
+        let page = store.scan(TASKS_NS, "", after.as_deref(), 512).await?;
+        for r in &page.records {
+            let Ok(t) = serde_json::from_slice::<Brief>(r.value()) else {
+                continue;
+            };
+            if t.owner_node != node_id {
+                continue;
+            }
+            let i = match t.status {
+                TaskStatus::Working => 0,
+                TaskStatus::InputRequired => 1,
+                TaskStatus::Completed => 2,
+                TaskStatus::Failed => 3,
+                TaskStatus::Cancelled => 4,
+                _ => continue,
+            };
+            counts[i] += 1;
+        }
+        match page.next_after {
+            Some(a) => after = Some(a),
+            None => return Ok(counts),
+        }
+    }
 }
 
 fn is_terminal(s: TaskStatus) -> bool {
@@ -444,6 +489,7 @@ fn new_record(
         claimable: false,
         owner_node: inner.config.node_id.clone(),
         owner_boot: inner.config.boot_id.clone(),
+        traceparent: call.trace.clone(),
     }
 }
 
@@ -1134,6 +1180,31 @@ pub(crate) async fn adopt(inner: &Arc<Inner>, claim: haven_cluster::Claim, task_
             return;
         }
     };
+    if is_terminal(rec.status) {
+        let _ = claim
+            .settle(
+                &*inner.store,
+                Batch::new(),
+                inner.config.region_lease.as_ref(),
+            )
+            .await;
+        return;
+    }
+    let span = super::recovery::takeover_span("task", &claim.dead, rec.traceparent.as_deref());
+    use tracing::Instrument as _;
+    adopt_live(inner, claim, task_id, rec, rev)
+        .instrument(span)
+        .await;
+}
+
+/// [`adopt`] of a task that has not ended, in the takeover's span.
+async fn adopt_live(
+    inner: &Arc<Inner>,
+    claim: haven_cluster::Claim,
+    task_id: &str,
+    rec: TaskRecord,
+    rev: u64,
+) {
     let me = (&inner.config.node_id, &inner.config.boot_id);
     if is_terminal(rec.status) {
         let _ = claim
@@ -1204,45 +1275,49 @@ pub(crate) async fn adopt(inner: &Arc<Inner>, claim: haven_cluster::Claim, task_
     };
     let inner2 = inner.clone();
     let rec = next;
-    inner.spawn(async move {
-        let inner = inner2;
-        let era = rec.era();
-        let cancel = CancellationToken::new();
-        let hook = Promoter::promoted(rec.task_id.clone(), execution.clone());
-        let ctx = RequestContext::new(
-            inner.store.clone(),
-            era,
-            rec.caller.clone(),
-            None,
-            None,
-            cancel.clone(),
-        )
-        .with_fence(haven_cluster::FencedStore::new(execution.clone()))
-        .with_task_hook(hook.clone());
-        // A cancellation or the record's expiry stops the run from here on.
-        watch_cancel(&inner, &rec.task_id, cancel.clone());
-        let round = if rec.status == TaskStatus::InputRequired {
-            match wait_until_answered(&inner, &rec.task_id, &execution, &cancel).await {
-                Some(r) => r,
-                None => {
-                    inner.executions.end(execution.key());
-                    return;
+    let span = tracing::Span::current();
+    inner.spawn(tracing::Instrument::instrument(
+        async move {
+            let inner = inner2;
+            let era = rec.era();
+            let cancel = CancellationToken::new();
+            let hook = Promoter::promoted(rec.task_id.clone(), execution.clone());
+            let ctx = RequestContext::new(
+                inner.store.clone(),
+                era,
+                rec.caller.clone(),
+                None,
+                None,
+                cancel.clone(),
+            )
+            .with_fence(haven_cluster::FencedStore::new(execution.clone()))
+            .with_task_hook(hook.clone());
+            // A cancellation or the record's expiry stops the run from here on.
+            watch_cancel(&inner, &rec.task_id, cancel.clone());
+            let round = if rec.status == TaskStatus::InputRequired {
+                match wait_until_answered(&inner, &rec.task_id, &execution, &cancel).await {
+                    Some(r) => r,
+                    None => {
+                        inner.executions.end(execution.key());
+                        return;
+                    }
                 }
-            }
-        } else {
-            Round {
-                input_responses: rec.answers.clone(),
-                state: rec.state.clone(),
-                number: rec.round,
-            }
-        };
-        let step = inner
-            .catalog
-            .call_tool(&ctx, &rec.tool, rec.arguments.clone(), round)
-            .await;
-        run_task(&inner, &hook, ctx, step).await;
-        tracing::info!(task = %rec.task_id, "resumed task finished");
-    });
+            } else {
+                Round {
+                    input_responses: rec.answers.clone(),
+                    state: rec.state.clone(),
+                    number: rec.round,
+                }
+            };
+            let step = inner
+                .catalog
+                .call_tool(&ctx, &rec.tool, rec.arguments.clone(), round)
+                .await;
+            run_task(&inner, &hook, ctx, step).await;
+            tracing::info!(task = %rec.task_id, "resumed task finished");
+        },
+        span,
+    ));
 }
 
 #[cfg(test)]
