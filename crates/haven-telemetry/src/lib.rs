@@ -207,6 +207,8 @@ pub struct Metrics {
     pub draining: Gauge,
     /// `haven_settings_last_change_timestamp_seconds`.
     pub settings_changed: Gauge,
+    /// `haven_drill_last_success_timestamp_seconds`.
+    pub drill_last_success: Gauge,
     /// `haven_audit_dropped_total` (a count kept by the audit writer, mirrored at scrape).
     pub audit_dropped: Gauge,
     /// `haven_rate_limited_total` by kind (address, principal, tool).
@@ -273,6 +275,7 @@ impl Metrics {
             interrupted: Counter::default(),
             draining: Gauge::default(),
             settings_changed: Gauge::default(),
+            drill_last_success: Gauge::default(),
             audit_dropped: Gauge::default(),
             rate_limited: Family::default(),
             auth_failures: Counter::default(),
@@ -415,6 +418,11 @@ impl Metrics {
             "haven_settings_last_change_timestamp_seconds",
             "When the newest runtime setting in force was set (Unix seconds; 0: all defaults)",
             m.settings_changed.clone(),
+        );
+        r.register(
+            "haven_drill_last_success_timestamp_seconds",
+            "When the region's last successful drill ended (Unix seconds; 0: none on record)",
+            m.drill_last_success.clone(),
         );
         r.register(
             "haven_audit_dropped",

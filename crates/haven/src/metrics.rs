@@ -179,6 +179,12 @@ async fn refresh(admin: &Admin) {
     m.settings_changed
         .set(newest.map_or(0, |ms| (ms / 1000) as i64));
     m.audit_dropped.set(admin.control.audit.dropped() as i64);
+    let drill = crate::status::last_drill(&**store, crate::status::DRILL_SUCCESS_KEY).await;
+    m.drill_last_success.set(
+        drill
+            .and_then(|d| d["finished_millis"].as_u64())
+            .map_or(0, |ms| (ms / 1000) as i64),
+    );
     m.process.refresh();
 }
 

@@ -26,10 +26,24 @@ use serde_json::Value;
 
 use crate::admin::Admin;
 
-/// Namespace and key of the last drill's record (written by `haven drill`).
+/// Namespace of the drills' records, written by `haven drill`: under [`DRILL_KEY`] the last
+/// drill, under [`DRILL_SUCCESS_KEY`] the last successful one, each a JSON object with
+/// `scenario`, `ok`, `finished_millis` (Unix milliseconds), `rto_seconds` and `rpo_seconds`.
 pub const DRILL_NS: &str = "drills";
 /// See [`DRILL_NS`].
 pub const DRILL_KEY: &str = "last";
+/// See [`DRILL_NS`].
+pub const DRILL_SUCCESS_KEY: &str = "last-success";
+
+/// The drill record under `key` of [`DRILL_NS`], if any (and readable).
+pub async fn last_drill(store: &dyn haven_state::Store, key: &str) -> Option<Value> {
+    store
+        .get(DRILL_NS, key)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|r| serde_json::from_slice(r.value()).ok())
+}
 /// The cookie that carries the status page's credentials.
 const COOKIE: &str = "haven_status";
 /// Seconds between the page's refreshes.
@@ -535,12 +549,7 @@ pub async fn overview(admin: &Admin) -> Overview {
     problems.sort_by_key(|p| severity_rank(p.severity));
 
     let alerts = alerts(admin.status.alerts_url.as_ref()).await;
-    let drill = store
-        .get(DRILL_NS, DRILL_KEY)
-        .await
-        .ok()
-        .flatten()
-        .and_then(|r| serde_json::from_slice(r.value()).ok());
+    let drill = last_drill(&**store, DRILL_KEY).await;
     let healthy = !problems.iter().any(|p| p.severity == "critical")
         && !alerts
             .items

@@ -79,6 +79,11 @@ async fn prometheus_scrapes_a_region_and_sees_traffic_a_backup_and_a_kill() {
     // Every node is scraped, with its region and node labels.
     prom.until("up{service=\"haven\"}", 3, |v| v == 1.0).await;
     prom.until("haven_build_info", 3, |v| v == 1.0).await;
+    // No drill on record yet: 0, which the alert rules read as "never".
+    prom.until("haven_drill_last_success_timestamp_seconds", 3, |v| {
+        v == 0.0
+    })
+    .await;
     // Requests by method, tool, era and outcome.
     prom.until(
         "sum by (node) (mcp_server_operation_duration_seconds_count{mcp_method_name=\"tools/call\",gen_ai_tool_name=\"notes_put\",era=\"legacy\",outcome=\"ok\"})",
