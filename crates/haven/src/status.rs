@@ -133,6 +133,8 @@ pub struct NodeView {
     pub availability_1h: Option<f64>,
     /// From `stats`.
     pub availability_24h: Option<f64>,
+    /// How far its clock is off the asked node's, in milliseconds (this region's nodes only).
+    pub clock_offset_ms: Option<i64>,
 }
 
 /// A backup target.
@@ -243,6 +245,7 @@ fn node_view(
         availability_1h: info.stats.as_ref().and_then(|s| s.availability_1h()),
         availability_24h: info.stats.as_ref().and_then(|s| s.availability_24h()),
         stats: info.stats.clone(),
+        clock_offset_ms: None,
     }
 }
 
@@ -342,7 +345,9 @@ pub async fn overview(admin: &Admin) -> Overview {
                 ),
             });
         }
-        here.nodes.push(node_view(&m.info, state, Some(silent)));
+        let mut view = node_view(&m.info, state, Some(silent));
+        view.clock_offset_ms = m.clock_offset_millis;
+        here.nodes.push(view);
     }
     if let Err(err) = store.check_writable().await {
         here.state = "degraded";
@@ -1111,7 +1116,7 @@ pub fn render_text(o: &Value) -> String {
         let _ = writeln!(t);
         let _ = writeln!(
             t,
-            "  {:<20} {:<9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7} {:>9} {:>8}  VERSION",
+            "  {:<20} {:<9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7} {:>9} {:>8} {:>9}  VERSION",
             "NODE",
             "STATE",
             "AVAIL 1H",
@@ -1121,13 +1126,14 @@ pub fn render_text(o: &Value) -> String {
             "P99",
             "REQ/S",
             "HEARD",
-            "UP FOR"
+            "UP FOR",
+            "SKEW"
         );
         for n in r["nodes"].as_array().into_iter().flatten() {
             let s = &n["stats"];
             let _ = writeln!(
                 t,
-                "  {:<20} {:<9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7} {:>9} {:>8}  {}",
+                "  {:<20} {:<9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7} {:>9} {:>8} {:>9}  {}",
                 n["name"].as_str().unwrap_or("?"),
                 n["state"].as_str().unwrap_or("?"),
                 pct(f(&n["availability_1h"])),
@@ -1138,6 +1144,9 @@ pub fn render_text(o: &Value) -> String {
                 f(&s["rate_5m"]).map_or("—".into(), |r| format!("{r:.1}")),
                 human_secs(f(&n["silent_seconds"])),
                 human_secs(f(&n["uptime_seconds"])),
+                n["clock_offset_ms"]
+                    .as_i64()
+                    .map_or("—".into(), |o| format!("{o:+} ms")),
                 n["version"].as_str().unwrap_or("?"),
             );
         }
@@ -1255,6 +1264,7 @@ mod tests {
             }),
             availability_1h: Some(0.98),
             availability_24h: Some(0.98),
+            clock_offset_ms: Some(-3),
         };
         let mut r = RegionView {
             name: "eu<1>".into(),

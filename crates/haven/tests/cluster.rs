@@ -292,7 +292,8 @@ async fn writes_continue_after_the_stream_leader_is_killed_and_it_rejoins() {
         "node0",
         "node1",
         "node2",
-        "alive",
+        "STATE",
+        "up",
         "NATS JetStream stream HAVEN_R1",
         "Writable: yes",
     ];
