@@ -124,6 +124,7 @@ fn run_client_command(
                 .unwrap_or_else(|| log_filter("warn").expect("a valid filter")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(colour_on_stderr())
         .try_init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -143,6 +144,14 @@ fn run_client_command(
             std::process::ExitCode::from(2)
         }
     }
+}
+
+/// Whether log lines to stderr may carry ANSI colour codes: only when stderr is a terminal
+/// and `NO_COLOR` is unset, so that a log redirected to a file or a pipe (systemd, a
+/// container runtime, `2>haven.log`) holds plain text.
+fn colour_on_stderr() -> bool {
+    use std::io::IsTerminal as _;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// The log filter `f`, with the log lines of rmcp (the MCP client library Haven talks to
@@ -186,6 +195,7 @@ fn init_logging(
     } else {
         fmt::layer()
             .with_writer(std::io::stderr)
+            .with_ansi(colour_on_stderr())
             .with_filter(filter)
             .boxed()
     };
