@@ -30,7 +30,9 @@ pub struct Cli {
 pub enum Command {
     /// Serve MCP over Streamable HTTP at /mcp (both protocol eras), with /healthz and /readyz.
     Serve(ServeArgs),
-    /// Serve the same catalog over stdio (one JSON-RPC message per line).
+    /// Serve the same catalog over stdio (one JSON-RPC message per line). It opens the data
+    /// directory itself: while a `haven serve` runs on the embedded store, give `haven stdio`
+    /// a --data of its own (the store of a data directory is open in one process at a time).
     Stdio(CommonArgs),
     /// Backups: ship now, list, verify, restore, create a key.
     #[command(subcommand)]
@@ -44,8 +46,8 @@ pub enum Command {
     /// Runtime settings of a running node's region: get, set, unset, list.
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Secrets of a running node's region: set, list, delete, rotate-key; and new-key, which
-    /// adds a key-encryption key to a key file.
+    /// Secrets of a running node's region: set, list, delete, rotate-key, keys, retire-key;
+    /// and new-key, which adds a key-encryption key to a key file.
     #[command(subcommand)]
     Secrets(SecretsCommand),
     /// Regions: status, promote, demote (asked of a running node), and bootstrap of a cold
@@ -528,11 +530,12 @@ pub struct BackupTargetArgs {
 pub struct BackupListArgs {
     #[command(flatten)]
     pub target: BackupTargetArgs,
-    /// Admin API of the node to ask for the live backup lag [default: the URL in
-    /// DATA/admin.url, else http://127.0.0.1:8080]
+    /// Admin API of the node to ask for the live backup lag: its --admin-listen address if it
+    /// has one, else its --listen address [default: the URL in DATA/admin.url, which the node
+    /// writes at start, else http://127.0.0.1:8080]
     #[arg(long, env = "HAVEN_NODE", value_name = "URL")]
     pub node: Option<String>,
-    /// Admin token file of that node [default: DATA/admin.token]
+    /// Admin token file of that node [default: HAVEN_ADMIN_TOKEN, else DATA/admin.token]
     #[arg(long, env = "HAVEN_ADMIN_TOKEN_FILE", value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
     /// Data directory of that node (where its admin token is) [default: ./haven-data]
@@ -640,17 +643,23 @@ pub struct BackupServeArgs {
 pub struct NatsTlsArgs {
     /// Require TLS to the NATS servers, verified against the system's roots unless
     /// --nats-ca-file is given (implied by the other --nats-* TLS options and by tls:// URLs)
-    #[arg(long, env = "HAVEN_NATS_TLS")]
+    #[arg(long, env = "HAVEN_NATS_TLS", help_heading = "Cluster mode")]
     pub nats_tls: bool,
     /// CA certificate(s) (PEM) the NATS servers' certificates are verified against
-    #[arg(long, env = "HAVEN_NATS_CA_FILE", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "HAVEN_NATS_CA_FILE",
+        value_name = "FILE",
+        help_heading = "Cluster mode"
+    )]
     pub nats_ca_file: Option<PathBuf>,
     /// Client certificate (PEM) presented to the NATS servers (mutual TLS; with --nats-key)
     #[arg(
         long,
         env = "HAVEN_NATS_CERT",
         value_name = "FILE",
-        requires = "nats_key"
+        requires = "nats_key",
+        help_heading = "Cluster mode"
     )]
     pub nats_cert: Option<PathBuf>,
     /// The client certificate's private key (PEM, readable by its owner only)
@@ -658,7 +667,8 @@ pub struct NatsTlsArgs {
         long,
         env = "HAVEN_NATS_KEY",
         value_name = "FILE",
-        requires = "nats_cert"
+        requires = "nats_cert",
+        help_heading = "Cluster mode"
     )]
     pub nats_key: Option<PathBuf>,
 }
@@ -715,58 +725,123 @@ pub struct CommonArgs {
     #[arg(long, env = "HAVEN_NODE_ID", value_name = "ID")]
     pub node_id: Option<String>,
     /// Region name stamped on every write [default: local]
-    #[arg(long, env = "HAVEN_REGION", value_name = "NAME")]
+    #[arg(
+        long,
+        env = "HAVEN_REGION",
+        value_name = "NAME",
+        help_heading = "Cluster mode"
+    )]
     pub region: Option<String>,
     /// Log filter, e.g. info or haven_mcp=debug [default: info]
-    #[arg(long, env = "HAVEN_LOG", value_name = "FILTER")]
+    #[arg(
+        long,
+        env = "HAVEN_LOG",
+        value_name = "FILTER",
+        help_heading = "Logs, traces and metrics"
+    )]
     pub log_level: Option<String>,
     /// Log format: text or json [default: text]
-    #[arg(long, env = "HAVEN_LOG_FORMAT", value_name = "FORMAT")]
+    #[arg(
+        long,
+        env = "HAVEN_LOG_FORMAT",
+        value_name = "FORMAT",
+        help_heading = "Logs, traces and metrics"
+    )]
     pub log_format: Option<String>,
     /// Export traces by OTLP over HTTP (protobuf) to this collector, e.g.
     /// http://127.0.0.1:4318 (spans go to its /v1/traces) [default: no export]
-    #[arg(long, env = "HAVEN_OTLP_ENDPOINT", value_name = "URL")]
+    #[arg(
+        long,
+        env = "HAVEN_OTLP_ENDPOINT",
+        value_name = "URL",
+        help_heading = "Logs, traces and metrics"
+    )]
     pub otlp_endpoint: Option<String>,
     /// Share of new traces sampled, 0 to 1; a request whose caller sampled its trace is
     /// always sampled [default: 1]
-    #[arg(long, env = "HAVEN_TRACE_SAMPLE_RATIO", value_name = "RATIO")]
+    #[arg(
+        long,
+        env = "HAVEN_TRACE_SAMPLE_RATIO",
+        value_name = "RATIO",
+        help_heading = "Logs, traces and metrics"
+    )]
     pub trace_sample_ratio: Option<f64>,
     /// Keep metrics (on) or not (off: no /metrics, and the status page has no traffic
     /// figures; for measuring what they cost) [default: on]
-    #[arg(long, env = "HAVEN_METRICS", value_name = "on|off")]
+    #[arg(
+        long,
+        env = "HAVEN_METRICS",
+        value_name = "on|off",
+        help_heading = "Logs, traces and metrics"
+    )]
     pub metrics: Option<String>,
     /// How legacy-era requests are answered: adaptive (JSON when a request finishes at once,
     /// otherwise a resumable SSE stream) or sse (always a stored, resumable stream)
     /// [default: adaptive]
-    #[arg(long, env = "HAVEN_LEGACY_RESPONSES", value_name = "MODE")]
+    #[arg(
+        long,
+        env = "HAVEN_LEGACY_RESPONSES",
+        value_name = "MODE",
+        help_heading = "MCP sessions"
+    )]
     pub legacy_responses: Option<String>,
     /// Seconds a legacy session lives without being used [default: 86400]
-    #[arg(long, env = "HAVEN_SESSION_TTL", value_name = "SECS")]
+    #[arg(
+        long,
+        env = "HAVEN_SESSION_TTL",
+        value_name = "SECS",
+        help_heading = "MCP sessions"
+    )]
     pub session_ttl: Option<u64>,
     /// Items per page of list results (tools/list, resources/list, ...) [default: 100]
-    #[arg(long, env = "HAVEN_PAGE_SIZE", value_name = "N")]
+    #[arg(
+        long,
+        env = "HAVEN_PAGE_SIZE",
+        value_name = "N",
+        help_heading = "MCP sessions"
+    )]
     pub page_size: Option<usize>,
     /// Worker threads of the async runtime [default: one per core]
     #[arg(long, env = "HAVEN_WORKER_THREADS", value_name = "N")]
     pub worker_threads: Option<usize>,
     /// Where state lives: `embedded` (a redb file in the data directory) or a NATS JetStream
     /// cluster, `nats://HOST:PORT[,HOST:PORT...]` (one stream per --region) [default: embedded]
-    #[arg(long, env = "HAVEN_STORE", value_name = "STORE")]
+    #[arg(
+        long,
+        env = "HAVEN_STORE",
+        value_name = "STORE",
+        help_heading = "Cluster mode"
+    )]
     pub store: Option<String>,
     /// Replicas of the region's JetStream stream (3: a write survives the loss of any one
     /// NATS server) [default: 3]
-    #[arg(long, env = "HAVEN_STORE_REPLICAS", value_name = "N")]
+    #[arg(
+        long,
+        env = "HAVEN_STORE_REPLICAS",
+        value_name = "N",
+        help_heading = "Cluster mode"
+    )]
     pub store_replicas: Option<usize>,
     /// File of key-encryption keys for secrets (`<kid> <base64 key>` per line, the last one
     /// wraps new data keys). The keys may also come from HAVEN_SECRETS_KEYS (lines separated by
     /// `;`). Every node of a region needs the same keys. [default on an embedded store:
     /// DATA/secrets.keys, created on first start; a NATS store requires one of the two]
-    #[arg(long, env = "HAVEN_SECRETS_KEY_FILE", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "HAVEN_SECRETS_KEY_FILE",
+        value_name = "FILE",
+        help_heading = "Secrets"
+    )]
     pub secrets_key_file: Option<PathBuf>,
     /// Command that prints the key-encryption keys for secrets (the key file's format)
     /// instead of a file, e.g. one asking a KMS or a vault; split into words like a shell
     /// would and run without one, at start and again at every `haven secrets rotate-key`
-    #[arg(long, env = "HAVEN_SECRETS_KEY_COMMAND", value_name = "COMMAND")]
+    #[arg(
+        long,
+        env = "HAVEN_SECRETS_KEY_COMMAND",
+        value_name = "COMMAND",
+        help_heading = "Secrets"
+    )]
     pub secrets_key_command: Option<String>,
     #[command(flatten)]
     pub nats_tls: NatsTlsArgs,
@@ -778,7 +853,7 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub common: CommonArgs,
     /// Address to listen on [default: 127.0.0.1:8080]
-    #[arg(long, env = "HAVEN_LISTEN", value_name = "ADDR")]
+    #[arg(long, env = "HAVEN_LISTEN", value_name = "ADDR", help_heading = "HTTP")]
     pub listen: Option<String>,
     /// Host names accepted in Host and Origin headers (DNS-rebinding protection),
     /// comma-separated; * accepts any [default: localhost,127.0.0.1,[::1]]
@@ -786,59 +861,120 @@ pub struct ServeArgs {
         long,
         env = "HAVEN_ALLOWED_HOSTS",
         value_name = "HOSTS",
-        value_delimiter = ','
+        value_delimiter = ',',
+        help_heading = "HTTP"
     )]
     pub allowed_hosts: Option<Vec<String>>,
     /// Largest accepted request body in bytes [default: 4194304]
-    #[arg(long, env = "HAVEN_MAX_BODY_BYTES", value_name = "BYTES")]
+    #[arg(
+        long,
+        env = "HAVEN_MAX_BODY_BYTES",
+        value_name = "BYTES",
+        help_heading = "HTTP"
+    )]
     pub max_body_bytes: Option<usize>,
     /// On SIGTERM, how long running requests may take to finish before the node exits
     /// [default: 30s]
-    #[arg(long, env = "HAVEN_DRAIN_TIMEOUT", value_name = "DURATION")]
+    #[arg(
+        long,
+        env = "HAVEN_DRAIN_TIMEOUT",
+        value_name = "DURATION",
+        help_heading = "Cluster mode"
+    )]
     pub drain_timeout: Option<String>,
     /// Largest clock difference between the nodes of a region that is not reported as skew
     /// (in status and logs; liveness never depends on clocks) [default: 500ms]
-    #[arg(long, env = "HAVEN_MAX_CLOCK_SKEW", value_name = "DURATION")]
+    #[arg(
+        long,
+        env = "HAVEN_MAX_CLOCK_SKEW",
+        value_name = "DURATION",
+        help_heading = "Cluster mode"
+    )]
     pub max_clock_skew: Option<String>,
-    /// File holding the admin API token (/admin/v1) [default: DATA/admin.token, created
-    /// on first start]
-    #[arg(long, env = "HAVEN_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    /// File holding the admin API token (/admin/v1), mode 0600 or 0400 [default: the token
+    /// itself in HAVEN_ADMIN_TOKEN, else DATA/admin.token, created on first start]
+    #[arg(
+        long,
+        env = "HAVEN_ADMIN_TOKEN_FILE",
+        value_name = "FILE",
+        help_heading = "Admin API"
+    )]
     pub admin_token_file: Option<PathBuf>,
     /// Serve the admin API (/admin/v1) on this address of its own, e.g. 127.0.0.1:8081, and
     /// no longer on the MCP listener (so /mcp can be public while the admin API stays on
     /// loopback) [default: on the MCP listener]
-    #[arg(long, env = "HAVEN_ADMIN_LISTEN", value_name = "ADDR")]
+    #[arg(
+        long,
+        env = "HAVEN_ADMIN_LISTEN",
+        value_name = "ADDR",
+        help_heading = "Admin API"
+    )]
     pub admin_listen: Option<String>,
     /// Also serve /metrics, without credentials, on this address of its own (e.g. an
     /// address only the Prometheus network reaches) [default: /metrics only on the admin
     /// API, with its credentials]
-    #[arg(long, env = "HAVEN_METRICS_LISTEN", value_name = "ADDR")]
+    #[arg(
+        long,
+        env = "HAVEN_METRICS_LISTEN",
+        value_name = "ADDR",
+        help_heading = "Logs, traces and metrics"
+    )]
     pub metrics_listen: Option<String>,
     /// The Prometheus whose alerts (firing and pending) the status page (/status) and
     /// `haven status` show, e.g. http://127.0.0.1:9090 [default: none; the page shows
     /// Haven's own findings only]
-    #[arg(long, env = "HAVEN_ALERTS_URL", value_name = "URL")]
+    #[arg(
+        long,
+        env = "HAVEN_ALERTS_URL",
+        value_name = "URL",
+        help_heading = "Logs, traces and metrics"
+    )]
     pub alerts_url: Option<String>,
     /// Serve over TLS with this certificate chain (PEM, the leaf first; with --tls-key),
     /// reloaded when the file changes [default: plain HTTP]
-    #[arg(long, env = "HAVEN_TLS_CERT", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "HAVEN_TLS_CERT",
+        value_name = "FILE",
+        help_heading = "TLS"
+    )]
     pub tls_cert: Option<PathBuf>,
     /// The TLS certificate's private key (PEM, readable by its owner only)
-    #[arg(long, env = "HAVEN_TLS_KEY", value_name = "FILE")]
+    #[arg(long, env = "HAVEN_TLS_KEY", value_name = "FILE", help_heading = "TLS")]
     pub tls_key: Option<PathBuf>,
     /// Oldest TLS version accepted: 1.3 or 1.2 [default: 1.3]
-    #[arg(long, env = "HAVEN_TLS_MIN_VERSION", value_name = "VERSION")]
+    #[arg(
+        long,
+        env = "HAVEN_TLS_MIN_VERSION",
+        value_name = "VERSION",
+        help_heading = "TLS"
+    )]
     pub tls_min_version: Option<String>,
     /// The admin listener's own certificate (with --admin-listen and --admin-tls-key)
     /// [default: the --tls-cert pair when TLS is on, else plain HTTP]
-    #[arg(long, env = "HAVEN_ADMIN_TLS_CERT", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "HAVEN_ADMIN_TLS_CERT",
+        value_name = "FILE",
+        help_heading = "TLS"
+    )]
     pub admin_tls_cert: Option<PathBuf>,
     /// The admin certificate's private key (PEM, readable by its owner only)
-    #[arg(long, env = "HAVEN_ADMIN_TLS_KEY", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "HAVEN_ADMIN_TLS_KEY",
+        value_name = "FILE",
+        help_heading = "TLS"
+    )]
     pub admin_tls_key: Option<PathBuf>,
     /// CA certificate(s) (PEM) trusted for https:// upstreams besides the system's roots
     /// [default: the system's roots only]
-    #[arg(long, env = "HAVEN_UPSTREAM_CA", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "HAVEN_UPSTREAM_CA",
+        value_name = "FILE",
+        help_heading = "TLS"
+    )]
     pub upstream_ca: Option<PathBuf>,
     /// Other regions whose change logs this region applies, comma-separated (a NATS store
     /// only: each region's servers run JetStream with `domain: <region name>` and are joined
@@ -847,20 +983,31 @@ pub struct ServeArgs {
         long,
         env = "HAVEN_PEER_REGIONS",
         value_name = "REGIONS",
-        value_delimiter = ','
+        value_delimiter = ',',
+        help_heading = "Multi-region"
     )]
     pub peer_regions: Option<Vec<String>>,
     /// How often another region's health is checked (its heartbeats must change between
     /// checks), at least 1s [default: 10s]
-    #[arg(long, env = "HAVEN_REGION_CHECK_INTERVAL", value_name = "DURATION")]
+    #[arg(
+        long,
+        env = "HAVEN_REGION_CHECK_INTERVAL",
+        value_name = "DURATION",
+        help_heading = "Multi-region"
+    )]
     pub region_check_interval: Option<String>,
     /// Failed checks in a row after which a region is judged failed; the active role moves
     /// only when a majority of regions judge the active one failed [default: 3]
-    #[arg(long, env = "HAVEN_REGION_FAILURE_THRESHOLD", value_name = "N")]
+    #[arg(
+        long,
+        env = "HAVEN_REGION_FAILURE_THRESHOLD",
+        value_name = "N",
+        help_heading = "Multi-region"
+    )]
     pub region_failure_threshold: Option<u32>,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Backup")]
     pub backup: BackupServeArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Authentication")]
     pub auth: AuthArgs,
 }
 
