@@ -30,6 +30,9 @@ use crate::{REQUEST_CANCELLED, SecretResolver};
 const INITIAL_BACKOFF_MS: u64 = 250;
 /// How long closing a connection may take (a stdio child gets stdin closed, then SIGTERM, then
 /// SIGKILL, each after 3 s).
+/// How often the unchanged failure of an upstream that keeps failing to connect is logged
+/// again (its first failure, a change of reason and its recovery are logged at once).
+const STILL_FAILING_LOG_EVERY: Duration = Duration::from_secs(300);
 const CLOSE_WAIT: Duration = Duration::from_secs(10);
 /// How long a `notifications/cancelled` may take to send.
 const CANCEL_SEND_WAIT: Duration = Duration::from_secs(5);
@@ -82,7 +85,8 @@ pub struct UpstreamStatus {
     pub calls_ok: u64,
     /// Calls that ended in an error (timeouts, refusals, upstream JSON-RPC errors, …).
     pub calls_failed: u64,
-    /// Reconnections after the first connection.
+    /// Connection attempts (for a stdio upstream: process starts) after the first one: every
+    /// retry after a failed start, a closed connection or a reconnection counts.
     pub restarts: u64,
     /// Consecutive failures counted by the circuit breaker.
     pub consecutive_failures: u32,
@@ -165,8 +169,21 @@ struct EntryState {
     calls_failed: u64,
     restarts: u64,
     connected_once: bool,
+    /// Since the last connection (or the start), connecting has failed: for logging state
+    /// changes rather than every attempt.
+    failing: Option<Failing>,
     backoff_ms: u64,
     breaker: Breaker,
+}
+
+/// An upstream that fails to connect, as its log lines know it.
+struct Failing {
+    /// Failed attempts so far.
+    attempts: u64,
+    /// The reason last logged.
+    reason: Reason,
+    /// When a line about it was last logged.
+    logged: Instant,
 }
 
 struct Entry {
@@ -204,6 +221,7 @@ impl Entry {
                 calls_failed: 0,
                 restarts: 0,
                 connected_once: false,
+                failing: None,
                 backoff_ms: INITIAL_BACKOFF_MS,
                 breaker: Breaker::default(),
             }),
@@ -232,6 +250,60 @@ impl Entry {
         let detail = failure.detail_for(&self.secrets.lock());
         tracing::warn!(upstream = self.name(), reason = failure.reason.as_str(), error = %detail, "{what}");
         self.update(|st| st.last_error = Some(failure));
+    }
+
+    /// Records a failed connection attempt as the last error, and logs it when it changes the
+    /// upstream's state (the first failure, or a new reason); the same failure again is logged
+    /// at most every [`STILL_FAILING_LOG_EVERY`], with the number of attempts.
+    fn connect_failed(&self, failure: Failure) {
+        let now = Instant::now();
+        let log = {
+            let mut st = self.st.lock();
+            let log = match &mut st.failing {
+                None => {
+                    st.failing = Some(Failing {
+                        attempts: 1,
+                        reason: failure.reason,
+                        logged: now,
+                    });
+                    Some(None)
+                }
+                Some(f) => {
+                    f.attempts += 1;
+                    if f.reason != failure.reason
+                        || now.duration_since(f.logged) >= STILL_FAILING_LOG_EVERY
+                    {
+                        f.reason = failure.reason;
+                        f.logged = now;
+                        Some(Some(f.attempts))
+                    } else {
+                        None
+                    }
+                }
+            };
+            st.last_error = Some(failure.clone());
+            log
+        };
+        self.changed.send_replace(());
+        let Some(attempts) = log else { return };
+        let detail = failure.detail_for(&self.secrets.lock());
+        let reason = failure.reason.as_str();
+        match attempts {
+            None => tracing::warn!(
+                upstream = self.name(),
+                reason,
+                error = %detail,
+                "connecting to upstream failed; retrying with backoff (the same failure is logged again every {} s)",
+                STILL_FAILING_LOG_EVERY.as_secs()
+            ),
+            Some(n) => tracing::warn!(
+                upstream = self.name(),
+                reason,
+                error = %detail,
+                attempts = n,
+                "upstream still failing after {n} attempts"
+            ),
+        }
     }
 
     fn update(&self, f: impl FnOnce(&mut EntryState)) {
@@ -889,11 +961,16 @@ async fn refresh_worker(
 async fn supervise(shared: Arc<Shared>, entry: Arc<Entry>) {
     let name = entry.name().to_owned();
     let mut wait_first = false;
+    let mut attempted = false;
     loop {
         if wait_first && !back_off(&shared, &entry, &name).await {
             break;
         }
         wait_first = true;
+        if attempted {
+            entry.update(|st| st.restarts += 1);
+        }
+        attempted = true;
         let (conn, wake) = match connect_once(&shared, &entry, &name).await {
             Attempt::Connected(conn, wake) => (conn, wake),
             Attempt::Failed => continue,
@@ -914,6 +991,13 @@ async fn supervise(shared: Arc<Shared>, entry: Arc<Entry>) {
                     Reason::Unreachable,
                     "the connection to the upstream closed",
                 ));
+                // Logged below; reconnection attempts that fail for the same reason are the
+                // same state.
+                st.failing = Some(Failing {
+                    attempts: 0,
+                    reason: Reason::Unreachable,
+                    logged: Instant::now(),
+                });
             }
         });
         worker.abort();
@@ -988,7 +1072,7 @@ async fn connect_once(shared: &Arc<Shared>, entry: &Arc<Entry>, name: &str) -> A
     let opened = match attempt {
         Ok(Ok(o)) => o,
         Ok(Err(f)) => {
-            entry.record_failure("connecting to upstream failed", f);
+            entry.connect_failed(f);
             return Attempt::Failed;
         }
         Err(_) => {
@@ -997,7 +1081,7 @@ async fn connect_once(shared: &Arc<Shared>, entry: &Arc<Entry>, name: &str) -> A
                 connect_limit.as_millis()
             );
             let f = Failure::new(Reason::Timeout, e);
-            entry.record_failure("connecting to upstream failed", f);
+            entry.connect_failed(f);
             return Attempt::Failed;
         }
     };
@@ -1037,16 +1121,19 @@ async fn connect_once(shared: &Arc<Shared>, entry: &Arc<Entry>, name: &str) -> A
         let detail = entry.redact(&f.detail);
         tracing::warn!(upstream = %name, reason = f.reason.as_str(), error = %detail, "listing the upstream failed");
     }
+    let mut failed_attempts = 0;
     entry.update(|st| {
         st.conn = Some(conn.clone());
         st.phase = Phase::Connected;
         st.last_error = list_error;
-        if st.connected_once {
-            st.restarts += 1;
-        }
         st.connected_once = true;
+        failed_attempts = st.failing.take().map_or(0, |f| f.attempts);
     });
-    tracing::info!(upstream = %name, pid = ?conn.pid, "upstream connected");
+    if failed_attempts > 0 {
+        tracing::info!(upstream = %name, pid = ?conn.pid, failed_attempts, "upstream connected");
+    } else {
+        tracing::info!(upstream = %name, pid = ?conn.pid, "upstream connected");
+    }
     Attempt::Connected(conn, wake)
 }
 
