@@ -491,9 +491,14 @@ impl Engine {
         self.inner.sessions.len()
     }
 
-    /// Ends draining: the last heartbeat says the node left, so that other nodes take over
-    /// what is left unfinished at once instead of after the heartbeat's time-to-live.
+    /// Ends draining: the in-flight records of this process's standalone GET streams are
+    /// deleted (a clean stop leaves nothing to settle), and the last heartbeat says the node
+    /// left, so that other nodes take over what is left unfinished at once instead of after
+    /// the heartbeat's time-to-live.
     pub async fn leave(&self) {
+        if let Err(e) = recovery::release_standalone_streams(&self.inner).await {
+            tracing::warn!(error = %e, "could not release this node's standalone streams");
+        }
         if self.inner.store.shared() {
             self.inner.membership.leave().await;
         }

@@ -340,6 +340,33 @@ pub(crate) async fn recover(inner: &Arc<Inner>) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Deletes the in-flight records of the standalone GET streams this process served, at the
+/// end of a clean stop: their clients were told to reconnect when draining began, so that
+/// nothing is left for the next start (or another node) to settle as the work of a process
+/// that is gone. Returns how many were deleted.
+pub(crate) async fn release_standalone_streams(inner: &Arc<Inner>) -> Result<usize, StoreError> {
+    let mut released = 0usize;
+    for r in inner.store.scan_all(INFLIGHT_NS, "").await? {
+        let Ok(rec) = serde_json::from_slice::<InflightRecord>(r.value()) else {
+            continue;
+        };
+        if rec.method == STANDALONE
+            && rec.node == inner.config.node_id
+            && rec.boot == inner.config.boot_id
+        {
+            // Unconditional: the stream's producer may have renewed the record's time-to-live
+            // meanwhile (a new revision), but a record names the process that opened it for
+            // good.
+            let batch = Batch::new().delete(INFLIGHT_NS, &r.record.key);
+            match inner.store.commit(batch).await {
+                Ok(_) => released += 1,
+                Err(e) => tracing::warn!(error = %e, "could not release a standalone stream"),
+            }
+        }
+    }
+    Ok(released)
+}
+
 /// Whether this node may settle work left by others now (see `EngineConfig::recovery_gate`).
 fn recovery_open(inner: &Inner) -> bool {
     inner.config.recovery_gate.as_ref().is_none_or(|g| (g.0)())
