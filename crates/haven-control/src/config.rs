@@ -32,6 +32,10 @@ pub struct UpstreamSettings {
     pub restart_max_backoff_ms: u64,
     /// Longest wait for connecting to (and initializing) an upstream, ms.
     pub connect_timeout_ms: u64,
+    /// Longest wait for starting (and initializing) a stdio upstream until it has connected
+    /// once on this node (a first start may fetch packages, e.g. `npx -y` on a cold cache), ms;
+    /// the larger of this and `connect_timeout_ms` applies.
+    pub first_start_timeout_ms: u64,
 }
 
 /// Connection limits of the HTTP server (applied to connections opened after a change; the
@@ -176,6 +180,7 @@ impl Default for UpstreamSettings {
             breaker_cooldown_ms: 10_000,
             restart_max_backoff_ms: 30_000,
             connect_timeout_ms: 10_000,
+            first_start_timeout_ms: 120_000,
         }
     }
 }
@@ -553,6 +558,15 @@ pub const SETTINGS: &[SettingDef] = &[
         help: "longest wait for connecting to and initializing an upstream",
     },
     SettingDef {
+        key: "upstream.first_start_timeout_ms",
+        kind: Kind::Integer {
+            min: 100,
+            max: 3_600_000,
+        },
+        default: "120000",
+        help: "longest wait for starting and initializing a stdio upstream until it has connected once on a node (a first start may fetch packages, e.g. npx -y on a cold cache); the larger of this and upstream.connect_timeout_ms applies",
+    },
+    SettingDef {
         key: "upstream.restart_max_backoff_ms",
         kind: Kind::Integer {
             min: 100,
@@ -811,6 +825,7 @@ fn fold(stored: &BTreeMap<String, StoredSetting>, applied_seq: u64, now: u64) ->
             breaker_cooldown_ms: int("upstream.breaker_cooldown_ms"),
             restart_max_backoff_ms: int("upstream.restart_max_backoff_ms"),
             connect_timeout_ms: int("upstream.connect_timeout_ms"),
+            first_start_timeout_ms: int("upstream.first_start_timeout_ms"),
         },
         catalog: text("catalog"),
         log_level: text("log.level"),

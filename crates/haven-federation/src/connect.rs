@@ -1,7 +1,7 @@
 //! Opening a connection to an upstream (stdio child process or Streamable HTTP) and the client
 //! handler that receives the upstream's notifications and requests.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +45,48 @@ use crate::failure::{Failure, Reason};
 /// the upstream request → the calling client's context.
 pub(crate) type ProgressMap = Arc<Mutex<HashMap<ProgressToken, RequestContext>>>;
 
+/// Lines of a stdio upstream's stderr kept for operators (`haven registry show`).
+const STDERR_LINES: usize = 20;
+/// Bytes of stderr lines kept, at most.
+const STDERR_BYTES: usize = 4096;
+/// A longer stderr line is cut to this many bytes.
+const STDERR_LINE_BYTES: usize = 512;
+
+/// The last lines a stdio upstream wrote to its stderr, over its restarts, redacted: at most
+/// [`STDERR_LINES`] lines and [`STDERR_BYTES`] bytes.
+#[derive(Default)]
+pub(crate) struct StderrTail {
+    lines: VecDeque<String>,
+    bytes: usize,
+}
+
+impl StderrTail {
+    /// Adds `line` (cut to [`STDERR_LINE_BYTES`]), dropping the oldest lines over the bounds.
+    pub fn push(&mut self, mut line: String) {
+        if line.len() > STDERR_LINE_BYTES {
+            let mut end = STDERR_LINE_BYTES;
+            while !line.is_char_boundary(end) {
+                end -= 1;
+            }
+            line.truncate(end);
+            line.push('…');
+        }
+        self.bytes += line.len();
+        self.lines.push_back(line);
+        while self.lines.len() > STDERR_LINES || self.bytes > STDERR_BYTES {
+            match self.lines.pop_front() {
+                Some(old) => self.bytes -= old.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// The lines kept, oldest first.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.iter().cloned().collect()
+    }
+}
+
 /// An open connection.
 pub(crate) struct Opened {
     /// Sends requests to the upstream.
@@ -70,6 +112,8 @@ pub(crate) struct Handler {
     /// The upstream's known secret values, removed from what it sends before it is forwarded
     /// to a client or logged.
     pub secrets: Arc<Mutex<Secrets>>,
+    /// The last lines of a stdio upstream's stderr.
+    pub stderr: Arc<Mutex<StderrTail>>,
 }
 
 impl Handler {
@@ -310,8 +354,9 @@ struct HttpTarget<'a> {
     skip_authorization: bool,
 }
 
-/// Starts a stdio upstream (in a clean environment, its stderr to the log) and completes the
-/// MCP handshake over its stdin/stdout.
+/// Starts a stdio upstream (in a clean environment; its stderr to the log at debug level and
+/// its last lines kept for the admin API) and completes the MCP handshake over its
+/// stdin/stdout.
 async fn open_stdio(
     p: Process<'_>,
     handler: Handler,
@@ -369,11 +414,13 @@ async fn open_stdio(
     if let Some(stderr) = stderr {
         let name = name.to_owned();
         let known = handler.secrets.clone();
+        let tail = handler.stderr.clone();
         tokio::spawn(async move {
             let mut lines = tokio::io::BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 let line = redact(&line, &known.lock());
                 tracing::debug!(upstream = %name, "stderr: {line}");
+                tail.lock().push(line);
             }
         });
     }

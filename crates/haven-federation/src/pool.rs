@@ -96,6 +96,10 @@ pub struct UpstreamStatus {
     /// Milliseconds until the next connection attempt (state `backoff`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_in_ms: Option<u64>,
+    /// The last lines a stdio upstream wrote to its stderr on this node, oldest first (at most
+    /// 20 lines and 4 KiB, over its restarts; redacted).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stderr: Vec<String>,
 }
 
 /// The pool of upstream connections of this node. Cheap to clone.
@@ -191,6 +195,8 @@ struct Entry {
     /// The upstream's known secret values (from its entry, and every value expanded for one
     /// of its connections), removed from everything said about it.
     secrets: Arc<Mutex<Secrets>>,
+    /// The last lines of a stdio upstream's stderr, over its restarts.
+    stderr: Arc<Mutex<connect::StderrTail>>,
     st: Mutex<EntryState>,
     /// Bumped on every phase or connection change.
     changed: watch::Sender<()>,
@@ -210,6 +216,7 @@ impl Entry {
         Arc::new(Entry {
             spec,
             secrets,
+            stderr: Arc::default(),
             st: Mutex::new(EntryState {
                 phase,
                 conn: None,
@@ -367,6 +374,13 @@ impl Entry {
             consecutive_failures: st.breaker.failures(),
             pid: st.conn.as_ref().and_then(|c| c.pid),
             retry_in_ms,
+            stderr: self
+                .stderr
+                .lock()
+                .lines()
+                .iter()
+                .map(|l| self.redact(l))
+                .collect(),
         }
     }
 }
@@ -1048,11 +1062,24 @@ enum Attempt {
 }
 
 /// One connection attempt: the MCP handshake, then the first listing before calls are let
-/// through, each bounded by the `upstream.connect_timeout_ms` setting.
+/// through, each bounded by the `upstream.connect_timeout_ms` setting (for a stdio upstream
+/// that has not connected once yet, by `upstream.first_start_timeout_ms` if larger: its first
+/// start may fetch packages).
 async fn connect_once(shared: &Arc<Shared>, entry: &Arc<Entry>, name: &str) -> Attempt {
-    entry.update(|st| st.phase = Phase::Connecting);
+    let mut first_start = false;
+    entry.update(|st| {
+        st.phase = Phase::Connecting;
+        first_start = !st.connected_once;
+    });
     let settings = shared.settings();
-    let connect_limit = Duration::from_millis(settings.connect_timeout_ms);
+    let limit_ms = if first_start && !entry.is_http() {
+        settings
+            .connect_timeout_ms
+            .max(settings.first_start_timeout_ms)
+    } else {
+        settings.connect_timeout_ms
+    };
+    let connect_limit = Duration::from_millis(limit_ms);
     let wake = Arc::new(Notify::new());
     let progress: ProgressMap = Arc::new(Mutex::new(HashMap::new()));
     let handler = Handler {
@@ -1061,6 +1088,7 @@ async fn connect_once(shared: &Arc<Shared>, entry: &Arc<Entry>, name: &str) -> A
         refresh: wake.clone(),
         progress: progress.clone(),
         secrets: entry.secrets.clone(),
+        stderr: entry.stderr.clone(),
     };
     let attempt = tokio::select! {
         r = tokio::time::timeout(
@@ -1076,8 +1104,13 @@ async fn connect_once(shared: &Arc<Shared>, entry: &Arc<Entry>, name: &str) -> A
             return Attempt::Failed;
         }
         Err(_) => {
+            let setting = if first_start && !entry.is_http() {
+                "upstream.first_start_timeout_ms"
+            } else {
+                "upstream.connect_timeout_ms"
+            };
             let e = format!(
-                "did not complete the MCP handshake within {} ms",
+                "did not complete the MCP handshake within {} ms (the {setting} setting)",
                 connect_limit.as_millis()
             );
             let f = Failure::new(Reason::Timeout, e);

@@ -67,6 +67,7 @@ fn settings() -> UpstreamSettings {
         breaker_cooldown_ms: 1_000,
         restart_max_backoff_ms: 1_000,
         connect_timeout_ms: 3_000,
+        first_start_timeout_ms: 3_000,
     }
 }
 

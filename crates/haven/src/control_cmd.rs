@@ -140,6 +140,21 @@ pub async fn registry(cmd: RegistryCommand) -> Result<ExitCode> {
                 ],
                 &rows,
             );
+            // What a stdio upstream that is not connected said last on its stderr.
+            for u in list {
+                let st = &u["status"];
+                if st["state"] == "connected" {
+                    continue;
+                }
+                if let Some(last) = st["stderr"].as_array().and_then(|l| l.last()) {
+                    println!(
+                        "{} stderr (last line; `haven registry show {}` has more): {}",
+                        text(&u["name"]),
+                        text(&u["name"]),
+                        tail(&text(last), 100)
+                    );
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         RegistryCommand::Show(a) => {
@@ -237,8 +252,14 @@ fn print_upstream(v: &Value) {
     if st.is_object() {
         println!("On this node:");
         for (k, val) in st.as_object().into_iter().flatten() {
-            if k != "name" && k != "transport" {
+            if k != "name" && k != "transport" && k != "stderr" {
                 println!("  {:<22} {}", format!("{k}:"), text(val));
+            }
+        }
+        if let Some(lines) = st["stderr"].as_array() {
+            println!("  stderr (last {} lines):", lines.len());
+            for l in lines {
+                println!("    {}", text(l));
             }
         }
     }

@@ -1189,3 +1189,137 @@ async fn upstream_failures_reach_clients_of_both_eras_without_details() {
 
     leaky.stop().await;
 }
+
+/// A minimal MCP server over stdio in Python (no packages needed): one tool, `hello`. It
+/// writes `stderr_lines` to its stderr and sleeps `delay_s` seconds before reading anything.
+fn python_upstream(dir: &std::path::Path, name: &str, stderr_lines: &str, delay_s: u32) -> String {
+    let script = dir.join(format!("{name}.py"));
+    let body = format!(
+        r#"import json, sys, time
+sys.stderr.write({stderr_lines:?})
+sys.stderr.flush()
+time.sleep({delay_s})
+for line in sys.stdin:
+    msg = json.loads(line)
+    if "id" not in msg:
+        continue
+    m = msg.get("method")
+    if m == "initialize":
+        result = {{"protocolVersion": msg["params"]["protocolVersion"],
+                  "capabilities": {{"tools": {{}}}},
+                  "serverInfo": {{"name": "py", "version": "1"}}}}
+    elif m == "tools/list":
+        result = {{"tools": [{{"name": "hello", "inputSchema": {{"type": "object"}}}}]}}
+    elif m == "tools/call":
+        result = {{"content": [{{"type": "text", "text": "hello"}}]}}
+    elif m in ("prompts/list", "resources/list", "resources/templates/list"):
+        key = {{"prompts/list": "prompts", "resources/list": "resources",
+               "resources/templates/list": "resourceTemplates"}}[m]
+        result = {{key: []}}
+    else:
+        result = {{}}
+    sys.stdout.write(json.dumps({{"jsonrpc": "2.0", "id": msg["id"], "result": result}}) + "\n")
+    sys.stdout.flush()
+"#
+    );
+    std::fs::write(&script, body).unwrap();
+    script.to_str().unwrap().to_owned()
+}
+
+/// Waits (bounded) until `check` holds of upstream `name`'s admin entry; the entry.
+async fn wait_upstream(h: &Haven, name: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, v) = admin(h, Method::GET, &format!("/admin/v1/registry/{name}"), None).await;
+        if check(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{name}: {what}: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A stdio upstream that fails to start: what it wrote to stderr is shown by `haven registry
+/// show` and `list` and the admin API, and every respawn counts as a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_stdio_upstreams_stderr_and_restarts_are_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Haven::start(&dir.path().join("data"), free_port(), "default", &[]).await;
+    h.set_setting("upstream.restart_max_backoff_ms", json!(100))
+        .await;
+    let script = dir.path().join("exits.py");
+    std::fs::write(
+        &script,
+        "import sys\nsys.stderr.write('npm warn deprecated thing\\nError: Cannot find module x\\n')\nsys.exit(1)\n",
+    )
+    .unwrap();
+    cli_ok(
+        &h,
+        &[
+            "registry",
+            "add",
+            "broken",
+            "--",
+            "python3",
+            script.to_str().unwrap(),
+        ],
+        None,
+    );
+    let v = wait_upstream(&h, "broken", "not restarted 3 times", |v| {
+        v["status"]["restarts"].as_u64().unwrap_or(0) >= 3
+    })
+    .await;
+    let stderr: Vec<&str> = v["status"]["stderr"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    assert!(stderr.contains(&"Error: Cannot find module x"), "{v}");
+    // Bounded: 20 lines at most, however many restarts.
+    wait_upstream(&h, "broken", "not restarted 15 times", |v| {
+        v["status"]["restarts"].as_u64().unwrap_or(0) >= 15
+    })
+    .await;
+    let (_, v) = admin(&h, Method::GET, "/admin/v1/registry/broken", None).await;
+    assert_eq!(v["status"]["stderr"].as_array().unwrap().len(), 20, "{v}");
+
+    let show = cli_ok(&h, &["registry", "show", "broken"], None);
+    assert!(show.contains("stderr (last 20 lines):"), "{show}");
+    assert!(show.contains("    Error: Cannot find module x"), "{show}");
+    let restarts: u64 = show
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("restarts:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("restarts in registry show");
+    assert!(restarts >= 15, "{show}");
+    let list = cli_ok(&h, &["registry", "list"], None);
+    assert!(
+        list.contains("broken stderr (last line") && list.contains("Error: Cannot find module x"),
+        "{list}"
+    );
+}
+
+/// A stdio upstream whose first start is slower than `upstream.connect_timeout_ms` (as `npx
+/// -y` on a cold cache) comes up within `upstream.first_start_timeout_ms`, at its first
+/// attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_first_start_within_its_allowance_comes_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Haven::start(&dir.path().join("data"), free_port(), "default", &[]).await;
+    h.set_setting("upstream.connect_timeout_ms", json!(500))
+        .await;
+    h.set_setting("upstream.first_start_timeout_ms", json!(30000))
+        .await;
+    let script = python_upstream(dir.path(), "slow", "fetching packages\n", 3);
+    cli_ok(
+        &h,
+        &["registry", "add", "slow", "--", "python3", &script],
+        None,
+    );
+    let v = wait_upstream(&h, "slow", "not connected", |v| {
+        v["status"]["state"] == "connected"
+    })
+    .await;
+    assert_eq!(v["status"]["restarts"], 0, "{v}");
+    assert_eq!(v["status"]["stderr"], json!(["fetching packages"]), "{v}");
+    wait_for_tools(&h, &["slow__hello"]).await;
+}
