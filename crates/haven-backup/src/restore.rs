@@ -60,6 +60,13 @@ pub struct RestoreReport {
     pub lost: Option<LostRange>,
     /// Damaged objects met on the way.
     pub problems: Vec<Problem>,
+    /// The newest change the generation holds (its restorable range's end): a point after
+    /// it restores it, and the backup may lag behind that point.
+    pub newest_seq: u64,
+    /// Commit time of that change.
+    pub newest_millis: u64,
+    /// When an object of the generation was last written, Unix milliseconds.
+    pub last_written_millis: u64,
 }
 
 /// Progress of a restore: objects done and total, entries written.
@@ -203,6 +210,15 @@ async fn build(
         complete: true,
         lost: None,
         problems,
+        newest_seq: generation.restorable().map_or(0, |r| r.last_seq),
+        newest_millis: generation.restorable().map_or(0, |r| r.last_millis),
+        last_written_millis: generation
+            .segments
+            .iter()
+            .chain(&generation.snapshots)
+            .map(|o| o.created_millis)
+            .max()
+            .unwrap_or(0),
     };
     write_chunked(&mut restorer, &snapshot_entries)?;
     report.entries += snapshot_entries.len() as u64;

@@ -145,6 +145,17 @@ pub struct ShipReport {
     pub shipped_seq: u64,
     /// Generation.
     pub generation: String,
+    /// Sequence of the newest snapshot of the generation afterwards (written by this round
+    /// or an earlier one).
+    #[serde(default)]
+    pub snapshot_seq: Option<u64>,
+    /// When that snapshot was written, Unix milliseconds.
+    #[serde(default)]
+    pub snapshot_written_millis: Option<u64>,
+    /// A snapshot was asked for but none written, and why (the newest snapshot already holds
+    /// the current state: nothing was committed since).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_skipped: Option<String>,
 }
 
 enum Command {
@@ -650,8 +661,22 @@ impl Shipper {
             // Changes committed while the snapshot was read also go out as segments, so
             // that every point stays restorable (the chain of segments has no hole).
             self.ship_log(&generation, false, &mut report).await?;
+        } else if force_snapshot && !report.snapshot {
+            // Another snapshot of the same sequence would replace the existing object under
+            // its name (objects are named by sequence), and a crash between the object and
+            // its manifest entry would leave a snapshot that fails verification: the one
+            // there already is the snapshot of the current state.
+            report.snapshot_skipped = Some(format!(
+                "nothing was committed since the snapshot of sequence {}{}, which already holds the current state",
+                self.shipped_seq,
+                self.last_snapshot_created
+                    .map(|t| format!(" (written {})", crate::fmt_millis(t)))
+                    .unwrap_or_default()
+            ));
         }
         report.shipped_seq = self.shipped_seq;
+        report.snapshot_seq = self.last_snapshot_seq;
+        report.snapshot_written_millis = self.last_snapshot_created;
         let now = self.now();
         let mut s = self.status.lock();
         s.state = "ok".into();

@@ -693,3 +693,49 @@ async fn an_emptied_target_is_noticed_and_an_unreadable_manifest_keeps_its_objec
     let (v, _) = restored_view(&dir.path().join("data")).await;
     assert_eq!(v, view_of(n.store.as_ref()).await);
 }
+
+/// A forced snapshot when nothing was committed since the newest snapshot takes none (it
+/// would replace that object under its own name) and says why, naming that snapshot; after a
+/// change it takes one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_snapshot_with_nothing_new_says_why() {
+    let Setup {
+        clock,
+        n,
+        backup: _backup,
+        url,
+        key,
+    } = setup();
+    let shipper = start(&n, config(&url, &key)).await;
+    write_round(&n, 0).await;
+    let r = shipper.ship_now(true).await.unwrap();
+    assert!(r.snapshot, "{r:?}");
+    assert!(r.snapshot_skipped.is_none(), "{r:?}");
+    let seq = n.store.last_seq().await.unwrap();
+    assert_eq!(r.snapshot_seq, Some(seq));
+    clock.advance(1000);
+    let r = shipper.ship_now(true).await.unwrap();
+    assert!(!r.snapshot, "{r:?}");
+    assert_eq!(r.snapshot_seq, Some(seq));
+    let why = r.snapshot_skipped.expect("the reason");
+    assert!(
+        why.contains(&format!(
+            "nothing was committed since the snapshot of sequence {seq}"
+        )) && why.contains("already holds the current state"),
+        "{why}"
+    );
+    // Not asked for: nothing said.
+    let r = shipper.ship_now(false).await.unwrap();
+    assert!(r.snapshot_skipped.is_none(), "{r:?}");
+    write_round(&n, 1).await;
+    let r = shipper.ship_now(true).await.unwrap();
+    assert!(r.snapshot && r.snapshot_skipped.is_none(), "{r:?}");
+    assert_eq!(r.snapshot_seq, Some(n.store.last_seq().await.unwrap()));
+    let catalog = Catalog::load(&Target::open(&url).unwrap()).await.unwrap();
+    let snaps = &catalog.latest().unwrap().snapshots;
+    assert_eq!(
+        snaps.iter().filter(|s| s.last_seq == seq).count(),
+        1,
+        "one snapshot of that state"
+    );
+}

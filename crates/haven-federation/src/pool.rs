@@ -51,6 +51,9 @@ pub enum UpstreamState {
     BreakerOpen,
     /// Registered but disabled: not connected, not served.
     Disabled,
+    /// Registered and enabled, but this node was started with its upstreams held: not
+    /// connected or started here (its calls fail with `not_connected`).
+    Held,
 }
 
 /// One upstream's status (serializable; holds no secret values).
@@ -113,6 +116,8 @@ pub(crate) struct Shared {
     secrets: Arc<dyn SecretResolver>,
     settings: watch::Receiver<UpstreamSettings>,
     tls: crate::connect::UpstreamTls,
+    /// Registered upstreams are not started on this node.
+    held: bool,
 }
 
 impl Shared {
@@ -134,6 +139,7 @@ pub(crate) struct Pool {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     Disabled,
+    Held,
     Connecting,
     Connected,
     Backoff { until: Instant },
@@ -206,9 +212,11 @@ struct Entry {
 }
 
 impl Entry {
-    fn new(spec: UpstreamSpec) -> Arc<Entry> {
+    fn new(spec: UpstreamSpec, held: bool) -> Arc<Entry> {
         let phase = if spec.disabled {
             Phase::Disabled
+        } else if held {
+            Phase::Held
         } else {
             Phase::Connecting
         };
@@ -343,6 +351,7 @@ impl Entry {
         let now = Instant::now();
         let (state, retry_in_ms) = match st.phase {
             Phase::Disabled | Phase::Stopped => (UpstreamState::Disabled, None),
+            Phase::Held => (UpstreamState::Held, None),
             Phase::Connecting => (UpstreamState::Connecting, None),
             Phase::Connected if st.breaker.is_open() => (UpstreamState::BreakerOpen, None),
             Phase::Connected => (UpstreamState::Connected, None),
@@ -459,12 +468,26 @@ impl Upstreams {
         settings: watch::Receiver<UpstreamSettings>,
         tls: crate::UpstreamTls,
     ) -> Upstreams {
+        Self::start_with_options(store, secrets, settings, tls, false)
+    }
+
+    /// [`Upstreams::start_with_tls`]; with `held`, no registered upstream is connected or
+    /// started (the registry is still followed and shown, each enabled upstream as
+    /// [`UpstreamState::Held`]), e.g. on a node restored from backup for a drill.
+    pub fn start_with_options(
+        store: Arc<dyn Store>,
+        secrets: Arc<dyn SecretResolver>,
+        settings: watch::Receiver<UpstreamSettings>,
+        tls: crate::UpstreamTls,
+        held: bool,
+    ) -> Upstreams {
         let pool = Arc::new(Pool {
             shared: Arc::new(Shared {
                 store,
                 secrets,
                 settings,
                 tls,
+                held,
             }),
             entries: Mutex::new(BTreeMap::new()),
             shutdown: CancellationToken::new(),
@@ -783,7 +806,7 @@ async fn wait_conn(
                     ));
                 }
                 Phase::Disabled => return Err(NoConn::Unavailable(Reason::Disabled, None, None)),
-                Phase::Stopped => {
+                Phase::Stopped | Phase::Held => {
                     return Err(NoConn::Unavailable(Reason::NotConnected, None, None));
                 }
                 Phase::Connecting => {}
@@ -1216,11 +1239,16 @@ async fn apply(pool: &Arc<Pool>, name: &str, spec: Option<UpstreamSpec>) {
     }
     let served = spec.as_ref().is_some_and(|s| !s.disabled);
     if let Some(spec) = spec {
-        let entry = Entry::new(spec);
+        let entry = Entry::new(spec, pool.shared.held);
         if let Some(warning) = entry.spec.credentials_conflict() {
             tracing::warn!(upstream = name, "{warning}");
         }
-        if !entry.spec.disabled {
+        if !entry.spec.disabled && pool.shared.held {
+            tracing::info!(
+                upstream = name,
+                "upstream held: not started on this node (--hold-upstreams)"
+            );
+        } else if !entry.spec.disabled {
             tracing::info!(upstream = name, "starting upstream");
             let task = tokio::spawn(supervise(pool.shared.clone(), entry.clone()));
             *entry.supervisor.lock() = Some(task);

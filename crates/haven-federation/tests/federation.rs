@@ -1389,3 +1389,64 @@ async fn a_stored_entry_with_url_credentials_and_an_authorization_header_sends_t
     n.stop().await;
     leaky.stop().await;
 }
+
+/// A pool started with its upstreams held starts none: every enabled upstream is `Held`, no
+/// request reaches it, a call fails with `not_connected` (while the lists another node fetched
+/// stay listed), and a disabled one stays `Disabled`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_upstreams_are_not_started() {
+    let (web, n) = web_node(settings(), None).await;
+    let mut off = http_spec("off", &web.url);
+    off.disabled = true;
+    n.register(off).await;
+    let (_tx, rx) = watch::channel(settings());
+    let held = Upstreams::start_with_options(
+        n.store.clone(),
+        Arc::new(MapSecrets(BTreeMap::new())),
+        rx,
+        haven_federation::UpstreamTls::default(),
+        true,
+    );
+    let catalog = held.catalog(Arc::new(DefaultCatalog::new()));
+    let state = |name: &str| {
+        held.status()
+            .into_iter()
+            .find(|s| s.name == name)
+            .map(|s| s.state)
+    };
+    wait_until(
+        CONNECT,
+        "the held pool did not read the registry",
+        async || state("web").is_some() && state("off").is_some(),
+    )
+    .await;
+    assert_eq!(state("web"), Some(UpstreamState::Held));
+    assert_eq!(state("off"), Some(UpstreamState::Disabled));
+    let calls = web.probe.calls.load(Ordering::SeqCst);
+    let tools: Vec<String> = catalog
+        .tools(&ctx(&n.store))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name.to_string())
+        .collect();
+    assert!(tools.contains(&"web__add".to_string()), "{tools:?}");
+    let Value::Object(args) = json!({"a": 1, "b": 2}) else {
+        panic!()
+    };
+    let e = match catalog
+        .call_tool(&ctx(&n.store), "web__add", args, Round::default())
+        .await
+    {
+        Err(e) => e,
+        Ok(_) => panic!("a held upstream answered"),
+    };
+    assert_eq!(e.data.as_ref().unwrap()["reason"], "not_connected", "{e:?}");
+    assert_eq!(web.probe.calls.load(Ordering::SeqCst), calls);
+    // The other node still serves it.
+    let r = n.call("web__add", json!({"a": 1, "b": 2})).await.unwrap();
+    assert_eq!(text_of(&r), "3");
+    held.shutdown().await;
+    n.stop().await;
+    web.stop().await;
+}

@@ -764,6 +764,19 @@ fn open(ring: &KekRing, name: &str, rec: &SealedRecord) -> SecretsResult<Zeroizi
         })
 }
 
+/// How many secrets each key-encryption key wraps in `store`, read from the records without
+/// any key (e.g. to tell which key file a data directory restored from backup needs).
+pub async fn kek_usage_in(store: &dyn Store) -> SecretsResult<BTreeMap<String, usize>> {
+    let mut usage = BTreeMap::new();
+    for r in store.scan_all(SECRETS_NS, "").await? {
+        match decode(&r.record.key, r.value()) {
+            Ok(rec) => *usage.entry(rec.kek).or_default() += 1,
+            Err(e) => tracing::warn!(error = %e, "skipping an unreadable secret record"),
+        }
+    }
+    Ok(usage)
+}
+
 fn decode(name: &str, value: &[u8]) -> SecretsResult<SealedRecord> {
     serde_json::from_slice(value).map_err(|e| SecretsError::Corrupt {
         name: name.to_owned(),
@@ -1069,14 +1082,7 @@ impl Secrets {
     /// How many secrets each key-encryption key wraps (read from the records; nothing is
     /// decrypted). A key absent here may be removed from the key file.
     pub async fn kek_usage(&self) -> SecretsResult<BTreeMap<String, usize>> {
-        let mut usage = BTreeMap::new();
-        for r in self.scan_all().await? {
-            match decode(&r.record.key, r.value()) {
-                Ok(rec) => *usage.entry(rec.kek).or_default() += 1,
-                Err(e) => tracing::warn!(error = %e, "skipping an unreadable secret record"),
-            }
-        }
-        Ok(usage)
+        kek_usage_in(&*self.inner.store).await
     }
 
     /// Replaces every `${secret:NAME}` of `template` by the secret's value (UTF-8 text).

@@ -424,6 +424,15 @@ async fn now(a: BackupNowArgs) -> Result<ExitCode> {
             r["generation"].as_str().unwrap_or("?"),
             r["shipped_seq"]
         );
+        if let Some(why) = r["snapshot_skipped"].as_str() {
+            println!("no new snapshot: {why}");
+        }
+        let also = r["also"].as_array().cloned().unwrap_or_default();
+        for o in &also {
+            if let Some(why) = o["snapshot_skipped"].as_str() {
+                println!("no new snapshot in the additional backup: {why}");
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -721,8 +730,16 @@ async fn restore(a: BackupRestoreArgs) -> Result<ExitCode> {
     pb.finish_and_clear();
     let report = report?;
     let secs = started.elapsed().as_secs_f64();
+    let warning = match point {
+        Point::Time(t) => lag_warning(t, &report),
+        _ => None,
+    };
+    let steps = next_steps(&a.to).await;
     if a.target.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        v["warnings"] = serde_json::json!(warning.iter().collect::<Vec<_>>());
+        v["next_steps"] = serde_json::to_value(&steps)?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
             "restored {} from generation {}: the state as of sequence {} ({}), {} entries from {} objects ({}) in {:.1} s ({:.0} entries/s)",
@@ -747,10 +764,158 @@ async fn restore(a: BackupRestoreArgs) -> Result<ExitCode> {
                 l.reason
             );
         }
+        if let Some(w) = &warning {
+            println!("warning: {w}");
+        }
+        println!();
+        println!(
+            "Before {} can serve (checked in the restored state):",
+            a.to.display()
+        );
+        for step in &steps {
+            println!("  - {}: {}", step.item, step.text);
+        }
     }
     Ok(if report.complete {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(3)
     })
+}
+
+/// A restore `--at TIME` later than the newest change the backup holds: the backup may lag
+/// behind TIME (changes committed before TIME but not shipped are not in it).
+fn lag_warning(at: u64, report: &haven_backup::RestoreReport) -> Option<String> {
+    if at <= report.newest_millis {
+        return None;
+    }
+    Some(format!(
+        "{} is after the newest change the backup holds (sequence {}, committed {}, {} before it): the backup may lag behind that time, and what was committed after {} and not yet shipped is not in it{}",
+        fmt_millis(at),
+        report.newest_seq,
+        fmt_millis(report.newest_millis),
+        span(at - report.newest_millis),
+        fmt_millis(report.newest_millis),
+        if report.last_written_millis > 0 {
+            format!(
+                " (the backup was last written {})",
+                fmt_millis(report.last_written_millis)
+            )
+        } else {
+            String::new()
+        }
+    ))
+}
+
+/// A duration in words: `2 h 5 min`, `3 min 12 s`, `850 ms`.
+fn span(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0 => format!("{ms} ms"),
+        1..=59 => format!("{s} s"),
+        60..=3599 => format!("{} min {} s", s / 60, s % 60),
+        3600..=86_399 => format!("{} h {} min", s / 3600, s % 3600 / 60),
+        _ => format!("{} days {} h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+/// One thing a restored data directory needs before it serves.
+#[derive(serde::Serialize)]
+struct Step {
+    item: &'static str,
+    text: String,
+}
+
+/// What the restored directory `dir` still needs before it can serve, read from its state:
+/// the secrets key file, the admin token, what its registered upstreams do, its node id.
+async fn next_steps(dir: &std::path::Path) -> Vec<Step> {
+    let d = dir.display();
+    let mut steps = Vec::new();
+    let store = haven_state::RedbStore::open(
+        dir,
+        haven_state::Origin::new("restore", "check"),
+        std::sync::Arc::new(haven_state::HybridClock::default()),
+    );
+    let (secrets, upstreams) = match &store {
+        Ok(s) => (
+            haven_secrets::kek_usage_in(s)
+                .await
+                .map_err(|e| e.to_string()),
+            registered_upstreams(s).await.map_err(|e| e.to_string()),
+        ),
+        Err(e) => (Err(e.to_string()), Err(e.to_string())),
+    };
+    drop(store);
+    steps.push(Step {
+        item: "secrets key",
+        text: match secrets {
+            Ok(usage) if usage.is_empty() => format!(
+                "the restored state holds no secret; a new key file is created as {d}/secrets.keys on first start (or give the deployment's with --secrets-key-file FILE)"
+            ),
+            Ok(usage) => format!(
+                "the restored state holds {} secret(s) wrapped by key-encryption key(s) {}: copy the deployment's secrets key file as it is after its latest rotation (`haven secrets new-key`/`rotate-key`; it must hold {}) to {d}/secrets.keys, or start with --secrets-key-file FILE or --secrets-key-command COMMAND; without it the node refuses to start. Backups never hold that key",
+                usage.values().sum::<usize>(),
+                usage.keys().cloned().collect::<Vec<_>>().join(", "),
+                if usage.len() == 1 { "that key" } else { "every one of them" }
+            ),
+            Err(e) => format!(
+                "could not read the restored secrets ({e}); the node needs the deployment's secrets key file as it is after its latest rotation ({d}/secrets.keys or --secrets-key-file FILE)"
+            ),
+        },
+    });
+    steps.push(Step {
+        item: "admin token",
+        text: format!(
+            "backups do not hold it: start with the old node's token (--admin-token-file FILE, or copy it to {d}/admin.token, owner-only) or let the node create a new {d}/admin.token on first start, and give the new one to whoever uses the admin API"
+        ),
+    });
+    steps.push(Step {
+        item: "upstreams",
+        text: match upstreams {
+            Ok(names) if names.is_empty() => {
+                "no upstream is registered in the restored state".to_owned()
+            }
+            Ok(names) => format!(
+                "{} registered upstream(s) ({}) start when it serves: stdio upstreams' processes are spawned and HTTP upstreams are called. To serve without starting them (a restore drill), start it with `haven serve --data {d} --hold-upstreams`",
+                names.len(),
+                names.join(", ")
+            ),
+            Err(e) => format!(
+                "could not read the registry ({e}); registered upstreams start when it serves (`haven serve --hold-upstreams` holds them)"
+            ),
+        },
+    });
+    steps.push(Step {
+        item: "node id",
+        text: format!(
+            "the restored node gets a new node id on first start ({d}/node-id; backups do not hold the old one) and a new audit signing key ({d}/audit.key); `haven status` shows the new id"
+        ),
+    });
+    steps.push(Step {
+        item: "backups",
+        text: "started with --backup-url it ships a new generation; for a drill, serve it without --backup-url".to_owned(),
+    });
+    steps.push(Step {
+        item: "then",
+        text: format!(
+            "`haven serve --data {d} ...`, and check it with `haven status --data {d}` and `haven registry list --data {d}`"
+        ),
+    });
+    steps
+}
+
+/// Names of the enabled upstreams registered in `store`.
+async fn registered_upstreams(store: &haven_state::RedbStore) -> Result<Vec<String>> {
+    use haven_state::Store as _;
+    let mut names = Vec::new();
+    for r in store
+        .scan_all(haven_control::registry::REGISTRY_NS, "")
+        .await?
+    {
+        let spec: serde_json::Value = serde_json::from_slice(r.value()).unwrap_or_default();
+        if spec["disabled"] != true {
+            names.push(r.record.key.clone());
+        }
+    }
+    Ok(names)
 }

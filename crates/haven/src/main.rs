@@ -435,11 +435,12 @@ async fn start_engine(
             .map_err(|e| anyhow::anyhow!("upstream_ca: {e}"))?,
         None => haven_federation::UpstreamTls::default(),
     };
-    let upstreams = haven_federation::Upstreams::start_with_tls(
+    let upstreams = haven_federation::Upstreams::start_with_options(
         store.clone(),
         Arc::new(secrets.clone()),
         config.upstream_settings(),
         upstream_tls,
+        s.hold_upstreams,
     );
     let catalog = Arc::new(haven_federation::FederatedCatalog::new(
         upstreams.clone(),

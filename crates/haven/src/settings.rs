@@ -568,7 +568,8 @@ pub struct BackupRestoreArgs {
 /// `haven backup now`.
 #[derive(Args, Debug)]
 pub struct BackupNowArgs {
-    /// Also take a full snapshot
+    /// Also take a full snapshot (unless the newest one already holds the current state:
+    /// then it says so)
     #[arg(long)]
     pub snapshot: bool,
     #[command(flatten)]
@@ -976,6 +977,12 @@ pub struct ServeArgs {
         help_heading = "TLS"
     )]
     pub upstream_ca: Option<PathBuf>,
+    /// Start with every registered upstream held: none is connected or started on this node
+    /// (no stdio process spawned, no HTTP upstream called) and their calls fail with
+    /// `not_connected`, e.g. for a restore drill; restart without it to start them
+    /// [default: off]
+    #[arg(long, env = "HAVEN_HOLD_UPSTREAMS")]
+    pub hold_upstreams: bool,
     /// Other regions whose change logs this region applies, comma-separated (a NATS store
     /// only: each region's servers run JetStream with `domain: <region name>` and are joined
     /// to the others' by leafnodes) [default: none]
@@ -1211,6 +1218,7 @@ struct FileSettings {
     admin_tls_cert: Option<PathBuf>,
     admin_tls_key: Option<PathBuf>,
     upstream_ca: Option<PathBuf>,
+    hold_upstreams: Option<bool>,
     nats_tls: Option<bool>,
     nats_ca_file: Option<PathBuf>,
     nats_cert: Option<PathBuf>,
@@ -1276,6 +1284,8 @@ pub struct Settings {
     pub admin_tls: Option<haven_server::TlsFiles>,
     /// More CA certificates trusted for https:// upstreams.
     pub upstream_ca: Option<PathBuf>,
+    /// Registered upstreams are not started on this node.
+    pub hold_upstreams: bool,
     /// TLS to the NATS servers.
     pub nats_tls: haven_state::NatsTls,
     pub secrets_key_file: Option<PathBuf>,
@@ -1655,6 +1665,8 @@ impl Settings {
         let upstream_ca = serve
             .and_then(|s| s.upstream_ca.clone())
             .or(file.upstream_ca.take());
+        let hold_upstreams =
+            serve.is_some_and(|s| s.hold_upstreams) || file.hold_upstreams.unwrap_or(false);
         let store_replicas = common.store_replicas.or(file.store_replicas).unwrap_or(3);
         if !(1..=5).contains(&store_replicas) {
             bail!("store_replicas must be between 1 and 5");
@@ -1874,6 +1886,7 @@ impl Settings {
             tls_min_version,
             admin_tls,
             upstream_ca,
+            hold_upstreams,
             nats_tls,
             secrets_key_file: match &secrets_key {
                 Some(KeySource::File(f)) => Some(f.clone()),

@@ -688,3 +688,177 @@ async fn version_in(dir: &Path) -> Option<usize> {
     let v: usize = text.get(..4)?.parse().ok()?;
     (text == format!("{v:04}").repeat(128 * 1024)).then_some(v)
 }
+
+/// Runs `haven ARGS...` with `stdin` as its standard input; (exit code, stdout, stderr).
+fn haven(args: &[&str], stdin: &[u8]) -> (i32, String, String) {
+    use std::io::Write as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_haven"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running haven");
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `backup now --snapshot` through the CLI: every call takes a snapshot of the state as it
+/// is then (the admin call's own audit record is a change since the last one), and says so.
+/// When nothing at all was committed since the newest snapshot, the shipper says why it
+/// takes none (haven-backup's `forced_snapshot_with_nothing_new_says_why`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_now_snapshot_takes_a_snapshot_each_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let url = dir.path().join("backup").to_str().unwrap().to_owned();
+    let k = key.to_str().unwrap().to_owned();
+    let data = dir.path().join("data");
+    let args = [
+        "--backup-url",
+        url.as_str(),
+        "--backup-key-file",
+        k.as_str(),
+        "--backup-interval",
+        "1h",
+    ];
+    let h = Haven::start(&data, free_port(), "default", &args).await;
+    let d = data.to_str().unwrap().to_owned();
+    let client = reqwest::Client::new();
+    assert!(put_note(&client, &h.url(), 1, "a", "one").await);
+    let mut seqs = Vec::new();
+    for _ in 0..3 {
+        let (code, out, err) = cli(&["now", "--snapshot", "--data", &d, "--json"], &[]);
+        assert_eq!(code, 0, "{out}{err}");
+        let r: Value = serde_json::from_str(&out).unwrap();
+        assert!(
+            r["snapshot"] == true || r["snapshot_skipped"].is_string(),
+            "neither a snapshot nor why not: {r}"
+        );
+        assert_eq!(r["snapshot_seq"], r["shipped_seq"], "{r}");
+        seqs.push(r["snapshot_seq"].as_u64().unwrap());
+        let (code, out, err) = cli(&["now", "--snapshot", "--data", &d], &[]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(
+            out.contains("and a snapshot")
+                || out.contains(
+                    "no new snapshot: nothing was committed since the snapshot of sequence"
+                ),
+            "{out}"
+        );
+    }
+    let (code, out, err) = cli(&["list", "--backup-url", &url, "--json"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let list: Value = serde_json::from_str(&out).unwrap();
+    let snaps: Vec<u64> = list["generations"][0]["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["last_seq"].as_u64().unwrap())
+        .collect();
+    for s in &seqs {
+        assert!(
+            snaps.contains(s),
+            "snapshot {s} is not in the backup: {snaps:?}"
+        );
+    }
+    drop(h);
+}
+
+/// After a restore, `haven backup restore` says what the directory needs before it serves
+/// (the secrets key file, an admin token, that its upstreams start, a new node id), warns
+/// when `--at` is later than the newest backed-up change, and the restored directory then
+/// serves with its upstreams held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_prints_what_the_directory_needs_and_warns_of_lag() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let url = dir.path().join("backup").to_str().unwrap().to_owned();
+    let k = key.to_str().unwrap().to_owned();
+    let data = dir.path().join("data");
+    let d = data.to_str().unwrap().to_owned();
+    let args = [
+        "--backup-url",
+        url.as_str(),
+        "--backup-key-file",
+        k.as_str(),
+        "--backup-interval",
+        "1h",
+    ];
+    let h = Haven::start(&data, free_port(), "default", &args).await;
+    let (code, out, err) = haven(&["secrets", "set", "api/token", "--data", &d], b"s3cret");
+    assert_eq!(code, 0, "{out}{err}");
+    // An upstream nobody listens for: it stays in backoff on the original node.
+    let dead = format!("http://127.0.0.1:{}/mcp", free_port());
+    let (code, out, err) = haven(
+        &["registry", "add", "web", "--url", &dead, "--data", &d],
+        b"",
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let client = reqwest::Client::new();
+    assert!(put_note(&client, &h.url(), 1, "a", "one").await);
+    let (code, out, err) = cli(&["now", "--data", &d], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let old_node = std::fs::read_to_string(data.join("node-id")).unwrap();
+    drop(h);
+
+    // A time an hour after the newest backed-up change: the latest point, with a warning.
+    let later = haven_backup::fmt_millis(now_millis() + 3_600_000);
+    let restored = dir.path().join("restored");
+    let (code, out, err) = restore_cli(&url, &k, &restored, &["--at", &later], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    eprintln!("{out}");
+    assert_eq!(notes_in(&restored).await.len(), 1);
+    assert!(
+        out.contains(&format!(
+            "warning: {later} is after the newest change the backup holds"
+        )) && out.contains("may lag behind that time")
+            && (out.contains(" h 0 min before it") || out.contains("59 min")),
+        "{out}"
+    );
+    // The checklist: what applies to this state.
+    for expected in [
+        "secret(s) wrapped by key-encryption key(s)",
+        "as it is after its latest rotation",
+        "secrets.keys",
+        "admin token:",
+        "--admin-token-file",
+        "upstreams: 1 registered upstream(s) (web) start when it serves",
+        "--hold-upstreams",
+        "node id: the restored node gets a new node id",
+    ] {
+        assert!(out.contains(expected), "{expected:?} missing from:\n{out}");
+    }
+    // Without --at: no lag warning.
+    let (code, out, err) = restore_cli(&url, &k, &restored, &["--overwrite"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!out.contains("warning:"), "{out}");
+    let (code, out, err) = restore_cli(&url, &k, &dir.path().join("j"), &["--json"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert!(v["next_steps"].as_array().unwrap().len() >= 4, "{v}");
+
+    // The checklist followed: the key file copied, upstreams held, a new admin token.
+    std::fs::copy(data.join("secrets.keys"), restored.join("secrets.keys")).unwrap();
+    let h = Haven::start(&restored, free_port(), "default", &["--hold-upstreams"]).await;
+    let r = restored.to_str().unwrap();
+    let (code, out, err) = haven(&["registry", "list", "--data", r, "--json"], b"");
+    assert_eq!(code, 0, "{out}{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["upstreams"][0]["name"], "web", "{v}");
+    assert_eq!(v["upstreams"][0]["status"]["state"], "held", "{v}");
+    let (code, out, err) = haven(&["registry", "list", "--data", r], b"");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("held"), "{out}");
+    let new_node = std::fs::read_to_string(restored.join("node-id")).unwrap();
+    assert_ne!(old_node.trim(), new_node.trim());
+    let (code, out, err) = haven(&["secrets", "list", "--data", r, "--json"], b"");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("api/token"), "{out}");
+    drop(h);
+}
