@@ -99,6 +99,22 @@ pub fn haven_serve(bin: &Path, port: u16, data: &Path) -> Command {
     cmd
 }
 
+/// Writes a key or token file that only its owner may read (mode 0600): Haven refuses key
+/// files that other users can read.
+pub fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(contents.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 /// Waits (at most 60 s) until the server on `port` answers `/readyz` with 200.
 pub async fn wait_ready(port: u16, what: &str) -> anyhow::Result<()> {
     if !haven_testkit::wait_for_status(port, "/readyz", Duration::from_secs(60)).await {

@@ -203,7 +203,7 @@ async fn overhead_bench(
     let load = bin_dir.join("mcp-load");
     let keydir = tempfile::tempdir()?;
     let key = keydir.path().join("key");
-    std::fs::write(&key, BackupKey::generate().to_hex())?;
+    haven_bench::write_private(&key, &BackupKey::generate().to_hex())?;
     let mut off = Vec::new();
     let mut on = Vec::new();
     let mut ratios = Vec::new();

@@ -112,7 +112,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let load = bin_dir.join("mcp-load");
     let keydir = tempfile::tempdir()?;
     let key = keydir.path().join("key");
-    std::fs::write(&key, BackupKey::generate().to_hex())?;
+    haven_bench::write_private(&key, &BackupKey::generate().to_hex())?;
     let nats = if cli.nats {
         Some(NatsCluster::start().await)
     } else {

@@ -106,7 +106,7 @@ async fn soak(cli: Cli) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cli.out)?;
     let dir = tempfile::tempdir()?;
     let key = dir.path().join("backup.key");
-    std::fs::write(&key, BackupKey::generate().to_hex())?;
+    haven_bench::write_private(&key, &BackupKey::generate().to_hex())?;
     let data = dir.path().join("data");
     let backup = dir.path().join("backup");
     let port = free_port();
