@@ -319,16 +319,16 @@ fn print_store(store: &serde_json::Value) {
             println!(
                 "Store: NATS JetStream stream {}, {} replicas, leader {}, last sequence {}, applied here {}",
                 store["stream"].as_str().unwrap_or("?"),
-                store["replicas"],
+                number_or_unknown(&store["replicas"]),
                 store["leader"].as_str().unwrap_or("none"),
-                store["last_seq"],
-                store["applied_seq"]
+                number_or_unknown(&store["last_seq"]),
+                number_or_unknown(&store["applied_seq"])
             );
             println!(
                 "  connected to {} ({}:{}), {}",
                 store["connected_server"]["name"].as_str().unwrap_or("?"),
                 store["connected_server"]["host"].as_str().unwrap_or("?"),
-                store["connected_server"]["port"],
+                number_or_unknown(&store["connected_server"]["port"]),
                 store["connection"].as_str().unwrap_or("?")
             );
             for p in store["peers"].as_array().cloned().unwrap_or_default() {
@@ -345,7 +345,7 @@ fn print_store(store: &serde_json::Value) {
                     } else {
                         ""
                     },
-                    p["lag"]
+                    number_or_unknown(&p["lag"])
                 );
             }
             if let Some(e) = store["error"].as_str() {
@@ -353,6 +353,15 @@ fn print_store(store: &serde_json::Value) {
             }
         }
         _ => println!("Store: embedded (redb)"),
+    }
+}
+
+/// A number from a status answer, or "unknown" when it is absent (an older node, or a
+/// value the store did not report), never JSON's `null`.
+fn number_or_unknown(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Number(n) => n.to_string(),
+        _ => "unknown".into(),
     }
 }
 

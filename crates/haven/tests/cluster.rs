@@ -312,6 +312,18 @@ async fn writes_continue_after_the_stream_leader_is_killed_and_it_rejoins() {
             .filter(|w| !text.contains(w))
             .collect();
         if missing.is_empty() {
+            // The stream's replicas each print a lag that is a number, never JSON's null.
+            assert!(!text.contains("null"), "null in:\n{text}");
+            assert!(
+                text.lines()
+                    .filter(|l| l.trim_start().starts_with("replica "))
+                    .all(|l| l
+                        .rsplit("lag ")
+                        .next()
+                        .is_some_and(|n| n.trim().parse::<u64>().is_ok())),
+                "a replica's lag is not a number:\n{text}"
+            );
+            assert!(text.contains("  replica "), "no replica lines:\n{text}");
             break;
         }
         assert!(
