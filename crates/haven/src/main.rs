@@ -839,7 +839,7 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
         router = router.merge(admin_routes.clone());
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    // SIGTERM: drain. /readyz fails at once (load balancers stop sending), open legacy
+    // SIGTERM: drain. /readyz answers 503 at once (load balancers stop sending), open legacy
     // streams end with a reconnection hint, running requests get up to --drain-timeout.
     let drain = {
         let engine = engine.clone();
@@ -878,7 +878,26 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
             haven_server::serve_tls(l, open_metrics, &http, None, stopped, grace).await
         })
     });
-    haven_server::serve_tls(listener, router, &http, tls.as_deref(), drain, grace).await?;
+    // While draining, the listener answers (`/readyz`: 503 draining) until the running
+    // requests ended and their connections closed, or `grace` passed.
+    let settled = {
+        let engine = engine.clone();
+        async move {
+            while engine.running_requests() > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    };
+    haven_server::serve_tls_until_settled(
+        listener,
+        router,
+        &http,
+        tls.as_deref(),
+        drain,
+        settled,
+        grace,
+    )
+    .await?;
     if let Some(m) = metrics_server {
         match m.await {
             Ok(r) => r.context("serving /metrics")?,
