@@ -745,6 +745,13 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
         (f, _) => load_tls(f.as_ref(), s.tls_min_version, "admin_tls")?,
     };
     let (engine, store, control) = start_engine(&s, log).await?;
+    // On a shared store a token from the data directory is the region's: one token for
+    // every node (a token given by --admin-token-file or HAVEN_ADMIN_TOKEN is used as is).
+    let token = if s.nats.is_some() && token_file == s.data.join("admin.token") {
+        admin::region_token(&control.secrets, &s.region, token, &token_file).await?
+    } else {
+        token
+    };
     let backup = start_backup(&s, store.clone()).await?;
     reclaim::start(
         store,
