@@ -329,6 +329,26 @@ impl JetStreamLog {
                 Err(e) => return Err(unavailable(format!("creating stream {stream_name}: {e}"))),
             }
         }
+        // A stream just created (by this node, or by one starting at the same time) elects
+        // its leader first: wait for it (bounded), so that the node's first writes find one.
+        loop {
+            let led = match js.get_stream(&stream_name).await {
+                Ok(s) => s
+                    .cached_info()
+                    .cluster
+                    .as_ref()
+                    .is_none_or(|c| c.leader.is_some()),
+                Err(_) => false,
+            };
+            if led {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(stream = %stream_name, "the change-log stream has no leader yet; writes are refused until it has one");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         Ok(JetStreamLog {
             client,
             js,
