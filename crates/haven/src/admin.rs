@@ -376,6 +376,11 @@ fn shipper(admin: &Admin) -> Result<&ShipperHandle, Response> {
 async fn status(State(admin): State<Arc<Admin>>) -> Response {
     let e = &admin.engine;
     let backup = backup_json(&admin).await;
+    let mut store = e.store().describe().await;
+    if store["backend"] == "nats" {
+        // Whether the NATS servers sync every write, as read at start (`--nats-monitor`).
+        store["sync"] = crate::nats_sync::found();
+    }
     Json(json!({
         "region": admin.region,
         "node": e.config().node_id,
@@ -396,7 +401,7 @@ async fn status(State(admin): State<Arc<Admin>>) -> Response {
             "skewed": e.clock_skew().is_some_and(|(_, s)| s),
             "allowed_skew_ms": e.config().max_clock_skew.as_millis() as u64,
         },
-        "store": e.store().describe().await,
+        "store": store,
         "reclamation": admin.control.reclaim.lock().clone(),
         "writable": e.store().check_writable().await.map_err(|e| e.to_string()).err(),
         "backup": backup,

@@ -348,6 +348,34 @@ fn print_store(store: &serde_json::Value) {
                     number_or_unknown(&p["lag"])
                 );
             }
+            let sync = &store["sync"];
+            if sync["checked"] == true {
+                let servers = sync["servers"].as_array().cloned().unwrap_or_default();
+                let not: Vec<String> = servers
+                    .iter()
+                    .filter(|s| s["sync_always"] == false)
+                    .map(|s| s["server"].as_str().unwrap_or("?").to_owned())
+                    .collect();
+                let unknown = servers.iter().filter(|s| s["error"].is_string()).count();
+                if !not.is_empty() {
+                    println!(
+                        "  WARNING: not every write is synced to disk on {} (set jetstream {{ sync_interval: always }})",
+                        not.join(", ")
+                    );
+                } else if unknown > 0 {
+                    println!(
+                        "  sync to disk: unknown on {unknown} of {} servers (their /varz could not be read)",
+                        servers.len()
+                    );
+                } else {
+                    println!(
+                        "  sync to disk: every write, on all {} servers checked",
+                        servers.len()
+                    );
+                }
+            } else if sync["checked"] == false {
+                println!("  sync to disk: not checked (--nats-monitor)");
+            }
             if let Some(e) = store["error"].as_str() {
                 println!("  ERROR: {e}");
             }

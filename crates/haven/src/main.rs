@@ -10,6 +10,7 @@ mod client;
 mod control;
 mod control_cmd;
 mod metrics;
+mod nats_sync;
 mod reclaim;
 mod region_cmd;
 mod settings;
@@ -342,6 +343,7 @@ async fn start_engine(
                 replicas: s.store_replicas,
                 tls: s.nats_tls.clone(),
             };
+            nats_sync::check(&s.nats_monitor).await;
             let store =
                 haven_state::NatsStore::open(&config, origin, Arc::new(HybridClock::default()))
                     .await

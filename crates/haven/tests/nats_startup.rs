@@ -110,3 +110,108 @@ async fn a_server_without_jetstream_names_the_js_flag() {
         "{log}"
     );
 }
+
+/// One nats-server with JetStream and a monitoring port, `sync_interval: always` when
+/// `always`; its client port and monitoring port.
+async fn monitored_server(always: bool) -> (Process, u16, u16, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = haven_testkit::free_ports(2);
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "server_name: solo\nlisten: 127.0.0.1:{}\nhttp: 127.0.0.1:{}\njetstream {{ store_dir: \"{}\"{} }}\n",
+            ports[0],
+            ports[1],
+            dir.path().join("js").display(),
+            if always { ", sync_interval: always" } else { "" }
+        ),
+    )
+    .unwrap();
+    let p = Process(
+        Command::new(tools_dir().join("venv/bin/nats-server"))
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(
+        haven_testkit::wait_for_status(
+            ports[1],
+            "/healthz?js-enabled-only=true",
+            Duration::from_secs(30)
+        )
+        .await,
+        "nats-server did not become healthy"
+    );
+    (p, ports[0], ports[1], dir)
+}
+
+/// Starts a node on the server with `--nats-monitor`; its status JSON, `haven status` text
+/// and log.
+async fn node_with_monitor(client: u16, monitor: u16) -> (serde_json::Value, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let node = common::Haven::start(
+        &data,
+        free_port(),
+        "default",
+        &[
+            "--store",
+            &format!("nats://127.0.0.1:{client}"),
+            "--region",
+            "r1",
+            "--store-replicas",
+            "1",
+            "--nats-monitor",
+            &format!("http://127.0.0.1:{monitor}"),
+        ],
+    )
+    .await;
+    let st = node.status().await;
+    let out = Command::new(haven_bin())
+        .args([
+            "status",
+            "--node",
+            &format!("http://127.0.0.1:{}", node.port),
+            "--data",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let log = std::fs::read_to_string(&node.log).unwrap();
+    (st, text, log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_does_not_sync_every_write_is_warned_about() {
+    let (_nats, client, monitor, _dir) = monitored_server(false).await;
+    let (st, text, log) = node_with_monitor(client, monitor).await;
+    assert_eq!(st["store"]["sync"]["checked"], true, "{st}");
+    assert_eq!(st["store"]["sync"]["sync_always"], false, "{st}");
+    assert_eq!(st["store"]["sync"]["servers"][0]["server"], "solo", "{st}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("does not sync every write to disk")),
+        "{log}"
+    );
+    assert!(
+        text.contains("WARNING: not every write is synced to disk on solo"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_syncs_every_write_is_not_warned_about() {
+    let (_nats, client, monitor, _dir) = monitored_server(true).await;
+    let (st, text, log) = node_with_monitor(client, monitor).await;
+    assert_eq!(st["store"]["sync"]["sync_always"], true, "{st}");
+    assert!(!log.contains("does not sync every write"), "{log}");
+    assert!(
+        text.contains("sync to disk: every write, on all 1 servers checked"),
+        "{text}"
+    );
+}
