@@ -920,6 +920,34 @@ impl Secrets {
         Err(last_conflict.expect("the loop ran").into())
     }
 
+    /// Sets a secret only if it does not exist yet (compare-and-set on its absence): `true`
+    /// when this call created it, `false` when it existed (or another writer created it
+    /// first), in which case nothing is changed.
+    pub async fn create(&self, name: &str, value: &[u8]) -> SecretsResult<bool> {
+        validate_name(name)?;
+        if value.len() > MAX_VALUE_BYTES {
+            return Err(SecretsError::Invalid(format!(
+                "the value of secret '{name}' is {} bytes; the limit is {MAX_VALUE_BYTES} bytes (64 KiB)",
+                value.len()
+            )));
+        }
+        let store = &self.inner.store;
+        if store.get(SECRETS_NS, name).await?.is_some() {
+            return Ok(false);
+        }
+        let now = store.clock().wall_millis();
+        let rec = seal(&self.keys(), name, value, now, now, 1);
+        let bytes = serde_json::to_vec(&rec).expect("a secret record serializes");
+        match store
+            .commit(Batch::new().put_if(SECRETS_NS, name, bytes, Expect::Absent))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(StoreError::Conflict { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// [`Secrets::set`] for users: refuses names reserved for Haven.
     pub async fn set_user(&self, name: &str, value: &[u8]) -> SecretsResult<SecretMeta> {
         refuse_reserved(name)?;

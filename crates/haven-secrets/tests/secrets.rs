@@ -749,3 +749,28 @@ async fn reloading_keys_picks_up_a_new_primary() {
     assert!(s.reload_keys().is_err());
     assert_eq!(s.primary_kid(), k2);
 }
+
+#[tokio::test]
+async fn create_sets_only_an_absent_secret() {
+    let (_dir, s) = generated();
+    assert!(s.create("system/admin-token/r1", b"first").await.unwrap());
+    // Existing: nothing changes, whoever asks.
+    assert!(!s.create("system/admin-token/r1", b"second").await.unwrap());
+    assert_eq!(
+        &s.get("system/admin-token/r1").await.unwrap().unwrap()[..],
+        b"first"
+    );
+    // Two at once: exactly one creates it, and the stored value is that one's.
+    let (a, b) = tokio::join!(
+        s.create("system/admin-token/r2", b"a"),
+        s.create("system/admin-token/r2", b"b")
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert!(a ^ b, "{a} {b}");
+    let stored = s.get("system/admin-token/r2").await.unwrap().unwrap();
+    assert_eq!(&stored[..], if a { &b"a"[..] } else { &b"b"[..] });
+    // Bad input changes nothing.
+    assert!(s.create("bad//name", b"x").await.is_err());
+    assert!(s.create("system/big", &vec![0u8; 70 * 1024]).await.is_err());
+    assert!(s.get("system/big").await.unwrap().is_none());
+}

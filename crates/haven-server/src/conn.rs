@@ -248,12 +248,57 @@ pub async fn serve_maybe_tls(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
+    serve_until_settled(
+        listener,
+        router,
+        limits,
+        tls,
+        shutdown,
+        std::future::ready(()),
+        grace,
+    )
+    .await
+}
+
+/// [`serve_maybe_tls`] whose drain also waits for `settled` (e.g. the node's running
+/// requests to end): until then, and until the open connections closed (at most `grace`
+/// after `shutdown`), the listener keeps answering, one request per new connection, so that
+/// a load balancer's `/readyz` gets "503 draining" instead of a refused connection.
+pub async fn serve_until_settled(
+    listener: TcpListener,
+    router: Router,
+    limits: Arc<ConnLimits>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    settled: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
     let service = hyper_util::service::TowerToHyperService::new(router);
     let tracker = Arc::new(Tracker::default());
     let refusing = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING));
     let (stop, stopping) = tokio::sync::watch::channel(false);
+    // Connections accepted while draining are never told to stop early: they carry one
+    // request each (no keep-alive), so that a health check gets its answer.
+    let (_never, not_stopping) = tokio::sync::watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut settled = std::pin::pin!(settled);
+    let mut is_settled = false;
+    // Once `shutdown` resolves the node drains: open connections finish their running
+    // request and close, and the listener keeps answering (`/readyz` says 503 draining)
+    // until they all closed and `settled` resolved, or `grace` passed. Only then does it
+    // stop accepting.
+    let mut draining = false;
+    let mut drain_deadline = tokio::time::Instant::now();
     loop {
+        let drained = async {
+            loop {
+                let none = tracker.none_open.notified();
+                if tracker.open() == 0 {
+                    return;
+                }
+                none.await;
+            }
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
@@ -285,7 +330,7 @@ pub async fn serve_maybe_tls(
                 }
                 let header_read_timeout = limits.header_read_timeout();
                 let mut http = hyper::server::conn::http1::Builder::new();
-                http.keep_alive(true)
+                http.keep_alive(!draining)
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(header_read_timeout)
                     .max_buf_size(
@@ -304,7 +349,11 @@ pub async fn serve_maybe_tls(
                     inner: service.clone(),
                     peer,
                 };
-                let mut stopping = stopping.clone();
+                let mut stopping = if draining {
+                    not_stopping.clone()
+                } else {
+                    stopping.clone()
+                };
                 let tls = tls.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
@@ -332,26 +381,20 @@ pub async fn serve_maybe_tls(
                     }
                 });
             }
-            () = &mut shutdown => break,
+            () = &mut shutdown, if !draining => {
+                draining = true;
+                drain_deadline = tokio::time::Instant::now() + grace;
+                let _ = stop.send(true);
+            }
+            () = &mut settled, if draining && !is_settled => is_settled = true,
+            () = drained, if draining && is_settled => break,
+            () = tokio::time::sleep_until(drain_deadline), if draining => {
+                tracing::info!("connections still open after the grace period are closed");
+                break;
+            }
         }
     }
     drop(listener);
-    let _ = stop.send(true);
-    let drained = async {
-        loop {
-            let none = tracker.none_open.notified();
-            if tracker.open() == 0 {
-                return;
-            }
-            none.await;
-        }
-    };
-    tokio::select! {
-        () = drained => {}
-        () = tokio::time::sleep(grace) => {
-            tracing::info!("connections still open after the grace period are closed");
-        }
-    }
     Ok(())
 }
 

@@ -210,6 +210,29 @@ pub async fn serve_tls(
     .await
 }
 
+/// [`serve_tls`] whose drain also waits for `settled` (see
+/// [`crate::conn::serve_until_settled`]).
+pub async fn serve_tls_until_settled(
+    listener: TcpListener,
+    router: Router,
+    config: &HttpConfig,
+    tls: Option<&crate::tls::ServerTls>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    settled: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    crate::conn::serve_until_settled(
+        listener,
+        router,
+        config.limits.clone(),
+        tls.map(|t| t.acceptor()),
+        shutdown,
+        settled,
+        grace,
+    )
+    .await
+}
+
 async fn healthz() -> Response {
     json_response(StatusCode::OK, r#"{"status":"alive"}"#.to_owned())
 }

@@ -100,16 +100,114 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("NATS: {e}"))
 }
 
+/// How long the first connection to the servers is retried while none accepts one (a server
+/// still starting); beyond it start-up fails, naming the cause.
+const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(5);
+
+/// Connects to `servers` (any one of them), retrying for [`FIRST_CONNECT_WAIT`] while none
+/// accepts a connection; then fails with the cause and what to check. Once connected the
+/// client reconnects by itself whenever the connection is lost.
+async fn first_connect(servers: &[String], tls: &NatsTls) -> StoreResult<async_nats::Client> {
+    use async_nats::ConnectErrorKind as Kind;
+    let deadline = tokio::time::Instant::now() + FIRST_CONNECT_WAIT;
+    let list = servers.join(", ");
+    loop {
+        let attempt = tls
+            .apply(async_nats::ConnectOptions::new())?
+            .connection_timeout(Duration::from_secs(2))
+            .request_timeout(Some(COMMIT_TIMEOUT))
+            .connect(servers.to_vec())
+            .await;
+        let e = match attempt {
+            Ok(client) => return Ok(client),
+            Err(e) => e,
+        };
+        let cause = connect_cause(&e);
+        match e.kind() {
+            Kind::Io | Kind::TimedOut | Kind::Dns | Kind::MaxReconnects
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tracing::debug!(error = %e, "waiting for a NATS server to accept a connection");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Kind::Io | Kind::TimedOut | Kind::Dns | Kind::MaxReconnects => {
+                return Err(StoreError::Unavailable(format!(
+                    "cannot connect to NATS at {list}: {cause} — is nats-server running there (and is --store the right address)?"
+                )));
+            }
+            Kind::Authentication | Kind::AuthorizationViolation => {
+                return Err(StoreError::Unavailable(format!(
+                    "NATS at {list} refused this node's credentials: {cause}"
+                )));
+            }
+            Kind::Tls => {
+                return Err(StoreError::Unavailable(format!(
+                    "TLS to NATS at {list} failed: {cause} — check --store-tls-* against the servers' TLS"
+                )));
+            }
+            Kind::ServerParse => {
+                return Err(StoreError::Invalid(format!(
+                    "not a NATS server address: {list}: {cause}"
+                )));
+            }
+        }
+    }
+}
+
+/// The innermost cause of a connection error, in lower case without the OS error number
+/// ("connection refused").
+fn connect_cause(e: &async_nats::ConnectError) -> String {
+    let mut inner: &dyn std::error::Error = e;
+    while let Some(next) = inner.source() {
+        inner = next;
+    }
+    let mut text = inner.to_string();
+    if let Some(i) = text.find(" (os error") {
+        text.truncate(i);
+    }
+    match text.chars().next() {
+        Some(c) if c.is_uppercase() => c.to_lowercase().chain(text.chars().skip(1)).collect(),
+        _ => text,
+    }
+}
+
+/// Refuses servers that cannot hold the region's stream as asked: JetStream off, or more
+/// replicas than a server that is not part of a cluster can keep. Each refusal names the fix.
+async fn check_server(
+    client: &async_nats::Client,
+    js: &jetstream::Context,
+    replicas: usize,
+) -> StoreResult<()> {
+    let info = client.server_info();
+    let server = format!(
+        "the NATS server {} at {}:{}",
+        info.server_name, info.host, info.port
+    );
+    // The INFO of a server without JetStream says so; its account may still reach
+    // JetStream elsewhere (a leafnode), which the account's JetStream info tells.
+    if !info.jetstream
+        && let Err(e) = js.query_account().await
+    {
+        return Err(StoreError::Unavailable(format!(
+            "JetStream is not enabled on {server} ({e}): start nats-server with -js (or a jetstream {{}} block in its configuration)"
+        )));
+    }
+    if replicas > 1 && info.cluster.is_none() {
+        return Err(StoreError::Invalid(not_clustered(&server, replicas)));
+    }
+    Ok(())
+}
+
+fn not_clustered(server: &str, replicas: usize) -> String {
+    format!(
+        "{server} is not clustered, so it cannot keep the change log's {replicas} replicas: use --store-replicas 1 (one server, no redundancy), or run a cluster of at least {replicas} servers (see scripts/nats-cluster and deploy/nats)"
+    )
+}
+
 /// The JetStream domain of the servers at `servers` (`None`: no domain configured), asked
 /// before anything is created on them.
 pub async fn server_domain(servers: &[String], tls: &NatsTls) -> StoreResult<Option<String>> {
-    let client = tls
-        .apply(async_nats::ConnectOptions::new())?
-        .connection_timeout(Duration::from_secs(5))
-        .request_timeout(Some(COMMIT_TIMEOUT))
-        .connect(servers.to_vec())
-        .await
-        .map_err(unavailable)?;
+    let client = first_connect(servers, tls).await?;
     let account = jetstream::new(client)
         .query_account()
         .await
@@ -170,16 +268,9 @@ impl JetStreamLog {
         if config.servers.is_empty() {
             return Err(StoreError::Invalid("no NATS server given".into()));
         }
-        let client = config
-            .tls
-            .apply(async_nats::ConnectOptions::new())?
-            .connection_timeout(Duration::from_secs(5))
-            .request_timeout(Some(COMMIT_TIMEOUT))
-            .retry_on_initial_connect()
-            .connect(config.servers.clone())
-            .await
-            .map_err(unavailable)?;
+        let client = first_connect(&config.servers, &config.tls).await?;
         let js = jetstream::new(client.clone());
+        check_server(&client, &js, config.replicas).await?;
         let stream_name = stream_name(&config.region);
         let prefix = format!("hv.{}", token(&config.region));
         let stream_config = stream::Config {
@@ -217,12 +308,46 @@ impl JetStreamLog {
                     }
                     break;
                 }
+                // A server outside a cluster refuses replicas at once: waiting won't help.
+                Err(e)
+                    if matches!(e.kind(), jetstream::context::CreateStreamErrorKind::JetStream(ref j)
+                        if j.error_code() == jetstream::ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED) =>
+                {
+                    let info = client.server_info();
+                    return Err(StoreError::Invalid(not_clustered(
+                        &format!(
+                            "the NATS server {} at {}:{}",
+                            info.server_name, info.host, info.port
+                        ),
+                        config.replicas,
+                    )));
+                }
                 Err(e) if tokio::time::Instant::now() < deadline => {
                     tracing::debug!(error = %e, "waiting for JetStream");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 Err(e) => return Err(unavailable(format!("creating stream {stream_name}: {e}"))),
             }
+        }
+        // A stream just created (by this node, or by one starting at the same time) elects
+        // its leader first: wait for it (bounded), so that the node's first writes find one.
+        loop {
+            let led = match js.get_stream(&stream_name).await {
+                Ok(s) => s
+                    .cached_info()
+                    .cluster
+                    .as_ref()
+                    .is_none_or(|c| c.leader.is_some()),
+                Err(_) => false,
+            };
+            if led {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(stream = %stream_name, "the change-log stream has no leader yet; writes are refused until it has one");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Ok(JetStreamLog {
             client,
@@ -444,7 +569,8 @@ impl SharedLog for JetStreamLog {
                         .map(|p| {
                             serde_json::json!({
                                 "name": p.name, "current": p.current,
-                                "offline": p.offline, "lag": p.lag,
+                                // JetStream leaves `lag` out when it is 0.
+                                "offline": p.offline, "lag": p.lag.unwrap_or(0),
                                 "active_ms": p.active.as_millis() as u64,
                             })
                         })

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -79,6 +79,66 @@ pub fn load_or_create_token(data: &Path, configured: Option<&Path>) -> Result<(S
     let token = haven_backup::BackupKey::generate().to_hex();
     write_private(&path, token.as_bytes())?;
     Ok((token, path))
+}
+
+/// Name of the reserved secret that holds `region`'s admin token (shared store only; one
+/// per region, although secrets replicate to every region).
+pub fn region_token_secret(region: &str) -> String {
+    format!("system/admin-token/{region}")
+}
+
+/// The admin token of a node on a shared store whose token comes from its data directory
+/// (`local`, read from `path`): the region's, so that the CLI with any node's token works
+/// against every node of the region. The region's token is a reserved secret in the store,
+/// sealed by the region's secrets keys; the first node that finds none makes its own token
+/// the region's (compare-and-set: of two nodes starting at once, one wins and both use its
+/// token). A node whose file holds another token has the file replaced with the region's.
+pub async fn region_token(
+    secrets: &haven_secrets::Secrets,
+    region: &str,
+    local: String,
+    path: &Path,
+) -> Result<String> {
+    let name = region_token_secret(region);
+    for _ in 0..3 {
+        if let Some(t) = secrets
+            .get(&name)
+            .await
+            .context("reading the region's admin token from the store")?
+        {
+            let t = String::from_utf8(t.to_vec())
+                .context("the region's admin token in the store is not text")?;
+            if t != local {
+                replace_private(path, t.as_bytes())?;
+                tracing::info!(
+                    file = %path.display(),
+                    "this node's admin token file now holds the region's admin token (shared by every node of the region)"
+                );
+            }
+            return Ok(t);
+        }
+        if secrets
+            .create(&name, local.as_bytes())
+            .await
+            .context("storing the region's admin token")?
+        {
+            tracing::info!(
+                file = %path.display(),
+                "this node's admin token is now the region's (every node of the region takes it)"
+            );
+            return Ok(local);
+        }
+    }
+    bail!("the region's admin token could not be read or created in the store")
+}
+
+/// Replaces `path` with `content`, readable only by its owner (0600), atomically (a
+/// temporary file renamed over it).
+fn replace_private(path: &Path, content: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("token.new");
+    let _ = std::fs::remove_file(&tmp);
+    write_private(&tmp, content)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
 }
 
 /// Creates a file readable only by its owner (0600); refuses to replace an existing one.
@@ -316,6 +376,11 @@ fn shipper(admin: &Admin) -> Result<&ShipperHandle, Response> {
 async fn status(State(admin): State<Arc<Admin>>) -> Response {
     let e = &admin.engine;
     let backup = backup_json(&admin).await;
+    let mut store = e.store().describe().await;
+    if store["backend"] == "nats" {
+        // Whether the NATS servers sync every write, as read at start (`--nats-monitor`).
+        store["sync"] = crate::nats_sync::found();
+    }
     Json(json!({
         "region": admin.region,
         "node": e.config().node_id,
@@ -336,7 +401,7 @@ async fn status(State(admin): State<Arc<Admin>>) -> Response {
             "skewed": e.clock_skew().is_some_and(|(_, s)| s),
             "allowed_skew_ms": e.config().max_clock_skew.as_millis() as u64,
         },
-        "store": e.store().describe().await,
+        "store": store,
         "reclamation": admin.control.reclaim.lock().clone(),
         "writable": e.store().check_writable().await.map_err(|e| e.to_string()).err(),
         "backup": backup,

@@ -319,16 +319,16 @@ fn print_store(store: &serde_json::Value) {
             println!(
                 "Store: NATS JetStream stream {}, {} replicas, leader {}, last sequence {}, applied here {}",
                 store["stream"].as_str().unwrap_or("?"),
-                store["replicas"],
+                number_or_unknown(&store["replicas"]),
                 store["leader"].as_str().unwrap_or("none"),
-                store["last_seq"],
-                store["applied_seq"]
+                number_or_unknown(&store["last_seq"]),
+                number_or_unknown(&store["applied_seq"])
             );
             println!(
                 "  connected to {} ({}:{}), {}",
                 store["connected_server"]["name"].as_str().unwrap_or("?"),
                 store["connected_server"]["host"].as_str().unwrap_or("?"),
-                store["connected_server"]["port"],
+                number_or_unknown(&store["connected_server"]["port"]),
                 store["connection"].as_str().unwrap_or("?")
             );
             for p in store["peers"].as_array().cloned().unwrap_or_default() {
@@ -345,14 +345,51 @@ fn print_store(store: &serde_json::Value) {
                     } else {
                         ""
                     },
-                    p["lag"]
+                    number_or_unknown(&p["lag"])
                 );
+            }
+            let sync = &store["sync"];
+            if sync["checked"] == true {
+                let servers = sync["servers"].as_array().cloned().unwrap_or_default();
+                let not: Vec<String> = servers
+                    .iter()
+                    .filter(|s| s["sync_always"] == false)
+                    .map(|s| s["server"].as_str().unwrap_or("?").to_owned())
+                    .collect();
+                let unknown = servers.iter().filter(|s| s["error"].is_string()).count();
+                if !not.is_empty() {
+                    println!(
+                        "  WARNING: not every write is synced to disk on {} (set jetstream {{ sync_interval: always }})",
+                        not.join(", ")
+                    );
+                } else if unknown > 0 {
+                    println!(
+                        "  sync to disk: unknown on {unknown} of {} servers (their /varz could not be read)",
+                        servers.len()
+                    );
+                } else {
+                    println!(
+                        "  sync to disk: every write, on all {} servers checked",
+                        servers.len()
+                    );
+                }
+            } else if sync["checked"] == false {
+                println!("  sync to disk: not checked (--nats-monitor)");
             }
             if let Some(e) = store["error"].as_str() {
                 println!("  ERROR: {e}");
             }
         }
         _ => println!("Store: embedded (redb)"),
+    }
+}
+
+/// A number from a status answer, or "unknown" when it is absent (an older node, or a
+/// value the store did not report), never JSON's `null`.
+fn number_or_unknown(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Number(n) => n.to_string(),
+        _ => "unknown".into(),
     }
 }
 

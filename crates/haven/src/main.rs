@@ -10,6 +10,7 @@ mod client;
 mod control;
 mod control_cmd;
 mod metrics;
+mod nats_sync;
 mod reclaim;
 mod region_cmd;
 mod settings;
@@ -352,6 +353,7 @@ async fn start_engine(
                 replicas: s.store_replicas,
                 tls: s.nats_tls.clone(),
             };
+            nats_sync::check(&s.nats_monitor).await;
             let store =
                 haven_state::NatsStore::open(&config, origin, Arc::new(HybridClock::default()))
                     .await
@@ -756,6 +758,13 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
         (f, _) => load_tls(f.as_ref(), s.tls_min_version, "admin_tls")?,
     };
     let (engine, store, control) = start_engine(&s, log).await?;
+    // On a shared store a token from the data directory is the region's: one token for
+    // every node (a token given by --admin-token-file or HAVEN_ADMIN_TOKEN is used as is).
+    let token = if s.nats.is_some() && token_file == s.data.join("admin.token") {
+        admin::region_token(&control.secrets, &s.region, token, &token_file).await?
+    } else {
+        token
+    };
     let backup = start_backup(&s, store.clone()).await?;
     reclaim::start(
         store,
@@ -850,7 +859,7 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
         router = router.merge(admin_routes.clone());
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    // SIGTERM: drain. /readyz fails at once (load balancers stop sending), open legacy
+    // SIGTERM: drain. /readyz answers 503 at once (load balancers stop sending), open legacy
     // streams end with a reconnection hint, running requests get up to --drain-timeout.
     let drain = {
         let engine = engine.clone();
@@ -889,7 +898,26 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
             haven_server::serve_tls(l, open_metrics, &http, None, stopped, grace).await
         })
     });
-    haven_server::serve_tls(listener, router, &http, tls.as_deref(), drain, grace).await?;
+    // While draining, the listener answers (`/readyz`: 503 draining) until the running
+    // requests ended and their connections closed, or `grace` passed.
+    let settled = {
+        let engine = engine.clone();
+        async move {
+            while engine.running_requests() > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    };
+    haven_server::serve_tls_until_settled(
+        listener,
+        router,
+        &http,
+        tls.as_deref(),
+        drain,
+        settled,
+        grace,
+    )
+    .await?;
     if let Some(m) = metrics_server {
         match m.await {
             Ok(r) => r.context("serving /metrics")?,

@@ -823,6 +823,11 @@ pub struct CommonArgs {
         help_heading = "Cluster mode"
     )]
     pub store_replicas: Option<usize>,
+    /// Monitoring endpoints of the NATS servers (`http://HOST:8222[,...]`): at start each
+    /// server's `/varz` says whether it syncs every write (`sync_interval: always`), a warning
+    /// when not (a client connection cannot learn it) [default: not checked]
+    #[arg(long, env = "HAVEN_NATS_MONITOR", value_name = "URL,...")]
+    pub nats_monitor: Option<String>,
     /// File of key-encryption keys for secrets (`<kid> <base64 key>` per line, the last one
     /// wraps new data keys). The keys may also come from HAVEN_SECRETS_KEYS (lines separated by
     /// `;`). Every node of a region needs the same keys. [default on an embedded store:
@@ -1201,6 +1206,7 @@ struct FileSettings {
     worker_threads: Option<usize>,
     store: Option<String>,
     store_replicas: Option<usize>,
+    nats_monitor: Option<String>,
     secrets_key_file: Option<PathBuf>,
     secrets_key_command: Option<String>,
     drain_timeout: Option<String>,
@@ -1264,6 +1270,8 @@ pub struct Settings {
     /// `None`: embedded; else the NATS server URLs.
     pub nats: Option<Vec<String>>,
     pub store_replicas: usize,
+    /// The NATS servers' monitoring endpoints (`--nats-monitor`), checked at start.
+    pub nats_monitor: Vec<String>,
     pub drain_timeout: Duration,
     pub max_clock_skew: Duration,
     pub listen: String,
@@ -1671,6 +1679,27 @@ impl Settings {
         if !(1..=5).contains(&store_replicas) {
             bail!("store_replicas must be between 1 and 5");
         }
+        let nats_monitor: Vec<String> = common
+            .nats_monitor
+            .clone()
+            .or(file.nats_monitor.take())
+            .map(|m| {
+                m.split(',')
+                    .map(|u| u.trim().trim_end_matches('/').to_owned())
+                    .filter(|u| !u.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for u in &nats_monitor {
+            if !u.starts_with("http://") || reqwest::Url::parse(u).is_err() {
+                bail!(
+                    "invalid nats_monitor URL {u:?}: give the NATS servers' monitoring endpoints, e.g. http://nats-1:8222"
+                );
+            }
+        }
+        if !nats_monitor.is_empty() && nats.is_none() {
+            bail!("nats_monitor needs a NATS store (--store nats://...)");
+        }
         let drain_timeout = duration_setting(
             serve
                 .and_then(|s| s.drain_timeout.clone())
@@ -1901,6 +1930,7 @@ impl Settings {
             region_health,
             nats,
             store_replicas,
+            nats_monitor,
             drain_timeout,
             max_clock_skew,
             auth,
@@ -2097,6 +2127,20 @@ mod tests {
         );
         let e = resolve(&["haven", "serve", "--admin-listen", "127.0.0.1:8080"]).unwrap_err();
         assert!(format!("{e:#}").contains("MCP listener"), "{e:#}");
+        let nats = ["haven", "serve", "--store", "nats://127.0.0.1:4222"];
+        let e = resolve(&[&nats[..], &["--nats-monitor", "nats-1:8222"]].concat()).unwrap_err();
+        assert!(format!("{e:#}").contains("monitoring endpoints"), "{e:#}");
+        let e = resolve(&["haven", "serve", "--nats-monitor", "http://n:8222"]).unwrap_err();
+        assert!(format!("{e:#}").contains("needs a NATS store"), "{e:#}");
+        let (_, s) = resolve(
+            &[
+                &nats[..],
+                &["--nats-monitor", "http://a:8222/, http://b:8222"],
+            ]
+            .concat(),
+        )
+        .unwrap();
+        assert_eq!(s.nats_monitor, ["http://a:8222", "http://b:8222"]);
     }
 
     #[test]

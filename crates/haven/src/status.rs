@@ -368,6 +368,18 @@ pub async fn overview(admin: &Admin) -> Overview {
                 ),
             });
         }
+        let sync = crate::nats_sync::found();
+        for server in sync["servers"].as_array().into_iter().flatten() {
+            if server["sync_always"] == false {
+                problems.push(Problem {
+                    severity: "warning",
+                    what: format!(
+                        "NATS server {} does not sync every write to disk (set jetstream {{ sync_interval: always }}): acknowledged writes can be lost if the servers crash together",
+                        server["server"].as_str().unwrap_or("?")
+                    ),
+                });
+            }
+        }
         if d["leader"].as_str().is_none_or(str::is_empty) {
             problems.push(Problem {
                 severity: "critical",

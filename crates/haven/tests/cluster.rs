@@ -312,6 +312,18 @@ async fn writes_continue_after_the_stream_leader_is_killed_and_it_rejoins() {
             .filter(|w| !text.contains(w))
             .collect();
         if missing.is_empty() {
+            // The stream's replicas each print a lag that is a number, never JSON's null.
+            assert!(!text.contains("null"), "null in:\n{text}");
+            assert!(
+                text.lines()
+                    .filter(|l| l.trim_start().starts_with("replica "))
+                    .all(|l| l
+                        .rsplit("lag ")
+                        .next()
+                        .is_some_and(|n| n.trim().parse::<u64>().is_ok())),
+                "a replica's lag is not a number:\n{text}"
+            );
+            assert!(text.contains("  replica "), "no replica lines:\n{text}");
             break;
         }
         assert!(
@@ -1061,4 +1073,66 @@ async fn a_region_trims_its_stream_behind_its_backup_and_the_backup_restores_eve
     );
     let restored = Haven::start(&to, free_port(), "default", &["--store", "embedded"]).await;
     assert_eq!(big_version(&client, &restored.url()).await, Some(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nodes_of_a_region_share_one_admin_token() {
+    let _one = ONE_REGION_AT_A_TIME.lock().await;
+    let mut region = Region::start().await;
+    let tokens: Vec<String> = region
+        .nodes
+        .iter()
+        .map(|n| {
+            std::fs::read_to_string(n.as_ref().unwrap().data.join("admin.token"))
+                .unwrap()
+                .trim()
+                .to_owned()
+        })
+        .collect();
+    assert!(tokens.iter().all(|t| *t == tokens[0]), "{tokens:?}");
+    // The CLI with node0's data directory (its token) asks node1 and node2.
+    let n0_data = region.nodes[0].as_ref().unwrap().data.clone();
+    for i in 1..3 {
+        let port = region.nodes[i].as_ref().unwrap().port;
+        let out = std::process::Command::new(common::haven_bin())
+            .args([
+                "status",
+                "--node",
+                &format!("http://127.0.0.1:{port}"),
+                "--data",
+            ])
+            .arg(&n0_data)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "node{i}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // A node restarted on a fresh data directory takes the region's token too.
+    region.kill9(2);
+    let fresh = region.dirs.path().join("node2");
+    std::fs::remove_dir_all(&fresh).unwrap();
+    region.restart_node(2).await;
+    let t2 = std::fs::read_to_string(region.nodes[2].as_ref().unwrap().data.join("admin.token"))
+        .unwrap();
+    assert_eq!(t2.trim(), tokens[0]);
+    let out = std::process::Command::new(common::haven_bin())
+        .args([
+            "status",
+            "--node",
+            &format!("http://127.0.0.1:{}", region.ports[2]),
+            "--data",
+        ])
+        .arg(&n0_data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(region.nodes.drain(..));
 }

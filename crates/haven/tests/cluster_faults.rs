@@ -893,6 +893,62 @@ async fn f_during_a_full_nats_outage_writes_get_503_with_retry_after() {
         .await
         .expect("the legacy call is answered");
         check_503(&format!("node{i} legacy notes_put"), r, Some(2)).await;
+        // With a progress token, whose answer could become an SSE stream: nothing has been
+        // streamed when the write fails, so it is the same 503, in both eras.
+        let r = client
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-protocol-version", "2026-07-28")
+            .header("mcp-method", "tools/call")
+            .header("mcp-name", "notes_put")
+            .body(
+                json!({"jsonrpc":"2.0","id":5,"method":"tools/call","params":{
+                "name":"notes_put","arguments":{"name":format!("progress-{i}"),"text":"x"},
+                "_meta":{
+                    "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                    "io.modelcontextprotocol/clientCapabilities": {},
+                    "io.modelcontextprotocol/clientInfo": {"name": "haven-test", "version": "1"},
+                    "progressToken": "p"
+                }}})
+                .to_string(),
+            )
+            .send()
+            .await
+            .expect("the stateless call with a progress token is answered");
+        check_503(
+            &format!("node{i} stateless notes_put with progress"),
+            r,
+            Some(5),
+        )
+        .await;
+        let r = tokio::time::timeout(
+            HANG_GUARD,
+            session.post_raw(
+                json!({"jsonrpc":"2.0","id":6,"method":"tools/call","params":{
+                "name":"notes_put","arguments":{"name":format!("legacy-progress-{i}"),"text":"x"},
+                "_meta":{"progressToken":"q"}}}),
+            ),
+        )
+        .await
+        .expect("the legacy call with a progress token is answered");
+        check_503(
+            &format!("node{i} legacy notes_put with progress"),
+            r,
+            Some(6),
+        )
+        .await;
+        // A client of the tasks extension: the task cannot be created (stored).
+        let r = stateless(
+            &client,
+            &url,
+            7,
+            "tools/call",
+            json!({"name":"sleep","arguments":{"seconds":1}}),
+            json!({"extensions":{"io.modelcontextprotocol/tasks":{}}}),
+        )
+        .await;
+        check_503(&format!("node{i} stateless sleep as a task"), r, Some(7)).await;
         // Legacy initialize (a session must be stored before it is answered).
         let r = client
             .post(&url)

@@ -345,3 +345,102 @@ async fn finished_requests_leave_no_topic_in_the_change_hub() {
     }
     assert_eq!(now, baseline, "topics left after {n} requests");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_node_answers_readyz_503_until_it_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Haven::start(
+        &dir.path().join("data"),
+        free_port(),
+        "default",
+        &["--drain-timeout", "60s"],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    // A stateless call that runs 4 s, with progress: its first progress notification says
+    // that it runs.
+    let r = client
+        .post(h.url())
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", "sleep")
+        .body(
+            json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{
+            "name":"sleep","arguments":{"seconds":4},
+            "_meta":{
+                "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                "io.modelcontextprotocol/clientCapabilities": {},
+                "io.modelcontextprotocol/clientInfo": {"name": "haven-test", "version": "1"},
+                "progressToken": "drain"
+            }}})
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut sse = common::SseReader::new(r);
+    loop {
+        let e = sse.next().await.expect("the call's stream ended early");
+        if !e.data.is_empty() && e.json()["method"] == "notifications/progress" {
+            break;
+        }
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &h.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (done_tx, mut done) = tokio::sync::watch::channel(false);
+    let call = tokio::spawn(async move {
+        let mut last = None;
+        while let Some(e) = sse.next().await {
+            if !e.data.is_empty() {
+                last = Some(e.json());
+            }
+        }
+        let _ = done_tx.send(true);
+        last
+    });
+    // While the call runs, every /readyz is answered 503 "draining" (not refused).
+    let readyz = format!("http://127.0.0.1:{}/readyz", h.port);
+    let mut draining_answers = 0;
+    while !*done.borrow() {
+        match client.get(&readyz).send().await {
+            Ok(r) => {
+                assert_eq!(r.status(), 503);
+                assert!(r.headers().contains_key("retry-after"));
+                let v: Value = r.json().await.unwrap();
+                assert_eq!(v["status"], "draining", "{v}");
+                draining_answers += 1;
+            }
+            // The listener closes only after the call's answer went out (the answer may
+            // still be on its way to this client).
+            Err(e) => assert!(
+                tokio::time::timeout(std::time::Duration::from_secs(2), done.wait_for(|d| *d))
+                    .await
+                    .is_ok(),
+                "/readyz refused while a request still ran: {e}"
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(draining_answers > 0, "no /readyz answered while draining");
+    let last = call.await.unwrap().expect("the call was answered");
+    assert!(last["result"].is_object(), "{last}");
+    // Then the node stops.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Some(s) = h.child.try_wait().unwrap() {
+            assert!(s.success(), "{s}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node did not stop"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
