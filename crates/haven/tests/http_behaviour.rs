@@ -404,7 +404,14 @@ async fn a_draining_node_answers_readyz_503_until_it_stops() {
         let _ = done_tx.send(true);
         last
     });
-    // While the call runs, every /readyz is answered 503 "draining" (not refused).
+    // While the call runs, every /readyz is answered 503 "draining" (not refused). Each
+    // check on a new connection, as a load balancer's health check does: a keep-alive
+    // connection opened just before the drain began is closed after its answer, and a
+    // client that reused it would see that close, not the node's readiness.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     let readyz = format!("http://127.0.0.1:{}/readyz", h.port);
     let mut draining_answers = 0;
     while !*done.borrow() {
