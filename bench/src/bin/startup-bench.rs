@@ -44,25 +44,61 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(run(cli))
 }
 
-/// Starts a node on the region, times it until ready, and returns (seconds, RSS KiB).
-async fn node_start(bin: &std::path::Path, nats: &NatsCluster) -> anyhow::Result<(f64, u64)> {
+/// How a node's start ended.
+enum Start {
+    /// Ready after this many seconds, holding this much memory (KiB).
+    Ready(f64, u64),
+    /// The process exited after this many seconds, with the last line it wrote.
+    Exited(f64, String),
+}
+
+impl Start {
+    fn row(&self, what: &str, messages: &str) -> String {
+        match self {
+            Start::Ready(secs, rss) => format!(
+                "| {what} | {messages} | {secs:.1} s | {:.0} MiB |",
+                *rss as f64 / 1024.0
+            ),
+            Start::Exited(secs, line) => {
+                format!("| {what} | {messages} | exited after {secs:.1} s: {line} | — |")
+            }
+        }
+    }
+}
+
+/// Starts a node on the region and times it until ready (or until it exits, keeping the
+/// last line of its log).
+async fn node_start(bin: &std::path::Path, nats: &NatsCluster) -> anyhow::Result<Start> {
     let dir = tempfile::tempdir()?;
     let port = free_port();
+    let log = dir.path().join("haven.log");
     let mut cmd = haven_serve(bin, port, &dir.path().join("data"));
     cmd.args(["--store", &nats.store_url(), "--region", "startup"]);
     cmd.env(
         "HAVEN_SECRETS_KEYS",
         "bench AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
     );
+    cmd.stderr(std::fs::File::create(&log)?);
     let started = Instant::now();
-    let server = Process(cmd.spawn().context("starting haven")?);
-    if !haven_testkit::wait_for_status(port, "/readyz", Duration::from_secs(900)).await {
-        anyhow::bail!("the node did not become ready within 15 minutes");
+    let mut server = Process(cmd.spawn().context("starting haven")?);
+    let deadline = started + Duration::from_secs(900);
+    loop {
+        if haven_testkit::http_status(port, "/readyz").await == Some(200) {
+            let secs = started.elapsed().as_secs_f64();
+            let rss = rss_kib(server.0.id()).unwrap_or(0);
+            return Ok(Start::Ready(secs, rss));
+        }
+        if server.0.try_wait()?.is_some() {
+            let secs = started.elapsed().as_secs_f64();
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let line = text.lines().last().unwrap_or("(nothing)").to_owned();
+            return Ok(Start::Exited(secs, line));
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("the node did not become ready within 15 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let secs = started.elapsed().as_secs_f64();
-    let rss = rss_kib(server.0.id()).unwrap_or(0);
-    drop(server);
-    Ok((secs, rss))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -107,8 +143,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         );
     }
     let write_secs = started.elapsed().as_secs_f64();
-    let (untrimmed_secs, untrimmed_rss) = node_start(&haven, &nats).await?;
-    eprintln!("node start on the whole history: {untrimmed_secs:.1} s, {untrimmed_rss} KiB");
+    let untrimmed = node_start(&haven, &nats).await?;
+    eprintln!(
+        "node start on the whole history: {}",
+        untrimmed.row("whole history", &written.to_string())
+    );
 
     let policy = Reclaim {
         log_floor: u64::MAX,
@@ -137,7 +176,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     let trim_secs = started.elapsed().as_secs_f64();
-    let (trimmed_secs, trimmed_rss) = node_start(&haven, &nats).await?;
+    let trimmed = node_start(&haven, &nats).await?;
     let d = writer.describe().await;
     drop(writer);
     drop(nats);
@@ -158,14 +197,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     println!();
     println!("| stream | messages | node start-up until ready | node memory when ready |");
     println!("|---|---|---|---|");
+    println!("{}", untrimmed.row("whole history", &written.to_string()));
     println!(
-        "| whole history | {written} | {untrimmed_secs:.1} s | {:.0} MiB |",
-        untrimmed_rss as f64 / 1024.0
-    );
-    println!(
-        "| after reclamation | {} | {trimmed_secs:.1} s | {:.0} MiB |",
-        d["messages"],
-        trimmed_rss as f64 / 1024.0
+        "{}",
+        trimmed.row("after reclamation", &d["messages"].to_string())
     );
     Ok(())
 }
