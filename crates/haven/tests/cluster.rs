@@ -1092,8 +1092,8 @@ async fn the_nodes_of_a_region_share_one_admin_token() {
     assert!(tokens.iter().all(|t| *t == tokens[0]), "{tokens:?}");
     // The CLI with node0's data directory (its token) asks node1 and node2.
     let n0_data = region.nodes[0].as_ref().unwrap().data.clone();
-    for i in 1..3 {
-        let port = region.nodes[i].as_ref().unwrap().port;
+    // `haven status` against the node on `port`, with node0's data directory (its token).
+    let status_with_n0_token = |i: usize, port: u16| {
         let out = std::process::Command::new(common::haven_bin())
             .args([
                 "status",
@@ -1110,6 +1110,9 @@ async fn the_nodes_of_a_region_share_one_admin_token() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+    };
+    for i in 1..3 {
+        status_with_n0_token(i, region.nodes[i].as_ref().unwrap().port);
     }
     // A node restarted on a fresh data directory takes the region's token too.
     region.kill9(2);
@@ -1119,20 +1122,6 @@ async fn the_nodes_of_a_region_share_one_admin_token() {
     let t2 = std::fs::read_to_string(region.nodes[2].as_ref().unwrap().data.join("admin.token"))
         .unwrap();
     assert_eq!(t2.trim(), tokens[0]);
-    let out = std::process::Command::new(common::haven_bin())
-        .args([
-            "status",
-            "--node",
-            &format!("http://127.0.0.1:{}", region.ports[2]),
-            "--data",
-        ])
-        .arg(&n0_data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    status_with_n0_token(2, region.ports[2]);
     drop(region.nodes.drain(..));
 }
