@@ -519,9 +519,13 @@ async fn restore_runbook_performed_as_written() {
     );
     put_note(&h.url(), 1, "before", "kept").await;
     haven_ok(&["backup", "now", "--data", &d], b"");
-    let time = haven_backup::fmt_millis(now_millis());
-    // The next write is committed in a later millisecond than the point.
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    let point = now_millis();
+    let time = haven_backup::fmt_millis(point);
+    // The next write is committed in a later millisecond than the point: wait for the clock
+    // to pass it, not for a fixed time.
+    while now_millis() <= point {
+        tokio::task::yield_now().await;
+    }
     put_note(&h.url(), 2, "after", "not restored").await;
     haven_ok(&["backup", "now", "--data", &d], b"");
     drop(h);
