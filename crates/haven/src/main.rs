@@ -208,8 +208,17 @@ fn init_logging(
             let spans = tracing_subscriber::filter::Targets::new()
                 .with_default(tracing::Level::INFO)
                 .with_target("rmcp", tracing::level_filters::LevelFilter::OFF);
+            // Spans carry what the semantic conventions ask for, not the code location,
+            // thread or busy/idle times, and entering one does not activate its context (no
+            // code here reads `Context::current`): each of these costs on every span, sampled
+            // or not.
             let layer = tracing_opentelemetry::layer()
                 .with_tracer(provider.tracer("haven"))
+                .with_location(false)
+                .with_threads(false)
+                .with_target(false)
+                .with_tracked_inactivity(false)
+                .with_context_activation(false)
                 .with_filter(spans);
             (Some(layer), Some(provider))
         }
