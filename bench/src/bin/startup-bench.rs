@@ -161,8 +161,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut removed = 0;
     let mut last_report = Instant::now();
+    // A step that fails puts back what it did not remove (as the node's reclaimer, which
+    // tries again at its next pass); ten failures in a row end the run.
+    let (mut failures, mut in_a_row) = (0u64, 0u32);
     loop {
-        let r = writer.reclaim(&policy).await?;
+        let r = match writer.reclaim(&policy).await {
+            Ok(r) => {
+                in_a_row = 0;
+                r
+            }
+            Err(e) if in_a_row < 10 => {
+                failures += 1;
+                in_a_row += 1;
+                eprintln!("a reclamation step failed ({e}); trying again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         removed += r.log_entries;
         if last_report.elapsed() >= Duration::from_secs(10) {
             last_report = Instant::now();
@@ -189,7 +205,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         written as f64 / write_secs
     );
     println!(
-        "reclamation removed {removed} superseded entries in {trim_secs:.0} s ({:.0}/s); the stream holds {} messages of {}",
+        "reclamation removed {removed} superseded entries in {trim_secs:.0} s ({:.0}/s, {failures} failed steps tried again); the stream holds {} messages of {}",
         removed as f64 / trim_secs,
         d["messages"],
         d["last_seq"]

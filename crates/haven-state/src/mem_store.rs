@@ -289,6 +289,9 @@ pub struct LinkFaults {
     /// fail before it is stored, or be stored with its acknowledgement lost (a connection
     /// to a log whose leader is changing).
     flaky: AtomicU64,
+    /// While not `u32::MAX`: this many more removal requests succeed, then every one fails
+    /// (a removal that times out on a long log).
+    removals_left: AtomicU32,
 }
 
 impl Default for LinkFaults {
@@ -300,6 +303,7 @@ impl Default for LinkFaults {
             lost_acks: AtomicU32::new(0),
             delivery_delay_ms: AtomicU64::new(0),
             flaky: AtomicU64::new(0),
+            removals_left: AtomicU32::new(u32::MAX),
         }
     }
 }
@@ -355,6 +359,13 @@ impl LinkFaults {
             Ok(x) => step(x) % 3,
             Err(_) => 0,
         }
+    }
+
+    /// Lets `n` more removal requests through, then fails every later one as unavailable;
+    /// `None` lets every one through again.
+    pub fn fail_removals_after(&self, n: Option<u32>) {
+        self.removals_left
+            .store(n.unwrap_or(u32::MAX), Ordering::SeqCst);
     }
 
     /// Delivers log entries to this node's follower `delay` late.
@@ -487,6 +498,14 @@ impl SharedLog for MemLink {
 
     async fn remove(&self, removals: &[Removal]) -> StoreResult<u64> {
         self.faults.pass().await?;
+        let left = &self.faults.removals_left;
+        if left.load(Ordering::SeqCst) != u32::MAX
+            && left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_err()
+        {
+            return Err(StoreError::Unavailable("the removal timed out".into()));
+        }
         Ok(self.log.remove(removals))
     }
 
@@ -549,5 +568,56 @@ mod tests {
         assert_eq!(*seen.lock(), expected);
         assert_eq!(expected.concat(), (1..=log.last_seq()).collect::<Vec<_>>());
         assert_eq!(log.last_seq(), 10);
+    }
+
+    /// A reclamation step whose removal fails part-way keeps what its earlier chunks removed
+    /// and puts back only the rest, which the next step removes; reads never change.
+    #[tokio::test]
+    async fn a_removal_that_fails_part_way_puts_back_only_what_it_did_not_remove() {
+        let log = MemLog::new();
+        let clock = Arc::new(HybridClock::new(Arc::new(ManualClock::new(1_000))));
+        let (store, faults) = log.join(Origin::new("r", "a"), clock).await.unwrap();
+        // 300 keys written twice: 300 obsolete first versions, one removal each.
+        for round in 0..2u8 {
+            for k in 0..300u32 {
+                store
+                    .commit(Batch::new().put("ns", &format!("k{k}"), vec![round]))
+                    .await
+                    .unwrap();
+            }
+        }
+        assert_eq!(log.len(), 600);
+        let policy = crate::store::Reclaim {
+            log_floor: u64::MAX,
+            now_millis: 1_000,
+            expired_grace_millis: 0,
+            tombstone_retention_millis: u64::MAX,
+            event_retention_millis: u64::MAX,
+            step: 1_000,
+            trim_log: true,
+        };
+        // The first two chunks go through, the third fails.
+        faults.fail_removals_after(Some(2));
+        assert!(store.reclaim(&policy).await.is_err());
+        let kept = 600 - 2 * crate::replicated::REMOVAL_CHUNK;
+        assert_eq!(
+            log.len(),
+            kept,
+            "the chunks before the failure stay removed"
+        );
+        assert_eq!(
+            store.obsolete_entries(),
+            kept - 300,
+            "the rest is queued again"
+        );
+        faults.fail_removals_after(None);
+        let done = store.reclaim(&policy).await.unwrap();
+        assert_eq!(done.log_entries as usize, kept - 300);
+        assert_eq!(log.len(), 300);
+        assert_eq!(store.obsolete_entries(), 0);
+        for k in 0..300u32 {
+            let got = store.get("ns", &format!("k{k}")).await.unwrap().unwrap();
+            assert_eq!(got.value(), &[1u8]);
+        }
     }
 }

@@ -243,8 +243,13 @@ pub struct JetStreamLog {
     can_remove: Result<(), String>,
 }
 
-/// How many removals are in flight at once.
+/// How many single-entry removals are in flight at once.
 const REMOVALS_IN_FLIGHT: usize = 64;
+/// How many purges by subject are in flight at once.
+const PURGES_IN_FLIGHT: usize = 8;
+/// How long one removal request may take: a purge by subject on a stream of millions of
+/// messages takes seconds, well past a client's default request timeout.
+const REMOVAL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The JetStream backend: a [`ReplicatedStore`] on the region's stream.
 pub type NatsStore = ReplicatedStore<JetStreamLog>;
@@ -405,6 +410,36 @@ impl JetStreamLog {
             .get_stream(&self.stream_name)
             .await
             .map_err(unavailable)
+    }
+
+    /// One removal request (`STREAM.MSG.DELETE` or `STREAM.PURGE`): how many entries it
+    /// removed (0 for one already gone).
+    async fn removal(&self, api: String, body: serde_json::Value) -> StoreResult<u64> {
+        let request = async_nats::Request::new()
+            .payload(body.to_string().into())
+            .timeout(Some(REMOVAL_TIMEOUT));
+        let reply = self
+            .client
+            .send_request(api, request)
+            .await
+            .map_err(|e| unavailable(format!("removing {body}: {e}")))?;
+        let v: serde_json::Value = serde_json::from_slice(&reply.payload)
+            .map_err(|e| unavailable(format!("unreadable removal reply: {e}")))?;
+        match v.get("error") {
+            // A purge says how many it removed; a delete removed one.
+            None => Ok(v.get("purged").and_then(|n| n.as_u64()).unwrap_or(1)),
+            // 10057 (no message at that sequence) or 10043 (sequence not found): already
+            // removed, by an earlier removal or a purge.
+            Some(e)
+                if matches!(
+                    e.get("err_code").and_then(|c| c.as_u64()),
+                    Some(10057 | 10043)
+                ) =>
+            {
+                Ok(0)
+            }
+            Some(e) => Err(unavailable(format!("removing {body}: {e}"))),
+        }
     }
 }
 
@@ -591,7 +626,9 @@ impl SharedLog for JetStreamLog {
         self.connected().map_err(StoreError::Unavailable)?;
         let delete = format!("{}.STREAM.MSG.DELETE.{}", self.api_prefix, self.stream_name);
         let purge = format!("{}.STREAM.PURGE.{}", self.api_prefix, self.stream_name);
-        let requests: Vec<(String, serde_json::Value)> = removals
+        // Purges by subject first, few at once (the server walks the subject's messages,
+        // one at a time per stream), then single deletes, many at once.
+        let (purges, deletes): (Vec<_>, Vec<_>) = removals
             .iter()
             .map(|r| match r {
                 // `no_erase`: the message is dropped, not overwritten first.
@@ -605,39 +642,17 @@ impl SharedLog for JetStreamLog {
                     serde_json::json!({ "filter": self.subject_of(subject), "seq": below }),
                 ),
             })
-            .collect();
-        let requests = futures::stream::iter(requests)
-            .map(|(api, body)| {
-                let client = self.client.clone();
-                async move {
-                    let reply = client
-                        .request(api, body.to_string().into())
-                        .await
-                        .map_err(unavailable)?;
-                    let v: serde_json::Value = serde_json::from_slice(&reply.payload)
-                        .map_err(|e| unavailable(format!("unreadable removal reply: {e}")))?;
-                    match v.get("error") {
-                        // A purge says how many it removed; a delete removed one.
-                        None => Ok(v.get("purged").and_then(|n| n.as_u64()).unwrap_or(1)),
-                        // 10057 (no message at that sequence) or 10043 (sequence not
-                        // found): already removed, by an earlier removal or a purge.
-                        Some(e)
-                            if matches!(
-                                e.get("err_code").and_then(|c| c.as_u64()),
-                                Some(10057 | 10043)
-                            ) =>
-                        {
-                            Ok(0)
-                        }
-                        Some(e) => Err(unavailable(format!("removing {body}: {e}"))),
-                    }
-                }
-            })
-            .buffer_unordered(REMOVALS_IN_FLIGHT);
-        let results: Vec<StoreResult<u64>> = requests.collect().await;
+            .partition(|(api, _)| *api == purge);
         let mut removed = 0;
-        for r in results {
-            removed += r?;
+        for (requests, in_flight) in [(purges, PURGES_IN_FLIGHT), (deletes, REMOVALS_IN_FLIGHT)] {
+            let results: Vec<StoreResult<u64>> = futures::stream::iter(requests)
+                .map(|(api, body)| self.removal(api, body))
+                .buffer_unordered(in_flight)
+                .collect()
+                .await;
+            for r in results {
+                removed += r?;
+            }
         }
         Ok(removed)
     }

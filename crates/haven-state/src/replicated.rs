@@ -19,7 +19,7 @@ use parking_lot::RwLock;
 use tokio::sync::{broadcast, watch};
 
 use crate::clock::HybridClock;
-use crate::index::{ForgetRules, Index};
+use crate::index::{ForgetRules, Index, Obsolete};
 use crate::plan::{self, StateRead};
 use crate::record::{Change, LogEntry, LogSubject, Origin, StoredRecord, StreamEvent};
 use crate::store::{Batch, Commit, Reclaim, Reclaimed, ScanPage, Store, StoreError, StoreResult};
@@ -158,13 +158,15 @@ impl<L: SharedLog> Drop for ReplicatedStore<L> {
 }
 
 impl<L: SharedLog> ReplicatedStore<L> {
-    /// Starts following `log` and waits (up to `catch_up`) until the index holds the whole
-    /// log as of now, so that nothing is served from a partial view.
+    /// Starts following `log` and waits until the index holds the whole log as of now, so
+    /// that nothing is served from a partial view. The wait lasts as long as the index keeps
+    /// advancing (a long log takes as long as reading it takes); it fails when the index has
+    /// not moved for `stall`.
     pub async fn start(
         log: L,
         origin: Origin,
         clock: Arc<HybridClock>,
-        catch_up: Duration,
+        stall: Duration,
     ) -> StoreResult<ReplicatedStore<L>> {
         let log = Arc::new(log);
         let (applied, _) = watch::channel(0);
@@ -185,8 +187,63 @@ impl<L: SharedLog> ReplicatedStore<L> {
             follower,
             task,
         };
-        store.catch_up(catch_up).await?;
+        store.catch_up_while_advancing(stall).await?;
         Ok(store)
+    }
+
+    /// Waits until the index reaches the log's end as of now, for as long as it advances:
+    /// fails when it has not moved for `stall`. Says how far it is every 10 s.
+    async fn catch_up_while_advancing(&self, stall: Duration) -> StoreResult<()> {
+        let last = self.log.last_seq().await?;
+        let mut rx = self.follower.applied.subscribe();
+        let started = std::time::Instant::now();
+        let (mut seen, mut moved, mut said) = (self.applied_seq(), started, started);
+        let mut kicked = false;
+        loop {
+            let wait = rx.wait_for(|a| *a >= last);
+            match tokio::time::timeout(Duration::from_secs(1), wait).await {
+                Ok(Ok(_)) => break,
+                Ok(Err(_)) => return Err(StoreError::Closed),
+                Err(_) => {}
+            }
+            let now = self.applied_seq();
+            if now != seen {
+                (seen, moved, kicked) = (now, std::time::Instant::now(), false);
+            } else if !kicked {
+                // Not a step for a second: the delivery may be stuck on a server that
+                // died; have it start over from where it is, once per stop.
+                self.follower.kick.notify_one();
+                kicked = true;
+            }
+            if moved.elapsed() >= stall {
+                return Err(StoreError::Unavailable(format!(
+                    "the local index stopped at entry {now} of {last} and did not advance for {stall:?}{}",
+                    self.follower
+                        .error
+                        .read()
+                        .as_ref()
+                        .map(|e| format!(" ({e})"))
+                        .unwrap_or_default()
+                )));
+            }
+            if said.elapsed() >= Duration::from_secs(10) {
+                said = std::time::Instant::now();
+                tracing::info!(
+                    applied = now,
+                    of = last,
+                    seconds = started.elapsed().as_secs(),
+                    "reading the change log into the index"
+                );
+            }
+        }
+        if started.elapsed() >= Duration::from_secs(10) {
+            tracing::info!(
+                entries = last,
+                seconds = started.elapsed().as_secs(),
+                "the index holds the whole change log"
+            );
+        }
+        Ok(())
     }
 
     /// The log under the store.
@@ -328,6 +385,10 @@ impl<L: SharedLog> ReplicatedStore<L> {
         self.wait_applied(last, timeout).await
     }
 }
+
+/// Removals sent to the log at once in a reclamation step (each chunk recorded as done before
+/// the next is sent).
+pub(crate) const REMOVAL_CHUNK: usize = 64;
 
 /// Follows the log into the index for as long as the store lives.
 async fn follow<L: SharedLog>(log: Arc<L>, follower: Arc<Follower>) {
@@ -563,12 +624,16 @@ impl<L: SharedLog> Store for ReplicatedStore<L> {
             Vec::new()
         };
         let mut removed = 0;
-        if !removals.is_empty() {
-            match self.log.remove(&removals).await {
+        // In chunks, each recorded as it succeeds: one removal that fails (a request that
+        // times out on a long log) puts back what it and the chunks after it would have
+        // removed, not the whole step.
+        let mut chunks = removals.chunks(REMOVAL_CHUNK);
+        while let Some(chunk) = chunks.next() {
+            match self.log.remove(chunk).await {
                 Ok(n) => {
-                    removed = n;
+                    removed += n;
                     let mut index = self.follower.index.write();
-                    for r in &removals {
+                    for r in chunk {
                         if let Removal::Below { subject, below } = r {
                             index.removed_below(crate::index::subject_hash(subject), *below);
                         }
@@ -578,9 +643,34 @@ impl<L: SharedLog> Store for ReplicatedStore<L> {
                     // The log keeps its entries (see its description); the index still
                     // forgets, so memory stays bounded.
                     tracing::debug!(%why, "obsolete change-log entries are kept");
+                    break;
                 }
                 Err(e) => {
-                    self.follower.index.write().requeue_obsolete(taken);
+                    // The entries of every subject or sequence not removed go back.
+                    let mut left_seqs = std::collections::HashSet::new();
+                    let mut left_subjects = std::collections::HashSet::new();
+                    for r in chunk.iter().chain(chunks.flatten()) {
+                        match r {
+                            Removal::Entry(seq) => {
+                                left_seqs.insert(*seq);
+                            }
+                            Removal::Below { subject, .. } => {
+                                left_subjects.insert(crate::index::subject_hash(subject));
+                            }
+                        }
+                    }
+                    let back: Vec<Obsolete> = taken
+                        .into_iter()
+                        .filter(|o| {
+                            left_seqs.contains(&o.seq) || left_subjects.contains(&o.subject)
+                        })
+                        .collect();
+                    tracing::debug!(
+                        removed,
+                        put_back = back.len(),
+                        "a change-log removal failed; what it did not remove is tried again"
+                    );
+                    self.follower.index.write().requeue_obsolete(back);
                     return Err(e);
                 }
             }
