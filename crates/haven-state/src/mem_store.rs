@@ -570,6 +570,57 @@ mod tests {
         assert_eq!(log.last_seq(), 10);
     }
 
+    /// A node joining a long log waits for its index as long as the index advances, however
+    /// long that takes, and gives up only when it stops advancing for the stall limit.
+    #[tokio::test(start_paused = true)]
+    async fn start_up_waits_while_the_index_advances_and_not_when_it_stops() {
+        let log = MemLog::new();
+        let clock = || Arc::new(HybridClock::new(Arc::new(ManualClock::new(1_000))));
+        let (writer, _) = log.join(Origin::new("r", "w"), clock()).await.unwrap();
+        for k in 0..3_000u32 {
+            writer
+                .commit(Batch::new().put("ns", &format!("k{k}"), vec![1]))
+                .await
+                .unwrap();
+        }
+        // 12 deliveries of 256 entries, each 400 ms late: about 5 s in all, more than three
+        // times the stall limit, but never a second without a step.
+        let (link, faults) = log.link();
+        faults.set_delivery_delay(Duration::from_millis(400));
+        let started = tokio::time::Instant::now();
+        let node = ReplicatedStore::start(
+            link,
+            Origin::new("r", "a"),
+            clock(),
+            Duration::from_millis(1_500),
+        )
+        .await
+        .expect("a node whose index keeps advancing starts");
+        assert!(started.elapsed() > Duration::from_millis(1_500));
+        assert_eq!(node.applied_seq(), 3_000);
+        // A link that stops delivering (a paused connection) after the first entries.
+        let (link, faults) = log.link();
+        faults.set_delivery_delay(Duration::from_millis(400));
+        let pause = faults.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1_000)).await;
+            pause.set_paused(true);
+        });
+        let err = ReplicatedStore::start(
+            link,
+            Origin::new("r", "b"),
+            clock(),
+            Duration::from_millis(1_500),
+        )
+        .await
+        .expect_err("an index that stops advancing fails the start-up");
+        assert!(
+            err.to_string().contains("did not advance"),
+            "the error says why: {err}"
+        );
+        faults.set_paused(false);
+    }
+
     /// A reclamation step whose removal fails part-way keeps what its earlier chunks removed
     /// and puts back only the rest, which the next step removes; reads never change.
     #[tokio::test]
