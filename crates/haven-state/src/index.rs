@@ -70,6 +70,11 @@ struct ObsoleteQueue {
     counts: HashMap<u64, u32>,
     /// Per subject hash with queued entries: the entries below this sequence are gone.
     removed_below: HashMap<u64, u64>,
+    /// Every entry below this sequence is gone, on every subject ([`Removal::Prefix`]).
+    prefix_below: u64,
+    /// The applied sequence when a step last looked for a prefix to remove (it looks
+    /// again only after as many more entries as make it worth a look).
+    prefix_looked_at: Option<u64>,
 }
 
 impl ObsoleteQueue {
@@ -94,10 +99,11 @@ impl ObsoleteQueue {
 
     /// Accounts for `o` leaving the queue; false when a removal already took it.
     fn left(&mut self, o: &Obsolete) -> bool {
-        let gone = self
-            .removed_below
-            .get(&o.subject)
-            .is_some_and(|&below| o.seq < below);
+        let gone = o.seq < self.prefix_below
+            || self
+                .removed_below
+                .get(&o.subject)
+                .is_some_and(|&below| o.seq < below);
         match self.counts.get_mut(&o.subject) {
             Some(n) if *n > 1 => *n -= 1,
             _ => {
@@ -116,6 +122,15 @@ impl ObsoleteQueue {
         }
     }
 }
+
+/// How many entries that a removal already took one step drops from the queue per entry it
+/// takes (a bound on one step's work after a prefix removal).
+const GONE_PER_TAKEN: usize = 64;
+
+/// Fewest queued obsolete entries at which a reclamation step looks for a prefix of the log
+/// that holds nothing current (a scan of the whole index): a history far behind its
+/// trimming, not the few entries of a steady pass.
+pub(crate) const PREFIX_MIN_QUEUED: usize = 65_536;
 
 /// Fewest obsolete entries of one subject that are removed by one [`Removal::Below`] (which
 /// costs a read of one of them, to learn the subject, and one request) rather than one by
@@ -449,14 +464,19 @@ impl Index {
     pub(crate) fn take_obsolete(&mut self, floor: u64, limit: usize) -> Vec<Obsolete> {
         let mut out = Vec::new();
         let q = &mut self.obsolete;
+        // Entries a removal already took leave without taking room, up to a bound per step
+        // (after a prefix removal, millions may be gone at once).
+        let mut gone_budget = limit.saturating_mul(GONE_PER_TAKEN);
         // The queue is in the order entries became obsolete: those that did so below the
         // floor are below it themselves.
-        while out.len() < limit {
+        while out.len() < limit && gone_budget > 0 {
             match q.queue.front() {
                 Some(o) if o.at < floor => {
                     let o = q.queue.pop_front().expect("a front entry");
                     if q.left(&o) {
                         out.push(o);
+                    } else {
+                        gone_budget -= 1;
                     }
                 }
                 _ => break,
@@ -469,12 +489,14 @@ impl Index {
             let mut room = limit - out.len();
             let mut behind = Vec::new();
             let removed_below = &q.removed_below;
+            let prefix_below = q.prefix_below;
             q.queue.retain(|o| {
                 if o.seq >= floor {
                     return true;
                 }
                 // What a removal already took leaves without taking room.
-                let gone = removed_below.get(&o.subject).is_some_and(|&b| o.seq < b);
+                let gone = o.seq < prefix_below
+                    || removed_below.get(&o.subject).is_some_and(|&b| o.seq < b);
                 if gone || room > 0 {
                     room -= usize::from(!gone);
                     behind.push(o.clone());
@@ -580,6 +602,56 @@ impl Index {
                 first
             }
         }
+    }
+
+    /// The lowest sequence whose entry this index still needs: the entry of every current
+    /// record (tombstones included), of every merge winner, of every event and of every
+    /// stream's last entry; nothing it has not applied. Every entry below it holds nothing
+    /// current, so a reader that skips them all misses nothing.
+    pub(crate) fn low_water(&self) -> u64 {
+        let records = self.records.values().map(|r| r.revision);
+        let winners = self.winners.values().copied();
+        let events = self.events.values().map(|(seq, _)| *seq);
+        let heads = self.stream_heads.values().map(|h| h.seq);
+        records
+            .chain(winners)
+            .chain(events)
+            .chain(heads)
+            .fold(self.applied.saturating_add(1), u64::min)
+    }
+
+    /// Whether the queue's oldest entry is below `floor` (a step left some for the next).
+    pub(crate) fn obsolete_waiting(&self, floor: u64) -> bool {
+        self.obsolete.queue.front().is_some_and(|o| o.at < floor)
+    }
+
+    /// Whether to look for a prefix to remove now: the queue is long, and the log has grown
+    /// by as much since the last look (which it records).
+    pub(crate) fn prefix_worth_a_look(&mut self) -> bool {
+        let q = &mut self.obsolete;
+        let due = q.len() >= PREFIX_MIN_QUEUED
+            && q.prefix_looked_at
+                .is_none_or(|at| self.applied >= at.saturating_add(PREFIX_MIN_QUEUED as u64));
+        if due {
+            q.prefix_looked_at = Some(self.applied);
+        }
+        due
+    }
+
+    /// Lets the next step look for a prefix again (the last removal of one failed).
+    pub(crate) fn forget_prefix_look(&mut self) {
+        self.obsolete.prefix_looked_at = None;
+    }
+
+    /// Below which sequence a [`Removal::Prefix`] removed every entry.
+    pub(crate) fn prefix_below(&self) -> u64 {
+        self.obsolete.prefix_below
+    }
+
+    /// Records that a [`Removal::Prefix`] removed every entry below `below`: queued ones
+    /// are dropped when they are reached.
+    pub(crate) fn removed_prefix(&mut self, below: u64) {
+        self.obsolete.prefix_below = self.obsolete.prefix_below.max(below);
     }
 
     /// Records that a [`Removal::Below`] removed every entry of subject `hash` below

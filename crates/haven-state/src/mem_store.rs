@@ -233,6 +233,9 @@ impl MemLog {
         for r in removals {
             match r {
                 Removal::Entry(seq) => seqs.push(*seq),
+                Removal::Prefix { below } => {
+                    seqs.extend(state.entries.range(..*below).map(|(k, _)| *k));
+                }
                 Removal::Below { subject, below } => seqs.extend(
                     state
                         .entries
@@ -619,6 +622,93 @@ mod tests {
             "the error says why: {err}"
         );
         faults.set_paused(false);
+    }
+
+    /// A history far behind its trimming (every key written many times, nothing old still
+    /// current) loses its whole prefix in one removal; a key written once at the start and
+    /// never again keeps the prefix where it is, and the entries go by subject instead.
+    /// Reads never change.
+    #[tokio::test]
+    async fn a_history_with_nothing_old_current_loses_its_prefix_in_one_removal() {
+        for keep_an_old_key in [false, true] {
+            let log = MemLog::new();
+            let clock = Arc::new(HybridClock::new(Arc::new(ManualClock::new(1_000))));
+            let (store, _) = log.join(Origin::new("r", "a"), clock).await.unwrap();
+            if keep_an_old_key {
+                store
+                    .commit(Batch::new().put("ns", "old", vec![7]))
+                    .await
+                    .unwrap();
+            }
+            // 80 000 entries, 70 000 of them superseded: past the queue length at which a
+            // step looks for a prefix.
+            let keys = 10_000u32;
+            let versions = 8u8;
+            for v in 0..versions {
+                for chunk in 0..keys / 1_000 {
+                    let mut batch = Batch::new();
+                    for k in chunk * 1_000..(chunk + 1) * 1_000 {
+                        batch = batch.put("ns", &format!("k{k}"), vec![v]);
+                    }
+                    store.commit(batch).await.unwrap();
+                }
+            }
+            let written = log.len();
+            let policy = crate::store::Reclaim {
+                log_floor: u64::MAX,
+                now_millis: 1_000,
+                expired_grace_millis: 0,
+                tombstone_retention_millis: u64::MAX,
+                event_retention_millis: u64::MAX,
+                step: 512,
+                trim_log: true,
+            };
+            let first = store.reclaim(&policy).await.unwrap();
+            let live = keys as usize + usize::from(keep_an_old_key);
+            if keep_an_old_key {
+                assert!(
+                    (first.log_entries as usize) < written - live,
+                    "the old key holds the prefix: entries go by subject, a step at a time"
+                );
+                // The rest goes as in any pass (other tests); what matters here is that
+                // nothing current went.
+                let old = store.get("ns", "old").await.unwrap().unwrap();
+                assert_eq!(old.value(), &[7u8]);
+                for k in 0..keys {
+                    let got = store.get("ns", &format!("k{k}")).await.unwrap().unwrap();
+                    assert_eq!(got.value(), &[versions - 1]);
+                }
+                continue;
+            } else {
+                assert_eq!(
+                    first.log_entries as usize,
+                    written - live,
+                    "one step removed the whole superseded history"
+                );
+                assert_eq!(log.len(), live);
+            }
+            let mut steps = 0;
+            while !store.reclaim(&policy).await.unwrap().done {
+                steps += 1;
+                assert!(steps < 10_000, "the pass ends");
+            }
+            assert_eq!(log.len(), live, "only current entries are left");
+            assert_eq!(store.obsolete_entries(), 0);
+            for k in 0..keys {
+                let got = store.get("ns", &format!("k{k}")).await.unwrap().unwrap();
+                assert_eq!(got.value(), &[versions - 1]);
+            }
+            // A node joining now reads the live state only.
+            let (late, _) = log
+                .join(
+                    Origin::new("r", "b"),
+                    Arc::new(HybridClock::new(Arc::new(ManualClock::new(1_000)))),
+                )
+                .await
+                .unwrap();
+            let got = late.get("ns", "k0").await.unwrap().unwrap();
+            assert_eq!(got.value(), &[versions - 1]);
+        }
     }
 
     /// A reclamation step whose removal fails part-way keeps what its earlier chunks removed

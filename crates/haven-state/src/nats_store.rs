@@ -641,6 +641,8 @@ impl SharedLog for JetStreamLog {
                     purge.clone(),
                     serde_json::json!({ "filter": self.subject_of(subject), "seq": below }),
                 ),
+                // Every message below `below` (whole blocks go at once).
+                Removal::Prefix { below } => (purge.clone(), serde_json::json!({ "seq": below })),
             })
             .partition(|(api, _)| *api == purge);
         let mut removed = 0;

@@ -74,6 +74,12 @@ pub enum Removal {
         /// The first sequence kept.
         below: u64,
     },
+    /// Every entry with a sequence below `below`, on every subject: one request removes a
+    /// history whose every entry below that point holds nothing current.
+    Prefix {
+        /// The first sequence kept.
+        below: u64,
+    },
 }
 
 /// The followed entries of a log, in order; an error ends the stream (the follower starts
@@ -593,6 +599,36 @@ impl<L: SharedLog> Store for ReplicatedStore<L> {
         let forgotten = self.follower.index.write().forget_old(&rules);
         // Never the log's last entry: it tells a follower where the log ends.
         let floor = r.log_floor.min(self.log.last_seq().await?);
+        // A history far behind its trimming: when nothing below some point of the log is
+        // current any more, one request removes all of it.
+        let mut removed = 0;
+        if r.trim_log {
+            let look = self.follower.index.write().prefix_worth_a_look();
+            let below = look
+                .then(|| {
+                    let index = self.follower.index.read();
+                    Some(index.low_water().min(floor)).filter(|&b| b > index.prefix_below())
+                })
+                .flatten();
+            if let Some(below) = below {
+                match self.log.remove(&[Removal::Prefix { below }]).await {
+                    Ok(n) => {
+                        removed += n;
+                        self.follower.index.write().removed_prefix(below);
+                        tracing::info!(
+                            below,
+                            removed = n,
+                            "removed the change log's prefix that holds nothing current"
+                        );
+                    }
+                    Err(StoreError::Invalid(_)) => {}
+                    Err(e) => {
+                        self.follower.index.write().forget_prefix_look();
+                        return Err(e);
+                    }
+                }
+            }
+        }
         let (taken, to_learn) = {
             let mut index = self.follower.index.write();
             let taken = index.take_obsolete(floor, r.step);
@@ -623,7 +659,6 @@ impl<L: SharedLog> Store for ReplicatedStore<L> {
         } else {
             Vec::new()
         };
-        let mut removed = 0;
         // In chunks, each recorded as it succeeds: one removal that fails (a request that
         // times out on a long log) puts back what it and the chunks after it would have
         // removed, not the whole step.
@@ -657,6 +692,7 @@ impl<L: SharedLog> Store for ReplicatedStore<L> {
                             Removal::Below { subject, .. } => {
                                 left_subjects.insert(crate::index::subject_hash(subject));
                             }
+                            Removal::Prefix { .. } => {}
                         }
                     }
                     let back: Vec<Obsolete> = taken
@@ -679,7 +715,9 @@ impl<L: SharedLog> Store for ReplicatedStore<L> {
             log_entries: removed,
             records: forgotten.records,
             events: forgotten.events,
-            done: forgotten.done && taken.len() < r.step,
+            done: forgotten.done
+                && taken.len() < r.step
+                && !self.follower.index.read().obsolete_waiting(floor),
         })
     }
 

@@ -393,3 +393,53 @@ async fn reclamation_removes_obsolete_messages_and_every_node_keeps_the_state() 
         b.state_entries().await.unwrap()
     );
 }
+
+/// A history far behind its trimming (every key written eight times, nothing old still
+/// current): one step removes the stream's whole superseded prefix with one purge, the
+/// other node keeps the same state, and a node that starts afterwards reads only the live
+/// state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "JetStream: runs in the nats stage (scripts/on-nats)"]
+async fn a_deep_history_loses_its_superseded_prefix_in_one_purge() {
+    let cluster = NatsCluster::start().await;
+    let region = "prefix";
+    let wall = Arc::new(haven_state::ManualClock::new(contract::START_MILLIS));
+    let a = store_at(&cluster, 0, region, "a", &wall).await;
+    let b = store_at(&cluster, 1, region, "b", &wall).await;
+    let keys = 10_000u32;
+    for v in 0..8u8 {
+        for chunk in 0..keys / 1_000 {
+            let mut batch = Batch::new();
+            for k in chunk * 1_000..(chunk + 1) * 1_000 {
+                batch = batch.put("notes", &format!("k{k:05}"), vec![v]);
+            }
+            a.commit(batch).await.unwrap();
+        }
+    }
+    assert_eq!(stream_messages(&cluster, region).await, 80_000);
+    let policy = haven_state::Reclaim {
+        log_floor: u64::MAX,
+        now_millis: wall.now_millis(),
+        expired_grace_millis: 60_000,
+        tombstone_retention_millis: 7 * 24 * 3_600_000,
+        event_retention_millis: 24 * 3_600_000,
+        step: 512,
+        trim_log: true,
+    };
+    let first = a.reclaim(&policy).await.unwrap();
+    assert_eq!(first.log_entries, 70_000, "{first:?}");
+    assert_eq!(stream_messages(&cluster, region).await, 10_000);
+    let r = reclaim_pass(&a, wall.now_millis(), true).await;
+    assert_eq!(r.log_entries, 0, "nothing was left to remove: {r:?}");
+    let c = store_at(&cluster, 2, region, "c", &wall).await;
+    let got = c.get("notes", "k09999").await.unwrap().unwrap();
+    assert_eq!(got.value(), &[7u8]);
+    assert_eq!(
+        c.state_entries().await.unwrap(),
+        b.state_entries().await.unwrap()
+    );
+    assert_eq!(
+        a.state_entries().await.unwrap(),
+        b.state_entries().await.unwrap()
+    );
+}
