@@ -124,10 +124,18 @@ async fn refresh(admin: &Admin) {
     } else {
         m.region_primary.set(1);
     }
-    // Backups (the main target).
+    // Backups (the main target). Without one the backup series are absent, not 0 (a lag of
+    // 0 would say "all shipped"); a node in standby (another node of the region holds the
+    // shipping lease) or not started yet knows no shipped position, so it shows no lag.
     if let Some(s) = admin.backup.first() {
         let st = s.status().await;
-        m.backup_lag_entries.set(st.lag_entries as i64);
+        if matches!(st.state.as_str(), "standby" | "starting") {
+            m.backup_lag_entries.clear();
+        } else {
+            m.backup_lag_entries
+                .get_or_create(&haven_telemetry::NoLabels)
+                .set(st.lag_entries as i64);
+        }
         let secs = |ms: Option<u64>| ms.map(|ms| (ms / 1000) as i64);
         for (kind, at) in [
             (
