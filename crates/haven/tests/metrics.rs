@@ -149,6 +149,14 @@ async fn prometheus_scrapes_a_region_and_sees_traffic_a_backup_and_a_kill() {
         v > 0.0 && v < 1.0
     })
     .await;
+    // The limits the resource alerts compare use with (cgroup v2, else the machine's).
+    prom.until(
+        "process_resident_memory_bytes / haven_memory_limit_bytes",
+        3,
+        |v| v > 0.0 && v < 1.0,
+    )
+    .await;
+    prom.until("haven_cpu_limit_cores", 3, |v| v > 0.0).await;
     // The backup: one node ships, and its last segment is recent.
     prom.until(
         "time() - max(haven_backup_last_success_timestamp_seconds{kind=\"segment\"})",
