@@ -491,7 +491,11 @@ async fn a_write_replicated_to_another_region_is_applied_under_a_span_linked_to_
     let link = haven_testkit::Link::start(nats_a.leaf_port.unwrap()).await;
     let nats_b = haven_testkit::NatsCluster::start_region("B", &[link.port]).await;
     let dirs = tempfile::tempdir().unwrap();
-    let node = |nats: &haven_testkit::NatsCluster, region: &'static str, peer: &'static str| {
+    // A samples no new trace (only those its callers sampled); B samples every one.
+    let node = |nats: &haven_testkit::NatsCluster,
+                region: &'static str,
+                peer: &'static str,
+                ratio: &'static str| {
         let store = nats.url(0);
         let data = dirs.path().join(region);
         let collector = collector.clone();
@@ -516,13 +520,15 @@ async fn a_write_replicated_to_another_region_is_applied_under_a_span_linked_to_
                     "1s",
                     "--otlp-endpoint",
                     &collector,
+                    "--trace-sample-ratio",
+                    ratio,
                 ],
             )
             .await
         }
     };
-    let a = node(&nats_a, "A", "B").await;
-    let b = node(&nats_b, "B", "A").await;
+    let a = node(&nats_a, "A", "B", "0").await;
+    let b = node(&nats_b, "B", "A", "1").await;
 
     let (trace, parent) = ("66666666666666666666666666666666", "6666666666666666");
     let s = Legacy::connect(&a.url()).await;
@@ -573,6 +579,34 @@ async fn a_write_replicated_to_another_region_is_applied_under_a_span_linked_to_
             && &s.span_id == linked
             && s.service_instance.contains("A-node")),
         "the linked span is one A exported in the writer's trace"
+    );
+
+    // A write in no sampled trace carries no trace context to B, which still applies it under
+    // a region.apply span: a root of its own (sampled at B's ratio), with no link.
+    let v = s
+        .request(
+            2,
+            "tools/call",
+            json!({"name": "notes_put", "arguments": {"name": "untraced", "text": "y"}}),
+        )
+        .await;
+    assert_eq!(v["result"]["isError"], json!(false), "{v}");
+    let unlinked = haven_testkit::wait_until(
+        Duration::from_secs(90),
+        Duration::from_millis(200),
+        || async {
+            spans.lock().unwrap().iter().any(|s| {
+                s.name == "region.apply"
+                    && s.service_instance.contains("B-node")
+                    && s.links.is_empty()
+                    && s.parent.is_empty()
+            })
+        },
+    )
+    .await;
+    assert!(
+        unlinked,
+        "no region.apply span in B for a batch without a trace context"
     );
     drop((s, b, a, dirs, nats_b, link, nats_a));
 }
