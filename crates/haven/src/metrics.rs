@@ -159,6 +159,20 @@ async fn refresh(admin: &Admin) {
                     .set(at);
             }
         }
+        // Failures since start, each kind from 0 (so that the first failure is an increase).
+        for (kind, n) in [
+            ("segment", st.failures.segment),
+            ("snapshot", st.failures.snapshot),
+            ("verification", st.failures.verification),
+        ] {
+            let c = m
+                .backup_failures
+                .get_or_create(&KindLabel { kind: kind.into() });
+            let seen = c.get();
+            if n > seen {
+                c.inc_by(n - seen);
+            }
+        }
     }
     // Upstreams: the registered ones only (a removed upstream's series go).
     let statuses = admin.control.upstreams.status();
