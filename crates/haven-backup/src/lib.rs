@@ -48,7 +48,7 @@ pub use crypto::BackupKey;
 pub use error::{BackupError, Result};
 pub use restore::{RestoreOptions, RestoreReport, restore};
 pub use retention::RetentionPolicy;
-pub use shipper::{BackupConfig, BackupStatus, ShipReport, Shipper, ShipperHandle};
+pub use shipper::{BackupConfig, BackupFailures, BackupStatus, ShipReport, Shipper, ShipperHandle};
 pub use target::Target;
 pub use verify::VerifyReport;
 

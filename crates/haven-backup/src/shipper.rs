@@ -130,6 +130,21 @@ pub struct BackupStatus {
     pub snapshots_written: u64,
     /// Bytes written since start.
     pub bytes_written: u64,
+    /// Failed attempts since start, by kind.
+    #[serde(default)]
+    pub failures: BackupFailures,
+}
+
+/// Failed backup attempts since the shipper started (a node in standby fails none).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupFailures {
+    /// Shipping rounds that failed other than while writing a snapshot (segments, the
+    /// manifest, the target's checks).
+    pub segment: u64,
+    /// Shipping rounds that failed while writing a snapshot.
+    pub snapshot: u64,
+    /// Verifications that could not run or found damage or a break in the chain.
+    pub verification: u64,
 }
 
 /// What one shipping round did.
@@ -299,6 +314,8 @@ pub struct Shipper {
     lease: haven_cluster::Lease,
     /// Whether this shipper held the lease at its last round.
     holding: bool,
+    /// A snapshot is being written (still set when writing it failed).
+    in_snapshot: bool,
 }
 
 impl Shipper {
@@ -374,6 +391,7 @@ impl Shipper {
                 lease_ttl,
             ),
             holding: false,
+            in_snapshot: false,
         };
         tokio::spawn(shipper.run(rx));
         Ok(ShipperHandle {
@@ -425,12 +443,18 @@ impl Shipper {
         }
     }
 
-    fn failed(&self, e: &BackupError) {
+    fn failed(&mut self, e: &BackupError) {
+        let in_snapshot = std::mem::take(&mut self.in_snapshot);
         if matches!(e, BackupError::Standby(_)) {
             return;
         }
         let text = e.to_string();
         let mut s = self.status.lock();
+        if in_snapshot {
+            s.failures.snapshot += 1;
+        } else {
+            s.failures.segment += 1;
+        }
         // Say it once, not every interval.
         if s.last_error.as_deref() != Some(text.as_str()) {
             tracing::warn!(error = %text, "backup shipping failed; will retry");
@@ -630,6 +654,7 @@ impl Shipper {
     }
 
     async fn round(&mut self, force_snapshot: bool) -> Result<ShipReport> {
+        self.in_snapshot = false;
         if !self.hold_lease().await? {
             self.holding = false;
             return Err(BackupError::Standby(
@@ -760,6 +785,7 @@ impl Shipper {
     /// the local log) the chain continues after the snapshot; otherwise segments still cover
     /// everything up to it.
     async fn snapshot(&mut self, bridge: bool) -> Result<()> {
+        self.in_snapshot = true;
         let generation = self.generation.clone().expect("prepared");
         let (seq, entries) = self.store.state_entries().await?;
         let plain = format::encode(ObjectKind::Snapshot, 0, seq, &entries);
@@ -787,6 +813,7 @@ impl Shipper {
         s.last_snapshot_millis = Some(entry.created_millis);
         s.last_snapshot_seq = Some(seq);
         s.shipped_seq = self.shipped_seq;
+        self.in_snapshot = false;
         Ok(())
     }
 
@@ -878,7 +905,23 @@ impl Shipper {
         }
     }
 
+    /// [`Shipper::verify_once`], counting a verification that could not run or found damage
+    /// (a node in standby verifies nothing and counts nothing).
     async fn verify(&mut self) -> Result<verify::VerifyReport> {
+        let r = self.verify_once().await;
+        // Whatever a failed preparation left set is not a snapshot failure.
+        self.in_snapshot = false;
+        let failed = match &r {
+            Ok(report) => !report.ok,
+            Err(e) => !matches!(e, BackupError::Standby(_)),
+        };
+        if failed {
+            self.status.lock().failures.verification += 1;
+        }
+        r
+    }
+
+    async fn verify_once(&mut self) -> Result<verify::VerifyReport> {
         self.prepare().await?;
         let report = verify::verify(&self.target, &self.config.key, self.now(), &|_, _| {}).await?;
         verify::save(&self.target, &report).await?;

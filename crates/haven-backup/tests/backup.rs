@@ -288,6 +288,9 @@ async fn damaged_objects_are_named_and_restore_stops_at_the_last_verified_point(
     let report = verify(&target, &key, T0, &|_, _| {}).await.unwrap();
     assert!(report.ok, "{report:?}");
     assert_eq!(report.objects, 6, "one snapshot and five segments");
+    // The shipper's own verification of an intact backup counts no failure.
+    assert!(shipper.verify_now().await.unwrap().ok);
+    assert_eq!(shipper.status().await.failures.verification, 0);
 
     let catalog = Catalog::load(&target).await.unwrap();
     let segs = catalog.generations[0].segments.clone();
@@ -322,6 +325,14 @@ async fn damaged_objects_are_named_and_restore_stops_at_the_last_verified_point(
     );
     assert_eq!(report.problems.len(), 3);
     assert!(!report.gaps.is_empty());
+    // The shipper's verification now finds the damage: a failure counted (what
+    // haven_backup_failures_total{kind="verification"} shows), and none of shipping.
+    assert!(!shipper.verify_now().await.unwrap().ok);
+    let failures = shipper.status().await.failures;
+    assert_eq!(
+        (failures.verification, failures.segment, failures.snapshot),
+        (1, 0, 0)
+    );
 
     // Restore of the latest point stops after segment 1 and says what is lost.
     let (dir, r) = do_restore(&target, &key, Point::Latest).await;

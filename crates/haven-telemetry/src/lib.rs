@@ -145,6 +145,25 @@ pub struct TaskStateLabel {
     pub state: TaskState,
 }
 
+/// The empty label set: a [`Family`] of it holds one series once set and none before, so a
+/// gauge that means nothing on some nodes (the backup lag of a node that ships no backup) is
+/// absent from `/metrics` there rather than a misleading 0.
+#[derive(Clone, Copy, Debug, Default, Hash, PartialEq, Eq)]
+pub struct NoLabels;
+
+impl EncodeLabelSet for NoLabels {
+    fn encode(
+        &self,
+        _encoder: &mut prometheus_client::encoding::LabelSetEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        Ok(())
+    }
+}
+
+/// A gauge without labels that is absent from `/metrics` until it is first set (and again
+/// after [`Family::clear`]).
+pub type OptionalGauge = Family<NoLabels, Gauge>;
+
 /// A label set of the build.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
@@ -185,8 +204,10 @@ pub struct Metrics {
     pub replication_lag_seconds: Family<PeerLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// `haven_replication_lag_entries` by peer.
     pub replication_lag_entries: Family<PeerLabel, Gauge>,
-    /// `haven_backup_lag_entries`.
-    pub backup_lag_entries: Gauge,
+    /// `haven_backup_lag_entries`: absent on a node that ships no backup (none configured, or
+    /// another node of the region holds the shipping lease). Set it through
+    /// `backup_lag_entries.get_or_create(&NoLabels)`.
+    pub backup_lag_entries: OptionalGauge,
     /// `haven_backup_last_success_timestamp_seconds` by kind.
     pub backup_last_success: Family<KindLabel, Gauge>,
     /// `haven_backup_failures_total` by kind.
@@ -264,7 +285,7 @@ impl Metrics {
             region_link_up: Family::default(),
             replication_lag_seconds: Family::default(),
             replication_lag_entries: Family::default(),
-            backup_lag_entries: Gauge::default(),
+            backup_lag_entries: Family::default(),
             backup_last_success: Family::default(),
             backup_failures: Family::default(),
             tasks: Family::default(),
@@ -576,6 +597,29 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("gen_ai_tool_name=\"echo\""), "{text}");
+    }
+
+    #[test]
+    fn backup_series_are_absent_until_a_backup_reports() {
+        let m = Metrics::new("eu", "n1", "0.1.0");
+        for text in [m.openmetrics(), m.prometheus_text()] {
+            assert!(!text.contains("haven_backup"), "{text}");
+        }
+        m.backup_lag_entries.get_or_create(&NoLabels).set(7);
+        for text in [m.openmetrics(), m.prometheus_text()] {
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with("haven_backup_lag_entries{")
+                        && l.contains("region=\"eu\"")
+                        && l.contains("node=\"n1\"")
+                        && !l.contains(",,")
+                        && !l.contains("{,")
+                        && l.ends_with("} 7")),
+                "{text}"
+            );
+        }
+        m.backup_lag_entries.clear();
+        assert!(!m.prometheus_text().contains("haven_backup"));
     }
 
     #[test]

@@ -139,10 +139,18 @@ async fn refresh(admin: &Admin) {
     } else {
         m.region_primary.set(1);
     }
-    // Backups (the main target).
+    // Backups (the main target). Without one the backup series are absent, not 0 (a lag of
+    // 0 would say "all shipped"); a node in standby (another node of the region holds the
+    // shipping lease) or not started yet knows no shipped position, so it shows no lag.
     if let Some(s) = admin.backup.first() {
         let st = s.status().await;
-        m.backup_lag_entries.set(st.lag_entries as i64);
+        if matches!(st.state.as_str(), "standby" | "starting") {
+            m.backup_lag_entries.clear();
+        } else {
+            m.backup_lag_entries
+                .get_or_create(&haven_telemetry::NoLabels)
+                .set(st.lag_entries as i64);
+        }
         let secs = |ms: Option<u64>| ms.map(|ms| (ms / 1000) as i64);
         for (kind, at) in [
             (
@@ -164,6 +172,20 @@ async fn refresh(admin: &Admin) {
                 m.backup_last_success
                     .get_or_create(&KindLabel { kind: kind.into() })
                     .set(at);
+            }
+        }
+        // Failures since start, each kind from 0 (so that the first failure is an increase).
+        for (kind, n) in [
+            ("segment", st.failures.segment),
+            ("snapshot", st.failures.snapshot),
+            ("verification", st.failures.verification),
+        ] {
+            let c = m
+                .backup_failures
+                .get_or_create(&KindLabel { kind: kind.into() });
+            let seen = c.get();
+            if n > seen {
+                c.inc_by(n - seen);
             }
         }
     }

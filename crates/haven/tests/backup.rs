@@ -256,6 +256,30 @@ async fn s3_backup_survives_an_unreachable_store_restores_and_detects_tampering(
         st["last_error"].as_str().unwrap().contains("object store"),
         "{st}"
     );
+    // Each failed round counts, in the status and in /metrics (where every kind starts at 0,
+    // so that the first failure is an increase).
+    assert!(st["failures"]["segment"].as_u64().unwrap() >= 1, "{st}");
+    let token = std::fs::read_to_string(h.data.join("admin.token")).unwrap();
+    let metrics = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{}/metrics", h.port))
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let failures = |kind: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("haven_backup_failures_total{")
+                    && l.contains(&format!("kind=\"{kind}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    assert!(failures("segment").is_some_and(|n| n >= 1.0), "{metrics}");
+    assert_eq!(failures("verification"), Some(0.0), "{metrics}");
 
     // The store comes up: shipping catches up by itself.
     let moto = Moto::start(s3_port, "haven-backups").await;

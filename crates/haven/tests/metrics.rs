@@ -1,7 +1,8 @@
 //! Issue 14 §1: a real Prometheus (Debian's `prometheus`) scrapes a 3-node region's
 //! `/metrics` (with each node's admin token, as an operator would configure it) and its HTTP
 //! API answers for the metrics Haven promises, after traffic in both eras, a backup and the
-//! kill of a node. Also: the two encodings, credentials, and `--metrics-listen`.
+//! kill of a node. Also: the two encodings, credentials, `--metrics-listen`, and no backup
+//! series on a node without backup.
 
 mod common;
 
@@ -148,6 +149,14 @@ async fn prometheus_scrapes_a_region_and_sees_traffic_a_backup_and_a_kill() {
         v > 0.0 && v < 1.0
     })
     .await;
+    // The limits the resource alerts compare use with (cgroup v2, else the machine's).
+    prom.until(
+        "process_resident_memory_bytes / haven_memory_limit_bytes",
+        3,
+        |v| v > 0.0 && v < 1.0,
+    )
+    .await;
+    prom.until("haven_cpu_limit_cores", 3, |v| v > 0.0).await;
     // The backup: one node ships, and its last segment is recent.
     prom.until(
         "time() - max(haven_backup_last_success_timestamp_seconds{kind=\"segment\"})",
@@ -155,6 +164,10 @@ async fn prometheus_scrapes_a_region_and_sees_traffic_a_backup_and_a_kill() {
         |v| v < 60.0,
     )
     .await;
+    // The backup lag: from the node that ships only (the other two are in standby and know
+    // no shipped position, so they show none).
+    prom.until("haven_backup_lag_entries", 1, |v| v >= 0.0)
+        .await;
     prom.until("haven_draining", 3, |v| v == 0.0).await;
 
     // A killed node is down within seconds.
@@ -198,6 +211,8 @@ async fn metrics_need_credentials_on_the_admin_api_and_none_on_their_own_listene
         text.contains("haven_build_info{") && !text.contains("# EOF"),
         "{text}"
     );
+    // No backup on this node: no backup series at all (a lag of 0 would say "all shipped").
+    assert!(!text.contains("haven_backup"), "{text}");
     // Tasks by state: one that ran to its end shows as completed.
     let created: Value = common::stateless(
         &reqwest::Client::new(),

@@ -3,7 +3,10 @@
 //! (another Haven node as upstream, exporting to the same receiver) shows Haven's client span
 //! as the parent of the upstream's server span, in the same trace. Without `_meta` the HTTP
 //! `traceparent` header is the parent (both eras); JSON log lines carry the trace id; a
-//! request taken over after its node was killed runs under a span linked to its trace.
+//! request taken over after its node was killed runs under a span linked to its trace. Across
+//! two regions: a write is applied in the other region under a `region.apply` span linked to
+//! its trace (a root span of its own when the write was in no sampled trace), and a task of a
+//! lost region is adopted by the other under a span linked to the task's trace.
 
 mod common;
 
@@ -485,44 +488,9 @@ async fn a_request_and_a_task_taken_over_after_a_kill_9_run_under_spans_linked_t
 async fn a_write_replicated_to_another_region_is_applied_under_a_span_linked_to_its_trace() {
     let _one = common::cluster::ONE_REGION_AT_A_TIME.lock().await;
     let (collector, spans) = receiver().await;
-    // Two regions, each a nats-server in its own JetStream domain and one node; B's server
-    // joins A's by a leafnode. Locals drop in reverse: the nodes first, NATS last.
-    let nats_a = haven_testkit::NatsCluster::start_region("A", &[]).await;
-    let link = haven_testkit::Link::start(nats_a.leaf_port.unwrap()).await;
-    let nats_b = haven_testkit::NatsCluster::start_region("B", &[link.port]).await;
-    let dirs = tempfile::tempdir().unwrap();
-    let node = |nats: &haven_testkit::NatsCluster, region: &'static str, peer: &'static str| {
-        let store = nats.url(0);
-        let data = dirs.path().join(region);
-        let collector = collector.clone();
-        async move {
-            let node_id = format!("{region}-node");
-            Haven::start(
-                &data,
-                free_port(),
-                "default",
-                &[
-                    "--store",
-                    &store,
-                    "--store-replicas",
-                    "1",
-                    "--region",
-                    region,
-                    "--peer-regions",
-                    peer,
-                    "--node-id",
-                    &node_id,
-                    "--region-check-interval",
-                    "1s",
-                    "--otlp-endpoint",
-                    &collector,
-                ],
-            )
-            .await
-        }
-    };
-    let a = node(&nats_a, "A", "B").await;
-    let b = node(&nats_b, "B", "A").await;
+    // A samples no new trace (only those its callers sampled); B samples every one.
+    let r = two_regions(&collector, "0", "1").await;
+    let a = &r.a;
 
     let (trace, parent) = ("66666666666666666666666666666666", "6666666666666666");
     let s = Legacy::connect(&a.url()).await;
@@ -574,5 +542,202 @@ async fn a_write_replicated_to_another_region_is_applied_under_a_span_linked_to_
             && s.service_instance.contains("A-node")),
         "the linked span is one A exported in the writer's trace"
     );
-    drop((s, b, a, dirs, nats_b, link, nats_a));
+
+    // A write in no sampled trace carries no trace context to B, which still applies it under
+    // a region.apply span: a root of its own (sampled at B's ratio), with no link.
+    let v = s
+        .request(
+            2,
+            "tools/call",
+            json!({"name": "notes_put", "arguments": {"name": "untraced", "text": "y"}}),
+        )
+        .await;
+    assert_eq!(v["result"]["isError"], json!(false), "{v}");
+    let unlinked = haven_testkit::wait_until(
+        Duration::from_secs(90),
+        Duration::from_millis(200),
+        || async {
+            spans.lock().unwrap().iter().any(|s| {
+                s.name == "region.apply"
+                    && s.service_instance.contains("B-node")
+                    && s.links.is_empty()
+                    && s.parent.is_empty()
+            })
+        },
+    )
+    .await;
+    assert!(
+        unlinked,
+        "no region.apply span in B for a batch without a trace context"
+    );
+    drop(s);
+}
+
+/// Two regions exporting spans to `collector`, A and B: each a nats-server in its own
+/// JetStream domain and one node (`A-node`, `B-node`, sampling new traces at `ratio_a` and
+/// `ratio_b`) applying the other region's log; B's server joins A's by a leafnode.
+struct TwoRegions {
+    // Fields drop in order: the nodes first, NATS last.
+    a: Haven,
+    b: Haven,
+    _nats_b: haven_testkit::NatsCluster,
+    _link: haven_testkit::Link,
+    nats_a: haven_testkit::NatsCluster,
+    _dirs: tempfile::TempDir,
+}
+
+async fn two_regions(collector: &str, ratio_a: &str, ratio_b: &str) -> TwoRegions {
+    let nats_a = haven_testkit::NatsCluster::start_region("A", &[]).await;
+    let link = haven_testkit::Link::start(nats_a.leaf_port.unwrap()).await;
+    let nats_b = haven_testkit::NatsCluster::start_region("B", &[link.port]).await;
+    let dirs = tempfile::tempdir().unwrap();
+    let node = |nats: &haven_testkit::NatsCluster, region: &str, peer: &str, ratio: &str| {
+        let store = nats.url(0);
+        let data = dirs.path().join(region);
+        let node_id = format!("{region}-node");
+        let args: Vec<String> = [
+            "--store",
+            &store,
+            "--store-replicas",
+            "1",
+            "--region",
+            region,
+            "--peer-regions",
+            peer,
+            "--node-id",
+            &node_id,
+            "--region-check-interval",
+            "1s",
+            "--otlp-endpoint",
+            collector,
+            "--trace-sample-ratio",
+            ratio,
+        ]
+        .map(str::to_owned)
+        .into();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            Haven::start(&data, free_port(), "default", &args).await
+        }
+    };
+    let a = node(&nats_a, "A", "B", ratio_a).await;
+    let b = node(&nats_b, "B", "A", ratio_b).await;
+    TwoRegions {
+        a,
+        b,
+        _nats_b: nats_b,
+        _link: link,
+        nats_a,
+        _dirs: dirs,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_adopted_by_another_region_runs_under_a_span_linked_to_its_trace() {
+    let _one = common::cluster::ONE_REGION_AT_A_TIME.lock().await;
+    let (collector, spans) = receiver().await;
+    let mut r = two_regions(&collector, "1", "1").await;
+    // A task in region A, in the caller's trace; long enough to outlive A.
+    let (task_trace, parent) = ("88888888888888888888888888888888", "8888888888888888");
+    let created = common::stateless_with_meta(
+        &reqwest::Client::new(),
+        &r.a.url(),
+        1,
+        "tools/call",
+        json!({"name": "sleep", "arguments": {"seconds": 15}}),
+        json!({
+            "io.modelcontextprotocol/clientCapabilities":
+                {"extensions": {"io.modelcontextprotocol/tasks": {}}},
+            "traceparent": format!("00-{task_trace}-{parent}-01"),
+        }),
+    )
+    .await;
+    assert_eq!(created["result"]["resultType"], "task", "{created}");
+    let task_id = created["result"]["taskId"].as_str().unwrap().to_owned();
+    // Before A goes: B serves the task (its record, and the record of who runs it, written
+    // with it, have replicated). A's server span of the call stays open while the task runs:
+    // it is never exported, as A is killed first.
+    let http = reqwest::Client::new();
+    let mut poll = 1;
+    let replicated =
+        haven_testkit::wait_until(Duration::from_secs(60), Duration::from_millis(200), || {
+            poll += 1;
+            let (http, url, id, task) = (&http, r.b.url(), poll, task_id.clone());
+            async move {
+                let caps = json!({"extensions": {"io.modelcontextprotocol/tasks": {}}});
+                let v: serde_json::Value =
+                    common::stateless(http, &url, id, "tasks/get", json!({"taskId": task}), caps)
+                        .await
+                        .json()
+                        .await
+                        .unwrap();
+                v["result"]["status"] == "working"
+            }
+        })
+        .await;
+    assert!(replicated, "B never served region A's task");
+
+    // Region A is lost; B's operator takes over its work.
+    r.a.kill9();
+    r.nats_a.kill9(0);
+    let silent = haven_testkit::wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        || async { r.b.admin_get("/admin/v1/regions").await["unreachable"] == json!(["A"]) },
+    )
+    .await;
+    assert!(silent, "B never saw region A unreachable");
+    let out = std::process::Command::new(common::haven_bin())
+        .args(["region", "takeover", "A", "--confirm-dead", "--node"])
+        .arg(format!("http://127.0.0.1:{}", r.b.port))
+        .arg("--data")
+        .arg(&r.b.data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // B adopts the task under a span of its own trace, linked to A's server span of the call.
+    let adoption = || {
+        spans
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|s| {
+                s.name == "takeover task"
+                    && s.service_instance.contains("B-node")
+                    && s.links.iter().any(|(t, _)| t == task_trace)
+            })
+            .cloned()
+    };
+    let adopted = haven_testkit::wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || async { adoption().is_some() },
+    )
+    .await;
+    let names: Vec<String> = spans
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| format!("{} {} {:?}", s.service_instance, s.name, s.links))
+        .collect();
+    assert!(
+        adopted,
+        "no takeover span of the task in B linked to {task_trace}: {names:?}"
+    );
+    let span = adoption().unwrap();
+    assert_ne!(
+        span.trace_id, task_trace,
+        "the adoption is a trace of B's own"
+    );
+    let (_, linked) = span.links.iter().find(|(t, _)| t == task_trace).unwrap();
+    assert_ne!(
+        linked, parent,
+        "the link names Haven's server span of the call in A, not the client's"
+    );
+    drop(r);
 }
