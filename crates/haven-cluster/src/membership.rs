@@ -8,6 +8,16 @@
 //! since its own store connection last came back: when the store itself was unavailable,
 //! everyone's silence says nothing.
 //!
+//! A process killed outright is found sooner where the store offers presence
+//! ([`haven_state::Presence`], the JetStream backend): once a node's heartbeat has been silent
+//! for a little more than an interval, this node probes the node's process on the store's
+//! connection, and judges it dead when two probes at least an interval apart both found no
+//! connection answering for it ([`Probe::Absent`]) while its heartbeat stayed silent
+//! throughout (and for at least two intervals). A paused or slow process keeps its
+//! connection, so its probes go unanswered ([`Probe::Unknown`]) and only the time-to-live
+//! can make it dead. Nodes that do not say in their heartbeat that they answer probes are
+//! never probed.
+//!
 //! The wall-clock times inside heartbeats are used for one thing: estimating each node's clock
 //! offset (the beat's time minus the local time when the beat arrived, the best of recent
 //! samples), reported in status and logged when it exceeds the allowed skew.
@@ -16,7 +26,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use haven_state::{Batch, Change, Commit, Store, StoreError};
+use haven_state::{Batch, Change, Commit, Presence, Probe, Store, StoreError};
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -60,6 +70,10 @@ pub struct NodeInfo {
     /// page; absent where no metrics registry is installed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats: Option<haven_telemetry::recent::RecentSummary>,
+    /// The process answers presence probes on the store's connection
+    /// ([`haven_state::Presence`]), so that others may find it gone before the time-to-live.
+    #[serde(default)]
+    pub presence: bool,
 }
 
 /// A node as seen from here.
@@ -75,6 +89,9 @@ pub struct Member {
     pub clock_offset_millis: Option<i64>,
     /// Whether that offset exceeds the allowed skew.
     pub clock_skewed: bool,
+    /// Whether it is dead because its store connection was found gone (presence probes)
+    /// before its heartbeat's time-to-live ran out.
+    pub connection_gone: bool,
 }
 
 /// Settings of a node's membership.
@@ -125,6 +142,24 @@ struct State {
     left: bool,
     /// Nodes currently reported as skewed (so that each change is logged once).
     skewed: HashMap<String, bool>,
+    /// Silent nodes being probed (presence), by node.
+    suspects: HashMap<String, Suspect>,
+}
+
+/// A node whose heartbeat has gone silent, as its presence probes found it.
+#[derive(Debug)]
+struct Suspect {
+    /// The process probed and the heartbeat revision it was silent at: a change of either
+    /// ends the suspicion.
+    boot: String,
+    revision: u64,
+    /// When the first of the uninterrupted run of probes that found it absent was sent.
+    absent_since: Option<Instant>,
+    /// Found gone: two probes at least [`Membership::probe_gap`] apart found it absent, its
+    /// heartbeat silent throughout.
+    gone: bool,
+    /// Whether a probe that found it present (or could not tell) was logged already.
+    logged_kept: bool,
 }
 
 /// The membership view of one node.
@@ -135,6 +170,8 @@ pub struct Membership {
     state: RwLock<State>,
     /// The region lease this node's heartbeats renew (multi-region nodes).
     lease: std::sync::OnceLock<crate::takeover::RegionLease>,
+    /// Presence on the store's connection (the JetStream backend), once announced.
+    presence: std::sync::OnceLock<Arc<dyn Presence>>,
 }
 
 impl std::fmt::Debug for Membership {
@@ -161,8 +198,10 @@ impl Membership {
                 draining: false,
                 left: false,
                 skewed: HashMap::new(),
+                suspects: HashMap::new(),
             }),
             lease: std::sync::OnceLock::new(),
+            presence: std::sync::OnceLock::new(),
         })
     }
 
@@ -170,6 +209,147 @@ impl Membership {
     /// its sequence and when it was sent).
     pub fn set_region_lease(&self, lease: crate::takeover::RegionLease) {
         let _ = self.lease.set(lease);
+    }
+
+    /// Announces this process on `presence` (it answers probes from now on), says so in its
+    /// heartbeats, and probes silent nodes with it ([`Membership::probe_silent`]). Call it
+    /// before the first heartbeat.
+    pub async fn set_presence(&self, presence: Arc<dyn Presence>) -> Result<(), StoreError> {
+        presence
+            .announce(self.region(), &self.config.node_id, &self.config.boot_id)
+            .await?;
+        let _ = self.presence.set(presence);
+        Ok(())
+    }
+
+    /// Whether this node probes silent nodes (its store offers presence).
+    pub fn has_presence(&self) -> bool {
+        self.presence.get().is_some()
+    }
+
+    /// How long a heartbeat must be silent before its node is probed: a little more than an
+    /// interval, so that a beat that is merely late is usually not probed (a probe of a live
+    /// process is harmless, only wasted).
+    fn probe_after(&self) -> Duration {
+        self.config.interval + self.config.interval / 4
+    }
+
+    /// How far apart two probes that find a node absent must be (and how long its heartbeat
+    /// must have been silent, at least two intervals, before it is found gone): a node whose
+    /// own NATS server died is absent until its client reconnects to another one, usually
+    /// within milliseconds, and beats again.
+    fn probe_gap(&self) -> Duration {
+        self.config.interval
+    }
+
+    /// How long a probe waits for an answer.
+    fn probe_timeout(&self) -> Duration {
+        (self.config.interval / 2).min(Duration::from_millis(500))
+    }
+
+    /// Probes every node whose heartbeat is silent (see the module's notes); returns whether
+    /// a node was found gone by it (its work may be taken over now). Nothing when the store
+    /// offers no presence, or while this node may not judge others.
+    pub async fn probe_silent(&self) -> bool {
+        let Some(presence) = self.presence.get() else {
+            return false;
+        };
+        let now = Instant::now();
+        let probe_after = self.probe_after();
+        let candidates: Vec<(String, String, u64)> = {
+            let mut state = self.state.write();
+            let judging = self.may_judge(&state, now).is_some();
+            let silent: Vec<(String, String, u64)> = state
+                .members
+                .values()
+                .filter(|o| {
+                    judging
+                        && o.info.node != self.config.node_id
+                        && o.info.presence
+                        && !o.info.left
+                        && now.duration_since(o.changed_at) >= probe_after
+                })
+                .map(|o| (o.info.node.clone(), o.info.boot.clone(), o.revision))
+                .collect();
+            // A node that beat again (or restarted, or is gone from the records) is no
+            // longer a suspect.
+            state.suspects.retain(|node, s| {
+                silent
+                    .iter()
+                    .any(|(n, b, r)| n == node && *b == s.boot && *r == s.revision)
+            });
+            silent
+                .into_iter()
+                .filter(|(node, _, _)| !state.suspects.get(node).is_some_and(|s| s.gone))
+                .collect()
+        };
+        if candidates.is_empty() {
+            return false;
+        }
+        let timeout = self.probe_timeout();
+        let region = self.region().to_owned();
+        let probes = candidates.iter().map(|(node, boot, _)| {
+            let presence = presence.clone();
+            let region = region.clone();
+            async move {
+                let sent = Instant::now();
+                (sent, presence.probe(&region, node, boot, timeout).await)
+            }
+        });
+        let results = futures::future::join_all(probes).await;
+        let mut found = false;
+        let now = Instant::now();
+        let mut state = self.state.write();
+        for ((node, boot, revision), (sent, probe)) in candidates.into_iter().zip(results) {
+            // Only while the heartbeat is still the one that was silent.
+            let Some(silent_since) = state
+                .members
+                .get(&node)
+                .filter(|o| o.info.boot == boot && o.revision == revision)
+                .map(|o| o.changed_at)
+            else {
+                state.suspects.remove(&node);
+                continue;
+            };
+            let s = state.suspects.entry(node.clone()).or_insert(Suspect {
+                boot: boot.clone(),
+                revision,
+                absent_since: None,
+                gone: false,
+                logged_kept: false,
+            });
+            match probe {
+                Probe::Absent => {
+                    let first = *s.absent_since.get_or_insert(sent);
+                    if sent.duration_since(first) >= self.probe_gap()
+                        && now.duration_since(silent_since) >= 2 * self.config.interval
+                    {
+                        s.gone = true;
+                        found = true;
+                        tracing::warn!(
+                            node = %node,
+                            boot = %boot,
+                            silent_ms = now.duration_since(silent_since).as_millis() as u64,
+                            "the store connection of a silent node is gone: it is dead, its work is taken over"
+                        );
+                    }
+                }
+                Probe::Present | Probe::Unknown => {
+                    s.absent_since = None;
+                    if !s.logged_kept {
+                        s.logged_kept = true;
+                        tracing::info!(
+                            node = %node,
+                            boot = %boot,
+                            answered = probe == Probe::Present,
+                            silent_ms = now.duration_since(silent_since).as_millis() as u64,
+                            "a silent node's store connection is still open: its work stays with it until its heartbeat's time-to-live runs out"
+                        );
+                    }
+                }
+            }
+        }
+        found
     }
 
     /// This node's settings.
@@ -194,6 +374,7 @@ impl Membership {
             draining: state.draining,
             ttl_millis: self.config.ttl.as_millis() as u64,
             left: state.left,
+            presence: self.presence.get().is_some(),
             stats: haven_telemetry::get()
                 .map(|m| m.recent.summary(self.store.clock().wall_millis() / 1000)),
         }
@@ -342,12 +523,24 @@ impl Membership {
         let ttl = self.config.ttl;
         match state.members.get(node) {
             Some(o) if o.info.boot != boot || o.info.left => true,
-            Some(o) => now.duration_since(o.changed_at.max(since)) >= ttl,
+            Some(o) => {
+                now.duration_since(o.changed_at.max(since)) >= ttl
+                    || Self::connection_gone(&state, o)
+            }
             None => state
                 .missing_since
                 .get(node)
                 .is_some_and(|t| now.duration_since((*t).max(since)) >= ttl),
         }
+    }
+
+    /// Whether the presence probes found the process of `o`'s heartbeat gone (and it has not
+    /// beaten since).
+    fn connection_gone(state: &State, o: &Observed) -> bool {
+        state
+            .suspects
+            .get(&o.info.node)
+            .is_some_and(|s| s.gone && s.boot == o.info.boot && s.revision == o.revision)
     }
 
     /// Every node with a heartbeat record, with this node's judgement of it.
@@ -369,6 +562,7 @@ impl Membership {
                         silent_millis: now.duration_since(o.changed_at).as_millis() as u64,
                         clock_offset_millis: offset,
                         clock_skewed: offset.is_some_and(|x| x.abs() > max_skew),
+                        connection_gone: Self::connection_gone(&state, o),
                     }
                 })
                 .collect()
@@ -461,6 +655,7 @@ impl Membership {
             silent_millis: 0,
             clock_offset_millis: None,
             clock_skewed: false,
+            connection_gone: false,
         }
     }
 }

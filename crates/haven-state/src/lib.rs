@@ -9,6 +9,7 @@ mod index;
 pub mod mem_store;
 pub mod nats_store;
 mod plan;
+pub mod presence;
 pub mod record;
 pub mod redb_store;
 pub mod replicated;
@@ -74,8 +75,9 @@ macro_rules! wrap_store {
 
 pub use clock::{Hlc, HybridClock, ManualClock, PhysicalClock, SystemClock, VirtualClock};
 pub use mem_store::{BatchObserver, LinkFaults, MemLog, MemStore};
-pub use nats_store::{NatsConfig, NatsStore, NatsTls};
+pub use nats_store::{NatsConfig, NatsPresence, NatsStore, NatsTls};
 pub use plan::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
+pub use presence::{Presence, Probe};
 pub use record::{
     Change, LogEntry, LogSubject, Origin, Record, StoredRecord, StreamEvent, Version, View, merge,
 };

@@ -380,6 +380,11 @@ impl JetStreamLog {
         }
     }
 
+    /// This process's presence on the log's connection (see [`crate::presence`]).
+    pub fn presence(&self) -> Arc<NatsPresence> {
+        Arc::new(NatsPresence::new(self.client.clone()))
+    }
+
     fn subject(&self, change: &Change) -> String {
         self.subject_of(&change.subject())
     }
@@ -778,5 +783,123 @@ pub fn describe_subject(subject: &str) -> Option<String> {
         )),
         "e" => Some(format!("stream {}", untoken(parts.next()?)?)),
         _ => None,
+    }
+}
+
+/// The subject a process answers presence probes on: `hvp.<region>.<node>.<boot>`, outside
+/// every stream's subjects (`hv.<region>.>`), so a probe is never stored.
+fn presence_subject(region: &str, node: &str, boot: &str) -> String {
+    format!("hvp.{}.{}.{}", token(region), token(node), token(boot))
+}
+
+/// How long this process's own connection must have stayed up, without reconnecting, before
+/// its probes may find another process absent: a server that has just restarted (or that
+/// this process has just moved to) may not yet know every subscription of the cluster.
+const PRESENCE_STABLE: Duration = Duration::from_secs(3);
+
+/// Presence on the JetStream backend's NATS connection (core NATS, not JetStream): a process
+/// subscribes to its [`presence_subject`] and answers every request on it; a probe is a
+/// request on that subject. NATS answers "no responders" at once when no subscription in the
+/// whole NATS cluster would receive it — the process's connection is gone — and delivers it
+/// otherwise, so that a paused process (whose connection the servers keep until it misses
+/// their pings, minutes later) leaves the probe unanswered: [`Probe::Unknown`].
+///
+/// [`Probe::Unknown`]: crate::presence::Probe::Unknown
+#[derive(Debug)]
+pub struct NatsPresence {
+    client: async_nats::Client,
+    /// This connection's connect count when last looked at, and since when it is that.
+    connects: parking_lot::Mutex<(u64, tokio::time::Instant)>,
+}
+
+impl NatsPresence {
+    fn new(client: async_nats::Client) -> NatsPresence {
+        let connects = client
+            .statistics()
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed);
+        NatsPresence {
+            client,
+            connects: parking_lot::Mutex::new((connects, tokio::time::Instant::now())),
+        }
+    }
+
+    /// Whether this process's own connection is up and has not reconnected for
+    /// [`PRESENCE_STABLE`] (as far as the connect counter, read now, tells).
+    fn settled(&self) -> bool {
+        if !matches!(
+            self.client.connection_state(),
+            async_nats::connection::State::Connected
+        ) {
+            return false;
+        }
+        let now = tokio::time::Instant::now();
+        let connects = self
+            .client
+            .statistics()
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let mut seen = self.connects.lock();
+        if seen.0 != connects {
+            *seen = (connects, now);
+        }
+        now.duration_since(seen.1) >= PRESENCE_STABLE
+    }
+}
+
+#[async_trait]
+impl crate::presence::Presence for NatsPresence {
+    async fn announce(&self, region: &str, node: &str, boot: &str) -> StoreResult<()> {
+        let subject = presence_subject(region, node, boot);
+        let mut sub = self
+            .client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| unavailable(format!("subscribing to {subject}: {e}")))?;
+        // Make sure the servers have the subscription before the first heartbeat says that
+        // this process answers.
+        self.client
+            .flush()
+            .await
+            .map_err(|e| unavailable(format!("subscribing to {subject}: {e}")))?;
+        let client = self.client.clone();
+        // The client resubscribes after every reconnection; the task lives as long as the
+        // connection does.
+        tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                if let Some(reply) = msg.reply {
+                    let _ = client.publish(reply, bytes::Bytes::new()).await;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    async fn probe(
+        &self,
+        region: &str,
+        node: &str,
+        boot: &str,
+        timeout: Duration,
+    ) -> crate::presence::Probe {
+        use crate::presence::Probe;
+        if !self.settled() {
+            return Probe::Unknown;
+        }
+        let request = async_nats::Request::new()
+            .payload(bytes::Bytes::new())
+            .timeout(Some(timeout));
+        let answer = self
+            .client
+            .send_request(presence_subject(region, node, boot), request)
+            .await;
+        match answer {
+            Ok(_) => Probe::Present,
+            // Only if this connection stayed the same throughout.
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders && self.settled() => {
+                Probe::Absent
+            }
+            Err(_) => Probe::Unknown,
+        }
     }
 }

@@ -351,6 +351,9 @@ async fn start_engine(
     let node = node_id(&s.data, s.node_id.as_deref())?;
     let origin = Origin::new(s.region.as_str(), node.as_str());
     let mut regions = None;
+    // Presence on the NATS connection: killed nodes are found before the heartbeat's
+    // time-to-live runs out (the embedded store has one node and needs none).
+    let mut presence: Option<Arc<dyn haven_state::Presence>> = None;
     let store: Arc<dyn Store> = match &s.nats {
         Some(servers) => {
             if !s.peer_regions.is_empty() {
@@ -380,6 +383,7 @@ async fn start_engine(
                     (r.clone(), log)
                 })
                 .collect();
+            presence = Some(store.log().presence());
             let store: Arc<dyn Store> = Arc::new(store);
             if !peers.is_empty() {
                 tracing::info!(
@@ -476,6 +480,7 @@ async fn start_engine(
         legacy_responses: s.legacy_responses,
         session_ttl: std::time::Duration::from_secs(s.session_ttl_secs),
         max_clock_skew: s.max_clock_skew,
+        presence,
         page_size: s.page_size,
         limits: client_limits.clone(),
         audit: Some(audit.clone()),

@@ -27,6 +27,13 @@ const LOST: &str = "this node lost a request it was running";
 /// The same, found at a write of the handler itself.
 const REFUSED: &str = "a write of a handler was refused: this node no longer owns its execution";
 
+/// What a node logs when its presence probes found a silent node's store connection gone (it
+/// takes over that node's work before the heartbeat's time-to-live runs out).
+const GONE: &str = "the store connection of a silent node is gone";
+/// What a node logs when a silent node's presence probe was answered or went unanswered (its
+/// connection is still open: nothing is taken over before the time-to-live).
+const KEPT: &str = "a silent node's store connection is still open";
+
 /// What a node logs when another node's clock is off by more than the allowed skew.
 const SKEW_WARNING: &str =
     "the clock of another node differs from this node's by more than the allowed skew";
@@ -574,6 +581,14 @@ async fn a_kill_9_of_a_node_reruns_each_of_its_idempotent_calls_exactly_once() {
             let settled = region.count_logged(&[SETTLED, &c.stream]);
             assert_eq!(settled.iter().sum::<usize>(), 0, "{label}: {settled:?}");
         }
+        // The survivors found the killed process's store connection gone (presence probes),
+        // which is what let them take over before the heartbeat's time-to-live ran out.
+        let victim_field = format!("node=node{victim}");
+        let gone = region.count_logged(&[GONE, &victim_field]);
+        assert!(
+            gone.iter().sum::<usize>() >= 1 && gone[victim] == 0,
+            "round {round}: survivors logging node{victim}'s store connection gone: {gone:?}"
+        );
         region.restart_node(victim).await;
     }
 }
@@ -648,6 +663,10 @@ async fn b_a_node_woken_from_sigstop_after_a_takeover_writes_nothing_into_the_st
         );
     }
     assert_rerun_once_elsewhere(&region, &call.stream, victim, &call.label());
+    // A stopped process keeps its store connection: it was taken over by the heartbeat's
+    // time-to-live, never by the presence probes.
+    let gone = region.count_logged(&[GONE]);
+    assert!(gone.iter().all(|c| *c == 0), "{GONE}: {gone:?}");
     eprintln!("node{victim} was stopped for {paused_for:.1?}; on waking it logged: {lost}");
 }
 
@@ -851,6 +870,33 @@ async fn e_skewed_clocks_and_a_short_pause_cause_no_takeover() {
             .all(|n| n["alive"] == true),
         "every node is alive: {st}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g_a_node_stopped_for_less_than_the_time_to_live_keeps_its_calls() {
+    let _one = ONE_REGION_AT_A_TIME.lock().await;
+    let region = Region::start().await;
+    // Calls on every node; node1 stops for 3 s (less than the heartbeat time-to-live, 5 s, but
+    // long enough that the others probe its presence) in the middle of them.
+    const SECONDS: u64 = 8;
+    let mut calls = calls_on_every_node(&region, 2, SECONDS, "stop").await;
+    let victim = 1;
+    let paused = region.nodes[victim].as_ref().unwrap();
+    paused.pause();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    paused.resume();
+
+    finish_counting(&region, &mut calls, SECONDS, IDLE, WITHIN).await;
+    assert_no_takeover(&region);
+    // The others did probe the silent node, found its connection open, and left its work.
+    let victim_field = format!("node=node{victim}");
+    let kept = region.count_logged(&[KEPT, &victim_field]);
+    assert!(
+        kept.iter().sum::<usize>() >= 1,
+        "the other nodes probed the stopped node: {kept:?}"
+    );
+    let gone = region.count_logged(&[GONE]);
+    assert!(gone.iter().all(|c| *c == 0), "{GONE}: {gone:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

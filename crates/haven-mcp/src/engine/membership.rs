@@ -1,6 +1,8 @@
 //! The node's heartbeat loop: every interval it writes its heartbeat and, when that worked,
 //! settles the work of processes that are gone (`recovery`). Liveness itself — who is dead,
-//! judged without trusting wall clocks — is `haven_cluster::Membership`.
+//! judged without trusting wall clocks — is `haven_cluster::Membership`. Where the store
+//! offers presence, a second loop probes nodes whose heartbeat went silent every quarter
+//! interval, and wakes the first to settle at once when it finds one gone.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -14,13 +16,41 @@ use crate::hub::Topic;
 pub(crate) fn start(inner: &Arc<Inner>) {
     let weak: Weak<Inner> = Arc::downgrade(inner);
     let interval = inner.config.heartbeat_interval;
+    let wake = Arc::new(tokio::sync::Notify::new());
+    if inner.membership.has_presence() {
+        let weak = weak.clone();
+        let wake = wake.clone();
+        inner.spawn(async move {
+            let mut tick = tokio::time::interval(interval / 4);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let membership = inner.membership.clone();
+                drop(inner);
+                if membership.probe_silent().await {
+                    wake.notify_one();
+                }
+            }
+        });
+    }
     inner.spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
         loop {
-            tick.tick().await;
+            let woken = tokio::select! {
+                _ = tick.tick() => false,
+                () = wake.notified() => true,
+            };
             let Some(inner) = weak.upgrade() else { return };
+            if woken {
+                // A node was found gone between heartbeats: settle its work now.
+                if let Err(e) = super::recovery::recover(&inner).await {
+                    tracing::warn!(error = %e, "taking over the work of dead nodes failed");
+                }
+                continue;
+            }
             match inner.membership.beat().await {
                 Ok(()) => {
                     if failing {

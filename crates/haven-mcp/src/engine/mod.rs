@@ -122,6 +122,11 @@ pub struct EngineConfig {
     pub heartbeat_ttl: Duration,
     /// Largest clock offset between nodes that is not reported as skew.
     pub max_clock_skew: Duration,
+    /// Presence on the store's connection (the JetStream backend): this process answers
+    /// probes on it, and probes nodes whose heartbeat went silent, so that a killed node's
+    /// work is taken over before the time-to-live runs out (`haven_cluster::Membership`).
+    /// `None`: liveness by the time-to-live only.
+    pub presence: Option<Arc<dyn haven_state::Presence>>,
     /// `retry:` hint sent when a draining node ends a legacy stream, in milliseconds.
     pub drain_retry_millis: u64,
     /// Whether this node may settle work left by processes that are gone, asked before each
@@ -171,6 +176,7 @@ impl Default for EngineConfig {
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_ttl: Duration::from_secs(5),
             max_clock_skew: Duration::from_millis(500),
+            presence: None,
             drain_retry_millis: 250,
             recovery_gate: None,
             region_lease: None,
@@ -345,6 +351,13 @@ impl Engine {
         );
         if let Some(lease) = &config.region_lease {
             membership.set_region_lease(lease.clone());
+        }
+        if let Some(presence) = &config.presence {
+            // Before the first heartbeat, which says that this process answers probes.
+            membership
+                .set_presence(presence.clone())
+                .await
+                .map_err(StartError::from)?;
         }
         let inner = Arc::new(Inner {
             store,
