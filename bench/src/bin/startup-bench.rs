@@ -34,6 +34,10 @@ struct Cli {
     /// Bytes of each value.
     #[arg(long, default_value_t = 100)]
     value_bytes: usize,
+    /// Skip starting a node on the whole history before reclamation (only the start-up
+    /// after it is measured).
+    #[arg(long)]
+    no_whole_history: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -143,11 +147,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         );
     }
     let write_secs = started.elapsed().as_secs_f64();
-    let untrimmed = node_start(&haven, &nats).await?;
-    eprintln!(
-        "node start on the whole history: {}",
-        untrimmed.row("whole history", &written.to_string())
-    );
+    let untrimmed = if cli.no_whole_history {
+        None
+    } else {
+        let s = node_start(&haven, &nats).await?;
+        eprintln!(
+            "node start on the whole history: {}",
+            s.row("whole history", &written.to_string())
+        );
+        Some(s)
+    };
 
     let policy = Reclaim {
         log_floor: u64::MAX,
@@ -213,7 +222,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     println!();
     println!("| stream | messages | node start-up until ready | node memory when ready |");
     println!("|---|---|---|---|");
-    println!("{}", untrimmed.row("whole history", &written.to_string()));
+    if let Some(untrimmed) = &untrimmed {
+        println!("{}", untrimmed.row("whole history", &written.to_string()));
+    }
     println!(
         "{}",
         trimmed.row("after reclamation", &d["messages"].to_string())
