@@ -139,6 +139,17 @@ struct Follower {
     kick: tokio::sync::Notify,
 }
 
+impl Follower {
+    /// Why the follower cannot read the log, as ` (…)` for an error message; empty when it can.
+    fn error_suffix(&self) -> String {
+        self.error
+            .read()
+            .as_ref()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default()
+    }
+}
+
 /// A store whose change log is a [`SharedLog`] and whose reads come from a local index.
 pub struct ReplicatedStore<L: SharedLog> {
     origin: Origin,
@@ -224,12 +235,7 @@ impl<L: SharedLog> ReplicatedStore<L> {
             if moved.elapsed() >= stall {
                 return Err(StoreError::Unavailable(format!(
                     "the local index stopped at entry {now} of {last} and did not advance for {stall:?}{}",
-                    self.follower
-                        .error
-                        .read()
-                        .as_ref()
-                        .map(|e| format!(" ({e})"))
-                        .unwrap_or_default()
+                    self.follower.error_suffix()
                 )));
             }
             if said.elapsed() >= Duration::from_secs(10) {
@@ -285,12 +291,7 @@ impl<L: SharedLog> ReplicatedStore<L> {
             Ok(Err(_)) => Err(StoreError::Closed),
             Err(_) => Err(StoreError::Unavailable(format!(
                 "the local index did not reach sequence {seq} within {timeout:?}{}",
-                self.follower
-                    .error
-                    .read()
-                    .as_ref()
-                    .map(|e| format!(" ({e})"))
-                    .unwrap_or_default()
+                self.follower.error_suffix()
             ))),
         }
     }
