@@ -9,6 +9,7 @@ mod backup_cmd;
 mod client;
 mod control;
 mod control_cmd;
+mod drill_cmd;
 mod metrics;
 mod nats_sync;
 mod reclaim;
@@ -46,6 +47,7 @@ fn main() -> std::process::ExitCode {
         Command::Secrets(cmd) => return run_client_command(control_cmd::secrets(cmd)),
         Command::Auth(cmd) => return run_client_command(control_cmd::auth(cmd)),
         Command::Audit(cmd) => return run_client_command(audit_cmd::run(cmd)),
+        Command::Drill(cmd) => return run_client_command(drill_cmd::run(cmd)),
         Command::Region(settings::RegionCommand::Status(a)) => {
             return run_client_command(backup_cmd::region_status(a));
         }

@@ -61,6 +61,76 @@ pub enum Command {
     /// checkpoint.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Disaster drills: break a deployment on purpose under load and measure what clients
+    /// saw against the recovery targets (list, run, history).
+    #[command(subcommand)]
+    Drill(DrillCommand),
+}
+
+/// `haven drill` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum DrillCommand {
+    /// The drills, with what each breaks and its targets (the design's and Haven's).
+    List,
+    /// Run drills, each with its own load, fault, repair and report; the exit status is 0
+    /// when every drill met its targets, 1 when one missed, 2 when a drill could not run.
+    Run(DrillRunArgs),
+    /// The kept reports: every drill's verdict and figures, and the trend per scenario.
+    History(DrillHistoryArgs),
+}
+
+/// `haven drill run`.
+#[derive(Args, Debug)]
+pub struct DrillRunArgs {
+    /// Drills to run, in order (`all`: every drill of `haven drill list`)
+    #[arg(required = true, value_name = "SCENARIO")]
+    pub scenarios: Vec<String>,
+    /// Start a complete deployment on this machine for the drills (three NATS servers, Haven
+    /// nodes of this very binary, HAProxy) and remove it afterwards
+    #[arg(long)]
+    pub local: bool,
+    /// Haven nodes of the local deployment
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub nodes: usize,
+    /// The nats-server binary of the local deployment [default: nats-server on PATH]
+    #[arg(long, value_name = "PATH", default_value = "nats-server")]
+    pub nats_server: PathBuf,
+    /// The haproxy binary of the local deployment [default: haproxy on PATH]
+    #[arg(long, value_name = "PATH", default_value = "haproxy")]
+    pub haproxy: PathBuf,
+    /// Seconds of load before the fault
+    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
+    pub warmup: f64,
+    /// Seconds of load after the repair
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    pub after: f64,
+    /// Seconds a kill or an outage lasts before its repair [default: each drill's own]
+    #[arg(long, value_name = "SECONDS")]
+    pub outage: Option<f64>,
+    /// Requests per second of the stateless, session and write clients together (long calls
+    /// and the admin probes come on top)
+    #[arg(long, default_value_t = 30.0, value_name = "N")]
+    pub rate: f64,
+    /// Seconds each long call (a legacy `sleep` streamed with progress) lasts
+    #[arg(long, default_value_t = 3, value_name = "SECONDS")]
+    pub long_seconds: u32,
+    /// Where reports are kept: a directory per drill (report.json, report.md, timeline.svg)
+    #[arg(long, default_value = "haven-drills", value_name = "DIR")]
+    pub reports: PathBuf,
+    /// Keep the local deployment's directory (configuration, data, every process's log)
+    #[arg(long)]
+    pub keep: bool,
+}
+
+/// `haven drill history`.
+#[derive(Args, Debug)]
+pub struct DrillHistoryArgs {
+    /// Where reports are kept
+    #[arg(long, default_value = "haven-drills", value_name = "DIR")]
+    pub reports: PathBuf,
+    /// Print the reports as a JSON array instead of a table
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `haven auth` subcommands.
@@ -1583,7 +1653,8 @@ impl Settings {
             | Command::Secrets(_)
             | Command::Region(_)
             | Command::Auth(_)
-            | Command::Audit(_) => {
+            | Command::Audit(_)
+            | Command::Drill(_) => {
                 bail!("this command has no server settings")
             }
         }

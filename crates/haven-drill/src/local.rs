@@ -1,0 +1,510 @@
+//! A complete one-region deployment on this machine, for `haven drill run --local`: three
+//! NATS servers in one JetStream cluster (`sync_interval: always`), Haven nodes on them
+//! sharing one secrets key and one admin token, and HAProxy in front checking `/readyz`.
+//! Every process is stopped when the deployment is dropped; its directory (configuration,
+//! data and every process's log) is removed too unless it was asked to be kept.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::DrillError;
+
+/// What the local deployment runs.
+#[derive(Clone, Debug)]
+pub struct LocalOptions {
+    /// The `haven` binary the nodes run (normally this very program).
+    pub haven: PathBuf,
+    /// The `nats-server` binary.
+    pub nats_server: PathBuf,
+    /// The `haproxy` binary.
+    pub haproxy: PathBuf,
+    /// How many Haven nodes (at least 2: a drill kills one).
+    pub nodes: usize,
+    /// The directory for configuration, data and logs; created, and removed afterwards
+    /// unless `keep`.
+    pub dir: PathBuf,
+    /// Keep `dir` afterwards.
+    pub keep: bool,
+}
+
+struct NatsServer {
+    name: String,
+    conf: PathBuf,
+    client_port: u16,
+    http_port: u16,
+    child: Option<Child>,
+}
+
+struct Node {
+    name: String,
+    port: u16,
+    child: Option<Child>,
+}
+
+/// The running deployment.
+pub struct Local {
+    opts: LocalOptions,
+    nats: Vec<NatsServer>,
+    nodes: Vec<Node>,
+    haproxy: Option<Child>,
+    lb_port: u16,
+    admin_token: String,
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            stop_child(&mut n.child);
+        }
+        stop_child(&mut self.haproxy);
+        for s in &mut self.nats {
+            stop_child(&mut s.child);
+        }
+        if !self.opts.keep {
+            let _ = std::fs::remove_dir_all(&self.opts.dir);
+        }
+    }
+}
+
+fn stop_child(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// Ports the operating system hands out on loopback (bound and released at once).
+fn free_ports(n: usize) -> Result<Vec<u16>, DrillError> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()
+        .map_err(|e| DrillError::Deployment(format!("no free port on loopback: {e}")))?;
+    listeners
+        .iter()
+        .map(|l| {
+            l.local_addr()
+                .map(|a| a.port())
+                .map_err(|e| DrillError::Deployment(e.to_string()))
+        })
+        .collect()
+}
+
+fn log_file(path: &Path) -> Result<std::fs::File, DrillError> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| DrillError::Deployment(format!("opening {}: {e}", path.display())))
+}
+
+/// The last `n` lines of a log, for an error message.
+fn log_tail(path: &Path, n: usize) -> String {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The status of a GET on loopback, or `None` when nothing answers within 2 s.
+pub(crate) async fn http_status(client: &reqwest::Client, url: &str) -> Option<u16> {
+    let r = client
+        .get(url)
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    Some(r.status().as_u16())
+}
+
+impl Local {
+    /// Starts everything and waits until the load balancer answers `/readyz`.
+    pub async fn start(opts: LocalOptions) -> Result<Local, DrillError> {
+        if opts.nodes < 2 {
+            return Err(DrillError::Usage(
+                "a local deployment needs at least 2 Haven nodes".into(),
+            ));
+        }
+        for (what, bin) in [
+            ("nats-server", &opts.nats_server),
+            ("haproxy", &opts.haproxy),
+            ("haven", &opts.haven),
+        ] {
+            if which(bin).is_none() {
+                return Err(DrillError::Usage(format!(
+                    "{what} not found at {} (pass its path with --{what}, or put it on PATH)",
+                    bin.display()
+                )));
+            }
+        }
+        std::fs::create_dir_all(&opts.dir)
+            .map_err(|e| DrillError::Deployment(format!("creating {}: {e}", opts.dir.display())))?;
+        let token = format!(
+            "drill-{:016x}{:016x}",
+            rand::random::<u64>(),
+            rand::random::<u64>()
+        );
+        let mut local = Local {
+            nats: Vec::new(),
+            nodes: Vec::new(),
+            haproxy: None,
+            lb_port: 0,
+            admin_token: token,
+            opts,
+        };
+        local.configure_nats()?;
+        for i in 0..local.nats.len() {
+            local.spawn_nats(i)?;
+        }
+        for i in 0..local.nats.len() {
+            local.wait_nats(i).await?;
+        }
+        let made = Command::new(&local.opts.haven)
+            .args(["secrets", "new-key", "--key-file"])
+            .arg(local.key_file())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .map_err(|e| DrillError::Deployment(format!("running haven secrets new-key: {e}")))?;
+        if !made.status.success() {
+            return Err(DrillError::Deployment(format!(
+                "haven secrets new-key failed: {}",
+                String::from_utf8_lossy(&made.stderr)
+            )));
+        }
+        let ports = free_ports(local.opts.nodes)?;
+        local.nodes = ports
+            .into_iter()
+            .enumerate()
+            .map(|(i, port)| Node {
+                name: format!("node{i}"),
+                port,
+                child: None,
+            })
+            .collect();
+        for i in 0..local.nodes.len() {
+            local.start_node(i).await?;
+        }
+        local.start_haproxy().await?;
+        Ok(local)
+    }
+
+    fn key_file(&self) -> PathBuf {
+        self.opts.dir.join("secrets.key")
+    }
+
+    fn configure_nats(&mut self) -> Result<(), DrillError> {
+        let ports = free_ports(9)?;
+        let (client, rest) = ports.split_at(3);
+        let (cluster, http) = rest.split_at(3);
+        for i in 0..3 {
+            let routes: Vec<String> = cluster
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, p)| format!("\"nats-route://127.0.0.1:{p}\""))
+                .collect();
+            let conf = self.opts.dir.join(format!("nats{i}.conf"));
+            let text = format!(
+                "server_name: nats{i}\nlisten: 127.0.0.1:{}\nhttp: 127.0.0.1:{}\njetstream {{ store_dir: \"{}\", sync_interval: always }}\ncluster {{ name: haven-drill, listen: 127.0.0.1:{}, routes: [{}] }}\n",
+                client[i],
+                http[i],
+                self.opts.dir.join(format!("js{i}")).display(),
+                cluster[i],
+                routes.join(", ")
+            );
+            std::fs::write(&conf, text)
+                .map_err(|e| DrillError::Deployment(format!("writing {}: {e}", conf.display())))?;
+            self.nats.push(NatsServer {
+                name: format!("nats{i}"),
+                conf,
+                client_port: client[i],
+                http_port: http[i],
+                child: None,
+            });
+        }
+        Ok(())
+    }
+
+    fn spawn_nats(&mut self, i: usize) -> Result<(), DrillError> {
+        let s = &self.nats[i];
+        let child = Command::new(&self.opts.nats_server)
+            .arg("-c")
+            .arg(&s.conf)
+            .stdout(Stdio::null())
+            .stderr(log_file(&s.conf.with_extension("log"))?)
+            .spawn()
+            .map_err(|e| DrillError::Deployment(format!("starting nats-server: {e}")))?;
+        self.nats[i].child = Some(child);
+        Ok(())
+    }
+
+    /// Waits until NATS server `i` reports JetStream healthy (at most 120 s).
+    async fn wait_nats(&mut self, i: usize) -> Result<(), DrillError> {
+        let client = reqwest::Client::new();
+        let url = format!(
+            "http://127.0.0.1:{}/healthz?js-enabled-only=true",
+            self.nats[i].http_port
+        );
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if http_status(&client, &url).await == Some(200) {
+                return Ok(());
+            }
+            let exited = self.nats[i]
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || Instant::now() > deadline {
+                return Err(DrillError::Deployment(format!(
+                    "nats-server {} did not become healthy; its log ends with:\n{}",
+                    self.nats[i].name,
+                    log_tail(&self.nats[i].conf.with_extension("log"), 10)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn store_url(&self) -> String {
+        self.nats
+            .iter()
+            .map(|s| format!("nats://127.0.0.1:{}", s.client_port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn node_log(&self, i: usize) -> PathBuf {
+        self.opts.dir.join(format!("{}.log", self.nodes[i].name))
+    }
+
+    /// Starts Haven node `i` (on its data, if it ran before) and waits until it is ready.
+    pub async fn start_node(&mut self, i: usize) -> Result<(), DrillError> {
+        let node = &self.nodes[i];
+        let child = Command::new(&self.opts.haven)
+            .args(["serve", "--listen", &format!("127.0.0.1:{}", node.port)])
+            .arg("--data")
+            .arg(self.opts.dir.join(&node.name))
+            .args(["--store", &self.store_url(), "--region", "drill"])
+            .args(["--node-id", &node.name])
+            .arg("--secrets-key-file")
+            .arg(self.key_file())
+            .env("HAVEN_ADMIN_TOKEN", &self.admin_token)
+            .env("HAVEN_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log_file(&self.node_log(i))?)
+            .spawn()
+            .map_err(|e| DrillError::Deployment(format!("starting haven: {e}")))?;
+        self.nodes[i].child = Some(child);
+        self.wait_node(i).await
+    }
+
+    async fn wait_node(&mut self, i: usize) -> Result<(), DrillError> {
+        let client = reqwest::Client::new();
+        let url = format!("http://127.0.0.1:{}/readyz", self.nodes[i].port);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if http_status(&client, &url).await == Some(200) {
+                return Ok(());
+            }
+            let exited = self.nodes[i]
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || Instant::now() > deadline {
+                return Err(DrillError::Deployment(format!(
+                    "haven {} did not become ready; its log ends with:\n{}",
+                    self.nodes[i].name,
+                    log_tail(&self.node_log(i), 20)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn start_haproxy(&mut self) -> Result<(), DrillError> {
+        let port = free_ports(1)?[0];
+        let servers: String = self
+            .nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "    server {} 127.0.0.1:{} check inter 200ms fall 1 rise 2\n",
+                    n.name, n.port
+                )
+            })
+            .collect();
+        let conf = self.opts.dir.join("haproxy.cfg");
+        let text = format!(
+            "global\n    maxconn 4000\n\ndefaults\n    mode http\n    timeout connect 200ms\n    timeout check 2s\n    timeout client 120s\n    timeout server 120s\n    retries 3\n    option redispatch\n    option http-server-close\n    retry-on conn-failure empty-response\n\nfrontend mcp\n    bind 127.0.0.1:{port}\n    default_backend haven\n\nbackend haven\n    balance roundrobin\n    option httpchk GET /readyz\n    http-check expect status 200\n{servers}"
+        );
+        std::fs::write(&conf, text)
+            .map_err(|e| DrillError::Deployment(format!("writing {}: {e}", conf.display())))?;
+        let child = Command::new(&self.opts.haproxy)
+            .arg("-f")
+            .arg(&conf)
+            .arg("-db")
+            .stdout(Stdio::null())
+            .stderr(log_file(&self.opts.dir.join("haproxy.log"))?)
+            .spawn()
+            .map_err(|e| DrillError::Deployment(format!("starting haproxy: {e}")))?;
+        self.haproxy = Some(child);
+        self.lb_port = port;
+        let client = reqwest::Client::new();
+        let url = format!("http://127.0.0.1:{port}/readyz");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http_status(&client, &url).await != Some(200) {
+            if Instant::now() > deadline {
+                return Err(DrillError::Deployment(format!(
+                    "haproxy did not answer /readyz; its log ends with:\n{}",
+                    log_tail(&self.opts.dir.join("haproxy.log"), 10)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    /// The load balancer's base URL (`http://127.0.0.1:PORT`).
+    pub fn lb_base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.lb_port)
+    }
+
+    /// Every node's base URL.
+    pub fn node_bases(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("http://127.0.0.1:{}", n.port))
+            .collect()
+    }
+
+    /// The admin token every node accepts.
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
+    }
+
+    /// Node `i`'s name.
+    pub fn node_name(&self, i: usize) -> &str {
+        &self.nodes[i].name
+    }
+
+    /// NATS server `i`'s name.
+    pub fn nats_name(&self, i: usize) -> &str {
+        &self.nats[i].name
+    }
+
+    /// How many NATS servers.
+    pub fn nats_count(&self) -> usize {
+        self.nats.len()
+    }
+
+    /// `kill -9` of node `i`.
+    pub fn kill_node(&mut self, i: usize) {
+        stop_child(&mut self.nodes[i].child);
+    }
+
+    /// SIGTERM to node `i` (a graceful drain), then waits for it to exit (at most 60 s, then
+    /// `kill -9`).
+    pub async fn drain_node(&mut self, i: usize) -> Result<(), DrillError> {
+        let Some(mut child) = self.nodes[i].child.take() else {
+            return Ok(());
+        };
+        // SAFETY: kill(2) of a child process this deployment started and still owns.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if child.try_wait().ok().flatten().is_some() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(DrillError::Deployment(format!(
+                    "{} did not exit within 60 s of SIGTERM",
+                    self.nodes[i].name
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `kill -9` of NATS server `i`.
+    pub fn kill_nats(&mut self, i: usize) {
+        stop_child(&mut self.nats[i].child);
+    }
+
+    /// Starts NATS server `i` again on its data and waits until it is healthy.
+    pub async fn start_nats(&mut self, i: usize) -> Result<(), DrillError> {
+        self.spawn_nats(i)?;
+        self.wait_nats(i).await
+    }
+
+    /// Starts every stopped NATS server and waits until all are healthy.
+    pub async fn start_all_nats(&mut self) -> Result<(), DrillError> {
+        let stopped: Vec<usize> = (0..self.nats.len())
+            .filter(|i| self.nats[*i].child.is_none())
+            .collect();
+        for &i in &stopped {
+            self.spawn_nats(i)?;
+        }
+        for i in stopped {
+            self.wait_nats(i).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts whatever is stopped and waits until every NATS server is healthy and every
+    /// node ready: the state each drill starts from.
+    pub async fn ensure_all_ready(&mut self) -> Result<(), DrillError> {
+        self.start_all_nats().await?;
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].child.is_none() {
+                self.start_node(i).await?;
+            } else {
+                self.wait_node(i).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The NATS server that leads the region's stream, as a running node reports it.
+    pub async fn stream_leader(&self) -> Option<usize> {
+        let client = reqwest::Client::new();
+        for base in self.node_bases() {
+            let Ok(r) = client
+                .get(format!("{base}/admin/v1/status"))
+                .bearer_auth(&self.admin_token)
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+            else {
+                continue;
+            };
+            let Ok(v) = r.json::<serde_json::Value>().await else {
+                continue;
+            };
+            if let Some(leader) = v["store"]["leader"].as_str() {
+                return self.nats.iter().position(|s| s.name == leader);
+            }
+        }
+        None
+    }
+
+    /// The directory of configuration, data and logs.
+    pub fn dir(&self) -> &Path {
+        &self.opts.dir
+    }
+}
+
+/// `bin` itself when it is a path to a file, else its place on `PATH`.
+pub fn which(bin: &Path) -> Option<PathBuf> {
+    if bin.components().count() > 1 {
+        return bin.is_file().then(|| bin.to_owned());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(bin))
+        .find(|p| p.is_file())
+}

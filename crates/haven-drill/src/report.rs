@@ -1,0 +1,809 @@
+//! A drill's figures, worked out from what its clients saw, and their three forms: JSON (kept
+//! for `haven drill history`), a Markdown report for people, and an SVG timeline.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::load::{Ack, LongCall, Sample};
+use crate::scenario::{Component, Scenario};
+
+/// Something that happened to the deployment, at a time in seconds since the drill started.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Mark {
+    /// When.
+    pub at: f64,
+    /// `fault`, `repair` or `note`.
+    pub kind: String,
+    /// What, in words.
+    pub what: String,
+}
+
+/// One client's worst outage.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClientRto {
+    /// The client.
+    pub client: u32,
+    /// What kind of client.
+    pub kind: String,
+    /// When its first failed request of the outage was sent.
+    pub first_failure: f64,
+    /// When the first success after it arrived (`None`: never, before the drill ended).
+    pub recovered: Option<f64>,
+    /// The outage as the client saw it (first failure to first success), seconds.
+    pub rto: Option<f64>,
+}
+
+/// A row of the design's recovery-time table.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ComponentRow {
+    /// The component.
+    pub component: String,
+    /// The design's target, seconds.
+    pub seed_target: f64,
+    /// Haven's target, seconds.
+    pub haven_target: f64,
+    /// The recovery time measured, seconds (`None`: it never recovered); 0 when it never
+    /// failed.
+    pub actual: Option<f64>,
+    /// How it was measured.
+    pub measured_by: String,
+    /// Whether `actual` is within Haven's target.
+    pub passed: bool,
+}
+
+/// Long calls' final answers.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ExactlyOnce {
+    /// Long calls sent (that reached a stream).
+    pub calls: u64,
+    /// Those whose stored stream holds exactly one final answer.
+    pub answered_once: u64,
+    /// Those answered more than once (client or stored stream).
+    pub answered_twice: u64,
+    /// Those with no final answer (client and stored stream).
+    pub never_answered: u64,
+    /// Those whose stream could not be read back.
+    pub unread: u64,
+    /// Resumptions with `Last-Event-ID` over all calls.
+    pub resumes: u64,
+}
+
+/// Acknowledged writes and those missing afterwards.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Rpo {
+    /// Writes acknowledged to their clients.
+    pub acknowledged: u64,
+    /// Of those, missing when read back after the drill.
+    pub missing: u64,
+    /// The span of time whose acknowledged writes were lost, seconds (0 when none).
+    pub window: f64,
+    /// The first missing notes' names.
+    pub missing_names: Vec<String>,
+}
+
+/// Requests per second bucket of the timeline.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Bucket {
+    /// Start of the bucket, seconds.
+    pub at: f64,
+    /// Successful MCP requests that ended in it.
+    pub ok: u64,
+    /// Failed MCP requests that ended in it.
+    pub failed: u64,
+}
+
+/// A drill's report.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    /// Format version of this JSON.
+    pub format: u32,
+    /// The scenario's name.
+    pub scenario: String,
+    /// What it rehearses.
+    pub summary: String,
+    /// When it started (RFC 3339, UTC).
+    pub started: String,
+    /// When it started (Unix seconds).
+    pub started_unix: u64,
+    /// How long it ran, seconds.
+    pub duration: f64,
+    /// What it ran against.
+    pub deployment: String,
+    /// The load asked for (requests per second of the paced clients).
+    pub rate: f64,
+    /// Whether every target was met.
+    pub passed: bool,
+    /// Every target missed, in words.
+    pub findings: Vec<String>,
+    /// The design's recovery-time target, seconds.
+    pub seed_rto: f64,
+    /// The design's data-loss window target, seconds.
+    pub seed_rpo: f64,
+    /// Haven's recovery-time target, seconds.
+    pub haven_rto: f64,
+    /// Whether the RTO counts from the repair (the whole store was away).
+    pub rto_from_repair: bool,
+    /// The worst client outage counted as the target says (from the fault or from the
+    /// repair), seconds; `None` when a client never recovered.
+    pub rto: Option<f64>,
+    /// The worst outage any client saw, first failure to first success, seconds.
+    pub worst_outage: Option<f64>,
+    /// Each client whose requests failed.
+    pub clients: Vec<ClientRto>,
+    /// Acknowledged writes lost.
+    pub rpo: Rpo,
+    /// Final answers of long calls.
+    pub exactly_once: ExactlyOnce,
+    /// The design's component table, target against actual.
+    pub components: Vec<ComponentRow>,
+    /// Mean time to recovery over the drill's faults, seconds (fault to the last client's
+    /// recovery).
+    pub mttr: Option<f64>,
+    /// MCP requests in all.
+    pub requests: u64,
+    /// Of those, failed.
+    pub failed: u64,
+    /// Failed requests (MCP and probes) by kind of failure.
+    pub errors: BTreeMap<String, u64>,
+    /// Faults and repairs.
+    pub marks: Vec<Mark>,
+    /// Successful and failed MCP requests per bucket.
+    pub timeline: Vec<Bucket>,
+    /// The README runbook of the scenario.
+    pub runbook: String,
+}
+
+/// Everything a report is worked out from.
+pub struct Inputs<'a> {
+    /// The drill.
+    pub scenario: &'a Scenario,
+    /// What it ran against.
+    pub deployment: String,
+    /// Load asked for.
+    pub rate: f64,
+    /// Start time (Unix seconds).
+    pub started_unix: u64,
+    /// How long it ran.
+    pub duration: f64,
+    /// Every request.
+    pub samples: &'a [Sample],
+    /// Acknowledged writes.
+    pub acks: &'a [Ack],
+    /// Names of acknowledged writes missing afterwards.
+    pub missing: &'a [String],
+    /// Long calls.
+    pub long_calls: &'a [LongCall],
+    /// Faults and repairs.
+    pub marks: Vec<Mark>,
+    /// Recovery times measured directly by the scenario (e.g. configuration propagation),
+    /// replacing what the probes saw for that component.
+    pub measured: Vec<(Component, Option<f64>, String)>,
+}
+
+/// Each client's outages: (first failed request's start, first success's end after it).
+fn outages(samples: &[&Sample]) -> Vec<(f64, Option<f64>)> {
+    let mut sorted: Vec<&Sample> = samples.to_vec();
+    sorted.sort_by(|a, b| a.end.total_cmp(&b.end));
+    let mut out = Vec::new();
+    let mut open: Option<f64> = None;
+    for s in sorted {
+        match (&s.error, open) {
+            (Some(_), None) => open = Some(s.start),
+            (None, Some(from)) => {
+                out.push((from, Some(s.end)));
+                open = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(from) = open {
+        out.push((from, None));
+    }
+    out
+}
+
+impl Report {
+    /// Works out the figures and judges them against the scenario's targets.
+    pub fn build(i: Inputs<'_>) -> Report {
+        let s = i.scenario;
+        let first_fault = i
+            .marks
+            .iter()
+            .find(|m| m.kind == "fault")
+            .map(|m| m.at)
+            .unwrap_or(0.0);
+        let last_repair = i
+            .marks
+            .iter()
+            .filter(|m| m.kind == "repair")
+            .map(|m| m.at)
+            .fold(None, |a: Option<f64>, b| Some(a.map_or(b, |a| a.max(b))));
+        let counted_from = if s.rto_from_repair {
+            last_repair.unwrap_or(first_fault)
+        } else {
+            first_fault
+        };
+
+        let mut by_client: BTreeMap<u32, Vec<&Sample>> = BTreeMap::new();
+        for x in i.samples {
+            by_client.entry(x.client).or_default().push(x);
+        }
+        let mut clients = Vec::new();
+        // Per component: the latest recovery, counted from `counted_from`; `None` inside
+        // when a client of it never recovered.
+        let mut component_rto: HashMap<Component, Option<f64>> = HashMap::new();
+        let mut worst_outage: Option<f64> = Some(0.0);
+        let mut last_recovery: Option<f64> = Some(first_fault);
+        for (client, samples) in &by_client {
+            let kind = samples[0].kind;
+            let list = outages(samples);
+            let longest = list
+                .iter()
+                .max_by(|a, b| {
+                    let len = |o: &(f64, Option<f64>)| o.1.map_or(f64::INFINITY, |e| e - o.0);
+                    len(a).total_cmp(&len(b))
+                })
+                .copied();
+            let Some((from, to)) = longest else {
+                component_rto.entry(kind.component()).or_insert(Some(0.0));
+                continue;
+            };
+            clients.push(ClientRto {
+                client: *client,
+                kind: serde_json::to_value(kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                first_failure: from,
+                recovered: to,
+                rto: to.map(|t| t - from),
+            });
+            // The recovery as the target counts it: the last outage's end after the start.
+            let recovered_at = list
+                .iter()
+                .filter(|o| o.1.is_none_or(|e| e >= counted_from))
+                .map(|o| o.1)
+                .try_fold(counted_from, |a, b| b.map(|b| a.max(b)));
+            let rto = recovered_at.map(|r| r - counted_from);
+            let entry = component_rto.entry(kind.component()).or_insert(Some(0.0));
+            *entry = match (*entry, rto) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                _ => None,
+            };
+            if kind.is_client() {
+                worst_outage = match (worst_outage, to) {
+                    (Some(w), Some(t)) => Some(w.max(t - from)),
+                    _ => None,
+                };
+            }
+            last_recovery = match (last_recovery, to) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                _ => None,
+            };
+        }
+        let client_components = [Component::LoadBalancer, Component::SessionService];
+        let rto = client_components
+            .iter()
+            .map(|c| component_rto.get(c).copied().unwrap_or(Some(0.0)))
+            .try_fold(0.0, |a: f64, b| b.map(|b| a.max(b)));
+        let has_fault = i.marks.iter().any(|m| m.kind == "fault");
+        let mttr = if has_fault {
+            last_recovery.map(|r| (r - first_fault).max(0.0))
+        } else {
+            Some(0.0)
+        };
+
+        let haven_rto = s.haven_rto.as_secs_f64();
+        let mut components = Vec::new();
+        for c in Component::ALL {
+            let measured = i.measured.iter().find(|m| m.0 == c);
+            let (actual, how) = match measured {
+                Some((_, a, how)) => (*a, how.clone()),
+                None => (
+                    component_rto.get(&c).copied().unwrap_or(Some(0.0)),
+                    match c {
+                        Component::LoadBalancer => "stateless calls and writes through it",
+                        Component::SessionService => "legacy sessions and long calls",
+                        Component::Registry => "GET /admin/v1/registry every 250 ms",
+                        Component::Configuration => "GET /admin/v1/config every 250 ms",
+                        Component::Secrets => "GET /admin/v1/secrets every 250 ms",
+                    }
+                    .to_owned(),
+                ),
+            };
+            let seen = measured.is_some() || component_rto.contains_key(&c);
+            if !seen {
+                continue;
+            }
+            components.push(ComponentRow {
+                component: c.name().into(),
+                seed_target: c.seed_rto().as_secs_f64(),
+                haven_target: haven_rto,
+                actual,
+                measured_by: how,
+                passed: actual.is_some_and(|a| a <= haven_rto),
+            });
+        }
+
+        let mut exactly_once = ExactlyOnce::default();
+        for c in i.long_calls {
+            exactly_once.calls += 1;
+            exactly_once.resumes += u64::from(c.resumes);
+            let finals = c.finals_stored.unwrap_or(c.finals_seen).max(c.finals_seen);
+            match (finals, c.finals_stored) {
+                (0, Some(_)) => exactly_once.never_answered += 1,
+                (0, None) => exactly_once.unread += 1,
+                (1, _) => exactly_once.answered_once += 1,
+                _ => exactly_once.answered_twice += 1,
+            }
+        }
+
+        let missing_at: Vec<f64> = i
+            .acks
+            .iter()
+            .filter(|a| i.missing.contains(&a.name))
+            .map(|a| a.at)
+            .collect();
+        let window = match (
+            missing_at.iter().copied().reduce(f64::min),
+            missing_at.iter().copied().reduce(f64::max),
+        ) {
+            (Some(lo), Some(hi)) => hi - lo,
+            _ => 0.0,
+        };
+        let rpo = Rpo {
+            acknowledged: i.acks.len() as u64,
+            missing: i.missing.len() as u64,
+            window,
+            missing_names: i.missing.iter().take(20).cloned().collect(),
+        };
+
+        let mut errors = BTreeMap::new();
+        let (mut requests, mut failed) = (0, 0);
+        for x in i.samples {
+            if let Some(e) = &x.error {
+                *errors.entry(e.clone()).or_insert(0) += 1;
+            }
+            if x.kind.is_client() {
+                requests += 1;
+                failed += u64::from(x.error.is_some());
+            }
+        }
+
+        let width = (i.duration / 600.0).ceil().max(1.0);
+        let n = (i.duration / width).ceil().max(1.0) as usize;
+        let mut timeline: Vec<Bucket> = (0..n)
+            .map(|b| Bucket {
+                at: b as f64 * width,
+                ok: 0,
+                failed: 0,
+            })
+            .collect();
+        for x in i.samples.iter().filter(|x| x.kind.is_client()) {
+            let b = ((x.end / width) as usize).min(n - 1);
+            if x.error.is_some() {
+                timeline[b].failed += 1;
+            } else {
+                timeline[b].ok += 1;
+            }
+        }
+
+        let mut findings = Vec::new();
+        match rto {
+            None => findings.push("a client never recovered before the drill ended".to_owned()),
+            Some(r) if r > haven_rto => findings.push(format!(
+                "recovery took {r:.2} s (target {haven_rto} s, counted from the {})",
+                if s.rto_from_repair { "repair" } else { "fault" }
+            )),
+            _ => {}
+        }
+        if rpo.missing > s.haven_rpo_writes {
+            findings.push(format!(
+                "{} acknowledged writes lost (a window of {:.2} s)",
+                rpo.missing, rpo.window
+            ));
+        }
+        if exactly_once.answered_twice > 0 {
+            findings.push(format!(
+                "{} long calls answered more than once",
+                exactly_once.answered_twice
+            ));
+        }
+        if exactly_once.never_answered + exactly_once.unread > 0 {
+            findings.push(format!(
+                "{} long calls never answered, {} whose stream could not be read back",
+                exactly_once.never_answered, exactly_once.unread
+            ));
+        }
+        for c in &components {
+            if !c.passed {
+                findings.push(format!(
+                    "{}: recovery {} (target {} s)",
+                    c.component,
+                    c.actual.map_or("never".to_owned(), |a| format!("{a:.2} s")),
+                    c.haven_target
+                ));
+            }
+        }
+        if requests == 0 || timeline.iter().all(|b| b.ok == 0) {
+            findings.push("no request succeeded: the load never ran".to_owned());
+        }
+        let started = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(i.started_unix),
+        )
+        .to_string();
+        Report {
+            format: 1,
+            scenario: s.name.into(),
+            summary: s.summary.into(),
+            started,
+            started_unix: i.started_unix,
+            duration: i.duration,
+            deployment: i.deployment,
+            rate: i.rate,
+            passed: findings.is_empty(),
+            findings,
+            seed_rto: s.seed_rto.as_secs_f64(),
+            seed_rpo: s.seed_rpo.as_secs_f64(),
+            haven_rto,
+            rto_from_repair: s.rto_from_repair,
+            rto,
+            worst_outage,
+            clients,
+            rpo,
+            exactly_once,
+            components,
+            mttr,
+            requests,
+            failed,
+            errors,
+            marks: i.marks,
+            timeline,
+            runbook: s.runbook.into(),
+        }
+    }
+
+    /// The report for people.
+    pub fn markdown(&self) -> String {
+        let secs = |v: Option<f64>| v.map_or("never".to_owned(), |v| format!("{v:.2} s"));
+        let mut m = String::new();
+        let _ = writeln!(
+            m,
+            "# Drill `{}`: {}\n\n{}\n",
+            self.scenario,
+            if self.passed { "PASSED" } else { "FAILED" },
+            self.summary
+        );
+        let _ = writeln!(
+            m,
+            "- Started {} and ran {:.1} s against {}, at {} requests/s.",
+            self.started, self.duration, self.deployment, self.rate
+        );
+        let _ = writeln!(
+            m,
+            "- Runbook: README, [{}](README.md#{}).\n",
+            self.runbook, self.runbook
+        );
+        if !self.findings.is_empty() {
+            let _ = writeln!(m, "## Findings\n");
+            for f in &self.findings {
+                let _ = writeln!(m, "- {f}");
+            }
+            m.push('\n');
+        }
+        let _ = writeln!(m, "## Targets\n");
+        let _ = writeln!(m, "| measure | design's target | Haven's target | actual |");
+        let _ = writeln!(m, "|---|---|---|---|");
+        let _ = writeln!(
+            m,
+            "| RTO (clients, from the {}) | < {} s | ≤ {} s | {} |",
+            if self.rto_from_repair {
+                "repair"
+            } else {
+                "fault"
+            },
+            self.seed_rto,
+            self.haven_rto,
+            secs(self.rto)
+        );
+        let _ = writeln!(
+            m,
+            "| RPO (acknowledged writes lost) | < {} s of writes | none | {} of {} (window {:.2} s) |",
+            self.seed_rpo, self.rpo.missing, self.rpo.acknowledged, self.rpo.window
+        );
+        let _ = writeln!(
+            m,
+            "| requests answered twice or never | none | none | {} twice, {} never, {} unread (of {} long calls) |",
+            self.exactly_once.answered_twice,
+            self.exactly_once.never_answered,
+            self.exactly_once.unread,
+            self.exactly_once.calls
+        );
+        let _ = writeln!(m, "| MTTR | | | {} |", secs(self.mttr));
+        let _ = writeln!(
+            m,
+            "| worst outage a client saw | | | {} |\n",
+            secs(self.worst_outage)
+        );
+        let _ = writeln!(m, "## Recovery by component\n");
+        let _ = writeln!(
+            m,
+            "| component | design's RTO | Haven's RTO | actual | measured by | |"
+        );
+        let _ = writeln!(m, "|---|---|---|---|---|---|");
+        for c in &self.components {
+            let _ = writeln!(
+                m,
+                "| {} | < {} s | ≤ {} s | {} | {} | {} |",
+                c.component,
+                c.seed_target,
+                c.haven_target,
+                secs(c.actual),
+                c.measured_by,
+                if c.passed { "met" } else { "missed" }
+            );
+        }
+        let _ = writeln!(
+            m,
+            "\n## Requests\n\n{} MCP requests, {} failed; {} long calls, {} resumptions by `Last-Event-ID`.\n",
+            self.requests, self.failed, self.exactly_once.calls, self.exactly_once.resumes
+        );
+        if !self.errors.is_empty() {
+            let _ = writeln!(m, "| failure | count |\n|---|---|");
+            for (k, v) in &self.errors {
+                let _ = writeln!(m, "| {k} | {v} |");
+            }
+            m.push('\n');
+        }
+        if !self.clients.is_empty() {
+            let _ = writeln!(
+                m,
+                "| client | kind | first failure | recovered | outage |\n|---|---|---|---|---|"
+            );
+            for c in &self.clients {
+                let _ = writeln!(
+                    m,
+                    "| {} | {} | {:.2} s | {} | {} |",
+                    c.client,
+                    c.kind,
+                    c.first_failure,
+                    c.recovered.map_or("never".into(), |r| format!("{r:.2} s")),
+                    secs(c.rto)
+                );
+            }
+            m.push('\n');
+        }
+        let _ = writeln!(m, "## Timeline\n\n![timeline](timeline.svg)\n");
+        for k in &self.marks {
+            let _ = writeln!(m, "- {:.2} s, {}: {}", k.at, k.kind, k.what);
+        }
+        m
+    }
+
+    /// Successful and failed requests per second, faults and repairs marked.
+    pub fn svg(&self) -> String {
+        let (w, h, left, bottom, top) = (900.0, 360.0, 50.0, 40.0, 70.0);
+        let plot_w = w - left - 20.0;
+        let plot_h = h - bottom - top;
+        let width = self.timeline.get(1).map_or(1.0, |b| b.at) - self.timeline[0].at;
+        let width = if width > 0.0 { width } else { 1.0 };
+        let span = (self.timeline.len() as f64 * width).max(1.0);
+        let peak = self
+            .timeline
+            .iter()
+            .map(|b| b.ok + b.failed)
+            .max()
+            .unwrap_or(0)
+            .max(1) as f64;
+        let x = |t: f64| left + t / span * plot_w;
+        let y = |v: f64| top + plot_h - v / peak * plot_h;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="11">"##
+        );
+        let _ = writeln!(
+            s,
+            r##"<rect width="{w}" height="{h}" fill="#ffffff"/><text x="{left}" y="18" font-size="13">{} — requests per {} s ({})</text>"##,
+            escape(&self.scenario),
+            width,
+            if self.passed { "passed" } else { "failed" }
+        );
+        let bar = (plot_w / self.timeline.len() as f64 - 1.0).max(0.5);
+        for b in &self.timeline {
+            let ok_top = y(b.ok as f64);
+            let _ = writeln!(
+                s,
+                r##"<rect x="{:.1}" y="{:.1}" width="{bar:.1}" height="{:.1}" fill="#2e7d32"><title>{:.0} s: {} ok</title></rect>"##,
+                x(b.at),
+                ok_top,
+                top + plot_h - ok_top,
+                b.at,
+                b.ok
+            );
+            if b.failed > 0 {
+                let f_top = y((b.ok + b.failed) as f64);
+                let _ = writeln!(
+                    s,
+                    r##"<rect x="{:.1}" y="{:.1}" width="{bar:.1}" height="{:.1}" fill="#c62828"><title>{:.0} s: {} failed</title></rect>"##,
+                    x(b.at),
+                    f_top,
+                    ok_top - f_top,
+                    b.at,
+                    b.failed
+                );
+            }
+        }
+        let axis_y = top + plot_h;
+        let _ = writeln!(
+            s,
+            r##"<line x1="{left}" y1="{axis_y}" x2="{}" y2="{axis_y}" stroke="#000"/><line x1="{left}" y1="{top}" x2="{left}" y2="{axis_y}" stroke="#000"/>"##,
+            left + plot_w
+        );
+        let _ = writeln!(
+            s,
+            r##"<text x="{}" y="{}" text-anchor="end">{peak}</text><text x="{}" y="{axis_y}" text-anchor="end">0</text>"##,
+            left - 4.0,
+            top + 4.0,
+            left - 4.0
+        );
+        let step = nice_step(span);
+        let mut t = 0.0;
+        while t <= span {
+            let _ = writeln!(
+                s,
+                r##"<text x="{:.1}" y="{}" text-anchor="middle">{t} s</text>"##,
+                x(t),
+                axis_y + 14.0
+            );
+            t += step;
+        }
+        for (n, k) in self.marks.iter().enumerate() {
+            let color = match k.kind.as_str() {
+                "fault" => "#c62828",
+                "repair" => "#1565c0",
+                _ => "#616161",
+            };
+            let _ = writeln!(
+                s,
+                r##"<line x1="{0:.1}" y1="{4}" x2="{0:.1}" y2="{axis_y}" stroke="{color}" stroke-dasharray="4 3"/><text x="{1:.1}" y="{2}" fill="{color}">{3}</text>"##,
+                x(k.at),
+                x(k.at) + 3.0,
+                30.0 + 12.0 * (n % 3) as f64,
+                escape(&k.what),
+                22.0 + 12.0 * (n % 3) as f64
+            );
+        }
+        let _ = writeln!(
+            s,
+            r##"<text x="{left}" y="{}"><tspan fill="#2e7d32">■ succeeded</tspan>  <tspan fill="#c62828">■ failed</tspan>  dashed: faults (red), repairs (blue), notes (grey)</text>"##,
+            h - 8.0
+        );
+        s.push_str("</svg>\n");
+        s
+    }
+}
+
+/// A tick spacing for an axis `span` seconds long: about ten ticks.
+fn nice_step(span: f64) -> f64 {
+    let raw = span / 10.0;
+    [1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0]
+        .into_iter()
+        .find(|s| *s >= raw)
+        .unwrap_or(raw.ceil())
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::Kind;
+    use crate::scenario;
+
+    fn sample(client: u32, kind: Kind, start: f64, end: f64, error: Option<&str>) -> Sample {
+        Sample {
+            client,
+            kind,
+            start,
+            end,
+            error: error.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn a_clients_outage_runs_from_its_first_failure_to_its_next_success() {
+        let scenario = scenario::find("process-crash").unwrap();
+        let samples = vec![
+            sample(0, Kind::Stateless, 0.0, 0.1, None),
+            sample(0, Kind::Stateless, 1.0, 1.2, Some("http-503")),
+            sample(0, Kind::Stateless, 2.0, 2.1, Some("transport")),
+            sample(0, Kind::Stateless, 3.0, 3.5, None),
+            sample(1, Kind::Session, 0.5, 0.6, None),
+            sample(1, Kind::Session, 4.0, 4.1, None),
+            sample(2, Kind::Registry, 1.5, 1.6, Some("http-503")),
+            sample(2, Kind::Registry, 1.8, 1.9, None),
+        ];
+        let acks = vec![
+            Ack {
+                name: "a".into(),
+                at: 0.5,
+            },
+            Ack {
+                name: "b".into(),
+                at: 2.5,
+            },
+        ];
+        let r = Report::build(Inputs {
+            scenario: &scenario,
+            deployment: "test".into(),
+            rate: 1.0,
+            started_unix: 0,
+            duration: 5.0,
+            samples: &samples,
+            acks: &acks,
+            missing: &["b".to_owned()],
+            long_calls: &[],
+            marks: vec![Mark {
+                at: 0.9,
+                kind: "fault".into(),
+                what: "kill -9".into(),
+            }],
+            measured: vec![],
+        });
+        assert_eq!(r.clients.len(), 2);
+        assert_eq!(r.clients[0].rto, Some(2.5));
+        assert_eq!(r.worst_outage, Some(2.5));
+        // From the fault at 0.9 to the stateless client's recovery at 3.5.
+        assert!((r.rto.unwrap() - 2.6).abs() < 1e-9);
+        assert!((r.mttr.unwrap() - 2.6).abs() < 1e-9);
+        assert_eq!((r.rpo.acknowledged, r.rpo.missing), (2, 1));
+        assert!(!r.passed, "a lost write fails the drill");
+        assert_eq!(r.errors.get("http-503"), Some(&2));
+        assert_eq!((r.requests, r.failed), (6, 2));
+        let reg = r
+            .components
+            .iter()
+            .find(|c| c.component == "registry")
+            .unwrap();
+        assert!((reg.actual.unwrap() - 1.0).abs() < 1e-9);
+        assert!(r.markdown().contains("| registry |"));
+        assert!(r.svg().starts_with("<svg"));
+    }
+
+    #[test]
+    fn a_client_that_never_recovers_fails_the_drill() {
+        let scenario = scenario::find("process-crash").unwrap();
+        let samples = vec![
+            sample(0, Kind::Stateless, 0.0, 0.1, None),
+            sample(0, Kind::Stateless, 1.0, 1.2, Some("http-503")),
+        ];
+        let r = Report::build(Inputs {
+            scenario: &scenario,
+            deployment: "test".into(),
+            rate: 1.0,
+            started_unix: 0,
+            duration: 2.0,
+            samples: &samples,
+            acks: &[],
+            missing: &[],
+            long_calls: &[],
+            marks: vec![],
+            measured: vec![],
+        });
+        assert_eq!(r.rto, None);
+        assert!(!r.passed);
+        assert!(
+            r.findings[0].contains("never recovered"),
+            "{:?}",
+            r.findings
+        );
+    }
+}

@@ -1,0 +1,448 @@
+//! Running drills: load through the load balancer, the fault and its repair at their times,
+//! then the read-back and the report.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::DrillError;
+use crate::load::{self, Load, LoadOptions, Recorder};
+use crate::local::Local;
+use crate::report::{Inputs, Mark, Report};
+use crate::scenario::{Component, Fault, Scenario};
+
+/// How each drill runs.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Load before the fault.
+    pub warmup: Duration,
+    /// Load after the repair (and the scenario's own measurement).
+    pub after: Duration,
+    /// How long a kill or an outage lasts before its repair (`None`: the scenario's own).
+    pub outage: Option<Duration>,
+    /// Requests per second of the paced clients.
+    pub rate: f64,
+    /// Seconds each long call sleeps.
+    pub long_seconds: u32,
+    /// Where reports are kept (a directory per drill).
+    pub reports: PathBuf,
+}
+
+/// A finished drill: its report and the directory it was written to.
+pub struct Finished {
+    /// The report.
+    pub report: Report,
+    /// Its directory (`report.json`, `report.md`, `timeline.svg`).
+    pub dir: PathBuf,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+struct Marks {
+    rec: Arc<Recorder>,
+    list: Vec<Mark>,
+}
+
+impl Marks {
+    fn add(&mut self, kind: &str, what: impl Into<String>) {
+        let what = what.into();
+        tracing::info!(at = self.rec.now(), kind, "{what}");
+        self.list.push(Mark {
+            at: self.rec.now(),
+            kind: kind.into(),
+            what,
+        });
+    }
+}
+
+/// Runs `scenarios` one after another on a local deployment, each with its own load and
+/// report. The deployment must be ready before each drill starts.
+pub async fn run_local(
+    local: &mut Local,
+    scenarios: &[Scenario],
+    opts: &RunOptions,
+    on_done: &mut dyn FnMut(&Finished),
+) -> Result<Vec<Finished>, DrillError> {
+    let mut done = Vec::new();
+    for s in scenarios {
+        let f = run_one(local, s, opts).await?;
+        on_done(&f);
+        done.push(f);
+        local.ensure_all_ready().await?;
+    }
+    Ok(done)
+}
+
+async fn run_one(
+    local: &mut Local,
+    scenario: &Scenario,
+    opts: &RunOptions,
+) -> Result<Finished, DrillError> {
+    let started_unix = unix_now();
+    let run = format!("{started_unix}-{}", scenario.name);
+    let rec = Recorder::new();
+    let base = local.lb_base();
+    let token = local.admin_token().to_owned();
+    let load = Load::start(
+        LoadOptions {
+            base: base.clone(),
+            admin_token: Some(token.clone()),
+            rate: opts.rate,
+            clients_per_kind: 2,
+            long_clients: 3,
+            long_seconds: opts.long_seconds,
+            run,
+        },
+        rec.clone(),
+    );
+    let mut marks = Marks {
+        rec: rec.clone(),
+        list: Vec::new(),
+    };
+    tokio::time::sleep(opts.warmup).await;
+    let outage = opts.outage.unwrap_or(scenario.outage);
+    let mut measured = Vec::new();
+    let admin = Admin {
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .expect("a client with no TLS settings always builds"),
+        token,
+        nodes: local.node_bases(),
+    };
+    let fault = cause_and_repair(local, scenario, outage, &admin, &mut marks, &mut measured).await;
+    if let Err(e) = fault {
+        load.stop().await;
+        return Err(e);
+    }
+    // Load goes on until every client is served again (or long past the target: then the
+    // report says who never recovered), then for `after` more.
+    let repaired = rec.now();
+    let give_up = Instant::now() + scenario.haven_rto * 2 + Duration::from_secs(30);
+    while !rec.all_served_since(repaired) && Instant::now() < give_up {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if rec.all_served_since(repaired) {
+        marks.add("note", "every client served again");
+    }
+    tokio::time::sleep(opts.after).await;
+    load.stop().await;
+    let duration = rec.now();
+    load::read_back_long_calls(&base, &rec).await;
+    let acks = rec.acks();
+    let missing = load::missing_writes(&base, &acks)
+        .await
+        .map_err(DrillError::Deployment)?;
+    let left = load::clean_up(&base, &rec).await;
+    if left > 0 {
+        tracing::warn!("{left} of the drill's notes could not be deleted");
+    }
+    let report = Report::build(Inputs {
+        scenario,
+        deployment: format!(
+            "a local deployment ({} NATS servers in one JetStream cluster, {} Haven nodes, HAProxy)",
+            local.nats_count(),
+            local.node_bases().len()
+        ),
+        rate: opts.rate,
+        started_unix,
+        duration,
+        samples: &rec.samples(),
+        acks: &acks,
+        missing: &missing,
+        long_calls: &rec.long_calls(),
+        marks: marks.list,
+        measured,
+    });
+    let dir = save(&opts.reports, &report)?;
+    Ok(Finished { report, dir })
+}
+
+/// The admin API of every node.
+struct Admin {
+    http: reqwest::Client,
+    token: String,
+    nodes: Vec<String>,
+}
+
+impl Admin {
+    async fn get(&self, node: usize, path: &str) -> Option<Value> {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.nodes[node]))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .ok()?;
+        if r.status() != 200 {
+            return None;
+        }
+        r.json().await.ok()
+    }
+
+    async fn send(
+        &self,
+        node: usize,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, DrillError> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.nodes[node]))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        let r = req
+            .send()
+            .await
+            .map_err(|e| DrillError::Deployment(format!("{path}: {e}")))?;
+        let status = r.status();
+        let text = r.text().await.unwrap_or_default();
+        if !status.is_success() {
+            return Err(DrillError::Deployment(format!("{path}: {status}: {text}")));
+        }
+        Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Waits until `check` holds on every node (at most `within`); the time it took, or
+    /// `None` when it did not.
+    async fn until_every_node(
+        &self,
+        path: &str,
+        within: Duration,
+        check: impl Fn(&Value) -> bool,
+    ) -> Option<f64> {
+        let start = Instant::now();
+        let mut pending: Vec<usize> = (0..self.nodes.len()).collect();
+        while start.elapsed() < within {
+            let mut still = Vec::new();
+            for n in pending {
+                if !self.get(n, path).await.is_some_and(|v| check(&v)) {
+                    still.push(n);
+                }
+            }
+            pending = still;
+            if pending.is_empty() {
+                return Some(start.elapsed().as_secs_f64());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+}
+
+/// The node a drill breaks: the one running the most requests (`haven_running_requests`),
+/// so that work in flight is interrupted; the last node when none reports any.
+async fn victim(local: &Local, admin: &Admin) -> usize {
+    let mut best = (0.0, local.node_bases().len() - 1);
+    for n in 0..admin.nodes.len() {
+        let Ok(r) = admin
+            .http
+            .get(format!("{}/metrics", admin.nodes[n]))
+            .bearer_auth(&admin.token)
+            .send()
+            .await
+        else {
+            continue;
+        };
+        let text = r.text().await.unwrap_or_default();
+        let running: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("haven_running_requests"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if running > best.0 {
+            best = (running, n);
+        }
+    }
+    best.1
+}
+
+async fn cause_and_repair(
+    local: &mut Local,
+    scenario: &Scenario,
+    outage: Duration,
+    admin: &Admin,
+    marks: &mut Marks,
+    measured: &mut Vec<(Component, Option<f64>, String)>,
+) -> Result<(), DrillError> {
+    match scenario.fault {
+        Fault::KillNode => {
+            let i = victim(local, admin).await;
+            local.kill_node(i);
+            marks.add("fault", format!("kill -9 {}", local.node_name(i)));
+            tokio::time::sleep(outage).await;
+            local.start_node(i).await?;
+            marks.add("repair", format!("{} restarted, ready", local.node_name(i)));
+        }
+        Fault::LoseNode => {
+            let i = victim(local, admin).await;
+            let nats = i % local.nats_count();
+            local.kill_node(i);
+            local.kill_nats(nats);
+            marks.add(
+                "fault",
+                format!(
+                    "machine lost: kill -9 {} and {}",
+                    local.node_name(i),
+                    local.nats_name(nats)
+                ),
+            );
+            tokio::time::sleep(outage).await;
+            local.start_nats(nats).await?;
+            local.start_node(i).await?;
+            marks.add(
+                "repair",
+                format!(
+                    "{} and {} restarted, ready",
+                    local.nats_name(nats),
+                    local.node_name(i)
+                ),
+            );
+        }
+        Fault::KillNatsLeader => {
+            let leader = local.stream_leader().await.unwrap_or(0);
+            local.kill_nats(leader);
+            marks.add(
+                "fault",
+                format!("kill -9 {} (stream leader)", local.nats_name(leader)),
+            );
+            tokio::time::sleep(outage).await;
+            local.start_nats(leader).await?;
+            marks.add(
+                "repair",
+                format!("{} restarted, healthy", local.nats_name(leader)),
+            );
+        }
+        Fault::StoreOutage => {
+            for i in 0..local.nats_count() {
+                local.kill_nats(i);
+            }
+            marks.add("fault", "every NATS server killed");
+            tokio::time::sleep(outage).await;
+            local.start_all_nats().await?;
+            marks.add("repair", "every NATS server restarted, healthy");
+        }
+        Fault::Switchover => {
+            let i = victim(local, admin).await;
+            marks.add("fault", format!("{} drained (SIGTERM)", local.node_name(i)));
+            local.drain_node(i).await?;
+            marks.add("note", format!("{} exited", local.node_name(i)));
+            tokio::time::sleep(outage).await;
+            local.start_node(i).await?;
+            marks.add("repair", format!("{} restarted, ready", local.node_name(i)));
+        }
+        Fault::ConfigPush => {
+            const KEY: &str = "audit.retention_days";
+            let before = admin.get(0, &format!("/admin/v1/config/{KEY}")).await;
+            let was_set = before
+                .as_ref()
+                .is_some_and(|v| v.get("value").is_some_and(|x| !x.is_null()));
+            let current = before
+                .as_ref()
+                .and_then(|v| v["in_force"].as_u64())
+                .unwrap_or(90);
+            let value = if current == 91 { 92 } else { 91 };
+            marks.add("fault", format!("{KEY} set to {value} on node 0"));
+            admin
+                .send(
+                    0,
+                    reqwest::Method::PUT,
+                    &format!("/admin/v1/config/{KEY}"),
+                    Some(json!({ "value": value })),
+                )
+                .await?;
+            let took = admin
+                .until_every_node(
+                    &format!("/admin/v1/config/{KEY}"),
+                    Duration::from_secs(60),
+                    |v| v["in_force"].as_u64() == Some(value),
+                )
+                .await;
+            marks.add("repair", "every node has the new value in force");
+            measured.push((
+                Component::Configuration,
+                took,
+                format!("PUT {KEY} on one node until every node has it in force"),
+            ));
+            // Put it back as it was.
+            if was_set {
+                admin
+                    .send(
+                        0,
+                        reqwest::Method::PUT,
+                        &format!("/admin/v1/config/{KEY}"),
+                        Some(json!({ "value": current })),
+                    )
+                    .await?;
+            } else {
+                admin
+                    .send(
+                        0,
+                        reqwest::Method::DELETE,
+                        &format!("/admin/v1/config/{KEY}"),
+                        None,
+                    )
+                    .await?;
+            }
+        }
+        Fault::KeyRotation => {
+            marks.add(
+                "fault",
+                "keys rotated on node 0 (POST /admin/v1/keys/rotate)",
+            );
+            let rotated = admin
+                .send(0, reqwest::Method::POST, "/admin/v1/keys/rotate", None)
+                .await?;
+            let kid = rotated["request_state"]["signing"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            let took = admin
+                .until_every_node("/admin/v1/keys", Duration::from_secs(60), |v| {
+                    v["request_state"]["signing"].as_str() == Some(kid.as_str())
+                })
+                .await;
+            marks.add("repair", "every node signs with the new key");
+            measured.push((
+                Component::Secrets,
+                took,
+                "POST /admin/v1/keys/rotate on one node until every node signs with the new key"
+                    .into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Writes a report's three files into a new directory of `reports`; that directory.
+pub fn save(reports: &Path, report: &Report) -> Result<PathBuf, DrillError> {
+    let stamp = report
+        .started
+        .replace([':', '-'], "")
+        .trim_end_matches('Z')
+        .to_owned();
+    let mut dir = reports.join(format!("{stamp}Z-{}", report.scenario));
+    let mut n = 1;
+    while dir.exists() {
+        n += 1;
+        dir = reports.join(format!("{stamp}Z-{}-{n}", report.scenario));
+    }
+    let io = |e: std::io::Error| DrillError::Reports(format!("{}: {e}", dir.display()));
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    let json = serde_json::to_string_pretty(report).expect("a report serializes");
+    std::fs::write(dir.join("report.json"), json).map_err(io)?;
+    std::fs::write(dir.join("report.md"), report.markdown()).map_err(io)?;
+    std::fs::write(dir.join("timeline.svg"), report.svg()).map_err(io)?;
+    Ok(dir)
+}

@@ -1,0 +1,158 @@
+//! `haven drill`: list, run and history of disaster drills (the `haven-drill` crate).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use haven_drill::local::{Local, LocalOptions};
+use haven_drill::run::{Finished, RunOptions};
+use haven_drill::scenario::{self, Scenario};
+
+use crate::settings::{DrillCommand, DrillHistoryArgs, DrillRunArgs};
+
+/// Runs a `haven drill` subcommand.
+pub async fn run(cmd: DrillCommand) -> Result<ExitCode> {
+    match cmd {
+        DrillCommand::List => {
+            list();
+            Ok(ExitCode::SUCCESS)
+        }
+        DrillCommand::Run(args) => run_drills(args).await,
+        DrillCommand::History(args) => history(args),
+    }
+}
+
+fn list() {
+    println!(
+        "{:<15} {:>10} {:>10} {:>10} {:>10}  what it rehearses",
+        "drill", "design RTO", "design RPO", "Haven RTO", "Haven RPO"
+    );
+    for s in scenario::all() {
+        println!(
+            "{:<15} {:>10} {:>10} {:>10} {:>10}  {}",
+            s.name,
+            humantime::format_duration(s.seed_rto).to_string(),
+            humantime::format_duration(s.seed_rpo).to_string(),
+            format!(
+                "{}{}",
+                humantime::format_duration(s.haven_rto),
+                if s.rto_from_repair { "*" } else { "" }
+            ),
+            "no loss",
+            s.summary
+        );
+    }
+    println!("\n* counted from the repair: the fault takes the whole store away.");
+}
+
+fn chosen(names: &[String]) -> Result<Vec<Scenario>> {
+    let mut out = Vec::new();
+    for n in names {
+        if n == "all" {
+            out.extend(scenario::all());
+            continue;
+        }
+        match scenario::find(n) {
+            Some(s) => out.push(s),
+            None => {
+                let known: Vec<&str> = scenario::all().iter().map(|s| s.name).collect();
+                bail!("no drill named '{n}'; the drills are: {}", known.join(", "));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn seconds(what: &str, v: f64) -> Result<Duration> {
+    if !v.is_finite() || !(0.0..=86_400.0).contains(&v) {
+        bail!("--{what} must be between 0 and 86400 seconds, not {v}");
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+async fn run_drills(args: DrillRunArgs) -> Result<ExitCode> {
+    let scenarios = chosen(&args.scenarios)?;
+    if !args.local {
+        bail!("say where to run the drills: --local starts a deployment on this machine");
+    }
+    if !(args.rate > 0.0 && args.rate <= 10_000.0) {
+        bail!("--rate must be above 0 and at most 10000 requests/s");
+    }
+    let opts = RunOptions {
+        warmup: seconds("warmup", args.warmup)?,
+        after: seconds("after", args.after)?,
+        outage: args.outage.map(|o| seconds("outage", o)).transpose()?,
+        rate: args.rate,
+        long_seconds: args.long_seconds.clamp(1, 600),
+        reports: args.reports.clone(),
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("haven-drill-")
+        .tempdir()?
+        .keep();
+    println!("starting a local deployment in {}", dir.display());
+    let mut local = Local::start(LocalOptions {
+        haven: std::env::current_exe()?,
+        nats_server: args.nats_server,
+        haproxy: args.haproxy,
+        nodes: args.nodes,
+        dir: dir.clone(),
+        keep: args.keep,
+    })
+    .await?;
+    println!(
+        "ready: {} Haven nodes behind HAProxy at {}/mcp",
+        args.nodes,
+        local.lb_base()
+    );
+    let mut print = |f: &Finished| {
+        let r = &f.report;
+        let secs = |v: Option<f64>| v.map_or("never".to_owned(), |v| format!("{v:.2} s"));
+        println!(
+            "drill {}: {} (RTO {}, target {} s; {} of {} acknowledged writes lost; {} of {} requests failed; long calls {} once, {} twice, {} never)",
+            r.scenario,
+            if r.passed { "passed" } else { "FAILED" },
+            secs(r.rto),
+            r.haven_rto,
+            r.rpo.missing,
+            r.rpo.acknowledged,
+            r.failed,
+            r.requests,
+            r.exactly_once.answered_once,
+            r.exactly_once.answered_twice,
+            r.exactly_once.never_answered,
+        );
+        for finding in &r.findings {
+            println!("  finding: {finding}");
+        }
+        println!("  report: {}", f.dir.join("report.md").display());
+    };
+    let result = haven_drill::run::run_local(&mut local, &scenarios, &opts, &mut print).await;
+    if args.keep {
+        println!("kept the deployment's directory: {}", dir.display());
+    }
+    drop(local);
+    let finished = result?;
+    Ok(if finished.iter().all(|f| f.report.passed) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn history(args: DrillHistoryArgs) -> Result<ExitCode> {
+    let reports = haven_drill::history::load(&args.reports)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if reports.is_empty() {
+        println!("no drill reports in {}", args.reports.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    print!("{}", haven_drill::history::table(&reports, now));
+    Ok(ExitCode::SUCCESS)
+}
