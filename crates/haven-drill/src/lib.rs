@@ -13,6 +13,7 @@
 //! signals, exactly as an operator's deployment would be driven, and imports no other
 //! Haven crate.
 
+pub mod described;
 pub mod history;
 pub mod load;
 pub mod local;

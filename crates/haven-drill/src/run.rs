@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::DrillError;
+use crate::described::Described;
 use crate::load::{self, Load, LoadOptions, Recorder};
 use crate::local::Local;
 use crate::report::{Inputs, Mark, Report};
@@ -61,34 +62,105 @@ impl Marks {
     }
 }
 
-/// Runs `scenarios` one after another on a local deployment, each with its own load and
-/// report. The deployment must be ready before each drill starts.
-pub async fn run_local(
-    local: &mut Local,
+/// What a drill runs against.
+pub enum Target<'a> {
+    /// A deployment this program started ([`Local`]).
+    Local(&'a mut Local),
+    /// An existing deployment, described in a file ([`Described`]).
+    Described(&'a Described),
+}
+
+impl Target<'_> {
+    fn lb_base(&self) -> String {
+        match self {
+            Target::Local(l) => l.lb_base(),
+            Target::Described(d) => d.load_balancer.clone(),
+        }
+    }
+
+    fn node_bases(&self) -> Vec<String> {
+        match self {
+            Target::Local(l) => l.node_bases(),
+            Target::Described(d) => d.node_bases(),
+        }
+    }
+
+    fn admin_token(&self) -> String {
+        match self {
+            Target::Local(l) => l.admin_token().to_owned(),
+            Target::Described(d) => d.admin_token().to_owned(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Target::Local(l) => format!(
+                "a local deployment ({} NATS servers in one JetStream cluster, {} Haven nodes, HAProxy)",
+                l.nats_count(),
+                l.node_bases().len()
+            ),
+            Target::Described(d) => format!(
+                "the deployment '{}' ({} nodes behind {})",
+                d.name,
+                d.nodes.len(),
+                d.load_balancer
+            ),
+        }
+    }
+
+    /// Waits until the deployment is whole again (what each drill starts from).
+    async fn ensure_ready(&mut self) -> Result<(), DrillError> {
+        match self {
+            Target::Local(l) => l.ensure_all_ready().await,
+            Target::Described(d) => {
+                let http = reqwest::Client::new();
+                let deadline = Instant::now() + Duration::from_secs(300);
+                for base in d.node_bases().iter().chain([&d.load_balancer]) {
+                    let url = format!("{base}/readyz");
+                    while crate::local::http_status(&http, &url).await != Some(200) {
+                        if Instant::now() > deadline {
+                            return Err(DrillError::Deployment(format!(
+                                "{url} did not answer 200 within 5 minutes"
+                            )));
+                        }
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Runs `scenarios` one after another, each with its own load and report. The deployment
+/// must be whole before each drill starts (it is waited for, at most 5 minutes).
+pub async fn run_all(
+    mut target: Target<'_>,
     scenarios: &[Scenario],
     opts: &RunOptions,
     on_done: &mut dyn FnMut(&Finished),
 ) -> Result<Vec<Finished>, DrillError> {
     let mut done = Vec::new();
     for s in scenarios {
-        let f = run_one(local, s, opts).await?;
+        target.ensure_ready().await?;
+        let f = run_one(&mut target, s, opts).await?;
         on_done(&f);
         done.push(f);
-        local.ensure_all_ready().await?;
     }
+    target.ensure_ready().await?;
     Ok(done)
 }
 
 async fn run_one(
-    local: &mut Local,
+    target: &mut Target<'_>,
     scenario: &Scenario,
     opts: &RunOptions,
 ) -> Result<Finished, DrillError> {
     let started_unix = unix_now();
     let run = format!("{started_unix}-{}", scenario.name);
     let rec = Recorder::new();
-    let base = local.lb_base();
-    let token = local.admin_token().to_owned();
+    let base = target.lb_base();
+    let token = target.admin_token();
     let load = Load::start(
         LoadOptions {
             base: base.clone(),
@@ -114,9 +186,16 @@ async fn run_one(
             .build()
             .expect("a client with no TLS settings always builds"),
         token,
-        nodes: local.node_bases(),
+        nodes: target.node_bases(),
     };
-    let fault = cause_and_repair(local, scenario, outage, &admin, &mut marks, &mut measured).await;
+    let fault = match target {
+        Target::Local(local) => {
+            cause_and_repair(local, scenario, outage, &admin, &mut marks, &mut measured).await
+        }
+        Target::Described(d) => {
+            by_commands(d, scenario, outage, &admin, &mut marks, &mut measured).await
+        }
+    };
     if let Err(e) = fault {
         load.stop().await;
         return Err(e);
@@ -145,11 +224,7 @@ async fn run_one(
     }
     let report = Report::build(Inputs {
         scenario,
-        deployment: format!(
-            "a local deployment ({} NATS servers in one JetStream cluster, {} Haven nodes, HAProxy)",
-            local.nats_count(),
-            local.node_bases().len()
-        ),
+        deployment: target.describe(),
         rate: opts.rate,
         started_unix,
         duration,
@@ -162,6 +237,27 @@ async fn run_one(
     });
     let dir = save(&opts.reports, &report)?;
     Ok(Finished { report, dir })
+}
+
+/// A drill on a described deployment: its own commands cause and repair the fault; the
+/// configuration push and the key rotation go through the admin API as on a local one.
+async fn by_commands(
+    d: &Described,
+    scenario: &Scenario,
+    outage: Duration,
+    admin: &Admin,
+    marks: &mut Marks,
+    measured: &mut Vec<(Component, Option<f64>, String)>,
+) -> Result<(), DrillError> {
+    let Some(c) = d.commands(scenario)? else {
+        return through_admin(scenario, admin, marks, measured).await;
+    };
+    d.run_command("the fault's command", &c.cause).await?;
+    marks.add("fault", c.cause.clone());
+    tokio::time::sleep(outage).await;
+    d.run_command("the repair's command", &c.repair).await?;
+    marks.add("repair", c.repair.clone());
+    Ok(())
 }
 
 /// The admin API of every node.
@@ -342,6 +438,22 @@ async fn cause_and_repair(
             local.start_node(i).await?;
             marks.add("repair", format!("{} restarted, ready", local.node_name(i)));
         }
+        Fault::ConfigPush | Fault::KeyRotation => {
+            through_admin(scenario, admin, marks, measured).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The drills done through the admin API alone: a configuration push and a key rotation,
+/// each timed until every node has the change.
+async fn through_admin(
+    scenario: &Scenario,
+    admin: &Admin,
+    marks: &mut Marks,
+    measured: &mut Vec<(Component, Option<f64>, String)>,
+) -> Result<(), DrillError> {
+    match scenario.fault {
         Fault::ConfigPush => {
             const KEY: &str = "audit.retention_days";
             let before = admin.get(0, &format!("/admin/v1/config/{KEY}")).await;
@@ -420,6 +532,12 @@ async fn cause_and_repair(
                 "POST /admin/v1/keys/rotate on one node until every node signs with the new key"
                     .into(),
             ));
+        }
+        _ => {
+            return Err(DrillError::Usage(format!(
+                "{} is not done through the admin API",
+                scenario.name
+            )));
         }
     }
     Ok(())

@@ -4,8 +4,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
+use haven_drill::described::Described;
 use haven_drill::local::{Local, LocalOptions};
-use haven_drill::run::{Finished, RunOptions};
+use haven_drill::run::{Finished, RunOptions, Target, run_all};
 use haven_drill::scenario::{self, Scenario};
 
 use crate::settings::{DrillCommand, DrillHistoryArgs, DrillRunArgs};
@@ -72,8 +73,10 @@ fn seconds(what: &str, v: f64) -> Result<Duration> {
 
 async fn run_drills(args: DrillRunArgs) -> Result<ExitCode> {
     let scenarios = chosen(&args.scenarios)?;
-    if !args.local {
-        bail!("say where to run the drills: --local starts a deployment on this machine");
+    if !args.local && args.deployment.is_none() {
+        bail!(
+            "say where to run the drills: --local starts a deployment on this machine, --deployment FILE names an existing one"
+        );
     }
     if !(args.rate > 0.0 && args.rate <= 10_000.0) {
         bail!("--rate must be above 0 and at most 10000 requests/s");
@@ -86,25 +89,6 @@ async fn run_drills(args: DrillRunArgs) -> Result<ExitCode> {
         long_seconds: args.long_seconds.clamp(1, 600),
         reports: args.reports.clone(),
     };
-    let dir = tempfile::Builder::new()
-        .prefix("haven-drill-")
-        .tempdir()?
-        .keep();
-    println!("starting a local deployment in {}", dir.display());
-    let mut local = Local::start(LocalOptions {
-        haven: std::env::current_exe()?,
-        nats_server: args.nats_server,
-        haproxy: args.haproxy,
-        nodes: args.nodes,
-        dir: dir.clone(),
-        keep: args.keep,
-    })
-    .await?;
-    println!(
-        "ready: {} Haven nodes behind HAProxy at {}/mcp",
-        args.nodes,
-        local.lb_base()
-    );
     let mut print = |f: &Finished| {
         let r = &f.report;
         let secs = |v: Option<f64>| v.map_or("never".to_owned(), |v| format!("{v:.2} s"));
@@ -127,17 +111,72 @@ async fn run_drills(args: DrillRunArgs) -> Result<ExitCode> {
         }
         println!("  report: {}", f.dir.join("report.md").display());
     };
-    let result = haven_drill::run::run_local(&mut local, &scenarios, &opts, &mut print).await;
-    if args.keep {
-        println!("kept the deployment's directory: {}", dir.display());
-    }
-    drop(local);
-    let finished = result?;
+    let finished = if let Some(file) = &args.deployment {
+        let d = Described::load(file)?;
+        // Every drill asked for must be runnable here before anything is broken.
+        for s in &scenarios {
+            d.commands(s)?;
+        }
+        let plan = d.plan(&scenarios, opts.warmup, opts.outage);
+        if args.dry_run {
+            print!("{plan}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        if !args.yes {
+            confirm(&d.name, &plan)?;
+        }
+        run_all(Target::Described(&d), &scenarios, &opts, &mut print).await?
+    } else {
+        let dir = tempfile::Builder::new()
+            .prefix("haven-drill-")
+            .tempdir()?
+            .keep();
+        println!("starting a local deployment in {}", dir.display());
+        let mut local = Local::start(LocalOptions {
+            haven: std::env::current_exe()?,
+            nats_server: args.nats_server,
+            haproxy: args.haproxy,
+            nodes: args.nodes,
+            dir: dir.clone(),
+            keep: args.keep,
+        })
+        .await?;
+        println!(
+            "ready: {} Haven nodes behind HAProxy at {}/mcp",
+            args.nodes,
+            local.lb_base()
+        );
+        let result = run_all(Target::Local(&mut local), &scenarios, &opts, &mut print).await;
+        if args.keep {
+            println!("kept the deployment's directory: {}", dir.display());
+        }
+        drop(local);
+        result?
+    };
     Ok(if finished.iter().all(|f| f.report.passed) {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Shows the plan and asks for the deployment's name on the terminal; anything else (or no
+/// terminal) stops here.
+fn confirm(name: &str, plan: &str) -> Result<()> {
+    use std::io::{BufRead as _, IsTerminal as _, Write as _};
+    if !std::io::stdin().is_terminal() {
+        bail!(
+            "these drills break the deployment '{name}': confirm on a terminal, or pass --yes (see the plan with --dry-run)"
+        );
+    }
+    print!("{plan}\nThese drills break the deployment '{name}'. Type its name to go on: ");
+    std::io::stdout().flush()?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    if line.trim() != name {
+        bail!("not confirmed: nothing was done");
+    }
+    Ok(())
 }
 
 fn history(args: DrillHistoryArgs) -> Result<ExitCode> {

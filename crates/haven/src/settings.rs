@@ -87,8 +87,19 @@ pub struct DrillRunArgs {
     pub scenarios: Vec<String>,
     /// Start a complete deployment on this machine for the drills (three NATS servers, Haven
     /// nodes of this very binary, HAProxy) and remove it afterwards
-    #[arg(long)]
+    #[arg(long, conflicts_with = "deployment")]
     pub local: bool,
+    /// Run against an existing deployment described in this TOML file (its load balancer,
+    /// nodes, admin token file, and each drill's fault and repair commands; README, "Disaster
+    /// drills")
+    #[arg(long, value_name = "FILE")]
+    pub deployment: Option<PathBuf>,
+    /// With --deployment: print the plan (every command, in order) and change nothing
+    #[arg(long, requires = "deployment")]
+    pub dry_run: bool,
+    /// With --deployment: do not ask for the deployment's name before breaking it
+    #[arg(long, requires = "deployment")]
+    pub yes: bool,
     /// Haven nodes of the local deployment
     #[arg(long, default_value_t = 3, value_name = "N")]
     pub nodes: usize,

@@ -216,3 +216,157 @@ fn every_drill_runs_on_a_local_deployment_and_reports_what_clients_saw() {
     let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(json.as_array().unwrap().len(), 7);
 }
+
+/// Haven nodes started by shell scripts, as an operator's service manager would, so that a
+/// deployment file's commands can kill and start them; every node still running is killed
+/// when this is dropped.
+struct ScriptedNodes {
+    dir: std::path::PathBuf,
+    count: usize,
+}
+
+impl Drop for ScriptedNodes {
+    fn drop(&mut self) {
+        for i in 0..self.count {
+            if let Ok(pid) = std::fs::read_to_string(self.dir.join(format!("node{i}.pid"))) {
+                let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_described_deployment_is_drilled_with_its_own_commands() {
+    let nats = haven_testkit::NatsCluster::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let haven_bin = env!("CARGO_BIN_EXE_haven");
+    let made = Command::new(haven_bin)
+        .args(["secrets", "new-key", "--key-file"])
+        .arg(d.join("secrets.key"))
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", text(&made));
+    std::fs::write(d.join("admin.token"), "drill-test-token\n").unwrap();
+    let ports = haven_testkit::free_ports(3);
+    let nodes = ScriptedNodes {
+        dir: d.to_owned(),
+        count: 3,
+    };
+    for (i, port) in ports.iter().enumerate() {
+        let script = format!(
+            "#!/bin/sh\ncd '{dir}'\nHAVEN_ADMIN_TOKEN=drill-test-token HAVEN_LOG=info setsid '{haven_bin}' serve --listen 127.0.0.1:{port} --data '{dir}/node{i}' --store '{store}' --region drill --node-id node{i} --secrets-key-file '{dir}/secrets.key' >> '{dir}/node{i}.log' 2>&1 < /dev/null &\necho $! > '{dir}/node{i}.pid'\n",
+            dir = d.display(),
+            store = nats.store_url(),
+        );
+        let path = d.join(format!("start-node{i}.sh"));
+        std::fs::write(&path, script).unwrap();
+        let o = Command::new("sh").arg(&path).output().unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    for port in &ports {
+        assert!(
+            haven_testkit::wait_for_status(*port, "/readyz", std::time::Duration::from_secs(120))
+                .await,
+            "node on {port} not ready"
+        );
+    }
+    let proxy = haven_testkit::Proxy::start(&ports).await;
+    let nodes_toml: String = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("[[nodes]]\nname = \"node{i}\"\nurl = \"http://127.0.0.1:{p}\"\n"))
+        .collect();
+    let file = d.join("deployment.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "name = \"rehearsal\"\nload_balancer = \"http://127.0.0.1:{}\"\nadmin_token_file = \"admin.token\"\n{nodes_toml}\n[faults.process-crash]\ncause = \"kill -9 $(cat node2.pid)\"\nrepair = \"sh start-node2.sh\"\n",
+            proxy.port
+        ),
+    )
+    .unwrap();
+    let reports = d.join("reports");
+    let common = [
+        "--deployment",
+        file.to_str().unwrap(),
+        "--reports",
+        reports.to_str().unwrap(),
+    ];
+    let run = |extra: &[&str]| {
+        let mut args = vec!["drill", "run"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&common);
+        haven(&args)
+    };
+
+    // The dry run prints the plan, commands included, and changes nothing.
+    let pid_before = std::fs::read_to_string(d.join("node2.pid")).unwrap();
+    let o = run(&["process-crash", "config-push", "--dry-run"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let plan = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        plan.contains("kill -9 $(cat node2.pid)") && plan.contains("start-node2.sh"),
+        "{plan}"
+    );
+    assert!(plan.contains("config-push"), "{plan}");
+    // Without a terminal to confirm on, and without --yes, nothing happens either; nor for a
+    // drill the file has no commands for.
+    let o = run(&["process-crash"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("--yes"), "{}", text(&o));
+    let o = run(&["nats-loss", "--yes"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("[faults.nats-loss]"), "{}", text(&o));
+    assert!(!reports.exists());
+    assert_eq!(
+        std::fs::read_to_string(d.join("node2.pid")).unwrap(),
+        pid_before
+    );
+
+    let o = run(&[
+        "process-crash",
+        "config-push",
+        "--yes",
+        "--warmup",
+        "2",
+        "--after",
+        "2",
+        "--outage",
+        "2",
+        "--rate",
+        "20",
+        "--long-seconds",
+        "2",
+    ]);
+    let out = text(&o);
+    let all = self::reports(&reports);
+    assert_eq!(all.len(), 2, "{out}");
+    let passed = all.iter().all(|r| r["passed"] == true);
+    assert_eq!(o.status.code(), Some(if passed { 0 } else { 1 }), "{out}");
+    let crash = all
+        .iter()
+        .find(|r| r["scenario"] == "process-crash")
+        .unwrap();
+    assert!(crash["deployment"].as_str().unwrap().contains("rehearsal"));
+    let marks = crash["marks"].as_array().unwrap();
+    assert!(
+        marks
+            .iter()
+            .any(|m| m["kind"] == "fault" && m["what"] == "kill -9 $(cat node2.pid)"),
+        "{crash:#}"
+    );
+    assert!(
+        marks
+            .iter()
+            .any(|m| m["kind"] == "repair" && m["what"] == "sh start-node2.sh"),
+        "{crash:#}"
+    );
+    assert!(crash["rpo"]["acknowledged"].as_u64().unwrap() > 0);
+    // The node really was killed and started again by the file's commands.
+    assert_ne!(
+        std::fs::read_to_string(d.join("node2.pid")).unwrap(),
+        pid_before
+    );
+    drop(nodes);
+}
