@@ -13,8 +13,10 @@
 //! signals, exactly as an operator's deployment would be driven, and imports no other
 //! Haven crate.
 
+pub mod chaos;
 pub mod described;
 pub mod history;
+pub mod link;
 pub mod load;
 pub mod local;
 pub mod report;

@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::DrillError;
+use crate::link::{Link, LinkState};
 
 /// What the local deployment runs.
 #[derive(Clone, Debug)]
@@ -27,6 +28,9 @@ pub struct LocalOptions {
     pub dir: PathBuf,
     /// Keep `dir` afterwards.
     pub keep: bool,
+    /// Connect each node to the NATS servers through links of its own that faults can cut
+    /// or slow ([`Local::set_node_links`]).
+    pub links: bool,
 }
 
 struct NatsServer {
@@ -51,6 +55,8 @@ pub struct Local {
     haproxy: Option<Child>,
     lb_port: u16,
     admin_token: String,
+    /// `links[node][server]`, when the deployment has links.
+    links: Vec<Vec<Link>>,
 }
 
 impl Drop for Local {
@@ -150,6 +156,7 @@ impl Local {
             haproxy: None,
             lb_port: 0,
             admin_token: token,
+            links: Vec::new(),
             opts,
         };
         local.configure_nats()?;
@@ -173,6 +180,15 @@ impl Local {
             )));
         }
         let ports = free_ports(local.opts.nodes)?;
+        if local.opts.links {
+            for _ in 0..local.opts.nodes {
+                let mut row = Vec::new();
+                for s in &local.nats {
+                    row.push(Link::start(s.client_port).await?);
+                }
+                local.links.push(row);
+            }
+        }
         local.nodes = ports
             .into_iter()
             .enumerate()
@@ -266,10 +282,15 @@ impl Local {
         }
     }
 
-    fn store_url(&self) -> String {
-        self.nats
+    /// The `--store` of node `i`: the NATS servers, or its links to them.
+    fn store_url(&self, i: usize) -> String {
+        let ports: Vec<u16> = match self.links.get(i) {
+            Some(row) => row.iter().map(|l| l.port).collect(),
+            None => self.nats.iter().map(|s| s.client_port).collect(),
+        };
+        ports
             .iter()
-            .map(|s| format!("nats://127.0.0.1:{}", s.client_port))
+            .map(|p| format!("nats://127.0.0.1:{p}"))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -285,7 +306,7 @@ impl Local {
             .args(["serve", "--listen", &format!("127.0.0.1:{}", node.port)])
             .arg("--data")
             .arg(self.opts.dir.join(&node.name))
-            .args(["--store", &self.store_url(), "--region", "drill"])
+            .args(["--store", &self.store_url(i), "--region", "drill"])
             .args(["--node-id", &node.name])
             .arg("--secrets-key-file")
             .arg(self.key_file())
@@ -430,6 +451,25 @@ impl Local {
         }
     }
 
+    /// SIGSTOP (`true`) or SIGCONT (`false`) of node `i`.
+    pub fn pause_node(&self, i: usize, stop: bool) {
+        signal(self.nodes[i].child.as_ref(), stop);
+    }
+
+    /// SIGSTOP (`true`) or SIGCONT (`false`) of NATS server `i`.
+    pub fn pause_nats(&self, i: usize, stop: bool) {
+        signal(self.nats[i].child.as_ref(), stop);
+    }
+
+    /// Sets every link of node `i` to the NATS servers (a deployment started with links).
+    pub fn set_node_links(&self, i: usize, state: LinkState) {
+        if let Some(row) = self.links.get(i) {
+            for l in row {
+                l.set(state);
+            }
+        }
+    }
+
     /// `kill -9` of NATS server `i`.
     pub fn kill_nats(&mut self, i: usize) {
         stop_child(&mut self.nats[i].child);
@@ -495,6 +535,16 @@ impl Local {
     /// The directory of configuration, data and logs.
     pub fn dir(&self) -> &Path {
         &self.opts.dir
+    }
+}
+
+fn signal(child: Option<&Child>, stop: bool) {
+    if let Some(c) = child {
+        let sig = if stop { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: kill(2) of a child process this deployment started and still owns.
+        unsafe {
+            libc::kill(c.id() as libc::pid_t, sig);
+        }
     }
 }
 

@@ -153,6 +153,9 @@ pub struct Report {
     pub timeline: Vec<Bucket>,
     /// The README runbook of the scenario.
     pub runbook: String,
+    /// A chaos run's seed and schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chaos: Option<serde_json::Value>,
 }
 
 /// Everything a report is worked out from.
@@ -462,6 +465,7 @@ impl Report {
             marks: i.marks,
             timeline,
             runbook: s.runbook.into(),
+            chaos: None,
         }
     }
 

@@ -441,6 +441,11 @@ async fn cause_and_repair(
         Fault::ConfigPush | Fault::KeyRotation => {
             through_admin(scenario, admin, marks, measured).await?;
         }
+        Fault::Chaos => {
+            return Err(DrillError::Usage(
+                "chaos is not a drill: run it with haven chaos".into(),
+            ));
+        }
     }
     Ok(())
 }

@@ -24,6 +24,8 @@ pub enum Fault {
     ConfigPush,
     /// The key-encryption key rotated under load.
     KeyRotation,
+    /// A randomized schedule of faults (`haven chaos`), not a drill of its own.
+    Chaos,
 }
 
 /// Which component a target is for (the design's recovery-time table).

@@ -9,7 +9,7 @@ use haven_drill::local::{Local, LocalOptions};
 use haven_drill::run::{Finished, RunOptions, Target, run_all};
 use haven_drill::scenario::{self, Scenario};
 
-use crate::settings::{DrillCommand, DrillHistoryArgs, DrillRunArgs};
+use crate::settings::{ChaosArgs, DrillCommand, DrillHistoryArgs, DrillRunArgs};
 
 /// Runs a `haven drill` subcommand.
 pub async fn run(cmd: DrillCommand) -> Result<ExitCode> {
@@ -139,6 +139,7 @@ async fn run_drills(args: DrillRunArgs) -> Result<ExitCode> {
             nodes: args.nodes,
             dir: dir.clone(),
             keep: args.keep,
+            links: false,
         })
         .await?;
         println!(
@@ -194,4 +195,97 @@ fn history(args: DrillHistoryArgs) -> Result<ExitCode> {
         .map_or(0, |d| d.as_secs());
     print!("{}", haven_drill::history::table(&reports, now));
     Ok(ExitCode::SUCCESS)
+}
+
+/// `haven chaos`.
+pub async fn chaos(args: ChaosArgs) -> Result<ExitCode> {
+    use haven_drill::chaos::{self, ChaosOptions};
+    if args.faults == 0 || args.faults > 100_000 {
+        bail!("--faults must be between 1 and 100000");
+    }
+    if !(args.rate > 0.0 && args.rate <= 10_000.0) {
+        bail!("--rate must be above 0 and at most 10000 requests/s");
+    }
+    if args.nodes < 2 {
+        bail!("--nodes must be at least 2");
+    }
+    let max = seconds("max-minutes", args.max_minutes * 60.0)?;
+    let plan = chaos::schedule(args.seed, args.faults, args.nodes, 3);
+    if args.plan {
+        for (n, p) in plan.iter().enumerate() {
+            println!(
+                "#{:<5} after {:>4.1} s calm: {:<40} for {:.1} s",
+                n + 1,
+                p.gap,
+                p.fault.describe(),
+                p.lasts
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("haven-chaos-")
+        .tempdir()?
+        .keep();
+    println!("starting a local deployment in {}", dir.display());
+    let mut local = Local::start(LocalOptions {
+        haven: std::env::current_exe()?,
+        nats_server: args.nats_server,
+        haproxy: args.haproxy,
+        nodes: args.nodes,
+        dir: dir.clone(),
+        keep: args.keep,
+        links: true,
+    })
+    .await?;
+    println!(
+        "ready; {} faults from seed {} (at most {} minutes)",
+        plan.len(),
+        args.seed,
+        args.max_minutes
+    );
+    let opts = ChaosOptions {
+        seed: args.seed,
+        warmup: Duration::from_secs(3),
+        after: Duration::from_secs(3),
+        max_duration: max,
+        rate: args.rate,
+        long_seconds: args.long_seconds.clamp(1, 600),
+        reports: args.reports,
+    };
+    let result = chaos::run(&mut local, &plan, &opts).await;
+    if args.keep {
+        println!("kept the deployment's directory: {}", dir.display());
+    }
+    drop(local);
+    let f = result?;
+    let r = &f.report;
+    println!(
+        "chaos seed {}: {} ({} faults done; {} of {} acknowledged writes lost; long calls {} once, {} twice, {} never; {} of {} requests failed)",
+        args.seed,
+        if r.passed {
+            "invariants held"
+        } else {
+            "INVARIANT BROKEN"
+        },
+        r.chaos
+            .as_ref()
+            .map_or(0, |c| c["faults_done"].as_u64().unwrap_or(0)),
+        r.rpo.missing,
+        r.rpo.acknowledged,
+        r.exactly_once.answered_once,
+        r.exactly_once.answered_twice,
+        r.exactly_once.never_answered,
+        r.failed,
+        r.requests,
+    );
+    for finding in &r.findings {
+        println!("  finding: {finding}");
+    }
+    println!("  report: {}", f.dir.join("report.md").display());
+    Ok(if r.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

@@ -48,6 +48,7 @@ fn main() -> std::process::ExitCode {
         Command::Auth(cmd) => return run_client_command(control_cmd::auth(cmd)),
         Command::Audit(cmd) => return run_client_command(audit_cmd::run(cmd)),
         Command::Drill(cmd) => return run_client_command(drill_cmd::run(cmd)),
+        Command::Chaos(args) => return run_client_command(drill_cmd::chaos(args)),
         Command::Region(settings::RegionCommand::Status(a)) => {
             return run_client_command(backup_cmd::region_status(a));
         }

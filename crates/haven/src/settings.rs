@@ -65,6 +65,52 @@ pub enum Command {
     /// saw against the recovery targets (list, run, history).
     #[command(subcommand)]
     Drill(DrillCommand),
+    /// A randomized schedule of faults from a seed (kills, pauses, cut and slow store links,
+    /// NATS losses, store outages) on a local deployment under load, then the invariants: no
+    /// acknowledged write lost, every long call answered once, every node serving every write.
+    /// Exit 0 when they held, 1 when one broke, 2 when the run could not go on.
+    Chaos(ChaosArgs),
+}
+
+/// `haven chaos`.
+#[derive(Args, Debug)]
+pub struct ChaosArgs {
+    /// Run on a deployment started on this machine (the only kind so far)
+    #[arg(long, required = true)]
+    pub local: bool,
+    /// Seed of the schedule: the same seed gives the same faults in the same order
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// How many faults
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub faults: usize,
+    /// Stop injecting faults after this many minutes, even if some are left
+    #[arg(long, default_value_t = 60.0, value_name = "MINUTES")]
+    pub max_minutes: f64,
+    /// Print the schedule and do nothing else
+    #[arg(long)]
+    pub plan: bool,
+    /// Haven nodes of the local deployment
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub nodes: usize,
+    /// The nats-server binary [default: nats-server on PATH]
+    #[arg(long, value_name = "PATH", default_value = "nats-server")]
+    pub nats_server: PathBuf,
+    /// The haproxy binary [default: haproxy on PATH]
+    #[arg(long, value_name = "PATH", default_value = "haproxy")]
+    pub haproxy: PathBuf,
+    /// Requests per second of the stateless, session and write clients together
+    #[arg(long, default_value_t = 30.0, value_name = "N")]
+    pub rate: f64,
+    /// Seconds each long call lasts
+    #[arg(long, default_value_t = 3, value_name = "SECONDS")]
+    pub long_seconds: u32,
+    /// Where the report is kept
+    #[arg(long, default_value = "haven-drills", value_name = "DIR")]
+    pub reports: PathBuf,
+    /// Keep the local deployment's directory
+    #[arg(long)]
+    pub keep: bool,
 }
 
 /// `haven drill` subcommands.
@@ -1665,7 +1711,8 @@ impl Settings {
             | Command::Region(_)
             | Command::Auth(_)
             | Command::Audit(_)
-            | Command::Drill(_) => {
+            | Command::Drill(_)
+            | Command::Chaos(_) => {
                 bail!("this command has no server settings")
             }
         }

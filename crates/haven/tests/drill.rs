@@ -370,3 +370,71 @@ async fn a_described_deployment_is_drilled_with_its_own_commands() {
     );
     drop(nodes);
 }
+
+#[test]
+fn a_chaos_seed_replays_the_same_schedule() {
+    let plan = |seed: &str| {
+        let o = haven(&[
+            "chaos", "--local", "--seed", seed, "--faults", "30", "--plan",
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let a = plan("11");
+    assert_eq!(a.lines().count(), 30, "{a}");
+    assert_eq!(a, plan("11"));
+    assert_ne!(a, plan("12"));
+    let o = haven(&["chaos", "--local", "--faults", "0"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+}
+
+#[test]
+fn chaos_on_a_local_deployment_keeps_every_invariant() {
+    let tools = haven_testkit::tools_dir();
+    let nats = tools.join("venv/bin/nats-server");
+    let dir = tempfile::tempdir().unwrap();
+    let reports_dir = dir.path().join("reports");
+    let o = haven(&[
+        "chaos",
+        "--local",
+        "--seed",
+        "3",
+        "--faults",
+        "8",
+        "--rate",
+        "20",
+        "--long-seconds",
+        "2",
+        "--nats-server",
+        nats.to_str().unwrap(),
+        "--reports",
+        reports_dir.to_str().unwrap(),
+    ]);
+    let out = text(&o);
+    let all = reports(&reports_dir);
+    assert_eq!(all.len(), 1, "{out}");
+    let r = &all[0];
+    assert_eq!(r["chaos"]["seed"], 3, "{r:#}");
+    assert_eq!(r["chaos"]["faults_done"], 8, "{r:#}");
+    assert_eq!(
+        r["marks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["kind"] == "fault")
+            .count(),
+        8
+    );
+    assert!(r["rpo"]["acknowledged"].as_u64().unwrap() > 0, "{r:#}");
+    // The invariants: no acknowledged write lost, every long call answered once, every node
+    // serving every write; the exit status says so.
+    assert_eq!(r["rpo"]["missing"], 0, "{out}\n{r:#}");
+    assert_eq!(r["exactly_once"]["answered_twice"], 0, "{out}\n{r:#}");
+    assert_eq!(r["exactly_once"]["never_answered"], 0, "{out}\n{r:#}");
+    assert_eq!(
+        o.status.code(),
+        Some(if r["passed"] == true { 0 } else { 1 }),
+        "{out}"
+    );
+    assert_eq!(r["passed"], true, "{out}\n{r:#}");
+}
