@@ -150,8 +150,11 @@ impl Described {
 
     /// The commands of `scenario`'s fault, or why the drill cannot run here.
     pub fn commands(&self, scenario: &Scenario) -> Result<Option<&FaultCommands>, DrillError> {
-        if matches!(scenario.fault, Fault::ConfigPush | Fault::KeyRotation) {
-            // Done through the admin API: no command needed.
+        if matches!(
+            scenario.fault,
+            Fault::ConfigPush | Fault::KeyRotation | Fault::Overload
+        ) {
+            // Done through the admin API or by the load itself: no command needed.
             return Ok(None);
         }
         self.faults.get(scenario.name).map(Some).ok_or_else(|| {
@@ -190,6 +193,10 @@ impl Described {
                     p.push_str(&format!("  wait {:.0} s\n", outage.as_secs_f64()));
                     p.push_str(&format!("  repair: sh -c {:?}\n", c.repair));
                 }
+                Ok(None) if s.fault == Fault::Overload => p.push_str(&format!(
+                    "  32 closed-loop clients for 5 s measure the capacity; then twice it offered for {:.0} s\n",
+                    outage.as_secs_f64()
+                )),
                 Ok(None) if s.fault == Fault::ConfigPush => p.push_str(
                     "  PUT /admin/v1/config/audit.retention_days on the first node, timed until every node has it in force; then put back\n",
                 ),

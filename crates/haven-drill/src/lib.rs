@@ -19,6 +19,7 @@ pub mod history;
 pub mod link;
 pub mod load;
 pub mod local;
+pub mod overload;
 pub mod report;
 pub mod run;
 pub mod scenario;

@@ -202,7 +202,37 @@ impl Local {
             local.start_node(i).await?;
         }
         local.start_haproxy().await?;
+        local.size_for_this_machine().await?;
         Ok(local)
+    }
+
+    /// Sizes the nodes' admission for a small shared machine (the defaults suit a node of its
+    /// own): at most 256 requests served at once and 256 waiting per node, beyond which a
+    /// request is answered 503 with `Retry-After` at once (what the overload drill shows).
+    async fn size_for_this_machine(&self) -> Result<(), DrillError> {
+        let client = reqwest::Client::new();
+        let base = &self.node_bases()[0];
+        for (key, value) in [
+            ("limits.max_requests", 256),
+            ("limits.max_queued_requests", 256),
+        ] {
+            let r = client
+                .put(format!("{base}/admin/v1/config/{key}"))
+                .bearer_auth(&self.admin_token)
+                .header("content-type", "application/json")
+                .body(format!("{{\"value\": {value}}}"))
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await
+                .map_err(|e| DrillError::Deployment(format!("setting {key}: {e}")))?;
+            if !r.status().is_success() {
+                return Err(DrillError::Deployment(format!(
+                    "setting {key}: {}",
+                    r.status()
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn key_file(&self) -> PathBuf {

@@ -156,6 +156,9 @@ pub struct Report {
     /// A chaos run's seed and schedule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chaos: Option<serde_json::Value>,
+    /// The overload drill's figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overload: Option<serde_json::Value>,
 }
 
 /// Everything a report is worked out from.
@@ -238,7 +241,6 @@ impl Report {
         // when a client of it never recovered.
         let mut component_rto: HashMap<Component, Option<f64>> = HashMap::new();
         let mut worst_outage: Option<f64> = Some(0.0);
-        let mut last_recovery: Option<f64> = Some(first_fault);
         for (client, samples) in &by_client {
             let kind = samples[0].kind;
             let list = outages(samples);
@@ -281,21 +283,46 @@ impl Report {
                     _ => None,
                 };
             }
-            last_recovery = match (last_recovery, to) {
-                (Some(a), Some(b)) => Some(a.max(b)),
-                _ => None,
-            };
         }
         let client_components = [Component::LoadBalancer, Component::SessionService];
         let rto = client_components
             .iter()
             .map(|c| component_rto.get(c).copied().unwrap_or(Some(0.0)))
             .try_fold(0.0, |a: f64, b| b.map(|b| a.max(b)));
-        let has_fault = i.marks.iter().any(|m| m.kind == "fault");
-        let mttr = if has_fault {
-            last_recovery.map(|r| (r - first_fault).max(0.0))
-        } else {
+        // Each fault's recovery: from the fault to the end of the last client outage that
+        // began before the next fault; MTTR is their mean (`None` if one never ended).
+        let faults: Vec<f64> = i
+            .marks
+            .iter()
+            .filter(|m| m.kind == "fault")
+            .map(|m| m.at)
+            .collect();
+        let all_outages: Vec<(f64, Option<f64>)> = by_client
+            .values()
+            .filter(|v| v[0].kind.is_client())
+            .flat_map(|v| outages(v))
+            .collect();
+        let mut recoveries = Vec::new();
+        for (n, &f) in faults.iter().enumerate() {
+            let next = faults.get(n + 1).copied().unwrap_or(f64::INFINITY);
+            let ends: Vec<Option<f64>> = all_outages
+                .iter()
+                .filter(|o| o.1.is_none_or(|e| e >= f) && o.0 < next)
+                .map(|o| o.1)
+                .collect();
+            recoveries.push(
+                ends.into_iter()
+                    .try_fold(f, |a, b| b.map(|b| a.max(b)))
+                    .map(|r| r - f),
+            );
+        }
+        let mttr = if recoveries.is_empty() {
             Some(0.0)
+        } else {
+            recoveries
+                .iter()
+                .try_fold(0.0, |a, r| r.map(|r| a + r))
+                .map(|sum| sum / recoveries.len() as f64)
         };
 
         let haven_rto = s.haven_rto.as_secs_f64();
@@ -466,6 +493,7 @@ impl Report {
             timeline,
             runbook: s.runbook.into(),
             chaos: None,
+            overload: None,
         }
     }
 
@@ -579,6 +607,28 @@ impl Report {
             }
             m.push('\n');
         }
+        if let Some(o) = &self.overload {
+            let f = |k: &str| o[k].as_f64().unwrap_or(0.0);
+            let _ = writeln!(
+                m,
+                "## Overload\n\nCapacity {:.0} calls/s (32 closed-loop clients, 5 s); {:.0} calls/s offered for {:.1} s: {:.0} sent, {:.0} admitted (latency p50 {:.3} s, p99 {:.3} s), {:.0} refused with 503/429 ({:.0} with Retry-After; latency p50 {:.3} s, p99 {:.3} s), {:.0} failed otherwise, {:.0} shed by the sender's own limit. Largest node memory {:.0} MiB before, {:.0} MiB during.\n",
+                f("capacity"),
+                f("offered_rate"),
+                f("seconds"),
+                f("sent"),
+                f("admitted"),
+                f("admitted_p50"),
+                f("admitted_p99"),
+                f("refused"),
+                f("refused_with_retry_after"),
+                f("refused_p50"),
+                f("refused_p99"),
+                f("failed"),
+                f("shed_by_client"),
+                f("memory_before") / 1048576.0,
+                f("memory_during") / 1048576.0,
+            );
+        }
         let _ = writeln!(m, "## Timeline\n\n![timeline](timeline.svg)\n");
         for k in &self.marks {
             let _ = writeln!(m, "- {:.2} s, {}: {}", k.at, k.kind, k.what);
@@ -664,6 +714,9 @@ impl Report {
             );
             t += step;
         }
+        // With many marks (a chaos run) only the lines: the labels would overlap; the
+        // Markdown report lists every mark.
+        let labels = self.marks.len() <= 12;
         for (n, k) in self.marks.iter().enumerate() {
             let color = match k.kind.as_str() {
                 "fault" => "#c62828",
@@ -676,8 +729,16 @@ impl Report {
                 x(k.at),
                 x(k.at) + 3.0,
                 30.0 + 12.0 * (n % 3) as f64,
-                escape(&k.what),
-                22.0 + 12.0 * (n % 3) as f64
+                if labels {
+                    escape(&k.what)
+                } else {
+                    String::new()
+                },
+                if labels {
+                    22.0 + 12.0 * (n % 3) as f64
+                } else {
+                    top
+                }
             );
         }
         let _ = writeln!(

@@ -188,7 +188,21 @@ async fn run_one(
         token,
         nodes: target.node_bases(),
     };
+    let mut overload_figures = None;
     let fault = match target {
+        _ if scenario.fault == Fault::Overload => {
+            let nodes = target.node_bases();
+            let figures = crate::overload::overload(&base, &nodes, &admin.token, outage, |rate| {
+                marks.add(
+                    "fault",
+                    format!("{rate:.0} calls/s offered (twice the capacity)"),
+                )
+            })
+            .await;
+            marks.add("repair", "the overload stopped");
+            overload_figures = Some(figures);
+            Ok(())
+        }
         Target::Local(local) => {
             cause_and_repair(local, scenario, outage, &admin, &mut marks, &mut measured).await
         }
@@ -235,6 +249,12 @@ async fn run_one(
         marks: marks.list,
         measured,
     });
+    let mut report = report;
+    if let Some(o) = overload_figures {
+        report.findings.extend(o.findings());
+        report.passed = report.findings.is_empty();
+        report.overload = serde_json::to_value(&o).ok();
+    }
     let dir = save(&opts.reports, &report)?;
     Ok(Finished { report, dir })
 }
@@ -441,10 +461,11 @@ async fn cause_and_repair(
         Fault::ConfigPush | Fault::KeyRotation => {
             through_admin(scenario, admin, marks, measured).await?;
         }
-        Fault::Chaos => {
-            return Err(DrillError::Usage(
-                "chaos is not a drill: run it with haven chaos".into(),
-            ));
+        Fault::Chaos | Fault::Overload => {
+            return Err(DrillError::Usage(format!(
+                "{} is not caused on the deployment's processes",
+                scenario.name
+            )));
         }
     }
     Ok(())

@@ -24,6 +24,8 @@ pub enum Fault {
     ConfigPush,
     /// The key-encryption key rotated under load.
     KeyRotation,
+    /// Twice the measured capacity offered for the outage time.
+    Overload,
     /// A randomized schedule of faults (`haven chaos`), not a drill of its own.
     Chaos,
 }
@@ -189,6 +191,17 @@ pub fn all() -> Vec<Scenario> {
                 0,
                 5,
                 "drill-config-push",
+            )
+        },
+        Scenario {
+            rto_from_repair: true,
+            ..floor(
+                "overload",
+                "twice the measured capacity offered: the excess refused at once with Retry-After, admitted calls keep bounded latency, service normal as soon as it drops",
+                Fault::Overload,
+                20,
+                5,
+                "drill-overload",
             )
         },
         Scenario {

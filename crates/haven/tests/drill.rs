@@ -5,6 +5,14 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+/// The tests that start a whole deployment (three NATS servers, three debug nodes, HAProxy)
+/// take turns: side by side on a small machine they would measure each other's load.
+static DEPLOYMENT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_deployment_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    DEPLOYMENT.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn haven(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_haven"))
         .args(args)
@@ -50,6 +58,7 @@ fn the_list_names_every_drill_with_its_targets() {
         "switchover",
         "config-push",
         "key-rotation",
+        "overload",
     ] {
         assert!(out.contains(name), "{name} missing from:\n{out}");
     }
@@ -105,6 +114,7 @@ fn bad_requests_are_refused_before_anything_starts() {
 
 #[test]
 fn every_drill_runs_on_a_local_deployment_and_reports_what_clients_saw() {
+    let _turn = one_deployment_at_a_time();
     let tools = haven_testkit::tools_dir();
     let nats = tools.join("venv/bin/nats-server");
     let dir = tempfile::tempdir().unwrap();
@@ -132,7 +142,7 @@ fn every_drill_runs_on_a_local_deployment_and_reports_what_clients_saw() {
     let out = text(&o);
     // The exit status matches the reports' verdicts.
     let all = reports(&reports_dir);
-    assert_eq!(all.len(), 7, "{out}");
+    assert_eq!(all.len(), 8, "{out}");
     let passed = all.iter().all(|r| r["passed"] == true);
     assert_eq!(o.status.code(), Some(if passed { 0 } else { 1 }), "{out}");
     for r in &all {
@@ -214,7 +224,7 @@ fn every_drill_runs_on_a_local_deployment_and_reports_what_clients_saw() {
         reports_dir.to_str().unwrap(),
     ]);
     let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(json.as_array().unwrap().len(), 7);
+    assert_eq!(json.as_array().unwrap().len(), 8);
 }
 
 /// Haven nodes started by shell scripts, as an operator's service manager would, so that a
@@ -235,8 +245,15 @@ impl Drop for ScriptedNodes {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_described_deployment_is_drilled_with_its_own_commands() {
+#[test]
+fn a_described_deployment_is_drilled_with_its_own_commands() {
+    let _turn = one_deployment_at_a_time();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(drill_a_described_deployment());
+}
+
+async fn drill_a_described_deployment() {
     let nats = haven_testkit::NatsCluster::start().await;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -390,6 +407,7 @@ fn a_chaos_seed_replays_the_same_schedule() {
 
 #[test]
 fn chaos_on_a_local_deployment_keeps_every_invariant() {
+    let _turn = one_deployment_at_a_time();
     let tools = haven_testkit::tools_dir();
     let nats = tools.join("venv/bin/nats-server");
     let dir = tempfile::tempdir().unwrap();
