@@ -957,6 +957,25 @@ impl Regions {
         self.peers.iter().all(|p| p.state.read().caught_up)
     }
 
+    /// Waits until this node has applied the other regions' logs since it started (or found
+    /// them silent for the failure threshold), at most that threshold and 2 s more: until
+    /// then the roles record it holds may be stale (a region back from an outage still holds
+    /// the roles of before it, e.g. itself active), and a role change decided on it would be
+    /// answered wrongly or fight the newer one.
+    async fn settled_view(&self) -> Result<(), RoleError> {
+        let deadline = tokio::time::Instant::now() + self.failure_limit() + Duration::from_secs(2);
+        while !self.caught_up() {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(RoleError::Refused(format!(
+                    "region {} has not yet applied the other regions' logs since this node started, so the roles it holds may be stale; try again once `haven region status` shows it caught up, or use --force",
+                    self.name
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
     /// How long a region may be silent before it is judged failed.
     fn failure_limit(&self) -> Duration {
         let config = self.health.config.lock().clone();
@@ -1011,6 +1030,9 @@ impl Regions {
     /// while the active region may be alive and this region has not applied all of its log:
     /// the error says how far behind it is.
     pub async fn promote(&self, force: bool) -> Result<Roles, RoleError> {
+        if !force {
+            self.settled_view().await?;
+        }
         let (roles, revision) = read_roles(&*self.local).await?;
         if roles.active.as_deref() == Some(self.name.as_str()) {
             return Ok(roles);
@@ -1056,6 +1078,7 @@ impl Regions {
     /// Makes this region a standby: no region is active until another is promoted (a
     /// planned switchover starts here, so that clients move before the promotion).
     pub async fn demote(&self) -> Result<Roles, RoleError> {
+        self.settled_view().await?;
         let (roles, revision) = read_roles(&*self.local).await?;
         if roles.active.as_deref() != Some(self.name.as_str()) {
             return Err(RoleError::Refused(format!(

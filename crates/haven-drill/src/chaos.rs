@@ -154,6 +154,7 @@ fn chaos_scenario() -> Scenario {
         rto_from_repair: true,
         haven_rpo_writes: 0,
         runbook: "disaster-drills",
+        regions: 1,
     }
 }
 

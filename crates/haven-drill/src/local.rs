@@ -31,10 +31,17 @@ pub struct LocalOptions {
     /// Connect each node to the NATS servers through links of its own that faults can cut
     /// or slow ([`Local::set_node_links`]).
     pub links: bool,
+    /// Two regions instead of one: `A` and `B`, each one NATS server (JetStream in the
+    /// region's domain) and one Haven node, B's leafnode connection to A through a link
+    /// that faults cut ([`Local::set_region_link`]), HAProxy as a global load balancer
+    /// (`/regionz` chooses the active region), A promoted to active at the start. `nodes` is
+    /// ignored (one per region).
+    pub two_regions: bool,
 }
 
 struct NatsServer {
     name: String,
+    region: String,
     conf: PathBuf,
     client_port: u16,
     http_port: u16,
@@ -43,6 +50,7 @@ struct NatsServer {
 
 struct Node {
     name: String,
+    region: String,
     port: u16,
     child: Option<Child>,
 }
@@ -57,6 +65,8 @@ pub struct Local {
     admin_token: String,
     /// `links[node][server]`, when the deployment has links.
     links: Vec<Vec<Link>>,
+    /// B's leafnode link to A, with two regions.
+    region_link: Option<Link>,
 }
 
 impl Drop for Local {
@@ -126,7 +136,7 @@ pub(crate) async fn http_status(client: &reqwest::Client, url: &str) -> Option<u
 impl Local {
     /// Starts everything and waits until the load balancer answers `/readyz`.
     pub async fn start(opts: LocalOptions) -> Result<Local, DrillError> {
-        if opts.nodes < 2 {
+        if opts.nodes < 2 && !opts.two_regions {
             return Err(DrillError::Usage(
                 "a local deployment needs at least 2 Haven nodes".into(),
             ));
@@ -157,9 +167,14 @@ impl Local {
             lb_port: 0,
             admin_token: token,
             links: Vec::new(),
+            region_link: None,
             opts,
         };
-        local.configure_nats()?;
+        if local.opts.two_regions {
+            local.configure_regions().await?;
+        } else {
+            local.configure_nats()?;
+        }
         for i in 0..local.nats.len() {
             local.spawn_nats(i)?;
         }
@@ -179,9 +194,14 @@ impl Local {
                 String::from_utf8_lossy(&made.stderr)
             )));
         }
-        let ports = free_ports(local.opts.nodes)?;
+        let regions: Vec<String> = if local.opts.two_regions {
+            vec!["A".into(), "B".into()]
+        } else {
+            vec!["drill".into(); local.opts.nodes]
+        };
+        let ports = free_ports(regions.len())?;
         if local.opts.links {
-            for _ in 0..local.opts.nodes {
+            for _ in 0..regions.len() {
                 let mut row = Vec::new();
                 for s in &local.nats {
                     row.push(Link::start(s.client_port).await?);
@@ -193,7 +213,12 @@ impl Local {
             .into_iter()
             .enumerate()
             .map(|(i, port)| Node {
-                name: format!("node{i}"),
+                name: if local.opts.two_regions {
+                    format!("{}-node", regions[i])
+                } else {
+                    format!("node{i}")
+                },
+                region: regions[i].clone(),
                 port,
                 child: None,
             })
@@ -203,7 +228,139 @@ impl Local {
         }
         local.start_haproxy().await?;
         local.size_for_this_machine().await?;
+        if local.opts.two_regions {
+            local.promote(0, false).await?;
+            local.wait_lb_region("A").await?;
+        }
         Ok(local)
+    }
+
+    /// Two one-server regions, B's leafnode connection to A through a link (nothing started).
+    async fn configure_regions(&mut self) -> Result<(), DrillError> {
+        let ports = free_ports(6)?;
+        let a_leaf = ports[2];
+        let link = Link::start(a_leaf).await?;
+        for (i, region) in ["A", "B"].into_iter().enumerate() {
+            let (client, http, leaf) = (ports[3 * i], ports[3 * i + 1], ports[3 * i + 2]);
+            let remotes = if region == "B" {
+                format!("{{ url: \"nats-leaf://127.0.0.1:{}\" }}", link.port)
+            } else {
+                String::new()
+            };
+            let conf = self.opts.dir.join(format!("{region}-nats0.conf"));
+            let text = format!(
+                "server_name: {region}-nats0\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{http}\njetstream {{ store_dir: \"{}\", sync_interval: always, domain: {region} }}\nleafnodes {{ listen: 127.0.0.1:{leaf}, no_advertise: true, reconnect: 1, remotes: [{remotes}] }}\n",
+                self.opts.dir.join(format!("{region}-js0")).display(),
+            );
+            std::fs::write(&conf, text)
+                .map_err(|e| DrillError::Deployment(format!("writing {}: {e}", conf.display())))?;
+            self.nats.push(NatsServer {
+                name: format!("{region}-nats0"),
+                region: region.into(),
+                conf,
+                client_port: client,
+                http_port: http,
+                child: None,
+            });
+        }
+        self.region_link = Some(link);
+        Ok(())
+    }
+
+    /// `POST /admin/v1/regions/promote` on node `i` (forced: even while another region may be
+    /// active and ahead).
+    pub async fn promote(&self, i: usize, force: bool) -> Result<(), DrillError> {
+        self.region_change(
+            i,
+            if force {
+                "promote?force=true"
+            } else {
+                "promote"
+            },
+        )
+        .await
+    }
+
+    /// `POST /admin/v1/regions/demote` on node `i`.
+    pub async fn demote(&self, i: usize) -> Result<(), DrillError> {
+        self.region_change(i, "demote").await
+    }
+
+    async fn region_change(&self, i: usize, what: &str) -> Result<(), DrillError> {
+        let r = reqwest::Client::new()
+            .post(format!("{}/admin/v1/regions/{what}", self.node_bases()[i]))
+            .bearer_auth(&self.admin_token)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|e| DrillError::Deployment(format!("regions/{what}: {e}")))?;
+        let status = r.status();
+        let body = r.text().await.unwrap_or_default();
+        tracing::info!(node = %self.nodes[i].name, %status, "regions/{what}: {body}");
+        if !status.is_success() {
+            return Err(DrillError::Deployment(format!(
+                "regions/{what} on {}: {status}: {body}",
+                self.nodes[i].name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Waits (at most 60 s) until the load balancer's `/regionz` answers from `region`.
+    pub async fn wait_lb_region(&self, region: &str) -> Result<(), DrillError> {
+        let client = reqwest::Client::new();
+        let url = format!("{}/regionz", self.lb_base());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut in_a_row = 0;
+        while in_a_row < 5 {
+            if Instant::now() > deadline {
+                return Err(DrillError::Deployment(format!(
+                    "the load balancer did not settle on region {region} within 60 s"
+                )));
+            }
+            let got = match client
+                .get(&url)
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+            {
+                Ok(r) => r.json::<serde_json::Value>().await.ok(),
+                Err(_) => None,
+            };
+            if got.as_ref().and_then(|v| v["region"].as_str()) == Some(region) {
+                in_a_row += 1;
+            } else {
+                in_a_row = 0;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets B's leafnode link to A (two regions): cut, healed or slowed.
+    pub fn set_region_link(&self, state: LinkState) {
+        if let Some(l) = &self.region_link {
+            l.set(state);
+        }
+    }
+
+    /// The nodes of `region`.
+    pub fn nodes_of(&self, region: &str) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].region == region)
+            .collect()
+    }
+
+    /// The NATS servers of `region`.
+    pub fn nats_of(&self, region: &str) -> Vec<usize> {
+        (0..self.nats.len())
+            .filter(|i| self.nats[*i].region == region)
+            .collect()
+    }
+
+    /// Whether this is a two-region deployment.
+    pub fn two_regions(&self) -> bool {
+        self.opts.two_regions
     }
 
     /// Sizes the nodes' admission for a small shared machine (the defaults suit a node of its
@@ -263,6 +420,7 @@ impl Local {
                 .map_err(|e| DrillError::Deployment(format!("writing {}: {e}", conf.display())))?;
             self.nats.push(NatsServer {
                 name: format!("nats{i}"),
+                region: "drill".into(),
                 conf,
                 client_port: client[i],
                 http_port: http[i],
@@ -314,9 +472,15 @@ impl Local {
 
     /// The `--store` of node `i`: the NATS servers, or its links to them.
     fn store_url(&self, i: usize) -> String {
+        let region = &self.nodes[i].region;
         let ports: Vec<u16> = match self.links.get(i) {
             Some(row) => row.iter().map(|l| l.port).collect(),
-            None => self.nats.iter().map(|s| s.client_port).collect(),
+            None => self
+                .nats
+                .iter()
+                .filter(|s| &s.region == region)
+                .map(|s| s.client_port)
+                .collect(),
         };
         ports
             .iter()
@@ -332,12 +496,18 @@ impl Local {
     /// Starts Haven node `i` (on its data, if it ran before) and waits until it is ready.
     pub async fn start_node(&mut self, i: usize) -> Result<(), DrillError> {
         let node = &self.nodes[i];
-        let child = Command::new(&self.opts.haven)
-            .args(["serve", "--listen", &format!("127.0.0.1:{}", node.port)])
+        let mut cmd = Command::new(&self.opts.haven);
+        cmd.args(["serve", "--listen", &format!("127.0.0.1:{}", node.port)])
             .arg("--data")
             .arg(self.opts.dir.join(&node.name))
-            .args(["--store", &self.store_url(i), "--region", "drill"])
-            .args(["--node-id", &node.name])
+            .args(["--store", &self.store_url(i), "--region", &node.region])
+            .args(["--node-id", &node.name]);
+        if self.opts.two_regions {
+            let peer = if node.region == "A" { "B" } else { "A" };
+            cmd.args(["--store-replicas", "1", "--peer-regions", peer])
+                .args(["--region-check-interval", "1s"]);
+        }
+        let child = cmd
             .arg("--secrets-key-file")
             .arg(self.key_file())
             .env("HAVEN_ADMIN_TOKEN", &self.admin_token)
@@ -386,8 +556,32 @@ impl Local {
             })
             .collect();
         let conf = self.opts.dir.join("haproxy.cfg");
+        let global = |kind: &str| -> String {
+            self.nodes
+                .iter()
+                .map(|n| {
+                    format!(
+                        "    server {kind}-{} 127.0.0.1:{} check inter 500ms fall 2 rise 2\n",
+                        n.name, n.port
+                    )
+                })
+                .collect()
+        };
+        let proxies = if self.opts.two_regions {
+            // The README's global load balancer: /regionz answers 200 only from the active
+            // region's caught-up nodes; with none, any ready node serves.
+            format!(
+                "frontend mcp\n    bind 127.0.0.1:{port}\n    use_backend active if {{ nbsrv(active) gt 0 }}\n    default_backend standby\n\nbackend active\n    option httpchk GET /regionz\n    http-check expect status 200\n{}\nbackend standby\n    option httpchk GET /readyz\n    http-check expect status 200\n{}",
+                global("a"),
+                global("s")
+            )
+        } else {
+            format!(
+                "frontend mcp\n    bind 127.0.0.1:{port}\n    default_backend haven\n\nbackend haven\n    balance roundrobin\n    option httpchk GET /readyz\n    http-check expect status 200\n{servers}"
+            )
+        };
         let text = format!(
-            "global\n    maxconn 4000\n\ndefaults\n    mode http\n    timeout connect 200ms\n    timeout check 2s\n    timeout client 120s\n    timeout server 120s\n    retries 3\n    option redispatch\n    option http-server-close\n    retry-on conn-failure empty-response\n\nfrontend mcp\n    bind 127.0.0.1:{port}\n    default_backend haven\n\nbackend haven\n    balance roundrobin\n    option httpchk GET /readyz\n    http-check expect status 200\n{servers}"
+            "global\n    maxconn 4000\n\ndefaults\n    mode http\n    timeout connect 200ms\n    timeout check 2s\n    timeout client 120s\n    timeout server 120s\n    retries 3\n    option redispatch\n    option http-server-close\n    retry-on conn-failure empty-response\n\n{proxies}"
         );
         std::fs::write(&conf, text)
             .map_err(|e| DrillError::Deployment(format!("writing {}: {e}", conf.display())))?;

@@ -9,7 +9,8 @@ use serde_json::{Value, json};
 
 use crate::DrillError;
 use crate::described::Described;
-use crate::load::{self, Load, LoadOptions, Recorder};
+use crate::link::LinkState;
+use crate::load::{self, Ack, Load, LoadOptions, Recorder};
 use crate::local::Local;
 use crate::report::{Inputs, Mark, Report};
 use crate::scenario::{Component, Fault, Scenario};
@@ -94,6 +95,7 @@ impl Target<'_> {
 
     fn describe(&self) -> String {
         match self {
+            Target::Local(l) if l.two_regions() => "a local deployment of two regions, A and B (each one NATS server in its own JetStream domain and one Haven node, B's leafnode link to A cuttable), HAProxy as the global load balancer".to_owned(),
             Target::Local(l) => format!(
                 "a local deployment ({} NATS servers in one JetStream cluster, {} Haven nodes, HAProxy)",
                 l.nats_count(),
@@ -461,12 +463,176 @@ async fn cause_and_repair(
         Fault::ConfigPush | Fault::KeyRotation => {
             through_admin(scenario, admin, marks, measured).await?;
         }
+        Fault::RegionLoss | Fault::RegionPartition | Fault::RegionSwitchover => {
+            if !local.two_regions() {
+                return Err(DrillError::Usage(format!(
+                    "{} needs a two-region deployment",
+                    scenario.name
+                )));
+            }
+            region_fault(local, scenario, outage, marks).await?;
+        }
         Fault::Chaos | Fault::Overload => {
             return Err(DrillError::Usage(format!(
                 "{} is not caused on the deployment's processes",
                 scenario.name
             )));
         }
+    }
+    Ok(())
+}
+
+/// Retries `f` every 250 ms until it succeeds or `within` passes (the last error then).
+async fn retrying<F, Fut>(within: Duration, mut f: F) -> Result<(), DrillError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), DrillError>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        match f().await {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+/// Back to region A as the active one (after a drill moved it): B demoted, A promoted once
+/// it has applied all of B's log, the load balancer on A.
+async fn fail_back(local: &Local, marks: &mut Marks) -> Result<(), DrillError> {
+    let (a, b) = (local.nodes_of("A")[0], local.nodes_of("B")[0]);
+    retrying(Duration::from_secs(60), || local.demote(b)).await?;
+    retrying(Duration::from_secs(120), || local.promote(a, false)).await?;
+    local.wait_lb_region("A").await?;
+    marks.add("note", "failed back: A active again, clients on A");
+    Ok(())
+}
+
+/// Notes that a region's node does not serve (read from that node directly).
+async fn not_served(base: &str, names: &[Ack]) -> Vec<String> {
+    load::missing_writes(base, names)
+        .await
+        .unwrap_or_else(|_| names.iter().map(|a| a.name.clone()).collect())
+}
+
+async fn region_fault(
+    local: &mut Local,
+    scenario: &Scenario,
+    outage: Duration,
+    marks: &mut Marks,
+) -> Result<(), DrillError> {
+    let (a, b) = (local.nodes_of("A")[0], local.nodes_of("B")[0]);
+    match scenario.fault {
+        Fault::RegionLoss => {
+            for n in local.nodes_of("A") {
+                local.kill_node(n);
+            }
+            for s in local.nats_of("A") {
+                local.kill_nats(s);
+            }
+            marks.add("fault", "region A lost: its node and NATS server kill -9");
+            // The runbook: with A gone (and two regions, no majority to fail over by
+            // itself), promote B by force; the load balancer already sends clients to B.
+            retrying(Duration::from_secs(30), || local.promote(b, true)).await?;
+            marks.add("note", "B promoted (forced)");
+            tokio::time::sleep(outage).await;
+            local.ensure_all_ready().await?;
+            marks.add("repair", "region A restarted");
+            fail_back(local, marks).await?;
+        }
+        Fault::RegionPartition => {
+            local.set_region_link(LinkState {
+                cut: true,
+                latency_ms: 0,
+            });
+            marks.add("fault", "the link between regions A and B cut");
+            // Both sides written to while cut: A through the load balancer (the drill's
+            // load), B directly.
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .expect("a client with no TLS settings always builds");
+            let b_base = local.node_bases()[b].clone();
+            let mut b_writes = Vec::new();
+            let until = Instant::now() + outage;
+            let mut n = 0u64;
+            while Instant::now() < until {
+                n += 1;
+                let name = format!("drill-partition-b-{}-{n}", marks.rec.now() as u64);
+                let written = load::stateless_call(
+                    &http,
+                    &b_base,
+                    n,
+                    "notes_put",
+                    serde_json::json!({"name": name, "text": "b"}),
+                )
+                .await;
+                if written.is_ok() {
+                    b_writes.push(Ack {
+                        name,
+                        at: marks.rec.now(),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            local.set_region_link(LinkState::default());
+            marks.add(
+                "repair",
+                format!(
+                    "the link healed ({} writes acknowledged by B while cut)",
+                    b_writes.len()
+                ),
+            );
+            // Convergence: every write acknowledged on either side served by both.
+            let healed = Instant::now();
+            let a_base = local.node_bases()[a].clone();
+            let acks = marks.rec.acks();
+            loop {
+                let on_b = not_served(&b_base, &acks).await;
+                let on_a = not_served(&a_base, &b_writes).await;
+                if on_a.is_empty() && on_b.is_empty() {
+                    marks.add(
+                        "note",
+                        format!(
+                            "both regions serve every write {:.2} s after the heal",
+                            healed.elapsed().as_secs_f64()
+                        ),
+                    );
+                    break;
+                }
+                if healed.elapsed() > Duration::from_secs(60) {
+                    return Err(DrillError::Deployment(format!(
+                        "the regions did not converge within 60 s of the heal: B lacks {} of A's writes, A lacks {} of B's",
+                        on_b.len(),
+                        on_a.len()
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            let mut cleanup = b_writes.iter().map(|w| w.name.clone()).collect::<Vec<_>>();
+            for (i, name) in cleanup.drain(..).enumerate() {
+                let _ = load::stateless_call(
+                    &http,
+                    &b_base,
+                    i as u64,
+                    "notes_delete",
+                    serde_json::json!({ "name": name }),
+                )
+                .await;
+            }
+        }
+        Fault::RegionSwitchover => {
+            local.demote(a).await?;
+            marks.add("fault", "planned switchover: A demoted");
+            retrying(Duration::from_secs(60), || local.promote(b, false)).await?;
+            marks.add("note", "B promoted");
+            local.wait_lb_region("B").await?;
+            marks.add("repair", "clients on B");
+            tokio::time::sleep(outage).await;
+            fail_back(local, marks).await?;
+        }
+        _ => unreachable!("only region faults come here"),
     }
     Ok(())
 }

@@ -26,6 +26,13 @@ pub enum Fault {
     KeyRotation,
     /// Twice the measured capacity offered for the outage time.
     Overload,
+    /// Every process of the active region killed; the other region promoted; the lost
+    /// region restarted and failed back to.
+    RegionLoss,
+    /// The link between the regions cut, both written to, then healed.
+    RegionPartition,
+    /// A planned switchover of the active role to the other region, and back.
+    RegionSwitchover,
     /// A randomized schedule of faults (`haven chaos`), not a drill of its own.
     Chaos,
 }
@@ -111,6 +118,8 @@ pub struct Scenario {
     pub haven_rpo_writes: u64,
     /// The README anchor of its runbook.
     pub runbook: &'static str,
+    /// Regions it needs (1, or 2 for the multi-region drills).
+    pub regions: u8,
 }
 
 mod secs {
@@ -136,6 +145,7 @@ pub fn all() -> Vec<Scenario> {
         rto_from_repair: false,
         haven_rpo_writes: 0,
         runbook,
+        regions: 1,
     };
     vec![
         floor(
@@ -202,6 +212,39 @@ pub fn all() -> Vec<Scenario> {
                 20,
                 5,
                 "drill-overload",
+            )
+        },
+        Scenario {
+            regions: 2,
+            ..floor(
+                "region-loss",
+                "every process of the active region killed: the global load balancer moves clients to the other region, which is promoted; the lost region returns and is failed back to",
+                Fault::RegionLoss,
+                5,
+                30,
+                "drill-region-loss",
+            )
+        },
+        Scenario {
+            regions: 2,
+            ..floor(
+                "region-partition",
+                "the link between the regions cut while both are written to, then healed: both keep serving and converge to every write",
+                Fault::RegionPartition,
+                5,
+                2,
+                "drill-region-partition",
+            )
+        },
+        Scenario {
+            regions: 2,
+            ..floor(
+                "region-switchover",
+                "planned switchover: the active region demoted, the other promoted, clients follow the global load balancer; then back",
+                Fault::RegionSwitchover,
+                0,
+                5,
+                "drill-region-switchover",
             )
         },
         Scenario {

@@ -127,32 +127,54 @@ async fn run_drills(args: DrillRunArgs) -> Result<ExitCode> {
         }
         run_all(Target::Described(&d), &scenarios, &opts, &mut print).await?
     } else {
-        let dir = tempfile::Builder::new()
-            .prefix("haven-drill-")
-            .tempdir()?
-            .keep();
-        println!("starting a local deployment in {}", dir.display());
-        let mut local = Local::start(LocalOptions {
-            haven: std::env::current_exe()?,
-            nats_server: args.nats_server,
-            haproxy: args.haproxy,
-            nodes: args.nodes,
-            dir: dir.clone(),
-            keep: args.keep,
-            links: false,
-        })
-        .await?;
-        println!(
-            "ready: {} Haven nodes behind HAProxy at {}/mcp",
-            args.nodes,
-            local.lb_base()
-        );
-        let result = run_all(Target::Local(&mut local), &scenarios, &opts, &mut print).await;
-        if args.keep {
-            println!("kept the deployment's directory: {}", dir.display());
+        // One deployment per kind: the one-region drills on one region, the multi-region
+        // drills on two.
+        let mut finished = Vec::new();
+        for two_regions in [false, true] {
+            let group: Vec<Scenario> = scenarios
+                .iter()
+                .filter(|s| (s.regions == 2) == two_regions)
+                .cloned()
+                .collect();
+            if group.is_empty() {
+                continue;
+            }
+            let dir = tempfile::Builder::new()
+                .prefix("haven-drill-")
+                .tempdir()?
+                .keep();
+            println!("starting a local deployment in {}", dir.display());
+            let mut local = Local::start(LocalOptions {
+                haven: std::env::current_exe()?,
+                nats_server: args.nats_server.clone(),
+                haproxy: args.haproxy.clone(),
+                nodes: args.nodes,
+                dir: dir.clone(),
+                keep: args.keep,
+                links: false,
+                two_regions,
+            })
+            .await?;
+            if two_regions {
+                println!(
+                    "ready: regions A (active) and B behind HAProxy at {}/mcp",
+                    local.lb_base()
+                );
+            } else {
+                println!(
+                    "ready: {} Haven nodes behind HAProxy at {}/mcp",
+                    args.nodes,
+                    local.lb_base()
+                );
+            }
+            let result = run_all(Target::Local(&mut local), &group, &opts, &mut print).await;
+            if args.keep {
+                println!("kept the deployment's directory: {}", dir.display());
+            }
+            drop(local);
+            finished.extend(result?);
         }
-        drop(local);
-        result?
+        finished
     };
     Ok(if finished.iter().all(|f| f.report.passed) {
         ExitCode::SUCCESS
@@ -236,6 +258,7 @@ pub async fn chaos(args: ChaosArgs) -> Result<ExitCode> {
         dir: dir.clone(),
         keep: args.keep,
         links: true,
+        two_regions: false,
     })
     .await?;
     println!(

@@ -59,6 +59,9 @@ fn the_list_names_every_drill_with_its_targets() {
         "config-push",
         "key-rotation",
         "overload",
+        "region-loss",
+        "region-partition",
+        "region-switchover",
     ] {
         assert!(out.contains(name), "{name} missing from:\n{out}");
     }
@@ -142,7 +145,7 @@ fn every_drill_runs_on_a_local_deployment_and_reports_what_clients_saw() {
     let out = text(&o);
     // The exit status matches the reports' verdicts.
     let all = reports(&reports_dir);
-    assert_eq!(all.len(), 8, "{out}");
+    assert_eq!(all.len(), 11, "{out}");
     let passed = all.iter().all(|r| r["passed"] == true);
     assert_eq!(o.status.code(), Some(if passed { 0 } else { 1 }), "{out}");
     for r in &all {
@@ -202,6 +205,32 @@ fn every_drill_runs_on_a_local_deployment_and_reports_what_clients_saw() {
         by_name("store-outage")["failed"].as_u64().unwrap() > 0,
         "{out}"
     );
+    // The overload drill measured a capacity and offered twice it.
+    let o = &by_name("overload")["overload"];
+    assert!(o["capacity"].as_f64().unwrap() > 0.0, "{o:#}");
+    let ratio = o["offered_rate"].as_f64().unwrap() / o["capacity"].as_f64().unwrap();
+    assert!((ratio - 2.0).abs() < 1e-6, "{o:#}");
+    assert!(o["sent"].as_u64().unwrap() > 0, "{o:#}");
+    // The multi-region drills ran on two regions; the partition's regions converged.
+    let marked = |name: &str, what: &str| {
+        by_name(name)["marks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["what"].as_str().unwrap().contains(what))
+    };
+    for name in ["region-loss", "region-partition", "region-switchover"] {
+        let d = by_name(name)["deployment"].as_str().unwrap().to_owned();
+        assert!(d.contains("two regions"), "{name}: {d}");
+    }
+    assert!(
+        marked("region-partition", "both regions serve every write"),
+        "{out}"
+    );
+    // The lost region was failed back to: its promotion waited until its view of the roles
+    // was current (before, it answered from the roles it held before the loss).
+    assert!(marked("region-loss", "failed back"), "{out}");
+    assert!(marked("region-switchover", "failed back"), "{out}");
 
     // History lists every drill and a summary per scenario.
     let o = haven(&[
@@ -224,7 +253,7 @@ fn every_drill_runs_on_a_local_deployment_and_reports_what_clients_saw() {
         reports_dir.to_str().unwrap(),
     ]);
     let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(json.as_array().unwrap().len(), 8);
+    assert_eq!(json.as_array().unwrap().len(), 11);
 }
 
 /// Haven nodes started by shell scripts, as an operator's service manager would, so that a
