@@ -14,7 +14,7 @@ use crate::link::LinkState;
 use crate::load::{self, Load, LoadOptions, Recorder};
 use crate::local::Local;
 use crate::report::{Inputs, Mark, Report};
-use crate::run::{Finished, save};
+use crate::run::{Finished, save, wind_down};
 use crate::scenario::{Fault, Scenario};
 
 /// One kind of fault.
@@ -255,19 +255,24 @@ pub async fn run(
         load.stop().await;
         return Err(e);
     }
-    let repaired = rec.now();
-    let give_up = Instant::now() + Duration::from_secs(90);
-    while !rec.all_served_since(repaired) && Instant::now() < give_up {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut served = None;
+    let settled = wind_down(
+        load,
+        &rec,
+        &base,
+        Duration::from_secs(90),
+        opts.after,
+        |m| served = Some((rec.now(), m.to_owned())),
+    )
+    .await?;
+    if let Some((at, what)) = served {
+        marks.push(Mark {
+            at,
+            kind: "note".into(),
+            what,
+        });
     }
-    tokio::time::sleep(opts.after).await;
-    load.stop().await;
-    let duration = rec.now();
-    load::read_back_long_calls(&base, &rec).await;
-    let acks = rec.acks();
-    let missing = load::missing_writes(&base, &acks)
-        .await
-        .map_err(DrillError::Deployment)?;
+    let (duration, acks, missing) = (settled.duration, settled.acks, settled.missing);
     // Convergence: every node serves every acknowledged write by itself.
     let mut findings = Vec::new();
     for node in local.node_bases() {

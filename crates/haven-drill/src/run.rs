@@ -218,22 +218,12 @@ async fn run_one(
     }
     // Load goes on until every client is served again (or long past the target: then the
     // report says who never recovered), then for `after` more.
-    let repaired = rec.now();
-    let give_up = Instant::now() + scenario.haven_rto * 2 + Duration::from_secs(30);
-    while !rec.all_served_since(repaired) && Instant::now() < give_up {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    if rec.all_served_since(repaired) {
-        marks.add("note", "every client served again");
-    }
-    tokio::time::sleep(opts.after).await;
-    load.stop().await;
-    let duration = rec.now();
-    load::read_back_long_calls(&base, &rec).await;
-    let acks = rec.acks();
-    let missing = load::missing_writes(&base, &acks)
-        .await
-        .map_err(DrillError::Deployment)?;
+    let give_up = scenario.haven_rto * 2 + Duration::from_secs(30);
+    let settled = wind_down(load, &rec, &base, give_up, opts.after, |m| {
+        marks.add("note", m)
+    })
+    .await?;
+    let (duration, acks, missing) = (settled.duration, settled.acks, settled.missing);
     let left = load::clean_up(&base, &rec).await;
     if left > 0 {
         tracing::warn!("{left} of the drill's notes could not be deleted");
@@ -259,6 +249,50 @@ async fn run_one(
     }
     let dir = save(&opts.reports, &report)?;
     Ok(Finished { report, dir })
+}
+
+/// What the clients saw, once their load stopped and was read back.
+pub(crate) struct Settled {
+    /// Seconds from the start to the load's stop.
+    pub duration: f64,
+    /// Every acknowledged write.
+    pub acks: Vec<Ack>,
+    /// The acknowledged writes missing when read back.
+    pub missing: Vec<String>,
+}
+
+/// Lets the load run on until every client is served again (at most `give_up`; `note` is
+/// told when they are) and `after` more, stops it, and reads back the long calls' streams
+/// and the acknowledged writes through `base`.
+pub(crate) async fn wind_down(
+    load: Load,
+    rec: &Recorder,
+    base: &str,
+    give_up: Duration,
+    after: Duration,
+    mut note: impl FnMut(&str),
+) -> Result<Settled, DrillError> {
+    let repaired = rec.now();
+    let deadline = Instant::now() + give_up;
+    while !rec.all_served_since(repaired) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if rec.all_served_since(repaired) {
+        note("every client served again");
+    }
+    tokio::time::sleep(after).await;
+    load.stop().await;
+    let duration = rec.now();
+    load::read_back_long_calls(base, rec).await;
+    let acks = rec.acks();
+    let missing = load::missing_writes(base, &acks)
+        .await
+        .map_err(DrillError::Deployment)?;
+    Ok(Settled {
+        duration,
+        acks,
+        missing,
+    })
 }
 
 /// A drill on a described deployment: its own commands cause and repair the fault; the
