@@ -70,7 +70,8 @@ impl AdminRole {
                 | "/admin/v1/audit/checkpoint"
                 | "/admin/v1/regions/promote"
                 | "/admin/v1/regions/demote"
-                | "/admin/v1/regions/takeover",
+                | "/admin/v1/regions/takeover"
+                | "/admin/v1/drills",
             ) => AdminRole::Operator,
             _ => AdminRole::Admin,
         }

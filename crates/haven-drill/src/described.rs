@@ -210,6 +210,49 @@ impl Described {
         p
     }
 
+    /// Records a drill's result in the deployment (`POST /admin/v1/drills` on the first node
+    /// that takes it): the last drill, and the last successful one, that its status page,
+    /// `haven status` and `haven_drill_last_success_timestamp_seconds` (the overdue-drill
+    /// alert's metric) show.
+    pub async fn record(&self, report: &crate::report::Report) -> Result<String, DrillError> {
+        let body = serde_json::json!({
+            "scenario": report.scenario,
+            "ok": report.passed,
+            "finished_millis": ((report.started_unix as f64 + report.duration) * 1000.0) as u64,
+            "rto_seconds": report.rto,
+            "rpo_seconds": report.rpo.window,
+        });
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("a client with no TLS settings always builds");
+        let mut last = String::new();
+        for n in &self.nodes {
+            match http
+                .post(format!("{}/admin/v1/drills", n.url))
+                .bearer_auth(&self.admin_token)
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+            {
+                Ok(r) if r.status().is_success() => return Ok(n.name.clone()),
+                Ok(r) => {
+                    last = format!(
+                        "{}: {}: {}",
+                        n.name,
+                        r.status(),
+                        r.text().await.unwrap_or_default()
+                    )
+                }
+                Err(e) => last = format!("{}: {e}", n.name),
+            }
+        }
+        Err(DrillError::Deployment(format!(
+            "no node recorded the drill's result (last: {last})"
+        )))
+    }
+
     /// Runs one of its commands (`sh -c`, in the file's directory); fails when it exits with
     /// an error or runs over 10 minutes.
     pub async fn run_command(&self, what: &str, command: &str) -> Result<(), DrillError> {

@@ -146,6 +146,13 @@ pub async fn run_all(
     for s in scenarios {
         target.ensure_ready().await?;
         let f = run_one(&mut target, s, opts).await?;
+        if let Target::Described(d) = &target {
+            // What the deployment's own monitoring shows of its drills.
+            match d.record(&f.report).await {
+                Ok(node) => tracing::info!("the drill's result is recorded (by {node})"),
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
         on_done(&f);
         done.push(f);
     }

@@ -205,6 +205,7 @@ pub fn router(
         .route("/admin/v1/backup", get(backup_status))
         .route("/admin/v1/backup/now", post(backup_now))
         .route("/admin/v1/backup/verify", post(backup_verify))
+        .route("/admin/v1/drills", post(drill_record))
         .merge(crate::admin_control::routes())
         .merge(crate::admin_audit::routes())
         // Inside the token check: only changes by someone let in are recorded as changes.
@@ -715,6 +716,83 @@ async fn backup_status(State(admin): State<Arc<Admin>>) -> Response {
 struct NowQuery {
     #[serde(default)]
     snapshot: bool,
+}
+
+/// A drill's result, as `haven drill run --deployment` records it.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DrillRecord {
+    scenario: String,
+    ok: bool,
+    finished_millis: u64,
+    rto_seconds: Option<f64>,
+    rpo_seconds: Option<f64>,
+}
+
+/// `POST /admin/v1/drills`: records a drill's result in the region's store, as the last drill
+/// and, when it passed, the last successful one (what `/status`, `haven status` and
+/// `haven_drill_last_success_timestamp_seconds` show).
+async fn drill_record(State(admin): State<Arc<Admin>>, body: axum::body::Bytes) -> Response {
+    use crate::status::{DRILL_KEY, DRILL_NS, DRILL_SUCCESS_KEY};
+    let d: DrillRecord = match serde_json::from_slice(&body) {
+        Ok(d) => d,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "send a JSON object {{\"scenario\": NAME, \"ok\": BOOL, \"finished_millis\": UNIX_MS, \"rto_seconds\": S, \"rpo_seconds\": S}}: {e}"
+                ),
+            );
+        }
+    };
+    let name_ok = !d.scenario.is_empty()
+        && d.scenario.len() <= 64
+        && d.scenario
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if !name_ok {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "scenario: 1 to 64 characters of a-z, 0-9 and -",
+        );
+    }
+    let now = admin.engine.store().clock().wall_millis();
+    if d.finished_millis == 0 || d.finished_millis > now + 86_400_000 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "finished_millis: the drill's end, Unix milliseconds, not in the future",
+        );
+    }
+    for (what, v) in [
+        ("rto_seconds", d.rto_seconds),
+        ("rpo_seconds", d.rpo_seconds),
+    ] {
+        if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("{what}: seconds, at least 0 (or null: never recovered)"),
+            );
+        }
+    }
+    let record = json!({
+        "scenario": d.scenario,
+        "ok": d.ok,
+        "finished_millis": d.finished_millis,
+        "rto_seconds": d.rto_seconds,
+        "rpo_seconds": d.rpo_seconds,
+    });
+    let bytes = serde_json::to_vec(&record).expect("a JSON value serializes");
+    let mut batch = haven_state::Batch::new().put(DRILL_NS, DRILL_KEY, bytes.clone());
+    if d.ok {
+        batch = batch.put(DRILL_NS, DRILL_SUCCESS_KEY, bytes);
+    }
+    match admin.engine.store().commit(batch).await {
+        Ok(_) => (StatusCode::OK, Json(record)).into_response(),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the store cannot take the drill's record now: {e}"),
+        ),
+    }
 }
 
 async fn backup_now(State(admin): State<Arc<Admin>>, Query(q): Query<NowQuery>) -> Response {

@@ -409,6 +409,56 @@ async fn drill_a_described_deployment() {
         "{crash:#}"
     );
     assert!(crash["rpo"]["acknowledged"].as_u64().unwrap() > 0);
+    // The results are recorded in the deployment: its status and the overdue-drill alert's
+    // metric show them.
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{}", ports[0]);
+    let overview: serde_json::Value = http
+        .get(format!("{base}/admin/v1/overview"))
+        .bearer_auth("drill-test-token")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(overview["drill"]["scenario"], "config-push", "{overview:#}");
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .bearer_auth("drill-test-token")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let gauge = metrics
+        .lines()
+        .find(|l| l.starts_with("haven_drill_last_success_timestamp_seconds"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap();
+    assert_eq!(
+        gauge > 0.0,
+        all.iter().any(|r| r["passed"] == true),
+        "{gauge}"
+    );
+    // A record that is not one is refused and changes nothing.
+    for bad in [
+        r#"{"scenario":"x"}"#,
+        r#"{"scenario":"Bad Name","ok":true,"finished_millis":1}"#,
+        r#"{"scenario":"x","ok":true,"finished_millis":1,"rto_seconds":-1}"#,
+        r#"{"scenario":"x","ok":true,"finished_millis":99999999999999}"#,
+    ] {
+        let r = http
+            .post(format!("{base}/admin/v1/drills"))
+            .bearer_auth("drill-test-token")
+            .header("content-type", "application/json")
+            .body(bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{bad}");
+    }
     // The node really was killed and started again by the file's commands.
     assert_ne!(
         std::fs::read_to_string(d.join("node2.pid")).unwrap(),
