@@ -118,7 +118,7 @@ impl Region {
         }
         let nats = haven_testkit::NatsCluster::start_in(tools).await;
         let store = nats.store_url();
-        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let ports = haven_testkit::free_ports(3);
         let mut region = Region {
             nats,
             nodes: vec![None, None, None],

@@ -243,7 +243,9 @@ async fn main() -> anyhow::Result<()> {
     let mut nats_a = NatsCluster::start_region("A", &[]).await;
     let link = Link::start(nats_a.leaf_port.expect("a region has a leafnode port")).await;
     let nats_b = NatsCluster::start_region("B", &[link.port]).await;
-    let (pa, pb) = (free_port(), free_port());
+    let [pa, pb] = haven_testkit::free_ports(2)[..] else {
+        unreachable!("two ports were asked for")
+    };
     let mut a = Some(start_node(&haven, &nats_a, dir.path(), "A", "B", pa)?);
     let b = start_node(&haven, &nats_b, dir.path(), "B", "A", pb)?;
     wait_ready(pa, "node A").await?;
@@ -641,7 +643,7 @@ async fn three_regions(haven: &Path, losses: usize) -> anyhow::Result<()> {
     for n in names {
         nats.push(NatsCluster::start_region(n, &leaf).await);
     }
-    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    let ports = haven_testkit::free_ports(names.len());
     let peers = |i: usize| -> String {
         names
             .iter()

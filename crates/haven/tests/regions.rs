@@ -2122,7 +2122,7 @@ async fn randomized_kills_and_partitions_of_real_regions_lose_no_acknowledged_wr
         links.push(link);
     }
     let dirs = tempfile::tempdir().unwrap();
-    let ports: Vec<u16> = (0..3).map(|_| common::free_port()).collect();
+    let ports = haven_testkit::free_ports(3);
     let peers = |i: usize| {
         NAMES
             .iter()

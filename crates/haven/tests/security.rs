@@ -733,7 +733,9 @@ async fn the_admin_api_can_listen_on_its_own_address() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let d = data.to_str().unwrap();
-    let (port, admin_port) = (free_port(), free_port());
+    let [port, admin_port] = haven_testkit::free_ports(2)[..] else {
+        unreachable!("two ports were asked for")
+    };
     let admin_addr = format!("127.0.0.1:{admin_port}");
     let h = Haven::start(&data, port, "default", &["--admin-listen", &admin_addr]).await;
     let token = std::fs::read_to_string(data.join("admin.token")).unwrap();

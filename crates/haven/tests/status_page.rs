@@ -117,7 +117,7 @@ fn row_state(dom: &str, node: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_shows_the_region_and_a_killed_node_down_in_a_real_browser() {
     let _one = ONE_REGION_AT_A_TIME.lock().await;
-    let open: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let open = haven_testkit::free_ports(3);
     // A Prometheus with Haven's alert rules scrapes every node's open /metrics; the page
     // shows its alerts.
     let prom_port = free_port();

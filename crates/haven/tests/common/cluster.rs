@@ -88,7 +88,7 @@ impl Region {
         assert_eq!(env.len(), 3);
         let nats = NatsCluster::start().await;
         let dirs = tempfile::tempdir().unwrap();
-        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let ports = haven_testkit::free_ports(3);
         let mut nodes = Vec::new();
         for (i, p) in ports.iter().enumerate() {
             let data = dirs.path().join(format!("node{i}"));
