@@ -393,7 +393,7 @@ async fn a_draining_node_answers_readyz_503_until_it_stops() {
         .status()
         .unwrap();
     assert!(status.success());
-    let (done_tx, mut done) = tokio::sync::watch::channel(false);
+    let (done_tx, done) = tokio::sync::watch::channel(false);
     let call = tokio::spawn(async move {
         let mut last = None;
         while let Some(e) = sse.next().await {
@@ -423,14 +423,11 @@ async fn a_draining_node_answers_readyz_503_until_it_stops() {
                 assert_eq!(v["status"], "draining", "{v}");
                 draining_answers += 1;
             }
-            // The listener closes only after the call's answer went out (the answer may
-            // still be on its way to this client).
-            Err(e) => assert!(
-                tokio::time::timeout(std::time::Duration::from_secs(2), done.wait_for(|d| *d))
-                    .await
-                    .is_ok(),
-                "/readyz refused while a request still ran: {e}"
-            ),
+            // The listener closes only after the call's answer went out; the answer may
+            // still be on its way to this client (on a loaded machine, for seconds). That it
+            // arrives is checked below: a listener closed while the call still ran would end
+            // its stream without it.
+            Err(_) => break,
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
