@@ -3,6 +3,7 @@
 # exporter: where the cost of tracing goes (BENCHMARKS.md, "Observability").
 #   bench/scripts/trace-profile.sh HAVEN_BIN LABEL            # traces to a local sink
 #   OTLP="--log-level info" bench/scripts/trace-profile.sh HAVEN_BIN LABEL   # no traces
+#   LOAD_ARGS="--era legacy" bench/scripts/trace-profile.sh HAVEN_BIN LABEL  # legacy sessions
 # Writes LABEL.load (mcp-load's JSON), LABEL.data (perf) and LABEL.top into $OUT (default .).
 set -u
 BIN=$1; LABEL=$2; shift 2
@@ -17,7 +18,7 @@ for _ in $(seq 50); do
     curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:18931/readyz 2>/dev/null | grep -q 200 && break
     sleep 0.2
 done
-"$LOAD" --url http://127.0.0.1:18931/mcp --duration 25 --warmup 1 --server-pid $H > "$OUT/$LABEL.load" 2>&1 & L=$!
+"$LOAD" --url http://127.0.0.1:18931/mcp ${LOAD_ARGS:-} --duration 25 --warmup 1 --server-pid $H > "$OUT/$LABEL.load" 2>&1 & L=$!
 sleep 4
 perf record -F 999 -g -p $H -o "$OUT/$LABEL.data" -- sleep 15 >/dev/null 2>&1
 wait $L

@@ -58,7 +58,88 @@ pub fn add_link(span: &tracing::Span, traceparent: Option<&str>) {
 /// work another node or region may continue, so that it can link back. `None` otherwise, so
 /// that nothing is stored when tracing is off or the trace not sampled.
 pub fn sampled_traceparent() -> Option<String> {
-    current_traceparent().filter(|t| t.ends_with("-01"))
+    sampled_traceparent_of(&tracing::Span::current())
+}
+
+/// The `traceparent` of `span` when it is sampled, read without entering it.
+pub fn sampled_traceparent_of(span: &tracing::Span) -> Option<String> {
+    if span.is_none() {
+        return None;
+    }
+    let cx = span.context();
+    let s = cx.span();
+    let sc = s.span_context();
+    sc.is_sampled().then(|| traceparent(sc))
+}
+
+/// The W3C `traceparent` value of `sc`.
+fn traceparent(sc: &SpanContext) -> String {
+    format!(
+        "00-{}-{}-{:02x}",
+        sc.trace_id(),
+        sc.span_id(),
+        sc.trace_flags().to_u8()
+    )
+}
+
+/// The tracer [`InnerSpan`]s are made with: the exporting one, set once by the binary.
+static TRACER: std::sync::OnceLock<opentelemetry::global::BoxedTracer> = std::sync::OnceLock::new();
+
+/// Sets the tracer [`inner_span`] makes its spans with (the one the `tracing` layer exports
+/// through). Later calls change nothing.
+pub fn set_tracer(tracer: opentelemetry::global::BoxedTracer) {
+    let _ = TRACER.set(tracer);
+}
+
+/// A span made directly with OpenTelemetry, for short internal work done many times per
+/// request (a store commit): it never passes through `tracing` (no registry entry, no field
+/// formatting, no per-layer bookkeeping), and ends when dropped.
+pub struct InnerSpan {
+    span: opentelemetry::global::BoxedSpan,
+    traceparent: String,
+}
+
+impl InnerSpan {
+    /// The span's `traceparent`, to pass on with the work (it is always sampled).
+    pub fn traceparent(&self) -> &str {
+        &self.traceparent
+    }
+
+    /// Marks the span failed, with the error's kind as `error.type`.
+    pub fn failed(&mut self, kind: &'static str) {
+        use opentelemetry::trace::Span as _;
+        self.span
+            .set_attribute(opentelemetry::KeyValue::new("error.type", kind));
+        self.span
+            .set_status(opentelemetry::trace::Status::error(kind));
+    }
+}
+
+impl Drop for InnerSpan {
+    fn drop(&mut self) {
+        use opentelemetry::trace::Span as _;
+        self.span.end();
+    }
+}
+
+/// A child span named `name` (kind internal) of `parent`, when `parent` belongs to a sampled
+/// trace and a tracer is set; `None` otherwise, so that unsampled work costs nothing.
+pub fn inner_span(parent: &tracing::Span, name: &'static str) -> Option<InnerSpan> {
+    use opentelemetry::trace::{Span as _, SpanKind, Tracer as _};
+    if parent.is_none() {
+        return None;
+    }
+    let tracer = TRACER.get()?;
+    let cx = parent.context();
+    if !cx.span().span_context().is_sampled() {
+        return None;
+    }
+    let span = tracer.build_with_context(
+        opentelemetry::trace::SpanBuilder::from_name(name).with_kind(SpanKind::Internal),
+        &cx,
+    );
+    let traceparent = traceparent(span.span_context());
+    Some(InnerSpan { span, traceparent })
 }
 
 /// The trace and span ids (hex) of a span's OpenTelemetry context, when it has a valid one.
@@ -76,14 +157,7 @@ pub fn current_traceparent() -> Option<String> {
     let cx = tracing::Span::current().context();
     let span = cx.span();
     let sc = span.span_context();
-    sc.is_valid().then(|| {
-        format!(
-            "00-{}-{}-{:02x}",
-            sc.trace_id(),
-            sc.span_id(),
-            sc.trace_flags().to_u8()
-        )
-    })
+    sc.is_valid().then(|| traceparent(sc))
 }
 
 /// The dispatcher whose OpenTelemetry layer [`WithTraceIds`] reads span contexts from.

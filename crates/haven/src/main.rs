@@ -10,6 +10,7 @@ mod client;
 mod control;
 mod control_cmd;
 mod drill_cmd;
+mod memory;
 mod metrics;
 mod nats_sync;
 mod reclaim;
@@ -27,9 +28,9 @@ use haven_mcp::engine::{Engine, EngineConfig};
 use haven_state::{HybridClock, Origin, RedbStore, Store};
 use settings::{Cli, Command, Mode, Settings};
 
-// No `#[global_allocator]`: the system allocator (glibc's). Under a steady load mimalloc's
-// memory kept rising while glibc's stayed flat at about half of it, for about 6 to 14 % more
-// CPU per request (BENCHMARKS.md, "Soak: the allocator").
+// No `#[global_allocator]`: the system allocator (glibc's), tuned by `memory`. Under a steady
+// load mimalloc's memory kept rising while glibc's stayed flat at about half of it, for about
+// 6 to 14 % more CPU per request (BENCHMARKS.md, "Soak: the allocator").
 
 fn main() -> std::process::ExitCode {
     // One crypto provider for every TLS configuration built in this process, including those
@@ -75,6 +76,10 @@ fn main() -> std::process::ExitCode {
         },
     };
     let result = Settings::from_cli(&cli).and_then(|(mode, s)| {
+        memory::tune();
+        if matches!(mode, Mode::Serve) {
+            memory::start_trimming();
+        }
         let mut runtime = tokio::runtime::Builder::new_multi_thread();
         runtime.enable_all();
         if let Some(n) = s.worker_threads {
@@ -215,6 +220,10 @@ fn init_logging(
             // thread or busy/idle times, and entering one does not activate its context (no
             // code here reads `Context::current`): each of these costs on every span, sampled
             // or not.
+            // Short internal spans (store commits) are made directly with this tracer.
+            haven_telemetry::trace::set_tracer(opentelemetry::global::BoxedTracer::new(Box::new(
+                provider.tracer("haven"),
+            )));
             let layer = tracing_opentelemetry::layer()
                 .with_tracer(provider.tracer("haven"))
                 .with_location(false)

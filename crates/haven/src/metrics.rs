@@ -30,32 +30,38 @@ impl MeteredStore {
 
 haven_state::wrap_store!(MeteredStore, inner, {
     async fn commit(&self, batch: Batch) -> StoreResult<Commit> {
-        use tracing::Instrument as _;
         let started = Instant::now();
-        // A commit has a span of its own only inside a sampled trace: the spans of the
-        // unsampled majority would be built, timed and dropped for nothing (they were a
-        // quarter of a legacy request's CPU with tracing on).
-        let r = if sampled(&tracing::Span::current()) {
-            let span = tracing::info_span!("store.commit", otel.kind = "internal");
+        // A commit has a span of its own only inside a sampled trace, made directly with
+        // OpenTelemetry: a legacy request makes several commits, and the spans of the
+        // unsampled majority, or spans carried through `tracing`'s layers, cost a large share
+        // of its CPU with tracing on.
+        let mut span =
+            haven_telemetry::trace::inner_span(&tracing::Span::current(), "store.commit");
+        let r = match &span {
             // The writer's trace goes with the batch (beside it, never in it), so that a
             // region that replicates it can link back.
-            let trace = span.in_scope(haven_telemetry::trace::sampled_traceparent);
-            haven_state::trace::with_traceparent(trace, self.inner.commit(batch))
-                .instrument(span)
+            Some(s) => {
+                haven_state::trace::with_traceparent(
+                    Some(s.traceparent().to_owned()),
+                    self.inner.commit(batch),
+                )
                 .await
-        } else {
-            self.inner.commit(batch).await
+            }
+            None => self.inner.commit(batch).await,
         };
+        let kind = r.as_ref().err().map(|e| match e {
+            StoreError::Conflict { .. } => "conflict",
+            StoreError::Unavailable(_) => "unavailable",
+            StoreError::Full(_) => "full",
+            StoreError::Invalid(_) => "invalid",
+            _ => "other",
+        });
+        if let (Some(s), Some(kind)) = (&mut span, kind) {
+            s.failed(kind);
+        }
         if let Some(m) = haven_telemetry::get() {
             m.store_commit.observe(started.elapsed().as_secs_f64());
-            if let Err(e) = &r {
-                let kind = match e {
-                    StoreError::Conflict { .. } => "conflict",
-                    StoreError::Unavailable(_) => "unavailable",
-                    StoreError::Full(_) => "full",
-                    StoreError::Invalid(_) => "invalid",
-                    _ => "other",
-                };
+            if let Some(kind) = kind {
                 m.store_commit_errors
                     .get_or_create(&KindLabel { kind: kind.into() })
                     .inc();
@@ -67,14 +73,6 @@ haven_state::wrap_store!(MeteredStore, inner, {
         self.inner.check_writable().await
     }
 });
-
-/// Whether `span` belongs to a trace that is exported (always false without an
-/// OpenTelemetry layer, or outside any span).
-fn sampled(span: &tracing::Span) -> bool {
-    use opentelemetry::trace::TraceContextExt as _;
-    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-    !span.is_none() && span.context().span().span_context().is_sampled()
-}
 
 /// Reads the node's state into the gauges.
 async fn refresh(admin: &Admin) {

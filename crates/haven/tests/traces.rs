@@ -536,11 +536,37 @@ async fn a_write_replicated_to_another_region_is_applied_under_a_span_linked_to_
     assert_ne!(span.trace_id, trace, "applying is a trace of B's own");
     // The link names A's span of the write (its store commit), not the client's span.
     let (_, linked) = span.links.iter().find(|(t, _)| t == trace).unwrap();
+    let commit = spans
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|s| {
+            s.trace_id == trace && &s.span_id == linked && s.service_instance.contains("A-node")
+        })
+        .cloned()
+        .expect("the linked span is one A exported in the writer's trace");
+    // SPAN_KIND_INTERNAL = 1: the commit's span, a child of the request's server span.
+    assert_eq!(
+        (commit.name.as_str(), commit.kind),
+        ("store.commit", 1),
+        "{commit:?}"
+    );
+    let request = spans
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|s| s.trace_id == trace && s.span_id == commit.parent)
+        .cloned();
     assert!(
-        spans.lock().unwrap().iter().any(|s| s.trace_id == trace
-            && &s.span_id == linked
-            && s.service_instance.contains("A-node")),
-        "the linked span is one A exported in the writer's trace"
+        request
+            .as_ref()
+            .is_some_and(|r| r.name == "tools/call notes_put"
+                && r.kind == 2
+                && r.attributes
+                    .iter()
+                    .any(|(k, v)| k == "gen_ai.tool.name" && v.contains("notes_put"))
+                && r.attributes.iter().any(|(k, _)| k == "mcp.session.id")),
+        "the commit's parent is the request's span, with its tool and session: {request:?}"
     );
 
     // A write in no sampled trace carries no trace context to B, which still applies it under

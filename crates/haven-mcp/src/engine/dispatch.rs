@@ -226,26 +226,21 @@ pub(crate) fn request_span(inner: &Inner, call: &Call) -> tracing::Span {
         } => (session.as_str(), protocol_version.as_str()),
         crate::context::Era::Stateless { protocol_version } => ("", protocol_version.as_str()),
     };
+    let tool = target.filter(|_| call.method == "tools/call");
+    let session = (!session.is_empty()).then_some(session);
+    // Every value is known here: recording one later costs a visit of every layer.
     let span = tracing::info_span!(
         "mcp.server",
-        otel.name = %name,
+        otel.name = name.as_str(),
         otel.kind = "server",
-        mcp.method.name = %call.method,
-        gen_ai.tool.name = tracing::field::Empty,
+        mcp.method.name = call.method.as_str(),
+        gen_ai.tool.name = tool,
         mcp.protocol.version = version,
-        mcp.session.id = tracing::field::Empty,
+        mcp.session.id = session,
         jsonrpc.request.id = %call.id,
         rpc.response.status_code = tracing::field::Empty,
         error.type = tracing::field::Empty,
     );
-    if call.method == "tools/call"
-        && let Some(t) = target
-    {
-        span.record("gen_ai.tool.name", t);
-    }
-    if !session.is_empty() {
-        span.record("mcp.session.id", session);
-    }
     haven_telemetry::trace::set_parent(
         &span,
         call.traceparent.as_deref(),

@@ -667,7 +667,7 @@ impl Inner {
     ) -> Running {
         // The span is made here, so that the caller knows its context before it runs.
         let span = dispatch::request_span(self, &call);
-        call.trace = span.in_scope(haven_telemetry::trace::sampled_traceparent);
+        call.trace = haven_telemetry::trace::sampled_traceparent_of(&span);
         let trace = call.trace.clone();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
