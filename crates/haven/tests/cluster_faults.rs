@@ -595,6 +595,31 @@ async fn a_kill_9_of_a_node_reruns_each_of_its_idempotent_calls_exactly_once() {
             gone.iter().sum::<usize>() >= 1 && gone[victim] == 0,
             "round {round}: survivors logging node{victim}'s store connection gone: {gone:?}"
         );
+        // The killed node's heartbeat only grew old: the survivors report it silent, not
+        // its clock skewed (all the nodes share this machine's clock), and nobody warned
+        // of skew.
+        for survivor in (0..3).filter(|i| *i != victim) {
+            let st = region
+                .node_status(survivor)
+                .await
+                .expect("a survivor's status");
+            let seen = st["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|n| n["info"]["node"] == format!("node{victim}"))
+                .cloned()
+                .unwrap_or_default();
+            assert!(
+                seen["clock_skewed"] != true && st["clock"]["skewed"] != true,
+                "round {round}: node{survivor} takes node{victim}'s old heartbeat for skew: {st}"
+            );
+        }
+        let skew = region.count_logged(&[SKEW_WARNING]);
+        assert!(
+            skew.iter().all(|c| *c == 0),
+            "round {round}: skew warnings: {skew:?}"
+        );
         region.restart_node(victim).await;
     }
 }
