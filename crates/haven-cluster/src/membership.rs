@@ -102,7 +102,7 @@ pub struct Member {
     /// Estimated offset of its clock from this node's, in milliseconds (positive: ahead): the
     /// smallest that its recent fresh heartbeats allow. `None` for this node, for a node whose
     /// heartbeat has been silent for longer than the time-to-live, and before one of its
-    /// heartbeats was seen soon enough after it was written.
+    /// heartbeats was known to be fresh (stored after one of this node's own).
     pub clock_offset_millis: Option<i64>,
     /// Whether that offset exceeds the allowed skew.
     pub clock_skewed: bool,
