@@ -19,8 +19,18 @@
 //! never probed.
 //!
 //! The wall-clock times inside heartbeats are used for one thing: estimating each node's clock
-//! offset (the beat's time minus the local time when the beat arrived, the best of recent
-//! samples), reported in status and logged when it exceeds the allowed skew.
+//! offset, reported in status and logged when it exceeds the allowed skew. A heartbeat's time
+//! is compared only with bounds on when it was written, never with an arrival time alone (a
+//! record can be old when it is first read: a node that died before this one started, a
+//! change feed catching up): it was written before this node saw it, and — when its revision
+//! is newer than one of this node's own heartbeat commits — after that commit was sent. So
+//! each such heartbeat bounds the offset on both sides: (beat − local time on arrival) ≤
+//! offset ≤ (beat − local time when that own commit was sent). A heartbeat not newer than
+//! any of this node's recent commits gives no sample. The offset reported is the smallest one
+//! that the recent samples allow (the best lower bound, the median upper bound: a writer that
+//! took its beat's time and then waited on the store makes one upper bound too low), so a
+//! stale heartbeat never reads as skew; and a node whose heartbeat is silent for longer than
+//! the time-to-live has no offset reported, only its silence.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -41,6 +51,10 @@ pub fn heartbeat_key(region: &str, node: &str) -> String {
 
 /// How many recent offset samples a node's estimate keeps.
 const OFFSET_SAMPLES: usize = 16;
+
+/// How many of this node's own recent heartbeat commits are kept to bound when others'
+/// heartbeats were written.
+const OWN_COMMITS: usize = 64;
 
 /// A node's heartbeat record.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -85,7 +99,10 @@ pub struct Member {
     pub alive: bool,
     /// Milliseconds since its heartbeat last changed, on this node's monotonic clock.
     pub silent_millis: u64,
-    /// Estimated offset of its clock from this node's, in milliseconds (positive: ahead).
+    /// Estimated offset of its clock from this node's, in milliseconds (positive: ahead): the
+    /// smallest that its recent fresh heartbeats allow. `None` for this node, for a node whose
+    /// heartbeat has been silent for longer than the time-to-live, and before one of its
+    /// heartbeats was known to be fresh (stored after one of this node's own).
     pub clock_offset_millis: Option<i64>,
     /// Whether that offset exceeds the allowed skew.
     pub clock_skewed: bool,
@@ -117,14 +134,38 @@ struct Observed {
     revision: u64,
     /// When this node saw the record change last.
     changed_at: Instant,
-    /// Recent samples of (beat time − local time on arrival).
-    offsets: VecDeque<i64>,
+    /// Recent bounds on its clock's offset, one per heartbeat known to be fresh.
+    offsets: VecDeque<OffsetSample>,
+}
+
+/// What one heartbeat says of its writer's clock offset from this node's (milliseconds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct OffsetSample {
+    /// Beat time − local wall time when it was seen (it was written before): the offset is at
+    /// least this.
+    low: i64,
+    /// Beat time − local wall time when this node sent a heartbeat that the store put before
+    /// it (it was written after): the offset is at most this, less the time the writer took
+    /// between reading its clock and the store taking the write.
+    high: i64,
 }
 
 impl Observed {
+    /// The smallest offset the recent samples allow (zero when they allow zero).
     fn offset(&self) -> Option<i64> {
-        // A sample is the true offset minus the delivery delay: the largest is the closest.
-        self.offsets.iter().copied().max()
+        let low = self.offsets.iter().map(|s| s.low).max()?;
+        let mut highs: Vec<i64> = self.offsets.iter().map(|s| s.high).collect();
+        highs.sort_unstable();
+        // The median, not the least: one writer that waited on the store makes its bound too
+        // low, and only a clock really behind makes most of them so.
+        let high = highs[highs.len() / 2].max(low);
+        Some(if low > 0 {
+            low
+        } else if high < 0 {
+            high
+        } else {
+            0
+        })
     }
 }
 
@@ -138,6 +179,8 @@ struct State {
     own_ok_since: Option<Instant>,
     /// When this node's heartbeat last succeeded.
     own_last_ok: Option<Instant>,
+    /// This node's recent heartbeat commits: (log sequence, local wall time when sent).
+    own_commits: VecDeque<(u64, u64)>,
     draining: bool,
     left: bool,
     /// Nodes currently reported as skewed (so that each change is logged once).
@@ -195,6 +238,7 @@ impl Membership {
                 missing_since: HashMap::new(),
                 own_ok_since: None,
                 own_last_ok: None,
+                own_commits: VecDeque::new(),
                 draining: false,
                 left: false,
                 skewed: HashMap::new(),
@@ -387,6 +431,7 @@ impl Membership {
         }
         let info = self.own_info();
         let sent = Instant::now();
+        let sent_wall = self.store.clock().wall_millis();
         let written = self.write_heartbeat(&info).await;
         let now = Instant::now();
         match written {
@@ -395,6 +440,10 @@ impl Membership {
                     lease.note_beat(commit.last_seq, sent);
                 }
                 let mut state = self.state.write();
+                state.own_commits.push_back((commit.last_seq, sent_wall));
+                if state.own_commits.len() > OWN_COMMITS {
+                    state.own_commits.pop_front();
+                }
                 if state.own_ok_since.is_none() {
                     // First beat, or the first after a failed one: the others' records may
                     // look old only because the store was out of reach; watch them afresh.
@@ -446,7 +495,17 @@ impl Membership {
         }
         let mut state = self.state.write();
         state.missing_since.remove(&info.node);
-        let offset = info.beat_millis as i64 - wall as i64;
+        // Only a heartbeat that the store put after one of this node's own is known to be
+        // fresh; the latest such commit bounds the offset from above.
+        let sample = state
+            .own_commits
+            .iter()
+            .rev()
+            .find(|(seq, _)| *seq < revision)
+            .map(|&(_, sent_wall)| OffsetSample {
+                low: info.beat_millis as i64 - wall as i64,
+                high: info.beat_millis as i64 - sent_wall as i64,
+            });
         match state.members.get_mut(&info.node) {
             Some(o) if o.revision == revision => {}
             Some(o) if o.revision > revision => {}
@@ -456,7 +515,7 @@ impl Membership {
                 }
                 o.revision = revision;
                 o.changed_at = now;
-                o.offsets.push_back(offset);
+                o.offsets.extend(sample);
                 if o.offsets.len() > OFFSET_SAMPLES {
                     o.offsets.pop_front();
                 }
@@ -470,11 +529,22 @@ impl Membership {
                         info,
                         revision,
                         changed_at: now,
-                        offsets: VecDeque::from([offset]),
+                        offsets: sample.into_iter().collect(),
                     },
                 );
             }
         }
+    }
+
+    /// The clock offset of `o` as reported now: none for this node itself, nor for a node
+    /// whose heartbeat has been silent for longer than the time-to-live (its silence is what
+    /// is reported), nor before one of its heartbeats was seen fresh.
+    fn current_offset(&self, o: &Observed, now: Instant) -> Option<i64> {
+        if o.info.node == self.config.node_id || now.duration_since(o.changed_at) > self.config.ttl
+        {
+            return None;
+        }
+        o.offset()
     }
 
     /// Takes a change from the store's live feed (heartbeats arrive here as they are
@@ -553,9 +623,7 @@ impl Membership {
                 .members
                 .values()
                 .map(|o| {
-                    let offset = (o.info.node != self.config.node_id)
-                        .then(|| o.offset())
-                        .flatten();
+                    let offset = self.current_offset(o, now);
                     Member {
                         info: o.info.clone(),
                         alive: false,
@@ -574,7 +642,8 @@ impl Membership {
         out
     }
 
-    /// The largest clock offset to another live node, in milliseconds (absolute).
+    /// The largest clock offset to another live node, in milliseconds (absolute; see
+    /// [`Member::clock_offset_millis`]).
     pub fn max_clock_offset(&self) -> Option<u64> {
         self.members()
             .iter()
@@ -586,23 +655,26 @@ impl Membership {
 
     fn report_skew(&self) {
         let max = self.config.max_skew.as_millis() as i64;
+        let now = Instant::now();
         let offsets: Vec<(String, Option<i64>)> = {
             let state = self.state.read();
             state
                 .members
                 .values()
                 .filter(|o| o.info.node != self.config.node_id)
-                .map(|o| (o.info.node.clone(), o.offset()))
+                .map(|o| (o.info.node.clone(), self.current_offset(o, now)))
                 .collect()
         };
         let mut state = self.state.write();
         for (node, offset) in offsets {
-            let skewed = offset.is_some_and(|x| x.abs() > max);
+            // No estimate now (a silent node): nothing new is known of its clock.
+            let Some(offset) = offset else { continue };
+            let skewed = offset.abs() > max;
             let was = state.skewed.insert(node.clone(), skewed).unwrap_or(false);
             match (was, skewed) {
                 (false, true) => tracing::warn!(
                     node = %node,
-                    offset_ms = offset.unwrap_or_default(),
+                    offset_ms = offset,
                     max_ms = max,
                     "the clock of another node differs from this node's by more than the allowed skew"
                 ),

@@ -8,7 +8,9 @@ use haven_cluster::{
     Claim, ClaimError, Execution, FenceError, Holding, Landed, Lease, Membership, MembershipConfig,
     Owner,
 };
-use haven_state::{Batch, HybridClock, LinkFaults, MemLog, Origin, Store, VirtualClock};
+use haven_state::{
+    Batch, HybridClock, LinkFaults, MemLog, Origin, PhysicalClock, Store, VirtualClock,
+};
 
 const START: u64 = 1_800_000_000_000;
 
@@ -20,7 +22,12 @@ struct Node {
 }
 
 async fn node(log: &Arc<MemLog>, name: &str) -> Node {
-    let clock = Arc::new(VirtualClock::new(START));
+    node_from(log, name, START).await
+}
+
+/// A node whose clock reads `base` now (a node that joins later reads the others' time).
+async fn node_from(log: &Arc<MemLog>, name: &str, base: u64) -> Node {
+    let clock = Arc::new(VirtualClock::new(base));
     let (store, faults) = log
         .join(
             Origin::new("r", name),
@@ -105,6 +112,146 @@ async fn skewed_clocks_neither_kill_nor_hide_nodes_and_are_reported() {
         "offset of b seen from a: {off}"
     );
     assert!(a.membership.max_clock_offset().unwrap() >= 7_000);
+}
+
+/// What the nodes of a test log (`tracing` output, this thread only).
+#[derive(Clone, Default)]
+struct Logged(Arc<parking_lot::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logged {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logged {
+    /// Captures what this thread logs until the guard is dropped.
+    fn capture() -> (Logged, tracing::subscriber::DefaultGuard) {
+        let logged = Logged::default();
+        let writer = logged.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        (logged, tracing::subscriber::set_default(subscriber))
+    }
+
+    fn skew_warnings(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock())
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains("allowed skew"))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+fn seen(judge: &Node, other: &str) -> haven_cluster::Member {
+    judge
+        .membership
+        .members()
+        .into_iter()
+        .find(|m| m.info.node == other)
+        .unwrap_or_else(|| panic!("{other} is not a member for {:?}", judge.membership))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_nodes_aging_heartbeat_is_never_clock_skew() {
+    let (logged, _guard) = Logged::capture();
+    let log = MemLog::new();
+    let (a, b, c) = (
+        node(&log, "a").await,
+        node(&log, "b").await,
+        node(&log, "c").await,
+    );
+    // Every clock is the same one. c beats three times and goes silent (its process died).
+    for _ in 0..3 {
+        round(&[&a, &b, &c]).await;
+    }
+    let no_skew = |judge: &Node, at: &str| {
+        let m = seen(judge, "c");
+        assert!(
+            !m.clock_skewed && m.clock_offset_millis.is_none_or(|o| o.abs() <= 500),
+            "{at}: c seen as skewed: {m:?}"
+        );
+        m
+    };
+    // Three seconds later d starts: the first heartbeat of c it reads is three seconds old,
+    // and a change feed catching up hands it c's older ones as if they had just arrived.
+    for _ in 0..3 {
+        round(&[&a, &b]).await;
+    }
+    let d = node_from(&log, "d", a.clock.now_millis()).await;
+    let replay = |d: &Node| {
+        let store = d.store.clone();
+        let membership = d.membership.clone();
+        async move {
+            for entry in store.read_log(1, 10_000).await.unwrap() {
+                membership.observe_change(&entry.change, entry.seq);
+            }
+        }
+    };
+    replay(&d).await;
+    no_skew(&d, "d before its first heartbeat");
+    for i in 0..10 {
+        round(&[&a, &b, &d]).await;
+        replay(&d).await;
+        for judge in [&a, &b, &d] {
+            let m = no_skew(judge, &format!("round {i}"));
+            if m.silent_millis > 5_000 {
+                // Past the time-to-live it is reported silent (and dead), with no offset.
+                assert!(m.clock_offset_millis.is_none() && !m.alive, "{m:?}");
+            }
+        }
+        // d never saw one of c's heartbeats fresh: it has no estimate of c's clock at all.
+        assert_eq!(seen(&d, "c").clock_offset_millis, None);
+        // The live nodes' clocks are estimated, and not skewed (a reads d's first heartbeat
+        // in the second round).
+        if i > 0 {
+            let ad = seen(&a, "d");
+            assert!(!ad.clock_skewed, "{ad:?}");
+        }
+    }
+    assert_eq!(seen(&a, "d").clock_offset_millis, Some(0));
+    assert!(a.membership.max_clock_offset().unwrap() <= 500);
+    assert!(
+        logged.skew_warnings().is_empty(),
+        "{:?}",
+        logged.skew_warnings()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_clock_two_seconds_off_is_reported_and_logged() {
+    let (logged, _guard) = Logged::capture();
+    let (a, b, c) = three_nodes().await;
+    b.clock.set_offset(2_000);
+    c.clock.set_offset(-2_000);
+    for _ in 0..8 {
+        round(&[&a, &b, &c]).await;
+    }
+    let (b_seen, c_seen) = (seen(&a, "b"), seen(&a, "c"));
+    assert!(b_seen.alive && b_seen.clock_skewed, "{b_seen:?}");
+    assert!(c_seen.alive && c_seen.clock_skewed, "{c_seen:?}");
+    // Read by a heartbeat round a second after it was written, b's beat says only that b is
+    // at least 1 s ahead; c's, written after a's own, that c is at least 2 s behind.
+    let b_off = b_seen.clock_offset_millis.unwrap();
+    let c_off = c_seen.clock_offset_millis.unwrap();
+    assert!((1_000..=2_000).contains(&b_off), "{b_off}");
+    assert!((-2_000..=-1_000).contains(&c_off), "{c_off}");
+    assert!(a.membership.max_clock_offset().unwrap() >= 1_000);
+    let warnings = logged.skew_warnings();
+    for node in ["node=b", "node=c"] {
+        assert_eq!(
+            warnings.iter().filter(|w| w.contains(node)).count(),
+            // a warns once of each, and so does the third node.
+            2,
+            "{warnings:?}"
+        );
+    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -410,28 +410,24 @@ fn counting(n: u64) -> Vec<f64> {
     (0..=n).map(|x| x as f64).collect()
 }
 
-/// Splits the progress values of a re-run stream into the first run's and the re-run's: the
-/// first run counted `0..=k` before its node went away, the re-run counts `0..=seconds` again.
-fn split_runs(label: &str, values: &[f64], seconds: u64) -> (Vec<f64>, Vec<f64>) {
-    let restart = values
-        .iter()
-        .enumerate()
-        .skip(1)
-        .find(|(_, v)| **v == 0.0)
-        .map(|(i, _)| i)
-        .unwrap_or_else(|| panic!("{label}: no re-run in the progress values {values:?}"));
-    let (first, rerun) = values.split_at(restart);
+/// Checks the progress values of a re-run stream: the first run counted `0..=k` before its
+/// node went away; the re-run counts `0..=seconds` again, and only its values past `k` reach
+/// the stream, so that one token's progress keeps increasing (MCP requires it): the stream
+/// counts `0..=seconds` once.
+fn assert_rerun_progress(label: &str, values: &[f64], seconds: u64) {
     assert_eq!(
-        first,
-        &counting(first.len() as u64 - 1)[..],
-        "{label}: the first run's progress values, then the re-run's: {values:?}"
-    );
-    assert_eq!(
-        rerun,
+        values,
         &counting(seconds)[..],
-        "{label}: the re-run's progress values: {values:?}"
+        "{label}: the first run's progress values, then the re-run's past them: {values:?}"
     );
-    (first.to_vec(), rerun.to_vec())
+}
+
+/// Checks that progress values strictly increase.
+fn assert_increasing(label: &str, values: &[f64]) {
+    assert!(
+        values.windows(2).all(|w| w[0] < w[1]),
+        "{label}: progress values that do not increase: {values:?}"
+    );
 }
 
 /// Checks that no node took anything over and no node lost an execution.
@@ -558,20 +554,30 @@ async fn a_kill_9_of_a_node_reruns_each_of_its_idempotent_calls_exactly_once() {
                 answer["result"]["content"].is_array() && answer["result"]["isError"] != true,
                 "{label}: the re-run's result: {answer}"
             );
-            // The stream is the first run's progress, then the re-run's, with the client's
-            // token (checked by `progress`), then the result.
-            split_runs(&label, values, SECONDS);
-            // The client saw the re-run in the stream it resumed: its progress from 0, and
-            // the result.
+            // The stream is the first run's progress, then the re-run's past it, with the
+            // client's token (checked by `progress`), then the result.
+            assert_rerun_progress(&label, values, SECONDS);
+            // The client saw the re-run in the stream it resumed: its progress up to the end
+            // (the first run was killed well before it), and the result.
             let resumed: Vec<f64> = c
                 .resumed()
                 .iter()
                 .filter_map(|e| progress(&e.json(), &c.token))
                 .collect();
-            assert!(
-                resumed.ends_with(&counting(SECONDS)),
+            assert_eq!(
+                resumed.last(),
+                Some(&(SECONDS as f64)),
                 "{label}: progress received after resuming: {resumed:?}"
             );
+            // Over the whole call, before the kill and after resuming, the client's progress
+            // values strictly increase.
+            let seen: Vec<f64> = c
+                .received
+                .iter()
+                .filter_map(|e| progress(&e.json(), &c.token))
+                .collect();
+            assert!(c.before_resume.is_some(), "{label}: the client resumed");
+            assert_increasing(&label, &seen);
             assert!(
                 c.resumed().iter().any(|e| is_response_to(&e.json(), c.id)),
                 "{label}: the result arrived in the resumed stream"
@@ -588,6 +594,31 @@ async fn a_kill_9_of_a_node_reruns_each_of_its_idempotent_calls_exactly_once() {
         assert!(
             gone.iter().sum::<usize>() >= 1 && gone[victim] == 0,
             "round {round}: survivors logging node{victim}'s store connection gone: {gone:?}"
+        );
+        // The killed node's heartbeat only grew old: the survivors report it silent, not
+        // its clock skewed (all the nodes share this machine's clock), and nobody warned
+        // of skew.
+        for survivor in (0..3).filter(|i| *i != victim) {
+            let st = region
+                .node_status(survivor)
+                .await
+                .expect("a survivor's status");
+            let seen = st["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|n| n["info"]["node"] == format!("node{victim}"))
+                .cloned()
+                .unwrap_or_default();
+            assert!(
+                seen["clock_skewed"] != true && st["clock"]["skewed"] != true,
+                "round {round}: node{survivor} takes node{victim}'s old heartbeat for skew: {st}"
+            );
+        }
+        let skew = region.count_logged(&[SKEW_WARNING]);
+        assert!(
+            skew.iter().all(|c| *c == 0),
+            "round {round}: skew warnings: {skew:?}"
         );
         region.restart_node(victim).await;
     }
@@ -645,8 +676,8 @@ async fn b_a_node_woken_from_sigstop_after_a_takeover_writes_nothing_into_the_st
         "the re-run's result: {answer}"
     );
     // Read back on every node, the woken one included: one final, and the stream is exactly
-    // the first run's progress until the stop, then the re-run's — nothing the woken node
-    // produced after waking (its progress from 1 up, its own final answer).
+    // the first run's progress until the stop, then the re-run's past it — nothing the woken
+    // node produced after waking (its progress from 1 up, its own final answer).
     for reader in 0..3 {
         let stored = read_back(
             &region.node_url(reader),
@@ -656,12 +687,14 @@ async fn b_a_node_woken_from_sigstop_after_a_takeover_writes_nothing_into_the_st
         )
         .await;
         let values = check_one_final(&call, &stored);
-        let (first, _) = split_runs(&call.label(), &values, SECONDS);
-        assert!(
-            first.len() <= 3,
-            "the stopped run's progress before the stop: {first:?}"
-        );
+        assert_rerun_progress(&call.label(), &values, SECONDS);
     }
+    let seen: Vec<f64> = call
+        .received
+        .iter()
+        .filter_map(|e| progress(&e.json(), &call.token))
+        .collect();
+    assert_increasing(&call.label(), &seen);
     assert_rerun_once_elsewhere(&region, &call.stream, victim, &call.label());
     // A stopped process keeps its store connection: it was taken over by the heartbeat's
     // time-to-live, never by the presence probes.

@@ -537,6 +537,7 @@ async fn open_stream(
             stream: stream_id,
             execution,
             next_index: events.len() as u64 + 1,
+            progress: None,
         };
         start_pump(inner, p, &call.id, rx, live, cancel);
     }
@@ -553,6 +554,64 @@ pub(crate) struct Pump {
     pub execution: Arc<haven_cluster::Execution>,
     /// Index the next event gets (only the owner appends, so it is known in advance).
     pub next_index: u64,
+    /// Where the stream's progress stands, for a run that follows an interrupted one: the
+    /// progress notifications that would not go past it are not stored.
+    pub progress: Option<ProgressFloor>,
+}
+
+/// The last progress value a stream delivered for a request's progress token.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct ProgressFloor {
+    /// The request's progress token, as the client sent it.
+    pub token: Value,
+    /// The largest progress value delivered for it.
+    pub last: f64,
+}
+
+impl ProgressFloor {
+    /// Where the progress of `token` stands in `events`, if any was delivered for it.
+    pub fn of(token: &Value, events: &[StoredEvent]) -> Option<ProgressFloor> {
+        events
+            .iter()
+            .filter_map(|e| progress_value(&e.message, token))
+            .reduce(f64::max)
+            .map(|last| ProgressFloor {
+                token: token.clone(),
+                last,
+            })
+    }
+
+    /// Whether `item` may be delivered after the stream's progress so far; a progress
+    /// notification that goes past it raises it.
+    ///
+    /// A run that follows an interrupted one repeats the same work, so its progress counts
+    /// the same steps from the start again (towards the same `total`). Its notifications
+    /// that would not go past what the client was already told are dropped rather than
+    /// shifted up by it: the values stay increasing, as MCP requires of one token, and keep
+    /// their meaning against `total` (a shifted value could pass it).
+    fn admits(&mut self, item: &Item) -> bool {
+        let Item::Notify(m) = item else { return true };
+        match progress_value(m, &self.token) {
+            Some(v) if v <= self.last || v.is_nan() => false,
+            Some(v) => {
+                self.last = v;
+                true
+            }
+            None => true,
+        }
+    }
+}
+
+/// The progress value of `message` if it is a progress notification for `token`.
+fn progress_value(message: &str, token: &Value) -> Option<f64> {
+    let v: Value = serde_json::from_str(message).ok()?;
+    if v.get("method")?.as_str()? != "notifications/progress" {
+        return None;
+    }
+    let params = v.get("params")?;
+    (params.get("progressToken")? == token)
+        .then(|| params.get("progress")?.as_f64())
+        .flatten()
 }
 
 /// Starts the pump of a running request's stream (see [`pump`]); a cancellation of the
@@ -642,6 +701,10 @@ async fn pump(
                 })]
             }
             None => Vec::new(),
+        };
+        let items = match &mut p.progress {
+            Some(floor) => items.into_iter().filter(|i| floor.admits(i)).collect(),
+            None => items,
         };
         let (events, finished, close_at) = to_events(items);
         if !events.is_empty() {
@@ -1227,5 +1290,64 @@ pub(super) async fn delete(
         }
         Ok(false) => session_not_found(),
         Err(e) => unavailable(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn progress(token: &str, value: f64) -> String {
+        jsonrpc::notification(
+            "notifications/progress",
+            Some(json!({"progressToken": token, "progress": value, "total": 5.0})),
+        )
+    }
+
+    fn event(index: u64, message: String) -> StoredEvent {
+        StoredEvent {
+            index,
+            message,
+            last: false,
+            claimable: false,
+            version: haven_state::Version {
+                hlc: haven_state::Hlc::ZERO,
+                origin: haven_state::Origin::new("r", "n"),
+            },
+        }
+    }
+
+    #[test]
+    fn a_rerun_delivers_only_progress_past_what_the_stream_holds() {
+        let token = json!("p");
+        let log = jsonrpc::notification("notifications/message", Some(json!({"level": "info"})));
+        let stored = vec![
+            event(1, progress("p", 0.0)),
+            event(2, progress("p", 1.0)),
+            event(3, progress("p", 2.0)),
+            event(4, progress("other", 9.0)),
+            event(5, log.clone()),
+        ];
+        let mut floor = ProgressFloor::of(&token, &stored).unwrap();
+        assert_eq!(floor.last, 2.0);
+        // The re-run counts from 0 again: only what goes past 2 gets through, and other
+        // items are untouched.
+        let rerun = [0.0, 1.0, 2.0, 3.0, 3.0, 2.5, 4.0, 5.0];
+        let admitted: Vec<f64> = rerun
+            .iter()
+            .map(|v| Item::Notify(progress("p", *v)))
+            .filter(|i| floor.admits(i))
+            .map(|i| match i {
+                Item::Notify(m) => progress_value(&m, &token).unwrap(),
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(admitted, [3.0, 4.0, 5.0]);
+        assert!(floor.admits(&Item::Notify(log)));
+        assert!(floor.admits(&Item::Notify(progress("other", 0.0))));
+        // A stream without progress for the token needs no floor.
+        assert_eq!(ProgressFloor::of(&token, &stored[3..]), None);
     }
 }

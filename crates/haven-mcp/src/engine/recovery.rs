@@ -229,10 +229,16 @@ async fn rerun(inner: &Arc<Inner>, claim: Claim, call: Call, tool: &str, rec: &I
         session = %rec.session, stream = %rec.stream, tool, dead_node = %dead.node,
         epoch = dead.epoch + 1, "running an interrupted idempotent tool call again"
     );
-    let last = match stream::read(&*inner.store, &rec.session, &rec.stream, 0, usize::MAX).await {
-        Ok(events) => events.last().map_or(0, |e| e.index),
-        Err(_) => 0,
-    };
+    let events = stream::read(&*inner.store, &rec.session, &rec.stream, 0, usize::MAX)
+        .await
+        .unwrap_or_default();
+    let last = events.last().map_or(0, |e| e.index);
+    // The run starts its progress from the beginning again: what it reports short of the
+    // progress the client already had is not delivered (see `ProgressFloor::admits`).
+    let progress = rec
+        .progress_token
+        .as_ref()
+        .and_then(|t| super::legacy::ProgressFloor::of(t, &events));
     let fence = FencedStore::new(execution.clone());
     let running = inner.spawn_handler(call.clone(), Some(fence));
     let p = super::legacy::Pump {
@@ -240,6 +246,7 @@ async fn rerun(inner: &Arc<Inner>, claim: Claim, call: Call, tool: &str, rec: &I
         stream: rec.stream.clone(),
         execution,
         next_index: last + 1,
+        progress,
     };
     super::legacy::start_pump(inner, p, &call.id, running.rx, None, running.cancel);
 }
