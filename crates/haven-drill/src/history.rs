@@ -1,6 +1,5 @@
 //! Kept reports, for `haven drill history`: every drill's verdict and figures over time.
 
-use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::DrillError;
@@ -37,35 +36,44 @@ pub fn load(reports: &Path) -> Result<Vec<Report>, DrillError> {
 /// last run's age, and the mean and last RTO and MTTR: the trend).
 pub fn table(reports: &[Report], now_unix: u64) -> String {
     let secs = |v: Option<f64>| v.map_or("never".to_owned(), |v| format!("{v:.2}"));
-    let mut t = String::new();
-    let _ = writeln!(
-        t,
-        "{:<22} {:<15} {:<7} {:>8} {:>8} {:>10} {:>10}",
-        "started", "scenario", "result", "RTO s", "MTTR s", "lost", "failed"
-    );
+    let mut rows = vec![
+        [
+            "started", "scenario", "result", "RTO s", "MTTR s", "lost", "failed",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    ];
     for r in reports {
-        let _ = writeln!(
-            t,
-            "{:<22} {:<15} {:<7} {:>8} {:>8} {:>10} {:>10}",
-            r.started,
-            r.scenario,
-            if r.passed { "passed" } else { "FAILED" },
+        rows.push(vec![
+            r.started.clone(),
+            r.scenario.clone(),
+            if r.passed { "passed" } else { "FAILED" }.to_owned(),
             secs(r.rto),
             secs(r.mttr),
             format!("{}/{}", r.rpo.missing, r.rpo.acknowledged),
             format!("{}/{}", r.failed, r.requests),
-        );
+        ]);
     }
+    let mut t = aligned(&rows, &[false, false, false, true, true, true, true]);
     let mut names: Vec<&str> = reports.iter().map(|r| r.scenario.as_str()).collect();
     names.sort_unstable();
     names.dedup();
-    if !names.is_empty() {
-        let _ = writeln!(
-            t,
-            "\n{:<15} {:>5} {:>7} {:>12} {:>11} {:>9} {:>11}",
-            "scenario", "runs", "passed", "last passed", "mean RTO s", "last RTO", "mean MTTR s"
-        );
+    if names.is_empty() {
+        return t;
     }
+    let mut rows = vec![
+        [
+            "scenario",
+            "runs",
+            "passed",
+            "last passed",
+            "mean RTO s",
+            "last RTO s",
+            "mean MTTR s",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    ];
     for name in names {
         let runs: Vec<&Report> = reports.iter().filter(|r| r.scenario == name).collect();
         let passed = runs.iter().filter(|r| r.passed).count();
@@ -83,17 +91,53 @@ pub fn table(reports: &[Report], now_unix: u64) -> String {
                 format!("{:.2}", v.iter().sum::<f64>() / v.len() as f64)
             }
         };
-        let _ = writeln!(
-            t,
-            "{:<15} {:>5} {:>7} {:>12} {:>11} {:>9} {:>11}",
-            name,
-            runs.len(),
-            passed,
+        rows.push(vec![
+            name.to_owned(),
+            runs.len().to_string(),
+            passed.to_string(),
             last_pass,
             mean(&|r| r.rto),
             secs(runs.last().and_then(|r| r.rto)),
             mean(&|r| r.mttr),
-        );
+        ]);
+    }
+    t.push('\n');
+    t.push_str(&aligned(
+        &rows,
+        &[false, true, true, true, true, true, true],
+    ));
+    t
+}
+
+/// Rows as a text table: each column as wide as its widest cell, columns two spaces apart,
+/// numbers (`right`) aligned right; a row may have more cells than `right` names (the last
+/// ones left-aligned). No trailing spaces.
+pub fn aligned(rows: &[Vec<String>], right: &[bool]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut width = vec![0; cols];
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            width[i] = width[i].max(cell.chars().count());
+        }
+    }
+    let mut t = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            let pad = width[i] - cell.chars().count();
+            if right.get(i).copied().unwrap_or(false) {
+                line.push_str(&" ".repeat(pad));
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                line.push_str(&" ".repeat(pad));
+            }
+        }
+        t.push_str(line.trim_end());
+        t.push('\n');
     }
     t
 }
@@ -138,5 +182,79 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(load(&dir.path().join("none")).unwrap().is_empty());
         assert!(table(&[], 0).lines().count() == 1);
+    }
+
+    /// The cells of a table line (runs of two or more spaces part them) as char ranges.
+    pub(crate) fn spans(line: &str) -> Vec<(usize, usize)> {
+        let chars: Vec<char> = line.chars().collect();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < chars.len() {
+            while i < chars.len() && chars[i] == ' ' {
+                i += 1;
+            }
+            let start = i;
+            while i < chars.len() && !(chars[i] == ' ' && chars.get(i + 1) == Some(&' ')) {
+                i += 1;
+            }
+            if start < i {
+                out.push((start, i));
+            }
+        }
+        out
+    }
+
+    /// Every line of each block of `text` (blocks part at empty lines) has its header's
+    /// cells, each starting (left-aligned) or ending (right-aligned) where its header's does.
+    pub(crate) fn assert_columns(text: &str, right: &[&[bool]]) {
+        for (block, right) in text.split("\n\n").zip(right) {
+            let lines: Vec<&str> = block.lines().collect();
+            let header = spans(lines[0]);
+            for line in &lines[1..] {
+                let cells = spans(line);
+                assert!(cells.len() >= header.len(), "{line:?} in\n{text}");
+                for (i, (h, c)) in header.iter().zip(&cells).enumerate() {
+                    if right.get(i).copied().unwrap_or(false) {
+                        assert_eq!(h.1, c.1, "column {i} of {line:?} in\n{text}");
+                    } else {
+                        assert_eq!(h.0, c.0, "column {i} of {line:?} in\n{text}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn history_columns_align_for_every_scenario_name() {
+        let sample: Report =
+            serde_json::from_str(include_str!("../../../docs/drills/sample-region-loss.json"))
+                .unwrap();
+        let mut reports = Vec::new();
+        for (i, name) in [
+            "region-switchover",
+            "node-loss",
+            "region-partition",
+            "overload",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut r = sample.clone();
+            r.scenario = name.to_owned();
+            r.started_unix += i as u64;
+            r.passed = i % 2 == 0;
+            r.rto = if i == 3 { None } else { Some(123.456) };
+            reports.push(r);
+        }
+        let text = table(&reports, sample.started_unix + 90_000);
+        assert!(text.contains("last RTO s  mean MTTR s"), "{text}");
+        assert_columns(
+            &text,
+            &[
+                &[false, false, false, true, true, true, true],
+                &[false, true, true, true, true, true, true],
+            ],
+        );
+        assert!(text.lines().all(|l| !l.ends_with(' ')), "{text}");
     }
 }

@@ -94,6 +94,34 @@ pub struct Bucket {
     pub failed: u64,
 }
 
+/// The README of the source tree this binary was built from, when it is still there: the
+/// report links its runbook there (a link relative to the report's directory would not
+/// resolve).
+fn readme() -> Option<std::path::PathBuf> {
+    std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
+        .canonicalize()
+        .ok()
+}
+
+/// The runbook's line: the README section named in words (`drill-node-loss` is the section
+/// "Drill node-loss"), linked by the README's absolute path when it is known.
+fn runbook_text(anchor: &str, readme: Option<std::path::PathBuf>) -> String {
+    let section = match anchor.strip_prefix("drill-") {
+        Some(name) => format!("Drill {name}"),
+        None => anchor.to_owned(),
+    };
+    match readme {
+        Some(path) => format!(
+            "the README's section \"{section}\" ([{}#{anchor}]({}#{anchor}))",
+            path.display(),
+            path.display()
+        ),
+        None => format!(
+            "the README's section \"{section}\" (Haven's README.md, under \"Drill runbooks\")"
+        ),
+    }
+}
+
 /// A drill's report.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
@@ -513,11 +541,7 @@ impl Report {
             "- Started {} and ran {:.1} s against {}, at {} requests/s.",
             self.started, self.duration, self.deployment, self.rate
         );
-        let _ = writeln!(
-            m,
-            "- Runbook: README, [{}](README.md#{}).\n",
-            self.runbook, self.runbook
-        );
+        let _ = writeln!(m, "- Runbook: {}.\n", runbook_text(&self.runbook, readme()));
         if !self.findings.is_empty() {
             let _ = writeln!(m, "## Findings\n");
             for f in &self.findings {
@@ -841,6 +865,23 @@ mod tests {
         assert!((reg.actual.unwrap() - 1.0).abs() < 1e-9);
         assert!(r.markdown().contains("| registry |"));
         assert!(r.svg().starts_with("<svg"));
+    }
+
+    #[test]
+    fn the_runbook_is_named_in_words_and_linked_where_it_resolves() {
+        let elsewhere = std::path::PathBuf::from("/src/haven/README.md");
+        assert_eq!(
+            runbook_text("drill-node-loss", Some(elsewhere)),
+            "the README's section \"Drill node-loss\" ([/src/haven/README.md#drill-node-loss](/src/haven/README.md#drill-node-loss))"
+        );
+        assert_eq!(
+            runbook_text("drill-node-loss", None),
+            "the README's section \"Drill node-loss\" (Haven's README.md, under \"Drill runbooks\")"
+        );
+        // Built in this tree, the README is found, with the section the link names.
+        let found = readme().expect("the README of this source tree");
+        let text = std::fs::read_to_string(&found).unwrap();
+        assert!(text.contains("\n#### Drill node-loss\n"));
     }
 
     #[test]

@@ -96,7 +96,7 @@ impl Failure {
     /// status when the text does not say it.
     pub fn from_error(context: &str, e: &(dyn Error + 'static)) -> Failure {
         let (reason, status, specific) = classify_chain(e);
-        let mut detail = format!("{context}: {}", chain_text(specific));
+        let mut detail = format!("{context}: {}", readable(&chain_text(specific)));
         if let Some(s) = status
             && !detail.contains(&format!("HTTP {s}"))
         {
@@ -167,6 +167,55 @@ pub(crate) fn client_error(
         data["status"] = json!(s);
     }
     ErrorData::new(ErrorCode(reason.code(status)), message, Some(data))
+}
+
+/// An error text as people read it: rmcp's Rust type names (`[rmcp::transport::…<…>]`) left
+/// out, and the wrappers that only say which layer passed the error on ("Send message error",
+/// "Transport … error:", "Client error:") dropped, so that the cause chain remains, e.g.
+/// "error sending request for url (…): connection refused".
+pub(crate) fn readable(text: &str) -> String {
+    // Bracketed Rust paths, brackets nested or not.
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(open) = rest.find('[') {
+        let mut depth = 0usize;
+        let mut end = None;
+        for (i, c) in rest[open..].char_indices() {
+            match c {
+                '[' => depth += 1,
+                ']' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = Some(open + i);
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let Some(end) = end else { break };
+        let inside = &rest[open + 1..end];
+        out.push_str(&rest[..open]);
+        // A Rust path has `::` and no space; anything else in brackets is kept.
+        let type_name = inside.contains("::") && !inside.contains(' ');
+        if !type_name {
+            out.push_str(&rest[open..=end]);
+        }
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    let mut text = out.split_whitespace().collect::<Vec<_>>().join(" ");
+    for wrapper in [
+        "Send message error ",
+        "Transport error: ",
+        "Transport error ",
+        "Client error: ",
+    ] {
+        while let Some(at) = text.find(wrapper) {
+            text.replace_range(at..at + wrapper.len(), "");
+        }
+    }
+    text
 }
 
 /// The error's text with its sources' (each once: a source whose text its parent already
@@ -328,6 +377,24 @@ fn status_of(text: &str) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rust_type_names_and_wrappers_are_left_out_of_the_text() {
+        let said = "Send message error Transport [rmcp::transport::worker::WorkerTransport<rmcp::transport::streamable_http_client::StreamableHttpClientWorker<reqwest::async_impl::client::Client>>] error: Client error: error sending request for url (https://mcp.example.com/mcp), when send initialize request";
+        assert_eq!(
+            readable(said),
+            "error sending request for url (https://mcp.example.com/mcp), when send initialize request"
+        );
+        // The cause chain stays; brackets that are not type names stay.
+        assert_eq!(
+            readable(
+                "error sending request for url (http://h/mcp): client error (Connect): tcp connect error: Connection refused (os error 111)"
+            ),
+            "error sending request for url (http://h/mcp): client error (Connect): tcp connect error: Connection refused (os error 111)"
+        );
+        assert_eq!(readable("bad header [x-api-key]"), "bad header [x-api-key]");
+        assert_eq!(readable("unclosed [rmcp::a<b"), "unclosed [rmcp::a<b");
+    }
 
     #[test]
     fn rmcps_worker_text_is_classified() {

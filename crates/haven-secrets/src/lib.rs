@@ -777,6 +777,36 @@ pub async fn kek_usage_in(store: &dyn Store) -> SecretsResult<BTreeMap<String, u
     Ok(usage)
 }
 
+/// How many secrets each key-encryption key wraps in `store`, split into users' secrets and
+/// Haven's own (reserved names, [`is_reserved`]), read from the records without any key.
+pub async fn kek_usage_by_owner_in(store: &dyn Store) -> SecretsResult<BTreeMap<String, Wrapped>> {
+    let mut usage: BTreeMap<String, Wrapped> = BTreeMap::new();
+    for r in store.scan_all(SECRETS_NS, "").await? {
+        match decode(&r.record.key, r.value()) {
+            Ok(rec) => {
+                let w = usage.entry(rec.kek).or_default();
+                if is_reserved(&r.record.key) {
+                    w.haven.push(r.record.key.clone());
+                } else {
+                    w.user += 1;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "skipping an unreadable secret record"),
+        }
+    }
+    Ok(usage)
+}
+
+/// The secrets one key-encryption key wraps: how many of users (what `haven secrets list`
+/// shows) and the names of Haven's own (`haven secrets list --all`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Wrapped {
+    /// Users' secrets.
+    pub user: usize,
+    /// Names of Haven's own secrets (`system/...`).
+    pub haven: Vec<String>,
+}
+
 fn decode(name: &str, value: &[u8]) -> SecretsResult<SealedRecord> {
     serde_json::from_slice(value).map_err(|e| SecretsError::Corrupt {
         name: name.to_owned(),
@@ -1111,6 +1141,11 @@ impl Secrets {
     /// decrypted). A key absent here may be removed from the key file.
     pub async fn kek_usage(&self) -> SecretsResult<BTreeMap<String, usize>> {
         kek_usage_in(&*self.inner.store).await
+    }
+
+    /// [`Secrets::kek_usage`], split into users' secrets and Haven's own.
+    pub async fn kek_usage_by_owner(&self) -> SecretsResult<BTreeMap<String, Wrapped>> {
+        kek_usage_by_owner_in(&*self.inner.store).await
     }
 
     /// Replaces every `${secret:NAME}` of `template` by the secret's value (UTF-8 text).

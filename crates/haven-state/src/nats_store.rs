@@ -295,6 +295,14 @@ impl JetStreamLog {
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         let mut can_remove = Ok(());
+        // On a cluster that has just started, the servers answer only once they have elected
+        // their leaders (the stream's, and on a new cluster the meta leader): seconds of
+        // silence that deserve a line.
+        tracing::info!(
+            stream = %stream_name,
+            replicas = config.replicas,
+            "waiting for JetStream to find or create the change-log stream and elect its leader (a few seconds on a cluster that has just started; at most 30 s)"
+        );
         loop {
             match js.get_or_create_stream(stream_config.clone()).await {
                 Ok(s) => {

@@ -87,6 +87,47 @@ pub fn region_token_secret(region: &str) -> String {
     format!("system/admin-token/{region}")
 }
 
+/// Haven's own secrets (reserved `system/...` names) as people read them: "2 request-state
+/// signing keys, the admin token of region eu".
+pub fn describe_own_secrets(names: &[String]) -> String {
+    let signing = names
+        .iter()
+        .filter(|n| n.starts_with(haven_mcp::keyring::SECRET_PREFIX))
+        .count();
+    let mut parts = Vec::new();
+    match signing {
+        0 => {}
+        1 => parts.push("a request-state signing key".to_owned()),
+        n => parts.push(format!("{n} request-state signing keys")),
+    }
+    for n in names {
+        if let Some(region) = n.strip_prefix("system/admin-token/") {
+            parts.push(format!("the admin token of region {region}"));
+        } else if !n.starts_with(haven_mcp::keyring::SECRET_PREFIX) {
+            parts.push(n.clone());
+        }
+    }
+    parts.join(", ")
+}
+
+/// How many secrets a key-encryption key wraps, as people read it: the users' secrets (what
+/// `haven secrets list` shows), then Haven's own (`haven secrets list --all`).
+pub fn describe_wrapped(user: usize, haven: &[String]) -> String {
+    let users = match user {
+        1 => "1 secret".to_owned(),
+        n => format!("{n} secrets"),
+    };
+    if haven.is_empty() {
+        users
+    } else {
+        format!(
+            "{users} and {} of Haven's own ({})",
+            haven.len(),
+            describe_own_secrets(haven)
+        )
+    }
+}
+
 /// The admin token of a node on a shared store whose token comes from its data directory
 /// (`local`, read from `path`): the region's, so that the CLI with any node's token works
 /// against every node of the region. The region's token is a reserved secret in the store,
@@ -840,7 +881,26 @@ async fn backup_verify(State(admin): State<Arc<Admin>>) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::bearer;
+    use super::{bearer, describe_own_secrets, describe_wrapped};
+
+    #[test]
+    fn wrapped_secrets_are_counted_as_secrets_list_shows_them_and_havens_own_named() {
+        assert_eq!(describe_wrapped(1, &[]), "1 secret");
+        assert_eq!(describe_wrapped(0, &[]), "0 secrets");
+        let own = vec![
+            "system/request-state/k1".to_owned(),
+            "system/admin-token/eu".to_owned(),
+        ];
+        assert_eq!(
+            describe_wrapped(1, &own),
+            "1 secret and 2 of Haven's own (a request-state signing key, the admin token of region eu)"
+        );
+        let two = vec![
+            "system/request-state/k1".to_owned(),
+            "system/request-state/k2".to_owned(),
+        ];
+        assert_eq!(describe_own_secrets(&two), "2 request-state signing keys");
+    }
 
     #[test]
     fn the_bearer_scheme_is_case_insensitive() {

@@ -411,10 +411,29 @@ async fn secrets_delete(
 }
 
 async fn keys_show(State(admin): S) -> Response {
-    let usage = match admin.control.secrets.kek_usage().await {
+    let by_owner = match admin.control.secrets.kek_usage_by_owner().await {
         Ok(u) => u,
         Err(e) => return secrets_error(e),
     };
+    // `usage`: every secret a key wraps; `user` and `haven`: users' secrets (what
+    // `haven secrets list` shows) and Haven's own (`--all`), by name.
+    let usage: serde_json::Map<String, serde_json::Value> = by_owner
+        .iter()
+        .map(|(k, w)| (k.clone(), json!(w.user + w.haven.len())))
+        .collect();
+    let owners: serde_json::Map<String, serde_json::Value> = by_owner
+        .iter()
+        .map(|(k, w)| {
+            (
+                k.clone(),
+                json!({
+                    "user": w.user,
+                    "haven": w.haven,
+                    "described": crate::admin::describe_wrapped(w.user, &w.haven),
+                }),
+            )
+        })
+        .collect();
     let ring = admin.engine.keyring();
     json_ok(
         StatusCode::OK,
@@ -423,6 +442,7 @@ async fn keys_show(State(admin): S) -> Response {
                 "primary": admin.control.secrets.primary_kid(),
                 "known": admin.control.secrets.known_kids(),
                 "usage": usage,
+                "by_owner": owners,
             },
             "request_state": {
                 "signing": ring.active_kid(),

@@ -875,7 +875,7 @@ async fn next_steps(dir: &std::path::Path) -> Vec<Step> {
     );
     let (secrets, upstreams) = match &store {
         Ok(s) => (
-            haven_secrets::kek_usage_in(s)
+            haven_secrets::kek_usage_by_owner_in(s)
                 .await
                 .map_err(|e| e.to_string()),
             registered_upstreams(s).await.map_err(|e| e.to_string()),
@@ -890,8 +890,14 @@ async fn next_steps(dir: &std::path::Path) -> Vec<Step> {
                 "the restored state holds no secret; a new key file is created as {d}/secrets.keys on first start (or give the deployment's with --secrets-key-file FILE)"
             ),
             Ok(usage) => format!(
-                "the restored state holds {} secret(s) wrapped by key-encryption key(s) {}: copy the deployment's secrets key file as it is after its latest rotation (`haven secrets new-key`/`rotate-key`; it must hold {}) to {d}/secrets.keys, or start with --secrets-key-file FILE or --secrets-key-command COMMAND; without it the node refuses to start. Backups never hold that key",
-                usage.values().sum::<usize>(),
+                "the restored state holds {} wrapped by key-encryption key(s) {}: copy the deployment's secrets key file as it is after its latest rotation (`haven secrets new-key`/`rotate-key`; it must hold {}) to {d}/secrets.keys, or start with --secrets-key-file FILE or --secrets-key-command COMMAND; without it the node refuses to start. Backups never hold that key",
+                crate::admin::describe_wrapped(
+                    usage.values().map(|w| w.user).sum(),
+                    &usage
+                        .values()
+                        .flat_map(|w| w.haven.iter().cloned())
+                        .collect::<Vec<_>>()
+                ),
                 usage.keys().cloned().collect::<Vec<_>>().join(", "),
                 if usage.len() == 1 { "that key" } else { "every one of them" }
             ),

@@ -211,8 +211,30 @@ fn upstream_row(v: &Value) -> Vec<String> {
             .as_u64()
             .map(|n| n.to_string())
             .unwrap_or("-".into()),
-        tail(st["last_error"].as_str().unwrap_or(""), 70),
+        last_error(st),
     ]
+}
+
+/// The LAST ERROR column: the error's kind first (e.g. `unreachable`), then its text, cut at
+/// the end when long (`haven registry show` has it whole).
+fn last_error(status: &Value) -> String {
+    let Some(e) = status["last_error"].as_str() else {
+        return String::new();
+    };
+    let text = match status["last_error_reason"].as_str() {
+        Some(r) => format!("{r}: {e}"),
+        None => e.to_owned(),
+    };
+    head(&text, 70)
+}
+
+/// The first `n` characters of a text, marked when cut.
+fn head(text: &str, n: usize) -> String {
+    if text.chars().count() <= n {
+        return text.to_owned();
+    }
+    let kept: String = text.chars().take(n - 1).collect();
+    format!("{kept}…")
 }
 
 /// The last `n` characters of an error (its most specific part), marked when cut.
@@ -636,24 +658,53 @@ async fn show_keys(n: NodeArgs) -> Result<ExitCode> {
         text(&v["kek"]["primary"])
     );
     let usage = v["kek"]["usage"].as_object().cloned().unwrap_or_default();
+    let owners = &v["kek"]["by_owner"];
     let known: Vec<String> = items(&v["kek"]["known"]).iter().map(text).collect();
+    // SECRETS counts what `haven secrets list` shows; HAVEN'S OWN what `--all` adds.
+    let counts = |kid: &str| -> (String, String) {
+        match owners.get(kid) {
+            Some(o) => (
+                o["user"].as_u64().unwrap_or(0).to_string(),
+                items(&o["haven"]).len().to_string(),
+            ),
+            None => (
+                usage.get(kid).map(text).unwrap_or_else(|| "0".into()),
+                "-".into(),
+            ),
+        }
+    };
     let mut rows: Vec<Vec<String>> = known
         .iter()
         .map(|k| {
-            let n = usage.get(k).map(text).unwrap_or_else(|| "0".into());
-            vec![k.clone(), n, "in the key file".into()]
+            let (user, own) = counts(k);
+            vec![k.clone(), user, own, "in the key file".into()]
         })
         .collect();
-    for (kid, n) in &usage {
+    for kid in usage.keys() {
         if !known.contains(kid) {
+            let (user, own) = counts(kid);
             rows.push(vec![
                 kid.clone(),
-                text(n),
+                user,
+                own,
                 "MISSING from the key file".into(),
             ]);
         }
     }
-    table(&["KID", "SECRETS", "WHERE"], &rows);
+    table(&["KID", "SECRETS", "HAVEN'S OWN", "WHERE"], &rows);
+    let own: Vec<String> = owners
+        .as_object()
+        .into_iter()
+        .flat_map(|o| o.values())
+        .flat_map(|o| items(&o["haven"]))
+        .map(text)
+        .collect();
+    if !own.is_empty() {
+        println!(
+            "HAVEN'S OWN: {} (`haven secrets list --all`); a key is needed while it wraps any secret.",
+            crate::admin::describe_own_secrets(&own)
+        );
+    }
     println!();
     println!(
         "Request-state keys (signing {}):",
@@ -914,4 +965,29 @@ async fn revoke_api_key(a: AuthKeysRevokeArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_error_column_shows_the_kind_first_and_cuts_at_the_end() {
+        let st = serde_json::json!({
+            "last_error": "MCP handshake failed: error sending request for url (https://mcp.example.com/mcp), when send initialize request",
+            "last_error_reason": "unreachable",
+        });
+        let shown = last_error(&st);
+        assert_eq!(shown.chars().count(), 70);
+        assert!(
+            shown.starts_with("unreachable: MCP handshake failed: error sending request"),
+            "{shown}"
+        );
+        assert!(shown.ends_with('…'), "{shown}");
+        assert_eq!(last_error(&serde_json::json!({})), "");
+        assert_eq!(
+            last_error(&serde_json::json!({"last_error": "short"})),
+            "short"
+        );
+    }
 }

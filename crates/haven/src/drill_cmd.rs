@@ -24,14 +24,26 @@ pub async fn run(cmd: DrillCommand) -> Result<ExitCode> {
 }
 
 fn list() {
-    println!(
-        "{:<15} {:>10} {:>10} {:>10} {:>10}  what it rehearses",
-        "drill", "design RTO", "design RPO", "Haven RTO", "Haven RPO"
-    );
+    print!("{}", list_text());
+}
+
+/// What `haven drill list` prints: a row per drill, columns as wide as their widest cell.
+fn list_text() -> String {
+    let mut rows = vec![
+        [
+            "drill",
+            "design RTO",
+            "design RPO",
+            "Haven RTO",
+            "Haven RPO",
+            "what it rehearses",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    ];
     for s in scenario::all() {
-        println!(
-            "{:<15} {:>10} {:>10} {:>10} {:>10}  {}",
-            s.name,
+        rows.push(vec![
+            s.name.to_owned(),
             humantime::format_duration(s.seed_rto).to_string(),
             humantime::format_duration(s.seed_rpo).to_string(),
             format!(
@@ -39,11 +51,13 @@ fn list() {
                 humantime::format_duration(s.haven_rto),
                 if s.rto_from_repair { "*" } else { "" }
             ),
-            "no loss",
-            s.summary
-        );
+            "no loss".to_owned(),
+            s.summary.to_owned(),
+        ]);
     }
-    println!("\n* counted from the repair: the fault takes the whole store away.");
+    let mut t = haven_drill::history::aligned(&rows, &[false, true, true, true, true, false]);
+    t.push_str("\n* counted from the repair: the fault takes the whole store away.\n");
+    t
 }
 
 fn chosen(names: &[String]) -> Result<Vec<Scenario>> {
@@ -311,4 +325,39 @@ pub async fn chaos(args: ChaosArgs) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_drill_list_aligns_its_columns_for_every_name() {
+        let text = list_text();
+        let lines: Vec<&str> = text.lines().collect();
+        let header = lines[0];
+        let at = |h: &str, what: &str| h.find(what).unwrap();
+        let (design_end, what_at) = (
+            at(header, "design RTO") + "design RTO".len(),
+            at(header, "what it rehearses"),
+        );
+        for s in scenario::all() {
+            let row = lines
+                .iter()
+                .find(|l| l.starts_with(&format!("{} ", s.name)))
+                .unwrap_or_else(|| panic!("no row for {} in\n{text}", s.name));
+            // The summary starts under its header, two spaces after the column before it.
+            assert_eq!(row.find(s.summary), Some(what_at), "{row:?} in\n{text}");
+            assert_eq!(&row[what_at - 2..what_at], "  ", "{row:?}");
+            // The design RTO ends under its header (right-aligned).
+            let rto = humantime::format_duration(s.seed_rto).to_string();
+            assert_eq!(
+                row[..design_end].trim_end().len(),
+                design_end,
+                "{row:?} in\n{text}"
+            );
+            assert!(row[..design_end].ends_with(&rto), "{row:?} in\n{text}");
+            assert!(!row.ends_with(' '), "{row:?}");
+        }
+    }
 }

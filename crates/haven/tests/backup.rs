@@ -847,7 +847,8 @@ async fn restore_prints_what_the_directory_needs_and_warns_of_lag() {
     );
     // The checklist: what applies to this state.
     for expected in [
-        "secret(s) wrapped by key-encryption key(s)",
+        // Counted as `haven secrets list` counts (api/token), Haven's own named.
+        "holds 1 secret and 1 of Haven's own (a request-state signing key) wrapped by key-encryption key(s)",
         "as it is after its latest rotation",
         "secrets.keys",
         "admin token:",

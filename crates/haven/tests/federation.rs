@@ -791,6 +791,28 @@ async fn rotating_the_key_encryption_key_keeps_every_secret() {
     assert_eq!(env["HAVEN_TEST_S3"], "value-3");
     let keys_out = cli_ok(&h, &["secrets", "keys"], None);
     assert!(keys_out.contains(&primary), "{keys_out}");
+    // SECRETS counts what `secrets list` shows; Haven's own are a column of their own.
+    let listed_now = cli_ok(&h, &["secrets", "list"], None);
+    let users = listed_now
+        .lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .count();
+    let (_, k) = admin(&h, Method::GET, "/admin/v1/keys", None).await;
+    let owned = &k["kek"]["by_owner"][&primary];
+    assert_eq!(owned["user"], users, "{k}\n{listed_now}");
+    let row = keys_out.lines().find(|l| l.starts_with(&primary)).unwrap();
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cols[1], users.to_string(), "{keys_out}");
+    assert_eq!(
+        cols[2],
+        owned["haven"].as_array().unwrap().len().to_string(),
+        "{keys_out}"
+    );
+    assert!(
+        keys_out.contains("HAVEN'S OWN: ") && keys_out.contains("request-state signing key"),
+        "{keys_out}"
+    );
 
     // Request-state keys: rotate-key started a new signing key; the older one can be retired,
     // the signing one cannot.
