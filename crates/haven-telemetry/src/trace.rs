@@ -142,6 +142,21 @@ pub fn inner_span(parent: &tracing::Span, name: &'static str) -> Option<InnerSpa
     Some(InnerSpan { span, traceparent })
 }
 
+/// Renames `span`'s OpenTelemetry span to `name` and sets `key` to `value` on it, also when
+/// the span has already started (its context was read): what a span learns only after it
+/// was made. Nothing without an OpenTelemetry layer.
+pub fn rename(span: &tracing::Span, name: String, key: &'static str, value: &str) {
+    if span.is_none() {
+        return;
+    }
+    let cx = span.context();
+    let s = cx.span();
+    if s.span_context().is_valid() {
+        s.update_name(name);
+        s.set_attribute(opentelemetry::KeyValue::new(key, value.to_owned()));
+    }
+}
+
 /// The trace and span ids (hex) of a span's OpenTelemetry context, when it has a valid one.
 pub fn ids_of(span: &tracing::Span) -> Option<(String, String)> {
     let cx = span.context();

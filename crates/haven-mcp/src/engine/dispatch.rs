@@ -160,6 +160,12 @@ pub(crate) async fn run(
     }
     let started = std::time::Instant::now();
     let span = span.unwrap_or_else(|| request_span(&inner, &call));
+    // The first call after a start may run before the tool index is built: its span is named
+    // after the method alone, and gets the tool's name once the call has built the index.
+    let unnamed_tool = (call.method == "tools/call")
+        .then(|| call.params.get("name").and_then(Value::as_str))
+        .flatten()
+        .filter(|t| !inner.knows_tool(t));
     let outcome = {
         use tracing::Instrument as _;
         async {
@@ -169,6 +175,9 @@ pub(crate) async fn run(
         .instrument(span.clone())
         .await
     };
+    if let Some(t) = unnamed_tool.filter(|t| inner.knows_tool(t)) {
+        haven_telemetry::trace::rename(&span, format!("tools/call {t}"), "gen_ai.tool.name", t);
+    }
     if let Outcome::Error(e) = &outcome {
         span.record("rpc.response.status_code", e.code.0.to_string());
         span.record("error.type", e.code.0.to_string());
