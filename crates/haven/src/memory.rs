@@ -3,8 +3,8 @@
 //! that later large buffers come from the heap and their pages stay with the process after
 //! they are freed; and each new thread may get an arena of its own that keeps its free pages.
 //! Under a steady load that made a node's memory step up at every snapshot and retention pass
-//! (BENCHMARKS.md, "Soak"). A serving node therefore fixes the thresholds at glibc's initial
-//! values, bounds the arenas, and hands free pages back to the system once a minute.
+//! (BENCHMARKS.md, "Soak"). A serving node therefore fixes the thresholds, bounds the arenas,
+//! and hands free pages back to the system once a minute.
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 use std::time::Duration;
@@ -13,10 +13,17 @@ use std::time::Duration;
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const ARENAS: libc::c_int = 4;
 
-/// Largest allocation served from the heap; larger ones are mapped and unmapped on free
-/// (glibc's initial value, kept fixed).
+/// Largest allocation served from the heap; larger ones (a snapshot's or a segment's
+/// buffers) are mapped, and unmapped when freed. Kept fixed: glibc would raise it to the size
+/// of the largest buffer freed so far. Not lower: at glibc's initial 128 KiB every request
+/// body of a few hundred KiB was mapped and unmapped, and a 100 KB `echo` ran at 0.6 of the
+/// calls per second (BENCHMARKS.md, "Soak").
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-const MMAP_THRESHOLD: libc::c_int = 128 * 1024;
+const MMAP_THRESHOLD: libc::c_int = 1024 * 1024;
+
+/// Free memory at the top of the heap beyond which a `free` gives it back at once.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const TRIM_THRESHOLD: libc::c_int = 2 * MMAP_THRESHOLD;
 
 /// How often free pages are handed back.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -30,7 +37,7 @@ pub fn tune() {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, ARENAS);
         libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, MMAP_THRESHOLD);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
     }
 }
 
