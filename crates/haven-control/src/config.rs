@@ -159,6 +159,8 @@ pub struct AdmissionSettings {
     pub queue_wait_ms: u64,
     /// Requests of one session at once.
     pub max_requests_per_session: u64,
+    /// Longest scheduling delay before new requests are shed, ms (0: never).
+    pub max_queue_delay_ms: u64,
 }
 
 /// Storage reclamation settings.
@@ -349,6 +351,15 @@ pub const SETTINGS: &[SettingDef] = &[
         },
         default: "100000",
         help: "notes the store holds (default catalog); a new note beyond it is refused with invalid params (overwriting one is not)",
+    },
+    SettingDef {
+        key: "limits.max_queue_delay_ms",
+        kind: Kind::Integer {
+            min: 0,
+            max: 60_000,
+        },
+        default: "250",
+        help: "the longest a node's work may wait for its CPU: while the delay stays above it for a second, a growing share of new MCP requests is answered 503 with Retry-After at once (0: never shed by delay)",
     },
     SettingDef {
         key: "limits.max_queued_requests",
@@ -848,6 +859,7 @@ fn fold(stored: &BTreeMap<String, StoredSetting>, applied_seq: u64, now: u64) ->
             max_queued: int("limits.max_queued_requests"),
             queue_wait_ms: int("limits.queue_wait_ms"),
             max_requests_per_session: int("limits.max_requests_per_session"),
+            max_queue_delay_ms: int("limits.max_queue_delay_ms"),
         },
         rate: RateSettings {
             per_ip_rps: int("limits.rate.per_ip_rps"),

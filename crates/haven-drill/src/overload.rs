@@ -48,6 +48,9 @@ pub struct OverloadFigures {
     pub memory_before: f64,
     /// The largest resident memory of any node during it, bytes.
     pub memory_during: f64,
+    /// The largest scheduling delay any node reported during it (how long work waited for
+    /// the node's CPU), seconds.
+    pub node_delay_max: f64,
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
@@ -60,7 +63,13 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 
 /// The largest `process_resident_memory_bytes` of `nodes`' `/metrics`.
 pub async fn max_memory(http: &reqwest::Client, nodes: &[String], token: &str) -> f64 {
-    let mut max = 0.0f64;
+    max_metrics(http, nodes, token).await.0
+}
+
+/// The largest `process_resident_memory_bytes` and `haven_scheduling_delay_seconds` of
+/// `nodes`' `/metrics` (0 for a node that does not answer or lacks the series).
+async fn max_metrics(http: &reqwest::Client, nodes: &[String], token: &str) -> (f64, f64) {
+    let (mut memory, mut delay) = (0.0f64, 0.0f64);
     for n in nodes {
         let Ok(r) = http
             .get(format!("{n}/metrics"))
@@ -73,14 +82,19 @@ pub async fn max_memory(http: &reqwest::Client, nodes: &[String], token: &str) -
         };
         let text = r.text().await.unwrap_or_default();
         for line in text.lines() {
+            let value = || line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
             if line.starts_with("process_resident_memory_bytes")
-                && let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok())
+                && let Some(v) = value()
             {
-                max = max.max(v);
+                memory = memory.max(v);
+            } else if line.starts_with("haven_scheduling_delay_seconds")
+                && let Some(v) = value()
+            {
+                delay = delay.max(v);
             }
         }
     }
-    max
+    (memory, delay)
 }
 
 /// Closed-loop `echo` calls by 32 clients for `window`: completed calls per second.
@@ -143,17 +157,16 @@ pub async fn overload(
         .expect("a client with no TLS settings always builds");
     let tally = Arc::new(Mutex::new(Tally::default()));
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
-    let memory_during = Arc::new(Mutex::new(memory_before));
+    let during = Arc::new(Mutex::new((memory_before, 0.0f64)));
     let sampler = {
-        let (nodes, token, memory_during) =
-            (nodes.to_vec(), token.to_owned(), memory_during.clone());
+        let (nodes, token, during) = (nodes.to_vec(), token.to_owned(), during.clone());
         tokio::spawn(async move {
             let probe = reqwest::Client::new();
             loop {
-                let m = max_memory(&probe, &nodes, &token).await;
+                let (m, delay) = max_metrics(&probe, &nodes, &token).await;
                 {
-                    let mut d = memory_during.lock().unwrap();
-                    *d = d.max(m);
+                    let mut d = during.lock().unwrap();
+                    *d = (d.0.max(m), d.1.max(delay));
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
@@ -214,7 +227,7 @@ pub async fn overload(
     let seconds = start.elapsed().as_secs_f64();
     while tasks.join_next().await.is_some() {}
     sampler.abort();
-    let memory_during = *memory_during.lock().unwrap();
+    let (memory_during, node_delay_max) = *during.lock().unwrap();
     let mut t = std::mem::take(&mut *tally.lock().unwrap());
     OverloadFigures {
         capacity,
@@ -232,6 +245,7 @@ pub async fn overload(
         refused_p99: percentile(&mut t.refused, 0.99),
         memory_before,
         memory_during,
+        node_delay_max,
     }
 }
 
@@ -262,8 +276,22 @@ impl OverloadFigures {
             ));
         }
         if self.refused == 0 && self.shed_by_client > 0 {
+            // Where the excess waited: in the nodes (work waiting for their CPU, which
+            // `limits.max_queue_delay_ms` sheds) or before them (the load balancer, or the
+            // sender itself when it shares the deployment's machine).
+            let place = if self.node_delay_max > 0.1 {
+                format!(
+                    "in the nodes (work waited up to {:.0} ms for their CPU)",
+                    self.node_delay_max * 1000.0
+                )
+            } else {
+                format!(
+                    "before the nodes, in the load balancer or the sender (the nodes' CPU delay stayed at most {:.0} ms)",
+                    self.node_delay_max * 1000.0
+                )
+            };
             f.push(format!(
-                "nothing was refused at twice the capacity: the excess waited instead, until the sender's own limit of {MAX_IN_FLIGHT} requests in flight shed {} of them",
+                "nothing was refused at twice the capacity: the excess waited {place}, until the sender's own limit of {MAX_IN_FLIGHT} requests in flight shed {} of them",
                 self.shed_by_client
             ));
         }

@@ -635,7 +635,7 @@ impl Report {
             let f = |k: &str| o[k].as_f64().unwrap_or(0.0);
             let _ = writeln!(
                 m,
-                "## Overload\n\nCapacity {:.0} calls/s (32 closed-loop clients, 5 s); {:.0} calls/s offered for {:.1} s: {:.0} sent, {:.0} admitted (latency p50 {:.3} s, p99 {:.3} s), {:.0} refused with 503/429 ({:.0} with Retry-After; latency p50 {:.3} s, p99 {:.3} s), {:.0} failed otherwise, {:.0} shed by the sender's own limit. Largest node memory {:.0} MiB before, {:.0} MiB during.\n",
+                "## Overload\n\nCapacity {:.0} calls/s (32 closed-loop clients, 5 s); {:.0} calls/s offered for {:.1} s: {:.0} sent, {:.0} admitted (latency p50 {:.3} s, p99 {:.3} s), {:.0} refused with 503/429 ({:.0} with Retry-After; latency p50 {:.3} s, p99 {:.3} s), {:.0} failed otherwise, {:.0} shed by the sender's own limit. Largest node memory {:.0} MiB before, {:.0} MiB during; largest node scheduling delay {:.0} ms.\n",
                 f("capacity"),
                 f("offered_rate"),
                 f("seconds"),
@@ -651,6 +651,7 @@ impl Report {
                 f("shed_by_client"),
                 f("memory_before") / 1048576.0,
                 f("memory_during") / 1048576.0,
+                f("node_delay_max") * 1000.0,
             );
         }
         let _ = writeln!(m, "## Timeline\n\n![timeline](timeline.svg)\n");

@@ -89,7 +89,8 @@ pub fn router(engine: Engine, config: HttpConfig) -> Router {
             r
         }
     });
-    // Layers run outermost first, i.e. in the reverse order of the calls below: the client
+    // Layers run outermost first, i.e. in the reverse order of the calls below: shedding for
+    // delay (while the node's CPU is overloaded, the cheapest answer first), the client
     // address's rate limit (before anything else, authentication included), Host/Origin, then
     // media types, then the principal's rate limit (an authentication layer, which places the
     // `Principal` in the request's extensions, goes outside it), then admission, then the body
@@ -128,6 +129,10 @@ pub fn router(engine: Engine, config: HttpConfig) -> Router {
         .route_layer(middleware::from_fn_with_state(
             config.rate.clone(),
             rate::per_ip,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            config.admission.clone(),
+            admission::shed,
         ))
         .fallback(method_not_allowed);
     let mut router = Router::new()

@@ -236,6 +236,10 @@ pub struct Metrics {
     pub rate_limited: Family<KindLabel, Counter>,
     /// `haven_auth_failures_total`.
     pub auth_failures: Counter,
+    /// `haven_admission_refused_total` by kind (`node`, `session`, `delay`).
+    pub admission_refused: Family<KindLabel, Counter>,
+    /// `haven_scheduling_delay_seconds`: how late the node's runtime ran its probe last.
+    pub scheduling_delay: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// `haven_calls_denied_total` (authorization rules).
     pub calls_denied: Counter,
     /// The process metrics, refreshed at scrape.
@@ -300,6 +304,8 @@ impl Metrics {
             audit_dropped: Gauge::default(),
             rate_limited: Family::default(),
             auth_failures: Counter::default(),
+            admission_refused: Family::default(),
+            scheduling_delay: Gauge::default(),
             calls_denied: Counter::default(),
             process: process::ProcessMetrics::default(),
             recent: recent::Recent::default(),
@@ -454,6 +460,17 @@ impl Metrics {
             "haven_rate_limited",
             "Requests refused by a rate limit, by kind",
             m.rate_limited.clone(),
+        );
+        r.register(
+            "haven_admission_refused",
+            "MCP requests refused by admission control, by kind (node: the node's limit and queue; session: one session's limit; delay: shed while work waits too long for the CPU)",
+            m.admission_refused.clone(),
+        );
+        r.register_with_unit(
+            "haven_scheduling_delay",
+            "How late the node's runtime last ran a task that asked to wake up (sampled every 100 ms)",
+            Unit::Seconds,
+            m.scheduling_delay.clone(),
         );
         r.register(
             "haven_auth_failures",

@@ -436,6 +436,8 @@ async fn status(State(admin): State<Arc<Admin>>) -> Response {
         "admission": {
             "running": admin.control.admission.load().0,
             "queued": admin.control.admission.load().1,
+            "delay_ms": admin.control.admission.delay().0.as_secs_f64() * 1000.0,
+            "shed_permille": admin.control.admission.delay().1,
         },
         "nodes": e.members(),
         "clock": {

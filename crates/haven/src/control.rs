@@ -307,6 +307,9 @@ pub fn apply_config(
             admission
                 .max_requests_per_session
                 .store(a.max_requests_per_session as usize, Ordering::Relaxed);
+            admission
+                .max_queue_delay_ms
+                .store(a.max_queue_delay_ms, Ordering::Relaxed);
             client_limits
                 .abandoned_call_ms
                 .store(snap.abandoned_call_ms, Ordering::Relaxed);

@@ -824,6 +824,10 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
         None => addr,
     };
     let authentication = authentication(&s, &control).await?;
+    // Shedding by delay (limits.max_queue_delay_ms) needs the runtime's delay measured.
+    control
+        .admission
+        .start_delay_probe(tokio::runtime::Handle::current())?;
     let http = haven_server::HttpConfig {
         max_body_bytes: control.max_body_bytes.clone(),
         allowed_hosts: s.allowed_hosts.clone(),

@@ -169,6 +169,9 @@ async fn prometheus_scrapes_a_region_and_sees_traffic_a_backup_and_a_kill() {
     prom.until("haven_backup_lag_entries", 1, |v| v >= 0.0)
         .await;
     prom.until("haven_draining", 3, |v| v == 0.0).await;
+    // Every node's delay probe runs (the delay itself depends on the machine's load).
+    prom.until("haven_scheduling_delay_seconds", 3, |v| v >= 0.0)
+        .await;
 
     // A killed node is down within seconds.
     region.kill9(2);

@@ -1,18 +1,20 @@
 //! The HTTP-level checks in front of `/mcp`, one tower layer (axum middleware) per concern,
 //! applied before any handler runs, so that the handlers only read and dispatch:
 //!
-//! 0. [`rate::per_ip`]: the client address's request rate (429 with `Retry-After`), before
-//!    anything else and before authentication,
-//! 1. [`host_origin`]: the headers that must be single and readable ([`single`]: no `Host`, two
+//! 0. [`admission::shed`]: while the node's work waits too long for its CPU, a share of
+//!    requests is refused first of all (503 with `Retry-After`),
+//! 1. [`rate::per_ip`]: the client address's request rate (429 with `Retry-After`), before
+//!    authentication,
+//! 2. [`host_origin`]: the headers that must be single and readable ([`single`]: no `Host`, two
 //!    of a header Haven reads, or a value that is not visible ASCII, 400), then DNS-rebinding
 //!    protection (403),
-//! 2. [`authn`]: the bearer credential becomes the request's principal (401 with a challenge
+//! 3. [`authn`]: the bearer credential becomes the request's principal (401 with a challenge
 //!    naming the protected resource metadata, 403 for a missing scope),
-//! 3. [`content`]: `Content-Type` (415) and `Accept` (406),
-//! 4. [`rate::per_principal`]: the principal's request rate (429 with `Retry-After`), after
+//! 4. [`content`]: `Content-Type` (415) and `Accept` (406),
+//! 5. [`rate::per_principal`]: the principal's request rate (429 with `Retry-After`), after
 //!    authentication (the per-tool rate is checked by the handler, [`rate::check_tool`]),
-//! 5. [`admission`]: places per node and per session (503 or 429 with `Retry-After`),
-//! 6. [`body_limit`]: the body limit in force for this request (413), read at every request
+//! 6. [`admission`]: places per node and per session (503 or 429 with `Retry-After`),
+//! 7. [`body_limit`]: the body limit in force for this request (413), read at every request
 //!    because it is a runtime setting.
 //!
 //! Each refusal is a JSON-RPC error body without an id: no message has been read yet.
