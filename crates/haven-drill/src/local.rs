@@ -12,6 +12,13 @@ use std::time::{Duration, Instant};
 use crate::DrillError;
 use crate::link::{Link, LinkState};
 
+/// Requests HAProxy sends one node at once in a one-region deployment (the nodes' own
+/// `limits.max_requests` here is 256 as well).
+const LB_MAXCONN_PER_NODE: u32 = 64;
+
+/// HAProxy's answer when it has no node to give a request to in time.
+const LB_503: &str = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":null,\"error\":{\"code\":-32000,\"message\":\"Service Unavailable: no Haven node could take the request within 250 ms (load balancer queue); retry later\"}}\n";
+
 /// What the local deployment runs.
 #[derive(Clone, Debug)]
 pub struct LocalOptions {
@@ -543,6 +550,10 @@ impl Local {
         }
     }
 
+    /// Starts HAProxy in front of the nodes. Each node gets at most
+    /// [`LB_MAXCONN_PER_NODE`] requests at once; more wait in HAProxy's queue for at most 1 s
+    /// and are then answered 503 with `Retry-After`, so that an overload waits in a bounded
+    /// queue ahead of the nodes instead of in their runtimes (health checks do not count).
     async fn start_haproxy(&mut self) -> Result<(), DrillError> {
         let port = free_ports(1)?[0];
         let servers: String = self
@@ -550,7 +561,7 @@ impl Local {
             .iter()
             .map(|n| {
                 format!(
-                    "    server {} 127.0.0.1:{} check inter 200ms fall 1 rise 2\n",
+                    "    server {} 127.0.0.1:{} check inter 200ms fall 1 rise 2 maxconn {LB_MAXCONN_PER_NODE}\n",
                     n.name, n.port
                 )
             })
@@ -580,8 +591,14 @@ impl Local {
                 "frontend mcp\n    bind 127.0.0.1:{port}\n    default_backend haven\n\nbackend haven\n    balance roundrobin\n    option httpchk GET /readyz\n    http-check expect status 200\n{servers}"
             )
         };
+        // HAProxy's own 503s (its queue for the nodes full past `timeout queue`, or no node
+        // up) carry `Retry-After` and a JSON-RPC error body, like the nodes' own.
+        let busy = self.opts.dir.join("503.http");
+        std::fs::write(&busy, LB_503)
+            .map_err(|e| DrillError::Deployment(format!("writing {}: {e}", busy.display())))?;
         let text = format!(
-            "global\n    maxconn 4000\n\ndefaults\n    mode http\n    timeout connect 200ms\n    timeout check 2s\n    timeout client 120s\n    timeout server 120s\n    retries 3\n    option redispatch\n    option http-server-close\n    retry-on conn-failure empty-response\n\n{proxies}"
+            "global\n    maxconn 4000\n\ndefaults\n    mode http\n    timeout connect 200ms\n    timeout check 2s\n    timeout client 120s\n    timeout server 120s\n    timeout queue 250ms\n    errorfile 503 {}\n    retries 3\n    option redispatch\n    option http-server-close\n    retry-on conn-failure empty-response\n\n{proxies}",
+            busy.display()
         );
         std::fs::write(&conf, text)
             .map_err(|e| DrillError::Deployment(format!("writing {}: {e}", conf.display())))?;
