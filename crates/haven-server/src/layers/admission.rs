@@ -277,13 +277,18 @@ impl Admission {
 /// (injection) queue, where tasks from outside and the overflow of busy workers wait, then
 /// at the back of a worker's own queue. `None` once the runtime has shut down.
 fn queue_wait(runtime: &tokio::runtime::Handle) -> Option<Duration> {
+    hand_probe(runtime).1.recv().ok()
+}
+
+/// Hands `runtime` the probe's task: when it was handed, and where its wait will come.
+fn hand_probe(runtime: &tokio::runtime::Handle) -> (Instant, std::sync::mpsc::Receiver<Duration>) {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let handed = Instant::now();
     runtime.spawn(async move {
         BackOfTheQueue::default().await;
         let _ = tx.send(handed.elapsed());
     });
-    rx.recv().ok()
+    (handed, rx)
 }
 
 /// Ready on its second poll: on the first it wakes its own task before returning
@@ -561,16 +566,15 @@ mod tests {
             release_rx.recv().unwrap();
         });
         held_rx.recv().unwrap();
-        let handle = rt.handle().clone();
-        let probe = std::thread::spawn(move || queue_wait(&handle));
-        // The probe's task cannot run while the worker is held: its wait covers the hold.
-        let held = Instant::now();
-        while held.elapsed() < Duration::from_millis(50) {
+        // The probe's task cannot run while the worker is held, so its wait covers at least
+        // the time from its handing to the release (a lower bound by construction).
+        let (handed, wait) = hand_probe(rt.handle());
+        while handed.elapsed() < Duration::from_millis(50) {
             std::thread::yield_now();
         }
-        assert!(!probe.is_finished(), "the probe ran past a held worker");
+        assert!(wait.try_recv().is_err(), "the probe ran past a held worker");
         release_tx.send(()).unwrap();
-        let wait = probe.join().unwrap().unwrap();
+        let wait = wait.recv().unwrap();
         assert!(wait >= Duration::from_millis(50), "{wait:?}");
         // Once the runtime is gone, the probe says so instead of waiting forever.
         let handle = rt.handle().clone();
