@@ -238,7 +238,7 @@ pub struct Metrics {
     pub auth_failures: Counter,
     /// `haven_admission_refused_total` by kind (`node`, `session`, `delay`).
     pub admission_refused: Family<KindLabel, Counter>,
-    /// `haven_scheduling_delay_seconds`: how late the node's runtime ran its probe last.
+    /// `haven_scheduling_delay_seconds`: how long the last probe task waited in the runtime's queues.
     pub scheduling_delay: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// `haven_calls_denied_total` (authorization rules).
     pub calls_denied: Counter,
@@ -468,7 +468,7 @@ impl Metrics {
         );
         r.register_with_unit(
             "haven_scheduling_delay",
-            "How late the node's runtime last ran a task that asked to wake up (sampled every 100 ms)",
+            "How long the last probe task waited in the node's runtime queues (one every 100 ms): the wait for the CPU",
             Unit::Seconds,
             m.scheduling_delay.clone(),
         );

@@ -423,6 +423,7 @@ async fn status(State(admin): State<Arc<Admin>>) -> Response {
         // Whether the NATS servers sync every write, as read at start (`--nats-monitor`).
         store["sync"] = crate::nats_sync::found();
     }
+    let (delay, shed_permille) = admin.control.admission.delay();
     Json(json!({
         "region": admin.region,
         "node": e.config().node_id,
@@ -436,8 +437,8 @@ async fn status(State(admin): State<Arc<Admin>>) -> Response {
         "admission": {
             "running": admin.control.admission.load().0,
             "queued": admin.control.admission.load().1,
-            "delay_ms": admin.control.admission.delay().0.as_secs_f64() * 1000.0,
-            "shed_permille": admin.control.admission.delay().1,
+            "delay_ms": delay.as_secs_f64() * 1000.0,
+            "shed_permille": shed_permille,
         },
         "nodes": e.members(),
         "clock": {

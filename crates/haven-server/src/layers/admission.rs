@@ -548,9 +548,9 @@ mod tests {
         assert_eq!(a.delay(), (Duration::from_millis(5), 0));
     }
 
-    /// The probe measures the wait of a runtime that is busy: a worker held for a while
-    /// (a blocking sleep in a task, on a current-thread runtime driven by another thread)
-    /// shows as at least that long a wait; a runtime that has shut down ends the probe.
+    /// The probe measures the wait of a runtime that is busy: with its only worker held by a
+    /// task (blocked on a channel until released), the probe's wait covers the hold; a
+    /// runtime that has shut down ends the probe.
     #[test]
     fn the_probe_measures_the_queue_wait_and_ends_with_the_runtime() {
         let rt = tokio::runtime::Builder::new_multi_thread()
