@@ -145,14 +145,18 @@ async fn rules_filter_lists_and_refuse_calls_in_both_eras_and_change_live() {
     let bob = client(&token_for("bob", &["team-b"]));
 
     // No rules: everything is open; the upstream's tools appear (bounded wait: the node
-    // connects to the upstream in the background).
+    // connects to the upstream in the background, so they may appear between the two eras'
+    // lists; the wait reads one era, and the eras are compared once they have appeared).
     let appeared = haven_testkit::wait_until(
         Duration::from_secs(60),
         Duration::from_millis(100),
         || async {
-            tools_seen(&alice, &url)
-                .await
-                .contains(&"up__echo".to_owned())
+            names(
+                &stateless(&alice, &url, "tools/list", json!({})).await,
+                "tools",
+                "name",
+            )
+            .contains(&"up__echo".to_owned())
         },
     )
     .await;
