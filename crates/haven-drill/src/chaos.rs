@@ -153,6 +153,7 @@ fn chaos_scenario() -> Scenario {
         haven_rto: Duration::from_secs(60),
         rto_from_repair: true,
         haven_rpo_writes: 0,
+        haven_rpo_window: Duration::ZERO,
         runbook: "disaster-drills",
         regions: 1,
     }
@@ -305,6 +306,7 @@ pub async fn run(
         long_calls: &rec.long_calls(),
         marks,
         measured: Vec::new(),
+        restore_point: None,
     });
     report.findings.extend(findings);
     report.passed = report.findings.is_empty();

@@ -95,6 +95,8 @@ pub struct Ack {
     pub name: String,
     /// When the acknowledgement arrived (seconds since the drill started).
     pub at: f64,
+    /// The text written: a note read back with another text counts as lost.
+    pub text: String,
 }
 
 /// One long call as its client saw it.
@@ -308,17 +310,18 @@ async fn paced_client(
             Kind::Write => {
                 let name = format!("drill-{}-{client}-{n}", opts.run);
                 rec.attempted.lock().unwrap().push(name.clone());
+                let text = n.to_string();
                 let r = stateless_call(
                     &http,
                     &opts.base,
                     n,
                     "notes_put",
-                    json!({"name": name, "text": n.to_string()}),
+                    json!({"name": name, "text": text}),
                 )
                 .await;
                 if r.is_ok() {
                     let at = rec.now();
-                    rec.acks.lock().unwrap().push(Ack { name, at });
+                    rec.acks.lock().unwrap().push(Ack { name, at, text });
                 }
                 r.map(|_| ())
             }
@@ -670,6 +673,8 @@ async fn long_call(
     let deadline = Instant::now() + LONG_CALL_DEADLINE;
     let mut reader = Some(SseReader::new(r));
     let mut last: Option<String> = None;
+    // Whether the stream read now has sent nothing yet since it was resumed.
+    let mut quiet = false;
     while Instant::now() < deadline {
         let Some(s) = reader.as_mut() else {
             let Some(after) = last.clone() else {
@@ -677,7 +682,10 @@ async fn long_call(
             };
             call.resumes += 1;
             match resume(http, &opts.base, &call.session, &after).await {
-                Ok(r) => reader = Some(SseReader::new(r)),
+                Ok(r) => {
+                    reader = Some(SseReader::new(r));
+                    quiet = true;
+                }
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
             continue;
@@ -686,9 +694,14 @@ async fn long_call(
             Ok(Ok(Some(e))) => e,
             _ => {
                 reader = None;
+                // A resumed stream that ended with nothing new: a pause before the next.
+                if quiet {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
                 continue;
             }
         };
+        quiet = false;
         if let Some(i) = &e.id {
             last = Some(i.clone());
             if call.stream.is_none() {
@@ -763,7 +776,7 @@ async fn count_stored_finals(
     None
 }
 
-/// Reads back every acknowledged write; the names of those missing.
+/// Reads back every acknowledged write; the names of those missing (or holding another text).
 pub async fn missing_writes(base: &str, acks: &[Ack]) -> Result<Vec<String>, String> {
     let http = http_client();
     let mut missing = Vec::new();
@@ -780,8 +793,9 @@ pub async fn missing_writes(base: &str, acks: &[Ack]) -> Result<Vec<String>, Str
             )
             .await
             {
-                Ok(_) => {
-                    found = Some(true);
+                Ok(v) => {
+                    // Present with the text written (a note changed since counts as lost).
+                    found = Some(v["content"][0]["text"].as_str() == Some(a.text.as_str()));
                     break;
                 }
                 Err(e) if e == "tool-error" => {

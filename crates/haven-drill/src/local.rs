@@ -19,6 +19,21 @@ const LB_MAXCONN_PER_NODE: u32 = 64;
 /// HAProxy's answer when it has no node to give a request to in time.
 const LB_503: &str = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":null,\"error\":{\"code\":-32000,\"message\":\"Service Unavailable: no Haven node could take the request within 250 ms (load balancer queue); retry later\"}}\n";
 
+/// Where a local deployment's nodes ship their continuous backup (one node of the region at
+/// a time, every second).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackupStore {
+    /// No backup.
+    Off,
+    /// A directory of the deployment.
+    Directory,
+    /// An S3 bucket of a local object store: a `moto_server` (this binary) on loopback.
+    Moto(PathBuf),
+}
+
+/// The bucket of a local object store.
+const BUCKET: &str = "haven-drill";
+
 /// What the local deployment runs.
 #[derive(Clone, Debug)]
 pub struct LocalOptions {
@@ -44,6 +59,8 @@ pub struct LocalOptions {
     /// (`/regionz` chooses the active region), A promoted to active at the start. `nodes` is
     /// ignored (one per region).
     pub two_regions: bool,
+    /// Where the nodes ship their backup (one region only); the restore drills need one.
+    pub backup: BackupStore,
 }
 
 struct NatsServer {
@@ -74,6 +91,12 @@ pub struct Local {
     links: Vec<Vec<Link>>,
     /// B's leafnode link to A, with two regions.
     region_link: Option<Link>,
+    /// The local object store, when backups go to one.
+    moto: Option<Child>,
+    /// The backup's URL and the environment that reaches it (`None`: no backup).
+    backup: Option<(String, Vec<(String, String)>)>,
+    /// Regions built from the backup so far (each restore makes a new one).
+    restores: u32,
 }
 
 impl Drop for Local {
@@ -85,6 +108,7 @@ impl Drop for Local {
         for s in &mut self.nats {
             stop_child(&mut s.child);
         }
+        stop_child(&mut self.moto);
         if !self.opts.keep {
             let _ = std::fs::remove_dir_all(&self.opts.dir);
         }
@@ -175,12 +199,15 @@ impl Local {
             admin_token: token,
             links: Vec::new(),
             region_link: None,
+            moto: None,
+            backup: None,
+            restores: 0,
             opts,
         };
         if local.opts.two_regions {
             local.configure_regions().await?;
         } else {
-            local.configure_nats()?;
+            local.nats = local.configure_nats("drill", false)?;
         }
         for i in 0..local.nats.len() {
             local.spawn_nats(i)?;
@@ -200,6 +227,9 @@ impl Local {
                 "haven secrets new-key failed: {}",
                 String::from_utf8_lossy(&made.stderr)
             )));
+        }
+        if !local.opts.two_regions && local.opts.backup != BackupStore::Off {
+            local.configure_backup().await?;
         }
         let regions: Vec<String> = if local.opts.two_regions {
             vec!["A".into(), "B".into()]
@@ -403,10 +433,25 @@ impl Local {
         self.opts.dir.join("secrets.key")
     }
 
-    fn configure_nats(&mut self) -> Result<(), DrillError> {
+    /// Three NATS servers in one JetStream cluster for `region` (configured, not started);
+    /// with `domain`, in the region's own JetStream domain (what a region built from backups
+    /// needs: a region's name is its domain).
+    fn configure_nats(&self, region: &str, domain: bool) -> Result<Vec<NatsServer>, DrillError> {
         let ports = free_ports(9)?;
         let (client, rest) = ports.split_at(3);
         let (cluster, http) = rest.split_at(3);
+        // The first region's servers keep their short names.
+        let prefix = if domain {
+            format!("{region}-")
+        } else {
+            String::new()
+        };
+        let domain = if domain {
+            format!(", domain: {region}")
+        } else {
+            String::new()
+        };
+        let mut servers = Vec::new();
         for i in 0..3 {
             let routes: Vec<String> = cluster
                 .iter()
@@ -414,27 +459,323 @@ impl Local {
                 .filter(|(j, _)| *j != i)
                 .map(|(_, p)| format!("\"nats-route://127.0.0.1:{p}\""))
                 .collect();
-            let conf = self.opts.dir.join(format!("nats{i}.conf"));
+            let name = format!("{prefix}nats{i}");
+            let conf = self.opts.dir.join(format!("{name}.conf"));
             let text = format!(
-                "server_name: nats{i}\nlisten: 127.0.0.1:{}\nhttp: 127.0.0.1:{}\njetstream {{ store_dir: \"{}\", sync_interval: always }}\ncluster {{ name: haven-drill, listen: 127.0.0.1:{}, routes: [{}] }}\n",
+                "server_name: {name}\nlisten: 127.0.0.1:{}\nhttp: 127.0.0.1:{}\njetstream {{ store_dir: \"{}\", sync_interval: always{domain} }}\ncluster {{ name: haven-{region}, listen: 127.0.0.1:{}, routes: [{}] }}\n",
                 client[i],
                 http[i],
-                self.opts.dir.join(format!("js{i}")).display(),
+                self.opts.dir.join(format!("{prefix}js{i}")).display(),
                 cluster[i],
                 routes.join(", ")
             );
             std::fs::write(&conf, text)
                 .map_err(|e| DrillError::Deployment(format!("writing {}: {e}", conf.display())))?;
-            self.nats.push(NatsServer {
-                name: format!("nats{i}"),
-                region: "drill".into(),
+            servers.push(NatsServer {
+                name,
+                region: region.into(),
                 conf,
                 client_port: client[i],
                 http_port: http[i],
                 child: None,
             });
         }
+        Ok(servers)
+    }
+
+    /// The backup key and the store the nodes ship to: a bucket of a local object store
+    /// started here, or a directory.
+    async fn configure_backup(&mut self) -> Result<(), DrillError> {
+        let key = self.backup_key_file();
+        self.haven_command(
+            "haven backup keygen",
+            &[
+                "backup".as_ref(),
+                "keygen".as_ref(),
+                "--out".as_ref(),
+                key.as_os_str(),
+            ],
+            &[],
+        )
+        .await?;
+        let backup = match self.opts.backup.clone() {
+            BackupStore::Off => return Ok(()),
+            BackupStore::Directory => (
+                self.opts.dir.join("backup").display().to_string(),
+                Vec::new(),
+            ),
+            BackupStore::Moto(bin) => {
+                let port = free_ports(1)?[0];
+                let child = Command::new(&bin)
+                    .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                    .stdout(Stdio::null())
+                    .stderr(log_file(&self.opts.dir.join("object-store.log"))?)
+                    .spawn()
+                    .map_err(|e| {
+                        DrillError::Deployment(format!("starting {}: {e}", bin.display()))
+                    })?;
+                self.moto = Some(child);
+                let endpoint = format!("http://127.0.0.1:{port}");
+                // The bucket, once the object store answers (at most 30 s).
+                let client = reqwest::Client::new();
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    match client
+                        .put(format!("{endpoint}/{BUCKET}"))
+                        .timeout(Duration::from_secs(2))
+                        .send()
+                        .await
+                    {
+                        Ok(r) if r.status().is_success() => break,
+                        Ok(r) => {
+                            return Err(DrillError::Deployment(format!(
+                                "creating the backup bucket: {}",
+                                r.status()
+                            )));
+                        }
+                        Err(_) if Instant::now() < deadline => {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(e) => {
+                            return Err(DrillError::Deployment(format!(
+                                "the local object store did not answer within 30 s: {e}; its log ends with:\n{}",
+                                log_tail(&self.opts.dir.join("object-store.log"), 10)
+                            )));
+                        }
+                    }
+                }
+                (
+                    format!("s3://{BUCKET}/backups"),
+                    vec![
+                        ("AWS_ENDPOINT_URL".to_owned(), endpoint),
+                        ("AWS_ACCESS_KEY_ID".to_owned(), "drill".to_owned()),
+                        ("AWS_SECRET_ACCESS_KEY".to_owned(), "drill".to_owned()),
+                        ("AWS_REGION".to_owned(), "us-east-1".to_owned()),
+                    ],
+                )
+            }
+        };
+        self.backup = Some(backup);
         Ok(())
+    }
+
+    fn backup_key_file(&self) -> PathBuf {
+        self.opts.dir.join("backup.key")
+    }
+
+    /// Runs this `haven` binary with `args` (and `env`) to its end, off the runtime's
+    /// threads; its standard output, or what it said when it failed.
+    async fn haven_command(
+        &self,
+        what: &str,
+        args: &[&std::ffi::OsStr],
+        env: &[(String, String)],
+    ) -> Result<String, DrillError> {
+        let mut cmd = Command::new(&self.opts.haven);
+        cmd.args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null());
+        let what = what.to_owned();
+        let out = tokio::task::spawn_blocking(move || cmd.output())
+            .await
+            .map_err(|e| DrillError::Deployment(format!("{what}: {e}")))?
+            .map_err(|e| DrillError::Deployment(format!("running {what}: {e}")))?;
+        if !out.status.success() {
+            return Err(DrillError::Deployment(format!(
+                "{what} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Whether the nodes ship a backup.
+    pub fn has_backup(&self) -> bool {
+        self.backup.is_some()
+    }
+
+    /// Where the backup goes, in words (`None`: no backup).
+    pub fn backup_place(&self) -> Option<&'static str> {
+        self.backup.as_ref().map(|_| {
+            if self.moto.is_some() {
+                "a bucket of a local object store (moto)"
+            } else {
+                "a directory"
+            }
+        })
+    }
+
+    /// Ships what the region's log holds now to the backup (`POST /admin/v1/backup/now` on
+    /// the first node that takes it); the shipped sequence.
+    pub async fn ship_now(&self) -> Result<u64, DrillError> {
+        let client = reqwest::Client::new();
+        let mut last = String::from("no node answered");
+        for base in self.node_bases() {
+            match client
+                .post(format!("{base}/admin/v1/backup/now"))
+                .bearer_auth(&self.admin_token)
+                .timeout(Duration::from_secs(30))
+                .send()
+                .await
+            {
+                Ok(r) if r.status().is_success() => {
+                    let v: serde_json::Value = r.json().await.unwrap_or_default();
+                    return Ok(v["shipped_seq"].as_u64().unwrap_or(0));
+                }
+                Ok(r) => last = format!("{}: {}", r.status(), r.text().await.unwrap_or_default()),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(DrillError::Deployment(format!(
+            "shipping the backup now failed: {last}"
+        )))
+    }
+
+    /// The whole region lost with its disks: every node and NATS server `kill -9`, their data
+    /// directories removed.
+    pub fn lose_region(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill_node(i);
+            let _ = std::fs::remove_dir_all(self.node_data(i));
+        }
+        for i in 0..self.nats.len() {
+            self.kill_nats(i);
+            let _ = std::fs::remove_dir_all(self.nats_store(i));
+        }
+    }
+
+    /// Stops whatever still runs of the region's nodes, builds a new region from the backup
+    /// (`haven region bootstrap`, at `at` (RFC 3339) or the latest point) on three new NATS
+    /// servers, decommissions the old ones, and starts every node in the new region (same addresses, so the load balancer
+    /// finds them; fresh data directories). The new region's name.
+    pub async fn restore_region(&mut self, at: Option<&str>) -> Result<String, DrillError> {
+        let Some((url, env)) = self.backup.clone() else {
+            return Err(DrillError::Usage(
+                "restoring needs a deployment whose nodes ship a backup".into(),
+            ));
+        };
+        let region = format!("drill-r{}", self.restores + 1);
+        // The old region is taken out of service first: no client writes to it any more.
+        for i in 0..self.nodes.len() {
+            self.kill_node(i);
+        }
+        let old: Vec<usize> = (0..self.nats.len()).collect();
+        let first = self.nats.len();
+        let fresh = self.configure_nats(&region, true)?;
+        self.nats.extend(fresh);
+        for i in first..self.nats.len() {
+            self.spawn_nats(i)?;
+        }
+        for i in first..self.nats.len() {
+            self.wait_nats(i).await?;
+        }
+        // A new cluster answers its JetStream API once it has elected a metadata leader,
+        // which its full health check waits for (at most 60 s).
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for i in first..self.nats.len() {
+            let url = format!("http://127.0.0.1:{}/healthz", self.nats[i].http_port);
+            while http_status(&client, &url).await != Some(200) {
+                if Instant::now() > deadline {
+                    return Err(DrillError::Deployment(format!(
+                        "the new region's NATS server {} did not become healthy within 60 s",
+                        self.nats[i].name
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let store = self.nats[first..]
+            .iter()
+            .map(|s| format!("nats://127.0.0.1:{}", s.client_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let key = self.backup_key_file();
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "region".as_ref(),
+            "bootstrap".as_ref(),
+            "--backup-url".as_ref(),
+            url.as_ref(),
+            "--backup-key-file".as_ref(),
+            key.as_os_str(),
+            "--store".as_ref(),
+            store.as_ref(),
+            "--region".as_ref(),
+            region.as_ref(),
+            "--store-replicas".as_ref(),
+            "3".as_ref(),
+        ];
+        if let Some(at) = at {
+            args.push(std::ffi::OsStr::new("--at"));
+            args.push(std::ffi::OsStr::new(at));
+        }
+        let said = self
+            .haven_command("haven region bootstrap", &args, &env)
+            .await?;
+        tracing::info!("haven region bootstrap: {}", said.trim());
+        // The old region's servers are decommissioned.
+        for &i in old.iter().rev() {
+            self.kill_nats(i);
+            self.nats.remove(i);
+        }
+        if self.opts.links {
+            self.links.clear();
+            for _ in 0..self.nodes.len() {
+                let mut row = Vec::new();
+                for s in &self.nats {
+                    row.push(Link::start(s.client_port).await?);
+                }
+                self.links.push(row);
+            }
+        }
+        self.restores += 1;
+        let lost = self.nodes[0].region.clone();
+        for i in 0..self.nodes.len() {
+            self.nodes[i].region = region.clone();
+            self.start_node(i).await?;
+        }
+        // The old region's running work came back with the state: the new region takes it
+        // over (every process of the old region is stopped), so each of those requests is
+        // settled once, by re-running it or answering that it was interrupted.
+        let r = reqwest::Client::new()
+            .post(format!(
+                "{}/admin/v1/regions/takeover?region={lost}&confirm_dead=true",
+                self.node_bases()[0]
+            ))
+            .bearer_auth(&self.admin_token)
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .map_err(|e| DrillError::Deployment(format!("regions/takeover: {e}")))?;
+        let status = r.status();
+        let body = r.text().await.unwrap_or_default();
+        if !status.is_success() {
+            return Err(DrillError::Deployment(format!(
+                "taking over region {lost}'s work in {region}: {status}: {body}"
+            )));
+        }
+        tracing::info!("region {region} took over region {lost}'s running work: {body}");
+        Ok(region)
+    }
+
+    fn nats_store(&self, i: usize) -> PathBuf {
+        let name = &self.nats[i].name;
+        let js = match name.rsplit_once("nats") {
+            Some((prefix, n)) => format!("{prefix}js{n}"),
+            None => name.clone(),
+        };
+        self.opts.dir.join(js)
+    }
+
+    /// Node `i`'s data directory: its name, and its region's after a restore.
+    fn node_data(&self, i: usize) -> PathBuf {
+        let n = &self.nodes[i];
+        if n.region.starts_with("drill-r") {
+            self.opts.dir.join(format!("{}-{}", n.name, n.region))
+        } else {
+            self.opts.dir.join(&n.name)
+        }
     }
 
     fn spawn_nats(&mut self, i: usize) -> Result<(), DrillError> {
@@ -506,13 +847,20 @@ impl Local {
         let mut cmd = Command::new(&self.opts.haven);
         cmd.args(["serve", "--listen", &format!("127.0.0.1:{}", node.port)])
             .arg("--data")
-            .arg(self.opts.dir.join(&node.name))
+            .arg(self.node_data(i))
             .args(["--store", &self.store_url(i), "--region", &node.region])
             .args(["--node-id", &node.name]);
         if self.opts.two_regions {
             let peer = if node.region == "A" { "B" } else { "A" };
             cmd.args(["--store-replicas", "1", "--peer-regions", peer])
                 .args(["--region-check-interval", "1s"]);
+        }
+        if let Some((url, env)) = &self.backup {
+            cmd.args(["--backup-url", url])
+                .arg("--backup-key-file")
+                .arg(self.backup_key_file())
+                .args(["--backup-interval", "1s"])
+                .envs(env.iter().map(|(k, v)| (k, v)));
         }
         let child = cmd
             .arg("--secrets-key-file")

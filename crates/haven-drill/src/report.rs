@@ -81,6 +81,18 @@ pub struct Rpo {
     pub window: f64,
     /// The first missing notes' names.
     pub missing_names: Vec<String>,
+    /// A point-in-time restore's point, seconds since the start: the state was taken back
+    /// to it, so writes acknowledged after it are rolled back, not lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_point: Option<f64>,
+    /// Writes acknowledged after the restore point and absent afterwards, as the restore
+    /// intends (not counted in `missing`).
+    #[serde(default)]
+    pub rolled_back: u64,
+    /// How long before the fault the oldest lost write was acknowledged, seconds (0 when
+    /// none): what a restore from backups lost of a region lost without warning.
+    #[serde(default)]
+    pub before_fault: f64,
 }
 
 /// Requests per second bucket of the timeline.
@@ -151,6 +163,10 @@ pub struct Report {
     pub seed_rpo: f64,
     /// Haven's recovery-time target, seconds.
     pub haven_rto: f64,
+    /// Haven's data-loss target for a region lost without warning: writes acknowledged
+    /// within this long before the fault may be lost, seconds (0: none may be).
+    #[serde(default)]
+    pub haven_rpo_window: f64,
     /// Whether the RTO counts from the repair (the whole store was away).
     pub rto_from_repair: bool,
     /// The worst client outage counted as the target says (from the fault or from the
@@ -214,6 +230,9 @@ pub struct Inputs<'a> {
     /// Recovery times measured directly by the scenario (e.g. configuration propagation),
     /// replacing what the probes saw for that component.
     pub measured: Vec<(Component, Option<f64>, String)>,
+    /// A point-in-time restore's point (seconds since the start): acknowledged writes after
+    /// it are rolled back by the restore.
+    pub restore_point: Option<f64>,
 }
 
 /// Each client's outages: (first failed request's start, first success's end after it).
@@ -398,12 +417,20 @@ impl Report {
             }
         }
 
-        let missing_at: Vec<f64> = i
+        let point = i.restore_point.unwrap_or(f64::INFINITY);
+        let absent: Vec<&Ack> = i
             .acks
             .iter()
             .filter(|a| i.missing.contains(&a.name))
-            .map(|a| a.at)
             .collect();
+        let rolled_back = absent.iter().filter(|a| a.at > point).count() as u64;
+        let lost: Vec<&&Ack> = absent.iter().filter(|a| a.at <= point).collect();
+        let missing_at: Vec<f64> = lost.iter().map(|a| a.at).collect();
+        let fault_at = i
+            .marks
+            .iter()
+            .find(|m| m.kind == "fault")
+            .map_or(0.0, |m| m.at);
         let window = match (
             missing_at.iter().copied().reduce(f64::min),
             missing_at.iter().copied().reduce(f64::max),
@@ -413,10 +440,25 @@ impl Report {
         };
         let rpo = Rpo {
             acknowledged: i.acks.len() as u64,
-            missing: i.missing.len() as u64,
+            missing: lost.len() as u64,
             window,
-            missing_names: i.missing.iter().take(20).cloned().collect(),
+            missing_names: lost.iter().take(20).map(|a| a.name.clone()).collect(),
+            restore_point: i.restore_point,
+            rolled_back,
+            before_fault: missing_at
+                .iter()
+                .copied()
+                .reduce(f64::min)
+                .map_or(0.0, |lo| (fault_at - lo).max(0.0)),
         };
+        // Lost writes Haven's target allows: none, or for a region lost without warning
+        // those acknowledged within its window before the fault.
+        let window_allows = |at: f64| {
+            !s.haven_rpo_window.is_zero()
+                && at <= fault_at
+                && fault_at - at <= s.haven_rpo_window.as_secs_f64()
+        };
+        let lost_beyond_target = missing_at.iter().filter(|at| !window_allows(**at)).count();
 
         let mut errors = BTreeMap::new();
         let (mut requests, mut failed) = (0, 0);
@@ -457,11 +499,20 @@ impl Report {
             )),
             _ => {}
         }
-        if rpo.missing > s.haven_rpo_writes {
-            findings.push(format!(
-                "{} acknowledged writes lost (a window of {:.2} s)",
-                rpo.missing, rpo.window
-            ));
+        if lost_beyond_target as u64 > s.haven_rpo_writes {
+            findings.push(if s.haven_rpo_window.is_zero() {
+                format!(
+                    "{} acknowledged writes lost (a window of {:.2} s)",
+                    rpo.missing, rpo.window
+                )
+            } else {
+                format!(
+                    "{} acknowledged writes lost, the oldest acknowledged {:.2} s before the fault (target: none older than {} s)",
+                    rpo.missing,
+                    rpo.before_fault,
+                    s.haven_rpo_window.as_secs_f64()
+                )
+            });
         }
         if exactly_once.answered_twice > 0 {
             findings.push(format!(
@@ -506,6 +557,7 @@ impl Report {
             seed_rto: s.seed_rto.as_secs_f64(),
             seed_rpo: s.seed_rpo.as_secs_f64(),
             haven_rto,
+            haven_rpo_window: s.haven_rpo_window.as_secs_f64(),
             rto_from_repair: s.rto_from_repair,
             rto,
             worst_outage,
@@ -566,9 +618,32 @@ impl Report {
         );
         let _ = writeln!(
             m,
-            "| RPO (acknowledged writes lost) | < {} s of writes | none | {} of {} (window {:.2} s) |",
-            self.seed_rpo, self.rpo.missing, self.rpo.acknowledged, self.rpo.window
+            "| RPO (acknowledged writes lost) | < {} s of writes | {} | {} of {} (window {:.2} s{}) |",
+            self.seed_rpo,
+            if self.haven_rpo_window > 0.0 {
+                format!("≤ {} s of writes", self.haven_rpo_window)
+            } else {
+                "none".to_owned()
+            },
+            self.rpo.missing,
+            self.rpo.acknowledged,
+            self.rpo.window,
+            if self.rpo.missing > 0 {
+                format!(
+                    ", the oldest acknowledged {:.2} s before the fault",
+                    self.rpo.before_fault
+                )
+            } else {
+                String::new()
+            }
         );
+        if let Some(p) = self.rpo.restore_point {
+            let _ = writeln!(
+                m,
+                "| writes after the restore point ({p:.2} s), rolled back by the restore | | | {} |",
+                self.rpo.rolled_back
+            );
+        }
         let _ = writeln!(
             m,
             "| requests answered twice or never | none | none | {} twice, {} never, {} unread (of {} long calls) |",
@@ -825,10 +900,12 @@ mod tests {
             Ack {
                 name: "a".into(),
                 at: 0.5,
+                text: "1".into(),
             },
             Ack {
                 name: "b".into(),
                 at: 2.5,
+                text: "2".into(),
             },
         ];
         let r = Report::build(Inputs {
@@ -847,6 +924,7 @@ mod tests {
                 what: "kill -9".into(),
             }],
             measured: vec![],
+            restore_point: None,
         });
         assert_eq!(r.clients.len(), 2);
         assert_eq!(r.clients[0].rto, Some(2.5));
@@ -904,6 +982,7 @@ mod tests {
             long_calls: &[],
             marks: vec![],
             measured: vec![],
+            restore_point: None,
         });
         assert_eq!(r.rto, None);
         assert!(!r.passed);
@@ -912,5 +991,93 @@ mod tests {
             "{:?}",
             r.findings
         );
+    }
+
+    fn acks_at(times: &[f64]) -> Vec<Ack> {
+        times
+            .iter()
+            .enumerate()
+            .map(|(i, at)| Ack {
+                name: format!("n{i}"),
+                at: *at,
+                text: i.to_string(),
+            })
+            .collect()
+    }
+
+    fn restore_report(
+        name: &str,
+        acks: &[Ack],
+        missing: &[&str],
+        restore_point: Option<f64>,
+    ) -> Report {
+        let scenario = scenario::find(name).unwrap();
+        let samples = vec![sample(0, Kind::Stateless, 0.0, 0.1, None)];
+        let missing: Vec<String> = missing.iter().map(|m| (*m).to_owned()).collect();
+        Report::build(Inputs {
+            scenario: &scenario,
+            deployment: "test".into(),
+            rate: 1.0,
+            started_unix: 0,
+            duration: 20.0,
+            samples: &samples,
+            acks,
+            missing: &missing,
+            long_calls: &[],
+            marks: vec![Mark {
+                at: 10.0,
+                kind: "fault".into(),
+                what: "the fault".into(),
+            }],
+            measured: vec![],
+            restore_point,
+        })
+    }
+
+    #[test]
+    fn writes_after_a_restore_point_are_rolled_back_and_writes_before_it_must_return() {
+        let acks = acks_at(&[1.0, 5.0, 9.9, 10.2, 10.4, 15.0]);
+        // Only writes after the point are absent: rolled back, nothing lost.
+        let r = restore_report("point-in-time-restore", &acks, &["n3", "n4"], Some(10.0));
+        assert_eq!((r.rpo.missing, r.rpo.rolled_back), (0, 2));
+        assert_eq!(r.rpo.restore_point, Some(10.0));
+        assert!(r.passed, "{:?}", r.findings);
+        assert!(
+            r.markdown()
+                .contains("rolled back by the restore | | | 2 |")
+        );
+        // A write acknowledged before the point and absent is lost.
+        let r = restore_report("point-in-time-restore", &acks, &["n2", "n3"], Some(10.0));
+        assert_eq!((r.rpo.missing, r.rpo.rolled_back), (1, 1));
+        assert_eq!(r.rpo.missing_names, vec!["n2".to_owned()]);
+        assert!(!r.passed);
+        assert!(r.findings[0].contains("1 acknowledged writes lost"));
+    }
+
+    #[test]
+    fn a_region_rebuilt_from_backups_may_lose_only_its_last_seconds() {
+        let acks = acks_at(&[1.0, 5.0, 7.5, 9.5, 9.9, 15.0]);
+        // Lost writes acknowledged 0.5 s and 0.1 s before the fault: within the 3 s window.
+        let r = restore_report("cold-region", &acks, &["n3", "n4"], None);
+        assert_eq!(r.rpo.missing, 2);
+        assert!((r.rpo.before_fault - 0.5).abs() < 1e-9);
+        assert!(r.passed, "{:?}", r.findings);
+        assert!(r.markdown().contains("≤ 3 s of writes"));
+        // One acknowledged 2.5 s before it is allowed too; one 5 s before is not.
+        let r = restore_report("cold-region", &acks, &["n2", "n4"], None);
+        assert!(r.passed, "{:?}", r.findings);
+        let r = restore_report("cold-region", &acks, &["n1", "n4"], None);
+        assert!(!r.passed);
+        assert!(
+            r.findings[0].contains("5.00 s before the fault"),
+            "{:?}",
+            r.findings
+        );
+        // A write acknowledged after the region was rebuilt must never be lost.
+        let r = restore_report("cold-region", &acks, &["n5"], None);
+        assert!(!r.passed);
+        // Any other drill allows no loss at all.
+        let r = restore_report("process-crash", &acks, &["n4"], None);
+        assert!(!r.passed);
     }
 }

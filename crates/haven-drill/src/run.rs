@@ -49,6 +49,8 @@ fn unix_now() -> u64 {
 struct Marks {
     rec: Arc<Recorder>,
     list: Vec<Mark>,
+    /// A point-in-time restore's point (seconds since the start).
+    restore_point: Option<f64>,
 }
 
 impl Marks {
@@ -97,9 +99,12 @@ impl Target<'_> {
         match self {
             Target::Local(l) if l.two_regions() => "a local deployment of two regions, A and B (each one NATS server in its own JetStream domain and one Haven node, B's leafnode link to A cuttable), HAProxy as the global load balancer".to_owned(),
             Target::Local(l) => format!(
-                "a local deployment ({} NATS servers in one JetStream cluster, {} Haven nodes, HAProxy)",
+                "a local deployment ({} NATS servers in one JetStream cluster, {} Haven nodes, HAProxy{})",
                 l.nats_count(),
-                l.node_bases().len()
+                l.node_bases().len(),
+                l.backup_place()
+                    .map(|p| format!(", a backup every second to {p}"))
+                    .unwrap_or_default()
             ),
             Target::Described(d) => format!(
                 "the deployment '{}' ({} nodes behind {})",
@@ -185,6 +190,7 @@ async fn run_one(
     let mut marks = Marks {
         rec: rec.clone(),
         list: Vec::new(),
+        restore_point: None,
     };
     tokio::time::sleep(opts.warmup).await;
     let outage = opts.outage.unwrap_or(scenario.outage);
@@ -231,6 +237,7 @@ async fn run_one(
     })
     .await?;
     let (duration, acks, missing) = (settled.duration, settled.acks, settled.missing);
+    let restore_point = marks.restore_point;
     let left = load::clean_up(&base, &rec).await;
     if left > 0 {
         tracing::warn!("{left} of the drill's notes could not be deleted");
@@ -247,6 +254,7 @@ async fn run_one(
         long_calls: &rec.long_calls(),
         marks: marks.list,
         measured,
+        restore_point,
     });
     let mut report = report;
     if let Some(o) = overload_figures {
@@ -513,6 +521,15 @@ async fn cause_and_repair(
             }
             region_fault(local, scenario, outage, marks).await?;
         }
+        Fault::CorruptData | Fault::ColdRegion => {
+            if !local.has_backup() {
+                return Err(DrillError::Usage(format!(
+                    "{} needs a deployment whose nodes ship a backup (a one-region local deployment)",
+                    scenario.name
+                )));
+            }
+            restore(local, scenario, outage, admin, marks).await?;
+        }
         Fault::Chaos | Fault::Overload => {
             return Err(DrillError::Usage(format!(
                 "{} is not caused on the deployment's processes",
@@ -520,6 +537,81 @@ async fn cause_and_repair(
             )));
         }
     }
+    Ok(())
+}
+
+/// The restore drills: a bad change undone by a point-in-time restore, or a region lost with
+/// its disks replaced by a cold region built from the backups.
+async fn restore(
+    local: &mut Local,
+    scenario: &Scenario,
+    outage: Duration,
+    admin: &Admin,
+    marks: &mut Marks,
+) -> Result<(), DrillError> {
+    if scenario.fault == Fault::ColdRegion {
+        local.lose_region();
+        marks.add(
+            "fault",
+            "the region lost with its disks: every node and NATS server kill -9, their data removed",
+        );
+        tokio::time::sleep(outage).await;
+        let region = local.restore_region(None).await?;
+        marks.add(
+            "repair",
+            format!(
+                "cold region {region} built from the backup (its latest point), every node serving it"
+            ),
+        );
+        return Ok(());
+    }
+    // The point: now. Every write acknowledged before it must come back, with its text.
+    let point = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    marks.restore_point = Some(marks.rec.now());
+    // Commits carry millisecond times: the bad change begins after the point's millisecond.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    // The bad change, on one node: every note the drill wrote so far overwritten (even
+    // ones) or deleted (odd ones).
+    let acks = marks.rec.acks();
+    let (mut overwritten, mut deleted) = (0, 0);
+    for (n, a) in acks.iter().enumerate() {
+        let (tool, args) = if n % 2 == 0 {
+            (
+                "notes_put",
+                json!({"name": a.name, "text": "overwritten by mistake"}),
+            )
+        } else {
+            ("notes_delete", json!({"name": a.name}))
+        };
+        if load::stateless_call(&admin.http, &admin.nodes[0], n as u64 + 1, tool, args)
+            .await
+            .is_ok()
+        {
+            if n % 2 == 0 {
+                overwritten += 1;
+            } else {
+                deleted += 1;
+            }
+        }
+    }
+    marks.add(
+        "fault",
+        format!(
+            "a bad change after {point}: {overwritten} of the drill's notes overwritten, {deleted} deleted"
+        ),
+    );
+    // The backup holds the bad change, and so everything before it; then the region is
+    // taken out of service and rebuilt as of the point.
+    let seq = local.ship_now().await?;
+    marks.add(
+        "note",
+        format!("the backup holds the region's log up to sequence {seq}"),
+    );
+    let region = local.restore_region(Some(&point)).await?;
+    marks.add(
+        "repair",
+        format!("region {region} restored to {point} from the backup, every node serving it"),
+    );
     Ok(())
 }
 
@@ -613,6 +705,7 @@ async fn region_fault(
                     b_writes.push(Ack {
                         name,
                         at: marks.rec.now(),
+                        text: "b".into(),
                     });
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;

@@ -33,6 +33,12 @@ pub enum Fault {
     RegionPartition,
     /// A planned switchover of the active role to the other region, and back.
     RegionSwitchover,
+    /// Data corrupted and deleted by mistake (an operator's bad change); the state restored
+    /// to the moment before it from the continuous backup, into a new region's store.
+    CorruptData,
+    /// The whole region lost with its disks (every process `kill -9`, its data directories
+    /// gone); a cold region built from the backups takes its place.
+    ColdRegion,
     /// A randomized schedule of faults (`haven chaos`), not a drill of its own.
     Chaos,
 }
@@ -114,8 +120,14 @@ pub struct Scenario {
     pub haven_rto: Duration,
     /// Whether `haven_rto` counts from the repair instead of the fault.
     pub rto_from_repair: bool,
-    /// Haven's own target: acknowledged writes lost (always none).
+    /// Haven's own target: acknowledged writes lost (none, except within
+    /// `haven_rpo_window`).
     pub haven_rpo_writes: u64,
+    /// Haven's own target for a region lost without warning and rebuilt from backups: writes
+    /// acknowledged within this long before the fault may be lost (what had not shipped yet);
+    /// zero for every other drill.
+    #[serde(with = "secs")]
+    pub haven_rpo_window: Duration,
     /// The README anchor of its runbook.
     pub runbook: &'static str,
     /// Regions it needs (1, or 2 for the multi-region drills).
@@ -144,6 +156,7 @@ pub fn all() -> Vec<Scenario> {
         haven_rto: Duration::from_secs(haven_rto),
         rto_from_repair: false,
         haven_rpo_writes: 0,
+        haven_rpo_window: Duration::ZERO,
         runbook,
         regions: 1,
     };
@@ -214,6 +227,26 @@ pub fn all() -> Vec<Scenario> {
                 "drill-overload",
             )
         },
+        floor(
+            "point-in-time-restore",
+            "data overwritten and deleted by mistake: the state restored from the continuous backup to the moment before, into a new region's store; writes after that moment are rolled back",
+            Fault::CorruptData,
+            0,
+            30,
+            "drill-point-in-time-restore",
+        ),
+        Scenario {
+            // The region's last shipping interval (1 s) and the shipping itself.
+            haven_rpo_window: Duration::from_secs(3),
+            ..floor(
+                "cold-region",
+                "the region lost with its disks: a cold region is built from the backups in object storage and takes its place",
+                Fault::ColdRegion,
+                0,
+                30,
+                "drill-cold-region",
+            )
+        },
         Scenario {
             regions: 2,
             ..floor(
@@ -277,6 +310,7 @@ mod tests {
         for (i, s) in all.iter().enumerate() {
             assert!(all[i + 1..].iter().all(|o| o.name != s.name), "{}", s.name);
             assert!(s.haven_rto <= s.seed_rto, "{}", s.name);
+            assert!(s.haven_rpo_window <= s.seed_rpo, "{}", s.name);
             assert_eq!(find(s.name).map(|f| f.fault), Some(s.fault));
         }
         assert!(find("no-such-drill").is_none());

@@ -293,6 +293,28 @@ pub async fn read(
         .collect()
 }
 
+/// The last stored event of a stream (pages through it: for rare paths only).
+pub async fn last_event(
+    store: &dyn Store,
+    session: &str,
+    stream: &str,
+) -> Result<Option<StoredEvent>, StoreError> {
+    const PAGE: usize = 256;
+    let mut after = 0;
+    let mut last = None;
+    loop {
+        let mut page = read(store, session, stream, after, PAGE).await?;
+        let n = page.len();
+        if let Some(e) = page.pop() {
+            after = e.index;
+            last = Some(e);
+        }
+        if n < PAGE {
+            return Ok(last);
+        }
+    }
+}
+
 /// The in-flight record of a stream, if its request is still running (or was, on a node that
 /// died).
 pub async fn inflight(

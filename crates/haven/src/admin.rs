@@ -592,27 +592,34 @@ struct TakeoverQuery {
 }
 
 /// Takes over the running work of a lost region. Refused unless the operator confirms that
-/// every process of that region is stopped, and unless this node has found the region
-/// silent for the failure threshold.
+/// every process of that region is stopped, and, for a peer region, unless this node has
+/// found it silent for the failure threshold. A region that is not a peer (one whose state a
+/// backup brought here through `haven region bootstrap`) cannot be heard and does not write
+/// here: the confirmation is enough.
 async fn region_takeover(
     State(admin): State<Arc<Admin>>,
     Query(q): Query<TakeoverQuery>,
 ) -> Response {
-    let regions = match multi_region(&admin) {
-        Ok(r) => r,
-        Err(e) => return e,
-    };
-    if !regions.peers().contains(&q.region) {
+    if q.region == admin.region {
         return error(
             StatusCode::BAD_REQUEST,
             format!(
-                "{} is not one of this region's peer regions ({})",
-                q.region,
-                regions.peers().join(", ")
+                "{} is this node's own region: its nodes take over each other's work as they die",
+                q.region
             ),
         );
     }
-    if !regions.unreachable().contains(&q.region) {
+    // A peer region may still be running its work; any other region's work here came from a
+    // backup (`haven region bootstrap`) or from a region removed from --peer-regions, and no
+    // process of that region writes to this region's store.
+    let peer = admin
+        .control
+        .regions
+        .as_deref()
+        .filter(|r| r.peers().contains(&q.region));
+    if let Some(regions) = peer
+        && !regions.unreachable().contains(&q.region)
+    {
         return error(
             StatusCode::CONFLICT,
             format!(
@@ -632,7 +639,8 @@ async fn region_takeover(
     }
     // Work the lost region started under its region lease may be taken over by the majority
     // of regions at any moment: only a region that hears the majority may take it too.
-    if let Some(lease) = &admin.engine.config().region_lease
+    if peer.is_some()
+        && let Some(lease) = &admin.engine.config().region_lease
         && !lease.holds()
     {
         match haven_cluster::takeover::claimable_of(&**admin.engine.store(), &q.region).await {

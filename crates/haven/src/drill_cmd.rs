@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use haven_drill::described::Described;
-use haven_drill::local::{Local, LocalOptions};
+use haven_drill::local::{BackupStore, Local, LocalOptions};
 use haven_drill::run::{Finished, RunOptions, Target, run_all};
 use haven_drill::scenario::{self, Scenario};
 
@@ -51,7 +51,11 @@ fn list_text() -> String {
                 humantime::format_duration(s.haven_rto),
                 if s.rto_from_repair { "*" } else { "" }
             ),
-            "no loss".to_owned(),
+            if s.haven_rpo_window.is_zero() {
+                "no loss".to_owned()
+            } else {
+                format!("≤ {}", humantime::format_duration(s.haven_rpo_window))
+            },
             s.summary.to_owned(),
         ]);
     }
@@ -167,6 +171,15 @@ async fn run_drills(args: DrillRunArgs) -> Result<ExitCode> {
                 keep: args.keep,
                 links: false,
                 two_regions,
+                // The one-region deployment ships a backup (the restore drills need one), to a
+                // local object store when there is one.
+                backup: if two_regions {
+                    BackupStore::Off
+                } else if let Some(bin) = haven_drill::local::which(&args.object_store) {
+                    BackupStore::Moto(bin)
+                } else {
+                    BackupStore::Directory
+                },
             })
             .await?;
             if two_regions {
@@ -273,6 +286,7 @@ pub async fn chaos(args: ChaosArgs) -> Result<ExitCode> {
         keep: args.keep,
         links: true,
         two_regions: false,
+        backup: BackupStore::Off,
     })
     .await?;
     println!(

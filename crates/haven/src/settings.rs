@@ -176,6 +176,15 @@ pub struct DrillRunArgs {
         hide_default_value = true
     )]
     pub haproxy: PathBuf,
+    /// The local deployment's object store for its backup: a `moto_server` binary, started
+    /// on loopback [default: moto_server on PATH; without one, the backup goes to a directory]
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "moto_server",
+        hide_default_value = true
+    )]
+    pub object_store: PathBuf,
     /// Seconds of load before the fault
     #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
     pub warmup: f64,

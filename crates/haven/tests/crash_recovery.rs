@@ -183,3 +183,29 @@ async fn a_finished_stream_replays_after_restart() {
     assert_eq!(replayed.data, result.data);
     assert!(sse.next().await.is_none());
 }
+
+/// A client whose stream's events came from a state since restored from a backup names an
+/// event index at or beyond the request's final event (the restored state settled the request
+/// again, with its events at indices the client had seen). A client that has its answer does
+/// not resume, so such a resumption gets the final event: the request's one answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumption_at_or_past_the_final_event_gets_the_final_event() {
+    let home = Home::new();
+    let _haven = home.start("default", &["--legacy-responses", "sse"]).await;
+    let client = Legacy::connect(&_haven.url()).await;
+    let r = client.post_raw(json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"once"}}})).await;
+    let mut sse = SseReader::new(r);
+    let _priming = sse.next().await.unwrap();
+    let result = sse.next().await.unwrap();
+    assert_eq!(result.json()["result"]["content"][0]["text"], "once");
+    let id = result.id.clone().unwrap();
+    let (stream, index) = id.rsplit_once('-').unwrap();
+    let index: u64 = index.parse().unwrap();
+    for after in [id.clone(), format!("{stream}-{}", index + 5)] {
+        let mut sse = SseReader::new(client.resume(&after).await);
+        let replayed = sse.next().await.unwrap();
+        assert_eq!(replayed.id, result.id, "resumed after {after}");
+        assert_eq!(replayed.data, result.data, "resumed after {after}");
+        assert!(sse.next().await.is_none(), "resumed after {after}");
+    }
+}

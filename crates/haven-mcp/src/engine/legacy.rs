@@ -897,6 +897,10 @@ async fn resume(inner: &Arc<Inner>, loaded: LoadedSession, last_event_id: &str) 
     if inflight.as_ref().is_some_and(|r| r.method == STANDALONE) {
         return standalone(inner, loaded, Some((stream_id, after))).await;
     }
+    let after = match ahead_of_finished(inner, &sid, &stream_id, after).await {
+        Ok(a) => a,
+        Err(e) => return unavailable(e),
+    };
     let (tx, rx) = mpsc::unbounded_channel();
     // The reader record is kept only while the stream is followed: both end together, and
     // with them every sender of the client's stream, which ends it.
@@ -909,6 +913,44 @@ async fn resume(inner: &Arc<Inner>, loaded: LoadedSession, last_event_id: &str) 
         }
     });
     Reply::Stream(keep_alive_until_drain(inner, rx))
+}
+
+/// Where a resumption follows a request stream from: after `after`, unless the client has
+/// not had the stream's final event although it names an index at or beyond it. A client
+/// that got its answer does not resume; one that names the final event's index, or one past
+/// it, saw events this state does not hold: the state was restored to a point before them (a
+/// point-in-time restore, a region built from backups) and the request was settled again
+/// since, with its events at indices the client had seen. The final event is sent: it is
+/// the client's only answer.
+async fn ahead_of_finished(
+    inner: &Arc<Inner>,
+    session: &str,
+    stream_id: &str,
+    after: u64,
+) -> Result<u64, haven_state::StoreError> {
+    if after == 0 {
+        return Ok(after);
+    }
+    let at = stream::read(&*inner.store, session, stream_id, after - 1, 1).await?;
+    let last = match at.first() {
+        Some(e) if e.index == after && e.last => Some(e.index),
+        Some(_) => None,
+        None => stream::last_event(&*inner.store, session, stream_id)
+            .await?
+            .filter(|e| e.last && e.index < after)
+            .map(|e| e.index),
+    };
+    let Some(last) = last else {
+        return Ok(after);
+    };
+    tracing::warn!(
+        session,
+        stream = stream_id,
+        after,
+        last,
+        "a client resumed at or after its stream's final event without having it (its events came from a state since restored): sending the final event"
+    );
+    Ok(last - 1)
 }
 
 /// While a client reads a resumed stream, keeps its reader record alive, so that the request
