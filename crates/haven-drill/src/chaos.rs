@@ -33,6 +33,11 @@ pub enum ChaosFault {
     KillNats { server: usize },
     /// SIGSTOP of a NATS server, SIGCONT at the repair.
     PauseNats { server: usize },
+    /// A NATS server's routes to the other servers cut (a partition: its clients still
+    /// reach it), healed at the repair.
+    CutNats { server: usize },
+    /// Latency added to a NATS server's routes to the other servers.
+    SlowNats { server: usize, latency_ms: u64 },
     /// Every NATS server killed, all started again at the repair.
     StoreOutage,
 }
@@ -49,6 +54,12 @@ impl ChaosFault {
             }
             ChaosFault::KillNats { server } => format!("kill -9 nats{server}"),
             ChaosFault::PauseNats { server } => format!("SIGSTOP nats{server}"),
+            ChaosFault::CutNats { server } => {
+                format!("nats{server} cut off from the other NATS servers")
+            }
+            ChaosFault::SlowNats { server, latency_ms } => {
+                format!("{latency_ms} ms on nats{server}'s routes")
+            }
             ChaosFault::StoreOutage => "every NATS server killed".into(),
         }
     }
@@ -97,7 +108,7 @@ pub fn schedule(seed: u64, faults: usize, nodes: usize, servers: usize) -> Vec<P
         .map(|_| {
             let node = r.below(nodes as u64) as usize;
             let server = r.below(servers as u64) as usize;
-            let (fault, lasts) = match r.below(12) {
+            let (fault, lasts) = match r.below(14) {
                 0..=2 => (ChaosFault::KillNode { node }, r.secs(0.5, 4.0)),
                 // Most pauses end before the 5 s time-to-live; some outlast it, so that the
                 // paused node's work is taken over and it wakes up fenced.
@@ -112,7 +123,15 @@ pub fn schedule(seed: u64, faults: usize, nodes: usize, servers: usize) -> Vec<P
                 ),
                 8..=9 => (ChaosFault::KillNats { server }, r.secs(0.5, 4.0)),
                 10 => (ChaosFault::PauseNats { server }, r.secs(0.5, 4.0)),
-                _ => (ChaosFault::StoreOutage, r.secs(0.5, 3.0)),
+                11 => (ChaosFault::StoreOutage, r.secs(0.5, 3.0)),
+                12 => (ChaosFault::CutNats { server }, r.secs(0.5, 6.0)),
+                _ => (
+                    ChaosFault::SlowNats {
+                        server,
+                        latency_ms: 20 + r.below(181),
+                    },
+                    r.secs(1.0, 5.0),
+                ),
             };
             Planned {
                 gap: r.secs(0.2, 2.0),
@@ -159,7 +178,8 @@ fn chaos_scenario() -> Scenario {
     }
 }
 
-async fn cause(local: &mut Local, f: &ChaosFault) {
+/// Causes `f`; what went wrong in causing it (a finding), if anything.
+async fn cause(local: &mut Local, f: &ChaosFault) -> Option<String> {
     match *f {
         ChaosFault::KillNode { node } => local.kill_node(node),
         ChaosFault::PauseNode { node } => local.pause_node(node, true),
@@ -179,12 +199,44 @@ async fn cause(local: &mut Local, f: &ChaosFault) {
         ),
         ChaosFault::KillNats { server } => local.kill_nats(server),
         ChaosFault::PauseNats { server } => local.pause_nats(server, true),
+        ChaosFault::CutNats { server } => {
+            local.set_nats_links(
+                server,
+                LinkState {
+                    cut: true,
+                    latency_ms: 0,
+                },
+            );
+            // The partition holds only if the server found no way around the cut links.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                match local.nats_routes(server).await {
+                    Some(0) => break,
+                    n if Instant::now() > deadline => {
+                        return Some(format!(
+                            "{} still had {} routes 5 s into its cut: the partition did not hold",
+                            local.nats_name(server),
+                            n.map_or("unknown".to_owned(), |n| n.to_string())
+                        ));
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        }
+        ChaosFault::SlowNats { server, latency_ms } => local.set_nats_links(
+            server,
+            LinkState {
+                cut: false,
+                latency_ms,
+            },
+        ),
         ChaosFault::StoreOutage => {
             for i in 0..local.nats_count() {
                 local.kill_nats(i);
             }
         }
     }
+    None
 }
 
 async fn repair(local: &mut Local, f: &ChaosFault) -> Result<(), DrillError> {
@@ -194,6 +246,9 @@ async fn repair(local: &mut Local, f: &ChaosFault) -> Result<(), DrillError> {
             local.set_node_links(node, LinkState::default())
         }
         ChaosFault::PauseNats { server } => local.pause_nats(server, false),
+        ChaosFault::CutNats { server } | ChaosFault::SlowNats { server, .. } => {
+            local.set_nats_links(server, LinkState::default())
+        }
         // Killed processes are started again by `ensure_all_ready`.
         ChaosFault::KillNode { .. } | ChaosFault::KillNats { .. } | ChaosFault::StoreOutage => {}
     }
@@ -236,14 +291,16 @@ pub async fn run(
     let deadline = Instant::now() + opts.max_duration;
     let mut done = 0;
     let mut failure = None;
+    let mut findings = Vec::new();
     for (n, p) in plan.iter().enumerate() {
         if Instant::now() > deadline {
             mark("note", format!("time is up after {n} faults"));
             break;
         }
         tokio::time::sleep(Duration::from_secs_f64(p.gap)).await;
-        cause(local, &p.fault).await;
+        let problem = cause(local, &p.fault).await;
         mark("fault", format!("#{} {}", n + 1, p.fault.describe()));
+        findings.extend(problem.map(|f| format!("fault #{}: {f}", n + 1)));
         tokio::time::sleep(Duration::from_secs_f64(p.lasts)).await;
         if let Err(e) = repair(local, &p.fault).await {
             failure = Some(e);
@@ -275,7 +332,6 @@ pub async fn run(
     }
     let (duration, acks, missing) = (settled.duration, settled.acks, settled.missing);
     // Convergence: every node serves every acknowledged write by itself.
-    let mut findings = Vec::new();
     for node in local.node_bases() {
         let absent = load::missing_writes(&node, &acks)
             .await
@@ -293,7 +349,7 @@ pub async fn run(
     let mut report = Report::build(Inputs {
         scenario: &scenario,
         deployment: format!(
-            "a local deployment ({} NATS servers in one JetStream cluster, {} Haven nodes linked to them through cuttable links, HAProxy)",
+            "a local deployment ({} NATS servers in one JetStream cluster, routed to each other and to {} Haven nodes through cuttable links, HAProxy)",
             local.nats_count(),
             local.node_bases().len()
         ),

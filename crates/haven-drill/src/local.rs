@@ -50,8 +50,9 @@ pub struct LocalOptions {
     pub dir: PathBuf,
     /// Keep `dir` afterwards.
     pub keep: bool,
-    /// Connect each node to the NATS servers through links of its own that faults can cut
-    /// or slow ([`Local::set_node_links`]).
+    /// Connect each node to the NATS servers, and the NATS servers to each other, through
+    /// links of their own that faults can cut or slow ([`Local::set_node_links`],
+    /// [`Local::set_nats_links`]).
     pub links: bool,
     /// Two regions instead of one: `A` and `B`, each one NATS server (JetStream in the
     /// region's domain) and one Haven node, B's leafnode connection to A through a link
@@ -89,6 +90,13 @@ pub struct Local {
     admin_token: String,
     /// `links[node][server]`, when the deployment has links.
     links: Vec<Vec<Link>>,
+    /// `routes[from][to]`: the link NATS server `from` reaches server `to`'s cluster port
+    /// through, when the deployment has links (none from a server to itself).
+    routes: Vec<Vec<Option<Link>>>,
+    /// A link that is always cut: what the NATS servers with route links advertise as their
+    /// cluster address, so that no server learns another's real one from gossip and routes
+    /// around a cut.
+    nowhere: Option<Link>,
     /// B's leafnode link to A, with two regions.
     region_link: Option<Link>,
     /// The local object store, when backups go to one.
@@ -198,6 +206,8 @@ impl Local {
             lb_port: 0,
             admin_token: token,
             links: Vec::new(),
+            routes: Vec::new(),
+            nowhere: None,
             region_link: None,
             moto: None,
             backup: None,
@@ -207,7 +217,7 @@ impl Local {
         if local.opts.two_regions {
             local.configure_regions().await?;
         } else {
-            local.nats = local.configure_nats("drill", false)?;
+            local.nats = local.configure_nats("drill", false).await?;
         }
         for i in 0..local.nats.len() {
             local.spawn_nats(i)?;
@@ -436,10 +446,41 @@ impl Local {
     /// Three NATS servers in one JetStream cluster for `region` (configured, not started);
     /// with `domain`, in the region's own JetStream domain (what a region built from backups
     /// needs: a region's name is its domain).
-    fn configure_nats(&self, region: &str, domain: bool) -> Result<Vec<NatsServer>, DrillError> {
+    /// The first region's servers of a deployment with links reach each other through route
+    /// links ([`Local::set_nats_links`]); a region built later from backups does not.
+    async fn configure_nats(
+        &mut self,
+        region: &str,
+        domain: bool,
+    ) -> Result<Vec<NatsServer>, DrillError> {
         let ports = free_ports(9)?;
         let (client, rest) = ports.split_at(3);
         let (cluster, http) = rest.split_at(3);
+        let linked = self.opts.links && !domain;
+        self.routes.clear();
+        if linked {
+            let nowhere = Link::start(cluster[0]).await?;
+            nowhere.set(LinkState {
+                cut: true,
+                latency_ms: 0,
+            });
+            self.nowhere = Some(nowhere);
+            for i in 0..3 {
+                let mut row = Vec::new();
+                for (j, port) in cluster.iter().enumerate() {
+                    row.push(if i == j {
+                        None
+                    } else {
+                        Some(Link::start(*port).await?)
+                    });
+                }
+                self.routes.push(row);
+            }
+        }
+        let advertise = match (&self.nowhere, linked) {
+            (Some(l), true) => format!(", advertise: \"127.0.0.1:{}\"", l.port),
+            _ => String::new(),
+        };
         // The first region's servers keep their short names.
         let prefix = if domain {
             format!("{region}-")
@@ -457,12 +498,18 @@ impl Local {
                 .iter()
                 .enumerate()
                 .filter(|(j, _)| *j != i)
-                .map(|(_, p)| format!("\"nats-route://127.0.0.1:{p}\""))
+                .map(|(j, p)| {
+                    let p = match self.routes.get(i).and_then(|r| r[j].as_ref()) {
+                        Some(link) => link.port,
+                        None => *p,
+                    };
+                    format!("\"nats-route://127.0.0.1:{p}\"")
+                })
                 .collect();
             let name = format!("{prefix}nats{i}");
             let conf = self.opts.dir.join(format!("{name}.conf"));
             let text = format!(
-                "server_name: {name}\nlisten: 127.0.0.1:{}\nhttp: 127.0.0.1:{}\njetstream {{ store_dir: \"{}\", sync_interval: always{domain} }}\ncluster {{ name: haven-{region}, listen: 127.0.0.1:{}, routes: [{}] }}\n",
+                "server_name: {name}\nlisten: 127.0.0.1:{}\nhttp: 127.0.0.1:{}\njetstream {{ store_dir: \"{}\", sync_interval: always{domain} }}\ncluster {{ name: haven-{region}, listen: 127.0.0.1:{}{advertise}, routes: [{}] }}\n",
                 client[i],
                 http[i],
                 self.opts.dir.join(format!("{prefix}js{i}")).display(),
@@ -662,7 +709,7 @@ impl Local {
         }
         let old: Vec<usize> = (0..self.nats.len()).collect();
         let first = self.nats.len();
-        let fresh = self.configure_nats(&region, true)?;
+        let fresh = self.configure_nats(&region, true).await?;
         self.nats.extend(fresh);
         for i in first..self.nats.len() {
             self.spawn_nats(i)?;
@@ -1057,6 +1104,37 @@ impl Local {
                 l.set(state);
             }
         }
+    }
+
+    /// Sets the route links between NATS server `i` and every other one, both ways (a
+    /// deployment started with links): cut, it is partitioned from the cluster while its
+    /// clients still reach it.
+    pub fn set_nats_links(&self, i: usize, state: LinkState) {
+        for (from, row) in self.routes.iter().enumerate() {
+            for (to, link) in row.iter().enumerate() {
+                if let Some(l) = link
+                    && (from == i || to == i)
+                {
+                    l.set(state);
+                }
+            }
+        }
+    }
+
+    /// How many routes to other servers NATS server `i` has (its monitoring's `/routez`), or
+    /// `None` when it does not answer.
+    pub async fn nats_routes(&self, i: usize) -> Option<u64> {
+        let r = reqwest::Client::new()
+            .get(format!(
+                "http://127.0.0.1:{}/routez",
+                self.nats[i].http_port
+            ))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?;
+        let v: serde_json::Value = r.json().await.ok()?;
+        v["num_routes"].as_u64()
     }
 
     /// `kill -9` of NATS server `i`.
