@@ -394,6 +394,8 @@ mod tests {
             "kill-nats",
             "pause-nats",
             "store-outage",
+            "cut-nats",
+            "slow-nats",
         ] {
             assert!(
                 a.iter()
@@ -403,15 +405,16 @@ mod tests {
         }
         assert!(a.iter().all(|p| (0.2..=2.0).contains(&p.gap)));
         assert!(a.iter().all(|p| (0.5..=8.0).contains(&p.lasts)));
-        // Seed 7's first fault, pinned: a schedule replays from its seed in any build.
+        // Seed 7's first faults, pinned: a schedule replays from its seed in any build with
+        // these kinds of fault (adding a kind changes every schedule).
         assert_eq!(
             a[0],
             Planned {
                 gap: 0.8,
-                fault: ChaosFault::CutNode { node: 0 },
-                lasts: 0.8,
+                fault: ChaosFault::KillNode { node: 0 },
+                lasts: 2.0,
             }
         );
-        assert_eq!(a[3].fault, ChaosFault::StoreOutage);
+        assert_eq!(a[3].fault, ChaosFault::CutNode { node: 0 });
     }
 }
