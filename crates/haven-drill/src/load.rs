@@ -10,6 +10,8 @@
 //! - **long**: a legacy-era `sleep` of a few seconds with progress, streamed as SSE and
 //!   resumed with `Last-Event-ID` through the load balancer when its connection breaks; its
 //!   stored stream is read back at the end to count its final answers (one, never none or two);
+//! - **task**: a 2026-07-28-era `sleep` made a task (the tasks extension), polled with
+//!   `tasks/get` until it ends; afterwards its status is read back (the one the client saw);
 //! - **probes** of the registry, configuration and secrets services (admin API).
 
 use std::sync::{Arc, Mutex};
@@ -43,6 +45,8 @@ pub enum Kind {
     Write,
     /// Legacy `sleep` with progress, resumed by `Last-Event-ID`.
     Long,
+    /// 2026-07-28 `sleep` as a task, polled to its end.
+    Task,
     /// `GET /admin/v1/registry`.
     Registry,
     /// `GET /admin/v1/config`.
@@ -56,7 +60,7 @@ impl Kind {
     pub fn component(self) -> Component {
         match self {
             Kind::Stateless | Kind::Write => Component::LoadBalancer,
-            Kind::Session | Kind::Long => Component::SessionService,
+            Kind::Session | Kind::Long | Kind::Task => Component::SessionService,
             Kind::Registry => Component::Registry,
             Kind::Config => Component::Configuration,
             Kind::Secrets => Component::Secrets,
@@ -67,7 +71,7 @@ impl Kind {
     pub fn is_client(self) -> bool {
         matches!(
             self,
-            Kind::Stateless | Kind::Session | Kind::Write | Kind::Long
+            Kind::Stateless | Kind::Session | Kind::Write | Kind::Long | Kind::Task
         )
     }
 }
@@ -123,6 +127,24 @@ pub struct LongCall {
     id: u64,
 }
 
+/// One task as its client saw it.
+#[derive(Clone, Debug, Serialize)]
+pub struct TaskRun {
+    /// Which client.
+    pub client: u32,
+    /// When its creation was acknowledged (seconds since the drill started).
+    pub created: f64,
+    /// Its end as the client saw it: `completed`, `failed` or `cancelled` (`None`: not
+    /// within the deadline).
+    pub status: Option<String>,
+    /// The deployment answered that it knows no such task.
+    pub lost: bool,
+    /// Its status read back after the drill (`None`: it could not be read).
+    pub status_read_back: Option<String>,
+    #[serde(skip)]
+    pub(crate) id: String,
+}
+
 /// Everything the clients saw.
 pub struct Recorder {
     t0: Instant,
@@ -130,6 +152,7 @@ pub struct Recorder {
     acks: Mutex<Vec<Ack>>,
     attempted: Mutex<Vec<String>>,
     long: Mutex<Vec<LongCall>>,
+    tasks: Mutex<Vec<TaskRun>>,
 }
 
 impl Recorder {
@@ -141,6 +164,7 @@ impl Recorder {
             acks: Mutex::default(),
             attempted: Mutex::default(),
             long: Mutex::default(),
+            tasks: Mutex::default(),
         })
     }
 
@@ -170,7 +194,10 @@ impl Recorder {
     pub fn all_served_since(&self, t: f64) -> bool {
         let samples = self.samples.lock().unwrap();
         let mut clients: Vec<(u32, bool)> = Vec::new();
-        for x in samples.iter().filter(|x| x.kind != Kind::Long) {
+        for x in samples
+            .iter()
+            .filter(|x| !matches!(x.kind, Kind::Long | Kind::Task))
+        {
             let ok = x.start >= t && x.error.is_none();
             match clients.iter_mut().find(|c| c.0 == x.client) {
                 Some(c) => c.1 |= ok,
@@ -189,6 +216,11 @@ impl Recorder {
     pub fn long_calls(&self) -> Vec<LongCall> {
         self.long.lock().unwrap().clone()
     }
+
+    /// Every task created.
+    pub fn tasks(&self) -> Vec<TaskRun> {
+        self.tasks.lock().unwrap().clone()
+    }
 }
 
 /// How much load.
@@ -204,6 +236,8 @@ pub struct LoadOptions {
     pub clients_per_kind: u32,
     /// Clients making long calls (one at a time each).
     pub long_clients: u32,
+    /// Clients running tasks (one at a time each).
+    pub task_clients: u32,
     /// Seconds each long call sleeps.
     pub long_seconds: u32,
     /// A name for this run, in the names of the notes it writes.
@@ -244,6 +278,11 @@ impl Load {
         for _ in 0..opts.long_clients {
             let (o, r, w) = (opts.clone(), rec.clone(), watch.clone());
             tasks.spawn(long_client(client, o, r, w));
+            client += 1;
+        }
+        for _ in 0..opts.task_clients {
+            let (o, r, w) = (opts.clone(), rec.clone(), watch.clone());
+            tasks.spawn(task_client(client, o, r, w));
             client += 1;
         }
         if opts.admin_token.is_some() {
@@ -334,7 +373,7 @@ async fn paced_client(
                 };
                 admin_get(&http, &opts, path).await
             }
-            Kind::Long => unreachable!("long calls have their own client"),
+            Kind::Long | Kind::Task => unreachable!("long calls and tasks have their own clients"),
         };
         rec.sample(client, kind, start, result.err());
     }
@@ -359,6 +398,193 @@ fn transport(e: reqwest::Error) -> String {
         "timeout".into()
     } else {
         "transport".into()
+    }
+}
+
+/// The client capabilities of a 2026-07-28 client of the tasks extension.
+fn tasks_caps() -> Value {
+    json!({"extensions": {"io.modelcontextprotocol/tasks": {}}})
+}
+
+/// A 2026-07-28 request of `method` with `params` and client capabilities `caps`; its whole
+/// JSON-RPC answer (result or error), or why there was none.
+async fn stateless_rpc(
+    http: &reqwest::Client,
+    base: &str,
+    id: u64,
+    method: &str,
+    params: Value,
+    caps: Value,
+) -> Result<Value, String> {
+    let mut params = params;
+    params["_meta"] = json!({
+        "io.modelcontextprotocol/protocolVersion": STATELESS,
+        "io.modelcontextprotocol/clientCapabilities": caps,
+        "io.modelcontextprotocol/clientInfo": {"name": "haven-drill", "version": "1"}
+    });
+    let mut req = http
+        .post(format!("{base}/mcp"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json")
+        .header("mcp-protocol-version", STATELESS)
+        .header("mcp-method", method);
+    // `Mcp-Name` repeats what the request names: a tool, or a task.
+    if let Some(n) = ["name", "taskId"]
+        .iter()
+        .find_map(|k| params.get(*k).and_then(Value::as_str))
+    {
+        req = req.header("mcp-name", n.to_owned());
+    }
+    let r = req
+        .body(json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string())
+        .send()
+        .await
+        .map_err(transport)?;
+    if r.status() != 200 {
+        return Err(format!("http-{}", r.status().as_u16()));
+    }
+    r.json::<Value>().await.map_err(|_| "protocol".to_owned())
+}
+
+/// How long a task's client polls it before it counts as never ended.
+const TASK_DEADLINE: Duration = Duration::from_secs(60);
+
+async fn task_client(
+    client: u32,
+    opts: Arc<LoadOptions>,
+    rec: Arc<Recorder>,
+    stop: watch::Receiver<bool>,
+) {
+    let http = http_client();
+    let mut n = 0u64;
+    while !*stop.borrow() {
+        n += 1;
+        let start = rec.now();
+        let created = stateless_rpc(
+            &http,
+            &opts.base,
+            n,
+            "tools/call",
+            json!({"name": "sleep", "arguments": {"seconds": opts.long_seconds}}),
+            tasks_caps(),
+        )
+        .await;
+        let id = match created {
+            Ok(v) if v["result"]["resultType"] == "task" => v["result"]["taskId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            Ok(v) => {
+                let e = if v.get("error").is_some() {
+                    "rpc-error"
+                } else {
+                    "protocol"
+                };
+                rec.sample(client, Kind::Task, start, Some(e.into()));
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            }
+            Err(e) => {
+                rec.sample(client, Kind::Task, start, Some(e));
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            }
+        };
+        let mut run = TaskRun {
+            client,
+            created: rec.now(),
+            status: None,
+            lost: false,
+            status_read_back: None,
+            id,
+        };
+        let error = follow_task(&http, &opts.base, &mut run, n).await;
+        rec.tasks.lock().unwrap().push(run);
+        rec.sample(client, Kind::Task, start, error);
+    }
+}
+
+/// Whether `status` is the end of a task.
+fn ended(status: &str) -> bool {
+    matches!(status, "completed" | "failed" | "cancelled")
+}
+
+/// Polls a task every 250 ms until it ends (or the deadline); the failure its client saw.
+async fn follow_task(
+    http: &reqwest::Client,
+    base: &str,
+    run: &mut TaskRun,
+    n: u64,
+) -> Option<String> {
+    let deadline = Instant::now() + TASK_DEADLINE;
+    let mut poll = 0u64;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        poll += 1;
+        let got = stateless_rpc(
+            http,
+            base,
+            n * 1_000 + poll,
+            "tasks/get",
+            json!({"taskId": run.id}),
+            tasks_caps(),
+        )
+        .await;
+        let Ok(v) = got else {
+            continue;
+        };
+        if let Some(status) = v["result"]["status"].as_str() {
+            if ended(status) {
+                run.status = Some(status.to_owned());
+                return (status != "completed").then(|| format!("task-{status}"));
+            }
+            continue;
+        }
+        if v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not found"))
+        {
+            run.lost = true;
+            return Some("task-lost".into());
+        }
+    }
+    Some("task-unfinished".into())
+}
+
+/// Reads back the status of every task its client saw end, through `base`.
+pub async fn read_back_tasks(base: &str, rec: &Recorder) {
+    let http = http_client();
+    let runs = rec.tasks();
+    let mut read = Vec::with_capacity(runs.len());
+    for (i, t) in runs.iter().enumerate() {
+        let mut status = None;
+        for _ in 0..3 {
+            match stateless_rpc(
+                &http,
+                base,
+                i as u64 + 1,
+                "tasks/get",
+                json!({"taskId": t.id}),
+                tasks_caps(),
+            )
+            .await
+            {
+                Ok(v) => {
+                    status = Some(
+                        v["result"]["status"]
+                            .as_str()
+                            .map_or_else(|| "unknown".to_owned(), str::to_owned),
+                    );
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+        read.push(status);
+    }
+    let mut tasks = rec.tasks.lock().unwrap();
+    for (t, s) in tasks.iter_mut().zip(read) {
+        t.status_read_back = s;
     }
 }
 

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::load::{Ack, LongCall, Sample};
+use crate::load::{Ack, LongCall, Sample, TaskRun};
 use crate::scenario::{Component, Scenario};
 
 /// Something that happened to the deployment, at a time in seconds since the drill started.
@@ -68,6 +68,27 @@ pub struct ExactlyOnce {
     pub unread: u64,
     /// Resumptions with `Last-Event-ID` over all calls.
     pub resumes: u64,
+}
+
+/// The tasks of the drill's load: each must end, once, and keep its end.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TaskOutcome {
+    /// Tasks whose creation was acknowledged.
+    pub created: u64,
+    /// Of those, completed.
+    pub completed: u64,
+    /// Failed or cancelled (e.g. with the "interrupted" error after a takeover): an end.
+    pub failed: u64,
+    /// Unknown to the deployment afterwards, beyond what the drill's data-loss target
+    /// allows.
+    pub lost: u64,
+    /// Forgotten as the target allows: created after a restore point, or within a cold
+    /// region's window before the fault.
+    pub rolled_back: u64,
+    /// Not ended within the client's deadline.
+    pub unfinished: u64,
+    /// Read back after the drill with another end than the one its client saw.
+    pub changed: u64,
 }
 
 /// Acknowledged writes and those missing afterwards.
@@ -180,6 +201,9 @@ pub struct Report {
     pub rpo: Rpo,
     /// Final answers of long calls.
     pub exactly_once: ExactlyOnce,
+    /// Ends of tasks.
+    #[serde(default)]
+    pub tasks: TaskOutcome,
     /// The design's component table, target against actual.
     pub components: Vec<ComponentRow>,
     /// Mean time to recovery over the drill's faults, seconds (fault to the last client's
@@ -225,6 +249,8 @@ pub struct Inputs<'a> {
     pub missing: &'a [String],
     /// Long calls.
     pub long_calls: &'a [LongCall],
+    /// Tasks.
+    pub tasks: &'a [TaskRun],
     /// Faults and repairs.
     pub marks: Vec<Mark>,
     /// Recovery times measured directly by the scenario (e.g. configuration propagation),
@@ -459,6 +485,28 @@ impl Report {
                 && fault_at - at <= s.haven_rpo_window.as_secs_f64()
         };
         let lost_beyond_target = missing_at.iter().filter(|at| !window_allows(**at)).count();
+        let mut tasks = TaskOutcome::default();
+        for t in i.tasks {
+            tasks.created += 1;
+            let forgotten_as_allowed = t.created > point || window_allows(t.created);
+            let read_back_other = match (&t.status, &t.status_read_back) {
+                (Some(seen), Some(read)) => seen != read,
+                _ => false,
+            };
+            if forgotten_as_allowed && (t.lost || read_back_other) {
+                tasks.rolled_back += 1;
+                continue;
+            }
+            match t.status.as_deref() {
+                _ if t.lost => tasks.lost += 1,
+                Some("completed") => tasks.completed += 1,
+                Some(_) => tasks.failed += 1,
+                None => tasks.unfinished += 1,
+            }
+            if read_back_other {
+                tasks.changed += 1;
+            }
+        }
 
         let mut errors = BTreeMap::new();
         let (mut requests, mut failed) = (0, 0);
@@ -514,6 +562,12 @@ impl Report {
                 )
             });
         }
+        if tasks.lost + tasks.unfinished + tasks.changed > 0 {
+            findings.push(format!(
+                "tasks: {} lost, {} never ended, {} read back with another end than their client saw",
+                tasks.lost, tasks.unfinished, tasks.changed
+            ));
+        }
         if exactly_once.answered_twice > 0 {
             findings.push(format!(
                 "{} long calls answered more than once",
@@ -564,6 +618,7 @@ impl Report {
             clients,
             rpo,
             exactly_once,
+            tasks,
             components,
             mttr,
             requests,
@@ -651,6 +706,22 @@ impl Report {
             self.exactly_once.never_answered,
             self.exactly_once.unread,
             self.exactly_once.calls
+        );
+        let t = &self.tasks;
+        let _ = writeln!(
+            m,
+            "| tasks lost, never ended or changed after their end | none | none | {} lost, {} never ended, {} changed (of {} tasks: {} completed, {} failed{}) |",
+            t.lost,
+            t.unfinished,
+            t.changed,
+            t.created,
+            t.completed,
+            t.failed,
+            if t.rolled_back > 0 {
+                format!(", {} rolled back", t.rolled_back)
+            } else {
+                String::new()
+            }
         );
         let _ = writeln!(m, "| MTTR | | | {} |", secs(self.mttr));
         let _ = writeln!(
@@ -918,6 +989,7 @@ mod tests {
             acks: &acks,
             missing: &["b".to_owned()],
             long_calls: &[],
+            tasks: &[],
             marks: vec![Mark {
                 at: 0.9,
                 kind: "fault".into(),
@@ -980,6 +1052,7 @@ mod tests {
             acks: &[],
             missing: &[],
             long_calls: &[],
+            tasks: &[],
             marks: vec![],
             measured: vec![],
             restore_point: None,
@@ -1024,6 +1097,7 @@ mod tests {
             acks,
             missing: &missing,
             long_calls: &[],
+            tasks: &[],
             marks: vec![Mark {
                 at: 10.0,
                 kind: "fault".into(),
@@ -1078,6 +1152,71 @@ mod tests {
         assert!(!r.passed);
         // Any other drill allows no loss at all.
         let r = restore_report("process-crash", &acks, &["n4"], None);
+        assert!(!r.passed);
+    }
+
+    #[test]
+    fn a_task_must_end_once_unless_a_restore_forgot_it() {
+        let task = |created: f64, status: Option<&str>, lost: bool, read: Option<&str>| TaskRun {
+            client: 9,
+            created,
+            status: status.map(str::to_owned),
+            lost,
+            status_read_back: read.map(str::to_owned),
+            id: String::new(),
+        };
+        let scenario = scenario::find("point-in-time-restore").unwrap();
+        let tasks = vec![
+            task(1.0, Some("completed"), false, Some("completed")),
+            task(2.0, Some("failed"), false, Some("failed")),
+            // Created after the point: forgotten by the restore, as it should be.
+            task(11.0, Some("completed"), false, Some("unknown")),
+            task(12.0, None, true, None),
+        ];
+        let build = |tasks: &[TaskRun], point: Option<f64>| {
+            Report::build(Inputs {
+                scenario: &scenario,
+                deployment: "test".into(),
+                rate: 1.0,
+                started_unix: 0,
+                duration: 20.0,
+                samples: &[sample(0, Kind::Stateless, 0.0, 0.1, None)],
+                acks: &[],
+                missing: &[],
+                long_calls: &[],
+                tasks,
+                marks: vec![Mark {
+                    at: 10.0,
+                    kind: "fault".into(),
+                    what: "the fault".into(),
+                }],
+                measured: vec![],
+                restore_point: point,
+            })
+        };
+        let r = build(&tasks, Some(10.0));
+        assert_eq!(
+            (
+                r.tasks.created,
+                r.tasks.completed,
+                r.tasks.failed,
+                r.tasks.rolled_back
+            ),
+            (4, 1, 1, 2)
+        );
+        assert!(r.passed, "{:?}", r.findings);
+        // Without a restore, the same tasks are one lost and one changed after its end.
+        let r = build(&tasks, None);
+        assert_eq!((r.tasks.lost, r.tasks.changed), (1, 1));
+        assert!(!r.passed);
+        assert!(
+            r.findings.iter().any(|f| f.contains("1 lost")),
+            "{:?}",
+            r.findings
+        );
+        // A task never ended fails the drill.
+        let r = build(&[task(1.0, None, false, Some("working"))], None);
+        assert_eq!(r.tasks.unfinished, 1);
         assert!(!r.passed);
     }
 }

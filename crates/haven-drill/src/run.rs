@@ -182,6 +182,7 @@ async fn run_one(
             rate: opts.rate,
             clients_per_kind: 2,
             long_clients: 3,
+            task_clients: 2,
             long_seconds: opts.long_seconds,
             run,
         },
@@ -252,6 +253,7 @@ async fn run_one(
         acks: &acks,
         missing: &missing,
         long_calls: &rec.long_calls(),
+        tasks: &rec.tasks(),
         marks: marks.list,
         measured,
         restore_point,
@@ -299,6 +301,7 @@ pub(crate) async fn wind_down(
     load.stop().await;
     let duration = rec.now();
     load::read_back_long_calls(base, rec).await;
+    load::read_back_tasks(base, rec).await;
     let acks = rec.acks();
     let missing = load::missing_writes(base, &acks)
         .await

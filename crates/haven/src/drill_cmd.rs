@@ -111,7 +111,7 @@ async fn run_drills(args: DrillRunArgs) -> Result<ExitCode> {
         let r = &f.report;
         let secs = |v: Option<f64>| v.map_or("never".to_owned(), |v| format!("{v:.2} s"));
         println!(
-            "drill {}: {} (RTO {}, target {} s; {} of {} acknowledged writes lost; {} of {} requests failed; long calls {} once, {} twice, {} never)",
+            "drill {}: {} (RTO {}, target {} s; {} of {} acknowledged writes lost; {} of {} requests failed; long calls {} once, {} twice, {} never; tasks {} ended, {} lost, {} never ended)",
             r.scenario,
             if r.passed { "passed" } else { "FAILED" },
             secs(r.rto),
@@ -123,6 +123,9 @@ async fn run_drills(args: DrillRunArgs) -> Result<ExitCode> {
             r.exactly_once.answered_once,
             r.exactly_once.answered_twice,
             r.exactly_once.never_answered,
+            r.tasks.completed + r.tasks.failed,
+            r.tasks.lost,
+            r.tasks.unfinished,
         );
         for finding in &r.findings {
             println!("  finding: {finding}");

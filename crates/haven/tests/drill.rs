@@ -166,6 +166,12 @@ fn every_drill_runs_on_a_local_deployment_and_reports_what_clients_saw() {
             r["exactly_once"]["calls"].as_u64().unwrap() > 0,
             "{name}: {r:#}"
         );
+        // Tasks ran through the drill, and the verdict counts their ends.
+        assert!(r["tasks"]["created"].as_u64().unwrap() > 0, "{name}: {r:#}");
+        let t = &r["tasks"];
+        if t["lost"].as_u64().unwrap() + t["unfinished"].as_u64().unwrap() > 0 {
+            assert_eq!(r["passed"], false, "{name}: {r:#}");
+        }
         // Every figure is consistent with the verdict.
         let findings = r["findings"].as_array().unwrap();
         assert_eq!(r["passed"] == true, findings.is_empty(), "{name}: {r:#}");
