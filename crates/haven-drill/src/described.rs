@@ -188,6 +188,15 @@ impl Described {
             p.push_str(&format!("\n{}: {}\n", s.name, s.summary));
             p.push_str(&format!("  {:.0} s of load, then\n", warmup.as_secs_f64()));
             match self.commands(s) {
+                Ok(Some(c)) if s.fault == Fault::CorruptData => {
+                    p.push_str("  the restore point taken; every note the drill wrote so far overwritten or deleted through the load balancer (its own notes only)\n");
+                    p.push_str("  POST /admin/v1/backup/now on the first node that takes it\n");
+                    p.push_str(&format!("  cause:  sh -c {:?}\n", c.cause));
+                    p.push_str(&format!(
+                        "  repair: sh -c {:?}, with HAVEN_DRILL_RESTORE_POINT set to the point (RFC 3339)\n",
+                        c.repair
+                    ));
+                }
                 Ok(Some(c)) => {
                     p.push_str(&format!("  cause:  sh -c {:?}\n", c.cause));
                     p.push_str(&format!("  wait {:.0} s\n", outage.as_secs_f64()));
@@ -255,10 +264,16 @@ impl Described {
 
     /// Runs one of its commands (`sh -c`, in the file's directory); fails when it exits with
     /// an error or runs over 10 minutes.
-    pub async fn run_command(&self, what: &str, command: &str) -> Result<(), DrillError> {
+    pub async fn run_command(
+        &self,
+        what: &str,
+        command: &str,
+        env: &[(&str, &str)],
+    ) -> Result<(), DrillError> {
         let child = tokio::process::Command::new("sh")
             .arg("-c")
             .arg(command)
+            .envs(env.iter().copied())
             .current_dir(&self.dir)
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true)
@@ -329,5 +344,27 @@ mod tests {
                 .to_string();
             assert!(e.contains(says), "{e}");
         }
+    }
+
+    #[test]
+    fn a_restore_drill_gives_its_repair_command_the_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "name = \"t\"\nload_balancer = \"http://127.0.0.1:1\"\nadmin_token_file = \"token\"\n[[nodes]]\nname = \"a\"\nurl = \"http://127.0.0.1:2/\"\n[faults.point-in-time-restore]\ncause = \"true\"\nrepair = \"test \\\"$HAVEN_DRILL_RESTORE_POINT\\\" = 2026-12-06T01:00:00.000Z\"\n";
+        let d = Described::load(&write(dir.path(), text)).unwrap();
+        let pitr = crate::scenario::find("point-in-time-restore").unwrap();
+        let c = d.commands(&pitr).unwrap().unwrap().clone();
+        let plan = d.plan(&[pitr], Duration::from_secs(5), None);
+        assert!(plan.contains("HAVEN_DRILL_RESTORE_POINT"), "{plan}");
+        assert!(plan.contains("backup/now"), "{plan}");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let point = [("HAVEN_DRILL_RESTORE_POINT", "2026-12-06T01:00:00.000Z")];
+            d.run_command("repair", &c.repair, &point).await.unwrap();
+            // Without the point, the same command fails: it did read it.
+            assert!(d.run_command("repair", &c.repair, &[]).await.is_err());
+        });
     }
 }

@@ -653,32 +653,6 @@ impl Local {
         })
     }
 
-    /// Ships what the region's log holds now to the backup (`POST /admin/v1/backup/now` on
-    /// the first node that takes it); the shipped sequence.
-    pub async fn ship_now(&self) -> Result<u64, DrillError> {
-        let client = reqwest::Client::new();
-        let mut last = String::from("no node answered");
-        for base in self.node_bases() {
-            match client
-                .post(format!("{base}/admin/v1/backup/now"))
-                .bearer_auth(&self.admin_token)
-                .timeout(Duration::from_secs(30))
-                .send()
-                .await
-            {
-                Ok(r) if r.status().is_success() => {
-                    let v: serde_json::Value = r.json().await.unwrap_or_default();
-                    return Ok(v["shipped_seq"].as_u64().unwrap_or(0));
-                }
-                Ok(r) => last = format!("{}: {}", r.status(), r.text().await.unwrap_or_default()),
-                Err(e) => last = e.to_string(),
-            }
-        }
-        Err(DrillError::Deployment(format!(
-            "shipping the backup now failed: {last}"
-        )))
-    }
-
     /// The whole region lost with its disks: every node and NATS server `kill -9`, their data
     /// directories removed.
     pub fn lose_region(&mut self) {

@@ -326,10 +326,32 @@ async fn by_commands(
     let Some(c) = d.commands(scenario)? else {
         return through_admin(scenario, admin, marks, measured).await;
     };
-    d.run_command("the fault's command", &c.cause).await?;
+    if scenario.fault == Fault::CorruptData {
+        // The drill makes the bad change itself, on its own notes, through the load
+        // balancer; the deployment's commands take the region out of service and restore it
+        // to the point, which the repair command is given.
+        let point = bad_change(&admin.http, &d.load_balancer, marks).await;
+        let seq = admin.ship_backup().await?;
+        marks.add(
+            "note",
+            format!("the backup holds the region's log up to sequence {seq}"),
+        );
+        d.run_command("the fault's command", &c.cause, &[]).await?;
+        marks.add("note", c.cause.clone());
+        d.run_command(
+            "the repair's command",
+            &c.repair,
+            &[("HAVEN_DRILL_RESTORE_POINT", point.as_str())],
+        )
+        .await?;
+        marks.add("repair", format!("{} (restore point {point})", c.repair));
+        return Ok(());
+    }
+    d.run_command("the fault's command", &c.cause, &[]).await?;
     marks.add("fault", c.cause.clone());
     tokio::time::sleep(outage).await;
-    d.run_command("the repair's command", &c.repair).await?;
+    d.run_command("the repair's command", &c.repair, &[])
+        .await?;
     marks.add("repair", c.repair.clone());
     Ok(())
 }
@@ -342,6 +364,32 @@ struct Admin {
 }
 
 impl Admin {
+    /// Ships what the region's log holds now to the backup (`POST /admin/v1/backup/now` on
+    /// the first node that takes it); the shipped sequence.
+    async fn ship_backup(&self) -> Result<u64, DrillError> {
+        let mut last = String::from("no node answered");
+        for base in &self.nodes {
+            match self
+                .http
+                .post(format!("{base}/admin/v1/backup/now"))
+                .bearer_auth(&self.token)
+                .timeout(Duration::from_secs(30))
+                .send()
+                .await
+            {
+                Ok(r) if r.status().is_success() => {
+                    let v: Value = r.json().await.unwrap_or_default();
+                    return Ok(v["shipped_seq"].as_u64().unwrap_or(0));
+                }
+                Ok(r) => last = format!("{}: {}", r.status(), r.text().await.unwrap_or_default()),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(DrillError::Deployment(format!(
+            "shipping the backup now failed: {last}"
+        )))
+    }
+
     async fn get(&self, node: usize, path: &str) -> Option<Value> {
         let r = self
             .http
@@ -568,13 +616,31 @@ async fn restore(
         );
         return Ok(());
     }
-    // The point: now. Every write acknowledged before it must come back, with its text.
+    let point = bad_change(&admin.http, &admin.nodes[0], marks).await;
+    // The backup holds the bad change, and so everything before it; then the region is
+    // taken out of service and rebuilt as of the point.
+    let seq = admin.ship_backup().await?;
+    marks.add(
+        "note",
+        format!("the backup holds the region's log up to sequence {seq}"),
+    );
+    let region = local.restore_region(Some(&point)).await?;
+    marks.add(
+        "repair",
+        format!("region {region} restored to {point} from the backup, every node serving it"),
+    );
+    Ok(())
+}
+
+/// The bad change of `point-in-time-restore`, through `base`: the point is taken (now, in
+/// RFC 3339 with milliseconds), then every note the drill acknowledged so far is overwritten
+/// (even ones) or deleted (odd ones). Only the drill's own notes are touched. The point.
+async fn bad_change(http: &reqwest::Client, base: &str, marks: &mut Marks) -> String {
+    // Every write acknowledged before the point must come back, with its text.
     let point = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
     marks.restore_point = Some(marks.rec.now());
     // Commits carry millisecond times: the bad change begins after the point's millisecond.
     tokio::time::sleep(Duration::from_millis(5)).await;
-    // The bad change, on one node: every note the drill wrote so far overwritten (even
-    // ones) or deleted (odd ones).
     let acks = marks.rec.acks();
     let (mut overwritten, mut deleted) = (0, 0);
     for (n, a) in acks.iter().enumerate() {
@@ -586,7 +652,7 @@ async fn restore(
         } else {
             ("notes_delete", json!({"name": a.name}))
         };
-        if load::stateless_call(&admin.http, &admin.nodes[0], n as u64 + 1, tool, args)
+        if load::stateless_call(http, base, n as u64 + 1, tool, args)
             .await
             .is_ok()
         {
@@ -603,19 +669,7 @@ async fn restore(
             "a bad change after {point}: {overwritten} of the drill's notes overwritten, {deleted} deleted"
         ),
     );
-    // The backup holds the bad change, and so everything before it; then the region is
-    // taken out of service and rebuilt as of the point.
-    let seq = local.ship_now().await?;
-    marks.add(
-        "note",
-        format!("the backup holds the region's log up to sequence {seq}"),
-    );
-    let region = local.restore_region(Some(&point)).await?;
-    marks.add(
-        "repair",
-        format!("region {region} restored to {point} from the backup, every node serving it"),
-    );
-    Ok(())
+    point
 }
 
 /// Retries `f` every 250 ms until it succeeds or `within` passes (the last error then).
