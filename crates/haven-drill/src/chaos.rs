@@ -38,6 +38,9 @@ pub enum ChaosFault {
     CutNats { server: usize },
     /// Latency added to a NATS server's routes to the other servers.
     SlowNats { server: usize, latency_ms: u64 },
+    /// A NATS server's disk filled to its last 4 KiB, freed at the repair (a deployment
+    /// whose servers have file systems of their own; skipped otherwise).
+    FillDisk { server: usize },
     /// Every NATS server killed, all started again at the repair.
     StoreOutage,
 }
@@ -60,6 +63,7 @@ impl ChaosFault {
             ChaosFault::SlowNats { server, latency_ms } => {
                 format!("{latency_ms} ms on nats{server}'s routes")
             }
+            ChaosFault::FillDisk { server } => format!("nats{server}'s disk full"),
             ChaosFault::StoreOutage => "every NATS server killed".into(),
         }
     }
@@ -108,7 +112,7 @@ pub fn schedule(seed: u64, faults: usize, nodes: usize, servers: usize) -> Vec<P
         .map(|_| {
             let node = r.below(nodes as u64) as usize;
             let server = r.below(servers as u64) as usize;
-            let (fault, lasts) = match r.below(14) {
+            let (fault, lasts) = match r.below(15) {
                 0..=2 => (ChaosFault::KillNode { node }, r.secs(0.5, 4.0)),
                 // Most pauses end before the 5 s time-to-live; some outlast it, so that the
                 // paused node's work is taken over and it wakes up fenced.
@@ -125,6 +129,7 @@ pub fn schedule(seed: u64, faults: usize, nodes: usize, servers: usize) -> Vec<P
                 10 => (ChaosFault::PauseNats { server }, r.secs(0.5, 4.0)),
                 11 => (ChaosFault::StoreOutage, r.secs(0.5, 3.0)),
                 12 => (ChaosFault::CutNats { server }, r.secs(0.5, 6.0)),
+                13 => (ChaosFault::FillDisk { server }, r.secs(0.5, 6.0)),
                 _ => (
                     ChaosFault::SlowNats {
                         server,
@@ -230,6 +235,16 @@ async fn cause(local: &mut Local, f: &ChaosFault) -> Option<String> {
                 latency_ms,
             },
         ),
+        ChaosFault::FillDisk { server } => {
+            if local.has_disks()
+                && let Err(e) = local.fill_disk(server)
+            {
+                return Some(format!(
+                    "filling {}'s disk failed: {e}",
+                    local.nats_name(server)
+                ));
+            }
+        }
         ChaosFault::StoreOutage => {
             for i in 0..local.nats_count() {
                 local.kill_nats(i);
@@ -249,6 +264,7 @@ async fn repair(local: &mut Local, f: &ChaosFault) -> Result<(), DrillError> {
         ChaosFault::CutNats { server } | ChaosFault::SlowNats { server, .. } => {
             local.set_nats_links(server, LinkState::default())
         }
+        ChaosFault::FillDisk { server } => local.free_disk(server),
         // Killed processes are started again by `ensure_all_ready`.
         ChaosFault::KillNode { .. } | ChaosFault::KillNats { .. } | ChaosFault::StoreOutage => {}
     }
@@ -372,6 +388,7 @@ pub async fn run(
         "seed": opts.seed,
         "faults_planned": plan.len(),
         "faults_done": done,
+        "disks": local.has_disks(),
         "schedule": plan,
     }));
     let dir = save(&opts.reports, &report)?;
@@ -398,6 +415,7 @@ mod tests {
             "store-outage",
             "cut-nats",
             "slow-nats",
+            "fill-disk",
         ] {
             assert!(
                 a.iter()
@@ -413,10 +431,10 @@ mod tests {
             a[0],
             Planned {
                 gap: 0.8,
-                fault: ChaosFault::KillNode { node: 0 },
-                lasts: 2.0,
+                fault: ChaosFault::CutNode { node: 0 },
+                lasts: 0.8,
             }
         );
-        assert_eq!(a[3].fault, ChaosFault::CutNode { node: 0 });
+        assert_eq!(a[3].fault, ChaosFault::StoreOutage);
     }
 }

@@ -62,6 +62,10 @@ pub struct LocalOptions {
     pub two_regions: bool,
     /// Where the nodes ship their backup (one region only); the restore drills need one.
     pub backup: BackupStore,
+    /// Put each NATS server's store on a file system of its own (a 1 GiB tmpfs mounted by
+    /// this process, which needs root), so that a fault can fill it
+    /// ([`Local::fill_disk`]); without the privilege the deployment starts without them.
+    pub disks: bool,
 }
 
 struct NatsServer {
@@ -105,6 +109,8 @@ pub struct Local {
     backup: Option<(String, Vec<(String, String)>)>,
     /// Regions built from the backup so far (each restore makes a new one).
     restores: u32,
+    /// The file systems mounted for the NATS servers' stores (`disks`), by server.
+    mounts: Vec<PathBuf>,
 }
 
 impl Drop for Local {
@@ -117,6 +123,9 @@ impl Drop for Local {
             stop_child(&mut s.child);
         }
         stop_child(&mut self.moto);
+        for m in self.mounts.drain(..) {
+            unmount(&m);
+        }
         if !self.opts.keep {
             let _ = std::fs::remove_dir_all(&self.opts.dir);
         }
@@ -212,12 +221,16 @@ impl Local {
             moto: None,
             backup: None,
             restores: 0,
+            mounts: Vec::new(),
             opts,
         };
         if local.opts.two_regions {
             local.configure_regions().await?;
         } else {
             local.nats = local.configure_nats("drill", false).await?;
+        }
+        if local.opts.disks && !local.opts.two_regions {
+            local.mount_disks();
         }
         for i in 0..local.nats.len() {
             local.spawn_nats(i)?;
@@ -780,6 +793,74 @@ impl Local {
         Ok(region)
     }
 
+    /// Mounts a tmpfs of 1 GiB on each NATS server's store directory; none when one cannot
+    /// be mounted (without root), said in the log.
+    fn mount_disks(&mut self) {
+        let mut mounted: Vec<PathBuf> = Vec::new();
+        for i in 0..self.nats.len() {
+            let dir = self.nats_store(i);
+            if let Err(e) = std::fs::create_dir_all(&dir)
+                .map_err(|e| e.to_string())
+                .and_then(|()| mount_tmpfs(&dir))
+            {
+                tracing::warn!(
+                    "no file system of its own for {}'s store ({e}): the disk faults are skipped",
+                    self.nats[i].name
+                );
+                for m in &mounted {
+                    unmount(m);
+                }
+                return;
+            }
+            mounted.push(dir);
+        }
+        self.mounts = mounted;
+    }
+
+    /// Whether the NATS servers' stores are on file systems of their own (faults can fill
+    /// them).
+    pub fn has_disks(&self) -> bool {
+        !self.mounts.is_empty()
+    }
+
+    /// Fills NATS server `i`'s file system with a file of its own until no block is left
+    /// (a deployment with disks); what went wrong, if anything.
+    pub fn fill_disk(&self, i: usize) -> Result<(), String> {
+        use std::io::Write as _;
+        let dir = self.mounts.get(i).ok_or("no file system of its own")?;
+        let free = free_bytes(dir)?;
+        let mut f = std::fs::File::create(dir.join("filler")).map_err(|e| e.to_string())?;
+        // All but the last MiB at once (the server writes meanwhile), then block by block.
+        let len = free.saturating_sub(1 << 20) as libc::off_t;
+        if len > 0 {
+            // SAFETY: posix_fallocate(3) on a file descriptor this function owns.
+            let r = unsafe { libc::posix_fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, len) };
+            if r != 0 {
+                return Err(format!(
+                    "fallocate: {}",
+                    std::io::Error::from_raw_os_error(r)
+                ));
+            }
+        }
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)).map_err(|e| e.to_string())?;
+        let block = [0u8; 4096];
+        for _ in 0..1024 {
+            match f.write_all(&block).and_then(|()| f.sync_data()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return Ok(()),
+                Err(e) => return Err(format!("writing the filler: {e}")),
+            }
+        }
+        Err("the file system did not fill up".into())
+    }
+
+    /// Frees what [`Local::fill_disk`] took.
+    pub fn free_disk(&self, i: usize) {
+        if let Some(dir) = self.mounts.get(i) {
+            let _ = std::fs::remove_file(dir.join("filler"));
+        }
+    }
+
     fn nats_store(&self, i: usize) -> PathBuf {
         let name = &self.nats[i].name;
         let js = match name.rsplit_once("nats") {
@@ -1177,6 +1258,51 @@ impl Local {
     pub fn dir(&self) -> &Path {
         &self.opts.dir
     }
+}
+
+/// Mounts a tmpfs of 1 GiB on `dir`.
+fn mount_tmpfs(dir: &Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let target = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: mount(2) with NUL-terminated strings that outlive the call.
+    let r = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            target.as_ptr(),
+            c"tmpfs".as_ptr(),
+            0,
+            c"size=1g".as_ptr().cast(),
+        )
+    };
+    if r != 0 {
+        return Err(format!("mount: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Detaches the file system mounted on `dir` (at once, even while something still has it
+/// open).
+fn unmount(dir: &Path) {
+    use std::os::unix::ffi::OsStrExt as _;
+    if let Ok(target) = std::ffi::CString::new(dir.as_os_str().as_bytes()) {
+        // SAFETY: umount2(2) with a NUL-terminated string that outlives the call.
+        unsafe {
+            libc::umount2(target.as_ptr(), libc::MNT_DETACH);
+        }
+    }
+}
+
+/// Bytes free for an unprivileged writer on the file system of `dir`.
+fn free_bytes(dir: &Path) -> Result<u64, String> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: statvfs(3) writes into a zeroed struct this function owns.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
+    if r != 0 {
+        return Err(format!("statvfs: {}", std::io::Error::last_os_error()));
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 fn signal(child: Option<&Child>, stop: bool) {

@@ -183,6 +183,7 @@ async fn run_drills(args: DrillRunArgs) -> Result<ExitCode> {
                 } else {
                     BackupStore::Directory
                 },
+                disks: false,
             })
             .await?;
             if two_regions {
@@ -290,6 +291,7 @@ pub async fn chaos(args: ChaosArgs) -> Result<ExitCode> {
         links: true,
         two_regions: false,
         backup: BackupStore::Off,
+        disks: true,
     })
     .await?;
     println!(
