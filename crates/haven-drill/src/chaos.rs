@@ -14,7 +14,7 @@ use crate::link::LinkState;
 use crate::load::{self, Load, LoadOptions, Recorder};
 use crate::local::Local;
 use crate::report::{Inputs, Mark, Report};
-use crate::run::{Finished, save, wind_down};
+use crate::run::{Finished, Target, save, wind_down};
 use crate::scenario::{Fault, Scenario};
 
 /// One kind of fault.
@@ -43,6 +43,8 @@ pub enum ChaosFault {
     FillDisk { server: usize },
     /// Every NATS server killed, all started again at the repair.
     StoreOutage,
+    /// A described deployment's fault: the `cause` and `repair` commands of its drill.
+    Command { drill: String },
 }
 
 impl ChaosFault {
@@ -65,6 +67,7 @@ impl ChaosFault {
             }
             ChaosFault::FillDisk { server } => format!("nats{server}'s disk full"),
             ChaosFault::StoreOutage => "every NATS server killed".into(),
+            ChaosFault::Command { drill } => format!("the {drill} fault's commands"),
         }
     }
 }
@@ -147,6 +150,37 @@ pub fn schedule(seed: u64, faults: usize, nodes: usize, servers: usize) -> Vec<P
         .collect()
 }
 
+/// Drills whose commands a chaos run on a described deployment never draws: they restore
+/// the deployment's state from its backup, which is not a fault to repeat at random.
+const NOT_DRAWN: [&str; 2] = ["point-in-time-restore", "cold-region"];
+
+/// The drills of a described deployment a chaos run draws from: those with commands in its
+/// file, but the restores.
+pub fn drawable(names: &[String]) -> Vec<String> {
+    names
+        .iter()
+        .filter(|n| !NOT_DRAWN.contains(&n.as_str()))
+        .cloned()
+        .collect()
+}
+
+/// The schedule of `faults` faults on a described deployment: each one of `drills` (the
+/// drills with commands in its file, in their order there), drawn from `seed`.
+pub fn schedule_described(seed: u64, faults: usize, drills: &[String]) -> Vec<Planned> {
+    let mut r = SplitMix(seed);
+    (0..faults)
+        .map(|_| {
+            let drill = drills[r.below(drills.len() as u64) as usize].clone();
+            let lasts = r.secs(0.5, 6.0);
+            Planned {
+                gap: r.secs(0.2, 2.0),
+                fault: ChaosFault::Command { drill },
+                lasts,
+            }
+        })
+        .collect()
+}
+
 /// How a chaos run goes.
 #[derive(Clone, Debug)]
 pub struct ChaosOptions {
@@ -184,7 +218,7 @@ fn chaos_scenario() -> Scenario {
 }
 
 /// Causes `f`; what went wrong in causing it (a finding), if anything.
-async fn cause(local: &mut Local, f: &ChaosFault) -> Option<String> {
+async fn cause_local(local: &mut Local, f: &ChaosFault) -> Option<String> {
     match *f {
         ChaosFault::KillNode { node } => local.kill_node(node),
         ChaosFault::PauseNode { node } => local.pause_node(node, true),
@@ -250,11 +284,14 @@ async fn cause(local: &mut Local, f: &ChaosFault) -> Option<String> {
                 local.kill_nats(i);
             }
         }
+        ChaosFault::Command { .. } => {
+            return Some("a described deployment's fault drawn for a local one".into());
+        }
     }
     None
 }
 
-async fn repair(local: &mut Local, f: &ChaosFault) -> Result<(), DrillError> {
+async fn repair_local(local: &mut Local, f: &ChaosFault) -> Result<(), DrillError> {
     match *f {
         ChaosFault::PauseNode { node } => local.pause_node(node, false),
         ChaosFault::CutNode { node } | ChaosFault::SlowNode { node, .. } => {
@@ -266,14 +303,48 @@ async fn repair(local: &mut Local, f: &ChaosFault) -> Result<(), DrillError> {
         }
         ChaosFault::FillDisk { server } => local.free_disk(server),
         // Killed processes are started again by `ensure_all_ready`.
-        ChaosFault::KillNode { .. } | ChaosFault::KillNats { .. } | ChaosFault::StoreOutage => {}
+        ChaosFault::KillNode { .. }
+        | ChaosFault::KillNats { .. }
+        | ChaosFault::StoreOutage
+        | ChaosFault::Command { .. } => {}
     }
     local.ensure_all_ready().await
 }
 
-/// Runs `plan` on `local` (started with links) under load; the report.
+/// Causes `f` on `target`; a finding when causing it went wrong, or an error when the run
+/// cannot go on (a described deployment's command failed).
+async fn cause(target: &mut Target<'_>, f: &ChaosFault) -> Result<Option<String>, DrillError> {
+    match (target, f) {
+        (Target::Local(local), f) => Ok(cause_local(local, f).await),
+        (Target::Described(d), ChaosFault::Command { drill }) => {
+            let c = d.commands_of(drill)?;
+            d.run_command("the fault's command", &c.cause, &[]).await?;
+            Ok(None)
+        }
+        (Target::Described(_), f) => Ok(Some(format!(
+            "{} cannot be caused on a described deployment",
+            f.describe()
+        ))),
+    }
+}
+
+/// Repairs `f` on `target`, then waits until the deployment is whole again.
+async fn repair(target: &mut Target<'_>, f: &ChaosFault) -> Result<(), DrillError> {
+    if let (Target::Described(d), ChaosFault::Command { drill }) = (&*target, f) {
+        let c = d.commands_of(drill)?;
+        d.run_command("the repair's command", &c.repair, &[])
+            .await?;
+    }
+    match target {
+        Target::Local(local) => repair_local(local, f).await,
+        Target::Described(_) => target.ensure_ready().await,
+    }
+}
+
+/// Runs `plan` on `target` (a local deployment started with links, or a described one)
+/// under load; the report.
 pub async fn run(
-    local: &mut Local,
+    mut target: Target<'_>,
     plan: &[Planned],
     opts: &ChaosOptions,
 ) -> Result<Finished, DrillError> {
@@ -281,11 +352,11 @@ pub async fn run(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let rec = Recorder::new();
-    let base = local.lb_base();
+    let base = target.lb_base();
     let load = Load::start(
         LoadOptions {
             base: base.clone(),
-            admin_token: Some(local.admin_token().to_owned()),
+            admin_token: Some(target.admin_token()),
             rate: opts.rate,
             clients_per_kind: 2,
             long_clients: 3,
@@ -315,11 +386,17 @@ pub async fn run(
             break;
         }
         tokio::time::sleep(Duration::from_secs_f64(p.gap)).await;
-        let problem = cause(local, &p.fault).await;
+        let problem = match cause(&mut target, &p.fault).await {
+            Ok(p) => p,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        };
         mark("fault", format!("#{} {}", n + 1, p.fault.describe()));
         findings.extend(problem.map(|f| format!("fault #{}: {f}", n + 1)));
         tokio::time::sleep(Duration::from_secs_f64(p.lasts)).await;
-        if let Err(e) = repair(local, &p.fault).await {
+        if let Err(e) = repair(&mut target, &p.fault).await {
             failure = Some(e);
             break;
         }
@@ -349,7 +426,7 @@ pub async fn run(
     }
     let (duration, acks, missing) = (settled.duration, settled.acks, settled.missing);
     // Convergence: every node serves every acknowledged write by itself.
-    for node in local.node_bases() {
+    for node in target.node_bases() {
         let absent = load::missing_writes(&node, &acks)
             .await
             .map_err(DrillError::Deployment)?;
@@ -365,11 +442,14 @@ pub async fn run(
     let scenario = chaos_scenario();
     let mut report = Report::build(Inputs {
         scenario: &scenario,
-        deployment: format!(
-            "a local deployment ({} NATS servers in one JetStream cluster, routed to each other and to {} Haven nodes through cuttable links, HAProxy)",
-            local.nats_count(),
-            local.node_bases().len()
-        ),
+        deployment: match &target {
+            Target::Local(local) => format!(
+                "a local deployment ({} NATS servers in one JetStream cluster, routed to each other and to {} Haven nodes through cuttable links, HAProxy)",
+                local.nats_count(),
+                local.node_bases().len()
+            ),
+            Target::Described(_) => target.describe(),
+        },
         rate: opts.rate,
         started_unix,
         duration,
@@ -388,7 +468,7 @@ pub async fn run(
         "seed": opts.seed,
         "faults_planned": plan.len(),
         "faults_done": done,
-        "disks": local.has_disks(),
+        "disks": matches!(&target, Target::Local(l) if l.has_disks()),
         "schedule": plan,
     }));
     let dir = save(&opts.reports, &report)?;

@@ -165,6 +165,20 @@ impl Described {
         })
     }
 
+    /// The commands of the drill called `name`.
+    pub fn commands_of(&self, name: &str) -> Result<&FaultCommands, DrillError> {
+        self.faults.get(name).ok_or_else(|| {
+            DrillError::Usage(format!(
+                "the deployment file has no [faults.{name}] with the cause and repair commands of that drill"
+            ))
+        })
+    }
+
+    /// The drills with commands in the file, in its order of names.
+    pub fn fault_names(&self) -> Vec<String> {
+        self.faults.keys().cloned().collect()
+    }
+
     /// The plan of `scenarios` in words, for `--dry-run` and the confirmation.
     pub fn plan(
         &self,

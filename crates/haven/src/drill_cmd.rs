@@ -54,7 +54,7 @@ fn list_text() -> String {
             if s.haven_rpo_window.is_zero() {
                 "no loss".to_owned()
             } else {
-                format!("≤ {}", humantime::format_duration(s.haven_rpo_window))
+                format!("last {}", humantime::format_duration(s.haven_rpo_window))
             },
             s.summary.to_owned(),
         ]);
@@ -263,7 +263,23 @@ pub async fn chaos(args: ChaosArgs) -> Result<ExitCode> {
         bail!("--nodes must be at least 2");
     }
     let max = seconds("max-minutes", args.max_minutes * 60.0)?;
-    let plan = chaos::schedule(args.seed, args.faults, args.nodes, 3);
+    let described = args
+        .deployment
+        .as_deref()
+        .map(Described::load)
+        .transpose()?;
+    let plan = match &described {
+        Some(d) => {
+            let drills = chaos::drawable(&d.fault_names());
+            if drills.is_empty() {
+                bail!(
+                    "the deployment file has no [faults.NAME] commands a chaos run can draw (every drill's but point-in-time-restore's and cold-region's)"
+                );
+            }
+            chaos::schedule_described(args.seed, args.faults, &drills)
+        }
+        None => chaos::schedule(args.seed, args.faults, args.nodes, 3),
+    };
     if args.plan {
         for (n, p) in plan.iter().enumerate() {
             println!(
@@ -276,6 +292,31 @@ pub async fn chaos(args: ChaosArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    let opts = ChaosOptions {
+        seed: args.seed,
+        warmup: Duration::from_secs(3),
+        after: Duration::from_secs(3),
+        max_duration: max,
+        rate: args.rate,
+        long_seconds: args.long_seconds.clamp(1, 600),
+        reports: args.reports.clone(),
+    };
+    if let Some(d) = &described {
+        if !args.yes {
+            let plan_text = format!(
+                "{} faults drawn from seed {} among the drills of the file, each its cause command, a pause and its repair command (`--plan` lists them)\n",
+                plan.len(),
+                args.seed
+            );
+            confirm(&d.name, &plan_text)?;
+        }
+        let f = chaos::run(Target::Described(d), &plan, &opts).await?;
+        match d.record(&f.report).await {
+            Ok(node) => tracing::info!("the chaos run's result is recorded (by {node})"),
+            Err(e) => tracing::warn!("{e}"),
+        }
+        return Ok(chaos_verdict(&args, &f));
+    }
     let dir = tempfile::Builder::new()
         .prefix("haven-chaos-")
         .tempdir()?
@@ -283,8 +324,8 @@ pub async fn chaos(args: ChaosArgs) -> Result<ExitCode> {
     println!("starting a local deployment in {}", dir.display());
     let mut local = Local::start(LocalOptions {
         haven: std::env::current_exe()?,
-        nats_server: args.nats_server,
-        haproxy: args.haproxy,
+        nats_server: args.nats_server.clone(),
+        haproxy: args.haproxy.clone(),
         nodes: args.nodes,
         dir: dir.clone(),
         keep: args.keep,
@@ -300,24 +341,20 @@ pub async fn chaos(args: ChaosArgs) -> Result<ExitCode> {
         args.seed,
         args.max_minutes
     );
-    let opts = ChaosOptions {
-        seed: args.seed,
-        warmup: Duration::from_secs(3),
-        after: Duration::from_secs(3),
-        max_duration: max,
-        rate: args.rate,
-        long_seconds: args.long_seconds.clamp(1, 600),
-        reports: args.reports,
-    };
-    let result = chaos::run(&mut local, &plan, &opts).await;
+    let result = chaos::run(Target::Local(&mut local), &plan, &opts).await;
     if args.keep {
         println!("kept the deployment's directory: {}", dir.display());
     }
     drop(local);
     let f = result?;
+    Ok(chaos_verdict(&args, &f))
+}
+
+/// Prints a chaos run's verdict and findings; its exit status.
+fn chaos_verdict(args: &ChaosArgs, f: &Finished) -> ExitCode {
     let r = &f.report;
     println!(
-        "chaos seed {}: {} ({} faults done; {} of {} acknowledged writes lost; long calls {} once, {} twice, {} never; {} of {} requests failed)",
+        "chaos seed {}: {} ({} faults done; {} of {} acknowledged writes lost; long calls {} once, {} twice, {} never; tasks {} ended, {} lost, {} never ended; {} of {} requests failed)",
         args.seed,
         if r.passed {
             "invariants held"
@@ -332,6 +369,9 @@ pub async fn chaos(args: ChaosArgs) -> Result<ExitCode> {
         r.exactly_once.answered_once,
         r.exactly_once.answered_twice,
         r.exactly_once.never_answered,
+        r.tasks.completed + r.tasks.failed,
+        r.tasks.lost,
+        r.tasks.unfinished,
         r.failed,
         r.requests,
     );
@@ -339,11 +379,11 @@ pub async fn chaos(args: ChaosArgs) -> Result<ExitCode> {
         println!("  finding: {finding}");
     }
     println!("  report: {}", f.dir.join("report.md").display());
-    Ok(if r.passed {
+    if r.passed {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
-    })
+    }
 }
 
 #[cfg(test)]

@@ -66,19 +66,32 @@ pub enum Command {
     /// saw against the recovery targets (list, run, history).
     #[command(subcommand)]
     Drill(DrillCommand),
-    /// A randomized schedule of faults from a seed (kills, pauses, cut and slow store links,
-    /// NATS losses, store outages) on a local deployment under load, then the invariants: no
-    /// acknowledged write lost, every long call answered once, every node serving every write.
-    /// Exit 0 when they held, 1 when one broke, 2 when the run could not go on.
+    /// A randomized schedule of faults from a seed (kills, pauses, cut and slow store and
+    /// route links, NATS losses, full disks, store outages) on a local deployment, or a
+    /// described deployment's own fault commands, under load; then the invariants: no
+    /// acknowledged write lost, every long call answered once, every task ended, every node
+    /// serving every write. Exit 0 when they held, 1 when one broke, 2 when the run could not
+    /// go on.
     Chaos(ChaosArgs),
 }
 
 /// `haven chaos`.
 #[derive(Args, Debug)]
 pub struct ChaosArgs {
-    /// Run on a deployment started on this machine (the only kind so far)
-    #[arg(long, required = true)]
+    /// Run on a deployment started on this machine
+    #[arg(
+        long,
+        required_unless_present = "deployment",
+        conflicts_with = "deployment"
+    )]
     pub local: bool,
+    /// Run on an existing deployment described in FILE (as `haven drill run --deployment`):
+    /// the faults are its drills' cause and repair commands, drawn from the seed
+    #[arg(long, value_name = "FILE")]
+    pub deployment: Option<PathBuf>,
+    /// Do not ask to confirm a run on a described deployment
+    #[arg(long)]
+    pub yes: bool,
     /// Seed of the schedule: the same seed gives the same faults in the same order
     #[arg(long, default_value_t = 1)]
     pub seed: u64,

@@ -184,12 +184,12 @@ async fn a_finished_stream_replays_after_restart() {
     assert!(sse.next().await.is_none());
 }
 
-/// A client whose stream's events came from a state since restored from a backup names an
-/// event index at or beyond the request's final event (the restored state settled the request
-/// again, with its events at indices the client had seen). A client that has its answer does
-/// not resume, so such a resumption gets the final event: the request's one answer.
+/// A client whose stream's events came from a state since restored from a backup may name an
+/// event index beyond the request's final event (the restored state settled the request
+/// again, at lower indices): such a resumption gets the final event, the request's one
+/// answer. A resumption at the final event's own index gets nothing more (the client has it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_resumption_at_or_past_the_final_event_gets_the_final_event() {
+async fn a_resumption_past_the_final_event_gets_the_final_event() {
     let home = Home::new();
     let _haven = home.start("default", &["--legacy-responses", "sse"]).await;
     let client = Legacy::connect(&_haven.url()).await;
@@ -201,11 +201,14 @@ async fn a_resumption_at_or_past_the_final_event_gets_the_final_event() {
     let id = result.id.clone().unwrap();
     let (stream, index) = id.rsplit_once('-').unwrap();
     let index: u64 = index.parse().unwrap();
-    for after in [id.clone(), format!("{stream}-{}", index + 5)] {
+    for after in [index + 1, index + 5] {
+        let after = format!("{stream}-{after}");
         let mut sse = SseReader::new(client.resume(&after).await);
         let replayed = sse.next().await.unwrap();
         assert_eq!(replayed.id, result.id, "resumed after {after}");
         assert_eq!(replayed.data, result.data, "resumed after {after}");
         assert!(sse.next().await.is_none(), "resumed after {after}");
     }
+    let mut sse = SseReader::new(client.resume(&id).await);
+    assert!(sse.next().await.is_none(), "resumed at the final event");
 }

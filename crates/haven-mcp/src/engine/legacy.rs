@@ -915,42 +915,40 @@ async fn resume(inner: &Arc<Inner>, loaded: LoadedSession, last_event_id: &str) 
     Reply::Stream(keep_alive_until_drain(inner, rx))
 }
 
-/// Where a resumption follows a request stream from: after `after`, unless the client has
-/// not had the stream's final event although it names an index at or beyond it. A client
-/// that got its answer does not resume; one that names the final event's index, or one past
-/// it, saw events this state does not hold: the state was restored to a point before them (a
-/// point-in-time restore, a region built from backups) and the request was settled again
-/// since, with its events at indices the client had seen. The final event is sent: it is
-/// the client's only answer.
+/// Where a resumption follows a request stream from: after `after`, unless the client names
+/// an index beyond the stream's final event. A final event is a stream's last, so such a
+/// client saw events this state does not hold: the state was restored to a point before them
+/// (a point-in-time restore, a region built from backups) and the request was settled again
+/// since, at lower indices. The final event is sent: it is the client's only answer. (A
+/// client naming the final event's own index has it, by the stream's contract, and gets
+/// nothing more; after a restore that index may name another event it saw, which this cannot
+/// tell apart.)
 async fn ahead_of_finished(
     inner: &Arc<Inner>,
     session: &str,
     stream_id: &str,
     after: u64,
 ) -> Result<u64, haven_state::StoreError> {
-    if after == 0 {
+    if after == 0
+        || !stream::read(&*inner.store, session, stream_id, after - 1, 1)
+            .await?
+            .is_empty()
+    {
         return Ok(after);
     }
-    let at = stream::read(&*inner.store, session, stream_id, after - 1, 1).await?;
-    let last = match at.first() {
-        Some(e) if e.index == after && e.last => Some(e.index),
-        Some(_) => None,
-        None => stream::last_event(&*inner.store, session, stream_id)
-            .await?
-            .filter(|e| e.last && e.index < after)
-            .map(|e| e.index),
-    };
-    let Some(last) = last else {
-        return Ok(after);
-    };
-    tracing::warn!(
-        session,
-        stream = stream_id,
-        after,
-        last,
-        "a client resumed at or after its stream's final event without having it (its events came from a state since restored): sending the final event"
-    );
-    Ok(last - 1)
+    match stream::last_event(&*inner.store, session, stream_id).await? {
+        Some(e) if e.last && e.index < after => {
+            tracing::warn!(
+                session,
+                stream = stream_id,
+                after,
+                last = e.index,
+                "a client resumed after its stream's final event without having it (its events came from a state since restored): sending the final event"
+            );
+            Ok(e.index - 1)
+        }
+        _ => Ok(after),
+    }
 }
 
 /// While a client reads a resumed stream, keeps its reader record alive, so that the request
