@@ -91,6 +91,16 @@ fn seconds(what: &str, v: f64) -> Result<Duration> {
 
 async fn run_drills(args: DrillRunArgs) -> Result<ExitCode> {
     let scenarios = chosen(&args.scenarios)?;
+    // A path given for the object store must be one (a bare name is looked up on PATH, and
+    // without it the backup goes to a directory).
+    if args.object_store.components().count() > 1
+        && haven_drill::local::which(&args.object_store).is_none()
+    {
+        bail!(
+            "--object-store {}: no such file (give a moto_server binary, or leave the option out to back up to a directory when moto_server is not on PATH)",
+            args.object_store.display()
+        );
+    }
     if !args.local && args.deployment.is_none() {
         bail!(
             "say where to run the drills: --local starts a deployment on this machine, --deployment FILE names an existing one"

@@ -114,6 +114,19 @@ fn bad_requests_are_refused_before_anything_starts() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("nats-server not found"), "{}", text(&o));
     assert!(!reports.exists(), "a refused drill writes no report");
+    // An object store named by a path that is not there.
+    let o = haven(&[
+        "drill",
+        "run",
+        "point-in-time-restore",
+        "--local",
+        "--object-store",
+        "/nonexistent/moto_server",
+        "--reports",
+        r,
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("--object-store"), "{}", text(&o));
     let o = haven(&["drill", "history", "--reports", r]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("no drill reports"));
