@@ -212,3 +212,43 @@ async fn a_resumption_past_the_final_event_gets_the_final_event() {
     let mut sse = SseReader::new(client.resume(&id).await);
     assert!(sse.next().await.is_none(), "resumed at the final event");
 }
+
+/// `POST /admin/v1/regions/takeover` on a node with no peer regions (as a region built from
+/// another's backup is): its own region is refused, another region's work is taken over only
+/// with the confirmation that every process of it is stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_that_is_not_a_peer_is_taken_over_with_the_confirmation_alone() {
+    let home = Home::new();
+    let haven = home.start("default", &[]).await;
+    let own = haven.status().await["region"]
+        .as_str()
+        .expect("the node's region")
+        .to_owned();
+    let token = std::fs::read_to_string(home.data.join("admin.token")).unwrap();
+    let takeover = |query: String| {
+        let token = token.trim().to_owned();
+        let url = format!(
+            "http://127.0.0.1:{}/admin/v1/regions/takeover?{query}",
+            home.port
+        );
+        async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, v) = takeover(format!("region={own}&confirm_dead=true")).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v.to_string().contains("own region"), "{v}");
+    let (status, v) = takeover("region=gone".into()).await;
+    assert_eq!(status, 409, "{v}");
+    assert!(v.to_string().contains("--confirm-dead"), "{v}");
+    let (status, v) = takeover("region=gone&confirm_dead=true".into()).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v, json!({"region": "gone", "taken": 0}));
+}
