@@ -175,7 +175,7 @@ async fn run_drills(args: DrillRunArgs) -> Result<ExitCode> {
                 .tempdir()?
                 .keep();
             println!("starting a local deployment in {}", dir.display());
-            let mut local = Local::start(LocalOptions {
+            let started = Local::start(LocalOptions {
                 haven: std::env::current_exe()?,
                 nats_server: args.nats_server.clone(),
                 haproxy: args.haproxy.clone(),
@@ -195,7 +195,8 @@ async fn run_drills(args: DrillRunArgs) -> Result<ExitCode> {
                 },
                 disks: false,
             })
-            .await?;
+            .await;
+            let mut local = removing_on_error(started, &dir, args.keep)?;
             if two_regions {
                 println!(
                     "ready: regions A (active) and B behind HAProxy at {}/mcp",
@@ -222,6 +223,19 @@ async fn run_drills(args: DrillRunArgs) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// A local deployment that did not start leaves no directory behind (unless kept: its logs
+/// say why).
+fn removing_on_error<T>(
+    started: Result<T, haven_drill::DrillError>,
+    dir: &std::path::Path,
+    keep: bool,
+) -> Result<T, haven_drill::DrillError> {
+    if started.is_err() && !keep {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    started
 }
 
 /// Shows the plan and asks for the deployment's name on the terminal; anything else (or no
@@ -332,7 +346,7 @@ pub async fn chaos(args: ChaosArgs) -> Result<ExitCode> {
         .tempdir()?
         .keep();
     println!("starting a local deployment in {}", dir.display());
-    let mut local = Local::start(LocalOptions {
+    let started = Local::start(LocalOptions {
         haven: std::env::current_exe()?,
         nats_server: args.nats_server.clone(),
         haproxy: args.haproxy.clone(),
@@ -344,7 +358,8 @@ pub async fn chaos(args: ChaosArgs) -> Result<ExitCode> {
         backup: BackupStore::Off,
         disks: true,
     })
-    .await?;
+    .await;
+    let mut local = removing_on_error(started, &dir, args.keep)?;
     println!(
         "ready; {} faults from seed {} (at most {} minutes)",
         plan.len(),

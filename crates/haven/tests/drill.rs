@@ -114,6 +114,20 @@ fn bad_requests_are_refused_before_anything_starts() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("nats-server not found"), "{}", text(&o));
     assert!(!reports.exists(), "a refused drill writes no report");
+    // Nor does it leave a deployment directory behind (in a temporary directory of its own).
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_haven"))
+        .args(["drill", "run", "process-crash", "--local", "--nats-server"])
+        .arg("/nonexistent/nats-server")
+        .arg("--reports")
+        .arg(&reports)
+        .env("TMPDIR", &tmp)
+        .env("HAVEN_LOG", "warn")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "{}", text(&o));
     // An object store named by a path that is not there.
     let o = haven(&[
         "drill",
