@@ -423,6 +423,10 @@ async fn a_draining_node_answers_readyz_503_until_it_stops() {
                 assert_eq!(v["status"], "draining", "{v}");
                 draining_answers += 1;
             }
+            // A connection accepted just before the drain reached the listener is closed
+            // with the others before its request was read (in cluster mode the drain first
+            // tells the region, which widens that window): the next check opens another.
+            Err(_) if draining_answers == 0 => {}
             // The listener closes only after the call's answer went out; the answer may
             // still be on its way to this client (on a loaded machine, for seconds). That it
             // arrives is checked below: a listener closed while the call still ran would end
@@ -431,8 +435,12 @@ async fn a_draining_node_answers_readyz_503_until_it_stops() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert!(draining_answers > 0, "no /readyz answered while draining");
-    let last = call.await.unwrap().expect("the call was answered");
+    let last = call.await.unwrap();
+    assert!(
+        draining_answers > 0,
+        "no /readyz answered while draining; the call's last event: {last:?}"
+    );
+    let last = last.expect("the call was answered");
     assert!(last["result"].is_object(), "{last}");
     // Then the node stops.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
