@@ -376,7 +376,8 @@ async fn backfill_meta(ctx: &Ctx) -> Result<(), ErrorData> {
             if let Ok(note) = serde_json::from_slice::<Note>(r.value()) {
                 let meta = serde_json::to_vec(&NoteMeta::of(&note)).expect("metadata serializes");
                 let batch = Batch::new().put_if(NOTES_META_NS, &r.record.key, meta, Expect::Absent);
-                match store.commit(batch).await {
+                // Upkeep, not a change of the request's own: a retry may do it again.
+                match ctx.commit_upkeep(batch).await {
                     Ok(_) | Err(StoreError::Conflict { .. }) => {}
                     Err(e) => return Err(store_failure(e)),
                 }
@@ -387,8 +388,7 @@ async fn backfill_meta(ctx: &Ctx) -> Result<(), ErrorData> {
             None => break,
         }
     }
-    store
-        .commit(Batch::new().put(NOTES_INDEX_NS, "built", b"1".to_vec()))
+    ctx.commit_upkeep(Batch::new().put(NOTES_INDEX_NS, "built", b"1".to_vec()))
         .await
         .map_err(store_failure)?;
     Ok(())

@@ -732,8 +732,16 @@ impl FencedStore {
     }
 }
 
-haven_state::wrap_store!(FencedStore, store, {
-    async fn commit(&self, batch: Batch) -> StoreResult<Commit> {
+impl FencedStore {
+    /// Commits `batch` like [`Store::commit`] does (fenced once an execution is attached),
+    /// without counting it as an effect: for upkeep of derived records (an index, a marker
+    /// that one was built) that changes nothing a retry of the request could repeat, so that
+    /// an interrupted request that wrote only such records is not said to have changed state.
+    pub async fn commit_upkeep(&self, batch: Batch) -> StoreResult<Commit> {
+        self.fenced_commit(batch, false).await
+    }
+
+    async fn fenced_commit(&self, batch: Batch, effect: bool) -> StoreResult<Commit> {
         let execution = match self.execution.get() {
             Some(e) => e.clone(),
             None => {
@@ -742,12 +750,12 @@ haven_state::wrap_store!(FencedStore, store, {
                     e.clone()
                 } else {
                     let commit = self.store.commit(batch).await?;
-                    *effects += 1;
+                    *effects += u64::from(effect);
                     return Ok(commit);
                 }
             }
         };
-        match execution.commit(batch, true).await {
+        match execution.commit(batch, effect).await {
             Ok(Landed::Now(c)) => Ok(c),
             Ok(Landed::Earlier) => Err(StoreError::Unavailable(
                 "an earlier attempt of this write was stored; read the state again".into(),
@@ -763,6 +771,12 @@ haven_state::wrap_store!(FencedStore, store, {
                 })
             }
         }
+    }
+}
+
+haven_state::wrap_store!(FencedStore, store, {
+    async fn commit(&self, batch: Batch) -> StoreResult<Commit> {
+        self.fenced_commit(batch, true).await
     }
 
     async fn check_writable(&self) -> StoreResult<()> {

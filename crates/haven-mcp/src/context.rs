@@ -248,6 +248,16 @@ impl RequestContext {
         &self.0.store
     }
 
+    /// Commits upkeep of derived records (an index, a marker that one was built): fenced like
+    /// any write of the request, but not counted among the changes an interrupted request
+    /// reports (see `haven_cluster::FencedStore::commit_upkeep`).
+    pub async fn commit_upkeep(&self, batch: Batch) -> Result<haven_state::Commit, StoreError> {
+        match &self.0.fence {
+            Some(fence) => fence.commit_upkeep(batch).await,
+            None => self.0.store.commit(batch).await,
+        }
+    }
+
     /// The request's protocol era.
     pub fn era(&self) -> &Era {
         &self.0.era
