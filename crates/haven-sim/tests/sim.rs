@@ -97,7 +97,12 @@ fn seeds_that_found_bugs_stay_green() {
     // got an answer the store never held, and recovery later stored "interrupted" in its
     // place (36 of 2000 seeds with that rule put back). Writes are now recognised by the id
     // they were tried under; every event a client receives is checked against the store.
-    for seed in [3155, 3357, 10897, 67885, 26, 220, 276] {
+    //
+    // 1456 (found by a 5 000-seed run): a notes_put on a node with a stale index rebuilt the
+    // notes index (a derived record), lost its link before writing the note, and was settled
+    // as "interrupted after changing state": the index upkeep counted as an effect. Upkeep is
+    // now committed without counting (`FencedStore::commit_upkeep`).
+    for seed in [3155, 3357, 10897, 67885, 26, 220, 276, 1456] {
         run_all(seed..seed + 1, &Options::default());
     }
 }
