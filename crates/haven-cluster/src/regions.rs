@@ -1002,6 +1002,36 @@ impl Regions {
         heard * 2 > total
     }
 
+    /// Waits (at most `timeout`) until this region has applied every other region's log up
+    /// to where it ends now; the regions it could not catch up with (unreachable, or not
+    /// within the time). Before this node answers that something does not exist: it may
+    /// have just been made in another region.
+    pub async fn catch_up_with_peers(&self, timeout: Duration) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut behind = Vec::new();
+        for p in &self.peers {
+            let end = match tokio::time::timeout_at(deadline, p.log.last_seq()).await {
+                Ok(Ok(end)) => end,
+                _ => {
+                    behind.push(p.name.clone());
+                    continue;
+                }
+            };
+            loop {
+                let state = p.state.read().clone();
+                if state.covered >= end {
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    behind.push(p.name.clone());
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        behind
+    }
+
     /// The other regions this node cannot hear now: its replicator of them cannot read
     /// their log, or their heartbeats have not changed for the failure threshold.
     pub fn unreachable(&self) -> Vec<String> {

@@ -43,6 +43,11 @@ pub enum ChaosFault {
     FillDisk { server: usize },
     /// Every NATS server killed, all started again at the repair.
     StoreOutage,
+    /// The link between regions A and B cut (a partition between regions), healed at the
+    /// repair (a two-region deployment).
+    CutRegions,
+    /// Latency added to the link between regions A and B.
+    SlowRegions { latency_ms: u64 },
     /// A described deployment's fault: the `cause` and `repair` commands of its drill.
     Command { drill: String },
 }
@@ -67,6 +72,10 @@ impl ChaosFault {
             }
             ChaosFault::FillDisk { server } => format!("nats{server}'s disk full"),
             ChaosFault::StoreOutage => "every NATS server killed".into(),
+            ChaosFault::CutRegions => "the link between regions A and B cut".into(),
+            ChaosFault::SlowRegions { latency_ms } => {
+                format!("{latency_ms} ms on the link between regions A and B")
+            }
             ChaosFault::Command { drill } => format!("the {drill} fault's commands"),
         }
     }
@@ -140,6 +149,39 @@ pub fn schedule(seed: u64, faults: usize, nodes: usize, servers: usize) -> Vec<P
                     },
                     r.secs(1.0, 5.0),
                 ),
+            };
+            Planned {
+                gap: r.secs(0.2, 2.0),
+                fault,
+                lasts,
+            }
+        })
+        .collect()
+}
+
+/// The schedule of `faults` faults for a two-region deployment (regions A and B, one node
+/// and one NATS server each: node and server 0 are A's, 1 B's), drawn from `seed`: the link
+/// between the regions cut or slowed, a region's node or NATS server killed or paused.
+pub fn schedule_regions(seed: u64, faults: usize) -> Vec<Planned> {
+    let mut r = SplitMix(seed);
+    (0..faults)
+        .map(|_| {
+            let node = r.below(2) as usize;
+            let server = r.below(2) as usize;
+            let (fault, lasts) = match r.below(10) {
+                // Some cuts outlast the region lease, so that the active region's claimable
+                // work waits for the other region while they are apart.
+                0..=2 => (ChaosFault::CutRegions, r.secs(0.5, 8.0)),
+                3 => (
+                    ChaosFault::SlowRegions {
+                        latency_ms: 50 + r.below(451),
+                    },
+                    r.secs(1.0, 5.0),
+                ),
+                4..=5 => (ChaosFault::KillNode { node }, r.secs(0.5, 4.0)),
+                6 => (ChaosFault::PauseNode { node }, r.secs(0.5, 8.0)),
+                7..=8 => (ChaosFault::KillNats { server }, r.secs(0.5, 4.0)),
+                _ => (ChaosFault::PauseNats { server }, r.secs(0.5, 4.0)),
             };
             Planned {
                 gap: r.secs(0.2, 2.0),
@@ -284,6 +326,17 @@ async fn cause_local(local: &mut Local, f: &ChaosFault) -> Option<String> {
                 local.kill_nats(i);
             }
         }
+        ChaosFault::CutRegions | ChaosFault::SlowRegions { .. } if !local.two_regions() => {
+            return Some("a fault between regions drawn for a one-region deployment".into());
+        }
+        ChaosFault::CutRegions => local.set_region_link(LinkState {
+            cut: true,
+            latency_ms: 0,
+        }),
+        ChaosFault::SlowRegions { latency_ms } => local.set_region_link(LinkState {
+            cut: false,
+            latency_ms,
+        }),
         ChaosFault::Command { .. } => {
             return Some("a described deployment's fault drawn for a local one".into());
         }
@@ -302,6 +355,9 @@ async fn repair_local(local: &mut Local, f: &ChaosFault) -> Result<(), DrillErro
             local.set_nats_links(server, LinkState::default())
         }
         ChaosFault::FillDisk { server } => local.free_disk(server),
+        ChaosFault::CutRegions | ChaosFault::SlowRegions { .. } => {
+            local.set_region_link(LinkState::default())
+        }
         // Killed processes are started again by `ensure_all_ready`.
         ChaosFault::KillNode { .. }
         | ChaosFault::KillNats { .. }
@@ -443,6 +499,7 @@ pub async fn run(
     let mut report = Report::build(Inputs {
         scenario: &scenario,
         deployment: match &target {
+            Target::Local(local) if local.two_regions() => "a local deployment of two regions (A active, B standby: one NATS server in its own JetStream domain and one Haven node each, B's leafnode connection to A through a link that faults cut and slow, HAProxy as the global load balancer)".to_owned(),
             Target::Local(local) => format!(
                 "a local deployment ({} NATS servers in one JetStream cluster, routed to each other and to {} Haven nodes through cuttable links, HAProxy)",
                 local.nats_count(),
@@ -469,6 +526,7 @@ pub async fn run(
         "faults_planned": plan.len(),
         "faults_done": done,
         "disks": matches!(&target, Target::Local(l) if l.has_disks()),
+        "regions": if matches!(&target, Target::Local(l) if l.two_regions()) { 2 } else { 1 },
         "schedule": plan,
     }));
     let dir = save(&opts.reports, &report)?;
@@ -516,5 +574,43 @@ mod tests {
             }
         );
         assert_eq!(a[3].fault, ChaosFault::StoreOutage);
+    }
+
+    #[test]
+    fn a_two_region_schedule_draws_faults_between_and_within_the_regions() {
+        let a = schedule_regions(5, 200);
+        assert_eq!(a, schedule_regions(5, 200));
+        assert_ne!(a, schedule_regions(6, 200));
+        for kind in [
+            "cut-regions",
+            "slow-regions",
+            "kill-node",
+            "pause-node",
+            "kill-nats",
+            "pause-nats",
+        ] {
+            assert!(
+                a.iter()
+                    .any(|p| serde_json::to_value(&p.fault).unwrap()["kind"] == kind),
+                "{kind}"
+            );
+        }
+        // Only the two regions' one node and one server each.
+        for p in &a {
+            match p.fault {
+                ChaosFault::KillNode { node } | ChaosFault::PauseNode { node } => {
+                    assert!(node < 2)
+                }
+                ChaosFault::KillNats { server } | ChaosFault::PauseNats { server } => {
+                    assert!(server < 2)
+                }
+                ChaosFault::CutRegions => {}
+                ChaosFault::SlowRegions { latency_ms } => {
+                    assert!((50..=500).contains(&latency_ms))
+                }
+                ref f => panic!("{f:?} drawn for two regions"),
+            }
+        }
+        assert!(a.iter().all(|p| (0.5..=8.0).contains(&p.lasts)));
     }
 }

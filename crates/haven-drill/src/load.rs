@@ -32,6 +32,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const LONG_CALL_DEADLINE: Duration = Duration::from_secs(60);
 /// A long call's stream with no event for this long is resumed.
 const STREAM_IDLE: Duration = Duration::from_secs(5);
+/// Resumptions in a row answered "no such stream" (400) or "no such session" (404) after
+/// which a long call's client gives up on it.
+const GONE_AFTER: u32 = 25;
 
 /// What a client does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -125,6 +128,24 @@ pub struct LongCall {
     stream: Option<String>,
     #[serde(skip)]
     id: u64,
+}
+
+impl LongCall {
+    /// A long call as a report sees it (for tests of reports).
+    #[cfg(test)]
+    pub(crate) fn seen(start: f64, finals_seen: u32, finals_stored: Option<u32>) -> LongCall {
+        LongCall {
+            client: 0,
+            start,
+            end: (finals_seen > 0).then_some(start + 1.0),
+            finals_seen,
+            resumes: 0,
+            finals_stored,
+            session: String::new(),
+            stream: Some(String::new()),
+            id: 1,
+        }
+    }
 }
 
 /// One task as its client saw it.
@@ -901,6 +922,8 @@ async fn long_call(
     let mut last: Option<String> = None;
     // Whether the stream read now has sent nothing yet since it was resumed.
     let mut quiet = false;
+    // Resumptions in a row answered that the stream or the session is not there.
+    let mut gone = 0;
     while Instant::now() < deadline {
         let Some(s) = reader.as_mut() else {
             let Some(after) = last.clone() else {
@@ -911,6 +934,21 @@ async fn long_call(
                 Ok(r) => {
                     reader = Some(SseReader::new(r));
                     quiet = true;
+                    gone = 0;
+                }
+                Err(e) if e == "http-400" || e == "http-404" => {
+                    // The deployment's state holds no such stream or session: a restore
+                    // took it back to a point before the call. Asked again for a while
+                    // (a region that takes over may still be receiving it), then given up.
+                    gone += 1;
+                    if gone >= GONE_AFTER {
+                        return Some(if e == "http-404" {
+                            "session-lost".into()
+                        } else {
+                            "stream-gone".into()
+                        });
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }

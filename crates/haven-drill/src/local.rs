@@ -1030,9 +1030,11 @@ impl Local {
         };
         let proxies = if self.opts.two_regions {
             // The README's global load balancer: /regionz answers 200 only from the active
-            // region's caught-up nodes; with none, any ready node serves.
+            // region's caught-up nodes; with none, the first ready node in the list serves
+            // (every client to one region: spread over both, a client's session or task made
+            // in one region would be looked up in the other, which may not have it yet).
             format!(
-                "frontend mcp\n    bind 127.0.0.1:{port}\n    use_backend active if {{ nbsrv(active) gt 0 }}\n    default_backend standby\n\nbackend active\n    option httpchk GET /regionz\n    http-check expect status 200\n{}\nbackend standby\n    option httpchk GET /readyz\n    http-check expect status 200\n{}",
+                "frontend mcp\n    bind 127.0.0.1:{port}\n    use_backend active if {{ nbsrv(active) gt 0 }}\n    default_backend standby\n\nbackend active\n    option httpchk GET /regionz\n    http-check expect status 200\n{}\nbackend standby\n    balance first\n    option httpchk GET /readyz\n    http-check expect status 200\n{}",
                 global("a"),
                 global("s")
             )

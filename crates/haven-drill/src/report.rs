@@ -66,6 +66,10 @@ pub struct ExactlyOnce {
     pub never_answered: u64,
     /// Those whose stream could not be read back.
     pub unread: u64,
+    /// Never answered, and forgotten as the target allows: sent after a restore point, or
+    /// within a cold region's window before the fault (the restored state holds no stream).
+    #[serde(default)]
+    pub rolled_back: u64,
     /// Resumptions with `Last-Event-ID` over all calls.
     pub resumes: u64,
 }
@@ -430,19 +434,6 @@ impl Report {
             });
         }
 
-        let mut exactly_once = ExactlyOnce::default();
-        for c in i.long_calls {
-            exactly_once.calls += 1;
-            exactly_once.resumes += u64::from(c.resumes);
-            let finals = c.finals_stored.unwrap_or(c.finals_seen).max(c.finals_seen);
-            match (finals, c.finals_stored) {
-                (0, Some(_)) => exactly_once.never_answered += 1,
-                (0, None) => exactly_once.unread += 1,
-                (1, _) => exactly_once.answered_once += 1,
-                _ => exactly_once.answered_twice += 1,
-            }
-        }
-
         let point = i.restore_point.unwrap_or(f64::INFINITY);
         let absent: Vec<&Ack> = i
             .acks
@@ -485,6 +476,22 @@ impl Report {
                 && fault_at - at <= s.haven_rpo_window.as_secs_f64()
         };
         let lost_beyond_target = missing_at.iter().filter(|at| !window_allows(**at)).count();
+        let mut exactly_once = ExactlyOnce::default();
+        for c in i.long_calls {
+            exactly_once.calls += 1;
+            exactly_once.resumes += u64::from(c.resumes);
+            let finals = c.finals_stored.unwrap_or(c.finals_seen).max(c.finals_seen);
+            match (finals, c.finals_stored) {
+                (0, _) if c.start > point || window_allows(c.start) => {
+                    exactly_once.rolled_back += 1
+                }
+                (0, Some(_)) => exactly_once.never_answered += 1,
+                (0, None) => exactly_once.unread += 1,
+                (1, _) => exactly_once.answered_once += 1,
+                _ => exactly_once.answered_twice += 1,
+            }
+        }
+
         let mut tasks = TaskOutcome::default();
         for t in i.tasks {
             tasks.created += 1;
@@ -701,11 +708,16 @@ impl Report {
         }
         let _ = writeln!(
             m,
-            "| requests answered twice or never | none | none | {} twice, {} never, {} unread (of {} long calls) |",
+            "| requests answered twice or never | none | none | {} twice, {} never, {} unread (of {} long calls{}) |",
             self.exactly_once.answered_twice,
             self.exactly_once.never_answered,
             self.exactly_once.unread,
-            self.exactly_once.calls
+            self.exactly_once.calls,
+            if self.exactly_once.rolled_back > 0 {
+                format!(", {} rolled back", self.exactly_once.rolled_back)
+            } else {
+                String::new()
+            }
         );
         let t = &self.tasks;
         let _ = writeln!(
@@ -941,7 +953,7 @@ fn escape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::load::Kind;
+    use crate::load::{Kind, LongCall};
     use crate::scenario;
 
     fn sample(client: u32, kind: Kind, start: f64, end: f64, error: Option<&str>) -> Sample {
@@ -1217,6 +1229,65 @@ mod tests {
         // A task never ended fails the drill.
         let r = build(&[task(1.0, None, false, Some("working"))], None);
         assert_eq!(r.tasks.unfinished, 1);
+        assert!(!r.passed);
+    }
+
+    #[test]
+    fn long_calls_sent_after_a_restore_point_may_be_forgotten_and_no_others() {
+        let scenario = scenario::find("point-in-time-restore").unwrap();
+        let calls = vec![
+            LongCall::seen(1.0, 1, Some(1)),
+            // Answered before the restore, its stream taken back: the client had its answer.
+            LongCall::seen(10.5, 1, Some(0)),
+            // Sent after the point, never answered, its stream gone with the restore.
+            LongCall::seen(11.0, 0, None),
+            LongCall::seen(11.5, 0, Some(0)),
+        ];
+        let build = |calls: &[LongCall], point: Option<f64>| {
+            Report::build(Inputs {
+                scenario: &scenario,
+                deployment: "test".into(),
+                rate: 1.0,
+                started_unix: 0,
+                duration: 20.0,
+                samples: &[sample(0, Kind::Stateless, 0.0, 0.1, None)],
+                acks: &[],
+                missing: &[],
+                long_calls: calls,
+                tasks: &[],
+                marks: vec![Mark {
+                    at: 10.0,
+                    kind: "fault".into(),
+                    what: "the fault".into(),
+                }],
+                measured: vec![],
+                restore_point: point,
+            })
+        };
+        let r = build(&calls, Some(10.0));
+        let e = &r.exactly_once;
+        assert_eq!(
+            (
+                e.calls,
+                e.answered_once,
+                e.rolled_back,
+                e.never_answered,
+                e.unread
+            ),
+            (4, 2, 2, 0, 0)
+        );
+        assert!(r.passed, "{:?}", r.findings);
+        assert!(r.markdown().contains("2 rolled back"), "{}", r.markdown());
+        // Without a restore, the same calls are never answered or unread: the drill fails.
+        let r = build(&calls, None);
+        assert_eq!(
+            (r.exactly_once.never_answered, r.exactly_once.unread),
+            (1, 1)
+        );
+        assert!(!r.passed);
+        // A call sent before the point must be answered.
+        let r = build(&[LongCall::seen(9.0, 0, Some(0))], Some(10.0));
+        assert_eq!(r.exactly_once.never_answered, 1);
         assert!(!r.passed);
     }
 }

@@ -181,15 +181,7 @@ async fn run_one(
             admin_token: Some(token.clone()),
             rate: opts.rate,
             clients_per_kind: 2,
-            // A restore takes streams back in time: a legacy client that saw events past the
-            // point may hold the index at which the request's new final event lands, and its
-            // resumption, at the final event's index, gets nothing (see the README's
-            // "point-in-time-restore"). The restore drills run no long calls.
-            long_clients: if matches!(scenario.fault, Fault::CorruptData | Fault::ColdRegion) {
-                0
-            } else {
-                3
-            },
+            long_clients: 3,
             task_clients: 2,
             long_seconds: opts.long_seconds,
             run,

@@ -4,7 +4,7 @@
 //! record (`haven_cluster::ownership`, key [`owner_key`]: who runs it, at which epoch); every
 //! write to the stream is fenced by the latter.
 
-use haven_state::{Batch, Expect, Store, StoreError};
+use haven_state::{Batch, Expect, Hlc, Store, StoreError};
 use serde::{Deserialize, Serialize};
 
 /// Namespace of in-flight request records.
@@ -104,18 +104,54 @@ pub fn new_stream_id() -> String {
     format!("{:016x}", haven_state::ids::random_u64())
 }
 
-/// The SSE event id of event `index` of `stream`. Index 0 is the priming event.
-pub fn event_id(stream: &str, index: u64) -> String {
-    format!("{stream}-{index}")
+/// The SSE event id of event `index` of `stream`, written at `hlc` (its version's timestamp).
+/// Index 0 is the priming event, which has no timestamp; an event whose timestamp is not
+/// known to the sender (its write's answer was lost) is named by its index alone.
+///
+/// The timestamp tells the events of one history from those of another: after a restore to
+/// an earlier point, or a takeover by a region that had not received every event, the stream
+/// goes on at indices a client may already have seen, with other events.
+pub fn event_id(stream: &str, index: u64, hlc: Option<Hlc>) -> String {
+    match hlc {
+        Some(h) if index > 0 => format!("{stream}-{index}.{:x}", h.0),
+        _ => format!("{stream}-{index}"),
+    }
 }
 
-/// Splits an SSE event id into stream id and index.
-pub fn parse_event_id(id: &str) -> Option<(&str, u64)> {
-    let (stream, index) = id.rsplit_once('-')?;
+/// An SSE event id, parsed: see [`event_id`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventId<'a> {
+    /// The stream id.
+    pub stream: &'a str,
+    /// The event's index (0: the priming event).
+    pub index: u64,
+    /// The timestamp of the write that appended the event, when the id names it.
+    pub hlc: Option<Hlc>,
+}
+
+/// Parses an SSE event id made by [`event_id`].
+pub fn parse_event_id(id: &str) -> Option<EventId<'_>> {
+    let (stream, position) = id.rsplit_once('-')?;
     if stream.is_empty() || !stream.bytes().all(|b| b.is_ascii_alphanumeric()) {
         return None;
     }
-    Some((stream, index.parse().ok()?))
+    let (index, hlc) = match position.split_once('.') {
+        Some((index, hlc)) => {
+            if hlc.is_empty() || !hlc.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
+            (index, Some(Hlc(u64::from_str_radix(hlc, 16).ok()?)))
+        }
+        None => (position, None),
+    };
+    if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(EventId {
+        stream,
+        index: index.parse().ok()?,
+        hlc,
+    })
 }
 
 /// Who runs an in-flight request, and what it is.
@@ -228,15 +264,15 @@ pub fn execution_batch(
 }
 
 /// Appends events to a stream nobody owns (the standalone GET stream) durably; returns the
-/// index of the last.
+/// index and timestamp of each, in order.
 pub async fn append(
     store: &dyn Store,
     session: &str,
     stream: &str,
     events: &[(String, bool)],
-) -> Result<u64, StoreError> {
+) -> Result<Vec<(u64, Hlc)>, StoreError> {
     let commit = store.commit(append_batch(session, stream, events)).await?;
-    Ok(last_index(&commit))
+    Ok(appended(&commit))
 }
 
 /// Opens a stream nobody owns (the standalone GET stream): its in-flight record.
@@ -244,22 +280,20 @@ pub async fn open(
     store: &dyn Store,
     inflight: &InflightRecord,
     events: &[(String, bool)],
-) -> Result<u64, StoreError> {
-    let commit = store.commit(open_batch(inflight, events)).await?;
-    Ok(last_index(&commit))
+) -> Result<(), StoreError> {
+    store.commit(open_batch(inflight, events)).await.map(|_| ())
 }
 
-/// The index of the last event a commit appended (0: none).
-fn last_index(commit: &haven_state::Commit) -> u64 {
+/// The index and timestamp of each event a commit appended, in order.
+pub fn appended(commit: &haven_state::Commit) -> Vec<(u64, Hlc)> {
     commit
         .outcomes
         .iter()
         .filter_map(|o| match o {
-            haven_state::Outcome::Appended { index, .. } => Some(*index),
+            haven_state::Outcome::Appended { index, hlc, .. } => Some((*index, *hlc)),
             _ => None,
         })
-        .max()
-        .unwrap_or(0)
+        .collect()
 }
 
 /// Stored events of a stream after `after`.
@@ -340,9 +374,26 @@ mod tests {
     #[test]
     fn event_ids_round_trip() {
         let s = new_stream_id();
-        assert_eq!(parse_event_id(&event_id(&s, 42)), Some((s.as_str(), 42)));
-        assert_eq!(parse_event_id("nope"), None);
-        assert_eq!(parse_event_id("a/b-1"), None);
-        assert_eq!(parse_event_id("-1"), None);
+        let hlc = Hlc::new(1_790_000_000_000, 7);
+        for (index, hlc, want) in [
+            (42, Some(hlc), Some(hlc)),
+            (42, None, None),
+            // The priming event has no timestamp.
+            (0, Some(hlc), None),
+        ] {
+            assert_eq!(
+                parse_event_id(&event_id(&s, index, hlc)),
+                Some(EventId {
+                    stream: &s,
+                    index,
+                    hlc: want
+                })
+            );
+        }
+        for bad in [
+            "nope", "a/b-1", "-1", "a-", "a-1.", "a-.1f", "a-1.xyz", "a-+1", "a-1.+f",
+        ] {
+            assert_eq!(parse_event_id(bad), None, "{bad}");
+        }
     }
 }

@@ -349,17 +349,14 @@ impl Client {
                     continue;
                 };
                 let Some(id) = id else { continue };
-                if let Some((stream, index)) = haven_mcp::stream::parse_event_id(&id) {
-                    log.stream.get_or_insert_with(|| stream.to_owned());
-                    if index > 0 {
-                        log.indexes.push(index);
+                if let Some(e) = haven_mcp::stream::parse_event_id(&id) {
+                    log.stream.get_or_insert_with(|| e.stream.to_owned());
+                    if e.index > 0 {
+                        log.indexes.push(e.index);
+                        if !data.is_empty() {
+                            log.received.push((e.index, data.clone()));
+                        }
                     }
-                }
-                if let Some((_, index)) = haven_mcp::stream::parse_event_id(&id)
-                    && index > 0
-                    && !data.is_empty()
-                {
-                    log.received.push((index, data.clone()));
                 }
                 last_id = Some(id);
                 if data.is_empty() {

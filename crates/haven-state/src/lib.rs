@@ -66,6 +66,7 @@ macro_rules! wrap_store {
             async fn last_seq(&self) -> $crate::StoreResult<u64> { self.$inner.last_seq().await }
             fn subscribe(&self) -> $crate::__private::Receiver<::std::sync::Arc<$crate::LogEntry>> { self.$inner.subscribe() }
             fn shared(&self) -> bool { self.$inner.shared() }
+            async fn sync(&self) -> $crate::StoreResult<()> { self.$inner.sync().await }
             async fn describe(&self) -> $crate::__private::Value { self.$inner.describe().await }
             async fn state_entries(&self) -> $crate::StoreResult<(u64, Vec<$crate::LogEntry>)> { self.$inner.state_entries().await }
             async fn reclaim(&self, r: &$crate::Reclaim) -> $crate::StoreResult<$crate::Reclaimed> { self.$inner.reclaim(r).await }

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use crate::clock::HybridClock;
+use crate::clock::{Hlc, HybridClock};
 use crate::record::{Change, Origin, Record, StoredRecord, StreamEvent, Version};
 use crate::store::{Batch, Expect, Op, Outcome, StoreError, StoreResult};
 
@@ -42,7 +42,8 @@ pub struct PlannedWrite {
 #[derive(Clone, Copy, Debug)]
 enum Kind {
     Written,
-    Appended(u64),
+    /// An event: its index and its version's timestamp.
+    Appended(u64, Hlc),
 }
 
 /// The changes a batch appends and the outcome of each of its operations.
@@ -71,9 +72,10 @@ impl Plan {
                 Some((pos, Kind::Written)) => Outcome::Written {
                     revision: first_seq + *pos as u64,
                 },
-                Some((pos, Kind::Appended(index))) => Outcome::Appended {
+                Some((pos, Kind::Appended(index, hlc))) => Outcome::Appended {
                     index: *index,
                     seq: first_seq + *pos as u64,
+                    hlc: *hlc,
                 },
             })
             .collect()
@@ -259,9 +261,9 @@ pub(crate) fn plan(
                     data: data.clone(),
                 };
                 let expected = first_touch(true, stream, "").then_some(last_seq);
-                let index = *next;
+                let (index, hlc) = (*next, event.version.hlc);
                 events.insert((stream.clone(), index), event.clone());
-                plan.push(Change::Event(event), expected, Kind::Appended(index));
+                plan.push(Change::Event(event), expected, Kind::Appended(index, hlc));
             }
             Op::Merge(r) => {
                 clock.observe(r.version.hlc);
@@ -298,7 +300,11 @@ pub(crate) fn plan(
                 *head = (*head).max(e.index);
                 let expected = first_touch(true, &e.stream, "").then_some(last_seq);
                 events.insert(k, e.clone());
-                plan.push(Change::Event(e.clone()), expected, Kind::Appended(e.index));
+                plan.push(
+                    Change::Event(e.clone()),
+                    expected,
+                    Kind::Appended(e.index, e.version.hlc),
+                );
             }
         }
     }
@@ -349,11 +355,28 @@ mod tests {
         .unwrap();
         assert_eq!(p.writes[0].expected, Some(0));
         assert_eq!(p.writes[1].expected, None);
+        let hlcs: Vec<Hlc> = p
+            .writes
+            .iter()
+            .map(|w| match &w.change {
+                Change::Event(e) => e.version.hlc,
+                Change::Record(_) => unreachable!("only appends"),
+            })
+            .collect();
+        assert!(hlcs[0] < hlcs[1], "each event has its own timestamp");
         assert_eq!(
             p.outcomes(10),
             vec![
-                Outcome::Appended { index: 1, seq: 10 },
-                Outcome::Appended { index: 2, seq: 11 }
+                Outcome::Appended {
+                    index: 1,
+                    seq: 10,
+                    hlc: hlcs[0]
+                },
+                Outcome::Appended {
+                    index: 2,
+                    seq: 11,
+                    hlc: hlcs[1]
+                }
             ]
         );
     }

@@ -578,6 +578,10 @@ impl<L: SharedLog> Store for ReplicatedStore<L> {
         self.log.shared()
     }
 
+    async fn sync(&self) -> StoreResult<()> {
+        self.catch_up(COMMIT_TIMEOUT).await
+    }
+
     async fn describe(&self) -> serde_json::Value {
         let mut out = self.log.describe().await;
         let index = self.follower.index.read();

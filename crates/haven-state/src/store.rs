@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 use tokio::sync::broadcast;
 
-use crate::clock::HybridClock;
+use crate::clock::{Hlc, HybridClock};
 use crate::record::{LogEntry, Origin, Record, StoredRecord, StreamEvent};
 
 /// Errors of the state layer.
@@ -213,6 +213,10 @@ pub enum Outcome {
         index: u64,
         /// Its change-log sequence.
         seq: u64,
+        /// Its version's timestamp: with the index, it names the event in every copy of the
+        /// log (a replica, a backup, a region restored from it), and tells it from another
+        /// event written at the same index in a history restored to an earlier point.
+        hlc: Hlc,
     },
     /// A merge that changed nothing (the store already held this or a newer version).
     Unchanged,
@@ -305,6 +309,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Checks that the store can take a durable write right now.
     async fn check_writable(&self) -> StoreResult<()>;
+
+    /// Brings this node's view up to every write acknowledged before the call, on any node:
+    /// reads that do not wait by themselves ([`Store::read_events`], a [`Store::get_raw`] of a
+    /// key this node holds) then see them. A store that one process alone writes always sees
+    /// them.
+    async fn sync(&self) -> StoreResult<()> {
+        Ok(())
+    }
 
     /// Whether several nodes share this store (a cluster): then node-local files cannot hold
     /// state that belongs to the region.

@@ -652,7 +652,9 @@ impl SseEvent {
 
     /// The index part of a `<stream>-<index>` id.
     pub fn index(&self) -> Option<u64> {
-        self.id.as_deref()?.rsplit_once('-')?.1.parse().ok()
+        let position = self.id.as_deref()?.rsplit_once('-')?.1;
+        // `<stream>-<index>` or `<stream>-<index>.<timestamp>`.
+        position.split('.').next()?.parse().ok()
     }
 }
 

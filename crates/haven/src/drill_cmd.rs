@@ -286,6 +286,12 @@ pub async fn chaos(args: ChaosArgs) -> Result<ExitCode> {
     if args.nodes < 2 {
         bail!("--nodes must be at least 2");
     }
+    let two_regions = args.regions == 2;
+    if two_regions && args.deployment.is_some() {
+        bail!(
+            "--regions is for a local deployment; a described deployment's faults are its file's"
+        );
+    }
     let max = seconds("max-minutes", args.max_minutes * 60.0)?;
     let described = args
         .deployment
@@ -302,6 +308,7 @@ pub async fn chaos(args: ChaosArgs) -> Result<ExitCode> {
             }
             chaos::schedule_described(args.seed, args.faults, &drills)
         }
+        None if two_regions => chaos::schedule_regions(args.seed, args.faults),
         None => chaos::schedule(args.seed, args.faults, args.nodes, 3),
     };
     if args.plan {
@@ -353,10 +360,11 @@ pub async fn chaos(args: ChaosArgs) -> Result<ExitCode> {
         nodes: args.nodes,
         dir: dir.clone(),
         keep: args.keep,
-        links: true,
-        two_regions: false,
+        // Two regions: one link between them, which the faults cut and slow.
+        links: !two_regions,
+        two_regions,
         backup: BackupStore::Off,
-        disks: true,
+        disks: !two_regions,
     })
     .await;
     let mut local = removing_on_error(started, &dir, args.keep)?;

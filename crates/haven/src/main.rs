@@ -480,6 +480,29 @@ async fn start_engine(
         .map(|r: Arc<haven_cluster::regions::Regions>| {
             haven_mcp::engine::RecoveryGate(Arc::new(move || r.heard_all()))
         });
+    // Before a session or task is answered as not found: catch up with the other regions
+    // (at most 2 s), and look again. A region this one could not catch up with counts only
+    // while it was heard within the last minute: one silent longer serves no client (and a
+    // region lost for good must not make every unknown session "retry later" forever).
+    let region_sync = regions
+        .clone()
+        .map(|r: Arc<haven_cluster::regions::Regions>| {
+            haven_mcp::engine::RegionSync(Arc::new(move || {
+                let r = r.clone();
+                Box::pin(async move {
+                    let behind = r
+                        .catch_up_with_peers(std::time::Duration::from_secs(2))
+                        .await;
+                    behind
+                        .into_iter()
+                        .filter(|p| {
+                            r.silent_for(p)
+                                .is_some_and(|d| d < std::time::Duration::from_secs(60))
+                        })
+                        .collect()
+                })
+            }))
+        });
     let region_lease = regions.as_ref().and_then(|r| r.lease());
     let client_limits = Arc::new(haven_mcp::limits::ClientLimits::default());
     let policy = haven_auth::Policy::follow(store.clone())
@@ -487,6 +510,7 @@ async fn start_engine(
         .context("reading the authorization rules")?;
     let engine_config = EngineConfig {
         recovery_gate,
+        region_sync,
         region_lease,
         node_id: node,
         legacy_responses: s.legacy_responses,

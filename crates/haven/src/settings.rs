@@ -107,6 +107,11 @@ pub struct ChaosArgs {
     /// Haven nodes of the local deployment
     #[arg(long, default_value_t = 3, value_name = "N")]
     pub nodes: usize,
+    /// Regions of the local deployment: 1 (its nodes and three NATS servers; faults on
+    /// nodes, servers, links, routes and disks) or 2 (regions A and B, one node and one NATS
+    /// server each; faults on the link between them and on each region's node and server)
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub regions: u8,
     /// The nats-server binary [default: nats-server on PATH]
     #[arg(
         long,

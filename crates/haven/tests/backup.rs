@@ -578,6 +578,146 @@ async fn kill9_during_shipping_then_data_loss_is_at_most_one_interval() {
     );
 }
 
+/// A client that saw events of a stream beyond a point the node is then restored to: the
+/// restored node settles the interrupted request at an index the client already saw, with
+/// another event. The event id names the write, so the client's resumption is told apart:
+/// it gets the restored history's final answer, exactly once (an index alone would say it
+/// had it, and it would wait forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_from_before_a_point_in_time_restore_gets_the_restored_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let url = dir.path().join("backup").to_str().unwrap().to_owned();
+    let k = key.to_str().unwrap().to_owned();
+    let args = ["--backup-url", &url, "--backup-key-file", &k];
+    let mut h = Haven::start(&dir.path().join("data"), free_port(), "default", &args).await;
+    let client = common::Legacy::connect(&h.url()).await;
+    let r = client
+        .post_raw(
+            json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{
+            "name":"sleep","arguments":{"seconds":4},"_meta":{"progressToken":"pitr"}}}),
+        )
+        .await;
+    let mut sse = common::SseReader::new(r);
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let e = sse.next().await.expect("the call's stream goes on");
+        if !e.data.is_empty() {
+            assert_eq!(e.json()["method"], "notifications/progress", "{e:?}");
+            seen.push(e.id.expect("events have ids"));
+        }
+    }
+    drop(sse);
+    let first = haven_mcp::stream::parse_event_id(&seen[0]).unwrap();
+    let second = haven_mcp::stream::parse_event_id(&seen[1]).unwrap();
+    assert_eq!((first.index, second.index), (1, 2), "{seen:?}");
+    // The point: when the first progress event was written (the second came a second later).
+    let point = first
+        .hlc
+        .expect("a stored event's id names its write")
+        .millis();
+    assert!(second.hlc.unwrap().millis() > point, "{seen:?}");
+    let r = admin(&h, reqwest::Method::POST, "/admin/v1/backup/now").await;
+    assert!(r["shipped_seq"].as_u64().is_some(), "{r}");
+    h.kill9();
+
+    let restored = dir.path().join("restored");
+    let at = haven_backup::fmt_millis(point);
+    let (code, out, err) = restore_cli(&url, &k, &restored, &["--at", &at], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    // The node is restored in place (its identity kept): a call it was running is settled
+    // with an "interrupted" error, at once, at the next index.
+    std::fs::copy(dir.path().join("data/node-id"), restored.join("node-id")).unwrap();
+    let mut h = Haven::start(&restored, free_port(), "default", &[]).await;
+    let client = client.with_url(&h.url());
+    // Read whole after `last`: the restored history's events, until the stream ends.
+    let read_after = |last: String| {
+        let client = &client;
+        async move {
+            let r = client.resume(&last).await;
+            assert_eq!(r.status(), 200, "resuming after {last}");
+            let mut sse = common::SseReader::new(r);
+            let mut events = Vec::new();
+            while let Some(e) = tokio::time::timeout(Duration::from_secs(60), sse.next())
+                .await
+                .expect("a resumed stream ends or sends within 60 s")
+            {
+                if !e.data.is_empty() {
+                    events.push(e);
+                }
+            }
+            events
+        }
+    };
+
+    // The client that saw event 2 of the history the restore rolled back: the restored
+    // node settled the request at index 2 (an interrupted call's error), which that client
+    // has not seen.
+    let after_second = read_after(seen[1].clone()).await;
+    assert_eq!(after_second.len(), 1, "{after_second:?}");
+    let answer = &after_second[0];
+    assert_eq!(answer.index(), Some(2), "{answer:?}");
+    assert_ne!(
+        answer.id.as_ref(),
+        Some(&seen[1]),
+        "another event than the one seen"
+    );
+    let v = answer.json();
+    assert_eq!(v["id"], 7, "{v}");
+    assert_eq!(v["error"]["data"]["interrupted"], true, "{v}");
+    // The client that saw only event 1 (which the restore kept) gets the same answer.
+    let after_first = read_after(seen[0].clone()).await;
+    assert_eq!(
+        after_first.iter().map(|e| e.id.clone()).collect::<Vec<_>>(),
+        vec![answer.id.clone()]
+    );
+    // And the answer's own id: nothing more.
+    assert!(read_after(answer.id.clone().unwrap()).await.is_empty());
+    h.kill9();
+
+    // The same point restored under another identity (a new machine): the process that ran
+    // the call is gone (an embedded store is open in one process alone), so the node runs
+    // the idempotent call again at once, into the same stream after the point.
+    let moved = dir.path().join("moved");
+    let (code, out, err) = restore_cli(&url, &k, &moved, &["--at", &at], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let h = Haven::start(&moved, free_port(), "default", &[]).await;
+    let client = client.with_url(&h.url());
+    let events = {
+        let r = client.resume(&seen[1]).await;
+        assert_eq!(r.status(), 200);
+        let mut sse = common::SseReader::new(r);
+        let mut events = Vec::new();
+        while let Some(e) = tokio::time::timeout(Duration::from_secs(60), sse.next())
+            .await
+            .expect("the call is run again and answered within 60 s")
+        {
+            if !e.data.is_empty() {
+                events.push(e);
+            }
+        }
+        events
+    };
+    let indexes: Vec<_> = events.iter().map(|e| e.index().unwrap()).collect();
+    let want: Vec<u64> = (2..2 + events.len() as u64).collect();
+    assert_eq!(
+        indexes, want,
+        "from the first event after the point, in order: {events:?}"
+    );
+    let answers: Vec<Value> = events
+        .iter()
+        .map(|e| e.json())
+        .filter(|v| v.get("id").is_some())
+        .collect();
+    assert_eq!(answers.len(), 1, "{events:?}");
+    assert_eq!(answers[0]["id"], 7);
+    assert!(answers[0]["result"].is_object(), "{}", answers[0]);
+    assert!(
+        events.last().unwrap().json().get("id").is_some(),
+        "{events:?}"
+    );
+}
+
 /// A note overwritten again and again: once the backup has shipped the versions, the node
 /// reclaims them (its store file stops growing with the history), and a point-in-time
 /// restore between two versions still gives exactly the earlier one.

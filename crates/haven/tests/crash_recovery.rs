@@ -199,8 +199,8 @@ async fn a_resumption_past_the_final_event_gets_the_final_event() {
     let result = sse.next().await.unwrap();
     assert_eq!(result.json()["result"]["content"][0]["text"], "once");
     let id = result.id.clone().unwrap();
-    let (stream, index) = id.rsplit_once('-').unwrap();
-    let index: u64 = index.parse().unwrap();
+    let stream = id.rsplit_once('-').unwrap().0;
+    let index = result.index().unwrap();
     for after in [index + 1, index + 5] {
         let after = format!("{stream}-{after}");
         let mut sse = SseReader::new(client.resume(&after).await);

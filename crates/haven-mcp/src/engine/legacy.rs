@@ -114,7 +114,18 @@ async fn open_session(
     match inner.sessions.load(&*inner.store, sid).await {
         // Another principal's session is answered exactly like one that does not exist.
         Ok(Some(s)) if s.record.belongs_to(principal) => Ok(s),
-        Ok(_) => Err(session_not_found()),
+        Ok(None) => {
+            let again = super::look_again(inner, "The session", || async {
+                inner.sessions.load(&*inner.store, sid).await
+            })
+            .await;
+            match again {
+                Ok(Some(s)) if s.record.belongs_to(principal) => Ok(s),
+                Ok(_) => Err(session_not_found()),
+                Err((message, e)) => Err(Rejection::store(None, message, &e).into()),
+            }
+        }
+        Ok(Some(_)) => Err(session_not_found()),
         Err(e) => Err(unavailable(e)),
     }
 }
@@ -409,14 +420,25 @@ async fn deliver(
     open_stream(inner, call, rx, first, cancel, fence).await
 }
 
-fn frames_for(stream_id: &str, first_index: u64, events: &[(String, bool)]) -> Vec<SseFrame> {
+/// The frames of `events`, stored from index `first_index` on; `hlcs`: the timestamps their
+/// commit gave them (empty when the answer of the commit that stored them was lost).
+fn frames_for(
+    stream_id: &str,
+    first_index: u64,
+    hlcs: &[(u64, haven_state::Hlc)],
+    events: &[(String, bool)],
+) -> Vec<SseFrame> {
     events
         .iter()
         .enumerate()
-        .map(|(i, (data, _))| SseFrame::Event {
-            id: Some(stream::event_id(stream_id, first_index + i as u64)),
-            retry: None,
-            data: data.clone(),
+        .map(|(i, (data, _))| {
+            let index = first_index + i as u64;
+            let hlc = hlcs.iter().find(|(at, _)| *at == index).map(|(_, h)| *h);
+            SseFrame::Event {
+                id: Some(stream::event_id(stream_id, index, hlc)),
+                retry: None,
+                data: data.clone(),
+            }
         })
         .collect()
 }
@@ -486,18 +508,23 @@ async fn open_stream(
     let lease = inner.config.region_lease.clone();
     let opened = if finished {
         // Complete at once: nothing runs on, so nothing needs an owner.
-        store.commit(batch).await.map(|_| None)
+        store
+            .commit(batch)
+            .await
+            .map(|c| (None, stream::appended(&c)))
     } else {
         fence
             .attach(|effects| async move {
                 let owner = haven_cluster::Owner { effects, ..owner };
                 haven_cluster::Execution::open_leased(store, &key, owner, batch, lease.as_ref())
                     .await
-                    .map(|(execution, _)| (execution.clone(), Some(execution)))
+                    .map(|(execution, c)| {
+                        (execution.clone(), (Some(execution), stream::appended(&c)))
+                    })
             })
             .await
     };
-    let execution = match opened {
+    let (execution, hlcs) = match opened {
         Ok(e) => e,
         Err(e) => {
             inner
@@ -514,12 +541,12 @@ async fn open_stream(
     };
     let (live_tx, live_rx) = mpsc::unbounded_channel::<SseFrame>();
     let _ = live_tx.send(SseFrame::Event {
-        id: Some(stream::event_id(&stream_id, 0)),
+        id: Some(stream::event_id(&stream_id, 0, None)),
         retry: Some(inner.config.sse_retry_millis),
         data: String::new(),
     });
     let visible = close_at.unwrap_or(events.len());
-    for f in frames_for(&stream_id, 1, &events[..visible]) {
+    for f in frames_for(&stream_id, 1, &hlcs, &events[..visible]) {
         let _ = live_tx.send(f);
     }
     let live = if finished || close_at.is_some() {
@@ -708,17 +735,16 @@ async fn pump(
         };
         let (events, finished, close_at) = to_events(items);
         if !events.is_empty() {
-            let stored = store_events(&p, &events, finished).await;
-            if !stored {
+            let Some(hlcs) = store_events(&p, &events, finished).await else {
                 // Another node owns the stream now: it answers; this handler stops.
                 cancel.cancel();
                 break;
-            }
+            };
             let first_index = p.next_index;
             p.next_index += events.len() as u64;
             if let Some(tx) = &live {
                 let visible = close_at.unwrap_or(events.len());
-                for f in frames_for(&p.stream, first_index, &events[..visible]) {
+                for f in frames_for(&p.stream, first_index, &hlcs, &events[..visible]) {
                     if tx.send(f).is_err() {
                         break;
                     }
@@ -738,8 +764,14 @@ async fn pump(
 }
 
 /// Stores events of a stream under its execution, retrying while the store fails. Returns
-/// false when the node no longer owns the stream (nothing was stored).
-async fn store_events(p: &Pump, events: &[(String, bool)], finished: bool) -> bool {
+/// the index and timestamp of each event stored (none known when an earlier attempt whose
+/// answer was lost had stored them), or `None` when the node no longer owns the stream
+/// (nothing was stored).
+async fn store_events(
+    p: &Pump,
+    events: &[(String, bool)],
+    finished: bool,
+) -> Option<Vec<(u64, haven_state::Hlc)>> {
     let mut delay = std::time::Duration::from_millis(20);
     let mut events = events.to_vec();
     let mut warned = false;
@@ -754,7 +786,7 @@ async fn store_events(p: &Pump, events: &[(String, bool)], finished: bool) -> bo
         match r {
             Ok(landed) => {
                 if warned {
-                    let how = match landed {
+                    let how = match &landed {
                         haven_cluster::Landed::Now(c) => {
                             format!("stored at sequence {}", c.last_seq)
                         }
@@ -764,11 +796,14 @@ async fn store_events(p: &Pump, events: &[(String, bool)], finished: bool) -> bo
                     };
                     tracing::info!(session = %p.session, stream = %p.stream, how, "stream events stored after retries");
                 }
-                return true;
+                return Some(match landed {
+                    haven_cluster::Landed::Now(c) => stream::appended(&c),
+                    haven_cluster::Landed::Earlier => Vec::new(),
+                });
             }
             Err(haven_cluster::FenceError::Fenced { key, by }) => {
                 tracing::warn!(execution = %key, owner = %by, "this node lost a request it was running; its handler stops and its events are not stored");
-                return false;
+                return None;
             }
             Err(haven_cluster::FenceError::Store(e)) if e.is_retryable() => {
                 if !warned {
@@ -783,7 +818,7 @@ async fn store_events(p: &Pump, events: &[(String, bool)], finished: bool) -> bo
                 // answer's place with an error that says why; drop other events.
                 tracing::error!(error = %e, session = %p.session, stream = %p.stream, "the store refused stream events");
                 if !finished {
-                    return true;
+                    return Some(Vec::new());
                 }
                 let id = events
                     .last()
@@ -867,7 +902,7 @@ async fn resume(inner: &Arc<Inner>, loaded: LoadedSession, last_event_id: &str) 
         m.sse_resumptions.inc();
     }
     let sid = loaded.record.id.clone();
-    let Some((stream_id, after)) = stream::parse_event_id(last_event_id) else {
+    let Some(seen) = stream::parse_event_id(last_event_id) else {
         return Rejection::exchange(
             Reason::BadLastEventId,
             -32000,
@@ -877,7 +912,7 @@ async fn resume(inner: &Arc<Inner>, loaded: LoadedSession, last_event_id: &str) 
         )
         .into();
     };
-    let stream_id = stream_id.to_owned();
+    let stream_id = seen.stream.to_owned();
     let inflight = match stream::inflight(&*inner.store, &sid, &stream_id).await {
         Ok(r) => r,
         Err(e) => return unavailable(e),
@@ -895,9 +930,9 @@ async fn resume(inner: &Arc<Inner>, loaded: LoadedSession, last_event_id: &str) 
         .into();
     }
     if inflight.as_ref().is_some_and(|r| r.method == STANDALONE) {
-        return standalone(inner, loaded, Some((stream_id, after))).await;
+        return standalone(inner, loaded, Some((stream_id, seen.index))).await;
     }
-    let after = match ahead_of_finished(inner, &sid, &stream_id, after).await {
+    let after = match resume_point(inner, &sid, &stream_id, seen).await {
         Ok(a) => a,
         Err(e) => return unavailable(e),
     };
@@ -915,40 +950,78 @@ async fn resume(inner: &Arc<Inner>, loaded: LoadedSession, last_event_id: &str) 
     Reply::Stream(keep_alive_until_drain(inner, rx))
 }
 
-/// Where a resumption follows a request stream from: after `after`, unless the client names
-/// an index beyond the stream's final event. A final event is a stream's last, so such a
-/// client saw events this state does not hold: the state was restored to a point before them
-/// (a point-in-time restore, a region built from backups) and the request was settled again
-/// since, at lower indices. The final event is sent: it is the client's only answer. (A
-/// client naming the final event's own index has it, by the stream's contract, and gets
-/// nothing more; after a restore that index may name another event it saw, which this cannot
-/// tell apart.)
-async fn ahead_of_finished(
+/// Where a resumption follows a request stream from, for a client whose last event is `seen`.
+///
+/// When the stored event at `seen`'s index is the client's (the same timestamp; an id without
+/// one is trusted by its index), the stream goes on after it. Otherwise the client saw a
+/// history this state does not hold: the state was restored to an earlier point (a
+/// point-in-time restore, a region built from backups) or a region took the request over
+/// without the events the client saw, and the request ran on since, at the same indices with
+/// other events. The stream then goes on after the last stored event written no later than
+/// the client's: the part both histories share (a stream's events are stamped in order, and
+/// the other history's were written after the client's). Never after the stream's final
+/// event: it is the client's only answer.
+async fn resume_point(
     inner: &Arc<Inner>,
     session: &str,
     stream_id: &str,
-    after: u64,
+    seen: stream::EventId<'_>,
 ) -> Result<u64, haven_state::StoreError> {
-    if after == 0
-        || !stream::read(&*inner.store, session, stream_id, after - 1, 1)
-            .await?
-            .is_empty()
-    {
-        return Ok(after);
+    const PAGE: usize = 256;
+    let store = &*inner.store;
+    let after = seen.index;
+    if after == 0 {
+        return Ok(0);
     }
-    match stream::last_event(&*inner.store, session, stream_id).await? {
-        Some(e) if e.last && e.index < after => {
-            tracing::warn!(
-                session,
-                stream = stream_id,
-                after,
-                last = e.index,
-                "a client resumed after its stream's final event without having it (its events came from a state since restored): sending the final event"
-            );
-            Ok(e.index - 1)
+    let mut at = stream::read(store, session, stream_id, after - 1, 1).await?;
+    if seen.hlc.is_some() && at.first().is_none_or(|e| e.index != after) {
+        // Not here: this node may not have applied it yet (it was just written through
+        // another node), or this state does not hold it.
+        store.sync().await?;
+        at = stream::read(store, session, stream_id, after - 1, 1).await?;
+    }
+    let stored = at.first().filter(|e| e.index == after);
+    let shared = match (stored, seen.hlc) {
+        (Some(e), Some(h)) if e.version.hlc == h => return Ok(after),
+        (Some(_), None) => return Ok(after),
+        // An id without a timestamp, beyond the stored events: nothing tells how far the
+        // histories agree.
+        (None, None) => after,
+        (_, Some(h)) => {
+            let mut shared = 0;
+            let mut from = 0;
+            'pages: loop {
+                let page = stream::read(store, session, stream_id, from, PAGE).await?;
+                let n = page.len();
+                for e in page {
+                    if e.index >= after || e.version.hlc > h {
+                        break 'pages;
+                    }
+                    shared = e.index;
+                    from = e.index;
+                }
+                if n < PAGE {
+                    break;
+                }
+            }
+            shared
         }
-        _ => Ok(after),
+    };
+    let last = stream::last_event(store, session, stream_id).await?;
+    let point = match last {
+        Some(e) if e.last && e.index <= shared => e.index - 1,
+        _ => shared,
+    };
+    if point != after {
+        tracing::warn!(
+            session,
+            stream = stream_id,
+            after,
+            resumed_after = point,
+            "a client resumed with an event this state does not hold (the state was restored, or another region took the request over, since): the stream goes on after the events both histories share"
+        );
     }
+    Ok(point)
 }
 
 /// While a client reads a resumed stream, keeps its reader record alive, so that the request
@@ -1038,7 +1111,7 @@ async fn replay(
             }
             after = e.index;
             let frame = SseFrame::Event {
-                id: Some(stream::event_id(stream_id, e.index)),
+                id: Some(stream::event_id(stream_id, e.index, Some(e.version.hlc))),
                 retry: None,
                 data: e.message,
             };
@@ -1176,7 +1249,7 @@ async fn standalone(
                 return unavailable(e);
             }
             let _ = tx.send(SseFrame::Event {
-                id: Some(stream::event_id(&stream_id, 0)),
+                id: Some(stream::event_id(&stream_id, 0, None)),
                 retry: Some(inner.config.sse_retry_millis),
                 data: String::new(),
             });
@@ -1247,7 +1320,7 @@ async fn serve_standalone(
     {
         for e in events {
             let frame = SseFrame::Event {
-                id: Some(stream::event_id(&stream_id, e.index)),
+                id: Some(stream::event_id(&stream_id, e.index, Some(e.version.hlc))),
                 retry: None,
                 data: e.message,
             };
@@ -1277,10 +1350,11 @@ async fn serve_standalone(
                     _ => true,
                 };
                 let Some(msg) = notification_for(&a, subscribed) else { continue };
-                let Ok(index) = stream::append(&*inner.store, &session, &stream_id, &[(msg.clone(), false)]).await else {
+                let Ok(appended) = stream::append(&*inner.store, &session, &stream_id, &[(msg.clone(), false)]).await else {
                     continue;
                 };
-                let frame = SseFrame::Event { id: Some(stream::event_id(&stream_id, index)), retry: None, data: msg };
+                let Some(&(index, hlc)) = appended.last() else { continue };
+                let frame = SseFrame::Event { id: Some(stream::event_id(&stream_id, index, Some(hlc))), retry: None, data: msg };
                 if tx.send(frame).is_err() {
                     return true;
                 }

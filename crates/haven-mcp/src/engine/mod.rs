@@ -133,6 +133,17 @@ pub struct EngineConfig {
     /// recovery (`None`: always). A multi-region node waits until it has applied every other
     /// region's log once, so that a takeover another region made meanwhile is seen first.
     pub recovery_gate: Option<RecoveryGate>,
+    /// Catches this node up with every other region's log as it ends now (bounded), and
+    /// names the regions it could not catch up with that were heard recently (`None`: one
+    /// region). A session or task not found here may have just been made in another region
+    /// (a load balancer moved its client between regions): it is looked up again once caught
+    /// up. If it is still not found, a region that is not the active one (clients reach it
+    /// while the active region is not preferred) answers 503, retry: it may lack the active
+    /// region's latest writes even before it notices that it cannot hear it. The active
+    /// region (or, with no active region, any region) answers "not found", unless it could
+    /// not catch up with a region heard recently, which may have served clients while this
+    /// one was not preferred: then 503 too.
+    pub region_sync: Option<RegionSync>,
     /// This node's region lease (three regions or more): executions opened while it holds
     /// may be taken over by another region, and write only while it holds
     /// (`haven_cluster::takeover`).
@@ -145,6 +156,19 @@ pub struct EngineConfig {
     /// call outside them is answered as if its tool, resource or prompt did not exist. `None`
     /// allows everything.
     pub policy: Option<haven_auth::Policy>,
+}
+
+/// See [`EngineConfig::region_sync`].
+#[derive(Clone)]
+#[allow(clippy::type_complexity)]
+pub struct RegionSync(
+    pub Arc<dyn Fn() -> futures::future::BoxFuture<'static, Vec<String>> + Send + Sync>,
+);
+
+impl std::fmt::Debug for RegionSync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RegionSync")
+    }
 }
 
 /// See [`EngineConfig::recovery_gate`].
@@ -179,6 +203,7 @@ impl Default for EngineConfig {
             presence: None,
             drain_retry_millis: 250,
             recovery_gate: None,
+            region_sync: None,
             region_lease: None,
             limits: Arc::default(),
             audit: None,
@@ -781,6 +806,59 @@ impl Runs {
     pub(crate) fn contains(&self, key: &str) -> bool {
         self.0.lock().contains_key(key)
     }
+}
+
+/// A session or task that was not found here, looked up again once this node caught up with
+/// the other regions (see [`EngineConfig::region_sync`]): `Ok(Some)` when found then,
+/// `Ok(None)` when it does not exist (this node's answer stands), `Err` with what to answer
+/// instead (retry).
+pub(crate) async fn look_again<T, F, Fut>(
+    inner: &Inner,
+    what: &str,
+    load: F,
+) -> Result<Option<T>, (String, haven_state::StoreError)>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>, haven_state::StoreError>>,
+{
+    let Some(sync) = inner.config.region_sync.as_ref() else {
+        return Ok(None);
+    };
+    let behind = (sync.0)().await;
+    match load().await {
+        Ok(Some(found)) => return Ok(Some(found)),
+        Ok(None) => {}
+        Err(e) => return Err((format!("{what} could not be read: {e}"), e)),
+    }
+    let here = &inner.store.origin().region;
+    let active = match haven_cluster::regions::read_roles(&*inner.store).await {
+        Ok((roles, _)) => roles.active,
+        Err(_) => Some("unknown".to_owned()),
+    };
+    let Some(active) = active.filter(|a| **a != **here) else {
+        if behind.is_empty() {
+            return Ok(None);
+        }
+        let message = format!(
+            "{what} is not known in region {here}, which cannot hear region(s) {} now, where it may have been made. Retry later.",
+            behind.join(", ")
+        );
+        let e = haven_state::StoreError::Unavailable(message.clone());
+        return Err((message, e));
+    };
+    let message = format!(
+        "{what} is not known in region {here}, which is not the active region ({active}){}: it may have been made there. Retry later.",
+        if behind.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " and has not caught up with region(s) {}",
+                behind.join(", ")
+            )
+        }
+    );
+    let e = haven_state::StoreError::Unavailable(message.clone());
+    Err((message, e))
 }
 
 pub(crate) fn store_error(e: haven_state::StoreError) -> ErrorData {

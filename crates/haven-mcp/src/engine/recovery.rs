@@ -277,7 +277,18 @@ fn needs_settling(inner: &Inner, key: &str, owner: &Owner) -> bool {
         // Ours, and nothing here runs it any more.
         return true;
     }
-    inner.membership.is_dead(&owner.node, &owner.boot)
+    process_gone(inner, &owner.node, &owner.boot)
+}
+
+/// Whether the process `boot` of node `node` is gone. An embedded store is open in this
+/// process alone: whoever else wrote to it (an earlier process, or another node whose
+/// state this directory was restored from) is gone. On a shared store, the region's
+/// membership says.
+fn process_gone(inner: &Inner, node: &str, boot: &str) -> bool {
+    if !inner.store.shared() {
+        return node != inner.config.node_id || boot != inner.config.boot_id;
+    }
+    inner.membership.is_dead(node, boot)
 }
 
 /// Settles the execution `key` if its owner is gone; what a resumed stream calls when it
@@ -329,7 +340,7 @@ pub(crate) async fn recover(inner: &Arc<Inner>) -> Result<(), StoreError> {
         };
         if rec.method == STANDALONE
             && haven_cluster::ownership::of_this_region(&*inner.store, &r)
-            && inner.membership.is_dead(&rec.node, &rec.boot)
+            && process_gone(inner, &rec.node, &rec.boot)
         {
             let batch = Batch::new().delete_if(
                 INFLIGHT_NS,

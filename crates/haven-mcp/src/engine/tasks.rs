@@ -873,10 +873,15 @@ fn not_found(id: &str) -> ErrorData {
 /// Loads a task the caller may see: stateless callers see extension tasks; a legacy session
 /// sees its own experimental tasks; and only the principal that created a task sees it.
 async fn visible(inner: &Inner, call: &Call, id: &str) -> Result<TaskRecord, ErrorData> {
-    let (mut rec, revision) = load(inner, id)
-        .await
-        .map_err(store_error)?
-        .ok_or_else(|| not_found(id))?;
+    let found = match load(inner, id).await.map_err(store_error)? {
+        Some(found) => Some(found),
+        None => super::look_again(inner, &format!("Task {id}"), || load(inner, id))
+            .await
+            .map_err(|(message, e)| crate::outcome::store_failure(message, &e))?,
+    };
+    let Some((mut rec, revision)) = found else {
+        return Err(not_found(id));
+    };
     let ok = match &call.era {
         Era::Stateless { .. } => rec.form == TaskForm::Extension,
         Era::Legacy { session, .. } => rec.session.as_deref() == Some(session.as_str()),

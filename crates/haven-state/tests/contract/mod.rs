@@ -531,6 +531,7 @@ pub async fn check_history(store: &dyn Store, wall: &ManualClock, steps: &[Step]
                             Change::Event(e) => Outcome::Appended {
                                 index: e.index,
                                 seq: entries[*p].seq,
+                                hlc: e.version.hlc,
                             },
                         },
                     };
