@@ -578,6 +578,23 @@ async fn kill9_during_shipping_then_data_loss_is_at_most_one_interval() {
     );
 }
 
+/// The events of a stream after `last`, read whole (until the stream ends; each within 60 s).
+async fn read_resumed(client: &common::Legacy, last: &str) -> Vec<common::Event> {
+    let r = client.resume(last).await;
+    assert_eq!(r.status(), 200, "resuming after {last}");
+    let mut sse = common::SseReader::new(r);
+    let mut events = Vec::new();
+    while let Some(e) = tokio::time::timeout(Duration::from_secs(60), sse.next())
+        .await
+        .expect("a resumed stream ends or sends within 60 s")
+    {
+        if !e.data.is_empty() {
+            events.push(e);
+        }
+    }
+    events
+}
+
 /// A client that saw events of a stream beyond a point the node is then restored to: the
 /// restored node settles the interrupted request at an index the client already saw, with
 /// another event. The event id names the write, so the client's resumption is told apart:
@@ -630,24 +647,9 @@ async fn a_client_from_before_a_point_in_time_restore_gets_the_restored_answer()
     std::fs::copy(dir.path().join("data/node-id"), restored.join("node-id")).unwrap();
     let mut h = Haven::start(&restored, free_port(), "default", &[]).await;
     let client = client.with_url(&h.url());
-    // Read whole after `last`: the restored history's events, until the stream ends.
     let read_after = |last: String| {
         let client = &client;
-        async move {
-            let r = client.resume(&last).await;
-            assert_eq!(r.status(), 200, "resuming after {last}");
-            let mut sse = common::SseReader::new(r);
-            let mut events = Vec::new();
-            while let Some(e) = tokio::time::timeout(Duration::from_secs(60), sse.next())
-                .await
-                .expect("a resumed stream ends or sends within 60 s")
-            {
-                if !e.data.is_empty() {
-                    events.push(e);
-                }
-            }
-            events
-        }
+        async move { read_resumed(client, &last).await }
     };
 
     // The client that saw event 2 of the history the restore rolled back: the restored
@@ -683,21 +685,7 @@ async fn a_client_from_before_a_point_in_time_restore_gets_the_restored_answer()
     assert_eq!(code, 0, "{out}{err}");
     let h = Haven::start(&moved, free_port(), "default", &[]).await;
     let client = client.with_url(&h.url());
-    let events = {
-        let r = client.resume(&seen[1]).await;
-        assert_eq!(r.status(), 200);
-        let mut sse = common::SseReader::new(r);
-        let mut events = Vec::new();
-        while let Some(e) = tokio::time::timeout(Duration::from_secs(60), sse.next())
-            .await
-            .expect("the call is run again and answered within 60 s")
-        {
-            if !e.data.is_empty() {
-                events.push(e);
-            }
-        }
-        events
-    };
+    let events = read_resumed(&client, &seen[1]).await;
     let indexes: Vec<_> = events.iter().map(|e| e.index().unwrap()).collect();
     let want: Vec<u64> = (2..2 + events.len() as u64).collect();
     assert_eq!(

@@ -601,33 +601,32 @@ fn a_chaos_seed_replays_the_same_schedule() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
 }
 
-#[test]
-fn chaos_on_a_local_deployment_keeps_every_invariant() {
-    let _turn = one_deployment_at_a_time();
-    let tools = haven_testkit::tools_dir();
-    let nats = tools.join("venv/bin/nats-server");
+/// `haven chaos --local` with `args` (seed, faults, ...) at a light load; its output and its
+/// one report.
+fn local_chaos(args: &[&str]) -> (std::process::Output, String, serde_json::Value) {
+    let nats = haven_testkit::tools_dir().join("venv/bin/nats-server");
     let dir = tempfile::tempdir().unwrap();
     let reports_dir = dir.path().join("reports");
-    let o = haven(&[
-        "chaos",
-        "--local",
-        "--seed",
-        "12",
-        "--faults",
-        "8",
-        "--rate",
-        "20",
-        "--long-seconds",
-        "2",
+    let mut all_args = vec!["chaos", "--local", "--rate", "20", "--long-seconds", "2"];
+    all_args.extend(args);
+    all_args.extend([
         "--nats-server",
         nats.to_str().unwrap(),
         "--reports",
         reports_dir.to_str().unwrap(),
     ]);
+    let o = haven(&all_args);
     let out = text(&o);
-    let all = reports(&reports_dir);
+    let mut all = reports(&reports_dir);
     assert_eq!(all.len(), 1, "{out}");
-    let r = &all[0];
+    (o, out, all.remove(0))
+}
+
+#[test]
+fn chaos_on_a_local_deployment_keeps_every_invariant() {
+    let _turn = one_deployment_at_a_time();
+    let (o, out, r) = local_chaos(&["--seed", "12", "--faults", "8"]);
+    let r = &r;
     assert_eq!(r["chaos"]["seed"], 12, "{r:#}");
     assert_eq!(r["chaos"]["faults_done"], 8, "{r:#}");
     assert_eq!(
@@ -656,32 +655,8 @@ fn chaos_on_a_local_deployment_keeps_every_invariant() {
 #[test]
 fn chaos_across_two_regions_keeps_every_invariant() {
     let _turn = one_deployment_at_a_time();
-    let tools = haven_testkit::tools_dir();
-    let nats = tools.join("venv/bin/nats-server");
-    let dir = tempfile::tempdir().unwrap();
-    let reports_dir = dir.path().join("reports");
-    let o = haven(&[
-        "chaos",
-        "--local",
-        "--regions",
-        "2",
-        "--seed",
-        "3",
-        "--faults",
-        "8",
-        "--rate",
-        "20",
-        "--long-seconds",
-        "2",
-        "--nats-server",
-        nats.to_str().unwrap(),
-        "--reports",
-        reports_dir.to_str().unwrap(),
-    ]);
-    let out = text(&o);
-    let all = reports(&reports_dir);
-    assert_eq!(all.len(), 1, "{out}");
-    let r = &all[0];
+    let (o, out, r) = local_chaos(&["--regions", "2", "--seed", "3", "--faults", "8"]);
+    let r = &r;
     assert_eq!(r["chaos"]["regions"], 2, "{r:#}");
     assert_eq!(r["chaos"]["faults_done"], 8, "{r:#}");
     // Seed 3's schedule cuts the link between the regions and kills each region's server.
