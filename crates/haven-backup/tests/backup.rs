@@ -720,10 +720,11 @@ async fn forced_snapshot_with_nothing_new_says_why() {
     let shipper = start(&n, config(&url, &key)).await;
     write_round(&n, 0).await;
     let r = shipper.ship_now(true).await.unwrap();
-    assert!(r.snapshot, "{r:?}");
-    assert!(r.snapshot_skipped.is_none(), "{r:?}");
     let seq = n.store.last_seq().await.unwrap();
-    assert_eq!(r.snapshot_seq, Some(seq));
+    assert_eq!(r.snapshot_seq, Some(seq), "{r:?}");
+    // The shipper's own loop may have taken the generation's first snapshot of this state
+    // just before (it runs beside the test): then this one says so instead of taking it.
+    assert!(r.snapshot != r.snapshot_skipped.is_some(), "{r:?}");
     clock.advance(1000);
     let r = shipper.ship_now(true).await.unwrap();
     assert!(!r.snapshot, "{r:?}");
