@@ -1090,10 +1090,14 @@ mod tests {
             .collect()
     }
 
-    fn restore_report(
+    /// The report of drill `name` whose fault struck at 10 s, over `acks` (`missing` read
+    /// back absent), `long_calls` and `tasks`, with `restore_point`.
+    fn report_at_10(
         name: &str,
         acks: &[Ack],
         missing: &[&str],
+        long_calls: &[LongCall],
+        tasks: &[TaskRun],
         restore_point: Option<f64>,
     ) -> Report {
         let scenario = scenario::find(name).unwrap();
@@ -1108,8 +1112,8 @@ mod tests {
             samples: &samples,
             acks,
             missing: &missing,
-            long_calls: &[],
-            tasks: &[],
+            long_calls,
+            tasks,
             marks: vec![Mark {
                 at: 10.0,
                 kind: "fault".into(),
@@ -1118,6 +1122,15 @@ mod tests {
             measured: vec![],
             restore_point,
         })
+    }
+
+    fn restore_report(
+        name: &str,
+        acks: &[Ack],
+        missing: &[&str],
+        restore_point: Option<f64>,
+    ) -> Report {
+        report_at_10(name, acks, missing, &[], &[], restore_point)
     }
 
     #[test]
@@ -1177,7 +1190,6 @@ mod tests {
             status_read_back: read.map(str::to_owned),
             id: String::new(),
         };
-        let scenario = scenario::find("point-in-time-restore").unwrap();
         let tasks = vec![
             task(1.0, Some("completed"), false, Some("completed")),
             task(2.0, Some("failed"), false, Some("failed")),
@@ -1186,25 +1198,7 @@ mod tests {
             task(12.0, None, true, None),
         ];
         let build = |tasks: &[TaskRun], point: Option<f64>| {
-            Report::build(Inputs {
-                scenario: &scenario,
-                deployment: "test".into(),
-                rate: 1.0,
-                started_unix: 0,
-                duration: 20.0,
-                samples: &[sample(0, Kind::Stateless, 0.0, 0.1, None)],
-                acks: &[],
-                missing: &[],
-                long_calls: &[],
-                tasks,
-                marks: vec![Mark {
-                    at: 10.0,
-                    kind: "fault".into(),
-                    what: "the fault".into(),
-                }],
-                measured: vec![],
-                restore_point: point,
-            })
+            report_at_10("point-in-time-restore", &[], &[], &[], tasks, point)
         };
         let r = build(&tasks, Some(10.0));
         assert_eq!(
@@ -1234,7 +1228,6 @@ mod tests {
 
     #[test]
     fn long_calls_sent_after_a_restore_point_may_be_forgotten_and_no_others() {
-        let scenario = scenario::find("point-in-time-restore").unwrap();
         let calls = vec![
             LongCall::seen(1.0, 1, Some(1)),
             // Answered before the restore, its stream taken back: the client had its answer.
@@ -1244,25 +1237,7 @@ mod tests {
             LongCall::seen(11.5, 0, Some(0)),
         ];
         let build = |calls: &[LongCall], point: Option<f64>| {
-            Report::build(Inputs {
-                scenario: &scenario,
-                deployment: "test".into(),
-                rate: 1.0,
-                started_unix: 0,
-                duration: 20.0,
-                samples: &[sample(0, Kind::Stateless, 0.0, 0.1, None)],
-                acks: &[],
-                missing: &[],
-                long_calls: calls,
-                tasks: &[],
-                marks: vec![Mark {
-                    at: 10.0,
-                    kind: "fault".into(),
-                    what: "the fault".into(),
-                }],
-                measured: vec![],
-                restore_point: point,
-            })
+            report_at_10("point-in-time-restore", &[], &[], calls, &[], point)
         };
         let r = build(&calls, Some(10.0));
         let e = &r.exactly_once;
