@@ -210,16 +210,19 @@ impl Recorder {
         self.samples.lock().unwrap().clone()
     }
 
-    /// Whether every client and probe (long calls aside) has had a request sent at or after
-    /// `t` succeed: the deployment serves everyone again.
+    /// Whether every client and probe has been served since `t`: a request sent at or after
+    /// `t` succeeded, or for long calls and tasks (which last seconds), one answered
+    /// successfully at or after `t`. The deployment serves everyone again; a long call
+    /// answered "interrupted" by the last fault is not yet a recovery.
     pub fn all_served_since(&self, t: f64) -> bool {
         let samples = self.samples.lock().unwrap();
         let mut clients: Vec<(u32, bool)> = Vec::new();
-        for x in samples
-            .iter()
-            .filter(|x| !matches!(x.kind, Kind::Long | Kind::Task))
-        {
-            let ok = x.start >= t && x.error.is_none();
+        for x in samples.iter() {
+            let since = match x.kind {
+                Kind::Long | Kind::Task => x.end,
+                _ => x.start,
+            };
+            let ok = since >= t && x.error.is_none();
             match clients.iter_mut().find(|c| c.0 == x.client) {
                 Some(c) => c.1 |= ok,
                 None => clients.push((x.client, ok)),
@@ -1161,5 +1164,44 @@ impl SseReader {
                 Err(e) => return Err(transport(e)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn push(rec: &Recorder, client: u32, kind: Kind, start: f64, end: f64, ok: bool) {
+        rec.samples.lock().unwrap().push(Sample {
+            client,
+            kind,
+            start,
+            end,
+            error: (!ok).then(|| "rpc-error".to_owned()),
+        });
+    }
+
+    #[test]
+    fn a_long_call_interrupted_by_the_last_fault_is_not_yet_a_recovery() {
+        let rec = Recorder::new();
+        push(&rec, 0, Kind::Stateless, 9.0, 9.1, false);
+        push(&rec, 0, Kind::Stateless, 10.5, 10.6, true);
+        // Sent before the repair at 10 s, answered "interrupted" after it.
+        push(&rec, 1, Kind::Long, 8.0, 11.0, false);
+        assert!(!rec.all_served_since(10.0));
+        // The next long call is answered: every client is served again.
+        push(&rec, 1, Kind::Long, 11.2, 14.2, true);
+        assert!(rec.all_served_since(10.0));
+    }
+
+    #[test]
+    fn a_long_call_resumed_and_answered_after_the_repair_is_a_recovery() {
+        let rec = Recorder::new();
+        push(&rec, 0, Kind::Write, 10.1, 10.2, true);
+        push(&rec, 1, Kind::Task, 8.0, 12.0, true);
+        assert!(rec.all_served_since(10.0));
+        // A request sent before the repair does not count for a paced client.
+        push(&rec, 2, Kind::Session, 9.9, 10.3, true);
+        assert!(!rec.all_served_since(10.0));
     }
 }
