@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use haven_mcp::catalog::{Catalog, CatalogInfo, Ctx, Round, Step, TaskSupport, tool};
-use haven_mcp::context::Announcement;
+use haven_mcp::context::{Announcement, with_announcements};
 use haven_mcp::jsonrpc::{internal, invalid_params};
 
 /// Namespace of notes in the store.
@@ -270,7 +270,8 @@ async fn note_count(ctx: &Ctx) -> Result<(u64, Expect), ErrorData> {
 }
 
 /// Saves a note: a new one only while the store holds fewer than `limits.max_notes`, its
-/// count updated in the same commit (retried when another write came first). Overwriting a
+/// count and its announcements (resource updated, resource list changed) written in the same
+/// commit (retried when another write came first). Overwriting a
 /// note is an unconditional write, as it always was (the last writer wins, concurrent
 /// writers of one note never conflict); an overwrite racing a deletion of the same note may
 /// leave the count one short.
@@ -311,6 +312,7 @@ async fn save_note(
                     )
             }
         };
+        let batch = with_announcements(batch, &**store, &note_announcements(name));
         match store.commit(batch).await {
             Ok(_) => return Ok(()),
             Err(StoreError::Conflict { .. }) => continue,
@@ -322,8 +324,8 @@ async fn save_note(
     )))
 }
 
-/// Deletes a note and counts it out, in one commit (retried when another write came first);
-/// `false` when there is no such note.
+/// Deletes a note, counts it out and announces it, in one commit (retried when another write
+/// came first); `false` when there is no such note.
 async fn delete_note(ctx: &Ctx, name: &str) -> Result<bool, ErrorData> {
     let store = ctx.store();
     for attempt in 0..COUNT_RETRIES {
@@ -343,6 +345,7 @@ async fn delete_note(ctx: &Ctx, name: &str) -> Result<bool, ErrorData> {
                 count.saturating_sub(1).to_string().into_bytes(),
                 expect,
             );
+        let batch = with_announcements(batch, &**store, &note_announcements(name));
         match store.commit(batch).await {
             Ok(_) => return Ok(true),
             Err(StoreError::Conflict { .. }) => continue,
@@ -427,15 +430,12 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-async fn announce_note(ctx: &Ctx, name: &str) {
-    for a in [
+/// What a change of note `name` announces, in the commit of the change itself.
+fn note_announcements(name: &str) -> [Announcement; 2] {
+    [
         Announcement::ResourceUpdated(note_uri(name)),
         Announcement::ResourcesChanged,
-    ] {
-        if let Err(e) = ctx.announce(a).await {
-            tracing::warn!(error = %e, "announcing a note change failed");
-        }
-    }
+    ]
 }
 
 #[async_trait]
@@ -515,7 +515,6 @@ impl Catalog for DefaultCatalog {
                 let value = serde_json::to_vec(&note).expect("notes serialize");
                 let meta = serde_json::to_vec(&NoteMeta::of(&note)).expect("metadata serializes");
                 save_note(ctx, &self.limits, name, value, meta).await?;
-                announce_note(ctx, name).await;
                 text_result(format!("Saved note {name}"))
             }
             "notes_get" => {
@@ -551,7 +550,6 @@ impl Catalog for DefaultCatalog {
                 if !delete_note(ctx, name).await? {
                     return Ok(Step::Done(error_result(format!("No note named {name}"))));
                 }
-                announce_note(ctx, name).await;
                 text_result(format!("Deleted note {name}"))
             }
             "sleep" => {

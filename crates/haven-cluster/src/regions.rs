@@ -266,7 +266,7 @@ impl Replicator {
             revision,
         };
         // Entries of a source batch that is not complete yet.
-        let mut pending: Vec<LogEntry> = Vec::new();
+        let mut pending = Pending::default();
         // Whether anything arrived since the last lease renewal.
         let mut delivered = false;
         loop {
@@ -332,7 +332,7 @@ impl Replicator {
                         // nothing).
                         let n = own.len() as u64;
                         use tracing::Instrument as _;
-                        let span = apply_span(&self.source, n, trace.as_slice());
+                        let span = apply_span(&self.source, n, &trace);
                         self.local
                             .commit(Batch { ops: own })
                             .instrument(span)
@@ -340,18 +340,16 @@ impl Replicator {
                             .map_err(|e| format!("applying a batch: {e}"))?;
                         self.commit(Vec::new(), &mut at, seq, n).await?;
                     } else {
-                        if !own.is_empty()
-                            && let Some(t) = trace
-                            && group.traces.len() < MAX_LINKS
-                        {
-                            group.traces.push(t);
+                        if !own.is_empty() {
+                            let room = MAX_LINKS.saturating_sub(group.traces.len());
+                            group.traces.extend(trace.into_iter().take(room));
                         }
                         group.ops.extend(own);
                         group.last = Some(seq);
                         group.batches += 1;
                     }
                 }
-                if group.ops.len() >= MAX_OPS / 2 && pending.is_empty() {
+                if group.ops.len() >= MAX_OPS / 2 && pending.entries.is_empty() {
                     break;
                 }
                 match deliveries.next().now_or_never() {
@@ -499,14 +497,27 @@ fn explain(source: &str, e: String) -> String {
     }
 }
 
-/// Takes one delivery; once a batch's last entry arrived, returns its last sequence and its
-/// entries.
-fn take(pending: &mut Vec<LogEntry>, d: Delivery) -> Option<(u64, Vec<LogEntry>, Option<String>)> {
+/// The entries of a source batch received so far, and the trace contexts of the commits
+/// among them (a batch may carry several commits of a node, each with its own).
+#[derive(Default)]
+struct Pending {
+    entries: Vec<LogEntry>,
+    traces: Vec<String>,
+}
+
+/// Takes one delivery; once a batch's last entry arrived, returns its last sequence, its
+/// entries and its commits' trace contexts.
+fn take(pending: &mut Pending, d: Delivery) -> Option<(u64, Vec<LogEntry>, Vec<String>)> {
     if let Some(change) = d.change {
-        pending.push(LogEntry { seq: d.seq, change });
+        pending.entries.push(LogEntry { seq: d.seq, change });
     }
-    d.complete
-        .then(|| (d.seq, std::mem::take(pending), d.traceparent))
+    if let Some(t) = d.traceparent {
+        pending.traces.push(t);
+    }
+    d.complete.then(|| {
+        let p = std::mem::take(pending);
+        (d.seq, p.entries, p.traces)
+    })
 }
 
 /// A digest of the state that every region converges to: every record (tombstones included)

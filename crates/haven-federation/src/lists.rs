@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use haven_control::registry::{REGISTRY_NS, UpstreamSpec};
-use haven_mcp::context::{ANNOUNCE_NS, Announcement};
+use haven_mcp::context::{Announcement, with_announcements};
 use haven_state::{Batch, Expect, Store, StoreError};
 use rmcp::model::{Prompt, Resource, ResourceTemplate, Tool};
 use serde::{Deserialize, Serialize};
@@ -98,17 +98,6 @@ fn decode(name: &str, bytes: &[u8]) -> Option<UpstreamLists> {
             None
         }
     }
-}
-
-/// `batch` plus the announcement records of `changes`, written in the same commit as the list
-/// record so that no reader sees one without the other (the same records
-/// `haven_mcp::context::announce` writes: key per announcement, the time as value).
-fn with_announcements(mut batch: Batch, store: &dyn Store, changes: &[Announcement]) -> Batch {
-    let at = store.clock().wall_millis().to_string();
-    for a in changes {
-        batch = batch.put(ANNOUNCE_NS, &a.key(), at.clone().into_bytes());
-    }
-    batch
 }
 
 /// Commits `batch` (a compare-and-set of a list record) with the announcements of `changes`.

@@ -363,13 +363,21 @@ impl RequestContext {
 
 /// Records an announcement durably.
 pub async fn announce(store: &dyn Store, announcement: &Announcement) -> Result<(), StoreError> {
-    let at = store.clock().wall_millis();
-    store
-        .commit(Batch::new().put(
-            ANNOUNCE_NS,
-            &announcement.key(),
-            at.to_string().into_bytes(),
-        ))
-        .await
-        .map(|_| ())
+    let batch = with_announcements(Batch::new(), store, std::slice::from_ref(announcement));
+    store.commit(batch).await.map(|_| ())
+}
+
+/// `batch` plus the records of `announcements` (a key per announcement, the time as value),
+/// so that the change they announce and the announcements are one commit: no reader sees one
+/// without the other, and a tool call's writes go to the store at once.
+pub fn with_announcements(
+    mut batch: Batch,
+    store: &dyn Store,
+    announcements: &[Announcement],
+) -> Batch {
+    let at = store.clock().wall_millis().to_string();
+    for a in announcements {
+        batch = batch.put(ANNOUNCE_NS, &a.key(), at.clone().into_bytes());
+    }
+    batch
 }

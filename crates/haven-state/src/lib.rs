@@ -4,6 +4,7 @@
 
 pub mod clock;
 pub mod files;
+mod group;
 pub mod ids;
 mod index;
 pub mod mem_store;

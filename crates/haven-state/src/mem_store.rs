@@ -538,7 +538,7 @@ impl SharedLog for MemLink {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
-    use crate::store::{Batch, Store};
+    use crate::store::{Batch, Outcome, Store};
 
     #[tokio::test]
     async fn observers_see_every_batch_once_in_log_order() {
@@ -571,6 +571,81 @@ mod tests {
         assert_eq!(*seen.lock(), expected);
         assert_eq!(expected.concat(), (1..=log.last_seq()).collect::<Vec<_>>());
         assert_eq!(log.last_seq(), 10);
+    }
+
+    /// Concurrent commits of one node share atomic batches (group commit), each gets its own
+    /// sequences, and a batch the log refuses for one commit's stale precondition fails only
+    /// that commit: the others are stored (alone, after the refusal).
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_commits_share_batches_and_a_conflict_fails_only_its_own() {
+        let log = MemLog::new();
+        let join = |node: &'static str| {
+            let log = log.clone();
+            async move {
+                let clock = Arc::new(HybridClock::new(Arc::new(ManualClock::new(1_000))));
+                log.join(Origin::new("r", node), clock).await.unwrap()
+            }
+        };
+        let (a, a_link) = join("a").await;
+        let (b, _) = join("b").await;
+        let a = Arc::new(a);
+        // 20 commits at once, then 20 with one whose precondition is stale: node a does not
+        // see b's write of "x" for a while, and plans "x absent".
+        for round in 0..2 {
+            if round == 1 {
+                a_link.set_delivery_delay(Duration::from_millis(500));
+                b.commit(Batch::new().put("ns", "x", vec![1]))
+                    .await
+                    .unwrap();
+            }
+            let before = log.batches().len();
+            let mut commits = tokio::task::JoinSet::new();
+            for i in 0..20u8 {
+                let a = a.clone();
+                commits.spawn(async move {
+                    let key = format!("k{round}-{i}");
+                    let c = a.commit(Batch::new().put("ns", &key, vec![i])).await;
+                    (key, c)
+                });
+            }
+            if round == 1 {
+                let a = a.clone();
+                commits.spawn(async move {
+                    let x = Batch::new().put_if("ns", "x", vec![2], crate::store::Expect::Absent);
+                    ("x".to_owned(), a.commit(x).await)
+                });
+            }
+            let mut revisions = std::collections::BTreeSet::new();
+            while let Some(done) = commits.join_next().await {
+                let (key, c) = done.unwrap();
+                if key == "x" {
+                    assert!(
+                        matches!(c, Err(StoreError::Conflict { .. })),
+                        "the stale precondition fails its own commit: {c:?}"
+                    );
+                    continue;
+                }
+                let c = c.unwrap_or_else(|e| panic!("{key} failed beside the stale commit: {e}"));
+                let Outcome::Written { revision } = c.outcomes[0] else {
+                    panic!("{key}: {:?}", c.outcomes);
+                };
+                assert!(revisions.insert(revision), "each commit its own sequence");
+                let stored = a.get_raw("ns", &key).await.unwrap().unwrap();
+                assert_eq!(stored.revision, revision, "{key}");
+                assert_eq!(stored.record.value, Some(vec![key_byte(&key)]));
+            }
+            assert_eq!(revisions.len(), 20);
+            let batches = log.batches().len() - before;
+            if round == 0 {
+                assert!(batches < 5, "20 commits at once shared batches ({batches})");
+            }
+        }
+        let x = a.get("ns", "x").await.unwrap().unwrap();
+        assert_eq!(x.record.value, Some(vec![1]), "b's write stands");
+    }
+
+    fn key_byte(key: &str) -> u8 {
+        key.rsplit('-').next().unwrap().parse().unwrap()
     }
 
     /// A node joining a long log waits for its index as long as the index advances, however

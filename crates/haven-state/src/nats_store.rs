@@ -35,7 +35,7 @@ use crate::store::{StoreError, StoreResult};
 /// Most operations one commit may hold (JetStream's atomic batch limit).
 pub const MAX_BATCH_OPS: usize = 1000;
 
-/// The message header of a batch's last entry that holds its writer's trace context (see
+/// The message header of a commit's last entry that holds its writer's trace context (see
 /// [`crate::trace`]); outside the payload, so no part of the change.
 pub const TRACEPARENT_HEADER: &str = "Haven-Traceparent";
 
@@ -467,7 +467,6 @@ impl SharedLog for JetStreamLog {
         self.connected().map_err(AppendError::Unavailable)?;
         let n = writes.len();
         let batch_id = hex::encode(rand::random::<[u8; 12]>());
-        let traceparent = crate::trace::current_traceparent();
         for (i, w) in writes.iter().enumerate() {
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Batch-Id", batch_id.as_str());
@@ -478,6 +477,9 @@ impl SharedLog for JetStreamLog {
                     "Nats-Expected-Last-Subject-Sequence",
                     e.to_string().as_str(),
                 );
+            }
+            if let Some(t) = &w.traceparent {
+                headers.insert(TRACEPARENT_HEADER, t.as_str());
             }
             let payload = bytes::Bytes::from(
                 postcard::to_stdvec(&w.change).expect("serializing to a Vec cannot fail"),
@@ -491,9 +493,6 @@ impl SharedLog for JetStreamLog {
                 continue;
             }
             headers.insert("Nats-Batch-Commit", "1");
-            if let Some(t) = &traceparent {
-                headers.insert(TRACEPARENT_HEADER, t.as_str());
-            }
             let reply = self
                 .client
                 .request_with_headers(subject, headers, payload)

@@ -37,6 +37,9 @@ pub struct PlannedWrite {
     /// the sequence of the last log entry on that key or stream (0: none). A log that checks
     /// preconditions itself refuses the batch if that has changed meanwhile.
     pub expected: Option<u64>,
+    /// On a commit's last write: the trace context it was committed in (see
+    /// [`crate::trace`]), kept beside the write where the log can hold it.
+    pub traceparent: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -83,7 +86,11 @@ impl Plan {
 
     fn push(&mut self, change: Change, expected: Option<u64>, kind: Kind) {
         self.outcomes.push(Some((self.writes.len(), kind)));
-        self.writes.push(PlannedWrite { change, expected });
+        self.writes.push(PlannedWrite {
+            change,
+            expected,
+            traceparent: None,
+        });
     }
 }
 

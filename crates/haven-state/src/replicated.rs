@@ -19,6 +19,7 @@ use parking_lot::RwLock;
 use tokio::sync::{broadcast, watch};
 
 use crate::clock::HybridClock;
+use crate::group::GroupCommit;
 use crate::index::{ForgetRules, Index, Obsolete};
 use crate::plan::{self, StateRead};
 use crate::record::{Change, LogEntry, LogSubject, Origin, StoredRecord, StreamEvent};
@@ -56,8 +57,8 @@ pub struct Delivery {
     /// The batch the entry belongs to (0: none). A batch whose last entry the log removed is
     /// applied when an entry of another batch arrives.
     pub batch: u64,
-    /// The trace context its writer committed it in (see [`crate::trace`]), on the batch's
-    /// last entry, when the log keeps one.
+    /// The trace context its writer committed it in (see [`crate::trace`]), on a commit's
+    /// last entry (a batch may carry several commits), when the log keeps one.
     pub traceparent: Option<String>,
 }
 
@@ -155,6 +156,7 @@ pub struct ReplicatedStore<L: SharedLog> {
     origin: Origin,
     clock: Arc<HybridClock>,
     log: Arc<L>,
+    group: GroupCommit<L>,
     follower: Arc<Follower>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -200,6 +202,7 @@ impl<L: SharedLog> ReplicatedStore<L> {
         let store = ReplicatedStore {
             origin,
             clock,
+            group: GroupCommit::new(log.clone()),
             log,
             follower,
             task,
@@ -497,9 +500,10 @@ impl<L: SharedLog> Store for ReplicatedStore<L> {
                 "a batch holds at most {max} operations"
             )));
         }
+        let traceparent = crate::trace::current_traceparent();
         let mut attempt = 0;
         loop {
-            let planned = {
+            let mut planned = {
                 let index = self.follower.index.read();
                 plan::plan(
                     &*index,
@@ -516,9 +520,14 @@ impl<L: SharedLog> Store for ReplicatedStore<L> {
                     outcomes: planned.outcomes(last + 1),
                 });
             }
-            match self.log.append(&planned.writes).await {
-                Ok(last) => {
-                    let first = last + 1 - planned.writes.len() as u64;
+            if let Some(w) = planned.writes.last_mut() {
+                w.traceparent = traceparent.clone();
+            }
+            // Shared with other commits of this node until a batch was refused; alone after.
+            let appended = self.group.append(planned.writes.clone(), attempt > 0).await;
+            match appended {
+                Ok(first) => {
+                    let last = first + planned.writes.len() as u64 - 1;
                     self.wait_applied(last, COMMIT_TIMEOUT).await?;
                     self.check_kept(&planned.writes, first)?;
                     return Ok(Commit {

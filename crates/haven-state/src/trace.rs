@@ -1,7 +1,7 @@
 //! The trace context of a write, carried beside it and never in it: the W3C `traceparent`
 //! of the (sampled) span that commits a batch, set by the caller around [`crate::Store::commit`]
 //! and, on a shared log that can hold message headers (JetStream), stored in a header of the
-//! batch's last entry. A region that replicates the batch links its own span to it. It is no
+//! commit's last entry (a batch may carry several commits). A region that replicates the batch links its own span to it. It is no
 //! part of a record, of its encoding, of merges or of digests: a batch written without it is
 //! the same batch.
 
