@@ -4,8 +4,9 @@
 //! - `failover`: three nats-servers, three Haven nodes on them, HAProxy in front. Each round
 //!   kills one node with SIGKILL and measures, as a client sees it, the time from the kill to
 //!   the first successful `tools/call` through HAProxy; then restarts the node.
-//! - `throughput`: `mcp-load` against the 3-node region through HAProxy and against one node
-//!   on the embedded store, in alternating rounds of the same run; medians and the ratio.
+//! - `throughput`: `mcp-load` against the region (3 nodes, or `--nodes`) through HAProxy and
+//!   against one node on the embedded store, in alternating rounds of the same run; medians
+//!   and the ratio.
 //! - `takeover`: each round starts a long idempotent call (`sleep` with a progress token) on one
 //!   node and kills that node with SIGKILL; the client resumes through HAProxy. Measures the
 //!   time from the kill to the first event of the call's re-run and to its final result.
@@ -89,6 +90,9 @@ enum Cmd {
         /// Call notes_put (a durable write) instead of echo.
         #[arg(long)]
         notes_put: bool,
+        /// Haven nodes of the region (1 to 3; the NATS cluster has three servers).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=3))]
+        nodes: u8,
     },
 }
 
@@ -106,6 +110,11 @@ struct Region {
 impl Region {
     /// Three nats-servers (`haven-testkit`), three Haven nodes on them, HAProxy in front.
     async fn start(haven: &Path, tools: &Path) -> anyhow::Result<Region> {
+        Region::start_with(haven, tools, 3).await
+    }
+
+    /// Three nats-servers, `nodes` Haven nodes on them, HAProxy in front.
+    async fn start_with(haven: &Path, tools: &Path, nodes: usize) -> anyhow::Result<Region> {
         let dir = tempfile::tempdir()?;
         // Nodes of one region share their secrets keys: one key file for all three.
         let made = std::process::Command::new(haven)
@@ -118,10 +127,10 @@ impl Region {
         }
         let nats = haven_testkit::NatsCluster::start_in(tools).await;
         let store = nats.store_url();
-        let ports = haven_testkit::free_ports(3);
+        let ports = haven_testkit::free_ports(nodes);
         let mut region = Region {
             nats,
-            nodes: vec![None, None, None],
+            nodes: (0..nodes).map(|_| None).collect(),
             ports,
             store,
             haven: haven.to_owned(),
@@ -129,7 +138,7 @@ impl Region {
             _proxy: None,
             proxy_port: 0,
         };
-        for i in 0..3 {
+        for i in 0..nodes {
             region.start_node(i).await?;
         }
         let proxy = haven_testkit::Proxy::start(&region.ports).await;
@@ -338,9 +347,10 @@ async fn throughput(
     rounds: usize,
     flags: &LoadFlags,
     notes_put: bool,
+    nodes: usize,
 ) -> anyhow::Result<()> {
     let load_bin = haven.parent().context("binary directory")?.join("mcp-load");
-    let region = Region::start(haven, tools).await?;
+    let region = Region::start_with(haven, tools, nodes).await?;
     let dir = tempfile::tempdir()?;
     let port = free_port();
     let _single = Process(haven_serve(haven, port, &dir.path().join("single")).spawn()?);
@@ -366,7 +376,8 @@ async fn throughput(
     let tool = if notes_put { "notes_put" } else { "echo" };
     println!("\n| setup | median calls/s ({tool}) |\n|---|---|");
     println!(
-        "| 3 nodes on a 3-server NATS cluster, through HAProxy | {:.0} |",
+        "| {nodes} node{} on a 3-server NATS cluster, through HAProxy | {:.0} |",
+        if nodes == 1 { "" } else { "s" },
         median(&a)
     );
     println!(
@@ -1137,6 +1148,14 @@ fn main() -> anyhow::Result<()> {
             rounds,
             load,
             notes_put,
-        } => rt.block_on(throughput(&haven, &tools, rounds, &load, notes_put)),
+            nodes,
+        } => rt.block_on(throughput(
+            &haven,
+            &tools,
+            rounds,
+            &load,
+            notes_put,
+            usize::from(nodes),
+        )),
     }
 }
