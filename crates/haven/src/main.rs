@@ -13,6 +13,7 @@ mod drill_cmd;
 mod memory;
 mod metrics;
 mod nats_sync;
+mod otlp;
 mod reclaim;
 mod region_cmd;
 mod settings;
@@ -251,7 +252,6 @@ fn init_logging(
 /// The OTLP/HTTP (protobuf) trace exporter of `--otlp-endpoint`, batching on its own thread,
 /// sampling new traces at `--trace-sample-ratio` and following the caller's decision.
 fn tracer_provider(s: &Settings) -> Option<opentelemetry_sdk::trace::SdkTracerProvider> {
-    use opentelemetry_otlp::WithExportConfig as _;
     use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
     let endpoint = s.otlp_endpoint.as_ref()?;
     let url = if endpoint.trim_end_matches('/').ends_with("/v1/traces") {
@@ -259,13 +259,7 @@ fn tracer_provider(s: &Settings) -> Option<opentelemetry_sdk::trace::SdkTracerPr
     } else {
         format!("{}/v1/traces", endpoint.trim_end_matches('/'))
     };
-    let exporter = match opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-        .with_endpoint(url.clone())
-        .with_timeout(std::time::Duration::from_secs(10))
-        .build()
-    {
+    let exporter = match otlp::SpanExporter::new(url.clone(), std::time::Duration::from_secs(10)) {
         Ok(e) => e,
         Err(e) => {
             eprintln!(
