@@ -4,6 +4,8 @@
 #   bench/scripts/trace-profile.sh HAVEN_BIN LABEL            # traces to a local sink
 #   OTLP="--log-level info" bench/scripts/trace-profile.sh HAVEN_BIN LABEL   # no traces
 #   LOAD_ARGS="--era legacy" bench/scripts/trace-profile.sh HAVEN_BIN LABEL  # legacy sessions
+#   FREQ=499 CALLGRAPH="--call-graph dwarf,16384" ...   # real call stacks (inclusive costs:
+#       perf report -i LABEL.data --children --sort sym --stdio -g none)
 # Writes LABEL.load (mcp-load's JSON), LABEL.data (perf) and LABEL.top into $OUT (default .).
 set -u
 BIN=$1; LABEL=$2; shift 2
@@ -20,7 +22,7 @@ for _ in $(seq 50); do
 done
 "$LOAD" --url http://127.0.0.1:18931/mcp ${LOAD_ARGS:-} --duration 25 --warmup 1 --server-pid $H > "$OUT/$LABEL.load" 2>&1 & L=$!
 sleep 4
-perf record -F 999 -g -p $H -o "$OUT/$LABEL.data" -- sleep 15 >/dev/null 2>&1
+perf record -F ${FREQ:-999} ${CALLGRAPH:--g} -p $H -o "$OUT/$LABEL.data" -- sleep 15 >/dev/null 2>&1
 wait $L
 kill $H $SINK; wait $H $SINK 2>/dev/null
 rm -rf "$D"
