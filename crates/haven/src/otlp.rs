@@ -241,11 +241,7 @@ fn key_value(out: &mut Vec<u8>, key: &str, value: &Value) {
 /// An `AnyValue` message's field (a oneof: written even when it holds a default value).
 fn any_value(out: &mut Vec<u8>, value: &Value) {
     match value {
-        Value::String(s) => {
-            encode_key(1, WireType::LengthDelimited, out);
-            encode_varint(s.as_str().len() as u64, out);
-            out.extend_from_slice(s.as_str().as_bytes());
-        }
+        Value::String(s) => bytes(out, 1, s.as_str().as_bytes()),
         Value::Bool(b) => {
             encode_key(2, WireType::Varint, out);
             encode_varint(u64::from(*b), out);
@@ -270,13 +266,9 @@ fn any_value(out: &mut Vec<u8>, value: &Value) {
                 Array::F64(v) => v
                     .iter()
                     .for_each(|x| nested(o, 1, |o| any_value(o, &Value::F64(*x)))),
-                Array::String(v) => v.iter().for_each(|x| {
-                    nested(o, 1, |o| {
-                        encode_key(1, WireType::LengthDelimited, o);
-                        encode_varint(x.as_str().len() as u64, o);
-                        o.extend_from_slice(x.as_str().as_bytes());
-                    })
-                }),
+                Array::String(v) => v
+                    .iter()
+                    .for_each(|x| nested(o, 1, |o| bytes(o, 1, x.as_str().as_bytes()))),
                 // A kind of array this version does not know: an empty array.
                 _ => {}
             }
