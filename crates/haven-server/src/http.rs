@@ -1,12 +1,12 @@
-//! The Streamable HTTP transport: routes, the accept loop, health endpoints, and the handlers of
-//! `/mcp`, which only read the request and dispatch it to the engine. The HTTP-level checks run
-//! before them as layers (`layers`); the engine's answer becomes HTTP in one place (`response`).
+//! The Streamable HTTP transport: routes, the accept loop, health endpoints, and the handler of
+//! `/mcp`, which only reads the request and dispatches it to the engine. The HTTP-level checks
+//! run before it (`layers`); the engine's answer becomes HTTP in one place (`response`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Extension, State};
+use axum::extract::State;
 use axum::response::Response;
 use axum::routing::get;
 use axum::{Router, middleware};
@@ -21,7 +21,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::net::TcpListener;
 
-use crate::layers::{admission, authn, body_limit, content, host_origin, rate};
+use crate::layers::{Admitted, body_limit, host_origin, rate};
 use crate::response::{Era, respond};
 
 /// HTTP settings.
@@ -69,7 +69,7 @@ impl HttpConfig {
 
 struct AppState {
     engine: Engine,
-    rate: Arc<crate::rate::RateLimiter>,
+    guard: crate::layers::Guard,
 }
 
 /// The router: `/mcp`, `/healthz`, `/readyz`.
@@ -78,7 +78,16 @@ pub fn router(engine: Engine, config: HttpConfig) -> Router {
     let node = HeaderValue::from_str(&engine.config().node_id).ok();
     let state = Arc::new(AppState {
         engine,
-        rate: config.rate.clone(),
+        guard: crate::layers::Guard {
+            admission: config.admission.clone(),
+            rate: config.rate.clone(),
+            hosts: host_origin::AllowedHosts::new(&config.allowed_hosts),
+            authentication: config.authentication.clone(),
+            body: body_limit::BodyLimit {
+                bytes: config.max_body_bytes.clone(),
+                limits: config.limits.clone(),
+            },
+        },
     });
     let tag = middleware::map_response(move |mut r: Response| {
         let node = node.clone();
@@ -89,54 +98,11 @@ pub fn router(engine: Engine, config: HttpConfig) -> Router {
             r
         }
     });
-    // Layers run outermost first, i.e. in the reverse order of the calls below: shedding for
-    // delay (while the node's CPU is overloaded, the cheapest answer first), the client
-    // address's rate limit (before anything else, authentication included), Host/Origin, then
-    // media types, then the principal's rate limit (an authentication layer, which places the
-    // `Principal` in the request's extensions, goes outside it), then admission, then the body
-    // limit (which reads the body), then the handler (which applies the per-tool rate limit
-    // once the message is parsed). They apply to the routes, not to the fallback: any other
+    // The checks of `/mcp` (`layers`) apply to its methods, not to the fallback: any other
     // method gets 405 whatever its headers.
-    let mcp = get(mcp_get)
-        .post(mcp_post)
-        .delete(mcp_delete)
-        // The body limit layer enforces the runtime limit; axum's fixed default must not.
-        .route_layer(DefaultBodyLimit::disable())
-        .route_layer(middleware::from_fn_with_state(
-            body_limit::BodyLimit {
-                bytes: config.max_body_bytes.clone(),
-                limits: config.limits.clone(),
-            },
-            body_limit::enforce,
-        ))
-        .route_layer(middleware::from_fn_with_state(
-            config.admission.clone(),
-            admission::enforce,
-        ))
-        .route_layer(middleware::from_fn_with_state(
-            config.rate.clone(),
-            rate::per_principal,
-        ))
-        .route_layer(middleware::from_fn(content::enforce))
-        .route_layer(middleware::from_fn_with_state(
-            config.authentication.clone(),
-            authn::enforce,
-        ))
-        .route_layer(middleware::from_fn_with_state(
-            host_origin::AllowedHosts::new(&config.allowed_hosts),
-            host_origin::enforce,
-        ))
-        .route_layer(middleware::from_fn_with_state(
-            config.rate.clone(),
-            rate::per_ip,
-        ))
-        .route_layer(middleware::from_fn_with_state(
-            config.admission.clone(),
-            admission::shed,
-        ))
-        .fallback(method_not_allowed);
+    let endpoint = get(mcp).post(mcp).delete(mcp).fallback(method_not_allowed);
     let mut router = Router::new()
-        .route("/mcp", mcp)
+        .route("/mcp", endpoint)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz));
     if let Some(auth) = &config.authentication {
@@ -330,13 +296,35 @@ fn stateless_headers(headers: &HeaderMap, version: Option<String>) -> StatelessH
     }
 }
 
-/// POST /mcp: one JSON-RPC message (its media types and size already checked by the layers),
-/// dispatched to the era it belongs to.
+/// `/mcp`: the request checked (`layers`), then handled by its method; its place (admission)
+/// is held until the answer's body ends.
+async fn mcp(State(app): State<Arc<AppState>>, req: axum::extract::Request) -> Response {
+    let admitted = match app.guard.admit(req).await {
+        Ok(a) => a,
+        Err(refused) => return refused,
+    };
+    let Admitted {
+        parts,
+        accepts,
+        principal,
+        body,
+        place,
+    } = admitted;
+    let response = match parts.method {
+        http::Method::POST => mcp_post(&app, accepts, principal, &parts.headers, body).await,
+        http::Method::GET => mcp_get(&app, principal, &parts.headers).await,
+        _ => mcp_delete(&app, principal, &parts.headers).await,
+    };
+    place.hold(response)
+}
+
+/// POST /mcp: one JSON-RPC message (its media types and size already checked), dispatched to
+/// the era it belongs to.
 async fn mcp_post(
-    State(app): State<Arc<AppState>>,
-    Extension(accepts): Extension<content::Accepts>,
-    Extension(principal): Extension<Principal>,
-    headers: HeaderMap,
+    app: &AppState,
+    accepts: crate::layers::content::Accepts,
+    principal: Principal,
+    headers: &HeaderMap,
     body: Bytes,
 ) -> Response {
     let message = match jsonrpc::parse(&body) {
@@ -344,51 +332,47 @@ async fn mcp_post(
         // No era yet; a refusal's status does not depend on one.
         Err(m) => return respond(Era::Legacy, Rejection::from(m).into()),
     };
-    let version = header_str(&headers, &names::PROTOCOL_VERSION).map(str::to_owned);
+    let version = header_str(headers, &names::PROTOCOL_VERSION).map(str::to_owned);
     let stateless = is_stateless(version.as_deref(), &message);
     let era = if stateless {
         Era::Stateless
     } else {
         Era::Legacy
     };
-    if let Some(refused) = rate::check_tool(&app.rate, Some(&principal), &message, era) {
+    if let Some(refused) = rate::check_tool(&app.guard.rate, Some(&principal), &message, era) {
         return refused;
     }
     if stateless {
         let post = StatelessPost {
-            headers: stateless_headers(&headers, version),
+            headers: stateless_headers(headers, version),
             message,
             from_http: true,
             principal,
-            trace: trace_headers(&headers),
+            trace: trace_headers(headers),
         };
         respond(Era::Stateless, app.engine.stateless_post(post).await)
     } else {
         let post = LegacyPost {
-            session: header_str(&headers, &names::SESSION_ID).map(str::to_owned),
+            session: header_str(headers, &names::SESSION_ID).map(str::to_owned),
             protocol_version: version,
             accepts_json: accepts.json,
             accepts_sse: accepts.sse,
             message,
             principal,
-            trace: trace_headers(&headers),
+            trace: trace_headers(headers),
         };
         respond(Era::Legacy, app.engine.legacy_post(post).await)
     }
 }
 
 /// GET /mcp: a legacy session's standalone stream, or the resumption of one of its streams.
-async fn mcp_get(
-    State(app): State<Arc<AppState>>,
-    Extension(principal): Extension<Principal>,
-    headers: HeaderMap,
-) -> Response {
+async fn mcp_get(app: &AppState, principal: Principal, headers: &HeaderMap) -> Response {
     let reply: Reply = app
         .engine
         .legacy_get(
-            header_str(&headers, &names::SESSION_ID),
-            header_str(&headers, &names::PROTOCOL_VERSION),
-            header_str(&headers, &names::LAST_EVENT_ID),
+            header_str(headers, &names::SESSION_ID),
+            header_str(headers, &names::PROTOCOL_VERSION),
+            header_str(headers, &names::LAST_EVENT_ID),
             &principal,
         )
         .await;
@@ -396,16 +380,12 @@ async fn mcp_get(
 }
 
 /// DELETE /mcp: ends a legacy session.
-async fn mcp_delete(
-    State(app): State<Arc<AppState>>,
-    Extension(principal): Extension<Principal>,
-    headers: HeaderMap,
-) -> Response {
+async fn mcp_delete(app: &AppState, principal: Principal, headers: &HeaderMap) -> Response {
     let reply = app
         .engine
         .legacy_delete(
-            header_str(&headers, &names::SESSION_ID),
-            header_str(&headers, &names::PROTOCOL_VERSION),
+            header_str(headers, &names::SESSION_ID),
+            header_str(headers, &names::PROTOCOL_VERSION),
             &principal,
         )
         .await;

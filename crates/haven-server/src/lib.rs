@@ -1,6 +1,6 @@
 //! Haven's server layer: MCP over Streamable HTTP (both protocol eras on one `/mcp` endpoint)
 //! and over stdio, health and readiness endpoints. It is the only crate that speaks HTTP: the
-//! HTTP-level checks (Host and Origin, content types, body size) are its layers, and the
+//! HTTP-level checks (Host and Origin, content types, body size) are its `layers`, and the
 //! engine's protocol outcomes become statuses and headers in one place, `response`.
 
 pub mod conn;

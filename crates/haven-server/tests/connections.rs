@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use bytes::Bytes;
 use haven_server::ConnLimits;
-use haven_server::layers::body_limit::{BodyLimit, enforce};
+use haven_server::layers::body_limit::{BodyLimit, take};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
@@ -35,8 +35,13 @@ impl Server {
         let router = Router::new()
             .route(
                 "/echo",
-                post(|b: Bytes| async move { b.len().to_string() })
-                    .route_layer(axum::middleware::from_fn_with_state(body, enforce)),
+                post(move |req: axum::extract::Request| async move {
+                    let (parts, b) = req.into_parts();
+                    match take(&body, &parts.headers, b).await {
+                        Ok(b) => b.len().to_string().into_response(),
+                        Err(refusal) => refusal.into_response(),
+                    }
+                }),
             )
             .route("/", get(|| async { "ok" }));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -27,8 +27,6 @@ use std::time::Duration;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 use http_body_util::BodyExt;
@@ -194,7 +192,7 @@ impl Admission {
     }
 
     /// Refuses this request if it is one of the share shed for delay.
-    fn shed(&self) -> Result<(), Refusal> {
+    pub(crate) fn shed(&self) -> Result<(), Refusal> {
         if !self.shed_for_delay() {
             return Ok(());
         }
@@ -244,7 +242,7 @@ impl Admission {
     }
 
     /// A place, waiting in the queue for one if the node is at its limit.
-    async fn admit(self: &Arc<Self>, session: Option<&str>) -> Result<Place, Refusal> {
+    pub(crate) async fn admit(self: &Arc<Self>, session: Option<&str>) -> Result<Place, Refusal> {
         match self.try_admit(session) {
             Err(Refusal::Node(max)) => {
                 {
@@ -316,9 +314,22 @@ impl std::future::Future for BackOfTheQueue {
 }
 
 /// A request's place; freed when its response (stream) ends.
-struct Place {
+pub(crate) struct Place {
     admission: Arc<Admission>,
     session: Option<String>,
+}
+
+impl Place {
+    /// `response`, holding this place until its body (an SSE stream included) ends or the
+    /// client leaves.
+    pub(crate) fn hold(self, response: Response) -> Response {
+        response.map(|body| {
+            Body::new(body.map_err(move |e| {
+                let _held = &self;
+                e
+            }))
+        })
+    }
 }
 
 impl Drop for Place {
@@ -393,42 +404,6 @@ impl IntoResponse for Refusal {
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         r
     }
-}
-
-/// The outermost middleware of `/mcp`: while the node sheds for delay, the shed share of
-/// requests is refused before anything else is spent on them (the address's rate limit,
-/// authentication, parsing).
-pub async fn shed(State(admission): State<Arc<Admission>>, req: Request, next: Next) -> Response {
-    match admission.shed() {
-        Ok(()) => next.run(req).await,
-        Err(refusal) => refusal.into_response(),
-    }
-}
-
-/// The middleware: admits the request or refuses it at once; the place is held until the
-/// response body (an SSE stream included) ends.
-pub async fn enforce(
-    State(admission): State<Arc<Admission>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let session = req
-        .headers()
-        .get("mcp-session-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let place = match admission.admit(session.as_deref()).await {
-        Ok(p) => p,
-        Err(refusal) => return refusal.into_response(),
-    };
-    let response = next.run(req).await;
-    // The place goes with the body: when the stream ends or the client leaves.
-    response.map(|body| {
-        Body::new(body.map_err(move |e| {
-            let _held = &place;
-            e
-        }))
-    })
 }
 
 #[cfg(test)]

@@ -1,17 +1,16 @@
 //! Authentication of `/mcp` (the OAuth 2.1 resource server, MCP `basic/authorization`): the
-//! request's bearer credential becomes a [`Principal`] in the request's extensions, which the
-//! handlers pass to the engine. Without a credential, or with one that is not valid, the
+//! request's bearer credential becomes a [`Principal`], which the handler passes to the
+//! engine. Without a credential, or with one that is not valid, the
 //! answer is `401` with `WWW-Authenticate: Bearer resource_metadata="…", scope="…"` (RFC 9728
 //! §5.1) so that a client can find the authorization server; a valid token without a required
 //! scope gets `403` with `error="insufficient_scope"`; when the issuer's keys cannot be
 //! fetched, `503` with `Retry-After`. With authentication off every request is the anonymous
-//! principal. The credential goes no further than this layer: it is not in the extensions,
-//! the engine never sees it, and upstream servers get their own configured credentials only.
+//! principal. The credential goes no further than this check: it is not handed on, the
+//! engine never sees it, and upstream servers get their own configured credentials only.
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
-use axum::middleware::Next;
+use axum::extract::Request;
 use axum::response::Response;
 use haven_auth::{AuthError, Authenticator, Principal};
 use http::{HeaderValue, StatusCode, header};
@@ -66,34 +65,32 @@ pub fn metadata_url(resource: &str) -> String {
     )
 }
 
-/// The layer: `None` means authentication is off.
-pub async fn enforce(
-    State(auth): State<Option<Arc<Authentication>>>,
-    mut req: Request,
-    next: Next,
-) -> Response {
-    let principal = match &auth {
-        // Off: anonymous, unless a layer of this process already named the caller (requests
-        // from the network cannot set extensions).
-        None => match req.extensions_mut().remove::<Principal>() {
-            Some(p) => p,
-            None => Principal::anonymous(),
-        },
+/// The principal of `req`: its bearer credential checked by `auth`, or the answer refusing
+/// it. `None` means authentication is off: every caller is anonymous, unless this process
+/// already named the caller in the request's extensions (requests from the network cannot set
+/// extensions).
+pub(crate) async fn principal(
+    auth: Option<&Authentication>,
+    req: &mut Request,
+) -> Result<Principal, Response> {
+    match auth {
+        None => Ok(req
+            .extensions_mut()
+            .remove::<Principal>()
+            .unwrap_or_else(Principal::anonymous)),
         Some(a) => {
-            // The single-header layer already refused two Authorization headers or an
+            // The single-header check already refused two Authorization headers or an
             // unreadable one.
             let value = req
                 .headers()
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok());
-            match a.authenticator.authenticate(value).await {
-                Ok(p) => p,
-                Err(e) => return refuse(a, &e),
-            }
+            a.authenticator
+                .authenticate(value)
+                .await
+                .map_err(|e| refuse(a, &e))
         }
-    };
-    req.extensions_mut().insert(principal);
-    next.run(req).await
+    }
 }
 
 fn refuse(a: &Authentication, e: &AuthError) -> Response {

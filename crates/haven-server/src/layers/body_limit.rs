@@ -8,8 +8,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode, header};
@@ -92,34 +90,29 @@ pub async fn read(limit: usize, headers: &HeaderMap, body: Body) -> Result<Bytes
     }
 }
 
-/// The middleware: refuses bodies over the limit in force and hands the body on read.
-pub async fn enforce(State(limit): State<BodyLimit>, req: Request, next: Next) -> Response {
-    let (parts, body) = req.into_parts();
+/// The body of a request with `headers`, read whole within the limit in force and the body
+/// read deadline, or why not.
+pub async fn take(limit: &BodyLimit, headers: &HeaderMap, body: Body) -> Result<Bytes, Refusal> {
     let deadline = limit.limits.body_read_timeout();
-    let read = tokio::time::timeout(deadline, read(limit.bytes(), &parts.headers, body)).await;
-    match read.unwrap_or(Err(Refusal::TooSlow(deadline.as_millis() as u64))) {
-        Ok(bytes) => {
-            next.run(Request::from_parts(parts, Body::from(bytes)))
-                .await
-        }
-        Err(refusal) => refusal.into_response(),
-    }
+    tokio::time::timeout(deadline, read(limit.bytes(), headers, body))
+        .await
+        .unwrap_or(Err(Refusal::TooSlow(deadline.as_millis() as u64)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layers::test_util::{request, send};
-    use axum::Router;
-    use axum::routing::post;
+    use crate::layers::test_util::{read_response, request};
+    use axum::extract::Request;
 
-    fn router(limit: &BodyLimit) -> Router {
-        Router::new()
-            .route(
-                "/mcp",
-                post(|body: Bytes| async move { body.len().to_string() }),
-            )
-            .layer(axum::middleware::from_fn_with_state(limit.clone(), enforce))
+    /// Status and body text of the answer to `req`: its body's length when taken, else the
+    /// refusal.
+    async fn send(limit: &BodyLimit, req: Request) -> (StatusCode, String) {
+        let (parts, body) = req.into_parts();
+        match take(limit, &parts.headers, body).await {
+            Ok(b) => (StatusCode::OK, b.len().to_string()),
+            Err(r) => read_response(r.into_response()).await,
+        }
     }
 
     #[tokio::test]
@@ -128,7 +121,7 @@ mod tests {
             bytes: Arc::new(AtomicUsize::new(10)),
             limits: Arc::default(),
         };
-        let (s, body) = send(router(&limit), request("POST", &[], "x".repeat(11))).await;
+        let (s, body) = send(&limit, request("POST", &[], "x".repeat(11))).await;
         assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["error"]["code"], -32600);
@@ -136,15 +129,14 @@ mod tests {
             v["error"]["message"],
             "Payload Too Large: the request body exceeds 10 bytes"
         );
-        let (s, body) = send(router(&limit), request("POST", &[], "x".repeat(10))).await;
+        let (s, body) = send(&limit, request("POST", &[], "x".repeat(10))).await;
         assert_eq!((s, body.as_str()), (StatusCode::OK, "10"));
-        // The setting changes while serving: the same router follows it.
-        let r = router(&limit);
+        // The setting changes while serving: the next request follows it.
         limit.bytes.store(20, Ordering::Relaxed);
-        let (s, body) = send(r.clone(), request("POST", &[], "x".repeat(11))).await;
+        let (s, body) = send(&limit, request("POST", &[], "x".repeat(11))).await;
         assert_eq!((s, body.as_str()), (StatusCode::OK, "11"));
         limit.bytes.store(5, Ordering::Relaxed);
-        let (s, _) = send(r, request("POST", &[], "x".repeat(11))).await;
+        let (s, _) = send(&limit, request("POST", &[], "x".repeat(11))).await;
         assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
     }
 
@@ -156,7 +148,7 @@ mod tests {
         };
         // Declared too large: refused without reading.
         let (s, _) = send(
-            router(&limit),
+            &limit,
             request("POST", &[("content-length", "1000")], Body::empty()),
         )
         .await;
@@ -165,11 +157,7 @@ mod tests {
         let chunks = futures::stream::iter(
             (0..4).map(|_| Ok::<_, std::io::Error>(Bytes::from_static(b"xxxx"))),
         );
-        let (s, _) = send(
-            router(&limit),
-            request("POST", &[], Body::from_stream(chunks)),
-        )
-        .await;
+        let (s, _) = send(&limit, request("POST", &[], Body::from_stream(chunks))).await;
         assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
     }
 
@@ -183,11 +171,7 @@ mod tests {
             Ok(Bytes::from_static(b"{\"jsonrpc\"")),
             Err(std::io::Error::other("connection reset")),
         ]);
-        let (s, body) = send(
-            router(&limit),
-            request("POST", &[], Body::from_stream(chunks)),
-        )
-        .await;
+        let (s, body) = send(&limit, request("POST", &[], Body::from_stream(chunks))).await;
         assert_eq!(s, StatusCode::BAD_REQUEST);
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["error"]["code"], -32700);

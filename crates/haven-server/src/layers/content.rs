@@ -3,8 +3,6 @@
 //! so it must accept `text/event-stream` (else 406). What the client accepts is handed to the
 //! handler as an [`Accepts`] extension: a legacy request is answered in a form it can read.
 
-use axum::extract::Request;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, Method, StatusCode, header};
 
@@ -95,23 +93,9 @@ pub fn check(method: &Method, headers: &HeaderMap) -> Result<Accepts, Refusal> {
     Ok(accepts)
 }
 
-/// The middleware: refuses requests whose media types do not fit, and hands [`Accepts`] on.
-pub async fn enforce(mut req: Request, next: Next) -> Response {
-    match check(req.method(), req.headers()) {
-        Ok(accepts) => {
-            req.extensions_mut().insert(accepts);
-            next.run(req).await
-        }
-        Err(refusal) => refusal.into_response(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layers::test_util::{request, send};
-    use axum::routing::get;
-    use axum::{Extension, Router};
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -190,45 +174,5 @@ mod tests {
         );
         assert!(check(&Method::GET, &headers(&[("accept", "text/event-stream")])).is_ok());
         assert!(check(&Method::DELETE, &headers(&[("accept", "text/html")])).is_ok());
-    }
-
-    #[tokio::test]
-    async fn the_layer_refuses_and_hands_on_what_is_accepted() {
-        let router = Router::new()
-            .route(
-                "/mcp",
-                get(|| async { "stream" })
-                    .post(|Extension(a): Extension<Accepts>| async move { format!("{a:?}") }),
-            )
-            .layer(axum::middleware::from_fn(enforce));
-        let (s, body) = send(
-            router.clone(),
-            request("POST", &[("content-type", "text/plain")], "{}"),
-        )
-        .await;
-        assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(v["error"]["code"], -32600);
-        let (s, _) = send(
-            router.clone(),
-            request("POST", &[JSON, ("accept", "text/html")], "{}"),
-        )
-        .await;
-        assert_eq!(s, StatusCode::NOT_ACCEPTABLE);
-        let (s, body) = send(
-            router.clone(),
-            request("POST", &[JSON, ("accept", "text/event-stream")], "{}"),
-        )
-        .await;
-        assert_eq!(
-            (s, body.as_str()),
-            (StatusCode::OK, "Accepts { json: false, sse: true }")
-        );
-        let (s, _) = send(
-            router,
-            request("GET", &[("accept", "application/json")], ""),
-        )
-        .await;
-        assert_eq!(s, StatusCode::NOT_ACCEPTABLE);
     }
 }

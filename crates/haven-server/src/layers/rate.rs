@@ -1,11 +1,10 @@
 //! Rate limits on `/mcp` (the buckets are in [`crate::rate`]):
 //!
-//! - [`per_ip`], the outermost layer, before any other check and before authentication: the
+//! - [`check_ip`], before any other check but shedding and before authentication: the
 //!   request rate of one client address (the connection's peer; `X-Forwarded-For` is not
 //!   trusted),
-//! - [`per_principal`], after authentication: the request rate of the
-//!   [`Principal`](haven_auth::Principal) an authentication layer placed in the request's
-//!   extensions (none: the anonymous principal),
+//! - [`check_principal`], after authentication: the request rate of the request's
+//!   [`Principal`] (the anonymous principal when authentication is off),
 //! - per tool: `tools/call` requests of one principal for one tool, checked by the `/mcp`
 //!   POST handler once the message is parsed ([`check_tool`]), in both eras from the message
 //!   body (the stateless era's `Mcp-Name` must equal it, which the engine checks).
@@ -15,10 +14,8 @@
 //! counts as one request when it opens.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Request, State};
-use axum::middleware::Next;
+use axum::extract::{ConnectInfo, Request};
 use axum::response::Response;
 use haven_auth::Principal;
 use haven_mcp::engine::{Reason, Rejection};
@@ -61,31 +58,24 @@ pub fn principal_id(principal: Option<&Principal>) -> String {
         .unwrap_or_else(|| Principal::anonymous().id())
 }
 
-/// The middleware limiting one client address's request rate.
-pub async fn per_ip(State(rate): State<Arc<RateLimiter>>, req: Request, next: Next) -> Response {
-    if let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>()
-        && let Err(limited) = rate.check_ip(peer.ip())
-    {
-        tracing::debug!(peer = %peer, "request refused: the client address's rate limit");
-        return refuse(Era::Legacy, &limited);
-    }
-    next.run(req).await
+/// The rate limit of the address `req` came from (none for a request without a peer
+/// address, i.e. not from the network): the answer refusing it when it is over.
+pub(crate) fn check_ip(rate: &RateLimiter, req: &Request) -> Option<Response> {
+    let ConnectInfo(peer) = req.extensions().get::<ConnectInfo<SocketAddr>>()?;
+    let limited = rate.check_ip(peer.ip()).err()?;
+    tracing::debug!(peer = %peer, "request refused: the client address's rate limit");
+    Some(refuse(Era::Legacy, &limited))
 }
 
-/// The middleware limiting one principal's request rate.
-pub async fn per_principal(
-    State(rate): State<Arc<RateLimiter>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    if rate.principal_limited() {
-        let id = principal_id(req.extensions().get::<Principal>());
-        if let Err(limited) = rate.check_principal(&id) {
-            tracing::debug!(principal = %id, "request refused: the principal's rate limit");
-            return refuse(Era::Legacy, &limited);
-        }
+/// The rate limit of `principal`: the answer refusing its request when it is over.
+pub(crate) fn check_principal(rate: &RateLimiter, principal: &Principal) -> Option<Response> {
+    if !rate.principal_limited() {
+        return None;
     }
-    next.run(req).await
+    let id = principal.id();
+    let limited = rate.check_principal(&id).err()?;
+    tracing::debug!(principal = %id, "request refused: the principal's rate limit");
+    Some(refuse(Era::Legacy, &limited))
 }
 
 /// The per-tool limit for a parsed message: `None` when it may go on, or the refusal (with
