@@ -38,9 +38,18 @@ fn span_context(traceparent: &str, tracestate: Option<&str>) -> Option<SpanConte
     sc.is_valid().then_some(sc)
 }
 
+/// The target of the server span of every MCP request, at `debug`: the log formats its fields
+/// only when asked for `debug` (a node logging at `info` would otherwise format every
+/// request's fields for lines that are rarely written), while a trace exporter always takes
+/// it (the binary's trace filter names this target).
+pub const REQUEST_SPAN_TARGET: &str = "haven::request";
+
 /// Makes the span `traceparent` names the parent of `span` (nothing for a missing or invalid
 /// value: the span starts a trace of its own).
 pub fn set_parent(span: &tracing::Span, traceparent: Option<&str>, tracestate: Option<&str>) {
+    if span.is_none() {
+        return;
+    }
     if let Some(cx) = traceparent.and_then(|t| remote_context(t, tracestate)) {
         let _ = span.set_parent(cx);
     }
@@ -215,8 +224,18 @@ where
         mut writer: tracing_subscriber::fmt::format::Writer<'_>,
         event: &tracing::Event<'_>,
     ) -> std::fmt::Result {
+        // The spans around the event as the registry holds them, not as the log's filter
+        // sees them: a request's span is traced without being logged at `info`.
         let ids = DISPATCH.get().and_then(|d| d.upgrade()).and_then(|d| {
-            ctx.event_scope()?.find_map(|span| {
+            use tracing::Subscriber as _;
+            use tracing_subscriber::registry::LookupSpan as _;
+            let registry = d.downcast_ref::<tracing_subscriber::Registry>()?;
+            let id = match event.parent() {
+                Some(id) => id.clone(),
+                None if event.is_contextual() => registry.current_span().id()?.clone(),
+                None => return None,
+            };
+            registry.span(&id)?.scope().find_map(|span| {
                 let cx = tracing_opentelemetry::get_otel_context(&span.id(), &d)?;
                 let s = cx.span();
                 let sc = s.span_context();
@@ -268,21 +287,31 @@ mod tests {
         use tracing_subscriber::layer::SubscriberExt as _;
         let buffer = Buffer::default();
         let out = buffer.clone();
+        // As the binary sets them up: the log at `info`, the trace layer taking request spans
+        // (at `debug`) too, so that the log does not see the request's span.
+        use tracing_subscriber::Layer as _;
         let subscriber = tracing_subscriber::registry()
             .with(
                 tracing_subscriber::fmt::layer()
                     .json()
                     .event_format(WithTraceIds(tracing_subscriber::fmt::format().json()))
-                    .with_writer(move || out.clone()),
+                    .with_writer(move || out.clone())
+                    .with_filter(tracing::level_filters::LevelFilter::INFO),
             )
             .with(
                 tracing_opentelemetry::layer()
-                    .with_tracer(opentelemetry::trace::noop::NoopTracer::new()),
+                    .with_tracer(opentelemetry::trace::noop::NoopTracer::new())
+                    .with_filter(
+                        tracing_subscriber::filter::Targets::new()
+                            .with_default(tracing::Level::INFO)
+                            .with_target(REQUEST_SPAN_TARGET, tracing::Level::DEBUG),
+                    ),
             );
         tracing::subscriber::with_default(subscriber, || {
             carry_trace_ids();
             tracing::info!("outside");
-            let span = tracing::info_span!("request");
+            let span = tracing::debug_span!(target: REQUEST_SPAN_TARGET, "request");
+            assert!(!span.is_none(), "the trace layer takes the request span");
             set_parent(
                 &span,
                 Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
@@ -307,6 +336,7 @@ mod tests {
             "{text}"
         );
         assert_eq!(lines[1]["fields"]["message"], "inside", "{text}");
+        assert!(lines[1].get("span").is_none(), "not logged at info: {text}");
     }
 
     #[test]

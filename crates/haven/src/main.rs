@@ -213,9 +213,14 @@ fn init_logging(
         Some(provider) => {
             use opentelemetry::trace::TracerProvider as _;
             // Spans are exported whatever the log filter says (Haven's own at info and
-            // above; rmcp's never, as in the log).
+            // above, and every request's server span, which is at debug for the log; rmcp's
+            // never, as in the log).
             let spans = tracing_subscriber::filter::Targets::new()
                 .with_default(tracing::Level::INFO)
+                .with_target(
+                    haven_telemetry::trace::REQUEST_SPAN_TARGET,
+                    tracing::Level::DEBUG,
+                )
                 .with_target("rmcp", tracing::level_filters::LevelFilter::OFF);
             // Spans carry what the semantic conventions ask for, not the code location,
             // thread or busy/idle times, and entering one does not activate its context (no

@@ -216,8 +216,13 @@ const KNOWN_METHODS: &[&str] = &[
 ];
 
 /// The server span of a request, named as the OpenTelemetry MCP conventions say (`{method}
-/// {target}`), its parent the client's `_meta.traceparent` (or the HTTP `traceparent`).
+/// {target}`), its parent the client's `_meta.traceparent` (or the HTTP `traceparent`); none
+/// when neither the log nor a trace exporter takes it.
 pub(crate) fn request_span(inner: &Inner, call: &Call) -> tracing::Span {
+    use haven_telemetry::trace::REQUEST_SPAN_TARGET;
+    if !tracing::span_enabled!(target: REQUEST_SPAN_TARGET, tracing::Level::DEBUG) {
+        return tracing::Span::none();
+    }
     let target = call
         .params
         .get("name")
@@ -238,7 +243,8 @@ pub(crate) fn request_span(inner: &Inner, call: &Call) -> tracing::Span {
     let tool = target.filter(|_| call.method == "tools/call");
     let session = (!session.is_empty()).then_some(session);
     // Every value is known here: recording one later costs a visit of every layer.
-    let span = tracing::info_span!(
+    let span = tracing::debug_span!(
+        target: REQUEST_SPAN_TARGET,
         "mcp.server",
         otel.name = name.as_str(),
         otel.kind = "server",
