@@ -9,7 +9,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::response::Response;
 use axum::routing::get;
-use axum::{Router, middleware};
+use axum::Router;
 use bytes::Bytes;
 use haven_auth::Principal;
 use haven_mcp::engine::{
@@ -89,14 +89,12 @@ pub fn router(engine: Engine, config: HttpConfig) -> Router {
             },
         },
     });
-    let tag = middleware::map_response(move |mut r: Response| {
-        let node = node.clone();
-        async move {
-            if let Some(n) = node {
-                r.headers_mut().insert("x-haven-node", n);
-            }
-            r
+    // A plain function of the response: no future boxed per request.
+    let tag = tower::util::MapResponseLayer::new(move |mut r: Response| {
+        if let Some(n) = &node {
+            r.headers_mut().insert("x-haven-node", n.clone());
         }
+        r
     });
     // The checks of `/mcp` (`layers`) apply to its methods, not to the fallback: any other
     // method gets 405 whatever its headers.
