@@ -566,8 +566,10 @@ impl Upstreams {
         let admit = admit(&entry, name, &settings)?;
         let started = std::time::Instant::now();
         // A client span for the call; its context goes to the upstream as
-        // `_meta.traceparent`, so the upstream's span is its child.
-        let span = tracing::info_span!(
+        // `_meta.traceparent`, so the upstream's span is its child. Like the request's span,
+        // at `debug` for the log and always taken by a trace exporter.
+        let span = tracing::debug_span!(
+            target: haven_telemetry::trace::REQUEST_SPAN_TARGET,
             "mcp.client",
             otel.name = %format!("{method} {name}"),
             otel.kind = "client",

@@ -38,7 +38,8 @@ fn span_context(traceparent: &str, tracestate: Option<&str>) -> Option<SpanConte
     sc.is_valid().then_some(sc)
 }
 
-/// The target of the server span of every MCP request, at `debug`: the log formats its fields
+/// The target of the server span of every MCP request (and of the client span of every call
+/// to an upstream), at `debug`: the log formats its fields
 /// only when asked for `debug` (a node logging at `info` would otherwise format every
 /// request's fields for lines that are rarely written), while a trace exporter always takes
 /// it (the binary's trace filter names this target).
