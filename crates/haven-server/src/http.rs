@@ -310,8 +310,10 @@ async fn mcp(State(app): State<Arc<AppState>>, req: axum::extract::Request) -> R
     } = admitted;
     let response = match parts.method {
         http::Method::POST => mcp_post(&app, accepts, principal, &parts.headers, body).await,
-        http::Method::GET => mcp_get(&app, principal, &parts.headers).await,
-        _ => mcp_delete(&app, principal, &parts.headers).await,
+        // axum routes HEAD to the GET handler too (and sends no body).
+        http::Method::GET | http::Method::HEAD => mcp_get(&app, principal, &parts.headers).await,
+        http::Method::DELETE => mcp_delete(&app, principal, &parts.headers).await,
+        _ => method_not_allowed().await,
     };
     place.hold(response)
 }

@@ -222,11 +222,22 @@ async fn session_lifecycle_and_methods() {
         .await
         .unwrap();
     assert_eq!(r.status(), 405);
+    // HEAD is answered as GET is (without a body) and leaves the session as it was.
+    let r = reqwest::Client::new()
+        .head(h.url())
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", &c.session)
+        .header("mcp-protocol-version", LEGACY)
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(r.status(), 405);
+    assert_eq!(c.request(3, "ping", json!({})).await["result"], json!({}));
     // DELETE ends the session everywhere.
     let r = c.delete().await;
     assert_eq!(r.status(), 200);
     let r = c
-        .post_raw(json!({"jsonrpc":"2.0","id":3,"method":"ping"}))
+        .post_raw(json!({"jsonrpc":"2.0","id":4,"method":"ping"}))
         .await;
     assert_eq!(r.status(), 404);
     let r = reqwest::Client::new()
