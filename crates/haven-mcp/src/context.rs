@@ -151,7 +151,7 @@ struct Facilities {
     /// The fenced view behind `store`, when the request may be taken over by another node.
     fence: Option<Arc<haven_cluster::FencedStore>>,
     era: Era,
-    caller: Caller,
+    caller: Arc<Caller>,
     progress_token: Option<ProgressToken>,
     out: Option<Outbox>,
     cancel: CancellationToken,
@@ -184,7 +184,7 @@ impl RequestContext {
     pub fn new(
         store: Arc<dyn Store>,
         era: Era,
-        caller: Caller,
+        caller: impl Into<Arc<Caller>>,
         progress_token: Option<ProgressToken>,
         out: Option<Outbox>,
         cancel: CancellationToken,
@@ -193,7 +193,7 @@ impl RequestContext {
             store,
             fence: None,
             era,
-            caller,
+            caller: caller.into(),
             progress_token,
             out,
             cancel,

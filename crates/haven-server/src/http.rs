@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::net::TcpListener;
 
 use crate::layers::{Admitted, body_limit, host_origin, rate};
-use crate::response::{Era, respond};
+use crate::response::{Era, respond, respond_in};
 
 /// HTTP settings.
 #[derive(Clone, Debug)]
@@ -92,7 +92,8 @@ pub fn router(engine: Engine, config: HttpConfig) -> Router {
     // A plain function of the response: no future boxed per request.
     let tag = tower::util::MapResponseLayer::new(move |mut r: Response| {
         if let Some(n) = &node {
-            r.headers_mut().insert("x-haven-node", n.clone());
+            r.headers_mut()
+                .insert(HeaderName::from_static("x-haven-node"), n.clone());
         }
         r
     });
@@ -309,10 +310,10 @@ async fn mcp(State(app): State<Arc<AppState>>, req: axum::extract::Request) -> R
         place,
     } = admitted;
     let response = match parts.method {
-        http::Method::POST => mcp_post(&app, accepts, principal, &parts.headers, body).await,
+        http::Method::POST => mcp_post(&app, accepts, principal, parts.headers, body).await,
         // axum routes HEAD to the GET handler too (and sends no body).
-        http::Method::GET | http::Method::HEAD => mcp_get(&app, principal, &parts.headers).await,
-        http::Method::DELETE => mcp_delete(&app, principal, &parts.headers).await,
+        http::Method::GET | http::Method::HEAD => mcp_get(&app, principal, parts.headers).await,
+        http::Method::DELETE => mcp_delete(&app, principal, parts.headers).await,
         _ => method_not_allowed().await,
     };
     place.hold(response)
@@ -324,15 +325,15 @@ async fn mcp_post(
     app: &AppState,
     accepts: crate::layers::content::Accepts,
     principal: Principal,
-    headers: &HeaderMap,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let message = match jsonrpc::parse(&body) {
         Ok(m) => m,
         // No era yet; a refusal's status does not depend on one.
-        Err(m) => return respond(Era::Legacy, Rejection::from(m).into()),
+        Err(m) => return respond_in(Era::Legacy, Rejection::from(m).into(), headers),
     };
-    let version = header_str(headers, &names::PROTOCOL_VERSION).map(str::to_owned);
+    let version = header_str(&headers, &names::PROTOCOL_VERSION).map(str::to_owned);
     let stateless = is_stateless(version.as_deref(), &message);
     let era = if stateless {
         Era::Stateless
@@ -344,50 +345,54 @@ async fn mcp_post(
     }
     if stateless {
         let post = StatelessPost {
-            headers: stateless_headers(headers, version),
+            headers: stateless_headers(&headers, version),
             message,
             from_http: true,
             principal,
-            trace: trace_headers(headers),
+            trace: trace_headers(&headers),
         };
-        respond(Era::Stateless, app.engine.stateless_post(post).await)
+        respond_in(
+            Era::Stateless,
+            app.engine.stateless_post(post).await,
+            headers,
+        )
     } else {
         let post = LegacyPost {
-            session: header_str(headers, &names::SESSION_ID).map(str::to_owned),
+            session: header_str(&headers, &names::SESSION_ID).map(str::to_owned),
             protocol_version: version,
             accepts_json: accepts.json,
             accepts_sse: accepts.sse,
             message,
             principal,
-            trace: trace_headers(headers),
+            trace: trace_headers(&headers),
         };
-        respond(Era::Legacy, app.engine.legacy_post(post).await)
+        respond_in(Era::Legacy, app.engine.legacy_post(post).await, headers)
     }
 }
 
 /// GET /mcp: a legacy session's standalone stream, or the resumption of one of its streams.
-async fn mcp_get(app: &AppState, principal: Principal, headers: &HeaderMap) -> Response {
+async fn mcp_get(app: &AppState, principal: Principal, headers: HeaderMap) -> Response {
     let reply: Reply = app
         .engine
         .legacy_get(
-            header_str(headers, &names::SESSION_ID),
-            header_str(headers, &names::PROTOCOL_VERSION),
-            header_str(headers, &names::LAST_EVENT_ID),
+            header_str(&headers, &names::SESSION_ID),
+            header_str(&headers, &names::PROTOCOL_VERSION),
+            header_str(&headers, &names::LAST_EVENT_ID),
             &principal,
         )
         .await;
-    respond(Era::Legacy, reply)
+    respond_in(Era::Legacy, reply, headers)
 }
 
 /// DELETE /mcp: ends a legacy session.
-async fn mcp_delete(app: &AppState, principal: Principal, headers: &HeaderMap) -> Response {
+async fn mcp_delete(app: &AppState, principal: Principal, headers: HeaderMap) -> Response {
     let reply = app
         .engine
         .legacy_delete(
-            header_str(headers, &names::SESSION_ID),
-            header_str(headers, &names::PROTOCOL_VERSION),
+            header_str(&headers, &names::SESSION_ID),
+            header_str(&headers, &names::PROTOCOL_VERSION),
             &principal,
         )
         .await;
-    respond(Era::Legacy, reply)
+    respond_in(Era::Legacy, reply, headers)
 }

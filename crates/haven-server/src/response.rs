@@ -11,7 +11,7 @@ use axum::response::Response;
 use bytes::Bytes;
 use futures::StreamExt;
 use haven_mcp::engine::{Answer, Reason, Reply, SseFrame};
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 
 /// The protocol era a reply belongs to: some answers have era-specific statuses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +68,14 @@ fn answer_status(era: Era, answer: Answer) -> StatusCode {
 
 /// The HTTP response for an engine reply in `era`.
 pub fn respond(era: Era, reply: Reply) -> Response {
+    respond_in(era, reply, HeaderMap::new())
+}
+
+/// Like [`respond`], its headers written into `headers` (cleared first). `/mcp` passes the
+/// request's own header map: the connection keeps a response's map for the next request's
+/// headers, so a map already sized for a request is not grown again on every request.
+pub fn respond_in(era: Era, reply: Reply, mut headers: HeaderMap) -> Response {
+    headers.clear();
     let status = status(era, &reply);
     let retry_after = match &reply {
         Reply::Rejected(r) => match r.reason {
@@ -76,20 +84,28 @@ pub fn respond(era: Era, reply: Reply) -> Response {
         },
         _ => None,
     };
-    let mut r = match reply {
-        Reply::Accepted | Reply::SessionEnded => Response::new(Body::empty()),
+    let h = &mut headers;
+    let body = match reply {
+        Reply::Accepted | Reply::SessionEnded => Body::empty(),
         Reply::Json { body, session, .. } => {
-            let mut r = json(body);
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
             if let Some(s) = session.and_then(|s| HeaderValue::from_str(&s).ok()) {
-                r.headers_mut().insert("mcp-session-id", s);
+                h.insert(HeaderName::from_static("mcp-session-id"), s);
             }
-            r
+            Body::from(body)
         }
-        Reply::Rejected(rejection) => json(rejection.body()),
-        Reply::Stream(frames) => sse(frames),
+        Reply::Rejected(rejection) => {
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            Body::from(rejection.body())
+        }
+        Reply::Stream(frames) => sse(frames, h),
     };
-    *r.status_mut() = status;
-    let h = r.headers_mut();
     if status == StatusCode::SERVICE_UNAVAILABLE {
         // The store is unavailable (no quorum, full, I/O error): say when to retry.
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -101,16 +117,9 @@ pub fn respond(era: Era, reply: Reply) -> Response {
     if status == StatusCode::METHOD_NOT_ALLOWED {
         h.insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
     }
-    r
-}
-
-/// A JSON body (status 200 until set).
-pub fn json(body: String) -> Response {
-    let mut r = Response::new(Body::from(body));
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    *r.headers_mut() = headers;
     r
 }
 
@@ -135,21 +144,22 @@ impl Drop for OpenStream {
     }
 }
 
-fn sse(frames: futures::stream::BoxStream<'static, SseFrame>) -> Response {
+/// An SSE body, its headers added to `h`.
+fn sse(frames: futures::stream::BoxStream<'static, SseFrame>, h: &mut HeaderMap) -> Body {
     let open = OpenStream::new();
-    let body = Body::from_stream(frames.map(move |f| {
-        let _ = &open;
-        Ok::<_, std::convert::Infallible>(encode_frame(&f))
-    }));
-    let mut r = Response::new(body);
-    let h = r.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/event-stream"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    r
+    h.insert(
+        HeaderName::from_static("x-accel-buffering"),
+        HeaderValue::from_static("no"),
+    );
+    Body::from_stream(frames.map(move |f| {
+        let _ = &open;
+        Ok::<_, std::convert::Infallible>(encode_frame(&f))
+    }))
 }
 
 /// Encodes one SSE frame.

@@ -12,6 +12,7 @@
 //! knows, tool names its catalog lists (anything else is `_other`), upstream and region names
 //! the operator configured; never a session id, a request id or a client's text.
 
+use std::borrow::Cow;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -34,22 +35,23 @@ pub const OPENMETRICS_CONTENT_TYPE: &str =
 pub const PROMETHEUS_CONTENT_TYPE: &str =
     prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
-/// Labels of an MCP request's duration.
+/// Labels of an MCP request's duration. Each value is borrowed where it can be (a known
+/// method, version or tool name): recording a request then allocates nothing.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OperationLabels {
     /// The JSON-RPC method (`tools/call`), or `_other` for a method Haven does not serve.
-    pub mcp_method_name: String,
+    pub mcp_method_name: Cow<'static, str>,
     /// The tool of a `tools/call` when the catalog lists it, `_other` when it does not, ""
     /// for other methods.
-    pub gen_ai_tool_name: String,
+    pub gen_ai_tool_name: Cow<'static, str>,
     /// The protocol version the request was made under.
-    pub mcp_protocol_version: String,
+    pub mcp_protocol_version: Cow<'static, str>,
     /// `legacy` (sessions) or `stateless` (2026-07-28).
     pub era: Era,
     /// `ok` or `error` (a JSON-RPC error; a tool result with `isError` is `ok`).
     pub outcome: Outcome,
     /// The JSON-RPC error code of an error, "" otherwise.
-    pub rpc_response_status_code: String,
+    pub rpc_response_status_code: Cow<'static, str>,
 }
 
 /// The protocol era of a request.
@@ -582,7 +584,7 @@ mod tests {
             mcp_protocol_version: "2026-07-28".into(),
             era: Era::stateless,
             outcome: Outcome::ok,
-            rpc_response_status_code: String::new(),
+            rpc_response_status_code: "".into(),
         };
         m.operation(
             &labels,

@@ -33,8 +33,8 @@ pub(crate) struct Call {
     pub params: JsonObject,
     /// Era and session.
     pub era: Era,
-    /// Who calls.
-    pub caller: Caller,
+    /// Who calls (shared with the request's context, not copied into it).
+    pub caller: Arc<Caller>,
     /// `_meta.progressToken`, if the client wants progress notifications.
     pub progress_token: Option<ProgressToken>,
     /// The principal the request came from, as authentication established it (groups,
@@ -268,6 +268,7 @@ pub(crate) fn request_span(inner: &Inner, call: &Call) -> tracing::Span {
 /// named by `params._meta.traceparent` as exemplar.
 fn record_operation(inner: &Inner, call: &Call, outcome: &Outcome, took: std::time::Duration) {
     use haven_telemetry::{Era as E, OperationLabels, Outcome as O};
+    use std::borrow::Cow;
     let Some(m) = haven_telemetry::get() else {
         return;
     };
@@ -277,12 +278,13 @@ fn record_operation(inner: &Inner, call: &Call, outcome: &Outcome, took: std::ti
         .copied()
         .unwrap_or("_other");
     let tool = if method == "tools/call" {
-        match call.params.get("name").and_then(Value::as_str) {
-            Some(n) if inner.knows_tool(n) => n,
-            _ => "_other",
-        }
+        call.params
+            .get("name")
+            .and_then(Value::as_str)
+            .and_then(|n| inner.tool_label(n))
+            .unwrap_or(Cow::Borrowed("_other"))
     } else {
-        ""
+        Cow::Borrowed("")
     };
     let (era, version) = match &call.era {
         crate::context::Era::Legacy {
@@ -292,15 +294,20 @@ fn record_operation(inner: &Inner, call: &Call, outcome: &Outcome, took: std::ti
             (E::stateless, protocol_version.as_str())
         }
     };
+    let version = super::LEGACY_VERSIONS
+        .iter()
+        .chain(super::STATELESS_VERSIONS)
+        .find(|v| **v == version)
+        .map_or_else(|| Cow::Owned(version.to_owned()), |v| Cow::Borrowed(*v));
     let (outcome, code) = match outcome {
-        Outcome::Error(e) => (O::error, e.code.0.to_string()),
-        _ => (O::ok, String::new()),
+        Outcome::Error(e) => (O::error, Cow::Owned(e.code.0.to_string())),
+        _ => (O::ok, Cow::Borrowed("")),
     };
     m.operation(
         &OperationLabels {
-            mcp_method_name: method.to_owned(),
-            gen_ai_tool_name: tool.to_owned(),
-            mcp_protocol_version: version.to_owned(),
+            mcp_method_name: Cow::Borrowed(method),
+            gen_ai_tool_name: tool,
+            mcp_protocol_version: version,
             era,
             outcome,
             rpc_response_status_code: code,
@@ -681,7 +688,7 @@ async fn subscribe(inner: &Arc<Inner>, call: &Call, on: bool) -> Result<Value, E
 /// request (and parse `_meta`).
 struct ToolCallParams<'a> {
     name: String,
-    arguments: JsonObject,
+    arguments: &'a JsonObject,
     input_responses: Option<InputResponses>,
     request_state: Option<&'a str>,
 }
@@ -696,9 +703,10 @@ impl<'a> ToolCallParams<'a> {
                 ));
             }
         };
+        static NONE: std::sync::LazyLock<JsonObject> = std::sync::LazyLock::new(JsonObject::new);
         let arguments = match params.get("arguments") {
-            None | Some(Value::Null) => JsonObject::new(),
-            Some(Value::Object(a)) => a.clone(),
+            None | Some(Value::Null) => &*NONE,
+            Some(Value::Object(a)) => a,
             Some(_) => {
                 return Err(invalid_params(
                     "Invalid params for tools/call: arguments must be an object",
@@ -782,7 +790,7 @@ async fn tools_call(
     else {
         return Outcome::Error(crate::catalog::unknown_tool(&name));
     };
-    if let Err(e) = check_arguments(tool, &arguments) {
+    if let Err(e) = check_arguments(tool, arguments) {
         return Outcome::Error(e);
     }
     let support = inner.catalog.task_support(&name);
@@ -803,7 +811,7 @@ async fn tools_call(
                     ctx,
                     out,
                     name,
-                    arguments,
+                    arguments.clone(),
                     requested_ttl,
                     idempotent,
                 ))

@@ -334,7 +334,7 @@ async fn request(
             session: s.id.clone(),
             protocol_version: s.protocol_version.clone(),
         },
-        caller: caller_of(s),
+        caller: Arc::new(caller_of(s)),
         principal: Some(principal),
     };
     let fence = haven_cluster::FencedStore::unattached(inner.store.clone());

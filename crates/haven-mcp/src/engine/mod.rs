@@ -755,6 +755,14 @@ impl Inner {
             .is_some_and(|(_, index)| index.contains_key(name))
     }
 
+    /// The name of the tool `name` as the cached index lists it (borrowed when the catalog's
+    /// is), for a metric's label; `None` when the index does not list it or is cold.
+    pub(crate) fn tool_label(&self, name: &str) -> Option<std::borrow::Cow<'static, str>> {
+        let guard = self.tools.read();
+        let (tools, index) = guard.tools.as_ref()?;
+        index.get(name).map(|i| tools[*i].name.clone())
+    }
+
     /// The tool index, built with a context for `call` when the cache is cold.
     async fn tools_for(&self, call: &dispatch::Call) -> Result<ToolIndex, ErrorData> {
         if let Some(t) = self.tools.read().tools.clone() {

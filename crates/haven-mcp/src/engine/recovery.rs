@@ -97,7 +97,7 @@ async fn rerunnable_call(inner: &Arc<Inner>, rec: &InflightRecord) -> Option<(Ca
             session: rec.session.clone(),
             protocol_version: loaded.record.protocol_version.clone(),
         },
-        caller: super::legacy::caller_of(&loaded.record),
+        caller: Arc::new(super::legacy::caller_of(&loaded.record)),
         progress_token,
         // Admitted by the rules when it first arrived.
         principal: None,

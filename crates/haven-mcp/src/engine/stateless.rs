@@ -176,12 +176,12 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
         era: Era::Stateless {
             protocol_version: version,
         },
-        caller: Caller {
+        caller: Arc::new(Caller {
             client_info: meta.client_info,
             capabilities,
             log_level: meta.log_level,
             principal: owner,
-        },
+        }),
         principal: Some(Arc::new(p.principal)),
         progress_token: meta.progress_token,
         traceparent,

@@ -473,7 +473,7 @@ fn new_record(
         tool: tool.to_owned(),
         arguments: arguments.clone(),
         idempotent,
-        caller: call.caller.clone(),
+        caller: (*call.caller).clone(),
         status: TaskStatus::Working,
         status_message: None,
         created_at: rfc3339(now),
