@@ -17,7 +17,7 @@ total() {
         curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:$P/readyz 2>/dev/null | grep -q 200 && break
         sleep 0.2
     done
-    "$LOAD" --url http://127.0.0.1:$P/mcp --era "$ERA" --connections 4 --requests "$1" > "$D/load" 2>&1 \
+    "$LOAD" --url http://127.0.0.1:$P/mcp --era "$ERA" --connections 4 --warmup 0 --requests "$1" > "$D/load" 2>&1 \
         || { echo "calls failed: $(cat "$D/load")" >&2; kill -TERM $V; wait $V; rm -rf "$D"; exit 1; }
     kill -TERM $V; wait $V
     grep -o "Collected : [0-9]*" "$D/log" | awk '{print $3}'

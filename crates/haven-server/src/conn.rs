@@ -5,14 +5,20 @@
 //! serving), read from shared values when a connection opens.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
+use axum::response::Response;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::http::{App, Mcp};
 
 /// Connection limits, shared with whoever changes them at runtime. A change applies to
 /// connections opened after it (and, for the body deadline, to the next request).
@@ -142,26 +148,46 @@ impl Drop for Slot {
     }
 }
 
-/// The router's service for one connection: every request carries the connection's peer
-/// address (`ConnectInfo<SocketAddr>`), which the per-address rate limit reads.
+/// What every connection is handed: `/mcp` straight to its handler when the app has one,
+/// every other request through the router.
+#[derive(Clone)]
+struct Service {
+    router: hyper_util::service::TowerToHyperService<Router>,
+    mcp: Option<Mcp>,
+}
+
+/// [`Service`] for one connection: every request carries the connection's peer address
+/// (`ConnectInfo<SocketAddr>`), which the per-address rate limit reads.
 #[derive(Clone)]
 struct WithPeer<S> {
     inner: S,
     peer: SocketAddr,
 }
 
-impl<S, B> hyper::service::Service<http::Request<B>> for WithPeer<S>
-where
-    S: hyper::service::Service<http::Request<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
+type Routed = <hyper_util::service::TowerToHyperService<Router> as hyper::service::Service<
+    http::Request<hyper::body::Incoming>,
+>>::Future;
 
-    fn call(&self, mut req: http::Request<B>) -> Self::Future {
+type Answered = futures::future::Either<
+    Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>,
+    Routed,
+>;
+
+impl hyper::service::Service<http::Request<hyper::body::Incoming>> for WithPeer<Service> {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Answered;
+
+    fn call(&self, mut req: http::Request<hyper::body::Incoming>) -> Answered {
         req.extensions_mut()
             .insert(axum::extract::ConnectInfo(self.peer));
-        self.inner.call(req)
+        match &self.inner.mcp {
+            // The future is made in its box (not moved there: it is several KiB).
+            Some(mcp) if req.uri().path() == "/mcp" => {
+                futures::future::Either::Left(Box::pin(mcp.clone().serve(req)))
+            }
+            _ => futures::future::Either::Right(self.inner.router.call(req)),
+        }
     }
 }
 
@@ -196,9 +222,6 @@ async fn refuse(mut stream: TcpStream, why: Full) {
     .await;
 }
 
-/// The service every connection is handed.
-type Service = hyper_util::service::TowerToHyperService<Router>;
-
 /// Serves one admitted connection (plain or TLS) until it ends or, once the node stops,
 /// until its running request is answered.
 async fn serve_connection<I>(
@@ -223,17 +246,17 @@ async fn serve_connection<I>(
     }
 }
 
-/// Serves `router` on `listener` within `limits` until `shutdown` resolves, then lets open
+/// Serves `app` (a router, or [`crate::app`] with its direct `/mcp`) on `listener` within `limits` until `shutdown` resolves, then lets open
 /// connections finish (bounded by `grace`). HTTP/1.1 only, every connection with
 /// `TCP_NODELAY`.
 pub async fn serve(
     listener: TcpListener,
-    router: Router,
+    app: impl Into<App>,
     limits: Arc<ConnLimits>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
-    serve_maybe_tls(listener, router, limits, None, shutdown, grace).await
+    serve_maybe_tls(listener, app, limits, None, shutdown, grace).await
 }
 
 /// [`serve`], over TLS when `tls` is given. The TLS handshake happens inside the connection
@@ -242,7 +265,7 @@ pub async fn serve(
 /// answer (an HTTP answer could not be read before a handshake).
 pub async fn serve_maybe_tls(
     listener: TcpListener,
-    router: Router,
+    app: impl Into<App>,
     limits: Arc<ConnLimits>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -250,7 +273,7 @@ pub async fn serve_maybe_tls(
 ) -> std::io::Result<()> {
     serve_until_settled(
         listener,
-        router,
+        app,
         limits,
         tls,
         shutdown,
@@ -266,14 +289,18 @@ pub async fn serve_maybe_tls(
 /// a load balancer's `/readyz` gets "503 draining" instead of a refused connection.
 pub async fn serve_until_settled(
     listener: TcpListener,
-    router: Router,
+    app: impl Into<App>,
     limits: Arc<ConnLimits>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     settled: impl std::future::Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let service = hyper_util::service::TowerToHyperService::new(router);
+    let app: App = app.into();
+    let service = Service {
+        router: hyper_util::service::TowerToHyperService::new(app.router),
+        mcp: app.mcp,
+    };
     let tracker = Arc::new(Tracker::default());
     let refusing = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING));
     let (stop, stopping) = tokio::sync::watch::channel(false);

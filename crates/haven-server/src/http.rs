@@ -70,11 +70,77 @@ impl HttpConfig {
 struct AppState {
     engine: Engine,
     guard: crate::layers::Guard,
+    /// `x-haven-node` of every answer: the node that gave it (useful behind a load balancer).
+    node: Option<HeaderValue>,
+}
+
+impl AppState {
+    fn tag(&self, r: &mut Response) {
+        if let Some(n) = &self.node {
+            r.headers_mut()
+                .insert(HeaderName::from_static("x-haven-node"), n.clone());
+        }
+    }
+}
+
+/// `/mcp`, handed its requests by the connection without the router (see [`App`]): no path
+/// lookup, no service cloned and no future boxed by routing layers on the hot path.
+#[derive(Clone)]
+pub struct Mcp(Arc<AppState>);
+
+impl Mcp {
+    /// Answers one request to `/mcp` as the router's `/mcp` route does.
+    pub(crate) async fn serve(
+        self,
+        req: http::Request<hyper::body::Incoming>,
+    ) -> Result<Response, std::convert::Infallible> {
+        let req = req.map(Body::new);
+        let mut r = match *req.method() {
+            http::Method::GET | http::Method::HEAD | http::Method::POST | http::Method::DELETE => {
+                mcp(State(self.0.clone()), req).await
+            }
+            // As the route's fallback: no check applies to another method.
+            _ => method_not_allowed().await,
+        };
+        self.0.tag(&mut r);
+        Ok(r)
+    }
+}
+
+/// What a listener serves: `/mcp` straight to its handler when the app has one, every other
+/// path (and `/mcp` when it has none) through the router.
+#[derive(Clone)]
+pub struct App {
+    pub(crate) router: Router,
+    pub(crate) mcp: Option<Mcp>,
+}
+
+impl App {
+    /// The app with `other`'s routes added (see [`Router::merge`]).
+    pub fn merge(mut self, other: Router) -> App {
+        self.router = self.router.merge(other);
+        self
+    }
+
+    /// The router alone (it serves `/mcp` too, through routing).
+    pub fn into_router(self) -> Router {
+        self.router
+    }
+}
+
+impl From<Router> for App {
+    fn from(router: Router) -> App {
+        App { router, mcp: None }
+    }
 }
 
 /// The router: `/mcp`, `/healthz`, `/readyz`.
 pub fn router(engine: Engine, config: HttpConfig) -> Router {
-    // Every answer names the node that gave it (useful behind a load balancer).
+    app(engine, config).into_router()
+}
+
+/// The router of [`router`], and `/mcp` answered without it.
+pub fn app(engine: Engine, config: HttpConfig) -> App {
     let node = HeaderValue::from_str(&engine.config().node_id).ok();
     let state = Arc::new(AppState {
         engine,
@@ -88,13 +154,12 @@ pub fn router(engine: Engine, config: HttpConfig) -> Router {
                 limits: config.limits.clone(),
             },
         },
+        node,
     });
     // A plain function of the response: no future boxed per request.
+    let tagger = state.clone();
     let tag = tower::util::MapResponseLayer::new(move |mut r: Response| {
-        if let Some(n) = &node {
-            r.headers_mut()
-                .insert(HeaderName::from_static("x-haven-node"), n.clone());
-        }
+        tagger.tag(&mut r);
         r
     });
     // The checks of `/mcp` (`layers`) apply to its methods, not to the fallback: any other
@@ -131,39 +196,42 @@ pub fn router(engine: Engine, config: HttpConfig) -> Router {
             router = router.route(&path, get(serve_document));
         }
     }
-    router.with_state(state).layer(tag)
+    App {
+        router: router.with_state(state.clone()).layer(tag),
+        mcp: Some(Mcp(state)),
+    }
 }
 
 /// How long a stopping server waits for open connections (SSE streams included) to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// Serves `router` on `listener` with the default connection limits until `shutdown`
+/// Serves `app` (a router, or [`app`] with its direct `/mcp`) on `listener` with the default connection limits until `shutdown`
 /// resolves, then lets open connections finish (bounded by a grace period).
 pub async fn serve(
     listener: TcpListener,
-    router: Router,
+    app: impl Into<App>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let limits = Arc::new(crate::conn::ConnLimits::default());
-    crate::conn::serve(listener, router, limits, shutdown, SHUTDOWN_GRACE).await
+    crate::conn::serve(listener, app, limits, shutdown, SHUTDOWN_GRACE).await
 }
 
 /// [`serve`] within `config`'s connection limits, with the grace period for open connections
 /// after `shutdown`.
 pub async fn serve_with_grace(
     listener: TcpListener,
-    router: Router,
+    app: impl Into<App>,
     config: &HttpConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
-    crate::conn::serve(listener, router, config.limits.clone(), shutdown, grace).await
+    crate::conn::serve(listener, app, config.limits.clone(), shutdown, grace).await
 }
 
 /// [`serve_with_grace`] over TLS when `tls` is given (see [`crate::conn::serve_maybe_tls`]).
 pub async fn serve_tls(
     listener: TcpListener,
-    router: Router,
+    app: impl Into<App>,
     config: &HttpConfig,
     tls: Option<&crate::tls::ServerTls>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -171,7 +239,7 @@ pub async fn serve_tls(
 ) -> std::io::Result<()> {
     crate::conn::serve_maybe_tls(
         listener,
-        router,
+        app,
         config.limits.clone(),
         tls.map(|t| t.acceptor()),
         shutdown,
@@ -184,7 +252,7 @@ pub async fn serve_tls(
 /// [`crate::conn::serve_until_settled`]).
 pub async fn serve_tls_until_settled(
     listener: TcpListener,
-    router: Router,
+    app: impl Into<App>,
     config: &HttpConfig,
     tls: Option<&crate::tls::ServerTls>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -193,7 +261,7 @@ pub async fn serve_tls_until_settled(
 ) -> std::io::Result<()> {
     crate::conn::serve_until_settled(
         listener,
-        router,
+        app,
         config.limits.clone(),
         tls.map(|t| t.acceptor()),
         shutdown,

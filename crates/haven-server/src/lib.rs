@@ -12,5 +12,7 @@ pub mod stdio;
 pub mod tls;
 
 pub use conn::ConnLimits;
-pub use http::{HttpConfig, router, serve, serve_tls, serve_tls_until_settled, serve_with_grace};
+pub use http::{
+    App, HttpConfig, app, router, serve, serve_tls, serve_tls_until_settled, serve_with_grace,
+};
 pub use tls::{MinVersion, ServerTls, TlsFiles};

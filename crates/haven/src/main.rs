@@ -905,11 +905,14 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
             secure_cookie: admin_scheme == "https",
         },
     );
-    let mut router = haven_server::router(engine.clone(), http.clone()).merge(
-        admin::regionz_router(engine.clone(), s.region.clone(), control.regions.clone()),
-    );
+    // `/mcp` goes straight to its handler; every other path through the router.
+    let mut app = haven_server::app(engine.clone(), http.clone()).merge(admin::regionz_router(
+        engine.clone(),
+        s.region.clone(),
+        control.regions.clone(),
+    ));
     if admin_listener.is_none() {
-        router = router.merge(admin_routes.clone());
+        app = app.merge(admin_routes.clone());
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // SIGTERM: drain. /readyz answers 503 at once (load balancers stop sending), open legacy
@@ -963,7 +966,7 @@ async fn serve(s: Settings, log: control::LogReloader) -> Result<()> {
     };
     haven_server::serve_tls_until_settled(
         listener,
-        router,
+        app,
         &http,
         tls.as_deref(),
         drain,

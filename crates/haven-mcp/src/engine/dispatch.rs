@@ -162,7 +162,7 @@ pub(crate) async fn run(
     let span = span.unwrap_or_else(|| request_span(&inner, &call));
     // The first call after a start may run before the tool index is built: its span is named
     // after the method alone, and gets the tool's name once the call has built the index.
-    let unnamed_tool = (call.method == "tools/call")
+    let unnamed_tool = (!span.is_none() && call.method == "tools/call")
         .then(|| call.params.get("name").and_then(Value::as_str))
         .flatten()
         .filter(|t| !inner.knows_tool(t));
@@ -687,7 +687,7 @@ async fn subscribe(inner: &Arc<Inner>, call: &Call, on: bool) -> Result<Value, E
 /// `CallToolRequestParams`: this is the hot path, and the typed form would copy the whole
 /// request (and parse `_meta`).
 struct ToolCallParams<'a> {
-    name: String,
+    name: &'a str,
     arguments: &'a JsonObject,
     input_responses: Option<InputResponses>,
     request_state: Option<&'a str>,
@@ -696,7 +696,7 @@ struct ToolCallParams<'a> {
 impl<'a> ToolCallParams<'a> {
     fn read(params: &'a JsonObject) -> Result<ToolCallParams<'a>, ErrorData> {
         let name = match params.get("name") {
-            Some(Value::String(n)) => n.clone(),
+            Some(Value::String(n)) => n.as_str(),
             _ => {
                 return Err(invalid_params(
                     "Invalid params for tools/call: name (string) is required",
@@ -784,16 +784,16 @@ async fn tools_call(
         Err(e) => return Outcome::Error(e),
     };
     let Some(tool) = index
-        .get(&name)
+        .get(name)
         .map(|i| &tools[*i])
-        .filter(|_| allowed(inner, call, Kind::Tool, &name))
+        .filter(|_| allowed(inner, call, Kind::Tool, name))
     else {
-        return Outcome::Error(crate::catalog::unknown_tool(&name));
+        return Outcome::Error(crate::catalog::unknown_tool(name));
     };
     if let Err(e) = check_arguments(tool, arguments) {
         return Outcome::Error(e);
     }
-    let support = inner.catalog.task_support(&name);
+    let support = inner.catalog.task_support(name);
     let idempotent = tool
         .annotations
         .as_ref()
@@ -802,7 +802,7 @@ async fn tools_call(
 
     // The 2025-11-25 experimental form: the client asks for a task.
     if legacy_tasks(&call.era) {
-        match client_task(call, support, &name) {
+        match client_task(call, support, name) {
             Err(e) => return Outcome::Error(e),
             Ok(Some(requested_ttl)) => {
                 return Box::pin(tasks::start_client_task(
@@ -810,7 +810,7 @@ async fn tools_call(
                     call,
                     ctx,
                     out,
-                    name,
+                    name.to_owned(),
                     arguments.clone(),
                     requested_ttl,
                     idempotent,
@@ -825,7 +825,7 @@ async fn tools_call(
         return Outcome::Error(tasks::tasks_capability_required());
     }
 
-    let round = match mrtr::first_round(inner, call, &name, input_responses, request_state) {
+    let round = match mrtr::first_round(inner, call, name, input_responses, request_state) {
         Ok(r) => r,
         Err(e) => return Outcome::Error(e),
     };
@@ -834,7 +834,7 @@ async fn tools_call(
             inner: inner.clone(),
             call: call.clone(),
             out: out.clone(),
-            tool: name.clone(),
+            tool: name.to_owned(),
             arguments: arguments.clone(),
             idempotent,
             fence: ctx.fence().cloned(),
@@ -846,12 +846,11 @@ async fn tools_call(
     let catalog = inner.catalog.clone();
     let step_fn = |ctx: RequestContext, round: Round| {
         let catalog = catalog.clone();
-        let name = name.clone();
         let arguments = arguments.clone();
-        async move { catalog.call_tool(&ctx, &name, arguments, round).await }
+        async move { catalog.call_tool(&ctx, name, arguments, round).await }
     };
     let driven = Box::pin(mrtr::drive(
-        inner, call, &ctx, out, cancel, &name, round, &hook, step_fn,
+        inner, call, &ctx, out, cancel, name, round, &hook, step_fn,
     ))
     .await;
     match driven {

@@ -53,11 +53,19 @@ pub fn accepts(headers: &HeaderMap) -> Accepts {
             sse: true,
         };
     };
+    // What MCP clients send (the specification asks for both): no parsing.
+    if accept == "application/json, text/event-stream" {
+        return Accepts {
+            json: true,
+            sse: true,
+        };
+    }
     let mut json = false;
     let mut sse = false;
-    for part in accept.split(',') {
-        let media = part.split(';').next().unwrap_or("").trim();
-        let is = |m: &str| media.eq_ignore_ascii_case(m);
+    // On bytes: a readable value is visible ASCII, and this runs on every request.
+    for part in accept.as_bytes().split(|b| *b == b',') {
+        let media = media_type(part);
+        let is = |m: &str| media.eq_ignore_ascii_case(m.as_bytes());
         if is("*/*") {
             return Accepts {
                 json: true,
@@ -72,6 +80,12 @@ pub fn accepts(headers: &HeaderMap) -> Accepts {
     Accepts { json, sse }
 }
 
+/// The media type of one element of a media-type list: up to its parameters, trimmed.
+fn media_type(part: &[u8]) -> &[u8] {
+    let end = part.iter().position(|b| *b == b';').unwrap_or(part.len());
+    part[..end].trim_ascii()
+}
+
 /// Checks a request's media types for its method; returns what it accepts.
 pub fn check(method: &Method, headers: &HeaderMap) -> Result<Accepts, Refusal> {
     let accepts = accepts(headers);
@@ -80,8 +94,7 @@ pub fn check(method: &Method, headers: &HeaderMap) -> Result<Accepts, Refusal> {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        let media = content_type.split(';').next().unwrap_or("").trim();
-        if !media.eq_ignore_ascii_case("application/json") {
+        if !media_type(content_type.as_bytes()).eq_ignore_ascii_case(b"application/json") {
             return Err(Refusal::ContentType(content_type.to_owned()));
         }
         if !accepts.json && !accepts.sse {

@@ -101,10 +101,8 @@ impl Guard {
         if let Some(refused) = rate::check_principal(&self.rate, &principal) {
             return Err(refused);
         }
-        let session = req
-            .headers()
-            .get("mcp-session-id")
-            .and_then(|v| v.to_str().ok());
+        static SESSION_ID: http::HeaderName = http::HeaderName::from_static("mcp-session-id");
+        let session = req.headers().get(&SESSION_ID).and_then(|v| v.to_str().ok());
         let place = self
             .admission
             .admit(session)

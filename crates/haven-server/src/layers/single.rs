@@ -7,6 +7,8 @@
 //! request without `Host` (RFC 9112 §3.2: a server responds 400 to an HTTP/1.1 request that
 //! lacks it; hyper passes such requests on, so Haven checks itself).
 
+use std::borrow::Cow;
+
 use http::{HeaderMap, HeaderName, StatusCode, header};
 
 /// Why a request's headers are refused (always 400).
@@ -69,26 +71,55 @@ fn one(headers: &HeaderMap, name: &HeaderName, shown: impl Fn() -> String) -> Re
     Ok(())
 }
 
+/// The usual spelling of a header Haven reads (e.g. `Mcp-Session-Id`); `None` for any other.
+fn spelling(name: &HeaderName) -> Option<Cow<'static, str>> {
+    let fixed = |s: &'static str| Some(Cow::Borrowed(s));
+    if *name == header::HOST {
+        return fixed("Host");
+    }
+    if *name == header::ORIGIN {
+        return fixed("Origin");
+    }
+    if *name == header::AUTHORIZATION {
+        return fixed("Authorization");
+    }
+    if *name == LAST_EVENT_ID {
+        return fixed("Last-Event-ID");
+    }
+    let rest = name.as_str().strip_prefix("mcp-")?;
+    if let Some(param) = rest.strip_prefix("param-") {
+        return Some(Cow::Owned(format!("Mcp-Param-{param}")));
+    }
+    MCP_SINGLE
+        .iter()
+        .find(|(n, _)| *n == name.as_str())
+        .and_then(|(_, shown)| fixed(shown))
+}
+
 /// Checks a request's headers: `Host` present, and each header Haven reads single and visible
 /// ASCII.
 pub fn check(headers: &HeaderMap) -> Result<(), Refusal> {
     if !headers.contains_key(header::HOST) {
         return Err(Refusal::NoHost);
     }
-    one(headers, &header::HOST, || "Host".into())?;
-    one(headers, &header::ORIGIN, || "Origin".into())?;
-    one(headers, &header::AUTHORIZATION, || "Authorization".into())?;
-    one(headers, &LAST_EVENT_ID, || "Last-Event-ID".into())?;
-    // One pass over the header names (each distinct name once) finds the MCP ones, the
-    // `Mcp-Param-*` headers included.
+    // The usual request has no name twice (as many names as values): then only the values
+    // are left to check, in one pass and without looking any name up.
+    if headers.keys_len() == headers.len() {
+        for (name, value) in headers {
+            if value.to_str().is_err()
+                && let Some(shown) = spelling(name)
+            {
+                return Err(Refusal::NotAscii {
+                    name: shown.into_owned(),
+                });
+            }
+        }
+        return Ok(());
+    }
+    // Some name comes more than once: each distinct name Haven reads is checked on its own.
     for name in headers.keys() {
-        let Some(rest) = name.as_str().strip_prefix("mcp-") else {
-            continue;
-        };
-        if let Some(param) = rest.strip_prefix("param-") {
-            one(headers, name, || format!("Mcp-Param-{param}"))?;
-        } else if let Some((_, shown)) = MCP_SINGLE.iter().find(|(n, _)| *n == name.as_str()) {
-            one(headers, name, || (*shown).to_owned())?;
+        if let Some(shown) = spelling(name) {
+            one(headers, name, || shown.clone().into_owned())?;
         }
     }
     Ok(())
@@ -178,6 +209,14 @@ mod tests {
                 assert!(
                     matches!(check(&h), Err(Refusal::NotAscii { .. })),
                     "{name} {bad:?}"
+                );
+                // The same when another header (one Haven does not read) comes twice.
+                let mut h = h;
+                h.append("accept", HeaderValue::from_static("text/event-stream"));
+                h.append("accept", HeaderValue::from_static("application/json"));
+                assert!(
+                    matches!(check(&h), Err(Refusal::NotAscii { .. })),
+                    "{name} {bad:?}, with a header twice"
                 );
             }
         }
