@@ -246,9 +246,9 @@ async fn serve_connection<I>(
     }
 }
 
-/// Serves `app` (a router, or [`crate::app`] with its direct `/mcp`) on `listener` within `limits` until `shutdown` resolves, then lets open
-/// connections finish (bounded by `grace`). HTTP/1.1 only, every connection with
-/// `TCP_NODELAY`.
+/// Serves `app` (a router, or [`crate::app`] with its direct `/mcp`) on `listener` within
+/// `limits` until `shutdown` resolves, then lets open connections finish (bounded by
+/// `grace`). HTTP/1.1 only, every connection with `TCP_NODELAY`.
 pub async fn serve(
     listener: TcpListener,
     app: impl Into<App>,

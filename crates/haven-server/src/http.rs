@@ -205,8 +205,9 @@ pub fn app(engine: Engine, config: HttpConfig) -> App {
 /// How long a stopping server waits for open connections (SSE streams included) to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// Serves `app` (a router, or [`app`] with its direct `/mcp`) on `listener` with the default connection limits until `shutdown`
-/// resolves, then lets open connections finish (bounded by a grace period).
+/// Serves `app` (a router, or [`app`] with its direct `/mcp`) on `listener` with the default
+/// connection limits until `shutdown` resolves, then lets open connections finish (bounded by
+/// a grace period).
 pub async fn serve(
     listener: TcpListener,
     app: impl Into<App>,
