@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::net::TcpListener;
 
 use crate::layers::{Admitted, body_limit, host_origin, rate};
+use crate::names;
 use crate::response::{Era, respond, respond_in};
 
 /// HTTP settings.
@@ -319,20 +320,6 @@ fn json_response(status: StatusCode, body: String) -> Response {
 
 async fn method_not_allowed() -> Response {
     respond(Era::Legacy, Rejection::method_not_allowed().into())
-}
-
-/// Header names Haven reads, parsed once (looking a header up by a `&str` parses the name on
-/// every call).
-mod names {
-    use http::HeaderName;
-
-    pub static PROTOCOL_VERSION: HeaderName = HeaderName::from_static("mcp-protocol-version");
-    pub static METHOD: HeaderName = HeaderName::from_static("mcp-method");
-    pub static NAME: HeaderName = HeaderName::from_static("mcp-name");
-    pub static SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
-    pub static LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
-    pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-    pub static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 }
 
 fn header_str<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {

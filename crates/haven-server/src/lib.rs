@@ -6,6 +6,7 @@
 pub mod conn;
 pub mod http;
 pub mod layers;
+mod names;
 pub mod rate;
 pub mod response;
 pub mod stdio;

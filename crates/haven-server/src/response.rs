@@ -93,7 +93,7 @@ pub fn respond_in(era: Era, reply: Reply, mut headers: HeaderMap) -> Response {
                 HeaderValue::from_static("application/json"),
             );
             if let Some(s) = session.and_then(|s| HeaderValue::from_str(&s).ok()) {
-                h.insert(HeaderName::from_static("mcp-session-id"), s);
+                h.insert(crate::names::SESSION_ID.clone(), s);
             }
             Body::from(body)
         }

@@ -50,8 +50,6 @@ const MCP_SINGLE: [(&str, &str); 4] = [
     ("mcp-name", "Mcp-Name"),
 ];
 
-static LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
-
 /// Checks that the headers named `name` (spelled `shown`) are at most one, and readable.
 fn one(headers: &HeaderMap, name: &HeaderName, shown: impl Fn() -> String) -> Result<(), Refusal> {
     let mut values = headers.get_all(name).iter();
@@ -83,7 +81,7 @@ fn spelling(name: &HeaderName) -> Option<Cow<'static, str>> {
     if *name == header::AUTHORIZATION {
         return fixed("Authorization");
     }
-    if *name == LAST_EVENT_ID {
+    if *name == crate::names::LAST_EVENT_ID {
         return fixed("Last-Event-ID");
     }
     let rest = name.as_str().strip_prefix("mcp-")?;
