@@ -101,8 +101,10 @@ impl Guard {
         if let Some(refused) = rate::check_principal(&self.rate, &principal) {
             return Err(refused);
         }
-        static SESSION_ID: http::HeaderName = http::HeaderName::from_static("mcp-session-id");
-        let session = req.headers().get(&SESSION_ID).and_then(|v| v.to_str().ok());
+        let session = req
+            .headers()
+            .get(&crate::names::SESSION_ID)
+            .and_then(|v| v.to_str().ok());
         let place = self
             .admission
             .admit(session)
