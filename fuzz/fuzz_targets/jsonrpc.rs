@@ -40,6 +40,15 @@ fuzz_target!(|data: &[u8]| {
             kind(&generic),
             "fast and generic paths disagree"
         );
+        // The fast path reads `_meta` while parsing; the generic one keeps it as text. Both
+        // must read the same fields, or both refuse it.
+        if let (Ok(Incoming::Request(fast)), Ok(Incoming::Request(generic))) = (&parsed, &generic) {
+            assert_eq!(
+                format!("{:?}", fast.meta().ok()),
+                format!("{:?}", generic.meta().ok()),
+                "fast and generic paths read _meta differently"
+            );
+        }
     }
     match &parsed {
         Err(m) => {

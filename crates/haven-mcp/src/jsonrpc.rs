@@ -46,9 +46,19 @@ pub struct IncomingRequest {
     pub method: String,
     /// Parameters (an object, or absent), without `_meta`.
     pub params: Option<JsonObject>,
-    /// `params._meta`, kept unparsed until someone reads it (most requests carry one, and it
-    /// is read into typed fields once).
-    pub meta: Option<Box<RawValue>>,
+    /// `params._meta`: read into its protocol fields while the message was parsed when it is
+    /// well formed, else kept as text to be read leniently (see [`IncomingRequest::meta`]).
+    pub meta: Option<Meta>,
+}
+
+/// A request's `params._meta`, as the message's parse left it.
+#[derive(Debug, Clone)]
+pub enum Meta {
+    /// Read strictly in the same pass as the message (the common case).
+    Read(Box<RequestMeta>),
+    /// Kept as text: a strict read failed (a malformed optional field, or `_meta` not an
+    /// object), or the message came through the generic parse.
+    Raw(Box<RawValue>),
 }
 
 /// The protocol fields of a request's `_meta`.
@@ -103,43 +113,71 @@ struct LenientMeta {
     traceparent: Option<Value>,
 }
 
+impl From<StrictMeta> for RequestMeta {
+    fn from(m: StrictMeta) -> RequestMeta {
+        RequestMeta {
+            protocol_version: m.protocol_version,
+            client_capabilities: m.client_capabilities,
+            client_info: m.client_info,
+            log_level: m.log_level,
+            progress_token: m.progress_token,
+            traceparent: m.traceparent,
+        }
+    }
+}
+
 impl IncomingRequest {
     /// Reads `_meta` (an absent `_meta` reads as `None`). Fails only when the protocol version
     /// or the client capabilities are malformed.
     pub fn meta(&self) -> Result<Option<RequestMeta>, serde_json::Error> {
-        let Some(raw) = &self.meta else {
-            return Ok(None);
-        };
-        if let Ok(m) = serde_json::from_str::<StrictMeta>(raw.get()) {
-            return Ok(Some(RequestMeta {
-                protocol_version: m.protocol_version,
-                client_capabilities: m.client_capabilities,
-                client_info: m.client_info,
-                log_level: m.log_level,
-                progress_token: m.progress_token,
-                traceparent: m.traceparent,
-            }));
+        match &self.meta {
+            None => Ok(None),
+            Some(Meta::Read(m)) => Ok(Some(RequestMeta::clone(m))),
+            Some(Meta::Raw(raw)) => read_meta(raw).map(Some),
         }
-        let m: LenientMeta = serde_json::from_str(raw.get())?;
-        fn opt<T: serde::de::DeserializeOwned>(v: Option<Value>) -> Option<T> {
-            v.and_then(|v| serde_json::from_value(v).ok())
+    }
+
+    /// Like [`IncomingRequest::meta`], but moves a `_meta` already read out of the request
+    /// instead of copying it (it then reads as absent).
+    pub fn take_meta(&mut self) -> Result<Option<RequestMeta>, serde_json::Error> {
+        match self.meta.take() {
+            None => Ok(None),
+            Some(Meta::Read(m)) => Ok(Some(*m)),
+            Some(Meta::Raw(raw)) => {
+                let read = read_meta(&raw);
+                self.meta = Some(Meta::Raw(raw));
+                read.map(Some)
+            }
         }
-        Ok(Some(RequestMeta {
-            protocol_version: m.protocol_version,
-            client_capabilities: m.client_capabilities,
-            client_info: opt(m.client_info),
-            log_level: opt(m.log_level),
-            progress_token: opt(m.progress_token),
-            traceparent: opt(m.traceparent),
-        }))
     }
 }
 
-/// Request parameters as parsed off the wire: the members, and `_meta` apart and unparsed.
+/// Reads `_meta` from its text: strictly, and leniently when that fails.
+fn read_meta(raw: &RawValue) -> Result<RequestMeta, serde_json::Error> {
+    if let Ok(m) = serde_json::from_str::<StrictMeta>(raw.get()) {
+        return Ok(m.into());
+    }
+    let m: LenientMeta = serde_json::from_str(raw.get())?;
+    fn opt<T: serde::de::DeserializeOwned>(v: Option<Value>) -> Option<T> {
+        v.and_then(|v| serde_json::from_value(v).ok())
+    }
+    Ok(RequestMeta {
+        protocol_version: m.protocol_version,
+        client_capabilities: m.client_capabilities,
+        client_info: opt(m.client_info),
+        log_level: opt(m.log_level),
+        progress_token: opt(m.progress_token),
+        traceparent: opt(m.traceparent),
+    })
+}
+
+/// Request parameters as parsed off the wire: the members, and `_meta` apart. The fast
+/// parse reads `_meta` strictly and fails when it cannot: the generic parse that follows then
+/// keeps it as text, to be read leniently.
 #[derive(Default)]
 struct Params {
     members: JsonObject,
-    meta: Option<Box<RawValue>>,
+    meta: Option<Meta>,
     not_an_object: bool,
 }
 
@@ -158,7 +196,8 @@ impl<'de> serde::Deserialize<'de> for Params {
                 let mut p = Params::default();
                 while let Some(key) = map.next_key::<String>()? {
                     if key == "_meta" {
-                        p.meta = Some(map.next_value()?);
+                        let m: StrictMeta = map.next_value()?;
+                        p.meta = Some(Meta::Read(Box::new(m.into())));
                     } else {
                         let v: Value = map.next_value()?;
                         p.members.insert(key, v);
@@ -221,7 +260,8 @@ impl Params {
             Value::Object(mut members) => {
                 let meta = members
                     .remove("_meta")
-                    .and_then(|m| serde_json::value::to_raw_value(&m).ok());
+                    .and_then(|m| serde_json::value::to_raw_value(&m).ok())
+                    .map(Meta::Raw);
                 Params {
                     members,
                     meta,
@@ -510,6 +550,60 @@ pub fn typed_params<T: serde::de::DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn request(body: &str) -> IncomingRequest {
+        match parse(body.as_bytes()) {
+            Ok(Incoming::Request(r)) => r,
+            other => panic!("not a request: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn meta_is_read_in_the_same_pass_or_kept_as_text_when_malformed() {
+        let head = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"#;
+        // Well formed: read while parsing, and moved out by `take_meta`.
+        let mut r = request(&format!(
+            r#"{head}"cursor":"c","_meta":{{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{{}},"io.modelcontextprotocol/clientInfo":{{"name":"n","version":"1"}},"progressToken":7,"x":[1]}}}}}}"#
+        ));
+        assert!(matches!(r.meta, Some(Meta::Read(_))), "{:?}", r.meta);
+        assert_eq!(r.params.as_ref().map(|p| p.len()), Some(1));
+        let copy = r.meta().unwrap().unwrap();
+        let m = r.take_meta().unwrap().unwrap();
+        assert_eq!(m.protocol_version.as_deref(), Some("2026-07-28"));
+        assert_eq!(copy.protocol_version, m.protocol_version);
+        assert_eq!(m.client_info.map(|i| i.name).as_deref(), Some("n"));
+        assert_eq!(
+            m.progress_token,
+            Some(ProgressToken(NumberOrString::Number(7)))
+        );
+        assert!(r.meta.is_none() && r.take_meta().unwrap().is_none());
+
+        // A malformed optional field: the message still parses, `_meta` is kept as text and
+        // read leniently, every time it is asked for.
+        let mut r = request(&format!(
+            r#"{head}"_meta":{{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":5,"progressToken":{{}},"traceparent":1}}}}}}"#
+        ));
+        assert!(matches!(r.meta, Some(Meta::Raw(_))), "{:?}", r.meta);
+        for _ in 0..2 {
+            let m = r.take_meta().unwrap().unwrap();
+            assert_eq!(m.protocol_version.as_deref(), Some("2026-07-28"));
+            assert!(m.client_info.is_none() && m.progress_token.is_none());
+            assert!(m.traceparent.is_none());
+        }
+
+        // A malformed protocol version, or `_meta` not an object: reading it fails.
+        for meta in [
+            r#"{"io.modelcontextprotocol/protocolVersion":5}"#,
+            "7",
+            "null",
+        ] {
+            let mut r = request(&format!(r#"{head}"_meta":{meta}}}}}"#));
+            assert!(r.meta().is_err(), "{meta}");
+            assert!(r.take_meta().is_err(), "{meta}");
+        }
+        // No `_meta`.
+        assert!(request(&format!("{head}}}}}")).meta().unwrap().is_none());
+    }
 
     #[test]
     fn serializes_envelopes() {

@@ -37,7 +37,7 @@ pub const PROMETHEUS_CONTENT_TYPE: &str =
 
 /// Labels of an MCP request's duration. Each value is borrowed where it can be (a known
 /// method, version or tool name): recording a request then allocates nothing.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, PartialEq, Eq, EncodeLabelSet)]
 pub struct OperationLabels {
     /// The JSON-RPC method (`tools/call`), or `_other` for a method Haven does not serve.
     pub mcp_method_name: Cow<'static, str>,
@@ -52,6 +52,31 @@ pub struct OperationLabels {
     pub outcome: Outcome,
     /// The JSON-RPC error code of an error, "" otherwise.
     pub rpc_response_status_code: Cow<'static, str>,
+}
+
+/// Every request looks its label set up in the family's map, whose hasher (SipHash) costs by
+/// the byte and by the call: the labels are folded into one word first (FNV-1a over each
+/// value and a separator), and the map hashes only that. Equal label sets fold alike.
+impl std::hash::Hash for OperationLabels {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for value in [
+            &self.mcp_method_name,
+            &self.gen_ai_tool_name,
+            &self.mcp_protocol_version,
+            &self.rpc_response_status_code,
+        ] {
+            for b in value.bytes() {
+                h = (h ^ u64::from(b)).wrapping_mul(PRIME);
+            }
+            // 0xff never occurs in UTF-8: ("ab", "") and ("a", "b") fold apart.
+            h = (h ^ 0xff).wrapping_mul(PRIME);
+        }
+        h = (h ^ self.era as u64).wrapping_mul(PRIME);
+        h = (h ^ self.outcome as u64).wrapping_mul(PRIME);
+        state.write_u64(h);
+    }
 }
 
 /// The protocol era of a request.
@@ -616,6 +641,43 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("gen_ai_tool_name=\"echo\""), "{text}");
+    }
+
+    #[test]
+    fn label_sets_fold_to_one_series_each() {
+        let m = Metrics::new("eu", "n1", "0.1.0");
+        let labels = |method: &'static str, tool: String, outcome| OperationLabels {
+            mcp_method_name: method.into(),
+            gen_ai_tool_name: tool.into(),
+            mcp_protocol_version: "2026-07-28".into(),
+            era: Era::stateless,
+            outcome,
+            rpc_response_status_code: "".into(),
+        };
+        // The same set, borrowed and owned, is one series; sets that differ only in where
+        // one value ends and the next begins, or in an enum, are apart.
+        for l in [
+            labels("tools/call", "echo".to_owned(), Outcome::ok),
+            labels("tools/call", String::from("ec") + "ho", Outcome::ok),
+            labels("tools/call", "echo".to_owned(), Outcome::error),
+            labels("tools/cal", "lecho".to_owned(), Outcome::ok),
+        ] {
+            m.operation(&l, Duration::from_millis(1), None);
+        }
+        let text = m.prometheus_text();
+        let count = |needle: &str| {
+            text.lines()
+                .filter(|l| l.starts_with("mcp_server_operation_duration_seconds_count"))
+                .filter(|l| l.contains(needle))
+                .map(|l| l.rsplit(' ').next().unwrap_or("").to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            count("gen_ai_tool_name=\"echo\""),
+            ["2", "1"].map(String::from).to_vec(),
+            "{text}"
+        );
+        assert_eq!(count("gen_ai_tool_name=\"lecho\""), ["1"], "{text}");
     }
 
     #[test]

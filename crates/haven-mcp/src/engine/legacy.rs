@@ -309,13 +309,13 @@ pub(super) fn caller_of(s: &SessionRecord) -> Caller {
 async fn request(
     inner: &Arc<Inner>,
     loaded: LoadedSession,
-    req: IncomingRequest,
+    mut req: IncomingRequest,
     principal: Arc<haven_auth::Principal>,
     trace: super::TraceHeaders,
     (accepts_json, accepts_sse): (bool, bool),
 ) -> Reply {
     let s = &loaded.record;
-    let meta = req.meta().ok().flatten();
+    let meta = req.take_meta().ok().flatten();
     let (traceparent, tracestate) = trace.parent(
         meta.as_ref()
             .and_then(|m| m.traceparent.clone())
@@ -327,9 +327,9 @@ async fn request(
         tracestate,
         trace: None,
         progress_token,
-        id: req.id.clone(),
-        method: req.method.clone(),
-        params: req.params.clone().unwrap_or_default(),
+        id: req.id,
+        method: req.method,
+        params: req.params.unwrap_or_default(),
         era: Era::Legacy {
             session: s.id.clone(),
             protocol_version: s.protocol_version.clone(),

@@ -142,7 +142,7 @@ fn value_as_header_text(v: &Value) -> Option<String> {
 }
 
 pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
-    let req = match p.message {
+    let mut req = match p.message {
         Incoming::Request(r) => r,
         Incoming::Notification { .. } => return Reply::Accepted,
         Incoming::Response { .. } | Incoming::Error { .. } => {
@@ -156,7 +156,7 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
     };
     let h = &p.headers;
     let id = req.id.clone();
-    let (version, capabilities, meta) = match required_meta(&req, &id) {
+    let (version, capabilities, meta) = match required_meta(&mut req, &id) {
         Ok(m) => m,
         Err(r) => return r,
     };
@@ -205,10 +205,10 @@ pub(super) async fn post(inner: &Arc<Inner>, p: StatelessPost) -> Reply {
 /// Step 1 of a stateless request's checks: `_meta` must carry the protocol version and the
 /// client capabilities. Returns them, and the rest of `_meta`.
 fn required_meta(
-    req: &IncomingRequest,
+    req: &mut IncomingRequest,
     id: &RequestId,
 ) -> Result<(String, ClientCapabilities, RequestMeta), Reply> {
-    let mut meta = match req.meta() {
+    let mut meta = match req.take_meta() {
         Ok(Some(m)) => m,
         Ok(None) => {
             return Err(reject(Reason::InvalidParams, id, ErrorCode::INVALID_PARAMS, "Invalid params: _meta is required (with io.modelcontextprotocol/protocolVersion and io.modelcontextprotocol/clientCapabilities)".into(), None));
@@ -735,7 +735,7 @@ mod tests {
                 id: RequestId::Number(1),
                 method: m.into(),
                 params: Some(serde_json::Map::new()),
-                meta,
+                meta: meta.map(jsonrpc::Meta::Raw),
             })
         };
         assert!(is_stateless(Some("2026-07-28"), &req("tools/list", true)));
