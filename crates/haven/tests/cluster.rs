@@ -541,17 +541,33 @@ async fn backup_status(node: &Haven) -> Value {
     admin_get(node, "backup").await
 }
 
+/// POST to the admin API's `/admin/v1/{what}` on `node`, as JSON (the status must be 200).
+async fn admin_post(node: &Haven, what: &str) -> Value {
+    let r = admin(node, reqwest::Method::POST, what).await;
+    assert_eq!(r.status(), 200, "POST {what}");
+    r.json().await.unwrap()
+}
+
 /// GET of the admin API's `/admin/v1/{what}` on `node`, as JSON.
 async fn admin_get(node: &Haven, what: &str) -> Value {
-    let token = std::fs::read_to_string(node.data.join("admin.token")).unwrap();
-    reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{}/admin/v1/{what}", node.port))
-        .bearer_auth(token.trim())
-        .timeout(Duration::from_secs(10))
-        .send()
+    admin(node, reqwest::Method::GET, what)
+        .await
+        .json()
         .await
         .unwrap()
-        .json()
+}
+
+/// A request to the admin API's `/admin/v1/{what}` on `node`, with the node's admin token.
+async fn admin(node: &Haven, method: reqwest::Method, what: &str) -> reqwest::Response {
+    let token = std::fs::read_to_string(node.data.join("admin.token")).unwrap();
+    reqwest::Client::new()
+        .request(
+            method,
+            format!("http://127.0.0.1:{}/admin/v1/{what}", node.port),
+        )
+        .bearer_auth(token.trim())
+        .timeout(Duration::from_secs(30))
+        .send()
         .await
         .unwrap()
 }
@@ -622,33 +638,35 @@ async fn one_node_per_region_ships_backups_and_another_takes_over_when_it_dies()
             .await
         );
     }
-    // Wait until one node ships again and has shipped the log as far as it was once the
-    // notes were written (the log goes on growing with the region's own records, so a lag of
-    // exactly 0 may never be seen between two polls).
+    // Another node takes the lease once the dead holder's has lapsed (real time, across
+    // processes: polled, with a bound). Then it is told to ship now, which ships everything
+    // committed so far: the log as far as it was once the notes were written.
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut target = None;
-    loop {
-        let mut ok = 0;
-        let mut shipped = None;
-        for n in region.nodes.iter().flatten() {
+    let (taker, target) = loop {
+        let mut ok = Vec::new();
+        let mut target = None;
+        for (i, n) in region.nodes.iter().enumerate() {
+            let Some(n) = n else { continue };
             let st = backup_status(n).await;
             target = target.or(st["local_seq"].as_u64().filter(|t| *t > 0));
             if st["state"] == "ok" {
-                ok += 1;
-                shipped = st["shipped_seq"].as_u64();
+                ok.push(i);
             }
         }
-        if let (1, Some(s), Some(t)) = (ok, shipped, target)
-            && s >= t
-        {
-            break;
+        if let ([i], Some(t)) = (ok.as_slice(), target) {
+            break (*i, t);
         }
         assert!(
             Instant::now() < deadline,
-            "no node took over shipping: {ok} shipping, shipped {shipped:?} of {target:?}"
+            "no node took over shipping: {ok:?} shipping"
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    };
+    let report = admin_post(region.nodes[taker].as_ref().unwrap(), "backup/now").await;
+    assert!(
+        report["shipped_seq"].as_u64() >= Some(target),
+        "shipping now did not reach {target}: {report}"
+    );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_haven"))
         .args(["backup", "list", "--backup-url", &b, "--json"])
         .output()
