@@ -3,7 +3,9 @@
 # (µs) and the share of the machine other processes took, per run (BENCHMARKS.md, "Soak").
 #   bench/scripts/ab-builds.sh OLD_BIN NEW_BIN [ROUNDS] [LOADS]
 # LOADS (default "echo legacy notes big"): `echo` and `legacy` are the 2026-era and legacy
-# `echo`, `notes` a durable `notes_put`, `big` a 2026-era `echo` of 100 000 characters.
+# `echo`, `sse` the legacy `echo` with every answer stored as a stream event
+# (`--legacy-responses sse`), `notes` a durable `notes_put`, `big` a 2026-era `echo` of
+# 100 000 characters.
 # A fresh node and data directory per run; every node it starts is stopped.
 set -u
 OLD=$1; NEW=$2; ROUNDS=${3:-5}; LOADS=${4:-echo legacy notes big}
@@ -14,14 +16,15 @@ for r in $(seq "$ROUNDS"); do
     bin=$OLD; [ $b = new ] && bin=$NEW
     for kind in $LOADS; do
       D=$(mktemp -d); P=$((19000 + RANDOM % 1000))
-      "$bin" serve --listen 127.0.0.1:$P --data "$D" --metrics on 2>/dev/null & H=$!
+      serve=(); [ "$kind" = sse ] && serve=(--legacy-responses sse)
+      "$bin" serve --listen 127.0.0.1:$P --data "$D" --metrics on "${serve[@]}" 2>/dev/null & H=$!
       for _ in $(seq 50); do
         curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:$P/readyz 2>/dev/null | grep -q 200 && break
         sleep 0.2
       done
       case $kind in
         echo) args=(--era 2026) ;;
-        legacy) args=(--era legacy) ;;
+        legacy|sse) args=(--era legacy) ;;
         notes) args=(--notes-put) ;;
         big) args=(--text "$BIG") ;;
       esac

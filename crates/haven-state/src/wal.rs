@@ -6,11 +6,21 @@
 //!
 //! Segment files are named `wal-<first seq, 20 digits>.log`. Each record is
 //! `[u32 length][u32 CRC-32][postcard(LogEntry)]`, little endian. A record cut short by a
-//! crash (short, or with a wrong checksum) ends the log: everything before it was synced,
+//! crash (short, or with a wrong checksum), a zero length, or an entry whose sequence does
+//! not follow on from the segment's first ends the log: everything before it was synced,
 //! nothing after it was acknowledged.
+//!
+//! Appends overwrite bytes the file already has: zeros written ahead of the log's end, or
+//! the records of an earlier segment. A checkpoint recycles the segment it ends (renamed to
+//! the next one's name and overwritten from its start) instead of creating a file. So an
+//! append's sync writes the records' blocks only, never the file's size or block map; on
+//! ext4 that is one device write per group commit instead of two. The earlier segment's
+//! records left behind the new ones have smaller sequences, so they never follow on; a
+//! group that is taken back is overwritten with zeros, so its records cannot either.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::record::LogEntry;
@@ -19,14 +29,21 @@ use crate::store::StoreError;
 /// Largest record the log accepts when reading (a longer length field is a torn write).
 const MAX_RECORD: u32 = 64 * 1024 * 1024;
 
+/// Zeros written ahead of the log's end when an append reaches it (with the append, under its
+/// sync). A recycled segment keeps its size, so a steady load extends nothing.
+const ZERO_AHEAD: u64 = 1024 * 1024;
+
 /// An open write-ahead log.
 #[derive(Debug)]
 pub(crate) struct Wal {
     dir: PathBuf,
     file: File,
     path: PathBuf,
-    /// Bytes in the current segment.
+    /// Bytes of records in the current segment.
     len: u64,
+    /// Bytes the file has (zeros or an earlier segment's records): appends below this
+    /// change no file metadata.
+    written: u64,
 }
 
 fn io_err(what: &str, path: &Path, e: std::io::Error) -> StoreError {
@@ -70,15 +87,23 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 }
 
 /// Decodes the records of one segment's bytes into `out`, stopping at a torn tail (a record
-/// cut short, or with a wrong checksum). A record whose checksum holds but whose entry does
-/// not decode is corruption, not a torn write: an error.
-pub(crate) fn decode_segment(bytes: &[u8], out: &mut Vec<LogEntry>) -> Result<(), String> {
+/// cut short, or with a wrong checksum) or at a zero length (zeros written ahead). With
+/// `first`, the segment's first sequence, it also stops at the first entry that does not
+/// follow on from it (an earlier segment's records behind a recycled segment's own). A
+/// record whose checksum holds but whose entry does not decode is corruption, not a torn
+/// write: an error.
+pub(crate) fn decode_segment(
+    bytes: &[u8],
+    first: Option<u64>,
+    out: &mut Vec<LogEntry>,
+) -> Result<(), String> {
     let mut at = 0usize;
+    let mut next = first;
     while at + 8 <= bytes.len() {
         let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
         let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes"));
         let end = at + 8 + len as usize;
-        if len > MAX_RECORD || end > bytes.len() {
+        if len == 0 || len > MAX_RECORD || end > bytes.len() {
             break;
         }
         let payload = &bytes[at + 8..end];
@@ -86,8 +111,26 @@ pub(crate) fn decode_segment(bytes: &[u8], out: &mut Vec<LogEntry>) -> Result<()
             break;
         }
         let entry: LogEntry = postcard::from_bytes(payload).map_err(|e| e.to_string())?;
+        if let Some(seq) = next {
+            if entry.seq != seq {
+                break;
+            }
+            next = Some(seq + 1);
+        }
         out.push(entry);
         at = end;
+    }
+    Ok(())
+}
+
+/// Writes `len` zeros at `offset`.
+fn write_zeros(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    let chunk = vec![0u8; len.min(ZERO_AHEAD) as usize];
+    let mut at = offset;
+    while at < offset + len {
+        let n = (offset + len - at).min(chunk.len() as u64) as usize;
+        file.write_all_at(&chunk[..n], at)?;
+        at += n as u64;
     }
     Ok(())
 }
@@ -96,32 +139,44 @@ impl Wal {
     /// Reads every entry of the log in `dir`, in order, stopping at a torn tail.
     pub(crate) fn read_all(dir: &Path) -> Result<Vec<LogEntry>, StoreError> {
         let mut out = Vec::new();
-        for (_, path) in segments(dir)? {
+        for (first, path) in segments(dir)? {
             let mut bytes = Vec::new();
             File::open(&path)
                 .and_then(|mut f| f.read_to_end(&mut bytes))
                 .map_err(|e| io_err("reading", &path, e))?;
-            decode_segment(&bytes, &mut out)
+            decode_segment(&bytes, Some(first), &mut out)
                 .map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display())))?;
         }
         Ok(out)
     }
 
-    /// Starts a new segment for entries from `first_seq` on and removes every older segment
-    /// (their entries must be durable in the views already).
+    /// Starts a new segment for entries from `first_seq` on: the newest older segment is
+    /// renamed to it and overwritten from its start, every other one is removed (their
+    /// entries must be durable in the views already). The rename is synced before anything
+    /// is appended, so that a crash never leaves new records under an old name.
     pub(crate) fn start(dir: &Path, first_seq: u64) -> Result<Wal, StoreError> {
         crate::files::private_dir(dir).map_err(|e| io_err("creating", dir, e))?;
         let path = dir.join(segment_name(first_seq));
+        let old = segments(dir)?;
+        if !old.iter().any(|(_, p)| *p == path)
+            && let Some((_, recycled)) = old.last()
+        {
+            std::fs::rename(recycled, &path).map_err(|e| io_err("renaming", recycled, e))?;
+        }
         let file = crate::files::private_options()
             .create(true)
             .write(true)
-            .truncate(true)
+            .truncate(false)
             .open(&path)
             .map_err(|e| io_err("creating", &path, e))?;
+        let written = file
+            .metadata()
+            .map_err(|e| io_err("reading", &path, e))?
+            .len();
         sync_dir(dir)?;
-        for (_, old) in segments(dir)? {
-            if old != path {
-                std::fs::remove_file(&old).map_err(|e| io_err("removing", &old, e))?;
+        for (_, other) in segments(dir)? {
+            if other != path {
+                std::fs::remove_file(&other).map_err(|e| io_err("removing", &other, e))?;
             }
         }
         Ok(Wal {
@@ -129,6 +184,7 @@ impl Wal {
             file,
             path,
             len: 0,
+            written,
         })
     }
 
@@ -148,37 +204,52 @@ impl Wal {
             buf.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
             buf.extend_from_slice(&payload);
         }
+        let end = self.len + buf.len() as u64;
+        if end > self.written {
+            // Zeros ahead of the end, so that the next appends overwrite written blocks. Not
+            // needed for this append: on a nearly full disk the records alone may still fit.
+            let ahead = end.max(self.written + ZERO_AHEAD);
+            if write_zeros(&self.file, self.written, ahead - self.written).is_ok() {
+                self.written = ahead;
+            }
+        }
         let written = self
             .file
-            .write_all(&buf)
+            .write_all_at(&buf, self.len)
             .and_then(|()| self.file.sync_data());
         if let Err(e) = written {
-            self.cut_back();
+            self.cut_back(buf.len() as u64);
             return Err(io_err("appending to", &self.path, e));
         }
-        self.len += buf.len() as u64;
+        self.written = self.written.max(end);
+        self.len = end;
         Ok(buf.len() as u64)
     }
 
     /// Removes the last `bytes` appended (a group whose views could not be committed).
     pub(crate) fn undo(&mut self, bytes: u64) {
         self.len = self.len.saturating_sub(bytes);
-        self.cut_back();
+        self.cut_back(bytes);
     }
 
-    fn cut_back(&mut self) {
-        use std::io::{Seek, SeekFrom};
+    /// Overwrites the `bytes` after the log's end with zeros: the records of a group taken
+    /// back must not be read, even where the next group's records end exactly before one.
+    fn cut_back(&mut self, bytes: u64) {
+        // Only what the file has: zeros past its end would grow it (on a full disk, too).
         let r = self
             .file
-            .set_len(self.len)
-            .and_then(|()| self.file.seek(SeekFrom::Start(self.len)).map(|_| ()))
+            .metadata()
+            .and_then(|m| {
+                let end = (self.len + bytes).min(m.len());
+                write_zeros(&self.file, self.len, end.saturating_sub(self.len))
+            })
             .and_then(|()| self.file.sync_data());
         if let Err(e) = r {
             tracing::error!(error = %e, path = %self.path.display(), "cutting back the write-ahead log failed");
         }
     }
 
-    /// Bytes in the current segment.
+    /// Bytes of records in the current segment.
     pub(crate) fn len(&self) -> u64 {
         self.len
     }
@@ -220,11 +291,9 @@ mod tests {
         wal.append(&[entry(3)]).unwrap();
         // A crash in the middle of the next append leaves part of a record.
         let path = dir.path().join(segment_name(1));
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[40, 0, 0, 0, 1, 2, 3, 4, 9, 9], wal.len())
             .unwrap();
-        f.write_all(&[40, 0, 0, 0, 1, 2, 3, 4, 9, 9]).unwrap();
         let read = Wal::read_all(dir.path()).unwrap();
         assert_eq!(
             read.iter().map(|e| e.seq).collect::<Vec<_>>(),
@@ -249,5 +318,69 @@ mod tests {
         let _next = Wal::start(dir.path(), 3).unwrap();
         assert!(Wal::read_all(dir.path()).unwrap().is_empty());
         assert_eq!(segments(dir.path()).unwrap().len(), 1);
+    }
+
+    fn seqs(dir: &Path) -> Vec<u64> {
+        Wal::read_all(dir).unwrap().iter().map(|e| e.seq).collect()
+    }
+
+    #[test]
+    fn appends_overwrite_zeros_written_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::start(dir.path(), 1).unwrap();
+        wal.append(&[entry(1)]).unwrap();
+        let path = dir.path().join(segment_name(1));
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert!(size >= ZERO_AHEAD, "zeros are written ahead: {size}");
+        wal.append(&[entry(2), entry(3)]).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), size);
+        assert_eq!(seqs(dir.path()), vec![1, 2, 3]);
+        // A group larger than what is left extends the file and still reads back whole.
+        let big: Vec<_> = (4..4 + 50_000).map(entry).collect();
+        wal.append(&big).unwrap();
+        assert!(std::fs::metadata(&path).unwrap().len() > size);
+        assert_eq!(seqs(dir.path()).len(), 3 + 50_000);
+    }
+
+    #[test]
+    fn a_recycled_segment_reads_only_its_own_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::start(dir.path(), 1).unwrap();
+        wal.append(&[entry(1), entry(2), entry(3)]).unwrap();
+        let old = dir.path().join(segment_name(1));
+        let size = std::fs::metadata(&old).unwrap().len();
+        // The checkpoint's new segment is the old file, renamed; its records are still there.
+        let mut wal = Wal::start(dir.path(), 4).unwrap();
+        assert!(!old.exists());
+        let path = dir.path().join(segment_name(4));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), size);
+        assert!(
+            seqs(dir.path()).is_empty(),
+            "records of the earlier segment"
+        );
+        // One record overwrites the first of them; the two behind it do not follow on.
+        wal.append(&[entry(4)]).unwrap();
+        assert_eq!(seqs(dir.path()), vec![4]);
+        wal.append(&[entry(5), entry(6), entry(7)]).unwrap();
+        assert_eq!(seqs(dir.path()), vec![4, 5, 6, 7]);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), size);
+        // Starting again at the same sequence (nothing appended) keeps the file.
+        let _same = Wal::start(dir.path(), 8).unwrap();
+        let _again = Wal::start(dir.path(), 8).unwrap();
+        assert_eq!(segments(dir.path()).unwrap().len(), 1);
+        assert!(seqs(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn a_group_taken_back_is_not_read_behind_a_group_of_the_same_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::start(dir.path(), 1).unwrap();
+        wal.append(&[entry(1)]).unwrap();
+        let n = wal.append(&[entry(2), entry(3)]).unwrap();
+        wal.undo(n);
+        // The next group reuses sequence 2 with a record as long as the one taken back: what
+        // follows it must not be the taken-back record 3.
+        wal.append(&[entry(2)]).unwrap();
+        assert_eq!(seqs(dir.path()), vec![1, 2]);
     }
 }
