@@ -27,7 +27,7 @@ pub mod fuzzing {
     /// Decodes one write-ahead-log segment as a restart reads it (stops at a torn tail).
     pub fn wal_segment(bytes: &[u8]) -> Result<Vec<crate::LogEntry>, String> {
         let mut out = Vec::new();
-        crate::wal::decode_segment(bytes, None, &mut out).map(|()| out)
+        crate::wal::decode_segment(bytes, false, &mut out).map(|()| out)
     }
 }
 

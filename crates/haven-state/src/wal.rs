@@ -7,7 +7,7 @@
 //! Segment files are named `wal-<first seq, 20 digits>.log`. Each record is
 //! `[u32 length][u32 CRC-32][postcard(LogEntry)]`, little endian. A record cut short by a
 //! crash (short, or with a wrong checksum), a zero length, or an entry whose sequence does
-//! not follow on from the segment's first ends the log: everything before it was synced,
+//! not follow on from the one before it ends the segment: everything before it was synced,
 //! nothing after it was acknowledged.
 //!
 //! Appends overwrite bytes the file already has: zeros written ahead of the log's end, or
@@ -16,7 +16,11 @@
 //! append's sync writes the records' blocks only, never the file's size or block map; on
 //! ext4 that is one device write per group commit instead of two. The earlier segment's
 //! records left behind the new ones have smaller sequences, so they never follow on; a
-//! group that is taken back is overwritten with zeros, so its records cannot either.
+//! group that is taken back is overwritten with zeros, so its records cannot either. A
+//! recycled segment with no records of its own yet reads as the earlier segment's records,
+//! which the views already hold (the checkpoint made them durable), so a restart skips them.
+//! That is also why the name's sequence is not required of the first record: when a
+//! checkpoint fails after the rename, the log goes on in the renamed file.
 
 use std::fs::File;
 use std::io::Read;
@@ -88,17 +92,17 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 
 /// Decodes the records of one segment's bytes into `out`, stopping at a torn tail (a record
 /// cut short, or with a wrong checksum) or at a zero length (zeros written ahead). With
-/// `first`, the segment's first sequence, it also stops at the first entry that does not
-/// follow on from it (an earlier segment's records behind a recycled segment's own). A
-/// record whose checksum holds but whose entry does not decode is corruption, not a torn
-/// write: an error.
+/// `follow_on`, it also stops at the first entry whose sequence does not follow on from the
+/// one before it (an earlier segment's records behind a recycled segment's own). A record
+/// whose checksum holds but whose entry does not decode is corruption, not a torn write: an
+/// error.
 pub(crate) fn decode_segment(
     bytes: &[u8],
-    first: Option<u64>,
+    follow_on: bool,
     out: &mut Vec<LogEntry>,
 ) -> Result<(), String> {
     let mut at = 0usize;
-    let mut next = first;
+    let mut next: Option<u64> = None;
     while at + 8 <= bytes.len() {
         let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
         let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes"));
@@ -111,11 +115,11 @@ pub(crate) fn decode_segment(
             break;
         }
         let entry: LogEntry = postcard::from_bytes(payload).map_err(|e| e.to_string())?;
-        if let Some(seq) = next {
-            if entry.seq != seq {
+        if follow_on {
+            if next.is_some_and(|seq| entry.seq != seq) {
                 break;
             }
-            next = Some(seq + 1);
+            next = entry.seq.checked_add(1);
         }
         out.push(entry);
         at = end;
@@ -139,12 +143,12 @@ impl Wal {
     /// Reads every entry of the log in `dir`, in order, stopping at a torn tail.
     pub(crate) fn read_all(dir: &Path) -> Result<Vec<LogEntry>, StoreError> {
         let mut out = Vec::new();
-        for (first, path) in segments(dir)? {
+        for (_, path) in segments(dir)? {
             let mut bytes = Vec::new();
             File::open(&path)
                 .and_then(|mut f| f.read_to_end(&mut bytes))
                 .map_err(|e| io_err("reading", &path, e))?;
-            decode_segment(&bytes, Some(first), &mut out)
+            decode_segment(&bytes, true, &mut out)
                 .map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display())))?;
         }
         Ok(out)
@@ -315,9 +319,25 @@ mod tests {
         wal.undo(n);
         wal.append(&[entry(2)]).unwrap();
         assert_eq!(Wal::read_all(dir.path()).unwrap().len(), 2);
-        let _next = Wal::start(dir.path(), 3).unwrap();
-        assert!(Wal::read_all(dir.path()).unwrap().is_empty());
+        let mut next = Wal::start(dir.path(), 3).unwrap();
+        next.append(&[entry(3)]).unwrap();
+        assert_eq!(seqs(dir.path()), vec![3]);
         assert_eq!(segments(dir.path()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn the_log_goes_on_in_a_segment_renamed_by_a_failed_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::start(dir.path(), 1).unwrap();
+        wal.append(&[entry(1), entry(2)]).unwrap();
+        // A checkpoint renamed the segment, then failed: the open log appends on in it.
+        std::fs::rename(
+            dir.path().join(segment_name(1)),
+            dir.path().join(segment_name(3)),
+        )
+        .unwrap();
+        wal.append(&[entry(3)]).unwrap();
+        assert_eq!(seqs(dir.path()), vec![1, 2, 3]);
     }
 
     fn seqs(dir: &Path) -> Vec<u64> {
@@ -343,7 +363,7 @@ mod tests {
     }
 
     #[test]
-    fn a_recycled_segment_reads_only_its_own_records() {
+    fn a_recycled_segment_reads_its_own_records_not_the_older_ones_behind_them() {
         let dir = tempfile::tempdir().unwrap();
         let mut wal = Wal::start(dir.path(), 1).unwrap();
         wal.append(&[entry(1), entry(2), entry(3)]).unwrap();
@@ -354,10 +374,9 @@ mod tests {
         assert!(!old.exists());
         let path = dir.path().join(segment_name(4));
         assert_eq!(std::fs::metadata(&path).unwrap().len(), size);
-        assert!(
-            seqs(dir.path()).is_empty(),
-            "records of the earlier segment"
-        );
+        // Until something is appended it reads as the earlier segment (already durable in
+        // the views, so a restart skips it).
+        assert_eq!(seqs(dir.path()), vec![1, 2, 3]);
         // One record overwrites the first of them; the two behind it do not follow on.
         wal.append(&[entry(4)]).unwrap();
         assert_eq!(seqs(dir.path()), vec![4]);
@@ -368,7 +387,7 @@ mod tests {
         let _same = Wal::start(dir.path(), 8).unwrap();
         let _again = Wal::start(dir.path(), 8).unwrap();
         assert_eq!(segments(dir.path()).unwrap().len(), 1);
-        assert!(seqs(dir.path()).is_empty());
+        assert_eq!(seqs(dir.path()), vec![4, 5, 6, 7]);
     }
 
     #[test]
