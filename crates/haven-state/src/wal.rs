@@ -317,8 +317,10 @@ mod tests {
         wal.append(&[entry(1)]).unwrap();
         let n = wal.append(&[entry(2), entry(3)]).unwrap();
         wal.undo(n);
+        // The next group reuses sequence 2 with a record as long as the one taken back: what
+        // follows it must not be the taken-back record 3 (it was overwritten with zeros).
         wal.append(&[entry(2)]).unwrap();
-        assert_eq!(Wal::read_all(dir.path()).unwrap().len(), 2);
+        assert_eq!(seqs(dir.path()), vec![1, 2]);
         let mut next = Wal::start(dir.path(), 3).unwrap();
         next.append(&[entry(3)]).unwrap();
         assert_eq!(seqs(dir.path()), vec![3]);
@@ -388,18 +390,5 @@ mod tests {
         let _again = Wal::start(dir.path(), 8).unwrap();
         assert_eq!(segments(dir.path()).unwrap().len(), 1);
         assert_eq!(seqs(dir.path()), vec![4, 5, 6, 7]);
-    }
-
-    #[test]
-    fn a_group_taken_back_is_not_read_behind_a_group_of_the_same_length() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut wal = Wal::start(dir.path(), 1).unwrap();
-        wal.append(&[entry(1)]).unwrap();
-        let n = wal.append(&[entry(2), entry(3)]).unwrap();
-        wal.undo(n);
-        // The next group reuses sequence 2 with a record as long as the one taken back: what
-        // follows it must not be the taken-back record 3.
-        wal.append(&[entry(2)]).unwrap();
-        assert_eq!(seqs(dir.path()), vec![1, 2]);
     }
 }
