@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Home, Legacy, SseReader, stateless};
+use common::{Home, Legacy, SseReader, stateless, try_stateless};
 use serde_json::{Value, json};
 
 // Long by design: one process killed mid-stream and mid-task, then everything it held checked after
@@ -251,4 +251,120 @@ async fn a_region_that_is_not_a_peer_is_taken_over_with_the_confirmation_alone()
     let (status, v) = takeover("region=gone&confirm_dead=true".into()).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v, json!({"region": "gone", "taken": 0}));
+}
+
+/// Saves note `name` through the 2026-07-28 era: whether the node acknowledged it (`None`
+/// when the node was unreachable or the answer was cut off).
+async fn try_put_note(
+    http: &reqwest::Client,
+    url: &str,
+    id: i64,
+    name: &str,
+    text: &str,
+) -> Option<bool> {
+    let r = try_stateless(
+        http,
+        url,
+        id,
+        "tools/call",
+        json!({"name":"notes_put","arguments":{"name":name,"text":text}}),
+        json!({}),
+    )
+    .await
+    .ok()?;
+    let v: Value = r.json().await.ok()?;
+    Some(v["result"]["content"][0]["text"] == format!("Saved note {name}"))
+}
+
+/// The text every writer of the test below gives note `name`.
+fn note_text(name: &str) -> String {
+    format!("{name}:{}", "x".repeat(120))
+}
+
+/// Every acknowledged write survives `kill -9` after checkpoints have recycled the
+/// write-ahead log's segment several times (one is taken at least every 2 000 commits, so
+/// 6 000 acknowledged writes mean at least two): a restart replays the recycled segment's
+/// own records and nothing of the older ones behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_kill_9_after_the_log_was_recycled() {
+    const WRITERS: usize = 4;
+    const ACKED_BEFORE_KILL: usize = 6_000;
+    let home = Home::new();
+    let mut haven = home.start("default", &[]).await;
+    let url = haven.url();
+    let (count_tx, mut count_rx) = tokio::sync::watch::channel(0usize);
+    let count_tx = std::sync::Arc::new(count_tx);
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let (url, count_tx) = (url.clone(), count_tx.clone());
+        writers.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut acked = Vec::new();
+            // Bounded: the kill comes after 6 000 acknowledgements, long before 4 x 4 000.
+            for i in 0..4_000 {
+                let name = format!("w{w}-{i}");
+                match try_put_note(&http, &url, i, &name, &note_text(&name)).await {
+                    Some(true) => {
+                        acked.push(name);
+                        count_tx.send_modify(|n| *n += 1);
+                    }
+                    Some(false) => panic!("note {name} refused while the node ran"),
+                    None => break,
+                }
+            }
+            acked
+        }));
+    }
+    count_rx
+        .wait_for(|n| *n >= ACKED_BEFORE_KILL)
+        .await
+        .expect("the writers stopped before the kill");
+    haven.kill9();
+    let mut acked = Vec::new();
+    for w in writers {
+        acked.extend(w.await.unwrap());
+    }
+    assert!(acked.len() >= ACKED_BEFORE_KILL);
+
+    let haven = home.start("default", &[]).await;
+    let segments: Vec<_> = std::fs::read_dir(home.data.join("wal"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(segments.len(), 1, "one recycled segment: {segments:?}");
+    let mut readers = Vec::new();
+    for chunk in acked.chunks(acked.len().div_ceil(WRITERS)) {
+        let (url, chunk) = (haven.url(), chunk.to_vec());
+        readers.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut missing = Vec::new();
+            for (i, name) in chunk.into_iter().enumerate() {
+                let r = stateless(
+                    &http,
+                    &url,
+                    i as i64,
+                    "tools/call",
+                    json!({"name":"notes_get","arguments":{"name":name}}),
+                    json!({}),
+                )
+                .await;
+                let v: Value = r.json().await.unwrap();
+                if v["result"]["content"][0]["text"] != note_text(&name) {
+                    missing.push((name, v));
+                }
+            }
+            missing
+        }));
+    }
+    let mut missing = Vec::new();
+    for r in readers {
+        missing.extend(r.await.unwrap());
+    }
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged notes lost or changed, e.g. {:?}",
+        missing.len(),
+        acked.len(),
+        missing.first()
+    );
 }
