@@ -289,8 +289,11 @@ fn note_text(name: &str) -> String {
 async fn acknowledged_writes_survive_kill_9_after_the_log_was_recycled() {
     const WRITERS: usize = 4;
     const ACKED_BEFORE_KILL: usize = 6_000;
+    // The write-ahead log is the embedded store's, also where the other tests run on
+    // JetStream (HAVEN_TEST_NATS).
+    const EMBEDDED: &[&str] = &["--store", "embedded"];
     let home = Home::new();
-    let mut haven = home.start("default", &[]).await;
+    let mut haven = home.start("default", EMBEDDED).await;
     let url = haven.url();
     let (count_tx, mut count_rx) = tokio::sync::watch::channel(0usize);
     let count_tx = std::sync::Arc::new(count_tx);
@@ -326,7 +329,7 @@ async fn acknowledged_writes_survive_kill_9_after_the_log_was_recycled() {
     }
     assert!(acked.len() >= ACKED_BEFORE_KILL);
 
-    let haven = home.start("default", &[]).await;
+    let haven = home.start("default", EMBEDDED).await;
     let segments: Vec<_> = std::fs::read_dir(home.data.join("wal"))
         .unwrap()
         .map(|e| e.unwrap().file_name())
