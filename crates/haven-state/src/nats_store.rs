@@ -290,7 +290,10 @@ impl JetStreamLog {
             deny_purge: false,
             allow_direct: true,
             allow_atomic_publish: true,
-            duplicate_window: Duration::from_secs(600),
+            // No message carries a `Nats-Msg-Id`: a commit is never published twice (an
+            // unknown outcome is reported, not retried), and every id would sit in each
+            // server's duplicate table for the whole window, growing its memory with the write
+            // rate.
             ..Default::default()
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -471,7 +474,6 @@ impl SharedLog for JetStreamLog {
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Batch-Id", batch_id.as_str());
             headers.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
-            headers.insert("Nats-Msg-Id", format!("{batch_id}/{i}").as_str());
             if let Some(e) = w.expected {
                 headers.insert(
                     "Nats-Expected-Last-Subject-Sequence",
