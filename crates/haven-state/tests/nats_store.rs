@@ -92,6 +92,24 @@ async fn the_jetstream_backend_keeps_the_store_contract() {
     assert_eq!(snap_last, last);
     assert_eq!(entries.len(), fold.len());
 
+    // No message carries a `Nats-Msg-Id`: every id would sit in each server's duplicate
+    // table for the stream's whole duplicate window, so the servers' memory would grow with
+    // the write rate (BENCHMARKS.md, "No message ids on commits").
+    let client = async_nats::connect(cluster.url(0)).await.unwrap();
+    let stream = async_nats::jetstream::new(client)
+        .get_stream(haven_state::nats_store::stream_name("test-region"))
+        .await
+        .unwrap();
+    for e in &log {
+        let m = stream.get_raw_message(e.seq).await.unwrap();
+        assert!(
+            m.headers.get("Nats-Msg-Id").is_none(),
+            "entry {} carries a message id: {:?}",
+            e.seq,
+            m.headers
+        );
+    }
+
     // A watch from the start sees everything, then live entries.
     let mut w = watch(Arc::new(store(&cluster, 1, "n1-watch").await), 1);
     for e in &log {
