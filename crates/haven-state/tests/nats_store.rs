@@ -95,11 +95,7 @@ async fn the_jetstream_backend_keeps_the_store_contract() {
     // No message carries a `Nats-Msg-Id`: every id would sit in each server's duplicate
     // table for the stream's whole duplicate window, so the servers' memory would grow with
     // the write rate (BENCHMARKS.md, "No message ids on commits").
-    let client = async_nats::connect(cluster.url(0)).await.unwrap();
-    let stream = async_nats::jetstream::new(client)
-        .get_stream(haven_state::nats_store::stream_name("test-region"))
-        .await
-        .unwrap();
+    let stream = region_stream(&cluster, "test-region").await;
     for e in &log {
         let m = stream.get_raw_message(e.seq).await.unwrap();
         assert!(
@@ -253,14 +249,21 @@ async fn store_at(
     .unwrap()
 }
 
-/// Messages the region's stream holds.
-async fn stream_messages(cluster: &NatsCluster, region: &str) -> u64 {
+/// The region's stream, on a connection of its own to server 0.
+async fn region_stream(
+    cluster: &NatsCluster,
+    region: &str,
+) -> async_nats::jetstream::stream::Stream {
     let client = async_nats::connect(cluster.url(0)).await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    let mut stream = js
+    async_nats::jetstream::new(client)
         .get_stream(haven_state::nats_store::stream_name(region))
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// Messages the region's stream holds.
+async fn stream_messages(cluster: &NatsCluster, region: &str) -> u64 {
+    let mut stream = region_stream(cluster, region).await;
     stream.info().await.unwrap().state.messages
 }
 
