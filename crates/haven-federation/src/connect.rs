@@ -468,7 +468,10 @@ async fn open_http(
     let config = StreamableHttpClientTransportConfig::with_uri(target.url)
         .custom_headers(custom)
         .reinit_on_expired_session(true);
-    let transport = StreamableHttpClientTransport::with_client(client, config);
+    let transport = StreamableHttpClientTransport::with_client(
+        crate::http::UpstreamHttp::new(client, target.url),
+        config,
+    );
     let running = rmcp::service::serve_client_with_ct(handler, transport, ct)
         .await
         .map_err(|e| Failure::from_error("MCP handshake failed", &e))?;

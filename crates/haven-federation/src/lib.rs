@@ -8,9 +8,10 @@
 //! - [`Upstreams`]: the per-node pool. [`Upstreams::start`] watches the registry (the store's
 //!   change feed, namespace `registry`) and keeps one supervisor task per enabled upstream. A
 //!   supervisor connects (stdio: a child process through rmcp's `TokioChildProcess`; HTTP: rmcp's
-//!   Streamable HTTP client), fetches the upstream's lists, and reconnects with exponential
-//!   backoff (250 ms doubling up to `upstream.restart_max_backoff_ms`, back to 250 ms after a
-//!   successful call) when the connection dies. A removed or disabled upstream is closed (the
+//!   Streamable HTTP transport, whose forwarded calls Haven's own client in `http.rs` sends),
+//!   fetches the upstream's lists, and reconnects with exponential backoff (250 ms doubling up
+//!   to `upstream.restart_max_backoff_ms`, back to 250 ms after a successful call) when the
+//!   connection dies. A removed or disabled upstream is closed (the
 //!   rmcp service cancelled, a child process closed, then killed, and reaped); a changed entry
 //!   reconnects.
 //! - [`FederatedCatalog`]: a [`haven_mcp::Catalog`] that wraps Haven's own catalog and adds
@@ -59,6 +60,7 @@ mod breaker;
 mod catalog;
 mod connect;
 mod failure;
+mod http;
 mod lists;
 mod pool;
 #[cfg(feature = "test-upstream")]

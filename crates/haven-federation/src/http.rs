@@ -1,0 +1,601 @@
+//! Haven's client for Streamable HTTP upstreams, under rmcp's transport worker.
+//!
+//! rmcp's own client for `reqwest::Client` parses the upstream's URL on every request and
+//! decodes every JSON answer by trying each of `ServerJsonRpcMessage`'s variants in turn (and
+//! within a response each of `ServerResult`'s), building an error for every variant it rejects.
+//! Profiled on a federated `tools/call`, that decode was the largest single cost of the call in
+//! Haven. [`UpstreamHttp`] sends the calls Haven forwards on its hot path (`tools/call`,
+//! `resources/read`, `prompts/get`) with the URL parsed once, and decodes a JSON answer as the
+//! result its request asks for; an answer that is not one (an error, another result) is decoded
+//! as any message, as before. Everything else (the handshake, notifications, answers to the
+//! upstream's requests, list calls, the session's event stream, closing the session) goes
+//! through rmcp's client unchanged.
+//!
+//! What an answer to a forwarded call means is rmcp's client's, case for case: 202 or 204 is
+//! accepted; 404 on a session is an expired session; 401 and 403 with a challenge are
+//! refusals; 429 and 5xx are HTTP failures unless they carry a JSON-RPC error; an SSE answer is
+//! a stream of events, each bounded in size; a JSON answer is bounded in size; anything else is
+//! an unexpected answer. The errors are rmcp's over `reqwest::Error`, so the failure
+//! classification (`failure.rs`) and the retry rule (`connect::not_delivered`) read them as
+//! before.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt, TryStreamExt};
+use http::header::{ACCEPT, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::{HeaderName, HeaderValue, StatusCode};
+use rmcp::model::{
+    CallToolResult, ClientJsonRpcMessage, ClientRequest, GetPromptResult, JsonRpcMessage,
+    JsonRpcResponse, JsonRpcVersion2_0, ReadResourceResult, RequestId, ServerJsonRpcMessage,
+    ServerResult,
+};
+use rmcp::transport::streamable_http_client::{
+    AuthRequiredError, HttpStatusError, InsufficientScopeError, SseError, StreamableHttpClient,
+    StreamableHttpError, StreamableHttpPostResponse, StreamableHttpResponseLimits,
+};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use sse_stream::{Sse, SseStream};
+
+type Error = StreamableHttpError<reqwest::Error>;
+
+const SESSION_ID: &str = "mcp-session-id";
+const JSON: &str = "application/json";
+const EVENT_STREAM: &str = "text/event-stream";
+/// Longest `Retry-After` value kept (rmcp's bound).
+const MAX_RETRY_AFTER: usize = 128;
+
+/// A Streamable HTTP client for one upstream: reqwest with the upstream's URL parsed once.
+#[derive(Clone)]
+pub(crate) struct UpstreamHttp {
+    client: reqwest::Client,
+    target: Arc<Target>,
+}
+
+struct Target {
+    /// The URL as rmcp's worker passes it on every request.
+    text: String,
+    /// `text` parsed; `None` if it does not parse (reqwest then reports it on each request,
+    /// as before).
+    url: Option<reqwest::Url>,
+}
+
+impl UpstreamHttp {
+    pub(crate) fn new(client: reqwest::Client, url: &str) -> UpstreamHttp {
+        UpstreamHttp {
+            client,
+            target: Arc::new(Target {
+                text: url.to_owned(),
+                url: reqwest::Url::parse(url).ok(),
+            }),
+        }
+    }
+
+    fn post(&self, uri: &str) -> reqwest::RequestBuilder {
+        match &self.target.url {
+            Some(url) if uri == self.target.text => self.client.post(url.clone()),
+            _ => self.client.post(uri),
+        }
+    }
+}
+
+/// The result type a request's answer is decoded as, when it is one of the calls Haven
+/// forwards on its hot path.
+#[derive(Clone, Copy)]
+enum Expect {
+    CallTool,
+    ReadResource,
+    GetPrompt,
+    /// Not a forwarded call: rmcp's client sends it.
+    Other,
+}
+
+impl Expect {
+    fn of(message: &ClientJsonRpcMessage) -> Expect {
+        match message {
+            JsonRpcMessage::Request(r) => match &r.request {
+                ClientRequest::CallToolRequest(_) => Expect::CallTool,
+                ClientRequest::ReadResourceRequest(_) => Expect::ReadResource,
+                ClientRequest::GetPromptRequest(_) => Expect::GetPrompt,
+                _ => Expect::Other,
+            },
+            _ => Expect::Other,
+        }
+    }
+}
+
+/// A JSON-RPC response whose result is of type `R`.
+#[derive(Deserialize)]
+struct Typed<R> {
+    jsonrpc: JsonRpcVersion2_0,
+    id: RequestId,
+    result: R,
+}
+
+fn typed<R: DeserializeOwned>(
+    body: &[u8],
+    wrap: fn(R) -> ServerResult,
+) -> Option<ServerJsonRpcMessage> {
+    let t: Typed<R> = serde_json::from_slice(body).ok()?;
+    Some(JsonRpcMessage::Response(JsonRpcResponse {
+        jsonrpc: t.jsonrpc,
+        id: t.id,
+        result: wrap(t.result),
+    }))
+}
+
+/// Decodes a JSON answer: as the result `expect` names if it is one, else as any message.
+fn decode(body: &[u8], expect: Expect) -> Result<ServerJsonRpcMessage, serde_json::Error> {
+    let fast = match expect {
+        Expect::CallTool => typed::<CallToolResult>(body, ServerResult::CallToolResult),
+        Expect::ReadResource => typed::<ReadResourceResult>(body, ServerResult::ReadResourceResult),
+        Expect::GetPrompt => typed::<GetPromptResult>(body, ServerResult::GetPromptResult),
+        Expect::Other => None,
+    };
+    match fast {
+        Some(m) => Ok(m),
+        None => serde_json::from_slice(body),
+    }
+}
+
+fn media_type_is(value: Option<&HeaderValue>, expected: &str) -> bool {
+    value
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case(expected))
+}
+
+/// Reads the whole body, failing once it passes `max` bytes.
+async fn read_bounded(response: reqwest::Response, max: usize) -> Result<Vec<u8>, Error> {
+    if response.content_length().is_some_and(|n| n > max as u64) {
+        return Err(StreamableHttpError::ResponseBodyTooLarge { max_size: max });
+    }
+    let mut stream = response.bytes_stream();
+    let mut body = Vec::new();
+    while let Some(chunk) = stream.try_next().await? {
+        if chunk.len() > max - body.len() {
+            return Err(StreamableHttpError::ResponseBodyTooLarge { max_size: max });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Reads at most `max` bytes of the body, for a diagnostic.
+async fn read_prefix(response: reqwest::Response, max: usize) -> Vec<u8> {
+    let mut stream = response.bytes_stream();
+    let mut body = Vec::new();
+    while body.len() < max {
+        match stream.next().await {
+            Some(Ok(chunk)) => {
+                let n = chunk.len().min(max - body.len());
+                body.extend_from_slice(&chunk[..n]);
+            }
+            _ => break,
+        }
+    }
+    body
+}
+
+fn challenge(response: &reqwest::Response) -> Result<Option<String>, Error> {
+    match response.headers().get(WWW_AUTHENTICATE) {
+        None => Ok(None),
+        Some(v) => v.to_str().map(|s| Some(s.to_owned())).map_err(|_| {
+            StreamableHttpError::UnexpectedServerResponse(Cow::Borrowed(
+                "invalid www-authenticate header value",
+            ))
+        }),
+    }
+}
+
+/// The `scope` parameter of a `WWW-Authenticate` challenge, quoted or not.
+fn scope_of(header: &str) -> Option<String> {
+    let at = header.to_ascii_lowercase().find("scope=")? + "scope=".len();
+    let rest = &header[at..];
+    let value = match rest.strip_prefix('"') {
+        Some(quoted) => &quoted[..quoted.find('"')?],
+        None => rest.split([',', ' ']).next().unwrap_or(""),
+    };
+    (!value.is_empty()).then(|| value.to_owned())
+}
+
+impl StreamableHttpClient for UpstreamHttp {
+    type Error = reqwest::Error;
+
+    async fn post_message(
+        &self,
+        uri: Arc<str>,
+        message: ClientJsonRpcMessage,
+        session_id: Option<Arc<str>>,
+        auth_header: Option<String>,
+        custom_headers: HashMap<HeaderName, HeaderValue>,
+    ) -> Result<StreamableHttpPostResponse, Error> {
+        self.post_message_with_response_limits(
+            uri,
+            message,
+            session_id,
+            auth_header,
+            custom_headers,
+            StreamableHttpResponseLimits::default(),
+        )
+        .await
+    }
+
+    async fn post_message_with_response_limits(
+        &self,
+        uri: Arc<str>,
+        message: ClientJsonRpcMessage,
+        session_id: Option<Arc<str>>,
+        auth_header: Option<String>,
+        custom_headers: HashMap<HeaderName, HeaderValue>,
+        limits: StreamableHttpResponseLimits,
+    ) -> Result<StreamableHttpPostResponse, Error> {
+        let expect = Expect::of(&message);
+        if let Expect::Other = expect {
+            return self
+                .client
+                .post_message_with_response_limits(
+                    uri,
+                    message,
+                    session_id,
+                    auth_header,
+                    custom_headers,
+                    limits,
+                )
+                .await;
+        }
+        let body = serde_json::to_vec(&message).map_err(|e| {
+            StreamableHttpError::UnexpectedServerResponse(Cow::Owned(format!(
+                "cannot encode the request: {e}"
+            )))
+        })?;
+        let mut request = self
+            .post(&uri)
+            .header(ACCEPT, "text/event-stream, application/json")
+            .header(CONTENT_TYPE, JSON);
+        if let Some(token) = auth_header {
+            request = request.bearer_auth(token);
+        }
+        for (name, value) in custom_headers {
+            // The headers rmcp's worker sets itself may not be configured (rmcp's rule);
+            // the protocol version is the worker's own, passed this way.
+            let n = name.as_str();
+            if n == "accept" || n == SESSION_ID || n == "last-event-id" {
+                return Err(StreamableHttpError::ReservedHeaderConflict(n.to_owned()));
+            }
+            request = request.header(name, value);
+        }
+        let with_session = session_id.is_some();
+        if let Some(id) = session_id {
+            request = request.header(SESSION_ID, id.as_ref());
+        }
+        let response = request.body(body).send().await?;
+        let status = response.status();
+
+        if status == StatusCode::UNAUTHORIZED
+            && let Some(header) = challenge(&response)?
+        {
+            return Err(StreamableHttpError::AuthRequired(AuthRequiredError::new(
+                header,
+            )));
+        }
+        if status == StatusCode::FORBIDDEN
+            && let Some(header) = challenge(&response)?
+        {
+            let scope = scope_of(&header);
+            return Err(StreamableHttpError::InsufficientScope(
+                InsufficientScopeError::new(header, scope),
+            ));
+        }
+        if status == StatusCode::ACCEPTED || status == StatusCode::NO_CONTENT {
+            return Ok(StreamableHttpPostResponse::Accepted);
+        }
+        if status == StatusCode::NOT_FOUND && with_session {
+            return Err(StreamableHttpError::SessionExpired);
+        }
+        let content_type = response.headers().get(CONTENT_TYPE).cloned();
+        let is_json = media_type_is(content_type.as_ref(), JSON);
+        let new_session = response
+            .headers()
+            .get(SESSION_ID)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        if !status.is_success() {
+            return failed(response, status, is_json, new_session, &limits).await;
+        }
+        if media_type_is(content_type.as_ref(), EVENT_STREAM) {
+            let events = bounded_events(response, limits.max_sse_event_size);
+            return Ok(StreamableHttpPostResponse::Sse(events, new_session));
+        }
+        if is_json {
+            let body = read_bounded(response, limits.max_json_response_size).await?;
+            return match decode(&body, expect) {
+                Ok(m) => Ok(StreamableHttpPostResponse::Json(m, new_session)),
+                Err(e) => Err(StreamableHttpError::UnexpectedServerResponse(Cow::Owned(
+                    format!("the answer is not a JSON-RPC message: {e}"),
+                ))),
+            };
+        }
+        Err(StreamableHttpError::UnexpectedContentType(
+            content_type.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+        ))
+    }
+
+    async fn delete_session(
+        &self,
+        uri: Arc<str>,
+        session_id: Arc<str>,
+        auth_header: Option<String>,
+        custom_headers: HashMap<HeaderName, HeaderValue>,
+    ) -> Result<(), Error> {
+        self.client
+            .delete_session(uri, session_id, auth_header, custom_headers)
+            .await
+    }
+
+    async fn get_stream(
+        &self,
+        uri: Arc<str>,
+        session_id: Option<Arc<str>>,
+        last_event_id: Option<String>,
+        auth_header: Option<String>,
+        custom_headers: HashMap<HeaderName, HeaderValue>,
+    ) -> Result<futures::stream::BoxStream<'static, Result<Sse, SseError>>, Error> {
+        self.client
+            .get_stream(uri, session_id, last_event_id, auth_header, custom_headers)
+            .await
+    }
+
+    async fn get_stream_with_max_sse_event_size(
+        &self,
+        uri: Arc<str>,
+        session_id: Option<Arc<str>>,
+        last_event_id: Option<String>,
+        auth_header: Option<String>,
+        custom_headers: HashMap<HeaderName, HeaderValue>,
+        max_sse_event_size: usize,
+    ) -> Result<futures::stream::BoxStream<'static, Result<Sse, SseError>>, Error> {
+        self.client
+            .get_stream_with_max_sse_event_size(
+                uri,
+                session_id,
+                last_event_id,
+                auth_header,
+                custom_headers,
+                max_sse_event_size,
+            )
+            .await
+    }
+}
+
+/// A non-success answer: its JSON-RPC error if it carries one (an answer, not a failure),
+/// else an HTTP failure (429, 5xx) or the status with the start of the body.
+async fn failed(
+    response: reqwest::Response,
+    status: StatusCode,
+    is_json: bool,
+    session: Option<String>,
+    limits: &StreamableHttpResponseLimits,
+) -> Result<StreamableHttpPostResponse, Error> {
+    let http_failure =
+        (status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()).then(|| {
+            let retry_after = response
+                .headers()
+                .get(RETRY_AFTER)
+                .filter(|v| v.as_bytes().len() <= MAX_RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            HttpStatusError::new(status.as_u16(), retry_after)
+        });
+    let auth = status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN;
+    if !is_json || auth || status == StatusCode::TOO_MANY_REQUESTS {
+        if let Some(e) = http_failure {
+            return Err(StreamableHttpError::HttpStatus(e));
+        }
+        let body = read_prefix(response, limits.max_error_response_size).await;
+        return Err(unexpected(status, &body));
+    }
+    let body = match read_bounded(response, limits.max_json_response_size).await {
+        Ok(body) => body,
+        Err(e @ StreamableHttpError::ResponseBodyTooLarge { .. }) => {
+            return Err(http_failure
+                .map(StreamableHttpError::HttpStatus)
+                .unwrap_or(e));
+        }
+        Err(e) => return Err(e),
+    };
+    if let Ok(m @ JsonRpcMessage::Error(_)) = serde_json::from_slice::<ServerJsonRpcMessage>(&body)
+    {
+        return Ok(StreamableHttpPostResponse::Json(m, session));
+    }
+    if let Some(e) = http_failure {
+        return Err(StreamableHttpError::HttpStatus(e));
+    }
+    let end = body.len().min(limits.max_error_response_size);
+    Err(unexpected(status, &body[..end]))
+}
+
+fn unexpected(status: StatusCode, body: &[u8]) -> Error {
+    StreamableHttpError::UnexpectedServerResponse(Cow::Owned(format!(
+        "HTTP {status}: {}",
+        String::from_utf8_lossy(body)
+    )))
+}
+
+/// An SSE answer's events, failing once one event passes `max` bytes (counted as they arrive,
+/// before the event is parsed).
+fn bounded_events(
+    response: reqwest::Response,
+    max: usize,
+) -> futures::stream::BoxStream<'static, Result<Sse, SseError>> {
+    let bytes = Bounded {
+        inner: response.bytes_stream().boxed(),
+        max,
+        event: 0,
+        line: 0,
+        after_cr: false,
+        failed: false,
+    };
+    SseStream::from_bytes_stream(bytes).boxed()
+}
+
+/// A byte stream that fails once an SSE event in it passes `max` bytes. An event ends at an
+/// empty line; a line ends at `\n`, `\r` or `\r\n`.
+struct Bounded {
+    inner: futures::stream::BoxStream<'static, reqwest::Result<Bytes>>,
+    max: usize,
+    /// Bytes of the event so far.
+    event: usize,
+    /// Bytes of the line so far.
+    line: usize,
+    /// The last byte was `\r` (a `\n` right after it ends no further line).
+    after_cr: bool,
+    failed: bool,
+}
+
+impl Bounded {
+    /// Counts `chunk`; false once an event passes the bound.
+    fn admit(&mut self, chunk: &[u8]) -> bool {
+        for &b in chunk {
+            let crlf = self.after_cr && b == b'\n';
+            self.after_cr = b == b'\r';
+            if crlf {
+                continue;
+            }
+            if b == b'\n' || b == b'\r' {
+                if self.line == 0 {
+                    self.event = 0;
+                    continue;
+                }
+                self.line = 0;
+            } else {
+                self.line += 1;
+            }
+            self.event += 1;
+            if self.event > self.max {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+impl Stream for Bounded {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.failed {
+            return Poll::Ready(None);
+        }
+        match self.inner.poll_next_unpin(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                if self.admit(&chunk) {
+                    Poll::Ready(Some(Ok(chunk)))
+                } else {
+                    self.failed = true;
+                    let max = self.max;
+                    Poll::Ready(Some(Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("an SSE event of the answer is over {max} bytes"),
+                    ))))
+                }
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(std::io::Error::other(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(max: usize, chunks: &[&[u8]]) -> bool {
+        let mut b = Bounded {
+            inner: futures::stream::empty().boxed(),
+            max,
+            event: 0,
+            line: 0,
+            after_cr: false,
+            failed: false,
+        };
+        chunks.iter().all(|c| b.admit(c))
+    }
+
+    #[test]
+    fn an_event_over_the_bound_fails_and_one_at_it_passes() {
+        // "data: ab" and its line end: 9 bytes.
+        assert!(counts(9, &[b"data: ab\n\n"]));
+        assert!(!counts(8, &[b"data: ab\n\n"]));
+        // Split across chunks, with CRLF line ends split too.
+        assert!(!counts(16, &[b"data: aaaa", b"aaaaaaa", b"aaaa"]));
+        assert!(counts(
+            12,
+            &[b"data: hello\r", b"\n\r\ndata: world\r\n\r\n"]
+        ));
+    }
+
+    #[test]
+    fn the_bound_is_per_event() {
+        let many: Vec<&[u8]> = std::iter::repeat_n(&b"data: x\n\n"[..], 100).collect();
+        assert!(counts(8, &many));
+    }
+
+    #[test]
+    fn an_answer_decodes_as_the_result_its_request_asks_for() {
+        let body =
+            br#"{"jsonrpc":"2.0","id":7,"result":{"content":[{"type":"text","text":"hi"}]}}"#;
+        let m = decode(body, Expect::CallTool).unwrap();
+        let JsonRpcMessage::Response(r) = m else {
+            panic!("not a response: {m:?}");
+        };
+        assert_eq!(r.id, RequestId::Number(7));
+        // The same as decoding it as any message.
+        let any: ServerJsonRpcMessage = serde_json::from_slice(body).unwrap();
+        let JsonRpcMessage::Response(any) = any else {
+            panic!("not a response: {any:?}");
+        };
+        assert_eq!(r.id, any.id);
+        let (ServerResult::CallToolResult(typed), ServerResult::CallToolResult(any)) =
+            (r.result, any.result)
+        else {
+            panic!("not tool results");
+        };
+        assert_eq!(typed, any);
+    }
+
+    #[test]
+    fn an_error_or_another_result_decodes_as_any_message() {
+        let error = br#"{"jsonrpc":"2.0","id":1,"error":{"code":-32602,"message":"no such tool"}}"#;
+        assert!(matches!(
+            decode(error, Expect::CallTool).unwrap(),
+            JsonRpcMessage::Error(_)
+        ));
+        // An empty result to a tools/call is rmcp's empty result, as before.
+        let empty = br#"{"jsonrpc":"2.0","id":1,"result":{}}"#;
+        let JsonRpcMessage::Response(r) = decode(empty, Expect::CallTool).unwrap() else {
+            panic!("not a response");
+        };
+        assert!(matches!(r.result, ServerResult::EmptyResult(_)));
+        assert!(decode(b"{", Expect::ReadResource).is_err());
+    }
+
+    #[test]
+    fn a_challenge_names_its_scope() {
+        assert_eq!(
+            scope_of(r#"Bearer error="insufficient_scope", scope="files:read files:write""#),
+            Some("files:read files:write".to_owned())
+        );
+        assert_eq!(
+            scope_of("Bearer scope=read:data, error=x"),
+            Some("read:data".to_owned())
+        );
+        assert_eq!(scope_of("Bearer realm=x"), None);
+    }
+}
