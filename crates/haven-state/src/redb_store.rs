@@ -63,6 +63,41 @@ struct RecordRow {
     revision: u64,
 }
 
+/// A [`RecordRow`] to encode, borrowing its record (the same bytes as `RecordRow`'s).
+#[derive(serde::Serialize)]
+struct RecordRowRef<'a> {
+    record: &'a Record,
+    revision: u64,
+}
+
+/// A [`RecordRow`] read without copying anything out of it, for its revision: the same
+/// fields, borrowed from the stored bytes (postcard encodes fields in order, without names).
+#[derive(serde::Deserialize)]
+struct RowView<'a> {
+    #[serde(borrow)]
+    _record: RecordView<'a>,
+    revision: u64,
+}
+
+/// [`Record`]'s fields, borrowed.
+#[derive(serde::Deserialize)]
+struct RecordView<'a> {
+    _namespace: &'a str,
+    _key: &'a str,
+    _hlc: u64,
+    _region: &'a str,
+    _node: &'a str,
+    _value: Option<&'a [u8]>,
+    _expires_at_millis: Option<u64>,
+}
+
+/// The revision of a stored [`RecordRow`].
+fn row_revision(bytes: &[u8]) -> StoreResult<u64> {
+    postcard::from_bytes::<RowView<'_>>(bytes)
+        .map(|row| row.revision)
+        .map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
 /// Embedded, crash-safe store on a redb file.
 pub struct RedbStore {
     origin: Origin,
@@ -114,8 +149,10 @@ fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> StoreResult<T> {
     postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
-    postcard::to_stdvec(value).expect("serializing to a Vec cannot fail")
+/// Encodes `value` into `buf`, emptied first (so that one buffer serves a whole group).
+fn encode_into<T: serde::Serialize>(value: &T, mut buf: Vec<u8>) -> Vec<u8> {
+    buf.clear();
+    postcard::to_extend(value, buf).expect("serializing to a Vec cannot fail")
 }
 
 fn open_database(factory: &BackendFactory) -> StoreResult<Database> {
@@ -192,6 +229,7 @@ fn recover(db: &Database, wal_dir: Option<&Path>) -> StoreResult<(u64, Hlc, Opti
                 log: tx.open_table(LOG).map_err(storage_err)?,
                 trimmed,
                 newly_obsolete: Vec::new(),
+                scratch: Vec::new(),
             };
             for e in &pending {
                 if e.seq != last + 1 {
@@ -219,25 +257,26 @@ fn recover(db: &Database, wal_dir: Option<&Path>) -> StoreResult<(u64, Hlc, Opti
 /// Writes one change to the log and its view. The entry it supersedes is removed from the
 /// log at once when reclamation has already passed it.
 fn write_change(tables: &mut Tables<'_>, seq: u64, change: &Change) -> StoreResult<()> {
+    let mut buf = encode_into(change, std::mem::take(&mut tables.scratch));
     tables
         .log
-        .insert(seq, encode(change).as_slice())
+        .insert(seq, buf.as_slice())
         .map_err(storage_err)?;
     let superseded = match change {
         Change::Record(r) => {
-            let row = RecordRow {
-                record: r.clone(),
-                revision: seq,
-            };
+            buf = encode_into(
+                &RecordRowRef {
+                    record: r,
+                    revision: seq,
+                },
+                buf,
+            );
             let old = tables
                 .records
-                .insert(
-                    (r.namespace.as_str(), r.key.as_str()),
-                    encode(&row).as_slice(),
-                )
+                .insert((r.namespace.as_str(), r.key.as_str()), buf.as_slice())
                 .map_err(storage_err)?;
             match old {
-                Some(v) => Some(decode::<RecordRow>(v.value())?.revision),
+                Some(v) => Some(row_revision(v.value())?),
                 None => None,
             }
         }
@@ -247,6 +286,7 @@ fn write_change(tables: &mut Tables<'_>, seq: u64, change: &Change) -> StoreResu
             .map_err(storage_err)?
             .map(|v| v.value()),
     };
+    tables.scratch = buf;
     if let Some(old) = superseded {
         if old < tables.trimmed {
             tables.log.remove(old).map_err(storage_err)?;
@@ -711,6 +751,7 @@ impl Restorer {
                 log: tx.open_table(LOG).map_err(storage_err)?,
                 trimmed,
                 newly_obsolete: Vec::new(),
+                scratch: Vec::new(),
             };
             for e in entries {
                 if e.seq <= last {
@@ -1216,6 +1257,7 @@ impl Writer {
                 log: tx.open_table(LOG).map_err(storage_err)?,
                 trimmed,
                 newly_obsolete: Vec::new(),
+                scratch: Vec::new(),
             };
             for req in group {
                 results.push(self.apply_batch(
@@ -1286,19 +1328,20 @@ impl Writer {
         };
         *merged_hlc = (*merged_hlc).max(plan.merged_hlc);
         let first = *last_seq + 1;
+        let outcomes = plan.outcomes(first);
         let mut entries = Vec::with_capacity(plan.writes.len());
-        for w in plan.writes.iter() {
+        for w in plan.writes {
             *last_seq += 1;
             write_change(tables, *last_seq, &w.change)?;
             entries.push(Arc::new(LogEntry {
                 seq: *last_seq,
-                change: w.change.clone(),
+                change: w.change,
             }));
         }
         Ok(Ok((
             Commit {
                 last_seq: *last_seq,
-                outcomes: plan.outcomes(first),
+                outcomes,
             },
             entries,
         )))
@@ -1315,6 +1358,8 @@ struct Tables<'txn> {
     /// Entries this transaction superseded that stay in the log for now (reclamation
     /// removes them once every reader is past them).
     newly_obsolete: Vec<u64>,
+    /// Where the values written are encoded, reused from one write to the next.
+    scratch: Vec<u8>,
 }
 
 impl crate::plan::StateRead for Tables<'_> {
@@ -1384,5 +1429,52 @@ fn clone_err(e: &StoreError) -> StoreError {
             expected: expected.clone(),
             found: found.clone(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Hlc;
+    use crate::record::{Origin, Version};
+
+    fn row(value: Option<Vec<u8>>, expires_at_millis: Option<u64>) -> RecordRow {
+        RecordRow {
+            record: Record {
+                namespace: "notes".into(),
+                key: "a/ключ".into(),
+                version: Version {
+                    hlc: Hlc(u64::MAX - 7),
+                    origin: Origin {
+                        region: "eu-west".into(),
+                        node: "node-1".into(),
+                    },
+                },
+                value,
+                expires_at_millis,
+            },
+            revision: 1 << 40,
+        }
+    }
+
+    #[test]
+    fn a_row_encoded_from_a_borrowed_record_is_the_row_and_its_revision_reads_back() {
+        for r in [
+            row(Some(b"value".repeat(100)), Some(12_345)),
+            row(None, None),
+            row(Some(Vec::new()), None),
+        ] {
+            let owned = postcard::to_stdvec(&r).unwrap();
+            let borrowed = encode_into(
+                &RecordRowRef {
+                    record: &r.record,
+                    revision: r.revision,
+                },
+                vec![1, 2, 3],
+            );
+            assert_eq!(owned, borrowed);
+            assert_eq!(row_revision(&owned).unwrap(), r.revision);
+        }
+        assert!(matches!(row_revision(&[0xff]), Err(StoreError::Corrupt(_))));
     }
 }

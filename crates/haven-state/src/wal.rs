@@ -203,10 +203,14 @@ impl Wal {
         }
         let mut buf = Vec::with_capacity(entries.len() * 128);
         for e in entries {
-            let payload = postcard::to_stdvec(e.as_ref()).expect("log entries serialize");
-            buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-            buf.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-            buf.extend_from_slice(&payload);
+            // Each entry: its length, its CRC, then its bytes, encoded in place.
+            let start = buf.len();
+            buf.extend_from_slice(&[0; 8]);
+            buf = postcard::to_extend(e.as_ref(), buf).expect("log entries serialize");
+            let payload = &buf[start + 8..];
+            let (len, crc) = (payload.len() as u32, crc32fast::hash(payload));
+            buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
+            buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
         }
         let end = self.len + buf.len() as u64;
         if end > self.written {
