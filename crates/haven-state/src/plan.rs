@@ -6,7 +6,7 @@
 //! expects of its key or stream (for backends whose log checks preconditions itself, such as
 //! JetStream), and the outcome each operation reports once the changes have sequences.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::clock::{Hlc, HybridClock};
 use crate::record::{Change, Origin, Record, StoredRecord, StreamEvent, Version};
@@ -228,17 +228,14 @@ pub(crate) fn plan(
     check_preconditions(state, batch, now)?;
     let mut plan = Plan::default();
     let conditional = conditional_keys(batch);
-    // What earlier operations of this batch wrote, so that later ones build on it.
-    let mut records: HashMap<(String, String), Record> = HashMap::new();
-    let mut heads: HashMap<String, u64> = HashMap::new();
-    let mut events: HashMap<(String, u64), StreamEvent> = HashMap::new();
+    // What earlier operations of this batch wrote (positions in `plan.writes`), so that later
+    // ones build on it. Keys are borrowed from the batch: planning copies only what it writes.
+    let mut records: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut heads: HashMap<&str, u64> = HashMap::new();
+    let mut events: HashMap<(&str, u64), usize> = HashMap::new();
     // Keys and streams this batch already wrote: only the first write carries `expected`.
-    let mut touched: HashMap<(bool, String, String), ()> = HashMap::new();
-    let mut first_touch = |is_stream: bool, a: &str, b: &str| {
-        touched
-            .insert((is_stream, a.to_owned(), b.to_owned()), ())
-            .is_none()
-    };
+    let mut touched: HashSet<(bool, &str, &str)> = HashSet::new();
+    let mut first_touch = |is_stream: bool, a, b| touched.insert((is_stream, a, b));
     for op in &batch.ops {
         match op {
             Op::Put { namespace, key, .. } | Op::Delete { namespace, key, .. } => {
@@ -251,12 +248,12 @@ pub(crate) fn plan(
                 } else {
                     None
                 };
-                records.insert((namespace.clone(), key.clone()), record.clone());
+                records.insert((namespace, key), plan.writes.len());
                 plan.push(Change::Record(record), expected, Kind::Written);
             }
             Op::Append { stream, data } => {
                 let (last_index, last_seq) = state.stream_head(stream)?;
-                let next = heads.entry(stream.clone()).or_insert(last_index);
+                let next = heads.entry(stream).or_insert(last_index);
                 *next += 1;
                 let event = StreamEvent {
                     stream: stream.clone(),
@@ -269,44 +266,52 @@ pub(crate) fn plan(
                 };
                 let expected = first_touch(true, stream, "").then_some(last_seq);
                 let (index, hlc) = (*next, event.version.hlc);
-                events.insert((stream.clone(), index), event.clone());
+                events.insert((stream, index), plan.writes.len());
                 plan.push(Change::Event(event), expected, Kind::Appended(index, hlc));
             }
             Op::Merge(r) => {
                 clock.observe(r.version.hlc);
                 plan.merged_hlc = plan.merged_hlc.max(r.version.hlc.0);
-                let k = (r.namespace.clone(), r.key.clone());
+                let k = (r.namespace.as_str(), r.key.as_str());
                 let stored = state.record(&r.namespace, &r.key)?;
-                let current = records
-                    .get(&k)
-                    .cloned()
-                    .or_else(|| stored.as_ref().map(|s| s.record.clone()));
-                if current.is_some_and(|c| !r.supersedes(&c)) {
+                let current = match records.get(&k) {
+                    Some(&at) => match &plan.writes[at].change {
+                        Change::Record(c) => Some(c),
+                        Change::Event(_) => None,
+                    },
+                    None => stored.as_ref().map(|s| &s.record),
+                };
+                if current.is_some_and(|c| !r.supersedes(c)) {
                     plan.outcomes.push(None);
                     continue;
                 }
                 let expected = first_touch(false, &r.namespace, &r.key)
                     .then(|| stored.map_or(0, |s| s.revision));
-                records.insert(k, r.clone());
+                records.insert(k, plan.writes.len());
                 plan.push(Change::Record(r.clone()), expected, Kind::Written);
             }
             Op::MergeEvent(e) => {
                 clock.observe(e.version.hlc);
                 plan.merged_hlc = plan.merged_hlc.max(e.version.hlc.0);
-                let k = (e.stream.clone(), e.index);
-                let current = match events.get(&k) {
-                    Some(c) => Some(c.clone()),
-                    None => state.event(&e.stream, e.index)?,
+                let k = (e.stream.as_str(), e.index);
+                let superseded = match events.get(&k) {
+                    Some(&at) => match &plan.writes[at].change {
+                        Change::Event(c) => !e.supersedes(c),
+                        Change::Record(_) => false,
+                    },
+                    None => state
+                        .event(&e.stream, e.index)?
+                        .is_some_and(|c| !e.supersedes(&c)),
                 };
-                if current.is_some_and(|c| !e.supersedes(&c)) {
+                if superseded {
                     plan.outcomes.push(None);
                     continue;
                 }
                 let (last_index, last_seq) = state.stream_head(&e.stream)?;
-                let head = heads.entry(e.stream.clone()).or_insert(last_index);
+                let head = heads.entry(&e.stream).or_insert(last_index);
                 *head = (*head).max(e.index);
                 let expected = first_touch(true, &e.stream, "").then_some(last_seq);
-                events.insert(k, e.clone());
+                events.insert(k, plan.writes.len());
                 plan.push(
                     Change::Event(e.clone()),
                     expected,
