@@ -31,24 +31,24 @@ use http::header::{ACCEPT, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderName, HeaderValue, StatusCode};
 use rmcp::model::{
     CallToolResult, ClientJsonRpcMessage, ClientRequest, GetPromptResult, JsonRpcMessage,
-    JsonRpcResponse, JsonRpcVersion2_0, ReadResourceResult, RequestId, ServerJsonRpcMessage,
-    ServerResult,
+    JsonRpcResponse, ReadResourceResult, ServerJsonRpcMessage, ServerResult,
+};
+use rmcp::transport::common::http_header::{
+    EVENT_STREAM_MIME_TYPE, HEADER_LAST_EVENT_ID, HEADER_SESSION_ID, JSON_MIME_TYPE,
 };
 use rmcp::transport::streamable_http_client::{
     AuthRequiredError, HttpStatusError, InsufficientScopeError, SseError, StreamableHttpClient,
     StreamableHttpError, StreamableHttpPostResponse, StreamableHttpResponseLimits,
 };
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use sse_stream::{Sse, SseStream};
 
 type Error = StreamableHttpError<reqwest::Error>;
 
-const SESSION_ID: &str = "mcp-session-id";
-const JSON: &str = "application/json";
-const EVENT_STREAM: &str = "text/event-stream";
 /// Longest `Retry-After` value kept (rmcp's bound).
 const MAX_RETRY_AFTER: usize = 128;
+/// What a forwarded call accepts as its answer (the Streamable HTTP transport's rule).
+const ACCEPTED_TYPES: &str = "text/event-stream, application/json";
 
 /// A Streamable HTTP client for one upstream: reqwest with the upstream's URL parsed once.
 #[derive(Clone)]
@@ -109,19 +109,11 @@ impl Expect {
     }
 }
 
-/// A JSON-RPC response whose result is of type `R`.
-#[derive(Deserialize)]
-struct Typed<R> {
-    jsonrpc: JsonRpcVersion2_0,
-    id: RequestId,
-    result: R,
-}
-
 fn typed<R: DeserializeOwned>(
     body: &[u8],
     wrap: fn(R) -> ServerResult,
 ) -> Option<ServerJsonRpcMessage> {
-    let t: Typed<R> = serde_json::from_slice(body).ok()?;
+    let t: JsonRpcResponse<R> = serde_json::from_slice(body).ok()?;
     Some(JsonRpcMessage::Response(JsonRpcResponse {
         jsonrpc: t.jsonrpc,
         id: t.id,
@@ -256,8 +248,8 @@ impl StreamableHttpClient for UpstreamHttp {
         })?;
         let mut request = self
             .post(&uri)
-            .header(ACCEPT, "text/event-stream, application/json")
-            .header(CONTENT_TYPE, JSON);
+            .header(ACCEPT, ACCEPTED_TYPES)
+            .header(CONTENT_TYPE, JSON_MIME_TYPE);
         if let Some(token) = auth_header {
             request = request.bearer_auth(token);
         }
@@ -265,14 +257,17 @@ impl StreamableHttpClient for UpstreamHttp {
             // The headers rmcp's worker sets itself may not be configured (rmcp's rule);
             // the protocol version is the worker's own, passed this way.
             let n = name.as_str();
-            if n == "accept" || n == SESSION_ID || n == "last-event-id" {
+            if [ACCEPT.as_str(), HEADER_SESSION_ID, HEADER_LAST_EVENT_ID]
+                .iter()
+                .any(|reserved| n.eq_ignore_ascii_case(reserved))
+            {
                 return Err(StreamableHttpError::ReservedHeaderConflict(n.to_owned()));
             }
             request = request.header(name, value);
         }
         let with_session = session_id.is_some();
         if let Some(id) = session_id {
-            request = request.header(SESSION_ID, id.as_ref());
+            request = request.header(HEADER_SESSION_ID, id.as_ref());
         }
         let response = request.body(body).send().await?;
         let status = response.status();
@@ -299,16 +294,16 @@ impl StreamableHttpClient for UpstreamHttp {
             return Err(StreamableHttpError::SessionExpired);
         }
         let content_type = response.headers().get(CONTENT_TYPE).cloned();
-        let is_json = media_type_is(content_type.as_ref(), JSON);
+        let is_json = media_type_is(content_type.as_ref(), JSON_MIME_TYPE);
         let new_session = response
             .headers()
-            .get(SESSION_ID)
+            .get(HEADER_SESSION_ID)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         if !status.is_success() {
             return failed(response, status, is_json, new_session, &limits).await;
         }
-        if media_type_is(content_type.as_ref(), EVENT_STREAM) {
+        if media_type_is(content_type.as_ref(), EVENT_STREAM_MIME_TYPE) {
             let events = bounded_events(response, limits.max_sse_event_size);
             return Ok(StreamableHttpPostResponse::Sse(events, new_session));
         }
@@ -515,6 +510,7 @@ impl Stream for Bounded {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rmcp::model::RequestId;
 
     fn counts(max: usize, chunks: &[&[u8]]) -> bool {
         let mut b = Bounded {
