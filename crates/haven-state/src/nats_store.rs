@@ -251,6 +251,40 @@ const PURGES_IN_FLIGHT: usize = 8;
 /// messages takes seconds, well past a client's default request timeout.
 const REMOVAL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A stream name that no stream has (`.` is not allowed in one).
+const NO_STREAM: &str = "haven.start-up.probe";
+
+/// Whether the region's stream answers a publish sent through `client`: a publish on one of
+/// its subjects that expects another stream's name, which the stream's leader refuses before
+/// proposing it (`expected stream does not match`, 10060), so that nothing is stored. That
+/// answer proves that publishes reach the leader; "no responders" or silence does not.
+async fn stream_answers(
+    client: &async_nats::Client,
+    prefix: &str,
+    stream_name: &str,
+) -> Result<(), String> {
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Expected-Stream", NO_STREAM);
+    let request = async_nats::Request::new()
+        .headers(headers)
+        .payload(bytes::Bytes::new())
+        .timeout(Some(Duration::from_secs(2)));
+    let reply = client
+        .send_request(format!("{prefix}.probe"), request)
+        .await
+        .map_err(|e| format!("probing stream {stream_name}: {e}"))?;
+    // 10060: the refusal the probe asks for. Any other answer (a stream that is offline, for
+    // one) is not yet an answering stream.
+    let v: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
+    match v.pointer("/error/err_code").and_then(|c| c.as_u64()) {
+        Some(10060) => Ok(()),
+        _ => Err(format!(
+            "probing stream {stream_name}: an answer that is not the stream's: {}",
+            String::from_utf8_lossy(&reply.payload)
+        )),
+    }
+}
+
 /// The JetStream backend: a [`ReplicatedStore`] on the region's stream.
 pub type NatsStore = ReplicatedStore<JetStreamLog>;
 
@@ -363,6 +397,18 @@ impl JetStreamLog {
                 tracing::warn!(stream = %stream_name, "the change-log stream has no leader yet; writes are refused until it has one");
                 break;
             }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // A leader named in the stream's info does not yet mean that publishes reach it: the
+        // server this node is connected to may not yet know the stream's subjects' interest
+        // across the cluster, and answers "no responders" at once. Wait (bounded) until the
+        // stream answers a publish through this connection.
+        while let Err(e) = stream_answers(&client, &prefix, &stream_name).await {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(stream = %stream_name, error = %e, "the change-log stream does not answer publishes yet; writes are refused until it does");
+                break;
+            }
+            tracing::debug!(error = %e, "waiting for the change-log stream to answer");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Ok(JetStreamLog {

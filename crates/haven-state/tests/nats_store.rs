@@ -226,6 +226,50 @@ async fn compare_and_set_across_nodes_loses_no_update() {
     }
 }
 
+/// Nodes of a new region that start together, each on its own server, write as soon as
+/// their stores are open: the start-up wait lasts until the new stream answers publishes
+/// through each node's own connection, not only until its info names a leader (a server may
+/// learn of the stream's subjects later, and answer "no responders" meanwhile). The wait's
+/// probe stores nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "JetStream: runs in the nats stage (scripts/on-nats)"]
+async fn a_new_regions_nodes_write_as_soon_as_their_stores_are_open() {
+    let cluster = NatsCluster::start().await;
+    for round in 0..6 {
+        let region = format!("fresh-{round}");
+        let opened = futures::future::join_all((0..3).map(|i| {
+            let region = region.clone();
+            let cluster = &cluster;
+            async move {
+                let config = NatsConfig {
+                    servers: vec![cluster.url(i)],
+                    region: region.clone(),
+                    replicas: 3,
+                    tls: Default::default(),
+                };
+                let s = NatsStore::open(
+                    &config,
+                    Origin::new(region.as_str(), format!("n{i}")),
+                    Arc::new(HybridClock::default()),
+                )
+                .await
+                .unwrap();
+                s.commit(Batch::new().put("first", &format!("n{i}"), b"x".to_vec()))
+                    .await
+                    .unwrap_or_else(|e| panic!("round {round}, node {i}: first write: {e}"));
+                s
+            }
+        }))
+        .await;
+        assert_eq!(
+            stream_messages(&cluster, &region).await,
+            3,
+            "round {round}: the three writes, and nothing else"
+        );
+        drop(opened);
+    }
+}
+
 /// A store of node `node` on server `i`, in region `region`, whose wall clock is `wall`.
 async fn store_at(
     cluster: &NatsCluster,
