@@ -21,11 +21,7 @@ impl Drop for Reference {
 }
 
 async fn start(mode: &str, response: &str) -> Reference {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = haven_testkit::free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_rmcp-reference"))
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--mode", mode, "--response", response, "--threads", "1"])

@@ -519,9 +519,7 @@ async fn run_round(
 }
 
 fn start_server(spec: &ServerSpec, log: &Path, data: &Path) -> anyhow::Result<Server> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = haven_testkit::free_port();
     let addr = format!("127.0.0.1:{port}");
     let args: Vec<String> = spec
         .args

@@ -20,6 +20,7 @@ pub mod link;
 pub mod load;
 pub mod local;
 pub mod overload;
+pub mod ports;
 pub mod report;
 pub mod run;
 pub mod scenario;

@@ -4,7 +4,6 @@
 //! Every process is stopped when the deployment is dropped; its directory (configuration,
 //! data and every process's log) is removed too unless it was asked to be kept.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -139,20 +138,10 @@ fn stop_child(child: &mut Option<Child>) {
     }
 }
 
-/// Ports the operating system hands out on loopback (bound and released at once).
+/// Free loopback ports for the deployment's processes (see [`crate::ports`]).
 fn free_ports(n: usize) -> Result<Vec<u16>, DrillError> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<_, _>>()
-        .map_err(|e| DrillError::Deployment(format!("no free port on loopback: {e}")))?;
-    listeners
-        .iter()
-        .map(|l| {
-            l.local_addr()
-                .map(|a| a.port())
-                .map_err(|e| DrillError::Deployment(e.to_string()))
-        })
-        .collect()
+    crate::ports::free_ports(n)
+        .map_err(|e| DrillError::Deployment(format!("no free port on loopback: {e}")))
 }
 
 fn log_file(path: &Path) -> Result<std::fs::File, DrillError> {

@@ -28,16 +28,11 @@ pub fn free_port() -> u16 {
     free_ports(1)[0]
 }
 
-/// `n` distinct free ports on loopback (their listeners are all held until every port is
-/// chosen, so the system cannot hand one out twice).
+/// `n` distinct free ports on loopback, outside the system's ephemeral range, so that no
+/// connection takes one before the process it is meant for binds it (see
+/// [`haven_drill::ports`]).
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
+    haven_drill::ports::free_ports(n).expect("free loopback ports")
 }
 
 /// A redb store in `dir`, of node `n1` in region `r1`, on the system clock.

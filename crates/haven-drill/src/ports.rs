@@ -1,0 +1,119 @@
+//! Loopback ports for the processes a local deployment (or a test) starts.
+//!
+//! A port the system hands out for a bind to port 0 comes from its ephemeral range, the range
+//! it also takes the local port of every outgoing connection from. Between choosing such a
+//! port (bound, then released for the child) and the child binding it, any connection made on
+//! the machine may take it, and the child fails with "address already in use". So ports are
+//! chosen below that range, where the system never picks one by itself: at random, each
+//! checked by binding it, and none handed out twice by one process.
+
+use std::collections::HashSet;
+use std::net::TcpListener;
+use std::sync::Mutex;
+
+/// The lowest port chosen.
+const LOWEST: u16 = 10_000;
+
+/// Fewer ports than this between [`LOWEST`] and the ephemeral range: choose above it, or let
+/// the system choose.
+const ENOUGH: u16 = 2_000;
+
+/// Ports this process has handed out.
+static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+
+/// The system's ephemeral port range (Linux's default when it cannot be read).
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|p| p.parse::<u16>());
+            match (it.next(), it.next()) {
+                (Some(Ok(lo)), Some(Ok(hi))) if lo <= hi => Some((lo, hi)),
+                _ => None,
+            }
+        })
+        .unwrap_or((32_768, 60_999))
+}
+
+/// Where to choose from: below the ephemeral range, or above it; `None` when neither leaves
+/// [`ENOUGH`] ports.
+fn choice_range((lo, hi): (u16, u16)) -> Option<(u16, u16)> {
+    if lo >= LOWEST.saturating_add(ENOUGH) {
+        Some((LOWEST, lo - 1))
+    } else if u16::MAX - hi >= ENOUGH {
+        Some((hi + 1, u16::MAX))
+    } else {
+        None
+    }
+}
+
+/// `n` distinct free ports on 127.0.0.1, outside the system's ephemeral range where it leaves
+/// room, never one this process handed out before. Each is checked by binding it; the
+/// listeners are all held until every port is chosen.
+pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
+    let Some((from, to)) = choice_range(ephemeral_range()) else {
+        return system_ports(n);
+    };
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let given = given.get_or_insert_with(HashSet::new);
+    // A long-lived process forgets the oldest choices once half the range is handed out.
+    if given.len() + n > usize::from(to - from) / 2 {
+        given.clear();
+    }
+    let mut held = Vec::with_capacity(n);
+    let mut tries = 0;
+    while held.len() < n {
+        tries += 1;
+        if tries > 100 * n + 1_000 {
+            return system_ports(n);
+        }
+        let port = rand::random_range(from..=to);
+        if given.contains(&port) {
+            continue;
+        }
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+            given.insert(port);
+            held.push((port, l));
+        }
+    }
+    Ok(held.into_iter().map(|(p, _)| p).collect())
+}
+
+/// `n` distinct ports the system chooses (its ephemeral range).
+fn system_ports(n: usize) -> std::io::Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_come_from_below_the_ephemeral_range_and_are_never_given_twice() {
+        let (lo, hi) = ephemeral_range();
+        let mut seen = HashSet::new();
+        for _ in 0..50 {
+            for p in free_ports(6).unwrap() {
+                assert!(seen.insert(p), "port {p} handed out twice");
+                if choice_range((lo, hi)).is_some() {
+                    assert!(!(lo..=hi).contains(&p), "{p} is in {lo}-{hi}");
+                }
+                // Free to bind.
+                TcpListener::bind(("127.0.0.1", p)).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn the_choice_avoids_the_ephemeral_range_or_leaves_it_to_the_system() {
+        assert_eq!(choice_range((32_768, 60_999)), Some((10_000, 32_767)));
+        assert_eq!(choice_range((1_024, 60_000)), Some((60_001, 65_535)));
+        assert_eq!(choice_range((1_024, 65_000)), None);
+    }
+}
