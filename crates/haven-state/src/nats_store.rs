@@ -254,15 +254,52 @@ const REMOVAL_TIMEOUT: Duration = Duration::from_secs(30);
 /// A stream name that no stream has (`.` is not allowed in one).
 const NO_STREAM: &str = "haven.start-up.probe";
 
-/// Whether the region's stream answers a publish sent through `client`: a publish on one of
-/// its subjects that expects another stream's name, which the stream's leader refuses before
-/// proposing it (`expected stream does not match`, 10060), so that nothing is stored. That
-/// answer proves that publishes reach the leader; "no responders" or silence does not.
+/// What a probe of the stream (see [`stream_answers`]) heard.
+#[derive(Debug, PartialEq)]
+enum ProbeReply {
+    /// The stream answered, refusing the probe: publishes through this connection reach it.
+    Refused,
+    /// The stream answered with another error than the one asked for (a limit reached, a
+    /// sealed stream): it answers, and says what is wrong, which writes will say too.
+    OtherError(String),
+    /// The stream stored the probe (no server that Haven supports does): it answers.
+    Stored(u64),
+    /// Something else answered: not the stream.
+    NotTheStream(String),
+}
+
+/// Reads the answer to a probe of `stream_name`.
+fn probe_reply(payload: &[u8], stream_name: &str) -> ProbeReply {
+    let v: serde_json::Value = serde_json::from_slice(payload).unwrap_or_default();
+    let said = || String::from_utf8_lossy(payload).into_owned();
+    // A stream's answer names it (a refusal may not).
+    let stream = v.get("stream").and_then(|s| s.as_str());
+    if stream.is_some_and(|s| s != stream_name) {
+        return ProbeReply::NotTheStream(said());
+    }
+    let code = v.pointer("/error/err_code").and_then(|c| c.as_u64());
+    match (code, v.get("seq").and_then(|s| s.as_u64())) {
+        (Some(10060), _) => ProbeReply::Refused,
+        (Some(_), _) => ProbeReply::OtherError(said()),
+        (None, Some(seq)) if stream.is_some() => ProbeReply::Stored(seq),
+        _ => ProbeReply::NotTheStream(said()),
+    }
+}
+
+/// Whether the region's stream answers a publish sent through `client`. The probe is a
+/// publish on a key subject of the stream (one that writes use, so that a user allowed to
+/// write may send it) that expects another stream's name: the stream's leader refuses it
+/// before proposing it (`expected stream does not match`, 10060), so that nothing is stored.
+/// Any answer of the stream proves that publishes reach its leader; "no responders" does not.
+///
+/// Only a clustered stream's leader subscribes to the stream's subjects; the other servers
+/// learn of it over their routes. That window opens again at every later change of leader,
+/// when a write may fail with "no responders" (nothing stored) as it would without a leader.
 async fn stream_answers(
     client: &async_nats::Client,
     prefix: &str,
     stream_name: &str,
-) -> Result<(), String> {
+) -> Result<(), async_nats::RequestError> {
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Expected-Stream", NO_STREAM);
     let request = async_nats::Request::new()
@@ -270,19 +307,21 @@ async fn stream_answers(
         .payload(bytes::Bytes::new())
         .timeout(Some(Duration::from_secs(2)));
     let reply = client
-        .send_request(format!("{prefix}.probe"), request)
-        .await
-        .map_err(|e| format!("probing stream {stream_name}: {e}"))?;
-    // 10060: the refusal the probe asks for. Any other answer (a stream that is offline, for
-    // one) is not yet an answering stream.
-    let v: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
-    match v.pointer("/error/err_code").and_then(|c| c.as_u64()) {
-        Some(10060) => Ok(()),
-        _ => Err(format!(
-            "probing stream {stream_name}: an answer that is not the stream's: {}",
-            String::from_utf8_lossy(&reply.payload)
-        )),
+        .send_request(format!("{prefix}.k.haven.start-up-probe"), request)
+        .await?;
+    match probe_reply(&reply.payload, stream_name) {
+        ProbeReply::Refused => {}
+        ProbeReply::OtherError(said) => {
+            tracing::warn!(stream = %stream_name, answer = %said, "the change-log stream refuses publishes");
+        }
+        ProbeReply::Stored(seq) => {
+            tracing::error!(stream = %stream_name, seq, "the change-log stream stored a start-up probe that it should have refused; followers skip it as not Haven's data");
+        }
+        ProbeReply::NotTheStream(said) => {
+            tracing::warn!(stream = %stream_name, answer = %said, "something other than the change-log stream answers on its subjects");
+        }
     }
+    Ok(())
 }
 
 /// The JetStream backend: a [`ReplicatedStore`] on the region's stream.
@@ -400,16 +439,26 @@ impl JetStreamLog {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         // A leader named in the stream's info does not yet mean that publishes reach it: the
-        // server this node is connected to may not yet know the stream's subjects' interest
-        // across the cluster, and answers "no responders" at once. Wait (bounded) until the
-        // stream answers a publish through this connection.
-        while let Err(e) = stream_answers(&client, &prefix, &stream_name).await {
-            if tokio::time::Instant::now() >= deadline {
-                tracing::warn!(stream = %stream_name, error = %e, "the change-log stream does not answer publishes yet; writes are refused until it does");
-                break;
+        // server this node is connected to may not yet know of the leader's subscription to
+        // the stream's subjects, and answers "no responders" meanwhile. Wait (bounded) until
+        // the stream answers a publish through this connection. Only "no responders" is
+        // waited out: a request that times out (the leader busy, or a user not allowed to
+        // publish there, which the server does not answer) is not what this wait is for.
+        while tokio::time::Instant::now() < deadline {
+            match stream_answers(&client, &prefix, &stream_name).await {
+                Ok(()) => break,
+                Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                    tracing::debug!("waiting for the change-log stream to answer publishes");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(stream = %stream_name, error = %e, "the change-log stream did not answer a probe; starting anyway");
+                    break;
+                }
             }
-            tracing::debug!(error = %e, "waiting for the change-log stream to answer");
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(stream = %stream_name, "publishes on the change-log stream's subjects find no responder yet; writes fail until they do");
+            }
         }
         Ok(JetStreamLog {
             client,
@@ -956,5 +1005,41 @@ impl crate::presence::Presence for NatsPresence {
             }
             Err(_) => Probe::Unknown,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_probe_reply_is_read_as_the_streams_refusal_or_what_else_it_is() {
+        let name = "HAVEN_R1";
+        // What nats-server 2.12 answers.
+        let refused = br#"{"error":{"code":400,"err_code":10060,"description":"expected stream does not match"},"stream":"HAVEN_R1","seq":0}"#;
+        assert_eq!(probe_reply(refused, name), ProbeReply::Refused);
+        let unnamed = br#"{"error":{"code":400,"err_code":10060,"description":"expected stream does not match"}}"#;
+        assert_eq!(probe_reply(unnamed, name), ProbeReply::Refused);
+        let limits = br#"{"stream":"HAVEN_R1","error":{"code":400,"err_code":10047,"description":"insufficient resources"}}"#;
+        assert!(matches!(
+            probe_reply(limits, name),
+            ProbeReply::OtherError(_)
+        ));
+        let stored = br#"{"stream":"HAVEN_R1","seq":7}"#;
+        assert_eq!(probe_reply(stored, name), ProbeReply::Stored(7));
+        let other =
+            br#"{"stream":"OTHER","error":{"code":400,"err_code":10060,"description":"x"}}"#;
+        assert!(matches!(
+            probe_reply(other, name),
+            ProbeReply::NotTheStream(_)
+        ));
+        assert!(matches!(
+            probe_reply(b"", name),
+            ProbeReply::NotTheStream(_)
+        ));
+        assert!(matches!(
+            probe_reply(br#"{"seq":3}"#, name),
+            ProbeReply::NotTheStream(_)
+        ));
     }
 }
