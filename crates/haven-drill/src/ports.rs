@@ -4,8 +4,11 @@
 //! it also takes the local port of every outgoing connection from. Between choosing such a
 //! port (bound, then released for the child) and the child binding it, any connection made on
 //! the machine may take it, and the child fails with "address already in use". So ports are
-//! chosen below that range, where the system never picks one by itself: at random, each
-//! checked by binding it, and none handed out twice by one process.
+//! chosen outside that range (below it, or above it when there is no room below), where the
+//! system never picks one by itself: at random, each checked by binding it, and none handed
+//! out twice by one process (until it has handed out half of the ports it chooses from).
+//! Where neither side leaves room, or the range is unknown (outside Linux), the system
+//! chooses, as before.
 
 use std::collections::HashSet;
 use std::net::TcpListener;
@@ -21,18 +24,17 @@ const ENOUGH: u16 = 2_000;
 /// Ports this process has handed out.
 static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
 
-/// The system's ephemeral port range (Linux's default when it cannot be read).
-fn ephemeral_range() -> (u16, u16) {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| {
-            let mut it = s.split_whitespace().map(|p| p.parse::<u16>());
-            match (it.next(), it.next()) {
-                (Some(Ok(lo)), Some(Ok(hi))) if lo <= hi => Some((lo, hi)),
-                _ => None,
-            }
-        })
-        .unwrap_or((32_768, 60_999))
+/// The system's ephemeral port range, where it can be read (Linux).
+fn ephemeral_range() -> Option<(u16, u16)> {
+    if !cfg!(target_os = "linux") {
+        return None;
+    }
+    let s = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut it = s.split_whitespace().map(|p| p.parse::<u16>());
+    match (it.next(), it.next()) {
+        (Some(Ok(lo)), Some(Ok(hi))) if lo <= hi => Some((lo, hi)),
+        _ => None,
+    }
 }
 
 /// Where to choose from: below the ephemeral range, or above it; `None` when neither leaves
@@ -47,16 +49,16 @@ fn choice_range((lo, hi): (u16, u16)) -> Option<(u16, u16)> {
     }
 }
 
-/// `n` distinct free ports on 127.0.0.1, outside the system's ephemeral range where it leaves
-/// room, never one this process handed out before. Each is checked by binding it; the
-/// listeners are all held until every port is chosen.
+/// `n` distinct free ports on 127.0.0.1, outside the system's ephemeral range (see the
+/// module's doc). Each is checked by binding it; the listeners are all held until every port
+/// is chosen.
 pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
-    let Some((from, to)) = choice_range(ephemeral_range()) else {
+    let Some((from, to)) = ephemeral_range().and_then(choice_range) else {
         return system_ports(n);
     };
     let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
     let given = given.get_or_insert_with(HashSet::new);
-    // A long-lived process forgets the oldest choices once half the range is handed out.
+    // A long-lived process forgets its choices once half of the ports are handed out.
     if given.len() + n > usize::from(to - from) / 2 {
         given.clear();
     }
@@ -65,6 +67,11 @@ pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
     while held.len() < n {
         tries += 1;
         if tries > 100 * n + 1_000 {
+            tracing::warn!(
+                from,
+                to,
+                "no free loopback port found outside the ephemeral range; the system chooses"
+            );
             return system_ports(n);
         }
         let port = rand::random_range(from..=to);
@@ -95,13 +102,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ports_come_from_below_the_ephemeral_range_and_are_never_given_twice() {
-        let (lo, hi) = ephemeral_range();
+    fn ports_come_from_outside_the_ephemeral_range_and_are_never_given_twice() {
+        let range = ephemeral_range();
         let mut seen = HashSet::new();
         for _ in 0..50 {
             for p in free_ports(6).unwrap() {
                 assert!(seen.insert(p), "port {p} handed out twice");
-                if choice_range((lo, hi)).is_some() {
+                if let Some((lo, hi)) = range.filter(|r| choice_range(*r).is_some()) {
                     assert!(!(lo..=hi).contains(&p), "{p} is in {lo}-{hi}");
                 }
                 // Free to bind.
