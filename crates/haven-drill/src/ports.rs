@@ -5,14 +5,25 @@
 //! port (bound, then released for the child) and the child binding it, any connection made on
 //! the machine may take it, and the child fails with "address already in use". So ports are
 //! chosen outside that range (below it, or above it when there is no room below), where the
-//! system never picks one by itself: at random, each checked by binding it, and none handed
-//! out twice by one process (until it has handed out half of the ports it chooses from).
+//! system never picks one by itself: at random, and none handed out twice by one process
+//! (until it has handed out half of the ports it chooses from).
+//!
+//! A port is taken as free when a connection to it is refused. It is not checked by binding
+//! it: a socket bound (and listening) in this process, however briefly, is copied into any
+//! child another thread forks meanwhile and lives there until the child's `exec`. That copy
+//! accepted the connections meant for the process the port was chosen for, or kept it from
+//! binding the port (a test saw both, several times in a few hundred runs, with two tests
+//! starting servers at once). A connection's own socket takes a port from the ephemeral
+//! range, never the one chosen.
+//!
 //! Where neither side leaves room, or the range is unknown (outside Linux), the system
-//! chooses, as before.
+//! chooses, as before (by binding port 0).
 
 use std::collections::HashSet;
-use std::net::TcpListener;
+use std::io::ErrorKind;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::Mutex;
+use std::time::Duration;
 
 /// The lowest port chosen.
 const LOWEST: u16 = 10_000;
@@ -49,9 +60,18 @@ fn choice_range((lo, hi): (u16, u16)) -> Option<(u16, u16)> {
     }
 }
 
+/// Whether nothing listens on `127.0.0.1:port` (nor on any address): a connection to it is
+/// refused. Anything else (accepted, timed out, another error) counts as taken.
+fn refused(port: u16) -> bool {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    matches!(
+        TcpStream::connect_timeout(&addr, Duration::from_secs(1)),
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused
+    )
+}
+
 /// `n` distinct free ports on 127.0.0.1, outside the system's ephemeral range (see the
-/// module's doc). Each is checked by binding it; the listeners are all held until every port
-/// is chosen.
+/// module's doc): each one a connection to which is refused.
 pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
     let Some((from, to)) = ephemeral_range().and_then(choice_range) else {
         return system_ports(n);
@@ -62,9 +82,9 @@ pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
     if given.len() + n > usize::from(to - from) / 2 {
         given.clear();
     }
-    let mut held = Vec::with_capacity(n);
+    let mut ports = Vec::with_capacity(n);
     let mut tries = 0;
-    while held.len() < n {
+    while ports.len() < n {
         tries += 1;
         if tries > 100 * n + 1_000 {
             tracing::warn!(
@@ -78,12 +98,12 @@ pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
         if given.contains(&port) {
             continue;
         }
-        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+        if refused(port) {
             given.insert(port);
-            held.push((port, l));
+            ports.push(port);
         }
     }
-    Ok(held.into_iter().map(|(p, _)| p).collect())
+    Ok(ports)
 }
 
 /// `n` distinct ports the system chooses (its ephemeral range).
@@ -115,6 +135,15 @@ mod tests {
                 TcpListener::bind(("127.0.0.1", p)).unwrap();
             }
         }
+    }
+
+    #[test]
+    fn a_port_something_listens_on_is_taken_and_free_once_it_stops() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert!(!refused(port));
+        drop(listener);
+        assert!(refused(port));
     }
 
     #[test]
