@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use haven_state::{LogEntry, PhysicalClock, Store};
+use haven_state::{EncodedEntry, PhysicalClock, Store};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -722,9 +722,11 @@ impl Shipper {
     ) -> Result<()> {
         let until = self.store.last_seq().await?;
         while self.shipped_seq < until {
+            // Copied as the store keeps them: a segment needs no entry decoded but its first
+            // and last (for the times of its manifest entry).
             let entries = self
                 .store
-                .read_log(self.shipped_seq + 1, MAX_SEGMENT_ENTRIES)
+                .read_log_encoded(self.shipped_seq + 1, MAX_SEGMENT_ENTRIES)
                 .await?;
             let Some(first) = entries.first() else { break };
             if first.seq != self.shipped_seq + 1 {
@@ -744,30 +746,48 @@ impl Shipper {
 
     /// Writes one segment from `entries` (contiguous, starting after `shipped_seq`), cut at
     /// the size limit; returns how many entries it holds.
-    async fn ship_segment(&mut self, generation: &str, mut entries: Vec<LogEntry>) -> Result<u64> {
-        // Cut at the byte limit (approximately: by encoded size of each entry).
+    async fn ship_segment(
+        &mut self,
+        generation: &str,
+        mut entries: Vec<EncodedEntry>,
+    ) -> Result<u64> {
+        // Cut at the byte limit (approximately: a sequence takes at most 10 bytes).
         let mut bytes = 0usize;
         let mut cut = entries.len();
         for (i, e) in entries.iter().enumerate() {
-            bytes += postcard::experimental::serialized_size(e).unwrap_or(0);
+            bytes += e.change.len() + 10;
             if bytes > MAX_SEGMENT_BYTES && i > 0 {
                 cut = i;
                 break;
             }
         }
         entries.truncate(cut);
-        let first = entries.first().expect("non-empty").seq;
-        let last = entries.last().expect("non-empty").seq;
-        let plain = format::encode(ObjectKind::Segment, first, last, &entries);
+        let millis = |e: &EncodedEntry| {
+            e.decode()
+                .map(|d| d.change.version().hlc.millis())
+                .map_err(|err| {
+                    BackupError::State(haven_state::StoreError::Corrupt(format!(
+                        "change-log entry {}: {err}",
+                        e.seq
+                    )))
+                })
+        };
+        let (first, last) = match (entries.first(), entries.last()) {
+            (Some(f), Some(l)) => (f, l),
+            _ => unreachable!("a segment is shipped only with entries"),
+        };
+        let times = (millis(first)?, millis(last)?);
+        let (first, last) = (first.seq, last.seq);
+        let plain = format::encode_segment(first, last, &entries);
         let object = segment_key(generation, first, last);
         let entry = self
             .put_object(
                 ObjectKind::Segment,
                 generation,
                 &object,
-                first,
-                last,
-                &entries,
+                (first, last),
+                times,
+                entries.len(),
                 plain,
                 false,
             )
@@ -790,14 +810,17 @@ impl Shipper {
         let (seq, entries) = self.store.state_entries().await?;
         let plain = format::encode(ObjectKind::Snapshot, 0, seq, &entries);
         let object = snapshot_key(&generation, seq);
+        // A snapshot's entries are in sequence order, not time order: its times span them all.
+        let millis = entries.iter().map(|e| e.change.version().hlc.millis());
+        let times = (millis.clone().min().unwrap_or(0), millis.max().unwrap_or(0));
         let entry = self
             .put_object(
                 ObjectKind::Snapshot,
                 &generation,
                 &object,
-                0,
-                seq,
-                &entries,
+                (0, seq),
+                times,
+                entries.len(),
                 plain,
                 bridge,
             )
@@ -824,9 +847,9 @@ impl Shipper {
         kind: ObjectKind,
         generation: &str,
         object: &str,
-        first: u64,
-        last: u64,
-        entries: &[LogEntry],
+        (first, last): (u64, u64),
+        (first_millis, last_millis): (u64, u64),
+        items: usize,
         plain: Vec<u8>,
         bridge: bool,
     ) -> Result<ManifestEntry> {
@@ -837,25 +860,15 @@ impl Shipper {
             tokio::task::spawn_blocking(move || crypto::seal(&key, &deployment, &name, &plain))
                 .await
                 .map_err(|e| BackupError::Config(format!("sealing task failed: {e}")))??;
-        let millis: Vec<u64> = entries
-            .iter()
-            .map(|e| e.change.version().hlc.millis())
-            .collect();
         let entry = ManifestEntry {
             kind,
             generation: generation.to_owned(),
             object: object.to_owned(),
             first_seq: first,
             last_seq: last,
-            first_millis: match kind {
-                ObjectKind::Segment => millis.first().copied().unwrap_or(0),
-                ObjectKind::Snapshot => millis.iter().copied().min().unwrap_or(0),
-            },
-            last_millis: match kind {
-                ObjectKind::Segment => millis.last().copied().unwrap_or(0),
-                ObjectKind::Snapshot => millis.iter().copied().max().unwrap_or(0),
-            },
-            items: entries.len() as u64,
+            first_millis,
+            last_millis,
+            items: items as u64,
             size: sealed.len() as u64,
             sha256: crypto::sha256_hex(&sealed),
             created_millis: self.now(),

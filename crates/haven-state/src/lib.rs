@@ -64,6 +64,7 @@ macro_rules! wrap_store {
             async fn scan(&self, ns: &str, prefix: &str, after: Option<&str>, limit: usize) -> $crate::StoreResult<$crate::ScanPage> { self.$inner.scan(ns, prefix, after, limit).await }
             async fn read_events(&self, stream: &str, after: u64, limit: usize) -> $crate::StoreResult<Vec<$crate::StreamEvent>> { self.$inner.read_events(stream, after, limit).await }
             async fn read_log(&self, from_seq: u64, limit: usize) -> $crate::StoreResult<Vec<$crate::LogEntry>> { self.$inner.read_log(from_seq, limit).await }
+            async fn read_log_encoded(&self, from_seq: u64, limit: usize) -> $crate::StoreResult<Vec<$crate::EncodedEntry>> { self.$inner.read_log_encoded(from_seq, limit).await }
             async fn last_seq(&self) -> $crate::StoreResult<u64> { self.$inner.last_seq().await }
             fn subscribe(&self) -> $crate::__private::Receiver<::std::sync::Arc<$crate::LogEntry>> { self.$inner.subscribe() }
             fn shared(&self) -> bool { self.$inner.shared() }
@@ -81,7 +82,8 @@ pub use nats_store::{NatsConfig, NatsPresence, NatsStore, NatsTls};
 pub use plan::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
 pub use presence::{Presence, Probe};
 pub use record::{
-    Change, LogEntry, LogSubject, Origin, Record, StoredRecord, StreamEvent, Version, View, merge,
+    Change, EncodedEntry, LogEntry, LogSubject, Origin, Record, StoredRecord, StreamEvent, Version,
+    View, merge,
 };
 pub use redb_store::{RedbStore, Restorer, data_dir_in_use};
 pub use replicated::{Removal, ReplicatedStore, SharedLog};

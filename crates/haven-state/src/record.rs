@@ -155,6 +155,51 @@ impl Change {
     }
 }
 
+impl Change {
+    /// The change's encoding (postcard): the form the embedded store keeps it in, and the
+    /// one a copy of the log (a backup) takes it in (see [`EncodedEntry`]).
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("serializing to a Vec cannot fail")
+    }
+
+    /// The change [`encode`](Self::encode) wrote.
+    pub fn decode(bytes: &[u8]) -> Result<Change, postcard::Error> {
+        postcard::from_bytes(bytes)
+    }
+}
+
+/// A change-log entry with its change encoded ([`Change::encode`]), for copies of the log
+/// that need not decode it. Its postcard encoding is that of the [`LogEntry`] it stands for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EncodedEntry {
+    /// Position in the change log.
+    pub seq: u64,
+    /// The change, encoded.
+    pub change: Vec<u8>,
+}
+
+impl EncodedEntry {
+    /// Appends the postcard encoding of the [`LogEntry`] this stands for to `out`: its
+    /// sequence (a varint), then the change as encoded.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let mut seq = self.seq;
+        while seq >= 0x80 {
+            out.push((seq as u8) | 0x80);
+            seq >>= 7;
+        }
+        out.push(seq as u8);
+        out.extend_from_slice(&self.change);
+    }
+
+    /// The change, decoded.
+    pub fn decode(&self) -> Result<LogEntry, postcard::Error> {
+        Ok(LogEntry {
+            seq: self.seq,
+            change: Change::decode(&self.change)?,
+        })
+    }
+}
+
 /// An entry of the change log: a change and its sequence number in this store's log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogEntry {

@@ -300,6 +300,26 @@ pub trait Store: Send + Sync + 'static {
     /// Change-log entries with sequence at least `from_seq`, at most `limit`.
     async fn read_log(&self, from_seq: u64, limit: usize) -> StoreResult<Vec<LogEntry>>;
 
+    /// The entries [`read_log`](Self::read_log) returns, each with its change encoded
+    /// ([`Change::encode`](crate::Change::encode)): for copies of the log (backups), which
+    /// need not decode it. The default encodes what `read_log` returns; a store that keeps
+    /// changes so encoded hands them over as they are kept.
+    async fn read_log_encoded(
+        &self,
+        from_seq: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<crate::EncodedEntry>> {
+        Ok(self
+            .read_log(from_seq, limit)
+            .await?
+            .into_iter()
+            .map(|e| crate::EncodedEntry {
+                seq: e.seq,
+                change: e.change.encode(),
+            })
+            .collect())
+    }
+
     /// Sequence of the last entry of the change log (0 when empty).
     async fn last_seq(&self) -> StoreResult<u64>;
 
