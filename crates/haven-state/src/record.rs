@@ -153,9 +153,7 @@ impl Change {
             Change::Event(e) => &e.version,
         }
     }
-}
 
-impl Change {
     /// The change's encoding (postcard): the form the embedded store keeps it in, and the
     /// one a copy of the log (a backup) takes it in (see [`EncodedEntry`]).
     pub fn encode(&self) -> Vec<u8> {

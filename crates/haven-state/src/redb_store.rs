@@ -145,6 +145,27 @@ fn storage_err(e: impl std::fmt::Display) -> StoreError {
     }
 }
 
+/// At most `limit` entries of the log from sequence `from_seq` on, each made by `entry` from
+/// its sequence and its stored bytes.
+fn log_range<T>(
+    db: &Database,
+    from_seq: u64,
+    limit: usize,
+    entry: impl Fn(u64, &[u8]) -> StoreResult<T>,
+) -> StoreResult<Vec<T>> {
+    let rx = db.begin_read().map_err(storage_err)?;
+    let table = rx.open_table(LOG).map_err(storage_err)?;
+    let mut out = Vec::new();
+    for item in table.range(from_seq..).map_err(storage_err)? {
+        if out.len() == limit {
+            break;
+        }
+        let (k, v) = item.map_err(storage_err)?;
+        out.push(entry(k.value(), v.value())?);
+    }
+    Ok(out)
+}
+
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> StoreResult<T> {
     postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
@@ -589,20 +610,12 @@ impl Store for RedbStore {
 
     async fn read_log(&self, from_seq: u64, limit: usize) -> StoreResult<Vec<LogEntry>> {
         let db = self.database().await?;
-        let rx = db.begin_read().map_err(storage_err)?;
-        let table = rx.open_table(LOG).map_err(storage_err)?;
-        let mut out = Vec::new();
-        for item in table.range(from_seq..).map_err(storage_err)? {
-            if out.len() == limit {
-                break;
-            }
-            let (k, v) = item.map_err(storage_err)?;
-            out.push(LogEntry {
-                seq: k.value(),
-                change: decode(v.value())?,
-            });
-        }
-        Ok(out)
+        log_range(&db, from_seq, limit, |seq, bytes| {
+            Ok(LogEntry {
+                seq,
+                change: decode(bytes)?,
+            })
+        })
     }
 
     async fn read_log_encoded(
@@ -614,20 +627,12 @@ impl Store for RedbStore {
         // The log keeps each change as `Change::encode` wrote it: copied, not decoded. Off the
         // async workers: a backup reads tens of thousands of entries at once.
         tokio::task::spawn_blocking(move || {
-            let rx = db.begin_read().map_err(storage_err)?;
-            let table = rx.open_table(LOG).map_err(storage_err)?;
-            let mut out = Vec::new();
-            for item in table.range(from_seq..).map_err(storage_err)? {
-                if out.len() == limit {
-                    break;
-                }
-                let (k, v) = item.map_err(storage_err)?;
-                out.push(EncodedEntry {
-                    seq: k.value(),
-                    change: v.value().to_vec(),
-                });
-            }
-            Ok(out)
+            log_range(&db, from_seq, limit, |seq, bytes| {
+                Ok(EncodedEntry {
+                    seq,
+                    change: bytes.to_vec(),
+                })
+            })
         })
         .await
         .map_err(|e| StoreError::Unavailable(format!("reading the log failed: {e}")))?
