@@ -180,12 +180,8 @@ impl EncodedEntry {
     /// Appends the postcard encoding of the [`LogEntry`] this stands for to `out`: its
     /// sequence (a varint), then the change as encoded.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
-        let mut seq = self.seq;
-        while seq >= 0x80 {
-            out.push((seq as u8) | 0x80);
-            seq >>= 7;
-        }
-        out.push(seq as u8);
+        *out = postcard::to_extend(&self.seq, std::mem::take(out))
+            .expect("serializing to a Vec cannot fail");
         out.extend_from_slice(&self.change);
     }
 
