@@ -15,10 +15,10 @@ use haven_state::Store;
 use parking_lot::Mutex;
 use rmcp::ClientHandler;
 use rmcp::model::{
-    ClientCapabilities, ClientConfig, CreateMessageRequestParams, CreateMessageResult,
-    ElicitRequestParams, ElicitResult, ErrorCode, ErrorData, Implementation, ListRootsResult,
-    LoggingMessageNotificationParam, ProgressNotificationParam, ProgressToken, ProtocolVersion,
-    ResourceUpdatedNotificationParam,
+    ClientCapabilities, ClientConfig, ClientResult, CreateMessageRequestParams,
+    CreateMessageResult, ElicitRequestParams, ElicitResult, ErrorCode, ErrorData, Implementation,
+    ListRootsResult, LoggingMessageNotificationParam, ProgressNotificationParam, ProgressToken,
+    ProtocolVersion, ResourceUpdatedNotificationParam, ServerNotification, ServerRequest,
 };
 use rmcp::service::{
     NotificationContext, Peer, RequestContext as RmcpContext, RoleClient, RunningService,
@@ -98,6 +98,8 @@ pub(crate) struct Opened {
     pub done: CancellationToken,
     /// The child's process id (stdio).
     pub pid: Option<u32>,
+    /// The HTTP client under the service (HTTP), which forwarded calls are sent with.
+    pub http: Option<crate::http::UpstreamHttp>,
 }
 
 /// Receives what an upstream sends on its own: list changes, resource updates, progress, log
@@ -119,6 +121,67 @@ pub(crate) struct Handler {
 impl Handler {
     fn redact(&self, text: &str) -> String {
         redact(text, &self.secrets.lock())
+    }
+
+    /// Relays an upstream's progress to the client whose call it is about.
+    fn progress(&self, params: ProgressNotificationParam) {
+        let ctx = self.progress.lock().get(&params.progress_token).cloned();
+        if let Some(ctx) = ctx {
+            let message = params.message.map(|m| self.redact(&m));
+            ctx.progress(params.progress, params.total, message);
+        }
+    }
+
+    fn logged(&self, params: LoggingMessageNotificationParam) {
+        let data = self.redact(&params.data.to_string());
+        tracing::debug!(upstream = %self.upstream, level = ?params.level, logger = ?params.logger, %data, "upstream log message");
+    }
+
+    async fn resource_updated(&self, params: ResourceUpdatedNotificationParam) {
+        let uri = served_uri(&self.upstream, &params.uri);
+        if let Err(e) = announce(&*self.store, &Announcement::ResourceUpdated(uri)).await {
+            tracing::warn!(upstream = %self.upstream, error = %e, "could not announce a resource update");
+        }
+    }
+
+    /// Takes a notification the upstream sent on the stream of a call sent without rmcp's
+    /// service (`direct.rs`), as [`ClientHandler`] takes those rmcp receives.
+    pub(crate) fn notified(&self, n: ServerNotification) {
+        match n {
+            ServerNotification::ProgressNotification(p) => self.progress(p.params),
+            ServerNotification::LoggingMessageNotification(l) => self.logged(l.params),
+            ServerNotification::ResourceUpdatedNotification(u) => {
+                let handler = self.clone();
+                tokio::spawn(async move { handler.resource_updated(u.params).await });
+            }
+            ServerNotification::ResourceListChangedNotification(_)
+            | ServerNotification::ToolListChangedNotification(_)
+            | ServerNotification::PromptListChangedNotification(_) => self.refresh.notify_one(),
+            _ => {}
+        }
+    }
+
+    /// The answer to a request the upstream sent on the stream of a call sent without
+    /// rmcp's service, the one [`ClientHandler`] gives.
+    pub(crate) fn answer(&self, request: &ServerRequest) -> Result<ClientResult, ErrorData> {
+        match request {
+            ServerRequest::PingRequest(_) => Ok(ClientResult::empty(())),
+            ServerRequest::CreateMessageRequest(_) => Err(refused("sampling")),
+            ServerRequest::ListRootsRequest(_) => {
+                Ok(ClientResult::ListRootsResult(ListRootsResult::default()))
+            }
+            ServerRequest::ElicitRequest(_) => Err(refused("elicitation")),
+            ServerRequest::CustomRequest(r) => Err(ErrorData::new(
+                ErrorCode::METHOD_NOT_FOUND,
+                format!("method not found: {}", r.method),
+                None,
+            )),
+            _ => Err(ErrorData::new(
+                ErrorCode::METHOD_NOT_FOUND,
+                "method not found",
+                None,
+            )),
+        }
     }
 }
 
@@ -169,11 +232,7 @@ impl ClientHandler for Handler {
         params: ProgressNotificationParam,
         _context: NotificationContext<RoleClient>,
     ) {
-        let ctx = self.progress.lock().get(&params.progress_token).cloned();
-        if let Some(ctx) = ctx {
-            let message = params.message.map(|m| self.redact(&m));
-            ctx.progress(params.progress, params.total, message);
-        }
+        self.progress(params);
     }
 
     async fn on_logging_message(
@@ -181,8 +240,7 @@ impl ClientHandler for Handler {
         params: LoggingMessageNotificationParam,
         _context: NotificationContext<RoleClient>,
     ) {
-        let data = self.redact(&params.data.to_string());
-        tracing::debug!(upstream = %self.upstream, level = ?params.level, logger = ?params.logger, %data, "upstream log message");
+        self.logged(params);
     }
 
     async fn on_resource_updated(
@@ -190,10 +248,7 @@ impl ClientHandler for Handler {
         params: ResourceUpdatedNotificationParam,
         _context: NotificationContext<RoleClient>,
     ) {
-        let uri = served_uri(&self.upstream, &params.uri);
-        if let Err(e) = announce(&*self.store, &Announcement::ResourceUpdated(uri)).await {
-            tracing::warn!(upstream = %self.upstream, error = %e, "could not announce a resource update");
-        }
+        self.resource_updated(params).await;
     }
 
     async fn on_tool_list_changed(&self, _context: NotificationContext<RoleClient>) {
@@ -287,7 +342,7 @@ pub(crate) async fn open(
     tls: &UpstreamTls,
 ) -> Result<Opened, Failure> {
     let ct = CancellationToken::new();
-    let (running, pid) = match &spec.transport {
+    let ((running, pid), http) = match &spec.transport {
         Transport::Stdio {
             command,
             args,
@@ -301,7 +356,10 @@ pub(crate) async fn open(
                 env,
                 cwd: cwd.as_deref(),
             };
-            open_stdio(process, handler, secrets, ct.clone()).await?
+            (
+                open_stdio(process, handler, secrets, ct.clone()).await?,
+                None,
+            )
         }
         Transport::Http { url, headers } => {
             // An entry stored before URL credentials and an Authorization header were refused
@@ -313,7 +371,9 @@ pub(crate) async fn open(
                 headers,
                 skip_authorization,
             };
-            open_http(target, handler, secrets, settings, tls, ct.clone()).await?
+            let (running, http) =
+                open_http(target, handler, secrets, settings, tls, ct.clone()).await?;
+            (running, Some(http))
         }
     };
     let peer = running.peer().clone();
@@ -331,6 +391,7 @@ pub(crate) async fn open(
         ct,
         done,
         pid,
+        http,
     })
 }
 
@@ -439,7 +500,7 @@ async fn open_http(
     settings: &UpstreamSettings,
     tls: &UpstreamTls,
     ct: CancellationToken,
-) -> Result<Running, Failure> {
+) -> Result<(Running, crate::http::UpstreamHttp), Failure> {
     let misconfigured = |detail: String| Failure::new(Reason::Misconfigured, detail);
     let mut custom = HashMap::new();
     for (k, v) in target.headers {
@@ -468,14 +529,12 @@ async fn open_http(
     let config = StreamableHttpClientTransportConfig::with_uri(target.url)
         .custom_headers(custom)
         .reinit_on_expired_session(true);
-    let transport = StreamableHttpClientTransport::with_client(
-        crate::http::UpstreamHttp::new(client, target.url),
-        config,
-    );
+    let http = crate::http::UpstreamHttp::new(client, target.url);
+    let transport = StreamableHttpClientTransport::with_client(http.clone(), config);
     let running = rmcp::service::serve_client_with_ct(handler, transport, ct)
         .await
         .map_err(|e| Failure::from_error("MCP handshake failed", &e))?;
-    Ok((running, None))
+    Ok(((running, None), http))
 }
 
 /// Whether a failed send provably never reached the upstream: the connection was refused, or
@@ -484,7 +543,13 @@ pub(crate) fn not_delivered(error: &rmcp::service::ServiceError) -> bool {
     let rmcp::service::ServiceError::TransportSend(e) = error else {
         return false;
     };
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e.error.as_ref());
+    never_reached(e.error.as_ref())
+}
+
+/// Whether an HTTP send's error (or one of its sources) says the request never reached the
+/// upstream (see [`not_delivered`]).
+pub(crate) fn never_reached(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(err) = source {
         if let Some(http) = err.downcast_ref::<StreamableHttpError<reqwest::Error>>() {
             match http {

@@ -55,6 +55,20 @@ const ACCEPTED_TYPES: &str = "text/event-stream, application/json";
 pub(crate) struct UpstreamHttp {
     client: reqwest::Client,
     target: Arc<Target>,
+    /// What rmcp's worker sent its last request or notification of the session with.
+    session: Arc<parking_lot::Mutex<Option<SessionContext>>>,
+}
+
+/// What every message of an upstream's session is sent with: the URL, the session id (none
+/// for an upstream that keeps no sessions), the authorization and the headers (the
+/// configured ones and the protocol version). Taken from rmcp's worker, which opened the
+/// session, so that forwarded calls can be sent in it without the worker (`direct.rs`).
+#[derive(Clone)]
+pub(crate) struct SessionContext {
+    uri: Arc<str>,
+    session_id: Option<Arc<str>>,
+    auth_header: Option<String>,
+    headers: HashMap<HeaderName, HeaderValue>,
 }
 
 struct Target {
@@ -73,7 +87,81 @@ impl UpstreamHttp {
                 text: url.to_owned(),
                 url: reqwest::Url::parse(url).ok(),
             }),
+            session: Arc::new(parking_lot::Mutex::new(None)),
         }
+    }
+
+    /// The session's context once rmcp's worker has sent a message in it (`None` before).
+    pub(crate) fn session(&self) -> Option<SessionContext> {
+        self.session.lock().clone()
+    }
+
+    /// Keeps what rmcp's worker sends `message` with, unless it is the `initialize` request
+    /// (a session starts with its answer). A session re-opened by the worker replaces it.
+    fn remember(
+        &self,
+        message: &ClientJsonRpcMessage,
+        uri: &Arc<str>,
+        session_id: &Option<Arc<str>>,
+        auth_header: &Option<String>,
+        headers: &HashMap<HeaderName, HeaderValue>,
+    ) {
+        if let JsonRpcMessage::Request(r) = message
+            && matches!(r.request, ClientRequest::InitializeRequest(_))
+        {
+            return;
+        }
+        let mut kept = self.session.lock();
+        let same = kept.as_ref().is_some_and(|k| {
+            k.session_id == *session_id
+                && k.uri == *uri
+                && k.auth_header == *auth_header
+                && k.headers == *headers
+        });
+        if !same {
+            *kept = Some(SessionContext {
+                uri: uri.clone(),
+                session_id: session_id.clone(),
+                auth_header: auth_header.clone(),
+                headers: headers.clone(),
+            });
+        }
+    }
+
+    /// Posts `message` in the session `s`, as rmcp's worker would (see [`UpstreamHttp::send`]).
+    pub(crate) async fn send_in(
+        &self,
+        s: &SessionContext,
+        message: ClientJsonRpcMessage,
+    ) -> Result<StreamableHttpPostResponse, Error> {
+        self.send(
+            s.uri.clone(),
+            message,
+            s.session_id.clone(),
+            s.auth_header.clone(),
+            &s.headers,
+            StreamableHttpResponseLimits::default(),
+        )
+        .await
+    }
+
+    /// Resumes the session's stream after the event `last_event_id` (an answer's stream that
+    /// ended before the answer).
+    pub(crate) async fn resume_in(
+        &self,
+        s: &SessionContext,
+        last_event_id: String,
+    ) -> Result<futures::stream::BoxStream<'static, Result<Sse, SseError>>, Error> {
+        self.client
+            .get_stream_with_max_sse_event_size(
+                s.uri.clone(),
+                s.session_id.clone(),
+                Some(last_event_id),
+                s.auth_header.clone(),
+                s.headers.clone(),
+                StreamableHttpResponseLimits::default().max_sse_event_size,
+            )
+            .await
     }
 
     fn post(&self, uri: &str) -> reqwest::RequestBuilder {
@@ -196,51 +284,20 @@ fn scope_of(header: &str) -> Option<String> {
     (!value.is_empty()).then(|| value.to_owned())
 }
 
-impl StreamableHttpClient for UpstreamHttp {
-    type Error = reqwest::Error;
-
-    async fn post_message(
+impl UpstreamHttp {
+    /// Posts a message and reads its answer: JSON decoded as the result a forwarded call
+    /// (`tools/call`, `resources/read`, `prompts/get`) asks for, or as any message; or the
+    /// SSE stream.
+    async fn send(
         &self,
         uri: Arc<str>,
         message: ClientJsonRpcMessage,
         session_id: Option<Arc<str>>,
         auth_header: Option<String>,
-        custom_headers: HashMap<HeaderName, HeaderValue>,
-    ) -> Result<StreamableHttpPostResponse, Error> {
-        self.post_message_with_response_limits(
-            uri,
-            message,
-            session_id,
-            auth_header,
-            custom_headers,
-            StreamableHttpResponseLimits::default(),
-        )
-        .await
-    }
-
-    async fn post_message_with_response_limits(
-        &self,
-        uri: Arc<str>,
-        message: ClientJsonRpcMessage,
-        session_id: Option<Arc<str>>,
-        auth_header: Option<String>,
-        custom_headers: HashMap<HeaderName, HeaderValue>,
+        custom_headers: &HashMap<HeaderName, HeaderValue>,
         limits: StreamableHttpResponseLimits,
     ) -> Result<StreamableHttpPostResponse, Error> {
         let expect = Expect::of(&message);
-        if let Expect::Other = expect {
-            return self
-                .client
-                .post_message_with_response_limits(
-                    uri,
-                    message,
-                    session_id,
-                    auth_header,
-                    custom_headers,
-                    limits,
-                )
-                .await;
-        }
         let body = serde_json::to_vec(&message).map_err(|e| {
             StreamableHttpError::UnexpectedServerResponse(Cow::Owned(format!(
                 "cannot encode the request: {e}"
@@ -254,6 +311,7 @@ impl StreamableHttpClient for UpstreamHttp {
             request = request.bearer_auth(token);
         }
         for (name, value) in custom_headers {
+            let (name, value) = (name.clone(), value.clone());
             // The headers rmcp's worker sets itself may not be configured (rmcp's rule);
             // the protocol version is the worker's own, passed this way.
             let n = name.as_str();
@@ -319,6 +377,63 @@ impl StreamableHttpClient for UpstreamHttp {
         Err(StreamableHttpError::UnexpectedContentType(
             content_type.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
         ))
+    }
+}
+
+impl StreamableHttpClient for UpstreamHttp {
+    type Error = reqwest::Error;
+
+    async fn post_message(
+        &self,
+        uri: Arc<str>,
+        message: ClientJsonRpcMessage,
+        session_id: Option<Arc<str>>,
+        auth_header: Option<String>,
+        custom_headers: HashMap<HeaderName, HeaderValue>,
+    ) -> Result<StreamableHttpPostResponse, Error> {
+        self.post_message_with_response_limits(
+            uri,
+            message,
+            session_id,
+            auth_header,
+            custom_headers,
+            StreamableHttpResponseLimits::default(),
+        )
+        .await
+    }
+
+    async fn post_message_with_response_limits(
+        &self,
+        uri: Arc<str>,
+        message: ClientJsonRpcMessage,
+        session_id: Option<Arc<str>>,
+        auth_header: Option<String>,
+        custom_headers: HashMap<HeaderName, HeaderValue>,
+        limits: StreamableHttpResponseLimits,
+    ) -> Result<StreamableHttpPostResponse, Error> {
+        self.remember(&message, &uri, &session_id, &auth_header, &custom_headers);
+        if let Expect::Other = Expect::of(&message) {
+            return self
+                .client
+                .post_message_with_response_limits(
+                    uri,
+                    message,
+                    session_id,
+                    auth_header,
+                    custom_headers,
+                    limits,
+                )
+                .await;
+        }
+        self.send(
+            uri,
+            message,
+            session_id,
+            auth_header,
+            &custom_headers,
+            limits,
+        )
+        .await
     }
 
     async fn delete_session(

@@ -59,6 +59,7 @@
 mod breaker;
 mod catalog;
 mod connect;
+mod direct;
 mod failure;
 mod http;
 mod lists;

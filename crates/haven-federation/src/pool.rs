@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::breaker::{Admit, Breaker};
 use crate::connect::{self, Handler, ProgressMap};
+use crate::direct::{Direct, Outcome, connection_lost};
 use crate::failure::{Failure, Reason, client_error};
 use crate::lists::{self, LISTS_NS, UpstreamLists};
 use crate::{REQUEST_CANCELLED, SecretResolver};
@@ -154,6 +155,8 @@ struct Conn {
     generation: u64,
     /// Progress routes of this connection's requests in flight.
     progress: ProgressMap,
+    /// Forwarded calls sent without rmcp's service (HTTP upstreams).
+    direct: Option<Direct>,
 }
 
 impl Conn {
@@ -847,6 +850,11 @@ async fn send_once(
             "the connection is closed",
         ));
     }
+    if let Some(direct) = &conn.direct
+        && let Some(session) = direct.http.session()
+    {
+        return send_direct(conn, direct, &session, request, deadline, ctx).await;
+    }
     let handle = match conn
         .peer
         .send_cancellable_request(request, PeerRequestOptions::no_options())
@@ -867,14 +875,28 @@ async fn send_once(
             token: handle.progress_token.clone(),
         }
     };
-    let mut rx = handle.rx;
-    tokio::select! {
-        biased;
-        r = &mut rx => match r {
+    let answer = async {
+        match handle.rx.await {
             Ok(Ok(result)) => Sent::Answered(Box::new(result)),
             Ok(Err(e)) => classify(e),
             Err(_) => Sent::Failed(connection_lost()),
-        },
+        }
+    };
+    await_answer(conn, id, deadline, ctx, answer).await
+}
+
+/// Waits for `answer` to request `id`, unless the connection ends, the deadline passes or
+/// the client cancels first (the upstream is then sent `notifications/cancelled`).
+async fn await_answer(
+    conn: &Conn,
+    id: rmcp::model::RequestId,
+    deadline: tokio::time::Instant,
+    ctx: &RequestContext,
+    answer: impl Future<Output = Sent>,
+) -> Sent {
+    tokio::select! {
+        biased;
+        sent = answer => sent,
         // The connection ended (a stdio child died, the transport closed): a request still
         // waiting will never be answered on it, so it fails now rather than at its deadline.
         _ = conn.done.cancelled() => Sent::Failed(connection_lost()),
@@ -889,11 +911,37 @@ async fn send_once(
     }
 }
 
-fn connection_lost() -> Failure {
-    Failure::new(
-        Reason::ConnectionLost,
-        "the connection closed before the upstream answered",
-    )
+/// [`send_once`] for an HTTP upstream whose session rmcp's worker has opened: the call is
+/// posted from this task (`direct.rs`), with the same deadline, cancellation and progress
+/// routing.
+async fn send_direct(
+    conn: &Conn,
+    direct: &Direct,
+    session: &crate::http::SessionContext,
+    mut request: ClientRequest,
+    deadline: tokio::time::Instant,
+    ctx: &RequestContext,
+) -> Sent {
+    use rmcp::model::GetMeta as _;
+    let (id, token) = crate::direct::new_id();
+    request.get_meta_mut().set_progress_token(token.clone());
+    let _route = {
+        conn.progress.lock().insert(token.clone(), ctx.clone());
+        ProgressRoute {
+            map: conn.progress.clone(),
+            token,
+        }
+    };
+    let message = rmcp::model::ClientJsonRpcMessage::request(request, id.clone());
+    let answer = async {
+        match direct.call(session, &id, message).await {
+            Outcome::Answered(result) => Sent::Answered(result),
+            Outcome::UpstreamError(e) => Sent::UpstreamError(e),
+            Outcome::NotDelivered(f) => Sent::NotDelivered(f),
+            Outcome::Failed(f) => Sent::Failed(f),
+        }
+    };
+    await_answer(conn, id.clone(), deadline, ctx, answer).await
 }
 
 fn classify(e: ServiceError) -> Sent {
@@ -1115,6 +1163,7 @@ async fn connect_once(shared: &Arc<Shared>, entry: &Arc<Entry>, name: &str) -> A
         secrets: entry.secrets.clone(),
         stderr: entry.stderr.clone(),
     };
+    let direct_handler = handler.clone();
     let attempt = tokio::select! {
         r = tokio::time::timeout(
             connect_limit,
@@ -1155,6 +1204,10 @@ async fn connect_once(shared: &Arc<Shared>, entry: &Arc<Entry>, name: &str) -> A
         pid: opened.pid,
         generation,
         progress,
+        direct: opened.http.map(|http| Direct {
+            http,
+            handler: direct_handler,
+        }),
     });
     // The first listing, before calls are let through (bounded like the handshake).
     let listed = tokio::select! {

@@ -6,7 +6,8 @@
 //! early when cancelled and counts the cancellation); `flaky` → every other call a result with
 //! `isError: true`; `toggle` → adds or removes the tool `extra` and sends
 //! `notifications/tools/list_changed`; `touch` {uri} → sends `notifications/resources/updated`;
-//! `getenv` {name}; `pid`; and two tools whose served names are invalid (a 130-character name
+//! `getenv` {name}; `pid`; `roots` → asks the client for its roots mid-call and answers
+//! how many it got; and two tools whose served names are invalid (a 130-character name
 //! and `bad name!`). Resource `test://static/hello`, template `test://items/{id}`, prompt
 //! `greet` {name} with completion of `name`.
 
@@ -41,6 +42,8 @@ pub struct Probe {
     pub slow_started: AtomicU64,
     /// Tool calls received.
     pub calls: AtomicU64,
+    /// The request id of every tool call received, in order.
+    pub call_ids: parking_lot::Mutex<Vec<String>>,
     /// Whether the tool `extra` is listed.
     pub extra: AtomicBool,
     flaky: AtomicU64,
@@ -100,6 +103,7 @@ impl TestUpstream {
             ),
             tool("getenv", "An environment variable", one("name", "string")),
             tool("pid", "The process id", object()),
+            tool("roots", "Asks the client for its roots", object()),
             tool(&long_tool_name(), "Too long when served", object()),
             tool("bad name!", "Invalid when served", object()),
         ];
@@ -139,6 +143,7 @@ impl ServerHandler for TestUpstream {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
         self.probe.calls.fetch_add(1, Ordering::SeqCst);
+        self.probe.call_ids.lock().push(context.id.to_string());
         let args = &request.arguments;
         let result = match &*request.name {
             "add" => {
@@ -198,6 +203,10 @@ impl ServerHandler for TestUpstream {
                 text(std::env::var(name).unwrap_or_default())
             }
             "pid" => text(std::process::id().to_string()),
+            "roots" => match context.peer.list_roots().await {
+                Ok(r) => text(format!("roots: {}", r.roots.len())),
+                Err(e) => text(format!("roots failed: {e}")),
+            },
             "extra" if self.probe.extra.load(Ordering::SeqCst) => text("extra"),
             other => {
                 return Err(ErrorData::invalid_params(

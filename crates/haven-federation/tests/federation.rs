@@ -362,7 +362,7 @@ async fn upstreams_are_served_namespaced_and_calls_route() {
         .wait_state("local", UpstreamState::Connected, CONNECT)
         .await;
     assert_eq!(st.transport, "stdio");
-    assert_eq!(st.tools, 7, "{st:?}");
+    assert_eq!(st.tools, 8, "{st:?}");
     assert_eq!((st.prompts, st.resources, st.resource_templates), (1, 1, 1));
 
     // Tools of both upstreams, namespaced, next to Haven's own; invalid names are skipped.
@@ -448,7 +448,7 @@ async fn upstreams_are_served_namespaced_and_calls_route() {
 
     // The lists are records every node serves.
     let (_, lists) = n.record("web").await.unwrap();
-    assert_eq!(lists.tools.len(), 9);
+    assert_eq!(lists.tools.len(), 10);
     assert!(lists.fetched_at_millis > 0);
     assert!(n.announcement("list/tools").await.is_some());
 
@@ -570,6 +570,26 @@ async fn timeouts_and_client_cancellation_cancel_the_upstream_request() {
     )
     .await;
 
+    n.stop().await;
+    web.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_calls_to_http_go_without_rmcps_service_and_its_requests_are_answered() {
+    let (web, n) = web_node(settings(), None).await;
+    // The answers of the test upstream (rmcp, with sessions) are SSE streams.
+    let r = n.call("web__add", json!({"a": 2, "b": 3})).await.unwrap();
+    assert_eq!(text_of(&r), "5");
+    // The upstream asks Haven for its roots in the middle of the call, on the call's stream:
+    // answered (an empty list), and the call goes on to its answer.
+    let r = n.call("web__roots", json!({})).await.unwrap();
+    assert_eq!(text_of(&r), "roots: 0");
+    // Both were sent with Haven's own request ids, not through rmcp's service (whose ids
+    // are numbers).
+    let ids = web.probe.call_ids.lock().clone();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert!(ids.iter().all(|id| id.starts_with("haven-")), "{ids:?}");
+    assert_ne!(ids[0], ids[1]);
     n.stop().await;
     web.stop().await;
 }
@@ -1068,14 +1088,15 @@ async fn an_upstream_answering_garbage_mid_call_gives_a_json_rpc_error() {
     }
     // Each call reached the upstream exactly once (none was resent).
     assert_eq!(shaky.bad_calls.load(Ordering::SeqCst), 5);
-    // Invalid answers are bad responses; a response with a foreign id leaves the call
-    // unanswered until its timeout; a server error or a lost connection is unavailability.
+    // Invalid answers are bad responses, and so is a JSON answer that is another request's
+    // (the JSON answer to a POST is that request's answer), at once rather than at the
+    // call's timeout; a server error or a lost connection is unavailability.
     assert_eq!(
         seen,
         [
             (1, UPSTREAM_BAD_RESPONSE),
             (2, UPSTREAM_BAD_RESPONSE),
-            (3, UPSTREAM_TIMEOUT),
+            (3, UPSTREAM_BAD_RESPONSE),
             (4, UPSTREAM_UNAVAILABLE),
             (5, UPSTREAM_UNAVAILABLE),
         ],
