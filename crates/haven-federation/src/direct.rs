@@ -13,6 +13,7 @@
 //! [`Handler`] takes them (progress relayed to the client, the upstream's requests answered
 //! by a POST), and resumed from its last event (`Last-Event-ID`) if it ends before the answer.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::StreamExt;
@@ -47,8 +48,7 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A request id for a call sent directly, and the progress token that goes with it.
 pub(crate) fn new_id() -> (RequestId, ProgressToken) {
-    let text: std::sync::Arc<str> =
-        format!("haven-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)).into();
+    let text: Arc<str> = format!("haven-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)).into();
     (
         NumberOrString::String(text.clone()),
         ProgressToken(NumberOrString::String(text)),
@@ -66,7 +66,7 @@ impl Direct {
     /// Sends `message` (request `id`) in session `s` and reads its answer.
     pub(crate) async fn call(
         &self,
-        s: &SessionContext,
+        s: &Arc<SessionContext>,
         id: &RequestId,
         message: ClientJsonRpcMessage,
     ) -> Outcome {
@@ -99,7 +99,7 @@ impl Direct {
     /// first.
     async fn read(
         &self,
-        s: &SessionContext,
+        s: &Arc<SessionContext>,
         id: &RequestId,
         mut events: futures::stream::BoxStream<
             'static,
@@ -152,7 +152,12 @@ impl Direct {
 
     /// Takes one message of the answer: the answer to `id` ends the call; notifications and
     /// the upstream's requests are handled as the connection's handler handles them.
-    fn take(&self, s: &SessionContext, id: &RequestId, m: ServerJsonRpcMessage) -> Option<Outcome> {
+    fn take(
+        &self,
+        s: &Arc<SessionContext>,
+        id: &RequestId,
+        m: ServerJsonRpcMessage,
+    ) -> Option<Outcome> {
         match m {
             JsonRpcMessage::Response(r) if r.id == *id => {
                 Some(Outcome::Answered(Box::new(r.result)))
@@ -174,7 +179,7 @@ impl Direct {
     }
 
     /// Answers a request of the upstream by a POST in the session, without waiting for it.
-    fn answer(&self, s: &SessionContext, r: JsonRpcRequest<ServerRequest>) {
+    fn answer(&self, s: &Arc<SessionContext>, r: JsonRpcRequest<ServerRequest>) {
         let message = match self.handler.answer(&r.request) {
             Ok(result) => ClientJsonRpcMessage::response(result, r.id),
             Err(e) => ClientJsonRpcMessage::error(e, Some(r.id)),

@@ -56,14 +56,13 @@ pub(crate) struct UpstreamHttp {
     client: reqwest::Client,
     target: Arc<Target>,
     /// What rmcp's worker sent its last request or notification of the session with.
-    session: Arc<parking_lot::Mutex<Option<SessionContext>>>,
+    session: Arc<parking_lot::Mutex<Option<Arc<SessionContext>>>>,
 }
 
 /// What every message of an upstream's session is sent with: the URL, the session id (none
 /// for an upstream that keeps no sessions), the authorization and the headers (the
 /// configured ones and the protocol version). Taken from rmcp's worker, which opened the
 /// session, so that forwarded calls can be sent in it without the worker (`direct.rs`).
-#[derive(Clone)]
 pub(crate) struct SessionContext {
     uri: Arc<str>,
     session_id: Option<Arc<str>>,
@@ -92,7 +91,7 @@ impl UpstreamHttp {
     }
 
     /// The session's context once rmcp's worker has sent a message in it (`None` before).
-    pub(crate) fn session(&self) -> Option<SessionContext> {
+    pub(crate) fn session(&self) -> Option<Arc<SessionContext>> {
         self.session.lock().clone()
     }
 
@@ -119,12 +118,12 @@ impl UpstreamHttp {
                 && k.headers == *headers
         });
         if !same {
-            *kept = Some(SessionContext {
+            *kept = Some(Arc::new(SessionContext {
                 uri: uri.clone(),
                 session_id: session_id.clone(),
                 auth_header: auth_header.clone(),
                 headers: headers.clone(),
-            });
+            }));
         }
     }
 

@@ -917,7 +917,7 @@ async fn await_answer(
 async fn send_direct(
     conn: &Conn,
     direct: &Direct,
-    session: &crate::http::SessionContext,
+    session: &Arc<crate::http::SessionContext>,
     mut request: ClientRequest,
     deadline: tokio::time::Instant,
     ctx: &RequestContext,

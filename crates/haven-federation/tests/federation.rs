@@ -1471,3 +1471,238 @@ async fn held_upstreams_are_not_started() {
     n.stop().await;
     web.stop().await;
 }
+
+/// A hand-written Streamable HTTP upstream whose answers to `tools/call` are SSE streams that
+/// end before the answer: `once` after one event (the answer follows when the stream is
+/// resumed with `Last-Event-ID`), `never` every time (each resumption ends after one more
+/// event), `no_id` after an event without an id (nothing to resume from).
+#[derive(Default)]
+struct Cutting {
+    /// Every `tools/call` request id, in order.
+    call_ids: parking_lot::Mutex<Vec<Value>>,
+    /// Every resumption: the `Last-Event-ID` and `Mcp-Session-Id` it carried.
+    resumes: parking_lot::Mutex<Vec<(String, Option<String>)>>,
+    /// The request id of the `once` call, answered on its resumption.
+    once: parking_lot::Mutex<Option<Value>>,
+}
+
+fn sse(events: String) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        axum::http::StatusCode::OK,
+        [
+            ("content-type", "text/event-stream"),
+            ("mcp-session-id", "cutting-1"),
+        ],
+        events,
+    )
+        .into_response()
+}
+
+fn progress_event(id: Option<&str>, token: &Value, message: &str) -> String {
+    let data = json!({
+        "jsonrpc": "2.0",
+        "method": "notifications/progress",
+        "params": {"progressToken": token, "progress": 1, "message": message},
+    });
+    match id {
+        Some(id) => format!("id: {id}\ndata: {data}\n\n"),
+        None => format!("data: {data}\n\n"),
+    }
+}
+
+async fn cutting_post(
+    axum::extract::State(cut): axum::extract::State<Arc<Cutting>>,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+
+    let Ok(msg) = serde_json::from_slice::<Value>(&body) else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    let Some(id) = msg.get("id").cloned() else {
+        return StatusCode::ACCEPTED.into_response();
+    };
+    let params = &msg["params"];
+    let json_result = |r: Value| {
+        (
+            StatusCode::OK,
+            [
+                ("content-type", "application/json"),
+                ("mcp-session-id", "cutting-1"),
+            ],
+            json!({"jsonrpc": "2.0", "id": id, "result": r}).to_string(),
+        )
+            .into_response()
+    };
+    match msg["method"].as_str().unwrap_or("") {
+        "initialize" => json_result(json!({
+            "protocolVersion": params["protocolVersion"],
+            "capabilities": {"tools": {}},
+            "serverInfo": {"name": "cutting", "version": "0.0.0"},
+        })),
+        "tools/list" => {
+            let tools = ["once", "never", "no_id"]
+                .map(|n| json!({"name": n, "inputSchema": {"type": "object"}}));
+            json_result(json!({ "tools": tools }))
+        }
+        "tools/call" => {
+            cut.call_ids.lock().push(id.clone());
+            let token = &params["_meta"]["progressToken"];
+            match params["name"].as_str().unwrap_or("") {
+                "once" => {
+                    *cut.once.lock() = Some(id.clone());
+                    sse(progress_event(Some("once-1"), token, "halfway"))
+                }
+                "never" => sse(progress_event(Some("never-0"), token, "cut")),
+                _ => sse(progress_event(None, token, "cut without an id")),
+            }
+        }
+        _ => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+async fn cutting_get(
+    axum::extract::State(cut): axum::extract::State<Arc<Cutting>>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    // The session's own stream (no `Last-Event-ID`) is not offered.
+    let Some(last) = header("last-event-id") else {
+        return axum::http::StatusCode::METHOD_NOT_ALLOWED.into_response();
+    };
+    cut.resumes
+        .lock()
+        .push((last.clone(), header("mcp-session-id")));
+    if last == "once-1" {
+        let id = cut.once.lock().clone().unwrap_or(Value::Null);
+        let answer = json!({
+            "jsonrpc": "2.0",
+            "id": id,
+            "result": {"content": [{"type": "text", "text": "resumed"}]},
+        });
+        return sse(format!("id: once-2\ndata: {answer}\n\n"));
+    }
+    match last
+        .strip_prefix("never-")
+        .and_then(|n| n.parse::<u32>().ok())
+    {
+        // One more event, and the stream ends again.
+        Some(n) => sse(format!(
+            "id: never-{}\ndata: {}\n\n",
+            n + 1,
+            json!({"jsonrpc": "2.0", "method": "notifications/message",
+                   "params": {"level": "info", "data": "still cut"}}),
+        )),
+        None => axum::http::StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_stream_cut_before_the_answer_is_resumed_from_its_last_event() {
+    let cut = Arc::new(Cutting::default());
+    let listener = tokio::net::TcpListener::bind(local()).await.unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    let server_ct = CancellationToken::new();
+    let server = tokio::spawn({
+        let ct = server_ct.clone();
+        let router = axum::Router::new()
+            .route(
+                "/mcp",
+                axum::routing::post(cutting_post)
+                    .get(cutting_get)
+                    .delete(|| async { axum::http::StatusCode::OK }),
+            )
+            .with_state(cut.clone());
+        async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(ct.cancelled_owned())
+                .await;
+        }
+    });
+
+    let mut s = settings();
+    s.breaker_failures = 100;
+    let n = node(s);
+    n.register(http_spec("cutting", &url)).await;
+    n.wait_state("cutting", UpstreamState::Connected, CONNECT)
+        .await;
+
+    // Cut after its first event: resumed once, in the session, from that event; the event's
+    // progress reaches the client, and the answer comes from the resumed stream.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let token = Some(ProgressToken(NumberOrString::Number(7)));
+    let c = ctx_with(&n.store, token, Some(tx), CancellationToken::new());
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        n.call_with(&c, "cutting__once", json!({})),
+    )
+    .await
+    .expect("no answer")
+    .unwrap();
+    assert_eq!(text_of(&r), "resumed");
+    assert_eq!(
+        *cut.resumes.lock(),
+        [("once-1".to_string(), Some("cutting-1".to_string()))]
+    );
+    let Ok(Item::Notify(progress)) = rx.try_recv() else {
+        panic!("the cut stream's progress was not forwarded")
+    };
+    assert!(
+        progress.contains("halfway") && progress.contains("\"progressToken\":7"),
+        "{progress}"
+    );
+    // It went without rmcp's service (Haven's own ids).
+    let ids = cut.call_ids.lock().clone();
+    assert!(
+        ids.iter()
+            .all(|i| i.as_str().is_some_and(|s| s.starts_with("haven-"))),
+        "{ids:?}"
+    );
+
+    // Cut every time: resumed three times, each from the last event seen, then the call
+    // fails as a lost connection.
+    cut.resumes.lock().clear();
+    let e = tokio::time::timeout(Duration::from_secs(10), n.call("cutting__never", json!({})))
+        .await
+        .expect("no answer")
+        .unwrap_err();
+    assert_eq!(e.code.0, UPSTREAM_UNAVAILABLE, "{e:?}");
+    assert!(
+        e.message
+            .contains("closed the connection before it answered"),
+        "{e:?}"
+    );
+    let resumed: Vec<String> = cut.resumes.lock().iter().map(|r| r.0.clone()).collect();
+    assert_eq!(resumed, ["never-0", "never-1", "never-2"]);
+
+    // Cut with no event id to resume from: fails at once, without a resumption.
+    cut.resumes.lock().clear();
+    let e = tokio::time::timeout(Duration::from_secs(10), n.call("cutting__no_id", json!({})))
+        .await
+        .expect("no answer")
+        .unwrap_err();
+    assert_eq!(e.code.0, UPSTREAM_UNAVAILABLE, "{e:?}");
+    assert!(cut.resumes.lock().is_empty());
+    // Each call was posted once: a stream resumed is not a call sent again.
+    assert_eq!(cut.call_ids.lock().len(), 3);
+
+    n.stop().await;
+    server_ct.cancel();
+    let mut server = server;
+    if tokio::time::timeout(Duration::from_secs(5), &mut server)
+        .await
+        .is_err()
+    {
+        server.abort();
+        let _ = server.await;
+    }
+}
