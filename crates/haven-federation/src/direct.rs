@@ -25,7 +25,7 @@ use rmcp::transport::streamable_http_client::StreamableHttpPostResponse;
 
 use crate::connect::{self, Handler};
 use crate::failure::{Failure, Reason};
-use crate::http::{SessionContext, UpstreamHttp};
+use crate::http::{Encoded, SessionContext, UpstreamHttp};
 
 /// Times an answer's stream is resumed after it ended before the answer.
 const MAX_RESUMES: u32 = 3;
@@ -63,12 +63,13 @@ pub(crate) fn connection_lost() -> Failure {
 }
 
 impl Direct {
-    /// Sends `message` (request `id`) in session `s` and reads its answer.
+    /// Sends `message` (request `id`, encoded by [`crate::http::encode`]) in session `s` and
+    /// reads its answer.
     pub(crate) async fn call(
         &self,
         s: &Arc<SessionContext>,
         id: &RequestId,
-        message: ClientJsonRpcMessage,
+        message: Encoded,
     ) -> Outcome {
         match self.http.send_in(s, message).await {
             Err(e) if connect::never_reached(&e) => {
@@ -185,6 +186,13 @@ impl Direct {
             Err(e) => ClientJsonRpcMessage::error(e, Some(r.id)),
         };
         let (http, s, upstream) = (self.http.clone(), s.clone(), self.handler.upstream.clone());
+        let message = match crate::http::encode(&message) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(%upstream, error = %e, "answering an upstream's request failed");
+                return;
+            }
+        };
         tokio::spawn(async move {
             if let Err(e) = http.send_in(&s, message).await {
                 tracing::debug!(%upstream, error = %e, "answering an upstream's request failed");

@@ -127,11 +127,12 @@ impl UpstreamHttp {
         }
     }
 
-    /// Posts `message` in the session `s`, as rmcp's worker would (see [`UpstreamHttp::send`]).
+    /// Posts a message, encoded by [`encode`], in the session `s`, as rmcp's worker would
+    /// (see [`UpstreamHttp::send`]).
     pub(crate) async fn send_in(
         &self,
         s: &SessionContext,
-        message: ClientJsonRpcMessage,
+        message: Encoded,
     ) -> Result<StreamableHttpPostResponse, Error> {
         self.send(
             s.uri.clone(),
@@ -206,6 +207,26 @@ fn typed<R: DeserializeOwned>(
         id: t.id,
         result: wrap(t.result),
     }))
+}
+
+/// A message encoded to be posted, with the result its answer is decoded as. Encoded before
+/// the send's future starts, so that the message itself is not part of it.
+pub(crate) struct Encoded {
+    body: Vec<u8>,
+    expect: Expect,
+}
+
+/// Encodes `message` for [`UpstreamHttp::send_in`].
+pub(crate) fn encode(message: &ClientJsonRpcMessage) -> Result<Encoded, Error> {
+    let body = serde_json::to_vec(message).map_err(|e| {
+        StreamableHttpError::UnexpectedServerResponse(Cow::Owned(format!(
+            "cannot encode the request: {e}"
+        )))
+    })?;
+    Ok(Encoded {
+        body,
+        expect: Expect::of(message),
+    })
 }
 
 /// Decodes a JSON answer: as the result `expect` names if it is one, else as any message.
@@ -290,18 +311,13 @@ impl UpstreamHttp {
     async fn send(
         &self,
         uri: Arc<str>,
-        message: ClientJsonRpcMessage,
+        message: Encoded,
         session_id: Option<Arc<str>>,
         auth_header: Option<String>,
         custom_headers: &HashMap<HeaderName, HeaderValue>,
         limits: StreamableHttpResponseLimits,
     ) -> Result<StreamableHttpPostResponse, Error> {
-        let expect = Expect::of(&message);
-        let body = serde_json::to_vec(&message).map_err(|e| {
-            StreamableHttpError::UnexpectedServerResponse(Cow::Owned(format!(
-                "cannot encode the request: {e}"
-            )))
-        })?;
+        let Encoded { body, expect } = message;
         let mut request = self
             .post(&uri)
             .header(ACCEPT, ACCEPTED_TYPES)
@@ -424,6 +440,7 @@ impl StreamableHttpClient for UpstreamHttp {
                 )
                 .await;
         }
+        let message = encode(&message)?;
         self.send(
             uri,
             message,

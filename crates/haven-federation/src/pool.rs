@@ -548,7 +548,24 @@ impl Upstreams {
     /// Sends `request` to upstream `name` on behalf of the client of `ctx`, with the call's
     /// deadline, cancellation, circuit breaker and one retry of an undelivered request.
     /// `extract` turns the answer into the expected result; `None` is an invalid answer.
-    pub(crate) async fn request<T>(
+    ///
+    /// The call's future is boxed here. It holds the HTTP client's state and is several KiB;
+    /// awaited inline, it would make the future of every call of `FederatedCatalog` as large,
+    /// and that future is moved into a box of its own (the `Catalog` trait's) on every call,
+    /// those for Haven's own tools included (BENCHMARKS.md, "A large future moved on every
+    /// tool call").
+    pub(crate) fn request<'a, T: Send + 'a>(
+        &'a self,
+        name: &'a str,
+        method: &'a str,
+        request: ClientRequest,
+        ctx: &'a RequestContext,
+        extract: impl Fn(ServerResult) -> Option<T> + Send + 'a,
+    ) -> futures::future::BoxFuture<'a, Result<T, ErrorData>> {
+        Box::pin(self.forward(name, method, request, ctx, extract))
+    }
+
+    async fn forward<T>(
         &self,
         name: &str,
         method: &str,
@@ -587,7 +604,7 @@ impl Upstreams {
         }
         let outcome = {
             use tracing::Instrument as _;
-            deliver(&entry, name, request, deadline, ctx)
+            deliver(&entry, name, &request, deadline, ctx)
                 .instrument(span)
                 .await
         };
@@ -642,7 +659,7 @@ fn admit(entry: &Entry, name: &str, settings: &UpstreamSettings) -> Result<Admit
 async fn deliver(
     entry: &Entry,
     name: &str,
-    request: ClientRequest,
+    request: &ClientRequest,
     deadline: tokio::time::Instant,
     ctx: &RequestContext,
 ) -> Result<Sent, NoConn> {
@@ -650,7 +667,7 @@ async fn deliver(
     let mut retried = false;
     loop {
         let conn = wait_conn(entry, deadline, min_generation, ctx.cancelled()).await?;
-        match send_once(&conn, request.clone(), deadline, ctx).await {
+        match send_once(&conn, request, deadline, ctx).await {
             Sent::NotDelivered(why) if entry.is_http() && !retried => {
                 let why = why.detail_for(&entry.secrets.lock());
                 tracing::debug!(upstream = name, %why, "request not delivered; reconnecting and retrying once");
@@ -840,7 +857,7 @@ fn cancel_upstream(peer: &Peer<RoleClient>, id: rmcp::model::RequestId, reason: 
 
 async fn send_once(
     conn: &Conn,
-    request: ClientRequest,
+    request: &ClientRequest,
     deadline: tokio::time::Instant,
     ctx: &RequestContext,
 ) -> Sent {
@@ -857,7 +874,7 @@ async fn send_once(
     }
     let handle = match conn
         .peer
-        .send_cancellable_request(request, PeerRequestOptions::no_options())
+        .send_cancellable_request(request.clone(), PeerRequestOptions::no_options())
         .await
     {
         Ok(h) => h,
@@ -875,24 +892,26 @@ async fn send_once(
             token: handle.progress_token.clone(),
         }
     };
-    let answer = async {
+    let answer = std::pin::pin!(async {
         match handle.rx.await {
             Ok(Ok(result)) => Sent::Answered(Box::new(result)),
             Ok(Err(e)) => classify(e),
             Err(_) => Sent::Failed(connection_lost()),
         }
-    };
+    });
     await_answer(conn, id, deadline, ctx, answer).await
 }
 
 /// Waits for `answer` to request `id`, unless the connection ends, the deadline passes or
-/// the client cancels first (the upstream is then sent `notifications/cancelled`).
+/// the client cancels first (the upstream is then sent `notifications/cancelled`). `answer`
+/// is pinned by the caller: taken by value, it would be stored twice in this future (as the
+/// argument, and in the `select!`).
 async fn await_answer(
     conn: &Conn,
     id: rmcp::model::RequestId,
     deadline: tokio::time::Instant,
     ctx: &RequestContext,
-    answer: impl Future<Output = Sent>,
+    answer: std::pin::Pin<&mut impl Future<Output = Sent>>,
 ) -> Sent {
     tokio::select! {
         biased;
@@ -918,29 +937,39 @@ async fn send_direct(
     conn: &Conn,
     direct: &Direct,
     session: &Arc<crate::http::SessionContext>,
-    mut request: ClientRequest,
+    request: &ClientRequest,
     deadline: tokio::time::Instant,
     ctx: &RequestContext,
 ) -> Sent {
     use rmcp::model::GetMeta as _;
     let (id, token) = crate::direct::new_id();
-    request.get_meta_mut().set_progress_token(token.clone());
     let _route = {
         conn.progress.lock().insert(token.clone(), ctx.clone());
         ProgressRoute {
             map: conn.progress.clone(),
-            token,
+            token: token.clone(),
         }
     };
-    let message = rmcp::model::ClientJsonRpcMessage::request(request, id.clone());
-    let answer = async {
-        match direct.call(session, &id, message).await {
+    // Encoded here, in a scope of its own, so that neither the request nor the message is
+    // kept in this call's future while it waits.
+    let encoded = {
+        let mut request = request.clone();
+        request.get_meta_mut().set_progress_token(token);
+        let message = rmcp::model::ClientJsonRpcMessage::request(request, id.clone());
+        crate::http::encode(&message)
+    };
+    let encoded = match encoded {
+        Ok(e) => e,
+        Err(e) => return Sent::Failed(Failure::from_error("the request failed", &e)),
+    };
+    let answer = std::pin::pin!(async {
+        match direct.call(session, &id, encoded).await {
             Outcome::Answered(result) => Sent::Answered(result),
             Outcome::UpstreamError(e) => Sent::UpstreamError(e),
             Outcome::NotDelivered(f) => Sent::NotDelivered(f),
             Outcome::Failed(f) => Sent::Failed(f),
         }
-    };
+    });
     await_answer(conn, id.clone(), deadline, ctx, answer).await
 }
 
