@@ -312,6 +312,57 @@ impl ServerHandler for TestUpstream {
     }
 }
 
+/// An axum router served on a local port until [`Served::stop`]: the test upstream's, or a
+/// test's own hand-written upstream.
+pub struct Served {
+    /// The MCP endpoint (`/mcp`).
+    pub url: String,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    ct: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Served {
+    /// Serves `router` on `addr` (e.g. `127.0.0.1:0`); `ct` ends it (graceful shutdown).
+    pub async fn start(
+        router: axum::Router,
+        addr: SocketAddr,
+        ct: CancellationToken,
+    ) -> std::io::Result<Served> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn({
+            let ct = ct.clone();
+            async move {
+                let _ = axum::serve(listener, router)
+                    .with_graceful_shutdown(async move { ct.cancelled_owned().await })
+                    .await;
+            }
+        });
+        Ok(Served {
+            url: format!("http://{addr}/mcp"),
+            addr,
+            ct,
+            task,
+        })
+    }
+
+    /// Stops serving: connections close, the port is free again (the server is aborted if it
+    /// has not ended 5 s after being told to).
+    pub async fn stop(self) {
+        self.ct.cancel();
+        let mut task = self.task;
+        if tokio::time::timeout(Duration::from_secs(5), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
 /// The test upstream over Streamable HTTP on a local port.
 pub struct HttpUpstream {
     /// The MCP endpoint.
@@ -320,8 +371,7 @@ pub struct HttpUpstream {
     pub addr: SocketAddr,
     /// Shared observations.
     pub probe: Arc<Probe>,
-    ct: CancellationToken,
-    task: JoinHandle<()>,
+    served: Served,
 }
 
 impl HttpUpstream {
@@ -347,36 +397,18 @@ impl HttpUpstream {
                 config,
             );
         let router = axum::Router::new().nest_service("/mcp", service);
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        let addr = listener.local_addr()?;
-        let task = tokio::spawn({
-            let ct = ct.clone();
-            async move {
-                let _ = axum::serve(listener, router)
-                    .with_graceful_shutdown(async move { ct.cancelled_owned().await })
-                    .await;
-            }
-        });
+        let served = Served::start(router, addr, ct).await?;
         Ok(HttpUpstream {
-            url: format!("http://{addr}/mcp"),
-            addr,
+            url: served.url.clone(),
+            addr: served.addr,
             probe,
-            ct,
-            task,
+            served,
         })
     }
 
     /// Stops serving: sessions end, connections close, the port is free again.
     pub async fn stop(self) {
-        self.ct.cancel();
-        let mut task = self.task;
-        if tokio::time::timeout(Duration::from_secs(5), &mut task)
-            .await
-            .is_err()
-        {
-            task.abort();
-            let _ = task.await;
-        }
+        self.served.stop().await;
     }
 }
 

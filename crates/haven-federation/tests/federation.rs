@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use haven_catalogs::DefaultCatalog;
 use haven_control::config::UpstreamSettings;
 use haven_control::registry::{Piece, Registry, Transport, UpstreamSpec, parse_template};
-use haven_federation::testing::{HttpUpstream, long_tool_name};
+use haven_federation::testing::{HttpUpstream, Served, long_tool_name};
 use haven_federation::{
     FederatedCatalog, LISTS_NS, REQUEST_CANCELLED, SecretResolver, UPSTREAM_TIMEOUT,
     UPSTREAM_UNAVAILABLE, UpstreamLists, UpstreamState, UpstreamStatus, Upstreams,
@@ -294,6 +294,13 @@ fn local() -> SocketAddr {
 }
 
 /// Tries `attempt` every `every` until it gives a value; fails saying `what` after `limit`.
+/// A hand-written upstream: `router` served on 127.0.0.1 until it is stopped.
+async fn serve_local(router: axum::Router) -> Served {
+    Served::start(router, local(), CancellationToken::new())
+        .await
+        .unwrap()
+}
+
 async fn retry<T>(
     limit: Duration,
     every: Duration,
@@ -763,20 +770,11 @@ async fn an_http_upstream_that_restarts_is_used_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_hanging_upstreams_fail_while_a_healthy_one_answers() {
     // A route answering 200 text/plain to everything, and a listener that never answers.
-    let garbage = tokio::net::TcpListener::bind(local()).await.unwrap();
-    let garbage_url = format!("http://{}/mcp", garbage.local_addr().unwrap());
-    let garbage_ct = CancellationToken::new();
-    let garbage_task = tokio::spawn({
-        let ct = garbage_ct.clone();
-        async move {
-            let router = axum::Router::new().fallback(|| async {
-                ([(axum::http::header::CONTENT_TYPE, "text/plain")], "nope")
-            });
-            let _ = axum::serve(garbage, router)
-                .with_graceful_shutdown(ct.cancelled_owned())
-                .await;
-        }
-    });
+    let garbage = serve_local(
+        axum::Router::new()
+            .fallback(|| async { ([(axum::http::header::CONTENT_TYPE, "text/plain")], "nope") }),
+    )
+    .await;
     let hanging = tokio::net::TcpListener::bind(local()).await.unwrap();
     let hanging_url = format!("http://{}/mcp", hanging.local_addr().unwrap());
     let hanging_task = tokio::spawn(async move {
@@ -792,7 +790,7 @@ async fn garbage_and_hanging_upstreams_fail_while_a_healthy_one_answers() {
     s.timeout_ms = 1_000;
     let n = Arc::new(node(s));
     n.register(http_spec("web", &web.url)).await;
-    n.register(http_spec("garbage", &garbage_url)).await;
+    n.register(http_spec("garbage", &garbage.url)).await;
     n.register(http_spec("hanging", &hanging_url)).await;
     n.wait_state("web", UpstreamState::Connected, CONNECT).await;
 
@@ -835,8 +833,7 @@ async fn garbage_and_hanging_upstreams_fail_while_a_healthy_one_answers() {
     let n = Arc::try_unwrap(n).ok().unwrap();
     n.stop().await;
     web.stop().await;
-    garbage_ct.cancel();
-    garbage_task.await.unwrap();
+    garbage.stop().await;
     hanging_task.abort();
     let _ = hanging_task.await;
 }
@@ -1027,25 +1024,17 @@ async fn an_upstream_answering_garbage_mid_call_gives_a_json_rpc_error() {
     use haven_federation::UPSTREAM_BAD_RESPONSE;
 
     let shaky = Arc::new(Shaky::default());
-    let listener = tokio::net::TcpListener::bind(local()).await.unwrap();
-    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
-    let server_ct = CancellationToken::new();
-    let server = tokio::spawn({
-        let ct = server_ct.clone();
-        let router = axum::Router::new()
+    let server = serve_local(
+        axum::Router::new()
             .route(
                 "/mcp",
                 axum::routing::post(shaky_mcp)
                     .get(|| async { axum::http::StatusCode::METHOD_NOT_ALLOWED })
                     .delete(|| async { axum::http::StatusCode::OK }),
             )
-            .with_state(shaky.clone());
-        async move {
-            let _ = axum::serve(listener, router)
-                .with_graceful_shutdown(ct.cancelled_owned())
-                .await;
-        }
-    });
+            .with_state(shaky.clone()),
+    )
+    .await;
 
     // A breaker that never opens here, so every variant reaches the upstream.
     let mut s = settings();
@@ -1053,7 +1042,7 @@ async fn an_upstream_answering_garbage_mid_call_gives_a_json_rpc_error() {
     s.breaker_failures = 100;
     s.breaker_cooldown_ms = 100;
     let n = node(s);
-    n.register(http_spec("shaky", &url)).await;
+    n.register(http_spec("shaky", &server.url)).await;
     n.wait_state("shaky", UpstreamState::Connected, CONNECT)
         .await;
     assert!(n.tool_names().await.contains(&"shaky__bad".to_string()));
@@ -1133,15 +1122,7 @@ async fn an_upstream_answering_garbage_mid_call_gives_a_json_rpc_error() {
     );
 
     n.stop().await;
-    server_ct.cancel();
-    let mut server = server;
-    if tokio::time::timeout(Duration::from_secs(5), &mut server)
-        .await
-        .is_err()
-    {
-        server.abort();
-        let _ = server.await;
-    }
+    server.stop().await;
 }
 
 /// A secret-looking query parameter of the leaky upstream's URL.
@@ -1609,30 +1590,22 @@ async fn cutting_get(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_stream_cut_before_the_answer_is_resumed_from_its_last_event() {
     let cut = Arc::new(Cutting::default());
-    let listener = tokio::net::TcpListener::bind(local()).await.unwrap();
-    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
-    let server_ct = CancellationToken::new();
-    let server = tokio::spawn({
-        let ct = server_ct.clone();
-        let router = axum::Router::new()
+    let server = serve_local(
+        axum::Router::new()
             .route(
                 "/mcp",
                 axum::routing::post(cutting_post)
                     .get(cutting_get)
                     .delete(|| async { axum::http::StatusCode::OK }),
             )
-            .with_state(cut.clone());
-        async move {
-            let _ = axum::serve(listener, router)
-                .with_graceful_shutdown(ct.cancelled_owned())
-                .await;
-        }
-    });
+            .with_state(cut.clone()),
+    )
+    .await;
 
     let mut s = settings();
     s.breaker_failures = 100;
     let n = node(s);
-    n.register(http_spec("cutting", &url)).await;
+    n.register(http_spec("cutting", &server.url)).await;
     n.wait_state("cutting", UpstreamState::Connected, CONNECT)
         .await;
 
@@ -1696,13 +1669,5 @@ async fn an_answer_stream_cut_before_the_answer_is_resumed_from_its_last_event()
     assert_eq!(cut.call_ids.lock().len(), 3);
 
     n.stop().await;
-    server_ct.cancel();
-    let mut server = server;
-    if tokio::time::timeout(Duration::from_secs(5), &mut server)
-        .await
-        .is_err()
-    {
-        server.abort();
-        let _ = server.await;
-    }
+    server.stop().await;
 }
