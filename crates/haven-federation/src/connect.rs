@@ -313,8 +313,13 @@ async fn expand(
 /// not affected.
 #[derive(Clone, Debug, Default)]
 pub struct UpstreamTls {
-    /// `None`: reqwest's own verification (the platform's verifier, the system's roots).
+    /// `None`: the platform's verifier with the system's roots (`platform`).
     config: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// The platform's verifier with the system's roots, when `config` is `None`: built once
+    /// for the node and shared by every HTTP upstream's clients (loading the roots cost about
+    /// as much as 150 forwarded calls). `None` inside if it could not be built: reqwest then
+    /// builds its own, and posts the forwarded calls too.
+    platform: std::sync::Arc<std::sync::OnceLock<Option<rustls::ClientConfig>>>,
 }
 
 impl UpstreamTls {
@@ -328,7 +333,31 @@ impl UpstreamTls {
             .with_no_client_auth();
         Ok(UpstreamTls {
             config: Some(std::sync::Arc::new(config)),
+            platform: Default::default(),
         })
+    }
+
+    /// What https:// upstreams are verified with, by reqwest and by hyper's client for the
+    /// forwarded calls (`http.rs`); no ALPN, so HTTP/1.1. `None` if the platform's verifier
+    /// cannot be built.
+    fn client_config(&self) -> Option<rustls::ClientConfig> {
+        if let Some(config) = &self.config {
+            return Some((**config).clone());
+        }
+        self.platform
+            .get_or_init(|| {
+                use rustls_platform_verifier::BuilderVerifierExt;
+                let built = rustls::ClientConfig::builder_with_provider(
+                    haven_state::tls::provider(),
+                )
+                .with_safe_default_protocol_versions()
+                .and_then(|b| b.with_platform_verifier())
+                .map(|b| b.with_no_client_auth());
+                built
+                    .map_err(|e| tracing::warn!(error = %e, "the platform's TLS verifier could not be built; reqwest verifies upstreams with its own"))
+                    .ok()
+            })
+            .clone()
     }
 }
 
@@ -518,10 +547,11 @@ async fn open_http(
         value.set_sensitive(true);
         custom.insert(name, value);
     }
-    let mut client = reqwest::Client::builder()
-        .connect_timeout(Duration::from_millis(settings.connect_timeout_ms));
-    if let Some(config) = &tls.config {
-        client = client.tls_backend_preconfigured((**config).clone());
+    let connect_timeout = Duration::from_millis(settings.connect_timeout_ms);
+    let tls_config = tls.client_config();
+    let mut client = reqwest::Client::builder().connect_timeout(connect_timeout);
+    if let Some(config) = &tls_config {
+        client = client.tls_backend_preconfigured(config.clone());
     }
     let client = client
         .build()
@@ -529,7 +559,8 @@ async fn open_http(
     let config = StreamableHttpClientTransportConfig::with_uri(target.url)
         .custom_headers(custom)
         .reinit_on_expired_session(true);
-    let http = crate::http::UpstreamHttp::new(client, target.url);
+    let poster = tls_config.and_then(|t| crate::http::Poster::new(target.url, t, connect_timeout));
+    let http = crate::http::UpstreamHttp::new(client, target.url, poster);
     let transport = StreamableHttpClientTransport::with_client(http.clone(), config);
     let running = rmcp::service::serve_client_with_ct(handler, transport, ct)
         .await
@@ -552,6 +583,9 @@ pub(crate) fn never_reached(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(err) = source {
         if let Some(http) = err.downcast_ref::<StreamableHttpError<reqwest::Error>>() {
+            if crate::http::PostFailure::of(http).is_some_and(|f| f.is_connect()) {
+                return true;
+            }
             match http {
                 StreamableHttpError::Client(c) if c.is_connect() => return true,
                 StreamableHttpError::SessionExpired

@@ -325,6 +325,14 @@ fn classify_typed(e: &(dyn Error + 'static)) -> (Reason, Option<u16>) {
 }
 
 fn classify_http(e: &StreamableHttpError<reqwest::Error>) -> (Reason, Option<u16>) {
+    // hyper's failures on a forwarded call's POST, read as reqwest's are below.
+    if let Some(f) = crate::http::PostFailure::of(e) {
+        return match f {
+            _ if f.is_timeout() => (Reason::Timeout, None),
+            crate::http::PostFailure::Body(_) => (Reason::ConnectionLost, None),
+            crate::http::PostFailure::Send(_) => (Reason::Unreachable, None),
+        };
+    }
     match e {
         StreamableHttpError::Client(r) => classify_reqwest(r),
         StreamableHttpError::HttpStatus(s) => (Reason::HttpStatus, Some(s.status)),

@@ -18,17 +18,31 @@
 //! an unexpected answer. The errors are rmcp's over `reqwest::Error`, so the failure
 //! classification (`failure.rs`) and the retry rule (`connect::not_delivered`) read them as
 //! before.
+//!
+//! The POSTs of those calls go through hyper's client ([`Poster`]), with the upstream's URI
+//! built once: reqwest's request path parses the URL twice on every request (its redirect
+//! layer does, whatever the policy), and its redirect and retry layers wrap every request
+//! (BENCHMARKS.md, "reqwest's layers taken off the forwarded call"). hyper's failures travel in
+//! `StreamableHttpError::Io` as a [`PostFailure`], which the classification reads as it reads
+//! reqwest's. An upstream whose URL carries credentials, or that a proxy applies to (the
+//! `*_PROXY` variables, as reqwest reads them), keeps reqwest for everything.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
-use http::header::{ACCEPT, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
-use http::{HeaderName, HeaderValue, StatusCode};
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http_body_util::{BodyDataStream, Full};
+use hyper::body::Body as _;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use rmcp::model::{
     CallToolResult, ClientJsonRpcMessage, ClientRequest, GetPromptResult, JsonRpcMessage,
     JsonRpcResponse, ReadResourceResult, ServerJsonRpcMessage, ServerResult,
@@ -49,12 +63,17 @@ type Error = StreamableHttpError<reqwest::Error>;
 const MAX_RETRY_AFTER: usize = 128;
 /// What a forwarded call accepts as its answer (the Streamable HTTP transport's rule).
 const ACCEPTED_TYPES: &str = "text/event-stream, application/json";
+/// [`HEADER_SESSION_ID`] as a header name (a test checks they are the same).
+const SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
 
-/// A Streamable HTTP client for one upstream: reqwest with the upstream's URL parsed once.
+/// A Streamable HTTP client for one upstream: reqwest with the upstream's URL parsed once,
+/// and hyper's client for the forwarded calls' POSTs.
 #[derive(Clone)]
 pub(crate) struct UpstreamHttp {
     client: reqwest::Client,
     target: Arc<Target>,
+    /// `None`: reqwest posts the forwarded calls too (see [`Poster::new`]).
+    poster: Option<Arc<Poster>>,
     /// What rmcp's worker sent its last request or notification of the session with.
     session: Arc<parking_lot::Mutex<Option<Arc<SessionContext>>>>,
 }
@@ -78,14 +97,159 @@ struct Target {
     url: Option<reqwest::Url>,
 }
 
+/// hyper's client for the POSTs of forwarded calls to one upstream, with its URI built once.
+pub(crate) struct Poster {
+    client: HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+    uri: http::Uri,
+}
+
+impl Poster {
+    /// A client for `url`, connecting within `connect_timeout` and verifying https:// upstreams
+    /// with `tls` (no ALPN set: HTTP/1.1). `None` when reqwest must post instead: the URL
+    /// carries credentials (reqwest sends them as `Authorization: Basic`), a proxy applies to
+    /// it, or it is not an http:// or https:// URL that both clients read alike.
+    pub(crate) fn new(
+        url: &str,
+        tls: rustls::ClientConfig,
+        connect_timeout: Duration,
+    ) -> Option<Poster> {
+        let parsed = reqwest::Url::parse(url).ok()?;
+        if !matches!(parsed.scheme(), "http" | "https")
+            || !parsed.username().is_empty()
+            || parsed.password().is_some()
+        {
+            return None;
+        }
+        let uri: http::Uri = parsed.as_str().parse().ok()?;
+        if hyper_util::client::proxy::matcher::Matcher::from_system()
+            .intercept(&uri)
+            .is_some()
+        {
+            return None;
+        }
+        Some(Poster::build(uri, tls, connect_timeout))
+    }
+
+    fn build(uri: http::Uri, tls: rustls::ClientConfig, connect_timeout: Duration) -> Poster {
+        // The TCP settings are reqwest's defaults, which the other requests keep.
+        let mut tcp = HttpConnector::new();
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        tcp.set_connect_timeout(Some(connect_timeout));
+        tcp.set_keepalive(Some(Duration::from_secs(15)));
+        tcp.set_keepalive_interval(Some(Duration::from_secs(15)));
+        tcp.set_keepalive_retries(Some(3));
+        #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+        tcp.set_tcp_user_timeout(Some(Duration::from_secs(30)));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(tcp);
+        let client = HyperClient::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        Poster { client, uri }
+    }
+
+    async fn post(&self, headers: HeaderMap, body: Vec<u8>) -> Result<Answer, Error> {
+        let mut request = http::Request::new(Full::new(Bytes::from(body)));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = self.uri.clone();
+        *request.headers_mut() = headers;
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| PostFailure::Send(e).into_error())?;
+        let (parts, body) = response.into_parts();
+        Ok(Answer {
+            status: parts.status,
+            length: body.size_hint().exact(),
+            headers: parts.headers,
+            body: BodyDataStream::new(body)
+                .map_err(|e| PostFailure::Body(e).into_error())
+                .boxed(),
+        })
+    }
+}
+
+/// A failure of hyper's client posting a forwarded call, carried in
+/// `StreamableHttpError::Io` (the error type stays rmcp's over reqwest's, which rmcp's worker
+/// uses for everything else).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PostFailure {
+    #[error("error sending request: {0}")]
+    Send(#[source] hyper_util::client::legacy::Error),
+    #[error("error reading the answer: {0}")]
+    Body(#[source] hyper::Error),
+}
+
+impl PostFailure {
+    fn into_error(self) -> Error {
+        StreamableHttpError::Io(std::io::Error::other(self))
+    }
+
+    /// The failure `e` carries, if it is one of hyper's client.
+    pub(crate) fn of(e: &Error) -> Option<&PostFailure> {
+        match e {
+            StreamableHttpError::Io(io) => io.get_ref()?.downcast_ref(),
+            _ => None,
+        }
+    }
+
+    /// No connection: the request never reached the upstream.
+    pub(crate) fn is_connect(&self) -> bool {
+        matches!(self, PostFailure::Send(e) if e.is_connect())
+    }
+
+    /// The connection was not made in time (reqwest's `is_timeout`).
+    pub(crate) fn is_timeout(&self) -> bool {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = source {
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+            {
+                return true;
+            }
+            source = e.source();
+        }
+        false
+    }
+}
+
+/// An answer's status, headers and body, from either client.
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    /// The body's length, when the answer says it.
+    length: Option<u64>,
+    body: futures::stream::BoxStream<'static, Result<Bytes, Error>>,
+}
+
+impl Answer {
+    fn of_reqwest(mut response: reqwest::Response) -> Answer {
+        Answer {
+            status: response.status(),
+            length: response.content_length(),
+            headers: std::mem::take(response.headers_mut()),
+            body: response
+                .bytes_stream()
+                .map_err(StreamableHttpError::Client)
+                .boxed(),
+        }
+    }
+}
+
 impl UpstreamHttp {
-    pub(crate) fn new(client: reqwest::Client, url: &str) -> UpstreamHttp {
+    pub(crate) fn new(client: reqwest::Client, url: &str, poster: Option<Poster>) -> UpstreamHttp {
         UpstreamHttp {
             client,
             target: Arc::new(Target {
                 text: url.to_owned(),
                 url: reqwest::Url::parse(url).ok(),
             }),
+            poster: poster.map(Arc::new),
             session: Arc::new(parking_lot::Mutex::new(None)),
         }
     }
@@ -251,11 +415,11 @@ fn media_type_is(value: Option<&HeaderValue>, expected: &str) -> bool {
 }
 
 /// Reads the whole body, failing once it passes `max` bytes.
-async fn read_bounded(response: reqwest::Response, max: usize) -> Result<Vec<u8>, Error> {
-    if response.content_length().is_some_and(|n| n > max as u64) {
+async fn read_bounded(response: Answer, max: usize) -> Result<Vec<u8>, Error> {
+    if response.length.is_some_and(|n| n > max as u64) {
         return Err(StreamableHttpError::ResponseBodyTooLarge { max_size: max });
     }
-    let mut stream = response.bytes_stream();
+    let mut stream = response.body;
     let mut body = Vec::new();
     while let Some(chunk) = stream.try_next().await? {
         if chunk.len() > max - body.len() {
@@ -267,8 +431,8 @@ async fn read_bounded(response: reqwest::Response, max: usize) -> Result<Vec<u8>
 }
 
 /// Reads at most `max` bytes of the body, for a diagnostic.
-async fn read_prefix(response: reqwest::Response, max: usize) -> Vec<u8> {
-    let mut stream = response.bytes_stream();
+async fn read_prefix(response: Answer, max: usize) -> Vec<u8> {
+    let mut stream = response.body;
     let mut body = Vec::new();
     while body.len() < max {
         match stream.next().await {
@@ -282,8 +446,8 @@ async fn read_prefix(response: reqwest::Response, max: usize) -> Vec<u8> {
     body
 }
 
-fn challenge(response: &reqwest::Response) -> Result<Option<String>, Error> {
-    match response.headers().get(WWW_AUTHENTICATE) {
+fn challenge(response: &Answer) -> Result<Option<String>, Error> {
+    match response.headers.get(WWW_AUTHENTICATE) {
         None => Ok(None),
         Some(v) => v.to_str().map(|s| Some(s.to_owned())).map_err(|_| {
             StreamableHttpError::UnexpectedServerResponse(Cow::Borrowed(
@@ -318,32 +482,19 @@ impl UpstreamHttp {
         limits: StreamableHttpResponseLimits,
     ) -> Result<StreamableHttpPostResponse, Error> {
         let Encoded { body, expect } = message;
-        let mut request = self
-            .post(&uri)
-            .header(ACCEPT, ACCEPTED_TYPES)
-            .header(CONTENT_TYPE, JSON_MIME_TYPE);
-        if let Some(token) = auth_header {
-            request = request.bearer_auth(token);
-        }
-        for (name, value) in custom_headers {
-            let (name, value) = (name.clone(), value.clone());
-            // The headers rmcp's worker sets itself may not be configured (rmcp's rule);
-            // the protocol version is the worker's own, passed this way.
-            let n = name.as_str();
-            if [ACCEPT.as_str(), HEADER_SESSION_ID, HEADER_LAST_EVENT_ID]
-                .iter()
-                .any(|reserved| n.eq_ignore_ascii_case(reserved))
-            {
-                return Err(StreamableHttpError::ReservedHeaderConflict(n.to_owned()));
-            }
-            request = request.header(name, value);
-        }
         let with_session = session_id.is_some();
-        if let Some(id) = session_id {
-            request = request.header(HEADER_SESSION_ID, id.as_ref());
-        }
-        let response = request.body(body).send().await?;
-        let status = response.status();
+        let headers = post_headers(auth_header, custom_headers, session_id)?;
+        let response = match &self.poster {
+            Some(poster) if *uri == *self.target.text => poster.post(headers, body).await?,
+            _ => {
+                let mut request = self.post(&uri);
+                for (name, value) in &headers {
+                    request = request.header(name, value);
+                }
+                Answer::of_reqwest(request.body(body).send().await?)
+            }
+        };
+        let status = response.status;
 
         if status == StatusCode::UNAUTHORIZED
             && let Some(header) = challenge(&response)?
@@ -366,10 +517,10 @@ impl UpstreamHttp {
         if status == StatusCode::NOT_FOUND && with_session {
             return Err(StreamableHttpError::SessionExpired);
         }
-        let content_type = response.headers().get(CONTENT_TYPE).cloned();
+        let content_type = response.headers.get(CONTENT_TYPE).cloned();
         let is_json = media_type_is(content_type.as_ref(), JSON_MIME_TYPE);
         let new_session = response
-            .headers()
+            .headers
             .get(HEADER_SESSION_ID)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
@@ -499,10 +650,51 @@ impl StreamableHttpClient for UpstreamHttp {
     }
 }
 
+/// The headers of a forwarded call's POST, in the order rmcp's worker sends them: what it
+/// accepts, its type, the bearer token, the configured headers (none of those the worker sets
+/// itself: rmcp's rule), the session.
+fn post_headers(
+    auth_header: Option<String>,
+    custom_headers: &HashMap<HeaderName, HeaderValue>,
+    session_id: Option<Arc<str>>,
+) -> Result<HeaderMap, Error> {
+    let invalid = |what: &str| {
+        StreamableHttpError::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{what} is not a valid header value"),
+        ))
+    };
+    let mut headers = HeaderMap::with_capacity(4 + custom_headers.len());
+    headers.append(ACCEPT, HeaderValue::from_static(ACCEPTED_TYPES));
+    headers.append(CONTENT_TYPE, HeaderValue::from_static(JSON_MIME_TYPE));
+    if let Some(token) = auth_header {
+        let mut value = HeaderValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| invalid("the bearer token"))?;
+        value.set_sensitive(true);
+        headers.append(AUTHORIZATION, value);
+    }
+    for (name, value) in custom_headers {
+        // The protocol version is the worker's own, passed this way.
+        let n = name.as_str();
+        if [ACCEPT.as_str(), HEADER_SESSION_ID, HEADER_LAST_EVENT_ID]
+            .iter()
+            .any(|reserved| n.eq_ignore_ascii_case(reserved))
+        {
+            return Err(StreamableHttpError::ReservedHeaderConflict(n.to_owned()));
+        }
+        headers.append(name.clone(), value.clone());
+    }
+    if let Some(id) = session_id {
+        let value = HeaderValue::try_from(id.as_ref()).map_err(|_| invalid("the session id"))?;
+        headers.append(SESSION_ID, value);
+    }
+    Ok(headers)
+}
+
 /// A non-success answer: its JSON-RPC error if it carries one (an answer, not a failure),
 /// else an HTTP failure (429, 5xx) or the status with the start of the body.
 async fn failed(
-    response: reqwest::Response,
+    response: Answer,
     status: StatusCode,
     is_json: bool,
     session: Option<String>,
@@ -511,7 +703,7 @@ async fn failed(
     let http_failure =
         (status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()).then(|| {
             let retry_after = response
-                .headers()
+                .headers
                 .get(RETRY_AFTER)
                 .filter(|v| v.as_bytes().len() <= MAX_RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
@@ -556,11 +748,11 @@ fn unexpected(status: StatusCode, body: &[u8]) -> Error {
 /// An SSE answer's events, failing once one event passes `max` bytes (counted as they arrive,
 /// before the event is parsed).
 fn bounded_events(
-    response: reqwest::Response,
+    response: Answer,
     max: usize,
 ) -> futures::stream::BoxStream<'static, Result<Sse, SseError>> {
     let bytes = Bounded {
-        inner: response.bytes_stream().boxed(),
+        inner: response.body,
         max,
         event: 0,
         line: 0,
@@ -573,7 +765,7 @@ fn bounded_events(
 /// A byte stream that fails once an SSE event in it passes `max` bytes. An event ends at an
 /// empty line; a line ends at `\n`, `\r` or `\r\n`.
 struct Bounded {
-    inner: futures::stream::BoxStream<'static, reqwest::Result<Bytes>>,
+    inner: futures::stream::BoxStream<'static, Result<Bytes, Error>>,
     max: usize,
     /// Bytes of the event so far.
     event: usize,
@@ -711,6 +903,139 @@ mod tests {
         };
         assert!(matches!(r.result, ServerResult::EmptyResult(_)));
         assert!(decode(b"{", Expect::ReadResource).is_err());
+    }
+
+    #[test]
+    fn the_session_header_is_rmcps() {
+        assert!(SESSION_ID.as_str().eq_ignore_ascii_case(HEADER_SESSION_ID));
+    }
+
+    #[test]
+    fn a_post_carries_the_workers_headers_in_its_order() {
+        let custom = HashMap::from([(
+            HeaderName::from_static("mcp-protocol-version"),
+            HeaderValue::from_static("2025-11-25"),
+        )]);
+        let headers = post_headers(Some("t0k".into()), &custom, Some("s-1".into())).unwrap();
+        let seen: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("accept", ACCEPTED_TYPES),
+                ("content-type", "application/json"),
+                ("authorization", "Bearer t0k"),
+                ("mcp-protocol-version", "2025-11-25"),
+                ("mcp-session-id", "s-1"),
+            ]
+        );
+        assert!(headers[AUTHORIZATION].is_sensitive());
+        // A configured header the worker sets itself is refused, as rmcp refuses it.
+        let reserved = HashMap::from([(
+            HeaderName::from_static("mcp-session-id"),
+            HeaderValue::from_static("x"),
+        )]);
+        assert!(matches!(
+            post_headers(None, &reserved, None),
+            Err(StreamableHttpError::ReservedHeaderConflict(_))
+        ));
+        assert!(post_headers(Some("a\nb".into()), &HashMap::new(), None).is_err());
+    }
+
+    fn tls() -> rustls::ClientConfig {
+        rustls::ClientConfig::builder_with_provider(haven_state::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth()
+    }
+
+    /// Posts a `tools/call` body to `url` through hyper's client.
+    async fn post_to(url: &str) -> Result<StreamableHttpPostResponse, Error> {
+        let poster = Poster::build(url.parse().unwrap(), tls(), Duration::from_secs(10));
+        let http = UpstreamHttp {
+            poster: Some(Arc::new(poster)),
+            ..UpstreamHttp::new(reqwest::Client::new(), url, None)
+        };
+        let message = Encoded {
+            body: br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}}"#
+                .to_vec(),
+            expect: Expect::CallTool,
+        };
+        let limits = StreamableHttpResponseLimits::default();
+        http.send(url.into(), message, None, None, &HashMap::new(), limits)
+            .await
+    }
+
+    #[tokio::test]
+    async fn hypers_failures_are_read_as_reqwests_are() {
+        use crate::failure::{Failure, Reason};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        // Nothing listens on the port: the request never reached the upstream.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let e = post_to(&format!("http://{closed}/mcp")).await.unwrap_err();
+        assert!(
+            PostFailure::of(&e).is_some_and(PostFailure::is_connect),
+            "{e}"
+        );
+        assert!(crate::connect::never_reached(&e));
+        assert_eq!(Failure::from_error("x", &e).reason, Reason::Unreachable);
+
+        // The answer's body ends before its length: the request reached the upstream and
+        // the connection was lost.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            // The whole request (its headers, then its body's closing brace).
+            while !request.ends_with(b"}}") {
+                let n = socket.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the request ended early");
+                request.extend_from_slice(&buf[..n]);
+            }
+            socket
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"jsonrpc\"")
+                .await
+                .unwrap();
+            String::from_utf8(request).unwrap()
+        });
+        let e = post_to(&format!("http://{addr}/mcp")).await.unwrap_err();
+        assert!(
+            matches!(PostFailure::of(&e), Some(PostFailure::Body(_))),
+            "{e}"
+        );
+        assert!(!crate::connect::never_reached(&e));
+        assert_eq!(Failure::from_error("x", &e).reason, Reason::ConnectionLost);
+        let request = server.await.unwrap().to_ascii_lowercase();
+        assert!(request.starts_with("post /mcp http/1.1\r\n"), "{request}");
+        assert!(request.contains("\r\naccept: text/event-stream, application/json\r\n"));
+        assert!(request.contains(&format!("\r\nhost: {addr}\r\n")));
+    }
+
+    #[test]
+    fn a_url_with_credentials_or_another_scheme_is_posted_by_reqwest() {
+        let t = Duration::from_secs(1);
+        // Unless a proxy the environment names applies (then reqwest posts, as it proxies).
+        let proxied = |url: &str| {
+            hyper_util::client::proxy::matcher::Matcher::from_system()
+                .intercept(&url.parse().unwrap())
+                .is_some()
+        };
+        for url in ["http://127.0.0.1:9/mcp", "https://127.0.0.1:9/mcp"] {
+            assert_eq!(Poster::new(url, tls(), t).is_some(), !proxied(url), "{url}");
+        }
+        assert!(Poster::new("http://user:pw@127.0.0.1:9/mcp", tls(), t).is_none());
+        assert!(Poster::new("http://user@127.0.0.1:9/mcp", tls(), t).is_none());
+        assert!(Poster::new("ftp://127.0.0.1:9/mcp", tls(), t).is_none());
+        assert!(Poster::new("not a url", tls(), t).is_none());
     }
 
     #[test]
