@@ -44,8 +44,9 @@ use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use rmcp::model::{
-    CallToolResult, ClientJsonRpcMessage, ClientRequest, GetPromptResult, JsonRpcMessage,
-    JsonRpcResponse, ReadResourceResult, ServerJsonRpcMessage, ServerResult,
+    CallToolResult, ClientJsonRpcMessage, ClientRequest, GetMeta as _, GetPromptResult,
+    JsonRpcMessage, JsonRpcResponse, MetaObject, ProgressToken, ReadResourceResult, Request,
+    RequestId, RequestMetaObject, ServerJsonRpcMessage, ServerResult,
 };
 use rmcp::transport::common::http_header::{
     EVENT_STREAM_MIME_TYPE, HEADER_LAST_EVENT_ID, HEADER_SESSION_ID, JSON_MIME_TYPE,
@@ -54,6 +55,7 @@ use rmcp::transport::streamable_http_client::{
     AuthRequiredError, HttpStatusError, InsufficientScopeError, SseError, StreamableHttpClient,
     StreamableHttpError, StreamableHttpPostResponse, StreamableHttpResponseLimits,
 };
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sse_stream::{Sse, SseStream};
 
@@ -203,7 +205,8 @@ impl PostFailure {
         matches!(self, PostFailure::Send(e) if e.is_connect())
     }
 
-    /// The connection was not made in time (reqwest's `is_timeout`).
+    /// A timeout in the chain: the connection not made in time, or the TCP user timeout
+    /// (what reqwest's `is_timeout` finds).
     pub(crate) fn is_timeout(&self) -> bool {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(self);
         while let Some(e) = source {
@@ -350,12 +353,16 @@ enum Expect {
 impl Expect {
     fn of(message: &ClientJsonRpcMessage) -> Expect {
         match message {
-            JsonRpcMessage::Request(r) => match &r.request {
-                ClientRequest::CallToolRequest(_) => Expect::CallTool,
-                ClientRequest::ReadResourceRequest(_) => Expect::ReadResource,
-                ClientRequest::GetPromptRequest(_) => Expect::GetPrompt,
-                _ => Expect::Other,
-            },
+            JsonRpcMessage::Request(r) => Expect::of_request(&r.request),
+            _ => Expect::Other,
+        }
+    }
+
+    fn of_request(request: &ClientRequest) -> Expect {
+        match request {
+            ClientRequest::CallToolRequest(_) => Expect::CallTool,
+            ClientRequest::ReadResourceRequest(_) => Expect::ReadResource,
+            ClientRequest::GetPromptRequest(_) => Expect::GetPrompt,
             _ => Expect::Other,
         }
     }
@@ -382,15 +389,82 @@ pub(crate) struct Encoded {
 
 /// Encodes `message` for [`UpstreamHttp::send_in`].
 pub(crate) fn encode(message: &ClientJsonRpcMessage) -> Result<Encoded, Error> {
-    let body = serde_json::to_vec(message).map_err(|e| {
-        StreamableHttpError::UnexpectedServerResponse(Cow::Owned(format!(
-            "cannot encode the request: {e}"
-        )))
-    })?;
+    let body = serde_json::to_vec(message).map_err(not_encoded)?;
     Ok(Encoded {
         body,
         expect: Expect::of(message),
     })
+}
+
+/// Encodes a forwarded call (request `id`) with `token` as its progress token: the JSON that
+/// rmcp gives for the request with the token set in its metadata, without rmcp's detour for
+/// `tools/call`, `resources/read` and `prompts/get` (it serializes the parameters to a `Value`
+/// to merge the metadata into them: 8 k of a federated call's instructions; BENCHMARKS.md).
+/// As in rmcp, the request's metadata joins the parameters' own `_meta` and wins on a
+/// conflict; the token wins over both. Other requests, or one whose extensions carry
+/// metadata of the older kind, are encoded by rmcp.
+pub(crate) fn encode_call(
+    request: &ClientRequest,
+    id: &RequestId,
+    token: ProgressToken,
+) -> Result<Encoded, Error> {
+    let direct = match request {
+        ClientRequest::CallToolRequest(r) => direct_call(r, |p| &mut p.meta, id, &token),
+        ClientRequest::ReadResourceRequest(r) => direct_call(r, |p| &mut p.meta, id, &token),
+        ClientRequest::GetPromptRequest(r) => direct_call(r, |p| &mut p.meta, id, &token),
+        _ => None,
+    };
+    match direct {
+        Some(Ok(body)) => Ok(Encoded {
+            body,
+            expect: Expect::of_request(request),
+        }),
+        Some(Err(e)) => Err(not_encoded(e)),
+        None => {
+            let mut request = request.clone();
+            request.get_meta_mut().set_progress_token(token);
+            encode(&ClientJsonRpcMessage::request(request, id.clone()))
+        }
+    }
+}
+
+/// See [`encode_call`]; `meta`: the parameters' own `_meta`.
+fn direct_call<M: Serialize, P: Serialize + Clone>(
+    request: &Request<M, P>,
+    meta: fn(&mut P) -> &mut Option<RequestMetaObject>,
+    id: &RequestId,
+    token: &ProgressToken,
+) -> Option<Result<Vec<u8>, serde_json::Error>> {
+    #[derive(Serialize)]
+    struct Message<'a, M, P> {
+        jsonrpc: &'static str,
+        id: &'a RequestId,
+        method: &'a M,
+        params: &'a P,
+    }
+    if request.extensions.get::<MetaObject>().is_some() {
+        return None;
+    }
+    let mut params = request.params.clone();
+    let own = meta(&mut params).get_or_insert_default();
+    if let Some(extra) = request.extensions.get::<RequestMetaObject>() {
+        own.0
+            .0
+            .extend(extra.0.0.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    own.set_progress_token(token.clone());
+    Some(serde_json::to_vec(&Message {
+        jsonrpc: "2.0",
+        id,
+        method: &request.method,
+        params: &params,
+    }))
+}
+
+fn not_encoded(e: serde_json::Error) -> Error {
+    StreamableHttpError::UnexpectedServerResponse(Cow::Owned(format!(
+        "cannot encode the request: {e}"
+    )))
 }
 
 /// Decodes a JSON answer: as the result `expect` names if it is one, else as any message.
@@ -903,6 +977,64 @@ mod tests {
         };
         assert!(matches!(r.result, ServerResult::EmptyResult(_)));
         assert!(decode(b"{", Expect::ReadResource).is_err());
+    }
+
+    #[test]
+    fn a_forwarded_call_is_encoded_as_rmcp_encodes_it() {
+        use rmcp::model::{
+            CallToolRequest, CallToolRequestParams, GetPromptRequest, GetPromptRequestParams,
+            NumberOrString, ReadResourceRequest, ReadResourceRequestParams,
+        };
+        use serde_json::{Value, json};
+
+        let as_rmcp = |request: &ClientRequest, id: &RequestId, token: &ProgressToken| {
+            let mut request = request.clone();
+            request.get_meta_mut().set_progress_token(token.clone());
+            let body = serde_json::to_vec(&ClientJsonRpcMessage::request(request, id.clone()));
+            serde_json::from_slice::<Value>(&body.unwrap()).unwrap()
+        };
+        let object = |v: Value| v.as_object().unwrap().clone();
+        let mut own_meta = RequestMetaObject::default();
+        own_meta.0.0 = object(json!({"a": 1, "progressToken": "the client's", "b": [2]}));
+        let mut call = CallToolRequestParams::new("echo").with_arguments(object(
+            json!({"text": "hé \"quoted\"", "n": 1.5, "none": null}),
+        ));
+        call.meta = Some(own_meta);
+        let mut prompt = GetPromptRequestParams::new("p");
+        prompt.arguments = Some(object(json!({"x": "y"})));
+        let mut traced = ClientRequest::CallToolRequest(CallToolRequest::new(call.clone()));
+        // Metadata in the extensions (a traceparent) joins the parameters' and wins on a
+        // conflict.
+        (traced.get_meta_mut().0)
+            .0
+            .extend(object(json!({"traceparent": "00-01-02-01", "b": "ext"})));
+        let requests = [
+            ClientRequest::CallToolRequest(CallToolRequest::new(call)),
+            ClientRequest::CallToolRequest(CallToolRequest::new(CallToolRequestParams::new(
+                "bare",
+            ))),
+            traced,
+            ClientRequest::ReadResourceRequest(ReadResourceRequest::new(
+                ReadResourceRequestParams::new("file:///a"),
+            )),
+            ClientRequest::GetPromptRequest(GetPromptRequest::new(prompt)),
+        ];
+        for request in &requests {
+            let (id, token) = crate::direct::new_id();
+            let ours = encode_call(request, &id, token.clone()).unwrap();
+            let ours: Value = serde_json::from_slice(&ours.body).unwrap();
+            assert_eq!(ours, as_rmcp(request, &id, &token));
+            assert_eq!(ours["params"]["_meta"]["progressToken"], json!(id));
+        }
+        // A numeric id, and a request rmcp encodes (not a forwarded call).
+        let id = RequestId::Number(7);
+        let token = ProgressToken(NumberOrString::Number(7));
+        let ping = ClientRequest::PingRequest(Default::default());
+        let ours = encode_call(&ping, &id, token.clone()).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Value>(&ours.body).unwrap(),
+            as_rmcp(&ping, &id, &token)
+        );
     }
 
     #[test]

@@ -941,7 +941,6 @@ async fn send_direct(
     deadline: tokio::time::Instant,
     ctx: &RequestContext,
 ) -> Sent {
-    use rmcp::model::GetMeta as _;
     let (id, token) = crate::direct::new_id();
     let _route = {
         conn.progress.lock().insert(token.clone(), ctx.clone());
@@ -950,15 +949,9 @@ async fn send_direct(
             token: token.clone(),
         }
     };
-    // Encoded here, in a scope of its own, so that neither the request nor the message is
-    // kept in this call's future while it waits.
-    let encoded = {
-        let mut request = request.clone();
-        request.get_meta_mut().set_progress_token(token);
-        let message = rmcp::model::ClientJsonRpcMessage::request(request, id.clone());
-        crate::http::encode(&message)
-    };
-    let encoded = match encoded {
+    // Encoded before the first wait, so that nothing of the request is kept in this call's
+    // future while it waits.
+    let encoded = match crate::http::encode_call(request, &id, token) {
         Ok(e) => e,
         Err(e) => return Sent::Failed(Failure::from_error("the request failed", &e)),
     };
