@@ -4,6 +4,8 @@
 # divided by N. Deterministic to about 1 %, whatever else the machine does
 # (BENCHMARKS.md, "One guard instead of eight middleware layers").
 #   bench/scripts/instructions.sh HAVEN_BIN [N] [ERA]      # ERA: 2026 (default) or legacy
+#   HAVEN_ARGS="--legacy-responses sse" bench/scripts/instructions.sh HAVEN_BIN 2000 legacy
+# (HAVEN_ARGS: extra arguments for `haven serve`, split on spaces.)
 # Needs valgrind; every node it starts is stopped.
 set -u
 BIN=$1; N=${2:-3000}; ERA=${3:-2026}
@@ -12,7 +14,7 @@ total() {
     local D P V
     D=$(mktemp -d); P=$((20000 + RANDOM % 1000))
     valgrind --tool=callgrind --callgrind-out-file="$D/cg.out" "$BIN" serve \
-        --listen 127.0.0.1:$P --data "$D/data" --catalog default > "$D/log" 2>&1 & V=$!
+        --listen 127.0.0.1:$P --data "$D/data" --catalog default ${HAVEN_ARGS:-} > "$D/log" 2>&1 & V=$!
     for _ in $(seq 300); do
         curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:$P/readyz 2>/dev/null | grep -q 200 && break
         sleep 0.2
