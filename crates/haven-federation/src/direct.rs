@@ -63,8 +63,8 @@ pub(crate) fn connection_lost() -> Failure {
 }
 
 impl Direct {
-    /// Sends `message` (request `id`, encoded by [`crate::http::encode`]) in session `s` and
-    /// reads its answer.
+    /// Sends `message` (request `id`, encoded by [`crate::http::encode_call`]) in session `s`
+    /// and reads its answer.
     pub(crate) async fn call(
         &self,
         s: &Arc<SessionContext>,

@@ -294,8 +294,8 @@ impl UpstreamHttp {
         }
     }
 
-    /// Posts a message, encoded by [`encode`], in the session `s`, as rmcp's worker would
-    /// (see [`UpstreamHttp::send`]).
+    /// Posts a message, encoded by [`encode_call`] or [`encode`], in the session `s`, as
+    /// rmcp's worker would (see [`UpstreamHttp::send`]).
     pub(crate) async fn send_in(
         &self,
         s: &SessionContext,
