@@ -139,8 +139,10 @@ mod tests {
 
     #[test]
     fn a_port_something_listens_on_is_taken_and_free_once_it_stops() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
+        // A port the system never hands out by itself: one from the system's choice (port 0)
+        // could be given to another test's listener between the drop and the check.
+        let port = free_ports(1).unwrap()[0];
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
         assert!(!refused(port));
         drop(listener);
         assert!(refused(port));
